@@ -1,0 +1,8 @@
+"""kvsift: fast long-context LLM inference through a smart KV cache."""
+
+from kvsift.engine import LLM, Context, GenerationStats, RequestOutput, SamplingParams, StreamEvent
+from kvsift.methods import available_methods, build_method, register
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "Context", "GenerationStats", "RequestOutput", "SamplingParams", "StreamEvent",
+           "available_methods", "build_method", "register", "__version__"]

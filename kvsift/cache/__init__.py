@@ -1,0 +1,3 @@
+from kvsift.cache.layer import SiftCache, SiftLayer
+
+__all__ = ["SiftCache", "SiftLayer"]

@@ -1,0 +1,264 @@
+"""Thin KV cache: preallocated buffers plus bookkeeping, one layer per decoder layer.
+
+Shapes: keys/values ``(batch, kv_heads, slots, head_dim)``, positions ``(batch, kv_heads, slots)``.
+Positions are the logical token positions of each slot (``-1`` = padding / empty slot). The order of
+slots carries no meaning: attention masks derive from positions, so methods may evict, gather or
+overwrite slots freely.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class SiftLayer(CacheLayerMixin):
+    """One decoder layer's KV: buffers ``k_buf``/``v_buf``/``pos_buf`` with ``length`` used slots."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, cache: "SiftCache", layer_idx: int):
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.k_buf: torch.Tensor | None = None
+        self.v_buf: torch.Tensor | None = None
+        self.pos_buf: torch.Tensor | None = None
+        self.length = 0
+        # per-layer state owned by methods (summaries, host stores, ...): name -> anything
+        self.state: dict[str, Any] = {}
+
+    # ---- views -------------------------------------------------------------------------------
+    @property
+    def keys(self) -> torch.Tensor | None:  # (batch, kv_heads, length, head_dim)
+        return None if self.k_buf is None else self.k_buf[:, :, : self.length]
+
+    @keys.setter
+    def keys(self, value):  # CacheLayerMixin.__init__ assigns None
+        if value is not None:
+            raise AttributeError("SiftLayer.keys is a view; use set_kv()")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self.v_buf is None else self.v_buf[:, :, : self.length]
+
+    @values.setter
+    def values(self, value):
+        if value is not None:
+            raise AttributeError("SiftLayer.values is a view; use set_kv()")
+
+    @property
+    def positions(self) -> torch.Tensor | None:  # (batch, kv_heads, length) int32
+        return None if self.pos_buf is None else self.pos_buf[:, :, : self.length]
+
+    # ---- transformers hooks ------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, q, d = key_states.shape
+        cap = max(q, self.cache.capacity_hint)
+        self._alloc(b, h, cap, d, key_states.dtype, key_states.device)
+        self.is_initialized = True
+
+    def _alloc(self, b, h, cap, d, dtype, device):
+        self.k_buf = torch.empty(b, h, cap, d, dtype=dtype, device=device)
+        self.v_buf = torch.empty(b, h, cap, d, dtype=dtype, device=device)
+        self.pos_buf = torch.full((b, h, cap), -1, dtype=torch.int32, device=device)
+        self.dtype, self.device = dtype, device
+
+    def _ensure_capacity(self, needed: int) -> None:
+        cap = self.k_buf.shape[2]
+        if needed <= cap:
+            return
+        new_cap = max(needed, int(math.ceil(cap * 1.5)) + 16)
+        b, h, _, d = self.k_buf.shape
+        k, v, p = self.k_buf, self.v_buf, self.pos_buf
+        self._alloc(b, h, new_cap, d, k.dtype, k.device)
+        self.k_buf[:, :, : self.length] = k[:, :, : self.length]
+        self.v_buf[:, :, : self.length] = v[:, :, : self.length]
+        self.pos_buf[:, :, : self.length] = p[:, :, : self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``(batch, kv_heads, q, head_dim)`` new states at the cache's step positions."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[2]
+        self._ensure_capacity(self.length + q)
+        s, e = self.length, self.length + q
+        self.k_buf[:, :, s:e].copy_(key_states)
+        self.v_buf[:, :, s:e].copy_(value_states)
+        self.pos_buf[:, :, s:e].copy_(self.cache.step_positions[:, None, :])
+        self.length = e
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cache.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.k_buf = self.v_buf = self.pos_buf = None
+        self.length = 0
+        self.state.clear()
+        self.is_initialized = False
+
+    # ---- method helpers ------------------------------------------------------------------------
+    def set_kv(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, reserve: int | None = None):
+        """Replace the content by ``keys/values (batch, kv_heads, n, head_dim)`` and ``positions
+        (batch, kv_heads, n)``; the new buffers hold ``n + reserve`` slots (reserve defaults to the
+        cache's decode reserve), so the old, larger buffers are really freed."""
+        b, h, n, d = keys.shape
+        reserve = self.cache.reserve if reserve is None else reserve
+        self._alloc(b, h, n + reserve, d, keys.dtype, keys.device)
+        self.k_buf[:, :, :n] = keys
+        self.v_buf[:, :, :n] = values
+        self.pos_buf[:, :, :n] = positions
+        self.length = n
+        self.is_initialized = True
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Keep only slots ``idx (batch, kv_heads, k)`` (in that order)."""
+        d = self.k_buf.shape[-1]
+        gi = idx[..., None].expand(*idx.shape, d)
+        self.set_kv(self.keys.gather(2, gi), self.values.gather(2, gi), self.positions.gather(2, idx))
+
+    def replace_oldest(self, limit: int, protect_below: int = 0) -> None:
+        """While more than ``limit`` slots are used, move the newest slot into the slot holding the
+        oldest unprotected token (position >= ``protect_below``; padding goes first). O(slots) per
+        token, no buffer copy: StreamingLLM's rolling window."""
+        while self.length > limit:
+            last = self.length - 1
+            pos = self.pos_buf[:, :, :last].to(torch.int64)
+            big = torch.iinfo(torch.int64).max
+            pos = torch.where((pos >= 0) & (pos < protect_below), big, pos)
+            victim = pos.argmin(-1, keepdim=True)  # (b, h, 1)
+            d = self.k_buf.shape[-1]
+            vi = victim[..., None].expand(*victim.shape, d)
+            self.k_buf.scatter_(2, vi, self.k_buf[:, :, last : last + 1])
+            self.v_buf.scatter_(2, vi, self.v_buf[:, :, last : last + 1])
+            self.pos_buf.scatter_(2, victim, self.pos_buf[:, :, last : last + 1])
+            self.length = last
+
+    def nbytes(self) -> int:
+        if self.k_buf is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.k_buf, self.v_buf, self.pos_buf))
+
+    def used_bytes(self) -> int:
+        if self.k_buf is None:
+            return 0
+        b, h, _, d = self.k_buf.shape
+        return 2 * b * h * self.length * d * self.k_buf.element_size()
+
+
+class SiftCache(Cache):
+    """The KV cache kvsift's engine passes to transformers models.
+
+    ``seen`` is the number of logical tokens processed so far (positions derive from it, never
+    from ``cache_position`` kwargs). ``step_positions (batch, q)`` are the positions of the tokens
+    of the forward pass in flight (-1 for left padding); the engine sets them before each call.
+    ``capacity_hint`` sizes the first allocation (prompt + decode reserve) so decode writes in place.
+    """
+
+    def __init__(self, num_layers: int, capacity_hint: int = 0, reserve: int = 0):
+        self.capacity_hint = capacity_hint
+        self.reserve = reserve
+        self.seen = 0
+        self.step_positions: torch.Tensor | None = None
+        super().__init__(layers=[SiftLayer(self, i) for i in range(num_layers)])
+
+    @property
+    def is_sliding(self):
+        return [False] * len(self.layers)
+
+    @property
+    def is_linear(self):
+        return [False] * len(self.layers)
+
+    @property
+    def is_dummy(self):
+        return [False] * len(self.layers)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def memory(self) -> dict[str, int]:
+        """Bytes really allocated: ``device`` (compute-device buffers and method state there),
+        ``host`` (host stores, e.g. offloaded chunks), ``device_used`` (used KV slots only)."""
+        device = host = used = 0
+        for layer in self.layers:
+            device += layer.nbytes()
+            used += layer.used_bytes()
+            for v in layer.state.values():
+                dev_b, host_b = _state_bytes(v)
+                device += dev_b
+                host += host_b
+        return {"device": device, "host": host, "device_used": used}
+
+    def clone(self, batch_repeat: int = 1) -> "SiftCache":
+        """Deep copy (e.g. a reusable context answering a new question), optionally repeated over
+        the batch dimension."""
+        new = SiftCache(len(self.layers), self.capacity_hint, self.reserve)
+        new.seen = self.seen
+        for src, dst in zip(self.layers, new.layers):
+            if src.k_buf is None:
+                continue
+            rep = (lambda t: t.repeat_interleave(batch_repeat, 0)) if batch_repeat > 1 else (lambda t: t)
+            dst.set_kv(rep(src.keys), rep(src.values), rep(src.positions), reserve=self.reserve)
+            dst.state = {k: _clone_state(v) for k, v in src.state.items()}
+        return new
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors of the used slots (for safetensors): ``layers.{i}.keys|values|positions``."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            if layer.k_buf is not None:
+                out[f"layers.{i}.keys"] = layer.keys.contiguous()
+                out[f"layers.{i}.values"] = layer.values.contiguous()
+                out[f"layers.{i}.positions"] = layer.positions.contiguous()
+        return out
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], num_layers: int, seen: int, reserve: int = 0,
+                        device: torch.device | str | None = None) -> "SiftCache":
+        cache = cls(num_layers, reserve=reserve)
+        cache.seen = seen
+        for i, layer in enumerate(cache.layers):
+            if f"layers.{i}.keys" in tensors:
+                t = {k: tensors[f"layers.{i}.{k}"] for k in ("keys", "values", "positions")}
+                if device is not None:
+                    t = {k: v.to(device) for k, v in t.items()}
+                layer.set_kv(t["keys"], t["values"], t["positions"].to(torch.int32))
+        return cache
+
+
+def _state_bytes(v) -> tuple[int, int]:
+    """(device bytes, host bytes) of a method state value: plain tensors count as device memory;
+    objects (e.g. a host store) say for themselves through ``kv_nbytes() -> (device, host)``."""
+    if isinstance(v, torch.Tensor):
+        return v.numel() * v.element_size(), 0
+    if hasattr(v, "kv_nbytes"):
+        return v.kv_nbytes()
+    if isinstance(v, (list, tuple)):
+        d = h = 0
+        for x in v:
+            a, b = _state_bytes(x)
+            d, h = d + a, h + b
+        return d, h
+    return 0, 0
+
+
+def _clone_state(v):
+    if isinstance(v, torch.Tensor):
+        return v.clone()
+    if hasattr(v, "clone"):
+        return v.clone()
+    if isinstance(v, list):
+        return [_clone_state(x) for x in v]
+    return v

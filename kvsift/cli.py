@@ -1,0 +1,161 @@
+"""The ``kvsift`` command.
+
+    kvsift generate --prompt-file doc.txt --question "Who is the narrator?" --method snapkv --budget 1024
+    kvsift methods
+    kvsift bench ...        (evaluation harness)
+    kvsift serve ...        (OpenAI-compatible server)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="'smollm2' (bundled default), an HF model directory or a .gguf file")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk length in tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kvsift", description="Fast long-context inference through a smart KV cache.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="answer a question about a (long) document")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt-file", type=Path, help="file with the document / prompt")
+    src.add_argument("--prompt", help="the prompt text")
+    g.add_argument("--question", default=None, help="question appended after the document")
+    g.add_argument("--method", default="full", help="KV method, e.g. full, snapkv, streaming, snapkv+sentencekv "
+                                                   "(see `kvsift methods`)")
+    g.add_argument("--budget", default=None, help="KV budget: tokens (1024), ratio (0.25) or percent (25%%)")
+    g.add_argument("--method-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, e.g. --method-opt window=64 (repeatable)")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    g.add_argument("--no-stream", action="store_true", help="print the answer only at the end")
+    g.add_argument("--progress", action="store_true", default=None, help="always show prefill progress")
+    g.add_argument("--json", action="store_true", help="print one JSON object (text + stats) instead")
+    _add_model_args(g)
+
+    sub.add_parser("methods", help="list the registered KV methods")
+
+    for name, (module, adder, _) in EXTENSIONS.items():
+        try:
+            getattr(importlib.import_module(module), adder)(sub)
+        except ImportError:
+            pass  # that part is not installed / not built yet
+    return ap
+
+
+# commands that live with their layer: name -> (module, parser adder, runner)
+EXTENSIONS = {
+    "bench": ("kvsift.eval.cli", "add_bench_parser", "run_bench"),
+    "serve": ("kvsift.server.cli", "add_serve_parser", "run_serve"),
+}
+
+
+def _parse_opts(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--method-opt needs KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def cmd_generate(args) -> int:
+    from kvsift.engine import LLM, SamplingParams
+    from kvsift.methods import build_method, parse_budget
+
+    # validate everything cheap before loading the model
+    budget = parse_budget(args.budget)
+    opts = _parse_opts(args.method_opt)
+    build_method(args.method, budget, **opts)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, stop=args.stop)
+    if args.prompt_file is not None:
+        if not args.prompt_file.is_file():
+            raise ValueError(f"prompt file not found: {args.prompt_file}")
+        prompt = args.prompt_file.read_text(encoding="utf-8", errors="replace")
+    else:
+        prompt = args.prompt
+    if args.question:
+        prompt = f"{prompt.rstrip()}\n\n{args.question}"
+    if not prompt.strip():
+        raise ValueError("the prompt is empty")
+
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, chunk_size=args.chunk_size)
+    kw = dict(method=args.method, budget=budget, method_kwargs=opts, chat=False if args.no_chat else None,
+              progress=args.progress)
+    stream = llm.stream(prompt, params, **kw)  # validates length/budget before any compute
+    out = None
+    for ev in stream:
+        if not (args.json or args.no_stream) and ev.text:
+            print(ev.text, end="", flush=True)
+        if ev.output is not None:
+            out = ev.output
+    if args.json:
+        print(json.dumps({"text": out.text, "finish_reason": out.finish_reason, "stats": out.stats.to_dict()},
+                         default=str))
+    else:
+        if args.no_stream:
+            print(out.text, end="")
+        print()
+        print(f"[kvsift] {out.stats.summary()}", file=sys.stderr)
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from kvsift.methods import available_methods
+
+    methods = available_methods()
+    width = max(len(n) for n in methods)
+    for name, doc in methods.items():
+        print(f"{name:<{width}}  {doc}")
+    print("\nCompose with '+', e.g. snapkv+sentencekv (evict at prefill, then select at decode).")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    handlers = {"generate": cmd_generate, "methods": cmd_methods}
+    if args.command in EXTENSIONS:
+        module, _, runner = EXTENSIONS[args.command]
+        handlers[args.command] = getattr(importlib.import_module(module), runner)
+    handler = handlers[args.command]
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        return int(handler(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"kvsift: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kvsift: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

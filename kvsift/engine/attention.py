@@ -1,0 +1,145 @@
+"""kvsift's attention function, registered with transformers' ``AttentionInterface`` as ``"kvsift"``.
+
+Transformers models call it with post-RoPE ``query (batch, q_heads, q, head_dim)`` and the
+``(keys, values)`` our cache returned. It takes the mask from the cache's slot positions (so
+evicted, reordered or offloaded KV need no transformers mask), lets the method plan a decode
+selection, and calls the method hooks after the layer attended. Outside a kvsift forward (no active
+:class:`ForwardContext`) it falls back to plain SDPA, so the model keeps working for others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from kvsift.cache import SiftCache
+    from kvsift.methods.base import KVMethod
+
+ATTN_NAME = "kvsift"
+
+
+@dataclass
+class ForwardContext:
+    """What one forward pass needs to know: the cache, the method, and the phase."""
+
+    cache: "SiftCache"
+    method: "KVMethod"
+    prefill_end: bool = False   # the last prefill chunk: methods compress after attending
+    decoding: bool = False      # one new token per sequence
+    has_padding: bool = False   # some slot or query position is -1
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+_CTX: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar("kvsift_ctx", default=None)
+
+
+def current_context() -> ForwardContext | None:
+    return _CTX.get()
+
+
+@contextlib.contextmanager
+def forward_context(ctx: ForwardContext):
+    token = _CTX.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _CTX.reset(token)
+
+
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_pos: torch.Tensor | None,
+           query_pos: torch.Tensor | None, scale: float, sliding_window: int | None = None,
+           softcap: float | None = None) -> torch.Tensor:
+    """Masked attention by positions, GQA without repeating KV.
+
+    query ``(batch, q_heads, q, dim)``; keys/values ``(batch, kv_heads, n, dim)``; key_pos
+    ``(batch, kv_heads, n)`` and query_pos ``(batch, q)`` integer positions (-1 = padding). A key
+    is visible iff ``0 <= key_pos <= query_pos`` (and ``key_pos > query_pos - sliding_window``).
+    ``key_pos=None`` means every key is visible (decode over a clean cache). Returns
+    ``(batch, q_heads, q, dim)``.
+    """
+    b, hq, L, d = query.shape
+    hk, n = keys.shape[1], keys.shape[2]
+    g = hq // hk
+    qf = query.reshape(b, hk, g * L, d)  # q head i uses kv head i // g
+    mask = None
+    if key_pos is not None:
+        kp = key_pos[:, :, None, :]
+        qp = query_pos[:, None, :, None]
+        mask = (kp <= qp) & ((kp >= 0) | (qp < 0))  # padded queries see padded keys: no NaN
+        if sliding_window is not None:
+            mask &= kp > qp - sliding_window
+        mask = mask[:, :, None].expand(b, hk, g, L, n).reshape(b, hk, g * L, n)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask, scale=scale)
+    else:
+        w = torch.matmul(qf, keys.transpose(-1, -2)) * scale
+        w = torch.tanh(w / softcap) * softcap
+        if mask is not None:
+            w = w.masked_fill(~mask, float("-inf"))
+        out = torch.matmul(torch.softmax(w.float(), dim=-1).to(values.dtype), values)
+    return out.reshape(b, hq, L, d)
+
+
+def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     sliding_window: int | None = None, softcap: float | None = None, **kwargs):
+    """The function transformers calls; returns ``(batch, q, q_heads, dim)`` and no weights."""
+    ctx = _CTX.get()
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if ctx is None:  # not inside a kvsift forward: plain causal attention
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, sliding_window=sliding_window, softcap=softcap, **kwargs)
+    layer = ctx.cache.layers[module.layer_idx]
+    qpos = ctx.cache.step_positions
+    sel = ctx.method.plan(layer, query, ctx) if ctx.decoding else None
+    if sel is not None:
+        keys, values, kpos = sel
+    else:
+        keys, values, kpos = key, value, layer.positions
+    L = query.shape[2]
+    if ctx.decoding and not ctx.has_padding and sliding_window is None and sel is None:
+        kpos = None  # every cached key precedes the new token: no mask needed
+    elif not ctx.has_padding and L == keys.shape[2] and sliding_window is None and softcap is None:
+        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+        ctx.method.after_attend(layer, query, module, ctx)
+        return out.transpose(1, 2).contiguous(), None
+    out = attend(query, keys, values, kpos, qpos, scale, sliding_window, softcap)
+    ctx.method.after_attend(layer, query, module, ctx)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> None:
+    """Add ``"kvsift"`` to transformers' attention registry (adds a name; patches nothing)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, kvsift_attention)
+
+
+@contextlib.contextmanager
+def use_kvsift_attention(model: torch.nn.Module):
+    """Switch ``model`` to kvsift attention for the duration of the block; restored in ``finally``."""
+    register_attention()
+    configs = {id(c): c for c in _configs(model)}.values()
+    saved = [(c, c._attn_implementation) for c in configs]
+    try:
+        for c, _ in saved:
+            c._attn_implementation = ATTN_NAME
+        yield model
+    finally:
+        for c, impl in saved:
+            c._attn_implementation = impl
+
+
+def _configs(model):
+    for m in model.modules():
+        c = getattr(m, "config", None)
+        if c is not None and hasattr(c, "_attn_implementation"):
+            yield c

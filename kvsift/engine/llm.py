@@ -1,0 +1,350 @@
+"""The generation engine: our own chunked-prefill / decode loop over a transformers model.
+
+    llm = LLM()                                          # bundled SmolLM2-135M-Instruct
+    out = llm.generate("…long document… Question?", SamplingParams(max_tokens=64), method="snapkv", budget=512)
+    print(out[0].text, out[0].stats.summary())
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvsift.cache import SiftCache
+from kvsift.engine.attention import ForwardContext, forward_context, use_kvsift_attention
+from kvsift.engine.params import GenerationStats, RequestOutput, SamplingParams, StreamEvent
+from kvsift.methods import KVMethod, build_method
+from kvsift.methods.base import Budget, validate_budget
+from kvsift.models.loader import ModelInfo, load_model, model_info
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class Context:
+    """A prefilled, compressed document to answer many questions from (see ``LLM.prefill_context``).
+
+    ``cache`` holds the document's KV for one sequence; ``token_ids`` the document's tokens."""
+
+    cache: SiftCache
+    token_ids: list[int]
+    method: str
+    budget: Budget
+    stats: GenerationStats
+
+    @property
+    def length(self) -> int:
+        return self.cache.seen
+
+
+class LLM:
+    """A model plus kvsift's generation loop. ``model``: None/'smollm2' (bundled default), an HF
+    directory or a ``.gguf`` file. ``chunk_size``: prefill chunk length (bounds activation memory)."""
+
+    def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
+                 chunk_size: int = 512):
+        mdl, tok, info = load_model(model, device, dtype)
+        self._init(mdl, tok, info, chunk_size)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, name: str = "model", chunk_size: int = 512) -> "LLM":
+        """Wrap an already loaded transformers model (e.g. a tiny random one in tests)."""
+        self = cls.__new__(cls)
+        self._init(model.eval(), tokenizer, model_info(model, tokenizer, name), chunk_size)
+        return self
+
+    def _init(self, model, tokenizer, info: ModelInfo, chunk_size: int):
+        if chunk_size < 16:
+            raise ValueError(f"chunk_size must be >= 16, got {chunk_size}")
+        self.model, self.tokenizer, self.info, self.chunk_size = model, tokenizer, info, chunk_size
+        self.device = info.device
+        self.lock = threading.Lock()  # one forward at a time per model
+        eos = set()
+        for src in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
+            if isinstance(src, int):
+                eos.add(src)
+            elif src:
+                eos.update(src)
+        self.eos_ids = sorted(eos)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+
+    # ---- prompts -----------------------------------------------------------------------------
+    def encode(self, prompt: Prompt, chat: bool | None = None, system: str | None = None) -> list[int]:
+        """Token ids of a prompt; text goes through the chat template of instruct models."""
+        if not isinstance(prompt, str):
+            ids = [int(t) for t in prompt]
+            if not ids:
+                raise ValueError("empty prompt")
+            return ids
+        if not prompt:
+            raise ValueError("empty prompt")
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass token ids")
+        if chat is None:
+            chat = self.info.is_chat
+        if chat:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            return self.encode_chat(msgs)
+        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True) if self.tokenizer is not None else ""
+
+    # ---- public API --------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | None = None, *,
+                 method: str | KVMethod = "full", budget: Budget = None, method_kwargs: dict | None = None,
+                 chat: bool | None = None, context: Context | None = None, progress: bool | None = None,
+                 cancel: Callable[[], bool] | None = None) -> list[RequestOutput]:
+        """Generate for one prompt or a batch (text or token ids). Returns one output per prompt."""
+        outs: dict[int, RequestOutput] = {}
+        for ev in self.stream(prompts, params, method=method, budget=budget, method_kwargs=method_kwargs,
+                              chat=chat, context=context, progress=progress, cancel=cancel):
+            if ev.output is not None:
+                outs[ev.index] = ev.output
+        return [outs[i] for i in sorted(outs)]
+
+    def stream(self, prompts: Prompt | list[Prompt], params: SamplingParams | None = None, *,
+               method: str | KVMethod = "full", budget: Budget = None, method_kwargs: dict | None = None,
+               chat: bool | None = None, context: Context | None = None, progress: bool | None = None,
+               cancel: Callable[[], bool] | None = None) -> Iterator[StreamEvent]:
+        """Like ``generate`` but yields ``StreamEvent`` text deltas as tokens are produced.
+
+        Everything is validated before any compute: a bad method, budget or length raises
+        ``ValueError`` and nothing is half-done."""
+        params = params or SamplingParams()
+        batch = _as_batch(prompts)
+        ids = [self.encode(p, chat) for p in batch]
+        m = build_method(method, budget, **(method_kwargs or {}))
+        base = context.length if context is not None else 0
+        longest = max(len(x) for x in ids)
+        if base + longest >= self.info.max_positions:
+            raise ValueError(f"prompt of {base + longest} tokens exceeds the model's limit of "
+                             f"{self.info.max_positions - 1} tokens (leaving room for one new token)")
+        m.setup(None, base + longest, self.info.num_layers)
+        return self._run(ids, params, m, context, progress, cancel)
+
+    def prefill_context(self, document: Prompt, *, method: str | KVMethod = "full", budget: Budget = None,
+                        method_kwargs: dict | None = None, chat: bool | None = None,
+                        progress: bool | None = None) -> Context:
+        """Prefill a document once and keep its (compressed) KV; answer questions with
+        ``generate(question, context=ctx)``. With a chat model the document opens the user turn
+        and each question closes it (see ``encode_question``)."""
+        ids = self.encode_document(document, chat) if isinstance(document, str) else self.encode(document)
+        if len(ids) >= self.info.max_positions:
+            raise ValueError(f"document of {len(ids)} tokens exceeds the model's limit of {self.info.max_positions - 1}")
+        m = build_method(method, budget, **(method_kwargs or {}))
+        m.setup(None, len(ids), self.info.num_layers)
+        cache, stats, _ = self._prefill([ids], m, None, progress)
+        return Context(cache=cache, token_ids=ids, method=_spec(m), budget=budget, stats=stats)
+
+    def encode_document(self, document: str, chat: bool | None = None) -> list[int]:
+        """The prefix of a chat prompt up to the end of ``document`` (the question follows)."""
+        chat = self.info.is_chat if chat is None else chat
+        if not chat:
+            return self.encode(document, chat=False)
+        marker = "\x00KVSIFT\x00"
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": document + marker}],
+                                                  add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer(text[: text.index(marker)], add_special_tokens=False)["input_ids"])
+
+    def encode_question(self, question: str, chat: bool | None = None) -> list[int]:
+        """The rest of a chat prompt after a context: the question and the assistant turn opener."""
+        chat = self.info.is_chat if chat is None else chat
+        if not chat:
+            return list(self.tokenizer("\n\n" + question, add_special_tokens=False)["input_ids"])
+        marker = "\x00KVSIFT\x00"
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": marker + "\n\n" + question}],
+                                                  add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer(text[text.index(marker) + len(marker):], add_special_tokens=False)["input_ids"])
+
+    # ---- the loop ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _forward_mode(self, ctx: ForwardContext):
+        with torch.inference_mode(), use_kvsift_attention(self.model), forward_context(ctx):
+            yield
+
+    def _forward(self, ctx: ForwardContext, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One model call over ``input_ids (batch, q)`` at ``positions (batch, q)``; returns the
+        last logits ``(batch, vocab)`` in fp32."""
+        ctx.cache.step_positions = positions.to(torch.int32)
+        ctx.info["input_ids"] = input_ids  # token ids in flight (sentencekv resets its query fingerprint)
+        with self._forward_mode(ctx):
+            out = self.model(input_ids=input_ids, position_ids=positions.clamp(min=0), past_key_values=ctx.cache,
+                             use_cache=True, logits_to_keep=1)
+        ctx.cache.seen += input_ids.shape[1]
+        return out.logits[:, -1].float()
+
+    def _prefill(self, ids: list[list[int]], method: KVMethod, context: Context | None, progress: bool | None,
+                 reserve: int = 0):
+        b, L = len(ids), max(len(x) for x in ids)
+        dev = self.device
+        tokens = torch.full((b, L), self.pad_id, dtype=torch.long, device=dev)
+        valid = torch.zeros((b, L), dtype=torch.bool, device=dev)
+        for i, x in enumerate(ids):
+            tokens[i, L - len(x):] = torch.tensor(x, device=dev)
+            valid[i, L - len(x):] = True
+        base = context.length if context is not None else 0
+        pos = torch.where(valid, base + valid.cumsum(1) - 1, -1)
+        if context is not None:
+            cache = context.cache.clone(batch_repeat=b)
+            cache.reserve = reserve
+        else:
+            cache = SiftCache(self.info.num_layers, capacity_hint=L + reserve, reserve=reserve)
+        ctx = ForwardContext(cache=cache, method=method, has_padding=bool((~valid).any()),
+                             info={"prompt_ids": ids, "tokenizer": self.tokenizer})  # sentencekv segments the prompt
+        bounds = _chunks(L, max(self.chunk_size, method.min_last_chunk()), method.min_last_chunk())
+        show = progress if progress is not None else L >= 8 * self.chunk_size
+        it = bounds
+        if show:
+            from tqdm.auto import tqdm
+
+            it = tqdm(bounds, desc=f"prefill {L} tokens", unit="chunk", leave=False)
+        t0 = time.perf_counter()
+        logits = None
+        for s, e in it:
+            ctx.prefill_end = e == L
+            logits = self._forward(ctx, tokens[:, s:e], pos[:, s:e])
+        _sync(dev)
+        mem = cache.memory()
+        full = _full_bytes(self.info, b, base + L)
+        stats = GenerationStats(method=_spec(method), budget=method.budget, prompt_tokens=L,
+                                prefill_s=time.perf_counter() - t0, kv_device_bytes=mem["device"],
+                                kv_host_bytes=mem["host"], kv_kept_bytes=mem["device_used"], kv_full_bytes=full)
+        ctx.prefill_end = False
+        ctx.info["next_pos"] = pos[:, -1] + 1
+        return cache, stats, (ctx, logits)
+
+    def _run(self, ids: list[list[int]], params: SamplingParams, method: KVMethod, context: Context | None,
+             progress: bool | None, cancel: Callable[[], bool] | None) -> Iterator[StreamEvent]:
+        b = len(ids)
+        base = (context.length if context is not None else 0) + max(len(x) for x in ids)
+        max_new = min(params.max_tokens, self.info.max_positions - base)
+        with self.lock:
+            cache, stats, (ctx, logits) = self._prefill(ids, method, context, progress, reserve=max_new + 1)
+            ctx.decoding = True
+            next_pos = ctx.info["next_pos"]
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(params.seed if params.seed is not None else torch.seed() % 2**63)
+            seqs = [_Seq(i, self, params) for i in range(b)]
+            eos = torch.tensor(self.eos_ids, device=self.device) if self.eos_ids and not params.ignore_eos else None
+            t0 = time.perf_counter()
+            for step in range(max_new):
+                tok = _sample(logits, params, gen)
+                is_eos = torch.isin(tok, eos) if eos is not None else torch.zeros_like(tok, dtype=torch.bool)
+                toks, eos_l = tok.tolist(), is_eos.tolist()
+                cancelled = cancel is not None and cancel()
+                for s in seqs:
+                    if s.done:
+                        continue
+                    reason = "cancelled" if cancelled else None
+                    ev = s.push(toks[s.index], eos_l[s.index], step == max_new - 1, reason)
+                    if ev.finished:
+                        stats_i = _copy_stats(stats, cache, method, len(s.ids), step, time.perf_counter() - t0)
+                        ev.output = RequestOutput(s.text, s.ids, ids[s.index], s.reason, stats_i)
+                    if ev.text or ev.finished:
+                        yield ev
+                if all(s.done for s in seqs):
+                    break
+                logits = self._forward(ctx, tok[:, None], next_pos[:, None])
+                next_pos = next_pos + 1
+
+
+def _as_batch(prompts) -> list:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]
+    if isinstance(prompts, Sequence) and len(prompts) > 0:
+        return list(prompts)
+    raise ValueError("prompts must be a string, a list of token ids, or a non-empty list of those")
+
+
+def _chunks(L: int, chunk: int, min_last: int) -> list[tuple[int, int]]:
+    """Prefill chunk bounds; the last chunk holds at least ``min_last`` tokens (e.g. SnapKV's window)."""
+    bounds = [(s, min(s + chunk, L)) for s in range(0, L, chunk)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_last:
+        bounds[-2:] = [(bounds[-2][0], L)]
+    return bounds
+
+
+def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> torch.Tensor:
+    """``logits (batch, vocab)`` -> token ids ``(batch,)``: greedy, or temperature + top-p."""
+    if p.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / p.temperature, dim=-1)
+    if p.top_p < 1.0:
+        sp, si = probs.sort(-1, descending=True)
+        drop = sp.cumsum(-1) - sp > p.top_p  # keep the smallest prefix with mass >= top_p
+        sp = sp.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, si, sp)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+class _Seq:
+    """Per-sequence detokenization, stop strings and finish state."""
+
+    def __init__(self, index: int, llm: LLM, params: SamplingParams):
+        self.index, self.llm, self.params = index, llm, params
+        self.ids: list[int] = []
+        self.text, self.emitted, self.done, self.reason = "", 0, False, "length"
+        self.hold = max((len(s) for s in params.stop), default=1) - 1
+
+    def push(self, tok: int, is_eos: bool, last: bool, reason: str | None) -> StreamEvent:
+        appended = None
+        if reason is not None:
+            self.done, self.reason = True, reason
+        elif is_eos:
+            self.done, self.reason = True, "stop"
+        else:
+            self.ids.append(tok)
+            appended = tok
+            text = self.llm.decode(self.ids)
+            cut = min((i for i in (text.find(s) for s in self.params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, self.done, self.reason = text[:cut], True, "stop"
+            elif last:
+                self.done, self.reason = True, "length"
+            self.text = text
+        safe = len(self.text) if self.done else len(self.text) - self.hold
+        if not self.done:
+            while safe > self.emitted and self.text[safe - 1] == "\ufffd":
+                safe -= 1
+        delta = self.text[self.emitted:safe] if safe > self.emitted else ""
+        self.emitted += len(delta)
+        return StreamEvent(self.index, delta, appended, finished=self.done)
+
+
+def _spec(m: KVMethod) -> str:
+    return getattr(m, "spec", m.name)
+
+
+def _full_bytes(info: ModelInfo, batch: int, tokens: int) -> int:
+    elt = torch.tensor([], dtype=info.dtype).element_size()
+    return 2 * info.num_layers * batch * info.num_kv_heads * tokens * info.head_dim * elt
+
+
+def _copy_stats(stats: GenerationStats, cache: SiftCache, method: KVMethod, n_gen: int, steps: int, decode_s: float):
+    mem = cache.memory()
+    return GenerationStats(method=stats.method, budget=stats.budget, prompt_tokens=stats.prompt_tokens,
+                           generated_tokens=n_gen, decode_steps=steps, prefill_s=stats.prefill_s, decode_s=decode_s,
+                           kv_device_bytes=stats.kv_device_bytes, kv_host_bytes=stats.kv_host_bytes,
+                           kv_kept_bytes=stats.kv_kept_bytes, kv_full_bytes=stats.kv_full_bytes,
+                           kv_device_bytes_end=mem["device"], kv_host_bytes_end=mem["host"],
+                           method_stats=method.stats())
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)

@@ -1,0 +1,103 @@
+"""Request parameters and outputs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to sample. ``temperature == 0`` is greedy."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not (0.0 <= float(self.temperature) <= 100.0):
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if not (0.0 < float(self.top_p) <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+
+
+@dataclass(slots=True)
+class GenerationStats:
+    """What one generation cost. KV bytes are measured from the cache's real allocations right
+    after prefill (when compression has happened) and at the end."""
+
+    method: str = "full"
+    budget: Any = None
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0          # forward passes after the prefill
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    kv_device_bytes: int = 0       # compute-device KV allocated after prefill
+    kv_host_bytes: int = 0         # host store (offloaded KV) after prefill
+    kv_kept_bytes: int = 0         # used KV slots on the device after prefill
+    kv_full_bytes: int = 0         # what a full cache holds for the same prompt
+    kv_device_bytes_end: int = 0
+    kv_host_bytes_end: int = 0
+    method_stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        return 1000.0 * self.decode_s / self.decode_steps if self.decode_steps else 0.0
+
+    @property
+    def kv_ratio(self) -> float:
+        return self.kv_kept_bytes / self.kv_full_bytes if self.kv_full_bytes else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["decode_ms_per_token"] = self.decode_ms_per_token
+        d["kv_ratio"] = self.kv_ratio
+        return d
+
+    def summary(self) -> str:
+        mb = 1 / 2**20
+        s = (f"{self.prompt_tokens} prompt + {self.generated_tokens} generated tokens | method {self.method}"
+             f"{'' if self.budget is None else f' budget {self.budget}'} | KV kept {self.kv_kept_bytes * mb:.1f} MiB "
+             f"of {self.kv_full_bytes * mb:.1f} MiB full ({100 * self.kv_ratio:.1f}%), device alloc "
+             f"{self.kv_device_bytes * mb:.1f} MiB, host {self.kv_host_bytes * mb:.1f} MiB | prefill "
+             f"{self.prefill_s:.2f}s, decode {self.decode_ms_per_token:.1f} ms/token")
+        if self.method_stats:
+            s += " | " + ", ".join(f"{k} {_fmt(v)}" for k, v in self.method_stats.items())
+        return s
+
+
+def _fmt(v):
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """One finished sequence."""
+
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str            # "stop" (EOS or stop string) | "length" | "cancelled"
+    stats: GenerationStats
+
+
+@dataclass(slots=True)
+class StreamEvent:
+    """One streaming step for one sequence: a text delta (may be empty while a stop string or a
+    multi-byte character is pending); ``output`` is set on the last event."""
+
+    index: int
+    text: str
+    token_id: int | None
+    finished: bool = False
+    output: RequestOutput | None = None

@@ -1,0 +1,248 @@
+"""The tiny method base, the shared selection code, composition and the registry.
+
+A method is a small dataclass. It acts through three hooks, called by kvsift's attention function
+for each layer (see ``kvsift/engine/attention.py``):
+
+* ``prefill_end(layer, query, module, ctx)`` - after the last prefill chunk of ``layer`` attended.
+  ``EvictionMethod`` implements it once for every scorer: ``score(...) -> (batch, kv_heads, n)``,
+  keep the top ``layer_budget`` slots per (batch, kv_head), gather in place.
+* ``plan(layer, query, ctx) -> (keys, values, positions) | None`` - decode-time, query-aware
+  selection: the KV the new token attends to, computed once per layer per step.
+* ``after_attend(layer, query, module, ctx)`` - runs after every attention call (e.g. rolling window).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from kvsift.cache import SiftCache, SiftLayer
+    from kvsift.engine.attention import ForwardContext
+
+Budget = int | float | None
+
+
+def validate_budget(budget: Budget) -> None:
+    """Tokens (``int >= 1``) or a ratio of the prompt (``float`` in (0, 1])."""
+    if budget is None:
+        return
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"budget must be an int (tokens) or a float ratio in (0, 1], got {budget!r}")
+    if isinstance(budget, float) and budget.is_integer() and budget > 1:
+        budget = int(budget)
+    if isinstance(budget, int):
+        if budget < 1:
+            raise ValueError(f"budget must be >= 1 token, got {budget}")
+    elif not (0.0 < budget <= 1.0):
+        raise ValueError(f"budget ratio must be in (0, 1], got {budget}")
+
+
+def parse_budget(text: str | int | float | None) -> Budget:
+    """``"1024"`` -> 1024 tokens, ``"0.25"`` or ``"25%"`` -> ratio 0.25."""
+    if text is None or isinstance(text, (int, float)):
+        validate_budget(text)
+        return text
+    s = str(text).strip()
+    try:
+        if s.endswith("%"):
+            value: Budget = float(s[:-1]) / 100.0
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"budget percentage must be in (0%, 100%], got {text!r}")
+        elif any(c in s for c in ".eE"):
+            value = float(s)
+        else:
+            value = int(s)
+    except ValueError:
+        raise ValueError(f"budget must be a token count (e.g. 1024), a ratio (0.25) or a percentage (25%), got {text!r}") from None
+    validate_budget(value)
+    return value
+
+
+@dataclass
+class KVMethod:
+    """Base of every method: budget handling and no-op hooks (which is exactly ``full``)."""
+
+    budget: Budget = None
+    name: ClassVar[str] = "base"
+    needs_budget: ClassVar[bool] = True
+    tokens: int = field(default=0, init=False, repr=False)        # resolved budget in tokens
+    prompt_len: int = field(default=0, init=False, repr=False)
+    num_layers: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self):
+        validate_budget(self.budget)
+        if self.needs_budget and self.budget is None:
+            raise ValueError(f"method {self.name!r} needs a budget (tokens, e.g. 1024, or a ratio, e.g. 0.25)")
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def resolve_budget(self, prompt_len: int) -> int:
+        if self.budget is None:
+            return prompt_len
+        if isinstance(self.budget, float) and self.budget <= 1.0:
+            return max(1, math.ceil(self.budget * prompt_len))
+        tokens = int(self.budget)
+        if tokens > prompt_len:
+            raise ValueError(f"budget {tokens} tokens is larger than the context ({prompt_len} tokens); "
+                             f"use at most {prompt_len} or a ratio in (0, 1]")
+        return tokens
+
+    def setup(self, cache: "SiftCache", prompt_len: int, num_layers: int) -> None:
+        """Called once per generation before prefill."""
+        self.prompt_len, self.num_layers = prompt_len, num_layers
+        self.tokens = self.resolve_budget(prompt_len)
+
+    def min_last_chunk(self) -> int:
+        """Smallest last prefill chunk the method needs (e.g. SnapKV's observation window)."""
+        return 0
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def prefill_end(self, layer: "SiftLayer", query: torch.Tensor, module, ctx: "ForwardContext") -> None:
+        pass
+
+    def plan(self, layer: "SiftLayer", query: torch.Tensor, ctx: "ForwardContext"):
+        return None
+
+    def after_attend(self, layer: "SiftLayer", query: torch.Tensor, module, ctx: "ForwardContext") -> None:
+        if ctx.prefill_end:
+            self.prefill_end(layer, query, module, ctx)
+
+    def stats(self) -> dict[str, Any]:
+        """Method-specific counters for the generation summary."""
+        return {}
+
+
+@dataclass
+class EvictionMethod(KVMethod):
+    """Prefill eviction: subclasses write ``score``; selection and gather live here, once."""
+
+    def score(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+              module, layer_idx: int) -> torch.Tensor:
+        """query ``(batch, q_heads, q, dim)`` of the last prefill chunk; keys/values
+        ``(batch, kv_heads, n, dim)``; positions ``(batch, kv_heads, n)``. Returns scores
+        ``(batch, kv_heads, n)``: higher = keep."""
+        raise NotImplementedError
+
+    def layer_budget(self, layer_idx: int) -> int:
+        return self.tokens
+
+    def prefill_end(self, layer, query, module, ctx) -> None:
+        k = self.layer_budget(layer.layer_idx)
+        if layer.length <= k:
+            return
+        scores = self.score(query, layer.keys, layer.values, layer.positions, module, layer.layer_idx)
+        keep_top(layer, scores, k)
+
+
+def keep_top(layer: "SiftLayer", scores: torch.Tensor, k: int) -> None:
+    """Keep the ``k`` best slots per (batch, kv_head) by ``scores (batch, kv_heads, n)``; padding
+    slots (position -1) go first. Kept slots stay in their original order."""
+    scores = scores.float().masked_fill(layer.positions < 0, float("-inf"))
+    idx = scores.topk(min(k, scores.shape[-1]), dim=-1).indices.sort(dim=-1).values
+    layer.keep(idx)
+
+
+def group_queries(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``(batch, q_heads, q, dim)`` -> ``(batch, kv_heads, group, q, dim)`` (q head i uses kv head i // group)."""
+    b, hq, L, d = query.shape
+    return query.reshape(b, kv_heads, hq // kv_heads, L, d)
+
+
+@dataclass
+class Compose(KVMethod):
+    """``a+b``: hooks run in order (``a`` evicts at prefill, then ``b`` acts on what remains); the
+    last stage that plans a decode selection wins."""
+
+    stages: list[KVMethod] = field(default_factory=list)
+    name: ClassVar[str] = "compose"
+    needs_budget: ClassVar[bool] = False
+
+    def __post_init__(self):
+        if len(self.stages) < 2:
+            raise ValueError("a composition needs at least two methods")
+
+    @property
+    def spec(self) -> str:
+        return "+".join(s.name for s in self.stages)
+
+    def setup(self, cache, prompt_len, num_layers):
+        super().setup(cache, prompt_len, num_layers)
+        for s in self.stages:
+            s.setup(cache, prompt_len, num_layers)
+
+    def min_last_chunk(self) -> int:
+        return max(s.min_last_chunk() for s in self.stages)
+
+    def plan(self, layer, query, ctx):
+        for s in reversed(self.stages):
+            sel = s.plan(layer, query, ctx)
+            if sel is not None:
+                return sel
+        return None
+
+    def after_attend(self, layer, query, module, ctx):
+        for s in self.stages:
+            s.after_attend(layer, query, module, ctx)
+
+    def stats(self):
+        out: dict[str, Any] = {}
+        for s in self.stages:
+            out.update(s.stats())
+        return out
+
+
+# ---- registry ----------------------------------------------------------------------------------
+_REGISTRY: dict[str, type[KVMethod]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a method available by ``name`` to the CLI, the server and eval."""
+
+    def deco(cls):
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_builtin() -> None:
+    import kvsift.methods  # noqa: F401  (imports every method module, which registers itself)
+
+
+def available_methods() -> dict[str, str]:
+    """name -> one-line description."""
+    _load_builtin()
+    return {n: (c.__doc__ or "").strip().splitlines()[0] for n, c in sorted(_REGISTRY.items())}
+
+
+def method_class(name: str) -> type[KVMethod]:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def build_method(spec: "str | KVMethod", budget: Budget = None, **kwargs) -> KVMethod:
+    """Build a method from a spec such as ``"snapkv"`` or ``"snapkv+sentencekv"``.
+
+    ``kwargs`` go to every stage that has a field of that name (unknown names are an error).
+    """
+    if isinstance(spec, KVMethod):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"method must be a non-empty name, got {spec!r}")
+    names = [p.strip() for p in spec.split("+")]
+    classes = [method_class(n) for n in names]
+    known = {f.name for c in classes for f in fields(c) if f.init}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {spec!r}; options: {sorted(known - {'budget'})}")
+    stages = []
+    for c in classes:
+        own = {f.name for f in fields(c) if f.init}
+        stages.append(c(budget=budget, **{k: v for k, v in kwargs.items() if k in own}))
+    return stages[0] if len(stages) == 1 else Compose(budget=budget, stages=stages)

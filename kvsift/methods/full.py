@@ -1,0 +1,13 @@
+"""``full``: the baseline, every token kept, plain attention."""
+
+from dataclasses import dataclass
+
+from kvsift.methods.base import KVMethod, register
+
+
+@register("full")
+@dataclass
+class Full(KVMethod):
+    """Full KV cache (baseline): keeps every token."""
+
+    needs_budget = False

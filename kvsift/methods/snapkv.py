@@ -1,0 +1,64 @@
+"""``snapkv``: SnapKV (Li et al., 2024) - the last prompt tokens vote for the keys to keep.
+
+The observation window (last ``window`` prompt queries) attends to every key; attention weights
+are averaged over the window and over the query heads of each KV group (GQA-aware), smoothed by
+1D pooling, and the top keys per KV head are kept together with the window itself.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvsift.methods.base import EvictionMethod, group_queries, register
+
+
+def window_attention_scores(query, keys, positions, window: int, scale: float) -> torch.Tensor:
+    """Mean attention of the last ``window`` queries to each key.
+
+    query ``(batch, q_heads, q, dim)``, keys ``(batch, kv_heads, n, dim)``, positions
+    ``(batch, kv_heads, n)`` (the last ``window`` slots are the window's own tokens). Returns
+    ``(batch, kv_heads, n)`` fp32, averaged over window queries and the heads of each group.
+    """
+    b, hk, n, d = keys.shape
+    w = min(window, query.shape[2], n)
+    q = group_queries(query[:, :, -w:], hk).float()                       # (b, hk, g, w, d)
+    logits = torch.einsum("bhgwd,bhnd->bhgwn", q, keys.float()) * scale
+    qpos = positions[:, :, -w:]                                           # (b, hk, w)
+    visible = (positions[:, :, None, :] <= qpos[..., None]) & (positions[:, :, None, :] >= 0)
+    logits = logits.masked_fill(~visible[:, :, None], float("-inf"))
+    attn = torch.softmax(logits, dim=-1).nan_to_num_(0.0)                 # padded query rows -> 0
+    return attn.mean(dim=(2, 3))
+
+
+@register("snapkv")
+@dataclass
+class SnapKV(EvictionMethod):
+    """SnapKV: observation-window attention, pooled, GQA-aware; keeps the window."""
+
+    window: int = 32
+    kernel_size: int = 7
+    pooling: str = "avg"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 1 <= self.window <= 4096:
+            raise ValueError(f"window must be in [1, 4096], got {self.window}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and >= 1, got {self.kernel_size}")
+        if self.pooling not in ("avg", "max"):
+            raise ValueError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")
+
+    def min_last_chunk(self) -> int:
+        return self.window
+
+    def score(self, query, keys, values, positions, module, layer_idx):
+        scale = getattr(module, "scaling", keys.shape[-1] ** -0.5)
+        s = window_attention_scores(query, keys, positions, self.window, scale)
+        if self.kernel_size > 1:
+            pool = F.avg_pool1d if self.pooling == "avg" else F.max_pool1d
+            b, h, n = s.shape
+            s = pool(s.reshape(b * h, 1, n), self.kernel_size, stride=1, padding=self.kernel_size // 2).reshape(b, h, n)
+        w = min(self.window, query.shape[2], keys.shape[2])
+        s[..., -w:] = float("inf")  # the window itself is always kept
+        return s

@@ -1,0 +1,32 @@
+"""``streaming``: StreamingLLM (Xiao et al., 2023) - attention sinks plus a recent window.
+
+Keys carry RoPE for their true positions (applied before caching) and new tokens keep counting
+from the number of tokens seen, so positions stay correct after eviction.
+"""
+
+from dataclasses import dataclass
+
+from kvsift.methods.base import EvictionMethod, register
+
+
+@register("streaming")
+@dataclass
+class StreamingLLM(EvictionMethod):
+    """StreamingLLM: first `sinks` tokens + most recent tokens, rolling during decode."""
+
+    sinks: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.sinks < 0:
+            raise ValueError(f"sinks must be >= 0, got {self.sinks}")
+
+    def score(self, query, keys, values, positions, module, layer_idx):
+        """Recency: the position itself; sinks (position < ``sinks``) always kept. ``(batch, kv_heads, n)``."""
+        s = positions.float()
+        return s.masked_fill((positions >= 0) & (positions < self.sinks), float("inf"))
+
+    def after_attend(self, layer, query, module, ctx):
+        super().after_attend(layer, query, module, ctx)  # prefill end: keep sinks + window
+        if ctx.decoding and layer.length > self.tokens:  # decode: O(1) slot reuse, no buffer copy
+            layer.replace_oldest(self.tokens, protect_below=self.sinks)

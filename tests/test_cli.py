@@ -1,0 +1,69 @@
+"""The kvsift command: listing, bad input (clear error, exit code 2), a real run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kvsift.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "kvsift.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_methods_lists_registry(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("full", "streaming", "snapkv", "pyramidkv"):
+        assert name in out
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--method", "nope"], "unknown method 'nope'"),
+    (["--method", "snapkv", "--budget", "0"], "budget must be >= 1"),
+    (["--method", "snapkv", "--budget", "150%"], "percentage"),
+    (["--method", "snapkv"], "needs a budget"),
+    (["--method", "snapkv", "--budget", "8", "--method-opt", "bogus=1"], "unknown option"),
+])
+def test_bad_method_or_budget_fails_fast(tmp_path, capsys, args, msg):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("hello world")
+    assert main(["generate", "--prompt-file", str(doc), *args]) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_missing_prompt_file(capsys):
+    assert main(["generate", "--prompt-file", "/nonexistent/doc.txt"]) == 2
+    assert "prompt file not found" in capsys.readouterr().err
+
+
+@pytest.mark.real
+def test_generate_real_model_with_summary(tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The lighthouse keeper's cat is named Pepper. " * 3)
+    r = run_cli("generate", "--prompt-file", str(doc), "--question", "What is the cat's name?",
+                "--method", "snapkv", "--budget", "32", "--max-tokens", "12")
+    assert r.returncode == 0, r.stderr
+    assert "Pepper" in r.stdout
+    assert "[kvsift]" in r.stderr and "KV kept" in r.stderr
+
+
+@pytest.mark.real
+def test_budget_larger_than_context_and_too_long_prompt(tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("short document")
+    r = run_cli("generate", "--prompt-file", str(doc), "--method", "snapkv", "--budget", "5000", "--json")
+    assert r.returncode == 2 and "larger than the context" in r.stderr and r.stdout == ""
+    doc.write_text("word " * 9000)
+    r = run_cli("generate", "--prompt-file", str(doc), "--max-tokens", "2")
+    assert r.returncode == 2 and "exceeds the model's limit" in r.stderr
+
+
+@pytest.mark.real
+def test_json_output(tmp_path):
+    r = run_cli("generate", "--prompt", "Say hi.", "--max-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["stats"]["generated_tokens"] >= 1 and "text" in data

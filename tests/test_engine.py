@@ -1,0 +1,159 @@
+"""The generation loop on tiny random models: exactness against transformers, batching, chunking,
+sampling, stop strings, streaming, reusable contexts."""
+
+import pytest
+import torch
+
+from kvsift import SamplingParams
+from tests.conftest import random_prompt
+
+
+def hf_greedy(llm, ids, n):
+    with torch.inference_mode():
+        out = llm.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                                 pad_token_id=llm.pad_id)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_full_matches_transformers_greedy(tiny_llms, family):
+    llm = tiny_llms[family]
+    ids = random_prompt(200, seed=3)
+    ours = llm.generate(ids, SamplingParams(max_tokens=16, ignore_eos=True))[0]
+    assert ours.token_ids == hf_greedy(llm, ids, 16)
+    assert ours.finish_reason == "length"
+
+
+def test_prefill_logits_match_transformers(tiny_llm):
+    """Chunked prefill over our cache gives the same next-token logits as one HF forward."""
+    from kvsift.engine.llm import ForwardContext  # noqa: F401  (engine internals are importable)
+    from kvsift.methods import build_method
+
+    ids = random_prompt(150, seed=4)
+    with torch.inference_mode():
+        ref = tiny_llm.model(torch.tensor([ids])).logits[0, -1]
+    m = build_method("full")
+    m.setup(None, len(ids), tiny_llm.info.num_layers)
+    _, _, (_, logits) = tiny_llm._prefill([ids], m, None, progress=False)
+    torch.testing.assert_close(logits[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_with_padding_equals_single(tiny_llm):
+    a, b = random_prompt(120, seed=5), random_prompt(70, seed=6)
+    p = SamplingParams(max_tokens=8, ignore_eos=True)
+    batch = tiny_llm.generate([a, b], p)
+    assert [o.token_ids for o in batch] == [tiny_llm.generate(x, p)[0].token_ids for x in (a, b)]
+
+
+@pytest.mark.parametrize("method,budget", [("snapkv", 48), ("streaming", 40), ("pyramidkv", 48)])
+def test_batch_with_padding_equals_single_compressed(tiny_llm, method, budget):
+    a, b = random_prompt(130, seed=7), random_prompt(90, seed=8)
+    p = SamplingParams(max_tokens=6, ignore_eos=True)
+    batch = tiny_llm.generate([a, b], p, method=method, budget=budget)
+    single = [tiny_llm.generate(x, p, method=method, budget=budget)[0].token_ids for x in (a, b)]
+    assert [o.token_ids for o in batch] == single
+
+
+def test_chunk_size_does_not_change_output(tiny_llm, default_tokenizer):
+    from kvsift import LLM
+
+    ids = random_prompt(300, seed=9)
+    p = SamplingParams(max_tokens=8, ignore_eos=True)
+    other = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=1024)
+    assert tiny_llm.generate(ids, p)[0].token_ids == other.generate(ids, p)[0].token_ids
+
+
+def test_sampling_seeded_reproducible_and_top_p(tiny_llm):
+    ids = random_prompt(50, seed=10)
+    p = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=123, ignore_eos=True)
+    a = tiny_llm.generate(ids, p)[0].token_ids
+    b = tiny_llm.generate(ids, p)[0].token_ids
+    c = tiny_llm.generate(ids, SamplingParams(max_tokens=12, temperature=1.0, seed=124, ignore_eos=True))[0].token_ids
+    assert a == b and len(a) == 12
+    assert a != c
+
+
+def test_top_p_keeps_smallest_nucleus():
+    from kvsift.engine.llm import _sample
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    seen = {int(_sample(logits, SamplingParams(temperature=1.0, top_p=0.7), g)) for _ in range(200)}
+    assert seen == {0, 1}
+
+
+def test_stop_string_and_streaming_deltas(tiny_llm):
+    ids = random_prompt(60, seed=11)
+    full = tiny_llm.generate(ids, SamplingParams(max_tokens=20, ignore_eos=True))[0]
+    assert len(full.text) > 4
+    stop = full.text[2:4]
+    events = list(tiny_llm.stream(ids, SamplingParams(max_tokens=20, stop=[stop], ignore_eos=True)))
+    final = events[-1].output
+    assert final.finish_reason == "stop"
+    assert final.text == full.text[: full.text.find(stop)]
+    assert "".join(e.text for e in events) == final.text
+
+
+def test_context_reuse_matches_full_prompt(tiny_llm):
+    doc, question = random_prompt(180, seed=12), random_prompt(20, seed=13)
+    p = SamplingParams(max_tokens=8, ignore_eos=True)
+    ctx = tiny_llm.prefill_context(doc)
+    via_ctx = tiny_llm.generate(question, p, context=ctx)[0].token_ids
+    assert via_ctx == tiny_llm.generate(doc + question, p)[0].token_ids
+    # the context is not consumed: a second question works too and the first answer repeats
+    assert tiny_llm.generate(question, p, context=ctx)[0].token_ids == via_ctx
+
+
+def test_stats_report_real_bytes(tiny_llm):
+    ids = random_prompt(256, seed=14)
+    full = tiny_llm.generate(ids, SamplingParams(max_tokens=4))[0].stats
+    snap = tiny_llm.generate(ids, SamplingParams(max_tokens=4), method="snapkv", budget=64)[0].stats
+    info = tiny_llm.info
+    assert full.kv_full_bytes == 2 * info.num_layers * info.num_kv_heads * 256 * info.head_dim * 4
+    assert full.kv_kept_bytes == full.kv_full_bytes
+    assert snap.kv_kept_bytes == full.kv_full_bytes * 64 // 256
+    assert snap.kv_device_bytes < full.kv_device_bytes
+    assert "ms/token" in snap.summary()
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(method="nope"), "unknown method 'nope'"),
+    (dict(method="snapkv", budget=0), "budget must be >= 1"),
+    (dict(method="snapkv", budget=1.5), "ratio must be in"),
+    (dict(method="snapkv", budget=10_000), "larger than the context"),
+    (dict(method="snapkv"), "needs a budget"),
+    (dict(method="snapkv", budget=16, method_kwargs={"windw": 3}), "unknown option"),
+    (dict(method="snapkv+nope", budget=16), "unknown method 'nope'"),
+])
+def test_bad_input_is_rejected_before_compute(tiny_llm, kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        tiny_llm.stream(random_prompt(100), SamplingParams(max_tokens=2), **kwargs)
+
+
+def test_prompt_longer_than_model_limit(tiny_llm):
+    n = tiny_llm.info.max_positions
+    with pytest.raises(ValueError, match="exceeds the model's limit"):
+        tiny_llm.generate(random_prompt(n), SamplingParams(max_tokens=2))
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(stop=[""])])
+def test_sampling_params_validation(kwargs):
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)
+
+
+def test_generation_stops_at_model_limit(tiny_llm):
+    n = tiny_llm.info.max_positions
+    out = tiny_llm.generate(random_prompt(n - 3), SamplingParams(max_tokens=50, ignore_eos=True))[0]
+    assert len(out.token_ids) == 3 and out.finish_reason == "length"
+
+
+def test_cancel_stops_generation(tiny_llm):
+    calls = {"n": 0}
+
+    def cancel():
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    out = tiny_llm.generate(random_prompt(40), SamplingParams(max_tokens=50, ignore_eos=True), cancel=cancel)[0]
+    assert out.finish_reason == "cancelled" and len(out.token_ids) == 3

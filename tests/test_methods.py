@@ -1,0 +1,96 @@
+"""Per-method behaviour: streaming, snapkv, pyramidkv, composition."""
+
+import pytest
+import torch
+
+from kvsift import SamplingParams, build_method
+from kvsift.methods.snapkv import window_attention_scores
+from tests.conftest import random_prompt
+
+
+def test_streaming_keeps_sinks_and_recent_and_rolls(tiny_llm):
+    ids = random_prompt(200, seed=31)
+    ctx = tiny_llm.prefill_context(ids, method="streaming", budget=40)
+    for layer in ctx.cache.layers:
+        pos = sorted(layer.positions[0, 0].tolist())
+        assert pos == list(range(4)) + list(range(200 - 36, 200))
+    # during decode the window rolls: the cache never exceeds the budget and keeps the sinks
+    m = build_method("streaming", 40)
+    m.setup(None, 200, tiny_llm.info.num_layers)
+    cache, _, (fctx, logits) = tiny_llm._prefill([ids], m, None, False, reserve=10)
+    fctx.decoding = True
+    nxt = fctx.info["next_pos"]
+    for _ in range(10):
+        logits = tiny_llm._forward(fctx, logits.argmax(-1, keepdim=True), nxt[:, None])
+        nxt = nxt + 1
+    for layer in cache.layers:
+        assert layer.length == 40
+        pos = sorted(layer.positions[0, 1].tolist())
+        assert pos == list(range(4)) + list(range(210 - 36, 210))
+
+
+def test_streaming_positions_continue_after_eviction(tiny_llm):
+    """New tokens get their true positions (prompt length + step), not the cache length."""
+    ids = random_prompt(100, seed=32)
+    ctx = tiny_llm.prefill_context(ids, method="streaming", budget=20)
+    assert ctx.cache.seen == 100
+    assert max(ctx.cache.layers[0].positions[0, 0].tolist()) == 99
+
+
+def test_snapkv_keeps_window_and_attended_keys():
+    torch.manual_seed(0)
+    b, hq, hk, n, d, w = 1, 4, 2, 64, 16, 8
+    keys = torch.randn(b, hk, n, d)
+    q = torch.randn(b, hq, w, d) * 0.1
+    keys[:, :, 10] = q[:, ::2].mean(2) * 50  # key 10 strongly attended by every window query
+    pos = torch.arange(n).expand(b, hk, n).to(torch.int32)
+    s = window_attention_scores(q, keys, pos, w, d ** -0.5)
+    assert s.shape == (b, hk, n)
+    assert int(s[0, 0, : n - w].argmax()) == 10
+    m = build_method("snapkv", 12, window=w)
+    full = m.score(q, keys, keys, pos, None, 0)
+    assert torch.isinf(full[..., -w:]).all()
+    top = full.topk(12, -1).indices
+    assert (top == 10).any(-1).all()
+
+
+def test_snapkv_gqa_scores_average_the_group():
+    torch.manual_seed(1)
+    keys = torch.randn(1, 2, 20, 8)
+    q = torch.randn(1, 4, 4, 8)
+    pos = torch.arange(20).expand(1, 2, 20).to(torch.int32)
+    s = window_attention_scores(q, keys, pos, 4, 8 ** -0.5)
+    # kv head 1 is used by q heads 2 and 3 only
+    s1 = window_attention_scores(q[:, 2:4], keys[:, 1:2], pos[:, 1:2], 4, 8 ** -0.5)
+    torch.testing.assert_close(s[:, 1:2], s1)
+
+
+def test_pyramidkv_budgets_fall_and_average_to_budget():
+    m = build_method("pyramidkv", 100)
+    m.setup(None, 1000, 10)
+    budgets = [m.layer_budget(i) for i in range(10)]
+    assert budgets == sorted(budgets, reverse=True) and budgets[0] > 100 > budgets[-1]
+    assert abs(sum(budgets) / 10 - 100) <= 1
+
+
+def test_compose_runs_stages_in_order(tiny_llm):
+    ids = random_prompt(200, seed=33)
+    m = build_method("snapkv+streaming", 50)
+    assert m.spec == "snapkv+streaming"
+    out = tiny_llm.generate(ids, SamplingParams(max_tokens=5, ignore_eos=True), method=m)[0]
+    assert out.stats.method == "snapkv+streaming" and len(out.token_ids) == 5
+
+
+@pytest.mark.parametrize("text,value", [("1024", 1024), ("0.25", 0.25), ("25%", 0.25), (None, None)])
+def test_parse_budget(text, value):
+    from kvsift.methods import parse_budget
+
+    assert parse_budget(text) == value
+
+
+@pytest.mark.parametrize("text", ["0", "-3", "1.5", "abc", "200%"])
+def test_parse_budget_rejects(text):
+    from kvsift.methods import parse_budget
+
+    with pytest.raises(ValueError):
+        parse_budget(text)
