@@ -24,6 +24,17 @@ def test_full_matches_transformers_greedy(tiny_llms, family):
     assert ours.finish_reason == "length"
 
 
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_other_families_match_transformers(default_tokenizer, family):
+    """Mistral, and Gemma 3 with its sliding-window layers (window 32 < prompt), prefilled in chunks."""
+    from kvsift import LLM
+    from kvsift.models import tiny_model
+
+    llm = LLM.from_model(tiny_model(family, seed=2, layers=4), default_tokenizer, chunk_size=48)
+    ids = random_prompt(150, seed=15)
+    assert llm.generate(ids, SamplingParams(max_tokens=10, ignore_eos=True))[0].token_ids == hf_greedy(llm, ids, 10)
+
+
 def test_prefill_logits_match_transformers(tiny_llm):
     """Chunked prefill over our cache gives the same next-token logits as one HF forward."""
     from kvsift.engine.llm import ForwardContext  # noqa: F401  (engine internals are importable)

@@ -39,10 +39,10 @@ def test_default_model_finds_the_fact(real_llm):
 def test_snapkv_at_generous_budget_answers_like_full(real_llm):
     p = SamplingParams(max_tokens=24)
     full = real_llm.generate(FACT_DOC, p)[0]
-    comp = real_llm.generate(FACT_DOC, p, method="snapkv", budget=0.75)[0]
+    comp = real_llm.generate(FACT_DOC, p, method="snapkv", budget=0.9)[0]
     assert "blue-falcon" in comp.text
     assert comp.text.split("\n")[0] == full.text.split("\n")[0]
-    assert comp.stats.kv_kept_bytes < 0.8 * full.stats.kv_kept_bytes
+    assert comp.stats.kv_kept_bytes < 0.92 * full.stats.kv_kept_bytes
 
 
 @pytest.mark.parametrize("method", ["pyramidkv", "streaming"])
@@ -53,7 +53,7 @@ def test_other_methods_keep_the_fact_at_generous_budget(real_llm, method):
 
 def test_context_reuse_answers_several_questions(real_llm):
     doc = FACT_DOC.rsplit("\n\n", 1)[0]
-    ctx = real_llm.prefill_context(doc, method="snapkv", budget=0.75)
+    ctx = real_llm.prefill_context(doc, method="snapkv", budget=0.9)
     q = real_llm.encode_question("What is the secret password for the vault?")
     a = real_llm.generate(q, SamplingParams(max_tokens=24), context=ctx)[0]
     assert "blue-falcon" in a.text

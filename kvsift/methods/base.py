@@ -47,17 +47,18 @@ def parse_budget(text: str | int | float | None) -> Budget:
         validate_budget(text)
         return text
     s = str(text).strip()
+    percent = s.endswith("%")
     try:
-        if s.endswith("%"):
+        if percent:
             value: Budget = float(s[:-1]) / 100.0
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"budget percentage must be in (0%, 100%], got {text!r}")
         elif any(c in s for c in ".eE"):
             value = float(s)
         else:
             value = int(s)
     except ValueError:
         raise ValueError(f"budget must be a token count (e.g. 1024), a ratio (0.25) or a percentage (25%), got {text!r}") from None
+    if percent and not 0.0 < value <= 1.0:
+        raise ValueError(f"budget percentage must be in (0%, 100%], got {text!r}")
     validate_budget(value)
     return value
 

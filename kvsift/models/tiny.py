@@ -6,15 +6,15 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("llama", "qwen2", "mistral")
+FAMILIES = ("llama", "qwen2", "mistral", "gemma3")
 
 
 def tiny_config(family: str = "llama", vocab_size: int = 49152, layers: int = 2, hidden: int = 64,
                 heads: int = 4, kv_heads: int = 2, max_positions: int = 4096):
     """A small config of a real family: ``(layers, hidden, heads, kv_heads)``, GQA by default."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}.get(family)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gemma3": Gemma3TextConfig}.get(family)
     if cls is None:
         raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
     kw = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
@@ -22,6 +22,9 @@ def tiny_config(family: str = "llama", vocab_size: int = 49152, layers: int = 2,
               head_dim=hidden // heads, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     if family == "mistral":
         kw["sliding_window"] = None
+    if family == "gemma3":  # alternating local (sliding window 32) and global layers
+        kw.update(sliding_window=32, query_pre_attn_scalar=hidden // heads,
+                  layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)])
     return cls(**kw)
 
 
