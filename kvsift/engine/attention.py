@@ -99,7 +99,9 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                                       scaling=scaling, sliding_window=sliding_window, softcap=softcap, **kwargs)
     layer = ctx.cache.layers[module.layer_idx]
     qpos = ctx.cache.step_positions
-    sel = ctx.method.plan(layer, query, ctx) if ctx.decoding else None
+    # layers whose KV partly lives outside the device buffer (sentencekv's host store, e.g. a reused
+    # context) need the method's selection during prefill too
+    sel = ctx.method.plan(layer, query, ctx) if ctx.decoding or layer.state.get("plan_prefill") else None
     if sel is not None:
         keys, values, kpos = sel
     else:
@@ -124,11 +126,11 @@ def register_attention() -> None:
 
 
 @contextlib.contextmanager
-def use_kvsift_attention(model: torch.nn.Module):
-    """Switch ``model`` to kvsift attention for the duration of the block; restored in ``finally``."""
+def use_kvsift_attention(model: torch.nn.Module, configs: list | None = None):
+    """Switch ``model`` to kvsift attention for the duration of the block; restored in ``finally``.
+    ``configs``: the model's configs (``model_configs(model)``), to skip the module walk per step."""
     register_attention()
-    configs = {id(c): c for c in _configs(model)}.values()
-    saved = [(c, c._attn_implementation) for c in configs]
+    saved = [(c, c._attn_implementation) for c in (configs if configs is not None else model_configs(model))]
     try:
         for c, _ in saved:
             c._attn_implementation = ATTN_NAME
@@ -138,8 +140,11 @@ def use_kvsift_attention(model: torch.nn.Module):
             c._attn_implementation = impl
 
 
-def _configs(model):
+def model_configs(model) -> list:
+    """The distinct config objects of ``model``'s modules (text models may nest sub-configs)."""
+    out = {}
     for m in model.modules():
         c = getattr(m, "config", None)
         if c is not None and hasattr(c, "_attn_implementation"):
-            yield c
+            out[id(c)] = c
+    return list(out.values())

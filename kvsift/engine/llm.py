@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from kvsift.cache import SiftCache
-from kvsift.engine.attention import ForwardContext, forward_context, use_kvsift_attention
+from kvsift.engine.attention import ForwardContext, forward_context, model_configs, use_kvsift_attention
 from kvsift.engine.params import GenerationStats, RequestOutput, SamplingParams, StreamEvent
 from kvsift.methods import KVMethod, build_method
 from kvsift.methods.base import Budget, validate_budget
@@ -63,6 +63,7 @@ class LLM:
             raise ValueError(f"chunk_size must be >= 16, got {chunk_size}")
         self.model, self.tokenizer, self.info, self.chunk_size = model, tokenizer, info, chunk_size
         self.device = info.device
+        self._configs = model_configs(model)
         self.lock = threading.Lock()  # one forward at a time per model
         eos = set()
         for src in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
@@ -172,7 +173,7 @@ class LLM:
     # ---- the loop ----------------------------------------------------------------------------
     @contextlib.contextmanager
     def _forward_mode(self, ctx: ForwardContext):
-        with torch.inference_mode(), use_kvsift_attention(self.model), forward_context(ctx):
+        with torch.inference_mode(), use_kvsift_attention(self.model, self._configs), forward_context(ctx):
             yield
 
     def _forward(self, ctx: ForwardContext, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
