@@ -147,7 +147,8 @@ class LLM:
             raise ValueError(f"document of {len(ids)} tokens exceeds the model's limit of {self.info.max_positions - 1}")
         m = build_method(method, budget, **(method_kwargs or {}))
         m.setup(None, len(ids), self.info.num_layers)
-        cache, stats, _ = self._prefill([ids], m, None, progress)
+        with self.lock:
+            cache, stats, _ = self._prefill([ids], m, None, progress)
         return Context(cache=cache, token_ids=ids, method=_spec(m), budget=budget, stats=stats)
 
     def encode_document(self, document: str, chat: bool | None = None) -> list[int]:

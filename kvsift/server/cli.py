@@ -1,0 +1,132 @@
+"""``kvsift serve``: the OpenAI-compatible server (also ``python -m kvsift.server``).
+
+    kvsift serve                                   # default model on http://127.0.0.1:8000
+    kvsift serve --model path/to/hf_dir --kv-method snapkv --kv-budget 1024 --api-key secret
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("kvsift.server")
+
+
+def _bytes(text: str) -> int:
+    """``"2G"``, ``"512M"``, ``"1048576"`` -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)i?[bB]?\s*", str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a size such as 512M or 2G, got {text!r}")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def default_contexts_dir() -> Path:
+    root = Path(os.environ.get("KVSIFT_CACHE", Path.home() / ".cache" / "kvsift"))
+    return root / "contexts"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="'smollm2' (bundled default), an HF model directory or a .gguf file")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk length in tokens")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0 = any free port; see --ready-file)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $KVSIFT_API_KEY, else no key)")
+    p.add_argument("--served-model-name", default=None, help="model id clients use (default: the model's name)")
+    p.add_argument("--kv-method", default="full", help="default KV method of requests (e.g. snapkv)")
+    p.add_argument("--kv-budget", default=None, help="default KV budget: tokens (1024), ratio (0.25) or percent (25%%)")
+    p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of chat completions")
+    p.add_argument("--max-waiting", type=int, default=64, help="queued requests beyond the running one (then 503)")
+    p.add_argument("--max-body", type=_bytes, default=8 * 2**20, help="largest request body (default 8M)")
+    p.add_argument("--contexts-dir", type=Path, default=None,
+                   help=f"where contexts are persisted (default {default_contexts_dir()})")
+    p.add_argument("--no-persist", action="store_true", help="keep contexts in memory only")
+    p.add_argument("--context-memory", type=_bytes, default=2 * 2**30,
+                   help="LRU limit of context KV kept in memory (default 2G); persisted ones reload from disk")
+    p.add_argument("--max-contexts", type=int, default=1000, help="most contexts kept (memory + disk)")
+    p.add_argument("--ready-file", type=Path, default=None,
+                   help="write {host, port, url} as JSON here once the server accepts connections")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("serve", help="OpenAI-compatible server with reusable compressed contexts",
+                              description="Serve /v1/completions, /v1/chat/completions, /v1/contexts, /metrics.")
+    add_arguments(p)
+    return p
+
+
+def build_config(args):
+    from kvsift.methods import build_method, parse_budget
+    from kvsift.server.config import ServerConfig
+
+    budget = parse_budget(args.kv_budget)
+    build_method(args.kv_method, budget)  # unknown method / missing budget: fail before loading the model
+    api_key = args.api_key if args.api_key is not None else os.environ.get("KVSIFT_API_KEY") or None
+    contexts_dir = None if args.no_persist else (args.contexts_dir or default_contexts_dir())
+    return ServerConfig(host=args.host, port=args.port, model_name=args.served_model_name, api_key=api_key,
+                        default_method=args.kv_method, default_budget=budget, default_max_tokens=args.max_tokens,
+                        max_waiting=args.max_waiting, max_body_bytes=args.max_body, contexts_dir=contexts_dir,
+                        context_memory_bytes=args.context_memory, max_contexts=args.max_contexts)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot bind {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _write_ready(server, path: Path, host: str, port: int) -> None:
+    """Write the ready file once uvicorn serves (atomically: tmp + rename)."""
+    while not server.started and not server.should_exit:
+        time.sleep(0.02)
+    if server.should_exit:
+        return
+    shown = f"[{host}]" if ":" in host else host
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"host": host, "port": port, "url": f"http://{shown}:{port}", "pid": os.getpid()}))
+    os.replace(tmp, path)
+
+
+def run_serve(args) -> int:
+    import uvicorn
+
+    from kvsift.engine import LLM
+    from kvsift.server.app import create_app
+
+    logging.getLogger("kvsift").setLevel(args.log_level.upper())
+    config = build_config(args)
+    if config.host not in ("127.0.0.1", "::1", "localhost") and config.api_key is None:
+        print(f"kvsift: warning: serving on {config.host} without an API key", file=sys.stderr)
+    sock = _bind(config.host, config.port)  # fail fast on a busy port, before loading the model
+    port = sock.getsockname()[1]
+    t0 = time.perf_counter()
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, chunk_size=args.chunk_size)
+    app = create_app(llm, config)
+    shown = f"[{config.host}]" if ":" in config.host else config.host
+    print(f"kvsift: serving {app.state.kvsift.model_id} ({llm.info.device}, loaded in {time.perf_counter() - t0:.1f}s) "
+          f"on http://{shown}:{port}/v1", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5,
+                                           access_log=args.log_level in ("info", "debug")))
+    if args.ready_file is not None:
+        threading.Thread(target=_write_ready, args=(server, args.ready_file, config.host, port), daemon=True).start()
+    server.run(sockets=[sock])
+    return 0

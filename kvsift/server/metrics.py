@@ -1,0 +1,50 @@
+"""Prometheus metrics of one server (own registry: several apps in one process do not collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_TOKEN_TIME = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_BYTES = tuple(float(2**k) for k in range(10, 36, 2))
+
+
+class Metrics:
+    CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+    def __init__(self, model: str):
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.running = Gauge("kvsift_requests_running", "Generations holding the engine", registry=r)
+        self.waiting = Gauge("kvsift_requests_waiting", "Requests queued for the engine", registry=r)
+        self.requests = Counter("kvsift_requests", "Finished HTTP requests", ["endpoint", "status"], registry=r)
+        self.finished = Counter("kvsift_generations", "Finished generations by finish reason", ["reason"],
+                                registry=r)
+        self.prompt_tokens = Counter("kvsift_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.context_tokens = Counter("kvsift_context_tokens_reused",
+                                      "Context tokens reused without prefill", registry=r)
+        self.generation_tokens = Counter("kvsift_generation_tokens", "Tokens generated", registry=r)
+        self.kv_bytes = Gauge("kvsift_kv_bytes", "KV bytes allocated by the reusable contexts kept in memory",
+                              ["location", "pool"], registry=r)
+        self.contexts = Gauge("kvsift_contexts", "Reusable contexts", ["state"], registry=r)
+        self.request_kv = Histogram("kvsift_request_kv_bytes", "KV bytes one generation allocated after its prefill",
+                                    ["location"], buckets=_BYTES, registry=r)
+        self.latency = Histogram("kvsift_request_latency_seconds", "End-to-end request latency", ["endpoint"],
+                                 buckets=_LATENCY, registry=r)
+        self.queue_time = Histogram("kvsift_queue_wait_seconds", "Time waiting for the engine",
+                                    buckets=_LATENCY, registry=r)
+        self.ttft = Histogram("kvsift_time_to_first_token_seconds", "Time to first token (from arrival)",
+                              buckets=_LATENCY, registry=r)
+        self.prefill = Histogram("kvsift_prefill_seconds", "Prefill time per generation", buckets=_LATENCY,
+                                 registry=r)
+        self.tpot = Histogram("kvsift_time_per_output_token_seconds", "Decode time per output token",
+                              buckets=_TOKEN_TIME, registry=r)
+        info = Gauge("kvsift_model_info", "Served model", ["model"], registry=r)
+        info.labels(model=model).set(1)
+        for loc in ("device", "host"):
+            self.kv_bytes.labels(location=loc, pool="contexts").set(0)
+        for reason in ("stop", "length", "cancelled", "error"):
+            self.finished.labels(reason=reason)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
