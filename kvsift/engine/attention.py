@@ -66,6 +66,10 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_po
     b, hq, L, d = query.shape
     hk, n = keys.shape[1], keys.shape[2]
     g = hq // hk
+    if key_pos is None and softcap is None and query.is_cuda:
+        # unmasked decode on CUDA: SDPA's own GQA path stays at the HBM roofline, while folding the
+        # group into the query length measured 8x slower at batch 1 (bench/gpu_kernels_notes.md)
+        return F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=True)
     qf = query.reshape(b, hk, g * L, d)  # q head i uses kv head i // g
     mask = None
     if key_pos is not None:
@@ -102,6 +106,9 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     # layers whose KV partly lives outside the device buffer (sentencekv's host store, e.g. a reused
     # context) need the method's selection during prefill too
     sel = ctx.method.plan(layer, query, ctx) if ctx.decoding or layer.state.get("plan_prefill") else None
+    if sel is None and layer.state.get("plan_prefill"):
+        raise RuntimeError("this cache holds KV offloaded by sentencekv (e.g. a reused context): generate with "
+                           "a method spec that includes sentencekv")
     if sel is not None:
         keys, values, kpos = sel
     else:

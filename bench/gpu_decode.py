@@ -1,0 +1,596 @@
+"""Decode attention on a GPU: selected (score + top-k + sparse attention) vs dense SDPA.
+
+Llama-3.1-8B attention shape: 32 q heads, 8 kv heads, head_dim 128, bf16. For each batch and
+context length it times, per layer:
+
+* ``dense_gqa``: ``F.scaled_dot_product_attention(q (b,32,1,d), k, v, enable_gqa=True)``;
+* ``dense_grp``: SDPA with the group folded into the query length, ``q (b,8,4,d)`` (what
+  kvsift's engine does), no KV repeat;
+* ``ours_all``: our sparse kernel with every slot selected (a flash-decoding kernel through an
+  index table: how close it gets to the HBM roofline);
+* ``sel/<summary>/<budget>``: chunk scores (Triton) + top-k (torch) + slot expansion + sparse
+  attention (Triton), pages of ``--page`` tokens; summaries ``quest`` (min/max bounds) and
+  ``mean`` (mean keys); plus the parts alone (``score``, ``topk``, ``attn``).
+
+Each is timed over ``L`` layers of distinct KV buffers (about ``--rotate-bytes`` of KV, so the L2
+cache does not hold the data or the summaries), both as CUDA-graph replays (GPU time) and eagerly
+(what a Python decode loop pays): CUDA events around 10 back-to-back calls, median of ``--reps``. The HBM roofline uses a device-to-device copy measured here.
+
+An optional end-to-end section (``--e2e``) times decode ms/token of a random-weight
+Llama-3.1-8B-shaped model (``--e2e-layers`` layers) at long context: HF ``model.generate`` dense
+vs kvsift's engine (``--e2e-methods``, e.g. ``full`` and ``sentencekv:2048``).
+
+    PYTHONPATH=. python3 bench/gpu_decode.py --out bench/out/gpu_decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kvsift.kernels import dispatch
+from kvsift.kernels.chunk_scores import chunks_to_slots, page_summaries, select_chunks
+from kvsift.kernels.sparse_decode_attention import sparse_decode_attention_ref
+
+HQ, HK, D = 32, 8, 128
+
+
+# ---- timing -------------------------------------------------------------------------------------
+
+def time_cuda(fn, reps: int, graph: bool, warmup: int = 3, inner: int = 10) -> float:
+    """Median over ``reps`` samples of the mean milliseconds of ``inner`` back-to-back ``fn()``
+    calls (CUDA events), optionally captured in a CUDA graph."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    run = fn
+    if graph:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        run = g.replay
+        for _ in range(warmup):
+            run()
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(inner):  # back to back, as decode steps run: the GPU never idles in between
+            run()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / inner)
+    return statistics.median(times)
+
+
+def time_cpu(fn, reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def measure_bandwidth(device, gib: float = 2.0, reps: int = 20) -> float:
+    """GB/s of a device-to-device copy, counting bytes read plus bytes written."""
+    n = int(gib * 2**30) // 2
+    src = torch.randn(n // 2, device=device, dtype=torch.float32).view(torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = time_cuda(lambda: dst.copy_(src), reps, graph=False, inner=1)
+    nbytes = 2 * src.numel() * src.element_size()
+    del src, dst
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+# ---- one layer's decode attention variants ------------------------------------------------------
+
+def dense_gqa(q, k, v, scale):
+    return F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, enable_gqa=True)[:, :, 0]
+
+
+def dense_grouped(q, k, v, scale):
+    b, hq, d = q.shape
+    hk = k.shape[1]
+    out = F.scaled_dot_product_attention(q.reshape(b, hk, hq // hk, d), k, v, scale=scale)
+    return out.reshape(b, hq, d)
+
+
+def selected(q, k, v, summ, page, budget, scale, reduce):
+    scores = dispatch.chunk_scores(q, summ, reduce)
+    pages = dispatch.select_chunks(scores, page, budget)
+    return dispatch.sparse_decode_attention(q, k, v, pages, scale, page=page)
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    if torch.isnan(a).any():
+        return float("nan")
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ---- kernel section ----------------------------------------------------------------------------
+
+def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> list[dict]:
+    """Time every variant per (batch, ctx); correctness checks on the bench shapes go to ``checks_out``."""
+    rows = []
+    dtype = torch.bfloat16
+    scale = D ** -0.5
+    on_gpu = device.type == "cuda"
+    for batch in args.batches:
+        for ctx in args.contexts:
+            layer_bytes = 2 * batch * HK * ctx * D * 2
+            if on_gpu:
+                free = torch.cuda.mem_get_info()[0]
+                if layer_bytes * 1.6 > free:
+                    log(f"skip batch={batch} ctx={ctx}: {layer_bytes / 2**30:.1f} GiB per layer does not fit")
+                    continue
+            n_layers = max(1, min(args.max_layers, math.ceil(args.rotate_bytes / layer_bytes)))
+            if on_gpu:
+                n_layers = max(1, min(n_layers, int(0.6 * torch.cuda.mem_get_info()[0] // (layer_bytes * 1.2))))
+            g = torch.Generator(device=device).manual_seed(ctx + batch)
+            layers = []
+            for _ in range(n_layers):
+                k = torch.randn(batch, HK, ctx, D, device=device, dtype=dtype, generator=g)
+                v = torch.randn(batch, HK, ctx, D, device=device, dtype=dtype, generator=g)
+                q = torch.randn(batch, HQ, D, device=device, dtype=dtype, generator=g)
+                layers.append({"q": q, "k": k, "v": v, "quest": page_summaries(k, args.page, "minmax"),
+                               "mean": page_summaries(k, args.page, "mean")})
+            base = {"batch": batch, "ctx": ctx, "layers_rotated": n_layers, "kv_bytes_per_layer": layer_bytes}
+
+            # correctness on the bench shapes (first layer): kernels vs float32 references
+            L0 = layers[0]
+            full_idx = torch.arange(ctx, device=device, dtype=torch.int32).expand(batch, HK, ctx)
+            ref_dense = dense_grouped(L0["q"].float(), L0["k"].float(), L0["v"].float(), scale)
+            checks = {"ours_all_vs_sdpa_fp32": rel_err(dispatch.sparse_decode_attention(L0["q"], L0["k"], L0["v"], full_idx, scale), ref_dense),
+                      "dense_grp_bf16_vs_fp32": rel_err(dense_grouped(L0["q"], L0["k"], L0["v"], scale), ref_dense)}
+            for summary, reduce in (("quest", "max"), ("mean", "mean")):
+                sc = dispatch.chunk_scores(L0["q"], L0[summary], reduce)
+                pages = dispatch.select_chunks(sc, args.page, args.budgets[0])
+                checks[f"sel_{summary}_pages_vs_torch"] = float(not torch.equal(pages, select_chunks(sc, args.page, args.budgets[0])))
+                slots = chunks_to_slots(pages, None, args.page)
+                got = selected(L0["q"], L0["k"], L0["v"], L0[summary], args.page, args.budgets[0], scale, reduce)
+                checks[f"sel_{summary}_attn_vs_ref"] = rel_err(got, sparse_decode_attention_ref(
+                    L0["q"].float(), L0["k"].float(), L0["v"].float(), slots, scale))
+            del ref_dense
+            if checks_out is not None:
+                checks_out.append(dict(batch=batch, ctx=ctx, **checks))
+            log(f"batch={batch} ctx={ctx} layers={n_layers} checks " + " ".join(f"{k}={v:.2e}" for k, v in checks.items()))
+
+            def over_layers(f):
+                def run():
+                    for L in layers:
+                        f(L)
+                return run
+
+            def timed(name, f, extra=None, eager=True, kv_read=None):
+                row = dict(base, name=name)
+                try:
+                    if on_gpu:
+                        row["graph_ms"] = time_cuda(over_layers(f), args.reps, graph=True) / n_layers
+                        if eager:
+                            row["eager_ms"] = time_cuda(over_layers(f), args.reps, graph=False) / n_layers
+                    else:
+                        row["eager_ms"] = time_cpu(over_layers(f), max(1, args.reps // 10)) / n_layers
+                except Exception as e:  # noqa: BLE001 - a failing variant is reported, not fatal
+                    row["error"] = f"{type(e).__name__}: {e}"[:300]
+                if kv_read is not None and bw_gbs:
+                    row["bytes"] = kv_read
+                    row["roofline_ms"] = kv_read / (bw_gbs * 1e9) * 1e3
+                if extra:
+                    row.update(extra)
+                rows.append(row)
+                t = row.get("graph_ms", row.get("eager_ms"))
+                log(f"  {name:<22} " + (f"{t:8.4f} ms" if t is not None else row.get("error", "")))
+                return row
+
+            timed("dense_gqa", lambda L: dense_gqa(L["q"], L["k"], L["v"], scale), kv_read=layer_bytes)
+            timed("dense_grp", lambda L: dense_grouped(L["q"], L["k"], L["v"], scale), kv_read=layer_bytes)
+            if on_gpu:
+                timed("ours_all", lambda L: dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], full_idx, scale),
+                      kv_read=layer_bytes + full_idx.numel() * 4)
+            for summary, reduce in (("quest", "max"), ("mean", "mean")):
+                n_pages = ctx // args.page
+                summ_bytes = (2 if summary == "quest" else 1) * batch * HK * n_pages * D * 2
+                timed(f"score/{summary}", lambda L, s=summary, r=reduce: dispatch.chunk_scores(L["q"], L[s], r),
+                      kv_read=summ_bytes, eager=False)
+                for budget in args.budgets:
+                    if budget > ctx:
+                        continue
+                    sel_bytes = 2 * batch * HK * budget * D * 2
+                    timed(f"sel/{summary}/{budget}",
+                          lambda L, s=summary, r=reduce, bu=budget: selected(L["q"], L["k"], L["v"], L[s], args.page, bu, scale, r),
+                          extra={"budget": budget, "summary": summary}, kv_read=summ_bytes + sel_bytes)
+            # parts alone (quest, middle budget) to explain where the time goes
+            budget = args.budgets[min(1, len(args.budgets) - 1)]
+            if budget <= ctx:
+                for L in layers:
+                    L["_sc"] = dispatch.chunk_scores(L["q"], L["quest"], "max")
+                    L["_pages"] = dispatch.select_chunks(L["_sc"], args.page, budget)
+                    L["_slots"] = chunks_to_slots(L["_pages"], None, args.page)
+                timed(f"topk/{budget}", lambda L, bu=budget: dispatch.select_chunks(L["_sc"], args.page, bu), eager=False)
+                timed(f"topk_torch/{budget}", lambda L, bu=budget: L["_sc"].topk(bu // args.page, dim=-1), eager=False)
+                timed(f"attn_pages/{budget}", lambda L: dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], L["_pages"], scale, page=args.page),
+                      eager=False, kv_read=2 * batch * HK * budget * D * 2)
+                timed(f"attn_slots/{budget}", lambda L: dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], L["_slots"], scale),
+                      eager=False, kv_read=2 * batch * HK * budget * D * 2)
+            del layers, full_idx
+            if on_gpu:
+                torch.cuda.empty_cache()
+    return rows
+
+
+def run_tune(args, device, log) -> list[dict]:
+    """Sweep the kernels' launch settings at one shape (per-kernel GPU time, CUDA graphs)."""
+    from kvsift.kernels import chunk_scores as cs_mod
+    from kvsift.kernels import sparse_decode_attention as sda_mod
+    from kvsift.kernels import topk_select as tk_mod
+
+    rows = []
+    ctx, budget, page, scale = args.tune_ctx, 2048, args.page, D ** -0.5
+    for batch in args.batches:
+        layer_bytes = 2 * batch * HK * ctx * D * 2
+        n_layers = max(1, min(args.max_layers, math.ceil(args.rotate_bytes / layer_bytes)))
+        g = torch.Generator(device=device).manual_seed(7)
+        layers = []
+        for _ in range(n_layers):
+            k = torch.randn(batch, HK, ctx, D, device=device, dtype=torch.bfloat16, generator=g)
+            v = torch.randn(batch, HK, ctx, D, device=device, dtype=torch.bfloat16, generator=g)
+            q = torch.randn(batch, HQ, D, device=device, dtype=torch.bfloat16, generator=g)
+            L = {"q": q, "k": k, "v": v, "quest": page_summaries(k, page, "minmax"), "mean": page_summaries(k, page, "mean")}
+            L["sc"] = dispatch.chunk_scores(q, L["quest"], "max")
+            L["pages"] = dispatch.select_chunks(L["sc"], page, budget)
+            layers.append(L)
+
+        def t(f):
+            def run():
+                for L in layers:
+                    f(L)
+            return time_cuda(run, args.reps, graph=True) / n_layers
+
+        def rec(kernel, setting, ms):
+            rows.append({"batch": batch, "ctx": ctx, "kernel": kernel, "setting": setting, "graph_ms": ms})
+            log(f"tune batch={batch} ctx={ctx} {kernel:<14} {json.dumps(setting):<70} {ms * 1e3:8.1f} us")
+
+        saved = dict(cs_mod.TUNING)
+        for dot in ((True, False) if "score" in args.tune_kernels else ()):
+            for block_n in (32, 64, 128):
+                for nw in (4, 8):
+                    cs_mod.TUNING.update(dot=dot, block_n=block_n, num_warps=nw)
+                    for summary, reduce in (("quest", "max"), ("mean", "mean")):
+                        rec(f"score/{summary}", dict(cs_mod.TUNING), t(lambda L, s=summary, r=reduce: dispatch.chunk_scores(L["q"], L[s], r)))
+        cs_mod.TUNING.update(saved)
+        saved = dict(tk_mod.TUNING)
+        for impl in (("packed64", "int32") if "topk" in args.tune_kernels else ()):
+            for nw in (4, 8, 16):
+                tk_mod.TUNING.update(num_warps=nw, impl=impl)
+                rec("topk", dict(tk_mod.TUNING), t(lambda L: dispatch.select_chunks(L["sc"], page, budget)))
+        tk_mod.TUNING.update(saved)
+        rec("topk_torch", {}, t(lambda L: L["sc"].topk(budget // page, dim=-1)))
+        saved = dict(sda_mod.TUNING)
+        for bs, nw, st, sp in (((64, 4, 2, 2), (32, 4, 2, 2), (32, 4, 2, 4), (64, 4, 2, 4), (64, 8, 2, 2),
+                                (128, 8, 2, 2), (64, 4, 3, 1), (32, 2, 2, 4)) if "attn" in args.tune_kernels else ()):
+            sda_mod.TUNING.update(block_s=bs, num_warps=nw, num_stages=st, splits_per_sm=sp)
+            rec("attn_pages", dict(sda_mod.TUNING),
+                t(lambda L: dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], L["pages"], scale, page=page)))
+        sda_mod.TUNING.update(saved)
+        del layers
+        torch.cuda.empty_cache()
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Speedups of each selected row against the faster dense SDPA of its (batch, ctx)."""
+    out = []
+    key = "graph_ms" if any("graph_ms" in r for r in rows) else "eager_ms"
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["batch"], r["ctx"]), []).append(r)
+    for (batch, ctx), rs in groups.items():
+        dense = [r for r in rs if r["name"].startswith("dense") and key in r]
+        if not dense:
+            continue
+        best = min(dense, key=lambda r: r[key])
+        best_eager = min((r["eager_ms"] for r in dense if "eager_ms" in r), default=None)
+        for r in rs:
+            if not r["name"].startswith("sel/") or key not in r:
+                continue
+            s = {"batch": batch, "ctx": ctx, "name": r["name"], "dense": best["name"], "dense_ms": best[key],
+                 "sel_ms": r[key], "speedup": best[key] / r[key]}
+            if best_eager and "eager_ms" in r:
+                s["speedup_eager"] = best_eager / r["eager_ms"]
+            out.append(s)
+    return out
+
+
+def print_table(rows, summary, bw_gbs, log):
+    log("")
+    log(f"HBM copy bandwidth: {bw_gbs:.0f} GB/s" if bw_gbs else "no bandwidth measured")
+    log(f"{'batch':>5} {'ctx':>7} {'variant':<22} {'graph ms':>9} {'eager ms':>9} {'roof ms':>8} {'x roof':>6}")
+    for r in rows:
+        g = r.get("graph_ms")
+        e = r.get("eager_ms")
+        rf = r.get("roofline_ms")
+        t = g if g is not None else e
+        ratio = f"{t / rf:6.2f}" if (rf and t) else "     -"
+        log(f"{r['batch']:>5} {r['ctx']:>7} {r['name']:<22} "
+            f"{(f'{g:9.4f}' if g is not None else '        -')} {(f'{e:9.4f}' if e is not None else '        -')} "
+            f"{(f'{rf:8.4f}' if rf else '       -')} {ratio}" + (f"  ERROR {r['error']}" if "error" in r else ""))
+    log("")
+    log(f"{'batch':>5} {'ctx':>7} {'selected':<18} {'ms':>8} {'dense':<10} {'ms':>8} {'speedup':>8} {'eager x':>8}")
+    for s in summary:
+        se = s.get("speedup_eager")
+        log(f"{s['batch']:>5} {s['ctx']:>7} {s['name']:<18} {s['sel_ms']:8.4f} {s['dense']:<10} {s['dense_ms']:8.4f} "
+            f"{s['speedup']:8.2f} {(f'{se:8.2f}' if se else '       -')}")
+
+
+# ---- end-to-end section ------------------------------------------------------------------------
+
+def run_e2e(args, device, log) -> list[dict]:
+    """Decode ms/token of a random-weight Llama-3.1-8B-shaped model (fewer layers, stated)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                 vocab_size=128256)
+    if args.e2e_tiny:  # harness smoke test on a CPU
+        shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)
+    cfg = LlamaConfig(num_hidden_layers=args.e2e_layers, max_position_embeddings=max(args.e2e_contexts) + 4096,
+                      rope_theta=500000.0, **shape)
+    if device.type == "cuda" and args.e2e_sdpa == "no-cudnn":
+        # torch 2.11 picks cuDNN SDPA for these decode shapes and rebuilds its plan for every new
+        # KV length (~6 ms of CPU per call, seen in a profile): measure without it
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    log(f"e2e sdpa backends: {args.e2e_sdpa}")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    rows = []
+    new_tokens = args.e2e_new_tokens
+    for ctx in args.e2e_contexts:
+        ids = torch.randint(0, cfg.vocab_size, (1, ctx), device=device)
+        row = {"ctx": ctx, "layers": args.e2e_layers, "new_tokens": new_tokens, "sdpa": args.e2e_sdpa}
+
+        try:
+            row.update(_hf_forward_ms(model, ids, new_tokens, log, profile=args.e2e_profile))
+            log(f"e2e ctx={ctx} hf forward loop dense {row['hf_forward_ms_per_token']:.2f} ms/token")
+        except Exception as e:  # noqa: BLE001
+            row["hf_forward_error"] = f"{type(e).__name__}: {e}"[:300]
+            log(f"e2e ctx={ctx} hf forward error {row['hf_forward_error']}")
+        _empty_cache()
+        try:
+            row["hf_dense_ms_per_token"] = _hf_decode_ms(model, ids, new_tokens)
+            log(f"e2e ctx={ctx} hf generate dense {row['hf_dense_ms_per_token']:.2f} ms/token")
+        except Exception as e:  # noqa: BLE001
+            row["hf_error"] = f"{type(e).__name__}: {e}"[:300]
+            log(f"e2e ctx={ctx} hf error {row['hf_error']}")
+        _empty_cache()
+        for spec in args.e2e_methods:
+            try:
+                ms, stats = _engine_decode_ms(model, ids[0].tolist(), spec, new_tokens, args.e2e_chunk)
+                row[f"kvsift_{spec}_ms_per_token"] = ms
+                row[f"kvsift_{spec}_stats"] = stats
+                log(f"e2e ctx={ctx} kvsift {spec} {ms:.2f} ms/token {stats.get('method_stats', '')}")
+            except Exception as e:  # noqa: BLE001 - reported, not fatal
+                row[f"kvsift_{spec}_error"] = f"{type(e).__name__}: {e}"[:400]
+                log(f"e2e ctx={ctx} kvsift {spec} error {row[f'kvsift_{spec}_error']}")
+            _empty_cache()
+        rows.append(row)
+    return rows
+
+
+def _empty_cache():
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _engine_decode_ms(model, ids: list[int], spec: str, n: int, chunk_size: int) -> tuple[float, dict]:
+    """kvsift's engine on the same model: ``spec`` is ``method`` or ``method:budget``."""
+    from kvsift import LLM, SamplingParams
+
+    llm = LLM.from_model(model, None, name="llama-8b-shape-random", chunk_size=chunk_size)
+    name, _, budget = spec.partition(":")
+    budget_v = int(budget) if budget else None
+
+    def gen(k):
+        return llm.generate(ids, SamplingParams(max_tokens=k, ignore_eos=True), method=name, budget=budget_v,
+                            progress=False)
+
+    gen(2)  # warm-up (kernel compilation, allocator)
+    st = gen(n + 1)[0].stats
+    stats = {"decode_steps": st.decode_steps, "decode_s": st.decode_s, "prefill_s": st.prefill_s,
+             "kv_device_bytes": st.kv_device_bytes, "kv_host_bytes": st.kv_host_bytes,
+             "method_stats": st.method_stats}
+    return 1000.0 * st.decode_s / max(1, st.decode_steps), stats
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _hf_forward_ms(model, ids: torch.Tensor, n: int, log, profile: bool = False) -> dict:
+    """A bare greedy decode loop over the HF model (DynamicCache, no ``generate``): ms/token, and
+    optionally a profiler table of one step."""
+    from transformers import DynamicCache
+
+    out = {}
+    with torch.no_grad():
+        cache = DynamicCache()
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(3):  # warm-up
+            tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        _sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        _sync()
+        out["hf_forward_ms_per_token"] = (time.perf_counter() - t) / n * 1e3
+        if profile and torch.cuda.is_available():
+            from torch.profiler import ProfilerActivity, profile as tprof
+
+            with tprof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                model(input_ids=tok, past_key_values=cache, use_cache=True)
+                _sync()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+            log(table)
+            out["hf_step_profile"] = table
+        del cache
+    return out
+
+
+def _hf_decode_ms(model, ids: torch.Tensor, n: int) -> float:
+    """HF ``model.generate`` (greedy, dense KV): a logits processor stamps the clock (after a
+    device sync) at every generated token; ms/token = mean gap between stamps, so prefill is out."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class StepClock(LogitsProcessor):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            _sync()
+            self.times.append(time.perf_counter())
+            return scores
+
+    def gen(k):
+        clock = StepClock()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
+                           do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([clock]))
+        return clock.times
+
+    gen(2)  # warm-up
+    t = gen(n + 1)
+    return (t[-1] - t[0]) / (len(t) - 1) * 1e3
+
+
+def _empty_cache():
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _engine_decode_ms(model, ids: list[int], spec: str, n: int, chunk_size: int) -> tuple[float, dict]:
+    """kvsift's engine on the same model: ``spec`` is ``method`` or ``method:budget``."""
+    from kvsift import LLM, SamplingParams
+
+    llm = LLM.from_model(model, None, name="llama-8b-shape-random", chunk_size=chunk_size)
+    name, _, budget = spec.partition(":")
+    budget_v = int(budget) if budget else None
+
+    def gen(k):
+        return llm.generate(ids, SamplingParams(max_tokens=k, ignore_eos=True), method=name, budget=budget_v,
+                            progress=False)
+
+    gen(2)  # warm-up (kernel compilation, allocator)
+    st = gen(n + 1)[0].stats
+    stats = {"decode_steps": st.decode_steps, "decode_s": st.decode_s, "prefill_s": st.prefill_s,
+             "kv_device_bytes": st.kv_device_bytes, "kv_host_bytes": st.kv_host_bytes,
+             "method_stats": st.method_stats}
+    return 1000.0 * st.decode_s / max(1, st.decode_steps), stats
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _decode_ms(gen, n: int) -> float:
+    """(time of n+1 new tokens - time of 1 new token) / n: decode only, prefill cancels out."""
+    gen(2)  # warm-up
+    _sync()
+    t = time.perf_counter()
+    gen(1)
+    _sync()
+    t1 = time.perf_counter() - t
+    t = time.perf_counter()
+    gen(n + 1)
+    _sync()
+    tn = time.perf_counter() - t
+    return (tn - t1) / n * 1e3
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench/out/gpu_decode.json")
+    p.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 32768, 131072])
+    p.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048, 4096])
+    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
+    p.add_argument("--page", type=int, default=16)
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--rotate-bytes", type=float, default=2 * 2**30, help="KV bytes cycled per timing (beat the L2)")
+    p.add_argument("--max-layers", type=int, default=16)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--skip-kernels", action="store_true")
+    p.add_argument("--tune", action="store_true", help="sweep kernel launch settings at --tune-ctx")
+    p.add_argument("--tune-ctx", type=int, default=131072)
+    p.add_argument("--tune-kernels", type=lambda s: s.split(","), default=["score", "topk", "attn"])
+    p.add_argument("--e2e", action="store_true", help="also time a random-weight Llama-8B-shaped model end to end")
+    p.add_argument("--e2e-layers", type=int, default=8)
+    p.add_argument("--e2e-contexts", type=lambda s: [int(x) for x in s.split(",")], default=[32768])
+    p.add_argument("--e2e-new-tokens", type=int, default=32)
+    p.add_argument("--e2e-methods", type=lambda s: [x for x in s.split(",") if x], default=["full", "sentencekv:2048"],
+                   help="kvsift methods, 'name' or 'name:budget'")
+    p.add_argument("--e2e-sdpa", choices=["default", "no-cudnn"], default="no-cudnn",
+                   help="SDPA backends in the end-to-end section (default: cuDNN SDPA disabled)")
+    p.add_argument("--e2e-profile", action="store_true", help="print a profiler table of one HF decode step")
+    p.add_argument("--e2e-tiny", action="store_true", help="tiny model instead (smoke test of the harness)")
+    p.add_argument("--e2e-chunk", type=int, default=1024, help="kvsift prefill chunk size")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+
+    def log(msg=""):
+        print(msg, flush=True)
+        lines.append(msg)
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
+            "triton_used": dispatch.use_triton(torch.empty(1, device=device)), "args": vars(args)}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        prop = torch.cuda.get_device_properties(device)
+        info.update(gpu=prop.name, sms=prop.multi_processor_count, gpu_mem_gib=prop.total_memory / 2**30)
+    log(json.dumps({k: v for k, v in info.items() if k != "args"}))
+    bw = measure_bandwidth(device) if device.type == "cuda" else None
+    info["copy_bandwidth_GBps"] = bw
+    result = {"info": info, "checks": [], "kernels": [], "summary": [], "e2e": [], "tune": []}
+    if args.tune:
+        result["tune"] = run_tune(args, device, log)
+    if not args.skip_kernels:
+        result["kernels"] = run_kernels(args, device, bw, log, result["checks"])
+        result["summary"] = summarize(result["kernels"])
+        print_table(result["kernels"], result["summary"], bw, log)
+    out_path.write_text(json.dumps(result, indent=1))
+    if args.e2e:
+        result["e2e"] = run_e2e(args, device, log)
+        out_path.write_text(json.dumps(result, indent=1))
+    out_path.with_suffix(".log").write_text("\n".join(lines) + "\n")
+    log(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

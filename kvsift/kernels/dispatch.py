@@ -1,0 +1,74 @@
+"""Pick the Triton kernel or the PyTorch reference for each call.
+
+Triton runs when every tensor argument is on CUDA, ``import triton`` works, and
+``KVSIFT_NO_TRITON`` is not set; otherwise the reference runs (so CPU paths always work). The
+functions here have the same signatures as the kernels they pick from.
+
+A Quest-style decode step over uniform pages is four launches on CUDA::
+
+    scores = chunk_scores(q, (kmin, kmax), "max")              # (b, kv_heads, n_pages) fp32
+    pages = select_chunks(scores, page, budget)                 # (b, kv_heads, budget // page) int64
+    out = sparse_decode_attention(q, k_buf, v_buf, pages, scale, page=page)   # split + merge
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvsift.kernels import chunk_scores as _cs
+from kvsift.kernels import sparse_decode_attention as _sda
+from kvsift.kernels import topk_select as _tk
+from kvsift.kernels._triton import HAS_TRITON, triton_disabled
+from kvsift.kernels.chunk_scores import chunks_to_slots, page_summaries
+
+__all__ = ["use_triton", "chunk_scores", "topk_select", "select_chunks", "sparse_decode_attention",
+           "chunks_to_slots", "page_summaries", "selected_decode_attention"]
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the Triton kernels will run for these tensors."""
+    if not HAS_TRITON or triton_disabled():
+        return False
+    return all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
+
+
+def chunk_scores(query: torch.Tensor, summaries, reduce: str = "mean") -> torch.Tensor:
+    """See :func:`kvsift.kernels.chunk_scores.chunk_scores_ref`: ``(batch, kv_heads, n_chunks)`` float32."""
+    parts = tuple(summaries) if isinstance(summaries, (tuple, list)) else (summaries,)
+    if use_triton(query, *parts):
+        return _cs.chunk_scores(query, summaries, reduce)
+    return _cs.chunk_scores_ref(query, summaries, reduce)
+
+
+def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """See :func:`kvsift.kernels.topk_select.topk_select_ref`: ``(batch, kv_heads, k)`` indices."""
+    if use_triton(scores) and scores.shape[-1] <= _tk.MAX_N:
+        return _tk.topk_select(scores, k, dtype)
+    return _tk.topk_select_ref(scores, k, dtype)
+
+
+def select_chunks(scores: torch.Tensor, chunk_lens, budget: int, max_chunks: int | None = None) -> torch.Tensor:
+    """See :func:`kvsift.kernels.chunk_scores.select_chunks` (uniform pages use :func:`topk_select`)."""
+    return _cs.select_chunks(scores, chunk_lens, budget, max_chunks, topk=topk_select)
+
+
+def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            slot_idx: torch.Tensor, scale: float, page: int = 1) -> torch.Tensor:
+    """See :func:`kvsift.kernels.sparse_decode_attention.sparse_decode_attention_ref`:
+    ``(batch, q_heads, head_dim)``."""
+    if (use_triton(q, k_cache, v_cache, slot_idx) and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+            and q.dtype == k_cache.dtype == v_cache.dtype):
+        return _sda.sparse_decode_attention(q, k_cache, v_cache, slot_idx, scale, page)
+    return _sda.sparse_decode_attention_ref(q, k_cache, v_cache, slot_idx, scale, page)
+
+
+def selected_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, summaries,
+                              page: int, budget: int, scale: float, reduce: str = "max") -> torch.Tensor:
+    """Quest-style decode step over uniform pages: score pages, keep the best ``budget // page``
+    per KV head, attend to their slots. q ``(batch, q_heads, head_dim)``; caches ``(batch,
+    kv_heads, capacity, head_dim)`` whose first ``n_pages * page`` slots the summaries
+    ``(batch, kv_heads, n_pages, head_dim)`` (or a (kmin, kmax) pair) describe. Returns
+    ``(batch, q_heads, head_dim)``."""
+    scores = chunk_scores(q, summaries, reduce)
+    pages = select_chunks(scores, page, budget)
+    return sparse_decode_attention(q, k_cache, v_cache, pages, scale, page=page)

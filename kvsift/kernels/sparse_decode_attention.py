@@ -1,0 +1,245 @@
+"""Decode attention over selected KV slots, read in place through an index table.
+
+q ``(batch, q_heads, head_dim)`` is one new token per sequence; ``k_cache``/``v_cache``
+``(batch, kv_heads, capacity, head_dim)`` are the cache buffers (any strides, last dim unit-stride
+for the Triton kernel); ``slot_idx (batch, kv_heads, n_sel)`` int32/int64 are the slots each KV
+head attends to (``-1`` = unused, skipped; duplicates count twice). The ``group = q_heads //
+kv_heads`` query heads of a KV head all attend to that head's slots. Returns ``(batch, q_heads,
+head_dim)`` in q's dtype; a (batch, kv_head) with no valid slot gives zeros.
+
+``sparse_decode_attention_ref`` gathers and runs a float32 softmax (PyTorch). The Triton version
+never copies KV: each program walks a contiguous part of the index table (split-K), gathers the
+K/V rows it points to straight from the cache, keeps an online softmax for all ``group`` query
+heads at once (one ``tl.dot`` per block), and writes a partial output plus its log-sum-exp; a
+second small kernel merges the splits. ``kvsift.kernels.dispatch.sparse_decode_attention`` picks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvsift.kernels._triton import HAS_TRITON, sm_count, tl, triton
+
+
+def _check(q, k_cache, v_cache, slot_idx, scale, page: int = 1) -> None:
+    if isinstance(page, bool) or not isinstance(page, int) or page < 1:
+        raise ValueError(f"page must be a positive int, got {page!r}")
+    if q.dim() != 3:
+        raise ValueError(f"q must be (batch, q_heads, head_dim), got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"k_cache and v_cache must both be (batch, kv_heads, capacity, head_dim), got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    b, hq, d = q.shape
+    kb, hk, _, kd = k_cache.shape
+    if kb != b or kd != d:
+        raise ValueError(f"q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)} disagree on batch or head_dim")
+    if hk == 0 or hq % hk != 0:
+        raise ValueError(f"q_heads ({hq}) must be a multiple of kv_heads ({hk})")
+    if slot_idx.dim() != 3 or slot_idx.shape[:2] != (b, hk):
+        raise ValueError(f"slot_idx must be (batch={b}, kv_heads={hk}, n_sel), got shape {tuple(slot_idx.shape)}")
+    if slot_idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"slot_idx must be int32 or int64, got {slot_idx.dtype}")
+    if not (q.device == k_cache.device == v_cache.device == slot_idx.device):
+        raise ValueError("q, k_cache, v_cache and slot_idx must be on one device")
+    if not (q.is_floating_point() and k_cache.is_floating_point() and v_cache.is_floating_point()):
+        raise TypeError("q, k_cache and v_cache must be floating point")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+
+
+def sparse_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                slot_idx: torch.Tensor, scale: float, page: int = 1) -> torch.Tensor:
+    """Reference: gather the selected K/V, float32 softmax. Shapes as in the module docstring.
+    Slot indices must be ``-1`` or inside ``[0, capacity)``. ``page > 1``: each entry of
+    ``slot_idx`` is a page index standing for slots ``p*page .. p*page+page-1``."""
+    _check(q, k_cache, v_cache, slot_idx, scale, page)
+    b, hq, d = q.shape
+    hk, cap = k_cache.shape[1], k_cache.shape[2]
+    idx = slot_idx.to(torch.int64)
+    if page > 1:
+        ar = torch.arange(page, device=idx.device)
+        idx = torch.where(idx[..., None] >= 0, idx[..., None] * page + ar, -1).flatten(2)
+    valid = idx >= 0
+    if bool((idx >= cap).any()):
+        raise IndexError(f"slot_idx has entries >= capacity ({cap})")
+    safe = idx.clamp(min=0)[..., None].expand(*idx.shape, d)
+    k = k_cache.gather(2, safe).float()                               # (b, hk, s, d)
+    v = v_cache.gather(2, safe).float()
+    qg = q.float().reshape(b, hk, hq // hk, d)                        # (b, hk, g, d)
+    w = torch.matmul(qg, k.transpose(-1, -2)) * scale                 # (b, hk, g, s)
+    w = w.masked_fill(~valid[:, :, None, :], float("-inf"))
+    p = torch.softmax(w, dim=-1).nan_to_num(0.0)                      # rows with no valid slot -> 0
+    out = torch.matmul(p, v)                                          # (b, hk, g, d)
+    return out.reshape(b, hq, d).to(q.dtype)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _sparse_decode_split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, po_ptr, plse_ptr,
+                                    S, split_size, qk_scale,
+                                    sq_b, sq_h, sq_d,
+                                    sk_b, sk_h, sk_c,
+                                    sv_b, sv_h, sv_c,
+                                    si_b, si_h, si_s,
+                                    so_b, so_h,
+                                    spo_bh, spo_s,
+                                    HK: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
+                                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                                    PAGE: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr,
+                                    UPCAST: tl.constexpr):
+        # S counts virtual slots (n_sel * PAGE); virtual slot j is cache slot
+        # idx[j // PAGE] * PAGE + j % PAGE (PAGE == 1: idx[j]).
+        pid_bh = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        b = (pid_bh // HK).to(tl.int64)
+        h = (pid_bh % HK).to(tl.int64)
+        offs_g = tl.arange(0, G_P)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_g = offs_g < G
+        mask_d = offs_d < D
+        q = tl.load(q_ptr + b * sq_b + (h * G + offs_g[:, None]) * sq_h + offs_d[None, :] * sq_d,
+                    mask=mask_g[:, None] & mask_d[None, :], other=0.0)      # (G_P, BLOCK_D)
+        if UPCAST:  # the CPU interpreter mis-computes bf16/fp16 tl.dot: do it in float32 there
+            q = q.to(tl.float32)
+        k_base = k_ptr + b * sk_b + h * sk_h
+        v_base = v_ptr + b * sv_b + h * sv_h
+        i_base = idx_ptr + b * si_b + h * si_h
+        m_i = tl.full((G_P,), float("-inf"), tl.float32)
+        l_i = tl.zeros((G_P,), tl.float32)
+        acc = tl.zeros((G_P, BLOCK_D), tl.float32)
+        start = pid_s * split_size
+        for it in range(0, split_size, BLOCK_S):
+            offs_s = start + it + tl.arange(0, BLOCK_S)
+            in_range = offs_s < S
+            if PAGE == 1:
+                slot = tl.load(i_base + offs_s * si_s, mask=in_range, other=-1).to(tl.int64)
+                valid = slot >= 0
+            else:
+                pidx = tl.load(i_base + (offs_s // PAGE) * si_s, mask=in_range, other=-1).to(tl.int64)
+                valid = pidx >= 0
+                slot = pidx * PAGE + offs_s % PAGE
+            slot = tl.where(valid, slot, 0)
+            kv_mask = valid[:, None] & mask_d[None, :]
+            k = tl.load(k_base + slot[:, None] * sk_c + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_S, BLOCK_D)
+            v = tl.load(v_base + slot[:, None] * sv_c + offs_d[None, :], mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            if IEEE:
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                qk = tl.dot(q, tl.trans(k))
+            qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))      # (G_P, BLOCK_S), log2 units
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(qk - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        has = l_i > 0.0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        if DIRECT:
+            tl.store(out_ptr + b * so_b + (h * G + offs_g[:, None]) * so_h + offs_d[None, :],
+                     o.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
+        else:
+            lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+            row = (b * HK * G + h * G + offs_g).to(tl.int64)                  # flat (batch, q_head)
+            tl.store(po_ptr + row[:, None] * spo_bh + pid_s * spo_s + offs_d[None, :], o,
+                     mask=mask_g[:, None] & mask_d[None, :])
+            tl.store(plse_ptr + row * tl.num_programs(1) + pid_s, lse, mask=mask_g)
+
+    @triton.jit
+    def _merge_splits_kernel(po_ptr, plse_ptr, out_ptr, NS, spo_bh, spo_s, so_bh,
+                             D: tl.constexpr, BLOCK_D: tl.constexpr, NS_P: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs_s = tl.arange(0, NS_P)
+        offs_d = tl.arange(0, BLOCK_D)
+        ms = offs_s < NS
+        md = offs_d < D
+        lse = tl.load(plse_ptr + row * NS + offs_s, mask=ms, other=float("-inf"))
+        m = tl.max(lse, axis=0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.exp2(lse - m_safe)                                              # 0 for empty splits
+        po = tl.load(po_ptr + row * spo_bh + offs_s[:, None] * spo_s + offs_d[None, :],
+                     mask=ms[:, None] & md[None, :], other=0.0)
+        tot = tl.sum(w, axis=0)
+        o = tl.sum(po * w[:, None], axis=0) / tl.where(tot > 0.0, tot, 1.0)
+        tl.store(out_ptr + row * so_bh + offs_d, o.to(out_ptr.dtype.element_ty), mask=md)
+
+
+_LOG2E = 1.4426950408889634
+# launch settings of the Triton kernels (bench/gpu_decode.py --tune sweeps them)
+TUNING = {"block_s": 64, "num_warps": 4, "num_stages": 2, "splits_per_sm": 2}
+
+
+def plan_splits(batch: int, kv_heads: int, n_sel: int, block_s: int, device: torch.device,
+                num_splits: int | None = None) -> tuple[int, int]:
+    """``(num_splits, split_size)``: enough programs for about two waves of the GPU's
+    multiprocessors, each split a whole number of ``block_s`` blocks."""
+    n_blocks = max(1, triton.cdiv(n_sel, block_s))
+    if num_splits is None:
+        target = TUNING["splits_per_sm"] * sm_count(device)
+        num_splits = max(1, min(n_blocks, triton.cdiv(target, max(1, batch * kv_heads))))
+    num_splits = max(1, min(int(num_splits), n_blocks))
+    split_size = triton.cdiv(n_blocks, num_splits) * block_s
+    return triton.cdiv(max(n_sel, 1), split_size), split_size
+
+
+def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            slot_idx: torch.Tensor, scale: float, page: int = 1,
+                            num_splits: int | None = None) -> torch.Tensor:
+    """Triton kernel; same arguments and result as :func:`sparse_decode_attention_ref`
+    (``num_splits`` overrides the split-K heuristic). Out-of-range slot indices are not checked
+    here (that would need a host sync); the reference checks them."""
+    if not HAS_TRITON:
+        raise RuntimeError("sparse_decode_attention needs Triton (pip install triton); use sparse_decode_attention_ref")
+    _check(q, k_cache, v_cache, slot_idx, scale, page)
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache need a unit stride on head_dim")
+    b, hq, d = q.shape
+    hk = k_cache.shape[1]
+    g = hq // hk
+    s = slot_idx.shape[2] * page
+    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    if b == 0:
+        return out
+    block_d = max(16, triton.next_power_of_2(d))
+    block_s = TUNING["block_s"] if block_d <= 128 else TUNING["block_s"] // 2
+    g_p = max(16, triton.next_power_of_2(g))
+    ns, split_size = plan_splits(b, hk, s, block_s, q.device, num_splits)
+    upcast = q.device.type != "cuda"  # TRITON_INTERPRET=1 on CPU tensors
+    ieee = upcast or q.dtype == torch.float32
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"q, k_cache and v_cache must share a dtype for the Triton kernel, got "
+                        f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    direct = ns == 1
+    if direct:
+        po = plse = out  # unused
+        spo_bh = spo_s = 0
+    else:
+        po = torch.empty(b * hq, ns, d, dtype=torch.float32, device=q.device)
+        plse = torch.empty(b * hq, ns, dtype=torch.float32, device=q.device)
+        spo_bh, spo_s = po.stride(0), po.stride(1)
+    _sparse_decode_split_kernel[(b * hk, ns)](
+        q, k_cache, v_cache, slot_idx, out, po, plse,
+        s, split_size, float(scale) * _LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        slot_idx.stride(0), slot_idx.stride(1), slot_idx.stride(2),
+        out.stride(0), out.stride(1),
+        spo_bh, spo_s,
+        HK=hk, G=g, G_P=g_p, D=d, BLOCK_D=block_d, BLOCK_S=block_s, PAGE=page, DIRECT=direct, IEEE=ieee, UPCAST=upcast,
+        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
+    )
+    if not direct:
+        _merge_splits_kernel[(b * hq,)](po, plse, out, ns, spo_bh, spo_s, out.stride(1),
+                                        D=d, BLOCK_D=block_d, NS_P=triton.next_power_of_2(ns), num_warps=4)
+    return out

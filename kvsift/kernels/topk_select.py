@@ -1,0 +1,180 @@
+"""Indices of the ``k`` best scores per row, for decode-time chunk selection.
+
+scores ``(batch, kv_heads, n)`` float; ``-inf`` and NaN are never selected. Returns
+``(batch, kv_heads, k)`` int32 (or ``dtype``) indices in ascending index order (cache order, which helps the
+attention kernel's memory locality), ``-1``-padded at the end when a row has fewer than ``k``
+selectable entries. Among equal scores at the threshold the Triton kernel keeps the lowest
+indices, the reference whatever ``torch.topk`` returns.
+
+``topk_select_ref`` is ``torch.topk`` + sort; ``topk_select`` is one Triton program per row that
+finds the k-th largest score by a 4-way search on order-preserving integer keys (three counts per
+pass; it stops as soon as the count is exact, 16 passes at most), then writes the selected indices
+with a prefix sum: one launch, no sort. Two variants of the search: ``"int32"`` (signed int32
+keys, three int32 reductions per pass; the default, a little faster on an H100) and ``"packed64"``
+(unsigned keys, the three counts packed into one int64 reduction). It holds the row in registers,
+so it takes rows of at most ``MAX_N`` scores (the dispatcher falls back to the reference beyond).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvsift.kernels._triton import HAS_TRITON, tl, triton
+
+MAX_N = 16384
+# launch settings of the Triton kernel (bench/gpu_decode.py --tune sweeps them); None = by size
+TUNING = {"num_warps": None, "impl": "int32"}
+
+
+def _check(scores: torch.Tensor, k: int, dtype: torch.dtype) -> None:
+    if dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"dtype must be torch.int32 or torch.int64, got {dtype}")
+    if scores.dim() != 3:
+        raise ValueError(f"scores must be (batch, kv_heads, n), got shape {tuple(scores.shape)}")
+    if not scores.is_floating_point():
+        raise TypeError(f"scores must be floating point, got {scores.dtype}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k must be a non-negative int, got {k!r}")
+
+
+def topk_select_ref(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Reference (PyTorch): ``(batch, kv_heads, k)`` indices of ``dtype`` (int32 or int64),
+    ascending, ``-1`` padded."""
+    _check(scores, k, dtype)
+    b, h, n = scores.shape
+    s = scores.float()
+    s = s.masked_fill(torch.isnan(s), float("-inf"))
+    kk = min(k, n)
+    top = s.topk(kk, dim=-1)
+    idx = torch.where(top.values > float("-inf"), top.indices, n)      # unselectable sort last
+    idx = idx.sort(dim=-1).values
+    idx = torch.where(idx >= n, -1, idx).to(dtype)
+    if kk < k:
+        idx = torch.cat([idx, idx.new_full((b, h, k - kk), -1)], dim=-1)
+    return idx
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _topk_select_kernel(s_ptr, out_ptr, N, K, ss_b, ss_h, ss_n, so_b, so_h, so_k,
+                            HK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid = tl.program_id(0)
+        b = (pid // HK).to(tl.int64)
+        h = (pid % HK).to(tl.int64)
+        offs = tl.arange(0, BLOCK_N)
+        x = tl.load(s_ptr + b * ss_b + h * ss_h + offs * ss_n, mask=offs < N, other=float("-inf")).to(tl.float32)
+        valid = (offs < N) & (x == x) & (x > float("-inf"))
+        # order-preserving unsigned key: positive floats get the top bit, negative ones are flipped
+        bits = x.to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits ^ -2147483648, ~bits).to(tl.uint32, bitcast=True).to(tl.int64)
+        n_valid = tl.sum(valid.to(tl.int32), axis=0)
+        kk = tl.minimum(K, n_valid)
+        # 4-way search for the threshold t: invariant #(key >= lo) >= kk > #(key >= hi); stop as soon
+        # as #(key >= lo) == kk (no tie to break) or the interval is one key wide
+        lo = tl.min(tl.where(valid, key, 4294967296), axis=0)
+        hi = tl.max(tl.where(valid, key, 0), axis=0) + 1
+        cnt_lo = n_valid.to(tl.int64)
+        kk64 = kk.to(tl.int64)
+        while (hi - lo > 1) & (cnt_lo != kk64):
+            w = hi - lo
+            m1 = lo + w // 4
+            m2 = lo + w // 2
+            m3 = lo + (3 * w) // 4
+            packed = ((key >= m1).to(tl.int64) + ((key >= m2).to(tl.int64) << 20)
+                      + ((key >= m3).to(tl.int64) << 40))
+            c = tl.sum(tl.where(valid, packed, 0), axis=0)
+            c1 = c & 1048575
+            c2 = (c >> 20) & 1048575
+            c3 = c >> 40
+            new_lo = tl.where(c3 >= kk64, m3, tl.where(c2 >= kk64, m2, tl.where(c1 >= kk64, m1, lo)))
+            new_cnt = tl.where(c3 >= kk64, c3, tl.where(c2 >= kk64, c2, tl.where(c1 >= kk64, c1, cnt_lo)))
+            hi = tl.where(c3 >= kk64, hi, tl.where(c2 >= kk64, m3, tl.where(c1 >= kk64, m2, m1)))
+            lo = new_lo
+            cnt_lo = new_cnt
+        if cnt_lo == kk64:
+            sel = valid & (key >= lo)
+        else:  # ties at the threshold: keep the lowest indices among them
+            gt = valid & (key > lo)
+            eq = valid & (key == lo)
+            n_gt = tl.sum(gt.to(tl.int32), axis=0)
+            eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
+            sel = gt | (eq & (eq_rank <= kk - n_gt))
+        pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+        o_base = out_ptr + b * so_b + h * so_h
+        tl.store(o_base + pos * so_k, offs.to(out_ptr.dtype.element_ty), mask=sel)
+        offs_k = tl.arange(0, BLOCK_K)
+        tl.store(o_base + offs_k * so_k, tl.full((BLOCK_K,), -1, out_ptr.dtype.element_ty),
+                 mask=(offs_k < K) & (offs_k >= kk))
+
+
+    @triton.jit
+    def _topk_select_kernel_i32(s_ptr, out_ptr, N, K, ss_b, ss_h, ss_n, so_b, so_h, so_k,
+                                HK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # same algorithm on signed int32 keys, three separate int32 counts per pass
+        pid = tl.program_id(0)
+        b = (pid // HK).to(tl.int64)
+        h = (pid % HK).to(tl.int64)
+        offs = tl.arange(0, BLOCK_N)
+        x = tl.load(s_ptr + b * ss_b + h * ss_h + offs * ss_n, mask=offs < N, other=float("-inf")).to(tl.float32)
+        valid = (offs < N) & (x == x) & (x > float("-inf"))
+        bits = x.to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 2147483647)          # signed order == float order
+        key = tl.where(valid, key, -2147483647 - 1)
+        n_valid = tl.sum(valid.to(tl.int32), axis=0)
+        kk = tl.minimum(K, n_valid)
+        lo = tl.min(tl.where(valid, key, 2147483647), axis=0).to(tl.int64)
+        hi = tl.max(key, axis=0).to(tl.int64) + 1
+        cnt_lo = n_valid
+        while (hi - lo > 1) & (cnt_lo != kk):
+            w = hi - lo
+            m1 = (lo + w // 4).to(tl.int32)
+            m2 = (lo + w // 2).to(tl.int32)
+            m3 = (lo + (3 * w) // 4).to(tl.int32)
+            c1 = tl.sum((valid & (key >= m1)).to(tl.int32), axis=0)
+            c2 = tl.sum((valid & (key >= m2)).to(tl.int32), axis=0)
+            c3 = tl.sum((valid & (key >= m3)).to(tl.int32), axis=0)
+            new_lo = tl.where(c3 >= kk, m3, tl.where(c2 >= kk, m2, tl.where(c1 >= kk, m1, lo.to(tl.int32))))
+            new_cnt = tl.where(c3 >= kk, c3, tl.where(c2 >= kk, c2, tl.where(c1 >= kk, c1, cnt_lo)))
+            hi = tl.where(c3 >= kk, hi, tl.where(c2 >= kk, m3.to(tl.int64), tl.where(c1 >= kk, m2.to(tl.int64),
+                                                                                      m1.to(tl.int64))))
+            lo = new_lo.to(tl.int64)
+            cnt_lo = new_cnt
+        t = lo.to(tl.int32)
+        if cnt_lo == kk:
+            sel = valid & (key >= t)
+        else:
+            gt = valid & (key > t)
+            eq = valid & (key == t)
+            n_gt = tl.sum(gt.to(tl.int32), axis=0)
+            eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
+            sel = gt | (eq & (eq_rank <= kk - n_gt))
+        pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+        o_base = out_ptr + b * so_b + h * so_h
+        tl.store(o_base + pos * so_k, offs.to(out_ptr.dtype.element_ty), mask=sel)
+        offs_k = tl.arange(0, BLOCK_K)
+        tl.store(o_base + offs_k * so_k, tl.full((BLOCK_K,), -1, out_ptr.dtype.element_ty),
+                 mask=(offs_k < K) & (offs_k >= kk))
+
+
+def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Triton kernel; same arguments and result as :func:`topk_select_ref` (rows of at most
+    ``MAX_N`` scores)."""
+    if not HAS_TRITON:
+        raise RuntimeError("topk_select needs Triton (pip install triton); use topk_select_ref")
+    _check(scores, k, dtype)
+    b, h, n = scores.shape
+    if n > MAX_N:
+        raise ValueError(f"topk_select handles rows of at most {MAX_N} scores, got {n}; use topk_select_ref")
+    out = torch.empty(b, h, k, dtype=dtype, device=scores.device)
+    if k == 0 or b * h == 0:
+        return out
+    block_n = max(16, triton.next_power_of_2(n))
+    kernel = _topk_select_kernel_i32 if TUNING["impl"] == "int32" else _topk_select_kernel
+    kernel[(b * h,)](
+        scores, out, n, k, scores.stride(0), scores.stride(1), scores.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        HK=h, BLOCK_N=block_n, BLOCK_K=max(16, triton.next_power_of_2(k)),
+        num_warps=TUNING["num_warps"] or (8 if block_n >= 4096 else 4),
+    )
+    return out

@@ -1,0 +1,363 @@
+"""Kernels: references against naive dense computations (CPU, always), Triton against the
+references through the CPU interpreter (when triton is installed) and on CUDA (when present)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvsift.kernels import chunk_scores as cs_mod
+from kvsift.kernels import dispatch
+from kvsift.kernels import topk_select as tk_mod
+from kvsift.kernels._triton import HAS_TRITON
+from kvsift.kernels.chunk_scores import (chunk_scores_ref, chunks_to_slots, page_summaries, select_chunks)
+from kvsift.kernels.sparse_decode_attention import sparse_decode_attention_ref
+from kvsift.kernels.topk_select import topk_select_ref
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert not torch.isnan(a).any(), "NaN in output"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _naive_scores(q, lo, hi, reduce):
+    """Per-head python loop: the definition, no broadcasting tricks."""
+    b, hq, d = q.shape
+    hk, n = lo.shape[1], lo.shape[2]
+    g = hq // hk
+    out = torch.empty(b, hk, n, dtype=torch.float64)
+    for bi in range(b):
+        for h in range(hk):
+            per_head = []
+            for j in range(g):
+                qv = q[bi, h * g + j].double()
+                if hi is None:
+                    per_head.append(lo[bi, h].double() @ qv)
+                else:
+                    per_head.append(torch.maximum(qv * lo[bi, h].double(), qv * hi[bi, h].double()).sum(-1))
+            st = torch.stack(per_head)
+            out[bi, h] = st.max(0).values if reduce == "max" else st.mean(0)
+    return out
+
+
+# ---- chunk scores -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("quest", [False, True])
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+@pytest.mark.parametrize("shape", [(1, 4, 4, 1, 16), (2, 8, 2, 37, 64), (1, 32, 8, 5, 128)])
+def test_chunk_scores_ref_matches_naive(quest, reduce, shape):
+    b, hq, hk, n, d = shape
+    q = torch.randn(b, hq, d)
+    lo = torch.randn(b, hk, n, d)
+    hi = lo + torch.rand_like(lo) if quest else None
+    got = chunk_scores_ref(q, (lo, hi) if quest else lo, reduce)
+    assert got.shape == (b, hk, n) and got.dtype == torch.float32
+    assert _rel(got, _naive_scores(q, lo, hi, reduce)) < 1e-5
+
+
+def test_quest_bound_is_an_upper_bound_of_every_key_in_the_page():
+    torch.manual_seed(1)
+    b, hq, hk, page, n_pages, d = 2, 8, 2, 16, 6, 32
+    q = torch.randn(b, hq, d)
+    keys = torch.randn(b, hk, page * n_pages, d)
+    bound = chunk_scores_ref(q, page_summaries(keys, page, "minmax"), "max")
+    qk = torch.einsum("bhgd,bhnd->bhgn", q.reshape(b, hk, hq // hk, d), keys)
+    true_max = qk.reshape(b, hk, hq // hk, n_pages, page).amax(dim=(2, 4))
+    assert (bound >= true_max - 1e-4).all()
+
+
+def test_chunk_scores_mean_summaries_equal_mean_attention_logit():
+    b, hq, hk, page, d = 1, 4, 2, 8, 16
+    q = torch.randn(b, hq, d)
+    keys = torch.randn(b, hk, 4 * page, d)
+    s = chunk_scores_ref(q, page_summaries(keys, page, "mean"), "mean")
+    qk = torch.einsum("bhgd,bhnd->bhgn", q.reshape(b, hk, 2, d), keys)
+    assert torch.allclose(s, qk.reshape(b, hk, 2, 4, page).mean(dim=(2, 4)), atol=1e-5)
+
+
+def test_chunk_scores_rejects_bad_input():
+    q = torch.randn(1, 6, 16)
+    with pytest.raises(ValueError, match="multiple"):
+        chunk_scores_ref(q, torch.randn(1, 4, 3, 16))
+    with pytest.raises(ValueError, match="reduce"):
+        chunk_scores_ref(torch.randn(1, 4, 16), torch.randn(1, 2, 3, 16), "sum")
+    with pytest.raises(ValueError, match="same shape"):
+        chunk_scores_ref(torch.randn(1, 4, 16), (torch.randn(1, 2, 3, 16), torch.randn(1, 2, 4, 16)))
+    with pytest.raises(ValueError, match="head_dim"):
+        chunk_scores_ref(torch.randn(1, 4, 8), torch.randn(1, 2, 3, 16))
+
+
+# ---- selection helpers ------------------------------------------------------------------------
+
+def test_topk_select_ref_matches_sorted_ranking_and_skips_unselectable():
+    torch.manual_seed(2)
+    s = torch.randn(2, 3, 40)
+    s[0, 0, ::2] = float("-inf")                # 20 selectable
+    s[0, 1, 5] = float("nan")
+    s[1, 2] = float("-inf")                     # none selectable
+    got = topk_select_ref(s, 25)
+    assert got.shape == (2, 3, 25) and got.dtype == torch.int32
+    for b in range(2):
+        for h in range(3):
+            row = s[b, h]
+            ok = [i for i in range(40) if row[i] == row[i] and row[i] > float("-inf")]
+            best = sorted(sorted(ok, key=lambda i: -row[i].item())[:25])
+            assert got[b, h].tolist() == best + [-1] * (25 - len(best))
+    assert topk_select_ref(s, 0).shape == (2, 3, 0)
+
+
+def test_select_chunks_uniform_pages_is_topk_and_skips_masked():
+    s = torch.randn(2, 3, 20)
+    s[0, 0, :18] = float("-inf")               # only 2 selectable pages there
+    idx = select_chunks(s, 4, budget=16)       # 4 pages of 4 tokens
+    assert idx.shape == (2, 3, 4) and idx.dtype == torch.int64
+    assert torch.equal(idx[1], s.topk(4, -1).indices.sort(-1).values[1])
+    assert idx[0, 0].tolist() == [18, 19, -1, -1]
+
+
+def test_select_chunks_variable_lengths_respects_budget_as_ranked_prefix():
+    torch.manual_seed(3)
+    b, h, n, budget = 2, 2, 30, 40
+    s = torch.randn(b, h, n)
+    lens = torch.randint(0, 9, (b, h, n))
+    idx = select_chunks(s, lens, budget)
+    for bi in range(b):
+        for hi in range(h):
+            chosen = [c for c in idx[bi, hi].tolist() if c >= 0]
+            assert chosen == sorted(chosen)
+            assert sum(lens[bi, hi, c].item() for c in chosen) <= budget
+            order = [c for c in s[bi, hi].argsort(descending=True).tolist() if lens[bi, hi, c] > 0]
+            expect, tot = [], 0
+            for c in order:                    # walk the ranking until a chunk overflows
+                if tot + lens[bi, hi, c].item() > budget:
+                    break
+                expect.append(c)
+                tot += lens[bi, hi, c].item()
+            assert chosen == sorted(expect)
+
+
+def test_chunks_to_slots_uniform_and_variable():
+    idx = torch.tensor([[[2, -1, 0]]])
+    assert chunks_to_slots(idx, None, 3).tolist() == [[[6, 7, 8, -1, -1, -1, 0, 1, 2]]]
+    starts = torch.tensor([0, 2, 7])
+    lens = torch.tensor([2, 5, 1])
+    out = chunks_to_slots(torch.tensor([[[1, 2, -1]]]), starts, lens, max_len=5)
+    assert out.tolist() == [[[2, 3, 4, 5, 6, 7, -1, -1, -1, -1, -1, -1, -1, -1, -1]]]
+    with pytest.raises(ValueError, match="max_len"):
+        chunks_to_slots(idx, starts, lens)
+
+
+# ---- sparse decode attention ------------------------------------------------------------------
+
+def _sdpa(q, k, v, scale):
+    """Dense decode through SDPA: q (b, hq, d), k/v (b, hk, n, d) -> (b, hq, d)."""
+    g = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(g, dim=1)
+    v = v.repeat_interleave(g, dim=1)
+    return F.scaled_dot_product_attention(q[:, :, None].float(), k.float(), v.float(), scale=scale)[:, :, 0]
+
+
+SHAPES = [(1, 4, 4, 33, 16), (2, 8, 2, 100, 64), (1, 32, 8, 70, 128)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_ref_all_slots_equals_sdpa(shape, dtype):
+    b, hq, hk, n, d = shape
+    q, k, v = (torch.randn(b, hq, d, dtype=dtype), torch.randn(b, hk, n, d, dtype=dtype),
+               torch.randn(b, hk, n, d, dtype=dtype))
+    idx = torch.arange(n, dtype=torch.int32).expand(b, hk, n)
+    scale = d ** -0.5
+    out = sparse_decode_attention_ref(q, k, v, idx, scale)
+    assert out.shape == (b, hq, d) and out.dtype == dtype
+    assert _rel(out, _sdpa(q, k, v, scale)) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sparse_ref_subset_equals_sdpa_over_gathered_keys(shape):
+    b, hq, hk, n, d = shape
+    cap = n + 17                                  # capacity beyond the used slots
+    q, k, v = torch.randn(b, hq, d), torch.randn(b, hk, cap, d), torch.randn(b, hk, cap, d)
+    n_sel = max(1, n // 3)
+    idx = torch.stack([torch.stack([torch.randperm(n)[:n_sel] for _ in range(hk)]) for _ in range(b)])
+    padded = torch.cat([idx, torch.full((b, hk, 5), -1)], dim=-1)[..., torch.randperm(n_sel + 5)]
+    scale = 0.3
+    out = sparse_decode_attention_ref(q, k, v, padded, scale)
+    gi = idx[..., None].expand(b, hk, n_sel, d)
+    ref = _sdpa(q, k.gather(2, gi), v.gather(2, gi), scale)
+    assert _rel(out, ref) < 1e-5
+
+
+def test_sparse_ref_page_indices_equal_expanded_slot_indices():
+    b, hq, hk, d, page = 2, 8, 2, 32, 8
+    q, k, v = torch.randn(b, hq, d), torch.randn(b, hk, 10 * page, d), torch.randn(b, hk, 10 * page, d)
+    pages = torch.tensor([[[3, -1, 0], [9, 9, 2]], [[-1, -1, -1], [1, 4, 7]]], dtype=torch.int32)
+    slots = chunks_to_slots(pages, None, page)
+    out = sparse_decode_attention_ref(q, k, v, pages, 0.2, page=page)
+    assert torch.equal(out, sparse_decode_attention_ref(q, k, v, slots, 0.2))
+    with pytest.raises(IndexError, match="capacity"):
+        sparse_decode_attention_ref(q, k, v, pages + 1, 0.2, page=page)
+
+
+def test_sparse_ref_empty_selection_gives_zeros_and_bad_input_errors():
+    q, k = torch.randn(1, 4, 16), torch.randn(1, 2, 10, 16)
+    idx = torch.tensor([[[1, 2], [-1, -1]]])
+    out = sparse_decode_attention_ref(q, k, k, idx, 0.25)
+    assert torch.equal(out[0, 2:], torch.zeros(2, 16)) and out[0, :2].abs().sum() > 0
+    with pytest.raises(TypeError, match="int32 or int64"):
+        sparse_decode_attention_ref(q, k, k, idx.float(), 0.25)
+    with pytest.raises(ValueError, match="slot_idx"):
+        sparse_decode_attention_ref(q, k, k, idx[:, :1], 0.25)
+    with pytest.raises(IndexError, match="capacity"):
+        sparse_decode_attention_ref(q, k, k, torch.tensor([[[1, 10], [0, 0]]]), 0.25)
+    with pytest.raises(ValueError, match="scale"):
+        sparse_decode_attention_ref(q, k, k, idx, -1.0)
+
+
+def test_dispatch_on_cpu_uses_the_reference():
+    q, k = torch.randn(1, 4, 16), torch.randn(1, 2, 32, 16)
+    idx = torch.randint(0, 32, (1, 2, 8))
+    assert not dispatch.use_triton(q, k)
+    assert torch.equal(dispatch.sparse_decode_attention(q, k, k, idx, 0.25),
+                       sparse_decode_attention_ref(q, k, k, idx, 0.25))
+    lo, hi = page_summaries(k, 4)
+    assert torch.equal(dispatch.chunk_scores(q, (lo, hi), "max"), chunk_scores_ref(q, (lo, hi), "max"))
+    assert torch.equal(dispatch.topk_select(s := torch.randn(1, 2, 9), 3), topk_select_ref(s, 3))
+    out = dispatch.selected_decode_attention(q, k, k, (lo, hi), page=4, budget=32, scale=0.25)
+    assert _rel(out, _sdpa(q, k, k, 0.25)) < 1e-5          # budget covers every page: dense result
+    part = dispatch.selected_decode_attention(q, k, k, (lo, hi), page=4, budget=8, scale=0.25)
+    pages = dispatch.select_chunks(chunk_scores_ref(q, (lo, hi), "max"), 4, 8)
+    gi = chunks_to_slots(pages, None, 4).long()[..., None].expand(1, 2, 8, 16)
+    assert _rel(part, _sdpa(q, k.gather(2, gi), k.gather(2, gi), 0.25)) < 1e-5
+
+
+# ---- Triton through the CPU interpreter (subprocess: TRITON_INTERPRET must precede the import) ----
+
+_INTERP_SCRIPT = textwrap.dedent("""
+    import torch
+    from kvsift.kernels import chunk_scores as cs, sparse_decode_attention as sda, topk_select as tk
+    torch.manual_seed(0)
+    def rel(a, b):
+        a, b = a.double(), b.double()
+        assert not torch.isnan(a).any()
+        return ((a - b).norm() / b.norm().clamp_min(1e-30)).item() if b.norm() > 0 else a.norm().item()
+    for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        for (b, hq, hk, n, d) in ((1, 4, 4, 3, 16), (2, 8, 2, 37, 64), (1, 8, 1, 9, 48)):
+            q = torch.randn(b, hq, d, dtype=dt)
+            lo = torch.randn(b, hk, n + 4, d, dtype=dt)[:, :, :n]        # strided view
+            hi = lo + torch.rand_like(lo)
+            for summ in (lo, (lo, hi)):
+                for red in ("mean", "max"):
+                    for dot in (True, False):                           # tensor-core and register paths
+                        cs.TUNING["dot"] = dot
+                        e = rel(cs.chunk_scores(q, summ, red), cs.chunk_scores_ref(q, summ, red))
+                        assert e < 1e-5, ("chunk_scores", dt, b, hq, hk, n, d, red, dot, e)
+        for (b, hq, hk, cap, s, d, ns, page) in ((1, 4, 4, 40, 33, 16, None, 1), (2, 8, 2, 300, 200, 64, 3, 1),
+                                                 (1, 8, 1, 100, 150, 48, 1, 1), (2, 4, 2, 64, 6, 32, 2, 8)):
+            q = torch.randn(b, hq, 3, d, dtype=dt)[:, :, -1]                # strided, as query[:, :, -1]
+            k = torch.randn(b, hk, cap + 5, d, dtype=dt)[:, :, :cap]       # a view of a larger buffer
+            v = torch.randn(b, hk, cap, d, dtype=dt)
+            idx = torch.randint(-1, cap // page, (b, hk, s), dtype=torch.int64 if ns == 1 else torch.int32)
+            if b * hk > 1:
+                idx[-1, -1] = -1                                         # one head selects nothing
+            out = sda.sparse_decode_attention(q, k, v, idx, d ** -0.5, page=page, num_splits=ns)
+            ref = sda.sparse_decode_attention_ref(q, k, v, idx, d ** -0.5, page=page)
+            e = rel(out, ref)
+            assert e < tol, ("sparse_decode_attention", dt, b, hq, hk, cap, s, d, ns, page, e)
+    for (n, k, impl) in ((37, 5, "packed64"), (100, 0, "int32"), (1000, 64, "packed64"), (1000, 64, "int32"),
+                         (10, 20, "int32")):
+        tk.TUNING["impl"] = impl
+        sc = torch.randn(2, 3, n)
+        sc[0, 0, ::2] = float("-inf")
+        sc[1, 2] = float("-inf")
+        sc[1, 1, 3] = float("nan")
+        assert torch.equal(tk.topk_select(sc, k), tk.topk_select_ref(sc, k)), ("topk_select", n, k)
+        tied = torch.randint(-3, 4, (2, 3, n)).float()                   # many ties at the threshold
+        got, ref = tk.topk_select(tied, k), tk.topk_select_ref(tied, k)
+        for rs, rg, rr in zip(tied.flatten(0, 1), got.flatten(0, 1), ref.flatten(0, 1)):
+            gi, ri = rg[rg >= 0].long(), rr[rr >= 0].long()
+            assert torch.equal(gi, gi.sort().values) and gi.unique().numel() == gi.numel(), ("ties", n, k)
+            assert torch.equal(rs[gi].sort().values, rs[ri].sort().values), ("ties", n, k)
+    print("INTERP_OK")
+""")
+
+
+def test_triton_kernels_match_references_in_interpreter():
+    triton = pytest.importorskip("triton")
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):
+        # older interpreters call int() on 1-element numpy arrays, an error since numpy 2.4
+        pytest.skip(f"triton {triton.__version__}: interpreter checks need triton >= 3.9")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env.pop("KVSIFT_NO_TRITON", None)
+    r = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "INTERP_OK" in r.stdout, r.stdout + r.stderr
+
+
+# ---- Triton on CUDA ---------------------------------------------------------------------------
+
+cuda_triton = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and triton")
+
+
+@cuda_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 32, 8, 4096, 128), (3, 8, 2, 1000, 64), (2, 14, 2, 300, 64)])
+def test_cuda_kernels_match_references(dtype, shape):
+    b, hq, hk, n, d = shape
+    dev = "cuda"
+    q = torch.randn(b, hq, d, dtype=dtype, device=dev)
+    k = torch.randn(b, hk, n, d, dtype=dtype, device=dev)
+    v = torch.randn(b, hk, n, d, dtype=dtype, device=dev)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    lo, hi = page_summaries(k[:, :, : n // 16 * 16], 16)
+    saved = dict(cs_mod.TUNING)
+    try:
+        for dot in (True, False):
+            cs_mod.TUNING["dot"] = dot
+            for summ in (lo, (lo, hi)):
+                for red in ("mean", "max"):
+                    assert _rel(dispatch.chunk_scores(q, summ, red), chunk_scores_ref(q, summ, red)) < 1e-5
+    finally:
+        cs_mod.TUNING.update(saved)
+    for s in (1, 64, 777, n):
+        idx = torch.randint(-1, n, (b, hk, s), device=dev, dtype=torch.int32)
+        out = dispatch.sparse_decode_attention(q, k, v, idx, d ** -0.5)
+        assert _rel(out, sparse_decode_attention_ref(q, k, v, idx, d ** -0.5)) < tol
+        pages = torch.randint(-1, n // 16, (b, hk, max(1, s // 16)), device=dev, dtype=torch.int32)
+        out = dispatch.sparse_decode_attention(q, k, v, pages, d ** -0.5, page=16)
+        assert _rel(out, sparse_decode_attention_ref(q, k, v, pages, d ** -0.5, page=16)) < tol
+    saved = dict(tk_mod.TUNING)
+    try:
+        for impl in ("packed64", "int32"):
+            tk_mod.TUNING["impl"] = impl
+            for n_sc, kk in ((n // 16, 31), (8192, 128), (100, 200)):
+                sc = torch.randn(b, hk, n_sc, device=dev)
+                sc[0, 0, ::3] = float("-inf")
+                assert torch.equal(dispatch.topk_select(sc, kk), topk_select_ref(sc, kk))
+                _check_topk_with_ties(dispatch.topk_select, torch.randint(-3, 4, (b, hk, n_sc), device=dev).float(), kk)
+    finally:
+        tk_mod.TUNING.update(saved)
+    full = torch.arange(n, device=dev, dtype=torch.int64).expand(b, hk, n)
+    out = dispatch.sparse_decode_attention(q, k, v, full, d ** -0.5)
+    assert _rel(out, _sdpa(q, k, v, d ** -0.5)) < tol
+
+
+def _check_topk_with_ties(fn, sc, kk):
+    """With ties the chosen indices may differ from torch.topk's, but not the chosen values."""
+    got, ref = fn(sc, kk), topk_select_ref(sc, kk)
+    assert got.shape == ref.shape and torch.equal((got >= 0).sum(-1), (ref >= 0).sum(-1))
+    for row_s, row_g, row_r in zip(sc.flatten(0, 1), got.flatten(0, 1), ref.flatten(0, 1)):
+        gi, ri = row_g[row_g >= 0].long(), row_r[row_r >= 0].long()
+        assert torch.equal(gi, gi.sort().values) and gi.unique().numel() == gi.numel()
+        assert torch.equal(row_s[gi].sort().values, row_s[ri].sort().values)
