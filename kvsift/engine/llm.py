@@ -11,7 +11,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,10 +36,16 @@ class Context:
     method: str
     budget: Budget
     stats: GenerationStats
+    method_kwargs: dict = field(default_factory=dict)
 
     @property
     def length(self) -> int:
         return self.cache.seen
+
+    @property
+    def needs_planner(self) -> bool:
+        """Part of the KV lives off the device: answering needs the method that fetches it."""
+        return any(layer.state.get("plan_prefill") for layer in self.cache.layers)
 
 
 class LLM:
@@ -105,7 +111,7 @@ class LLM:
 
     # ---- public API --------------------------------------------------------------------------
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | None = None, *,
-                 method: str | KVMethod = "full", budget: Budget = None, method_kwargs: dict | None = None,
+                 method: str | KVMethod | None = None, budget: Budget = None, method_kwargs: dict | None = None,
                  chat: bool | None = None, context: Context | None = None, progress: bool | None = None,
                  cancel: Callable[[], bool] | None = None) -> list[RequestOutput]:
         """Generate for one prompt or a batch (text or token ids). Returns one output per prompt."""
@@ -117,17 +123,23 @@ class LLM:
         return [outs[i] for i in sorted(outs)]
 
     def stream(self, prompts: Prompt | list[Prompt], params: SamplingParams | None = None, *,
-               method: str | KVMethod = "full", budget: Budget = None, method_kwargs: dict | None = None,
+               method: str | KVMethod | None = None, budget: Budget = None, method_kwargs: dict | None = None,
                chat: bool | None = None, context: Context | None = None, progress: bool | None = None,
                cancel: Callable[[], bool] | None = None) -> Iterator[StreamEvent]:
         """Like ``generate`` but yields ``StreamEvent`` text deltas as tokens are produced.
+
+        ``method=None`` means ``full``, or with a ``context`` whose KV lives partly off the device
+        (sentencekv's host chunks) the context's own method, which knows how to fetch it back.
 
         Everything is validated before any compute: a bad method, budget or length raises
         ``ValueError`` and nothing is half-done."""
         params = params or SamplingParams()
         batch = _as_batch(prompts)
         ids = [self.encode(p, chat) for p in batch]
-        m = build_method(method, budget, **(method_kwargs or {}))
+        if method is None and context is not None and context.needs_planner:
+            method, budget = context.method, context.budget if budget is None else budget
+            method_kwargs = context.method_kwargs if method_kwargs is None else method_kwargs
+        m = build_method(method or "full", budget, **(method_kwargs or {}))
         base = context.length if context is not None else 0
         longest = max(len(x) for x in ids)
         if base + longest >= self.info.max_positions:
@@ -149,7 +161,8 @@ class LLM:
         m.setup(None, len(ids), self.info.num_layers)
         with self.lock:
             cache, stats, _ = self._prefill([ids], m, None, progress)
-        return Context(cache=cache, token_ids=ids, method=_spec(m), budget=budget, stats=stats)
+        return Context(cache=cache, token_ids=ids, method=_spec(m), budget=budget, stats=stats,
+                       method_kwargs=dict(method_kwargs or {}))
 
     def encode_document(self, document: str, chat: bool | None = None) -> list[int]:
         """The prefix of a chat prompt up to the end of ``document`` (the question follows)."""

@@ -320,8 +320,13 @@ def _prepare(state: ServerState, req, chat: bool) -> Prepared:
         except (OSError, ValueError) as e:
             raise APIError(500, f"context {req.context_id} could not be loaded: {e}", param="context_id",
                            code="context_unavailable") from None
-        # the context holds compressed KV already: generation on top of it is "full" unless asked
-        m, spec, budget = _method(state, req.kv_method, req.kv_budget, req.kv_options, "full", None)
+        # the context holds compressed KV already: generation on top of it is "full" unless asked,
+        # except when part of its KV lives off the device (sentencekv): then its own method fetches it
+        if ctx.needs_planner:
+            opts = req.kv_options if req.kv_options is not None else ctx.method_kwargs
+            m, spec, budget = _method(state, req.kv_method, req.kv_budget, opts, ctx.method, ctx.budget)
+        else:
+            m, spec, budget = _method(state, req.kv_method, req.kv_budget, req.kv_options, "full", None)
     else:
         m, spec, budget = _method(state, req.kv_method, req.kv_budget, req.kv_options, cfg.default_method,
                                   cfg.default_budget)

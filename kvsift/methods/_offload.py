@@ -1,0 +1,392 @@
+"""Host-memory chunk store with a device-side LRU cache of chunks (used by ``sentencekv``).
+
+One :class:`ChunkStore` per decoder layer holds the offloaded KV in a chunk-padded layout
+
+* host ``k, v``: ``(batch, kv_heads, T + 1, head_dim)`` in CPU memory (pinned when the compute
+  device is CUDA), compact: the tokens of each (batch, kv_head) one chunk after the other, no
+  padding; row ``T`` is a zero pad row. Host ``pos``: ``(batch, kv_heads, T + 1)`` int32 (pad: -1);
+* device ``starts, lens``: ``(batch, kv_heads, chunks)`` first token and length of each chunk per
+  KV head, ``mean`` ``(batch, kv_heads, chunks, head_dim)`` the mean key of each chunk (its
+  semantic vector), and optionally Quest bounds ``kmin, kmax`` of the same shape.
+
+Chunk lengths may differ per KV head (after a prefill eviction such as SnapKV each head keeps
+different tokens). Fetched chunks come back padded to ``L`` (the longest chunk allowed) with
+position ``-1`` on the padding, which attention masks.
+
+:meth:`ChunkStore.fetch` brings selected chunks to the compute device. Without a device cache it
+gathers the rows on the host and copies them; with one (``cache_chunks > 0``) it keeps the most
+recently used chunks of every (batch, kv_head) on the device and copies only the misses
+(``cache_chunks < 0``: sized to twice the first step's selection). On CUDA
+the host gather lands in a pinned staging buffer and the copy runs on a side stream; the compute
+stream waits on it without blocking the host.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(slots=True)
+class FetchStats:
+    """Counters over all layers of a generation. ``chunks`` may be a device tensor (accumulated
+    without a host sync); :meth:`value` reads any counter as a Python number."""
+
+    calls: int = 0             # fetch calls (layers x decode steps)
+    head_calls: int = 0        # fetch calls x batch x kv_heads
+    chunks: Any = 0            # chunk selections, summed over (batch, kv_head)
+    copied_chunks: int = 0     # chunks copied host -> device (misses when a device cache is used)
+    copied_bytes: int = 0
+    fetch_s: float = 0.0       # host wall time spent in fetch (includes the CUDA sync for misses)
+    cache_lookups: Any = 0
+    cache_hits: Any = 0
+
+    def value(self, name: str) -> float:
+        v = getattr(self, name)
+        return v.item() if isinstance(v, torch.Tensor) else v
+
+
+class ChunkStore:
+    """Offloaded chunks of one layer (see the module docstring for the layout)."""
+
+    def __init__(self, batch: int, kv_heads: int, chunk_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, *, bounds: bool = False, cache_chunks: int = 0, pin: bool | None = None):
+        if chunk_len < 1:
+            raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
+        self.b, self.hk, self.L, self.d = batch, kv_heads, chunk_len, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.pin = (self.device.type == "cuda" and torch.cuda.is_available()) if pin is None else pin
+        self.bounds = bounds
+        self.cache_chunks = cache_chunks
+        self.n = 0           # chunks stored
+        self.T = 0           # token capacity per (batch, kv_head); row T of each head is a zero pad row
+        self.max_tokens = 0  # most tokens stored for one (batch, kv_head)
+        hb = (batch, kv_heads, 0)
+        self.k = self._host_empty((batch, kv_heads, 1, head_dim), dtype)
+        self.v = self._host_empty((batch, kv_heads, 1, head_dim), dtype)
+        self.pos = self._host_empty((batch, kv_heads, 1), torch.int32)
+        self.used = torch.zeros(batch * kv_heads, dtype=torch.int64, device=self.device)
+        self.starts = torch.zeros(hb, dtype=torch.int64, device=self.device)
+        self.lens = torch.zeros(hb, dtype=torch.int32, device=self.device)
+        self.mean = torch.zeros((*hb, head_dim), dtype=dtype, device=self.device)
+        self.kmin = self.kmax = None
+        if bounds:
+            self.kmin = torch.zeros((*hb, head_dim), dtype=dtype, device=self.device)
+            self.kmax = torch.zeros((*hb, head_dim), dtype=dtype, device=self.device)
+        self._dev: dict[str, torch.Tensor] | None = None  # device LRU cache, built on first fetch
+        self._stage: list[dict[str, torch.Tensor]] = []   # pinned staging buffers (CUDA)
+        self._stage_events: list = []
+        self._stage_i = 0
+        self._stream = None
+
+    # ---- allocation ----------------------------------------------------------------------------
+    def _host_empty(self, shape, dtype) -> torch.Tensor:
+        # padding rows must hold finite numbers: a masked key still multiplies its value by 0
+        t = torch.empty(shape, dtype=dtype, device="cpu", pin_memory=self.pin)
+        t.fill_(-1 if dtype == torch.int32 else 0)
+        return t
+
+    def _grow(self, n_new: int, tokens: int) -> None:
+        """Room for ``n_new`` more chunks and ``tokens`` tokens per (batch, kv_head) in all (host
+        tensors are reallocated: a store normally grows once per prefill)."""
+        cap = self.n + n_new
+        b, hk, d = self.b, self.hk, self.d
+        if tokens > self.T:
+            def host(old, shape, dtype):
+                t = self._host_empty(shape, dtype)
+                t[:, :, : self.T] = old[:, :, : self.T]
+                return t
+
+            self.k = host(self.k, (b, hk, tokens + 1, d), self.dtype)
+            self.v = host(self.v, (b, hk, tokens + 1, d), self.dtype)
+            self.pos = host(self.pos, (b, hk, tokens + 1), torch.int32)
+            self.T = tokens
+
+        def dev(old, shape):
+            t = torch.zeros(shape, dtype=old.dtype, device=self.device)
+            t[:, :, : self.n] = old[:, :, : self.n]
+            return t
+
+        self.starts = dev(self.starts, (b, hk, cap))
+        self.lens = dev(self.lens, (b, hk, cap))
+        self.mean = dev(self.mean, (b, hk, cap, d))
+        if self.bounds:
+            self.kmin = dev(self.kmin, (b, hk, cap, d))
+            self.kmax = dev(self.kmax, (b, hk, cap, d))
+        self._dev = None  # the slot map must be resized
+
+    # ---- writing -------------------------------------------------------------------------------
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, bh: torch.Tensor,
+               chunk: torch.Tensor, rank: torch.Tensor, n_new: int) -> None:
+        """Add ``n_new`` chunks from ``N`` tokens: ``keys/values (N, head_dim)`` and ``positions
+        (N,)`` on the compute device; token ``i`` goes to (batch*kv_heads row ``bh[i]``, new chunk
+        ``chunk[i]`` in ``[0, n_new)``, rank ``rank[i]`` in ``[0, L)`` inside its chunk)."""
+        if n_new <= 0:
+            return
+        if keys.shape[0] and int(rank.max()) >= self.L:
+            raise ValueError(f"a chunk holds more than chunk_len={self.L} tokens")
+        BH, d, base = self.b * self.hk, self.d, self.n
+        bh, chunk, rank = bh.long(), chunk.long(), rank.long()
+        row = bh * n_new + chunk                                        # (N,) row of (BH*n_new)
+        cnt = torch.zeros(BH * n_new, dtype=torch.int64, device=self.device)
+        cnt.index_add_(0, row, torch.ones_like(row))
+        cnt = cnt.view(BH, n_new)
+        new_starts = self.used[:, None] + cnt.cumsum(1) - cnt           # (BH, n_new) token offsets
+        used = self.used + cnt.sum(1)
+        self._grow(n_new, int(used.max()))
+        new = slice(base, base + n_new)
+        self.starts[:, :, new] = new_starts.view(self.b, self.hk, n_new)
+        self.lens[:, :, new] = cnt.view(self.b, self.hk, n_new).to(torch.int32)
+        # semantic vectors on the device
+        sums = torch.zeros(BH * n_new, d, dtype=torch.float32, device=self.device)
+        sums.index_add_(0, row, keys.float())
+        mean = sums / cnt.view(-1).clamp(min=1)[:, None].float()
+        self.mean[:, :, new] = mean.view(self.b, self.hk, n_new, d).to(self.dtype)
+        if self.bounds:
+            for name, how in (("kmin", "amin"), ("kmax", "amax")):
+                t = torch.zeros(BH * n_new, d, dtype=torch.float32, device=self.device)
+                t.scatter_reduce_(0, row[:, None].expand(-1, d), keys.float(), reduce=how, include_self=False)
+                getattr(self, name)[:, :, new] = t.view(self.b, self.hk, n_new, d).to(self.dtype)
+        # the KV itself goes to host memory, compact (device -> host copy of exactly these tokens)
+        flat = (bh * (self.T + 1) + new_starts.view(-1)[row] + rank).cpu()
+        self.k.view(-1, d).index_copy_(0, flat, keys.to("cpu", self.dtype))
+        self.v.view(-1, d).index_copy_(0, flat, values.to("cpu", self.dtype))
+        self.pos.view(-1).index_copy_(0, flat, positions.to("cpu", torch.int32))
+        self.used = used
+        self.n = base + n_new
+        self.max_tokens = int(used.max())
+
+    def max_chunks_within(self, budget: int) -> int:
+        """Most chunks of one (batch, kv_head) whose lengths fit in ``budget`` tokens (the width a
+        selection needs; one host sync per new budget, cached)."""
+        memo = self.__dict__.setdefault("_kcap", {})
+        key = (budget, self.n)
+        if key not in memo:
+            lens = self.lens[:, :, : self.n].to(torch.int64)
+            lens = torch.where(lens > 0, lens, budget + 1).sort(dim=-1).values
+            memo[key] = int((lens.cumsum(-1) <= budget).sum(-1).max()) if self.n else 0
+        return memo[key]
+
+    def summaries(self):
+        """Device summaries of the stored chunks: mean keys ``(batch, kv_heads, n, head_dim)``, or
+        the Quest ``(kmin, kmax)`` pair when the store keeps bounds."""
+        if self.bounds:
+            return self.kmin[:, :, : self.n], self.kmax[:, :, : self.n]
+        return self.mean[:, :, : self.n]
+
+    # ---- reading -------------------------------------------------------------------------------
+    def fetch(self, chunk_idx: torch.Tensor, stats: FetchStats | None = None):
+        """KV of the chunks ``chunk_idx (batch, kv_heads, k)`` (int64 on the device, ``-1`` = none)
+        on the compute device: ``keys, values (batch, kv_heads, k*L, head_dim)`` and positions
+        ``(batch, kv_heads, k*L)`` (``-1`` for padding and for ``-1`` entries)."""
+        t0 = time.perf_counter()
+        b, hk, k = chunk_idx.shape
+        if (b, hk) != (self.b, self.hk):
+            raise ValueError(f"chunk_idx {tuple(chunk_idx.shape)} does not match the store ({self.b}, {self.hk}, n)")
+        if self.cache_chunks != 0:
+            out = self._fetch_cached(chunk_idx, stats)
+        else:
+            out = self._fetch_direct(chunk_idx, stats)
+        if stats is not None:
+            stats.calls += 1
+            stats.head_calls += b * hk
+            stats.fetch_s += time.perf_counter() - t0
+        return out
+
+    def _token_rows(self, bh: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+        """Host token rows of chunks: ``bh, chunk (m,)`` (``chunk`` -1 = none) -> ``(m*L,)`` rows of the
+        flat host view ``(b*hk*(T+1), head_dim)``; slots past a chunk's end point to the zero pad row."""
+        n = max(self.n, 1)
+        safe = chunk.clamp(min=0)
+        st = self.starts.view(-1, n)[bh, safe] if self.n else torch.zeros_like(bh)
+        ln = self.lens.view(-1, n)[bh, safe].to(torch.int64) if self.n else torch.zeros_like(bh)
+        ln = torch.where(chunk >= 0, ln, 0)
+        ar = torch.arange(self.L, device=bh.device)
+        tok = torch.where(ar < ln[:, None], st[:, None] + ar, self.T)
+        return (bh[:, None] * (self.T + 1) + tok).reshape(-1)
+
+    def _host_gather(self, rows_cpu: torch.Tensor):
+        """Gather host token rows into (pinned, when CUDA) staging tensors and bring them to the
+        device. Returns ``k, v (m, head_dim)`` and ``pos (m,)`` for ``m = len(rows_cpu)``."""
+        hk_flat = self.k.view(-1, self.d)
+        hv_flat = self.v.view(-1, self.d)
+        hp_flat = self.pos.view(-1)
+        m = rows_cpu.numel()
+        if self.device.type == "cpu":
+            return tuple(t.index_select(0, rows_cpu) for t in (hk_flat, hv_flat, hp_flat))
+        # CUDA: double-buffered pinned staging, copy on a side stream
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=self.device)
+            self._stage = [{}, {}]
+            self._stage_events = [None, None]
+        i = self._stage_i
+        self._stage_i ^= 1
+        ev = self._stage_events[i]
+        if ev is not None:
+            ev.synchronize()  # the copy that last read this staging buffer is done
+        st = self._stage[i]
+        if "k" not in st or st["k"].shape[0] < m:
+            cap = max(m, 2 * st["k"].shape[0] if "k" in st else m)
+            st["k"] = torch.empty(cap, self.d, dtype=self.dtype, pin_memory=self.pin)
+            st["v"] = torch.empty(cap, self.d, dtype=self.dtype, pin_memory=self.pin)
+            st["p"] = torch.empty(cap, dtype=torch.int32, pin_memory=self.pin)
+        sk, sv, sp = st["k"][:m], st["v"][:m], st["p"][:m]
+        torch.index_select(hk_flat, 0, rows_cpu, out=sk)
+        torch.index_select(hv_flat, 0, rows_cpu, out=sv)
+        torch.index_select(hp_flat, 0, rows_cpu, out=sp)
+        main = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(main)  # destination memory may be reused from the main stream
+        with torch.cuda.stream(self._stream):
+            dk = sk.to(self.device, non_blocking=True)
+            dv = sv.to(self.device, non_blocking=True)
+            dp = sp.to(self.device, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self._stream)
+        self._stage_events[i] = ev
+        main.wait_stream(self._stream)
+        for t in (dk, dv, dp):
+            t.record_stream(main)
+        return dk, dv, dp
+
+    def _fetch_direct(self, chunk_idx, stats):
+        b, hk, k = chunk_idx.shape
+        bh = torch.arange(b * hk, device=chunk_idx.device).repeat_interleave(k)
+        rows = self._token_rows(bh, chunk_idx.reshape(-1)).cpu()
+        dk, dv, dp = self._host_gather(rows)
+        if stats is not None:
+            nv = int((chunk_idx >= 0).sum())  # rows are on the host already: no extra sync
+            stats.chunks += nv
+            stats.copied_chunks += nv
+            stats.copied_bytes += rows.numel() * self._token_bytes()
+        L, d = self.L, self.d
+        return dk.view(b, hk, k * L, d), dv.view(b, hk, k * L, d), dp.view(b, hk, k * L)
+
+    def _token_bytes(self) -> int:
+        return 2 * self.d * torch.tensor([], dtype=self.dtype).element_size() + 4
+
+    def _ensure_cache(self, k: int):
+        """Device cache of ``cache_chunks`` chunk slots per (batch, kv_head), at least ``k`` (one
+        step's selection); ``cache_chunks < 0`` means twice the first selection (at least 16)."""
+        if self._dev is not None and self._dev["owner"].shape[1] - 1 >= k:
+            return
+        S = max(self.cache_chunks, k) if self.cache_chunks >= 0 else max(16, 2 * k)
+        BH, L, d = self.b * self.hk, self.L, self.d
+        dev = self.device
+        # column S (the last one) of every table is a scratch slot that absorbs masked writes
+        self._dev = {
+            "k": torch.zeros(BH, S + 1, L, d, dtype=self.dtype, device=dev),
+            "v": torch.zeros(BH, S + 1, L, d, dtype=self.dtype, device=dev),
+            "p": torch.full((BH, S + 1, L), -1, dtype=torch.int32, device=dev),
+            "owner": torch.full((BH, S + 1), -1, dtype=torch.int64, device=dev),
+            "last": torch.full((BH, S + 1), -1, dtype=torch.int64, device=dev),
+            "slot_of": torch.full((BH, self.n + 1), -1, dtype=torch.int64, device=dev),
+            "clock": torch.zeros((), dtype=torch.int64, device=dev),
+        }
+
+    def _fetch_cached(self, chunk_idx, stats):
+        b, hk, k = chunk_idx.shape
+        self._ensure_cache(k)
+        c = self._dev
+        BH, S = b * hk, c["owner"].shape[1] - 1
+        idx = chunk_idx.reshape(BH, k)
+        valid = idx >= 0
+        safe = idx.clamp(min=0)
+        slot = c["slot_of"].gather(1, safe)
+        hit = valid & (slot >= 0)
+        miss = valid & ~hit
+        c["clock"] += 1
+        c["last"].scatter_(1, torch.where(hit, slot, S), c["clock"].expand(BH, k))
+        c["last"][:, S] = torch.iinfo(torch.int64).max
+        order = c["last"][:, :S].argsort(dim=1)                 # least recently used first
+        rank = (miss.cumsum(1) - 1).clamp(min=0)
+        victim = torch.where(miss, order.gather(1, rank), S)
+        old = c["owner"].gather(1, victim)
+        nslot = c["slot_of"].shape[1] - 1
+        c["slot_of"].scatter_(1, torch.where(miss & (old >= 0), old, nslot), -1)
+        c["owner"].scatter_(1, victim, torch.where(miss, safe, -1))
+        c["slot_of"].scatter_(1, torch.where(miss, safe, nslot), victim)
+        c["last"].scatter_(1, victim, c["clock"].expand(BH, k))
+        c["owner"][:, S] = -1
+        c["slot_of"][:, nslot] = -1
+        # copy the misses (the one host sync of a step)
+        mi = miss.nonzero()
+        m = mi.shape[0]
+        if m:
+            r, j = mi[:, 0], mi[:, 1]
+            src = self._token_rows(r, safe[r, j]).cpu()
+            dk, dv, dp = self._host_gather(src)
+            dk, dv, dp = dk.view(m, -1), dv.view(m, -1), dp.view(m, -1)
+            dst = r * (S + 1) + victim[r, j]
+            c["k"].view(BH * (S + 1), self.L * self.d).index_copy_(0, dst, dk)
+            c["v"].view(BH * (S + 1), self.L * self.d).index_copy_(0, dst, dv)
+            c["p"].view(BH * (S + 1), self.L).index_copy_(0, dst, dp)
+        final = torch.where(hit, slot, torch.where(miss, victim, S))
+        rows = (torch.arange(BH, device=idx.device)[:, None] * (S + 1) + final).reshape(-1)
+        L, d = self.L, self.d
+        ok = c["k"].view(BH * (S + 1), L * d).index_select(0, rows)
+        ov = c["v"].view(BH * (S + 1), L * d).index_select(0, rows)
+        op = c["p"].view(BH * (S + 1), L).index_select(0, rows)
+        if stats is not None:
+            nv = valid.sum()  # stays on the device: no host sync
+            stats.chunks = stats.chunks + nv
+            stats.cache_lookups = stats.cache_lookups + nv
+            stats.cache_hits = stats.cache_hits + (nv - m)
+            stats.copied_chunks += m
+            stats.copied_bytes += m * self.L * self._token_bytes()
+        return ok.view(b, hk, k * L, d), ov.view(b, hk, k * L, d), op.view(b, hk, k * L)
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+    def kv_nbytes(self) -> tuple[int, int]:
+        """``(device bytes, host bytes)`` really allocated by this store."""
+        def nb(t):
+            return 0 if t is None else t.numel() * t.element_size()
+
+        device = nb(self.lens) + nb(self.starts) + nb(self.used) + nb(self.mean) + nb(self.kmin) + nb(self.kmax)
+        if self._dev is not None:
+            device += sum(nb(t) for t in self._dev.values())
+        host = nb(self.k) + nb(self.v) + nb(self.pos)
+        host += sum(nb(t) for st in self._stage for t in st.values())
+        return device, host
+
+    def clone(self) -> "ChunkStore":
+        """Deep copy without the device cache (e.g. a reusable context answering a new question)."""
+        new = ChunkStore.__new__(ChunkStore)
+        for name in ("b", "hk", "L", "d", "dtype", "device", "pin", "bounds", "cache_chunks", "n", "T", "max_tokens"):
+            setattr(new, name, getattr(self, name))
+        new.k, new.v, new.pos = (self._copy_host(t) for t in (self.k, self.v, self.pos))
+        new.lens, new.mean = self.lens.clone(), self.mean.clone()
+        new.starts, new.used = self.starts.clone(), self.used.clone()
+        new.kmin = None if self.kmin is None else self.kmin.clone()
+        new.kmax = None if self.kmax is None else self.kmax.clone()
+        new._dev, new._stage, new._stage_events, new._stage_i, new._stream = None, [], [], 0, None
+        return new
+
+    def repeat_batch(self, times: int) -> None:
+        """Repeat a batch-1 store ``times`` times over the batch (context reuse with a batch)."""
+        if times == 1:
+            return
+        if self.b != 1:
+            raise ValueError(f"only a batch-1 store can be repeated, this one has batch {self.b}")
+
+        def rep_host(t):
+            out = self._host_empty((times, *t.shape[1:]), t.dtype)
+            out.copy_(t.expand(times, *t.shape[1:]))
+            return out
+
+        self.k, self.v, self.pos = rep_host(self.k), rep_host(self.v), rep_host(self.pos)
+        self.lens = self.lens.repeat(times, 1, 1)
+        self.starts = self.starts.repeat(times, 1, 1)
+        self.used = self.used.repeat(times)
+        self.mean = self.mean.repeat(times, 1, 1, 1)
+        if self.bounds:
+            self.kmin, self.kmax = self.kmin.repeat(times, 1, 1, 1), self.kmax.repeat(times, 1, 1, 1)
+        self.b = times
+        self._dev = None
+
+    def _copy_host(self, t: torch.Tensor) -> torch.Tensor:
+        out = self._host_empty(t.shape, t.dtype)
+        out.copy_(t)
+        return out

@@ -1,0 +1,224 @@
+"""sentencekv: exactness at full budget, real offload accounting, LRU == direct fetch, composition."""
+
+import pytest
+import torch
+
+from kvsift.engine.llm import LLM
+from kvsift.engine.params import SamplingParams
+from kvsift.methods import build_method
+from kvsift.methods._offload import ChunkStore, FetchStats
+from kvsift.methods.sentencekv import FP_KEY, STORE_KEY, SentenceKV
+from kvsift.models.tiny import tiny_model
+
+VOCAB = 300
+GREEDY = SamplingParams(max_tokens=4, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random Llama (2 layers, 4 q heads, 2 kv heads) whose lm_head logits are recorded."""
+    model = tiny_model("llama", seed=0, vocab_size=VOCAB)
+    llm = LLM.from_model(model, None, "tiny", chunk_size=64)
+    llm.logits = []
+    model.lm_head.register_forward_hook(lambda m, i, o: llm.logits.append(o[:, -1].detach().clone()))
+    return llm
+
+
+def prompt(n=240, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+
+def run(llm, ids, method="full", budget=None, params=GREEDY, **kw):
+    llm.logits.clear()
+    out = llm.generate(ids, params, method=method, budget=budget, method_kwargs=kw)
+    return out, torch.stack(llm.logits)  # (steps, batch, vocab)
+
+
+@pytest.fixture(scope="module")
+def full_ref(tiny):
+    ids = prompt()
+    return (ids, *run(tiny, ids))
+
+
+@pytest.mark.parametrize("kw", [{}, {"cache_chunks": 3}, {"summary": "quest", "fingerprint": "token"},
+                                {"sinks": 0, "recent": 0, "max_chunk": 16}])
+def test_full_budget_is_exact(tiny, full_ref, kw):
+    ids, ref, ref_logits = full_ref
+    out, logits = run(tiny, ids, "sentencekv", 1.0, **kw)
+    assert out[0].token_ids == ref[0].token_ids
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    ms = out[0].stats.method_stats
+    assert ms["chunks_selected_per_head"] >= (len(ids) - 68) / 32  # every chunk selected
+    assert out[0].stats.kv_host_bytes > 0
+
+
+def test_small_budget_really_offloads_and_selects(tiny):
+    ids = prompt(320, seed=1)
+    ref, ref_logits = run(tiny, ids)
+    out, logits = run(tiny, ids, "sentencekv", 96, sinks=4, recent=32, max_chunk=16)
+    st = out[0].stats
+    # the test above is not vacuous: a small budget changes the logits
+    assert (logits - ref_logits).abs().max() > 1e-3
+    # device keeps sinks + recent (+ decode room) and small summaries; the host holds the rest
+    assert st.kv_device_bytes < 0.35 * ref[0].stats.kv_device_bytes
+    per_token = 2 * 2 * 16 * 4 * 2  # k+v, kv_heads, head_dim, fp32, layers
+    assert st.kv_host_bytes >= (320 - 36) * per_token
+    ms = st.method_stats
+    assert 0 < ms["chunks_selected_per_head"] <= 60 / 1  # 60 tokens of chunk budget
+    assert ms["fetch_mib_per_step"] > 0 and ms["fetch_ms_per_step"] >= 0
+
+
+def test_device_cache_matches_direct_fetch(tiny):
+    ids = prompt(320, seed=2)
+    a, la = run(tiny, ids, "sentencekv", 100, max_chunk=16)
+    b, lb = run(tiny, ids, "sentencekv", 100, max_chunk=16, cache_chunks=4)
+    assert a[0].token_ids == b[0].token_ids
+    torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
+    ms = b[0].stats.method_stats
+    assert 0 <= ms["device_cache_hit_rate"] <= 1
+    assert ms["chunks_copied_per_step"] < a[0].stats.method_stats["chunks_copied_per_step"]
+
+
+def test_batch_with_padding_is_exact(tiny):
+    batch = [prompt(200, seed=3), prompt(150, seed=4)]
+    ref, ref_logits = run(tiny, batch)
+    out, logits = run(tiny, batch, "sentencekv", 1.0, max_chunk=16)
+    assert [o.token_ids for o in out] == [o.token_ids for o in ref]
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_compose_snapkv_then_offload(tiny):
+    ids = prompt(400, seed=5)
+    snap, snap_logits = run(tiny, ids, "snapkv", 200)
+    # decode budget covers everything SnapKV kept: same attention as SnapKV alone
+    out, logits = run(tiny, ids, "snapkv+sentencekv", 200, max_chunk=16)
+    assert out[0].token_ids == snap[0].token_ids
+    torch.testing.assert_close(logits, snap_logits, atol=1e-4, rtol=1e-4)
+    assert out[0].stats.method == "snapkv+sentencekv"
+    # a smaller decode budget: SnapKV's kept tokens live on the host, a few chunks come back
+    small, _ = run(tiny, ids, "snapkv+sentencekv", 200, max_chunk=16, decode_budget=64, recent=16)
+    assert small[0].stats.kv_device_bytes < 0.5 * snap[0].stats.kv_device_bytes
+    assert small[0].stats.kv_host_bytes > 0
+    assert small[0].stats.method_stats["chunks_selected_per_head"] < 200 / 16
+
+
+def test_context_reuse(tiny):
+    doc, question = prompt(300, seed=6), prompt(20, seed=7)
+    ref, ref_logits = run(tiny, doc + question)
+    tiny.logits.clear()
+    ctx = tiny.prefill_context(doc, method="sentencekv", budget=1.0, method_kwargs={"max_chunk": 16})
+    assert ctx.cache.memory()["host"] > 0
+    tiny.logits.clear()
+    out = tiny.generate(question, GREEDY, method="sentencekv", budget=1.0, method_kwargs={"max_chunk": 16},
+                        context=ctx)
+    assert out[0].token_ids == ref[0].token_ids
+    n = GREEDY.max_tokens  # the last prefill chunk's logits and the decode steps
+    torch.testing.assert_close(torch.stack(tiny.logits)[-n:], ref_logits[-n:], atol=1e-4, rtol=1e-4)
+    # the context's KV partly lives on the host: a method that cannot fetch it must not run silently
+    with pytest.raises(RuntimeError, match="sentencekv"):
+        tiny.generate(question, GREEDY, method="full", context=ctx)
+
+
+@pytest.mark.parametrize("cache_chunks", [0, 2, 8])
+def test_chunk_store_fetch_returns_the_right_tokens(cache_chunks):
+    """Random ragged chunks (different per head, as after eviction) round-trip exactly."""
+    g = torch.Generator().manual_seed(0)
+    b, hk, L, d, n_chunks = 2, 3, 5, 4, 7
+    lens = torch.randint(0, L + 1, (b, hk, n_chunks), generator=g)
+    toks = []
+    for bi in range(b):
+        for h in range(hk):
+            for c in range(n_chunks):
+                for r in range(int(lens[bi, h, c])):
+                    toks.append((bi * hk + h, c, r))
+    bh, ch, rk = (torch.tensor(x) for x in zip(*toks))
+    pos = ch * 10 + rk
+    keys = torch.randn(len(toks), d, generator=g)
+    store = ChunkStore(b, hk, L, d, torch.float32, "cpu", bounds=True, cache_chunks=cache_chunks)
+    store.append(keys, -keys, pos, bh, ch, rk, n_chunks)
+    assert torch.equal(store.lens, lens.to(torch.int32))
+    for _ in range(6):
+        k = 2
+        idx = torch.stack([torch.randperm(n_chunks, generator=g)[:k] for _ in range(b * hk)]).view(b, hk, k)
+        idx[0, 0, 1] = -1
+        st = FetchStats()
+        fk, fv, fp = store.fetch(idx, st)
+        assert fk.shape == (b, hk, k * L, d) and fp.shape == (b, hk, k * L)
+        for bi in range(b):
+            for h in range(hk):
+                want = [(int(c), r) for c in idx[bi, h] if c >= 0 for r in range(int(lens[bi, h, c]))]
+                got = fp[bi, h][fp[bi, h] >= 0]
+                assert got.tolist() == [c * 10 + r for c, r in want]
+                sel = (bh == bi * hk + h)
+                for j, (c, r) in enumerate(want):
+                    t = int(((ch == c) & (rk == r) & sel).nonzero())
+                    row = (fp[bi, h] == c * 10 + r).nonzero().item()
+                    assert torch.equal(fk[bi, h, row], keys[t]) and torch.equal(fv[bi, h, row], -keys[t])
+    dev, host = store.kv_nbytes()
+    T = int(lens.sum(-1).max())  # compact host layout: no chunk padding, one pad row per head
+    assert host == b * hk * (T + 1) * (2 * d * 4 + 4) and dev > 0
+
+
+def test_fingerprint_resets_after_sentence_end():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    t = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t)
+
+    class Layer:
+        state = {}
+
+    class Ctx:
+        info = {"tokenizer": tok}
+
+    m = SentenceKV(budget=8)
+    layer, ctx = Layer(), Ctx()
+    q1, q2, q3 = torch.ones(1, 2, 4), 3 * torch.ones(1, 2, 4), 10 * torch.ones(1, 2, 4)
+    ctx.info["input_ids"] = torch.tensor([[tok.convert_tokens_to_ids("a")]])
+    assert torch.equal(m._fingerprint(layer, q1, ctx), q1)
+    assert torch.equal(m._fingerprint(layer, q2, ctx), 2 * torch.ones(1, 2, 4))  # mean of the sentence
+    ctx.info["input_ids"] = torch.tensor([[tok.convert_tokens_to_ids(".")]])
+    assert torch.equal(m._fingerprint(layer, q3, ctx), q3)  # "." ended the sentence: reset
+    assert FP_KEY in layer.state and STORE_KEY not in layer.state
+
+
+def test_bad_options():
+    for kw, msg in [({"fingerprint": "x"}, "fingerprint"), ({"summary": "x"}, "summary"), ({"sinks": -1}, "sinks"),
+                    ({"min_chunk": 9, "max_chunk": 4}, "max_len"), ({"splitter": "nltk"}, "splitter"),
+                    ({"cache_chunks": -2}, "cache_chunks"), ({"decode_budget": 0}, "budget")]:
+        with pytest.raises(ValueError, match=msg):
+            build_method("sentencekv", 64, **kw)
+    with pytest.raises(ValueError, match="budget"):
+        build_method("sentencekv", None)
+
+
+@pytest.mark.real
+def test_default_model_exact_at_full_budget(real_llm):
+    from importlib.resources import files
+
+    text = files("kvsift").joinpath("data/alice_ch1_3.txt").read_text()[:1500]
+    p = text + "\n\nQuestion: who is the main character? Answer in one sentence."
+    params = SamplingParams(max_tokens=6)
+    ref = real_llm.generate(p, params)[0]
+    out = real_llm.generate(p, params, method="sentencekv", budget=1.0)[0]
+    assert out.token_ids == ref.token_ids
+    st = out.stats
+    assert st.kv_host_bytes > 0.8 * ref.stats.kv_device_bytes  # the prompt's KV really moved to the host
+    assert st.kv_device_bytes < 0.3 * ref.stats.kv_device_bytes
+
+
+def test_sentencekv_context_answers_with_default_method(tiny_llm):
+    """A question over a sentencekv context needs no method argument: the context's own is used."""
+    from kvsift import SamplingParams
+    from tests.conftest import random_prompt
+
+    doc, q = random_prompt(200, seed=41), random_prompt(12, seed=42)
+    p = SamplingParams(max_tokens=6, ignore_eos=True)
+    ctx = tiny_llm.prefill_context(doc, method="sentencekv", budget=200)
+    assert ctx.needs_planner
+    assert tiny_llm.generate(q, p, context=ctx)[0].token_ids == tiny_llm.generate(doc + q, p)[0].token_ids
