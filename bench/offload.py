@@ -73,6 +73,60 @@ def one(llm: LLM, ids: list[int], method: str, budget, max_tokens: int, kwargs: 
     }
 
 
+def profile_decode(llm: LLM, n: int, ids: list[int], budget: int, opts: dict, steps: int = 6) -> None:
+    """Profile ``steps`` sentencekv decode steps (prefill excluded): top ops, kernel launches and
+    host syncs per step (CUDA sync debug mode: each sync is reported with its source line)."""
+    import collections
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    syncs: collections.Counter = collections.Counter()
+    prof = profile(activities=acts)
+    st = {"on": False, "steps": 0, "t0": 0.0}
+    orig = llm._forward
+
+    def forward(ctx, input_ids, positions):  # this instance only: start at the first decode step
+        if ctx.decoding and not st["on"]:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("warn")
+            prof.start()
+            st["on"], st["t0"] = True, time.perf_counter()
+        st["steps"] += st["on"]
+        return orig(ctx, input_ids, positions)
+
+    llm._forward = forward
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            llm.generate(ids, SamplingParams(max_tokens=steps + 1, ignore_eos=True), method="sentencekv",
+                         budget=budget, method_kwargs=opts, progress=False)
+            if cuda:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - st["t0"]
+        finally:
+            del llm._forward
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
+            if st["on"]:
+                prof.stop()
+    done = st["steps"]
+    for w in caught:
+        syncs[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    done = max(done, 1)
+    print(f"\nprofile ctx {n}: {done} decode steps in {wall * 1000:.1f} ms ({wall * 1000 / done:.1f} ms each, profiler on)")
+    avg = prof.key_averages()
+    launches = sum(e.count for e in avg if e.key in ("cudaLaunchKernel", "cuLaunchKernelEx", "cuLaunchKernel"))
+    print(f"kernel launches per decode step: {launches / done:.0f}")
+    print("host syncs per decode step by source line:", {k: round(v / done, 1) for k, v in syncs.most_common(12)})
+    print(avg.table(sort_by="self_cpu_time_total", row_limit=25))
+    if cuda:
+        print(avg.table(sort_by="self_cuda_time_total", row_limit=20))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8000],
@@ -84,6 +138,13 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=32, help="layers of the random 8B model")
     ap.add_argument("--chunk-size", type=int, default=None, help="prefill chunk (default 512 CPU, 2048 GPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--host-copy-too", action="store_true",
+                    help="also run sentencekv with KVSIFT_NO_UVA=1 (misses gathered on the host, one sync per fetch)")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile 4 sentencekv decode steps at the first context and print the top ops")
+    ap.add_argument("--check", action="store_true",
+                    help="at the first context: sentencekv with budget = context must give full's tokens, and "
+                         "the UVA copy the host copy's tokens at --budget")
     ap.add_argument("--out", default="bench/out/offload.json")
     args = ap.parse_args(argv)
     if args.threads is not None:
@@ -110,11 +171,36 @@ def main(argv=None) -> int:
         one(llm, warm, method, budget, 2, opts if method == "sentencekv" else {})
     rows = []
     for n, ids in prompts.items():
-        for method, budget, kw in (("full", None, {}), ("sentencekv", min(args.budget, n), opts)):
-            r = one(llm, ids, method, budget, args.max_tokens, kw)
+        runs = [("full", None, {}, False), ("sentencekv", min(args.budget, n), opts, False)]
+        if args.host_copy_too:
+            runs.append(("sentencekv", min(args.budget, n), opts, True))
+        for method, budget, kw, host_copy in runs:
+            old = os.environ.get("KVSIFT_NO_UVA")
+            if host_copy:
+                os.environ["KVSIFT_NO_UVA"] = "1"
+            try:
+                r = one(llm, ids, method, budget, args.max_tokens, kw)
+            finally:
+                if host_copy:
+                    os.environ.pop("KVSIFT_NO_UVA") if old is None else os.environ.__setitem__("KVSIFT_NO_UVA", old)
+            r["host_copy"] = host_copy
             rows.append(r)
-            print(f"  done {method:10s} ctx {n:6d}: {r['decode_ms_per_token']:.1f} ms/token", file=sys.stderr, flush=True)
-
+            label = method + (" (host copy)" if host_copy else "")
+            print(f"  done {label:22s} ctx {n:6d}: {r['decode_ms_per_token']:.1f} ms/token", file=sys.stderr, flush=True)
+    if args.check:
+        n, ids = next(iter(prompts.items()))
+        ref = one(llm, ids, "full", None, args.max_tokens, {})["first_tokens"]
+        whole = one(llm, ids, "sentencekv", n, args.max_tokens, opts)["first_tokens"]
+        uva = one(llm, ids, "sentencekv", min(args.budget, n), args.max_tokens, opts)["first_tokens"]
+        os.environ["KVSIFT_NO_UVA"] = "1"
+        try:
+            host = one(llm, ids, "sentencekv", min(args.budget, n), args.max_tokens, opts)["first_tokens"]
+        finally:
+            del os.environ["KVSIFT_NO_UVA"]
+        print(f"check ctx {n}: budget=context equals full: {whole == ref}; UVA equals host copy: {uva == host}",
+              flush=True)
+    if args.profile:
+        profile_decode(llm, *next(iter(prompts.items())), min(args.budget, next(iter(prompts))), opts)
     print(f"\nmodel {llm.info.name} on {llm.device} ({llm.info.num_layers} layers, {llm.info.num_kv_heads} kv heads, "
           f"head_dim {llm.info.head_dim}, {llm.info.dtype}), sentencekv budget {args.budget}, "
           f"{args.max_tokens} new tokens, torch threads {torch.get_num_threads()}")
@@ -128,7 +214,8 @@ def main(argv=None) -> int:
             full_dev[r["context"]] = r["kv_device_bytes"]
         ms = r["method_stats"]
         ratio = r["kv_device_bytes"] / full_dev[r["context"]] if full_dev.get(r["context"]) else float("nan")
-        print(f"{r['context']:>7} {r['method']:>10} {r['kv_device_bytes'] / MIB:>10.1f} {r['kv_host_bytes'] / MIB:>9.1f} "
+        name = "skv-host" if r.get("host_copy") else r["method"]
+        print(f"{r['context']:>7} {name:>10} {r['kv_device_bytes'] / MIB:>10.1f} {r['kv_host_bytes'] / MIB:>9.1f} "
               f"{ratio:>8.3f} {r['decode_ms_per_token']:>9.1f} {r['prefill_s']:>9.2f} "
               f"{ms.get('chunks_selected_per_head', 0):>11.1f} {ms.get('fetch_mib_per_step', 0):>14.2f} "
               f"{ms.get('fetch_ms_per_step', 0):>13.1f}")

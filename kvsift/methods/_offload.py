@@ -17,8 +17,11 @@ position ``-1`` on the padding, which attention masks.
 gathers the rows on the host and copies them; with one (``cache_chunks > 0``) it keeps the most
 recently used chunks of every (batch, kv_head) on the device and copies only the misses
 (``cache_chunks < 0``: sized to twice the first step's selection). On CUDA
-the host gather lands in a pinned staging buffer and the copy runs on a side stream; the compute
-stream waits on it without blocking the host.
+the misses are copied by one Triton kernel that reads the pinned host rows directly (unified
+virtual addressing, :mod:`kvsift.kernels.chunk_fetch`): the whole fetch, LRU bookkeeping included,
+stays on the device with no host sync. Without Triton (or with ``KVSIFT_NO_UVA=1``) the host
+gathers the rows into a pinned staging buffer and the copy runs on a side stream (one host sync
+per fetch for the miss list).
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from typing import Any
 
 import torch
 
+from kvsift.kernels import chunk_fetch as _cf
+from kvsift.kernels._triton import HAS_TRITON, triton_disabled
+
 
 @dataclass(slots=True)
 class FetchStats:
@@ -38,15 +44,30 @@ class FetchStats:
     calls: int = 0             # fetch calls (layers x decode steps)
     head_calls: int = 0        # fetch calls x batch x kv_heads
     chunks: Any = 0            # chunk selections, summed over (batch, kv_head)
-    copied_chunks: int = 0     # chunks copied host -> device (misses when a device cache is used)
-    copied_bytes: int = 0
+    copied_chunks: Any = 0     # chunks copied host -> device (misses when a device cache is used)
+    copied_bytes: Any = 0
     fetch_s: float = 0.0       # host wall time spent in fetch (includes the CUDA sync for misses)
     cache_lookups: Any = 0
     cache_hits: Any = 0
 
+    _dev_counts: Any = None    # device (lookups, misses) of cached UVA fetches, folded in by value()
+    _chunk_bytes: int = 0
+
+    def add_device_counts(self, counts: torch.Tensor, chunk_bytes: int) -> None:
+        """Accumulate ``counts = (lookups, misses)`` (a device tensor) of one cached fetch of chunks
+        of ``chunk_bytes`` bytes each, without a host sync."""
+        self._dev_counts = counts if self._dev_counts is None else self._dev_counts + counts
+        self._chunk_bytes = chunk_bytes
+
     def value(self, name: str) -> float:
         v = getattr(self, name)
-        return v.item() if isinstance(v, torch.Tensor) else v
+        v = v.item() if isinstance(v, torch.Tensor) else v
+        if self._dev_counts is not None and name in ("chunks", "cache_lookups", "cache_hits", "copied_chunks",
+                                                     "copied_bytes"):
+            lookups, misses = (int(x) for x in self._dev_counts.tolist())
+            v += {"chunks": lookups, "cache_lookups": lookups, "cache_hits": lookups - misses,
+                  "copied_chunks": misses, "copied_bytes": misses * self._chunk_bytes}[name]
+        return v
 
 
 class ChunkStore:
@@ -81,6 +102,7 @@ class ChunkStore:
         self._stage_events: list = []
         self._stage_i = 0
         self._stream = None
+        self._uva = None  # CUDA: copy misses with the UVA kernel (None: not tried yet, False: refused)
 
     # ---- allocation ----------------------------------------------------------------------------
     def _host_empty(self, shape, dtype) -> torch.Tensor:
@@ -95,6 +117,7 @@ class ChunkStore:
         cap = self.n + n_new
         b, hk, d = self.b, self.hk, self.d
         if tokens > self.T:
+            self._host_quiesce()
             def host(old, shape, dtype):
                 t = self._host_empty(shape, dtype)
                 t[:, :, : self.T] = old[:, :, : self.T]
@@ -254,6 +277,22 @@ class ChunkStore:
     def _fetch_direct(self, chunk_idx, stats):
         b, hk, k = chunk_idx.shape
         bh = torch.arange(b * hk, device=chunk_idx.device).repeat_interleave(k)
+        L, d = self.L, self.d
+        if self._use_uva() and self.n:
+            flat = chunk_idx.reshape(-1)
+            valid = flat >= 0
+            ok = torch.empty(b * hk * k, L, d, dtype=self.dtype, device=self.device)
+            ov = torch.empty_like(ok)
+            op = torch.empty(b * hk * k, L, dtype=torch.int32, device=self.device)
+            dst = torch.arange(b * hk * k, device=self.device)
+            # every entry is written (invalid ones as padding: length 0)
+            if self._uva_copy(bh, flat, torch.ones_like(valid), ok, ov, op, dst):
+                if stats is not None:
+                    nv = valid.sum()
+                    stats.chunks = stats.chunks + nv
+                    stats.copied_chunks = stats.copied_chunks + nv
+                    stats.copied_bytes = stats.copied_bytes + nv * (L * self._token_bytes())
+                return ok.view(b, hk, k * L, d), ov.view(b, hk, k * L, d), op.view(b, hk, k * L)
         rows = self._token_rows(bh, chunk_idx.reshape(-1)).cpu()
         dk, dv, dp = self._host_gather(rows)
         if stats is not None:
@@ -263,6 +302,43 @@ class ChunkStore:
             stats.copied_bytes += rows.numel() * self._token_bytes()
         L, d = self.L, self.d
         return dk.view(b, hk, k * L, d), dv.view(b, hk, k * L, d), dp.view(b, hk, k * L)
+
+    def _host_quiesce(self) -> None:
+        """Wait for the device before host tensors are replaced: UVA copy kernels read them directly,
+        and a freed pinned block may be handed out again (and overwritten) before a queued kernel ran."""
+        if self._uva and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _use_uva(self) -> bool:
+        """Whether misses go through the UVA copy kernel (CUDA, pinned host store, Triton)."""
+        if self._uva is None:
+            import os
+
+            self._uva = (self.device.type == "cuda" and self.pin and HAS_TRITON and not triton_disabled()
+                         and os.environ.get("KVSIFT_NO_UVA", "").strip().lower() not in {"1", "true", "yes", "on"})
+        return self._uva
+
+    def _uva_copy(self, bh: torch.Tensor, chunk: torch.Tensor, copy: torch.Tensor, ck, cv, cp, dst) -> bool:
+        """Copy chunks ``chunk`` of rows ``bh`` (both ``(m,)``) where ``copy`` into the device rows
+        ``dst`` of ``ck, cv (C, L, d)`` / ``cp (C, L)`` with the UVA kernel. False when the kernel
+        cannot run here (then it is never tried again and the caller takes the host path)."""
+        n = max(self.n, 1)
+        safe = chunk.clamp(min=0)
+        src = bh * (self.T + 1) + self.starts.view(-1, n)[bh, safe]
+        ln = torch.where(chunk >= 0, self.lens.view(-1, n)[bh, safe], 0)
+        ln = torch.where(copy, ln, -1)
+        return self._uva_kernel(src, ln, ck, cv, cp, dst)
+
+    def _uva_kernel(self, src, ln, ck, cv, cp, dst) -> bool:
+        """:func:`kvsift.kernels.chunk_fetch.copy_chunks` from this store's host rows; False (and never
+        tried again) when Triton cannot read the pinned host memory here."""
+        try:
+            _cf.copy_chunks(self.k.view(-1, self.d), self.v.view(-1, self.d), self.pos.view(-1), src, ln,
+                            ck, cv, cp, dst)
+        except RuntimeError:
+            self._uva = False
+            return False
+        return True
 
     def _token_bytes(self) -> int:
         return 2 * self.d * torch.tensor([], dtype=self.dtype).element_size() + 4
@@ -291,15 +367,24 @@ class ChunkStore:
         self._ensure_cache(k)
         c = self._dev
         BH, S = b * hk, c["owner"].shape[1] - 1
+        L, d = self.L, self.d
+        base = c.get("base")
+        if base is None or base.shape[0] != BH:  # row offsets of each (batch, kv_head), built once
+            ar = torch.arange(BH, device=self.device)[:, None]
+            base = c["base"] = ar * (S + 1)
+            c["host_base"] = ar * (self.T + 1)
         idx = chunk_idx.reshape(BH, k)
         valid = idx >= 0
         safe = idx.clamp(min=0)
         slot = c["slot_of"].gather(1, safe)
         hit = valid & (slot >= 0)
-        miss = valid & ~hit
+        miss = valid ^ hit
+        # LRU: stamp the hits, evict the least recently used slots for the misses. Column S of
+        # owner/last (and column n of slot_of) is a scratch slot that absorbs the masked writes; it is
+        # never read back (argsort looks at columns < S only, chunk ids are < n)
         c["clock"] += 1
-        c["last"].scatter_(1, torch.where(hit, slot, S), c["clock"].expand(BH, k))
-        c["last"][:, S] = torch.iinfo(torch.int64).max
+        stamp = c["clock"].expand(BH, k)
+        c["last"].scatter_(1, torch.where(hit, slot, S), stamp)
         order = c["last"][:, :S].argsort(dim=1)                 # least recently used first
         rank = (miss.cumsum(1) - 1).clamp(min=0)
         victim = torch.where(miss, order.gather(1, rank), S)
@@ -308,34 +393,45 @@ class ChunkStore:
         c["slot_of"].scatter_(1, torch.where(miss & (old >= 0), old, nslot), -1)
         c["owner"].scatter_(1, victim, torch.where(miss, safe, -1))
         c["slot_of"].scatter_(1, torch.where(miss, safe, nslot), victim)
-        c["last"].scatter_(1, victim, c["clock"].expand(BH, k))
-        c["owner"][:, S] = -1
-        c["slot_of"][:, nslot] = -1
-        # copy the misses (the one host sync of a step)
-        mi = miss.nonzero()
-        m = mi.shape[0]
-        if m:
-            r, j = mi[:, 0], mi[:, 1]
-            src = self._token_rows(r, safe[r, j]).cpu()
-            dk, dv, dp = self._host_gather(src)
-            dk, dv, dp = dk.view(m, -1), dv.view(m, -1), dp.view(m, -1)
-            dst = r * (S + 1) + victim[r, j]
-            c["k"].view(BH * (S + 1), self.L * self.d).index_copy_(0, dst, dk)
-            c["v"].view(BH * (S + 1), self.L * self.d).index_copy_(0, dst, dv)
-            c["p"].view(BH * (S + 1), self.L).index_copy_(0, dst, dp)
+        c["last"].scatter_(1, victim, stamp)
+        # copy the misses: on the device with the UVA kernel (no host sync), else through the host
+        rows_kv = (BH * (S + 1), L, d)
+        uva = False
+        if self._use_uva():
+            n = max(self.n, 1)
+            src = c["host_base"] + self.starts.view(BH, n).gather(1, safe)
+            ln = torch.where(miss, self.lens.view(BH, n).gather(1, safe), -1)
+            uva = self._uva_kernel(src.view(-1), ln.view(-1), c["k"].view(rows_kv), c["v"].view(rows_kv),
+                                   c["p"].view(BH * (S + 1), L), (base + victim).view(-1))
+        if uva:
+            m = miss.sum()  # a device tensor: counted without a sync
+        else:
+            mi = miss.nonzero()
+            m = mi.shape[0]
+            if m:
+                r, j = mi[:, 0], mi[:, 1]
+                src = self._token_rows(r, safe[r, j]).cpu()
+                dk, dv, dp = self._host_gather(src)
+                dk, dv, dp = dk.view(m, -1), dv.view(m, -1), dp.view(m, -1)
+                dst = r * (S + 1) + victim[r, j]
+                c["k"].view(BH * (S + 1), L * d).index_copy_(0, dst, dk)
+                c["v"].view(BH * (S + 1), L * d).index_copy_(0, dst, dv)
+                c["p"].view(BH * (S + 1), L).index_copy_(0, dst, dp)
         final = torch.where(hit, slot, torch.where(miss, victim, S))
-        rows = (torch.arange(BH, device=idx.device)[:, None] * (S + 1) + final).reshape(-1)
-        L, d = self.L, self.d
+        rows = (base + final).view(-1)
         ok = c["k"].view(BH * (S + 1), L * d).index_select(0, rows)
         ov = c["v"].view(BH * (S + 1), L * d).index_select(0, rows)
         op = c["p"].view(BH * (S + 1), L).index_select(0, rows)
         if stats is not None:
-            nv = valid.sum()  # stays on the device: no host sync
-            stats.chunks = stats.chunks + nv
-            stats.cache_lookups = stats.cache_lookups + nv
-            stats.cache_hits = stats.cache_hits + (nv - m)
-            stats.copied_chunks += m
-            stats.copied_bytes += m * self.L * self._token_bytes()
+            if uva:  # [lookups, misses] summed on the device: two launches, no host sync
+                stats.add_device_counts(torch.stack((valid, miss)).sum(dim=(1, 2)), self.L * self._token_bytes())
+            else:
+                nv = valid.sum()
+                stats.chunks = stats.chunks + nv
+                stats.cache_lookups = stats.cache_lookups + nv
+                stats.cache_hits = stats.cache_hits + (nv - m)
+                stats.copied_chunks = stats.copied_chunks + m
+                stats.copied_bytes = stats.copied_bytes + m * (self.L * self._token_bytes())
         return ok.view(b, hk, k * L, d), ov.view(b, hk, k * L, d), op.view(b, hk, k * L)
 
     # ---- bookkeeping ---------------------------------------------------------------------------
@@ -362,6 +458,7 @@ class ChunkStore:
         new.kmin = None if self.kmin is None else self.kmin.clone()
         new.kmax = None if self.kmax is None else self.kmax.clone()
         new._dev, new._stage, new._stage_events, new._stage_i, new._stream = None, [], [], 0, None
+        new._uva = self._uva
         return new
 
     def repeat_batch(self, times: int) -> None:
@@ -370,6 +467,7 @@ class ChunkStore:
             return
         if self.b != 1:
             raise ValueError(f"only a batch-1 store can be repeated, this one has batch {self.b}")
+        self._host_quiesce()
 
         def rep_host(t):
             out = self._host_empty((times, *t.shape[1:]), t.dtype)

@@ -15,6 +15,12 @@ chunks per KV head (GQA groups reduced), the best chunks that fit the token budg
 (device LRU cache of chunks, async copies on CUDA) and the token attends over sinks + selected
 chunks + recent window + generated tokens, masked by positions.
 
+On CUDA the whole decode step stays on the device: chunk scores (Triton), the budgeted selection,
+the LRU bookkeeping of the device chunk cache and the copy of the misses (a Triton kernel reading
+the pinned host store through unified addressing, :mod:`kvsift.kernels.chunk_fetch`) run without
+a host sync. ``reselect_every=N`` keeps a layer's selection for ``N`` decode steps (scoring and
+fetching skipped in between; the fingerprint still follows every token).
+
 Budget: ``budget`` (or ``decode_budget`` when set, e.g. under ``snapkv+sentencekv``) is the number
 of prompt tokens attended per layer and KV head at each step: sinks + recent + selected chunks.
 With a budget of the whole prompt every chunk is selected and the output equals ``full``.
@@ -38,6 +44,7 @@ STORE_KEY = "sentencekv"          # layer.state key of the ChunkStore
 FP_KEY = "sentencekv_fp"          # layer.state key of the query fingerprint [sum, count]
 SPLIT_KEY = "sentencekv_split"    # device slots placed before the fetched chunks (the sinks)
 DEV_KEY = "sentencekv_device"     # prompt tokens kept on the device (fewest over kv heads)
+SEL_KEY = "sentencekv_selection"  # (generation, step, keys, values, positions) of the last fetch (reselect_every > 1)
 _END_PIECE = re.compile(r"([.!?。！？…][\"'”’)\]]*\s*$)|\n")
 
 
@@ -56,11 +63,14 @@ class SentenceKV(KVMethod):
     reduce: str = "mean"            # how the query heads of a GQA group combine their scores: mean | max
     decode_budget: Budget = None    # prompt tokens attended at decode (default: budget)
     cache_chunks: int | None = None  # device LRU chunk slots per (batch, kv_head); None: CPU 0, CUDA 2x selection
+    reselect_every: int = 1         # decode steps a layer's chunk selection is kept (1: select every step)
     _fetch: FetchStats = field(default_factory=FetchStats, init=False, repr=False)
     _chunk_map: Any = field(default=None, init=False, repr=False)
     _end_table: Any = field(default=None, init=False, repr=False)
     _sel_tokens: int = field(default=0, init=False, repr=False)
     _steps: int = field(default=0, init=False, repr=False)
+    _keep_memo: Any = field(default=None, init=False, repr=False)
+    _gen: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         super().__post_init__()
@@ -77,6 +87,8 @@ class SentenceKV(KVMethod):
         validate_budget(self.decode_budget)
         if self.cache_chunks is not None and self.cache_chunks < 0:
             raise ValueError(f"cache_chunks must be >= 0, got {self.cache_chunks}")
+        if isinstance(self.reselect_every, bool) or not isinstance(self.reselect_every, int) or self.reselect_every < 1:
+            raise ValueError(f"reselect_every must be an int >= 1, got {self.reselect_every!r}")
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def setup(self, cache, prompt_len: int, num_layers: int) -> None:
@@ -90,6 +102,8 @@ class SentenceKV(KVMethod):
         self._fetch = FetchStats()
         self._chunk_map = None
         self._steps = 0
+        self._keep_memo = None
+        self._gen = object()  # tags this generation's held selections (a reused context may hold older ones)
 
     def _window(self) -> tuple[int, int]:
         """(sinks, recent) clipped so that they fit the decode budget."""
@@ -205,8 +219,12 @@ class SentenceKV(KVMethod):
         ids = ctx.info.get("input_ids") if ctx is not None else None
         table = self._end_tokens(ctx.info.get("tokenizer"), q.device) if ids is not None else None
         if table is not None:
-            last = ids[:, -1].to(q.device).clamp(0, table.numel() - 1)
-            keep = (~table[last]).to(qf.dtype)[:, None, None]                # reset after a sentence end
+            memo = self._keep_memo  # the same for every layer of a step: computed once per step
+            if memo is None or memo[0] is not ids or memo[1].device != q.device:
+                last = ids[:, -1].to(q.device).clamp(0, table.numel() - 1)
+                memo = (ids, (~table[last]).to(qf.dtype)[:, None, None])     # reset after a sentence end
+                self._keep_memo = memo
+            keep = memo[1]
             st[0].mul_(keep)
             st[1].mul_(keep)
         st[0].add_(qf)
@@ -225,6 +243,11 @@ class SentenceKV(KVMethod):
             budget = store.max_tokens
         else:
             fp = self._fingerprint(layer, query[:, :, -1], ctx)
+            if layer.layer_idx == 0:
+                self._steps += 1
+        held = layer.state.get(SEL_KEY) if ctx.decoding and self.reselect_every > 1 else None
+        if held is not None and held[0] is self._gen and self._steps - held[1] < self.reselect_every:
+            return self._assemble(layer, *held[2:])  # keep this layer's last selection (no scoring, no fetch)
         if budget <= 0:
             idx = torch.full((b, hk, 0), -1, dtype=torch.int64, device=query.device)
         elif budget >= store.max_tokens:  # every chunk fits: no scoring needed (exact)
@@ -235,13 +258,16 @@ class SentenceKV(KVMethod):
             scores = chunk_scores(fp.to(parts[0].dtype), summ, self.reduce)
             # width: the most chunks that can fit the budget (no per-step host sync to trim)
             kcap = max(1, store.max_chunks_within(budget))
+            # ascending chunk ids (= position order), -1 at the end
             idx = select_chunks(scores, store.lens[:, :, : store.n], budget, max_chunks=kcap)
-            big = store.n  # sentinel after every real chunk id
-            idx = torch.where(idx < 0, big, idx).sort(dim=-1).values          # position order
-            idx = torch.where(idx == big, -1, idx)
-        if layer.layer_idx == 0 and ctx.decoding:
-            self._steps += 1
         fk, fv, fp_ = store.fetch(idx, self._fetch if ctx.decoding else None)
+        if ctx.decoding and self.reselect_every > 1:
+            layer.state[SEL_KEY] = (self._gen, self._steps, fk, fv, fp_)
+        return self._assemble(layer, fk, fv, fp_)
+
+    def _assemble(self, layer, fk, fv, fp_):
+        """Device tokens before the split (sinks), the fetched chunks, then the other device tokens
+        (recent window, generated tokens): ``(keys, values, positions)`` in position order."""
         split = layer.state.get(SPLIT_KEY, 0)
         k, v, p = layer.keys, layer.values, layer.positions
         keys = torch.cat([k[:, :, :split], fk.to(k.dtype), k[:, :, split:]], dim=2)
@@ -256,8 +282,8 @@ class SentenceKV(KVMethod):
         if f.calls == 0:
             return out
         out["chunks_selected_per_head"] = f.value("chunks") / max(1, f.head_calls)
-        out["chunks_copied_per_step"] = f.copied_chunks / max(1, steps)
-        out["fetch_mib_per_step"] = f.copied_bytes / max(1, steps) / 2**20
+        out["chunks_copied_per_step"] = f.value("copied_chunks") / max(1, steps)
+        out["fetch_mib_per_step"] = f.value("copied_bytes") / max(1, steps) / 2**20
         out["fetch_ms_per_step"] = 1000.0 * f.fetch_s / max(1, steps)
         if f.value("cache_lookups"):
             out["device_cache_hit_rate"] = f.value("cache_hits") / f.value("cache_lookups")

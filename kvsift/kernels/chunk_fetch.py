@@ -1,0 +1,149 @@
+"""Copy variable-length chunks of KV from (pinned) host memory into a device chunk cache.
+
+``copy_chunks(host_k, host_v, host_pos, src_row, src_len, cache_k, cache_v, cache_pos, dst_row)``
+
+* ``host_k, host_v`` ``(R, head_dim)`` and ``host_pos`` ``(R,)`` int32: the offloaded tokens, one
+  row each (``sentencekv``'s :class:`~kvsift.methods._offload.ChunkStore` flat host view);
+* ``src_row`` ``(M,)`` int64: first host row of chunk ``m``; ``src_len`` ``(M,)`` int: its length
+  (``<= L``), or ``-1``: skip entry ``m`` (nothing is read nor written);
+* ``cache_k, cache_v`` ``(C, L, head_dim)`` and ``cache_pos`` ``(C, L)`` int32 on the compute
+  device, ``dst_row`` ``(M,)`` int64: the cache row that receives chunk ``m``: tokens
+  ``0..src_len-1`` get the host rows, the rest of the row gets zeros (keys/values) and ``-1``
+  (positions). Rows of entries that are not skipped must be distinct.
+
+``copy_chunks_ref`` (PyTorch) moves the row indices to the host (a host sync), gathers there and
+copies the result. ``copy_chunks`` (Triton, CUDA) is one launch with one program per entry that
+reads the host rows **directly through unified virtual addressing** (the host tensors must be in
+pinned, page-locked memory, which CUDA maps into the device's address space): no host sync, no
+staging buffer, no host-side gather. Only the misses cross PCIe; skipped entries cost nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvsift.kernels._triton import HAS_TRITON, tl, triton
+
+
+def _check(host_k, host_v, host_pos, src_row, src_len, cache_k, cache_v, cache_pos, dst_row) -> None:
+    if host_k.dim() != 2 or host_v.shape != host_k.shape or host_pos.shape != host_k.shape[:1]:
+        raise ValueError(f"host_k/host_v must be (R, head_dim) and host_pos (R,), got {tuple(host_k.shape)}, "
+                         f"{tuple(host_v.shape)}, {tuple(host_pos.shape)}")
+    if cache_k.dim() != 3 or cache_v.shape != cache_k.shape or cache_pos.shape != cache_k.shape[:2]:
+        raise ValueError(f"cache_k/cache_v must be (C, L, head_dim) and cache_pos (C, L), got "
+                         f"{tuple(cache_k.shape)}, {tuple(cache_v.shape)}, {tuple(cache_pos.shape)}")
+    if cache_k.shape[2] != host_k.shape[1]:
+        raise ValueError(f"head_dim differs: host {host_k.shape[1]}, cache {cache_k.shape[2]}")
+    if not (src_row.shape == src_len.shape == dst_row.shape) or src_row.dim() != 1:
+        raise ValueError(f"src_row, src_len, dst_row must be (M,), got {tuple(src_row.shape)}, "
+                         f"{tuple(src_len.shape)}, {tuple(dst_row.shape)}")
+    if host_pos.dtype != torch.int32 or cache_pos.dtype != torch.int32:
+        raise TypeError("host_pos and cache_pos must be int32")
+
+
+def copy_chunks_ref(host_k: torch.Tensor, host_v: torch.Tensor, host_pos: torch.Tensor, src_row: torch.Tensor,
+                    src_len: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, cache_pos: torch.Tensor,
+                    dst_row: torch.Tensor) -> None:
+    """Reference (PyTorch; host sync): writes the cache rows in place, returns nothing."""
+    _check(host_k, host_v, host_pos, src_row, src_len, cache_k, cache_v, cache_pos, dst_row)
+    L, d = cache_k.shape[1], cache_k.shape[2]
+    keep = (src_len >= 0).nonzero().squeeze(1)
+    if keep.numel() == 0:
+        return
+    start, ln, dst = src_row[keep].cpu(), src_len[keep].cpu().long(), dst_row[keep].to(cache_k.device)
+    if int(ln.max()) > L:
+        raise ValueError(f"a chunk is longer than the cache row ({int(ln.max())} > {L})")
+    ar = torch.arange(L)
+    ok = ar < ln[:, None]                                                    # (m, L)
+    rows = torch.where(ok, start[:, None] + ar, 0).reshape(-1)
+    okf = ok.reshape(-1, 1)
+    k = torch.where(okf, host_k.index_select(0, rows), 0).to(cache_k.dtype)
+    v = torch.where(okf, host_v.index_select(0, rows), 0).to(cache_v.dtype)
+    p = torch.where(ok.reshape(-1), host_pos.index_select(0, rows), -1)
+    dev = cache_k.device
+    cache_k.view(-1, L * d).index_copy_(0, dst, k.view(-1, L * d).to(dev))
+    cache_v.view(-1, L * d).index_copy_(0, dst, v.view(-1, L * d).to(dev))
+    cache_pos.index_copy_(0, dst, p.view(-1, L).to(dev))
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _copy_chunks_kernel(hk_ptr, hv_ptr, hp_ptr, src_row_ptr, src_len_ptr, ck_ptr, cv_ptr, cp_ptr, dst_row_ptr,
+                            L: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+        m = tl.program_id(0)
+        n = tl.load(src_len_ptr + m).to(tl.int64)
+        start = tl.load(src_row_ptr + m).to(tl.int64)
+        dst = tl.load(dst_row_ptr + m).to(tl.int64)
+        j = tl.arange(0, BLOCK_L)
+        dd = tl.arange(0, BLOCK_D)
+        live = n >= 0
+        ok = (j < n) & live                                   # rows read from the host
+        row_out = (j < L) & live                              # rows written to the cache
+        src = (start + j).to(tl.int64)
+        m2 = ok[:, None] & (dd[None, :] < D)
+        w2 = row_out[:, None] & (dd[None, :] < D)
+        off_in = src[:, None] * D + dd[None, :]
+        off_out = dst * (L * D) + j[:, None].to(tl.int64) * D + dd[None, :]
+        k = tl.load(hk_ptr + off_in, mask=m2, other=0.0)
+        v = tl.load(hv_ptr + off_in, mask=m2, other=0.0)
+        p = tl.load(hp_ptr + src, mask=ok, other=-1)
+        tl.store(ck_ptr + off_out, k.to(ck_ptr.dtype.element_ty), mask=w2)
+        tl.store(cv_ptr + off_out, v.to(cv_ptr.dtype.element_ty), mask=w2)
+        tl.store(cp_ptr + dst * L + j, p, mask=row_out)
+
+
+class _HostPtr:
+    """A pinned host tensor seen as a device pointer (UVA: the same address works on the device)."""
+
+    __slots__ = ("_t", "dtype")
+
+    def __init__(self, t: torch.Tensor):
+        self._t, self.dtype = t, t.dtype
+
+    def data_ptr(self) -> int:
+        return self._t.data_ptr()
+
+
+def copy_chunks(host_k: torch.Tensor, host_v: torch.Tensor, host_pos: torch.Tensor, src_row: torch.Tensor,
+                src_len: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, cache_pos: torch.Tensor,
+                dst_row: torch.Tensor) -> None:
+    """Triton (CUDA): host tensors pinned and contiguous, everything else on the device. No host sync."""
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not available")
+    _check(host_k, host_v, host_pos, src_row, src_len, cache_k, cache_v, cache_pos, dst_row)
+    for name, t in (("host_k", host_k), ("host_v", host_v), ("host_pos", host_pos)):
+        if t.is_cuda:
+            continue
+        if not t.is_pinned():
+            raise ValueError(f"{name} must be in pinned host memory (or on the device) for the kernel")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    for name, t in (("cache_k", cache_k), ("cache_v", cache_v), ("cache_pos", cache_pos)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    M = src_row.shape[0]
+    if M == 0:
+        return
+    L, D = cache_k.shape[1], cache_k.shape[2]
+    rest = (src_row.contiguous(), src_len.contiguous(), cache_k, cache_v, cache_pos, dst_row.contiguous())
+    meta = dict(L=L, D=D, BLOCK_L=triton.next_power_of_2(L), BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+    global _WRAP
+    if _WRAP is None:  # how this Triton takes a host pointer: found on the first call, then fixed
+        err = None
+        for wrap in (True, False):
+            try:
+                _copy_chunks_kernel[(M,)](*_host_args(host_k, host_v, host_pos, wrap), *rest, **meta)
+                _WRAP = wrap
+                return
+            except Exception as e:  # noqa: BLE001 - Triton refused the pointer (its error types vary)
+                err = e
+        raise RuntimeError(f"Triton cannot read pinned host memory here: {err}")
+    _copy_chunks_kernel[(M,)](*_host_args(host_k, host_v, host_pos, _WRAP), *rest, **meta)
+
+
+_WRAP: bool | None = None
+
+
+def _host_args(host_k, host_v, host_pos, wrap: bool):
+    return tuple(_HostPtr(t) if wrap and not t.is_cuda else t for t in (host_k, host_v, host_pos))

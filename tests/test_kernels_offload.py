@@ -1,0 +1,144 @@
+"""Chunk copy from host memory into a device chunk cache (kvsift/kernels/chunk_fetch.py): the
+reference against a per-token loop (CPU), the UVA Triton kernel against the reference and the
+ChunkStore's device path against its host path (CUDA only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvsift.kernels._triton import HAS_TRITON
+from kvsift.kernels.chunk_fetch import copy_chunks, copy_chunks_ref
+from kvsift.methods._offload import ChunkStore, FetchStats
+
+CUDA = torch.cuda.is_available() and HAS_TRITON
+
+
+def _case(device_cache: str, dtype=torch.float32, pin=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    R, d, C, L, M = 200, 8, 12, 5, 9
+    hk = torch.randn(R, d, generator=g).to(dtype)
+    hv = torch.randn(R, d, generator=g).to(dtype)
+    hp = torch.arange(R, dtype=torch.int32)
+    if pin:
+        hk, hv, hp = hk.pin_memory(), hv.pin_memory(), hp.pin_memory()
+    src = torch.randint(0, R - L, (M,), generator=g)
+    ln = torch.randint(0, L + 1, (M,), generator=g)
+    ln[2] = -1  # skipped
+    ln[5] = 0   # written as padding only
+    dst = torch.randperm(C, generator=g)[:M]
+    ck = torch.full((C, L, d), 7.0, dtype=dtype, device=device_cache)
+    cv = torch.full((C, L, d), 7.0, dtype=dtype, device=device_cache)
+    cp = torch.full((C, L), 99, dtype=torch.int32, device=device_cache)
+    return hk, hv, hp, src, ln, ck, cv, cp, dst
+
+
+def test_copy_chunks_ref_matches_loop():
+    hk, hv, hp, src, ln, ck, cv, cp, dst = _case("cpu")
+    want_k, want_v, want_p = ck.clone(), cv.clone(), cp.clone()
+    for m in range(src.numel()):
+        n = int(ln[m])
+        if n < 0:
+            continue
+        r = int(dst[m])
+        want_k[r], want_v[r], want_p[r] = 0, 0, -1
+        for j in range(n):
+            want_k[r, j] = hk[int(src[m]) + j]
+            want_v[r, j] = hv[int(src[m]) + j]
+            want_p[r, j] = hp[int(src[m]) + j]
+    copy_chunks_ref(hk, hv, hp, src, ln, ck, cv, cp, dst)
+    assert torch.equal(ck, want_k) and torch.equal(cv, want_v) and torch.equal(cp, want_p)
+    assert torch.equal(ck[int(dst[2])], torch.full_like(ck[0], 7.0))  # the skipped entry's row is untouched
+
+
+def test_copy_chunks_bad_input():
+    hk, hv, hp, src, ln, ck, cv, cp, dst = _case("cpu")
+    with pytest.raises(ValueError, match="must be"):
+        copy_chunks_ref(hk, hv, hp, src[:3], ln, ck, cv, cp, dst)
+    with pytest.raises(TypeError, match="int32"):
+        copy_chunks_ref(hk, hv, hp.long(), src, ln, ck, cv, cp, dst)
+    with pytest.raises(ValueError, match="longer"):
+        copy_chunks_ref(hk, hv, hp, src, torch.full_like(ln, 9), ck, cv, cp, dst)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copy_chunks_uva_matches_ref(dtype):
+    a = _case("cuda", dtype, pin=True, seed=1)
+    b = [t.clone() if t.is_cuda else t for t in a]
+    for t in a[:3]:
+        assert t.is_pinned()
+    copy_chunks(*[t.cuda() if i >= 3 and not t.is_cuda else t for i, t in enumerate(a)])
+    copy_chunks_ref(*b)
+    for x, y in zip(a[5:8], b[5:8]):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
+@pytest.mark.parametrize("cache_chunks", [0, 3])
+def test_chunk_store_uva_matches_host_path(cache_chunks, monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    b, hk, L, d, n_chunks = 1, 2, 4, 8, 10
+    lens = torch.randint(1, L + 1, (b, hk, n_chunks), generator=g)
+    toks = [(bi * hk + h, c, r) for bi in range(b) for h in range(hk) for c in range(n_chunks)
+            for r in range(int(lens[bi, h, c]))]
+    bh, ch, rk = (torch.tensor(x, device="cuda") for x in zip(*toks))
+    keys = torch.randn(len(toks), d, generator=g).cuda()
+    stores = []
+    for uva in (True, False):
+        s = ChunkStore(b, hk, L, d, torch.float32, "cuda", cache_chunks=cache_chunks)
+        s.append(keys, -keys, (ch * 10 + rk).int(), bh, ch, rk, n_chunks)
+        s._uva = uva
+        stores.append(s)
+    for _ in range(5):
+        idx = torch.stack([torch.randperm(n_chunks, generator=g)[:3] for _ in range(b * hk)]).view(b, hk, 3).cuda()
+        idx[0, 1, 2] = -1
+        sa, sb = FetchStats(), FetchStats()
+        ra, rb = stores[0].fetch(idx, sa), stores[1].fetch(idx, sb)
+        assert stores[0]._uva, "the UVA kernel was refused"
+        for x, y in zip(ra, rb):
+            assert torch.equal(x, y)
+        assert sa.value("copied_chunks") == sb.value("copied_chunks")
+
+
+# ---- sentencekv's reselect_every (kept selections skip scoring and fetching) -------------------
+
+def test_reselect_every_exact_at_full_budget_and_fetches_less():
+    from tests.test_sentencekv import LLM, SamplingParams, prompt, run, tiny_model
+    from kvsift.methods.sentencekv import SentenceKV
+
+    model = tiny_model("llama", seed=0, vocab_size=300)
+    llm = LLM.from_model(model, None, "tiny", chunk_size=64)
+    llm.logits = []
+    model.lm_head.register_forward_hook(lambda m, i, o: llm.logits.append(o[:, -1].detach().clone()))
+    ids = prompt(320, seed=8)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    ref, ref_logits = run(llm, ids, params=params)
+    out, logits = run(llm, ids, "sentencekv", 1.0, params=params, max_chunk=16, reselect_every=3)
+    assert out[0].token_ids == ref[0].token_ids
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    every, _ = run(llm, ids, "sentencekv", 100, params=params, max_chunk=16)
+    kept, kept_logits = run(llm, ids, "sentencekv", 100, params=params, max_chunk=16, reselect_every=3)
+    a, b = every[0].stats.method_stats, kept[0].stats.method_stats
+    assert b["chunks_copied_per_step"] < a["chunks_copied_per_step"]
+    assert torch.isfinite(kept_logits).all()
+    with pytest.raises(ValueError, match="reselect_every"):
+        SentenceKV(budget=8, reselect_every=0)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
+def test_uva_path_exact_on_cuda_with_context_reuse():
+    """A tiny fp32 model on CUDA: sentencekv through the UVA copy at full budget == full, also when
+    a reused context grows the host store (the host tensors are replaced while kernels may be queued)."""
+    from tests.test_sentencekv import LLM, SamplingParams, prompt, tiny_model
+
+    llm = LLM.from_model(tiny_model("llama", seed=0, vocab_size=300).cuda(), None, "tiny", chunk_size=64)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    doc, question = prompt(300, seed=6), prompt(40, seed=7)
+    ref = llm.generate(doc + question, params, method="full")[0].token_ids
+    kw = {"max_chunk": 16, "cache_chunks": 4}
+    out = llm.generate(doc + question, params, method="sentencekv", budget=1.0, method_kwargs=kw)[0]
+    assert out.token_ids == ref
+    ctx = llm.prefill_context(doc, method="sentencekv", budget=1.0, method_kwargs=kw)
+    again = llm.generate(question, params, method="sentencekv", budget=1.0, method_kwargs=kw, context=ctx)[0]
+    assert again.token_ids == ref
