@@ -1,0 +1,72 @@
+"""Fakes for tests and dry runs (``kvsift bench run --backend fake``): a word-level tokenizer and
+a backend that answers the needle tasks by reading the part of the prompt its "cache" kept."""
+
+from __future__ import annotations
+
+import re
+
+from kvsift.eval.runner import Generation, Scored, kept_tokens
+
+_TOKEN = re.compile(r"\w+|[^\w\s]|\s+")
+
+
+class WordTokenizer:
+    """Words, punctuation and whitespace runs are tokens; ids are assigned on first sight."""
+
+    chat_template = None
+    eos_token_id = 0
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {"<eos>": 0}
+        self.inv: list[str] = ["<eos>"]
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        out = []
+        for piece in _TOKEN.findall(text):
+            if piece not in self.vocab:
+                self.vocab[piece] = len(self.inv)
+                self.inv.append(piece)
+            out.append(self.vocab[piece])
+        return out
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(self.inv[i] for i in ids if not (skip_special_tokens and i == 0))
+
+
+class ReadingBackend:
+    """Answers by reading the prompt, like a perfect model whose cache kept ``kept/full`` of the
+    prompt: needles in the kept *tail* of the prompt are found (StreamingLLM-like), others not.
+    ``calls`` counts generate/score calls (to check resumability)."""
+
+    name = "fake"
+    model_name = "fake-model"
+
+    def __init__(self, tokenizer: WordTokenizer):
+        self.tokenizer = tokenizer
+        self.calls = 0
+
+    def _kv(self, n: int, budget) -> tuple[int, int]:
+        k = kept_tokens(budget, n)
+        return k * 100, n * 100
+
+    def generate(self, prompt_ids, method, budget, max_new_tokens):
+        self.calls += 1
+        n = len(prompt_ids)
+        kept, full = self._kv(n, budget)
+        visible = self.tokenizer.decode(prompt_ids[n - kept // 100:])
+        text = self.tokenizer.decode(prompt_ids)
+        asked = re.findall(r"magic numbers? for ([\w-]+)", text)  # the last one is in the answer prefix
+        vals = re.findall(rf"magic numbers for {re.escape(asked[-1])} is: (\d+)", visible) if asked else []
+        answer = ", ".join(vals) if vals else "unknown"
+        return Generation(text=" " + answer + ".", prompt_tokens=n, new_tokens=3, kv_device_bytes=kept,
+                          kv_host_bytes=full - kept if method.endswith("offload") else 0, kv_kept_bytes=kept,
+                          kv_full_bytes=full, prefill_s=0.01, decode_ms_per_token=1.0)
+
+    def score(self, context_ids, continuation_ids, method, budget):
+        self.calls += 1
+        n = len(context_ids)
+        kept, full = self._kv(n, budget)
+        nll = 2.0 + (1.0 - kept / full)  # more compression, worse perplexity
+        return Scored(nll_sum=nll * len(continuation_ids), n_tokens=len(continuation_ids), prompt_tokens=n,
+                      kv_device_bytes=kept, kv_host_bytes=0, kv_kept_bytes=kept, kv_full_bytes=full, prefill_s=0.01,
+                      decode_ms_per_token=1.0)

@@ -1,0 +1,432 @@
+"""Long-context tasks, deterministic in ``(task, length, seed)`` and sized in tokens of the model's
+tokenizer.
+
+* ``niah``      single needle (a magic number) over a grid of depths, RULER/NIAH style
+* ``mk_niah``   several needles with different keys, one is asked for (the others distract)
+* ``mv_niah``   one key with several values, all must be returned
+* ``vt``        variable tracking: follow ``VAR A = 12345. VAR B = VAR A.`` chains
+* ``cwe``       common-words extraction from a long numbered word list
+* ``qa``        question answering over synthetic biographies with distractor paragraphs
+* ``ppl``       long-text perplexity: prefill a context, teacher-force the continuation
+
+Haystack filler and the perplexity text come from the shipped public-domain text
+(:mod:`kvsift.eval.data`). A :class:`Sample` carries the parts of the prompt and the rendered
+prompt (the tokenizer's chat template when it has one); ``prompt_tokens`` is the exact token
+count of that rendering, at most ``length`` and within a sentence or so of it.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from kvsift.eval.data import Filler, Tokenizer, count_tokens, load_text
+
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+METRICS = ("any", "all", "ppl")
+
+
+@dataclass(slots=True)
+class Sample:
+    """One prompt with its reference answers. For ``ppl`` samples the prompt parts are empty and
+    ``context_ids`` / ``continuation_ids`` hold the token ids to prefill / to score."""
+
+    task: str
+    sample_id: str
+    length: int
+    seed: int
+    instruction: str
+    context: str
+    question: str
+    answer_prefix: str
+    answers: list[str]
+    metric: str
+    max_new_tokens: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    prompt: str = ""
+    prompt_tokens: int = 0
+    context_ids: list[int] | None = None
+    continuation_ids: list[int] | None = None
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if self.length < 1:
+            raise ValueError(f"length must be >= 1, got {self.length}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Sample":
+        return cls(**d)
+
+
+def render_prompt(tokenizer: Tokenizer, instruction: str, context: str, question: str,
+                  answer_prefix: str) -> str:
+    """The full prompt text: one user turn ``instruction / context / question`` in the tokenizer's
+    chat template (when it has one), then the assistant's answer prefix."""
+    user = "\n\n".join(p for p in (instruction, context, question) if p)
+    template = getattr(tokenizer, "chat_template", None)
+    if template and hasattr(tokenizer, "apply_chat_template"):
+        head = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        head = user + "\n\n"
+    return head + answer_prefix
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks
+
+_ADJ = ("amber", "brisk", "calm", "dusty", "eager", "faint", "gentle", "hollow", "icy", "jolly", "keen",
+        "lucky", "misty", "noble", "olive", "proud", "quiet", "rusty", "silent", "tidy", "urban", "vivid",
+        "wild", "young", "zesty", "bold", "crimson", "distant", "golden", "humble")
+_NOUN = ("falcon", "harbor", "lantern", "meadow", "needle", "orchard", "pebble", "quarry", "river",
+         "saddle", "thistle", "umbrella", "valley", "walrus", "willow", "anchor", "beacon", "candle",
+         "dolphin", "ember", "fountain", "glacier", "hedgehog", "island", "juniper", "kettle", "lighthouse",
+         "mirror", "nutmeg", "otter")
+_FIRST = ("Agnes", "Bertram", "Clara", "Desmond", "Edith", "Florian", "Greta", "Horace", "Ida", "Jasper",
+          "Katrin", "Leopold", "Mabel", "Nolan", "Ottilie", "Percival", "Rosalind", "Silas", "Theodora",
+          "Ulric", "Violet", "Wilfred", "Yvette", "Zachary")
+_LAST = ("Ashdown", "Blackwood", "Carrow", "Dunmore", "Ellery", "Fairweather", "Greenhalgh", "Hartley",
+         "Ingram", "Jessop", "Kingsley", "Lockwood", "Merriman", "Northcott", "Oakes", "Pemberton",
+         "Quill", "Redfern", "Stroud", "Thorne", "Underhill", "Vance", "Whitlock", "Yardley")
+_TOWNS = ("Ambleford", "Barrowmere", "Caldwick", "Dunhollow", "Eastbridge", "Fernleigh", "Glenmarsh",
+          "Hollowell", "Ivybrook", "Kestrel Bay", "Larkhaven", "Millbrook", "Northwold", "Oakhurst",
+          "Pennyfield", "Ravenscar", "Saltmarsh", "Thornbury", "Upton Vale", "Westmere", "Yarrowby",
+          "Brindlecombe", "Copperstone", "Dovercliff", "Elderglen", "Foxmoor")
+_JOBS = ("clockmaker", "botanist", "cartographer", "violinist", "glassblower", "lighthouse keeper",
+         "bookbinder", "astronomer", "beekeeper", "shipwright", "schoolteacher", "apothecary")
+
+
+def _rng(*parts: Any) -> random.Random:
+    """A generator seeded by a string: stable across processes and Python hash seeds."""
+    return random.Random(":".join(str(p) for p in parts))
+
+
+def _key(rng: random.Random, taken: set[str]) -> str:
+    while True:
+        k = f"{rng.choice(_ADJ)}-{rng.choice(_NOUN)}"
+        if k not in taken:
+            taken.add(k)
+            return k
+
+
+def _number(rng: random.Random, taken: set[str], digits: int = 7) -> str:
+    while True:
+        v = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+        if v not in taken:
+            taken.add(v)
+            return v
+
+
+def insert_at_depths(sentences: list[str], counts: list[int], items: list[tuple[float, str]]) -> list[str]:
+    """Insert each ``(depth, text)`` between sentences at the boundary where the fraction of
+    filler tokens before it is closest to ``depth`` in [0, 1]. Items at equal depth keep order."""
+    total = sum(counts)
+    cum = [0]
+    for c in counts:
+        cum.append(cum[-1] + c)
+    slots: list[tuple[int, int, str]] = []
+    for order, (depth, text) in enumerate(items):
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"depth must be in [0, 1], got {depth}")
+        target = depth * total
+        idx = min(range(len(cum)), key=lambda i: (abs(cum[i] - target), i))
+        slots.append((idx, order, text))
+    out = list(sentences)
+    for idx, _, text in sorted(slots, key=lambda s: (s[0], s[1]), reverse=True):
+        out.insert(idx, text)
+    return out
+
+
+def _fit(length: int, compose: Callable[[int], Sample], tokenizer: Tokenizer, hi: int | None = None) -> Sample:
+    """Largest ``budget`` whose rendered sample has at most ``length`` prompt tokens (binary
+    search; ``compose`` must grow monotonically with its budget)."""
+    def measured(b: int) -> Sample:
+        s = compose(b)
+        s.prompt = render_prompt(tokenizer, s.instruction, s.context, s.question, s.answer_prefix)
+        s.prompt_tokens = count_tokens(tokenizer, s.prompt)
+        return s
+
+    lo, hi = 0, length if hi is None else hi
+    best = measured(0)
+    if best.prompt_tokens > length:
+        raise ValueError(f"length {length} is too short for task {best.task!r}: the prompt without "
+                         f"filler already has {best.prompt_tokens} tokens")
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        s = measured(mid)
+        if s.prompt_tokens <= length:
+            lo, best = mid, s
+        else:
+            hi = mid - 1
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
+# tasks
+
+
+@dataclass(slots=True)
+class TaskConfig:
+    """Options shared by the task builders."""
+
+    depths: tuple[float, ...] = DEFAULT_DEPTHS   # niah
+    samples: int = 2                             # samples per cell for the other tasks
+    num_needles: int = 4                         # mk_niah keys / mv_niah values
+    num_hops: int = 4                            # vt chain length
+    num_common: int = 10                         # cwe
+    ppl_tokens: int = 128                        # ppl: teacher-forced continuation length
+
+    def __post_init__(self):
+        self.depths = tuple(float(d) for d in self.depths)
+        if not self.depths or any(not 0.0 <= d <= 1.0 for d in self.depths):
+            raise ValueError(f"depths must be a non-empty list of values in [0, 1], got {self.depths}")
+        for name in ("samples", "num_needles", "num_hops", "num_common", "ppl_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class TaskBuilder:
+    """Builds the samples of one cell ``(task, length, seed)`` for a tokenizer."""
+
+    def __init__(self, tokenizer: Tokenizer, config: TaskConfig | None = None, text: str | None = None):
+        self.tok = tokenizer
+        self.cfg = config or TaskConfig()
+        self.filler = Filler(tokenizer, text)
+        self._text = text
+        self._text_ids: list[int] | None = None
+
+    def build(self, task: str, length: int, seed: int) -> list[Sample]:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; available: {sorted(TASKS)}")
+        if not isinstance(length, int) or length < 16:
+            raise ValueError(f"length must be an integer >= 16 tokens, got {length!r}")
+        return TASKS[task](self, length, seed)
+
+    # -- helpers
+    def _haystack(self, budget: int, start: int, items: list[tuple[float, str]]) -> str:
+        needle_tokens = sum(count_tokens(self.tok, " " + t) for _, t in items)
+        sents, counts = self.filler.take(budget - needle_tokens, start)
+        return " ".join(insert_at_depths(sents, counts, items))
+
+    # -- builders
+    def niah(self, length: int, seed: int) -> list[Sample]:
+        out = []
+        for depth in self.cfg.depths:
+            rng = _rng("niah", length, seed, depth)
+            key, value = _key(rng, set()), _number(rng, set())
+            start = rng.randrange(len(self.filler))
+            needle = f"One of the special magic numbers for {key} is: {value}."
+
+            def compose(b: int, depth=depth, key=key, value=value, start=start, needle=needle) -> Sample:
+                return Sample(
+                    task="niah", sample_id=f"niah/L{length}/s{seed}/d{depth:g}", length=length, seed=seed,
+                    instruction=("A special magic number is hidden within the following text. Make sure to "
+                                 "memorize it. I will quiz you about it afterwards."),
+                    context=self._haystack(b, start, [(depth, needle)]),
+                    question=f"What is the special magic number for {key} mentioned in the provided text?",
+                    answer_prefix=f"The special magic number for {key} mentioned in the provided text is",
+                    answers=[value], metric="any", max_new_tokens=16,
+                    meta={"depth": depth, "key": key, "needle": needle})
+            out.append(_fit(length, compose, self.tok))
+        return out
+
+    def mk_niah(self, length: int, seed: int) -> list[Sample]:
+        out = []
+        for i in range(self.cfg.samples):
+            rng = _rng("mk_niah", length, seed, i)
+            keys, vals = set(), set()
+            pairs = [(_key(rng, keys), _number(rng, vals)) for _ in range(self.cfg.num_needles)]
+            depths = [rng.random() for _ in pairs]
+            qk, qv = pairs[rng.randrange(len(pairs))]
+            start = rng.randrange(len(self.filler))
+            items = [(d, f"One of the special magic numbers for {k} is: {v}.") for d, (k, v) in zip(depths, pairs)]
+
+            def compose(b: int, i=i, items=items, qk=qk, qv=qv, start=start) -> Sample:
+                return Sample(
+                    task="mk_niah", sample_id=f"mk_niah/L{length}/s{seed}/i{i}", length=length, seed=seed,
+                    instruction=("Some special magic numbers are hidden within the following text. Make sure "
+                                 "to memorize them. I will quiz you about one of them afterwards."),
+                    context=self._haystack(b, start, items),
+                    question=f"What is the special magic number for {qk} mentioned in the provided text?",
+                    answer_prefix=f"The special magic number for {qk} mentioned in the provided text is",
+                    answers=[qv], metric="any", max_new_tokens=16,
+                    meta={"key": qk, "depths": depths, "distractor_keys": [k for k, _ in pairs if k != qk]})
+            out.append(_fit(length, compose, self.tok))
+        return out
+
+    def mv_niah(self, length: int, seed: int) -> list[Sample]:
+        out = []
+        for i in range(self.cfg.samples):
+            rng = _rng("mv_niah", length, seed, i)
+            key, vals = _key(rng, set()), set()
+            values = [_number(rng, vals) for _ in range(self.cfg.num_needles)]
+            depths = sorted(rng.random() for _ in values)
+            start = rng.randrange(len(self.filler))
+            items = [(d, f"One of the special magic numbers for {key} is: {v}.") for d, v in zip(depths, values)]
+
+            def compose(b: int, i=i, items=items, key=key, values=values, start=start) -> Sample:
+                return Sample(
+                    task="mv_niah", sample_id=f"mv_niah/L{length}/s{seed}/i{i}", length=length, seed=seed,
+                    instruction=("Some special magic numbers are hidden within the following text. Make sure "
+                                 "to memorize them. I will quiz you about them afterwards."),
+                    context=self._haystack(b, start, items),
+                    question=f"What are all the special magic numbers for {key} mentioned in the provided text?",
+                    answer_prefix=f"The special magic numbers for {key} mentioned in the provided text are",
+                    answers=list(values), metric="all", max_new_tokens=12 * len(values),
+                    meta={"key": key, "depths": depths})
+            out.append(_fit(length, compose, self.tok))
+        return out
+
+    def vt(self, length: int, seed: int) -> list[Sample]:
+        out = []
+        for i in range(self.cfg.samples):
+            rng = _rng("vt", length, seed, i)
+            names: set[str] = set()
+
+            def var() -> str:
+                while True:
+                    v = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+                    if v not in names:
+                        names.add(v)
+                        return v
+
+            nums: set[str] = set()
+            value, other = _number(rng, nums, 5), _number(rng, nums, 5)
+            chain = [var() for _ in range(self.cfg.num_hops)]
+            decoy = [var() for _ in range(self.cfg.num_hops)]
+            items = []
+            for vars_, val in ((chain, value), (decoy, other)):
+                depths = sorted(rng.random() for _ in vars_)
+                stmts = [f"VAR {vars_[0]} = {val}."] + [f"VAR {b} = VAR {a}." for a, b in zip(vars_, vars_[1:])]
+                items += list(zip(depths, stmts))
+            start = rng.randrange(len(self.filler))
+            n = len(chain)
+
+            def compose(b: int, i=i, items=items, chain=chain, value=value, start=start, n=n) -> Sample:
+                return Sample(
+                    task="vt", sample_id=f"vt/L{length}/s{seed}/i{i}", length=length, seed=seed,
+                    instruction=("Memorize and track the chain(s) of variable assignment hidden in the "
+                                 "following text."),
+                    context=self._haystack(b, start, items),
+                    question=f"Find all variables that are assigned the value {value} in the text above.",
+                    answer_prefix=(f"Answer: According to the chain(s) of variable assignment in the text above, "
+                                   f"{n} variables are assigned the value {value}, they are:"),
+                    answers=list(chain), metric="all", max_new_tokens=8 * n,
+                    meta={"value": value, "decoy": decoy})
+            out.append(_fit(length, compose, self.tok))
+        return out
+
+    def cwe(self, length: int, seed: int) -> list[Sample]:
+        vocab = sorted({w.lower() for w in re.findall(r"\b[A-Za-z]{4,10}\b", load_text() if self._text is None
+                                                       else self._text)})
+        if len(vocab) < 2 * self.cfg.num_common:
+            raise ValueError("cwe needs a text with more distinct words")
+        out = []
+        for i in range(self.cfg.samples):
+            rng = _rng("cwe", length, seed, i)
+            words = list(vocab)
+            rng.shuffle(words)
+            common, rare = words[:self.cfg.num_common], words[self.cfg.num_common:]
+            order_seed = rng.random()
+            k = self.cfg.num_common
+
+            def compose(n_entries: int, i=i, common=common, rare=rare, order_seed=order_seed, k=k) -> Sample:
+                # common words fill ~30% of the list (each at least 3 times more often than a rare
+                # word, which appears twice); rare words fill the rest
+                f_common = max(6, round(0.3 * n_entries / k))
+                n_rare = max(0, (n_entries - f_common * k) // 2)
+                entries = [w for w in common for _ in range(f_common)]
+                entries += [rare[j % len(rare)] for j in range(n_rare) for _ in range(2)]
+                random.Random(order_seed).shuffle(entries)
+                return Sample(
+                    task="cwe", sample_id=f"cwe/L{length}/s{seed}/i{i}", length=length, seed=seed,
+                    instruction=("Below is a numbered list of words. In these words, some appear more often "
+                                 "than others. Memorize the ones that appear most often."),
+                    context="\n".join(f"{j + 1}. {w}" for j, w in enumerate(entries)),
+                    question=f"What are the {k} most common words in the above list?",
+                    answer_prefix=f"Answer: The top {k} words that appear most often in the list are:",
+                    answers=list(common), metric="all", max_new_tokens=6 * k,
+                    meta={"common_freq": f_common, "entries": len(entries)})
+            out.append(_fit(length, compose, self.tok, hi=length))
+        return out
+
+    def qa(self, length: int, seed: int) -> list[Sample]:
+        out = []
+        for i in range(self.cfg.samples):
+            rng = _rng("qa", length, seed, i)
+            firsts, lasts, towns = list(_FIRST), list(_LAST), list(_TOWNS)
+            for names in (firsts, lasts, towns):
+                rng.shuffle(names)
+            people = [(firsts[0], lasts[0]), (firsts[1], lasts[0]), (firsts[0], lasts[1]),
+                      (firsts[2], lasts[2]), (firsts[3], lasts[3]), (firsts[4], lasts[4])]
+            paras = []
+            for j, (fn, ln) in enumerate(people):
+                born, moved = towns[2 * j], towns[2 * j + 1]
+                paras.append((f"{fn} {ln}", born, f"{fn} {ln}, a {rng.choice(_JOBS)}, was born in the town of "
+                              f"{born} and later settled in {moved}, where {fn} lived for many years."))
+            gold_name, gold_town, _ = paras[0]
+            depths = [rng.random() for _ in paras]
+            items = [(d, p[2]) for d, p in zip(depths, paras)]
+            start = rng.randrange(len(self.filler))
+
+            def compose(b: int, i=i, items=items, gold_name=gold_name, gold_town=gold_town, start=start,
+                        paras=paras) -> Sample:
+                return Sample(
+                    task="qa", sample_id=f"qa/L{length}/s{seed}/i{i}", length=length, seed=seed,
+                    instruction=("Answer the question based on the biographies hidden in the following text. "
+                                 "Only give the answer."),
+                    context=self._haystack(b, start, items),
+                    question=f"Question: In which town was {gold_name} born?",
+                    answer_prefix="Answer:",
+                    answers=[gold_town], metric="any", max_new_tokens=12,
+                    meta={"name": gold_name, "distractor_towns": [p[1] for p in paras[1:]], "depth": depths[0]})
+            out.append(_fit(length, compose, self.tok))
+        return out
+
+    def ppl(self, length: int, seed: int) -> list[Sample]:
+        if self._text_ids is None:
+            self._text_ids = self.tok.encode(load_text() if self._text is None else self._text,
+                                             add_special_tokens=False)
+        ids, n_cont = self._text_ids, self.cfg.ppl_tokens
+        if length + n_cont > len(ids):
+            raise ValueError(f"ppl: the shipped text has {len(ids)} tokens, too few for a {length}-token "
+                             f"context plus {n_cont} scored tokens (without repeating the text)")
+        out = []
+        for i in range(self.cfg.samples):
+            rng = _rng("ppl", length, seed, i)
+            start = rng.randrange(0, len(ids) - length - n_cont + 1)
+            out.append(Sample(
+                task="ppl", sample_id=f"ppl/L{length}/s{seed}/i{i}", length=length, seed=seed, instruction="",
+                context="", question="", answer_prefix="", answers=[], metric="ppl", max_new_tokens=0,
+                meta={"start": start}, prompt_tokens=length, context_ids=list(ids[start:start + length]),
+                continuation_ids=list(ids[start + length:start + length + n_cont])))
+        return out
+
+
+TASKS: dict[str, Callable[[TaskBuilder, int, int], list[Sample]]] = {
+    "niah": TaskBuilder.niah,
+    "mk_niah": TaskBuilder.mk_niah,
+    "mv_niah": TaskBuilder.mv_niah,
+    "vt": TaskBuilder.vt,
+    "cwe": TaskBuilder.cwe,
+    "qa": TaskBuilder.qa,
+    "ppl": TaskBuilder.ppl,
+}
+
+TASK_DOCS = {
+    "niah": "single needle (a 7-digit magic number) at each depth of the grid",
+    "mk_niah": "multi-key NIAH: several keys with numbers, one is asked for",
+    "mv_niah": "multi-value NIAH: one key with several numbers, all must be returned",
+    "vt": "variable tracking: list every variable of a VAR A = 12345 / VAR B = VAR A chain",
+    "cwe": "common-words extraction: the most frequent words of a long numbered list",
+    "qa": "QA over synthetic biographies with distractor paragraphs (in which town was X born?)",
+    "ppl": "perplexity of a teacher-forced continuation of the shipped text over the compressed cache",
+}
+
+RULER_TASKS = ("mk_niah", "mv_niah", "vt", "cwe", "qa")
