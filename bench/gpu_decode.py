@@ -395,36 +395,6 @@ def run_e2e(args, device, log) -> list[dict]:
     return rows
 
 
-def _empty_cache():
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _engine_decode_ms(model, ids: list[int], spec: str, n: int, chunk_size: int) -> tuple[float, dict]:
-    """kvsift's engine on the same model: ``spec`` is ``method`` or ``method:budget``."""
-    from kvsift import LLM, SamplingParams
-
-    llm = LLM.from_model(model, None, name="llama-8b-shape-random", chunk_size=chunk_size)
-    name, _, budget = spec.partition(":")
-    budget_v = int(budget) if budget else None
-
-    def gen(k):
-        return llm.generate(ids, SamplingParams(max_tokens=k, ignore_eos=True), method=name, budget=budget_v,
-                            progress=False)
-
-    gen(2)  # warm-up (kernel compilation, allocator)
-    st = gen(n + 1)[0].stats
-    stats = {"decode_steps": st.decode_steps, "decode_s": st.decode_s, "prefill_s": st.prefill_s,
-             "kv_device_bytes": st.kv_device_bytes, "kv_host_bytes": st.kv_host_bytes,
-             "method_stats": st.method_stats}
-    return 1000.0 * st.decode_s / max(1, st.decode_steps), stats
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _hf_forward_ms(model, ids: torch.Tensor, n: int, log, profile: bool = False) -> dict:
     """A bare greedy decode loop over the HF model (DynamicCache, no ``generate``): ms/token, and
     optionally a profiler table of one step."""

@@ -139,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in EXTENSIONS:
         module, _, runner = EXTENSIONS[args.command]
         handlers[args.command] = getattr(importlib.import_module(module), runner)
-    handler = handlers[args.command]
+    return run_command(handlers[args.command], args)
+
+
+def run_command(handler, args) -> int:
+    """Run a command handler with quiet transformers logs; bad input -> ``kvsift: error: ...``, exit 2."""
     try:
         import transformers
 

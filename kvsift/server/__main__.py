@@ -3,6 +3,7 @@
 import argparse
 import sys
 
+from kvsift.cli import run_command
 from kvsift.server.cli import add_arguments, run_serve
 
 
@@ -10,18 +11,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m kvsift.server", description="kvsift's OpenAI-compatible server")
     add_arguments(p)
     args = p.parse_args(argv)
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:
-        pass
-    try:
-        return run_serve(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"kvsift: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(run_serve, args)
 
 
 if __name__ == "__main__":
