@@ -168,3 +168,16 @@ def test_cancel_stops_generation(tiny_llm):
 
     out = tiny_llm.generate(random_prompt(40), SamplingParams(max_tokens=50, ignore_eos=True), cancel=cancel)[0]
     assert out.finish_reason == "cancelled" and len(out.token_ids) == 3
+
+
+def test_score_full_equals_plain_forward_nll(tiny_llm):
+    ctx, cont = random_prompt(90, seed=16), random_prompt(12, seed=17)
+    nll, st = tiny_llm.score(ctx, cont)
+    with torch.inference_mode():
+        logp = torch.log_softmax(tiny_llm.model(torch.tensor([ctx + cont])).logits[0].float(), -1)
+    ref = -sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+    assert abs(nll - ref) < 1e-3 * len(cont)
+    assert st.prompt_tokens == 90 and st.decode_steps == 11
+    # compression changes the likelihood, and the stats say how much was kept
+    nll_c, st_c = tiny_llm.score(ctx, cont, method="streaming", budget=16)
+    assert nll_c != nll and st_c.kv_kept_bytes < st.kv_kept_bytes

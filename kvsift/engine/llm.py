@@ -164,6 +164,39 @@ class LLM:
         return Context(cache=cache, token_ids=ids, method=_spec(m), budget=budget, stats=stats,
                        method_kwargs=dict(method_kwargs or {}))
 
+    def score(self, context: Prompt, continuation: Sequence[int], *, method: str | KVMethod | None = None,
+              budget: Budget = None, method_kwargs: dict | None = None) -> tuple[float, GenerationStats]:
+        """Teacher-forced log-likelihood over the compressed cache (long-text perplexity).
+
+        ``context`` is prefilled (and compressed) by ``method``; then ``continuation`` is fed one
+        token per decode step, so decode-time selection and rolling eviction act as in generation.
+        Returns ``(sum of -log p(continuation[i] | context, continuation[:i]), stats)``."""
+        ctx_ids = self.encode(context, chat=False)
+        cont = [int(t) for t in continuation]
+        if not cont:
+            raise ValueError("score needs a non-empty continuation")
+        total = len(ctx_ids) + len(cont)
+        if total > self.info.max_positions:
+            raise ValueError(f"context + continuation = {total} tokens exceeds the model's limit of "
+                             f"{self.info.max_positions}")
+        m = build_method(method or "full", budget, **(method_kwargs or {}))
+        m.setup(None, len(ctx_ids), self.info.num_layers)
+        nll = 0.0
+        with self.lock:
+            cache, stats, (ctx, logits) = self._prefill([ctx_ids], m, None, False, reserve=len(cont) + 1)
+            ctx.decoding = True
+            next_pos = ctx.info["next_pos"]
+            targets = torch.tensor(cont, device=self.device)
+            t0 = time.perf_counter()
+            for i in range(len(cont)):
+                nll -= float(torch.log_softmax(logits[0], dim=-1)[targets[i]])
+                if i == len(cont) - 1:
+                    break
+                logits = self._forward(ctx, targets[i].view(1, 1), next_pos[:, None])
+                next_pos = next_pos + 1
+            decode_s = time.perf_counter() - t0
+        return nll, _copy_stats(stats, cache, m, len(cont), len(cont) - 1, decode_s)
+
     def encode_document(self, document: str, chat: bool | None = None) -> list[int]:
         """The prefix of a chat prompt up to the end of ``document`` (the question follows)."""
         chat = self.info.is_chat if chat is None else chat
