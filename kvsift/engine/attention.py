@@ -116,7 +116,7 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     L = query.shape[2]
     if ctx.decoding and not ctx.has_padding and sliding_window is None and sel is None:
         kpos = None  # every cached key precedes the new token: no mask needed
-    elif not ctx.has_padding and L == keys.shape[2] and sliding_window is None and softcap is None:
+    elif sel is None and not ctx.has_padding and L == keys.shape[2] and sliding_window is None and softcap is None:
         out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
         ctx.method.after_attend(layer, query, module, ctx)
         return out.transpose(1, 2).contiguous(), None
