@@ -19,7 +19,7 @@ from kvsift.cache import SiftCache
 from kvsift.engine.attention import ForwardContext, forward_context, model_configs, use_kvsift_attention
 from kvsift.engine.params import GenerationStats, RequestOutput, SamplingParams, StreamEvent
 from kvsift.methods import KVMethod, build_method
-from kvsift.methods.base import Budget, validate_budget
+from kvsift.methods.base import Budget
 from kvsift.models.loader import ModelInfo, load_model, model_info
 
 Prompt = str | Sequence[int]
@@ -109,6 +109,12 @@ class LLM:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True) if self.tokenizer is not None else ""
 
+    def check_length(self, n: int, what: str = "prompt") -> None:
+        """Raise ``ValueError`` unless ``n`` prompt tokens leave room for one new token."""
+        if n >= self.info.max_positions:
+            raise ValueError(f"{what} of {n} tokens exceeds the model's limit of "
+                             f"{self.info.max_positions - 1} tokens (leaving room for one new token)")
+
     # ---- public API --------------------------------------------------------------------------
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | None = None, *,
                  method: str | KVMethod | None = None, budget: Budget = None, method_kwargs: dict | None = None,
@@ -142,9 +148,7 @@ class LLM:
         m = build_method(method or "full", budget, **(method_kwargs or {}))
         base = context.length if context is not None else 0
         longest = max(len(x) for x in ids)
-        if base + longest >= self.info.max_positions:
-            raise ValueError(f"prompt of {base + longest} tokens exceeds the model's limit of "
-                             f"{self.info.max_positions - 1} tokens (leaving room for one new token)")
+        self.check_length(base + longest, "prompt")
         m.setup(None, base + longest, self.info.num_layers)
         return self._run(ids, params, m, context, progress, cancel)
 
@@ -155,8 +159,7 @@ class LLM:
         ``generate(question, context=ctx)``. With a chat model the document opens the user turn
         and each question closes it (see ``encode_question``)."""
         ids = self.encode_document(document, chat) if isinstance(document, str) else self.encode(document)
-        if len(ids) >= self.info.max_positions:
-            raise ValueError(f"document of {len(ids)} tokens exceeds the model's limit of {self.info.max_positions - 1}")
+        self.check_length(len(ids), "document")
         m = build_method(method, budget, **(method_kwargs or {}))
         m.setup(None, len(ids), self.info.num_layers)
         with self.lock:

@@ -289,11 +289,11 @@ def _value_error(e: ValueError) -> APIError:
 
 
 def _check_length(state: ServerState, n: int, what: str) -> None:
-    limit = state.llm.info.max_positions - 1
-    if n > limit - 1:  # room for at least one generated token
-        raise APIError(400, f"{what} of {n} tokens exceeds the model's limit of {limit} tokens "
-                            f"(including at least one generated token)", param="prompt",
-                       code="context_length_exceeded")
+    """The engine's length rule, checked before the request queues."""
+    try:
+        state.llm.check_length(n, what)
+    except ValueError as e:
+        raise _value_error(e) from None
 
 
 def _encode_chat_tail(llm, messages: list[dict]) -> list[int]:
