@@ -343,8 +343,13 @@ def print_table(rows, summary, bw_gbs, log):
 
 # ---- end-to-end section ------------------------------------------------------------------------
 
-def run_e2e(args, device, log) -> list[dict]:
-    """Decode ms/token of a random-weight Llama-3.1-8B-shaped model (fewer layers, stated)."""
+def run_e2e(args, device, log, bw_gbs: float | None = None) -> list[dict]:
+    """Decode of a random-weight Llama-3.1-8B-shaped model (all 32 layers unless ``--e2e-layers``):
+    HF ``generate`` dense, kvsift ``full`` and the ``--e2e-methods`` (e.g. ``sentencekv:2048``),
+    at each context of ``--e2e-contexts`` and each batch of ``--e2e-batches`` (``max``: the largest
+    batch that fits, found by trying from an estimate downwards). One row per (context, system,
+    batch): ms/token, tokens/s, GPU memory peak, KV bytes on the device and on the host, the
+    decode mode, and the HBM roofline of a dense step (weights + KV bytes over ``bw_gbs``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -354,147 +359,171 @@ def run_e2e(args, device, log) -> list[dict]:
     cfg = LlamaConfig(num_hidden_layers=args.e2e_layers, max_position_embeddings=max(args.e2e_contexts) + 4096,
                       rope_theta=500000.0, **shape)
     if device.type == "cuda" and args.e2e_sdpa == "no-cudnn":
-        # torch 2.11 picks cuDNN SDPA for these decode shapes and rebuilds its plan for every new
-        # KV length (~6 ms of CPU per call, seen in a profile): measure without it
+        # cuDNN SDPA rebuilds its plan for every new KV length (~6 ms of CPU per call): HF without it
         torch.backends.cuda.enable_cudnn_sdp(False)
-    log(f"e2e sdpa backends: {args.e2e_sdpa}")
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+    log(f"e2e model: {cfg.num_hidden_layers} layers, {weight_bytes / 2**30:.1f} GiB weights, "
+        f"{kv_tok / 2**10:.0f} KiB KV per token; sdpa {args.e2e_sdpa}")
+    systems = ["hf"] + [m for m in args.e2e_methods]
+    warm = torch.randint(0, cfg.vocab_size, (1, 1024), device=device)
+    for sys_name in systems:  # compile kernels / warm the allocator once, on a short prompt
+        try:
+            _e2e_generate(model, sys_name, warm, 3, args)
+        except Exception as e:  # noqa: BLE001
+            log(f"e2e warm-up {sys_name}: {type(e).__name__}: {e}"[:300])
+        _empty_cache()
     rows = []
-    new_tokens = args.e2e_new_tokens
     for ctx in args.e2e_contexts:
-        ids = torch.randint(0, cfg.vocab_size, (1, ctx), device=device)
-        row = {"ctx": ctx, "layers": args.e2e_layers, "new_tokens": new_tokens, "sdpa": args.e2e_sdpa}
-
-        try:
-            row.update(_hf_forward_ms(model, ids, new_tokens, log, profile=args.e2e_profile))
-            log(f"e2e ctx={ctx} hf forward loop dense {row['hf_forward_ms_per_token']:.2f} ms/token")
-        except Exception as e:  # noqa: BLE001
-            row["hf_forward_error"] = f"{type(e).__name__}: {e}"[:300]
-            log(f"e2e ctx={ctx} hf forward error {row['hf_forward_error']}")
-        _empty_cache()
-        try:
-            row["hf_dense_ms_per_token"] = _hf_decode_ms(model, ids, new_tokens)
-            log(f"e2e ctx={ctx} hf generate dense {row['hf_dense_ms_per_token']:.2f} ms/token")
-        except Exception as e:  # noqa: BLE001
-            row["hf_error"] = f"{type(e).__name__}: {e}"[:300]
-            log(f"e2e ctx={ctx} hf error {row['hf_error']}")
-        _empty_cache()
-        for spec in args.e2e_methods:
-            try:
-                ms, stats = _engine_decode_ms(model, ids[0].tolist(), spec, new_tokens, args.e2e_chunk)
-                row[f"kvsift_{spec}_ms_per_token"] = ms
-                row[f"kvsift_{spec}_stats"] = stats
-                log(f"e2e ctx={ctx} kvsift {spec} {ms:.2f} ms/token {stats.get('method_stats', '')}")
-            except Exception as e:  # noqa: BLE001 - reported, not fatal
-                row[f"kvsift_{spec}_error"] = f"{type(e).__name__}: {e}"[:400]
-                log(f"e2e ctx={ctx} kvsift {spec} error {row[f'kvsift_{spec}_error']}")
-            _empty_cache()
-        rows.append(row)
+        for sys_name in systems:
+            done = set()
+            for bspec in args.e2e_batches:
+                cand = (_batch_candidates(sys_name, ctx, kv_tok, weight_bytes, device, args) if bspec == "max"
+                        else [int(bspec)])
+                for bsz in cand:
+                    if bsz in done:  # e.g. max = 1: already measured
+                        break
+                    row = _e2e_row(model, sys_name, ctx, bsz, args, kv_tok, weight_bytes, bw_gbs, log)
+                    row["batch_spec"] = bspec
+                    rows.append(row)
+                    if "error" not in row:
+                        done.add(bsz)
+                        break
+                    if "out of memory" not in row["error"].lower():
+                        break
     return rows
 
 
-def _hf_forward_ms(model, ids: torch.Tensor, n: int, log, profile: bool = False) -> dict:
-    """A bare greedy decode loop over the HF model (DynamicCache, no ``generate``): ms/token, and
-    optionally a profiler table of one step."""
-    from transformers import DynamicCache
+def _batch_candidates(sys_name: str, ctx: int, kv_tok: int, weight_bytes: int, device, args) -> list[int]:
+    """Batches to try for ``max``, largest first: GPU memory (the prompt's full KV is on the device
+    during prefill for every system) and, with offload, host memory (the whole KV goes there)."""
+    if device.type != "cuda":
+        return [2, 1]
+    total = torch.cuda.get_device_properties(device).total_memory
+    per_seq = kv_tok * ctx * (2.0 if sys_name == "hf" else 1.15)  # HF: prefill activations + cache growth
+    est = int((total * 0.92 - weight_bytes - 6 * 2**30) // per_seq)
+    if "sentencekv" in sys_name:
+        try:
+            import os
 
-    out = {}
-    with torch.no_grad():
-        cache = DynamicCache()
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        tok = logits[:, -1].argmax(-1, keepdim=True)
-        for _ in range(3):  # warm-up
-            tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-        _sync()
-        t = time.perf_counter()
-        for _ in range(n):
-            tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-        _sync()
-        out["hf_forward_ms_per_token"] = (time.perf_counter() - t) / n * 1e3
-        if profile and torch.cuda.is_available():
-            from torch.profiler import ProfilerActivity, profile as tprof
+            host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+            est = min(est, int(host * 0.7 // (kv_tok * ctx)))
+        except (ValueError, OSError):
+            pass
+    est = max(1, min(est, args.e2e_max_batch))
+    return list(range(est, 0, -1))
 
-            with tprof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                model(input_ids=tok, past_key_values=cache, use_cache=True)
+
+def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict:
+    """Greedy generation of ``n`` tokens for every row of ``ids (batch, ctx)``; returns decode
+    timing (the clock starts after the first generated token, so prefill is out)."""
+    if sys_name == "hf":
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        class StepClock(LogitsProcessor):
+            def __init__(self):
+                self.times: list[float] = []
+
+            def __call__(self, input_ids, scores):
                 _sync()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
-            log(table)
-            out["hf_step_profile"] = table
-        del cache
-    return out
+                self.times.append(time.perf_counter())
+                return scores
 
-
-def _hf_decode_ms(model, ids: torch.Tensor, n: int) -> float:
-    """HF ``model.generate`` (greedy, dense KV): a logits processor stamps the clock (after a
-    device sync) at every generated token; ms/token = mean gap between stamps, so prefill is out."""
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    class StepClock(LogitsProcessor):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def __call__(self, input_ids, scores):
-            _sync()
-            self.times.append(time.perf_counter())
-            return scores
-
-    def gen(k):
         clock = StepClock()
         with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([clock]))
-        return clock.times
+        t = clock.times
+        return {"decode_steps": len(t) - 1, "decode_s": t[-1] - t[0], "decode_mode": "hf-generate"}
+    from kvsift import LLM, SamplingParams
 
-    gen(2)  # warm-up
-    t = gen(n + 1)
-    return (t[-1] - t[0]) / (len(t) - 1) * 1e3
+    llm = LLM.from_model(model, None, name="llama-8b-shape-random", chunk_size=args.e2e_chunk,
+                         decode_mode=args.e2e_decode)
+    name, _, budget = sys_name.partition(":")
+    budget_v = int(budget) if budget else None
+    if budget_v is not None and budget_v >= ids.shape[1]:
+        budget_v = None if name == "full" else max(1, ids.shape[1] // 2)
+    outs = llm.generate([r.tolist() for r in ids], SamplingParams(max_tokens=n, ignore_eos=True), method=name,
+                        budget=budget_v, progress=False)
+    st = outs[0].stats
+    # steady state: the one-off warm-up step and CUDA graph recording are reported apart
+    return {"decode_steps": st.decode_steps - (1 if st.decode_setup_s else 0),
+            "decode_s": st.decode_s - st.decode_setup_s, "decode_setup_s": st.decode_setup_s,
+            "prefill_s": st.prefill_s,
+            "decode_mode": st.decode_mode, "kv_device_bytes": st.kv_device_bytes, "kv_host_bytes": st.kv_host_bytes,
+            "method_stats": st.method_stats}
+
+
+def _e2e_row(model, sys_name, ctx, bsz, args, kv_tok, weight_bytes, bw_gbs, log) -> dict:
+    row = {"ctx": ctx, "system": sys_name, "batch": bsz, "layers": args.e2e_layers, "new_tokens": args.e2e_new_tokens}
+    ids = torch.randint(0, model.config.vocab_size, (bsz, ctx), device=model.device)
+    _empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    try:
+        r = _e2e_generate(model, sys_name, ids, args.e2e_new_tokens + 1, args)
+        row.update(r)
+        row["ms_per_token"] = 1000.0 * r["decode_s"] / max(1, r["decode_steps"])
+        row["tokens_per_s"] = bsz * 1000.0 / row["ms_per_token"]
+        if bw_gbs:  # a dense step reads the weights and every KV byte once
+            row["dense_roofline_ms"] = (weight_bytes + bsz * ctx * kv_tok) / (bw_gbs * 1e9) * 1e3
+    except Exception as e:  # noqa: BLE001 - reported (OOM: a smaller batch is tried)
+        row["error"] = f"{type(e).__name__}: {e}"[:300]
+    row["wall_s"] = time.perf_counter() - t0
+    if torch.cuda.is_available():
+        row["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del ids
+    _empty_cache()
+    if "error" in row:
+        log(f"e2e ctx={ctx} {sys_name} batch={bsz}: {row['error'][:160]}")
+    else:
+        log(f"e2e ctx={ctx:>6} {sys_name:<16} batch={bsz:<2} {row['ms_per_token']:8.2f} ms/token "
+            f"{row['tokens_per_s']:8.1f} tok/s  peak {row.get('gpu_peak_gib', 0):6.1f} GiB  "
+            f"({row['decode_mode']}, wall {row['wall_s']:.0f}s) {row.get('method_stats', '')}")
+    return row
+
+
+def print_e2e(rows: list[dict], log) -> None:
+    """Table: per context and batch, each system's ms/token and its speed-up over HF generate."""
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        return
+    log("")
+    log(f"{'ctx':>7} {'batch':>5} {'system':<18} {'mode':<12} {'ms/tok':>8} {'tok/s':>8} {'vs HF':>6} "
+        f"{'roofline':>8} {'peak GiB':>8} {'dev KV GiB':>10} {'host GiB':>8}")
+    hf = {(r["ctx"], r["batch"]): r for r in ok if r["system"] == "hf"}
+    hf_max = {}
+    for r in ok:
+        if r["system"] == "hf":
+            hf_max[r["ctx"]] = max(hf_max.get(r["ctx"], 0), r["tokens_per_s"])
+    for r in sorted(ok, key=lambda r: (r["ctx"], r["batch"], r["system"])):
+        base = hf.get((r["ctx"], r["batch"]))
+        vs = f"{base['ms_per_token'] / r['ms_per_token']:6.2f}" if base else "     -"
+        roof = f"{r['dense_roofline_ms']:8.2f}" if r.get("dense_roofline_ms") else "       -"
+        log(f"{r['ctx']:>7} {r['batch']:>5} {r['system']:<18} {r['decode_mode']:<12} {r['ms_per_token']:8.2f} "
+            f"{r['tokens_per_s']:8.1f} {vs} {roof} {r.get('gpu_peak_gib', 0):8.1f} "
+            f"{r.get('kv_device_bytes', 0) / 2**30:10.2f} {r.get('kv_host_bytes', 0) / 2**30:8.2f}")
+    for ctx, best in sorted(hf_max.items()):
+        for sys_name in sorted({r["system"] for r in ok if r["ctx"] == ctx and r["system"] != "hf"}):
+            mine = max(r["tokens_per_s"] for r in ok if r["ctx"] == ctx and r["system"] == sys_name)
+            log(f"ctx {ctx}: best tokens/s {sys_name} {mine:.1f} vs HF {best:.1f} = {mine / best:.2f}x")
 
 
 def _empty_cache():
+    import gc
+
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _engine_decode_ms(model, ids: list[int], spec: str, n: int, chunk_size: int) -> tuple[float, dict]:
-    """kvsift's engine on the same model: ``spec`` is ``method`` or ``method:budget``."""
-    from kvsift import LLM, SamplingParams
-
-    llm = LLM.from_model(model, None, name="llama-8b-shape-random", chunk_size=chunk_size)
-    name, _, budget = spec.partition(":")
-    budget_v = int(budget) if budget else None
-
-    def gen(k):
-        return llm.generate(ids, SamplingParams(max_tokens=k, ignore_eos=True), method=name, budget=budget_v,
-                            progress=False)
-
-    gen(2)  # warm-up (kernel compilation, allocator)
-    st = gen(n + 1)[0].stats
-    stats = {"decode_steps": st.decode_steps, "decode_s": st.decode_s, "prefill_s": st.prefill_s,
-             "kv_device_bytes": st.kv_device_bytes, "kv_host_bytes": st.kv_host_bytes,
-             "method_stats": st.method_stats}
-    return 1000.0 * st.decode_s / max(1, st.decode_steps), stats
 
 
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def _decode_ms(gen, n: int) -> float:
-    """(time of n+1 new tokens - time of 1 new token) / n: decode only, prefill cancels out."""
-    gen(2)  # warm-up
-    _sync()
-    t = time.perf_counter()
-    gen(1)
-    _sync()
-    t1 = time.perf_counter() - t
-    t = time.perf_counter()
-    gen(n + 1)
-    _sync()
-    tn = time.perf_counter() - t
-    return (tn - t1) / n * 1e3
 
 
 def main(argv=None) -> int:
@@ -513,14 +542,17 @@ def main(argv=None) -> int:
     p.add_argument("--tune-ctx", type=int, default=131072)
     p.add_argument("--tune-kernels", type=lambda s: s.split(","), default=["score", "topk", "attn"])
     p.add_argument("--e2e", action="store_true", help="also time a random-weight Llama-8B-shaped model end to end")
-    p.add_argument("--e2e-layers", type=int, default=8)
-    p.add_argument("--e2e-contexts", type=lambda s: [int(x) for x in s.split(",")], default=[32768])
+    p.add_argument("--e2e-layers", type=int, default=32)
+    p.add_argument("--e2e-contexts", type=lambda s: [int(x) for x in s.split(",")], default=[32768, 131072])
+    p.add_argument("--e2e-batches", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=["1", "max"],
+                   help="batch sizes; 'max' = the largest that fits (tried downwards from an estimate)")
+    p.add_argument("--e2e-max-batch", type=int, default=64)
+    p.add_argument("--e2e-decode", default="auto", help="kvsift decode mode: auto | eager | static | graph")
     p.add_argument("--e2e-new-tokens", type=int, default=32)
     p.add_argument("--e2e-methods", type=lambda s: [x for x in s.split(",") if x], default=["full", "sentencekv:2048"],
                    help="kvsift methods, 'name' or 'name:budget'")
     p.add_argument("--e2e-sdpa", choices=["default", "no-cudnn"], default="no-cudnn",
                    help="SDPA backends in the end-to-end section (default: cuDNN SDPA disabled)")
-    p.add_argument("--e2e-profile", action="store_true", help="print a profiler table of one HF decode step")
     p.add_argument("--e2e-tiny", action="store_true", help="tiny model instead (smoke test of the harness)")
     p.add_argument("--e2e-chunk", type=int, default=1024, help="kvsift prefill chunk size")
     args = p.parse_args(argv)
@@ -555,7 +587,8 @@ def main(argv=None) -> int:
         print_table(result["kernels"], result["summary"], bw, log)
     out_path.write_text(json.dumps(result, indent=1))
     if args.e2e:
-        result["e2e"] = run_e2e(args, device, log)
+        result["e2e"] = run_e2e(args, device, log, bw)
+        print_e2e(result["e2e"], log)
         out_path.write_text(json.dumps(result, indent=1))
     out_path.with_suffix(".log").write_text("\n".join(lines) + "\n")
     log(f"wrote {out_path}")

@@ -225,6 +225,35 @@ def test_sparse_ref_empty_selection_gives_zeros_and_bad_input_errors():
         sparse_decode_attention_ref(q, k, k, idx, -1.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_attention_of_disjoint_sets_equals_attention_over_their_union(dtype):
+    torch.manual_seed(3)
+    b, hq, hk, n, d = 2, 8, 2, 50, 16
+    q = torch.randn(b, hq, d, dtype=dtype)
+    k = torch.randn(b, hk, n, d, dtype=dtype)
+    v = torch.randn(b, hk, n, d, dtype=dtype)
+    perm = torch.randperm(n)
+    a, c = perm[:20].expand(b, hk, 20).clone(), perm[20:].expand(b, hk, n - 20).clone()
+    a[1, 0] = -1                                          # one head: everything in the second set
+    c[1, 0, : 20] = perm[:20]
+    c[1, 0, 20:] = -1
+    c[0, 1] = -1                                          # one head: everything in the first set
+    union = torch.arange(n).expand(b, hk, n).clone()      # every other head: both sets = all slots
+    union[1, 0] = union[0, 1] = torch.cat([perm[:20], torch.full((n - 20,), -1)])
+    out_a, lse_a = sparse_decode_attention_ref(q, k, v, a, 0.3, return_lse=True)
+    out_c, lse_c = sparse_decode_attention_ref(q, k, v, c, 0.3, return_lse=True)
+    assert lse_a.shape == (b, hq) and lse_a.dtype == torch.float32
+    assert torch.isinf(lse_a[1, :4]).all() and torch.isfinite(lse_a[0]).all()
+    merged = dispatch.merge_attention([(out_a, lse_a), (out_c, lse_c)])
+    ref = sparse_decode_attention_ref(q, k, v, union, 0.3)
+    assert merged.dtype == dtype
+    assert _rel(merged.float(), ref.float()) < (1e-5 if dtype == torch.float32 else 2e-2)
+    # nothing valid anywhere: zeros, no NaN
+    none = torch.full((b, hk, 3), -1)
+    empty = dispatch.merge_attention([sparse_decode_attention_ref(q, k, v, none, 0.3, return_lse=True)] * 2)
+    assert torch.equal(empty, torch.zeros_like(empty))
+
+
 def test_dispatch_on_cpu_uses_the_reference():
     q, k = torch.randn(1, 4, 16), torch.randn(1, 2, 32, 16)
     idx = torch.randint(0, 32, (1, 2, 8))
@@ -275,6 +304,11 @@ _INTERP_SCRIPT = textwrap.dedent("""
             ref = sda.sparse_decode_attention_ref(q, k, v, idx, d ** -0.5, page=page)
             e = rel(out, ref)
             assert e < tol, ("sparse_decode_attention", dt, b, hq, hk, cap, s, d, ns, page, e)
+            out, lse = sda.sparse_decode_attention(q, k, v, idx, d ** -0.5, page=page, num_splits=ns, return_lse=True)
+            ref, rlse = sda.sparse_decode_attention_ref(q, k, v, idx, d ** -0.5, page=page, return_lse=True)
+            assert rel(out, ref) < tol and torch.equal(torch.isinf(lse), torch.isinf(rlse)), ("lse", dt, b, ns)
+            fin = torch.isfinite(rlse)
+            assert (lse[fin] - rlse[fin]).abs().max().item() < 1e-3, ("lse", dt, b, ns)
     for (n, k, impl) in ((37, 5, "packed64"), (100, 0, "int32"), (1000, 64, "packed64"), (1000, 64, "int32"),
                          (10, 20, "int32")):
         tk.TUNING["impl"] = impl
@@ -351,6 +385,18 @@ def test_cuda_kernels_match_references(dtype, shape):
     full = torch.arange(n, device=dev, dtype=torch.int64).expand(b, hk, n)
     out = dispatch.sparse_decode_attention(q, k, v, full, d ** -0.5)
     assert _rel(out, _sdpa(q, k, v, d ** -0.5)) < tol
+    # log-sum-exp output (split and single-program launches) and the merge of two disjoint halves
+    for s in (64, n):
+        idx = torch.randint(-1, n, (b, hk, s), device=dev, dtype=torch.int32)
+        out, lse = dispatch.sparse_decode_attention(q, k, v, idx, d ** -0.5, return_lse=True)
+        ref, rlse = sparse_decode_attention_ref(q, k, v, idx, d ** -0.5, return_lse=True)
+        fin = torch.isfinite(rlse)
+        assert _rel(out, ref) < tol and torch.equal(fin, torch.isfinite(lse))
+        assert (lse[fin] - rlse[fin]).abs().max().item() < 1e-2
+    half = full[..., : n // 2], full[..., n // 2:]
+    merged = dispatch.merge_attention([dispatch.sparse_decode_attention(q, k, v, h, d ** -0.5, return_lse=True)
+                                       for h in half])
+    assert _rel(merged, _sdpa(q, k, v, d ** -0.5)) < tol
 
 
 def _check_topk_with_ties(fn, sc, kk):

@@ -9,6 +9,7 @@ overwrite slots freely.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -23,14 +24,25 @@ class SiftLayer(CacheLayerMixin):
 
     def __init__(self, cache: "SiftCache", layer_idx: int):
         super().__init__()
-        self.cache = cache
+        # a weak reference: no layer <-> cache cycle, so a finished generation's KV (GiBs at long
+        # context) is freed at once, not at the next garbage collection
+        self._cache = weakref.ref(cache)
         self.layer_idx = layer_idx
         self.k_buf: torch.Tensor | None = None
         self.v_buf: torch.Tensor | None = None
         self.pos_buf: torch.Tensor | None = None
         self.length = 0
+        # static decode (see SiftCache.begin_static): the next write slot, a (1,) int64 device tensor
+        self.wslot: torch.Tensor | None = None
         # per-layer state owned by methods (summaries, host stores, ...): name -> anything
         self.state: dict[str, Any] = {}
+
+    @property
+    def cache(self) -> "SiftCache":
+        cache = self._cache()
+        if cache is None:
+            raise RuntimeError("this SiftLayer's SiftCache was freed")
+        return cache
 
     # ---- views -------------------------------------------------------------------------------
     @property
@@ -84,6 +96,15 @@ class SiftLayer(CacheLayerMixin):
         """Append ``(batch, kv_heads, q, head_dim)`` new states at the cache's step positions."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.wslot is not None:
+            # static decode: write at a device-side slot and return the whole buffers; no host state
+            # changes, so a CUDA graph can replay it (empty slots have position -1 and are masked)
+            self.k_buf.index_copy_(2, self.wslot, key_states)
+            self.v_buf.index_copy_(2, self.wslot, value_states)
+            self.pos_buf.index_copy_(2, self.wslot, self.cache.step_positions[:, None, :].expand(
+                key_states.shape[0], key_states.shape[1], key_states.shape[2]))
+            self.wslot.add_(1)
+            return self.k_buf, self.v_buf
         q = key_states.shape[2]
         self._ensure_capacity(self.length + q)
         s, e = self.length, self.length + q
@@ -105,6 +126,7 @@ class SiftLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.k_buf = self.v_buf = self.pos_buf = None
         self.length = 0
+        self.wslot = None
         self.state.clear()
         self.is_initialized = False
 
@@ -187,6 +209,30 @@ class SiftCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
+
+    # ---- static decode ------------------------------------------------------------------------
+    @property
+    def static(self) -> bool:
+        """True between :meth:`begin_static` and :meth:`end_static`."""
+        return any(layer.wslot is not None for layer in self.layers)
+
+    def begin_static(self, steps: int) -> None:
+        """Fix the shapes for ``steps`` decode steps of one token per sequence: every layer gets room
+        for them now, and writes go to a device-side slot counter (``layer.wslot``) instead of
+        ``layer.length``. Attention then reads the whole buffers, empty slots masked by position -1.
+        Nothing in a step depends on host state: the step can be captured in a CUDA graph."""
+        for layer in self.layers:
+            if layer.k_buf is None:
+                continue
+            layer._ensure_capacity(layer.length + steps)
+            layer.wslot = torch.tensor([layer.length], dtype=torch.int64, device=layer.k_buf.device)
+
+    def end_static(self, steps: int) -> None:
+        """Leave static decode after ``steps`` steps ran: the layers' lengths catch up."""
+        for layer in self.layers:
+            if layer.wslot is not None:
+                layer.length += steps
+                layer.wslot = None
 
     def memory(self) -> dict[str, int]:
         """Bytes really allocated: ``device`` (compute-device buffers and method state there),

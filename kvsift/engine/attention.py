@@ -33,6 +33,7 @@ class ForwardContext:
     prefill_end: bool = False   # the last prefill chunk: methods compress after attending
     decoding: bool = False      # one new token per sequence
     has_padding: bool = False   # some slot or query position is -1
+    static: bool = False        # static decode: fixed buffers, device-side writes (CUDA-graph safe)
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -90,6 +91,42 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_po
     return out.reshape(b, hq, L, d)
 
 
+def static_decode_attention(query: torch.Tensor, layer, sel, query_pos: torch.Tensor, scale: float,
+                            sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """One decode token over the layer's whole buffer (static decode), plus a method's
+    :class:`~kvsift.methods.base.SlotSelection` if any, without host syncs or shape changes.
+
+    query ``(batch, q_heads, 1, dim)``; the layer's ``k_buf/v_buf (batch, kv_heads, capacity, dim)``
+    and ``pos_buf (batch, kv_heads, capacity)``: slots with position -1 (empty, padding) or outside
+    the sliding window are skipped through the index table given to the sparse decode kernel
+    (Triton on CUDA, the PyTorch reference elsewhere); a selection is attended by a second call and
+    merged by log-sum-exp. Returns ``(batch, q_heads, dim)``."""
+    from kvsift.kernels.dispatch import merge_attention, sparse_decode_attention
+
+    pos = layer.pos_buf
+    qp = query_pos[:, -1][:, None, None]                                   # (b, 1, 1)
+    valid = (pos >= 0) & (pos <= qp)
+    if sliding_window is not None:
+        valid &= pos > qp - sliding_window
+        if sel is not None:
+            sel = sel.within(query_pos[:, -1], sliding_window)
+    if softcap is not None:  # no kernel for soft-capped logits: masked attention over copies
+        keys, values, kpos = layer.k_buf, layer.v_buf, torch.where(valid, 0, -1).to(torch.int32)
+        if sel is not None:
+            sk, sv, sp = sel.gather()
+            keys, values = torch.cat([keys, sk.to(keys.dtype)], 2), torch.cat([values, sv.to(values.dtype)], 2)
+            kpos = torch.cat([kpos, sp], 2)
+        return attend(query, keys, values, kpos, torch.zeros_like(query_pos[:, -1:]), scale, None, softcap)[:, :, 0]
+    ar = torch.arange(pos.shape[-1], device=pos.device, dtype=torch.int32)
+    slots = torch.where(valid, ar, -1)                                    # (b, kv_heads, capacity)
+    q = query[:, :, -1]
+    if sel is None:
+        return sparse_decode_attention(q, layer.k_buf, layer.v_buf, slots, scale)
+    own = sparse_decode_attention(q, layer.k_buf, layer.v_buf, slots, scale, return_lse=True)
+    k, v = sel.keys.to(q.dtype), sel.values.to(q.dtype)
+    return merge_attention([own, sparse_decode_attention(q, k, v, sel.slots, scale, return_lse=True)])
+
+
 def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                      sliding_window: int | None = None, softcap: float | None = None, **kwargs):
@@ -103,6 +140,11 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                                       scaling=scaling, sliding_window=sliding_window, softcap=softcap, **kwargs)
     layer = ctx.cache.layers[module.layer_idx]
     qpos = ctx.cache.step_positions
+    if ctx.static:
+        sel = ctx.method.plan(layer, query, ctx)
+        out = static_decode_attention(query, layer, sel, qpos, scale, sliding_window, softcap)
+        ctx.method.after_attend(layer, query, module, ctx)
+        return out[:, None], None
     # layers whose KV partly lives outside the device buffer (sentencekv's host store, e.g. a reused
     # context) need the method's selection during prefill too
     sel = ctx.method.plan(layer, query, ctx) if ctx.decoding or layer.state.get("plan_prefill") else None
@@ -118,6 +160,17 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         kpos = None  # every cached key precedes the new token: no mask needed
     elif sel is None and not ctx.has_padding and L == keys.shape[2] and sliding_window is None and softcap is None:
         out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+        ctx.method.after_attend(layer, query, module, ctx)
+        return out.transpose(1, 2).contiguous(), None
+    elif (sel is None and not ctx.has_padding and query.is_cuda and sliding_window is None and softcap is None
+          and not ctx.decoding):
+        # a later prefill chunk on CUDA: the chunk's tokens are the last L slots, in order, after every
+        # earlier kept token, so the mask is causal aligned to the bottom right; flash attention does
+        # that without the (kv_heads, group * L, n) boolean mask (4 GiB at 128k for a 1024 chunk)
+        from torch.nn.attention.bias import causal_lower_right
+
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=causal_lower_right(L, keys.shape[2]),
+                                             scale=scale, enable_gqa=True)
         ctx.method.after_attend(layer, query, module, ctx)
         return out.transpose(1, 2).contiguous(), None
     out = attend(query, keys, values, kpos, qpos, scale, sliding_window, softcap)

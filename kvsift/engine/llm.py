@@ -17,6 +17,7 @@ import torch
 
 from kvsift.cache import SiftCache
 from kvsift.engine.attention import ForwardContext, forward_context, model_configs, use_kvsift_attention
+from kvsift.engine.decode import DecodeRunner, check_decode_mode, pick_decode_mode
 from kvsift.engine.params import GenerationStats, RequestOutput, SamplingParams, StreamEvent
 from kvsift.methods import KVMethod, build_method
 from kvsift.methods.base import Budget
@@ -50,23 +51,28 @@ class Context:
 
 class LLM:
     """A model plus kvsift's generation loop. ``model``: None/'smollm2' (bundled default), an HF
-    directory or a ``.gguf`` file. ``chunk_size``: prefill chunk length (bounds activation memory)."""
+    directory or a ``.gguf`` file. ``chunk_size``: prefill chunk length (bounds activation memory).
+    ``decode_mode``: ``auto`` (CUDA graphs on CUDA where the method allows, else eager), ``eager``,
+    ``static`` or ``graph`` (see :mod:`kvsift.engine.decode`)."""
 
     def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
-                 chunk_size: int = 512):
+                 chunk_size: int = 512, decode_mode: str = "auto"):
+        check_decode_mode(decode_mode)
         mdl, tok, info = load_model(model, device, dtype)
-        self._init(mdl, tok, info, chunk_size)
+        self._init(mdl, tok, info, chunk_size, decode_mode)
 
     @classmethod
-    def from_model(cls, model, tokenizer, name: str = "model", chunk_size: int = 512) -> "LLM":
+    def from_model(cls, model, tokenizer, name: str = "model", chunk_size: int = 512,
+                   decode_mode: str = "auto") -> "LLM":
         """Wrap an already loaded transformers model (e.g. a tiny random one in tests)."""
         self = cls.__new__(cls)
-        self._init(model.eval(), tokenizer, model_info(model, tokenizer, name), chunk_size)
+        self._init(model.eval(), tokenizer, model_info(model, tokenizer, name), chunk_size, decode_mode)
         return self
 
-    def _init(self, model, tokenizer, info: ModelInfo, chunk_size: int):
+    def _init(self, model, tokenizer, info: ModelInfo, chunk_size: int, decode_mode: str = "auto"):
         if chunk_size < 16:
             raise ValueError(f"chunk_size must be >= 16, got {chunk_size}")
+        self.decode_mode = check_decode_mode(decode_mode)
         self.model, self.tokenizer, self.info, self.chunk_size = model, tokenizer, info, chunk_size
         self.device = info.device
         self._configs = model_configs(model)
@@ -300,26 +306,49 @@ class LLM:
             gen.manual_seed(params.seed if params.seed is not None else torch.seed() % 2**63)
             seqs = [_Seq(i, self, params) for i in range(b)]
             eos = torch.tensor(self.eos_ids, device=self.device) if self.eos_ids and not params.ignore_eos else None
+            # on CUDA the host reads step t's tokens while step t+1 already runs (no stall per step)
+            lag = self.device.type == "cuda"
+            host = torch.empty(2, b, dtype=torch.long, pin_memory=lag)
+            ready = torch.cuda.Event() if lag else None
+            runner = DecodeRunner(self, ctx, pick_decode_mode(self.decode_mode, method, self.device), max_new)
+            stats.decode_mode = runner.mode
             t0 = time.perf_counter()
-            for step in range(max_new):
-                tok = _sample(logits, params, gen)
-                is_eos = torch.isin(tok, eos) if eos is not None else torch.zeros_like(tok, dtype=torch.bool)
-                toks, eos_l = tok.tolist(), is_eos.tolist()
-                cancelled = cancel is not None and cancel()
-                for s in seqs:
-                    if s.done:
-                        continue
-                    reason = "cancelled" if cancelled else None
-                    ev = s.push(toks[s.index], eos_l[s.index], step == max_new - 1, reason)
-                    if ev.finished:
-                        stats_i = _copy_stats(stats, cache, method, len(s.ids), step, time.perf_counter() - t0)
-                        ev.output = RequestOutput(s.text, s.ids, ids[s.index], s.reason, stats_i)
-                    if ev.text or ev.finished:
-                        yield ev
-                if all(s.done for s in seqs):
-                    break
-                logits = self._forward(ctx, tok[:, None], next_pos[:, None])
-                next_pos = next_pos + 1
+            try:
+                for step in range(max_new):
+                    last = step == max_new - 1
+                    tok = _sample(logits, params, gen)
+                    is_eos = torch.isin(tok, eos) if eos is not None else torch.zeros_like(tok, dtype=torch.bool)
+                    if lag:
+                        host.copy_(torch.stack((tok, is_eos.long())), non_blocking=True)
+                        ready.record()
+                        if not last:  # queue the next step before waiting for this one's tokens
+                            logits = runner.step(tok, next_pos)
+                            next_pos = next_pos + 1
+                        ready.synchronize()
+                        toks, eos_l = host.tolist()
+                    else:
+                        toks, eos_l = tok.tolist(), is_eos.tolist()
+                    cancelled = cancel is not None and cancel()
+                    for s in seqs:
+                        if s.done:
+                            continue
+                        reason = "cancelled" if cancelled else None
+                        ev = s.push(toks[s.index], bool(eos_l[s.index]), last, reason)
+                        if ev.finished:
+                            stats.decode_mode, stats.decode_setup_s = runner.mode, runner.setup_s
+                            stats_i = _copy_stats(stats, cache, method, len(s.ids), step, time.perf_counter() - t0)
+                            ev.output = RequestOutput(s.text, s.ids, ids[s.index], s.reason, stats_i)
+                        if ev.text or ev.finished:
+                            yield ev
+                    if all(s.done for s in seqs):
+                        break
+                    if not lag:
+                        logits = runner.step(tok, next_pos)
+                        next_pos = next_pos + 1
+            finally:
+                if lag:
+                    _sync(self.device)  # a queued step may still write the cache
+                runner.close()
 
 
 def _as_batch(prompts) -> list:
@@ -399,6 +428,7 @@ def _full_bytes(info: ModelInfo, batch: int, tokens: int) -> int:
 def _copy_stats(stats: GenerationStats, cache: SiftCache, method: KVMethod, n_gen: int, steps: int, decode_s: float):
     mem = cache.memory()
     return GenerationStats(method=stats.method, budget=stats.budget, prompt_tokens=stats.prompt_tokens,
+                           decode_mode=stats.decode_mode, decode_setup_s=stats.decode_setup_s,
                            generated_tokens=n_gen, decode_steps=steps, prefill_s=stats.prefill_s, decode_s=decode_s,
                            kv_device_bytes=stats.kv_device_bytes, kv_host_bytes=stats.kv_host_bytes,
                            kv_kept_bytes=stats.kv_kept_bytes, kv_full_bytes=stats.kv_full_bytes,

@@ -48,11 +48,19 @@ class GenerationStats:
     kv_full_bytes: int = 0         # what a full cache holds for the same prompt
     kv_device_bytes_end: int = 0
     kv_host_bytes_end: int = 0
+    decode_mode: str = "eager"     # eager | static | graph (kvsift.engine.decode)
+    decode_setup_s: float = 0.0    # part of decode_s spent on the warm-up step + CUDA graph recording
     method_stats: dict[str, Any] = field(default_factory=dict)
 
     @property
     def decode_ms_per_token(self) -> float:
         return 1000.0 * self.decode_s / self.decode_steps if self.decode_steps else 0.0
+
+    @property
+    def steady_ms_per_token(self) -> float:
+        """Decode ms/token once running: without the one-off warm-up step and graph recording."""
+        steps = self.decode_steps - (1 if self.decode_setup_s else 0)
+        return 1000.0 * (self.decode_s - self.decode_setup_s) / steps if steps > 0 else self.decode_ms_per_token
 
     @property
     def kv_ratio(self) -> float:
@@ -61,6 +69,7 @@ class GenerationStats:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["decode_ms_per_token"] = self.decode_ms_per_token
+        d["steady_ms_per_token"] = self.steady_ms_per_token
         d["kv_ratio"] = self.kv_ratio
         return d
 
@@ -70,7 +79,7 @@ class GenerationStats:
              f"{'' if self.budget is None else f' budget {self.budget}'} | KV kept {self.kv_kept_bytes * mb:.1f} MiB "
              f"of {self.kv_full_bytes * mb:.1f} MiB full ({100 * self.kv_ratio:.1f}%), device alloc "
              f"{self.kv_device_bytes * mb:.1f} MiB, host {self.kv_host_bytes * mb:.1f} MiB | prefill "
-             f"{self.prefill_s:.2f}s, decode {self.decode_ms_per_token:.1f} ms/token")
+             f"{self.prefill_s:.2f}s, decode {self.decode_ms_per_token:.1f} ms/token ({self.decode_mode})")
         if self.method_stats:
             s += " | " + ", ".join(f"{k} {_fmt(v)}" for k, v in self.method_stats.items())
         return s

@@ -20,9 +20,10 @@ from kvsift.kernels import sparse_decode_attention as _sda
 from kvsift.kernels import topk_select as _tk
 from kvsift.kernels._triton import HAS_TRITON, triton_disabled
 from kvsift.kernels.chunk_scores import chunks_to_slots, page_summaries
+from kvsift.kernels.sparse_decode_attention import merge_attention
 
 __all__ = ["use_triton", "chunk_scores", "topk_select", "select_chunks", "sparse_decode_attention",
-           "chunks_to_slots", "page_summaries", "selected_decode_attention"]
+           "chunks_to_slots", "page_summaries", "selected_decode_attention", "merge_attention"]
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
@@ -53,13 +54,13 @@ def select_chunks(scores: torch.Tensor, chunk_lens, budget: int, max_chunks: int
 
 
 def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            slot_idx: torch.Tensor, scale: float, page: int = 1) -> torch.Tensor:
+                            slot_idx: torch.Tensor, scale: float, page: int = 1, return_lse: bool = False):
     """See :func:`kvsift.kernels.sparse_decode_attention.sparse_decode_attention_ref`:
-    ``(batch, q_heads, head_dim)``."""
+    ``(batch, q_heads, head_dim)`` (and the ``(batch, q_heads)`` log-sum-exp with ``return_lse``)."""
     if (use_triton(q, k_cache, v_cache, slot_idx) and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
             and q.dtype == k_cache.dtype == v_cache.dtype):
-        return _sda.sparse_decode_attention(q, k_cache, v_cache, slot_idx, scale, page)
-    return _sda.sparse_decode_attention_ref(q, k_cache, v_cache, slot_idx, scale, page)
+        return _sda.sparse_decode_attention(q, k_cache, v_cache, slot_idx, scale, page, return_lse=return_lse)
+    return _sda.sparse_decode_attention_ref(q, k_cache, v_cache, slot_idx, scale, page, return_lse=return_lse)
 
 
 def selected_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, summaries,

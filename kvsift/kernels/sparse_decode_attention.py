@@ -50,10 +50,13 @@ def _check(q, k_cache, v_cache, slot_idx, scale, page: int = 1) -> None:
 
 
 def sparse_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                slot_idx: torch.Tensor, scale: float, page: int = 1) -> torch.Tensor:
+                                slot_idx: torch.Tensor, scale: float, page: int = 1, return_lse: bool = False):
     """Reference: gather the selected K/V, float32 softmax. Shapes as in the module docstring.
     Slot indices must be ``-1`` or inside ``[0, capacity)``. ``page > 1``: each entry of
-    ``slot_idx`` is a page index standing for slots ``p*page .. p*page+page-1``."""
+    ``slot_idx`` is a page index standing for slots ``p*page .. p*page+page-1``. ``return_lse``:
+    also return the log-sum-exp of the scaled scores ``(batch, q_heads)`` float32 (natural log,
+    ``-inf`` where no slot is valid), to merge attention over disjoint KV sets
+    (:func:`merge_attention`)."""
     _check(q, k_cache, v_cache, slot_idx, scale, page)
     b, hq, d = q.shape
     hk, cap = k_cache.shape[1], k_cache.shape[2]
@@ -71,8 +74,24 @@ def sparse_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     w = torch.matmul(qg, k.transpose(-1, -2)) * scale                 # (b, hk, g, s)
     w = w.masked_fill(~valid[:, :, None, :], float("-inf"))
     p = torch.softmax(w, dim=-1).nan_to_num(0.0)                      # rows with no valid slot -> 0
-    out = torch.matmul(p, v)                                          # (b, hk, g, d)
-    return out.reshape(b, hq, d).to(q.dtype)
+    out = torch.matmul(p, v).reshape(b, hq, d).to(q.dtype)            # (b, hq, d)
+    if return_lse:
+        return out, torch.logsumexp(w, dim=-1).reshape(b, hq)
+    return out
+
+
+def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Exact attention over the union of disjoint KV sets from per-set ``(out (batch, q_heads,
+    head_dim), lse (batch, q_heads))`` pairs (softmax renormalised by log-sum-exp). Sets with no
+    valid slot (``lse = -inf``) weigh 0; a row empty in every set gives zeros. Pure PyTorch, no
+    host sync."""
+    lse = torch.stack([p[1] for p in parts])                          # (n, b, hq)
+    m = lse.amax(0)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lse - m)                                            # (n, b, hq)
+    tot = w.sum(0)
+    acc = sum(p[0].float() * w[i][..., None] for i, p in enumerate(parts))
+    return (acc / torch.where(tot > 0, tot, torch.ones_like(tot))[..., None]).to(parts[0][0].dtype)
 
 
 if HAS_TRITON:
@@ -156,8 +175,8 @@ if HAS_TRITON:
             tl.store(plse_ptr + row * tl.num_programs(1) + pid_s, lse, mask=mask_g)
 
     @triton.jit
-    def _merge_splits_kernel(po_ptr, plse_ptr, out_ptr, NS, spo_bh, spo_s, so_bh,
-                             D: tl.constexpr, BLOCK_D: tl.constexpr, NS_P: tl.constexpr):
+    def _merge_splits_kernel(po_ptr, plse_ptr, out_ptr, lse_ptr, NS, spo_bh, spo_s, so_bh,
+                             D: tl.constexpr, BLOCK_D: tl.constexpr, NS_P: tl.constexpr, WRITE_LSE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs_s = tl.arange(0, NS_P)
         offs_d = tl.arange(0, BLOCK_D)
@@ -172,6 +191,10 @@ if HAS_TRITON:
         tot = tl.sum(w, axis=0)
         o = tl.sum(po * w[:, None], axis=0) / tl.where(tot > 0.0, tot, 1.0)
         tl.store(out_ptr + row * so_bh + offs_d, o.to(out_ptr.dtype.element_ty), mask=md)
+        if WRITE_LSE:  # natural-log lse of the whole row (-inf when no slot was valid)
+            lse_row = tl.where(tot > 0.0, (m_safe + tl.log2(tl.where(tot > 0.0, tot, 1.0))) * 0.6931471805599453,
+                               float("-inf"))
+            tl.store(lse_ptr + row, lse_row)
 
 
 _LOG2E = 1.4426950408889634
@@ -194,7 +217,7 @@ def plan_splits(batch: int, kv_heads: int, n_sel: int, block_s: int, device: tor
 
 def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             slot_idx: torch.Tensor, scale: float, page: int = 1,
-                            num_splits: int | None = None) -> torch.Tensor:
+                            num_splits: int | None = None, return_lse: bool = False):
     """Triton kernel; same arguments and result as :func:`sparse_decode_attention_ref`
     (``num_splits`` overrides the split-K heuristic). Out-of-range slot indices are not checked
     here (that would need a host sync); the reference checks them."""
@@ -208,8 +231,9 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     g = hq // hk
     s = slot_idx.shape[2] * page
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, hq, dtype=torch.float32, device=q.device) if return_lse else out
     if b == 0:
-        return out
+        return (out, lse) if return_lse else out
     block_d = max(16, triton.next_power_of_2(d))
     block_s = TUNING["block_s"] if block_d <= 128 else TUNING["block_s"] // 2
     g_p = max(16, triton.next_power_of_2(g))
@@ -219,7 +243,7 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise TypeError(f"q, k_cache and v_cache must share a dtype for the Triton kernel, got "
                         f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    direct = ns == 1
+    direct = ns == 1 and not return_lse  # the lse comes from the merge kernel
     if direct:
         po = plse = out  # unused
         spo_bh = spo_s = 0
@@ -240,6 +264,7 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )
     if not direct:
-        _merge_splits_kernel[(b * hq,)](po, plse, out, ns, spo_bh, spo_s, out.stride(1),
-                                        D=d, BLOCK_D=block_d, NS_P=triton.next_power_of_2(ns), num_warps=4)
-    return out
+        _merge_splits_kernel[(b * hq,)](po, plse, out, lse, ns, spo_bh, spo_s, out.stride(1),
+                                        D=d, BLOCK_D=block_d, NS_P=triton.next_power_of_2(ns), WRITE_LSE=return_lse,
+                                        num_warps=4)
+    return (out, lse) if return_lse else out

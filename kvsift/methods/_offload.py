@@ -56,7 +56,10 @@ class FetchStats:
     def add_device_counts(self, counts: torch.Tensor, chunk_bytes: int) -> None:
         """Accumulate ``counts = (lookups, misses)`` (a device tensor) of one cached fetch of chunks
         of ``chunk_bytes`` bytes each, without a host sync."""
-        self._dev_counts = counts if self._dev_counts is None else self._dev_counts + counts
+        if self._dev_counts is None:
+            self._dev_counts = counts.clone()
+        else:
+            self._dev_counts.add_(counts)  # in place: a CUDA graph replaying this keeps counting
         self._chunk_bytes = chunk_bytes
 
     def value(self, name: str) -> float:
@@ -201,18 +204,27 @@ class ChunkStore:
         return self.mean[:, :, : self.n]
 
     # ---- reading -------------------------------------------------------------------------------
-    def fetch(self, chunk_idx: torch.Tensor, stats: FetchStats | None = None):
+    def fetch(self, chunk_idx: torch.Tensor, stats: FetchStats | None = None, slots: bool = False):
         """KV of the chunks ``chunk_idx (batch, kv_heads, k)`` (int64 on the device, ``-1`` = none)
         on the compute device: ``keys, values (batch, kv_heads, k*L, head_dim)`` and positions
-        ``(batch, kv_heads, k*L)`` (``-1`` for padding and for ``-1`` entries)."""
+        ``(batch, kv_heads, k*L)`` (``-1`` for padding and for ``-1`` entries).
+
+        ``slots=True`` (static decode): no gathered copies; returns ``keys, values (batch, kv_heads,
+        slots, head_dim)`` device buffers holding the chunks (the device chunk cache when there is
+        one), their positions ``(batch, kv_heads, slots)`` and ``slot_idx (batch, kv_heads, k*L)``
+        int32, the slots to read (``-1`` = none)."""
         t0 = time.perf_counter()
         b, hk, k = chunk_idx.shape
         if (b, hk) != (self.b, self.hk):
             raise ValueError(f"chunk_idx {tuple(chunk_idx.shape)} does not match the store ({self.b}, {self.hk}, n)")
         if self.cache_chunks != 0:
-            out = self._fetch_cached(chunk_idx, stats)
+            out = self._fetch_cached(chunk_idx, stats, slots)
         else:
             out = self._fetch_direct(chunk_idx, stats)
+            if slots:
+                fk, fv, fp = out
+                ar = torch.arange(fp.shape[-1], device=fp.device, dtype=torch.int32)
+                out = fk, fv, fp, torch.where(fp >= 0, ar, -1)
         if stats is not None:
             stats.calls += 1
             stats.head_calls += b * hk
@@ -362,7 +374,7 @@ class ChunkStore:
             "clock": torch.zeros((), dtype=torch.int64, device=dev),
         }
 
-    def _fetch_cached(self, chunk_idx, stats):
+    def _fetch_cached(self, chunk_idx, stats, slots: bool = False):
         b, hk, k = chunk_idx.shape
         self._ensure_cache(k)
         c = self._dev
@@ -418,10 +430,22 @@ class ChunkStore:
                 c["v"].view(BH * (S + 1), L * d).index_copy_(0, dst, dv)
                 c["p"].view(BH * (S + 1), L).index_copy_(0, dst, dp)
         final = torch.where(hit, slot, torch.where(miss, victim, S))
+        self._count(stats, uva, valid, miss, m)
+        if slots:  # read in place: slot t of cache slot s is row s*L + t of the (b, hk, (S+1)*L, d) view
+            n = max(self.n, 1)
+            ln = torch.where(valid, self.lens.view(BH, n).gather(1, safe), 0)          # (BH, k)
+            ar = torch.arange(L, device=self.device)
+            tab = torch.where(ar < ln[..., None], final[..., None] * L + ar, -1)       # (BH, k, L)
+            return (c["k"].view(b, hk, (S + 1) * L, d), c["v"].view(b, hk, (S + 1) * L, d),
+                    c["p"].view(b, hk, (S + 1) * L), tab.view(b, hk, k * L).to(torch.int32))
         rows = (base + final).view(-1)
         ok = c["k"].view(BH * (S + 1), L * d).index_select(0, rows)
         ov = c["v"].view(BH * (S + 1), L * d).index_select(0, rows)
         op = c["p"].view(BH * (S + 1), L).index_select(0, rows)
+        return ok.view(b, hk, k * L, d), ov.view(b, hk, k * L, d), op.view(b, hk, k * L)
+
+    def _count(self, stats, uva: bool, valid, miss, m) -> None:
+        """Lookups / hits / copies of one cached fetch into ``stats`` (device counters with UVA)."""
         if stats is not None:
             if uva:  # [lookups, misses] summed on the device: two launches, no host sync
                 stats.add_device_counts(torch.stack((valid, miss)).sum(dim=(1, 2)), self.L * self._token_bytes())
@@ -432,7 +456,6 @@ class ChunkStore:
                 stats.cache_hits = stats.cache_hits + (nv - m)
                 stats.copied_chunks = stats.copied_chunks + m
                 stats.copied_bytes = stats.copied_bytes + m * (self.L * self._token_bytes())
-        return ok.view(b, hk, k * L, d), ov.view(b, hk, k * L, d), op.view(b, hk, k * L)
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def kv_nbytes(self) -> tuple[int, int]:

@@ -9,6 +9,13 @@ for each layer (see ``kvsift/engine/attention.py``):
 * ``plan(layer, query, ctx) -> (keys, values, positions) | None`` - decode-time, query-aware
   selection: the KV the new token attends to, computed once per layer per step.
 * ``after_attend(layer, query, module, ctx)`` - runs after every attention call (e.g. rolling window).
+
+Static decode (CUDA graphs): when every stage says ``static_ok()``, the engine fixes the cache's
+shapes for the whole generation and may record one decode step in a CUDA graph and replay it. Then
+``plan`` sees ``ctx.static`` and returns a :class:`SlotSelection` (device buffers + an index table,
+read in place by the sparse attention kernel) instead of gathered KV, and Python-side counters
+touched while the step was recorded are fixed up through ``before_capture`` / ``after_capture`` /
+``replayed``.
 """
 
 from __future__ import annotations
@@ -64,6 +71,34 @@ def parse_budget(text: str | int | float | None) -> Budget:
 
 
 @dataclass
+class SlotSelection:
+    """KV a decode step attends to besides the layer's own buffer, read in place: ``keys``/``values``
+    ``(batch, kv_heads, slots, head_dim)`` device buffers, their token ``positions (batch, kv_heads,
+    slots)``, and ``slots (batch, kv_heads, n)`` the indices to read (``-1`` = unused). The attention
+    merges it with the layer's buffer by log-sum-exp (exact softmax over the union)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+
+    def within(self, query_pos: torch.Tensor, window: int) -> "SlotSelection":
+        """Only the slots whose token is inside a sliding ``window`` before ``query_pos (batch,)``."""
+        pos = self.positions.gather(2, self.slots.to(torch.int64).clamp(min=0))
+        keep = (self.slots >= 0) & (pos > query_pos[:, None, None] - window)
+        return SlotSelection(self.keys, self.values, self.positions, torch.where(keep, self.slots, -1))
+
+    def gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(keys, values, positions)`` of the selected slots as copies (positions: 0 = valid, -1 =
+        unused), for attention paths without the kernel (e.g. logit soft-capping)."""
+        idx = self.slots.to(torch.int64)
+        safe = idx.clamp(min=0)
+        gi = safe[..., None].expand(*idx.shape, self.keys.shape[-1])
+        pos = torch.where(idx >= 0, 0, -1).to(torch.int32)
+        return self.keys.gather(2, gi), self.values.gather(2, gi), pos
+
+
+@dataclass
 class KVMethod:
     """Base of every method: budget handling and no-op hooks (which is exactly ``full``)."""
 
@@ -114,6 +149,22 @@ class KVMethod:
     def stats(self) -> dict[str, Any]:
         """Method-specific counters for the generation summary."""
         return {}
+
+    # ---- static decode -----------------------------------------------------------------------
+    def static_ok(self) -> bool:
+        """True when a decode step keeps no per-step Python state and changes no shapes, so the
+        engine may run it with fixed buffers and replay it from a CUDA graph. Methods whose decode
+        hooks evict or reshape (e.g. a rolling window) say False."""
+        return True
+
+    def before_capture(self) -> None:
+        """A decode step is about to be recorded (not run) in a CUDA graph."""
+
+    def after_capture(self) -> None:
+        """The recording ended: undo Python-side effects of the recorded step."""
+
+    def replayed(self, n: int = 1) -> None:
+        """The recorded step ran ``n`` more times: Python-side counters catch up."""
 
 
 @dataclass
@@ -193,6 +244,21 @@ class Compose(KVMethod):
         for s in self.stages:
             out.update(s.stats())
         return out
+
+    def static_ok(self) -> bool:
+        return all(s.static_ok() for s in self.stages)
+
+    def before_capture(self) -> None:
+        for s in self.stages:
+            s.before_capture()
+
+    def after_capture(self) -> None:
+        for s in self.stages:
+            s.after_capture()
+
+    def replayed(self, n: int = 1) -> None:
+        for s in self.stages:
+            s.replayed(n)
 
 
 # ---- registry ----------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import torch
 
 from kvsift.kernels.dispatch import chunk_scores, select_chunks
 from kvsift.methods._offload import ChunkStore, FetchStats
-from kvsift.methods.base import Budget, KVMethod, register, validate_budget
+from kvsift.methods.base import Budget, KVMethod, SlotSelection, register, validate_budget
 from kvsift.segment import SegmentConfig, segment_tokens
 
 STORE_KEY = "sentencekv"          # layer.state key of the ChunkStore
@@ -71,6 +71,8 @@ class SentenceKV(KVMethod):
     _steps: int = field(default=0, init=False, repr=False)
     _keep_memo: Any = field(default=None, init=False, repr=False)
     _gen: Any = field(default=None, init=False, repr=False)
+    _captured: Any = field(default=None, init=False, repr=False)   # host counters before a graph capture
+    _per_step: Any = field(default=None, init=False, repr=False)   # their increments over one recorded step
 
     def __post_init__(self):
         super().__post_init__()
@@ -103,6 +105,7 @@ class SentenceKV(KVMethod):
         self._chunk_map = None
         self._steps = 0
         self._keep_memo = None
+        self._per_step = None
         self._gen = object()  # tags this generation's held selections (a reused context may hold older ones)
 
     def _window(self) -> tuple[int, int]:
@@ -260,6 +263,8 @@ class SentenceKV(KVMethod):
             kcap = max(1, store.max_chunks_within(budget))
             # ascending chunk ids (= position order), -1 at the end
             idx = select_chunks(scores, store.lens[:, :, : store.n], budget, max_chunks=kcap)
+        if ctx.static:  # static decode: the kernel reads the chunks in place (no gather, no concat)
+            return SlotSelection(*store.fetch(idx, self._fetch, slots=True))
         fk, fv, fp_ = store.fetch(idx, self._fetch if ctx.decoding else None)
         if ctx.decoding and self.reselect_every > 1:
             layer.state[SEL_KEY] = (self._gen, self._steps, fk, fv, fp_)
@@ -274,6 +279,32 @@ class SentenceKV(KVMethod):
         values = torch.cat([v[:, :, :split], fv.to(v.dtype), v[:, :, split:]], dim=2)
         positions = torch.cat([p[:, :, :split], fp_, p[:, :, split:]], dim=2)
         return keys, values, positions
+
+    # ---- static decode (CUDA graphs) ---------------------------------------------------------
+    def static_ok(self) -> bool:
+        return self.reselect_every == 1  # held selections age by a host-side step counter
+
+    def _counters(self) -> tuple[int, int, int]:
+        return self._fetch.calls, self._fetch.head_calls, self._steps
+
+    def before_capture(self) -> None:
+        self._captured = self._counters()
+
+    def after_capture(self) -> None:
+        """The recorded step did not run: restore the host counters, remember one step's increments."""
+        before, self._captured = self._captured, None
+        if before is None:
+            return
+        now = self._counters()
+        self._per_step = tuple(a - b for a, b in zip(now, before))
+        self._fetch.calls, self._fetch.head_calls, self._steps = before
+
+    def replayed(self, n: int = 1) -> None:
+        inc = self._per_step
+        if inc:
+            self._fetch.calls += n * inc[0]
+            self._fetch.head_calls += n * inc[1]
+            self._steps += n * inc[2]
 
     def stats(self) -> dict[str, Any]:
         f = self._fetch

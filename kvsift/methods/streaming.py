@@ -26,6 +26,9 @@ class StreamingLLM(EvictionMethod):
         s = positions.float()
         return s.masked_fill((positions >= 0) & (positions < self.sinks), float("inf"))
 
+    def static_ok(self) -> bool:
+        return False  # the rolling window moves slots per step (host-side length)
+
     def after_attend(self, layer, query, module, ctx):
         super().after_attend(layer, query, module, ctx)  # prefill end: keep sinks + window
         if ctx.decoding and layer.length > self.tokens:  # decode: O(1) slot reuse, no buffer copy

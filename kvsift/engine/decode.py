@@ -1,0 +1,129 @@
+"""Decode steps: eager, static (fixed buffers), or replayed from a CUDA graph.
+
+* ``eager``: one model call per step over the cache's used slots (any method, any device).
+* ``static``: :meth:`SiftCache.begin_static` fixes every buffer for the whole generation; a step
+  writes its KV at a device-side slot counter, attends over the whole buffers through an index table
+  (:func:`kvsift.engine.attention.static_decode_attention`) and changes no host state. Runs on any
+  device (the CPU tests check it against ``eager``).
+* ``graph`` (CUDA): the first step runs statically (it also warms up kernels and allocations), the
+  second is recorded in a ``torch.cuda.CUDAGraph`` over static input buffers, and every later step
+  is a copy of the token ids and positions plus one replay: no Python in the model, no launch
+  overhead, no host sync. If recording fails the runner stays ``static``.
+
+``LLM(decode_mode=...)`` picks: ``auto`` is ``graph`` on CUDA with Triton when the method says
+``static_ok()`` (otherwise ``eager``); ``KVSIFT_DECODE=eager|static|graph`` overrides ``auto``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvsift.kernels._triton import HAS_TRITON, triton_disabled
+
+if TYPE_CHECKING:
+    from kvsift.engine.attention import ForwardContext
+    from kvsift.engine.llm import LLM
+    from kvsift.methods.base import KVMethod
+
+DECODE_MODES = ("auto", "eager", "static", "graph")
+
+
+def check_decode_mode(mode: str) -> str:
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}; got {mode!r}")
+    return mode
+
+
+def pick_decode_mode(requested: str, method: "KVMethod", device: torch.device) -> str:
+    """The mode a generation runs in (see the module docstring)."""
+    mode = check_decode_mode(requested)
+    if mode == "auto":
+        env = os.environ.get("KVSIFT_DECODE", "").strip().lower()
+        if env:
+            if env not in DECODE_MODES[1:]:
+                raise ValueError(f"KVSIFT_DECODE must be eager, static or graph; got {env!r}")
+            mode = env
+    if mode == "auto":
+        cuda_ok = device.type == "cuda" and HAS_TRITON and not triton_disabled()
+        return "graph" if cuda_ok and method.static_ok() else "eager"
+    if mode in ("static", "graph") and not method.static_ok():
+        return "eager"  # e.g. streaming's rolling window: its decode step reshapes the cache
+    if mode == "graph" and device.type != "cuda":
+        raise ValueError("decode_mode='graph' needs a CUDA device (use 'static' or 'eager')")
+    return mode
+
+
+class DecodeRunner:
+    """Runs the decode steps of one generation; ``step(tok, pos)`` returns the next logits.
+
+    ``tok``/``pos`` ``(batch,)`` token ids and their positions; the result is ``(batch, vocab)``
+    float32 (with ``graph`` a static buffer, overwritten by the next step: use it before then).
+    ``close()`` must run at the end (the engine calls it in ``finally``)."""
+
+    def __init__(self, llm: "LLM", ctx: "ForwardContext", mode: str, max_steps: int):
+        self.llm, self.ctx, self.mode = llm, ctx, mode
+        self.steps = 0          # steps run in static / graph mode
+        self.setup_s = 0.0      # wall time of the first (eager, warm-up) step plus the graph recording
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if mode != "eager":
+            ctx.cache.begin_static(max_steps)
+            ctx.static = True
+
+    def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if self.mode == "eager":
+            return self.llm._forward(self.ctx, tok[:, None], pos[:, None])
+        if self.graph is not None:
+            self._tok.copy_(tok[:, None])
+            self._pos.copy_(pos[:, None])
+            self.graph.replay()
+            self._ran(replayed=True)
+            return self._logits
+        t0 = time.perf_counter()
+        logits = self.llm._forward(self.ctx, tok[:, None], pos[:, None])
+        self._ran()
+        if self.mode == "graph":
+            self._capture(tok, pos)
+            self.setup_s = time.perf_counter() - t0
+        return logits
+
+    def _ran(self, replayed: bool = False) -> None:
+        self.steps += 1
+        if replayed:
+            self.ctx.cache.seen += 1
+            self.ctx.method.replayed(1)
+
+    def _capture(self, tok: torch.Tensor, pos: torch.Tensor) -> None:
+        """Record one step over static inputs; on failure warn once and stay static."""
+        ctx, llm = self.ctx, self.llm
+        self._tok = tok[:, None].clone()
+        self._pos = pos[:, None].to(torch.int32).clone()
+        graph = torch.cuda.CUDAGraph()
+        ctx.method.before_capture()
+        seen = ctx.cache.seen
+        try:
+            torch.cuda.synchronize(llm.device)
+            ctx.cache.step_positions = self._pos
+            ctx.info["input_ids"] = self._tok
+            with llm._forward_mode(ctx), torch.cuda.graph(graph):
+                out = llm.model(input_ids=self._tok, position_ids=self._pos.long().clamp(min=0),
+                                past_key_values=ctx.cache, use_cache=True, logits_to_keep=1)
+                self._logits = out.logits[:, -1].float()
+            self.graph = graph
+        except Exception as e:  # noqa: BLE001 - any capture failure: keep decoding without the graph
+            self.mode = "static"
+            warnings.warn(f"kvsift: CUDA graph capture failed, decoding without it ({type(e).__name__}: {e})",
+                          RuntimeWarning, stacklevel=3)
+        finally:
+            ctx.cache.seen = seen
+            ctx.method.after_capture()
+
+    def close(self) -> None:
+        self.graph = None
+        if self.mode != "eager":
+            self.ctx.cache.end_static(self.steps)
+            self.ctx.static = False

@@ -1,0 +1,140 @@
+"""Decode modes (kvsift/engine/decode.py): static decode (fixed buffers, device-side writes, index
+tables, log-sum-exp merge of a method's selection) gives the eager loop's tokens; CUDA graphs give
+them too (CUDA only)."""
+
+import pytest
+import torch
+
+from kvsift import LLM, SamplingParams
+from kvsift.cache import SiftCache
+from kvsift.methods import build_method
+from kvsift.models import tiny_model
+from tests.conftest import random_prompt
+
+SPECS = [("full", None), ("snapkv", 64), ("pyramidkv", 64), ("sentencekv", 96), ("snapkv+sentencekv", 96),
+         ("sentencekv", 1.0)]
+
+
+@pytest.fixture(scope="module")
+def pairs(default_tokenizer):
+    """family -> (eager LLM, static LLM) over the same tiny model; gemma3 has sliding-window layers."""
+    out = {}
+    for fam in ("llama", "qwen2", "gemma3"):
+        m = tiny_model(fam, seed=1)
+        out[fam] = tuple(LLM.from_model(m, default_tokenizer, name=f"tiny-{fam}", chunk_size=64, decode_mode=mode)
+                         for mode in ("eager", "static"))
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("spec,budget", SPECS)
+def test_static_decode_gives_the_eager_tokens(pairs, family, spec, budget):
+    eager, static = pairs[family]
+    ids = [random_prompt(200, seed=3), random_prompt(150, seed=4)]  # left padding in the batch
+    p = SamplingParams(max_tokens=8, ignore_eos=True)
+    a = eager.generate(ids, p, method=spec, budget=budget)
+    b = static.generate(ids, p, method=spec, budget=budget)
+    assert [x.token_ids for x in a] == [y.token_ids for y in b]
+    assert a[0].stats.decode_mode == "eager" and b[0].stats.decode_mode == "static"
+    assert b[0].stats.decode_steps == 7
+    if "sentencekv" in spec:
+        sa, sb = a[0].stats.method_stats, b[0].stats.method_stats
+        assert sb["chunks_selected_per_head"] == sa["chunks_selected_per_head"]
+
+
+def test_static_sentencekv_with_a_device_chunk_cache_and_a_reused_context(pairs):
+    eager, static = pairs["llama"]
+    doc, q = random_prompt(300, seed=5), random_prompt(12, seed=6)
+    p = SamplingParams(max_tokens=8, ignore_eos=True)
+    kw = {"cache_chunks": 6, "recent": 16}   # the LRU chunk cache path (host copies on the CPU)
+    a = eager.generate(doc, p, method="sentencekv", budget=120, method_kwargs=kw)[0]
+    b = static.generate(doc, p, method="sentencekv", budget=120, method_kwargs=kw)[0]
+    assert a.token_ids == b.token_ids
+    sa, sb = a.stats.method_stats, b.stats.method_stats
+    assert sb["chunks_selected_per_head"] == sa["chunks_selected_per_head"] > 0
+    assert sb["device_cache_hit_rate"] == sa["device_cache_hit_rate"]
+    ctx_e = eager.prefill_context(doc, method="sentencekv", budget=120)
+    ctx_s = static.prefill_context(doc, method="sentencekv", budget=120)
+    outs = [llm.generate(q, p, context=c)[0] for llm, c in ((eager, ctx_e), (static, ctx_s))]
+    assert outs[0].token_ids == outs[1].token_ids and outs[1].stats.decode_mode == "static"
+    # the context itself is untouched by a static generation: it answers again, the same way
+    assert static.generate(q, p, context=ctx_s)[0].token_ids == outs[1].token_ids
+
+
+def test_rolling_window_falls_back_to_eager_and_bad_modes_are_rejected(pairs, default_tokenizer, monkeypatch):
+    eager, static = pairs["llama"]
+    ids = random_prompt(120, seed=7)
+    p = SamplingParams(max_tokens=5, ignore_eos=True)
+    out = static.generate(ids, p, method="streaming", budget=32)[0]
+    assert out.stats.decode_mode == "eager"
+    assert out.token_ids == eager.generate(ids, p, method="streaming", budget=32)[0].token_ids
+    with pytest.raises(ValueError, match="decode_mode"):
+        LLM.from_model(tiny_model("llama"), default_tokenizer, decode_mode="fast")
+    cpu_graph = LLM.from_model(tiny_model("llama"), default_tokenizer, decode_mode="graph")
+    with pytest.raises(ValueError, match="CUDA"):
+        cpu_graph.generate(ids, p)
+    auto = LLM.from_model(tiny_model("llama"), default_tokenizer)
+    assert auto.generate(ids, p)[0].stats.decode_mode == "eager"      # CPU: auto is eager
+    monkeypatch.setenv("KVSIFT_DECODE", "static")
+    assert auto.generate(ids, p)[0].stats.decode_mode == "static"
+    monkeypatch.setenv("KVSIFT_DECODE", "turbo")
+    with pytest.raises(ValueError, match="KVSIFT_DECODE"):
+        auto.generate(ids, p)
+
+
+def test_cache_static_writes_at_a_device_slot_and_catches_up_its_length():
+    cache = SiftCache(1, capacity_hint=6)
+    layer = cache.layers[0]
+    k = torch.randn(1, 2, 4, 8)
+    cache.step_positions = torch.arange(4, dtype=torch.int32)[None]
+    layer.update(k, k + 1)
+    cache.begin_static(3)
+    assert cache.static and layer.wslot.tolist() == [4] and layer.k_buf.shape[2] >= 7
+    new = torch.randn(1, 2, 1, 8)
+    for i in range(2):
+        cache.step_positions = torch.tensor([[4 + i]], dtype=torch.int32)
+        keys, values = layer.update(new + i, new + i + 1)
+        assert keys.shape[2] == layer.k_buf.shape[2]          # whole buffers: fixed shapes
+    assert layer.length == 4 and layer.wslot.tolist() == [6]  # host length untouched while static
+    cache.end_static(2)
+    assert not cache.static and layer.length == 6 and layer.wslot is None
+    assert torch.equal(layer.keys[:, :, 4:5], new) and torch.equal(layer.values[:, :, 5:6], new + 1 + 1)
+    assert layer.positions[0, 0].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_sentencekv_capture_hooks_keep_host_counters_exact():
+    m = build_method("snapkv+sentencekv", 64)
+    m.setup(None, 256, 2)
+    skv = m.stages[1]
+    skv._fetch.calls, skv._fetch.head_calls, skv._steps = 10, 40, 5
+    m.before_capture()
+    skv._fetch.calls += 2          # what recording one step does on the host
+    skv._fetch.head_calls += 8
+    skv._steps += 1
+    m.after_capture()
+    assert (skv._fetch.calls, skv._fetch.head_calls, skv._steps) == (10, 40, 5)
+    m.replayed(3)
+    assert (skv._fetch.calls, skv._fetch.head_calls, skv._steps) == (16, 64, 8)
+    assert m.static_ok() and not build_method("sentencekv", 64, reselect_every=4).static_ok()
+    assert not build_method("snapkv+streaming", 64).static_ok()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("spec,budget", [("full", None), ("snapkv", 64), ("sentencekv", 96), ("sentencekv", 1.0)])
+def test_cuda_graph_decode_gives_the_eager_tokens(spec, budget):
+    m = tiny_model("llama", seed=1).to("cuda")  # no tokenizer needed: token-id prompts
+    eager = LLM.from_model(m, None, chunk_size=64, decode_mode="eager")
+    graph = LLM.from_model(m, None, chunk_size=64, decode_mode="graph")
+    ids = [random_prompt(300, seed=8), random_prompt(260, seed=9)]
+    p = SamplingParams(max_tokens=12, ignore_eos=True)
+    a = eager.generate(ids, p, method=spec, budget=budget)
+    b = graph.generate(ids, p, method=spec, budget=budget)
+    assert b[0].stats.decode_mode == "graph"
+    assert [x.token_ids for x in a] == [y.token_ids for y in b]
+    if "sentencekv" in spec:
+        assert b[0].stats.method_stats["chunks_selected_per_head"] == a[0].stats.method_stats["chunks_selected_per_head"]
+    # one unpadded prompt: later prefill chunks take the bottom-right causal flash path on CUDA
+    one = random_prompt(300, seed=10)
+    assert graph.generate(one, p, method=spec, budget=budget)[0].token_ids == \
+        LLM.from_model(m, None, chunk_size=320, decode_mode="eager").generate(
+            one, p, method=spec, budget=budget)[0].token_ids
