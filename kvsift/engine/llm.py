@@ -73,6 +73,9 @@ class LLM:
         if chunk_size < 16:
             raise ValueError(f"chunk_size must be >= 16, got {chunk_size}")
         self.decode_mode = check_decode_mode(decode_mode)
+        if decode_mode == "graph" and info.device.type != "cuda":
+            raise ValueError(f"decode_mode='graph' needs a CUDA device, this model is on {info.device} "
+                             f"(use 'static' or 'eager')")
         self.model, self.tokenizer, self.info, self.chunk_size = model, tokenizer, info, chunk_size
         self.device = info.device
         self._configs = model_configs(model)
@@ -298,6 +301,7 @@ class LLM:
         b = len(ids)
         base = (context.length if context is not None else 0) + max(len(x) for x in ids)
         max_new = min(params.max_tokens, self.info.max_positions - base)
+        mode = pick_decode_mode(self.decode_mode, method, self.device)  # bad KVSIFT_DECODE: error before compute
         with self.lock:
             cache, stats, (ctx, logits) = self._prefill(ids, method, context, progress, reserve=max_new + 1)
             ctx.decoding = True
@@ -310,7 +314,7 @@ class LLM:
             lag = self.device.type == "cuda"
             host = torch.empty(2, b, dtype=torch.long, pin_memory=lag)
             ready = torch.cuda.Event() if lag else None
-            runner = DecodeRunner(self, ctx, pick_decode_mode(self.decode_mode, method, self.device), max_new)
+            runner = DecodeRunner(self, ctx, mode, max_new)
             stats.decode_mode = runner.mode
             t0 = time.perf_counter()
             try:
