@@ -193,6 +193,7 @@ class SiftCache(Cache):
         self.reserve = reserve
         self.seen = 0
         self.step_positions: torch.Tensor | None = None
+        self.static = False  # between begin_static and end_static
         super().__init__(layers=[SiftLayer(self, i) for i in range(num_layers)])
 
     @property
@@ -211,11 +212,6 @@ class SiftCache(Cache):
         return self.seen
 
     # ---- static decode ------------------------------------------------------------------------
-    @property
-    def static(self) -> bool:
-        """True between :meth:`begin_static` and :meth:`end_static`."""
-        return any(layer.wslot is not None for layer in self.layers)
-
     def begin_static(self, steps: int) -> None:
         """Fix the shapes for ``steps`` decode steps of one token per sequence: every layer gets room
         for them now, and writes go to a device-side slot counter (``layer.wslot``) instead of
@@ -226,6 +222,7 @@ class SiftCache(Cache):
                 continue
             layer._ensure_capacity(layer.length + steps)
             layer.wslot = torch.tensor([layer.length], dtype=torch.int64, device=layer.k_buf.device)
+        self.static = True
 
     def end_static(self, steps: int) -> None:
         """Leave static decode after ``steps`` steps ran: the layers' lengths catch up."""
@@ -233,6 +230,7 @@ class SiftCache(Cache):
             if layer.wslot is not None:
                 layer.length += steps
                 layer.wslot = None
+        self.static = False
 
     def memory(self) -> dict[str, int]:
         """Bytes really allocated: ``device`` (compute-device buffers and method state there),

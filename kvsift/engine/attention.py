@@ -33,7 +33,6 @@ class ForwardContext:
     prefill_end: bool = False   # the last prefill chunk: methods compress after attending
     decoding: bool = False      # one new token per sequence
     has_padding: bool = False   # some slot or query position is -1
-    static: bool = False        # static decode: fixed buffers, device-side writes (CUDA-graph safe)
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -140,7 +139,7 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                                       scaling=scaling, sliding_window=sliding_window, softcap=softcap, **kwargs)
     layer = ctx.cache.layers[module.layer_idx]
     qpos = ctx.cache.step_positions
-    if ctx.static:
+    if ctx.cache.static:  # fixed buffers, device-side writes (CUDA-graph safe)
         sel = ctx.method.plan(layer, query, ctx)
         out = static_decode_attention(query, layer, sel, qpos, scale, sliding_window, softcap)
         ctx.method.after_attend(layer, query, module, ctx)

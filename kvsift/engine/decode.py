@@ -72,7 +72,6 @@ class DecodeRunner:
         self.graph: torch.cuda.CUDAGraph | None = None
         if mode != "eager":
             ctx.cache.begin_static(max_steps)
-            ctx.static = True
 
     def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.mode == "eager":
@@ -126,4 +125,3 @@ class DecodeRunner:
         self.graph = None
         if self.mode != "eager":
             self.ctx.cache.end_static(self.steps)
-            self.ctx.static = False

@@ -12,7 +12,7 @@ for each layer (see ``kvsift/engine/attention.py``):
 
 Static decode (CUDA graphs): when every stage says ``static_ok()``, the engine fixes the cache's
 shapes for the whole generation and may record one decode step in a CUDA graph and replay it. Then
-``plan`` sees ``ctx.static`` and returns a :class:`SlotSelection` (device buffers + an index table,
+``plan`` sees ``ctx.cache.static`` and returns a :class:`SlotSelection` (device buffers + an index table,
 read in place by the sparse attention kernel) instead of gathered KV, and Python-side counters
 touched while the step was recorded are fixed up through ``before_capture`` / ``after_capture`` /
 ``replayed``.

@@ -263,7 +263,7 @@ class SentenceKV(KVMethod):
             kcap = max(1, store.max_chunks_within(budget))
             # ascending chunk ids (= position order), -1 at the end
             idx = select_chunks(scores, store.lens[:, :, : store.n], budget, max_chunks=kcap)
-        if ctx.static:  # static decode: the kernel reads the chunks in place (no gather, no concat)
+        if ctx.cache.static:  # static decode: the kernel reads the chunks in place (no gather, no concat)
             return SlotSelection(*store.fetch(idx, self._fetch, slots=True))
         fk, fv, fp_ = store.fetch(idx, self._fetch if ctx.decoding else None)
         if ctx.decoding and self.reselect_every > 1:
