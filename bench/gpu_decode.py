@@ -398,21 +398,28 @@ def run_e2e(args, device, log, bw_gbs: float | None = None) -> list[dict]:
 
 
 def _batch_candidates(sys_name: str, ctx: int, kv_tok: int, weight_bytes: int, device, args) -> list[int]:
-    """Batches to try for ``max``, largest first: GPU memory (the prompt's full KV is on the device
-    during prefill for every system) and, with offload, host memory (the whole KV goes there)."""
+    """Batches to try for ``max``, largest first. GPU memory: HF and ``full`` hold every prompt's
+    full KV on the device; sentencekv prefills one sequence at a time (``prefill_mode='auto'``),
+    so the device holds one prompt's full KV plus, per sequence, the recent window, the chunk
+    summaries and the device chunk cache, while the chunks themselves go to host memory, which
+    bounds the batch."""
     if device.type != "cuda":
         return [2, 1]
     total = torch.cuda.get_device_properties(device).total_memory
-    per_seq = kv_tok * ctx * (2.0 if sys_name == "hf" else 1.15)  # HF: prefill activations + cache growth
-    est = int((total * 0.92 - weight_bytes - 6 * 2**30) // per_seq)
+    free = total * 0.92 - weight_bytes - 6 * 2**30
     if "sentencekv" in sys_name:
+        per_seq_dev = kv_tok * min(ctx, 8192)  # summaries + chunk cache + window, generously
+        est = int((free - 1.15 * kv_tok * ctx) // per_seq_dev)
         try:
             import os
 
             host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-            est = min(est, int(host * 0.7 // (kv_tok * ctx)))
+            est = min(est, int(host * 0.8 // (kv_tok * ctx)))
         except (ValueError, OSError):
             pass
+    else:
+        per_seq = kv_tok * ctx * (2.0 if sys_name == "hf" else 1.15)  # HF: prefill activations + cache growth
+        est = int(free // per_seq)
     est = max(1, min(est, args.e2e_max_batch))
     return list(range(est, 0, -1))
 

@@ -101,6 +101,55 @@ def test_chunk_store_uva_matches_host_path(cache_chunks, monkeypatch):
         assert sa.value("copied_chunks") == sb.value("copied_chunks")
 
 
+@pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
+def test_registered_host_store_rows_written_async_match_the_host_path():
+    """A store large enough for registered (exact-size) page-locked memory, rows written one at a
+    time with asynchronous device -> host copies: the UVA fetch equals the host path's."""
+    from kvsift.methods._offload import pinned_empty
+
+    t = pinned_empty((3, 1 << 18), torch.float32)                  # 3 MiB: registered, not rounded to 4
+    assert t.is_pinned() and t.numel() == 3 << 18
+    g = torch.Generator().manual_seed(3)
+    b, hk, L, d, n_chunks = 3, 2, 8, 128, 100
+    stores = []
+    for uva in (True, False):
+        s = ChunkStore(b, hk, L, d, torch.float32, "cuda", cache_chunks=8, capacity=n_chunks * L)
+        s._uva = uva
+        stores.append(s)
+    for bi in (1, 0, 2):
+        lens = torch.randint(1, L + 1, (hk, n_chunks - 10 * bi), generator=g)
+        toks = [(h, c, r) for h in range(hk) for c in range(lens.shape[1]) for r in range(int(lens[h, c]))]
+        h, ch, rk = (torch.tensor(x, device="cuda") for x in zip(*toks))
+        keys = torch.randn(len(toks), d, generator=g).cuda()
+        for s in stores:
+            s.append(keys, -keys, (bi * 10000 + ch * 10 + rk).int(), bi * hk + h, ch, rk, lens.shape[1], row=bi)
+    assert stores[0].k.is_pinned() and stores[0].k.shape[0] == b * hk * n_chunks * L + 1
+    for _ in range(4):
+        idx = torch.stack([torch.randperm(n_chunks - 20, generator=g)[:5] for _ in range(b * hk)]).view(b, hk, 5)
+        ra, rb = stores[0].fetch(idx.cuda(), FetchStats()), stores[1].fetch(idx.cuda(), FetchStats())
+        assert stores[0]._uva, "the UVA kernel was refused"
+        for x, y in zip(ra, rb):
+            assert torch.equal(x, y)
+        assert int((ra[2] >= 0).sum()) > 0
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
+def test_cuda_rows_prefill_gives_the_batch_tokens_under_graphs():
+    from kvsift import LLM, SamplingParams
+    from kvsift.models import tiny_model
+    from tests.conftest import random_prompt
+
+    m = tiny_model("llama", seed=1).to("cuda")
+    ids = [random_prompt(300, seed=8), random_prompt(170, seed=9), random_prompt(240, seed=10)]
+    p = SamplingParams(max_tokens=10, ignore_eos=True)
+    outs = {}
+    for mode in ("batch", "rows"):
+        llm = LLM.from_model(m, None, chunk_size=64, decode_mode="graph", prefill_mode=mode)
+        outs[mode] = llm.generate(ids, p, method="sentencekv", budget=96)
+    assert outs["rows"][0].stats.decode_mode == "graph"
+    assert [x.token_ids for x in outs["batch"]] == [y.token_ids for y in outs["rows"]]
+
+
 # ---- sentencekv's reselect_every (kept selections skip scoring and fetching) -------------------
 
 def test_reselect_every_exact_at_full_budget_and_fetches_less():

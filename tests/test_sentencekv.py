@@ -32,6 +32,8 @@ def prompt(n=240, seed=0):
 def run(llm, ids, method="full", budget=None, params=GREEDY, **kw):
     llm.logits.clear()
     out = llm.generate(ids, params, method=method, budget=budget, method_kwargs=kw)
+    if len({x.shape for x in llm.logits}) > 1:  # rows prefilled one at a time: no single stack
+        return out, None
     return out, torch.stack(llm.logits)  # (steps, batch, vocab)
 
 
@@ -80,12 +82,19 @@ def test_device_cache_matches_direct_fetch(tiny):
     assert ms["chunks_copied_per_step"] < a[0].stats.method_stats["chunks_copied_per_step"]
 
 
-def test_batch_with_padding_is_exact(tiny):
+@pytest.mark.parametrize("prefill_mode", ["batch", "rows"])
+def test_batch_with_padding_is_exact(tiny, prefill_mode):
+    """Left-padded batch prefill, or one row at a time into one host store: both equal full."""
     batch = [prompt(200, seed=3), prompt(150, seed=4)]
     ref, ref_logits = run(tiny, batch)
-    out, logits = run(tiny, batch, "sentencekv", 1.0, max_chunk=16)
+    tiny.prefill_mode = prefill_mode
+    try:
+        out, _ = run(tiny, batch, "sentencekv", 1.0, max_chunk=16)
+        decode_logits = torch.stack([x for x in tiny.logits if x.shape[0] == 2][-3:])  # the 3 decode steps
+    finally:
+        tiny.prefill_mode = "auto"
     assert [o.token_ids for o in out] == [o.token_ids for o in ref]
-    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(decode_logits, ref_logits[-3:], atol=1e-4, rtol=1e-4)
 
 
 def test_compose_snapkv_then_offload(tiny):
@@ -156,8 +165,44 @@ def test_chunk_store_fetch_returns_the_right_tokens(cache_chunks):
                     row = (fp[bi, h] == c * 10 + r).nonzero().item()
                     assert torch.equal(fk[bi, h, row], keys[t]) and torch.equal(fv[bi, h, row], -keys[t])
     dev, host = store.kv_nbytes()
-    T = int(lens.sum(-1).max())  # compact host layout: no chunk padding, one pad row per head
-    assert host == b * hk * (T + 1) * (2 * d * 4 + 4) and dev > 0
+    T = int(lens.sum(-1).max())  # compact host layout: no chunk padding, one pad row in all
+    assert host == (b * hk * T + 1) * (2 * d * 4 + 4) and dev > 0
+
+
+@pytest.mark.parametrize("bounds", [False, True])
+def test_chunk_store_rows_written_one_at_a_time_match_one_batch_write(bounds):
+    """``append(..., row=i)`` (sequences prefilled one by one into one batch store, in any order,
+    with different chunk counts) gives the same chunks, summaries and fetches as one batch write."""
+    g = torch.Generator().manual_seed(1)
+    b, hk, L, d = 3, 2, 4, 8
+    n_rows = [5, 2, 4]                      # chunks per batch row
+    toks = []
+    for bi in range(b):
+        for h in range(hk):
+            for c in range(n_rows[bi]):
+                for r in range(int(torch.randint(1, L + 1, (1,), generator=g))):
+                    toks.append((bi, h, c, r))
+    bi_t, h_t, ch, rk = (torch.tensor(x) for x in zip(*toks))
+    keys = torch.randn(len(toks), d, generator=g)
+    pos = bi_t * 1000 + ch * 10 + rk
+    whole = ChunkStore(b, hk, L, d, torch.float32, "cpu", bounds=bounds)
+    whole.append(keys, -keys, pos, bi_t * hk + h_t, ch, rk, max(n_rows))
+    rows = ChunkStore(b, hk, L, d, torch.float32, "cpu", bounds=bounds, capacity=64)
+    for bi in (2, 0, 1):
+        m = bi_t == bi
+        rows.append(keys[m], -keys[m], pos[m], bi_t[m] * hk + h_t[m], ch[m], rk[m], n_rows[bi], row=bi)
+    assert rows.n == whole.n and rows.T == 64
+    assert torch.equal(rows.lens, whole.lens) and torch.equal(rows.mean, whole.mean)
+    if bounds:
+        assert torch.equal(rows.kmin, whole.kmin) and torch.equal(rows.kmax, whole.kmax)
+    idx = torch.stack([torch.randperm(whole.n, generator=g)[:3] for _ in range(b * hk)]).view(b, hk, 3)
+    for got, want in zip(rows.fetch(idx), whole.fetch(idx)):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="already holds chunks"):
+        m = bi_t == 0
+        rows.append(keys[m], -keys[m], pos[m], bi_t[m] * hk + h_t[m], ch[m], rk[m], n_rows[0], row=0)
+    with pytest.raises(ValueError, match="outside"):
+        rows.append(keys[:1], keys[:1], pos[:1], bi_t[:1], ch[:1], rk[:1], 1, row=3)
 
 
 def test_fingerprint_resets_after_sentence_end():

@@ -144,6 +144,31 @@ class SiftLayer(CacheLayerMixin):
         self.length = n
         self.is_initialized = True
 
+    def set_rows(self, rows: list) -> bool:
+        """Stack one ``(keys (1, kv_heads, n_i, head_dim), values, positions (1, kv_heads, n_i))``
+        per batch row (sequences prefilled one at a time) into this layer's buffers, shorter rows
+        padded with position -1; each row's entry is dropped from ``rows`` once copied (its memory
+        can go). Returns True when padding was added."""
+        k0 = rows[0][0]
+        _, h, _, d = k0.shape
+        m = max(r[0].shape[2] for r in rows)
+        self._alloc(len(rows), h, m + self.cache.reserve, d, k0.dtype, k0.device)
+        padded = False
+        for i in range(len(rows)):
+            k, v, p = rows[i]
+            n = k.shape[2]
+            self.k_buf[i, :, :n] = k[0]
+            self.v_buf[i, :, :n] = v[0]
+            self.pos_buf[i, :, :n] = p[0]
+            if n < m:  # padding must hold finite numbers: a masked key still multiplies its value by 0
+                self.k_buf[i, :, n:m] = 0
+                self.v_buf[i, :, n:m] = 0
+                padded = True
+            rows[i] = None
+        self.length = m
+        self.is_initialized = True
+        return padded
+
     def keep(self, idx: torch.Tensor) -> None:
         """Keep only slots ``idx (batch, kv_heads, k)`` (in that order)."""
         d = self.k_buf.shape[-1]
@@ -256,6 +281,9 @@ class SiftCache(Cache):
             rep = (lambda t: t.repeat_interleave(batch_repeat, 0)) if batch_repeat > 1 else (lambda t: t)
             dst.set_kv(rep(src.keys), rep(src.values), rep(src.positions), reserve=self.reserve)
             dst.state = {k: _clone_state(v) for k, v in src.state.items()}
+            for v in dst.state.values():
+                if batch_repeat > 1 and hasattr(v, "repeat_batch"):  # e.g. a host chunk store: one per row
+                    v.repeat_batch(batch_repeat)
         return new
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -53,26 +53,33 @@ class LLM:
     """A model plus kvsift's generation loop. ``model``: None/'smollm2' (bundled default), an HF
     directory or a ``.gguf`` file. ``chunk_size``: prefill chunk length (bounds activation memory).
     ``decode_mode``: ``auto`` (CUDA graphs on CUDA where the method allows, else eager), ``eager``,
-    ``static`` or ``graph`` (see :mod:`kvsift.engine.decode`)."""
+    ``static`` or ``graph`` (see :mod:`kvsift.engine.decode`). ``prefill_mode``: ``rows`` prefills a
+    batch one sequence at a time, each compressed (and offloaded) before the next starts, so only
+    one sequence's full KV is ever on the device; ``batch`` prefills all rows together; ``auto``:
+    rows when the method shrinks the KV at prefill end (``row_prefill_ok``), else batch."""
 
     def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
-                 chunk_size: int = 512, decode_mode: str = "auto"):
+                 chunk_size: int = 512, decode_mode: str = "auto", prefill_mode: str = "auto"):
         check_decode_mode(decode_mode)
+        _check_prefill_mode(prefill_mode)
         mdl, tok, info = load_model(model, device, dtype)
-        self._init(mdl, tok, info, chunk_size, decode_mode)
+        self._init(mdl, tok, info, chunk_size, decode_mode, prefill_mode)
 
     @classmethod
     def from_model(cls, model, tokenizer, name: str = "model", chunk_size: int = 512,
-                   decode_mode: str = "auto") -> "LLM":
+                   decode_mode: str = "auto", prefill_mode: str = "auto") -> "LLM":
         """Wrap an already loaded transformers model (e.g. a tiny random one in tests)."""
         self = cls.__new__(cls)
-        self._init(model.eval(), tokenizer, model_info(model, tokenizer, name), chunk_size, decode_mode)
+        self._init(model.eval(), tokenizer, model_info(model, tokenizer, name), chunk_size, decode_mode,
+                   prefill_mode)
         return self
 
-    def _init(self, model, tokenizer, info: ModelInfo, chunk_size: int, decode_mode: str = "auto"):
+    def _init(self, model, tokenizer, info: ModelInfo, chunk_size: int, decode_mode: str = "auto",
+              prefill_mode: str = "auto"):
         if chunk_size < 16:
             raise ValueError(f"chunk_size must be >= 16, got {chunk_size}")
         self.decode_mode = check_decode_mode(decode_mode)
+        self.prefill_mode = _check_prefill_mode(prefill_mode)
         if decode_mode == "graph" and info.device.type != "cuda":
             raise ValueError(f"decode_mode='graph' needs a CUDA device, this model is on {info.device} "
                              f"(use 'static' or 'eager')")
@@ -258,6 +265,10 @@ class LLM:
 
     def _prefill(self, ids: list[list[int]], method: KVMethod, context: Context | None, progress: bool | None,
                  reserve: int = 0):
+        rows = len(ids) > 1 and context is None and (
+            self.prefill_mode == "rows" or (self.prefill_mode == "auto" and method.row_prefill_ok()))
+        if rows:
+            return self._prefill_rows(ids, method, progress, reserve)
         b, L = len(ids), max(len(x) for x in ids)
         dev = self.device
         tokens = torch.full((b, L), self.pad_id, dtype=torch.long, device=dev)
@@ -286,15 +297,71 @@ class LLM:
         for s, e in it:
             ctx.prefill_end = e == L
             logits = self._forward(ctx, tokens[:, s:e], pos[:, s:e])
-        _sync(dev)
-        mem = cache.memory()
-        full = _full_bytes(self.info, b, base + L)
-        stats = GenerationStats(method=_spec(method), budget=method.budget, prompt_tokens=L,
-                                prefill_s=time.perf_counter() - t0, kv_device_bytes=mem["device"],
-                                kv_host_bytes=mem["host"], kv_kept_bytes=mem["device_used"], kv_full_bytes=full)
-        ctx.prefill_end = False
         ctx.info["next_pos"] = pos[:, -1] + 1
+        return self._prefilled(ctx, method, base + L, t0, logits)
+
+    def _prefilled(self, ctx: ForwardContext, method: KVMethod, tokens: int, t0: float, logits):
+        """Prefill stats of ``ctx.cache`` (``tokens``: logical length incl. a reused context)."""
+        _sync(self.device)
+        cache = ctx.cache
+        b = ctx.info["next_pos"].shape[0]
+        mem = cache.memory()
+        stats = GenerationStats(method=_spec(method), budget=method.budget,
+                                prompt_tokens=max(len(x) for x in ctx.info["prompt_ids"]),
+                                prefill_s=time.perf_counter() - t0, kv_device_bytes=mem["device"],
+                                kv_host_bytes=mem["host"], kv_kept_bytes=mem["device_used"],
+                                kv_full_bytes=_full_bytes(self.info, b, tokens))
+        ctx.prefill_end = False
         return cache, stats, (ctx, logits)
+
+    def _prefill_rows(self, ids: list[list[int]], method: KVMethod, progress: bool | None, reserve: int):
+        """Prefill one sequence at a time: each row's full KV is on the device only while that row
+        runs; at its end the method compresses it (sentencekv writes the chunks into the batch's host
+        store), then the rows' remaining device KV is stacked into one batch cache."""
+        b, L, dev = len(ids), max(len(x) for x in ids), self.device
+        cache = SiftCache(self.info.num_layers, capacity_hint=L + reserve, reserve=reserve)
+        row_states = [layer.state for layer in cache.layers]
+        step = max(self.chunk_size, method.min_last_chunk())
+        plans = [_chunks(len(x), step, method.min_last_chunk()) for x in ids]
+        show = progress if progress is not None else L >= 8 * self.chunk_size
+        bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(len(p) for p in plans), desc=f"prefill {b} x {L} tokens", unit="chunk", leave=False)
+        t0 = time.perf_counter()
+        parts, logits = [], []
+        try:
+            for i, (row, plan) in enumerate(zip(ids, plans)):
+                rc = SiftCache(self.info.num_layers, capacity_hint=len(row), reserve=0)
+                ctx = ForwardContext(cache=rc, method=method, info={
+                    "prompt_ids": [row], "tokenizer": self.tokenizer, "row": (i, b), "row_states": row_states})
+                tokens = torch.tensor([row], dtype=torch.long, device=dev)
+                pos = torch.arange(len(row), device=dev)[None]
+                for s, e in plan:
+                    ctx.prefill_end = e == len(row)
+                    lg = self._forward(ctx, tokens[:, s:e], pos[:, s:e])
+                    if bar is not None:
+                        bar.update(1)
+                logits.append(lg)
+                parts.append([(ly.keys, ly.values, ly.positions) if ly.k_buf is not None else None
+                              for ly in rc.layers])
+                del rc, ctx  # the row's buffers live on only through the kept (compressed) views
+        finally:
+            if bar is not None:
+                bar.close()
+        padded = any(len(x) < L for x in ids)
+        for li, layer in enumerate(cache.layers):
+            rows = [p[li] for p in parts]
+            for p in parts:
+                p[li] = None
+            if all(r is not None for r in rows):
+                padded |= layer.set_rows(rows)
+        cache.seen = L
+        ctx = ForwardContext(cache=cache, method=method, has_padding=padded,
+                             info={"prompt_ids": ids, "tokenizer": self.tokenizer})
+        ctx.info["next_pos"] = torch.tensor([len(x) for x in ids], device=dev)
+        return self._prefilled(ctx, method, L, t0, torch.cat(logits))
 
     def _run(self, ids: list[list[int]], params: SamplingParams, method: KVMethod, context: Context | None,
              progress: bool | None, cancel: Callable[[], bool] | None) -> Iterator[StreamEvent]:
@@ -353,6 +420,12 @@ class LLM:
                 if lag:
                     _sync(self.device)  # a queued step may still write the cache
                 runner.close()
+
+
+def _check_prefill_mode(mode: str) -> str:
+    if mode not in ("auto", "batch", "rows"):
+        raise ValueError(f"prefill_mode must be 'auto', 'batch' or 'rows', got {mode!r}")
+    return mode
 
 
 def _as_batch(prompts) -> list:

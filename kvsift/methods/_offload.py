@@ -2,9 +2,11 @@
 
 One :class:`ChunkStore` per decoder layer holds the offloaded KV in a chunk-padded layout
 
-* host ``k, v``: ``(batch, kv_heads, T + 1, head_dim)`` in CPU memory (pinned when the compute
-  device is CUDA), compact: the tokens of each (batch, kv_head) one chunk after the other, no
-  padding; row ``T`` is a zero pad row. Host ``pos``: ``(batch, kv_heads, T + 1)`` int32 (pad: -1);
+* host ``k, v``: ``(batch * kv_heads * T + 1, head_dim)`` in CPU memory (page-locked when the
+  compute device is CUDA): (batch, kv_head) row ``r`` owns host rows ``[r*T, r*T + used[r])``, its
+  tokens one chunk after the other, no padding; the last row is a zero pad row. Host ``pos``:
+  ``(batch * kv_heads * T + 1,)`` int32 (pad: -1). One batch row's tokens are one contiguous block,
+  so a prefill writes them with one device-to-host copy;
 * device ``starts, lens``: ``(batch, kv_heads, chunks)`` first token and length of each chunk per
   KV head, ``mean`` ``(batch, kv_heads, chunks, head_dim)`` the mean key of each chunk (its
   semantic vector), and optionally Quest bounds ``kmin, kmax`` of the same shape.
@@ -27,6 +29,7 @@ per fetch for the miss list).
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,11 +76,39 @@ class FetchStats:
         return v
 
 
+_REGISTER_MIN = 1 << 20  # smaller host blocks come from torch's caching pinned allocator
+
+
+def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A page-locked host tensor of exactly its size (uninitialised).
+
+    torch's pinned allocator rounds every block up to a power of two, so a store of 5 sequences
+    would hold 8 sequences' worth of locked memory. Large blocks are instead plain host memory
+    registered with CUDA (``cudaHostRegister``), unregistered when the last view of it is freed;
+    if registering fails the caching allocator is used."""
+    n = 1
+    for x in shape:
+        n *= int(x)
+    nbytes = n * torch.tensor([], dtype=dtype).element_size()
+    if nbytes >= _REGISTER_MIN and torch.cuda.is_available():
+        import numpy as np
+
+        buf = np.empty(nbytes, dtype=np.uint8)   # the tensor keeps this array alive (from_numpy)
+        cudart = torch.cuda.cudart()
+        if int(cudart.cudaHostRegister(buf.ctypes.data, nbytes, 0)) == 0:
+            weakref.finalize(buf, cudart.cudaHostUnregister, buf.ctypes.data)
+            return torch.from_numpy(buf).view(dtype).view(shape)
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
 class ChunkStore:
-    """Offloaded chunks of one layer (see the module docstring for the layout)."""
+    """Offloaded chunks of one layer (see the module docstring for the layout). ``capacity``:
+    tokens per (batch, kv_head) reserved at the first write (e.g. the prompt length when rows are
+    written one at a time), so the host store is allocated once."""
 
     def __init__(self, batch: int, kv_heads: int, chunk_len: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, *, bounds: bool = False, cache_chunks: int = 0, pin: bool | None = None):
+                 device: torch.device, *, bounds: bool = False, cache_chunks: int = 0, pin: bool | None = None,
+                 capacity: int = 0):
         if chunk_len < 1:
             raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
         self.b, self.hk, self.L, self.d = batch, kv_heads, chunk_len, head_dim
@@ -86,12 +117,14 @@ class ChunkStore:
         self.bounds = bounds
         self.cache_chunks = cache_chunks
         self.n = 0           # chunks stored
-        self.T = 0           # token capacity per (batch, kv_head); row T of each head is a zero pad row
+        self.T = 0           # host rows per (batch, kv_head); the store's last host row is a zero pad row
+        self.capacity = capacity
         self.max_tokens = 0  # most tokens stored for one (batch, kv_head)
         hb = (batch, kv_heads, 0)
-        self.k = self._host_empty((batch, kv_heads, 1, head_dim), dtype)
-        self.v = self._host_empty((batch, kv_heads, 1, head_dim), dtype)
-        self.pos = self._host_empty((batch, kv_heads, 1), torch.int32)
+        self.k = self._host_empty((1, head_dim), dtype)
+        self.v = self._host_empty((1, head_dim), dtype)
+        self.pos = self._host_empty((1,), torch.int32)
+        self._written = None  # CUDA event of the last asynchronous device -> host write
         self.used = torch.zeros(batch * kv_heads, dtype=torch.int64, device=self.device)
         self.starts = torch.zeros(hb, dtype=torch.int64, device=self.device)
         self.lens = torch.zeros(hb, dtype=torch.int32, device=self.device)
@@ -108,11 +141,27 @@ class ChunkStore:
         self._uva = None  # CUDA: copy misses with the UVA kernel (None: not tried yet, False: refused)
 
     # ---- allocation ----------------------------------------------------------------------------
+    @property
+    def pad(self) -> int:
+        """Index of the zero pad row of the flat host tensors."""
+        return self.b * self.hk * self.T
+
     def _host_empty(self, shape, dtype) -> torch.Tensor:
-        # padding rows must hold finite numbers: a masked key still multiplies its value by 0
-        t = torch.empty(shape, dtype=dtype, device="cpu", pin_memory=self.pin)
-        t.fill_(-1 if dtype == torch.int32 else 0)
+        """Host tensor of ``shape`` whose last row is padding (zeros; -1 for positions): padding must
+        hold finite numbers, a masked key still multiplies its value by 0. Other rows are filled only
+        for positions (-1 = no token); key/value rows are written before they are read."""
+        t = pinned_empty(shape, dtype) if self.pin else torch.empty(shape, dtype=dtype)
+        if dtype == torch.int32:
+            t.fill_(-1)
+        else:
+            t[-1:].zero_()
         return t
+
+    def _host_ready(self) -> None:
+        """Wait for asynchronous writes to the host store before the host reads or replaces it."""
+        if self._written is not None:
+            self._written.synchronize()
+            self._written = None
 
     def _grow(self, n_new: int, tokens: int) -> None:
         """Room for ``n_new`` more chunks and ``tokens`` tokens per (batch, kv_head) in all (host
@@ -120,16 +169,20 @@ class ChunkStore:
         cap = self.n + n_new
         b, hk, d = self.b, self.hk, self.d
         if tokens > self.T:
+            self._host_ready()
             self._host_quiesce()
-            def host(old, shape, dtype):
-                t = self._host_empty(shape, dtype)
-                t[:, :, : self.T] = old[:, :, : self.T]
+            T, newT, BH = self.T, max(tokens, self.capacity), b * hk
+
+            def host(old, tail, dtype):
+                t = self._host_empty((BH * newT + 1, *tail), dtype)
+                if T:
+                    t[:-1].view(BH, newT, *tail)[:, :T] = old[:-1].view(BH, T, *tail)
                 return t
 
-            self.k = host(self.k, (b, hk, tokens + 1, d), self.dtype)
-            self.v = host(self.v, (b, hk, tokens + 1, d), self.dtype)
-            self.pos = host(self.pos, (b, hk, tokens + 1), torch.int32)
-            self.T = tokens
+            self.k = host(self.k, (d,), self.dtype)
+            self.v = host(self.v, (d,), self.dtype)
+            self.pos = host(self.pos, (), torch.int32)
+            self.T = newT
 
         def dev(old, shape):
             t = torch.zeros(shape, dtype=old.dtype, device=self.device)
@@ -146,43 +199,73 @@ class ChunkStore:
 
     # ---- writing -------------------------------------------------------------------------------
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, bh: torch.Tensor,
-               chunk: torch.Tensor, rank: torch.Tensor, n_new: int) -> None:
+               chunk: torch.Tensor, rank: torch.Tensor, n_new: int, row: int | None = None) -> None:
         """Add ``n_new`` chunks from ``N`` tokens: ``keys/values (N, head_dim)`` and ``positions
         (N,)`` on the compute device; token ``i`` goes to (batch*kv_heads row ``bh[i]``, new chunk
-        ``chunk[i]`` in ``[0, n_new)``, rank ``rank[i]`` in ``[0, L)`` inside its chunk)."""
+        ``chunk[i]`` in ``[0, n_new)``, rank ``rank[i]`` in ``[0, L)`` inside its chunk).
+
+        ``row=None``: the new chunks follow the stored ones in every batch row. ``row=i``: the tokens
+        all belong to batch row ``i``, which must be empty, and become its chunks ``0..n_new-1``
+        (sequences prefilled one at a time into one batch store); other rows are left as they are."""
         if n_new <= 0:
             return
         if keys.shape[0] and int(rank.max()) >= self.L:
             raise ValueError(f"a chunk holds more than chunk_len={self.L} tokens")
-        BH, d, base = self.b * self.hk, self.d, self.n
+        b, hk, d = self.b, self.hk, self.d
+        BH = b * hk
+        rs = slice(None) if row is None else slice(row, row + 1)
+        if row is not None:
+            if not 0 <= row < b:
+                raise ValueError(f"row {row} is outside the store's batch of {b}")
+            if self.n and bool(self.used[row * hk:(row + 1) * hk].any()):
+                raise ValueError(f"batch row {row} of the store already holds chunks")
+        base = self.n if row is None else 0
         bh, chunk, rank = bh.long(), chunk.long(), rank.long()
-        row = bh * n_new + chunk                                        # (N,) row of (BH*n_new)
+        rowc = bh * n_new + chunk                                       # (N,) row of (BH*n_new)
         cnt = torch.zeros(BH * n_new, dtype=torch.int64, device=self.device)
-        cnt.index_add_(0, row, torch.ones_like(row))
+        cnt.index_add_(0, rowc, torch.ones_like(rowc))
         cnt = cnt.view(BH, n_new)
+        fresh = row is not None or self.max_tokens == 0                 # the written rows hold nothing yet
         new_starts = self.used[:, None] + cnt.cumsum(1) - cnt           # (BH, n_new) token offsets
         used = self.used + cnt.sum(1)
-        self._grow(n_new, int(used.max()))
+        self._grow(max(0, base + n_new - self.n), int(used.max()))
         new = slice(base, base + n_new)
-        self.starts[:, :, new] = new_starts.view(self.b, self.hk, n_new)
-        self.lens[:, :, new] = cnt.view(self.b, self.hk, n_new).to(torch.int32)
+        self.starts[rs, :, new] = new_starts.view(b, hk, n_new)[rs]
+        self.lens[rs, :, new] = cnt.view(b, hk, n_new)[rs].to(torch.int32)
         # semantic vectors on the device
         sums = torch.zeros(BH * n_new, d, dtype=torch.float32, device=self.device)
-        sums.index_add_(0, row, keys.float())
+        sums.index_add_(0, rowc, keys.float())
         mean = sums / cnt.view(-1).clamp(min=1)[:, None].float()
-        self.mean[:, :, new] = mean.view(self.b, self.hk, n_new, d).to(self.dtype)
+        self.mean[rs, :, new] = mean.view(b, hk, n_new, d)[rs].to(self.dtype)
         if self.bounds:
             for name, how in (("kmin", "amin"), ("kmax", "amax")):
                 t = torch.zeros(BH * n_new, d, dtype=torch.float32, device=self.device)
-                t.scatter_reduce_(0, row[:, None].expand(-1, d), keys.float(), reduce=how, include_self=False)
-                getattr(self, name)[:, :, new] = t.view(self.b, self.hk, n_new, d).to(self.dtype)
-        # the KV itself goes to host memory, compact (device -> host copy of exactly these tokens)
-        flat = (bh * (self.T + 1) + new_starts.view(-1)[row] + rank).cpu()
-        self.k.view(-1, d).index_copy_(0, flat, keys.to("cpu", self.dtype))
-        self.v.view(-1, d).index_copy_(0, flat, values.to("cpu", self.dtype))
-        self.pos.view(-1).index_copy_(0, flat, positions.to("cpu", torch.int32))
+                t.scatter_reduce_(0, rowc[:, None].expand(-1, d), keys.float(), reduce=how, include_self=False)
+                getattr(self, name)[rs, :, new] = t.view(b, hk, n_new, d)[rs].to(self.dtype)
+        # the KV itself goes to host memory, compact
+        flat = bh * self.T + new_starts.view(-1)[rowc] + rank           # (N,) host rows
+        if fresh and keys.is_cuda and self.pin:
+            # the written (batch, kv_head) rows hold nothing yet: lay their block out on the device
+            # and send it with one asynchronous copy per tensor (slots past a row's tokens are
+            # never read)
+            lo = (0 if row is None else row * hk) * self.T
+            hi = (BH if row is None else (row + 1) * hk) * self.T
+            self._host_ready()
+            for host, src in ((self.k, keys), (self.v, values), (self.pos, positions)):
+                dt = host.dtype
+                stage = torch.empty((hi - lo, *host.shape[1:]), dtype=dt, device=self.device)
+                stage.index_copy_(0, flat - lo, src.to(dt))
+                host[lo:hi].copy_(stage, non_blocking=True)
+            self._written = torch.cuda.Event()
+            self._written.record()
+        else:
+            self._host_ready()
+            flat = flat.cpu()
+            self.k.index_copy_(0, flat, keys.to("cpu", self.dtype))
+            self.v.index_copy_(0, flat, values.to("cpu", self.dtype))
+            self.pos.index_copy_(0, flat, positions.to("cpu", torch.int32))
         self.used = used
-        self.n = base + n_new
+        self.n = max(self.n, base + n_new)
         self.max_tokens = int(used.max())
 
     def max_chunks_within(self, budget: int) -> int:
@@ -240,12 +323,12 @@ class ChunkStore:
         ln = self.lens.view(-1, n)[bh, safe].to(torch.int64) if self.n else torch.zeros_like(bh)
         ln = torch.where(chunk >= 0, ln, 0)
         ar = torch.arange(self.L, device=bh.device)
-        tok = torch.where(ar < ln[:, None], st[:, None] + ar, self.T)
-        return (bh[:, None] * (self.T + 1) + tok).reshape(-1)
+        return torch.where(ar < ln[:, None], (bh * self.T + st)[:, None] + ar, self.pad).reshape(-1)
 
     def _host_gather(self, rows_cpu: torch.Tensor):
         """Gather host token rows into (pinned, when CUDA) staging tensors and bring them to the
         device. Returns ``k, v (m, head_dim)`` and ``pos (m,)`` for ``m = len(rows_cpu)``."""
+        self._host_ready()
         hk_flat = self.k.view(-1, self.d)
         hv_flat = self.v.view(-1, self.d)
         hp_flat = self.pos.view(-1)
@@ -336,7 +419,7 @@ class ChunkStore:
         cannot run here (then it is never tried again and the caller takes the host path)."""
         n = max(self.n, 1)
         safe = chunk.clamp(min=0)
-        src = bh * (self.T + 1) + self.starts.view(-1, n)[bh, safe]
+        src = bh * self.T + self.starts.view(-1, n)[bh, safe]
         ln = torch.where(chunk >= 0, self.lens.view(-1, n)[bh, safe], 0)
         ln = torch.where(copy, ln, -1)
         return self._uva_kernel(src, ln, ck, cv, cp, dst)
@@ -384,7 +467,7 @@ class ChunkStore:
         if base is None or base.shape[0] != BH:  # row offsets of each (batch, kv_head), built once
             ar = torch.arange(BH, device=self.device)[:, None]
             base = c["base"] = ar * (S + 1)
-            c["host_base"] = ar * (self.T + 1)
+            c["host_base"] = ar * self.T
         idx = chunk_idx.reshape(BH, k)
         valid = idx >= 0
         safe = idx.clamp(min=0)
@@ -472,8 +555,10 @@ class ChunkStore:
 
     def clone(self) -> "ChunkStore":
         """Deep copy without the device cache (e.g. a reusable context answering a new question)."""
+        self._host_ready()
         new = ChunkStore.__new__(ChunkStore)
-        for name in ("b", "hk", "L", "d", "dtype", "device", "pin", "bounds", "cache_chunks", "n", "T", "max_tokens"):
+        for name in ("b", "hk", "L", "d", "dtype", "device", "pin", "bounds", "cache_chunks", "n", "T", "max_tokens",
+                     "capacity"):
             setattr(new, name, getattr(self, name))
         new.k, new.v, new.pos = (self._copy_host(t) for t in (self.k, self.v, self.pos))
         new.lens, new.mean = self.lens.clone(), self.mean.clone()
@@ -481,7 +566,7 @@ class ChunkStore:
         new.kmin = None if self.kmin is None else self.kmin.clone()
         new.kmax = None if self.kmax is None else self.kmax.clone()
         new._dev, new._stage, new._stage_events, new._stage_i, new._stream = None, [], [], 0, None
-        new._uva = self._uva
+        new._uva, new._written = self._uva, None
         return new
 
     def repeat_batch(self, times: int) -> None:
@@ -490,11 +575,12 @@ class ChunkStore:
             return
         if self.b != 1:
             raise ValueError(f"only a batch-1 store can be repeated, this one has batch {self.b}")
+        self._host_ready()
         self._host_quiesce()
 
-        def rep_host(t):
-            out = self._host_empty((times, *t.shape[1:]), t.dtype)
-            out.copy_(t.expand(times, *t.shape[1:]))
+        def rep_host(t):  # (hk*T + 1, ...) -> (times*hk*T + 1, ...): the rows repeated, one pad row
+            out = self._host_empty((times * (t.shape[0] - 1) + 1, *t.shape[1:]), t.dtype)
+            out[:-1].view(times, *t[:-1].shape).copy_(t[:-1].expand(times, *t[:-1].shape))
             return out
 
         self.k, self.v, self.pos = rep_host(self.k), rep_host(self.v), rep_host(self.pos)

@@ -150,6 +150,13 @@ class KVMethod:
         """Method-specific counters for the generation summary."""
         return {}
 
+    def row_prefill_ok(self) -> bool:
+        """True when the engine may prefill a batch one sequence at a time and stack the compressed
+        results, and it saves memory: the method shrinks the device KV at prefill end, and keeps no
+        per-layer state or keeps it for the whole batch through ``ctx.info["row"] = (i, batch)`` and
+        ``ctx.info["row_states"]`` (the batch cache's per-layer state dicts)."""
+        return False
+
     # ---- static decode -----------------------------------------------------------------------
     def static_ok(self) -> bool:
         """True when a decode step keeps no per-step Python state and changes no shapes, so the
@@ -180,6 +187,9 @@ class EvictionMethod(KVMethod):
 
     def layer_budget(self, layer_idx: int) -> int:
         return self.tokens
+
+    def row_prefill_ok(self) -> bool:
+        return True  # keeps the top slots per row, no layer state
 
     def prefill_end(self, layer, query, module, ctx) -> None:
         k = self.layer_budget(layer.layer_idx)
@@ -247,6 +257,9 @@ class Compose(KVMethod):
 
     def static_ok(self) -> bool:
         return all(s.static_ok() for s in self.stages)
+
+    def row_prefill_ok(self) -> bool:
+        return all(s.row_prefill_ok() for s in self.stages)
 
     def before_capture(self) -> None:
         for s in self.stages:

@@ -120,11 +120,11 @@ class SentenceKV(KVMethod):
         position). Prompt tokens get sentence-aligned chunks when the engine passed the prompt ids
         and tokenizer (``ctx.info["prompt_ids"]``, ``ctx.info["tokenizer"]``); positions before
         them (a reused context) and runs without ids get fixed chunks of ``max_chunk``."""
+        ids = ctx.info.get("prompt_ids") if ctx is not None else None
         key = (batch, length, str(device))
-        if self._chunk_map is not None and self._chunk_map[0] == key:
+        if self._chunk_map is not None and self._chunk_map[0] == key and self._chunk_map[2] is ids:
             return self._chunk_map[1]
         cfg = SegmentConfig(self.min_chunk, self.max_chunk, self.splitter)
-        ids = ctx.info.get("prompt_ids") if ctx is not None else None
         tok = ctx.info.get("tokenizer") if ctx is not None else None
         fixed = torch.arange(length) // self.max_chunk
         out = fixed.repeat(batch, 1)
@@ -141,13 +141,17 @@ class SentenceKV(KVMethod):
                 lab = torch.repeat_interleave(torch.arange(len(spans)), lens)
                 out[i, base: base + len(row)] = lab + nfix
         out = out.to(device)
-        self._chunk_map = (key, out)
+        self._chunk_map = (key, out, ids)
         return out
 
     def prefill_end(self, layer, query, module, ctx) -> None:
         if layer.k_buf is None or layer.length == 0:
             return
-        layer.state.pop(FP_KEY, None)
+        # sequences prefilled one at a time (``ctx.info["row"] = (i, batch)``): this layer is row i's
+        # and the method's state (one store for the batch) lives in the batch cache's layer
+        row = ctx.info.get("row") if ctx is not None else None
+        state = ctx.info["row_states"][layer.layer_idx] if row is not None else layer.state
+        state.pop(FP_KEY, None)
         if self.fingerprint == "sentence" and ctx is not None:  # built here, not in decode time
             self._end_tokens(ctx.info.get("tokenizer"), layer.k_buf.device)
         keys, values, pos = layer.keys, layer.values, layer.positions        # (b, hk, n, d), (b, hk, n)
@@ -157,17 +161,20 @@ class SentenceKV(KVMethod):
         pos64 = pos.to(torch.int64)
         offl = (pos64 >= sinks) & (pos64 < (row_len - recent)[:, None, None])
         if not bool(offl.any()):
+            if row is not None:  # a short row keeps everything on the device; it still bounds the split
+                self._set_split(state, pos64, pos64 >= 0, sinks, row)
             return
-        store = layer.state.get(STORE_KEY)
-        if store is not None and store.b != b:
+        store = state.get(STORE_KEY)
+        if store is not None and store.b != b and row is None:
             store.repeat_batch(b)
         if store is None:
             cache_chunks = self.cache_chunks
             if cache_chunks is None:
                 cache_chunks = -1 if keys.device.type == "cuda" else 0
-            store = ChunkStore(b, hk, self.max_chunk, d, keys.dtype, keys.device,
-                               bounds=self.summary == "quest", cache_chunks=cache_chunks)
-            layer.state[STORE_KEY] = store
+            store = ChunkStore(row[1] if row else b, hk, self.max_chunk, d, keys.dtype, keys.device,
+                               bounds=self.summary == "quest", cache_chunks=cache_chunks,
+                               capacity=self.prompt_len if row else 0)  # rows: host store allocated once
+            state[STORE_KEY] = store
         # chunk labels of the offloaded slots, renumbered 0.. per row
         length = int(row_len.max())
         lab_pos = self._chunks_of_positions(ctx, b, length, keys.device)    # (b, length)
@@ -185,8 +192,9 @@ class SentenceKV(KVMethod):
         rank = offl_s.cumsum(-1) - 1 - starts.gather(-1, lab_s.clamp(min=0))
         nz = offl_s.nonzero(as_tuple=True)                                   # (bi, hi, si)
         src = order[nz]                                                      # slot index in the layer
+        r0 = row[0] if row else 0
         store.append(keys[nz[0], nz[1], src], values[nz[0], nz[1], src], pos[nz[0], nz[1], src],
-                     nz[0] * hk + nz[1], lab_s[nz], rank[nz], n_new)
+                     (nz[0] + r0) * hk + nz[1], lab_s[nz], rank[nz], n_new, row=row[0] if row else None)
         # the device keeps sinks + recent (+ room for generated tokens), sorted by position
         keep = (pos64 >= 0) & ~offl
         m = int(keep.sum(-1).max())
@@ -196,10 +204,17 @@ class SentenceKV(KVMethod):
         kpos = torch.where(kvalid, pos.gather(-1, korder), -1)
         new_k, new_v = keys.gather(2, gi), values.gather(2, gi)
         layer.set_kv(new_k, new_v, kpos)
-        # device slots holding sinks in every head go before the fetched chunks (position order)
-        layer.state[SPLIT_KEY] = int(((kpos >= 0) & (kpos < sinks)).sum(-1).min())
-        layer.state[DEV_KEY] = int(keep.sum(-1).min())
-        layer.state["plan_prefill"] = True  # a later prefill (reused context) must see the host chunks
+        self._set_split(state, kpos, keep, sinks, row)
+        state["plan_prefill"] = True  # a later prefill (reused context) must see the host chunks
+
+    @staticmethod
+    def _set_split(state, kpos, keep, sinks, row) -> None:
+        """Device slots holding sinks in every head (they go before the fetched chunks, in position
+        order) and the fewest prompt tokens a head keeps on the device; over all rows."""
+        split, dev = int(((kpos >= 0) & (kpos < sinks)).sum(-1).min()), int(keep.sum(-1).min())
+        if row is not None:  # rows prefilled one at a time: the fewest over the rows so far
+            split, dev = min(split, state.get(SPLIT_KEY, split)), min(dev, state.get(DEV_KEY, dev))
+        state[SPLIT_KEY], state[DEV_KEY] = split, dev
 
     # ---- decode: score, select, fetch -----------------------------------------------------------
     def _end_tokens(self, tokenizer, device) -> torch.Tensor | None:
@@ -279,6 +294,9 @@ class SentenceKV(KVMethod):
         values = torch.cat([v[:, :, :split], fv.to(v.dtype), v[:, :, split:]], dim=2)
         positions = torch.cat([p[:, :, :split], fp_, p[:, :, split:]], dim=2)
         return keys, values, positions
+
+    def row_prefill_ok(self) -> bool:
+        return True  # one host store for the batch, each row written into it (ChunkStore.append row=)
 
     # ---- static decode (CUDA graphs) ---------------------------------------------------------
     def static_ok(self) -> bool:

@@ -60,5 +60,7 @@ class SnapKV(EvictionMethod):
             b, h, n = s.shape
             s = pool(s.reshape(b * h, 1, n), self.kernel_size, stride=1, padding=self.kernel_size // 2).reshape(b, h, n)
         w = min(self.window, query.shape[2], keys.shape[2])
-        s[..., -w:] = float("inf")  # the window itself is always kept
+        # the window itself is always kept (scores are attention weights <= 1), newest first when
+        # the budget is smaller than the window (no tie for top-k to break arbitrarily)
+        s[..., -w:] = 2.0 + torch.arange(w, device=s.device, dtype=s.dtype) / w
         return s
