@@ -20,6 +20,7 @@ from kvsift.kernels import topk_select as tk_mod
 from kvsift.kernels._triton import HAS_TRITON
 from kvsift.kernels.chunk_scores import (chunk_scores_ref, chunks_to_slots, page_summaries, select_chunks)
 from kvsift.kernels.sparse_decode_attention import sparse_decode_attention_ref
+from kvsift.kernels.budget_select import budget_select_ref
 from kvsift.kernels.topk_select import topk_select_ref
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,6 +125,17 @@ def test_select_chunks_uniform_pages_is_topk_and_skips_masked():
     assert idx.shape == (2, 3, 4) and idx.dtype == torch.int64
     assert torch.equal(idx[1], s.topk(4, -1).indices.sort(-1).values[1])
     assert idx[0, 0].tolist() == [18, 19, -1, -1]
+
+
+def test_budget_select_ref_pads_to_the_width_and_rejects_bad_input():
+    s = torch.tensor([[[0.5, 2.0, 1.0, -1.0]]])
+    ln = torch.tensor([[[3, 4, 0, 2]]])                 # chunk 2 is empty: never selected
+    assert budget_select_ref(s, ln, 7, 4).tolist() == [[[0, 1, -1, -1]]]
+    assert budget_select_ref(s, ln, 3, 2).tolist() == [[[-1, -1]]]  # the best chunk (4 tokens) overflows: stop
+    with pytest.raises(ValueError, match="budget"):
+        budget_select_ref(s, ln, 0, 2)
+    with pytest.raises(TypeError, match="integer"):
+        budget_select_ref(s, ln.float(), 4, 2)
 
 
 def test_select_chunks_variable_lengths_respects_budget_as_ranked_prefix():
@@ -323,6 +335,14 @@ _INTERP_SCRIPT = textwrap.dedent("""
             gi, ri = rg[rg >= 0].long(), rr[rr >= 0].long()
             assert torch.equal(gi, gi.sort().values) and gi.unique().numel() == gi.numel(), ("ties", n, k)
             assert torch.equal(rs[gi].sort().values, rs[ri].sort().values), ("ties", n, k)
+    from kvsift.kernels import budget_select as bs
+    for (n, k, budget) in ((37, 10, 40), (300, 40, 256), (5, 8, 1000), (64, 0, 10)):
+        sc = torch.randn(2, 3, n)
+        ln = torch.randint(0, 9, (2, 3, n), dtype=torch.int32)
+        sc[0, 1, ::3] = float("-inf")
+        sc[1, 0, 2] = float("nan")
+        assert torch.equal(bs.budget_select(sc, ln, budget, k), bs.budget_select_ref(sc, ln, budget, k)), \
+            ("budget_select", n, k, budget)
     print("INTERP_OK")
 """)
 
@@ -382,6 +402,12 @@ def test_cuda_kernels_match_references(dtype, shape):
                 _check_topk_with_ties(dispatch.topk_select, torch.randint(-3, 4, (b, hk, n_sc), device=dev).float(), kk)
     finally:
         tk_mod.TUNING.update(saved)
+    for n_ch, budget in ((n // 16, 512), (4096, 2048), (8192, 100)):   # sentencekv's variable-length chunks
+        sc = torch.randn(b, hk, n_ch, device=dev)
+        ln = torch.randint(0, 33, (b, hk, n_ch), device=dev, dtype=torch.int32)
+        sc[0, 0, ::5] = float("-inf")
+        kk = min(n_ch, budget)
+        assert torch.equal(dispatch.budget_select(sc, ln, budget, kk), budget_select_ref(sc, ln, budget, kk))
     full = torch.arange(n, device=dev, dtype=torch.int64).expand(b, hk, n)
     out = dispatch.sparse_decode_attention(q, k, v, full, d ** -0.5)
     assert _rel(out, _sdpa(q, k, v, d ** -0.5)) < tol

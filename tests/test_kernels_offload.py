@@ -191,3 +191,62 @@ def test_uva_path_exact_on_cuda_with_context_reuse():
     ctx = llm.prefill_context(doc, method="sentencekv", budget=1.0, method_kwargs=kw)
     again = llm.generate(question, params, method="sentencekv", budget=1.0, method_kwargs=kw, context=ctx)[0]
     assert again.token_ids == ref
+
+
+# ---- the device chunk cache's LRU bookkeeping (kvsift/kernels/chunk_cache.py) -------------------
+
+def _lru_state(R, S, n, device="cpu"):
+    return {"slot_of": torch.full((R, n + 1), -1, dtype=torch.int64, device=device),
+            "owner": torch.full((R, S + 1), -1, dtype=torch.int64, device=device),
+            "last": torch.full((R, S + 1), -1, dtype=torch.int64, device=device),
+            "counts": torch.zeros(2, dtype=torch.int64, device=device)}
+
+
+def test_lru_plan_ref_evicts_the_least_recently_used_chunk():
+    from kvsift.kernels.chunk_cache import lru_plan_ref
+
+    S, n, L, T = 3, 6, 4, 100
+    st = _lru_state(1, S, n)
+    starts = torch.arange(n).view(1, n) * L
+    lens = torch.tensor([[4, 3, 4, 2, 4, 1]], dtype=torch.int32)
+
+    def step(ids):
+        tab = torch.empty(1, len(ids) * L, dtype=torch.int32)
+        out = lru_plan_ref(torch.tensor([ids]), st["slot_of"], st["owner"], st["last"], starts, lens, T,
+                           st["counts"], L, tab)
+        return out, tab
+
+    (src, ln, dst, final), tab = step([0, 1, 2])                      # three misses fill the empty slots
+    assert final.tolist() == [[0, 1, 2]] and ln.tolist() == [4, 3, 4] and src.tolist() == [0, 4, 8]
+    assert tab[0, 4:8].tolist() == [4, 5, 6, -1]                       # chunk 1 (3 tokens) in slot 1
+    (src, ln, dst, final), tab = step([0, 3, -1])                     # 0 hits; 3 evicts the LRU slot 1
+    assert final.tolist() == [[0, 1, 3]] and ln.tolist() == [-1, 2, -1] and dst.tolist() == [0, 1, 3]
+    assert st["slot_of"][0, :n].tolist() == [0, -1, 2, 1, -1, -1] and st["owner"][0, :S].tolist() == [0, 3, 2]
+    assert tab[0, 8:].tolist() == [-1] * 4
+    (src, ln, dst, final), _ = step([4, 5, 0])                         # 4 -> slot 2 (oldest), 5 -> slot 1
+    assert final.tolist() == [[2, 1, 0]] and st["owner"][0, :S].tolist() == [0, 5, 4]
+    assert st["counts"].tolist() == [8, 6]                             # lookups, misses
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
+def test_lru_plan_kernel_matches_reference_over_steps():
+    from kvsift.kernels.chunk_cache import lru_plan, lru_plan_ref
+
+    g = torch.Generator().manual_seed(5)
+    R, n, k, L, T = 16, 300, 40, 32, 10000
+    for S in (k, 2 * k, 100):
+        states = [_lru_state(R, S, n, "cuda") for _ in range(2)]
+        starts = torch.randint(0, T - L, (R, n), generator=g).cuda()
+        lens = torch.randint(0, L + 1, (R, n), generator=g, dtype=torch.int32).cuda()
+        for _ in range(12):
+            idx = torch.stack([torch.randperm(60, generator=g)[:k] for _ in range(R)]).cuda()  # overlapping steps
+            idx[0, -5:] = -1
+            tabs = [torch.empty(R, k * L, dtype=torch.int32, device="cuda") for _ in range(2)]
+            outs = [fn(idx, s["slot_of"], s["owner"], s["last"], starts, lens, T, s["counts"], L, tab)
+                    for fn, s, tab in ((lru_plan, states[0], tabs[0]), (lru_plan_ref, states[1], tabs[1]))]
+            for a, b in zip(*outs):
+                assert torch.equal(a, b)
+            assert torch.equal(tabs[0], tabs[1])
+            a, b = states
+            assert torch.equal(a["slot_of"][:, :n], b["slot_of"][:, :n]) and torch.equal(a["counts"], b["counts"])
+            assert torch.equal(a["owner"][:, :S], b["owner"][:, :S]) and torch.equal(a["last"][:, :S], b["last"][:, :S])

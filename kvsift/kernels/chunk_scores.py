@@ -209,7 +209,7 @@ def chunk_scores(query: torch.Tensor, summaries: Summaries, reduce: str = "mean"
 # ---- selection under a token budget (PyTorch) ----------------------------------------------------
 
 def select_chunks(scores: torch.Tensor, chunk_lens: torch.Tensor | int, budget: int,
-                  max_chunks: int | None = None, topk=None) -> torch.Tensor:
+                  max_chunks: int | None = None, topk=None, budget_fn=None) -> torch.Tensor:
     """Best chunks per (batch, kv_head) whose lengths add up to at most ``budget`` tokens.
 
     scores ``(batch, kv_heads, n_chunks)`` (``-inf`` = never select, e.g. padding chunks);
@@ -220,8 +220,9 @@ def select_chunks(scores: torch.Tensor, chunk_lens: torch.Tensor | int, budget: 
     ranking). ``max_chunks`` bounds how many chunks are ranked (default ``min(n_chunks, budget)``
     for variable lengths; pass ``budget // shortest_chunk + 1`` to rank fewer). ``topk`` is the
     top-k function for uniform pages (default :func:`topk_select_ref`; the dispatcher passes the
-    Triton one). Returns ``(batch, kv_heads, k)`` int64 chunk indices in ascending order, ``-1``
-    at the end where unused; no host sync.
+    Triton one), ``budget_fn`` the variable-length selection (default
+    :func:`kvsift.kernels.budget_select.budget_select_ref`). Returns ``(batch, kv_heads, k)`` int64
+    chunk indices in ascending order, ``-1`` at the end where unused; no host sync.
     """
     if scores.dim() != 3:
         raise ValueError(f"scores must be (batch, kv_heads, n_chunks), got shape {tuple(scores.shape)}")
@@ -242,18 +243,10 @@ def select_chunks(scores: torch.Tensor, chunk_lens: torch.Tensor | int, budget: 
     lens = chunk_lens.expand_as(scores) if chunk_lens.dim() == 1 else chunk_lens
     if lens.shape != scores.shape:
         raise ValueError(f"chunk_lens shape {tuple(chunk_lens.shape)} does not match scores {tuple(scores.shape)}")
-    scores = scores.float()
-    scores = scores.masked_fill(torch.isnan(scores) | (lens <= 0), float("-inf"))
-    k = min(n, budget if max_chunks is None else max_chunks)
-    if k <= 0:
-        return torch.full((*scores.shape[:2], 0), -1, dtype=torch.int64, device=scores.device)
-    top = scores.topk(k, dim=-1)
-    top_lens = lens.gather(-1, top.indices).to(torch.int64)
-    ok = top.values > float("-inf")
-    top_lens = torch.where(ok, top_lens, budget + 1)
-    fits = (top_lens.cumsum(-1) <= budget) & ok
-    idx = torch.where(fits, top.indices, n).sort(dim=-1).values
-    return torch.where(idx >= n, -1, idx)
+    k = max(0, min(n, budget if max_chunks is None else max_chunks))
+    from kvsift.kernels.budget_select import budget_select_ref
+
+    return (budget_fn or budget_select_ref)(scores, lens, budget, k)
 
 
 def chunks_to_slots(chunk_idx: torch.Tensor, chunk_starts: torch.Tensor | None, chunk_lens: torch.Tensor | int,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from kvsift.kernels import budget_select as _bs
 from kvsift.kernels import chunk_scores as _cs
 from kvsift.kernels import sparse_decode_attention as _sda
 from kvsift.kernels import topk_select as _tk
@@ -22,7 +23,7 @@ from kvsift.kernels._triton import HAS_TRITON, triton_disabled
 from kvsift.kernels.chunk_scores import chunks_to_slots, page_summaries
 from kvsift.kernels.sparse_decode_attention import merge_attention
 
-__all__ = ["use_triton", "chunk_scores", "topk_select", "select_chunks", "sparse_decode_attention",
+__all__ = ["use_triton", "chunk_scores", "topk_select", "budget_select", "select_chunks", "sparse_decode_attention",
            "chunks_to_slots", "page_summaries", "selected_decode_attention", "merge_attention"]
 
 
@@ -48,9 +49,17 @@ def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32) 
     return _tk.topk_select_ref(scores, k, dtype)
 
 
+def budget_select(scores: torch.Tensor, lens: torch.Tensor, budget: int, k: int) -> torch.Tensor:
+    """See :func:`kvsift.kernels.budget_select.budget_select_ref`: ``(batch, kv_heads, k)`` int64."""
+    if use_triton(scores, lens) and scores.shape[-1] <= _bs.MAX_N:
+        return _bs.budget_select(scores, lens, budget, k)
+    return _bs.budget_select_ref(scores, lens, budget, k)
+
+
 def select_chunks(scores: torch.Tensor, chunk_lens, budget: int, max_chunks: int | None = None) -> torch.Tensor:
-    """See :func:`kvsift.kernels.chunk_scores.select_chunks` (uniform pages use :func:`topk_select`)."""
-    return _cs.select_chunks(scores, chunk_lens, budget, max_chunks, topk=topk_select)
+    """See :func:`kvsift.kernels.chunk_scores.select_chunks` (uniform pages use :func:`topk_select`,
+    variable lengths :func:`budget_select`)."""
+    return _cs.select_chunks(scores, chunk_lens, budget, max_chunks, topk=topk_select, budget_fn=budget_select)
 
 
 def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -53,24 +53,26 @@ class FetchStats:
     cache_lookups: Any = 0
     cache_hits: Any = 0
 
-    _dev_counts: Any = None    # device (lookups, misses) of cached UVA fetches, folded in by value()
+    _tracked: Any = None       # device (lookups, misses) counters of the device chunk caches, by id
     _chunk_bytes: int = 0
 
-    def add_device_counts(self, counts: torch.Tensor, chunk_bytes: int) -> None:
-        """Accumulate ``counts = (lookups, misses)`` (a device tensor) of one cached fetch of chunks
-        of ``chunk_bytes`` bytes each, without a host sync."""
-        if self._dev_counts is None:
-            self._dev_counts = counts.clone()
-        else:
-            self._dev_counts.add_(counts)  # in place: a CUDA graph replaying this keeps counting
+    def track(self, counts: torch.Tensor, chunk_bytes: int) -> None:
+        """Count a device chunk cache's ``(lookups, misses)`` tensor, which its fetches update in
+        place (no host sync, no launch; a replayed CUDA graph keeps counting). Its values at the
+        first call are the baseline."""
+        if self._tracked is None:
+            self._tracked = {}
+        if id(counts) not in self._tracked:
+            self._tracked[id(counts)] = (counts, counts.clone())
         self._chunk_bytes = chunk_bytes
 
     def value(self, name: str) -> float:
         v = getattr(self, name)
         v = v.item() if isinstance(v, torch.Tensor) else v
-        if self._dev_counts is not None and name in ("chunks", "cache_lookups", "cache_hits", "copied_chunks",
-                                                     "copied_bytes"):
-            lookups, misses = (int(x) for x in self._dev_counts.tolist())
+        if self._tracked and name in ("chunks", "cache_lookups", "cache_hits", "copied_chunks", "copied_bytes"):
+            tot = sum((t - base for t, base in self._tracked.values()), torch.zeros_like(next(iter(
+                self._tracked.values()))[0]))
+            lookups, misses = (int(x) for x in tot.tolist())
             v += {"chunks": lookups, "cache_lookups": lookups, "cache_hits": lookups - misses,
                   "copied_chunks": misses, "copied_bytes": misses * self._chunk_bytes}[name]
         return v
@@ -454,91 +456,47 @@ class ChunkStore:
             "owner": torch.full((BH, S + 1), -1, dtype=torch.int64, device=dev),
             "last": torch.full((BH, S + 1), -1, dtype=torch.int64, device=dev),
             "slot_of": torch.full((BH, self.n + 1), -1, dtype=torch.int64, device=dev),
-            "clock": torch.zeros((), dtype=torch.int64, device=dev),
+            "counts": torch.zeros(2, dtype=torch.int64, device=dev),  # (lookups, misses), in place
         }
 
     def _fetch_cached(self, chunk_idx, stats, slots: bool = False):
+        """Device LRU cache: one bookkeeping step (:mod:`kvsift.kernels.chunk_cache`, one Triton
+        launch on CUDA) then the copy of the misses (one UVA launch, or through the host)."""
+        from kvsift.kernels.chunk_cache import lru_plan, lru_plan_ref
+        from kvsift.kernels.dispatch import use_triton
+
         b, hk, k = chunk_idx.shape
         self._ensure_cache(k)
         c = self._dev
         BH, S = b * hk, c["owner"].shape[1] - 1
-        L, d = self.L, self.d
-        base = c.get("base")
-        if base is None or base.shape[0] != BH:  # row offsets of each (batch, kv_head), built once
-            ar = torch.arange(BH, device=self.device)[:, None]
-            base = c["base"] = ar * (S + 1)
-            c["host_base"] = ar * self.T
-        idx = chunk_idx.reshape(BH, k)
-        valid = idx >= 0
-        safe = idx.clamp(min=0)
-        slot = c["slot_of"].gather(1, safe)
-        hit = valid & (slot >= 0)
-        miss = valid ^ hit
-        # LRU: stamp the hits, evict the least recently used slots for the misses. Column S of
-        # owner/last (and column n of slot_of) is a scratch slot that absorbs the masked writes; it is
-        # never read back (argsort looks at columns < S only, chunk ids are < n)
-        c["clock"] += 1
-        stamp = c["clock"].expand(BH, k)
-        c["last"].scatter_(1, torch.where(hit, slot, S), stamp)
-        order = c["last"][:, :S].argsort(dim=1)                 # least recently used first
-        rank = (miss.cumsum(1) - 1).clamp(min=0)
-        victim = torch.where(miss, order.gather(1, rank), S)
-        old = c["owner"].gather(1, victim)
-        nslot = c["slot_of"].shape[1] - 1
-        c["slot_of"].scatter_(1, torch.where(miss & (old >= 0), old, nslot), -1)
-        c["owner"].scatter_(1, victim, torch.where(miss, safe, -1))
-        c["slot_of"].scatter_(1, torch.where(miss, safe, nslot), victim)
-        c["last"].scatter_(1, victim, stamp)
-        # copy the misses: on the device with the UVA kernel (no host sync), else through the host
+        L, d, n = self.L, self.d, max(self.n, 1)
+        idx = chunk_idx.reshape(BH, k).contiguous()
+        tab = torch.empty(BH, k * L, dtype=torch.int32, device=self.device) if slots else None
+        uva = self._use_uva()
+        plan = lru_plan if uva and use_triton(idx) else lru_plan_ref
+        if stats is not None:  # before the update: the counts so far are the baseline
+            stats.track(c["counts"], self.L * self._token_bytes())
+        src, ln, dst, final = plan(idx, c["slot_of"], c["owner"], c["last"], self.starts.view(BH, n),
+                                   self.lens.view(BH, n), self.T, c["counts"], L, tab)
         rows_kv = (BH * (S + 1), L, d)
-        uva = False
-        if self._use_uva():
-            n = max(self.n, 1)
-            src = c["host_base"] + self.starts.view(BH, n).gather(1, safe)
-            ln = torch.where(miss, self.lens.view(BH, n).gather(1, safe), -1)
-            uva = self._uva_kernel(src.view(-1), ln.view(-1), c["k"].view(rows_kv), c["v"].view(rows_kv),
-                                   c["p"].view(BH * (S + 1), L), (base + victim).view(-1))
-        if uva:
-            m = miss.sum()  # a device tensor: counted without a sync
-        else:
-            mi = miss.nonzero()
-            m = mi.shape[0]
-            if m:
-                r, j = mi[:, 0], mi[:, 1]
-                src = self._token_rows(r, safe[r, j]).cpu()
-                dk, dv, dp = self._host_gather(src)
-                dk, dv, dp = dk.view(m, -1), dv.view(m, -1), dp.view(m, -1)
-                dst = r * (S + 1) + victim[r, j]
-                c["k"].view(BH * (S + 1), L * d).index_copy_(0, dst, dk)
-                c["v"].view(BH * (S + 1), L * d).index_copy_(0, dst, dv)
-                c["p"].view(BH * (S + 1), L).index_copy_(0, dst, dp)
-        final = torch.where(hit, slot, torch.where(miss, victim, S))
-        self._count(stats, uva, valid, miss, m)
+        if not (uva and self._uva_kernel(src, ln, c["k"].view(rows_kv), c["v"].view(rows_kv),
+                                         c["p"].view(BH * (S + 1), L), dst)):
+            mi = (ln >= 0).nonzero().squeeze(1)  # host path: one sync for the miss list
+            if mi.numel():
+                ar = torch.arange(L, device=src.device)
+                rows = torch.where(ar < ln[mi, None], src[mi, None] + ar, self.pad).reshape(-1).cpu()
+                dk, dv, dp = self._host_gather(rows)
+                m = mi.numel()
+                c["k"].view(BH * (S + 1), L * d).index_copy_(0, dst[mi], dk.view(m, -1))
+                c["v"].view(BH * (S + 1), L * d).index_copy_(0, dst[mi], dv.view(m, -1))
+                c["p"].view(BH * (S + 1), L).index_copy_(0, dst[mi], dp.view(m, -1))
         if slots:  # read in place: slot t of cache slot s is row s*L + t of the (b, hk, (S+1)*L, d) view
-            n = max(self.n, 1)
-            ln = torch.where(valid, self.lens.view(BH, n).gather(1, safe), 0)          # (BH, k)
-            ar = torch.arange(L, device=self.device)
-            tab = torch.where(ar < ln[..., None], final[..., None] * L + ar, -1)       # (BH, k, L)
             return (c["k"].view(b, hk, (S + 1) * L, d), c["v"].view(b, hk, (S + 1) * L, d),
-                    c["p"].view(b, hk, (S + 1) * L), tab.view(b, hk, k * L).to(torch.int32))
-        rows = (base + final).view(-1)
-        ok = c["k"].view(BH * (S + 1), L * d).index_select(0, rows)
-        ov = c["v"].view(BH * (S + 1), L * d).index_select(0, rows)
-        op = c["p"].view(BH * (S + 1), L).index_select(0, rows)
+                    c["p"].view(b, hk, (S + 1) * L), tab.view(b, hk, k * L))
+        ok = c["k"].view(BH * (S + 1), L * d).index_select(0, dst)
+        ov = c["v"].view(BH * (S + 1), L * d).index_select(0, dst)
+        op = c["p"].view(BH * (S + 1), L).index_select(0, dst)
         return ok.view(b, hk, k * L, d), ov.view(b, hk, k * L, d), op.view(b, hk, k * L)
-
-    def _count(self, stats, uva: bool, valid, miss, m) -> None:
-        """Lookups / hits / copies of one cached fetch into ``stats`` (device counters with UVA)."""
-        if stats is not None:
-            if uva:  # [lookups, misses] summed on the device: two launches, no host sync
-                stats.add_device_counts(torch.stack((valid, miss)).sum(dim=(1, 2)), self.L * self._token_bytes())
-            else:
-                nv = valid.sum()
-                stats.chunks = stats.chunks + nv
-                stats.cache_lookups = stats.cache_lookups + nv
-                stats.cache_hits = stats.cache_hits + (nv - m)
-                stats.copied_chunks = stats.copied_chunks + m
-                stats.copied_bytes = stats.copied_bytes + m * (self.L * self._token_bytes())
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def kv_nbytes(self) -> tuple[int, int]:
