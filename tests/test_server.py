@@ -320,6 +320,13 @@ def test_restart_keeps_context(server):
     assert ctx["persisted"] and ctx["tokens"] > 300
     first = _ask(server, ctx["id"])
     assert metric(server, 'kvsift_kv_bytes{location="device",pool="contexts"}') > 0
+    # a sentencekv context: its chunks live in a host store, persisted with its kv_options
+    r = post(server, "/v1/contexts", {"document": doc, "kv_method": "sentencekv", "kv_budget": 128,
+                                      "kv_options": {"recent": 16, "max_chunk": 16}}, timeout=120)
+    assert r.status_code == 200, r.text
+    sctx = r.json()
+    assert sctx["persisted"], sctx
+    s_first = _ask(server, sctx["id"])
     ctx_dir = server.contexts_dir
     assert json.loads((ctx_dir / ctx["id"] / "meta.json").read_text())["tokens"] == ctx["tokens"]
     # beside it: a corrupted copy and an interrupted write, which the restarted server skips / removes
@@ -343,3 +350,6 @@ def test_restart_keeps_context(server):
     assert again["kvsift"]["stats"][0]["kv_kept_bytes"] == first["kvsift"]["stats"][0]["kv_kept_bytes"]
     assert httpx.get(server.url + f"/v1/contexts/{ctx['id']}", headers=HEADERS, timeout=10).json()["loaded"]
     assert not (ctx_dir / ".tmp-ctx_half-written").exists()
+    s_again = _ask(server, sctx["id"])
+    assert s_again["choices"][0]["message"]["content"] == s_first["choices"][0]["message"]["content"]
+    assert s_again["kvsift"]["stats"][0]["kv_host_bytes"] == s_first["kvsift"]["stats"][0]["kv_host_bytes"] > 0

@@ -180,8 +180,10 @@ class LLM:
         m.setup(None, len(ids), self.info.num_layers)
         with self.lock:
             cache, stats, _ = self._prefill([ids], m, None, progress)
-        return Context(cache=cache, token_ids=ids, method=_spec(m), budget=budget, stats=stats,
-                       method_kwargs=dict(method_kwargs or {}))
+        # a method instance carries its own budget (its options: pass method_kwargs, or set them on the
+        # context, so that answers that must re-build the method, e.g. sentencekv's, get them)
+        return Context(cache=cache, token_ids=ids, method=_spec(m), budget=m.budget if budget is None else budget,
+                       stats=stats, method_kwargs=dict(method_kwargs or {}))
 
     def score(self, context: Prompt, continuation: Sequence[int], *, method: str | KVMethod | None = None,
               budget: Budget = None, method_kwargs: dict | None = None) -> tuple[float, GenerationStats]:

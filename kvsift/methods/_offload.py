@@ -527,6 +527,42 @@ class ChunkStore:
         new._uva, new._written = self._uva, None
         return new
 
+    # ---- persistence (kvsift.server.contexts: a reusable context on disk) -------------------------
+    _META = ("b", "hk", "L", "d", "bounds", "cache_chunks", "n", "T", "max_tokens", "capacity")
+
+    def kv_state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``(tensors, json_extra)``: the host KV (all rows, as stored), the device summaries and
+        tables; the device chunk cache is not saved (it refills on the first fetches)."""
+        self._host_ready()
+        t = {"k": self.k, "v": self.v, "pos": self.pos, "starts": self.starts, "lens": self.lens,
+             "used": self.used, "mean": self.mean}
+        if self.bounds:
+            t.update(kmin=self.kmin, kmax=self.kmax)
+        extra = {name: getattr(self, name) for name in self._META}
+        extra["dtype"] = str(self.dtype).removeprefix("torch.")
+        return t, extra
+
+    @classmethod
+    def kv_from_state_dict(cls, tensors: dict[str, torch.Tensor], extra: dict[str, Any], device) -> "ChunkStore":
+        """Rebuild a store written by :meth:`kv_state_dict` on ``device`` (host KV pinned on CUDA)."""
+        dtype = getattr(torch, extra["dtype"])
+        new = cls(extra["b"], extra["hk"], extra["L"], extra["d"], dtype, device, bounds=extra["bounds"],
+                  cache_chunks=extra["cache_chunks"], capacity=extra["capacity"])
+        for name in ("n", "T", "max_tokens"):
+            setattr(new, name, int(extra[name]))
+        rows = new.b * new.hk * new.T + 1
+        if tensors["k"].shape != (rows, new.d) or tensors["pos"].shape != (rows,):
+            raise ValueError(f"host tensors {tuple(tensors['k'].shape)} do not match the store's layout "
+                             f"({rows}, {new.d})")
+        new.k, new.v, new.pos = (new._copy_host(tensors[x].to(dt)) for x, dt in
+                                 (("k", dtype), ("v", dtype), ("pos", torch.int32)))
+        dev = new.device
+        new.starts, new.lens = tensors["starts"].to(dev, torch.int64), tensors["lens"].to(dev, torch.int32)
+        new.used, new.mean = tensors["used"].to(dev, torch.int64), tensors["mean"].to(dev, dtype)
+        if new.bounds:
+            new.kmin, new.kmax = tensors["kmin"].to(dev, dtype), tensors["kmax"].to(dev, dtype)
+        return new
+
     def repeat_batch(self, times: int) -> None:
         """Repeat a batch-1 store ``times`` times over the batch (context reuse with a batch)."""
         if times == 1:

@@ -600,8 +600,10 @@ async def _create_context(state: ServerState, req: ContextRequest, request: Requ
         raise APIError(499, "client disconnected", code="client_disconnected")
 
     ctx: Context = await _until_disconnect(request, job, run())
+    ctx.method_kwargs = dict(req.kv_options or {})  # answers re-build the method with the same options
     meta = {"created": int(time.time()), "model": state.model_id, "kv_method": spec, "kv_budget": budget,
-            "chat": chat, "stats": ctx.stats.to_dict(), "metadata": req.metadata or {}}
+            "kv_options": ctx.method_kwargs, "chat": chat, "stats": ctx.stats.to_dict(),
+            "metadata": req.metadata or {}}
     try:
         rec = await asyncio.to_thread(state.store.add, ctx, meta, req.persist)
     except ValueError as e:

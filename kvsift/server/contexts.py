@@ -196,7 +196,7 @@ def load_context(directory: Path, llm, fingerprint: str | None = None) -> tuple[
     names = {f.name for f in dataclasses.fields(GenerationStats)}
     stats = GenerationStats(**{k: v for k, v in (meta.get("stats") or {}).items() if k in names})
     ctx = Context(cache=cache, token_ids=token_ids, method=meta["kv_method"], budget=meta.get("kv_budget"),
-                  stats=stats)
+                  stats=stats, method_kwargs=dict(meta.get("kv_options") or {}))
     return ctx, meta
 
 
