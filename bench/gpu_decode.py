@@ -449,15 +449,17 @@ def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict
 
     llm = LLM.from_model(model, None, name="llama-8b-shape-random", chunk_size=args.e2e_chunk,
                          decode_mode=args.e2e_decode)
-    name, _, budget = sys_name.partition(":")
+    name, _, rest = sys_name.partition(":")          # method[:budget[:option=value...]]
+    budget, *opts = rest.split(":") if rest else [""]
+    kw = {k: int(v) if v.lstrip("-").isdigit() else v for k, _, v in (o.partition("=") for o in opts)}
     budget_v = int(budget) if budget else None
     if budget_v is not None and budget_v >= ids.shape[1]:
         budget_v = None if name == "full" else max(1, ids.shape[1] // 2)
     outs = llm.generate([r.tolist() for r in ids], SamplingParams(max_tokens=n, ignore_eos=True), method=name,
-                        budget=budget_v, progress=False)
+                        budget=budget_v, method_kwargs=kw or None, progress=False)
     st = outs[0].stats
     # steady state: the one-off warm-up step and CUDA graph recording are reported apart
-    return {"decode_steps": st.decode_steps - (1 if st.decode_setup_s else 0),
+    return {"decode_steps": st.decode_steps - (st.decode_setup_steps or (1 if st.decode_setup_s else 0)),
             "decode_s": st.decode_s - st.decode_setup_s, "decode_setup_s": st.decode_setup_s,
             "prefill_s": st.prefill_s,
             "decode_mode": st.decode_mode, "kv_device_bytes": st.kv_device_bytes, "kv_host_bytes": st.kv_host_bytes,
@@ -557,7 +559,7 @@ def main(argv=None) -> int:
     p.add_argument("--e2e-decode", default="auto", help="kvsift decode mode: auto | eager | static | graph")
     p.add_argument("--e2e-new-tokens", type=int, default=32)
     p.add_argument("--e2e-methods", type=lambda s: [x for x in s.split(",") if x], default=["full", "sentencekv:2048"],
-                   help="kvsift methods, 'name' or 'name:budget'")
+                   help="kvsift methods: 'name', 'name:budget' or 'name:budget:option=value[:...]'")
     p.add_argument("--e2e-sdpa", choices=["default", "no-cudnn"], default="no-cudnn",
                    help="SDPA backends in the end-to-end section (default: cuDNN SDPA disabled)")
     p.add_argument("--e2e-tiny", action="store_true", help="tiny model instead (smoke test of the harness)")

@@ -12,7 +12,8 @@ from kvsift.models import tiny_model
 from tests.conftest import random_prompt
 
 SPECS = [("full", None), ("snapkv", 64), ("pyramidkv", 64), ("sentencekv", 96), ("snapkv+sentencekv", 96),
-         ("sentencekv", 1.0)]
+         ("sentencekv", 1.0), ("sentencekv:reselect", 96)]
+KW = {"sentencekv:reselect": {"reselect_every": 3}}
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,10 @@ def test_static_decode_gives_the_eager_tokens(pairs, family, spec, budget):
     eager, static = pairs[family]
     ids = [random_prompt(200, seed=3), random_prompt(150, seed=4)]  # left padding in the batch
     p = SamplingParams(max_tokens=8, ignore_eos=True)
-    a = eager.generate(ids, p, method=spec, budget=budget)
-    b = static.generate(ids, p, method=spec, budget=budget)
+    kw = KW.get(spec)
+    spec = spec.partition(":")[0]
+    a = eager.generate(ids, p, method=spec, budget=budget, method_kwargs=kw)
+    b = static.generate(ids, p, method=spec, budget=budget, method_kwargs=kw)
     assert [x.token_ids for x in a] == [y.token_ids for y in b]
     assert a[0].stats.decode_mode == "eager" and b[0].stats.decode_mode == "static"
     assert b[0].stats.decode_steps == 7
@@ -114,8 +117,47 @@ def test_sentencekv_capture_hooks_keep_host_counters_exact():
     assert (skv._fetch.calls, skv._fetch.head_calls, skv._steps) == (10, 40, 5)
     m.replayed(3)
     assert (skv._fetch.calls, skv._fetch.head_calls, skv._steps) == (16, 64, 8)
-    assert m.static_ok() and not build_method("sentencekv", 64, reselect_every=4).static_ok()
+    assert m.static_ok() and build_method("sentencekv", 64, reselect_every=4).static_ok()
     assert not build_method("snapkv+streaming", 64).static_ok()
+
+
+def test_reselect_every_gives_two_kinds_of_step_with_their_own_counters():
+    """reselect_every=3: steps 1, 4, 7, ... select (and fetch), the others keep the selection; each
+    kind records its own host-counter increments and replays add the right ones."""
+    m = build_method("sentencekv", 64, reselect_every=3)
+    m.setup(None, 256, 2)
+    assert [m.decode_variant() for m._steps in range(7)] == [True, False, False, True, False, False, True]
+    for steps, fetches in ((1, 0), (3, 2)):     # record a keeping step, then a selecting step
+        m._steps = steps
+        m.before_capture()
+        m._fetch.calls += fetches
+        m._steps += 1
+        m.after_capture()
+        assert m._steps == steps
+    m._steps, m._fetch.calls = 1, 10
+    m.replayed(5)                                # steps 2..6: keep, keep, select, keep, keep
+    assert (m._steps, m._fetch.calls) == (6, 12)
+    assert build_method("sentencekv", 64).decode_variant() is True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("spec,budget,kw", [("sentencekv", 96, {"reselect_every": 3}),
+                                            ("sentencekv", 96, {"reselect_every": 2, "cache_chunks": 0})])
+def test_cuda_graphs_per_kind_of_step_give_the_eager_tokens(spec, budget, kw):
+    """reselect_every > 1 under graphs: one graph for the selecting steps, one for the keeping
+    steps, with the device chunk cache or without (held copies)."""
+    m = tiny_model("llama", seed=1).to("cuda")
+    ids = [random_prompt(300, seed=8), random_prompt(260, seed=9)]
+    p = SamplingParams(max_tokens=14, ignore_eos=True)
+    a = LLM.from_model(m, None, chunk_size=64, decode_mode="eager").generate(ids, p, method=spec, budget=budget,
+                                                                          method_kwargs=kw)
+    b = LLM.from_model(m, None, chunk_size=64, decode_mode="graph").generate(ids, p, method=spec, budget=budget,
+                                                                          method_kwargs=kw)
+    assert [x.token_ids for x in a] == [y.token_ids for y in b]
+    st = b[0].stats
+    assert st.decode_mode == "graph" and st.decode_setup_steps == 2  # one warm-up step per kind
+    assert st.method_stats["chunks_selected_per_head"] == a[0].stats.method_stats["chunks_selected_per_head"]
+    assert st.method_stats["chunks_copied_per_step"] == pytest.approx(a[0].stats.method_stats["chunks_copied_per_step"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

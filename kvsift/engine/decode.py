@@ -6,9 +6,12 @@
   (:func:`kvsift.engine.attention.static_decode_attention`) and changes no host state. Runs on any
   device (the CPU tests check it against ``eager``).
 * ``graph`` (CUDA): the first step runs statically (it also warms up kernels and allocations), the
-  second is recorded in a ``torch.cuda.CUDAGraph`` over static input buffers, and every later step
-  is a copy of the token ids and positions plus one replay: no Python in the model, no launch
-  overhead, no host sync. If recording fails the runner stays ``static``.
+  second is recorded in a ``torch.cuda.CUDAGraph`` over static input buffers and replayed, and every
+  later step is a copy of the token ids and positions plus one replay: no Python in the model, no
+  launch overhead, no host sync. A method whose steps come in kinds (``method.decode_variant()``,
+  e.g. sentencekv's ``reselect_every``: steps that select chunks and steps that keep the selection)
+  gets one graph per kind, recorded the second time that kind comes. If recording fails the runner
+  stays ``static``.
 
 ``LLM(decode_mode=...)`` picks: ``auto`` is ``graph`` on CUDA with Triton when the method says
 ``static_ok()`` (otherwise ``eager``); ``KVSIFT_DECODE=eager|static|graph`` overrides ``auto``.
@@ -68,26 +71,41 @@ class DecodeRunner:
     def __init__(self, llm: "LLM", ctx: "ForwardContext", mode: str, max_steps: int):
         self.llm, self.ctx, self.mode = llm, ctx, mode
         self.steps = 0          # steps run in static / graph mode
-        self.setup_s = 0.0      # wall time of the first (eager, warm-up) step plus the graph recording
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.setup_s = 0.0      # wall time of the static warm-up steps plus the graph recordings
+        self.setup_steps = 0    # steps run statically in graph mode (one per kind of step)
+        self.graphs: dict = {}  # step kind -> (graph, logits buffer)
+        self._warm: set = set()  # step kinds that ran once (kernels and allocations warmed up)
+        self._tok = self._pos = None
         if mode != "eager":
             ctx.cache.begin_static(max_steps)
+
+    @property
+    def graph(self) -> "torch.cuda.CUDAGraph | None":
+        """A recorded graph (the first kind's), or None."""
+        return next(iter(self.graphs.values()))[0] if self.graphs else None
 
     def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.mode == "eager":
             return self.llm._forward(self.ctx, tok[:, None], pos[:, None])
-        if self.graph is not None:
+        key = self.ctx.method.decode_variant() if self.mode == "graph" else None
+        if self.mode == "graph" and key not in self.graphs and key in self._warm:
+            t0 = time.perf_counter()
+            self._capture(key, tok, pos)
+            self.setup_s += time.perf_counter() - t0
+        hit = self.graphs.get(key) if self.mode == "graph" else None
+        if hit is not None:
             self._tok.copy_(tok[:, None])
             self._pos.copy_(pos[:, None])
-            self.graph.replay()
+            hit[0].replay()
             self._ran(replayed=True)
-            return self._logits
+            return hit[1]
         t0 = time.perf_counter()
         logits = self.llm._forward(self.ctx, tok[:, None], pos[:, None])
         self._ran()
         if self.mode == "graph":
-            self._capture(tok, pos)
-            self.setup_s = time.perf_counter() - t0
+            self._warm.add(key)
+            self.setup_s += time.perf_counter() - t0
+            self.setup_steps += 1
         return logits
 
     def _ran(self, replayed: bool = False) -> None:
@@ -96,11 +114,13 @@ class DecodeRunner:
             self.ctx.cache.seen += 1
             self.ctx.method.replayed(1)
 
-    def _capture(self, tok: torch.Tensor, pos: torch.Tensor) -> None:
-        """Record one step over static inputs; on failure warn once and stay static."""
+    def _capture(self, key, tok: torch.Tensor, pos: torch.Tensor) -> None:
+        """Record one step of kind ``key`` over the static inputs (not run: the caller replays it);
+        on failure warn once and stay static."""
         ctx, llm = self.ctx, self.llm
-        self._tok = tok[:, None].clone()
-        self._pos = pos[:, None].to(torch.int32).clone()
+        if self._tok is None:
+            self._tok = tok[:, None].clone()
+            self._pos = pos[:, None].to(torch.int32).clone()
         graph = torch.cuda.CUDAGraph()
         ctx.method.before_capture()
         seen = ctx.cache.seen
@@ -111,8 +131,8 @@ class DecodeRunner:
             with llm._forward_mode(ctx), torch.cuda.graph(graph):
                 out = llm.model(input_ids=self._tok, position_ids=self._pos.long().clamp(min=0),
                                 past_key_values=ctx.cache, use_cache=True, logits_to_keep=1)
-                self._logits = out.logits[:, -1].float()
-            self.graph = graph
+                logits = out.logits[:, -1].float()
+            self.graphs[key] = (graph, logits)
         except Exception as e:  # noqa: BLE001 - any capture failure: keep decoding without the graph
             self.mode = "static"
             warnings.warn(f"kvsift: CUDA graph capture failed, decoding without it ({type(e).__name__}: {e})",
@@ -122,6 +142,6 @@ class DecodeRunner:
             ctx.method.after_capture()
 
     def close(self) -> None:
-        self.graph = None
+        self.graphs.clear()
         if self.mode != "eager":
             self.ctx.cache.end_static(self.steps)

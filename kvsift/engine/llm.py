@@ -409,6 +409,7 @@ class LLM:
                         ev = s.push(toks[s.index], bool(eos_l[s.index]), last, reason)
                         if ev.finished:
                             stats.decode_mode, stats.decode_setup_s = runner.mode, runner.setup_s
+                            stats.decode_setup_steps = runner.setup_steps
                             stats_i = _copy_stats(stats, cache, method, len(s.ids), step, time.perf_counter() - t0)
                             ev.output = RequestOutput(s.text, s.ids, ids[s.index], s.reason, stats_i)
                         if ev.text or ev.finished:
@@ -508,6 +509,7 @@ def _copy_stats(stats: GenerationStats, cache: SiftCache, method: KVMethod, n_ge
     mem = cache.memory()
     return GenerationStats(method=stats.method, budget=stats.budget, prompt_tokens=stats.prompt_tokens,
                            decode_mode=stats.decode_mode, decode_setup_s=stats.decode_setup_s,
+                           decode_setup_steps=stats.decode_setup_steps,
                            generated_tokens=n_gen, decode_steps=steps, prefill_s=stats.prefill_s, decode_s=decode_s,
                            kv_device_bytes=stats.kv_device_bytes, kv_host_bytes=stats.kv_host_bytes,
                            kv_kept_bytes=stats.kv_kept_bytes, kv_full_bytes=stats.kv_full_bytes,

@@ -49,7 +49,8 @@ class GenerationStats:
     kv_device_bytes_end: int = 0
     kv_host_bytes_end: int = 0
     decode_mode: str = "eager"     # eager | static | graph (kvsift.engine.decode)
-    decode_setup_s: float = 0.0    # part of decode_s spent on the warm-up step + CUDA graph recording
+    decode_setup_s: float = 0.0    # part of decode_s spent on the warm-up steps + CUDA graph recordings
+    decode_setup_steps: int = 0    # decode steps run outside a graph while graphs were set up
     method_stats: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -59,7 +60,7 @@ class GenerationStats:
     @property
     def steady_ms_per_token(self) -> float:
         """Decode ms/token once running: without the one-off warm-up step and graph recording."""
-        steps = self.decode_steps - (1 if self.decode_setup_s else 0)
+        steps = self.decode_steps - (self.decode_setup_steps or (1 if self.decode_setup_s else 0))
         return 1000.0 * (self.decode_s - self.decode_setup_s) / steps if steps > 0 else self.decode_ms_per_token
 
     @property

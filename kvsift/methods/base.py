@@ -164,6 +164,11 @@ class KVMethod:
         hooks evict or reshape (e.g. a rolling window) say False."""
         return True
 
+    def decode_variant(self):
+        """The kind of the next decode step (hashable): steps of different kinds run different code
+        (e.g. select chunks, or keep the last selection) and get one CUDA graph each."""
+        return 0
+
     def before_capture(self) -> None:
         """A decode step is about to be recorded (not run) in a CUDA graph."""
 
@@ -260,6 +265,9 @@ class Compose(KVMethod):
 
     def row_prefill_ok(self) -> bool:
         return all(s.row_prefill_ok() for s in self.stages)
+
+    def decode_variant(self):
+        return tuple(s.decode_variant() for s in self.stages)
 
     def before_capture(self) -> None:
         for s in self.stages:

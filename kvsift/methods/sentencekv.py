@@ -265,6 +265,8 @@ class SentenceKV(KVMethod):
                 self._steps += 1
         held = layer.state.get(SEL_KEY) if ctx.decoding and self.reselect_every > 1 else None
         if held is not None and held[0] is self._gen and self._steps - held[1] < self.reselect_every:
+            if isinstance(held[2], SlotSelection):  # static decode: the held tables, read in place
+                return held[2]
             return self._assemble(layer, *held[2:])  # keep this layer's last selection (no scoring, no fetch)
         if budget <= 0:
             idx = torch.full((b, hk, 0), -1, dtype=torch.int64, device=query.device)
@@ -279,11 +281,33 @@ class SentenceKV(KVMethod):
             # ascending chunk ids (= position order), -1 at the end
             idx = select_chunks(scores, store.lens[:, :, : store.n], budget, max_chunks=kcap)
         if ctx.cache.static:  # static decode: the kernel reads the chunks in place (no gather, no concat)
-            return SlotSelection(*store.fetch(idx, self._fetch, slots=True))
+            sel = SlotSelection(*store.fetch(idx, self._fetch, slots=True))
+            return self._hold(layer, store, sel) if ctx.decoding and self.reselect_every > 1 else sel
         fk, fv, fp_ = store.fetch(idx, self._fetch if ctx.decoding else None)
         if ctx.decoding and self.reselect_every > 1:
             layer.state[SEL_KEY] = (self._gen, self._steps, fk, fv, fp_)
         return self._assemble(layer, fk, fv, fp_)
+
+    def _hold(self, layer, store: ChunkStore, sel: SlotSelection) -> SlotSelection:
+        """Keep a static selection for the next ``reselect_every - 1`` steps in buffers that outlive
+        the step (a step that keeps it may be another CUDA graph): the device chunk cache is held by
+        reference, everything else is copied into buffers made at the first selection (the warm-up
+        step, never inside a recording) and refilled in place."""
+        prev = layer.state.get(SEL_KEY)
+        cache = store._dev
+        parts = (sel.keys, sel.values, sel.positions, sel.slots)
+        if prev is not None and prev[0] is self._gen and isinstance(prev[2], SlotSelection) \
+                and prev[2].slots.shape == sel.slots.shape:
+            buf = prev[2]
+            for dst, src in zip((buf.keys, buf.values, buf.positions, buf.slots), parts):
+                if dst.data_ptr() != src.data_ptr():
+                    dst.copy_(src)
+        else:
+            own = {t.untyped_storage().data_ptr() for t in cache.values()} if cache else set()
+            buf = SlotSelection(*(t if i < 3 and t.untyped_storage().data_ptr() in own else t.clone()
+                                  for i, t in enumerate(parts)))
+        layer.state[SEL_KEY] = (self._gen, self._steps, buf)
+        return buf
 
     def _assemble(self, layer, fk, fv, fp_):
         """Device tokens before the split (sinks), the fetched chunks, then the other device tokens
@@ -299,30 +323,37 @@ class SentenceKV(KVMethod):
         return True  # one host store for the batch, each row written into it (ChunkStore.append row=)
 
     # ---- static decode (CUDA graphs) ---------------------------------------------------------
-    def static_ok(self) -> bool:
-        return self.reselect_every == 1  # held selections age by a host-side step counter
+    def decode_variant(self):
+        """``reselect_every > 1``: True when the next step selects chunks anew, False when it keeps
+        the layers' last selections (held selections age by the host-side step counter)."""
+        return self.reselect_every == 1 or self._steps % self.reselect_every == 0
 
     def _counters(self) -> tuple[int, int, int]:
         return self._fetch.calls, self._fetch.head_calls, self._steps
 
     def before_capture(self) -> None:
-        self._captured = self._counters()
+        self._captured = (self._counters(), self.decode_variant())
 
     def after_capture(self) -> None:
-        """The recorded step did not run: restore the host counters, remember one step's increments."""
-        before, self._captured = self._captured, None
-        if before is None:
+        """The recorded step did not run: restore the host counters, remember one step's increments
+        (per kind of step)."""
+        cap, self._captured = self._captured, None
+        if cap is None:
             return
+        before, kind = cap
         now = self._counters()
-        self._per_step = tuple(a - b for a, b in zip(now, before))
+        if self._per_step is None:
+            self._per_step = {}
+        self._per_step[kind] = tuple(a - b for a, b in zip(now, before))
         self._fetch.calls, self._fetch.head_calls, self._steps = before
 
     def replayed(self, n: int = 1) -> None:
-        inc = self._per_step
-        if inc:
-            self._fetch.calls += n * inc[0]
-            self._fetch.head_calls += n * inc[1]
-            self._steps += n * inc[2]
+        for _ in range(n):
+            inc = (self._per_step or {}).get(self.decode_variant())
+            if inc:
+                self._fetch.calls += inc[0]
+                self._fetch.head_calls += inc[1]
+                self._steps += inc[2]
 
     def stats(self) -> dict[str, Any]:
         f = self._fetch
