@@ -56,25 +56,27 @@ class FetchStats:
     _tracked: Any = None       # device (lookups, misses) counters of the device chunk caches, by id
     _chunk_bytes: int = 0
 
-    def track(self, counts: torch.Tensor, chunk_bytes: int) -> None:
-        """Count a device chunk cache's ``(lookups, misses)`` tensor, which its fetches update in
-        place (no host sync, no launch; a replayed CUDA graph keeps counting). Its values at the
+    def track(self, counts: torch.Tensor, chunk_bytes: int, cached: bool = True) -> None:
+        """Count a device ``(lookups, misses)`` tensor that fetches update in place (no host sync, no
+        launch; a replayed CUDA graph keeps counting): a device chunk cache's, or with
+        ``cached=False`` a direct fetch's (every chunk copied, no cache lookups). Its values at the
         first call are the baseline."""
         if self._tracked is None:
             self._tracked = {}
         if id(counts) not in self._tracked:
-            self._tracked[id(counts)] = (counts, counts.clone())
+            self._tracked[id(counts)] = (counts, counts.clone(), cached)
         self._chunk_bytes = chunk_bytes
 
     def value(self, name: str) -> float:
         v = getattr(self, name)
         v = v.item() if isinstance(v, torch.Tensor) else v
         if self._tracked and name in ("chunks", "cache_lookups", "cache_hits", "copied_chunks", "copied_bytes"):
-            tot = sum((t - base for t, base in self._tracked.values()), torch.zeros_like(next(iter(
-                self._tracked.values()))[0]))
-            lookups, misses = (int(x) for x in tot.tolist())
-            v += {"chunks": lookups, "cache_lookups": lookups, "cache_hits": lookups - misses,
-                  "copied_chunks": misses, "copied_bytes": misses * self._chunk_bytes}[name]
+            for t, base, cached in self._tracked.values():
+                lookups, misses = (int(x) for x in (t - base).tolist())
+                if not cached and name in ("cache_lookups", "cache_hits"):
+                    continue
+                v += {"chunks": lookups, "cache_lookups": lookups, "cache_hits": lookups - misses,
+                      "copied_chunks": misses, "copied_bytes": misses * self._chunk_bytes}[name]
         return v
 
 
@@ -127,6 +129,7 @@ class ChunkStore:
         self.v = self._host_empty((1, head_dim), dtype)
         self.pos = self._host_empty((1,), torch.int32)
         self._written = None  # CUDA event of the last asynchronous device -> host write
+        self._direct_counts = None  # (chunks, chunks) fetched without a device cache, device, in place
         self.used = torch.zeros(batch * kv_heads, dtype=torch.int64, device=self.device)
         self.starts = torch.zeros(hb, dtype=torch.int64, device=self.device)
         self.lens = torch.zeros(hb, dtype=torch.int32, device=self.device)
@@ -384,11 +387,11 @@ class ChunkStore:
             dst = torch.arange(b * hk * k, device=self.device)
             # every entry is written (invalid ones as padding: length 0)
             if self._uva_copy(bh, flat, torch.ones_like(valid), ok, ov, op, dst):
-                if stats is not None:
-                    nv = valid.sum()
-                    stats.chunks = stats.chunks + nv
-                    stats.copied_chunks = stats.copied_chunks + nv
-                    stats.copied_bytes = stats.copied_bytes + nv * (L * self._token_bytes())
+                if stats is not None:  # counted in place: a replayed CUDA graph keeps counting
+                    if self._direct_counts is None:
+                        self._direct_counts = torch.zeros(2, dtype=torch.int64, device=self.device)
+                    stats.track(self._direct_counts, L * self._token_bytes(), cached=False)
+                    self._direct_counts.add_(valid.sum().expand(2))
                 return ok.view(b, hk, k * L, d), ov.view(b, hk, k * L, d), op.view(b, hk, k * L)
         rows = self._token_rows(bh, chunk_idx.reshape(-1)).cpu()
         dk, dv, dp = self._host_gather(rows)
@@ -524,7 +527,7 @@ class ChunkStore:
         new.kmin = None if self.kmin is None else self.kmin.clone()
         new.kmax = None if self.kmax is None else self.kmax.clone()
         new._dev, new._stage, new._stage_events, new._stage_i, new._stream = None, [], [], 0, None
-        new._uva, new._written = self._uva, None
+        new._uva, new._written, new._direct_counts = self._uva, None, None
         return new
 
     # ---- persistence (kvsift.server.contexts: a reusable context on disk) -------------------------
