@@ -79,11 +79,6 @@ class DecodeRunner:
         if mode != "eager":
             ctx.cache.begin_static(max_steps)
 
-    @property
-    def graph(self) -> "torch.cuda.CUDAGraph | None":
-        """A recorded graph (the first kind's), or None."""
-        return next(iter(self.graphs.values()))[0] if self.graphs else None
-
     def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.mode == "eager":
             return self.llm._forward(self.ctx, tok[:, None], pos[:, None])

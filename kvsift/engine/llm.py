@@ -287,20 +287,33 @@ class LLM:
             cache = SiftCache(self.info.num_layers, capacity_hint=L + reserve, reserve=reserve)
         ctx = ForwardContext(cache=cache, method=method, has_padding=bool((~valid).any()),
                              info={"prompt_ids": ids, "tokenizer": self.tokenizer})  # sentencekv segments the prompt
-        bounds = _chunks(L, max(self.chunk_size, method.min_last_chunk()), method.min_last_chunk())
-        show = progress if progress is not None else L >= 8 * self.chunk_size
-        it = bounds
-        if show:
-            from tqdm.auto import tqdm
-
-            it = tqdm(bounds, desc=f"prefill {L} tokens", unit="chunk", leave=False)
+        bounds = self._chunk_bounds(L, method)
+        bar = self._prefill_bar(progress, L, len(bounds), f"prefill {L} tokens")
         t0 = time.perf_counter()
         logits = None
-        for s, e in it:
-            ctx.prefill_end = e == L
-            logits = self._forward(ctx, tokens[:, s:e], pos[:, s:e])
+        try:
+            for s, e in bounds:
+                ctx.prefill_end = e == L
+                logits = self._forward(ctx, tokens[:, s:e], pos[:, s:e])
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
         ctx.info["next_pos"] = pos[:, -1] + 1
         return self._prefilled(ctx, method, base + L, t0, logits)
+
+    def _chunk_bounds(self, n: int, method: KVMethod) -> list[tuple[int, int]]:
+        """Prefill chunks of a prompt of ``n`` tokens (the last one long enough for the method)."""
+        return _chunks(n, max(self.chunk_size, method.min_last_chunk()), method.min_last_chunk())
+
+    def _prefill_bar(self, progress: bool | None, L: int, total: int, desc: str):
+        """A tqdm bar over ``total`` prefill chunks, or None (default: shown for long prompts)."""
+        if not (progress if progress is not None else L >= 8 * self.chunk_size):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="chunk", leave=False)
 
     def _prefilled(self, ctx: ForwardContext, method: KVMethod, tokens: int, t0: float, logits):
         """Prefill stats of ``ctx.cache`` (``tokens``: logical length incl. a reused context)."""
@@ -323,14 +336,8 @@ class LLM:
         b, L, dev = len(ids), max(len(x) for x in ids), self.device
         cache = SiftCache(self.info.num_layers, capacity_hint=L + reserve, reserve=reserve)
         row_states = [layer.state for layer in cache.layers]
-        step = max(self.chunk_size, method.min_last_chunk())
-        plans = [_chunks(len(x), step, method.min_last_chunk()) for x in ids]
-        show = progress if progress is not None else L >= 8 * self.chunk_size
-        bar = None
-        if show:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=sum(len(p) for p in plans), desc=f"prefill {b} x {L} tokens", unit="chunk", leave=False)
+        plans = [self._chunk_bounds(len(x), method) for x in ids]
+        bar = self._prefill_bar(progress, L, sum(len(p) for p in plans), f"prefill {b} x {L} tokens")
         t0 = time.perf_counter()
         parts, logits = [], []
         try:

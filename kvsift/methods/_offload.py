@@ -249,13 +249,13 @@ class ChunkStore:
                 getattr(self, name)[rs, :, new] = t.view(b, hk, n_new, d)[rs].to(self.dtype)
         # the KV itself goes to host memory, compact
         flat = bh * self.T + new_starts.view(-1)[rowc] + rank           # (N,) host rows
+        self._host_ready()
         if fresh and keys.is_cuda and self.pin:
             # the written (batch, kv_head) rows hold nothing yet: lay their block out on the device
             # and send it with one asynchronous copy per tensor (slots past a row's tokens are
             # never read)
             lo = (0 if row is None else row * hk) * self.T
             hi = (BH if row is None else (row + 1) * hk) * self.T
-            self._host_ready()
             for host, src in ((self.k, keys), (self.v, values), (self.pos, positions)):
                 dt = host.dtype
                 stage = torch.empty((hi - lo, *host.shape[1:]), dtype=dt, device=self.device)
@@ -264,7 +264,6 @@ class ChunkStore:
             self._written = torch.cuda.Event()
             self._written.record()
         else:
-            self._host_ready()
             flat = flat.cpu()
             self.k.index_copy_(0, flat, keys.to("cpu", self.dtype))
             self.v.index_copy_(0, flat, values.to("cpu", self.dtype))
@@ -321,14 +320,18 @@ class ChunkStore:
 
     def _token_rows(self, bh: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
         """Host token rows of chunks: ``bh, chunk (m,)`` (``chunk`` -1 = none) -> ``(m*L,)`` rows of the
-        flat host view ``(b*hk*(T+1), head_dim)``; slots past a chunk's end point to the zero pad row."""
+        flat host tensors; slots past a chunk's end point to the zero pad row."""
         n = max(self.n, 1)
         safe = chunk.clamp(min=0)
         st = self.starts.view(-1, n)[bh, safe] if self.n else torch.zeros_like(bh)
         ln = self.lens.view(-1, n)[bh, safe].to(torch.int64) if self.n else torch.zeros_like(bh)
-        ln = torch.where(chunk >= 0, ln, 0)
-        ar = torch.arange(self.L, device=bh.device)
-        return torch.where(ar < ln[:, None], (bh * self.T + st)[:, None] + ar, self.pad).reshape(-1)
+        return self._host_rows(bh * self.T + st, torch.where(chunk >= 0, ln, 0))
+
+    def _host_rows(self, first: torch.Tensor, ln: torch.Tensor) -> torch.Tensor:
+        """``(m*L,)`` host rows of ``m`` chunks given their first host row and length ``(m,)`` (a
+        length <= 0: none); slots past a chunk's end point to the zero pad row."""
+        ar = torch.arange(self.L, device=first.device)
+        return torch.where(ar < ln[:, None], first[:, None] + ar, self.pad).reshape(-1)
 
     def _host_gather(self, rows_cpu: torch.Tensor):
         """Gather host token rows into (pinned, when CUDA) staging tensors and bring them to the
@@ -486,9 +489,7 @@ class ChunkStore:
                                          c["p"].view(BH * (S + 1), L), dst)):
             mi = (ln >= 0).nonzero().squeeze(1)  # host path: one sync for the miss list
             if mi.numel():
-                ar = torch.arange(L, device=src.device)
-                rows = torch.where(ar < ln[mi, None], src[mi, None] + ar, self.pad).reshape(-1).cpu()
-                dk, dv, dp = self._host_gather(rows)
+                dk, dv, dp = self._host_gather(self._host_rows(src[mi], ln[mi]).cpu())
                 m = mi.numel()
                 c["k"].view(BH * (S + 1), L * d).index_copy_(0, dst[mi], dk.view(m, -1))
                 c["v"].view(BH * (S + 1), L * d).index_copy_(0, dst[mi], dv.view(m, -1))
