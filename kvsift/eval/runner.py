@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import time
 import traceback
@@ -25,39 +24,13 @@ from typing import Any, Iterable, Protocol
 from kvsift.eval.scoring import perplexity, score
 from kvsift.eval.tasks import TASKS, Sample, TaskBuilder, TaskConfig
 
-Budget = int | float | None
-FULL = "full"
+from kvsift.budget import FULL, Budget, budget_label, resolve_budget
+from kvsift.budget import parse_budget as _parse_budget
 
 
 def parse_budget(text: str | int | float | None) -> Budget:
     """``"full"``/None -> None, ``"256"`` -> 256 tokens, ``"0.25"``/``"25%"`` -> ratio 0.25."""
-    if text is None or (isinstance(text, str) and text.strip().lower() in ("full", "none", "")):
-        return None
-    if isinstance(text, bool):
-        raise ValueError(f"bad budget {text!r}")
-    if isinstance(text, (int, float)):
-        value: Budget = text
-    else:
-        s = text.strip()
-        try:
-            value = float(s[:-1]) / 100.0 if s.endswith("%") else (float(s) if any(c in s for c in ".eE") else int(s))
-        except ValueError:
-            raise ValueError(f"budget must be a token count (256), a ratio (0.25) or a percentage (25%), "
-                             f"got {text!r}") from None
-    if isinstance(value, float) and value.is_integer() and value > 1:
-        value = int(value)
-    if isinstance(value, int):
-        if value < 1:
-            raise ValueError(f"token budget must be >= 1, got {value}")
-    elif not 0.0 < value <= 1.0:
-        raise ValueError(f"budget ratio must be in (0, 1], got {value}")
-    return value
-
-
-def budget_label(budget: Budget) -> str:
-    if budget is None:
-        return FULL
-    return str(budget) if isinstance(budget, int) else f"{budget:g}"
+    return _parse_budget(text, allow_full=True)
 
 
 def budget_kind(budget: Budget) -> str:
@@ -65,13 +38,9 @@ def budget_kind(budget: Budget) -> str:
 
 
 def kept_tokens(budget: Budget, prompt_len: int) -> int:
-    """Tokens kept per layer and KV head for ``budget`` on a prompt of ``prompt_len`` tokens (the
-    engine's rule: ratio -> ceil(ratio * n), tokens capped at n)."""
-    if budget is None:
-        return prompt_len
-    if isinstance(budget, float):
-        return max(1, math.ceil(budget * prompt_len))
-    return min(int(budget), prompt_len)
+    """Tokens kept per layer and KV head for ``budget`` on a prompt of ``prompt_len`` tokens (one
+    grid budget serves every length, so a token budget is capped at the prompt)."""
+    return resolve_budget(budget, prompt_len, clamp=True)
 
 
 def cell_key(task: str, method: str, budget: Budget | str, length: int, seed: int) -> str:

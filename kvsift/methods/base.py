@@ -20,55 +20,17 @@ touched while the step was recorded are fixed up through ``before_capture`` / ``
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from kvsift.budget import Budget, parse_budget, resolve_budget, validate_budget  # noqa: F401 (re-exported)
+from kvsift.errors import BudgetError, MethodOptionError, UnknownMethodError
+
 if TYPE_CHECKING:
     from kvsift.cache import SiftCache, SiftLayer
     from kvsift.engine.attention import ForwardContext
-
-Budget = int | float | None
-
-
-def validate_budget(budget: Budget) -> None:
-    """Tokens (``int >= 1``) or a ratio of the prompt (``float`` in (0, 1])."""
-    if budget is None:
-        return
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ValueError(f"budget must be an int (tokens) or a float ratio in (0, 1], got {budget!r}")
-    if isinstance(budget, float) and budget.is_integer() and budget > 1:
-        budget = int(budget)
-    if isinstance(budget, int):
-        if budget < 1:
-            raise ValueError(f"budget must be >= 1 token, got {budget}")
-    elif not (0.0 < budget <= 1.0):
-        raise ValueError(f"budget ratio must be in (0, 1], got {budget}")
-
-
-def parse_budget(text: str | int | float | None) -> Budget:
-    """``"1024"`` -> 1024 tokens, ``"0.25"`` or ``"25%"`` -> ratio 0.25."""
-    if text is None or isinstance(text, (int, float)):
-        validate_budget(text)
-        return text
-    s = str(text).strip()
-    percent = s.endswith("%")
-    try:
-        if percent:
-            value: Budget = float(s[:-1]) / 100.0
-        elif any(c in s for c in ".eE"):
-            value = float(s)
-        else:
-            value = int(s)
-    except ValueError:
-        raise ValueError(f"budget must be a token count (e.g. 1024), a ratio (0.25) or a percentage (25%), got {text!r}") from None
-    if percent and not 0.0 < value <= 1.0:
-        raise ValueError(f"budget percentage must be in (0%, 100%], got {text!r}")
-    validate_budget(value)
-    return value
-
 
 @dataclass
 class SlotSelection:
@@ -112,19 +74,11 @@ class KVMethod:
     def __post_init__(self):
         validate_budget(self.budget)
         if self.needs_budget and self.budget is None:
-            raise ValueError(f"method {self.name!r} needs a budget (tokens, e.g. 1024, or a ratio, e.g. 0.25)")
+            raise BudgetError(f"method {self.name!r} needs a budget (tokens, e.g. 1024, or a ratio, e.g. 0.25)")
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def resolve_budget(self, prompt_len: int) -> int:
-        if self.budget is None:
-            return prompt_len
-        if isinstance(self.budget, float) and self.budget <= 1.0:
-            return max(1, math.ceil(self.budget * prompt_len))
-        tokens = int(self.budget)
-        if tokens > prompt_len:
-            raise ValueError(f"budget {tokens} tokens is larger than the context ({prompt_len} tokens); "
-                             f"use at most {prompt_len} or a ratio in (0, 1]")
-        return tokens
+        return resolve_budget(self.budget, prompt_len)
 
     def setup(self, cache: "SiftCache", prompt_len: int, num_layers: int) -> None:
         """Called once per generation before prefill."""
@@ -310,7 +264,7 @@ def available_methods() -> dict[str, str]:
 def method_class(name: str) -> type[KVMethod]:
     _load_builtin()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+        raise UnknownMethodError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 
@@ -322,13 +276,13 @@ def build_method(spec: "str | KVMethod", budget: Budget = None, **kwargs) -> KVM
     if isinstance(spec, KVMethod):
         return spec
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"method must be a non-empty name, got {spec!r}")
+        raise UnknownMethodError(f"method must be a non-empty name, got {spec!r}")
     names = [p.strip() for p in spec.split("+")]
     classes = [method_class(n) for n in names]
     known = {f.name for c in classes for f in fields(c) if f.init}
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method {spec!r}; options: {sorted(known - {'budget'})}")
+        raise MethodOptionError(f"unknown option(s) {unknown} for method {spec!r}; options: {sorted(known - {'budget'})}")
     stages = []
     for c in classes:
         own = {f.name for f in fields(c) if f.init}

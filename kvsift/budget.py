@@ -1,0 +1,81 @@
+"""KV budgets, in one place: parsing (CLI, server, eval), validation and resolution to tokens.
+
+A budget is ``None`` (keep everything), a token count (``int >= 1``) or a ratio of the prompt
+(``float`` in (0, 1]). Text forms: ``"1024"``, ``"0.25"``, ``"25%"`` (and ``"full"`` where a
+caller allows it). This module imports nothing heavy (the kvpress eval worker uses it).
+"""
+
+from __future__ import annotations
+
+import math
+
+from kvsift.errors import BudgetError
+
+Budget = int | float | None
+FULL = "full"
+
+
+def validate_budget(budget: Budget, what: str = "budget") -> Budget:
+    """Check ``budget`` and return it normalised (an integral float > 1 becomes an int)."""
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise BudgetError(f"{what} must be an int (tokens) or a float ratio in (0, 1], got {budget!r}", param=what)
+    if isinstance(budget, float) and budget.is_integer() and budget > 1:
+        budget = int(budget)
+    if isinstance(budget, int):
+        if budget < 1:
+            raise BudgetError(f"{what} must be >= 1 token, got {budget}", param=what)
+    elif not (0.0 < budget <= 1.0):
+        raise BudgetError(f"{what} ratio must be in (0, 1], got {budget}", param=what)
+    return budget
+
+
+def parse_budget(text: str | int | float | None, *, allow_full: bool = False, what: str = "budget") -> Budget:
+    """``"1024"`` -> 1024 tokens, ``"0.25"`` or ``"25%"`` -> ratio 0.25; with ``allow_full``,
+    ``"full"``/``"none"``/``""`` -> None."""
+    if text is None or isinstance(text, (int, float)):
+        return validate_budget(text, what)
+    s = str(text).strip()
+    if allow_full and s.lower() in (FULL, "none", ""):
+        return None
+    percent = s.endswith("%")
+    try:
+        if percent:
+            value: Budget = float(s[:-1]) / 100.0
+        elif any(c in s for c in ".eE"):
+            value = float(s)
+        else:
+            value = int(s)
+    except ValueError:
+        raise BudgetError(f"{what} must be a token count (e.g. 1024), a ratio (0.25) or a percentage (25%), "
+                          f"got {text!r}", param=what) from None
+    if percent and not 0.0 < value <= 1.0:
+        raise BudgetError(f"{what} percentage must be in (0%, 100%], got {text!r}", param=what)
+    if not math.isfinite(value):
+        raise BudgetError(f"{what} must be finite, got {text!r}", param=what)
+    return validate_budget(value, what)
+
+
+def resolve_budget(budget: Budget, prompt_len: int, *, clamp: bool = False, what: str = "budget") -> int:
+    """Tokens kept for ``budget`` over a prompt of ``prompt_len`` tokens: ratio -> ``ceil(ratio * n)``
+    (at least 1), tokens as given. A token budget over the prompt is a :class:`BudgetError` unless
+    ``clamp`` (then it is capped at the prompt: eval grids that share one budget over lengths)."""
+    budget = validate_budget(budget, what)
+    if budget is None:
+        return prompt_len
+    if isinstance(budget, float):
+        return max(1, math.ceil(budget * prompt_len))
+    if budget > prompt_len:
+        if clamp:
+            return prompt_len
+        raise BudgetError(f"{what} {budget} tokens is larger than the context ({prompt_len} tokens); "
+                          f"use at most {prompt_len} or a ratio in (0, 1]", param=what)
+    return budget
+
+
+def budget_label(budget: Budget) -> str:
+    """``None`` -> ``"full"``, 1024 -> ``"1024"``, 0.25 -> ``"0.25"``."""
+    if budget is None:
+        return FULL
+    return str(budget) if isinstance(budget, int) else f"{budget:g}"
