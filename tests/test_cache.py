@@ -60,7 +60,7 @@ def test_memory_counts_allocations_and_host_stores():
     assert mem["device_used"] == 2 * 10 * 2 * 4 * 4 and mem["host"] == 0
 
     class Store:
-        def kv_nbytes(self):
+        def nbytes(self):
             return (0, 1000)
 
     cache.layers[0].state["store"] = Store()

@@ -104,40 +104,32 @@ def test_cache_static_writes_at_a_device_slot_and_catches_up_its_length():
     assert layer.positions[0, 0].tolist() == [0, 1, 2, 3, 4, 5]
 
 
-def test_sentencekv_capture_hooks_keep_host_counters_exact():
+def test_fetch_counters_live_on_the_device():
+    """Counters are device tensors bumped in place (a replayed CUDA graph keeps counting); no
+    host-side capture fix-ups exist any more."""
+    from kvsift.methods._offload import FetchStats
+
+    f = FetchStats()
+    for _ in range(3):
+        f.count_call(8, torch.device("cpu"))
+    assert (f.value("calls"), f.value("head_calls")) == (3, 24)
     m = build_method("snapkv+sentencekv", 64)
-    m.setup(None, 256, 2)
-    skv = m.stages[1]
-    skv._fetch.calls, skv._fetch.head_calls, skv._steps = 10, 40, 5
-    m.before_capture()
-    skv._fetch.calls += 2          # what recording one step does on the host
-    skv._fetch.head_calls += 8
-    skv._steps += 1
-    m.after_capture()
-    assert (skv._fetch.calls, skv._fetch.head_calls, skv._steps) == (10, 40, 5)
-    m.replayed(3)
-    assert (skv._fetch.calls, skv._fetch.head_calls, skv._steps) == (16, 64, 8)
+    for hook in ("before_capture", "after_capture", "replayed"):
+        assert not hasattr(m, hook)
     assert m.static_ok() and build_method("sentencekv", 64, reselect_every=4).static_ok()
     assert not build_method("snapkv+streaming", 64).static_ok()
 
 
-def test_reselect_every_gives_two_kinds_of_step_with_their_own_counters():
-    """reselect_every=3: steps 1, 4, 7, ... select (and fetch), the others keep the selection; each
-    kind records its own host-counter increments and replays add the right ones."""
+def test_reselect_every_gives_two_kinds_of_step():
+    """reselect_every=3: steps 0, 3, 6, ... select (and fetch), the others keep the selection; the
+    kind is a function of the engine's step index alone."""
     m = build_method("sentencekv", 64, reselect_every=3)
-    m.setup(None, 256, 2)
-    assert [m.decode_variant() for m._steps in range(7)] == [True, False, False, True, False, False, True]
-    for steps, fetches in ((1, 0), (3, 2)):     # record a keeping step, then a selecting step
-        m._steps = steps
-        m.before_capture()
-        m._fetch.calls += fetches
-        m._steps += 1
-        m.after_capture()
-        assert m._steps == steps
-    m._steps, m._fetch.calls = 1, 10
-    m.replayed(5)                                # steps 2..6: keep, keep, select, keep, keep
-    assert (m._steps, m._fetch.calls) == (6, 12)
-    assert build_method("sentencekv", 64).decode_variant() is True
+    run = m.start(256, 2)
+    assert [m.decode_variant(run, s) for s in range(7)] == [True, False, False, True, False, False, True]
+    assert build_method("sentencekv", 64).decode_variant(run, 5) is True
+    c = build_method("snapkv+sentencekv", 64, reselect_every=2)
+    crun = c.start(256, 2)
+    assert c.decode_variant(crun, 1) == (0, False) and c.decode_variant(crun, 2) == (0, True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -44,8 +44,8 @@ def test_prefill_logits_match_transformers(tiny_llm):
     with torch.inference_mode():
         ref = tiny_llm.model(torch.tensor([ids])).logits[0, -1]
     m = build_method("full")
-    m.setup(None, len(ids), tiny_llm.info.num_layers)
-    _, _, (_, logits) = tiny_llm._prefill([ids], m, None, progress=False)
+    run = m.start(len(ids), tiny_llm.info.num_layers)
+    _, _, (_, logits) = tiny_llm._prefill([ids], m, run, None, progress=False)
     torch.testing.assert_close(logits[0], ref, rtol=1e-4, atol=1e-4)
 
 

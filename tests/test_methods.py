@@ -16,10 +16,10 @@ def test_streaming_keeps_sinks_and_recent_and_rolls(tiny_llm):
         assert pos == list(range(4)) + list(range(200 - 36, 200))
     # during decode the window rolls: the cache never exceeds the budget and keeps the sinks
     m = build_method("streaming", 40)
-    m.setup(None, 200, tiny_llm.info.num_layers)
-    cache, _, (fctx, logits) = tiny_llm._prefill([ids], m, None, False, reserve=10)
+    run = m.start(200, tiny_llm.info.num_layers)
+    cache, _, (fctx, logits) = tiny_llm._prefill([ids], m, run, None, False, reserve=10)
     fctx.decoding = True
-    nxt = fctx.info["next_pos"]
+    nxt = fctx.next_pos
     for _ in range(10):
         logits = tiny_llm._forward(fctx, logits.argmax(-1, keepdim=True), nxt[:, None])
         nxt = nxt + 1
@@ -69,8 +69,8 @@ def test_snapkv_gqa_scores_average_the_group():
 
 def test_pyramidkv_budgets_fall_and_average_to_budget():
     m = build_method("pyramidkv", 100)
-    m.setup(None, 1000, 10)
-    budgets = [m.layer_budget(i) for i in range(10)]
+    run = m.start(1000, 10)
+    budgets = [m.layer_budget(run, i) for i in range(10)]
     assert budgets == sorted(budgets, reverse=True) and budgets[0] > 100 > budgets[-1]
     assert abs(sum(budgets) / 10 - 100) <= 1
 

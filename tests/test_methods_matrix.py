@@ -10,9 +10,9 @@ PROMPT_LEN, BUDGET = 256, 64
 METHODS = sorted(available_methods())
 
 
-def layer_budget(method, layer_idx):
+def layer_budget(method, run, layer_idx):
     fn = getattr(method, "layer_budget", None)
-    return fn(layer_idx) if fn is not None else method.tokens
+    return fn(run, layer_idx) if fn is not None else run.tokens
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -30,10 +30,10 @@ def test_method_runs_and_respects_budget(tiny_llms, family, name):
     assert st.kv_device_bytes < st.kv_full_bytes, "a compressing method must hold fewer device bytes"
     # after prefill every layer holds at most its budget on the device
     m = build_method(name, budget)
-    m.setup(None, PROMPT_LEN, llm.info.num_layers)
+    run = m.start(PROMPT_LEN, llm.info.num_layers)
     ctx = llm.prefill_context(ids, method=name, budget=budget)
     for layer in ctx.cache.layers:
-        assert layer.length <= layer_budget(m, layer.layer_idx)
+        assert layer.length <= layer_budget(m, run, layer.layer_idx)
 
 
 @pytest.mark.parametrize("name", [n for n in METHODS if n != "full"])

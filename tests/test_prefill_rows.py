@@ -7,7 +7,6 @@ import torch
 
 from kvsift import LLM, SamplingParams
 from kvsift.methods import build_method
-from kvsift.methods.sentencekv import STORE_KEY
 from kvsift.models import tiny_model
 from tests.conftest import random_prompt
 
@@ -53,12 +52,12 @@ def test_rows_prefill_writes_every_row_into_one_host_store(llms):
     llm = llms["llama"]["rows"]
     ids = [random_prompt(200, seed=11), random_prompt(120, seed=12)]
     m = build_method("sentencekv", 64)
-    m.setup(None, 200, llm.info.num_layers)
+    run = m.start(200, llm.info.num_layers)
     with llm.lock:
-        cache, stats, (ctx, logits) = llm._prefill(ids, m, None, False, reserve=4)
-    assert logits.shape[0] == 2 and ctx.info["next_pos"].tolist() == [200, 120] and ctx.has_padding
+        cache, stats, (ctx, logits) = llm._prefill(ids, m, run, None, False, reserve=4)
+    assert logits.shape[0] == 2 and ctx.next_pos.tolist() == [200, 120] and ctx.has_padding
     for layer in cache.layers:
-        store = layer.state[STORE_KEY]
+        store = layer.state["sentencekv"].store
         assert store.b == 2 and store.T == 200                     # allocated once, for the longest row
         used = store.used.view(2, -1)
         assert bool((used[0] > used[1]).all())                     # row 0 offloaded more (longer prompt)
@@ -66,7 +65,7 @@ def test_rows_prefill_writes_every_row_into_one_host_store(llms):
         pos = layer.positions
         assert int(pos[1].max()) == 119 and int(pos[0].max()) == 199  # recent window of each row
     # the host store is counted once (not per row)
-    assert stats.kv_host_bytes == sum(ly.state[STORE_KEY].kv_nbytes()[1] for ly in cache.layers)
+    assert stats.kv_host_bytes == sum(ly.state["sentencekv"].store.kv_nbytes()[1] for ly in cache.layers)
 
 
 def test_prefill_mode_is_validated(default_tokenizer):
@@ -85,4 +84,4 @@ def test_a_batch_of_questions_over_a_sentencekv_context(llms):
     a = llm.generate(qs, p, context=ctx)
     b = llms["llama"]["batch"].generate(qs, p, context=ctx)
     assert [x.token_ids for x in a] == [y.token_ids for y in b] and len(a) == 2
-    assert ctx.cache.layers[0].keys.shape[0] == 1 and ctx.cache.layers[0].state[STORE_KEY].b == 1
+    assert ctx.cache.layers[0].keys.shape[0] == 1 and ctx.cache.layers[0].state["sentencekv"].store.b == 1

@@ -7,7 +7,7 @@ from kvsift.engine.llm import LLM
 from kvsift.engine.params import SamplingParams
 from kvsift.methods import build_method
 from kvsift.methods._offload import ChunkStore, FetchStats
-from kvsift.methods.sentencekv import FP_KEY, STORE_KEY, SentenceKV
+from kvsift.methods.sentencekv import SentenceKV
 from kvsift.models.tiny import tiny_model
 
 VOCAB = 300
@@ -215,21 +215,20 @@ def test_fingerprint_resets_after_sentence_end():
     t.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(tokenizer_object=t)
 
-    class Layer:
-        state = {}
-
-    class Ctx:
-        info = {"tokenizer": tok}
+    from kvsift.engine.attention import ForwardContext
+    from kvsift.methods.sentencekv import SentenceKVState
 
     m = SentenceKV(budget=8)
-    layer, ctx = Layer(), Ctx()
+    run = m.start(16, 1)
+    state = SentenceKVState()
+    ctx = ForwardContext(cache=None, method=m, run=run, tokenizer=tok)
     q1, q2, q3 = torch.ones(1, 2, 4), 3 * torch.ones(1, 2, 4), 10 * torch.ones(1, 2, 4)
-    ctx.info["input_ids"] = torch.tensor([[tok.convert_tokens_to_ids("a")]])
-    assert torch.equal(m._fingerprint(layer, q1, ctx), q1)
-    assert torch.equal(m._fingerprint(layer, q2, ctx), 2 * torch.ones(1, 2, 4))  # mean of the sentence
-    ctx.info["input_ids"] = torch.tensor([[tok.convert_tokens_to_ids(".")]])
-    assert torch.equal(m._fingerprint(layer, q3, ctx), q3)  # "." ended the sentence: reset
-    assert FP_KEY in layer.state and STORE_KEY not in layer.state
+    ctx.input_ids = torch.tensor([[tok.convert_tokens_to_ids("a")]])
+    assert torch.equal(m._fingerprint(run, state, q1, ctx), q1)
+    assert torch.equal(m._fingerprint(run, state, q2, ctx), 2 * torch.ones(1, 2, 4))  # mean of the sentence
+    ctx.input_ids = torch.tensor([[tok.convert_tokens_to_ids(".")]])
+    assert torch.equal(m._fingerprint(run, state, q3, ctx), q3)  # "." ended the sentence: reset
+    assert state.fp_count is not None and state.store is None and not state.offloaded
 
 
 def test_bad_options():

@@ -53,14 +53,13 @@ def test_save_load_roundtrip_is_exact(tiny_llm, tmp_path):
 def test_sentencekv_context_with_its_host_store_roundtrips(tiny_llm, tmp_path, kw):
     """sentencekv keeps a context's chunks in a host ChunkStore: it persists through the protocol
     and the reloaded context answers exactly like the original."""
-    from kvsift.methods.sentencekv import STORE_KEY
-
+    
     ctx = tiny_llm.prefill_context(_doc(300, 5), method="sentencekv", budget=96, method_kwargs=kw)
     save_context(ctx, tmp_path / "s", {"kv_method": ctx.method, "kv_budget": 96, "kv_options": kw,
                                        "stats": ctx.stats.to_dict()})
     loaded, _ = load_context(tmp_path / "s", tiny_llm)
     assert loaded.method_kwargs == kw == ctx.method_kwargs
-    a, b = ctx.cache.layers[0].state[STORE_KEY], loaded.cache.layers[0].state[STORE_KEY]
+    a, b = ctx.cache.layers[0].state["sentencekv"].store, loaded.cache.layers[0].state["sentencekv"].store
     assert (b.n, b.T, b.max_tokens, b.bounds) == (a.n, a.T, a.max_tokens, a.bounds) and a.n > 0
     assert torch.equal(a.k, b.k) and torch.equal(a.pos, b.pos) and torch.equal(a.mean, b.mean)
     assert loaded.needs_planner

@@ -34,8 +34,15 @@ class SiftLayer(CacheLayerMixin):
         self.length = 0
         # static decode (see SiftCache.begin_static): the next write slot, a (1,) int64 device tensor
         self.wslot: torch.Tensor | None = None
-        # per-layer state owned by methods (summaries, host stores, ...): name -> anything
+        # per-layer method state: method name -> LayerState (typed: clone, nbytes, repeat_batch,
+        # kv_state_dict / kv_from_state_dict, offloaded); the engine only calls those
         self.state: dict[str, Any] = {}
+
+    @property
+    def offloaded(self) -> bool:
+        """Part of this layer's KV lives outside its buffer (e.g. sentencekv's host store): attention
+        needs the method's selection during prefill too (a reused context)."""
+        return any(getattr(v, "offloaded", False) for v in self.state.values())
 
     @property
     def cache(self) -> "SiftCache":
@@ -170,10 +177,29 @@ class SiftLayer(CacheLayerMixin):
         return padded
 
     def keep(self, idx: torch.Tensor) -> None:
-        """Keep only slots ``idx (batch, kv_heads, k)`` (in that order)."""
+        """Keep only slots ``idx (batch, kv_heads, k)`` (in that order); ``-1`` entries become holes
+        (position -1, zero KV), so kept lengths may differ per (batch, kv_head)."""
         d = self.k_buf.shape[-1]
-        gi = idx[..., None].expand(*idx.shape, d)
-        self.set_kv(self.keys.gather(2, gi), self.values.gather(2, gi), self.positions.gather(2, idx))
+        hole = idx < 0
+        safe = idx.clamp(min=0)
+        gi = safe[..., None].expand(*idx.shape, d)
+        k, v, p = self.keys.gather(2, gi), self.values.gather(2, gi), self.positions.gather(2, safe)
+        if bool(hole.any()):
+            k = k.masked_fill(hole[..., None], 0)
+            v = v.masked_fill(hole[..., None], 0)
+            p = p.masked_fill(hole, -1)
+        self.set_kv(k, v, p)
+
+    def head_lengths(self) -> torch.Tensor:
+        """``(batch, kv_heads)`` int64: tokens really held per head (slots with a position >= 0)."""
+        return (self.positions >= 0).sum(-1)
+
+    def written_slots(self, q: int) -> torch.Tensor:
+        """``(q,)`` int64 device slots the last ``update`` wrote (static decode: from the device slot
+        counter, no host sync)."""
+        if self.wslot is not None:
+            return self.wslot - q + torch.arange(q, device=self.wslot.device)
+        return torch.arange(self.length - q, self.length, device=self.k_buf.device)
 
     def replace_oldest(self, limit: int, protect_below: int = 0) -> None:
         """While more than ``limit`` slots are used, move the newest slot into the slot holding the
@@ -265,7 +291,7 @@ class SiftCache(Cache):
             device += layer.nbytes()
             used += layer.used_bytes()
             for v in layer.state.values():
-                dev_b, host_b = _state_bytes(v)
+                dev_b, host_b = v.nbytes()
                 device += dev_b
                 host += host_b
         return {"device": device, "host": host, "device_used": used}
@@ -280,9 +306,9 @@ class SiftCache(Cache):
                 continue
             rep = (lambda t: t.repeat_interleave(batch_repeat, 0)) if batch_repeat > 1 else (lambda t: t)
             dst.set_kv(rep(src.keys), rep(src.values), rep(src.positions), reserve=self.reserve)
-            dst.state = {k: _clone_state(v) for k, v in src.state.items()}
-            for v in dst.state.values():
-                if batch_repeat > 1 and hasattr(v, "repeat_batch"):  # e.g. a host chunk store: one per row
+            dst.state = {k: v.clone() for k, v in src.state.items()}
+            if batch_repeat > 1:
+                for v in dst.state.values():
                     v.repeat_batch(batch_repeat)
         return new
 
@@ -308,29 +334,3 @@ class SiftCache(Cache):
                     t = {k: v.to(device) for k, v in t.items()}
                 layer.set_kv(t["keys"], t["values"], t["positions"].to(torch.int32))
         return cache
-
-
-def _state_bytes(v) -> tuple[int, int]:
-    """(device bytes, host bytes) of a method state value: plain tensors count as device memory;
-    objects (e.g. a host store) say for themselves through ``kv_nbytes() -> (device, host)``."""
-    if isinstance(v, torch.Tensor):
-        return v.numel() * v.element_size(), 0
-    if hasattr(v, "kv_nbytes"):
-        return v.kv_nbytes()
-    if isinstance(v, (list, tuple)):
-        d = h = 0
-        for x in v:
-            a, b = _state_bytes(x)
-            d, h = d + a, h + b
-        return d, h
-    return 0, 0
-
-
-def _clone_state(v):
-    if isinstance(v, torch.Tensor):
-        return v.clone()
-    if hasattr(v, "clone"):
-        return v.clone()
-    if isinstance(v, list):
-        return [_clone_state(x) for x in v]
-    return v

@@ -11,29 +11,37 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from kvsift.cache import SiftCache
-    from kvsift.methods.base import KVMethod
+    from kvsift.cache import SiftCache, SiftLayer
+    from kvsift.methods.base import KVMethod, Run, Selection
 
 ATTN_NAME = "kvsift"
 
 
 @dataclass
 class ForwardContext:
-    """What one forward pass needs to know: the cache, the method, and the phase."""
+    """What one forward pass needs to know: the cache, the method and its run, the phase, and what
+    methods may read about the tokens (typed fields, no free-form bag)."""
 
     cache: "SiftCache"
     method: "KVMethod"
+    run: "Run"
     prefill_end: bool = False   # the last prefill chunk: methods compress after attending
     decoding: bool = False      # one new token per sequence
     has_padding: bool = False   # some slot or query position is -1
-    info: dict[str, Any] = field(default_factory=dict)
+    step: int = 0               # decode step index (host-side: the engine plans steps)
+    prompt_ids: list | None = None          # each row's prompt token ids (sentencekv segments them)
+    tokenizer: Any = None
+    input_ids: torch.Tensor | None = None   # (batch, q) token ids of the forward pass in flight
+    next_pos: torch.Tensor | None = None    # (batch,) position of each row's next token after prefill
+    row: tuple[int, int] | None = None      # prefill one sequence at a time: (row index, batch size)
+    row_states: list | None = None          # ...then the batch cache's per-layer state dicts
 
 
 _CTX: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar("kvsift_ctx", default=None)
@@ -90,40 +98,60 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_po
     return out.reshape(b, hq, L, d)
 
 
-def static_decode_attention(query: torch.Tensor, layer, sel, query_pos: torch.Tensor, scale: float,
-                            sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
-    """One decode token over the layer's whole buffer (static decode), plus a method's
-    :class:`~kvsift.methods.base.SlotSelection` if any, without host syncs or shape changes.
+def selected_attention(query: torch.Tensor, layer: "SiftLayer", sel: "Selection | None", query_pos: torch.Tensor,
+                       scale: float, static: bool, sliding_window: int | None = None,
+                       softcap: float | None = None) -> torch.Tensor:
+    """One decode token per sequence over a :class:`~kvsift.methods.base.Selection` of the layer:
+    the one function every decode mode and every method goes through.
 
     query ``(batch, q_heads, 1, dim)``; the layer's ``k_buf/v_buf (batch, kv_heads, capacity, dim)``
-    and ``pos_buf (batch, kv_heads, capacity)``: slots with position -1 (empty, padding) or outside
-    the sliding window are skipped through the index table given to the sparse decode kernel
-    (Triton on CUDA, the PyTorch reference elsewhere); a selection is attended by a second call and
-    merged by log-sum-exp. Returns ``(batch, q_heads, dim)``."""
+    and ``pos_buf (batch, kv_heads, capacity)``; ``static``: the whole buffer is in use (fixed
+    shapes, device-side writes) rather than its first ``layer.length`` slots. The slots to read
+    (the selection's own slots, or every slot) are masked by position (-1, future, sliding window)
+    into an index table read in place by the sparse decode kernel (Triton on CUDA, the PyTorch
+    reference elsewhere); KV from elsewhere (``sel.extra``) is a second call merged by log-sum-exp.
+    No host sync, no shape change. Returns ``(batch, q_heads, dim)``."""
     from kvsift.kernels.dispatch import merge_attention, sparse_decode_attention
 
-    pos = layer.pos_buf
+    n = layer.k_buf.shape[2] if static else layer.length
+    pos = layer.pos_buf[:, :, :n]
     qp = query_pos[:, -1][:, None, None]                                   # (b, 1, 1)
-    valid = (pos >= 0) & (pos <= qp)
+    own = sel.own if sel is not None else None
+    extra = sel.extra if sel is not None else None
+    if own is None:
+        slots = torch.arange(n, device=pos.device, dtype=torch.int32).expand_as(pos)
+        kp = pos
+    else:
+        slots = own
+        kp = torch.where(own >= 0, pos.gather(2, own.clamp(min=0).to(torch.int64)), -1)
+    ok = (slots >= 0) & (kp >= 0) & (kp <= qp)
     if sliding_window is not None:
-        valid &= pos > qp - sliding_window
-        if sel is not None:
-            sel = sel.within(query_pos[:, -1], sliding_window)
+        ok &= kp > qp - sliding_window
+    slots = torch.where(ok, slots, -1)
+    if extra is not None:
+        xs = extra.slots.to(torch.int64)
+        xp = torch.where(xs >= 0, extra.positions.gather(2, xs.clamp(min=0)), -1)
+        xok = (xs >= 0) & (xp >= 0) & (xp <= qp)
+        if sliding_window is not None:
+            xok &= xp > qp - sliding_window
+        extra = type(extra)(extra.keys, extra.values, extra.positions, torch.where(xok, extra.slots, -1))
+    k_buf, v_buf = layer.k_buf[:, :, :n], layer.v_buf[:, :, :n]
     if softcap is not None:  # no kernel for soft-capped logits: masked attention over copies
-        keys, values, kpos = layer.k_buf, layer.v_buf, torch.where(valid, 0, -1).to(torch.int32)
-        if sel is not None:
-            sk, sv, sp = sel.gather()
+        from kvsift.methods.base import SlotSource
+
+        keys, values, kpos = SlotSource(k_buf, v_buf, torch.zeros_like(pos), slots).gather()
+        if extra is not None:
+            sk, sv, sp = extra.gather()
             keys, values = torch.cat([keys, sk.to(keys.dtype)], 2), torch.cat([values, sv.to(values.dtype)], 2)
-            kpos = torch.cat([kpos, sp], 2)
+            kpos = torch.cat([kpos, torch.where(sp >= 0, 0, -1).to(kpos.dtype)], 2)
         return attend(query, keys, values, kpos, torch.zeros_like(query_pos[:, -1:]), scale, None, softcap)[:, :, 0]
-    ar = torch.arange(pos.shape[-1], device=pos.device, dtype=torch.int32)
-    slots = torch.where(valid, ar, -1)                                    # (b, kv_heads, capacity)
     q = query[:, :, -1]
-    if sel is None:
-        return sparse_decode_attention(q, layer.k_buf, layer.v_buf, slots, scale)
-    own = sparse_decode_attention(q, layer.k_buf, layer.v_buf, slots, scale, return_lse=True)
-    k, v = sel.keys.to(q.dtype), sel.values.to(q.dtype)
-    return merge_attention([own, sparse_decode_attention(q, k, v, sel.slots, scale, return_lse=True)])
+    if extra is None:
+        return sparse_decode_attention(q, k_buf, v_buf, slots, scale)
+    parts = [sparse_decode_attention(q, k_buf, v_buf, slots, scale, return_lse=True),
+             sparse_decode_attention(q, extra.keys.to(q.dtype), extra.values.to(q.dtype), extra.slots, scale,
+                                     return_lse=True)]
+    return merge_attention(parts)
 
 
 def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -139,30 +167,34 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                                       scaling=scaling, sliding_window=sliding_window, softcap=softcap, **kwargs)
     layer = ctx.cache.layers[module.layer_idx]
     qpos = ctx.cache.step_positions
-    if ctx.cache.static:  # fixed buffers, device-side writes (CUDA-graph safe)
-        sel = ctx.method.plan(layer, query, ctx)
-        out = static_decode_attention(query, layer, sel, qpos, scale, sliding_window, softcap)
-        ctx.method.after_attend(layer, query, module, ctx)
-        return out[:, None], None
-    # layers whose KV partly lives outside the device buffer (sentencekv's host store, e.g. a reused
-    # context) need the method's selection during prefill too
-    sel = ctx.method.plan(layer, query, ctx) if ctx.decoding or layer.state.get("plan_prefill") else None
-    if sel is None and layer.state.get("plan_prefill"):
+    method, run = ctx.method, ctx.run
+    L = query.shape[2]
+    if ctx.decoding:
+        method.on_append(run, layer, layer.written_slots(L), ctx)
+        sel = method.plan(run, layer, query, ctx)
+        if sel is not None or ctx.cache.static:
+            out = selected_attention(query, layer, sel, qpos, scale, ctx.cache.static, sliding_window, softcap)
+            method.after_attend(run, layer, query, module, ctx)
+            return out[:, None], None
+        # eager, every used slot: masked attention over the buffer's views (no mask when every
+        # cached key precedes the new token)
+        plain = not ctx.has_padding and sliding_window is None
+        out = attend(query, key, value, None if plain else layer.positions, qpos, scale, sliding_window, softcap)
+        method.after_attend(run, layer, query, module, ctx)
+        return out.transpose(1, 2).contiguous(), None
+    # prefill. Layers whose KV partly lives outside the device buffer (sentencekv's host store, a
+    # reused context) attend to the method's selection of it too
+    sel = method.plan(run, layer, query, ctx) if layer.offloaded else None
+    if layer.offloaded and (sel is None or sel.extra is None):
         raise RuntimeError("this cache holds KV offloaded by sentencekv (e.g. a reused context): generate with "
                            "a method spec that includes sentencekv")
     if sel is not None:
-        keys, values, kpos = sel
+        keys, values, kpos = _union(layer, sel)
     else:
         keys, values, kpos = key, value, layer.positions
-    L = query.shape[2]
-    if ctx.decoding and not ctx.has_padding and sliding_window is None and sel is None:
-        kpos = None  # every cached key precedes the new token: no mask needed
-    elif sel is None and not ctx.has_padding and L == keys.shape[2] and sliding_window is None and softcap is None:
+    if sel is None and not ctx.has_padding and L == keys.shape[2] and sliding_window is None and softcap is None:
         out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
-        ctx.method.after_attend(layer, query, module, ctx)
-        return out.transpose(1, 2).contiguous(), None
-    elif (sel is None and not ctx.has_padding and query.is_cuda and sliding_window is None and softcap is None
-          and not ctx.decoding):
+    elif sel is None and not ctx.has_padding and query.is_cuda and sliding_window is None and softcap is None:
         # a later prefill chunk on CUDA: the chunk's tokens are the last L slots, in order, after every
         # earlier kept token, so the mask is causal aligned to the bottom right; flash attention does
         # that without the (kv_heads, group * L, n) boolean mask (4 GiB at 128k for a 1024 chunk)
@@ -170,11 +202,27 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=causal_lower_right(L, keys.shape[2]),
                                              scale=scale, enable_gqa=True)
-        ctx.method.after_attend(layer, query, module, ctx)
-        return out.transpose(1, 2).contiguous(), None
-    out = attend(query, keys, values, kpos, qpos, scale, sliding_window, softcap)
-    ctx.method.after_attend(layer, query, module, ctx)
+    else:
+        out = attend(query, keys, values, kpos, qpos, scale, sliding_window, softcap).transpose(1, 2)
+        method.after_attend(run, layer, query, module, ctx)
+        return out.contiguous(), None
+    method.after_attend(run, layer, query, module, ctx)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _union(layer: "SiftLayer", sel: "Selection") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(keys, values, positions)`` copies of a selection (own slots or the whole buffer, then the
+    extra KV), for masked attention of several queries (a prefill chunk)."""
+    from kvsift.methods.base import SlotSource
+
+    if sel.own is None:
+        k, v, p = layer.keys, layer.values, layer.positions
+    else:
+        k, v, p = SlotSource(layer.keys, layer.values, layer.positions, sel.own).gather()
+    if sel.extra is None:
+        return k, v, p
+    xk, xv, xp = sel.extra.gather()
+    return torch.cat([k, xk.to(k.dtype)], 2), torch.cat([v, xv.to(v.dtype)], 2), torch.cat([p, xp.to(p.dtype)], 2)
 
 
 def register_attention() -> None:

@@ -8,7 +8,7 @@
 * ``graph`` (CUDA): the first step runs statically (it also warms up kernels and allocations), the
   second is recorded in a ``torch.cuda.CUDAGraph`` over static input buffers and replayed, and every
   later step is a copy of the token ids and positions plus one replay: no Python in the model, no
-  launch overhead, no host sync. A method whose steps come in kinds (``method.decode_variant()``,
+  launch overhead, no host sync. A method whose steps come in kinds (``method.decode_variant(run, step)``,
   e.g. sentencekv's ``reselect_every``: steps that select chunks and steps that keep the selection)
   gets one graph per kind, recorded the second time that kind comes. If recording fails the runner
   stays ``static``.
@@ -80,9 +80,12 @@ class DecodeRunner:
             ctx.cache.begin_static(max_steps)
 
     def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        ctx = self.ctx
         if self.mode == "eager":
-            return self.llm._forward(self.ctx, tok[:, None], pos[:, None])
-        key = self.ctx.method.decode_variant() if self.mode == "graph" else None
+            logits = self.llm._forward(ctx, tok[:, None], pos[:, None])
+            ctx.step += 1
+            return logits
+        key = ctx.method.decode_variant(ctx.run, ctx.step) if self.mode == "graph" else None
         if self.mode == "graph" and key not in self.graphs and key in self._warm:
             t0 = time.perf_counter()
             self._capture(key, tok, pos)
@@ -105,9 +108,9 @@ class DecodeRunner:
 
     def _ran(self, replayed: bool = False) -> None:
         self.steps += 1
+        self.ctx.step += 1
         if replayed:
             self.ctx.cache.seen += 1
-            self.ctx.method.replayed(1)
 
     def _capture(self, key, tok: torch.Tensor, pos: torch.Tensor) -> None:
         """Record one step of kind ``key`` over the static inputs (not run: the caller replays it);
@@ -117,15 +120,14 @@ class DecodeRunner:
             self._tok = tok[:, None].clone()
             self._pos = pos[:, None].to(torch.int32).clone()
         graph = torch.cuda.CUDAGraph()
-        ctx.method.before_capture()
         seen = ctx.cache.seen
         try:
             torch.cuda.synchronize(llm.device)
             ctx.cache.step_positions = self._pos
-            ctx.info["input_ids"] = self._tok
+            ctx.input_ids = self._tok
             with llm._forward_mode(ctx), torch.cuda.graph(graph):
                 out = llm.model(input_ids=self._tok, position_ids=self._pos.long().clamp(min=0),
-                                past_key_values=ctx.cache, use_cache=True, logits_to_keep=1)
+                                **{llm._cache_kw: ctx.cache}, use_cache=True, logits_to_keep=1)
                 logits = out.logits[:, -1].float()
             self.graphs[key] = (graph, logits)
         except Exception as e:  # noqa: BLE001 - any capture failure: keep decoding without the graph
@@ -134,7 +136,6 @@ class DecodeRunner:
                           RuntimeWarning, stacklevel=3)
         finally:
             ctx.cache.seen = seen
-            ctx.method.after_capture()
 
     def close(self) -> None:
         self.graphs.clear()

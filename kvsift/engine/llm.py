@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,7 +21,7 @@ from kvsift.engine.attention import ForwardContext, forward_context, model_confi
 from kvsift.engine.decode import DecodeRunner, check_decode_mode, pick_decode_mode
 from kvsift.engine.params import GenerationStats, RequestOutput, SamplingParams, StreamEvent
 from kvsift.methods import KVMethod, build_method
-from kvsift.methods.base import Budget
+from kvsift.methods.base import Budget, Run
 from kvsift.models.loader import ModelInfo, load_model, model_info
 
 Prompt = str | Sequence[int]
@@ -46,7 +47,7 @@ class Context:
     @property
     def needs_planner(self) -> bool:
         """Part of the KV lives off the device: answering needs the method that fetches it."""
-        return any(layer.state.get("plan_prefill") for layer in self.cache.layers)
+        return any(layer.offloaded for layer in self.cache.layers)
 
 
 class LLM:
@@ -86,6 +87,9 @@ class LLM:
         self.model, self.tokenizer, self.info, self.chunk_size = model, tokenizer, info, chunk_size
         self.device = info.device
         self._configs = model_configs(model)
+        # the cache argument's name: ``cache`` from transformers 5.x (``past_key_values`` is deprecated
+        # there, removed in 5.40), ``past_key_values`` before
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.lock = threading.Lock()  # one forward at a time per model
         eos = set()
         for src in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
@@ -165,8 +169,8 @@ class LLM:
         base = context.length if context is not None else 0
         longest = max(len(x) for x in ids)
         self.check_length(base + longest, "prompt")
-        m.setup(None, base + longest, self.info.num_layers)
-        return self._run(ids, params, m, context, progress, cancel)
+        run = m.start(base + longest, self.info.num_layers)
+        return self._run(ids, params, m, run, context, progress, cancel)
 
     def prefill_context(self, document: Prompt, *, method: str | KVMethod = "full", budget: Budget = None,
                         method_kwargs: dict | None = None, chat: bool | None = None,
@@ -177,9 +181,9 @@ class LLM:
         ids = self.encode_document(document, chat) if isinstance(document, str) else self.encode(document)
         self.check_length(len(ids), "document")
         m = build_method(method, budget, **(method_kwargs or {}))
-        m.setup(None, len(ids), self.info.num_layers)
+        run = m.start(len(ids), self.info.num_layers)
         with self.lock:
-            cache, stats, _ = self._prefill([ids], m, None, progress)
+            cache, stats, _ = self._prefill([ids], m, run, None, progress)
         # a method instance carries its own budget (its options: pass method_kwargs, or set them on the
         # context, so that answers that must re-build the method, e.g. sentencekv's, get them)
         return Context(cache=cache, token_ids=ids, method=_spec(m), budget=m.budget if budget is None else budget,
@@ -201,22 +205,23 @@ class LLM:
             raise ValueError(f"context + continuation = {total} tokens exceeds the model's limit of "
                              f"{self.info.max_positions}")
         m = build_method(method or "full", budget, **(method_kwargs or {}))
-        m.setup(None, len(ctx_ids), self.info.num_layers)
+        run = m.start(len(ctx_ids), self.info.num_layers)
         nll = 0.0
         with self.lock:
-            cache, stats, (ctx, logits) = self._prefill([ctx_ids], m, None, False, reserve=len(cont) + 1)
+            cache, stats, (ctx, logits) = self._prefill([ctx_ids], m, run, None, False, reserve=len(cont) + 1)
             ctx.decoding = True
-            next_pos = ctx.info["next_pos"]
+            next_pos = ctx.next_pos
             targets = torch.tensor(cont, device=self.device)
             t0 = time.perf_counter()
             for i in range(len(cont)):
                 nll -= float(torch.log_softmax(logits[0], dim=-1)[targets[i]])
                 if i == len(cont) - 1:
                     break
+                ctx.step = i
                 logits = self._forward(ctx, targets[i].view(1, 1), next_pos[:, None])
                 next_pos = next_pos + 1
             decode_s = time.perf_counter() - t0
-        return nll, _copy_stats(stats, cache, m, len(cont), len(cont) - 1, decode_s)
+        return nll, _copy_stats(stats, cache, m, run, len(cont), len(cont) - 1, decode_s)
 
     def encode_document(self, document: str, chat: bool | None = None) -> list[int]:
         """The prefix of a chat prompt up to the end of ``document`` (the question follows)."""
@@ -258,19 +263,19 @@ class LLM:
         """One model call over ``input_ids (batch, q)`` at ``positions (batch, q)``; returns the
         last logits ``(batch, vocab)`` in fp32."""
         ctx.cache.step_positions = positions.to(torch.int32)
-        ctx.info["input_ids"] = input_ids  # token ids in flight (sentencekv resets its query fingerprint)
+        ctx.input_ids = input_ids  # token ids in flight (sentencekv resets its query fingerprint)
         with self._forward_mode(ctx):
-            out = self.model(input_ids=input_ids, position_ids=positions.clamp(min=0), past_key_values=ctx.cache,
+            out = self.model(input_ids=input_ids, position_ids=positions.clamp(min=0), **{self._cache_kw: ctx.cache},
                              use_cache=True, logits_to_keep=1)
         ctx.cache.seen += input_ids.shape[1]
         return out.logits[:, -1].float()
 
-    def _prefill(self, ids: list[list[int]], method: KVMethod, context: Context | None, progress: bool | None,
-                 reserve: int = 0):
+    def _prefill(self, ids: list[list[int]], method: KVMethod, run: Run, context: Context | None,
+                 progress: bool | None, reserve: int = 0):
         rows = len(ids) > 1 and context is None and (
             self.prefill_mode == "rows" or (self.prefill_mode == "auto" and method.row_prefill_ok()))
         if rows:
-            return self._prefill_rows(ids, method, progress, reserve)
+            return self._prefill_rows(ids, method, run, progress, reserve)
         b, L = len(ids), max(len(x) for x in ids)
         dev = self.device
         tokens = torch.full((b, L), self.pad_id, dtype=torch.long, device=dev)
@@ -285,8 +290,8 @@ class LLM:
             cache.reserve = reserve
         else:
             cache = SiftCache(self.info.num_layers, capacity_hint=L + reserve, reserve=reserve)
-        ctx = ForwardContext(cache=cache, method=method, has_padding=bool((~valid).any()),
-                             info={"prompt_ids": ids, "tokenizer": self.tokenizer})  # sentencekv segments the prompt
+        ctx = ForwardContext(cache=cache, method=method, run=run, has_padding=bool((~valid).any()),
+                             prompt_ids=ids, tokenizer=self.tokenizer)  # sentencekv segments the prompt
         bounds = self._chunk_bounds(L, method)
         bar = self._prefill_bar(progress, L, len(bounds), f"prefill {L} tokens")
         t0 = time.perf_counter()
@@ -300,7 +305,7 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
-        ctx.info["next_pos"] = pos[:, -1] + 1
+        ctx.next_pos = pos[:, -1] + 1
         return self._prefilled(ctx, method, base + L, t0, logits)
 
     def _chunk_bounds(self, n: int, method: KVMethod) -> list[tuple[int, int]]:
@@ -319,17 +324,17 @@ class LLM:
         """Prefill stats of ``ctx.cache`` (``tokens``: logical length incl. a reused context)."""
         _sync(self.device)
         cache = ctx.cache
-        b = ctx.info["next_pos"].shape[0]
+        b = ctx.next_pos.shape[0]
         mem = cache.memory()
         stats = GenerationStats(method=_spec(method), budget=method.budget,
-                                prompt_tokens=max(len(x) for x in ctx.info["prompt_ids"]),
+                                prompt_tokens=max(len(x) for x in ctx.prompt_ids),
                                 prefill_s=time.perf_counter() - t0, kv_device_bytes=mem["device"],
                                 kv_host_bytes=mem["host"], kv_kept_bytes=mem["device_used"],
                                 kv_full_bytes=_full_bytes(self.info, b, tokens))
         ctx.prefill_end = False
         return cache, stats, (ctx, logits)
 
-    def _prefill_rows(self, ids: list[list[int]], method: KVMethod, progress: bool | None, reserve: int):
+    def _prefill_rows(self, ids: list[list[int]], method: KVMethod, run: Run, progress: bool | None, reserve: int):
         """Prefill one sequence at a time: each row's full KV is on the device only while that row
         runs; at its end the method compresses it (sentencekv writes the chunks into the batch's host
         store), then the rows' remaining device KV is stacked into one batch cache."""
@@ -343,8 +348,8 @@ class LLM:
         try:
             for i, (row, plan) in enumerate(zip(ids, plans)):
                 rc = SiftCache(self.info.num_layers, capacity_hint=len(row), reserve=0)
-                ctx = ForwardContext(cache=rc, method=method, info={
-                    "prompt_ids": [row], "tokenizer": self.tokenizer, "row": (i, b), "row_states": row_states})
+                ctx = ForwardContext(cache=rc, method=method, run=run, prompt_ids=[row], tokenizer=self.tokenizer,
+                                     row=(i, b), row_states=row_states)
                 tokens = torch.tensor([row], dtype=torch.long, device=dev)
                 pos = torch.arange(len(row), device=dev)[None]
                 for s, e in plan:
@@ -367,21 +372,21 @@ class LLM:
             if all(r is not None for r in rows):
                 padded |= layer.set_rows(rows)
         cache.seen = L
-        ctx = ForwardContext(cache=cache, method=method, has_padding=padded,
-                             info={"prompt_ids": ids, "tokenizer": self.tokenizer})
-        ctx.info["next_pos"] = torch.tensor([len(x) for x in ids], device=dev)
+        ctx = ForwardContext(cache=cache, method=method, run=run, has_padding=padded, prompt_ids=ids,
+                             tokenizer=self.tokenizer, next_pos=torch.tensor([len(x) for x in ids], device=dev))
         return self._prefilled(ctx, method, L, t0, torch.cat(logits))
 
-    def _run(self, ids: list[list[int]], params: SamplingParams, method: KVMethod, context: Context | None,
-             progress: bool | None, cancel: Callable[[], bool] | None) -> Iterator[StreamEvent]:
+    def _run(self, ids: list[list[int]], params: SamplingParams, method: KVMethod, run: Run,
+             context: Context | None, progress: bool | None,
+             cancel: Callable[[], bool] | None) -> Iterator[StreamEvent]:
         b = len(ids)
         base = (context.length if context is not None else 0) + max(len(x) for x in ids)
         max_new = min(params.max_tokens, self.info.max_positions - base)
         mode = pick_decode_mode(self.decode_mode, method, self.device)  # bad KVSIFT_DECODE: error before compute
         with self.lock:
-            cache, stats, (ctx, logits) = self._prefill(ids, method, context, progress, reserve=max_new + 1)
+            cache, stats, (ctx, logits) = self._prefill(ids, method, run, context, progress, reserve=max_new + 1)
             ctx.decoding = True
-            next_pos = ctx.info["next_pos"]
+            next_pos = ctx.next_pos
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed if params.seed is not None else torch.seed() % 2**63)
             seqs = [_Seq(i, self, params) for i in range(b)]
@@ -417,7 +422,8 @@ class LLM:
                         if ev.finished:
                             stats.decode_mode, stats.decode_setup_s = runner.mode, runner.setup_s
                             stats.decode_setup_steps = runner.setup_steps
-                            stats_i = _copy_stats(stats, cache, method, len(s.ids), step, time.perf_counter() - t0)
+                            stats_i = _copy_stats(stats, cache, method, run, len(s.ids), step,
+                                                  time.perf_counter() - t0)
                             ev.output = RequestOutput(s.text, s.ids, ids[s.index], s.reason, stats_i)
                         if ev.text or ev.finished:
                             yield ev
@@ -504,7 +510,7 @@ class _Seq:
 
 
 def _spec(m: KVMethod) -> str:
-    return getattr(m, "spec", m.name)
+    return m.spec
 
 
 def _full_bytes(info: ModelInfo, batch: int, tokens: int) -> int:
@@ -512,7 +518,8 @@ def _full_bytes(info: ModelInfo, batch: int, tokens: int) -> int:
     return 2 * info.num_layers * batch * info.num_kv_heads * tokens * info.head_dim * elt
 
 
-def _copy_stats(stats: GenerationStats, cache: SiftCache, method: KVMethod, n_gen: int, steps: int, decode_s: float):
+def _copy_stats(stats: GenerationStats, cache: SiftCache, method: KVMethod, run: Run, n_gen: int, steps: int,
+                decode_s: float):
     mem = cache.memory()
     return GenerationStats(method=stats.method, budget=stats.budget, prompt_tokens=stats.prompt_tokens,
                            decode_mode=stats.decode_mode, decode_setup_s=stats.decode_setup_s,
@@ -521,7 +528,7 @@ def _copy_stats(stats: GenerationStats, cache: SiftCache, method: KVMethod, n_ge
                            kv_device_bytes=stats.kv_device_bytes, kv_host_bytes=stats.kv_host_bytes,
                            kv_kept_bytes=stats.kv_kept_bytes, kv_full_bytes=stats.kv_full_bytes,
                            kv_device_bytes_end=mem["device"], kv_host_bytes_end=mem["host"],
-                           method_stats=method.stats())
+                           method_stats=method.stats(run))
 
 
 def _sync(dev: torch.device) -> None:

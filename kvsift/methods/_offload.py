@@ -44,8 +44,8 @@ class FetchStats:
     """Counters over all layers of a generation. ``chunks`` may be a device tensor (accumulated
     without a host sync); :meth:`value` reads any counter as a Python number."""
 
-    calls: int = 0             # fetch calls (layers x decode steps)
-    head_calls: int = 0        # fetch calls x batch x kv_heads
+    calls: Any = 0             # fetch calls (layers x decode steps); device-counted, see count_call
+    head_calls: Any = 0        # fetch calls x batch x kv_heads
     chunks: Any = 0            # chunk selections, summed over (batch, kv_head)
     copied_chunks: Any = 0     # chunks copied host -> device (misses when a device cache is used)
     copied_bytes: Any = 0
@@ -55,6 +55,21 @@ class FetchStats:
 
     _tracked: Any = None       # device (lookups, misses) counters of the device chunk caches, by id
     _chunk_bytes: int = 0
+    _calls: Any = None         # device (calls, head_calls), counted in place (a replayed graph counts)
+    _inc: Any = None
+    _inc_heads: int = -1
+
+    def count_call(self, heads: int, device: torch.device) -> None:
+        """One more fetch over ``heads`` (batch x kv_heads) rows, counted on the device (one launch,
+        no host state: a replayed CUDA graph keeps counting). The increment tensor is made on the
+        first call, which never runs inside a graph recording (the engine warms each step up)."""
+        if self._calls is None or self._calls.device != device:
+            self._calls = torch.zeros(2, dtype=torch.int64, device=device)
+            self._inc = None
+        if self._inc is None or self._inc_heads != heads:
+            self._inc = torch.tensor([1, heads], dtype=torch.int64, device=device)
+            self._inc_heads = heads
+        self._calls.add_(self._inc)
 
     def track(self, counts: torch.Tensor, chunk_bytes: int, cached: bool = True) -> None:
         """Count a device ``(lookups, misses)`` tensor that fetches update in place (no host sync, no
@@ -68,6 +83,8 @@ class FetchStats:
         self._chunk_bytes = chunk_bytes
 
     def value(self, name: str) -> float:
+        if name in ("calls", "head_calls"):
+            return 0 if self._calls is None else int(self._calls[0 if name == "calls" else 1])
         v = getattr(self, name)
         v = v.item() if isinstance(v, torch.Tensor) else v
         if self._tracked and name in ("chunks", "cache_lookups", "cache_hits", "copied_chunks", "copied_bytes"):
@@ -313,8 +330,7 @@ class ChunkStore:
                 ar = torch.arange(fp.shape[-1], device=fp.device, dtype=torch.int32)
                 out = fk, fv, fp, torch.where(fp >= 0, ar, -1)
         if stats is not None:
-            stats.calls += 1
-            stats.head_calls += b * hk
+            stats.count_call(b * hk, chunk_idx.device)
             stats.fetch_s += time.perf_counter() - t0
         return out
 
@@ -514,6 +530,12 @@ class ChunkStore:
         host = nb(self.k) + nb(self.v) + nb(self.pos)
         host += sum(nb(t) for st in self._stage for t in st.values())
         return device, host
+
+    offloaded = True  # as a method's layer state: the layer's KV lives partly here
+
+    def nbytes(self) -> tuple[int, int]:
+        """``(device bytes, host bytes)`` (see :meth:`kv_nbytes`)."""
+        return self.kv_nbytes()
 
     def clone(self) -> "ChunkStore":
         """Deep copy without the device cache (e.g. a reusable context answering a new question)."""

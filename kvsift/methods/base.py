@@ -1,25 +1,34 @@
-"""The tiny method base, the shared selection code, composition and the registry.
+"""The method contract: frozen configs, per-generation runs, typed per-layer state, one selection
+type; the shared selection code, composition and the registry.
 
-A method is a small dataclass. It acts through three hooks, called by kvsift's attention function
-for each layer (see ``kvsift/engine/attention.py``):
+A method is a small frozen dataclass (its options, validated in ``__post_init__``). Per
+generation, ``method.start(prompt_len, num_layers)`` returns a :class:`Run` (the resolved budget
+and whatever the method counts); the engine passes it back to every hook. Per decoder layer, a
+method keeps its state in ``layer.state[method.name]``, a :class:`LayerState` (typed: clone,
+nbytes, repeat_batch, kv_state_dict / kv_from_state_dict, offloaded).
 
-* ``prefill_end(layer, query, module, ctx)`` - after the last prefill chunk of ``layer`` attended.
-  ``EvictionMethod`` implements it once for every scorer: ``score(...) -> (batch, kv_heads, n)``,
-  keep the top ``layer_budget`` slots per (batch, kv_head), gather in place.
-* ``plan(layer, query, ctx) -> (keys, values, positions) | None`` - decode-time, query-aware
-  selection: the KV the new token attends to, computed once per layer per step.
-* ``after_attend(layer, query, module, ctx)`` - runs after every attention call (e.g. rolling window).
+Hooks, called by kvsift's attention function for each layer (``kvsift/engine/attention.py``):
 
-Static decode (CUDA graphs): when every stage says ``static_ok()``, the engine fixes the cache's
-shapes for the whole generation and may record one decode step in a CUDA graph and replay it. Then
-``plan`` sees ``ctx.cache.static`` and returns a :class:`SlotSelection` (device buffers + an index table,
-read in place by the sparse attention kernel) instead of gathered KV, and Python-side counters
-touched while the step was recorded are fixed up through ``before_capture`` / ``after_capture`` /
-``replayed``.
+* ``on_append(run, layer, slots, ctx)`` - new KV was written at ``slots`` of the layer's buffer
+  (a ``(q,)`` int64 device tensor; decode steps only), e.g. to keep page summaries current;
+* ``plan(run, layer, query, ctx) -> Selection | None`` - what the new token attends to (decode, and
+  prefill over a layer whose KV is partly offloaded): slots of the layer's own buffer and/or KV
+  from elsewhere (:class:`SlotSource`). The engine attends to it the same way in every decode
+  mode: a gather in eager mode on the CPU, the sparse kernel through the slot table otherwise.
+  Methods never see the mode;
+* ``after_attend(run, layer, query, module, ctx)`` - after the layer attended; by default calls
+  ``prefill_end(run, layer, query, module, ctx)`` after the last prefill chunk. ``EvictionMethod``
+  implements ``prefill_end`` once for every scorer: ``score(...) -> (batch, kv_heads, n)``, keep the
+  top ``layer_budget`` slots per (batch, kv_head), gather in place.
+
+Static decode (CUDA graphs) needs no method cooperation beyond ``static_ok()``: a plan runs on the
+device only, counters are device tensors (a replayed graph keeps counting), and the step index
+the engine passes (``ctx.step``) is what a method may branch on (``decode_variant(run, step)``).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -29,111 +38,212 @@ from kvsift.budget import Budget, parse_budget, resolve_budget, validate_budget 
 from kvsift.errors import BudgetError, MethodOptionError, UnknownMethodError
 
 if TYPE_CHECKING:
-    from kvsift.cache import SiftCache, SiftLayer
+    from kvsift.cache import SiftLayer
     from kvsift.engine.attention import ForwardContext
 
+
+# ---- selections ----------------------------------------------------------------------------------
 @dataclass
-class SlotSelection:
-    """KV a decode step attends to besides the layer's own buffer, read in place: ``keys``/``values``
-    ``(batch, kv_heads, slots, head_dim)`` device buffers, their token ``positions (batch, kv_heads,
-    slots)``, and ``slots (batch, kv_heads, n)`` the indices to read (``-1`` = unused). The attention
-    merges it with the layer's buffer by log-sum-exp (exact softmax over the union)."""
+class SlotSource:
+    """KV outside the layer's own buffer, read in place: ``keys``/``values`` ``(batch, kv_heads,
+    slots, head_dim)`` device buffers, their token ``positions (batch, kv_heads, slots)``, and
+    ``slots (batch, kv_heads, n)`` the indices to read (``-1`` = unused)."""
 
     keys: torch.Tensor
     values: torch.Tensor
     positions: torch.Tensor
     slots: torch.Tensor
 
-    def within(self, query_pos: torch.Tensor, window: int) -> "SlotSelection":
-        """Only the slots whose token is inside a sliding ``window`` before ``query_pos (batch,)``."""
-        pos = self.positions.gather(2, self.slots.to(torch.int64).clamp(min=0))
-        keep = (self.slots >= 0) & (pos > query_pos[:, None, None] - window)
-        return SlotSelection(self.keys, self.values, self.positions, torch.where(keep, self.slots, -1))
-
     def gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(keys, values, positions)`` of the selected slots as copies (positions: 0 = valid, -1 =
-        unused), for attention paths without the kernel (e.g. logit soft-capping)."""
+        """``(keys, values, positions)`` of the selected slots as copies ``(batch, kv_heads, n, ...)``
+        (position ``-1`` where unused)."""
         idx = self.slots.to(torch.int64)
         safe = idx.clamp(min=0)
         gi = safe[..., None].expand(*idx.shape, self.keys.shape[-1])
-        pos = torch.where(idx >= 0, 0, -1).to(torch.int32)
+        pos = torch.where(idx >= 0, self.positions.gather(2, safe), -1).to(torch.int32)
         return self.keys.gather(2, gi), self.values.gather(2, gi), pos
 
 
 @dataclass
+class Selection:
+    """What one layer attends to at one step.
+
+    ``own``: ``(batch, kv_heads, k)`` int slots of the layer's own buffer (``-1`` = none), or None
+    for every valid slot. ``extra``: KV kept elsewhere (e.g. chunks fetched from the host), attended
+    in addition. Slots whose position is padding, in the future or outside a sliding window are
+    masked by the engine, so a method may name slots freely (e.g. a whole page past the last
+    token)."""
+
+    own: torch.Tensor | None = None
+    extra: SlotSource | None = None
+
+
+# ---- per-layer state -------------------------------------------------------------------------------
+@dataclass
+class LayerState:
+    """Base of a method's per-layer state (``layer.state[method.name]``). The defaults walk the
+    dataclass fields: tensors (batch-first, on the compute device) are cloned, counted, repeated
+    over the batch and persisted; nested ``LayerState``s delegate; JSON scalars persist as they
+    are; any other field is shared by clones and not persisted (caches, held selections)."""
+
+    offloaded: ClassVar[bool] = False   # part of the layer's KV lives here, not in the buffer
+
+    def clone(self) -> "LayerState":
+        new = copy.copy(self)
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, (torch.Tensor, LayerState)) or hasattr(v, "kv_state_dict"):
+                setattr(new, f.name, v.clone())
+        return new
+
+    def nbytes(self) -> tuple[int, int]:
+        """``(device bytes, host bytes)`` really allocated."""
+        dev = host = 0
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                dev += v.numel() * v.element_size()
+            elif hasattr(v, "nbytes") and callable(v.nbytes):
+                d, h = v.nbytes()
+                dev, host = dev + d, host + h
+        return dev, host
+
+    def repeat_batch(self, times: int) -> None:
+        """Repeat every row ``times`` times (a context answering a batch of questions)."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                setattr(self, f.name, v.repeat_interleave(times, 0))
+            elif hasattr(v, "repeat_batch"):
+                v.repeat_batch(times)
+
+    def kv_state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and JSON extras to persist (``kv_from_state_dict`` rebuilds the state)."""
+        tensors: dict[str, torch.Tensor] = {}
+        extra: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                tensors[f.name] = v
+            elif isinstance(v, (bool, int, float, str)) or v is None:
+                extra[f.name] = v
+            elif hasattr(v, "kv_state_dict"):
+                t, e = v.kv_state_dict()
+                tensors.update({f"{f.name}.{k}": x for k, x in t.items()})
+                extra[f.name] = {"class": f"{type(v).__module__}:{type(v).__qualname__}", "extra": e}
+        return tensors, extra
+
+    @classmethod
+    def kv_from_state_dict(cls, tensors: dict[str, torch.Tensor], extra: dict[str, Any], device) -> "LayerState":
+        import importlib
+
+        kw: dict[str, Any] = {}
+        for f in fields(cls):
+            if not f.init:
+                continue
+            if f.name in tensors:
+                kw[f.name] = tensors[f.name].to(device)
+            elif isinstance((extra or {}).get(f.name), dict) and "class" in extra[f.name]:
+                module, _, qual = extra[f.name]["class"].partition(":")
+                if not module.startswith("kvsift."):
+                    raise ValueError(f"refusing to load state class {module}:{qual}")
+                sub = importlib.import_module(module)
+                for part in qual.split("."):
+                    sub = getattr(sub, part)
+                pre = f"{f.name}."
+                kw[f.name] = sub.kv_from_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)},
+                                                    extra[f.name]["extra"], device)
+            elif f.name in (extra or {}):
+                kw[f.name] = extra[f.name]
+        return cls(**kw)
+
+
+# ---- methods ---------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One generation's method state: the budget resolved for the prompt (``tokens`` per layer and
+    KV head), the prompt length and the layer count. Methods that count things subclass it."""
+
+    tokens: int
+    prompt_len: int
+    num_layers: int
+
+
+@dataclass(frozen=True)
 class KVMethod:
-    """Base of every method: budget handling and no-op hooks (which is exactly ``full``)."""
+    """Base of every method: budget handling and no-op hooks (which is exactly ``full``).
+
+    Parameters
+    ----------
+    budget : int | float | None
+        Tokens kept per layer and KV head (``int``), or a ratio of the prompt (``float`` in (0, 1]).
+    """
 
     budget: Budget = None
     name: ClassVar[str] = "base"
     needs_budget: ClassVar[bool] = True
-    tokens: int = field(default=0, init=False, repr=False)        # resolved budget in tokens
-    prompt_len: int = field(default=0, init=False, repr=False)
-    num_layers: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self):
-        validate_budget(self.budget)
+        object.__setattr__(self, "budget", validate_budget(self.budget))
         if self.needs_budget and self.budget is None:
             raise BudgetError(f"method {self.name!r} needs a budget (tokens, e.g. 1024, or a ratio, e.g. 0.25)")
 
-    # ---- lifecycle ---------------------------------------------------------------------------
-    def resolve_budget(self, prompt_len: int) -> int:
-        return resolve_budget(self.budget, prompt_len)
+    @property
+    def spec(self) -> str:
+        return self.name
 
-    def setup(self, cache: "SiftCache", prompt_len: int, num_layers: int) -> None:
-        """Called once per generation before prefill."""
-        self.prompt_len, self.num_layers = prompt_len, num_layers
-        self.tokens = self.resolve_budget(prompt_len)
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def start(self, prompt_len: int, num_layers: int) -> Run:
+        """Per-generation state for a prompt of ``prompt_len`` tokens (raises ``BudgetError`` when
+        the budget does not fit it: the engine and the server call this before any compute)."""
+        return Run(resolve_budget(self.budget, prompt_len), prompt_len, num_layers)
 
     def min_last_chunk(self) -> int:
         """Smallest last prefill chunk the method needs (e.g. SnapKV's observation window)."""
         return 0
 
+    def layer_state(self, layer: "SiftLayer"):
+        """This method's state in ``layer`` (None until it made one)."""
+        return layer.state.get(self.name)
+
     # ---- hooks -------------------------------------------------------------------------------
-    def prefill_end(self, layer: "SiftLayer", query: torch.Tensor, module, ctx: "ForwardContext") -> None:
+    def on_append(self, run: Run, layer: "SiftLayer", slots: torch.Tensor, ctx: "ForwardContext") -> None:
         pass
 
-    def plan(self, layer: "SiftLayer", query: torch.Tensor, ctx: "ForwardContext"):
+    def prefill_end(self, run: Run, layer: "SiftLayer", query: torch.Tensor, module, ctx: "ForwardContext") -> None:
+        pass
+
+    def plan(self, run: Run, layer: "SiftLayer", query: torch.Tensor, ctx: "ForwardContext") -> Selection | None:
         return None
 
-    def after_attend(self, layer: "SiftLayer", query: torch.Tensor, module, ctx: "ForwardContext") -> None:
+    def after_attend(self, run: Run, layer: "SiftLayer", query: torch.Tensor, module, ctx: "ForwardContext") -> None:
         if ctx.prefill_end:
-            self.prefill_end(layer, query, module, ctx)
+            self.prefill_end(run, layer, query, module, ctx)
 
-    def stats(self) -> dict[str, Any]:
-        """Method-specific counters for the generation summary."""
+    def stats(self, run: Run) -> dict[str, Any]:
+        """Method-specific counters for the generation summary (may read device counters)."""
         return {}
 
     def row_prefill_ok(self) -> bool:
         """True when the engine may prefill a batch one sequence at a time and stack the compressed
         results, and it saves memory: the method shrinks the device KV at prefill end, and keeps no
-        per-layer state or keeps it for the whole batch through ``ctx.info["row"] = (i, batch)`` and
-        ``ctx.info["row_states"]`` (the batch cache's per-layer state dicts)."""
+        per-layer state or keeps it for the whole batch through ``ctx.row = (i, batch)`` and
+        ``ctx.row_states`` (the batch cache's per-layer state dicts)."""
         return False
 
-    # ---- static decode -----------------------------------------------------------------------
     def static_ok(self) -> bool:
-        """True when a decode step keeps no per-step Python state and changes no shapes, so the
+        """True when a decode step keeps no per-step host state and changes no shapes, so the
         engine may run it with fixed buffers and replay it from a CUDA graph. Methods whose decode
         hooks evict or reshape (e.g. a rolling window) say False."""
         return True
 
-    def decode_variant(self):
-        """The kind of the next decode step (hashable): steps of different kinds run different code
+    def decode_variant(self, run: Run, step: int):
+        """The kind of decode step ``step`` (hashable): steps of different kinds run different code
         (e.g. select chunks, or keep the last selection) and get one CUDA graph each."""
         return 0
 
-    def before_capture(self) -> None:
-        """A decode step is about to be recorded (not run) in a CUDA graph."""
 
-    def after_capture(self) -> None:
-        """The recording ended: undo Python-side effects of the recorded step."""
-
-    def replayed(self, n: int = 1) -> None:
-        """The recorded step ran ``n`` more times: Python-side counters catch up."""
-
-
-@dataclass
+@dataclass(frozen=True)
 class EvictionMethod(KVMethod):
     """Prefill eviction: subclasses write ``score``; selection and gather live here, once."""
 
@@ -144,26 +254,34 @@ class EvictionMethod(KVMethod):
         ``(batch, kv_heads, n)``: higher = keep."""
         raise NotImplementedError
 
-    def layer_budget(self, layer_idx: int) -> int:
-        return self.tokens
+    def layer_budget(self, run: Run, layer_idx: int) -> int:
+        return run.tokens
 
     def row_prefill_ok(self) -> bool:
         return True  # keeps the top slots per row, no layer state
 
-    def prefill_end(self, layer, query, module, ctx) -> None:
-        k = self.layer_budget(layer.layer_idx)
+    def prefill_end(self, run, layer, query, module, ctx) -> None:
+        k = self.layer_budget(run, layer.layer_idx)
         if layer.length <= k:
             return
         scores = self.score(query, layer.keys, layer.values, layer.positions, module, layer.layer_idx)
         keep_top(layer, scores, k)
 
 
-def keep_top(layer: "SiftLayer", scores: torch.Tensor, k: int) -> None:
-    """Keep the ``k`` best slots per (batch, kv_head) by ``scores (batch, kv_heads, n)``; padding
-    slots (position -1) go first. Kept slots stay in their original order."""
+def keep_top(layer: "SiftLayer", scores: torch.Tensor, k: "int | torch.Tensor") -> None:
+    """Keep the best slots per (batch, kv_head) by ``scores (batch, kv_heads, n)``: ``k`` of them, or
+    ``k (batch, kv_heads)`` per head (kept lengths may differ per head: the shorter heads' tail
+    slots become holes, position -1). Padding slots (position -1) go first. Kept slots stay in
+    their original order."""
     scores = scores.float().masked_fill(layer.positions < 0, float("-inf"))
-    idx = scores.topk(min(k, scores.shape[-1]), dim=-1).indices.sort(dim=-1).values
-    layer.keep(idx)
+    width = int(k.max()) if isinstance(k, torch.Tensor) else k
+    idx = scores.topk(min(width, scores.shape[-1]), dim=-1).indices
+    if isinstance(k, torch.Tensor):  # rank r >= k[b, h] is a hole
+        rank = torch.arange(idx.shape[-1], device=idx.device)
+        idx = torch.where(rank < k.to(idx.device)[..., None], idx, -1)
+    big = scores.shape[-1]
+    idx = torch.where(idx < 0, big, idx).sort(dim=-1).values
+    layer.keep(torch.where(idx >= big, -1, idx))
 
 
 def group_queries(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -173,45 +291,58 @@ def group_queries(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 
 @dataclass
+class ComposeRun(Run):
+    parts: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Compose(KVMethod):
     """``a+b``: hooks run in order (``a`` evicts at prefill, then ``b`` acts on what remains); the
-    last stage that plans a decode selection wins."""
+    last stage that plans a selection wins."""
 
-    stages: list[KVMethod] = field(default_factory=list)
+    stages: tuple = ()
     name: ClassVar[str] = "compose"
     needs_budget: ClassVar[bool] = False
 
     def __post_init__(self):
+        super().__post_init__()
         if len(self.stages) < 2:
-            raise ValueError("a composition needs at least two methods")
+            raise UnknownMethodError("a composition needs at least two methods")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise UnknownMethodError(f"a composition names each method once, got {'+'.join(names)}")
+        object.__setattr__(self, "stages", tuple(self.stages))
 
     @property
     def spec(self) -> str:
         return "+".join(s.name for s in self.stages)
 
-    def setup(self, cache, prompt_len, num_layers):
-        super().setup(cache, prompt_len, num_layers)
-        for s in self.stages:
-            s.setup(cache, prompt_len, num_layers)
+    def start(self, prompt_len, num_layers):
+        parts = [s.start(prompt_len, num_layers) for s in self.stages]
+        return ComposeRun(resolve_budget(self.budget, prompt_len), prompt_len, num_layers, parts)
 
     def min_last_chunk(self) -> int:
         return max(s.min_last_chunk() for s in self.stages)
 
-    def plan(self, layer, query, ctx):
-        for s in reversed(self.stages):
-            sel = s.plan(layer, query, ctx)
+    def on_append(self, run, layer, slots, ctx):
+        for s, r in zip(self.stages, run.parts):
+            s.on_append(r, layer, slots, ctx)
+
+    def plan(self, run, layer, query, ctx):
+        for s, r in zip(reversed(self.stages), reversed(run.parts)):
+            sel = s.plan(r, layer, query, ctx)
             if sel is not None:
                 return sel
         return None
 
-    def after_attend(self, layer, query, module, ctx):
-        for s in self.stages:
-            s.after_attend(layer, query, module, ctx)
+    def after_attend(self, run, layer, query, module, ctx):
+        for s, r in zip(self.stages, run.parts):
+            s.after_attend(r, layer, query, module, ctx)
 
-    def stats(self):
+    def stats(self, run):
         out: dict[str, Any] = {}
-        for s in self.stages:
-            out.update(s.stats())
+        for s, r in zip(self.stages, run.parts):
+            out.update(s.stats(r))
         return out
 
     def static_ok(self) -> bool:
@@ -220,20 +351,8 @@ class Compose(KVMethod):
     def row_prefill_ok(self) -> bool:
         return all(s.row_prefill_ok() for s in self.stages)
 
-    def decode_variant(self):
-        return tuple(s.decode_variant() for s in self.stages)
-
-    def before_capture(self) -> None:
-        for s in self.stages:
-            s.before_capture()
-
-    def after_capture(self) -> None:
-        for s in self.stages:
-            s.after_capture()
-
-    def replayed(self, n: int = 1) -> None:
-        for s in self.stages:
-            s.replayed(n)
+    def decode_variant(self, run, step):
+        return tuple(s.decode_variant(r, step) for s, r in zip(self.stages, run.parts))
 
 
 # ---- registry ----------------------------------------------------------------------------------
@@ -285,6 +404,34 @@ def build_method(spec: "str | KVMethod", budget: Budget = None, **kwargs) -> KVM
         raise MethodOptionError(f"unknown option(s) {unknown} for method {spec!r}; options: {sorted(known - {'budget'})}")
     stages = []
     for c in classes:
-        own = {f.name for f in fields(c) if f.init}
-        stages.append(c(budget=budget, **{k: v for k, v in kwargs.items() if k in own}))
-    return stages[0] if len(stages) == 1 else Compose(budget=budget, stages=stages)
+        own = {f.name: f for f in fields(c) if f.init}
+        opts = {k: v for k, v in kwargs.items() if k in own}
+        for k, v in opts.items():
+            _check_option_type(c.name, k, own[k].type, v)
+        try:
+            stages.append(c(budget=budget, **opts))
+        except (TypeError, ValueError) as e:
+            if isinstance(e, BudgetError | MethodOptionError | UnknownMethodError):
+                raise
+            raise MethodOptionError(f"method {c.name!r}: {e}") from None
+    return stages[0] if len(stages) == 1 else Compose(budget=budget, stages=tuple(stages))
+
+
+_SIMPLE_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+                                              "None": (type(None),), "Budget": (int, float, type(None))}
+
+
+def _check_option_type(method: str, name: str, annotation, value) -> None:
+    """A clear error for an option of the wrong type (``window="8"``), before the method's own
+    range checks compare it with numbers. Annotations made of simple types only are checked."""
+    parts = [p.strip() for p in str(annotation).split("|")]
+    if not all(p in _SIMPLE_TYPES for p in parts):
+        return
+    allowed = tuple(t for p in parts for t in _SIMPLE_TYPES[p])
+    if isinstance(value, bool) and bool not in allowed:
+        ok = False
+    else:
+        ok = isinstance(value, allowed)
+    if not ok:
+        raise MethodOptionError(f"option {name!r} of method {method!r} must be {' or '.join(parts)}, "
+                                f"got {type(value).__name__} {value!r}", param=name)

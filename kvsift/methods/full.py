@@ -6,7 +6,7 @@ from kvsift.methods.base import KVMethod, register
 
 
 @register("full")
-@dataclass
+@dataclass(frozen=True)
 class Full(KVMethod):
     """Full KV cache (baseline): keeps every token."""
 

@@ -12,7 +12,7 @@ from kvsift.methods.snapkv import SnapKV
 
 
 @register("pyramidkv")
-@dataclass
+@dataclass(frozen=True)
 class PyramidKV(SnapKV):
     """PyramidKV: SnapKV scoring with budgets decreasing linearly over layers."""
 
@@ -23,11 +23,11 @@ class PyramidKV(SnapKV):
         if self.beta < 1.0:
             raise ValueError(f"beta must be >= 1, got {self.beta}")
 
-    def layer_budget(self, layer_idx: int) -> int:
-        avg, n = self.tokens, self.num_layers
+    def layer_budget(self, run, layer_idx: int) -> int:
+        avg, n = run.tokens, run.num_layers
         if n <= 1:
             return avg
         low = avg / self.beta
         high = 2 * avg - low
         b = high - (high - low) * layer_idx / (n - 1)
-        return max(1, min(self.prompt_len, round(b)))
+        return max(1, min(run.prompt_len, round(b)))

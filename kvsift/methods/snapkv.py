@@ -32,7 +32,7 @@ def window_attention_scores(query, keys, positions, window: int, scale: float) -
 
 
 @register("snapkv")
-@dataclass
+@dataclass(frozen=True)
 class SnapKV(EvictionMethod):
     """SnapKV: observation-window attention, pooled, GQA-aware; keeps the window."""
 

@@ -10,7 +10,7 @@ from kvsift.methods.base import EvictionMethod, register
 
 
 @register("streaming")
-@dataclass
+@dataclass(frozen=True)
 class StreamingLLM(EvictionMethod):
     """StreamingLLM: first `sinks` tokens + most recent tokens, rolling during decode."""
 
@@ -29,7 +29,7 @@ class StreamingLLM(EvictionMethod):
     def static_ok(self) -> bool:
         return False  # the rolling window moves slots per step (host-side length)
 
-    def after_attend(self, layer, query, module, ctx):
-        super().after_attend(layer, query, module, ctx)  # prefill end: keep sinks + window
-        if ctx.decoding and layer.length > self.tokens:  # decode: O(1) slot reuse, no buffer copy
-            layer.replace_oldest(self.tokens, protect_below=self.sinks)
+    def after_attend(self, run, layer, query, module, ctx):
+        super().after_attend(run, layer, query, module, ctx)  # prefill end: keep sinks + window
+        if ctx.decoding and layer.length > run.tokens:  # decode: O(1) slot reuse, no buffer copy
+            layer.replace_oldest(run.tokens, protect_below=self.sinks)

@@ -583,10 +583,9 @@ async def _create_context(state: ServerState, req: ContextRequest, request: Requ
     ids = await asyncio.to_thread(encode)
     _check_length(state, len(ids), "the document")
     try:
-        m.setup(None, len(ids), llm.info.num_layers)  # budget vs. length, before queueing
+        m.start(len(ids), llm.info.num_layers)  # budget vs. length, before queueing
     except ValueError as e:
         raise APIError(400, str(e), param="kv_budget", code="invalid_kv_budget") from None
-    m = build_method(spec, budget, **(req.kv_options or {}))  # fresh instance for the engine
 
     job = state.scheduler.new_job()
 
