@@ -1,9 +1,12 @@
-"""Every registered method on tiny models of two families: it runs, respects its budget, and holds
-really fewer bytes than the full cache."""
+"""Every registered method on tiny models of two families: it runs and respects its budget; an
+eviction method holds really fewer bytes than the full cache, a decode-time selection attends
+really fewer slots per step; at a budget of the whole context every method equals ``full``."""
 
 import pytest
+import torch
 
 from kvsift import SamplingParams, available_methods, build_method
+from kvsift.methods.base import DecodeSelect
 from tests.conftest import random_prompt
 
 PROMPT_LEN, BUDGET = 256, 64
@@ -27,9 +30,12 @@ def test_method_runs_and_respects_budget(tiny_llms, family, name):
     if name == "full":
         assert st.kv_kept_bytes == st.kv_full_bytes
         return
+    m = build_method(name, budget)
+    if isinstance(m, DecodeSelect):
+        _check_decode_selection(llm, m, ids)
+        return
     assert st.kv_device_bytes < st.kv_full_bytes, "a compressing method must hold fewer device bytes"
     # after prefill every layer holds at most its budget on the device
-    m = build_method(name, budget)
     run = m.start(PROMPT_LEN, llm.info.num_layers)
     ctx = llm.prefill_context(ids, method=name, budget=budget)
     for layer in ctx.cache.layers:
@@ -53,3 +59,23 @@ def test_method_has_doc_and_registered_name(name):
 
     cls = method_class(name)
     assert cls.name == name and cls.__doc__
+
+
+def _check_decode_selection(llm, m, ids):
+    """A decode step attends at most the budget plus the method's always-attended tail (the page
+    being filled / the local window / the tokens after the clustered context), in every layer."""
+    run = m.start(len(ids), llm.info.num_layers)
+    with llm.lock:
+        cache, _, (ctx, logits) = llm._prefill([ids], m, run, None, False, reserve=4)
+        ctx.decoding = True
+        llm._forward(ctx, logits.argmax(-1, keepdim=True), ctx.next_pos[:, None])
+    cfg = llm.model.config
+    q = torch.randn(1, cfg.num_attention_heads, 1, llm.info.head_dim)
+    tail = {"quest": m.__dict__.get("page", 0), "tokenselect": m.__dict__.get("local", 0), "squeezed": 1}[m.name]
+    for layer in cache.layers:
+        sel = m.plan(run, layer, q, ctx)
+        own = sel.own
+        valid = (own >= 0) & (own < layer.length)
+        valid &= layer.positions.gather(2, own.clamp(min=0, max=layer.length - 1)) >= 0
+        n_att = int(valid.sum(-1).max())
+        assert n_att <= run.sel_tokens + tail < layer.length

@@ -121,9 +121,9 @@ def selected_attention(query: torch.Tensor, layer: "SiftLayer", sel: "Selection 
     if own is None:
         slots = torch.arange(n, device=pos.device, dtype=torch.int32).expand_as(pos)
         kp = pos
-    else:
-        slots = own
-        kp = torch.where(own >= 0, pos.gather(2, own.clamp(min=0).to(torch.int64)), -1)
+    else:  # a method may name slots past the buffer's used part (e.g. a whole last page): masked
+        slots = torch.where(own < n, own, -1)
+        kp = torch.where(slots >= 0, pos.gather(2, slots.clamp(min=0).to(torch.int64)), -1)
     ok = (slots >= 0) & (kp >= 0) & (kp <= qp)
     if sliding_window is not None:
         ok &= kp > qp - sliding_window

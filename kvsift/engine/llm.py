@@ -46,8 +46,9 @@ class Context:
 
     @property
     def needs_planner(self) -> bool:
-        """Part of the KV lives off the device: answering needs the method that fetches it."""
-        return any(layer.offloaded for layer in self.cache.layers)
+        """Answering needs the context's own method: part of the KV lives off the device (it
+        fetches it back), or the method keeps state made for decoding (e.g. squeezed's clusters)."""
+        return any(layer.offloaded or any(s.planner for s in layer.state.values()) for layer in self.cache.layers)
 
 
 class LLM:

@@ -87,6 +87,7 @@ class LayerState:
     are; any other field is shared by clones and not persisted (caches, held selections)."""
 
     offloaded: ClassVar[bool] = False   # part of the layer's KV lives here, not in the buffer
+    planner: ClassVar[bool] = False     # a reused context holding it is answered with its own method
 
     def clone(self) -> "LayerState":
         new = copy.copy(self)
@@ -182,6 +183,7 @@ class KVMethod:
     budget: Budget = None
     name: ClassVar[str] = "base"
     needs_budget: ClassVar[bool] = True
+    decode_only: ClassVar[bool] = False   # acts at decode only (no prefill-time state): Quest, TokenSelect
 
     def __post_init__(self):
         object.__setattr__(self, "budget", validate_budget(self.budget))
@@ -268,6 +270,33 @@ class EvictionMethod(KVMethod):
         keep_top(layer, scores, k)
 
 
+@dataclass
+class SelectRun(Run):
+    """A decode-time selection's run: ``sel_tokens`` attended per layer and KV head at each step."""
+
+    sel_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class DecodeSelect(KVMethod):
+    """Base of decode-time selection methods (Quest, TokenSelect, Squeezed): ``plan`` names slots
+    of the layer's buffer to attend; the budget is the tokens attended per step, and
+    ``decode_budget`` sets it apart from the prefill budget when composed after an eviction
+    (``snapkv+quest``)."""
+
+    decode_budget: Budget = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "decode_budget", validate_budget(self.decode_budget, "decode_budget"))
+
+    def start(self, prompt_len: int, num_layers: int) -> SelectRun:
+        tokens = resolve_budget(self.budget, prompt_len)
+        sel = tokens if self.decode_budget is None else resolve_budget(
+            self.decode_budget, prompt_len, clamp=True, what="decode_budget")
+        return SelectRun(tokens, prompt_len, num_layers, sel_tokens=sel)
+
+
 def keep_top(layer: "SiftLayer", scores: torch.Tensor, k: "int | torch.Tensor") -> None:
     """Keep the best slots per (batch, kv_head) by ``scores (batch, kv_heads, n)``: ``k`` of them, or
     ``k (batch, kv_heads)`` per head (kept lengths may differ per head: the shorter heads' tail
@@ -282,6 +311,22 @@ def keep_top(layer: "SiftLayer", scores: torch.Tensor, k: "int | torch.Tensor") 
     big = scores.shape[-1]
     idx = torch.where(idx < 0, big, idx).sort(dim=-1).values
     layer.keep(torch.where(idx >= big, -1, idx))
+
+
+def select_pages(scores: torch.Tensor, k: int, page: int, tail_start: "torch.Tensor | int", tail_width: int) -> torch.Tensor:
+    """Own slots of the best ``k`` uniform pages by ``scores (batch, kv_heads, n_pages)`` (``-inf`` =
+    not a candidate), plus ``tail_width`` slots from ``tail_start`` (an int or a ``(1,)`` device
+    tensor: always attended, e.g. the page being filled). Returns ``(batch, kv_heads, k * page +
+    tail_width)`` int64, ``-1`` where unused; no host sync."""
+    from kvsift.kernels.dispatch import chunks_to_slots, topk_select
+
+    b, h, _ = scores.shape
+    pages = topk_select(scores, k, torch.int64) if k > 0 else scores.new_zeros((b, h, 0), dtype=torch.int64)
+    slots = chunks_to_slots(pages, None, page, dtype=torch.int64)
+    if tail_width <= 0:
+        return slots
+    tail = (tail_start + torch.arange(tail_width, device=scores.device)).expand(b, h, tail_width)
+    return torch.cat([slots, tail], dim=-1)
 
 
 def group_queries(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -349,7 +394,10 @@ class Compose(KVMethod):
         return all(s.static_ok() for s in self.stages)
 
     def row_prefill_ok(self) -> bool:
-        return all(s.row_prefill_ok() for s in self.stages)
+        # rows save memory when a stage shrinks the KV at prefill end; decode-only stages keep no
+        # prefill state, so they never stand in the way
+        return any(s.row_prefill_ok() for s in self.stages) and all(
+            s.row_prefill_ok() or s.decode_only for s in self.stages)
 
     def decode_variant(self, run, step):
         return tuple(s.decode_variant(r, step) for s, r in zip(self.stages, run.parts))

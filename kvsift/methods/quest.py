@@ -1,0 +1,133 @@
+"""``quest``: Quest (Tang et al., 2024, arXiv 2406.10774) - query-aware page selection at decode.
+
+The layer's buffer is cut into pages of ``page`` slots. Each page keeps per-channel min and max of
+its keys; at every decode step the query scores every complete page with the upper bound
+``sum_d max(q_d * kmin_d, q_d * kmax_d)`` of ``q . k`` over the page (GQA groups reduced by
+``reduce``), the best ``budget // page`` pages are attended together with the page being filled
+(which holds the newest tokens), read in place through a slot table (no KV copies on CUDA).
+
+The full KV stays on the device: Quest saves reads, not memory. It composes after an eviction
+(``snapkv+quest``: SnapKV keeps its budget at prefill, Quest selects among what is kept at
+decode, with ``decode_budget`` tokens). Summaries are built at the first decode step from the
+buffer and kept current as tokens are appended (``on_append``), on the device, under CUDA graphs.
+With a budget of the whole prompt every page is attended and the output equals ``full``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvsift.kernels.dispatch import chunk_scores
+from kvsift.methods.base import DecodeSelect, LayerState, Selection, register, select_pages
+
+
+@dataclass
+class QuestState(LayerState):
+    """Page summaries of one layer: ``kmin``/``kmax`` ``(batch, kv_heads, n_pages, head_dim)`` and
+    ``filled (batch, kv_heads, n_pages)`` bool (the page holds at least one real token), for pages
+    covering the whole buffer (room for decode tokens included)."""
+
+    kmin: torch.Tensor | None = None
+    kmax: torch.Tensor | None = None
+    filled: torch.Tensor | None = None
+
+    @property
+    def pages(self) -> int:
+        return 0 if self.kmin is None else self.kmin.shape[2]
+
+
+def _bounds(keys: torch.Tensor, positions: torch.Tensor, page: int, pages: int):
+    """``(kmin, kmax, filled)`` of ``pages`` pages over ``keys (batch, kv_heads, n, dim)`` (slots
+    past ``n`` and padding, position -1, are left out)."""
+    b, h, n, d = keys.shape
+    width = pages * page
+    valid = positions >= 0
+    big = torch.finfo(keys.dtype).max
+    lo = torch.full((b, h, width, d), big, dtype=keys.dtype, device=keys.device)
+    hi = torch.full((b, h, width, d), -big, dtype=keys.dtype, device=keys.device)
+    m = min(n, width)
+    v = valid[:, :, :m, None]
+    lo[:, :, :m] = torch.where(v, keys[:, :, :m], big)
+    hi[:, :, :m] = torch.where(v, keys[:, :, :m], -big)
+    filled = torch.zeros(b, h, width, dtype=torch.bool, device=keys.device)
+    filled[:, :, :m] = valid[:, :, :m]
+    return (lo.view(b, h, pages, page, d).amin(3), hi.view(b, h, pages, page, d).amax(3),
+            filled.view(b, h, pages, page).any(3))
+
+
+@register("quest")
+@dataclass(frozen=True)
+class Quest(DecodeSelect):
+    """Quest: query-aware top-k pages by per-channel key min/max bounds, read in place at decode.
+
+    Parameters
+    ----------
+    budget : int | float
+        Tokens attended per layer and KV head at each decode step (``budget // page`` pages), on
+        top of the page being filled.
+    page : int
+        Slots per page (16 in the paper).
+    reduce : str
+        How the query heads of a GQA group combine their page scores: ``max`` or ``mean``.
+    decode_budget : int | float | None
+        Tokens attended at decode when composed after an eviction (default: ``budget``).
+    """
+
+    page: int = 16
+    reduce: str = "max"
+    decode_only = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 1 <= self.page <= 256:
+            raise ValueError(f"page must be in [1, 256], got {self.page}")
+        if self.reduce not in ("max", "mean"):
+            raise ValueError(f"reduce must be 'max' or 'mean', got {self.reduce!r}")
+
+    def _summaries(self, layer) -> QuestState:
+        """This layer's summaries, (re)built when the buffer outgrew them (first decode step, or a
+        grown buffer: host-side shapes only, never inside a graph recording)."""
+        st: QuestState | None = layer.state.get(self.name)
+        pages = math.ceil(layer.k_buf.shape[2] / self.page)
+        if st is None or st.pages < pages:
+            n = layer.length
+            lo, hi, filled = _bounds(layer.k_buf[:, :, :n], layer.pos_buf[:, :, :n], self.page, pages)
+            st = QuestState(lo, hi, filled)
+            layer.state[self.name] = st
+        return st
+
+    def on_append(self, run, layer, slots, ctx) -> None:
+        """Fold the keys just written at ``slots (q,)`` into their pages' bounds (device-side)."""
+        st: QuestState | None = layer.state.get(self.name)
+        if st is None or st.pages * self.page < layer.k_buf.shape[2]:
+            return  # built (from the buffer, these keys included) by the next plan
+        k = layer.k_buf.index_select(2, slots)                               # (b, h, q, d)
+        ok = layer.pos_buf.index_select(2, slots) >= 0                       # (b, h, q)
+        big = torch.finfo(k.dtype).max
+        for i in range(slots.shape[0]):  # q is 1 at decode
+            p = slots[i:i + 1] // self.page                                  # (1,) device
+            first = (slots[i:i + 1] % self.page == 0).view(1, 1, 1, 1)       # a fresh page: reset
+            ki, oki = k[:, :, i:i + 1], ok[:, :, i:i + 1, None]
+            lo, hi = st.kmin.index_select(2, p), st.kmax.index_select(2, p)
+            lo = torch.where(first, torch.full_like(lo, big), lo)
+            hi = torch.where(first, torch.full_like(hi, -big), hi)
+            st.kmin.index_copy_(2, p, torch.where(oki, torch.minimum(lo, ki), lo))
+            st.kmax.index_copy_(2, p, torch.where(oki, torch.maximum(hi, ki), hi))
+            f = st.filled.index_select(2, p) & ~first.view(1, 1, 1)
+            st.filled.index_copy_(2, p, f | ok[:, :, i:i + 1])
+
+    def plan(self, run, layer, query, ctx):
+        if not ctx.decoding:
+            return None
+        st = self._summaries(layer)
+        # complete pages are candidates; the page being filled is always attended
+        written = layer.written_slots(1)                                     # (1,) newest slot
+        full = written // self.page                                          # complete pages
+        scores = chunk_scores(query[:, :, -1].to(st.kmin.dtype), (st.kmin, st.kmax), self.reduce)
+        cand = st.filled & (torch.arange(st.pages, device=scores.device) < full)
+        scores = scores.masked_fill(~cand, float("-inf"))
+        k = min(st.pages, run.sel_tokens // self.page)
+        return Selection(own=select_pages(scores, k, self.page, full * self.page, self.page))

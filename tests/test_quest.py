@@ -1,0 +1,79 @@
+"""quest: page bounds kept current on append, selection within budget, composition, options."""
+
+import pytest
+import torch
+
+from kvsift import SamplingParams
+from kvsift.methods import build_method
+from kvsift.methods.quest import _bounds
+from tests.conftest import random_prompt
+
+
+def _decoded(llm, m, ids, steps):
+    run = m.start(len(ids), llm.info.num_layers)
+    with llm.lock:
+        cache, _, (ctx, logits) = llm._prefill([ids], m, run, None, False, reserve=steps + 1)
+        ctx.decoding = True
+        nxt = ctx.next_pos
+        for _ in range(steps):
+            logits = llm._forward(ctx, logits.argmax(-1, keepdim=True), nxt[:, None])
+            nxt = nxt + 1
+    return cache, run, ctx
+
+
+def test_bounds_follow_appended_tokens(tiny_llm):
+    """After many decode steps (new pages filled on the way) the incrementally kept bounds equal
+    bounds recomputed from the buffer."""
+    m = build_method("quest", 32, page=8)
+    cache, _, _ = _decoded(tiny_llm, m, random_prompt(100, seed=41), steps=21)
+    for layer in cache.layers:
+        st = layer.state["quest"]
+        lo, hi, filled = _bounds(layer.keys, layer.positions, 8, st.pages)
+        used = (layer.length + 7) // 8
+        torch.testing.assert_close(st.kmin[:, :, :used], lo[:, :, :used])
+        torch.testing.assert_close(st.kmax[:, :, :used], hi[:, :, :used])
+        assert torch.equal(st.filled[:, :, :used], filled[:, :, :used])
+
+
+def test_page_scores_bound_the_true_scores():
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 2, 64, 8, generator=g)
+    pos = torch.arange(64, dtype=torch.int32).expand(1, 2, 64)
+    lo, hi, _ = _bounds(keys, pos, 16, 4)
+    q = torch.randn(1, 2, 8, generator=g)
+    true = torch.einsum("bhd,bhnd->bhn", q, keys).view(1, 2, 4, 16).amax(-1)
+    bound = torch.maximum(q[:, :, None] * lo, q[:, :, None] * hi).sum(-1)
+    assert bool((bound >= true - 1e-5).all())
+
+
+def test_selection_picks_the_page_a_query_points_at(tiny_llm):
+    """Keys that are small noise except one page aligned with the query: that page is selected
+    (with a budget of one page) besides the page being filled."""
+    ids = random_prompt(128, seed=42)
+    m = build_method("quest", 16, page=16)
+    cache, run, ctx = _decoded(tiny_llm, m, ids, steps=1)
+    layer = cache.layers[1]
+    g = torch.Generator().manual_seed(0)
+    d = layer.k_buf.shape[-1]
+    v = torch.randn(d, generator=g)
+    with torch.inference_mode():
+        layer.k_buf[:, :, :128] = 0.01 * torch.randn(layer.k_buf[:, :, :128].shape, generator=g)
+        layer.k_buf[:, :, 32:48] = v
+        del layer.state["quest"]                                      # rebuilt from the buffer
+        own = m.plan(run, layer, v.expand(1, 4, 1, d), ctx).own      # (1, kv_heads, 16 + 16)
+    assert own[..., :16].tolist() == [[list(range(32, 48))] * 2]
+    assert own[..., 16:].tolist() == [[list(range(128, 144))] * 2]   # the page being filled
+
+
+def test_snapkv_then_quest_selects_within_the_kept_tokens(tiny_llm):
+    ids = random_prompt(300, seed=43)
+    p = SamplingParams(max_tokens=6, ignore_eos=True)
+    out = tiny_llm.generate(ids, p, method="snapkv+quest", budget=128, method_kwargs={"decode_budget": 64})[0]
+    assert len(out.token_ids) == 6 and out.stats.kv_device_bytes < out.stats.kv_full_bytes
+
+
+@pytest.mark.parametrize("kw,msg", [({"page": 0}, "page"), ({"reduce": "sum"}, "reduce"),
+                                    ({"page": "16"}, "page"), ({"decode_budget": -1}, "decode_budget")])
+def test_bad_options(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        build_method("quest", 64, **kw)
