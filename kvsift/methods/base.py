@@ -429,6 +429,31 @@ def available_methods() -> dict[str, str]:
     return {n: (c.__doc__ or "").strip().splitlines()[0] for n, c in sorted(_REGISTRY.items())}
 
 
+def method_options(name: str) -> list[tuple[str, Any, str]]:
+    """``(option, default, description)`` of a registered method's options (its dataclass fields,
+    described by the Parameters block of its docstring; ``budget`` first)."""
+    import inspect
+    import re
+
+    cls = method_class(name)
+    doc = inspect.getdoc(cls) or ""
+    desc: dict[str, str] = {}
+    block = doc.split("Parameters\n----------\n", 1)[1] if "Parameters\n----------\n" in doc else ""
+    current = None
+    for line in block.splitlines():
+        m = re.match(r"^(\w+) : ", line)
+        if m:
+            current = m.group(1)
+            desc[current] = ""
+        elif current and line.startswith("    "):
+            desc[current] = (desc[current] + " " + line.strip()).strip()
+    out = []
+    for f in fields(cls):
+        if f.init:
+            out.append((f.name, f.default, desc.get(f.name, "")))
+    return out
+
+
 def method_class(name: str) -> type[KVMethod]:
     _load_builtin()
     if name not in _REGISTRY:
