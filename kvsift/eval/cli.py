@@ -67,6 +67,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="text for the ppl task: a shipped text name or a .txt path (default: the filler text)")
     r.add_argument("--batch-size", type=_batch_size, default=None, metavar="N|auto",
                    help="samples per model call (default auto: 1 on CPU; on CUDA what a KV-memory estimate allows)")
+    r.add_argument("--batch-padding", action="store_true",
+                   help="let a batch mix prompt lengths (left padding: fewer, larger batches, but methods whose "
+                        "pages/clusters shift with padding, e.g. quest and squeezed, then answer differently)")
     r.add_argument("--mem-fraction", type=float, default=0.5,
                    help="auto batch size: the batch's estimated KV bytes stay under this fraction of free GPU memory")
     r.add_argument("--max-batch", type=int, default=64, help="auto batch size: at most this many sequences")
@@ -212,7 +215,7 @@ def run_bench(args) -> int:
                                     mem_fraction=args.mem_fraction, max_batch=args.max_batch)
         counts = run_grid(backend, cfg, args.out, progress=not args.no_progress,
                           log=lambda s: print(s, file=sys.stderr), batch_size=args.batch_size,
-                          max_minutes=args.max_minutes)
+                          max_minutes=args.max_minutes, pad=args.batch_padding)
         left = f", {counts['left']} left (rerun to continue)" if counts["stopped"] else ""
         na = f", {counts['unavailable']} not available" if counts["unavailable"] else ""
         print(f"[bench] {counts['run']} cell(s) run, {counts['skipped']} already done, {counts['errors']} error(s)"

@@ -5,9 +5,10 @@ length and seed (e.g. every NIAH depth) and appends one JSON line with the mean 
 results, KV bytes and timings. Reruns skip the cells already in the file (resumable), and a run can
 be cut into parts (``max_minutes``: stop after the cell in flight).
 
-The samples of a cell go to the backend in batches (:meth:`BaseBackend.generate_batch`; the
-kvsift backend runs a batch as one ``LLM.generate`` call). Batch size ``None`` is automatic: 1 on
-CPU, on CUDA as many sequences as a KV-memory estimate allows (:func:`estimate_batch_size`).
+The samples of a cell go to the backend in batches of equal prompt length
+(:meth:`BaseBackend.generate_batch`; the kvsift backend runs a batch as one ``LLM.generate``
+call). Batch size ``None`` is automatic: 1 on CPU, on CUDA as many sequences as a KV-memory
+estimate allows (:func:`estimate_batch_size`).
 Perplexity samples are scored one at a time.
 
 Backends drive a model: :class:`KvsiftBackend` (kvsift's engine) here; ``bench/vs_kvpress.py``
@@ -337,47 +338,35 @@ def _entry_measures(r) -> dict[str, Any]:
                 decode_ms_per_token=r.decode_ms_per_token, batch=getattr(r, "batch", 1))
 
 
-def _generate_split(backend, prompts: list[list[int]], method: str, budget: Budget, max_new: int,
-                    state: dict[str, Any]) -> list[Generation]:
-    """One backend batch; on out-of-memory, free memory and retry in halves (and remember the
-    smaller size in ``state['cap']`` for the rest of the cell)."""
-    try:
-        out = generate_batch(backend, prompts, method, budget, max_new)
-        state.setdefault("sizes", []).append(len(prompts))
-        return out
-    except Exception as e:  # noqa: BLE001 - only out-of-memory is retried
-        if len(prompts) < 2 or not _is_oom(e):
-            raise
-    getattr(backend, "free_memory", lambda: None)()
-    half = (len(prompts) + 1) // 2
-    state["cap"] = min(state.get("cap", half), half)
-    return (_generate_split(backend, prompts[:half], method, budget, max_new, state)
-            + _generate_split(backend, prompts[half:], method, budget, max_new, state))
-
-
 def run_cell(backend: Backend, samples: list[Sample], task: str, method: str, budget: Budget, length: int,
-             seed: int, batch_size: int | None = None) -> dict[str, Any]:
+             seed: int, batch_size: int | None = None, pad: bool = False) -> dict[str, Any]:
     """Run every sample of one cell and return its row (not yet written).
 
     Generation samples go to the backend in batches of ``batch_size`` (``None``: the backend's
-    ``auto_batch_size``, 1 if it has none), grouped by ``max_new_tokens`` so that a sample's answer
-    does not depend on its batch; per-sample entries keep the sample order. Perplexity samples
-    are scored one at a time."""
+    ``auto_batch_size``, 1 if it has none) of equal ``max_new_tokens`` and, unless ``pad``, equal
+    prompt length, so that no batch is padded and a sample's answer does not depend on its batch
+    mates (left padding shifts the page / cluster boundaries of methods such as quest and
+    squeezed; the prompts of a cell mostly have exactly ``length`` tokens, a few one or two
+    fewer). Per-sample entries keep the sample order. A batch that runs out
+    of memory is retried in halves (after ``backend.free_memory()``), and the smaller size is kept
+    for the rest of the cell. Perplexity samples are scored one at a time."""
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None (auto), got {batch_size}")
     t0 = time.perf_counter()
     tok = backend.tokenizer
     per: list[dict[str, Any] | None] = [None] * len(samples)
-    groups: dict[int, list[tuple[int, list[int]]]] = {}
+    groups: dict[tuple[int, int], list[tuple[int, list[int]]]] = {}
     for i, s in enumerate(samples):
         if s.metric == "ppl":
             r = backend.score(s.context_ids, s.continuation_ids, method, budget)
             per[i] = {"sample_id": s.sample_id, "nll_sum": r.nll_sum, "n_tokens": r.n_tokens,
                       "ppl": perplexity(r.nll_sum, r.n_tokens), **_entry_measures(r)}
         else:
-            groups.setdefault(s.max_new_tokens, []).append((i, list(tok.encode(s.prompt, add_special_tokens=False))))
-    state: dict[str, Any] = {}
-    for max_new, items in groups.items():
+            ids = list(tok.encode(s.prompt, add_special_tokens=False))
+            groups.setdefault((s.max_new_tokens, 0 if pad else len(ids)), []).append((i, ids))
+    sizes: list[int] = []
+    cap = None  # after an out-of-memory error: the largest batch to try for the rest of the cell
+    for (max_new, _), items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         if batch_size is not None:
             bs = batch_size
         else:
@@ -385,9 +374,17 @@ def run_cell(backend: Backend, samples: list[Sample], task: str, method: str, bu
             bs = auto(max(len(ids) for _, ids in items), max_new, method, budget) if auto else 1
         pos = 0
         while pos < len(items):
-            n = max(1, min(bs, state.get("cap", bs), len(items) - pos))
+            n = max(1, min(bs, cap or bs, len(items) - pos))
             chunk = items[pos:pos + n]
-            outs = _generate_split(backend, [ids for _, ids in chunk], method, budget, max_new, state)
+            try:
+                outs = generate_batch(backend, [ids for _, ids in chunk], method, budget, max_new)
+            except Exception as e:  # noqa: BLE001 - out of memory: free it and retry with half the batch
+                if n < 2 or not _is_oom(e):
+                    raise
+                getattr(backend, "free_memory", lambda: None)()
+                cap = (n + 1) // 2
+                continue
+            sizes.append(n)
             for (i, _), r in zip(chunk, outs):
                 s = samples[i]
                 per[i] = {"sample_id": s.sample_id, "score": score(s.metric, r.text, s.answers),
@@ -400,7 +397,7 @@ def run_cell(backend: Backend, samples: list[Sample], task: str, method: str, bu
         "key": cell_key(task, method, budget, length, seed), "task": task, "method": method,
         "budget": budget_label(budget), "budget_value": budget, "budget_kind": budget_kind(budget),
         "length": length, "seed": seed, "backend": backend.name, "model": backend.model_name,
-        "n_samples": len(per), "batch_size": max(state.get("sizes", []), default=1),
+        "n_samples": len(per), "batch_size": max(sizes, default=1),
     }
     if samples and samples[0].metric == "ppl":
         nll, n = sum(e["nll_sum"] for e in per), sum(e["n_tokens"] for e in per)
@@ -439,12 +436,13 @@ def _fmt_min(seconds: float) -> str:
 
 def run_grid(backend: Backend, config: BenchConfig, out: str | Path, progress: bool = True,
              method_prefix: str = "", log=print, batch_size: int | None = None, max_minutes: float | None = None,
-             clock=time.monotonic) -> dict[str, Any]:
+             clock=time.monotonic, pad: bool = False) -> dict[str, Any]:
     """Run every cell of ``config`` not already in ``out``; returns counts ``{"run", "skipped",
     "errors", "unavailable", "left", "stopped", "wall_s", "model_s"}``.
 
     ``method_prefix`` is prepended to method names in the rows (``"kvpress:"`` for the peer).
-    ``batch_size``: samples per backend call (None: automatic, see :func:`run_cell`).
+    ``batch_size``: samples per backend call (None: automatic); ``pad``: let a batch mix prompt
+    lengths (see :func:`run_cell`).
     ``max_minutes``: stop cleanly once that much time has passed, after the cell in flight (and
     before a cell that would likely end past the limit, judged by the slowest cell so far); a
     rerun of the same grid continues where this one stopped. Every finished cell is logged with
@@ -502,7 +500,7 @@ def run_grid(backend: Backend, config: BenchConfig, out: str | Path, progress: b
         try:
             if isinstance(samples, Exception):
                 raise samples
-            row = run_cell(backend, samples, task, name, budget, length, seed, batch_size=batch_size)
+            row = run_cell(backend, samples, task, name, budget, length, seed, batch_size=batch_size, pad=pad)
             counts["run"] += 1
             if row["score"] is not None:
                 what = f"score {row['score']:.3f}"
