@@ -1,9 +1,11 @@
 """``kvsift bench``: run the evaluation grid and build reports.
 
+    kvsift bench run --suite standard --model /path/to/model.gguf --out results/standard.jsonl --max-minutes 8
     kvsift bench run --tasks niah,mk_niah --methods full,snapkv,streaming --budgets 0.1,0.25,0.5 \
         --lengths 1024,2048 --seeds 0 --out results/results.jsonl
     kvsift bench report results/results.jsonl [more.jsonl ...] --out results/report
     kvsift bench tasks
+    kvsift bench suites
 """
 
 from __future__ import annotations
@@ -37,22 +39,42 @@ def _float_list(text: str) -> list[float]:
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``bench`` (with ``run`` / ``report`` / ``tasks``) to the ``kvsift`` sub-commands."""
+    from kvsift.eval.suites import SUITES
     from kvsift.eval.tasks import DEFAULT_DEPTHS, TASKS
 
     b = subparsers.add_parser("bench", help="evaluation harness: NIAH, RULER-style tasks, perplexity, reports")
     bsub = b.add_subparsers(dest="bench_command", required=True)
 
     r = bsub.add_parser("run", help="run tasks x methods x budgets x lengths x seeds (resumable JSONL)")
-    r.add_argument("--tasks", type=_csv, default=["niah"], help=f"comma list of {', '.join(TASKS)}, or 'all'")
-    r.add_argument("--methods", type=_csv, default=["full", "snapkv"],
-                   help="comma list of registered methods (see `kvsift methods`), or 'all'")
-    r.add_argument("--budgets", type=_csv, default=["0.1", "0.25", "0.5"],
-                   help="comma list of ratios (0.25), percents (25%%) or token counts (256)")
-    r.add_argument("--lengths", type=_int_list, default=[1024, 2048], help="prompt lengths in tokens")
-    r.add_argument("--seeds", type=_int_list, default=[0])
-    r.add_argument("--depths", type=_float_list, default=list(DEFAULT_DEPTHS), help="NIAH needle depths in [0, 1]")
-    r.add_argument("--samples", type=int, default=2, help="samples per cell for the non-NIAH tasks")
-    r.add_argument("--ppl-tokens", type=int, default=128, help="teacher-forced tokens per ppl sample")
+    r.add_argument("--suite", choices=sorted(SUITES), default=None,
+                   help="a named grid (see `kvsift bench suites`); the options below narrow or change it")
+    r.add_argument("--tasks", type=_csv, default=None,
+                   help=f"comma list of {', '.join(TASKS)}, or 'all' (default: niah, or the suite's)")
+    r.add_argument("--methods", type=_csv, default=None,
+                   help="comma list of registered methods (see `kvsift methods`), or 'all' "
+                        "(default: full,snapkv, or the suite's: all)")
+    r.add_argument("--budgets", type=_csv, default=None,
+                   help="comma list of ratios (0.25), percents (25%%) or token counts (256) (default: 0.1,0.25,0.5)")
+    r.add_argument("--lengths", type=_int_list, default=None, help="prompt lengths in tokens (default: 1024,2048)")
+    r.add_argument("--seeds", type=_int_list, default=None, help="default: 0")
+    r.add_argument("--depths", type=_float_list, default=None,
+                   help=f"NIAH needle depths in [0, 1] (default: {','.join(f'{d:g}' for d in DEFAULT_DEPTHS)})")
+    r.add_argument("--samples", type=int, default=None,
+                   help="samples per cell for every task (NIAH cycles through the depths); default: one NIAH "
+                        "sample per depth and 2 for the other tasks, or the suite's")
+    r.add_argument("--ppl-tokens", type=int, default=None, help="teacher-forced tokens per ppl sample (default: 128)")
+    r.add_argument("--ppl-text", default=None,
+                   help="text for the ppl task: a shipped text name or a .txt path (default: the filler text)")
+    r.add_argument("--batch-size", type=_batch_size, default=None, metavar="N|auto",
+                   help="samples per model call (default auto: 1 on CPU; on CUDA what a KV-memory estimate allows)")
+    r.add_argument("--batch-padding", action="store_true",
+                   help="let a batch mix prompt lengths (left padding: fewer, larger batches, but methods whose "
+                        "pages/clusters shift with padding, e.g. quest and squeezed, then answer differently)")
+    r.add_argument("--mem-fraction", type=float, default=0.5,
+                   help="auto batch size: the batch's estimated KV bytes stay under this fraction of free GPU memory")
+    r.add_argument("--max-batch", type=int, default=64, help="auto batch size: at most this many sequences")
+    r.add_argument("--max-minutes", type=float, default=None,
+                   help="stop cleanly after the cell in flight once this many minutes have passed (rerun to continue)")
     r.add_argument("--method-opt", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="method option, e.g. snapkv.window=64 (repeatable)")
     r.add_argument("--out", type=Path, default=Path("results/results.jsonl"), help="JSONL file (appended)")
@@ -60,16 +82,64 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--backend", choices=("kvsift", "fake"), default="kvsift",
                    help="'fake' checks the pipeline in seconds (a prompt-reading fake model, no weights)")
-    r.add_argument("--model", default=None, help="'smollm2' (bundled default), an HF model directory or a .gguf file")
+    r.add_argument("--model", default=None,
+                   help="'smollm2' (bundled default), a model name, an HF model directory or a .gguf file path")
     r.add_argument("--device", default="auto")
     r.add_argument("--dtype", default="auto")
+    r.add_argument("--dry-run", action="store_true", help="print the plan (cells, samples) and stop")
 
     p = bsub.add_parser("report", help="Markdown table + PNG plots from result JSONL file(s)")
     p.add_argument("results", nargs="+", type=Path, help="JSONL result file(s) (kvsift and kvpress rows mix)")
     p.add_argument("--out", type=Path, default=Path("results/report"), help="output directory")
+    p.add_argument("--heatmap-budget", default=None,
+                   help="budget of the per-method NIAH heatmap grid (default: the budget nearest 0.1)")
 
     bsub.add_parser("tasks", help="list the tasks")
+    bsub.add_parser("suites", help="list the named suites")
     return b
+
+
+def _batch_size(text: str) -> int | None:
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"batch size must be >= 1, got {n}")
+    return n
+
+
+_DEFAULTS = dict(tasks=["niah"], methods=["full", "snapkv"], budgets=["0.1", "0.25", "0.5"], lengths=[1024, 2048],
+                 seeds=[0], depths=None, samples=None, ppl_tokens=128)
+
+
+def resolve_plan(args) -> dict:
+    """The grid of a ``bench run``: the suite's values (or the defaults) where an option is not given.
+    ``methods`` 'all' (and a suite's default) expand to every registered method."""
+    from kvsift.eval.suites import get_suite
+    from kvsift.eval.tasks import DEFAULT_DEPTHS, TASKS
+
+    given = {k: getattr(args, k) for k in ("tasks", "methods", "budgets", "lengths", "seeds", "depths", "samples",
+                                           "ppl_tokens")}
+    if args.suite is not None:
+        suite = get_suite(args.suite)
+        base = dict(tasks=list(suite.tasks), methods=list(suite.methods) if suite.methods else ["all"],
+                    budgets=list(suite.budgets), lengths=list(suite.lengths), seeds=list(suite.seeds),
+                    depths=list(suite.depths), samples=suite.samples, ppl_tokens=suite.ppl_tokens)
+    else:
+        base = dict(_DEFAULTS)
+    plan = {k: (v if v is not None else base[k]) for k, v in given.items()}
+    if plan["depths"] is None:
+        plan["depths"] = list(DEFAULT_DEPTHS)
+    if plan["tasks"] == ["all"]:
+        plan["tasks"] = list(TASKS)
+    if plan["methods"] == ["all"]:
+        from kvsift.methods import available_methods
+
+        plan["methods"] = list(available_methods())
+    return plan
 
 
 def _method_opts(items: list[str]) -> dict[str, dict]:
@@ -95,28 +165,42 @@ def run_bench(args) -> int:
         for name in TASKS:
             print(f"{name:8s} {TASK_DOCS.get(name, '')}")
         return 0
+    if cmd == "suites":
+        from kvsift.eval.suites import SUITES
+
+        for name, su in SUITES.items():
+            print(f"{name:9s} {su.doc}")
+            print(f"{'':9s} tasks {','.join(su.tasks)}; lengths {','.join(map(str, su.lengths))}; budgets "
+                  f"{','.join(su.budgets)}; methods {','.join(su.methods) if su.methods else 'all registered'}; "
+                  f"{su.samples} samples per cell; NIAH depths {','.join(f'{d:g}' for d in su.depths)}")
+        return 0
     if cmd == "report":
         from kvsift.eval.report import write_report
 
-        res = write_report(args.results, args.out)
+        res = write_report(args.results, args.out, heatmap_budget=args.heatmap_budget)
         print(Path(res["markdown"]).read_text(encoding="utf-8"))
         print(f"[bench] {res['rows']} rows -> {res['markdown']} and {len(res['plots'])} plot(s) in {args.out}",
               file=sys.stderr)
         return 0
     if cmd == "run":
         from kvsift.eval.runner import BenchConfig, KvsiftBackend, run_grid
-        from kvsift.eval.tasks import TASKS, TaskConfig
+        from kvsift.eval.tasks import TaskConfig
 
-        tasks = list(TASKS) if args.tasks == ["all"] else args.tasks
-        if args.methods == ["all"]:
-            from kvsift.methods import available_methods
-
-            methods = list(available_methods())
-        else:
-            methods = args.methods
-        cfg = BenchConfig(tasks=tasks, methods=methods, budgets=args.budgets, lengths=args.lengths, seeds=args.seeds,
-                          task_config=TaskConfig(depths=tuple(args.depths), samples=args.samples,
-                                                 ppl_tokens=args.ppl_tokens))
+        plan = resolve_plan(args)
+        methods = plan["methods"]
+        cfg = BenchConfig(tasks=plan["tasks"], methods=methods, budgets=plan["budgets"], lengths=plan["lengths"],
+                          seeds=plan["seeds"],
+                          task_config=TaskConfig(depths=tuple(plan["depths"]), samples=plan["samples"],
+                                                 ppl_tokens=plan["ppl_tokens"], ppl_text=args.ppl_text))
+        n_cells = len(cfg.cells())
+        per_cell = {t: cfg.task_config.n_samples(t) for t in cfg.tasks}
+        print(f"[bench] {'suite ' + args.suite if args.suite else 'grid'}: {n_cells} cell(s) = tasks "
+              f"{','.join(cfg.tasks)} x lengths {','.join(map(str, cfg.lengths))} x seeds "
+              f"{','.join(map(str, cfg.seeds))} x (methods {','.join(methods)} at budgets "
+              f"{','.join(plan['budgets'])}; full once); samples per cell "
+              f"{', '.join(f'{t} {n}' for t, n in per_cell.items())} -> {args.out}", file=sys.stderr)
+        if args.dry_run:
+            return 0
         kwargs = _method_opts(args.method_opt)
         if args.backend == "fake":
             from kvsift.eval.fakes import ReadingBackend, WordTokenizer
@@ -127,11 +211,15 @@ def run_bench(args) -> int:
 
             for m in methods:  # fail before loading the model on an unknown method / option
                 build_method(m, None if m == "full" else 0.5, **kwargs.get(m, {}))
-            backend = KvsiftBackend(model=args.model, device=args.device, dtype=args.dtype, method_kwargs=kwargs)
+            backend = KvsiftBackend(model=args.model, device=args.device, dtype=args.dtype, method_kwargs=kwargs,
+                                    mem_fraction=args.mem_fraction, max_batch=args.max_batch)
         counts = run_grid(backend, cfg, args.out, progress=not args.no_progress,
-                          log=lambda s: print(s, file=sys.stderr))
-        print(f"[bench] {counts['run']} cell(s) run, {counts['skipped']} already done, {counts['errors']} error(s) "
-              f"-> {args.out}", file=sys.stderr)
+                          log=lambda s: print(s, file=sys.stderr), batch_size=args.batch_size,
+                          max_minutes=args.max_minutes, pad=args.batch_padding)
+        left = f", {counts['left']} left (rerun to continue)" if counts["stopped"] else ""
+        na = f", {counts['unavailable']} not available" if counts["unavailable"] else ""
+        print(f"[bench] {counts['run']} cell(s) run, {counts['skipped']} already done, {counts['errors']} error(s)"
+              f"{na}{left} in {counts['wall_s'] / 60:.1f} min -> {args.out}", file=sys.stderr)
         if args.report is not None:
             from kvsift.eval.report import write_report
 

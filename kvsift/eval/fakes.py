@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import re
 
-from kvsift.eval.runner import Generation, Scored, kept_tokens
+import dataclasses
+
+from kvsift.eval.runner import BaseBackend, Generation, Scored, kept_tokens
 
 _TOKEN = re.compile(r"\w+|[^\w\s]|\s+")
 
@@ -33,17 +35,28 @@ class WordTokenizer:
         return "".join(self.inv[i] for i in ids if not (skip_special_tokens and i == 0))
 
 
-class ReadingBackend:
+class ReadingBackend(BaseBackend):
     """Answers by reading the prompt, like a perfect model whose cache kept ``kept/full`` of the
     prompt: needles in the kept *tail* of the prompt are found (StreamingLLM-like), others not.
-    ``calls`` counts generate/score calls (to check resumability)."""
+    ``calls`` counts generate/score calls (to check resumability); ``batches`` the size of each
+    ``generate_batch`` call; ``auto_batch`` is what ``auto_batch_size`` answers."""
 
     name = "fake"
     model_name = "fake-model"
 
-    def __init__(self, tokenizer: WordTokenizer):
+    def __init__(self, tokenizer: WordTokenizer, auto_batch: int = 1):
         self.tokenizer = tokenizer
         self.calls = 0
+        self.batches: list[int] = []
+        self.auto_batch = auto_batch
+
+    def auto_batch_size(self, prompt_tokens, max_new_tokens, method, budget):
+        return self.auto_batch
+
+    def generate_batch(self, prompts, method, budget, max_new_tokens):
+        self.batches.append(len(prompts))
+        return [dataclasses.replace(self.generate(p, method, budget, max_new_tokens), batch=len(prompts))
+                for p in prompts]
 
     def _kv(self, n: int, budget) -> tuple[int, int]:
         k = kept_tokens(budget, n)

@@ -1,10 +1,23 @@
-"""Reports from result rows: a Markdown table and PNG plots (matplotlib, Agg backend).
+"""Reports from result rows: a Markdown summary and PNG plots (matplotlib, Agg backend).
 
-* ``summary.md``              per task: method x budget mean score (perplexity for ``ppl``), then a
-                              detailed per-length table with KV bytes and timings
-* ``niah_heatmap_<method>.png`` accuracy over depth x length, one panel per budget
-* ``<task>_vs_budget.png``    score vs budget per method, the full cache as a dashed line
-* ``memory.png``              device / host KV MiB per method and budget (niah, longest length)
+``summary.md``:
+
+* a leaderboard: method x budget, the mean over tasks and lengths of the fraction of the full
+  cache's score kept, with a 95% interval (stratified paired bootstrap), and the GPU KV MiB per
+  sequence; the same for perplexity (full ppl / method ppl)
+* per (task, length, method, budget): mean score with a 95% interval (Wilson for 0/1 scores,
+  bootstrap for fractional scores and perplexity), the full-cache baseline on the same samples,
+  the fraction kept, and ``n.s.`` where the paired difference to the full cache is not
+  significant (paired bootstrap over the same sample ids)
+* per task: method x budget mean score (perplexity for ``ppl``), then every cell with KV bytes and timings
+
+Plots:
+
+* ``accuracy_vs_kv.png``        mean accuracy over the tasks vs GPU KV MiB per sequence, a panel per length
+* ``niah_heatmaps_<budget>.png`` NIAH accuracy over depth x length, a panel per method, at one budget
+* ``niah_heatmap_<method>.png``  accuracy over depth x length, one panel per budget
+* ``<task>_vs_budget.png``      score vs budget per method, the full cache as a dashed line
+* ``memory.png``                device / host KV MiB per method and budget (niah, longest length)
 """
 
 from __future__ import annotations
@@ -14,9 +27,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
+from kvsift.eval import stats
 from kvsift.eval.runner import FULL, load_rows
 
 MiB = 1 / 2**20
+MIN_FULL = 0.1  # leaderboard: cells where the full cache scores below this tell nothing about kept fractions
 
 
 def _budget_sort_key(label: str) -> tuple[int, float]:
@@ -50,19 +67,232 @@ def _ok(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if not r.get("error")]
 
 
+def _method_key(m: str) -> tuple:
+    base = m.split(":")[-1]
+    return (":" in m, m.split(":")[0] if ":" in m else "", base != FULL, base)
+
+
+def baseline_of(method: str) -> str:
+    """The full-cache run a method is compared with: ``kvpress:full`` for ``kvpress:*``, else ``full``."""
+    return method.split(":", 1)[0] + ":" + FULL if ":" in method else FULL
+
+
+def _sample_values(row: dict[str, Any]) -> dict[str, float]:
+    """sample id -> the per-sample value: the score, or the NLL per token for ``ppl``."""
+    out = {}
+    for s in row.get("samples") or []:
+        if row.get("task") == "ppl":
+            if s.get("nll_sum") is not None and s.get("n_tokens"):
+                out[s["sample_id"]] = s["nll_sum"] / s["n_tokens"]
+        elif s.get("score") is not None:
+            out[s["sample_id"]] = float(s["score"])
+    return out
+
+
+def _group_cells(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """(task, length, method, budget) -> pooled samples over seeds and the mean KV bytes."""
+    cells: dict[tuple, dict[str, Any]] = {}
+    for r in _ok(rows):
+        c = cells.setdefault((r["task"], r["length"], r["method"], r["budget"]),
+                             {"values": {}, "rows": [], "budget_value": r.get("budget_value")})
+        c["values"].update(_sample_values(r))
+        c["rows"].append(r)
+    for c in cells.values():
+        rs = c["rows"]
+        c["kv_device_bytes"] = _mean(r.get("kv_device_bytes") for r in rs)
+        c["kv_host_bytes"] = _mean(r.get("kv_host_bytes") for r in rs)
+    return cells
+
+
+def cell_stats(rows: list[dict[str, Any]], n_boot: int = stats.N_BOOT, seed: int = stats.SEED) -> list[dict[str, Any]]:
+    """One dict per (task, length, method, budget): ``n, value, lo, hi, kind`` (the mean score, or
+    the perplexity for ``ppl``, with its 95% interval), and against the full-cache baseline on the
+    samples both ran (``paired_n``): ``full, full_lo, full_hi, kept, kept_lo, kept_hi, diff,
+    diff_lo, diff_hi, significant`` (None when there is no baseline)."""
+    cells = _group_cells(rows)
+    out = []
+    for (task, length, method, budget), c in cells.items():
+        vals = c["values"]
+        ppl = task == "ppl"
+        d: dict[str, Any] = {"task": task, "length": length, "method": method, "budget": budget,
+                             "budget_value": c["budget_value"], "n": len(vals), "baseline": None,
+                             "kv_device_bytes": c["kv_device_bytes"], "kv_host_bytes": c["kv_host_bytes"],
+                             "higher_is_better": not ppl}
+        if not vals:
+            continue
+        xs = list(vals.values())
+        if ppl:
+            d["value"] = float(stats.STATS["exp_mean"](np.asarray(xs)))
+            d["lo"], d["hi"] = stats.bootstrap_ci(xs, "exp_mean", n_boot, seed)
+            d["kind"] = "bootstrap"
+        else:
+            d["value"], d["lo"], d["hi"], d["kind"] = stats.mean_ci(xs, n_boot, seed)
+        base = baseline_of(method)
+        if base not in {m for (t, L, m, b) in cells if t == task and L == length}:
+            base = FULL  # e.g. kvpress rows without kvpress:full: compare with kvsift's full
+        bc = cells.get((task, length, base, FULL))
+        if bc is not None and (method, budget) != (base, FULL):
+            ids = sorted(set(vals) & set(bc["values"]))
+            if ids:
+                m_xs = [vals[i] for i in ids]
+                f_xs = [bc["values"][i] for i in ids]
+                st = "exp_mean" if ppl else "mean"
+                f = stats.STATS[st]
+                full_v = float(f(np.asarray(f_xs)))
+                if ppl:
+                    flo, fhi = stats.bootstrap_ci(f_xs, st, n_boot, seed)
+                else:
+                    _, flo, fhi, _ = stats.mean_ci(f_xs, n_boot, seed)
+                kept, klo, khi = stats.kept_fraction(m_xs, f_xs, st, not ppl, n_boot, seed)
+                pb = stats.paired_bootstrap(m_xs, f_xs, st, n_boot, seed)
+                d.update(baseline=base, paired_n=len(ids), full=full_v, full_lo=flo, full_hi=fhi, kept=kept,
+                         kept_lo=klo, kept_hi=khi, diff=pb["diff"], diff_lo=pb["lo"], diff_hi=pb["hi"],
+                         significant=pb["significant"], method_values=m_xs, full_values=f_xs)
+        out.append(d)
+    out.sort(key=lambda d: (d["task"], d["length"], _method_key(d["method"]), _budget_sort_key(d["budget"])))
+    return out
+
+
+def leaderboard(cstats: list[dict[str, Any]], ppl: bool = False, min_full: float = MIN_FULL,
+                n_boot: int = stats.N_BOOT, seed: int = stats.SEED) -> dict[tuple[str, str], dict[str, Any]]:
+    """(method, budget) -> the mean over tasks and lengths of the fraction of the full score kept
+    (``value, lo, hi``: stratified paired bootstrap), ``cells`` used and ``left_out`` (cells whose
+    full-cache score is below ``min_full``: nothing to keep). ``ppl=True``: the perplexity task
+    alone (fraction = full ppl / method ppl)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for d in cstats:
+        if d.get("baseline") is None or (d["task"] == "ppl") != ppl:
+            continue
+        groups[(d["method"], d["budget"])].append(d)
+    out = {}
+    for key, ds in groups.items():
+        use = [d for d in ds if ppl or d["full"] >= min_full]
+        if not use:
+            out[key] = {"value": None, "lo": None, "hi": None, "cells": 0, "left_out": len(ds)}
+            continue
+        res = stats.pooled_kept_fraction([(d["method_values"], d["full_values"]) for d in use],
+                                         "exp_mean" if ppl else "mean", not ppl, n_boot, seed)
+        res["left_out"] = len(ds) - len(use)
+        out[key] = res
+    return out
+
+
+def _ci(v: float | None, lo: float | None, hi: float | None, digits: int = 2) -> str:
+    if v is None or v != v:
+        return "-"
+    if lo is None or hi is None or lo != lo:
+        return _fmt(v, digits)
+    return f"{_fmt(v, digits)} [{_fmt(lo, digits)}, {_fmt(hi, digits)}]"
+
+
+def leaderboard_markdown(rows: list[dict[str, Any]], cstats: list[dict[str, Any]] | None = None) -> str:
+    """The leaderboard section: fraction of the full score kept (accuracy tasks, then perplexity)
+    per method and budget, and the GPU KV MiB per sequence."""
+    cstats = cell_stats(rows) if cstats is None else cstats
+    lines: list[str] = []
+    for ppl in (False, True):
+        lb = leaderboard(cstats, ppl=ppl)
+        if not lb:
+            continue
+        budgets = sorted({b for _, b in lb}, key=_budget_sort_key)
+        methods = sorted({m for m, _ in lb}, key=_method_key)
+        scope = [d for d in cstats if d.get("baseline") and (d["task"] == "ppl") == ppl]
+        tasks = sorted({d["task"] for d in scope})
+        lengths = sorted({d["length"] for d in scope})
+        if ppl:
+            lines.append("### Leaderboard: perplexity kept (full-cache ppl / method ppl, 1 = as good as full)")
+        else:
+            lines.append("### Leaderboard: fraction of the full-cache score kept")
+        lines.append("")
+        left = sum(v["left_out"] for v in lb.values())
+        ratio = "full-cache ppl / method ppl" if ppl else "method score / full-cache score"
+        lines.append(f"Mean over tasks ({', '.join(tasks)}) and lengths ({', '.join(map(str, lengths))}) of "
+                     f"{ratio} on the same samples; 95% interval of a stratified paired bootstrap in brackets."
+                     + ("" if ppl else f" Cells where the full cache scores below {MIN_FULL:g} are left out "
+                                       f"({left} cell(s))."))
+        lines.append("")
+        lines.append("| method | " + " | ".join(budgets) + " |")
+        lines.append("|---|" + "---|" * len(budgets))
+        for m in methods:
+            cells = []
+            for b in budgets:
+                v = lb.get((m, b))
+                cells.append(_ci(v["value"], v["lo"], v["hi"]) if v else "")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    # GPU KV per sequence, at the longest length measured
+    kv = [d for d in cstats if d.get("kv_device_bytes") is not None]
+    if kv:
+        L = max(d["length"] for d in kv)
+        at = [d for d in kv if d["length"] == L]
+        budgets = sorted({d["budget"] for d in at}, key=_budget_sort_key)
+        methods = sorted({d["method"] for d in at}, key=_method_key)
+        lines.append(f"### GPU KV MiB per sequence after prefill ({L}-token prompts, mean over tasks)")
+        lines.append("")
+        lines.append("| method | " + " | ".join(budgets) + " |")
+        lines.append("|---|" + "---|" * len(budgets))
+        for m in methods:
+            cells = []
+            for b in budgets:
+                v = _mean(d["kv_device_bytes"] for d in at if d["method"] == m and d["budget"] == b)
+                cells.append(_fmt(v * MiB) if v is not None else "")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def intervals_markdown(cstats: list[dict[str, Any]]) -> str:
+    """Per task: every (length, method, budget) with its 95% interval, the full cache on the same
+    samples, the fraction kept and the paired significance."""
+    lines: list[str] = []
+    for task in sorted({d["task"] for d in cstats}):
+        ppl = task == "ppl"
+        lines.append(f"### {task}: {'perplexity' if ppl else 'mean score'} with 95% intervals "
+                     f"({'bootstrap' if ppl else 'Wilson for 0/1 scores, bootstrap otherwise'})")
+        lines.append("")
+        what = "ppl" if ppl else "score"
+        lines.append(f"| length | method | budget | n | {what} [95% CI] | full [95% CI] | kept [95% CI] | "
+                     f"vs full | GPU KV MiB/seq |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        for d in (d for d in cstats if d["task"] == task):
+            digits = 2 if ppl else 3
+            if d.get("baseline"):
+                full = _ci(d["full"], d["full_lo"], d["full_hi"], digits)
+                kept = _ci(d["kept"], d["kept_lo"], d["kept_hi"])
+                if not d["significant"]:
+                    sig = "n.s."
+                else:
+                    better = (d["diff"] > 0) == d["higher_is_better"]
+                    sig = "better" if better else "worse"
+            else:
+                full = kept = sig = ""
+            kvb = d.get("kv_device_bytes")
+            lines.append("| " + " | ".join([
+                str(d["length"]), d["method"], d["budget"], str(d["n"]), _ci(d["value"], d["lo"], d["hi"], digits),
+                full, kept, sig, _fmt(kvb * MiB) if kvb is not None else "-"]) + " |")
+        lines.append("")
+    if cstats:
+        lines.append("`n.s.`: the paired bootstrap interval of the difference to the full cache (same samples) "
+                     "includes 0; `better`/`worse`: it does not.")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """Summary Markdown: per task a method x budget pivot (mean over lengths and seeds), then the
     per-cell detail table."""
     ok = _ok(rows)
-    lines: list[str] = []
+    cstats = cell_stats(rows)
+    lines: list[str] = [leaderboard_markdown(rows, cstats), intervals_markdown(cstats),
+                        "### Mean score per task, method and budget", ""]
     tasks = sorted({r["task"] for r in ok})
     for task in tasks:
         tr = [r for r in ok if r["task"] == task]
         budgets = sorted({r["budget"] for r in tr}, key=_budget_sort_key)
-        methods = sorted({r["method"] for r in tr}, key=lambda m: (m.split(":")[-1] != FULL, m))
+        methods = sorted({r["method"] for r in tr}, key=_method_key)
         lengths = sorted({r["length"] for r in tr})
         what = "perplexity (lower is better)" if task == "ppl" else "mean score (higher is better)"
-        lines.append(f"### {task}: {what}, lengths {', '.join(map(str, lengths))}")
+        lines.append(f"#### {task}: {what}, lengths {', '.join(map(str, lengths))}")
         lines.append("")
         lines.append("| method | " + " | ".join(budgets) + " |")
         lines.append("|---|" + "---|" * len(budgets))
@@ -218,8 +448,122 @@ def plot_memory(rows: list[dict[str, Any]], out: Path) -> Path | None:
     return p
 
 
-def write_report(results: str | Path | list[str | Path], out_dir: str | Path) -> dict[str, Any]:
+def _pick_budget(budgets: list[str], want: str | None) -> str | None:
+    """``want`` if measured, else the ratio budget nearest 0.1 (else the first budget)."""
+    if not budgets:
+        return None
+    if want is not None:
+        w = str(want)
+        for b in budgets:
+            if b == w or _budget_sort_key(b) == _budget_sort_key(w):
+                return b
+        raise ValueError(f"no rows at budget {want!r}; measured: {', '.join(budgets)}")
+    ratios = [b for b in budgets if _budget_sort_key(b)[0] == 0]
+    return min(ratios, key=lambda b: abs(float(b) - 0.1)) if ratios else budgets[0]
+
+
+def plot_niah_grid(rows: list[dict[str, Any]], out: Path, budget: str | None = None) -> Path | None:
+    """NIAH accuracy over depth x length, one panel per method at one budget (the full cache first)."""
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in _ok(rows) if r["task"] == "niah"]
+    budgets = sorted({r["budget"] for r in ok if r["budget"] != FULL}, key=_budget_sort_key)
+    b = _pick_budget(budgets, budget)
+    if b is None:
+        return None
+    methods = sorted({r["method"] for r in ok if r["budget"] in (b, FULL)}, key=_method_key)
+    lengths = sorted({r["length"] for r in ok})
+    depths = sorted({s["depth"] for r in ok for s in r.get("samples", []) if "depth" in s})
+    if not depths or not methods:
+        return None
+    cols = min(4, len(methods))
+    nrows = (len(methods) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(1.6 + (0.7 * len(lengths) + 0.9) * cols,
+                                                   0.6 + (0.32 * len(depths) + 1.3) * nrows),
+                             squeeze=False, layout="constrained")
+    im = None
+    for k, m in enumerate(methods):
+        ax = axes[k // cols][k % cols]
+        mb = FULL if m.split(":")[-1] == FULL else b
+        acc = np.full((len(depths), len(lengths)), np.nan)
+        for j, L in enumerate(lengths):
+            for i, d in enumerate(depths):
+                v = _mean(s["score"] for r in ok if r["method"] == m and r["budget"] == mb and r["length"] == L
+                          for s in r.get("samples", []) if s.get("depth") == d)
+                if v is not None:
+                    acc[i, j] = v
+        im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(L) for L in lengths], rotation=45, fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths] if k % cols == 0 else [], fontsize=7)
+        ax.set_title(m if mb == FULL else f"{m} @ {b}", fontsize=9)
+        for i in range(len(depths)):
+            for j in range(len(lengths)):
+                if not np.isnan(acc[i, j]):
+                    ax.text(j, i, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=6)
+    for k in range(len(methods), nrows * cols):
+        axes[k // cols][k % cols].axis("off")
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="accuracy")
+    fig.suptitle(f"NIAH accuracy (needle depth x context tokens), budget {b}")
+    p = out / f"niah_heatmaps_{_safe(b)}.png"
+    fig.savefig(p, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return p
+
+
+def plot_accuracy_vs_kv(rows: list[dict[str, Any]], out: Path, cstats: list[dict[str, Any]] | None = None
+                        ) -> Path | None:
+    """Mean accuracy over the scored tasks vs GPU KV MiB per sequence, one panel per length; a line
+    per method through its budgets, the full cache as a star."""
+    import matplotlib.pyplot as plt
+
+    cstats = cell_stats(rows) if cstats is None else cstats
+    cs = [d for d in cstats if d["task"] != "ppl" and d.get("kv_device_bytes")]
+    if not cs:
+        return None
+    lengths = sorted({d["length"] for d in cs})
+    methods = sorted({d["method"] for d in cs}, key=_method_key)
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.6 * len(lengths), 3.8), squeeze=False, sharey=True)
+    from matplotlib.ticker import NullFormatter
+
+    cmap = plt.get_cmap("tab20")
+    for ax, L in zip(axes[0], lengths):
+        at = [d for d in cs if d["length"] == L]
+        n_tasks = len({d["task"] for d in at})
+        for k, m in enumerate(methods):
+            pts = []
+            for b in sorted({d["budget"] for d in at if d["method"] == m}, key=_budget_sort_key):
+                ds = [d for d in at if d["method"] == m and d["budget"] == b]
+                if len({d["task"] for d in ds}) < n_tasks:
+                    continue  # mean over tasks only where every task ran
+                pts.append((_mean(d["kv_device_bytes"] for d in ds) * MiB, _mean(d["value"] for d in ds)))
+            if not pts:
+                continue
+            xs, ys = zip(*sorted(pts))
+            if m.split(":")[-1] == FULL:
+                ax.plot(xs, ys, marker="*", markersize=12, linestyle="none", color="black" if ":" not in m else "gray",
+                        label=m)
+            else:
+                ax.plot(xs, ys, marker="o", markersize=3, color=cmap(k % 20), linestyle="--" if ":" in m else "-",
+                        label=m)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("GPU KV MiB per sequence (log)")
+        ax.set_title(f"{L} tokens ({n_tasks} tasks)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean score over tasks")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle("Accuracy vs GPU KV bytes (each point a budget)")
+    p = out / "accuracy_vs_kv.png"
+    fig.savefig(p, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return p
+
+
+def write_report(results: str | Path | list[str | Path], out_dir: str | Path,
+                 heatmap_budget: str | None = None) -> dict[str, Any]:
     """Write ``summary.md`` and the plots for the rows in ``results`` into ``out_dir``.
+    ``heatmap_budget``: the budget of the per-method NIAH heatmap grid (default: nearest 0.1).
     Returns ``{"markdown": path, "plots": [paths], "rows": n}``."""
     import matplotlib
 
@@ -232,7 +576,7 @@ def write_report(results: str | Path | list[str | Path], out_dir: str | Path) ->
     md = out / "summary.md"
     md.write_text(markdown_table(rows), encoding="utf-8")
     plots = plot_niah_heatmaps(rows, out) + plot_score_vs_budget(rows, out)
-    mem = plot_memory(rows, out)
-    if mem is not None:
-        plots.append(mem)
+    for p in (plot_memory(rows, out), plot_accuracy_vs_kv(rows, out), plot_niah_grid(rows, out, heatmap_budget)):
+        if p is not None:
+            plots.append(p)
     return {"markdown": md, "plots": plots, "rows": len(rows)}

@@ -2,7 +2,14 @@
 
 A *cell* is ``(task, method, budget, length, seed)``; it runs all samples of that task for that
 length and seed (e.g. every NIAH depth) and appends one JSON line with the mean score, the per-sample
-results, KV bytes and timings. Reruns skip the cells already in the file (resumable).
+results, KV bytes and timings. Reruns skip the cells already in the file (resumable), and a run can
+be cut into parts (``max_minutes``: stop after the cell in flight).
+
+The samples of a cell go to the backend in batches of equal prompt length
+(:meth:`BaseBackend.generate_batch`; the kvsift backend runs a batch as one ``LLM.generate``
+call). Batch size ``None`` is automatic: 1 on CPU, on CUDA as many sequences as a KV-memory
+estimate allows (:func:`estimate_batch_size`).
+Perplexity samples are scored one at a time.
 
 Backends drive a model: :class:`KvsiftBackend` (kvsift's engine) here; ``bench/vs_kvpress.py``
 adds a kvpress backend writing the same schema. This module imports no engine code at import time
@@ -22,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 from kvsift.eval.scoring import perplexity, score
-from kvsift.eval.tasks import TASKS, Sample, TaskBuilder, TaskConfig
+from kvsift.eval.tasks import TASKS, Sample, TaskBuilder, TaskConfig, TaskUnavailable
 
 from kvsift.budget import FULL, Budget, budget_label, resolve_budget
 from kvsift.budget import parse_budget as _parse_budget
@@ -65,6 +72,7 @@ class Generation:
     kv_full_bytes: int
     prefill_s: float
     decode_ms_per_token: float
+    batch: int = 1  # sequences in the backend call that produced it
 
 
 @dataclass(slots=True)
@@ -91,15 +99,83 @@ class Backend(Protocol):
 
     def score(self, context_ids: list[int], continuation_ids: list[int], method: str, budget: Budget) -> Scored: ...
 
+    # optional (see BaseBackend): generate_batch(list_of_prompt_ids, method, budget, max_new_tokens)
+    # -> list[Generation]; auto_batch_size(prompt_tokens, max_new_tokens, method, budget) -> int;
+    # free_memory() after an out-of-memory error
 
-class KvsiftBackend:
+
+class BaseBackend:
+    """Defaults for backends: a batch is generated one prompt at a time, the automatic batch size
+    is 1. Backends that batch for real override :meth:`generate_batch` and :meth:`auto_batch_size`."""
+
+    name = "backend"
+    model_name = "model"
+    tokenizer: Any = None
+
+    def generate(self, prompt_ids, method, budget, max_new_tokens) -> Generation:
+        raise NotImplementedError
+
+    def score(self, context_ids, continuation_ids, method, budget) -> Scored:
+        raise NotImplementedError
+
+    def generate_batch(self, prompts: list[list[int]], method: str, budget: Budget,
+                       max_new_tokens: int) -> list[Generation]:
+        return [self.generate(p, method, budget, max_new_tokens) for p in prompts]
+
+    def auto_batch_size(self, prompt_tokens: int, max_new_tokens: int, method: str, budget: Budget) -> int:
+        return 1
+
+    def free_memory(self) -> None:
+        """Called after an out-of-memory error, before the batch is retried in halves."""
+
+
+def generate_batch(backend, prompts: list[list[int]], method: str, budget: Budget,
+                   max_new_tokens: int) -> list[Generation]:
+    """``backend.generate_batch`` where the backend has one, else one ``generate`` per prompt."""
+    fn = getattr(backend, "generate_batch", None)
+    if fn is None:
+        return [backend.generate(p, method, budget, max_new_tokens) for p in prompts]
+    out = fn(prompts, method, budget, max_new_tokens)
+    if len(out) != len(prompts):
+        raise RuntimeError(f"{type(backend).__name__}.generate_batch returned {len(out)} results for "
+                           f"{len(prompts)} prompts")
+    return out
+
+
+def estimate_batch_size(free_bytes: int, prompt_tokens: int, max_new_tokens: int, *, num_layers: int,
+                        num_kv_heads: int, head_dim: int, dtype_bytes: int, num_q_heads: int | None = None,
+                        chunk_size: int = 512, fraction: float = 0.5, cap: int = 64) -> int:
+    """How many sequences of ``prompt_tokens`` (+ ``max_new_tokens``) fit: the batch's bytes at most
+    ``fraction`` of ``free_bytes``. Per sequence it counts the full KV of the whole sequence (what
+    the full cache and the decode-time methods hold; eviction methods hold less, so this is
+    conservative for them) plus the boolean padding mask of one prefill chunk and its fp16 copy
+    (``3 * q_heads * chunk * tokens`` bytes: prompts of a cell differ by a few tokens, so a batch
+    prefill is padded). Clamped to ``[1, cap]``."""
+    if prompt_tokens < 1 or free_bytes <= 0:
+        return 1
+    n = prompt_tokens + max_new_tokens + 1
+    kv = 2 * num_layers * num_kv_heads * head_dim * dtype_bytes * n
+    mask = 3 * (num_q_heads or num_kv_heads) * min(chunk_size, prompt_tokens) * n
+    return int(max(1, min(cap, (fraction * free_bytes) // (kv + mask))))
+
+
+def _is_oom(e: BaseException) -> bool:
+    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
+
+
+class KvsiftBackend(BaseBackend):
     """kvsift's engine (``kvsift.LLM``). Prompts are passed as token ids (the chat template is
-    already in the sample's rendered prompt), so every backend sees the same tokens."""
+    already in the sample's rendered prompt), so every backend sees the same tokens.
+
+    A batch is one ``LLM.generate`` call (greedy). Its stats are for the whole batch; each sample
+    gets its own prompt length and full-cache bytes, and an equal share of the batch's KV bytes and
+    prefill time (``decode_ms_per_token`` is the batch's time per decode step). ``mem_fraction`` and
+    ``max_batch`` bound the automatic batch size on CUDA (:func:`estimate_batch_size`)."""
 
     name = "kvsift"
 
     def __init__(self, llm=None, model: str | None = None, device: str = "auto", dtype: str = "auto",
-                 method_kwargs: dict[str, dict] | None = None):
+                 method_kwargs: dict[str, dict] | None = None, mem_fraction: float = 0.5, max_batch: int = 64):
         if llm is None:
             from kvsift.engine import LLM
 
@@ -108,18 +184,68 @@ class KvsiftBackend:
         self.tokenizer = llm.tokenizer
         self.model_name = llm.info.name
         self.method_kwargs = method_kwargs or {}
+        if not 0 < mem_fraction <= 1:
+            raise ValueError(f"mem_fraction must be in (0, 1], got {mem_fraction}")
+        self.mem_fraction, self.max_batch = mem_fraction, max(1, int(max_batch))
+
+    def _kv_bytes_per_token(self) -> int:
+        import torch
+
+        info = self.llm.info
+        elt = torch.tensor([], dtype=info.dtype).element_size()
+        return 2 * info.num_layers * info.num_kv_heads * info.head_dim * elt
 
     def generate(self, prompt_ids, method, budget, max_new_tokens):
+        return self.generate_batch([list(prompt_ids)], method, budget, max_new_tokens)[0]
+
+    def generate_batch(self, prompts, method, budget, max_new_tokens):
         from kvsift.engine import SamplingParams
 
-        out = self.llm.generate(list(prompt_ids), SamplingParams(max_tokens=max_new_tokens, temperature=0.0),
-                                method=method, budget=budget, method_kwargs=self.method_kwargs.get(method),
-                                progress=False)[0]
-        st = out.stats
-        return Generation(text=out.text, prompt_tokens=st.prompt_tokens, new_tokens=st.generated_tokens,
-                          kv_device_bytes=st.kv_device_bytes, kv_host_bytes=st.kv_host_bytes,
-                          kv_kept_bytes=st.kv_kept_bytes, kv_full_bytes=st.kv_full_bytes, prefill_s=st.prefill_s,
-                          decode_ms_per_token=st.decode_ms_per_token)
+        prompts = [list(p) for p in prompts]
+        outs = self.llm.generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=0.0),
+                                 method=method, budget=budget, method_kwargs=self.method_kwargs.get(method),
+                                 progress=False)
+        b = len(prompts)
+        per_tok = self._kv_bytes_per_token()
+        res = []
+        for p, out in zip(prompts, outs):
+            st = out.stats
+            if b == 1:
+                res.append(Generation(text=out.text, prompt_tokens=st.prompt_tokens, new_tokens=st.generated_tokens,
+                                      kv_device_bytes=st.kv_device_bytes, kv_host_bytes=st.kv_host_bytes,
+                                      kv_kept_bytes=st.kv_kept_bytes, kv_full_bytes=st.kv_full_bytes,
+                                      prefill_s=st.prefill_s, decode_ms_per_token=st.decode_ms_per_token))
+                continue
+            res.append(Generation(text=out.text, prompt_tokens=len(p), new_tokens=st.generated_tokens,
+                                  kv_device_bytes=round(st.kv_device_bytes / b), kv_host_bytes=round(st.kv_host_bytes / b),
+                                  kv_kept_bytes=round(st.kv_kept_bytes / b), kv_full_bytes=per_tok * len(p),
+                                  prefill_s=st.prefill_s / b, decode_ms_per_token=st.decode_ms_per_token, batch=b))
+        return res
+
+    def auto_batch_size(self, prompt_tokens, max_new_tokens, method, budget):
+        import torch
+
+        dev = self.llm.device
+        if dev.type != "cuda":
+            return 1
+        free, _ = torch.cuda.mem_get_info(dev)
+        free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)  # cached by torch, reusable
+        info = self.llm.info
+        cfg = getattr(self.llm.model.config, "text_config", None) or self.llm.model.config
+        return estimate_batch_size(free, prompt_tokens, max_new_tokens, num_layers=info.num_layers,
+                                   num_kv_heads=info.num_kv_heads, head_dim=info.head_dim,
+                                   dtype_bytes=torch.tensor([], dtype=info.dtype).element_size(),
+                                   num_q_heads=getattr(cfg, "num_attention_heads", None),
+                                   chunk_size=self.llm.chunk_size, fraction=self.mem_fraction, cap=self.max_batch)
+
+    def free_memory(self):
+        import gc
+
+        import torch
+
+        gc.collect()
+        if self.llm.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def score(self, context_ids, continuation_ids, method, budget):
         from kvsift.eval.perplexity import score_continuation
@@ -206,34 +332,72 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def _entry_measures(r) -> dict[str, Any]:
+    return dict(prompt_tokens=r.prompt_tokens, kv_device_bytes=r.kv_device_bytes, kv_host_bytes=r.kv_host_bytes,
+                kv_kept_bytes=r.kv_kept_bytes, kv_full_bytes=r.kv_full_bytes, prefill_s=r.prefill_s,
+                decode_ms_per_token=r.decode_ms_per_token, batch=getattr(r, "batch", 1))
+
+
 def run_cell(backend: Backend, samples: list[Sample], task: str, method: str, budget: Budget, length: int,
-             seed: int) -> dict[str, Any]:
-    """Run every sample of one cell and return its row (not yet written)."""
+             seed: int, batch_size: int | None = None, pad: bool = False) -> dict[str, Any]:
+    """Run every sample of one cell and return its row (not yet written).
+
+    Generation samples go to the backend in batches of ``batch_size`` (``None``: the backend's
+    ``auto_batch_size``, 1 if it has none) of equal ``max_new_tokens`` and, unless ``pad``, equal
+    prompt length, so that no batch is padded and a sample's answer does not depend on its batch
+    mates (left padding shifts the page / cluster boundaries of methods such as quest and
+    squeezed; the prompts of a cell mostly have exactly ``length`` tokens, a few one or two
+    fewer). Per-sample entries keep the sample order. A batch that runs out
+    of memory is retried in halves (after ``backend.free_memory()``), and the smaller size is kept
+    for the rest of the cell. Perplexity samples are scored one at a time."""
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 or None (auto), got {batch_size}")
     t0 = time.perf_counter()
-    per: list[dict[str, Any]] = []
     tok = backend.tokenizer
-    for s in samples:
+    per: list[dict[str, Any] | None] = [None] * len(samples)
+    groups: dict[tuple[int, int], list[tuple[int, list[int]]]] = {}
+    for i, s in enumerate(samples):
         if s.metric == "ppl":
             r = backend.score(s.context_ids, s.continuation_ids, method, budget)
-            entry = {"sample_id": s.sample_id, "nll_sum": r.nll_sum, "n_tokens": r.n_tokens,
-                     "ppl": perplexity(r.nll_sum, r.n_tokens)}
+            per[i] = {"sample_id": s.sample_id, "nll_sum": r.nll_sum, "n_tokens": r.n_tokens,
+                      "ppl": perplexity(r.nll_sum, r.n_tokens), **_entry_measures(r)}
         else:
             ids = list(tok.encode(s.prompt, add_special_tokens=False))
-            r = backend.generate(ids, method, budget, s.max_new_tokens)
-            entry = {"sample_id": s.sample_id, "score": score(s.metric, r.text, s.answers),
-                     "prediction": r.text, "answers": s.answers}
-        for k in ("depth",):
-            if k in s.meta:
-                entry[k] = s.meta[k]
-        entry.update(prompt_tokens=r.prompt_tokens, kv_device_bytes=r.kv_device_bytes,
-                     kv_host_bytes=r.kv_host_bytes, kv_kept_bytes=r.kv_kept_bytes, kv_full_bytes=r.kv_full_bytes,
-                     prefill_s=r.prefill_s, decode_ms_per_token=r.decode_ms_per_token)
-        per.append(entry)
+            groups.setdefault((s.max_new_tokens, 0 if pad else len(ids)), []).append((i, ids))
+    sizes: list[int] = []
+    cap = None  # after an out-of-memory error: the largest batch to try for the rest of the cell
+    for (max_new, _), items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        if batch_size is not None:
+            bs = batch_size
+        else:
+            auto = getattr(backend, "auto_batch_size", None)
+            bs = auto(max(len(ids) for _, ids in items), max_new, method, budget) if auto else 1
+        pos = 0
+        while pos < len(items):
+            n = max(1, min(bs, cap or bs, len(items) - pos))
+            chunk = items[pos:pos + n]
+            try:
+                outs = generate_batch(backend, [ids for _, ids in chunk], method, budget, max_new)
+            except Exception as e:  # noqa: BLE001 - out of memory: free it and retry with half the batch
+                if n < 2 or not _is_oom(e):
+                    raise
+                getattr(backend, "free_memory", lambda: None)()
+                cap = (n + 1) // 2
+                continue
+            sizes.append(n)
+            for (i, _), r in zip(chunk, outs):
+                s = samples[i]
+                per[i] = {"sample_id": s.sample_id, "score": score(s.metric, r.text, s.answers),
+                          "prediction": r.text, "answers": s.answers, **_entry_measures(r)}
+            pos += n
+    for i, s in enumerate(samples):
+        if "depth" in s.meta:
+            per[i]["depth"] = s.meta["depth"]
     row: dict[str, Any] = {
         "key": cell_key(task, method, budget, length, seed), "task": task, "method": method,
         "budget": budget_label(budget), "budget_value": budget, "budget_kind": budget_kind(budget),
         "length": length, "seed": seed, "backend": backend.name, "model": backend.model_name,
-        "n_samples": len(per),
+        "n_samples": len(per), "batch_size": max(sizes, default=1),
     }
     if samples and samples[0].metric == "ppl":
         nll, n = sum(e["nll_sum"] for e in per), sum(e["n_tokens"] for e in per)
@@ -266,26 +430,58 @@ def append_row(path: str | Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def run_grid(backend: Backend, config: BenchConfig, out: str | Path, progress: bool = True,
-              method_prefix: str = "", log=print) -> dict[str, int]:
-    """Run every cell of ``config`` not already in ``out``; returns counts ``{"run", "skipped", "errors"}``.
+def _fmt_min(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
 
-    ``method_prefix`` is prepended to method names in the rows (``"kvpress:"`` for the peer)."""
+
+def run_grid(backend: Backend, config: BenchConfig, out: str | Path, progress: bool = True,
+             method_prefix: str = "", log=print, batch_size: int | None = None, max_minutes: float | None = None,
+             clock=time.monotonic, pad: bool = False) -> dict[str, Any]:
+    """Run every cell of ``config`` not already in ``out``; returns counts ``{"run", "skipped",
+    "errors", "unavailable", "left", "stopped", "wall_s", "model_s"}``.
+
+    ``method_prefix`` is prepended to method names in the rows (``"kvpress:"`` for the peer).
+    ``batch_size``: samples per backend call (None: automatic); ``pad``: let a batch mix prompt
+    lengths (see :func:`run_cell`).
+    ``max_minutes``: stop cleanly once that much time has passed, after the cell in flight (and
+    before a cell that would likely end past the limit, judged by the slowest cell so far); a
+    rerun of the same grid continues where this one stopped. Every finished cell is logged with
+    its wall time. Cells a task cannot build with the data at hand (``TaskUnavailable``, e.g. ppl
+    longer than its text) are logged and left out (no row, not an error)."""
+    t_start = clock()
     done = done_keys(out)
     builder = TaskBuilder(backend.tokenizer, config.task_config)
     cells = config.cells()
     todo = [c for c in cells if cell_key(c[0], method_prefix + c[3], c[4], c[1], c[2]) not in done]
-    counts = {"run": 0, "skipped": len(cells) - len(todo), "errors": 0}
+    counts: dict[str, Any] = {"run": 0, "skipped": len(cells) - len(todo), "errors": 0, "unavailable": 0,
+                              "left": 0, "stopped": False, "wall_s": 0.0, "model_s": 0.0}
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="bench", unit="cell")
-    samples_cache: dict[tuple[str, int, int], list[Sample] | Exception] = {}
-    for task, length, seed, method, budget in todo:
-        name = method_prefix + method
+
+    def say(msg: str) -> None:
+        if log is None:
+            return
         if bar is not None:
-            bar.set_postfix_str(f"{task} L={length} {name} {budget_label(budget)}")
+            bar.write(msg)
+        else:
+            log(msg)
+
+    samples_cache: dict[tuple[str, int, int], list[Sample] | Exception] = {}
+    slowest = 0.0
+    for n_done, (task, length, seed, method, budget) in enumerate(todo):
+        if max_minutes is not None and n_done > 0:
+            elapsed = clock() - t_start
+            if elapsed >= 60 * max_minutes or elapsed + slowest > 60 * max_minutes:
+                counts["stopped"] = True
+                counts["left"] = len(todo) - n_done
+                break
+        name = method_prefix + method
+        label = f"{task} L={length} s{seed} {name} {budget_label(budget)}"
+        if bar is not None:
+            bar.set_postfix_str(label)
         key = (task, length, seed)
         if key not in samples_cache:
             samples_cache.clear()  # cells are grouped by prompt set: keep one set in memory
@@ -294,11 +490,23 @@ def run_grid(backend: Backend, config: BenchConfig, out: str | Path, progress: b
             except ValueError as e:
                 samples_cache[key] = e
         samples = samples_cache[key]
+        if isinstance(samples, TaskUnavailable):
+            counts["unavailable"] += 1
+            say(f"[bench] {n_done + 1}/{len(todo)} {label}: not available ({samples})")
+            if bar is not None:
+                bar.update(1)
+            continue
+        t_cell = clock()
         try:
             if isinstance(samples, Exception):
                 raise samples
-            row = run_cell(backend, samples, task, name, budget, length, seed)
+            row = run_cell(backend, samples, task, name, budget, length, seed, batch_size=batch_size, pad=pad)
             counts["run"] += 1
+            if row["score"] is not None:
+                what = f"score {row['score']:.3f}"
+            else:
+                what = f"ppl {row['ppl']:.3f}"
+            msg = f"{what} ({row['n_samples']} samples, batch {row['batch_size']})"
         except Exception as e:  # noqa: BLE001 - a bad combination (budget larger than the prompt) or a
             # broken method must not end a long run: record the error (reruns retry it) and go on
             row = {"key": cell_key(task, name, budget, length, seed), "task": task, "method": name,
@@ -306,11 +514,22 @@ def run_grid(backend: Backend, config: BenchConfig, out: str | Path, progress: b
                    "length": length, "seed": seed, "backend": backend.name, "model": backend.model_name,
                    "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=-4)}
             counts["errors"] += 1
-            if log:
-                log(f"[bench] {row['key']}: {row['error']}")
+            msg = f"ERROR {row['error']}"
+        cell_s = clock() - t_cell
+        counts["model_s"] += cell_s
+        slowest = max(slowest, cell_s)
         append_row(out, row)
+        say(f"[bench] {n_done + 1}/{len(todo)} {label}: {msg} {cell_s:.1f} s")
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
+    counts["wall_s"] = clock() - t_start
+    if counts["stopped"] and log is not None:
+        ran = counts["run"] + counts["errors"]
+        per_cell = counts["model_s"] / ran if ran else 0.0
+        log(f"[bench] stopped after --max-minutes {max_minutes:g}: {ran} cell(s) in {_fmt_min(counts['wall_s'])} wall "
+            f"({_fmt_min(counts['model_s'])} running cells, on the GPU when the model is on CUDA); "
+            f"{counts['left']} cell(s) left (~{_fmt_min(per_cell * counts['left'])} at "
+            f"{per_cell:.1f} s/cell); rerun the same command to continue")
     return counts

@@ -20,9 +20,10 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
-from kvsift.eval.data import Filler, Tokenizer, count_tokens, load_text
+from kvsift.eval.data import Filler, Tokenizer, available_texts, count_tokens, load_text
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 METRICS = ("any", "all", "ppl")
@@ -171,24 +172,44 @@ def _fit(length: int, compose: Callable[[int], Sample], tokenizer: Tokenizer, hi
 # tasks
 
 
+class TaskUnavailable(ValueError):
+    """A cell this task cannot build with the data at hand (e.g. ``ppl`` longer than the shipped
+    text): the runner skips it without recording an error."""
+
+
 @dataclass(slots=True)
 class TaskConfig:
-    """Options shared by the task builders."""
+    """Options shared by the task builders.
+
+    ``samples``: samples per cell for every task. ``None`` keeps the old defaults: one NIAH sample
+    per depth of ``depths``, 2 samples for the other tasks. With ``samples = N`` NIAH cycles
+    through the depth grid (sample ``i`` sits at ``depths[i % len(depths)]``, repeat
+    ``i // len(depths)`` with its own key, number and filler offset)."""
 
     depths: tuple[float, ...] = DEFAULT_DEPTHS   # niah
-    samples: int = 2                             # samples per cell for the other tasks
+    samples: int | None = None                   # samples per cell (None: one per depth for niah, 2 for others)
     num_needles: int = 4                         # mk_niah keys / mv_niah values
     num_hops: int = 4                            # vt chain length
     num_common: int = 10                         # cwe
     ppl_tokens: int = 128                        # ppl: teacher-forced continuation length
+    ppl_text: str | None = None                  # ppl: a shipped text name or a .txt path (default: the filler text)
 
     def __post_init__(self):
         self.depths = tuple(float(d) for d in self.depths)
         if not self.depths or any(not 0.0 <= d <= 1.0 for d in self.depths):
             raise ValueError(f"depths must be a non-empty list of values in [0, 1], got {self.depths}")
         for name in ("samples", "num_needles", "num_hops", "num_common", "ppl_tokens"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            v = getattr(self, name)
+            if v is None and name == "samples":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+    def n_samples(self, task: str) -> int:
+        """How many samples a cell of ``task`` has."""
+        if self.samples is not None:
+            return self.samples
+        return len(self.depths) if task == "niah" else 2
 
 
 class TaskBuilder:
@@ -217,28 +238,34 @@ class TaskBuilder:
     # -- builders
     def niah(self, length: int, seed: int) -> list[Sample]:
         out = []
-        for depth in self.cfg.depths:
-            rng = _rng("niah", length, seed, depth)
+        depths = self.cfg.depths
+        for i in range(self.cfg.n_samples("niah")):
+            depth, rep = depths[i % len(depths)], i // len(depths)
+            # the first pass over the grid keeps the seeds (and sample ids) of one-sample-per-depth runs
+            rng = _rng("niah", length, seed, depth) if rep == 0 else _rng("niah", length, seed, depth, rep)
             key, value = _key(rng, set()), _number(rng, set())
             start = rng.randrange(len(self.filler))
             needle = f"One of the special magic numbers for {key} is: {value}."
 
-            def compose(b: int, depth=depth, key=key, value=value, start=start, needle=needle) -> Sample:
+            sid = f"niah/L{length}/s{seed}/d{depth:g}" + (f"/r{rep}" if rep else "")
+
+            def compose(b: int, depth=depth, key=key, value=value, start=start, needle=needle, sid=sid,
+                        rep=rep) -> Sample:
                 return Sample(
-                    task="niah", sample_id=f"niah/L{length}/s{seed}/d{depth:g}", length=length, seed=seed,
+                    task="niah", sample_id=sid, length=length, seed=seed,
                     instruction=("A special magic number is hidden within the following text. Make sure to "
                                  "memorize it. I will quiz you about it afterwards."),
                     context=self._haystack(b, start, [(depth, needle)]),
                     question=f"What is the special magic number for {key} mentioned in the provided text?",
                     answer_prefix=f"The special magic number for {key} mentioned in the provided text is",
                     answers=[value], metric="any", max_new_tokens=16,
-                    meta={"depth": depth, "key": key, "needle": needle})
+                    meta={"depth": depth, "repeat": rep, "key": key, "needle": needle})
             out.append(_fit(length, compose, self.tok))
         return out
 
     def mk_niah(self, length: int, seed: int) -> list[Sample]:
         out = []
-        for i in range(self.cfg.samples):
+        for i in range(self.cfg.n_samples("mk_niah")):
             rng = _rng("mk_niah", length, seed, i)
             keys, vals = set(), set()
             pairs = [(_key(rng, keys), _number(rng, vals)) for _ in range(self.cfg.num_needles)]
@@ -262,7 +289,7 @@ class TaskBuilder:
 
     def mv_niah(self, length: int, seed: int) -> list[Sample]:
         out = []
-        for i in range(self.cfg.samples):
+        for i in range(self.cfg.n_samples("mv_niah")):
             rng = _rng("mv_niah", length, seed, i)
             key, vals = _key(rng, set()), set()
             values = [_number(rng, vals) for _ in range(self.cfg.num_needles)]
@@ -285,7 +312,7 @@ class TaskBuilder:
 
     def vt(self, length: int, seed: int) -> list[Sample]:
         out = []
-        for i in range(self.cfg.samples):
+        for i in range(self.cfg.n_samples("vt")):
             rng = _rng("vt", length, seed, i)
             names: set[str] = set()
 
@@ -328,7 +355,7 @@ class TaskBuilder:
         if len(vocab) < 2 * self.cfg.num_common:
             raise ValueError("cwe needs a text with more distinct words")
         out = []
-        for i in range(self.cfg.samples):
+        for i in range(self.cfg.n_samples("cwe")):
             rng = _rng("cwe", length, seed, i)
             words = list(vocab)
             rng.shuffle(words)
@@ -358,7 +385,7 @@ class TaskBuilder:
 
     def qa(self, length: int, seed: int) -> list[Sample]:
         out = []
-        for i in range(self.cfg.samples):
+        for i in range(self.cfg.n_samples("qa")):
             rng = _rng("qa", length, seed, i)
             firsts, lasts, towns = list(_FIRST), list(_LAST), list(_TOWNS)
             for names in (firsts, lasts, towns):
@@ -389,16 +416,35 @@ class TaskBuilder:
             out.append(_fit(length, compose, self.tok))
         return out
 
-    def ppl(self, length: int, seed: int) -> list[Sample]:
+    def ppl_text_ids(self) -> list[int]:
+        """Token ids of the perplexity text (``ppl_text``, else the filler text)."""
         if self._text_ids is None:
-            self._text_ids = self.tok.encode(load_text() if self._text is None else self._text,
-                                             add_special_tokens=False)
-        ids, n_cont = self._text_ids, self.cfg.ppl_tokens
+            name = self.cfg.ppl_text
+            if name is None:
+                text = load_text() if self._text is None else self._text
+            elif name in available_texts():
+                text = load_text(name)
+            else:
+                path = Path(name).expanduser()
+                if not path.is_file():
+                    raise FileNotFoundError(f"ppl text {name!r} is neither a shipped text ({available_texts()}) "
+                                            f"nor a file")
+                text = path.read_text(encoding="utf-8")
+            self._text_ids = self.tok.encode(text, add_special_tokens=False)
+        return self._text_ids
+
+    def max_length(self, task: str) -> int | None:
+        """The longest context ``task`` supports with the data at hand (None: no limit)."""
+        return len(self.ppl_text_ids()) - self.cfg.ppl_tokens if task == "ppl" else None
+
+    def ppl(self, length: int, seed: int) -> list[Sample]:
+        ids, n_cont = self.ppl_text_ids(), self.cfg.ppl_tokens
         if length + n_cont > len(ids):
-            raise ValueError(f"ppl: the shipped text has {len(ids)} tokens, too few for a {length}-token "
-                             f"context plus {n_cont} scored tokens (without repeating the text)")
+            raise TaskUnavailable(f"ppl: the text has {len(ids)} tokens, too few for a {length}-token context "
+                                  f"plus {n_cont} scored tokens (without repeating the text); give a longer "
+                                  f"one with --ppl-text")
         out = []
-        for i in range(self.cfg.samples):
+        for i in range(self.cfg.n_samples("ppl")):
             rng = _rng("ppl", length, seed, i)
             start = rng.randrange(0, len(ids) - length - n_cont + 1)
             out.append(Sample(
@@ -420,7 +466,7 @@ TASKS: dict[str, Callable[[TaskBuilder, int, int], list[Sample]]] = {
 }
 
 TASK_DOCS = {
-    "niah": "single needle (a 7-digit magic number) at each depth of the grid",
+    "niah": "single needle (a 7-digit magic number), samples cycling over the depth grid",
     "mk_niah": "multi-key NIAH: several keys with numbers, one is asked for",
     "mv_niah": "multi-value NIAH: one key with several numbers, all must be returned",
     "vt": "variable tracking: list every variable of a VAR A = 12345 / VAR B = VAR A chain",

@@ -1,0 +1,356 @@
+"""Eval at scale: batched backends, N samples per task, suites, --max-minutes, intervals and reports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+
+import pytest
+
+from kvsift.eval import stats
+from kvsift.eval.cli import add_bench_parser, resolve_plan, run_bench
+from kvsift.eval.fakes import ReadingBackend, WordTokenizer
+from kvsift.eval.report import cell_stats, leaderboard, markdown_table, write_report
+from kvsift.eval.runner import (BenchConfig, BaseBackend, estimate_batch_size, load_rows, run_cell, run_grid)
+from kvsift.eval.tasks import TASKS, TaskBuilder, TaskConfig
+
+
+def _parser():
+    ap = argparse.ArgumentParser()
+    add_bench_parser(ap.add_subparsers(dest="command"))
+    return ap
+
+
+# ---- intervals ---------------------------------------------------------------------------------
+
+def test_wilson_known_values():
+    # reference values (Wilson score interval, z = 1.96)
+    assert stats.wilson(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert stats.wilson(15, 30) == pytest.approx((0.3315, 0.6685), abs=1e-4)
+    assert stats.wilson(0, 30) == pytest.approx((0.0, 0.1135), abs=1e-4)
+    assert stats.wilson(30, 30) == pytest.approx((0.8865, 1.0), abs=1e-4)
+    m, lo, hi, kind = stats.mean_ci([1] * 8 + [0] * 2)
+    assert (m, kind) == (0.8, "wilson") and (lo, hi) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    with pytest.raises(ValueError):
+        stats.wilson(3, 2)
+
+
+def test_bootstrap_interval_matches_normal_theory_and_is_seeded():
+    xs = [(i % 5) / 4 for i in range(400)]  # fractional scores 0, .25, .5, .75, 1
+    m = statistics.fmean(xs)
+    half = 1.96 * statistics.pstdev(xs) / math.sqrt(len(xs))
+    mean, lo, hi, kind = stats.mean_ci(xs)
+    assert kind == "bootstrap" and mean == pytest.approx(0.5)
+    assert lo == pytest.approx(m - half, abs=0.006) and hi == pytest.approx(m + half, abs=0.006)
+    assert stats.bootstrap_ci(xs) == stats.bootstrap_ci(xs)            # fixed seed: reproducible
+    assert stats.bootstrap_ci(xs, seed=1) != stats.bootstrap_ci(xs)
+    assert stats.bootstrap_ci([0.5] * 7) == (0.5, 0.5)
+    # perplexity: interval of exp(mean NLL)
+    lo, hi = stats.bootstrap_ci([2.0, 2.2, 1.8, 2.1], "exp_mean")
+    assert lo < math.exp(2.025) < hi
+
+
+def test_paired_significance():
+    full = [1.0] * 30
+    same = stats.paired_bootstrap(full, full)
+    assert same == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "significant": False}
+    one = stats.paired_bootstrap([0.0] + [1.0] * 29, full)     # one sample lost: not significant
+    assert one["diff"] == pytest.approx(-1 / 30) and not one["significant"] and one["hi"] == 0.0
+    ten = stats.paired_bootstrap([0.0] * 10 + [1.0] * 20, full)
+    assert ten["significant"] and ten["hi"] < 0
+    # same mean, different samples: pairing sees the difference is zero on average
+    a, b = [1, 0] * 15, [0, 1] * 15
+    assert not stats.paired_bootstrap(a, b)["significant"]
+    with pytest.raises(ValueError):
+        stats.paired_bootstrap([1, 0], [1])
+
+
+def test_kept_fraction():
+    v, lo, hi = stats.kept_fraction([0.5] * 10, [1.0] * 10)
+    assert (v, lo, hi) == (0.5, 0.5, 0.5)
+    v, lo, hi = stats.kept_fraction([2.2] * 4, [2.0] * 4, "exp_mean", higher_is_better=False)  # ppl
+    assert v == pytest.approx(math.exp(-0.2))
+    assert math.isnan(stats.kept_fraction([1.0], [0.0])[0])
+    pooled = stats.pooled_kept_fraction([([0.5] * 4, [1.0] * 4), ([1.0] * 4, [1.0] * 4), ([1.0] * 4, [0.0] * 4)])
+    assert pooled["value"] == pytest.approx(0.75) and pooled["cells"] == 2
+
+
+# ---- samples and suites ------------------------------------------------------------------------
+
+def test_n_samples_for_every_task_and_deterministic_by_index():
+    tok = WordTokenizer()
+    b7 = TaskBuilder(tok, TaskConfig(samples=7, depths=(0.0, 0.5, 1.0), ppl_tokens=16))
+    b4 = TaskBuilder(WordTokenizer(), TaskConfig(samples=4, depths=(0.0, 0.5, 1.0), ppl_tokens=16))
+    for task in TASKS:
+        s7, s4 = b7.build(task, 400, 0), b4.build(task, 400, 0)
+        assert len(s7) == 7 and len({s.sample_id for s in s7}) == 7, task
+        # sample i does not depend on how many samples were asked for
+        assert [s.prompt for s in s7[:4]] == [s.prompt for s in s4], task
+    niah = b7.build("niah", 400, 0)
+    assert [s.meta["depth"] for s in niah] == [0.0, 0.5, 1.0] * 2 + [0.0]
+    assert [s.meta["repeat"] for s in niah] == [0, 0, 0, 1, 1, 1, 2]
+    assert len({s.answers[0] for s in niah}) == 7  # every repeat has its own needle
+    # the first pass over the grid is what one-sample-per-depth runs (samples=None) built
+    old = TaskBuilder(WordTokenizer(), TaskConfig(depths=(0.0, 0.5, 1.0))).build("niah", 400, 0)
+    assert [s.sample_id for s in old] == [s.sample_id for s in niah[:3]] == \
+        ["niah/L400/s0/d0", "niah/L400/s0/d0.5", "niah/L400/s0/d1"]
+    assert [s.prompt for s in old] == [s.prompt for s in niah[:3]]
+    assert niah[3].sample_id == "niah/L400/s0/d0/r1"
+    assert TaskConfig().n_samples("niah") == 5 and TaskConfig().n_samples("qa") == 2
+    with pytest.raises(ValueError):
+        TaskConfig(samples=0)
+
+
+def test_suite_expansion_and_narrowing():
+    from kvsift.methods import available_methods
+
+    ap = _parser()
+    methods = list(available_methods())
+    plan = resolve_plan(ap.parse_args(["bench", "run", "--suite", "standard"]))
+    assert plan["tasks"] == ["niah", "mk_niah", "mv_niah", "vt", "qa", "cwe", "ppl"]
+    assert plan["lengths"] == [4096, 8192, 16384, 30000] and plan["budgets"] == ["0.02", "0.05", "0.1", "0.25"]
+    assert plan["methods"] == methods and plan["samples"] == 30
+    cfg = BenchConfig(tasks=plan["tasks"], methods=plan["methods"], budgets=plan["budgets"],
+                      lengths=plan["lengths"], seeds=plan["seeds"])
+    assert len(cfg.cells()) == 7 * 4 * (1 + 4 * (len(methods) - 1))
+    narrow = resolve_plan(ap.parse_args(["bench", "run", "--suite", "standard", "--tasks", "niah", "--lengths",
+                                         "4096", "--methods", "full,snapkv", "--budgets", "0.05"]))
+    assert (narrow["tasks"], narrow["lengths"], narrow["methods"], narrow["budgets"], narrow["samples"]) == \
+        (["niah"], [4096], ["full", "snapkv"], ["0.05"], 30)
+    quick = resolve_plan(ap.parse_args(["bench", "run", "--suite", "quick"]))
+    assert quick["lengths"] == [4096] and quick["methods"] == methods and quick["samples"] >= 3
+    plain = resolve_plan(ap.parse_args(["bench", "run"]))  # no suite: the old defaults
+    assert plain["tasks"] == ["niah"] and plain["methods"] == ["full", "snapkv"] and plain["samples"] is None
+    with pytest.raises(SystemExit):
+        ap.parse_args(["bench", "run", "--suite", "nope"])
+    with pytest.raises(SystemExit):
+        ap.parse_args(["bench", "run", "--batch-size", "0"])
+
+
+# ---- batching ----------------------------------------------------------------------------------
+
+def _niah_samples(n=6, length=400):
+    tok = WordTokenizer()
+    return tok, TaskBuilder(tok, TaskConfig(samples=n, depths=(0.0, 0.5, 1.0))).build("niah", length, 0)
+
+
+def _strip(row):
+    return [{k: v for k, v in e.items() if k != "batch"} for e in row["samples"]]
+
+
+def test_run_cell_batches_keep_results_and_schema():
+    tok, samples = _niah_samples(7)
+    one = ReadingBackend(tok)
+    r1 = run_cell(one, samples, "niah", "snapkv", 0.5, 400, 0, batch_size=1)
+    four = ReadingBackend(tok)
+    r4 = run_cell(four, samples, "niah", "snapkv", 0.5, 400, 0, batch_size=4, pad=True)
+    assert four.batches == [4, 3] and r4["batch_size"] == 4 and r1["batch_size"] == 1
+    assert _strip(r1) == _strip(r4) and [e["batch"] for e in r4["samples"]] == [4] * 4 + [3] * 3
+    assert set(r1) == set(r4) and [set(e) for e in r1["samples"]] == [set(e) for e in r4["samples"]]
+    auto = ReadingBackend(tok, auto_batch=3)
+    run_cell(auto, samples, "niah", "snapkv", 0.5, 400, 0, pad=True)  # batch_size None: the backend's estimate
+    assert auto.batches == [3, 3, 1]
+    # by default a batch holds prompts of one length only (no padding)
+    lengths = [s.prompt_tokens for s in samples]
+    exact = ReadingBackend(tok)
+    assert _strip(run_cell(exact, samples, "niah", "snapkv", 0.5, 400, 0, batch_size=7)) == _strip(r1)
+    assert sorted(exact.batches) == sorted(lengths.count(n) for n in set(lengths))
+
+    class Plain:  # a backend without generate_batch: one generate per sample
+        name, model_name, tokenizer = "plain", "m", tok
+        generate = ReadingBackend(tok).generate
+    rp = run_cell(Plain(), samples, "niah", "snapkv", 0.5, 400, 0, batch_size=4, pad=True)
+    assert _strip(rp) == _strip(r1)
+
+
+def test_out_of_memory_halves_the_batch():
+    tok, samples = _niah_samples(6)
+
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    class Small(ReadingBackend):
+        freed = 0
+
+        def generate_batch(self, prompts, method, budget, max_new_tokens):
+            if len(prompts) > 2:
+                raise OutOfMemoryError("CUDA out of memory (fake)")
+            return super().generate_batch(prompts, method, budget, max_new_tokens)
+
+        def free_memory(self):
+            self.freed += 1
+
+    be = Small(tok)
+    row = run_cell(be, samples, "niah", "full", None, 400, 0, batch_size=6, pad=True)
+    assert be.batches == [2, 2, 2] and be.freed == 2 and row["batch_size"] == 2
+    assert _strip(row) == _strip(run_cell(ReadingBackend(tok), samples, "niah", "full", None, 400, 0))
+
+    class Broken(ReadingBackend):
+        def generate_batch(self, prompts, method, budget, max_new_tokens):
+            raise RuntimeError("not memory")
+    with pytest.raises(RuntimeError, match="not memory"):
+        run_cell(Broken(tok), samples, "niah", "full", None, 400, 0, batch_size=6, pad=True)
+
+
+def test_estimate_batch_size():
+    shape = dict(num_layers=28, num_kv_heads=2, head_dim=128, dtype_bytes=2, num_q_heads=12)  # Qwen2.5-1.5B, bf16
+    per_seq = 2 * 28 * 2 * 128 * 2 * 30017 + 3 * 12 * 512 * 30017
+    free = 100 * 2**30
+    assert estimate_batch_size(free, 30000, 16, **shape) == int(0.5 * free // per_seq) == 37
+    assert estimate_batch_size(free, 30000, 16, fraction=0.25, **shape) == int(0.25 * free // per_seq)
+    assert estimate_batch_size(free, 4096, 16, cap=16, **shape) == 16
+    assert estimate_batch_size(2**20, 30000, 16, **shape) == 1
+    assert estimate_batch_size(0, 30000, 16, **shape) == 1
+
+
+def test_batched_equals_unbatched_on_a_tiny_model(tiny_llm, default_tokenizer):
+    """Same tokens and scores whether the cell's samples go one by one or in one batch: padded
+    batches (prompts of different lengths: left padding; sentencekv prefills row by row into one
+    host store) for methods that do not depend on padding, and a batch of equal lengths (the
+    default grouping) for quest, whose pages shift with left padding."""
+    from kvsift.eval.runner import KvsiftBackend
+
+    backend = KvsiftBackend(tiny_llm)
+    assert backend.auto_batch_size(200, 16, "full", None) == 1  # CPU: one at a time
+    builder = TaskBuilder(default_tokenizer, TaskConfig(samples=3, depths=(0.0, 0.5, 1.0)))
+    mixed = builder.build("niah", 180, 0)[:1] + builder.build("niah", 220, 0)[1:]
+    equal = builder.build("niah", 200, 0)
+    assert len({s.prompt_tokens for s in mixed}) == 3 and len({s.prompt_tokens for s in equal}) == 1
+    for s in mixed + equal:
+        s.max_new_tokens = 6  # keeps the test fast; the answers still have to match token for token
+    for method, budget, samples, pad in (("full", None, mixed, True), ("sentencekv", 0.25, mixed, True),
+                                         ("quest", 0.25, equal, False)):
+        r1 = run_cell(backend, samples, "niah", method, budget, 200, 0, batch_size=1)
+        r3 = run_cell(backend, samples, "niah", method, budget, 200, 0, batch_size=3, pad=pad)
+        assert r3["batch_size"] == 3 and [e["batch"] for e in r3["samples"]] == [3, 3, 3]
+        assert [e["prediction"] for e in r1["samples"]] == [e["prediction"] for e in r3["samples"]], method
+        assert [e["score"] for e in r1["samples"]] == [e["score"] for e in r3["samples"]], method
+        assert [e["kv_full_bytes"] for e in r1["samples"]] == [e["kv_full_bytes"] for e in r3["samples"]]
+        assert [e["prompt_tokens"] for e in r3["samples"]] == [s.prompt_tokens for s in samples]
+    # without padding allowed, mixed lengths are never batched together
+    assert run_cell(backend, mixed, "niah", "full", None, 200, 0, batch_size=3)["batch_size"] == 1
+
+
+# ---- resumable parts ---------------------------------------------------------------------------
+
+class _Clock:
+    """Advances 10 s per reading."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        self.t += 10.0
+        return self.t
+
+
+def test_max_minutes_stops_and_resumes_without_duplicates(tmp_path):
+    out = tmp_path / "r.jsonl"
+    cfg = BenchConfig(tasks=["niah", "mk_niah"], methods=["full", "snapkv", "streaming"], budgets=["0.25", "0.5"],
+                      lengths=[300], task_config=TaskConfig(samples=2, depths=(0.5,)))
+    total = len(cfg.cells())  # 2 tasks x (1 + 2 x 2) = 10
+    backend = ReadingBackend(WordTokenizer())
+    logs: list[str] = []
+    first = run_grid(backend, cfg, out, progress=False, max_minutes=1.0, clock=_Clock(), log=logs.append)
+    assert first["stopped"] and 0 < first["run"] < total and first["left"] == total - first["run"]
+    assert sum(line.startswith("[bench] ") and " s" in line for line in logs) >= first["run"]
+    assert any("stopped after --max-minutes 1" in line and f"{first['left']} cell(s) left" in line for line in logs)
+    second = run_grid(backend, cfg, out, progress=False, max_minutes=1.0, clock=_Clock(), log=None)
+    rest = run_grid(backend, cfg, out, progress=False, log=None)
+    assert not rest["stopped"] and rest["left"] == 0
+    assert first["run"] + second["run"] + rest["run"] == total
+    keys = [json.loads(line)["key"] for line in out.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == total  # no cell ran twice
+    assert run_grid(backend, cfg, out, progress=False, log=None)["run"] == 0
+
+
+def test_cli_parts_and_report(tmp_path, capsys):
+    ap = _parser()
+    out = tmp_path / "r.jsonl"
+    argv = ["bench", "run", "--backend", "fake", "--suite", "quick", "--tasks", "niah,mv_niah", "--lengths", "400",
+            "--methods", "full,snapkv", "--samples", "4", "--out", str(out), "--no-progress", "--max-minutes", "0"]
+    assert run_bench(ap.parse_args(argv)) == 0
+    err = capsys.readouterr().err
+    assert "suite quick: 6 cell(s)" in err and "stopped after --max-minutes 0" in err and "5 left" in err
+    assert len(load_rows(out)) == 1
+    assert run_bench(ap.parse_args(argv[:-2] + ["--report", str(tmp_path / "rep")])) == 0
+    rows = load_rows(out)
+    assert len(rows) == 6 and all(r["n_samples"] == 4 for r in rows)
+    md = (tmp_path / "rep" / "summary.md").read_text()
+    assert "### Leaderboard: fraction of the full-cache score kept" in md and "| snapkv |" in md
+    assert (tmp_path / "rep" / "accuracy_vs_kv.png").exists()
+    assert (tmp_path / "rep" / "niah_heatmaps_0.05.png").exists()
+
+
+def test_ppl_longer_than_its_text_is_not_an_error(tmp_path):
+    out = tmp_path / "r.jsonl"
+    text = tmp_path / "short.txt"
+    text.write_text("Alice was tired. " * 60)
+    cfg = BenchConfig(tasks=["ppl"], methods=["full"], budgets=[], lengths=[100, 5000],
+                      task_config=TaskConfig(samples=2, ppl_tokens=8, ppl_text=str(text)))
+    logs: list[str] = []
+    counts = run_grid(ReadingBackend(WordTokenizer()), cfg, out, progress=False, log=logs.append)
+    assert counts["run"] == 1 and counts["errors"] == 0 and counts["unavailable"] == 1
+    assert [r["length"] for r in load_rows(out)] == [100]
+    assert any("not available" in line and "--ppl-text" in line for line in logs)
+
+
+# ---- report ------------------------------------------------------------------------------------
+
+def _row(method, budget, scores, task="niah", length=1000, kv=1000):
+    return {"key": f"{task}|{method}|{budget}|{length}|0", "task": task, "method": method, "budget": budget,
+            "budget_value": None if budget == "full" else float(budget), "length": length, "seed": 0,
+            "budget_kind": "full" if budget == "full" else "ratio", "n_samples": len(scores),
+            "score": sum(scores) / len(scores), "kv_device_bytes": kv, "kv_host_bytes": 0,
+            "samples": [{"sample_id": f"{task}/{i}", "score": s, "depth": (i % 3) / 2} for i, s in enumerate(scores)]}
+
+
+def test_report_intervals_significance_and_leaderboard(tmp_path):
+    rows = [
+        _row("full", "full", [1.0] * 30, kv=2**20 * 100),
+        _row("snapkv", "0.1", [1.0, 0.0] * 15, kv=2**20 * 10),          # half: significant loss
+        _row("streaming", "0.1", [0.0] + [1.0] * 29, kv=2**20 * 10),    # one sample lost: n.s.
+        _row("full", "full", [0.0] * 30, task="qa", kv=2**20 * 100),    # the model cannot do it
+        _row("snapkv", "0.1", [0.0] * 30, task="qa", kv=2**20 * 10),
+        _row("kvpress:full", "full", [1.0] * 30),
+        _row("kvpress:snapkv", "0.1", [1.0] * 20 + [0.0] * 10),
+    ]
+    cs = {(d["task"], d["method"], d["budget"]): d for d in cell_stats(rows)}
+    snap = cs[("niah", "snapkv", "0.1")]
+    assert (snap["lo"], snap["hi"]) == pytest.approx(stats.wilson(15, 30)) and snap["kind"] == "wilson"
+    assert snap["kept"] == 0.5 and snap["significant"] and snap["baseline"] == "full"
+    assert not cs[("niah", "streaming", "0.1")]["significant"]
+    assert cs[("niah", "kvpress:snapkv", "0.1")]["baseline"] == "kvpress:full"
+    assert cs[("niah", "full", "full")]["baseline"] is None
+    lb = leaderboard(list(cs.values()))
+    assert lb[("snapkv", "0.1")]["value"] == 0.5 and lb[("snapkv", "0.1")]["left_out"] == 1  # qa: full is 0
+    md = markdown_table(rows)
+    assert "### Leaderboard: fraction of the full-cache score kept" in md
+    assert re.search(r"\| snapkv \| 0\.50 \[0\.3\d, 0\.6\d\] \|", md)
+    assert re.search(r"\| 1000 \| snapkv \| 0\.1 \| 30 \| 0\.500 \[0\.332, 0\.668\] \| 1\.000 \[0\.886, 1\.000\] \| "
+                     r"0\.50 \[0\.3\d, 0\.6\d\] \| worse \|", md)
+    assert "| 1000 | streaming | 0.1 | 30 | 0.967 [0.833, 0.994] | 1.000 [0.886, 1.000] |" in md and "| n.s. |" in md
+    assert "### GPU KV MiB per sequence after prefill (1000-token prompts" in md
+    assert "| full | 100 |" in md
+    res = write_report(_write(tmp_path, rows), tmp_path / "rep", heatmap_budget="0.1")
+    names = {p.name for p in res["plots"]}
+    assert {"accuracy_vs_kv.png", "niah_heatmaps_0.1.png", "memory.png"} <= names
+    with pytest.raises(ValueError, match="no rows at budget"):
+        write_report(_write(tmp_path, rows), tmp_path / "rep2", heatmap_budget="0.3")
+
+
+def _write(tmp_path, rows):
+    p = tmp_path / "rows.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def test_base_backend_default_batch_loops():
+    class One(BaseBackend):
+        def generate(self, prompt_ids, method, budget, max_new_tokens):
+            return len(prompt_ids)
+    assert One().generate_batch([[1], [1, 2]], "full", None, 4) == [1, 2]
+    assert One().auto_batch_size(100, 4, "full", None) == 1
