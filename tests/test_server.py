@@ -47,7 +47,7 @@ def post(server, path, body=None, *, content=None, headers=HEADERS, timeout=60):
 
 
 def metric(server, name: str) -> float:
-    text = httpx.get(server.url + "/metrics", timeout=10).text
+    text = httpx.get(server.url + "/metrics", headers=HEADERS, timeout=10).text
     m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     assert m, f"metric {name} missing"
     return float(m.group(1))
@@ -69,8 +69,12 @@ def sse_events(r: httpx.Response) -> list[str]:
 
 
 def test_health_models_and_auth(server, client):
-    h = httpx.get(server.url + "/health", timeout=10)
+    h = httpx.get(server.url + "/health", headers=HEADERS, timeout=10)
     assert h.status_code == 200 and h.json()["status"] == "ok"
+    for path in ("/health", "/metrics", "/openapi.json"):  # with a key configured, these need one too
+        assert_error(httpx.get(server.url + path, timeout=10), 401, "invalid_api_key")
+    assert httpx.get(server.url + "/openapi.json", headers=HEADERS, timeout=10).json()["info"]["title"] == "kvsift"
+    assert "root" not in client.models.list().data[0].model_extra  # no file paths
     assert [m.id for m in client.models.list().data] == ["tiny-llama"]
     assert_error(httpx.get(server.url + "/v1/models", timeout=10), 401, "invalid_api_key")
     bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
@@ -257,7 +261,7 @@ def test_client_disconnect_cancels_generation(server):
     while time.monotonic() < deadline and metric(server, cancelled) < cancelled0 + 2:
         time.sleep(0.05)
     assert metric(server, cancelled) == cancelled0 + 2
-    assert httpx.get(server.url + "/health", timeout=10).json()["running"] == 0
+    assert httpx.get(server.url + "/health", headers=HEADERS, timeout=10).json()["running"] == 0
 
 
 def test_concurrent_streams_all_complete(server, client):
@@ -292,7 +296,7 @@ def test_metrics_exposition(server, client):
     client.completions.create(model="tiny-llama", prompt="count me", max_tokens=3, temperature=0,
                               extra_body={"ignore_eos": True})
     assert metric(server, "kvsift_generation_tokens_total") == before + 3
-    text = httpx.get(server.url + "/metrics", timeout=10).text
+    text = httpx.get(server.url + "/metrics", headers=HEADERS, timeout=10).text
     for name in ("kvsift_requests_running", "kvsift_requests_waiting", "kvsift_prompt_tokens_total",
                  'kvsift_kv_bytes{location="device",pool="contexts"}',
                  'kvsift_kv_bytes{location="host",pool="contexts"}',
@@ -342,8 +346,13 @@ def test_restart_keeps_context(server):
     got = httpx.get(server.url + f"/v1/contexts/{ctx['id']}", headers=HEADERS, timeout=10).json()
     assert got["persisted"] and not got["loaded"] and got["tokens"] == ctx["tokens"]
     listed = {c["id"] for c in httpx.get(server.url + "/v1/contexts", headers=HEADERS, timeout=10).json()["data"]}
-    assert ctx["id"] in listed and bad_id not in listed and listed <= known
-    assert_error(httpx.get(server.url + f"/v1/contexts/{bad_id}", headers=HEADERS, timeout=10), 404)
+    # startup reads metadata only (no re-hash): the damaged copy is listed, and refused on first use
+    assert ctx["id"] in listed and bad_id in listed and listed <= known | {bad_id}
+    r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+                                              "context_id": bad_id})
+    assert "checksum" in assert_error(r, 500, "context_corrupted", "context_id")["message"]
+    bad = httpx.get(server.url + f"/v1/contexts/{bad_id}", headers=HEADERS, timeout=10).json()
+    assert bad["state"] == "corrupted" and bad["error"]["code"] == "context_corrupted"
     again = _ask(server, ctx["id"])
     assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
     assert again["usage"] == first["usage"]

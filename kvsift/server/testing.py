@@ -18,7 +18,8 @@ import httpx
 
 
 class ServerProcess:
-    """``python -m kvsift.server ARGS --host 127.0.0.1 --port 0``; waits (bounded) until /health answers;
+    """``python -m kvsift.server ARGS --host 127.0.0.1 --port 0``; waits (bounded) until /health answers
+    (200, or 401 when the server requires a key there);
     ``stop()`` terminates it (then kills it after ``stop_timeout``)."""
 
     def __init__(self, args: list[str], start_timeout: float = 120.0, stop_timeout: float = 15.0,
@@ -46,8 +47,8 @@ class ServerProcess:
             if ready.is_file():
                 info = json.loads(ready.read_text())
                 self.url, self.port = info["url"], info["port"]
-                try:
-                    if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                try:  # 401: up, with keys (and no --public-health)
+                    if httpx.get(self.url + "/health", timeout=5).status_code in (200, 401):
                         return self
                 except httpx.HTTPError:
                     pass
