@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import threading
 import time
 
@@ -175,6 +176,43 @@ def test_more_bad_input_and_server_stays_up(server, client):
     # errors did not hurt the server
     out = client.completions.create(model="tiny-llama", prompt="still alive", max_tokens=2, temperature=0)
     assert out.usage.completion_tokens >= 1
+
+
+def _raw_upload(url: str, nbytes: int, chunked: bool) -> tuple[str | None, bytes]:
+    """Send a body of ``nbytes`` over a plain socket (as curl or requests would: all of it, then read
+    the answer). Returns (the send error if any, the answer's status line); a reset raises."""
+    host, port = url.split("//")[1].rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=30)
+    framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % nbytes
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+              b"\r\nContent-Type: application/json\r\n" + framing + b"\r\n\r\n")
+    piece, sent, send_error = 65536, 0, None
+    try:
+        while sent < nbytes:
+            s.sendall(b"%x\r\n%s\r\n" % (piece, b"x" * piece) if chunked else b"x" * piece)
+            sent += piece
+        if chunked:
+            s.sendall(b"0\r\n\r\n")
+    except OSError as e:
+        send_error = str(e)
+    data = b""
+    with s:
+        while chunk := s.recv(65536):
+            data += chunk
+    return send_error, data.split(b"\r\n")[0]
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "content-length"])
+def test_upload_over_the_limit_gets_a_readable_413(server, chunked):
+    """A body past --max-body, streamed without Content-Length (chunked) or with it: the client gets
+    to send it and reads a 413; its connection is not reset under it (bug 6 of issue #17)."""
+    for mb in (1, 8):
+        send_error, status = _raw_upload(server.url, mb * 2**20, chunked)
+        assert send_error is None and status == b"HTTP/1.1 413 Request Entity Too Large", (mb, send_error, status)
+    r = httpx.post(server.url + "/v1/completions", content=(b"x" * 65536 for _ in range(16)), timeout=30,
+                   headers={**HEADERS, "content-type": "application/json"})
+    assert_error(r, 413, "request_too_large")
+    assert httpx.get(server.url + "/health", headers=HEADERS, timeout=10).status_code == 200
 
 
 def test_context_reuse_skips_prefill_and_matches_full_prompt(server, client):

@@ -126,6 +126,8 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
     if first.get("type") == "missing" and first.get("loc") == ("body",):
         return error_response(400, "request body is missing (send a JSON object)", code="invalid_body")
     # one message per field: a union's branches each report; our own checks (value_error) say most
+    # (a union's other branches fail on type when our check fails in the branch that fits: drop them)
+    errs = [e for e in errs if e.get("type") in _OWN_CHECKS] or errs
     by_param: dict[str | None, dict] = {}
     for e in errs:
         p = _loc_param(e.get("loc", ()))
@@ -142,9 +144,12 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
 
 async def _http_error(request: Request, exc: StarletteHTTPException):
     msg = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    code = None
     if exc.status_code == 404 and msg == "Not Found":
         msg = f"no route {request.method} {request.url.path}"
-    return error_response(exc.status_code, msg, headers=getattr(exc, "headers", None))
+    if exc.status_code == 400:  # the framework's body parsing (e.g. bytes that are not UTF-8)
+        msg, code = f"request body could not be parsed as JSON ({msg})", "invalid_body"
+    return error_response(exc.status_code, msg, code=code, headers=getattr(exc, "headers", None))
 
 
 async def _unexpected(request: Request, exc: Exception):
