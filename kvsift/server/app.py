@@ -158,6 +158,50 @@ class _BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class _Auth:
+    """The caller, from ``Authorization: Bearer KEY``, before anything reads the body: a request
+    without a valid key gets its 401 first (not a 400 about its body). Sets ``scope["state"]
+    ["principal"]``; without keys configured every caller is the anonymous admin. ``/v1/*`` and
+    ``/openapi.json`` need a key; ``/health`` and ``/metrics`` too unless ``public_health``."""
+
+    def __init__(self, app, config: ServerConfig, metrics: Metrics):
+        self.app, self.config, self.metrics = app, config, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        keys = self.config.keys
+        who = ANONYMOUS_ADMIN if keys is None else None
+        if keys is not None:
+            for k, v in scope.get("headers", []):
+                if k == b"authorization":
+                    scheme, _, token = v.decode("latin-1").partition(" ")
+                    if scheme.lower() == "bearer" and token.strip():
+                        who = keys.lookup(token.strip())
+                    break
+        if who is None:
+            path = scope.get("path", "")
+            if path.startswith("/v1/") or path in ("/v1", "/openapi.json") or (
+                    path in ("/health", "/metrics") and not self.config.public_health):
+                return await self._reject(receive, send)
+        scope.setdefault("state", {})["principal"] = who
+        await self.app(scope, receive, send)
+
+    async def _reject(self, receive, send):
+        # read the body (bounded by _BodyLimit outside) so that a client still sending reads the 401
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request" or not msg.get("more_body", False):
+                break
+        self.metrics.rejected.labels(code="invalid_api_key").inc()
+        body = json.dumps(error_body("missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                                     "authentication_error", None, "invalid_api_key")).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"www-authenticate", b"Bearer")]})
+        await send({"type": "http.response.body", "body": body})
+
+
 class _RequestMetrics:
     """Counts finished requests by endpoint and status and times them (streams until their last byte)."""
 
@@ -211,16 +255,13 @@ def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
                   openapi_url=None)
     app.state.kvsift = state
     install_error_handlers(app)
+    app.add_middleware(_Auth, config=config, metrics=metrics)
     app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(_RequestMetrics, metrics=metrics)
 
     async def principal(request: Request) -> Principal:
-        """The caller: the anonymous admin without keys, else the owner of a valid bearer key."""
-        if config.keys is None:
-            return ANONYMOUS_ADMIN
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        who = config.keys.lookup(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+        """The caller (checked by ``_Auth`` before the body was read)."""
+        who = request.scope.get("state", {}).get("principal")
         if who is None:
             raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
