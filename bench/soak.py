@@ -180,8 +180,8 @@ class Soak:
     # ---- run ------------------------------------------------------------------------------------------
     def client(self, i: int) -> None:
         rng = random.Random(self.seed * 1000 + i)
-        mix = [(self.normal, 40), (lambda c, r: self.stream(c, r, False), 10), (lambda c, r: self.stream(c, r, True), 10),
-               (self.give_up, 5), (self.bad, 25), (self.contexts, 10)]
+        mix = [(self.normal, 40), (lambda c, r: self.stream(c, r, False), 10),
+               (lambda c, r: self.stream(c, r, True), 10), (self.give_up, 5), (self.bad, 25), (self.contexts, 10)]
         funcs, weights = zip(*mix)
         with httpx.Client(base_url=self.url) as c:
             while time.monotonic() < self.deadline:
@@ -271,7 +271,8 @@ def main(argv=None) -> int:
 
     total = sum(soak.outcomes.values())
     lat = {k: {"n": len(v), "p50_ms": round(1000 * statistics.median(v), 1),
-               "p99_ms": round(1000 * sorted(v)[round(0.99 * (len(v) - 1))], 1)} for k, v in sorted(soak.latency.items())}
+               "p99_ms": round(1000 * sorted(v)[round(0.99 * (len(v) - 1))], 1)}
+           for k, v in sorted(soak.latency.items())}
     report = {
         "clients": args.clients, "seconds": round(elapsed, 1), "requests": total,
         "requests_per_s": round(total / elapsed, 2) if elapsed else None,
@@ -279,7 +280,8 @@ def main(argv=None) -> int:
         "unexpected": dict(sorted(soak.unexpected.items())), "latency": lat,
         "rss_mib": {"before": _mib(rss0), "after": _mib(rss1), "peak": _mib(peak[0])},
         "health_after": health.status_code,
-        "server": {"running": metric(mtext, "kvsift_requests_running"), "waiting": metric(mtext, "kvsift_requests_waiting"),
+        "server": {"running": metric(mtext, "kvsift_requests_running"),
+                   "waiting": metric(mtext, "kvsift_requests_waiting"),
                    "cancelled": metric(mtext, 'kvsift_generations_total{reason="cancelled"}'),
                    "evicted_unpersisted": metric(mtext, 'kvsift_contexts_evicted_total{persisted="false"}')},
     }

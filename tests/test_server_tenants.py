@@ -46,7 +46,8 @@ def test_key_files_parse_in_every_form():
     js = KeyRing.parse(json.dumps([{"key": "k1-xxxxxxx", "owner": "a"}, {"key": "k2-xxxxxxx", "owner": "b",
                                                                         "admin": True}]))
     assert js.lookup("k2-xxxxxxx") == Principal("b", True)
-    assert KeyRing.parse(json.dumps({"k1-xxxxxxx": "a", "k2-xxxxxxx": {"owner": "b"}})).lookup("k1-xxxxxxx").owner == "a"
+    obj = KeyRing.parse(json.dumps({"k1-xxxxxxx": "a", "k2-xxxxxxx": {"owner": "b"}}))
+    assert obj.lookup("k1-xxxxxxx").owner == "a" and obj.lookup("k2-xxxxxxx").owner == "b"
     for bad in ("short a", "k1-xxxxxxx", "k1-xxxxxxx a root", "k1-xxxxxxx a\nk1-xxxxxxx b", "[{\"key\": 1}]",
                 "k1-xxxxxxx bad/owner", "{"):
         with pytest.raises(ValueError):

@@ -831,6 +831,8 @@ async def _make_context(state: ServerState, req: ContextRequest, who: Principal,
 
         try:
             ctx: Context = await run()
+        except KVSiftError as e:
+            raise _method_error(e, spec) from None
         finally:
             _release(state, job)
         ctx.method_kwargs = dict(req.kv_options or {})  # answers re-build the method with the same options

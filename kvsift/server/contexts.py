@@ -530,10 +530,11 @@ class ContextStore:
                 return rec
             gone = self.gone.get(cid) if valid else None
             if rec is None and gone is not None and (principal is None or principal.may_see(gone.owner)):
+                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(gone.when))
                 raise ContextEvictedError(
-                    f"context {cid} was evicted from memory at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(gone.when))}"
-                    f" ({gone.reason}); it was not persisted, so create it again (persist=true keeps contexts "
-                    f"on disk when memory is short)", param="context_id")
+                    f"context {cid} was evicted from memory at {when} ({gone.reason}); it was not persisted, "
+                    f"so create it again (persist=true keeps contexts on disk when memory is short)",
+                    param="context_id")
             raise ContextNotFoundError(f"no context with id {cid!r}", param="context_id")
 
     def acquire(self, cid: str, principal=None) -> tuple[Context, ContextRecord]:
