@@ -780,7 +780,13 @@ async def _create_context(state: ServerState, req: ContextRequest, request: Requ
         # with a key, the work goes on when the client leaves: its retry gets the same context
         task = asyncio.ensure_future(_make_context(state, req, who, key, digest))
         state.inflight[slot] = (digest, task)
-        task.add_done_callback(lambda _t: state.inflight.pop(slot, None))
+
+        def done(t: asyncio.Task) -> None:
+            state.inflight.pop(slot, None)
+            if not t.cancelled():
+                t.exception()  # retrieved here: the clients that waited got it; none may be left
+
+        task.add_done_callback(done)
     rec = await _until_disconnect(request, None, asyncio.shield(task))
     return JSONResponse(rec.public(), headers={"Idempotent-Replayed": "true"} if running is not None else None)
 
