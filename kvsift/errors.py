@@ -61,3 +61,63 @@ class ModelIntegrityError(KVSiftError):
 
     status = 500
     code = "model_integrity"
+
+
+# ---- server-side errors (contexts, limits, storage) ----------------------------------------------
+class ContextNotFoundError(KVSiftError, KeyError):
+    """No context with this id (or not one the caller may see: another owner's is not found either)."""
+
+    status = 404
+    code = "context_not_found"
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.message
+
+
+class ContextEvictedError(ContextNotFoundError):
+    """The context existed but was not persisted and left memory to make room for newer ones."""
+
+    status = 410
+    code = "context_evicted"
+
+
+class ContextUnavailableError(KVSiftError):
+    """The context's files could not be read now (an I/O error): retrying may work."""
+
+    status = 503
+    code = "context_unavailable"
+
+
+class ContextCorruptedError(ContextUnavailableError):
+    """The context's files are damaged (checksum mismatch, truncated or malformed data, missing
+    file): it will not load again; delete it and create it anew."""
+
+    status = 500
+    code = "context_corrupted"
+
+
+class ContextLimitError(KVSiftError):
+    """The server holds its maximum number of contexts (``--max-contexts``)."""
+
+    status = 409
+    code = "too_many_contexts"
+
+
+class ContextTooLargeError(InputError):
+    """A context whose KV would not fit the server's context memory (``--context-memory``)."""
+
+    code = "context_too_large"
+
+
+class StorageQuotaError(KVSiftError):
+    """Persisting the context would pass the contexts' disk quota or the free disk space."""
+
+    status = 507
+    code = "storage_quota_exceeded"
+
+
+class IdempotencyKeyReusedError(KVSiftError):
+    """An ``Idempotency-Key`` already used for a different request body."""
+
+    status = 422
+    code = "idempotency_key_reused"

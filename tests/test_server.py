@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import threading
 import time
 
@@ -47,7 +48,7 @@ def post(server, path, body=None, *, content=None, headers=HEADERS, timeout=60):
 
 
 def metric(server, name: str) -> float:
-    text = httpx.get(server.url + "/metrics", timeout=10).text
+    text = httpx.get(server.url + "/metrics", headers=HEADERS, timeout=10).text
     m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     assert m, f"metric {name} missing"
     return float(m.group(1))
@@ -69,8 +70,12 @@ def sse_events(r: httpx.Response) -> list[str]:
 
 
 def test_health_models_and_auth(server, client):
-    h = httpx.get(server.url + "/health", timeout=10)
+    h = httpx.get(server.url + "/health", headers=HEADERS, timeout=10)
     assert h.status_code == 200 and h.json()["status"] == "ok"
+    for path in ("/health", "/metrics", "/openapi.json"):  # with a key configured, these need one too
+        assert_error(httpx.get(server.url + path, timeout=10), 401, "invalid_api_key")
+    assert httpx.get(server.url + "/openapi.json", headers=HEADERS, timeout=10).json()["info"]["title"] == "kvsift"
+    assert "root" not in client.models.list().data[0].model_extra  # no file paths
     assert [m.id for m in client.models.list().data] == ["tiny-llama"]
     assert_error(httpx.get(server.url + "/v1/models", timeout=10), 401, "invalid_api_key")
     bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
@@ -173,6 +178,43 @@ def test_more_bad_input_and_server_stays_up(server, client):
     assert out.usage.completion_tokens >= 1
 
 
+def _raw_upload(url: str, nbytes: int, chunked: bool) -> tuple[str | None, bytes]:
+    """Send a body of ``nbytes`` over a plain socket (as curl or requests would: all of it, then read
+    the answer). Returns (the send error if any, the answer's status line); a reset raises."""
+    host, port = url.split("//")[1].rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=30)
+    framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % nbytes
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+              b"\r\nContent-Type: application/json\r\n" + framing + b"\r\n\r\n")
+    piece, sent, send_error = 65536, 0, None
+    try:
+        while sent < nbytes:
+            s.sendall(b"%x\r\n%s\r\n" % (piece, b"x" * piece) if chunked else b"x" * piece)
+            sent += piece
+        if chunked:
+            s.sendall(b"0\r\n\r\n")
+    except OSError as e:
+        send_error = str(e)
+    data = b""
+    with s:
+        while chunk := s.recv(65536):
+            data += chunk
+    return send_error, data.split(b"\r\n")[0]
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "content-length"])
+def test_upload_over_the_limit_gets_a_readable_413(server, chunked):
+    """A body past --max-body, streamed without Content-Length (chunked) or with it: the client gets
+    to send it and reads a 413; its connection is not reset under it (bug 6 of issue #17)."""
+    for mb in (1, 8):
+        send_error, status = _raw_upload(server.url, mb * 2**20, chunked)
+        assert send_error is None and status == b"HTTP/1.1 413 Request Entity Too Large", (mb, send_error, status)
+    r = httpx.post(server.url + "/v1/completions", content=(b"x" * 65536 for _ in range(16)), timeout=30,
+                   headers={**HEADERS, "content-type": "application/json"})
+    assert_error(r, 413, "request_too_large")
+    assert httpx.get(server.url + "/health", headers=HEADERS, timeout=10).status_code == 200
+
+
 def test_context_reuse_skips_prefill_and_matches_full_prompt(server, client):
     doc = list(range(2000, 2300))        # 300 document tokens
     question = list(range(3000, 3010))   # 10 question tokens
@@ -257,7 +299,7 @@ def test_client_disconnect_cancels_generation(server):
     while time.monotonic() < deadline and metric(server, cancelled) < cancelled0 + 2:
         time.sleep(0.05)
     assert metric(server, cancelled) == cancelled0 + 2
-    assert httpx.get(server.url + "/health", timeout=10).json()["running"] == 0
+    assert httpx.get(server.url + "/health", headers=HEADERS, timeout=10).json()["running"] == 0
 
 
 def test_concurrent_streams_all_complete(server, client):
@@ -292,7 +334,7 @@ def test_metrics_exposition(server, client):
     client.completions.create(model="tiny-llama", prompt="count me", max_tokens=3, temperature=0,
                               extra_body={"ignore_eos": True})
     assert metric(server, "kvsift_generation_tokens_total") == before + 3
-    text = httpx.get(server.url + "/metrics", timeout=10).text
+    text = httpx.get(server.url + "/metrics", headers=HEADERS, timeout=10).text
     for name in ("kvsift_requests_running", "kvsift_requests_waiting", "kvsift_prompt_tokens_total",
                  'kvsift_kv_bytes{location="device",pool="contexts"}',
                  'kvsift_kv_bytes{location="host",pool="contexts"}',
@@ -342,8 +384,13 @@ def test_restart_keeps_context(server):
     got = httpx.get(server.url + f"/v1/contexts/{ctx['id']}", headers=HEADERS, timeout=10).json()
     assert got["persisted"] and not got["loaded"] and got["tokens"] == ctx["tokens"]
     listed = {c["id"] for c in httpx.get(server.url + "/v1/contexts", headers=HEADERS, timeout=10).json()["data"]}
-    assert ctx["id"] in listed and bad_id not in listed and listed <= known
-    assert_error(httpx.get(server.url + f"/v1/contexts/{bad_id}", headers=HEADERS, timeout=10), 404)
+    # startup reads metadata only (no re-hash): the damaged copy is listed, and refused on first use
+    assert ctx["id"] in listed and bad_id in listed and listed <= known | {bad_id}
+    r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+                                              "context_id": bad_id})
+    assert "checksum" in assert_error(r, 500, "context_corrupted", "context_id")["message"]
+    bad = httpx.get(server.url + f"/v1/contexts/{bad_id}", headers=HEADERS, timeout=10).json()
+    assert bad["state"] == "corrupted" and bad["error"]["code"] == "context_corrupted"
     again = _ask(server, ctx["id"])
     assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
     assert again["usage"] == first["usage"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kvsift import SamplingParams
+from kvsift.errors import ContextCorruptedError, ContextEvictedError, ContextNotFoundError, ContextTooLargeError
 from kvsift.server.contexts import (ContextStore, load_context, model_fingerprint, read_meta, save_context)
 from kvsift.server.testing import ServerProcess
 
@@ -45,7 +46,7 @@ def test_save_load_roundtrip_is_exact(tiny_llm, tmp_path):
     data = bytearray(kv.read_bytes())
     data[-5] ^= 0xFF
     kv.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="checksum"):
+    with pytest.raises(ContextCorruptedError, match="checksum"):
         load_context(tmp_path / "c1", tiny_llm, fingerprint="fp")
 
 
@@ -88,7 +89,7 @@ def test_method_state_persists_through_the_protocol(tiny_llm, tmp_path, monkeypa
     ctx = tiny_llm.prefill_context(_doc(64, 2), method="full")
     st = ctx.cache.layers[1].state
     st.update(store=FakeStore(torch.arange(6.0).reshape(2, 3), 7), split=3, flag=True, summary=torch.ones(2, 4))
-    with pytest.raises(ValueError, match="outside"):  # classes load only from kvsift.* by default
+    with pytest.raises(ContextCorruptedError, match="outside"):  # classes load only from kvsift.* by default
         save_context(ctx, tmp_path / "a", {"kv_method": "full"})
         load_context(tmp_path / "a", tiny_llm)
     monkeypatch.setattr(contexts, "_STATE_MODULES", ("kvsift.", "tests."))
@@ -114,13 +115,17 @@ def test_store_lru_keeps_persisted_contexts_on_disk(tiny_llm, tmp_path):
     ctx0, rec0 = store.acquire(recs[0].id)              # ...and comes back from disk
     assert rec0.loaded and torch.equal(ctx0.cache.layers[0].keys, ctxs[0].cache.layers[0].keys)
     assert not store.get(recs[1].id).loaded
-    # a context that is not persisted is dropped when evicted
+    # a context that is not persisted is dropped when evicted, visibly: its id answers "evicted", and it is counted
     mem_only = store.add(tiny_llm.prefill_context(_doc(128, 7), method="full"), {"kv_method": "full"}, persist=False)
     store.acquire(recs[1].id)
     store.acquire(recs[2].id)
-    with pytest.raises(KeyError):
+    with pytest.raises(ContextEvictedError, match="evicted"):
         store.get(mem_only.id)
-    with pytest.raises(ValueError, match="memory limit"):
+    assert store.evicted["false"] == 1
+    with pytest.raises(ContextNotFoundError) as e:
+        store.get("ctx_" + "0" * 32)
+    assert not isinstance(e.value, ContextEvictedError)
+    with pytest.raises(ContextTooLargeError, match="memory limit"):
         ContextStore(tiny_llm, fp, None, memory_limit=10, max_contexts=10).add(ctxs[0], {}, persist=False)
     store.delete(recs[0].id)
     assert not (tmp_path / recs[0].id).exists()

@@ -2,16 +2,25 @@
 models, reusable contexts, health and Prometheus metrics.
 
     app = create_app(LLM(), ServerConfig(contexts_dir="~/.cache/kvsift/contexts"))
+
+Everything that can be refused is refused before a request queues for the engine: input shape
+and types (schemas), a cheap character bound on texts before tokenizing, the token length, the
+method and its options, ``max_tokens`` against the server's cap, and for a new context the count,
+memory and disk room it will need (estimated from its token count, the model shape and the budget).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import dataclasses
+import hashlib
 import json
 import logging
+import re
 import time
+import types
+import typing
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,11 +29,15 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from kvsift.budget import parse_budget
 from kvsift.engine import Context, RequestOutput, SamplingParams, StreamEvent
-from kvsift.methods import KVMethod, build_method, parse_budget
+from kvsift.errors import (BudgetError, ContextLengthError, IdempotencyKeyReusedError, KVSiftError,
+                           MethodOptionError, UnknownMethodError)
+from kvsift.methods import KVMethod, build_method, method_class
+from kvsift.server.auth import ANONYMOUS_ADMIN, Principal
 from kvsift.server.config import ServerConfig
-from kvsift.server.contexts import ContextRecord, ContextStore, model_fingerprint
-from kvsift.server.errors import APIError, error_body, install_error_handlers
+from kvsift.server.contexts import ContextRecord, ContextStore, Reservation, model_fingerprint
+from kvsift.server.errors import APIError, error_body, exc_body, install_error_handlers
 from kvsift.server.metrics import Metrics
 from kvsift.server.scheduler import Job, JobFailed, Scheduler
 from kvsift.server.schemas import ChatCompletionRequest, CompletionRequest, ContextRequest
@@ -32,7 +45,9 @@ from kvsift.server.schemas import ChatCompletionRequest, CompletionRequest, Cont
 log = logging.getLogger("kvsift.server")
 
 _DISCONNECT_POLL_S = 0.1
-_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/contexts", "/health", "/metrics")
+_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/contexts", "/health", "/metrics",
+              "/openapi.json")
+_IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
 @dataclass
@@ -43,7 +58,10 @@ class ServerState:
     metrics: Metrics
     scheduler: Scheduler
     store: ContextStore
+    max_tokens_cap: int = 0
+    max_token_chars: int = 0          # longest token of the vocabulary, in characters (the cheap length bound)
     created: int = field(default_factory=lambda: int(time.time()))
+    inflight: dict = field(default_factory=dict)  # (owner, Idempotency-Key) -> (request hash, asyncio.Task)
 
 
 @dataclass
@@ -58,14 +76,18 @@ class Prepared:
     context: Context | None
     context_id: str | None
     context_tokens: int
+    principal: Principal = ANONYMOUS_ADMIN
 
 
 # ---- middleware ----------------------------------------------------------------------------------
 class _BodyLimit:
-    """413 for bodies over ``limit`` bytes (by Content-Length, or counted while streaming in)."""
+    """413 for bodies over ``limit`` bytes, by Content-Length or counted while streaming in
+    (chunked uploads). The rest of an oversized body is read and dropped (up to ``drain`` bytes
+    and ``drain_s`` seconds) before the 413 goes out: a client that is still sending would otherwise
+    see its connection reset instead of reading the answer."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, drain: int = 64 * 2**20, drain_s: float = 10.0):
+        self.app, self.limit, self.drain, self.drain_s = app, limit, drain, drain_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -73,12 +95,14 @@ class _BodyLimit:
         for k, v in scope.get("headers", []):
             if k == b"content-length":
                 try:
-                    too_big = int(v) > self.limit
+                    declared = int(v)
                 except ValueError:
-                    too_big = False
-                if too_big:
+                    declared = 0
+                if declared > self.limit:
+                    if declared <= self.limit + self.drain:
+                        await self._drain(receive, 0)
                     return await self._reject(send)
-        state = {"over": False, "n": 0, "started": False}
+        state = {"over": False, "n": 0, "started": False, "more": True}
 
         async def limited_receive():
             if state["over"]:
@@ -86,6 +110,7 @@ class _BodyLimit:
             msg = await receive()
             if msg["type"] == "http.request":
                 state["n"] += len(msg.get("body", b""))
+                state["more"] = bool(msg.get("more_body", False))
                 if state["n"] > self.limit:
                     state["over"] = True
                     return {"type": "http.disconnect"}
@@ -104,7 +129,25 @@ class _BodyLimit:
             if not state["over"]:
                 raise
         if state["over"] and not state["started"]:
+            if state["more"]:
+                await self._drain(receive, state["n"])
             await self._reject(send)
+
+    async def _drain(self, receive, n: int) -> None:
+        deadline = time.monotonic() + self.drain_s
+        while n <= self.limit + self.drain:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                msg = await asyncio.wait_for(receive(), left)
+            except asyncio.TimeoutError:
+                return
+            if msg["type"] != "http.request":
+                return
+            n += len(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                return
 
     async def _reject(self, send):
         body = json.dumps(error_body(f"request body exceeds the server's limit of {self.limit} bytes",
@@ -112,6 +155,50 @@ class _BodyLimit:
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _Auth:
+    """The caller, from ``Authorization: Bearer KEY``, before anything reads the body: a request
+    without a valid key gets its 401 first (not a 400 about its body). Sets ``scope["state"]
+    ["principal"]``; without keys configured every caller is the anonymous admin. ``/v1/*`` and
+    ``/openapi.json`` need a key; ``/health`` and ``/metrics`` too unless ``public_health``."""
+
+    def __init__(self, app, config: ServerConfig, metrics: Metrics):
+        self.app, self.config, self.metrics = app, config, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        keys = self.config.keys
+        who = ANONYMOUS_ADMIN if keys is None else None
+        if keys is not None:
+            for k, v in scope.get("headers", []):
+                if k == b"authorization":
+                    scheme, _, token = v.decode("latin-1").partition(" ")
+                    if scheme.lower() == "bearer" and token.strip():
+                        who = keys.lookup(token.strip())
+                    break
+        if who is None:
+            path = scope.get("path", "")
+            if path.startswith("/v1/") or path in ("/v1", "/openapi.json") or (
+                    path in ("/health", "/metrics") and not self.config.public_health):
+                return await self._reject(receive, send)
+        scope.setdefault("state", {})["principal"] = who
+        await self.app(scope, receive, send)
+
+    async def _reject(self, receive, send):
+        # read the body (bounded by _BodyLimit outside) so that a client still sending reads the 401
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request" or not msg.get("more_body", False):
+                break
+        self.metrics.rejected.labels(code="invalid_api_key").inc()
+        body = json.dumps(error_body("missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                                     "authentication_error", None, "invalid_api_key")).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"www-authenticate", b"Bearer")]})
         await send({"type": "http.response.body", "body": body})
 
 
@@ -151,83 +238,91 @@ def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
     model_id = config.model_name or llm.info.name
     metrics = Metrics(model_id)
     store = ContextStore(llm, model_fingerprint(llm), config.contexts_dir, config.context_memory_bytes,
-                         config.max_contexts, metrics)
+                         config.max_contexts, metrics, disk_limit=config.contexts_disk_bytes, keep_ids=config.keep_ids)
     n = store.scan()
     if n or store.skipped:
-        log.info("contexts: %d reloaded from %s, %d skipped", n, config.contexts_dir, len(store.skipped))
-    state = ServerState(llm, config, model_id, metrics, Scheduler(config.max_waiting, metrics), store)
+        log.info("contexts: %d registered from %s, %d skipped", n, config.contexts_dir, len(store.skipped))
+    cap = config.max_tokens_cap or llm.info.max_positions
+    state = ServerState(llm, config, model_id, metrics, Scheduler(config.max_waiting, metrics), store,
+                        max_tokens_cap=cap, max_token_chars=_max_token_chars(llm.tokenizer))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         state.scheduler.shutdown()
 
-    app = FastAPI(title="kvsift", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="kvsift", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.kvsift = state
     install_error_handlers(app)
+    app.add_middleware(_Auth, config=config, metrics=metrics)
     app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(_RequestMetrics, metrics=metrics)
 
-    async def auth(request: Request):
-        if config.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+    async def principal(request: Request) -> Principal:
+        """The caller (checked by ``_Auth`` before the body was read)."""
+        who = request.scope.get("state", {}).get("principal")
+        if who is None:
             raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
+        return who
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
+    async def monitor(request: Request) -> None:
+        if not config.public_health:
+            await principal(request)
 
-    @app.get("/health")
+    v1 = APIRouter(prefix="/v1")
+
+    @app.get("/health", dependencies=[Depends(monitor)])
     async def health():
         return {"status": "ok", "model": model_id, "running": state.scheduler.running,
                 "waiting": state.scheduler.waiting, "contexts": len(state.store.records)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(monitor)])
     async def metrics_endpoint():
         return Response(metrics.render(), media_type=Metrics.CONTENT_TYPE)
 
-    @v1.get("/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": state.created,
-                                            "owned_by": "kvsift", "max_model_len": llm.info.max_positions,
-                                            "root": llm.info.source or llm.info.name}]}
+    @app.get("/openapi.json", dependencies=[Depends(principal)], include_in_schema=False)
+    async def openapi():
+        return JSONResponse(app.openapi())
 
-    @v1.get("/models/{model_name:path}")
+    def model_card() -> dict[str, Any]:  # no file paths: clients see the served id only
+        return {"id": model_id, "object": "model", "created": state.created, "owned_by": "kvsift",
+                "max_model_len": llm.info.max_positions, "max_tokens_cap": state.max_tokens_cap}
+
+    @v1.get("/models", dependencies=[Depends(principal)])
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{model_name:path}", dependencies=[Depends(principal)])
     async def model(model_name: str):
         _check_model(state, model_name)
-        return {"id": model_id, "object": "model", "created": state.created, "owned_by": "kvsift",
-                "max_model_len": llm.info.max_positions}
+        return model_card()
 
     @v1.post("/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        return await _generate(state, req, request, chat=False)
+    async def completions(req: CompletionRequest, request: Request, who: Principal = Depends(principal)):
+        return await _generate(state, req, request, chat=False, who=who)
 
     @v1.post("/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
-        return await _generate(state, req, request, chat=True)
+    async def chat_completions(req: ChatCompletionRequest, request: Request, who: Principal = Depends(principal)):
+        return await _generate(state, req, request, chat=True, who=who)
 
     @v1.post("/contexts")
-    async def create_context(req: ContextRequest, request: Request):
-        return await _create_context(state, req, request)
+    async def create_context(req: ContextRequest, request: Request, who: Principal = Depends(principal)):
+        return await _create_context(state, req, request, who)
 
     @v1.get("/contexts")
-    async def list_contexts():
-        recs = await asyncio.to_thread(state.store.list)
+    async def list_contexts(who: Principal = Depends(principal)):
+        recs = await asyncio.to_thread(state.store.list, who)
         return {"object": "list", "data": [r.public() for r in recs]}
 
     @v1.get("/contexts/{context_id}")
-    async def get_context(context_id: str):
-        return _get_record(state, context_id).public()
+    async def get_context(context_id: str, who: Principal = Depends(principal)):
+        return state.store.get(context_id, who).public()
 
     @v1.delete("/contexts/{context_id}")
-    async def delete_context(context_id: str):
-        _get_record(state, context_id)
-        try:
-            await asyncio.to_thread(state.store.delete, context_id)
-        except KeyError:
-            raise _no_context(context_id) from None
+    async def delete_context(context_id: str, who: Principal = Depends(principal)):
+        await asyncio.to_thread(state.store.delete, context_id, who)
         return {"id": context_id, "object": "context.deleted", "deleted": True}
 
     app.include_router(v1)
@@ -240,6 +335,17 @@ def _version() -> str:
     return __version__
 
 
+def _max_token_chars(tokenizer) -> int:
+    """Characters of the vocabulary's longest token (byte-level BPE: one character per byte, so at
+    least the characters it decodes to). A text longer than ``positions * this`` cannot fit."""
+    try:
+        vocab = tokenizer.get_vocab()
+        longest = max((len(t) for t in vocab), default=0)
+    except Exception:  # noqa: BLE001 - no vocabulary to look at: a generous bound
+        return 256
+    return max(4, longest + 1)
+
+
 # ---- validation ------------------------------------------------------------------------------------
 def _check_model(state: ServerState, name: str | None) -> None:
     if name in (None, "", state.model_id, state.llm.info.name):
@@ -248,52 +354,118 @@ def _check_model(state: ServerState, name: str | None) -> None:
                    param="model", code="model_not_found")
 
 
-def _no_context(cid: str) -> APIError:
-    return APIError(404, f"no context with id {cid!r}", param="context_id", code="context_not_found")
+_METHOD_PARAMS = {UnknownMethodError: "kv_method", BudgetError: "kv_budget", MethodOptionError: "kv_options"}
 
 
-def _get_record(state: ServerState, cid: str) -> ContextRecord:
+def _method_error(e: Exception, spec: str) -> KVSiftError:
+    """A method-building error with the request field it comes from (by type)."""
+    if isinstance(e, KVSiftError):
+        for cls, param in _METHOD_PARAMS.items():
+            if isinstance(e, cls):
+                e.param = param
+        return e
+    # plain ValueError / TypeError of a method's own option checks
+    return MethodOptionError(f"invalid kv_options for method {spec!r}: {e}", param="kv_options")
+
+
+def _type_names(tp) -> set[str] | None:
+    """``int | None`` (a type or its string form) -> {"int", "None"}; None when not understood."""
+    if isinstance(tp, str):
+        names = {t.strip() for t in tp.split("|")}
+    elif isinstance(tp, type):
+        names = {tp.__name__}
+    elif isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        names = set()
+        for a in typing.get_args(tp):
+            names |= _type_names(a) or {"?"}
+    else:
+        return None
+    names = {"None" if n in ("NoneType", "None") else n for n in names}
+    return names if names <= {"int", "float", "str", "bool", "None", "Budget"} else None
+
+
+def _accepts(names: set[str], v) -> bool:
+    if v is None:
+        return "None" in names or "Budget" in names
+    if isinstance(v, bool):
+        return "bool" in names
+    if isinstance(v, int):
+        return bool(names & {"int", "float", "Budget"})
+    if isinstance(v, float):
+        return bool(names & {"float", "Budget"})
+    if isinstance(v, str):
+        return "str" in names
+    return False
+
+
+def _check_options(spec: str, options: dict | None) -> dict:
+    """Type-check ``kv_options`` against the method's option fields before building it, so that a
+    wrong type is a clear 400 naming the option (not a Python comparison error from inside)."""
+    options = dict(options or {})
+    if not options or not isinstance(spec, str):
+        return options
     try:
-        return state.store.get(cid)
-    except KeyError:
-        raise _no_context(cid) from None
+        classes = [method_class(n.strip()) for n in spec.split("+")]
+    except KVSiftError:
+        return options  # build_method reports the unknown name
+    declared: dict[str, set[str] | None] = {}
+    for c in classes:
+        if not dataclasses.is_dataclass(c):
+            return options
+        for f in dataclasses.fields(c):
+            if f.init and f.name != "budget":
+                declared[f.name] = _type_names(f.type)
+    for name, v in options.items():
+        if name not in declared:
+            continue  # build_method reports unknown options with the list of known ones
+        names = declared[name]
+        if names is not None and not _accepts(names, v):
+            want = " or ".join(sorted("null" if n == "None" else "number" if n == "Budget" else n for n in names))
+            raise MethodOptionError(f"kv_options.{name} must be {want} for method {spec!r}, got "
+                                    f"{type(v).__name__} {json.dumps(v)[:60]}", param=f"kv_options.{name}")
+    return options
 
 
 def _method(state: ServerState, spec: str | None, budget_in, options: dict | None, default_method: str,
             default_budget) -> tuple[KVMethod, str, Any]:
     try:
-        budget = parse_budget(budget_in) if budget_in is not None else default_budget
-    except ValueError as e:
-        raise APIError(400, str(e), param="kv_budget", code="invalid_kv_budget") from None
+        budget = parse_budget(budget_in, what="kv_budget") if budget_in is not None else default_budget
+    except BudgetError as e:
+        raise _method_error(e, str(spec)) from None
     spec = spec if spec is not None else default_method
+    opts = _check_options(spec, options)
     try:
-        m = build_method(spec, budget, **(options or {}))
+        m = build_method(spec, budget, **opts)
     except (ValueError, TypeError) as e:
-        msg = str(e)
-        if "unknown method" in msg or "non-empty name" in msg:
-            raise APIError(400, msg, param="kv_method", code="unknown_kv_method") from None
-        if "budget" in msg:
-            raise APIError(400, msg, param="kv_budget", code="invalid_kv_budget") from None
-        raise APIError(400, msg, param="kv_options", code="invalid_kv_options") from None
+        raise _method_error(e, spec) from None
     return m, spec, budget
 
 
-def _value_error(e: ValueError) -> APIError:
-    """A ``ValueError`` of the engine (validated before any compute) -> 400."""
-    msg = str(e)
-    if "budget" in msg:
-        return APIError(400, msg, param="kv_budget", code="invalid_kv_budget")
-    if "exceeds the model" in msg:
-        return APIError(400, msg, param="prompt", code="context_length_exceeded")
-    return APIError(400, msg, code="invalid_value")
-
-
-def _check_length(state: ServerState, n: int, what: str) -> None:
-    """The engine's length rule, checked before the request queues."""
+def _check_length(state: ServerState, n: int, what: str, param: str) -> None:
+    """The engine's length rule (``LLM.check_length``), checked before the request queues."""
     try:
         state.llm.check_length(n, what)
     except ValueError as e:
-        raise _value_error(e) from None
+        raise ContextLengthError(str(e), param=param) from None
+
+
+def _check_chars(state: ServerState, chars: int, base_tokens: int, what: str, param: str) -> None:
+    """Before tokenizing: a text of more characters than the model's remaining positions times the
+    vocabulary's longest token cannot fit, whatever its tokens (a 8 MB prompt is refused at once)."""
+    room = state.llm.info.max_positions - 1 - base_tokens
+    bound = max(room, 0) * state.max_token_chars
+    if chars > bound:
+        raise ContextLengthError(f"{what} of {chars} characters cannot fit the model's limit of "
+                                 f"{state.llm.info.max_positions - 1} tokens"
+                                 + (f" ({base_tokens} taken by the context)" if base_tokens else "")
+                                 + f": even at {state.max_token_chars} characters per token it needs more",
+                                 param=param)
+
+
+def _check_max_tokens(state: ServerState, value: int | None, param: str) -> None:
+    if value is not None and value > state.max_tokens_cap:
+        raise APIError(400, f"{param} {value} is above this server's cap of {state.max_tokens_cap} "
+                            f"(--max-tokens-cap)", param=param, code="max_tokens_too_large")
 
 
 def _encode_chat_tail(llm, messages: list[dict]) -> list[int]:
@@ -306,20 +478,22 @@ def _encode_chat_tail(llm, messages: list[dict]) -> list[int]:
     return list(llm.tokenizer(text[text.index(marker) + len(marker):], add_special_tokens=False)["input_ids"])
 
 
-def _prepare(state: ServerState, req, chat: bool) -> Prepared:
+def _check_token_ids(llm, ids, param: str) -> None:
+    vocab = llm.model.config.get_text_config().vocab_size
+    if any(t < 0 or t >= vocab for t in ids):
+        raise APIError(400, f"{param} token ids must be in [0, {vocab})", param=param, code="invalid_token_id")
+
+
+def _prepare(state: ServerState, req, chat: bool, who: Principal = ANONYMOUS_ADMIN) -> Prepared:
     """Everything that can fail on bad input, before the request queues (runs in a thread)."""
     llm, cfg = state.llm, state.config
     _check_model(state, req.model)
+    if chat:
+        _check_max_tokens(state, req.max_completion_tokens, "max_completion_tokens")
+    _check_max_tokens(state, req.max_tokens, "max_tokens")
     ctx, rec = None, None
     if req.context_id is not None:
-        _get_record(state, req.context_id)
-        try:
-            ctx, rec = state.store.acquire(req.context_id)
-        except KeyError:
-            raise _no_context(req.context_id) from None
-        except (OSError, ValueError) as e:
-            raise APIError(500, f"context {req.context_id} could not be loaded: {e}", param="context_id",
-                           code="context_unavailable") from None
+        ctx, rec = state.store.acquire(req.context_id, who)
         # the context holds compressed KV already: generation on top of it is "full" unless asked,
         # except when part of its KV lives off the device (sentencekv): then its own method fetches it
         if ctx.needs_planner:
@@ -331,11 +505,13 @@ def _prepare(state: ServerState, req, chat: bool) -> Prepared:
         m, spec, budget = _method(state, req.kv_method, req.kv_budget, req.kv_options, cfg.default_method,
                                   cfg.default_budget)
     ctx_chat = bool(rec.meta.get("chat")) if rec is not None else False
+    base = ctx.length if ctx is not None else 0
     if chat:
         if llm.tokenizer is None or not getattr(llm.tokenizer, "chat_template", None):
             raise APIError(400, "this model has no chat template: use /v1/completions", code="no_chat_template")
         messages = [{"role": "system" if mm.role == "developer" else mm.role, "content": mm.text()}
                     for mm in req.messages]
+        _check_chars(state, sum(len(mm["content"]) for mm in messages), base, "the messages", "messages")
         if ctx is not None:
             if not ctx_chat:
                 raise APIError(400, "this context was made with chat=false: use /v1/completions with it",
@@ -347,35 +523,35 @@ def _prepare(state: ServerState, req, chat: bool) -> Prepared:
             prompts = [_encode_chat_tail(llm, messages)]
         else:
             prompts = [llm.encode_chat(messages)]
-        max_tokens = req.max_completion_tokens or req.max_tokens or cfg.default_max_tokens
+        max_tokens = req.max_completion_tokens or req.max_tokens or min(cfg.default_max_tokens, state.max_tokens_cap)
     else:
         p = req.prompt
         items = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        for it in items:
+            if isinstance(it, str):
+                _check_chars(state, len(it), base, "the prompt", "prompt")
         prompts = []
         for it in items:
             if isinstance(it, str):
                 prompts.append(llm.encode_question(it, chat=ctx_chat) if ctx is not None
                                else llm.encode(it, chat=False))
             else:
-                vocab = llm.model.config.get_text_config().vocab_size
-                if any(t < 0 or t >= vocab for t in it):
-                    raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt",
-                                   code="invalid_token_id")
+                _check_token_ids(llm, it, "prompt")
                 prompts.append(list(it))
-        max_tokens = req.max_tokens or 16
-    base = ctx.length if ctx is not None else 0
-    _check_length(state, base + max(len(x) for x in prompts), "the prompt" + (" with its context" if ctx else ""))
+        max_tokens = req.max_tokens or min(16, state.max_tokens_cap)
+    _check_length(state, base + max(len(x) for x in prompts), "the prompt" + (" with its context" if ctx else ""),
+                  "messages" if chat else "prompt")
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                                 stop=list(req.stop or []), ignore_eos=req.ignore_eos)
     except ValueError as e:
         raise APIError(400, str(e), code="invalid_value") from None
-    return Prepared(prompts, params, m, spec, budget, ctx, req.context_id, base)
+    return Prepared(prompts, params, m, spec, budget, ctx, req.context_id, base, who)
 
 
 # ---- generation ------------------------------------------------------------------------------------
-async def _generate(state: ServerState, req, request: Request, chat: bool):
-    prep = await asyncio.to_thread(_prepare, state, req, chat)
+async def _generate(state: ServerState, req, request: Request, chat: bool, who: Principal = ANONYMOUS_ADMIN):
+    prep = await asyncio.to_thread(_prepare, state, req, chat, who)
     job = state.scheduler.new_job()
     if prep.context is not None:
         state.metrics.context_tokens.inc(prep.context_tokens * len(prep.prompts))
@@ -383,9 +559,12 @@ async def _generate(state: ServerState, req, request: Request, chat: bool):
         stream = await asyncio.to_thread(
             state.llm.stream, prep.prompts, prep.params, method=prep.method, context=prep.context,
             progress=False, cancel=job.is_cancelled)
-    except ValueError as e:
+    except KVSiftError as e:  # e.g. a budget larger than the prompt (the engine checks it before any compute)
         state.scheduler.abandon(job)
-        raise _value_error(e) from None
+        raise _method_error(e, prep.method_spec) from None
+    except ValueError as e:  # the engine's own checks (the server checked the same before)
+        state.scheduler.abandon(job)
+        raise APIError(400, str(e), code="invalid_value") from None
     except BaseException:
         state.scheduler.abandon(job)
         raise
@@ -439,15 +618,19 @@ async def _events(state: ServerState, job: Job):
         async for ev in job.items():
             yield ev
     except JobFailed as f:
+        if isinstance(f.exc, KVSiftError):
+            raise f.exc from None
         if isinstance(f.exc, ValueError):
-            raise _value_error(f.exc) from None
+            raise APIError(400, str(f.exc), code="invalid_value") from None
         state.metrics.finished.labels(reason="error").inc()
-        log.exception("generation failed", exc_info=f.exc)
-        raise APIError(500, f"generation failed: {type(f.exc).__name__}: {f.exc}", code="internal_error") from None
+        ref = uuid.uuid4().hex[:12]
+        log.error("engine job failed (reference %s)", ref, exc_info=f.exc)
+        raise APIError(500, f"generation failed: {type(f.exc).__name__} (reference {ref}; see the server log)",
+                       code="internal_error") from None
 
 
-async def _until_disconnect(request: Request, job: Job, coro):
-    """Run ``coro``; if the client disconnects first, cancel the job (its decode loop stops)."""
+async def _until_disconnect(request: Request, job: Job | None, coro):
+    """Run ``coro``; if the client disconnects first, cancel it and the job (its decode loop stops)."""
     task = asyncio.ensure_future(coro)
     try:
         while True:
@@ -455,16 +638,18 @@ async def _until_disconnect(request: Request, job: Job, coro):
             if task in done:
                 return task.result()
             if await request.is_disconnected():
-                job.cancel()
+                if job is not None:
+                    job.cancel()
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
                 raise APIError(499, "client disconnected", code="client_disconnected")
     finally:
         if not task.done():
-            job.cancel()
+            if job is not None:
+                job.cancel()
             task.cancel()
-        if job.started is None:
+        if job is not None and job.started is None:
             job.cancel()
 
 
@@ -554,15 +739,61 @@ async def _sse(state: ServerState, job: Job, work, prep: Prepared, rid: str, cre
                 yield chunk([{"index": ev.index, "text": ev.text, "logprobs": None, "finish_reason": reason}])
         if include_usage:
             yield chunk([], _usage(prep, outputs))
-    except APIError as e:
-        yield _data(e.body())
+    except KVSiftError as e:
+        yield _data(exc_body(e))
     finally:
         _release(state, job)  # stops the decode loop when the client left
     yield "data: [DONE]\n\n"
 
 
 # ---- contexts ---------------------------------------------------------------------------------------
-async def _create_context(state: ServerState, req: ContextRequest, request: Request):
+def _kv_bytes_per_token(llm) -> int:
+    """KV bytes one kept token takes on every layer: keys + values + an int32 position per KV head."""
+    info = llm.info
+    itemsize = info.dtype.itemsize if hasattr(info.dtype, "itemsize") else 2
+    return info.num_layers * info.num_kv_heads * (2 * info.head_dim * itemsize + 4)
+
+
+async def _create_context(state: ServerState, req: ContextRequest, request: Request, who: Principal):
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        rec = await _until_disconnect(request, None, _make_context(state, req, who, None, None))
+        return rec.public()
+    if not _IDEMPOTENCY_KEY_RE.match(key):
+        raise APIError(400, "Idempotency-Key must be 1 to 255 printable ASCII characters without spaces",
+                       param="Idempotency-Key", code="invalid_idempotency_key")
+    digest = hashlib.sha256(json.dumps(req.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    slot = (who.owner, key)
+    done = state.store.find_idempotent(who.owner, key)
+    if done is not None:
+        if done.meta.get("request_hash") != digest:
+            raise IdempotencyKeyReusedError(f"Idempotency-Key {key!r} was used for a different request",
+                                            param="Idempotency-Key")
+        return JSONResponse(done.public(), headers={"Idempotent-Replayed": "true"})
+    running = state.inflight.get(slot)
+    if running is not None:
+        if running[0] != digest:
+            raise IdempotencyKeyReusedError(f"Idempotency-Key {key!r} is in use for a different request",
+                                            param="Idempotency-Key")
+        task = running[1]
+    else:
+        # with a key, the work goes on when the client leaves: its retry gets the same context
+        task = asyncio.ensure_future(_make_context(state, req, who, key, digest))
+        state.inflight[slot] = (digest, task)
+
+        def done(t: asyncio.Task) -> None:
+            state.inflight.pop(slot, None)
+            if not t.cancelled():
+                t.exception()  # retrieved here: the clients that waited got it; none may be left
+
+        task.add_done_callback(done)
+    rec = await _until_disconnect(request, None, asyncio.shield(task))
+    return JSONResponse(rec.public(), headers={"Idempotent-Replayed": "true"} if running is not None else None)
+
+
+async def _make_context(state: ServerState, req: ContextRequest, who: Principal, idem_key: str | None,
+                        digest: str | None) -> ContextRecord:
+    """Validate, hold room (count, memory, disk), prefill, keep: the context's record."""
     llm = state.llm
     _check_model(state, req.model)
     m, spec, budget = _method(state, req.kv_method, req.kv_budget, req.kv_options, state.config.default_method,
@@ -573,41 +804,47 @@ async def _create_context(state: ServerState, req: ContextRequest, request: Requ
 
     def encode():
         if isinstance(req.document, str):
+            _check_chars(state, len(req.document), 0, "the document", "document")
             return llm.encode_document(req.document, chat)
-        vocab = llm.model.config.get_text_config().vocab_size
-        if any(t < 0 or t >= vocab for t in req.document):
-            raise APIError(400, f"document token ids must be in [0, {vocab})", param="document",
-                           code="invalid_token_id")
+        _check_token_ids(llm, req.document, "document")
         return list(req.document)
 
     ids = await asyncio.to_thread(encode)
-    _check_length(state, len(ids), "the document")
+    _check_length(state, len(ids), "the document", "document")
     try:
-        m.start(len(ids), llm.info.num_layers)  # budget vs. length, before queueing
-    except ValueError as e:
-        raise APIError(400, str(e), param="kv_budget", code="invalid_kv_budget") from None
-
-    job = state.scheduler.new_job()
-
-    def work(j: Job):
-        j.emit(llm.prefill_context(ids, method=m, chat=chat, progress=False))
-
-    async def run():
-        await state.scheduler.run(job, work)
-        async for item in _events(state, job):
-            return item
-        raise APIError(499, "client disconnected", code="client_disconnected")
-
-    ctx: Context = await _until_disconnect(request, job, run())
-    ctx.method_kwargs = dict(req.kv_options or {})  # answers re-build the method with the same options
-    meta = {"created": int(time.time()), "model": state.model_id, "kv_method": spec, "kv_budget": budget,
-            "kv_options": ctx.method_kwargs, "chat": chat, "stats": ctx.stats.to_dict(),
-            "metadata": req.metadata or {}}
+        run = m.start(len(ids), llm.info.num_layers)  # budget vs. length, before queueing
+    except (ValueError, TypeError) as e:
+        raise _method_error(e, spec) from None
+    # room for it, before any compute: from the tokens the budget keeps and the model's shape
+    kept = min(len(ids), run.tokens)
+    kv_est = kept * _kv_bytes_per_token(llm)
+    reservation: Reservation = state.store.reserve(who.owner, kv_est, kv_est + 8 * len(ids), req.persist)
     try:
-        rec = await asyncio.to_thread(state.store.add, ctx, meta, req.persist)
-    except ValueError as e:
-        raise APIError(400, str(e), param="kv_budget", code="context_too_large") from None
-    except OverflowError as e:
-        raise APIError(409, str(e), code="too_many_contexts") from None
+        job = state.scheduler.new_job()
+
+        def work(j: Job):
+            j.emit(llm.prefill_context(ids, method=m, chat=chat, progress=False))
+
+        async def run():
+            await state.scheduler.run(job, work)
+            async for item in _events(state, job):
+                return item
+            raise APIError(499, "client disconnected", code="client_disconnected")
+
+        try:
+            ctx: Context = await run()
+        except KVSiftError as e:
+            raise _method_error(e, spec) from None
+        finally:
+            _release(state, job)
+        ctx.method_kwargs = dict(req.kv_options or {})  # answers re-build the method with the same options
+        meta = {"created": int(time.time()), "model": state.model_id, "owner": who.owner, "kv_method": spec,
+                "kv_budget": budget, "kv_options": ctx.method_kwargs, "chat": chat, "stats": ctx.stats.to_dict(),
+                "metadata": req.metadata or {}}
+        if idem_key is not None:
+            meta.update(idempotency_key=idem_key, request_hash=digest)
+        rec = await asyncio.to_thread(state.store.add, ctx, meta, req.persist, reservation)
+    finally:
+        state.store.release(reservation)
     state.metrics.prompt_tokens.inc(len(ids))
-    return rec.public()
+    return rec

@@ -2,6 +2,7 @@
 
     kvsift serve                                   # default model on http://127.0.0.1:8000
     kvsift serve --model path/to/hf_dir --kv-method snapkv --kv-budget 1024 --api-key secret
+    kvsift serve --host 0.0.0.0 --api-keys-file keys.txt   # tenants: lines 'KEY OWNER [admin]'
 """
 
 from __future__ import annotations
@@ -42,11 +43,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port; see --ready-file)")
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: $KVSIFT_API_KEY, else no key)")
+                   help="require 'Authorization: Bearer KEY' (default: $KVSIFT_API_KEY, else no key); "
+                        "its owner is 'default', an admin")
+    p.add_argument("--api-keys-file", type=Path, default=None,
+                   help="tenants: JSON ([{key, owner, admin}] or {key: owner}) or lines 'KEY OWNER [admin]'; "
+                        "contexts belong to their owner, admins see all")
+    p.add_argument("--public-health", action="store_true",
+                   help="serve /health and /metrics without a key even when keys are set")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without any API key")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the model's name)")
     p.add_argument("--kv-method", default="full", help="default KV method of requests (e.g. snapkv)")
     p.add_argument("--kv-budget", default=None, help="default KV budget: tokens (1024), ratio (0.25) or percent (25%%)")
     p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of chat completions")
+    p.add_argument("--max-tokens-cap", type=int, default=None,
+                   help="largest max_tokens a request may ask for (default: the model's context length); above: 400")
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests beyond the running one (then 503)")
     p.add_argument("--max-body", type=_bytes, default=8 * 2**20, help="largest request body (default 8M)")
     p.add_argument("--contexts-dir", type=Path, default=None,
@@ -55,6 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-memory", type=_bytes, default=2 * 2**30,
                    help="LRU limit of context KV kept in memory (default 2G); persisted ones reload from disk")
     p.add_argument("--max-contexts", type=int, default=1000, help="most contexts kept (memory + disk)")
+    p.add_argument("--contexts-disk-limit", type=_bytes, default=None,
+                   help="quota on the bytes of persisted contexts (default: only the free space); over it: 507")
     p.add_argument("--ready-file", type=Path, default=None,
                    help="write {host, port, url} as JSON here once the server accepts connections")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -73,12 +86,19 @@ def build_config(args):
 
     budget = parse_budget(args.kv_budget)
     build_method(args.kv_method, budget)  # unknown method / missing budget: fail before loading the model
+    from kvsift.server.auth import KeyRing
+
+    keys = KeyRing.from_file(args.api_keys_file) if args.api_keys_file is not None else None
     api_key = args.api_key if args.api_key is not None else os.environ.get("KVSIFT_API_KEY") or None
+    if keys is not None and args.api_key is None:
+        api_key = None  # the keys file wins over the environment's single key
     contexts_dir = None if args.no_persist else (args.contexts_dir or default_contexts_dir())
     return ServerConfig(host=args.host, port=args.port, model_name=args.served_model_name, api_key=api_key,
                         default_method=args.kv_method, default_budget=budget, default_max_tokens=args.max_tokens,
                         max_waiting=args.max_waiting, max_body_bytes=args.max_body, contexts_dir=contexts_dir,
-                        context_memory_bytes=args.context_memory, max_contexts=args.max_contexts)
+                        context_memory_bytes=args.context_memory, max_contexts=args.max_contexts,
+                        contexts_disk_bytes=args.contexts_disk_limit, keys=keys, max_tokens_cap=args.max_tokens_cap,
+                        public_health=args.public_health, insecure=args.insecure)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -114,8 +134,8 @@ def run_serve(args) -> int:
 
     logging.getLogger("kvsift").setLevel(args.log_level.upper())
     config = build_config(args)
-    if config.host not in ("127.0.0.1", "::1", "localhost") and config.api_key is None:
-        print(f"kvsift: warning: serving on {config.host} without an API key", file=sys.stderr)
+    if config.insecure and config.keys is None and config.host not in ("127.0.0.1", "::1", "localhost"):
+        print(f"kvsift: warning: serving on {config.host} without an API key (--insecure)", file=sys.stderr)
     sock = _bind(config.host, config.port)  # fail fast on a busy port, before loading the model
     port = sock.getsockname()[1]
     t0 = time.perf_counter()

@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvsift.methods.base import Budget, validate_budget
+from kvsift.server.auth import KeyRing
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(slots=True)
@@ -17,6 +29,12 @@ class ServerConfig:
     model, so 1 is the honest default; the rest wait in a FIFO queue of at most ``max_waiting``).
     ``contexts_dir``: where reusable contexts are persisted (None = memory only).
     ``context_memory_bytes``: LRU limit on the KV bytes (device + host) of contexts kept in memory.
+    ``contexts_disk_bytes``: quota on the bytes of persisted contexts (None = only the free space).
+    ``api_key`` / ``keys``: one key (its owner ``default``, an admin) or a key ring of tenants
+    (:mod:`kvsift.server.auth`); with neither, every request is the anonymous admin.
+    ``max_tokens_cap``: largest ``max_tokens`` a request may ask for (None = the model's context).
+    ``public_health``: ``/health`` and ``/metrics`` answer without a key even when keys are set.
+    ``insecure``: allow a non-loopback ``host`` without any key.
     """
 
     host: str = "127.0.0.1"
@@ -32,6 +50,12 @@ class ServerConfig:
     contexts_dir: Path | None = None
     context_memory_bytes: int = 2 * 2**30
     max_contexts: int = 1000
+    contexts_disk_bytes: int | None = None
+    keys: KeyRing | None = None
+    max_tokens_cap: int | None = None
+    public_health: bool = False
+    insecure: bool = False
+    keep_ids: int = field(default=10000)   # evicted / known ids remembered for their 410 answers
 
     def __post_init__(self):
         if not isinstance(self.host, str) or not self.host:
@@ -60,3 +84,18 @@ class ServerConfig:
             raise ValueError(f"max_contexts must be >= 1, got {self.max_contexts}")
         if self.contexts_dir is not None:
             self.contexts_dir = Path(self.contexts_dir).expanduser()
+        if self.contexts_disk_bytes is not None and self.contexts_disk_bytes < 0:
+            raise ValueError(f"contexts_disk_bytes must be >= 0, got {self.contexts_disk_bytes}")
+        if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
+            raise ValueError(f"max_tokens_cap must be >= 1, got {self.max_tokens_cap}")
+        if self.api_key is not None and self.keys is not None:
+            raise ValueError("give either one API key or a keys file, not both")
+        if self.api_key is not None:
+            self.keys = KeyRing.single(self.api_key)
+        if self.keys is None and not is_loopback(self.host) and not self.insecure:
+            raise ValueError(f"refusing to serve on {self.host} (not a loopback address) without an API key: "
+                             f"set --api-key or --api-keys-file, or pass --insecure to serve it open")
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.keys is not None

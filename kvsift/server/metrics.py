@@ -27,6 +27,13 @@ class Metrics:
         self.kv_bytes = Gauge("kvsift_kv_bytes", "KV bytes allocated by the reusable contexts kept in memory",
                               ["location", "pool"], registry=r)
         self.contexts = Gauge("kvsift_contexts", "Reusable contexts", ["state"], registry=r)
+        self.contexts_evicted = Counter("kvsift_contexts_evicted", "Contexts evicted from memory (persisted ones "
+                                        "stay on disk; the others are gone)", ["persisted"], registry=r)
+        self.contexts_disk_bytes = Gauge("kvsift_contexts_disk_bytes", "Bytes of the persisted contexts", registry=r)
+        self.persist_errors = Counter("kvsift_context_persist_errors", "Context writes that failed (kept in memory)",
+                                      registry=r)
+        self.rejected = Counter("kvsift_requests_rejected", "Requests refused before any engine work, by error code",
+                                ["code"], registry=r)
         self.request_kv = Histogram("kvsift_request_kv_bytes", "KV bytes one generation allocated after its prefill",
                                     ["location"], buckets=_BYTES, registry=r)
         self.latency = Histogram("kvsift_request_latency_seconds", "End-to-end request latency", ["endpoint"],
@@ -45,6 +52,8 @@ class Metrics:
             self.kv_bytes.labels(location=loc, pool="contexts").set(0)
         for reason in ("stop", "length", "cancelled", "error"):
             self.finished.labels(reason=reason)
+        for p in ("true", "false"):
+            self.contexts_evicted.labels(persisted=p)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -9,20 +9,42 @@ Extra fields accepted on completions and chat (through ``extra_body`` in the ope
 * ``ignore_eos``: keep generating past end-of-sequence (benchmarks)
 
 Unknown OpenAI fields are ignored (clients send many optional ones); unknown ``kv_*`` fields are an
-error, so that a typo in kvsift's own options does not pass silently.
+error, so that a typo in kvsift's own options does not pass silently. OpenAI fields that change the
+answer's shape or meaning and that kvsift does not implement (``logprobs``, ``top_logprobs``,
+``response_format`` other than text, ``tools``, ``logit_bias``, ...) are refused, not ignored.
+
+Types are strict (``"stream": "yes"`` is not a boolean, ``"1"`` is not a number), and every text
+must be valid Unicode: a lone UTF-16 surrogate (``"\\ud800"`` in JSON) is a 400, not a tokenizer crash.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, Strict, StrictBool, StrictFloat, StrictInt,
+                      StrictStr, field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
-BudgetField = StrictInt | StrictFloat | StrictStr | None
+SEED_LIMIT = 2**63  # seeds are 64-bit signed integers in the engine (torch.Generator.manual_seed)
+
+
+def _unicode(v: str) -> str:
+    """Reject text that is not valid Unicode (a lone surrogate cannot be encoded as UTF-8)."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PydanticCustomError("invalid_unicode", "text is not valid Unicode: lone surrogate {ch} at character {at}",
+                                  {"ch": ascii(v[e.start]), "at": e.start}) from None
+    return v
+
+
+Text = Annotated[StrictStr, AfterValidator(_unicode)]
+Float = Annotated[float, Strict()]
+BudgetField = StrictInt | StrictFloat | Text | None
 
 
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model_config = ConfigDict(extra="allow", protected_namespaces=(), allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _no_unknown_kv_fields(self):
@@ -36,28 +58,49 @@ class _Base(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
+    include_usage: StrictBool = False
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Text
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, v):
+        if v != "text":
+            raise ValueError(f"response_format type {v!r} is not supported (only 'text')")
+        return v
 
 
 class _GenerationFields(_Base):
-    model: str | None = None
+    model: Text | None = None
     max_tokens: StrictInt | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: Float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: Float = Field(default=1.0, gt=0.0, le=1.0)
     n: StrictInt = 1
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    user: str | None = None
+    stop: Text | list[Text] | None = None
+    seed: StrictInt | None = Field(default=None, ge=0, lt=SEED_LIMIT)
+    presence_penalty: Float | None = None
+    frequency_penalty: Float | None = None
+    logit_bias: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    user: Text | None = None
     # kvsift
-    kv_method: StrictStr | None = None
+    kv_method: Text | None = None
     kv_budget: BudgetField = None
-    kv_options: dict[str, Any] | None = None
-    context_id: StrictStr | None = None
-    ignore_eos: bool = False
+    kv_options: dict[Text, Any] | None = None
+    context_id: Text | None = None
+    ignore_eos: StrictBool = False
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, v):
+        if v:
+            raise ValueError("logit_bias is not supported")
+        return v
 
     @field_validator("n")
     @classmethod
@@ -87,10 +130,10 @@ class _GenerationFields(_Base):
 
 
 class CompletionRequest(_GenerationFields):
-    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
-    echo: bool = False
+    prompt: Text | list[Text] | list[StrictInt] | list[list[StrictInt]]
+    echo: StrictBool = False
     logprobs: StrictInt | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: StrictInt | None = None
 
     @field_validator("prompt")
@@ -123,14 +166,14 @@ class CompletionRequest(_GenerationFields):
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -143,13 +186,16 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_GenerationFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=512)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
-    logprobs: bool | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
     tools: list[Any] | None = None
 
     @model_validator(mode="after")
     def _unsupported(self):
         if self.logprobs:
             raise ValueError("logprobs are not supported")
+        if self.top_logprobs is not None:
+            raise ValueError("top_logprobs is not supported (it also needs logprobs=true, which is not supported)")
         if self.tools:
             raise ValueError("tools are not supported")
         return self
@@ -158,14 +204,14 @@ class ChatCompletionRequest(_GenerationFields):
 class ContextRequest(_Base):
     """``POST /v1/contexts``: prefill a document once, keep its (compressed) KV."""
 
-    model: str | None = None
-    document: StrictStr | list[StrictInt]
-    kv_method: StrictStr | None = None
+    model: Text | None = None
+    document: Text | list[StrictInt]
+    kv_method: Text | None = None
     kv_budget: BudgetField = None
-    kv_options: dict[str, Any] | None = None
-    chat: bool | None = None            # default: the model has a chat template
-    persist: bool = True
-    metadata: dict[str, StrictStr] | None = Field(default=None, max_length=16)
+    kv_options: dict[Text, Any] | None = None
+    chat: StrictBool | None = None      # default: the model has a chat template
+    persist: StrictBool = True
+    metadata: dict[Text, Text] | None = Field(default=None, max_length=16)
 
     @field_validator("document")
     @classmethod

@@ -18,13 +18,15 @@ import httpx
 
 
 class ServerProcess:
-    """``python -m kvsift.server ARGS --host 127.0.0.1 --port 0``; waits (bounded) until /health answers;
+    """``python -m kvsift.server ARGS --host 127.0.0.1 --port 0``; waits (bounded) until /health answers
+    (200, or 401 when the server requires a key there);
     ``stop()`` terminates it (then kills it after ``stop_timeout``)."""
 
     def __init__(self, args: list[str], start_timeout: float = 120.0, stop_timeout: float = 15.0,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, entry: list[str] | None = None):
         self.args, self.start_timeout, self.stop_timeout = list(args), start_timeout, stop_timeout
         self.env = env
+        self.entry = list(entry) if entry is not None else ["-m", "kvsift.server"]  # e.g. [script.py] (fault tests)
         self.proc: subprocess.Popen | None = None
         self.url = ""
         self.port = 0
@@ -36,7 +38,7 @@ class ServerProcess:
         ready.unlink(missing_ok=True)
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(self.env or {}))
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "kvsift.server", *self.args, "--host", "127.0.0.1",
+        self.proc = subprocess.Popen([sys.executable, *self.entry, *self.args, "--host", "127.0.0.1",
                                       "--port", str(port), "--ready-file", str(ready), "--log-level", "warning"],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + self.start_timeout
@@ -46,8 +48,8 @@ class ServerProcess:
             if ready.is_file():
                 info = json.loads(ready.read_text())
                 self.url, self.port = info["url"], info["port"]
-                try:
-                    if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                try:  # 401: up, with keys (and no --public-health)
+                    if httpx.get(self.url + "/health", timeout=5).status_code in (200, 401):
                         return self
                 except httpx.HTTPError:
                     pass
