@@ -6,10 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import dataclasses
+import json
+
 import pytest
 import torch
 
 from kvsift import SamplingParams
+from kvsift.methods.base import LayerState
 from kvsift.errors import ContextCorruptedError, ContextEvictedError, ContextNotFoundError, ContextTooLargeError
 from kvsift.server.contexts import (ContextStore, load_context, model_fingerprint, read_meta, save_context)
 from kvsift.server.testing import ServerProcess
@@ -69,18 +73,13 @@ def test_sentencekv_context_with_its_host_store_roundtrips(tiny_llm, tmp_path, k
             tiny_llm.generate(q, GREEDY, context=ctx)[0].token_ids)
 
 
-class FakeStore:
-    """A method-state object that follows the persistence protocol of kvsift.server.contexts."""
+@dataclasses.dataclass
+class FakeState(LayerState):
+    """A method's layer state: a tensor, JSON scalars, and nothing else (the typed protocol)."""
 
-    def __init__(self, data: torch.Tensor, n: int):
-        self.data, self.n = data, n
-
-    def kv_state_dict(self):
-        return {"data": self.data}, {"n": self.n}
-
-    @classmethod
-    def kv_from_state_dict(cls, tensors, extra, device):
-        return cls(tensors["data"].to(device), extra["n"])
+    summary: torch.Tensor | None = None
+    split: int = 0
+    flag: bool = False
 
 
 def test_method_state_persists_through_the_protocol(tiny_llm, tmp_path, monkeypatch):
@@ -88,20 +87,30 @@ def test_method_state_persists_through_the_protocol(tiny_llm, tmp_path, monkeypa
 
     ctx = tiny_llm.prefill_context(_doc(64, 2), method="full")
     st = ctx.cache.layers[1].state
-    st.update(store=FakeStore(torch.arange(6.0).reshape(2, 3), 7), split=3, flag=True, summary=torch.ones(2, 4))
+    st["fake"] = FakeState(torch.arange(6.0).reshape(2, 3), 3, True)
     with pytest.raises(ContextCorruptedError, match="outside"):  # classes load only from kvsift.* by default
         save_context(ctx, tmp_path / "a", {"kv_method": "full"})
         load_context(tmp_path / "a", tiny_llm)
     monkeypatch.setattr(contexts, "_STATE_MODULES", ("kvsift.", "tests."))
     loaded, meta = load_context(tmp_path / "a", tiny_llm)
-    got = loaded.cache.layers[1].state
-    assert got["split"] == 3 and got["flag"] is True and torch.equal(got["summary"], torch.ones(2, 4))
-    assert isinstance(got["store"], FakeStore) and got["store"].n == 7
-    assert torch.equal(got["store"].data, torch.arange(6.0).reshape(2, 3))
+    got = loaded.cache.layers[1].state["fake"]
+    assert isinstance(got, FakeState) and got.split == 3 and got.flag is True
+    assert torch.equal(got.summary, torch.arange(6.0).reshape(2, 3))
     st["opaque"] = object()
     with pytest.raises(ValueError, match="cannot persist method state 'opaque'"):
         save_context(ctx, tmp_path / "b", {"kv_method": "full"})
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_v1_context_is_refused_clearly(tiny_llm, tmp_path):
+    ctx = tiny_llm.prefill_context(_doc(64, 3), method="full")
+    save_context(ctx, tmp_path / "old", {"kv_method": "full"})
+    meta_path = tmp_path / "old" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["version"] = 1
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(Exception, match="v2"):
+        load_context(tmp_path / "old", tiny_llm)
 
 
 def test_store_lru_keeps_persisted_contexts_on_disk(tiny_llm, tmp_path):

@@ -92,6 +92,9 @@ def context_tensors(ctx: Context) -> tuple[dict[str, torch.Tensor], list[dict[st
     for i, layer in enumerate(ctx.cache.layers):
         js: dict[str, Any] = {}
         for name, v in layer.state.items():
+            if not (hasattr(v, "kv_state_dict") and hasattr(type(v), "kv_from_state_dict")):
+                raise ValueError(f"cannot persist method state {name!r} of type {type(v).__name__} (layer {i}): "
+                                 f"method state must be a LayerState")
             tensors, extra = v.kv_state_dict()
             for tk, t in tensors.items():
                 out[f"layers.{i}.obj.{name}.{tk}"] = t.detach().cpu()
