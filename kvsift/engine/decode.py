@@ -2,9 +2,9 @@
 
 * ``eager``: one model call per step over the cache's used slots (any method, any device).
 * ``static``: :meth:`SiftCache.begin_static` fixes every buffer for the whole generation; a step
-  writes its KV at a device-side slot counter, attends over the whole buffers through an index table
-  (:func:`kvsift.engine.attention.static_decode_attention`) and changes no host state. Runs on any
-  device (the CPU tests check it against ``eager``).
+  writes its KV at a device-side slot counter, attends over the whole buffers masked by position
+  inside the sparse kernel (:func:`kvsift.engine.attention.selected_attention`) and changes no
+  host state. Runs on any device (the CPU tests check it against ``eager``).
 * ``graph`` (CUDA): the first step runs statically (it also warms up kernels and allocations), the
   second is recorded in a ``torch.cuda.CUDAGraph`` over static input buffers and replayed, and every
   later step is a copy of the token ids and positions plus one replay: no Python in the model, no
