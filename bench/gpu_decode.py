@@ -218,6 +218,18 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                     timed(f"sel/{summary}/{budget}",
                           lambda L, s=summary, r=reduce, bu=budget: selected(L["q"], L["k"], L["v"], L[s], args.page, bu, scale, r),
                           extra={"budget": budget, "summary": summary}, kv_read=summ_bytes + sel_bytes)
+            # tokenselect: soft votes over every token (reads all keys), top-k tokens, sparse attention
+            from kvsift.methods.tokenselect import token_votes
+            for budget in args.budgets:
+                if budget > ctx:
+                    continue
+
+                def tokens_step(L, bu=budget):
+                    idx = token_votes(L["q"], L["k"], None).topk(bu, dim=-1).indices
+                    return dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], idx, scale)
+
+                timed(f"sel/tokens/{budget}", tokens_step, extra={"budget": budget, "summary": "tokens"},
+                      kv_read=layer_bytes // 2 + 2 * batch * HK * budget * D * 2)
             # parts alone (quest, middle budget) to explain where the time goes
             budget = args.budgets[min(1, len(args.budgets) - 1)]
             if budget <= ctx:

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object (text + stats) instead")
     _add_model_args(g)
 
-    sub.add_parser("methods", help="list the registered KV methods")
+    mp = sub.add_parser("methods", help="list the registered KV methods and their options")
+    mp.add_argument("name", nargs="?", help="one method: its options described")
 
     for name, (module, adder, _) in EXTENSIONS.items():
         try:
@@ -122,12 +123,24 @@ def cmd_generate(args) -> int:
 
 def cmd_methods(args) -> int:
     from kvsift.methods import available_methods
+    from kvsift.methods.base import method_options
 
     methods = available_methods()
+    if getattr(args, "name", None):
+        name = args.name
+        opts = method_options(name)  # an unknown name raises UnknownMethodError: exit 2
+        print(f"{name}: {methods[name]}\n")
+        for opt, default, desc in opts:
+            print(f"  {opt} (default {default!r})\n      {desc}")
+        return 0
     width = max(len(n) for n in methods)
     for name, doc in methods.items():
         print(f"{name:<{width}}  {doc}")
-    print("\nCompose with '+', e.g. snapkv+sentencekv (evict at prefill, then select at decode).")
+        opts = ", ".join(f"{o}={d!r}" for o, d, _ in method_options(name) if o != "budget")
+        if opts:
+            print(f"{'':<{width}}    options: {opts}")
+    print("\nCompose with '+', e.g. snapkv+sentencekv (evict at prefill, then select at decode); "
+          "`kvsift methods NAME` describes each option; pass them as --method-opt KEY=VALUE.")
     return 0
 
 

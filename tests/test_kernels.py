@@ -266,6 +266,31 @@ def test_merge_attention_of_disjoint_sets_equals_attention_over_their_union(dtyp
     assert torch.equal(empty, torch.zeros_like(empty))
 
 
+def test_reference_masks_by_position_like_a_premasked_table():
+    """key_pos/query_pos/window in the reference equal the same attention over a table whose
+    masked slots (padding, future, out of window, past the capacity) were set to -1 by hand."""
+    torch.manual_seed(5)
+    b, hq, hk, n, d = 2, 8, 2, 40, 16
+    q, k, v = torch.randn(b, hq, d), torch.randn(b, hk, n, d), torch.randn(b, hk, n, d)
+    kp = torch.randint(-1, 60, (b, hk, n), dtype=torch.int32)
+    qp = torch.tensor([30, 55])
+    for sel in (None, torch.randint(-2, n + 5, (b, hk, 25))):
+        for win in (None, 9):
+            idx = torch.arange(n).expand(b, hk, n) if sel is None else sel
+            safe = torch.where((idx >= 0) & (idx < n), idx, 0)
+            pos = kp.gather(2, safe).long()
+            ok = (idx >= 0) & (idx < n) & (pos >= 0) & (pos <= qp[:, None, None])
+            if win is not None:
+                ok &= pos > qp[:, None, None] - win
+            want = sparse_decode_attention_ref(q, k, v, torch.where(ok, idx, -1), 0.3, return_lse=True)
+            got = sparse_decode_attention_ref(q, k, v, sel, 0.3, return_lse=True, key_pos=kp, query_pos=qp, window=win)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="go together"):
+        sparse_decode_attention_ref(q, k, v, None, 0.3, key_pos=kp)
+    with pytest.raises(ValueError, match="window"):
+        sparse_decode_attention_ref(q, k, v, None, 0.3, key_pos=kp, query_pos=qp, window=0)
+
+
 def test_dispatch_on_cpu_uses_the_reference():
     q, k = torch.randn(1, 4, 16), torch.randn(1, 2, 32, 16)
     idx = torch.randint(0, 32, (1, 2, 8))
@@ -321,6 +346,14 @@ _INTERP_SCRIPT = textwrap.dedent("""
             assert rel(out, ref) < tol and torch.equal(torch.isinf(lse), torch.isinf(rlse)), ("lse", dt, b, ns)
             fin = torch.isfinite(rlse)
             assert (lse[fin] - rlse[fin]).abs().max().item() < 1e-3, ("lse", dt, b, ns)
+            kp = torch.randint(-1, cap, (b, hk, cap), dtype=torch.int32)
+            qpos = torch.randint(cap // 4, cap, (b,))
+            for sel in ((idx, None) if page == 1 else (idx,)):
+                for win in (None, 11):
+                    kw = dict(key_pos=kp, query_pos=qpos, window=win)
+                    e = rel(sda.sparse_decode_attention(q, k, v, sel, d ** -0.5, page=page, num_splits=ns, **kw),
+                            sda.sparse_decode_attention_ref(q, k, v, sel, d ** -0.5, page=page, **kw))
+                    assert e < tol, ("masked", dt, b, ns, page, sel is None, win, e)
     for (n, k, impl) in ((37, 5, "packed64"), (100, 0, "int32"), (1000, 64, "packed64"), (1000, 64, "int32"),
                          (10, 20, "int32")):
         tk.TUNING["impl"] = impl
@@ -411,6 +444,20 @@ def test_cuda_kernels_match_references(dtype, shape):
     full = torch.arange(n, device=dev, dtype=torch.int64).expand(b, hk, n)
     out = dispatch.sparse_decode_attention(q, k, v, full, d ** -0.5)
     assert _rel(out, _sdpa(q, k, v, d ** -0.5)) < tol
+    # masking by position inside the kernel: every slot (slot_idx None) or a table naming slots past
+    # the capacity; padding, future and out-of-window positions skipped
+    kp = torch.randint(-1, n, (b, hk, n), device=dev, dtype=torch.int32)
+    qpos = torch.randint(n // 4, n, (b,), device=dev)
+    for sel in (None, torch.randint(-3, n + 40, (b, hk, 300), device=dev)):
+        for win in (None, 97):
+            for lse in (False, True):
+                kw = dict(key_pos=kp, query_pos=qpos, window=win, return_lse=lse)
+                got = dispatch.sparse_decode_attention(q, k, v, sel, d ** -0.5, **kw)
+                ref = sparse_decode_attention_ref(q, k, v, sel, d ** -0.5, **kw)
+                if lse:
+                    (got, glse), (ref, rlse) = got, ref
+                    assert torch.equal(torch.isfinite(glse), torch.isfinite(rlse))
+                assert _rel(got, ref) < tol
     # log-sum-exp output (split and single-program launches) and the merge of two disjoint halves
     for s in (64, n):
         idx = torch.randint(-1, n, (b, hk, s), device=dev, dtype=torch.int32)

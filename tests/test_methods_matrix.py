@@ -57,8 +57,12 @@ def test_method_with_budget_of_whole_context_is_exact(tiny_llm, name):
 def test_method_has_doc_and_registered_name(name):
     from kvsift.methods import method_class
 
+    from kvsift.methods.base import method_options
+
     cls = method_class(name)
     assert cls.name == name and cls.__doc__
+    undocumented = [o for o, _, desc in method_options(name) if not desc]
+    assert not undocumented, f"{name}: options without a Parameters entry: {undocumented}"
 
 
 def _check_decode_selection(llm, m, ids):

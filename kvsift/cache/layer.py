@@ -198,7 +198,7 @@ class SiftLayer(CacheLayerMixin):
         """``(q,)`` int64 device slots the last ``update`` wrote (static decode: from the device slot
         counter, no host sync)."""
         if self.wslot is not None:
-            return self.wslot - q + torch.arange(q, device=self.wslot.device)
+            return self.wslot - 1 if q == 1 else self.wslot - q + torch.arange(q, device=self.wslot.device)
         return torch.arange(self.length - q, self.length, device=self.k_buf.device)
 
     def replace_oldest(self, limit: int, protect_below: int = 0) -> None:

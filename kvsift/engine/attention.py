@@ -114,44 +114,36 @@ def selected_attention(query: torch.Tensor, layer: "SiftLayer", sel: "Selection 
     from kvsift.kernels.dispatch import merge_attention, sparse_decode_attention
 
     n = layer.k_buf.shape[2] if static else layer.length
-    pos = layer.pos_buf[:, :, :n]
-    qp = query_pos[:, -1][:, None, None]                                   # (b, 1, 1)
+    k_buf, v_buf, pos = layer.k_buf[:, :, :n], layer.v_buf[:, :, :n], layer.pos_buf[:, :, :n]
+    qp = query_pos[:, -1]                                                  # (b,)
     own = sel.own if sel is not None else None
     extra = sel.extra if sel is not None else None
-    if own is None:
-        slots = torch.arange(n, device=pos.device, dtype=torch.int32).expand_as(pos)
-        kp = pos
-    else:  # a method may name slots past the buffer's used part (e.g. a whole last page): masked
-        slots = torch.where(own < n, own, -1)
-        kp = torch.where(slots >= 0, pos.gather(2, slots.clamp(min=0).to(torch.int64)), -1)
-    ok = (slots >= 0) & (kp >= 0) & (kp <= qp)
-    if sliding_window is not None:
-        ok &= kp > qp - sliding_window
-    slots = torch.where(ok, slots, -1)
-    if extra is not None:
-        xs = extra.slots.to(torch.int64)
-        xp = torch.where(xs >= 0, extra.positions.gather(2, xs.clamp(min=0)), -1)
-        xok = (xs >= 0) & (xp >= 0) & (xp <= qp)
-        if sliding_window is not None:
-            xok &= xp > qp - sliding_window
-        extra = type(extra)(extra.keys, extra.values, extra.positions, torch.where(xok, extra.slots, -1))
-    k_buf, v_buf = layer.k_buf[:, :, :n], layer.v_buf[:, :, :n]
     if softcap is not None:  # no kernel for soft-capped logits: masked attention over copies
-        from kvsift.methods.base import SlotSource
-
-        keys, values, kpos = SlotSource(k_buf, v_buf, torch.zeros_like(pos), slots).gather()
-        if extra is not None:
-            sk, sv, sp = extra.gather()
-            keys, values = torch.cat([keys, sk.to(keys.dtype)], 2), torch.cat([values, sv.to(values.dtype)], 2)
-            kpos = torch.cat([kpos, torch.where(sp >= 0, 0, -1).to(kpos.dtype)], 2)
-        return attend(query, keys, values, kpos, torch.zeros_like(query_pos[:, -1:]), scale, None, softcap)[:, :, 0]
+        return _softcap_selected(query, k_buf, v_buf, pos, own, extra, qp, scale, sliding_window, softcap)
+    # the kernel masks by position itself (empty, padding, future, out-of-window slots, and slots
+    # past the buffer): no index table is built or masked per layer
+    mask = dict(key_pos=pos, query_pos=qp, window=sliding_window)
     q = query[:, :, -1]
     if extra is None:
-        return sparse_decode_attention(q, k_buf, v_buf, slots, scale)
-    parts = [sparse_decode_attention(q, k_buf, v_buf, slots, scale, return_lse=True),
+        return sparse_decode_attention(q, k_buf, v_buf, own, scale, **mask)
+    parts = [sparse_decode_attention(q, k_buf, v_buf, own, scale, return_lse=True, **mask),
              sparse_decode_attention(q, extra.keys.to(q.dtype), extra.values.to(q.dtype), extra.slots, scale,
-                                     return_lse=True)]
+                                     return_lse=True, key_pos=extra.positions, query_pos=qp, window=sliding_window)]
     return merge_attention(parts)
+
+
+def _softcap_selected(query, k_buf, v_buf, pos, own, extra, qp, scale, window, softcap) -> torch.Tensor:
+    """Soft-capped logits (no kernel): gather the selection and run masked attention."""
+    from kvsift.methods.base import SlotSource
+
+    n = pos.shape[2]
+    slots = torch.arange(n, device=pos.device).expand_as(pos) if own is None else torch.where(own < n, own, -1)
+    keys, values, kpos = SlotSource(k_buf, v_buf, pos, slots).gather()
+    if extra is not None:
+        sk, sv, sp = extra.gather()
+        keys, values = torch.cat([keys, sk.to(keys.dtype)], 2), torch.cat([values, sv.to(values.dtype)], 2)
+        kpos = torch.cat([kpos, sp.to(kpos.dtype)], 2)
+    return attend(query, keys, values, kpos, qp[:, None], scale, window, softcap)[:, :, 0]
 
 
 def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -63,13 +63,17 @@ def select_chunks(scores: torch.Tensor, chunk_lens, budget: int, max_chunks: int
 
 
 def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            slot_idx: torch.Tensor, scale: float, page: int = 1, return_lse: bool = False):
+                            slot_idx: torch.Tensor | None, scale: float, page: int = 1, return_lse: bool = False,
+                            key_pos: torch.Tensor | None = None, query_pos: torch.Tensor | None = None,
+                            window: int | None = None):
     """See :func:`kvsift.kernels.sparse_decode_attention.sparse_decode_attention_ref`:
     ``(batch, q_heads, head_dim)`` (and the ``(batch, q_heads)`` log-sum-exp with ``return_lse``)."""
-    if (use_triton(q, k_cache, v_cache, slot_idx) and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    kw = dict(return_lse=return_lse, key_pos=key_pos, query_pos=query_pos, window=window)
+    tensors = [t for t in (q, k_cache, v_cache, slot_idx, key_pos, query_pos) if t is not None]
+    if (use_triton(*tensors) and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
             and q.dtype == k_cache.dtype == v_cache.dtype):
-        return _sda.sparse_decode_attention(q, k_cache, v_cache, slot_idx, scale, page, return_lse=return_lse)
-    return _sda.sparse_decode_attention_ref(q, k_cache, v_cache, slot_idx, scale, page, return_lse=return_lse)
+        return _sda.sparse_decode_attention(q, k_cache, v_cache, slot_idx, scale, page, **kw)
+    return _sda.sparse_decode_attention_ref(q, k_cache, v_cache, slot_idx, scale, page, **kw)
 
 
 def selected_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, summaries,

@@ -7,6 +7,12 @@ head attends to (``-1`` = unused, skipped; duplicates count twice). The ``group 
 kv_heads`` query heads of a KV head all attend to that head's slots. Returns ``(batch, q_heads,
 head_dim)`` in q's dtype; a (batch, kv_head) with no valid slot gives zeros.
 
+Masking by position (optional, the engine's decode path): with ``key_pos (batch, kv_heads,
+capacity)`` int32 token positions (``-1`` = empty or padding) and ``query_pos (batch,)``, a slot is
+attended only if ``0 <= key_pos <= query_pos`` (and ``key_pos > query_pos - window`` with a sliding
+``window``), and slot indices past the capacity are skipped: no index table needs building or
+masking per layer. ``slot_idx=None`` stands for every slot ``0 .. capacity-1``.
+
 ``sparse_decode_attention_ref`` gathers and runs a float32 softmax (PyTorch). The Triton version
 never copies KV: each program walks a contiguous part of the index table (split-K), gathers the
 K/V rows it points to straight from the cache, keeps an online softmax for all ``group`` query
@@ -23,6 +29,24 @@ import torch
 from kvsift.kernels._triton import HAS_TRITON, sm_count, tl, triton
 
 
+def _check_pos(k_cache, key_pos, query_pos, window) -> None:
+    if (key_pos is None) != (query_pos is None):
+        raise ValueError("key_pos and query_pos go together")
+    if key_pos is None:
+        if window is not None:
+            raise ValueError("a sliding window needs key_pos and query_pos")
+        return
+    if key_pos.shape != k_cache.shape[:3]:
+        raise ValueError(f"key_pos must be (batch, kv_heads, capacity) = {tuple(k_cache.shape[:3])}, "
+                         f"got {tuple(key_pos.shape)}")
+    if query_pos.shape != (k_cache.shape[0],):
+        raise ValueError(f"query_pos must be (batch,) = ({k_cache.shape[0]},), got {tuple(query_pos.shape)}")
+    if key_pos.dtype.is_floating_point or query_pos.dtype.is_floating_point:
+        raise TypeError("key_pos and query_pos must be integer tensors")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive int, got {window!r}")
+
+
 def _check(q, k_cache, v_cache, slot_idx, scale, page: int = 1) -> None:
     if isinstance(page, bool) or not isinstance(page, int) or page < 1:
         raise ValueError(f"page must be a positive int, got {page!r}")
@@ -37,11 +61,15 @@ def _check(q, k_cache, v_cache, slot_idx, scale, page: int = 1) -> None:
         raise ValueError(f"q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)} disagree on batch or head_dim")
     if hk == 0 or hq % hk != 0:
         raise ValueError(f"q_heads ({hq}) must be a multiple of kv_heads ({hk})")
-    if slot_idx.dim() != 3 or slot_idx.shape[:2] != (b, hk):
-        raise ValueError(f"slot_idx must be (batch={b}, kv_heads={hk}, n_sel), got shape {tuple(slot_idx.shape)}")
-    if slot_idx.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"slot_idx must be int32 or int64, got {slot_idx.dtype}")
-    if not (q.device == k_cache.device == v_cache.device == slot_idx.device):
+    if slot_idx is None:
+        if page != 1:
+            raise ValueError("slot_idx=None (every slot) takes page=1")
+    else:
+        if slot_idx.dim() != 3 or slot_idx.shape[:2] != (b, hk):
+            raise ValueError(f"slot_idx must be (batch={b}, kv_heads={hk}, n_sel), got shape {tuple(slot_idx.shape)}")
+        if slot_idx.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"slot_idx must be int32 or int64, got {slot_idx.dtype}")
+    if not (q.device == k_cache.device == v_cache.device) or (slot_idx is not None and slot_idx.device != q.device):
         raise ValueError("q, k_cache, v_cache and slot_idx must be on one device")
     if not (q.is_floating_point() and k_cache.is_floating_point() and v_cache.is_floating_point()):
         raise TypeError("q, k_cache and v_cache must be floating point")
@@ -50,20 +78,35 @@ def _check(q, k_cache, v_cache, slot_idx, scale, page: int = 1) -> None:
 
 
 def sparse_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                slot_idx: torch.Tensor, scale: float, page: int = 1, return_lse: bool = False):
+                                slot_idx: torch.Tensor | None, scale: float, page: int = 1, return_lse: bool = False,
+                                key_pos: torch.Tensor | None = None, query_pos: torch.Tensor | None = None,
+                                window: int | None = None):
     """Reference: gather the selected K/V, float32 softmax. Shapes as in the module docstring.
-    Slot indices must be ``-1`` or inside ``[0, capacity)``. ``page > 1``: each entry of
-    ``slot_idx`` is a page index standing for slots ``p*page .. p*page+page-1``. ``return_lse``:
+    Without ``key_pos``, slot indices must be ``-1`` or inside ``[0, capacity)``; with it, slots
+    past the capacity and slots whose position fails the mask are skipped. ``page > 1``: each entry
+    of ``slot_idx`` is a page index standing for slots ``p*page .. p*page+page-1``. ``return_lse``:
     also return the log-sum-exp of the scaled scores ``(batch, q_heads)`` float32 (natural log,
     ``-inf`` where no slot is valid), to merge attention over disjoint KV sets
     (:func:`merge_attention`)."""
     _check(q, k_cache, v_cache, slot_idx, scale, page)
+    _check_pos(k_cache, key_pos, query_pos, window)
     b, hq, d = q.shape
     hk, cap = k_cache.shape[1], k_cache.shape[2]
-    idx = slot_idx.to(torch.int64)
+    if slot_idx is None:
+        idx = torch.arange(cap, device=q.device).expand(b, hk, cap)
+    else:
+        idx = slot_idx.to(torch.int64)
     if page > 1:
         ar = torch.arange(page, device=idx.device)
         idx = torch.where(idx[..., None] >= 0, idx[..., None] * page + ar, -1).flatten(2)
+    if key_pos is not None:
+        idx = torch.where(idx < cap, idx, -1)
+        kp = torch.where(idx >= 0, key_pos.gather(2, idx.clamp(min=0)).to(torch.int64), -1)
+        qp = query_pos.to(torch.int64)[:, None, None]
+        ok = (kp >= 0) & (kp <= qp)
+        if window is not None:
+            ok &= kp > qp - window
+        idx = torch.where(ok, idx, -1)
     valid = idx >= 0
     if bool((idx >= cap).any()):
         raise IndexError(f"slot_idx has entries >= capacity ({cap})")
@@ -98,6 +141,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _sparse_decode_split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, po_ptr, plse_ptr,
+                                    kp_ptr, qp_ptr, CAP, WINDOW, sp_b, sp_h, sp_c,
                                     S, split_size, qk_scale,
                                     sq_b, sq_h, sq_d,
                                     sk_b, sk_h, sk_c,
@@ -108,7 +152,7 @@ if HAS_TRITON:
                                     HK: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
                                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
                                     PAGE: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr,
-                                    UPCAST: tl.constexpr):
+                                    UPCAST: tl.constexpr, ALL: tl.constexpr, MASKPOS: tl.constexpr):
         # S counts virtual slots (n_sel * PAGE); virtual slot j is cache slot
         # idx[j // PAGE] * PAGE + j % PAGE (PAGE == 1: idx[j]).
         pid_bh = tl.program_id(0)
@@ -126,6 +170,9 @@ if HAS_TRITON:
         k_base = k_ptr + b * sk_b + h * sk_h
         v_base = v_ptr + b * sv_b + h * sv_h
         i_base = idx_ptr + b * si_b + h * si_h
+        if MASKPOS:
+            kp_base = kp_ptr + b * sp_b + h * sp_h
+            qpos = tl.load(qp_ptr + b).to(tl.int64)
         m_i = tl.full((G_P,), float("-inf"), tl.float32)
         l_i = tl.zeros((G_P,), tl.float32)
         acc = tl.zeros((G_P, BLOCK_D), tl.float32)
@@ -133,13 +180,22 @@ if HAS_TRITON:
         for it in range(0, split_size, BLOCK_S):
             offs_s = start + it + tl.arange(0, BLOCK_S)
             in_range = offs_s < S
-            if PAGE == 1:
+            if ALL:
+                slot = offs_s.to(tl.int64)
+                valid = in_range
+            elif PAGE == 1:
                 slot = tl.load(i_base + offs_s * si_s, mask=in_range, other=-1).to(tl.int64)
                 valid = slot >= 0
             else:
                 pidx = tl.load(i_base + (offs_s // PAGE) * si_s, mask=in_range, other=-1).to(tl.int64)
                 valid = pidx >= 0
                 slot = pidx * PAGE + offs_s % PAGE
+            if MASKPOS:  # positions: skip empty, padding, future and out-of-window slots
+                valid = valid & (slot < CAP)
+                kpos = tl.load(kp_base + tl.where(valid, slot, 0) * sp_c, mask=valid, other=-1).to(tl.int64)
+                valid = valid & (kpos >= 0) & (kpos <= qpos)
+                if WINDOW > 0:
+                    valid = valid & (kpos > qpos - WINDOW)
             slot = tl.where(valid, slot, 0)
             kv_mask = valid[:, None] & mask_d[None, :]
             k = tl.load(k_base + slot[:, None] * sk_c + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_S, BLOCK_D)
@@ -216,20 +272,30 @@ def plan_splits(batch: int, kv_heads: int, n_sel: int, block_s: int, device: tor
 
 
 def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            slot_idx: torch.Tensor, scale: float, page: int = 1,
-                            num_splits: int | None = None, return_lse: bool = False):
+                            slot_idx: torch.Tensor | None, scale: float, page: int = 1,
+                            num_splits: int | None = None, return_lse: bool = False,
+                            key_pos: torch.Tensor | None = None, query_pos: torch.Tensor | None = None,
+                            window: int | None = None):
     """Triton kernel; same arguments and result as :func:`sparse_decode_attention_ref`
     (``num_splits`` overrides the split-K heuristic). Out-of-range slot indices are not checked
     here (that would need a host sync); the reference checks them."""
     if not HAS_TRITON:
         raise RuntimeError("sparse_decode_attention needs Triton (pip install triton); use sparse_decode_attention_ref")
     _check(q, k_cache, v_cache, slot_idx, scale, page)
+    _check_pos(k_cache, key_pos, query_pos, window)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache need a unit stride on head_dim")
     b, hq, d = q.shape
     hk = k_cache.shape[1]
     g = hq // hk
-    s = slot_idx.shape[2] * page
+    cap = k_cache.shape[2]
+    s = cap if slot_idx is None else slot_idx.shape[2] * page
+    idx = slot_idx if slot_idx is not None else q          # unused pointer when ALL
+    si = slot_idx.stride() if slot_idx is not None else (0, 0, 0)
+    maskpos = key_pos is not None
+    kp = key_pos if maskpos else q
+    qp = query_pos if maskpos else q
+    sp = key_pos.stride() if maskpos else (0, 0, 0)
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, dtype=torch.float32, device=q.device) if return_lse else out
     if b == 0:
@@ -252,15 +318,17 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         plse = torch.empty(b * hq, ns, dtype=torch.float32, device=q.device)
         spo_bh, spo_s = po.stride(0), po.stride(1)
     _sparse_decode_split_kernel[(b * hk, ns)](
-        q, k_cache, v_cache, slot_idx, out, po, plse,
+        q, k_cache, v_cache, idx, out, po, plse,
+        kp, qp, cap, int(window or 0), sp[0], sp[1], sp[2],
         s, split_size, float(scale) * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        slot_idx.stride(0), slot_idx.stride(1), slot_idx.stride(2),
+        si[0], si[1], si[2],
         out.stride(0), out.stride(1),
         spo_bh, spo_s,
         HK=hk, G=g, G_P=g_p, D=d, BLOCK_D=block_d, BLOCK_S=block_s, PAGE=page, DIRECT=direct, IEEE=ieee, UPCAST=upcast,
+        ALL=slot_idx is None, MASKPOS=maskpos,
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )
     if not direct:

@@ -317,16 +317,17 @@ def select_pages(scores: torch.Tensor, k: int, page: int, tail_start: "torch.Ten
     """Own slots of the best ``k`` uniform pages by ``scores (batch, kv_heads, n_pages)`` (``-inf`` =
     not a candidate), plus ``tail_width`` slots from ``tail_start`` (an int or a ``(1,)`` device
     tensor: always attended, e.g. the page being filled). Returns ``(batch, kv_heads, k * page +
-    tail_width)`` int64, ``-1`` where unused; no host sync."""
-    from kvsift.kernels.dispatch import chunks_to_slots, topk_select
+    tail_width)`` int64, negative where unused; no host sync."""
+    from kvsift.kernels.dispatch import topk_select
 
     b, h, _ = scores.shape
     pages = topk_select(scores, k, torch.int64) if k > 0 else scores.new_zeros((b, h, 0), dtype=torch.int64)
-    slots = chunks_to_slots(pages, None, page, dtype=torch.int64)
+    ar = torch.arange(max(page, tail_width), device=scores.device)
+    # page -1 (unused) expands to negative slots, which the attention skips like -1
+    slots = (pages[..., None] * page + ar[:page]).view(b, h, k * page)
     if tail_width <= 0:
         return slots
-    tail = (tail_start + torch.arange(tail_width, device=scores.device)).expand(b, h, tail_width)
-    return torch.cat([slots, tail], dim=-1)
+    return torch.cat([slots, (tail_start + ar[:tail_width]).expand(b, h, tail_width)], dim=-1)
 
 
 def group_queries(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -426,6 +427,31 @@ def available_methods() -> dict[str, str]:
     """name -> one-line description."""
     _load_builtin()
     return {n: (c.__doc__ or "").strip().splitlines()[0] for n, c in sorted(_REGISTRY.items())}
+
+
+def method_options(name: str) -> list[tuple[str, Any, str]]:
+    """``(option, default, description)`` of a registered method's options (its dataclass fields,
+    described by the Parameters block of its docstring; ``budget`` first)."""
+    import inspect
+    import re
+
+    cls = method_class(name)
+    doc = inspect.getdoc(cls) or ""
+    desc: dict[str, str] = {}
+    block = doc.split("Parameters\n----------\n", 1)[1] if "Parameters\n----------\n" in doc else ""
+    current = None
+    for line in block.splitlines():
+        m = re.match(r"^(\w+) : ", line)
+        if m:
+            current = m.group(1)
+            desc[current] = ""
+        elif current and line.startswith("    "):
+            desc[current] = (desc[current] + " " + line.strip()).strip()
+    out = []
+    for f in fields(cls):
+        if f.init:
+            out.append((f.name, f.default, desc.get(f.name, "")))
+    return out
 
 
 def method_class(name: str) -> type[KVMethod]:

@@ -8,6 +8,12 @@ from kvsift.methods.base import KVMethod, register
 @register("full")
 @dataclass(frozen=True)
 class Full(KVMethod):
-    """Full KV cache (baseline): keeps every token."""
+    """Full KV cache (baseline): keeps every token.
+
+    Parameters
+    ----------
+    budget : None
+        Not used: every token is kept.
+    """
 
     needs_budget = False

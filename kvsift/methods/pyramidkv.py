@@ -14,7 +14,21 @@ from kvsift.methods.snapkv import SnapKV
 @register("pyramidkv")
 @dataclass(frozen=True)
 class PyramidKV(SnapKV):
-    """PyramidKV: SnapKV scoring with budgets decreasing linearly over layers."""
+    """PyramidKV: SnapKV scoring with budgets decreasing linearly over layers.
+
+    Parameters
+    ----------
+    budget : int | float
+        Mean tokens kept per layer and KV head (lower layers keep more, upper layers less).
+    window : int
+        SnapKV's observation window (last prompt queries, always kept).
+    kernel_size : int
+        Odd width of SnapKV's vote pooling.
+    pooling : str
+        ``avg`` or ``max`` pooling.
+    beta : float
+        Steepness: the last layer keeps ``budget / beta``, the first ``2 * budget - budget / beta``.
+    """
 
     beta: float = 20.0
 

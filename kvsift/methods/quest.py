@@ -33,6 +33,11 @@ class QuestState(LayerState):
     kmin: torch.Tensor | None = None
     kmax: torch.Tensor | None = None
     filled: torch.Tensor | None = None
+    page_ids: torch.Tensor | None = None   # (n_pages,) int64: 0 .. n_pages-1
+
+    def repeat_batch(self, times: int) -> None:
+        for name in ("kmin", "kmax", "filled"):
+            setattr(self, name, getattr(self, name).repeat_interleave(times, 0))
 
     @property
     def pages(self) -> int:
@@ -95,39 +100,34 @@ class Quest(DecodeSelect):
         if st is None or st.pages < pages:
             n = layer.length
             lo, hi, filled = _bounds(layer.k_buf[:, :, :n], layer.pos_buf[:, :, :n], self.page, pages)
-            st = QuestState(lo, hi, filled)
+            st = QuestState(lo, hi, filled, torch.arange(pages, device=lo.device))
             layer.state[self.name] = st
         return st
 
     def on_append(self, run, layer, slots, ctx) -> None:
-        """Fold the keys just written at ``slots (q,)`` into their pages' bounds (device-side)."""
+        """Fold the keys just written at ``slots (q,)`` (decode: one per row, always a real token)
+        into their pages' bounds, on the device: a page's first token resets its bounds."""
         st: QuestState | None = layer.state.get(self.name)
         if st is None or st.pages * self.page < layer.k_buf.shape[2]:
             return  # built (from the buffer, these keys included) by the next plan
-        k = layer.k_buf.index_select(2, slots)                               # (b, h, q, d)
-        ok = layer.pos_buf.index_select(2, slots) >= 0                       # (b, h, q)
-        big = torch.finfo(k.dtype).max
         for i in range(slots.shape[0]):  # q is 1 at decode
-            p = slots[i:i + 1] // self.page                                  # (1,) device
-            first = (slots[i:i + 1] % self.page == 0).view(1, 1, 1, 1)       # a fresh page: reset
-            ki, oki = k[:, :, i:i + 1], ok[:, :, i:i + 1, None]
-            lo, hi = st.kmin.index_select(2, p), st.kmax.index_select(2, p)
-            lo = torch.where(first, torch.full_like(lo, big), lo)
-            hi = torch.where(first, torch.full_like(hi, -big), hi)
-            st.kmin.index_copy_(2, p, torch.where(oki, torch.minimum(lo, ki), lo))
-            st.kmax.index_copy_(2, p, torch.where(oki, torch.maximum(hi, ki), hi))
-            f = st.filled.index_select(2, p) & ~first.view(1, 1, 1)
-            st.filled.index_copy_(2, p, f | ok[:, :, i:i + 1])
+            s = slots[i:i + 1]
+            k = layer.k_buf.index_select(2, s)                               # (b, h, 1, d)
+            p = s // self.page                                               # (1,) device
+            first = (s % self.page == 0).view(1, 1, 1, 1)
+            st.kmin.index_copy_(2, p, torch.where(first, k, torch.minimum(st.kmin.index_select(2, p), k)))
+            st.kmax.index_copy_(2, p, torch.where(first, k, torch.maximum(st.kmax.index_select(2, p), k)))
+            st.filled.index_fill_(2, p, True)
 
     def plan(self, run, layer, query, ctx):
         if not ctx.decoding:
             return None
         st = self._summaries(layer)
         # complete pages are candidates; the page being filled is always attended
-        written = layer.written_slots(1)                                     # (1,) newest slot
-        full = written // self.page                                          # complete pages
+        full = layer.written_slots(1) // self.page                           # (1,) complete pages
         scores = chunk_scores(query[:, :, -1].to(st.kmin.dtype), (st.kmin, st.kmax), self.reduce)
-        cand = st.filled & (torch.arange(st.pages, device=scores.device) < full)
-        scores = scores.masked_fill(~cand, float("-inf"))
+        scores = scores.masked_fill(st.page_ids >= full, float("-inf"))
+        if ctx.has_padding:  # pages of padding only are never candidates
+            scores = scores.masked_fill(~st.filled, float("-inf"))
         k = min(st.pages, run.sel_tokens // self.page)
         return Selection(own=select_pages(scores, k, self.page, full * self.page, self.page))

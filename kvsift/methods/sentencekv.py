@@ -80,19 +80,49 @@ class SentenceKVRun(Run):
 @register("sentencekv")
 @dataclass(frozen=True)
 class SentenceKV(KVMethod):
-    """SentenceKV: sentence chunks offloaded to host memory, top chunks fetched back at decode."""
+    """SentenceKV: sentence chunks offloaded to host memory, top chunks fetched back at decode.
+
+    Parameters
+    ----------
+    budget : int | float
+        Prompt tokens attended per layer and KV head at each decode step (sinks + recent + chunks).
+    sinks : int
+        First prompt tokens kept on the device.
+    recent : int
+        Last prompt tokens kept on the device.
+    min_chunk : int
+        Shortest chunk in tokens (shorter sentences are merged).
+    max_chunk : int
+        Longest chunk in tokens (longer sentences are split).
+    splitter : str
+        Sentence splitter: ``rules`` (built in), ``pysbd``, or ``fixed`` (chunks of ``max_chunk``).
+    fingerprint : str
+        Query that scores chunks: ``sentence`` (mean query of the sentence being generated) or
+        ``token`` (the current query).
+    summary : str
+        Chunk summary: ``mean`` (mean key) or ``quest`` (per-channel min/max bounds).
+    reduce : str
+        How the query heads of a GQA group combine their chunk scores: ``mean`` or ``max``.
+    decode_budget : int | float | None
+        Prompt tokens attended at decode when composed after an eviction (default: ``budget``).
+    cache_chunks : int | None
+        Device LRU chunk slots per (batch, kv_head); None: 0 on the CPU, twice the first
+        selection on CUDA.
+    reselect_every : int
+        Decode steps a layer's chunk selection is kept (1: select every step).
+    """
 
     sinks: int = 4
     recent: int = 64
     min_chunk: int = 8
     max_chunk: int = 32
     splitter: str = "rules"
-    fingerprint: str = "sentence"   # "sentence": mean query of the current sentence | "token": current query
-    summary: str = "mean"           # "mean": mean keys | "quest": min/max bounds
-    reduce: str = "mean"            # how the query heads of a GQA group combine their scores: mean | max
-    decode_budget: Budget = None    # prompt tokens attended at decode (default: budget)
-    cache_chunks: int | None = None  # device LRU chunk slots per (batch, kv_head); None: CPU 0, CUDA 2x selection
-    reselect_every: int = 1         # decode steps a layer's chunk selection is kept (1: select every step)
+    fingerprint: str = "sentence"
+    summary: str = "mean"
+    reduce: str = "mean"
+    decode_budget: Budget = None
+    cache_chunks: int | None = None
+    reselect_every: int = 1
 
     def __post_init__(self):
         super().__post_init__()

@@ -34,7 +34,19 @@ def window_attention_scores(query, keys, positions, window: int, scale: float) -
 @register("snapkv")
 @dataclass(frozen=True)
 class SnapKV(EvictionMethod):
-    """SnapKV: observation-window attention, pooled, GQA-aware; keeps the window."""
+    """SnapKV: observation-window attention, pooled, GQA-aware; keeps the window.
+
+    Parameters
+    ----------
+    budget : int | float
+        Tokens kept per layer and KV head after prefill (the window included).
+    window : int
+        Last prompt queries whose attention votes for the keys (always kept).
+    kernel_size : int
+        Odd width of the 1D pooling that smooths the votes (1: none).
+    pooling : str
+        ``avg`` or ``max`` pooling.
+    """
 
     window: int = 32
     kernel_size: int = 7

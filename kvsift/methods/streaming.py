@@ -12,7 +12,15 @@ from kvsift.methods.base import EvictionMethod, register
 @register("streaming")
 @dataclass(frozen=True)
 class StreamingLLM(EvictionMethod):
-    """StreamingLLM: first `sinks` tokens + most recent tokens, rolling during decode."""
+    """StreamingLLM: first `sinks` tokens + most recent tokens, rolling during decode.
+
+    Parameters
+    ----------
+    budget : int | float
+        Tokens kept per layer and KV head (sinks + recent window), also while decoding.
+    sinks : int
+        First tokens always kept (attention sinks).
+    """
 
     sinks: int = 4
 

@@ -47,6 +47,25 @@ class TokenSelectRun(SelectRun):
     counts: Any = None   # (2,) int64 device: (selections made, selections reused)
 
 
+def token_votes(q: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor | None, vote: str = "group") -> torch.Tensor:
+    """Soft votes of the query heads for every token: ``q (batch, q_heads, dim)``, ``keys (batch,
+    kv_heads, n, dim)``, ``candidates (batch, kv_heads, n)`` bool (None: all). Each query head's
+    softmax over the candidate tokens (scaled ``q . k``) is summed over the heads of its GQA group
+    (``vote="group"``) or over all heads (``"layer"``, the same votes for every KV head). Returns
+    ``(batch, kv_heads, n)`` float32; ``-1`` for non-candidates."""
+    b, hk, n, d = keys.shape
+    g = q.shape[1] // hk
+    logits = torch.matmul(q.reshape(b, hk, g, d), keys.transpose(-1, -2)).float() * d ** -0.5   # (b, hk, g, n)
+    if candidates is not None:
+        logits = logits.masked_fill(~candidates[:, :, None], float("-inf"))
+    votes = torch.softmax(logits, dim=-1).nan_to_num_(0.0).sum(2)                          # (b, hk, n)
+    if vote == "layer":
+        votes = votes.sum(1, keepdim=True).expand(b, hk, n)
+    if candidates is not None:
+        votes = votes.masked_fill(~candidates, -1.0)
+    return votes
+
+
 @register("tokenselect")
 @dataclass(frozen=True)
 class TokenSelect(DecodeSelect):
@@ -92,21 +111,14 @@ class TokenSelect(DecodeSelect):
             return None
         n = layer.k_buf.shape[2] if ctx.cache.static else layer.length
         keys, pos = layer.k_buf[:, :, :n], layer.pos_buf[:, :, :n]
-        b, hk, _, d = keys.shape
+        b, hk = keys.shape[:2]
         q = query[:, :, -1]                                                  # (b, hq, d)
-        g = q.shape[1] // hk
         newest = layer.written_slots(1)                                      # (1,)
         local = torch.arange(self.local, device=q.device) - (self.local - 1) + newest   # (local,)
-        scale = d ** -0.5
-        logits = torch.matmul(q.reshape(b, hk, g, d), keys.transpose(-1, -2)).float() * scale   # (b, hk, g, n)
         slot = torch.arange(n, device=q.device)
-        cand = (pos >= 0)[:, :, None] & (slot < local[0])                    # the local window is attended anyway
-        logits = logits.masked_fill(~cand, float("-inf"))
-        votes = torch.softmax(logits, dim=-1).nan_to_num_(0.0).sum(2)        # (b, hk, n): soft votes
-        if self.vote == "layer":
-            votes = votes.sum(1, keepdim=True).expand(b, hk, n)
+        cand = (pos >= 0) & (slot < local[0])                                # the local window is attended anyway
+        votes = token_votes(q, keys, cand, self.vote)                        # (b, hk, n), -1 = not a candidate
         k = min(run.sel_tokens, n)
-        votes = votes.masked_fill(~cand.any(2), -1.0)                        # never pick a non-candidate
         top = votes.topk(k, dim=-1)
         sel = torch.where(top.values >= 0, top.indices, -1)                  # (b, hk, k)
         if self.reuse_threshold is not None:
