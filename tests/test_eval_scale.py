@@ -226,6 +226,8 @@ def test_batched_equals_unbatched_on_a_tiny_model(tiny_llm, default_tokenizer):
         r1 = run_cell(backend, samples, "niah", method, budget, 200, 0, batch_size=1)
         r3 = run_cell(backend, samples, "niah", method, budget, 200, 0, batch_size=3, pad=pad)
         assert r3["batch_size"] == 3 and [e["batch"] for e in r3["samples"]] == [3, 3, 3]
+        assert r3["settings"] == {"chunk_size": 64, "prefill_mode": "auto", "decode_mode": "auto",
+                                  "dtype": "float32", "device": "cpu", "batch_padding": pad}
         assert [e["prediction"] for e in r1["samples"]] == [e["prediction"] for e in r3["samples"]], method
         assert [e["score"] for e in r1["samples"]] == [e["score"] for e in r3["samples"]], method
         assert [e["kv_full_bytes"] for e in r1["samples"]] == [e["kv_full_bytes"] for e in r3["samples"]]
@@ -354,3 +356,22 @@ def test_base_backend_default_batch_loops():
             return len(prompt_ids)
     assert One().generate_batch([[1], [1, 2]], "full", None, 4) == [1, 2]
     assert One().auto_batch_size(100, 4, "full", None) == 1
+
+
+def test_cli_model_by_path(tmp_path, default_tokenizer):
+    """`bench run --model DIR` loads an HF model directory (here a tiny random one) through kvsift's
+    engine, with the bench's chunk size and prefill mode, and records the settings."""
+    from kvsift.models.tiny import save_tiny_model
+
+    mdir = save_tiny_model(tmp_path / "tiny-model", family="qwen2", seed=1, tokenizer=default_tokenizer)
+    out = tmp_path / "r.jsonl"
+    args = _parser().parse_args(["bench", "run", "--model", str(mdir), "--device", "cpu", "--tasks", "niah",
+                                 "--lengths", "200", "--samples", "2", "--depths", "0.5", "--methods", "full,snapkv",
+                                 "--budgets", "0.5", "--chunk-size", "64", "--batch-size", "2", "--out", str(out),
+                                 "--no-progress"])
+    assert run_bench(args) == 0
+    rows = {r["method"]: r for r in load_rows(out)}
+    assert set(rows) == {"full", "snapkv"} and all(r["n_samples"] == 2 for r in rows.values())
+    assert rows["full"]["model"] == "tiny-model" and rows["full"]["backend"] == "kvsift"
+    assert rows["snapkv"]["settings"]["chunk_size"] == 64 and rows["snapkv"]["settings"]["device"] == "cpu"
+    assert rows["snapkv"]["kv_kept_bytes"] < rows["full"]["kv_kept_bytes"]

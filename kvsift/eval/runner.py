@@ -175,11 +175,12 @@ class KvsiftBackend(BaseBackend):
     name = "kvsift"
 
     def __init__(self, llm=None, model: str | None = None, device: str = "auto", dtype: str = "auto",
-                 method_kwargs: dict[str, dict] | None = None, mem_fraction: float = 0.5, max_batch: int = 64):
+                 method_kwargs: dict[str, dict] | None = None, mem_fraction: float = 0.5, max_batch: int = 64,
+                 chunk_size: int = 512, prefill_mode: str = "auto"):
         if llm is None:
             from kvsift.engine import LLM
 
-            llm = LLM(model, device=device, dtype=dtype)
+            llm = LLM(model, device=device, dtype=dtype, chunk_size=chunk_size, prefill_mode=prefill_mode)
         self.llm = llm
         self.tokenizer = llm.tokenizer
         self.model_name = llm.info.name
@@ -187,6 +188,13 @@ class KvsiftBackend(BaseBackend):
         if not 0 < mem_fraction <= 1:
             raise ValueError(f"mem_fraction must be in (0, 1], got {mem_fraction}")
         self.mem_fraction, self.max_batch = mem_fraction, max(1, int(max_batch))
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Engine settings recorded in every row (they can change answers or timings)."""
+        llm = self.llm
+        return {"chunk_size": llm.chunk_size, "prefill_mode": llm.prefill_mode, "decode_mode": llm.decode_mode,
+                "dtype": str(llm.info.dtype).replace("torch.", ""), "device": llm.device.type}
 
     def _kv_bytes_per_token(self) -> int:
         import torch
@@ -345,9 +353,9 @@ def run_cell(backend: Backend, samples: list[Sample], task: str, method: str, bu
     Generation samples go to the backend in batches of ``batch_size`` (``None``: the backend's
     ``auto_batch_size``, 1 if it has none) of equal ``max_new_tokens`` and, unless ``pad``, equal
     prompt length, so that no batch is padded and a sample's answer does not depend on its batch
-    mates (left padding shifts the page / cluster boundaries of methods such as quest and
-    squeezed; the prompts of a cell mostly have exactly ``length`` tokens, a few one or two
-    fewer). Per-sample entries keep the sample order. A batch that runs out
+    mates (in a padded batch the engine resolves a ratio budget against the longest prompt, and
+    left padding shifts page boundaries such as quest's; the prompts of a cell mostly have
+    exactly ``length`` tokens, a few one or two fewer). Per-sample entries keep the sample order. A batch that runs out
     of memory is retried in halves (after ``backend.free_memory()``), and the smaller size is kept
     for the rest of the cell. Perplexity samples are scored one at a time."""
     if batch_size is not None and batch_size < 1:
@@ -399,6 +407,9 @@ def run_cell(backend: Backend, samples: list[Sample], task: str, method: str, bu
         "length": length, "seed": seed, "backend": backend.name, "model": backend.model_name,
         "n_samples": len(per), "batch_size": max(sizes, default=1),
     }
+    settings = getattr(backend, "settings", None)
+    if settings:
+        row["settings"] = dict(settings, batch_padding=pad)
     if samples and samples[0].metric == "ppl":
         nll, n = sum(e["nll_sum"] for e in per), sum(e["n_tokens"] for e in per)
         row["ppl"] = perplexity(nll, n)

@@ -36,10 +36,11 @@ SUITES: dict[str, Suite] = {
     "standard": Suite(
         name="standard", tasks=STANDARD_TASKS, lengths=(4096, 8192, 16384, 30000),
         budgets=("0.02", "0.05", "0.1", "0.25"), samples=30, depths=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+        ppl_tokens=64,
         doc="every task at 4k-30k tokens, every registered method at 2/5/10/25%, 30 samples per cell (greedy)"),
     "quick": Suite(
         name="quick", tasks=("niah", "mv_niah", "qa", "ppl"), lengths=(4096,), budgets=("0.05", "0.25"),
-        samples=6, depths=(0.0, 0.5, 1.0),
+        samples=6, depths=(0.0, 0.5, 1.0), ppl_tokens=64,
         doc="sanity pass: 4 tasks at 4k, every registered method at 5/25%, 6 samples per cell"),
 }
 
