@@ -106,10 +106,11 @@ def selected_attention(query: torch.Tensor, layer: "SiftLayer", sel: "Selection 
 
     query ``(batch, q_heads, 1, dim)``; the layer's ``k_buf/v_buf (batch, kv_heads, capacity, dim)``
     and ``pos_buf (batch, kv_heads, capacity)``; ``static``: the whole buffer is in use (fixed
-    shapes, device-side writes) rather than its first ``layer.length`` slots. The slots to read
-    (the selection's own slots, or every slot) are masked by position (-1, future, sliding window)
-    into an index table read in place by the sparse decode kernel (Triton on CUDA, the PyTorch
-    reference elsewhere); KV from elsewhere (``sel.extra``) is a second call merged by log-sum-exp.
+    shapes, device-side writes) rather than its first ``layer.length`` slots. The selection's own
+    slots (or every slot) are read in place by the sparse decode kernel (Triton on CUDA, the
+    PyTorch reference elsewhere), which itself skips slots whose position is -1, in the future or
+    outside the sliding window; KV from elsewhere (``sel.extra``) is a second call merged by
+    log-sum-exp.
     No host sync, no shape change. Returns ``(batch, q_heads, dim)``."""
     from kvsift.kernels.dispatch import merge_attention, sparse_decode_attention
 
@@ -162,7 +163,7 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     method, run = ctx.method, ctx.run
     L = query.shape[2]
     if ctx.decoding:
-        method.on_append(run, layer, layer.written_slots(L), ctx)
+        method.on_append(run, layer, ctx)
         sel = method.plan(run, layer, query, ctx)
         if sel is not None or ctx.cache.static:
             out = selected_attention(query, layer, sel, qpos, scale, ctx.cache.static, sliding_window, softcap)

@@ -9,8 +9,8 @@ nbytes, repeat_batch, kv_state_dict / kv_from_state_dict, offloaded).
 
 Hooks, called by kvsift's attention function for each layer (``kvsift/engine/attention.py``):
 
-* ``on_append(run, layer, slots, ctx)`` - new KV was written at ``slots`` of the layer's buffer
-  (a ``(q,)`` int64 device tensor; decode steps only), e.g. to keep page summaries current;
+* ``on_append(run, layer, ctx)`` - a decode step wrote the new token's KV at
+  ``layer.written_slots(1)`` (a ``(1,)`` int64 device tensor), e.g. to keep page summaries current;
 * ``plan(run, layer, query, ctx) -> Selection | None`` - what the new token attends to (decode, and
   prefill over a layer whose KV is partly offloaded): slots of the layer's own buffer and/or KV
   from elsewhere (:class:`SlotSource`). The engine attends to it the same way in every decode
@@ -209,7 +209,7 @@ class KVMethod:
         return layer.state.get(self.name)
 
     # ---- hooks -------------------------------------------------------------------------------
-    def on_append(self, run: Run, layer: "SiftLayer", slots: torch.Tensor, ctx: "ForwardContext") -> None:
+    def on_append(self, run: Run, layer: "SiftLayer", ctx: "ForwardContext") -> None:
         pass
 
     def prefill_end(self, run: Run, layer: "SiftLayer", query: torch.Tensor, module, ctx: "ForwardContext") -> None:
@@ -370,9 +370,9 @@ class Compose(KVMethod):
     def min_last_chunk(self) -> int:
         return max(s.min_last_chunk() for s in self.stages)
 
-    def on_append(self, run, layer, slots, ctx):
+    def on_append(self, run, layer, ctx):
         for s, r in zip(self.stages, run.parts):
-            s.on_append(r, layer, slots, ctx)
+            s.on_append(r, layer, ctx)
 
     def plan(self, run, layer, query, ctx):
         for s, r in zip(reversed(self.stages), reversed(run.parts)):

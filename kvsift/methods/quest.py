@@ -104,20 +104,19 @@ class Quest(DecodeSelect):
             layer.state[self.name] = st
         return st
 
-    def on_append(self, run, layer, slots, ctx) -> None:
-        """Fold the keys just written at ``slots (q,)`` (decode: one per row, always a real token)
-        into their pages' bounds, on the device: a page's first token resets its bounds."""
+    def on_append(self, run, layer, ctx) -> None:
+        """Fold the key just written (decode: one per row, always a real token) into its page's
+        bounds, on the device: a page's first token resets its bounds."""
         st: QuestState | None = layer.state.get(self.name)
         if st is None or st.pages * self.page < layer.k_buf.shape[2]:
             return  # built (from the buffer, these keys included) by the next plan
-        for i in range(slots.shape[0]):  # q is 1 at decode
-            s = slots[i:i + 1]
-            k = layer.k_buf.index_select(2, s)                               # (b, h, 1, d)
-            p = s // self.page                                               # (1,) device
-            first = (s % self.page == 0).view(1, 1, 1, 1)
-            st.kmin.index_copy_(2, p, torch.where(first, k, torch.minimum(st.kmin.index_select(2, p), k)))
-            st.kmax.index_copy_(2, p, torch.where(first, k, torch.maximum(st.kmax.index_select(2, p), k)))
-            st.filled.index_fill_(2, p, True)
+        s = layer.written_slots(1)                                           # (1,) device
+        k = layer.k_buf.index_select(2, s)                                   # (b, h, 1, d)
+        p = s // self.page
+        first = (s % self.page == 0).view(1, 1, 1, 1)
+        st.kmin.index_copy_(2, p, torch.where(first, k, torch.minimum(st.kmin.index_select(2, p), k)))
+        st.kmax.index_copy_(2, p, torch.where(first, k, torch.maximum(st.kmax.index_select(2, p), k)))
+        st.filled.index_fill_(2, p, True)
 
     def plan(self, run, layer, query, ctx):
         if not ctx.decoding:
