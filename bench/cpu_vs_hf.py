@@ -41,6 +41,9 @@ def parse_args(argv=None):
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default bench/results/cpu_vs_hf_MODEL.json)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="instead of timing: torch.profiler over one HF and one kvsift full run at the first "
+                         "length, the top N ops by self CPU time of each (written beside the JSON)")
     return ap.parse_args(argv)
 
 
@@ -124,6 +127,8 @@ def main(argv=None) -> int:
     time_hf(llm, warm, 4)
     time_kvsift(llm, warm, 4, "full", None)
 
+    if args.profile:
+        return profile(llm, cut_document(llm, text, args.question, int(args.lengths.split(",")[0])), args, name)
     rows = []
     for length in [int(x) for x in args.lengths.split(",")]:
         ids = cut_document(llm, text, args.question, length)
@@ -164,6 +169,27 @@ def main(argv=None) -> int:
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"\n[bench] -> {out}", file=sys.stderr)
+    return 0
+
+
+def profile(llm, ids: list[int], args, name: str) -> int:
+    """Top ops (self CPU time) of HF generate and kvsift full on the same prompt."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    report = [f"{name}, {len(ids)} prompt tokens, {args.max_tokens} new tokens, CPU\n"]
+    for label, run in (("hf generate", lambda: time_hf(llm, ids, args.max_tokens)),
+                       ("kvsift full", lambda: time_kvsift(llm, ids, args.max_tokens, "full", None))):
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            r = run()
+        report.append(f"== {label}: total {r['total_s']:.1f}s, prefill {r['prefill_s']:.1f}s, "
+                      f"decode {r['decode_ms_per_token']:.0f} ms/token\n")
+        report.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
+    text = "\n".join(report)
+    print(text)
+    out = ROOT / "bench" / "results" / f"cpu_vs_hf_{name}_profile.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"[bench] -> {out}", file=sys.stderr)
     return 0
 
 

@@ -199,12 +199,14 @@ def load_model(model: str | os.PathLike | None = None, device: str | torch.devic
     dt = resolve_dtype(dtype, dev)
     hf_dir = _convert_gguf(path) if path.suffix == ".gguf" else path
     tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    if entry is not None and not entry.chat and getattr(tok, "chat_template", None):
+        tok.chat_template = None  # a base model: plain completion everywhere (engine, eval prompts, server)
     mdl = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dt, local_files_only=True)
     mdl.to(dev).eval()
-    return mdl, tok, model_info(mdl, tok, name, str(path), is_chat=None if entry is None else entry.chat)
+    return mdl, tok, model_info(mdl, tok, name, str(path))
 
 
-def model_info(model, tokenizer, name: str = "model", source: str = "", is_chat: bool | None = None) -> ModelInfo:
+def model_info(model, tokenizer, name: str = "model", source: str = "") -> ModelInfo:
     cfg = model.config
     cfg = getattr(cfg, "text_config", None) or cfg
     heads = cfg.num_attention_heads
@@ -215,5 +217,5 @@ def model_info(model, tokenizer, name: str = "model", source: str = "", is_chat:
         num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
         dtype=next(model.parameters()).dtype, device=next(model.parameters()).device,
-        is_chat=bool(getattr(tokenizer, "chat_template", None)) if is_chat is None else is_chat,
+        is_chat=bool(getattr(tokenizer, "chat_template", None)),
     )
