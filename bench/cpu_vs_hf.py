@@ -8,7 +8,8 @@ For each prompt length (the README's document cut to about that many tokens, plu
 the chat template), it times HF ``generate`` (its own SDPA attention and ``DynamicCache``, one
 prefill pass) and kvsift with ``full`` (asserted to produce the same tokens) and with compressed
 methods at ``--budget``. Prints a table of seconds and ratios (HF time / kvsift time: above 1 means
-kvsift is faster) and writes JSON under ``bench/results/``.
+kvsift is faster; wall time, and the process's CPU time, which other load disturbs less) and
+writes JSON under ``bench/results/``.
 
 Each timing is the best of ``--repeat`` runs after a short warm-up run; the machine's load average
 is recorded, since other processes on a shared 2-core machine change the numbers a lot.
@@ -38,7 +39,9 @@ def parse_args(argv=None):
     ap.add_argument("--budget", default="0.25", help="budget of the compressed methods")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--chunk-size", type=int, default=None, help="kvsift prefill chunk (default: the engine's)")
-    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each engine, interleaved; the fastest is kept")
+    ap.add_argument("--compare-chunk", type=int, default=None, metavar="N",
+                    help="also time kvsift full with a uniform prefill chunk of N tokens (e.g. 512, the old default)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default bench/results/cpu_vs_hf_MODEL.json)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -73,28 +76,28 @@ def time_hf(llm, ids: list[int], max_tokens: int) -> dict:
             return scores
 
     x = torch.tensor([ids], device=llm.device)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     with torch.inference_mode():
         out = llm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False,
                                  logits_processor=LogitsProcessorList([Stamp()]), pad_token_id=llm.pad_id)
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
     new = out[0, len(ids):].tolist()
     while new and new[-1] in llm.eos_ids:  # kvsift does not return the EOS token
         new = new[:-1]
     steps = max(len(stamps) - 1, 1)
-    return {"tokens": new, "total_s": total, "prefill_s": stamps[0] - t0,
+    return {"tokens": new, "total_s": total, "cpu_s": cpu, "prefill_s": stamps[0] - t0,
             "decode_ms_per_token": 1000 * (stamps[-1] - stamps[0]) / steps}
 
 
 def time_kvsift(llm, ids: list[int], max_tokens: int, method: str, budget) -> dict:
     from kvsift import SamplingParams
 
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     out = llm.generate(ids, SamplingParams(max_tokens=max_tokens), method=method,
                        budget=None if method == "full" else budget, progress=False)[0]
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
     st = out.stats
-    return {"tokens": list(out.token_ids), "total_s": total, "prefill_s": st.prefill_s,
+    return {"tokens": list(out.token_ids), "total_s": total, "cpu_s": cpu, "prefill_s": st.prefill_s,
             "decode_ms_per_token": st.decode_ms_per_token, "kv_kept_bytes": st.kv_kept_bytes,
             "kv_full_bytes": st.kv_full_bytes}
 
@@ -129,36 +132,45 @@ def main(argv=None) -> int:
 
     if args.profile:
         return profile(llm, cut_document(llm, text, args.question, int(args.lengths.split(",")[0])), args, name)
+    engines = [("hf generate", "full", None)] + [("kvsift", m, llm) for m in methods]
+    if args.compare_chunk:
+        uniform = LLM.from_model(llm.model, llm.tokenizer, name=name, chunk_size=args.compare_chunk)
+        engines.insert(2 if "full" in methods else 1, (f"kvsift chunk {args.compare_chunk}", "full", uniform))
     rows = []
     for length in [int(x) for x in args.lengths.split(",")]:
         ids = cut_document(llm, text, args.question, length)
         load = [os.getloadavg()[0]]
-        hf = best([time_hf(llm, ids, args.max_tokens) for _ in range(args.repeat)])
-        answer = llm.decode(hf["tokens"])
-        rows.append({"length": len(ids), "engine": "hf generate", "method": "full", **_public(hf),
-                     "new_tokens": len(hf["tokens"]), "ratio": 1.0, "answer": answer})
-        print(f"[bench] {len(ids)} tokens: hf {hf['total_s']:.1f}s ({answer!r})", file=sys.stderr)
-        for m in methods:
-            r = best([time_kvsift(llm, ids, args.max_tokens, m, budget) for _ in range(args.repeat)])
+        runs: dict[int, list[dict]] = {i: [] for i in range(len(engines))}
+        for _ in range(args.repeat):  # interleaved, so that a burst of other load hits every engine alike
+            for i, (engine, m, target) in enumerate(engines):
+                r = time_hf(llm, ids, args.max_tokens) if target is None else \
+                    time_kvsift(target, ids, args.max_tokens, m, budget)
+                runs[i].append(r)
+                print(f"[bench] {len(ids)} tokens: {engine} {m} {r['total_s']:.1f}s wall, {r['cpu_s']:.1f}s cpu",
+                      file=sys.stderr)
+        load.append(os.getloadavg()[0])
+        hf = best(runs[0])
+        for i, (engine, m, target) in enumerate(engines):
+            r = best(runs[i])
             same = r["tokens"] == hf["tokens"]
             if m == "full" and not same:
-                raise SystemExit(f"kvsift full differs from HF generate at {len(ids)} tokens:\n"
+                raise SystemExit(f"{engine} full differs from HF generate at {len(ids)} tokens:\n"
                                  f"  hf:     {hf['tokens']}\n  kvsift: {r['tokens']}")
-            rows.append({"length": len(ids), "engine": "kvsift", "method": m if m == "full" else f"{m}@{args.budget}",
+            rows.append({"length": len(ids), "engine": engine, "method": m if m == "full" else f"{m}@{args.budget}",
                          **_public(r), "new_tokens": len(r["tokens"]), "same_tokens_as_hf": same,
-                         "ratio": hf["total_s"] / r["total_s"], "answer": llm.decode(r["tokens"])})
-            print(f"[bench] {len(ids)} tokens: kvsift {m} {r['total_s']:.1f}s", file=sys.stderr)
-        load.append(os.getloadavg()[0])
-        for row in rows:
-            row.setdefault("load_avg", load)
+                         "ratio": hf["total_s"] / r["total_s"], "cpu_ratio": hf["cpu_s"] / r["cpu_s"],
+                         "answer": llm.decode(r["tokens"]), "runs_total_s": [x["total_s"] for x in runs[i]],
+                         "load_avg": load})
 
     print(f"\n{name}, CPU, {torch.get_num_threads()} threads, {args.max_tokens} new tokens max, greedy; "
           f"ratio = HF s / kvsift s (> 1: kvsift faster)\n")
-    print("| prompt tokens | engine | method | new tokens | prefill s | decode ms/token | total s | ratio |")
-    print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| prompt tokens | engine | method | new tokens | prefill s | decode ms/token | total s | ratio | "
+          "CPU s | CPU ratio |")
+    print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['length']} | {r['engine']} | {r['method']} | {r['new_tokens']} | {r['prefill_s']:.1f} | "
-              f"{r['decode_ms_per_token']:.0f} | {r['total_s']:.1f} | {r['ratio']:.2f} |")
+              f"{r['decode_ms_per_token']:.0f} | {r['total_s']:.1f} | {r['ratio']:.2f} | {r['cpu_s']:.1f} | "
+              f"{r['cpu_ratio']:.2f} |")
     out = args.out or ROOT / "bench" / "results" / f"cpu_vs_hf_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": name, "model_default": DEFAULT_MODEL, "device": "cpu", "threads": torch.get_num_threads(),

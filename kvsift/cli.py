@@ -25,7 +25,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk length in tokens")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="prefill chunk length in tokens (default 512; on CPU a fresh prompt's first chunk "
+                        "takes up to 4096)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,7 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                   "an HF model directory or a .gguf file")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk length in tokens")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="prefill chunk length in tokens (default 512; on CPU a fresh prompt's first chunk "
+                        "takes up to 4096)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port; see --ready-file)")
     p.add_argument("--api-key", default=None,
