@@ -125,7 +125,8 @@ def main(argv=None) -> int:
     text = args.prompt_file.read_text(encoding="utf-8")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     print(f"[bench] {name} on CPU ({torch.get_num_threads()} threads), loaded in {load_s:.1f}s, "
-          f"kvsift chunk {llm.chunk_size}, load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
+          f"kvsift chunk {llm.chunk_size} (first {llm.first_chunk}), load average {os.getloadavg()[0]:.1f}",
+          file=sys.stderr)
     warm = llm.encode("Say hello.")
     time_hf(llm, warm, 4)
     time_kvsift(llm, warm, 4, "full", None)
