@@ -99,7 +99,6 @@ def _parse_opts(items: list[str]) -> dict:
 def cmd_generate(args) -> int:
     from kvsift.engine import LLM, SamplingParams
     from kvsift.methods import build_method, parse_budget
-
     from kvsift.models import check_model
 
     # validate everything cheap before loading the model

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from kvsift.errors import ModelNotFoundError
-from kvsift.models.registry import DEFAULT_MODEL, MODELS, NamedModel, cache_root, find_model, model_file
+from kvsift.models.registry import DEFAULT_MODEL, MODELS, NamedModel, cache_root, find_model, get_model, model_file
 
 log = logging.getLogger("kvsift")
 
@@ -42,10 +42,7 @@ class ModelInfo:
 def default_model_path(name: str | None = None) -> Path:
     """GGUF file of a named model (default: :data:`DEFAULT_MODEL`), joined from its packages if
     needed; raises :class:`~kvsift.errors.ModelNotFoundError` with the install command if absent."""
-    entry = find_model(name or DEFAULT_MODEL)
-    if entry is None:
-        raise ModelNotFoundError(f"unknown model {name!r}; named models: {', '.join(m.name for m in MODELS)}")
-    return model_file(entry)
+    return model_file(get_model(name or DEFAULT_MODEL))
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
