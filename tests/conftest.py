@@ -1,4 +1,16 @@
-"""Shared fixtures: tiny random models of real families and the bundled default model."""
+"""Shared fixtures: tiny random models of real families and the real (named) models.
+
+Real models come from pip packages (see ``kvsift models``). Which test uses which, deliberately:
+
+* ``smollm2`` (98 MB, 135M parameters): the tokenizer of the tiny random models and most real-model
+  tests (``real_llm``): cheap enough to run many generations per test session.
+* the default model (``qwen2.5-coder-0.5b``, ~4x slower per token): a few tests (``default_llm``)
+  that check what a user gets first: it loads, its chat template works, it answers a document
+  question correctly and matches ``transformers`` token for token.
+
+A fixture or test whose model is not installed is skipped with the install command as the reason
+(``needs_model``), never errors.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +22,43 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+SMALL_MODEL = "smollm2"
+
+
+def model_missing(name: str | None = None) -> str | None:
+    """None when the named model (default: the default model) can be loaded, else why not (with the
+    command that installs it)."""
+    from kvsift.errors import ModelNotFoundError
+    from kvsift.models import check_model
+
+    try:
+        check_model(name)
+    except ModelNotFoundError as e:
+        return f"model not installed: {e}".replace("\n", " ")
+    return None
+
+
+def needs_model(name: str | None = None):
+    """Mark: skip (with the install command as the reason) when the named model is not installed."""
+    reason = model_missing(name)
+    return pytest.mark.skipif(reason is not None, reason=reason or "")
+
+
+def _require(name: str | None) -> None:
+    reason = model_missing(name)
+    if reason is not None:
+        pytest.skip(reason)
+
 
 @pytest.fixture(scope="session")
 def default_tokenizer():
-    """The default model's tokenizer (converted once from the bundled GGUF, then cached)."""
+    """SmolLM2's tokenizer (the tiny random models use its vocabulary; converted once, then cached)."""
+    _require(SMALL_MODEL)
     from transformers import AutoTokenizer
 
     from kvsift.models.loader import _convert_gguf, default_model_path
 
-    return AutoTokenizer.from_pretrained(_convert_gguf(default_model_path()))
+    return AutoTokenizer.from_pretrained(_convert_gguf(default_model_path(SMALL_MODEL)))
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +78,17 @@ def tiny_llm(tiny_llms):
 
 @pytest.fixture(scope="session")
 def real_llm():
-    """The bundled default model, SmolLM2-135M-Instruct (loaded once per test session)."""
+    """SmolLM2-135M-Instruct, the small real model (loaded once per test session)."""
+    _require(SMALL_MODEL)
+    from kvsift import LLM
+
+    return LLM(SMALL_MODEL)
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """The default model (``LLM()``: Qwen2.5-Coder-0.5B-Instruct), loaded once per test session."""
+    _require(None)
     from kvsift import LLM
 
     return LLM()

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from kvsift.cli import main
+from tests.conftest import SMALL_MODEL, needs_model
 
 
 def run_cli(*args):
@@ -40,30 +41,34 @@ def test_missing_prompt_file(capsys):
 
 
 @pytest.mark.real
+@needs_model(SMALL_MODEL)
 def test_generate_real_model_with_summary(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("The lighthouse keeper's cat is named Pepper. " * 3)
     r = run_cli("generate", "--prompt-file", str(doc), "--question", "What is the cat's name?",
-                "--method", "snapkv", "--budget", "32", "--max-tokens", "12")
+                "--method", "snapkv", "--budget", "32", "--max-tokens", "12", "--model", SMALL_MODEL)
     assert r.returncode == 0, r.stderr
     assert "Pepper" in r.stdout
     assert "[kvsift]" in r.stderr and "KV kept" in r.stderr
 
 
 @pytest.mark.real
+@needs_model(SMALL_MODEL)
 def test_budget_larger_than_context_and_too_long_prompt(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("short document")
-    r = run_cli("generate", "--prompt-file", str(doc), "--method", "snapkv", "--budget", "5000", "--json")
+    r = run_cli("generate", "--prompt-file", str(doc), "--method", "snapkv", "--budget", "5000", "--json",
+                "--model", SMALL_MODEL)
     assert r.returncode == 2 and "larger than the context" in r.stderr and r.stdout == ""
-    doc.write_text("word " * 9000)
-    r = run_cli("generate", "--prompt-file", str(doc), "--max-tokens", "2")
+    doc.write_text("word " * 9000)  # SmolLM2 allows 8192 tokens
+    r = run_cli("generate", "--prompt-file", str(doc), "--max-tokens", "2", "--model", SMALL_MODEL)
     assert r.returncode == 2 and "exceeds the model's limit" in r.stderr
 
 
 @pytest.mark.real
+@needs_model(SMALL_MODEL)
 def test_json_output(tmp_path):
-    r = run_cli("generate", "--prompt", "Say hi.", "--max-tokens", "4", "--json")
+    r = run_cli("generate", "--prompt", "Say hi.", "--max-tokens", "4", "--json", "--model", SMALL_MODEL)
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert data["stats"]["generated_tokens"] >= 1 and "text" in data

@@ -74,6 +74,31 @@ def test_chunk_size_does_not_change_output(tiny_llm, default_tokenizer):
     assert tiny_llm.generate(ids, p)[0].token_ids == other.generate(ids, p)[0].token_ids
 
 
+def test_cpu_default_chunking_takes_a_long_first_chunk(tiny_llm, default_tokenizer):
+    """Default chunking on CPU: a fresh prompt's first chunk is up to CPU_FIRST_CHUNK tokens (one
+    causal pass, no mask), later chunks 512; same tokens as uniform small chunks, also with a
+    context and with a padded batch (which keep uniform chunks)."""
+    from kvsift import LLM
+    from kvsift.engine.llm import CPU_FIRST_CHUNK
+    from kvsift.methods import build_method
+
+    auto = LLM.from_model(tiny_llm.model, default_tokenizer)
+    assert auto.chunk_size == 512 and auto.first_chunk == CPU_FIRST_CHUNK and tiny_llm.first_chunk is None
+    full = build_method("full", None)
+    bounds = auto._chunk_bounds(5000, full)
+    assert bounds[0] == (0, CPU_FIRST_CHUNK) and bounds[1][0] == CPU_FIRST_CHUNK and bounds[-1][1] == 5000
+    assert auto._chunk_bounds(5000, full, fresh=False)[0] == (0, 512)
+    assert auto._chunk_bounds(300, full) == [(0, 300)]
+    p = SamplingParams(max_tokens=6, ignore_eos=True)
+    ids, other = random_prompt(700, seed=11), random_prompt(500, seed=12)
+    assert auto.generate(ids, p)[0].token_ids == tiny_llm.generate(ids, p)[0].token_ids
+    assert [o.token_ids for o in auto.generate([ids, other], p)] == \
+        [o.token_ids for o in tiny_llm.generate([ids, other], p)]
+    ctx_a, ctx_b = auto.prefill_context(ids[:600]), tiny_llm.prefill_context(ids[:600])
+    assert auto.generate(ids[600:], p, context=ctx_a)[0].token_ids == \
+        tiny_llm.generate(ids[600:], p, context=ctx_b)[0].token_ids
+
+
 def test_sampling_seeded_reproducible_and_top_p(tiny_llm):
     ids = random_prompt(50, seed=10)
     p = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=123, ignore_eos=True)

@@ -157,7 +157,7 @@ def test_teacher_forced_scoring_matches_plain_forward(tiny_llm):
 
 @pytest.mark.real
 def test_real_model_niah_end_to_end(real_llm, tmp_path):
-    """The default model finds a needle in a 512-token haystack with the full cache; a compressed
+    """The small real model finds a needle in a 512-token haystack with the full cache; a compressed
     run records fewer KV bytes; the report has both rows."""
     from kvsift.eval.runner import KvsiftBackend
 

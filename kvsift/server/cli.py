@@ -1,6 +1,7 @@
 """``kvsift serve``: the OpenAI-compatible server (also ``python -m kvsift.server``).
 
     kvsift serve                                   # default model on http://127.0.0.1:8000
+    kvsift serve --model smollm2                   # a named model (`kvsift models`)
     kvsift serve --model path/to/hf_dir --kv-method snapkv --kv-budget 1024 --api-key secret
     kvsift serve --host 0.0.0.0 --api-keys-file keys.txt   # tenants: lines 'KEY OWNER [admin]'
 """
@@ -36,10 +37,13 @@ def default_contexts_dir() -> Path:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="'smollm2' (bundled default), an HF model directory or a .gguf file")
+    p.add_argument("--model", default=None, help="a named model (default qwen2.5-coder-0.5b; see `kvsift models`), "
+                                                  "an HF model directory or a .gguf file")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk length in tokens")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="prefill chunk length in tokens (default 512; on CPU a fresh prompt's first chunk "
+                        "takes up to 4096)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port; see --ready-file)")
     p.add_argument("--api-key", default=None,
@@ -82,8 +86,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 def build_config(args):
     from kvsift.methods import build_method, parse_budget
+    from kvsift.models import check_model
     from kvsift.server.config import ServerConfig
 
+    check_model(args.model)  # unknown or not installed: fail before binding or loading
     budget = parse_budget(args.kv_budget)
     build_method(args.kv_method, budget)  # unknown method / missing budget: fail before loading the model
     from kvsift.server.auth import KeyRing
