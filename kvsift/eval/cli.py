@@ -199,6 +199,14 @@ def run_bench(args) -> int:
                           seeds=plan["seeds"],
                           task_config=TaskConfig(depths=tuple(plan["depths"]), samples=plan["samples"],
                                                  ppl_tokens=plan["ppl_tokens"], ppl_text=args.ppl_text))
+        kwargs = _method_opts(args.method_opt)
+        if args.backend != "fake":  # bad model, method or option: fail before printing or loading anything
+            from kvsift.methods import build_method
+            from kvsift.models import check_model
+
+            check_model(args.model)
+            for m in methods:
+                build_method(m, None if m == "full" else 0.5, **kwargs.get(m, {}))
         n_cells = len(cfg.cells())
         per_cell = {t: cfg.task_config.n_samples(t) for t in cfg.tasks}
         print(f"[bench] {'suite ' + args.suite if args.suite else 'grid'}: {n_cells} cell(s) = tasks "
@@ -208,18 +216,11 @@ def run_bench(args) -> int:
               f"{', '.join(f'{t} {n}' for t, n in per_cell.items())} -> {args.out}", file=sys.stderr)
         if args.dry_run:
             return 0
-        kwargs = _method_opts(args.method_opt)
         if args.backend == "fake":
             from kvsift.eval.fakes import ReadingBackend, WordTokenizer
 
             backend = ReadingBackend(WordTokenizer())
         else:
-            from kvsift.methods import build_method
-            from kvsift.models import check_model
-
-            check_model(args.model)
-            for m in methods:  # fail before loading the model on an unknown method / option
-                build_method(m, None if m == "full" else 0.5, **kwargs.get(m, {}))
             backend = KvsiftBackend(model=args.model, device=args.device, dtype=args.dtype, method_kwargs=kwargs,
                                     mem_fraction=args.mem_fraction, max_batch=args.max_batch,
                                     chunk_size=args.chunk_size, prefill_mode=args.prefill_mode)

@@ -377,6 +377,16 @@ def plot_niah_heatmaps(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     return paths
 
 
+def _figure_legend(axes) -> None:
+    """One legend on the last panel, from every panel (a method may be plotted in some only)."""
+    seen: dict[str, Any] = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    if seen:
+        axes[-1].legend(list(seen.values()), list(seen), fontsize=7, loc="best")
+
+
 def plot_score_vs_budget(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     """One figure per task: x = budget (ratios and token counts on separate panels)."""
     import matplotlib.pyplot as plt
@@ -407,13 +417,7 @@ def plot_score_vs_budget(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                 ax.set_xscale("log", base=2)
             ax.set_ylabel("perplexity" if task == "ppl" else "score")
             ax.grid(alpha=0.3)
-        # one legend for the figure, from every panel (a method may be plotted in some panels only)
-    seen: dict[str, Any] = {}
-    for ax in axes[0]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            seen.setdefault(lab, h)
-    if seen:
-        axes[0][-1].legend(list(seen.values()), list(seen), fontsize=7, loc="best")
+        _figure_legend(axes[0])
         fig.suptitle(f"{task}: {'perplexity' if task == 'ppl' else 'accuracy'} vs KV budget (mean over lengths)")
         p = out / f"{_safe(task)}_vs_budget.png"
         fig.savefig(p, dpi=110, bbox_inches="tight")
@@ -558,13 +562,7 @@ def plot_accuracy_vs_kv(rows: list[dict[str, Any]], out: Path, cstats: list[dict
         ax.set_title(f"{L} tokens ({n_tasks} tasks)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("mean score over tasks")
-    # one legend for the figure, from every panel (a method may be plotted in some panels only)
-    seen: dict[str, Any] = {}
-    for ax in axes[0]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            seen.setdefault(lab, h)
-    if seen:
-        axes[0][-1].legend(list(seen.values()), list(seen), fontsize=7, loc="best")
+    _figure_legend(axes[0])
     fig.suptitle("Accuracy vs GPU KV bytes (each point a budget)")
     p = out / "accuracy_vs_kv.png"
     fig.savefig(p, dpi=110, bbox_inches="tight")
