@@ -94,6 +94,28 @@ def default_llm():
     return LLM()
 
 
+@pytest.fixture
+def make_client(tiny_llm, tmp_path):
+    """``make_client(**config)`` -> a TestClient over a fresh app on the tiny model (its scheduler
+    shut down after); config goes to ``ServerConfig``."""
+    TestClient = pytest.importorskip("starlette.testclient").TestClient
+    from kvsift.server.app import create_app
+    from kvsift.server.config import ServerConfig
+
+    made = []
+
+    def make(**kw):
+        kw.setdefault("contexts_dir", tmp_path / "contexts")
+        c = TestClient(create_app(tiny_llm, ServerConfig(**kw)), raise_server_exceptions=False)
+        c.__enter__()
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.__exit__(None, None, None)
+
+
 def random_prompt(n: int, seed: int = 0, vocab: int = 49152) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(100, vocab - 100, (n,), generator=g).tolist()

@@ -9,29 +9,6 @@ import time
 
 import pytest
 
-from kvsift.server.app import create_app
-from kvsift.server.config import ServerConfig
-
-starlette_testclient = pytest.importorskip("starlette.testclient")
-TestClient = starlette_testclient.TestClient
-
-
-@pytest.fixture
-def make_client(tiny_llm, tmp_path):
-    """``make_client(**config)`` -> a TestClient over a fresh app (its scheduler shut down after)."""
-    made = []
-
-    def make(**kw):
-        kw.setdefault("contexts_dir", tmp_path / "contexts")
-        c = TestClient(create_app(tiny_llm, ServerConfig(**kw)), raise_server_exceptions=False)
-        c.__enter__()
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.__exit__(None, None, None)
-
 
 def raw(client, path: str, text: str):
     """POST a JSON body given as text (so it can hold what json.dumps would not write, e.g. lone surrogates)."""

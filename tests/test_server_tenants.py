@@ -9,30 +9,11 @@ import sys
 
 import pytest
 
-from kvsift.server.app import create_app
 from kvsift.server.auth import KeyRing, Principal
 from kvsift.server.config import ServerConfig
 
-TestClient = pytest.importorskip("starlette.testclient").TestClient
-
 KEYS = "alice-key-0001 alice\nbob-key-00002 bob\n# the operator\nroot-key-0003 ops admin\n"
 ALICE, BOB, ROOT = ({"Authorization": f"Bearer {k}"} for k in ("alice-key-0001", "bob-key-00002", "root-key-0003"))
-
-
-@pytest.fixture
-def app_client(tiny_llm, tmp_path):
-    made = []
-
-    def make(**kw):
-        kw.setdefault("contexts_dir", tmp_path / "contexts")
-        c = TestClient(create_app(tiny_llm, ServerConfig(**kw)), raise_server_exceptions=False)
-        c.__enter__()
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.__exit__(None, None, None)
 
 
 def code(r) -> str:
@@ -54,8 +35,8 @@ def test_key_files_parse_in_every_form():
             KeyRing.parse(bad)
 
 
-def test_contexts_belong_to_their_owner(app_client):
-    c = app_client(keys=KeyRing.parse(KEYS))
+def test_contexts_belong_to_their_owner(make_client):
+    c = make_client(keys=KeyRing.parse(KEYS))
     doc = {"document": list(range(1000, 1100)), "chat": False}
     a = c.post("/v1/contexts", json=doc, headers=ALICE).json()
     b = c.post("/v1/contexts", json=doc, headers=BOB).json()
@@ -77,12 +58,12 @@ def test_contexts_belong_to_their_owner(app_client):
     assert r.status_code == 401 and code(r) == "invalid_api_key"
 
 
-def test_monitoring_needs_a_key_unless_public(app_client):
-    c = app_client(keys=KeyRing.parse(KEYS))
+def test_monitoring_needs_a_key_unless_public(make_client):
+    c = make_client(keys=KeyRing.parse(KEYS))
     for path in ("/health", "/metrics", "/openapi.json", "/v1/models"):
         assert c.get(path).status_code == 401, path
         assert c.get(path, headers=BOB).status_code == 200, path
-    pub = app_client(api_key="single-key", public_health=True)
+    pub = make_client(api_key="single-key", public_health=True)
     assert pub.get("/health").status_code == 200 and pub.get("/metrics").status_code == 200
     assert pub.get("/openapi.json").status_code == 401 and pub.get("/v1/models").status_code == 401
     models = pub.get("/v1/models", headers={"Authorization": "Bearer single-key"}).json()["data"][0]
@@ -105,8 +86,8 @@ def test_non_loopback_bind_needs_a_key_or_insecure(tmp_path):
     assert r.returncode == 2 and "--insecure" in r.stderr
 
 
-def test_idempotency_key_returns_the_same_context(app_client, tmp_path):
-    c = app_client(keys=KeyRing.parse(KEYS))
+def test_idempotency_key_returns_the_same_context(make_client, tmp_path):
+    c = make_client(keys=KeyRing.parse(KEYS))
     body = {"document": list(range(1000, 1100)), "chat": False}
     first = c.post("/v1/contexts", json=body, headers={**ALICE, "Idempotency-Key": "req-1"})
     again = c.post("/v1/contexts", json=body, headers={**ALICE, "Idempotency-Key": "req-1"})
@@ -121,7 +102,7 @@ def test_idempotency_key_returns_the_same_context(app_client, tmp_path):
     r = c.post("/v1/contexts", json=body, headers={**ALICE, "Idempotency-Key": "bad key"})
     assert r.status_code == 400 and code(r) == "invalid_idempotency_key"
     # a restart keeps the mapping (it is in the context's metadata)
-    d = app_client(keys=KeyRing.parse(KEYS))
+    d = make_client(keys=KeyRing.parse(KEYS))
     assert d.post("/v1/contexts", json=body, headers={**ALICE, "Idempotency-Key": "req-1"}).json()["id"] == \
         first.json()["id"]
     # deleted: the key is free again
@@ -130,26 +111,26 @@ def test_idempotency_key_returns_the_same_context(app_client, tmp_path):
         first.json()["id"]
 
 
-def test_startup_does_not_rehash_stored_contexts(app_client, monkeypatch):
+def test_startup_does_not_rehash_stored_contexts(make_client, monkeypatch):
     import kvsift.server.contexts as contexts
 
-    c = app_client()
+    c = make_client()
     ids = [c.post("/v1/contexts", json={"document": list(range(1000 + i, 1100 + i)), "chat": False}).json()["id"]
            for i in range(3)]
     hashed = []
     real = contexts.sha256_file
     monkeypatch.setattr(contexts, "sha256_file", lambda p: hashed.append(p) or real(p))
-    d = app_client()  # a restart
+    d = make_client()  # a restart
     assert hashed == [] and {x["id"] for x in d.get("/v1/contexts").json()["data"]} == set(ids)
     assert d.post("/v1/completions", json={"prompt": [5], "max_tokens": 1, "context_id": ids[0]}).status_code == 200
     assert len(hashed) == 1  # verified once, on first load
 
 
-def test_corrupted_metadata_is_reported_not_hidden(app_client, tmp_path):
-    c = app_client()
+def test_corrupted_metadata_is_reported_not_hidden(make_client, tmp_path):
+    c = make_client()
     cid = c.post("/v1/contexts", json={"document": [5, 6, 7, 8], "chat": False}).json()["id"]
     (tmp_path / "contexts" / cid / "meta.json").write_text("{ not json")
-    d = app_client()
+    d = make_client()
     got = d.get(f"/v1/contexts/{cid}").json()
     assert got["state"] == "corrupted" and "meta.json" in got["error"]["message"]
     r = d.post("/v1/completions", json={"prompt": [5], "max_tokens": 1, "context_id": cid})

@@ -211,15 +211,8 @@ def leaderboard_markdown(rows: list[dict[str, Any]], cstats: list[dict[str, Any]
                      + ("" if ppl else f" Cells where the full cache scores below {MIN_FULL:g} are left out "
                                        f"({left} cell(s))."))
         lines.append("")
-        lines.append("| method | " + " | ".join(budgets) + " |")
-        lines.append("|---|" + "---|" * len(budgets))
-        for m in methods:
-            cells = []
-            for b in budgets:
-                v = lb.get((m, b))
-                cells.append(_ci(v["value"], v["lo"], v["hi"]) if v else "")
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += _method_budget_table(methods, budgets, lambda m, b: (
+            _ci(v["value"], v["lo"], v["hi"]) if (v := lb.get((m, b))) else ""))
     # GPU KV per sequence, at the longest length measured
     kv = [d for d in cstats if d.get("kv_device_bytes") is not None]
     if kv:
@@ -229,15 +222,9 @@ def leaderboard_markdown(rows: list[dict[str, Any]], cstats: list[dict[str, Any]
         methods = sorted({d["method"] for d in at}, key=_method_key)
         lines.append(f"### GPU KV MiB per sequence after prefill ({L}-token prompts, mean over tasks)")
         lines.append("")
-        lines.append("| method | " + " | ".join(budgets) + " |")
-        lines.append("|---|" + "---|" * len(budgets))
-        for m in methods:
-            cells = []
-            for b in budgets:
-                v = _mean(d["kv_device_bytes"] for d in at if d["method"] == m and d["budget"] == b)
-                cells.append(_fmt(v * MiB) if v is not None else "")
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += _method_budget_table(methods, budgets, lambda m, b: (
+            _fmt(v * MiB) if (v := _mean(d["kv_device_bytes"] for d in at
+                                         if d["method"] == m and d["budget"] == b)) is not None else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -294,15 +281,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         what = "perplexity (lower is better)" if task == "ppl" else "mean score (higher is better)"
         lines.append(f"#### {task}: {what}, lengths {', '.join(map(str, lengths))}")
         lines.append("")
-        lines.append("| method | " + " | ".join(budgets) + " |")
-        lines.append("|---|" + "---|" * len(budgets))
-        for m in methods:
-            cells = []
-            for b in budgets:
-                v = _mean(_metric(r) for r in tr if r["method"] == m and r["budget"] == b)
-                cells.append(_fmt(v) if v is not None else "")
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += _method_budget_table(methods, budgets, lambda m, b: (
+            _fmt(v) if (v := _mean(_metric(r) for r in tr
+                                   if r["method"] == m and r["budget"] == b)) is not None else ""))
     lines.append("### All cells")
     lines.append("")
     lines.append("| task | length | method | budget | score | ppl | prompt tok | KV device MiB | KV host MiB | "
@@ -375,6 +356,14 @@ def plot_niah_heatmaps(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(p)
     return paths
+
+
+def _method_budget_table(methods, budgets, cell) -> list[str]:
+    """Markdown rows: one per method, one column per budget, ``cell(method, budget) -> str``; a
+    blank line after."""
+    out = ["| method | " + " | ".join(budgets) + " |", "|---|" + "---|" * len(budgets)]
+    out += [f"| {m} | " + " | ".join(cell(m, b) for b in budgets) + " |" for m in methods]
+    return out + [""]
 
 
 def _figure_legend(axes) -> None:

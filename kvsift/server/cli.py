@@ -89,7 +89,6 @@ def build_config(args):
     from kvsift.models import check_model
     from kvsift.server.config import ServerConfig
 
-    check_model(args.model)  # unknown or not installed: fail before binding or loading
     budget = parse_budget(args.kv_budget)
     build_method(args.kv_method, budget)  # unknown method / missing budget: fail before loading the model
     from kvsift.server.auth import KeyRing
@@ -99,12 +98,14 @@ def build_config(args):
     if keys is not None and args.api_key is None:
         api_key = None  # the keys file wins over the environment's single key
     contexts_dir = None if args.no_persist else (args.contexts_dir or default_contexts_dir())
-    return ServerConfig(host=args.host, port=args.port, model_name=args.served_model_name, api_key=api_key,
-                        default_method=args.kv_method, default_budget=budget, default_max_tokens=args.max_tokens,
-                        max_waiting=args.max_waiting, max_body_bytes=args.max_body, contexts_dir=contexts_dir,
-                        context_memory_bytes=args.context_memory, max_contexts=args.max_contexts,
-                        contexts_disk_bytes=args.contexts_disk_limit, keys=keys, max_tokens_cap=args.max_tokens_cap,
-                        public_health=args.public_health, insecure=args.insecure)
+    config = ServerConfig(host=args.host, port=args.port, model_name=args.served_model_name, api_key=api_key,
+                          default_method=args.kv_method, default_budget=budget, default_max_tokens=args.max_tokens,
+                          max_waiting=args.max_waiting, max_body_bytes=args.max_body, contexts_dir=contexts_dir,
+                          context_memory_bytes=args.context_memory, max_contexts=args.max_contexts,
+                          contexts_disk_bytes=args.contexts_disk_limit, keys=keys, max_tokens_cap=args.max_tokens_cap,
+                          public_health=args.public_health, insecure=args.insecure)
+    check_model(args.model)  # unknown or not installed: fail before binding or loading (after the cheap checks)
+    return config
 
 
 def _bind(host: str, port: int) -> socket.socket:
