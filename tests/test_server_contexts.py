@@ -84,7 +84,7 @@ class FakeState(LayerState):
 
 
 def test_method_state_persists_through_the_protocol(tiny_llm, tmp_path, monkeypatch):
-    import kvsift.server.contexts as contexts
+    import kvsift.methods.base as base
 
     ctx = tiny_llm.prefill_context(_doc(64, 2), method="full")
     st = ctx.cache.layers[1].state
@@ -92,7 +92,7 @@ def test_method_state_persists_through_the_protocol(tiny_llm, tmp_path, monkeypa
     with pytest.raises(ContextCorruptedError, match="outside"):  # classes load only from kvsift.* by default
         save_context(ctx, tmp_path / "a", {"kv_method": "full"})
         load_context(tmp_path / "a", tiny_llm)
-    monkeypatch.setattr(contexts, "_STATE_MODULES", ("kvsift.", "tests."))
+    monkeypatch.setattr(base, "STATE_MODULES", ("kvsift.", "tests."))
     loaded, meta = load_context(tmp_path / "a", tiny_llm)
     got = loaded.cache.layers[1].state["fake"]
     assert isinstance(got, FakeState) and got.split == 3 and got.flag is True

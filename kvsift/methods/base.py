@@ -79,6 +79,28 @@ class Selection:
 
 
 # ---- per-layer state -------------------------------------------------------------------------------
+STATE_MODULES = ("kvsift.",)  # layer-state classes are only ever imported from these packages
+
+
+def state_path(cls: type) -> str:
+    """``module:qualname`` of a layer-state class, as persisted."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def state_class(path: str) -> type:
+    """The layer-state class named by :func:`state_path` (only from :data:`STATE_MODULES`; anything
+    else is a ``ValueError``: persisted files must not import arbitrary code)."""
+    import importlib
+
+    module, _, qualname = path.partition(":")
+    if not module.startswith(STATE_MODULES):
+        raise ValueError(f"refusing to load method state class {path!r} (outside {STATE_MODULES})")
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 @dataclass
 class LayerState:
     """Base of a method's per-layer state (``layer.state[method.name]``). The defaults walk the
@@ -131,13 +153,11 @@ class LayerState:
             elif hasattr(v, "kv_state_dict"):
                 t, e = v.kv_state_dict()
                 tensors.update({f"{f.name}.{k}": x for k, x in t.items()})
-                extra[f.name] = {"class": f"{type(v).__module__}:{type(v).__qualname__}", "extra": e}
+                extra[f.name] = {"class": state_path(type(v)), "extra": e}
         return tensors, extra
 
     @classmethod
     def kv_from_state_dict(cls, tensors: dict[str, torch.Tensor], extra: dict[str, Any], device) -> "LayerState":
-        import importlib
-
         kw: dict[str, Any] = {}
         for f in fields(cls):
             if not f.init:
@@ -145,15 +165,9 @@ class LayerState:
             if f.name in tensors:
                 kw[f.name] = tensors[f.name].to(device)
             elif isinstance((extra or {}).get(f.name), dict) and "class" in extra[f.name]:
-                module, _, qual = extra[f.name]["class"].partition(":")
-                if not module.startswith("kvsift."):
-                    raise ValueError(f"refusing to load state class {module}:{qual}")
-                sub = importlib.import_module(module)
-                for part in qual.split("."):
-                    sub = getattr(sub, part)
                 pre = f"{f.name}."
-                kw[f.name] = sub.kv_from_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)},
-                                                    extra[f.name]["extra"], device)
+                kw[f.name] = state_class(extra[f.name]["class"]).kv_from_state_dict(
+                    {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}, extra[f.name]["extra"], device)
             elif f.name in (extra or {}):
                 kw[f.name] = extra[f.name]
         return cls(**kw)
@@ -292,9 +306,15 @@ class DecodeSelect(KVMethod):
 
     def start(self, prompt_len: int, num_layers: int) -> SelectRun:
         tokens = resolve_budget(self.budget, prompt_len)
-        sel = tokens if self.decode_budget is None else resolve_budget(
-            self.decode_budget, prompt_len, clamp=True, what="decode_budget")
-        return SelectRun(tokens, prompt_len, num_layers, sel_tokens=sel)
+        return SelectRun(tokens, prompt_len, num_layers, decode_tokens(self.decode_budget, tokens, prompt_len))
+
+
+def decode_tokens(decode_budget: Budget, tokens: int, prompt_len: int) -> int:
+    """Prompt tokens attended per step at decode: ``decode_budget`` resolved over the prompt (a
+    token count capped at it), or the prefill budget's ``tokens`` when there is none."""
+    if decode_budget is None:
+        return tokens
+    return resolve_budget(decode_budget, prompt_len, clamp=True, what="decode_budget")
 
 
 def keep_top(layer: "SiftLayer", scores: torch.Tensor, k: "int | torch.Tensor") -> None:

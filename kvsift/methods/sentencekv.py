@@ -36,8 +36,8 @@ import torch
 
 from kvsift.kernels.dispatch import chunk_scores, select_chunks
 from kvsift.methods._offload import ChunkStore, FetchStats
-from kvsift.budget import resolve_budget
-from kvsift.methods.base import Budget, KVMethod, LayerState, Run, Selection, SlotSource, register, validate_budget
+from kvsift.methods.base import (Budget, KVMethod, LayerState, Run, Selection, SlotSource, decode_tokens, register,
+                                 validate_budget)
 from kvsift.segment import SegmentConfig, segment_tokens
 
 _END_PIECE = re.compile(r"([.!?。！？…][\"'”’)\]]*\s*$)|\n")
@@ -145,9 +145,8 @@ class SentenceKV(KVMethod):
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self, prompt_len: int, num_layers: int) -> SentenceKVRun:
         base = super().start(prompt_len, num_layers)
-        sel = base.tokens if self.decode_budget is None else resolve_budget(
-            self.decode_budget, prompt_len, clamp=True, what="decode_budget")
-        return SentenceKVRun(base.tokens, prompt_len, num_layers, sel_tokens=sel)
+        return SentenceKVRun(base.tokens, prompt_len, num_layers,
+                             sel_tokens=decode_tokens(self.decode_budget, base.tokens, prompt_len))
 
     def _window(self, run: SentenceKVRun) -> tuple[int, int]:
         """(sinks, recent) clipped so that they fit the decode budget."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -43,6 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from kvsift.cache import SiftCache
 from kvsift.engine import Context, GenerationStats
+from kvsift.methods.base import state_class, state_path
 from kvsift.errors import (ContextCorruptedError, ContextEvictedError, ContextLimitError, ContextNotFoundError,
                            ContextTooLargeError, ContextUnavailableError, StorageQuotaError)
 
@@ -80,7 +80,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-_STATE_MODULES = ("kvsift.",)  # method-state classes are only ever imported from these packages
 def context_tensors(ctx: Context) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """All tensors of a context, on the CPU, for safetensors, and the per-layer method state's JSON
     part. Method state is a ``LayerState`` (``kvsift.methods.base``): ``kv_state_dict() ->
@@ -99,23 +98,13 @@ def context_tensors(ctx: Context) -> tuple[dict[str, torch.Tensor], list[dict[st
             for tk, t in tensors.items():
                 out[f"layers.{i}.obj.{name}.{tk}"] = t.detach().cpu()
             cls = type(v)
-            js[name] = {"object": f"{cls.__module__}:{cls.__qualname__}", "extra": extra}
+            js[name] = {"object": state_path(cls), "extra": extra}
         layer_state.append(js)
     out["token_ids"] = torch.tensor(ctx.token_ids, dtype=torch.int64)
     # safetensors refuses views into larger storages: copy those
     out = {k: (t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t.contiguous())
            for k, t in out.items()}
     return out, layer_state
-
-
-def _state_class(path: str):
-    module, _, qualname = path.partition(":")
-    if not module.startswith(_STATE_MODULES):
-        raise ValueError(f"refusing to load method state class {path!r} (outside {_STATE_MODULES})")
-    obj = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def save_context(ctx: Context, directory: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -241,7 +230,7 @@ def _build_context(tensors: dict[str, torch.Tensor], meta: dict[str, Any], llm) 
         for name, entry in js.items():
             prefix = f"layers.{i}.obj.{name}."
             parts = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            cache.layers[i].state[name] = _state_class(entry["object"]).kv_from_state_dict(
+            cache.layers[i].state[name] = state_class(entry["object"]).kv_from_state_dict(
                 parts, entry.get("extra"), llm.device)
     names = {f.name for f in dataclasses.fields(GenerationStats)}
     stats = GenerationStats(**{k: v for k, v in (meta.get("stats") or {}).items() if k in names})
