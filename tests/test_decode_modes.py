@@ -175,3 +175,23 @@ def test_cuda_graph_decode_gives_the_eager_tokens(spec, budget):
     assert graph.generate(one, p, method=spec, budget=budget)[0].token_ids == \
         LLM.from_model(m, None, chunk_size=320, decode_mode="eager").generate(
             one, p, method=spec, budget=budget)[0].token_ids
+
+
+def test_per_head_kept_lengths_leave_holes_masked_in_every_mode(pairs):
+    """keep_top with a per-(batch, kv_head) count: shorter heads get holes (position -1), the
+    counts are what ``head_lengths`` reports, and eager and static decode attend alike over them."""
+    from kvsift.methods.base import keep_top
+
+    eager, static = pairs["llama"]
+    doc, q = random_prompt(160, seed=12), random_prompt(8, seed=13)
+    ctx = eager.prefill_context(doc, method="full")
+    g = torch.Generator().manual_seed(0)
+    for layer in ctx.cache.layers:
+        k = torch.tensor([[40, 97]])                                   # (batch, kv_heads): different per head
+        keep_top(layer, torch.rand(layer.positions.shape, generator=g), k)
+        assert torch.equal(layer.head_lengths(), k) and layer.length == 97
+        assert bool((layer.positions[0, 0, 40:] == -1).all())        # the shorter head's holes
+    p = SamplingParams(max_tokens=6, ignore_eos=True)
+    a = eager.generate(q, p, context=ctx)[0]
+    b = static.generate(q, p, context=ctx)[0]
+    assert a.token_ids == b.token_ids and b.stats.decode_mode == "static"

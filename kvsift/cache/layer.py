@@ -184,11 +184,7 @@ class SiftLayer(CacheLayerMixin):
         safe = idx.clamp(min=0)
         gi = safe[..., None].expand(*idx.shape, d)
         k, v, p = self.keys.gather(2, gi), self.values.gather(2, gi), self.positions.gather(2, safe)
-        if bool(hole.any()):
-            k = k.masked_fill(hole[..., None], 0)
-            v = v.masked_fill(hole[..., None], 0)
-            p = p.masked_fill(hole, -1)
-        self.set_kv(k, v, p)
+        self.set_kv(k.masked_fill(hole[..., None], 0), v.masked_fill(hole[..., None], 0), p.masked_fill(hole, -1))
 
     def head_lengths(self) -> torch.Tensor:
         """``(batch, kv_heads)`` int64: tokens really held per head (slots with a position >= 0)."""
