@@ -135,15 +135,7 @@ def selected_attention(query: torch.Tensor, layer: "SiftLayer", sel: "Selection 
 
 def _softcap_selected(query, k_buf, v_buf, pos, own, extra, qp, scale, window, softcap) -> torch.Tensor:
     """Soft-capped logits (no kernel): gather the selection and run masked attention."""
-    from kvsift.methods.base import SlotSource
-
-    n = pos.shape[2]
-    slots = torch.arange(n, device=pos.device).expand_as(pos) if own is None else torch.where(own < n, own, -1)
-    keys, values, kpos = SlotSource(k_buf, v_buf, pos, slots).gather()
-    if extra is not None:
-        sk, sv, sp = extra.gather()
-        keys, values = torch.cat([keys, sk.to(keys.dtype)], 2), torch.cat([values, sv.to(values.dtype)], 2)
-        kpos = torch.cat([kpos, sp.to(kpos.dtype)], 2)
+    keys, values, kpos = _union(k_buf, v_buf, pos, own, extra)
     return attend(query, keys, values, kpos, qp[:, None], scale, window, softcap)[:, :, 0]
 
 
@@ -182,7 +174,7 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         raise RuntimeError("this cache holds KV offloaded by sentencekv (e.g. a reused context): generate with "
                            "a method spec that includes sentencekv")
     if sel is not None:
-        keys, values, kpos = _union(layer, sel)
+        keys, values, kpos = _union(layer.keys, layer.values, layer.positions, sel.own, sel.extra)
     else:
         keys, values, kpos = key, value, layer.positions
     if sel is None and not ctx.has_padding and L == keys.shape[2] and sliding_window is None and softcap is None:
@@ -204,19 +196,21 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     return out.transpose(1, 2).contiguous(), None
 
 
-def _union(layer: "SiftLayer", sel: "Selection") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(keys, values, positions)`` copies of a selection (own slots or the whole buffer, then the
-    extra KV), for masked attention of several queries (a prefill chunk)."""
+def _union(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, own: torch.Tensor | None,
+           extra) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(keys, values, positions)`` copies of a selection over buffers ``(batch, kv_heads, n, ...)``:
+    the own slots (every slot when None; slots past ``n`` or negative dropped, position -1), then the
+    extra KV; for masked attention without the kernel (a prefill chunk, soft-capped logits)."""
     from kvsift.methods.base import SlotSource
 
-    if sel.own is None:
-        k, v, p = layer.keys, layer.values, layer.positions
-    else:
-        k, v, p = SlotSource(layer.keys, layer.values, layer.positions, sel.own).gather()
-    if sel.extra is None:
-        return k, v, p
-    xk, xv, xp = sel.extra.gather()
-    return torch.cat([k, xk.to(k.dtype)], 2), torch.cat([v, xv.to(v.dtype)], 2), torch.cat([p, xp.to(p.dtype)], 2)
+    if own is not None:
+        own = torch.where(own < positions.shape[2], own, -1)
+        keys, values, positions = SlotSource(keys, values, positions, own).gather()
+    if extra is None:
+        return keys, values, positions
+    xk, xv, xp = extra.gather()
+    return (torch.cat([keys, xk.to(keys.dtype)], 2), torch.cat([values, xv.to(values.dtype)], 2),
+            torch.cat([positions, xp.to(positions.dtype)], 2))
 
 
 def register_attention() -> None:
