@@ -186,6 +186,13 @@ class SiftLayer(CacheLayerMixin):
         k, v, p = self.keys.gather(2, gi), self.values.gather(2, gi), self.positions.gather(2, safe)
         self.set_kv(k.masked_fill(hole[..., None], 0), v.masked_fill(hole[..., None], 0), p.masked_fill(hole, -1))
 
+    def truncate(self, n: int) -> None:
+        """Drop every slot from ``n`` on (e.g. a reread pass's tokens); their positions become -1, so
+        a static decode reading the whole buffer never sees them."""
+        if self.k_buf is not None and n < self.length:
+            self.pos_buf[:, :, n:self.length] = -1
+            self.length = n
+
     def head_lengths(self) -> torch.Tensor:
         """``(batch, kv_heads)`` int64: tokens really held per head (slots with a position >= 0)."""
         return (self.positions >= 0).sum(-1)

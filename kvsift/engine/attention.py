@@ -33,6 +33,7 @@ class ForwardContext:
     method: "KVMethod"
     run: "Run"
     prefill_end: bool = False   # the last prefill chunk: methods compress after attending
+    rereading: bool = False     # a reread pass (``method.reread_passes``): its KV is dropped afterwards
     decoding: bool = False      # one new token per sequence
     has_padding: bool = False   # some slot or query position is -1
     step: int = 0               # decode step index (host-side: the engine plans steps)

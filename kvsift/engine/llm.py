@@ -288,8 +288,9 @@ class LLM:
 
     def _prefill(self, ids: list[list[int]], method: KVMethod, run: Run, context: Context | None,
                  progress: bool | None, reserve: int = 0):
+        rereads = context is None and bool(method.reread_passes(run, ids[0], self.tokenizer))
         rows = len(ids) > 1 and context is None and (
-            self.prefill_mode == "rows" or (self.prefill_mode == "auto" and method.row_prefill_ok()))
+            self.prefill_mode == "rows" or (self.prefill_mode == "auto" and method.row_prefill_ok()) or rereads)
         if rows:
             return self._prefill_rows(ids, method, run, progress, reserve)
         b, L = len(ids), max(len(x) for x in ids)
@@ -321,8 +322,33 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
+        if context is None:
+            self._finish_prefill(ctx, method, run, ids[0])
         ctx.next_pos = pos[:, -1] + 1
         return self._prefilled(ctx, method, base + L, t0, logits)
+
+    def _finish_prefill(self, ctx: ForwardContext, method: KVMethod, run: Run, row: list[int]) -> None:
+        """After a fresh prompt's prefill (one sequence, or a batch without reread passes): run the
+        method's reread passes, each attending to the prompt's KV and then dropped from the cache,
+        then its deferred compression (``method.finish_prefill``)."""
+        passes = method.reread_passes(run, row, self.tokenizer)
+        cache = ctx.cache
+        if passes:
+            seen, lengths = cache.seen, [ly.length for ly in cache.layers]
+            ctx.prefill_end, ctx.rereading = False, True
+            try:
+                for p in passes:
+                    toks = torch.tensor([p], dtype=torch.long, device=self.device)
+                    pos = torch.arange(seen, seen + len(p), device=self.device)[None]
+                    for s, e in _chunks(len(p), self.chunk_size, 0):
+                        self._forward(ctx, toks[:, s:e], pos[:, s:e])
+                    for ly, n in zip(cache.layers, lengths):
+                        ly.truncate(n)
+                    cache.seen = seen
+            finally:
+                ctx.rereading = False
+        with torch.inference_mode():
+            method.finish_prefill(run, cache.layers, ctx)
 
     def _chunk_bounds(self, n: int, method: KVMethod, fresh: bool = True) -> list[tuple[int, int]]:
         """Prefill chunks of a prompt of ``n`` tokens (the last one long enough for the method).
@@ -376,6 +402,7 @@ class LLM:
                     lg = self._forward(ctx, tokens[:, s:e], pos[:, s:e])
                     if bar is not None:
                         bar.update(1)
+                self._finish_prefill(ctx, method, run, row)
                 logits.append(lg)
                 parts.append([(ly.keys, ly.values, ly.positions) if ly.k_buf is not None else None
                               for ly in rc.layers])

@@ -233,8 +233,18 @@ class KVMethod:
         return None
 
     def after_attend(self, run: Run, layer: "SiftLayer", query: torch.Tensor, module, ctx: "ForwardContext") -> None:
-        if ctx.prefill_end:
+        if ctx.prefill_end and not ctx.rereading:
             self.prefill_end(run, layer, query, module, ctx)
+
+    def reread_passes(self, run: Run, prompt_ids: list[int], tokenizer) -> list[list[int]]:
+        """Token sequences the engine feeds after the prefill of one sequence (``prompt_ids``), each
+        attending to the prompt's KV and then dropped from the cache (``ctx.rereading`` is True
+        while they run); e.g. KVzip's context reconstruction. Default: none."""
+        return []
+
+    def finish_prefill(self, run: Run, layers: list, ctx: "ForwardContext") -> None:
+        """After the whole prefill of a sequence (and its reread passes), every layer at once:
+        deferred compression (e.g. a global budget over layers and heads). Default: nothing."""
 
     def stats(self, run: Run) -> dict[str, Any]:
         """Method-specific counters for the generation summary (may read device counters)."""
@@ -261,7 +271,21 @@ class KVMethod:
 
 @dataclass(frozen=True)
 class EvictionMethod(KVMethod):
-    """Prefill eviction: subclasses write ``score``; selection and gather live here, once."""
+    """Prefill eviction: subclasses write ``score``; selection and gather live here, once.
+
+    The steps, each overridable on its own so wrappers (``adakv(snapkv)``) reuse any scorer:
+
+    * ``observe(run, layer, query, module, ctx)``: after every prefill chunk (and every reread pass)
+      attended, e.g. to accumulate attention (H2O) or reconstruction scores (KVzip);
+    * ``prefill_scores(run, layer, query, module, ctx) -> (batch, kv_heads, n)``: at the end of the
+      prefill (default: ``score`` over the layer's KV with the last chunk's queries);
+    * ``compress(run, layer, scores)``: keep the top ``layer_budget`` slots per (batch, kv_head).
+
+    ``deferred`` methods compress after the whole prefill (``finish_prefill``, every layer at once,
+    after any ``reread_passes`` ran) instead of per layer at its end, with ``deferred_scores``.
+    """
+
+    deferred: ClassVar[bool] = False
 
     def score(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
               module, layer_idx: int) -> torch.Tensor:
@@ -276,12 +300,42 @@ class EvictionMethod(KVMethod):
     def row_prefill_ok(self) -> bool:
         return True  # keeps the top slots per row, no layer state
 
-    def prefill_end(self, run, layer, query, module, ctx) -> None:
+    def observe(self, run: Run, layer: "SiftLayer", query: torch.Tensor, module, ctx: "ForwardContext") -> None:
+        """After each prefill chunk or reread pass attended (``ctx.rereading`` tells which)."""
+
+    def prefill_scores(self, run: Run, layer: "SiftLayer", query: torch.Tensor, module,
+                       ctx: "ForwardContext") -> torch.Tensor:
+        """Scores ``(batch, kv_heads, n)`` of the layer's slots at the end of the prefill."""
+        return self.score(query, layer.keys, layer.values, layer.positions, module, layer.layer_idx)
+
+    def deferred_scores(self, run: Run, layer: "SiftLayer") -> torch.Tensor:
+        """Scores ``(batch, kv_heads, n)`` of a deferred method, after the whole prefill."""
+        raise NotImplementedError
+
+    def compress(self, run: Run, layer: "SiftLayer", scores: torch.Tensor) -> None:
+        """Keep the best ``layer_budget`` slots per (batch, kv_head) by ``scores``."""
         k = self.layer_budget(run, layer.layer_idx)
-        if layer.length <= k:
+        if layer.length > k:
+            keep_top(layer, scores, k)
+
+    def after_attend(self, run, layer, query, module, ctx) -> None:
+        if ctx.decoding:
             return
-        scores = self.score(query, layer.keys, layer.values, layer.positions, module, layer.layer_idx)
-        keep_top(layer, scores, k)
+        self.observe(run, layer, query, module, ctx)
+        if ctx.prefill_end and not ctx.rereading:
+            self.prefill_end(run, layer, query, module, ctx)
+
+    def prefill_end(self, run, layer, query, module, ctx) -> None:
+        if self.deferred or layer.length <= self.layer_budget(run, layer.layer_idx):
+            return
+        self.compress(run, layer, self.prefill_scores(run, layer, query, module, ctx))
+
+    def finish_prefill(self, run, layers, ctx) -> None:
+        if not self.deferred:
+            return
+        for layer in layers:
+            if layer.k_buf is not None and layer.length > self.layer_budget(run, layer.layer_idx):
+                self.compress(run, layer, self.deferred_scores(run, layer))
 
 
 @dataclass
@@ -404,6 +458,13 @@ class Compose(KVMethod):
     def after_attend(self, run, layer, query, module, ctx):
         for s, r in zip(self.stages, run.parts):
             s.after_attend(r, layer, query, module, ctx)
+
+    def reread_passes(self, run, prompt_ids, tokenizer):
+        return [p for s, r in zip(self.stages, run.parts) for p in s.reread_passes(r, prompt_ids, tokenizer)]
+
+    def finish_prefill(self, run, layers, ctx):
+        for s, r in zip(self.stages, run.parts):
+            s.finish_prefill(r, layers, ctx)
 
     def stats(self, run):
         out: dict[str, Any] = {}
