@@ -177,20 +177,30 @@ def test_cuda_graph_decode_gives_the_eager_tokens(spec, budget):
             one, p, method=spec, budget=budget)[0].token_ids
 
 
-def test_per_head_kept_lengths_leave_holes_masked_in_every_mode(pairs):
-    """keep_top with a per-(batch, kv_head) count: shorter heads get holes (position -1), the
-    counts are what ``head_lengths`` reports, and eager and static decode attend alike over them."""
+@pytest.mark.parametrize("lens", [(40, 97), (90, 97)])
+def test_per_head_kept_lengths_in_every_mode(pairs, lens):
+    """keep_top with a per-(batch, kv_head) count: ``head_lengths`` reports the counts; very
+    different lengths move to the compact per-head layout (``layer.ragged``: fewer bytes than
+    padding to the longest head), close ones leave holes (position -1); eager and static decode
+    attend alike either way."""
     from kvsift.methods.base import keep_top
 
     eager, static = pairs["llama"]
     doc, q = random_prompt(160, seed=12), random_prompt(8, seed=13)
     ctx = eager.prefill_context(doc, method="full")
     g = torch.Generator().manual_seed(0)
+    k = torch.tensor([lens])                                           # (batch, kv_heads): different per head
     for layer in ctx.cache.layers:
-        k = torch.tensor([[40, 97]])                                   # (batch, kv_heads): different per head
+        d, elt = layer.k_buf.shape[-1], layer.k_buf.element_size()
         keep_top(layer, torch.rand(layer.positions.shape, generator=g), k)
-        assert torch.equal(layer.head_lengths(), k) and layer.length == 97
-        assert bool((layer.positions[0, 0, 40:] == -1).all())        # the shorter head's holes
+        assert torch.equal(layer.head_lengths(), k)
+        if lens == (40, 97):
+            assert layer.ragged is not None and layer.length == 0
+            assert layer.used_bytes() == 2 * sum(lens) * d * elt       # no padding to the longest head
+            assert layer.nbytes() < 2 * 2 * max(lens) * d * elt
+        else:
+            assert layer.ragged is None and layer.length == 97
+            assert bool((layer.positions[0, 0, 90:] == -1).all())    # the shorter head's holes
     p = SamplingParams(max_tokens=6, ignore_eos=True)
     a = eager.generate(q, p, context=ctx)[0]
     b = static.generate(q, p, context=ctx)[0]

@@ -15,6 +15,12 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvsift.cache.ragged import RaggedKV
+
+RAGGED_SAVING = 0.9
+"""``keep`` stores per-head kept lengths compactly (:class:`RaggedKV`) when that holds at most this
+fraction of the padded layout's token entries."""
+
 
 class SiftLayer(CacheLayerMixin):
     """One decoder layer's KV: buffers ``k_buf``/``v_buf``/``pos_buf`` with ``length`` used slots."""
@@ -37,6 +43,11 @@ class SiftLayer(CacheLayerMixin):
         # per-layer method state: method name -> LayerState (typed: clone, nbytes, repeat_batch,
         # kv_state_dict / kv_from_state_dict, offloaded); the engine only calls those
         self.state: dict[str, Any] = {}
+        # kept KV whose length differs per head, stored compactly (kvsift.cache.ragged); the buffers
+        # above then hold only what came after (decode tokens, a context's question)
+        self.ragged: RaggedKV | None = None
+        # some used slot is a hole (position -1 inside the used length): attention needs the mask
+        self.holes = False
 
     @property
     def offloaded(self) -> bool:
@@ -134,6 +145,8 @@ class SiftLayer(CacheLayerMixin):
         self.k_buf = self.v_buf = self.pos_buf = None
         self.length = 0
         self.wslot = None
+        self.ragged = None
+        self.holes = False
         self.state.clear()
         self.is_initialized = False
 
@@ -149,20 +162,33 @@ class SiftLayer(CacheLayerMixin):
         self.v_buf[:, :, :n] = values
         self.pos_buf[:, :, :n] = positions
         self.length = n
+        self.holes = bool((positions < 0).any()) if n else False
         self.is_initialized = True
 
     def set_rows(self, rows: list) -> bool:
-        """Stack one ``(keys (1, kv_heads, n_i, head_dim), values, positions (1, kv_heads, n_i))``
-        per batch row (sequences prefilled one at a time) into this layer's buffers, shorter rows
-        padded with position -1; each row's entry is dropped from ``rows`` once copied (its memory
-        can go). Returns True when padding was added."""
+        """Stack one ``(keys (1, kv_heads, n_i, head_dim), values, positions (1, kv_heads, n_i),
+        ragged)`` per batch row (sequences prefilled one at a time) into this layer's buffers,
+        shorter rows padded with position -1 (``ragged``: the row's compact per-head KV or None; if
+        any row has one, every row's KV goes to one compact batch store); each row's entry is
+        dropped from ``rows`` once copied (its memory can go). Returns True when padding was added."""
+        if any(r[3] is not None for r in rows):
+            if any(r[3] is not None and r[0].shape[2] > 0 for r in rows):
+                raise RuntimeError("a row holds both compact per-head KV and buffered KV at prefill end")
+            self.ragged = RaggedKV.stack([r[3] if r[3] is not None else RaggedKV.from_dense(*r[:3]) for r in rows])
+            k0 = rows[0][0]
+            b, h, d = len(rows), k0.shape[1], k0.shape[3]
+            rows.clear()
+            self._alloc(b, h, self.cache.reserve, d, k0.dtype, k0.device)
+            self.length = 0
+            self.is_initialized = True
+            return True
         k0 = rows[0][0]
         _, h, _, d = k0.shape
         m = max(r[0].shape[2] for r in rows)
         self._alloc(len(rows), h, m + self.cache.reserve, d, k0.dtype, k0.device)
         padded = False
         for i in range(len(rows)):
-            k, v, p = rows[i]
+            k, v, p = rows[i][:3]
             n = k.shape[2]
             self.k_buf[i, :, :n] = k[0]
             self.v_buf[i, :, :n] = v[0]
@@ -177,10 +203,22 @@ class SiftLayer(CacheLayerMixin):
         return padded
 
     def keep(self, idx: torch.Tensor) -> None:
-        """Keep only slots ``idx (batch, kv_heads, k)`` (in that order); ``-1`` entries become holes
-        (position -1, zero KV), so kept lengths may differ per (batch, kv_head)."""
+        """Keep only slots ``idx (batch, kv_heads, k)`` (in that order); ``-1`` entries are none, so
+        kept lengths may differ per (batch, kv_head). When they differ enough that a compact layout
+        holds at most :data:`RAGGED_SAVING` of the padded one, the kept KV moves to ``self.ragged``
+        (no padding back to the longest head; the buffers then start empty, for what comes next);
+        otherwise the shorter heads' missing slots become holes (position -1, zero KV)."""
         d = self.k_buf.shape[-1]
         hole = idx < 0
+        if self.ragged is None and bool(hole.any()):
+            lens = (~hole).sum(-1)
+            padded = lens.shape[0] * lens.shape[1] * int(lens.max())
+            if int(lens.sum(-1).max()) * lens.shape[0] <= RAGGED_SAVING * padded:
+                self.ragged = RaggedKV.build(self.keys, self.values, self.positions, idx)
+                b, h = lens.shape
+                self.set_kv(self.k_buf.new_zeros(b, h, 0, d), self.v_buf.new_zeros(b, h, 0, d),
+                            self.pos_buf.new_zeros(b, h, 0))
+                return
         safe = idx.clamp(min=0)
         gi = safe[..., None].expand(*idx.shape, d)
         k, v, p = self.keys.gather(2, gi), self.values.gather(2, gi), self.positions.gather(2, safe)
@@ -194,8 +232,10 @@ class SiftLayer(CacheLayerMixin):
             self.length = n
 
     def head_lengths(self) -> torch.Tensor:
-        """``(batch, kv_heads)`` int64: tokens really held per head (slots with a position >= 0)."""
-        return (self.positions >= 0).sum(-1)
+        """``(batch, kv_heads)`` int64: tokens really held per head (slots with a position >= 0, and
+        the compact per-head part)."""
+        n = (self.positions >= 0).sum(-1)
+        return n if self.ragged is None else n + self.ragged.head_lengths()
 
     def written_slots(self, q: int) -> torch.Tensor:
         """``(q,)`` int64 device slots the last ``update`` wrote (static decode: from the device slot
@@ -224,13 +264,15 @@ class SiftLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         if self.k_buf is None:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self.k_buf, self.v_buf, self.pos_buf))
+        r = self.ragged.nbytes() if self.ragged is not None else 0
+        return r + sum(t.numel() * t.element_size() for t in (self.k_buf, self.v_buf, self.pos_buf))
 
     def used_bytes(self) -> int:
         if self.k_buf is None:
             return 0
         b, h, _, d = self.k_buf.shape
-        return 2 * b * h * self.length * d * self.k_buf.element_size()
+        r = self.ragged.used_bytes() if self.ragged is not None else 0
+        return r + 2 * b * h * self.length * d * self.k_buf.element_size()
 
 
 class SiftCache(Cache):
@@ -309,6 +351,8 @@ class SiftCache(Cache):
                 continue
             rep = (lambda t: t.repeat_interleave(batch_repeat, 0)) if batch_repeat > 1 else (lambda t: t)
             dst.set_kv(rep(src.keys), rep(src.values), rep(src.positions), reserve=self.reserve)
+            dst.ragged = src.ragged.clone(batch_repeat) if src.ragged is not None else None
+            dst.holes = src.holes
             dst.state = {k: v.clone() for k, v in src.state.items()}
             if batch_repeat > 1:
                 for v in dst.state.values():
@@ -323,6 +367,8 @@ class SiftCache(Cache):
                 out[f"layers.{i}.keys"] = layer.keys.contiguous()
                 out[f"layers.{i}.values"] = layer.values.contiguous()
                 out[f"layers.{i}.positions"] = layer.positions.contiguous()
+                if layer.ragged is not None:
+                    out.update({f"layers.{i}.ragged.{k}": t.contiguous() for k, t in layer.ragged.tensors().items()})
         return out
 
     @classmethod
@@ -336,4 +382,12 @@ class SiftCache(Cache):
                 if device is not None:
                     t = {k: v.to(device) for k, v in t.items()}
                 layer.set_kv(t["keys"], t["values"], t["positions"].to(torch.int32))
+                pre = f"layers.{i}.ragged."
+                rag = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+                if rag:
+                    r = RaggedKV.from_tensors(rag)
+                    if r.slots.shape[1] != t["keys"].shape[1] or r.keys.shape[2] != t["keys"].shape[3] \
+                            or r.keys.shape[0] != t["keys"].shape[0]:
+                        raise ValueError(f"layer {i}: ragged KV does not match the layer's shape")
+                    layer.ragged = r.to(layer.k_buf.device)
         return cache

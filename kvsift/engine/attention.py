@@ -119,24 +119,28 @@ def selected_attention(query: torch.Tensor, layer: "SiftLayer", sel: "Selection 
     k_buf, v_buf, pos = layer.k_buf[:, :, :n], layer.v_buf[:, :, :n], layer.pos_buf[:, :, :n]
     qp = query_pos[:, -1]                                                  # (b,)
     own = sel.own if sel is not None else None
-    extra = sel.extra if sel is not None else None
+    extras = [sel.extra] if sel is not None and sel.extra is not None else []
+    if layer.ragged is not None:  # kept KV of per-head lengths, stored compactly
+        extras.append(layer.ragged.source())
     if softcap is not None:  # no kernel for soft-capped logits: masked attention over copies
-        return _softcap_selected(query, k_buf, v_buf, pos, own, extra, qp, scale, sliding_window, softcap)
+        return _softcap_selected(query, k_buf, v_buf, pos, own, extras, qp, scale, sliding_window, softcap)
     # the kernel masks by position itself (empty, padding, future, out-of-window slots, and slots
     # past the buffer): no index table is built or masked per layer
     mask = dict(key_pos=pos, query_pos=qp, window=sliding_window)
     q = query[:, :, -1]
-    if extra is None:
+    if not extras:
         return sparse_decode_attention(q, k_buf, v_buf, own, scale, **mask)
-    parts = [sparse_decode_attention(q, k_buf, v_buf, own, scale, return_lse=True, **mask),
-             sparse_decode_attention(q, extra.keys.to(q.dtype), extra.values.to(q.dtype), extra.slots, scale,
-                                     return_lse=True, key_pos=extra.positions, query_pos=qp, window=sliding_window)]
+    parts = [sparse_decode_attention(q, k_buf, v_buf, own, scale, return_lse=True, **mask)]
+    for x in extras:
+        parts.append(sparse_decode_attention(q, x.keys.to(q.dtype), x.values.to(q.dtype), x.slots, scale,
+                                             return_lse=True, key_pos=x.positions, query_pos=qp,
+                                             window=sliding_window))
     return merge_attention(parts)
 
 
-def _softcap_selected(query, k_buf, v_buf, pos, own, extra, qp, scale, window, softcap) -> torch.Tensor:
+def _softcap_selected(query, k_buf, v_buf, pos, own, extras, qp, scale, window, softcap) -> torch.Tensor:
     """Soft-capped logits (no kernel): gather the selection and run masked attention."""
-    keys, values, kpos = _union(k_buf, v_buf, pos, own, extra)
+    keys, values, kpos = _union(k_buf, v_buf, pos, own, extras)
     return attend(query, keys, values, kpos, qp[:, None], scale, window, softcap)[:, :, 0]
 
 
@@ -158,13 +162,13 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if ctx.decoding:
         method.on_append(run, layer, ctx)
         sel = method.plan(run, layer, query, ctx)
-        if sel is not None or ctx.cache.static:
+        if sel is not None or ctx.cache.static or layer.ragged is not None:
             out = selected_attention(query, layer, sel, qpos, scale, ctx.cache.static, sliding_window, softcap)
             method.after_attend(run, layer, query, module, ctx)
             return out[:, None], None
         # eager, every used slot: masked attention over the buffer's views (no mask when every
         # cached key precedes the new token)
-        plain = not ctx.has_padding and sliding_window is None
+        plain = not ctx.has_padding and not layer.holes and sliding_window is None
         out = attend(query, key, value, None if plain else layer.positions, qpos, scale, sliding_window, softcap)
         method.after_attend(run, layer, query, module, ctx)
         return out.transpose(1, 2).contiguous(), None
@@ -174,13 +178,19 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if layer.offloaded and (sel is None or sel.extra is None):
         raise RuntimeError("this cache holds KV offloaded by sentencekv (e.g. a reused context): generate with "
                            "a method spec that includes sentencekv")
-    if sel is not None:
-        keys, values, kpos = _union(layer.keys, layer.values, layer.positions, sel.own, sel.extra)
+    extras = [sel.extra] if sel is not None and sel.extra is not None else []
+    if layer.ragged is not None:
+        extras.append(layer.ragged.source())
+    gathered = sel is not None or bool(extras)  # attend to copies of a selection, masked by position
+    if gathered:
+        keys, values, kpos = _union(layer.keys, layer.values, layer.positions, sel.own if sel is not None else None,
+                                    extras)
     else:
         keys, values, kpos = key, value, layer.positions
-    if sel is None and not ctx.has_padding and L == keys.shape[2] and sliding_window is None and softcap is None:
+    simple = not gathered and not ctx.has_padding and not layer.holes and sliding_window is None and softcap is None
+    if simple and L == keys.shape[2]:
         out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
-    elif sel is None and not ctx.has_padding and sliding_window is None and softcap is None:
+    elif simple:
         # a later prefill chunk: the chunk's tokens are the last L slots, in order, after every earlier
         # kept token, so the mask is causal aligned to the bottom right; flash attention (CUDA) does
         # that without the (kv_heads, group * L, n) boolean mask (4 GiB at 128k for a 1024 chunk), and
@@ -198,20 +208,22 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 
 
 def _union(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, own: torch.Tensor | None,
-           extra) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           extras: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(keys, values, positions)`` copies of a selection over buffers ``(batch, kv_heads, n, ...)``:
-    the own slots (every slot when None; slots past ``n`` or negative dropped, position -1), then the
-    extra KV; for masked attention without the kernel (a prefill chunk, soft-capped logits)."""
+    the own slots (every slot when None; slots past ``n`` or negative dropped, position -1), then
+    each extra :class:`~kvsift.methods.base.SlotSource`; for masked attention without the kernel
+    (a prefill chunk, soft-capped logits)."""
     from kvsift.methods.base import SlotSource
 
     if own is not None:
         own = torch.where(own < positions.shape[2], own, -1)
         keys, values, positions = SlotSource(keys, values, positions, own).gather()
-    if extra is None:
+    if not extras:
         return keys, values, positions
-    xk, xv, xp = extra.gather()
-    return (torch.cat([keys, xk.to(keys.dtype)], 2), torch.cat([values, xv.to(values.dtype)], 2),
-            torch.cat([positions, xp.to(positions.dtype)], 2))
+    gathered = [x.gather() for x in extras]
+    return (torch.cat([keys] + [g[0].to(keys.dtype) for g in gathered], 2),
+            torch.cat([values] + [g[1].to(values.dtype) for g in gathered], 2),
+            torch.cat([positions] + [g[2].to(positions.dtype) for g in gathered], 2))
 
 
 def register_attention() -> None:

@@ -404,7 +404,7 @@ class LLM:
                         bar.update(1)
                 self._finish_prefill(ctx, method, run, row)
                 logits.append(lg)
-                parts.append([(ly.keys, ly.values, ly.positions) if ly.k_buf is not None else None
+                parts.append([(ly.keys, ly.values, ly.positions, ly.ragged) if ly.k_buf is not None else None
                               for ly in rc.layers])
                 del rc, ctx  # the row's buffers live on only through the kept (compressed) views
         finally:

@@ -29,6 +29,7 @@ the engine passes (``ctx.step``) is what a method may branch on (``decode_varian
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -198,6 +199,7 @@ class KVMethod:
     name: ClassVar[str] = "base"
     needs_budget: ClassVar[bool] = True
     decode_only: ClassVar[bool] = False   # acts at decode only (no prefill-time state): Quest, TokenSelect
+    ragged: ClassVar[bool] = False        # keeps per-head lengths compactly (``layer.ragged``): no '+'
 
     def __post_init__(self):
         object.__setattr__(self, "budget", validate_budget(self.budget))
@@ -339,6 +341,72 @@ class EvictionMethod(KVMethod):
 
 
 @dataclass
+class WrapRun(Run):
+    """A wrapper's run: the wrapped scorer's own run in ``inner``."""
+
+    inner: Run | None = None
+
+
+@dataclass(frozen=True)
+class ScorerWrapper(EvictionMethod):
+    """Base of methods that wrap a scorer (an :class:`EvictionMethod`), written ``name(scorer)``,
+    e.g. ``adakv(snapkv)``: the scorer's ``observe``, ``prefill_scores``, ``deferred_scores``,
+    ``reread_passes`` and ``layer_budget`` run as they are; the wrapper changes the selection
+    (``compress``) or when it happens. ``scorer`` is the wrapped spec; ``self.inner`` the built
+    scorer (with the options it takes)."""
+
+    scorer: str = "snapkv"
+    inner: EvictionMethod | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.inner is None:
+            self.wrap(build_method(self.scorer, self.budget))
+
+    def wrap(self, inner: KVMethod) -> None:
+        """Set the wrapped scorer (``build_method`` builds it with its options)."""
+        if not isinstance(inner, EvictionMethod) or isinstance(inner, ScorerWrapper) or not inner.row_prefill_ok():
+            raise MethodOptionError(f"{self.name}(...) wraps a scorer (an eviction method such as snapkv, h2o, "
+                                    f"tova, expected_attention, kvzip), got {getattr(inner, 'spec', inner)!r}",
+                                    param="scorer")
+        object.__setattr__(self, "inner", inner)
+        object.__setattr__(self, "scorer", inner.spec)
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}({self.inner.spec})"
+
+    @property
+    def deferred(self) -> bool:  # type: ignore[override]
+        return self.inner.deferred
+
+    def start(self, prompt_len, num_layers) -> WrapRun:
+        inner = self.inner.start(prompt_len, num_layers)
+        return WrapRun(inner.tokens, prompt_len, num_layers, inner)
+
+    def min_last_chunk(self) -> int:
+        return self.inner.min_last_chunk()
+
+    def layer_budget(self, run, layer_idx):
+        return self.inner.layer_budget(run.inner, layer_idx)
+
+    def observe(self, run, layer, query, module, ctx):
+        self.inner.observe(run.inner, layer, query, module, ctx)
+
+    def prefill_scores(self, run, layer, query, module, ctx):
+        return self.inner.prefill_scores(run.inner, layer, query, module, ctx)
+
+    def deferred_scores(self, run, layer):
+        return self.inner.deferred_scores(run.inner, layer)
+
+    def reread_passes(self, run, prompt_ids, tokenizer):
+        return self.inner.reread_passes(run.inner, prompt_ids, tokenizer)
+
+    def stats(self, run):
+        return self.inner.stats(run.inner)
+
+
+@dataclass
 class SelectRun(Run):
     """A decode-time selection's run: ``sel_tokens`` attended per layer and KV head at each step."""
 
@@ -432,10 +500,15 @@ class Compose(KVMethod):
         if len(set(names)) != len(names):
             raise UnknownMethodError(f"a composition names each method once, got {'+'.join(names)}")
         object.__setattr__(self, "stages", tuple(self.stages))
+        ragged = [s.spec for s in self.stages if s.ragged]
+        if ragged:
+            raise UnknownMethodError(f"{ragged[0]} keeps a different number of tokens per head in a compact layout "
+                                     f"that other stages cannot read, so it does not compose with '+' ("
+                                     f"{self.spec!r}); it wraps a scorer instead, e.g. adakv(h2o)")
 
     @property
     def spec(self) -> str:
-        return "+".join(s.name for s in self.stages)
+        return "+".join(s.spec for s in self.stages)
 
     def start(self, prompt_len, num_layers):
         parts = [s.start(prompt_len, num_layers) for s in self.stages]
@@ -542,34 +615,95 @@ def method_class(name: str) -> type[KVMethod]:
     return _REGISTRY[name]
 
 
-def build_method(spec: "str | KVMethod", budget: Budget = None, **kwargs) -> KVMethod:
-    """Build a method from a spec such as ``"snapkv"`` or ``"snapkv+sentencekv"``.
+_PART = re.compile(r"\s*([A-Za-z_]\w*)\s*(?:\((.*)\))?\s*")
 
-    ``kwargs`` go to every stage that has a field of that name (unknown names are an error).
+
+def split_spec(spec: str) -> list[tuple[str, str | None]]:
+    """``"adakv(snapkv)+quest"`` -> ``[("adakv", "snapkv"), ("quest", None)]``: the ``+``-stages of a
+    spec, each a method name and the spec it wraps (``name(inner)``) or None."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UnknownMethodError(f"method must be a non-empty name, got {spec!r}")
+    parts, depth, cur = [], 0, ""
+    for ch in spec:
+        depth += (ch == "(") - (ch == ")")
+        if depth < 0:
+            raise UnknownMethodError(f"unbalanced parentheses in method spec {spec!r}")
+        if ch == "+" and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    if depth != 0:
+        raise UnknownMethodError(f"unbalanced parentheses in method spec {spec!r}")
+    out = []
+    for p in parts:
+        m = _PART.fullmatch(p)
+        if m is None:
+            raise UnknownMethodError(f"bad method spec {spec!r}: expected names joined by '+', a wrapper as "
+                                     f"name(method), e.g. 'adakv(snapkv)+quest'")
+        out.append((m.group(1), m.group(2)))
+    return out
+
+
+def spec_classes(spec: str) -> list[type["KVMethod"]]:
+    """Every method class a spec names, wrapped ones included (unknown names raise)."""
+    out = []
+    for name, inner in split_spec(spec):
+        cls = method_class(name)
+        out.append(cls)
+        if inner is not None:
+            out += spec_classes(inner)
+        elif issubclass(cls, ScorerWrapper):
+            out += spec_classes(cls.scorer)
+    return out
+
+
+def build_method(spec: "str | KVMethod", budget: Budget = None, **kwargs) -> KVMethod:
+    """Build a method from a spec such as ``"snapkv"``, ``"snapkv+sentencekv"`` or a wrapper over a
+    scorer, ``"adakv(snapkv)"`` (``"adakv"`` alone wraps its default scorer, or ``scorer=...``).
+
+    ``kwargs`` go to every stage (and wrapped scorer) that has a field of that name (unknown names
+    are an error).
     """
     if isinstance(spec, KVMethod):
         return spec
-    if not isinstance(spec, str) or not spec.strip():
-        raise UnknownMethodError(f"method must be a non-empty name, got {spec!r}")
-    names = [p.strip() for p in spec.split("+")]
-    classes = [method_class(n) for n in names]
+    classes = spec_classes(spec)
     known = {f.name for c in classes for f in fields(c) if f.init}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise MethodOptionError(f"unknown option(s) {unknown} for method {spec!r}; options: {sorted(known - {'budget'})}")
-    stages = []
-    for c in classes:
-        own = {f.name: f for f in fields(c) if f.init}
-        opts = {k: v for k, v in kwargs.items() if k in own}
-        for k, v in opts.items():
-            _check_option_type(c.name, k, own[k].type, v)
-        try:
-            stages.append(c(budget=budget, **opts))
-        except (TypeError, ValueError) as e:
-            if isinstance(e, BudgetError | MethodOptionError | UnknownMethodError):
-                raise
-            raise MethodOptionError(f"method {c.name!r}: {e}") from None
+    stages = [_build_stage(name, inner, budget, kwargs) for name, inner in split_spec(spec)]
     return stages[0] if len(stages) == 1 else Compose(budget=budget, stages=tuple(stages))
+
+
+def _build_stage(name: str, inner_spec: str | None, budget: Budget, kwargs: dict) -> KVMethod:
+    c = method_class(name)
+    wrapper = issubclass(c, ScorerWrapper)
+    if inner_spec is not None and not wrapper:
+        raise UnknownMethodError(f"method {name!r} wraps no other method (wrappers: "
+                                 f"{', '.join(sorted(n for n, k in _REGISTRY.items() if issubclass(k, ScorerWrapper)))})")
+    own = {f.name: f for f in fields(c) if f.init}
+    opts = {k: v for k, v in kwargs.items() if k in own}
+    for k, v in opts.items():
+        _check_option_type(c.name, k, own[k].type, v)
+    inner = None
+    if wrapper:
+        spec = inner_spec if inner_spec is not None else opts.get("scorer", c.scorer)
+        parts = split_spec(spec)
+        if len(parts) != 1:
+            raise UnknownMethodError(f"{name}(...) wraps one method, got {spec!r}")
+        inner = _build_stage(parts[0][0], parts[0][1], budget, kwargs)
+        opts["scorer"] = inner.spec
+    try:
+        m = c(budget=budget, **opts)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, BudgetError | MethodOptionError | UnknownMethodError):
+            raise
+        raise MethodOptionError(f"method {c.name!r}: {e}") from None
+    if inner is not None:
+        m.wrap(inner)
+    return m
 
 
 _SIMPLE_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),

@@ -1,0 +1,138 @@
+"""``duo``: DuoAttention (Xiao et al., 2024, arXiv 2410.10819), training-free - retrieval heads keep
+the whole context, streaming heads keep attention sinks plus a recent window.
+
+The paper learns a gate per head on synthetic passkey data. Here the heads are told apart on the
+prompt itself, with no training and no per-model files: the last ``window`` prompt queries attend
+to every key (one dense pass over the window, as SnapKV's vote), and a KV head's *long-range mass*
+is the attention they put on keys that are neither sinks nor within ``recent`` tokens of the end,
+averaged over the window and the query heads of the group. Heads with the highest long-range mass
+are retrieval heads, ranked over **all layers and heads at once** (deferred compression: the
+ranking needs every layer's mass, so the cache is compressed after the whole prefill). Why the
+prompt: it costs one window pass per layer, adapts to each document (a retrieval head in code may
+be a local one in prose), and needs nothing stored per model; the price is that the pattern is
+chosen per prompt rather than validated on a calibration set.
+
+How many heads are retrieval heads: with a ``budget`` (mean tokens kept per head over all layers
+and heads), as many as fit it, ``r * n + (1 - r) * (sinks + recent) = budget``; without one,
+``retrieval_ratio`` of them. Streaming heads keep ``sinks + recent`` tokens, so the device KV
+bytes shrink by the streaming fraction (stored compactly, :class:`kvsift.cache.ragged.RaggedKV`).
+Generated tokens are kept for every head (at most ``max_tokens`` per head: streaming heads do not
+roll their window during decode, unlike the paper's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from kvsift.methods.base import EvictionMethod, Run, keep_top, register
+from kvsift.methods.snapkv import window_attention_scores
+
+
+def long_range_mass(attn: torch.Tensor, positions: torch.Tensor, sinks: int, recent: int) -> torch.Tensor:
+    """``(batch, kv_heads)``: attention mass ``attn (batch, kv_heads, n)`` (mean attention of the
+    window's queries per key) on keys that are neither among the first ``sinks`` positions nor
+    among the last ``recent`` positions of the row."""
+    last = positions.amax(-1, keepdim=True)                                 # (b, h, 1)
+    far = (positions >= sinks) & (positions <= last - recent)
+    return (attn * far).sum(-1)
+
+
+@dataclass
+class DuoRun(Run):
+    mass: dict = field(default_factory=dict)       # layer index -> (batch, kv_heads) long-range mass
+    retrieval: float = 0.0                          # fraction of heads kept whole (last prefill)
+
+
+@register("duo")
+@dataclass(frozen=True)
+class DuoAttention(EvictionMethod):
+    """DuoAttention, training-free: retrieval heads keep everything, streaming heads sinks + window.
+
+    Parameters
+    ----------
+    budget : int | float | None
+        Mean tokens kept per KV head over all layers and heads; sets how many heads are retrieval
+        heads. None: ``retrieval_ratio`` of them.
+    retrieval_ratio : float
+        Fraction of KV heads kept whole when there is no budget.
+    sinks : int
+        First tokens a streaming head keeps.
+    recent : int
+        Last prompt tokens a streaming head keeps.
+    window : int
+        Last prompt queries whose attention tells retrieval from streaming heads.
+    """
+
+    retrieval_ratio: float = 0.5
+    sinks: int = 64
+    recent: int = 256
+    window: int = 32
+    needs_budget: ClassVar[bool] = False
+    deferred: ClassVar[bool] = True
+    ragged: ClassVar[bool] = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.retrieval_ratio <= 1.0:
+            raise ValueError(f"retrieval_ratio must be in [0, 1], got {self.retrieval_ratio}")
+        if self.sinks < 0 or self.recent < 1:
+            raise ValueError(f"sinks must be >= 0 and recent >= 1, got sinks={self.sinks}, recent={self.recent}")
+        if not 1 <= self.window <= 4096:
+            raise ValueError(f"window must be in [1, 4096], got {self.window}")
+
+    def start(self, prompt_len: int, num_layers: int) -> DuoRun:
+        from kvsift.budget import resolve_budget
+
+        tokens = resolve_budget(self.budget, prompt_len) if self.budget is not None else prompt_len
+        return DuoRun(tokens, prompt_len, num_layers)
+
+    def min_last_chunk(self) -> int:
+        return self.window
+
+    def layer_budget(self, run, layer_idx: int) -> int:
+        return run.prompt_len  # the budget is global: finish_prefill allocates it
+
+    def retrieval_fraction(self, run: DuoRun, n: int) -> float:
+        """Fraction of heads kept whole for a prompt of ``n`` tokens."""
+        if self.budget is None:
+            return self.retrieval_ratio
+        stream = min(self.sinks + self.recent, n)
+        if n <= stream:
+            return 1.0
+        return float(min(1.0, max(0.0, (run.tokens - stream) / (n - stream))))
+
+    def prefill_end(self, run, layer, query, module, ctx) -> None:
+        scale = getattr(module, "scaling", layer.keys.shape[-1] ** -0.5)
+        attn = window_attention_scores(query, layer.keys, layer.positions, self.window, scale)
+        run.mass[layer.layer_idx] = long_range_mass(attn, layer.positions, self.sinks, self.recent)
+
+    def finish_prefill(self, run: DuoRun, layers, ctx) -> None:
+        idx = sorted(i for i in run.mass if layers[i].k_buf is not None)
+        if not idx:
+            return
+        mass = torch.stack([run.mass.pop(i) for i in idx], 1)                 # (b, L, h)
+        b, L, h = mass.shape
+        n = max(int((layers[i].positions >= 0).sum(-1).max()) for i in idx)
+        frac = self.retrieval_fraction(run, n)
+        run.retrieval = frac
+        k = round(frac * L * h)
+        retrieval = torch.zeros(b, L * h, dtype=torch.bool, device=mass.device)
+        if k > 0:
+            retrieval.scatter_(1, mass.flatten(1).topk(k, dim=-1).indices, True)
+        retrieval = retrieval.view(b, L, h)
+        if bool(retrieval.all()):
+            return  # every head keeps everything
+        for j, i in enumerate(idx):
+            layer = layers[i]
+            pos = layer.positions
+            valid = pos >= 0
+            last = pos.amax(-1, keepdim=True)
+            local = valid & ((pos < self.sinks) | (pos > last - self.recent))
+            keep = torch.where(retrieval[:, j, :, None], valid, local)          # (b, h, n)
+            keep_top(layer, keep.float(), keep.sum(-1))
+
+    def stats(self, run: DuoRun) -> dict:
+        return {"retrieval_heads": round(run.retrieval, 4)}
