@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", type=Path, help="file with the document / prompt")
     src.add_argument("--prompt", help="the prompt text")
     g.add_argument("--question", default=None, help="question appended after the document")
-    g.add_argument("--method", default="full", help="KV method, e.g. full, snapkv, streaming, snapkv+sentencekv "
+    g.add_argument("--method", default="full", help="KV method, e.g. full, snapkv, streaming, snapkv+sentencekv, 'adakv(snapkv)' "
                                                    "(see `kvsift methods`)")
     g.add_argument("--budget", default=None, help="KV budget: tokens (1024), ratio (0.25) or percent (25%%)")
     g.add_argument("--method-opt", action="append", default=[], metavar="KEY=VALUE",
@@ -159,8 +159,9 @@ def cmd_methods(args) -> int:
         opts = ", ".join(f"{o}={d!r}" for o, d, _ in method_options(name) if o != "budget")
         if opts:
             print(f"{'':<{width}}    options: {opts}")
-    print("\nCompose with '+', e.g. snapkv+sentencekv (evict at prefill, then select at decode); "
-          "`kvsift methods NAME` describes each option; pass them as --method-opt KEY=VALUE.")
+    print("\nCompose with '+', e.g. snapkv+sentencekv (evict at prefill, then select at decode); wrappers take a "
+          "scorer, e.g. 'adakv(h2o)', 'decoding(snapkv)'; `kvsift methods NAME` describes each option; pass them "
+          "as --method-opt KEY=VALUE.")
     return 0
 
 

@@ -14,7 +14,8 @@ chosen per prompt rather than validated on a calibration set.
 
 How many heads are retrieval heads: with a ``budget`` (mean tokens kept per head over all layers
 and heads), as many as fit it, ``r * n + (1 - r) * (sinks + recent) = budget``; without one,
-``retrieval_ratio`` of them. Streaming heads keep ``sinks + recent`` tokens, so the device KV
+``retrieval_ratio`` of them. A budget below ``sinks + recent`` makes every head a streaming head
+keeping ``budget`` tokens (a quarter of them sinks at most). Streaming heads keep ``sinks + recent`` tokens, so the device KV
 bytes shrink by the streaming fraction (stored compactly, :class:`kvsift.cache.ragged.RaggedKV`).
 Generated tokens are kept for every head (at most ``max_tokens`` per head: streaming heads do not
 roll their window during decode, unlike the paper's).
@@ -95,11 +96,20 @@ class DuoAttention(EvictionMethod):
     def layer_budget(self, run, layer_idx: int) -> int:
         return run.prompt_len  # the budget is global: finish_prefill allocates it
 
+    def streaming_window(self, run: DuoRun) -> tuple[int, int]:
+        """``(sinks, recent)`` a streaming head keeps: the options, shrunk to the budget when it is
+        smaller (then every head is a streaming head: StreamingLLM at that budget)."""
+        total = self.sinks + self.recent
+        if self.budget is None or run.tokens >= total:
+            return self.sinks, self.recent
+        sinks = min(self.sinks, run.tokens // 4)
+        return sinks, max(1, run.tokens - sinks)
+
     def retrieval_fraction(self, run: DuoRun, n: int) -> float:
         """Fraction of heads kept whole for a prompt of ``n`` tokens."""
         if self.budget is None:
             return self.retrieval_ratio
-        stream = min(self.sinks + self.recent, n)
+        stream = min(sum(self.streaming_window(run)), n)
         if n <= stream:
             return 1.0
         return float(min(1.0, max(0.0, (run.tokens - stream) / (n - stream))))
@@ -107,7 +117,7 @@ class DuoAttention(EvictionMethod):
     def prefill_end(self, run, layer, query, module, ctx) -> None:
         scale = getattr(module, "scaling", layer.keys.shape[-1] ** -0.5)
         attn = window_attention_scores(query, layer.keys, layer.positions, self.window, scale)
-        run.mass[layer.layer_idx] = long_range_mass(attn, layer.positions, self.sinks, self.recent)
+        run.mass[layer.layer_idx] = long_range_mass(attn, layer.positions, *self.streaming_window(run))
 
     def finish_prefill(self, run: DuoRun, layers, ctx) -> None:
         idx = sorted(i for i in run.mass if layers[i].k_buf is not None)
@@ -125,12 +135,13 @@ class DuoAttention(EvictionMethod):
         retrieval = retrieval.view(b, L, h)
         if bool(retrieval.all()):
             return  # every head keeps everything
+        sinks, recent = self.streaming_window(run)
         for j, i in enumerate(idx):
             layer = layers[i]
             pos = layer.positions
             valid = pos >= 0
             last = pos.amax(-1, keepdim=True)
-            local = valid & ((pos < self.sinks) | (pos > last - self.recent))
+            local = valid & ((pos < sinks) | (pos > last - recent))
             keep = torch.where(retrieval[:, j, :, None], valid, local)          # (b, h, n)
             keep_top(layer, keep.float(), keep.sum(-1))
 

@@ -34,6 +34,7 @@ from kvsift.engine import Context, RequestOutput, SamplingParams, StreamEvent
 from kvsift.errors import (BudgetError, ContextLengthError, IdempotencyKeyReusedError, KVSiftError,
                            MethodOptionError, UnknownMethodError)
 from kvsift.methods import KVMethod, build_method, method_class
+from kvsift.methods.base import spec_classes
 from kvsift.server.auth import ANONYMOUS_ADMIN, Principal
 from kvsift.server.config import ServerConfig
 from kvsift.server.contexts import ContextRecord, ContextStore, Reservation, model_fingerprint
@@ -405,7 +406,7 @@ def _check_options(spec: str, options: dict | None) -> dict:
     if not options or not isinstance(spec, str):
         return options
     try:
-        classes = [method_class(n.strip()) for n in spec.split("+")]
+        classes = spec_classes(spec)
     except KVSiftError:
         return options  # build_method reports the unknown name
     declared: dict[str, set[str] | None] = {}

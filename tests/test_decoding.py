@@ -1,0 +1,61 @@
+"""``decoding(<scorer>)``: the scorer re-applied every ``interval`` generated tokens, so a long
+generation's cache stays within ``budget + interval`` tokens per head."""
+
+import pytest
+
+from kvsift import SamplingParams, build_method
+from kvsift.errors import MethodOptionError
+from tests.conftest import random_prompt
+
+
+def _lengths_during(llm, ids, max_tokens, **kw):
+    """Layer 0's used length after every decode step of a generation."""
+    from kvsift.engine.attention import ForwardContext  # noqa: F401 (types only)
+
+    m = build_method("decoding", kw.pop("budget"), **kw)
+    run = m.start(len(ids), llm.info.num_layers)
+    seen = []
+    with llm.lock:
+        cache, _, (ctx, logits) = llm._prefill([ids], m, run, None, False, reserve=max_tokens + 1)
+        seen.append(cache.layers[0].length)
+        ctx.decoding = True
+        pos = ctx.next_pos
+        for step in range(max_tokens):
+            ctx.step = step
+            logits = llm._forward(ctx, logits.argmax(-1, keepdim=True), pos[:, None])
+            pos = pos + 1
+            seen.append(cache.layers[0].length)
+    return seen
+
+
+def test_cache_stays_within_budget_plus_interval(tiny_llm):
+    ids = random_prompt(200, seed=1)
+    seen = _lengths_during(tiny_llm, ids, 40, budget=48, interval=8)
+    assert seen[0] == 48                                   # the prompt compressed at prefill end
+    assert max(seen) <= 48 + 8
+    assert seen[8] == 48 and seen[16] == 48                # each 8th step compresses back
+    # kvpress's DecodingPress way: the prompt untouched, the first compression after `interval` steps
+    seen = _lengths_during(tiny_llm, ids, 20, budget=48, interval=8, prefill=False)
+    assert seen[0] == 200 and seen[7] == 207 and seen[8] == 48
+
+
+def test_bytes_really_drop_and_whole_budget_is_exact(tiny_llm):
+    ids = random_prompt(200, seed=2)
+    p = SamplingParams(max_tokens=30, ignore_eos=True)
+    out = tiny_llm.generate(ids, p, method="decoding", budget=48, method_kwargs={"interval": 8, "prefill": False})[0]
+    assert out.stats.kv_device_bytes_end < out.stats.kv_device_bytes / 2
+    assert out.stats.decode_mode == "eager"
+    short = SamplingParams(max_tokens=8, ignore_eos=True)
+    full = tiny_llm.generate(ids, short)[0].token_ids
+    assert tiny_llm.generate(ids, short, method="decoding(streaming)", budget=len(ids))[0].token_ids == full
+
+
+def test_wraps_only_scorers_that_score_from_queries():
+    assert build_method("decoding(pyramidkv)", 64).spec == "decoding(pyramidkv)"
+    with pytest.raises(MethodOptionError, match="wraps a scorer"):
+        build_method("decoding(sentencekv)", 64)
+    with pytest.raises(MethodOptionError, match="wraps a scorer"):
+        build_method("decoding(adakv(snapkv))", 64)
+    for kw, word in [({"interval": 0}, "interval"), ({"query_window": 0}, "query_window")]:
+        with pytest.raises(ValueError, match=word):
+            build_method("decoding", 64, **kw)
