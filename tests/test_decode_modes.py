@@ -13,8 +13,9 @@ from tests.conftest import random_prompt
 
 SPECS = [("full", None), ("snapkv", 64), ("pyramidkv", 64), ("sentencekv", 96), ("snapkv+sentencekv", 96),
          ("sentencekv", 1.0), ("sentencekv:reselect", 96), ("quest", 64), ("snapkv+quest", 96),
-         ("tokenselect", 48), ("tokenselect:reuse", 48), ("squeezed", 64)]
+         ("tokenselect", 48), ("tokenselect:reuse", 48), ("squeezed", 64), ("adakv", 64), ("duo", 96)]
 KW = {"sentencekv:reselect": {"reselect_every": 3}, "snapkv+quest": {"decode_budget": 48},
+      "duo": {"sinks": 4, "recent": 28},
       "tokenselect:reuse": {"reuse_threshold": 0.5}}
 
 
@@ -157,7 +158,7 @@ def test_cuda_graphs_per_kind_of_step_give_the_eager_tokens(spec, budget, kw):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("spec,budget", [("full", None), ("snapkv", 64), ("sentencekv", 96), ("sentencekv", 1.0),
                                          ("quest", 64), ("snapkv+quest", 128), ("tokenselect", 64),
-                                         ("squeezed", 64)])
+                                         ("squeezed", 64), ("adakv", 64), ("duo", 96)])
 def test_cuda_graph_decode_gives_the_eager_tokens(spec, budget):
     m = tiny_model("llama", seed=1).to("cuda")  # no tokenizer needed: token-id prompts
     eager = LLM.from_model(m, None, chunk_size=64, decode_mode="eager")
