@@ -175,3 +175,17 @@ def test_static_ok_only_without_decode_eviction():
 def test_bad_options(kw, msg):
     with pytest.raises(ValueError, match=msg):
         build_method("h2o", 64, **kw)
+
+
+def test_a_reused_context_keeps_its_scores_and_the_question_adds_to_them(tiny_llm):
+    """The context's scores travel with its cache (clone, persisted fields); the question's chunks
+    are appended after them, and compression and decode stay within the budget."""
+    ctx = tiny_llm.prefill_context(random_prompt(200, seed=55), method="h2o", budget=64)
+    st = ctx.cache.layers[0].state["h2o"]
+    tensors, extra = st.kv_state_dict()
+    again = type(st).kv_from_state_dict(tensors, extra, "cpu")
+    assert again.n == st.n == 64 and torch.equal(again.acc, st.acc)
+    out = tiny_llm.generate(random_prompt(30, seed=56), SamplingParams(max_tokens=5, ignore_eos=True), method="h2o",
+                            budget=64, context=ctx)[0]
+    assert len(out.token_ids) == 5 and out.stats.kv_device_bytes < out.stats.kv_full_bytes
+    assert ctx.cache.layers[0].length == 64                                  # the context itself is untouched
