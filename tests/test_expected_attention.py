@@ -191,7 +191,8 @@ def test_budget_of_whole_prompt_equals_full_and_a_small_budget_saves_memory(tiny
     ids = random_prompt(160, seed=72)
     p = SamplingParams(max_tokens=8, ignore_eos=True)
     full = tiny_llm.generate(ids, p)[0].token_ids
-    assert tiny_llm.generate(ids, p, method="expected_attention", budget=len(ids), method_kwargs=kw)[0].token_ids == full
+    same = tiny_llm.generate(ids, p, method="expected_attention", budget=len(ids), method_kwargs=kw)[0]
+    assert same.token_ids == full
     out = tiny_llm.generate(ids, p, method="expected_attention", budget=40, method_kwargs=kw)[0]
     assert len(out.token_ids) == 8 and out.stats.kv_device_bytes < out.stats.kv_full_bytes
     ctx = tiny_llm.prefill_context(ids, method="expected_attention", budget=40, method_kwargs=kw)

@@ -170,8 +170,8 @@ def test_static_ok_only_without_decode_eviction():
     assert build_method("h2o", 64, recent=100).recent_tokens(64) == 64
 
 
-@pytest.mark.parametrize("kw,msg", [({"recent": -1}, "recent"), ({"recent": 1.5}, "recent"), ({"recent": "8"}, "recent"),
-                                    ({"decode_evict": "yes"}, "decode_evict")])
+@pytest.mark.parametrize("kw,msg", [({"recent": -1}, "recent"), ({"recent": 1.5}, "recent"),
+                                    ({"recent": "8"}, "recent"), ({"decode_evict": "yes"}, "decode_evict")])
 def test_bad_options(kw, msg):
     with pytest.raises(ValueError, match=msg):
         build_method("h2o", 64, **kw)

@@ -310,7 +310,8 @@ class LLM:
         else:
             cache = SiftCache(self.info.num_layers, capacity_hint=L + reserve, reserve=reserve)
         ctx = ForwardContext(cache=cache, method=method, run=run, has_padding=bool((~valid).any()),
-                             prompt_ids=ids, tokenizer=self.tokenizer, rope=self._rope)  # sentencekv segments the prompt
+                             prompt_ids=ids, tokenizer=self.tokenizer,  # sentencekv segments the prompt
+                             rope=self._rope)
         bounds = self._chunk_bounds(L, method, fresh=context is None and not ctx.has_padding)
         bar = self._prefill_bar(progress, L, len(bounds), f"prefill {L} tokens")
         t0 = time.perf_counter()
