@@ -249,17 +249,22 @@ class SiftLayer(CacheLayerMixin):
         oldest unprotected token (position >= ``protect_below``; padding goes first). O(slots) per
         token, no buffer copy: StreamingLLM's rolling window."""
         while self.length > limit:
-            last = self.length - 1
-            pos = self.pos_buf[:, :, :last].to(torch.int64)
+            pos = self.pos_buf[:, :, : self.length - 1].to(torch.int64)
             big = torch.iinfo(torch.int64).max
             pos = torch.where((pos >= 0) & (pos < protect_below), big, pos)
-            victim = pos.argmin(-1, keepdim=True)  # (b, h, 1)
-            d = self.k_buf.shape[-1]
-            vi = victim[..., None].expand(*victim.shape, d)
-            self.k_buf.scatter_(2, vi, self.k_buf[:, :, last : last + 1])
-            self.v_buf.scatter_(2, vi, self.v_buf[:, :, last : last + 1])
-            self.pos_buf.scatter_(2, victim, self.pos_buf[:, :, last : last + 1])
-            self.length = last
+            self.replace_slot(pos.argmin(-1, keepdim=True))
+
+    def replace_slot(self, victim: torch.Tensor) -> None:
+        """Evict the tokens at slots ``victim (batch, kv_heads, 1)`` int64: the newest slot moves into
+        each victim's slot (a victim may be the newest slot itself) and ``length`` drops by one. No
+        buffer copy; a method's per-slot state follows with the same scatter."""
+        last = self.length - 1
+        vi = victim[..., None].expand(*victim.shape, self.k_buf.shape[-1])
+        self.k_buf.scatter_(2, vi, self.k_buf[:, :, last : last + 1])
+        self.v_buf.scatter_(2, vi, self.v_buf[:, :, last : last + 1])
+        self.pos_buf.scatter_(2, victim, self.pos_buf[:, :, last : last + 1])
+        self.pos_buf[:, :, last] = -1  # a slot past the used ones is empty (a static read masks it)
+        self.length = last
 
     def nbytes(self) -> int:
         if self.k_buf is None:

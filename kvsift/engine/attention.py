@@ -43,6 +43,8 @@ class ForwardContext:
     next_pos: torch.Tensor | None = None    # (batch,) position of each row's next token after prefill
     row: tuple[int, int] | None = None      # prefill one sequence at a time: (row index, batch size)
     row_states: list | None = None          # ...then the batch cache's per-layer state dicts
+    rope: Any = None                        # rope(positions (batch, n), layer_idx) -> (cos, sin)
+                                            # (batch, n, head_dim) fp32, see rope_function; None: no RoPE
 
 
 _CTX: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar("kvsift_ctx", default=None)
@@ -224,6 +226,28 @@ def _union(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, ow
     return (torch.cat([keys] + [g[0].to(keys.dtype) for g in gathered], 2),
             torch.cat([values] + [g[1].to(values.dtype) for g in gathered], 2),
             torch.cat([positions] + [g[2].to(positions.dtype) for g in gathered], 2))
+
+
+def rope_function(model: torch.nn.Module):
+    """The model's rotary embedding as ``rope(positions (batch, n), layer_idx) -> (cos, sin)``, each
+    ``(batch, n, head_dim)`` fp32, exactly what the model applies (``q * cos + rotate_half(q) * sin``,
+    ``attention_scaling`` included), for methods that move queries between positions (e.g.
+    ``expected_attention``). None when the model has no module named ``rotary_emb``."""
+    import inspect
+
+    found = [(n.count("."), n, m) for n, m in model.named_modules() if n.split(".")[-1] == "rotary_emb"]
+    if not found:
+        return None
+    emb = min(found, key=lambda t: t[:2])[2]
+    types = getattr(getattr(emb, "config", None), "layer_types", None)
+    by_type = "layer_type" in inspect.signature(emb.forward).parameters  # gemma3: one per attention type
+
+    def rope(positions: torch.Tensor, layer_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.empty(0, dtype=torch.float32, device=positions.device)
+        args = (types[layer_idx],) if by_type and types else ()
+        return emb(x, positions.long(), *args)
+
+    return rope
 
 
 def register_attention() -> None:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kvsift.cache import SiftCache
-from kvsift.engine.attention import ForwardContext, forward_context, model_configs, use_kvsift_attention
+from kvsift.engine.attention import (ForwardContext, forward_context, model_configs, rope_function,
+                                     use_kvsift_attention)
 from kvsift.engine.decode import DecodeRunner, check_decode_mode, pick_decode_mode
 from kvsift.engine.params import GenerationStats, RequestOutput, SamplingParams, StreamEvent
 from kvsift.methods import KVMethod, build_method
@@ -103,6 +104,7 @@ class LLM:
         self.model, self.tokenizer, self.info, self.chunk_size = model, tokenizer, info, chunk_size
         self.device = info.device
         self._configs = model_configs(model)
+        self._rope = rope_function(model)  # ForwardContext.rope: methods that move queries between positions
         # the cache argument's name: ``cache`` from transformers 5.x (``past_key_values`` is deprecated
         # there, removed in 5.40), ``past_key_values`` before
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -308,7 +310,8 @@ class LLM:
         else:
             cache = SiftCache(self.info.num_layers, capacity_hint=L + reserve, reserve=reserve)
         ctx = ForwardContext(cache=cache, method=method, run=run, has_padding=bool((~valid).any()),
-                             prompt_ids=ids, tokenizer=self.tokenizer)  # sentencekv segments the prompt
+                             prompt_ids=ids, tokenizer=self.tokenizer,  # sentencekv segments the prompt
+                             rope=self._rope)
         bounds = self._chunk_bounds(L, method, fresh=context is None and not ctx.has_padding)
         bar = self._prefill_bar(progress, L, len(bounds), f"prefill {L} tokens")
         t0 = time.perf_counter()
@@ -394,7 +397,7 @@ class LLM:
             for i, (row, plan) in enumerate(zip(ids, plans)):
                 rc = SiftCache(self.info.num_layers, capacity_hint=len(row), reserve=0)
                 ctx = ForwardContext(cache=rc, method=method, run=run, prompt_ids=[row], tokenizer=self.tokenizer,
-                                     row=(i, b), row_states=row_states)
+                                     row=(i, b), row_states=row_states, rope=self._rope)
                 tokens = torch.tensor([row], dtype=torch.long, device=dev)
                 pos = torch.arange(len(row), device=dev)[None]
                 for s, e in plan:
@@ -419,7 +422,8 @@ class LLM:
                 padded |= layer.set_rows(rows)
         cache.seen = L
         ctx = ForwardContext(cache=cache, method=method, run=run, has_padding=padded, prompt_ids=ids,
-                             tokenizer=self.tokenizer, next_pos=torch.tensor([len(x) for x in ids], device=dev))
+                             tokenizer=self.tokenizer, next_pos=torch.tensor([len(x) for x in ids], device=dev),
+                             rope=self._rope)
         return self._prefilled(ctx, method, L, t0, torch.cat(logits))
 
     def _run(self, ids: list[list[int]], params: SamplingParams, method: KVMethod, run: Run,
