@@ -34,6 +34,18 @@ included) to the same number of KV entries per head (PyramidKV: on average over 
 a time, as in kvsift. Presses keep their kvpress defaults (e.g. SnapKV window 64, kvsift's is 32).
 Note that kvpress's StreamingLLMPress compresses only at prefill (the cache then grows during
 decode) whereas kvsift's ``streaming`` keeps rolling.
+
+Presses (``PRESSES``, built by :func:`build_press`; kvpress 0.5.5's classes and arguments):
+``full snapkv streaming pyramidkv expected_attention tova knorm`` (``compression_ratio``),
+``h2o`` (ObservedAttentionPress: its prefill runs with eager attention, for the weights),
+``adakv`` / ``adakv(<scorer>)`` (AdaKVPress around the scorer, default SnapKV), ``duo``
+(DuoAttentionPress, ``head_compression_ratio`` from the budget, head scores computed on the fly
+over local texts: kvpress would fetch patterns or BookSum from the network), ``kvzip``
+(KVzipPress, one sequence per call) and ``decoding`` / ``decoding(<scorer>)`` (DecodingPress,
+``target_size`` = the kept entries, default scorer TOVA, every ``--decoding-interval`` steps, on
+from the last prompt token). kvpress's head-wise presses (adakv, duo, kvzip) only mask keys: their
+rows hold 100% of the KV bytes (``kv_device_bytes``) and attend ``kv_kept_bytes`` of them.
+``--wheels`` takes the full wheel set or the ``--minimal`` one of ``download_kvpress_wheels.sh``.
 """
 
 from __future__ import annotations
@@ -45,18 +57,119 @@ import subprocess
 import sys
 import time
 import types
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 KVPRESS = "kvpress==0.5.5"
 TRANSFORMERS_PIN = "transformers==5.2.0"
-PRESSES = {  # our name -> kvpress class (None = no press, the full cache through the same code path)
-    "full": None,
-    "snapkv": "SnapKVPress",
-    "streaming": "StreamingLLMPress",
-    "pyramidkv": "PyramidKVPress",
-    "expected_attention": "ExpectedAttentionPress",
+@dataclass(frozen=True)
+class PressSpec:
+    """How one of our method names maps onto kvpress 0.5.5 (read from its source).
+
+    ``budget``: how the kept entries ``k`` become press arguments: ``ratio`` (``compression_ratio``,
+    the fraction removed), ``heads`` (DuoAttention's ``head_compression_ratio``, the fraction of
+    streaming heads), ``target`` (DecodingPress's ``target_size``) or ``none``. ``inner``: the
+    default scorer of a wrapper (``adakv`` = ``adakv(snapkv)``), ``inners`` the scorers it takes.
+    ``masked``: a head-wise press that only *masks* keys (kvpress's attention patch swaps them for
+    fake keys at decode): every KV entry stays allocated. ``eager``: needs attention weights
+    (prefill runs with ``attn_implementation="eager"``). ``batch1``: one sequence per call.
+    ``decode``: acts at decode, so the press stays on for the whole generation."""
+
+    cls: str | None
+    budget: str = "ratio"
+    inner: str | None = None
+    inners: tuple[str, ...] = ()
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    masked: bool = False
+    eager: bool = False
+    batch1: bool = False
+    decode: bool = False
+
+
+# scorers a wrapper may take: ScorerPress subclasses whose score works inside that wrapper. kvpress's
+# DecodingPress scores with the hidden states of the steps since its last compression (one with
+# --decoding-interval 1), so SnapKV (needs > window_size of them) and ExpectedAttention (needs
+# > n_sink) do not work there; TOVA (the last query's attention, TOVA's own decode-time rule),
+# KNorm and StreamingLLM do.
+ADAKV_SCORERS = ("snapkv", "tova", "expected_attention", "knorm", "streaming")
+DECODING_SCORERS = ("tova", "knorm", "streaming")
+
+PRESSES: dict[str, PressSpec] = {  # our name -> kvpress press (cls None = no press, the full cache
+    "full": PressSpec(None, budget="none"),  # through the same code path)
+    "snapkv": PressSpec("SnapKVPress"),
+    "streaming": PressSpec("StreamingLLMPress"),
+    "pyramidkv": PressSpec("PyramidKVPress"),
+    "expected_attention": PressSpec("ExpectedAttentionPress"),
+    "tova": PressSpec("TOVAPress"),
+    "knorm": PressSpec("KnormPress"),
+    "h2o": PressSpec("ObservedAttentionPress", eager=True),
+    "adakv": PressSpec("AdaKVPress", inner="snapkv", inners=ADAKV_SCORERS, masked=True),
+    "duo": PressSpec("DuoAttentionPress", budget="heads", kwargs=(("on_the_fly_scoring", True),), masked=True),
+    "kvzip": PressSpec("KVzipPress", masked=True, batch1=True),
+    "decoding": PressSpec("DecodingPress", budget="target", inner="tova", inners=DECODING_SCORERS, decode=True),
 }
+DEFAULT_PRESSES = "full,snapkv,streaming,pyramidkv,expected_attention"
+# DuoAttentionPress's on-the-fly mode fixes these (kvpress 0.5.5, post_init_from_model)
+DUO_SINK, DUO_RECENT = 128, 256
+
+
+def parse_press(name: str) -> tuple[str, PressSpec, str | None]:
+    """``"adakv(tova)"`` -> ``("adakv", spec, "tova")``; ``"adakv"`` -> its default scorer; raises
+    ValueError with what is available."""
+    name = name.split(":", 1)[-1].strip()
+    outer, _, rest = name.partition("(")
+    if outer not in PRESSES:
+        raise ValueError(f"unknown press {name!r}; available: {', '.join(PRESSES)} "
+                         f"(wrappers: adakv(<{'|'.join(ADAKV_SCORERS)}>), decoding(<{'|'.join(DECODING_SCORERS)}>))")
+    spec = PRESSES[outer]
+    inner = spec.inner
+    if rest:
+        if not rest.endswith(")") or not spec.inners:
+            raise ValueError(f"press {name!r}: only adakv(...) and decoding(...) take a scorer")
+        inner = rest[:-1].strip()
+        if inner not in spec.inners:
+            raise ValueError(f"press {name!r}: {outer} takes one of {', '.join(spec.inners)}, not {inner!r}")
+    return outer, spec, inner
+
+
+def compression_ratio(keep: int, n: int) -> float:
+    """kvpress keeps ``int(n * (1 - ratio))`` entries (``compute_n_kept``): aim half a token above
+    ``keep`` against float rounding."""
+    return min(max(1.0 - (keep + 0.5) / n, 0.0), 0.999)
+
+
+def duo_head_ratio(keep: int, n: int, sink: int = DUO_SINK, recent: int = DUO_RECENT) -> float:
+    """DuoAttention's ``head_compression_ratio`` keeping ``keep`` of ``n`` entries per KV head on
+    average: a streaming head keeps ``sink + recent``, a retrieval head all ``n``, so the fraction
+    of streaming heads is ``(n - keep) / (n - sink - recent)`` (1 when even all streaming heads keep
+    more than ``keep``; 0 when the prompt is no longer than the window: nothing to mask)."""
+    if n <= sink + recent:
+        return 0.0
+    return min(max((n - keep) / (n - sink - recent), 0.0), 1.0)
+
+
+def build_press(kvpress, name: str, keep: int, n: int, keep_total: int | None = None,
+                decoding_interval: int = 1):
+    """The kvpress press for our method ``name`` keeping ``keep`` of the ``n`` prompt entries that
+    go through the press (``keep_total``: what to hold after the last prompt token, for the
+    decode-time ``target_size``). ``None`` for ``full``."""
+    outer, spec, inner = parse_press(name)
+    if spec.cls is None:
+        return None
+    kw = dict(spec.kwargs)
+    if spec.budget == "ratio" and spec.inner is None:
+        kw["compression_ratio"] = compression_ratio(keep, n)
+    elif spec.budget == "heads":
+        kw["head_compression_ratio"] = duo_head_ratio(keep, n)
+    if outer == "adakv":  # the ratio goes to the scorer (AdaKV reads it from there)
+        return kvpress.AdaKVPress(press=getattr(kvpress, PRESSES[inner].cls)(compression_ratio=compression_ratio(keep, n)), **kw)
+    if outer == "decoding":  # the scorer keeps its ratio 0: DecodingPress sets it per compression
+        return kvpress.DecodingPress(base_press=getattr(kvpress, PRESSES[inner].cls)(),
+                                     compression_interval=decoding_interval,
+                                     target_size=max(1, keep if keep_total is None else keep_total), **kw)
+    return getattr(kvpress, spec.cls)(**kw)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,7 +177,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--suite", default=None, help="a kvsift bench suite (standard, quick): its tasks, lengths, "
                                                   "budgets, samples and depths; the options below narrow it")
     ap.add_argument("--tasks", default=None, help="comma list of kvsift.eval tasks (default: niah)")
-    ap.add_argument("--presses", default=",".join(PRESSES), help=f"comma list of {', '.join(PRESSES)}")
+    ap.add_argument("--presses", default=DEFAULT_PRESSES,
+                    help=f"comma list of {', '.join(PRESSES)}, or all (default: {DEFAULT_PRESSES}); "
+                         f"wrappers take a scorer: adakv(snapkv), decoding(tova)")
+    ap.add_argument("--decoding-interval", type=int, default=1,
+                    help="decoding presses: compress every this many decode steps, the last prompt token being the first "
+                         "(kvpress's compression_interval; with N > 1 the KV after the prompt is the full cache's "
+                         "and it grows to budget + N - 1 between compressions)")
     ap.add_argument("--budgets", default=None, help="ratios (0.25) or token counts (256), comma list "
                                                     "(default: 0.1,0.25,0.5)")
     ap.add_argument("--lengths", default=None, help="default: 1024,2048")
@@ -92,9 +211,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model-name", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    bad = [p for p in args.presses.split(",") if p not in PRESSES]
-    if bad:
-        ap.error(f"unknown press(es) {bad}; available: {list(PRESSES)}")
+    if args.presses == "all":
+        args.presses = ",".join(PRESSES)
+    for p in args.presses.split(","):
+        try:
+            parse_press(p)
+        except ValueError as e:
+            ap.error(str(e))
+    if args.decoding_interval < 1:
+        ap.error("--decoding-interval must be >= 1")
     return args
 
 
@@ -122,7 +247,26 @@ def venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
+REQUIREMENTS_FILE = "kvpress-requirements.txt"  # in a --minimal wheel directory
+DATASETS_STUB = '''"""Stand-in for `datasets`, written by bench/vs_kvpress.py into its minimal kvpress venv.
+
+`import kvpress` imports `datasets.load_dataset` (DuoAttention's on-the-fly scoring and the
+ExpectedAttentionStats press read hub datasets); the benchmark feeds DuoAttention local texts
+instead and runs offline, so the real package (and its 55 MB pyarrow) is not installed.
+"""
+
+
+def load_dataset(*args, **kwargs):
+    raise RuntimeError("datasets is not installed in this kvpress venv (a --minimal wheel set); "
+                       "install the full set (bench/download_kvpress_wheels.sh) to read hub datasets")
+'''
+
+
 def ensure_venv(venv: Path, wheels: Path | None = None) -> Path:
+    """The kvpress venv's python, made if needed. ``wheels``: install offline from that directory;
+    a ``--minimal`` one (it holds ``kvpress-requirements.txt``) installs those requirements without
+    dependencies (pip skips what the machine's packages satisfy) and a ``datasets`` stand-in when the
+    machine has no ``datasets``."""
     py = venv_python(venv)
     check = [str(py), "-c", "import kvpress, transformers, torch; print(transformers.__version__, torch.__version__)"]
     if py.exists():
@@ -130,15 +274,32 @@ def ensure_venv(venv: Path, wheels: Path | None = None) -> Path:
         if r.returncode == 0:
             return py
     print(f"[vs_kvpress] creating {venv} (system site packages: reuses the installed torch)", file=sys.stderr)
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    made = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)])
+    if made.returncode != 0:  # no ensurepip (a distribution's python without its venv package): the caller's pip
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", "--clear", str(venv)],
+                       check=True)
+    has_pip = subprocess.run([str(py), "-m", "pip", "--version"], capture_output=True).returncode == 0
+    pip = [str(py), "-m", "pip"] if has_pip else [sys.executable, "-m", "pip", "--python", str(py)]
     src: list[str] = []
+    reqs = None
     if wheels is not None:
         if not wheels.is_dir() or not any(wheels.glob("*.whl")):
             raise FileNotFoundError(f"--wheels {wheels}: no .whl files there (fill it with "
-                                    f"bench/download_kvpress_wheels.sh {wheels} on a machine with network)")
+                                    f"bench/download_kvpress_wheels.sh [--minimal] {wheels} on a machine with network)")
         src = ["--no-index", "--find-links", str(wheels.resolve())]
-        print(f"[vs_kvpress] installing offline from {wheels}", file=sys.stderr)
-    subprocess.run([str(py), "-m", "pip", "install", "-q", *src, KVPRESS, TRANSFORMERS_PIN], check=True)
+        reqs = wheels / REQUIREMENTS_FILE if (wheels / REQUIREMENTS_FILE).is_file() else None
+        print(f"[vs_kvpress] installing offline from {wheels}{' (minimal set)' if reqs else ''}", file=sys.stderr)
+    if reqs is not None:
+        subprocess.run([*pip, "install", "-q", *src, "--no-deps", "-r", str(reqs.resolve())], check=True)
+        if subprocess.run([str(py), "-c", "import datasets"], capture_output=True).returncode != 0:
+            site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                  capture_output=True, text=True, check=True).stdout.strip()
+            stub = Path(site) / "datasets"
+            stub.mkdir(parents=True, exist_ok=True)
+            (stub / "__init__.py").write_text(DATASETS_STUB)
+            print(f"[vs_kvpress] no `datasets` on this machine: wrote a stand-in ({stub})", file=sys.stderr)
+    else:
+        subprocess.run([*pip, "install", "-q", *src, KVPRESS, TRANSFORMERS_PIN], check=True)
     r = subprocess.run(check, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"kvpress venv is broken:\n{r.stderr[-2000:]}")
@@ -170,6 +331,47 @@ def _import_eval():
     return runner, tasks, suites
 
 
+DUO_TEXTS = (REPO / "kvsift" / "data" / "alice_ch1_3.txt", REPO / "examples" / "village_report.txt")
+
+
+class _LocalTexts:
+    """What DuoAttentionPress's on-the-fly scoring reads from ``datasets.load_dataset(...)``:
+    ``.to_pandas().sample(n, random_state=42)["chapter"].tolist()``, over local texts."""
+
+    def __init__(self, texts: list[str]):
+        self.texts = texts
+
+    def to_pandas(self):
+        return self
+
+    def sample(self, n: int, random_state=None):
+        return _LocalTexts(self.texts[:n])
+
+    def __getitem__(self, column: str):
+        return self
+
+    def tolist(self) -> list[str]:
+        return list(self.texts)
+
+
+def duo_corpus(n: int = 50, width: int = 4000) -> list[str]:
+    """``n`` windows of ``width`` characters evenly spread over the texts kvsift ships (Alice ch. 1-3,
+    the village report), in place of the 50 BookSum chapters kvpress samples."""
+    text = "\n\n".join(p.read_text(encoding="utf-8") for p in DUO_TEXTS)
+    step = max(1, (len(text) - width) // max(1, n - 1))
+    return [text[i * step:i * step + width] for i in range(n)]
+
+
+def use_local_duo_corpus() -> None:
+    """DuoAttentionPress loads its head patterns from the duo-attention GitHub repo (six named
+    checkpoints only) or, ``on_the_fly_scoring=True``, scores heads over 50 BookSum chapters from the
+    HF hub: both need the network. This keeps kvpress's on-the-fly scoring code and swaps only its
+    data source for local texts (:func:`duo_corpus`)."""
+    import kvpress.presses.duo_attention_press as duo
+
+    duo.load_dataset = lambda *args, **kwargs: _LocalTexts(duo_corpus())
+
+
 class KvpressBackend:
     """Runs prompts through ``transformers`` + a kvpress press; reports kvsift's row fields.
 
@@ -182,7 +384,7 @@ class KvpressBackend:
     name = "kvpress"
 
     def __init__(self, model_dir: Path, runner, model_name: str = "smollm2", device: str = "auto",
-                 dtype: str = "auto", mem_fraction: float = 0.5, max_batch: int = 64):
+                 dtype: str = "auto", mem_fraction: float = 0.5, max_batch: int = 64, decoding_interval: int = 1):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -202,7 +404,9 @@ class KvpressBackend:
         self.q_heads, self.hidden = cfg.num_attention_heads, cfg.hidden_size
         self.intermediate = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
         self.mem_fraction, self.max_batch = mem_fraction, max_batch
-        self.settings = {"dtype": str(dt).replace("torch.", ""), "device": dev.type, "prefill": "one shot"}
+        self.decoding_interval = decoding_interval
+        self.settings = {"dtype": str(dt).replace("torch.", ""), "device": dev.type, "prefill": "one shot",
+                         "decoding_interval": decoding_interval}
         eos = set()
         for src in (self.tokenizer.eos_token_id, self.model.generation_config.eos_token_id):
             if isinstance(src, int):
@@ -212,20 +416,41 @@ class KvpressBackend:
         self.eos = eos
 
     def _press(self, method: str, budget, n_total: int, n_compressed: int):
-        """The press for ``method`` keeping what kvsift keeps of an ``n_total``-token prompt, of
-        which the first ``n_compressed`` tokens go through the press."""
+        """``(spec, press)`` for ``method`` keeping what kvsift keeps of an ``n_total``-token prompt,
+        of which the first ``n_compressed`` tokens go through the press (``press`` None: full)."""
         import kvpress
 
-        name = method.split(":", 1)[-1]
-        if name not in PRESSES:
-            raise ValueError(f"unknown kvpress method {method!r}")
-        cls = PRESSES[name]
-        if cls is None:
-            return None
-        keep = self.runner.kept_tokens(budget, n_total) - (n_total - n_compressed)
-        # kvpress keeps int(n * (1 - ratio)) entries: aim half a token above `keep` against rounding
-        ratio = min(max(1.0 - (keep + 0.5) / n_compressed, 0.0), 0.999)
-        return getattr(kvpress, cls)(compression_ratio=ratio)
+        _, spec, _ = parse_press(method)
+        if spec.budget == "heads":
+            use_local_duo_corpus()
+        keep_total = self.runner.kept_tokens(budget, n_total)
+        keep = keep_total - (n_total - n_compressed)
+        return spec, build_press(kvpress, method, keep, n_compressed, keep_total, self.decoding_interval)
+
+    @contextlib.contextmanager
+    def _attn(self, impl: str):
+        """The model with ``attn_implementation=impl`` inside (ObservedAttention needs the weights)."""
+        prev = self.model.config._attn_implementation
+        self.model.set_attn_implementation(impl)
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(prev)
+
+    def _attn_modules(self):
+        return [layer.self_attn for layer in self.model.model.layers]
+
+    def _reset_masks(self):
+        """Forget a head-wise press's masked keys (kvpress resets them at a prefill only in the
+        attention functions it patches, not in eager attention)."""
+        for m in self._attn_modules():
+            if getattr(m, "masked_key_indices", None) is not None:
+                m.masked_key_indices = None
+
+    def _masked_entries(self) -> int:
+        """KV entries (batch x head x position) a head-wise press masked: allocated, never attended."""
+        return sum(int(m.masked_key_indices[0].numel()) for m in self._attn_modules()
+                   if getattr(m, "masked_key_indices", None) is not None)
 
     def _kv_bytes(self, cache) -> int:
         return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
@@ -252,7 +477,8 @@ class KvpressBackend:
 
     def auto_batch_size(self, prompt_tokens, max_new_tokens, method, budget):
         t = self.torch
-        if self.device.type != "cuda":
+        spec = parse_press(method)[1]
+        if self.device.type != "cuda" or spec.batch1 or spec.eager:  # eager: (batch, heads, n, n) weights
             return 1
         free, _ = t.cuda.mem_get_info(self.device)
         free += t.cuda.memory_reserved(self.device) - t.cuda.memory_allocated(self.device)
@@ -275,28 +501,40 @@ class KvpressBackend:
 
     def generate_batch(self, prompts, method, budget, max_new_tokens):
         prompts = [list(p) for p in prompts]
-        if len({len(p) for p in prompts}) > 1:  # no padding mask in kvpress: mixed lengths one at a time
+        # no padding mask in kvpress: mixed lengths one at a time; KVzip scores one sequence only
+        if len({len(p) for p in prompts}) > 1 or (len(prompts) > 1 and parse_press(method)[1].batch1):
             return [self.generate(p, method, budget, max_new_tokens) for p in prompts]
         return self._generate_rows(prompts, method, budget, max_new_tokens)
 
-    def _generate_rows(self, prompts, method, budget, max_new_tokens):
+    def run_prompts(self, prompts, method, budget, max_new_tokens, ignore_eos: bool = False) -> dict[str, Any]:
         """Greedy generation for ``b`` prompts of one length ``n``: the first ``n - 1`` tokens of every
-        row prefilled under the press, the last one fed uncompressed, then one decode step per new
-        token for the whole batch (finished rows keep being fed; their tokens are dropped)."""
+        row prefilled under the press, the last one fed uncompressed (a decode-time press compresses
+        from there on), then one decode step per new token for the whole batch (finished rows keep
+        being fed; their tokens are dropped). Returns the new ids per row and the measures: ``kv``
+        (bytes of the cache's tensors after the last prompt token), ``masked`` (bytes of entries a
+        head-wise press masked: held, never attended), ``kv_end`` (after the last step), seconds."""
         from transformers import DynamicCache
 
         t, b, n = self.torch, len(prompts), len(prompts[0])
-        press = self._press(method, budget, n, n - 1)
+        spec, press = self._press(method, budget, n, n - 1)
         cache = DynamicCache()
-        with t.inference_mode():
+        self._reset_masks()
+        with t.inference_mode(), contextlib.ExitStack() as whole:
+            if press is not None and spec.decode:
+                whole.enter_context(press(self.model))
             t0 = time.perf_counter()
-            with press(self.model) if press is not None else contextlib.nullcontext():
+            with contextlib.ExitStack() as pre:
+                if spec.eager:
+                    pre.enter_context(self._attn("eager"))
+                if press is not None and not spec.decode:
+                    pre.enter_context(press(self.model))
                 self.model.model(input_ids=t.tensor([p[:-1] for p in prompts], device=self.device),
                                  past_key_values=cache, use_cache=True)
             logits = self._step(cache, t.tensor([[p[-1]] for p in prompts], device=self.device), n - 1)
             self._sync()
             prefill_s = time.perf_counter() - t0
             kv = self._kv_bytes(cache)
+            masked = self._masked_entries() * 2 * self.head_dim * self.elt
             ids: list[list[int]] = [[] for _ in range(b)]
             done = [False] * b
             steps = 0
@@ -305,7 +543,7 @@ class KvpressBackend:
                 tok = logits.argmax(-1)
                 for r, x in enumerate(tok.tolist()):
                     if not done[r]:
-                        if x in self.eos:
+                        if x in self.eos and not ignore_eos:
                             done[r] = True
                         else:
                             ids[r].append(x)
@@ -315,40 +553,63 @@ class KvpressBackend:
                 steps += 1
             self._sync()
             decode_s = time.perf_counter() - t1
+            kv_end = self._kv_bytes(cache)
+        self._reset_masks()
+        return dict(ids=ids, n=n, batch=b, kv=kv, masked=masked, kv_end=kv_end, prefill_s=prefill_s,
+                    decode_s=decode_s, steps=steps)
+
+    def _generate_rows(self, prompts, method, budget, max_new_tokens):
+        r = self.run_prompts(prompts, method, budget, max_new_tokens)
+        b, n, steps = r["batch"], r["n"], r["steps"]
         return [self.runner.Generation(
             text=self.tokenizer.decode(x, skip_special_tokens=True), prompt_tokens=n, new_tokens=len(x),
-            kv_device_bytes=kv // b, kv_host_bytes=0, kv_kept_bytes=kv // b, kv_full_bytes=self._full_bytes(n),
-            prefill_s=prefill_s / b, decode_ms_per_token=1000.0 * decode_s / steps if steps else 0.0, batch=b)
-            for x in ids]
+            kv_device_bytes=r["kv"] // b, kv_host_bytes=0, kv_kept_bytes=(r["kv"] - r["masked"]) // b,
+            kv_full_bytes=self._full_bytes(n), prefill_s=r["prefill_s"] / b,
+            decode_ms_per_token=1000.0 * r["decode_s"] / steps if steps else 0.0, batch=b)
+            for x in r["ids"]]
 
     def score(self, context_ids, continuation_ids, method, budget):
+        """Teacher-forced NLL of ``continuation_ids`` after ``context_ids`` compressed to kvsift's
+        budget (a decode-time press compresses at the first continuation token: its KV bytes are
+        measured after that step)."""
         from transformers import DynamicCache
 
         t, n = self.torch, len(context_ids)
-        press = self._press(method, budget, n, n)
+        spec, press = self._press(method, budget, n, n)
         cache = DynamicCache()
         nll = 0.0
-        with t.inference_mode():
+        self._reset_masks()
+        with t.inference_mode(), contextlib.ExitStack() as whole:
+            if press is not None and spec.decode:
+                whole.enter_context(press(self.model))
             t0 = time.perf_counter()
-            with press(self.model) if press is not None else contextlib.nullcontext():
+            with contextlib.ExitStack() as pre:
+                if spec.eager:
+                    pre.enter_context(self._attn("eager"))
+                if press is not None and not spec.decode:
+                    pre.enter_context(press(self.model))
                 out = self.model(input_ids=self._ids(context_ids), past_key_values=cache, use_cache=True,
                                  logits_to_keep=1)
             logits = out.logits[0, -1].float()
             self._sync()
             prefill_s = time.perf_counter() - t0
             kv = self._kv_bytes(cache)
+            masked = self._masked_entries() * 2 * self.head_dim * self.elt
             t1 = time.perf_counter()
             for i, tok in enumerate(continuation_ids):
                 nll -= float(t.log_softmax(logits, dim=-1)[tok])
                 if i == len(continuation_ids) - 1:
                     break
                 logits = self._step(cache, int(tok), n + i)
+                if i == 0 and spec.decode:
+                    kv = self._kv_bytes(cache)
             self._sync()
             decode_s = time.perf_counter() - t1
+        self._reset_masks()
         steps = len(continuation_ids) - 1
         return self.runner.Scored(
             nll_sum=nll, n_tokens=len(continuation_ids), prompt_tokens=n, kv_device_bytes=kv, kv_host_bytes=0,
-            kv_kept_bytes=kv, kv_full_bytes=self._full_bytes(n), prefill_s=prefill_s,
+            kv_kept_bytes=kv - masked, kv_full_bytes=self._full_bytes(n), prefill_s=prefill_s,
             decode_ms_per_token=1000.0 * decode_s / steps if steps else 0.0)
 
 
@@ -363,7 +624,7 @@ def worker(args) -> int:
     runner, tasks, suites = _import_eval()
     grid = resolve_grid(args, suites)
     backend = KvpressBackend(args.model_dir, runner, args.model_name or "smollm2", args.device, args.dtype,
-                             mem_fraction=args.mem_fraction)
+                             mem_fraction=args.mem_fraction, decoding_interval=args.decoding_interval)
     cfg = runner.BenchConfig(
         tasks=grid["tasks"], methods=args.presses.split(","), budgets=grid["budgets"], lengths=grid["lengths"],
         seeds=grid["seeds"], task_config=tasks.TaskConfig(depths=grid["depths"], samples=grid["samples"],

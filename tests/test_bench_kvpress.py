@@ -1,0 +1,102 @@
+"""bench/vs_kvpress.py's press table (built against a stand-in kvpress module: no kvpress needed
+here) and bench/headwise_memory.py's cells and table."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+vk = _load("vs_kvpress")
+hm = _load("headwise_memory")
+
+
+class _Press:
+    def __init__(self, **kw):
+        self.kw = kw
+
+
+def _fake_kvpress():
+    mod = types.SimpleNamespace()
+    for spec in vk.PRESSES.values():
+        if spec.cls:
+            setattr(mod, spec.cls, type(spec.cls, (_Press,), {}))
+    return mod
+
+
+def test_every_press_builds_with_its_budget_argument():
+    kp = _fake_kvpress()
+    n, keep = 4095, 1023
+    for name, spec in vk.PRESSES.items():
+        p = vk.build_press(kp, name, keep, n, keep_total=keep + 1)
+        if spec.cls is None:
+            assert p is None
+            continue
+        assert type(p).__name__ == spec.cls
+        if spec.budget == "ratio" and spec.inner is None:
+            r = p.kw["compression_ratio"]
+            assert int(n * (1 - r)) == keep  # kvpress's compute_n_kept
+    ada = vk.build_press(kp, "adakv", keep, n)
+    assert type(ada.kw["press"]).__name__ == "SnapKVPress" and int(n * (1 - ada.kw["press"].kw["compression_ratio"])) == keep
+    assert type(vk.build_press(kp, "adakv(tova)", keep, n).kw["press"]).__name__ == "TOVAPress"
+    dec = vk.build_press(kp, "decoding(knorm)", keep, n, keep_total=keep + 1, decoding_interval=4)
+    assert dec.kw["target_size"] == keep + 1 and dec.kw["compression_interval"] == 4
+    assert type(dec.kw["base_press"]).__name__ == "KnormPress" and dec.kw["base_press"].kw == {}
+    duo = vk.build_press(kp, "duo", keep, n)
+    assert duo.kw["on_the_fly_scoring"] is True
+    h = duo.kw["head_compression_ratio"]  # streaming heads keep sink + recent, retrieval heads all n
+    assert math.isclose(n - h * (n - vk.DUO_SINK - vk.DUO_RECENT), keep)
+
+
+def test_duo_head_ratio_limits():
+    assert vk.duo_head_ratio(100, 300) == 0.0        # prompt within sink + recent: nothing to mask
+    assert vk.duo_head_ratio(100, 1000) == 1.0       # keep < 384: every head streaming, still above keep
+    assert vk.duo_head_ratio(1000, 1000) == 0.0
+
+
+def test_parse_press_errors():
+    assert vk.parse_press("kvpress:adakv")[2] == "snapkv"
+    assert vk.parse_press("decoding")[2] == "tova"
+    for bad, msg in [("nope", "unknown press"), ("snapkv(tova)", "take a scorer"),
+                     ("decoding(snapkv)", "decoding takes one of"), ("adakv(h2o)", "adakv takes one of")]:
+        with pytest.raises(ValueError, match=msg):
+            vk.parse_press(bad)
+    with pytest.raises(SystemExit):
+        vk.parse_args(["--presses", "full,nope"])
+    assert vk.parse_args(["--presses", "all"]).presses.split(",") == list(vk.PRESSES)
+
+
+def test_duo_corpus_stands_in_for_booksum():
+    texts = vk.duo_corpus()
+    assert len(texts) == 50 and all(len(t) == 4000 for t in texts)
+    got = vk._LocalTexts(texts).to_pandas().sample(50, random_state=42)["chapter"].tolist()
+    assert got == texts
+
+
+def test_headwise_cells_table_and_default_presses():
+    cells = hm.cells(["full", "snapkv"], [512, 1024], [0.25, 128])
+    assert cells[:2] == [("full", 512, None), ("full", 1024, None)] and len(cells) == 6
+    assert hm.default_presses("full,snapkv,quest,adakv(snapkv),decoding(snapkv)") == "full,snapkv,adakv(snapkv)"
+    ok = hm.row("kvpress", "adakv", 1024, 0.25, kv_device_bytes=2 << 20, kv_kept_bytes=1 << 19,
+                kv_full_bytes=2 << 20, kv_device_bytes_end=2 << 20, decode_ms_per_token=3.0)
+    bad = hm.row("kvsift", "duo", 1024, 0.25, error="UnknownMethodError: unknown method 'duo'")
+    assert ok["held_fraction"] == 1.0 and ok["attended_fraction"] == 0.25
+    text = hm.table([ok, bad])
+    assert "100.0%" in text and "25.0%" in text and "n/a" in text and "unknown method 'duo'" in text
