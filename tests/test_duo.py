@@ -60,7 +60,7 @@ def _head_positions(layer, h: int) -> list[int]:
     out = p[p >= 0].tolist()
     if layer.ragged is not None:
         sl = layer.ragged.slots[0, h]
-        out += layer.ragged.positions[0, sl[sl >= 0].long()].tolist()
+        out += layer.ragged.positions[sl[sl >= 0].long()].tolist()
     return sorted(out)
 
 

@@ -34,20 +34,30 @@ def test_build_keeps_each_heads_tokens_in_order_without_padding():
                         [[-1, 4, -1, 8, -1, -1], [1, 2, 3, -1, 10, 11]]])
     r = RaggedKV.build(keys, values, pos, idx)
     assert r.head_lengths().tolist() == [[6, 1], [2, 5]]
-    assert r.keys.shape[1] == 7 and r.slots.shape[2] == 6       # longest row's total, longest head
+    assert r.keys.shape[0] == 14 and r.slots.shape[2] == 6      # every kept token once; longest head
+    assert r.counts.tolist() == [[6, 1], [2, 5]] and r.fill == pytest.approx(14 / 24)
     for b in range(2):
         for h in range(2):
             want = idx[b, h][idx[b, h] >= 0]
             got = r.slots[b, h][r.slots[b, h] >= 0].long()
-            torch.testing.assert_close(r.keys[b, got], keys[b, h, want])
-            torch.testing.assert_close(r.values[b, got], values[b, h, want])
-            assert torch.equal(r.positions[b, got], pos[b, h, want])
+            torch.testing.assert_close(r.keys[got], keys[b, h, want])
+            torch.testing.assert_close(r.values[got], values[b, h, want])
+            assert torch.equal(r.positions[got], pos[b, h, want])
     assert r.tokens() == 14 and r.used_bytes() == 2 * 14 * 8 * 4
     # stacking rows prefilled one at a time, and a dense row converted
     one = RaggedKV.build(keys[:1], values[:1], pos[:1], idx[:1])
     dense = RaggedKV.from_dense(keys[1:], values[1:], pos[1:])
     both = RaggedKV.stack([one, dense])
-    assert both.head_lengths().tolist() == [[6, 1], [12, 12]]
+    assert both.head_lengths().tolist() == [[6, 1], [12, 12]] and both.keys.shape[0] == 7 + 24
+    torch.testing.assert_close(both.keys[both.slots[1, 1, :12].long()], keys[1, 1])
+    # a batch repeated (a context answering several questions): each copy reads its own row
+    rep = r.clone(batch_repeat=3)
+    assert rep.head_lengths().tolist() == [[6, 1]] * 3 + [[2, 5]] * 3
+    for i in range(6):
+        b = i // 3
+        for h in range(2):
+            got = rep.slots[i, h][rep.slots[i, h] >= 0].long()
+            torch.testing.assert_close(rep.keys[got], keys[b, h, idx[b, h][idx[b, h] >= 0]])
 
 
 def _naive(q, keys, values, pos, lens_idx, scale):
@@ -96,7 +106,7 @@ def test_decode_attention_over_compact_heads_is_exact():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton kernel)")
 def test_triton_kernel_reads_the_compact_layout_like_the_reference():
-    from kvsift.kernels.dispatch import sparse_decode_attention
+    from kvsift.kernels.dispatch import ragged_splits, sparse_decode_attention
 
     torch.manual_seed(0)
     b, h, n, d = 2, 4, 700, 128
@@ -105,12 +115,30 @@ def test_triton_kernel_reads_the_compact_layout_like_the_reference():
     pos = torch.arange(n, device="cuda", dtype=torch.int32).expand(b, h, n).contiguous()
     lens = torch.tensor([[700, 40, 300, 5], [1, 650, 64, 64]], device="cuda")
     idx = torch.where(torch.arange(n, device="cuda") < lens[..., None], torch.arange(n, device="cuda"), -1)
-    src = RaggedKV.build(keys, values, pos, idx).source()
+    r = RaggedKV.build(keys, values, pos, idx)
+    src = r.source()
     q = torch.randn(b, 4 * h, d, device="cuda", dtype=torch.bfloat16)
     qp = torch.full((b,), n, device="cuda", dtype=torch.int32)
-    got = sparse_decode_attention(q, src.keys, src.values, src.slots, 0.088, key_pos=src.positions, query_pos=qp)
     ref = sparse_decode_attention_ref(q, src.keys, src.values, src.slots, 0.088, key_pos=src.positions, query_pos=qp)
-    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    splits = ragged_splits(q, h, src.slots.shape[2], r.fill)
+    for kw in ({}, {"slot_count": r.counts}, {"slot_count": r.counts, "num_splits": splits}):
+        got = sparse_decode_attention(q, src.keys, src.values, src.slots, 0.088, key_pos=src.positions,
+                                      query_pos=qp, **kw)
+        torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_slot_count_bounds_each_heads_table():
+    """Entries past a head's count are not read, even where they name valid slots."""
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(1, 2, 10, 4, generator=g), torch.randn(1, 2, 10, 4, generator=g)
+    q = torch.randn(1, 2, 4, generator=g)
+    table = torch.arange(10).expand(1, 2, 10)
+    count = torch.tensor([[3, 10]], dtype=torch.int32)
+    got = sparse_decode_attention_ref(q, k, v, table, 0.5, slot_count=count)
+    want = sparse_decode_attention_ref(q, k, v, torch.where(torch.arange(10) < count[..., None], table, -1), 0.5)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="slot_count"):
+        sparse_decode_attention_ref(q, k, v, table, 0.5, slot_count=count[0])
 
 
 class _Lopsided(SnapKV):

@@ -391,8 +391,8 @@ class SiftCache(Cache):
                 rag = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
                 if rag:
                     r = RaggedKV.from_tensors(rag)
-                    if r.slots.shape[1] != t["keys"].shape[1] or r.keys.shape[2] != t["keys"].shape[3] \
-                            or r.keys.shape[0] != t["keys"].shape[0]:
+                    if r.slots.shape[1] != t["keys"].shape[1] or r.keys.shape[1] != t["keys"].shape[3] \
+                            or r.slots.shape[0] != t["keys"].shape[0]:
                         raise ValueError(f"layer {i}: ragged KV does not match the layer's shape")
                     layer.ragged = r.to(layer.k_buf.device)
         return cache

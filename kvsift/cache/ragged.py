@@ -1,19 +1,22 @@
 """Compact per-head KV: a layer whose KV heads keep different numbers of tokens (AdaKV's per-head
 budgets, DuoAttention's retrieval vs streaming heads) stores them without padding back to the
-longest head.
+longest head, nor any row back to the longest row.
 
-Layout, per batch row: head 0's tokens, then head 1's, ... in one flat buffer:
+Layout: every kept token of the layer, of all batch rows and KV heads, in one flat buffer (row 0's
+head 0, head 1, ..., then row 1's ...):
 
-* ``keys``/``values`` ``(batch, total, head_dim)`` and ``positions (batch, total)`` int32 (-1 =
-  unused: rows whose heads keep fewer tokens in all are padded up to the longest row's ``total``);
-* ``slots (batch, kv_heads, width)`` int32: the flat slots of each head's tokens (``-1`` = unused),
-  ``width`` the longest head's length.
+* ``keys``/``values`` ``(total, head_dim)`` and ``positions (total,)`` int32;
+* ``slots (batch, kv_heads, width)`` int32: the flat slots of each head's tokens in order, valid
+  entries first (``-1`` = unused), ``width`` the longest head's length;
+* ``counts (batch, kv_heads)`` int32: valid entries per head (the kernel stops there);
+* ``fill``: host float, ``sum(counts) / (batch * kv_heads * width)``, how full the table is (the
+  kernel launch gives the heads more splits when it is sparse, so long heads do not run alone).
 
 The sparse decode kernel reads it in place: the flat buffers are passed as ``(batch, kv_heads,
-total, head_dim)`` views with a zero head stride (:meth:`RaggedKV.source`) and each head walks its
-own slot list. Bytes held: ``total * head_dim * 2`` per row for K and V plus 4 bytes per slot entry
-(positions, and the table padded to the longest head: 4 of the ``2 * head_dim * 2`` bytes a bf16
-K+V pair per head takes), instead of ``kv_heads * width * head_dim * 2``.
+total, head_dim)`` views with zero batch and head strides (:meth:`RaggedKV.source`) and each head
+walks its own slot list up to its count. Bytes held: ``2 * total * head_dim`` elements for K and V
+plus 4 bytes per token (positions) and per table entry, instead of ``batch * kv_heads * width``
+K/V pairs.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ import torch
 
 @dataclass
 class RaggedKV:
-    keys: torch.Tensor        # (batch, total, head_dim)
-    values: torch.Tensor      # (batch, total, head_dim)
-    positions: torch.Tensor   # (batch, total) int32, -1 = unused
-    slots: torch.Tensor       # (batch, kv_heads, width) int32, -1 = unused
+    keys: torch.Tensor        # (total, head_dim)
+    values: torch.Tensor      # (total, head_dim)
+    positions: torch.Tensor   # (total,) int32
+    slots: torch.Tensor       # (batch, kv_heads, width) int32, valid entries first, -1 = unused
+    counts: torch.Tensor      # (batch, kv_heads) int32
+    fill: float = 1.0
 
     @classmethod
     def build(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, idx: torch.Tensor) -> "RaggedKV":
@@ -43,21 +48,14 @@ class RaggedKV:
         width = int(lens.max()) if lens.numel() else 0
         idx = idx[..., :width]
         valid = torch.arange(width, device=idx.device) < lens[..., None]       # (b, h, width)
-        offs = lens.cumsum(-1) - lens                                          # (b, h) exclusive
-        total = max(1, int(lens.sum(-1).max()) if lens.numel() else 1)
+        offs = (lens.flatten().cumsum(0) - lens.flatten()).view(b, h)          # exclusive, over (row, head)
         dest = offs[..., None] + torch.arange(width, device=idx.device)        # (b, h, width)
         safe = idx.clamp(min=0)
-        gk = keys.gather(2, safe[..., None].expand(b, h, width, d))[valid]     # (m, d)
-        gv = values.gather(2, safe[..., None].expand(b, h, width, d))[valid]
-        gp = positions.gather(2, safe)[valid]
-        row = torch.arange(b, device=idx.device)[:, None, None].expand(b, h, width)[valid]
-        flat = (row * total + dest[valid]).to(torch.int64)
-        fk = keys.new_zeros(b * total, d)
-        fv = values.new_zeros(b * total, d)
-        fp = torch.full((b * total,), -1, dtype=torch.int32, device=keys.device)
-        fk[flat], fv[flat], fp[flat] = gk, gv, gp.to(torch.int32)
+        keys = keys.gather(2, safe[..., None].expand(b, h, width, d))[valid]   # (total, d), row-major order
+        values = values.gather(2, safe[..., None].expand(b, h, width, d))[valid]
+        pos = positions.gather(2, safe)[valid].to(torch.int32)
         slots = torch.where(valid, dest, -1).to(torch.int32)
-        return cls(fk.view(b, total, d), fv.view(b, total, d), fp.view(b, total), slots)
+        return cls(keys, values, pos, slots, lens.to(torch.int32), _fill(lens, width))
 
     @classmethod
     def from_dense(cls, keys, values, positions) -> "RaggedKV":
@@ -68,19 +66,16 @@ class RaggedKV:
 
     @classmethod
     def stack(cls, rows: list["RaggedKV"]) -> "RaggedKV":
-        """One batch from single-row stores (sequences prefilled one at a time), padded to the
-        longest ``total`` and ``width``."""
-        total = max(r.keys.shape[1] for r in rows)
+        """One batch from stores of single rows (or of several), in order, with no padding."""
         width = max(r.slots.shape[2] for r in rows)
-        b, h, d = len(rows), rows[0].slots.shape[1], rows[0].keys.shape[2]
-        k = rows[0].keys.new_zeros(b, total, d)
-        v = rows[0].values.new_zeros(b, total, d)
-        p = torch.full((b, total), -1, dtype=torch.int32, device=k.device)
-        s = torch.full((b, h, width), -1, dtype=torch.int32, device=k.device)
-        for i, r in enumerate(rows):
-            t, w = r.keys.shape[1], r.slots.shape[2]
-            k[i, :t], v[i, :t], p[i, :t], s[i, :, :w] = r.keys[0], r.values[0], r.positions[0], r.slots[0]
-        return cls(k, v, p, s)
+        base, slots = 0, []
+        for r in rows:
+            s = torch.where(r.slots >= 0, r.slots + base, -1)
+            slots.append(torch.nn.functional.pad(s, (0, width - s.shape[2]), value=-1))
+            base += r.keys.shape[0]
+        counts = torch.cat([r.counts for r in rows])
+        return cls(torch.cat([r.keys for r in rows]), torch.cat([r.values for r in rows]),
+                   torch.cat([r.positions for r in rows]), torch.cat(slots), counts, _fill(counts, width))
 
     # ---- views ----------------------------------------------------------------------------------
     @property
@@ -92,22 +87,23 @@ class RaggedKV:
         ...)`` zero-stride views (no copy): what the sparse decode kernel and ``gather`` read."""
         from kvsift.methods.base import SlotSource
 
-        b, t, d = self.keys.shape
-        h = self.kv_heads
-        return SlotSource(self.keys[:, None].expand(b, h, t, d), self.values[:, None].expand(b, h, t, d),
-                          self.positions[:, None].expand(b, h, t), self.slots)
+        b, h, _ = self.slots.shape
+        t, d = self.keys.shape
+        return SlotSource(self.keys.expand(b, h, t, d), self.values.expand(b, h, t, d),
+                          self.positions.expand(b, h, t), self.slots)
 
     def head_lengths(self) -> torch.Tensor:
         """``(batch, kv_heads)`` int64 tokens held per head."""
-        return (self.slots >= 0).sum(-1)
+        return self.counts.to(torch.int64)
 
     def tokens(self) -> int:
         """Token entries held (all heads and rows): what the KV bytes are proportional to."""
-        return int((self.positions >= 0).sum())
+        return int(self.keys.shape[0])
 
     # ---- LayerState-like protocol ---------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"keys": self.keys, "values": self.values, "positions": self.positions, "slots": self.slots}
+        return {"keys": self.keys, "values": self.values, "positions": self.positions, "slots": self.slots,
+                "counts": self.counts}
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
@@ -116,23 +112,39 @@ class RaggedKV:
         return 2 * self.tokens() * self.keys.shape[-1] * self.keys.element_size()
 
     def clone(self, batch_repeat: int = 1) -> "RaggedKV":
-        if batch_repeat > 1:
-            return RaggedKV(*(t.repeat_interleave(batch_repeat, 0) for t in self.tensors().values()))
-        return RaggedKV(*(t.clone() for t in self.tensors().values()))
+        """A copy; ``batch_repeat``: each row repeated (rows ``i*n .. i*n+n-1`` copy row ``i``)."""
+        if batch_repeat <= 1:
+            return RaggedKV(*(t.clone() for t in self.tensors().values()), fill=self.fill)
+        b = self.slots.shape[0]
+        t = self.keys.shape[0]
+        copy = torch.arange(b * batch_repeat, device=self.slots.device) % batch_repeat       # which copy
+        slots = self.slots.repeat_interleave(batch_repeat, 0)
+        slots = torch.where(slots >= 0, slots + (copy * t)[:, None, None].to(slots.dtype), -1)
+        return RaggedKV(self.keys.repeat(batch_repeat, 1), self.values.repeat(batch_repeat, 1),
+                        self.positions.repeat(batch_repeat), slots, self.counts.repeat_interleave(batch_repeat, 0),
+                        fill=self.fill)
 
     def to(self, device) -> "RaggedKV":
-        return RaggedKV(*(t.to(device) for t in self.tensors().values()))
+        return RaggedKV(*(t.to(device) for t in self.tensors().values()), fill=self.fill)
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> "RaggedKV":
-        for name in ("keys", "values", "positions", "slots"):
+        for name in ("keys", "values", "positions", "slots", "counts"):
             if name not in t:
                 raise ValueError(f"ragged KV is missing {name!r}")
-        k, v, p, s = t["keys"], t["values"], t["positions"], t["slots"]
-        if k.dim() != 3 or v.shape != k.shape or tuple(p.shape) != tuple(k.shape[:2]) or s.dim() != 3 \
-                or s.shape[0] != k.shape[0]:
+        k, v, p, s, c = t["keys"], t["values"], t["positions"], t["slots"], t["counts"]
+        if k.dim() != 2 or v.shape != k.shape or tuple(p.shape) != (k.shape[0],) or s.dim() != 3 \
+                or tuple(c.shape) != tuple(s.shape[:2]):
             raise ValueError(f"ragged KV: unexpected shapes {tuple(k.shape)}, {tuple(v.shape)}, {tuple(p.shape)}, "
-                             f"{tuple(s.shape)}")
-        if bool((s >= k.shape[1]).any()):
-            raise ValueError("ragged KV: a slot points past the buffer")
-        return cls(k, v, p.to(torch.int32), s.to(torch.int32))
+                             f"{tuple(s.shape)}, {tuple(c.shape)}")
+        if s.is_floating_point() or c.is_floating_point() or p.is_floating_point():
+            raise ValueError("ragged KV: slots, counts and positions must be integers")
+        if bool((s >= k.shape[0]).any()) or bool((c > s.shape[2]).any()) or bool((c < 0).any()):
+            raise ValueError("ragged KV: a slot or a count points past the buffer")
+        c = c.to(torch.int32)
+        return cls(k, v, p.to(torch.int32), s.to(torch.int32), c, _fill(c, s.shape[2]))
+
+
+def _fill(counts: torch.Tensor, width: int) -> float:
+    """How full a slot table of ``width`` columns is, from its ``counts`` (a host sync; at build)."""
+    return float(counts.sum()) / max(1, counts.numel() * width)

@@ -112,31 +112,39 @@ def selected_attention(query: torch.Tensor, layer: "SiftLayer", sel: "Selection 
     shapes, device-side writes) rather than its first ``layer.length`` slots. The selection's own
     slots (or every slot) are read in place by the sparse decode kernel (Triton on CUDA, the
     PyTorch reference elsewhere), which itself skips slots whose position is -1, in the future or
-    outside the sliding window; KV from elsewhere (``sel.extra``) is a second call merged by
+    outside the sliding window; KV from elsewhere (``sel.extra``) and the layer's compact per-head
+    KV (``layer.ragged``, each head read up to its count) are one more call each, merged by
     log-sum-exp.
     No host sync, no shape change. Returns ``(batch, q_heads, dim)``."""
-    from kvsift.kernels.dispatch import merge_attention, sparse_decode_attention
+    from kvsift.kernels.dispatch import merge_attention, ragged_splits, sparse_decode_attention
 
     n = layer.k_buf.shape[2] if static else layer.length
     k_buf, v_buf, pos = layer.k_buf[:, :, :n], layer.v_buf[:, :, :n], layer.pos_buf[:, :, :n]
     qp = query_pos[:, -1]                                                  # (b,)
     own = sel.own if sel is not None else None
     extras = [sel.extra] if sel is not None and sel.extra is not None else []
-    if layer.ragged is not None:  # kept KV of per-head lengths, stored compactly
-        extras.append(layer.ragged.source())
     if softcap is not None:  # no kernel for soft-capped logits: masked attention over copies
+        if layer.ragged is not None:
+            extras.append(layer.ragged.source())
         return _softcap_selected(query, k_buf, v_buf, pos, own, extras, qp, scale, sliding_window, softcap)
     # the kernel masks by position itself (empty, padding, future, out-of-window slots, and slots
     # past the buffer): no index table is built or masked per layer
     mask = dict(key_pos=pos, query_pos=qp, window=sliding_window)
     q = query[:, :, -1]
-    if not extras:
+    if not extras and layer.ragged is None:
         return sparse_decode_attention(q, k_buf, v_buf, own, scale, **mask)
     parts = [sparse_decode_attention(q, k_buf, v_buf, own, scale, return_lse=True, **mask)]
     for x in extras:
         parts.append(sparse_decode_attention(q, x.keys.to(q.dtype), x.values.to(q.dtype), x.slots, scale,
                                              return_lse=True, key_pos=x.positions, query_pos=qp,
                                              window=sliding_window))
+    if layer.ragged is not None:  # kept KV of per-head lengths, stored compactly: each head up to its count
+        r = layer.ragged
+        x = r.source()
+        splits = ragged_splits(q, x.slots.shape[1], x.slots.shape[2], r.fill)
+        parts.append(sparse_decode_attention(q, x.keys, x.values, x.slots, scale, num_splits=splits, return_lse=True,
+                                             key_pos=x.positions, query_pos=qp, window=sliding_window,
+                                             slot_count=r.counts))
     return merge_attention(parts)
 
 

@@ -63,17 +63,35 @@ def select_chunks(scores: torch.Tensor, chunk_lens, budget: int, max_chunks: int
 
 
 def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            slot_idx: torch.Tensor | None, scale: float, page: int = 1, return_lse: bool = False,
+                            slot_idx: torch.Tensor | None, scale: float, page: int = 1,
+                            num_splits: int | None = None, return_lse: bool = False,
                             key_pos: torch.Tensor | None = None, query_pos: torch.Tensor | None = None,
-                            window: int | None = None):
+                            window: int | None = None, slot_count: torch.Tensor | None = None):
     """See :func:`kvsift.kernels.sparse_decode_attention.sparse_decode_attention_ref`:
     ``(batch, q_heads, head_dim)`` (and the ``(batch, q_heads)`` log-sum-exp with ``return_lse``)."""
-    kw = dict(return_lse=return_lse, key_pos=key_pos, query_pos=query_pos, window=window)
-    tensors = [t for t in (q, k_cache, v_cache, slot_idx, key_pos, query_pos) if t is not None]
+    kw = dict(num_splits=num_splits, return_lse=return_lse, key_pos=key_pos, query_pos=query_pos, window=window,
+              slot_count=slot_count)
+    tensors = [t for t in (q, k_cache, v_cache, slot_idx, key_pos, query_pos, slot_count) if t is not None]
     if (use_triton(*tensors) and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
             and q.dtype == k_cache.dtype == v_cache.dtype):
         return _sda.sparse_decode_attention(q, k_cache, v_cache, slot_idx, scale, page, **kw)
     return _sda.sparse_decode_attention_ref(q, k_cache, v_cache, slot_idx, scale, page, **kw)
+
+
+def ragged_splits(q: torch.Tensor, kv_heads: int, width: int, fill: float) -> int | None:
+    """Splits per head for a slot table of ``width`` columns that is only ``fill`` full (counts
+    bounding each head): as many programs doing real work as a dense table of the same tokens
+    would get, so the few long heads do not run on a few multiprocessors while the short heads'
+    programs exit at once. ``q``: the query (its batch and device). None where the reference runs."""
+    if not use_triton(q):
+        return None
+    batch, device = q.shape[0], q.device
+    from kvsift.kernels.sparse_decode_attention import TUNING, plan_splits
+
+    block_s = TUNING["block_s"]
+    dense, _ = plan_splits(batch, kv_heads, max(1, int(width * fill)), block_s, device)
+    full, _ = plan_splits(batch, kv_heads, width, block_s, device, num_splits=1 << 30)
+    return max(1, min(full, round(dense / max(fill, 1e-3))))
 
 
 def selected_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, summaries,

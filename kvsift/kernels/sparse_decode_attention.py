@@ -13,6 +13,10 @@ attended only if ``0 <= key_pos <= query_pos`` (and ``key_pos > query_pos - wind
 ``window``), and slot indices past the capacity are skipped: no index table needs building or
 masking per layer. ``slot_idx=None`` stands for every slot ``0 .. capacity-1``.
 
+``slot_count (batch, kv_heads)`` (optional) bounds each head's table: only its first
+``slot_count[b, h]`` entries are read (a ragged table whose rows hold their valid entries first:
+the kernel's splits past a head's count exit at once, so short heads cost nothing).
+
 ``sparse_decode_attention_ref`` gathers and runs a float32 softmax (PyTorch). The Triton version
 never copies KV: each program walks a contiguous part of the index table (split-K), gathers the
 K/V rows it points to straight from the cache, keeps an online softmax for all ``group`` query
@@ -47,6 +51,18 @@ def _check_pos(k_cache, key_pos, query_pos, window) -> None:
         raise ValueError(f"window must be a positive int, got {window!r}")
 
 
+def _check_count(slot_idx, slot_count) -> None:
+    if slot_count is None:
+        return
+    if slot_idx is None:
+        raise ValueError("slot_count bounds a slot table: it needs slot_idx")
+    if tuple(slot_count.shape) != tuple(slot_idx.shape[:2]) or slot_count.is_floating_point():
+        raise ValueError(f"slot_count must be integers of shape (batch, kv_heads) = {tuple(slot_idx.shape[:2])}, "
+                         f"got {slot_count.dtype} {tuple(slot_count.shape)}")
+    if slot_count.device != slot_idx.device:
+        raise ValueError("slot_count and slot_idx must be on one device")
+
+
 def _check(q, k_cache, v_cache, slot_idx, scale, page: int = 1) -> None:
     if isinstance(page, bool) or not isinstance(page, int) or page < 1:
         raise ValueError(f"page must be a positive int, got {page!r}")
@@ -78,24 +94,28 @@ def _check(q, k_cache, v_cache, slot_idx, scale, page: int = 1) -> None:
 
 
 def sparse_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                slot_idx: torch.Tensor | None, scale: float, page: int = 1, return_lse: bool = False,
+                                slot_idx: torch.Tensor | None, scale: float, page: int = 1,
+                                num_splits: int | None = None, return_lse: bool = False,
                                 key_pos: torch.Tensor | None = None, query_pos: torch.Tensor | None = None,
-                                window: int | None = None):
+                                window: int | None = None, slot_count: torch.Tensor | None = None):
     """Reference: gather the selected K/V, float32 softmax. Shapes as in the module docstring.
     Without ``key_pos``, slot indices must be ``-1`` or inside ``[0, capacity)``; with it, slots
     past the capacity and slots whose position fails the mask are skipped. ``page > 1``: each entry
     of ``slot_idx`` is a page index standing for slots ``p*page .. p*page+page-1``. ``return_lse``:
     also return the log-sum-exp of the scaled scores ``(batch, q_heads)`` float32 (natural log,
     ``-inf`` where no slot is valid), to merge attention over disjoint KV sets
-    (:func:`merge_attention`)."""
+    (:func:`merge_attention`). ``num_splits`` is the Triton kernel's launch setting (ignored here)."""
     _check(q, k_cache, v_cache, slot_idx, scale, page)
     _check_pos(k_cache, key_pos, query_pos, window)
+    _check_count(slot_idx, slot_count)
     b, hq, d = q.shape
     hk, cap = k_cache.shape[1], k_cache.shape[2]
     if slot_idx is None:
         idx = torch.arange(cap, device=q.device).expand(b, hk, cap)
     else:
         idx = slot_idx.to(torch.int64)
+        if slot_count is not None:
+            idx = torch.where(torch.arange(idx.shape[2], device=idx.device) < slot_count[..., None], idx, -1)
     if page > 1:
         ar = torch.arange(page, device=idx.device)
         idx = torch.where(idx[..., None] >= 0, idx[..., None] * page + ar, -1).flatten(2)
@@ -142,6 +162,7 @@ if HAS_TRITON:
     @triton.jit
     def _sparse_decode_split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, po_ptr, plse_ptr,
                                     kp_ptr, qp_ptr, CAP, WINDOW, sp_b, sp_h, sp_c,
+                                    cnt_ptr, sc_b, sc_h,
                                     S, split_size, qk_scale,
                                     sq_b, sq_h, sq_d,
                                     sk_b, sk_h, sk_c,
@@ -152,7 +173,8 @@ if HAS_TRITON:
                                     HK: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
                                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
                                     PAGE: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr,
-                                    UPCAST: tl.constexpr, ALL: tl.constexpr, MASKPOS: tl.constexpr):
+                                    UPCAST: tl.constexpr, ALL: tl.constexpr, MASKPOS: tl.constexpr,
+                                    HAS_CNT: tl.constexpr):
         # S counts virtual slots (n_sel * PAGE); virtual slot j is cache slot
         # idx[j // PAGE] * PAGE + j % PAGE (PAGE == 1: idx[j]).
         pid_bh = tl.program_id(0)
@@ -177,9 +199,12 @@ if HAS_TRITON:
         l_i = tl.zeros((G_P,), tl.float32)
         acc = tl.zeros((G_P, BLOCK_D), tl.float32)
         start = pid_s * split_size
-        for it in range(0, split_size, BLOCK_S):
-            offs_s = start + it + tl.arange(0, BLOCK_S)
-            in_range = offs_s < S
+        stop = tl.minimum(start + split_size, S)
+        if HAS_CNT:  # this head's table holds its valid entries first: stop at its count
+            stop = tl.minimum(stop, tl.load(cnt_ptr + b * sc_b + h * sc_h).to(tl.int32) * PAGE)
+        for it in range(start, stop, BLOCK_S):
+            offs_s = it + tl.arange(0, BLOCK_S)
+            in_range = offs_s < stop
             if ALL:
                 slot = offs_s.to(tl.int64)
                 valid = in_range
@@ -275,7 +300,7 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             slot_idx: torch.Tensor | None, scale: float, page: int = 1,
                             num_splits: int | None = None, return_lse: bool = False,
                             key_pos: torch.Tensor | None = None, query_pos: torch.Tensor | None = None,
-                            window: int | None = None):
+                            window: int | None = None, slot_count: torch.Tensor | None = None):
     """Triton kernel; same arguments and result as :func:`sparse_decode_attention_ref`
     (``num_splits`` overrides the split-K heuristic). Out-of-range slot indices are not checked
     here (that would need a host sync); the reference checks them."""
@@ -283,6 +308,7 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         raise RuntimeError("sparse_decode_attention needs Triton (pip install triton); use sparse_decode_attention_ref")
     _check(q, k_cache, v_cache, slot_idx, scale, page)
     _check_pos(k_cache, key_pos, query_pos, window)
+    _check_count(slot_idx, slot_count)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache need a unit stride on head_dim")
     b, hq, d = q.shape
@@ -296,6 +322,8 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     kp = key_pos if maskpos else q
     qp = query_pos if maskpos else q
     sp = key_pos.stride() if maskpos else (0, 0, 0)
+    cnt = slot_count if slot_count is not None else q
+    sc = slot_count.stride() if slot_count is not None else (0, 0)
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, dtype=torch.float32, device=q.device) if return_lse else out
     if b == 0:
@@ -320,6 +348,7 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _sparse_decode_split_kernel[(b * hk, ns)](
         q, k_cache, v_cache, idx, out, po, plse,
         kp, qp, cap, int(window or 0), sp[0], sp[1], sp[2],
+        cnt, sc[0], sc[1],
         s, split_size, float(scale) * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -328,7 +357,7 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         out.stride(0), out.stride(1),
         spo_bh, spo_s,
         HK=hk, G=g, G_P=g_p, D=d, BLOCK_D=block_d, BLOCK_S=block_s, PAGE=page, DIRECT=direct, IEEE=ieee, UPCAST=upcast,
-        ALL=slot_idx is None, MASKPOS=maskpos,
+        ALL=slot_idx is None, MASKPOS=maskpos, HAS_CNT=slot_count is not None,
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )
     if not direct:
