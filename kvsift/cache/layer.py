@@ -114,6 +114,12 @@ class SiftLayer(CacheLayerMixin):
         """Append ``(batch, kv_heads, q, head_dim)`` new states at the cache's step positions."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.ragged is not None:  # compact per-head KV: append after each head's tokens
+            q = key_states.shape[2]
+            if not self.cache.static and self.ragged.room < q:
+                self.ragged = self.ragged.with_room(q + self.cache.reserve)
+            self.ragged.append(key_states, value_states, self.cache.step_positions, static=self.cache.static)
+            return self.keys, self.values
         if self.wslot is not None:
             # static decode: write at a device-side slot and return the whole buffers; no host state
             # changes, so a CUDA graph can replay it (empty slots have position -1 and are masked)
@@ -178,7 +184,7 @@ class SiftLayer(CacheLayerMixin):
             k0 = rows[0][0]
             b, h, d = len(rows), k0.shape[1], k0.shape[3]
             rows.clear()
-            self._alloc(b, h, self.cache.reserve, d, k0.dtype, k0.device)
+            self._alloc(b, h, 0, d, k0.dtype, k0.device)
             self.length = 0
             self.is_initialized = True
             return True
@@ -214,10 +220,10 @@ class SiftLayer(CacheLayerMixin):
             lens = (~hole).sum(-1)
             padded = lens.shape[0] * lens.shape[1] * int(lens.max())
             if int(lens.sum(-1).max()) * lens.shape[0] <= RAGGED_SAVING * padded:
-                self.ragged = RaggedKV.build(self.keys, self.values, self.positions, idx)
+                self.ragged = RaggedKV.build(self.keys, self.values, self.positions, idx, room=self.cache.reserve)
                 b, h = lens.shape
                 self.set_kv(self.k_buf.new_zeros(b, h, 0, d), self.v_buf.new_zeros(b, h, 0, d),
-                            self.pos_buf.new_zeros(b, h, 0))
+                            self.pos_buf.new_zeros(b, h, 0), reserve=0)
                 return
         safe = idx.clamp(min=0)
         gi = safe[..., None].expand(*idx.shape, d)
@@ -227,6 +233,8 @@ class SiftLayer(CacheLayerMixin):
     def truncate(self, n: int) -> None:
         """Drop every slot from ``n`` on (e.g. a reread pass's tokens); their positions become -1, so
         a static decode reading the whole buffer never sees them."""
+        if self.ragged is not None:
+            raise RuntimeError("truncating compact per-head KV is not supported")
         if self.k_buf is not None and n < self.length:
             self.pos_buf[:, :, n:self.length] = -1
             self.length = n
@@ -240,6 +248,8 @@ class SiftLayer(CacheLayerMixin):
     def written_slots(self, q: int) -> torch.Tensor:
         """``(q,)`` int64 device slots the last ``update`` wrote (static decode: from the device slot
         counter, no host sync)."""
+        if self.ragged is not None:
+            raise RuntimeError("a layer of compact per-head KV has no common write slot")
         if self.wslot is not None:
             return self.wslot - 1 if q == 1 else self.wslot - q + torch.arange(q, device=self.wslot.device)
         return torch.arange(self.length - q, self.length, device=self.k_buf.device)
@@ -321,6 +331,10 @@ class SiftCache(Cache):
         for layer in self.layers:
             if layer.k_buf is None:
                 continue
+            if layer.ragged is not None:  # appends go after each head's tokens, counted on the device
+                if layer.ragged.room < steps:
+                    layer.ragged = layer.ragged.with_room(steps)
+                continue
             layer._ensure_capacity(layer.length + steps)
             layer.wslot = torch.tensor([layer.length], dtype=torch.int64, device=layer.k_buf.device)
         self.static = True
@@ -328,6 +342,8 @@ class SiftCache(Cache):
     def end_static(self, steps: int) -> None:
         """Leave static decode after ``steps`` steps ran: the layers' lengths catch up."""
         for layer in self.layers:
+            if layer.ragged is not None:
+                layer.ragged.room -= steps
             if layer.wslot is not None:
                 layer.length += steps
                 layer.wslot = None

@@ -112,9 +112,9 @@ def selected_attention(query: torch.Tensor, layer: "SiftLayer", sel: "Selection 
     shapes, device-side writes) rather than its first ``layer.length`` slots. The selection's own
     slots (or every slot) are read in place by the sparse decode kernel (Triton on CUDA, the
     PyTorch reference elsewhere), which itself skips slots whose position is -1, in the future or
-    outside the sliding window; KV from elsewhere (``sel.extra``) and the layer's compact per-head
-    KV (``layer.ragged``, each head read up to its count) are one more call each, merged by
-    log-sum-exp.
+    outside the sliding window; KV from elsewhere (``sel.extra``) is one more call, merged by
+    log-sum-exp; a layer of compact per-head KV (``layer.ragged``, which holds the new tokens too)
+    is one call, each head read up to its count.
     No host sync, no shape change. Returns ``(batch, q_heads, dim)``."""
     from kvsift.kernels.dispatch import merge_attention, ragged_splits, sparse_decode_attention
 
@@ -133,18 +133,21 @@ def selected_attention(query: torch.Tensor, layer: "SiftLayer", sel: "Selection 
     q = query[:, :, -1]
     if not extras and layer.ragged is None:
         return sparse_decode_attention(q, k_buf, v_buf, own, scale, **mask)
-    parts = [sparse_decode_attention(q, k_buf, v_buf, own, scale, return_lse=True, **mask)]
-    for x in extras:
-        parts.append(sparse_decode_attention(q, x.keys.to(q.dtype), x.values.to(q.dtype), x.slots, scale,
-                                             return_lse=True, key_pos=x.positions, query_pos=qp,
-                                             window=sliding_window))
-    if layer.ragged is not None:  # kept KV of per-head lengths, stored compactly: each head up to its count
+    lse = dict(return_lse=True)
+    if layer.ragged is not None:  # compact per-head KV (new tokens included): each head up to its count
         r = layer.ragged
         x = r.source()
-        splits = ragged_splits(q, x.slots.shape[1], x.slots.shape[2], r.fill)
-        parts.append(sparse_decode_attention(q, x.keys, x.values, x.slots, scale, num_splits=splits, return_lse=True,
-                                             key_pos=x.positions, query_pos=qp, window=sliding_window,
-                                             slot_count=r.counts))
+        ragged = dict(num_splits=ragged_splits(q, x.slots.shape[1], x.slots.shape[2], r.fill), key_pos=x.positions,
+                      query_pos=qp, window=sliding_window, slot_count=r.counts)
+        if not extras and n == 0:
+            return sparse_decode_attention(q, x.keys, x.values, x.slots, scale, **ragged)
+    parts = [sparse_decode_attention(q, k_buf, v_buf, own, scale, **lse, **mask)] if n > 0 else []
+    for x in extras:
+        parts.append(sparse_decode_attention(q, x.keys.to(q.dtype), x.values.to(q.dtype), x.slots, scale, **lse,
+                                             key_pos=x.positions, query_pos=qp, window=sliding_window))
+    if layer.ragged is not None:
+        x = layer.ragged.source()
+        parts.append(sparse_decode_attention(q, x.keys, x.values, x.slots, scale, **lse, **ragged))
     return merge_attention(parts)
 
 
