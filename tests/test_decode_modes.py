@@ -13,7 +13,7 @@ from tests.conftest import random_prompt
 
 SPECS = [("full", None), ("snapkv", 64), ("pyramidkv", 64), ("sentencekv", 96), ("snapkv+sentencekv", 96),
          ("sentencekv", 1.0), ("sentencekv:reselect", 96), ("quest", 64), ("snapkv+quest", 96),
-         ("tokenselect", 48), ("tokenselect:reuse", 48), ("squeezed", 64)]
+         ("tokenselect", 48), ("tokenselect:reuse", 48), ("squeezed", 64), ("kvzip", 64)]
 KW = {"sentencekv:reselect": {"reselect_every": 3}, "snapkv+quest": {"decode_budget": 48},
       "tokenselect:reuse": {"reuse_threshold": 0.5}}
 
