@@ -102,6 +102,7 @@ def test_budget_is_respected_and_device_bytes_drop(tiny_llm):
     ctx = tiny_llm.prefill_context(ids, method="kvzip", budget=48, method_kwargs={"chunk": 128})
     st = ctx.stats
     assert st.kv_device_bytes < st.kv_full_bytes / 4
+    assert st.method_stats["reread_passes"] == 2 and st.method_stats["reread_s"] > 0
     for layer in ctx.cache.layers:
         assert layer.length == 48
         assert "kvzip" not in layer.state      # the scores are dropped after compression

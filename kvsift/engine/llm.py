@@ -200,6 +200,7 @@ class LLM:
         run = m.start(len(ids), self.info.num_layers)
         with self.lock:
             cache, stats, _ = self._prefill([ids], m, run, None, progress)
+        stats.method_stats = m.stats(run)  # e.g. kvzip's reread passes
         # a method instance carries its own budget (its options: pass method_kwargs, or set them on the
         # context, so that answers that must re-build the method, e.g. sentencekv's, get them)
         return Context(cache=cache, token_ids=ids, method=_spec(m), budget=m.budget if budget is None else budget,

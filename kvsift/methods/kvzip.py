@@ -58,28 +58,34 @@ def reconstruction_scores(query: torch.Tensor, keys: torch.Tensor, key_pos: torc
     """Max attention of a pass's queries to the first ``n_ctx`` slots.
 
     query ``(batch, q_heads, q, dim)`` (post-RoPE, the pass's tokens in flight); keys
-    ``(batch, kv_heads, n, dim)`` and their positions ``(batch, kv_heads, n)`` (the prompt's slots
-    first, then the pass's tokens so far); query_pos ``(batch, q)``. The softmax runs over every key
-    a query sees (``0 <= key_pos <= query_pos``, inside the sliding window if any, soft-capped
-    logits if the model caps them), as the model's own attention does. Returns ``(batch, kv_heads,
-    n_ctx)`` fp32: the max over queries and the query heads of each KV group."""
-    b, hq, L, _ = query.shape
+    ``(batch, kv_heads, n, dim)`` and their positions ``(batch, kv_heads, n)``: the prompt's ``n_ctx``
+    slots first (every one before every query, so only padding and a sliding window hide them),
+    then the pass's tokens so far; query_pos ``(batch, q)``. The softmax runs over every key a query
+    sees (``0 <= key_pos <= query_pos``, inside the sliding window if any, soft-capped logits if the
+    model caps them), as the model's own attention does. Returns ``(batch, kv_heads, n_ctx)`` fp32:
+    the max over queries and the query heads of each KV group. Query rows go in blocks of at most
+    :data:`SCORE_BLOCK_BYTES` of logits."""
+    b, hq, L, d = query.shape
     hk, n = keys.shape[1], keys.shape[2]
-    kf = keys.float()
-    kp = key_pos[:, :, None, None, :]                                            # (b, hk, 1, 1, n)
+    g = hq // hk
+    kt = keys.float().transpose(-1, -2)                                          # (b, hk, d, n)
+    head_pos, tail_pos = key_pos[:, :, None, :n_ctx], key_pos[:, :, None, n_ctx:]
+    head_pad = head_pos < 0                                                      # (b, hk, 1, n_ctx)
     out = torch.zeros(b, hk, n_ctx, dtype=torch.float32, device=keys.device)
     step = max(1, SCORE_BLOCK_BYTES // (4 * b * hq * max(n, 1)))
     for s in range(0, L, step):
         q = group_queries(query[:, :, s:s + step], hk).float()                  # (b, hk, g, l, d)
-        w = torch.einsum("bhgld,bhnd->bhgln", q, kf) * scale
+        l = q.shape[3]
+        w = torch.matmul(q.reshape(b, hk, g * l, d), kt).mul_(scale)            # row = group * l + query
         if softcap is not None:
-            w = torch.tanh(w / softcap) * softcap
-        qp = query_pos[:, None, None, s:s + step, None]                          # (b, 1, 1, l, 1)
-        vis = (kp >= 0) & (kp <= qp)
+            w.div_(softcap).tanh_().mul_(softcap)
+        qp = query_pos[:, None, s:s + step].expand(b, g, l).reshape(b, 1, g * l, 1)
+        # the pass's own keys: causal; the prompt's: padding (broadcast over the rows) and the window
+        w[..., n_ctx:].masked_fill_((tail_pos > qp) | (tail_pos < 0), float("-inf"))
+        w[..., :n_ctx].masked_fill_(head_pad, float("-inf"))
         if sliding_window is not None:
-            vis &= kp > qp - sliding_window
-        a = torch.softmax(w.masked_fill(~vis, float("-inf")), dim=-1).nan_to_num_(0.0)
-        torch.maximum(out, a[..., :n_ctx].amax(dim=(2, 3)), out=out)
+            w.masked_fill_(key_pos[:, :, None, :] <= qp - sliding_window, float("-inf"))
+        torch.maximum(out, torch.softmax(w, dim=-1)[..., :n_ctx].amax(dim=2), out=out)
     return out
 
 
