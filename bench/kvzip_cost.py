@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
 
     parts = chat_parts(llm.tokenizer)  # do the passes follow the chat template (a templated prompt)?
     templated = bool(parts and parts[0] and _prompt(llm, 64)[:len(parts[0])] == parts[0])
-    meta = {"model": llm.info.name, "chat_template_passes": templated, "device": str(llm.device), "device_tag": tag, "torch_threads": torch.get_num_threads(),
+    meta = {"model": llm.info.name, "chat_template_passes": templated, "load_avg_end": os.getloadavg(), "device": str(llm.device), "device_tag": tag, "torch_threads": torch.get_num_threads(),
             "budget": budget, "chunk": args.chunk, "repeats": args.repeats, "chunk_size": llm.chunk_size}
     out.write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     print(f"wrote {out}")

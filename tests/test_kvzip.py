@@ -214,3 +214,17 @@ def test_needs_a_budget_and_reports_option_type_errors():
         build_method("kvzip")
     with pytest.raises(MethodOptionError):
         build_method("kvzip", 0.5, chunk="big")
+
+
+@pytest.mark.parametrize("budget", [64, 1.0])  # 1.0: nothing evicted, the passes' room given back
+def test_static_decode_after_the_passes_gives_the_eager_tokens(default_tokenizer, budget):
+    m = tiny_model("qwen2", seed=1)
+    eager, static = (LLM.from_model(m, default_tokenizer, name="tiny-qwen2", chunk_size=64, decode_mode=mode)
+                     for mode in ("eager", "static"))
+    ids = random_prompt(180, seed=41)
+    kw = {"chunk": 64}
+    a = eager.generate(ids, P, method="kvzip", budget=budget, method_kwargs=kw)[0]
+    b = static.generate(ids, P, method="kvzip", budget=budget, method_kwargs=kw)[0]
+    assert a.token_ids == b.token_ids and b.stats.decode_mode == "static"
+    if budget == 1.0:
+        assert a.token_ids == eager.generate(ids, P)[0].token_ids
