@@ -34,6 +34,7 @@ class ForwardContext:
     run: "Run"
     prefill_end: bool = False   # the last prefill chunk: methods compress after attending
     rereading: bool = False     # a reread pass (``method.reread_passes``): its KV is dropped afterwards
+    reread_s: float = 0.0       # seconds this sequence's reread passes took (set before ``finish_prefill``)
     decoding: bool = False      # one new token per sequence
     has_padding: bool = False   # some slot or query position is -1
     step: int = 0               # decode step index (host-side: the engine plans steps)

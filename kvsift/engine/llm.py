@@ -202,6 +202,7 @@ class LLM:
         run = m.start(len(ids), self.info.num_layers)
         with self.lock:
             cache, stats, _ = self._prefill([ids], m, run, None, progress)
+        stats.method_stats = m.stats(run)  # e.g. kvzip's reread passes
         # a method instance carries its own budget (its options: pass method_kwargs, or set them on the
         # context, so that answers that must re-build the method, e.g. sentencekv's, get them)
         return Context(cache=cache, token_ids=ids, method=_spec(m), budget=m.budget if budget is None else budget,
@@ -290,11 +291,13 @@ class LLM:
 
     def _prefill(self, ids: list[list[int]], method: KVMethod, run: Run, context: Context | None,
                  progress: bool | None, reserve: int = 0):
-        rereads = context is None and bool(method.reread_passes(run, ids[0], self.tokenizer))
+        # each fresh sequence's reread passes, asked once (methods may count them); none for a context
+        passes = [method.reread_passes(run, x, self.tokenizer) for x in ids] if context is None else [[] for _ in ids]
+        rereads = any(passes)
         rows = len(ids) > 1 and context is None and (
             self.prefill_mode == "rows" or (self.prefill_mode == "auto" and method.row_prefill_ok()) or rereads)
         if rows:
-            return self._prefill_rows(ids, method, run, progress, reserve)
+            return self._prefill_rows(ids, method, run, progress, reserve, passes)
         b, L = len(ids), max(len(x) for x in ids)
         dev = self.device
         tokens = torch.full((b, L), self.pad_id, dtype=torch.long, device=dev)
@@ -308,7 +311,7 @@ class LLM:
             cache = context.cache.clone(batch_repeat=b)
             cache.reserve = reserve
         else:
-            cache = SiftCache(self.info.num_layers, capacity_hint=L + reserve, reserve=reserve)
+            cache = SiftCache(self.info.num_layers, capacity_hint=L + reserve + _longest(passes[0]), reserve=reserve)
         ctx = ForwardContext(cache=cache, method=method, run=run, has_padding=bool((~valid).any()),
                              prompt_ids=ids, tokenizer=self.tokenizer,  # sentencekv segments the prompt
                              rope=self._rope)
@@ -325,33 +328,44 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
-        if context is None:
-            self._finish_prefill(ctx, method, run, ids[0])
+        if context is None:  # a batch here has no reread passes (those go row by row)
+            self._finish_prefill(ctx, method, run, passes[0])
         ctx.next_pos = pos[:, -1] + 1
         return self._prefilled(ctx, method, base + L, t0, logits)
 
-    def _finish_prefill(self, ctx: ForwardContext, method: KVMethod, run: Run, row: list[int]) -> None:
+    def _finish_prefill(self, ctx: ForwardContext, method: KVMethod, run: Run, passes: list[list[int]]) -> None:
         """After a fresh prompt's prefill (one sequence, or a batch without reread passes): run the
-        method's reread passes, each attending to the prompt's KV and then dropped from the cache,
-        then its deferred compression (``method.finish_prefill``)."""
-        passes = method.reread_passes(run, row, self.tokenizer)
+        method's reread ``passes`` (from ``method.reread_passes``), each at the positions after the
+        prompt, attending to the prompt's KV through the prefill path and then dropped from the cache;
+        ``ctx.reread_s`` is their time; then the method's deferred compression (``finish_prefill``).
+        The cache reserved room for the longest pass (no buffer growth while they run); layers that
+        keep more than they need afterwards (nothing evicted) are shrunk back."""
         cache = ctx.cache
-        if passes:
-            seen, lengths = cache.seen, [ly.length for ly in cache.layers]
-            ctx.prefill_end, ctx.rereading = False, True
-            try:
-                for p in passes:
-                    toks = torch.tensor([p], dtype=torch.long, device=self.device)
-                    pos = torch.arange(seen, seen + len(p), device=self.device)[None]
-                    for s, e in _chunks(len(p), self.chunk_size, 0):
-                        self._forward(ctx, toks[:, s:e], pos[:, s:e])
-                    for ly, n in zip(cache.layers, lengths):
-                        ly.truncate(n)
-                    cache.seen = seen
-            finally:
-                ctx.rereading = False
-        with torch.inference_mode():
+        ctx.reread_s = 0.0
+        with torch.inference_mode():  # the cache's tensors are inference tensors: edit them in the mode
+            if passes:
+                _sync(self.device)
+                t0 = time.perf_counter()
+                seen, lengths = cache.seen, [ly.length for ly in cache.layers]
+                ctx.prefill_end, ctx.rereading = False, True
+                try:
+                    for p in passes:
+                        toks = torch.tensor([p], dtype=torch.long, device=self.device)
+                        pos = torch.arange(seen, seen + len(p), device=self.device)[None]
+                        for s, e in _chunks(len(p), self.chunk_size, 0):
+                            self._forward(ctx, toks[:, s:e], pos[:, s:e])
+                        for ly, n in zip(cache.layers, lengths):
+                            ly.truncate(n)
+                        cache.seen = seen
+                finally:
+                    ctx.rereading = False
+                _sync(self.device)
+                ctx.reread_s = time.perf_counter() - t0
             method.finish_prefill(run, cache.layers, ctx)
+            if passes and ctx.row is None:  # (rows are copied into the batch cache anyway)
+                for ly in cache.layers:  # the room reserved for the passes: not kept for decode
+                    if ly.k_buf is not None and ly.k_buf.shape[2] > ly.length + cache.reserve:
+                        ly.set_kv(ly.keys, ly.values, ly.positions)
 
     def _chunk_bounds(self, n: int, method: KVMethod, fresh: bool = True) -> list[tuple[int, int]]:
         """Prefill chunks of a prompt of ``n`` tokens (the last one long enough for the method).
@@ -382,7 +396,8 @@ class LLM:
         ctx.prefill_end = False
         return cache, stats, (ctx, logits)
 
-    def _prefill_rows(self, ids: list[list[int]], method: KVMethod, run: Run, progress: bool | None, reserve: int):
+    def _prefill_rows(self, ids: list[list[int]], method: KVMethod, run: Run, progress: bool | None, reserve: int,
+                      passes: list[list[list[int]]]):
         """Prefill one sequence at a time: each row's full KV is on the device only while that row
         runs; at its end the method compresses it (sentencekv writes the chunks into the batch's host
         store), then the rows' remaining device KV is stacked into one batch cache."""
@@ -395,7 +410,7 @@ class LLM:
         parts, logits = [], []
         try:
             for i, (row, plan) in enumerate(zip(ids, plans)):
-                rc = SiftCache(self.info.num_layers, capacity_hint=len(row), reserve=0)
+                rc = SiftCache(self.info.num_layers, capacity_hint=len(row) + _longest(passes[i]), reserve=0)
                 ctx = ForwardContext(cache=rc, method=method, run=run, prompt_ids=[row], tokenizer=self.tokenizer,
                                      row=(i, b), row_states=row_states, rope=self._rope)
                 tokens = torch.tensor([row], dtype=torch.long, device=dev)
@@ -405,7 +420,7 @@ class LLM:
                     lg = self._forward(ctx, tokens[:, s:e], pos[:, s:e])
                     if bar is not None:
                         bar.update(1)
-                self._finish_prefill(ctx, method, run, row)
+                self._finish_prefill(ctx, method, run, passes[i])
                 logits.append(lg)
                 parts.append([(ly.keys, ly.values, ly.positions, ly.ragged) if ly.k_buf is not None else None
                               for ly in rc.layers])
@@ -512,6 +527,10 @@ def _chunks(L: int, chunk: int, min_last: int, first: int | None = None) -> list
     if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_last:
         bounds[-2:] = [(bounds[-2][0], L)]
     return bounds
+
+
+def _longest(passes: list[list[int]]) -> int:
+    return max((len(p) for p in passes), default=0)
 
 
 def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> torch.Tensor:

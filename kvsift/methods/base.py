@@ -311,7 +311,8 @@ class EvictionMethod(KVMethod):
         return self.score(query, layer.keys, layer.values, layer.positions, module, layer.layer_idx)
 
     def deferred_scores(self, run: Run, layer: "SiftLayer") -> torch.Tensor:
-        """Scores ``(batch, kv_heads, n)`` of a deferred method, after the whole prefill."""
+        """Scores ``(batch, kv_heads, n)`` of a deferred method, after the whole prefill; called once
+        for every layer holding KV (within budget or not), so it may drop the layer's state."""
         raise NotImplementedError
 
     def compress(self, run: Run, layer: "SiftLayer", scores: torch.Tensor) -> None:
@@ -335,8 +336,8 @@ class EvictionMethod(KVMethod):
     def finish_prefill(self, run, layers, ctx) -> None:
         if not self.deferred:
             return
-        for layer in layers:
-            if layer.k_buf is not None and layer.length > self.layer_budget(run, layer.layer_idx):
+        for layer in layers:  # every layer: deferred_scores may free the state it scored from
+            if layer.k_buf is not None:
                 self.compress(run, layer, self.deferred_scores(run, layer))
 
 

@@ -1,0 +1,215 @@
+"""``kvzip``: KVzip (Kim et al., 2025, arXiv 2505.23416) - query-agnostic eviction by context
+reconstruction.
+
+After the prompt's prefill the model re-reads it: the engine feeds reread passes (``reread_passes``),
+each a reconstruction instruction ("Repeat the previous context exactly.", closed as a user turn
+by the tokenizer's chat template when the prompt was built with it) followed by one ``chunk`` of
+the context's own tokens, at the positions after the prompt, attending to the whole cache; their
+KV is dropped afterwards. Each prompt KV pair is scored by the largest attention it receives from
+any reconstruction query (every pass, every query of the pass - the instruction included - and
+every query head of its KV group; softmax over every key the query sees, the pass's own earlier
+tokens included). The compression is deferred until all passes ran (``finish_prefill``): the top
+``budget`` slots per (batch, kv_head) are kept, the first ``sinks`` tokens always.
+
+A pass over a chunk of ``c`` tokens costs about ``c`` prefill tokens attending to the ``n`` prompt
+keys, so the passes together cost about one more prefill (``stats``: ``reread_passes``,
+``reread_tokens``, ``reread_s``). Scoring and selection are apart: ``observe`` accumulates the
+scores into ``layer.state["kvzip"]`` while ``ctx.rereading``, ``deferred_scores`` hands them out
+(and drops the state), ``compress`` selects, so a wrapper allocating budgets itself can use it as a
+scorer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvsift.budget import resolve_budget
+from kvsift.methods.base import EvictionMethod, LayerState, Run, group_queries, register
+
+FIRST_INSTRUCTION = "\n\nRepeat the previous context exactly."
+NEXT_INSTRUCTION = "\n\nRepeat the previous context exactly, continuing from:"
+SCORE_BLOCK_BYTES = 1 << 28
+"""Bound on the fp32 attention block of one scoring step (query rows are processed in blocks)."""
+
+
+@dataclass
+class KVzipState(LayerState):
+    """Per-layer reconstruction scores of the prompt's slots: ``scores (batch, kv_heads, n)`` fp32,
+    the max attention each slot got from a reconstruction query so far (slot ``i`` of the prompt)."""
+
+    scores: torch.Tensor
+
+
+@dataclass
+class KVzipRun(Run):
+    """A generation's counters: reread passes, their tokens and their time (every sequence)."""
+
+    passes: int = 0
+    reread_tokens: int = 0
+    reread_s: float = 0.0
+
+
+def reconstruction_scores(query: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, query_pos: torch.Tensor,
+                          n_ctx: int, scale: float, sliding_window: int | None = None,
+                          softcap: float | None = None) -> torch.Tensor:
+    """Max attention of a pass's queries to the first ``n_ctx`` slots.
+
+    query ``(batch, q_heads, q, dim)`` (post-RoPE, the pass's tokens in flight); keys
+    ``(batch, kv_heads, n, dim)`` and their positions ``(batch, kv_heads, n)``: the prompt's ``n_ctx``
+    slots first (every one before every query, so only padding and a sliding window hide them),
+    then the pass's tokens so far; query_pos ``(batch, q)``. The softmax runs over every key a query
+    sees (``0 <= key_pos <= query_pos``, inside the sliding window if any, soft-capped logits if the
+    model caps them), as the model's own attention does. Returns ``(batch, kv_heads, n_ctx)`` fp32:
+    the max over queries and the query heads of each KV group. Query rows go in blocks of at most
+    :data:`SCORE_BLOCK_BYTES` of logits."""
+    b, hq, L, d = query.shape
+    hk, n = keys.shape[1], keys.shape[2]
+    g = hq // hk
+    kt = keys.float().transpose(-1, -2)                                          # (b, hk, d, n)
+    head_pos, tail_pos = key_pos[:, :, None, :n_ctx], key_pos[:, :, None, n_ctx:]
+    head_pad = head_pos < 0                                                      # (b, hk, 1, n_ctx)
+    out = torch.zeros(b, hk, n_ctx, dtype=torch.float32, device=keys.device)
+    step = max(1, SCORE_BLOCK_BYTES // (4 * b * hq * max(n, 1)))
+    for s in range(0, L, step):
+        q = group_queries(query[:, :, s:s + step], hk).float()                  # (b, hk, g, l, d)
+        l = q.shape[3]
+        w = torch.matmul(q.reshape(b, hk, g * l, d), kt).mul_(scale)            # row = group * l + query
+        if softcap is not None:
+            w.div_(softcap).tanh_().mul_(softcap)
+        qp = query_pos[:, None, s:s + step].expand(b, g, l).reshape(b, 1, g * l, 1)
+        # the pass's own keys: causal; the prompt's: padding (broadcast over the rows) and the window
+        w[..., n_ctx:].masked_fill_((tail_pos > qp) | (tail_pos < 0), float("-inf"))
+        w[..., :n_ctx].masked_fill_(head_pad, float("-inf"))
+        if sliding_window is not None:
+            w.masked_fill_(key_pos[:, :, None, :] <= qp - sliding_window, float("-inf"))
+        torch.maximum(out, torch.softmax(w, dim=-1)[..., :n_ctx].amax(dim=2), out=out)
+    return out
+
+
+def chat_parts(tokenizer) -> tuple[list[int], list[int]] | None:
+    """Token ids of the chat template around one user message: ``(prefix, suffix)`` (the suffix
+    closes the user turn and opens the assistant's), or None without a usable template."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "\x00KVZIP\x00"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
+                                             tokenize=False)
+    except Exception:  # a template that wants more than one user message: use the plain form
+        return None
+    if not isinstance(text, str) or marker not in text:
+        return None
+    pre, _, post = text.partition(marker)
+    return _encode(tokenizer, pre), _encode(tokenizer, post)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+@register("kvzip")
+@dataclass(frozen=True)
+class KVzip(EvictionMethod):
+    """KVzip: query-agnostic eviction by context reconstruction (reread passes, max attention).
+
+    Parameters
+    ----------
+    budget : int | float
+        Tokens kept per layer and KV head after the prefill (the sinks included).
+    chunk : int
+        Context tokens reconstructed per reread pass (each pass is the instruction plus one chunk,
+        attending to the whole prompt: a pass costs O(chunk * prompt)).
+    sinks : int
+        First prompt tokens always kept (attention sinks).
+    overlap : int
+        Last tokens of the previous chunk quoted in the instruction of the next pass (where to
+        continue from); 0: none.
+    """
+
+    chunk: int = 2048
+    sinks: int = 4
+    overlap: int = 8
+    deferred = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, lo in (("chunk", 16), ("sinks", 0), ("overlap", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if self.chunk > 1 << 20:
+            raise ValueError(f"chunk must be <= {1 << 20}, got {self.chunk}")
+        if self.overlap >= self.chunk:
+            raise ValueError(f"overlap must be smaller than chunk ({self.chunk}), got {self.overlap}")
+
+    def start(self, prompt_len: int, num_layers: int) -> KVzipRun:
+        return KVzipRun(resolve_budget(self.budget, prompt_len), prompt_len, num_layers)
+
+    # ---- the reread passes ---------------------------------------------------------------------
+    def reread_passes(self, run, prompt_ids, tokenizer):
+        """The reconstruction passes of one prompt (counted in ``run``). When the prompt starts
+        with the chat template's user-turn prefix, that prefix (and a trailing assistant opener) is
+        not repeated and the instruction is closed as a user turn; else a newline closes it."""
+        target, first, nxt, suffix = list(prompt_ids), [], [], []
+        if tokenizer is not None:
+            first, nxt = _encode(tokenizer, FIRST_INSTRUCTION), _encode(tokenizer, NEXT_INSTRUCTION)
+            suffix = _encode(tokenizer, "\n")
+            parts = chat_parts(tokenizer)
+            if parts is not None and parts[0] and target[:len(parts[0])] == parts[0]:
+                pre, suffix = parts
+                rest = target[len(pre):]
+                if suffix and rest[-len(suffix):] == suffix:
+                    rest = rest[:-len(suffix)]
+                target = rest or target
+        chunks = [target[i:i + self.chunk] for i in range(0, len(target), self.chunk)]
+        passes = []
+        for i, c in enumerate(chunks):
+            head = first if i == 0 else nxt + (chunks[i - 1][-self.overlap:] if self.overlap else [])
+            passes.append(head + suffix + c)
+        run.passes += len(passes)
+        run.reread_tokens += sum(len(p) for p in passes)
+        return passes
+
+    # ---- scoring ---------------------------------------------------------------------------------
+    def observe(self, run, layer, query, module, ctx) -> None:
+        """While a reread pass runs: fold its queries' attention into the prompt slots' scores."""
+        if not ctx.rereading:
+            return
+        st = layer.state.get(self.name)
+        if st is None:  # the first chunk of the first pass: the prompt's slots are all before it
+            n_ctx = layer.length - query.shape[2]
+            st = layer.state[self.name] = KVzipState(
+                torch.zeros(layer.k_buf.shape[0], layer.k_buf.shape[1], n_ctx, dtype=torch.float32,
+                            device=layer.k_buf.device))
+        scale = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+        s = reconstruction_scores(query, layer.keys, layer.positions, ctx.cache.step_positions, st.scores.shape[-1],
+                                  scale, getattr(module, "sliding_window", None),
+                                  getattr(module, "attn_logit_softcapping", None))
+        torch.maximum(st.scores, s, out=st.scores)
+
+    def deferred_scores(self, run, layer) -> torch.Tensor:
+        """The prompt slots' reconstruction scores ``(batch, kv_heads, n)``, sinks scored above any
+        attention weight; the layer's state is dropped (one call per layer, after the passes)."""
+        st = layer.state.pop(self.name, None)
+        if st is None:
+            raise RuntimeError(f"kvzip: no reconstruction scores in layer {layer.layer_idx} "
+                               f"(its reread passes did not run)")
+        s = st.scores
+        if s.shape[-1] != layer.length:
+            raise RuntimeError(f"kvzip: {s.shape[-1]} scores for {layer.length} slots in layer {layer.layer_idx}")
+        if self.sinks:
+            pos = layer.positions
+            s = torch.where((pos >= 0) & (pos < self.sinks), 2.0 - pos.float() / self.sinks, s)
+        return s
+
+    def finish_prefill(self, run, layers, ctx) -> None:
+        """Count the passes' time, then (inherited) every layer's scores, dropping the state, and
+        the top ``budget`` slots per head."""
+        run.reread_s += ctx.reread_s
+        super().finish_prefill(run, layers, ctx)
+
+    def stats(self, run) -> dict[str, Any]:
+        return {"reread_passes": run.passes, "reread_tokens": run.reread_tokens, "reread_s": run.reread_s}
