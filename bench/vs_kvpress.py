@@ -278,6 +278,7 @@ def ensure_venv(venv: Path, wheels: Path | None = None) -> Path:
     if made.returncode != 0:  # no ensurepip (a distribution's python without its venv package): the caller's pip
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", "--clear", str(venv)],
                        check=True)
+    _link_caller_packages(py)
     has_pip = subprocess.run([str(py), "-m", "pip", "--version"], capture_output=True).returncode == 0
     pip = [str(py), "-m", "pip"] if has_pip else [sys.executable, "-m", "pip", "--python", str(py)]
     src: list[str] = []
@@ -305,6 +306,20 @@ def ensure_venv(venv: Path, wheels: Path | None = None) -> Path:
         raise RuntimeError(f"kvpress venv is broken:\n{r.stderr[-2000:]}")
     print(f"[vs_kvpress] venv ready: transformers/torch {r.stdout.strip()}", file=sys.stderr)
     return py
+
+
+def _link_caller_packages(py: Path) -> None:
+    """Make the packages of the interpreter running this script (torch above all) visible in the
+    venv, after the venv's own: ``--system-site-packages`` only reaches the *base* interpreter's,
+    and this script may itself run in a venv (the GPU image does)."""
+    import site
+    import sysconfig
+
+    dirs = [d for d in dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"]]) if Path(d).is_dir()]
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib).mkdir(parents=True, exist_ok=True)
+    (Path(purelib) / "zz_kvsift_caller_packages.pth").write_text("".join(d + "\n" for d in dirs))
 
 
 def converted_model_dir(model: str | None = None) -> tuple[str, Path]:

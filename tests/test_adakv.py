@@ -97,3 +97,20 @@ def test_per_head_lengths_survive_a_persisted_context(tiny_llm, tmp_path):
 def test_adakv_is_a_wrapper_instance():
     m = AdaKV(budget=16)
     assert m.inner.name == "snapkv" and m.ragged
+
+
+@pytest.mark.parametrize("scorer", ["h2o", "tova", "expected_attention", "kvzip"])
+def test_wraps_every_scorer(tiny_llm, scorer):
+    """Every scorer under adakv: exact at the whole prompt, one shared budget per layer below it
+    (kvzip's reread passes run and are counted through the wrapper)."""
+    ids = random_prompt(180, seed=6)
+    p = SamplingParams(max_tokens=6, ignore_eos=True)
+    spec = f"adakv({scorer})"
+    assert tiny_llm.generate(ids, p, method=spec, budget=len(ids))[0].token_ids == tiny_llm.generate(ids, p)[0].token_ids
+    out = tiny_llm.generate(ids, p, method=spec, budget=32)[0]
+    assert out.stats.kv_device_bytes < out.stats.kv_full_bytes / 3
+    ctx = tiny_llm.prefill_context(ids, method=spec, budget=32)
+    for layer in ctx.cache.layers:
+        assert int(layer.head_lengths().sum()) <= 32 * layer.head_lengths().numel()
+    if scorer == "kvzip":
+        assert out.stats.method_stats["reread_passes"] >= 1 and out.stats.method_stats["reread_s"] > 0

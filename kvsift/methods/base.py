@@ -333,7 +333,12 @@ class EvictionMethod(KVMethod):
             return
         self.compress(run, layer, self.prefill_scores(run, layer, query, module, ctx))
 
+    def prefill_done(self, run: Run, ctx: "ForwardContext") -> None:
+        """Start of ``finish_prefill``: count what the whole prefill did (e.g. the reread passes'
+        time, ``ctx.reread_s``). Default: nothing."""
+
     def finish_prefill(self, run, layers, ctx) -> None:
+        self.prefill_done(run, ctx)
         if not self.deferred:
             return
         for layer in layers:  # every layer: deferred_scores may free the state it scored from
@@ -402,6 +407,9 @@ class ScorerWrapper(EvictionMethod):
 
     def reread_passes(self, run, prompt_ids, tokenizer):
         return self.inner.reread_passes(run.inner, prompt_ids, tokenizer)
+
+    def prefill_done(self, run, ctx):
+        self.inner.prefill_done(run.inner, ctx)
 
     def stats(self, run):
         return self.inner.stats(run.inner)

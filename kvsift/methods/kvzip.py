@@ -205,11 +205,10 @@ class KVzip(EvictionMethod):
             s = torch.where((pos >= 0) & (pos < self.sinks), 2.0 - pos.float() / self.sinks, s)
         return s
 
-    def finish_prefill(self, run, layers, ctx) -> None:
-        """Count the passes' time, then (inherited) every layer's scores, dropping the state, and
-        the top ``budget`` slots per head."""
+    def prefill_done(self, run, ctx) -> None:
+        """Count the passes' time (then ``finish_prefill`` takes every layer's scores, dropping the
+        state, and keeps the top ``budget`` slots per head)."""
         run.reread_s += ctx.reread_s
-        super().finish_prefill(run, layers, ctx)
 
     def stats(self, run) -> dict[str, Any]:
         return {"reread_passes": run.passes, "reread_tokens": run.reread_tokens, "reread_s": run.reread_s}
