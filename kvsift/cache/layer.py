@@ -371,7 +371,9 @@ class SiftCache(Cache):
             if src.k_buf is None:
                 continue
             rep = (lambda t: t.repeat_interleave(batch_repeat, 0)) if batch_repeat > 1 else (lambda t: t)
-            dst.set_kv(rep(src.keys), rep(src.values), rep(src.positions), reserve=self.reserve)
+            # a layer of compact per-head KV keeps its new tokens there: its buffers need no room
+            dst.set_kv(rep(src.keys), rep(src.values), rep(src.positions),
+                       reserve=0 if src.ragged is not None else self.reserve)
             dst.ragged = src.ragged.clone(batch_repeat) if src.ragged is not None else None
             dst.holes = src.holes
             dst.state = {k: v.clone() for k, v in src.state.items()}
