@@ -119,3 +119,18 @@ def make_client(tiny_llm, tmp_path):
 def random_prompt(n: int, seed: int = 0, vocab: int = 49152) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(100, vocab - 100, (n,), generator=g).tolist()
+
+
+def check_exact_and_compressing(llm, method: str, kw: dict, seed: int, n: int = 160, budget: int = 40) -> None:
+    """``method`` with options ``kw``: at a budget of the whole prompt it gives ``full``'s tokens; at
+    ``budget`` it holds fewer device bytes and every layer keeps ``budget`` slots after prefill."""
+    from kvsift import SamplingParams
+
+    ids = random_prompt(n, seed=seed)
+    p = SamplingParams(max_tokens=8, ignore_eos=True)
+    full = llm.generate(ids, p)[0].token_ids
+    assert llm.generate(ids, p, method=method, budget=len(ids), method_kwargs=kw)[0].token_ids == full
+    out = llm.generate(ids, p, method=method, budget=budget, method_kwargs=kw)[0]
+    assert len(out.token_ids) == 8 and out.stats.kv_device_bytes < out.stats.kv_full_bytes
+    ctx = llm.prefill_context(ids, method=method, budget=budget, method_kwargs=kw)
+    assert all(layer.length == budget for layer in ctx.cache.layers)

@@ -10,7 +10,7 @@ from kvsift.cache import SiftCache
 from kvsift.engine.attention import ForwardContext
 from kvsift.methods import build_method
 from kvsift.methods.h2o import attention_received
-from tests.conftest import random_prompt
+from tests.conftest import check_exact_and_compressing, random_prompt
 
 
 def naive_received(q, k, qpos, kpos):
@@ -153,14 +153,7 @@ def test_batch_rows_keep_each_row_within_the_budget(tiny_llm):
 
 @pytest.mark.parametrize("kw", [{}, {"decode_evict": False}, {"recent": 8}])
 def test_budget_of_whole_prompt_equals_full_and_a_small_budget_saves_memory(tiny_llm, kw):
-    ids = random_prompt(160, seed=54)
-    p = SamplingParams(max_tokens=8, ignore_eos=True)
-    full = tiny_llm.generate(ids, p)[0].token_ids
-    assert tiny_llm.generate(ids, p, method="h2o", budget=len(ids), method_kwargs=kw)[0].token_ids == full
-    out = tiny_llm.generate(ids, p, method="h2o", budget=40, method_kwargs=kw)[0]
-    assert len(out.token_ids) == 8 and out.stats.kv_device_bytes < out.stats.kv_full_bytes
-    ctx = tiny_llm.prefill_context(ids, method="h2o", budget=40, method_kwargs=kw)
-    assert all(layer.length == 40 for layer in ctx.cache.layers)
+    check_exact_and_compressing(tiny_llm, "h2o", kw, seed=54)
 
 
 def test_static_ok_only_without_decode_eviction():

@@ -10,7 +10,7 @@ from kvsift.cache import SiftCache
 from kvsift.engine.attention import ForwardContext
 from kvsift.methods import build_method
 from kvsift.methods.tova import last_query_attention
-from tests.conftest import random_prompt
+from tests.conftest import check_exact_and_compressing, random_prompt
 
 
 def naive_last_row(q, k, qpos, kpos):
@@ -108,14 +108,7 @@ def test_decode_stays_at_the_budget_in_every_layer(tiny_llm):
 
 @pytest.mark.parametrize("kw", [{}, {"per_head": True}, {"decode_evict": False}])
 def test_budget_of_whole_prompt_equals_full_and_a_small_budget_saves_memory(tiny_llm, kw):
-    ids = random_prompt(160, seed=62)
-    p = SamplingParams(max_tokens=8, ignore_eos=True)
-    full = tiny_llm.generate(ids, p)[0].token_ids
-    assert tiny_llm.generate(ids, p, method="tova", budget=len(ids), method_kwargs=kw)[0].token_ids == full
-    out = tiny_llm.generate(ids, p, method="tova", budget=40, method_kwargs=kw)[0]
-    assert len(out.token_ids) == 8 and out.stats.kv_device_bytes < out.stats.kv_full_bytes
-    ctx = tiny_llm.prefill_context(ids, method="tova", budget=40, method_kwargs=kw)
-    assert all(layer.length == 40 for layer in ctx.cache.layers)
+    check_exact_and_compressing(tiny_llm, "tova", kw, seed=62)
 
 
 def test_static_ok_only_without_decode_eviction():
