@@ -134,3 +134,23 @@ def check_exact_and_compressing(llm, method: str, kw: dict, seed: int, n: int = 
     assert len(out.token_ids) == 8 and out.stats.kv_device_bytes < out.stats.kv_full_bytes
     ctx = llm.prefill_context(ids, method=method, budget=budget, method_kwargs=kw)
     assert all(layer.length == budget for layer in ctx.cache.layers)
+
+
+def decode_greedy(llm, method, prompts: list, steps: int, each=None):
+    """Prefill ``prompts`` (token-id lists) with ``method`` (built), then ``steps`` greedy decode
+    steps through the engine's own loop pieces; ``each(step, cache)`` runs after the prefill
+    (step -1) and after every step. Returns ``(cache, run, ctx)``."""
+    run = method.start(max(len(x) for x in prompts), llm.info.num_layers)
+    with llm.lock:
+        cache, _, (ctx, logits) = llm._prefill(prompts, method, run, None, False, reserve=steps + 1)
+        ctx.decoding = True
+        nxt = ctx.next_pos
+        if each is not None:
+            each(-1, cache)
+        for step in range(steps):
+            ctx.step = step
+            logits = llm._forward(ctx, logits.argmax(-1, keepdim=True), nxt[:, None])
+            nxt = nxt + 1
+            if each is not None:
+                each(step, cache)
+    return cache, run, ctx

@@ -5,26 +5,14 @@ import pytest
 
 from kvsift import SamplingParams, build_method
 from kvsift.errors import MethodOptionError
-from tests.conftest import random_prompt
+from tests.conftest import decode_greedy, random_prompt
 
 
 def _lengths_during(llm, ids, max_tokens, **kw):
-    """Layer 0's used length after every decode step of a generation."""
-    from kvsift.engine.attention import ForwardContext  # noqa: F401 (types only)
-
+    """Layer 0's used length after prefill and after every decode step of a generation."""
     m = build_method("decoding", kw.pop("budget"), **kw)
-    run = m.start(len(ids), llm.info.num_layers)
     seen = []
-    with llm.lock:
-        cache, _, (ctx, logits) = llm._prefill([ids], m, run, None, False, reserve=max_tokens + 1)
-        seen.append(cache.layers[0].length)
-        ctx.decoding = True
-        pos = ctx.next_pos
-        for step in range(max_tokens):
-            ctx.step = step
-            logits = llm._forward(ctx, logits.argmax(-1, keepdim=True), pos[:, None])
-            pos = pos + 1
-            seen.append(cache.layers[0].length)
+    decode_greedy(llm, m, [ids], max_tokens, each=lambda step, c: seen.append(c.layers[0].length))
     return seen
 
 

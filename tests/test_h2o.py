@@ -10,7 +10,7 @@ from kvsift.cache import SiftCache
 from kvsift.engine.attention import ForwardContext
 from kvsift.methods import build_method
 from kvsift.methods.h2o import attention_received
-from tests.conftest import check_exact_and_compressing, random_prompt
+from tests.conftest import check_exact_and_compressing, decode_greedy, random_prompt
 
 
 def naive_received(q, k, qpos, kpos):
@@ -117,15 +117,8 @@ def test_prefill_keeps_recent_window_and_heavy_hitters_then_decode_evicts_the_lo
 
 
 def _decoded(llm, m, ids, steps):
-    run = m.start(max(len(x) for x in ids), llm.info.num_layers)
-    with llm.lock:
-        cache, _, (ctx, logits) = llm._prefill(ids, m, run, None, False, reserve=steps + 1)
-        ctx.decoding = True
-        nxt = ctx.next_pos
-        for _ in range(steps):
-            logits = llm._forward(ctx, logits.argmax(-1, keepdim=True), nxt[:, None])
-            nxt = nxt + 1
-    return cache, run, nxt
+    cache, run, ctx = decode_greedy(llm, m, ids, steps)
+    return cache, run, ctx.next_pos + steps
 
 
 def test_decode_stays_at_the_budget_and_keeps_the_recent_window(tiny_llm):

@@ -6,19 +6,11 @@ import torch
 from kvsift import SamplingParams
 from kvsift.methods import build_method
 from kvsift.methods.quest import _bounds
-from tests.conftest import random_prompt
+from tests.conftest import decode_greedy, random_prompt
 
 
 def _decoded(llm, m, ids, steps):
-    run = m.start(len(ids), llm.info.num_layers)
-    with llm.lock:
-        cache, _, (ctx, logits) = llm._prefill([ids], m, run, None, False, reserve=steps + 1)
-        ctx.decoding = True
-        nxt = ctx.next_pos
-        for _ in range(steps):
-            logits = llm._forward(ctx, logits.argmax(-1, keepdim=True), nxt[:, None])
-            nxt = nxt + 1
-    return cache, run, ctx
+    return decode_greedy(llm, m, [ids], steps)
 
 
 def test_bounds_follow_appended_tokens(tiny_llm):

@@ -10,7 +10,7 @@ from kvsift.cache import SiftCache
 from kvsift.engine.attention import ForwardContext
 from kvsift.methods import build_method
 from kvsift.methods.tova import last_query_attention
-from tests.conftest import check_exact_and_compressing, random_prompt
+from tests.conftest import check_exact_and_compressing, decode_greedy, random_prompt
 
 
 def naive_last_row(q, k, qpos, kpos):
@@ -93,14 +93,7 @@ def test_prefill_keeps_the_top_keys_and_decode_evicts_the_least_attended(per_hea
 def test_decode_stays_at_the_budget_in_every_layer(tiny_llm):
     ids = random_prompt(150, seed=61)
     m = build_method("tova", 48)
-    run = m.start(len(ids), tiny_llm.info.num_layers)
-    with tiny_llm.lock:
-        cache, _, (ctx, logits) = tiny_llm._prefill([ids], m, run, None, False, reserve=21)
-        ctx.decoding = True
-        nxt = ctx.next_pos
-        for _ in range(20):
-            logits = tiny_llm._forward(ctx, logits.argmax(-1, keepdim=True), nxt[:, None])
-            nxt = nxt + 1
+    cache, _, _ = decode_greedy(tiny_llm, m, [ids], 20)
     for layer in cache.layers:
         assert layer.length == 48 and int(layer.head_lengths().min()) == 48        # 48 real tokens per head
         assert len(set(layer.positions[0, 0].tolist())) == 48                      # no token twice
