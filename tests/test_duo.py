@@ -80,3 +80,38 @@ def test_bad_options_are_clear():
                      ({"window": 0}, "window")]:
         with pytest.raises(ValueError, match=word):
             build_method("duo", None, **kw)
+
+
+def test_induction_scores_match_a_naive_softmax_in_any_chunking():
+    from kvsift.methods.duo import induction_scores
+
+    g = torch.Generator().manual_seed(0)
+    hq, hk, d, P, T = 4, 2, 8, 5, 6                   # 5 prompt slots, then the probe: T tokens twice
+    n = P + 2 * T
+    keys = torch.randn(1, hk, n, d, generator=g)
+    pos = torch.arange(n).expand(1, hk, n).clone()
+    q = torch.randn(1, hq, 2 * T, d, generator=g)
+    want = torch.zeros(hk)
+    for h in range(hq):
+        for i in range(T):
+            slot, target = P + T + i, P + i + 1         # R[i] seen again: attend to what followed it
+            w = torch.softmax(keys[0, h // 2, :slot + 1] @ q[0, h, T + i] * 0.3, 0)
+            want[h // 2] += w[target] / (hq // hk) / T
+    whole, n_whole = induction_scores(q, keys, pos, P, T, 0.3, P)
+    a, na = induction_scores(q[:, :, :7], keys[:, :, :P + 7], pos[:, :, :P + 7], P, T, 0.3, P)
+    b, nb = induction_scores(q[:, :, 7:], keys, pos, P, T, 0.3, P + 7)
+    torch.testing.assert_close(whole[0] / n_whole, want)
+    torch.testing.assert_close((a + b)[0] / (na + nb), want)
+
+
+def test_induction_probe_runs_once_and_is_dropped(tiny_llm):
+    ids = random_prompt(200, seed=9)
+    kw = {**OPTS, "heads": "induction", "probe": 40}       # 80 probe tokens: two 64-token chunks
+    p = SamplingParams(max_tokens=6, ignore_eos=True)
+    assert tiny_llm.generate(ids, p, method="duo", budget=len(ids), method_kwargs=kw)[0].token_ids == \
+        tiny_llm.generate(ids, p)[0].token_ids
+    ctx = tiny_llm.prefill_context(ids, method="duo", budget=96, method_kwargs=kw)
+    assert ctx.cache.seen == 200                             # the probe left no token behind
+    lens = torch.stack([ly.head_lengths()[0] for ly in ctx.cache.layers])
+    assert bool(((lens == 200) | (lens == 32)).all()) and int((lens == 200).sum()) >= 1
+    assert all(int(_head_positions(ly, h)[-1]) == 199 for ly in ctx.cache.layers for h in range(lens.shape[1]))

@@ -28,8 +28,41 @@ from typing import ClassVar
 
 import torch
 
-from kvsift.methods.base import EvictionMethod, Run, keep_top, register
+from kvsift.methods.base import EvictionMethod, Run, group_queries, keep_top, register
 from kvsift.methods.snapkv import window_attention_scores
+
+PROBE_SEED = 1234
+
+
+def induction_scores(query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, probe_start: int,
+                     period: int, scale: float, q_start: int, block: int = 16) -> tuple[torch.Tensor, int]:
+    """How much each KV head copies: ``(sum (batch, kv_heads), count)`` over this chunk's queries.
+
+    The probe is ``period`` tokens repeated twice from slot ``probe_start``; ``query (batch,
+    q_heads, L, dim)`` are the queries of slots ``q_start .. q_start + L - 1`` (a chunk of it). A
+    query of the second copy, probe offset ``period + i``, sees the token ``R[i]``; an induction
+    (retrieval) head attends to the key after its previous occurrence, offset ``i + 1``. The sum
+    is that attention (softmax over every key the query sees), summed over the second copy's
+    queries in the chunk and averaged over the query heads of each group; ``count`` those queries."""
+    b, hk, n, d = keys.shape
+    off = torch.arange(query.shape[2], device=keys.device) + q_start - probe_start
+    sel = (off >= period).nonzero().flatten()
+    out = torch.zeros(b, hk, device=keys.device)
+    if sel.numel() == 0:
+        return out, 0
+    q = group_queries(query[:, :, sel], hk).float()                                  # (b, hk, g, T, d)
+    qslot = q_start + sel                                                            # (T,)
+    kf = keys.float()
+    for s in range(0, sel.numel(), block):
+        e = min(s + block, sel.numel())
+        logits = torch.einsum("bhgtd,bhnd->bhgtn", q[:, :, :, s:e], kf) * scale
+        qpos = positions[:, :, qslot[s:e]]                                           # (b, hk, t)
+        visible = (positions[:, :, None, :] <= qpos[..., None]) & (positions[:, :, None, :] >= 0)
+        attn = torch.softmax(logits.masked_fill(~visible[:, :, None], float("-inf")), dim=-1)
+        target = probe_start + off[sel[s:e]] - period + 1                            # (t,)
+        idx = target.view(1, 1, 1, -1, 1).expand(b, hk, attn.shape[2], e - s, 1)
+        out += attn.gather(-1, idx).squeeze(-1).sum(dim=3).mean(dim=2)
+    return out, int(sel.numel())
 
 
 def long_range_mass(attn: torch.Tensor, positions: torch.Tensor, sinks: int, recent: int) -> torch.Tensor:
@@ -43,7 +76,9 @@ def long_range_mass(attn: torch.Tensor, positions: torch.Tensor, sinks: int, rec
 
 @dataclass
 class DuoRun(Run):
-    mass: dict = field(default_factory=dict)       # layer index -> (batch, kv_heads) long-range mass
+    mass: dict = field(default_factory=dict)       # layer index -> (batch, kv_heads) retrieval score
+    counts: dict = field(default_factory=dict)     # layer index -> probe queries summed in ``mass``
+    probe_start: dict = field(default_factory=dict)  # layer index -> first slot of the probe
     retrieval: float = 0.0                          # fraction of heads kept whole (last prefill)
 
 
@@ -64,13 +99,23 @@ class DuoAttention(EvictionMethod):
     recent : int
         Last prompt tokens a streaming head keeps.
     window : int
-        Last prompt queries whose attention tells retrieval from streaming heads.
+        Last prompt queries whose attention tells retrieval from streaming heads (``heads="prompt"``).
+    heads : str
+        How retrieval heads are found: ``prompt`` (long-range attention mass of the prompt's last
+        queries) or ``induction`` (after the prefill the model reads a probe of ``probe`` random
+        tokens repeated twice, placed after the prompt and dropped afterwards; heads that attend
+        to the token after the previous occurrence, as retrieval heads do, rank first: the echo /
+        induction test of RazorAttention, training-free and independent of the prompt).
+    probe : int
+        Length of the random block the induction probe repeats.
     """
 
     retrieval_ratio: float = 0.5
     sinks: int = 64
     recent: int = 256
     window: int = 32
+    heads: str = "prompt"
+    probe: int = 64
     needs_budget: ClassVar[bool] = False
     deferred: ClassVar[bool] = True
     ragged: ClassVar[bool] = True
@@ -83,6 +128,10 @@ class DuoAttention(EvictionMethod):
             raise ValueError(f"sinks must be >= 0 and recent >= 1, got sinks={self.sinks}, recent={self.recent}")
         if not 1 <= self.window <= 4096:
             raise ValueError(f"window must be in [1, 4096], got {self.window}")
+        if self.heads not in ("prompt", "induction"):
+            raise ValueError(f"heads must be 'prompt' or 'induction', got {self.heads!r}")
+        if not 4 <= self.probe <= 1024:
+            raise ValueError(f"probe must be in [4, 1024], got {self.probe}")
 
     def start(self, prompt_len: int, num_layers: int) -> DuoRun:
         from kvsift.budget import resolve_budget
@@ -114,16 +163,39 @@ class DuoAttention(EvictionMethod):
             return 1.0
         return float(min(1.0, max(0.0, (run.tokens - stream) / (n - stream))))
 
+    def reread_passes(self, run, prompt_ids, tokenizer) -> list[list[int]]:
+        if self.heads != "induction":
+            return []
+        vocab = max(1000, max(prompt_ids) + 1)
+        g = torch.Generator().manual_seed(PROBE_SEED)
+        block = torch.randint(100, min(vocab, 30000), (self.probe,), generator=g).tolist()
+        return [block + block]
+
+    def observe(self, run, layer, query, module, ctx) -> None:
+        if not (ctx.rereading and self.heads == "induction"):
+            return
+        i = layer.layer_idx
+        scale = getattr(module, "scaling", layer.keys.shape[-1] ** -0.5)
+        q_start = layer.length - query.shape[2]              # the chunk's slots come last, in order
+        start = run.probe_start.setdefault(i, q_start)       # the probe's first chunk starts it
+        total, n = induction_scores(query, layer.keys, layer.positions, start, self.probe, scale, q_start)
+        run.mass[i] = run.mass.get(i, 0) + total
+        run.counts[i] = run.counts.get(i, 0) + n
+
     def prefill_end(self, run, layer, query, module, ctx) -> None:
+        if self.heads != "prompt":
+            return
         scale = getattr(module, "scaling", layer.keys.shape[-1] ** -0.5)
         attn = window_attention_scores(query, layer.keys, layer.positions, self.window, scale)
         run.mass[layer.layer_idx] = long_range_mass(attn, layer.positions, *self.streaming_window(run))
 
     def finish_prefill(self, run: DuoRun, layers, ctx) -> None:
+        self.prefill_done(run, ctx)
         idx = sorted(i for i in run.mass if layers[i].k_buf is not None)
         if not idx:
             return
-        mass = torch.stack([run.mass.pop(i) for i in idx], 1)                 # (b, L, h)
+        mass = torch.stack([run.mass.pop(i) / max(1, run.counts.pop(i, 1)) for i in idx], 1)   # (b, L, h)
+        run.probe_start.clear()
         b, L, h = mass.shape
         n = max(int((layers[i].positions >= 0).sum(-1).max()) for i in idx)
         frac = self.retrieval_fraction(run, n)
