@@ -7,7 +7,7 @@ server's RSS before and after. It stops by itself (deadline + per-request timeou
 
 Only loopback URLs are accepted. Exit status 1 when a request failed unexpectedly (a 5xx, a
 connection error on a request that was not cancelled on purpose, a 4xx on a valid request other
-than 503 busy) or when the server does not answer /health at the end.
+than 429 busy) or when the server does not answer /health at the end.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class Soak:
         t0 = time.perf_counter()
         r = c.post(path, json=body, headers=self.headers, timeout=self.timeout)
         out = self.classify(r)
-        self.record(kind, out, r.status_code == 200 or out == "503:server_busy", time.perf_counter() - t0)
+        self.record(kind, out, r.status_code == 200 or out == "429:server_busy", time.perf_counter() - t0)
 
     def stream(self, c: httpx.Client, rng: random.Random, cancel: bool) -> None:
         kind = "stream_cancelled" if cancel else "stream"
@@ -102,7 +102,7 @@ class Soak:
             if r.status_code != 200:
                 r.read()
                 out = self.classify(r)
-                self.record(kind, out, out == "503:server_busy")
+                self.record(kind, out, out == "429:server_busy")
                 return
             n, done = 0, False
             for line in r.iter_lines():
@@ -162,7 +162,7 @@ class Soak:
         r = c.post("/v1/contexts", json=body, headers=self.headers, timeout=self.timeout)
         out = self.classify(r)
         # a full store or memory pressure are expected answers under load, not failures
-        self.record("context_create", out, r.status_code == 200 or out in ("503:server_busy", "409:too_many_contexts"))
+        self.record("context_create", out, r.status_code == 200 or out in ("429:server_busy", "409:too_many_contexts"))
         if r.status_code != 200:
             return
         cid = r.json()["id"]
@@ -172,7 +172,7 @@ class Soak:
                        headers=self.headers, timeout=self.timeout)
             out = self.classify(q)
             # another client's context may push a non-persisted one out: 410 is the honest answer
-            self.record("context_ask", out, q.status_code == 200 or out in ("503:server_busy", "410:context_evicted"))
+            self.record("context_ask", out, q.status_code == 200 or out in ("429:server_busy", "410:context_evicted"))
         d = c.delete(f"/v1/contexts/{cid}", headers=self.headers, timeout=self.timeout)
         out = self.classify(d)
         self.record("context_delete", out, d.status_code == 200 or out in ("410:context_evicted",))

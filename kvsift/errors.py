@@ -7,6 +7,8 @@ that caught those before keeps working.
 
 from __future__ import annotations
 
+import math
+
 
 class KVSiftError(Exception):
     """Base of kvsift's own errors. ``status``: the HTTP status the server answers with; ``code``:
@@ -122,3 +124,36 @@ class IdempotencyKeyReusedError(KVSiftError):
 
     status = 422
     code = "idempotency_key_reused"
+
+
+# ---- limits (429 Too Many Requests, with a Retry-After estimate) --------------------------------------
+class RateLimitError(KVSiftError):
+    """Refused for now, before any work: the server answers 429 with ``Retry-After: retry_after``,
+    a whole number of seconds (at least 1) after which a retry is expected to get through (an
+    estimate from the queue and the recent jobs' durations)."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float, param: str | None = None):
+        super().__init__(message, param=param)
+        self.retry_after = max(1, math.ceil(retry_after)) if math.isfinite(retry_after) else 1
+
+
+class QueueFullError(RateLimitError):
+    """The waiting queue holds its maximum (``--max-waiting``)."""
+
+    code = "server_busy"
+
+
+class QueueWaitError(RateLimitError):
+    """The expected wait in the queue is longer than the server allows (``--max-queue-seconds``)."""
+
+    code = "queue_wait_too_long"
+
+
+class ConcurrencyLimitError(RateLimitError):
+    """The API key already has its maximum of requests queued or running (``--max-concurrent-per-key``
+    or the key's ``max_concurrent``)."""
+
+    code = "too_many_concurrent_requests"

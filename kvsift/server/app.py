@@ -7,6 +7,12 @@ Everything that can be refused is refused before a request queues for the engine
 and types (schemas), a cheap character bound on texts before tokenizing, the token length, the
 method and its options, ``max_tokens`` against the server's cap, and for a new context the count,
 memory and disk room it will need (estimated from its token count, the model shape and the budget).
+The limits on load come first, before the body is even looked at past its schema: the API key's
+concurrency, the queue's length and expected wait (429 with ``Retry-After``; see
+:mod:`kvsift.server.scheduler`). A generation running past ``max_request_seconds`` stops at its
+next decode step and answers what it has, ``finish_reason: "length"`` with the header
+``X-Kvsift-Stopped: time-limit`` (streams: ``"kvsift": {"stopped": "time_limit"}`` on the choice's
+last chunk).
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ _DISCONNECT_POLL_S = 0.1
 _ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/contexts", "/health", "/metrics",
               "/openapi.json")
 _IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
+TIME_LIMIT = "time_limit"            # the server's finish reason of a generation stopped by max_request_seconds
+STOPPED_HEADER = "X-Kvsift-Stopped"  # its header on a non-streaming response (value: "time-limit")
 
 
 @dataclass
@@ -244,7 +252,9 @@ def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
     if n or store.skipped:
         log.info("contexts: %d registered from %s, %d skipped", n, config.contexts_dir, len(store.skipped))
     cap = config.max_tokens_cap or llm.info.max_positions
-    state = ServerState(llm, config, model_id, metrics, Scheduler(config.max_waiting, metrics), store,
+    scheduler = Scheduler(config.max_waiting, metrics, max_run_s=config.max_request_seconds,
+                          max_queue_s=config.max_queue_seconds, max_per_key=config.max_concurrent_per_key)
+    state = ServerState(llm, config, model_id, metrics, scheduler, store,
                         max_tokens_cap=cap, max_token_chars=_max_token_chars(llm.tokenizer))
 
     @contextlib.asynccontextmanager
@@ -552,8 +562,12 @@ def _prepare(state: ServerState, req, chat: bool, who: Principal = ANONYMOUS_ADM
 
 # ---- generation ------------------------------------------------------------------------------------
 async def _generate(state: ServerState, req, request: Request, chat: bool, who: Principal = ANONYMOUS_ADMIN):
-    prep = await asyncio.to_thread(_prepare, state, req, chat, who)
-    job = state.scheduler.new_job()
+    job = state.scheduler.new_job(who)  # the key's and the queue's limits: 429 before any work
+    try:
+        prep = await asyncio.to_thread(_prepare, state, req, chat, who)
+    except BaseException:
+        state.scheduler.abandon(job)
+        raise
     if prep.context is not None:
         state.metrics.context_tokens.inc(prep.context_tokens * len(prep.prompts))
     try:
@@ -574,6 +588,8 @@ async def _generate(state: ServerState, req, request: Request, chat: bool, who: 
         try:
             for ev in stream:
                 if ev.output is not None:  # observed here: a cancelled request has no reader any more
+                    if j.timed_out and ev.output.finish_reason == "cancelled":
+                        ev.output.finish_reason = TIME_LIMIT
                     _observe_output(state, ev.output)
                 j.emit(ev)
         finally:
@@ -587,8 +603,13 @@ async def _generate(state: ServerState, req, request: Request, chat: bool, who: 
         return StreamingResponse(_sse(state, job, work, prep, rid, created, chat, include_usage),
                                  media_type="text/event-stream", background=BackgroundTask(_release_async, state, job),
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    outputs = await _until_disconnect(request, job, _collect(state, job, work))
-    return JSONResponse(_full_response(state, prep, outputs, rid, created, chat))
+    try:
+        outputs = await _until_disconnect(request, job, _collect(state, job, work))
+    finally:
+        _release(state, job)
+    stopped = any(o.finish_reason == TIME_LIMIT for o in outputs.values())
+    return JSONResponse(_full_response(state, prep, outputs, rid, created, chat),
+                        headers={STOPPED_HEADER: "time-limit"} if stopped else None)
 
 
 def _release(state: ServerState, job: Job) -> None:
@@ -676,12 +697,17 @@ def _usage(prep: Prepared, outputs: dict[int, RequestOutput]) -> dict[str, Any]:
 
 
 def _finish(reason: str) -> str:
-    return "length" if reason == "length" else "stop"
+    """The OpenAI finish reason: a generation stopped by the run-time limit ends as "length" (cut
+    short by a server limit, like max_tokens; the response says which)."""
+    return "length" if reason in ("length", TIME_LIMIT) else "stop"
 
 
 def _kvsift_info(prep: Prepared, outputs: dict[int, RequestOutput]) -> dict[str, Any]:
-    return {"kv_method": prep.method_spec, "kv_budget": prep.budget, "context_id": prep.context_id,
+    info = {"kv_method": prep.method_spec, "kv_budget": prep.budget, "context_id": prep.context_id,
             "stats": [outputs[i].stats.to_dict() for i in sorted(outputs)]}
+    if any(o.finish_reason == TIME_LIMIT for o in outputs.values()):
+        info["stopped"] = TIME_LIMIT
+    return info
 
 
 def _full_response(state: ServerState, prep: Prepared, outputs: dict[int, RequestOutput], rid: str, created: int,
@@ -708,10 +734,12 @@ async def _sse(state: ServerState, job: Job, work, prep: Prepared, rid: str, cre
     starlette cancels this generator and ``finally`` cancels the job."""
     obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(choices, usage=None):
+    def chunk(choices, usage=None, stopped: bool = False):
         c = {"id": rid, "object": obj, "created": created, "model": state.model_id, "choices": choices}
         if include_usage:
             c["usage"] = usage
+        if stopped:
+            c["kvsift"] = {"stopped": TIME_LIMIT}
         return _data(c)
 
     outputs: dict[int, RequestOutput] = {}
@@ -727,17 +755,20 @@ async def _sse(state: ServerState, job: Job, work, prep: Prepared, rid: str, cre
             if first:
                 state.metrics.ttft.observe(time.perf_counter() - job.arrived)
                 first = False
-            reason = None
+            reason, stopped = None, False
             if ev.output is not None:
                 outputs[ev.index] = ev.output
                 reason = _finish(ev.output.finish_reason)
+                stopped = ev.output.finish_reason == TIME_LIMIT
             if not ev.text and reason is None:
                 continue
             if chat:
                 delta = {"content": ev.text} if ev.text else {}
-                yield chunk([{"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": reason}])
+                yield chunk([{"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": reason}],
+                            stopped=stopped)
             else:
-                yield chunk([{"index": ev.index, "text": ev.text, "logprobs": None, "finish_reason": reason}])
+                yield chunk([{"index": ev.index, "text": ev.text, "logprobs": None, "finish_reason": reason}],
+                            stopped=stopped)
         if include_usage:
             yield chunk([], _usage(prep, outputs))
     except KVSiftError as e:
@@ -794,7 +825,17 @@ async def _create_context(state: ServerState, req: ContextRequest, request: Requ
 
 async def _make_context(state: ServerState, req: ContextRequest, who: Principal, idem_key: str | None,
                         digest: str | None) -> ContextRecord:
-    """Validate, hold room (count, memory, disk), prefill, keep: the context's record."""
+    """Admit (the key's and the queue's limits: 429 before any work), validate, hold room (count,
+    memory, disk), prefill, keep: the context's record."""
+    job = state.scheduler.new_job(who)
+    try:
+        return await _build_context(state, req, who, idem_key, digest, job)
+    finally:
+        _release(state, job)
+
+
+async def _build_context(state: ServerState, req: ContextRequest, who: Principal, idem_key: str | None,
+                         digest: str | None, job: Job) -> ContextRecord:
     llm = state.llm
     _check_model(state, req.model)
     m, spec, budget = _method(state, req.kv_method, req.kv_budget, req.kv_options, state.config.default_method,
@@ -821,14 +862,13 @@ async def _make_context(state: ServerState, req: ContextRequest, who: Principal,
     kv_est = kept * _kv_bytes_per_token(llm)
     reservation: Reservation = state.store.reserve(who.owner, kv_est, kv_est + 8 * len(ids), req.persist)
     try:
-        job = state.scheduler.new_job()
-
         def work(j: Job):
             j.emit(llm.prefill_context(ids, method=m, chat=chat, progress=False))
 
         async def run():
             await state.scheduler.run(job, work)
             async for item in _events(state, job):
+                await job.ended.wait()  # the key's slot is free before the answer goes out
                 return item
             raise APIError(499, "client disconnected", code="client_disconnected")
 
@@ -836,8 +876,6 @@ async def _make_context(state: ServerState, req: ContextRequest, who: Principal,
             ctx: Context = await run()
         except KVSiftError as e:
             raise _method_error(e, spec) from None
-        finally:
-            _release(state, job)
         ctx.method_kwargs = dict(req.kv_options or {})  # answers re-build the method with the same options
         meta = {"created": int(time.time()), "model": state.model_id, "owner": who.owner, "kv_method": spec,
                 "kv_budget": budget, "kv_options": ctx.method_kwargs, "chat": chat, "stats": ctx.stats.to_dict(),

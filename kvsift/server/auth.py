@@ -7,8 +7,11 @@ for an id that never existed), except for *admin* keys, which see every context.
 * no key configured: every request is the anonymous admin (a loopback-only server by default);
 * ``--api-key KEY``: one key, owner ``default``, admin;
 * ``--api-keys-file FILE``: several keys. Either JSON, a list of ``{"key", "owner", "admin"}`` or an
-  object ``{key: owner}`` / ``{key: {"owner", "admin"}}``, or text lines ``KEY OWNER [admin]``
-  (``#`` starts a comment).
+  object ``{key: owner}`` / ``{key: {"owner", "admin", "max_concurrent"}}``, or text lines
+  ``KEY OWNER [admin] [max_concurrent=N]`` (``#`` starts a comment).
+
+A key's ``max_concurrent`` (optional, an integer >= 1) is how many of its requests may be queued or
+running at once; it overrides the server's ``--max-concurrent-per-key`` for that key.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import hashlib
 import hmac
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ANONYMOUS = "anonymous"
@@ -27,8 +30,15 @@ _OWNER_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,128}$")
 
 @dataclass(frozen=True, slots=True)
 class Principal:
+    """The caller. ``max_concurrent``: its key's own limit of requests queued or running (None: the
+    server's ``max_concurrent_per_key``); ``key_id``: which key it came with (a digest prefix, never
+    the key; None for the anonymous caller of a server without keys): the bucket its requests are
+    counted in."""
+
     owner: str
     admin: bool = False
+    max_concurrent: int | None = None
+    key_id: str | None = field(default=None, compare=False, repr=False)
 
     def may_see(self, owner: str | None) -> bool:
         return self.admin or owner == self.owner
@@ -51,8 +61,11 @@ class KeyRing:
                 raise ValueError(f"owner names are 1-128 characters of A-Z a-z 0-9 _ . @ : -, got {p.owner!r}")
             if key in seen:
                 raise ValueError("the same API key is listed twice")
+            mc = p.max_concurrent
+            if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or mc < 1):
+                raise ValueError(f"max_concurrent of owner {p.owner!r} must be an integer >= 1, got {mc!r}")
             seen.add(key)
-        self._entries = [(hashlib.sha256(k.encode()).digest(), p) for k, p in entries]
+        self._entries = [_entry(k, p) for k, p in entries]
 
     @classmethod
     def single(cls, key: str) -> "KeyRing":
@@ -60,7 +73,7 @@ class KeyRing:
         ring = cls.__new__(cls)
         if not key:
             raise ValueError("api_key must not be empty")
-        ring._entries = [(hashlib.sha256(key.encode()).digest(), Principal(DEFAULT_OWNER, admin=True))]
+        ring._entries = [_entry(key, Principal(DEFAULT_OWNER, admin=True))]
         return ring
 
     @classmethod
@@ -88,20 +101,28 @@ class KeyRing:
             elif isinstance(data, list):
                 items = data
             for i, it in enumerate(items):
+                mc = it.get("max_concurrent") if isinstance(it, dict) else None
                 if not isinstance(it, dict) or not isinstance(it.get("key"), str) or \
-                        not isinstance(it.get("owner"), str) or not isinstance(it.get("admin", False), bool):
-                    raise ValueError(f"{where}: entry {i} needs a string 'key', a string 'owner' and an optional "
-                                     f"boolean 'admin'")
-                entries.append((it["key"], Principal(it["owner"], bool(it.get("admin", False)))))
+                        not isinstance(it.get("owner"), str) or not isinstance(it.get("admin", False), bool) or \
+                        (mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or mc < 1)):
+                    raise ValueError(f"{where}: entry {i} needs a string 'key', a string 'owner', an optional "
+                                     f"boolean 'admin' and an optional integer 'max_concurrent' >= 1")
+                entries.append((it["key"], Principal(it["owner"], bool(it.get("admin", False)), mc)))
         else:
             for n, line in enumerate(text.splitlines(), 1):
                 line = line.split("#", 1)[0].strip()
                 if not line:
                     continue
                 parts = line.split()
+                mc = None
+                if len(parts) >= 3 and parts[-1].startswith("max_concurrent="):
+                    value = parts.pop().partition("=")[2]
+                    if not value.isdigit() or int(value) < 1:
+                        raise ValueError(f"{where}:{n}: max_concurrent must be an integer >= 1, got {value!r}")
+                    mc = int(value)
                 if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "admin"):
-                    raise ValueError(f"{where}:{n}: expected 'KEY OWNER [admin]'")
-                entries.append((parts[0], Principal(parts[1], len(parts) == 3)))
+                    raise ValueError(f"{where}:{n}: expected 'KEY OWNER [admin] [max_concurrent=N]'")
+                entries.append((parts[0], Principal(parts[1], len(parts) == 3, mc)))
         return cls(entries)
 
     def lookup(self, token: str) -> Principal | None:
@@ -114,3 +135,9 @@ class KeyRing:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _entry(key: str, p: Principal) -> tuple[bytes, Principal]:
+    """A key ring entry: the key's sha256 and its principal, tagged with a prefix of that digest."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return digest, replace(p, key_id=digest.hex()[:16])

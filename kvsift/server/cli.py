@@ -3,7 +3,8 @@
     kvsift serve                                   # default model on http://127.0.0.1:8000
     kvsift serve --model smollm2                   # a named model (`kvsift models`)
     kvsift serve --model path/to/hf_dir --kv-method snapkv --kv-budget 1024 --api-key secret
-    kvsift serve --host 0.0.0.0 --api-keys-file keys.txt   # tenants: lines 'KEY OWNER [admin]'
+    kvsift serve --host 0.0.0.0 --api-keys-file keys.txt   # tenants: lines 'KEY OWNER [admin] [max_concurrent=N]'
+    kvsift serve --max-request-seconds 120 --max-concurrent-per-key 4   # limits: 429 + Retry-After
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' (default: $KVSIFT_API_KEY, else no key); "
                         "its owner is 'default', an admin")
     p.add_argument("--api-keys-file", type=Path, default=None,
-                   help="tenants: JSON ([{key, owner, admin}] or {key: owner}) or lines 'KEY OWNER [admin]'; "
-                        "contexts belong to their owner, admins see all")
+                   help="tenants: JSON ([{key, owner, admin, max_concurrent}] or {key: owner}) or lines "
+                        "'KEY OWNER [admin] [max_concurrent=N]'; contexts belong to their owner, admins see all")
     p.add_argument("--public-health", action="store_true",
                    help="serve /health and /metrics without a key even when keys are set")
     p.add_argument("--insecure", action="store_true",
@@ -62,7 +63,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of chat completions")
     p.add_argument("--max-tokens-cap", type=int, default=None,
                    help="largest max_tokens a request may ask for (default: the model's context length); above: 400")
-    p.add_argument("--max-waiting", type=int, default=64, help="queued requests beyond the running one (then 503)")
+    p.add_argument("--max-waiting", type=int, default=64,
+                   help="queued requests beyond the running one (then 429 with Retry-After)")
+    p.add_argument("--max-queue-seconds", type=float, default=None,
+                   help="refuse a request (429 with Retry-After) whose expected wait in the queue is longer "
+                        "(estimated from recent requests' run times; default: no limit)")
+    p.add_argument("--max-request-seconds", type=float, default=None,
+                   help="stop a generation running longer than this (from when it starts, not its time in the "
+                        "queue) at its next token: it answers what it has, finish_reason 'length' and the header "
+                        "X-Kvsift-Stopped: time-limit (default: no limit)")
+    p.add_argument("--max-concurrent-per-key", type=int, default=None,
+                   help="most requests of one API key queued or running at once, then 429 with Retry-After "
+                        "(a key's max_concurrent in --api-keys-file overrides it; without keys all requests "
+                        "share one bucket; default: no limit)")
     p.add_argument("--max-body", type=_bytes, default=8 * 2**20, help="largest request body (default 8M)")
     p.add_argument("--contexts-dir", type=Path, default=None,
                    help=f"where contexts are persisted (default {default_contexts_dir()})")
@@ -103,7 +116,9 @@ def build_config(args):
                           max_waiting=args.max_waiting, max_body_bytes=args.max_body, contexts_dir=contexts_dir,
                           context_memory_bytes=args.context_memory, max_contexts=args.max_contexts,
                           contexts_disk_bytes=args.contexts_disk_limit, keys=keys, max_tokens_cap=args.max_tokens_cap,
-                          public_health=args.public_health, insecure=args.insecure)
+                          public_health=args.public_health, insecure=args.insecure,
+                          max_request_seconds=args.max_request_seconds, max_queue_seconds=args.max_queue_seconds,
+                          max_concurrent_per_key=args.max_concurrent_per_key)
     check_model(args.model)  # unknown or not installed: fail before binding or loading (after the cheap checks)
     return config
 

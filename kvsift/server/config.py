@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,14 @@ class ServerConfig:
     ``max_tokens_cap``: largest ``max_tokens`` a request may ask for (None = the model's context).
     ``public_health``: ``/health`` and ``/metrics`` answer without a key even when keys are set.
     ``insecure``: allow a non-loopback ``host`` without any key.
+
+    Limits (None = none; a refused request gets 429 with ``Retry-After``, before any work):
+    ``max_request_seconds``: a generation running longer (counted from when its job starts, not its
+    time in the queue) stops at its next decode step with what it has (``finish_reason: "length"``
+    and ``X-Kvsift-Stopped: time-limit``). ``max_queue_seconds``: refuse a request whose expected
+    wait in the queue (from the recent jobs' durations) is longer. ``max_concurrent_per_key``: most
+    requests of one API key queued or running at once (a key's own ``max_concurrent`` in the keys
+    file overrides it; without keys, all requests share one anonymous bucket).
     """
 
     host: str = "127.0.0.1"
@@ -55,6 +64,9 @@ class ServerConfig:
     max_tokens_cap: int | None = None
     public_health: bool = False
     insecure: bool = False
+    max_request_seconds: float | None = None
+    max_queue_seconds: float | None = None
+    max_concurrent_per_key: int | None = None
     keep_ids: int = field(default=10000)   # evicted / known ids remembered for their 410 answers
 
     def __post_init__(self):
@@ -88,6 +100,15 @@ class ServerConfig:
             raise ValueError(f"contexts_disk_bytes must be >= 0, got {self.contexts_disk_bytes}")
         if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
             raise ValueError(f"max_tokens_cap must be >= 1, got {self.max_tokens_cap}")
+        for name, flag in (("max_request_seconds", "--max-request-seconds"),
+                           ("max_queue_seconds", "--max-queue-seconds")):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or v <= 0):
+                raise ValueError(f"{name} ({flag}) must be a number of seconds > 0, got {v!r}")
+        v = self.max_concurrent_per_key
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"max_concurrent_per_key (--max-concurrent-per-key) must be an integer >= 1, got {v!r}")
         if self.api_key is not None and self.keys is not None:
             raise ValueError("give either one API key or a keys file, not both")
         if self.api_key is not None:

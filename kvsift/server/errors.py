@@ -2,6 +2,7 @@
 
 Errors are mapped to HTTP by their type: every :class:`kvsift.errors.KVSiftError` carries its
 ``status``, ``code`` and ``param`` (never by searching the message text). ``code`` is never null.
+A :class:`kvsift.errors.RateLimitError` (429) also carries its ``Retry-After`` header.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kvsift.errors import BudgetError, KVSiftError, MethodOptionError, UnknownMethodError
+from kvsift.errors import BudgetError, KVSiftError, MethodOptionError, RateLimitError, UnknownMethodError
 
 log = logging.getLogger("kvsift.server")
 
@@ -102,6 +103,8 @@ def _count(request: Request, code: str) -> None:
 
 async def _kvsift_error(request: Request, exc: KVSiftError):
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    if isinstance(exc, RateLimitError):
+        headers = {"Retry-After": str(exc.retry_after)}
     _count(request, api_code(exc))
     if exc.status >= 500:
         log.warning("%s %s -> %d %s: %s", request.method, request.url.path, exc.status, api_code(exc), exc.message)
