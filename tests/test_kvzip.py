@@ -64,7 +64,7 @@ def test_scores_equal_a_dense_reference(default_tokenizer, monkeypatch, family):
     model = tiny_model(family, seed=1)
     llm = LLM.from_model(model, default_tokenizer, name=f"tiny-{family}", chunk_size=64)
     ids = random_prompt(150, seed=31)
-    m = KVzip(budget=len(ids), chunk=64, sinks=0, overlap=8)
+    m = KVzip(budget=len(ids), chunk=64, sinks=0, overlap=8, softmax="full")
     seen = _capture_scores(monkeypatch)
     if family == "gemma3":  # score in blocks of a few query rows
         monkeypatch.setattr("kvsift.methods.kvzip.SCORE_BLOCK_BYTES", 4 * 4 * 200 * 5)
@@ -99,7 +99,7 @@ def default_instr(llm):
 
 def test_budget_is_respected_and_device_bytes_drop(tiny_llm):
     ids = random_prompt(256, seed=33)
-    ctx = tiny_llm.prefill_context(ids, method="kvzip", budget=48, method_kwargs={"chunk": 128})
+    ctx = tiny_llm.prefill_context(ids, method="kvzip", budget=48, method_kwargs={"chunk": 128, "allocation": "head"})
     st = ctx.stats
     assert st.kv_device_bytes < st.kv_full_bytes / 4
     assert st.method_stats["reread_passes"] == 2 and st.method_stats["reread_s"] > 0
@@ -138,7 +138,7 @@ def test_a_context_answers_without_rerunning_the_passes(tiny_llm, monkeypatch):
     assert again.stats.method_stats["reread_passes"] == 0 and not calls
     # a compressed context answers too, and stays within its budget
     small = tiny_llm.prefill_context(doc, method="kvzip", budget=40, method_kwargs={"chunk": 64})
-    assert all(layer.length == 40 for layer in small.cache.layers)
+    assert sum(int(ly.head_lengths().sum()) for ly in small.cache.layers) == 40 * 2 * len(small.cache.layers)
     assert len(tiny_llm.generate(q, P, context=small)[0].token_ids) == 8
 
 
@@ -193,7 +193,7 @@ def test_kvzip_works_as_a_scorer_inside_a_wrapper(tiny_llm):
     ids = random_prompt(200, seed=40)
     w = _HalfBudgetWrapper(budget=80, scorer=KVzip(budget=80, chunk=64))
     ctx = tiny_llm.prefill_context(ids, method=w)
-    ref = tiny_llm.prefill_context(ids, method="kvzip", budget=40, method_kwargs={"chunk": 64})
+    ref = tiny_llm.prefill_context(ids, method="kvzip", budget=40, method_kwargs={"chunk": 64, "allocation": "head"})
     for a, b in zip(ctx.cache.layers, ref.cache.layers):
         assert a.length == 40 and not a.state
         assert torch.equal(a.positions, b.positions)
@@ -228,3 +228,25 @@ def test_static_decode_after_the_passes_gives_the_eager_tokens(default_tokenizer
     assert a.token_ids == b.token_ids and b.stats.decode_mode == "static"
     if budget == 1.0:
         assert a.token_ids == eager.generate(ids, P)[0].token_ids
+
+
+def test_global_allocation_keeps_the_best_scores_of_any_layer_and_head(tiny_llm):
+    """``allocation="global"`` (the default): the budget is a mean over layers and heads; the kept
+    slots are the best reconstruction scores anywhere, so per-head counts differ (stored compactly)."""
+    ids = random_prompt(200, seed=41)
+    ctx = tiny_llm.prefill_context(ids, method="kvzip", budget=40, method_kwargs={"chunk": 64})
+    lens = torch.stack([ly.head_lengths()[0] for ly in ctx.cache.layers])          # (layers, heads)
+    assert int(lens.sum()) == 40 * lens.numel() and int(lens.max()) > int(lens.min())
+    assert ctx.stats.kv_device_bytes < ctx.stats.kv_full_bytes / 3
+
+
+def test_local_softmax_differs_from_full_and_both_are_exact_at_full_budget(tiny_llm):
+    ids = random_prompt(150, seed=42)
+    full = tiny_llm.generate(ids, P)[0].token_ids
+    for sm in ("local", "full"):
+        assert tiny_llm.generate(ids, P, method="kvzip", budget=len(ids),
+                                 method_kwargs={"chunk": 64, "softmax": sm})[0].token_ids == full
+    a = tiny_llm.prefill_context(ids, method="kvzip", budget=30, method_kwargs={"chunk": 64, "allocation": "head"})
+    b = tiny_llm.prefill_context(ids, method="kvzip", budget=30,
+                                 method_kwargs={"chunk": 64, "allocation": "head", "softmax": "full"})
+    assert any(not torch.equal(x.positions, y.positions) for x, y in zip(a.cache.layers, b.cache.layers))

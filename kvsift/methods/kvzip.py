@@ -22,12 +22,12 @@ scorer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from kvsift.budget import resolve_budget
-from kvsift.methods.base import EvictionMethod, LayerState, Run, group_queries, register
+from kvsift.methods.base import EvictionMethod, LayerState, Run, group_queries, keep_top, register
 
 FIRST_INSTRUCTION = "\n\nRepeat the previous context exactly."
 NEXT_INSTRUCTION = "\n\nRepeat the previous context exactly, continuing from:"
@@ -41,6 +41,9 @@ class KVzipState(LayerState):
     the max attention each slot got from a reconstruction query so far (slot ``i`` of the prompt)."""
 
     scores: torch.Tensor
+    passes: int = 0        # reread passes seen so far (the one in flight included)
+    offset: int = 0        # first prompt slot the passes reconstruct
+    span: int = 0          # how many they reconstruct
 
 
 @dataclass
@@ -54,7 +57,7 @@ class KVzipRun(Run):
 
 def reconstruction_scores(query: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, query_pos: torch.Tensor,
                           n_ctx: int, scale: float, sliding_window: int | None = None,
-                          softcap: float | None = None) -> torch.Tensor:
+                          softcap: float | None = None, local: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Max attention of a pass's queries to the first ``n_ctx`` slots.
 
     query ``(batch, q_heads, q, dim)`` (post-RoPE, the pass's tokens in flight); keys
@@ -64,13 +67,18 @@ def reconstruction_scores(query: torch.Tensor, keys: torch.Tensor, key_pos: torc
     sees (``0 <= key_pos <= query_pos``, inside the sliding window if any, soft-capped logits if the
     model caps them), as the model's own attention does. Returns ``(batch, kv_heads, n_ctx)`` fp32:
     the max over queries and the query heads of each KV group. Query rows go in blocks of at most
-    :data:`SCORE_BLOCK_BYTES` of logits."""
+    :data:`SCORE_BLOCK_BYTES` of logits. ``local = (sinks, start, end)``: of the prompt's slots only
+    the first ``sinks`` and ``start .. end - 1`` (the chunk the pass reconstructs) enter the
+    softmax, as in the KVzip paper's chunked scoring."""
     b, hq, L, d = query.shape
     hk, n = keys.shape[1], keys.shape[2]
     g = hq // hk
     kt = keys.float().transpose(-1, -2)                                          # (b, hk, d, n)
     head_pos, tail_pos = key_pos[:, :, None, :n_ctx], key_pos[:, :, None, n_ctx:]
     head_pad = head_pos < 0                                                      # (b, hk, 1, n_ctx)
+    if local is not None:
+        sl = torch.arange(n_ctx, device=keys.device)
+        head_pad = head_pad | ~((sl < local[0]) | ((sl >= local[1]) & (sl < local[2])))
     out = torch.zeros(b, hk, n_ctx, dtype=torch.float32, device=keys.device)
     step = max(1, SCORE_BLOCK_BYTES // (4 * b * hq * max(n, 1)))
     for s in range(0, L, step):
@@ -106,6 +114,24 @@ def chat_parts(tokenizer) -> tuple[list[int], list[int]] | None:
     return _encode(tokenizer, pre), _encode(tokenizer, post)
 
 
+def target_span(prompt_ids: list[int], tokenizer) -> tuple[int, list[int], list[int]]:
+    """What the passes reconstruct: ``(offset, target ids, suffix ids)``. With a chat prompt
+    (it starts with the template's user-turn prefix) the prefix and a trailing assistant opener
+    are left out and the suffix closes the user turn; otherwise a newline does."""
+    target, suffix, offset = list(prompt_ids), [], 0
+    if tokenizer is not None:
+        suffix = _encode(tokenizer, "\n")
+        parts = chat_parts(tokenizer)
+        if parts is not None and parts[0] and target[:len(parts[0])] == parts[0]:
+            pre, suffix = parts
+            rest = target[len(pre):]
+            if suffix and rest[-len(suffix):] == suffix:
+                rest = rest[:-len(suffix)]
+            if rest:
+                target, offset = rest, len(pre)
+    return offset, target, suffix
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
@@ -127,12 +153,22 @@ class KVzip(EvictionMethod):
     overlap : int
         Last tokens of the previous chunk quoted in the instruction of the next pass (where to
         continue from); 0: none.
+    softmax : str
+        ``local``: a pass's softmax runs over the sinks, the chunk it reconstructs and its own
+        tokens (the KVzip paper's chunked scoring, as kvpress); ``full``: over every key it sees.
+    allocation : str
+        ``global``: the budget is the mean over all layers and KV heads, and the best scores of
+        any layer and head are kept (KVzip's non-uniform budgets; kvpress's default): kept
+        lengths differ per head, stored compactly; ``head``: ``budget`` tokens per KV head.
     """
 
     chunk: int = 2048
     sinks: int = 4
     overlap: int = 8
+    softmax: str = "local"
+    allocation: str = "global"
     deferred = True
+    ragged: ClassVar[bool] = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -144,6 +180,10 @@ class KVzip(EvictionMethod):
             raise ValueError(f"chunk must be <= {1 << 20}, got {self.chunk}")
         if self.overlap >= self.chunk:
             raise ValueError(f"overlap must be smaller than chunk ({self.chunk}), got {self.overlap}")
+        if self.softmax not in ("local", "full"):
+            raise ValueError(f"softmax must be 'local' or 'full', got {self.softmax!r}")
+        if self.allocation not in ("global", "head"):
+            raise ValueError(f"allocation must be 'global' or 'head', got {self.allocation!r}")
 
     def start(self, prompt_len: int, num_layers: int) -> KVzipRun:
         return KVzipRun(resolve_budget(self.budget, prompt_len), prompt_len, num_layers)
@@ -153,17 +193,9 @@ class KVzip(EvictionMethod):
         """The reconstruction passes of one prompt (counted in ``run``). When the prompt starts
         with the chat template's user-turn prefix, that prefix (and a trailing assistant opener) is
         not repeated and the instruction is closed as a user turn; else a newline closes it."""
-        target, first, nxt, suffix = list(prompt_ids), [], [], []
-        if tokenizer is not None:
-            first, nxt = _encode(tokenizer, FIRST_INSTRUCTION), _encode(tokenizer, NEXT_INSTRUCTION)
-            suffix = _encode(tokenizer, "\n")
-            parts = chat_parts(tokenizer)
-            if parts is not None and parts[0] and target[:len(parts[0])] == parts[0]:
-                pre, suffix = parts
-                rest = target[len(pre):]
-                if suffix and rest[-len(suffix):] == suffix:
-                    rest = rest[:-len(suffix)]
-                target = rest or target
+        first = _encode(tokenizer, FIRST_INSTRUCTION) if tokenizer is not None else []
+        nxt = _encode(tokenizer, NEXT_INSTRUCTION) if tokenizer is not None else []
+        _, target, suffix = target_span(prompt_ids, tokenizer)
         chunks = [target[i:i + self.chunk] for i in range(0, len(target), self.chunk)]
         passes = []
         for i, c in enumerate(chunks):
@@ -179,15 +211,23 @@ class KVzip(EvictionMethod):
         if not ctx.rereading:
             return
         st = layer.state.get(self.name)
+        q_start = layer.length - query.shape[2]
         if st is None:  # the first chunk of the first pass: the prompt's slots are all before it
-            n_ctx = layer.length - query.shape[2]
+            offset, target, _ = target_span(ctx.prompt_ids[0], ctx.tokenizer)
             st = layer.state[self.name] = KVzipState(
-                torch.zeros(layer.k_buf.shape[0], layer.k_buf.shape[1], n_ctx, dtype=torch.float32,
-                            device=layer.k_buf.device))
+                torch.zeros(layer.k_buf.shape[0], layer.k_buf.shape[1], q_start, dtype=torch.float32,
+                            device=layer.k_buf.device), 0, offset, len(target))
+        n_ctx = st.scores.shape[-1]
+        if q_start == n_ctx:  # a pass starts
+            st.passes += 1
+        local = None
+        if self.softmax == "local":
+            s0 = st.offset + (st.passes - 1) * self.chunk
+            local = (self.sinks, s0, min(st.offset + st.span, s0 + self.chunk))
         scale = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
-        s = reconstruction_scores(query, layer.keys, layer.positions, ctx.cache.step_positions, st.scores.shape[-1],
+        s = reconstruction_scores(query, layer.keys, layer.positions, ctx.cache.step_positions, n_ctx,
                                   scale, getattr(module, "sliding_window", None),
-                                  getattr(module, "attn_logit_softcapping", None))
+                                  getattr(module, "attn_logit_softcapping", None), local)
         torch.maximum(st.scores, s, out=st.scores)
 
     def deferred_scores(self, run, layer) -> torch.Tensor:
@@ -204,6 +244,28 @@ class KVzip(EvictionMethod):
             pos = layer.positions
             s = torch.where((pos >= 0) & (pos < self.sinks), 2.0 - pos.float() / self.sinks, s)
         return s
+
+    def finish_prefill(self, run, layers, ctx) -> None:
+        """``allocation="head"``: the inherited per-head compression. ``global``: every layer's
+        scores at once, the best ``budget * layers * kv_heads`` (per row) of any layer and head."""
+        if self.allocation == "head":
+            return super().finish_prefill(run, layers, ctx)
+        self.prefill_done(run, ctx)
+        live = [ly for ly in layers if ly.k_buf is not None]
+        if not live:
+            return
+        scores = torch.stack([self.deferred_scores(run, ly).float().masked_fill(ly.positions < 0, float("-inf"))
+                              for ly in live], 1)                                # (b, L, h, n)
+        b, L, h, n = scores.shape
+        total = run.tokens * L * h
+        if total >= L * h * n:
+            return
+        flat = scores.flatten(1)
+        picked = flat.topk(total, dim=-1)
+        chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, picked.indices, picked.values > float("-inf"))
+        counts = chosen.view(b, L, h, n).sum(-1)                                 # (b, L, h)
+        for j, ly in enumerate(live):
+            keep_top(ly, scores[:, j], counts[:, j])
 
     def prefill_done(self, run, ctx) -> None:
         """Count the passes' time (then ``finish_prefill`` takes every layer's scores, dropping the
