@@ -32,6 +32,15 @@ token uncompressed, where ``k`` is what kvsift keeps per layer and KV head for t
 included) to the same number of KV entries per head (PyramidKV: on average over layers). For
 ``ppl`` the whole context is compressed to ``k`` and the continuation is teacher-forced one token at
 a time, as in kvsift. Presses keep their kvpress defaults (e.g. SnapKV window 64, kvsift's is 32).
+``--compress context`` (the query-agnostic setting, kvpress's own pipeline semantics): the sample
+is split once by the runner into context ids and question ids (the same ids kvsift gets); all
+``c`` context tokens are prefilled under the press keeping ``k`` of them (``k`` from the same rule
+on the *context* length: ratio -> ceil(ratio * c), tokens -> min(budget, c); compression_ratio
+``1 - (k + 0.5)/c``), then the question ids are fed uncompressed at positions ``c, c+1, ...`` and
+the answer decoded greedily, as ``KVPressTextGenerationPipeline`` does (a decode-time press: the
+context is prefilled without it, the question and the answer run under it with ``target_size = k``).
+KV bytes are the context cache's after its prefill. kvsift does the same through
+``LLM.prefill_context`` + ``generate(..., context=ctx)``.
 Note that kvpress's StreamingLLMPress compresses only at prefill (the cache then grows during
 decode) whereas kvsift's ``streaming`` keeps rolling.
 
@@ -184,6 +193,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="decoding presses: compress every this many decode steps, the last prompt token being the first "
                          "(kvpress's compression_interval; with N > 1 the KV after the prompt is the full cache's "
                          "and it grows to budget + N - 1 between compressions)")
+    ap.add_argument("--compress", choices=("prompt", "context"), default="prompt",
+                    help="prompt: compress the whole prompt, question included (default); context: compress only the "
+                         "sample's context (budget from the context's length), then feed the question uncompressed "
+                         "(kvpress's pipeline semantics)")
     ap.add_argument("--budgets", default=None, help="ratios (0.25) or token counts (256), comma list "
                                                     "(default: 0.1,0.25,0.5)")
     ap.add_argument("--lengths", default=None, help="default: 1024,2048")
@@ -573,6 +586,63 @@ class KvpressBackend:
         return dict(ids=ids, n=n, batch=b, kv=kv, masked=masked, kv_end=kv_end, prefill_s=prefill_s,
                     decode_s=decode_s, steps=steps)
 
+    def context_settings(self, method: str) -> dict[str, Any]:
+        """What a ``--compress context`` row adds to its settings."""
+        spec = parse_press(method)[1]
+        return {"press_scope": ("context prefilled without the press; question and answer under it" if spec.decode
+                                else "context prefill only; question and answer uncompressed"),
+                "kv_bytes": "the context's cache after its prefill; nothing counted for the question"}
+
+    def generate_context(self, context_ids, question_ids, method, budget, max_new_tokens):
+        """The query-agnostic setting, as kvpress's pipeline runs it: all ``c`` context tokens prefilled
+        under the press keeping ``k = kept_tokens(budget, c)`` (a decode-time press: the context without
+        it, then the question and the answer under it, ``target_size = k``), then the question ids
+        fed at positions ``c ..`` uncompressed, then greedy decoding. KV bytes: the cache after the
+        context's prefill."""
+        from transformers import DynamicCache
+
+        t, c, nq = self.torch, len(context_ids), len(question_ids)
+        spec, press = self._press(method, budget, c, c)
+        cache = DynamicCache()
+        self._reset_masks()
+        with t.inference_mode(), contextlib.ExitStack() as whole:
+            t0 = time.perf_counter()
+            with contextlib.ExitStack() as pre:
+                if spec.eager:
+                    pre.enter_context(self._attn("eager"))
+                if press is not None and not spec.decode:
+                    pre.enter_context(press(self.model))
+                self.model.model(input_ids=self._ids(context_ids), past_key_values=cache, use_cache=True)
+            self._sync()
+            kv = self._kv_bytes(cache)
+            masked = self._masked_entries() * 2 * self.head_dim * self.elt
+            if press is not None and spec.decode:
+                whole.enter_context(press(self.model))
+            out = self.model(input_ids=self._ids(question_ids), past_key_values=cache, use_cache=True,
+                             position_ids=t.arange(c, c + nq, device=self.device)[None], logits_to_keep=1)
+            logits = out.logits[0, -1].float()
+            self._sync()
+            prefill_s = time.perf_counter() - t0
+            ids: list[int] = []
+            steps = 0
+            t1 = time.perf_counter()
+            for i in range(max_new_tokens):
+                x = int(logits.argmax(-1))
+                if x in self.eos:
+                    break
+                ids.append(x)
+                if i == max_new_tokens - 1:
+                    break
+                logits = self._step(cache, x, c + nq + i)
+                steps += 1
+            self._sync()
+            decode_s = time.perf_counter() - t1
+        self._reset_masks()
+        return self.runner.Generation(
+            text=self.tokenizer.decode(ids, skip_special_tokens=True), prompt_tokens=c + nq, new_tokens=len(ids),
+            kv_device_bytes=kv, kv_host_bytes=0, kv_kept_bytes=kv - masked, kv_full_bytes=self._full_bytes(c),
+            prefill_s=prefill_s, decode_ms_per_token=1000.0 * decode_s / steps if steps else 0.0)
+
     def _generate_rows(self, prompts, method, budget, max_new_tokens):
         r = self.run_prompts(prompts, method, budget, max_new_tokens)
         b, n, steps = r["batch"], r["n"], r["steps"]
@@ -644,11 +714,13 @@ def worker(args) -> int:
         tasks=grid["tasks"], methods=args.presses.split(","), budgets=grid["budgets"], lengths=grid["lengths"],
         seeds=grid["seeds"], task_config=tasks.TaskConfig(depths=grid["depths"], samples=grid["samples"],
                                                           ppl_tokens=grid["ppl_tokens"], ppl_text=args.ppl_text))
-    print(f"[vs_kvpress] {len(cfg.cells())} cell(s) on {backend.device} ({backend.model_name}) -> {args.out}",
+    print(f"[vs_kvpress] {len(cfg.cells())} cell(s) on {backend.device} ({backend.model_name}), compress "
+          f"{args.compress} -> {args.out}",
           file=sys.stderr)
     counts = runner.run_grid(backend, cfg, args.out, progress=not args.no_progress, method_prefix="kvpress:",
                              log=lambda s: print(s, file=sys.stderr), max_minutes=args.max_minutes,
-                             batch_size=None if args.batch_size == "auto" else int(args.batch_size))
+                             batch_size=None if args.batch_size == "auto" else int(args.batch_size),
+                             compress=args.compress)
     left = f", {counts['left']} left (rerun to continue)" if counts["stopped"] else ""
     print(f"[vs_kvpress] kvpress {transformers.__version__}/{torch.__version__}: {counts['run']} cell(s) run, "
           f"{counts['skipped']} already done, {counts['errors']} error(s){left} -> {args.out}", file=sys.stderr)

@@ -100,3 +100,44 @@ def test_headwise_cells_table_and_default_presses():
     assert ok["held_fraction"] == 1.0 and ok["attended_fraction"] == 0.25
     text = hm.table([ok, bad])
     assert "100.0%" in text and "25.0%" in text and "n/a" in text and "unknown method 'duo'" in text
+
+
+def test_compress_option_parses():
+    assert vk.parse_args([]).compress == "prompt"
+    assert vk.parse_args(["--compress", "context"]).compress == "context"
+    with pytest.raises(SystemExit):
+        vk.parse_args(["--compress", "question"])
+
+
+def _kvpress_backend(llm):
+    """A KvpressBackend over an already loaded model (no model directory, no kvpress: ``full`` needs
+    no press)."""
+    import torch
+
+    from kvsift.eval import runner
+
+    be = object.__new__(vk.KvpressBackend)
+    cfg = llm.model.config
+    be.torch, be.runner, be.device, be.elt = torch, runner, torch.device("cpu"), 4
+    be.tokenizer, be.model, be.model_name = llm.tokenizer, llm.model, "tiny"
+    be.layers, be.kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
+    be.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    be.decoding_interval, be.eos = 1, set(llm.eos_ids)
+    return be
+
+
+def test_worker_context_path_matches_kvsift_full(tiny_llm, monkeypatch):
+    """The worker's --compress context path (context prefill, then the question at positions c..,
+    then greedy decoding) gives kvsift's tokens with the full cache, and its KV bytes are the
+    context's."""
+    from kvsift.eval.runner import KvsiftBackend
+    from kvsift.eval.tasks import TaskBuilder, TaskConfig, split_context_question
+
+    monkeypatch.setitem(sys.modules, "kvpress", _fake_kvpress())
+    s = TaskBuilder(tiny_llm.tokenizer, TaskConfig(depths=(0.5,), samples=1)).build("niah", 260, 0)[0]
+    ctx, q = split_context_question(tiny_llm.tokenizer, s)
+    kp = _kvpress_backend(tiny_llm).generate_context(ctx, q, "full", None, 6)
+    ks = KvsiftBackend(tiny_llm).generate_context(ctx, q, "full", None, 6)
+    assert kp.text == ks.text and kp.prompt_tokens == ks.prompt_tokens == len(ctx) + len(q)
+    assert kp.kv_device_bytes == kp.kv_full_bytes == ks.kv_full_bytes
+    assert vk.KvpressBackend.context_settings(None, "decoding")["press_scope"].startswith("context prefilled without")

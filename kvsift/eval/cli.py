@@ -3,6 +3,7 @@
     kvsift bench run --suite standard --model /path/to/model.gguf --out results/standard.jsonl --max-minutes 8
     kvsift bench run --tasks niah,mk_niah --methods full,snapkv,streaming --budgets 0.1,0.25,0.5 \
         --lengths 1024,2048 --seeds 0 --out results/results.jsonl
+    kvsift bench run --tasks niah --methods full,kvzip,expected_attention --budgets 0.25 --compress context
     kvsift bench report results/results.jsonl [more.jsonl ...] --out results/report
     kvsift bench tasks
     kvsift bench suites
@@ -80,6 +81,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--prefill-mode", choices=("auto", "batch", "rows"), default="auto",
                    help="LLM prefill_mode: auto = rows for eviction methods (one full KV on the GPU at a time, "
                         "exact per row); batch = ~25%% faster at 30k, holds the batch's full KV")
+    r.add_argument("--compress", choices=("prompt", "context"), default="prompt",
+                   help="what a method compresses: prompt = the whole rendered prompt, question included (the "
+                        "query-aware setting, default); context = only the sample's context, the budget resolved "
+                        "against the context, then the question answered uncompressed over it (the query-agnostic "
+                        "setting, kvpress's pipeline; one sample at a time; report label '<method> [ctx]')")
     r.add_argument("--max-minutes", type=float, default=None,
                    help="stop cleanly after the cell in flight once this many minutes have passed (rerun to continue)")
     r.add_argument("--method-opt", action="append", default=[], metavar="METHOD.KEY=VALUE",
@@ -213,7 +219,8 @@ def run_bench(args) -> int:
               f"{','.join(cfg.tasks)} x lengths {','.join(map(str, cfg.lengths))} x seeds "
               f"{','.join(map(str, cfg.seeds))} x (methods {','.join(methods)} at budgets "
               f"{','.join(plan['budgets'])}; full once); samples per cell "
-              f"{', '.join(f'{t} {n}' for t, n in per_cell.items())} -> {args.out}", file=sys.stderr)
+              f"{', '.join(f'{t} {n}' for t, n in per_cell.items())}; compress {args.compress} -> {args.out}",
+              file=sys.stderr)
         if args.dry_run:
             return 0
         if args.backend == "fake":
@@ -226,7 +233,7 @@ def run_bench(args) -> int:
                                     chunk_size=args.chunk_size, prefill_mode=args.prefill_mode)
         counts = run_grid(backend, cfg, args.out, progress=not args.no_progress,
                           log=lambda s: print(s, file=sys.stderr), batch_size=args.batch_size,
-                          max_minutes=args.max_minutes, pad=args.batch_padding)
+                          max_minutes=args.max_minutes, pad=args.batch_padding, compress=args.compress)
         left = f", {counts['left']} left (rerun to continue)" if counts["stopped"] else ""
         na = f", {counts['unavailable']} not available" if counts["unavailable"] else ""
         print(f"[bench] {counts['run']} cell(s) run, {counts['skipped']} already done, {counts['errors']} error(s)"

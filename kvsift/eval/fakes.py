@@ -39,7 +39,8 @@ class ReadingBackend(BaseBackend):
     """Answers by reading the prompt, like a perfect model whose cache kept ``kept/full`` of the
     prompt: needles in the kept *tail* of the prompt are found (StreamingLLM-like), others not.
     ``calls`` counts generate/score calls (to check resumability); ``batches`` the size of each
-    ``generate_batch`` call; ``auto_batch`` is what ``auto_batch_size`` answers."""
+    ``generate_batch`` call; ``auto_batch`` is what ``auto_batch_size`` answers. ``generate_context``
+    (``--compress context``) sees the kept tail of the context plus the whole question."""
 
     name = "fake"
     model_name = "fake-model"
@@ -48,6 +49,7 @@ class ReadingBackend(BaseBackend):
         self.tokenizer = tokenizer
         self.calls = 0
         self.batches: list[int] = []
+        self.context_calls: list[tuple[int, int]] = []  # (context, question) lengths of generate_context
         self.auto_batch = auto_batch
 
     def auto_batch_size(self, prompt_tokens, max_new_tokens, method, budget):
@@ -74,6 +76,21 @@ class ReadingBackend(BaseBackend):
         return Generation(text=" " + answer + ".", prompt_tokens=n, new_tokens=3, kv_device_bytes=kept,
                           kv_host_bytes=full - kept if method.endswith("offload") else 0, kv_kept_bytes=kept,
                           kv_full_bytes=full, prefill_s=0.01, decode_ms_per_token=1.0)
+
+    def generate_context(self, context_ids, question_ids, method, budget, max_new_tokens):
+        """The query-agnostic setting: the kept tail of the *context* (the budget resolved against the
+        context's length) plus the whole question are visible; KV bytes are the context's."""
+        self.calls += 1
+        self.context_calls.append((len(context_ids), len(question_ids)))
+        n = len(context_ids)
+        kept, full = self._kv(n, budget)
+        visible = self.tokenizer.decode(context_ids[n - kept // 100:]) + self.tokenizer.decode(question_ids)
+        asked = re.findall(r"magic numbers? for ([\w-]+)", self.tokenizer.decode(question_ids))
+        vals = re.findall(rf"magic numbers for {re.escape(asked[-1])} is: (\d+)", visible) if asked else []
+        answer = ", ".join(vals) if vals else "unknown"
+        return Generation(text=" " + answer + ".", prompt_tokens=n + len(question_ids), new_tokens=3,
+                          kv_device_bytes=kept, kv_host_bytes=0, kv_kept_bytes=kept, kv_full_bytes=full,
+                          prefill_s=0.01, decode_ms_per_token=1.0)
 
     def score(self, context_ids, continuation_ids, method, budget):
         self.calls += 1

@@ -18,6 +18,11 @@ Plots:
 * ``niah_heatmap_<method>.png``  accuracy over depth x length, one panel per budget
 * ``<task>_vs_budget.png``      score vs budget per method, the full cache as a dashed line
 * ``memory.png``                device / host KV MiB per method and budget (niah, longest length)
+
+Rows of the query-agnostic setting (``compress: "context"``, ``kvsift bench run --compress
+context``) are never pooled with prompt-mode rows: their method label gets the suffix ``[ctx]``
+(``kvzip [ctx]``, ``kvpress:kvzip [ctx]``, :func:`mode_rows`), and their baseline is the full cache
+run in the same mode (``full [ctx]``).
 """
 
 from __future__ import annotations
@@ -67,14 +72,44 @@ def _ok(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if not r.get("error")]
 
 
+CTX_SUFFIX = " [ctx]"  # method label of a row run with --compress context
+
+
+def row_compress(row: dict[str, Any]) -> str:
+    """``"context"`` or ``"prompt"`` (rows written before the option: prompt)."""
+    return row.get("compress") or (row.get("settings") or {}).get("compress") or "prompt"
+
+
+def mode_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with the method label of ``--compress context`` rows suffixed ``" [ctx]"`` (copies;
+    prompt-mode rows as they are), so that no table, interval or plot pools the two settings."""
+    out = []
+    for r in rows:
+        if row_compress(r) == "context" and not str(r.get("method", "")).endswith(CTX_SUFFIX):
+            r = dict(r, method=r["method"] + CTX_SUFFIX)
+        out.append(r)
+    return out
+
+
+def _split_mode(m: str) -> tuple[str, str]:
+    return (m[:-len(CTX_SUFFIX)], CTX_SUFFIX) if m.endswith(CTX_SUFFIX) else (m, "")
+
+
+def _is_full(m: str) -> bool:
+    return _split_mode(m)[0].split(":")[-1] == FULL
+
+
 def _method_key(m: str) -> tuple:
+    m, mode = _split_mode(m)
     base = m.split(":")[-1]
-    return (":" in m, m.split(":")[0] if ":" in m else "", base != FULL, base)
+    return (":" in m, m.split(":")[0] if ":" in m else "", mode, base != FULL, base)
 
 
 def baseline_of(method: str) -> str:
-    """The full-cache run a method is compared with: ``kvpress:full`` for ``kvpress:*``, else ``full``."""
-    return method.split(":", 1)[0] + ":" + FULL if ":" in method else FULL
+    """The full-cache run a method is compared with: ``kvpress:full`` for ``kvpress:*``, else
+    ``full``; in the same compress mode (``kvzip [ctx]`` -> ``full [ctx]``)."""
+    m, mode = _split_mode(method)
+    return (m.split(":", 1)[0] + ":" + FULL if ":" in m else FULL) + mode
 
 
 def _sample_values(row: dict[str, Any]) -> dict[str, float]:
@@ -92,7 +127,7 @@ def _sample_values(row: dict[str, Any]) -> dict[str, float]:
 def _group_cells(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     """(task, length, method, budget) -> pooled samples over seeds and the mean KV bytes."""
     cells: dict[tuple, dict[str, Any]] = {}
-    for r in _ok(rows):
+    for r in _ok(mode_rows(rows)):
         c = cells.setdefault((r["task"], r["length"], r["method"], r["budget"]),
                              {"values": {}, "rows": [], "budget_value": r.get("budget_value")})
         c["values"].update(_sample_values(r))
@@ -129,7 +164,7 @@ def cell_stats(rows: list[dict[str, Any]], n_boot: int = stats.N_BOOT, seed: int
             d["value"], d["lo"], d["hi"], d["kind"] = stats.mean_ci(xs, n_boot, seed)
         base = baseline_of(method)
         if base not in {m for (t, L, m, b) in cells if t == task and L == length}:
-            base = FULL  # e.g. kvpress rows without kvpress:full: compare with kvsift's full
+            base = FULL + _split_mode(method)[1]  # e.g. kvpress rows without kvpress:full: kvsift's full
         bc = cells.get((task, length, base, FULL))
         if bc is not None and (method, budget) != (base, FULL):
             ids = sorted(set(vals) & set(bc["values"]))
@@ -268,6 +303,7 @@ def intervals_markdown(cstats: list[dict[str, Any]]) -> str:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """Summary Markdown: per task a method x budget pivot (mean over lengths and seeds), then the
     per-cell detail table."""
+    rows = mode_rows(rows)
     ok = _ok(rows)
     cstats = cell_stats(rows)
     lines: list[str] = [leaderboard_markdown(rows, cstats), intervals_markdown(cstats),
@@ -483,7 +519,7 @@ def plot_niah_grid(rows: list[dict[str, Any]], out: Path, budget: str | None = N
     im = None
     for k, m in enumerate(methods):
         ax = axes[k // cols][k % cols]
-        mb = FULL if m.split(":")[-1] == FULL else b
+        mb = FULL if _is_full(m) else b
         acc = np.full((len(depths), len(lengths)), np.nan)
         for j, L in enumerate(lengths):
             for i, d in enumerate(depths):
@@ -539,7 +575,7 @@ def plot_accuracy_vs_kv(rows: list[dict[str, Any]], out: Path, cstats: list[dict
             if not pts:
                 continue
             xs, ys = zip(*sorted(pts))
-            if m.split(":")[-1] == FULL:
+            if _is_full(m):
                 ax.plot(xs, ys, marker="*", markersize=12, linestyle="none", color="black" if ":" not in m else "gray",
                         label=m)
             else:
@@ -567,7 +603,7 @@ def write_report(results: str | Path | list[str | Path], out_dir: str | Path,
     import matplotlib
 
     matplotlib.use("Agg", force=True)
-    rows = load_rows(results)
+    rows = mode_rows(load_rows(results))
     if not rows:
         raise ValueError(f"no result rows in {results}")
     out = Path(out_dir)

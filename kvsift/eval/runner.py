@@ -11,6 +11,13 @@ call). Batch size ``None`` is automatic: 1 on CPU, on CUDA as many sequences as 
 estimate allows (:func:`estimate_batch_size`).
 Perplexity samples are scored one at a time.
 
+``compress`` picks what a method compresses: ``"prompt"`` (the default, the query-aware setting)
+the whole rendered prompt, question included; ``"context"`` (the query-agnostic setting) only the
+sample's context: each sample is split once (:func:`kvsift.eval.tasks.split_context_question`)
+and the backend's ``generate_context`` compresses the context ids, then answers the question ids
+uncompressed over that cache, one sample at a time. Context-mode rows carry ``compress:
+"context"`` (and ``settings.compress``) and a key ending in ``|context``.
+
 Backends drive a model: :class:`KvsiftBackend` (kvsift's engine) here; ``bench/vs_kvpress.py``
 adds a kvpress backend writing the same schema. This module imports no engine code at import time
 so that the kvpress worker (another transformers version) can use it.
@@ -29,7 +36,7 @@ from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 from kvsift.eval.scoring import perplexity, score
-from kvsift.eval.tasks import TASKS, Sample, TaskBuilder, TaskConfig, TaskUnavailable
+from kvsift.eval.tasks import TASKS, Sample, TaskBuilder, TaskConfig, TaskUnavailable, split_context_question
 
 from kvsift.budget import FULL, Budget, budget_label, resolve_budget
 from kvsift.budget import parse_budget as _parse_budget
@@ -50,9 +57,21 @@ def kept_tokens(budget: Budget, prompt_len: int) -> int:
     return resolve_budget(budget, prompt_len, clamp=True)
 
 
-def cell_key(task: str, method: str, budget: Budget | str, length: int, seed: int) -> str:
+COMPRESS_MODES = ("prompt", "context")
+
+
+def check_compress(compress: str) -> str:
+    if compress not in COMPRESS_MODES:
+        raise ValueError(f"compress must be one of {COMPRESS_MODES}, got {compress!r}")
+    return compress
+
+
+def cell_key(task: str, method: str, budget: Budget | str, length: int, seed: int, compress: str = "prompt") -> str:
+    """``task|method|budget|length|seed``, plus ``|context`` for a ``compress="context"`` cell (so
+    both settings of one cell can share a results file; prompt-mode keys are unchanged)."""
     b = budget if isinstance(budget, str) else budget_label(budget)
-    return f"{task}|{method}|{b}|{length}|{seed}"
+    key = f"{task}|{method}|{b}|{length}|{seed}"
+    return key if check_compress(compress) == "prompt" else f"{key}|{compress}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,7 +118,9 @@ class Backend(Protocol):
 
     def score(self, context_ids: list[int], continuation_ids: list[int], method: str, budget: Budget) -> Scored: ...
 
-    # optional (see BaseBackend): generate_batch(list_of_prompt_ids, method, budget, max_new_tokens)
+    # optional (see BaseBackend): generate_context(context_ids, question_ids, method, budget,
+    # max_new_tokens) -> Generation (``--compress context``); context_settings(method) -> dict;
+    # generate_batch(list_of_prompt_ids, method, budget, max_new_tokens)
     # -> list[Generation]; auto_batch_size(prompt_tokens, max_new_tokens, method, budget) -> int;
     # free_memory() after an out-of-memory error
 
@@ -127,6 +148,27 @@ class BaseBackend:
 
     def free_memory(self) -> None:
         """Called after an out-of-memory error, before the batch is retried in halves."""
+
+    def generate_context(self, context_ids: list[int], question_ids: list[int], method: str, budget: Budget,
+                         max_new_tokens: int) -> Generation:
+        """The query-agnostic setting: compress ``context_ids`` with ``method`` to ``budget`` (resolved
+        against the context's length), then feed ``question_ids`` uncompressed and decode greedily.
+        KV bytes are the context cache's."""
+        raise NotImplementedError(f"backend {self.name!r} does not support --compress context")
+
+
+class ContextModeError(RuntimeError):
+    """A method that cannot run in the query-agnostic setting (the cell's error row says which step)."""
+
+
+def generate_context(backend, context_ids: list[int], question_ids: list[int], method: str, budget: Budget,
+                     max_new_tokens: int) -> Generation:
+    """``backend.generate_context``, or a clear error for a backend without it."""
+    fn = getattr(backend, "generate_context", None)
+    if fn is None:
+        raise NotImplementedError(f"backend {getattr(backend, 'name', type(backend).__name__)!r} does not support "
+                                  f"--compress context (no generate_context)")
+    return fn(list(context_ids), list(question_ids), method, budget, max_new_tokens)
 
 
 def generate_batch(backend, prompts: list[list[int]], method: str, budget: Budget,
@@ -188,6 +230,7 @@ class KvsiftBackend(BaseBackend):
         if not 0 < mem_fraction <= 1:
             raise ValueError(f"mem_fraction must be in (0, 1], got {mem_fraction}")
         self.mem_fraction, self.max_batch = mem_fraction, max(1, int(max_batch))
+        self._answered_with: dict[str, str] = {}  # method -> the method that answered over its contexts
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -260,6 +303,60 @@ class KvsiftBackend(BaseBackend):
 
         return score_continuation(self.llm, context_ids, continuation_ids, method, budget,
                                   method_kwargs=self.method_kwargs.get(method))
+
+    # ---- the query-agnostic setting (--compress context)
+    def answer_method(self, method: str, ctx=None) -> str | None:
+        """The method that answers a question over a context prefilled by ``method``: the method
+        itself where it works at answer time (decode-time selection, ``decode_only``: Quest,
+        TokenSelect, which keep the whole context and select per decode step; or a context whose
+        KV needs its own method, ``Context.needs_planner``: SentenceKV's host chunks, Squeezed's
+        clusters), else None: the compressed context is read as it is, the question's tokens are
+        not compressed and decoding does not evict (kvpress's pipeline semantics)."""
+        from kvsift.methods import build_method
+
+        if method == FULL:
+            return None
+        m = build_method(method, 0.5, **self.method_kwargs.get(method, {}))
+        stages = getattr(m, "stages", None) or [m]
+        own = any(getattr(st, "decode_only", False) for st in stages) or (ctx is not None and ctx.needs_planner)
+        return method if own else None
+
+    def context_settings(self, method: str) -> dict[str, Any]:
+        """What a ``--compress context`` row adds to its settings."""
+        used = self._answered_with.get(method)  # what the cell's samples really used
+        return {"answer_method": used or self.answer_method(method) or FULL,
+                "kv_bytes": "the context's compressed cache after its prefill; nothing counted for the question"}
+
+    def generate_context(self, context_ids, question_ids, method, budget, max_new_tokens):
+        """``LLM.prefill_context(context_ids, method, budget)`` (a ratio resolves against the context),
+        then ``LLM.generate(question_ids, greedy, context=ctx)`` with :meth:`answer_method` (its budget:
+        the tokens the context's budget keeps, ``kept_tokens(budget, len(context_ids))``). KV bytes are
+        the context cache's (``ctx.stats``); prefill time is the context's plus the question's."""
+        from kvsift.engine import SamplingParams
+
+        kw = self.method_kwargs.get(method)
+        try:
+            ctx = self.llm.prefill_context(list(context_ids), method=method, budget=budget, method_kwargs=kw,
+                                           progress=False)
+        except Exception as e:
+            raise ContextModeError(f"--compress context: prefill_context with method {method!r} failed "
+                                   f"({type(e).__name__}: {e})") from e
+        answer = self.answer_method(method, ctx)
+        self._answered_with[method] = answer or FULL
+        a_budget = None if answer is None else kept_tokens(budget, len(context_ids))
+        try:
+            out = self.llm.generate([list(question_ids)], SamplingParams(max_tokens=max_new_tokens, temperature=0.0),
+                                    method=answer, budget=a_budget, method_kwargs=kw if answer else None,
+                                    context=ctx, progress=False)[0]
+        except Exception as e:
+            raise ContextModeError(f"--compress context: answering over a {method!r} context (answer method "
+                                   f"{answer or FULL!r}) failed ({type(e).__name__}: {e})") from e
+        cs, st = ctx.stats, out.stats
+        return Generation(text=out.text, prompt_tokens=len(context_ids) + len(question_ids),
+                          new_tokens=st.generated_tokens, kv_device_bytes=cs.kv_device_bytes,
+                          kv_host_bytes=cs.kv_host_bytes, kv_kept_bytes=cs.kv_kept_bytes,
+                          kv_full_bytes=cs.kv_full_bytes, prefill_s=cs.prefill_s + st.prefill_s,
+                          decode_ms_per_token=st.decode_ms_per_token)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,7 +444,7 @@ def _entry_measures(r) -> dict[str, Any]:
 
 
 def run_cell(backend: Backend, samples: list[Sample], task: str, method: str, budget: Budget, length: int,
-             seed: int, batch_size: int | None = None, pad: bool = False) -> dict[str, Any]:
+             seed: int, batch_size: int | None = None, pad: bool = False, compress: str = "prompt") -> dict[str, Any]:
     """Run every sample of one cell and return its row (not yet written).
 
     Generation samples go to the backend in batches of ``batch_size`` (``None``: the backend's
@@ -357,7 +454,15 @@ def run_cell(backend: Backend, samples: list[Sample], task: str, method: str, bu
     left padding shifts page boundaries such as quest's; the prompts of a cell mostly have
     exactly ``length`` tokens, a few one or two fewer). Per-sample entries keep the sample order. A batch that runs out
     of memory is retried in halves (after ``backend.free_memory()``), and the smaller size is kept
-    for the rest of the cell. Perplexity samples are scored one at a time."""
+    for the rest of the cell. Perplexity samples are scored one at a time.
+
+    ``compress="context"``: each generation sample is split into ``(context_ids, question_ids)``
+    (:func:`split_context_question`) and run alone through ``backend.generate_context`` (the
+    budget resolves against the context; different contexts do not batch); its prompt length is
+    ``len(context_ids) + len(question_ids)``. Perplexity samples run as in prompt mode (they always
+    compress the context only). The row gets ``compress`` and ``settings.compress`` (plus the
+    backend's ``context_settings(method)``) and a key ending in ``|context``."""
+    check_compress(compress)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None (auto), got {batch_size}")
     t0 = time.perf_counter()
@@ -369,6 +474,12 @@ def run_cell(backend: Backend, samples: list[Sample], task: str, method: str, bu
             r = backend.score(s.context_ids, s.continuation_ids, method, budget)
             per[i] = {"sample_id": s.sample_id, "nll_sum": r.nll_sum, "n_tokens": r.n_tokens,
                       "ppl": perplexity(r.nll_sum, r.n_tokens), **_entry_measures(r)}
+        elif compress == "context":
+            ctx_ids, q_ids = split_context_question(tok, s)
+            r = generate_context(backend, ctx_ids, q_ids, method, budget, s.max_new_tokens)
+            per[i] = {"sample_id": s.sample_id, "score": score(s.metric, r.text, s.answers),
+                      "prediction": r.text, "answers": s.answers, **_entry_measures(r),
+                      "context_tokens": len(ctx_ids), "question_tokens": len(q_ids)}
         else:
             ids = list(tok.encode(s.prompt, add_special_tokens=False))
             groups.setdefault((s.max_new_tokens, 0 if pad else len(ids)), []).append((i, ids))
@@ -402,14 +513,18 @@ def run_cell(backend: Backend, samples: list[Sample], task: str, method: str, bu
         if "depth" in s.meta:
             per[i]["depth"] = s.meta["depth"]
     row: dict[str, Any] = {
-        "key": cell_key(task, method, budget, length, seed), "task": task, "method": method,
+        "key": cell_key(task, method, budget, length, seed, compress), "task": task, "method": method,
         "budget": budget_label(budget), "budget_value": budget, "budget_kind": budget_kind(budget),
-        "length": length, "seed": seed, "backend": backend.name, "model": backend.model_name,
+        "length": length, "seed": seed, "compress": compress, "backend": backend.name, "model": backend.model_name,
         "n_samples": len(per), "batch_size": max(sizes, default=1),
     }
-    settings = getattr(backend, "settings", None)
+    settings = dict(getattr(backend, "settings", None) or {})
     if settings:
-        row["settings"] = dict(settings, batch_padding=pad)
+        settings["batch_padding"] = pad
+    settings["compress"] = compress
+    if compress == "context" and hasattr(backend, "context_settings"):
+        settings.update(backend.context_settings(method.split(":", 1)[-1]))
+    row["settings"] = settings
     if samples and samples[0].metric == "ppl":
         nll, n = sum(e["nll_sum"] for e in per), sum(e["n_tokens"] for e in per)
         row["ppl"] = perplexity(nll, n)
@@ -447,23 +562,25 @@ def _fmt_min(seconds: float) -> str:
 
 def run_grid(backend: Backend, config: BenchConfig, out: str | Path, progress: bool = True,
              method_prefix: str = "", log=print, batch_size: int | None = None, max_minutes: float | None = None,
-             clock=time.monotonic, pad: bool = False) -> dict[str, Any]:
+             clock=time.monotonic, pad: bool = False, compress: str = "prompt") -> dict[str, Any]:
     """Run every cell of ``config`` not already in ``out``; returns counts ``{"run", "skipped",
     "errors", "unavailable", "left", "stopped", "wall_s", "model_s"}``.
 
     ``method_prefix`` is prepended to method names in the rows (``"kvpress:"`` for the peer).
     ``batch_size``: samples per backend call (None: automatic); ``pad``: let a batch mix prompt
-    lengths (see :func:`run_cell`).
+    lengths (see :func:`run_cell`). ``compress``: ``"prompt"`` (compress the whole prompt) or
+    ``"context"`` (the context only, the question answered uncompressed; see :func:`run_cell`).
     ``max_minutes``: stop cleanly once that much time has passed, after the cell in flight (and
     before a cell that would likely end past the limit, judged by the slowest cell so far); a
     rerun of the same grid continues where this one stopped. Every finished cell is logged with
     its wall time. Cells a task cannot build with the data at hand (``TaskUnavailable``, e.g. ppl
     longer than its text) are logged and left out (no row, not an error)."""
+    check_compress(compress)
     t_start = clock()
     done = done_keys(out)
     builder = TaskBuilder(backend.tokenizer, config.task_config)
     cells = config.cells()
-    todo = [c for c in cells if cell_key(c[0], method_prefix + c[3], c[4], c[1], c[2]) not in done]
+    todo = [c for c in cells if cell_key(c[0], method_prefix + c[3], c[4], c[1], c[2], compress) not in done]
     counts: dict[str, Any] = {"run": 0, "skipped": len(cells) - len(todo), "errors": 0, "unavailable": 0,
                               "left": 0, "stopped": False, "wall_s": 0.0, "model_s": 0.0}
     bar = None
@@ -490,7 +607,7 @@ def run_grid(backend: Backend, config: BenchConfig, out: str | Path, progress: b
                 counts["left"] = len(todo) - n_done
                 break
         name = method_prefix + method
-        label = f"{task} L={length} s{seed} {name} {budget_label(budget)}"
+        label = f"{task} L={length} s{seed} {name} {budget_label(budget)}" + (" [ctx]" if compress == "context" else "")
         if bar is not None:
             bar.set_postfix_str(label)
         key = (task, length, seed)
@@ -511,7 +628,8 @@ def run_grid(backend: Backend, config: BenchConfig, out: str | Path, progress: b
         try:
             if isinstance(samples, Exception):
                 raise samples
-            row = run_cell(backend, samples, task, name, budget, length, seed, batch_size=batch_size, pad=pad)
+            row = run_cell(backend, samples, task, name, budget, length, seed, batch_size=batch_size, pad=pad,
+                           compress=compress)
             counts["run"] += 1
             if row["score"] is not None:
                 what = f"score {row['score']:.3f}"
@@ -520,9 +638,10 @@ def run_grid(backend: Backend, config: BenchConfig, out: str | Path, progress: b
             msg = f"{what} ({row['n_samples']} samples, batch {row['batch_size']})"
         except Exception as e:  # noqa: BLE001 - a bad combination (budget larger than the prompt) or a
             # broken method must not end a long run: record the error (reruns retry it) and go on
-            row = {"key": cell_key(task, name, budget, length, seed), "task": task, "method": name,
+            row = {"key": cell_key(task, name, budget, length, seed, compress), "task": task, "method": name,
                    "budget": budget_label(budget), "budget_value": budget, "budget_kind": budget_kind(budget),
-                   "length": length, "seed": seed, "backend": backend.name, "model": backend.model_name,
+                   "length": length, "seed": seed, "compress": compress, "backend": backend.name,
+                   "model": backend.model_name, "settings": {"compress": compress},
                    "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=-4)}
             counts["errors"] += 1
             msg = f"ERROR {row['error']}"

@@ -79,6 +79,36 @@ def render_prompt(tokenizer: Tokenizer, instruction: str, context: str, question
     return head + answer_prefix
 
 
+def split_context_question(tokenizer: Tokenizer, sample: "Sample") -> tuple[list[int], list[int]]:
+    """Token ids ``(context_ids, question_ids)`` of a generation sample, for the query-agnostic
+    setting (``--compress context``): compress the context once, then answer the question over it.
+
+    ``context_ids`` is the rendered prompt (``sample.prompt``: chat template, instruction, context)
+    up to the end of the sample's context text; ``question_ids`` the rest (the question, the end of
+    the user turn, the assistant opener and the answer prefix). The two text parts are encoded
+    separately (``add_special_tokens=False``, as the runner encodes whole prompts) and their
+    concatenation is the prompt, so every backend gets exactly these ids; at the cut the tokens may
+    differ from the whole prompt's encoding (a BPE merge across it is lost), so ``len(context_ids) +
+    len(question_ids)`` can differ from ``sample.prompt_tokens`` by a token or so: the runner uses
+    the sum as the sample's prompt length. Raises ``ValueError`` for ``ppl`` samples (already split:
+    ``context_ids`` / ``continuation_ids``) and when the context text is not found in the prompt."""
+    if sample.metric == "ppl" or not sample.context:
+        raise ValueError(f"sample {sample.sample_id!r} has no context text to split off")
+    prompt = sample.prompt or render_prompt(tokenizer, sample.instruction, sample.context, sample.question,
+                                            sample.answer_prefix)
+    start = prompt.find(sample.context, prompt.find(sample.instruction) + len(sample.instruction)
+                        if sample.instruction and sample.instruction in prompt else 0)
+    if start < 0:
+        raise ValueError(f"sample {sample.sample_id!r}: its context text is not in the rendered prompt "
+                         f"(a chat template that rewrites the user turn?)")
+    end = start + len(sample.context)
+    context_ids = list(tokenizer.encode(prompt[:end], add_special_tokens=False))
+    question_ids = list(tokenizer.encode(prompt[end:], add_special_tokens=False))
+    if not context_ids or not question_ids:
+        raise ValueError(f"sample {sample.sample_id!r}: empty context or question part")
+    return context_ids, question_ids
+
+
 # ----------------------------------------------------------------------------------------------
 # building blocks
 
