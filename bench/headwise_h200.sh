@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue #12's GPU measurements on one H200 with the default real model, in one call (about 9.5
-# minutes): the accuracy grid of the head-wise and score-based methods, the memory table kvsift vs
+# minutes; COMPRESS=context for the query-agnostic setting, LENGTHS=4096,16384, ACC_FILE= to resume): the accuracy grid of the head-wise and score-based methods, the memory table kvsift vs
 # kvpress, and kvpress's versions of the same methods on the same prompts.
 # Needs the model pieces under /root/m (../shared/tools/stage_model.py qwen2.5-coder-0.5b, then one
 # device call per piece) and carries .stage/whl (gguf) and .whl (pysbd, kvpress-min).
@@ -15,7 +15,7 @@ M=/root/m/qwen2.5-coder-0.5b.gguf
 ACC_MIN=${ACC_MIN:-5.0}
 python3 -m kvsift.cli bench run --model $M --tasks niah,mk_niah,vt,qa \
   --methods full,snapkv,adakv,duo,h2o,tova,expected_attention,kvzip --budgets 0.1,0.25,0.5 \
-  --lengths ${LENGTHS:-8192} --samples 20 --max-minutes $ACC_MIN --no-progress --out ${ACC_FILE:=$OUT/acc_headwise.jsonl} \
+  --lengths ${LENGTHS:-8192} --samples 20 --max-minutes $ACC_MIN --no-progress --compress ${COMPRESS:-prompt} --out ${ACC_FILE:=$OUT/acc_headwise.jsonl} \
   2>&1 | grep -v "^\[bench\] [0-9]" | grep -v "GGUF tensors" | tail -5   # resumable: ACC_FILE=an earlier run's rows
 [ "$ACC_FILE" = "$OUT/acc_headwise.jsonl" ] || cp "$ACC_FILE" $OUT/acc_headwise.jsonl
 timeout ${MEM_S:-170} python3 bench/headwise_memory.py --model $M --lengths 8192 --budgets 0.25 \
@@ -24,5 +24,6 @@ timeout ${MEM_S:-170} python3 bench/headwise_memory.py --model $M --lengths 8192
   --out $OUT/headwise_memory_h200.json 2>&1 | tail -25
 timeout ${KVP_S:-100} python3 bench/vs_kvpress.py --model $M --wheels .whl/kvpress-min --tasks niah,mk_niah --lengths 8192 \
   --budgets 0.25 --samples 20 --presses full,snapkv,adakv,tova,expected_attention,kvzip --out $OUT/kvpress_headwise.jsonl \
+  --compress ${COMPRESS:-prompt} \
   --max-minutes 1.3 2>&1 | tail -4
 ls -la $OUT
