@@ -443,6 +443,17 @@ class KvpressBackend:
                 eos.update(src)
         self.eos = eos
 
+    @contextlib.contextmanager
+    def _prefill_press(self, spec, press):
+        """The prefill's context: eager attention for presses that need the weights, and the press
+        itself unless it acts at decode."""
+        with contextlib.ExitStack() as pre:
+            if spec.eager:
+                pre.enter_context(self._attn("eager"))
+            if press is not None and not spec.decode:
+                pre.enter_context(press(self.model))
+            yield
+
     def _press(self, method: str, budget, n_total: int, n_compressed: int):
         """``(spec, press)`` for ``method`` keeping what kvsift keeps of an ``n_total``-token prompt,
         of which the first ``n_compressed`` tokens go through the press (``press`` None: full)."""
@@ -551,11 +562,7 @@ class KvpressBackend:
             if press is not None and spec.decode:
                 whole.enter_context(press(self.model))
             t0 = time.perf_counter()
-            with contextlib.ExitStack() as pre:
-                if spec.eager:
-                    pre.enter_context(self._attn("eager"))
-                if press is not None and not spec.decode:
-                    pre.enter_context(press(self.model))
+            with self._prefill_press(spec, press):
                 self.model.model(input_ids=t.tensor([p[:-1] for p in prompts], device=self.device),
                                  past_key_values=cache, use_cache=True)
             logits = self._step(cache, t.tensor([[p[-1]] for p in prompts], device=self.device), n - 1)
@@ -607,11 +614,7 @@ class KvpressBackend:
         self._reset_masks()
         with t.inference_mode(), contextlib.ExitStack() as whole:
             t0 = time.perf_counter()
-            with contextlib.ExitStack() as pre:
-                if spec.eager:
-                    pre.enter_context(self._attn("eager"))
-                if press is not None and not spec.decode:
-                    pre.enter_context(press(self.model))
+            with self._prefill_press(spec, press):
                 self.model.model(input_ids=self._ids(context_ids), past_key_values=cache, use_cache=True)
             self._sync()
             kv = self._kv_bytes(cache)
