@@ -7,9 +7,12 @@ by the tokenizer's chat template when the prompt was built with it) followed by 
 the context's own tokens, at the positions after the prompt, attending to the whole cache; their
 KV is dropped afterwards. Each prompt KV pair is scored by the largest attention it receives from
 any reconstruction query (every pass, every query of the pass - the instruction included - and
-every query head of its KV group; softmax over every key the query sees, the pass's own earlier
-tokens included). The compression is deferred until all passes ran (``finish_prefill``): the top
-``budget`` slots per (batch, kv_head) are kept, the first ``sinks`` tokens always.
+every query head of its KV group). The softmax runs, as in the paper and kvpress, over the sinks,
+the chunk the pass reconstructs and the pass's own tokens (``softmax="local"``; ``"full"``: over
+every key the query sees). The compression is deferred until all passes ran (``finish_prefill``):
+with ``allocation="global"`` (the paper's non-uniform budgets) the best ``budget * layers *
+kv_heads`` scores of any layer and head are kept, per-head lengths stored compactly; with
+``"head"`` the top ``budget`` slots per (batch, kv_head). The first ``sinks`` tokens always stay.
 
 A pass over a chunk of ``c`` tokens costs about ``c`` prefill tokens attending to the ``n`` prompt
 keys, so the passes together cost about one more prefill (``stats``: ``reread_passes``,
@@ -144,10 +147,11 @@ class KVzip(EvictionMethod):
     Parameters
     ----------
     budget : int | float
-        Tokens kept per layer and KV head after the prefill (the sinks included).
+        Tokens kept per KV head after the prefill (the sinks included): on average over all layers
+        and heads with ``allocation="global"``, in every head with ``"head"``.
     chunk : int
-        Context tokens reconstructed per reread pass (each pass is the instruction plus one chunk,
-        attending to the whole prompt: a pass costs O(chunk * prompt)).
+        Context tokens reconstructed per reread pass (each pass is the instruction plus one chunk;
+        its attention runs over the whole prompt: a pass costs O(chunk * prompt)).
     sinks : int
         First prompt tokens always kept (attention sinks).
     overlap : int
