@@ -129,27 +129,26 @@ def selected_attention(query: torch.Tensor, layer: "SiftLayer", sel: "Selection 
             extras.append(layer.ragged.source())
         return _softcap_selected(query, k_buf, v_buf, pos, own, extras, qp, scale, sliding_window, softcap)
     # the kernel masks by position itself (empty, padding, future, out-of-window slots, and slots
-    # past the buffer): no index table is built or masked per layer
-    mask = dict(key_pos=pos, query_pos=qp, window=sliding_window)
+    # past the buffer): no index table is built or masked per layer. One call per KV set, merged
+    # by log-sum-exp when there are several
     q = query[:, :, -1]
-    if not extras and layer.ragged is None:
-        return sparse_decode_attention(q, k_buf, v_buf, own, scale, **mask)
-    lse = dict(return_lse=True)
+    calls = []                                                            # (keys, values, slots, kwargs)
+    if n > 0 or layer.ragged is None:
+        calls.append((k_buf, v_buf, own, dict(key_pos=pos, query_pos=qp, window=sliding_window)))
+    for x in extras:
+        calls.append((x.keys.to(q.dtype), x.values.to(q.dtype), x.slots,
+                      dict(key_pos=x.positions, query_pos=qp, window=sliding_window)))
     if layer.ragged is not None:  # compact per-head KV (new tokens included): each head up to its count
         r = layer.ragged
         x = r.source()
-        ragged = dict(num_splits=ragged_splits(q, x.slots.shape[1], x.slots.shape[2], r.fill), key_pos=x.positions,
-                      query_pos=qp, window=sliding_window, slot_count=r.counts)
-        if not extras and n == 0:
-            return sparse_decode_attention(q, x.keys, x.values, x.slots, scale, **ragged)
-    parts = [sparse_decode_attention(q, k_buf, v_buf, own, scale, **lse, **mask)] if n > 0 else []
-    for x in extras:
-        parts.append(sparse_decode_attention(q, x.keys.to(q.dtype), x.values.to(q.dtype), x.slots, scale, **lse,
-                                             key_pos=x.positions, query_pos=qp, window=sliding_window))
-    if layer.ragged is not None:
-        x = layer.ragged.source()
-        parts.append(sparse_decode_attention(q, x.keys, x.values, x.slots, scale, **lse, **ragged))
-    return merge_attention(parts)
+        calls.append((x.keys, x.values, x.slots, dict(
+            key_pos=x.positions, query_pos=qp, window=sliding_window, slot_count=r.counts,
+            num_splits=ragged_splits(q, x.slots.shape[1], x.slots.shape[2], r.fill))))
+    if len(calls) == 1:
+        k, v, slots, kw = calls[0]
+        return sparse_decode_attention(q, k, v, slots, scale, **kw)
+    return merge_attention([sparse_decode_attention(q, k, v, slots, scale, return_lse=True, **kw)
+                            for k, v, slots, kw in calls])
 
 
 def _softcap_selected(query, k_buf, v_buf, pos, own, extras, qp, scale, window, softcap) -> torch.Tensor:
