@@ -6,7 +6,8 @@ import torch
 
 from kvsift import SamplingParams, build_method
 from kvsift.errors import MethodOptionError, UnknownMethodError
-from kvsift.methods.adakv import AdaKV, head_budgets
+from kvsift.methods.adakv import AdaKV
+from kvsift.methods.base import head_budgets
 from tests.conftest import random_prompt
 from tests.test_ragged import lopsided_adakv
 

@@ -15,32 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
-from kvsift.methods.base import ScorerWrapper, keep_top, register
-
-
-def head_budgets(scores: torch.Tensor, valid: torch.Tensor, k: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ada-KV's allocation of ``k * kv_heads`` slots per (batch row, layer) over its heads.
-
-    scores ``(batch, kv_heads, n)`` (comparable across heads, e.g. attention weights), valid
-    ``(batch, kv_heads, n)`` bool (real tokens). Each head first gets its top ``floor(alpha * k)``
-    slots; the rest of the layer's budget goes to the best remaining scores of any head. Returns
-    ``(scores with the guaranteed slots raised to +inf, counts (batch, kv_heads) int64)``: keeping
-    the top ``counts[b, h]`` of head ``h`` by those scores keeps exactly the allocated slots."""
-    b, h, n = scores.shape
-    s = scores.float().masked_fill(~valid, float("-inf"))
-    floor = min(int(alpha * k), n)
-    if floor > 0:
-        top = s.topk(floor, dim=-1).indices
-        s = s.scatter(-1, top, torch.where(valid.gather(-1, top), float("inf"), float("-inf")))
-    total = min(k * h, h * n)
-    flat = s.flatten(1)                                                     # (b, h * n)
-    picked = flat.topk(total, dim=-1)
-    chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, picked.indices, torch.isfinite(picked.values)
-                                                               | (picked.values > 0))
-    counts = chosen.view(b, h, n).sum(-1)
-    return s, counts
+from kvsift.methods.base import ScorerWrapper, head_budgets, keep_top, register
 
 
 @register("adakv")

@@ -464,6 +464,30 @@ def keep_top(layer: "SiftLayer", scores: torch.Tensor, k: "int | torch.Tensor") 
     layer.keep(torch.where(idx >= big, -1, idx))
 
 
+def head_budgets(scores: torch.Tensor, valid: torch.Tensor, k: int, alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ada-KV's allocation of ``k * heads`` slots per batch row over its heads (a layer's KV heads;
+    KVzip passes every layer's heads at once, ``(batch, layers * kv_heads, n)``).
+
+    scores ``(batch, heads, n)`` (comparable across heads, e.g. attention weights), valid
+    ``(batch, heads, n)`` bool (real tokens). Each head first gets its top ``floor(alpha * k)``
+    slots; the rest of the layer's budget goes to the best remaining scores of any head. Returns
+    ``(scores with the guaranteed slots raised to +inf, counts (batch, kv_heads) int64)``: keeping
+    the top ``counts[b, h]`` of head ``h`` by those scores keeps exactly the allocated slots."""
+    b, h, n = scores.shape
+    s = scores.float().masked_fill(~valid, float("-inf"))
+    floor = min(int(alpha * k), n)
+    if floor > 0:
+        top = s.topk(floor, dim=-1).indices
+        s = s.scatter(-1, top, torch.where(valid.gather(-1, top), float("inf"), float("-inf")))
+    total = min(k * h, h * n)
+    flat = s.flatten(1)                                                     # (b, h * n)
+    picked = flat.topk(total, dim=-1)
+    chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, picked.indices, torch.isfinite(picked.values)
+                                                               | (picked.values > 0))
+    counts = chosen.view(b, h, n).sum(-1)
+    return s, counts
+
+
 def select_pages(scores: torch.Tensor, k: int, page: int, tail_start: "torch.Tensor | int", tail_width: int) -> torch.Tensor:
     """Own slots of the best ``k`` uniform pages by ``scores (batch, kv_heads, n_pages)`` (``-inf`` =
     not a candidate), plus ``tail_width`` slots from ``tail_start`` (an int or a ``(1,)`` device

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 
 from kvsift.budget import resolve_budget
-from kvsift.methods.base import EvictionMethod, LayerState, Run, group_queries, keep_top, register
+from kvsift.methods.base import EvictionMethod, LayerState, Run, group_queries, head_budgets, keep_top, register
 
 FIRST_INSTRUCTION = "\n\nRepeat the previous context exactly."
 NEXT_INSTRUCTION = "\n\nRepeat the previous context exactly, continuing from:"
@@ -258,16 +258,13 @@ class KVzip(EvictionMethod):
         live = [ly for ly in layers if ly.k_buf is not None]
         if not live:
             return
-        scores = torch.stack([self.deferred_scores(run, ly).float().masked_fill(ly.positions < 0, float("-inf"))
-                              for ly in live], 1)                                # (b, L, h, n)
+        scores = torch.stack([self.deferred_scores(run, ly) for ly in live], 1)      # (b, L, h, n)
+        valid = torch.stack([ly.positions >= 0 for ly in live], 1)
         b, L, h, n = scores.shape
-        total = run.tokens * L * h
-        if total >= L * h * n:
+        if run.tokens >= n:
             return
-        flat = scores.flatten(1)
-        picked = flat.topk(total, dim=-1)
-        chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, picked.indices, picked.values > float("-inf"))
-        counts = chosen.view(b, L, h, n).sum(-1)                                 # (b, L, h)
+        scores, counts = head_budgets(scores.view(b, L * h, n), valid.view(b, L * h, n), run.tokens)
+        scores, counts = scores.view(b, L, h, n), counts.view(b, L, h)
         for j, ly in enumerate(live):
             keep_top(ly, scores[:, j], counts[:, j])
 
