@@ -65,17 +65,15 @@ class DecodingCompress(ScorerWrapper):
     def static_ok(self) -> bool:
         return False  # compression steps reshape the cache
 
+    def prefill_end(self, run, layer, query, module, ctx) -> None:
+        layer.state[self.name] = QueryWindow(query[:, :, -self.query_window:].clone())
+        if self.prefill:
+            super().prefill_end(run, layer, query, module, ctx)
+
     def after_attend(self, run, layer, query, module, ctx) -> None:
-        win = layer.state.get(self.name)
         if not ctx.decoding:
-            if ctx.rereading:
-                return
-            self.observe(run, layer, query, module, ctx)
-            if ctx.prefill_end:
-                layer.state[self.name] = QueryWindow(query[:, :, -self.query_window:].clone())
-                if self.prefill:
-                    self.prefill_end(run, layer, query, module, ctx)
-            return
+            return super().after_attend(run, layer, query, module, ctx)
+        win = layer.state[self.name]
         win.push(query, self.query_window)
         k = self.layer_budget(run, layer.layer_idx)
         if (ctx.step + 1) % self.interval == 0 and layer.length > k:
