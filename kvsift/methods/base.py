@@ -464,7 +464,8 @@ def keep_top(layer: "SiftLayer", scores: torch.Tensor, k: "int | torch.Tensor") 
     layer.keep(torch.where(idx >= big, -1, idx))
 
 
-def head_budgets(scores: torch.Tensor, valid: torch.Tensor, k: int, alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def head_budgets(scores: torch.Tensor, valid: torch.Tensor, k: int,
+                 alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Ada-KV's allocation of ``k * heads`` slots per batch row over its heads (a layer's KV heads;
     KVzip passes every layer's heads at once, ``(batch, layers * kv_heads, n)``).
 
@@ -509,6 +510,40 @@ def group_queries(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """``(batch, q_heads, q, dim)`` -> ``(batch, kv_heads, group, q, dim)`` (q head i uses kv head i // group)."""
     b, hq, L, d = query.shape
     return query.reshape(b, kv_heads, hq // kv_heads, L, d)
+
+
+SCORE_BLOCK_BYTES = 256 << 20
+"""Bound on one fp32 block of attention weights that scorers compute (queries go in blocks)."""
+
+
+def module_scale(module, keys: torch.Tensor) -> float:
+    """The attention scale of a transformers attention module (``1/sqrt(head_dim)`` without one)."""
+    return getattr(module, "scaling", None) or keys.shape[-1] ** -0.5
+
+
+def attention_blocks(query: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, query_pos: torch.Tensor,
+                     scale: float, sliding_window: int | None = None, max_bytes: int = SCORE_BLOCK_BYTES):
+    """The softmax attention weights of ``query (batch, q_heads, q, dim)`` at ``query_pos (batch,
+    q)`` over ``keys (batch, kv_heads, n, dim)`` at ``key_pos (batch, kv_heads, n)``, in blocks of
+    queries: yields ``(start, weights (batch, kv_heads, group, l, n) fp32)`` for queries ``start ..
+    start + l - 1``, each block under ``max_bytes``. A key is visible iff ``0 <= key_pos <=
+    query_pos`` (and ``key_pos > query_pos - sliding_window``); a padding query's row is zeros."""
+    b, hq, L, d = query.shape
+    hk, n = keys.shape[1], keys.shape[2]
+    g = hq // hk
+    kt = keys.float().transpose(-1, -2)                                   # (b, hk, d, n)
+    kp = key_pos[:, :, None, :].long()                                    # (b, hk, 1, n)
+    step = max(1, max_bytes // max(1, b * hq * n * 4))
+    for s in range(0, L, step):
+        q = group_queries(query[:, :, s : s + step], hk).float()         # (b, hk, g, l, d)
+        l = q.shape[3]
+        qp = query_pos[:, None, s : s + step, None].long()                # (b, 1, l, 1)
+        vis = (kp >= 0) & (kp <= qp)
+        if sliding_window:
+            vis &= kp > qp - sliding_window
+        logits = torch.matmul(q.reshape(b, hk, g * l, d), kt).view(b, hk, g, l, n) * scale
+        logits.masked_fill_(~vis[:, :, None], float("-inf"))
+        yield s, torch.softmax(logits, dim=-1).nan_to_num_(0.0)           # padded query rows -> 0
 
 
 @dataclass

@@ -25,8 +25,9 @@ and heads), as many as fit it, ``r * n + (1 - r) * (sinks + recent) = budget``; 
 ``retrieval_ratio`` of them. A budget below ``sinks + recent`` makes every head a streaming head
 keeping ``budget`` tokens (a quarter of them sinks at most). Streaming heads keep ``sinks +
 recent`` tokens, so the device KV bytes shrink by the streaming fraction (stored compactly,
-:class:`kvsift.cache.ragged.RaggedKV`). Generated tokens are kept for every head (at most ``max_tokens`` per head: streaming heads do not
-roll their window during decode, unlike the paper's).
+:class:`kvsift.cache.ragged.RaggedKV`). Generated tokens are kept for every head (at most
+``max_tokens`` per head: streaming heads do not roll their window during decode, unlike the
+paper's).
 """
 
 from __future__ import annotations
@@ -36,14 +37,16 @@ from typing import ClassVar
 
 import torch
 
-from kvsift.methods.base import EvictionMethod, Run, group_queries, keep_top, register
+from kvsift.methods.base import (SCORE_BLOCK_BYTES, EvictionMethod, Run, attention_blocks, keep_top, module_scale,
+                                  register)
 from kvsift.methods.snapkv import window_attention_scores
 
 PROBE_SEED = 1234
 
 
 def induction_scores(query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, probe_start: int,
-                     period: int, scale: float, q_start: int, block: int = 16) -> tuple[torch.Tensor, int]:
+                     period: int, scale: float, q_start: int,
+                     max_bytes: int = SCORE_BLOCK_BYTES) -> tuple[torch.Tensor, int]:
     """How much each KV head copies: ``(sum (batch, kv_heads), count)`` over this chunk's queries.
 
     The probe is ``period`` tokens repeated twice from slot ``probe_start``; ``query (batch,
@@ -52,23 +55,17 @@ def induction_scores(query: torch.Tensor, keys: torch.Tensor, positions: torch.T
     (retrieval) head attends to the key after its previous occurrence, offset ``i + 1``. The sum
     is that attention (softmax over every key the query sees), summed over the second copy's
     queries in the chunk and averaged over the query heads of each group; ``count`` those queries."""
-    b, hk, n, d = keys.shape
+    b, hk, _ = positions.shape
     off = torch.arange(query.shape[2], device=keys.device) + q_start - probe_start
     sel = (off >= period).nonzero().flatten()
     out = torch.zeros(b, hk, device=keys.device)
     if sel.numel() == 0:
         return out, 0
-    q = group_queries(query[:, :, sel], hk).float()                                  # (b, hk, g, T, d)
-    qslot = q_start + sel                                                            # (T,)
-    kf = keys.float()
-    for s in range(0, sel.numel(), block):
-        e = min(s + block, sel.numel())
-        logits = torch.einsum("bhgtd,bhnd->bhgtn", q[:, :, :, s:e], kf) * scale
-        qpos = positions[:, :, qslot[s:e]]                                           # (b, hk, t)
-        visible = (positions[:, :, None, :] <= qpos[..., None]) & (positions[:, :, None, :] >= 0)
-        attn = torch.softmax(logits.masked_fill(~visible[:, :, None], float("-inf")), dim=-1)
-        target = probe_start + off[sel[s:e]] - period + 1                            # (t,)
-        idx = target.view(1, 1, 1, -1, 1).expand(b, hk, attn.shape[2], e - s, 1)
+    qpos = positions[:, 0, q_start + sel]                                            # (b, T)
+    target = probe_start + off[sel] - period + 1                                     # (T,)
+    for s, attn in attention_blocks(query[:, :, sel], keys, positions, qpos, scale, max_bytes=max_bytes):
+        t = target[s:s + attn.shape[3]]
+        idx = t.view(1, 1, 1, -1, 1).expand(b, hk, attn.shape[2], t.numel(), 1)
         out += attn.gather(-1, idx).squeeze(-1).sum(dim=3).mean(dim=2)
     return out, int(sel.numel())
 
@@ -183,7 +180,7 @@ class DuoAttention(EvictionMethod):
         if not (ctx.rereading and self.heads == "induction"):
             return
         i = layer.layer_idx
-        scale = getattr(module, "scaling", layer.keys.shape[-1] ** -0.5)
+        scale = module_scale(module, layer.keys)
         q_start = layer.length - query.shape[2]              # the chunk's slots come last, in order
         start = run.probe_start.setdefault(i, q_start)       # the probe's first chunk starts it
         total, n = induction_scores(query, layer.keys, layer.positions, start, self.probe, scale, q_start)
@@ -193,7 +190,7 @@ class DuoAttention(EvictionMethod):
     def prefill_end(self, run, layer, query, module, ctx) -> None:
         if self.heads != "prompt":
             return
-        scale = getattr(module, "scaling", layer.keys.shape[-1] ** -0.5)
+        scale = module_scale(module, layer.keys)
         attn = window_attention_scores(query, layer.keys, layer.positions, self.window, scale)
         run.mass[layer.layer_idx] = long_range_mass(attn, layer.positions, *self.streaming_window(run))
 

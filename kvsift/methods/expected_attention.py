@@ -24,8 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsift.methods.base import EvictionMethod, LayerState, register
-from kvsift.methods.h2o import SCORE_BLOCK_BYTES, module_scale
+from kvsift.methods.base import SCORE_BLOCK_BYTES, EvictionMethod, LayerState, module_scale, register
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from kvsift.budget import resolve_budget
-from kvsift.methods.base import EvictionMethod, LayerState, group_queries, register
-
-SCORE_BLOCK_BYTES = 256 << 20
-
+from kvsift.methods.base import (SCORE_BLOCK_BYTES, EvictionMethod, LayerState, attention_blocks, module_scale,
+                                  register)
 
 def attention_received(query: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, query_pos: torch.Tensor,
                        scale: float, sliding_window: int | None = None,
@@ -37,23 +35,9 @@ def attention_received(query: torch.Tensor, keys: torch.Tensor, key_pos: torch.T
     blocks so that one ``(batch, q_heads, block, n)`` fp32 tensor stays under ``max_bytes``.
     Returns ``(batch, kv_heads, n)`` fp32.
     """
-    b, hq, L, d = query.shape
-    hk, n = keys.shape[1], keys.shape[2]
-    g = hq // hk
-    kt = keys.float().transpose(-1, -2)                                   # (b, hk, d, n)
-    kp = key_pos[:, :, None, :].long()                                    # (b, hk, 1, n)
+    b, hk, n = key_pos.shape
     out = torch.zeros(b, hk, n, dtype=torch.float32, device=keys.device)
-    step = max(1, max_bytes // max(1, b * hq * n * 4))
-    for s in range(0, L, step):
-        q = group_queries(query[:, :, s : s + step], hk).float()         # (b, hk, g, l, d)
-        l = q.shape[3]
-        qp = query_pos[:, None, s : s + step, None].long()                # (b, 1, l, 1)
-        vis = (kp >= 0) & (kp <= qp)
-        if sliding_window:
-            vis &= kp > qp - sliding_window
-        logits = torch.matmul(q.reshape(b, hk, g * l, d), kt).view(b, hk, g, l, n) * scale
-        logits.masked_fill_(~vis[:, :, None], float("-inf"))
-        attn = torch.softmax(logits, dim=-1).nan_to_num_(0.0)             # padded query rows -> 0
+    for _, attn in attention_blocks(query, keys, key_pos, query_pos, scale, sliding_window, max_bytes):
         out += attn.sum(3).mean(2)
     return out
 
@@ -70,11 +54,6 @@ def recent_first(scores: torch.Tensor, positions: torch.Tensor, recent: int) -> 
         top = s.masked_fill(pos < 0, 0.0).amax(-1, keepdim=True) + 1.0
         s = torch.where((pos >= 0) & (age < recent), top + (recent - age).float(), s)
     return s.masked_fill(pos < 0, float("-inf"))
-
-
-def module_scale(module, keys: torch.Tensor) -> float:
-    """The attention scale of a transformers attention module (``1/sqrt(head_dim)`` without one)."""
-    return getattr(module, "scaling", None) or keys.shape[-1] ** -0.5
 
 
 @dataclass

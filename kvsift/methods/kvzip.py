@@ -30,12 +30,11 @@ from typing import Any, ClassVar
 import torch
 
 from kvsift.budget import resolve_budget
-from kvsift.methods.base import EvictionMethod, LayerState, Run, group_queries, head_budgets, keep_top, register
+from kvsift.methods.base import (SCORE_BLOCK_BYTES, EvictionMethod, LayerState, Run, group_queries, head_budgets,
+                                  keep_top, module_scale, register)
 
 FIRST_INSTRUCTION = "\n\nRepeat the previous context exactly."
 NEXT_INSTRUCTION = "\n\nRepeat the previous context exactly, continuing from:"
-SCORE_BLOCK_BYTES = 1 << 28
-"""Bound on the fp32 attention block of one scoring step (query rows are processed in blocks)."""
 
 
 @dataclass
@@ -228,7 +227,7 @@ class KVzip(EvictionMethod):
         if self.softmax == "local":
             s0 = st.offset + (st.passes - 1) * self.chunk
             local = (self.sinks, s0, min(st.offset + st.span, s0 + self.chunk))
-        scale = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+        scale = module_scale(module, layer.keys)
         s = reconstruction_scores(query, layer.keys, layer.positions, ctx.cache.step_positions, n_ctx,
                                   scale, getattr(module, "sliding_window", None),
                                   getattr(module, "attn_logit_softcapping", None), local)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvsift.methods.base import EvictionMethod, group_queries, register
+from kvsift.methods.base import EvictionMethod, group_queries, module_scale, register
 
 
 def window_attention_scores(query, keys, positions, window: int, scale: float) -> torch.Tensor:
@@ -65,7 +65,7 @@ class SnapKV(EvictionMethod):
         return self.window
 
     def score(self, query, keys, values, positions, module, layer_idx):
-        scale = getattr(module, "scaling", keys.shape[-1] ** -0.5)
+        scale = module_scale(module, keys)
         s = window_attention_scores(query, keys, positions, self.window, scale)
         if self.kernel_size > 1:
             pool = F.avg_pool1d if self.pooling == "avg" else F.max_pool1d

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsift.methods.base import EvictionMethod, register
-from kvsift.methods.h2o import attention_received, module_scale
+from kvsift.methods.base import EvictionMethod, module_scale, register
+from kvsift.methods.h2o import attention_received
 
 
 def last_query_attention(query: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, query_pos: torch.Tensor,
