@@ -24,7 +24,7 @@ scorer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -44,17 +44,18 @@ class KVzipState(LayerState):
 
     scores: torch.Tensor
     passes: int = 0        # reread passes seen so far (the one in flight included)
-    offset: int = 0        # first prompt slot the passes reconstruct
-    span: int = 0          # how many they reconstruct
 
 
 @dataclass
 class KVzipRun(Run):
-    """A generation's counters: reread passes, their tokens and their time (every sequence)."""
+    """A generation's counters: reread passes, their tokens and their time (every sequence), and
+    per sequence (in the order the engine asked for their passes, which is the batch's row order)
+    the ``(first prompt slot, length)`` the passes reconstruct."""
 
     passes: int = 0
     reread_tokens: int = 0
     reread_s: float = 0.0
+    spans: list = field(default_factory=list)
 
 
 def reconstruction_scores(query: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, query_pos: torch.Tensor,
@@ -198,7 +199,8 @@ class KVzip(EvictionMethod):
         not repeated and the instruction is closed as a user turn; else a newline closes it."""
         first = _encode(tokenizer, FIRST_INSTRUCTION) if tokenizer is not None else []
         nxt = _encode(tokenizer, NEXT_INSTRUCTION) if tokenizer is not None else []
-        _, target, suffix = target_span(prompt_ids, tokenizer)
+        offset, target, suffix = target_span(prompt_ids, tokenizer)
+        run.spans.append((offset, len(target)))
         chunks = [target[i:i + self.chunk] for i in range(0, len(target), self.chunk)]
         passes = []
         for i, c in enumerate(chunks):
@@ -216,17 +218,17 @@ class KVzip(EvictionMethod):
         st = layer.state.get(self.name)
         q_start = layer.length - query.shape[2]
         if st is None:  # the first chunk of the first pass: the prompt's slots are all before it
-            offset, target, _ = target_span(ctx.prompt_ids[0], ctx.tokenizer)
             st = layer.state[self.name] = KVzipState(
                 torch.zeros(layer.k_buf.shape[0], layer.k_buf.shape[1], q_start, dtype=torch.float32,
-                            device=layer.k_buf.device), 0, offset, len(target))
+                            device=layer.k_buf.device))
         n_ctx = st.scores.shape[-1]
         if q_start == n_ctx:  # a pass starts
             st.passes += 1
         local = None
-        if self.softmax == "local":
-            s0 = st.offset + (st.passes - 1) * self.chunk
-            local = (self.sinks, s0, min(st.offset + st.span, s0 + self.chunk))
+        if self.softmax == "local":  # the chunk this pass reconstructs
+            offset, span = run.spans[ctx.row[0] if ctx.row is not None else 0]
+            s0 = offset + (st.passes - 1) * self.chunk
+            local = (self.sinks, s0, min(offset + span, s0 + self.chunk))
         scale = module_scale(module, layer.keys)
         s = reconstruction_scores(query, layer.keys, layer.positions, ctx.cache.step_positions, n_ctx,
                                   scale, getattr(module, "sliding_window", None),
