@@ -13,7 +13,7 @@
 # Needs the model pieces under /root/m (../shared/tools/stage_model.py qwen2.5-coder-0.5b, then one
 # device call per piece) and carries .stage/whl (gguf) and .whl (pysbd, kvpress-min).
 set -u
-OUT=${OUT:-bench/out}; mkdir -p "$OUT"
+DEST=${OUT:-bench/out}; OUT=${RES:-/root/res}; mkdir -p "$OUT" "$DEST"   # rows kept where they survive a cut call; a tarball to $DEST at the end
 M=${MODEL:-/root/m/qwen2.5-coder-0.5b.gguf}
 if [ ! -f $M ]; then
   (cd /root/m && cat qwen2.5-coder-0.5b.part0* > qwen2.5-coder-0.5b.gguf && \
@@ -21,7 +21,8 @@ if [ ! -f $M ]; then
 fi
 pip install -q --no-index --no-deps --target /tmp/site .stage/whl/*.whl .whl/*.whl 2>&1 | tail -1
 export PYTHONPATH=/tmp/site:$PWD
-[ -n "${RESUME:-}" ] && cp "$RESUME"/*.jsonl "$OUT"/ 2>/dev/null
+[ -n "${RESUME:-}" ] && cp -n "$RESUME"/*.jsonl "$OUT"/ 2>/dev/null
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 LENGTHS=${LENGTHS:-4096,8192}; MINUTES=${MINUTES:-8.5}; COMPRESS=${COMPRESS:-prompt}
 TASKS=${TASKS:-niah,mk_niah,vt,qa}; BUDGETS=${BUDGETS:-0.1,0.25,0.5}; SAMPLES=${SAMPLES:-20}
 # method groups, balanced by cost (kvzip re-reads the context; h2o and tova evict during decode)
@@ -30,18 +31,18 @@ KVP_GROUPS=${KVP_GROUPS:-"full,snapkv,adakv,duo tova,expected_attention kvzip h2
 python3 bench/vs_kvpress.py --model $M --wheels .whl/kvpress-min --setup-only 2>&1 | tail -1
 pids=()
 i=0
-for g in $KV_GROUPS; do
-  i=$((i+1))
+for gl in $KV_GROUPS; do
+  i=$((i+1)); g=${gl%@*}; L=$LENGTHS; [ "$g" != "$gl" ] && L=${gl#*@}   # method[@lengths]
   python3 -m kvsift.cli bench run --model $M --tasks $TASKS --methods $g --budgets $BUDGETS \
-    --lengths $LENGTHS --samples $SAMPLES --max-minutes $MINUTES --no-progress --compress $COMPRESS \
+    --lengths $L --samples $SAMPLES --max-minutes $MINUTES --no-progress --compress $COMPRESS \
     --mem-fraction 0.05 --out $OUT/kvsift_$COMPRESS.g$i.jsonl > $OUT/kvsift_$COMPRESS.g$i.log 2>&1 &
   pids+=($!)
 done
 i=0
-for g in $KVP_GROUPS; do
-  i=$((i+1))
+for gl in $KVP_GROUPS; do
+  i=$((i+1)); g=${gl%@*}; L=$LENGTHS; [ "$g" != "$gl" ] && L=${gl#*@}
   python3 bench/vs_kvpress.py --model $M --wheels .whl/kvpress-min --tasks $TASKS --presses $g \
-    --budgets $BUDGETS --lengths $LENGTHS --samples $SAMPLES --max-minutes $MINUTES --no-progress \
+    --budgets $BUDGETS --lengths $L --samples $SAMPLES --max-minutes $MINUTES --no-progress \
     --compress $COMPRESS --mem-fraction 0.05 --out $OUT/kvpress_$COMPRESS.g$i.jsonl > $OUT/kvpress_$COMPRESS.g$i.log 2>&1 &
   pids+=($!)
 done
@@ -49,3 +50,4 @@ for p in "${pids[@]}"; do wait $p; done
 nvidia-smi --query-gpu=memory.used,memory.total --format=csv 2>/dev/null | tail -1
 for f in $OUT/*.log; do echo "== $f"; grep -v "GGUF tensors\|^\[bench\] [0-9]" $f | tail -3; done
 wc -l $OUT/*.jsonl
+tar czf $DEST/grid.tgz -C $OUT .   # the device returns at most 8 files: one tarball

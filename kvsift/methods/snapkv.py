@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvsift.methods.base import EvictionMethod, group_queries, module_scale, register
+from kvsift.methods.base import EvictionMethod, attention_blocks, module_scale, register
 
 
 def window_attention_scores(query, keys, positions, window: int, scale: float) -> torch.Tensor:
@@ -18,17 +18,18 @@ def window_attention_scores(query, keys, positions, window: int, scale: float) -
 
     query ``(batch, q_heads, q, dim)``, keys ``(batch, kv_heads, n, dim)``, positions
     ``(batch, kv_heads, n)`` (the last ``window`` slots are the window's own tokens). Returns
-    ``(batch, kv_heads, n)`` fp32, averaged over window queries and the heads of each group.
+    ``(batch, kv_heads, n)`` fp32, averaged over window queries and the heads of each group (a
+    padding query counts as a zero row). The weights go through :func:`attention_blocks`, so their
+    memory stays bounded for long prompts and large batches.
     """
-    b, hk, n, d = keys.shape
+    b, hq, _, _ = query.shape
+    hk, n = keys.shape[1], keys.shape[2]
     w = min(window, query.shape[2], n)
-    q = group_queries(query[:, :, -w:], hk).float()                       # (b, hk, g, w, d)
-    logits = torch.einsum("bhgwd,bhnd->bhgwn", q, keys.float()) * scale
-    qpos = positions[:, :, -w:]                                           # (b, hk, w)
-    visible = (positions[:, :, None, :] <= qpos[..., None]) & (positions[:, :, None, :] >= 0)
-    logits = logits.masked_fill(~visible[:, :, None], float("-inf"))
-    attn = torch.softmax(logits, dim=-1).nan_to_num_(0.0)                 # padded query rows -> 0
-    return attn.mean(dim=(2, 3))
+    out = torch.zeros(b, hk, n, dtype=torch.float32, device=keys.device)
+    qpos = positions[:, 0, -w:]                                           # (b, w): the window's own positions
+    for _, weights in attention_blocks(query[:, :, -w:], keys, positions, qpos, scale):
+        out += weights.sum(dim=(2, 3))
+    return out / (w * (hq // hk))
 
 
 @register("snapkv")
