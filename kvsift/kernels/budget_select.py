@@ -4,13 +4,13 @@
 ``-inf`` never selected), ``lens (batch, kv_heads, n)`` integer chunk lengths (``<= 0`` never
 selected). Chunks are taken in descending score order while their lengths add up to at most
 ``budget`` tokens (the first chunk that would overflow stops the walk: the selection is a prefix of
-the ranking). Returns ``(batch, kv_heads, k)`` int64 chunk indices in ascending order, ``-1`` at
-the end; ``k`` must be at least the most chunks that can fit the budget.
+the ranking) and at most ``k`` are taken. Returns ``(batch, kv_heads, k)`` int64 chunk indices in
+ascending order, ``-1`` at the end.
 
 ``budget_select_ref`` is ``torch.topk`` + gather + cumsum + sort (five launches and a radix sort).
 ``budget_select`` is one Triton program per row: with order-preserving integer keys it searches the
-score threshold ``t`` whose prefix ``{key >= t}`` is the longest that fits the budget (4-way
-search, three weighted sums per pass, 16 passes at most), then writes the chosen indices with a
+score threshold ``t`` whose prefix ``{key >= t}`` is the longest that fits the budget and ``k`` (4-way
+search, three weighted sums and counts per pass, 16 passes at most), then writes the chosen indices with a
 prefix sum; no sort. A group of equal scores at the cut is kept only if all of it fits (the
 reference takes some of it in ``torch.topk``'s order); with continuous scores both agree exactly.
 Rows of at most ``MAX_N`` chunks are held in registers (the dispatcher uses the reference beyond).
@@ -73,23 +73,27 @@ if HAS_TRITON:
         bits = x.to(tl.int32, bitcast=True)
         key = tl.where(bits >= 0, bits, bits ^ 2147483647)          # signed int order == float order
         key = tl.where(valid, key, -2147483647 - 1)
-        # W(t) = sum of lengths with key >= t, non-increasing in t. Find the smallest t with
-        # W(t) <= BUDGET: invariant W(lo) > BUDGET >= W(hi) (unless everything fits: t = lo)
+        # W(t) = sum of lengths with key >= t and C(t) = how many, both non-increasing in t. Find
+        # the smallest t with W(t) <= BUDGET and C(t) <= K (the reference looks at the top K only):
+        # invariant "lo fails, hi fits" (unless everything fits: t = lo)
         lo = tl.min(tl.where(valid, key, 2147483647), axis=0).to(tl.int64)
         hi = tl.max(key, axis=0).to(tl.int64) + 1
-        total = tl.sum(w, axis=0)
-        if total <= BUDGET:
+        c = valid.to(tl.int32)
+        if (tl.sum(w, axis=0) <= BUDGET) & (tl.sum(c, axis=0) <= K):
             hi = lo
         while hi - lo > 1:
             span = hi - lo
             m1 = lo + span // 4
             m2 = lo + span // 2
             m3 = lo + (3 * span) // 4
-            w1 = tl.sum(tl.where(key >= m1.to(tl.int32), w, 0), axis=0)
-            w2 = tl.sum(tl.where(key >= m2.to(tl.int32), w, 0), axis=0)
-            w3 = tl.sum(tl.where(key >= m3.to(tl.int32), w, 0), axis=0)
-            new_hi = tl.where(w1 <= BUDGET, m1, tl.where(w2 <= BUDGET, m2, tl.where(w3 <= BUDGET, m3, hi)))
-            lo = tl.where(w1 <= BUDGET, lo, tl.where(w2 <= BUDGET, m1, tl.where(w3 <= BUDGET, m2, m3)))
+            g1 = key >= m1.to(tl.int32)
+            g2 = key >= m2.to(tl.int32)
+            g3 = key >= m3.to(tl.int32)
+            f1 = (tl.sum(tl.where(g1, w, 0), axis=0) <= BUDGET) & (tl.sum(tl.where(g1, c, 0), axis=0) <= K)
+            f2 = (tl.sum(tl.where(g2, w, 0), axis=0) <= BUDGET) & (tl.sum(tl.where(g2, c, 0), axis=0) <= K)
+            f3 = (tl.sum(tl.where(g3, w, 0), axis=0) <= BUDGET) & (tl.sum(tl.where(g3, c, 0), axis=0) <= K)
+            new_hi = tl.where(f1, m1, tl.where(f2, m2, tl.where(f3, m3, hi)))
+            lo = tl.where(f1, lo, tl.where(f2, m1, tl.where(f3, m2, m3)))
             hi = new_hi
         sel = valid & (key >= hi.to(tl.int32))
         pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
