@@ -376,6 +376,18 @@ _INTERP_SCRIPT = textwrap.dedent("""
         sc[1, 0, 2] = float("nan")
         assert torch.equal(bs.budget_select(sc, ln, budget, k), bs.budget_select_ref(sc, ln, budget, k)), \
             ("budget_select", n, k, budget)
+    from kvsift.kernels import page_bounds as pb
+    for (b, hk, pages, page, d) in ((1, 1, 3, 16, 16), (2, 3, 5, 4, 48)):
+        for dt in (torch.float32, torch.bfloat16):
+            kbuf = torch.randn(b, hk, pages * page + 3, d, dtype=dt)
+            lo, hi = torch.randn(b, hk, pages, d, dtype=dt), torch.randn(b, hk, pages, d, dtype=dt)
+            fl = torch.zeros(b, hk, pages, dtype=torch.bool)
+            got = [t.clone() for t in (lo, hi, fl)]
+            for s in (0, 1, page - 1, page, pages * page - 1):
+                slot = torch.tensor([s])
+                pb.page_bounds_append_ref(lo, hi, fl, kbuf, slot, page)
+                pb.page_bounds_append(*got, kbuf, slot, page)
+                assert all(torch.equal(x, y) for x, y in zip(got, (lo, hi, fl))), ("page_bounds", b, hk, page, d, s)
     print("INTERP_OK")
 """)
 
@@ -480,3 +492,40 @@ def _check_topk_with_ties(fn, sc, kk):
         gi, ri = row_g[row_g >= 0].long(), row_r[row_r >= 0].long()
         assert torch.equal(gi, gi.sort().values) and gi.unique().numel() == gi.numel()
         assert torch.equal(row_s[gi].sort().values, row_s[ri].sort().values)
+
+
+# ---- Quest's page bounds, kept current on append -------------------------------------------------
+
+def test_page_bounds_append_ref_equals_bounds_of_the_written_keys():
+    from kvsift.kernels.page_bounds import page_bounds_append_ref
+
+    torch.manual_seed(0)
+    b, hk, page, pages, d = 2, 3, 4, 3, 8
+    kbuf = torch.randn(b, hk, page * pages, d)
+    lo, hi = torch.full((b, hk, pages, d), 9.0), torch.full((b, hk, pages, d), -9.0)   # stale values
+    filled = torch.zeros(b, hk, pages, dtype=torch.bool)
+    for s in range(page * pages - 2):                                 # the last page: two of four slots
+        page_bounds_append_ref(lo, hi, filled, kbuf, torch.tensor([s]), page)
+    want = kbuf.view(b, hk, pages, page, d)
+    assert torch.equal(lo[:, :, :2], want[:, :, :2].amin(3)) and torch.equal(hi[:, :, :2], want[:, :, :2].amax(3))
+    assert torch.equal(lo[:, :, 2], want[:, :, 2, :2].amin(2)) and torch.equal(hi[:, :, 2], want[:, :, 2, :2].amax(2))
+    assert filled.all()
+    with pytest.raises(ValueError, match="slot"):
+        page_bounds_append_ref(lo, hi, filled, kbuf, torch.tensor([1.0]), page)
+
+
+@cuda_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_page_bounds_append_matches_reference(dtype):
+    from kvsift.kernels import page_bounds as pb
+
+    b, hk, page, pages, d = 3, 8, 16, 40, 128
+    kbuf = torch.randn(b, hk, page * pages, d, dtype=dtype, device="cuda")
+    ref = [torch.randn(b, hk, pages, d, dtype=dtype, device="cuda"), torch.randn(b, hk, pages, d, dtype=dtype,
+           device="cuda"), torch.zeros(b, hk, pages, dtype=torch.bool, device="cuda")]
+    got = [t.clone() for t in ref]
+    for s in (0, 1, 15, 16, 17, 300, page * pages - 1):
+        slot = torch.tensor([s], device="cuda")
+        pb.page_bounds_append_ref(*ref, kbuf, slot, page)
+        pb.page_bounds_append(*got, kbuf, slot, page)
+        assert all(torch.equal(x, y) for x, y in zip(got, ref)), s

@@ -52,9 +52,11 @@ def test_selection_picks_the_page_a_query_points_at(tiny_llm):
         layer.k_buf[:, :, :128] = 0.01 * torch.randn(layer.k_buf[:, :, :128].shape, generator=g)
         layer.k_buf[:, :, 32:48] = v
         del layer.state["quest"]                                      # rebuilt from the buffer
-        own = m.plan(run, layer, v.expand(1, 4, 1, d), ctx).own      # (1, kv_heads, 16 + 16)
+        sel = m.plan(run, layer, v.expand(1, 4, 1, d), ctx)          # page indices: (1, kv_heads, 1 + 1)
+    assert sel.page == 16 and sel.own.tolist() == [[[2, 8]] * 2]     # page 2, then the page being filled
+    own = sel.own_slots()                                             # (1, kv_heads, 16 + 16) slots
     assert own[..., :16].tolist() == [[list(range(32, 48))] * 2]
-    assert own[..., 16:].tolist() == [[list(range(128, 144))] * 2]   # the page being filled
+    assert own[..., 16:].tolist() == [[list(range(128, 144))] * 2]
 
 
 def test_snapkv_then_quest_selects_within_the_kept_tokens(tiny_llm):
@@ -69,3 +71,17 @@ def test_snapkv_then_quest_selects_within_the_kept_tokens(tiny_llm):
 def test_bad_options(kw, msg):
     with pytest.raises(ValueError, match=msg):
         build_method("quest", 64, **kw)
+
+
+def test_page_selection_validates_and_expands():
+    from kvsift.methods.base import Selection, top_pages
+
+    with pytest.raises(ValueError, match="page"):
+        Selection(own=torch.zeros(1, 1, 1, dtype=torch.int64), page=0)
+    with pytest.raises(ValueError, match="own page indices"):
+        Selection(page=16)
+    sel = Selection(own=torch.tensor([[[2, -1, 0]]]), page=4)
+    assert sel.own_slots().tolist() == [[[8, 9, 10, 11, -1, -1, -1, -1, 0, 1, 2, 3]]]
+    scores = torch.tensor([[[0.5, float("-inf"), 2.0, 1.0]]])
+    assert top_pages(scores, 2, tail_page=torch.tensor([3])).tolist() == [[[2, 3, 3]]]
+    assert top_pages(scores, 0).shape == (1, 1, 0)

@@ -123,18 +123,20 @@ def selected_attention(query: torch.Tensor, layer: "SiftLayer", sel: "Selection 
     k_buf, v_buf, pos = layer.k_buf[:, :, :n], layer.v_buf[:, :, :n], layer.pos_buf[:, :, :n]
     qp = query_pos[:, -1]                                                  # (b,)
     own = sel.own if sel is not None else None
+    page = sel.page if sel is not None else 1
     extras = [sel.extra] if sel is not None and sel.extra is not None else []
     if softcap is not None:  # no kernel for soft-capped logits: masked attention over copies
         if layer.ragged is not None:
             extras.append(layer.ragged.source())
-        return _softcap_selected(query, k_buf, v_buf, pos, own, extras, qp, scale, sliding_window, softcap)
+        return _softcap_selected(query, k_buf, v_buf, pos, sel.own_slots() if sel is not None else None, extras, qp,
+                                 scale, sliding_window, softcap)
     # the kernel masks by position itself (empty, padding, future, out-of-window slots, and slots
     # past the buffer): no index table is built or masked per layer. One call per KV set, merged
     # by log-sum-exp when there are several
     q = query[:, :, -1]
     calls = []                                                            # (keys, values, slots, kwargs)
     if n > 0 or layer.ragged is None:
-        calls.append((k_buf, v_buf, own, dict(key_pos=pos, query_pos=qp, window=sliding_window)))
+        calls.append((k_buf, v_buf, own, dict(key_pos=pos, query_pos=qp, window=sliding_window, page=page)))
     for x in extras:
         calls.append((x.keys.to(q.dtype), x.values.to(q.dtype), x.slots,
                       dict(key_pos=x.positions, query_pos=qp, window=sliding_window)))
@@ -196,8 +198,8 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         extras.append(layer.ragged.source())
     gathered = sel is not None or bool(extras)  # attend to copies of a selection, masked by position
     if gathered:
-        keys, values, kpos = _union(layer.keys, layer.values, layer.positions, sel.own if sel is not None else None,
-                                    extras)
+        own = sel.own_slots() if sel is not None else None
+        keys, values, kpos = _union(layer.keys, layer.values, layer.positions, own, extras)
     else:
         keys, values, kpos = key, value, layer.positions
     simple = not gathered and not ctx.has_padding and not layer.holes and sliding_window is None and softcap is None

@@ -17,6 +17,7 @@ import torch
 
 from kvsift.kernels import budget_select as _bs
 from kvsift.kernels import chunk_scores as _cs
+from kvsift.kernels import page_bounds as _pb
 from kvsift.kernels import sparse_decode_attention as _sda
 from kvsift.kernels import topk_select as _tk
 from kvsift.kernels._triton import HAS_TRITON, triton_disabled
@@ -24,7 +25,7 @@ from kvsift.kernels.chunk_scores import chunks_to_slots, page_summaries
 from kvsift.kernels.sparse_decode_attention import merge_attention
 
 __all__ = ["use_triton", "chunk_scores", "topk_select", "budget_select", "select_chunks", "sparse_decode_attention",
-           "chunks_to_slots", "page_summaries", "selected_decode_attention", "merge_attention"]
+           "chunks_to_slots", "page_summaries", "selected_decode_attention", "merge_attention", "page_bounds_append"]
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
@@ -54,6 +55,15 @@ def budget_select(scores: torch.Tensor, lens: torch.Tensor, budget: int, k: int)
     if use_triton(scores, lens) and scores.shape[-1] <= _bs.MAX_N:
         return _bs.budget_select(scores, lens, budget, k)
     return _bs.budget_select_ref(scores, lens, budget, k)
+
+
+def page_bounds_append(kmin: torch.Tensor, kmax: torch.Tensor, filled: torch.Tensor, k_buf: torch.Tensor,
+                       slot: torch.Tensor, page: int) -> None:
+    """See :mod:`kvsift.kernels.page_bounds`: fold the key at ``slot`` into its page's bounds, in place."""
+    if (use_triton(kmin, kmax, filled, k_buf, slot) and k_buf.stride(3) == 1 and kmin.stride(3) == 1
+            and kmax.stride(3) == 1):
+        return _pb.page_bounds_append(kmin, kmax, filled, k_buf, slot, page)
+    return _pb.page_bounds_append_ref(kmin, kmax, filled, k_buf, slot, page)
 
 
 def select_chunks(scores: torch.Tensor, chunk_lens, budget: int, max_chunks: int | None = None) -> torch.Tensor:

@@ -73,10 +73,25 @@ class Selection:
     for every valid slot. ``extra``: KV kept elsewhere (e.g. chunks fetched from the host), attended
     in addition. Slots whose position is padding, in the future or outside a sliding window are
     masked by the engine, so a method may name slots freely (e.g. a whole page past the last
-    token)."""
+    token). ``page > 1``: each entry of ``own`` is a page index standing for the slots ``p * page
+    .. p * page + page - 1`` (the kernel reads the pages whole: a table ``page`` times shorter)."""
 
     own: torch.Tensor | None = None
     extra: SlotSource | None = None
+    page: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.page, bool) or not isinstance(self.page, int) or self.page < 1:
+            raise ValueError(f"page must be a positive int, got {self.page!r}")
+        if self.page > 1 and self.own is None:
+            raise ValueError("a page selection needs own page indices")
+
+    def own_slots(self) -> torch.Tensor | None:
+        """``own`` as slots ``(batch, kv_heads, k * page)`` (negative where unused)."""
+        if self.own is None or self.page == 1:
+            return self.own
+        ar = torch.arange(self.page, device=self.own.device)
+        return torch.where(self.own[..., None] >= 0, self.own[..., None] * self.page + ar, -1).flatten(2)
 
 
 # ---- per-layer state -------------------------------------------------------------------------------
@@ -487,6 +502,21 @@ def head_budgets(scores: torch.Tensor, valid: torch.Tensor, k: int,
                                                                | (picked.values > 0))
     counts = chosen.view(b, h, n).sum(-1)
     return s, counts
+
+
+def top_pages(scores: torch.Tensor, k: int, tail_page: "torch.Tensor | int | None" = None) -> torch.Tensor:
+    """Page indices of the best ``k`` pages by ``scores (batch, kv_heads, n_pages)`` (``-inf`` = not
+    a candidate; ``-1`` where fewer are), then ``tail_page`` (an int or a ``(1,)`` device tensor:
+    always attended, e.g. the page being filled) when given. Returns ``(batch, kv_heads, k [+ 1])``
+    int64 for a ``Selection(own=..., page=page)``; no host sync."""
+    from kvsift.kernels.dispatch import topk_select
+
+    b, h, _ = scores.shape
+    pages = topk_select(scores, k, torch.int64) if k > 0 else scores.new_zeros((b, h, 0), dtype=torch.int64)
+    if tail_page is None:
+        return pages
+    tail = torch.as_tensor(tail_page, device=scores.device).to(torch.int64).reshape(1, 1, 1).expand(b, h, 1)
+    return torch.cat([pages, tail], dim=-1)
 
 
 def select_pages(scores: torch.Tensor, k: int, page: int, tail_start: "torch.Tensor | int", tail_width: int) -> torch.Tensor:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsift.kernels.dispatch import chunk_scores
-from kvsift.methods.base import DecodeSelect, LayerState, Selection, register, select_pages
+from kvsift.kernels.dispatch import chunk_scores, page_bounds_append
+from kvsift.methods.base import DecodeSelect, LayerState, Selection, register, top_pages
 
 
 @dataclass
@@ -110,13 +110,7 @@ class Quest(DecodeSelect):
         st: QuestState | None = layer.state.get(self.name)
         if st is None or st.pages * self.page < layer.k_buf.shape[2]:
             return  # built (from the buffer, these keys included) by the next plan
-        s = layer.written_slots(1)                                           # (1,) device
-        k = layer.k_buf.index_select(2, s)                                   # (b, h, 1, d)
-        p = s // self.page
-        first = (s % self.page == 0).view(1, 1, 1, 1)
-        st.kmin.index_copy_(2, p, torch.where(first, k, torch.minimum(st.kmin.index_select(2, p), k)))
-        st.kmax.index_copy_(2, p, torch.where(first, k, torch.maximum(st.kmax.index_select(2, p), k)))
-        st.filled.index_fill_(2, p, True)
+        page_bounds_append(st.kmin, st.kmax, st.filled, layer.k_buf, layer.written_slots(1), self.page)  # one launch
 
     def plan(self, run, layer, query, ctx):
         if not ctx.decoding:
@@ -129,4 +123,4 @@ class Quest(DecodeSelect):
         if ctx.has_padding:  # pages of padding only are never candidates
             scores = scores.masked_fill(~st.filled, float("-inf"))
         k = min(st.pages, run.sel_tokens // self.page)
-        return Selection(own=select_pages(scores, k, self.page, full * self.page, self.page))
+        return Selection(own=top_pages(scores, k, tail_page=full), page=self.page)
