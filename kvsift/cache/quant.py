@@ -293,12 +293,13 @@ class QuantKV:
     def begin_static(self, steps: int) -> None:
         """Fixed shapes for ``steps`` one-token appends: the flush the next append would do happens
         now, the buffers get room for every step, writes go to the device slot ``wslot``."""
-        if self.length + 1 > self.qtok + self.residual:
-            self._flush((self.length - self.qtok) // self.group * self.group)
-        self._ensure(self.length + steps + self.residual)  # a static flush writes a whole window
-        if self.k_res.shape[2] < self.residual:
-            raise RuntimeError("the full-precision window is smaller than residual")
-        self.wslot = torch.tensor([self.length], dtype=torch.int64, device=self.k_res.device)
+        with torch.inference_mode():  # the store's tensors were made in inference mode (prefill)
+            if self.length + 1 > self.qtok + self.residual:
+                self._flush((self.length - self.qtok) // self.group * self.group)
+            self._ensure(self.length + steps + self.residual)  # a static flush writes a whole window
+            if self.k_res.shape[2] < self.residual:
+                raise RuntimeError("the full-precision window is smaller than residual")
+            self.wslot = torch.tensor([self.length], dtype=torch.int64, device=self.k_res.device)
 
     def _append_static(self, keys, values, positions) -> None:
         """One token per row at ``wslot``. The window's ``residual`` slots are quantized at every step

@@ -200,6 +200,7 @@ class KVMethod:
     needs_budget: ClassVar[bool] = True
     decode_only: ClassVar[bool] = False   # acts at decode only (no prefill-time state): Quest, TokenSelect
     ragged: ClassVar[bool] = False        # keeps per-head lengths compactly (``layer.ragged``): no '+'
+    codec: ClassVar[bool] = False         # stores the kept KV in another form (kivi): a '+' ends with it
 
     def __post_init__(self):
         object.__setattr__(self, "budget", validate_budget(self.budget))
@@ -264,6 +265,12 @@ class KVMethod:
         engine may run it with fixed buffers and replay it from a CUDA graph. Methods whose decode
         hooks evict or reshape (e.g. a rolling window) say False."""
         return True
+
+    def quantized_ok(self) -> bool:
+        """True when a storage codec (kivi) may follow this method in a composition: at decode it
+        evicts nothing (quantized KV is append-only) and reads keys only through the layer's slot API
+        (``layer.slot_capacity``, ``layer.slot_keys``). Default: what allows static decode."""
+        return self.static_ok()
 
     def decode_variant(self, run: Run, step: int):
         """The kind of decode step ``step`` (hashable): steps of different kinds run different code
@@ -573,6 +580,16 @@ class Compose(KVMethod):
             raise UnknownMethodError(f"{ragged[0]} keeps a different number of tokens per head in a compact layout "
                                      f"that other stages cannot read, so it does not compose with '+' ("
                                      f"{self.spec!r}); it wraps a scorer instead, e.g. adakv(h2o)")
+        codecs = [i for i, s in enumerate(self.stages) if s.codec]
+        if codecs and codecs != [len(self.stages) - 1]:
+            raise UnknownMethodError(f"{self.stages[codecs[0]].name} stores the KV the other stages keep, so it is "
+                                     f"the last stage of a composition, once (e.g. snapkv+{self.stages[codecs[0]].name}"
+                                     f"), got {self.spec!r}")
+        if codecs:
+            bad = [s.spec for s in self.stages[:-1] if not s.quantized_ok()]
+            if bad:
+                raise UnknownMethodError(f"{bad[0]} evicts or reads the layer's KV buffer at decode, which "
+                                         f"{self.stages[-1].name} stores quantized: {self.spec!r} is not supported")
 
     @property
     def spec(self) -> str:

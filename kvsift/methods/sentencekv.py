@@ -283,6 +283,9 @@ class SentenceKV(KVMethod):
         state.fp_count.add_(1.0)
         return (state.fp_sum / state.fp_count).to(q.dtype)
 
+    def quantized_ok(self) -> bool:
+        return False  # its chunk stores keep full-precision KV (sentencekv+kivi: not yet)
+
     def plan(self, run, layer, query, ctx):
         if ctx.decoding and layer.layer_idx == 0:  # decode steps, counted on the device
             if run.steps is None:
