@@ -203,6 +203,56 @@ def test_reference_reads_the_window_in_full_precision():
     assert torch.equal(got, want)
 
 
+_INTERP_SCRIPT = """
+import itertools
+import torch
+from kvsift.cache.quant import QuantKV
+from kvsift.kernels.quant_decode_attention import quant_decode_attention, quant_decode_attention_ref
+from tests.test_kivi import _kv
+torch.manual_seed(0)
+for bits, d, table, dt in itertools.product((4, 2), (16, 48), ("all", "slots", "count", "window"),
+                                            (torch.float32, torch.bfloat16)):
+    k, v, pos = _kv(n=300, d=d, dtype=dt)
+    st = QuantKV.from_dense(k, v, pos, bits, 16, 32, room=10)
+    q = torch.randn(2, 4, 3, d).to(dt)[:, :, -1]                           # strided, as query[:, :, -1]
+    qp = torch.tensor([299, 250])
+    sel = None if table == "all" else torch.randint(-1, st.capacity + 8, (2, 2, 150))
+    extra = {"count": dict(slot_count=torch.tensor([[150, 9], [0, 77]])), "window": dict(window=40)}.get(table, {})
+    args = st.kernel_args(static=True)
+    tol = 2e-2 if dt == torch.bfloat16 else 1e-4
+    for ns in (None, 1, 3):
+        got, lse = quant_decode_attention(q, query_pos=qp, slot_idx=sel, scale=d ** -0.5, group=16,
+                                          return_lse=True, num_splits=ns, **args, **extra)
+        ref, rlse = quant_decode_attention_ref(q, query_pos=qp, slot_idx=sel, scale=d ** -0.5, group=16,
+                                               return_lse=True, **args, **extra)
+        assert torch.allclose(got.float(), ref.float(), atol=tol, rtol=tol), (bits, d, table, dt, ns)
+        assert torch.equal(torch.isinf(lse), torch.isinf(rlse)), (bits, d, table, dt, ns)
+        fin = torch.isfinite(rlse)
+        assert (lse[fin] - rlse[fin]).abs().max().item() < 1e-3, (bits, d, table, dt, ns)
+    out = quant_decode_attention(q, query_pos=qp, slot_idx=sel, scale=d ** -0.5, group=16, **args, **extra)
+    assert torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol), (bits, d, table, dt)
+print("INTERP_OK")
+"""
+
+
+def test_triton_kernel_matches_reference_in_interpreter():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    triton = pytest.importorskip("triton")
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):
+        pytest.skip(f"triton {triton.__version__}: interpreter checks need triton >= 3.9")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [str(root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env.pop("KVSIFT_NO_TRITON", None)
+    r = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=root)
+    assert r.returncode == 0 and "INTERP_OK" in r.stdout, r.stdout + r.stderr
+
+
 @cuda_triton
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
