@@ -406,3 +406,48 @@ def test_a_damaged_quantized_context_is_refused(tiny_llm, tmp_path):
     (tmp_path / "d" / META_FILE).write_text(json.dumps(meta, default=str))
     with pytest.raises(ContextCorruptedError, match="inconsistent counts"):
         load_context(tmp_path / "d", tiny_llm)
+
+
+def test_server_contexts_with_kivi(make_client):
+    """``/v1/contexts`` with kivi: persisted quantized, answers after a restart as before; bad
+    options and orders are 400s before any compute."""
+    c = make_client()
+    doc, q = list(range(1000, 1300)), [5, 6, 7]
+    r = c.post("/v1/contexts", json={"document": doc, "kv_method": "snapkv+kivi", "kv_budget": 0.5,
+                                     "kv_options": {"bits": 2, "group": 16, "residual": 16}, "chat": False})
+    assert r.status_code == 200, r.text
+    rec = r.json()
+    assert rec["persisted"]
+    ask = {"prompt": q, "max_tokens": 6, "ignore_eos": True, "temperature": 0.0, "context_id": rec["id"]}
+    first = c.post("/v1/completions", json=ask)
+    assert first.status_code == 200, first.text
+    stats = first.json()["kvsift"]["stats"][0]
+    assert stats["kv_kept_bytes"] < 0.25 * stats["kv_full_bytes"]
+    again = make_client()                                                  # a restart: reloaded from disk
+    second = again.post("/v1/completions", json=ask)
+    assert second.status_code == 200, second.text
+    assert second.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+    for opts, spec, word in [({"bits": 3}, "kivi", "bits must be 4 or 2"), ({}, "kivi+snapkv", "last stage")]:
+        bad = c.post("/v1/completions", json={"prompt": q, "max_tokens": 2, "kv_method": spec, "kv_budget": 0.5,
+                                              "kv_options": opts})
+        assert bad.status_code == 400 and word in bad.json()["error"]["message"], bad.text
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and triton")
+@pytest.mark.parametrize("spec,budget", [("kivi", None), ("snapkv+kivi", 96), ("quest+kivi", 64)])
+def test_cuda_graph_decode_with_window_flushes_gives_the_eager_tokens(spec, budget):
+    """Windows of 16 tokens over 40 decode steps: the flush runs inside the recorded step (device
+    counters), in bf16 through the Triton kernel."""
+    from kvsift import LLM
+    from kvsift.models import tiny_model
+
+    m = tiny_model("llama", seed=1).to("cuda", torch.bfloat16)
+    ids = [random_prompt(300, seed=8), random_prompt(260, seed=9)]
+    p = SamplingParams(max_tokens=40, ignore_eos=True)
+    kw = {"group": 16, "residual": 16}
+    a = LLM.from_model(m, None, chunk_size=64, decode_mode="eager").generate(ids, p, method=spec, budget=budget,
+                                                                          method_kwargs=kw)
+    b = LLM.from_model(m, None, chunk_size=64, decode_mode="graph").generate(ids, p, method=spec, budget=budget,
+                                                                          method_kwargs=kw)
+    assert b[0].stats.decode_mode == "graph"
+    assert [x.token_ids for x in a] == [y.token_ids for y in b]
