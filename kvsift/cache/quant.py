@@ -99,7 +99,7 @@ def quantize_keys(keys: torch.Tensor, positions: torch.Tensor, bits: int, group:
     are >= 0. Returns ``codes (batch, kv_heads, n, head_dim * bits // 8)`` uint8, ``scale, zero
     (batch, kv_heads, n // group, head_dim)`` fp16. No host sync."""
     b, h, n, d = keys.shape
-    x = keys.float().view(b, h, n // group, group, d)
+    x = keys.float().reshape(b, h, n // group, group, d)
     valid = (positions >= 0).view(b, h, n // group, group, 1)
     s, z = _params(x, valid, 3, bits)
     codes = pack(_codes(x, s, z, bits).view(b, h, n, d), bits)
@@ -112,7 +112,7 @@ def quantize_values(values: torch.Tensor, positions: torch.Tensor, bits: int, gr
     uint8, ``scale, zero (batch, kv_heads, n, head_dim // vgroup)`` fp16. No host sync."""
     b, h, n, d = values.shape
     vg = value_group(group, d)
-    x = values.float().view(b, h, n, d // vg, vg)
+    x = values.float().reshape(b, h, n, d // vg, vg)
     valid = (positions >= 0)[..., None, None]
     s, z = _params(x, valid, 4, bits)
     codes = pack(_codes(x, s, z, bits).view(b, h, n, d), bits)
