@@ -451,3 +451,17 @@ def test_cuda_graph_decode_with_window_flushes_gives_the_eager_tokens(spec, budg
                                                                           method_kwargs=kw)
     assert b[0].stats.decode_mode == "graph"
     assert [x.token_ids for x in a] == [y.token_ids for y in b]
+
+
+def test_a_quantized_context_answers_a_batch_and_refuses_methods_that_cannot_read_it(tiny_llm):
+    doc = random_prompt(200, seed=46)
+    ctx = tiny_llm.prefill_context(doc, method="kivi", method_kwargs={"group": 16, "residual": 16})
+    qs = [random_prompt(9, seed=47), random_prompt(5, seed=48)]
+    p = SamplingParams(max_tokens=10, ignore_eos=True)
+    both = tiny_llm.generate(qs, p, context=ctx)                          # the context repeated over the batch
+    for q, out in zip(qs, both):
+        assert out.token_ids == tiny_llm.generate(q, p, context=ctx)[0].token_ids
+    # a decode-time selection through the slot API answers from it; one that reads the buffer cannot
+    assert len(tiny_llm.generate(qs[0], p, context=ctx, method="quest", budget=64)[0].token_ids) == 10
+    with pytest.raises(UnknownMethodError, match="quantized KV"):
+        tiny_llm.generate(qs[0], p, context=ctx, method="tokenselect", budget=64)

@@ -633,6 +633,9 @@ class Compose(KVMethod):
     def static_ok(self) -> bool:
         return all(s.static_ok() for s in self.stages)
 
+    def quantized_ok(self) -> bool:
+        return all(s.quantized_ok() for s in self.stages)
+
     def row_prefill_ok(self) -> bool:
         # rows save memory when a stage shrinks the KV at prefill end; decode-only stages keep no
         # prefill state, so they never stand in the way
