@@ -153,8 +153,11 @@ def test_static_appends_equal_host_appends(start):
     cap = static.capacity
     for i in range(start, start + steps):
         kv = (k[:, :, i : i + 1], v[:, :, i : i + 1], pos[:, 0, i : i + 1])
+        before = eager.qtok
         eager.append(*kv)
-        static.append(*kv)
+        if i > start:  # (a flush due at the first step happened in begin_static)
+            assert static.flush_at(i - start) == (eager.qtok != before)  # flush steps known on the host
+        static.append(*kv, step=i - start)
         assert int(static.qstart) == eager.qtok                          # the device counter agrees
     assert static.capacity == cap                                        # no shape change while static
     static.end_static(steps)
@@ -465,3 +468,21 @@ def test_a_quantized_context_answers_a_batch_and_refuses_methods_that_cannot_rea
     assert len(tiny_llm.generate(qs[0], p, context=ctx, method="quest", budget=64)[0].token_ids) == 10
     with pytest.raises(UnknownMethodError, match="quantized KV"):
         tiny_llm.generate(qs[0], p, context=ctx, method="tokenselect", budget=64)
+
+
+def test_flushing_steps_are_their_own_kind_of_step(tiny_llm):
+    """The cache names, per static step, the quantized layers that quantize their window then (what
+    the CUDA graph key adds); they are the steps where the host counters move."""
+    ids = random_prompt(203, seed=49)
+    m = build_method("kivi", group=8, residual=16)
+    with tiny_llm.lock:
+        cache, _, _ = tiny_llm._prefill([ids], m, m.start(len(ids), tiny_llm.info.num_layers), None, False)
+    cache.begin_static(40)
+    q0 = [ly.quant.qtok for ly in cache.layers]
+    kinds = [cache.decode_variant(s) for s in range(40)]
+    cache.end_static(40)
+    for i, ly in enumerate(cache.layers):
+        flushes = [s for s, k in enumerate(kinds) if i in k]
+        assert ly.quant.qtok - q0[i] == 16 * len(flushes) and len(flushes) >= 2
+        assert all(b - a == 16 for a, b in zip(flushes, flushes[1:]))
+    assert len(set(kinds)) == 2                                          # every layer flushes together here

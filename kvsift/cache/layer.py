@@ -125,7 +125,7 @@ class SiftLayer(CacheLayerMixin):
             self.ragged.append(key_states, value_states, self.cache.step_positions, static=self.cache.static)
             return self.keys, self.values
         if self.quant is not None:  # quantized KV: append there (device-side during static decode)
-            self.quant.append(key_states, value_states, self.cache.step_positions)
+            self.quant.append(key_states, value_states, self.cache.step_positions, step=self.cache.static_step)
             return self.keys, self.values
         if self.wslot is not None:
             # static decode: write at a device-side slot and return the whole buffers; no host state
@@ -359,6 +359,7 @@ class SiftCache(Cache):
         self.seen = 0
         self.step_positions: torch.Tensor | None = None
         self.static = False  # between begin_static and end_static
+        self.static_step = 0  # static decode: the step in flight (0-based; the decode runner sets it)
         super().__init__(layers=[SiftLayer(self, i) for i in range(num_layers)])
 
     @property
@@ -395,6 +396,12 @@ class SiftCache(Cache):
             layer._ensure_capacity(layer.length + steps)
             layer.wslot = torch.tensor([layer.length], dtype=torch.int64, device=layer.k_buf.device)
         self.static = True
+        self.static_step = 0
+
+    def decode_variant(self, step: int) -> tuple:
+        """The cache's kind of static step ``step``: the quantized layers whose full-precision window
+        is quantized at that step (a CUDA graph per kind; ``()`` without quantized layers)."""
+        return tuple(i for i, ly in enumerate(self.layers) if ly.quant is not None and ly.quant.flush_at(step))
 
     def end_static(self, steps: int) -> None:
         """Leave static decode after ``steps`` steps ran: the layers' lengths catch up."""

@@ -16,7 +16,10 @@ never moves: a method's slot indices stay valid when its token is quantized):
   window is full; the next append then quantizes the window's whole groups (``qtok`` moves on);
 * ``positions (batch, kv_heads, capacity)`` int32 (-1 = empty, padding or hole);
 * ``qstart (1,)`` int64: ``qtok`` on the device (what the decode kernel reads), ``wslot (1,)``
-  int64: the next write slot during static decode (CUDA graphs: no host state changes).
+  int64: the next write slot during static decode (CUDA graphs: no host state changes). Which
+  static steps quantize the window is known on the host (:meth:`QuantKV.flush_at`): a step that
+  does is a different kind of step (``SiftCache.decode_variant``, one CUDA graph each), the others
+  only write the new token.
 
 Quantization is asymmetric min/max over the real tokens of a group (position >= 0): ``zero`` is the
 minimum rounded down to fp16, ``scale = (max - zero) / (2**bits - 1)`` rounded up, so every element
@@ -161,6 +164,7 @@ class QuantKV:
     qtok: int = 0             # slots below are quantized (a multiple of ``group``)
     length: int = 0           # used slots
     wslot: torch.Tensor | None = None   # static decode: next write slot (1,) int64
+    r0: int = 0               # static decode: window slots used when it began
 
     # ---- building -----------------------------------------------------------------------------
     @staticmethod
@@ -262,13 +266,14 @@ class QuantKV:
         self.qstart.fill_(self.qtok)
 
     # ---- appends --------------------------------------------------------------------------------
-    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, step: int = 0) -> None:
         """Append ``keys/values (batch, kv_heads, q, head_dim)`` at token ``positions (batch, q)``
         after the used slots. When the window would pass ``residual`` slots, its whole groups are
         quantized first (so a new token is always attended in full precision). During static decode
-        (:meth:`begin_static`) this is :meth:`_append_static`: device-side, no host sync."""
+        (:meth:`begin_static`) this is :meth:`_append_static` for static step ``step`` (0-based):
+        device-side, no host sync."""
         if self.wslot is not None:
-            return self._append_static(keys, values, positions)
+            return self._append_static(keys, values, positions, self.flush_at(step))
         b, h, q, d = keys.shape
         n = self.length
         if n + q > self.qtok + self.residual:
@@ -300,26 +305,32 @@ class QuantKV:
             if self.k_res.shape[2] < self.residual:
                 raise RuntimeError("the full-precision window is smaller than residual")
             self.wslot = torch.tensor([self.length], dtype=torch.int64, device=self.k_res.device)
+            self.r0 = self.length - self.qtok
 
-    def _append_static(self, keys, values, positions) -> None:
-        """One token per row at ``wslot``. The window's ``residual`` slots are quantized at every step
-        into the slots they occupy (unused until ``qstart`` passes them); when the window is full,
-        ``qstart`` moves past it and the new token starts a new window. Same result as the host
-        path, no host sync, fixed shapes (CUDA-graph safe)."""
+    def flush_at(self, step: int) -> bool:
+        """Whether static step ``step`` (0-based, one token per step) quantizes the window first: the
+        window is full then (host arithmetic, the same rule as the host path)."""
+        return self.wslot is not None and step >= 1 and (self.r0 + step) % self.residual == 0
+
+    def _append_static(self, keys, values, positions, flush: bool) -> None:
+        """One token per row at ``wslot``; ``flush``: first quantize the full window into the slots it
+        occupies and move ``qstart`` past it. Same result as the host path, no host sync, fixed
+        shapes (CUDA-graph safe; a flushing step is its own kind of step)."""
         R, g = self.residual, self.group
-        dev = keys.device
-        ar = torch.arange(R, device=dev)
-        slots = self.qstart + ar                                                  # (R,)
-        kc, ks, kz = quantize_keys(self.k_res[:, :, :R], self.positions.index_select(2, slots), self.bits, g)
-        vc, vs, vz = quantize_values(self.v_res[:, :, :R], self.positions.index_select(2, slots), self.bits, g)
-        groups = self.qstart // g + ar[: R // g]
-        self.k_codes.index_copy_(2, slots, kc)
-        self.k_scale.index_copy_(2, groups, ks)
-        self.k_zero.index_copy_(2, groups, kz)
-        self.v_codes.index_copy_(2, slots, vc)
-        self.v_scale.index_copy_(2, slots, vs)
-        self.v_zero.index_copy_(2, slots, vz)
-        self.qstart.add_((self.wslot - self.qstart >= R).to(torch.int64) * R)
+        if flush:
+            ar = torch.arange(R, device=keys.device)
+            slots = self.qstart + ar                                              # (R,)
+            pos = self.positions.index_select(2, slots)
+            kc, ks, kz = quantize_keys(self.k_res[:, :, :R], pos, self.bits, g)
+            vc, vs, vz = quantize_values(self.v_res[:, :, :R], pos, self.bits, g)
+            groups = self.qstart // g + ar[: R // g]
+            self.k_codes.index_copy_(2, slots, kc)
+            self.k_scale.index_copy_(2, groups, ks)
+            self.k_zero.index_copy_(2, groups, kz)
+            self.v_codes.index_copy_(2, slots, vc)
+            self.v_scale.index_copy_(2, slots, vs)
+            self.v_zero.index_copy_(2, slots, vz)
+            self.qstart.add_(R)
         r = self.wslot - self.qstart
         self.k_res.index_copy_(2, r, keys)
         self.v_res.index_copy_(2, r, values)
