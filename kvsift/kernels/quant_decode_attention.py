@@ -33,7 +33,11 @@ from __future__ import annotations
 import torch
 
 from kvsift.kernels._triton import HAS_TRITON, tl, triton
-from kvsift.kernels.sparse_decode_attention import _LOG2E, TUNING, _check_count, _check_pos, merge_attention, plan_splits
+from kvsift.kernels.sparse_decode_attention import _LOG2E, _check_count, _check_pos, merge_attention, plan_splits
+
+# launch settings (smaller slot blocks than the sparse kernel: codes, scales and the window are
+# live at once; not tuned on a GPU yet)
+TUNING = {"block_s": 32, "num_warps": 4, "num_stages": 2}
 
 
 def _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start, key_pos, query_pos,
