@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kvsift import SamplingParams, build_method
-from kvsift.cache.quant import (QuantKV, dequantize_keys, dequantize_values, kv_bytes_per_token, pack, quantize_keys,
-                                quantize_values, unpack, value_group)
+from kvsift.cache.quant import (QuantKV, default_group, dequantize_keys, dequantize_values, kv_bytes_per_token, pack,
+                                quantize_keys, quantize_values, unpack, value_group)
 from kvsift.errors import MethodOptionError, UnknownMethodError
 from kvsift.kernels._triton import HAS_TRITON
 from kvsift.kernels.quant_decode_attention import quant_decode_attention_ref
@@ -77,8 +77,10 @@ def test_a_constant_group_is_exact():
 
 
 @pytest.mark.parametrize("bits,limit", [(4, 0.27), (2, 0.15)])
-def test_bytes_per_token_against_bf16(bits, limit):
-    d, group = 128, 128
+@pytest.mark.parametrize("d", [64, 128])
+def test_bytes_per_token_against_bf16(bits, limit, d):
+    group = default_group(d, bits)                                       # kivi's default for this head_dim
+    assert group == 128 or kv_bytes_per_token(d, bits, group // 2) > limit * 4 * d   # the smallest that fits
     assert kv_bytes_per_token(d, bits, group) <= limit * 4 * d            # 4 * d: one token's K and V in bf16
     # the real tensors of a long quantized context (codes, scales and zeros; the window apart)
     n = 4 * group + 1

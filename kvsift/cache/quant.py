@@ -25,8 +25,9 @@ Quantization is asymmetric min/max over the real tokens of a group (position >= 
 minimum rounded down to fp16, ``scale = (max - zero) / (2**bits - 1)`` rounded up, so every element
 is within ``scale / 2`` of its dequantized value. Bytes per token and KV head:
 ``2 * head_dim * bits / 8`` (codes) ``+ 4 * head_dim / group`` (key scales and zeros) ``+ 4 *
-head_dim / vgroup`` (value scales and zeros): with ``group = 128`` and head_dim 128, 0.266x bf16 at
-4 bits and 0.141x at 2 bits (:func:`kv_bytes_per_token`).
+head_dim / vgroup`` (value scales and zeros) (:func:`kv_bytes_per_token`): with ``group = 128``
+and head_dim 128, 0.266x bf16 at 4 bits and 0.141x at 2 bits; head_dim 64 needs ``group = 256``
+at 4 bits (0.270x). :func:`default_group` picks the smallest group within :data:`BYTE_TARGET`.
 """
 
 from __future__ import annotations
@@ -50,6 +51,20 @@ def kv_bytes_per_token(head_dim: int, bits: int, group: int) -> float:
     group (the full-precision window and positions not counted); compare with ``4 * head_dim`` at
     bf16."""
     return 2 * head_dim * bits / 8 + 2 * 2 * head_dim / group + 2 * 2 * head_dim / value_group(group, head_dim)
+
+
+BYTE_TARGET = {4: 0.27, 2: 0.15}
+"""Quantized bytes per token (codes, scales, zeros) as a fraction of bf16 that :func:`default_group`
+keeps within."""
+
+
+def default_group(head_dim: int, bits: int) -> int:
+    """The smallest group (a power of two from 128 up to 1024) whose bytes per token are within
+    :data:`BYTE_TARGET` of bf16 for this head_dim; 128 where none is (tiny heads)."""
+    for group in (128, 256, 512, 1024):
+        if kv_bytes_per_token(head_dim, bits, group) <= BYTE_TARGET[bits] * 4 * head_dim:
+            return group
+    return 128
 
 
 def _round_up(n: int, m: int) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvsift.cache.quant import QuantKV
+from kvsift.cache.quant import QuantKV, default_group
 from kvsift.errors import MethodOptionError
 from kvsift.methods.base import KVMethod, register
 
@@ -32,17 +32,19 @@ class KIVI(KVMethod):
         e.g. ``snapkv+kivi``, it is the eviction's budget.
     bits : int
         Bits per code: 4 or 2.
-    group : int
+    group : int | None
         Tokens sharing a key scale and zero point per channel, and channels sharing a value scale
-        (at most the head): a power of two; 128 keeps int4 at 0.27x and int2 at 0.15x the bf16 bytes
-        with head_dim 128.
-    residual : int
-        Newest tokens kept in full precision until the window fills (a multiple of ``group``).
+        (at most the head): a power of two in [8, 1024]. None: the smallest from 128 up that keeps
+        the quantized bytes within 0.27x (int4) / 0.15x (int2) of bf16 for the model's head_dim
+        (128 at head_dim 128, 256 at head_dim 64 with int4).
+    residual : int | None
+        Newest tokens kept in full precision until the window fills (a multiple of ``group``;
+        None: ``group``).
     """
 
     bits: int = 4
-    group: int = 128
-    residual: int = 128
+    group: int | None = None
+    residual: int | None = None
     needs_budget = False
     codec = True
 
@@ -50,13 +52,24 @@ class KIVI(KVMethod):
         super().__post_init__()
         for name in ("bits", "group", "residual"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
+            if (v is not None or name == "bits") and (isinstance(v, bool) or not isinstance(v, int)):
                 raise MethodOptionError(f"method 'kivi': {name} must be an int, got {v!r}", param=name)
-        try:
-            QuantKV.check_options(self.bits, self.group, self.residual)
-        except ValueError as e:
-            param = str(e).split(" ", 1)[0]
-            raise MethodOptionError(f"method 'kivi': {e}", param=param) from None
+        if self.bits not in (2, 4):
+            raise MethodOptionError(f"method 'kivi': bits must be 4 or 2, got {self.bits!r}", param="bits")
+        if self.residual is not None and self.residual < 1:
+            raise MethodOptionError(f"method 'kivi': residual must be positive, got {self.residual!r}",
+                                    param="residual")
+        if self.group is not None:
+            try:
+                QuantKV.check_options(self.bits, self.group, self.residual or self.group)
+            except ValueError as e:
+                param = str(e).split(" ", 1)[0]
+                raise MethodOptionError(f"method 'kivi': {e}", param=param) from None
+
+    def options_for(self, head_dim: int) -> tuple[int, int]:
+        """``(group, residual)`` for a model of ``head_dim`` (the defaults resolved)."""
+        group = self.group if self.group is not None else default_group(head_dim, self.bits)
+        return group, self.residual if self.residual is not None else group
 
     def finish_prefill(self, run, layers, ctx) -> None:
         """Quantize every layer holding KV (after the other stages' compression)."""
@@ -65,10 +78,12 @@ class KIVI(KVMethod):
                                "(prefilling row by row is not supported)")
         for layer in layers:
             if layer.k_buf is not None and layer.ragged is None:
+                group, residual = self.options_for(layer.k_buf.shape[-1])
                 try:
-                    layer.quantize(self.bits, self.group, self.residual)
-                except ValueError as e:  # a head_dim the groups do not divide
-                    raise MethodOptionError(f"method 'kivi': {e}", param="group") from None
+                    layer.quantize(self.bits, group, residual)
+                except ValueError as e:  # a head_dim the groups do not divide, a residual off the group
+                    param = "residual" if str(e).startswith("residual") else "group"
+                    raise MethodOptionError(f"method 'kivi': {e}", param=param) from None
 
     def stats(self, run):
         return {"kv_bits": self.bits}
