@@ -358,15 +358,29 @@ def test_kivi_after_a_selection(tiny_llm, spec, budget):
     assert a.stats.kv_device_bytes < b.stats.kv_device_bytes
 
 
-def test_row_by_row_prefill_is_refused_clearly(default_tokenizer):
+@pytest.mark.parametrize("spec,budget", [("kivi", None), ("snapkv+kivi", 64)])
+def test_row_by_row_prefill_quantizes_the_stacked_batch(default_tokenizer, spec, budget):
+    """Rows (snapkv+kivi picks them by itself for a batch: each row is evicted before the next):
+    the stacked batch is quantized; the longest row (no padding) answers as it does alone."""
     from kvsift import LLM
     from kvsift.models import tiny_model
 
-    llm = LLM.from_model(tiny_model("llama", seed=1), default_tokenizer, name="tiny", chunk_size=64,
-                         prefill_mode="rows")
-    with pytest.raises(RuntimeError, match="prefill_mode='batch'"):
-        llm.generate([random_prompt(50, seed=1), random_prompt(40, seed=2)], SamplingParams(max_tokens=2),
-                     method="kivi")
+    m = tiny_model("llama", seed=1)
+    rows = LLM.from_model(m, default_tokenizer, name="tiny", chunk_size=64, prefill_mode="rows")
+    ids = [random_prompt(230, seed=1), random_prompt(150, seed=2)]
+    kw = {"group": 16, "residual": 16}
+    assert build_method(spec, budget, **kw).row_prefill_ok() == (spec != "kivi")
+    p = SamplingParams(max_tokens=20, ignore_eos=True)
+    out = rows.generate(ids, p, method=spec, budget=budget, method_kwargs=kw)
+    alone = rows.generate(ids[0], p, method=spec, budget=budget, method_kwargs=kw)[0]
+    assert out[0].token_ids == alone.token_ids
+    assert out[0].stats.kv_device_bytes < out[0].stats.kv_full_bytes / 2
+    run = build_method(spec, budget, **kw)
+    with rows.lock:
+        cache, _, _ = rows._prefill(ids, run, run.start(230, rows.info.num_layers), None, False)
+    assert all(ly.quant is not None and ly.length == 0 for ly in cache.layers)
+    n = 230 if budget is None else budget
+    assert all(ly.head_lengths().tolist() == [[n, n], [min(n, 150)] * 2] for ly in cache.layers)
 
 
 # ---- contexts --------------------------------------------------------------------------------------

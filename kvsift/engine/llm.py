@@ -443,6 +443,8 @@ class LLM:
         ctx = ForwardContext(cache=cache, method=method, run=run, has_padding=padded, prompt_ids=ids,
                              tokenizer=self.tokenizer, next_pos=torch.tensor([len(x) for x in ids], device=dev),
                              rope=self._rope)
+        with torch.inference_mode():
+            method.rows_stacked(run, cache.layers, ctx)  # e.g. kivi quantizes the stacked batch
         return self._prefilled(ctx, method, L, t0, torch.cat(logits))
 
     def _run(self, ids: list[list[int]], params: SamplingParams, method: KVMethod, run: Run,

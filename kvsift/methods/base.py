@@ -249,6 +249,10 @@ class KVMethod:
         """After the whole prefill of a sequence (and its reread passes), every layer at once:
         deferred compression (e.g. a global budget over layers and heads). Default: nothing."""
 
+    def rows_stacked(self, run: Run, layers: list, ctx: "ForwardContext") -> None:
+        """After a batch prefilled one sequence at a time was stacked into the batch cache (its
+        ``layers``): what needs the whole batch, e.g. a codec storing it (kivi). Default: nothing."""
+
     def stats(self, run: Run) -> dict[str, Any]:
         """Method-specific counters for the generation summary (may read device counters)."""
         return {}
@@ -624,6 +628,10 @@ class Compose(KVMethod):
         for s, r in zip(self.stages, run.parts):
             s.finish_prefill(r, layers, ctx)
 
+    def rows_stacked(self, run, layers, ctx):
+        for s, r in zip(self.stages, run.parts):
+            s.rows_stacked(r, layers, ctx)
+
     def stats(self, run):
         out: dict[str, Any] = {}
         for s, r in zip(self.stages, run.parts):
@@ -638,9 +646,10 @@ class Compose(KVMethod):
 
     def row_prefill_ok(self) -> bool:
         # rows save memory when a stage shrinks the KV at prefill end; decode-only stages keep no
-        # prefill state, so they never stand in the way
+        # prefill state and a codec stores the stacked batch (rows_stacked), so they never stand in
+        # the way
         return any(s.row_prefill_ok() for s in self.stages) and all(
-            s.row_prefill_ok() or s.decode_only for s in self.stages)
+            s.row_prefill_ok() or s.decode_only or s.codec for s in self.stages)
 
     def decode_variant(self, run, step):
         return tuple(s.decode_variant(r, step) for s, r in zip(self.stages, run.parts))

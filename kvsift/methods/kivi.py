@@ -8,7 +8,9 @@ into a :class:`~kvsift.cache.quant.QuantKV` (``layer.quantize``): keys per chann
 whole window at a time. Attention reads the codes and dequantizes them as it goes
 (``quant_decode_attention``: Triton on CUDA, block by block in PyTorch elsewhere), in every decode
 mode. Alone (``kivi``) it keeps the whole context; composed (``snapkv+kivi``, ``quest+kivi``) it is
-the last stage and stores what the others keep or select from. Lossy: not equal to ``full``.
+the last stage and stores what the others keep or select from; a batch prefilled row by row
+(``snapkv+kivi`` does: each row is evicted before the next) is quantized once stacked. Lossy: not
+equal to ``full``.
 """
 
 from __future__ import annotations
@@ -72,10 +74,15 @@ class KIVI(KVMethod):
         return group, self.residual if self.residual is not None else group
 
     def finish_prefill(self, run, layers, ctx) -> None:
-        """Quantize every layer holding KV (after the other stages' compression)."""
-        if ctx.row is not None:
-            raise RuntimeError("kivi quantizes the batch cache after its prefill: use prefill_mode='batch' "
-                               "(prefilling row by row is not supported)")
+        """Quantize every layer holding KV (after the other stages' compression); a batch prefilled
+        row by row is quantized once stacked (:meth:`rows_stacked`)."""
+        if ctx.row is None:
+            self._quantize(layers)
+
+    def rows_stacked(self, run, layers, ctx) -> None:
+        self._quantize(layers)
+
+    def _quantize(self, layers) -> None:
         for layer in layers:
             if layer.k_buf is not None and layer.ragged is None:
                 group, residual = self.options_for(layer.k_buf.shape[-1])
