@@ -502,3 +502,39 @@ def test_flushing_steps_are_their_own_kind_of_step(tiny_llm):
         assert ly.quant.qtok - q0[i] == 16 * len(flushes) and len(flushes) >= 2
         assert all(b - a == 16 for a, b in zip(flushes, flushes[1:]))
     assert len(set(kinds)) == 2                                          # every layer flushes together here
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("static", [False, True])
+def test_selected_attention_over_a_quantized_layer(softcap, static):
+    """The engine's one decode function over a quantized layer (own slots, sliding window,
+    soft-capped logits through a dequantized copy) equals masked attention over the dequantized KV."""
+    from kvsift.cache import SiftCache
+    from kvsift.engine.attention import attend, selected_attention
+
+    cache = SiftCache(1, reserve=8)
+    layer = cache.layers[0]
+    k, v, pos = _kv(n=120, d=16)
+    cache.step_positions = pos[:, 0]
+    layer.update(k, v)
+    with torch.inference_mode():
+        layer.quantize(4, 16, 32)
+        if static:
+            cache.begin_static(8)
+        z = layer.quant
+        keys, values, kpos = z.dense(z.used(static))
+        q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(5))
+        qp = torch.tensor([[119], [100]])
+        own = torch.randint(-1, z.used(static) + 3, (2, 2, 50), generator=torch.Generator().manual_seed(6))
+        from kvsift.methods.base import Selection
+
+        for sel in (None, Selection(own=own)):
+            got = selected_attention(q, layer, sel, qp, 0.25, static, sliding_window=40, softcap=softcap)
+            kk, vv, pp = keys, values, kpos
+            if sel is not None:
+                from kvsift.methods.base import SlotSource
+
+                o = torch.where(own < kpos.shape[2], own, -1)
+                kk, vv, pp = SlotSource(keys, values, kpos, o).gather()
+            want = attend(q, kk, vv, pp, qp, 0.25, 40, softcap)[:, :, 0]
+            assert torch.allclose(got, want, atol=1e-5)
