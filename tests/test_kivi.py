@@ -298,6 +298,12 @@ def test_bad_options_are_clear_errors():
         build_method("snapkv+kivi", 64, group=32, residual=48)
     with pytest.raises(MethodOptionError, match="bits"):
         build_method("kivi", bits="4")
+    with pytest.raises(MethodOptionError, match="residual") as e:
+        build_method("kivi", residual=12)
+    assert e.value.param == "residual"
+    # without a group, the default one yields to the residual's
+    assert build_method("kivi", residual=48).options_for(128) == (16, 48)
+    assert build_method("kivi", bits=4).options_for(64) == (256, 256)
 
 
 @pytest.mark.parametrize("spec,why", [("kivi+snapkv", "last stage"), ("tokenselect+kivi", "not supported"),

@@ -38,10 +38,11 @@ class KIVI(KVMethod):
         Tokens sharing a key scale and zero point per channel, and channels sharing a value scale
         (at most the head): a power of two in [8, 1024]. None: the smallest from 128 up that keeps
         the quantized bytes within 0.27x (int4) / 0.15x (int2) of bf16 for the model's head_dim
-        (128 at head_dim 128, 256 at head_dim 64 with int4).
+        (128 at head_dim 128, 256 at head_dim 64 with int4), or the largest power of two dividing
+        ``residual`` when that is smaller.
     residual : int | None
-        Newest tokens kept in full precision until the window fills (a multiple of ``group``;
-        None: ``group``).
+        Newest tokens kept in full precision until the window fills (a multiple of ``group``, of 8
+        without one; None: ``group``).
     """
 
     bits: int = 4
@@ -58,9 +59,9 @@ class KIVI(KVMethod):
                 raise MethodOptionError(f"method 'kivi': {name} must be an int, got {v!r}", param=name)
         if self.bits not in (2, 4):
             raise MethodOptionError(f"method 'kivi': bits must be 4 or 2, got {self.bits!r}", param="bits")
-        if self.residual is not None and self.residual < 1:
-            raise MethodOptionError(f"method 'kivi': residual must be positive, got {self.residual!r}",
-                                    param="residual")
+        if self.residual is not None and (self.residual < 8 or self.residual % 8):
+            raise MethodOptionError(f"method 'kivi': residual must be a positive multiple of 8 (and of group), "
+                                    f"got {self.residual!r}", param="residual")
         if self.group is not None:
             try:
                 QuantKV.check_options(self.bits, self.group, self.residual or self.group)
@@ -71,6 +72,8 @@ class KIVI(KVMethod):
     def options_for(self, head_dim: int) -> tuple[int, int]:
         """``(group, residual)`` for a model of ``head_dim`` (the defaults resolved)."""
         group = self.group if self.group is not None else default_group(head_dim, self.bits)
+        if self.group is None and self.residual is not None:
+            group = min(group, self.residual & -self.residual)   # the largest power of two dividing it
         return group, self.residual if self.residual is not None else group
 
     def finish_prefill(self, run, layers, ctx) -> None:
