@@ -544,3 +544,71 @@ def test_selected_attention_over_a_quantized_layer(softcap, static):
                 kk, vv, pp = SlotSource(keys, values, kpos, o).gather()
             want = attend(q, kk, vv, pp, qp, 0.25, 40, softcap)[:, :, 0]
             assert torch.allclose(got, want, atol=1e-5)
+
+
+# ---- sentencekv+kivi: the host chunk store quantized -----------------------------------------------
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("cache_chunks", [0, 4])
+def test_quantized_chunk_store_fetches_within_half_a_scale(bits, cache_chunks):
+    from kvsift.methods._offload import ChunkStore
+
+    g = torch.Generator().manual_seed(bits + cache_chunks)
+    b, hk, L, d, n_chunks = 2, 3, 5, 16, 7
+    lens = torch.randint(1, L + 1, (b, hk, n_chunks), generator=g)
+    toks = [(bi * hk + h, c, r) for bi in range(b) for h in range(hk) for c in range(n_chunks)
+            for r in range(int(lens[bi, h, c]))]
+    bh, ch, rk = (torch.tensor(x) for x in zip(*toks))
+    pos = ch * 10 + rk
+    keys = torch.randn(len(toks), d, generator=g) * torch.linspace(0.5, 4, d)
+    values = torch.randn(len(toks), d, generator=g)
+    kw = dict(cache_chunks=cache_chunks, bits=bits, vgroup=8)
+    store = ChunkStore(b, hk, L, d, torch.float32, "cpu", **kw)
+    store.append(keys, values, pos, bh, ch, rk, n_chunks)
+    plain = ChunkStore(b, hk, L, d, torch.float32, "cpu", cache_chunks=cache_chunks)
+    plain.append(keys, values, pos, bh, ch, rk, n_chunks)
+    assert store.k.dtype == torch.uint8 and store.k.shape[1] == d * bits // 8
+    assert sum(store.kv_nbytes()) < 0.6 * sum(plain.kv_nbytes())
+    ks = store.ksz[:, :, :, 0].float()                                    # (b, hk, chunks, d)
+    for _ in range(3):
+        idx = torch.stack([torch.randperm(n_chunks, generator=g)[:3] for _ in range(b * hk)]).view(b, hk, 3)
+        idx[0, 0, 1] = -1
+        (qk, qv, qp), (fk, fv, fp) = store.fetch(idx), plain.fetch(idx)
+        assert torch.equal(qp, fp)
+        real = fp >= 0
+        kscale = ks.gather(2, idx.clamp(min=0)[..., None].expand(-1, -1, -1, d)).repeat_interleave(L, 2)
+        assert bool(((qk - fk).abs() <= kscale / 2 * (1 + 1e-4) + 1e-5)[real].all())
+        vrange = fv.view(b, hk, -1, d // 8, 8)
+        vscale = (vrange.amax(-1) - vrange.amin(-1)) / ((1 << bits) - 1)
+        vs = vscale.repeat_interleave(8, -1)
+        assert bool(((qv - fv).abs() <= vs / 2 * 1.01 + 1e-3 * vs.abs() + 1e-4)[real].all())
+    # persisted, cloned and repeated over a batch: the same fetches
+    from kvsift.methods._offload import ChunkStore as CS
+
+    t, extra = store.kv_state_dict()
+    again = CS.kv_from_state_dict({k: v.clone() for k, v in t.items()}, extra, "cpu")
+    idx = torch.arange(3).expand(b, hk, 3)
+    for x, y in zip(again.fetch(idx), store.fetch(idx)):
+        assert torch.equal(x, y)
+    for x, y in zip(store.clone().fetch(idx), store.fetch(idx)):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="do not match"):
+        CS.kv_from_state_dict({**t, "ksz": t["ksz"][:, :, :2]}, extra, "cpu")
+
+
+def test_sentencekv_kivi_quantizes_the_host_store_and_answers_from_a_context(tiny_llm, tmp_path):
+    from kvsift.server.contexts import load_context, save_context
+
+    doc, q = random_prompt(400, seed=50), random_prompt(10, seed=51)
+    kw = {"group": 16, "residual": 16, "recent": 32}
+    p = SamplingParams(max_tokens=16, ignore_eos=True)
+    plain = tiny_llm.generate(doc, p, method="sentencekv", budget=128, method_kwargs={"recent": 32})[0]
+    quant = tiny_llm.generate(doc, p, method="sentencekv+kivi", budget=128, method_kwargs=kw)[0]
+    assert quant.stats.kv_host_bytes < 0.5 * plain.stats.kv_host_bytes
+    assert quant.stats.kv_device_bytes < plain.stats.kv_device_bytes
+    assert sum(a == b for a, b in zip(quant.token_ids, plain.token_ids)) >= 12
+    ctx = tiny_llm.prefill_context(doc, method="sentencekv+kivi", budget=128, method_kwargs=kw)
+    assert all(ly.quant is not None and ly.state["sentencekv"].store.bits == 4 for ly in ctx.cache.layers)
+    save_context(ctx, tmp_path / "s", {"kv_method": ctx.method, "kv_budget": 128, "kv_options": kw})
+    loaded, _ = load_context(tmp_path / "s", tiny_llm)
+    want = tiny_llm.generate(q, p, context=ctx)[0].token_ids              # its own method (offloaded KV)
+    assert tiny_llm.generate(q, p, context=loaded)[0].token_ids == want

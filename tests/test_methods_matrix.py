@@ -12,7 +12,7 @@ from tests.conftest import random_prompt
 
 PROMPT_LEN, BUDGET = 256, 64
 METHODS = sorted(available_methods())
-COMPOSED = ["snapkv+kivi"]   # a codec after an eviction
+COMPOSED = ["snapkv+kivi", "sentencekv+kivi"]   # a codec after an eviction, after an offload
 
 
 def lossy(spec: str) -> bool:

@@ -91,12 +91,20 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 def _params(x: torch.Tensor, valid: torch.Tensor, dim: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16 ``(scale, zero)`` of ``x`` (fp32) reduced over ``dim`` (kept), over the ``valid``
     elements only (a group with none gets 0, 0): zero rounded down, scale rounded up."""
-    levels = (1 << bits) - 1
     x = x.clamp(-_FP16_MAX, _FP16_MAX)
     lo = torch.where(valid, x, float("inf")).amin(dim, keepdim=True)
     hi = torch.where(valid, x, float("-inf")).amax(dim, keepdim=True)
+    return range_params(lo, hi, bits)
+
+
+def range_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 ``(scale, zero)`` of groups whose real values span ``[lo, hi]`` (fp32, any shape; ``inf``
+    where a group holds nothing: 0, 0): zero rounded down, scale rounded up, so ``code * scale +
+    zero`` is within ``scale / 2`` of every value of the group."""
+    levels = (1 << bits) - 1
     empty = ~torch.isfinite(lo)
-    lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+    lo = lo.masked_fill(empty, 0.0).clamp(-_FP16_MAX, _FP16_MAX)
+    hi = hi.masked_fill(empty, 0.0).clamp(-_FP16_MAX, _FP16_MAX)
     z = lo.to(SCALE_DTYPE)
     z = torch.where(z.float() > lo, torch.nextafter(z, torch.full_like(z, float("-inf"))), z)
     want = (hi - z.float()) / levels
@@ -109,6 +117,11 @@ def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) 
     s = scale.float()
     c = ((x - zero.float()) / torch.where(s > 0, s, torch.ones_like(s))).round_()
     return c.clamp_(0, (1 << bits) - 1).nan_to_num_(0.0)
+
+
+def codes_of(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed codes ``(..., d * bits // 8)`` uint8 of ``x (..., d)`` with ``scale, zero`` broadcast to it."""
+    return pack(_codes(x.float(), scale, zero, bits), bits)
 
 
 def quantize_keys(keys: torch.Tensor, positions: torch.Tensor, bits: int, group: int):

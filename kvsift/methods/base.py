@@ -655,6 +655,16 @@ class Compose(KVMethod):
         return tuple(s.decode_variant(r, step) for s, r in zip(self.stages, run.parts))
 
 
+def codec_stage(method: "KVMethod | None") -> "KVMethod | None":
+    """The storage codec stage (``codec``, e.g. kivi) of a method or a composition, or None: a stage
+    that keeps KV in a store of its own (sentencekv's host chunks) stores it in that form too
+    (``codec.store_options(head_dim)``)."""
+    for s in getattr(method, "stages", (method,)):
+        if getattr(s, "codec", False):
+            return s
+    return None
+
+
 # ---- registry ----------------------------------------------------------------------------------
 _REGISTRY: dict[str, type[KVMethod]] = {}
 

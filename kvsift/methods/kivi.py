@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvsift.cache.quant import QuantKV, default_group
+from kvsift.cache.quant import QuantKV, default_group, value_group
 from kvsift.errors import MethodOptionError
 from kvsift.methods.base import KVMethod, register
 
@@ -75,6 +75,12 @@ class KIVI(KVMethod):
         if self.group is None and self.residual is not None:
             group = min(group, self.residual & -self.residual)   # the largest power of two dividing it
         return group, self.residual if self.residual is not None else group
+
+    def store_options(self, head_dim: int) -> dict:
+        """How another stage's own KV store (sentencekv's host chunks) quantizes: ``bits`` and the
+        value channel group (keys there are grouped by chunk)."""
+        group, _ = self.options_for(head_dim)
+        return {"bits": self.bits, "vgroup": value_group(group, head_dim)}
 
     def finish_prefill(self, run, layers, ctx) -> None:
         """Quantize every layer holding KV (after the other stages' compression); a batch prefilled
