@@ -102,7 +102,8 @@ def test_from_dense_keeps_the_newest_window_exact(n):
     # as if appended one by one: whole windows quantized, the newest 1 .. residual slots exact
     assert st.qtok % 64 == 0 and 1 <= st.length - st.qtok <= 64 and st.length == n
     keys, values, p = st.dense()
-    assert torch.equal(keys[:, :, st.qtok:], k[:, :, st.qtok:]) and torch.equal(values[:, :, st.qtok:], v[:, :, st.qtok:])
+    q = st.qtok
+    assert torch.equal(keys[:, :, q:], k[:, :, q:]) and torch.equal(values[:, :, q:], v[:, :, q:])
     assert torch.equal(p, pos)
     assert st.capacity >= n + 5 and st.head_lengths().tolist() == [[n, n], [n, n]]
 
@@ -427,7 +428,7 @@ def test_a_damaged_quantized_context_is_refused(tiny_llm, tmp_path):
     save_file(t, str(path))
     import json
 
-    meta["checksum"][KV_FILE] = sha256_file(path)                          # a consistent checksum: the layout is checked
+    meta["checksum"][KV_FILE] = sha256_file(path)          # a consistent checksum: the layout is checked
     (tmp_path / "d" / META_FILE).write_text(json.dumps(meta, default=str))
     with pytest.raises(ContextCorruptedError, match="inconsistent counts"):
         load_context(tmp_path / "d", tiny_llm)

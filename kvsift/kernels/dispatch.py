@@ -25,7 +25,8 @@ from kvsift.kernels.chunk_scores import chunks_to_slots, page_summaries
 from kvsift.kernels.sparse_decode_attention import merge_attention
 
 __all__ = ["use_triton", "chunk_scores", "topk_select", "budget_select", "select_chunks", "sparse_decode_attention",
-           "chunks_to_slots", "page_summaries", "selected_decode_attention", "merge_attention", "quant_decode_attention"]
+           "chunks_to_slots", "page_summaries", "selected_decode_attention", "merge_attention",
+           "quant_decode_attention"]
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

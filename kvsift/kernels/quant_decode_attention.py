@@ -95,7 +95,8 @@ def _dequant_rows(codes, scale, zero, idx, bits, group, per_channel_groups: bool
         return c * scale.gather(2, gi).float() + zero.gather(2, gi).float()
     gi = idx[..., None].expand(*idx.shape, scale.shape[-1])
     vg = c.shape[-1] // scale.shape[-1]
-    return c * scale.gather(2, gi).float().repeat_interleave(vg, -1) + zero.gather(2, gi).float().repeat_interleave(vg, -1)
+    s = scale.gather(2, gi).float().repeat_interleave(vg, -1)
+    return c * s + zero.gather(2, gi).float().repeat_interleave(vg, -1)
 
 
 def quant_decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
@@ -346,7 +347,8 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
         si[0], si[1], si[2],
         out.stride(0), out.stride(1),
         spo_bh, spo_s,
-        HK=hk, G=g, G_P=g_p, D=d, BLOCK_D=block_d, BLOCK_S=block_s, BITS=bits, PER=8 // bits, LEVELS=(1 << bits) - 1, KGROUP=group,
+        HK=hk, G=g, G_P=g_p, D=d, BLOCK_D=block_d, BLOCK_S=block_s,
+        BITS=bits, PER=8 // bits, LEVELS=(1 << bits) - 1, KGROUP=group,
         VGROUP=d // v_scale.shape[3], DIRECT=direct, IEEE=ieee, UPCAST=upcast,
         ALL=slot_idx is None, HAS_CNT=slot_count is not None,
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],

@@ -485,7 +485,8 @@ class ChunkStore:
         if self._uva is None:
             import os
 
-            self._uva = (self.device.type == "cuda" and self.pin and HAS_TRITON and not triton_disabled() and not self.bits
+            self._uva = (self.device.type == "cuda" and self.pin and HAS_TRITON and not triton_disabled()
+                         and not self.bits  # the copy kernel moves full-precision rows only
                          and os.environ.get("KVSIFT_NO_UVA", "").strip().lower() not in {"1", "true", "yes", "on"})
         return self._uva
 
