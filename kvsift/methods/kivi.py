@@ -8,7 +8,8 @@ into a :class:`~kvsift.cache.quant.QuantKV` (``layer.quantize``): keys per chann
 whole window at a time. Attention reads the codes and dequantizes them as it goes
 (``quant_decode_attention``: Triton on CUDA, block by block in PyTorch elsewhere), in every decode
 mode. Alone (``kivi``) it keeps the whole context; composed (``snapkv+kivi``, ``quest+kivi``) it is
-the last stage and stores what the others keep or select from; a batch prefilled row by row
+the last stage and stores what the others keep or select from (``sentencekv+kivi``: its host chunk
+store is quantized too, see :meth:`KIVI.store_options`); a batch prefilled row by row
 (``snapkv+kivi`` does: each row is evicted before the next) is quantized once stacked. Lossy: not
 equal to ``full``.
 """
