@@ -15,10 +15,15 @@ SPECS = [("full", None), ("snapkv", 64), ("pyramidkv", 64), ("sentencekv", 96), 
          ("sentencekv", 1.0), ("sentencekv:reselect", 96), ("quest", 64), ("snapkv+quest", 96),
          ("tokenselect", 48), ("tokenselect:reuse", 48), ("squeezed", 64), ("expected_attention", 64),
          ("h2o:noevict", 64), ("tova:noevict", 64), ("adakv", 64), ("duo", 96),
-         ("kvzip", 64)]
+         ("kvzip", 64), ("kivi", None), ("kivi:int2", None), ("snapkv+kivi", 64), ("quest+kivi", 64),
+         ("sentencekv+kivi", 96)]
 KW = {"sentencekv:reselect": {"reselect_every": 3}, "snapkv+quest": {"decode_budget": 48},
       "tokenselect:reuse": {"reuse_threshold": 0.5}, "h2o:noevict": {"decode_evict": False},
-      "tova:noevict": {"decode_evict": False}, "duo": {"sinks": 4, "recent": 28}}
+      "tova:noevict": {"decode_evict": False}, "duo": {"sinks": 4, "recent": 28},
+      # windows of 8 tokens: the 8 decode steps quantize a window (a flush inside the static step)
+      "kivi": {"group": 8, "residual": 8}, "kivi:int2": {"bits": 2, "group": 8, "residual": 16},
+      "snapkv+kivi": {"group": 8, "residual": 8}, "quest+kivi": {"group": 8, "residual": 8, "decode_budget": 48},
+      "sentencekv+kivi": {"group": 8, "residual": 8}}
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +165,8 @@ def test_cuda_graphs_per_kind_of_step_give_the_eager_tokens(spec, budget, kw):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("spec,budget", [("full", None), ("snapkv", 64), ("sentencekv", 96), ("sentencekv", 1.0),
                                          ("quest", 64), ("snapkv+quest", 128), ("tokenselect", 64),
-                                         ("squeezed", 64), ("adakv", 64), ("duo", 96)])
+                                         ("squeezed", 64), ("adakv", 64), ("duo", 96), ("kivi", None),
+                                         ("snapkv+kivi", 64), ("quest+kivi", 64)])
 def test_cuda_graph_decode_gives_the_eager_tokens(spec, budget):
     m = tiny_model("llama", seed=1).to("cuda")  # no tokenizer needed: token-id prompts
     eager = LLM.from_model(m, None, chunk_size=64, decode_mode="eager")

@@ -1,16 +1,23 @@
 """Every registered method on tiny models of two families: it runs and respects its budget; an
 eviction method holds really fewer bytes than the full cache, a decode-time selection attends
-really fewer slots per step; at a budget of the whole context every method equals ``full``."""
+really fewer slots per step; at a budget of the whole context every method equals ``full``, but
+for a lossy storage codec (``kivi``, quantized KV), which comes close to it."""
 
 import pytest
 import torch
 
 from kvsift import SamplingParams, available_methods, build_method
-from kvsift.methods.base import DecodeSelect
+from kvsift.methods.base import DecodeSelect, spec_classes
 from tests.conftest import random_prompt
 
 PROMPT_LEN, BUDGET = 256, 64
 METHODS = sorted(available_methods())
+COMPOSED = ["snapkv+kivi", "sentencekv+kivi"]   # a codec after an eviction, after an offload
+
+
+def lossy(spec: str) -> bool:
+    """A stage stores the KV approximately (quantized): close to ``full``, not equal."""
+    return any(c.codec for c in spec_classes(spec))
 
 
 def layer_budget(method, run, layer_idx):
@@ -19,7 +26,7 @@ def layer_budget(method, run, layer_idx):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", METHODS + COMPOSED)
 def test_method_runs_and_respects_budget(tiny_llms, family, name):
     llm = tiny_llms[family]
     ids = random_prompt(PROMPT_LEN, seed=21)
@@ -40,6 +47,9 @@ def test_method_runs_and_respects_budget(tiny_llms, family, name):
     run = m.start(PROMPT_LEN, llm.info.num_layers)
     ctx = llm.prefill_context(ids, method=name, budget=budget)
     kept = [layer.head_lengths() for layer in ctx.cache.layers]
+    if m.codec:  # a storage codec alone keeps every token (stored smaller)
+        assert all(bool((n == PROMPT_LEN).all()) for n in kept)
+        return
     if m.ragged:  # per-head (and for duo, kvzip per-layer) lengths differ: the budget is a mean
         heads = len(kept) * kept[0].numel()
         assert float(torch.stack(kept).float().mean()) <= BUDGET + PROMPT_LEN / heads
@@ -49,13 +59,16 @@ def test_method_runs_and_respects_budget(tiny_llms, family, name):
         assert int(n.sum()) <= k * n.numel() and layer.length <= k
 
 
-@pytest.mark.parametrize("name", [n for n in METHODS if n != "full"])
+@pytest.mark.parametrize("name", [n for n in METHODS if n != "full"] + COMPOSED)
 def test_method_with_budget_of_whole_context_is_exact(tiny_llm, name):
     ids = random_prompt(160, seed=22)
     p = SamplingParams(max_tokens=8, ignore_eos=True)
     full = tiny_llm.generate(ids, p)[0].token_ids
     if name == "pyramidkv":  # pyramid budgets exceed the average on low layers: use the ratio 1.0
         assert tiny_llm.generate(ids, p, method=name, budget=1.0)[0].token_ids == full
+    elif lossy(name):  # approximate: the first token (prefill) and the first decode step agree, most others
+        got = tiny_llm.generate(ids, p, method=name, budget=len(ids))[0].token_ids
+        assert got[:2] == full[:2] and sum(a == b for a, b in zip(got, full)) >= 6
     else:
         assert tiny_llm.generate(ids, p, method=name, budget=len(ids))[0].token_ids == full
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvsift.cache.quant import QuantKV
 from kvsift.cache.ragged import RaggedKV
 
 RAGGED_SAVING = 0.9
@@ -46,6 +47,9 @@ class SiftLayer(CacheLayerMixin):
         # kept KV whose length differs per head, stored compactly (kvsift.cache.ragged); the buffers
         # above then hold only what came after (decode tokens, a context's question)
         self.ragged: RaggedKV | None = None
+        # quantized KV (kvsift.cache.quant, e.g. kivi): every slot's KV lives there (and new tokens
+        # go there); the buffers above stay empty
+        self.quant: QuantKV | None = None
         # some used slot is a hole (position -1 inside the used length): attention needs the mask
         self.holes = False
 
@@ -120,6 +124,9 @@ class SiftLayer(CacheLayerMixin):
                 self.ragged = self.ragged.with_room(q + self.cache.reserve)
             self.ragged.append(key_states, value_states, self.cache.step_positions, static=self.cache.static)
             return self.keys, self.values
+        if self.quant is not None:  # quantized KV: append there (device-side during static decode)
+            self.quant.append(key_states, value_states, self.cache.step_positions, step=self.cache.static_step)
+            return self.keys, self.values
         if self.wslot is not None:
             # static decode: write at a device-side slot and return the whole buffers; no host state
             # changes, so a CUDA graph can replay it (empty slots have position -1 and are masked)
@@ -152,6 +159,7 @@ class SiftLayer(CacheLayerMixin):
         self.length = 0
         self.wslot = None
         self.ragged = None
+        self.quant = None
         self.holes = False
         self.state.clear()
         self.is_initialized = False
@@ -177,6 +185,8 @@ class SiftLayer(CacheLayerMixin):
         shorter rows padded with position -1 (``ragged``: the row's compact per-head KV or None; if
         any row has one, every row's KV goes to one compact batch store); each row's entry is
         dropped from ``rows`` once copied (its memory can go). Returns True when padding was added."""
+        if self.quant is not None:
+            raise RuntimeError("quantized KV cannot be stacked row by row")
         if any(r[3] is not None for r in rows):
             if any(r[3] is not None and r[0].shape[2] > 0 for r in rows):
                 raise RuntimeError("a row holds both compact per-head KV and buffered KV at prefill end")
@@ -214,6 +224,9 @@ class SiftLayer(CacheLayerMixin):
         holds at most :data:`RAGGED_SAVING` of the padded one, the kept KV moves to ``self.ragged``
         (no padding back to the longest head; the buffers then start empty, for what comes next);
         otherwise the shorter heads' missing slots become holes (position -1, zero KV)."""
+        if self.quant is not None:
+            raise RuntimeError("evicting from quantized KV is not supported: the quantizing stage comes last "
+                               "(e.g. snapkv+kivi)")
         d = self.k_buf.shape[-1]
         hole = idx < 0
         if self.ragged is None and bool(hole.any()):
@@ -233,8 +246,8 @@ class SiftLayer(CacheLayerMixin):
     def truncate(self, n: int) -> None:
         """Drop every slot from ``n`` on (e.g. a reread pass's tokens); their positions become -1, so
         a static decode reading the whole buffer never sees them."""
-        if self.ragged is not None:
-            raise RuntimeError("truncating compact per-head KV is not supported")
+        if self.ragged is not None or self.quant is not None:
+            raise RuntimeError("truncating compact per-head or quantized KV is not supported")
         if self.k_buf is not None and n < self.length:
             self.pos_buf[:, :, n:self.length] = -1
             self.length = n
@@ -243,6 +256,8 @@ class SiftLayer(CacheLayerMixin):
         """``(batch, kv_heads)`` int64: tokens really held per head (slots with a position >= 0, and
         the compact per-head part)."""
         n = (self.positions >= 0).sum(-1)
+        if self.quant is not None:
+            n = n + self.quant.head_lengths()
         return n if self.ragged is None else n + self.ragged.head_lengths()
 
     def written_slots(self, q: int) -> torch.Tensor:
@@ -250,9 +265,46 @@ class SiftLayer(CacheLayerMixin):
         counter, no host sync)."""
         if self.ragged is not None:
             raise RuntimeError("a layer of compact per-head KV has no common write slot")
+        if self.quant is not None:
+            return self.quant.written_slots(q)
         if self.wslot is not None:
             return self.wslot - 1 if q == 1 else self.wslot - q + torch.arange(q, device=self.wslot.device)
         return torch.arange(self.length - q, self.length, device=self.k_buf.device)
+
+    # ---- quantized KV ----------------------------------------------------------------------------
+    def quantize(self, bits: int, group: int, residual: int) -> None:
+        """Move the used slots into a :class:`~kvsift.cache.quant.QuantKV` (same slot numbers; the
+        newest 1 .. ``residual`` tokens stay in full precision), with room for the cache's decode
+        reserve; the layer's own buffers are then empty and new tokens go to the store."""
+        if self.quant is not None:
+            return
+        if self.ragged is not None:
+            raise RuntimeError("compact per-head KV cannot be quantized")
+        if self.wslot is not None:
+            raise RuntimeError("cannot quantize during static decode")
+        b, h, _, d = self.k_buf.shape
+        self.quant = QuantKV.from_dense(self.keys, self.values, self.positions, bits, group, residual,
+                                        room=self.cache.reserve)
+        self.set_kv(self.k_buf.new_zeros(b, h, 0, d), self.v_buf.new_zeros(b, h, 0, d),
+                    self.pos_buf.new_zeros(b, h, 0), reserve=0)
+
+    @property
+    def slot_capacity(self) -> int:
+        """Slots a method's selection may name: the buffer's capacity (or the quantized store's)."""
+        return self.quant.capacity if self.quant is not None else self.k_buf.shape[2]
+
+    def slot_keys(self, slots: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Keys at ``slots (s,)`` int64 device slots ``(batch, kv_heads, s, head_dim)``; without
+        ``slots``, ``(keys, positions)`` of the used slots. Quantized slots come dequantized (a
+        copy), so decode-time selection (Quest) reads either layout."""
+        if self.quant is not None:
+            if slots is None:
+                k, _, p = self.quant.dense(self.quant.length)
+                return k, p
+            return self.quant.slot_keys(slots)
+        if slots is None:
+            return self.keys, self.positions
+        return self.k_buf.index_select(2, slots)
 
     def replace_oldest(self, limit: int, protect_below: int = 0) -> None:
         """While more than ``limit`` slots are used, move the newest slot into the slot holding the
@@ -280,6 +332,7 @@ class SiftLayer(CacheLayerMixin):
         if self.k_buf is None:
             return 0
         r = self.ragged.nbytes() if self.ragged is not None else 0
+        r += self.quant.nbytes() if self.quant is not None else 0
         return r + sum(t.numel() * t.element_size() for t in (self.k_buf, self.v_buf, self.pos_buf))
 
     def used_bytes(self) -> int:
@@ -287,6 +340,7 @@ class SiftLayer(CacheLayerMixin):
             return 0
         b, h, _, d = self.k_buf.shape
         r = self.ragged.used_bytes() if self.ragged is not None else 0
+        r += self.quant.used_bytes() if self.quant is not None else 0
         return r + 2 * b * h * self.length * d * self.k_buf.element_size()
 
 
@@ -305,6 +359,7 @@ class SiftCache(Cache):
         self.seen = 0
         self.step_positions: torch.Tensor | None = None
         self.static = False  # between begin_static and end_static
+        self.static_step = 0  # static decode: the step in flight (0-based; the decode runner sets it)
         super().__init__(layers=[SiftLayer(self, i) for i in range(num_layers)])
 
     @property
@@ -335,15 +390,26 @@ class SiftCache(Cache):
                 if layer.ragged.room < steps:
                     layer.ragged = layer.ragged.with_room(steps)
                 continue
+            if layer.quant is not None:  # the quantized store writes at its own device slot
+                layer.quant.begin_static(steps)
+                continue
             layer._ensure_capacity(layer.length + steps)
             layer.wslot = torch.tensor([layer.length], dtype=torch.int64, device=layer.k_buf.device)
         self.static = True
+        self.static_step = 0
+
+    def decode_variant(self, step: int) -> tuple:
+        """The cache's kind of static step ``step``: the quantized layers whose full-precision window
+        is quantized at that step (a CUDA graph per kind; ``()`` without quantized layers)."""
+        return tuple(i for i, ly in enumerate(self.layers) if ly.quant is not None and ly.quant.flush_at(step))
 
     def end_static(self, steps: int) -> None:
         """Leave static decode after ``steps`` steps ran: the layers' lengths catch up."""
         for layer in self.layers:
             if layer.ragged is not None:
                 layer.ragged.room -= steps
+            if layer.quant is not None:
+                layer.quant.end_static(steps)
             if layer.wslot is not None:
                 layer.length += steps
                 layer.wslot = None
@@ -373,8 +439,9 @@ class SiftCache(Cache):
             rep = (lambda t: t.repeat_interleave(batch_repeat, 0)) if batch_repeat > 1 else (lambda t: t)
             # a layer of compact per-head KV keeps its new tokens there: its buffers need no room
             dst.set_kv(rep(src.keys), rep(src.values), rep(src.positions),
-                       reserve=0 if src.ragged is not None else self.reserve)
+                       reserve=0 if src.ragged is not None or src.quant is not None else self.reserve)
             dst.ragged = src.ragged.clone(batch_repeat) if src.ragged is not None else None
+            dst.quant = src.quant.clone(batch_repeat) if src.quant is not None else None
             dst.holes = src.holes
             dst.state = {k: v.clone() for k, v in src.state.items()}
             if batch_repeat > 1:
@@ -392,6 +459,8 @@ class SiftCache(Cache):
                 out[f"layers.{i}.positions"] = layer.positions.contiguous()
                 if layer.ragged is not None:
                     out.update({f"layers.{i}.ragged.{k}": t.contiguous() for k, t in layer.ragged.tensors().items()})
+                if layer.quant is not None:
+                    out.update({f"layers.{i}.quant.{k}": t.contiguous() for k, t in layer.quant.tensors().items()})
         return out
 
     @classmethod
@@ -413,4 +482,13 @@ class SiftCache(Cache):
                             or r.slots.shape[0] != t["keys"].shape[0]:
                         raise ValueError(f"layer {i}: ragged KV does not match the layer's shape")
                     layer.ragged = r.to(layer.k_buf.device)
+                pre = f"layers.{i}.quant."
+                qt = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+                if qt:
+                    if layer.length or rag:
+                        raise ValueError(f"layer {i}: quantized KV comes with empty buffers and no compact KV")
+                    z = QuantKV.from_tensors(qt, device=layer.k_buf.device, room=reserve)
+                    if z.k_res.shape[:2] != t["keys"].shape[:2] or z.head_dim != t["keys"].shape[3]:
+                        raise ValueError(f"layer {i}: quantized KV does not match the layer's shape")
+                    layer.quant = z
         return cache

@@ -115,9 +115,11 @@ def selected_attention(query: torch.Tensor, layer: "SiftLayer", sel: "Selection 
     PyTorch reference elsewhere), which itself skips slots whose position is -1, in the future or
     outside the sliding window; KV from elsewhere (``sel.extra``) is one more call, merged by
     log-sum-exp; a layer of compact per-head KV (``layer.ragged``, which holds the new tokens too)
-    is one call, each head read up to its count.
+    is one call, each head read up to its count; a quantized layer (``layer.quant``) is one call of
+    ``quant_decode_attention`` over the selection's own slots (or every slot), which dequantizes
+    what it reads (Triton on CUDA, the PyTorch reference block by block elsewhere).
     No host sync, no shape change. Returns ``(batch, q_heads, dim)``."""
-    from kvsift.kernels.dispatch import merge_attention, ragged_splits, sparse_decode_attention
+    from kvsift.kernels.dispatch import merge_attention, quant_decode_attention, ragged_splits, sparse_decode_attention
 
     n = layer.k_buf.shape[2] if static else layer.length
     k_buf, v_buf, pos = layer.k_buf[:, :, :n], layer.v_buf[:, :, :n], layer.pos_buf[:, :, :n]
@@ -125,9 +127,12 @@ def selected_attention(query: torch.Tensor, layer: "SiftLayer", sel: "Selection 
     own = sel.own if sel is not None else None
     page = sel.page if sel is not None else 1
     extras = [sel.extra] if sel is not None and sel.extra is not None else []
+    z = layer.quant
     if softcap is not None:  # no kernel for soft-capped logits: masked attention over copies
         if layer.ragged is not None:
             extras.append(layer.ragged.source())
+        if z is not None:  # own slots name the quantized store's slots: dequantize them
+            k_buf, v_buf, pos = z.dense(z.used(static))
         return _softcap_selected(query, k_buf, v_buf, pos, sel.own_slots() if sel is not None else None, extras, qp,
                                  scale, sliding_window, softcap)
     # the kernel masks by position itself (empty, padding, future, out-of-window slots, and slots
@@ -135,7 +140,7 @@ def selected_attention(query: torch.Tensor, layer: "SiftLayer", sel: "Selection 
     # by log-sum-exp when there are several
     q = query[:, :, -1]
     calls = []                                                            # (keys, values, slots, kwargs)
-    if n > 0 or layer.ragged is None:
+    if n > 0 or (layer.ragged is None and z is None):
         calls.append((k_buf, v_buf, own, dict(key_pos=pos, query_pos=qp, window=sliding_window, page=page)))
     for x in extras:
         calls.append((x.keys.to(q.dtype), x.values.to(q.dtype), x.slots,
@@ -146,6 +151,15 @@ def selected_attention(query: torch.Tensor, layer: "SiftLayer", sel: "Selection 
         calls.append((x.keys, x.values, x.slots, dict(
             key_pos=x.positions, query_pos=qp, window=sliding_window, slot_count=r.counts,
             num_splits=ragged_splits(q, x.slots.shape[1], x.slots.shape[2], r.fill))))
+    if z is not None:  # quantized KV (new tokens included), read through the own slots or whole
+        own = sel.own_slots() if sel is not None else None                # slots (a page selection expanded)
+        if not calls:
+            return quant_decode_attention(q, query_pos=qp, slot_idx=own, scale=scale, group=z.group,
+                                          window=sliding_window, **z.kernel_args(static))
+        parts = [quant_decode_attention(q, query_pos=qp, slot_idx=own, scale=scale, group=z.group,
+                                        window=sliding_window, return_lse=True, **z.kernel_args(static))]
+        return merge_attention(parts + [sparse_decode_attention(q, k, v, slots, scale, return_lse=True, **kw)
+                                        for k, v, slots, kw in calls])
     if len(calls) == 1:
         k, v, slots, kw = calls[0]
         return sparse_decode_attention(q, k, v, slots, scale, **kw)
@@ -177,7 +191,7 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if ctx.decoding:
         method.on_append(run, layer, ctx)
         sel = method.plan(run, layer, query, ctx)
-        if sel is not None or ctx.cache.static or layer.ragged is not None:
+        if sel is not None or ctx.cache.static or layer.ragged is not None or layer.quant is not None:
             out = selected_attention(query, layer, sel, qpos, scale, ctx.cache.static, sliding_window, softcap)
             method.after_attend(run, layer, query, module, ctx)
             return out[:, None], None
@@ -196,6 +210,10 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     extras = [sel.extra] if sel is not None and sel.extra is not None else []
     if layer.ragged is not None:
         extras.append(layer.ragged.source())
+    if layer.quant is not None:  # quantized KV (this chunk's tokens included): a dequantized copy
+        if sel is not None and sel.own is not None:
+            raise RuntimeError("a prefill selection of own slots over quantized KV is not supported")
+        extras.append(layer.quant.source())
     gathered = sel is not None or bool(extras)  # attend to copies of a selection, masked by position
     if gathered:
         own = sel.own_slots() if sel is not None else None

@@ -85,7 +85,10 @@ class DecodeRunner:
             logits = self.llm._forward(ctx, tok[:, None], pos[:, None])
             ctx.step += 1
             return logits
-        key = ctx.method.decode_variant(ctx.run, ctx.step) if self.mode == "graph" else None
+        # the kind of step: the method's, and the cache's (quantized layers flushing their window)
+        key = (ctx.method.decode_variant(ctx.run, ctx.step), ctx.cache.decode_variant(self.steps)) \
+            if self.mode == "graph" else None
+        ctx.cache.static_step = self.steps
         if self.mode == "graph" and key not in self.graphs and key in self._warm:
             t0 = time.perf_counter()
             self._capture(key, tok, pos)

@@ -22,6 +22,7 @@ from kvsift.engine.attention import (ForwardContext, forward_context, model_conf
 from kvsift.engine.decode import DecodeRunner, check_decode_mode, pick_decode_mode
 from kvsift.engine.params import GenerationStats, RequestOutput, SamplingParams, StreamEvent
 from kvsift.methods import KVMethod, build_method
+from kvsift.errors import UnknownMethodError
 from kvsift.methods.base import Budget, Run
 from kvsift.models.loader import ModelInfo, load_model, model_info
 
@@ -184,6 +185,9 @@ class LLM:
             method, budget = context.method, context.budget if budget is None else budget
             method_kwargs = context.method_kwargs if method_kwargs is None else method_kwargs
         m = build_method(method or "full", budget, **(method_kwargs or {}))
+        if context is not None and not m.quantized_ok() and any(ly.quant is not None for ly in context.cache.layers):
+            raise UnknownMethodError(f"this context holds quantized KV ({context.method}): {_spec(m)!r} evicts or "
+                                     f"reads the KV buffer at decode and cannot answer from it", param="kv_method")
         base = context.length if context is not None else 0
         longest = max(len(x) for x in ids)
         self.check_length(base + longest, "prompt")
@@ -439,6 +443,8 @@ class LLM:
         ctx = ForwardContext(cache=cache, method=method, run=run, has_padding=padded, prompt_ids=ids,
                              tokenizer=self.tokenizer, next_pos=torch.tensor([len(x) for x in ids], device=dev),
                              rope=self._rope)
+        with torch.inference_mode():
+            method.rows_stacked(run, cache.layers, ctx)  # e.g. kivi quantizes the stacked batch
         return self._prefilled(ctx, method, L, t0, torch.cat(logits))
 
     def _run(self, ids: list[list[int]], params: SamplingParams, method: KVMethod, run: Run,

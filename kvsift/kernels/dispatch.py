@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from kvsift.kernels import budget_select as _bs
+from kvsift.kernels import quant_decode_attention as _qda
 from kvsift.kernels import chunk_scores as _cs
 from kvsift.kernels import page_bounds as _pb
 from kvsift.kernels import sparse_decode_attention as _sda
@@ -25,7 +26,8 @@ from kvsift.kernels.chunk_scores import chunks_to_slots, page_summaries
 from kvsift.kernels.sparse_decode_attention import merge_attention
 
 __all__ = ["use_triton", "chunk_scores", "topk_select", "budget_select", "select_chunks", "sparse_decode_attention",
-           "chunks_to_slots", "page_summaries", "selected_decode_attention", "merge_attention", "page_bounds_append"]
+           "chunks_to_slots", "page_summaries", "selected_decode_attention", "merge_attention", "page_bounds_append",
+           "quant_decode_attention"]
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
@@ -86,6 +88,26 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             and q.dtype == k_cache.dtype == v_cache.dtype):
         return _sda.sparse_decode_attention(q, k_cache, v_cache, slot_idx, scale, page, **kw)
     return _sda.sparse_decode_attention_ref(q, k_cache, v_cache, slot_idx, scale, page, **kw)
+
+
+def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
+                           v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor,
+                           k_res: torch.Tensor, v_res: torch.Tensor, res_start: torch.Tensor,
+                           key_pos: torch.Tensor, query_pos: torch.Tensor, slot_idx: torch.Tensor | None,
+                           scale: float, group: int, window: int | None = None,
+                           slot_count: torch.Tensor | None = None, num_splits: int | None = None,
+                           return_lse: bool = False):
+    """See :func:`kvsift.kernels.quant_decode_attention.quant_decode_attention_ref` (decode attention
+    over quantized KV, dequantized while read): ``(batch, q_heads, head_dim)`` (and the log-sum-exp
+    with ``return_lse``)."""
+    kv = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res)
+    args = (q, *kv, res_start, key_pos, query_pos, slot_idx, scale, group)
+    kw = dict(window=window, slot_count=slot_count, num_splits=num_splits, return_lse=return_lse)
+    tensors = [t for t in (q, *kv, res_start, key_pos, query_pos, slot_idx, slot_count) if t is not None]
+    if (use_triton(*tensors) and all(t.stride(-1) == 1 for t in kv) and k_scale.stride() == k_zero.stride()
+            and v_scale.stride() == v_zero.stride() and k_res.dtype == v_res.dtype == q.dtype):
+        return _qda.quant_decode_attention(*args, **kw)
+    return _qda.quant_decode_attention_ref(*args, **kw)
 
 
 def ragged_splits(q: torch.Tensor, kv_heads: int, width: int, fill: float) -> int | None:

@@ -11,6 +11,13 @@ One :class:`ChunkStore` per decoder layer holds the offloaded KV in a chunk-padd
   KV head, ``mean`` ``(batch, kv_heads, chunks, head_dim)`` the mean key of each chunk (its
   semantic vector), and optionally Quest bounds ``kmin, kmax`` of the same shape.
 
+Quantized (``bits`` 4 or 2, a composition ending with ``kivi``): host ``k, v`` hold packed codes
+``(rows, head_dim * bits // 8)`` uint8; values are quantized per token (host ``vsz (rows, 2,
+head_dim // vgroup)`` fp16 scale and zero), keys per chunk and channel (device ``ksz (batch,
+kv_heads, chunks, 2, head_dim)``: the chunk is the group). Fetches dequantize on the device (the
+device chunk cache holds full precision); the UVA copy kernel does not read codes, so misses go
+through the host path.
+
 Chunk lengths may differ per KV head (after a prefill eviction such as SnapKV each head keeps
 different tokens). Fetched chunks come back padded to ``L`` (the longest chunk allowed) with
 position ``-1`` on the padding, which attention masks.
@@ -35,6 +42,7 @@ from typing import Any
 
 import torch
 
+from kvsift.cache.quant import SCALE_DTYPE, codes_of, quantize_values, range_params, unpack
 from kvsift.kernels import chunk_fetch as _cf
 from kvsift.kernels._triton import HAS_TRITON, triton_disabled
 
@@ -129,9 +137,12 @@ class ChunkStore:
 
     def __init__(self, batch: int, kv_heads: int, chunk_len: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, *, bounds: bool = False, cache_chunks: int = 0, pin: bool | None = None,
-                 capacity: int = 0):
+                 capacity: int = 0, bits: int = 0, vgroup: int = 0):
         if chunk_len < 1:
             raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
+        if bits not in (0, 2, 4) or (bits and head_dim % (vgroup or head_dim)):
+            raise ValueError(f"bits must be 0, 2 or 4 and vgroup divide head_dim, got {bits}, {vgroup}")
+        self.bits, self.vg = bits, (vgroup or head_dim)
         self.b, self.hk, self.L, self.d = batch, kv_heads, chunk_len, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         self.pin = (self.device.type == "cuda" and torch.cuda.is_available()) if pin is None else pin
@@ -142,9 +153,12 @@ class ChunkStore:
         self.capacity = capacity
         self.max_tokens = 0  # most tokens stored for one (batch, kv_head)
         hb = (batch, kv_heads, 0)
-        self.k = self._host_empty((1, head_dim), dtype)
-        self.v = self._host_empty((1, head_dim), dtype)
+        row, rdt = ((head_dim * bits // 8,), torch.uint8) if bits else ((head_dim,), dtype)
+        self.k = self._host_empty((1, *row), rdt)
+        self.v = self._host_empty((1, *row), rdt)
         self.pos = self._host_empty((1,), torch.int32)
+        self.vsz = self._host_empty((1, 2, head_dim // self.vg), SCALE_DTYPE) if bits else None
+        self.ksz = torch.zeros((*hb, 2, head_dim), dtype=SCALE_DTYPE, device=self.device) if bits else None
         self._written = None  # CUDA event of the last asynchronous device -> host write
         self._direct_counts = None  # (chunks, chunks) fetched without a device cache, device, in place
         self.used = torch.zeros(batch * kv_heads, dtype=torch.int64, device=self.device)
@@ -201,9 +215,11 @@ class ChunkStore:
                     t[:-1].view(BH, newT, *tail)[:, :T] = old[:-1].view(BH, T, *tail)
                 return t
 
-            self.k = host(self.k, (d,), self.dtype)
-            self.v = host(self.v, (d,), self.dtype)
+            self.k = host(self.k, tuple(self.k.shape[1:]), self.k.dtype)
+            self.v = host(self.v, tuple(self.v.shape[1:]), self.v.dtype)
             self.pos = host(self.pos, (), torch.int32)
+            if self.bits:
+                self.vsz = host(self.vsz, tuple(self.vsz.shape[1:]), self.vsz.dtype)
             self.T = newT
 
         def dev(old, shape):
@@ -217,6 +233,8 @@ class ChunkStore:
         if self.bounds:
             self.kmin = dev(self.kmin, (b, hk, cap, d))
             self.kmax = dev(self.kmax, (b, hk, cap, d))
+        if self.bits:
+            self.ksz = dev(self.ksz, (b, hk, cap, 2, d))
         self._dev = None  # the slot map must be resized
 
     # ---- writing -------------------------------------------------------------------------------
@@ -264,7 +282,22 @@ class ChunkStore:
                 t = torch.zeros(BH * n_new, d, dtype=torch.float32, device=self.device)
                 t.scatter_reduce_(0, rowc[:, None].expand(-1, d), keys.float(), reduce=how, include_self=False)
                 getattr(self, name)[rs, :, new] = t.view(b, hk, n_new, d)[rs].to(self.dtype)
-        # the KV itself goes to host memory, compact
+        # the KV itself goes to host memory, compact (quantized: codes, value scales; key scales per
+        # chunk stay on the device)
+        writes = [(self.k, keys), (self.v, values), (self.pos, positions)]
+        if self.bits:
+            lo_k = torch.full((BH * n_new, d), float("inf"), device=self.device)
+            hi_k = torch.full((BH * n_new, d), float("-inf"), device=self.device)
+            ix = rowc[:, None].expand(-1, d)
+            lo_k.scatter_reduce_(0, ix, keys.float(), reduce="amin")
+            hi_k.scatter_reduce_(0, ix, keys.float(), reduce="amax")
+            ks, kz = range_params(lo_k, hi_k, self.bits)                 # (BH * n_new, d): chunk = group
+            self.ksz[rs, :, new] = torch.stack([ks, kz], 1).view(b, hk, n_new, 2, d)[rs]
+            n_tok = keys.shape[0]
+            vc, vs, vz = quantize_values(values[None, None], torch.zeros(1, 1, n_tok, dtype=torch.int32,
+                                                                          device=self.device), self.bits, self.vg)
+            writes = [(self.k, codes_of(keys, ks[rowc], kz[rowc], self.bits)), (self.v, vc[0, 0]),
+                      (self.pos, positions), (self.vsz, torch.stack([vs[0, 0], vz[0, 0]], 1))]
         flat = bh * self.T + new_starts.view(-1)[rowc] + rank           # (N,) host rows
         self._host_ready()
         if fresh and keys.is_cuda and self.pin:
@@ -273,7 +306,7 @@ class ChunkStore:
             # never read)
             lo = (0 if row is None else row * hk) * self.T
             hi = (BH if row is None else (row + 1) * hk) * self.T
-            for host, src in ((self.k, keys), (self.v, values), (self.pos, positions)):
+            for host, src in writes:
                 dt = host.dtype
                 stage = torch.empty((hi - lo, *host.shape[1:]), dtype=dt, device=self.device)
                 stage.index_copy_(0, flat - lo, src.to(dt))
@@ -282,9 +315,8 @@ class ChunkStore:
             self._written.record()
         else:
             flat = flat.cpu()
-            self.k.index_copy_(0, flat, keys.to("cpu", self.dtype))
-            self.v.index_copy_(0, flat, values.to("cpu", self.dtype))
-            self.pos.index_copy_(0, flat, positions.to("cpu", torch.int32))
+            for host, src in writes:
+                host.index_copy_(0, flat, src.to("cpu", host.dtype))
         self.used = used
         self.n = max(self.n, base + n_new)
         self.max_tokens = int(used.max())
@@ -349,17 +381,40 @@ class ChunkStore:
         ar = torch.arange(self.L, device=first.device)
         return torch.where(ar < ln[:, None], first[:, None] + ar, self.pad).reshape(-1)
 
-    def _host_gather(self, rows_cpu: torch.Tensor):
+    def _host_tensors(self) -> dict[str, torch.Tensor]:
+        """The host tensors of token rows (``k, v, p``, and ``s``: value scales when quantized)."""
+        out = {"k": self.k, "v": self.v, "p": self.pos}
+        if self.bits:
+            out["s"] = self.vsz
+        return out
+
+    def _host_gather(self, rows_cpu: torch.Tensor, chunks: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Gather host token rows into (pinned, when CUDA) staging tensors and bring them to the
-        device. Returns ``k, v (m, head_dim)`` and ``pos (m,)`` for ``m = len(rows_cpu)``."""
+        device. Returns ``k, v (m, head_dim)`` and ``pos (m,)`` for ``m = len(rows_cpu)``. A
+        quantized store dequantizes them on the device: ``chunks = (bh, chunk)``, both ``(m // L,)``
+        device tensors, name the chunk of each run of ``L`` rows (its key scales)."""
         self._host_ready()
-        hk_flat = self.k.view(-1, self.d)
-        hv_flat = self.v.view(-1, self.d)
-        hp_flat = self.pos.view(-1)
-        m = rows_cpu.numel()
         if self.device.type == "cpu":
-            return tuple(t.index_select(0, rows_cpu) for t in (hk_flat, hv_flat, hp_flat))
-        # CUDA: double-buffered pinned staging, copy on a side stream
+            got = {n: t.index_select(0, rows_cpu) for n, t in self._host_tensors().items()}
+            return self._decode_rows(got, chunks)
+        return self._decode_rows(self._host_copy(rows_cpu), chunks)
+
+    def _decode_rows(self, got: dict[str, torch.Tensor], chunks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(k, v, pos)`` device rows in full precision from gathered host rows."""
+        if not self.bits:
+            return got["k"], got["v"], got["p"]
+        bh, chunk = chunks
+        L, d, m = self.L, self.d, got["p"].shape[0]
+        n = max(self.n, 1)
+        sz = self.ksz.view(-1, n, 2, d)[bh, chunk.clamp(min=0)].float()              # (m // L, 2, d)
+        k = unpack(got["k"], self.bits).float().view(-1, L, d) * sz[:, None, 0] + sz[:, None, 1]
+        vs = got["s"].float().repeat_interleave(self.vg, -1)                          # (m, 2, d)
+        v = unpack(got["v"], self.bits).float() * vs[:, 0] + vs[:, 1]
+        return k.view(m, d).to(self.dtype), v.to(self.dtype), got["p"]
+
+    def _host_copy(self, rows_cpu: torch.Tensor) -> dict[str, torch.Tensor]:
+        """CUDA: the host rows through double-buffered pinned staging, copied on a side stream."""
+        m = rows_cpu.numel()
         if self._stream is None:
             self._stream = torch.cuda.Stream(device=self.device)
             self._stage = [{}, {}]
@@ -370,28 +425,25 @@ class ChunkStore:
         if ev is not None:
             ev.synchronize()  # the copy that last read this staging buffer is done
         st = self._stage[i]
+        host = self._host_tensors()
         if "k" not in st or st["k"].shape[0] < m:
             cap = max(m, 2 * st["k"].shape[0] if "k" in st else m)
-            st["k"] = torch.empty(cap, self.d, dtype=self.dtype, pin_memory=self.pin)
-            st["v"] = torch.empty(cap, self.d, dtype=self.dtype, pin_memory=self.pin)
-            st["p"] = torch.empty(cap, dtype=torch.int32, pin_memory=self.pin)
-        sk, sv, sp = st["k"][:m], st["v"][:m], st["p"][:m]
-        torch.index_select(hk_flat, 0, rows_cpu, out=sk)
-        torch.index_select(hv_flat, 0, rows_cpu, out=sv)
-        torch.index_select(hp_flat, 0, rows_cpu, out=sp)
+            for name, t in host.items():
+                st[name] = torch.empty(cap, *t.shape[1:], dtype=t.dtype, pin_memory=self.pin)
+        staged = {name: st[name][:m] for name in host}
+        for name, t in host.items():
+            torch.index_select(t, 0, rows_cpu, out=staged[name])
         main = torch.cuda.current_stream(self.device)
         self._stream.wait_stream(main)  # destination memory may be reused from the main stream
         with torch.cuda.stream(self._stream):
-            dk = sk.to(self.device, non_blocking=True)
-            dv = sv.to(self.device, non_blocking=True)
-            dp = sp.to(self.device, non_blocking=True)
+            out = {name: t.to(self.device, non_blocking=True) for name, t in staged.items()}
             ev = torch.cuda.Event()
             ev.record(self._stream)
         self._stage_events[i] = ev
         main.wait_stream(self._stream)
-        for t in (dk, dv, dp):
+        for t in out.values():
             t.record_stream(main)
-        return dk, dv, dp
+        return out
 
     def _fetch_direct(self, chunk_idx, stats):
         b, hk, k = chunk_idx.shape
@@ -413,7 +465,7 @@ class ChunkStore:
                     self._direct_counts.add_(valid.sum().expand(2))
                 return ok.view(b, hk, k * L, d), ov.view(b, hk, k * L, d), op.view(b, hk, k * L)
         rows = self._token_rows(bh, chunk_idx.reshape(-1)).cpu()
-        dk, dv, dp = self._host_gather(rows)
+        dk, dv, dp = self._host_gather(rows, (bh, chunk_idx.reshape(-1)))
         if stats is not None:
             nv = int((chunk_idx >= 0).sum())  # rows are on the host already: no extra sync
             stats.chunks += nv
@@ -434,6 +486,7 @@ class ChunkStore:
             import os
 
             self._uva = (self.device.type == "cuda" and self.pin and HAS_TRITON and not triton_disabled()
+                         and not self.bits  # the copy kernel moves full-precision rows only
                          and os.environ.get("KVSIFT_NO_UVA", "").strip().lower() not in {"1", "true", "yes", "on"})
         return self._uva
 
@@ -460,6 +513,8 @@ class ChunkStore:
         return True
 
     def _token_bytes(self) -> int:
+        if self.bits:  # codes, value scale and zero, position
+            return 2 * self.d * self.bits // 8 + 4 * (self.d // self.vg) + 4
         return 2 * self.d * torch.tensor([], dtype=self.dtype).element_size() + 4
 
     def _ensure_cache(self, k: int):
@@ -505,7 +560,7 @@ class ChunkStore:
                                          c["p"].view(BH * (S + 1), L), dst)):
             mi = (ln >= 0).nonzero().squeeze(1)  # host path: one sync for the miss list
             if mi.numel():
-                dk, dv, dp = self._host_gather(self._host_rows(src[mi], ln[mi]).cpu())
+                dk, dv, dp = self._host_gather(self._host_rows(src[mi], ln[mi]).cpu(), (mi // k, idx.reshape(-1)[mi]))
                 m = mi.numel()
                 c["k"].view(BH * (S + 1), L * d).index_copy_(0, dst[mi], dk.view(m, -1))
                 c["v"].view(BH * (S + 1), L * d).index_copy_(0, dst[mi], dv.view(m, -1))
@@ -525,9 +580,10 @@ class ChunkStore:
             return 0 if t is None else t.numel() * t.element_size()
 
         device = nb(self.lens) + nb(self.starts) + nb(self.used) + nb(self.mean) + nb(self.kmin) + nb(self.kmax)
+        device += nb(self.ksz)
         if self._dev is not None:
             device += sum(nb(t) for t in self._dev.values())
-        host = nb(self.k) + nb(self.v) + nb(self.pos)
+        host = nb(self.k) + nb(self.v) + nb(self.pos) + nb(self.vsz)
         host += sum(nb(t) for st in self._stage for t in st.values())
         return device, host
 
@@ -542,9 +598,11 @@ class ChunkStore:
         self._host_ready()
         new = ChunkStore.__new__(ChunkStore)
         for name in ("b", "hk", "L", "d", "dtype", "device", "pin", "bounds", "cache_chunks", "n", "T", "max_tokens",
-                     "capacity"):
+                     "capacity", "bits", "vg"):
             setattr(new, name, getattr(self, name))
         new.k, new.v, new.pos = (self._copy_host(t) for t in (self.k, self.v, self.pos))
+        new.vsz = None if self.vsz is None else self._copy_host(self.vsz)
+        new.ksz = None if self.ksz is None else self.ksz.clone()
         new.lens, new.mean = self.lens.clone(), self.mean.clone()
         new.starts, new.used = self.starts.clone(), self.used.clone()
         new.kmin = None if self.kmin is None else self.kmin.clone()
@@ -554,7 +612,7 @@ class ChunkStore:
         return new
 
     # ---- persistence (kvsift.server.contexts: a reusable context on disk) -------------------------
-    _META = ("b", "hk", "L", "d", "bounds", "cache_chunks", "n", "T", "max_tokens", "capacity")
+    _META = ("b", "hk", "L", "d", "bounds", "cache_chunks", "n", "T", "max_tokens", "capacity", "bits", "vg")
 
     def kv_state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """``(tensors, json_extra)``: the host KV (all rows, as stored), the device summaries and
@@ -564,6 +622,8 @@ class ChunkStore:
              "used": self.used, "mean": self.mean}
         if self.bounds:
             t.update(kmin=self.kmin, kmax=self.kmax)
+        if self.bits:
+            t.update(vsz=self.vsz, ksz=self.ksz)
         extra = {name: getattr(self, name) for name in self._META}
         extra["dtype"] = str(self.dtype).removeprefix("torch.")
         return t, extra
@@ -572,16 +632,26 @@ class ChunkStore:
     def kv_from_state_dict(cls, tensors: dict[str, torch.Tensor], extra: dict[str, Any], device) -> "ChunkStore":
         """Rebuild a store written by :meth:`kv_state_dict` on ``device`` (host KV pinned on CUDA)."""
         dtype = getattr(torch, extra["dtype"])
+        bits = int(extra.get("bits", 0))
         new = cls(extra["b"], extra["hk"], extra["L"], extra["d"], dtype, device, bounds=extra["bounds"],
-                  cache_chunks=extra["cache_chunks"], capacity=extra["capacity"])
+                  cache_chunks=extra["cache_chunks"], capacity=extra["capacity"], bits=bits,
+                  vgroup=int(extra.get("vg", 0)))
         for name in ("n", "T", "max_tokens"):
             setattr(new, name, int(extra[name]))
         rows = new.b * new.hk * new.T + 1
-        if tensors["k"].shape != (rows, new.d) or tensors["pos"].shape != (rows,):
+        width, kdt = (new.d * bits // 8, torch.uint8) if bits else (new.d, dtype)
+        if tensors["k"].shape != (rows, width) or tensors["v"].shape != (rows, width) \
+                or tensors["pos"].shape != (rows,) or (bits and tensors["k"].dtype != torch.uint8):
             raise ValueError(f"host tensors {tuple(tensors['k'].shape)} do not match the store's layout "
-                             f"({rows}, {new.d})")
+                             f"({rows}, {width})")
         new.k, new.v, new.pos = (new._copy_host(tensors[x].to(dt)) for x, dt in
-                                 (("k", dtype), ("v", dtype), ("pos", torch.int32)))
+                                 (("k", kdt), ("v", kdt), ("pos", torch.int32)))
+        if bits:
+            vsz, ksz = tensors["vsz"], tensors["ksz"]
+            if tuple(vsz.shape) != (rows, 2, new.d // new.vg) or tuple(ksz.shape) != (new.b, new.hk, new.n, 2, new.d):
+                raise ValueError(f"quantized chunk store: scales {tuple(vsz.shape)}, {tuple(ksz.shape)} do not match")
+            new.vsz = new._copy_host(vsz.to(SCALE_DTYPE))
+            new.ksz = ksz.to(new.device, SCALE_DTYPE)
         dev = new.device
         new.starts, new.lens = tensors["starts"].to(dev, torch.int64), tensors["lens"].to(dev, torch.int32)
         new.used, new.mean = tensors["used"].to(dev, torch.int64), tensors["mean"].to(dev, dtype)
@@ -610,6 +680,8 @@ class ChunkStore:
         self.mean = self.mean.repeat(times, 1, 1, 1)
         if self.bounds:
             self.kmin, self.kmax = self.kmin.repeat(times, 1, 1, 1), self.kmax.repeat(times, 1, 1, 1)
+        if self.bits:
+            self.vsz, self.ksz = rep_host(self.vsz), self.ksz.repeat(times, 1, 1, 1, 1)
         self.b = times
         self._dev = None
 

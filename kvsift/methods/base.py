@@ -215,6 +215,7 @@ class KVMethod:
     needs_budget: ClassVar[bool] = True
     decode_only: ClassVar[bool] = False   # acts at decode only (no prefill-time state): Quest, TokenSelect
     ragged: ClassVar[bool] = False        # keeps per-head lengths compactly (``layer.ragged``): no '+'
+    codec: ClassVar[bool] = False         # stores the kept KV in another form (kivi): a '+' ends with it
 
     def __post_init__(self):
         object.__setattr__(self, "budget", validate_budget(self.budget))
@@ -263,6 +264,10 @@ class KVMethod:
         """After the whole prefill of a sequence (and its reread passes), every layer at once:
         deferred compression (e.g. a global budget over layers and heads). Default: nothing."""
 
+    def rows_stacked(self, run: Run, layers: list, ctx: "ForwardContext") -> None:
+        """After a batch prefilled one sequence at a time was stacked into the batch cache (its
+        ``layers``): what needs the whole batch, e.g. a codec storing it (kivi). Default: nothing."""
+
     def stats(self, run: Run) -> dict[str, Any]:
         """Method-specific counters for the generation summary (may read device counters)."""
         return {}
@@ -279,6 +284,12 @@ class KVMethod:
         engine may run it with fixed buffers and replay it from a CUDA graph. Methods whose decode
         hooks evict or reshape (e.g. a rolling window) say False."""
         return True
+
+    def quantized_ok(self) -> bool:
+        """True when a storage codec (kivi) may follow this method in a composition: at decode it
+        evicts nothing (quantized KV is append-only) and reads keys only through the layer's slot API
+        (``layer.slot_capacity``, ``layer.slot_keys``). Default: what allows static decode."""
+        return self.static_ok()
 
     def decode_variant(self, run: Run, step: int):
         """The kind of decode step ``step`` (hashable): steps of different kinds run different code
@@ -603,6 +614,16 @@ class Compose(KVMethod):
             raise UnknownMethodError(f"{ragged[0]} keeps a different number of tokens per head in a compact layout "
                                      f"that other stages cannot read, so it does not compose with '+' ("
                                      f"{self.spec!r}); it wraps a scorer instead, e.g. adakv(h2o)")
+        codecs = [i for i, s in enumerate(self.stages) if s.codec]
+        if codecs and codecs != [len(self.stages) - 1]:
+            raise UnknownMethodError(f"{self.stages[codecs[0]].name} stores the KV the other stages keep, so it is "
+                                     f"the last stage of a composition, once (e.g. snapkv+{self.stages[codecs[0]].name}"
+                                     f"), got {self.spec!r}")
+        if codecs:
+            bad = [s.spec for s in self.stages[:-1] if not s.quantized_ok()]
+            if bad:
+                raise UnknownMethodError(f"{bad[0]} evicts or reads the layer's KV buffer at decode, which "
+                                         f"{self.stages[-1].name} stores quantized: {self.spec!r} is not supported")
 
     @property
     def spec(self) -> str:
@@ -637,6 +658,10 @@ class Compose(KVMethod):
         for s, r in zip(self.stages, run.parts):
             s.finish_prefill(r, layers, ctx)
 
+    def rows_stacked(self, run, layers, ctx):
+        for s, r in zip(self.stages, run.parts):
+            s.rows_stacked(r, layers, ctx)
+
     def stats(self, run):
         out: dict[str, Any] = {}
         for s, r in zip(self.stages, run.parts):
@@ -646,14 +671,28 @@ class Compose(KVMethod):
     def static_ok(self) -> bool:
         return all(s.static_ok() for s in self.stages)
 
+    def quantized_ok(self) -> bool:
+        return all(s.quantized_ok() for s in self.stages)
+
     def row_prefill_ok(self) -> bool:
         # rows save memory when a stage shrinks the KV at prefill end; decode-only stages keep no
-        # prefill state, so they never stand in the way
+        # prefill state and a codec stores the stacked batch (rows_stacked), so they never stand in
+        # the way
         return any(s.row_prefill_ok() for s in self.stages) and all(
-            s.row_prefill_ok() or s.decode_only for s in self.stages)
+            s.row_prefill_ok() or s.decode_only or s.codec for s in self.stages)
 
     def decode_variant(self, run, step):
         return tuple(s.decode_variant(r, step) for s, r in zip(self.stages, run.parts))
+
+
+def codec_stage(method: "KVMethod | None") -> "KVMethod | None":
+    """The storage codec stage (``codec``, e.g. kivi) of a method or a composition, or None: a stage
+    that keeps KV in a store of its own (sentencekv's host chunks) stores it in that form too
+    (``codec.store_options(head_dim)``)."""
+    for s in getattr(method, "stages", (method,)):
+        if getattr(s, "codec", False):
+            return s
+    return None
 
 
 # ---- registry ----------------------------------------------------------------------------------

@@ -96,10 +96,10 @@ class Quest(DecodeSelect):
         """This layer's summaries, (re)built when the buffer outgrew them (first decode step, or a
         grown buffer: host-side shapes only, never inside a graph recording)."""
         st: QuestState | None = layer.state.get(self.name)
-        pages = math.ceil(layer.k_buf.shape[2] / self.page)
+        pages = math.ceil(layer.slot_capacity / self.page)
         if st is None or st.pages < pages:
-            n = layer.length
-            lo, hi, filled = _bounds(layer.k_buf[:, :, :n], layer.pos_buf[:, :, :n], self.page, pages)
+            keys, pos = layer.slot_keys()  # the used slots (dequantized when the layer is quantized)
+            lo, hi, filled = _bounds(keys, pos, self.page, pages)
             st = QuestState(lo, hi, filled, torch.arange(pages, device=lo.device))
             layer.state[self.name] = st
         return st
@@ -108,9 +108,18 @@ class Quest(DecodeSelect):
         """Fold the key just written (decode: one per row, always a real token) into its page's
         bounds, on the device: a page's first token resets its bounds."""
         st: QuestState | None = layer.state.get(self.name)
-        if st is None or st.pages * self.page < layer.k_buf.shape[2]:
+        if st is None or st.pages * self.page < layer.slot_capacity:
             return  # built (from the buffer, these keys included) by the next plan
-        page_bounds_append(st.kmin, st.kmax, st.filled, layer.k_buf, layer.written_slots(1), self.page)  # one launch
+        s = layer.written_slots(1)                                           # (1,) device
+        if layer.quant is None:
+            page_bounds_append(st.kmin, st.kmax, st.filled, layer.k_buf, s, self.page)   # one launch
+            return
+        k = layer.slot_keys(s)                                               # (b, h, 1, d), dequantized
+        p = s // self.page
+        first = (s % self.page == 0).view(1, 1, 1, 1)
+        st.kmin.index_copy_(2, p, torch.where(first, k, torch.minimum(st.kmin.index_select(2, p), k)))
+        st.kmax.index_copy_(2, p, torch.where(first, k, torch.maximum(st.kmax.index_select(2, p), k)))
+        st.filled.index_fill_(2, p, True)
 
     def plan(self, run, layer, query, ctx):
         if not ctx.decoding:

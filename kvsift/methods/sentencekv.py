@@ -36,8 +36,8 @@ import torch
 
 from kvsift.kernels.dispatch import chunk_scores, select_chunks
 from kvsift.methods._offload import ChunkStore, FetchStats
-from kvsift.methods.base import (Budget, KVMethod, LayerState, Run, Selection, SlotSource, decode_tokens, register,
-                                 validate_budget)
+from kvsift.methods.base import (Budget, KVMethod, LayerState, Run, Selection, SlotSource, codec_stage, decode_tokens,
+                                 register, validate_budget)
 from kvsift.segment import SegmentConfig, segment_tokens
 
 _END_PIECE = re.compile(r"([.!?。！？…][\"'”’)\]]*\s*$)|\n")
@@ -217,9 +217,11 @@ class SentenceKV(KVMethod):
             cache_chunks = self.cache_chunks
             if cache_chunks is None:
                 cache_chunks = -1 if keys.device.type == "cuda" else 0
+            codec = codec_stage(ctx.method) if ctx is not None else None   # sentencekv+kivi: quantized host KV
             store = ChunkStore(row[1] if row else b, hk, self.max_chunk, d, keys.dtype, keys.device,
                                bounds=self.summary == "quest", cache_chunks=cache_chunks,
-                               capacity=run.prompt_len if row else 0)  # rows: host store allocated once
+                               capacity=run.prompt_len if row else 0,  # rows: host store allocated once
+                               **(codec.store_options(d) if codec is not None else {}))
             state.store = store
         # chunk labels of the offloaded slots, renumbered 0.. per row
         length = int(row_len.max())

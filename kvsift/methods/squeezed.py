@@ -122,6 +122,9 @@ class Squeezed(DecodeSelect):
         layer.keep(order)
         layer.state[self.name] = SqueezedState(cent.to(keys.dtype), labels.gather(2, order), n)
 
+    def quantized_ok(self) -> bool:
+        return False  # its clusters index the layer's key buffer
+
     def plan(self, run, layer, query, ctx):
         st: SqueezedState | None = layer.state.get(self.name)
         if not ctx.decoding or st is None:

@@ -106,6 +106,9 @@ class TokenSelect(DecodeSelect):
         r = super().start(prompt_len, num_layers)
         return TokenSelectRun(r.tokens, r.prompt_len, r.num_layers, r.sel_tokens)
 
+    def quantized_ok(self) -> bool:
+        return False  # its plan reads the layer's key buffer
+
     def plan(self, run, layer, query, ctx):
         if not ctx.decoding:
             return None

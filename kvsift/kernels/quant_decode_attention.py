@@ -1,0 +1,360 @@
+"""Decode attention over quantized KV (:mod:`kvsift.cache.quant`), dequantized while it is read.
+
+q ``(batch, q_heads, head_dim)`` is one new token per sequence. The KV of a layer, slots ``0 ..
+capacity-1``:
+
+* ``k_codes``/``v_codes (batch, kv_heads, capacity, head_dim * bits // 8)`` uint8 codes, packed along
+  head_dim (byte ``j``, bits ``i*bits ..``: channel ``j * (8 // bits) + i``);
+* ``k_scale``/``k_zero (batch, kv_heads, >= capacity / group, head_dim)`` fp16: slot ``s`` uses
+  group ``s // group`` (``group = capacity // ...`` is passed as ``group``);
+* ``v_scale``/``v_zero (batch, kv_heads, capacity, head_dim // vgroup)`` fp16: per slot, channel
+  ``c`` uses ``c // vgroup``;
+* ``k_res``/``v_res (batch, kv_heads, rcap, head_dim)`` in q's dtype: the full-precision window,
+  slot ``s >= res_start`` at ``s - res_start``; ``res_start (1,)`` int64 device tensor (the first
+  slot not quantized);
+* ``key_pos (batch, kv_heads, capacity)`` int32 positions and ``query_pos (batch,)``: a slot is
+  attended iff ``0 <= key_pos <= query_pos`` (and ``> query_pos - window``); slot indices past the
+  capacity or past the window's buffer are skipped.
+
+``slot_idx (batch, kv_heads, n_sel)`` (``-1`` = unused) or None (every slot), ``slot_count``, the
+``group = q_heads // kv_heads`` GQA sharing, ``num_splits`` and ``return_lse`` are as in
+:mod:`kvsift.kernels.sparse_decode_attention`. Returns ``(batch, q_heads, head_dim)`` in q's dtype.
+
+``quant_decode_attention_ref`` gathers the selected slots' codes and scales block by block (``block``
+table entries at a time), dequantizes them to fp32 and merges the blocks by log-sum-exp: memory
+bounded by the block, never a dequantized copy of the cache. The Triton kernel reads the packed
+codes and the scales of each block of slots straight from the cache and dequantizes in registers
+(split-K, online softmax for the ``group`` query heads of a KV head, one ``tl.dot`` per block, as
+the sparse kernel); ``kvsift.kernels.dispatch.quant_decode_attention`` picks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvsift.kernels._triton import HAS_TRITON, tl, triton
+from kvsift.kernels.sparse_decode_attention import _LOG2E, _check_count, _check_pos, merge_attention, plan_splits
+
+# launch settings (smaller slot blocks than the sparse kernel: codes, scales and the window are
+# live at once; not tuned on a GPU yet)
+TUNING = {"block_s": 32, "num_warps": 4, "num_stages": 2}
+
+
+def _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start, key_pos, query_pos,
+           slot_idx, group) -> int:
+    """Validate shapes; returns bits."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be (batch, q_heads, head_dim), got {tuple(q.shape)}")
+    b, hq, d = q.shape
+    if k_codes.dim() != 4 or v_codes.shape != k_codes.shape or k_codes.dtype != torch.uint8 \
+            or v_codes.dtype != torch.uint8:
+        raise ValueError(f"k_codes and v_codes must both be uint8 (batch, kv_heads, capacity, packed), got "
+                         f"{k_codes.dtype} {tuple(k_codes.shape)} and {v_codes.dtype} {tuple(v_codes.shape)}")
+    kb, hk, cap, dp = k_codes.shape
+    if kb != b or hk == 0 or hq % hk:
+        raise ValueError(f"q {tuple(q.shape)} and k_codes {tuple(k_codes.shape)} disagree on batch or heads")
+    if dp == 0 or (8 * dp) % d or (8 * dp) // d not in (2, 4):
+        raise ValueError(f"packed codes of width {dp} fit neither 4 nor 2 bits for head_dim {d}")
+    bits = 8 * dp // d
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"group must be a positive int, got {group!r}")
+    if k_scale.shape != k_zero.shape or k_scale.shape[:2] != (b, hk) or k_scale.shape[3] != d \
+            or k_scale.shape[2] * group < cap:
+        raise ValueError(f"k_scale/k_zero must be (batch, kv_heads, >= capacity / group, head_dim), got "
+                         f"{tuple(k_scale.shape)}, {tuple(k_zero.shape)}")
+    if v_scale.shape != v_zero.shape or v_scale.shape[:3] != (b, hk, cap) or d % v_scale.shape[3]:
+        raise ValueError(f"v_scale/v_zero must be (batch, kv_heads, capacity, head_dim // vgroup), got "
+                         f"{tuple(v_scale.shape)}, {tuple(v_zero.shape)}")
+    if k_res.dim() != 4 or v_res.shape != k_res.shape or k_res.shape[:2] != (b, hk) or k_res.shape[3] != d:
+        raise ValueError(f"k_res/v_res must be (batch, kv_heads, rcap, head_dim), got {tuple(k_res.shape)}")
+    if tuple(res_start.shape) != (1,) or res_start.is_floating_point():
+        raise ValueError(f"res_start must be a (1,) integer tensor, got {res_start.dtype} {tuple(res_start.shape)}")
+    if key_pos is None or query_pos is None:
+        raise ValueError("quantized attention masks by position: key_pos and query_pos are required")
+    if slot_idx is not None and (slot_idx.dim() != 3 or slot_idx.shape[:2] != (b, hk)
+                                 or slot_idx.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"slot_idx must be int32/int64 (batch={b}, kv_heads={hk}, n_sel), got "
+                         f"{slot_idx.dtype} {tuple(slot_idx.shape)}")
+    ts = [q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start, key_pos, query_pos]
+    if slot_idx is not None:
+        ts.append(slot_idx)
+    if len({t.device for t in ts}) != 1:
+        raise ValueError("every tensor must be on one device")
+    return bits
+
+
+def _dequant_rows(codes, scale, zero, idx, bits, group, per_channel_groups: bool):
+    """Codes at slots ``idx (batch, kv_heads, s)`` (>= 0) dequantized: ``(batch, kv_heads, s, d)`` fp32."""
+    dp = codes.shape[-1]
+    c = codes.gather(2, idx[..., None].expand(*idx.shape, dp))
+    per = 8 // bits
+    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
+    c = ((c.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)).flatten(-2).float()
+    if per_channel_groups:  # keys: one scale per channel for each group of slots
+        gi = (idx // group)[..., None].expand(*idx.shape, scale.shape[-1])
+        return c * scale.gather(2, gi).float() + zero.gather(2, gi).float()
+    gi = idx[..., None].expand(*idx.shape, scale.shape[-1])
+    vg = c.shape[-1] // scale.shape[-1]
+    s = scale.gather(2, gi).float().repeat_interleave(vg, -1)
+    return c * s + zero.gather(2, gi).float().repeat_interleave(vg, -1)
+
+
+def quant_decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
+                               v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor,
+                               k_res: torch.Tensor, v_res: torch.Tensor, res_start: torch.Tensor,
+                               key_pos: torch.Tensor, query_pos: torch.Tensor, slot_idx: torch.Tensor | None,
+                               scale: float, group: int, window: int | None = None,
+                               slot_count: torch.Tensor | None = None, num_splits: int | None = None,
+                               return_lse: bool = False, block: int = 4096):
+    """Reference (PyTorch): per block of ``block`` table entries, gather the codes and scales of the
+    selected slots, dequantize to fp32, float32 softmax; blocks merged by log-sum-exp. Shapes in
+    the module docstring. ``num_splits`` is the Triton kernel's launch setting (ignored here)."""
+    bits = _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start, key_pos,
+                  query_pos, slot_idx, group)
+    _check_pos(k_codes, key_pos, query_pos, window)
+    _check_count(slot_idx, slot_count)
+    b, hq, d = q.shape
+    hk, cap = k_codes.shape[1], k_codes.shape[2]
+    rcap = k_res.shape[2]
+    if slot_idx is None:
+        idx_all = torch.arange(cap, device=q.device).expand(b, hk, cap)
+    else:
+        idx_all = slot_idx.to(torch.int64)
+        if slot_count is not None:
+            idx_all = torch.where(torch.arange(idx_all.shape[2], device=q.device) < slot_count[..., None], idx_all, -1)
+    qg = q.float().reshape(b, hk, hq // hk, d)
+    qp = query_pos.to(torch.int64)[:, None, None]
+    rs = res_start.to(torch.int64)
+    parts = []
+    for s0 in range(0, max(1, idx_all.shape[2]), block):
+        idx = idx_all[:, :, s0 : s0 + block]
+        idx = torch.where((idx >= 0) & (idx < cap), idx, -1)
+        kp = torch.where(idx >= 0, key_pos.gather(2, idx.clamp(min=0)).to(torch.int64), -1)
+        ok = (kp >= 0) & (kp <= qp)
+        if window is not None:
+            ok &= kp > qp - window
+        ok &= idx - rs < rcap                                             # past the window's buffer: none
+        safe = torch.where(ok, idx, 0)
+        quant = safe < rs
+        ri = torch.where(quant, 0, safe - rs)[..., None].expand(*safe.shape, d)
+        kq = _dequant_rows(k_codes, k_scale, k_zero, torch.where(quant, safe, 0), bits, group, True)
+        vq = _dequant_rows(v_codes, v_scale, v_zero, torch.where(quant, safe, 0), bits, group, False)
+        k = torch.where(quant[..., None], kq, k_res.gather(2, ri).float())        # (b, hk, s, d)
+        v = torch.where(quant[..., None], vq, v_res.gather(2, ri).float())
+        w = torch.matmul(qg, k.transpose(-1, -2)) * scale                           # (b, hk, g, s)
+        w = w.masked_fill(~ok[:, :, None, :], float("-inf"))
+        p = torch.softmax(w, dim=-1).nan_to_num(0.0)
+        parts.append((torch.matmul(p, v).reshape(b, hq, d), torch.logsumexp(w, dim=-1).reshape(b, hq)))
+    if len(parts) == 1:
+        out, lse = parts[0]
+        out = out.to(q.dtype)
+    else:
+        out = merge_attention(parts).to(q.dtype)
+        lse = torch.logsumexp(torch.stack([x[1] for x in parts]), dim=0)
+    return (out, lse) if return_lse else out
+
+
+if HAS_TRITON:
+    from kvsift.kernels.sparse_decode_attention import _merge_splits_kernel
+
+    @triton.jit
+    def _quant_decode_split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr, rv_ptr, rs_ptr,
+                                   idx_ptr, out_ptr, po_ptr, plse_ptr,
+                                   kp_ptr, qp_ptr, CAP, RCAP, WINDOW, sp_b, sp_h, sp_c,
+                                   cnt_ptr, sc_b, sc_h,
+                                   S, split_size, qk_scale,
+                                   sq_b, sq_h, sq_d,
+                                   skc_b, skc_h, skc_c,
+                                   sks_b, sks_h, sks_g,
+                                   svc_b, svc_h, svc_c,
+                                   svs_b, svs_h, svs_c,
+                                   srk_b, srk_h, srk_c,
+                                   srv_b, srv_h, srv_c,
+                                   si_b, si_h, si_s,
+                                   so_b, so_h,
+                                   spo_bh, spo_s,
+                                   HK: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
+                                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                                   BITS: tl.constexpr, PER: tl.constexpr, LEVELS: tl.constexpr,
+                                   KGROUP: tl.constexpr, VGROUP: tl.constexpr,
+                                   DIRECT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                                   ALL: tl.constexpr, HAS_CNT: tl.constexpr):
+        # one program: (batch, kv_head) x one split of the slot table; slot s < res_start is
+        # dequantized from its codes (code * scale + zero), a later slot read from the window
+        pid_bh = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        b = (pid_bh // HK).to(tl.int64)
+        h = (pid_bh % HK).to(tl.int64)
+        offs_g = tl.arange(0, G_P)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_g = offs_g < G
+        mask_d = offs_d < D
+        byte_d = offs_d // PER                                              # byte of each channel
+        shift = ((offs_d % PER) * BITS).to(tl.int32)                        # its bits in the byte
+        vgrp = offs_d // VGROUP                                             # value scale of each channel
+        q = tl.load(q_ptr + b * sq_b + (h * G + offs_g[:, None]) * sq_h + offs_d[None, :] * sq_d,
+                    mask=mask_g[:, None] & mask_d[None, :], other=0.0)      # (G_P, BLOCK_D)
+        if UPCAST:
+            q = q.to(tl.float32)
+        kc_base = kc_ptr + b * skc_b + h * skc_h
+        ks_base = ks_ptr + b * sks_b + h * sks_h
+        kz_base = kz_ptr + b * sks_b + h * sks_h
+        vc_base = vc_ptr + b * svc_b + h * svc_h
+        vs_base = vs_ptr + b * svs_b + h * svs_h
+        vz_base = vz_ptr + b * svs_b + h * svs_h
+        rk_base = rk_ptr + b * srk_b + h * srk_h
+        rv_base = rv_ptr + b * srv_b + h * srv_h
+        i_base = idx_ptr + b * si_b + h * si_h
+        kp_base = kp_ptr + b * sp_b + h * sp_h
+        qpos = tl.load(qp_ptr + b).to(tl.int64)
+        rstart = tl.load(rs_ptr).to(tl.int64)
+        m_i = tl.full((G_P,), float("-inf"), tl.float32)
+        l_i = tl.zeros((G_P,), tl.float32)
+        acc = tl.zeros((G_P, BLOCK_D), tl.float32)
+        start = pid_s * split_size
+        stop = tl.minimum(start + split_size, S)
+        if HAS_CNT:
+            stop = tl.minimum(stop, tl.load(cnt_ptr + b * sc_b + h * sc_h).to(tl.int32))
+        for it in range(start, stop, BLOCK_S):
+            offs_s = it + tl.arange(0, BLOCK_S)
+            in_range = offs_s < stop
+            if ALL:
+                slot = offs_s.to(tl.int64)
+                valid = in_range
+            else:
+                slot = tl.load(i_base + offs_s * si_s, mask=in_range, other=-1).to(tl.int64)
+                valid = slot >= 0
+            valid = valid & (slot < CAP)
+            kpos = tl.load(kp_base + tl.where(valid, slot, 0) * sp_c, mask=valid, other=-1).to(tl.int64)
+            valid = valid & (kpos >= 0) & (kpos <= qpos)
+            if WINDOW > 0:
+                valid = valid & (kpos > qpos - WINDOW)
+            valid = valid & (slot - rstart < RCAP)
+            slot = tl.where(valid, slot, 0)
+            isq = valid & (slot < rstart)                                   # quantized slots
+            isr = valid & (slot >= rstart)                                  # full-precision window
+            ridx = tl.where(isr, slot - rstart, 0)
+            mq = isq[:, None] & mask_d[None, :]
+            mr = isr[:, None] & mask_d[None, :]
+            # keys: packed codes, per-channel scale/zero of the slot's group
+            kb = tl.load(kc_base + slot[:, None] * skc_c + byte_d[None, :], mask=mq, other=0).to(tl.int32)
+            kcode = ((kb >> shift[None, :]) & LEVELS).to(tl.float32)
+            kgi = slot // KGROUP
+            ksc = tl.load(ks_base + kgi[:, None] * sks_g + offs_d[None, :], mask=mq, other=0.0).to(tl.float32)
+            kzp = tl.load(kz_base + kgi[:, None] * sks_g + offs_d[None, :], mask=mq, other=0.0).to(tl.float32)
+            kr = tl.load(rk_base + ridx[:, None] * srk_c + offs_d[None, :], mask=mr, other=0.0).to(tl.float32)
+            k = tl.where(mq, kcode * ksc + kzp, kr)                         # (BLOCK_S, BLOCK_D) fp32
+            # values: packed codes, per-slot scale/zero of the channel's group
+            vb = tl.load(vc_base + slot[:, None] * svc_c + byte_d[None, :], mask=mq, other=0).to(tl.int32)
+            vcode = ((vb >> shift[None, :]) & LEVELS).to(tl.float32)
+            vsc = tl.load(vs_base + slot[:, None] * svs_c + vgrp[None, :], mask=mq, other=0.0).to(tl.float32)
+            vzp = tl.load(vz_base + slot[:, None] * svs_c + vgrp[None, :], mask=mq, other=0.0).to(tl.float32)
+            vr = tl.load(rv_base + ridx[:, None] * srv_c + offs_d[None, :], mask=mr, other=0.0).to(tl.float32)
+            v = tl.where(mq, vcode * vsc + vzp, vr)
+            if not UPCAST:
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
+            if IEEE:
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                qk = tl.dot(q, tl.trans(k))
+            qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))     # (G_P, BLOCK_S), log2 units
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(qk - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        has = l_i > 0.0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        if DIRECT:
+            tl.store(out_ptr + b * so_b + (h * G + offs_g[:, None]) * so_h + offs_d[None, :],
+                     o.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
+        else:
+            lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+            row = (b * HK * G + h * G + offs_g).to(tl.int64)
+            tl.store(po_ptr + row[:, None] * spo_bh + pid_s * spo_s + offs_d[None, :], o,
+                     mask=mask_g[:, None] & mask_d[None, :])
+            tl.store(plse_ptr + row * tl.num_programs(1) + pid_s, lse, mask=mask_g)
+
+
+def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
+                           v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor,
+                           k_res: torch.Tensor, v_res: torch.Tensor, res_start: torch.Tensor,
+                           key_pos: torch.Tensor, query_pos: torch.Tensor, slot_idx: torch.Tensor | None,
+                           scale: float, group: int, window: int | None = None,
+                           slot_count: torch.Tensor | None = None, num_splits: int | None = None,
+                           return_lse: bool = False, block: int = 4096):
+    """Triton kernel; same arguments and result as :func:`quant_decode_attention_ref` (``block`` is
+    the reference's setting, ignored here). Needs unit strides on the last dimension of every KV
+    tensor, and ``k_scale``/``k_zero`` (and ``v_scale``/``v_zero``) with equal strides."""
+    if not HAS_TRITON:
+        raise RuntimeError("quant_decode_attention needs Triton (pip install triton); use quant_decode_attention_ref")
+    bits = _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start, key_pos,
+                  query_pos, slot_idx, group)
+    _check_pos(k_codes, key_pos, query_pos, window)
+    _check_count(slot_idx, slot_count)
+    if any(t.stride(-1) != 1 for t in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res)):
+        raise ValueError("the quantized KV tensors need a unit stride on their last dimension")
+    if k_scale.stride() != k_zero.stride() or v_scale.stride() != v_zero.stride():
+        raise ValueError("scales and zeros must share strides")
+    if k_res.dtype != q.dtype or v_res.dtype != q.dtype:
+        raise TypeError(f"q and the full-precision window must share a dtype, got {q.dtype}, {k_res.dtype}")
+    b, hq, d = q.shape
+    hk, cap = k_codes.shape[1], k_codes.shape[2]
+    g = hq // hk
+    s = cap if slot_idx is None else slot_idx.shape[2]
+    idx = slot_idx if slot_idx is not None else q
+    si = slot_idx.stride() if slot_idx is not None else (0, 0, 0)
+    cnt = slot_count if slot_count is not None else q
+    sc = slot_count.stride() if slot_count is not None else (0, 0)
+    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, hq, dtype=torch.float32, device=q.device) if return_lse else out
+    if b == 0:
+        return (out, lse) if return_lse else out
+    block_d = max(16, triton.next_power_of_2(d))
+    block_s = TUNING["block_s"] if block_d <= 128 else TUNING["block_s"] // 2
+    g_p = max(16, triton.next_power_of_2(g))
+    ns, split_size = plan_splits(b, hk, s, block_s, q.device, num_splits)
+    upcast = q.device.type != "cuda"
+    ieee = upcast or q.dtype == torch.float32
+    direct = ns == 1 and not return_lse
+    if direct:
+        po = plse = out
+        spo_bh = spo_s = 0
+    else:
+        po = torch.empty(b * hq, ns, d, dtype=torch.float32, device=q.device)
+        plse = torch.empty(b * hq, ns, dtype=torch.float32, device=q.device)
+        spo_bh, spo_s = po.stride(0), po.stride(1)
+    sp = key_pos.stride()
+    _quant_decode_split_kernel[(b * hk, ns)](
+        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start,
+        idx, out, po, plse,
+        key_pos, query_pos, cap, k_res.shape[2], int(window or 0), sp[0], sp[1], sp[2],
+        cnt, sc[0], sc[1],
+        s, split_size, float(scale) * _LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
+        k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
+        v_codes.stride(0), v_codes.stride(1), v_codes.stride(2),
+        v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
+        k_res.stride(0), k_res.stride(1), k_res.stride(2),
+        v_res.stride(0), v_res.stride(1), v_res.stride(2),
+        si[0], si[1], si[2],
+        out.stride(0), out.stride(1),
+        spo_bh, spo_s,
+        HK=hk, G=g, G_P=g_p, D=d, BLOCK_D=block_d, BLOCK_S=block_s,
+        BITS=bits, PER=8 // bits, LEVELS=(1 << bits) - 1, KGROUP=group,
+        VGROUP=d // v_scale.shape[3], DIRECT=direct, IEEE=ieee, UPCAST=upcast,
+        ALL=slot_idx is None, HAS_CNT=slot_count is not None,
+        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
+    )
+    if not direct:
+        _merge_splits_kernel[(b * hq,)](po, plse, out, lse, ns, spo_bh, spo_s, out.stride(1),
+                                        D=d, BLOCK_D=block_d, NS_P=triton.next_power_of_2(ns), WRITE_LSE=return_lse,
+                                        num_warps=4)
+    return (out, lse) if return_lse else out
