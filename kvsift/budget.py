@@ -98,7 +98,8 @@ def request_kv_bytes(per_token: int, rows: int, prompt_tokens: int, kept_tokens:
     (``offloads``) then keeps the whole prompt in host memory and ``kept_tokens`` on the device. A lower
     bound (method state and allocator slack are not counted), so it refuses nothing that would fit."""
     kept = min(kept_tokens, prompt_tokens)
-    prefill = (1 if row_prefill else rows) * prompt_tokens * per_token
+    # one row at a time: that row's whole prompt beside the rows already compressed
+    prefill = (prompt_tokens + (rows - 1) * kept if row_prefill else rows * prompt_tokens) * per_token
     decode = rows * (kept + new_tokens) * per_token
     device = rows * context_bytes + max(prefill, decode)
     host = rows * prompt_tokens * per_token if offloads else 0
