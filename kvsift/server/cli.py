@@ -76,6 +76,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="most requests of one API key queued or running at once, then 429 with Retry-After "
                         "(a key's max_concurrent in --api-keys-file overrides it; without keys all requests "
                         "share one bucket; default: no limit)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="most sequences of compatible queued requests (same method, options and context; greedy "
+                        "or unseeded sampling; compressing methods: same prompt length) answered by one batched "
+                        "generation (default 8; 1: one request at a time)")
+    p.add_argument("--kv-memory", type=_bytes, default=None,
+                   help="expected KV bytes one batch may hold on the device (e.g. 8G; default: unbounded); "
+                        "requests wait for room, one that cannot fit alone gets 400 kv_memory_exceeded")
+    p.add_argument("--host-memory", type=_bytes, default=None,
+                   help="the same for KV offloaded to host memory (sentencekv; default: unbounded)")
     p.add_argument("--max-body", type=_bytes, default=8 * 2**20, help="largest request body (default 8M)")
     p.add_argument("--contexts-dir", type=Path, default=None,
                    help=f"where contexts are persisted (default {default_contexts_dir()})")
@@ -118,7 +127,8 @@ def build_config(args):
                           contexts_disk_bytes=args.contexts_disk_limit, keys=keys, max_tokens_cap=args.max_tokens_cap,
                           public_health=args.public_health, insecure=args.insecure,
                           max_request_seconds=args.max_request_seconds, max_queue_seconds=args.max_queue_seconds,
-                          max_concurrent_per_key=args.max_concurrent_per_key)
+                          max_concurrent_per_key=args.max_concurrent_per_key, max_batch=args.max_batch,
+                          kv_memory_bytes=args.kv_memory, host_memory_bytes=args.host_memory)
     check_model(args.model)  # unknown or not installed: fail before binding or loading (after the cheap checks)
     return config
 
