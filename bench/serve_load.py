@@ -127,6 +127,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-method", default=None)
     ap.add_argument("--kv-budget", default=None)
     ap.add_argument("--chunk-size", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="the server's CPU threads (OMP_NUM_THREADS; on a shared machine 1 avoids threads waiting "
+                         "for a busy core: 2 threads measured 4-60x slower steps there)")
     ap.add_argument("--timeout", type=float, default=600.0, help="per request")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -138,6 +141,11 @@ def main(argv=None) -> int:
     if not values or any(v < 1 for v in values) or not 1 <= args.clients <= 256 or args.requests < 1 \
             or args.prompt_tokens < 1 or args.max_tokens < 1:
         ap.error("--max-batch values, --clients (<= 256), --requests, --prompt-tokens and --max-tokens must be >= 1")
+    env = {"PYTHONPATH": str(REPO)}
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error("--threads must be >= 1")
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     extra = {}
     if args.kv_method:
         extra["kv_method"] = args.kv_method
@@ -155,7 +163,7 @@ def main(argv=None) -> int:
                    "--max-waiting", str(4 * args.clients), "--max-tokens-cap", str(args.max_tokens)]
             if args.chunk_size:
                 cmd += ["--chunk-size", str(args.chunk_size)]
-            with ServerProcess(cmd, start_timeout=600, env={"PYTHONPATH": str(REPO)}) as srv:
+            with ServerProcess(cmd, start_timeout=600, env=env) as srv:
                 one_request(srv.url, {"prompt": [5, 6, 7], "max_tokens": 2, "stream": True}, args.timeout)  # warm-up
                 before = batch_metric(srv.url)
                 res = run_phase(srv.url, args.clients, args.requests, args.prompt_tokens, args.max_tokens, extra,
@@ -176,12 +184,13 @@ def main(argv=None) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     print(f"{args.clients} clients x {args.requests} requests, {args.prompt_tokens}-token prompts, "
           f"{args.max_tokens} new tokens, model {args.model or 'tiny random'}"
+          + (f", {args.threads} server thread(s)" if args.threads else "")
           + (f", {args.kv_method} {args.kv_budget}" if args.kv_method else ""))
     for row in table:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
     report = {"clients": args.clients, "requests_per_client": args.requests, "prompt_tokens": args.prompt_tokens,
               "max_tokens": args.max_tokens, "model": args.model or "tiny random (llama, 2 layers)",
-              "kv_method": args.kv_method, "kv_budget": args.kv_budget, "results": rows}
+              "kv_method": args.kv_method, "kv_budget": args.kv_budget, "threads": args.threads, "results": rows}
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=1))
     return 1 if any(r["errors"] for r in rows) else 0
