@@ -255,3 +255,62 @@ def test_decode_runner_uses_the_runners_graph_cache(tiny_llm, default_tokenizer)
     d = made[0]
     assert d.batch == 3 and d.bucket == 4 and d.layout[0] == "SiftCache"
     assert static.runner.graphs is graphs and len(graphs) == 0
+
+
+# ---- continuous batching: requests join a running batch at decode-step boundaries ------------------------
+def test_requests_join_a_running_batch_and_get_their_answers_alone(tiny_llm):
+    p_a, p_b, p_c = random_prompt(40, seed=91), random_prompt(70, seed=92), random_prompt(25, seed=93)
+    pa, pb, pc = (SamplingParams(max_tokens=n, ignore_eos=True) for n in (10, 6, 9))
+    want = [tiny_llm.generate(p, q)[0].token_ids for p, q in ((p_a, pa), (p_b, pb), (p_c, pc))]
+    a = tiny_llm.request([p_a], pa)
+    b, c = tiny_llm.request([p_b], pb), tiny_llm.request([p_c], pc)
+    assert tiny_llm.joins_running(a)
+    calls = []
+
+    def join(running, rows):  # b joins at the third step boundary, c at the fifth (a longer and a shorter prompt)
+        calls.append(rows)
+        return {3: [b], 5: [c]}.get(len(calls), [])
+
+    group = [a]
+    outs = {}
+    for r, ev in tiny_llm.run_batch(group, join=join):
+        if ev.output is not None:
+            outs[r.id] = ev.output
+    assert group == [a, b, c] and calls[:5] == [1, 1, 1, 2, 2]
+    assert [outs[r.id].token_ids for r in (a, b, c)] == want
+    assert all(r.finished for r in (a, b, c)) and outs[b.id].finish_reason == "length"
+
+
+def test_no_join_where_it_would_not_be_exact(tiny_llm, default_tokenizer):
+    from kvsift import LLM
+
+    ids = [random_prompt(40, seed=94)]
+    p = SamplingParams(max_tokens=4, ignore_eos=True)
+    assert not tiny_llm.joins_running(tiny_llm.request(ids, p, method="snapkv", budget=16))
+    assert not tiny_llm.joins_running(tiny_llm.request(ids, p, context=tiny_llm.prefill_context(ids[0])))
+    static = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode="static")
+    r = static.request(ids, p)
+    assert not static.joins_running(r)
+    asked = []
+    out = list(static.run_batch([r], join=lambda running, rows: asked.append(rows) or []))
+    assert asked == [] and out[-1][1].output.token_ids == tiny_llm.generate(ids, p)[0].token_ids
+
+
+def test_scheduler_join_keeps_arrival_order_and_limits():
+    s = Scheduler(SchedulerConfig(max_batch=4, kv_memory=100))
+    run_ = req([[1]], kv=10)
+    s.add(run_)
+    assert s.schedule() == [run_]
+    a, b, snap, c = req([[2]], kv=10), req([[3]], kv=10), req([[1] * 40], method="snapkv", budget=8), req([[4]])
+    for r in (a, b, snap, c):
+        s.add(r)
+    assert s.join([run_], 1) == [a, b]       # stops at snapkv's request: c does not overtake it
+    assert s.running == [run_, a, b] and s.kv_used == 30 and list(s.waiting) == [snap, c]
+    assert s.join([run_, a, b], 3) == []     # the head of the queue cannot join
+    s.remove(snap)
+    assert s.join([run_, a, b], 4) == []     # max_batch
+    assert s.join([run_, a, b], 3) == [c]
+    big = req([[5]], kv=80)
+    s.add(big)
+    assert s.join([run_], 1) == []           # memory: 30 + 80 > 100
+    assert s.join([req([[1]], kind="prefill")], 1) == []

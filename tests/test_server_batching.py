@@ -27,10 +27,11 @@ from tests.conftest import random_prompt
 @pytest.fixture
 def batches(tiny_llm, monkeypatch):
     """Records each engine batch (its requests' prompts). The first batch waits at its start until
-    ``release`` is set; while ``resume`` is clear, a batch of several requests stops after its first
-    event (``paused`` is set) until ``resume`` is set."""
+    ``release`` is set; while ``resume`` is clear, a batch of at least ``pause_min`` requests stops
+    after its first event (``paused`` is set) until ``resume`` is set. ``groups`` holds the requests
+    a batch started with (not those that joined it later)."""
     rec = types.SimpleNamespace(groups=[], release=threading.Event(), resume=threading.Event(),
-                                paused=threading.Event())
+                                paused=threading.Event(), pause_min=2)
     rec.resume.set()
     real = tiny_llm.run_batch
 
@@ -45,7 +46,7 @@ def batches(tiny_llm, monkeypatch):
                     raise TimeoutError("the test never released the first batch")
                 for n, item in enumerate(inner):
                     yield item
-                    if n == 0 and len(group) > 1 and not rec.resume.is_set():
+                    if n == 0 and len(group) >= rec.pause_min and not rec.resume.is_set():
                         rec.paused.set()
                         if not rec.resume.wait(60):
                             raise TimeoutError("the test never resumed the batch")
@@ -87,10 +88,12 @@ def sse_text(r) -> tuple[str, list[dict]]:
 
 
 def queue_behind_a_held_request(c, pool, bodies: list[dict]) -> list:
-    """Start a short request that holds the engine (the ``batches`` fixture's first batch), then
-    ``bodies`` one after another; returns their futures once all wait in the queue."""
+    """Start a short request that holds the engine (the ``batches`` fixture's first batch) and that
+    no request may join, then ``bodies`` one after another; returns their futures once all wait in
+    the queue."""
     sched = c.app.state.kvsift.scheduler
-    blocker = pool.submit(c.post, "/v1/completions", json=completion([5, 6, 7], 2))
+    # a seeded sample: nothing joins its batch (it reproduces only alone)
+    blocker = pool.submit(c.post, "/v1/completions", json=completion([5, 6, 7], 2, temperature=0.5, seed=1))
     wait_for(lambda: sched.running == 1)
     futs = []
     for i, body in enumerate(bodies):
@@ -174,10 +177,48 @@ def test_cancelling_one_request_of_a_batch_leaves_the_others_whole(make_client, 
     assert (sched.running, sched.waiting, sched.per_key) == (0, 0, {})
 
 
+@pytest.mark.parametrize("continuous", [True, False])
+def test_queued_requests_join_the_running_batch_in_arrival_order(make_client, tiny_llm, batches, continuous):
+    """Continuous batching: B arrives while A's batch runs and joins it at the next decode step; C
+    (snapkv) cannot join, and D, behind C, does not overtake it. Without it, B waits for the next
+    batch (and D shares it)."""
+    c = make_client(max_batch=4, continuous_batching=continuous)
+    sched = c.app.state.kvsift.scheduler
+    p_a, p_b, p_c, p_d = (random_prompt(n, seed=100 + n) for n in (30, 55, 40, 20))
+    want = [alone(tiny_llm, p_a, 30), alone(tiny_llm, p_b, 8), alone(tiny_llm, p_c, 5, method="snapkv", budget=16),
+            alone(tiny_llm, p_d, 5)]
+    batches.release.set()
+    batches.pause_min = 1
+    batches.resume.clear()  # A's batch stops after its first event
+    with ThreadPoolExecutor(4) as pool:
+        fa = pool.submit(c.post, "/v1/completions", json=completion(p_a, 30))
+        assert batches.paused.wait(30)
+        fb = pool.submit(c.post, "/v1/completions", json=completion(p_b, 8, stream=True))
+        wait_for(lambda: sched.waiting == 1)
+        fc = pool.submit(c.post, "/v1/completions", json=completion(p_c, 5, kv_method="snapkv", kv_budget=16))
+        wait_for(lambda: sched.waiting == 2)
+        fd = pool.submit(c.post, "/v1/completions", json=completion(p_d, 5))
+        wait_for(lambda: sched.waiting == 3)
+        batches.resume.set()
+        ra, rb, rc, rd = (f.result() for f in (fa, fb, fc, fd))
+    if continuous:
+        assert sched.joined == 1 and batches.groups == [[[p_a]], [[p_c]], [[p_d]]]
+    else:
+        assert sched.joined == 0 and batches.groups == [[[p_a]], [[p_b], [p_d]], [[p_c]]]
+    assert ra.json()["choices"][0]["text"] == want[0].text
+    text, chunks = sse_text(rb)
+    assert text == want[1].text and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert rc.json()["choices"][0]["text"] == want[2].text and rd.json()["choices"][0]["text"] == want[3].text
+    assert (sched.running, sched.waiting, sched.per_key, sched.busy) == (0, 0, {}, False)
+    assert not sched.engine.running and sched.engine.kv_used == 0
+    assert re.search(rf"^kvsift_batch_joins_total {int(continuous)}\.0$", c.get("/metrics").text, re.M)
+
+
 def test_max_batch_and_memory_options_are_validated(capsys):
     for kw, msg in (({"max_batch": 0}, "max_batch (--max-batch) must be an integer >= 1"),
                     ({"max_batch": 2.5}, "max_batch"), ({"kv_memory_bytes": 0}, "kv_memory_bytes (--kv-memory)"),
-                    ({"host_memory_bytes": -1}, "host_memory_bytes (--host-memory)")):
+                    ({"host_memory_bytes": -1}, "host_memory_bytes (--host-memory)"),
+                    ({"continuous_batching": "yes"}, "continuous_batching must be a bool")):
         with pytest.raises(ValueError) as e:
             ServerConfig(**kw)
         assert msg in str(e.value)
@@ -240,7 +281,8 @@ def test_a_client_leaving_its_batch_does_not_break_the_others(tmp_path_factory, 
                                    and json.loads(line[6:])["choices"])
 
         with httpx.Client(timeout=60) as c0:
-            with c0.stream("POST", url + "/v1/completions", json=completion([5, 6, 7], 8000, stream=True)) as blocker:
+            with c0.stream("POST", url + "/v1/completions", json=completion([5, 6, 7], 8000, stream=True, temperature=0.5,
+                                                                 seed=1)) as blocker:  # no one joins it
                 assert blocker.status_code == 200
                 wait_for(lambda: _metric(url, "kvsift_requests_running") == 1)
                 ta = threading.Thread(target=read_a)

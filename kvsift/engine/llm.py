@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from kvsift.engine.decode import check_decode_mode
 from kvsift.engine.params import GenerationStats, RequestOutput, SamplingParams, StreamEvent
 from kvsift.engine.runner import CPU_FIRST_CHUNK, DEFAULT_CHUNK, Context, ModelRunner, full_bytes, sync
 from kvsift.engine.runner import check_prefill_mode as _check_prefill_mode
-from kvsift.engine.scheduler import Request, Scheduler, SchedulerConfig
+from kvsift.engine.scheduler import Request, Scheduler, SchedulerConfig, pads_exactly
 from kvsift.methods import KVMethod, build_method
 from kvsift.methods.base import Budget, Run
 from kvsift.models.loader import ModelInfo, load_model, model_info
@@ -285,13 +286,21 @@ class LLM:
         return list(self.tokenizer(text[text.index(marker) + len(marker):], add_special_tokens=False)["input_ids"])
 
     # ---- one batched generation ---------------------------------------------------------------
-    def run_batch(self, requests: list[Request], progress: bool | None = None) -> Iterator[tuple[Request, StreamEvent]]:
+    def run_batch(self, requests: list[Request], progress: bool | None = None,
+                  join: Callable[[list[Request], int], list[Request]] | None = None
+                  ) -> Iterator[tuple[Request, StreamEvent]]:
         """Run a scheduled group of compatible requests (:func:`~kvsift.engine.scheduler.batch_key`)
         as one batched generation: their prompts are prefilled and decoded together. Yields
         ``(request, event)``, the event's ``index`` local to its request; a request's last event
         comes with ``request.finished`` set. Each request's ``cancel`` is read once per decode step:
         a cancelled request's sequences end (``"cancelled"``) while the others go on; each sequence
-        stops at its own ``max_tokens``, stop strings and end of sequence. Holds the runner's lock."""
+        stops at its own ``max_tokens``, stop strings and end of sequence. Holds the runner's lock.
+
+        ``join(requests, rows)``: asked at every decode-step boundary for requests to add to the
+        running batch (continuous batching; ``rows``: the batch's rows now). They are appended to
+        ``requests``, prefilled on their own, then their KV is stacked with the running rows (left
+        padding by position) and they decode with the others from the next step. Only where that is
+        exact and cheap: ``full`` over no reused context, eager decode (:func:`joins_running`)."""
         if not requests:
             return
         head = requests[0]
@@ -307,29 +316,50 @@ class LLM:
         max_new = max(limits)
         runner = self.runner
         mode = runner.decode_mode_for(method)
+        can_join = join is not None and self.joins_running(head, mode)
         with self.lock:
             cache, stats, (ctx, logits) = runner.prefill(ids, method, run, context, progress, reserve=max_new + 1)
             ctx.decoding = True
             next_pos = ctx.next_pos
-            b = len(ids)
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed if params.seed is not None else torch.seed() % 2**63)
             seqs = [_Seq(j, self, r.params, limit) for (r, j), limit in zip(owners, limits)]
             left = {r: r.rows for r in requests}   # sequences of each request still running
+            base_stats = {r: (stats, 0.0) for r in requests}  # each request's prefill stats, decode start
             eos = torch.tensor(self.eos_ids, device=self.device) if self.eos_ids else None
             # on CUDA the host reads step t's tokens while step t+1 already runs (no stall per step)
             lag = self.device.type == "cuda"
+            b = len(ids)
             host = torch.empty(2, b, dtype=torch.long, pin_memory=lag)
             ready = torch.cuda.Event() if lag else None
             decoder = runner.decoder(ctx, mode, max_new)
             stats.decode_mode = decoder.mode
             t0 = time.perf_counter()
+
+            def push(i: int, tok_i: int, eos_i: bool, cancelled: set) -> Iterator[tuple[Request, StreamEvent]]:
+                s, (r, j) = seqs[i], owners[i]
+                ev = s.push(tok_i, eos_i and not r.params.ignore_eos, s.steps == s.limit - 1,
+                            "cancelled" if r in cancelled else None)
+                if ev.finished:
+                    st, t_r = base_stats[r]
+                    st.decode_mode, st.decode_setup_s = decoder.mode, decoder.setup_s
+                    st.decode_setup_steps = decoder.setup_steps
+                    stats_i = _copy_stats(st, ctx.cache, method, run, len(s.ids), s.steps - 1,
+                                          time.perf_counter() - t0 - t_r, share=(r.rows, len(seqs)))
+                    ev.output = RequestOutput(s.text, s.ids, r.prompts[j], s.reason, stats_i)
+                    left[r] -= 1
+                    r.finished = left[r] == 0
+                if ev.text or ev.finished:
+                    yield r, ev
+
             try:
-                for step in range(max_new):
-                    last = step == max_new - 1
+                while True:
+                    # the last step of every running sequence: nothing to queue after it
+                    last = all(s.done or s.steps == s.limit - 1 for s in seqs)
                     tok = _sample(logits, params, gen)
                     is_eos = torch.isin(tok, eos) if eos is not None else torch.zeros_like(tok, dtype=torch.bool)
-                    if lag:
+                    new = join(requests, len(seqs)) if can_join and not last else []
+                    if lag and not new:
                         host.copy_(torch.stack((tok, is_eos.long())), non_blocking=True)
                         ready.record()
                         if not last:  # queue the next step before waiting for this one's tokens
@@ -340,24 +370,32 @@ class LLM:
                     else:
                         toks, eos_l = tok.tolist(), is_eos.tolist()
                     cancelled = {r for r in requests if left[r] and r.cancel is not None and r.cancel()}
-                    for i, (s, (r, j)) in enumerate(zip(seqs, owners)):
-                        if s.done:
-                            continue
-                        ev = s.push(toks[i], bool(eos_l[i]) and not r.params.ignore_eos, step == s.limit - 1,
-                                    "cancelled" if r in cancelled else None)
-                        if ev.finished:
-                            stats.decode_mode, stats.decode_setup_s = decoder.mode, decoder.setup_s
-                            stats.decode_setup_steps = decoder.setup_steps
-                            stats_i = _copy_stats(stats, cache, method, run, len(s.ids), step,
-                                                  time.perf_counter() - t0, share=(r.rows, b))
-                            ev.output = RequestOutput(s.text, s.ids, r.prompts[j], s.reason, stats_i)
-                            left[r] -= 1
-                            r.finished = left[r] == 0
-                        if ev.text or ev.finished:
-                            yield r, ev
+                    for i, s in enumerate(seqs):
+                        if not s.done:
+                            yield from push(i, toks[i], bool(eos_l[i]), cancelled)
+                    if new:  # continuous batching: the new requests join before the next step
+                        decoder.close()
+                        ctx, t_new, first = self._join(ctx, new, run, progress)
+                        for r in new:
+                            requests.append(r)
+                            left[r] = r.rows
+                            base_stats[r] = (first.pop(r), time.perf_counter() - t0)
+                            for j in range(r.rows):
+                                owners.append((r, j))
+                                seqs.append(_Seq(j, self, r.params, r.room(len(r.prompts[j]), self.info.max_positions)))
+                        tok_new = _sample(t_new.logits, params, gen)
+                        eos_new = torch.isin(tok_new, eos) if eos is not None else torch.zeros_like(tok_new,
+                                                                                                  dtype=torch.bool)
+                        b0 = len(tok)
+                        for k, (t_k, e_k) in enumerate(zip(tok_new.tolist(), eos_new.tolist())):
+                            yield from push(b0 + k, t_k, bool(e_k), set())
+                        tok = torch.cat([tok, tok_new])
+                        next_pos = torch.cat([next_pos, t_new.next_pos])
+                        host = torch.empty(2, len(seqs), dtype=torch.long, pin_memory=lag)
+                        decoder = runner.decoder(ctx, mode, max(s.limit - s.steps for s in seqs) + 1)
                     if all(s.done for s in seqs):
                         break
-                    if not lag:
+                    if not lag or new:
                         logits = decoder.step(tok, next_pos)
                         next_pos = next_pos + 1
             finally:
@@ -365,7 +403,40 @@ class LLM:
                     sync(self.device)  # a queued step may still write the cache
                 decoder.close()
 
+    def joins_running(self, req: Request, mode: str | None = None) -> bool:
+        """Whether requests may join a running batch of ``req``'s kind at step boundaries: ``full``
+        (left padding is exact), no reused context, eager decode (static and graph decoding fix the
+        batch's shapes for the whole generation)."""
+        mode = mode or self.runner.decode_mode_for(req.method)
+        return req.kind == "generate" and req.context is None and pads_exactly(req.method) and mode == "eager"
 
+    def _join(self, ctx: ForwardContext, new: list[Request], run: Run, progress: bool | None):
+        """Prefill ``new`` on their own and stack their KV under the running rows of ``ctx.cache``
+        (each row keeps its own positions; shorter rows are padded with position -1). Returns the
+        merged batch's context, ``(logits, next_pos)`` of the new rows, and each new request's
+        prefill stats."""
+        method, runner = ctx.method, self.runner
+        ids = [p for r in new for p in r.prompts]
+        room = max(r.room(len(p), self.info.max_positions) for r in new for p in r.prompts)
+        cache_n, stats_n, (ctx_n, logits_n) = runner.prefill(ids, method, run, None, progress, reserve=room + 1)
+        old = ctx.cache
+        b_old = ctx.next_pos.shape[0]
+        steps_left = max(room, old.reserve) + 1
+        merged = SiftCache(self.info.num_layers, reserve=steps_left)
+        padded = False
+        with torch.inference_mode():
+            for lo, ln, lm in zip(old.layers, cache_n.layers, merged.layers):
+                rows = ([(lo.keys[i:i + 1], lo.values[i:i + 1], lo.positions[i:i + 1], None) for i in range(b_old)]
+                        + [(ln.keys[i:i + 1], ln.values[i:i + 1], ln.positions[i:i + 1], None)
+                           for i in range(len(ids))])
+                padded |= lm.set_rows(rows)
+        merged.seen = max(old.seen, cache_n.seen)
+        merged_ctx = ForwardContext(cache=merged, method=method, run=run, has_padding=True,
+                                    prompt_ids=list(ctx.prompt_ids) + ids, tokenizer=self.tokenizer,
+                                    next_pos=torch.cat([ctx.next_pos, ctx_n.next_pos]), rope=runner.rope)
+        merged_ctx.decoding, merged_ctx.step = True, ctx.step
+        first = {r: stats_n for r in new}
+        return merged_ctx, _Joined(logits_n, ctx_n.next_pos), first
 
 def _as_batch(prompts) -> list:
     if isinstance(prompts, str):
@@ -390,17 +461,28 @@ def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> to
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+@dataclass(slots=True)
+class _Joined:
+    """The first logits and next positions of requests that joined a running batch."""
+
+    logits: torch.Tensor
+    next_pos: torch.Tensor
+
+
 class _Seq:
-    """Per-sequence detokenization, stop strings and finish state (``limit``: its most new tokens)."""
+    """Per-sequence detokenization, stop strings and finish state (``limit``: its most new tokens;
+    ``steps``: tokens pushed so far)."""
 
     def __init__(self, index: int, llm: LLM, params: SamplingParams, limit: int | None = None):
         self.index, self.llm, self.params = index, llm, params
         self.limit = params.max_tokens if limit is None else limit
+        self.steps = 0
         self.ids: list[int] = []
         self.text, self.emitted, self.done, self.reason = "", 0, False, "length"
         self.hold = max((len(s) for s in params.stop), default=1) - 1
 
     def push(self, tok: int, is_eos: bool, last: bool, reason: str | None) -> StreamEvent:
+        self.steps += 1
         appended = None
         if reason is not None:
             self.done, self.reason = True, reason

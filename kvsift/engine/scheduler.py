@@ -28,6 +28,9 @@ sequences and within memory. Two requests batch when their results do not depend
 * nobody's token limit shrinks: with padding the batch's longest prompt bounds every row's room
   before ``max_positions``.
 
+``join(running, rows)`` lets waiting requests of the running group's key join it at a decode-step
+boundary (continuous batching), in arrival order up to the first that cannot.
+
 ``max_tokens``, stop strings and ``ignore_eos`` are per sequence. The offline API
 (:meth:`LLM.generate <kvsift.engine.llm.LLM.generate>`) and the server go through this class: the
 LLM's own instance (one request per call) and the server's (``--max-batch``, ``--kv-memory``).
@@ -233,6 +236,31 @@ class Scheduler:
             self.kv_used += kv
             self.host_used += host
             return group
+
+    def join(self, running: list[Request], rows: int) -> list[Request]:
+        """Waiting requests that join the running group ``running`` (``rows`` sequences now) at a
+        decode-step boundary (continuous batching; the engine decides whether its group can take
+        any, :meth:`LLM.joins_running <kvsift.engine.llm.LLM.joins_running>`): in arrival order, the
+        ones with the group's batch key, within ``max_batch`` rows and memory, stopping at the
+        first waiting request that cannot join (it runs next: no one overtakes it). They move to
+        ``running``."""
+        with self._lock:
+            key = batch_key(running[0]) if running else None
+            if key is None or not self.waiting:
+                return []
+            out = []
+            for cand in self.waiting:
+                if (rows + cand.rows > self.config.max_batch or batch_key(cand) != key
+                        or not self._fits(cand.kv_bytes, cand.host_bytes)):
+                    break
+                out.append(cand)
+                rows += cand.rows
+                self.kv_used += cand.kv_bytes
+                self.host_used += cand.host_bytes
+            for r in out:
+                self.waiting.remove(r)
+                self.running.append(r)
+            return out
 
     def finish(self, group: list[Request]) -> None:
         """The group's generation ended: its memory is free again."""

@@ -80,6 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="most sequences of compatible queued requests (same method, options and context; greedy "
                         "or unseeded sampling; compressing methods: same prompt length) answered by one batched "
                         "generation (default 8; 1: one request at a time)")
+    p.add_argument("--no-continuous-batching", action="store_true",
+                   help="requests arriving while a batch runs wait for the next batch instead of joining it at its "
+                        "next decode step (joining applies to kv_method full without a context, eager decode)")
     p.add_argument("--kv-memory", type=_bytes, default=None,
                    help="expected KV bytes one batch may hold on the device (e.g. 8G; default: unbounded); "
                         "requests wait for room, one that cannot fit alone gets 400 kv_memory_exceeded")
@@ -128,6 +131,7 @@ def build_config(args):
                           public_health=args.public_health, insecure=args.insecure,
                           max_request_seconds=args.max_request_seconds, max_queue_seconds=args.max_queue_seconds,
                           max_concurrent_per_key=args.max_concurrent_per_key, max_batch=args.max_batch,
+                          continuous_batching=not args.no_continuous_batching,
                           kv_memory_bytes=args.kv_memory, host_memory_bytes=args.host_memory)
     check_model(args.model)  # unknown or not installed: fail before binding or loading (after the cheap checks)
     return config

@@ -30,6 +30,8 @@ class ServerConfig:
     the honest default; the rest wait in a FIFO queue of at most ``max_waiting``).
     ``max_batch``: most sequences of compatible queued requests served by one batched generation
     (1: one request at a time; a request with several prompts still runs whole).
+    ``continuous_batching``: compatible requests that arrive while a batch runs join it at its
+    next decode step (where the engine allows it: ``full``, no context, eager decode).
     ``kv_memory_bytes`` / ``host_memory_bytes``: expected KV bytes a batch may hold on the device /
     in host memory (None: unbounded); a request that cannot fit alone is a 400 ``kv_memory_exceeded``.
     ``contexts_dir``: where reusable contexts are persisted (None = memory only).
@@ -72,6 +74,7 @@ class ServerConfig:
     max_queue_seconds: float | None = None
     max_concurrent_per_key: int | None = None
     max_batch: int = 8
+    continuous_batching: bool = True
     kv_memory_bytes: int | None = None
     host_memory_bytes: int | None = None
     keep_ids: int = field(default=10000)   # evicted / known ids remembered for their 410 answers
@@ -119,6 +122,8 @@ class ServerConfig:
         v = self.max_batch
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"max_batch (--max-batch) must be an integer >= 1, got {v!r}")
+        if not isinstance(self.continuous_batching, bool):
+            raise ValueError(f"continuous_batching must be a bool, got {self.continuous_batching!r}")
         for name, flag in (("kv_memory_bytes", "--kv-memory"), ("host_memory_bytes", "--host-memory")):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):

@@ -51,6 +51,8 @@ class Metrics:
                                         buckets=_BATCH, registry=r)
         self.batch_sequences = Histogram("kvsift_batch_sequences", "Sequences (prompts) in one engine batch",
                                          buckets=_BATCH, registry=r)
+        self.batch_joins = Counter("kvsift_batch_joins", "Requests that joined a running batch at a decode step",
+                                   registry=r)
         info = Gauge("kvsift_model_info", "Served model", ["model"], registry=r)
         info.labels(model=model).set(1)
         for loc in ("device", "host"):

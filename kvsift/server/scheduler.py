@@ -6,7 +6,9 @@ worker thread. Which requests form that batch is the engine's
 :class:`~kvsift.engine.scheduler.Scheduler`'s (``engine``): the oldest waiting request plus the
 waiting requests compatible with it (same method, options and context, greedy or unseeded sampling
 alike, and for compressing methods the same prompt length), up to ``max_batch`` sequences and the
-KV memory (``--max-batch``, ``--kv-memory``, ``--host-memory``). A batch's events go to each
+KV memory (``--max-batch``, ``--kv-memory``, ``--host-memory``); where the engine allows it
+(``full``, no context, eager decode), waiting requests of the running batch's kind join it at its
+next decode step, in arrival order (continuous batching). A batch's events go to each
 request's own ``asyncio.Queue`` as they come (streams stream per request); a request whose
 sequences are done ends at once, while the others of its batch go on. A context's prefill runs
 alone. Cancelling a job (client gone) sets a flag its request's ``cancel`` reads at every decode
@@ -33,6 +35,7 @@ the real wait shorter).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -47,6 +50,7 @@ _END = object()
 DEFAULT_JOB_S = 1.0     # a job's expected run time before any job finished (Retry-After only)
 _AVG_WEIGHT = 0.3       # weight of the latest job in the moving average of run times
 ANONYMOUS_BUCKET = ""   # the requests of a server without keys are counted together
+_JOIN_WAIT_S = 10.0     # most the worker waits for the event loop to hand it joining requests
 
 
 class JobFailed(Exception):
@@ -122,21 +126,24 @@ class Scheduler:
     """Engine batches one at a time, the jobs waiting FIFO; admission limits (see the module).
 
     ``engine``: the engine scheduler that groups the waiting requests (default: no batching across
-    requests); ``run_batch(group)``: runs a group, yielding ``(request, event)``
-    (:meth:`LLM.run_batch <kvsift.engine.llm.LLM.run_batch>`)."""
+    requests); ``run_batch(group, join)``: runs a group, yielding ``(request, event)``, and asks
+    ``join`` at each decode step for requests joining it (:meth:`LLM.run_batch
+    <kvsift.engine.llm.LLM.run_batch>`; not asked without ``join_running``)."""
 
     def __init__(self, max_waiting: int, metrics=None, *, max_run_s: float | None = None,
                  max_queue_s: float | None = None, max_per_key: int | None = None,
                  engine: EngineScheduler | None = None,
-                 run_batch: Callable[[list[Request]], Iterator[tuple[Request, Any]]] | None = None):
+                 run_batch: Callable[..., Iterator[tuple[Request, Any]]] | None = None, join_running: bool = True):
         self.max_waiting = max_waiting
         self.metrics = metrics
         self.max_run_s, self.max_queue_s, self.max_per_key = max_run_s, max_queue_s, max_per_key
         self.engine = engine if engine is not None else EngineScheduler(SchedulerConfig(max_batch=1))
         self.run_batch = run_batch
+        self.join_running = join_running
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvsift-engine")
         self.busy = False                        # a batch holds the engine
         self.batches = 0                         # engine batches started
+        self.joined = 0                          # requests that joined a running batch
         self.waiting = 0
         self.running = 0
         self.jobs: dict[Job, None] = {}          # admitted and not finished, in arrival order
@@ -235,37 +242,59 @@ class Scheduler:
         if job.dispatched is not None and not job.dispatched.done():
             job.dispatched.set_result(None)
 
+    def _purge(self) -> None:
+        """Drop the queued requests whose clients left."""
+        for r in list(self.engine.waiting):
+            j = r.tag
+            if j.is_cancelled() or j not in self.jobs:
+                self.engine.remove(r)
+                self._drop(j)
+
     def _dispatch(self) -> None:
         """Start the next batch when the engine is free (on the event loop)."""
         while not self.busy:
-            for r in list(self.engine.waiting):
-                j = r.tag
-                if j.is_cancelled() or j not in self.jobs:
-                    self.engine.remove(r)
-                    self._drop(j)
+            self._purge()
             group = self.engine.schedule()
             if not group:
                 return
             self._start(group)
 
+    def _join(self, group: list[Request], rows: int) -> list[Request]:
+        """On the event loop: the waiting requests that join the running ``group`` now (continuous
+        batching), counted as started."""
+        self._purge()
+        new = self.engine.join(group, rows)
+        if new:
+            self.joined += len(new)
+            if self.metrics is not None:
+                self.metrics.batch_joins.inc(len(new))
+            self._begin([r.tag for r in new])
+        return new
+
+    def _join_from_worker(self, loop: asyncio.AbstractEventLoop, group: list[Request], rows: int) -> list[Request]:
+        """The engine's ``join`` callback (worker thread, at each decode-step boundary)."""
+        if not self.engine.waiting:  # the common case, without a trip to the event loop
+            return []
+
+        async def join():
+            return self._join(group, rows)
+
+        fut = asyncio.run_coroutine_threadsafe(join(), loop)
+        try:
+            return fut.result(timeout=_JOIN_WAIT_S)
+        except concurrent.futures.TimeoutError:  # the loop is busy or closing: no one joins this step...
+            if fut.cancel():
+                return []
+            return fut.result()  # ...unless it had started (it never waits once started)
+
     def _start(self, group: list[Request]) -> None:
         jobs = [r.tag for r in group]
         self.busy = True
         self.batches += 1
-        now, t = self.clock(), time.perf_counter()
-        for job in jobs:
-            self.waiting -= 1
-            self.running += 1
-            job.started, job.t_start = t, now
-            if self.max_run_s is not None:
-                job.deadline = now + self.max_run_s
-            if self.metrics is not None:
-                self.metrics.queue_time.observe(t - job.arrived)
-            job.dispatched.set_result(None)
+        self._begin(jobs)
         if self.metrics is not None:
             self.metrics.batch_requests.observe(len(group))
             self.metrics.batch_sequences.observe(sum(r.rows for r in group))
-        self._update()
         loop = jobs[0].loop
         if group[0].kind == "prefill":
             job = jobs[0]
@@ -285,6 +314,20 @@ class Scheduler:
         fut = loop.run_in_executor(self.executor, thread_main)
         fut.add_done_callback(lambda _f: self._batch_done(group))
 
+    def _begin(self, jobs: list[Job]) -> None:
+        """The jobs leave the queue and start (their run time counts from now)."""
+        now, t = self.clock(), time.perf_counter()
+        for job in jobs:
+            self.waiting -= 1
+            self.running += 1
+            job.started, job.t_start = t, now
+            if self.max_run_s is not None:
+                job.deadline = now + self.max_run_s
+            if self.metrics is not None:
+                self.metrics.queue_time.observe(t - job.arrived)
+            job.dispatched.set_result(None)
+        self._update()
+
     def _run_group(self, group: list[Request], loop: asyncio.AbstractEventLoop) -> None:
         """The worker thread's part of a generation batch: each event to its job; a job ends as soon
         as its request is finished (its client has its answer while the others go on)."""
@@ -295,7 +338,8 @@ class Scheduler:
             job.emit(_END)
             loop.call_soon_threadsafe(self._finish, job)
 
-        events = self.run_batch(group)
+        join = (lambda running, rows: self._join_from_worker(loop, running, rows)) if self.join_running else None
+        events = self.run_batch(group, join)
         try:
             for req, ev in events:
                 job = req.tag
