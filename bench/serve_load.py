@@ -1,6 +1,7 @@
 """Load test of batching across requests: N concurrent streaming clients with long prompts against a
 server this script starts on loopback (and stops), once per ``--max-batch`` value (default 1, the
-old one-request-at-a-time behaviour, and 8). Prints a table (throughput in generated tokens/s,
+old one-request-at-a-time behaviour, and 8, with continuous batching unless
+``--no-continuous-batching``). Prints a table (throughput in generated tokens/s,
 time to first token p50/p99, inter-token time p50/p99) and writes the numbers as JSON.
 
     python bench/serve_load.py                                  # tiny random model on CPU, 4 clients
@@ -127,6 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-method", default=None)
     ap.add_argument("--kv-budget", default=None)
     ap.add_argument("--chunk-size", type=int, default=None)
+    ap.add_argument("--no-continuous-batching", action="store_true",
+                    help="pass it to the server: requests do not join a running batch")
     ap.add_argument("--threads", type=int, default=None,
                     help="the server's CPU threads (OMP_NUM_THREADS; on a shared machine 1 avoids threads waiting "
                          "for a busy core: 2 threads measured 4-60x slower steps there)")
@@ -163,6 +166,8 @@ def main(argv=None) -> int:
                    "--max-waiting", str(4 * args.clients), "--max-tokens-cap", str(args.max_tokens)]
             if args.chunk_size:
                 cmd += ["--chunk-size", str(args.chunk_size)]
+            if args.no_continuous_batching:
+                cmd.append("--no-continuous-batching")
             with ServerProcess(cmd, start_timeout=600, env=env) as srv:
                 one_request(srv.url, {"prompt": [5, 6, 7], "max_tokens": 2, "stream": True}, args.timeout)  # warm-up
                 before = batch_metric(srv.url)
@@ -190,7 +195,8 @@ def main(argv=None) -> int:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
     report = {"clients": args.clients, "requests_per_client": args.requests, "prompt_tokens": args.prompt_tokens,
               "max_tokens": args.max_tokens, "model": args.model or "tiny random (llama, 2 layers)",
-              "kv_method": args.kv_method, "kv_budget": args.kv_budget, "threads": args.threads, "results": rows}
+              "kv_method": args.kv_method, "kv_budget": args.kv_budget, "threads": args.threads,
+              "continuous_batching": not args.no_continuous_batching, "results": rows}
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=1))
     return 1 if any(r["errors"] for r in rows) else 0
