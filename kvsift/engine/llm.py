@@ -97,7 +97,14 @@ class LLM:
     chunk_size = property(lambda self: self.runner.chunk_size)
     first_chunk = property(lambda self: self.runner.first_chunk)
     decode_mode = property(lambda self: self.runner.decode_mode)
-    prefill_mode = property(lambda self: self.runner.prefill_mode)
+
+    @property
+    def prefill_mode(self) -> str:
+        return self.runner.prefill_mode
+
+    @prefill_mode.setter
+    def prefill_mode(self, mode: str) -> None:  # the runner's, checked
+        self.runner.prefill_mode = _check_prefill_mode(mode)
     pad_id = property(lambda self: self.runner.pad_id)
     lock = property(lambda self: self.runner.lock)
 
