@@ -314,3 +314,41 @@ def test_scheduler_join_keeps_arrival_order_and_limits():
     s.add(big)
     assert s.join([run_], 1) == []           # memory: 30 + 80 > 100
     assert s.join([req([[1]], kind="prefill")], 1) == []
+
+
+def test_done_and_cancelled_rows_leave_a_running_batch(tiny_llm, monkeypatch):
+    """Rows whose sequence is done leave the batch before the next step (continuous batching), so a
+    later request finds room under max_batch; every answer is still the one alone."""
+    p_a, p_b, p_c, p_d = (random_prompt(n, seed=95 + n) for n in (50, 30, 40, 35))
+    pa, pb, pc = (SamplingParams(max_tokens=n, ignore_eos=True) for n in (8, 2, 3))
+    want = [tiny_llm.generate(p, q)[0].token_ids for p, q in ((p_a, pa), (p_b, pb), (p_c, pc))]
+    reads = {"n": 0}
+
+    def leave():  # d's client leaves at its second decode step
+        reads["n"] += 1
+        return reads["n"] >= 2
+
+    a, b, c = tiny_llm.request([p_a], pa), tiny_llm.request([p_b], pb), tiny_llm.request([p_c], pc)
+    d = tiny_llm.request([p_d], SamplingParams(max_tokens=50, ignore_eos=True), cancel=leave)
+    rows_seen, decode_rows = [], []
+    real = tiny_llm.runner.forward
+
+    def forward(ctx, ids, pos):
+        if ids.shape[1] == 1:
+            decode_rows.append(ids.shape[0])
+        return real(ctx, ids, pos)
+
+    monkeypatch.setattr(tiny_llm.runner, "forward", forward)
+
+    def join(running, rows):
+        rows_seen.append(rows)
+        return [c] if len(rows_seen) == 4 else []
+
+    outs = {}
+    for r, ev in tiny_llm.run_batch([a, b, d], join=join):
+        if ev.output is not None:
+            outs[r.id] = ev.output
+    assert [outs[r.id].token_ids for r in (a, b, c)] == want
+    assert outs[d.id].finish_reason == "cancelled" and len(outs[d.id].token_ids) == 1
+    # b (2 tokens) and d (cancelled) leave after the second step; c joins at the fourth boundary
+    assert rows_seen[:4] == [3, 3, 1, 1] and decode_rows[:4] == [3, 1, 1, 2], (rows_seen, decode_rows)

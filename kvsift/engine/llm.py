@@ -306,8 +306,10 @@ class LLM:
         ``join(requests, rows)``: asked at every decode-step boundary for requests to add to the
         running batch (continuous batching; ``rows``: the batch's rows now). They are appended to
         ``requests``, prefilled on their own, then their KV is stacked with the running rows (left
-        padding by position) and they decode with the others from the next step. Only where that is
-        exact and cheap: ``full`` over no reused context, eager decode (:func:`joins_running`)."""
+        padding by position) and they decode with the others from the next step; rows whose
+        sequence is done leave the batch the same way. Only where that is exact and keeps shapes
+        free: ``full`` over no reused context, eager decode (:meth:`joins_running`); elsewhere the
+        batch keeps its rows to the end (done rows computed and ignored)."""
         if not requests:
             return
         head = requests[0]
@@ -323,7 +325,8 @@ class LLM:
         max_new = max(limits)
         runner = self.runner
         mode = runner.decode_mode_for(method)
-        can_join = join is not None and self.joins_running(head, mode)
+        compact = self.joins_running(head, mode)  # rows may change between steps
+        can_join = join is not None and compact
         with self.lock:
             cache, stats, (ctx, logits) = runner.prefill(ids, method, run, context, progress, reserve=max_new + 1)
             ctx.decoding = True
@@ -332,7 +335,8 @@ class LLM:
             gen.manual_seed(params.seed if params.seed is not None else torch.seed() % 2**63)
             seqs = [_Seq(j, self, r.params, limit) for (r, j), limit in zip(owners, limits)]
             left = {r: r.rows for r in requests}   # sequences of each request still running
-            base_stats = {r: (stats, 0.0) for r in requests}  # each request's prefill stats, decode start
+            # each request's prefill stats, the rows of that prefill, when its decode started
+            base_stats = {r: (stats, len(ids), 0.0) for r in requests}
             eos = torch.tensor(self.eos_ids, device=self.device) if self.eos_ids else None
             # on CUDA the host reads step t's tokens while step t+1 already runs (no stall per step)
             lag = self.device.type == "cuda"
@@ -348,11 +352,12 @@ class LLM:
                 ev = s.push(tok_i, eos_i and not r.params.ignore_eos, s.steps == s.limit - 1,
                             "cancelled" if r in cancelled else None)
                 if ev.finished:
-                    st, t_r = base_stats[r]
+                    st, rows_st, t_r = base_stats[r]
                     st.decode_mode, st.decode_setup_s = decoder.mode, decoder.setup_s
                     st.decode_setup_steps = decoder.setup_steps
                     stats_i = _copy_stats(st, ctx.cache, method, run, len(s.ids), s.steps - 1,
-                                          time.perf_counter() - t0 - t_r, share=(r.rows, len(seqs)))
+                                          time.perf_counter() - t0 - t_r, share=(r.rows, rows_st),
+                                          end_share=(r.rows, len(seqs)))
                     ev.output = RequestOutput(s.text, s.ids, r.prompts[j], s.reason, stats_i)
                     left[r] -= 1
                     r.finished = left[r] == 0
@@ -366,7 +371,10 @@ class LLM:
                     tok = _sample(logits, params, gen)
                     is_eos = torch.isin(tok, eos) if eos is not None else torch.zeros_like(tok, dtype=torch.bool)
                     new = join(requests, len(seqs)) if can_join and not last else []
-                    if lag and not new:
+                    # rows change before the next step (new ones, or rows done since the last step):
+                    # nothing may be queued ahead of that
+                    synced = not lag or bool(new) or (compact and any(s.done for s in seqs))
+                    if not synced:
                         host.copy_(torch.stack((tok, is_eos.long())), non_blocking=True)
                         ready.record()
                         if not last:  # queue the next step before waiting for this one's tokens
@@ -380,29 +388,36 @@ class LLM:
                     for i, s in enumerate(seqs):
                         if not s.done:
                             yield from push(i, toks[i], bool(eos_l[i]), cancelled)
-                    if new:  # continuous batching: the new requests join before the next step
+                    done = [s.done for s in seqs]
+                    if all(done) and not new:
+                        break
+                    if synced and compact and (new or any(done)):
+                        # continuous batching: done rows leave, new requests join, before the next step
+                        keep = [i for i, d in enumerate(done) if not d]
                         decoder.close()
-                        ctx, t_new, first = self._join(ctx, new, run, progress)
+                        ctx, t_new, first = self._rebuild(ctx, next_pos, keep, new, run, progress)
+                        seqs, owners = [seqs[i] for i in keep], [owners[i] for i in keep]
+                        tok, next_pos = tok[keep], next_pos[keep]
                         for r in new:
                             requests.append(r)
                             left[r] = r.rows
-                            base_stats[r] = (first.pop(r), time.perf_counter() - t0)
+                            base_stats[r] = (first, sum(q.rows for q in new), time.perf_counter() - t0)
                             for j in range(r.rows):
                                 owners.append((r, j))
                                 seqs.append(_Seq(j, self, r.params, r.room(len(r.prompts[j]), self.info.max_positions)))
-                        tok_new = _sample(t_new.logits, params, gen)
-                        eos_new = torch.isin(tok_new, eos) if eos is not None else torch.zeros_like(tok_new,
-                                                                                                  dtype=torch.bool)
-                        b0 = len(tok)
-                        for k, (t_k, e_k) in enumerate(zip(tok_new.tolist(), eos_new.tolist())):
-                            yield from push(b0 + k, t_k, bool(e_k), set())
-                        tok = torch.cat([tok, tok_new])
-                        next_pos = torch.cat([next_pos, t_new.next_pos])
+                        if new:
+                            tok_new = _sample(t_new.logits, params, gen)
+                            eos_new = (torch.isin(tok_new, eos) if eos is not None
+                                       else torch.zeros_like(tok_new, dtype=torch.bool))
+                            for k, (t_k, e_k) in enumerate(zip(tok_new.tolist(), eos_new.tolist())):
+                                yield from push(len(keep) + k, t_k, bool(e_k), set())
+                            tok = torch.cat([tok, tok_new])
+                            next_pos = torch.cat([next_pos, t_new.next_pos])
                         host = torch.empty(2, len(seqs), dtype=torch.long, pin_memory=lag)
                         decoder = runner.decoder(ctx, mode, max(s.limit - s.steps for s in seqs) + 1)
-                    if all(s.done for s in seqs):
-                        break
-                    if not lag or new:
+                        if all(s.done for s in seqs):
+                            break
+                    if synced:
                         logits = decoder.step(tok, next_pos)
                         next_pos = next_pos + 1
             finally:
@@ -411,39 +426,45 @@ class LLM:
                 decoder.close()
 
     def joins_running(self, req: Request, mode: str | None = None) -> bool:
-        """Whether requests may join a running batch of ``req``'s kind at step boundaries: ``full``
-        (left padding is exact), no reused context, eager decode (static and graph decoding fix the
-        batch's shapes for the whole generation)."""
+        """Whether a running batch of ``req``'s kind may change its rows at decode-step boundaries
+        (requests join, finished rows leave): ``full`` (left padding is exact), no reused context,
+        eager decode (static and graph decoding fix the batch's shapes for the whole generation)."""
         mode = mode or self.runner.decode_mode_for(req.method)
         return req.kind == "generate" and req.context is None and pads_exactly(req.method) and mode == "eager"
 
-    def _join(self, ctx: ForwardContext, new: list[Request], run: Run, progress: bool | None):
-        """Prefill ``new`` on their own and stack their KV under the running rows of ``ctx.cache``
-        (each row keeps its own positions; shorter rows are padded with position -1). Returns the
-        merged batch's context, ``(logits, next_pos)`` of the new rows, and each new request's
-        prefill stats."""
+    def _rebuild(self, ctx: ForwardContext, next_pos: torch.Tensor, keep: list[int], new: list[Request], run: Run,
+                 progress: bool | None):
+        """The running batch with only its rows ``keep`` plus the requests ``new`` (prefilled here,
+        on their own): every row's used slots (its own positions; holes dropped) are stacked into a
+        new cache, shorter rows padded with position -1. Returns the new batch's context, the new
+        rows' first logits and next positions (None without ``new``) and their prefill stats."""
         method, runner = ctx.method, self.runner
         ids = [p for r in new for p in r.prompts]
-        room = max(r.room(len(p), self.info.max_positions) for r in new for p in r.prompts)
-        cache_n, stats_n, (ctx_n, logits_n) = runner.prefill(ids, method, run, None, progress, reserve=room + 1)
         old = ctx.cache
-        b_old = ctx.next_pos.shape[0]
-        steps_left = max(room, old.reserve) + 1
-        merged = SiftCache(self.info.num_layers, reserve=steps_left)
-        padded = False
+        cache_n = ctx_n = logits_n = stats_n = None
+        room = old.reserve
+        if ids:
+            room = max(room, max(r.room(len(p), self.info.max_positions) for r in new for p in r.prompts))
+            cache_n, stats_n, (ctx_n, logits_n) = runner.prefill(ids, method, run, None, progress, reserve=room + 1)
+        merged = SiftCache(self.info.num_layers, reserve=room + 1)
+        sources = [(old, i) for i in keep] + [(cache_n, i) for i in range(len(ids))]
         with torch.inference_mode():
-            for lo, ln, lm in zip(old.layers, cache_n.layers, merged.layers):
-                rows = ([(lo.keys[i:i + 1], lo.values[i:i + 1], lo.positions[i:i + 1], None) for i in range(b_old)]
-                        + [(ln.keys[i:i + 1], ln.values[i:i + 1], ln.positions[i:i + 1], None)
-                           for i in range(len(ids))])
-                padded |= lm.set_rows(rows)
-        merged.seen = max(old.seen, cache_n.seen)
-        merged_ctx = ForwardContext(cache=merged, method=method, run=run, has_padding=True,
-                                    prompt_ids=list(ctx.prompt_ids) + ids, tokenizer=self.tokenizer,
-                                    next_pos=torch.cat([ctx.next_pos, ctx_n.next_pos]), rope=runner.rope)
+            for li, lm in enumerate(merged.layers):
+                rows = []
+                for cache, i in sources:
+                    ly = cache.layers[li]
+                    real = ly.positions[i, 0] >= 0  # full: every KV head holds the same positions
+                    rows.append((ly.keys[i:i + 1, :, real], ly.values[i:i + 1, :, real],
+                                 ly.positions[i:i + 1, :, real], None))
+                lm.set_rows(rows)
+        merged.seen = max(old.seen, cache_n.seen if cache_n is not None else 0)
+        pos = [next_pos[keep]] + ([ctx_n.next_pos] if ids else [])
+        prompts = [ctx.prompt_ids[i] for i in keep] + ids if ctx.prompt_ids is not None else None
+        merged_ctx = ForwardContext(cache=merged, method=method, run=run, has_padding=True, prompt_ids=prompts,
+                                    tokenizer=self.tokenizer, next_pos=torch.cat(pos), rope=runner.rope)
         merged_ctx.decoding, merged_ctx.step = True, ctx.step
-        first = {r: stats_n for r in new}
-        return merged_ctx, _Joined(logits_n, ctx_n.next_pos), first
+        return merged_ctx, (_Joined(logits_n, ctx_n.next_pos) if ids else None), stats_n
+
 
 def _as_batch(prompts) -> list:
     if isinstance(prompts, str):
@@ -515,14 +536,18 @@ class _Seq:
 
 
 def _copy_stats(stats: GenerationStats, cache: SiftCache, method: KVMethod, run: Run, n_gen: int, steps: int,
-                decode_s: float, share: tuple[int, int] = (1, 1)):
-    """One sequence's stats; ``share = (rows, batch)``: its request's part of a batch shared with
-    other requests (the batch's KV bytes are split by rows)."""
+                decode_s: float, share: tuple[int, int] = (1, 1), end_share: tuple[int, int] | None = None):
+    """One sequence's stats; ``share = (rows, batch)``: its request's part of the prefill's batch,
+    ``end_share`` of the batch at its end (the KV bytes of a batch shared with other requests are
+    split by rows)."""
     mem = cache.memory()
-    rows, b = share
 
-    def part(n: int) -> int:
+    def part(n: int, sh: tuple[int, int] = share) -> int:
+        rows, b = sh
         return n if rows == b else n * rows // b
+
+    def end(n: int) -> int:
+        return part(n, end_share or share)
 
     return GenerationStats(method=stats.method, budget=stats.budget, prompt_tokens=stats.prompt_tokens,
                            decode_mode=stats.decode_mode, decode_setup_s=stats.decode_setup_s,
@@ -530,5 +555,5 @@ def _copy_stats(stats: GenerationStats, cache: SiftCache, method: KVMethod, run:
                            generated_tokens=n_gen, decode_steps=steps, prefill_s=stats.prefill_s, decode_s=decode_s,
                            kv_device_bytes=part(stats.kv_device_bytes), kv_host_bytes=part(stats.kv_host_bytes),
                            kv_kept_bytes=part(stats.kv_kept_bytes), kv_full_bytes=part(stats.kv_full_bytes),
-                           kv_device_bytes_end=part(mem["device"]), kv_host_bytes_end=part(mem["host"]),
+                           kv_device_bytes_end=end(mem["device"]), kv_host_bytes_end=end(mem["host"]),
                            method_stats=method.stats(run))
