@@ -19,8 +19,8 @@ GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
 
 
 def req(prompts, params=GREEDY, method="full", budget=None, kv=0, host=0, context=None, kind="generate", **opts):
-    return Request([list(p) for p in prompts], params if kind == "generate" else None, build_method(method, budget, **opts),
-                   context=context, kv_bytes=kv, host_bytes=host, kind=kind)
+    return Request([list(p) for p in prompts], params if kind == "generate" else None,
+                   build_method(method, budget, **opts), context=context, kv_bytes=kv, host_bytes=host, kind=kind)
 
 
 # ---- configuration ------------------------------------------------------------------------------------

@@ -281,8 +281,8 @@ def test_a_client_leaving_its_batch_does_not_break_the_others(tmp_path_factory, 
                                    and json.loads(line[6:])["choices"])
 
         with httpx.Client(timeout=60) as c0:
-            with c0.stream("POST", url + "/v1/completions", json=completion([5, 6, 7], 8000, stream=True, temperature=0.5,
-                                                                 seed=1)) as blocker:  # no one joins it
+            blocker_body = completion([5, 6, 7], 8000, stream=True, temperature=0.5, seed=1)  # no one joins it
+            with c0.stream("POST", url + "/v1/completions", json=blocker_body) as blocker:
                 assert blocker.status_code == 200
                 wait_for(lambda: _metric(url, "kvsift_requests_running") == 1)
                 ta = threading.Thread(target=read_a)

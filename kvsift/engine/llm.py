@@ -26,7 +26,7 @@ from kvsift.cache import SiftCache
 from kvsift.engine.attention import ForwardContext  # noqa: F401  (re-exported: engine internals are importable)
 from kvsift.engine.decode import check_decode_mode
 from kvsift.engine.params import GenerationStats, RequestOutput, SamplingParams, StreamEvent
-from kvsift.engine.runner import CPU_FIRST_CHUNK, DEFAULT_CHUNK, Context, ModelRunner, full_bytes, sync
+from kvsift.engine.runner import CPU_FIRST_CHUNK, DEFAULT_CHUNK, Context, ModelRunner, sync
 from kvsift.engine.runner import check_prefill_mode as _check_prefill_mode
 from kvsift.engine.scheduler import Request, Scheduler, SchedulerConfig, pads_exactly
 from kvsift.methods import KVMethod, build_method
