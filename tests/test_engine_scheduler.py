@@ -352,3 +352,53 @@ def test_done_and_cancelled_rows_leave_a_running_batch(tiny_llm, monkeypatch):
     assert outs[d.id].finish_reason == "cancelled" and len(outs[d.id].token_ids) == 1
     # b (2 tokens) and d (cancelled) leave after the second step; c joins at the fourth boundary
     assert rows_seen[:4] == [3, 3, 1, 1] and decode_rows[:4] == [3, 1, 1, 2], (rows_seen, decode_rows)
+
+
+def test_graph_mode_bookkeeping_on_cpu_with_a_stand_in_recorder(tiny_llm, default_tokenizer, monkeypatch):
+    """The graph path of DecodeRunner without CUDA: the runner's ``capture`` is replaced by a
+    stand-in whose ``replay`` runs the static step over the same static inputs. One warm-up step per
+    kind, a recording at the kind's second step, replays after; the inputs of a bucket are the
+    runner's (the same tensors for the next generation); the generation's graphs leave the cache
+    when it ends; the tokens are the eager loop's."""
+    from kvsift import LLM
+
+    llm = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode="static")
+    runner = llm.runner
+
+    class Replay:
+        def __init__(self, ctx, tok, pos, logits):
+            self.ctx, self.tok, self.pos, self.logits = ctx, tok, pos, logits
+
+        def replay(self):
+            out = real_forward(self.ctx, self.tok, self.pos)  # the step over the static inputs
+            self.ctx.cache.seen -= 1  # a replay leaves the host counter to the runner (as on CUDA)
+            self.logits.copy_(out)
+
+    real_forward = runner.forward
+    recorded = []
+
+    def capture(ctx, tok, pos):
+        from kvsift.engine.graphs import GraphEntry
+
+        recorded.append((tok, pos))
+        logits = torch.empty(tok.shape[0], llm.model.config.vocab_size)
+        return GraphEntry(Replay(ctx, tok, pos, logits), logits)
+
+    monkeypatch.setattr(runner, "capture", capture)
+    monkeypatch.setattr(runner, "decode_mode_for", lambda method: "graph")
+    ids = [random_prompt(60, seed=97), random_prompt(45, seed=98), random_prompt(50, seed=99)]
+    p = SamplingParams(max_tokens=7, ignore_eos=True)
+    want = [o.token_ids for o in tiny_llm.generate(ids, p)]
+    out = llm.generate(ids, p)
+    assert [o.token_ids for o in out] == want
+    st = out[0].stats
+    assert st.decode_mode == "graph" and st.decode_setup_steps == 1 and st.decode_steps == 6
+    g = runner.graphs
+    # steps 2..6 replay (step 1 warms up, step 2 records then replays)
+    assert g.stats.captures == 1 and g.stats.hits == 5 and len(g) == 0 and g.stats.released == 1
+    tok_buf, pos_buf = g.inputs(4, torch.device("cpu"))  # batch 3 -> bucket 4: views of the bucket's buffers
+    assert recorded[0][0].data_ptr() == tok_buf.data_ptr() and recorded[0][0].shape == (3, 1)
+    again = llm.generate(ids[:2] + [random_prompt(50, seed=100)], p)
+    assert [o.token_ids for o in again][:2] == want[:2]
+    assert recorded[1][0].data_ptr() == tok_buf.data_ptr()  # the same static inputs, a new generation
+    assert g.stats.captures == 2 and len(g) == 0  # recorded again: its cache is a new layout
