@@ -402,3 +402,74 @@ def test_graph_mode_bookkeeping_on_cpu_with_a_stand_in_recorder(tiny_llm, defaul
     assert [o.token_ids for o in again][:2] == want[:2]
     assert recorded[1][0].data_ptr() == tok_buf.data_ptr()  # the same static inputs, a new generation
     assert g.stats.captures == 2 and len(g) == 0  # recorded again: its cache is a new layout
+
+
+def test_kv_arena_static_decode_across_generations(tiny_llm, default_tokenizer):
+    """With ``kv_arena``, static decoding of ``full`` runs over the runner's arena of the batch's
+    bucket, padded with empty rows, and every later generation of that shape reuses it: the
+    earlier generations' tokens are never seen (same tokens as eager, in any order of sizes)."""
+    from kvsift import LLM
+    from kvsift.engine.graphs import capacity_bucket
+
+    llm = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode="static", kv_arena=True)
+    p = SamplingParams(max_tokens=6, ignore_eos=True)
+    batches = [[random_prompt(60, seed=111), random_prompt(40, seed=112), random_prompt(50, seed=113)],
+               [random_prompt(30, seed=114)],
+               [random_prompt(70, seed=115), random_prompt(20, seed=116)],
+               [random_prompt(45, seed=117), random_prompt(65, seed=118), random_prompt(25, seed=119),
+                random_prompt(55, seed=120)]]
+    for ids in batches:
+        out = llm.generate(ids, p)
+        assert [o.token_ids for o in out] == [o.token_ids for o in tiny_llm.generate(ids, p)]
+        assert out[0].stats.decode_mode == "static"
+    arenas = llm.runner.arenas
+    assert capacity_bucket(100) == 256 and capacity_bucket(300) == 512
+    # at most two arenas, the least recently used out: bucket 4's first one went when bucket 2 came
+    assert list(arenas) == [(2, 256), (4, 256)] and arenas[(4, 256)].loads == 1
+    again = llm.generate(batches[0], p)  # 3 rows: bucket 4's arena, loaded over the 4-row generation's KV
+    assert [o.token_ids for o in again] == [o.token_ids for o in tiny_llm.generate(batches[0], p)]
+    assert arenas[(4, 256)].loads == 2
+    # methods other than full never use an arena
+    assert llm.generate(batches[1], p, method="snapkv", budget=16)[0].token_ids == \
+        tiny_llm.generate(batches[1], p, method="snapkv", budget=16)[0].token_ids
+    assert sum(a.loads for a in arenas.values()) == 3
+
+
+def test_kv_arena_graphs_are_recorded_once_and_replayed_by_later_generations(tiny_llm, default_tokenizer,
+                                                                             monkeypatch):
+    """The point of the arena: a later generation of the same shape replays the graph an earlier one
+    recorded (checked on CPU with a stand-in recorder whose replay runs the static step)."""
+    from kvsift import LLM
+    from kvsift.engine.graphs import GraphEntry
+
+    llm = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode="static", kv_arena=True)
+    runner = llm.runner
+    real_forward = runner.forward
+
+    class Replay:
+        def __init__(self, ctx, tok, pos, logits):
+            self.ctx, self.tok, self.pos, self.logits = ctx, tok, pos, logits
+
+        def replay(self):
+            out = real_forward(self.ctx, self.tok, self.pos)
+            self.ctx.cache.seen -= 1
+            self.logits.copy_(out)
+
+    def capture(ctx, tok, pos):
+        logits = torch.empty(tok.shape[0], llm.model.config.vocab_size)
+        return GraphEntry(Replay(ctx, tok, pos, logits), logits)
+
+    monkeypatch.setattr(runner, "capture", capture)
+    monkeypatch.setattr(runner, "decode_mode_for", lambda method: "graph")
+    p = SamplingParams(max_tokens=5, ignore_eos=True)
+    first = [random_prompt(50, seed=121), random_prompt(35, seed=122), random_prompt(60, seed=123)]
+    second = [random_prompt(40, seed=124), random_prompt(55, seed=125)]  # bucket 2: its own arena and graph
+    third = [random_prompt(30, seed=126), random_prompt(45, seed=127), random_prompt(20, seed=128),
+             random_prompt(66, seed=129)]  # bucket 4 again
+    for ids in (first, second, third):
+        out = llm.generate(ids, p)
+        assert [o.token_ids for o in out] == [o.token_ids for o in tiny_llm.generate(ids, p)]
+    g = runner.graphs
+    assert g.stats.captures == 2 and len(g) == 2  # one graph per arena, kept between generations
+    st = out[0].stats
+    assert st.decode_mode == "graph" and st.decode_setup_steps == 0  # the third generation only replayed

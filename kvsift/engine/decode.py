@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -89,7 +90,16 @@ class DecodeRunner:
         self.bucket = runner.graphs.bucket(self.batch) if self.batch else None
         if mode == "graph" and self.bucket is None:
             self.mode = "static"  # more rows than the largest graph bucket
-        if self.mode != "eager":
+        # the runner's KV arena of this shape (``full``, with ``kv_arena`` on): the steps run over it,
+        # padded to the bucket, and its graphs outlive this generation
+        self.arena = runner.arena_for(ctx, self.mode, max_steps) if self.mode != "eager" else None
+        if self.arena is not None:
+            self.ctx = dataclasses.replace(ctx, cache=self.arena.cache, has_padding=True)
+            self.layout = layout_token(self.arena)
+            self._tok, self._pos = runner.graphs.inputs(self.bucket, ctx.next_pos.device)
+            self._tok[self.batch:].fill_(runner.pad_id)  # rows past the batch: no token, position -1
+            self._pos[self.batch:].fill_(-1)
+        elif self.mode != "eager":
             ctx.cache.begin_static(max_steps)
 
     def _key(self, kind):
@@ -103,19 +113,28 @@ class DecodeRunner:
             return logits
         graphs = self.runner.graphs
         kind = ctx.method.decode_variant(ctx.run, ctx.step) if self.mode == "graph" else None
-        if self.mode == "graph" and self._key(kind) not in graphs and kind in self._warm:
+        key = self._key(kind)
+        if self.mode == "graph" and key not in graphs and kind in self._warm:
             t0 = time.perf_counter()
             self._capture(kind, tok, pos)
             self.setup_s += time.perf_counter() - t0
-        hit = graphs.get(self._key(kind)) if self.mode == "graph" and kind in self._warm else None
+        # a graph of this kind over this memory: recorded by this generation, or by an earlier one
+        # over the same arena
+        hit = graphs.get(key) if self.mode == "graph" and key in graphs else None
+        b = self.batch
         if hit is not None:
-            self._tok.copy_(tok[:, None])
-            self._pos.copy_(pos[:, None])
+            self._tok[:b].copy_(tok[:, None])
+            self._pos[:b].copy_(pos[:, None])
             hit.graph.replay()
             self._ran(replayed=True)
-            return hit.logits
+            return hit.logits[:b] if self.arena is not None else hit.logits
         t0 = time.perf_counter()
-        logits = self.runner.forward(self.ctx, tok[:, None], pos[:, None])
+        if self.arena is not None:  # a static step over the arena, padded to its bucket
+            self._tok[:b].copy_(tok[:, None])
+            self._pos[:b].copy_(pos[:, None])
+            logits = self.runner.forward(self.ctx, self._tok, self._pos)[:b]
+        else:
+            logits = self.runner.forward(self.ctx, tok[:, None], pos[:, None])
         self._ran()
         if self.mode == "graph":
             self._warm.add(kind)
@@ -132,7 +151,7 @@ class DecodeRunner:
     def _capture(self, kind, tok: torch.Tensor, pos: torch.Tensor) -> None:
         """Record one step of kind ``kind`` over the runner's static inputs of this bucket (not run:
         the caller replays it); on failure warn once and stay static."""
-        if self._tok is None:
+        if self._tok is None:  # (with an arena: the whole bucket's inputs, set up at the start)
             tok_buf, pos_buf = self.runner.graphs.inputs(self.bucket, tok.device)
             self._tok, self._pos = tok_buf[: self.batch], pos_buf[: self.batch]
             self._tok.copy_(tok[:, None])
@@ -145,6 +164,8 @@ class DecodeRunner:
                           RuntimeWarning, stacklevel=3)
 
     def close(self) -> None:
+        if self.arena is not None:
+            return  # the arena and its graphs stay with the runner, for the next generation
         self.runner.graphs.release(self.layout)
         if self.mode != "eager":
             self.ctx.cache.end_static(self.steps)

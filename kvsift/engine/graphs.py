@@ -140,3 +140,66 @@ class GraphCache:
                 got = make(bucket, device)
             self._inputs[k] = got
         return got
+
+
+def capacity_bucket(n: int, floor: int = 256) -> int:
+    """Slots of a KV arena holding ``n`` tokens per row: the next power of two (at least ``floor``),
+    so that generations of nearby lengths share one arena and its graphs."""
+    if n < 1:
+        raise ValueError(f"capacity must be >= 1 token, got {n}")
+    return max(floor, 1 << (n - 1).bit_length())
+
+
+class KVArena:
+    """Runner-owned static KV of one ``(bucket, capacity)``: the memory decode graphs of that shape are
+    recorded on, so that a later generation replays them instead of recording its own.
+
+    ``cache`` is a :class:`~kvsift.cache.SiftCache` of ``bucket`` rows and ``capacity`` slots per
+    layer, in static mode for good (device-side write slots that stay the same tensors). ``load``
+    copies a generation's prefilled dense KV into its first rows and empties everything else
+    (positions -1, zero KV: a masked key must still hold finite numbers), so earlier generations'
+    tokens are never seen. Only for caches of plain dense KV (``full``: no method state, no compact
+    per-head KV), one generation at a time (the runner's lock)."""
+
+    def __init__(self, num_layers: int, bucket: int, capacity: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        from kvsift.cache import SiftCache
+
+        self.bucket, self.capacity = bucket, capacity
+        self.cache = SiftCache(num_layers)
+        for layer in self.cache.layers:
+            layer._alloc(bucket, kv_heads, capacity, head_dim, dtype, device)
+            layer.k_buf.zero_()
+            layer.v_buf.zero_()
+            layer.is_initialized = True
+            layer.wslot = torch.zeros(1, dtype=torch.int64, device=device)
+        self.cache.static = True
+        self.loads = 0
+
+    @staticmethod
+    def fits(cache, rows: int, bucket: int, capacity: int) -> bool:
+        """Whether ``cache`` (``rows`` sequences) can be loaded into an arena of that shape."""
+        return rows <= bucket and all(
+            ly.k_buf is not None and ly.ragged is None and not ly.state and ly.length <= capacity
+            for ly in cache.layers)
+
+    def load(self, src, rows: int) -> None:
+        """Put the dense KV of ``src`` (``rows`` sequences) in the arena's first rows; empty the rest."""
+        for s, d in zip(src.layers, self.cache.layers):
+            n = s.length
+            if s.k_buf.shape[1:2] != d.k_buf.shape[1:2] or s.k_buf.shape[3] != d.k_buf.shape[3]:
+                raise ValueError("the cache's layer shapes do not match the arena's")
+            d.k_buf[:rows, :, :n].copy_(s.k_buf[:, :, :n])
+            d.v_buf[:rows, :, :n].copy_(s.v_buf[:, :, :n])
+            d.pos_buf[:rows, :, :n].copy_(s.pos_buf[:, :, :n])
+            d.k_buf[:rows, :, n:].zero_()
+            d.v_buf[:rows, :, n:].zero_()
+            d.pos_buf[:rows, :, n:].fill_(-1)
+            d.k_buf[rows:].zero_()
+            d.v_buf[rows:].zero_()
+            d.pos_buf[rows:].fill_(-1)
+            d.length = n
+            d.holes = s.holes
+            d.wslot.fill_(n)
+        self.cache.seen = src.seen
+        self.loads += 1

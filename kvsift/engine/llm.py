@@ -48,29 +48,34 @@ class LLM:
     batch one sequence at a time, each compressed (and offloaded) before the next starts, so only
     one sequence's full KV is ever on the device; ``batch`` prefills all rows together; ``auto``:
     rows when the method shrinks the KV at prefill end (``row_prefill_ok``), else batch.
+    ``kv_arena``: static and graph decoding of ``full`` run over runner-owned KV arenas (one per
+    batch-size and capacity bucket, at most two kept), so that CUDA graphs recorded by one
+    generation are replayed by the next ones instead of recorded again (at the cost of a copy of
+    the prompt's KV into the arena and the arenas' memory).
 
     ``runner`` (the model, its forward passes and CUDA graphs) and ``scheduler`` (this LLM's
     offline queue) are its two parts; ``model``, ``info``, ``device``, ``chunk_size`` and the modes
     are read from the runner."""
 
     def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
-                 chunk_size: int | None = None, decode_mode: str = "auto", prefill_mode: str = "auto"):
+                 chunk_size: int | None = None, decode_mode: str = "auto", prefill_mode: str = "auto",
+                 kv_arena: bool = False):
         check_decode_mode(decode_mode)
         _check_prefill_mode(prefill_mode)
         mdl, tok, info = load_model(model, device, dtype)
-        self._init(mdl, tok, info, chunk_size, decode_mode, prefill_mode)
+        self._init(mdl, tok, info, chunk_size, decode_mode, prefill_mode, kv_arena)
 
     @classmethod
     def from_model(cls, model, tokenizer, name: str = "model", chunk_size: int | None = None,
-                   decode_mode: str = "auto", prefill_mode: str = "auto") -> "LLM":
+                   decode_mode: str = "auto", prefill_mode: str = "auto", kv_arena: bool = False) -> "LLM":
         """Wrap an already loaded transformers model (e.g. a tiny random one in tests)."""
         self = cls.__new__(cls)
         self._init(model.eval(), tokenizer, model_info(model, tokenizer, name), chunk_size, decode_mode,
-                   prefill_mode)
+                   prefill_mode, kv_arena)
         return self
 
     def _init(self, model, tokenizer, info: ModelInfo, chunk_size: int | None, decode_mode: str = "auto",
-              prefill_mode: str = "auto"):
+              prefill_mode: str = "auto", kv_arena: bool = False):
         eos = set()
         for src in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
             if isinstance(src, int):
@@ -80,7 +85,7 @@ class LLM:
         self.eos_ids = sorted(eos)
         pad = getattr(tokenizer, "pad_token_id", None)
         pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
-        self.runner = ModelRunner(model, tokenizer, info, chunk_size, decode_mode, prefill_mode, pad_id)
+        self.runner = ModelRunner(model, tokenizer, info, chunk_size, decode_mode, prefill_mode, pad_id, kv_arena)
         self.scheduler = Scheduler(self.scheduler_config())
         item = info.dtype.itemsize if hasattr(info.dtype, "itemsize") else 2
         self.kv_bytes_per_token = kv_bytes_per_token(info.num_layers, info.num_kv_heads, info.head_dim, item)

@@ -27,7 +27,7 @@ from kvsift.cache import SiftCache
 from kvsift.engine.attention import (ForwardContext, forward_context, model_configs, rope_function,
                                      use_kvsift_attention)
 from kvsift.engine.decode import DecodeRunner, check_decode_mode, pick_decode_mode
-from kvsift.engine.graphs import GraphCache, GraphEntry
+from kvsift.engine.graphs import GraphCache, GraphEntry, KVArena, capacity_bucket, layout_token
 from kvsift.engine.params import GenerationStats
 from kvsift.methods import KVMethod
 from kvsift.methods.base import Budget, Run
@@ -72,7 +72,7 @@ class ModelRunner:
     prompt); ``decode_mode`` / ``prefill_mode``: see :class:`~kvsift.engine.llm.LLM`."""
 
     def __init__(self, model, tokenizer, info: ModelInfo, chunk_size: int | None = None, decode_mode: str = "auto",
-                 prefill_mode: str = "auto", pad_id: int = 0):
+                 prefill_mode: str = "auto", pad_id: int = 0, kv_arena: bool = False, max_arenas: int = 2):
         self.first_chunk = None  # a longer first prefill chunk (CPU, default chunking)
         if chunk_size is None:
             chunk_size = DEFAULT_CHUNK
@@ -95,6 +95,13 @@ class ModelRunner:
         self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.lock = threading.RLock()  # one forward at a time per model
         self.graphs = GraphCache()     # decode-step CUDA graphs, kept across generations
+        # static / graph decoding of plain dense KV (``full``) over runner-owned arenas, one per
+        # (batch bucket, capacity bucket), so graphs recorded by one generation serve the next ones
+        self.kv_arena = bool(kv_arena)
+        if isinstance(max_arenas, bool) or not isinstance(max_arenas, int) or max_arenas < 1:
+            raise ValueError(f"max_arenas must be an integer >= 1, got {max_arenas!r}")
+        self.max_arenas = max_arenas
+        self.arenas: dict[tuple[int, int], KVArena] = {}
 
     # ---- decode ------------------------------------------------------------------------------
     def decode_mode_for(self, method: KVMethod) -> str:
@@ -105,6 +112,33 @@ class ModelRunner:
     def decoder(self, ctx: ForwardContext, mode: str, max_steps: int) -> DecodeRunner:
         """The decode steps of one generation over ``ctx`` (``close()`` it at the end)."""
         return DecodeRunner(self, ctx, mode, max_steps)
+
+    def arena_for(self, ctx: ForwardContext, mode: str, steps: int) -> KVArena | None:
+        """The arena a generation over ``ctx`` decodes in (its KV loaded there), or None: arenas off,
+        eager mode, a method other than ``full``, KV that is not plain dense, a batch over every
+        bucket. The least recently used arenas (and their graphs) go past ``max_arenas``."""
+        if not self.kv_arena or mode == "eager" or ctx.method.name != "full" or ctx.next_pos is None:
+            return None
+        rows = ctx.next_pos.shape[0]
+        bucket = self.graphs.bucket(rows)
+        length = max((ly.length for ly in ctx.cache.layers), default=0)
+        if bucket is None or length == 0:
+            return None
+        capacity = capacity_bucket(length + steps + 1)
+        if not KVArena.fits(ctx.cache, rows, bucket, capacity):
+            return None
+        key = (bucket, capacity)
+        arena = self.arenas.pop(key, None)
+        if arena is None:
+            k0 = ctx.cache.layers[0].k_buf
+            arena = KVArena(len(ctx.cache.layers), bucket, capacity, k0.shape[1], k0.shape[3], k0.dtype, k0.device)
+        self.arenas[key] = arena  # most recently used last
+        while len(self.arenas) > self.max_arenas:
+            _, old = next(iter(self.arenas.items()))
+            del self.arenas[next(iter(self.arenas))]
+            self.graphs.release(layout_token(old))
+        arena.load(ctx.cache, rows)
+        return arena
 
     def capture(self, ctx: ForwardContext, tok: torch.Tensor, pos: torch.Tensor) -> GraphEntry:
         """Record one decode step over the static inputs ``tok (batch, 1)``, ``pos (batch, 1)`` int32
