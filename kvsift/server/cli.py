@@ -80,6 +80,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="most sequences of compatible queued requests (same method, options and context; greedy "
                         "or unseeded sampling; compressing methods: same prompt length) answered by one batched "
                         "generation (default 8; 1: one request at a time)")
+    p.add_argument("--kv-arena", action="store_true",
+                   help="decode kv_method full over reusable KV arenas, so that CUDA graphs recorded by one batch "
+                        "are replayed by the next ones of the same size instead of recorded again (costs a copy of "
+                        "the prompt's KV and the arenas' memory: at most two batch-size x length buckets)")
     p.add_argument("--no-continuous-batching", action="store_true",
                    help="requests arriving while a batch runs wait for the next batch instead of joining it at its "
                         "next decode step (joining applies to kv_method full without a context, eager decode)")
@@ -175,7 +179,7 @@ def run_serve(args) -> int:
     sock = _bind(config.host, config.port)  # fail fast on a busy port, before loading the model
     port = sock.getsockname()[1]
     t0 = time.perf_counter()
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, chunk_size=args.chunk_size)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, chunk_size=args.chunk_size, kv_arena=args.kv_arena)
     app = create_app(llm, config)
     shown = f"[{config.host}]" if ":" in config.host else config.host
     print(f"kvsift: serving {app.state.kvsift.model_id} ({llm.info.device}, loaded in {time.perf_counter() - t0:.1f}s) "
