@@ -302,3 +302,22 @@ def test_a_client_leaving_its_batch_does_not_break_the_others(tmp_path_factory, 
         one = float(re.search(r'^kvsift_batch_requests_bucket\{le="1\.0"\} (\S+)$', text, re.M).group(1))
         assert two - one == 1  # A and B ran as one batch of two requests
         assert httpx.get(url + "/health", timeout=10).json()["waiting"] == 0
+
+
+def test_server_with_kv_arena_answers_like_alone(tmp_path_factory, default_tokenizer, tiny_llm):
+    """``--kv-arena`` with static decoding (``KVSIFT_DECODE=static``): batches of different sizes, one
+    after another over the runner's arenas, answer as each request alone."""
+    from kvsift.models import save_tiny_model
+    from kvsift.server.testing import ServerProcess
+
+    tiny = save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", tokenizer=default_tokenizer, seed=1)
+    prompts = [random_prompt(n, seed=130 + n) for n in (30, 50, 40)]
+    with ServerProcess(["--model", str(tiny), "--no-persist", "--chunk-size", "64", "--kv-arena"],
+                       env={"KVSIFT_DECODE": "static"}) as srv:
+        for body in ({"prompt": prompts}, {"prompt": prompts[0]}, {"prompt": prompts[1:]}):
+            r = httpx.post(srv.url + "/v1/completions", json={**completion(None, 6), **body}, timeout=60)
+            assert r.status_code == 200, r.text
+            out = r.json()
+            items = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
+            assert [c["text"] for c in out["choices"]] == [alone(tiny_llm, p, 6).text for p in items]
+            assert out["kvsift"]["stats"][0]["decode_mode"] == "static"
