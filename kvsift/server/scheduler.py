@@ -144,6 +144,7 @@ class Scheduler:
         self.busy = False                        # a batch holds the engine
         self.batches = 0                         # engine batches started
         self.joined = 0                          # requests that joined a running batch
+        self.closing = False                     # shutting down: nothing joins (the loop waits for the worker)
         self.waiting = 0
         self.running = 0
         self.jobs: dict[Job, None] = {}          # admitted and not finished, in arrival order
@@ -273,7 +274,7 @@ class Scheduler:
 
     def _join_from_worker(self, loop: asyncio.AbstractEventLoop, group: list[Request], rows: int) -> list[Request]:
         """The engine's ``join`` callback (worker thread, at each decode-step boundary)."""
-        if not self.engine.waiting:  # the common case, without a trip to the event loop
+        if not self.engine.waiting or self.closing:  # the common case, without a trip to the event loop
             return []
 
         async def join():
@@ -410,5 +411,6 @@ class Scheduler:
             job.cancel()
 
     def shutdown(self) -> None:
+        self.closing = True
         self.cancel_all()
         self.executor.shutdown(wait=True, cancel_futures=True)
