@@ -86,7 +86,7 @@ def profile_decode(llm: LLM, n: int, ids: list[int], budget: int, opts: dict, st
     syncs: collections.Counter = collections.Counter()
     prof = profile(activities=acts)
     st = {"on": False, "steps": 0, "t0": 0.0}
-    orig = llm._forward
+    orig = llm.runner.forward
 
     def forward(ctx, input_ids, positions):  # this instance only: start at the first decode step
         if ctx.decoding and not st["on"]:
@@ -98,7 +98,7 @@ def profile_decode(llm: LLM, n: int, ids: list[int], budget: int, opts: dict, st
         st["steps"] += st["on"]
         return orig(ctx, input_ids, positions)
 
-    llm._forward = forward
+    llm.runner.forward = forward
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -108,7 +108,7 @@ def profile_decode(llm: LLM, n: int, ids: list[int], budget: int, opts: dict, st
                 torch.cuda.synchronize()
             wall = time.perf_counter() - st["t0"]
         finally:
-            del llm._forward
+            del llm.runner.forward
             if cuda:
                 torch.cuda.set_sync_debug_mode(0)
             if st["on"]:

@@ -157,3 +157,10 @@ class ConcurrencyLimitError(RateLimitError):
     or the key's ``max_concurrent``)."""
 
     code = "too_many_concurrent_requests"
+
+
+class KVMemoryError(InputError):
+    """A request whose KV would not fit the engine's KV memory (``kv_memory`` / ``host_memory`` of the
+    scheduler, ``--kv-memory`` / ``--host-memory`` of the server) even with nothing else running."""
+
+    code = "kv_memory_exceeded"

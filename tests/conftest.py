@@ -142,14 +142,14 @@ def decode_greedy(llm, method, prompts: list, steps: int, each=None):
     (step -1) and after every step. Returns ``(cache, run, ctx)``."""
     run = method.start(max(len(x) for x in prompts), llm.info.num_layers)
     with llm.lock:
-        cache, _, (ctx, logits) = llm._prefill(prompts, method, run, None, False, reserve=steps + 1)
+        cache, _, (ctx, logits) = llm.runner.prefill(prompts, method, run, None, False, reserve=steps + 1)
         ctx.decoding = True
         nxt = ctx.next_pos
         if each is not None:
             each(-1, cache)
         for step in range(steps):
             ctx.step = step
-            logits = llm._forward(ctx, logits.argmax(-1, keepdim=True), nxt[:, None])
+            logits = llm.runner.forward(ctx, logits.argmax(-1, keepdim=True), nxt[:, None])
             nxt = nxt + 1
             if each is not None:
                 each(step, cache)

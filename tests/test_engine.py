@@ -45,7 +45,7 @@ def test_prefill_logits_match_transformers(tiny_llm):
         ref = tiny_llm.model(torch.tensor([ids])).logits[0, -1]
     m = build_method("full")
     run = m.start(len(ids), tiny_llm.info.num_layers)
-    _, _, (_, logits) = tiny_llm._prefill([ids], m, run, None, progress=False)
+    _, _, (_, logits) = tiny_llm.runner.prefill([ids], m, run, None, progress=False)
     torch.testing.assert_close(logits[0], ref, rtol=1e-4, atol=1e-4)
 
 
@@ -85,10 +85,10 @@ def test_cpu_default_chunking_takes_a_long_first_chunk(tiny_llm, default_tokeniz
     auto = LLM.from_model(tiny_llm.model, default_tokenizer)
     assert auto.chunk_size == 512 and auto.first_chunk == CPU_FIRST_CHUNK and tiny_llm.first_chunk is None
     full = build_method("full", None)
-    bounds = auto._chunk_bounds(5000, full)
+    bounds = auto.runner.chunk_bounds(5000, full)
     assert bounds[0] == (0, CPU_FIRST_CHUNK) and bounds[1][0] == CPU_FIRST_CHUNK and bounds[-1][1] == 5000
-    assert auto._chunk_bounds(5000, full, fresh=False)[0] == (0, 512)
-    assert auto._chunk_bounds(300, full) == [(0, 300)]
+    assert auto.runner.chunk_bounds(5000, full, fresh=False)[0] == (0, 512)
+    assert auto.runner.chunk_bounds(300, full) == [(0, 300)]
     p = SamplingParams(max_tokens=6, ignore_eos=True)
     ids, other = random_prompt(700, seed=11), random_prompt(500, seed=12)
     assert auto.generate(ids, p)[0].token_ids == tiny_llm.generate(ids, p)[0].token_ids

@@ -17,11 +17,11 @@ def test_streaming_keeps_sinks_and_recent_and_rolls(tiny_llm):
     # during decode the window rolls: the cache never exceeds the budget and keeps the sinks
     m = build_method("streaming", 40)
     run = m.start(200, tiny_llm.info.num_layers)
-    cache, _, (fctx, logits) = tiny_llm._prefill([ids], m, run, None, False, reserve=10)
+    cache, _, (fctx, logits) = tiny_llm.runner.prefill([ids], m, run, None, False, reserve=10)
     fctx.decoding = True
     nxt = fctx.next_pos
     for _ in range(10):
-        logits = tiny_llm._forward(fctx, logits.argmax(-1, keepdim=True), nxt[:, None])
+        logits = tiny_llm.runner.forward(fctx, logits.argmax(-1, keepdim=True), nxt[:, None])
         nxt = nxt + 1
     for layer in cache.layers:
         assert layer.length == 40

@@ -90,9 +90,9 @@ def _check_decode_selection(llm, m, ids):
     being filled / the local window / the tokens after the clustered context), in every layer."""
     run = m.start(len(ids), llm.info.num_layers)
     with llm.lock:
-        cache, _, (ctx, logits) = llm._prefill([ids], m, run, None, False, reserve=4)
+        cache, _, (ctx, logits) = llm.runner.prefill([ids], m, run, None, False, reserve=4)
         ctx.decoding = True
-        llm._forward(ctx, logits.argmax(-1, keepdim=True), ctx.next_pos[:, None])
+        llm.runner.forward(ctx, logits.argmax(-1, keepdim=True), ctx.next_pos[:, None])
     cfg = llm.model.config
     q = torch.randn(1, cfg.num_attention_heads, 1, llm.info.head_dim)
     tail = {"quest": m.__dict__.get("page", 0), "tokenselect": m.__dict__.get("local", 0), "squeezed": 1}[m.name]

@@ -54,7 +54,7 @@ def test_rows_prefill_writes_every_row_into_one_host_store(llms):
     m = build_method("sentencekv", 64)
     run = m.start(200, llm.info.num_layers)
     with llm.lock:
-        cache, stats, (ctx, logits) = llm._prefill(ids, m, run, None, False, reserve=4)
+        cache, stats, (ctx, logits) = llm.runner.prefill(ids, m, run, None, False, reserve=4)
     assert logits.shape[0] == 2 and ctx.next_pos.tolist() == [200, 120] and ctx.has_padding
     for layer in cache.layers:
         store = layer.state["sentencekv"].store

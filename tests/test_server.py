@@ -275,9 +275,11 @@ def test_client_disconnect_cancels_generation(server):
             while metric(server, "kvsift_requests_running") < 1 and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert metric(server, "kvsift_requests_running") == 1
-            # a second stream waits in the queue; its client leaves before it ever runs
+            # a second stream waits in the queue; its client leaves before it ever runs (a seeded
+            # sample runs alone: it does not join the running batch)
             with httpx.Client(timeout=30) as c2:
-                with c2.stream("POST", server.url + "/v1/completions", json=body, headers=HEADERS) as r2:
+                with c2.stream("POST", server.url + "/v1/completions", json={**body, "temperature": 0.5, "seed": 1},
+                               headers=HEADERS) as r2:
                     assert r2.status_code == 200
                     assert metric(server, "kvsift_requests_waiting") == 1
             deadline = time.monotonic() + 10

@@ -29,7 +29,7 @@ def err(r, status: int, code: str | None = None, param: str | None = None) -> di
 def engine_calls(llm, monkeypatch) -> dict:
     """Counts engine work (prefill and generation) and tokenizer calls on ``llm``."""
     calls = {"prefill": 0, "stream": 0, "tokenize": 0}
-    for name in ("prefill_context", "stream"):
+    for name in ("prefill_context", "run_batch"):
         orig = getattr(llm, name)
 
         def wrapped(*a, _orig=orig, _name=name, **k):
@@ -93,7 +93,6 @@ def test_context_limits_are_checked_before_the_prefill(make_client, tiny_llm, mo
 
 def test_kv_estimate_is_a_lower_bound_of_the_real_kv(tiny_llm):
     """The pre-queue estimate must never refuse a context that would have fit."""
-    from kvsift.server.app import _kv_bytes_per_token
     from kvsift.server.contexts import kv_nbytes
 
     doc = list(range(1000, 1300))
@@ -101,7 +100,7 @@ def test_kv_estimate_is_a_lower_bound_of_the_real_kv(tiny_llm):
         ctx = tiny_llm.prefill_context(doc, method=method, budget=budget)
         from kvsift.budget import resolve_budget
 
-        est = min(len(doc), resolve_budget(budget, len(doc))) * _kv_bytes_per_token(tiny_llm)
+        est = min(len(doc), resolve_budget(budget, len(doc))) * tiny_llm.kv_bytes_per_token  # kvsift.budget's
         assert est <= sum(kv_nbytes(ctx)), (method, est, kv_nbytes(ctx))
 
 

@@ -27,9 +27,9 @@ LONG = {"prompt": [5, 6, 7], "max_tokens": 200, "ignore_eos": True, "temperature
 def gate(tiny_llm, monkeypatch):
     """Every generation waits at its start (holding the engine) until ``gate.set()``."""
     opened = threading.Event()
-    real = tiny_llm.stream
+    real = tiny_llm.run_batch
 
-    def stream(*a, **k):
+    def run_batch(*a, **k):
         inner = real(*a, **k)
 
         def held():
@@ -42,7 +42,7 @@ def gate(tiny_llm, monkeypatch):
 
         return held()
 
-    monkeypatch.setattr(tiny_llm, "stream", stream)
+    monkeypatch.setattr(tiny_llm, "run_batch", run_batch)
     yield opened
     opened.set()
 

@@ -11,7 +11,9 @@
   launch overhead, no host sync. A method whose steps come in kinds (``method.decode_variant(run, step)``,
   e.g. sentencekv's ``reselect_every``: steps that select chunks and steps that keep the selection)
   gets one graph per kind, recorded the second time that kind comes. If recording fails the runner
-  stays ``static``.
+  stays ``static``. The graphs and their static inputs belong to the model runner's
+  :class:`~kvsift.engine.graphs.GraphCache` (inputs per batch-size bucket, reused by every
+  generation; graphs keyed by bucket, kind and the cache they run over).
 
 ``LLM(decode_mode=...)`` picks: ``auto`` is ``graph`` on CUDA with Triton when the method says
 ``static_ok()`` (otherwise ``eager``); ``KVSIFT_DECODE=eager|static|graph`` overrides ``auto``.
@@ -19,6 +21,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -28,9 +31,11 @@ import torch
 
 from kvsift.kernels._triton import HAS_TRITON, triton_disabled
 
+from kvsift.engine.graphs import layout_token
+
 if TYPE_CHECKING:
     from kvsift.engine.attention import ForwardContext
-    from kvsift.engine.llm import LLM
+    from kvsift.engine.runner import ModelRunner
     from kvsift.methods.base import KVMethod
 
 DECODE_MODES = ("auto", "eager", "static", "graph")
@@ -66,45 +71,76 @@ class DecodeRunner:
 
     ``tok``/``pos`` ``(batch,)`` token ids and their positions; the result is ``(batch, vocab)``
     float32 (with ``graph`` a static buffer, overwritten by the next step: use it before then).
-    ``close()`` must run at the end (the engine calls it in ``finally``)."""
+    ``close()`` must run at the end (the engine calls it in ``finally``).
 
-    def __init__(self, llm: "LLM", ctx: "ForwardContext", mode: str, max_steps: int):
-        self.llm, self.ctx, self.mode = llm, ctx, mode
+    It calls the model only through its :class:`~kvsift.engine.runner.ModelRunner` (``forward``,
+    ``capture``); the graphs it records live in the runner's
+    :class:`~kvsift.engine.graphs.GraphCache`, keyed by batch bucket, kind of step and this
+    generation's cache (their layout), and leave it when this generation closes."""
+
+    def __init__(self, runner: "ModelRunner", ctx: "ForwardContext", mode: str, max_steps: int):
+        self.runner, self.ctx, self.mode = runner, ctx, mode
         self.steps = 0          # steps run in static / graph mode
         self.setup_s = 0.0      # wall time of the static warm-up steps plus the graph recordings
         self.setup_steps = 0    # steps run statically in graph mode (one per kind of step)
-        self.graphs: dict = {}  # step kind -> (graph, logits buffer)
         self._warm: set = set()  # step kinds that ran once (kernels and allocations warmed up)
         self._tok = self._pos = None
-        if mode != "eager":
+        self.layout = layout_token(ctx.cache)
+        self.batch = ctx.next_pos.shape[0] if ctx.next_pos is not None else None
+        self.bucket = runner.graphs.bucket(self.batch) if self.batch else None
+        if mode == "graph" and self.bucket is None:
+            self.mode = "static"  # more rows than the largest graph bucket
+        # the runner's KV arena of this shape (``full``, with ``kv_arena`` on): the steps run over it,
+        # padded to the bucket, and its graphs outlive this generation
+        self.arena = runner.arena_for(ctx, self.mode, max_steps) if self.mode != "eager" else None
+        if self.arena is not None:
+            self.ctx = dataclasses.replace(ctx, cache=self.arena.cache, has_padding=True)
+            self.layout = layout_token(self.arena)
+            self._tok, self._pos = runner.graphs.inputs(self.bucket, ctx.next_pos.device)
+            self._tok[self.batch:].fill_(runner.pad_id)  # rows past the batch: no token, position -1
+            self._pos[self.batch:].fill_(-1)
+        elif self.mode != "eager":
             ctx.cache.begin_static(max_steps)
+
+    def _key(self, kind):
+        return self.runner.graphs.key(self.bucket, kind, self.layout)
 
     def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         ctx = self.ctx
         if self.mode == "eager":
-            logits = self.llm._forward(ctx, tok[:, None], pos[:, None])
+            logits = self.runner.forward(ctx, tok[:, None], pos[:, None])
             ctx.step += 1
             return logits
+        graphs = self.runner.graphs
         # the kind of step: the method's, and the cache's (quantized layers flushing their window)
-        key = (ctx.method.decode_variant(ctx.run, ctx.step), ctx.cache.decode_variant(self.steps)) \
+        kind = (ctx.method.decode_variant(ctx.run, ctx.step), ctx.cache.decode_variant(self.steps)) \
             if self.mode == "graph" else None
+        key = self._key(kind)
         ctx.cache.static_step = self.steps
-        if self.mode == "graph" and key not in self.graphs and key in self._warm:
+        if self.mode == "graph" and key not in graphs and kind in self._warm:
             t0 = time.perf_counter()
-            self._capture(key, tok, pos)
+            self._capture(kind, tok, pos)
             self.setup_s += time.perf_counter() - t0
-        hit = self.graphs.get(key) if self.mode == "graph" else None
+        # a graph of this kind over this memory: recorded by this generation, or by an earlier one
+        # over the same arena
+        hit = graphs.get(key) if self.mode == "graph" and key in graphs else None
+        b = self.batch
         if hit is not None:
-            self._tok.copy_(tok[:, None])
-            self._pos.copy_(pos[:, None])
-            hit[0].replay()
+            self._tok[:b].copy_(tok[:, None])
+            self._pos[:b].copy_(pos[:, None])
+            hit.graph.replay()
             self._ran(replayed=True)
-            return hit[1]
+            return hit.logits[:b] if self.arena is not None else hit.logits
         t0 = time.perf_counter()
-        logits = self.llm._forward(self.ctx, tok[:, None], pos[:, None])
+        if self.arena is not None:  # a static step over the arena, padded to its bucket
+            self._tok[:b].copy_(tok[:, None])
+            self._pos[:b].copy_(pos[:, None])
+            logits = self.runner.forward(self.ctx, self._tok, self._pos)[:b]
+        else:
+            logits = self.runner.forward(self.ctx, tok[:, None], pos[:, None])
         self._ran()
         if self.mode == "graph":
-            self._warm.add(key)
+            self._warm.add(kind)
             self.setup_s += time.perf_counter() - t0
             self.setup_steps += 1
         return logits
@@ -115,32 +151,24 @@ class DecodeRunner:
         if replayed:
             self.ctx.cache.seen += 1
 
-    def _capture(self, key, tok: torch.Tensor, pos: torch.Tensor) -> None:
-        """Record one step of kind ``key`` over the static inputs (not run: the caller replays it);
-        on failure warn once and stay static."""
-        ctx, llm = self.ctx, self.llm
-        if self._tok is None:
-            self._tok = tok[:, None].clone()
-            self._pos = pos[:, None].to(torch.int32).clone()
-        graph = torch.cuda.CUDAGraph()
-        seen = ctx.cache.seen
+    def _capture(self, kind, tok: torch.Tensor, pos: torch.Tensor) -> None:
+        """Record one step of kind ``kind`` over the runner's static inputs of this bucket (not run:
+        the caller replays it); on failure warn once and stay static."""
+        if self._tok is None:  # (with an arena: the whole bucket's inputs, set up at the start)
+            tok_buf, pos_buf = self.runner.graphs.inputs(self.bucket, tok.device)
+            self._tok, self._pos = tok_buf[: self.batch], pos_buf[: self.batch]
+            self._tok.copy_(tok[:, None])
+            self._pos.copy_(pos[:, None])
         try:
-            torch.cuda.synchronize(llm.device)
-            ctx.cache.step_positions = self._pos
-            ctx.input_ids = self._tok
-            with llm._forward_mode(ctx), torch.cuda.graph(graph):
-                out = llm.model(input_ids=self._tok, position_ids=self._pos.long().clamp(min=0),
-                                **{llm._cache_kw: ctx.cache}, use_cache=True, logits_to_keep=1)
-                logits = out.logits[:, -1].float()
-            self.graphs[key] = (graph, logits)
+            self.runner.graphs.put(self._key(kind), self.runner.capture(self.ctx, self._tok, self._pos))
         except Exception as e:  # noqa: BLE001 - any capture failure: keep decoding without the graph
             self.mode = "static"
             warnings.warn(f"kvsift: CUDA graph capture failed, decoding without it ({type(e).__name__}: {e})",
                           RuntimeWarning, stacklevel=3)
-        finally:
-            ctx.cache.seen = seen
 
     def close(self) -> None:
-        self.graphs.clear()
+        if self.arena is not None:
+            return  # the arena and its graphs stay with the runner, for the next generation
+        self.runner.graphs.release(self.layout)
         if self.mode != "eager":
             self.ctx.cache.end_static(self.steps)

@@ -1,26 +1,34 @@
-"""The generation engine: our own chunked-prefill / decode loop over a transformers model.
+"""The LLM facade: prompts in, outputs out, over a :class:`~kvsift.engine.runner.ModelRunner` (the
+model and its forward passes) and a :class:`~kvsift.engine.scheduler.Scheduler` (which requests run
+together, admission by KV memory).
 
     llm = LLM()                                          # the default model (qwen2.5-coder-0.5b)
     out = llm.generate("…long document… Question?", SamplingParams(max_tokens=64), method="snapkv", budget=512)
     print(out[0].text, out[0].stats.summary())
+
+The LLM validates and encodes (``request``), runs a scheduled group of requests as one batched
+generation (``run_batch``: sampling, stop strings, per-request cancellation and outputs) and
+answers the offline API (``generate``, ``stream``, ``prefill_context``, ``score``) through its own
+scheduler, one request per call.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from kvsift.budget import kv_bytes_per_token, request_kv_bytes
 from kvsift.cache import SiftCache
-from kvsift.engine.attention import (ForwardContext, forward_context, model_configs, rope_function,
-                                     use_kvsift_attention)
-from kvsift.engine.decode import DecodeRunner, check_decode_mode, pick_decode_mode
+from kvsift.engine.attention import ForwardContext  # noqa: F401  (re-exported: engine internals are importable)
+from kvsift.engine.decode import check_decode_mode
 from kvsift.engine.params import GenerationStats, RequestOutput, SamplingParams, StreamEvent
+from kvsift.engine.runner import CPU_FIRST_CHUNK, DEFAULT_CHUNK, Context, ModelRunner, sync
+from kvsift.engine.runner import check_prefill_mode as _check_prefill_mode
+from kvsift.engine.scheduler import Request, Scheduler, SchedulerConfig, pads_exactly
 from kvsift.methods import KVMethod, build_method
 from kvsift.errors import UnknownMethodError
 from kvsift.methods.base import Budget, Run
@@ -28,37 +36,7 @@ from kvsift.models.loader import ModelInfo, load_model, model_info
 
 Prompt = str | Sequence[int]
 
-DEFAULT_CHUNK = 512
-CPU_FIRST_CHUNK = 4096
-"""On CPU, with the default chunking, a fresh unpadded prompt's first prefill chunk takes up to
-this many tokens. That chunk attends only to itself, so it runs as one causal SDPA call (the same
-as ``transformers``' own single-pass prefill) while later chunks need a position mask over all
-earlier keys, which costs about twice as much per key on CPU (docs/models.md, CPU speed). 4096
-bounds the activations (~0.3 GB of MLP intermediates for a 0.5B model) and later chunks' masks."""
-
-
-@dataclass
-class Context:
-    """A prefilled, compressed document to answer many questions from (see ``LLM.prefill_context``).
-
-    ``cache`` holds the document's KV for one sequence; ``token_ids`` the document's tokens."""
-
-    cache: SiftCache
-    token_ids: list[int]
-    method: str
-    budget: Budget
-    stats: GenerationStats
-    method_kwargs: dict = field(default_factory=dict)
-
-    @property
-    def length(self) -> int:
-        return self.cache.seen
-
-    @property
-    def needs_planner(self) -> bool:
-        """Answering needs the context's own method: part of the KV lives off the device (it
-        fetches it back), or the method keeps state made for decoding (e.g. squeezed's clusters)."""
-        return any(layer.offloaded or any(s.planner for s in layer.state.values()) for layer in self.cache.layers)
+__all__ = ["LLM", "Context", "Prompt", "CPU_FIRST_CHUNK", "DEFAULT_CHUNK"]
 
 
 class LLM:
@@ -70,46 +48,35 @@ class LLM:
     ``static`` or ``graph`` (see :mod:`kvsift.engine.decode`). ``prefill_mode``: ``rows`` prefills a
     batch one sequence at a time, each compressed (and offloaded) before the next starts, so only
     one sequence's full KV is ever on the device; ``batch`` prefills all rows together; ``auto``:
-    rows when the method shrinks the KV at prefill end (``row_prefill_ok``), else batch."""
+    rows when the method shrinks the KV at prefill end (``row_prefill_ok``), else batch.
+    ``kv_arena``: static and graph decoding of ``full`` run over runner-owned KV arenas (one per
+    batch-size and capacity bucket, at most two kept), so that CUDA graphs recorded by one
+    generation are replayed by the next ones instead of recorded again (at the cost of a copy of
+    the prompt's KV into the arena and the arenas' memory).
+
+    ``runner`` (the model, its forward passes and CUDA graphs) and ``scheduler`` (this LLM's
+    offline queue) are its two parts; ``model``, ``info``, ``device``, ``chunk_size`` and the modes
+    are read from the runner."""
 
     def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
-                 chunk_size: int | None = None, decode_mode: str = "auto", prefill_mode: str = "auto"):
+                 chunk_size: int | None = None, decode_mode: str = "auto", prefill_mode: str = "auto",
+                 kv_arena: bool = False):
         check_decode_mode(decode_mode)
         _check_prefill_mode(prefill_mode)
         mdl, tok, info = load_model(model, device, dtype)
-        self._init(mdl, tok, info, chunk_size, decode_mode, prefill_mode)
+        self._init(mdl, tok, info, chunk_size, decode_mode, prefill_mode, kv_arena)
 
     @classmethod
     def from_model(cls, model, tokenizer, name: str = "model", chunk_size: int | None = None,
-                   decode_mode: str = "auto", prefill_mode: str = "auto") -> "LLM":
+                   decode_mode: str = "auto", prefill_mode: str = "auto", kv_arena: bool = False) -> "LLM":
         """Wrap an already loaded transformers model (e.g. a tiny random one in tests)."""
         self = cls.__new__(cls)
         self._init(model.eval(), tokenizer, model_info(model, tokenizer, name), chunk_size, decode_mode,
-                   prefill_mode)
+                   prefill_mode, kv_arena)
         return self
 
     def _init(self, model, tokenizer, info: ModelInfo, chunk_size: int | None, decode_mode: str = "auto",
-              prefill_mode: str = "auto"):
-        self.first_chunk = None  # a longer first prefill chunk (CPU, default chunking)
-        if chunk_size is None:
-            chunk_size = DEFAULT_CHUNK
-            if info.device.type == "cpu":
-                self.first_chunk = CPU_FIRST_CHUNK
-        if chunk_size < 16:
-            raise ValueError(f"chunk_size must be >= 16, got {chunk_size}")
-        self.decode_mode = check_decode_mode(decode_mode)
-        self.prefill_mode = _check_prefill_mode(prefill_mode)
-        if decode_mode == "graph" and info.device.type != "cuda":
-            raise ValueError(f"decode_mode='graph' needs a CUDA device, this model is on {info.device} "
-                             f"(use 'static' or 'eager')")
-        self.model, self.tokenizer, self.info, self.chunk_size = model, tokenizer, info, chunk_size
-        self.device = info.device
-        self._configs = model_configs(model)
-        self._rope = rope_function(model)  # ForwardContext.rope: methods that move queries between positions
-        # the cache argument's name: ``cache`` from transformers 5.x (``past_key_values`` is deprecated
-        # there, removed in 5.40), ``past_key_values`` before
-        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self.lock = threading.Lock()  # one forward at a time per model
+              prefill_mode: str = "auto", kv_arena: bool = False):
         eos = set()
         for src in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
             if isinstance(src, int):
@@ -118,7 +85,34 @@ class LLM:
                 eos.update(src)
         self.eos_ids = sorted(eos)
         pad = getattr(tokenizer, "pad_token_id", None)
-        self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        self.runner = ModelRunner(model, tokenizer, info, chunk_size, decode_mode, prefill_mode, pad_id, kv_arena)
+        self.scheduler = Scheduler(self.scheduler_config())
+        item = info.dtype.itemsize if hasattr(info.dtype, "itemsize") else 2
+        self.kv_bytes_per_token = kv_bytes_per_token(info.num_layers, info.num_kv_heads, info.head_dim, item)
+
+    def scheduler_config(self, **kw) -> SchedulerConfig:
+        """A :class:`SchedulerConfig` for this model (its ``max_positions``), e.g. for a server's scheduler."""
+        return SchedulerConfig(max_positions=self.info.max_positions, **kw)
+
+    # the runner's, read here (one owner)
+    model = property(lambda self: self.runner.model)
+    tokenizer = property(lambda self: self.runner.tokenizer)
+    info = property(lambda self: self.runner.info)
+    device = property(lambda self: self.runner.device)
+    chunk_size = property(lambda self: self.runner.chunk_size)
+    first_chunk = property(lambda self: self.runner.first_chunk)
+    decode_mode = property(lambda self: self.runner.decode_mode)
+
+    @property
+    def prefill_mode(self) -> str:
+        return self.runner.prefill_mode
+
+    @prefill_mode.setter
+    def prefill_mode(self, mode: str) -> None:  # the runner's, checked
+        self.runner.prefill_mode = _check_prefill_mode(mode)
+    pad_id = property(lambda self: self.runner.pad_id)
+    lock = property(lambda self: self.runner.lock)
 
     # ---- prompts -----------------------------------------------------------------------------
     def encode(self, prompt: Prompt, chat: bool | None = None, system: str | None = None) -> list[int]:
@@ -179,8 +173,18 @@ class LLM:
         Everything is validated before any compute: a bad method, budget or length raises
         ``ValueError`` and nothing is half-done."""
         params = params or SamplingParams()
-        batch = _as_batch(prompts)
-        ids = [self.encode(p, chat) for p in batch]
+        ids = [self.encode(p, chat) for p in _as_batch(prompts)]
+        req = self.request(ids, params, method=method, budget=budget, method_kwargs=method_kwargs,
+                           context=context, cancel=cancel)
+        self.scheduler.check(req)
+        return self._offline(req, progress)
+
+    def request(self, ids: list[list[int]], params: SamplingParams, *, method: str | KVMethod | None = None,
+                budget: Budget = None, method_kwargs: dict | None = None, context: Context | None = None,
+                cancel: Callable[[], bool] | None = None, tag: Any = None) -> Request:
+        """A validated engine :class:`Request` for token-id prompts (not queued): the method is built
+        and started for them (budget vs. length), the length and decode mode checked, and its KV
+        estimated for the scheduler's admission. Raises ``ValueError`` subclasses before any compute."""
         if method is None and context is not None and context.needs_planner:
             method, budget = context.method, context.budget if budget is None else budget
             method_kwargs = context.method_kwargs if method_kwargs is None else method_kwargs
@@ -192,7 +196,27 @@ class LLM:
         longest = max(len(x) for x in ids)
         self.check_length(base + longest, "prompt")
         run = m.start(base + longest, self.info.num_layers)
-        return self._run(ids, params, m, run, context, progress, cancel)
+        self.runner.decode_mode_for(m)  # a bad KVSIFT_DECODE: an error now, before any compute
+        new = min(params.max_tokens, self.info.max_positions - base - longest)
+        ctx_bytes = context.cache.memory()["device"] if context is not None else 0
+        kv, host = request_kv_bytes(self.kv_bytes_per_token, len(ids), longest, run.tokens, new,
+                                    context_bytes=ctx_bytes, offloads=m.offloads_to_host(),
+                                    row_prefill=self.runner.rows_prefill(m, len(ids), context))
+        return Request([list(x) for x in ids], params, m, run, context, cancel, kv, host, tag=tag)
+
+    def _offline(self, req: Request, progress: bool | None) -> Iterator[StreamEvent]:
+        """Run one request through this LLM's scheduler (the calls of one LLM run one at a time)."""
+        with self.lock:
+            self.scheduler.add(req)
+            group = self.scheduler.schedule(head=req)
+            events = self.run_batch(group, progress)
+            try:
+                for _, ev in events:
+                    yield ev
+            finally:
+                events.close()  # the decode loop's own cleanup (KV, graphs) runs now, not at collection
+                self.scheduler.remove(req)
+                self.scheduler.finish(group)
 
     def prefill_context(self, document: Prompt, *, method: str | KVMethod = "full", budget: Budget = None,
                         method_kwargs: dict | None = None, chat: bool | None = None,
@@ -204,12 +228,22 @@ class LLM:
         self.check_length(len(ids), "document")
         m = build_method(method, budget, **(method_kwargs or {}))
         run = m.start(len(ids), self.info.num_layers)
+        kv, host = request_kv_bytes(self.kv_bytes_per_token, 1, len(ids), run.tokens, 0,
+                                    offloads=m.offloads_to_host())
+        req = Request([ids], None, m, run, kv_bytes=kv, host_bytes=host, kind="prefill")
+        self.scheduler.check(req)
         with self.lock:
-            cache, stats, _ = self._prefill([ids], m, run, None, progress)
+            self.scheduler.add(req)
+            group = self.scheduler.schedule(head=req)
+            try:
+                cache, stats, _ = self.runner.prefill([ids], m, run, None, progress)
+            finally:
+                self.scheduler.remove(req)
+                self.scheduler.finish(group)
         stats.method_stats = m.stats(run)  # e.g. kvzip's reread passes
         # a method instance carries its own budget (its options: pass method_kwargs, or set them on the
         # context, so that answers that must re-build the method, e.g. sentencekv's, get them)
-        return Context(cache=cache, token_ids=ids, method=_spec(m), budget=m.budget if budget is None else budget,
+        return Context(cache=cache, token_ids=ids, method=m.spec, budget=m.budget if budget is None else budget,
                        stats=stats, method_kwargs=dict(method_kwargs or {}))
 
     def score(self, context: Prompt, continuation: Sequence[int], *, method: str | KVMethod | None = None,
@@ -230,8 +264,9 @@ class LLM:
         m = build_method(method or "full", budget, **(method_kwargs or {}))
         run = m.start(len(ctx_ids), self.info.num_layers)
         nll = 0.0
+        runner = self.runner
         with self.lock:
-            cache, stats, (ctx, logits) = self._prefill([ctx_ids], m, run, None, False, reserve=len(cont) + 1)
+            cache, stats, (ctx, logits) = runner.prefill([ctx_ids], m, run, None, False, reserve=len(cont) + 1)
             ctx.decoding = True
             next_pos = ctx.next_pos
             targets = torch.tensor(cont, device=self.device)
@@ -241,7 +276,7 @@ class LLM:
                 if i == len(cont) - 1:
                     break
                 ctx.step = i
-                logits = self._forward(ctx, targets[i].view(1, 1), next_pos[:, None])
+                logits = runner.forward(ctx, targets[i].view(1, 1), next_pos[:, None])
                 next_pos = next_pos + 1
             decode_s = time.perf_counter() - t0
         return nll, _copy_stats(stats, cache, m, run, len(cont), len(cont) - 1, decode_s)
@@ -266,253 +301,178 @@ class LLM:
                                                   add_generation_prompt=True, tokenize=False)
         return list(self.tokenizer(text[text.index(marker) + len(marker):], add_special_tokens=False)["input_ids"])
 
-    # ---- the loop ----------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _forward_mode(self, ctx: ForwardContext):
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.inference_mode())
-            if self.device.type == "cuda":
-                # cuDNN's SDPA rebuilds its plan for every new KV length (measured: 57 vs 11 ms/token
-                # decode on an H100); the flash / memory-efficient kernels do not
-                from torch.nn.attention import SDPBackend, sdpa_kernel
+    # ---- one batched generation ---------------------------------------------------------------
+    def run_batch(self, requests: list[Request], progress: bool | None = None,
+                  join: Callable[[list[Request], int], list[Request]] | None = None
+                  ) -> Iterator[tuple[Request, StreamEvent]]:
+        """Run a scheduled group of compatible requests (:func:`~kvsift.engine.scheduler.batch_key`)
+        as one batched generation: their prompts are prefilled and decoded together. Yields
+        ``(request, event)``, the event's ``index`` local to its request; a request's last event
+        comes with ``request.finished`` set. Each request's ``cancel`` is read once per decode step:
+        a cancelled request's sequences end (``"cancelled"``) while the others go on; each sequence
+        stops at its own ``max_tokens``, stop strings and end of sequence. Holds the runner's lock.
 
-                stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                                                 SDPBackend.MATH]))
-            stack.enter_context(use_kvsift_attention(self.model, self._configs))
-            stack.enter_context(forward_context(ctx))
-            yield
-
-    def _forward(self, ctx: ForwardContext, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One model call over ``input_ids (batch, q)`` at ``positions (batch, q)``; returns the
-        last logits ``(batch, vocab)`` in fp32."""
-        ctx.cache.step_positions = positions.to(torch.int32)
-        ctx.input_ids = input_ids  # token ids in flight (sentencekv resets its query fingerprint)
-        with self._forward_mode(ctx):
-            out = self.model(input_ids=input_ids, position_ids=positions.clamp(min=0), **{self._cache_kw: ctx.cache},
-                             use_cache=True, logits_to_keep=1)
-        ctx.cache.seen += input_ids.shape[1]
-        return out.logits[:, -1].float()
-
-    def _prefill(self, ids: list[list[int]], method: KVMethod, run: Run, context: Context | None,
-                 progress: bool | None, reserve: int = 0):
-        # each fresh sequence's reread passes, asked once (methods may count them); none for a context
-        passes = [method.reread_passes(run, x, self.tokenizer) for x in ids] if context is None else [[] for _ in ids]
-        rereads = any(passes)
-        rows = len(ids) > 1 and context is None and (
-            self.prefill_mode == "rows" or (self.prefill_mode == "auto" and method.row_prefill_ok()) or rereads)
-        if rows:
-            return self._prefill_rows(ids, method, run, progress, reserve, passes)
-        b, L = len(ids), max(len(x) for x in ids)
-        dev = self.device
-        tokens = torch.full((b, L), self.pad_id, dtype=torch.long, device=dev)
-        valid = torch.zeros((b, L), dtype=torch.bool, device=dev)
-        for i, x in enumerate(ids):
-            tokens[i, L - len(x):] = torch.tensor(x, device=dev)
-            valid[i, L - len(x):] = True
-        base = context.length if context is not None else 0
-        pos = torch.where(valid, base + valid.cumsum(1) - 1, -1)
-        if context is not None:
-            cache = context.cache.clone(batch_repeat=b)
-            cache.reserve = reserve
-        else:
-            cache = SiftCache(self.info.num_layers, capacity_hint=L + reserve + _longest(passes[0]), reserve=reserve)
-        ctx = ForwardContext(cache=cache, method=method, run=run, has_padding=bool((~valid).any()),
-                             prompt_ids=ids, tokenizer=self.tokenizer,  # sentencekv segments the prompt
-                             rope=self._rope)
-        bounds = self._chunk_bounds(L, method, fresh=context is None and not ctx.has_padding)
-        bar = self._prefill_bar(progress, L, len(bounds), f"prefill {L} tokens")
-        t0 = time.perf_counter()
-        logits = None
-        try:
-            for s, e in bounds:
-                ctx.prefill_end = e == L
-                logits = self._forward(ctx, tokens[:, s:e], pos[:, s:e])
-                if bar is not None:
-                    bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
-        if context is None:  # a batch here has no reread passes (those go row by row)
-            self._finish_prefill(ctx, method, run, passes[0])
-        ctx.next_pos = pos[:, -1] + 1
-        return self._prefilled(ctx, method, base + L, t0, logits)
-
-    def _finish_prefill(self, ctx: ForwardContext, method: KVMethod, run: Run, passes: list[list[int]]) -> None:
-        """After a fresh prompt's prefill (one sequence, or a batch without reread passes): run the
-        method's reread ``passes`` (from ``method.reread_passes``), each at the positions after the
-        prompt, attending to the prompt's KV through the prefill path and then dropped from the cache;
-        ``ctx.reread_s`` is their time; then the method's deferred compression (``finish_prefill``).
-        The cache reserved room for the longest pass (no buffer growth while they run); layers that
-        keep more than they need afterwards (nothing evicted) are shrunk back."""
-        cache = ctx.cache
-        ctx.reread_s = 0.0
-        with torch.inference_mode():  # the cache's tensors are inference tensors: edit them in the mode
-            if passes:
-                _sync(self.device)
-                t0 = time.perf_counter()
-                seen, lengths = cache.seen, [ly.length for ly in cache.layers]
-                ctx.prefill_end, ctx.rereading = False, True
-                try:
-                    for p in passes:
-                        toks = torch.tensor([p], dtype=torch.long, device=self.device)
-                        pos = torch.arange(seen, seen + len(p), device=self.device)[None]
-                        for s, e in _chunks(len(p), self.chunk_size, 0):
-                            self._forward(ctx, toks[:, s:e], pos[:, s:e])
-                        for ly, n in zip(cache.layers, lengths):
-                            ly.truncate(n)
-                        cache.seen = seen
-                finally:
-                    ctx.rereading = False
-                _sync(self.device)
-                ctx.reread_s = time.perf_counter() - t0
-            method.finish_prefill(run, cache.layers, ctx)
-            if passes and ctx.row is None:  # (rows are copied into the batch cache anyway)
-                for ly in cache.layers:  # the room reserved for the passes: not kept for decode
-                    if ly.k_buf is not None and ly.k_buf.shape[2] > ly.length + cache.reserve:
-                        ly.set_kv(ly.keys, ly.values, ly.positions)
-
-    def _chunk_bounds(self, n: int, method: KVMethod, fresh: bool = True) -> list[tuple[int, int]]:
-        """Prefill chunks of a prompt of ``n`` tokens (the last one long enough for the method).
-        ``fresh``: nothing cached before and no padding, so a longer first chunk needs no mask."""
-        chunk = max(self.chunk_size, method.min_last_chunk())
-        first = max(chunk, min(n, self.first_chunk)) if fresh and self.first_chunk else chunk
-        return _chunks(n, chunk, method.min_last_chunk(), first)
-
-    def _prefill_bar(self, progress: bool | None, L: int, total: int, desc: str):
-        """A tqdm bar over ``total`` prefill chunks, or None (default: shown for long prompts)."""
-        if not (progress if progress is not None else L >= 8 * self.chunk_size):
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, unit="chunk", leave=False)
-
-    def _prefilled(self, ctx: ForwardContext, method: KVMethod, tokens: int, t0: float, logits):
-        """Prefill stats of ``ctx.cache`` (``tokens``: logical length incl. a reused context)."""
-        _sync(self.device)
-        cache = ctx.cache
-        b = ctx.next_pos.shape[0]
-        mem = cache.memory()
-        stats = GenerationStats(method=_spec(method), budget=method.budget,
-                                prompt_tokens=max(len(x) for x in ctx.prompt_ids),
-                                prefill_s=time.perf_counter() - t0, kv_device_bytes=mem["device"],
-                                kv_host_bytes=mem["host"], kv_kept_bytes=mem["device_used"],
-                                kv_full_bytes=_full_bytes(self.info, b, tokens))
-        ctx.prefill_end = False
-        return cache, stats, (ctx, logits)
-
-    def _prefill_rows(self, ids: list[list[int]], method: KVMethod, run: Run, progress: bool | None, reserve: int,
-                      passes: list[list[list[int]]]):
-        """Prefill one sequence at a time: each row's full KV is on the device only while that row
-        runs; at its end the method compresses it (sentencekv writes the chunks into the batch's host
-        store), then the rows' remaining device KV is stacked into one batch cache."""
-        b, L, dev = len(ids), max(len(x) for x in ids), self.device
-        cache = SiftCache(self.info.num_layers, capacity_hint=L + reserve, reserve=reserve)
-        row_states = [layer.state for layer in cache.layers]
-        plans = [self._chunk_bounds(len(x), method) for x in ids]
-        bar = self._prefill_bar(progress, L, sum(len(p) for p in plans), f"prefill {b} x {L} tokens")
-        t0 = time.perf_counter()
-        parts, logits = [], []
-        try:
-            for i, (row, plan) in enumerate(zip(ids, plans)):
-                rc = SiftCache(self.info.num_layers, capacity_hint=len(row) + _longest(passes[i]), reserve=0)
-                ctx = ForwardContext(cache=rc, method=method, run=run, prompt_ids=[row], tokenizer=self.tokenizer,
-                                     row=(i, b), row_states=row_states, rope=self._rope)
-                tokens = torch.tensor([row], dtype=torch.long, device=dev)
-                pos = torch.arange(len(row), device=dev)[None]
-                for s, e in plan:
-                    ctx.prefill_end = e == len(row)
-                    lg = self._forward(ctx, tokens[:, s:e], pos[:, s:e])
-                    if bar is not None:
-                        bar.update(1)
-                self._finish_prefill(ctx, method, run, passes[i])
-                logits.append(lg)
-                parts.append([(ly.keys, ly.values, ly.positions, ly.ragged) if ly.k_buf is not None else None
-                              for ly in rc.layers])
-                del rc, ctx  # the row's buffers live on only through the kept (compressed) views
-        finally:
-            if bar is not None:
-                bar.close()
-        padded = any(len(x) < L for x in ids)
-        for li, layer in enumerate(cache.layers):
-            rows = [p[li] for p in parts]
-            for p in parts:
-                p[li] = None
-            if all(r is not None for r in rows):
-                padded |= layer.set_rows(rows)
-        cache.seen = L
-        ctx = ForwardContext(cache=cache, method=method, run=run, has_padding=padded, prompt_ids=ids,
-                             tokenizer=self.tokenizer, next_pos=torch.tensor([len(x) for x in ids], device=dev),
-                             rope=self._rope)
-        with torch.inference_mode():
-            method.rows_stacked(run, cache.layers, ctx)  # e.g. kivi quantizes the stacked batch
-        return self._prefilled(ctx, method, L, t0, torch.cat(logits))
-
-    def _run(self, ids: list[list[int]], params: SamplingParams, method: KVMethod, run: Run,
-             context: Context | None, progress: bool | None,
-             cancel: Callable[[], bool] | None) -> Iterator[StreamEvent]:
-        b = len(ids)
-        base = (context.length if context is not None else 0) + max(len(x) for x in ids)
-        max_new = min(params.max_tokens, self.info.max_positions - base)
-        mode = pick_decode_mode(self.decode_mode, method, self.device)  # bad KVSIFT_DECODE: error before compute
+        ``join(requests, rows)``: asked at every decode-step boundary for requests to add to the
+        running batch (continuous batching; ``rows``: the batch's rows now). They are appended to
+        ``requests``, prefilled on their own, then their KV is stacked with the running rows (left
+        padding by position) and they decode with the others from the next step; rows whose
+        sequence is done leave the batch the same way. Only where that is exact and keeps shapes
+        free: ``full`` over no reused context, eager decode (:meth:`joins_running`); elsewhere the
+        batch keeps its rows to the end (done rows computed and ignored)."""
+        if not requests:
+            return
+        head = requests[0]
+        method, context, params = head.method, head.context, head.params
+        owners = [(r, j) for r in requests for j in range(r.rows)]
+        ids = [p for r in requests for p in r.prompts]
+        base = head.base
+        longest = max(len(x) for x in ids)
+        # one request runs as it was validated; a group starts the method once over its longest prompt
+        run = head.run if len(requests) == 1 and head.run is not None else method.start(base + longest,
+                                                                                        self.info.num_layers)
+        limits = [r.room(longest, self.info.max_positions) for r, _ in owners]
+        max_new = max(limits)
+        runner = self.runner
+        mode = runner.decode_mode_for(method)
+        compact = self.joins_running(head, mode)  # rows may change between steps
+        can_join = join is not None and compact
         with self.lock:
-            cache, stats, (ctx, logits) = self._prefill(ids, method, run, context, progress, reserve=max_new + 1)
+            cache, stats, (ctx, logits) = runner.prefill(ids, method, run, context, progress, reserve=max_new + 1)
             ctx.decoding = True
             next_pos = ctx.next_pos
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed if params.seed is not None else torch.seed() % 2**63)
-            seqs = [_Seq(i, self, params) for i in range(b)]
-            eos = torch.tensor(self.eos_ids, device=self.device) if self.eos_ids and not params.ignore_eos else None
+            seqs = [_Seq(j, self, r.params, limit) for (r, j), limit in zip(owners, limits)]
+            left = {r: r.rows for r in requests}   # sequences of each request still running
+            # each request's prefill stats, the rows of that prefill, when its decode started
+            base_stats = {r: (stats, len(ids), 0.0) for r in requests}
+            eos = torch.tensor(self.eos_ids, device=self.device) if self.eos_ids else None
             # on CUDA the host reads step t's tokens while step t+1 already runs (no stall per step)
             lag = self.device.type == "cuda"
+            b = len(ids)
             host = torch.empty(2, b, dtype=torch.long, pin_memory=lag)
             ready = torch.cuda.Event() if lag else None
-            runner = DecodeRunner(self, ctx, mode, max_new)
-            stats.decode_mode = runner.mode
+            decoder = runner.decoder(ctx, mode, max_new)
+            stats.decode_mode = decoder.mode
             t0 = time.perf_counter()
+
+            def push(i: int, tok_i: int, eos_i: bool, cancelled: set) -> Iterator[tuple[Request, StreamEvent]]:
+                s, (r, j) = seqs[i], owners[i]
+                ev = s.push(tok_i, eos_i and not r.params.ignore_eos, s.steps == s.limit - 1,
+                            "cancelled" if r in cancelled else None)
+                if ev.finished:
+                    st, rows_st, t_r = base_stats[r]
+                    st.decode_mode, st.decode_setup_s = decoder.mode, decoder.setup_s
+                    st.decode_setup_steps = decoder.setup_steps
+                    stats_i = _copy_stats(st, ctx.cache, method, run, len(s.ids), s.steps - 1,
+                                          time.perf_counter() - t0 - t_r, share=(r.rows, rows_st),
+                                          end_share=(r.rows, len(seqs)))
+                    ev.output = RequestOutput(s.text, s.ids, r.prompts[j], s.reason, stats_i)
+                    left[r] -= 1
+                    r.finished = left[r] == 0
+                if ev.text or ev.finished:
+                    yield r, ev
+
             try:
-                for step in range(max_new):
-                    last = step == max_new - 1
+                while True:
+                    # the last step of every running sequence: nothing to queue after it
+                    last = all(s.done or s.steps == s.limit - 1 for s in seqs)
                     tok = _sample(logits, params, gen)
                     is_eos = torch.isin(tok, eos) if eos is not None else torch.zeros_like(tok, dtype=torch.bool)
-                    if lag:
+                    new = join(requests, len(seqs)) if can_join and not last else []
+                    # rows change before the next step (new ones, or rows done since the last step):
+                    # nothing may be queued ahead of that
+                    synced = not lag or bool(new) or (compact and any(s.done for s in seqs))
+                    if not synced:
                         host.copy_(torch.stack((tok, is_eos.long())), non_blocking=True)
                         ready.record()
                         if not last:  # queue the next step before waiting for this one's tokens
-                            logits = runner.step(tok, next_pos)
+                            logits = decoder.step(tok, next_pos)
                             next_pos = next_pos + 1
                         ready.synchronize()
                         toks, eos_l = host.tolist()
                     else:
                         toks, eos_l = tok.tolist(), is_eos.tolist()
-                    cancelled = cancel is not None and cancel()
-                    for s in seqs:
-                        if s.done:
-                            continue
-                        reason = "cancelled" if cancelled else None
-                        ev = s.push(toks[s.index], bool(eos_l[s.index]), last, reason)
-                        if ev.finished:
-                            stats.decode_mode, stats.decode_setup_s = runner.mode, runner.setup_s
-                            stats.decode_setup_steps = runner.setup_steps
-                            stats_i = _copy_stats(stats, cache, method, run, len(s.ids), step,
-                                                  time.perf_counter() - t0)
-                            ev.output = RequestOutput(s.text, s.ids, ids[s.index], s.reason, stats_i)
-                        if ev.text or ev.finished:
-                            yield ev
-                    if all(s.done for s in seqs):
+                    cancelled = {r for r in requests if left[r] and r.cancel is not None and r.cancel()}
+                    for i, s in enumerate(seqs):
+                        if not s.done:
+                            yield from push(i, toks[i], bool(eos_l[i]), cancelled)
+                    done = [s.done for s in seqs]
+                    if all(done) and not new:
                         break
-                    if not lag:
-                        logits = runner.step(tok, next_pos)
+                    if synced and compact and (new or any(done)):
+                        # continuous batching: done rows leave, new requests join, before the next step
+                        keep = [i for i, d in enumerate(done) if not d]
+                        decoder.close()
+                        ctx, t_new, first = self._rebuild(ctx, next_pos, keep, new, run, progress)
+                        seqs, owners = [seqs[i] for i in keep], [owners[i] for i in keep]
+                        tok, next_pos = tok[keep], next_pos[keep]
+                        for r in new:
+                            requests.append(r)
+                            left[r] = r.rows
+                            base_stats[r] = (first, sum(q.rows for q in new), time.perf_counter() - t0)
+                            for j in range(r.rows):
+                                owners.append((r, j))
+                                seqs.append(_Seq(j, self, r.params, r.room(len(r.prompts[j]), self.info.max_positions)))
+                        if new:
+                            tok_new = _sample(t_new.logits, params, gen)
+                            eos_new = (torch.isin(tok_new, eos) if eos is not None
+                                       else torch.zeros_like(tok_new, dtype=torch.bool))
+                            for k, (t_k, e_k) in enumerate(zip(tok_new.tolist(), eos_new.tolist())):
+                                yield from push(len(keep) + k, t_k, bool(e_k), set())
+                            tok = torch.cat([tok, tok_new])
+                            next_pos = torch.cat([next_pos, t_new.next_pos])
+                        host = torch.empty(2, len(seqs), dtype=torch.long, pin_memory=lag)
+                        decoder = runner.decoder(ctx, mode, max(s.limit - s.steps for s in seqs) + 1)
+                        if all(s.done for s in seqs):
+                            break
+                    if synced:
+                        logits = decoder.step(tok, next_pos)
                         next_pos = next_pos + 1
             finally:
                 if lag:
-                    _sync(self.device)  # a queued step may still write the cache
-                runner.close()
+                    sync(self.device)  # a queued step may still write the cache
+                decoder.close()
 
+    def joins_running(self, req: Request, mode: str | None = None) -> bool:
+        """Whether a running batch of ``req``'s kind may change its rows at decode-step boundaries
+        (requests join, finished rows leave): ``full`` (left padding is exact), no reused context,
+        eager decode (static and graph decoding fix the batch's shapes for the whole generation)."""
+        mode = mode or self.runner.decode_mode_for(req.method)
+        return req.kind == "generate" and req.context is None and pads_exactly(req.method) and mode == "eager"
 
-def _check_prefill_mode(mode: str) -> str:
-    if mode not in ("auto", "batch", "rows"):
-        raise ValueError(f"prefill_mode must be 'auto', 'batch' or 'rows', got {mode!r}")
-    return mode
+    def _rebuild(self, ctx: ForwardContext, next_pos: torch.Tensor, keep: list[int], new: list[Request], run: Run,
+                 progress: bool | None):
+        """The running batch with only its rows ``keep`` plus the requests ``new`` (prefilled here,
+        on their own): every row's used slots (its own positions; holes dropped) are stacked into a
+        new cache, shorter rows padded with position -1. Returns the new batch's context, the new
+        rows' first logits and next positions (None without ``new``) and their prefill stats."""
+        method, runner = ctx.method, self.runner
+        ids = [p for r in new for p in r.prompts]
+        old = ctx.cache
+        cache_n = ctx_n = logits_n = stats_n = None
+        room = old.reserve
+        if ids:
+            room = max(room, max(r.room(len(p), self.info.max_positions) for r in new for p in r.prompts))
+            cache_n, stats_n, (ctx_n, logits_n) = runner.prefill(ids, method, run, None, progress, reserve=room + 1)
+        merged = SiftCache(self.info.num_layers, reserve=room + 1)
+        sources = [(old, i) for i in keep] + [(cache_n, i) for i in range(len(ids))]
+        with torch.inference_mode():
+            for li, lm in enumerate(merged.layers):
+                rows = []
+                for cache, i in sources:
+                    ly = cache.layers[li]
+                    real = ly.positions[i, 0] >= 0  # full: every KV head holds the same positions
+                    rows.append((ly.keys[i:i + 1, :, real], ly.values[i:i + 1, :, real],
+                                 ly.positions[i:i + 1, :, real], None))
+                lm.set_rows(rows)
+        merged.seen = max(old.seen, cache_n.seen if cache_n is not None else 0)
+        pos = [next_pos[keep]] + ([ctx_n.next_pos] if ids else [])
+        prompts = [ctx.prompt_ids[i] for i in keep] + ids if ctx.prompt_ids is not None else None
+        merged_ctx = ForwardContext(cache=merged, method=method, run=run, has_padding=True, prompt_ids=prompts,
+                                    tokenizer=self.tokenizer, next_pos=torch.cat(pos), rope=runner.rope)
+        merged_ctx.decoding, merged_ctx.step = True, ctx.step
+        return merged_ctx, (_Joined(logits_n, ctx_n.next_pos) if ids else None), stats_n
 
 
 def _as_batch(prompts) -> list:
@@ -523,20 +483,6 @@ def _as_batch(prompts) -> list:
     if isinstance(prompts, Sequence) and len(prompts) > 0:
         return list(prompts)
     raise ValueError("prompts must be a string, a list of token ids, or a non-empty list of those")
-
-
-def _chunks(L: int, chunk: int, min_last: int, first: int | None = None) -> list[tuple[int, int]]:
-    """Prefill chunk bounds (``first`` tokens, then ``chunk`` each); the last chunk holds at least
-    ``min_last`` tokens (e.g. SnapKV's window)."""
-    first = first or chunk
-    bounds = [(0, min(first, L))] + [(s, min(s + chunk, L)) for s in range(first, L, chunk)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_last:
-        bounds[-2:] = [(bounds[-2][0], L)]
-    return bounds
-
-
-def _longest(passes: list[list[int]]) -> int:
-    return max((len(p) for p in passes), default=0)
 
 
 def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> torch.Tensor:
@@ -552,16 +498,28 @@ def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> to
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
-class _Seq:
-    """Per-sequence detokenization, stop strings and finish state."""
+@dataclass(slots=True)
+class _Joined:
+    """The first logits and next positions of requests that joined a running batch."""
 
-    def __init__(self, index: int, llm: LLM, params: SamplingParams):
+    logits: torch.Tensor
+    next_pos: torch.Tensor
+
+
+class _Seq:
+    """Per-sequence detokenization, stop strings and finish state (``limit``: its most new tokens;
+    ``steps``: tokens pushed so far)."""
+
+    def __init__(self, index: int, llm: LLM, params: SamplingParams, limit: int | None = None):
         self.index, self.llm, self.params = index, llm, params
+        self.limit = params.max_tokens if limit is None else limit
+        self.steps = 0
         self.ids: list[int] = []
         self.text, self.emitted, self.done, self.reason = "", 0, False, "length"
         self.hold = max((len(s) for s in params.stop), default=1) - 1
 
     def push(self, tok: int, is_eos: bool, last: bool, reason: str | None) -> StreamEvent:
+        self.steps += 1
         appended = None
         if reason is not None:
             self.done, self.reason = True, reason
@@ -586,28 +544,25 @@ class _Seq:
         return StreamEvent(self.index, delta, appended, finished=self.done)
 
 
-def _spec(m: KVMethod) -> str:
-    return m.spec
-
-
-def _full_bytes(info: ModelInfo, batch: int, tokens: int) -> int:
-    elt = torch.tensor([], dtype=info.dtype).element_size()
-    return 2 * info.num_layers * batch * info.num_kv_heads * tokens * info.head_dim * elt
-
-
 def _copy_stats(stats: GenerationStats, cache: SiftCache, method: KVMethod, run: Run, n_gen: int, steps: int,
-                decode_s: float):
+                decode_s: float, share: tuple[int, int] = (1, 1), end_share: tuple[int, int] | None = None):
+    """One sequence's stats; ``share = (rows, batch)``: its request's part of the prefill's batch,
+    ``end_share`` of the batch at its end (the KV bytes of a batch shared with other requests are
+    split by rows)."""
     mem = cache.memory()
+
+    def part(n: int, sh: tuple[int, int] = share) -> int:
+        rows, b = sh
+        return n if rows == b else n * rows // b
+
+    def end(n: int) -> int:
+        return part(n, end_share or share)
+
     return GenerationStats(method=stats.method, budget=stats.budget, prompt_tokens=stats.prompt_tokens,
                            decode_mode=stats.decode_mode, decode_setup_s=stats.decode_setup_s,
                            decode_setup_steps=stats.decode_setup_steps,
                            generated_tokens=n_gen, decode_steps=steps, prefill_s=stats.prefill_s, decode_s=decode_s,
-                           kv_device_bytes=stats.kv_device_bytes, kv_host_bytes=stats.kv_host_bytes,
-                           kv_kept_bytes=stats.kv_kept_bytes, kv_full_bytes=stats.kv_full_bytes,
-                           kv_device_bytes_end=mem["device"], kv_host_bytes_end=mem["host"],
+                           kv_device_bytes=part(stats.kv_device_bytes), kv_host_bytes=part(stats.kv_host_bytes),
+                           kv_kept_bytes=part(stats.kv_kept_bytes), kv_full_bytes=part(stats.kv_full_bytes),
+                           kv_device_bytes_end=end(mem["device"]), kv_host_bytes_end=end(mem["host"]),
                            method_stats=method.stats(run))
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)

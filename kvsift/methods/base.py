@@ -279,6 +279,11 @@ class KVMethod:
         ``ctx.row_states`` (the batch cache's per-layer state dicts)."""
         return False
 
+    def offloads_to_host(self) -> bool:
+        """True when the method keeps part of the prompt's KV in host memory (the scheduler's host
+        memory admission counts it)."""
+        return False
+
     def static_ok(self) -> bool:
         """True when a decode step keeps no per-step host state and changes no shapes, so the
         engine may run it with fixed buffers and replay it from a CUDA graph. Methods whose decode
@@ -673,6 +678,9 @@ class Compose(KVMethod):
 
     def quantized_ok(self) -> bool:
         return all(s.quantized_ok() for s in self.stages)
+
+    def offloads_to_host(self) -> bool:
+        return any(s.offloads_to_host() for s in self.stages)
 
     def row_prefill_ok(self) -> bool:
         # rows save memory when a stage shrinks the KV at prefill end; decode-only stages keep no

@@ -344,6 +344,9 @@ class SentenceKV(KVMethod):
     def row_prefill_ok(self) -> bool:
         return True  # one host store for the batch, each row written into it (ChunkStore.append row=)
 
+    def offloads_to_host(self) -> bool:
+        return True  # the prompt's chunks live in the host store
+
     def decode_variant(self, run, step):
         """``reselect_every > 1``: True when step ``step`` selects chunks anew, False when it keeps
         the layers' last selections."""

@@ -35,8 +35,10 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from kvsift.budget import parse_budget
+from kvsift.budget import parse_budget, request_kv_bytes
 from kvsift.engine import Context, RequestOutput, SamplingParams, StreamEvent
+from kvsift.engine.scheduler import Request as EngineRequest
+from kvsift.engine.scheduler import Scheduler as EngineScheduler
 from kvsift.errors import (BudgetError, ContextLengthError, IdempotencyKeyReusedError, KVSiftError,
                            MethodOptionError, UnknownMethodError)
 from kvsift.methods import KVMethod, build_method, method_class
@@ -252,8 +254,12 @@ def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
     if n or store.skipped:
         log.info("contexts: %d registered from %s, %d skipped", n, config.contexts_dir, len(store.skipped))
     cap = config.max_tokens_cap or llm.info.max_positions
+    engine = EngineScheduler(llm.scheduler_config(max_batch=config.max_batch, kv_memory=config.kv_memory_bytes,
+                                                  host_memory=config.host_memory_bytes))
     scheduler = Scheduler(config.max_waiting, metrics, max_run_s=config.max_request_seconds,
-                          max_queue_s=config.max_queue_seconds, max_per_key=config.max_concurrent_per_key)
+                          max_queue_s=config.max_queue_seconds, max_per_key=config.max_concurrent_per_key,
+                          engine=engine, run_batch=lambda group, join=None: llm.run_batch(group, join=join),
+                          join_running=config.continuous_batching)
     state = ServerState(llm, config, model_id, metrics, scheduler, store,
                         max_tokens_cap=cap, max_token_chars=_max_token_chars(llm.tokenizer))
 
@@ -571,9 +577,10 @@ async def _generate(state: ServerState, req, request: Request, chat: bool, who: 
     if prep.context is not None:
         state.metrics.context_tokens.inc(prep.context_tokens * len(prep.prompts))
     try:
-        stream = await asyncio.to_thread(
-            state.llm.stream, prep.prompts, prep.params, method=prep.method, context=prep.context,
-            progress=False, cancel=job.is_cancelled)
+        ereq = await asyncio.to_thread(
+            state.llm.request, prep.prompts, prep.params, method=prep.method, context=prep.context,
+            cancel=job.is_cancelled)
+        state.scheduler.engine.check(ereq)  # a request too large for the engine's KV memory: 400 now
     except KVSiftError as e:  # e.g. a budget larger than the prompt (the engine checks it before any compute)
         state.scheduler.abandon(job)
         raise _method_error(e, prep.method_spec) from None
@@ -584,27 +591,25 @@ async def _generate(state: ServerState, req, request: Request, chat: bool, who: 
         state.scheduler.abandon(job)
         raise
 
-    def work(j: Job):
-        try:
-            for ev in stream:
-                if ev.output is not None:  # observed here: a cancelled request has no reader any more
-                    if j.timed_out and ev.output.finish_reason == "cancelled":
-                        ev.output.finish_reason = TIME_LIMIT
-                    _observe_output(state, ev.output)
-                j.emit(ev)
-        finally:
-            stream.close()  # releases the engine lock and the KV of this generation
+    def on_item(ev: StreamEvent) -> StreamEvent:  # in the worker thread, for each event of this request
+        if ev.output is not None:  # observed here: a cancelled request has no reader any more
+            if job.timed_out and ev.output.finish_reason == "cancelled":
+                ev.output.finish_reason = TIME_LIMIT
+            _observe_output(state, ev.output)
+        return ev
+
+    job.on_item = on_item
 
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     if req.stream:
         # the background task also runs when the client left before the stream even started
-        return StreamingResponse(_sse(state, job, work, prep, rid, created, chat, include_usage),
+        return StreamingResponse(_sse(state, job, ereq, prep, rid, created, chat, include_usage),
                                  media_type="text/event-stream", background=BackgroundTask(_release_async, state, job),
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        outputs = await _until_disconnect(request, job, _collect(state, job, work))
+        outputs = await _until_disconnect(request, job, _collect(state, job, ereq))
     finally:
         _release(state, job)
     stopped = any(o.finish_reason == TIME_LIMIT for o in outputs.values())
@@ -622,8 +627,8 @@ async def _release_async(state: ServerState, job: Job) -> None:  # on the event 
     _release(state, job)
 
 
-async def _collect(state: ServerState, job: Job, work) -> dict[int, RequestOutput]:
-    await state.scheduler.run(job, work)
+async def _collect(state: ServerState, job: Job, ereq: EngineRequest) -> dict[int, RequestOutput]:
+    await state.scheduler.run(job, ereq)
     outputs: dict[int, RequestOutput] = {}
     first = True
     async for ev in _events(state, job):
@@ -728,8 +733,8 @@ def _data(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-async def _sse(state: ServerState, job: Job, work, prep: Prepared, rid: str, created: int, chat: bool,
-               include_usage: bool):
+async def _sse(state: ServerState, job: Job, ereq: EngineRequest, prep: Prepared, rid: str, created: int,
+               chat: bool, include_usage: bool):
     """Server-sent events: ``data: {chunk}`` lines, then ``data: [DONE]``. If the client goes away,
     starlette cancels this generator and ``finally`` cancels the job."""
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -744,7 +749,7 @@ async def _sse(state: ServerState, job: Job, work, prep: Prepared, rid: str, cre
 
     outputs: dict[int, RequestOutput] = {}
     try:
-        await state.scheduler.run(job, work)
+        await state.scheduler.run(job, ereq)
         if chat:
             for i in range(len(prep.prompts)):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -779,13 +784,6 @@ async def _sse(state: ServerState, job: Job, work, prep: Prepared, rid: str, cre
 
 
 # ---- contexts ---------------------------------------------------------------------------------------
-def _kv_bytes_per_token(llm) -> int:
-    """KV bytes one kept token takes on every layer: keys + values + an int32 position per KV head."""
-    info = llm.info
-    itemsize = info.dtype.itemsize if hasattr(info.dtype, "itemsize") else 2
-    return info.num_layers * info.num_kv_heads * (2 * info.head_dim * itemsize + 4)
-
-
 async def _create_context(state: ServerState, req: ContextRequest, request: Request, who: Principal):
     key = request.headers.get("idempotency-key")
     if key is None:
@@ -854,19 +852,22 @@ async def _build_context(state: ServerState, req: ContextRequest, who: Principal
     ids = await asyncio.to_thread(encode)
     _check_length(state, len(ids), "the document", "document")
     try:
-        run = m.start(len(ids), llm.info.num_layers)  # budget vs. length, before queueing
+        mrun = m.start(len(ids), llm.info.num_layers)  # budget vs. length, before queueing
     except (ValueError, TypeError) as e:
         raise _method_error(e, spec) from None
     # room for it, before any compute: from the tokens the budget keeps and the model's shape
-    kept = min(len(ids), run.tokens)
-    kv_est = kept * _kv_bytes_per_token(llm)
+    kept = min(len(ids), mrun.tokens)
+    kv_est = kept * llm.kv_bytes_per_token
+    dev, host = request_kv_bytes(llm.kv_bytes_per_token, 1, len(ids), mrun.tokens, 0, offloads=m.offloads_to_host())
+    ereq = EngineRequest([ids], None, m, mrun, kv_bytes=dev, host_bytes=host, kind="prefill")
+    state.scheduler.engine.check(ereq)
     reservation: Reservation = state.store.reserve(who.owner, kv_est, kv_est + 8 * len(ids), req.persist)
     try:
         def work(j: Job):
             j.emit(llm.prefill_context(ids, method=m, chat=chat, progress=False))
 
         async def run():
-            await state.scheduler.run(job, work)
+            await state.scheduler.run(job, ereq, work)
             async for item in _events(state, job):
                 await job.ended.wait()  # the key's slot is free before the answer goes out
                 return item

@@ -76,6 +76,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="most requests of one API key queued or running at once, then 429 with Retry-After "
                         "(a key's max_concurrent in --api-keys-file overrides it; without keys all requests "
                         "share one bucket; default: no limit)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="most sequences of compatible queued requests (same method, options and context; greedy "
+                        "or unseeded sampling; compressing methods: same prompt length) answered by one batched "
+                        "generation (default 8; 1: one request at a time)")
+    p.add_argument("--kv-arena", action="store_true",
+                   help="decode kv_method full over reusable KV arenas, so that CUDA graphs recorded by one batch "
+                        "are replayed by the next ones of the same size instead of recorded again (costs a copy of "
+                        "the prompt's KV and the arenas' memory: at most two batch-size x length buckets)")
+    p.add_argument("--no-continuous-batching", action="store_true",
+                   help="requests arriving while a batch runs wait for the next batch instead of joining it at its "
+                        "next decode step (joining applies to kv_method full without a context, eager decode)")
+    p.add_argument("--kv-memory", type=_bytes, default=None,
+                   help="expected KV bytes one batch may hold on the device (e.g. 8G; default: unbounded); "
+                        "requests wait for room, one that cannot fit alone gets 400 kv_memory_exceeded")
+    p.add_argument("--host-memory", type=_bytes, default=None,
+                   help="the same for KV offloaded to host memory (sentencekv; default: unbounded)")
     p.add_argument("--max-body", type=_bytes, default=8 * 2**20, help="largest request body (default 8M)")
     p.add_argument("--contexts-dir", type=Path, default=None,
                    help=f"where contexts are persisted (default {default_contexts_dir()})")
@@ -118,7 +134,9 @@ def build_config(args):
                           contexts_disk_bytes=args.contexts_disk_limit, keys=keys, max_tokens_cap=args.max_tokens_cap,
                           public_health=args.public_health, insecure=args.insecure,
                           max_request_seconds=args.max_request_seconds, max_queue_seconds=args.max_queue_seconds,
-                          max_concurrent_per_key=args.max_concurrent_per_key)
+                          max_concurrent_per_key=args.max_concurrent_per_key, max_batch=args.max_batch,
+                          continuous_batching=not args.no_continuous_batching,
+                          kv_memory_bytes=args.kv_memory, host_memory_bytes=args.host_memory)
     check_model(args.model)  # unknown or not installed: fail before binding or loading (after the cheap checks)
     return config
 
@@ -161,7 +179,7 @@ def run_serve(args) -> int:
     sock = _bind(config.host, config.port)  # fail fast on a busy port, before loading the model
     port = sock.getsockname()[1]
     t0 = time.perf_counter()
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, chunk_size=args.chunk_size)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, chunk_size=args.chunk_size, kv_arena=args.kv_arena)
     app = create_app(llm, config)
     shown = f"[{config.host}]" if ":" in config.host else config.host
     print(f"kvsift: serving {app.state.kvsift.model_id} ({llm.info.device}, loaded in {time.perf_counter() - t0:.1f}s) "

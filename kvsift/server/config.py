@@ -26,8 +26,14 @@ def is_loopback(host: str) -> bool:
 class ServerConfig:
     """What ``kvsift serve`` needs besides the model.
 
-    ``max_running``: generations holding the engine at once (the engine runs one forward at a time per
-    model, so 1 is the honest default; the rest wait in a FIFO queue of at most ``max_waiting``).
+    ``max_running``: engine batches at once (the engine runs one forward at a time per model, so 1 is
+    the honest default; the rest wait in a FIFO queue of at most ``max_waiting``).
+    ``max_batch``: most sequences of compatible queued requests served by one batched generation
+    (1: one request at a time; a request with several prompts still runs whole).
+    ``continuous_batching``: compatible requests that arrive while a batch runs join it at its
+    next decode step (where the engine allows it: ``full``, no context, eager decode).
+    ``kv_memory_bytes`` / ``host_memory_bytes``: expected KV bytes a batch may hold on the device /
+    in host memory (None: unbounded); a request that cannot fit alone is a 400 ``kv_memory_exceeded``.
     ``contexts_dir``: where reusable contexts are persisted (None = memory only).
     ``context_memory_bytes``: LRU limit on the KV bytes (device + host) of contexts kept in memory.
     ``contexts_disk_bytes``: quota on the bytes of persisted contexts (None = only the free space).
@@ -67,6 +73,10 @@ class ServerConfig:
     max_request_seconds: float | None = None
     max_queue_seconds: float | None = None
     max_concurrent_per_key: int | None = None
+    max_batch: int = 8
+    continuous_batching: bool = True
+    kv_memory_bytes: int | None = None
+    host_memory_bytes: int | None = None
     keep_ids: int = field(default=10000)   # evicted / known ids remembered for their 410 answers
 
     def __post_init__(self):
@@ -109,6 +119,15 @@ class ServerConfig:
         v = self.max_concurrent_per_key
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"max_concurrent_per_key (--max-concurrent-per-key) must be an integer >= 1, got {v!r}")
+        v = self.max_batch
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"max_batch (--max-batch) must be an integer >= 1, got {v!r}")
+        if not isinstance(self.continuous_batching, bool):
+            raise ValueError(f"continuous_batching must be a bool, got {self.continuous_batching!r}")
+        for name, flag in (("kv_memory_bytes", "--kv-memory"), ("host_memory_bytes", "--host-memory")):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} ({flag}) must be a size >= 1 byte, got {v!r}")
         if self.api_key is not None and self.keys is not None:
             raise ValueError("give either one API key or a keys file, not both")
         if self.api_key is not None:

@@ -8,6 +8,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _TOKEN_TIME = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 _BYTES = tuple(float(2**k) for k in range(10, 36, 2))
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class Metrics:
@@ -46,6 +47,12 @@ class Metrics:
                                  registry=r)
         self.tpot = Histogram("kvsift_time_per_output_token_seconds", "Decode time per output token",
                               buckets=_TOKEN_TIME, registry=r)
+        self.batch_requests = Histogram("kvsift_batch_requests", "Requests served by one engine batch",
+                                        buckets=_BATCH, registry=r)
+        self.batch_sequences = Histogram("kvsift_batch_sequences", "Sequences (prompts) in one engine batch",
+                                         buckets=_BATCH, registry=r)
+        self.batch_joins = Counter("kvsift_batch_joins", "Requests that joined a running batch at a decode step",
+                                   registry=r)
         info = Gauge("kvsift_model_info", "Served model", ["model"], registry=r)
         info.labels(model=model).set(1)
         for loc in ("device", "host"):

@@ -1,10 +1,19 @@
 """The request queue in front of the (synchronous, PyTorch) engine.
 
 The engine runs one forward at a time per model (``LLM.lock``; it also switches the model's attention
-implementation for the duration of a call), so the server runs one engine job at a time, in a
-worker thread, and queues the others FIFO. A job's thread pushes its events into an
-``asyncio.Queue`` on the event loop; cancelling a job (client gone) sets a flag the engine checks at
-every decode step, so the decode loop stops and the job's KV is freed when its generator closes.
+implementation for the duration of a call), so the server runs one engine batch at a time, in a
+worker thread. Which requests form that batch is the engine's
+:class:`~kvsift.engine.scheduler.Scheduler`'s (``engine``): the oldest waiting request plus the
+waiting requests compatible with it (same method, options and context, greedy or unseeded sampling
+alike, and for compressing methods the same prompt length), up to ``max_batch`` sequences and the
+KV memory (``--max-batch``, ``--kv-memory``, ``--host-memory``); where the engine allows it
+(``full``, no context, eager decode), waiting requests of the running batch's kind join it at its
+next decode step, in arrival order (continuous batching). A batch's events go to each
+request's own ``asyncio.Queue`` as they come (streams stream per request); a request whose
+sequences are done ends at once, while the others of its batch go on. A context's prefill runs
+alone. Cancelling a job (client gone) sets a flag its request's ``cancel`` reads at every decode
+step, so its sequences end there (the others continue); a job that leaves while queued is dropped
+before it runs.
 
 Limits, checked when a job is admitted (before the request does any work), each a 429
 (:class:`~kvsift.errors.RateLimitError`) with a ``Retry-After`` estimate:
@@ -15,22 +24,25 @@ Limits, checked when a job is admitted (before the request does any work), each 
   (:class:`~kvsift.errors.ConcurrencyLimitError`).
 
 ``max_run_s`` bounds a job's run time: past it, the engine's ``cancel`` check answers True (the
-decode loop stops at its next step) and the job is marked ``timed_out``.
+decode loop stops that job's sequences at its next step) and the job is marked ``timed_out``.
 
 The estimates come from an exponential moving average of the recent jobs' run times
 (``avg_job_s``, :data:`DEFAULT_JOB_S` before the first job finished): a running job is expected to
-end at that average (or its time limit), each waiting job to take that long.
+end at that average (or its time limit), each waiting job to take that long (batching only makes
+the real wait shorter).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from kvsift.engine.scheduler import Request, Scheduler as EngineScheduler, SchedulerConfig
 from kvsift.errors import ConcurrencyLimitError, QueueFullError, QueueWaitError
 from kvsift.server.auth import Principal
 
@@ -38,6 +50,7 @@ _END = object()
 DEFAULT_JOB_S = 1.0     # a job's expected run time before any job finished (Retry-After only)
 _AVG_WEIGHT = 0.3       # weight of the latest job in the moving average of run times
 ANONYMOUS_BUCKET = ""   # the requests of a server without keys are counted together
+_JOIN_WAIT_S = 10.0     # most the worker waits for the event loop to hand it joining requests
 
 
 class JobFailed(Exception):
@@ -47,15 +60,23 @@ class JobFailed(Exception):
 
 
 class Job:
-    """One unit of engine work. ``work(job)`` runs in the worker thread and calls ``job.emit(item)``.
+    """One unit of engine work: a generation (events from a batch) or ``work(job)`` (runs in the
+    worker thread and calls ``job.emit(item)``).
 
     ``bucket``: the API key it is counted against; ``t_start`` / ``deadline``: when it started and
     when its run time is up (on the scheduler's clock); ``timed_out``: it was stopped at its deadline;
-    ``ended``: set once the scheduler no longer counts it (running, waiting, its key's count)."""
+    ``ended``: set once the scheduler no longer counts it (running, waiting, its key's count).
+    ``request``: its engine request (a generation's runs in a batch; a context prefill's ``work``
+    runs alone)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, bucket: str = ANONYMOUS_BUCKET,
                  clock: Callable[[], float] = time.monotonic):
         self.loop = loop
+        self.request: Request | None = None        # its engine request (once it queues for the engine)
+        self.work: Callable[[Job], None] | None = None  # a context prefill's work (runs alone)
+        self.on_item: Callable[[Any], Any] | None = None  # the worker thread hands each event through it
+        self.dispatched: asyncio.Future | None = None
+        self.done = False
         self.queue: asyncio.Queue = asyncio.Queue()
         self._cancelled = threading.Event()
         self.arrived = time.perf_counter()
@@ -102,26 +123,34 @@ class Job:
 
 
 class Scheduler:
-    """One engine job at a time, the others waiting FIFO; admission limits (see the module)."""
+    """Engine batches one at a time, the jobs waiting FIFO; admission limits (see the module).
+
+    ``engine``: the engine scheduler that groups the waiting requests (default: no batching across
+    requests); ``run_batch(group, join)``: runs a group, yielding ``(request, event)``, and asks
+    ``join`` at each decode step for requests joining it (:meth:`LLM.run_batch
+    <kvsift.engine.llm.LLM.run_batch>`; not asked without ``join_running``)."""
 
     def __init__(self, max_waiting: int, metrics=None, *, max_run_s: float | None = None,
-                 max_queue_s: float | None = None, max_per_key: int | None = None):
+                 max_queue_s: float | None = None, max_per_key: int | None = None,
+                 engine: EngineScheduler | None = None,
+                 run_batch: Callable[..., Iterator[tuple[Request, Any]]] | None = None, join_running: bool = True):
         self.max_waiting = max_waiting
         self.metrics = metrics
         self.max_run_s, self.max_queue_s, self.max_per_key = max_run_s, max_queue_s, max_per_key
+        self.engine = engine if engine is not None else EngineScheduler(SchedulerConfig(max_batch=1))
+        self.run_batch = run_batch
+        self.join_running = join_running
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvsift-engine")
-        self._sem: asyncio.Semaphore | None = None
+        self.busy = False                        # a batch holds the engine
+        self.batches = 0                         # engine batches started
+        self.joined = 0                          # requests that joined a running batch
+        self.closing = False                     # shutting down: nothing joins (the loop waits for the worker)
         self.waiting = 0
         self.running = 0
         self.jobs: dict[Job, None] = {}          # admitted and not finished, in arrival order
         self.per_key: dict[str, int] = {}        # bucket -> its jobs queued or running
         self.avg_job_s: float | None = None      # moving average of run times (None: no job finished yet)
         self.clock: Callable[[], float] = time.monotonic  # run times, deadlines, estimates (a test hook)
-
-    def _semaphore(self) -> asyncio.Semaphore:
-        if self._sem is None:
-            self._sem = asyncio.Semaphore(1)
-        return self._sem
 
     def new_job(self, who: Principal | None = None) -> Job:
         """Admit a job for ``who`` to the queue now, before the request does any work (so a refusal
@@ -184,46 +213,158 @@ class Scheduler:
         place = next((i for i, j in enumerate(waiting) if j.bucket == bucket), len(waiting))
         return self._running_left() + (place + 1) * self.job_seconds()
 
-    async def run(self, job: Job, work: Callable[[Job], None]) -> None:
-        """Wait for the engine, then start ``work`` in the worker thread (returns once it has started;
-        read its output with ``job.items()``). If the caller is cancelled while waiting, the job
-        leaves the queue."""
-        sem = self._semaphore()
-        try:
-            await sem.acquire()
-        except BaseException:
-            self._leave(job)
-            raise
-        if job not in self.jobs:  # abandoned while it waited (already out of the counts)
-            sem.release()
+    async def run(self, job: Job, request: Request, work: Callable[[Job], None] | None = None) -> None:
+        """Queue ``request`` for the engine (``work``: a context prefill's, run alone in the worker
+        thread) and wait until its batch starts (read its output with ``job.items()``). If the
+        caller is cancelled while waiting, the job leaves the queue; a job whose client left before
+        its turn is dropped (its items end at once)."""
+        if job not in self.jobs or job.dispatched is not None:  # abandoned (out of the counts), or queued twice
             job.queue.put_nowait(_END)
             return
-        self.waiting -= 1
-        if job.is_cancelled():  # the client left while queued
-            sem.release()
+        request.tag, job.request, job.work = job, request, work
+        self.engine.add(request)  # a request too large for the KV memory: KVMemoryError (checked before)
+        job.dispatched = job.loop.create_future()
+        self._dispatch()
+        try:
+            await asyncio.shield(job.dispatched)
+        except BaseException:
+            if job.started is None:
+                self.engine.remove(request)
+                self._leave(job)
+            raise
+
+    def _drop(self, job: Job) -> None:
+        """A queued job that will not run (its client left): out of the queue and the counts."""
+        if job in self.jobs and job.t_start is None:
+            self.waiting -= 1
             self._forget(job)
             self._update()
-            job.queue.put_nowait(_END)
-            return
-        self.running += 1
-        job.started = time.perf_counter()
-        job.t_start = self.clock()
-        if self.max_run_s is not None:
-            job.deadline = job.t_start + self.max_run_s
+        job.queue.put_nowait(_END)
+        if job.dispatched is not None and not job.dispatched.done():
+            job.dispatched.set_result(None)
+
+    def _purge(self) -> None:
+        """Drop the queued requests whose clients left."""
+        for r in list(self.engine.waiting):
+            j = r.tag
+            if j.is_cancelled() or j not in self.jobs:
+                self.engine.remove(r)
+                self._drop(j)
+
+    def _dispatch(self) -> None:
+        """Start the next batch when the engine is free (on the event loop)."""
+        while not self.busy:
+            self._purge()
+            group = self.engine.schedule()
+            if not group:
+                return
+            self._start(group)
+
+    def _join(self, group: list[Request], rows: int) -> list[Request]:
+        """On the event loop: the waiting requests that join the running ``group`` now (continuous
+        batching), counted as started."""
+        self._purge()
+        new = self.engine.join(group, rows)
+        if new:
+            self.joined += len(new)
+            if self.metrics is not None:
+                self.metrics.batch_joins.inc(len(new))
+            self._begin([r.tag for r in new])
+        return new
+
+    def _join_from_worker(self, loop: asyncio.AbstractEventLoop, group: list[Request], rows: int) -> list[Request]:
+        """The engine's ``join`` callback (worker thread, at each decode-step boundary)."""
+        if not self.engine.waiting or self.closing:  # the common case, without a trip to the event loop
+            return []
+
+        async def join():
+            return self._join(group, rows)
+
+        fut = asyncio.run_coroutine_threadsafe(join(), loop)
+        try:
+            return fut.result(timeout=_JOIN_WAIT_S)
+        except concurrent.futures.TimeoutError:  # the loop is busy or closing: no one joins this step...
+            if fut.cancel():
+                return []
+            return fut.result()  # ...unless it had started (it never waits once started)
+
+    def _start(self, group: list[Request]) -> None:
+        jobs = [r.tag for r in group]
+        self.busy = True
+        self.batches += 1
+        self._begin(jobs)
         if self.metrics is not None:
-            self.metrics.queue_time.observe(job.started - job.arrived)
+            self.metrics.batch_requests.observe(len(group))
+            self.metrics.batch_sequences.observe(sum(r.rows for r in group))
+        loop = jobs[0].loop
+        if group[0].kind == "prefill":
+            job = jobs[0]
+
+            def thread_main():
+                try:
+                    job.work(job)
+                except BaseException as e:  # noqa: BLE001 - handed to the request
+                    job.emit(JobFailed(e))
+                finally:
+                    job.emit(_END)
+                    loop.call_soon_threadsafe(self._finish, job)
+        else:
+            def thread_main():
+                self._run_group(group, loop)
+
+        fut = loop.run_in_executor(self.executor, thread_main)
+        fut.add_done_callback(lambda _f: self._batch_done(group))
+
+    def _begin(self, jobs: list[Job]) -> None:
+        """The jobs leave the queue and start (their run time counts from now)."""
+        now, t = self.clock(), time.perf_counter()
+        for job in jobs:
+            self.waiting -= 1
+            self.running += 1
+            job.started, job.t_start = t, now
+            if self.max_run_s is not None:
+                job.deadline = now + self.max_run_s
+            if self.metrics is not None:
+                self.metrics.queue_time.observe(t - job.arrived)
+            job.dispatched.set_result(None)
         self._update()
 
-        def thread_main():
-            try:
-                work(job)
-            except BaseException as e:  # noqa: BLE001 - handed to the request
-                job.emit(JobFailed(e))
-            finally:
-                job.emit(_END)
+    def _run_group(self, group: list[Request], loop: asyncio.AbstractEventLoop) -> None:
+        """The worker thread's part of a generation batch: each event to its job; a job ends as soon
+        as its request is finished (its client has its answer while the others go on)."""
+        done: set[Job] = set()
 
-        fut = job.loop.run_in_executor(self.executor, thread_main)
-        fut.add_done_callback(lambda _f: self._finish(job))
+        def end(job: Job) -> None:
+            done.add(job)
+            job.emit(_END)
+            loop.call_soon_threadsafe(self._finish, job)
+
+        join = (lambda running, rows: self._join_from_worker(loop, running, rows)) if self.join_running else None
+        events = self.run_batch(group, join)
+        try:
+            for req, ev in events:
+                job = req.tag
+                if job in done:
+                    continue
+                job.emit(job.on_item(ev) if job.on_item is not None else ev)
+                if req.finished:
+                    end(job)
+        except BaseException as e:  # noqa: BLE001 - handed to the requests still waiting for it
+            for r in group:
+                if r.tag not in done:
+                    r.tag.emit(JobFailed(e))
+        finally:
+            try:
+                events.close()  # the batch's KV and the engine lock are released now
+            finally:
+                for r in group:
+                    if r.tag not in done:
+                        end(r.tag)
+
+    def _batch_done(self, group: list[Request]) -> None:
+        self.engine.finish(group)
+        self.busy = False
+        self._dispatch()
 
     def _forget(self, job: Job) -> None:
         """The job leaves the admitted set and its key's count (once)."""
@@ -246,14 +387,18 @@ class Scheduler:
         """A request ended before its job ran (e.g. a validation error after admission)."""
         job.cancel()
         if job.started is None:
+            if job.request is not None:
+                self.engine.remove(job.request)
             self._leave(job)
 
     def _finish(self, job: Job) -> None:
+        if job.done:
+            return
+        job.done = True
         took = self.clock() - job.t_start
         self.avg_job_s = took if self.avg_job_s is None else (1 - _AVG_WEIGHT) * self.avg_job_s + _AVG_WEIGHT * took
         self.running -= 1
         self._forget(job)
-        self._semaphore().release()
         self._update()
 
     def _update(self) -> None:
@@ -266,5 +411,6 @@ class Scheduler:
             job.cancel()
 
     def shutdown(self) -> None:
+        self.closing = True
         self.cancel_all()
         self.executor.shutdown(wait=True, cancel_futures=True)

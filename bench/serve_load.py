@@ -1,0 +1,206 @@
+"""Load test of batching across requests: N concurrent streaming clients with long prompts against a
+server this script starts on loopback (and stops), once per ``--max-batch`` value (default 1, the
+old one-request-at-a-time behaviour, and 8, with continuous batching unless
+``--no-continuous-batching``). Prints a table (throughput in generated tokens/s,
+time to first token p50/p99, inter-token time p50/p99) and writes the numbers as JSON.
+
+    python bench/serve_load.py                                  # tiny random model on CPU, 4 clients
+    python bench/serve_load.py --clients 8 --prompt-tokens 2048 --max-tokens 64 --json out.json
+    python bench/serve_load.py --model smollm2 --max-batch 1,4,16 --kv-method snapkv --kv-budget 256
+
+Prompts are random token ids of one length (so compressing methods batch too), ``ignore_eos`` and
+greedy, so every request generates exactly ``--max-tokens`` tokens. Each client sends its requests
+one after another; all clients start together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+def one_request(url: str, body: dict, timeout: float) -> dict:
+    """One streamed completion: send time, time of each content chunk, tokens generated."""
+    t0 = time.perf_counter()
+    times: list[float] = []
+    tokens = 0
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=timeout) as r:
+        if r.status_code != 200:
+            r.read()
+            return {"error": f"{r.status_code} {r.text[:200]}"}
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ch = json.loads(line[6:])
+            if ch.get("choices") and (ch["choices"][0].get("text") or ch["choices"][0].get("finish_reason")):
+                times.append(time.perf_counter())
+            if ch.get("usage"):
+                tokens = ch["usage"]["completion_tokens"]
+    return {"t0": t0, "times": times, "tokens": tokens, "end": time.perf_counter()}
+
+
+def run_phase(url: str, clients: int, per_client: int, prompt_tokens: int, max_tokens: int, extra: dict,
+              timeout: float, seed: int) -> dict:
+    rng = random.Random(seed)
+    bodies = [[{"prompt": [rng.randrange(100, 30000) for _ in range(prompt_tokens)], "max_tokens": max_tokens,
+                "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+                **extra} for _ in range(per_client)] for _ in range(clients)]
+    results: list[dict] = []
+    lock = threading.Lock()
+    start = threading.Barrier(clients)
+
+    def client(i: int) -> None:
+        start.wait()
+        for body in bodies[i]:
+            out = one_request(url, body, timeout)
+            with lock:
+                results.append(out)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r]
+    ttft = [r["times"][0] - r["t0"] for r in ok if r["times"]]
+    itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
+    tokens = sum(r["tokens"] for r in ok)
+    ms = lambda v: None if v is None else round(1000 * v, 1)  # noqa: E731
+    return {"requests": len(results), "errors": [r["error"] for r in results if "error" in r],
+            "wall_s": round(wall, 2), "tokens": tokens, "throughput_tok_s": round(tokens / wall, 2) if wall else None,
+            "ttft_p50_ms": ms(percentile(ttft, 0.5)), "ttft_p99_ms": ms(percentile(ttft, 0.99)),
+            "itl_p50_ms": ms(percentile(itl, 0.5)), "itl_p99_ms": ms(percentile(itl, 0.99)),
+            "ttft_mean_ms": ms(statistics.fmean(ttft)) if ttft else None}
+
+
+def batch_metric(url: str) -> dict:
+    """The server's batch-size histogram: batches run and requests per batch on average."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    vals = {}
+    for line in text.splitlines():
+        for name in ("kvsift_batch_requests_count", "kvsift_batch_requests_sum"):
+            if line.startswith(name + " "):
+                vals[name] = float(line.split()[1])
+    n = vals.get("kvsift_batch_requests_count", 0.0)
+    return {"batches": int(n), "requests_per_batch": round(vals.get("kvsift_batch_requests_sum", 0.0) / n, 2)
+            if n else None}
+
+
+def tiny_model_dir(path: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    from kvsift.models import save_tiny_model
+    from kvsift.models.loader import _convert_gguf, default_model_path
+
+    tok = AutoTokenizer.from_pretrained(_convert_gguf(default_model_path("smollm2")))
+    return save_tiny_model(path, tokenizer=tok, seed=1, max_positions=8192)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="served model (default: a tiny random-weight model)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--max-batch", default="1,8", help="comma-separated --max-batch values to compare")
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
+    ap.add_argument("--prompt-tokens", type=int, default=1024)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--kv-method", default=None)
+    ap.add_argument("--kv-budget", default=None)
+    ap.add_argument("--chunk-size", type=int, default=None)
+    ap.add_argument("--no-continuous-batching", action="store_true",
+                    help="pass it to the server: requests do not join a running batch")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="the server's CPU threads (OMP_NUM_THREADS; on a shared machine 1 avoids threads waiting "
+                         "for a busy core: 2 threads measured 4-60x slower steps there)")
+    ap.add_argument("--timeout", type=float, default=600.0, help="per request")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    try:
+        values = [int(v) for v in args.max_batch.split(",")]
+    except ValueError:
+        ap.error("--max-batch must be comma-separated integers")
+    if not values or any(v < 1 for v in values) or not 1 <= args.clients <= 256 or args.requests < 1 \
+            or args.prompt_tokens < 1 or args.max_tokens < 1:
+        ap.error("--max-batch values, --clients (<= 256), --requests, --prompt-tokens and --max-tokens must be >= 1")
+    env = {"PYTHONPATH": str(REPO)}
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error("--threads must be >= 1")
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    extra = {}
+    if args.kv_method:
+        extra["kv_method"] = args.kv_method
+    if args.kv_budget:
+        extra["kv_budget"] = args.kv_budget
+
+    from kvsift.server.testing import ServerProcess
+
+    tmp = tempfile.TemporaryDirectory(prefix="kvsift-load-")
+    try:
+        model = args.model or str(tiny_model_dir(Path(tmp.name) / "tiny"))
+        rows = []
+        for mb in values:
+            cmd = ["--model", model, "--device", args.device, "--no-persist", "--max-batch", str(mb),
+                   "--max-waiting", str(4 * args.clients), "--max-tokens-cap", str(args.max_tokens)]
+            if args.chunk_size:
+                cmd += ["--chunk-size", str(args.chunk_size)]
+            if args.no_continuous_batching:
+                cmd.append("--no-continuous-batching")
+            with ServerProcess(cmd, start_timeout=600, env=env) as srv:
+                one_request(srv.url, {"prompt": [5, 6, 7], "max_tokens": 2, "stream": True}, args.timeout)  # warm-up
+                before = batch_metric(srv.url)
+                res = run_phase(srv.url, args.clients, args.requests, args.prompt_tokens, args.max_tokens, extra,
+                                args.timeout, args.seed)
+                after = batch_metric(srv.url)
+            n = after["batches"] - before["batches"]
+            res["batches"] = n
+            res["requests_per_batch"] = round((res["requests"] - len(res["errors"])) / n, 2) if n else None
+            rows.append({"max_batch": mb, **res})
+    finally:
+        tmp.cleanup()
+
+    head = ("max-batch", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "batches", "req/batch",
+            "errors")
+    table = [head] + [(str(r["max_batch"]), str(r["throughput_tok_s"]), str(r["ttft_p50_ms"]), str(r["ttft_p99_ms"]),
+                       str(r["itl_p50_ms"]), str(r["itl_p99_ms"]), str(r["batches"]), str(r["requests_per_batch"]),
+                       str(len(r["errors"]))) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    print(f"{args.clients} clients x {args.requests} requests, {args.prompt_tokens}-token prompts, "
+          f"{args.max_tokens} new tokens, model {args.model or 'tiny random'}"
+          + (f", {args.threads} server thread(s)" if args.threads else "")
+          + (f", {args.kv_method} {args.kv_budget}" if args.kv_method else ""))
+    for row in table:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    report = {"clients": args.clients, "requests_per_client": args.requests, "prompt_tokens": args.prompt_tokens,
+              "max_tokens": args.max_tokens, "model": args.model or "tiny random (llama, 2 layers)",
+              "kv_method": args.kv_method, "kv_budget": args.kv_budget, "threads": args.threads,
+              "continuous_batching": not args.no_continuous_batching, "results": rows}
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=1))
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

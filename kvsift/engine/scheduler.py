@@ -1,0 +1,276 @@
+"""The engine's scheduler: which requests run together, and when.
+
+    sched = Scheduler(SchedulerConfig(max_batch=8, kv_memory=8 * 2**30))
+    sched.add(req)                       # KVMemoryError if it could never fit
+    group = sched.schedule()             # the oldest waiting request plus compatible ones
+    for req, ev in llm.run_batch(group): ...
+    sched.finish(group)
+
+A :class:`Request` is one call's prompts (an API call's list of prompts is one request and never
+split) with its sampling parameters, method and optional reused context. The scheduler keeps two
+queues, ``waiting`` (FIFO) and ``running``, and admits by memory: the running requests' expected
+device KV (and host KV, for methods that offload) stays within ``kv_memory`` / ``host_memory``,
+estimated by :func:`kvsift.budget.request_kv_bytes`. A request that would not fit even alone is
+refused when added (:class:`~kvsift.errors.KVMemoryError`).
+
+``schedule()`` takes the oldest waiting request (or ``head``) and adds, in arrival order, the
+waiting requests it may share one batched generation with (:func:`batch_key`), up to ``max_batch``
+sequences and within memory. Two requests batch when their results do not depend on it:
+
+* the same method (spec, budget and options: methods are frozen dataclasses, compared by value) and
+  the same reused context (or none);
+* greedy both, or both sampled without a seed at the same temperature and top-p (a seeded sample
+  reproduces only alone: it never batches);
+* prompts of one length, except for ``full`` (no compression): its batches are left-padded and
+  each row attends to its own tokens only. A compressing method resolves a ratio budget against
+  the batch's longest prompt and left padding shifts page boundaries (quest), so its requests
+  batch only with requests whose prompts have the same length;
+* nobody's token limit shrinks: with padding the batch's longest prompt bounds every row's room
+  before ``max_positions``.
+
+``join(running, rows)`` lets waiting requests of the running group's key join it at a decode-step
+boundary (continuous batching), in arrival order up to the first that cannot.
+
+``max_tokens``, stop strings and ``ignore_eos`` are per sequence. The offline API
+(:meth:`LLM.generate <kvsift.engine.llm.LLM.generate>`) and the server go through this class: the
+LLM's own instance (one request per call) and the server's (``--max-batch``, ``--kv-memory``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kvsift.errors import KVMemoryError
+
+if TYPE_CHECKING:
+    from kvsift.engine.params import SamplingParams
+    from kvsift.engine.runner import Context
+    from kvsift.methods.base import KVMethod, Run
+
+_ids = itertools.count()
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """``max_batch``: most sequences in one batched generation made of several requests (a single
+    request with more prompts still runs whole). ``kv_memory`` / ``host_memory``: bytes of expected
+    KV the running requests may hold on the device / in host memory (None: unbounded).
+    ``max_positions``: the model's positions (the token-room rule of batching; None: no rule)."""
+
+    max_batch: int = 8
+    kv_memory: int | None = None
+    host_memory: int | None = None
+    max_positions: int | None = None
+
+    def __post_init__(self):
+        v = self.max_batch
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {v!r}")
+        for name in ("kv_memory", "host_memory", "max_positions"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, got {v!r}")
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One engine request: ``prompts`` (token ids, run together), how to sample them, the method
+    (built) and its run for these prompts alone (built when the request was validated), an
+    optional reused ``context``, a ``cancel`` callback (checked once per decode step) and the
+    expected KV bytes (``kv_bytes`` on the device, ``host_bytes`` in host memory).
+    ``kind``: ``"generate"`` or ``"prefill"`` (a context's prefill: never batched). ``tag``: the
+    caller's (the server's job). ``finished``: every sequence of it is done (set by the engine)."""
+
+    prompts: list[list[int]]
+    params: "SamplingParams | None"
+    method: "KVMethod"
+    run: "Run | None" = None
+    context: "Context | None" = None
+    cancel: Callable[[], bool] | None = None
+    kv_bytes: int = 0
+    host_bytes: int = 0
+    kind: str = "generate"
+    tag: Any = None
+    finished: bool = False
+    id: int = field(default_factory=lambda: next(_ids))
+
+    def __post_init__(self):
+        if self.kind not in ("generate", "prefill"):
+            raise ValueError(f"kind must be 'generate' or 'prefill', got {self.kind!r}")
+        if not self.prompts or any(not p for p in self.prompts):
+            raise ValueError("a request needs at least one non-empty prompt")
+        if self.kind == "generate" and self.params is None:
+            raise ValueError("a generate request needs SamplingParams")
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def base(self) -> int:
+        """Tokens of the reused context before every prompt."""
+        return self.context.length if self.context is not None else 0
+
+    @property
+    def longest(self) -> int:
+        return max(len(p) for p in self.prompts)
+
+    def room(self, longest: int, max_positions: int | None) -> int:
+        """New tokens each sequence may get when the batch's longest prompt has ``longest`` tokens."""
+        n = self.params.max_tokens
+        return n if max_positions is None else min(n, max_positions - self.base - longest)
+
+
+def pads_exactly(method: "KVMethod") -> bool:
+    """Whether a left-padded batch gives each row what it gets alone with ``method`` (``full``:
+    nothing is resolved against the batch's longest prompt, no page boundaries move)."""
+    return method.name == "full"
+
+
+def batch_key(req: Request) -> Hashable | None:
+    """What must be equal for two requests to share a batch (see the module), or None when ``req``
+    runs alone (a context prefill, a seeded sample, mixed prompt lengths with a compressing method)."""
+    if req.kind != "generate":
+        return None
+    p = req.params
+    if p.temperature == 0:
+        sampling: tuple = ("greedy",)
+    elif p.seed is None:
+        sampling = ("sample", float(p.temperature), float(p.top_p))
+    else:
+        return None
+    if pads_exactly(req.method):
+        length = None
+    else:
+        lengths = {len(x) for x in req.prompts}
+        if len(lengths) != 1:
+            return None
+        length = lengths.pop()
+    return (req.method, id(req.context) if req.context is not None else None, sampling, length)
+
+
+class Scheduler:
+    """Waiting and running requests, admission by KV memory, grouping (see the module). Thread-safe."""
+
+    def __init__(self, config: SchedulerConfig | None = None):
+        self.config = config or SchedulerConfig()
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.kv_used = 0     # expected device KV bytes of the running requests
+        self.host_used = 0   # ... and host KV bytes
+        self._lock = threading.Lock()
+
+    # ---- admission -------------------------------------------------------------------------------
+    def check(self, req: Request) -> None:
+        """Raise :class:`KVMemoryError` when ``req`` would not fit even with nothing else running."""
+        cfg = self.config
+        if cfg.kv_memory is not None and req.kv_bytes > cfg.kv_memory:
+            raise KVMemoryError(f"this request's KV ({_mib(req.kv_bytes)} expected on the device: prompt, budget "
+                                f"and max_tokens) does not fit the engine's KV memory ({_mib(cfg.kv_memory)}); "
+                                f"send a shorter prompt, fewer prompts, a smaller budget or fewer max_tokens")
+        if cfg.host_memory is not None and req.host_bytes > cfg.host_memory:
+            raise KVMemoryError(f"this request's offloaded KV ({_mib(req.host_bytes)} expected in host memory) "
+                                f"does not fit the engine's host memory ({_mib(cfg.host_memory)})")
+
+    def _fits(self, kv: int, host: int) -> bool:
+        cfg = self.config
+        return ((cfg.kv_memory is None or self.kv_used + kv <= cfg.kv_memory)
+                and (cfg.host_memory is None or self.host_used + host <= cfg.host_memory))
+
+    def add(self, req: Request) -> None:
+        """Queue ``req`` (after :meth:`check`)."""
+        self.check(req)
+        with self._lock:
+            self.waiting.append(req)
+
+    def remove(self, req: Request) -> bool:
+        """Take a waiting request out (its caller left); False if it was not waiting."""
+        with self._lock:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                return False
+            return True
+
+    # ---- grouping ----------------------------------------------------------------------------------
+    def _room_kept(self, group: list[Request], cand: Request) -> bool:
+        """Adding ``cand`` changes no one's token room (the batch's longest prompt bounds every row)."""
+        maxpos = self.config.max_positions
+        if maxpos is None:
+            return True
+        longest = max(r.longest for r in (*group, cand))
+        return all(r.room(longest, maxpos) == r.room(r.longest, maxpos) for r in (*group, cand))
+
+    def schedule(self, head: Request | None = None) -> list[Request]:
+        """Move the next group from ``waiting`` to ``running`` and return it (empty: nothing waits,
+        ``head`` is not waiting, or the next request does not fit beside the running ones)."""
+        with self._lock:
+            if not self.waiting or (head is not None and head not in self.waiting):
+                return []
+            first = head if head is not None else self.waiting[0]
+            if not self._fits(first.kv_bytes, first.host_bytes):
+                return []
+            group, rows = [first], first.rows
+            kv, host = first.kv_bytes, first.host_bytes
+            key = batch_key(first)
+            if key is not None:
+                for cand in self.waiting:
+                    if cand is first or rows + cand.rows > self.config.max_batch:
+                        continue
+                    if batch_key(cand) != key or not self._room_kept(group, cand):
+                        continue
+                    if not self._fits(kv + cand.kv_bytes, host + cand.host_bytes):
+                        continue
+                    group.append(cand)
+                    rows += cand.rows
+                    kv += cand.kv_bytes
+                    host += cand.host_bytes
+            for r in group:
+                self.waiting.remove(r)
+                self.running.append(r)
+            self.kv_used += kv
+            self.host_used += host
+            return group
+
+    def join(self, running: list[Request], rows: int) -> list[Request]:
+        """Waiting requests that join the running group ``running`` (``rows`` sequences now) at a
+        decode-step boundary (continuous batching; the engine decides whether its group can take
+        any, :meth:`LLM.joins_running <kvsift.engine.llm.LLM.joins_running>`): in arrival order, the
+        ones with the group's batch key, within ``max_batch`` rows and memory, stopping at the
+        first waiting request that cannot join (it runs next: no one overtakes it). They move to
+        ``running``."""
+        with self._lock:
+            key = batch_key(running[0]) if running else None
+            if key is None or not self.waiting:
+                return []
+            out = []
+            for cand in self.waiting:
+                if (rows + cand.rows > self.config.max_batch or batch_key(cand) != key
+                        or not self._fits(cand.kv_bytes, cand.host_bytes)):
+                    break
+                out.append(cand)
+                rows += cand.rows
+                self.kv_used += cand.kv_bytes
+                self.host_used += cand.host_bytes
+            for r in out:
+                self.waiting.remove(r)
+                self.running.append(r)
+            return out
+
+    def finish(self, group: list[Request]) -> None:
+        """The group's generation ended: its memory is free again."""
+        with self._lock:
+            for r in group:
+                if r in self.running:
+                    self.running.remove(r)
+                    self.kv_used -= r.kv_bytes
+                    self.host_used -= r.host_bytes
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"

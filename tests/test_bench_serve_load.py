@@ -1,0 +1,30 @@
+"""bench/serve_load.py end to end at a toy size: it starts a server per --max-batch value on
+loopback (and stops it), runs concurrent streaming clients and writes its JSON report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def test_serve_load_runs_and_reports(tmp_path, default_tokenizer, capsys):
+    spec = importlib.util.spec_from_file_location("serve_load", BENCH / "serve_load.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "load.json"
+    rc = mod.main(["--clients", "3", "--requests", "1", "--prompt-tokens", "64", "--max-tokens", "4",
+                   "--max-batch", "1,4", "--chunk-size", "64", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert [r["max_batch"] for r in rows] == [1, 4]
+    for r in rows:
+        assert r["errors"] == [] and r["requests"] == 3 and r["tokens"] == 3 * 4
+        assert r["throughput_tok_s"] > 0 and r["ttft_p50_ms"] is not None and r["itl_p99_ms"] is not None
+    assert rows[0]["batches"] == 3 and rows[0]["requests_per_batch"] == 1.0  # max-batch 1: one at a time
+    assert 1 <= rows[1]["batches"] <= 3
+    table = capsys.readouterr().out
+    assert "max-batch" in table and "TTFT p50 ms" in table

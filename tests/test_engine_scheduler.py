@@ -1,0 +1,475 @@
+"""The engine's parts: the Scheduler (queues, admission by KV memory, grouping rules), batched
+generation of several requests (each gets what it gets alone), and the CUDA-graph cache's
+bookkeeping (buckets, reuse, release), which needs no CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvsift import SamplingParams
+from kvsift.budget import kv_bytes_per_token, request_kv_bytes
+from kvsift.engine.graphs import GraphCache, GraphEntry, batch_bucket, layout_token
+from kvsift.engine.scheduler import Request, Scheduler, SchedulerConfig, batch_key
+from kvsift.errors import InputError, KVMemoryError
+from kvsift.methods import build_method
+from tests.conftest import random_prompt
+
+GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
+
+
+def req(prompts, params=GREEDY, method="full", budget=None, kv=0, host=0, context=None, kind="generate", **opts):
+    return Request([list(p) for p in prompts], params if kind == "generate" else None,
+                   build_method(method, budget, **opts), context=context, kv_bytes=kv, host_bytes=host, kind=kind)
+
+
+# ---- configuration ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw", [dict(max_batch=0), dict(max_batch=1.5), dict(max_batch=True), dict(kv_memory=0),
+                                dict(host_memory=-1), dict(max_positions="8")])
+def test_scheduler_config_is_validated(kw):
+    with pytest.raises(ValueError):
+        SchedulerConfig(**kw)
+
+
+def test_request_is_validated():
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        req([[]])
+    with pytest.raises(ValueError, match="kind"):
+        Request([[1]], GREEDY, build_method("full"), kind="decode")
+
+
+# ---- grouping rules -------------------------------------------------------------------------------------
+def test_batch_key_rules():
+    a = req([[1, 2, 3]])
+    assert batch_key(a) == batch_key(req([[4, 5]])) is not None        # full: any prompt lengths
+    assert batch_key(a) == batch_key(req([[1]], SamplingParams(max_tokens=50, stop=["x"])))  # per-sequence params
+    snap = req([[1] * 40], method="snapkv", budget=16)
+    assert batch_key(snap) == batch_key(req([[2] * 40], method="snapkv", budget=16))
+    assert batch_key(snap) != batch_key(req([[2] * 41], method="snapkv", budget=16))  # compressing: one length
+    assert batch_key(snap) != batch_key(req([[2] * 40], method="snapkv", budget=17))  # budget
+    assert batch_key(snap) != batch_key(req([[2] * 40], method="snapkv", budget=16, window=4))  # options
+    assert batch_key(req([[1] * 40, [1] * 39], method="snapkv", budget=16)) is None  # mixed in itself: alone
+    hot = SamplingParams(max_tokens=4, temperature=0.7)
+    assert batch_key(req([[1]], hot)) == batch_key(req([[2, 3]], hot)) != batch_key(a)
+    assert batch_key(req([[1]], SamplingParams(max_tokens=4, temperature=0.8))) != batch_key(req([[1]], hot))
+    assert batch_key(req([[1]], SamplingParams(max_tokens=4, temperature=0.7, seed=3))) is None  # seeded: alone
+    assert batch_key(req([[1]], kind="prefill")) is None
+    ctx1, ctx2 = object(), object()  # stand-ins: only their identity counts
+    r1 = Request([[1]], GREEDY, build_method("full"), context=ctx1)
+    assert batch_key(r1) == batch_key(Request([[2]], GREEDY, build_method("full"), context=ctx1))
+    assert batch_key(r1) != batch_key(Request([[2]], GREEDY, build_method("full"), context=ctx2)) != batch_key(a)
+
+
+def test_schedule_groups_compatible_requests_fifo_up_to_max_batch():
+    s = Scheduler(SchedulerConfig(max_batch=4))
+    a, b, c, d, e = req([[1]]), req([[1]] * 2), req([[1] * 40], method="snapkv", budget=8), req([[2]]), req([[3]])
+    for r in (a, b, c, d, e):
+        s.add(r)
+    g = s.schedule()
+    assert g == [a, b, d] and s.running == g          # 1 + 2 + 1 rows; snapkv's does not fit the key; e: over 4
+    assert list(s.waiting) == [c, e]
+    assert s.schedule() == [c] and s.schedule() == [e]  # nothing runs beside the others by memory: unbounded
+    s.finish([a, b, d, c, e])
+    assert s.running == [] and s.kv_used == 0 and s.schedule() == []
+
+
+def test_one_request_runs_whole_above_max_batch_and_head_picks_the_group():
+    s = Scheduler(SchedulerConfig(max_batch=1))
+    big, small = req([[1]] * 5), req([[2]])
+    s.add(big)
+    s.add(small)
+    assert s.schedule(head=small) == [small]  # max_batch 1: no merging
+    assert s.schedule(head=small) == []       # not waiting any more
+    assert s.schedule() == [big]              # a request is never split
+
+
+def test_admission_by_device_and_host_memory():
+    s = Scheduler(SchedulerConfig(max_batch=8, kv_memory=100, host_memory=50))
+    with pytest.raises(KVMemoryError, match="does not fit the engine's KV memory") as e:
+        s.add(req([[1]], kv=101))
+    assert isinstance(e.value, InputError) and e.value.status == 400 and e.value.code == "kv_memory_exceeded"
+    with pytest.raises(KVMemoryError, match="host memory"):
+        s.check(req([[1]], kv=1, host=51))
+    a, b, c = req([[1]], kv=60, host=10), req([[2]], kv=30, host=30), req([[3]], kv=20, host=0)
+    for r in (a, b, c):
+        s.add(r)
+    assert s.schedule() == [a, b]                      # c would pass 100 device bytes: not in this group
+    assert (s.kv_used, s.host_used) == (90, 40)
+    assert s.schedule() == []                          # c waits for memory, in order
+    s.finish([a])
+    assert s.schedule() == [c] and s.kv_used == 50
+    assert s.remove(c) is False and s.remove(req([[9]])) is False
+
+
+def test_grouping_keeps_every_requests_token_room():
+    s = Scheduler(SchedulerConfig(max_batch=8, max_positions=100))
+    short = req([[1] * 10], SamplingParams(max_tokens=80))
+    long = req([[1] * 50], SamplingParams(max_tokens=10))
+    s.add(short)
+    s.add(long)
+    assert s.schedule() == [short]  # beside a 50-token prompt, short would get 50 new tokens instead of 80
+    s2 = Scheduler(SchedulerConfig(max_batch=8, max_positions=100))
+    a, b = req([[1] * 10], SamplingParams(max_tokens=20)), req([[1] * 50], SamplingParams(max_tokens=10))
+    s2.add(a)
+    s2.add(b)
+    assert s2.schedule() == [a, b]
+
+
+def test_kv_estimate():
+    per = kv_bytes_per_token(2, 2, 16, 4)
+    assert per == 2 * 2 * (2 * 16 * 4 + 4)
+    dev, host = request_kv_bytes(per, 2, 100, 100, 10)
+    assert dev == 2 * 110 * per and host == 0
+    dev, host = request_kv_bytes(per, 2, 100, 20, 10)  # compressed: the prefill's full KV is the peak
+    assert dev == 2 * 100 * per
+    dev, _ = request_kv_bytes(per, 2, 100, 20, 10, row_prefill=True)  # one row at a time, beside those done
+    assert dev == (100 + 20) * per
+    dev, host = request_kv_bytes(per, 1, 100, 20, 10, offloads=True, context_bytes=7)
+    assert host == 100 * per and dev == 7 + 100 * per
+
+
+def test_llm_request_estimates_and_refuses_before_compute(tiny_llm):
+    ids = [random_prompt(100, seed=1)]
+    full = tiny_llm.request(ids, SamplingParams(max_tokens=10))
+    snap = tiny_llm.request(ids, SamplingParams(max_tokens=10), method="snapkv", budget=20)
+    skv = tiny_llm.request(ids, SamplingParams(max_tokens=10), method="sentencekv", budget=40)
+    per = tiny_llm.kv_bytes_per_token
+    assert full.kv_bytes == 110 * per and full.run.tokens == 100 and snap.run.tokens == 20
+    assert skv.host_bytes == 100 * per and full.host_bytes == snap.host_bytes == 0
+    s = Scheduler(tiny_llm.scheduler_config(kv_memory=50 * per))
+    with pytest.raises(KVMemoryError):
+        s.add(full)
+
+
+# ---- batched generation across requests -------------------------------------------------------------
+def test_run_batch_gives_each_request_its_answer_alone(tiny_llm):
+    p_a, p_b, p_c = random_prompt(90, seed=21), random_prompt(60, seed=22), random_prompt(75, seed=23)
+    pa = SamplingParams(max_tokens=7, ignore_eos=True)
+    pb = SamplingParams(max_tokens=3, ignore_eos=True)   # its own max_tokens
+    alone = [tiny_llm.generate(p, q)[0].token_ids for p, q in ((p_a, pa), (p_b, pb), (p_c, pa))]
+    s = Scheduler(tiny_llm.scheduler_config(max_batch=4))
+    reqs = [tiny_llm.request([p_a], pa), tiny_llm.request([p_b], pb), tiny_llm.request([p_c], pa)]
+    for r in reqs:
+        s.add(r)
+    group = s.schedule()
+    assert group == reqs
+    outs, finished_at_last = {}, {}
+    for r, ev in tiny_llm.run_batch(group):
+        if ev.output is not None:
+            outs[reqs.index(r)] = ev.output
+            finished_at_last[reqs.index(r)] = r.finished
+    s.finish(group)
+    assert [outs[i].token_ids for i in range(3)] == alone
+    assert all(finished_at_last.values()) and len(outs[1].token_ids) == 3
+    # each request's stats hold its share of the batch's KV, not the whole batch
+    st = outs[0].stats
+    assert st.kv_full_bytes == 2 * tiny_llm.info.num_layers * tiny_llm.info.num_kv_heads * 90 * \
+        tiny_llm.info.head_dim * 4
+
+
+def test_run_batch_compressed_equal_lengths_and_cancelling_one(tiny_llm):
+    p_a, p_b = random_prompt(80, seed=31), random_prompt(80, seed=32)
+    p = SamplingParams(max_tokens=8, ignore_eos=True)
+    alone = [tiny_llm.generate(x, p, method="snapkv", budget=24)[0].token_ids for x in (p_a, p_b)]
+    reads = {"n": 0}
+
+    def leave():  # the first request's client leaves after 3 steps
+        reads["n"] += 1
+        return reads["n"] > 3
+
+    a = tiny_llm.request([p_a], p, method="snapkv", budget=24, cancel=leave)
+    b = tiny_llm.request([p_b], p, method="snapkv", budget=24)
+    assert batch_key(a) == batch_key(b)
+    outs = {}
+    for r, ev in tiny_llm.run_batch([a, b]):
+        if ev.output is not None:
+            outs[r.id] = ev.output
+    assert outs[a.id].finish_reason == "cancelled" and len(outs[a.id].token_ids) == 3
+    assert outs[a.id].token_ids == alone[0][:3]
+    assert outs[b.id].token_ids == alone[1] and outs[b.id].finish_reason == "length"
+
+
+def test_offline_generate_goes_through_the_llms_scheduler(tiny_llm, monkeypatch):
+    seen = []
+    real = tiny_llm.scheduler.schedule
+    monkeypatch.setattr(tiny_llm.scheduler, "schedule", lambda head=None: seen.append(head) or real(head))
+    tiny_llm.generate(random_prompt(20, seed=2), SamplingParams(max_tokens=2))
+    assert len(seen) == 1 and seen[0].prompts[0] == random_prompt(20, seed=2)
+    assert not tiny_llm.scheduler.waiting and not tiny_llm.scheduler.running and tiny_llm.scheduler.kv_used == 0
+
+
+# ---- CUDA-graph cache bookkeeping ---------------------------------------------------------------------
+def test_batch_bucket_choice():
+    assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 9, 256)] == [1, 2, 4, 4, 8, 16, 256]
+    assert batch_bucket(257) is None and batch_bucket(3, (2, 6)) == 6
+    for bad in (0, -1, 1.0, True):
+        with pytest.raises(ValueError):
+            batch_bucket(bad)
+    for kw in (dict(max_graphs=0), dict(buckets=(4, 2)), dict(buckets=()), dict(buckets=(0, 1))):
+        with pytest.raises(ValueError):
+            GraphCache(**kw)
+
+
+def test_graph_cache_reuse_lru_and_release():
+    g = GraphCache(max_graphs=3)
+    cache_a, cache_b = object(), object()
+    la, lb = layout_token(cache_a), layout_token(cache_b)
+    ka0, ka1, kb0 = g.key(4, 0, la), g.key(4, 1, la), g.key(2, 0, lb)
+    assert g.get(ka0) is None and g.stats.misses == 1
+    g.put(ka0, GraphEntry("graph a0"))
+    g.put(ka1, GraphEntry("graph a1"))
+    g.put(kb0, GraphEntry("graph b0"))
+    assert g.get(ka0).graph == "graph a0" and g.get(ka0).replays == 2 and g.stats.hits == 2
+    g.put(g.key(8, 0, lb), GraphEntry("graph b8"))  # over the bound: the least recently used (a1) goes
+    assert ka1 not in g and ka0 in g and g.stats.evicted == 1 and g.stats.captures == 4
+    assert g.release(la) == 1 and ka0 not in g and len(g) == 2 and g.stats.released == 1
+    assert g.release(la) == 0
+    # the static inputs of a bucket are made once and shared by every generation of that bucket
+    t1, p1 = g.inputs(4, torch.device("cpu"))
+    t2, p2 = g.inputs(4, torch.device("cpu"))
+    assert t1 is t2 and p1 is p2 and t1.shape == (4, 1) and p1.dtype == torch.int32
+    assert g.inputs(8, torch.device("cpu"))[0].shape == (8, 1)
+
+
+def test_decode_runner_uses_the_runners_graph_cache(tiny_llm, default_tokenizer):
+    """On CPU (static mode, no recording): the runner's cache outlives generations, each generation's
+    decoder keys its steps by its batch bucket and its cache's layout, and leaves nothing behind."""
+    from kvsift import LLM
+
+    static = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode="static")
+    graphs = static.runner.graphs
+    made = []
+    real = static.runner.decoder
+
+    def decoder(ctx, mode, steps):
+        d = real(ctx, mode, steps)
+        made.append(d)
+        return d
+
+    static.runner.decoder = decoder
+    ids = [random_prompt(50, seed=41), random_prompt(40, seed=42), random_prompt(30, seed=43)]
+    out = static.generate(ids, SamplingParams(max_tokens=4, ignore_eos=True))
+    assert out[0].stats.decode_mode == "static"
+    assert [o.token_ids for o in out] == [o.token_ids for o in tiny_llm.generate(ids, SamplingParams(
+        max_tokens=4, ignore_eos=True))]
+    d = made[0]
+    assert d.batch == 3 and d.bucket == 4 and d.layout[0] == "SiftCache"
+    assert static.runner.graphs is graphs and len(graphs) == 0
+
+
+# ---- continuous batching: requests join a running batch at decode-step boundaries ------------------------
+def test_requests_join_a_running_batch_and_get_their_answers_alone(tiny_llm):
+    p_a, p_b, p_c = random_prompt(40, seed=91), random_prompt(70, seed=92), random_prompt(25, seed=93)
+    pa, pb, pc = (SamplingParams(max_tokens=n, ignore_eos=True) for n in (10, 6, 9))
+    want = [tiny_llm.generate(p, q)[0].token_ids for p, q in ((p_a, pa), (p_b, pb), (p_c, pc))]
+    a = tiny_llm.request([p_a], pa)
+    b, c = tiny_llm.request([p_b], pb), tiny_llm.request([p_c], pc)
+    assert tiny_llm.joins_running(a)
+    calls = []
+
+    def join(running, rows):  # b joins at the third step boundary, c at the fifth (a longer and a shorter prompt)
+        calls.append(rows)
+        return {3: [b], 5: [c]}.get(len(calls), [])
+
+    group = [a]
+    outs = {}
+    for r, ev in tiny_llm.run_batch(group, join=join):
+        if ev.output is not None:
+            outs[r.id] = ev.output
+    assert group == [a, b, c] and calls[:5] == [1, 1, 1, 2, 2]
+    assert [outs[r.id].token_ids for r in (a, b, c)] == want
+    assert all(r.finished for r in (a, b, c)) and outs[b.id].finish_reason == "length"
+
+
+def test_no_join_where_it_would_not_be_exact(tiny_llm, default_tokenizer):
+    from kvsift import LLM
+
+    ids = [random_prompt(40, seed=94)]
+    p = SamplingParams(max_tokens=4, ignore_eos=True)
+    assert not tiny_llm.joins_running(tiny_llm.request(ids, p, method="snapkv", budget=16))
+    assert not tiny_llm.joins_running(tiny_llm.request(ids, p, context=tiny_llm.prefill_context(ids[0])))
+    static = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode="static")
+    r = static.request(ids, p)
+    assert not static.joins_running(r)
+    asked = []
+    out = list(static.run_batch([r], join=lambda running, rows: asked.append(rows) or []))
+    assert asked == [] and out[-1][1].output.token_ids == tiny_llm.generate(ids, p)[0].token_ids
+
+
+def test_scheduler_join_keeps_arrival_order_and_limits():
+    s = Scheduler(SchedulerConfig(max_batch=4, kv_memory=100))
+    run_ = req([[1]], kv=10)
+    s.add(run_)
+    assert s.schedule() == [run_]
+    a, b, snap, c = req([[2]], kv=10), req([[3]], kv=10), req([[1] * 40], method="snapkv", budget=8), req([[4]])
+    for r in (a, b, snap, c):
+        s.add(r)
+    assert s.join([run_], 1) == [a, b]       # stops at snapkv's request: c does not overtake it
+    assert s.running == [run_, a, b] and s.kv_used == 30 and list(s.waiting) == [snap, c]
+    assert s.join([run_, a, b], 3) == []     # the head of the queue cannot join
+    s.remove(snap)
+    assert s.join([run_, a, b], 4) == []     # max_batch
+    assert s.join([run_, a, b], 3) == [c]
+    big = req([[5]], kv=80)
+    s.add(big)
+    assert s.join([run_], 1) == []           # memory: 30 + 80 > 100
+    assert s.join([req([[1]], kind="prefill")], 1) == []
+
+
+def test_done_and_cancelled_rows_leave_a_running_batch(tiny_llm, monkeypatch):
+    """Rows whose sequence is done leave the batch before the next step (continuous batching), so a
+    later request finds room under max_batch; every answer is still the one alone."""
+    p_a, p_b, p_c, p_d = (random_prompt(n, seed=95 + n) for n in (50, 30, 40, 35))
+    pa, pb, pc = (SamplingParams(max_tokens=n, ignore_eos=True) for n in (8, 2, 3))
+    want = [tiny_llm.generate(p, q)[0].token_ids for p, q in ((p_a, pa), (p_b, pb), (p_c, pc))]
+    reads = {"n": 0}
+
+    def leave():  # d's client leaves at its second decode step
+        reads["n"] += 1
+        return reads["n"] >= 2
+
+    a, b, c = tiny_llm.request([p_a], pa), tiny_llm.request([p_b], pb), tiny_llm.request([p_c], pc)
+    d = tiny_llm.request([p_d], SamplingParams(max_tokens=50, ignore_eos=True), cancel=leave)
+    rows_seen, decode_rows = [], []
+    real = tiny_llm.runner.forward
+
+    def forward(ctx, ids, pos):
+        if ids.shape[1] == 1:
+            decode_rows.append(ids.shape[0])
+        return real(ctx, ids, pos)
+
+    monkeypatch.setattr(tiny_llm.runner, "forward", forward)
+
+    def join(running, rows):
+        rows_seen.append(rows)
+        return [c] if len(rows_seen) == 4 else []
+
+    outs = {}
+    for r, ev in tiny_llm.run_batch([a, b, d], join=join):
+        if ev.output is not None:
+            outs[r.id] = ev.output
+    assert [outs[r.id].token_ids for r in (a, b, c)] == want
+    assert outs[d.id].finish_reason == "cancelled" and len(outs[d.id].token_ids) == 1
+    # b (2 tokens) and d (cancelled) leave after the second step; c joins at the fourth boundary
+    assert rows_seen[:4] == [3, 3, 1, 1] and decode_rows[:4] == [3, 1, 1, 2], (rows_seen, decode_rows)
+
+
+def test_graph_mode_bookkeeping_on_cpu_with_a_stand_in_recorder(tiny_llm, default_tokenizer, monkeypatch):
+    """The graph path of DecodeRunner without CUDA: the runner's ``capture`` is replaced by a
+    stand-in whose ``replay`` runs the static step over the same static inputs. One warm-up step per
+    kind, a recording at the kind's second step, replays after; the inputs of a bucket are the
+    runner's (the same tensors for the next generation); the generation's graphs leave the cache
+    when it ends; the tokens are the eager loop's."""
+    from kvsift import LLM
+
+    llm = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode="static")
+    runner = llm.runner
+
+    class Replay:
+        def __init__(self, ctx, tok, pos, logits):
+            self.ctx, self.tok, self.pos, self.logits = ctx, tok, pos, logits
+
+        def replay(self):
+            out = real_forward(self.ctx, self.tok, self.pos)  # the step over the static inputs
+            self.ctx.cache.seen -= 1  # a replay leaves the host counter to the runner (as on CUDA)
+            self.logits.copy_(out)
+
+    real_forward = runner.forward
+    recorded = []
+
+    def capture(ctx, tok, pos):
+        from kvsift.engine.graphs import GraphEntry
+
+        recorded.append((tok, pos))
+        logits = torch.empty(tok.shape[0], llm.model.config.vocab_size)
+        return GraphEntry(Replay(ctx, tok, pos, logits), logits)
+
+    monkeypatch.setattr(runner, "capture", capture)
+    monkeypatch.setattr(runner, "decode_mode_for", lambda method: "graph")
+    ids = [random_prompt(60, seed=97), random_prompt(45, seed=98), random_prompt(50, seed=99)]
+    p = SamplingParams(max_tokens=7, ignore_eos=True)
+    want = [o.token_ids for o in tiny_llm.generate(ids, p)]
+    out = llm.generate(ids, p)
+    assert [o.token_ids for o in out] == want
+    st = out[0].stats
+    assert st.decode_mode == "graph" and st.decode_setup_steps == 1 and st.decode_steps == 6
+    g = runner.graphs
+    # steps 2..6 replay (step 1 warms up, step 2 records then replays)
+    assert g.stats.captures == 1 and g.stats.hits == 5 and len(g) == 0 and g.stats.released == 1
+    tok_buf, pos_buf = g.inputs(4, torch.device("cpu"))  # batch 3 -> bucket 4: views of the bucket's buffers
+    assert recorded[0][0].data_ptr() == tok_buf.data_ptr() and recorded[0][0].shape == (3, 1)
+    again = llm.generate(ids[:2] + [random_prompt(50, seed=100)], p)
+    assert [o.token_ids for o in again][:2] == want[:2]
+    assert recorded[1][0].data_ptr() == tok_buf.data_ptr()  # the same static inputs, a new generation
+    assert g.stats.captures == 2 and len(g) == 0  # recorded again: its cache is a new layout
+
+
+def test_kv_arena_static_decode_across_generations(tiny_llm, default_tokenizer):
+    """With ``kv_arena``, static decoding of ``full`` runs over the runner's arena of the batch's
+    bucket, padded with empty rows, and every later generation of that shape reuses it: the
+    earlier generations' tokens are never seen (same tokens as eager, in any order of sizes)."""
+    from kvsift import LLM
+    from kvsift.engine.graphs import capacity_bucket
+
+    llm = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode="static", kv_arena=True)
+    p = SamplingParams(max_tokens=6, ignore_eos=True)
+    batches = [[random_prompt(60, seed=111), random_prompt(40, seed=112), random_prompt(50, seed=113)],
+               [random_prompt(30, seed=114)],
+               [random_prompt(70, seed=115), random_prompt(20, seed=116)],
+               [random_prompt(45, seed=117), random_prompt(65, seed=118), random_prompt(25, seed=119),
+                random_prompt(55, seed=120)]]
+    for ids in batches:
+        out = llm.generate(ids, p)
+        assert [o.token_ids for o in out] == [o.token_ids for o in tiny_llm.generate(ids, p)]
+        assert out[0].stats.decode_mode == "static"
+    arenas = llm.runner.arenas
+    assert capacity_bucket(100) == 256 and capacity_bucket(300) == 512
+    # at most two arenas, the least recently used out: bucket 4's first one went when bucket 2 came
+    assert list(arenas) == [(2, 256), (4, 256)] and arenas[(4, 256)].loads == 1
+    again = llm.generate(batches[0], p)  # 3 rows: bucket 4's arena, loaded over the 4-row generation's KV
+    assert [o.token_ids for o in again] == [o.token_ids for o in tiny_llm.generate(batches[0], p)]
+    assert arenas[(4, 256)].loads == 2
+    # methods other than full never use an arena
+    assert llm.generate(batches[1], p, method="snapkv", budget=16)[0].token_ids == \
+        tiny_llm.generate(batches[1], p, method="snapkv", budget=16)[0].token_ids
+    assert sum(a.loads for a in arenas.values()) == 3
+
+
+def test_kv_arena_graphs_are_recorded_once_and_replayed_by_later_generations(tiny_llm, default_tokenizer,
+                                                                             monkeypatch):
+    """The point of the arena: a later generation of the same shape replays the graph an earlier one
+    recorded (checked on CPU with a stand-in recorder whose replay runs the static step)."""
+    from kvsift import LLM
+    from kvsift.engine.graphs import GraphEntry
+
+    llm = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode="static", kv_arena=True)
+    runner = llm.runner
+    real_forward = runner.forward
+
+    class Replay:
+        def __init__(self, ctx, tok, pos, logits):
+            self.ctx, self.tok, self.pos, self.logits = ctx, tok, pos, logits
+
+        def replay(self):
+            out = real_forward(self.ctx, self.tok, self.pos)
+            self.ctx.cache.seen -= 1
+            self.logits.copy_(out)
+
+    def capture(ctx, tok, pos):
+        logits = torch.empty(tok.shape[0], llm.model.config.vocab_size)
+        return GraphEntry(Replay(ctx, tok, pos, logits), logits)
+
+    monkeypatch.setattr(runner, "capture", capture)
+    monkeypatch.setattr(runner, "decode_mode_for", lambda method: "graph")
+    p = SamplingParams(max_tokens=5, ignore_eos=True)
+    first = [random_prompt(50, seed=121), random_prompt(35, seed=122), random_prompt(60, seed=123)]
+    second = [random_prompt(40, seed=124), random_prompt(55, seed=125)]  # bucket 2: its own arena and graph
+    third = [random_prompt(30, seed=126), random_prompt(45, seed=127), random_prompt(20, seed=128),
+             random_prompt(66, seed=129)]  # bucket 4 again
+    for ids in (first, second, third):
+        out = llm.generate(ids, p)
+        assert [o.token_ids for o in out] == [o.token_ids for o in tiny_llm.generate(ids, p)]
+    g = runner.graphs
+    assert g.stats.captures == 2 and len(g) == 2  # one graph per arena, kept between generations
+    st = out[0].stats
+    assert st.decode_mode == "graph" and st.decode_setup_steps == 0  # the third generation only replayed

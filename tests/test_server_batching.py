@@ -1,0 +1,323 @@
+"""Batching across requests in the server: compatible queued requests are answered by one batched
+generation, each with the answer it gets alone (greedy, tiny random model); the grouping rules;
+the old one-at-a-time behaviour with max_batch 1; cancelling one request of a batch leaves the
+others whole (in process, and with a real client disconnecting from a server process).
+
+In process, the engine is held with the ``batches`` fixture (the first batch waits for
+``release``; a batch of several requests can be paused after its first event), so nothing here
+depends on timing."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import types
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from kvsift import SamplingParams
+from kvsift.server.config import ServerConfig
+from tests.conftest import random_prompt
+
+
+@pytest.fixture
+def batches(tiny_llm, monkeypatch):
+    """Records each engine batch (its requests' prompts). The first batch waits at its start until
+    ``release`` is set; while ``resume`` is clear, a batch of at least ``pause_min`` requests stops
+    after its first event (``paused`` is set) until ``resume`` is set. ``groups`` holds the requests
+    a batch started with (not those that joined it later)."""
+    rec = types.SimpleNamespace(groups=[], release=threading.Event(), resume=threading.Event(),
+                                paused=threading.Event(), pause_min=2)
+    rec.resume.set()
+    real = tiny_llm.run_batch
+
+    def run_batch(group, *a, **k):
+        first = not rec.groups
+        rec.groups.append([r.prompts for r in group])
+        inner = real(group, *a, **k)
+
+        def held():
+            try:
+                if first and not rec.release.wait(60):
+                    raise TimeoutError("the test never released the first batch")
+                for n, item in enumerate(inner):
+                    yield item
+                    if n == 0 and len(group) >= rec.pause_min and not rec.resume.is_set():
+                        rec.paused.set()
+                        if not rec.resume.wait(60):
+                            raise TimeoutError("the test never resumed the batch")
+            finally:
+                inner.close()
+
+        return held()
+
+    monkeypatch.setattr(tiny_llm, "run_batch", run_batch)
+    yield rec
+    rec.release.set()
+    rec.resume.set()
+
+
+def wait_for(cond, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+def completion(prompt, n=6, **kw) -> dict:
+    return {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, **kw}
+
+
+def alone(llm, prompt, n=6, **kw):
+    """The answer to ``prompt`` alone, from a second LLM over the same model (not held by ``batches``)."""
+    from kvsift import LLM
+
+    solo = LLM.from_model(llm.model, llm.tokenizer, chunk_size=llm.chunk_size)
+    return solo.generate(prompt, SamplingParams(max_tokens=n, ignore_eos=True), **kw)[0]
+
+
+def sse_text(r) -> tuple[str, list[dict]]:
+    data = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert data and data[-1] == "[DONE]", r.text
+    chunks = [json.loads(d) for d in data[:-1]]
+    return "".join(ch["choices"][0]["text"] for ch in chunks if ch["choices"]), chunks
+
+
+def queue_behind_a_held_request(c, pool, bodies: list[dict]) -> list:
+    """Start a short request that holds the engine (the ``batches`` fixture's first batch) and that
+    no request may join, then ``bodies`` one after another; returns their futures once all wait in
+    the queue."""
+    sched = c.app.state.kvsift.scheduler
+    # a seeded sample: nothing joins its batch (it reproduces only alone)
+    blocker = pool.submit(c.post, "/v1/completions", json=completion([5, 6, 7], 2, temperature=0.5, seed=1))
+    wait_for(lambda: sched.running == 1)
+    futs = []
+    for i, body in enumerate(bodies):
+        futs.append(pool.submit(c.post, "/v1/completions", json=body))
+        wait_for(lambda: sched.waiting == i + 1)
+    return [blocker, *futs]
+
+
+def test_concurrent_requests_share_one_batch_and_get_their_answers_alone(make_client, tiny_llm, batches):
+    c = make_client(max_batch=4)
+    sched = c.app.state.kvsift.scheduler
+    prompts = [random_prompt(n, seed=50 + n) for n in (30, 45, 60)]  # different lengths: full pads exactly
+    want = [alone(tiny_llm, p, 6 + i) for i, p in enumerate(prompts)]
+    bodies = [completion(prompts[0], 6), completion(prompts[1], 7),
+              completion(prompts[2], 8, stream=True, stream_options={"include_usage": True})]
+    with ThreadPoolExecutor(4) as pool:
+        futs = queue_behind_a_held_request(c, pool, bodies)
+        batches.release.set()
+        blocker, *rs = [f.result() for f in futs]
+    assert blocker.status_code == 200 and all(r.status_code == 200 for r in rs), [r.text for r in rs]
+    assert [len(g) for g in batches.groups] == [1, 3] and batches.groups[1] == [[p] for p in prompts]
+    for r, w in zip(rs[:2], want):
+        body = r.json()
+        assert body["choices"][0]["text"] == w.text and body["usage"]["completion_tokens"] == len(w.token_ids)
+        # its own share of the batch's KV: a full cache of its own prompt
+        assert body["kvsift"]["stats"][0]["kv_kept_bytes"] <= body["kvsift"]["stats"][0]["kv_full_bytes"]
+    text, chunks = sse_text(rs[2])
+    assert text == want[2].text and chunks[-1]["usage"]["completion_tokens"] == 8
+    assert sum(1 for ch in chunks if ch["choices"] and ch["choices"][0]["finish_reason"]) == 1
+    assert (sched.running, sched.waiting, sched.per_key, sched.busy) == (0, 0, {}, False)
+    assert not sched.engine.waiting and not sched.engine.running and sched.engine.kv_used == 0
+    m = c.get("/metrics").text
+    assert re.search(r"^kvsift_batch_requests_count 2\.0$", m, re.M) and \
+        re.search(r"^kvsift_batch_requests_sum 4\.0$", m, re.M), m
+
+
+@pytest.mark.parametrize("max_batch,kind,groups", [
+    (1, "full", [1, 1, 1, 1, 1]),            # the old behaviour: one request at a time
+    (2, "full", [1, 2, 2]),                   # at most 2 sequences per batch
+    (8, "snapkv", [1, 2, 1, 1]),              # compressing: same prompt length only (40, 40 | 41 | seeded)
+])
+def test_grouping_rules_in_the_server(make_client, tiny_llm, batches, max_batch, kind, groups):
+    c = make_client(max_batch=max_batch)
+    kv = {"kv_method": "snapkv", "kv_budget": 16} if kind == "snapkv" else {}
+    prompts = [random_prompt(n, seed=60 + i) for i, n in enumerate((40, 40, 41, 40))]
+    bodies = [completion(p, 4, **kv) for p in prompts]
+    if kind == "snapkv":  # a seeded sample reproduces only alone
+        bodies[3] = {**bodies[3], "temperature": 0.8, "seed": 7}
+    with ThreadPoolExecutor(5) as pool:
+        futs = queue_behind_a_held_request(c, pool, bodies)
+        batches.release.set()
+        rs = [f.result() for f in futs]
+    assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+    assert [len(g) for g in batches.groups] == groups
+    for p, r, b in zip(prompts, rs[1:], bodies):
+        if "seed" not in b:
+            want = alone(tiny_llm, p, 4, method=kind, budget=16 if kind == "snapkv" else None)
+            assert r.json()["choices"][0]["text"] == want.text
+
+
+def test_cancelling_one_request_of_a_batch_leaves_the_others_whole(make_client, tiny_llm, batches):
+    c = make_client(max_batch=4)
+    sched = c.app.state.kvsift.scheduler
+    p_a, p_b = random_prompt(30, seed=71), random_prompt(50, seed=72)
+    want_b = alone(tiny_llm, p_b, 40)
+    batches.resume.clear()  # the batch of A and B stops after its first event
+    with ThreadPoolExecutor(3) as pool:
+        futs = queue_behind_a_held_request(c, pool, [completion(p_a, 40), completion(p_b, 40, stream=True)])
+        batches.release.set()
+        assert batches.paused.wait(30)
+        job_a = next(j for j in sched.jobs if j.request is not None and j.request.prompts == [p_a])
+        job_a.cancel()  # what the server does when A's client disconnects
+        batches.resume.set()
+        _, ra, rb = [f.result() for f in futs]
+    assert [len(g) for g in batches.groups] == [1, 2]
+    out_a = ra.json()
+    assert out_a["usage"]["completion_tokens"] < 40  # A stopped at the next decode step
+    text, chunks = sse_text(rb)
+    assert text == want_b.text and [ch["choices"][0]["finish_reason"] for ch in chunks][-1] == "length"
+    assert 'kvsift_generations_total{reason="cancelled"} 1.0' in c.get("/metrics").text
+    assert (sched.running, sched.waiting, sched.per_key) == (0, 0, {})
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_queued_requests_join_the_running_batch_in_arrival_order(make_client, tiny_llm, batches, continuous):
+    """Continuous batching: B arrives while A's batch runs and joins it at the next decode step; C
+    (snapkv) cannot join, and D, behind C, does not overtake it. Without it, B waits for the next
+    batch (and D shares it)."""
+    c = make_client(max_batch=4, continuous_batching=continuous)
+    sched = c.app.state.kvsift.scheduler
+    p_a, p_b, p_c, p_d = (random_prompt(n, seed=100 + n) for n in (30, 55, 40, 20))
+    want = [alone(tiny_llm, p_a, 30), alone(tiny_llm, p_b, 8), alone(tiny_llm, p_c, 5, method="snapkv", budget=16),
+            alone(tiny_llm, p_d, 5)]
+    batches.release.set()
+    batches.pause_min = 1
+    batches.resume.clear()  # A's batch stops after its first event
+    with ThreadPoolExecutor(4) as pool:
+        fa = pool.submit(c.post, "/v1/completions", json=completion(p_a, 30))
+        assert batches.paused.wait(30)
+        fb = pool.submit(c.post, "/v1/completions", json=completion(p_b, 8, stream=True))
+        wait_for(lambda: sched.waiting == 1)
+        fc = pool.submit(c.post, "/v1/completions", json=completion(p_c, 5, kv_method="snapkv", kv_budget=16))
+        wait_for(lambda: sched.waiting == 2)
+        fd = pool.submit(c.post, "/v1/completions", json=completion(p_d, 5))
+        wait_for(lambda: sched.waiting == 3)
+        batches.resume.set()
+        ra, rb, rc, rd = (f.result() for f in (fa, fb, fc, fd))
+    if continuous:
+        assert sched.joined == 1 and batches.groups == [[[p_a]], [[p_c]], [[p_d]]]
+    else:
+        assert sched.joined == 0 and batches.groups == [[[p_a]], [[p_b], [p_d]], [[p_c]]]
+    assert ra.json()["choices"][0]["text"] == want[0].text
+    text, chunks = sse_text(rb)
+    assert text == want[1].text and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert rc.json()["choices"][0]["text"] == want[2].text and rd.json()["choices"][0]["text"] == want[3].text
+    assert (sched.running, sched.waiting, sched.per_key, sched.busy) == (0, 0, {}, False)
+    assert not sched.engine.running and sched.engine.kv_used == 0
+    assert re.search(rf"^kvsift_batch_joins_total {int(continuous)}\.0$", c.get("/metrics").text, re.M)
+
+
+def test_max_batch_and_memory_options_are_validated(capsys):
+    for kw, msg in (({"max_batch": 0}, "max_batch (--max-batch) must be an integer >= 1"),
+                    ({"max_batch": 2.5}, "max_batch"), ({"kv_memory_bytes": 0}, "kv_memory_bytes (--kv-memory)"),
+                    ({"host_memory_bytes": -1}, "host_memory_bytes (--host-memory)"),
+                    ({"continuous_batching": "yes"}, "continuous_batching must be a bool")):
+        with pytest.raises(ValueError) as e:
+            ServerConfig(**kw)
+        assert msg in str(e.value)
+    from kvsift.cli import main
+
+    assert main(["serve", "--max-batch", "0", "--model", "/nonexistent", "--no-persist"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvsift: error: ") and "--max-batch" in err, err
+
+
+def test_a_request_over_the_kv_memory_is_400_before_it_queues(make_client, tiny_llm):
+    per = tiny_llm.kv_bytes_per_token
+    c = make_client(kv_memory_bytes=100 * per)
+    ok = c.post("/v1/completions", json=completion(random_prompt(40, seed=3), 4))
+    assert ok.status_code == 200, ok.text
+    r = c.post("/v1/completions", json=completion(random_prompt(120, seed=3), 4))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "kv_memory_exceeded", r.text
+    r = c.post("/v1/contexts", json={"document": random_prompt(120, seed=4), "chat": False})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "kv_memory_exceeded", r.text
+    sched = c.app.state.kvsift.scheduler
+    assert (sched.running, sched.waiting, sched.per_key) == (0, 0, {}) and not sched.engine.waiting
+
+
+# ---- a real client leaving a batch (server process) ------------------------------------------------------
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert m, f"metric {name} missing"
+    return float(m.group(1))
+
+
+def test_a_client_leaving_its_batch_does_not_break_the_others(tmp_path_factory, default_tokenizer):
+    from kvsift.models import save_tiny_model
+    from kvsift.server.testing import ServerProcess
+
+    tiny = save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", tokenizer=default_tokenizer, seed=1,
+                           max_positions=8192)
+    p_a, p_b = random_prompt(30, seed=81), random_prompt(30, seed=82)
+    with ServerProcess(["--model", str(tiny), "--no-persist", "--chunk-size", "64", "--max-batch", "4"]) as srv:
+        url = srv.url
+        want_b = httpx.post(url + "/v1/completions", json=completion(p_b, 60), timeout=60).json()["choices"][0]["text"]
+        cancelled0 = _metric(url, 'kvsift_generations_total{reason="cancelled"}')
+        got: dict = {}
+
+        def read_a():  # reads two events of its stream, then leaves
+            with httpx.stream("POST", url + "/v1/completions", json=completion(p_a, 4000, stream=True),
+                              timeout=60) as r:
+                n = 0
+                for line in r.iter_lines():
+                    n += line.startswith("data: ")
+                    if n == 2:
+                        got["a"] = n
+                        return
+
+        def read_b():
+            with httpx.stream("POST", url + "/v1/completions", json=completion(p_b, 60, stream=True),
+                              timeout=120) as r:
+                got["b"] = "".join(json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines()
+                                   if line.startswith("data: ") and line != "data: [DONE]"
+                                   and json.loads(line[6:])["choices"])
+
+        with httpx.Client(timeout=60) as c0:
+            blocker_body = completion([5, 6, 7], 8000, stream=True, temperature=0.5, seed=1)  # no one joins it
+            with c0.stream("POST", url + "/v1/completions", json=blocker_body) as blocker:
+                assert blocker.status_code == 200
+                wait_for(lambda: _metric(url, "kvsift_requests_running") == 1)
+                ta = threading.Thread(target=read_a)
+                ta.start()
+                wait_for(lambda: _metric(url, "kvsift_requests_waiting") == 1)
+                tb = threading.Thread(target=read_b)
+                tb.start()
+                wait_for(lambda: _metric(url, "kvsift_requests_waiting") == 2)
+            # the blocker's client left: A and B start together
+        ta.join(60)
+        tb.join(120)
+        assert got.get("a") == 2 and got.get("b") == want_b
+        wait_for(lambda: _metric(url, 'kvsift_generations_total{reason="cancelled"}') == cancelled0 + 2)
+        wait_for(lambda: _metric(url, "kvsift_requests_running") == 0)
+        text = httpx.get(url + "/metrics", timeout=10).text
+        two = float(re.search(r'^kvsift_batch_requests_bucket\{le="2\.0"\} (\S+)$', text, re.M).group(1))
+        one = float(re.search(r'^kvsift_batch_requests_bucket\{le="1\.0"\} (\S+)$', text, re.M).group(1))
+        assert two - one == 1  # A and B ran as one batch of two requests
+        assert httpx.get(url + "/health", timeout=10).json()["waiting"] == 0
+
+
+def test_server_with_kv_arena_answers_like_alone(tmp_path_factory, default_tokenizer, tiny_llm):
+    """``--kv-arena`` with static decoding (``KVSIFT_DECODE=static``): batches of different sizes, one
+    after another over the runner's arenas, answer as each request alone."""
+    from kvsift.models import save_tiny_model
+    from kvsift.server.testing import ServerProcess
+
+    tiny = save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", tokenizer=default_tokenizer, seed=1)
+    prompts = [random_prompt(n, seed=130 + n) for n in (30, 50, 40)]
+    with ServerProcess(["--model", str(tiny), "--no-persist", "--chunk-size", "64", "--kv-arena"],
+                       env={"KVSIFT_DECODE": "static"}) as srv:
+        for body in ({"prompt": prompts}, {"prompt": prompts[0]}, {"prompt": prompts[1:]}):
+            r = httpx.post(srv.url + "/v1/completions", json={**completion(None, 6), **body}, timeout=60)
+            assert r.status_code == 200, r.text
+            out = r.json()
+            items = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
+            assert [c["text"] for c in out["choices"]] == [alone(tiny_llm, p, 6).text for p in items]
+            assert out["kvsift"]["stats"][0]["decode_mode"] == "static"
