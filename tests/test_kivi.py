@@ -319,9 +319,9 @@ def _first_decode_logits(llm, ids, spec, budget=None, **kw):
     m = build_method(spec, budget, **kw)
     run = m.start(len(ids), llm.info.num_layers)
     with llm.lock, torch.inference_mode():
-        cache, _, (ctx, logits) = llm._prefill([ids], m, run, None, False, reserve=4)
+        cache, _, (ctx, logits) = llm.runner.prefill([ids], m, run, None, False, reserve=4)
         ctx.decoding = True
-        return llm._forward(ctx, logits.argmax(-1, keepdim=True), ctx.next_pos[:, None])[0], cache
+        return llm.runner.forward(ctx, logits.argmax(-1, keepdim=True), ctx.next_pos[:, None])[0], cache
 
 
 def test_kivi_alone_is_close_to_full_and_int2_is_coarser(tiny_llm):
@@ -384,7 +384,7 @@ def test_row_by_row_prefill_quantizes_the_stacked_batch(default_tokenizer, spec,
     assert out[0].stats.kv_device_bytes < out[0].stats.kv_full_bytes / 2
     run = build_method(spec, budget, **kw)
     with rows.lock:
-        cache, _, _ = rows._prefill(ids, run, run.start(230, rows.info.num_layers), None, False)
+        cache, _, _ = rows.runner.prefill(ids, run, run.start(230, rows.info.num_layers), None, False)
     assert all(ly.quant is not None and ly.length == 0 for ly in cache.layers)
     n = 230 if budget is None else budget
     assert all(ly.head_lengths().tolist() == [[n, n], [min(n, 150)] * 2] for ly in cache.layers)
@@ -499,7 +499,7 @@ def test_flushing_steps_are_their_own_kind_of_step(tiny_llm):
     ids = random_prompt(203, seed=49)
     m = build_method("kivi", group=8, residual=16)
     with tiny_llm.lock:
-        cache, _, _ = tiny_llm._prefill([ids], m, m.start(len(ids), tiny_llm.info.num_layers), None, False)
+        cache, _, _ = tiny_llm.runner.prefill([ids], m, m.start(len(ids), tiny_llm.info.num_layers), None, False)
     cache.begin_static(40)
     q0 = [ly.quant.qtok for ly in cache.layers]
     kinds = [cache.decode_variant(s) for s in range(40)]

@@ -190,7 +190,7 @@ class LLM:
             method_kwargs = context.method_kwargs if method_kwargs is None else method_kwargs
         m = build_method(method or "full", budget, **(method_kwargs or {}))
         if context is not None and not m.quantized_ok() and any(ly.quant is not None for ly in context.cache.layers):
-            raise UnknownMethodError(f"this context holds quantized KV ({context.method}): {_spec(m)!r} evicts or "
+            raise UnknownMethodError(f"this context holds quantized KV ({context.method}): {m.spec!r} evicts or "
                                      f"reads the KV buffer at decode and cannot answer from it", param="kv_method")
         base = context.length if context is not None else 0
         longest = max(len(x) for x in ids)
