@@ -102,7 +102,17 @@ class LLM:
     device = property(lambda self: self.runner.device)
     chunk_size = property(lambda self: self.runner.chunk_size)
     first_chunk = property(lambda self: self.runner.first_chunk)
-    decode_mode = property(lambda self: self.runner.decode_mode)
+
+    @property
+    def decode_mode(self) -> str:
+        return self.runner.decode_mode
+
+    @decode_mode.setter
+    def decode_mode(self, mode: str) -> None:  # the runner's, checked
+        mode = check_decode_mode(mode)
+        if mode == "graph" and self.device.type != "cuda":
+            raise ValueError(f"decode_mode='graph' needs a CUDA device, this model is on {self.device}")
+        self.runner.decode_mode = mode
 
     @property
     def prefill_mode(self) -> str:
