@@ -46,6 +46,7 @@ class ForwardContext:
     row_states: list | None = None          # ...then the batch cache's per-layer state dicts
     rope: Any = None                        # rope(positions (batch, n), layer_idx) -> (cos, sin)
                                             # (batch, n, head_dim) fp32, see rope_function; None: no RoPE
+    model_name: str | None = None           # ModelInfo.name of the model in use (per-model method data)
 
 
 _CTX: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar("kvsift_ctx", default=None)
@@ -203,7 +204,10 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     else:
         keys, values, kpos = key, value, layer.positions
     simple = not gathered and not ctx.has_padding and not layer.holes and sliding_window is None and softcap is None
-    if simple and L == keys.shape[2]:
+    out = method.prefill_attention(run, layer, query, keys, values, scale, module, ctx) if simple else None
+    if out is not None:  # the method's own prefill attention (minference's sparse patterns)
+        pass
+    elif simple and L == keys.shape[2]:
         out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
     elif simple:
         # a later prefill chunk: the chunk's tokens are the last L slots, in order, after every earlier

@@ -184,6 +184,7 @@ class LLM:
             method, budget = context.method, context.budget if budget is None else budget
             method_kwargs = context.method_kwargs if method_kwargs is None else method_kwargs
         m = build_method(method or "full", budget, **(method_kwargs or {}))
+        m.check_model(self.info)  # per-model method data (minference's patterns) fits
         base = context.length if context is not None else 0
         longest = max(len(x) for x in ids)
         self.check_length(base + longest, "prompt")
@@ -199,6 +200,7 @@ class LLM:
         ids = self.encode_document(document, chat) if isinstance(document, str) else self.encode(document)
         self.check_length(len(ids), "document")
         m = build_method(method, budget, **(method_kwargs or {}))
+        m.check_model(self.info)  # per-model method data (minference's patterns) fits
         run = m.start(len(ids), self.info.num_layers)
         with self.lock:
             cache, stats, _ = self._prefill([ids], m, run, None, progress)
@@ -224,6 +226,7 @@ class LLM:
             raise ValueError(f"context + continuation = {total} tokens exceeds the model's limit of "
                              f"{self.info.max_positions}")
         m = build_method(method or "full", budget, **(method_kwargs or {}))
+        m.check_model(self.info)  # per-model method data (minference's patterns) fits
         run = m.start(len(ctx_ids), self.info.num_layers)
         nll = 0.0
         with self.lock:
@@ -314,7 +317,7 @@ class LLM:
             cache = SiftCache(self.info.num_layers, capacity_hint=L + reserve + _longest(passes[0]), reserve=reserve)
         ctx = ForwardContext(cache=cache, method=method, run=run, has_padding=bool((~valid).any()),
                              prompt_ids=ids, tokenizer=self.tokenizer,  # sentencekv segments the prompt
-                             rope=self._rope)
+                             rope=self._rope, model_name=self.info.name)
         bounds = self._chunk_bounds(L, method, fresh=context is None and not ctx.has_padding)
         bar = self._prefill_bar(progress, L, len(bounds), f"prefill {L} tokens")
         t0 = time.perf_counter()
@@ -412,7 +415,7 @@ class LLM:
             for i, (row, plan) in enumerate(zip(ids, plans)):
                 rc = SiftCache(self.info.num_layers, capacity_hint=len(row) + _longest(passes[i]), reserve=0)
                 ctx = ForwardContext(cache=rc, method=method, run=run, prompt_ids=[row], tokenizer=self.tokenizer,
-                                     row=(i, b), row_states=row_states, rope=self._rope)
+                                     row=(i, b), row_states=row_states, rope=self._rope, model_name=self.info.name)
                 tokens = torch.tensor([row], dtype=torch.long, device=dev)
                 pos = torch.arange(len(row), device=dev)[None]
                 for s, e in plan:
@@ -438,7 +441,7 @@ class LLM:
         cache.seen = L
         ctx = ForwardContext(cache=cache, method=method, run=run, has_padding=padded, prompt_ids=ids,
                              tokenizer=self.tokenizer, next_pos=torch.tensor([len(x) for x in ids], device=dev),
-                             rope=self._rope)
+                             rope=self._rope, model_name=self.info.name)
         return self._prefilled(ctx, method, L, t0, torch.cat(logits))
 
     def _run(self, ids: list[list[int]], params: SamplingParams, method: KVMethod, run: Run,

@@ -19,13 +19,15 @@ from kvsift.kernels import budget_select as _bs
 from kvsift.kernels import chunk_scores as _cs
 from kvsift.kernels import page_bounds as _pb
 from kvsift.kernels import sparse_decode_attention as _sda
+from kvsift.kernels import sparse_prefill_attention as _spa
 from kvsift.kernels import topk_select as _tk
 from kvsift.kernels._triton import HAS_TRITON, triton_disabled
 from kvsift.kernels.chunk_scores import chunks_to_slots, page_summaries
 from kvsift.kernels.sparse_decode_attention import merge_attention
 
 __all__ = ["use_triton", "chunk_scores", "topk_select", "budget_select", "select_chunks", "sparse_decode_attention",
-           "chunks_to_slots", "page_summaries", "selected_decode_attention", "merge_attention", "page_bounds_append"]
+           "chunks_to_slots", "page_summaries", "selected_decode_attention", "merge_attention", "page_bounds_append",
+           "sparse_prefill_attention"]
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
@@ -86,6 +88,17 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             and q.dtype == k_cache.dtype == v_cache.dtype):
         return _sda.sparse_decode_attention(q, k_cache, v_cache, slot_idx, scale, page, **kw)
     return _sda.sparse_decode_attention_ref(q, k_cache, v_cache, slot_idx, scale, page, **kw)
+
+
+def sparse_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
+                             cols: torch.Tensor | None, scale: float, block: int = 64) -> torch.Tensor:
+    """See :func:`kvsift.kernels.sparse_prefill_attention.sparse_prefill_attention_ref`: one prefill
+    chunk's attention over selected key blocks and columns, ``(batch, q_heads, L, head_dim)``."""
+    tensors = [t for t in (q, k, v, block_idx, cols) if t is not None]
+    if (use_triton(*tensors) and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+            and q.dtype == k.dtype == v.dtype):
+        return _spa.sparse_prefill_attention(q, k, v, block_idx, cols, scale, block)
+    return _spa.sparse_prefill_attention_ref(q, k, v, block_idx, cols, scale, block)
 
 
 def ragged_splits(q: torch.Tensor, kv_heads: int, width: int, fill: float) -> int | None:
