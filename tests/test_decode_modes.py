@@ -15,10 +15,11 @@ SPECS = [("full", None), ("snapkv", 64), ("pyramidkv", 64), ("sentencekv", 96), 
          ("sentencekv", 1.0), ("sentencekv:reselect", 96), ("quest", 64), ("snapkv+quest", 96),
          ("tokenselect", 48), ("tokenselect:reuse", 48), ("squeezed", 64), ("expected_attention", 64),
          ("h2o:noevict", 64), ("tova:noevict", 64), ("adakv", 64), ("duo", 96),
-         ("kvzip", 64)]
+         ("kvzip", 64), ("minference+snapkv", 64)]
 KW = {"sentencekv:reselect": {"reselect_every": 3}, "snapkv+quest": {"decode_budget": 48},
       "tokenselect:reuse": {"reuse_threshold": 0.5}, "h2o:noevict": {"decode_evict": False},
-      "tova:noevict": {"decode_evict": False}, "duo": {"sinks": 4, "recent": 28}}
+      "tova:noevict": {"decode_evict": False}, "duo": {"sinks": 4, "recent": 28},
+      "minference+snapkv": {"min_len": 0, "vertical": 16, "slash": 16, "block": 16}}
 
 
 @pytest.fixture(scope="module")
