@@ -614,7 +614,8 @@ class Compose(KVMethod):
             raise UnknownMethodError(f"a composition names each method once, got {'+'.join(names)}")
         object.__setattr__(self, "stages", tuple(self.stages))
         ragged = [s.spec for s in self.stages if s.ragged]
-        if ragged:
+        # a stage that only changes prefill attention (minference) reads no KV afterwards
+        if ragged and (len(ragged) > 1 or any(not s.ragged and not s.attention_only for s in self.stages)):
             raise UnknownMethodError(f"{ragged[0]} keeps a different number of tokens per head in a compact layout "
                                      f"that other stages cannot read, so it does not compose with '+' ("
                                      f"{self.spec!r}); it wraps a scorer instead, e.g. adakv(h2o)")
