@@ -320,3 +320,21 @@ def test_search_command_writes_a_file_the_method_loads(default_tokenizer, tmp_pa
     assert main(["minference", "search", "--model", str(model), "--block", "24"]) == 2
     assert "kvsift: error: minference option block" in capsys.readouterr().err
     assert main(["minference", "search", "--model", str(tmp_path / "missing")]) == 2
+
+
+def test_bench_writes_dense_and_sparse_rows(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import minference_prefill as bench
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    out = tmp_path / "b.json"
+    assert bench.main(["--lengths", "256", "--layers", "1", "--chunk", "128", "--reps", "1", "--block", "32",
+                       "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    layer = {r["pattern"]: r for r in rows if r["kind"] == "layer"}
+    assert set(layer) == {"dense", *PATTERNS}
+    assert all(0 < layer[p]["density"] <= 1 and layer[p]["attn_ms"] > 0 for p in PATTERNS)
+    e2e = {r["method"]: r for r in rows if r["kind"] == "e2e"}
+    assert e2e["minference"]["method_stats"]["minference_sparse_chunks"] == 2  # 1 layer x 2 chunks
+    assert e2e["full"]["prefill_s"] > 0
