@@ -242,6 +242,9 @@ def test_as_first_stage_it_changes_only_the_prefill_attention(tiny_llm):
                            method_kwargs=EVERYTHING)
     ref = tiny_llm.generate([ids, random_prompt(200, seed=8)], p, method="sentencekv", budget=96)
     assert [o.token_ids for o in sk] == [o.token_ids for o in ref]
+    # a head-wise (compact KV) method composes after it: minference keeps no state
+    ada = tiny_llm.generate(ids, p, method="minference+adakv(snapkv)", budget=64, method_kwargs=EVERYTHING)[0]
+    assert ada.token_ids == tiny_llm.generate(ids, p, method="adakv(snapkv)", budget=64)[0].token_ids
 
 
 def test_short_prompts_padding_and_reread_passes_attend_densely(tiny_llm):
