@@ -341,3 +341,25 @@ def test_bench_writes_dense_and_sparse_rows(tmp_path):
     e2e = {r["method"]: r for r in rows if r["kind"] == "e2e"}
     assert e2e["minference"]["method_stats"]["minference_sparse_chunks"] == 2  # 1 layer x 2 chunks
     assert e2e["full"]["prefill_s"] > 0
+
+
+def test_server_runs_it_and_refuses_a_pattern_file_of_another_model(make_client, tmp_path, monkeypatch):
+    from kvsift.methods.minference import cache_path
+
+    monkeypatch.setenv("KVSIFT_CACHE", str(tmp_path / "cache"))
+    c = make_client()
+    body = {"prompt": random_prompt(200, seed=12), "max_tokens": 2, "ignore_eos": True,
+            "kv_method": "minference+snapkv", "kv_budget": 64, "kv_options": SPARSE}
+    r = c.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["kvsift"]["stats"][0]["method_stats"]["minference_sparse_chunks"] > 0
+    other = _table(tmp_path, model="another-model")
+    r = c.post("/v1/completions", json=dict(body, kv_options=dict(SPARSE, patterns=str(other))))
+    assert r.status_code == 400 and "names a file on the server" in r.json()["error"]["message"], r.text
+    cached = cache_path("tiny-llama")                        # the server's own file, made for another model
+    cached.parent.mkdir(parents=True)
+    cached.write_text(other.read_text())
+    r = c.post("/v1/completions", json=body)
+    assert r.status_code == 400 and "not 'tiny-llama'" in r.json()["error"]["message"], r.text
+    r = c.post("/v1/completions", json=dict(body, kv_options=dict(SPARSE, patterns="default")))
+    assert r.status_code == 200, r.text

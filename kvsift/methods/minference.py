@@ -249,6 +249,7 @@ class MInference(KVMethod):
 
     needs_budget: ClassVar[bool] = False
     attention_only: ClassVar[bool] = True
+    path_options: ClassVar[tuple] = ("patterns",)  # names a local file: the server refuses it from requests
     last_q: int = 64
     vertical: int = 1000
     slash: int = 6096
@@ -288,7 +289,7 @@ class MInference(KVMethod):
         return False  # alone it keeps every token: nothing to gain from rows
 
     def prefill_attention(self, run, layer, query, keys, values, scale, module, ctx):
-        if run.prompt_len < self.min_len or ctx.rereading or ctx.model_name is None:
+        if run.prompt_len < self.min_len or ctx.rereading:
             run.dense += 1
             return None
         from kvsift.kernels.dispatch import sparse_prefill_attention
@@ -338,9 +339,10 @@ class MInference(KVMethod):
         return out
 
 
-def _lookup(option: str | None, model_name: str) -> PatternTable | None:
-    """The table ``check_model`` resolved for this option and model (None: the built-in default)."""
-    if option == "default":
+def _lookup(option: str | None, model_name: str | None) -> PatternTable | None:
+    """The table ``check_model`` resolved for this option and model (None: the built-in default,
+    also when the model's name is unknown and no file is given)."""
+    if option == "default" or (option is None and model_name is None):
         return None
     path = Path(option) if option is not None else cache_path(model_name)
     if not path.is_file():
