@@ -11,6 +11,9 @@ from tests.conftest import random_prompt
 
 PROMPT_LEN, BUDGET = 256, 64
 METHODS = sorted(available_methods())
+# options that make a method select everything (its "whole context" besides the budget): minference
+# attends sparsely from the first token on, every column listed
+WHOLE = {"minference": {"min_len": 0, "vertical": 10 ** 6, "block": 16}}
 
 
 def layer_budget(method, run, layer_idx):
@@ -49,15 +52,16 @@ def test_method_runs_and_respects_budget(tiny_llms, family, name):
         assert int(n.sum()) <= k * n.numel() and layer.length <= k
 
 
-@pytest.mark.parametrize("name", [n for n in METHODS if n != "full"])
+@pytest.mark.parametrize("name", [n for n in METHODS if n != "full"] + ["minference+snapkv"])
 def test_method_with_budget_of_whole_context_is_exact(tiny_llm, name):
     ids = random_prompt(160, seed=22)
     p = SamplingParams(max_tokens=8, ignore_eos=True)
     full = tiny_llm.generate(ids, p)[0].token_ids
+    kw = {k: v for part in name.split("+") for k, v in WHOLE.get(part, {}).items()}
     if name == "pyramidkv":  # pyramid budgets exceed the average on low layers: use the ratio 1.0
         assert tiny_llm.generate(ids, p, method=name, budget=1.0)[0].token_ids == full
     else:
-        assert tiny_llm.generate(ids, p, method=name, budget=len(ids))[0].token_ids == full
+        assert tiny_llm.generate(ids, p, method=name, budget=len(ids), method_kwargs=kw)[0].token_ids == full
 
 
 @pytest.mark.parametrize("name", METHODS)
