@@ -363,3 +363,22 @@ def test_server_runs_it_and_refuses_a_pattern_file_of_another_model(make_client,
     assert r.status_code == 400 and "not 'tiny-llama'" in r.json()["error"]["message"], r.text
     r = c.post("/v1/completions", json=dict(body, kv_options=dict(SPARSE, patterns="default")))
     assert r.status_code == 200, r.text
+
+
+def test_search_compares_patterns_at_one_density():
+    from kvsift.methods._minference_search import _recall_at, pattern_recall
+
+    pts = [(0.1, 0.5), (0.3, 0.9), (0.6, 0.95)]
+    assert _recall_at(pts, 0.2) == pytest.approx(0.7) and _recall_at(pts, 0.05) == pytest.approx(0.25)
+    assert _recall_at(pts, 0.9) == 0.95
+    # a head whose queries all look at a few far columns: vertical-slash finds them, A-shape cannot
+    torch.manual_seed(4)
+    L = n = 256
+    d = 16
+    q = torch.randn(1, 1, L, d) * 0.1
+    k = torch.randn(1, 1, n, d) * 0.1
+    q[..., 0] += 3.0
+    k[0, 0, [5, 77, 130], 0] = 6.0
+    recall, target = pattern_recall(q, k, 1.0, 48, 16, 32)
+    assert 0 < target < 1
+    assert recall["vertical_slash"][0] > recall["a_shape"][0] + 0.2
