@@ -382,3 +382,32 @@ def test_search_compares_patterns_at_one_density():
     recall, target = pattern_recall(q, k, 1.0, 48, 16, 32)
     assert 0 < target < 1
     assert recall["vertical_slash"][0] > recall["a_shape"][0] + 0.2
+
+
+def test_the_engine_asks_prefill_attention_only_for_fresh_unpadded_prefill_chunks(tiny_llm):
+    """The hook is part of the method contract: asked per layer and prefill chunk (never at decode,
+    never for a padded batch), and its answer is the layer's attention output."""
+    from dataclasses import dataclass
+
+    from kvsift.methods.base import KVMethod
+
+    calls = []
+
+    @dataclass(frozen=True)
+    class Zero(KVMethod):
+        needs_budget = False
+
+        def prefill_attention(self, run, layer, query, keys, values, scale, module, ctx):
+            calls.append((layer.layer_idx, ctx.decoding, query.shape[2], keys.shape[2]))
+            return torch.zeros_like(query)
+
+    ids = random_prompt(150, seed=13)
+    p = SamplingParams(max_tokens=3, ignore_eos=True)
+    tiny_llm.generate(ids, p, method=Zero())
+    assert calls and not any(c[1] for c in calls)
+    assert sorted({(c[2], c[3]) for c in calls}) == [(22, 150), (64, 64), (64, 128)]   # chunks of 64
+    nll_zero = tiny_llm.score(ids, [5, 6], method=Zero())[0]
+    assert abs(nll_zero - tiny_llm.score(ids, [5, 6])[0]) > 1e-3
+    calls.clear()
+    tiny_llm.generate([ids, ids[:100]], p, method=Zero())
+    assert not calls
