@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvsift import SamplingParams, build_method
+from kvsift import LLM, SamplingParams, build_method
 from kvsift.errors import MethodOptionError
 from kvsift.kernels import dispatch
 from kvsift.kernels._triton import HAS_TRITON
@@ -252,8 +252,12 @@ def test_short_prompts_padding_and_reread_passes_attend_densely(tiny_llm):
     p = SamplingParams(max_tokens=2, ignore_eos=True)
     st = tiny_llm.generate(ids, p, method="minference", method_kwargs=dict(SPARSE, min_len=201))[0].stats.method_stats
     assert st["minference_sparse_chunks"] == 0 and st["minference_dense_chunks"] > 0
-    outs = tiny_llm.generate([ids, ids[:150]], p, method="minference", method_kwargs=SPARSE)  # left-padded batch
+    outs = tiny_llm.generate([ids, ids[:150]], p, method="minference", method_kwargs=SPARSE)  # auto: row by row
+    assert outs[0].stats.method_stats["minference_dense_chunks"] == 0
+    batch = LLM.from_model(tiny_llm.model, tiny_llm.tokenizer, chunk_size=64, prefill_mode="batch")
+    outs = batch.generate([ids, ids[:150]], p, method="minference", method_kwargs=SPARSE)  # left-padded batch
     assert outs[0].stats.method_stats["minference_sparse_chunks"] == 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in batch.generate([ids, ids[:150]], p)]
     assert tiny_llm.generate(ids, p, method="minference+kvzip", budget=64, method_kwargs=SPARSE)[0].token_ids
 
 

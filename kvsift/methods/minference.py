@@ -20,7 +20,8 @@ Each query head has one of three patterns (a per-model JSON chosen offline by
 Every pattern becomes one index form (key blocks + columns per query block) that one kernel
 attends (``kvsift/kernels/sparse_prefill_attention.py``: Triton on CUDA, the blockwise PyTorch
 reference elsewhere). A chunk is sparse only when the prompt has at least ``min_len`` tokens and
-the engine asks (a fresh, unpadded chunk; reread passes and padded batches attend densely). With
+the engine asks (a fresh, unpadded chunk; reread passes and padded batches attend densely, so a
+batch is prefilled row by row under ``prefill_mode='auto'``). With
 every column / block selected (``vertical`` >= the prompt, ``top_blocks`` >= its blocks, ``local``
 >= it) the output equals dense prefill.
 """
@@ -286,7 +287,8 @@ class MInference(KVMethod):
         resolve_patterns(self.patterns, info)
 
     def row_prefill_ok(self) -> bool:
-        return False  # alone it keeps every token: nothing to gain from rows
+        # no state; a batch prefilled row by row has no padded chunk, and only unpadded chunks go sparse
+        return True
 
     def prefill_attention(self, run, layer, query, keys, values, scale, module, ctx):
         if run.prompt_len < self.min_len or ctx.rereading:
