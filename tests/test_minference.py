@@ -327,6 +327,8 @@ def test_search_command_writes_a_file_the_method_loads(default_tokenizer, tmp_pa
     assert main(["minference", "search", "--model", str(model), "--block", "24"]) == 2
     assert "kvsift: error: minference option block" in capsys.readouterr().err
     assert main(["minference", "search", "--model", str(tmp_path / "missing")]) == 2
+    assert main(["minference", "search", "--model", str(model), "--tokens", "256", "--keys", "8"]) == 2
+    assert "--keys must be at least 2 blocks" in capsys.readouterr().err
 
 
 def test_bench_writes_dense_and_sparse_rows(tmp_path):

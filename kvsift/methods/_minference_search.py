@@ -114,16 +114,23 @@ def pattern_recall(query: torch.Tensor, keys: torch.Tensor, scale: float, n_keys
     return recall, round(target, 4)
 
 
-def search(llm, text: str, tokens: int = 4096, keys: int | None = None, last_q: int = 64,
-           block: int = 64) -> dict:
-    """Pick a pattern per head of ``llm``'s model on the first ``tokens`` tokens of ``text``
-    (repeated when shorter), comparing the patterns' recall at the density of ``keys`` keys per
-    query (default ``tokens // 8``). Returns the pattern file's JSON object."""
+def check_sizes(tokens: int, keys: int | None, block: int) -> int:
+    """``ValueError`` unless the calibration length and the keys per query hold two blocks; returns
+    the keys per query (default ``tokens // 8``)."""
     if tokens < 2 * block:
         raise ValueError(f"--tokens must be at least 2 blocks ({2 * block}), got {tokens}")
     keys = keys if keys is not None else tokens // 8
     if keys < 2 * block:
         raise ValueError(f"--keys must be at least 2 blocks ({2 * block}), got {keys}")
+    return keys
+
+
+def search(llm, text: str, tokens: int = 4096, keys: int | None = None, last_q: int = 64,
+           block: int = 64) -> dict:
+    """Pick a pattern per head of ``llm``'s model on the first ``tokens`` tokens of ``text``
+    (repeated when shorter), comparing the patterns' recall at the density of ``keys`` keys per
+    query (default ``tokens // 8``). Returns the pattern file's JSON object."""
+    keys = check_sizes(tokens, keys, block)
     ids = llm.encode(text, chat=False)
     if not ids:
         raise ValueError("the calibration text is empty")
@@ -182,14 +189,18 @@ def run(args) -> int:
     text = (args.text.read_text(encoding="utf-8", errors="replace") if args.text is not None
             else (Path(__file__).resolve().parents[1] / "data" / "alice_ch1_3.txt").read_text(encoding="utf-8"))
     MInference(block=args.block, last_q=args.last_q)  # bad sizes: an error before loading the model
+    check_sizes(args.tokens, args.keys, args.block)
     chunk = args.chunk_size or max(args.block * 2, min(1024, args.tokens // 4))
     llm = LLM(args.model, device=args.device, dtype=args.dtype, chunk_size=chunk)
     data = search(llm, text, args.tokens, args.keys, args.last_q, args.block)
     out = args.out if args.out is not None else cache_path(llm.info.name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        tmp.replace(out)
+    except OSError as e:
+        raise ValueError(f"cannot write {out}: {e}") from None
     counts = {p: sum(row.count(p) for row in data["layers"]) for p in PATTERNS}
     dens = data["search"]["density"]
     print(f"recall at {sum(dens) / len(dens):.3f} of the causal keys ({data['search']['keys']} keys per query):")

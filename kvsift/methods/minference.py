@@ -349,7 +349,10 @@ def _lookup(option: str | None, model_name: str | None) -> PatternTable | None:
     path = Path(option) if option is not None else cache_path(model_name)
     if not path.is_file():
         return None
-    return _TABLES.get((str(path), path.stat().st_mtime_ns)) or load_patterns(path)
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in _TABLES:
+        _TABLES[key] = load_patterns(path)
+    return _TABLES[key]
 
 
 def blocks_to_index(bm: torch.Tensor) -> torch.Tensor:
