@@ -5,6 +5,7 @@
     kvsift models [--json]  /  kvsift models pull NAME
     kvsift bench ...        (evaluation harness)
     kvsift serve ...        (OpenAI-compatible server)
+    kvsift minference search --model NAME [--out FILE]   (per-head sparse prefill patterns)
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 EXTENSIONS = {
     "bench": ("kvsift.eval.cli", "add_bench_parser", "run_bench"),
     "serve": ("kvsift.server.cli", "add_serve_parser", "run_serve"),
+    "minference": ("kvsift.methods._minference_search", "add_parser", "run"),
 }
 
 

@@ -16,14 +16,15 @@ SPECS = [("full", None), ("snapkv", 64), ("pyramidkv", 64), ("sentencekv", 96), 
          ("tokenselect", 48), ("tokenselect:reuse", 48), ("squeezed", 64), ("expected_attention", 64),
          ("h2o:noevict", 64), ("tova:noevict", 64), ("adakv", 64), ("duo", 96),
          ("kvzip", 64), ("kivi", None), ("kivi:int2", None), ("snapkv+kivi", 64), ("quest+kivi", 64),
-         ("sentencekv+kivi", 96)]
+         ("sentencekv+kivi", 96), ("minference+snapkv", 64)]
 KW = {"sentencekv:reselect": {"reselect_every": 3}, "snapkv+quest": {"decode_budget": 48},
       "tokenselect:reuse": {"reuse_threshold": 0.5}, "h2o:noevict": {"decode_evict": False},
       "tova:noevict": {"decode_evict": False}, "duo": {"sinks": 4, "recent": 28},
       # windows of 8 tokens: the 8 decode steps quantize a window (a flush inside the static step)
       "kivi": {"group": 8, "residual": 8}, "kivi:int2": {"bits": 2, "group": 8, "residual": 16},
       "snapkv+kivi": {"group": 8, "residual": 8}, "quest+kivi": {"group": 8, "residual": 8, "decode_budget": 48},
-      "sentencekv+kivi": {"group": 8, "residual": 8}}
+      "sentencekv+kivi": {"group": 8, "residual": 8},
+      "minference+snapkv": {"min_len": 0, "vertical": 16, "slash": 16, "block": 16}}
 
 
 @pytest.fixture(scope="module")

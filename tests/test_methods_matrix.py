@@ -12,12 +12,16 @@ from tests.conftest import random_prompt
 
 PROMPT_LEN, BUDGET = 256, 64
 METHODS = sorted(available_methods())
-COMPOSED = ["snapkv+kivi", "sentencekv+kivi"]   # a codec after an eviction, after an offload
+COMPOSED = ["snapkv+kivi", "sentencekv+kivi", "minference+snapkv"]   # a codec after an eviction, after an offload
 
 
 def lossy(spec: str) -> bool:
     """A stage stores the KV approximately (quantized): close to ``full``, not equal."""
     return any(c.codec for c in spec_classes(spec))
+
+# options that make a method select everything (its "whole context" besides the budget): minference
+# attends sparsely from the first token on, every column listed
+WHOLE = {"minference": {"min_len": 0, "vertical": 10 ** 6, "block": 16}}
 
 
 def layer_budget(method, run, layer_idx):
@@ -34,10 +38,10 @@ def test_method_runs_and_respects_budget(tiny_llms, family, name):
     out = llm.generate(ids, SamplingParams(max_tokens=6, ignore_eos=True), method=name, budget=budget)[0]
     assert len(out.token_ids) == 6
     st = out.stats
-    if name == "full":
+    m = build_method(name, budget)
+    if name == "full" or m.attention_only:  # minference: sparse prefill attention, every token kept
         assert st.kv_kept_bytes == st.kv_full_bytes
         return
-    m = build_method(name, budget)
     if isinstance(m, DecodeSelect):
         _check_decode_selection(llm, m, ids)
         return
@@ -60,17 +64,20 @@ def test_method_runs_and_respects_budget(tiny_llms, family, name):
 
 
 @pytest.mark.parametrize("name", [n for n in METHODS if n != "full"] + COMPOSED)
+
+@pytest.mark.parametrize("name", [n for n in METHODS if n != "full"] + ["minference+snapkv"])
 def test_method_with_budget_of_whole_context_is_exact(tiny_llm, name):
     ids = random_prompt(160, seed=22)
     p = SamplingParams(max_tokens=8, ignore_eos=True)
     full = tiny_llm.generate(ids, p)[0].token_ids
+    kw = {k: v for part in name.split("+") for k, v in WHOLE.get(part, {}).items()}
     if name == "pyramidkv":  # pyramid budgets exceed the average on low layers: use the ratio 1.0
         assert tiny_llm.generate(ids, p, method=name, budget=1.0)[0].token_ids == full
     elif lossy(name):  # approximate: the first token (prefill) and the first decode step agree, most others
         got = tiny_llm.generate(ids, p, method=name, budget=len(ids))[0].token_ids
         assert got[:2] == full[:2] and sum(a == b for a, b in zip(got, full)) >= 6
     else:
-        assert tiny_llm.generate(ids, p, method=name, budget=len(ids))[0].token_ids == full
+        assert tiny_llm.generate(ids, p, method=name, budget=len(ids), method_kwargs=kw)[0].token_ids == full
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -3,7 +3,8 @@
 Transformers models call it with post-RoPE ``query (batch, q_heads, q, head_dim)`` and the
 ``(keys, values)`` our cache returned. It takes the mask from the cache's slot positions (so
 evicted, reordered or offloaded KV need no transformers mask), lets the method plan a decode
-selection, and calls the method hooks after the layer attended. Outside a kvsift forward (no active
+selection or compute a fresh prefill chunk's attention itself (``prefill_attention``: minference),
+and calls the method hooks after the layer attended. Outside a kvsift forward (no active
 :class:`ForwardContext`) it falls back to plain SDPA, so the model keeps working for others.
 """
 
@@ -46,6 +47,7 @@ class ForwardContext:
     row_states: list | None = None          # ...then the batch cache's per-layer state dicts
     rope: Any = None                        # rope(positions (batch, n), layer_idx) -> (cos, sin)
                                             # (batch, n, head_dim) fp32, see rope_function; None: no RoPE
+    model_name: str | None = None           # ModelInfo.name of the model in use (per-model method data)
 
 
 _CTX: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar("kvsift_ctx", default=None)
@@ -221,9 +223,11 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     else:
         keys, values, kpos = key, value, layer.positions
     simple = not gathered and not ctx.has_padding and not layer.holes and sliding_window is None and softcap is None
-    if simple and L == keys.shape[2]:
+    # the method's own attention for the chunk (minference's sparse patterns), else dense below
+    out = method.prefill_attention(run, layer, query, keys, values, scale, module, ctx) if simple else None
+    if out is None and simple and L == keys.shape[2]:
         out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
-    elif simple:
+    elif out is None and simple:
         # a later prefill chunk: the chunk's tokens are the last L slots, in order, after every earlier
         # kept token, so the mask is causal aligned to the bottom right; flash attention (CUDA) does
         # that without the (kv_heads, group * L, n) boolean mask (4 GiB at 128k for a 1024 chunk), and
@@ -232,7 +236,7 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=causal_lower_right(L, keys.shape[2]),
                                              scale=scale, enable_gqa=True)
-    else:
+    elif out is None:
         out = attend(query, keys, values, kpos, qpos, scale, sliding_window, softcap).transpose(1, 2)
         method.after_attend(run, layer, query, module, ctx)
         return out.contiguous(), None

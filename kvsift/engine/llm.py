@@ -202,6 +202,7 @@ class LLM:
         if context is not None and not m.quantized_ok() and any(ly.quant is not None for ly in context.cache.layers):
             raise UnknownMethodError(f"this context holds quantized KV ({context.method}): {m.spec!r} evicts or "
                                      f"reads the KV buffer at decode and cannot answer from it", param="kv_method")
+        m.check_model(self.info)  # per-model method data (minference's patterns) fits
         base = context.length if context is not None else 0
         longest = max(len(x) for x in ids)
         self.check_length(base + longest, "prompt")
@@ -237,6 +238,7 @@ class LLM:
         ids = self.encode_document(document, chat) if isinstance(document, str) else self.encode(document)
         self.check_length(len(ids), "document")
         m = build_method(method, budget, **(method_kwargs or {}))
+        m.check_model(self.info)  # per-model method data (minference's patterns) fits
         run = m.start(len(ids), self.info.num_layers)
         kv, host = request_kv_bytes(self.kv_bytes_per_token, 1, len(ids), run.tokens, 0,
                                     offloads=m.offloads_to_host())
@@ -272,6 +274,7 @@ class LLM:
             raise ValueError(f"context + continuation = {total} tokens exceeds the model's limit of "
                              f"{self.info.max_positions}")
         m = build_method(method or "full", budget, **(method_kwargs or {}))
+        m.check_model(self.info)  # per-model method data (minference's patterns) fits
         run = m.start(len(ctx_ids), self.info.num_layers)
         nll = 0.0
         runner = self.runner

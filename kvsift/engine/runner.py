@@ -212,7 +212,7 @@ class ModelRunner:
             cache = SiftCache(self.info.num_layers, capacity_hint=L + reserve + _longest(passes[0]), reserve=reserve)
         ctx = ForwardContext(cache=cache, method=method, run=run, has_padding=bool((~valid).any()),
                              prompt_ids=ids, tokenizer=self.tokenizer,  # sentencekv segments the prompt
-                             rope=self.rope)
+                             rope=self.rope, model_name=self.info.name)
         bounds = self.chunk_bounds(L, method, fresh=context is None and not ctx.has_padding)
         bar = self._prefill_bar(progress, L, len(bounds), f"prefill {L} tokens")
         t0 = time.perf_counter()
@@ -310,7 +310,7 @@ class ModelRunner:
             for i, (row, plan) in enumerate(zip(ids, plans)):
                 rc = SiftCache(self.info.num_layers, capacity_hint=len(row) + _longest(passes[i]), reserve=0)
                 ctx = ForwardContext(cache=rc, method=method, run=run, prompt_ids=[row], tokenizer=self.tokenizer,
-                                     row=(i, b), row_states=row_states, rope=self.rope)
+                                     row=(i, b), row_states=row_states, rope=self.rope, model_name=self.info.name)
                 tokens = torch.tensor([row], dtype=torch.long, device=dev)
                 pos = torch.arange(len(row), device=dev)[None]
                 for s, e in plan:
@@ -336,7 +336,7 @@ class ModelRunner:
         cache.seen = L
         ctx = ForwardContext(cache=cache, method=method, run=run, has_padding=padded, prompt_ids=ids,
                              tokenizer=self.tokenizer, next_pos=torch.tensor([len(x) for x in ids], device=dev),
-                             rope=self.rope)
+                             rope=self.rope, model_name=self.info.name)
         with torch.inference_mode():
             method.rows_stacked(run, cache.layers, ctx)  # e.g. kivi quantizes the stacked batch
         return self._prefilled(ctx, method, L, t0, torch.cat(logits))

@@ -6,6 +6,8 @@
 * ``sparse_decode_attention(q, k_cache, v_cache, slot_idx, scale)`` - attention over selected cache
   slots read in place, split-K with a log-sum-exp merge -> ``(batch, q_heads, head_dim)``.
 * ``select_chunks`` / ``chunks_to_slots`` / ``page_summaries`` - budgeted top-k and index helpers.
+* ``sparse_prefill_attention(q, k, v, block_idx, cols, scale, block)`` - a prefill chunk's attention
+  over listed key blocks and columns per query block (minference) -> ``(batch, q_heads, L, head_dim)``.
 
 Import the dispatching functions from ``kvsift.kernels.dispatch`` (this package re-exports no
 function under a module's name, so ``kvsift.kernels.chunk_scores`` stays the module).

@@ -20,6 +20,7 @@ from kvsift.kernels import quant_decode_attention as _qda
 from kvsift.kernels import chunk_scores as _cs
 from kvsift.kernels import page_bounds as _pb
 from kvsift.kernels import sparse_decode_attention as _sda
+from kvsift.kernels import sparse_prefill_attention as _spa
 from kvsift.kernels import topk_select as _tk
 from kvsift.kernels._triton import HAS_TRITON, triton_disabled
 from kvsift.kernels.chunk_scores import chunks_to_slots, page_summaries
@@ -27,7 +28,7 @@ from kvsift.kernels.sparse_decode_attention import merge_attention
 
 __all__ = ["use_triton", "chunk_scores", "topk_select", "budget_select", "select_chunks", "sparse_decode_attention",
            "chunks_to_slots", "page_summaries", "selected_decode_attention", "merge_attention", "page_bounds_append",
-           "quant_decode_attention"]
+           "quant_decode_attention", "sparse_prefill_attention"]
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
@@ -108,6 +109,17 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
             and v_scale.stride() == v_zero.stride() and k_res.dtype == v_res.dtype == q.dtype):
         return _qda.quant_decode_attention(*args, **kw)
     return _qda.quant_decode_attention_ref(*args, **kw)
+
+
+def sparse_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
+                             cols: torch.Tensor | None, scale: float, block: int = 64) -> torch.Tensor:
+    """See :func:`kvsift.kernels.sparse_prefill_attention.sparse_prefill_attention_ref`: one prefill
+    chunk's attention over selected key blocks and columns, ``(batch, q_heads, L, head_dim)``."""
+    tensors = [t for t in (q, k, v, block_idx, cols) if t is not None]
+    if (use_triton(*tensors) and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+            and q.dtype == k.dtype == v.dtype):
+        return _spa.sparse_prefill_attention(q, k, v, block_idx, cols, scale, block)
+    return _spa.sparse_prefill_attention_ref(q, k, v, block_idx, cols, scale, block)
 
 
 def ragged_splits(q: torch.Tensor, kv_heads: int, width: int, fill: float) -> int | None:

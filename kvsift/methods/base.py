@@ -216,6 +216,7 @@ class KVMethod:
     decode_only: ClassVar[bool] = False   # acts at decode only (no prefill-time state): Quest, TokenSelect
     ragged: ClassVar[bool] = False        # keeps per-head lengths compactly (``layer.ragged``): no '+'
     codec: ClassVar[bool] = False         # stores the kept KV in another form (kivi): a '+' ends with it
+    attention_only: ClassVar[bool] = False  # only changes how prefill attends (no KV state): minference
 
     def __post_init__(self):
         object.__setattr__(self, "budget", validate_budget(self.budget))
@@ -236,6 +237,11 @@ class KVMethod:
         """Smallest last prefill chunk the method needs (e.g. SnapKV's observation window)."""
         return 0
 
+    def check_model(self, info) -> None:
+        """Raise (a ``ValueError``) before any compute when the method cannot run on the model
+        described by ``info`` (a :class:`~kvsift.models.loader.ModelInfo`), e.g. per-model data made
+        for another model. The engine calls it once per request. Default: any model."""
+
     def layer_state(self, layer: "SiftLayer"):
         """This method's state in ``layer`` (None until it made one)."""
         return layer.state.get(self.name)
@@ -248,6 +254,15 @@ class KVMethod:
         pass
 
     def plan(self, run: Run, layer: "SiftLayer", query: torch.Tensor, ctx: "ForwardContext") -> Selection | None:
+        return None
+
+    def prefill_attention(self, run: Run, layer: "SiftLayer", query: torch.Tensor, keys: torch.Tensor,
+                          values: torch.Tensor, scale: float, module, ctx: "ForwardContext") -> torch.Tensor | None:
+        """The attention output of one prefill chunk, or None for the engine's dense attention.
+        Asked only for a fresh, unpadded chunk over the layer's own KV (no sliding window, no soft
+        cap, no holes): query ``(batch, q_heads, L, dim)`` post-RoPE, keys/values ``(batch, kv_heads,
+        n, dim)`` every key of the layer, the chunk's tokens being the last ``L`` slots in order.
+        Returns ``(batch, q_heads, L, dim)`` (MInference's sparse prefill). Default: None."""
         return None
 
     def after_attend(self, run: Run, layer: "SiftLayer", query: torch.Tensor, module, ctx: "ForwardContext") -> None:
@@ -615,7 +630,8 @@ class Compose(KVMethod):
             raise UnknownMethodError(f"a composition names each method once, got {'+'.join(names)}")
         object.__setattr__(self, "stages", tuple(self.stages))
         ragged = [s.spec for s in self.stages if s.ragged]
-        if ragged:
+        # a stage that only changes prefill attention (minference) reads no KV afterwards
+        if ragged and (len(ragged) > 1 or any(not s.ragged and not s.attention_only for s in self.stages)):
             raise UnknownMethodError(f"{ragged[0]} keeps a different number of tokens per head in a compact layout "
                                      f"that other stages cannot read, so it does not compose with '+' ("
                                      f"{self.spec!r}); it wraps a scorer instead, e.g. adakv(h2o)")
@@ -644,6 +660,17 @@ class Compose(KVMethod):
     def on_append(self, run, layer, ctx):
         for s, r in zip(self.stages, run.parts):
             s.on_append(r, layer, ctx)
+
+    def check_model(self, info) -> None:
+        for s in self.stages:
+            s.check_model(info)
+
+    def prefill_attention(self, run, layer, query, keys, values, scale, module, ctx):
+        for s, r in zip(self.stages, run.parts):  # the first stage that computes it wins
+            out = s.prefill_attention(r, layer, query, keys, values, scale, module, ctx)
+            if out is not None:
+                return out
+        return None
 
     def plan(self, run, layer, query, ctx):
         for s, r in zip(reversed(self.stages), reversed(run.parts)):
@@ -684,10 +711,10 @@ class Compose(KVMethod):
 
     def row_prefill_ok(self) -> bool:
         # rows save memory when a stage shrinks the KV at prefill end; decode-only stages keep no
-        # prefill state and a codec stores the stacked batch (rows_stacked), so they never stand in
-        # the way
+        # prefill state, a codec stores the stacked batch (rows_stacked) and attention-only stages
+        # (minference) keep no state at all, so they never stand in the way
         return any(s.row_prefill_ok() for s in self.stages) and all(
-            s.row_prefill_ok() or s.decode_only or s.codec for s in self.stages)
+            s.row_prefill_ok() or s.decode_only or s.codec or s.attention_only for s in self.stages)
 
     def decode_variant(self, run, step):
         return tuple(s.decode_variant(r, step) for s, r in zip(self.stages, run.parts))

@@ -37,6 +37,7 @@ class ModelInfo:
     dtype: torch.dtype
     device: torch.device
     is_chat: bool
+    num_heads: int = 0          # query heads per layer
 
 
 def default_model_path(name: str | None = None) -> Path:
@@ -214,5 +215,5 @@ def model_info(model, tokenizer, name: str = "model", source: str = "") -> Model
         num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
         dtype=next(model.parameters()).dtype, device=next(model.parameters()).device,
-        is_chat=bool(getattr(tokenizer, "chat_template", None)),
+        is_chat=bool(getattr(tokenizer, "chat_template", None)), num_heads=heads,
     )

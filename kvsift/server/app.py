@@ -432,7 +432,12 @@ def _check_options(spec: str, options: dict | None) -> dict:
         for f in dataclasses.fields(c):
             if f.init and f.name != "budget":
                 declared[f.name] = _type_names(f.type)
+    paths = {o for c in classes for o in getattr(c, "path_options", ())}
     for name, v in options.items():
+        if name in paths and v not in (None, "default"):  # a request must not make the server read its files
+            raise MethodOptionError(f"kv_options.{name} names a file on the server: a request may pass only "
+                                    f"'default' or null (the server uses its own file for the model)",
+                                    param=f"kv_options.{name}")
         if name not in declared:
             continue  # build_method reports unknown options with the list of known ones
         names = declared[name]
@@ -453,6 +458,7 @@ def _method(state: ServerState, spec: str | None, budget_in, options: dict | Non
     opts = _check_options(spec, options)
     try:
         m = build_method(spec, budget, **opts)
+        m.check_model(state.llm.info)  # per-model method data (minference's patterns) fits the model
     except (ValueError, TypeError) as e:
         raise _method_error(e, spec) from None
     return m, spec, budget

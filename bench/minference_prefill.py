@@ -1,0 +1,175 @@
+"""Dense vs MInference sparse prefill: attention of one layer and the end-to-end prefill, per length.
+
+On an H200 (a random-weight Llama-3.1-8B shape: 32 layers, 32 q heads, 8 KV heads, head_dim 128,
+bf16; the method's default sizes: vertical 1000, slash 6096, block 64, top_blocks 100, local 4096):
+
+    PYTHONPATH=. python3 bench/minference_prefill.py --lengths 32768,131072 --out bench/out/minference_prefill_h200.json
+
+On CPU (the default there: a small shape, 2 layers, lengths 1024 and 2048, sizes scaled down):
+
+    PYTHONPATH=. python3 bench/minference_prefill.py
+
+Per length and pattern (every head on that pattern), the ``layer`` rows time one layer's prefill
+attention over the whole prompt as one chunk, on queries and keys with a diagonal and a sink
+(``structured_qk``; ``--random-qk``: plain random ones): dense causal SDPA against the sparse index build
+(``index ms``) plus the sparse attention (``attn ms``: the Triton kernel on CUDA, the PyTorch
+reference elsewhere), with the fraction of causal keys listed (``density``). The ``e2e`` rows time
+``LLM.generate(max_tokens=1)`` prefill (``stats.prefill_s``) of the whole model in chunks of
+``--chunk`` with ``full`` and with ``minference`` (default patterns: vertical-slash everywhere).
+The e2e model has random weights: near-uniform attention, so the verticals and slashes it estimates
+are scattered (a pessimistic density for vertical-slash); the times are what the kernels cost at
+the density reported.
+Prints a table and writes every row to ``--out`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def _timed(fn, dev, reps: int) -> tuple[float, object]:
+    """Median milliseconds of ``fn()`` over ``reps`` runs after one warm-up; its last result."""
+    out = fn()
+    times = []
+    for _ in range(reps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2], out
+
+
+def structured_qk(n: int, hq: int, hk: int, d: int, dev, dtype, g) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys with the structure of real attention heads: rotary phases make ``q_i . k_j``
+    peak at ``i = j`` and fall off with ``|i - j|`` (slash lines near the diagonal), and key 0 draws
+    every query (a vertical line, the sink), plus noise. ``(1, hq, n, d)`` and ``(1, hk, n, d)``."""
+    inv = 10000.0 ** (-torch.arange(0, d, 2, device=dev, dtype=torch.float32) / d)
+    ang = torch.arange(n, device=dev, dtype=torch.float32)[:, None] * inv          # (n, d/2)
+    amp = 4.0 / d ** 0.25                                                          # logit ~8 on the diagonal
+    base = torch.cat([ang.cos(), ang.sin()], -1) * amp                             # (n, d)
+    q = base + 0.3 * torch.randn(1, hq, n, d, device=dev, generator=g)
+    k = base + 0.3 * torch.randn(1, hk, n, d, device=dev, generator=g)
+    k[:, :, 0] = q.mean(2).view(1, hk, hq // hk, d).mean(2) * 4.0                  # the sink
+    return q.to(dtype), k.to(dtype)
+
+
+def layer_rows(n: int, shape: dict, sizes: dict, dev, dtype, reps: int, random_qk: bool = False) -> list[dict]:
+    from kvsift.kernels.dispatch import sparse_prefill_attention
+    from kvsift.methods.minference import PATTERNS, MInference, listed_fraction
+
+    hq, hk, d = shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
+    g = torch.Generator(device=dev).manual_seed(0)
+    if random_qk:
+        q = torch.randn(1, hq, n, d, device=dev, dtype=dtype, generator=g)
+        k = torch.randn(1, hk, n, d, device=dev, dtype=dtype, generator=g)
+    else:
+        q, k = structured_qk(n, hq, hk, d, dev, dtype, g)
+    v = torch.randn(1, hk, n, d, device=dev, dtype=dtype, generator=g)
+    scale = d ** -0.5
+    dense_ms, _ = _timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True),
+                         dev, reps)
+    rows = [{"kind": "layer", "length": n, "pattern": "dense", "attn_ms": dense_ms}]
+    m = MInference(min_len=0, patterns="default", **sizes)
+    for pat in PATTERNS:
+        heads = (pat,) * hq
+        index_ms, (bi, cols) = _timed(lambda: m.index(q, k, heads, scale), dev, reps)
+        attn_ms, _ = _timed(lambda: sparse_prefill_attention(q, k, v, bi, cols, scale, m.block), dev, reps)
+        rows.append({"kind": "layer", "length": n, "pattern": pat, "index_ms": index_ms, "attn_ms": attn_ms,
+                     "density": float(listed_fraction(bi, cols, n, n, m.block)),
+                     "speedup": dense_ms / (index_ms + attn_ms)})
+    del q, k, v
+    return rows
+
+
+def e2e_rows(model, n: int, chunk: int, sizes: dict, dev) -> list[dict]:
+    from kvsift import LLM, SamplingParams
+
+    llm = LLM.from_model(model, None, chunk_size=chunk)
+    ids = torch.randint(0, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(1)).tolist()
+    rows = []
+    for name, kw in (("full", {}), ("minference", dict(sizes, min_len=0, patterns="default"))):
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        out = llm.generate(ids, SamplingParams(max_tokens=1, ignore_eos=True), method=name, method_kwargs=kw,
+                           progress=False)[0]
+        row = {"kind": "e2e", "length": n, "method": name, "chunk": chunk, "prefill_s": out.stats.prefill_s,
+               "method_stats": out.stats.method_stats}
+        if dev.type == "cuda":
+            row["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        rows.append(row)
+    rows[-1]["speedup"] = rows[0]["prefill_s"] / rows[-1]["prefill_s"]
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", default=None, help="comma-separated prompt lengths (default: 131072 on CUDA, "
+                                                   "1024,2048 on CPU)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers of the e2e model (default 32 CUDA, 2 CPU)")
+    p.add_argument("--chunk", type=int, default=None, help="e2e prefill chunk (default 16384 CUDA, 512 CPU)")
+    p.add_argument("--reps", type=int, default=3, help="timed runs per layer measurement (median)")
+    p.add_argument("--no-e2e", action="store_true", help="per-layer attention only")
+    p.add_argument("--random-qk", action="store_true",
+                   help="layer rows on plain random q/k (no diagonal or sink structure) instead")
+    for opt in ("last_q", "vertical", "slash", "block", "top_blocks", "local"):
+        p.add_argument("--" + opt.replace("_", "-"), type=int, default=None, help=f"minference {opt}")
+    p.add_argument("--out", default="bench/out/minference_prefill.json")
+    args = p.parse_args(argv)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = dev.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    shape = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                 head_dim=128, vocab_size=128256) if cuda else dict(
+        hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        vocab_size=1000)
+    sizes = {} if cuda else dict(vertical=128, slash=8, top_blocks=4, local=256)
+    sizes.update({o: getattr(args, o) for o in ("last_q", "vertical", "slash", "block", "top_blocks", "local")
+                  if getattr(args, o) is not None})
+    lengths = [int(x) for x in (args.lengths or ("131072" if cuda else "1024,2048")).split(",") if x]
+    layers = args.layers or (32 if cuda else 2)
+    chunk = args.chunk or (16384 if cuda else 512)
+    rows = []
+    print(f"device {dev}, {dtype}, shape {shape}, sizes {sizes or 'method defaults'}")
+    print(f"{'kind':<6} {'length':>7} {'what':<15} {'index ms':>9} {'attn ms':>9} {'prefill s':>9} {'density':>8} "
+          f"{'speedup':>8}")
+    model = None
+    if not args.no_e2e:
+        cfg = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=max(lengths) + 64, rope_theta=500000.0,
+                          **shape)
+        torch.manual_seed(0)
+        with torch.device(dev):
+            model = LlamaForCausalLM(cfg).to(dtype).eval()
+    for n in lengths:
+        new = layer_rows(n, shape, sizes, dev, dtype, args.reps, args.random_qk)
+        if model is not None:
+            new += e2e_rows(model, n, chunk, sizes, dev)
+        for r in new:
+            what = r.get("pattern") or r.get("method")
+            dens = r.get("density", (r.get("method_stats") or {}).get("minference_density"))
+            print(f"{r['kind']:<6} {n:>7} {what:<15} {r.get('index_ms', float('nan')):>9.2f} "
+                  f"{r.get('attn_ms', float('nan')):>9.2f} {r.get('prefill_s', float('nan')):>9.3f} "
+                  f"{dens if dens is not None else float('nan'):>8.3f} {r.get('speedup', float('nan')):>8.2f}")
+        rows += new
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype), "shape": shape,
+            "layers": layers, "chunk": chunk, "sizes": sizes}
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

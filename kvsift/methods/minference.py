@@ -1,0 +1,375 @@
+"""``minference``: MInference (Jiang et al., 2024, arXiv 2407.02490) - sparse prefill attention.
+
+A prefill stage: it changes only how each prefill chunk attends (the KV is computed and kept as
+with ``full``), so it runs alone (sparse prefill, every token kept for decode) or as the first
+stage of a spec (``minference+snapkv``, ``minference+sentencekv``: the later stage evicts or
+offloads at prefill end as it always does). Decode is untouched.
+
+Each query head has one of three patterns (a per-model JSON chosen offline by
+``kvsift minference search``; by default vertical-slash for every head):
+
+* ``a_shape``: the first key block (attention sinks) plus the ``local`` keys before each query
+  block (blocks, static);
+* ``vertical_slash``: the ``vertical`` key columns and the ``slash`` diagonals (offsets
+  ``query - key``) with the most attention from the chunk's last ``last_q`` queries (the paper's
+  estimate, made per prefill chunk here); the diagonals are attended as the key blocks they
+  cross, the columns one by one; the first column and the main diagonal are always in;
+* ``block_sparse``: for each query block of ``block`` rows, the ``top_blocks`` key blocks with the
+  highest mean-pooled ``q . k`` (the diagonal blocks always in).
+
+Every pattern becomes one index form (key blocks + columns per query block) that one kernel
+attends (``kvsift/kernels/sparse_prefill_attention.py``: Triton on CUDA, the blockwise PyTorch
+reference elsewhere). A chunk is sparse only when the prompt has at least ``min_len`` tokens and
+the engine asks (a fresh, unpadded chunk; reread passes and padded batches attend densely, so a
+batch is prefilled row by row under ``prefill_mode='auto'``). With
+every column / block selected (``vertical`` >= the prompt, ``top_blocks`` >= its blocks, ``local``
+>= it) the output equals dense prefill.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from kvsift.errors import MethodOptionError
+from kvsift.methods.base import KVMethod, Run, register
+
+PATTERNS = ("a_shape", "vertical_slash", "block_sparse")
+FORMAT = "kvsift-minference-patterns/1"
+
+
+# ---- pattern files --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PatternTable:
+    """Per-head patterns of one model: ``layers[i][h]`` is query head ``h``'s pattern in layer ``i``."""
+
+    model: str
+    num_layers: int
+    num_heads: int
+    layers: tuple
+    source: str = "built-in"
+
+    def check(self, info) -> None:
+        """``MethodOptionError`` unless the table fits the model ``info`` (name, layer and head counts)."""
+        got = (info.name, info.num_layers, info.num_heads)
+        want = (self.model, self.num_layers, self.num_heads)
+        if got != want:
+            raise MethodOptionError(
+                f"minference patterns {self.source} are for model {self.model!r} ({self.num_layers} layers x "
+                f"{self.num_heads} heads), not {info.name!r} ({info.num_layers} x {info.num_heads}); run "
+                f"`kvsift minference search --model {info.name}` for this model, or patterns='default'",
+                param="patterns")
+
+
+def default_table(info) -> PatternTable:
+    """Vertical-slash for every head (the paper's most common pattern)."""
+    return PatternTable(info.name, info.num_layers, info.num_heads,
+                        tuple(("vertical_slash",) * info.num_heads for _ in range(info.num_layers)))
+
+
+def cache_path(model_name: str) -> Path:
+    """Where ``kvsift minference search`` writes a model's patterns by default and where the method
+    looks for them: ``$KVSIFT_CACHE/minference/<model>.json``."""
+    from kvsift.models.registry import cache_root
+
+    return cache_root() / "minference" / (re.sub(r"[^A-Za-z0-9._-]+", "_", model_name) + ".json")
+
+
+def load_patterns(path: str | Path) -> PatternTable:
+    """Read and check a pattern file (``MethodOptionError`` with the reason when it is not one)."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MethodOptionError(f"minference patterns file not found: {p}", param="patterns") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MethodOptionError(f"minference patterns file {p} is not readable JSON: {e}", param="patterns") from None
+    try:
+        if data.get("format") != FORMAT:
+            raise ValueError(f"format must be {FORMAT!r}, got {data.get('format')!r}")
+        model, nl, nh, layers = data["model"], data["num_layers"], data["num_heads"], data["layers"]
+        if not isinstance(model, str) or not isinstance(nl, int) or not isinstance(nh, int):
+            raise ValueError("model must be a string, num_layers and num_heads ints")
+        if not isinstance(layers, list) or len(layers) != nl or any(
+                not isinstance(row, list) or len(row) != nh for row in layers):
+            raise ValueError(f"layers must be {nl} lists of {nh} pattern names")
+        bad = sorted({x for row in layers for x in row if x not in PATTERNS}, key=str)
+        if bad:
+            raise ValueError(f"unknown pattern(s) {bad}; patterns: {', '.join(PATTERNS)}")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise MethodOptionError(f"minference patterns file {p} is malformed: {e}", param="patterns") from None
+    return PatternTable(model, nl, nh, tuple(tuple(row) for row in layers), source=str(p))
+
+
+_TABLES: dict[tuple, PatternTable] = {}
+
+
+def resolve_patterns(option: str | None, info) -> PatternTable:
+    """The pattern table for ``option`` (a path, ``"default"``, or None: the cached file of the model
+    when there is one, else the default) on the model ``info``, checked against it."""
+    if option == "default":
+        return default_table(info)
+    path = Path(option) if option is not None else cache_path(info.name)
+    if option is None and not path.is_file():
+        return default_table(info)
+    key = (str(path), path.stat().st_mtime_ns if path.is_file() else 0)
+    table = _TABLES.get(key) or load_patterns(path)
+    table.check(info)
+    _TABLES[key] = table
+    return table
+
+
+# ---- index builders: (block mask (b, heads, n_qblocks, n_kblocks) bool, cols or None) -------------
+def _qblock_slots(L: int, n: int, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last key slot of each query block's rows ``(n_qblocks,)`` (row r sits at slot n - L + r)."""
+    s0 = torch.arange(0, L, block, device=device)
+    return n - L + s0, n - L + torch.clamp(s0 + block, max=L) - 1
+
+
+def a_shape_blocks(L: int, n: int, block: int, local: int, device) -> torch.Tensor:
+    """``(n_qblocks, n_kblocks)`` bool: the first key block and the blocks within ``local`` keys
+    before each query block (causal blocks only)."""
+    s0, s1 = _qblock_slots(L, n, block, device)
+    kb = torch.arange(-(-n // block), device=device)
+    first, last = kb * block, kb * block + block - 1
+    return (first[None] <= s1[:, None]) & ((kb[None] == 0) | (last[None] >= (s0 - local)[:, None]))
+
+
+def _mark(mask: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor) -> None:
+    """Set ``mask[..., idx]`` where ``ok`` (out-of-range entries go to a spare last column)."""
+    mask.scatter_(-1, torch.where(ok, idx, mask.shape[-1] - 1), True)
+
+
+def vertical_slash_index(q: torch.Tensor, k: torch.Tensor, n: int, last_q: int, vertical: int, slash: int,
+                         block: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """MInference's vertical-slash estimate for heads that share one KV head.
+
+    q ``(batch, m, L, dim)`` the chunk's queries of ``m`` heads; k ``(batch, 1, n, dim)`` their KV
+    head's keys. The last ``last_q`` queries' softmax attention (causal) is summed per key column
+    and per diagonal ``offset = query slot - key slot``; the top ``vertical`` columns and top
+    ``slash`` offsets are kept (column 0 and offset 0 always). Returns the slashes as key blocks
+    ``(batch, m, n_qblocks, n_kblocks)`` bool and the columns not inside those blocks, per query
+    block, ``(batch, m, n_qblocks, vertical)`` int32 (-1: none, or not causal for the block)."""
+    b, m, L, _ = q.shape
+    lq = min(last_q, L)
+    dev = q.device
+    qslot = n - lq + torch.arange(lq, device=dev)                               # (lq,)
+    kslot = torch.arange(n, device=dev)
+    diag = qslot[:, None] - kslot[None, :]                                      # (lq, n)
+    causal = diag >= 0
+    logits = torch.matmul(q[:, :, L - lq:].float(), k.float().transpose(-1, -2)) * scale   # (b, m, lq, n)
+    a = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+    vs = a.sum(2)                                                              # (b, m, n)
+    vs[..., 0] = float("inf")
+    ss = torch.zeros(b, m, n, device=dev).scatter_add_(
+        2, diag.clamp(min=0).flatten().expand(b, m, lq * n), (a * causal).flatten(2))
+    ss[..., 0] = float("inf")
+    cols = vs.topk(min(vertical, n), dim=-1).indices.sort(dim=-1).values        # (b, m, nv)
+    offs = ss.topk(min(slash, n), dim=-1).indices                              # (b, m, ns)
+    s0, s1 = _qblock_slots(L, n, block, dev)
+    nkb = -(-n // block)
+    bm = torch.zeros(b, m, s0.numel(), nkb + 1, dtype=torch.bool, device=dev)
+    lo = s0[None, None, :, None] - offs[:, :, None, :]                         # (b, m, nqb, ns)
+    hi = s1[None, None, :, None] - offs[:, :, None, :]
+    _mark(bm, lo.clamp(min=0) // block, hi >= 0)
+    _mark(bm, hi.clamp(min=0) // block, hi >= 0)
+    bm = bm[..., :nkb]
+    cq = cols[:, :, None, :].expand(b, m, s0.numel(), cols.shape[-1])
+    covered = bm.gather(3, cq // block)
+    cq = torch.where(covered | (cq > s1[None, None, :, None]), -1, cq)
+    return bm, cq.to(torch.int32)
+
+
+def block_sparse_blocks(q: torch.Tensor, k: torch.Tensor, n: int, top_blocks: int, block: int,
+                        scale: float) -> torch.Tensor:
+    """For heads sharing one KV head (q ``(batch, m, L, dim)``, k ``(batch, 1, n, dim)``): each query
+    block's ``top_blocks`` causal key blocks by mean-pooled ``q . k`` (the blocks holding the query
+    block's own slots always in). Returns ``(batch, m, n_qblocks, n_kblocks)`` bool."""
+    b, m, L, d = q.shape
+    dev = q.device
+    nqb, nkb = -(-L // block), -(-n // block)
+    pq = torch.nn.functional.pad(q.float(), (0, 0, 0, nqb * block - L)).view(b, m, nqb, block, d).sum(3)
+    pq = pq / torch.clamp(L - torch.arange(nqb, device=dev) * block, max=block)[:, None]
+    pk = torch.nn.functional.pad(k.float(), (0, 0, 0, nkb * block - n)).view(b, 1, nkb, block, d).sum(3)
+    pk = pk / torch.clamp(n - torch.arange(nkb, device=dev) * block, max=block)[:, None]
+    sc = torch.matmul(pq, pk.transpose(-1, -2)) * scale                         # (b, m, nqb, nkb)
+    s0, s1 = _qblock_slots(L, n, block, dev)
+    kb = torch.arange(nkb, device=dev)
+    sc = sc.masked_fill(kb[None] * block > s1[:, None], float("-inf"))
+    own = (kb[None] == (s0 // block)[:, None]) | (kb[None] == (s1 // block)[:, None])
+    sc = sc.masked_fill(own, float("inf"))
+    top = sc.topk(min(top_blocks, nkb), dim=-1)
+    bm = torch.zeros(b, m, nqb, nkb + 1, dtype=torch.bool, device=dev)
+    _mark(bm, top.indices, top.values > float("-inf"))
+    return bm[..., :nkb]
+
+
+@dataclass
+class MInferenceRun(Run):
+    """Counters: prefill chunk-layers attended sparsely / densely, and the summed fraction of the
+    causal keys the sparse ones listed (device tensor)."""
+
+    sparse: int = 0
+    dense: int = 0
+    density: torch.Tensor | None = None
+
+
+@register("minference")
+@dataclass(frozen=True)
+class MInference(KVMethod):
+    """MInference: sparse prefill attention per head (A-shape, vertical-slash, block-sparse); full KV kept.
+
+    Parameters
+    ----------
+    budget : None
+        Not used (a prefill stage keeps every token; a later stage's budget applies to it).
+    last_q : int
+        Last queries of each prefill chunk whose attention estimates the vertical-slash index (64 in the paper).
+    vertical : int
+        Key columns (vertical lines) per vertical-slash head.
+    slash : int
+        Diagonals (slash lines) per vertical-slash head.
+    block : int
+        Block size of queries and keys (16, 32, 64 or 128).
+    top_blocks : int
+        Key blocks per query block for block-sparse heads (at least 2: the diagonal blocks are always in).
+    local : int
+        Local window (keys) of A-shape heads, after the first block of sinks.
+    patterns : str | None
+        Per-head pattern JSON (``kvsift minference search``); None: the model's file under
+        $KVSIFT_CACHE/minference when there is one, else vertical-slash for every head; 'default': that.
+    min_len : int
+        Prompts shorter than this (tokens) run dense prefill.
+    """
+
+    needs_budget: ClassVar[bool] = False
+    attention_only: ClassVar[bool] = True
+    path_options: ClassVar[tuple] = ("patterns",)  # names a local file: the server refuses it from requests
+    last_q: int = 64
+    vertical: int = 1000
+    slash: int = 6096
+    block: int = 64
+    top_blocks: int = 100
+    local: int = 4096
+    patterns: str | None = None
+    min_len: int = 8192
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, low in (("last_q", 1), ("vertical", 1), ("slash", 1), ("top_blocks", 2), ("local", 0), ("min_len", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise MethodOptionError(f"minference option {name} must be an int >= {low}, got {v!r}", param=name)
+        from kvsift.kernels.sparse_prefill_attention import BLOCKS
+
+        if isinstance(self.block, bool) or self.block not in BLOCKS:
+            raise MethodOptionError(f"minference option block must be one of {BLOCKS}, got {self.block!r}",
+                                    param="block")
+        if self.patterns is not None:
+            if not isinstance(self.patterns, (str, os.PathLike)):
+                raise MethodOptionError(f"minference option patterns must be a path or 'default', got "
+                                        f"{self.patterns!r}", param="patterns")
+            object.__setattr__(self, "patterns", os.fspath(self.patterns))
+            if self.patterns != "default":
+                load_patterns(self.patterns)  # a missing or malformed file: an error now, not at prefill
+
+    def start(self, prompt_len: int, num_layers: int) -> MInferenceRun:
+        run = super().start(prompt_len, num_layers)
+        return MInferenceRun(run.tokens, prompt_len, num_layers)
+
+    def check_model(self, info) -> None:
+        resolve_patterns(self.patterns, info)
+
+    def row_prefill_ok(self) -> bool:
+        # no state; a batch prefilled row by row has no padded chunk, and only unpadded chunks go sparse
+        return True
+
+    def prefill_attention(self, run, layer, query, keys, values, scale, module, ctx):
+        if run.prompt_len < self.min_len or ctx.rereading:
+            run.dense += 1
+            return None
+        from kvsift.kernels.dispatch import sparse_prefill_attention
+
+        table = _lookup(self.patterns, ctx.model_name)
+        heads = table.layers[layer.layer_idx] if table is not None else ("vertical_slash",) * query.shape[1]
+        block_idx, cols = self.index(query, keys, heads, scale)
+        run.sparse += 1
+        d = listed_fraction(block_idx, cols, query.shape[2], keys.shape[2], self.block)
+        run.density = d if run.density is None else run.density + d
+        return sparse_prefill_attention(query, keys, values, block_idx, cols, scale, self.block)
+
+    def index(self, query: torch.Tensor, keys: torch.Tensor, heads, scale: float):
+        """The chunk's index under per-head ``heads`` (one pattern name per query head): query
+        ``(batch, q_heads, L, dim)``, keys ``(batch, kv_heads, n, dim)``. Returns ``(block_idx
+        (batch, q_heads, n_qblocks, kb) int32, cols (batch, q_heads, n_qblocks, nc) int32 or None)``
+        for :func:`~kvsift.kernels.dispatch.sparse_prefill_attention`."""
+        b, hq, L, _ = query.shape
+        hk, n = keys.shape[1], keys.shape[2]
+        g = hq // hk
+        B, dev = self.block, query.device
+        nqb, nkb = -(-L // B), -(-n // B)
+        bm = torch.zeros(b, hq, nqb, nkb, dtype=torch.bool, device=dev)
+        vs = [h for h in range(hq) if heads[h] == "vertical_slash"]
+        nv = min(self.vertical, n)
+        cols = torch.full((b, hq, nqb, nv), -1, dtype=torch.int32, device=dev) if vs else None
+        ash = [h for h in range(hq) if heads[h] == "a_shape"]
+        if ash:
+            bm[:, ash] = a_shape_blocks(L, n, B, self.local, dev)
+        for kh in range(hk):
+            group = range(kh * g, kh * g + g)
+            for pat in ("vertical_slash", "block_sparse"):
+                hs = [h for h in group if heads[h] == pat]
+                if not hs:
+                    continue
+                q, k = query[:, hs], keys[:, kh:kh + 1]
+                if pat == "vertical_slash":
+                    bm[:, hs], cols[:, hs] = vertical_slash_index(q, k, n, self.last_q, nv, self.slash, B, scale)
+                else:
+                    bm[:, hs] = block_sparse_blocks(q, k, n, self.top_blocks, B, scale)
+        return blocks_to_index(bm), cols
+
+    def stats(self, run) -> dict:
+        out = {"minference_sparse_chunks": run.sparse, "minference_dense_chunks": run.dense}
+        if run.sparse:
+            out["minference_density"] = round(float(run.density) / run.sparse, 4)
+        return out
+
+
+def _lookup(option: str | None, model_name: str | None) -> PatternTable | None:
+    """The table ``check_model`` resolved for this option and model (None: the built-in default,
+    also when the model's name is unknown and no file is given)."""
+    if option == "default" or (option is None and model_name is None):
+        return None
+    path = Path(option) if option is not None else cache_path(model_name)
+    if not path.is_file():
+        return None
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in _TABLES:
+        _TABLES[key] = load_patterns(path)
+    return _TABLES[key]
+
+
+def blocks_to_index(bm: torch.Tensor) -> torch.Tensor:
+    """``(..., n_kblocks)`` bool -> ``(..., kb)`` int32 sorted block indices, -1 padded (kb: the
+    most any row lists)."""
+    nkb = bm.shape[-1]
+    width = max(1, int(bm.sum(-1).max())) if bm.numel() else 1
+    ar = torch.arange(nkb, device=bm.device, dtype=torch.int32)
+    idx = torch.where(bm, ar, nkb).sort(dim=-1).values[..., :width]
+    return torch.where(idx >= nkb, -1, idx).to(torch.int32)
+
+
+def listed_fraction(block_idx: torch.Tensor, cols: torch.Tensor | None, L: int, n: int, block: int) -> torch.Tensor:
+    """Keys listed per query (whole blocks + columns, an upper bound of those attended) over the mean
+    causal keys per query, averaged over heads and rows: a 0-dim device tensor (no host sync)."""
+    listed = (block_idx >= 0).sum(-1).float() * block
+    if cols is not None:
+        listed = listed + (cols >= 0).sum(-1).float()
+    causal = n - L + (L + 1) / 2
+    return (listed.mean() / causal).clamp(max=1.0)

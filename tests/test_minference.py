@@ -1,0 +1,419 @@
+"""minference: the index builders against their definitions, the sparse prefill attention (reference
+vs masked dense attention, Triton vs reference in the CPU interpreter and on CUDA), exactness at a
+full selection through the engine (alone and before snapkv), options and pattern-file errors, and
+the pattern search command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvsift import LLM, SamplingParams, build_method
+from kvsift.errors import MethodOptionError
+from kvsift.kernels import dispatch
+from kvsift.kernels._triton import HAS_TRITON
+from kvsift.kernels.sparse_prefill_attention import selected_mask, sparse_prefill_attention_ref
+from kvsift.methods.minference import (PATTERNS, MInference, a_shape_blocks, block_sparse_blocks, blocks_to_index,
+                                       load_patterns, vertical_slash_index)
+from tests.conftest import random_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+SPARSE = {"min_len": 0, "vertical": 16, "slash": 2, "block": 16, "top_blocks": 3, "local": 32}
+EVERYTHING = {"min_len": 0, "vertical": 10 ** 6, "slash": 4, "block": 16}
+
+
+def _causal(L, n):
+    return torch.arange(n)[None, :] <= (n - L + torch.arange(L))[:, None]
+
+
+def _masked_dense(q, k, v, mask, scale):
+    """Attention with a dense boolean mask ``(batch, q_heads, L, n)`` (the definition)."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1).float(), v.repeat_interleave(g, 1).float()
+    w = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
+    return torch.softmax(w.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0) @ v
+
+
+def _random_index(b, hq, L, n, block, kb=3, nc=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    nqb, nkb = -(-L // block), -(-n // block)
+    bm = torch.rand(b, hq, nqb, nkb, generator=g) < kb / nkb
+    qb = torch.arange(nqb)
+    bm[:, :, qb, (n - L + qb * block) // block] = True                 # every row sees a key
+    bi = blocks_to_index(bm)
+    cols = torch.randint(-1, n, (b, hq, nqb, nc), generator=g)
+    cols = torch.where(bm.gather(3, cols.clamp(min=0) // block) | (cols < 0), -1, cols).to(torch.int32)
+    return bi, cols
+
+
+# ---- index builders ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("L,n,block", [(40, 100, 16), (64, 64, 16), (17, 130, 32)])
+def test_a_full_selection_is_every_causal_pair(L, n, block):
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 3, L, 8), torch.randn(1, 1, n, 8)
+    causal = _causal(L, n)
+    bm, cols = vertical_slash_index(q, k, n, 64, n, 1, block, 0.3)
+    assert torch.equal(selected_mask(blocks_to_index(bm), cols, L, n, block)[0, 0], causal)
+    bm = block_sparse_blocks(q, k, n, 10 ** 6, block, 0.3)
+    assert torch.equal(selected_mask(blocks_to_index(bm), None, L, n, block)[0, 1], causal)
+    bm = a_shape_blocks(L, n, block, n, "cpu")[None, None]
+    assert torch.equal(selected_mask(blocks_to_index(bm), None, L, n, block)[0, 0], causal)
+
+
+def test_vertical_slash_index_follows_its_definition():
+    """Top columns and diagonals of the last queries' attention, by explicit loops."""
+    torch.manual_seed(1)
+    L, n, d, block, last_q, nv, ns = 48, 160, 16, 16, 8, 5, 3
+    q, k = torch.randn(1, 2, L, d) * 2, torch.randn(1, 1, n, d) * 2
+    bm, cols = vertical_slash_index(q, k, n, last_q, nv, ns, block, 0.25)
+    for h in range(2):
+        vs, ss = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        for i in range(last_q):
+            qs = n - last_q + i
+            a = torch.softmax((k[0, 0, : qs + 1].double() @ q[0, h, L - last_q + i].double()) * 0.25, 0)
+            for j in range(qs + 1):
+                vs[j] += a[j]
+                ss[qs - j] += a[j]
+        vs[0] = ss[0] = float("inf")
+        top_cols = set(vs.topk(nv).indices.tolist())
+        top_offs = ss.topk(ns).indices.tolist()
+        want = torch.zeros(L, n, dtype=torch.bool)
+        for r in range(L):
+            qb0, qb1 = n - L + r // block * block, n - L + min(L, r // block * block + block) - 1
+            for o in top_offs:  # a diagonal is attended as the key blocks it crosses in the query block
+                for s in (qb0, qb1):
+                    if qb1 - o >= 0:
+                        kb = max(s - o, 0) // block
+                        want[r, kb * block: kb * block + block] = True
+            for c in top_cols:
+                want[r, c] = True
+        want &= _causal(L, n)
+        got = selected_mask(blocks_to_index(bm), cols, L, n, block)[0, h]
+        assert torch.equal(got, want), h
+        # the columns listed are exactly the top ones not already inside a listed block
+        listed = cols[0, h][cols[0, h] >= 0]
+        assert set(listed.tolist()) <= top_cols
+
+
+def test_block_sparse_picks_the_top_pooled_blocks_and_the_diagonal():
+    torch.manual_seed(2)
+    L, n, d, block, top = 32, 128, 8, 16, 3
+    q, k = torch.randn(1, 1, L, d), torch.randn(1, 1, n, d)
+    k[0, 0, 16:32] += 3 * q[0, 0].mean(0)                          # key block 1 matches every query
+    bm = block_sparse_blocks(q, k, n, top, block, 1.0)[0, 0]         # (2, 8)
+    assert bm.sum(-1).tolist() == [top, top]
+    assert bm[:, 1].all() and bm[0, 6] and bm[1, 7]                 # the planted block, the diagonal ones
+    pq = q[0, 0].view(2, block, d).mean(1)
+    pk = k[0, 0].view(8, block, d).mean(1)
+    for i in range(2):
+        s = pq[i] @ pk.T
+        s[6 + i] = float("inf")
+        assert set(torch.nonzero(bm[i]).flatten().tolist()) == set(s.topk(top).indices.tolist())
+
+
+# ---- attention ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 4, 2, 40, 100, 16, 16), (2, 4, 1, 64, 64, 32, 32), (1, 2, 2, 17, 130, 48, 16)])
+def test_reference_is_masked_attention_over_the_selection(shape):
+    b, hq, hk, L, n, d, block = shape
+    torch.manual_seed(3)
+    q, k, v = torch.randn(b, hq, L, d), torch.randn(b, hk, n, d), torch.randn(b, hk, n, d)
+    bi, cols = _random_index(b, hq, L, n, block)
+    for c in (cols, None):
+        mask = selected_mask(bi, c, L, n, block)
+        out = sparse_prefill_attention_ref(q, k, v, bi, c, d ** -0.5, block)
+        assert torch.allclose(out, _masked_dense(q, k, v, mask, d ** -0.5), atol=1e-5)
+    every = blocks_to_index(torch.ones(b, hq, -(-L // block), -(-n // block), dtype=torch.bool))
+    out = sparse_prefill_attention_ref(q, k, v, every, None, d ** -0.5, block)
+    sdpa = F.scaled_dot_product_attention(q, k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1),
+                                          attn_mask=_causal(L, n), scale=d ** -0.5)
+    assert torch.allclose(out, sdpa, atol=1e-5)
+
+
+def test_bad_index_arguments_are_clear_errors():
+    q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 20, 16)
+    bi = torch.zeros(1, 4, 1, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="block must be one of"):
+        sparse_prefill_attention_ref(q, k, k, bi, None, 0.25, 24)
+    with pytest.raises(ValueError, match="block_idx must be"):
+        sparse_prefill_attention_ref(q, k, k, bi[:, :2], None, 0.25, 16)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        sparse_prefill_attention_ref(q, k, k, bi.float(), None, 0.25, 16)
+    with pytest.raises(ValueError, match="last of the"):
+        sparse_prefill_attention_ref(torch.randn(1, 4, 30, 16), k, k, bi, None, 0.25, 16)
+
+
+_INTERP_SCRIPT = textwrap.dedent("""
+    import torch
+    from kvsift.kernels import sparse_prefill_attention as spa
+    from kvsift.methods.minference import MInference
+    torch.manual_seed(0)
+    for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        for (b, hq, hk, L, n, d, block) in ((1, 4, 2, 40, 100, 16, 16), (2, 4, 1, 64, 64, 32, 32),
+                                            (1, 2, 2, 17, 130, 48, 16)):
+            q = torch.randn(b, hq, L + 3, d, dtype=dt)[:, :, 3:]            # a strided view
+            k, v = torch.randn(b, hk, n, d, dtype=dt), torch.randn(b, hk, n, d, dtype=dt)
+            heads = ("vertical_slash", "block_sparse", "a_shape", "vertical_slash")[:hq]
+            m = MInference(min_len=0, vertical=9, slash=3, block=block, top_blocks=2, local=20, patterns="default")
+            bi, cols = m.index(q, k, heads, d ** -0.5)
+            for c in (cols, None):
+                out = spa.sparse_prefill_attention(q, k, v, bi, c, d ** -0.5, block)
+                ref = spa.sparse_prefill_attention_ref(q, k, v, bi, c, d ** -0.5, block)
+                e = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+                assert e < tol, (dt, b, hq, hk, L, n, d, block, c is None, e)
+    print("INTERP_OK")
+""")
+
+
+def test_triton_kernel_matches_reference_in_interpreter():
+    triton = pytest.importorskip("triton")
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):
+        pytest.skip(f"triton {triton.__version__}: interpreter checks need triton >= 3.9")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env.pop("KVSIFT_NO_TRITON", None)
+    r = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "INTERP_OK" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 32, 8, 512, 4096, 128, 64), (2, 8, 2, 300, 1000, 64, 32)])
+def test_cuda_kernel_matches_reference(dtype, shape):
+    b, hq, hk, L, n, d, block = shape
+    q = torch.randn(b, hq, L, d, dtype=dtype, device="cuda")
+    k, v = torch.randn(b, hk, n, d, dtype=dtype, device="cuda"), torch.randn(b, hk, n, d, dtype=dtype, device="cuda")
+    m = MInference(min_len=0, vertical=200, slash=40, block=block, top_blocks=8, local=256, patterns="default")
+    heads = [PATTERNS[h % 3] for h in range(hq)]
+    bi, cols = m.index(q, k, heads, d ** -0.5)
+    out = dispatch.sparse_prefill_attention(q, k, v, bi, cols, d ** -0.5, block)
+    ref = sparse_prefill_attention_ref(q, k, v, bi, cols, d ** -0.5, block)
+    assert ((out.double() - ref.double()).norm() / ref.double().norm()).item() < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+# ---- the method through the engine ----------------------------------------------------------------
+def _nll(llm, ids, cont, method, **kw):
+    return llm.score(ids, cont, method=method, method_kwargs=kw)[0]
+
+
+def test_full_selection_equals_dense_prefill(tiny_llms, tmp_path):
+    ids = random_prompt(300, seed=5)
+    cont = random_prompt(6, seed=6)
+    p = SamplingParams(max_tokens=8, ignore_eos=True)
+    for llm in tiny_llms.values():
+        full = llm.generate(ids, p)[0]
+        out = llm.generate(ids, p, method="minference", method_kwargs=EVERYTHING)[0]
+        assert out.token_ids == full.token_ids
+        assert out.stats.method_stats["minference_sparse_chunks"] > 0 and out.stats.method_stats[
+            "minference_dense_chunks"] == 0
+        assert out.stats.kv_kept_bytes == full.stats.kv_kept_bytes
+        dense = _nll(llm, ids, cont, "full")
+        mixed = _table(tmp_path, model=llm.info.name)   # every pattern, each selecting everything
+        for kw in (EVERYTHING, dict(EVERYTHING, patterns=str(mixed), top_blocks=10 ** 6, local=10 ** 6)):
+            assert abs(_nll(llm, ids, cont, "minference", **kw) - dense) < 1e-4 * max(1.0, abs(dense))
+        # and really sparse: another likelihood, fewer keys listed
+        sparse = llm.generate(ids, p, method="minference", method_kwargs=SPARSE)[0]
+        assert sparse.stats.method_stats["minference_density"] < 0.5
+        assert abs(_nll(llm, ids, cont, "minference", **SPARSE) - dense) > 1e-4
+
+
+def test_as_first_stage_it_changes_only_the_prefill_attention(tiny_llm):
+    ids = random_prompt(300, seed=7)
+    p = SamplingParams(max_tokens=8, ignore_eos=True)
+    snap = tiny_llm.generate(ids, p, method="snapkv", budget=64)[0]
+    both = tiny_llm.generate(ids, p, method="minference+snapkv", budget=64, method_kwargs=EVERYTHING)[0]
+    assert both.token_ids == snap.token_ids and both.stats.kv_device_bytes == snap.stats.kv_device_bytes
+    sparse = tiny_llm.generate(ids, p, method="minference+snapkv", budget=64, method_kwargs=SPARSE)[0]
+    assert sparse.stats.kv_device_bytes == snap.stats.kv_device_bytes       # snapkv still keeps its budget
+    assert sparse.stats.method_stats["minference_sparse_chunks"] > 0
+    # a batch goes row by row (no padding: every chunk sparse), as snapkv alone would
+    m = build_method("minference+snapkv", 64, **SPARSE)
+    assert m.row_prefill_ok()
+    outs = tiny_llm.generate([ids, random_prompt(200, seed=8)], p, method=m)
+    assert all(o.stats.method_stats["minference_dense_chunks"] == 0 for o in outs)
+    sk = tiny_llm.generate([ids, random_prompt(200, seed=8)], p, method="minference+sentencekv", budget=96,
+                           method_kwargs=EVERYTHING)
+    ref = tiny_llm.generate([ids, random_prompt(200, seed=8)], p, method="sentencekv", budget=96)
+    assert [o.token_ids for o in sk] == [o.token_ids for o in ref]
+    # a head-wise (compact KV) method composes after it: minference keeps no state
+    ada = tiny_llm.generate(ids, p, method="minference+adakv(snapkv)", budget=64, method_kwargs=EVERYTHING)[0]
+    assert ada.token_ids == tiny_llm.generate(ids, p, method="adakv(snapkv)", budget=64)[0].token_ids
+
+
+def test_short_prompts_padding_and_reread_passes_attend_densely(tiny_llm):
+    ids = random_prompt(200, seed=9)
+    p = SamplingParams(max_tokens=2, ignore_eos=True)
+    st = tiny_llm.generate(ids, p, method="minference", method_kwargs=dict(SPARSE, min_len=201))[0].stats.method_stats
+    assert st["minference_sparse_chunks"] == 0 and st["minference_dense_chunks"] > 0
+    outs = tiny_llm.generate([ids, ids[:150]], p, method="minference", method_kwargs=SPARSE)  # auto: row by row
+    assert outs[0].stats.method_stats["minference_dense_chunks"] == 0
+    batch = LLM.from_model(tiny_llm.model, tiny_llm.tokenizer, chunk_size=64, prefill_mode="batch")
+    outs = batch.generate([ids, ids[:150]], p, method="minference", method_kwargs=SPARSE)  # left-padded batch
+    assert outs[0].stats.method_stats["minference_sparse_chunks"] == 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in batch.generate([ids, ids[:150]], p)]
+    assert tiny_llm.generate(ids, p, method="minference+kvzip", budget=64, method_kwargs=SPARSE)[0].token_ids
+
+
+@pytest.mark.parametrize("kw,match", [({"block": 24}, "block must be one of"), ({"top_blocks": 1}, "top_blocks"),
+                                      ({"last_q": 0}, "last_q"), ({"vertical": "8"}, "vertical"),
+                                      ({"min_len": -1}, "min_len"), ({"patterns": 3}, "patterns"),
+                                      ({"patterns": "/nonexistent/p.json"}, "not found")])
+def test_bad_options_are_method_option_errors(kw, match):
+    with pytest.raises(MethodOptionError, match=match):
+        build_method("minference", **kw)
+    with pytest.raises(MethodOptionError, match=match):
+        build_method("minference+snapkv", 64, **kw)
+
+
+def _table(tmp_path, **over):
+    data = {"format": "kvsift-minference-patterns/1", "model": "tiny-llama", "num_layers": 2, "num_heads": 4,
+            "layers": [["a_shape", "vertical_slash", "block_sparse", "a_shape"], ["block_sparse"] * 4]}
+    data.update(over)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_pattern_files_are_checked_against_the_model(tiny_llms, tmp_path):
+    ids = random_prompt(200, seed=10)
+    p = SamplingParams(max_tokens=2, ignore_eos=True)
+    path = _table(tmp_path)
+    assert load_patterns(path).layers[0] == ("a_shape", "vertical_slash", "block_sparse", "a_shape")
+    out = tiny_llms["llama"].generate(ids, p, method="minference", method_kwargs=dict(SPARSE, patterns=str(path)))
+    assert out[0].stats.method_stats["minference_sparse_chunks"] > 0
+    with pytest.raises(MethodOptionError, match="for model 'tiny-llama'.*not 'tiny-qwen2'"):
+        tiny_llms["qwen2"].generate(ids, p, method="minference", method_kwargs=dict(SPARSE, patterns=str(path)))
+    path = _table(tmp_path, model="tiny-qwen2", num_layers=3, layers=[["a_shape"] * 4] * 3)
+    with pytest.raises(MethodOptionError, match=r"3 layers x 4 heads"):
+        tiny_llms["qwen2"].generate(ids, p, method="minference", method_kwargs=dict(SPARSE, patterns=str(path)))
+    for over, match in (({"layers": [["a_shape"] * 4]}, "2 lists of 4"), ({"format": "x"}, "format"),
+                        ({"layers": [["diagonal"] * 4] * 2}, "unknown pattern")):
+        with pytest.raises(MethodOptionError, match=match):
+            build_method("minference", patterns=str(_table(tmp_path, **over)))
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(MethodOptionError, match="not readable JSON"):
+        build_method("minference", patterns=str(tmp_path / "bad.json"))
+
+
+def test_search_command_writes_a_file_the_method_loads(default_tokenizer, tmp_path, monkeypatch, capsys):
+    from kvsift import LLM
+    from kvsift.cli import main
+    from kvsift.models.tiny import save_tiny_model
+
+    monkeypatch.setenv("KVSIFT_CACHE", str(tmp_path / "cache"))
+    model = save_tiny_model(tmp_path / "tiny", "llama", seed=1, tokenizer=default_tokenizer)
+    args = ["minference", "search", "--model", str(model), "--tokens", "256", "--keys", "64", "--block", "16",
+            "--chunk-size", "64"]
+    assert main(args + ["--out", str(tmp_path / "p.json")]) == 0
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert (data["model"], data["num_layers"], data["num_heads"]) == ("tiny", 2, 4)
+    for i, row in enumerate(data["layers"]):  # each head's pattern is its best recall
+        for h, pat in enumerate(row):
+            assert data["recall"][pat][i][h] == max(data["recall"][p][i][h] for p in PATTERNS)
+    assert main(args) == 0                                           # default: the cache, found by itself
+    assert json.loads((tmp_path / "cache" / "minference" / "tiny.json").read_text())["layers"] == data["layers"]
+    llm = LLM(str(model), chunk_size=64)
+    out = llm.generate(random_prompt(200, seed=11), SamplingParams(max_tokens=2, ignore_eos=True),
+                       method="minference", method_kwargs=dict(SPARSE, patterns=str(tmp_path / "p.json")))[0]
+    assert out.stats.method_stats["minference_sparse_chunks"] > 0
+    capsys.readouterr()
+    assert main(["minference", "search", "--model", str(model), "--block", "24"]) == 2
+    assert "kvsift: error: minference option block" in capsys.readouterr().err
+    assert main(["minference", "search", "--model", str(tmp_path / "missing")]) == 2
+    assert main(["minference", "search", "--model", str(model), "--tokens", "256", "--keys", "8"]) == 2
+    assert "--keys must be at least 2 blocks" in capsys.readouterr().err
+
+
+def test_bench_writes_dense_and_sparse_rows(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import minference_prefill as bench
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    out = tmp_path / "b.json"
+    assert bench.main(["--lengths", "256", "--layers", "1", "--chunk", "128", "--reps", "1", "--block", "32",
+                       "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    layer = {r["pattern"]: r for r in rows if r["kind"] == "layer"}
+    assert set(layer) == {"dense", *PATTERNS}
+    assert all(0 < layer[p]["density"] <= 1 and layer[p]["attn_ms"] > 0 for p in PATTERNS)
+    e2e = {r["method"]: r for r in rows if r["kind"] == "e2e"}
+    assert e2e["minference"]["method_stats"]["minference_sparse_chunks"] == 2  # 1 layer x 2 chunks
+    assert e2e["full"]["prefill_s"] > 0
+
+
+def test_server_runs_it_and_refuses_a_pattern_file_of_another_model(make_client, tmp_path, monkeypatch):
+    from kvsift.methods.minference import cache_path
+
+    monkeypatch.setenv("KVSIFT_CACHE", str(tmp_path / "cache"))
+    c = make_client()
+    body = {"prompt": random_prompt(200, seed=12), "max_tokens": 2, "ignore_eos": True,
+            "kv_method": "minference+snapkv", "kv_budget": 64, "kv_options": SPARSE}
+    r = c.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["kvsift"]["stats"][0]["method_stats"]["minference_sparse_chunks"] > 0
+    other = _table(tmp_path, model="another-model")
+    r = c.post("/v1/completions", json=dict(body, kv_options=dict(SPARSE, patterns=str(other))))
+    assert r.status_code == 400 and "names a file on the server" in r.json()["error"]["message"], r.text
+    cached = cache_path("tiny-llama")                        # the server's own file, made for another model
+    cached.parent.mkdir(parents=True)
+    cached.write_text(other.read_text())
+    r = c.post("/v1/completions", json=body)
+    assert r.status_code == 400 and "not 'tiny-llama'" in r.json()["error"]["message"], r.text
+    r = c.post("/v1/completions", json=dict(body, kv_options=dict(SPARSE, patterns="default")))
+    assert r.status_code == 200, r.text
+
+
+def test_search_compares_patterns_at_one_density():
+    from kvsift.methods._minference_search import _recall_at, pattern_recall
+
+    pts = [(0.1, 0.5), (0.3, 0.9), (0.6, 0.95)]
+    assert _recall_at(pts, 0.2) == pytest.approx(0.7) and _recall_at(pts, 0.05) == pytest.approx(0.25)
+    assert _recall_at(pts, 0.9) == 0.95
+    # a head whose queries all look at a few far columns: vertical-slash finds them, A-shape cannot
+    torch.manual_seed(4)
+    L = n = 256
+    d = 16
+    q = torch.randn(1, 1, L, d) * 0.1
+    k = torch.randn(1, 1, n, d) * 0.1
+    q[..., 0] += 3.0
+    k[0, 0, [5, 77, 130], 0] = 6.0
+    recall, target = pattern_recall(q, k, 1.0, 48, 16, 32)
+    assert 0 < target < 1
+    assert recall["vertical_slash"][0] > recall["a_shape"][0] + 0.2
+
+
+def test_the_engine_asks_prefill_attention_only_for_fresh_unpadded_prefill_chunks(tiny_llm):
+    """The hook is part of the method contract: asked per layer and prefill chunk (never at decode,
+    never for a padded batch), and its answer is the layer's attention output."""
+    from dataclasses import dataclass
+
+    from kvsift.methods.base import KVMethod
+
+    calls = []
+
+    @dataclass(frozen=True)
+    class Zero(KVMethod):
+        needs_budget = False
+
+        def prefill_attention(self, run, layer, query, keys, values, scale, module, ctx):
+            calls.append((layer.layer_idx, ctx.decoding, query.shape[2], keys.shape[2]))
+            return torch.zeros_like(query)
+
+    ids = random_prompt(150, seed=13)
+    p = SamplingParams(max_tokens=3, ignore_eos=True)
+    tiny_llm.generate(ids, p, method=Zero())
+    assert calls and not any(c[1] for c in calls)
+    assert sorted({(c[2], c[3]) for c in calls}) == [(22, 150), (64, 64), (64, 128)]   # chunks of 64
+    nll_zero = tiny_llm.score(ids, [5, 6], method=Zero())[0]
+    assert abs(nll_zero - tiny_llm.score(ids, [5, 6])[0]) > 1e-3
+    calls.clear()
+    tiny_llm.generate([ids, ids[:100]], p, method=Zero())
+    assert not calls
