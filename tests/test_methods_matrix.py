@@ -12,12 +12,13 @@ from tests.conftest import random_prompt
 
 PROMPT_LEN, BUDGET = 256, 64
 METHODS = sorted(available_methods())
-COMPOSED = ["snapkv+kivi", "sentencekv+kivi", "minference+snapkv"]   # a codec after an eviction, after an offload
+COMPOSED = ["snapkv+kivi", "sentencekv+kivi", "minference+snapkv"]   # a codec after an eviction / an offload; a prefill stage
 
 
 def lossy(spec: str) -> bool:
     """A stage stores the KV approximately (quantized): close to ``full``, not equal."""
     return any(c.codec for c in spec_classes(spec))
+
 
 # options that make a method select everything (its "whole context" besides the budget): minference
 # attends sparsely from the first token on, every column listed
@@ -64,8 +65,6 @@ def test_method_runs_and_respects_budget(tiny_llms, family, name):
 
 
 @pytest.mark.parametrize("name", [n for n in METHODS if n != "full"] + COMPOSED)
-
-@pytest.mark.parametrize("name", [n for n in METHODS if n != "full"] + ["minference+snapkv"])
 def test_method_with_budget_of_whole_context_is_exact(tiny_llm, name):
     ids = random_prompt(160, seed=22)
     p = SamplingParams(max_tokens=8, ignore_eos=True)
@@ -105,7 +104,7 @@ def _check_decode_selection(llm, m, ids):
     tail = {"quest": m.__dict__.get("page", 0), "tokenselect": m.__dict__.get("local", 0), "squeezed": 1}[m.name]
     for layer in cache.layers:
         sel = m.plan(run, layer, q, ctx)
-        own = sel.own
+        own = sel.own_slots()                                              # slots (quest's pages expanded)
         valid = (own >= 0) & (own < layer.length)
         valid &= layer.positions.gather(2, own.clamp(min=0, max=layer.length - 1)) >= 0
         n_att = int(valid.sum(-1).max())

@@ -141,7 +141,7 @@ def search(llm, text: str, tokens: int = 4096, keys: int | None = None, last_q: 
     probe = _Probe(keys=keys, block=block, last_q=last_q)
     run = probe.start(len(ids), llm.info.num_layers)
     with llm.lock:
-        llm._prefill([ids], probe, run, None, False)
+        llm.runner.prefill([ids], probe, run, None, False)
     if len(run.recall) != llm.info.num_layers:
         raise ValueError(f"the calibration prefill reached {len(run.recall)} of {llm.info.num_layers} layers "
                          f"(sliding-window layers attend densely and are not searched)")
