@@ -25,6 +25,27 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 SMALL_MODEL = "smollm2"
 
 
+
+def run_in_triton_interpreter(script: str, timeout: int = 600) -> None:
+    """Run ``script`` (Python source that prints ``INTERP_OK`` at its end) in a subprocess under
+    Triton's CPU interpreter (``TRITON_INTERPRET`` must be set before triton is imported), and fail
+    with its output unless it got there. Skips without triton >= 3.9 (older interpreters call
+    ``int()`` on 1-element numpy arrays, an error since numpy 2.4)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    triton = pytest.importorskip("triton")
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):
+        pytest.skip(f"triton {triton.__version__}: interpreter checks need triton >= 3.9")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [str(root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env.pop("KVSIFT_NO_TRITON", None)
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout,
+                       cwd=root)
+    assert r.returncode == 0 and "INTERP_OK" in r.stdout, r.stdout + r.stderr
+
 def model_missing(name: str | None = None) -> str | None:
     """None when the named model (default: the default model) can be loaded, else why not (with the
     command that installs it)."""

@@ -4,11 +4,7 @@ references through the CPU interpreter (when triton is installed) and on CUDA (w
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +18,8 @@ from kvsift.kernels.chunk_scores import (chunk_scores_ref, chunks_to_slots, page
 from kvsift.kernels.sparse_decode_attention import sparse_decode_attention_ref
 from kvsift.kernels.budget_select import budget_select_ref
 from kvsift.kernels.topk_select import topk_select_ref
+from tests.conftest import run_in_triton_interpreter
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -393,15 +389,7 @@ _INTERP_SCRIPT = textwrap.dedent("""
 
 
 def test_triton_kernels_match_references_in_interpreter():
-    triton = pytest.importorskip("triton")
-    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):
-        # older interpreters call int() on 1-element numpy arrays, an error since numpy 2.4
-        pytest.skip(f"triton {triton.__version__}: interpreter checks need triton >= 3.9")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    env.pop("KVSIFT_NO_TRITON", None)
-    r = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "INTERP_OK" in r.stdout, r.stdout + r.stderr
+    run_in_triton_interpreter(_INTERP_SCRIPT)
 
 
 # ---- Triton on CUDA ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from kvsift.errors import MethodOptionError, UnknownMethodError
 from kvsift.kernels._triton import HAS_TRITON
 from kvsift.kernels.quant_decode_attention import quant_decode_attention_ref
 from kvsift.kernels.sparse_decode_attention import sparse_decode_attention_ref
-from tests.conftest import random_prompt
+from tests.conftest import random_prompt, run_in_triton_interpreter
 
 cuda_triton = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and triton")
 
@@ -242,21 +242,7 @@ print("INTERP_OK")
 
 
 def test_triton_kernel_matches_reference_in_interpreter():
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    triton = pytest.importorskip("triton")
-    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):
-        pytest.skip(f"triton {triton.__version__}: interpreter checks need triton >= 3.9")
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    env.pop("KVSIFT_NO_TRITON", None)
-    r = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], env=env, capture_output=True, text=True, timeout=600,
-                       cwd=root)
-    assert r.returncode == 0 and "INTERP_OK" in r.stdout, r.stdout + r.stderr
+    run_in_triton_interpreter(_INTERP_SCRIPT)
 
 
 @cuda_triton

@@ -6,8 +6,6 @@ the pattern search command."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -23,7 +21,7 @@ from kvsift.kernels._triton import HAS_TRITON
 from kvsift.kernels.sparse_prefill_attention import selected_mask, sparse_prefill_attention_ref
 from kvsift.methods.minference import (PATTERNS, MInference, a_shape_blocks, block_sparse_blocks, blocks_to_index,
                                        load_patterns, vertical_slash_index)
-from tests.conftest import random_prompt
+from tests.conftest import random_prompt, run_in_triton_interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
 SPARSE = {"min_len": 0, "vertical": 16, "slash": 2, "block": 16, "top_blocks": 3, "local": 32}
@@ -173,14 +171,7 @@ _INTERP_SCRIPT = textwrap.dedent("""
 
 
 def test_triton_kernel_matches_reference_in_interpreter():
-    triton = pytest.importorskip("triton")
-    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):
-        pytest.skip(f"triton {triton.__version__}: interpreter checks need triton >= 3.9")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    env.pop("KVSIFT_NO_TRITON", None)
-    r = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "INTERP_OK" in r.stdout, r.stdout + r.stderr
+    run_in_triton_interpreter(_INTERP_SCRIPT)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and triton")

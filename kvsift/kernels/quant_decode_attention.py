@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import torch
 
+from kvsift.kernels._flash import online_softmax_step
 from kvsift.kernels._triton import HAS_TRITON, tl, triton
-from kvsift.kernels.sparse_decode_attention import _LOG2E, _check_count, _check_pos, merge_attention, plan_splits
+from kvsift.kernels.sparse_decode_attention import _LOG2E, SplitLaunch, _check_count, _check_pos, merge_attention
 
 # launch settings (smaller slot blocks than the sparse kernel: codes, scales and the window are
 # live at once; not tuned on a GPU yet)
@@ -155,7 +156,6 @@ def quant_decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: 
 
 
 if HAS_TRITON:
-    from kvsift.kernels.sparse_decode_attention import _merge_splits_kernel
 
     @triton.jit
     def _quant_decode_split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr, rv_ptr, rs_ptr,
@@ -254,21 +254,7 @@ if HAS_TRITON:
             if not UPCAST:
                 k = k.to(q.dtype)
                 v = v.to(q.dtype)
-            if IEEE:
-                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                qk = tl.dot(q, tl.trans(k))
-            qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))     # (G_P, BLOCK_S), log2 units
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(qk - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_step(q, k, v, valid[None, :], qk_scale, m_i, l_i, acc, IEEE)
         has = l_i > 0.0
         o = acc / tl.where(has, l_i, 1.0)[:, None]
         if DIRECT:
@@ -312,31 +298,19 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
     si = slot_idx.stride() if slot_idx is not None else (0, 0, 0)
     cnt = slot_count if slot_count is not None else q
     sc = slot_count.stride() if slot_count is not None else (0, 0)
-    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, hq, dtype=torch.float32, device=q.device) if return_lse else out
     if b == 0:
-        return (out, lse) if return_lse else out
+        out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+        return (out, torch.empty(b, hq, dtype=torch.float32, device=q.device)) if return_lse else out
     block_d = max(16, triton.next_power_of_2(d))
-    block_s = TUNING["block_s"] if block_d <= 128 else TUNING["block_s"] // 2
-    g_p = max(16, triton.next_power_of_2(g))
-    ns, split_size = plan_splits(b, hk, s, block_s, q.device, num_splits)
-    upcast = q.device.type != "cuda"
-    ieee = upcast or q.dtype == torch.float32
-    direct = ns == 1 and not return_lse
-    if direct:
-        po = plse = out
-        spo_bh = spo_s = 0
-    else:
-        po = torch.empty(b * hq, ns, d, dtype=torch.float32, device=q.device)
-        plse = torch.empty(b * hq, ns, dtype=torch.float32, device=q.device)
-        spo_bh, spo_s = po.stride(0), po.stride(1)
+    L = SplitLaunch.plan(q, hk, s, num_splits, return_lse,
+                         block_s=TUNING["block_s"] if block_d <= 128 else TUNING["block_s"] // 2)
     sp = key_pos.stride()
-    _quant_decode_split_kernel[(b * hk, ns)](
+    _quant_decode_split_kernel[(b * hk, L.splits)](
         q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start,
-        idx, out, po, plse,
+        idx, L.out, L.po, L.plse,
         key_pos, query_pos, cap, k_res.shape[2], int(window or 0), sp[0], sp[1], sp[2],
         cnt, sc[0], sc[1],
-        s, split_size, float(scale) * _LOG2E,
+        s, L.split_size, float(scale) * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
         k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
@@ -345,16 +319,12 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
         k_res.stride(0), k_res.stride(1), k_res.stride(2),
         v_res.stride(0), v_res.stride(1), v_res.stride(2),
         si[0], si[1], si[2],
-        out.stride(0), out.stride(1),
-        spo_bh, spo_s,
-        HK=hk, G=g, G_P=g_p, D=d, BLOCK_D=block_d, BLOCK_S=block_s,
+        L.out.stride(0), L.out.stride(1),
+        L.spo_bh, L.spo_s,
+        HK=hk, G=g, G_P=L.g_p, D=d, BLOCK_D=L.block_d, BLOCK_S=L.block_s,
         BITS=bits, PER=8 // bits, LEVELS=(1 << bits) - 1, KGROUP=group,
-        VGROUP=d // v_scale.shape[3], DIRECT=direct, IEEE=ieee, UPCAST=upcast,
+        VGROUP=d // v_scale.shape[3], DIRECT=L.direct, IEEE=L.ieee, UPCAST=L.upcast,
         ALL=slot_idx is None, HAS_CNT=slot_count is not None,
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )
-    if not direct:
-        _merge_splits_kernel[(b * hq,)](po, plse, out, lse, ns, spo_bh, spo_s, out.stride(1),
-                                        D=d, BLOCK_D=block_d, NS_P=triton.next_power_of_2(ns), WRITE_LSE=return_lse,
-                                        num_warps=4)
-    return (out, lse) if return_lse else out
+    return L.finish()

@@ -27,9 +27,11 @@ second small kernel merges the splits. ``kvsift.kernels.dispatch.sparse_decode_a
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from kvsift.kernels._flash import load_kv, online_softmax_step
 from kvsift.kernels._triton import HAS_TRITON, sm_count, tl, triton
 
 
@@ -222,27 +224,8 @@ if HAS_TRITON:
                 if WINDOW > 0:
                     valid = valid & (kpos > qpos - WINDOW)
             slot = tl.where(valid, slot, 0)
-            kv_mask = valid[:, None] & mask_d[None, :]
-            k = tl.load(k_base + slot[:, None] * sk_c + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_S, BLOCK_D)
-            v = tl.load(v_base + slot[:, None] * sv_c + offs_d[None, :], mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            if IEEE:
-                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                qk = tl.dot(q, tl.trans(k))
-            qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))      # (G_P, BLOCK_S), log2 units
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(qk - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            k, v = load_kv(k_base, v_base, slot, valid, sk_c, sv_c, offs_d, mask_d, UPCAST)  # (BLOCK_S, BLOCK_D)
+            m_i, l_i, acc = online_softmax_step(q, k, v, valid[None, :], qk_scale, m_i, l_i, acc, IEEE)
         has = l_i > 0.0
         o = acc / tl.where(has, l_i, 1.0)[:, None]
         if DIRECT:
@@ -296,6 +279,64 @@ def plan_splits(batch: int, kv_heads: int, n_sel: int, block_s: int, device: tor
     return triton.cdiv(max(n_sel, 1), split_size), split_size
 
 
+@dataclass
+class SplitLaunch:
+    """Launch plan and buffers of a split-K decode kernel over ``s`` slots per (row, KV head):
+    ``out (batch, q_heads, dim)``, ``lse (batch, q_heads)`` (only with ``return_lse``), and the
+    per-split partials ``po (batch * q_heads, splits, dim)`` / ``plse`` that :meth:`finish` merges;
+    ``direct``: one split and no lse, so the kernel writes ``out`` itself."""
+
+    out: torch.Tensor
+    lse: torch.Tensor
+    po: torch.Tensor
+    plse: torch.Tensor
+    spo_bh: int
+    spo_s: int
+    splits: int
+    split_size: int
+    block_d: int
+    block_s: int
+    g_p: int
+    upcast: bool
+    ieee: bool
+    direct: bool
+    return_lse: bool
+
+    @classmethod
+    def plan(cls, q: torch.Tensor, kv_heads: int, s: int, num_splits: int | None, return_lse: bool,
+             block_s: int | None = None) -> "SplitLaunch":
+        b, hq, d = q.shape
+        out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+        lse = torch.empty(b, hq, dtype=torch.float32, device=q.device) if return_lse else out
+        block_d = max(16, triton.next_power_of_2(d))
+        if block_s is None:
+            block_s = TUNING["block_s"] if block_d <= 128 else TUNING["block_s"] // 2
+        ns, split_size = plan_splits(b, kv_heads, s, block_s, q.device, num_splits)
+        upcast = q.device.type != "cuda"  # TRITON_INTERPRET=1 on CPU tensors
+        direct = ns == 1 and not return_lse  # else the lse comes from the merge kernel
+        if direct:
+            po = plse = out  # unused
+            spo_bh = spo_s = 0
+        else:
+            po = torch.empty(b * hq, ns, d, dtype=torch.float32, device=q.device)
+            plse = torch.empty(b * hq, ns, dtype=torch.float32, device=q.device)
+            spo_bh, spo_s = po.stride(0), po.stride(1)
+        return cls(out, lse, po, plse, spo_bh, spo_s, ns, split_size, block_d, block_s,
+                   max(16, triton.next_power_of_2(hq // kv_heads)), upcast, upcast or q.dtype == torch.float32,
+                   direct, return_lse)
+
+    def finish(self):
+        """Merge the splits (unless the kernel wrote ``out`` directly); ``out`` or ``(out, lse)``."""
+        out = self.out
+        if not self.direct:
+            b, hq, d = out.shape
+            _merge_splits_kernel[(b * hq,)](self.po, self.plse, out, self.lse, self.splits, self.spo_bh, self.spo_s,
+                                            out.stride(1), D=d, BLOCK_D=self.block_d,
+                                            NS_P=triton.next_power_of_2(self.splits), WRITE_LSE=self.return_lse,
+                                            num_warps=4)
+        return (out, self.lse) if self.return_lse else out
+
+
 def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             slot_idx: torch.Tensor | None, scale: float, page: int = 1,
                             num_splits: int | None = None, return_lse: bool = False,
@@ -324,44 +365,26 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     sp = key_pos.stride() if maskpos else (0, 0, 0)
     cnt = slot_count if slot_count is not None else q
     sc = slot_count.stride() if slot_count is not None else (0, 0)
-    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, hq, dtype=torch.float32, device=q.device) if return_lse else out
-    if b == 0:
-        return (out, lse) if return_lse else out
-    block_d = max(16, triton.next_power_of_2(d))
-    block_s = TUNING["block_s"] if block_d <= 128 else TUNING["block_s"] // 2
-    g_p = max(16, triton.next_power_of_2(g))
-    ns, split_size = plan_splits(b, hk, s, block_s, q.device, num_splits)
-    upcast = q.device.type != "cuda"  # TRITON_INTERPRET=1 on CPU tensors
-    ieee = upcast or q.dtype == torch.float32
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise TypeError(f"q, k_cache and v_cache must share a dtype for the Triton kernel, got "
                         f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    direct = ns == 1 and not return_lse  # the lse comes from the merge kernel
-    if direct:
-        po = plse = out  # unused
-        spo_bh = spo_s = 0
-    else:
-        po = torch.empty(b * hq, ns, d, dtype=torch.float32, device=q.device)
-        plse = torch.empty(b * hq, ns, dtype=torch.float32, device=q.device)
-        spo_bh, spo_s = po.stride(0), po.stride(1)
-    _sparse_decode_split_kernel[(b * hk, ns)](
-        q, k_cache, v_cache, idx, out, po, plse,
+    if b == 0:
+        out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+        return (out, torch.empty(b, hq, dtype=torch.float32, device=q.device)) if return_lse else out
+    L = SplitLaunch.plan(q, hk, s, num_splits, return_lse)
+    _sparse_decode_split_kernel[(b * hk, L.splits)](
+        q, k_cache, v_cache, idx, L.out, L.po, L.plse,
         kp, qp, cap, int(window or 0), sp[0], sp[1], sp[2],
         cnt, sc[0], sc[1],
-        s, split_size, float(scale) * _LOG2E,
+        s, L.split_size, float(scale) * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         si[0], si[1], si[2],
-        out.stride(0), out.stride(1),
-        spo_bh, spo_s,
-        HK=hk, G=g, G_P=g_p, D=d, BLOCK_D=block_d, BLOCK_S=block_s, PAGE=page, DIRECT=direct, IEEE=ieee, UPCAST=upcast,
-        ALL=slot_idx is None, MASKPOS=maskpos, HAS_CNT=slot_count is not None,
+        L.out.stride(0), L.out.stride(1),
+        L.spo_bh, L.spo_s,
+        HK=hk, G=g, G_P=L.g_p, D=d, BLOCK_D=L.block_d, BLOCK_S=L.block_s, PAGE=page, DIRECT=L.direct, IEEE=L.ieee,
+        UPCAST=L.upcast, ALL=slot_idx is None, MASKPOS=maskpos, HAS_CNT=slot_count is not None,
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )
-    if not direct:
-        _merge_splits_kernel[(b * hq,)](po, plse, out, lse, ns, spo_bh, spo_s, out.stride(1),
-                                        D=d, BLOCK_D=block_d, NS_P=triton.next_power_of_2(ns), WRITE_LSE=return_lse,
-                                        num_warps=4)
-    return (out, lse) if return_lse else out
+    return L.finish()

@@ -33,6 +33,7 @@ import math
 
 import torch
 
+from kvsift.kernels._flash import load_kv, online_softmax_step
 from kvsift.kernels._triton import HAS_TRITON, tl, triton
 
 _LOG2E = 1.4426950408889634
@@ -159,28 +160,9 @@ if HAS_TRITON:
             if kb >= 0:
                 slot = kb * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
                 valid = slot < N
-                kv_mask = valid[:, None] & mask_d[None, :]
-                k = tl.load(k_base + slot[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
-                v = tl.load(v_base + slot[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
-                if UPCAST:
-                    k = k.to(tl.float32)
-                    v = v.to(tl.float32)
-                if IEEE:
-                    qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    qk = tl.dot(q, tl.trans(k))
+                k, v = load_kv(k_base, v_base, slot, valid, sk_n, sv_n, offs_d, mask_d, UPCAST)  # (BLOCK_S, BLOCK_D)
                 vis = valid[None, :] & (slot[None, :] <= qslot[:, None])
-                qk = tl.where(vis, qk * qk_scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(qk - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                if IEEE:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+                m_i, l_i, acc = online_softmax_step(q, k, v, vis, qk_scale, m_i, l_i, acc, IEEE)
         if HAS_COLS:
             c_base = ci_ptr + b * sc_b + h * sc_h + qb * sc_q
             for c0 in range(0, NC, BLOCK_C):
@@ -188,28 +170,9 @@ if HAS_TRITON:
                 slot = tl.load(c_base + offs_c * sc_k, mask=offs_c < NC, other=-1).to(tl.int64)
                 valid = (slot >= 0) & (slot < N)
                 slot = tl.where(valid, slot, 0)
-                kv_mask = valid[:, None] & mask_d[None, :]
-                k = tl.load(k_base + slot[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
-                v = tl.load(v_base + slot[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
-                if UPCAST:
-                    k = k.to(tl.float32)
-                    v = v.to(tl.float32)
-                if IEEE:
-                    qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    qk = tl.dot(q, tl.trans(k))
+                k, v = load_kv(k_base, v_base, slot, valid, sk_n, sv_n, offs_d, mask_d, UPCAST)  # (BLOCK_S, BLOCK_D)
                 vis = valid[None, :] & (slot[None, :] <= qslot[:, None])
-                qk = tl.where(vis, qk * qk_scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(qk - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                if IEEE:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+                m_i, l_i, acc = online_softmax_step(q, k, v, vis, qk_scale, m_i, l_i, acc, IEEE)
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(o_ptr + b * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_l + offs_d[None, :],
                  o.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
