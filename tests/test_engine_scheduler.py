@@ -473,3 +473,29 @@ def test_kv_arena_graphs_are_recorded_once_and_replayed_by_later_generations(tin
     assert g.stats.captures == 2 and len(g) == 2  # one graph per arena, kept between generations
     st = out[0].stats
     assert st.decode_mode == "graph" and st.decode_setup_steps == 0  # the third generation only replayed
+
+
+def test_a_cancelled_request_stops_its_prefill_at_a_chunk_boundary(tiny_llm):
+    """A client that leaves (or a time limit) during a long prefill stops it at the next chunk,
+    not after the whole prompt: the sequence ends "cancelled" with no token."""
+    from kvsift.engine.runner import _chunks
+
+    ids = random_prompt(200, seed=91)
+    asked = []
+
+    def cancel():
+        asked.append(1)
+        return len(asked) >= 2                       # gone before the third chunk
+
+    runner = tiny_llm.runner
+    saved = runner.first_chunk, runner.chunk_size
+    runner.first_chunk, runner.chunk_size = None, 32  # 7 chunks of 32 tokens
+    try:
+        assert len(_chunks(len(ids), 32, 1)) >= 4
+        out = tiny_llm.generate(ids, SamplingParams(max_tokens=4), cancel=cancel)[0]
+        assert out.finish_reason == "cancelled" and out.token_ids == [] and len(asked) == 2
+        asked.clear()                                 # a cancel that never fires: the whole prompt, then tokens
+        out = tiny_llm.generate(ids, SamplingParams(max_tokens=4, ignore_eos=True), cancel=lambda: False)[0]
+        assert out.finish_reason == "length" and len(out.token_ids) == 4
+    finally:
+        runner.first_chunk, runner.chunk_size = saved

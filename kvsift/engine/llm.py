@@ -26,7 +26,7 @@ from kvsift.cache import SiftCache
 from kvsift.engine.attention import ForwardContext  # noqa: F401  (re-exported: engine internals are importable)
 from kvsift.engine.decode import check_decode_mode
 from kvsift.engine.params import GenerationStats, RequestOutput, SamplingParams, StreamEvent
-from kvsift.engine.runner import CPU_FIRST_CHUNK, DEFAULT_CHUNK, Context, ModelRunner, sync
+from kvsift.engine.runner import CPU_FIRST_CHUNK, DEFAULT_CHUNK, Context, ModelRunner, PrefillCancelled, sync
 from kvsift.engine.runner import check_prefill_mode as _check_prefill_mode
 from kvsift.engine.scheduler import Request, Scheduler, SchedulerConfig, pads_exactly
 from kvsift.methods import KVMethod, build_method
@@ -322,7 +322,9 @@ class LLM:
         as one batched generation: their prompts are prefilled and decoded together. Yields
         ``(request, event)``, the event's ``index`` local to its request; a request's last event
         comes with ``request.finished`` set. Each request's ``cancel`` is read once per decode step:
-        a cancelled request's sequences end (``"cancelled"``) while the others go on; each sequence
+        a cancelled request's sequences end (``"cancelled"``) while the others go on; during the
+        prefill it is read at every chunk boundary, and once all of the group's requests are
+        cancelled the prefill stops there (their sequences end ``"cancelled"`` with no token); each sequence
         stops at its own ``max_tokens``, stop strings and end of sequence. Holds the runner's lock.
 
         ``join(requests, rows)``: asked at every decode-step boundary for requests to add to the
@@ -349,8 +351,21 @@ class LLM:
         mode = runner.decode_mode_for(method)
         compact = self.joins_running(head, mode)  # rows may change between steps
         can_join = join is not None and compact
+        # the prefill stops at a chunk boundary once every request of the group is cancelled
+        gone = ((lambda: all(r.cancel() for r in requests)) if all(r.cancel is not None for r in requests)
+                else None)
         with self.lock:
-            cache, stats, (ctx, logits) = runner.prefill(ids, method, run, context, progress, reserve=max_new + 1)
+            try:
+                cache, stats, (ctx, logits) = runner.prefill(ids, method, run, context, progress,
+                                                             reserve=max_new + 1, cancel=gone)
+            except PrefillCancelled:  # every sequence ends, cancelled, with no token
+                remaining = {r: r.rows for r in requests}
+                for r, j in owners:
+                    remaining[r] -= 1
+                    r.finished = remaining[r] == 0
+                    st = GenerationStats(method=method.spec, budget=method.budget, prompt_tokens=len(r.prompts[j]))
+                    yield r, StreamEvent(j, "", None, True, RequestOutput("", [], r.prompts[j], "cancelled", st))
+                return
             ctx.decoding = True
             next_pos = ctx.next_pos
             gen = torch.Generator(device=self.device)

@@ -19,6 +19,7 @@ import contextlib
 import inspect
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -191,11 +192,14 @@ class ModelRunner:
         return out.logits[:, -1].float()
 
     def prefill(self, ids: list[list[int]], method: KVMethod, run: Run, context: Context | None,
-                 progress: bool | None, reserve: int = 0):
+                 progress: bool | None, reserve: int = 0, cancel: Callable[[], bool] | None = None):
+        """Prefill ``ids`` (a batch, or row by row where :meth:`rows_prefill` says so). ``cancel`` is
+        asked before every chunk but the first: True stops the prefill there
+        (:class:`PrefillCancelled`; nothing of it is kept). Returns ``(cache, stats, (ctx, logits))``."""
         # each fresh sequence's reread passes, asked once (methods may count them); none for a context
         passes = [method.reread_passes(run, x, self.tokenizer) for x in ids] if context is None else [[] for _ in ids]
         if self.rows_prefill(method, len(ids), context, rereads=any(passes)):
-            return self._prefill_rows(ids, method, run, progress, reserve, passes)
+            return self._prefill_rows(ids, method, run, progress, reserve, passes, cancel)
         b, L = len(ids), max(len(x) for x in ids)
         dev = self.device
         tokens = torch.full((b, L), self.pad_id, dtype=torch.long, device=dev)
@@ -219,6 +223,7 @@ class ModelRunner:
         logits = None
         try:
             for s, e in bounds:
+                _check_cancel(cancel, s)
                 ctx.prefill_end = e == L
                 logits = self.forward(ctx, tokens[:, s:e], pos[:, s:e])
                 if bar is not None:
@@ -295,7 +300,7 @@ class ModelRunner:
         return cache, stats, (ctx, logits)
 
     def _prefill_rows(self, ids: list[list[int]], method: KVMethod, run: Run, progress: bool | None, reserve: int,
-                      passes: list[list[list[int]]]):
+                      passes: list[list[list[int]]], cancel: Callable[[], bool] | None = None):
         """Prefill one sequence at a time: each row's full KV is on the device only while that row
         runs; at its end the method compresses it (sentencekv writes the chunks into the batch's host
         store), then the rows' remaining device KV is stacked into one batch cache."""
@@ -314,6 +319,7 @@ class ModelRunner:
                 tokens = torch.tensor([row], dtype=torch.long, device=dev)
                 pos = torch.arange(len(row), device=dev)[None]
                 for s, e in plan:
+                    _check_cancel(cancel, i + s)
                     ctx.prefill_end = e == len(row)
                     lg = self.forward(ctx, tokens[:, s:e], pos[:, s:e])
                     if bar is not None:
@@ -340,6 +346,16 @@ class ModelRunner:
         with torch.inference_mode():
             method.rows_stacked(run, cache.layers, ctx)  # e.g. kivi quantizes the stacked batch
         return self._prefilled(ctx, method, L, t0, torch.cat(logits))
+
+
+class PrefillCancelled(Exception):
+    """A prefill stopped at a chunk boundary because its ``cancel`` said so."""
+
+
+def _check_cancel(cancel: Callable[[], bool] | None, done: int) -> None:
+    """Before a prefill chunk: stop if ``cancel()`` (not before the first chunk: ``done`` = 0)."""
+    if done and cancel is not None and cancel():
+        raise PrefillCancelled
 
 
 def check_prefill_mode(mode: str) -> str:

@@ -97,8 +97,8 @@ class Job:
         self._cancelled.set()
 
     def is_cancelled(self) -> bool:
-        """The engine's ``cancel`` callback (checked once per decode step): the client left, or the
-        job's run time is up (then ``timed_out`` is set)."""
+        """The engine's ``cancel`` callback (checked at every prefill chunk boundary and decode
+        step): the client left, or the job's run time is up (then ``timed_out`` is set)."""
         if self._cancelled.is_set():
             return True
         if self.deadline is not None and self.clock() >= self.deadline:
