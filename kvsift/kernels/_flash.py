@@ -1,5 +1,6 @@
-"""Shared Triton building blocks of the attention kernels: loading a block of KV rows, and one block
-of keys folded into a flash-attention accumulator (online softmax in base 2). Imported by the kernels only where Triton is.
+"""Shared Triton building blocks of the attention kernels: loading a block of KV rows, folding one
+block of keys into a flash-attention accumulator (online softmax in base 2), and the end of a
+split-K decode program (its output, or its partial and log-sum-exp). Defined only where Triton is.
 """
 
 from __future__ import annotations
@@ -31,6 +32,25 @@ if HAS_TRITON:
         return m_new, l_i, acc
 
     @triton.jit
+    def store_split(out_ptr, po_ptr, plse_ptr, m_i, l_i, acc, b, h, pid_s, offs_g, offs_d, mask_g, mask_d,
+                    so_b, so_h, spo_bh, spo_s, HK: tl.constexpr, G: tl.constexpr, DIRECT: tl.constexpr):
+        """The end of a split-K decode program over (row ``b``, KV head ``h``) x split ``pid_s``: the
+        normalized output of its ``G`` query heads, into ``out (batch, q_heads, dim)`` when
+        ``DIRECT`` (one split, no lse), else with its base-2 log-sum-exp into the partials that
+        ``SplitLaunch.finish`` merges (``-inf`` where no key was visible)."""
+        has = l_i > 0.0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        if DIRECT:
+            tl.store(out_ptr + b * so_b + (h * G + offs_g[:, None]) * so_h + offs_d[None, :],
+                     o.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
+        else:
+            lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+            row = (b * HK * G + h * G + offs_g).to(tl.int64)                  # flat (batch, q_head)
+            tl.store(po_ptr + row[:, None] * spo_bh + pid_s * spo_s + offs_d[None, :], o,
+                     mask=mask_g[:, None] & mask_d[None, :])
+            tl.store(plse_ptr + row * tl.num_programs(1) + pid_s, lse, mask=mask_g)
+
+    @triton.jit
     def load_kv(k_base, v_base, slot, valid, sk, sv, offs_d, mask_d, UPCAST: tl.constexpr):
         """Rows ``slot (S,)`` of a key and a value buffer (row strides ``sk``/``sv``, columns
         ``offs_d``), zeros where ``valid`` or ``mask_d`` is False; fp32 when ``UPCAST``. Returns
@@ -44,4 +64,4 @@ if HAS_TRITON:
         return k, v
 
 else:
-    online_softmax_step = load_kv = None
+    online_softmax_step = load_kv = store_split = None

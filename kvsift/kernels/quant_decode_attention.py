@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from kvsift.kernels._flash import online_softmax_step
+from kvsift.kernels._flash import online_softmax_step, store_split
 from kvsift.kernels._triton import HAS_TRITON, tl, triton
 from kvsift.kernels.sparse_decode_attention import _LOG2E, SplitLaunch, _check_count, _check_pos, merge_attention
 
@@ -255,17 +255,8 @@ if HAS_TRITON:
                 k = k.to(q.dtype)
                 v = v.to(q.dtype)
             m_i, l_i, acc = online_softmax_step(q, k, v, valid[None, :], qk_scale, m_i, l_i, acc, IEEE)
-        has = l_i > 0.0
-        o = acc / tl.where(has, l_i, 1.0)[:, None]
-        if DIRECT:
-            tl.store(out_ptr + b * so_b + (h * G + offs_g[:, None]) * so_h + offs_d[None, :],
-                     o.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
-        else:
-            lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-            row = (b * HK * G + h * G + offs_g).to(tl.int64)
-            tl.store(po_ptr + row[:, None] * spo_bh + pid_s * spo_s + offs_d[None, :], o,
-                     mask=mask_g[:, None] & mask_d[None, :])
-            tl.store(plse_ptr + row * tl.num_programs(1) + pid_s, lse, mask=mask_g)
+        store_split(out_ptr, po_ptr, plse_ptr, m_i, l_i, acc, b, h, pid_s, offs_g, offs_d, mask_g, mask_d,
+                    so_b, so_h, spo_bh, spo_s, HK, G, DIRECT)
 
 
 def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,

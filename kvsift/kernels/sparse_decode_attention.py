@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsift.kernels._flash import load_kv, online_softmax_step
+from kvsift.kernels._flash import load_kv, online_softmax_step, store_split
 from kvsift.kernels._triton import HAS_TRITON, sm_count, tl, triton
 
 
@@ -226,17 +226,8 @@ if HAS_TRITON:
             slot = tl.where(valid, slot, 0)
             k, v = load_kv(k_base, v_base, slot, valid, sk_c, sv_c, offs_d, mask_d, UPCAST)  # (BLOCK_S, BLOCK_D)
             m_i, l_i, acc = online_softmax_step(q, k, v, valid[None, :], qk_scale, m_i, l_i, acc, IEEE)
-        has = l_i > 0.0
-        o = acc / tl.where(has, l_i, 1.0)[:, None]
-        if DIRECT:
-            tl.store(out_ptr + b * so_b + (h * G + offs_g[:, None]) * so_h + offs_d[None, :],
-                     o.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
-        else:
-            lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-            row = (b * HK * G + h * G + offs_g).to(tl.int64)                  # flat (batch, q_head)
-            tl.store(po_ptr + row[:, None] * spo_bh + pid_s * spo_s + offs_d[None, :], o,
-                     mask=mask_g[:, None] & mask_d[None, :])
-            tl.store(plse_ptr + row * tl.num_programs(1) + pid_s, lse, mask=mask_g)
+        store_split(out_ptr, po_ptr, plse_ptr, m_i, l_i, acc, b, h, pid_s, offs_g, offs_d, mask_g, mask_d,
+                    so_b, so_h, spo_bh, spo_s, HK, G, DIRECT)
 
     @triton.jit
     def _merge_splits_kernel(po_ptr, plse_ptr, out_ptr, lse_ptr, NS, spo_bh, spo_s, so_bh,
