@@ -30,22 +30,28 @@ LENGTHS=${LENGTHS:-4096,8192}; MINUTES=${MINUTES:-8.5}; COMPRESS=${COMPRESS:-pro
 TASKS=${TASKS:-niah,mk_niah,vt,qa}; BUDGETS=${BUDGETS:-0.1,0.25,0.5}; SAMPLES=${SAMPLES:-20}
 # method groups, balanced by cost (kvzip re-reads the context; h2o and tova evict during decode)
 KV_GROUPS=${KV_GROUPS:-"full,snapkv,adakv duo,tova h2o expected_attention kvzip"}
-KVP_GROUPS=${KVP_GROUPS:-"full,snapkv,adakv,duo tova,expected_attention kvzip h2o"}
-python3 bench/vs_kvpress.py --model $M --wheels .whl/kvpress-min --setup-only 2>&1 | tail -1
+KVP_GROUPS=${KVP_GROUPS-"full,snapkv,adakv,duo tova,expected_attention kvzip h2o"}   # empty: no kvpress
+[ -n "$KVP_GROUPS" ] && python3 bench/vs_kvpress.py --model $M --wheels .whl/kvpress-min --setup-only 2>&1 | tail -1
+# a cell that starts just before --max-minutes can run minutes past it: KILL_AFTER seconds after the
+# start every process is stopped (its finished cells are already in its JSONL), so the rows still
+# come back within the device call's limit
+STOP="timeout -s INT ${KILL_AFTER:-530}"
 pids=()
 i=0
+# a group is methods[@lengths[@budgets[@samples]]] (comma lists; empty or missing: the defaults)
+spec() { IFS=@ read -r g L B S <<< "$1"; L=${L:-$LENGTHS}; B=${B:-$BUDGETS}; S=${S:-$SAMPLES}; }
 for gl in $KV_GROUPS; do
-  i=$((i+1)); g=${gl%@*}; L=$LENGTHS; [ "$g" != "$gl" ] && L=${gl#*@}   # method[@lengths]
-  python3 -m kvsift.cli bench run --model $M --tasks $TASKS --methods $g --budgets $BUDGETS \
-    --lengths $L --samples $SAMPLES --max-minutes $MINUTES --no-progress --compress $COMPRESS \
+  i=$((i+1)); spec "$gl"
+  $STOP python3 -m kvsift.cli bench run --model $M --tasks $TASKS --methods $g --budgets $B \
+    --lengths $L --samples $S --max-minutes $MINUTES --no-progress --compress $COMPRESS \
     --mem-fraction ${MEM:-0.05} --prefill-mode ${PREFILL:-auto} --out $OUT/kvsift_$COMPRESS.g$i.jsonl > $OUT/kvsift_$COMPRESS.g$i.log 2>&1 &
   pids+=($!)
 done
 i=0
 for gl in $KVP_GROUPS; do
-  i=$((i+1)); g=${gl%@*}; L=$LENGTHS; [ "$g" != "$gl" ] && L=${gl#*@}
-  python3 bench/vs_kvpress.py --model $M --wheels .whl/kvpress-min --tasks $TASKS --presses $g \
-    --budgets $BUDGETS --lengths $L --samples $SAMPLES --max-minutes $MINUTES --no-progress \
+  i=$((i+1)); spec "$gl"
+  $STOP python3 bench/vs_kvpress.py --model $M --wheels .whl/kvpress-min --tasks $TASKS --presses $g \
+    --budgets $B --lengths $L --samples $S --max-minutes $MINUTES --no-progress \
     --compress $COMPRESS --mem-fraction 0.05 --out $OUT/kvpress_$COMPRESS.g$i.jsonl > $OUT/kvpress_$COMPRESS.g$i.log 2>&1 &
   pids+=($!)
 done
@@ -53,4 +59,4 @@ for p in "${pids[@]}"; do wait $p; done
 nvidia-smi --query-gpu=memory.used,memory.total --format=csv 2>/dev/null | tail -1
 for f in $OUT/*.log; do echo "== $f"; grep -v "GGUF tensors\|^\[bench\] [0-9]" $f | tail -3; done
 wc -l $OUT/*.jsonl
-tar czf $DEST/grid.tgz -C $OUT .   # the device returns at most 8 files: one tarball
+tar czf $DEST/${TAR:-grid}.tgz -C $OUT .   # the device returns at most 8 files: one tarball

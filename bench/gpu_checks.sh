@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One device call on an H200 (no model needed): the CUDA/Triton tests, then the kernel benches of
+# #11 (Quest/TokenSelect selected step and end to end at 128k), #13 (KIVI decode attention) and
+# #14 (MInference sparse prefill). Each step has its own time limit so one slow step cannot cost
+# the others; logs and JSON go to $OUT (the device returns at most 8 files: one tarball).
+#
+#   bash bench/gpu_checks.sh                 # STEPS=tests,kivi,decode,minference by default
+set -u
+DEST=${OUT:-bench/out}; R=${RES:-/root/checks}; mkdir -p "$R" "$DEST"
+pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1
+export PYTHONPATH=/tmp/site:$PWD
+STEPS=${STEPS:-tests,kivi,decode,minference}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+step() { case ",$STEPS," in *",$1,"*) return 0;; esac; return 1; }
+t0=$(date +%s)
+if step tests; then
+  timeout ${T_TESTS:-200} python3 -m pytest -q -p no:cacheprovider -k "cuda or triton or gpu" tests \
+    --continue-on-collection-errors >"$R/tests.log" 2>&1
+  echo "tests rc=$? $(( $(date +%s) - t0 )) s: $(tail -1 "$R/tests.log")"
+  grep -E "^(FAILED|ERROR)" "$R/tests.log" | head -30
+fi
+if step kivi; then
+  timeout ${T_KIVI:-90} python3 bench/gpu_kivi.py --contexts 32768,131072 --batches 1,8 --out "$R/gpu_kivi_h200.json" >"$R/kivi.log" 2>&1
+  echo "kivi rc=$? $(( $(date +%s) - t0 )) s"; tail -25 "$R/kivi.log"
+fi
+if step decode; then
+  timeout ${T_DECODE:-220} python3 bench/gpu_decode.py --contexts 131072 --budgets 2048 --batches 1,8 --reps 30 \
+    --e2e --e2e-contexts 131072 --e2e-batches 1 --e2e-methods full,quest:2048,tokenselect:2048 \
+    --e2e-new-tokens 32 --out "$R/gpu_decode_h200.json" >"$R/decode.log" 2>&1
+  echo "decode rc=$? $(( $(date +%s) - t0 )) s"; tail -40 "$R/decode.log"
+fi
+if step minference; then
+  timeout ${T_MINF:-150} python3 bench/minference_prefill.py --lengths ${MINF_LENGTHS:-32768,131072} \
+    --out "$R/minference_prefill_h200.json" >"$R/minference.log" 2>&1
+  echo "minference rc=$? $(( $(date +%s) - t0 )) s"; tail -30 "$R/minference.log"
+fi
+tar czf "$DEST/checks.tgz" -C "$R" .
