@@ -9,7 +9,8 @@ One prompt of ``--length`` tokens (a NIAH haystack of the eval's filler text wit
 long answer, in the model's chat template). HF ``model.generate`` (its SDPA attention, dynamic
 cache, greedy, ``min_new_tokens`` = ``max_new_tokens`` so EOS cannot end it early) is the
 reference; kvsift ``full`` runs in every decode mode the device allows (``eager``, ``static``,
-``graph`` on CUDA) with ``ignore_eos``. For each pair it reports the number of equal leading
+``graph`` on CUDA) with ``min_tokens`` = ``max_tokens`` (EOS masked, as ``min_new_tokens`` does).
+For each pair it reports the number of equal leading
 tokens and, at the first difference, the reference's logit margin there (top-1 minus top-2 of
 the reference's logits at that step, recomputed by one teacher-forced forward pass): a margin
 within bf16 rounding (about 0.1 of a logit) is a near-tie that a different but correct
@@ -92,7 +93,9 @@ def main(argv=None) -> int:
     for mode in modes:
         llm.decode_mode = mode
         t = time.perf_counter()
-        out = llm.generate(ids, SamplingParams(max_tokens=n, ignore_eos=True), method="full")[0].token_ids
+        # the same semantics as HF's min_new_tokens: end-of-sequence is never sampled (not sampled
+        # and then ignored, which ignore_eos alone would do)
+        out = llm.generate(ids, SamplingParams(max_tokens=n, min_tokens=n), method="full")[0].token_ids
         sync()
         outs[mode] = out
         d = first_diff(out, ref)

@@ -172,7 +172,8 @@ def test_prompt_longer_than_model_limit(tiny_llm):
         tiny_llm.generate(random_prompt(n), SamplingParams(max_tokens=2))
 
 
-@pytest.mark.parametrize("kwargs", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(stop=[""])])
+@pytest.mark.parametrize("kwargs", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(stop=[""]),
+                                    dict(min_tokens=-1), dict(max_tokens=2, min_tokens=3)])
 def test_sampling_params_validation(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
@@ -206,3 +207,26 @@ def test_score_full_equals_plain_forward_nll(tiny_llm):
     # compression changes the likelihood, and the stats say how much was kept
     nll_c, st_c = tiny_llm.score(ctx, cont, method="streaming", budget=16)
     assert nll_c != nll and st_c.kv_kept_bytes < st.kv_kept_bytes
+
+
+def test_min_tokens_holds_eos_like_hf_min_new_tokens(tiny_llm):
+    """``min_tokens`` masks end-of-sequence until that many tokens (HF's ``min_new_tokens``);
+    ``ignore_eos`` alone samples it and goes on, which is a different sequence."""
+    ids = random_prompt(120, seed=21)
+    free = tiny_llm.generate(ids, SamplingParams(max_tokens=6, ignore_eos=True))[0].token_ids
+    saved = tiny_llm.eos_ids
+    try:
+        tiny_llm.eos_ids = [free[0]]  # the greedy first token is now the end of sequence
+        out = tiny_llm.generate(ids, SamplingParams(max_tokens=6))[0]
+        assert out.token_ids == [] and out.finish_reason == "stop"
+        held = tiny_llm.generate(ids, SamplingParams(max_tokens=6, min_tokens=6))[0]
+        assert len(held.token_ids) == 6 and free[0] not in held.token_ids and held.finish_reason == "length"
+        with torch.inference_mode():
+            ref = tiny_llm.model.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                          eos_token_id=free[0], pad_token_id=tiny_llm.pad_id)
+        assert held.token_ids == ref[0, len(ids):].tolist()
+        # past min_tokens the end of sequence may come again
+        some = tiny_llm.generate(ids, SamplingParams(max_tokens=6, min_tokens=2))[0]
+        assert held.token_ids[:2] == some.token_ids[:2] and free[0] not in some.token_ids
+    finally:
+        tiny_llm.eos_ids = saved

@@ -167,6 +167,8 @@ def test_seed_range_is_validated(make_client):
     ({"prompt": "x", "stream": "yes"}, "invalid_value", "stream", "boolean"),
     ({"prompt": "x", "temperature": "0.5"}, "invalid_value", "temperature", "number"),
     ({"prompt": "x", "ignore_eos": 1}, "invalid_value", "ignore_eos", "boolean"),
+    ({"prompt": "x", "min_tokens": -1}, "invalid_value", "min_tokens", "greater than or equal to 0"),
+    ({"prompt": "x", "max_tokens": 2, "min_tokens": 3}, "invalid_value", "min_tokens", "min_tokens must be"),
     ({"prompt": "x", "logit_bias": {"5": 10}}, "invalid_value", "logit_bias", "not supported"),
 ])
 def test_bad_fields_get_clear_errors(make_client, body, code, param, words):

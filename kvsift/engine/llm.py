@@ -405,7 +405,7 @@ class LLM:
                 while True:
                     # the last step of every running sequence: nothing to queue after it
                     last = all(s.done or s.steps == s.limit - 1 for s in seqs)
-                    tok = _sample(logits, params, gen)
+                    tok = _sample(_hold_eos(logits, seqs, eos), params, gen)
                     is_eos = torch.isin(tok, eos) if eos is not None else torch.zeros_like(tok, dtype=torch.bool)
                     new = join(requests, len(seqs)) if can_join and not last else []
                     # rows change before the next step (new ones, or rows done since the last step):
@@ -443,7 +443,7 @@ class LLM:
                                 owners.append((r, j))
                                 seqs.append(_Seq(j, self, r.params, r.room(len(r.prompts[j]), self.info.max_positions)))
                         if new:
-                            tok_new = _sample(t_new.logits, params, gen)
+                            tok_new = _sample(_hold_eos(t_new.logits, seqs[len(keep):], eos), params, gen)
                             eos_new = (torch.isin(tok_new, eos) if eos is not None
                                        else torch.zeros_like(tok_new, dtype=torch.bool))
                             for k, (t_k, e_k) in enumerate(zip(tok_new.tolist(), eos_new.tolist())):
@@ -511,6 +511,22 @@ def _as_batch(prompts) -> list:
     if isinstance(prompts, Sequence) and len(prompts) > 0:
         return list(prompts)
     raise ValueError("prompts must be a string, a list of token ids, or a non-empty list of those")
+
+
+def _hold_eos(logits: torch.Tensor, seqs: list["_Seq"], eos: torch.Tensor | None) -> torch.Tensor:
+    """``logits (batch, vocab)`` with the end-of-sequence tokens at ``-inf`` in the rows of sequences
+    that have not yet made their ``min_tokens`` (``seqs[i]`` owns row ``i``); unchanged (no copy)
+    when none is held."""
+    if eos is None:
+        return logits
+    rows = [i for i, s in enumerate(seqs) if not s.done and s.steps < s.params.min_tokens]
+    if not rows:
+        return logits
+    held = torch.zeros(logits.shape[0], 1, dtype=torch.bool, device=logits.device)
+    held[rows] = True
+    hit = torch.zeros(1, logits.shape[1], dtype=torch.bool, device=logits.device)
+    hit[0, eos] = True
+    return logits.masked_fill(held & hit, float("-inf"))
 
 
 def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> torch.Tensor:

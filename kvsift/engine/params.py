@@ -8,7 +8,10 @@ from typing import Any
 
 @dataclass(slots=True)
 class SamplingParams:
-    """How to sample. ``temperature == 0`` is greedy."""
+    """How to sample. ``temperature == 0`` is greedy. ``min_tokens``: end-of-sequence tokens are not
+    sampled before this many new tokens (vLLM's ``min_tokens``, HF's ``min_new_tokens``); stop
+    strings still stop. ``ignore_eos``: an end-of-sequence token does not stop the sequence (it is
+    kept as a token)."""
 
     max_tokens: int = 128
     temperature: float = 0.0
@@ -16,6 +19,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -26,6 +30,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
         if not (0.0 < float(self.top_p) <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
 

@@ -233,7 +233,7 @@ if HAS_TRITON:
             slot = tl.where(valid, slot, 0)
             isq = valid & (slot < rstart)                                   # quantized slots
             isr = valid & (slot >= rstart)                                  # full-precision window
-            ridx = tl.where(isr, slot - rstart, 0)
+            ridx = tl.maximum(slot - rstart, 0)                              # read only where isr (mask)
             mq = isq[:, None] & mask_d[None, :]
             mr = isr[:, None] & mask_d[None, :]
             # keys: packed codes, per-channel scale/zero of the slot's group

@@ -566,9 +566,12 @@ def _prepare(state: ServerState, req, chat: bool, who: Principal = ANONYMOUS_ADM
                   "messages" if chat else "prompt")
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                                stop=list(req.stop or []), ignore_eos=req.ignore_eos)
-    except ValueError as e:
-        raise APIError(400, str(e), code="invalid_value") from None
+                                stop=list(req.stop or []), ignore_eos=req.ignore_eos,
+                                min_tokens=req.min_tokens)
+    except ValueError as e:  # SamplingParams' messages start with the field's name
+        field = str(e).split(" ", 1)[0]
+        raise APIError(400, str(e), code="invalid_value",
+                       param=field if field in SamplingParams.__slots__ else None) from None
     return Prepared(prompts, params, m, spec, budget, ctx, req.context_id, base, who)
 
 

@@ -7,6 +7,7 @@ Extra fields accepted on completions and chat (through ``extra_body`` in the ope
 * ``kv_options``: method options, e.g. ``{"window": 32}``
 * ``context_id``: answer from a reusable context made by ``POST /v1/contexts``
 * ``ignore_eos``: keep generating past end-of-sequence (benchmarks)
+* ``min_tokens``: do not sample end-of-sequence before this many tokens (vLLM's field)
 
 Unknown OpenAI fields are ignored (clients send many optional ones); unknown ``kv_*`` fields are an
 error, so that a typo in kvsift's own options does not pass silently. OpenAI fields that change the
@@ -94,6 +95,7 @@ class _GenerationFields(_Base):
     kv_options: dict[Text, Any] | None = None
     context_id: Text | None = None
     ignore_eos: StrictBool = False
+    min_tokens: StrictInt = Field(default=0, ge=0)
 
     @field_validator("logit_bias")
     @classmethod
