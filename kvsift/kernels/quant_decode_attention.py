@@ -108,7 +108,8 @@ def quant_decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: 
                                slot_count: torch.Tensor | None = None, num_splits: int | None = None,
                                return_lse: bool = False, block: int = 4096):
     """Reference (PyTorch): per block of ``block`` table entries, gather the codes and scales of the
-    selected slots, dequantize to fp32, float32 softmax; blocks merged by log-sum-exp. Shapes in
+    selected slots, dequantize (rounded to the window's dtype, as the kernel and a dequantized
+    copy hold them), float32 softmax; blocks merged by log-sum-exp. Shapes in
     the module docstring. ``num_splits`` is the Triton kernel's launch setting (ignored here)."""
     bits = _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start, key_pos,
                   query_pos, slot_idx, group)
@@ -140,6 +141,9 @@ def quant_decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: 
         ri = torch.where(quant, 0, safe - rs)[..., None].expand(*safe.shape, d)
         kq = _dequant_rows(k_codes, k_scale, k_zero, torch.where(quant, safe, 0), bits, group, True)
         vq = _dequant_rows(v_codes, v_scale, v_zero, torch.where(quant, safe, 0), bits, group, False)
+        # dequantized to the KV dtype (what the kernel feeds its dot products, and what a
+        # dequantized copy holds), then float32 math
+        kq, vq = kq.to(k_res.dtype).float(), vq.to(v_res.dtype).float()
         k = torch.where(quant[..., None], kq, k_res.gather(2, ri).float())        # (b, hk, s, d)
         v = torch.where(quant[..., None], vq, v_res.gather(2, ri).float())
         w = torch.matmul(qg, k.transpose(-1, -2)) * scale                           # (b, hk, g, s)
@@ -156,6 +160,17 @@ def quant_decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: 
 
 
 if HAS_TRITON:
+
+    @triton.jit
+    def _unpack(b, BITS: tl.constexpr, PER: tl.constexpr, LEVELS: tl.constexpr):
+        """Packed bytes ``(S, D // PER)`` int32 -> codes ``(S, D)`` fp32 (channel ``j*PER + i`` at bit
+        ``i*BITS`` of byte ``j``): the per-bit-slot planes interleaved along the last axis."""
+        if PER == 2:
+            c = tl.interleave(b & LEVELS, (b >> BITS) & LEVELS)
+        else:  # PER == 4: [c0, c2] and [c1, c3] interleaved, then the two interleaved
+            c = tl.interleave(tl.interleave(b & LEVELS, (b >> (2 * BITS)) & LEVELS),
+                              tl.interleave((b >> BITS) & LEVELS, (b >> (3 * BITS)) & LEVELS))
+        return c.to(tl.float32)
 
     @triton.jit
     def _quant_decode_split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr, rv_ptr, rs_ptr,
@@ -178,7 +193,8 @@ if HAS_TRITON:
                                    BITS: tl.constexpr, PER: tl.constexpr, LEVELS: tl.constexpr,
                                    KGROUP: tl.constexpr, VGROUP: tl.constexpr,
                                    DIRECT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                                   ALL: tl.constexpr, HAS_CNT: tl.constexpr):
+                                   ALL: tl.constexpr, HAS_CNT: tl.constexpr, FAST: tl.constexpr,
+                                   NVG: tl.constexpr):
         # one program: (batch, kv_head) x one split of the slot table; slot s < res_start is
         # dequantized from its codes (code * scale + zero), a later slot read from the window
         pid_bh = tl.program_id(0)
@@ -192,6 +208,8 @@ if HAS_TRITON:
         byte_d = offs_d // PER                                              # byte of each channel
         shift = ((offs_d % PER) * BITS).to(tl.int32)                        # its bits in the byte
         vgrp = offs_d // VGROUP                                             # value scale of each channel
+        offs_b = tl.arange(0, BLOCK_D // PER)                               # packed bytes of a row (FAST)
+        offs_vg = tl.arange(0, NVG)                                         # value groups of a row (FAST)
         q = tl.load(q_ptr + b * sq_b + (h * G + offs_g[:, None]) * sq_h + offs_d[None, :] * sq_d,
                     mask=mask_g[:, None] & mask_d[None, :], other=0.0)      # (G_P, BLOCK_D)
         if UPCAST:
@@ -233,27 +251,50 @@ if HAS_TRITON:
             slot = tl.where(valid, slot, 0)
             isq = valid & (slot < rstart)                                   # quantized slots
             isr = valid & (slot >= rstart)                                  # full-precision window
-            ridx = tl.maximum(slot - rstart, 0)                              # read only where isr (mask)
+            if FAST:
+                # BLOCK_D == D: each row's packed bytes load once, (BLOCK_S, D // PER), and unpack in
+                # registers (one load per byte, not one per channel); a value scale and zero load
+                # once per slot and channel group, then broadcast over the group's channels
+                cb = slot[:, None] * skc_c + offs_b[None, :]
+                kcode = _unpack(tl.load(kc_base + cb, mask=isq[:, None], other=0).to(tl.int32), BITS, PER, LEVELS)
+                vcode = _unpack(tl.load(vc_base + slot[:, None] * svc_c + offs_b[None, :], mask=isq[:, None],
+                                        other=0).to(tl.int32), BITS, PER, LEVELS)
+                vs_off = slot[:, None] * svs_c + offs_vg[None, :]
+                vsc = tl.load(vs_base + vs_off, mask=isq[:, None], other=0.0).to(tl.float32)   # (BLOCK_S, NVG)
+                vzp = tl.load(vz_base + vs_off, mask=isq[:, None], other=0.0).to(tl.float32)
+                if NVG > 1:
+                    vsc = tl.reshape(tl.broadcast_to(vsc[:, :, None], (BLOCK_S, NVG, VGROUP)), (BLOCK_S, BLOCK_D))
+                    vzp = tl.reshape(tl.broadcast_to(vzp[:, :, None], (BLOCK_S, NVG, VGROUP)), (BLOCK_S, BLOCK_D))
+            else:
+                mqd = isq[:, None] & mask_d[None, :]
+                kb = tl.load(kc_base + slot[:, None] * skc_c + byte_d[None, :], mask=mqd, other=0).to(tl.int32)
+                kcode = ((kb >> shift[None, :]) & LEVELS).to(tl.float32)
+                vb = tl.load(vc_base + slot[:, None] * svc_c + byte_d[None, :], mask=mqd, other=0).to(tl.int32)
+                vcode = ((vb >> shift[None, :]) & LEVELS).to(tl.float32)
+                vsc = tl.load(vs_base + slot[:, None] * svs_c + vgrp[None, :], mask=mqd, other=0.0).to(tl.float32)
+                vzp = tl.load(vz_base + slot[:, None] * svs_c + vgrp[None, :], mask=mqd, other=0.0).to(tl.float32)
             mq = isq[:, None] & mask_d[None, :]
-            mr = isr[:, None] & mask_d[None, :]
-            # keys: packed codes, per-channel scale/zero of the slot's group
-            kb = tl.load(kc_base + slot[:, None] * skc_c + byte_d[None, :], mask=mq, other=0).to(tl.int32)
-            kcode = ((kb >> shift[None, :]) & LEVELS).to(tl.float32)
+            # keys: per-channel scale/zero of the slot's group (contiguous over the channels)
             kgi = slot // KGROUP
             ksc = tl.load(ks_base + kgi[:, None] * sks_g + offs_d[None, :], mask=mq, other=0.0).to(tl.float32)
             kzp = tl.load(kz_base + kgi[:, None] * sks_g + offs_d[None, :], mask=mq, other=0.0).to(tl.float32)
-            kr = tl.load(rk_base + ridx[:, None] * srk_c + offs_d[None, :], mask=mr, other=0.0).to(tl.float32)
-            k = tl.where(mq, kcode * ksc + kzp, kr)                         # (BLOCK_S, BLOCK_D) fp32
-            # values: packed codes, per-slot scale/zero of the channel's group
-            vb = tl.load(vc_base + slot[:, None] * svc_c + byte_d[None, :], mask=mq, other=0).to(tl.int32)
-            vcode = ((vb >> shift[None, :]) & LEVELS).to(tl.float32)
-            vsc = tl.load(vs_base + slot[:, None] * svs_c + vgrp[None, :], mask=mq, other=0.0).to(tl.float32)
-            vzp = tl.load(vz_base + slot[:, None] * svs_c + vgrp[None, :], mask=mq, other=0.0).to(tl.float32)
-            vr = tl.load(rv_base + ridx[:, None] * srv_c + offs_d[None, :], mask=mr, other=0.0).to(tl.float32)
-            v = tl.where(mq, vcode * vsc + vzp, vr)
-            if not UPCAST:
-                k = k.to(q.dtype)
-                v = v.to(q.dtype)
+            k = kcode * ksc + kzp                                           # (BLOCK_S, BLOCK_D) fp32
+            v = vcode * vsc + vzp
+            # the full-precision window: read only by the tiles that reach it
+            if tl.sum(isr.to(tl.int32), axis=0) > 0:
+                ridx = tl.maximum(slot - rstart, 0)                          # read only where isr (mask)
+                mr = isr[:, None] & mask_d[None, :]
+                kr = tl.load(rk_base + ridx[:, None] * srk_c + offs_d[None, :], mask=mr, other=0.0).to(tl.float32)
+                vr = tl.load(rv_base + ridx[:, None] * srv_c + offs_d[None, :], mask=mr, other=0.0).to(tl.float32)
+                k = tl.where(isr[:, None], kr, k)
+                v = tl.where(isr[:, None], vr, v)
+            # rounded to the KV dtype (the reference's and a dequantized copy's values); fp32 math
+            # when UPCAST (the CPU interpreter)
+            k = k.to(rk_ptr.dtype.element_ty)
+            v = v.to(rv_ptr.dtype.element_ty)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
             m_i, l_i, acc = online_softmax_step(q, k, v, valid[None, :], qk_scale, m_i, l_i, acc, IEEE)
         store_split(out_ptr, po_ptr, plse_ptr, m_i, l_i, acc, b, h, pid_s, offs_g, offs_d, mask_g, mask_d,
                     so_b, so_h, spo_bh, spo_s, HK, G, DIRECT)
@@ -296,6 +337,8 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
     L = SplitLaunch.plan(q, hk, s, num_splits, return_lse,
                          block_s=TUNING["block_s"] if block_d <= 128 else TUNING["block_s"] // 2)
     sp = key_pos.stride()
+    # packed rows unpacked in registers: the head fills the block and the value groups are a power of two
+    fast = L.block_d == d and v_scale.shape[3] & (v_scale.shape[3] - 1) == 0
     _quant_decode_split_kernel[(b * hk, L.splits)](
         q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start,
         idx, L.out, L.po, L.plse,
@@ -316,6 +359,7 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
         BITS=bits, PER=8 // bits, LEVELS=(1 << bits) - 1, KGROUP=group,
         VGROUP=d // v_scale.shape[3], DIRECT=L.direct, IEEE=L.ieee, UPCAST=L.upcast,
         ALL=slot_idx is None, HAS_CNT=slot_count is not None,
+        FAST=fast, NVG=v_scale.shape[3] if fast else 1,
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )
     return L.finish()
