@@ -1,6 +1,7 @@
 """Tensor parallel on the CPU: 2 ranks (gloo, ``torchrun`` on a free loopback port) over a tiny
 random-weight model saved to a temporary directory, against the same model in one process: the
-same greedy tokens with ``full``, ``snapkv`` and ``quest``, no collective beyond those of ``full``
+same greedy tokens with ``full``, ``snapkv`` and ``quest`` (one prompt, a batch prefilled row by row,
+static decoding), no collective beyond those of ``full``
 (selection is local to each rank), the same sampled tokens on both ranks, each rank's cache holding
 half the KV heads (half the bytes); the CLI path (``torchrun -m
 kvsift.cli generate --tp 2``); and the typed errors that come before any loading."""
@@ -74,6 +75,14 @@ with tensor_parallel(2) as tp:
         res["greedy"][m] = llm.generate([spec["prompt"]], SamplingParams(max_tokens=spec["max_tokens"]), method=m,
                                         budget=b)[0].token_ids
         res["collectives"][m] = {k: v / forwards[0] for k, v in calls.items()}
+    # a batch of two prompts (snapkv: prefilled row by row, then stacked), and static decoding
+    res["batch"] = [o.token_ids for o in llm.generate([spec["prompt"], spec["prompt2"]],
+                                                      SamplingParams(max_tokens=spec["max_tokens"]),
+                                                      method="snapkv", budget=32)]
+    llm.decode_mode = "static"
+    res["static"] = llm.generate([spec["prompt"]], SamplingParams(max_tokens=spec["max_tokens"]), method="quest",
+                                 budget=32)[0].token_ids
+    llm.decode_mode = "auto"
     # unseeded sampling: each rank's own random stream would differ; rank 0's draw is broadcast
     res["sampled"] = llm.generate([spec["prompt"]], SamplingParams(max_tokens=6, temperature=1.5),
                                   method="full")[0].token_ids
@@ -117,8 +126,8 @@ def tiny_dir(tmp_path_factory, default_tokenizer):
 def test_two_ranks_match_one_process(tiny_dir, tmp_path):
     from kvsift import LLM, SamplingParams
 
-    prompt = random_prompt(120, seed=11)
-    spec = {"prompt": prompt, "methods": METHODS, "max_tokens": MAX_TOKENS}
+    prompt, prompt2 = random_prompt(120, seed=11), random_prompt(90, seed=12)
+    spec = {"prompt": prompt, "prompt2": prompt2, "methods": METHODS, "max_tokens": MAX_TOKENS}
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     r = _torchrun([str(script), str(tiny_dir), str(tmp_path), json.dumps(spec)])
@@ -143,6 +152,12 @@ def test_two_ranks_match_one_process(tiny_dir, tmp_path):
             got = res["cache"][m]
             assert [2 * h for h in got["kv_heads"]] == full_heads
             assert 2 * got["bytes"] == ctx.cache.memory()["device"], m
+    batch = [o.token_ids for o in one.generate([prompt, prompt2], SamplingParams(max_tokens=MAX_TOKENS),
+                                                method="snapkv", budget=32)]
+    one.decode_mode = "static"
+    static = one.generate([prompt], SamplingParams(max_tokens=MAX_TOKENS), method="quest", budget=32)[0].token_ids
+    for res in ranks:
+        assert res["batch"] == batch and res["static"] == static
     assert ranks[0]["sampled"] == ranks[1]["sampled"] and len(ranks[0]["sampled"]) > 0
     # selection is local: per model forward, every method issues exactly the collectives of `full`
     # (those of transformers' TP plan), and greedy decoding broadcasts nothing
