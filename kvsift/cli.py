@@ -157,13 +157,14 @@ def _check_tp(args) -> None:
     """``--tp N``, before anything loads: an integer >= 1; N > 1 only under a ``torchrun`` launch of N
     processes, with ``--device auto``, and an HF directory's config shardable over N ranks."""
     from kvsift import tp
+    from kvsift.errors import TensorParallelError
 
     size = tp.check_size(args.tp)
     if size == 1:
         return
     tp.launch_env(size)
     if args.device != "auto":
-        raise tp.TensorParallelError(f"--tp {size}: each rank runs on its own device (its GPU, else the CPU); leave "
+        raise TensorParallelError(f"--tp {size}: each rank runs on its own device (its GPU, else the CPU); leave "
                                      f"--device auto", param="device")
     path = Path(str(args.model)).expanduser() if args.model is not None else None
     if path is not None and path.is_dir() and (path / "config.json").is_file():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from kvsift.errors import ModelNotFoundError
+from kvsift.errors import ModelNotFoundError, TensorParallelError
 from kvsift.models.registry import DEFAULT_MODEL, MODELS, NamedModel, cache_root, find_model, get_model, model_file
 
 log = logging.getLogger("kvsift")
@@ -205,7 +205,7 @@ def load_model(model: str | os.PathLike | None = None, device: str | torch.devic
     if size > 1:
         tp.current_group(size)  # a process group of that size, before anything is read
         if device not in (None, "auto"):
-            raise tp.TensorParallelError(f"with tensor_parallel={size} each rank runs on its own device (its GPU, "
+            raise TensorParallelError(f"with tensor_parallel={size} each rank runs on its own device (its GPU, "
                                          f"else the CPU): leave device 'auto', not {device!r}", param="device")
     name, path, entry = _resolve(model)
     dev = resolve_device(device)
