@@ -246,7 +246,8 @@ def test_cli_errors(tiny_dir, tmp_path, monkeypatch, capsys):
     odd.mkdir()
     tiny_config("llama", heads=6, kv_heads=3, hidden=96).save_pretrained(odd)
     assert main(base + ["--model", str(odd), "--tp", "2"]) == 2
-    assert "kvsift: error: tensor_parallel=2 must divide the model's heads: it has 3 KV heads" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "kvsift: error: tensor_parallel=2 must divide the model's heads: it has 3 KV heads" in err
     assert main(base + ["--model", str(tiny_dir), "--tp", "2", "--device", "cpu"]) == 2
     assert "leave --device auto" in capsys.readouterr().err
 
