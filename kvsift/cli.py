@@ -1,6 +1,7 @@
 """The ``kvsift`` command.
 
     kvsift generate --prompt-file doc.txt --question "Who is the narrator?" --method snapkv --budget 1024
+    torchrun --nproc-per-node 2 -m kvsift.cli generate --model DIR --prompt-file doc.txt --tp 2   (tensor parallel)
     kvsift methods
     kvsift models [--json]  /  kvsift models pull NAME
     kvsift bench ...        (evaluation harness)
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-stream", action="store_true", help="print the answer only at the end")
     g.add_argument("--progress", action="store_true", default=None, help="always show prefill progress")
     g.add_argument("--json", action="store_true", help="print one JSON object (text + stats) instead")
+    g.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallel over N processes, each holding 1/N of the model and of the KV heads; "
+                        "run under `torchrun --nproc-per-node N -m kvsift.cli generate ... --tp N` (rank 0 prints)")
     _add_model_args(g)
 
     mp = sub.add_parser("methods", help="list the registered KV methods and their options")
@@ -103,9 +107,11 @@ def cmd_generate(args) -> int:
     from kvsift.engine import LLM, SamplingParams
     from kvsift.methods import build_method, parse_budget
     from kvsift.models import check_model
+    from kvsift.tp import tensor_parallel
 
     # validate everything cheap before loading the model
     check_model(args.model)
+    _check_tp(args)
     budget = parse_budget(args.budget)
     opts = _parse_opts(args.method_opt)
     build_method(args.method, budget, **opts)
@@ -122,16 +128,20 @@ def cmd_generate(args) -> int:
     if not prompt.strip():
         raise ValueError("the prompt is empty")
 
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, chunk_size=args.chunk_size)
-    kw = dict(method=args.method, budget=budget, method_kwargs=opts, chat=False if args.no_chat else None,
-              progress=args.progress)
-    stream = llm.stream(prompt, params, **kw)  # validates length/budget before any compute
-    out = None
-    for ev in stream:
-        if not (args.json or args.no_stream) and ev.text:
-            print(ev.text, end="", flush=True)
-        if ev.output is not None:
-            out = ev.output
+    with tensor_parallel(args.tp) as group:  # --tp N: this rank's process group, left at the end
+        llm = LLM(args.model, device=args.device, dtype=args.dtype, chunk_size=args.chunk_size,
+                  tensor_parallel=args.tp)
+        kw = dict(method=args.method, budget=budget, method_kwargs=opts, chat=False if args.no_chat else None,
+                  progress=args.progress)
+        stream = llm.stream(prompt, params, **kw)  # validates length/budget before any compute
+        out = None
+        for ev in stream:  # every rank runs the generation; rank 0 prints it
+            if group.is_main and not (args.json or args.no_stream) and ev.text:
+                print(ev.text, end="", flush=True)
+            if ev.output is not None:
+                out = ev.output
+    if not group.is_main:
+        return 0
     if args.json:
         print(json.dumps({"text": out.text, "finish_reason": out.finish_reason, "stats": out.stats.to_dict()},
                          default=str))
@@ -141,6 +151,26 @@ def cmd_generate(args) -> int:
         print()
         print(f"[kvsift] {out.stats.summary()}", file=sys.stderr)
     return 0
+
+
+def _check_tp(args) -> None:
+    """``--tp N``, before anything loads: an integer >= 1; N > 1 only under a ``torchrun`` launch of N
+    processes, with ``--device auto``, and an HF directory's config shardable over N ranks."""
+    from kvsift import tp
+    from kvsift.errors import TensorParallelError
+
+    size = tp.check_size(args.tp)
+    if size == 1:
+        return
+    tp.launch_env(size)
+    if args.device != "auto":
+        raise TensorParallelError(f"--tp {size}: each rank runs on its own device (its GPU, else the CPU); leave "
+                                     f"--device auto", param="device")
+    path = Path(str(args.model)).expanduser() if args.model is not None else None
+    if path is not None and path.is_dir() and (path / "config.json").is_file():
+        from transformers import AutoConfig
+
+        tp.check_config(AutoConfig.from_pretrained(path, local_files_only=True), size)
 
 
 def cmd_methods(args) -> int:

@@ -51,6 +51,15 @@ class ContextLengthError(InputError):
     code = "context_length_exceeded"
 
 
+class TensorParallelError(InputError):
+    """A tensor-parallel setup that cannot work, detected before the weights load: a size that is
+    not an integer >= 1, ``tensor_parallel > 1`` outside a distributed launch (no process group, or
+    one of another size), attention or KV heads not divisible by the size, a model without a tensor
+    parallel plan, a method whose per-model data is not sharded."""
+
+    code = "invalid_tensor_parallel"
+
+
 class ModelNotFoundError(KVSiftError, FileNotFoundError):
     """A model name or path that cannot be resolved, or a named model whose packages are missing."""
 

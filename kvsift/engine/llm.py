@@ -33,6 +33,7 @@ from kvsift.methods import KVMethod, build_method
 from kvsift.errors import UnknownMethodError
 from kvsift.methods.base import Budget, Run
 from kvsift.models.loader import ModelInfo, load_model, model_info
+from kvsift.tp import agree
 
 Prompt = str | Sequence[int]
 
@@ -53,6 +54,10 @@ class LLM:
     batch-size and capacity bucket, at most two kept), so that CUDA graphs recorded by one
     generation are replayed by the next ones instead of recorded again (at the cost of a copy of
     the prompt's KV into the arena and the arenas' memory).
+    ``tensor_parallel``: N > 1 shards the model over the N ranks of a ``torchrun`` launch
+    (transformers' ``tp_plan="auto"``; create the LLM inside ``with kvsift.tensor_parallel(N):``,
+    see :mod:`kvsift.tp`): each rank's cache holds its own KV heads and methods select per head on
+    each rank; every rank makes the same calls and gets the same tokens (sampled ones are rank 0's).
 
     ``runner`` (the model, its forward passes and CUDA graphs) and ``scheduler`` (this LLM's
     offline queue) are its two parts; ``model``, ``info``, ``device``, ``chunk_size`` and the modes
@@ -60,16 +65,17 @@ class LLM:
 
     def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
                  chunk_size: int | None = None, decode_mode: str = "auto", prefill_mode: str = "auto",
-                 kv_arena: bool = False):
+                 kv_arena: bool = False, tensor_parallel: int = 1):
         check_decode_mode(decode_mode)
         _check_prefill_mode(prefill_mode)
-        mdl, tok, info = load_model(model, device, dtype)
+        mdl, tok, info = load_model(model, device, dtype, tensor_parallel=tensor_parallel)
         self._init(mdl, tok, info, chunk_size, decode_mode, prefill_mode, kv_arena)
 
     @classmethod
     def from_model(cls, model, tokenizer, name: str = "model", chunk_size: int | None = None,
                    decode_mode: str = "auto", prefill_mode: str = "auto", kv_arena: bool = False) -> "LLM":
-        """Wrap an already loaded transformers model (e.g. a tiny random one in tests)."""
+        """Wrap an already loaded transformers model (e.g. a tiny random one in tests; a model
+        loaded tensor-parallel runs as one rank of it)."""
         self = cls.__new__(cls)
         self._init(model.eval(), tokenizer, model_info(model, tokenizer, name), chunk_size, decode_mode,
                    prefill_mode, kv_arena)
@@ -88,6 +94,7 @@ class LLM:
         pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
         self.runner = ModelRunner(model, tokenizer, info, chunk_size, decode_mode, prefill_mode, pad_id, kv_arena)
         self.scheduler = Scheduler(self.scheduler_config())
+        self.tp_size = info.tp_size  # tensor-parallel ranks (1: none); KV figures below are this rank's
         item = info.dtype.itemsize if hasattr(info.dtype, "itemsize") else 2
         self.kv_bytes_per_token = kv_bytes_per_token(info.num_layers, info.num_kv_heads, info.head_dim, item)
 
@@ -405,7 +412,7 @@ class LLM:
                 while True:
                     # the last step of every running sequence: nothing to queue after it
                     last = all(s.done or s.steps == s.limit - 1 for s in seqs)
-                    tok = _sample(_hold_eos(logits, seqs, eos), params, gen)
+                    tok = self._sample(_hold_eos(logits, seqs, eos), params, gen)
                     is_eos = torch.isin(tok, eos) if eos is not None else torch.zeros_like(tok, dtype=torch.bool)
                     new = join(requests, len(seqs)) if can_join and not last else []
                     # rows change before the next step (new ones, or rows done since the last step):
@@ -443,7 +450,7 @@ class LLM:
                                 owners.append((r, j))
                                 seqs.append(_Seq(j, self, r.params, r.room(len(r.prompts[j]), self.info.max_positions)))
                         if new:
-                            tok_new = _sample(_hold_eos(t_new.logits, seqs[len(keep):], eos), params, gen)
+                            tok_new = self._sample(_hold_eos(t_new.logits, seqs[len(keep):], eos), params, gen)
                             eos_new = (torch.isin(tok_new, eos) if eos is not None
                                        else torch.zeros_like(tok_new, dtype=torch.bool))
                             for k, (t_k, e_k) in enumerate(zip(tok_new.tolist(), eos_new.tolist())):
@@ -461,6 +468,12 @@ class LLM:
                 if lag:
                     sync(self.device)  # a queued step may still write the cache
                 decoder.close()
+
+    def _sample(self, logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> torch.Tensor:
+        """The next tokens; under tensor parallel a sampled draw is rank 0's on every rank (greedy
+        needs no collective: every rank has the same logits)."""
+        tok = _sample(logits, params, gen)
+        return tok if params.temperature == 0 else agree(tok, self.tp_size)
 
     def joins_running(self, req: Request, mode: str | None = None) -> bool:
         """Whether a running batch of ``req``'s kind may change its rows at decode-step boundaries

@@ -284,6 +284,13 @@ class MInference(KVMethod):
         return MInferenceRun(run.tokens, prompt_len, num_layers)
 
     def check_model(self, info) -> None:
+        tp = getattr(info, "tp_size", 1)
+        if tp > 1 and self.patterns != "default" and (self.patterns is not None or cache_path(info.name).is_file()):
+            from kvsift.errors import TensorParallelError
+
+            # a file lists the model's heads; each rank holds only its own (not mapped yet)
+            raise TensorParallelError(f"minference pattern files are not split over tensor-parallel ranks yet: use "
+                                      f"patterns='default' with tensor_parallel={tp}", param="patterns")
         resolve_patterns(self.patterns, info)
 
     def row_prefill_ok(self) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from kvsift.errors import ModelNotFoundError
+from kvsift.errors import ModelNotFoundError, TensorParallelError
 from kvsift.models.registry import DEFAULT_MODEL, MODELS, NamedModel, cache_root, find_model, get_model, model_file
 
 log = logging.getLogger("kvsift")
@@ -38,6 +38,8 @@ class ModelInfo:
     device: torch.device
     is_chat: bool
     num_heads: int = 0          # query heads per layer
+    tp_size: int = 1            # tensor parallel: ranks the model is sharded over (1: not sharded)
+    tp_rank: int = 0            # ...and this process's rank. Head counts above are this rank's own
 
 
 def default_model_path(name: str | None = None) -> Path:
@@ -184,36 +186,62 @@ def _convert_gguf(gguf: Path) -> Path:
 
 
 def load_model(model: str | os.PathLike | None = None, device: str | torch.device | None = "auto",
-               dtype: str | torch.dtype | None = "auto"):
+               dtype: str | torch.dtype | None = "auto", tensor_parallel: int = 1):
     """Load ``(model, tokenizer, ModelInfo)``. ``model``: None (the default named model), a model
     name (``kvsift models``), an HF directory or a ``.gguf`` file. Device auto = CUDA if present
     else CPU; dtype auto = bf16 on CUDA, fp32 on CPU. A base (non-chat) named model is never
-    prompted through a chat template, even if its tokenizer carries one."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    prompted through a chat template, even if its tokenizer carries one.
+
+    ``tensor_parallel`` N > 1 (inside :func:`kvsift.tp.tensor_parallel`, under ``torchrun``): each rank
+    loads its shard of the model through transformers' ``tp_plan="auto"`` on its own device (the
+    rank's GPU, else the CPU: ``device`` must stay ``auto``); the config is checked first (a plan,
+    heads divisible by N), before any weight is read."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from kvsift import tp
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    size = tp.check_size(tensor_parallel)
+    if size > 1:
+        tp.current_group(size)  # a process group of that size, before anything is read
+        if device not in (None, "auto"):
+            raise TensorParallelError(f"with tensor_parallel={size} each rank runs on its own device (its GPU, "
+                                         f"else the CPU): leave device 'auto', not {device!r}", param="device")
     name, path, entry = _resolve(model)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     hf_dir = _convert_gguf(path) if path.suffix == ".gguf" else path
+    if size > 1:
+        tp.check_config(AutoConfig.from_pretrained(hf_dir, local_files_only=True), size)
     tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
     if entry is not None and not entry.chat and getattr(tok, "chat_template", None):
         tok.chat_template = None  # a base model: plain completion everywhere (engine, eval prompts, server)
-    mdl = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dt, local_files_only=True)
-    mdl.to(dev).eval()
+    if size > 1:
+        mdl = tp.load_sharded(hf_dir, dt, size).eval()
+    else:
+        mdl = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dt, local_files_only=True)
+        mdl.to(dev).eval()
     return mdl, tok, model_info(mdl, tok, name, str(path))
 
 
 def model_info(model, tokenizer, name: str = "model", source: str = "") -> ModelInfo:
     cfg = model.config
     cfg = getattr(cfg, "text_config", None) or cfg
+    from kvsift import tp
+
     heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    # a tensor-parallel model: this rank's heads (its attention modules' sharded projections), which
+    # are what its attention calls and its cache see, not the config's totals
+    size = tp.model_tp_size(model)
+    local_q, local_kv = tp.local_heads(model, heads, kv_heads, size)
     return ModelInfo(
         name=name, source=source,
         max_positions=int(getattr(cfg, "max_position_embeddings", 0) or 2048),
         num_layers=cfg.num_hidden_layers,
-        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        num_kv_heads=local_kv,
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
         dtype=next(model.parameters()).dtype, device=next(model.parameters()).device,
-        is_chat=bool(getattr(tokenizer, "chat_template", None)), num_heads=heads,
+        is_chat=bool(getattr(tokenizer, "chat_template", None)), num_heads=local_q,
+        tp_size=size, tp_rank=tp.rank_of(size),
     )
