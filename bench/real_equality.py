@@ -56,13 +56,14 @@ def build_prompt(llm, length: int) -> list[int]:
     return llm.encode(sample.context + "\n\n" + request)
 
 
-def margins(model, ids: list[int], new: list[int]) -> list[float]:
-    """The reference's top-1 minus top-2 logit at each generated step (one teacher-forced pass)."""
+def margins(model, ids: list[int], new: list[int]) -> tuple[list[float], list[int]]:
+    """The reference's top-1 minus top-2 logit at each generated step, and its raw top-1 token
+    there (one teacher-forced pass)."""
     x = torch.tensor([ids + new[:-1]], device=model.device)
     with torch.inference_mode():
         logits = model(x, logits_to_keep=len(new)).logits[0].float()     # (new, vocab)
-    top = logits.topk(2, dim=-1).values
-    return (top[:, 0] - top[:, 1]).tolist()
+    top = logits.topk(2, dim=-1)
+    return (top.values[:, 0] - top.values[:, 1]).tolist(), top.indices[:, 0].tolist()
 
 
 def first_diff(a: list[int], b: list[int]) -> int:
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
                                  do_sample=False)[0, len(ids):].tolist()
     sync()
     ref_s = time.perf_counter() - t
-    marg = margins(llm.model, ids, ref)
+    marg, raw_top = margins(llm.model, ids, ref)
     rows = [dict(system="hf_generate", tokens=len(ref), equal_to_hf=len(ref), seconds=round(ref_s, 2))]
     outs = {}
     for mode in modes:
@@ -102,6 +103,9 @@ def main(argv=None) -> int:
         rows.append(dict(system=f"kvsift full ({mode})", tokens=len(out), equal_to_hf=d,
                          seconds=round(time.perf_counter() - t, 2),
                          hf_margin_at_diff=None if d >= min(len(out), len(ref)) else round(marg[d], 4)))
+        if d < min(len(out), len(ref)):  # what each side chose there, and the reference's raw top-1
+            rows[-1].update(token_at_diff=out[d], hf_token_at_diff=ref[d], hf_raw_top1_at_diff=raw_top[d],
+                            hf_raw_top1_is_eos=raw_top[d] in llm.eos_ids)
     pairs = {f"{a}=={b}": first_diff(outs[a], outs[b]) for i, a in enumerate(modes) for b in modes[i + 1:]}
 
     print(f"model {llm.info.name}, {len(ids)} prompt tokens, {n} new tokens, {llm.device}, {llm.model.dtype}")
@@ -112,7 +116,8 @@ def main(argv=None) -> int:
     for k, v in pairs.items():
         print(f"modes {k}: {v} equal leading tokens of {n}")
     result = dict(model=llm.info.name, device=str(llm.device), dtype=str(llm.model.dtype), prompt_tokens=len(ids),
-                  new_tokens=n, rows=rows, mode_pairs=pairs, min_hf_margin=round(min(marg), 4),
+                  new_tokens=n, rows=rows, eos_ids=list(llm.eos_ids), hf_tokens=ref,
+                  kvsift_tokens={m: o for m, o in outs.items()}, mode_pairs=pairs, min_hf_margin=round(min(marg), 4),
                   all_equal=all(r["equal_to_hf"] == n for r in rows) and all(v == n for v in pairs.values()))
     out = args.out or ROOT / "bench" / "results" / f"real_equality_{llm.info.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

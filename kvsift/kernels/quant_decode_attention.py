@@ -288,13 +288,12 @@ if HAS_TRITON:
                 vr = tl.load(rv_base + ridx[:, None] * srv_c + offs_d[None, :], mask=mr, other=0.0).to(tl.float32)
                 k = tl.where(isr[:, None], kr, k)
                 v = tl.where(isr[:, None], vr, v)
-            # rounded to the KV dtype (the reference's and a dequantized copy's values); fp32 math
-            # when UPCAST (the CPU interpreter)
-            k = k.to(rk_ptr.dtype.element_ty)
-            v = v.to(rv_ptr.dtype.element_ty)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            # rounded to the KV dtype (the reference's and a dequantized copy's values) for the dot
+            # products; UPCAST (the CPU interpreter, whose bf16 casts do not round to nearest
+            # even) keeps fp32
+            if not UPCAST:
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
             m_i, l_i, acc = online_softmax_step(q, k, v, valid[None, :], qk_scale, m_i, l_i, acc, IEEE)
         store_split(out_ptr, po_ptr, plse_ptr, m_i, l_i, acc, b, h, pid_s, offs_g, offs_d, mask_g, mask_d,
                     so_b, so_h, spo_bh, spo_s, HK, G, DIRECT)
