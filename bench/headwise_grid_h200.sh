@@ -14,12 +14,14 @@
 # which bounds GPU memory to one prompt's full KV): on the 2026-12-01 run the rows took 3.5x
 # longer to prefill than `full` at 8k (0.54 vs 0.15 s per sample), while a 0.5B model's batch fits.
 # Needs the model pieces under /root/m (../shared/tools/stage_model.py qwen2.5-coder-0.5b, then one
-# device call per piece) and carries .stage/whl (gguf) and .whl (pysbd, kvpress-min).
+# device call per piece) and carries .stage/whl (gguf) and .whl (pysbd, kvpress-min). A call sends
+# the tracked tree too (about 9 MiB now), so 60 MiB pieces no longer fit the 64 MiB limit: cut them
+# to 50 MiB first (cat .stage/NAME.part* | split -b 50M -d -a 2 - .stage/s/NAME.part), 10 pieces.
 set -u
 DEST=${OUT:-bench/out}; OUT=${RES:-/root/res}; mkdir -p "$OUT" "$DEST"   # rows kept where they survive a cut call; a tarball to $DEST at the end
 M=${MODEL:-/root/m/qwen2.5-coder-0.5b.gguf}
 if [ ! -f $M ]; then
-  (cd /root/m && cat qwen2.5-coder-0.5b.part0* > qwen2.5-coder-0.5b.gguf && \
+  (cd /root/m && cat qwen2.5-coder-0.5b.part[0-9][0-9] > qwen2.5-coder-0.5b.gguf && \
    echo "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32  qwen2.5-coder-0.5b.gguf" | sha256sum -c -) || exit 1
 fi
 pip install -q --no-index --no-deps --target /tmp/site .stage/whl/*.whl .whl/*.whl 2>&1 | tail -1
