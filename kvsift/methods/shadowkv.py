@@ -57,15 +57,25 @@ from kvsift.methods.expected_attention import rotate_half
 
 
 # ---- low-rank keys ---------------------------------------------------------------------------------
+GRAM_BLOCK = 8192
+"""Rows of the keys cast to float64 at a time for their Gram matrix (bounds the prefill's memory)."""
+
+
 def low_rank(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x (batch, n, D)`` -> ``(A (batch, n, r), B (batch, r, D))`` float64 with ``A @ B`` the best
-    rank-``r`` approximation of ``x`` (``r = min(rank, D)``): ``B`` the top right singular vectors
-    (eigenvectors of ``x^T x``), ``A = x B^T``. Zero rows (padding) change nothing."""
-    x = x.double()
-    r = min(rank, x.shape[-1])
-    _, vecs = torch.linalg.eigh(x.transpose(1, 2) @ x)                      # ascending eigenvalues
+    """``x (batch, n, D)`` float -> ``(A (batch, n, r), B (batch, r, D))`` in ``x``'s dtype with ``A @ B``
+    the best rank-``r`` approximation of ``x`` (``r = min(rank, D)``, Eckart-Young): ``B`` the top
+    right singular vectors (eigenvectors of ``x^T x``, accumulated in float64 over blocks of
+    :data:`GRAM_BLOCK` rows), ``A = x B^T``. Zero rows (padding) change nothing; at a full rank ``B``
+    is orthogonal and ``A @ B`` is ``x`` up to rounding."""
+    b, n, D = x.shape
+    r = min(rank, D)
+    gram = torch.zeros(b, D, D, dtype=torch.float64, device=x.device)
+    for s in range(0, n, GRAM_BLOCK):
+        xs = x[:, s:s + GRAM_BLOCK].double()
+        gram += xs.transpose(1, 2) @ xs
+    _, vecs = torch.linalg.eigh(gram)                                       # ascending eigenvalues
     v = vecs[..., -r:].flip(-1)                                             # (batch, D, r)
-    return x @ v, v.transpose(1, 2).contiguous()
+    return x @ v.to(x.dtype), v.transpose(1, 2).to(x.dtype).contiguous()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
