@@ -331,3 +331,72 @@ def test_cli_and_server_refuse_bad_options(tmp_path, capsys, make_client):
     assert ok.status_code == 200, ok.text
     stats = ok.json()["kvsift"]["stats"][0]
     assert stats["kv_host_bytes"] > 0 and stats["kv_device_bytes"] < stats["kv_full_bytes"]
+
+
+# ---- the values-only copy (the UVA kernel on CUDA) ---------------------------------------------------
+def test_copy_chunks_ref_values_only_matches_the_full_copy():
+    from kvsift.kernels.chunk_fetch import copy_chunks_ref
+
+    g = torch.Generator().manual_seed(4)
+    R, d, C, L = 120, 8, 10, 4
+    hk, hv, hp = torch.randn(R, d, generator=g), torch.randn(R, d, generator=g), torch.arange(R, dtype=torch.int32)
+    src, ln = torch.randint(0, R - L, (6,), generator=g), torch.tensor([4, 2, -1, 0, 3, 4])
+    dst = torch.randperm(C, generator=g)[:6]
+    full = [torch.full((C, L, d), 7.0), torch.full((C, L, d), 7.0), torch.full((C, L), 99, dtype=torch.int32)]
+    vals = [t.clone() for t in full[1:]]
+    copy_chunks_ref(hk, hv, hp, src, ln, *full, dst)
+    copy_chunks_ref(None, hv, hp, src, ln, None, *vals, dst)
+    assert torch.equal(vals[0], full[1]) and torch.equal(vals[1], full[2])
+    assert not torch.equal(full[1], torch.full_like(full[1], 7.0))
+    with pytest.raises(ValueError, match="both"):
+        copy_chunks_ref(None, hv, hp, src, ln, full[0], *vals, dst)
+
+
+CUDA = torch.cuda.is_available() and __import__("kvsift.kernels._triton", fromlist=["HAS_TRITON"]).HAS_TRITON
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
+def test_cuda_values_only_store_uva_matches_the_host_path():
+    from kvsift.methods._offload import FetchStats
+
+    g = torch.Generator().manual_seed(5)
+    b, hk, L, d, n_chunks = 2, 2, 8, 64, 12
+    toks = [(bi * hk + h, c, t) for bi in range(b) for h in range(hk) for c in range(n_chunks) for t in range(L)
+            if (bi + h + c) % 5]
+    bh, ch, rk = (torch.tensor(x, device="cuda") for x in zip(*toks))
+    keys = torch.randn(len(toks), d, generator=g).cuda().bfloat16()
+    stores = []
+    for uva in (True, False):
+        s = ChunkStore(b, hk, L, d, torch.bfloat16, "cuda", keys=False)
+        s.append(keys, -keys, (ch * L + rk).int(), bh, ch, rk, n_chunks)
+        s._uva = uva
+        stores.append(s)
+    for _ in range(3):
+        idx = torch.stack([torch.randperm(n_chunks, generator=g)[:4] for _ in range(b * hk)]).view(b, hk, 4).cuda()
+        idx[1, 0, 3] = -1
+        ra, rb = stores[0].fetch(idx, FetchStats()), stores[1].fetch(idx, FetchStats())
+        assert stores[0]._uva, "the UVA kernel was refused"
+        assert ra[0] is None and rb[0] is None
+        assert torch.equal(ra[1], rb[1]) and torch.equal(ra[2], rb[2]) and int((ra[2] >= 0).sum()) > 0
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decode_gives_the_eager_tokens(dtype):
+    from tests.conftest import random_prompt
+
+    m = tiny_model("llama", seed=1).to("cuda", dtype)
+    ids = [random_prompt(300, seed=8), random_prompt(260, seed=9)]
+    p = SamplingParams(max_tokens=12, ignore_eos=True)
+    kw = {"rank": 16, "window": 16, "outliers": 2}
+    a = LLM.from_model(m, None, chunk_size=64, decode_mode="eager").generate(ids, p, method="shadowkv", budget=96,
+                                                                          method_kwargs=kw)
+    b = LLM.from_model(m, None, chunk_size=64, decode_mode="graph").generate(ids, p, method="shadowkv", budget=96,
+                                                                          method_kwargs=kw)
+    assert b[0].stats.decode_mode == "graph"
+    assert [x.token_ids for x in a] == [y.token_ids for y in b]
+    assert b[0].stats.kv_host_bytes > 0 and b[0].stats.kv_device_bytes < b[0].stats.kv_full_bytes
+    if dtype == torch.float32:  # exact at a full budget and rank on the GPU too
+        full = LLM.from_model(m, None, chunk_size=64).generate(ids, p)
+        got = LLM.from_model(m, None, chunk_size=64).generate(ids, p, method="shadowkv", budget=1.0)
+        assert [x.token_ids for x in got] == [y.token_ids for y in full]

@@ -34,8 +34,8 @@ per fetch for the miss list).
 
 Values only (``keys=False``, ``shadowkv``): the host holds values and positions, no keys (the method
 rebuilds them on the device); the key summaries (``mean``, bounds) are still computed from the keys
-``append`` is given. Fetches return ``None`` for the keys and go through the host path (no device
-chunk cache, no UVA kernel: it copies keys and values together).
+``append`` is given. Fetches return ``None`` for the keys (direct fetches only: no device chunk
+cache; on CUDA the UVA kernel copies the values alone).
 """
 
 from __future__ import annotations
@@ -464,8 +464,8 @@ class ChunkStore:
         if self._use_uva() and self.n:
             flat = chunk_idx.reshape(-1)
             valid = flat >= 0
-            ok = torch.empty(b * hk * k, L, d, dtype=self.dtype, device=self.device)
-            ov = torch.empty_like(ok)
+            ov = torch.empty(b * hk * k, L, d, dtype=self.dtype, device=self.device)
+            ok = torch.empty_like(ov) if self.keys else None
             op = torch.empty(b * hk * k, L, dtype=torch.int32, device=self.device)
             dst = torch.arange(b * hk * k, device=self.device)
             # every entry is written (invalid ones as padding: length 0)
@@ -475,7 +475,8 @@ class ChunkStore:
                         self._direct_counts = torch.zeros(2, dtype=torch.int64, device=self.device)
                     stats.track(self._direct_counts, L * self._token_bytes(), cached=False)
                     self._direct_counts.add_(valid.sum().expand(2))
-                return ok.view(b, hk, k * L, d), ov.view(b, hk, k * L, d), op.view(b, hk, k * L)
+                return (ok.view(b, hk, k * L, d) if ok is not None else None), ov.view(b, hk, k * L, d), \
+                    op.view(b, hk, k * L)
         rows = self._token_rows(bh, chunk_idx.reshape(-1)).cpu()
         dk, dv, dp = self._host_gather(rows, (bh, chunk_idx.reshape(-1)))
         if stats is not None:
@@ -499,7 +500,7 @@ class ChunkStore:
             import os
 
             self._uva = (self.device.type == "cuda" and self.pin and HAS_TRITON and not triton_disabled()
-                         and not self.bits and self.keys  # the copy kernel moves full-precision K and V rows
+                         and not self.bits  # the copy kernel moves full-precision rows only
                          and os.environ.get("KVSIFT_NO_UVA", "").strip().lower() not in {"1", "true", "yes", "on"})
         return self._uva
 
@@ -518,8 +519,8 @@ class ChunkStore:
         """:func:`kvsift.kernels.chunk_fetch.copy_chunks` from this store's host rows; False (and never
         tried again) when Triton cannot read the pinned host memory here."""
         try:
-            _cf.copy_chunks(self.k.view(-1, self.d), self.v.view(-1, self.d), self.pos.view(-1), src, ln,
-                            ck, cv, cp, dst)
+            _cf.copy_chunks(self.k.view(-1, self.d) if self.keys else None, self.v.view(-1, self.d),
+                            self.pos.view(-1), src, ln, ck, cv, cp, dst)
         except RuntimeError:
             self._uva = False
             return False
