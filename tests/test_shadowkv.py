@@ -186,6 +186,25 @@ def test_full_budget_and_rank_is_exact(tiny, kw):
     assert out[0].stats.kv_host_bytes > 0 and out[0].stats.method_stats["chunks_selected_per_head"] > 0
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_full_budget_is_exact_on_other_families(family):
+    """qwen2 (biased projections), gemma3 (sliding-window layers, one rope per attention type)."""
+    llm = LLM.from_model(tiny_model(family, seed=2, vocab_size=VOCAB), None, "t", chunk_size=64)
+    ids = prompt(220, seed=9)
+    p = SamplingParams(max_tokens=6, ignore_eos=True)
+    logits = {}
+    for name, budget in (("full", None), ("shadowkv", len(ids))):
+        got = []
+        hook = llm.model.lm_head.register_forward_hook(lambda m, i, o: got.append(o[:, -1].detach().clone()))
+        try:
+            out = llm.generate(ids, p, method=name, budget=budget)[0]
+        finally:
+            hook.remove()
+        logits[name] = (out.token_ids, torch.stack(got))
+    assert logits["shadowkv"][0] == logits["full"][0]
+    torch.testing.assert_close(logits["shadowkv"][1], logits["full"][1], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("prefill_mode", ["batch", "rows"])
 def test_batch_with_padding_is_exact(tiny, prefill_mode):
     """Left-padded batch prefill, or one row at a time into one state: both equal full."""
