@@ -419,3 +419,36 @@ def test_cuda_graph_decode_gives_the_eager_tokens(dtype):
         full = LLM.from_model(m, None, chunk_size=64).generate(ids, p)
         got = LLM.from_model(m, None, chunk_size=64).generate(ids, p, method="shadowkv", budget=1.0)
         assert [x.token_ids for x in got] == [y.token_ids for y in full]
+
+
+# ---- a real model ----------------------------------------------------------------------------------
+@pytest.mark.real
+def test_real_model_pre_rope_keys_are_low_rank_and_full_rank_is_exact(real_llm):
+    """SmolLM2 (3 KV heads of 64): the keys rotated back to pre-RoPE are much closer to low rank than
+    the cached post-RoPE keys (what ShadowKV relies on, and a check that the rotation is undone at the
+    right positions); at a full budget and rank the answer is ``full``'s."""
+    from importlib.resources import files
+
+    from kvsift.methods.shadowkv import rope_at
+
+    text = files("kvsift").joinpath("data/alice_ch1_3.txt").read_text()[:1800]
+    p = text + "\n\nQuestion: who is the main character? Answer in one sentence."
+    ids = real_llm.encode(p, None)
+    _, _, cache, ctx = prefill(real_llm, ids, "full")
+    for li in (0, len(cache.layers) // 2, len(cache.layers) - 1):
+        layer = cache.layers[li]
+        post = layer.keys.float()
+        cos, sin = rope_at(ctx.rope, layer.positions, li)
+        pre = undo_rope(post, cos, sin)
+        b, hk, n, d = post.shape
+        err = {}
+        for name, x in (("pre", pre), ("post", post)):
+            x = x.permute(0, 2, 1, 3).reshape(b, n, hk * d)
+            a, f = low_rank(x, hk * d // 6)
+            err[name] = float((x - a @ f).norm() / x.norm())
+        assert err["pre"] < 0.75 * err["post"], (li, err)
+    params = SamplingParams(max_tokens=6)
+    ref = real_llm.generate(p, params)[0]
+    out = real_llm.generate(p, params, method="shadowkv", budget=1.0, method_kwargs={"rank": 3 * 64})[0]
+    assert out.token_ids == ref.token_ids
+    assert out.stats.kv_host_bytes > 0.3 * ref.stats.kv_device_bytes      # the values moved to the host
