@@ -16,7 +16,7 @@ SPECS = [("full", None), ("snapkv", 64), ("pyramidkv", 64), ("sentencekv", 96), 
          ("tokenselect", 48), ("tokenselect:reuse", 48), ("squeezed", 64), ("expected_attention", 64),
          ("h2o:noevict", 64), ("tova:noevict", 64), ("adakv", 64), ("duo", 96),
          ("kvzip", 64), ("kivi", None), ("kivi:int2", None), ("snapkv+kivi", 64), ("quest+kivi", 64),
-         ("sentencekv+kivi", 96), ("minference+snapkv", 64)]
+         ("sentencekv+kivi", 96), ("minference+snapkv", 64), ("shadowkv", 96), ("shadowkv:lowrank", 64)]
 KW = {"sentencekv:reselect": {"reselect_every": 3}, "snapkv+quest": {"decode_budget": 48},
       "tokenselect:reuse": {"reuse_threshold": 0.5}, "h2o:noevict": {"decode_evict": False},
       "tova:noevict": {"decode_evict": False}, "duo": {"sinks": 4, "recent": 28},
@@ -24,7 +24,8 @@ KW = {"sentencekv:reselect": {"reselect_every": 3}, "snapkv+quest": {"decode_bud
       "kivi": {"group": 8, "residual": 8}, "kivi:int2": {"bits": 2, "group": 8, "residual": 16},
       "snapkv+kivi": {"group": 8, "residual": 8}, "quest+kivi": {"group": 8, "residual": 8, "decode_budget": 48},
       "sentencekv+kivi": {"group": 8, "residual": 8},
-      "minference+snapkv": {"min_len": 0, "vertical": 16, "slash": 16, "block": 16}}
+      "minference+snapkv": {"min_len": 0, "vertical": 16, "slash": 16, "block": 16},
+      "shadowkv:lowrank": {"rank": 8, "window": 16, "outliers": 1}}
 
 
 @pytest.fixture(scope="module")

@@ -203,12 +203,12 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         out = attend(query, key, value, None if plain else layer.positions, qpos, scale, sliding_window, softcap)
         method.after_attend(run, layer, query, module, ctx)
         return out.transpose(1, 2).contiguous(), None
-    # prefill. Layers whose KV partly lives outside the device buffer (sentencekv's host store, a
-    # reused context) attend to the method's selection of it too
+    # prefill. Layers whose KV partly lives outside the device buffer (sentencekv's or shadowkv's host
+    # store, a reused context) attend to the method's selection of it too
     sel = method.plan(run, layer, query, ctx) if layer.offloaded else None
     if layer.offloaded and (sel is None or sel.extra is None):
-        raise RuntimeError("this cache holds KV offloaded by sentencekv (e.g. a reused context): generate with "
-                           "a method spec that includes sentencekv")
+        raise RuntimeError("this cache holds KV offloaded to the host by sentencekv or shadowkv (e.g. a reused "
+                           "context): generate with a method spec that includes the method that offloaded it")
     extras = [sel.extra] if sel is not None and sel.extra is not None else []
     if layer.ragged is not None:
         extras.append(layer.ragged.source())

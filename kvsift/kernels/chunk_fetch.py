@@ -10,6 +10,8 @@
   device, ``dst_row`` ``(M,)`` int64: the cache row that receives chunk ``m``: tokens
   ``0..src_len-1`` get the host rows, the rest of the row gets zeros (keys/values) and ``-1``
   (positions). Rows of entries that are not skipped must be distinct.
+* ``host_k`` and ``cache_k`` both ``None``: values and positions only (``shadowkv``'s values-only
+  store; its keys are rebuilt on the device).
 
 ``copy_chunks_ref`` (PyTorch) moves the row indices to the host (a host sync), gathers there and
 copies the result. ``copy_chunks`` (Triton, CUDA) is one launch with one program per entry that
@@ -26,6 +28,10 @@ from kvsift.kernels._triton import HAS_TRITON, tl, triton
 
 
 def _check(host_k, host_v, host_pos, src_row, src_len, cache_k, cache_v, cache_pos, dst_row) -> None:
+    if (host_k is None) != (cache_k is None):
+        raise ValueError("host_k and cache_k must both be given, or both be None (values only)")
+    if host_k is None:  # values only: the values stand in for the keys' shape checks
+        host_k, cache_k = host_v, cache_v
     if host_k.dim() != 2 or host_v.shape != host_k.shape or host_pos.shape != host_k.shape[:1]:
         raise ValueError(f"host_k/host_v must be (R, head_dim) and host_pos (R,), got {tuple(host_k.shape)}, "
                          f"{tuple(host_v.shape)}, {tuple(host_pos.shape)}")
@@ -41,27 +47,28 @@ def _check(host_k, host_v, host_pos, src_row, src_len, cache_k, cache_v, cache_p
         raise TypeError("host_pos and cache_pos must be int32")
 
 
-def copy_chunks_ref(host_k: torch.Tensor, host_v: torch.Tensor, host_pos: torch.Tensor, src_row: torch.Tensor,
-                    src_len: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, cache_pos: torch.Tensor,
+def copy_chunks_ref(host_k: torch.Tensor | None, host_v: torch.Tensor, host_pos: torch.Tensor, src_row: torch.Tensor,
+                    src_len: torch.Tensor, cache_k: torch.Tensor | None, cache_v: torch.Tensor, cache_pos: torch.Tensor,
                     dst_row: torch.Tensor) -> None:
     """Reference (PyTorch; host sync): writes the cache rows in place, returns nothing."""
     _check(host_k, host_v, host_pos, src_row, src_len, cache_k, cache_v, cache_pos, dst_row)
-    L, d = cache_k.shape[1], cache_k.shape[2]
+    L, d = cache_v.shape[1], cache_v.shape[2]
     keep = (src_len >= 0).nonzero().squeeze(1)
     if keep.numel() == 0:
         return
-    start, ln, dst = src_row[keep].cpu(), src_len[keep].cpu().long(), dst_row[keep].to(cache_k.device)
+    start, ln, dst = src_row[keep].cpu(), src_len[keep].cpu().long(), dst_row[keep].to(cache_v.device)
     if int(ln.max()) > L:
         raise ValueError(f"a chunk is longer than the cache row ({int(ln.max())} > {L})")
     ar = torch.arange(L)
     ok = ar < ln[:, None]                                                    # (m, L)
     rows = torch.where(ok, start[:, None] + ar, 0).reshape(-1)
     okf = ok.reshape(-1, 1)
-    k = torch.where(okf, host_k.index_select(0, rows), 0).to(cache_k.dtype)
     v = torch.where(okf, host_v.index_select(0, rows), 0).to(cache_v.dtype)
     p = torch.where(ok.reshape(-1), host_pos.index_select(0, rows), -1)
-    dev = cache_k.device
-    cache_k.view(-1, L * d).index_copy_(0, dst, k.view(-1, L * d).to(dev))
+    dev = cache_v.device
+    if host_k is not None:
+        k = torch.where(okf, host_k.index_select(0, rows), 0).to(cache_k.dtype)
+        cache_k.view(-1, L * d).index_copy_(0, dst, k.view(-1, L * d).to(dev))
     cache_v.view(-1, L * d).index_copy_(0, dst, v.view(-1, L * d).to(dev))
     cache_pos.index_copy_(0, dst, p.view(-1, L).to(dev))
 
@@ -70,7 +77,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _copy_chunks_kernel(hk_ptr, hv_ptr, hp_ptr, src_row_ptr, src_len_ptr, ck_ptr, cv_ptr, cp_ptr, dst_row_ptr,
-                            L: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+                            L: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                            HAS_K: tl.constexpr):
         m = tl.program_id(0)
         n = tl.load(src_len_ptr + m).to(tl.int64)
         start = tl.load(src_row_ptr + m).to(tl.int64)
@@ -85,10 +93,11 @@ if HAS_TRITON:
         w2 = row_out[:, None] & (dd[None, :] < D)
         off_in = src[:, None] * D + dd[None, :]
         off_out = dst * (L * D) + j[:, None].to(tl.int64) * D + dd[None, :]
-        k = tl.load(hk_ptr + off_in, mask=m2, other=0.0)
+        if HAS_K:  # values only (HAS_K False): the key pointers are the value ones, never read
+            k = tl.load(hk_ptr + off_in, mask=m2, other=0.0)
+            tl.store(ck_ptr + off_out, k.to(ck_ptr.dtype.element_ty), mask=w2)
         v = tl.load(hv_ptr + off_in, mask=m2, other=0.0)
         p = tl.load(hp_ptr + src, mask=ok, other=-1)
-        tl.store(ck_ptr + off_out, k.to(ck_ptr.dtype.element_ty), mask=w2)
         tl.store(cv_ptr + off_out, v.to(cv_ptr.dtype.element_ty), mask=w2)
         tl.store(cp_ptr + dst * L + j, p, mask=row_out)
 
@@ -105,13 +114,16 @@ class _HostPtr:
         return self._t.data_ptr()
 
 
-def copy_chunks(host_k: torch.Tensor, host_v: torch.Tensor, host_pos: torch.Tensor, src_row: torch.Tensor,
-                src_len: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, cache_pos: torch.Tensor,
+def copy_chunks(host_k: torch.Tensor | None, host_v: torch.Tensor, host_pos: torch.Tensor, src_row: torch.Tensor,
+                src_len: torch.Tensor, cache_k: torch.Tensor | None, cache_v: torch.Tensor, cache_pos: torch.Tensor,
                 dst_row: torch.Tensor) -> None:
     """Triton (CUDA): host tensors pinned and contiguous, everything else on the device. No host sync."""
     if not HAS_TRITON:
         raise RuntimeError("triton is not available")
     _check(host_k, host_v, host_pos, src_row, src_len, cache_k, cache_v, cache_pos, dst_row)
+    has_k = host_k is not None
+    if not has_k:  # values only: the kernel gets the value tensors in the key slots and never reads them
+        host_k, cache_k = host_v, cache_v
     for name, t in (("host_k", host_k), ("host_v", host_v), ("host_pos", host_pos)):
         if t.is_cuda:
             continue
@@ -127,7 +139,8 @@ def copy_chunks(host_k: torch.Tensor, host_v: torch.Tensor, host_pos: torch.Tens
         return
     L, D = cache_k.shape[1], cache_k.shape[2]
     rest = (src_row.contiguous(), src_len.contiguous(), cache_k, cache_v, cache_pos, dst_row.contiguous())
-    meta = dict(L=L, D=D, BLOCK_L=triton.next_power_of_2(L), BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+    meta = dict(L=L, D=D, BLOCK_L=triton.next_power_of_2(L), BLOCK_D=triton.next_power_of_2(D), HAS_K=has_k,
+                num_warps=4)
     global _WRAP
     if _WRAP is None:  # how this Triton takes a host pointer: found on the first call, then fixed
         err = None

@@ -31,6 +31,11 @@ virtual addressing, :mod:`kvsift.kernels.chunk_fetch`): the whole fetch, LRU boo
 stays on the device with no host sync. Without Triton (or with ``KVSIFT_NO_UVA=1``) the host
 gathers the rows into a pinned staging buffer and the copy runs on a side stream (one host sync
 per fetch for the miss list).
+
+Values only (``keys=False``, ``shadowkv``): the host holds values and positions, no keys (the method
+rebuilds them on the device); the key summaries (``mean``, bounds) are still computed from the keys
+``append`` is given. Fetches return ``None`` for the keys (direct fetches only: no device chunk
+cache; on CUDA the UVA kernel copies the values alone).
 """
 
 from __future__ import annotations
@@ -137,12 +142,15 @@ class ChunkStore:
 
     def __init__(self, batch: int, kv_heads: int, chunk_len: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, *, bounds: bool = False, cache_chunks: int = 0, pin: bool | None = None,
-                 capacity: int = 0, bits: int = 0, vgroup: int = 0):
+                 capacity: int = 0, bits: int = 0, vgroup: int = 0, keys: bool = True):
         if chunk_len < 1:
             raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
         if bits not in (0, 2, 4) or (bits and head_dim % (vgroup or head_dim)):
             raise ValueError(f"bits must be 0, 2 or 4 and vgroup divide head_dim, got {bits}, {vgroup}")
+        if not keys and (bits or cache_chunks):
+            raise ValueError("a values-only store (keys=False) is neither quantized nor cached on the device")
         self.bits, self.vg = bits, (vgroup or head_dim)
+        self.keys = keys     # False: the host holds values and positions only
         self.b, self.hk, self.L, self.d = batch, kv_heads, chunk_len, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         self.pin = (self.device.type == "cuda" and torch.cuda.is_available()) if pin is None else pin
@@ -215,7 +223,8 @@ class ChunkStore:
                     t[:-1].view(BH, newT, *tail)[:, :T] = old[:-1].view(BH, T, *tail)
                 return t
 
-            self.k = host(self.k, tuple(self.k.shape[1:]), self.k.dtype)
+            if self.keys:
+                self.k = host(self.k, tuple(self.k.shape[1:]), self.k.dtype)
             self.v = host(self.v, tuple(self.v.shape[1:]), self.v.dtype)
             self.pos = host(self.pos, (), torch.int32)
             if self.bits:
@@ -284,7 +293,8 @@ class ChunkStore:
                 getattr(self, name)[rs, :, new] = t.view(b, hk, n_new, d)[rs].to(self.dtype)
         # the KV itself goes to host memory, compact (quantized: codes, value scales; key scales per
         # chunk stay on the device)
-        writes = [(self.k, keys), (self.v, values), (self.pos, positions)]
+        writes = [(self.k, keys), (self.v, values), (self.pos, positions)] if self.keys else \
+            [(self.v, values), (self.pos, positions)]
         if self.bits:
             lo_k = torch.full((BH * n_new, d), float("inf"), device=self.device)
             hi_k = torch.full((BH * n_new, d), float("-inf"), device=self.device)
@@ -384,6 +394,8 @@ class ChunkStore:
     def _host_tensors(self) -> dict[str, torch.Tensor]:
         """The host tensors of token rows (``k, v, p``, and ``s``: value scales when quantized)."""
         out = {"k": self.k, "v": self.v, "p": self.pos}
+        if not self.keys:
+            del out["k"]
         if self.bits:
             out["s"] = self.vsz
         return out
@@ -402,7 +414,7 @@ class ChunkStore:
     def _decode_rows(self, got: dict[str, torch.Tensor], chunks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(k, v, pos)`` device rows in full precision from gathered host rows."""
         if not self.bits:
-            return got["k"], got["v"], got["p"]
+            return got.get("k"), got["v"], got["p"]
         bh, chunk = chunks
         L, d, m = self.L, self.d, got["p"].shape[0]
         n = max(self.n, 1)
@@ -452,8 +464,8 @@ class ChunkStore:
         if self._use_uva() and self.n:
             flat = chunk_idx.reshape(-1)
             valid = flat >= 0
-            ok = torch.empty(b * hk * k, L, d, dtype=self.dtype, device=self.device)
-            ov = torch.empty_like(ok)
+            ov = torch.empty(b * hk * k, L, d, dtype=self.dtype, device=self.device)
+            ok = torch.empty_like(ov) if self.keys else None
             op = torch.empty(b * hk * k, L, dtype=torch.int32, device=self.device)
             dst = torch.arange(b * hk * k, device=self.device)
             # every entry is written (invalid ones as padding: length 0)
@@ -463,7 +475,8 @@ class ChunkStore:
                         self._direct_counts = torch.zeros(2, dtype=torch.int64, device=self.device)
                     stats.track(self._direct_counts, L * self._token_bytes(), cached=False)
                     self._direct_counts.add_(valid.sum().expand(2))
-                return ok.view(b, hk, k * L, d), ov.view(b, hk, k * L, d), op.view(b, hk, k * L)
+                return (ok.view(b, hk, k * L, d) if ok is not None else None), ov.view(b, hk, k * L, d), \
+                    op.view(b, hk, k * L)
         rows = self._token_rows(bh, chunk_idx.reshape(-1)).cpu()
         dk, dv, dp = self._host_gather(rows, (bh, chunk_idx.reshape(-1)))
         if stats is not None:
@@ -472,7 +485,8 @@ class ChunkStore:
             stats.copied_chunks += nv
             stats.copied_bytes += rows.numel() * self._token_bytes()
         L, d = self.L, self.d
-        return dk.view(b, hk, k * L, d), dv.view(b, hk, k * L, d), dp.view(b, hk, k * L)
+        dk = None if dk is None else dk.view(b, hk, k * L, d)
+        return dk, dv.view(b, hk, k * L, d), dp.view(b, hk, k * L)
 
     def _host_quiesce(self) -> None:
         """Wait for the device before host tensors are replaced: UVA copy kernels read them directly,
@@ -505,8 +519,8 @@ class ChunkStore:
         """:func:`kvsift.kernels.chunk_fetch.copy_chunks` from this store's host rows; False (and never
         tried again) when Triton cannot read the pinned host memory here."""
         try:
-            _cf.copy_chunks(self.k.view(-1, self.d), self.v.view(-1, self.d), self.pos.view(-1), src, ln,
-                            ck, cv, cp, dst)
+            _cf.copy_chunks(self.k.view(-1, self.d) if self.keys else None, self.v.view(-1, self.d),
+                            self.pos.view(-1), src, ln, ck, cv, cp, dst)
         except RuntimeError:
             self._uva = False
             return False
@@ -515,7 +529,7 @@ class ChunkStore:
     def _token_bytes(self) -> int:
         if self.bits:  # codes, value scale and zero, position
             return 2 * self.d * self.bits // 8 + 4 * (self.d // self.vg) + 4
-        return 2 * self.d * torch.tensor([], dtype=self.dtype).element_size() + 4
+        return (1 + self.keys) * self.d * torch.tensor([], dtype=self.dtype).element_size() + 4
 
     def _ensure_cache(self, k: int):
         """Device cache of ``cache_chunks`` chunk slots per (batch, kv_head), at least ``k`` (one
@@ -598,7 +612,7 @@ class ChunkStore:
         self._host_ready()
         new = ChunkStore.__new__(ChunkStore)
         for name in ("b", "hk", "L", "d", "dtype", "device", "pin", "bounds", "cache_chunks", "n", "T", "max_tokens",
-                     "capacity", "bits", "vg"):
+                     "capacity", "bits", "vg", "keys"):
             setattr(new, name, getattr(self, name))
         new.k, new.v, new.pos = (self._copy_host(t) for t in (self.k, self.v, self.pos))
         new.vsz = None if self.vsz is None else self._copy_host(self.vsz)
@@ -612,7 +626,7 @@ class ChunkStore:
         return new
 
     # ---- persistence (kvsift.server.contexts: a reusable context on disk) -------------------------
-    _META = ("b", "hk", "L", "d", "bounds", "cache_chunks", "n", "T", "max_tokens", "capacity", "bits", "vg")
+    _META = ("b", "hk", "L", "d", "bounds", "cache_chunks", "n", "T", "max_tokens", "capacity", "bits", "vg", "keys")
 
     def kv_state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """``(tensors, json_extra)``: the host KV (all rows, as stored), the device summaries and
@@ -635,12 +649,12 @@ class ChunkStore:
         bits = int(extra.get("bits", 0))
         new = cls(extra["b"], extra["hk"], extra["L"], extra["d"], dtype, device, bounds=extra["bounds"],
                   cache_chunks=extra["cache_chunks"], capacity=extra["capacity"], bits=bits,
-                  vgroup=int(extra.get("vg", 0)))
+                  vgroup=int(extra.get("vg", 0)), keys=bool(extra.get("keys", True)))
         for name in ("n", "T", "max_tokens"):
             setattr(new, name, int(extra[name]))
         rows = new.b * new.hk * new.T + 1
         width, kdt = (new.d * bits // 8, torch.uint8) if bits else (new.d, dtype)
-        if tensors["k"].shape != (rows, width) or tensors["v"].shape != (rows, width) \
+        if tensors["k"].shape != ((rows if new.keys else 1), width) or tensors["v"].shape != (rows, width) \
                 or tensors["pos"].shape != (rows,) or (bits and tensors["k"].dtype != torch.uint8):
             raise ValueError(f"host tensors {tuple(tensors['k'].shape)} do not match the store's layout "
                              f"({rows}, {width})")

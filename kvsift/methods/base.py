@@ -217,6 +217,7 @@ class KVMethod:
     ragged: ClassVar[bool] = False        # keeps per-head lengths compactly (``layer.ragged``): no '+'
     codec: ClassVar[bool] = False         # stores the kept KV in another form (kivi): a '+' ends with it
     attention_only: ClassVar[bool] = False  # only changes how prefill attends (no KV state): minference
+    composes: ClassVar[bool] = True       # False: joins a '+' only after attention-only stages (shadowkv)
 
     def __post_init__(self):
         object.__setattr__(self, "budget", validate_budget(self.budget))
@@ -635,6 +636,11 @@ class Compose(KVMethod):
             raise UnknownMethodError(f"{ragged[0]} keeps a different number of tokens per head in a compact layout "
                                      f"that other stages cannot read, so it does not compose with '+' ("
                                      f"{self.spec!r}); it wraps a scorer instead, e.g. adakv(h2o)")
+        alone = [s for s in self.stages if not s.composes]
+        if alone and any(s is not alone[0] and not s.attention_only for s in self.stages):
+            raise UnknownMethodError(f"{alone[0].name} stores the keys of every KV head of a token together (and "
+                                     f"its KV in its own layout), so it composes only after a prefill attention "
+                                     f"stage (e.g. minference+{alone[0].name}), got {self.spec!r}")
         codecs = [i for i, s in enumerate(self.stages) if s.codec]
         if codecs and codecs != [len(self.stages) - 1]:
             raise UnknownMethodError(f"{self.stages[codecs[0]].name} stores the KV the other stages keep, so it is "
