@@ -191,12 +191,19 @@ def test_context_affinity_then_failover(cluster, reference):
     # failover: long questions in flight on the holder, then its process is killed (SIGKILL)
     long_ask = dict(ask, max_tokens=400, ignore_eos=True)
     long_want = ok(post(cluster, "/v1/chat/completions", long_ask))["choices"][0]["message"]["content"]
-    with ThreadPoolExecutor(3) as pool:
+    with ThreadPoolExecutor(3) as pool, httpx.stream("POST", cluster.url + "/v1/chat/completions", headers=HEADERS,
+                                                     json=dict(long_ask, stream=True), timeout=120) as stream:
+        assert stream.headers[REPLICA] == holder
+        lines = stream.iter_lines()
+        assert next(line for line in lines if line.startswith("data: ")).startswith("data: {")  # under way
         futures = [pool.submit(post, cluster, "/v1/chat/completions", long_ask) for _ in range(3)]
         time.sleep(0.5)
         assert not any(f.done() for f in futures), "the questions ended before the kill: make them longer"
         os.kill(table[holder]["pid"], signal.SIGKILL)
         rs = [f.result() for f in futures]
+        rest = [line[6:] for line in lines if line.startswith("data: ")]
+    # the stream had sent bytes, so it is not sent again: it ends with an OpenAI-shaped error, then [DONE]
+    assert rest[-1] == "[DONE]" and json.loads(rest[-2])["error"]["code"] == "replica_failed", rest[-3:]
     for r in rs:  # no request lost: answered by the other replica, from the context it loaded from disk
         out = ok(r)
         assert r.headers[REPLICA] != holder

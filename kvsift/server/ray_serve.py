@@ -370,20 +370,31 @@ class ReplicaServer:
 
     def start(self) -> "ReplicaServer":
         level = getattr(logging, self.log_level.upper(), logging.WARNING)
+        device = str(self.llm_kwargs.get("device") or "auto")
+        if self.address is None and device != "cpu":  # refused before Ray starts
+            import torch
+
+            have = torch.cuda.device_count()
+            if have and self.replicas > have:
+                raise ValueError(f"--replicas {self.replicas} needs one GPU each, and this machine has {have} "
+                                 f"(fewer replicas, or --device cpu)")
+        if device.startswith("cuda:"):  # a replica sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES)
+            self.llm_kwargs["device"] = "cuda"
         if self.address is None:
             cpus = os.cpu_count() or 1
-            root = str(Path(__file__).resolve().parents[2])  # workers import this very kvsift
-            path = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+            # the workers (started by this Ray, with this environment) import this very kvsift
+            root = str(Path(__file__).resolve().parents[2])
+            paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+            if root not in paths:
+                os.environ["PYTHONPATH"] = os.pathsep.join([root] + paths)
             ray.init(address="local", num_cpus=max(cpus, self.replicas), include_dashboard=False,
-                     object_store_memory=512 * 2**20, logging_level=level, log_to_driver=True,
-                     runtime_env={"env_vars": {"PYTHONPATH": path}})
+                     object_store_memory=512 * 2**20, logging_level=level, log_to_driver=True)
             self.started_ray = True
         else:
             ray.init(address=self.address, logging_level=level, log_to_driver=True)
         try:
             if self.on_connected is not None:
                 self.on_connected()
-            device = str(self.llm_kwargs.get("device") or "auto")
             self.gpus = cluster_gpus() if device != "cpu" else 0.0
             threads = None
             if self.gpus >= 1:
