@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -240,3 +241,27 @@ def test_errors_keep_openai_shapes(cluster):
     assert_error(httpx.get(cluster.url + "/v1/replicas", timeout=30), 401, "invalid_api_key")
     big = dict(COMPLETION, prompt="x" * (300 * 1024))
     assert_error(post(cluster, "/v1/completions", big), 413, "request_too_large")
+
+
+@needs_ray
+def test_client_leaving_cancels_on_the_replica(cluster):
+    """A client that gives up cancels its generation on the replica (through the ingress), as with
+    one process: ``kvsift_generations_total{reason="cancelled"}`` of the replicas goes up."""
+    def cancelled() -> dict[str, float]:
+        seen: dict[str, float] = {}
+        for _ in range(16):  # /metrics is one replica's: ask until both answered
+            r = httpx.get(cluster.url + "/metrics", headers=HEADERS, timeout=30)
+            m = re.search(r'^kvsift_generations_total\{reason="cancelled"\} (\S+)$', r.text, re.M)
+            seen[r.headers[REPLICA]] = float(m.group(1)) if m else 0.0
+        return seen
+
+    before = cancelled()
+    with pytest.raises(httpx.TimeoutException):
+        post(cluster, "/v1/completions", dict(COMPLETION, max_tokens=4000, ignore_eos=True), timeout=1.0)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        after = cancelled()
+        if sum(after.values()) > sum(before.get(k, 0.0) for k in after):
+            break
+        time.sleep(0.5)
+    assert sum(after.values()) == sum(before.get(k, 0.0) for k in after) + 1, (before, after)

@@ -41,6 +41,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,12 @@ def _error(status: int, message: str, code: str, headers: dict | None = None) ->
     return JSONResponse(error_body(message, kind, None, code), status_code=status, headers=headers)
 
 
+def _internal_error(method: str, path: str) -> JSONResponse:
+    ref = uuid.uuid4().hex[:12]
+    log.error("forwarding %s %s failed (reference %s)", method, path, ref, exc_info=True)
+    return _error(500, f"the request failed (reference {ref}; see the server log)", "internal_error")
+
+
 @serve.ingress()
 class Ingress:
     """The HTTP side: auth and body size, context affinity, retries on replica death."""
@@ -304,6 +311,11 @@ class Ingress:
                 if cid is not None:
                     self.holders.pop(cid, None)
                 holder = None
+            except asyncio.CancelledError:  # the client left: so does the replica's work
+                gen.cancel()
+                raise
+            except Exception:  # noqa: BLE001 - a bug: OpenAI's shape, a reference, no internals
+                return _internal_error(method, path)
         if start is None:
             return _error(503, f"no engine replica could answer after {ATTEMPTS} attempts; retry later",
                           "replica_unavailable", {"Retry-After": "1"})
@@ -324,6 +336,11 @@ class Ingress:
             self._failed(e)
             return _error(502, "the engine replica failed while sending its answer; retry", "replica_failed",
                           {"Retry-After": "1"})
+        except asyncio.CancelledError:
+            gen.cancel()
+            raise
+        except Exception:  # noqa: BLE001
+            return _internal_error(method, path)
         content = b"".join(chunks)
         self._learn(method, path, cid, info["id"], status, content)
         return Response(content, status_code=status, headers=headers)
