@@ -24,6 +24,7 @@ from kvsift.server.testing import ServerProcess
 
 KEY = "test-key-123"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
+TENANT_KEY = "tenant-key-456"  # not an admin
 REPLICA = "x-kvsift-replica"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,7 +75,10 @@ def cluster(tiny_dir, tmp_path_factory):
     if _ray_missing():
         pytest.skip(_ray_missing())
     ctx_dir = tmp_path_factory.mktemp("shared-contexts")
-    srv = ServerProcess(["--model", str(tiny_dir), "--replicas", "2", "--api-key", KEY, "--contexts-dir", str(ctx_dir),
+    keys = ctx_dir.parent / "keys.txt"
+    keys.write_text(f"{KEY} ops admin\n{TENANT_KEY} bob\n")
+    srv = ServerProcess(["--model", str(tiny_dir), "--replicas", "2", "--api-keys-file", str(keys),
+                         "--contexts-dir", str(ctx_dir),
                          "--chunk-size", "64", "--max-body", "256K"], start_timeout=300, stop_timeout=60)
     try:
         srv.start()
@@ -186,6 +190,9 @@ def test_context_affinity_then_failover(cluster, reference):
         assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == ctx["tokens"]
     got = httpx.get(f"{cluster.url}/v1/contexts/{ctx['id']}", headers=HEADERS, timeout=30)
     assert ok(got)["id"] == ctx["id"] and got.headers[REPLICA] == holder
+    other = httpx.post(cluster.url + "/v1/chat/completions", json=ask, timeout=60,
+                       headers={"Authorization": f"Bearer {TENANT_KEY}"})
+    assert_error(other, 404, "context_not_found", "context_id")  # another owner's context, as with one process
     table = replicas(cluster)
     assert table[holder]["contexts"] >= 1
 
@@ -239,6 +246,8 @@ def test_errors_keep_openai_shapes(cluster):
     # refused by the ingress itself, before any replica: no key, a body over --max-body
     assert_error(httpx.post(cluster.url + "/v1/completions", json=COMPLETION, timeout=30), 401, "invalid_api_key")
     assert_error(httpx.get(cluster.url + "/v1/replicas", timeout=30), 401, "invalid_api_key")
+    assert_error(httpx.get(cluster.url + "/v1/replicas", headers={"Authorization": f"Bearer {TENANT_KEY}"},
+                           timeout=30), 403, "admin_key_required")
     big = dict(COMPLETION, prompt="x" * (300 * 1024))
     assert_error(post(cluster, "/v1/completions", big), 413, "request_too_large")
 

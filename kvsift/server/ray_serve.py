@@ -57,7 +57,7 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 from kvsift.server.app import _Auth, _BodyLimit
 from kvsift.server.config import ServerConfig
 from kvsift.server.contexts import ID_RE
-from kvsift.server.errors import error_body
+from kvsift.server.errors import _TYPES, error_body
 from kvsift.server.metrics import Metrics
 
 log = logging.getLogger("kvsift.server")
@@ -196,7 +196,7 @@ def _context_of(method: str, path: str, body: bytes) -> str | None:
 
 
 def _error(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
-    kind = "server_error" if status >= 500 else "invalid_request_error"
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return JSONResponse(error_body(message, kind, None, code), status_code=status, headers=headers)
 
 
@@ -222,7 +222,10 @@ class Ingress:
         app.add_middleware(_BodyLimit, limit=self.config.max_body_bytes)
 
         @app.get("/v1/replicas")
-        async def replicas():
+        async def replicas(request: Request):
+            who = request.scope.get("state", {}).get("principal")
+            if who is None or not who.admin:  # pids, actor names and every owner's context count: admins only
+                return _error(403, "GET /v1/replicas needs an admin key", "admin_key_required")
             return await asyncio.to_thread(self.status)
 
         @app.api_route("/{path:path}", methods=["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"])
@@ -284,7 +287,9 @@ class Ingress:
             if isinstance(new, str):
                 self._hold(new, rid)
         elif cid is not None:
-            if status in (404, 410) or (method == "DELETE" and status == 200):
+            # not a 404: that may be another owner asking (the context lives on); a stale entry only
+            # sends requests to a replica that answers 404 itself
+            if status == 410 or (method == "DELETE" and status == 200):
                 self.holders.pop(cid, None)
             elif status == 200:
                 self._hold(cid, rid)
