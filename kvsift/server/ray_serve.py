@@ -409,6 +409,7 @@ class ReplicaServer:
             paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
             if root not in paths:
                 os.environ["PYTHONPATH"] = os.pathsep.join([root] + paths)
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports from a local run
             ray.init(address="local", num_cpus=max(cpus, self.replicas), include_dashboard=False,
                      object_store_memory=512 * 2**20, logging_level=level, log_to_driver=True)
             self.started_ray = True
