@@ -175,7 +175,8 @@ def test_real_model_answers_from_a_context(tmp_path):
 def test_shared_directory_between_stores(tiny_llm, tmp_path):
     """Two stores over one directory (two engine replicas, ``kvsift serve --replicas``): a context one
     persists, the other finds and answers from on first use (loaded from disk, same tokens); one
-    deleted by the first, the second forgets (404); listing sees both; startup leaves a recent
+    deleted by the first, the second forgets (404); an Idempotency-Key retry sent to the other finds
+    the first's context; listing sees both; startup leaves a recent
     ``.tmp-*`` (another replica writing) alone and removes an old one. Without ``shared`` an
     unknown id stays unknown until a restart, as before."""
     fp = model_fingerprint(tiny_llm)
@@ -194,7 +195,10 @@ def test_shared_directory_between_stores(tiny_llm, tmp_path):
     assert (tiny_llm.generate(q, GREEDY, context=got)[0].token_ids ==
             tiny_llm.generate(q, GREEDY, context=ctx)[0].token_ids)
     ctx2 = tiny_llm.prefill_context(_doc(60, 5))
-    rec2 = b.add(ctx2, {"kv_method": "full", "stats": ctx2.stats.to_dict(), "owner": "o"}, persist=True)
+    rec2 = b.add(ctx2, {"kv_method": "full", "stats": ctx2.stats.to_dict(), "owner": "o",
+                        "idempotency_key": "k-1", "request_hash": "h"}, persist=True)
+    assert a.find_idempotent("o", "k-1").id == rec2.id  # a retry sent to the other replica finds it
+    assert a.find_idempotent("o", "k-2") is None and a.find_idempotent("p", "k-1") is None
     assert {r.id for r in a.list()} == {rec.id, rec2.id}
     a.delete(rec.id)
     with pytest.raises(ContextNotFoundError):

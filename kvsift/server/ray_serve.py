@@ -206,6 +206,24 @@ def _internal_error(method: str, path: str) -> JSONResponse:
     return _error(500, f"the request failed (reference {ref}; see the server log)", "internal_error")
 
 
+def _controller_view(actor_names: list[str]) -> tuple[set[str], dict[str, Any] | None]:
+    """(names of these replica actors that are gone, the Engine deployment's status from Serve);
+    blocking calls to Ray's GCS and Serve's controller."""
+    gone = set()
+    for name in actor_names:
+        try:  # a replica's actor name goes away with it
+            ray.get_actor(name, namespace=SERVE_NAMESPACE)
+        except ValueError:
+            gone.add(name)
+    try:
+        dep = serve.status().applications[APP_NAME].deployments["Engine"]
+        deployment = {"status": str(getattr(dep.status, "value", dep.status)),
+                      "replica_states": {str(getattr(k, "value", k)): v for k, v in dep.replica_states.items()}}
+    except Exception:  # noqa: BLE001 - the controller's view is extra information only
+        deployment = None
+    return gone, deployment
+
+
 @serve.ingress()
 class Ingress:
     """The HTTP side: auth and body size, context affinity, retries on replica death."""
@@ -226,7 +244,9 @@ class Ingress:
             who = request.scope.get("state", {}).get("principal")
             if who is None or not who.admin:  # pids, actor names and every owner's context count: admins only
                 return _error(403, "GET /v1/replicas needs an admin key", "admin_key_required")
-            return await asyncio.to_thread(self.status)
+            names = [r["actor"] for r in self.replicas.values() if r["state"] == "serving"]
+            gone, deployment = await asyncio.to_thread(_controller_view, names)
+            return self.status(gone, deployment)
 
         @app.api_route("/{path:path}", methods=["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"])
         async def forward(request: Request):
@@ -235,25 +255,17 @@ class Ingress:
         return app
 
     # ---- what the ingress knows ----
-    def status(self) -> dict[str, Any]:
+    def status(self, gone: set[str], deployment: dict[str, Any] | None) -> dict[str, Any]:
         held: dict[str, int] = {}
         for rid in self.holders.values():
             held[rid] = held.get(rid, 0) + 1
         for r in self.replicas.values():
-            if r["state"] == "serving":
-                try:  # a replica's actor name goes away with it
-                    ray.get_actor(r["actor"], namespace=SERVE_NAMESPACE)
-                except ValueError:
-                    r["state"] = "gone"
+            if r["actor"] in gone:
+                r["state"] = "gone"
         data = [dict(r, contexts=held.get(rid, 0)) for rid, r in self.replicas.items()]
         out: dict[str, Any] = {"object": "list", "data": data, "routing": "context affinity, else least loaded"}
-        try:
-            dep = serve.status().applications[APP_NAME].deployments["Engine"]
-            out["deployment"] = {"status": str(getattr(dep.status, "value", dep.status)),
-                                 "replica_states": {str(getattr(k, "value", k)): v
-                                                    for k, v in dep.replica_states.items()}}
-        except Exception:  # noqa: BLE001 - the controller's view is extra information only
-            pass
+        if deployment is not None:
+            out["deployment"] = deployment
         return out
 
     def _seen(self, info: dict[str, Any]) -> None:
