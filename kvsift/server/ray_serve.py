@@ -426,7 +426,11 @@ class ReplicaServer:
                      object_store_memory=512 * 2**20, logging_level=level, log_to_driver=True)
             self.started_ray = True
         else:
-            ray.init(address=self.address, logging_level=level, log_to_driver=True)
+            try:
+                ray.init(address=self.address, logging_level=level, log_to_driver=True)
+            except (ConnectionError, RuntimeError) as e:  # no cluster there, or it refused us (auth token)
+                raise ValueError(f"cannot connect to the Ray cluster at --ray-address {self.address}: "
+                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         try:
             if self.on_connected is not None:
                 self.on_connected()
