@@ -44,6 +44,7 @@ needs_ray = pytest.mark.skipif(_ray_missing() is not None, reason=_ray_missing()
     (["--replicas", "0"], False, "--replicas must be >= 1, got 0"),
     (["--replicas", "-2"], False, "--replicas must be >= 1, got -2"),
     (["--ray-address", " "], False, "--ray-address must not be empty"),
+    (["--ray-address", "127.0.0.1:1"], False, "cannot reach the Ray cluster at --ray-address 127.0.0.1:1"),
     (["--ray-address", "auto"], True, "--ray-address needs Ray Serve, which is not installed"),
     (["--replicas", "2"], True, "--replicas needs Ray Serve, which is not installed"),
 ])

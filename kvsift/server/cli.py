@@ -178,6 +178,21 @@ def _write_ready(server, path: Path, host: str, port: int) -> None:
 RAY_INSTALL = "pip install 'kvsift[ray]'"
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A ``host:port`` (or ``ray://host:port``) --ray-address must accept a TCP connection: Ray
+    itself would retry an unreachable address for minutes. ``auto`` is left to Ray."""
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # e.g. "auto": Ray finds the cluster itself
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ValueError(f"cannot reach the Ray cluster at --ray-address {address}: "
+                         f"{e.strerror or type(e).__name__}") from None
+
+
 def check_replicas(args) -> bool:
     """Whether to serve through Ray Serve replicas; bad values and a missing Ray raise ValueError
     (``kvsift: error: ...``, exit 2) before anything is loaded."""
@@ -188,6 +203,8 @@ def check_replicas(args) -> bool:
         raise ValueError(f"--replicas must be >= 1, got {replicas}")
     if address is not None and not address.strip():
         raise ValueError("--ray-address must not be empty (e.g. auto, or ray://host:10001)")
+    if address is not None:
+        _check_reachable(address.strip())
     flag = "--ray-address" if replicas is None else "--replicas"
     try:
         import ray  # noqa: F401
