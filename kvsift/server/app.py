@@ -249,7 +249,8 @@ def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
     model_id = config.model_name or llm.info.name
     metrics = Metrics(model_id)
     store = ContextStore(llm, model_fingerprint(llm), config.contexts_dir, config.context_memory_bytes,
-                         config.max_contexts, metrics, disk_limit=config.contexts_disk_bytes, keep_ids=config.keep_ids)
+                         config.max_contexts, metrics, disk_limit=config.contexts_disk_bytes, keep_ids=config.keep_ids,
+                         shared=config.shared_contexts)
     n = store.scan()
     if n or store.skipped:
         log.info("contexts: %d registered from %s, %d skipped", n, config.contexts_dir, len(store.skipped))

@@ -5,6 +5,8 @@
     kvsift serve --model path/to/hf_dir --kv-method snapkv --kv-budget 1024 --api-key secret
     kvsift serve --host 0.0.0.0 --api-keys-file keys.txt   # tenants: lines 'KEY OWNER [admin] [max_concurrent=N]'
     kvsift serve --max-request-seconds 120 --max-concurrent-per-key 4   # limits: 429 + Retry-After
+    kvsift serve --replicas 2                      # 2 engine replicas on a local Ray Serve (pip install 'kvsift[ray]')
+    kvsift serve --replicas 8 --ray-address auto --contexts-dir /nfs/contexts   # on an existing Ray cluster
 """
 
 from __future__ import annotations
@@ -103,6 +105,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="quota on the bytes of persisted contexts (default: only the free space); over it: 507")
     p.add_argument("--ready-file", type=Path, default=None,
                    help="write {host, port, url} as JSON here once the server accepts connections")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="run N engine replicas on Ray Serve behind this one endpoint (one GPU each where there "
+                        "are GPUs), contexts routed to the replica that holds them; local Ray unless "
+                        "--ray-address (needs pip install 'kvsift[ray]'; see docs/server.md)")
+    p.add_argument("--ray-address", default=None,
+                   help="run the replicas on an existing Ray cluster (e.g. auto, or ray://host:10001); it is "
+                        "left running on exit (default with --replicas: a local Ray started and stopped here)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -166,14 +175,63 @@ def _write_ready(server, path: Path, host: str, port: int) -> None:
     os.replace(tmp, path)
 
 
+RAY_INSTALL = "pip install 'kvsift[ray]'"
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A ``host:port`` (or ``ray://host:port``) --ray-address must accept a TCP connection: Ray
+    itself would retry an unreachable address for minutes. ``auto`` is left to Ray."""
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # e.g. "auto": Ray finds the cluster itself
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ValueError(f"cannot reach the Ray cluster at --ray-address {address}: "
+                         f"{e.strerror or type(e).__name__}") from None
+
+
+def check_replicas(args) -> bool:
+    """Whether to serve through Ray Serve replicas; bad values and a missing Ray raise ValueError
+    (``kvsift: error: ...``, exit 2) before anything is loaded."""
+    replicas, address = getattr(args, "replicas", None), getattr(args, "ray_address", None)
+    if replicas is None and address is None:
+        return False
+    if replicas is not None and replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {replicas}")
+    if address is not None and not address.strip():
+        raise ValueError("--ray-address must not be empty (e.g. auto, or ray://host:10001)")
+    if address is not None:
+        _check_reachable(address.strip())
+    flag = "--ray-address" if replicas is None else "--replicas"
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"{flag} needs Ray Serve, which is not installed: no module {e.name or e!s} "
+                         f"({RAY_INSTALL})") from None
+    return True
+
+
 def run_serve(args) -> int:
+    logging.getLogger("kvsift").setLevel(args.log_level.upper())
+    replicas = check_replicas(args)
+    config = build_config(args)
+    if replicas:
+        from kvsift.server.ray_serve import run_replicas
+
+        if config.contexts_dir is None:
+            print("kvsift: warning: --no-persist with replicas: a context lives on its replica only and is lost "
+                  "with it", file=sys.stderr)
+        else:
+            config.shared_contexts = True
+        return run_replicas(args, config)
     import uvicorn
 
     from kvsift.engine import LLM
     from kvsift.server.app import create_app
-
-    logging.getLogger("kvsift").setLevel(args.log_level.upper())
-    config = build_config(args)
     if config.insecure and config.keys is None and config.host not in ("127.0.0.1", "::1", "localhost"):
         print(f"kvsift: warning: serving on {config.host} without an API key (--insecure)", file=sys.stderr)
     sock = _bind(config.host, config.port)  # fail fast on a busy port, before loading the model

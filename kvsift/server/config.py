@@ -35,6 +35,8 @@ class ServerConfig:
     ``kv_memory_bytes`` / ``host_memory_bytes``: expected KV bytes a batch may hold on the device /
     in host memory (None: unbounded); a request that cannot fit alone is a 400 ``kv_memory_exceeded``.
     ``contexts_dir``: where reusable contexts are persisted (None = memory only).
+    ``shared_contexts``: ``contexts_dir`` is shared with other servers (engine replicas): contexts
+    they persist or delete are seen on their next use (see ``ContextStore``).
     ``context_memory_bytes``: LRU limit on the KV bytes (device + host) of contexts kept in memory.
     ``contexts_disk_bytes``: quota on the bytes of persisted contexts (None = only the free space).
     ``api_key`` / ``keys``: one key (its owner ``default``, an admin) or a key ring of tenants
@@ -63,6 +65,7 @@ class ServerConfig:
     max_waiting: int = 64
     max_body_bytes: int = 8 * 2**20
     contexts_dir: Path | None = None
+    shared_contexts: bool = False
     context_memory_bytes: int = 2 * 2**30
     max_contexts: int = 1000
     contexts_disk_bytes: int | None = None

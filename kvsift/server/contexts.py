@@ -339,11 +339,20 @@ class ContextStore:
 
     Startup (:meth:`scan`) reads only the metadata: a context's checksum is verified when its KV is
     first loaded, so a large store does not delay serving. Damaged files are reported by the
-    context's id (``context_corrupted``), not hidden."""
+    context's id (``context_corrupted``), not hidden.
+
+    ``shared``: the directory is shared with other servers (engine replicas, ``kvsift serve
+    --replicas``): an id this store does not know is looked up on disk (another replica made it),
+    a persisted context whose directory is gone was deleted elsewhere (404), listing and
+    idempotency lookups re-read the directory, and startup leaves recent ``.tmp-*`` directories
+    alone (another replica may be writing them; older than ``TMP_GRACE_S`` they are leftovers)."""
+
+    TMP_GRACE_S = 3600.0
 
     def __init__(self, llm, fingerprint: str, directory: Path | None, memory_limit: int, max_contexts: int,
-                 metrics=None, disk_limit: int | None = None, keep_ids: int = 10000):
+                 metrics=None, disk_limit: int | None = None, keep_ids: int = 10000, shared: bool = False):
         self.llm, self.fingerprint, self.directory = llm, fingerprint, directory
+        self.shared = shared and directory is not None
         self.memory_limit, self.max_contexts, self.metrics = memory_limit, max_contexts, metrics
         self.disk_limit, self.keep_ids = disk_limit, keep_ids
         self.records: OrderedDict[str, ContextRecord] = OrderedDict()  # LRU order: oldest first
@@ -366,25 +375,15 @@ class ContextStore:
         found = []
         for d in self.directory.iterdir():
             if d.name.startswith(".tmp-"):
+                if self.shared and _age_s(d) < self.TMP_GRACE_S:
+                    continue  # another replica may be writing it
                 shutil.rmtree(d, ignore_errors=True)  # an interrupted write or delete
                 continue
             if not (d.is_dir() and ID_RE.match(d.name)):
                 continue
-            try:
-                meta = read_meta(d)
-                if meta.get("fingerprint") != self.fingerprint:
-                    self.skipped[d.name] = "made with another model"
-                    continue
-                rec = ContextRecord(d.name, meta, persisted=True, last_used=float(meta.get("created", 0)),
-                                    disk_bytes=dir_bytes(d))
-                if not (d / KV_FILE).is_file():
-                    rec.corrupted = f"context {d.name} is corrupted: its {KV_FILE} is missing"
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                why = f"context {d.name} is corrupted: unreadable {META_FILE} ({e})"
-                log.warning("%s", why)
-                rec = ContextRecord(d.name, {"id": d.name}, persisted=True, last_used=0.0, disk_bytes=dir_bytes(d),
-                                    corrupted=why)
-            found.append(rec)
+            rec = self._read_record(d)
+            if rec is not None:
+                found.append(rec)
         with self.lock:
             for r in sorted(found, key=lambda r: r.last_used):
                 self.records[r.id] = r
@@ -393,6 +392,74 @@ class ContextStore:
                     self.idempotency[(r.owner, key)] = r.id
             self._update_metrics()
         return len(found)
+
+    def _read_record(self, d: Path) -> ContextRecord | None:
+        """The record of a context directory from its metadata (None: another model's)."""
+        try:
+            meta = read_meta(d)
+            if meta.get("fingerprint") != self.fingerprint:
+                self.skipped[d.name] = "made with another model"
+                return None
+            rec = ContextRecord(d.name, meta, persisted=True, last_used=float(meta.get("created", 0)),
+                                disk_bytes=dir_bytes(d))
+            if not (d / KV_FILE).is_file():
+                rec.corrupted = f"context {d.name} is corrupted: its {KV_FILE} is missing"
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            why = f"context {d.name} is corrupted: unreadable {META_FILE} ({e})"
+            log.warning("%s", why)
+            rec = ContextRecord(d.name, {"id": d.name}, persisted=True, last_used=0.0, disk_bytes=dir_bytes(d),
+                                corrupted=why)
+        return rec
+
+    # ---- shared directory (engine replicas) ------------------------------------------------------
+    def _discover(self, cid: str) -> ContextRecord | None:
+        """Shared mode: register ``cid`` if another replica persisted it (its metadata only)."""
+        d = self.directory / cid
+        if not (d / META_FILE).is_file():
+            return None
+        rec = self._read_record(d)
+        if rec is None:
+            return None
+        with self.lock:
+            if cid in self.records:
+                return self.records[cid]
+            self.records[cid] = rec
+            self.records.move_to_end(cid, last=False)  # not used here yet: first to leave memory
+            key = rec.meta.get("idempotency_key")
+            if isinstance(key, str):
+                self.idempotency[(rec.owner, key)] = cid
+            self._update_metrics()
+        return rec
+
+    def _forget(self, rec: ContextRecord) -> None:
+        """Shared mode: drop a persisted record whose directory another replica deleted."""
+        with self.lock:
+            if self.records.get(rec.id) is rec:
+                del self.records[rec.id]
+                key = rec.meta.get("idempotency_key")
+                if isinstance(key, str):
+                    self.idempotency.pop((rec.owner, key), None)
+                self._update_metrics()
+
+    def _gone_from_disk(self, rec: ContextRecord) -> bool:
+        return self.shared and rec.persisted and not (self.directory / rec.id).is_dir()
+
+    def sync(self) -> None:
+        """Shared mode: register the contexts other replicas persisted since, forget the ones they
+        deleted (metadata only; KV loads on first use)."""
+        if not self.shared:
+            return
+        try:
+            names = {d.name for d in self.directory.iterdir() if ID_RE.match(d.name)}
+        except OSError:
+            return
+        with self.lock:
+            known = set(self.records)
+            gone = [r for r in self.records.values() if r.persisted and r.id not in names]
+        for r in gone:
+            self._forget(r)
+        for cid in sorted(names - known):
+            self._discover(cid)
 
     # ---- limits, checked before a prefill ------------------------------------------------------
     def disk_used(self) -> int:
@@ -496,8 +563,14 @@ class ContextStore:
     def get(self, cid: str, principal=None) -> ContextRecord:
         """The record of ``cid`` if ``principal`` (None: anyone) may see it, else
         :class:`ContextNotFoundError` (or :class:`ContextEvictedError` for an evicted one)."""
+        valid = isinstance(cid, str) and ID_RE.match(cid)
+        if valid and self.shared:  # another replica may have made or deleted it
+            rec = self.records.get(cid)
+            if rec is None:
+                self._discover(cid)
+            elif self._gone_from_disk(rec):
+                self._forget(rec)
         with self.lock:
-            valid = isinstance(cid, str) and ID_RE.match(cid)
             rec = self.records.get(cid) if valid else None
             if rec is not None and (principal is None or principal.may_see(rec.owner)):
                 return rec
@@ -567,11 +640,14 @@ class ContextStore:
             shutil.rmtree(trash, ignore_errors=True)
 
     def find_idempotent(self, owner: str | None, key: str) -> ContextRecord | None:
+        if self.shared and (owner, key) not in self.idempotency:
+            self.sync()
         with self.lock:
             cid = self.idempotency.get((owner, key))
             return self.records.get(cid) if cid is not None else None
 
     def list(self, principal=None) -> list[ContextRecord]:
+        self.sync()
         with self.lock:
             return [r for r in reversed(self.records.values()) if principal is None or principal.may_see(r.owner)]
 
@@ -622,6 +698,13 @@ class ContextStore:
         self.metrics.contexts.labels(state="on_disk_only").set(len(self.records) - n_loaded - n_bad)
         self.metrics.contexts.labels(state="corrupted").set(n_bad)
         self.metrics.contexts_disk_bytes.set(sum(r.disk_bytes for r in self.records.values()))
+
+
+def _age_s(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _tensor_bytes(ctx: Context) -> int:
