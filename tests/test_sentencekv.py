@@ -3,38 +3,16 @@
 import pytest
 import torch
 
-from kvsift.engine.llm import LLM
 from kvsift.engine.params import SamplingParams
 from kvsift.methods import build_method
 from kvsift.methods._offload import ChunkStore, FetchStats
 from kvsift.methods.sentencekv import SentenceKV
-from kvsift.models.tiny import tiny_model
-
-VOCAB = 300
-GREEDY = SamplingParams(max_tokens=4, ignore_eos=True)
+from tests.logit_recorder import GREEDY, prompt, recording_llm, run
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    """A tiny random Llama (2 layers, 4 q heads, 2 kv heads) whose lm_head logits are recorded."""
-    model = tiny_model("llama", seed=0, vocab_size=VOCAB)
-    llm = LLM.from_model(model, None, "tiny", chunk_size=64)
-    llm.logits = []
-    model.lm_head.register_forward_hook(lambda m, i, o: llm.logits.append(o[:, -1].detach().clone()))
-    return llm
-
-
-def prompt(n=240, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
-
-
-def run(llm, ids, method="full", budget=None, params=GREEDY, **kw):
-    llm.logits.clear()
-    out = llm.generate(ids, params, method=method, budget=budget, method_kwargs=kw)
-    if len({x.shape for x in llm.logits}) > 1:  # rows prefilled one at a time: no single stack
-        return out, None
-    return out, torch.stack(llm.logits)  # (steps, batch, vocab)
+    return recording_llm()
 
 
 @pytest.fixture(scope="module")

@@ -11,32 +11,12 @@ from kvsift.errors import MethodOptionError, UnknownMethodError
 from kvsift.methods._offload import ChunkStore
 from kvsift.methods.shadowkv import ShadowKV, apply_rope, low_rank, undo_rope
 from kvsift.models.tiny import tiny_model
-
-VOCAB = 300
-GREEDY = SamplingParams(max_tokens=4, ignore_eos=True)
+from tests.logit_recorder import GREEDY, VOCAB, prompt, recording_llm, run
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    """A tiny random Llama (2 layers, 4 q heads, 2 kv heads of 16) whose lm_head logits are recorded."""
-    model = tiny_model("llama", seed=0, vocab_size=VOCAB)
-    llm = LLM.from_model(model, None, "tiny", chunk_size=64)
-    llm.logits = []
-    model.lm_head.register_forward_hook(lambda m, i, o: llm.logits.append(o[:, -1].detach().clone()))
-    return llm
-
-
-def prompt(n=240, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
-
-
-def run(llm, ids, method="full", budget=None, params=GREEDY, **kw):
-    llm.logits.clear()
-    out = llm.generate(ids, params, method=method, budget=budget, method_kwargs=kw)
-    if len({x.shape for x in llm.logits}) > 1:  # rows prefilled one at a time: no single stack
-        return out, None
-    return out, torch.stack(llm.logits)  # (steps, batch, vocab)
+    return recording_llm()
 
 
 def prefill(llm, ids, method, budget=None, **kw):
