@@ -34,3 +34,18 @@ def run(llm, ids, method="full", budget=None, params=GREEDY, **kw):
     if len({x.shape for x in llm.logits}) > 1:
         return out, None
     return out, torch.stack(llm.logits)
+
+
+def check_padded_batch_exact(llm, method, prefill_mode, **kw):
+    """A left-padded batch of two prompts prefilled at once (``batch``) or one row at a time
+    (``rows``) under ``method`` at a full budget: the same tokens and decode logits as ``full``."""
+    batch = [prompt(200, seed=3), prompt(150, seed=4)]
+    ref, ref_logits = run(llm, batch)
+    llm.prefill_mode = prefill_mode
+    try:
+        out, _ = run(llm, batch, method, 1.0, **kw)
+        decode_logits = torch.stack([x for x in llm.logits if x.shape[0] == 2][-3:])  # the 3 decode steps
+    finally:
+        llm.prefill_mode = "auto"
+    assert [o.token_ids for o in out] == [o.token_ids for o in ref]
+    torch.testing.assert_close(decode_logits, ref_logits[-3:], atol=1e-4, rtol=1e-4)

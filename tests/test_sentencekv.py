@@ -7,7 +7,7 @@ from kvsift.engine.params import SamplingParams
 from kvsift.methods import build_method
 from kvsift.methods._offload import ChunkStore, FetchStats
 from kvsift.methods.sentencekv import SentenceKV
-from tests.logit_recorder import GREEDY, prompt, recording_llm, run
+from tests.logit_recorder import GREEDY, check_padded_batch_exact, prompt, recording_llm, run
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +63,7 @@ def test_device_cache_matches_direct_fetch(tiny):
 @pytest.mark.parametrize("prefill_mode", ["batch", "rows"])
 def test_batch_with_padding_is_exact(tiny, prefill_mode):
     """Left-padded batch prefill, or one row at a time into one host store: both equal full."""
-    batch = [prompt(200, seed=3), prompt(150, seed=4)]
-    ref, ref_logits = run(tiny, batch)
-    tiny.prefill_mode = prefill_mode
-    try:
-        out, _ = run(tiny, batch, "sentencekv", 1.0, max_chunk=16)
-        decode_logits = torch.stack([x for x in tiny.logits if x.shape[0] == 2][-3:])  # the 3 decode steps
-    finally:
-        tiny.prefill_mode = "auto"
-    assert [o.token_ids for o in out] == [o.token_ids for o in ref]
-    torch.testing.assert_close(decode_logits, ref_logits[-3:], atol=1e-4, rtol=1e-4)
+    check_padded_batch_exact(tiny, "sentencekv", prefill_mode, max_chunk=16)
 
 
 def test_compose_snapkv_then_offload(tiny):

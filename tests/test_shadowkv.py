@@ -11,7 +11,7 @@ from kvsift.errors import MethodOptionError, UnknownMethodError
 from kvsift.methods._offload import ChunkStore
 from kvsift.methods.shadowkv import ShadowKV, apply_rope, low_rank, undo_rope
 from kvsift.models.tiny import tiny_model
-from tests.logit_recorder import GREEDY, VOCAB, prompt, recording_llm, run
+from tests.logit_recorder import GREEDY, VOCAB, check_padded_batch_exact, prompt, recording_llm, run
 
 
 @pytest.fixture(scope="module")
@@ -188,16 +188,7 @@ def test_full_budget_is_exact_on_other_families(family):
 @pytest.mark.parametrize("prefill_mode", ["batch", "rows"])
 def test_batch_with_padding_is_exact(tiny, prefill_mode):
     """Left-padded batch prefill, or one row at a time into one state: both equal full."""
-    batch = [prompt(200, seed=3), prompt(150, seed=4)]
-    ref, ref_logits = run(tiny, batch)
-    tiny.prefill_mode = prefill_mode
-    try:
-        out, _ = run(tiny, batch, "shadowkv", 1.0, chunk=16)
-        decode_logits = torch.stack([x for x in tiny.logits if x.shape[0] == 2][-3:])  # the 3 decode steps
-    finally:
-        tiny.prefill_mode = "auto"
-    assert [o.token_ids for o in out] == [o.token_ids for o in ref]
-    torch.testing.assert_close(decode_logits, ref_logits[-3:], atol=1e-4, rtol=1e-4)
+    check_padded_batch_exact(tiny, "shadowkv", prefill_mode, chunk=16)
 
 
 def test_small_budget_and_rank_hold_fewer_device_bytes_values_on_the_host(tiny):
