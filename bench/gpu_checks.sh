@@ -15,8 +15,8 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 step() { case ",$STEPS," in *",$1,"*) return 0;; esac; return 1; }
 t0=$(date +%s)
 if step tests; then
-  timeout ${T_TESTS:-200} python3 -m pytest -q -p no:cacheprovider -k "cuda or triton or gpu" tests \
-    --continue-on-collection-errors >"$R/tests.log" 2>&1
+  timeout ${T_TESTS:-300} python3 -m pytest -q -p no:cacheprovider -k "cuda or triton or gpu" tests \
+    --continue-on-collection-errors -rfE --tb=line --durations=10 >"$R/tests.log" 2>&1
   echo "tests rc=$? $(( $(date +%s) - t0 )) s: $(tail -1 "$R/tests.log")"
   grep -E "^(FAILED|ERROR)" "$R/tests.log" | head -30
 fi
