@@ -153,13 +153,11 @@ def test_cuda_rows_prefill_gives_the_batch_tokens_under_graphs():
 # ---- sentencekv's reselect_every (kept selections skip scoring and fetching) -------------------
 
 def test_reselect_every_exact_at_full_budget_and_fetches_less():
-    from tests.test_sentencekv import LLM, SamplingParams, prompt, run, tiny_model
+    from kvsift import SamplingParams
     from kvsift.methods.sentencekv import SentenceKV
+    from tests.logit_recorder import prompt, recording_llm, run
 
-    model = tiny_model("llama", seed=0, vocab_size=300)
-    llm = LLM.from_model(model, None, "tiny", chunk_size=64)
-    llm.logits = []
-    model.lm_head.register_forward_hook(lambda m, i, o: llm.logits.append(o[:, -1].detach().clone()))
+    llm = recording_llm()
     ids = prompt(320, seed=8)
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     ref, ref_logits = run(llm, ids, params=params)
@@ -179,9 +177,11 @@ def test_reselect_every_exact_at_full_budget_and_fetches_less():
 def test_uva_path_exact_on_cuda_with_context_reuse():
     """A tiny fp32 model on CUDA: sentencekv through the UVA copy at full budget == full, also when
     a reused context grows the host store (the host tensors are replaced while kernels may be queued)."""
-    from tests.test_sentencekv import LLM, SamplingParams, prompt, tiny_model
+    from kvsift import LLM, SamplingParams
+    from kvsift.models.tiny import tiny_model
+    from tests.logit_recorder import VOCAB, prompt
 
-    llm = LLM.from_model(tiny_model("llama", seed=0, vocab_size=300).cuda(), None, "tiny", chunk_size=64)
+    llm = LLM.from_model(tiny_model("llama", seed=0, vocab_size=VOCAB).cuda(), None, "tiny", chunk_size=64)
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     doc, question = prompt(300, seed=6), prompt(40, seed=7)
     ref = llm.generate(doc + question, params, method="full")[0].token_ids
