@@ -136,6 +136,9 @@ def test_llm_request_estimates_and_refuses_before_compute(tiny_llm):
     per = tiny_llm.kv_bytes_per_token
     assert full.kv_bytes == 110 * per and full.run.tokens == 100 and snap.run.tokens == 20
     assert skv.host_bytes == 100 * per and full.host_bytes == snap.host_bytes == 0
+    # shadowkv keeps only the values (and positions) on the host: half of each token's KV, counted so
+    shadow = tiny_llm.request(ids, SamplingParams(max_tokens=10), method="shadowkv", budget=40)
+    assert shadow.host_bytes == 50 * per
     s = Scheduler(tiny_llm.scheduler_config(kv_memory=50 * per))
     with pytest.raises(KVMemoryError):
         s.add(full)

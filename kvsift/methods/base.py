@@ -300,6 +300,11 @@ class KVMethod:
         memory admission counts it)."""
         return False
 
+    def host_share(self) -> float:
+        """The share of a prompt token's KV bytes (keys, values, position) the method keeps in host
+        memory: what host memory admission counts per prompt token (1.0 for the whole KV)."""
+        return 1.0 if self.offloads_to_host() else 0.0
+
     def static_ok(self) -> bool:
         """True when a decode step keeps no per-step host state and changes no shapes, so the
         engine may run it with fixed buffers and replay it from a CUDA graph. Methods whose decode
@@ -714,6 +719,9 @@ class Compose(KVMethod):
 
     def offloads_to_host(self) -> bool:
         return any(s.offloads_to_host() for s in self.stages)
+
+    def host_share(self) -> float:
+        return max(s.host_share() for s in self.stages)
 
     def row_prefill_ok(self) -> bool:
         # rows save memory when a stage shrinks the KV at prefill end; decode-only stages keep no

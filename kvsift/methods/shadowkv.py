@@ -207,6 +207,9 @@ class ShadowKV(KVMethod):
     def offloads_to_host(self) -> bool:
         return True  # the middle chunks' values live in the host store
 
+    def host_share(self) -> float:
+        return 0.5  # values (and positions) only: about half of each token's KV, a lower bound
+
     def quantized_ok(self) -> bool:
         return False  # it keeps KV in its own layout (factors, host values)
 
