@@ -102,28 +102,19 @@ def tensor_parallel(size: int, backend: str | None = None, timeout_s: float = 60
     caller is used as it is (its world size must be ``size``) and left alone. ``size`` 1: no
     group. Yields a :class:`TPGroup`."""
     size = check_size(size)
-    if size == 1:
-        yield TPGroup()
+    if size == 1 or _dist().is_initialized():
+        yield current_group(size)  # the caller's group (its size checked), left alone
         return
     dist = _dist()
-    own = False
-    if dist.is_initialized():
-        if dist.get_world_size() != size:
-            raise TensorParallelError(f"tensor_parallel={size} but the process group has {dist.get_world_size()} "
-                                      f"ranks", param="tensor_parallel")
-        rank = dist.get_rank()
-        local = int(os.environ.get("LOCAL_RANK", rank))
-    else:
-        rank, local = launch_env(size)
-        backend = backend or default_backend()
-        if backend == "nccl":
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s))
-        own = True
+    rank, local = launch_env(size)
+    backend = backend or default_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s))
     try:
         yield TPGroup(size, rank, local, dist.get_backend())
     finally:
-        if own and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
