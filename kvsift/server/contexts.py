@@ -386,12 +386,16 @@ class ContextStore:
                 found.append(rec)
         with self.lock:
             for r in sorted(found, key=lambda r: r.last_used):
-                self.records[r.id] = r
-                key = r.meta.get("idempotency_key")
-                if isinstance(key, str):
-                    self.idempotency[(r.owner, key)] = r.id
+                self._register(r)
             self._update_metrics()
         return len(found)
+
+    def _register(self, rec: ContextRecord) -> None:
+        """Add ``rec`` (most recently used) and its idempotency key; the caller holds the lock."""
+        self.records[rec.id] = rec
+        key = rec.meta.get("idempotency_key")
+        if isinstance(key, str):
+            self.idempotency[(rec.owner, key)] = rec.id
 
     def _read_record(self, d: Path) -> ContextRecord | None:
         """The record of a context directory from its metadata (None: another model's)."""
@@ -423,11 +427,8 @@ class ContextStore:
         with self.lock:
             if cid in self.records:
                 return self.records[cid]
-            self.records[cid] = rec
+            self._register(rec)
             self.records.move_to_end(cid, last=False)  # not used here yet: first to leave memory
-            key = rec.meta.get("idempotency_key")
-            if isinstance(key, str):
-                self.idempotency[(rec.owner, key)] = cid
             self._update_metrics()
         return rec
 
@@ -550,10 +551,7 @@ class ContextStore:
                                 disk_bytes=disk, verified=persisted)
             with self.lock:
                 self.release(reservation)
-                self.records[cid] = rec
-                key = meta.get("idempotency_key")
-                if isinstance(key, str):
-                    self.idempotency[(rec.owner, key)] = cid
+                self._register(rec)
                 self._evict(keep=cid)
                 self._update_metrics()
             return rec
