@@ -163,16 +163,25 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def http_url(host: str, port: int) -> str:
+    """``http://host:port`` (an IPv6 host in brackets)."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def write_ready(path: Path, host: str, port: int, **extra) -> None:
+    """The ready file: host, port, url, pid (and ``extra``), written atomically (tmp + rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"host": host, "port": port, "url": http_url(host, port), "pid": os.getpid(), **extra}))
+    os.replace(tmp, path)
+
+
 def _write_ready(server, path: Path, host: str, port: int) -> None:
-    """Write the ready file once uvicorn serves (atomically: tmp + rename)."""
+    """Write the ready file once uvicorn serves."""
     while not server.started and not server.should_exit:
         time.sleep(0.02)
-    if server.should_exit:
-        return
-    shown = f"[{host}]" if ":" in host else host
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"host": host, "port": port, "url": f"http://{shown}:{port}", "pid": os.getpid()}))
-    os.replace(tmp, path)
+    if not server.should_exit:
+        write_ready(path, host, port)
 
 
 RAY_INSTALL = "pip install 'kvsift[ray]'"
@@ -239,9 +248,8 @@ def run_serve(args) -> int:
     t0 = time.perf_counter()
     llm = LLM(args.model, device=args.device, dtype=args.dtype, chunk_size=args.chunk_size, kv_arena=args.kv_arena)
     app = create_app(llm, config)
-    shown = f"[{config.host}]" if ":" in config.host else config.host
     print(f"kvsift: serving {app.state.kvsift.model_id} ({llm.info.device}, loaded in {time.perf_counter() - t0:.1f}s) "
-          f"on http://{shown}:{port}/v1", file=sys.stderr, flush=True)
+          f"on {http_url(config.host, port)}/v1", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5,
                                            access_log=args.log_level in ("info", "debug")))
     if args.ready_file is not None:

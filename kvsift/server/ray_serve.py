@@ -55,6 +55,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from kvsift.server.app import _Auth, _BodyLimit
+from kvsift.server.cli import _bind, http_url, write_ready
 from kvsift.server.config import ServerConfig
 from kvsift.server.contexts import ID_RE
 from kvsift.server.errors import _TYPES, error_body
@@ -399,8 +400,7 @@ class ReplicaServer:
 
     @property
     def url(self) -> str:
-        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
-        return f"http://{host}:{self.port}"
+        return http_url(self.config.host, self.port)
 
     def start(self) -> "ReplicaServer":
         level = getattr(logging, self.log_level.upper(), logging.WARNING)
@@ -481,11 +481,8 @@ def _model_name(model) -> str:
 
 
 def free_port(host: str) -> int:
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
+    """A port free on ``host`` now (Serve's proxy binds it itself)."""
+    with _bind(host, 0) as s:
         return s.getsockname()[1]
 
 
@@ -514,10 +511,7 @@ def run_replicas(args, config: ServerConfig) -> int:
         print(f"kvsift: serving {server.replicas} engine replicas ({each}, {where}, up in "
               f"{time.perf_counter() - t0:.1f}s) on {server.url}/v1", file=sys.stderr, flush=True)
         if args.ready_file is not None:
-            tmp = args.ready_file.with_name(args.ready_file.name + ".tmp")
-            tmp.write_text(json.dumps({"host": config.host, "port": config.port, "url": server.url,
-                                       "pid": os.getpid(), "replicas": server.replicas}))
-            os.replace(tmp, args.ready_file)
+            write_ready(args.ready_file, config.host, config.port, replicas=server.replicas)
         while not stop.wait(0.5):
             pass
     finally:
