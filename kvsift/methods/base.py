@@ -573,6 +573,15 @@ def select_pages(scores: torch.Tensor, k: int, page: int, tail_start: "torch.Ten
     return torch.cat([slots, (tail_start + ar[:tail_width]).expand(b, h, tail_width)], dim=-1)
 
 
+def check_int_options(method, lows: dict[str, int], prefix: str) -> None:
+    """Each option ``name`` of ``method`` an int (not a bool) >= ``lows[name]``, else a
+    :class:`MethodOptionError` that names it (``prefix`` leads the message)."""
+    for name, low in lows.items():
+        v = getattr(method, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise MethodOptionError(f"{prefix}{name} must be an int >= {low}, got {v!r}", param=name)
+
+
 def group_queries(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """``(batch, q_heads, q, dim)`` -> ``(batch, kv_heads, group, q, dim)`` (q head i uses kv head i // group)."""
     b, hq, L, d = query.shape

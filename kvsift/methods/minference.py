@@ -38,7 +38,7 @@ from typing import ClassVar
 import torch
 
 from kvsift.errors import MethodOptionError
-from kvsift.methods.base import KVMethod, Run, register
+from kvsift.methods.base import KVMethod, Run, check_int_options, register
 
 PATTERNS = ("a_shape", "vertical_slash", "block_sparse")
 FORMAT = "kvsift-minference-patterns/1"
@@ -262,10 +262,8 @@ class MInference(KVMethod):
 
     def __post_init__(self):
         super().__post_init__()
-        for name, low in (("last_q", 1), ("vertical", 1), ("slash", 1), ("top_blocks", 2), ("local", 0), ("min_len", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise MethodOptionError(f"minference option {name} must be an int >= {low}, got {v!r}", param=name)
+        check_int_options(self, {"last_q": 1, "vertical": 1, "slash": 1, "top_blocks": 2, "local": 0, "min_len": 0},
+                          "minference option ")
         from kvsift.kernels.sparse_prefill_attention import BLOCKS
 
         if isinstance(self.block, bool) or self.block not in BLOCKS:

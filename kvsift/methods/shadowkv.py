@@ -52,7 +52,7 @@ import torch
 from kvsift.errors import MethodOptionError
 from kvsift.kernels.dispatch import chunk_scores, topk_select
 from kvsift.methods._offload import ChunkStore, FetchStats
-from kvsift.methods.base import KVMethod, LayerState, Run, Selection, SlotSource, register
+from kvsift.methods.base import KVMethod, LayerState, Run, Selection, SlotSource, check_int_options, register
 from kvsift.methods.expected_attention import rotate_half
 
 
@@ -180,11 +180,7 @@ class ShadowKV(KVMethod):
 
     def __post_init__(self):
         super().__post_init__()
-        lows = {"rank": 1, "chunk": 1, "outliers": 0, "window": 0, "sinks": 0}
-        for name, low in lows.items():
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise MethodOptionError(f"method 'shadowkv': {name} must be an int >= {low}, got {v!r}", param=name)
+        check_int_options(self, {"rank": 1, "chunk": 1, "outliers": 0, "window": 0, "sinks": 0}, "method 'shadowkv': ")
         if self.chunk > 256:
             raise MethodOptionError(f"method 'shadowkv': chunk must be at most 256 tokens, got {self.chunk}",
                                     param="chunk")
