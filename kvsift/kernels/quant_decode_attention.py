@@ -251,6 +251,7 @@ if HAS_TRITON:
             slot = tl.where(valid, slot, 0)
             isq = valid & (slot < rstart)                                   # quantized slots
             isr = valid & (slot >= rstart)                                  # full-precision window
+            mq = isq[:, None] & mask_d[None, :]
             if FAST:
                 # BLOCK_D == D: each row's packed bytes load once, (BLOCK_S, D // PER), and unpack in
                 # registers (one load per byte, not one per channel); a value scale and zero load
@@ -266,14 +267,12 @@ if HAS_TRITON:
                     vsc = tl.reshape(tl.broadcast_to(vsc[:, :, None], (BLOCK_S, NVG, VGROUP)), (BLOCK_S, BLOCK_D))
                     vzp = tl.reshape(tl.broadcast_to(vzp[:, :, None], (BLOCK_S, NVG, VGROUP)), (BLOCK_S, BLOCK_D))
             else:
-                mqd = isq[:, None] & mask_d[None, :]
-                kb = tl.load(kc_base + slot[:, None] * skc_c + byte_d[None, :], mask=mqd, other=0).to(tl.int32)
+                kb = tl.load(kc_base + slot[:, None] * skc_c + byte_d[None, :], mask=mq, other=0).to(tl.int32)
                 kcode = ((kb >> shift[None, :]) & LEVELS).to(tl.float32)
-                vb = tl.load(vc_base + slot[:, None] * svc_c + byte_d[None, :], mask=mqd, other=0).to(tl.int32)
+                vb = tl.load(vc_base + slot[:, None] * svc_c + byte_d[None, :], mask=mq, other=0).to(tl.int32)
                 vcode = ((vb >> shift[None, :]) & LEVELS).to(tl.float32)
-                vsc = tl.load(vs_base + slot[:, None] * svs_c + vgrp[None, :], mask=mqd, other=0.0).to(tl.float32)
-                vzp = tl.load(vz_base + slot[:, None] * svs_c + vgrp[None, :], mask=mqd, other=0.0).to(tl.float32)
-            mq = isq[:, None] & mask_d[None, :]
+                vsc = tl.load(vs_base + slot[:, None] * svs_c + vgrp[None, :], mask=mq, other=0.0).to(tl.float32)
+                vzp = tl.load(vz_base + slot[:, None] * svs_c + vgrp[None, :], mask=mq, other=0.0).to(tl.float32)
             # keys: per-channel scale/zero of the slot's group (contiguous over the channels)
             kgi = slot // KGROUP
             ksc = tl.load(ks_base + kgi[:, None] * sks_g + offs_d[None, :], mask=mq, other=0.0).to(tl.float32)
