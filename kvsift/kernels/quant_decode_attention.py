@@ -173,6 +173,13 @@ if HAS_TRITON:
         return c.to(tl.float32)
 
     @triton.jit
+    def _round_bf16(x):
+        """fp32 ``x`` rounded to the nearest bf16 (ties to even), kept in fp32."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _quant_decode_split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr, rv_ptr, rs_ptr,
                                    idx_ptr, out_ptr, po_ptr, plse_ptr,
                                    kp_ptr, qp_ptr, CAP, RCAP, WINDOW, sp_b, sp_h, sp_c,
@@ -194,7 +201,7 @@ if HAS_TRITON:
                                    KGROUP: tl.constexpr, VGROUP: tl.constexpr,
                                    DIRECT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                                    ALL: tl.constexpr, HAS_CNT: tl.constexpr, FAST: tl.constexpr,
-                                   NVG: tl.constexpr):
+                                   NVG: tl.constexpr, ROUND_BF16: tl.constexpr):
         # one program: (batch, kv_head) x one split of the slot table; slot s < res_start is
         # dequantized from its codes (code * scale + zero), a later slot read from the window
         pid_bh = tl.program_id(0)
@@ -288,11 +295,17 @@ if HAS_TRITON:
                 k = tl.where(isr[:, None], kr, k)
                 v = tl.where(isr[:, None], vr, v)
             # rounded to the KV dtype (the reference's and a dequantized copy's values) for the dot
-            # products; UPCAST (the CPU interpreter, whose bf16 casts do not round to nearest
-            # even) keeps fp32
+            # products; UPCAST (the CPU interpreter, whose bf16 cast does not round to nearest even)
+            # rounds bf16 by hand and keeps fp32 math
             if not UPCAST:
                 k = k.to(q.dtype)
                 v = v.to(q.dtype)
+            elif ROUND_BF16:
+                k = _round_bf16(k)
+                v = _round_bf16(v)
+            elif rk_ptr.dtype.element_ty != tl.float32:
+                k = k.to(rk_ptr.dtype.element_ty).to(tl.float32)
+                v = v.to(rv_ptr.dtype.element_ty).to(tl.float32)
             m_i, l_i, acc = online_softmax_step(q, k, v, valid[None, :], qk_scale, m_i, l_i, acc, IEEE)
         store_split(out_ptr, po_ptr, plse_ptr, m_i, l_i, acc, b, h, pid_s, offs_g, offs_d, mask_g, mask_d,
                     so_b, so_h, spo_bh, spo_s, HK, G, DIRECT)
@@ -357,7 +370,7 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
         BITS=bits, PER=8 // bits, LEVELS=(1 << bits) - 1, KGROUP=group,
         VGROUP=d // v_scale.shape[3], DIRECT=L.direct, IEEE=L.ieee, UPCAST=L.upcast,
         ALL=slot_idx is None, HAS_CNT=slot_count is not None,
-        FAST=fast, NVG=v_scale.shape[3] if fast else 1,
+        FAST=fast, NVG=v_scale.shape[3] if fast else 1, ROUND_BF16=L.upcast and k_res.dtype == torch.bfloat16,
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )
     return L.finish()
