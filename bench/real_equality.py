@@ -56,14 +56,18 @@ def build_prompt(llm, length: int) -> list[int]:
     return llm.encode(sample.context + "\n\n" + request)
 
 
-def margins(model, ids: list[int], new: list[int]) -> tuple[list[float], list[int]]:
-    """The reference's top-1 minus top-2 logit at each generated step, and its raw top-1 token
-    there (one teacher-forced pass)."""
+def margins(model, ids: list[int], new: list[int], eos_ids=()) -> tuple[list[float], list[int]]:
+    """The reference's top-1 minus top-2 logit at each generated step among the tokens both sides
+    may choose (``eos_ids`` masked, as ``min_new_tokens``/``min_tokens`` mask them), and its raw
+    top-1 token there, EOS included (one teacher-forced pass)."""
     x = torch.tensor([ids + new[:-1]], device=model.device)
     with torch.inference_mode():
         logits = model(x, logits_to_keep=len(new)).logits[0].float()     # (new, vocab)
+    logits = logits.clone()   # out of inference mode, so the EOS columns can be masked
+    raw_top = logits.argmax(dim=-1).tolist()
+    logits[:, list(eos_ids)] = float("-inf")
     top = logits.topk(2, dim=-1)
-    return (top.values[:, 0] - top.values[:, 1]).tolist(), top.indices[:, 0].tolist()
+    return (top.values[:, 0] - top.values[:, 1]).tolist(), raw_top
 
 
 def first_diff(a: list[int], b: list[int]) -> int:
@@ -84,11 +88,15 @@ def main(argv=None) -> int:
 
     t = time.perf_counter()
     with torch.inference_mode():
+        # HF masks, under min_new_tokens, only the EOS ids of the model's generation config (for
+        # Qwen2.5-Coder-1.5B-Instruct that is <|im_end|> alone, so it emitted <|endoftext|> at step
+        # 54 on the 2026-12-01 run, where kvsift, masking both, went on): give it kvsift's EOS set
+        eos = list(llm.eos_ids)
         ref = llm.model.generate(torch.tensor([ids], device=llm.device), max_new_tokens=n, min_new_tokens=n,
-                                 do_sample=False)[0, len(ids):].tolist()
+                                 eos_token_id=eos, pad_token_id=eos[0], do_sample=False)[0, len(ids):].tolist()
     sync()
     ref_s = time.perf_counter() - t
-    marg, raw_top = margins(llm.model, ids, ref)
+    marg, raw_top = margins(llm.model, ids, ref, llm.eos_ids)
     rows = [dict(system="hf_generate", tokens=len(ref), equal_to_hf=len(ref), seconds=round(ref_s, 2))]
     outs = {}
     for mode in modes:
