@@ -5,6 +5,7 @@
 # the others; logs and JSON go to $OUT (the device returns at most 8 files: one tarball).
 #
 #   bash bench/gpu_checks.sh                 # STEPS=tests,kivi,decode,minference by default
+#   STEPS=tests,kivi,kivi_e2e TESTS_K="shadowkv and cuda" bash bench/gpu_checks.sh
 set -u
 DEST=${OUT:-bench/out}; R=${RES:-/root/checks}; mkdir -p "$R" "$DEST"
 pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1
@@ -15,14 +16,20 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 step() { case ",$STEPS," in *",$1,"*) return 0;; esac; return 1; }
 t0=$(date +%s)
 if step tests; then
-  timeout ${T_TESTS:-300} python3 -m pytest -q -p no:cacheprovider -k "cuda or triton or gpu" tests \
+  timeout ${T_TESTS:-300} python3 -m pytest -q -p no:cacheprovider -k "${TESTS_K:-cuda or triton or gpu}" tests \
     --continue-on-collection-errors -rfE --tb=line --durations=10 >"$R/tests.log" 2>&1
   echo "tests rc=$? $(( $(date +%s) - t0 )) s: $(tail -1 "$R/tests.log")"
   grep -E "^(FAILED|ERROR)" "$R/tests.log" | head -30
 fi
 if step kivi; then
-  timeout ${T_KIVI:-90} python3 bench/gpu_kivi.py --contexts 32768,131072 --batches 1,8 --out "$R/gpu_kivi_h200.json" >"$R/kivi.log" 2>&1
+  timeout ${T_KIVI:-90} python3 bench/gpu_kivi.py ${KIVI_ARGS:---contexts 32768,131072 --batches 1,8} --out "$R/gpu_kivi_h200.json" >"$R/kivi.log" 2>&1
   echo "kivi rc=$? $(( $(date +%s) - t0 )) s"; tail -25 "$R/kivi.log"
+fi
+if step kivi_e2e; then   # #13: dense kivi vs full, sentencekv+kivi vs sentencekv, end to end at 128k
+  timeout ${T_KIVI_E2E:-200} python3 bench/gpu_decode.py --skip-kernels --e2e --e2e-no-hf --e2e-contexts 131072 \
+    --e2e-batches 1 --e2e-methods full,kivi,sentencekv:2048,sentencekv+kivi:2048 --e2e-new-tokens 32 \
+    --out "$R/gpu_kivi_e2e_h200.json" >"$R/kivi_e2e.log" 2>&1
+  echo "kivi_e2e rc=$? $(( $(date +%s) - t0 )) s"; grep -v "^e2e warm" "$R/kivi_e2e.log" | tail -12
 fi
 if step decode; then
   timeout ${T_DECODE:-220} python3 bench/gpu_decode.py --contexts 131072 --budgets 2048 --batches 1,8 --reps 30 \

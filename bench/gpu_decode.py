@@ -380,7 +380,7 @@ def run_e2e(args, device, log, bw_gbs: float | None = None) -> list[dict]:
     kv_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
     log(f"e2e model: {cfg.num_hidden_layers} layers, {weight_bytes / 2**30:.1f} GiB weights, "
         f"{kv_tok / 2**10:.0f} KiB KV per token; sdpa {args.e2e_sdpa}")
-    systems = ["hf"] + [m for m in args.e2e_methods]
+    systems = (["hf"] if not args.e2e_no_hf else []) + [m for m in args.e2e_methods]
     warm = torch.randint(0, cfg.vocab_size, (1, 1024), device=device)
     for sys_name in systems:  # compile kernels / warm the allocator once, on a short prompt
         try:
@@ -576,6 +576,7 @@ def main(argv=None) -> int:
                    help="SDPA backends in the end-to-end section (default: cuDNN SDPA disabled)")
     p.add_argument("--e2e-tiny", action="store_true", help="tiny model instead (smoke test of the harness)")
     p.add_argument("--e2e-chunk", type=int, default=1024, help="kvsift prefill chunk size")
+    p.add_argument("--e2e-no-hf", action="store_true", help="leave HF generate out (kvsift methods compared alone)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     out_path = Path(args.out)

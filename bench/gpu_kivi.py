@@ -28,6 +28,7 @@ from kvsift.kernels import dispatch  # noqa: E402
 from kvsift.kernels.quant_decode_attention import quant_decode_attention, quant_decode_attention_ref  # noqa: E402
 
 HQ, HK, D = 32, 8, 128
+VARIANTS = [(True, 32, 4), (True, 64, 4), (True, 64, 8), (True, 128, 8), (False, 32, 4)]   # (planes, block_s, warps)
 
 
 def bench(batch: int, n: int, bits: int, reps: int) -> dict:
@@ -48,6 +49,24 @@ def bench(batch: int, n: int, bits: int, reps: int) -> dict:
     row["max_abs_diff_vs_ref"] = float((out.float() - ref.float()).abs().max())
     row["quant_ms"] = time_cuda(lambda: quant_decode_attention(q, query_pos=qp, slot_idx=None, scale=scale, group=g,
                                                                **args), reps, graph=True)
+    # launch settings of the kernel: the bit-plane kernel (the default) at a few block sizes and
+    # warp counts, and the kernel that unpacks whole rows in registers (interleave)
+    from kvsift.kernels import quant_decode_attention as qmod
+    saved = dict(qmod.TUNING)
+    row["variants_ms"] = {}
+    for planes, bs, nw in VARIANTS:
+        qmod.TUNING.update(planes=planes, block_s=bs, num_warps=nw)
+        key = f"{'planes' if planes else 'interleave'}/bs{bs}/w{nw}"
+        try:
+            got = quant_decode_attention(q, query_pos=qp, slot_idx=None, scale=scale, group=g, **args)
+            err = float((got.float() - ref.float()).abs().max())
+            ms = time_cuda(lambda: quant_decode_attention(q, query_pos=qp, slot_idx=None, scale=scale, group=g,
+                                                          **args), reps, graph=True)
+            row["variants_ms"][key] = {"ms": ms, "max_abs_diff_vs_ref": err}
+        except Exception as e:  # noqa: BLE001 - a setting that does not compile is reported, not fatal
+            row["variants_ms"][key] = {"error": f"{type(e).__name__}: {e}"[:200]}
+    qmod.TUNING.clear()
+    qmod.TUNING.update(saved)
     row["bf16_sparse_ms"] = time_cuda(lambda: dispatch.sparse_decode_attention(q, k, v, None, scale, key_pos=pos,
                                                                                query_pos=qp), reps, graph=True)
     qd = q[:, :, None]

@@ -40,11 +40,12 @@ KVP_GROUPS=${KVP_GROUPS-"full,snapkv,adakv,duo tova,expected_attention kvzip h2o
 STOP="timeout -s INT ${KILL_AFTER:-530}"
 pids=()
 i=0
-# a group is methods[@lengths[@budgets[@samples]]] (comma lists; empty or missing: the defaults)
-spec() { IFS=@ read -r g L B S <<< "$1"; L=${L:-$LENGTHS}; B=${B:-$BUDGETS}; S=${S:-$SAMPLES}; }
+# a group is methods[@lengths[@budgets[@samples[@tasks]]]] (comma lists; empty or missing: the
+# defaults), so one process can take a single cell: h2o@@0.1@@qa
+spec() { IFS=@ read -r g L B S T <<< "$1"; L=${L:-$LENGTHS}; B=${B:-$BUDGETS}; S=${S:-$SAMPLES}; T=${T:-$TASKS}; }
 for gl in $KV_GROUPS; do
   i=$((i+1)); spec "$gl"
-  $STOP python3 -m kvsift.cli bench run --model $M --tasks $TASKS --methods $g --budgets $B \
+  $STOP python3 -m kvsift.cli bench run --model $M --tasks $T --methods $g --budgets $B \
     --lengths $L --samples $S --max-minutes $MINUTES --no-progress --compress $COMPRESS \
     --mem-fraction ${MEM:-0.05} --prefill-mode ${PREFILL:-auto} --out $OUT/kvsift_$COMPRESS.g$i.jsonl > $OUT/kvsift_$COMPRESS.g$i.log 2>&1 &
   pids+=($!)
@@ -52,7 +53,7 @@ done
 i=0
 for gl in $KVP_GROUPS; do
   i=$((i+1)); spec "$gl"
-  $STOP python3 bench/vs_kvpress.py --model $M --wheels .whl/kvpress-min --tasks $TASKS --presses $g \
+  $STOP python3 bench/vs_kvpress.py --model $M --wheels .whl/kvpress-min --tasks $T --presses $g \
     --budgets $B --lengths $L --samples $S --max-minutes $MINUTES --no-progress \
     --compress $COMPRESS --mem-fraction 0.05 --out $OUT/kvpress_$COMPRESS.g$i.jsonl > $OUT/kvpress_$COMPRESS.g$i.log 2>&1 &
   pids+=($!)

@@ -168,7 +168,8 @@ def test_cuda_graphs_per_kind_of_step_give_the_eager_tokens(spec, budget, kw):
 @pytest.mark.parametrize("spec,budget", [("full", None), ("snapkv", 64), ("sentencekv", 96), ("sentencekv", 1.0),
                                          ("quest", 64), ("snapkv+quest", 128), ("tokenselect", 64),
                                          ("squeezed", 64), ("adakv", 64), ("duo", 96), ("kivi", None),
-                                         ("snapkv+kivi", 64), ("quest+kivi", 64)])
+                                         ("snapkv+kivi", 64), ("quest+kivi", 64), ("expected_attention", 64),
+                                         ("kvzip", 64), ("minference+snapkv", 64), ("sentencekv+kivi", 96)])
 def test_cuda_graph_decode_gives_the_eager_tokens(spec, budget):
     m = tiny_model("llama", seed=1).to("cuda")  # no tokenizer needed: token-id prompts
     eager = LLM.from_model(m, None, chunk_size=64, decode_mode="eager")
@@ -186,6 +187,25 @@ def test_cuda_graph_decode_gives_the_eager_tokens(spec, budget):
     assert graph.generate(one, p, method=spec, budget=budget)[0].token_ids == \
         LLM.from_model(m, None, chunk_size=320, decode_mode="eager").generate(
             one, p, method=spec, budget=budget)[0].token_ids
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("spec,kw", [("h2o", {}), ("tova", {}), ("decoding", {"interval": 4})])
+def test_cuda_methods_that_evict_while_decoding_run_eager_under_a_graph_request(spec, kw):
+    """Methods that reshape the cache at decode steps (h2o and tova evict one token a step,
+    decoding(...) re-compresses every few steps) cannot replay a graph: asked for graph mode on
+    CUDA they decode eagerly, with the eager tokens, and their device KV stays at the budget."""
+    m = tiny_model("llama", seed=1).to("cuda")
+    ids = [random_prompt(300, seed=8), random_prompt(260, seed=9)]
+    p = SamplingParams(max_tokens=12, ignore_eos=True)
+    a = LLM.from_model(m, None, chunk_size=64, decode_mode="eager").generate(ids, p, method=spec, budget=64,
+                                                                           method_kwargs=kw or None)
+    b = LLM.from_model(m, None, chunk_size=64, decode_mode="graph").generate(ids, p, method=spec, budget=64,
+                                                                           method_kwargs=kw or None)
+    assert b[0].stats.decode_mode == "eager"
+    assert [x.token_ids for x in a] == [y.token_ids for y in b]
+    full = LLM.from_model(m, None, chunk_size=64).generate(ids, p)[0].stats
+    assert b[0].stats.kv_device_bytes_end < full.kv_device_bytes_end / 2
 
 
 @pytest.mark.parametrize("lens", [(40, 97), (90, 97)])

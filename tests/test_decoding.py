@@ -47,3 +47,20 @@ def test_wraps_only_scorers_that_score_from_queries():
     for kw, word in [({"interval": 0}, "interval"), ({"query_window": 0}, "query_window")]:
         with pytest.raises(ValueError, match=word):
             build_method("decoding", 64, **kw)
+
+
+@pytest.mark.parametrize("spec", ["decoding", "decoding(h2o)"])
+def test_a_batch_prefilled_row_by_row_compresses_like_one_prefilled_at_once(spec):
+    """Row-by-row prefill (each row's full KV on the device alone) keeps each row's query window in
+    the batch cache, so the decode-time compressions that follow see the same queries as after a
+    batch prefill: the same tokens (a KeyError at the first decode step before)."""
+    from kvsift import LLM
+    from kvsift.models import tiny_model
+
+    m = tiny_model("llama", seed=1)
+    ids = [random_prompt(300, seed=8), random_prompt(260, seed=9), random_prompt(20, seed=10)]
+    p = SamplingParams(max_tokens=10, ignore_eos=True)
+    kw = {"interval": 3, "query_window": 16}
+    out = {mode: LLM.from_model(m, None, chunk_size=64, prefill_mode=mode).generate(
+        ids, p, method=spec, budget=64, method_kwargs=kw) for mode in ("batch", "rows")}
+    assert [x.token_ids for x in out["rows"]] == [x.token_ids for x in out["batch"]]

@@ -66,7 +66,15 @@ class DecodingCompress(ScorerWrapper):
         return False  # compression steps reshape the cache
 
     def prefill_end(self, run, layer, query, module, ctx) -> None:
-        layer.state[self.name] = QueryWindow(query[:, :, -self.query_window:].clone())
+        win = query[:, :, -self.query_window:].clone()
+        if ctx.row is None:
+            layer.state[self.name] = QueryWindow(win)
+        else:  # row-by-row prefill: row i of the batch cache's window (right-aligned, as in a batch)
+            i, b = ctx.row
+            states = ctx.row_states[layer.layer_idx]
+            if self.name not in states:
+                states[self.name] = QueryWindow(win.new_zeros(b, win.shape[1], self.query_window, win.shape[3]))
+            states[self.name].queries[i, :, -win.shape[2]:] = win[0]
         if self.prefill:
             super().prefill_end(run, layer, query, module, ctx)
 
