@@ -16,7 +16,8 @@ SPECS = [("full", None), ("snapkv", 64), ("pyramidkv", 64), ("sentencekv", 96), 
          ("tokenselect", 48), ("tokenselect:reuse", 48), ("squeezed", 64), ("expected_attention", 64),
          ("h2o:noevict", 64), ("tova:noevict", 64), ("adakv", 64), ("duo", 96),
          ("kvzip", 64), ("kivi", None), ("kivi:int2", None), ("snapkv+kivi", 64), ("quest+kivi", 64),
-         ("sentencekv+kivi", 96), ("minference+snapkv", 64), ("shadowkv", 96), ("shadowkv:lowrank", 64)]
+         ("sentencekv+kivi", 96), ("minference+snapkv", 64), ("shadowkv", 96), ("shadowkv:lowrank", 64),
+         ("chunked", 64)]
 KW = {"sentencekv:reselect": {"reselect_every": 3}, "snapkv+quest": {"decode_budget": 48},
       "tokenselect:reuse": {"reuse_threshold": 0.5}, "h2o:noevict": {"decode_evict": False},
       "tova:noevict": {"decode_evict": False}, "duo": {"sinks": 4, "recent": 28},
@@ -169,7 +170,8 @@ def test_cuda_graphs_per_kind_of_step_give_the_eager_tokens(spec, budget, kw):
                                          ("quest", 64), ("snapkv+quest", 128), ("tokenselect", 64),
                                          ("squeezed", 64), ("adakv", 64), ("duo", 96), ("kivi", None),
                                          ("snapkv+kivi", 64), ("quest+kivi", 64), ("expected_attention", 64),
-                                         ("kvzip", 64), ("minference+snapkv", 64), ("sentencekv+kivi", 96)])
+                                         ("kvzip", 64), ("minference+snapkv", 64), ("sentencekv+kivi", 96),
+                                         ("chunked", 64)])
 def test_cuda_graph_decode_gives_the_eager_tokens(spec, budget):
     m = tiny_model("llama", seed=1).to("cuda")  # no tokenizer needed: token-id prompts
     eager = LLM.from_model(m, None, chunk_size=64, decode_mode="eager")

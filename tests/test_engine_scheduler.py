@@ -139,6 +139,13 @@ def test_llm_request_estimates_and_refuses_before_compute(tiny_llm):
     # shadowkv keeps only the values (and positions) on the host: half of each token's KV, counted so
     shadow = tiny_llm.request(ids, SamplingParams(max_tokens=10), method="shadowkv", budget=40)
     assert shadow.host_bytes == 50 * per
+    # sentencekv+kivi: the host chunks hold int4 codes and value scales, about a quarter of the KV;
+    # the estimate is what a generation really stores there, not the bf16 bytes (within positions)
+    q = tiny_llm.request(ids, SamplingParams(max_tokens=10), method="sentencekv+kivi", budget=40)
+    assert 0.2 * skv.host_bytes < q.host_bytes < 0.35 * skv.host_bytes
+    real = {m: tiny_llm.generate(ids, SamplingParams(max_tokens=2, ignore_eos=True), method=m,
+                                 budget=40)[0].stats.kv_host_bytes for m in ("sentencekv", "sentencekv+kivi")}
+    assert real["sentencekv+kivi"] / real["sentencekv"] <= q.host_bytes / skv.host_bytes + 0.05
     s = Scheduler(tiny_llm.scheduler_config(kv_memory=50 * per))
     with pytest.raises(KVMemoryError):
         s.add(full)

@@ -218,7 +218,7 @@ class LLM:
         new = min(params.max_tokens, self.info.max_positions - base - longest)
         ctx_bytes = context.cache.memory()["device"] if context is not None else 0
         kv, host = request_kv_bytes(self.kv_bytes_per_token, len(ids), longest, run.tokens, new,
-                                    context_bytes=ctx_bytes, offloads=m.host_share(),
+                                    context_bytes=ctx_bytes, offloads=m.host_share(self.info.head_dim),
                                     row_prefill=self.runner.rows_prefill(m, len(ids), context))
         return Request([list(x) for x in ids], params, m, run, context, cancel, kv, host, tag=tag)
 
@@ -248,7 +248,7 @@ class LLM:
         m.check_model(self.info)  # per-model method data (minference's patterns) fits
         run = m.start(len(ids), self.info.num_layers)
         kv, host = request_kv_bytes(self.kv_bytes_per_token, 1, len(ids), run.tokens, 0,
-                                    offloads=m.host_share())
+                                    offloads=m.host_share(self.info.head_dim))
         req = Request([ids], None, m, run, kv_bytes=kv, host_bytes=host, kind="prefill")
         self.scheduler.check(req)
         with self.lock:

@@ -213,11 +213,13 @@ class ModelRunner:
             cache = context.cache.clone(batch_repeat=b)
             cache.reserve = reserve
         else:
-            cache = SiftCache(self.info.num_layers, capacity_hint=L + reserve + _longest(passes[0]), reserve=reserve)
+            cache = SiftCache(self.info.num_layers, capacity_hint=self._prefill_tokens(L, method, run) + reserve
+                              + _longest(passes[0]), reserve=reserve)
         ctx = ForwardContext(cache=cache, method=method, run=run, has_padding=bool((~valid).any()),
                              prompt_ids=ids, tokenizer=self.tokenizer,  # sentencekv segments the prompt
                              rope=self.rope, model_name=self.info.name)
-        bounds = self.chunk_bounds(L, method, fresh=context is None and not ctx.has_padding)
+        bounds = self.chunk_bounds(L, method, fresh=context is None and not ctx.has_padding
+                                   and method.prefill_hold(run) is None)
         bar = self._prefill_bar(progress, L, len(bounds), f"prefill {L} tokens")
         t0 = time.perf_counter()
         logits = None
@@ -270,6 +272,12 @@ class ModelRunner:
                     if ly.k_buf is not None and ly.k_buf.shape[2] > ly.length + cache.reserve:
                         ly.set_kv(ly.keys, ly.values, ly.positions)
 
+    def _prefill_tokens(self, n: int, method: KVMethod, run: Run) -> int:
+        """Device KV slots per layer and KV head a prompt of ``n`` tokens needs during its prefill:
+        all of them, or what a method that compresses as it goes holds plus one chunk."""
+        hold = method.prefill_hold(run)
+        return n if hold is None else min(n, hold + max(self.chunk_size, method.min_last_chunk()))
+
     def chunk_bounds(self, n: int, method: KVMethod, fresh: bool = True) -> list[tuple[int, int]]:
         """Prefill chunks of a prompt of ``n`` tokens (the last one long enough for the method).
         ``fresh``: nothing cached before and no padding, so a longer first chunk needs no mask."""
@@ -307,13 +315,14 @@ class ModelRunner:
         b, L, dev = len(ids), max(len(x) for x in ids), self.device
         cache = SiftCache(self.info.num_layers, capacity_hint=L + reserve, reserve=reserve)
         row_states = [layer.state for layer in cache.layers]
-        plans = [self.chunk_bounds(len(x), method) for x in ids]
+        plans = [self.chunk_bounds(len(x), method, fresh=method.prefill_hold(run) is None) for x in ids]
         bar = self._prefill_bar(progress, L, sum(len(p) for p in plans), f"prefill {b} x {L} tokens")
         t0 = time.perf_counter()
         parts, logits = [], []
         try:
             for i, (row, plan) in enumerate(zip(ids, plans)):
-                rc = SiftCache(self.info.num_layers, capacity_hint=len(row) + _longest(passes[i]), reserve=0)
+                rc = SiftCache(self.info.num_layers, capacity_hint=self._prefill_tokens(len(row), method, run)
+                               + _longest(passes[i]), reserve=0)
                 ctx = ForwardContext(cache=rc, method=method, run=run, prompt_ids=[row], tokenizer=self.tokenizer,
                                      row=(i, b), row_states=row_states, rope=self.rope, model_name=self.info.name)
                 tokens = torch.tensor([row], dtype=torch.long, device=dev)

@@ -300,9 +300,16 @@ class KVMethod:
         memory admission counts it)."""
         return False
 
-    def host_share(self) -> float:
+    def prefill_hold(self, run: Run) -> int | None:
+        """Device KV tokens per layer and KV head the method keeps between prefill chunks when it
+        compresses as it goes (``chunked``), or None: the prompt's whole KV is on the device until
+        its prefill ends. The engine sizes the prefill buffers for this plus one chunk."""
+        return None
+
+    def host_share(self, head_dim: int | None = None) -> float:
         """The share of a prompt token's KV bytes (keys, values, position) the method keeps in host
-        memory: what host memory admission counts per prompt token (1.0 for the whole KV)."""
+        memory: what host memory admission counts per prompt token (1.0 for the whole KV).
+        ``head_dim`` (the model's) lets a composition count a codec's smaller host rows."""
         return 1.0 if self.offloads_to_host() else 0.0
 
     def static_ok(self) -> bool:
@@ -340,6 +347,7 @@ class EvictionMethod(KVMethod):
     """
 
     deferred: ClassVar[bool] = False
+    slot_state: ClassVar[bool] = False   # keeps per-slot state across prefill chunks (H2O's accumulated attention)
 
     def score(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
               module, layer_idx: int) -> torch.Tensor:
@@ -729,8 +737,20 @@ class Compose(KVMethod):
     def offloads_to_host(self) -> bool:
         return any(s.offloads_to_host() for s in self.stages)
 
-    def host_share(self) -> float:
-        return max(s.host_share() for s in self.stages)
+    def host_share(self, head_dim=None) -> float:
+        share = max(s.host_share(head_dim) for s in self.stages)
+        codec = codec_stage(self)
+        if share and codec is not None and head_dim:  # the host store holds the codec's rows (sentencekv+kivi)
+            share *= codec.store_share(head_dim)
+        return share
+
+    def prefill_hold(self, run):
+        # the composition holds the prompt's whole KV unless its first KV-keeping stage compresses
+        # as it goes (attention-only stages keep none)
+        for s, r in zip(self.stages, run.parts):
+            if not s.attention_only:
+                return s.prefill_hold(r)
+        return None
 
     def row_prefill_ok(self) -> bool:
         # rows save memory when a stage shrinks the KV at prefill end; decode-only stages keep no

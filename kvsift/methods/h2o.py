@@ -15,6 +15,7 @@ block by query block (one ``(batch, q_heads, block, n)`` fp32 tensor stays under
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -113,6 +114,7 @@ class H2O(EvictionMethod):
 
     recent: int | float = 0.5
     decode_evict: bool = True
+    slot_state: ClassVar[bool] = True   # accumulated attention per slot, kept across prefill chunks
 
     def __post_init__(self):
         super().__post_init__()

@@ -83,6 +83,13 @@ class KIVI(KVMethod):
         group, _ = self.options_for(head_dim)
         return {"bits": self.bits, "vgroup": value_group(group, head_dim)}
 
+    def store_share(self, head_dim: int) -> float:
+        """Host bytes of a token in another stage's store (:meth:`store_options`: packed codes and
+        per-token value scales and zeros; the key scales, one per chunk, stay on the device) as a
+        share of its bf16 KV."""
+        vgroup = self.store_options(head_dim)["vgroup"]
+        return (2 * head_dim * self.bits / 8 + 2 * 2 * head_dim / vgroup) / (4 * head_dim)
+
     def finish_prefill(self, run, layers, ctx) -> None:
         """Quantize every layer holding KV (after the other stages' compression); a batch prefilled
         row by row is quantized once stacked (:meth:`rows_stacked`)."""

@@ -203,7 +203,7 @@ class ShadowKV(KVMethod):
     def offloads_to_host(self) -> bool:
         return True  # the middle chunks' values live in the host store
 
-    def host_share(self) -> float:
+    def host_share(self, head_dim=None) -> float:
         return 0.5  # values (and positions) only: about half of each token's KV, a lower bound
 
     def quantized_ok(self) -> bool:

@@ -868,7 +868,8 @@ async def _build_context(state: ServerState, req: ContextRequest, who: Principal
     # room for it, before any compute: from the tokens the budget keeps and the model's shape
     kept = min(len(ids), mrun.tokens)
     kv_est = kept * llm.kv_bytes_per_token
-    dev, host = request_kv_bytes(llm.kv_bytes_per_token, 1, len(ids), mrun.tokens, 0, offloads=m.host_share())
+    dev, host = request_kv_bytes(llm.kv_bytes_per_token, 1, len(ids), mrun.tokens, 0,
+                                 offloads=m.host_share(llm.info.head_dim))
     ereq = EngineRequest([ids], None, m, mrun, kv_bytes=dev, host_bytes=host, kind="prefill")
     state.scheduler.engine.check(ereq)
     reservation: Reservation = state.store.reserve(who.owner, kv_est, kv_est + 8 * len(ids), req.persist)
