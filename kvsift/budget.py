@@ -89,12 +89,12 @@ def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, itemsi
 
 def request_kv_bytes(per_token: int, rows: int, prompt_tokens: int, kept_tokens: int, new_tokens: int, *,
                      context_bytes: int = 0, offloads: bool | float = False,
-                     row_prefill: bool = False) -> tuple[int, int]:
+                     row_prefill: bool = False, context_shared: bool = False) -> tuple[int, int]:
     """``(device, host)`` KV bytes a generation of ``rows`` sequences is expected to hold at its peak.
 
     ``prompt_tokens``: the longest prompt (after a reused context); ``kept_tokens``: what the budget
     keeps of it per sequence (:func:`resolve_budget`); ``new_tokens``: decode steps; ``context_bytes``:
-    a reused context's KV, copied for every row. The prefill holds the whole prompt's KV on the device
+    a reused context's KV, copied for every row (read once by reference with ``context_shared``). The prefill holds the whole prompt's KV on the device
     (one row at a time with ``row_prefill``) until it is compressed; an offloading method
     (``offloads``: True, or the share of each token's KV it keeps there, the method's ``host_share()``)
     then keeps the whole prompt in host memory and ``kept_tokens`` on the device. A lower
@@ -103,6 +103,6 @@ def request_kv_bytes(per_token: int, rows: int, prompt_tokens: int, kept_tokens:
     # one row at a time: that row's whole prompt beside the rows already compressed
     prefill = (prompt_tokens + (rows - 1) * kept if row_prefill else rows * prompt_tokens) * per_token
     decode = rows * (kept + new_tokens) * per_token
-    device = rows * context_bytes + max(prefill, decode)
+    device = (1 if context_shared else rows) * context_bytes + max(prefill, decode)
     host = int(rows * prompt_tokens * per_token * float(offloads))
     return device, host

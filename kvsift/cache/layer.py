@@ -52,12 +52,30 @@ class SiftLayer(CacheLayerMixin):
         self.quant: QuantKV | None = None
         # some used slot is a hole (position -1 inside the used length): attention needs the mask
         self.holes = False
+        # a reused context's KV read by reference (SiftCache.share): (keys (batch, kv_heads, n,
+        # head_dim), values, positions (batch, kv_heads, n)) with the batch expanded from the context's
+        # one row (stride 0: no copy), attended by every row besides the buffers above, which hold only
+        # what came after (the question, the answer). Read-only: the context stays as it was
+        self.prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def offloaded(self) -> bool:
         """Part of this layer's KV lives outside its buffer (e.g. sentencekv's host store): attention
         needs the method's selection during prefill too (a reused context)."""
         return any(getattr(v, "offloaded", False) for v in self.state.values())
+
+    def prefix_source(self):
+        """The shared prefix as a :class:`~kvsift.methods.base.SlotSource` over all its slots (for
+        the paths that gather copies: a prefill chunk, soft-capped logits)."""
+        from kvsift.methods.base import SlotSource
+
+        k, v, p = self.prefix
+        slots = torch.arange(p.shape[2], device=p.device, dtype=torch.int64).expand(p.shape)
+        return SlotSource(k, v, p, slots)
+
+    def prefix_nbytes(self) -> int:
+        """Bytes of the shared prefix's one stored row (0 without one)."""
+        return 0 if self.prefix is None else sum(t[:1].numel() * t.element_size() for t in self.prefix)
 
     @property
     def cache(self) -> "SiftCache":
@@ -161,6 +179,7 @@ class SiftLayer(CacheLayerMixin):
         self.ragged = None
         self.quant = None
         self.holes = False
+        self.prefix = None
         self.state.clear()
         self.is_initialized = False
 
@@ -420,8 +439,8 @@ class SiftCache(Cache):
         ``host`` (host stores, e.g. offloaded chunks), ``device_used`` (used KV slots only)."""
         device = host = used = 0
         for layer in self.layers:
-            device += layer.nbytes()
-            used += layer.used_bytes()
+            device += layer.nbytes() + layer.prefix_nbytes()   # a shared prefix once, whatever the batch
+            used += layer.used_bytes() + layer.prefix_nbytes()
             for v in layer.state.values():
                 dev_b, host_b = v.nbytes()
                 device += dev_b
@@ -447,6 +466,32 @@ class SiftCache(Cache):
             if batch_repeat > 1:
                 for v in dst.state.values():
                     v.repeat_batch(batch_repeat)
+        return new
+
+    def shareable(self) -> bool:
+        """True when :meth:`share` applies: one row, and every layer's KV plain in its buffers (no
+        compact per-head or quantized store, no method state such as offloaded chunks or summaries,
+        no prefix of its own)."""
+        return all(ly.k_buf is None or (ly.k_buf.shape[0] == 1 and ly.ragged is None and ly.quant is None
+                                        and not ly.state and ly.prefix is None) for ly in self.layers)
+
+    def share(self, batch_repeat: int = 1) -> "SiftCache":
+        """A cache that reads this one's KV by reference (a reusable context answering
+        ``batch_repeat`` questions at once): each layer's used KV becomes the new layer's read-only
+        ``prefix``, its batch expanded from the one row (no copy), and the new layer's own buffers
+        start empty for what comes next. Needs :meth:`shareable`."""
+        if not self.shareable():
+            raise ValueError("only a one-row cache of plain KV can be shared (use clone)")
+        new = SiftCache(len(self.layers), self.capacity_hint, self.reserve)
+        new.seen = self.seen
+        b = batch_repeat
+        for src, dst in zip(self.layers, new.layers):
+            if src.k_buf is None:
+                continue
+            k, v, p = src.keys, src.values, src.positions
+            dst.prefix = (k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), p.expand(b, -1, -1))
+            _, h, _, d = k.shape
+            dst.set_kv(k.new_empty(b, h, 0, d), v.new_empty(b, h, 0, d), p.new_empty(b, h, 0))
         return new
 
     def state_dict(self) -> dict[str, torch.Tensor]:

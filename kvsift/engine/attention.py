@@ -130,6 +130,8 @@ def selected_attention(query: torch.Tensor, layer: "SiftLayer", sel: "Selection 
     page = sel.page if sel is not None else 1
     extras = [sel.extra] if sel is not None and sel.extra is not None else []
     z = layer.quant
+    if layer.prefix is not None and softcap is not None:
+        extras.append(layer.prefix_source())
     if softcap is not None:  # no kernel for soft-capped logits: masked attention over copies
         if layer.ragged is not None:
             extras.append(layer.ragged.source())
@@ -144,6 +146,9 @@ def selected_attention(query: torch.Tensor, layer: "SiftLayer", sel: "Selection 
     calls = []                                                            # (keys, values, slots, kwargs)
     if n > 0 or (layer.ragged is None and z is None):
         calls.append((k_buf, v_buf, own, dict(key_pos=pos, query_pos=qp, window=sliding_window, page=page)))
+    if layer.prefix is not None:  # a shared context: every slot, read in place (batch stride 0)
+        pk, pv, pp = layer.prefix
+        calls.append((pk, pv, None, dict(key_pos=pp, query_pos=qp, window=sliding_window)))
     for x in extras:
         calls.append((x.keys.to(q.dtype), x.values.to(q.dtype), x.slots,
                       dict(key_pos=x.positions, query_pos=qp, window=sliding_window)))
@@ -193,7 +198,8 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if ctx.decoding:
         method.on_append(run, layer, ctx)
         sel = method.plan(run, layer, query, ctx)
-        if sel is not None or ctx.cache.static or layer.ragged is not None or layer.quant is not None:
+        if sel is not None or ctx.cache.static or layer.ragged is not None or layer.quant is not None \
+                or layer.prefix is not None:
             out = selected_attention(query, layer, sel, qpos, scale, ctx.cache.static, sliding_window, softcap)
             method.after_attend(run, layer, query, module, ctx)
             return out[:, None], None
@@ -212,6 +218,8 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     extras = [sel.extra] if sel is not None and sel.extra is not None else []
     if layer.ragged is not None:
         extras.append(layer.ragged.source())
+    if layer.prefix is not None:  # a shared context read by reference (gathered for the chunk)
+        extras.append(layer.prefix_source())
     if layer.quant is not None:  # quantized KV (this chunk's tokens included): a dequantized copy
         if sel is not None and sel.own is not None:
             raise RuntimeError("a prefill selection of own slots over quantized KV is not supported")

@@ -180,7 +180,8 @@ class KVArena:
     def fits(cache, rows: int, bucket: int, capacity: int) -> bool:
         """Whether ``cache`` (``rows`` sequences) can be loaded into an arena of that shape."""
         return rows <= bucket and all(
-            ly.k_buf is not None and ly.ragged is None and not ly.state and ly.length <= capacity
+            ly.k_buf is not None and ly.ragged is None and ly.prefix is None and not ly.state
+            and ly.length <= capacity
             for ly in cache.layers)
 
     def load(self, src, rows: int) -> None:

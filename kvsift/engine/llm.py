@@ -219,7 +219,8 @@ class LLM:
         ctx_bytes = context.cache.memory()["device"] if context is not None else 0
         kv, host = request_kv_bytes(self.kv_bytes_per_token, len(ids), longest, run.tokens, new,
                                     context_bytes=ctx_bytes, offloads=m.host_share(self.info.head_dim),
-                                    row_prefill=self.runner.rows_prefill(m, len(ids), context))
+                                    row_prefill=self.runner.rows_prefill(m, len(ids), context),
+                                    context_shared=self.runner.shares_context(m, context))
         return Request([list(x) for x in ids], params, m, run, context, cancel, kv, host, tag=tag)
 
     def _offline(self, req: Request, progress: bool | None) -> Iterator[StreamEvent]:

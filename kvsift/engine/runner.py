@@ -210,7 +210,10 @@ class ModelRunner:
         base = context.length if context is not None else 0
         pos = torch.where(valid, base + valid.cumsum(1) - 1, -1)
         if context is not None:
-            cache = context.cache.clone(batch_repeat=b)
+            # the context's KV read by reference when the method attends to it as it is (full):
+            # one copy for every question of the batch, none made; otherwise a copy per row
+            cache = (context.cache.share(batch_repeat=b) if self.shares_context(method, context)
+                     else context.cache.clone(batch_repeat=b))
             cache.reserve = reserve
         else:
             cache = SiftCache(self.info.num_layers, capacity_hint=self._prefill_tokens(L, method, run) + reserve
@@ -271,6 +274,13 @@ class ModelRunner:
                 for ly in cache.layers:  # the room reserved for the passes: not kept for decode
                     if ly.k_buf is not None and ly.k_buf.shape[2] > ly.length + cache.reserve:
                         ly.set_kv(ly.keys, ly.values, ly.positions)
+
+    @staticmethod
+    def shares_context(method: KVMethod, context: Context | None) -> bool:
+        """Whether a generation over ``context`` reads its KV by reference (``SiftCache.share``: one
+        copy for the whole batch, none made) rather than a copy per row: when the method attends to
+        the context as it is (``reads_context_in_place``: full) and the context's KV is plain."""
+        return context is not None and method.reads_context_in_place() and context.cache.shareable()
 
     def _prefill_tokens(self, n: int, method: KVMethod, run: Run) -> int:
         """Device KV slots per layer and KV head a prompt of ``n`` tokens needs during its prefill:

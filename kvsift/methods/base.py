@@ -300,6 +300,12 @@ class KVMethod:
         memory admission counts it)."""
         return False
 
+    def reads_context_in_place(self) -> bool:
+        """True when a generation over a reusable context may read the context's KV by reference
+        (``SiftCache.share``: every row attends to it, nothing copied) instead of a copy per row: the
+        method never evicts, selects or summarises the context's slots (``full``)."""
+        return False
+
     def prefill_hold(self, run: Run) -> int | None:
         """Device KV tokens per layer and KV head the method keeps between prefill chunks when it
         compresses as it goes (``chunked``), or None: the prompt's whole KV is on the device until

@@ -17,3 +17,6 @@ class Full(KVMethod):
     """
 
     needs_budget = False
+
+    def reads_context_in_place(self) -> bool:
+        return True  # attends to every slot as it is: a reused context is read by reference
