@@ -86,3 +86,48 @@ def test_admission_counts_a_shared_context_once(models):
     quest = llm.request(QUESTIONS * 2, P, context=ctx, method="quest", budget=64)
     assert full.kv_bytes < ctx_bytes + 6 * 60 * llm.kv_bytes_per_token      # the context once, the rows' own
     assert quest.kv_bytes >= 6 * ctx_bytes                                  # a copy per row
+
+
+@pytest.mark.parametrize("window", [None, 50])
+def test_the_reference_over_kv_every_row_shares_equals_the_general_path(window):
+    """sparse_decode_attention_ref over a stride-0 batch (the shared prefix) takes every row's
+    queries against the one copy instead of gathering it per row: the same output and lse."""
+    from kvsift.kernels.sparse_decode_attention import sparse_decode_attention_ref
+
+    torch.manual_seed(0)
+    b, hq, hk, n, d = 5, 8, 2, 300, 16
+    k1, v1 = torch.randn(1, hk, n, d), torch.randn(1, hk, n, d)
+    pos = torch.arange(n, dtype=torch.int32)[None, None].expand(1, hk, n).clone()
+    pos[0, 1, 7] = -1                                                       # a hole
+    q, qp = torch.randn(b, hq, d), torch.tensor([299, 350, 120, 299, 400])
+    shared = [k1.expand(b, -1, -1, -1), v1.expand(b, -1, -1, -1), pos.expand(b, -1, -1)]
+    got = sparse_decode_attention_ref(q, shared[0], shared[1], None, 0.3, key_pos=shared[2], query_pos=qp,
+                                      window=window, return_lse=True)
+    want = sparse_decode_attention_ref(q, *(t.contiguous() for t in shared[:2]), None, 0.3,
+                                       key_pos=shared[2].contiguous(), query_pos=qp, window=window,
+                                       return_lse=True)
+    assert torch.allclose(got[0], want[0], atol=1e-6)
+    assert torch.equal(torch.isinf(got[1]), torch.isinf(want[1]))
+    assert torch.allclose(got[1][torch.isfinite(got[1])], want[1][torch.isfinite(want[1])], atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_reference_ignores_whatever_empty_slots_hold(batch):
+    """Every-slot reads take the buffers as they are (no gather): an empty slot (position -1) of a
+    static buffer may hold any bits, NaN included, and must not reach the output."""
+    from kvsift.kernels.sparse_decode_attention import sparse_decode_attention_ref
+
+    torch.manual_seed(1)
+    hq, hk, n, d = 4, 2, 64, 8
+    k, v = torch.randn(1, hk, n, d), torch.randn(1, hk, n, d)
+    pos = torch.arange(n, dtype=torch.int32)[None, None].expand(1, hk, n).clone()
+    pos[..., 40:] = -1
+    clean_k, clean_v = k.clone(), v.clone()
+    clean_k[..., 40:, :] = 0
+    clean_v[..., 40:, :] = 0
+    k[..., 40:, :], v[..., 40:, :] = float("nan"), float("nan")
+    q, qp = torch.randn(batch, hq, d), torch.full((batch,), 63)
+    ex = (lambda t: t.expand(batch, *t.shape[1:])) if batch > 1 else (lambda t: t)
+    got = sparse_decode_attention_ref(q, ex(k), ex(v), None, 0.3, key_pos=ex(pos), query_pos=qp)
+    want = sparse_decode_attention_ref(q, ex(clean_k), ex(clean_v), None, 0.3, key_pos=ex(pos), query_pos=qp)
+    assert torch.isfinite(got).all() and torch.allclose(got, want, atol=1e-6)

@@ -112,6 +112,10 @@ def sparse_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     _check_count(slot_idx, slot_count)
     b, hq, d = q.shape
     hk, cap = k_cache.shape[1], k_cache.shape[2]
+    if slot_idx is None and (b == 1 or (k_cache.stride(0) == 0 and v_cache.stride(0) == 0
+                                        and (key_pos is None or key_pos.stride(0) == 0))):
+        return _shared_kv_ref(q, k_cache[:1], v_cache[:1], None if key_pos is None else key_pos[:1], query_pos,
+                              scale, window, return_lse)
     if slot_idx is None:
         idx = torch.arange(cap, device=q.device).expand(b, hk, cap)
     else:
@@ -132,9 +136,13 @@ def sparse_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     valid = idx >= 0
     if bool((idx >= cap).any()):
         raise IndexError(f"slot_idx has entries >= capacity ({cap})")
-    safe = idx.clamp(min=0)[..., None].expand(*idx.shape, d)
-    k = k_cache.gather(2, safe).float()                               # (b, hk, s, d)
-    v = v_cache.gather(2, safe).float()
+    if slot_idx is None:  # every slot, in order: the buffers themselves, nothing gathered (masked
+        # slots' values zeroed: an empty slot of a static buffer holds whatever memory it got)
+        k, v = k_cache.float(), torch.where(valid[..., None], v_cache.float(), 0.0)
+    else:
+        safe = idx.clamp(min=0)[..., None].expand(*idx.shape, d)
+        k = k_cache.gather(2, safe).float()                           # (b, hk, s, d)
+        v = v_cache.gather(2, safe).float()
     qg = q.float().reshape(b, hk, hq // hk, d)                        # (b, hk, g, d)
     w = torch.matmul(qg, k.transpose(-1, -2)) * scale                 # (b, hk, g, s)
     w = w.masked_fill(~valid[:, :, None, :], float("-inf"))
@@ -142,6 +150,37 @@ def sparse_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     out = torch.matmul(p, v).reshape(b, hq, d).to(q.dtype)            # (b, hq, d)
     if return_lse:
         return out, torch.logsumexp(w, dim=-1).reshape(b, hq)
+    return out
+
+
+def _shared_kv_ref(q, k1, v1, kpos1, query_pos, scale, window, return_lse):
+    """The reference over every slot of KV that every row shares (``k1``/``v1 (1, kv_heads, n, d)``:
+    one row, or a batch-expanded view's one row, e.g. a reused context read by reference): the rows'
+    query heads become one batch of queries against the one copy, so nothing is gathered or copied
+    per row. Same result as the general path."""
+    b, hq, d = q.shape
+    hk = k1.shape[1]
+    g = hq // hk
+    qg = q.float().reshape(b, hk, g, d).transpose(0, 1).reshape(hk, b * g, d)      # (hk, b*g, d)
+    w = torch.matmul(qg, k1[0].float().transpose(-1, -2)) * scale                   # (hk, b*g, n)
+    v = v1[0].float()
+    if kpos1 is not None:
+        kp = kpos1[0].to(torch.int64)[:, None, :]                                   # (hk, 1, n)
+        v = torch.where(kp.transpose(1, 2) >= 0, v, 0.0)    # empty slots may hold any bits (static buffers)
+        qp = query_pos.to(torch.int64).repeat_interleave(g)[None, :, None]          # (1, b*g, 1)
+        ok = (kp >= 0) & (kp <= qp)
+        if window is not None:
+            ok &= kp > qp - window
+        w = w.masked_fill(~ok, float("-inf"))
+    m = w.amax(-1, keepdim=True)                                                    # one exp pass gives
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))                      # both the softmax and
+    e = torch.exp(w - m)                                                            # its log-sum-exp
+    tot = e.sum(-1, keepdim=True)
+    out = torch.matmul(e, v) / torch.where(tot > 0, tot, torch.ones_like(tot))      # (hk, b*g, d)
+    out = out.reshape(hk, b, g, d).transpose(0, 1).reshape(b, hq, d).to(q.dtype)
+    if return_lse:
+        lse = (m + torch.log(tot)).squeeze(-1)                                      # -inf where no slot
+        return out, lse.reshape(hk, b, g).transpose(0, 1).reshape(b, hq)
     return out
 
 

@@ -1,0 +1,90 @@
+"""Many questions over one reusable context: read by reference (``SiftCache.share``, the default
+for ``full`` over a plain context) against a copy of the context per question (``clone``), in one
+batch. Device KV bytes held by the generation, wall time, and whether the answers agree.
+
+A random-weight Llama-shaped model (on CUDA the Llama-3.1-8B shape, ``--layers`` of them; on the CPU a
+narrow model with the 8B's KV heads and head_dim). Prints a table and writes JSON.
+
+    PYTHONPATH=. python3 bench/shared_context.py --ctx 4096 --questions 1,4,16 --out bench/out/shared_context.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ctx", type=int, default=4096)
+    p.add_argument("--questions", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
+    p.add_argument("--question-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--out", default="bench/out/shared_context.json")
+    args = p.parse_args(argv)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import kvsift.methods.full as full
+    from kvsift import LLM, SamplingParams
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                 vocab_size=128256) if dev.type == "cuda" else dict(hidden_size=1024, intermediate_size=1024,
+                                                                     num_attention_heads=8, num_key_value_heads=8,
+                                                                     head_dim=128, vocab_size=1000)
+    cfg = LlamaConfig(num_hidden_layers=args.layers, max_position_embeddings=args.ctx + 4096,
+                      rope_theta=500000.0, **shape)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
+    llm = LLM.from_model(model, None, decode_mode="eager")
+    g = torch.Generator().manual_seed(1)
+    ctx = llm.prefill_context(torch.randint(0, cfg.vocab_size, (args.ctx,), generator=g).tolist())
+    ctx_bytes = ctx.cache.memory()["device"]
+    params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
+    rows = []
+    print(f"context {args.ctx} tokens ({ctx_bytes / 2**20:.1f} MiB KV), {args.question_tokens}-token questions, "
+          f"{args.new_tokens} new tokens, {args.layers} layers, {dev.type}")
+    print(f"{'questions':>9} {'how':<10} {'KV MiB':>9} {'x context':>9} {'wall s':>7} {'GPU peak GiB':>12}")
+    orig = full.Full.reads_context_in_place
+    llm.generate([[1] * args.question_tokens], SamplingParams(max_tokens=2, ignore_eos=True), context=ctx,
+                 progress=False)   # warm-up (first-call costs out of the first row)
+    for n in args.questions:
+        qs = [torch.randint(0, cfg.vocab_size, (args.question_tokens,), generator=g).tolist() for _ in range(n)]
+        toks = {}
+        for how in ("reference", "copy"):
+            full.Full.reads_context_in_place = orig if how == "reference" else (lambda self: False)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            try:
+                out = llm.generate(qs, params, context=ctx, progress=False)
+            finally:
+                full.Full.reads_context_in_place = orig
+            wall = time.perf_counter() - t0
+            st = out[0].stats
+            toks[how] = [o.token_ids for o in out]
+            row = {"questions": n, "how": how, "ctx": args.ctx, "kv_device_bytes": st.kv_device_bytes,
+                   "context_bytes": ctx_bytes, "wall_s": wall,
+                   "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None}
+            rows.append(row)
+            gp = f"{row['gpu_peak_gib']:12.2f}" if row["gpu_peak_gib"] is not None else f"{'-':>12}"
+            print(f"{n:>9} {how:<10} {st.kv_device_bytes / 2**20:9.1f} {st.kv_device_bytes / ctx_bytes:9.2f} "
+                  f"{wall:7.2f} {gp}")
+        rows.append({"questions": n, "tokens_agree": toks["reference"] == toks["copy"]})
+        print(f"{n:>9} answers agree: {toks['reference'] == toks['copy']}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                                          "torch": torch.__version__, "rows": rows}, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
