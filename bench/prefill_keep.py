@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import weakref
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench._random_llama, kvsift
 
 
 class KVPeak:
@@ -64,20 +67,11 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=4)
     p.add_argument("--out", default="bench/out/prefill_keep.json")
     args = p.parse_args(argv)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    from bench._random_llama import random_llama
     from kvsift import LLM, SamplingParams
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shape = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                 vocab_size=128256) if dev.type == "cuda" else dict(hidden_size=1024, intermediate_size=1024,
-                                                                     num_attention_heads=8, num_key_value_heads=8,
-                                                                     head_dim=128, vocab_size=1000)
-    cfg = LlamaConfig(num_hidden_layers=args.layers, max_position_embeddings=args.ctx + 1024, rope_theta=500000.0,
-                      **shape)
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
+    model, dev = random_llama(args.layers, args.ctx + 1024)
+    cfg = model.config
     ids = torch.randint(0, cfg.vocab_size, (args.ctx,)).tolist()
     specs = [("full", None)] + [(s, args.budget) for s in args.scorers.split(",") if s] + \
             [(f"chunked({s})", args.budget) for s in args.scorers.split(",") if s]

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench._random_llama, kvsift
 
 
 def main(argv=None) -> int:
@@ -27,21 +30,12 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--out", default="bench/out/shared_context.json")
     args = p.parse_args(argv)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import kvsift.methods.full as full
+    from bench._random_llama import random_llama
     from kvsift import LLM, SamplingParams
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shape = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                 vocab_size=128256) if dev.type == "cuda" else dict(hidden_size=1024, intermediate_size=1024,
-                                                                     num_attention_heads=8, num_key_value_heads=8,
-                                                                     head_dim=128, vocab_size=1000)
-    cfg = LlamaConfig(num_hidden_layers=args.layers, max_position_embeddings=args.ctx + 4096,
-                      rope_theta=500000.0, **shape)
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
+    model, dev = random_llama(args.layers, args.ctx + 4096)
+    cfg = model.config
     llm = LLM.from_model(model, None, decode_mode="eager")
     g = torch.Generator().manual_seed(1)
     ctx = llm.prefill_context(torch.randint(0, cfg.vocab_size, (args.ctx,), generator=g).tolist())

@@ -182,6 +182,31 @@ if HAS_TRITON:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _slot_block(it, stop, i_base, si_s, kp_base, sp_c, CAP, RCAP, WINDOW, qpos, rstart,
+                    BLOCK_S: tl.constexpr, ALL: tl.constexpr):
+        """The ``BLOCK_S`` table entries from ``it`` (every slot when ``ALL``): their slots (0 where
+        not valid), which are attended (in the table, the capacity, the window's buffer, and visible
+        by position), and which of those are quantized (``isq``) or in the full-precision window."""
+        offs_s = it + tl.arange(0, BLOCK_S)
+        in_range = offs_s < stop
+        if ALL:
+            slot = offs_s.to(tl.int64)
+            valid = in_range
+        else:
+            slot = tl.load(i_base + offs_s * si_s, mask=in_range, other=-1).to(tl.int64)
+            valid = slot >= 0
+        valid = valid & (slot < CAP)
+        kpos = tl.load(kp_base + tl.where(valid, slot, 0) * sp_c, mask=valid, other=-1).to(tl.int64)
+        valid = valid & (kpos >= 0) & (kpos <= qpos)
+        if WINDOW > 0:
+            valid = valid & (kpos > qpos - WINDOW)
+        valid = valid & (slot - rstart < RCAP)
+        slot = tl.where(valid, slot, 0)
+        isq = valid & (slot < rstart)                                       # quantized slots
+        isr = valid & (slot >= rstart)                                      # full-precision window
+        return slot, valid, isq, isr
+
+    @triton.jit
     def _quant_decode_split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr, rv_ptr, rs_ptr,
                                    idx_ptr, out_ptr, po_ptr, plse_ptr,
                                    kp_ptr, qp_ptr, CAP, RCAP, WINDOW, sp_b, sp_h, sp_c,
@@ -243,23 +268,8 @@ if HAS_TRITON:
         if HAS_CNT:
             stop = tl.minimum(stop, tl.load(cnt_ptr + b * sc_b + h * sc_h).to(tl.int32))
         for it in range(start, stop, BLOCK_S):
-            offs_s = it + tl.arange(0, BLOCK_S)
-            in_range = offs_s < stop
-            if ALL:
-                slot = offs_s.to(tl.int64)
-                valid = in_range
-            else:
-                slot = tl.load(i_base + offs_s * si_s, mask=in_range, other=-1).to(tl.int64)
-                valid = slot >= 0
-            valid = valid & (slot < CAP)
-            kpos = tl.load(kp_base + tl.where(valid, slot, 0) * sp_c, mask=valid, other=-1).to(tl.int64)
-            valid = valid & (kpos >= 0) & (kpos <= qpos)
-            if WINDOW > 0:
-                valid = valid & (kpos > qpos - WINDOW)
-            valid = valid & (slot - rstart < RCAP)
-            slot = tl.where(valid, slot, 0)
-            isq = valid & (slot < rstart)                                   # quantized slots
-            isr = valid & (slot >= rstart)                                  # full-precision window
+            slot, valid, isq, isr = _slot_block(it, stop, i_base, si_s, kp_base, sp_c, CAP, RCAP, WINDOW, qpos,
+                                                rstart, BLOCK_S, ALL)
             mq = isq[:, None] & mask_d[None, :]
             if FAST:
                 # BLOCK_D == D: each row's packed bytes load once, (BLOCK_S, D // PER), and unpack in
@@ -415,23 +425,8 @@ if HAS_TRITON:
         if HAS_CNT:
             stop = tl.minimum(stop, tl.load(cnt_ptr + b * sc_b + h * sc_h).to(tl.int32))
         for it in range(start, stop, BLOCK_S):
-            offs_s = it + tl.arange(0, BLOCK_S)
-            in_range = offs_s < stop
-            if ALL:
-                slot = offs_s.to(tl.int64)
-                valid = in_range
-            else:
-                slot = tl.load(i_base + offs_s * si_s, mask=in_range, other=-1).to(tl.int64)
-                valid = slot >= 0
-            valid = valid & (slot < CAP)
-            kpos = tl.load(kp_base + tl.where(valid, slot, 0) * sp_c, mask=valid, other=-1).to(tl.int64)
-            valid = valid & (kpos >= 0) & (kpos <= qpos)
-            if WINDOW > 0:
-                valid = valid & (kpos > qpos - WINDOW)
-            valid = valid & (slot - rstart < RCAP)
-            slot = tl.where(valid, slot, 0)
-            isq = valid & (slot < rstart)                                   # quantized slots
-            isr = valid & (slot >= rstart)                                  # full-precision window
+            slot, valid, isq, isr = _slot_block(it, stop, i_base, si_s, kp_base, sp_c, CAP, RCAP, WINDOW, qpos,
+                                                rstart, BLOCK_S, ALL)
             mq = isq[:, None]
             cb = tl.load(kc_base + slot[:, None] * skc_c + offs_b[None, :], mask=mq, other=0).to(tl.int32)
             vb = tl.load(vc_base + slot[:, None] * svc_c + offs_b[None, :], mask=mq, other=0).to(tl.int32)
@@ -556,9 +551,8 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
     sp = key_pos.stride()
     # packed rows unpacked in registers: the head fills the block and the value groups are a power of two
     fast = L.block_d == d and v_scale.shape[3] & (v_scale.shape[3] - 1) == 0
-    if TUNING["planes"] and fast and v_scale.shape[3] == 1:
-        _quant_decode_planes_kernel[(b * hk, L.splits)](
-            q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start,
+    # both kernels take the same tensors, strides and most settings
+    args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start,
             idx, L.out, L.po, L.plse,
             key_pos, query_pos, cap, k_res.shape[2], int(window or 0), sp[0], sp[1], sp[2],
             cnt, sc[0], sc[1],
@@ -572,37 +566,17 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
             v_res.stride(0), v_res.stride(1), v_res.stride(2),
             si[0], si[1], si[2],
             L.out.stride(0), L.out.stride(1),
-            L.spo_bh, L.spo_s,
-            HK=hk, G=g, G_P=L.g_p, NB=d * bits // 8, BLOCK_S=L.block_s,
-            BITS=bits, PER=8 // bits, LEVELS=(1 << bits) - 1, KGROUP=group,
-            DIRECT=L.direct, IEEE=L.ieee, UPCAST=L.upcast,
-            ALL=slot_idx is None, HAS_CNT=slot_count is not None,
-            KROW=slot_idx is None and group % L.block_s == 0 and L.split_size % L.block_s == 0,
-            ROUND_BF16=L.upcast and k_res.dtype == torch.bfloat16,
-            num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
-        )
-        return L.finish()
-    _quant_decode_split_kernel[(b * hk, L.splits)](
-        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start,
-        idx, L.out, L.po, L.plse,
-        key_pos, query_pos, cap, k_res.shape[2], int(window or 0), sp[0], sp[1], sp[2],
-        cnt, sc[0], sc[1],
-        s, L.split_size, float(scale) * _LOG2E,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
-        k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
-        v_codes.stride(0), v_codes.stride(1), v_codes.stride(2),
-        v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
-        k_res.stride(0), k_res.stride(1), k_res.stride(2),
-        v_res.stride(0), v_res.stride(1), v_res.stride(2),
-        si[0], si[1], si[2],
-        L.out.stride(0), L.out.stride(1),
-        L.spo_bh, L.spo_s,
-        HK=hk, G=g, G_P=L.g_p, D=d, BLOCK_D=L.block_d, BLOCK_S=L.block_s,
-        BITS=bits, PER=8 // bits, LEVELS=(1 << bits) - 1, KGROUP=group,
-        VGROUP=d // v_scale.shape[3], DIRECT=L.direct, IEEE=L.ieee, UPCAST=L.upcast,
-        ALL=slot_idx is None, HAS_CNT=slot_count is not None,
-        FAST=fast, NVG=v_scale.shape[3] if fast else 1, ROUND_BF16=L.upcast and k_res.dtype == torch.bfloat16,
-        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
-    )
+            L.spo_bh, L.spo_s)
+    common = dict(HK=hk, G=g, G_P=L.g_p, BLOCK_S=L.block_s, BITS=bits, PER=8 // bits, LEVELS=(1 << bits) - 1,
+                  KGROUP=group, DIRECT=L.direct, IEEE=L.ieee, UPCAST=L.upcast, ALL=slot_idx is None,
+                  HAS_CNT=slot_count is not None, ROUND_BF16=L.upcast and k_res.dtype == torch.bfloat16,
+                  num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
+    if TUNING["planes"] and fast and v_scale.shape[3] == 1:
+        _quant_decode_planes_kernel[(b * hk, L.splits)](
+            *args, NB=d * bits // 8,
+            KROW=slot_idx is None and group % L.block_s == 0 and L.split_size % L.block_s == 0, **common)
+    else:
+        _quant_decode_split_kernel[(b * hk, L.splits)](
+            *args, D=d, BLOCK_D=L.block_d, VGROUP=d // v_scale.shape[3], FAST=fast,
+            NVG=v_scale.shape[3] if fast else 1, **common)
     return L.finish()
