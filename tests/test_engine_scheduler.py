@@ -9,6 +9,7 @@ import torch
 
 from kvsift import SamplingParams
 from kvsift.budget import kv_bytes_per_token, request_kv_bytes
+from kvsift.cache import SiftCache
 from kvsift.engine.graphs import GraphCache, GraphEntry, batch_bucket, layout_token
 from kvsift.engine.scheduler import Request, Scheduler, SchedulerConfig, batch_key
 from kvsift.errors import InputError, KVMemoryError
@@ -291,13 +292,45 @@ def test_requests_join_a_running_batch_and_get_their_answers_alone(tiny_llm):
     assert all(r.finished for r in (a, b, c)) and outs[b.id].finish_reason == "length"
 
 
+def test_questions_join_a_running_batch_over_a_shared_context(tiny_llm, monkeypatch):
+    """Questions over one context read by reference join and leave a running batch: only their own
+    tokens are stacked, every row reads the context's one copy, each gets its answer alone."""
+    doc = random_prompt(300, seed=95)
+    ctx = tiny_llm.prefill_context(doc)
+    qs = [random_prompt(n, seed=96 + n) for n in (12, 30, 7)]
+    ps = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (9, 5, 8)]
+    want = [tiny_llm.generate(q, p, context=ctx)[0].token_ids for q, p in zip(qs, ps)]
+    a, b, c = (tiny_llm.request([q], p, context=ctx) for q, p in zip(qs, ps))
+    assert tiny_llm.joins_running(a)
+    calls = []
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("the context was copied")
+
+    monkeypatch.setattr(SiftCache, "clone", no_copy)
+
+    def join(running, rows):
+        calls.append(rows)
+        return {2: [b], 4: [c]}.get(len(calls), [])
+
+    outs = {}
+    group = [a]
+    for r, ev in tiny_llm.run_batch(group, join=join):
+        if ev.output is not None:
+            outs[r.id] = ev.output
+    assert group == [a, b, c] and calls[:4] == [1, 1, 2, 2]
+    assert [outs[r.id].token_ids for r in (a, b, c)] == want
+    assert all(r.finished for r in (a, b, c))
+
+
 def test_no_join_where_it_would_not_be_exact(tiny_llm, default_tokenizer):
     from kvsift import LLM
 
     ids = [random_prompt(40, seed=94)]
     p = SamplingParams(max_tokens=4, ignore_eos=True)
     assert not tiny_llm.joins_running(tiny_llm.request(ids, p, method="snapkv", budget=16))
-    assert not tiny_llm.joins_running(tiny_llm.request(ids, p, context=tiny_llm.prefill_context(ids[0])))
+    ctx = tiny_llm.prefill_context(ids[0], method="sentencekv", budget=32)   # its KV lives in a host store
+    assert not tiny_llm.joins_running(tiny_llm.request(ids, p, context=ctx, method="sentencekv", budget=32))
     static = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode="static")
     r = static.request(ids, p)
     assert not static.joins_running(r)

@@ -216,6 +216,31 @@ def test_queued_requests_join_the_running_batch_in_arrival_order(make_client, ti
     assert re.search(rf"^kvsift_batch_joins_total {int(continuous)}\.0$", c.get("/metrics").text, re.M)
 
 
+def test_questions_on_one_context_join_its_running_batch(make_client, tiny_llm, batches):
+    """A question on a context arriving while another question on it runs joins that batch (the
+    context is read by reference, one copy for both rows); each gets the answer of document +
+    question alone."""
+    c = make_client(max_batch=4)
+    sched = c.app.state.kvsift.scheduler
+    doc = random_prompt(200, seed=140)
+    ctx = c.post("/v1/contexts", json={"document": doc, "kv_method": "full", "persist": False}).json()
+    q_a, q_b = random_prompt(15, seed=141), random_prompt(25, seed=142)
+    want = [alone(tiny_llm, doc + q_a, 20), alone(tiny_llm, doc + q_b, 6)]
+    batches.release.set()
+    batches.pause_min = 1
+    batches.resume.clear()  # A's batch stops after its first event
+    with ThreadPoolExecutor(2) as pool:
+        fa = pool.submit(c.post, "/v1/completions", json=completion(q_a, 20, context_id=ctx["id"]))
+        assert batches.paused.wait(30)
+        fb = pool.submit(c.post, "/v1/completions", json=completion(q_b, 6, context_id=ctx["id"]))
+        wait_for(lambda: sched.waiting == 1)
+        batches.resume.set()
+        ra, rb = fa.result(), fb.result()
+    assert ra.status_code == rb.status_code == 200, (ra.text, rb.text)
+    assert sched.joined == 1
+    assert ra.json()["choices"][0]["text"] == want[0].text and rb.json()["choices"][0]["text"] == want[1].text
+
+
 def test_max_batch_and_memory_options_are_validated(capsys):
     for kw, msg in (({"max_batch": 0}, "max_batch (--max-batch) must be an integer >= 1"),
                     ({"max_batch": 2.5}, "max_batch"), ({"kv_memory_bytes": 0}, "kv_memory_bytes (--kv-memory)"),

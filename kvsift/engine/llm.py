@@ -478,25 +478,32 @@ class LLM:
 
     def joins_running(self, req: Request, mode: str | None = None) -> bool:
         """Whether a running batch of ``req``'s kind may change its rows at decode-step boundaries
-        (requests join, finished rows leave): ``full`` (left padding is exact), no reused context,
-        eager decode (static and graph decoding fix the batch's shapes for the whole generation)."""
+        (requests join, finished rows leave): ``full`` (left padding is exact), no reused context or
+        one read by reference (``ModelRunner.shares_context``: the rows' own tokens are stacked, the
+        context stays one shared copy), eager decode (static and graph decoding fix the batch's
+        shapes for the whole generation)."""
         mode = mode or self.runner.decode_mode_for(req.method)
-        return req.kind == "generate" and req.context is None and pads_exactly(req.method) and mode == "eager"
+        return (req.kind == "generate" and (req.context is None or self.runner.shares_context(req.method, req.context))
+                and pads_exactly(req.method) and mode == "eager")
 
     def _rebuild(self, ctx: ForwardContext, next_pos: torch.Tensor, keep: list[int], new: list[Request], run: Run,
                  progress: bool | None):
         """The running batch with only its rows ``keep`` plus the requests ``new`` (prefilled here,
         on their own): every row's used slots (its own positions; holes dropped) are stacked into a
         new cache, shorter rows padded with position -1. Returns the new batch's context, the new
-        rows' first logits and next positions (None without ``new``) and their prefill stats."""
+        rows' first logits and next positions (None without ``new``) and their prefill stats. Over a
+        context read by reference (one batch's requests share it) only the rows' own tokens are
+        stacked; every row of the new batch reads the context's one copy."""
         method, runner = ctx.method, self.runner
         ids = [p for r in new for p in r.prompts]
+        context = new[0].context if new else None
         old = ctx.cache
         cache_n = ctx_n = logits_n = stats_n = None
         room = old.reserve
         if ids:
             room = max(room, max(r.room(len(p), self.info.max_positions) for r in new for p in r.prompts))
-            cache_n, stats_n, (ctx_n, logits_n) = runner.prefill(ids, method, run, None, progress, reserve=room + 1)
+            cache_n, stats_n, (ctx_n, logits_n) = runner.prefill(ids, method, run, context, progress,
+                                                                 reserve=room + 1)
         merged = SiftCache(self.info.num_layers, reserve=room + 1)
         sources = [(old, i) for i in keep] + [(cache_n, i) for i in range(len(ids))]
         with torch.inference_mode():
@@ -508,6 +515,9 @@ class LLM:
                     rows.append((ly.keys[i:i + 1, :, real], ly.values[i:i + 1, :, real],
                                  ly.positions[i:i + 1, :, real], None))
                 lm.set_rows(rows)
+                shared = old.layers[li].prefix or (cache_n.layers[li].prefix if cache_n is not None else None)
+                if shared is not None:  # the context, one copy for the new batch's rows
+                    lm.prefix = tuple(t[:1].expand(len(sources), *t.shape[1:]) for t in shared)
         merged.seen = max(old.seen, cache_n.seen if cache_n is not None else 0)
         pos = [next_pos[keep]] + ([ctx_n.next_pos] if ids else [])
         prompts = [ctx.prompt_ids[i] for i in keep] + ids if ctx.prompt_ids is not None else None
