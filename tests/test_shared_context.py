@@ -114,7 +114,8 @@ def test_the_reference_over_kv_every_row_shares_equals_the_general_path(window):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_the_reference_ignores_whatever_empty_slots_hold(batch):
     """Every-slot reads take the buffers as they are (no gather): an empty slot (position -1) of a
-    static buffer may hold any bits, NaN included, and must not reach the output."""
+    static buffer may hold any bits, NaN included, and must not reach the output (one row, or a
+    batch of rows of their own; KV shared by stride 0, a context's, holds finite values only)."""
     from kvsift.kernels.sparse_decode_attention import sparse_decode_attention_ref
 
     torch.manual_seed(1)
@@ -127,7 +128,7 @@ def test_the_reference_ignores_whatever_empty_slots_hold(batch):
     clean_v[..., 40:, :] = 0
     k[..., 40:, :], v[..., 40:, :] = float("nan"), float("nan")
     q, qp = torch.randn(batch, hq, d), torch.full((batch,), 63)
-    ex = (lambda t: t.expand(batch, *t.shape[1:])) if batch > 1 else (lambda t: t)
+    ex = (lambda t: t.repeat(batch, *([1] * (t.dim() - 1)))) if batch > 1 else (lambda t: t)
     got = sparse_decode_attention_ref(q, ex(k), ex(v), None, 0.3, key_pos=ex(pos), query_pos=qp)
     want = sparse_decode_attention_ref(q, ex(clean_k), ex(clean_v), None, 0.3, key_pos=ex(pos), query_pos=qp)
     assert torch.isfinite(got).all() and torch.allclose(got, want, atol=1e-6)

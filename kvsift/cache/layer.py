@@ -54,8 +54,10 @@ class SiftLayer(CacheLayerMixin):
         self.holes = False
         # a reused context's KV read by reference (SiftCache.share): (keys (batch, kv_heads, n,
         # head_dim), values, positions (batch, kv_heads, n)) with the batch expanded from the context's
-        # one row (stride 0: no copy), attended by every row besides the buffers above, which hold only
-        # what came after (the question, the answer). Read-only: the context stays as it was
+        # one row (stride 0, whatever the batch: no copy), attended by every row besides the buffers
+        # above, which hold only what came after (the question, the answer). Read-only: the context
+        # stays as it was. Every slot holds finite values (a hole's are zeros), so readers need not
+        # zero empty slots (see shared_rows)
         self.prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -363,6 +365,12 @@ class SiftLayer(CacheLayerMixin):
         return r + 2 * b * h * self.length * d * self.k_buf.element_size()
 
 
+def shared_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t``'s first row seen as ``rows`` rows (batch stride 0, even for one row: no copy; readers
+    tell such shared KV by that stride)."""
+    return t[:1].as_strided((rows, *t.shape[1:]), (0, *t.stride()[1:]))
+
+
 class SiftCache(Cache):
     """The KV cache kvsift's engine passes to transformers models.
 
@@ -489,7 +497,7 @@ class SiftCache(Cache):
             if src.k_buf is None:
                 continue
             k, v, p = src.keys, src.values, src.positions
-            dst.prefix = (k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), p.expand(b, -1, -1))
+            dst.prefix = tuple(shared_rows(t, b) for t in (k, v, p))
             _, h, _, d = k.shape
             dst.set_kv(k.new_empty(b, h, 0, d), v.new_empty(b, h, 0, d), p.new_empty(b, h, 0))
         return new

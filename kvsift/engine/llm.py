@@ -23,6 +23,7 @@ import torch
 
 from kvsift.budget import kv_bytes_per_token, request_kv_bytes
 from kvsift.cache import SiftCache
+from kvsift.cache.layer import shared_rows
 from kvsift.engine.attention import ForwardContext  # noqa: F401  (re-exported: engine internals are importable)
 from kvsift.engine.decode import check_decode_mode
 from kvsift.engine.params import GenerationStats, RequestOutput, SamplingParams, StreamEvent
@@ -517,7 +518,7 @@ class LLM:
                 lm.set_rows(rows)
                 shared = old.layers[li].prefix or (cache_n.layers[li].prefix if cache_n is not None else None)
                 if shared is not None:  # the context, one copy for the new batch's rows
-                    lm.prefix = tuple(t[:1].expand(len(sources), *t.shape[1:]) for t in shared)
+                    lm.prefix = tuple(shared_rows(t, len(sources)) for t in shared)
         merged.seen = max(old.seen, cache_n.seen if cache_n is not None else 0)
         pos = [next_pos[keep]] + ([ctx_n.next_pos] if ids else [])
         prompts = [ctx.prompt_ids[i] for i in keep] + ids if ctx.prompt_ids is not None else None

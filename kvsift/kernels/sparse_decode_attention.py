@@ -112,10 +112,10 @@ def sparse_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     _check_count(slot_idx, slot_count)
     b, hq, d = q.shape
     hk, cap = k_cache.shape[1], k_cache.shape[2]
-    if slot_idx is None and (b == 1 or (k_cache.stride(0) == 0 and v_cache.stride(0) == 0
-                                        and (key_pos is None or key_pos.stride(0) == 0))):
+    shared = k_cache.stride(0) == 0 and v_cache.stride(0) == 0 and (key_pos is None or key_pos.stride(0) == 0)
+    if slot_idx is None and (b == 1 or shared):
         return _shared_kv_ref(q, k_cache[:1], v_cache[:1], None if key_pos is None else key_pos[:1], query_pos,
-                              scale, window, return_lse)
+                              scale, window, return_lse, finite=shared)
     if slot_idx is None:
         idx = torch.arange(cap, device=q.device).expand(b, hk, cap)
     else:
@@ -153,11 +153,12 @@ def sparse_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     return out
 
 
-def _shared_kv_ref(q, k1, v1, kpos1, query_pos, scale, window, return_lse):
+def _shared_kv_ref(q, k1, v1, kpos1, query_pos, scale, window, return_lse, finite=False):
     """The reference over every slot of KV that every row shares (``k1``/``v1 (1, kv_heads, n, d)``:
     one row, or a batch-expanded view's one row, e.g. a reused context read by reference): the rows'
     query heads become one batch of queries against the one copy, so nothing is gathered or copied
-    per row. Same result as the general path."""
+    per row. Same result as the general path. ``finite``: every slot's value is finite, empty ones
+    included (a shared view, e.g. a context's KV: its holes are zeros), so none is zeroed here."""
     b, hq, d = q.shape
     hk = k1.shape[1]
     g = hq // hk
@@ -166,7 +167,8 @@ def _shared_kv_ref(q, k1, v1, kpos1, query_pos, scale, window, return_lse):
     v = v1[0].float()
     if kpos1 is not None:
         kp = kpos1[0].to(torch.int64)[:, None, :]                                   # (hk, 1, n)
-        v = torch.where(kp.transpose(1, 2) >= 0, v, 0.0)    # empty slots may hold any bits (static buffers)
+        if not finite:  # an empty slot of a static buffer may hold any bits
+            v = torch.where(kp.transpose(1, 2) >= 0, v, 0.0)
         qp = query_pos.to(torch.int64).repeat_interleave(g)[None, :, None]          # (1, b*g, 1)
         ok = (kp >= 0) & (kp <= qp)
         if window is not None:
