@@ -94,8 +94,9 @@ def request_kv_bytes(per_token: int, rows: int, prompt_tokens: int, kept_tokens:
 
     ``prompt_tokens``: the longest prompt (after a reused context); ``kept_tokens``: what the budget
     keeps of it per sequence (:func:`resolve_budget`); ``new_tokens``: decode steps; ``context_bytes``:
-    a reused context's KV, copied for every row (read once by reference with ``context_shared``). The prefill holds the whole prompt's KV on the device
-    (one row at a time with ``row_prefill``) until it is compressed; an offloading method
+    a reused context's KV, copied for every row (held once, read by reference, with
+    ``context_shared``). The prefill holds the whole prompt's KV on the device (one row at a time
+    with ``row_prefill``) until it is compressed; an offloading method
     (``offloads``: True, or the share of each token's KV it keeps there, the method's ``host_share()``)
     then keeps the whole prompt in host memory and ``kept_tokens`` on the device. A lower
     bound (method state and allocator slack are not counted), so it refuses nothing that would fit."""

@@ -446,16 +446,18 @@ if HAS_TRITON:
                 kz1 = tl.load(kz_base + kg + offs_b[None, :] * PER + 1, mask=mq, other=0.0).to(tl.float32)
             has_res = tl.sum(isr.to(tl.int32), axis=0) > 0
             ridx = tl.maximum(slot - rstart, 0)
+            rk_row = rk_base + ridx[:, None] * srk_c                        # the window's rows (where isr)
+            rv_row = rv_base + ridx[:, None] * srv_c
             mr = isr[:, None]
             kr0 = tl.zeros((BLOCK_S, NB), tl.float32)
             kr1 = kr0
             vr0 = kr0
             vr1 = kr0
             if has_res:   # the full-precision window: read only by the blocks that reach it
-                kr0 = tl.load(rk_base + ridx[:, None] * srk_c + offs_b[None, :] * PER + 0, mask=mr, other=0.0).to(tl.float32)
-                vr0 = tl.load(rv_base + ridx[:, None] * srv_c + offs_b[None, :] * PER + 0, mask=mr, other=0.0).to(tl.float32)
-                kr1 = tl.load(rk_base + ridx[:, None] * srk_c + offs_b[None, :] * PER + 1, mask=mr, other=0.0).to(tl.float32)
-                vr1 = tl.load(rv_base + ridx[:, None] * srv_c + offs_b[None, :] * PER + 1, mask=mr, other=0.0).to(tl.float32)
+                kr0 = tl.load(rk_row + offs_b[None, :] * PER + 0, mask=mr, other=0.0).to(tl.float32)
+                vr0 = tl.load(rv_row + offs_b[None, :] * PER + 0, mask=mr, other=0.0).to(tl.float32)
+                kr1 = tl.load(rk_row + offs_b[None, :] * PER + 1, mask=mr, other=0.0).to(tl.float32)
+                vr1 = tl.load(rv_row + offs_b[None, :] * PER + 1, mask=mr, other=0.0).to(tl.float32)
             k0, v0 = _plane_kv(cb, vb, kr0, vr0, isr, ks0, kz0, vsc, vzp, 0, BITS, LEVELS, kv_dtype,
                                UPCAST, ROUND_BF16)
             k1, v1 = _plane_kv(cb, vb, kr1, vr1, isr, ks1, kz1, vsc, vzp, 1, BITS, LEVELS, kv_dtype,
@@ -479,10 +481,10 @@ if HAS_TRITON:
                 vr2 = kr0
                 vr3 = kr0
                 if has_res:
-                    kr2 = tl.load(rk_base + ridx[:, None] * srk_c + offs_b[None, :] * PER + 2, mask=mr, other=0.0).to(tl.float32)
-                    vr2 = tl.load(rv_base + ridx[:, None] * srv_c + offs_b[None, :] * PER + 2, mask=mr, other=0.0).to(tl.float32)
-                    kr3 = tl.load(rk_base + ridx[:, None] * srk_c + offs_b[None, :] * PER + 3, mask=mr, other=0.0).to(tl.float32)
-                    vr3 = tl.load(rv_base + ridx[:, None] * srv_c + offs_b[None, :] * PER + 3, mask=mr, other=0.0).to(tl.float32)
+                    kr2 = tl.load(rk_row + offs_b[None, :] * PER + 2, mask=mr, other=0.0).to(tl.float32)
+                    vr2 = tl.load(rv_row + offs_b[None, :] * PER + 2, mask=mr, other=0.0).to(tl.float32)
+                    kr3 = tl.load(rk_row + offs_b[None, :] * PER + 3, mask=mr, other=0.0).to(tl.float32)
+                    vr3 = tl.load(rv_row + offs_b[None, :] * PER + 3, mask=mr, other=0.0).to(tl.float32)
                 k2, v2 = _plane_kv(cb, vb, kr2, vr2, isr, ks2, kz2, vsc, vzp, 2, BITS, LEVELS, kv_dtype,
                                    UPCAST, ROUND_BF16)
                 k3, v3 = _plane_kv(cb, vb, kr3, vr3, isr, ks3, kz3, vsc, vzp, 3, BITS, LEVELS, kv_dtype,
