@@ -46,11 +46,18 @@ def value_group(group: int, head_dim: int) -> int:
     return min(group, head_dim)
 
 
+def coded_token_bytes(head_dim: int, bits: int, vgroup: int) -> float:
+    """Bytes of one token's packed K and V codes per KV head plus its fp16 value scales and zeros
+    (one pair per ``vgroup`` channels): all of a quantized token but the key scales, which are
+    shared by a group of tokens (a host chunk store keeps exactly this per token)."""
+    return 2 * head_dim * bits / 8 + 2 * 2 * head_dim / vgroup
+
+
 def kv_bytes_per_token(head_dim: int, bits: int, group: int) -> float:
     """Bytes of one token's quantized K and V per KV head, scales and zeros amortised over their
     group (the full-precision window and positions not counted); compare with ``4 * head_dim`` at
     bf16."""
-    return 2 * head_dim * bits / 8 + 2 * 2 * head_dim / group + 2 * 2 * head_dim / value_group(group, head_dim)
+    return coded_token_bytes(head_dim, bits, value_group(group, head_dim)) + 2 * 2 * head_dim / group
 
 
 BYTE_TARGET = {4: 0.27, 2: 0.15}

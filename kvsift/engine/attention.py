@@ -130,9 +130,9 @@ def selected_attention(query: torch.Tensor, layer: "SiftLayer", sel: "Selection 
     page = sel.page if sel is not None else 1
     extras = [sel.extra] if sel is not None and sel.extra is not None else []
     z = layer.quant
-    if layer.prefix is not None and softcap is not None:
-        extras.append(layer.prefix_source())
     if softcap is not None:  # no kernel for soft-capped logits: masked attention over copies
+        if layer.prefix is not None:
+            extras.append(layer.prefix_source())
         if layer.ragged is not None:
             extras.append(layer.ragged.source())
         if z is not None:  # own slots name the quantized store's slots: dequantize them

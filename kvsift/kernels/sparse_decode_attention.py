@@ -128,11 +128,7 @@ def sparse_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     if key_pos is not None:
         idx = torch.where(idx < cap, idx, -1)
         kp = torch.where(idx >= 0, key_pos.gather(2, idx.clamp(min=0)).to(torch.int64), -1)
-        qp = query_pos.to(torch.int64)[:, None, None]
-        ok = (kp >= 0) & (kp <= qp)
-        if window is not None:
-            ok &= kp > qp - window
-        idx = torch.where(ok, idx, -1)
+        idx = torch.where(_visible(kp, query_pos.to(torch.int64)[:, None, None], window), idx, -1)
     valid = idx >= 0
     if bool((idx >= cap).any()):
         raise IndexError(f"slot_idx has entries >= capacity ({cap})")
@@ -153,6 +149,15 @@ def sparse_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     return out
 
 
+def _visible(kp: torch.Tensor, qp: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Which keys at positions ``kp`` (-1: none) a query at ``qp`` sees (broadcast int64 tensors):
+    not in its future, and inside the sliding ``window`` when there is one."""
+    ok = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        ok &= kp > qp - window
+    return ok
+
+
 def _shared_kv_ref(q, k1, v1, kpos1, query_pos, scale, window, return_lse, finite=False):
     """The reference over every slot of KV that every row shares (``k1``/``v1 (1, kv_heads, n, d)``:
     one row, or a batch-expanded view's one row, e.g. a reused context read by reference): the rows'
@@ -170,10 +175,7 @@ def _shared_kv_ref(q, k1, v1, kpos1, query_pos, scale, window, return_lse, finit
         if not finite:  # an empty slot of a static buffer may hold any bits
             v = torch.where(kp.transpose(1, 2) >= 0, v, 0.0)
         qp = query_pos.to(torch.int64).repeat_interleave(g)[None, :, None]          # (1, b*g, 1)
-        ok = (kp >= 0) & (kp <= qp)
-        if window is not None:
-            ok &= kp > qp - window
-        w = w.masked_fill(~ok, float("-inf"))
+        w = w.masked_fill(~_visible(kp, qp, window), float("-inf"))
     m = w.amax(-1, keepdim=True)                                                    # one exp pass gives
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))                      # both the softmax and
     e = torch.exp(w - m)                                                            # its log-sum-exp

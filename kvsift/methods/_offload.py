@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from kvsift.cache.quant import SCALE_DTYPE, codes_of, quantize_values, range_params, unpack
+from kvsift.cache.quant import SCALE_DTYPE, coded_token_bytes, codes_of, quantize_values, range_params, unpack
 from kvsift.kernels import chunk_fetch as _cf
 from kvsift.kernels._triton import HAS_TRITON, triton_disabled
 
@@ -528,7 +528,7 @@ class ChunkStore:
 
     def _token_bytes(self) -> int:
         if self.bits:  # codes, value scale and zero, position
-            return 2 * self.d * self.bits // 8 + 4 * (self.d // self.vg) + 4
+            return int(coded_token_bytes(self.d, self.bits, self.vg)) + 4
         return (1 + self.keys) * self.d * torch.tensor([], dtype=self.dtype).element_size() + 4
 
     def _ensure_cache(self, k: int):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvsift.cache.quant import QuantKV, default_group, value_group
+from kvsift.cache.quant import QuantKV, coded_token_bytes, default_group, value_group
 from kvsift.errors import MethodOptionError
 from kvsift.methods.base import KVMethod, register
 
@@ -87,8 +87,7 @@ class KIVI(KVMethod):
         """Host bytes of a token in another stage's store (:meth:`store_options`: packed codes and
         per-token value scales and zeros; the key scales, one per chunk, stay on the device) as a
         share of its bf16 KV."""
-        vgroup = self.store_options(head_dim)["vgroup"]
-        return (2 * head_dim * self.bits / 8 + 2 * 2 * head_dim / vgroup) / (4 * head_dim)
+        return coded_token_bytes(head_dim, self.bits, self.store_options(head_dim)["vgroup"]) / (4 * head_dim)
 
     def finish_prefill(self, run, layers, ctx) -> None:
         """Quantize every layer holding KV (after the other stages' compression); a batch prefilled
