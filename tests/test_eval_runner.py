@@ -171,3 +171,43 @@ def test_real_model_niah_end_to_end(real_llm, tmp_path):
     assert rows["full"]["prefill_s"] > 0 and rows["full"]["decode_ms_per_token"] > 0
     md = (write_report(out, tmp_path / "rep")["markdown"]).read_text()
     assert "| niah | 512 | snapkv | 0.5 |" in md
+
+
+def test_method_labels_carry_options_and_name_their_rows(tiny_llm, tmp_path):
+    """``kivi[bits=2]`` builds kivi with bits=2 and names its own rows (so int4 and int2 are two
+    cells of one grid); codecs that keep every token (kivi alone) run once, at no budget, like full;
+    the label's options override --method-opt's; a bad label is an error before anything runs."""
+    from kvsift.eval.cli import _csv
+    from kvsift.eval.runner import KvsiftBackend, budgetless, method_options, split_label
+
+    assert _csv("full,kivi[bits=2,group=64],adakv(snapkv)") == ["full", "kivi[bits=2,group=64]", "adakv(snapkv)"]
+    assert split_label("kivi[bits=2, group=64]") == ("kivi", {"bits": 2, "group": 64})
+    assert split_label("snapkv[pooling=max]") == ("snapkv", {"pooling": "max"})
+    assert split_label("adakv(snapkv)") == ("adakv(snapkv)", {})
+    assert method_options("kivi[bits=2]", {"kivi": {"bits": 4, "residual": 32}}) == ("kivi", {"bits": 2, "residual": 32})
+    for bad in ("kivi[bits]", "kivi[bits=2", "kivi[=2]"):
+        with pytest.raises(ValueError, match="method label|option"):
+            split_label(bad)
+    assert budgetless("full") and budgetless("kvpress:full") and budgetless("kivi[bits=2]")
+    assert not budgetless("snapkv+kivi") and not budgetless("snapkv") and not budgetless("kvpress:snapkv")
+
+    cfg = BenchConfig(tasks=["niah"], methods=["kivi", "kivi[bits=2]", "snapkv[window=8]"], budgets=["0.5"],
+                      lengths=[200], seeds=[0], task_config=TaskConfig(depths=(0.5,), samples=1))
+    assert [(c[3], c[4]) for c in cfg.cells()] == [("kivi", None), ("kivi[bits=2]", None), ("snapkv[window=8]", 0.5)]
+    assert BenchConfig(tasks=["niah"], methods=["kivi"], budgets=["full"], lengths=[200]).cells()  # no budget needed
+
+    out = tmp_path / "labels.jsonl"
+    assert run_grid(KvsiftBackend(tiny_llm), cfg, out, progress=False)["run"] == 3
+    rows = {r["method"]: r for r in load_rows(out)}
+    assert rows["kivi[bits=2]"]["key"] == "niah|kivi[bits=2]|full|200|0"
+    s4, s2 = rows["kivi"]["samples"][0], rows["kivi[bits=2]"]["samples"][0]
+    assert s2["kv_device_bytes"] < s4["kv_device_bytes"]   # really built with bits=2
+    assert rows["snapkv[window=8]"]["samples"][0]["kv_kept_bytes"] < s4["kv_full_bytes"]
+
+    ap = argparse.ArgumentParser()
+    add_bench_parser(ap.add_subparsers(dest="command"))
+    args = ap.parse_args(["bench", "run", "--tasks", "niah", "--methods", "kivi[bits=3]", "--budgets", "full",
+                          "--lengths", "200", "--out", str(tmp_path / "bad.jsonl")])
+    with pytest.raises(Exception, match="bits"):
+        run_bench(args)
+    assert not (tmp_path / "bad.jsonl").exists()

@@ -18,7 +18,16 @@ from pathlib import Path
 
 
 def _csv(text: str) -> list[str]:
-    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    """Comma-separated items; commas inside brackets or parentheses (``kivi[bits=2,group=64]``) stay."""
+    items, cur, depth = [], "", 0
+    for ch in str(text):
+        depth += (ch in "[(") - (ch in "])")
+        if ch == "," and depth <= 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    items = [t.strip() for t in items + [cur] if t.strip()]
     if not items:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
     return items
@@ -53,7 +62,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"comma list of {', '.join(TASKS)}, or 'all' (default: niah, or the suite's)")
     r.add_argument("--methods", type=_csv, default=None,
                    help="comma list of registered methods (see `kvsift methods`), or 'all' "
-                        "(default: full,snapkv, or the suite's: all)")
+                        "(default: full,snapkv, or the suite's: all); a method may carry options in brackets, "
+                        "which then name its rows: kivi[bits=2],snapkv[window=64]")
     r.add_argument("--budgets", type=_csv, default=None,
                    help="comma list of ratios (0.25), percents (25%%) or token counts (256) (default: 0.1,0.25,0.5)")
     r.add_argument("--lengths", type=_int_list, default=None, help="prompt lengths in tokens (default: 1024,2048)")
@@ -210,9 +220,12 @@ def run_bench(args) -> int:
             from kvsift.methods import build_method
             from kvsift.models import check_model
 
-            check_model(args.model)
+            from kvsift.eval.runner import method_options
+
             for m in methods:
-                build_method(m, None if m == "full" else 0.5, **kwargs.get(m, {}))
+                spec, opts = method_options(m, kwargs)
+                build_method(spec, None if m == "full" else 0.5, **opts)
+            check_model(args.model)
         n_cells = len(cfg.cells())
         per_cell = {t: cfg.task_config.n_samples(t) for t in cfg.tasks}
         print(f"[bench] {'suite ' + args.suite if args.suite else 'grid'}: {n_cells} cell(s) = tasks "

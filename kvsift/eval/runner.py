@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -55,6 +56,53 @@ def kept_tokens(budget: Budget, prompt_len: int) -> int:
     """Tokens kept per layer and KV head for ``budget`` on a prompt of ``prompt_len`` tokens (one
     grid budget serves every length, so a token budget is capped at the prompt)."""
     return resolve_budget(budget, prompt_len, clamp=True)
+
+
+_LABEL = re.compile(r"(?P<spec>[^\[\]]+)\[(?P<opts>[^\[\]]*)\]")
+
+
+def split_label(method: str) -> tuple[str, dict[str, Any]]:
+    """A grid method with its options in brackets, ``kivi[bits=2]`` or ``snapkv[window=64,pooling=max]``,
+    -> ``("kivi", {"bits": 2})``. The whole label names the rows (so ``kivi`` and ``kivi[bits=2]`` are
+    different cells); values are JSON where they parse (``2``, ``0.5``, ``true``), else strings. A
+    method without brackets comes back as it is, with no options."""
+    m = _LABEL.fullmatch(method.strip())
+    if m is None:
+        if "[" in method or "]" in method:
+            raise ValueError(f"bad method label {method!r}: expected name[key=value,...], e.g. kivi[bits=2]")
+        return method, {}
+    opts: dict[str, Any] = {}
+    for item in filter(None, (t.strip() for t in m["opts"].split(","))):
+        key, eq, v = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"bad option {item!r} in method label {method!r}: expected key=value")
+        try:
+            opts[key.strip()] = json.loads(v.strip())
+        except json.JSONDecodeError:
+            opts[key.strip()] = v.strip()
+    return m["spec"].strip(), opts
+
+
+def method_options(method: str, method_kwargs: dict[str, dict] | None = None) -> tuple[str, dict[str, Any]]:
+    """The spec and options that build a grid method: ``--method-opt`` options given for the label
+    (or its spec), overridden by the label's own bracketed ones."""
+    spec, own = split_label(method)
+    kw = method_kwargs or {}
+    return spec, {**kw.get(spec, {}), **kw.get(method, {}), **own}
+
+
+def budgetless(method: str) -> bool:
+    """Whether a grid method runs once per prompt set, at no budget: ``full`` (``kvpress:full``) and
+    methods that keep every token (``kivi`` alone: a codec, ``needs_budget`` False in every stage)."""
+    if method == FULL or method.endswith(":" + FULL):
+        return True
+    from kvsift.errors import UnknownMethodError
+    from kvsift.methods.base import spec_classes
+
+    try:
+        return not any(c.needs_budget for c in spec_classes(split_label(method)[0]))
+    except (UnknownMethodError, ValueError):  # another backend's name (kvpress:snapkv)
+        return False
 
 
 COMPRESS_MODES = ("prompt", "context")
@@ -253,9 +301,9 @@ class KvsiftBackend(BaseBackend):
         from kvsift.engine import SamplingParams
 
         prompts = [list(p) for p in prompts]
+        spec, kw = method_options(method, self.method_kwargs)
         outs = self.llm.generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=0.0),
-                                 method=method, budget=budget, method_kwargs=self.method_kwargs.get(method),
-                                 progress=False)
+                                 method=spec, budget=budget, method_kwargs=kw, progress=False)
         b = len(prompts)
         per_tok = self._kv_bytes_per_token()
         res = []
@@ -301,8 +349,8 @@ class KvsiftBackend(BaseBackend):
     def score(self, context_ids, continuation_ids, method, budget):
         from kvsift.eval.perplexity import score_continuation
 
-        return score_continuation(self.llm, context_ids, continuation_ids, method, budget,
-                                  method_kwargs=self.method_kwargs.get(method))
+        spec, kw = method_options(method, self.method_kwargs)
+        return score_continuation(self.llm, context_ids, continuation_ids, spec, budget, method_kwargs=kw)
 
     # ---- the query-agnostic setting (--compress context)
     def answer_method(self, method: str, ctx=None) -> str | None:
@@ -316,7 +364,8 @@ class KvsiftBackend(BaseBackend):
 
         if method == FULL:
             return None
-        m = build_method(method, 0.5, **self.method_kwargs.get(method, {}))
+        spec, kw = method_options(method, self.method_kwargs)
+        m = build_method(spec, 0.5, **kw)
         stages = getattr(m, "stages", None) or [m]
         own = any(getattr(st, "decode_only", False) for st in stages) or (ctx is not None and ctx.needs_planner)
         return method if own else None
@@ -334,9 +383,9 @@ class KvsiftBackend(BaseBackend):
         the context cache's (``ctx.stats``); prefill time is the context's plus the question's."""
         from kvsift.engine import SamplingParams
 
-        kw = self.method_kwargs.get(method)
+        spec, kw = method_options(method, self.method_kwargs)
         try:
-            ctx = self.llm.prefill_context(list(context_ids), method=method, budget=budget, method_kwargs=kw,
+            ctx = self.llm.prefill_context(list(context_ids), method=spec, budget=budget, method_kwargs=kw,
                                            progress=False)
         except Exception as e:
             raise ContextModeError(f"--compress context: prefill_context with method {method!r} failed "
@@ -346,7 +395,8 @@ class KvsiftBackend(BaseBackend):
         a_budget = None if answer is None else kept_tokens(budget, len(context_ids))
         try:
             out = self.llm.generate([list(question_ids)], SamplingParams(max_tokens=max_new_tokens, temperature=0.0),
-                                    method=answer, budget=a_budget, method_kwargs=kw if answer else None,
+                                    method=spec if answer else None, budget=a_budget,
+                                    method_kwargs=kw if answer else None,
                                     context=ctx, progress=False)[0]
         except Exception as e:
             raise ContextModeError(f"--compress context: answering over a {method!r} context (answer method "
@@ -383,8 +433,7 @@ class BenchConfig:
         if bad:
             raise ValueError(f"unknown task(s) {bad}; available: {sorted(TASKS)}")
         self.budgets = [parse_budget(b) for b in self.budgets]
-        if any(m != FULL and not m.endswith(":" + FULL) for m in self.methods) and not any(
-                b is not None for b in self.budgets):
+        if not all(budgetless(m) for m in self.methods) and not any(b is not None for b in self.budgets):
             raise ValueError("compressing methods need at least one budget (e.g. 0.25 or 256)")
         for n in self.lengths:
             if not isinstance(n, int) or n < 16:
@@ -395,7 +444,7 @@ class BenchConfig:
         out = []
         for task, length, seed in product(self.tasks, self.lengths, self.seeds):
             for method in self.methods:
-                if method == FULL or method.endswith(":" + FULL):
+                if budgetless(method):
                     out.append((task, length, seed, method, None))
                 else:
                     out.extend((task, length, seed, method, b) for b in self.budgets if b is not None)
