@@ -99,9 +99,10 @@ def budgetless(method: str) -> bool:
     from kvsift.errors import UnknownMethodError
     from kvsift.methods.base import spec_classes
 
+    spec = split_label(method)[0]
     try:
-        return not any(c.needs_budget for c in spec_classes(split_label(method)[0]))
-    except (UnknownMethodError, ValueError):  # another backend's name (kvpress:snapkv)
+        return not any(c.needs_budget for c in spec_classes(spec))
+    except UnknownMethodError:  # another backend's name (kvpress:snapkv)
         return False
 
 
