@@ -188,7 +188,8 @@ def test_method_labels_carry_options_and_name_their_rows(tiny_llm, tmp_path):
     for bad in ("kivi[bits]", "kivi[bits=2", "kivi[=2]"):
         with pytest.raises(ValueError, match="method label|option"):
             split_label(bad)
-    assert budgetless("full") and budgetless("kvpress:full") and budgetless("kivi[bits=2]")
+    assert budgetless("full") and budgetless("kvpress:full") and budgetless("kivi[bits=2]") and budgetless("minference")
+    assert not budgetless("duo")   # needs no budget but uses one
     assert not budgetless("snapkv+kivi") and not budgetless("snapkv") and not budgetless("kvpress:snapkv")
 
     cfg = BenchConfig(tasks=["niah"], methods=["kivi", "kivi[bits=2]", "snapkv[window=8]"], budgets=["0.5"],

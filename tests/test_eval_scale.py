@@ -115,7 +115,11 @@ def test_suite_expansion_and_narrowing():
     assert plan["methods"] == methods and plan["samples"] == 30
     cfg = BenchConfig(tasks=plan["tasks"], methods=plan["methods"], budgets=plan["budgets"],
                       lengths=plan["lengths"], seeds=plan["seeds"])
-    assert len(cfg.cells()) == 7 * 4 * (1 + 4 * (len(methods) - 1))
+    from kvsift.eval.runner import budgetless
+
+    once = [m for m in methods if budgetless(m)]   # full, and kivi/minference: a budget changes nothing
+    assert {"full", "kivi", "minference"} <= set(once)
+    assert len(cfg.cells()) == 7 * 4 * (len(once) + 4 * (len(methods) - len(once)))
     narrow = resolve_plan(ap.parse_args(["bench", "run", "--suite", "standard", "--tasks", "niah", "--lengths",
                                          "4096", "--methods", "full,snapkv", "--budgets", "0.05"]))
     assert (narrow["tasks"], narrow["lengths"], narrow["methods"], narrow["budgets"], narrow["samples"]) == \

@@ -93,7 +93,9 @@ def method_options(method: str, method_kwargs: dict[str, dict] | None = None) ->
 
 def budgetless(method: str) -> bool:
     """Whether a grid method runs once per prompt set, at no budget: ``full`` (``kvpress:full``) and
-    methods that keep every token (``kivi`` alone: a codec, ``needs_budget`` False in every stage)."""
+    methods whose every stage keeps every token, so a budget would change nothing: codecs (``kivi``
+    alone) and attention-only stages (``minference``). ``duo`` needs no budget but uses one when
+    given, so it runs at every budget."""
     if method == FULL or method.endswith(":" + FULL):
         return True
     from kvsift.errors import UnknownMethodError
@@ -101,7 +103,7 @@ def budgetless(method: str) -> bool:
 
     spec = split_label(method)[0]
     try:
-        return not any(c.needs_budget for c in spec_classes(spec))
+        return all(c.name == FULL or c.codec or c.attention_only for c in spec_classes(spec))
     except UnknownMethodError:  # another backend's name (kvpress:snapkv)
         return False
 
