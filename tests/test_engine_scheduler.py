@@ -11,7 +11,7 @@ from kvsift import SamplingParams
 from kvsift.budget import kv_bytes_per_token, request_kv_bytes
 from kvsift.cache import SiftCache
 from kvsift.engine.graphs import GraphCache, GraphEntry, batch_bucket, layout_token
-from kvsift.engine.scheduler import Request, Scheduler, SchedulerConfig, batch_key
+from kvsift.engine.scheduler import Request, Scheduler, SchedulerConfig, batch_key, join_key
 from kvsift.errors import InputError, KVMemoryError
 from kvsift.methods import build_method
 from tests.conftest import random_prompt
@@ -328,7 +328,9 @@ def test_no_join_where_it_would_not_be_exact(tiny_llm, default_tokenizer):
 
     ids = [random_prompt(40, seed=94)]
     p = SamplingParams(max_tokens=4, ignore_eos=True)
-    assert not tiny_llm.joins_running(tiny_llm.request(ids, p, method="snapkv", budget=16))
+    for spec in ("tova", "h2o", "streaming", "quest", "sentencekv", "kivi", "snapkv+kivi", "decoding(snapkv)",
+                 "chunked(tova)"):   # they act while decoding, or store the KV in another form
+        assert not tiny_llm.joins_running(tiny_llm.request(ids, p, method=spec, budget=16)), spec
     ctx = tiny_llm.prefill_context(ids[0], method="sentencekv", budget=32)   # its KV lives in a host store
     assert not tiny_llm.joins_running(tiny_llm.request(ids, p, context=ctx, method="sentencekv", budget=32))
     static = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode="static")
@@ -337,6 +339,41 @@ def test_no_join_where_it_would_not_be_exact(tiny_llm, default_tokenizer):
     asked = []
     out = list(static.run_batch([r], join=lambda running, rows: asked.append(rows) or []))
     assert asked == [] and out[-1][1].output.token_ids == tiny_llm.generate(ids, p)[0].token_ids
+
+
+@pytest.mark.parametrize("spec", ["snapkv", "adakv", "duo", "kvzip", "expected_attention", "pyramidkv",
+                                  "chunked(snapkv)", "minference+snapkv"])
+def test_eviction_requests_of_any_length_and_budget_join_and_get_their_answers_alone(tiny_llm, spec):
+    """Prefill eviction methods keep nothing but their kept KV, so a request of another prompt length
+    and another budget joins a running batch of the same method: it is prefilled on its own (its
+    ratio resolved against its own prompt) and stacked with the running rows (dense or compact
+    per-head KV); every answer equals the request's alone, and rows that finish leave."""
+    p_a, p_b, p_c = random_prompt(60, seed=71), random_prompt(90, seed=72), random_prompt(45, seed=73)
+    pa, pb, pc = (SamplingParams(max_tokens=n, ignore_eos=True) for n in (6, 9, 7))
+    budgets = (0.5, 24, 0.25)
+    want = [tiny_llm.generate(p, q, method=spec, budget=bud)[0].token_ids
+            for p, q, bud in ((p_a, pa, budgets[0]), (p_b, pb, budgets[1]), (p_c, pc, budgets[2]))]
+    a, b, c = (tiny_llm.request([p], q, method=spec, budget=bud)
+               for p, q, bud in ((p_a, pa, budgets[0]), (p_b, pb, budgets[1]), (p_c, pc, budgets[2])))
+    assert tiny_llm.joins_running(a) and join_key(a) == join_key(b) == join_key(c) and batch_key(a) != batch_key(b)
+    sched = Scheduler(SchedulerConfig(max_batch=4))
+    for r in (a, b, c):
+        sched.add(r)
+    assert sched.schedule() == [a]     # different lengths: not one prefill batch...
+    assert sched.join([a], 1) == [b, c]  # ...but both may join it
+    calls = []
+
+    def join(running, rows):  # b joins at the third step boundary, c at the seventh, after a left
+        calls.append(rows)
+        return {3: [b], 7: [c]}.get(len(calls), [])
+
+    group, outs = [a], {}
+    for r, ev in tiny_llm.run_batch(group, join=join):
+        if ev.output is not None:
+            outs[r.id] = ev.output
+    assert group == [a, b, c] and calls[:3] == [1, 1, 1] and calls[6] == 1, calls
+    assert [outs[r.id].token_ids for r in (a, b, c)] == want
+    assert outs[b.id].stats.budget == 24 and outs[c.id].stats.budget == 0.25
 
 
 def test_scheduler_join_keeps_arrival_order_and_limits():

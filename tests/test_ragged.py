@@ -60,6 +60,46 @@ def test_build_keeps_each_heads_tokens_in_order_without_padding():
             torch.testing.assert_close(rep.keys[got], keys[b, h, idx[b, h][idx[b, h] >= 0]])
 
 
+def test_rows_of_a_running_store_stack_into_a_new_batch_with_dense_rows():
+    """Continuous batching's rebuild: ``RaggedKV.rows`` takes some rows of a running compact store
+    (their used slots, appended decode tokens included, no room), and ``set_rows`` stacks them with
+    a dense row prefilled apart into one compact store; every head keeps exactly its tokens."""
+    from kvsift.engine.llm import _row_kv
+
+    cache, layer = _layer(b=3, h=2, n=12)
+    keys, values, pos = layer.keys.clone(), layer.values.clone(), layer.positions.clone()
+    idx = torch.tensor([[[0, 3, 5, 7, 9, 11], [2, -1, -1, -1, -1, -1]],
+                        [[-1, 4, -1, 8, -1, -1], [1, 2, 3, -1, 10, 11]],
+                        [[0, 1, -1, -1, -1, -1], [5, -1, -1, -1, -1, -1]]])
+    r = RaggedKV.build(keys, values, pos, idx, room=2)
+    g = torch.Generator().manual_seed(3)
+    k_new, v_new = torch.randn(3, 2, 1, 8, generator=g), torch.randn(3, 2, 1, 8, generator=g)
+    r.append(k_new, v_new, torch.full((3, 1), 12, dtype=torch.int32))      # one decode step
+    sub = r.rows([2, 0])
+    assert sub.head_lengths().tolist() == [[3, 2], [7, 2]] and sub.room == 0 and sub.keys.shape[0] == 14
+    for j, b in enumerate((2, 0)):
+        for h in range(2):
+            want = idx[b, h][idx[b, h] >= 0]
+            got = sub.slots[j, h][sub.slots[j, h] >= 0].long()
+            torch.testing.assert_close(sub.keys[got], torch.cat([keys[b, h, want], k_new[b, h]]))
+            torch.testing.assert_close(sub.values[got], torch.cat([values[b, h, want], v_new[b, h]]))
+            assert sub.positions[got].tolist() == pos[b, h, want].tolist() + [12]
+    # a running compact layer's row next to a dense row (with left padding and a hole): one store
+    layer.ragged = r
+    layer.set_kv(layer.k_buf.new_zeros(3, 2, 0, 8), layer.v_buf.new_zeros(3, 2, 0, 8),
+                 layer.pos_buf.new_zeros(3, 2, 0), reserve=0)
+    _, dense = _layer(b=1, h=2, n=6, seed=5)
+    dense.pos_buf[0, :, 0] = -1            # left padding: no head uses slot 0
+    dense.pos_buf[0, 1, 3] = -1            # head 1 evicted slot 3
+    rows = [_row_kv(layer, 1), _row_kv(dense, 0)]
+    assert rows[1][2].shape[-1] == 5       # the padding slot dropped, the one head's hole kept
+    out = SiftCache(1, reserve=4).layers[0]
+    assert out.set_rows(rows) and out.ragged is not None
+    assert out.ragged.head_lengths().tolist() == [[3, 6], [5, 4]]
+    got = out.ragged.slots[1, 1][out.ragged.slots[1, 1] >= 0].long()
+    assert out.ragged.positions[got].tolist() == [1, 2, 4, 5]
+
+
 def _naive(q, keys, values, pos, lens_idx, scale):
     """Per (batch, kv head): softmax over exactly the kept tokens; q (b, hq, d)."""
     b, hq, d = q.shape

@@ -134,7 +134,9 @@ def test_concurrent_requests_share_one_batch_and_get_their_answers_alone(make_cl
 @pytest.mark.parametrize("max_batch,kind,groups", [
     (1, "full", [1, 1, 1, 1, 1]),            # the old behaviour: one request at a time
     (2, "full", [1, 2, 2]),                   # at most 2 sequences per batch
-    (8, "snapkv", [1, 2, 1, 1]),              # compressing: same prompt length only (40, 40 | 41 | seeded)
+    # compressing: one prefill batch holds one prompt length (40, 40); the 41-token request joins that
+    # batch at a decode step (prefilled on its own); the seeded sample runs alone
+    (8, "snapkv", [1, 2, 1]),
 ])
 def test_grouping_rules_in_the_server(make_client, tiny_llm, batches, max_batch, kind, groups):
     c = make_client(max_batch=max_batch)

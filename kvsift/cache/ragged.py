@@ -96,6 +96,23 @@ class RaggedKV:
                                torch.cat([r.positions for r in rows]), torch.cat(starts), cap,
                                torch.cat([r.counts for r in rows]), room)
 
+    def rows(self, idx: list[int]) -> "RaggedKV":
+        """A new store of rows ``idx`` only, in that order: each head's used slots, no room (e.g. one
+        running sequence, to stack it with others into a new batch)."""
+        sel = torch.as_tensor(idx, dtype=torch.long, device=self.start.device)
+        start, counts = self.start[sel], self.counts[sel]
+        b, h = counts.shape
+        cap = counts.long()
+        new_start = (cap.flatten().cumsum(0) - cap.flatten()).view(b, h)
+        ar = torch.arange(int(cap.max()) if cap.numel() else 0, device=start.device)
+        ok = ar < cap[..., None]
+        src, dst = (start[..., None] + ar)[ok], (new_start[..., None] + ar)[ok]
+        total, d = int(cap.sum()), self.keys.shape[1]
+        k, v = self.keys.new_empty(total, d), self.values.new_empty(total, d)
+        p = torch.full((total,), -1, dtype=torch.int32, device=self.keys.device)
+        k[dst], v[dst], p[dst] = self.keys[src], self.values[src], self.positions[src]
+        return RaggedKV._with_table(k, v, p, new_start, cap, counts.clone(), 0)
+
     # ---- appends ------------------------------------------------------------------------------
     def capacity(self) -> torch.Tensor:
         """``(batch, kv_heads)`` int64 slots of each region (used and free)."""

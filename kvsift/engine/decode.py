@@ -16,7 +16,9 @@
   generation; graphs keyed by bucket, kind and the cache they run over).
 
 ``LLM(decode_mode=...)`` picks: ``auto`` is ``graph`` on CUDA with Triton when the method says
-``static_ok()`` (otherwise ``eager``); ``KVSIFT_DECODE=eager|static|graph`` overrides ``auto``.
+``static_ok()`` and ``graph_ok()``, ``static`` when only ``static_ok()`` (a step with a host round
+trip, e.g. ``sentencekv+kivi``'s quantized host fetch), otherwise ``eager``; a ``graph`` request
+gets ``static`` or ``eager`` the same way; ``KVSIFT_DECODE=eager|static|graph`` overrides ``auto``.
 """
 
 from __future__ import annotations
@@ -58,12 +60,30 @@ def pick_decode_mode(requested: str, method: "KVMethod", device: torch.device) -
             mode = env
     if mode == "auto":
         cuda_ok = device.type == "cuda" and HAS_TRITON and not triton_disabled()
-        return "graph" if cuda_ok and method.static_ok() else "eager"
+        if not (cuda_ok and method.static_ok()):
+            return "eager"
+        return "graph" if method.graph_ok() else "static"
     if mode in ("static", "graph") and not method.static_ok():
         return "eager"  # e.g. streaming's rolling window: its decode step reshapes the cache
     if mode == "graph" and device.type != "cuda":
         raise ValueError("decode_mode='graph' needs a CUDA device (use 'static' or 'eager')")
+    if mode == "graph" and not method.graph_ok():
+        return "static"  # e.g. sentencekv+kivi: quantized host chunks are fetched through the CPU
     return mode
+
+
+def _reset_cuda_rng(device: torch.device) -> None:
+    """After a failed graph capture: the CUDA generator was registered with the capture, which never
+    ended, so it still believes one is under way, and every later random op on the device raises
+    ("Offset increment outside graph capture"). Give it a fresh state with the same seed and
+    offset (``graphsafe_set_state``, torch >= 2.4)."""
+    if device.type != "cuda":
+        return
+    try:
+        gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+        gen.graphsafe_set_state(gen.clone_state())
+    except (AttributeError, RuntimeError, IndexError):  # older torch: nothing to reset
+        pass
 
 
 class DecodeRunner:
@@ -163,6 +183,7 @@ class DecodeRunner:
             self.runner.graphs.put(self._key(kind), self.runner.capture(self.ctx, self._tok, self._pos))
         except Exception as e:  # noqa: BLE001 - any capture failure: keep decoding without the graph
             self.mode = "static"
+            _reset_cuda_rng(tok.device)
             warnings.warn(f"kvsift: CUDA graph capture failed, decoding without it ({type(e).__name__}: {e})",
                           RuntimeWarning, stacklevel=3)
 

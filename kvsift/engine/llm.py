@@ -341,8 +341,9 @@ class LLM:
         ``requests``, prefilled on their own, then their KV is stacked with the running rows (left
         padding by position) and they decode with the others from the next step; rows whose
         sequence is done leave the batch the same way. Only where that is exact and keeps shapes
-        free: ``full`` over no reused context, eager decode (:meth:`joins_running`); elsewhere the
-        batch keeps its rows to the end (done rows computed and ignored)."""
+        free: a method whose state is only its kept KV (``full``, the prefill eviction methods), no
+        reused context but one read by reference, eager decode (:meth:`joins_running`); elsewhere
+        the batch keeps its rows to the end (done rows computed and ignored)."""
         if not requests:
             return
         head = requests[0]
@@ -383,6 +384,7 @@ class LLM:
             left = {r: r.rows for r in requests}   # sequences of each request still running
             # each request's prefill stats, the rows of that prefill, when its decode started
             base_stats = {r: (stats, len(ids), 0.0) for r in requests}
+            own_runs = {}   # a request that joined: the method and run of its own prefill (its stats)
             eos = torch.tensor(self.eos_ids, device=self.device) if self.eos_ids else None
             # on CUDA the host reads step t's tokens while step t+1 already runs (no stall per step)
             lag = self.device.type == "cuda"
@@ -401,7 +403,8 @@ class LLM:
                     st, rows_st, t_r = base_stats[r]
                     st.decode_mode, st.decode_setup_s = decoder.mode, decoder.setup_s
                     st.decode_setup_steps = decoder.setup_steps
-                    stats_i = _copy_stats(st, ctx.cache, method, run, len(s.ids), s.steps - 1,
+                    method_r, run_r = own_runs.get(r, (method, run))
+                    stats_i = _copy_stats(st, ctx.cache, method_r, run_r, len(s.ids), s.steps - 1,
                                           time.perf_counter() - t0 - t_r, share=(r.rows, rows_st),
                                           end_share=(r.rows, len(seqs)))
                     ev.output = RequestOutput(s.text, s.ids, r.prompts[j], s.reason, stats_i)
@@ -441,13 +444,15 @@ class LLM:
                         # continuous batching: done rows leave, new requests join, before the next step
                         keep = [i for i, d in enumerate(done) if not d]
                         decoder.close()
-                        ctx, t_new, first = self._rebuild(ctx, next_pos, keep, new, run, progress)
+                        ctx, t_new, firsts = self._rebuild(ctx, next_pos, keep, new, run, progress)
                         seqs, owners = [seqs[i] for i in keep], [owners[i] for i in keep]
                         tok, next_pos = tok[keep], next_pos[keep]
                         for r in new:
                             requests.append(r)
                             left[r] = r.rows
-                            base_stats[r] = (first, sum(q.rows for q in new), time.perf_counter() - t0)
+                            st_r, rows_r, method_r, run_r = firsts[r]
+                            base_stats[r] = (st_r, rows_r, time.perf_counter() - t0)
+                            own_runs[r] = (method_r, run_r)
                             for j in range(r.rows):
                                 owners.append((r, j))
                                 seqs.append(_Seq(j, self, r.params, r.room(len(r.prompts[j]), self.info.max_positions)))
@@ -479,53 +484,83 @@ class LLM:
 
     def joins_running(self, req: Request, mode: str | None = None) -> bool:
         """Whether a running batch of ``req``'s kind may change its rows at decode-step boundaries
-        (requests join, finished rows leave): ``full`` (left padding is exact), no reused context or
-        one read by reference (``ModelRunner.shares_context``: the rows' own tokens are stacked, the
-        context stays one shared copy), eager decode (static and graph decoding fix the batch's
-        shapes for the whole generation)."""
+        (requests join, finished rows leave): a method whose state after the prefill is only its kept
+        KV (:meth:`KVMethod.joins_rows <kvsift.methods.base.KVMethod.joins_rows>`: ``full``, the
+        prefill eviction methods; each joining request is prefilled on its own, so it gets exactly
+        what it gets alone), no reused context or one read by reference
+        (``ModelRunner.shares_context``: the rows' own tokens are stacked, the context stays one
+        shared copy), eager decode (static and graph decoding fix the batch's shapes for the whole
+        generation)."""
         mode = mode or self.runner.decode_mode_for(req.method)
         return (req.kind == "generate" and (req.context is None or self.runner.shares_context(req.method, req.context))
-                and pads_exactly(req.method) and mode == "eager")
+                and req.method.joins_rows() and mode == "eager")
 
     def _rebuild(self, ctx: ForwardContext, next_pos: torch.Tensor, keep: list[int], new: list[Request], run: Run,
                  progress: bool | None):
         """The running batch with only its rows ``keep`` plus the requests ``new`` (prefilled here,
-        on their own): every row's used slots (its own positions; holes dropped) are stacked into a
-        new cache, shorter rows padded with position -1. Returns the new batch's context, the new
-        rows' first logits and next positions (None without ``new``) and their prefill stats. Over a
-        context read by reference (one batch's requests share it) only the rows' own tokens are
-        stacked; every row of the new batch reads the context's one copy."""
+        on their own): every row's used slots (its own positions; slots no head uses dropped) are
+        stacked into a new cache, shorter rows padded with position -1, compact per-head rows
+        (``layer.ragged``) into one compact store. ``full``'s new requests are prefilled as one
+        batch (left padding is exact for it); a compressing method's one request at a time, each
+        with its own run (its budget resolved against its own prompt), as it would run alone.
+        Returns the new batch's context, the new rows' first logits and next positions (None
+        without ``new``) and each new request's ``(stats, rows of its prefill, method, run)``.
+        Over a context read by reference (one batch's requests share it) only the rows' own tokens
+        are stacked; every row of the new batch reads the context's one copy."""
         method, runner = ctx.method, self.runner
-        ids = [p for r in new for p in r.prompts]
-        context = new[0].context if new else None
         old = ctx.cache
-        cache_n = ctx_n = logits_n = stats_n = None
+        context = new[0].context if new else None
         room = old.reserve
-        if ids:
-            room = max(room, max(r.room(len(p), self.info.max_positions) for r in new for p in r.prompts))
-            cache_n, stats_n, (ctx_n, logits_n) = runner.prefill(ids, method, run, context, progress,
+        for r in new:
+            room = max(room, max(r.room(len(p), self.info.max_positions) for p in r.prompts))
+        if new and pads_exactly(method):
+            parts = [(new, run, method)]
+        else:
+            parts = [([r], r.run if r.run is not None else r.method.start(r.base + r.longest, self.info.num_layers),
+                      r.method) for r in new]
+        prefilled, per_req = [], {}
+        for reqs, run_p, method_p in parts:
+            ids_p = [p for r in reqs for p in r.prompts]
+            cache_p, stats_p, (ctx_p, logits_p) = runner.prefill(ids_p, method_p, run_p, context, progress,
                                                                  reserve=room + 1)
+            prefilled.append((cache_p, ctx_p, logits_p, len(ids_p)))
+            for r in reqs:
+                per_req[r] = (stats_p, len(ids_p), method_p, run_p)
         merged = SiftCache(self.info.num_layers, reserve=room + 1)
-        sources = [(old, i) for i in keep] + [(cache_n, i) for i in range(len(ids))]
+        sources = [(old, i) for i in keep] + [(c, i) for c, _, _, n in prefilled for i in range(n)]
         with torch.inference_mode():
             for li, lm in enumerate(merged.layers):
-                rows = []
-                for cache, i in sources:
-                    ly = cache.layers[li]
-                    real = ly.positions[i, 0] >= 0  # full: every KV head holds the same positions
-                    rows.append((ly.keys[i:i + 1, :, real], ly.values[i:i + 1, :, real],
-                                 ly.positions[i:i + 1, :, real], None))
-                lm.set_rows(rows)
-                shared = old.layers[li].prefix or (cache_n.layers[li].prefix if cache_n is not None else None)
+                lm.set_rows([_row_kv(cache.layers[li], i) for cache, i in sources])
+                shared = old.layers[li].prefix or next(
+                    (c.layers[li].prefix for c, _, _, _ in prefilled if c.layers[li].prefix is not None), None)
                 if shared is not None:  # the context, one copy for the new batch's rows
                     lm.prefix = tuple(shared_rows(t, len(sources)) for t in shared)
-        merged.seen = max(old.seen, cache_n.seen if cache_n is not None else 0)
-        pos = [next_pos[keep]] + ([ctx_n.next_pos] if ids else [])
+        merged.seen = max([old.seen] + [c.seen for c, _, _, _ in prefilled])
+        pos = [next_pos[keep]] + [c.next_pos for _, c, _, _ in prefilled]
+        ids = [p for r in new for p in r.prompts]
         prompts = [ctx.prompt_ids[i] for i in keep] + ids if ctx.prompt_ids is not None else None
         merged_ctx = ForwardContext(cache=merged, method=method, run=run, has_padding=True, prompt_ids=prompts,
                                     tokenizer=self.tokenizer, next_pos=torch.cat(pos), rope=runner.rope)
         merged_ctx.decoding, merged_ctx.step = True, ctx.step
-        return merged_ctx, (_Joined(logits_n, ctx_n.next_pos) if ids else None), stats_n
+        joined = None
+        if prefilled:
+            joined = _Joined(torch.cat([lg for _, _, lg, _ in prefilled]),
+                             torch.cat([c.next_pos for _, c, _, _ in prefilled]))
+        return merged_ctx, joined, per_req
+
+
+def _row_kv(layer, i: int) -> tuple:
+    """Row ``i`` of a running batch's ``layer`` as :meth:`SiftLayer.set_rows` stacks it: its dense
+    slots that some KV head uses (left padding and slots every head evicted dropped; a head's own
+    holes stay, masked by position -1), or its compact per-head store (``layer.ragged``)."""
+    if layer.ragged is not None:
+        if layer.length:
+            raise RuntimeError("a layer holds both compact per-head KV and buffered KV")
+        e = slice(0, 0)
+        return (layer.keys[i:i + 1, :, e], layer.values[i:i + 1, :, e], layer.positions[i:i + 1, :, e],
+                layer.ragged.rows([i]))
+    real = (layer.positions[i] >= 0).any(0)
+    return (layer.keys[i:i + 1, :, real], layer.values[i:i + 1, :, real], layer.positions[i:i + 1, :, real], None)
 
 
 def _as_batch(prompts) -> list:

@@ -28,8 +28,11 @@ sequences and within memory. Two requests batch when their results do not depend
 * nobody's token limit shrinks: with padding the batch's longest prompt bounds every row's room
   before ``max_positions``.
 
-``join(running, rows)`` lets waiting requests of the running group's key join it at a decode-step
-boundary (continuous batching), in arrival order up to the first that cannot.
+``join(running, rows)`` lets waiting requests join the running group at a decode-step boundary
+(continuous batching), in arrival order up to the first that cannot. Each joining request is
+prefilled on its own and stacked with the running rows, so for methods whose state after the
+prefill is only the kept KV (``full``, ``snapkv``, ``adakv``, ``duo``, ...) it may have any prompt
+length and any budget of the same method (:func:`join_key`).
 
 ``max_tokens``, stop strings and ``ignore_eos`` are per sequence. The offline API
 (:meth:`LLM.generate <kvsift.engine.llm.LLM.generate>`) and the server go through this class: the
@@ -42,7 +45,7 @@ import itertools
 import threading
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from kvsift.errors import KVMemoryError
@@ -132,17 +135,36 @@ def pads_exactly(method: "KVMethod") -> bool:
     return method.name == "full"
 
 
-def batch_key(req: Request) -> Hashable | None:
-    """What must be equal for two requests to share a batch (see the module), or None when ``req``
-    runs alone (a context prefill, a seeded sample, mixed prompt lengths with a compressing method)."""
+def _sampling_key(req: Request) -> tuple | None:
+    """Greedy, or unseeded sampling at one temperature and top-p; None for a seeded sample (it
+    reproduces only alone) or a request that is no generation."""
     if req.kind != "generate":
         return None
     p = req.params
     if p.temperature == 0:
-        sampling: tuple = ("greedy",)
-    elif p.seed is None:
-        sampling = ("sample", float(p.temperature), float(p.top_p))
-    else:
+        return ("greedy",)
+    if p.seed is None:
+        return ("sample", float(p.temperature), float(p.top_p))
+    return None
+
+
+def method_family(method: "KVMethod") -> Hashable:
+    """A method without its budget: its class and every other option (a composition's stages and a
+    wrapper's scorer likewise)."""
+    stages = getattr(method, "stages", None)
+    if stages:
+        return ("+",) + tuple(method_family(s) for s in stages)
+    inner = getattr(method, "inner", None)
+    opts = tuple((f.name, getattr(method, f.name)) for f in fields(method)
+                 if f.compare and f.name not in ("budget", "inner", "scorer", "stages"))
+    return (type(method), opts, None if inner is None else method_family(inner))
+
+
+def batch_key(req: Request) -> Hashable | None:
+    """What must be equal for two requests to share a batch (see the module), or None when ``req``
+    runs alone (a context prefill, a seeded sample, mixed prompt lengths with a compressing method)."""
+    sampling = _sampling_key(req)
+    if sampling is None:
         return None
     if pads_exactly(req.method):
         length = None
@@ -152,6 +174,21 @@ def batch_key(req: Request) -> Hashable | None:
             return None
         length = lengths.pop()
     return (req.method, id(req.context) if req.context is not None else None, sampling, length)
+
+
+def join_key(req: Request) -> Hashable | None:
+    """What must be equal for a waiting request to join a running batch at a decode-step boundary.
+    A request that joins is prefilled on its own (with its own run: a ratio budget resolves against
+    its own prompt), so where the method's state after the prefill is only its kept KV
+    (:meth:`KVMethod.joins_rows <kvsift.methods.base.KVMethod.joins_rows>`: full, snapkv, adakv,
+    duo, kvzip, ...) neither its prompt length nor its budget matters: the method family
+    (:func:`method_family`), the reused context and the sampling do. Other methods: :func:`batch_key`."""
+    sampling = _sampling_key(req)
+    if sampling is None:
+        return None
+    if not req.method.joins_rows():
+        return batch_key(req)
+    return ("join", method_family(req.method), id(req.context) if req.context is not None else None, sampling)
 
 
 class Scheduler:
@@ -245,12 +282,12 @@ class Scheduler:
         first waiting request that cannot join (it runs next: no one overtakes it). They move to
         ``running``."""
         with self._lock:
-            key = batch_key(running[0]) if running else None
+            key = join_key(running[0]) if running else None
             if key is None or not self.waiting:
                 return []
             out = []
             for cand in self.waiting:
-                if (rows + cand.rows > self.config.max_batch or batch_key(cand) != key
+                if (rows + cand.rows > self.config.max_batch or join_key(cand) != key
                         or not self._fits(cand.kv_bytes, cand.host_bytes)):
                     break
                 out.append(cand)

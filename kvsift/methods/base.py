@@ -300,6 +300,16 @@ class KVMethod:
         memory admission counts it)."""
         return False
 
+    def joins_rows(self) -> bool:
+        """True when a sequence's whole state after its prefill is its kept KV slots (the layers'
+        keys, values and positions, dense or compact per head) and decoding does no method work:
+        then sequences prefilled apart, each with its own run (budget resolved against its own
+        prompt), may be stacked into one running batch and decode there exactly as alone
+        (continuous batching, :meth:`LLM.joins_running <kvsift.engine.llm.LLM.joins_running>`).
+        False for methods that evict, select or summarise at decode, offload or quantize.
+        Default: False."""
+        return False
+
     def reads_context_in_place(self) -> bool:
         """True when a generation over a reusable context may read the context's KV by reference
         (``SiftCache.share``: every row attends to it, nothing copied) instead of a copy per row: the
@@ -323,6 +333,11 @@ class KVMethod:
         engine may run it with fixed buffers and replay it from a CUDA graph. Methods whose decode
         hooks evict or reshape (e.g. a rolling window) say False."""
         return True
+
+    def graph_ok(self) -> bool:
+        """True when a static decode step also makes no host round trip (no sync, no copy through
+        pageable memory), so the engine may record it in a CUDA graph. Default: ``static_ok()``."""
+        return self.static_ok()
 
     def quantized_ok(self) -> bool:
         """True when a storage codec (kivi) may follow this method in a composition: at decode it
@@ -367,6 +382,9 @@ class EvictionMethod(KVMethod):
 
     def row_prefill_ok(self) -> bool:
         return True  # keeps the top slots per row, no layer state
+
+    def joins_rows(self) -> bool:
+        return True  # evicts at prefill only (methods that also evict while decoding say False)
 
     def observe(self, run: Run, layer: "SiftLayer", query: torch.Tensor, module, ctx: "ForwardContext") -> None:
         """After each prefill chunk or reread pass attended (``ctx.rereading`` tells which)."""
@@ -737,6 +755,13 @@ class Compose(KVMethod):
     def static_ok(self) -> bool:
         return all(s.static_ok() for s in self.stages)
 
+    def graph_ok(self) -> bool:
+        # a codec quantizing an offloading stage's host store (sentencekv+kivi): its misses are
+        # dequantized from host rows gathered through the CPU (the UVA copy kernel moves
+        # full-precision rows only), a host round trip a CUDA graph cannot hold
+        host_codec = any(s.offloads_to_host() for s in self.stages) and any(s.codec for s in self.stages)
+        return all(s.graph_ok() for s in self.stages) and not host_codec
+
     def quantized_ok(self) -> bool:
         return all(s.quantized_ok() for s in self.stages)
 
@@ -757,6 +782,9 @@ class Compose(KVMethod):
             if not s.attention_only:
                 return s.prefill_hold(r)
         return None
+
+    def joins_rows(self) -> bool:
+        return all(s.joins_rows() or s.attention_only for s in self.stages)
 
     def row_prefill_ok(self) -> bool:
         # rows save memory when a stage shrinks the KV at prefill end; decode-only stages keep no

@@ -69,6 +69,9 @@ class ChunkedPrefill(ScorerWrapper):
     def row_prefill_ok(self) -> bool:
         return self.inner.row_prefill_ok()
 
+    def joins_rows(self) -> bool:
+        return self.inner.joins_rows()  # its own work ends with the prefill; the scorer's may not (tova)
+
     def _hold(self, run, layer_idx: int) -> int:
         return max(1, math.ceil(self.hold * self.layer_budget(run, layer_idx)))
 

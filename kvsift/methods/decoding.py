@@ -78,6 +78,9 @@ class DecodingCompress(ScorerWrapper):
         if self.prefill:
             super().prefill_end(run, layer, query, module, ctx)
 
+    def joins_rows(self) -> bool:
+        return False  # re-applies its scorer while decoding
+
     def after_attend(self, run, layer, query, module, ctx) -> None:
         if not ctx.decoding:
             return super().after_attend(run, layer, query, module, ctx)

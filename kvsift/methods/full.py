@@ -20,3 +20,6 @@ class Full(KVMethod):
 
     def reads_context_in_place(self) -> bool:
         return True  # attends to every slot as it is: a reused context is read by reference
+
+    def joins_rows(self) -> bool:
+        return True  # attends to every slot: rows prefilled apart stack exactly (left padding)

@@ -203,6 +203,9 @@ class H2O(EvictionMethod):
         dst.acc[i, :, :n] = st.acc[0, :, :n]
         dst.n = max(dst.n, n)
 
+    def joins_rows(self) -> bool:
+        return False  # accumulates attention and evicts while decoding
+
     def after_attend(self, run, layer, query, module, ctx):
         super().after_attend(run, layer, query, module, ctx)  # prefill: observe, and compress at the end
         if not (ctx.decoding and self.decode_evict):

@@ -295,6 +295,9 @@ class MInference(KVMethod):
         # no state; a batch prefilled row by row has no padded chunk, and only unpadded chunks go sparse
         return True
 
+    def joins_rows(self) -> bool:
+        return True  # only the prefill's attention changes; every token is kept and decoded densely
+
     def prefill_attention(self, run, layer, query, keys, values, scale, module, ctx):
         if run.prompt_len < self.min_len or ctx.rereading:
             run.dense += 1

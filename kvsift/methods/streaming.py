@@ -37,6 +37,9 @@ class StreamingLLM(EvictionMethod):
     def static_ok(self) -> bool:
         return False  # the rolling window moves slots per step (host-side length)
 
+    def joins_rows(self) -> bool:
+        return False  # the rolling window evicts at every decode step
+
     def after_attend(self, run, layer, query, module, ctx):
         super().after_attend(run, layer, query, module, ctx)  # prefill end: keep sinks + window
         if ctx.decoding and layer.length > run.tokens:  # decode: O(1) slot reuse, no buffer copy

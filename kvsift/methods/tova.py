@@ -66,6 +66,9 @@ class TOVA(EvictionMethod):
         return last_query_attention(query, keys, positions, positions[:, 0, -1:], module_scale(module, keys),
                                     getattr(module, "sliding_window", None), self.per_head)
 
+    def joins_rows(self) -> bool:
+        return False  # evicts one token per decode step
+
     def after_attend(self, run, layer, query, module, ctx):
         super().after_attend(run, layer, query, module, ctx)  # prefill end: keep the top tokens
         if ctx.decoding and self.decode_evict and layer.length > self.layer_budget(run, layer.layer_idx):
