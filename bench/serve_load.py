@@ -1,15 +1,19 @@
 """Load test of batching across requests: N concurrent streaming clients with long prompts against a
 server this script starts on loopback (and stops), once per ``--max-batch`` value (default 1, the
-old one-request-at-a-time behaviour, and 8, with continuous batching unless
-``--no-continuous-batching``). Prints a table (throughput in generated tokens/s,
+old one-request-at-a-time behaviour, and 8, with continuous batching unless ``--continuous off``;
+``--continuous both`` runs each value > 1 without and with it). Prints a table (throughput in generated tokens/s,
 time to first token p50/p99, inter-token time p50/p99) and writes the numbers as JSON.
 
     python bench/serve_load.py                                  # tiny random model on CPU, 4 clients
     python bench/serve_load.py --clients 8 --prompt-tokens 2048 --max-tokens 64 --json out.json
     python bench/serve_load.py --model smollm2 --max-batch 1,4,16 --kv-method snapkv --kv-budget 256
+    python bench/serve_load.py --kv-method snapkv --kv-budget 256 --prompt-tokens 768,1024,1280,1536 \
+        --clients 12 --max-batch 1,8 --continuous both     # mixed lengths: joins against none, one run
 
-Prompts are random token ids of one length (so compressing methods batch too), ``ignore_eos`` and
-greedy, so every request generates exactly ``--max-tokens`` tokens. Each client sends its requests
+Prompts are random token ids of one length, or of several (``--prompt-tokens 768,1024``, cycled
+over the clients: a compressing method's requests then share one prefill batch only at equal
+lengths, and join a running batch at any length), ``ignore_eos`` and greedy, so every request
+generates exactly ``--max-tokens`` tokens. Each client sends its requests
 one after another; all clients start together.
 """
 
@@ -57,12 +61,14 @@ def one_request(url: str, body: dict, timeout: float) -> dict:
     return {"t0": t0, "times": times, "tokens": tokens, "end": time.perf_counter()}
 
 
-def run_phase(url: str, clients: int, per_client: int, prompt_tokens: int, max_tokens: int, extra: dict,
+def run_phase(url: str, clients: int, per_client: int, prompt_tokens: list[int], max_tokens: int, extra: dict,
               timeout: float, seed: int) -> dict:
+    """Client ``i`` sends prompts of ``prompt_tokens[i % len(prompt_tokens)]`` tokens."""
     rng = random.Random(seed)
-    bodies = [[{"prompt": [rng.randrange(100, 30000) for _ in range(prompt_tokens)], "max_tokens": max_tokens,
-                "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
-                **extra} for _ in range(per_client)] for _ in range(clients)]
+    bodies = [[{"prompt": [rng.randrange(100, 30000) for _ in range(prompt_tokens[i % len(prompt_tokens)])],
+                "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}, **extra} for _ in range(per_client)]
+              for i in range(clients)]
     results: list[dict] = []
     lock = threading.Lock()
     start = threading.Barrier(clients)
@@ -123,13 +129,16 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch", default="1,8", help="comma-separated --max-batch values to compare")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
-    ap.add_argument("--prompt-tokens", type=int, default=1024)
+    ap.add_argument("--prompt-tokens", default="1024",
+                    help="prompt length, or a comma list of lengths cycled over the clients (512,1024,1536)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--kv-method", default=None)
     ap.add_argument("--kv-budget", default=None)
     ap.add_argument("--chunk-size", type=int, default=None)
-    ap.add_argument("--no-continuous-batching", action="store_true",
-                    help="pass it to the server: requests do not join a running batch")
+    ap.add_argument("--continuous", choices=("on", "off", "both"), default="on",
+                    help="continuous batching (requests join a running batch) for --max-batch > 1; both: each "
+                         "such value twice, without and with it, in one run")
+    ap.add_argument("--no-continuous-batching", action="store_true", help="same as --continuous off")
     ap.add_argument("--threads", type=int, default=None,
                     help="the server's CPU threads (OMP_NUM_THREADS; on a shared machine 1 avoids threads waiting "
                          "for a busy core: 2 threads measured 4-60x slower steps there)")
@@ -139,10 +148,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         values = [int(v) for v in args.max_batch.split(",")]
+        lengths = [int(v) for v in str(args.prompt_tokens).split(",")]
     except ValueError:
-        ap.error("--max-batch must be comma-separated integers")
+        ap.error("--max-batch and --prompt-tokens must be comma-separated integers")
     if not values or any(v < 1 for v in values) or not 1 <= args.clients <= 256 or args.requests < 1 \
-            or args.prompt_tokens < 1 or args.max_tokens < 1:
+            or not lengths or min(lengths) < 1 or args.max_tokens < 1:
         ap.error("--max-batch values, --clients (<= 256), --requests, --prompt-tokens and --max-tokens must be >= 1")
     env = {"PYTHONPATH": str(REPO)}
     if args.threads is not None:
@@ -161,29 +171,31 @@ def main(argv=None) -> int:
     try:
         model = args.model or str(tiny_model_dir(Path(tmp.name) / "tiny"))
         rows = []
-        for mb in values:
+        modes = {"on": [True], "off": [False], "both": [False, True]}[
+            "off" if args.no_continuous_batching else args.continuous]
+        for mb, cont in ((mb, c) for mb in values for c in (modes if mb > 1 else modes[:1])):
             cmd = ["--model", model, "--device", args.device, "--no-persist", "--max-batch", str(mb),
                    "--max-waiting", str(4 * args.clients), "--max-tokens-cap", str(args.max_tokens)]
             if args.chunk_size:
                 cmd += ["--chunk-size", str(args.chunk_size)]
-            if args.no_continuous_batching:
+            if not cont:
                 cmd.append("--no-continuous-batching")
             with ServerProcess(cmd, start_timeout=600, env=env) as srv:
                 one_request(srv.url, {"prompt": [5, 6, 7], "max_tokens": 2, "stream": True}, args.timeout)  # warm-up
                 before = batch_metric(srv.url)
-                res = run_phase(srv.url, args.clients, args.requests, args.prompt_tokens, args.max_tokens, extra,
+                res = run_phase(srv.url, args.clients, args.requests, lengths, args.max_tokens, extra,
                                 args.timeout, args.seed)
                 after = batch_metric(srv.url)
             n = after["batches"] - before["batches"]
             res["batches"] = n
             res["requests_per_batch"] = round((res["requests"] - len(res["errors"])) / n, 2) if n else None
-            rows.append({"max_batch": mb, **res})
+            rows.append({"max_batch": mb, "continuous": cont and mb > 1, **res})
     finally:
         tmp.cleanup()
 
-    head = ("max-batch", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "batches", "req/batch",
+    head = ("max-batch", "joins", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "batches", "req/batch",
             "errors")
-    table = [head] + [(str(r["max_batch"]), str(r["throughput_tok_s"]), str(r["ttft_p50_ms"]), str(r["ttft_p99_ms"]),
+    table = [head] + [(str(r["max_batch"]), "yes" if r["continuous"] else "no", str(r["throughput_tok_s"]), str(r["ttft_p50_ms"]), str(r["ttft_p99_ms"]),
                        str(r["itl_p50_ms"]), str(r["itl_p99_ms"]), str(r["batches"]), str(r["requests_per_batch"]),
                        str(len(r["errors"]))) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
@@ -193,10 +205,10 @@ def main(argv=None) -> int:
           + (f", {args.kv_method} {args.kv_budget}" if args.kv_method else ""))
     for row in table:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
-    report = {"clients": args.clients, "requests_per_client": args.requests, "prompt_tokens": args.prompt_tokens,
+    report = {"clients": args.clients, "requests_per_client": args.requests, "prompt_tokens": lengths,
               "max_tokens": args.max_tokens, "model": args.model or "tiny random (llama, 2 layers)",
               "kv_method": args.kv_method, "kv_budget": args.kv_budget, "threads": args.threads,
-              "continuous_batching": not args.no_continuous_batching, "results": rows}
+              "results": rows}
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=1))
     return 1 if any(r["errors"] for r in rows) else 0

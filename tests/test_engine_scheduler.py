@@ -376,6 +376,54 @@ def test_eviction_requests_of_any_length_and_budget_join_and_get_their_answers_a
     assert outs[b.id].stats.budget == 24 and outs[c.id].stats.budget == 0.25
 
 
+@pytest.mark.parametrize("spec,budget", [("full", None), ("snapkv", 0.25)])
+def test_a_joining_prompt_is_prefilled_between_the_running_decode_steps(tiny_llm, monkeypatch, spec, budget):
+    """A long prompt that joins a running batch is prefilled one chunk per decode step of the rows
+    already running (chunk_size 64: its 300 tokens take 5 chunks), so their tokens keep coming
+    while it prefills; it then decodes with them, and every answer is the one alone. A joining
+    request whose client leaves during its prefill ends there, cancelled, with no token, and the
+    running rows go on unchanged."""
+    p_a, p_b = random_prompt(40, seed=81), random_prompt(300, seed=82)
+    pa, pb = SamplingParams(max_tokens=16, ignore_eos=True), SamplingParams(max_tokens=5, ignore_eos=True)
+    want_a = tiny_llm.generate(p_a, pa, method=spec, budget=budget)[0].token_ids
+    want_b = tiny_llm.generate(p_b, pb, method=spec, budget=budget)[0].token_ids
+    calls = []
+    real = tiny_llm.runner.forward
+
+    def forward(ctx, ids, pos):
+        calls.append("d" if ids.shape[1] == 1 else "p")
+        return real(ctx, ids, pos)
+
+    monkeypatch.setattr(tiny_llm.runner, "forward", forward)
+    for leave in (False, True):
+        calls.clear()
+        chunks_done = {"n": 0}
+
+        def cancel_b():   # b's client leaves once 2 of its chunks ran (asked before each later chunk)
+            return leave and calls.count("p") >= 3     # a's own prefill is one chunk
+
+        a = tiny_llm.request([p_a], pa, method=spec, budget=budget)
+        b = tiny_llm.request([p_b], pb, method=spec, budget=budget, cancel=cancel_b)
+        steps = []
+        outs = {}
+        for r, ev in tiny_llm.run_batch([a], join=lambda running, rows: steps.append(rows) or
+                                        ([b] if len(steps) == 2 else [])):
+            if ev.output is not None:
+                outs[r.id] = ev.output
+        assert outs[a.id].token_ids == want_a
+        seq = "".join(calls)
+        assert seq.startswith("pd"), seq                 # a's prefill, its first decode step
+        if not leave:
+            assert outs[b.id].token_ids == want_b
+            # from the join on: b's 5 chunks, each followed by one decode step (a alone for the
+            # first 4, then a and b together)
+            assert seq[2:12] == "pdpdpdpdpd", seq
+        else:
+            assert outs[b.id].finish_reason == "cancelled" and outs[b.id].token_ids == []
+            assert seq.count("p") == 3 and b.finished, seq  # a's prefill + b's first 2 chunks
+            assert len(outs) == 2
+
+
 def test_scheduler_join_keeps_arrival_order_and_limits():
     s = Scheduler(SchedulerConfig(max_batch=4, kv_memory=100))
     run_ = req([[1]], kv=10)

@@ -369,12 +369,8 @@ class LLM:
                 cache, stats, (ctx, logits) = runner.prefill(ids, method, run, context, progress,
                                                              reserve=max_new + 1, cancel=gone)
             except PrefillCancelled:  # every sequence ends, cancelled, with no token
-                remaining = {r: r.rows for r in requests}
-                for r, j in owners:
-                    remaining[r] -= 1
-                    r.finished = remaining[r] == 0
-                    st = GenerationStats(method=method.spec, budget=method.budget, prompt_tokens=len(r.prompts[j]))
-                    yield r, StreamEvent(j, "", None, True, RequestOutput("", [], r.prompts[j], "cancelled", st))
+                for r in requests:
+                    yield from _cancelled_events(r)
                 return
             ctx.decoding = True
             next_pos = ctx.next_pos
@@ -385,6 +381,7 @@ class LLM:
             # each request's prefill stats, the rows of that prefill, when its decode started
             base_stats = {r: (stats, len(ids), 0.0) for r in requests}
             own_runs = {}   # a request that joined: the method and run of its own prefill (its stats)
+            pending = None  # joining requests and their prefill in flight, one chunk per decode step
             eos = torch.tensor(self.eos_ids, device=self.device) if self.eos_ids else None
             # on CUDA the host reads step t's tokens while step t+1 already runs (no stall per step)
             lag = self.device.type == "cuda"
@@ -419,10 +416,15 @@ class LLM:
                     last = all(s.done or s.steps == s.limit - 1 for s in seqs)
                     tok = self._sample(_hold_eos(logits, seqs, eos), params, gen)
                     is_eos = torch.isin(tok, eos) if eos is not None else torch.zeros_like(tok, dtype=torch.bool)
-                    new = join(requests, len(seqs)) if can_join and not last else []
+                    if pending is None and can_join and not last:
+                        joining = join(requests, len(seqs))
+                        if joining:  # their prompts are prefilled a chunk per decode step of the others
+                            room = max([ctx.cache.reserve] + [r.room(len(p), self.info.max_positions) + 1
+                                                              for r in joining for p in r.prompts])
+                            pending = (joining, self._prefill_joining(joining, method, run, room, progress))
                     # rows change before the next step (new ones, or rows done since the last step):
                     # nothing may be queued ahead of that
-                    synced = not lag or bool(new) or (compact and any(s.done for s in seqs))
+                    synced = not lag or pending is not None or (compact and any(s.done for s in seqs))
                     if not synced:
                         host.copy_(torch.stack((tok, is_eos.long())), non_blocking=True)
                         ready.record()
@@ -438,13 +440,30 @@ class LLM:
                         if not s.done:
                             yield from push(i, toks[i], bool(eos_l[i]), cancelled)
                     done = [s.done for s in seqs]
-                    if all(done) and not new:
+                    new, parts = [], []
+                    if pending is not None:
+                        # one chunk of the joining prompts before the next step (all that is left when
+                        # no running row needs a step): a long prompt never stalls the batch for more
+                        joining, steps = pending
+                        try:
+                            while True:
+                                next(steps)
+                                if not all(done):
+                                    break
+                        except StopIteration as fin:
+                            new, (parts, firsts) = joining, fin.value
+                            pending = None
+                        except PrefillCancelled:  # every joining request left during its prefill
+                            pending = None
+                            for r in joining:
+                                yield from _cancelled_events(r)
+                    if all(done) and not new and pending is None:
                         break
                     if synced and compact and (new or any(done)):
                         # continuous batching: done rows leave, new requests join, before the next step
                         keep = [i for i, d in enumerate(done) if not d]
                         decoder.close()
-                        ctx, t_new, firsts = self._rebuild(ctx, next_pos, keep, new, run, progress)
+                        ctx, t_new = self._rebuild(ctx, next_pos, keep, new, parts, run)
                         seqs, owners = [seqs[i] for i in keep], [owners[i] for i in keep]
                         tok, next_pos = tok[keep], next_pos[keep]
                         for r in new:
@@ -495,58 +514,68 @@ class LLM:
         return (req.kind == "generate" and (req.context is None or self.runner.shares_context(req.method, req.context))
                 and req.method.joins_rows() and mode == "eager")
 
-    def _rebuild(self, ctx: ForwardContext, next_pos: torch.Tensor, keep: list[int], new: list[Request], run: Run,
-                 progress: bool | None):
-        """The running batch with only its rows ``keep`` plus the requests ``new`` (prefilled here,
-        on their own): every row's used slots (its own positions; slots no head uses dropped) are
-        stacked into a new cache, shorter rows padded with position -1, compact per-head rows
-        (``layer.ragged``) into one compact store. ``full``'s new requests are prefilled as one
-        batch (left padding is exact for it); a compressing method's one request at a time, each
-        with its own run (its budget resolved against its own prompt), as it would run alone.
-        Returns the new batch's context, the new rows' first logits and next positions (None
-        without ``new``) and each new request's ``(stats, rows of its prefill, method, run)``.
-        Over a context read by reference (one batch's requests share it) only the rows' own tokens
-        are stacked; every row of the new batch reads the context's one copy."""
-        method, runner = ctx.method, self.runner
-        old = ctx.cache
-        context = new[0].context if new else None
-        room = old.reserve
-        for r in new:
-            room = max(room, max(r.room(len(p), self.info.max_positions) for p in r.prompts))
-        if new and pads_exactly(method):
-            parts = [(new, run, method)]
+    def _prefill_joining(self, new: list[Request], method: KVMethod, run: Run, reserve: int,
+                         progress: bool | None):
+        """Prefill the requests ``new`` that join a running batch, as a generator that yields after
+        every prefill chunk (the caller decodes its running batch in between, so a long prompt
+        does not stall it). ``full``'s requests are prefilled as one batch (left padding is exact
+        for it); a compressing method's one request at a time, each with its own run (its budget
+        resolved against its own prompt), as it would run alone. Stops at a chunk boundary with
+        :class:`PrefillCancelled` once every one of them is cancelled. Returns ``(parts, per_req)``:
+        ``parts`` one ``(cache, ctx, logits, rows)`` per prefill, ``per_req[r] = (stats, rows of its
+        prefill, method, run)``."""
+        runner = self.runner
+        context = new[0].context
+        if pads_exactly(method):
+            groups = [(new, run, method)]
         else:
-            parts = [([r], r.run if r.run is not None else r.method.start(r.base + r.longest, self.info.num_layers),
-                      r.method) for r in new]
-        prefilled, per_req = [], {}
-        for reqs, run_p, method_p in parts:
+            groups = [([r], r.run if r.run is not None else r.method.start(r.base + r.longest, self.info.num_layers),
+                       r.method) for r in new]
+        gone = ((lambda: all(r.cancel() for r in new)) if all(r.cancel is not None for r in new) else None)
+        parts, per_req = [], {}
+        for reqs, run_p, method_p in groups:
             ids_p = [p for r in reqs for p in r.prompts]
-            cache_p, stats_p, (ctx_p, logits_p) = runner.prefill(ids_p, method_p, run_p, context, progress,
-                                                                 reserve=room + 1)
-            prefilled.append((cache_p, ctx_p, logits_p, len(ids_p)))
+            cache_p, stats_p, (ctx_p, logits_p) = yield from runner.prefill_steps(
+                ids_p, method_p, run_p, context, progress, reserve=reserve, cancel=gone)
+            parts.append((cache_p, ctx_p, logits_p, len(ids_p)))
             for r in reqs:
                 per_req[r] = (stats_p, len(ids_p), method_p, run_p)
-        merged = SiftCache(self.info.num_layers, reserve=room + 1)
-        sources = [(old, i) for i in keep] + [(c, i) for c, _, _, n in prefilled for i in range(n)]
+            if len(parts) < len(groups):
+                yield
+        return parts, per_req
+
+    def _rebuild(self, ctx: ForwardContext, next_pos: torch.Tensor, keep: list[int], new: list[Request],
+                 parts: list, run: Run):
+        """The running batch with only its rows ``keep`` plus the rows of ``new`` (prefilled by
+        :meth:`_prefill_joining` into ``parts``): every row's used slots (its own positions; slots
+        no head uses dropped) are stacked into a new cache, shorter rows padded with position -1,
+        compact per-head rows (``layer.ragged``) into one compact store. Returns the new batch's
+        context and the new rows' first logits and next positions (None without ``new``). Over a
+        context read by reference (one batch's requests share it) only the rows' own tokens are
+        stacked; every row of the new batch reads the context's one copy."""
+        method, runner = ctx.method, self.runner
+        old = ctx.cache
+        room = max([old.reserve] + [c.reserve for c, _, _, _ in parts])
+        merged = SiftCache(self.info.num_layers, reserve=room)
+        sources = [(old, i) for i in keep] + [(c, i) for c, _, _, n in parts for i in range(n)]
         with torch.inference_mode():
             for li, lm in enumerate(merged.layers):
                 lm.set_rows([_row_kv(cache.layers[li], i) for cache, i in sources])
                 shared = old.layers[li].prefix or next(
-                    (c.layers[li].prefix for c, _, _, _ in prefilled if c.layers[li].prefix is not None), None)
+                    (c.layers[li].prefix for c, _, _, _ in parts if c.layers[li].prefix is not None), None)
                 if shared is not None:  # the context, one copy for the new batch's rows
                     lm.prefix = tuple(shared_rows(t, len(sources)) for t in shared)
-        merged.seen = max([old.seen] + [c.seen for c, _, _, _ in prefilled])
-        pos = [next_pos[keep]] + [c.next_pos for _, c, _, _ in prefilled]
+        merged.seen = max([old.seen] + [c.seen for c, _, _, _ in parts])
+        pos = [next_pos[keep]] + [c.next_pos for _, c, _, _ in parts]
         ids = [p for r in new for p in r.prompts]
         prompts = [ctx.prompt_ids[i] for i in keep] + ids if ctx.prompt_ids is not None else None
         merged_ctx = ForwardContext(cache=merged, method=method, run=run, has_padding=True, prompt_ids=prompts,
                                     tokenizer=self.tokenizer, next_pos=torch.cat(pos), rope=runner.rope)
         merged_ctx.decoding, merged_ctx.step = True, ctx.step
         joined = None
-        if prefilled:
-            joined = _Joined(torch.cat([lg for _, _, lg, _ in prefilled]),
-                             torch.cat([c.next_pos for _, c, _, _ in prefilled]))
-        return merged_ctx, joined, per_req
+        if parts:
+            joined = _Joined(torch.cat([lg for _, _, lg, _ in parts]), torch.cat([c.next_pos for _, c, _, _ in parts]))
+        return merged_ctx, joined
 
 
 def _row_kv(layer, i: int) -> tuple:
@@ -600,6 +629,15 @@ def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> to
         sp = sp.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, si, sp)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _cancelled_events(r: Request):
+    """The events of a request cancelled before its first token: each of its sequences ends,
+    ``"cancelled"``, with no token (the last one marks the request finished)."""
+    for j in range(r.rows):
+        r.finished = j == r.rows - 1
+        st = GenerationStats(method=r.method.spec, budget=r.method.budget, prompt_tokens=len(r.prompts[j]))
+        yield r, StreamEvent(j, "", None, True, RequestOutput("", [], r.prompts[j], "cancelled", st))
 
 
 @dataclass(slots=True)

@@ -196,10 +196,22 @@ class ModelRunner:
         """Prefill ``ids`` (a batch, or row by row where :meth:`rows_prefill` says so). ``cancel`` is
         asked before every chunk but the first: True stops the prefill there
         (:class:`PrefillCancelled`; nothing of it is kept). Returns ``(cache, stats, (ctx, logits))``."""
+        steps = self.prefill_steps(ids, method, run, context, progress, reserve, cancel)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def prefill_steps(self, ids: list[list[int]], method: KVMethod, run: Run, context: Context | None,
+                      progress: bool | None, reserve: int = 0, cancel: Callable[[], bool] | None = None):
+        """:meth:`prefill` as a generator that yields (None) after every prefill chunk, so a caller
+        can run other work between chunks (the engine decodes its running batch while a joining
+        request's prompt is prefilled); its return value is :meth:`prefill`'s."""
         # each fresh sequence's reread passes, asked once (methods may count them); none for a context
         passes = [method.reread_passes(run, x, self.tokenizer) for x in ids] if context is None else [[] for _ in ids]
         if self.rows_prefill(method, len(ids), context, rereads=any(passes)):
-            return self._prefill_rows(ids, method, run, progress, reserve, passes, cancel)
+            return (yield from self._prefill_rows(ids, method, run, progress, reserve, passes, cancel))
         b, L = len(ids), max(len(x) for x in ids)
         dev = self.device
         tokens = torch.full((b, L), self.pad_id, dtype=torch.long, device=dev)
@@ -233,6 +245,8 @@ class ModelRunner:
                 logits = self.forward(ctx, tokens[:, s:e], pos[:, s:e])
                 if bar is not None:
                     bar.update(1)
+                if e < L:
+                    yield
         finally:
             if bar is not None:
                 bar.close()
@@ -343,6 +357,8 @@ class ModelRunner:
                     lg = self.forward(ctx, tokens[:, s:e], pos[:, s:e])
                     if bar is not None:
                         bar.update(1)
+                    if e < len(row) or i + 1 < b:
+                        yield
                 self._finish_prefill(ctx, method, run, passes[i])
                 logits.append(lg)
                 parts.append([(ly.keys, ly.values, ly.positions, ly.ragged) if ly.k_buf is not None else None
