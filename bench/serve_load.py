@@ -139,6 +139,9 @@ def main(argv=None) -> int:
                     help="continuous batching (requests join a running batch) for --max-batch > 1; both: each "
                          "such value twice, without and with it, in one run")
     ap.add_argument("--no-continuous-batching", action="store_true", help="same as --continuous off")
+    ap.add_argument("--join-chunks", default="1",
+                    help="the server's --join-chunks, or a comma list run one after another with continuous "
+                         "batching (0,1: a joining prompt prefilled at once vs a chunk per decode step)")
     ap.add_argument("--threads", type=int, default=None,
                     help="the server's CPU threads (OMP_NUM_THREADS; on a shared machine 1 avoids threads waiting "
                          "for a busy core: 2 threads measured 4-60x slower steps there)")
@@ -149,8 +152,11 @@ def main(argv=None) -> int:
     try:
         values = [int(v) for v in args.max_batch.split(",")]
         lengths = [int(v) for v in str(args.prompt_tokens).split(",")]
+        joins = [int(v) for v in str(args.join_chunks).split(",")]
     except ValueError:
-        ap.error("--max-batch and --prompt-tokens must be comma-separated integers")
+        ap.error("--max-batch, --prompt-tokens and --join-chunks must be comma-separated integers")
+    if not joins or min(joins) < 0:
+        ap.error("--join-chunks values must be >= 0")
     if not values or any(v < 1 for v in values) or not 1 <= args.clients <= 256 or args.requests < 1 \
             or not lengths or min(lengths) < 1 or args.max_tokens < 1:
         ap.error("--max-batch values, --clients (<= 256), --requests, --prompt-tokens and --max-tokens must be >= 1")
@@ -173,9 +179,12 @@ def main(argv=None) -> int:
         rows = []
         modes = {"on": [True], "off": [False], "both": [False, True]}[
             "off" if args.no_continuous_batching else args.continuous]
-        for mb, cont in ((mb, c) for mb in values for c in (modes if mb > 1 else modes[:1])):
+        runs = [(mb, c, jc) for mb in values for c in (modes if mb > 1 else modes[:1])
+                for jc in (joins if c and mb > 1 else joins[:1])]
+        for mb, cont, jc in runs:
             cmd = ["--model", model, "--device", args.device, "--no-persist", "--max-batch", str(mb),
-                   "--max-waiting", str(4 * args.clients), "--max-tokens-cap", str(args.max_tokens)]
+                   "--max-waiting", str(4 * args.clients), "--max-tokens-cap", str(args.max_tokens),
+                   "--join-chunks", str(jc)]
             if args.chunk_size:
                 cmd += ["--chunk-size", str(args.chunk_size)]
             if not cont:
@@ -189,13 +198,16 @@ def main(argv=None) -> int:
             n = after["batches"] - before["batches"]
             res["batches"] = n
             res["requests_per_batch"] = round((res["requests"] - len(res["errors"])) / n, 2) if n else None
-            rows.append({"max_batch": mb, "continuous": cont and mb > 1, **res})
+            rows.append({"max_batch": mb, "continuous": cont and mb > 1, "join_chunks": jc if cont and mb > 1 else None,
+                         **res})
     finally:
         tmp.cleanup()
 
-    head = ("max-batch", "joins", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "batches", "req/batch",
+    head = ("max-batch", "joins", "join chunks", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "batches", "req/batch",
             "errors")
-    table = [head] + [(str(r["max_batch"]), "yes" if r["continuous"] else "no", str(r["throughput_tok_s"]), str(r["ttft_p50_ms"]), str(r["ttft_p99_ms"]),
+    table = [head] + [(str(r["max_batch"]), "yes" if r["continuous"] else "no",
+                       "-" if r["join_chunks"] is None else ("all" if r["join_chunks"] == 0 else str(r["join_chunks"])),
+                       str(r["throughput_tok_s"]), str(r["ttft_p50_ms"]), str(r["ttft_p99_ms"]),
                        str(r["itl_p50_ms"]), str(r["itl_p99_ms"]), str(r["batches"]), str(r["requests_per_batch"]),
                        str(len(r["errors"]))) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]

@@ -15,12 +15,15 @@ def test_serve_load_runs_and_reports(tmp_path, default_tokenizer, capsys):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "load.json"
-    rc = mod.main(["--clients", "3", "--requests", "1", "--prompt-tokens", "64", "--max-tokens", "4",
-                   "--max-batch", "1,4", "--chunk-size", "64", "--json", str(out)])
+    rc = mod.main(["--clients", "3", "--requests", "1", "--prompt-tokens", "64,48", "--max-tokens", "4",
+                   "--max-batch", "1,4", "--chunk-size", "64", "--continuous", "both", "--join-chunks", "0,1",
+                   "--json", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
     rows = report["results"]
-    assert [r["max_batch"] for r in rows] == [1, 4]
+    assert report["prompt_tokens"] == [64, 48]
+    assert [(r["max_batch"], r["continuous"], r["join_chunks"]) for r in rows] == [
+        (1, False, None), (4, False, None), (4, True, 0), (4, True, 1)]
     for r in rows:
         assert r["errors"] == [] and r["requests"] == 3 and r["tokens"] == 3 * 4
         assert r["throughput_tok_s"] > 0 and r["ttft_p50_ms"] is not None and r["itl_p99_ms"] is not None

@@ -422,6 +422,18 @@ def test_a_joining_prompt_is_prefilled_between_the_running_decode_steps(tiny_llm
             assert outs[b.id].finish_reason == "cancelled" and outs[b.id].token_ids == []
             assert seq.count("p") == 3 and b.finished, seq  # a's prefill + b's first 2 chunks
             assert len(outs) == 2
+    # join_chunks=2: two chunks per step; 0: the whole joining prefill at once (the running row waits)
+    for n, want_seq in ((2, "ppdppdpd"), (0, "pppppd")):
+        monkeypatch.setattr(tiny_llm, "join_chunks", n)
+        calls.clear()
+        a = tiny_llm.request([p_a], pa, method=spec, budget=budget)
+        b = tiny_llm.request([p_b], pb, method=spec, budget=budget)
+        steps = []
+        outs = {r.id: ev.output for r, ev in tiny_llm.run_batch(
+            [a], join=lambda running, rows: steps.append(rows) or ([b] if len(steps) == 2 else []))
+            if ev.output is not None}
+        assert [outs[a.id].token_ids, outs[b.id].token_ids] == [want_a, want_b]
+        assert "".join(calls)[2:2 + len(want_seq)] == want_seq, (n, "".join(calls))
 
 
 def test_scheduler_join_keeps_arrival_order_and_limits():

@@ -271,7 +271,20 @@ def test_values_only_chunk_store_fetches_the_values():
 
 
 # ---- options ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kw,param", [({"rank": 0}, "rank"), ({"chunk": 0}, "chunk"), ({"chunk": 1024}, "chunk"),
+def test_a_fractional_rank_is_a_share_of_the_key_width(tiny):
+    """``rank=0.25`` over 2 KV heads of 16 channels is rank 8: the same factorization, bytes and
+    logits as ``rank=8``; the paper's share (160 of 1,024) on the 0.5B's 128 channels is 20."""
+    assert build_method("shadowkv", 64, rank=0.15625).key_rank(2 * 64) == 20
+    assert build_method("shadowkv", 64, rank=0.001).key_rank(32) == 1 and build_method("shadowkv", 64).key_rank(32) == 32
+    ids = prompt(512, seed=1)
+    a, la = run(tiny, ids, "shadowkv", 96, rank=8, window=16, outliers=2)
+    b, lb = run(tiny, ids, "shadowkv", 96, rank=0.25, window=16, outliers=2)
+    assert torch.equal(la, lb) and a[0].token_ids == b[0].token_ids
+    assert a[0].stats.kv_device_bytes == b[0].stats.kv_device_bytes
+
+
+@pytest.mark.parametrize("kw,param", [({"rank": 0}, "rank"), ({"rank": 1.5}, "rank"), ({"rank": 0.0}, "rank"),
+                                      ({"chunk": 0}, "chunk"), ({"chunk": 1024}, "chunk"),
                                       ({"outliers": -1}, "outliers"), ({"window": "32"}, "window"),
                                       ({"sinks": 1.5}, "sinks"), ({"rank": True}, "rank")])
 def test_bad_options_are_clear_errors(kw, param):

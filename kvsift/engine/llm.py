@@ -59,6 +59,9 @@ class LLM:
     (transformers' ``tp_plan="auto"``; create the LLM inside ``with kvsift.tensor_parallel(N):``,
     see :mod:`kvsift.tp`): each rank's cache holds its own KV heads and methods select per head on
     each rank; every rank makes the same calls and gets the same tokens (sampled ones are rank 0's).
+    ``join_chunks``: prefill chunks of requests joining a running batch (continuous batching) run
+    between two of its decode steps (default 1: a running sequence waits at most one chunk per
+    token; 0: a joining prompt's whole prefill at once).
 
     ``runner`` (the model, its forward passes and CUDA graphs) and ``scheduler`` (this LLM's
     offline queue) are its two parts; ``model``, ``info``, ``device``, ``chunk_size`` and the modes
@@ -66,11 +69,13 @@ class LLM:
 
     def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
                  chunk_size: int | None = None, decode_mode: str = "auto", prefill_mode: str = "auto",
-                 kv_arena: bool = False, tensor_parallel: int = 1):
+                 kv_arena: bool = False, tensor_parallel: int = 1, join_chunks: int = 1):
         check_decode_mode(decode_mode)
         _check_prefill_mode(prefill_mode)
+        _check_join_chunks(join_chunks)
         mdl, tok, info = load_model(model, device, dtype, tensor_parallel=tensor_parallel)
         self._init(mdl, tok, info, chunk_size, decode_mode, prefill_mode, kv_arena)
+        self.join_chunks = join_chunks
 
     @classmethod
     def from_model(cls, model, tokenizer, name: str = "model", chunk_size: int | None = None,
@@ -95,6 +100,9 @@ class LLM:
         pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
         self.runner = ModelRunner(model, tokenizer, info, chunk_size, decode_mode, prefill_mode, pad_id, kv_arena)
         self.scheduler = Scheduler(self.scheduler_config())
+        # prefill chunks of requests joining a running batch run between two of its decode steps
+        # (0: a joining prompt's whole prefill at once): the bound on a running row's inter-token time
+        self.join_chunks = 1
         self.tp_size = info.tp_size  # tensor-parallel ranks (1: none); KV figures below are this rank's
         item = info.dtype.itemsize if hasattr(info.dtype, "itemsize") else 2
         self.kv_bytes_per_token = kv_bytes_per_token(info.num_layers, info.num_kv_heads, info.head_dim, item)
@@ -446,9 +454,11 @@ class LLM:
                         # no running row needs a step): a long prompt never stalls the batch for more
                         joining, steps = pending
                         try:
+                            n = 0
                             while True:
                                 next(steps)
-                                if not all(done):
+                                n += 1
+                                if not all(done) and self.join_chunks and n >= self.join_chunks:
                                     break
                         except StopIteration as fin:
                             new, (parts, firsts) = joining, fin.value
@@ -629,6 +639,12 @@ def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> to
         sp = sp.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, si, sp)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _check_join_chunks(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"join_chunks must be an int >= 0 (0: a joining prompt's whole prefill at once), got {n!r}")
+    return n
 
 
 def _cancelled_events(r: Request):

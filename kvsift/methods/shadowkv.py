@@ -157,9 +157,11 @@ class ShadowKV(KVMethod):
     budget : int | float
         Prompt tokens attended per layer and KV head at each decode step (sinks + window + outlier
         chunks + selected chunks).
-    rank : int
+    rank : int | float
         Rank of the keys' factorization per layer (over the KV heads of a token together; 160 in the
-        paper for 8 KV heads of 128). At ``kv_heads * head_dim`` or more it is exact.
+        paper for 8 KV heads of 128). At ``kv_heads * head_dim`` or more it is exact. A float in
+        (0, 1) is a fraction of that key width (``0.15625`` is the paper's 160 of 1,024 on any
+        model, e.g. rank 20 for 2 KV heads of 64).
     chunk : int
         Tokens per chunk (landmarks, outliers and selection are per chunk; 8 in the paper).
     outliers : int
@@ -171,7 +173,7 @@ class ShadowKV(KVMethod):
         First prompt tokens kept on the device.
     """
 
-    rank: int = 160
+    rank: int | float = 160
     chunk: int = 8
     outliers: int = 8
     window: int = 32
@@ -180,7 +182,14 @@ class ShadowKV(KVMethod):
 
     def __post_init__(self):
         super().__post_init__()
-        check_int_options(self, {"rank": 1, "chunk": 1, "outliers": 0, "window": 0, "sinks": 0}, "method 'shadowkv': ")
+        if isinstance(self.rank, float) and not isinstance(self.rank, bool):
+            if not 0 < self.rank < 1:
+                raise MethodOptionError(f"method 'shadowkv': rank must be an int >= 1 or a fraction of the key "
+                                        f"width in (0, 1), got {self.rank!r}", param="rank")
+            check_int_options(self, {"chunk": 1, "outliers": 0, "window": 0, "sinks": 0}, "method 'shadowkv': ")
+        else:
+            check_int_options(self, {"rank": 1, "chunk": 1, "outliers": 0, "window": 0, "sinks": 0},
+                              "method 'shadowkv': ")
         if self.chunk > 256:
             raise MethodOptionError(f"method 'shadowkv': chunk must be at most 256 tokens, got {self.chunk}",
                                     param="chunk")
@@ -189,6 +198,12 @@ class ShadowKV(KVMethod):
     def start(self, prompt_len: int, num_layers: int) -> ShadowKVRun:
         base = super().start(prompt_len, num_layers)
         return ShadowKVRun(base.tokens, prompt_len, num_layers)
+
+    def key_rank(self, width: int) -> int:
+        """The factorization's rank for keys of ``width`` channels per token (``kv_heads *
+        head_dim``): ``rank``, or ``rank * width`` (at least 1) for a fraction; at most ``width``."""
+        r = max(1, round(self.rank * width)) if isinstance(self.rank, float) else self.rank
+        return min(r, width)
 
     def sizes(self, tokens: int) -> tuple[int, int, int]:
         """``(sinks, window, outlier chunks)`` within a budget of ``tokens``: sinks first, then the
@@ -248,7 +263,7 @@ class ShadowKV(KVMethod):
             cos, sin = rope_at(ctx.rope, mpos[:, None].expand(b, hk, N), layer.layer_idx)
             pre = undo_rope(pre, cos, sin)
         pre = torch.where(valid[:, None, :, None], pre, 0)
-        fa, fb = low_rank(pre.permute(0, 2, 1, 3).reshape(b, N, hk * d), self.rank)
+        fa, fb = low_rank(pre.permute(0, 2, 1, 3).reshape(b, N, hk * d), self.key_rank(hk * d))
         r = fb.shape[1]
         fb = fb.view(b, r, hk, d).permute(0, 2, 1, 3)                         # (b, hk, r, d)
         # 2-3. outlier chunks: the lowest cosine similarity of a key to its chunk's mean key

@@ -47,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=None,
                    help="prefill chunk length in tokens (default 512; on CPU a fresh prompt's first chunk "
                         "takes up to 4096)")
+    p.add_argument("--join-chunks", type=int, default=1,
+                   help="prefill chunks of a request joining a running batch between two of its decode steps "
+                        "(default 1: a running stream waits at most one chunk per token; 0: the joining "
+                        "prompt's whole prefill at once)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port; see --ready-file)")
     p.add_argument("--api-key", default=None,
@@ -129,6 +133,9 @@ def build_config(args):
 
     budget = parse_budget(args.kv_budget)
     build_method(args.kv_method, budget)  # unknown method / missing budget: fail before loading the model
+    if getattr(args, "join_chunks", 1) < 0:
+        raise ValueError(f"--join-chunks must be >= 0 (0: a joining prompt's whole prefill at once), "
+                         f"got {args.join_chunks}")
     from kvsift.server.auth import KeyRing
 
     keys = KeyRing.from_file(args.api_keys_file) if args.api_keys_file is not None else None
@@ -246,7 +253,8 @@ def run_serve(args) -> int:
     sock = _bind(config.host, config.port)  # fail fast on a busy port, before loading the model
     port = sock.getsockname()[1]
     t0 = time.perf_counter()
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, chunk_size=args.chunk_size, kv_arena=args.kv_arena)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, chunk_size=args.chunk_size, kv_arena=args.kv_arena,
+              join_chunks=args.join_chunks)
     app = create_app(llm, config)
     print(f"kvsift: serving {app.state.kvsift.model_id} ({llm.info.device}, loaded in {time.perf_counter() - t0:.1f}s) "
           f"on {http_url(config.host, port)}/v1", file=sys.stderr, flush=True)
