@@ -180,8 +180,7 @@ def test_cuda_graph_decode_gives_the_eager_tokens(spec, budget):
     p = SamplingParams(max_tokens=12, ignore_eos=True)
     a = eager.generate(ids, p, method=spec, budget=budget)
     b = graph.generate(ids, p, method=spec, budget=budget)
-    # sentencekv+kivi's quantized host chunks are fetched through the CPU: static, not recorded
-    assert b[0].stats.decode_mode == ("static" if spec == "sentencekv+kivi" else "graph")
+    assert b[0].stats.decode_mode == "graph"
     assert [x.token_ids for x in a] == [y.token_ids for y in b]
     if "sentencekv" in spec:
         assert b[0].stats.method_stats["chunks_selected_per_head"] == a[0].stats.method_stats["chunks_selected_per_head"]
@@ -242,23 +241,30 @@ def test_per_head_kept_lengths_in_every_mode(pairs, lens):
 
 
 def test_decode_mode_picked_per_method_without_recording_what_a_graph_cannot_hold(monkeypatch):
-    """A step with a host round trip (sentencekv+kivi fetches quantized host chunks through the
-    CPU) is run static, not recorded: asked for a graph, or by ``auto`` on CUDA with Triton; methods
-    that reshape the cache at decode steps run eager; the rest get their graph."""
+    """A step with a host round trip is run static, not recorded: a method that fetches host KV
+    (sentencekv, sentencekv+kivi, shadowkv) when the UVA copy kernel is off (``KVSIFT_NO_UVA``:
+    the host path syncs), asked for a graph or by ``auto`` on CUDA with Triton; methods that
+    reshape the cache at decode steps run eager; the rest get their graph."""
     import kvsift.engine.decode as dec
+    import kvsift.methods._offload as off
     from kvsift.engine.decode import pick_decode_mode
     from kvsift.methods import build_method
 
     cuda = torch.device("cuda")   # a device object only: nothing runs on it
-    monkeypatch.setattr(dec, "HAS_TRITON", True)
-    monkeypatch.setattr(dec, "triton_disabled", lambda: False)
+    for mod in (dec, off):
+        monkeypatch.setattr(mod, "HAS_TRITON", True)
+        monkeypatch.setattr(mod, "triton_disabled", lambda: False)
     monkeypatch.delenv("KVSIFT_DECODE", raising=False)
-    cases = {"sentencekv+kivi": "static", "sentencekv": "graph", "kivi": "graph", "snapkv+kivi": "graph",
-             "full": "graph", "tova": "eager", "streaming": "eager"}
-    for spec, want in cases.items():
-        m = build_method(spec, None if spec in ("full", "kivi") else 96)
-        assert m.graph_ok() == (want == "graph"), spec
-        assert pick_decode_mode("graph", m, cuda) == want, spec
-        assert pick_decode_mode("auto", m, cuda) == want, spec
-        assert pick_decode_mode("auto", m, torch.device("cpu")) == "eager"   # no Triton graph off CUDA
+    for no_uva in (False, True):
+        if no_uva:
+            monkeypatch.setenv("KVSIFT_NO_UVA", "1")
+        host = "static" if no_uva else "graph"
+        cases = {"sentencekv+kivi": host, "sentencekv": host, "shadowkv": host, "kivi": "graph",
+                 "snapkv+kivi": "graph", "full": "graph", "tova": "eager", "streaming": "eager"}
+        for spec, want in cases.items():
+            m = build_method(spec, None if spec in ("full", "kivi") else 96)
+            assert m.graph_ok() == (want == "graph"), (spec, no_uva)
+            assert pick_decode_mode("graph", m, cuda) == want, (spec, no_uva)
+            assert pick_decode_mode("auto", m, cuda) == want, (spec, no_uva)
+            assert pick_decode_mode("auto", m, torch.device("cpu")) == "eager"   # no Triton graph off CUDA
     dec._reset_cuda_rng(torch.device("cpu"))   # nothing to reset off CUDA

@@ -593,6 +593,73 @@ def test_quantized_chunk_store_fetches_within_half_a_scale(bits, cache_chunks):
         CS.kv_from_state_dict({**t, "ksz": t["ksz"][:, :, :2]}, extra, "cpu")
 
 
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("cache_chunks", [0, 4])
+def test_quantized_store_fetch_through_the_device_copy_equals_the_host_path(bits, cache_chunks, monkeypatch):
+    """The fetch a CUDA graph can hold (codes, value scales and positions copied by the UVA
+    kernel into device staging, dequantized there; cache hits written to the scratch slot) gives
+    what the host path gives, step after step with hits and misses: here with the kernel's
+    PyTorch reference standing in for it (the CUDA test runs the kernel)."""
+    from kvsift.kernels import chunk_fetch
+    from kvsift.methods._offload import ChunkStore, FetchStats
+
+    monkeypatch.setattr(chunk_fetch, "copy_chunks", chunk_fetch.copy_chunks_ref)
+    g = torch.Generator().manual_seed(7 + bits + cache_chunks)
+    b, hk, L, d, n_chunks = 2, 2, 4, 16, 9
+    lens = torch.randint(1, L + 1, (b, hk, n_chunks), generator=g)
+    toks = [(bi * hk + h, c, r) for bi in range(b) for h in range(hk) for c in range(n_chunks)
+            for r in range(int(lens[bi, h, c]))]
+    bh, ch, rk = (torch.tensor(x) for x in zip(*toks))
+    keys, values = torch.randn(len(toks), d, generator=g), torch.randn(len(toks), d, generator=g)
+    stores = []
+    for uva in (True, False):
+        s = ChunkStore(b, hk, L, d, torch.float32, "cpu", cache_chunks=cache_chunks, bits=bits, vgroup=8)
+        s.append(keys, values, (ch * 10 + rk).int(), bh, ch, rk, n_chunks)
+        s._uva = uva
+        stores.append(s)
+    for step in range(6):
+        idx = torch.stack([torch.randperm(n_chunks, generator=g)[:3] for _ in range(b * hk)]).view(b, hk, 3)
+        idx[0, 1, 2] = -1
+        sa, sb = FetchStats(), FetchStats()
+        ra, rb = stores[0].fetch(idx, sa), stores[1].fetch(idx, sb)
+        assert stores[0]._uva
+        for x, y in zip(ra, rb):
+            assert torch.equal(x, y), step
+        if cache_chunks:
+            assert sa.value("copied_chunks") == sb.value("copied_chunks")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_quantized_store_uva_fetch_matches_the_host_path():
+    from kvsift.kernels._triton import HAS_TRITON
+    from kvsift.methods._offload import ChunkStore
+
+    if not HAS_TRITON:
+        pytest.skip("needs triton")
+    g = torch.Generator().manual_seed(11)
+    b, hk, L, d, n_chunks = 1, 2, 8, 64, 12
+    lens = torch.randint(1, L + 1, (b, hk, n_chunks), generator=g)
+    toks = [(bi * hk + h, c, r) for bi in range(b) for h in range(hk) for c in range(n_chunks)
+            for r in range(int(lens[bi, h, c]))]
+    bh, ch, rk = (torch.tensor(x, device="cuda") for x in zip(*toks))
+    keys = torch.randn(len(toks), d, generator=g).cuda().bfloat16()
+    values = torch.randn(len(toks), d, generator=g).cuda().bfloat16()
+    for cache_chunks in (0, 4):
+        stores = []
+        for uva in (True, False):
+            s = ChunkStore(b, hk, L, d, torch.bfloat16, "cuda", cache_chunks=cache_chunks, bits=4, vgroup=32)
+            s.append(keys, values, (ch * 10 + rk).int(), bh, ch, rk, n_chunks)
+            s._uva = uva
+            stores.append(s)
+        for _ in range(5):
+            idx = torch.stack([torch.randperm(n_chunks, generator=g)[:3] for _ in range(b * hk)]).view(b, hk, 3)
+            idx = idx.cuda()
+            ra, rb = stores[0].fetch(idx), stores[1].fetch(idx)
+            assert stores[0]._uva, "the UVA kernel was refused"
+            for x, y in zip(ra, rb):
+                assert torch.equal(x, y)
+
+
 def test_sentencekv_kivi_quantizes_the_host_store_and_answers_from_a_context(tiny_llm, tmp_path):
     from kvsift.server.contexts import load_context, save_context
 

@@ -17,7 +17,7 @@
 
 ``LLM(decode_mode=...)`` picks: ``auto`` is ``graph`` on CUDA with Triton when the method says
 ``static_ok()`` and ``graph_ok()``, ``static`` when only ``static_ok()`` (a step with a host round
-trip, e.g. ``sentencekv+kivi``'s quantized host fetch), otherwise ``eager``; a ``graph`` request
+trip, e.g. host chunks fetched through the CPU under ``KVSIFT_NO_UVA``), otherwise ``eager``; a ``graph`` request
 gets ``static`` or ``eager`` the same way; ``KVSIFT_DECODE=eager|static|graph`` overrides ``auto``.
 """
 
@@ -68,7 +68,7 @@ def pick_decode_mode(requested: str, method: "KVMethod", device: torch.device) -
     if mode == "graph" and device.type != "cuda":
         raise ValueError("decode_mode='graph' needs a CUDA device (use 'static' or 'eager')")
     if mode == "graph" and not method.graph_ok():
-        return "static"  # e.g. sentencekv+kivi: quantized host chunks are fetched through the CPU
+        return "static"  # e.g. host chunks fetched through the CPU (KVSIFT_NO_UVA): a host sync per step
     return mode
 
 

@@ -15,8 +15,9 @@ Quantized (``bits`` 4 or 2, a composition ending with ``kivi``): host ``k, v`` h
 ``(rows, head_dim * bits // 8)`` uint8; values are quantized per token (host ``vsz (rows, 2,
 head_dim // vgroup)`` fp16 scale and zero), keys per chunk and channel (device ``ksz (batch,
 kv_heads, chunks, 2, head_dim)``: the chunk is the group). Fetches dequantize on the device (the
-device chunk cache holds full precision); the UVA copy kernel does not read codes, so misses go
-through the host path.
+device chunk cache holds full precision): on CUDA the UVA copy kernel reads the misses' codes,
+value scales and positions into device staging (a quarter of the bytes at int4) with no host sync,
+so a CUDA graph can hold the step (``_uva_dequant``); elsewhere they go through the host path.
 
 Chunk lengths may differ per KV head (after a prefill eviction such as SnapKV each head keeps
 different tokens). Fetched chunks come back padded to ``L`` (the longest chunk allowed) with
@@ -111,6 +112,15 @@ class FetchStats:
 
 
 _REGISTER_MIN = 1 << 20  # smaller host blocks come from torch's caching pinned allocator
+
+
+def uva_enabled() -> bool:
+    """Whether host chunks may be fetched by the UVA copy kernel (Triton, not disabled, and not
+    ``KVSIFT_NO_UVA``): the fetch that a CUDA graph can hold (the host path syncs)."""
+    import os
+
+    return HAS_TRITON and not triton_disabled() and \
+        os.environ.get("KVSIFT_NO_UVA", "").strip().lower() not in {"1", "true", "yes", "on"}
 
 
 def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -412,7 +422,8 @@ class ChunkStore:
         return self._decode_rows(self._host_copy(rows_cpu), chunks)
 
     def _decode_rows(self, got: dict[str, torch.Tensor], chunks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(k, v, pos)`` device rows in full precision from gathered host rows."""
+        """``(k, v, pos)`` device rows in full precision from gathered host rows (each run of ``L``
+        rows is chunk ``chunks[i]``)."""
         if not self.bits:
             return got.get("k"), got["v"], got["p"]
         bh, chunk = chunks
@@ -497,11 +508,7 @@ class ChunkStore:
     def _use_uva(self) -> bool:
         """Whether misses go through the UVA copy kernel (CUDA, pinned host store, Triton)."""
         if self._uva is None:
-            import os
-
-            self._uva = (self.device.type == "cuda" and self.pin and HAS_TRITON and not triton_disabled()
-                         and not self.bits  # the copy kernel moves full-precision rows only
-                         and os.environ.get("KVSIFT_NO_UVA", "").strip().lower() not in {"1", "true", "yes", "on"})
+            self._uva = self.device.type == "cuda" and self.pin and uva_enabled()
         return self._uva
 
     def _uva_copy(self, bh: torch.Tensor, chunk: torch.Tensor, copy: torch.Tensor, ck, cv, cp, dst) -> bool:
@@ -513,7 +520,56 @@ class ChunkStore:
         src = bh * self.T + self.starts.view(-1, n)[bh, safe]
         ln = torch.where(chunk >= 0, self.lens.view(-1, n)[bh, safe], 0)
         ln = torch.where(copy, ln, -1)
+        if self.bits:  # (every entry is copied here: the direct fetch writes each one)
+            got = self._uva_dequant(src, ln, bh, chunk)
+            if got is None:
+                return False
+            self._scatter_rows(got, dst, ck, cv, cp)
+            return True
         return self._uva_kernel(src, ln, ck, cv, cp, dst)
+
+    def _scatter_rows(self, got, dst: torch.Tensor, ck, cv, cp) -> None:
+        """Write dequantized chunks ``got = (k, v (M, L, d), pos (M, L))`` into rows ``dst (M,)`` of
+        ``ck, cv (C, L, d)`` and ``cp (C, L)`` (distinct rows, or scratch rows that nothing reads)."""
+        k, v, p = got
+        L, d = self.L, self.d
+        ck.view(-1, L * d).index_copy_(0, dst, k.view(-1, L * d))
+        cv.view(-1, L * d).index_copy_(0, dst, v.view(-1, L * d))
+        cp.view(-1, L).index_copy_(0, dst, p)
+
+    def _uva_dequant(self, src: torch.Tensor, ln: torch.Tensor, bh: torch.Tensor, chunk: torch.Tensor,
+                     copy=None):
+        """A quantized store's chunks through the UVA copy kernel, then dequantized on the device.
+
+        Entry ``m`` (all ``(M,)``) copies host rows ``src[m] .. src[m] + ln[m] - 1`` (``ln[m] = -1``:
+        none: zeros, position -1) of key and value codes, value scales and
+        positions into device staging (a quarter of the bytes at int4, the codes read over PCIe
+        where they lie), and dequantizes them with the key scales of chunk ``(bh[m], chunk[m])``.
+        Returns ``k, v (M, L, head_dim)`` in the store's dtype and ``pos (M, L)`` int32, with no host
+        sync (a CUDA graph can hold it); None when the kernel cannot run here (never tried again).
+        ``copy``: the copy function (default the Triton kernel; tests pass the reference)."""
+        M, L, d = src.shape[0], self.L, self.d
+        w, ng = d * self.bits // 8, d // self.vg
+        dev = self.device
+        kc = torch.zeros(M, L, w, dtype=torch.uint8, device=dev)
+        vc = torch.zeros_like(kc)
+        sc = torch.zeros(M, L, 2 * ng, dtype=SCALE_DTYPE, device=dev)
+        pos = torch.full((M, L), -1, dtype=torch.int32, device=dev)
+        pos2 = torch.empty_like(pos)
+        dst = torch.arange(M, device=dev)
+        copy = copy or _cf.copy_chunks
+        try:
+            copy(self.k.view(-1, w), self.v.view(-1, w), self.pos.view(-1), src, ln, kc, vc, pos, dst)
+            copy(None, self.vsz.view(-1, 2 * ng), self.pos.view(-1), src, ln, None, sc, pos2, dst)
+        except RuntimeError:
+            self._uva = False
+            return None
+        got = {"k": kc.view(M * L, w), "v": vc.view(M * L, w), "s": sc.view(M * L, 2, ng), "p": pos.view(M * L)}
+        # rows past a chunk's end decode as the host path's zero pad row does (position -1, masked);
+        # entries not copied come out as zeros (written only to the cache's scratch slot, kept clean)
+        k, v, p = self._decode_rows(got, (bh, chunk))
+        copied = (ln >= 0)[:, None, None]
+        return (torch.where(copied, k.view(M, L, d), 0), torch.where(copied, v.view(M, L, d), 0), pos)
 
     def _uva_kernel(self, src, ln, ck, cv, cp, dst) -> bool:
         """:func:`kvsift.kernels.chunk_fetch.copy_chunks` from this store's host rows; False (and never
@@ -570,8 +626,18 @@ class ChunkStore:
         src, ln, dst, final = plan(idx, c["slot_of"], c["owner"], c["last"], self.starts.view(BH, n),
                                    self.lens.view(BH, n), self.T, c["counts"], L, tab)
         rows_kv = (BH * (S + 1), L, d)
-        if not (uva and self._uva_kernel(src, ln, c["k"].view(rows_kv), c["v"].view(rows_kv),
-                                         c["p"].view(BH * (S + 1), L), dst)):
+        if uva and self.bits:  # codes over PCIe, dequantized on the device; hits go to the scratch slot
+            got = self._uva_dequant(src, ln, torch.arange(BH, device=self.device).repeat_interleave(k),
+                                    idx.reshape(-1))
+            if got is not None:
+                scratch = (torch.arange(BH, device=self.device) * (S + 1) + S).repeat_interleave(k)
+                self._scatter_rows(got, torch.where(ln >= 0, dst, scratch), c["k"].view(rows_kv),
+                                   c["v"].view(rows_kv), c["p"].view(BH * (S + 1), L))
+            uva = got is not None
+        elif uva:
+            uva = self._uva_kernel(src, ln, c["k"].view(rows_kv), c["v"].view(rows_kv), c["p"].view(BH * (S + 1), L),
+                                   dst)
+        if not uva:
             mi = (ln >= 0).nonzero().squeeze(1)  # host path: one sync for the miss list
             if mi.numel():
                 dk, dv, dp = self._host_gather(self._host_rows(src[mi], ln[mi]).cpu(), (mi // k, idx.reshape(-1)[mi]))

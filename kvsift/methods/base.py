@@ -336,7 +336,13 @@ class KVMethod:
 
     def graph_ok(self) -> bool:
         """True when a static decode step also makes no host round trip (no sync, no copy through
-        pageable memory), so the engine may record it in a CUDA graph. Default: ``static_ok()``."""
+        pageable memory), so the engine may record it in a CUDA graph. Default: ``static_ok()``;
+        methods that fetch host KV say so only where the UVA copy kernel fetches it
+        (``KVSIFT_NO_UVA`` takes the host path, which syncs)."""
+        if self.offloads_to_host():
+            from kvsift.methods._offload import uva_enabled
+
+            return self.static_ok() and uva_enabled()
         return self.static_ok()
 
     def quantized_ok(self) -> bool:
@@ -756,11 +762,7 @@ class Compose(KVMethod):
         return all(s.static_ok() for s in self.stages)
 
     def graph_ok(self) -> bool:
-        # a codec quantizing an offloading stage's host store (sentencekv+kivi): its misses are
-        # dequantized from host rows gathered through the CPU (the UVA copy kernel moves
-        # full-precision rows only), a host round trip a CUDA graph cannot hold
-        host_codec = any(s.offloads_to_host() for s in self.stages) and any(s.codec for s in self.stages)
-        return all(s.graph_ok() for s in self.stages) and not host_codec
+        return all(s.graph_ok() for s in self.stages)
 
     def quantized_ok(self) -> bool:
         return all(s.quantized_ok() for s in self.stages)
