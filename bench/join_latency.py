@@ -1,0 +1,111 @@
+"""Inter-token time of a running batch while a long prompt joins it (continuous batching): the
+joining prompt prefilled a chunk per decode step (``LLM.join_chunks = 1``, the default) against
+all at once (``join_chunks = 0``), in one run, same requests.
+
+A batch of ``--running`` sequences decodes ``--max-tokens`` tokens; at its third step a request
+with a ``--join-prompt``-token prompt joins (and decodes ``--max-tokens`` too). Reported per
+setting: the running rows' inter-token time (p50, p99 and max over their steps), the joiner's time
+to its first token after it joined, the wall time, and whether every answer equals the request's
+alone (it must). Prints a table and writes JSON.
+
+    PYTHONPATH=. python3 bench/join_latency.py --model qwen2.5-coder-0.5b --method snapkv --budget 256 \\
+        --join-prompt 3072 --chunk-size 256 --out bench/results/join_latency_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+def one(llm, join_chunks: int, running: list[list[int]], joiner: list[int], params, method, budget) -> dict:
+    llm.join_chunks = join_chunks
+    reqs = [llm.request([p], params, method=method, budget=budget) for p in running]
+    late = llm.request([joiner], params, method=method, budget=budget)
+    stamps: dict[int, list[float]] = {r.id: [] for r in reqs + [late]}
+    outs, asked = {}, []
+    joined_at = None
+
+    def join(group, rows):
+        nonlocal joined_at
+        asked.append(rows)
+        if len(asked) == 3:
+            joined_at = time.perf_counter()
+            return [late]
+        return []
+
+    t0 = time.perf_counter()
+    for r, ev in llm.run_batch(list(reqs), join=join):
+        if ev.token_id is not None:
+            stamps[r.id].append(time.perf_counter())
+        if ev.output is not None:
+            outs[r.id] = ev.output
+    wall = time.perf_counter() - t0
+    itl = [b - a for r in reqs for a, b in zip(stamps[r.id], stamps[r.id][1:])]
+    return {"join_chunks": join_chunks, "wall_s": round(wall, 3),
+            "itl_p50_ms": round(1e3 * statistics.median(itl), 1), "itl_p99_ms": round(1e3 * pct(itl, 0.99), 1),
+            "itl_max_ms": round(1e3 * max(itl), 1),
+            "joiner_ttft_ms": round(1e3 * (stamps[late.id][0] - joined_at), 1) if stamps[late.id] else None,
+            "tokens": {r.id: outs[r.id].token_ids for r in reqs + [late]}, "_order": [r.id for r in reqs + [late]]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="qwen2.5-coder-0.5b")
+    p.add_argument("--method", default="full")
+    p.add_argument("--budget", default=None)
+    p.add_argument("--running", type=int, default=4, help="sequences already decoding")
+    p.add_argument("--running-prompt", type=int, default=256)
+    p.add_argument("--join-prompt", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--join-chunks", default="0,1")
+    p.add_argument("--out", default="bench/out/join_latency.json")
+    args = p.parse_args(argv)
+    from kvsift import LLM, SamplingParams
+    from kvsift.methods import parse_budget
+
+    budget = parse_budget(args.budget) if args.budget else None
+    llm = LLM(args.model, chunk_size=args.chunk_size, decode_mode="eager")
+    rng = random.Random(0)
+    vocab = min(len(llm.tokenizer), 30000) if llm.tokenizer is not None else 30000
+    running = [[rng.randrange(100, vocab) for _ in range(args.running_prompt)] for _ in range(args.running)]
+    joiner = [rng.randrange(100, vocab) for _ in range(args.join_prompt)]
+    params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
+    alone = [llm.generate(x, params, method=args.method, budget=budget)[0].token_ids for x in running + [joiner]]
+    one(llm, 1, running[:1], joiner[:args.chunk_size], params, args.method, budget)   # warm-up
+    rows = []
+    for jc in (int(x) for x in args.join_chunks.split(",")):
+        r = one(llm, jc, running, joiner, params, args.method, budget)
+        got = [r["tokens"][i] for i in r.pop("_order")]
+        r.pop("tokens")
+        r["answers_equal_alone"] = got == alone
+        rows.append(r)
+    print(f"{args.model}, {args.method} {args.budget or ''}: {args.running} running x {args.running_prompt}-token "
+          f"prompts, one {args.join_prompt}-token prompt joins at step 3, chunk {args.chunk_size}, "
+          f"{args.max_tokens} tokens each, CPU threads {__import__('torch').get_num_threads()}")
+    print(f"{'join chunks':>11} {'ITL p50 ms':>10} {'ITL p99 ms':>10} {'ITL max ms':>10} {'joiner TTFT ms':>14} "
+          f"{'wall s':>7} {'= alone':>7}")
+    for r in rows:
+        print(f"{('all' if r['join_chunks'] == 0 else r['join_chunks']):>11} {r['itl_p50_ms']:>10} {r['itl_p99_ms']:>10} "
+              f"{r['itl_max_ms']:>10} {r['joiner_ttft_ms']:>14} {r['wall_s']:>7} {str(r['answers_equal_alone']):>7}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "results": rows}, indent=1))
+    return 0 if all(r["answers_equal_alone"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
