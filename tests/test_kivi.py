@@ -593,6 +593,14 @@ def test_quantized_chunk_store_fetches_within_half_a_scale(bits, cache_chunks):
         CS.kv_from_state_dict({**t, "ksz": t["ksz"][:, :, :2]}, extra, "cpu")
 
 
+def _chunk_tokens(g, b, hk, L, n_chunks, device="cpu"):
+    """Token rows of random chunk lengths (1..L) for every (batch, kv_head): ``bh, chunk, rank``."""
+    lens = torch.randint(1, L + 1, (b, hk, n_chunks), generator=g)
+    toks = [(bi * hk + h, c, r) for bi in range(b) for h in range(hk) for c in range(n_chunks)
+            for r in range(int(lens[bi, h, c]))]
+    return tuple(torch.tensor(x, device=device) for x in zip(*toks))
+
+
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("cache_chunks", [0, 4])
 def test_quantized_store_fetch_through_the_device_copy_equals_the_host_path(bits, cache_chunks, monkeypatch):
@@ -606,11 +614,8 @@ def test_quantized_store_fetch_through_the_device_copy_equals_the_host_path(bits
     monkeypatch.setattr(chunk_fetch, "copy_chunks", chunk_fetch.copy_chunks_ref)
     g = torch.Generator().manual_seed(7 + bits + cache_chunks)
     b, hk, L, d, n_chunks = 2, 2, 4, 16, 9
-    lens = torch.randint(1, L + 1, (b, hk, n_chunks), generator=g)
-    toks = [(bi * hk + h, c, r) for bi in range(b) for h in range(hk) for c in range(n_chunks)
-            for r in range(int(lens[bi, h, c]))]
-    bh, ch, rk = (torch.tensor(x) for x in zip(*toks))
-    keys, values = torch.randn(len(toks), d, generator=g), torch.randn(len(toks), d, generator=g)
+    bh, ch, rk = _chunk_tokens(g, b, hk, L, n_chunks)
+    keys, values = torch.randn(len(bh), d, generator=g), torch.randn(len(bh), d, generator=g)
     stores = []
     for uva in (True, False):
         s = ChunkStore(b, hk, L, d, torch.float32, "cpu", cache_chunks=cache_chunks, bits=bits, vgroup=8)
@@ -638,12 +643,9 @@ def test_cuda_quantized_store_uva_fetch_matches_the_host_path():
         pytest.skip("needs triton")
     g = torch.Generator().manual_seed(11)
     b, hk, L, d, n_chunks = 1, 2, 8, 64, 12
-    lens = torch.randint(1, L + 1, (b, hk, n_chunks), generator=g)
-    toks = [(bi * hk + h, c, r) for bi in range(b) for h in range(hk) for c in range(n_chunks)
-            for r in range(int(lens[bi, h, c]))]
-    bh, ch, rk = (torch.tensor(x, device="cuda") for x in zip(*toks))
-    keys = torch.randn(len(toks), d, generator=g).cuda().bfloat16()
-    values = torch.randn(len(toks), d, generator=g).cuda().bfloat16()
+    bh, ch, rk = _chunk_tokens(g, b, hk, L, n_chunks, "cuda")
+    keys = torch.randn(len(bh), d, generator=g).cuda().bfloat16()
+    values = torch.randn(len(bh), d, generator=g).cuda().bfloat16()
     for cache_chunks in (0, 4):
         stores = []
         for uva in (True, False):

@@ -177,7 +177,9 @@ class ChunkStore:
         self.pos = self._host_empty((1,), torch.int32)
         self.vsz = self._host_empty((1, 2, head_dim // self.vg), SCALE_DTYPE) if bits else None
         self.ksz = torch.zeros((*hb, 2, head_dim), dtype=SCALE_DTYPE, device=self.device) if bits else None
-        self._written = None  # CUDA event of the last asynchronous device -> host write
+        self._written = None  # CUDA event of the last asynchronous device -> host write (side stream)
+        self._written_ordered = True  # the compute stream already waits for it (device side)
+        self._wstream = None  # the side stream of those writes
         self._direct_counts = None  # (chunks, chunks) fetched without a device cache, device, in place
         self.used = torch.zeros(batch * kv_heads, dtype=torch.int64, device=self.device)
         self.starts = torch.zeros(hb, dtype=torch.int64, device=self.device)
@@ -210,6 +212,14 @@ class ChunkStore:
         else:
             t[-1:].zero_()
         return t
+
+    def _after_writes(self) -> None:
+        """Before a kernel on the compute stream reads the host rows (UVA): order it after the
+        side-stream writes still in flight (a device-side wait, no host sync; once per write, so
+        the decode steps a CUDA graph records need none)."""
+        if self._written is not None and not self._written_ordered:
+            torch.cuda.current_stream(self.device).wait_event(self._written)
+            self._written_ordered = True
 
     def _host_ready(self) -> None:
         """Wait for asynchronous writes to the host store before the host reads or replaces it."""
@@ -326,13 +336,25 @@ class ChunkStore:
             # never read)
             lo = (0 if row is None else row * hk) * self.T
             hi = (BH if row is None else (row + 1) * hk) * self.T
+            staged = []
             for host, src in writes:
                 dt = host.dtype
                 stage = torch.empty((hi - lo, *host.shape[1:]), dtype=dt, device=self.device)
                 stage.index_copy_(0, flat - lo, src.to(dt))
-                host[lo:hi].copy_(stage, non_blocking=True)
-            self._written = torch.cuda.Event()
-            self._written.record()
+                staged.append((host, stage))
+            # the copies run on a side stream, overlapped with what the model computes next (the
+            # next layer, the next prefill chunk); readers wait for them (_host_ready on the host,
+            # _after_writes on the device)
+            if self._wstream is None:
+                self._wstream = torch.cuda.Stream(device=self.device)
+            self._wstream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._wstream):
+                for host, stage in staged:
+                    host[lo:hi].copy_(stage, non_blocking=True)
+                    stage.record_stream(self._wstream)   # not reused before the copy read it
+                self._written = torch.cuda.Event()
+                self._written.record(self._wstream)
+            self._written_ordered = False
         else:
             flat = flat.cpu()
             for host, src in writes:
@@ -558,6 +580,8 @@ class ChunkStore:
         pos2 = torch.empty_like(pos)
         dst = torch.arange(M, device=dev)
         copy = copy or _cf.copy_chunks
+        if dev.type == "cuda":
+            self._after_writes()
         try:
             copy(self.k.view(-1, w), self.v.view(-1, w), self.pos.view(-1), src, ln, kc, vc, pos, dst)
             copy(None, self.vsz.view(-1, 2 * ng), self.pos.view(-1), src, ln, None, sc, pos2, dst)
@@ -574,6 +598,7 @@ class ChunkStore:
     def _uva_kernel(self, src, ln, ck, cv, cp, dst) -> bool:
         """:func:`kvsift.kernels.chunk_fetch.copy_chunks` from this store's host rows; False (and never
         tried again) when Triton cannot read the pinned host memory here."""
+        self._after_writes()
         try:
             _cf.copy_chunks(self.k.view(-1, self.d) if self.keys else None, self.v.view(-1, self.d),
                             self.pos.view(-1), src, ln, ck, cv, cp, dst)
@@ -689,6 +714,7 @@ class ChunkStore:
         new.kmax = None if self.kmax is None else self.kmax.clone()
         new._dev, new._stage, new._stage_events, new._stage_i, new._stream = None, [], [], 0, None
         new._uva, new._written, new._direct_counts = self._uva, None, None
+        new._written_ordered, new._wstream = True, None
         return new
 
     # ---- persistence (kvsift.server.contexts: a reusable context on disk) -------------------------
