@@ -6,6 +6,7 @@
 #
 #   bash bench/gpu_checks.sh                 # STEPS=tests,kivi,decode,minference by default
 #   STEPS=tests,kivi,kivi_e2e TESTS_K="shadowkv and cuda" bash bench/gpu_checks.sh
+# The tests step runs six pytest processes at once (T_TESTS seconds each, default 420).
 set -u
 DEST=${OUT:-bench/out}; R=${RES:-/root/checks}; mkdir -p "$R" "$DEST"
 pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1
@@ -16,10 +17,25 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 step() { case ",$STEPS," in *",$1,"*) return 0;; esac; return 1; }
 t0=$(date +%s)
 if step tests; then
-  timeout ${T_TESTS:-300} python3 -m pytest -q -p no:cacheprovider -k "${TESTS_K:-cuda or triton or gpu}" tests \
-    --continue-on-collection-errors -rfE --tb=line --durations=10 >"$R/tests.log" 2>&1
-  echo "tests rc=$? $(( $(date +%s) - t0 )) s: $(tail -1 "$R/tests.log")"
-  grep -E "^(FAILED|ERROR)" "$R/tests.log" | head -30
+  # the CUDA tests in parallel groups (one process each: the KIVI kernel tests compile many
+  # variants, serially they outlast a call); TESTS_K runs one group with that -k instead
+  if [ -n "${TESTS_K:-}" ]; then
+    GROUPS_=("tests::${TESTS_K}")
+  else
+    GROUPS_=("tests/test_kivi.py::cuda_kernel_matches and False and 64" "tests/test_kivi.py::cuda_kernel_matches and False and 128"
+             "tests/test_kivi.py::cuda_kernel_matches and True and 64" "tests/test_kivi.py::cuda_kernel_matches and True and 128"
+             "tests/test_decode_modes.py tests/test_kivi.py::(cuda or triton or gpu) and not cuda_kernel_matches"
+             "tests --ignore=tests/test_kivi.py --ignore=tests/test_decode_modes.py::cuda or triton or gpu")
+  fi
+  i=0
+  for g in "${GROUPS_[@]}"; do
+    i=$((i+1)); files=${g%%::*}; k=${g#*::}
+    timeout ${T_TESTS:-420} python3 -m pytest -q -p no:cacheprovider -k "$k" $files --continue-on-collection-errors \
+      -rfE --tb=short >"$R/tests$i.log" 2>&1 &
+  done
+  wait
+  for f in "$R"/tests*.log; do echo "tests $(basename $f): $(tail -1 "$f")"; grep -E "^(FAILED|ERROR)" "$f" | head -10; done
+  echo "tests $(( $(date +%s) - t0 )) s"
 fi
 if step kivi; then
   timeout ${T_KIVI:-90} python3 bench/gpu_kivi.py ${KIVI_ARGS:---contexts 32768,131072 --batches 1,8} --out "$R/gpu_kivi_h200.json" >"$R/kivi.log" 2>&1
