@@ -218,6 +218,36 @@ def test_queued_requests_join_the_running_batch_in_arrival_order(make_client, ti
     assert re.search(rf"^kvsift_batch_joins_total {int(continuous)}\.0$", c.get("/metrics").text, re.M)
 
 
+def test_eviction_requests_of_other_lengths_and_budgets_join_over_http(make_client, tiny_llm, batches):
+    """Over HTTP: snapkv requests with another prompt length and another budget join a running
+    snapkv batch (prefilled a chunk per step, 300 tokens = 5 chunks of 64), an adakv one waits for
+    the next batch (another method); every answer equals the request alone."""
+    c = make_client(max_batch=4)
+    sched = c.app.state.kvsift.scheduler
+    p_a, p_b, p_c, p_d = (random_prompt(n, seed=200 + n) for n in (40, 300, 90, 50))
+    spec = [("snapkv", 0.5, 30), ("snapkv", 24, 6), ("snapkv", 0.25, 5), ("adakv", 16, 5)]
+    want = [alone(tiny_llm, p, n, method=m, budget=b) for p, (m, b, n) in zip((p_a, p_b, p_c, p_d), spec)]
+    batches.release.set()
+    batches.pause_min = 1
+    batches.resume.clear()  # A's batch stops after its first event
+    with ThreadPoolExecutor(4) as pool:
+        futs = [pool.submit(c.post, "/v1/completions", json=completion(p_a, 30, kv_method="snapkv", kv_budget=0.5))]
+        assert batches.paused.wait(30)
+        for i, (p, (m, b, n)) in enumerate(zip((p_b, p_c, p_d), spec[1:])):
+            futs.append(pool.submit(c.post, "/v1/completions",
+                                    json=completion(p, n, kv_method=m, kv_budget=b, stream=i == 0)))
+            wait_for(lambda i=i: sched.waiting == i + 1)
+        batches.resume.set()
+        ra, rb, rc, rd = (f.result() for f in futs)
+    assert sched.joined == 2 and batches.groups == [[[p_a]], [[p_d]]]
+    assert ra.json()["choices"][0]["text"] == want[0].text
+    text, _ = sse_text(rb)
+    assert text == want[1].text
+    assert rc.json()["choices"][0]["text"] == want[2].text and rd.json()["choices"][0]["text"] == want[3].text
+    wait_for(lambda: (sched.running, sched.waiting, sched.per_key, sched.busy) == (0, 0, {}, False))
+    assert not sched.engine.running and sched.engine.kv_used == 0
+
+
 def test_questions_on_one_context_join_its_running_batch(make_client, tiny_llm, batches):
     """A question on a context arriving while another question on it runs joins that batch (the
     context is read by reference, one copy for both rows); each gets the answer of document +
