@@ -404,12 +404,19 @@ def test_a_joining_prompt_is_prefilled_between_the_running_decode_steps(tiny_llm
 
         a = tiny_llm.request([p_a], pa, method=spec, budget=budget)
         b = tiny_llm.request([p_b], pb, method=spec, budget=budget, cancel=cancel_b)
+        sched = Scheduler(SchedulerConfig(max_batch=4, kv_memory=1 << 40))
+        sched.add(a)
+        assert sched.schedule() == [a]
+        sched.add(b)
         steps = []
         outs = {}
-        for r, ev in tiny_llm.run_batch([a], join=lambda running, rows: steps.append(rows) or
-                                        ([b] if len(steps) == 2 else [])):
+        group = [a]
+        for r, ev in tiny_llm.run_batch(group, join=lambda running, rows: steps.append(rows) or
+                                        (sched.join(running, rows) if len(steps) == 2 else [])):
             if ev.output is not None:
                 outs[r.id] = ev.output
+        sched.finish(group)   # what the server does: a joiner is in the group from its join on
+        assert group == [a, b] and sched.kv_used == 0 and not sched.running and not sched.waiting
         assert outs[a.id].token_ids == want_a
         seq = "".join(calls)
         assert seq.startswith("pd"), seq                 # a's prefill, its first decode step

@@ -426,6 +426,9 @@ class LLM:
                     is_eos = torch.isin(tok, eos) if eos is not None else torch.zeros_like(tok, dtype=torch.bool)
                     if pending is None and can_join and not last:
                         joining = join(requests, len(seqs))
+                        for r in joining:  # in the group from now on (its caller finishes them with it)
+                            requests.append(r)
+                            left[r] = 0     # no running sequence until their prefill is done
                         if joining:  # their prompts are prefilled a chunk per decode step of the others
                             room = max([ctx.cache.reserve] + [r.room(len(p), self.info.max_positions) + 1
                                                               for r in joining for p in r.prompts])
@@ -477,7 +480,6 @@ class LLM:
                         seqs, owners = [seqs[i] for i in keep], [owners[i] for i in keep]
                         tok, next_pos = tok[keep], next_pos[keep]
                         for r in new:
-                            requests.append(r)
                             left[r] = r.rows
                             st_r, rows_r, method_r, run_r = firsts[r]
                             base_stats[r] = (st_r, rows_r, time.perf_counter() - t0)
