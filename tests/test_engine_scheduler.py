@@ -333,12 +333,41 @@ def test_no_join_where_it_would_not_be_exact(tiny_llm, default_tokenizer):
         assert not tiny_llm.joins_running(tiny_llm.request(ids, p, method=spec, budget=16)), spec
     ctx = tiny_llm.prefill_context(ids[0], method="sentencekv", budget=32)   # its KV lives in a host store
     assert not tiny_llm.joins_running(tiny_llm.request(ids, p, context=ctx, method="sentencekv", budget=32))
-    static = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode="static")
-    r = static.request(ids, p)
-    assert not static.joins_running(r)
+    # over the runner's KV arenas the static steps write the arena, not the batch's cache: no joins
+    arena = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode="static", kv_arena=True)
+    r = arena.request(ids, p)
+    assert not arena.joins_running(r)
     asked = []
-    out = list(static.run_batch([r], join=lambda running, rows: asked.append(rows) or []))
+    out = list(arena.run_batch([r], join=lambda running, rows: asked.append(rows) or []))
     assert asked == [] and out[-1][1].output.token_ids == tiny_llm.generate(ids, p)[0].token_ids
+
+
+@pytest.mark.parametrize("spec,budget", [("full", None), ("snapkv", 0.5), ("adakv", 0.5), ("duo", 0.5)])
+def test_joins_in_static_decode_restart_the_step_runner_and_keep_the_answers(tiny_llm, default_tokenizer,
+                                                                             spec, budget):
+    """Static decode (fixed buffers; what CUDA graphs record): a change of rows closes the step
+    runner and starts one over the new cache; every answer is the one alone, eager or static."""
+    from kvsift import LLM
+
+    static = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode="static")
+    ps = [random_prompt(n, seed=170 + n) for n in (60, 300, 45)]
+    pr = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (8, 9, 7)]
+    want = [tiny_llm.generate(x, q, method=spec, budget=budget)[0].token_ids for x, q in zip(ps, pr)]
+    a, b, c = (static.request([x], q, method=spec, budget=budget) for x, q in zip(ps, pr))
+    assert static.joins_running(a)
+    steps, outs, made = [], {}, []
+    real = static.runner.decoder
+    static.runner.decoder = lambda ctx, mode, n: made.append(mode) or real(ctx, mode, n)
+    try:
+        for r, ev in static.run_batch([a], join=lambda run, rows: steps.append(rows) or
+                                      {2: [b], 5: [c]}.get(len(steps), [])):
+            if ev.output is not None:
+                outs[r.id] = ev.output
+    finally:
+        del static.runner.decoder
+    assert [outs[r.id].token_ids for r in (a, b, c)] == want
+    assert all(outs[r.id].stats.decode_mode == "static" for r in (a, b, c))
+    assert made[0] == "static" and len(made) >= 3   # one step runner per change of rows
 
 
 @pytest.mark.parametrize("spec", ["snapkv", "adakv", "duo", "kvzip", "expected_attention", "pyramidkv",
@@ -646,3 +675,28 @@ def test_a_cancelled_request_stops_its_prefill_at_a_chunk_boundary(tiny_llm):
         assert out.finish_reason == "length" and len(out.token_ids) == 4
     finally:
         runner.first_chunk, runner.chunk_size = saved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("spec,budget", [("full", None), ("snapkv", 0.5), ("adakv", 0.5)])
+def test_cuda_graph_decode_with_joins_gives_the_answers_alone(spec, budget):
+    """Under CUDA graphs a change of rows records the new layout's steps again; the answers are
+    the eager ones alone."""
+    from kvsift import LLM
+    from kvsift.models import tiny_model
+
+    m = tiny_model("llama", seed=1).to("cuda")
+    graph = LLM.from_model(m, None, chunk_size=64, decode_mode="graph")
+    eager = LLM.from_model(m, None, chunk_size=64, decode_mode="eager")
+    ps = [random_prompt(n, seed=270 + n) for n in (60, 300, 45)]
+    pr = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (12, 9, 10)]
+    want = [eager.generate(x, q, method=spec, budget=budget)[0].token_ids for x, q in zip(ps, pr)]
+    a, b, c = (graph.request([x], q, method=spec, budget=budget) for x, q in zip(ps, pr))
+    assert graph.joins_running(a)
+    steps, outs = [], {}
+    for r, ev in graph.run_batch([a], join=lambda run, rows: steps.append(rows) or
+                                 {2: [b], 6: [c]}.get(len(steps), [])):
+        if ev.output is not None:
+            outs[r.id] = ev.output
+    assert [outs[r.id].token_ids for r in (a, b, c)] == want
+    assert outs[a.id].stats.decode_mode == "graph"

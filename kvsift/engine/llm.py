@@ -350,7 +350,7 @@ class LLM:
         padding by position) and they decode with the others from the next step; rows whose
         sequence is done leave the batch the same way. Only where that is exact and keeps shapes
         free: a method whose state is only its kept KV (``full``, the prefill eviction methods), no
-        reused context but one read by reference, eager decode (:meth:`joins_running`); elsewhere
+        reused context but one read by reference, no KV arena (:meth:`joins_running`); elsewhere
         the batch keeps its rows to the end (done rows computed and ignored)."""
         if not requests:
             return
@@ -520,11 +520,13 @@ class LLM:
         prefill eviction methods; each joining request is prefilled on its own, so it gets exactly
         what it gets alone), no reused context or one read by reference
         (``ModelRunner.shares_context``: the rows' own tokens are stacked, the context stays one
-        shared copy), eager decode (static and graph decoding fix the batch's shapes for the whole
-        generation)."""
+        shared copy). Any decode mode: a change of rows closes the step runner and starts one over
+        the new cache (static buffers again; in graph mode its steps are recorded again, one warm-up
+        step per kind first), except over the runner's KV arenas (``kv_arena``: their graphs outlive
+        a generation and the steps write the arena, not the batch's cache)."""
         mode = mode or self.runner.decode_mode_for(req.method)
         return (req.kind == "generate" and (req.context is None or self.runner.shares_context(req.method, req.context))
-                and req.method.joins_rows() and mode == "eager")
+                and req.method.joins_rows() and (mode == "eager" or not self.runner.kv_arena))
 
     def _prefill_joining(self, new: list[Request], method: KVMethod, run: Run, reserve: int,
                          progress: bool | None):
