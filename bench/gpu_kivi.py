@@ -28,7 +28,7 @@ from kvsift.kernels import dispatch  # noqa: E402
 from kvsift.kernels.quant_decode_attention import quant_decode_attention, quant_decode_attention_ref  # noqa: E402
 
 HQ, HK, D = 32, 8, 128
-VARIANTS = [(True, 32, 4), (True, 64, 4), (True, 64, 8), (True, 128, 8), (False, 32, 4)]   # (planes, block_s, warps)
+VARIANTS = [(16, 4), (32, 4), (32, 8), (64, 4)]   # (block_s, warps): launch settings timed beside the default
 
 
 def bench(batch: int, n: int, bits: int, reps: int) -> dict:
@@ -49,14 +49,14 @@ def bench(batch: int, n: int, bits: int, reps: int) -> dict:
     row["max_abs_diff_vs_ref"] = float((out.float() - ref.float()).abs().max())
     row["quant_ms"] = time_cuda(lambda: quant_decode_attention(q, query_pos=qp, slot_idx=None, scale=scale, group=g,
                                                                **args), reps, graph=True)
-    # launch settings of the kernel: the bit-plane kernel (the default) at a few block sizes and
-    # warp counts, and the kernel that unpacks whole rows in registers (interleave)
+    # the kernel at a few slot-block sizes and warp counts (results/gpu_kivi_planes_h200.json also
+    # holds the removed bit-plane kernel's times)
     from kvsift.kernels import quant_decode_attention as qmod
     saved = dict(qmod.TUNING)
     row["variants_ms"] = {}
-    for planes, bs, nw in VARIANTS:
-        qmod.TUNING.update(planes=planes, block_s=bs, num_warps=nw)
-        key = f"{'planes' if planes else 'interleave'}/bs{bs}/w{nw}"
+    for bs, nw in VARIANTS:
+        qmod.TUNING.update(block_s=bs, num_warps=nw)
+        key = f"bs{bs}/w{nw}"
         try:
             got = quant_decode_attention(q, query_pos=qp, slot_idx=None, scale=scale, group=g, **args)
             err = float((got.float() - ref.float()).abs().max())

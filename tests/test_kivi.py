@@ -213,18 +213,15 @@ _INTERP_SCRIPT = """
 import itertools
 import torch
 from kvsift.cache.quant import QuantKV
-from kvsift.kernels.quant_decode_attention import TUNING, quant_decode_attention, quant_decode_attention_ref
+from kvsift.kernels.quant_decode_attention import quant_decode_attention, quant_decode_attention_ref
 from tests.test_kivi import _kv
 torch.manual_seed(0)
 # d 64, group 16: packed rows unpacked in registers, four value groups broadcast over their
-# channels; d 64, group 64: one value scale per slot, with the same kernel and with the bit-plane
-# kernel (planes: a key scale row per block over every slot); 48: head_dim below the block (the
+# channels; d 64, group 64: one value scale per slot; 48: head_dim below the block (the
 # per-channel path)
-for bits, (d, grp, planes), table, dt in itertools.product((4, 2), ((64, 16, False), (64, 64, False), (64, 64, True),
-                                                                   (48, 16, False)),
-                                                           ("all", "slots", "count", "window"),
-                                                           (torch.float32, torch.bfloat16)):
-    TUNING["planes"] = planes
+for bits, (d, grp), table, dt in itertools.product((4, 2), ((64, 16), (64, 64), (48, 16)),
+                                                   ("all", "slots", "count", "window"),
+                                                   (torch.float32, torch.bfloat16)):
     k, v, pos = _kv(n=300, d=d, dtype=dt)
     st = QuantKV.from_dense(k, v, pos, bits, grp, 2 * grp, room=10)
     q = torch.randn(2, 4, 3, d).to(dt)[:, :, -1]                           # strided, as query[:, :, -1]
@@ -257,12 +254,8 @@ def test_triton_kernel_matches_reference_in_interpreter():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("table", ["all", "slots", "count", "window"])
-@pytest.mark.parametrize("planes", [False, True])
-def test_cuda_kernel_matches_reference(bits, dtype, d, table, planes, monkeypatch):
-    from kvsift.kernels import quant_decode_attention as qmod
+def test_cuda_kernel_matches_reference(bits, dtype, d, table):
     from kvsift.kernels.quant_decode_attention import quant_decode_attention
-
-    monkeypatch.setitem(qmod.TUNING, "planes", planes)   # group 128 >= head_dim: one value scale per slot
 
     k, v, pos = _kv(n=3000, d=d, dtype=dtype)
     st = QuantKV.from_dense(k.cuda(), v.cuda(), pos.cuda(), bits, 128, 128, room=50)

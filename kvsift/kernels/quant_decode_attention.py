@@ -37,10 +37,10 @@ from kvsift.kernels._triton import HAS_TRITON, tl, triton
 from kvsift.kernels.sparse_decode_attention import _LOG2E, SplitLaunch, _check_count, _check_pos, merge_attention
 
 # launch settings (smaller slot blocks than the sparse kernel: codes, scales and the window are
-# live at once). "planes": the bit-plane kernel (_quant_decode_planes_kernel) where it applies;
-# off until it is compiled and timed on a GPU (bench/gpu_kivi.py times both): on the H200 the
-# interleave kernel took 0.34 ms at 128k, batch 1, int4, against 0.13 for SDPA over bf16
-TUNING = {"block_s": 32, "num_warps": 4, "num_stages": 2, "planes": False}
+# live at once); on the H200 the kernel took 0.34 ms at 128k, batch 1, int4, against 0.13 for SDPA
+# over bf16. A bit-plane variant (q.k as a sum of per-plane dots, no unpacked tile) was 11-18% slower
+# at every launch setting there (bench/results/gpu_kivi_planes_h200.json) and was removed.
+TUNING = {"block_s": 32, "num_warps": 4, "num_stages": 2}
 
 
 def _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start, key_pos, query_pos,
@@ -323,197 +323,6 @@ if HAS_TRITON:
                     so_b, so_h, spo_bh, spo_s, HK, G, DIRECT)
 
 
-if HAS_TRITON:
-
-    @triton.jit
-    def _dot(a, b, IEEE: tl.constexpr):
-        if IEEE:
-            return tl.dot(a, b, input_precision="ieee")
-        return tl.dot(a, b)
-
-    @triton.jit
-    def _plane_kv(cb, vb, kr, vr, isr, ksc, kzp, vsc, vzp, I: tl.constexpr, BITS: tl.constexpr,
-                  LEVELS: tl.constexpr, dtype, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr):
-        """Bit plane ``I`` of packed key/value bytes ``(S, NB)`` dequantized (channels ``j*PER + I``),
-        the window's rows ``kr``/``vr`` where ``isr``, rounded to the KV dtype as the reference does."""
-        k = ((cb >> (I * BITS)) & LEVELS).to(tl.float32) * ksc + kzp
-        v = ((vb >> (I * BITS)) & LEVELS).to(tl.float32) * vsc + vzp
-        k = tl.where(isr[:, None], kr, k)
-        v = tl.where(isr[:, None], vr, v)
-        if not UPCAST:
-            k = k.to(dtype)
-            v = v.to(dtype)
-        elif ROUND_BF16:
-            k = _round_bf16(k)
-            v = _round_bf16(v)
-        elif dtype != tl.float32:
-            k = k.to(dtype).to(tl.float32)
-            v = v.to(dtype).to(tl.float32)
-        return k, v
-
-    @triton.jit
-    def _quant_decode_planes_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr, rv_ptr, rs_ptr,
-                                    idx_ptr, out_ptr, po_ptr, plse_ptr,
-                                    kp_ptr, qp_ptr, CAP, RCAP, WINDOW, sp_b, sp_h, sp_c,
-                                    cnt_ptr, sc_b, sc_h,
-                                    S, split_size, qk_scale,
-                                    sq_b, sq_h, sq_d,
-                                    skc_b, skc_h, skc_c,
-                                    sks_b, sks_h, sks_g,
-                                    svc_b, svc_h, svc_c,
-                                    svs_b, svs_h, svs_c,
-                                    srk_b, srk_h, srk_c,
-                                    srv_b, srv_h, srv_c,
-                                    si_b, si_h, si_s,
-                                    so_b, so_h,
-                                    spo_bh, spo_s,
-                                    HK: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
-                                    NB: tl.constexpr, BLOCK_S: tl.constexpr,
-                                    BITS: tl.constexpr, PER: tl.constexpr, LEVELS: tl.constexpr,
-                                    KGROUP: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr,
-                                    UPCAST: tl.constexpr, ALL: tl.constexpr, HAS_CNT: tl.constexpr,
-                                    KROW: tl.constexpr, ROUND_BF16: tl.constexpr):
-        # The same attention as _quant_decode_split_kernel, for a head that fills the block and one
-        # value scale per slot (head_dim <= the value group, the defaults), computed per bit plane:
-        # plane I holds channels j*PER + I of packed byte j, so q.k is the sum over planes of
-        # q[:, I::PER] . plane_I and the output's channels I::PER are p @ plane_I of the values.
-        # No unpacked (S, D) tile is ever formed (no interleave, no layout shuffle); KROW (every
-        # slot, blocks inside one key group): a key scale and zero row per block, not per slot.
-        pid_bh = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        b = (pid_bh // HK).to(tl.int64)
-        h = (pid_bh % HK).to(tl.int64)
-        offs_g = tl.arange(0, G_P)
-        offs_b = tl.arange(0, NB)
-        mask_g = offs_g < G
-        mask_b = offs_b < NB
-        qrow = q_ptr + b * sq_b + (h * G + offs_g[:, None]) * sq_h
-        qm = mask_g[:, None] & mask_b[None, :]
-        q0 = tl.load(qrow + (offs_b[None, :] * PER + 0) * sq_d, mask=qm, other=0.0)
-        q1 = tl.load(qrow + (offs_b[None, :] * PER + 1) * sq_d, mask=qm, other=0.0)
-        q2 = q0
-        q3 = q0
-        if PER == 4:
-            q2 = tl.load(qrow + (offs_b[None, :] * PER + 2) * sq_d, mask=qm, other=0.0)
-            q3 = tl.load(qrow + (offs_b[None, :] * PER + 3) * sq_d, mask=qm, other=0.0)
-        if UPCAST:
-            q0 = q0.to(tl.float32)
-            q1 = q1.to(tl.float32)
-            q2 = q2.to(tl.float32)
-            q3 = q3.to(tl.float32)
-        kv_dtype = rk_ptr.dtype.element_ty
-        kc_base = kc_ptr + b * skc_b + h * skc_h
-        ks_base = ks_ptr + b * sks_b + h * sks_h
-        kz_base = kz_ptr + b * sks_b + h * sks_h
-        vc_base = vc_ptr + b * svc_b + h * svc_h
-        vs_base = vs_ptr + b * svs_b + h * svs_h
-        vz_base = vz_ptr + b * svs_b + h * svs_h
-        rk_base = rk_ptr + b * srk_b + h * srk_h
-        rv_base = rv_ptr + b * srv_b + h * srv_h
-        i_base = idx_ptr + b * si_b + h * si_h
-        kp_base = kp_ptr + b * sp_b + h * sp_h
-        qpos = tl.load(qp_ptr + b).to(tl.int64)
-        rstart = tl.load(rs_ptr).to(tl.int64)
-        m_i = tl.full((G_P,), float("-inf"), tl.float32)
-        l_i = tl.zeros((G_P,), tl.float32)
-        acc0 = tl.zeros((G_P, NB), tl.float32)
-        acc1 = tl.zeros((G_P, NB), tl.float32)
-        acc2 = tl.zeros((G_P, NB), tl.float32)
-        acc3 = tl.zeros((G_P, NB), tl.float32)
-        start = pid_s * split_size
-        stop = tl.minimum(start + split_size, S)
-        if HAS_CNT:
-            stop = tl.minimum(stop, tl.load(cnt_ptr + b * sc_b + h * sc_h).to(tl.int32))
-        for it in range(start, stop, BLOCK_S):
-            slot, valid, isq, isr = _slot_block(it, stop, i_base, si_s, kp_base, sp_c, CAP, RCAP, WINDOW, qpos,
-                                                rstart, BLOCK_S, ALL)
-            mq = isq[:, None]
-            cb = tl.load(kc_base + slot[:, None] * skc_c + offs_b[None, :], mask=mq, other=0).to(tl.int32)
-            vb = tl.load(vc_base + slot[:, None] * svc_c + offs_b[None, :], mask=mq, other=0).to(tl.int32)
-            vsc = tl.load(vs_base + slot * svs_c, mask=isq, other=0.0).to(tl.float32)[:, None]     # (S, 1)
-            vzp = tl.load(vz_base + slot * svs_c, mask=isq, other=0.0).to(tl.float32)[:, None]
-            if KROW:   # the block's key group: one scale/zero row, broadcast over its slots
-                krow = (it // KGROUP) * sks_g
-                ks0 = tl.load(ks_base + krow + offs_b * PER + 0).to(tl.float32)[None, :]
-                kz0 = tl.load(kz_base + krow + offs_b * PER + 0).to(tl.float32)[None, :]
-                ks1 = tl.load(ks_base + krow + offs_b * PER + 1).to(tl.float32)[None, :]
-                kz1 = tl.load(kz_base + krow + offs_b * PER + 1).to(tl.float32)[None, :]
-            else:
-                kg = (slot // KGROUP)[:, None] * sks_g
-                ks0 = tl.load(ks_base + kg + offs_b[None, :] * PER + 0, mask=mq, other=0.0).to(tl.float32)
-                kz0 = tl.load(kz_base + kg + offs_b[None, :] * PER + 0, mask=mq, other=0.0).to(tl.float32)
-                ks1 = tl.load(ks_base + kg + offs_b[None, :] * PER + 1, mask=mq, other=0.0).to(tl.float32)
-                kz1 = tl.load(kz_base + kg + offs_b[None, :] * PER + 1, mask=mq, other=0.0).to(tl.float32)
-            has_res = tl.sum(isr.to(tl.int32), axis=0) > 0
-            ridx = tl.maximum(slot - rstart, 0)
-            rk_row = rk_base + ridx[:, None] * srk_c                        # the window's rows (where isr)
-            rv_row = rv_base + ridx[:, None] * srv_c
-            mr = isr[:, None]
-            kr0 = tl.zeros((BLOCK_S, NB), tl.float32)
-            kr1 = kr0
-            vr0 = kr0
-            vr1 = kr0
-            if has_res:   # the full-precision window: read only by the blocks that reach it
-                kr0 = tl.load(rk_row + offs_b[None, :] * PER + 0, mask=mr, other=0.0).to(tl.float32)
-                vr0 = tl.load(rv_row + offs_b[None, :] * PER + 0, mask=mr, other=0.0).to(tl.float32)
-                kr1 = tl.load(rk_row + offs_b[None, :] * PER + 1, mask=mr, other=0.0).to(tl.float32)
-                vr1 = tl.load(rv_row + offs_b[None, :] * PER + 1, mask=mr, other=0.0).to(tl.float32)
-            k0, v0 = _plane_kv(cb, vb, kr0, vr0, isr, ks0, kz0, vsc, vzp, 0, BITS, LEVELS, kv_dtype,
-                               UPCAST, ROUND_BF16)
-            k1, v1 = _plane_kv(cb, vb, kr1, vr1, isr, ks1, kz1, vsc, vzp, 1, BITS, LEVELS, kv_dtype,
-                               UPCAST, ROUND_BF16)
-            qk = _dot(q0, tl.trans(k0), IEEE) + _dot(q1, tl.trans(k1), IEEE)
-            v2 = v0
-            v3 = v0
-            if PER == 4:
-                if KROW:
-                    ks2 = tl.load(ks_base + krow + offs_b * PER + 2).to(tl.float32)[None, :]
-                    kz2 = tl.load(kz_base + krow + offs_b * PER + 2).to(tl.float32)[None, :]
-                    ks3 = tl.load(ks_base + krow + offs_b * PER + 3).to(tl.float32)[None, :]
-                    kz3 = tl.load(kz_base + krow + offs_b * PER + 3).to(tl.float32)[None, :]
-                else:
-                    ks2 = tl.load(ks_base + kg + offs_b[None, :] * PER + 2, mask=mq, other=0.0).to(tl.float32)
-                    kz2 = tl.load(kz_base + kg + offs_b[None, :] * PER + 2, mask=mq, other=0.0).to(tl.float32)
-                    ks3 = tl.load(ks_base + kg + offs_b[None, :] * PER + 3, mask=mq, other=0.0).to(tl.float32)
-                    kz3 = tl.load(kz_base + kg + offs_b[None, :] * PER + 3, mask=mq, other=0.0).to(tl.float32)
-                kr2 = kr0
-                kr3 = kr0
-                vr2 = kr0
-                vr3 = kr0
-                if has_res:
-                    kr2 = tl.load(rk_row + offs_b[None, :] * PER + 2, mask=mr, other=0.0).to(tl.float32)
-                    vr2 = tl.load(rv_row + offs_b[None, :] * PER + 2, mask=mr, other=0.0).to(tl.float32)
-                    kr3 = tl.load(rk_row + offs_b[None, :] * PER + 3, mask=mr, other=0.0).to(tl.float32)
-                    vr3 = tl.load(rv_row + offs_b[None, :] * PER + 3, mask=mr, other=0.0).to(tl.float32)
-                k2, v2 = _plane_kv(cb, vb, kr2, vr2, isr, ks2, kz2, vsc, vzp, 2, BITS, LEVELS, kv_dtype,
-                                   UPCAST, ROUND_BF16)
-                k3, v3 = _plane_kv(cb, vb, kr3, vr3, isr, ks3, kz3, vsc, vzp, 3, BITS, LEVELS, kv_dtype,
-                                   UPCAST, ROUND_BF16)
-                qk += _dot(q2, tl.trans(k2), IEEE) + _dot(q3, tl.trans(k3), IEEE)
-            qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))      # log2 units
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(qk - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            pv = p.to(v0.dtype)
-            acc0 = acc0 * alpha[:, None] + _dot(pv, v0, IEEE)
-            acc1 = acc1 * alpha[:, None] + _dot(pv, v1, IEEE)
-            if PER == 4:
-                acc2 = acc2 * alpha[:, None] + _dot(pv, v2, IEEE)
-                acc3 = acc3 * alpha[:, None] + _dot(pv, v3, IEEE)
-            m_i = m_new
-        store_split(out_ptr, po_ptr, plse_ptr, m_i, l_i, acc0, b, h, pid_s, offs_g, offs_b * PER + 0, mask_g,
-                    mask_b, so_b, so_h, spo_bh, spo_s, HK, G, DIRECT)
-        store_split(out_ptr, po_ptr, plse_ptr, m_i, l_i, acc1, b, h, pid_s, offs_g, offs_b * PER + 1, mask_g,
-                    mask_b, so_b, so_h, spo_bh, spo_s, HK, G, DIRECT)
-        if PER == 4:
-            store_split(out_ptr, po_ptr, plse_ptr, m_i, l_i, acc2, b, h, pid_s, offs_g, offs_b * PER + 2, mask_g,
-                        mask_b, so_b, so_h, spo_bh, spo_s, HK, G, DIRECT)
-            store_split(out_ptr, po_ptr, plse_ptr, m_i, l_i, acc3, b, h, pid_s, offs_g, offs_b * PER + 3, mask_g,
-                        mask_b, so_b, so_h, spo_bh, spo_s, HK, G, DIRECT)
-
-
 def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
                            v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor,
                            k_res: torch.Tensor, v_res: torch.Tensor, res_start: torch.Tensor,
@@ -553,7 +362,6 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
     sp = key_pos.stride()
     # packed rows unpacked in registers: the head fills the block and the value groups are a power of two
     fast = L.block_d == d and v_scale.shape[3] & (v_scale.shape[3] - 1) == 0
-    # both kernels take the same tensors, strides and most settings
     args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start,
             idx, L.out, L.po, L.plse,
             key_pos, query_pos, cap, k_res.shape[2], int(window or 0), sp[0], sp[1], sp[2],
@@ -569,16 +377,10 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
             si[0], si[1], si[2],
             L.out.stride(0), L.out.stride(1),
             L.spo_bh, L.spo_s)
-    common = dict(HK=hk, G=g, G_P=L.g_p, BLOCK_S=L.block_s, BITS=bits, PER=8 // bits, LEVELS=(1 << bits) - 1,
-                  KGROUP=group, DIRECT=L.direct, IEEE=L.ieee, UPCAST=L.upcast, ALL=slot_idx is None,
-                  HAS_CNT=slot_count is not None, ROUND_BF16=L.upcast and k_res.dtype == torch.bfloat16,
-                  num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
-    if TUNING["planes"] and fast and v_scale.shape[3] == 1:
-        _quant_decode_planes_kernel[(b * hk, L.splits)](
-            *args, NB=d * bits // 8,
-            KROW=slot_idx is None and group % L.block_s == 0 and L.split_size % L.block_s == 0, **common)
-    else:
-        _quant_decode_split_kernel[(b * hk, L.splits)](
-            *args, D=d, BLOCK_D=L.block_d, VGROUP=d // v_scale.shape[3], FAST=fast,
-            NVG=v_scale.shape[3] if fast else 1, **common)
+    _quant_decode_split_kernel[(b * hk, L.splits)](
+        *args, HK=hk, G=g, G_P=L.g_p, D=d, BLOCK_D=L.block_d, BLOCK_S=L.block_s, BITS=bits, PER=8 // bits,
+        LEVELS=(1 << bits) - 1, KGROUP=group, VGROUP=d // v_scale.shape[3], DIRECT=L.direct, IEEE=L.ieee,
+        UPCAST=L.upcast, ALL=slot_idx is None, HAS_CNT=slot_count is not None, FAST=fast,
+        NVG=v_scale.shape[3] if fast else 1, ROUND_BF16=L.upcast and k_res.dtype == torch.bfloat16,
+        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
     return L.finish()
