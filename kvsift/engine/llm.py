@@ -74,21 +74,21 @@ class LLM:
         _check_prefill_mode(prefill_mode)
         _check_join_chunks(join_chunks)
         mdl, tok, info = load_model(model, device, dtype, tensor_parallel=tensor_parallel)
-        self._init(mdl, tok, info, chunk_size, decode_mode, prefill_mode, kv_arena)
-        self.join_chunks = join_chunks
+        self._init(mdl, tok, info, chunk_size, decode_mode, prefill_mode, kv_arena, join_chunks)
 
     @classmethod
     def from_model(cls, model, tokenizer, name: str = "model", chunk_size: int | None = None,
-                   decode_mode: str = "auto", prefill_mode: str = "auto", kv_arena: bool = False) -> "LLM":
+                   decode_mode: str = "auto", prefill_mode: str = "auto", kv_arena: bool = False,
+                   join_chunks: int = 1) -> "LLM":
         """Wrap an already loaded transformers model (e.g. a tiny random one in tests; a model
         loaded tensor-parallel runs as one rank of it)."""
         self = cls.__new__(cls)
         self._init(model.eval(), tokenizer, model_info(model, tokenizer, name), chunk_size, decode_mode,
-                   prefill_mode, kv_arena)
+                   prefill_mode, kv_arena, _check_join_chunks(join_chunks))
         return self
 
     def _init(self, model, tokenizer, info: ModelInfo, chunk_size: int | None, decode_mode: str = "auto",
-              prefill_mode: str = "auto", kv_arena: bool = False):
+              prefill_mode: str = "auto", kv_arena: bool = False, join_chunks: int = 1):
         eos = set()
         for src in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
             if isinstance(src, int):
@@ -102,7 +102,7 @@ class LLM:
         self.scheduler = Scheduler(self.scheduler_config())
         # prefill chunks of requests joining a running batch run between two of its decode steps
         # (0: a joining prompt's whole prefill at once): the bound on a running row's inter-token time
-        self.join_chunks = 1
+        self.join_chunks = join_chunks
         self.tp_size = info.tp_size  # tensor-parallel ranks (1: none); KV figures below are this rank's
         item = info.dtype.itemsize if hasattr(info.dtype, "itemsize") else 2
         self.kv_bytes_per_token = kv_bytes_per_token(info.num_layers, info.num_kv_heads, info.head_dim, item)
@@ -387,8 +387,8 @@ class LLM:
             seqs = [_Seq(j, self, r.params, limit) for (r, j), limit in zip(owners, limits)]
             left = {r: r.rows for r in requests}   # sequences of each request still running
             # each request's prefill stats, the rows of that prefill, when its decode started
-            base_stats = {r: (stats, len(ids), 0.0) for r in requests}
-            own_runs = {}   # a request that joined: the method and run of its own prefill (its stats)
+            # (and the method and run of that prefill: a joined request's own, for its stats)
+            base_stats = {r: (stats, len(ids), 0.0, method, run) for r in requests}
             pending = None  # joining requests and their prefill in flight, one chunk per decode step
             eos = torch.tensor(self.eos_ids, device=self.device) if self.eos_ids else None
             # on CUDA the host reads step t's tokens while step t+1 already runs (no stall per step)
@@ -405,10 +405,9 @@ class LLM:
                 ev = s.push(tok_i, eos_i and not r.params.ignore_eos, s.steps == s.limit - 1,
                             "cancelled" if r in cancelled else None)
                 if ev.finished:
-                    st, rows_st, t_r = base_stats[r]
+                    st, rows_st, t_r, method_r, run_r = base_stats[r]
                     st.decode_mode, st.decode_setup_s = decoder.mode, decoder.setup_s
                     st.decode_setup_steps = decoder.setup_steps
-                    method_r, run_r = own_runs.get(r, (method, run))
                     stats_i = _copy_stats(st, ctx.cache, method_r, run_r, len(s.ids), s.steps - 1,
                                           time.perf_counter() - t0 - t_r, share=(r.rows, rows_st),
                                           end_share=(r.rows, len(seqs)))
@@ -482,8 +481,7 @@ class LLM:
                         for r in new:
                             left[r] = r.rows
                             st_r, rows_r, method_r, run_r = firsts[r]
-                            base_stats[r] = (st_r, rows_r, time.perf_counter() - t0)
-                            own_runs[r] = (method_r, run_r)
+                            base_stats[r] = (st_r, rows_r, time.perf_counter() - t0, method_r, run_r)
                             for j in range(r.rows):
                                 owners.append((r, j))
                                 seqs.append(_Seq(j, self, r.params, r.room(len(r.prompts[j]), self.info.max_positions)))
