@@ -22,8 +22,10 @@ if step tests; then
   if [ -n "${TESTS_K:-}" ]; then
     GROUPS_=("tests::${TESTS_K}")
   else
-    GROUPS_=("tests/test_kivi.py::cuda_kernel_matches and False and 64" "tests/test_kivi.py::cuda_kernel_matches and False and 128"
-             "tests/test_kivi.py::cuda_kernel_matches and True and 64" "tests/test_kivi.py::cuda_kernel_matches and True and 128"
+    GROUPS_=("tests/test_kivi.py::cuda_kernel_matches and 64 and (all or slots)"
+             "tests/test_kivi.py::cuda_kernel_matches and 64 and (count or window)"
+             "tests/test_kivi.py::cuda_kernel_matches and 128 and (all or slots)"
+             "tests/test_kivi.py::cuda_kernel_matches and 128 and (count or window)"
              "tests/test_decode_modes.py tests/test_kivi.py::(cuda or triton or gpu) and not cuda_kernel_matches"
              "tests --ignore=tests/test_kivi.py --ignore=tests/test_decode_modes.py::cuda or triton or gpu")
   fi
