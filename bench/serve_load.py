@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -54,6 +55,8 @@ def one_request(url: str, body: dict, timeout: float) -> dict:
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             ch = json.loads(line[6:])
+            if "error" in ch:  # the server reports a failure inside the stream (the status was 200)
+                return {"error": f"in stream: {json.dumps(ch['error'])[:300]}"}
             if ch.get("choices") and (ch["choices"][0].get("text") or ch["choices"][0].get("finish_reason")):
                 times.append(time.perf_counter())
             if ch.get("usage"):
@@ -122,10 +125,37 @@ def tiny_model_dir(path: Path) -> Path:
     return save_tiny_model(path, tokenizer=tok, seed=1, max_positions=8192)
 
 
+def random_8b_dir(path: Path, layers: int, tokenizer: str, max_positions: int) -> Path:
+    """A random-weight Llama-3.1-8B-shaped model (``layers`` decoder layers, bf16) written as an HF
+    directory for the server, with the tokenizer of a GGUF file or an HF directory (its vocabulary
+    sets the embedding rows: 151,936 for Qwen's, against the 8B's 128,256). Built on the GPU when
+    there is one."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from _random_llama import LLAMA_8B
+
+    g = Path(tokenizer)
+    tok = AutoTokenizer.from_pretrained(g) if g.is_dir() else AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
+    cfg = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=max_positions, rope_theta=500000.0,
+                      **{**LLAMA_8B, "vocab_size": len(tok)})
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    del model
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="served model (default: a tiny random-weight model)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--random-8b", type=int, default=None, metavar="LAYERS",
+                    help="serve a random-weight Llama-3.1-8B-shaped model of LAYERS layers (bf16; needs --tokenizer)")
+    ap.add_argument("--tokenizer", default=None, help="GGUF file or HF directory whose tokenizer the --random-8b model gets")
     ap.add_argument("--max-batch", default="1,8", help="comma-separated --max-batch values to compare")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
@@ -142,6 +172,8 @@ def main(argv=None) -> int:
     ap.add_argument("--join-chunks", default="1",
                     help="the server's --join-chunks, or a comma list run one after another with continuous "
                          "batching (0,1: a joining prompt prefilled at once vs a chunk per decode step)")
+    ap.add_argument("--preempt", action="store_true", help="the server's --preempt (with --kv-memory)")
+    ap.add_argument("--kv-memory", default=None, help="the server's --kv-memory (e.g. 40G)")
     ap.add_argument("--threads", type=int, default=None,
                     help="the server's CPU threads (OMP_NUM_THREADS; on a shared machine 1 avoids threads waiting "
                          "for a busy core: 2 threads measured 4-60x slower steps there)")
@@ -157,10 +189,12 @@ def main(argv=None) -> int:
         ap.error("--max-batch, --prompt-tokens and --join-chunks must be comma-separated integers")
     if not joins or min(joins) < 0:
         ap.error("--join-chunks values must be >= 0")
+    if args.random_8b is not None and (args.random_8b < 1 or not args.tokenizer or args.model):
+        ap.error("--random-8b takes a layer count >= 1 and --tokenizer, and no --model")
     if not values or any(v < 1 for v in values) or not 1 <= args.clients <= 256 or args.requests < 1 \
             or not lengths or min(lengths) < 1 or args.max_tokens < 1:
         ap.error("--max-batch values, --clients (<= 256), --requests, --prompt-tokens and --max-tokens must be >= 1")
-    env = {"PYTHONPATH": str(REPO)}
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     if args.threads is not None:
         if args.threads < 1:
             ap.error("--threads must be >= 1")
@@ -175,7 +209,13 @@ def main(argv=None) -> int:
 
     tmp = tempfile.TemporaryDirectory(prefix="kvsift-load-")
     try:
-        model = args.model or str(tiny_model_dir(Path(tmp.name) / "tiny"))
+        if args.random_8b is not None:
+            model = str(random_8b_dir(Path(tmp.name) / "r8b", args.random_8b, args.tokenizer,
+                                      max(lengths) + args.max_tokens + 64))
+            label = f"random Llama-3.1-8B shape, {args.random_8b} layers, bf16"
+        else:
+            model = args.model or str(tiny_model_dir(Path(tmp.name) / "tiny"))
+            label = args.model or "tiny random (llama, 2 layers)"
         rows = []
         modes = {"on": [True], "off": [False], "both": [False, True]}[
             "off" if args.no_continuous_batching else args.continuous]
@@ -187,6 +227,10 @@ def main(argv=None) -> int:
                    "--join-chunks", str(jc)]
             if args.chunk_size:
                 cmd += ["--chunk-size", str(args.chunk_size)]
+            if args.preempt:
+                cmd.append("--preempt")
+            if args.kv_memory:
+                cmd += ["--kv-memory", args.kv_memory]
             if not cont:
                 cmd.append("--no-continuous-batching")
             with ServerProcess(cmd, start_timeout=600, env=env) as srv:
@@ -194,12 +238,21 @@ def main(argv=None) -> int:
                 before = batch_metric(srv.url)
                 res = run_phase(srv.url, args.clients, args.requests, lengths, args.max_tokens, extra,
                                 args.timeout, args.seed)
-                after = batch_metric(srv.url)
+                if res["errors"]:  # the server's side of them
+                    print(f"{len(res['errors'])} request(s) failed (max-batch {mb}); the server log ends:\n"
+                          f"{srv.log()[-3000:]}", file=sys.stderr)
+                try:
+                    after = batch_metric(srv.url)
+                except httpx.HTTPError:  # the server is gone: say why
+                    print(f"server (max-batch {mb}) died; its log ends:\n{srv.log()[-4000:]}", file=sys.stderr)
+                    raise
             n = after["batches"] - before["batches"]
             res["batches"] = n
             res["requests_per_batch"] = round((res["requests"] - len(res["errors"])) / n, 2) if n else None
             rows.append({"max_batch": mb, "continuous": cont and mb > 1, "join_chunks": jc if cont and mb > 1 else None,
                          **res})
+            if args.json is not None:  # rows so far, should a later run be cut off
+                args.json.write_text(json.dumps({"partial": True, "model": label, "results": rows}, indent=1))
     finally:
         tmp.cleanup()
 
@@ -212,13 +265,13 @@ def main(argv=None) -> int:
                        str(len(r["errors"]))) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     print(f"{args.clients} clients x {args.requests} requests, {args.prompt_tokens}-token prompts, "
-          f"{args.max_tokens} new tokens, model {args.model or 'tiny random'}"
+          f"{args.max_tokens} new tokens, model {label}"
           + (f", {args.threads} server thread(s)" if args.threads else "")
           + (f", {args.kv_method} {args.kv_budget}" if args.kv_method else ""))
     for row in table:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
     report = {"clients": args.clients, "requests_per_client": args.requests, "prompt_tokens": lengths,
-              "max_tokens": args.max_tokens, "model": args.model or "tiny random (llama, 2 layers)",
+              "max_tokens": args.max_tokens, "model": label,
               "kv_method": args.kv_method, "kv_budget": args.kv_budget, "threads": args.threads,
               "results": rows}
     if args.json is not None:

@@ -87,6 +87,14 @@ def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, itemsi
     return num_layers * num_kv_heads * (2 * head_dim * itemsize + 4)
 
 
+def prefill_kv_bytes(per_token: int, rows: int, prompt_tokens: int, kept_tokens: int, *,
+                     row_prefill: bool = False) -> int:
+    """Device KV bytes a fresh prefill of ``rows`` prompts holds at its peak: every prompt's whole KV,
+    or (``row_prefill``) one row's whole prompt beside the rows already compressed to ``kept_tokens``."""
+    kept = min(kept_tokens, prompt_tokens)
+    return (prompt_tokens + (rows - 1) * kept if row_prefill else rows * prompt_tokens) * per_token
+
+
 def request_kv_bytes(per_token: int, rows: int, prompt_tokens: int, kept_tokens: int, new_tokens: int, *,
                      context_bytes: int = 0, offloads: bool | float = False,
                      row_prefill: bool = False, context_shared: bool = False) -> tuple[int, int]:
@@ -101,9 +109,37 @@ def request_kv_bytes(per_token: int, rows: int, prompt_tokens: int, kept_tokens:
     then keeps the whole prompt in host memory and ``kept_tokens`` on the device. A lower
     bound (method state and allocator slack are not counted), so it refuses nothing that would fit."""
     kept = min(kept_tokens, prompt_tokens)
-    # one row at a time: that row's whole prompt beside the rows already compressed
-    prefill = (prompt_tokens + (rows - 1) * kept if row_prefill else rows * prompt_tokens) * per_token
+    prefill = prefill_kv_bytes(per_token, rows, prompt_tokens, kept, row_prefill=row_prefill)
     decode = rows * (kept + new_tokens) * per_token
     device = (1 if context_shared else rows) * context_bytes + max(prefill, decode)
     host = int(rows * prompt_tokens * per_token * float(offloads))
     return device, host
+
+
+# a server's default admission limits (``kvsift serve`` without --kv-memory / --host-memory, on CUDA)
+DEVICE_KV_SHARE = 0.45
+HOST_KV_SHARE = 0.5
+
+
+def default_memory_limits(device, free_device: int | None = None,
+                          available_host: int | None = None) -> tuple[int | None, int | None]:
+    """``(device, host)`` KV bytes a server admits at once by default: on CUDA,
+    :data:`DEVICE_KV_SHARE` of the device memory free once the model is loaded (a batch whose rows
+    change holds its kept KV twice while it is rebuilt, and prefills need activation room) and
+    :data:`HOST_KV_SHARE` of the host memory available (offloaded KV is pinned: past it the
+    process is killed rather than told); elsewhere ``(None, None)``, unbounded. ``free_device`` /
+    ``available_host``: the measured figures (read from the device and the OS when None)."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return None, None
+    if free_device is None:
+        import torch
+
+        free_device = torch.cuda.mem_get_info(device)[0]
+    if available_host is None:
+        import os
+
+        try:
+            available_host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            available_host = 0
+    return int(free_device * DEVICE_KV_SHARE), (int(available_host * HOST_KV_SHARE) if available_host else None)

@@ -99,6 +99,32 @@ def test_cpu_default_chunking_takes_a_long_first_chunk(tiny_llm, default_tokeniz
         tiny_llm.generate(ids[600:], p, context=ctx_b)[0].token_ids
 
 
+def test_a_wide_batch_prefill_takes_at_most_max_batched_tokens_per_forward(tiny_llm, default_tokenizer, monkeypatch):
+    """Many prompts prefilled together get chunks of ``max_batched_tokens // rows`` tokens (at least
+    16, a multiple of 16; the method's last-chunk minimum wins), so one forward never holds more;
+    the tokens are those of the default chunking."""
+    from kvsift import LLM
+    from kvsift.methods import build_method
+
+    narrow = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, max_batched_tokens=96)
+    r, full = narrow.runner, build_method("full", None)
+    assert r.chunk_bounds(200, full)[0] == (0, 64)                  # one row: chunk_size
+    assert r.chunk_bounds(200, full, rows=2)[0] == (0, 48)          # 96 // 2
+    assert r.chunk_bounds(200, full, rows=4)[:2] == [(0, 16), (16, 32)]  # 24 -> 16
+    assert r.chunk_bounds(200, full, rows=50)[0] == (0, 16)         # never below 16
+    widths = []
+    real = r.forward
+    monkeypatch.setattr(r, "forward", lambda ctx, ids, pos: widths.append(ids.shape) or real(ctx, ids, pos))
+    prompts = [random_prompt(n, seed=40 + n) for n in (90, 120, 70)]
+    p = SamplingParams(max_tokens=5, ignore_eos=True)
+    got = narrow.generate(prompts, p)  # full prefills a batch together
+    prefill = [s for s in widths if s[1] > 1]
+    assert prefill and all(b * q <= 96 for b, q in prefill) and prefill[0] == (3, 32)
+    assert [o.token_ids for o in got] == [o.token_ids for o in tiny_llm.generate(prompts, p)]
+    with pytest.raises(ValueError, match="max_batched_tokens"):
+        LLM.from_model(tiny_llm.model, default_tokenizer, max_batched_tokens=8)
+
+
 def test_sampling_seeded_reproducible_and_top_p(tiny_llm):
     ids = random_prompt(50, seed=10)
     p = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=123, ignore_eos=True)

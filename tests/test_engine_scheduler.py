@@ -700,3 +700,61 @@ def test_cuda_graph_decode_with_joins_gives_the_answers_alone(spec, budget):
             outs[r.id] = ev.output
     assert [outs[r.id].token_ids for r in (a, b, c)] == want
     assert outs[a.id].stats.decode_mode == "graph"
+
+
+@pytest.mark.parametrize("spec,budget,mode", [("full", None, "eager"), ("snapkv", 0.5, "eager"),
+                                              ("adakv", 0.5, "eager"), ("full", None, "static")])
+def test_preemption_swaps_the_newest_request_out_and_resumes_it_with_its_answer(tiny_llm, default_tokenizer,
+                                                                                spec, budget, mode):
+    """A preempting scheduler admits A and B with their prompt and 4 decode tokens; as both decode,
+    the device KV would pass ``kv_memory``, so B (the newer) is copied to the host and leaves the
+    batch, A goes on, and B comes back once A is done: both answers are the ones alone, B's tokens
+    pause while it is out, and every charge is back to 0 at the end."""
+    from kvsift import LLM
+    from kvsift.engine.scheduler import Scheduler, SchedulerConfig
+
+    llm = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode=mode)
+    p_a, p_b = random_prompt(40, seed=501), random_prompt(48, seed=502)
+    q = SamplingParams(max_tokens=40, ignore_eos=True)
+    want = [tiny_llm.generate(p, q, method=spec, budget=budget)[0].token_ids for p in (p_a, p_b)]
+    a, b = (llm.request([p], q, method=spec, budget=budget) for p in (p_a, p_b))
+    need = [r.token_bytes * (r.kept_tokens + 40) for r in (a, b)]               # all 40 tokens
+    admit = [max(r.prefill_bytes, r.token_bytes * (r.kept_tokens + 4)) for r in (a, b)]
+    kv_memory = max(sum(admit), int(1.1 * max(need)))
+    assert kv_memory < sum(need) and max(need) <= kv_memory   # together they do not fit, each alone does
+    memory = Scheduler(llm.scheduler_config(kv_memory=kv_memory, preempt=True, headroom=4))
+    memory.add(a)
+    group = memory.schedule()
+    assert group == [a] and a.charged == admit[0] < a.kv_bytes
+    steps, order = [], []
+
+    def join(running, rows):
+        steps.append(rows)
+        if len(steps) == 2:
+            memory.add(b)
+            return memory.join(running, rows)
+        return []
+
+    outs = {}
+    for r, ev in llm.run_batch(group, join=join, memory=memory):
+        if ev.token_id is not None:
+            order.append(r.id)
+        if ev.output is not None:
+            outs[r.id] = ev.output
+    memory.finish(group)
+    assert [outs[r.id].token_ids for r in (a, b)] == want
+    assert memory.preemptions >= 1, memory.preemptions
+    # while B was out, A's tokens came alone: somewhere after B's first token, a run of A's only
+    first_b = order.index(b.id)
+    run_a = max(len(s) for s in "".join("a" if i == a.id else "b" for i in order[first_b:]).split("b"))
+    assert run_a >= 8, order
+    assert (memory.kv_used, memory.host_used, a.charged, b.charged, b.swapped_bytes) == (0, 0, 0, 0, 0)
+
+
+def test_preemption_is_off_by_default_and_checked():
+    from kvsift.engine.scheduler import SchedulerConfig
+
+    assert SchedulerConfig().preempt is False
+    for kw, msg in (({"preempt": "yes"}, "preempt must be a bool"), ({"headroom": 0}, "headroom must be")):
+        with pytest.raises(ValueError, match=msg):
+            SchedulerConfig(**kw)

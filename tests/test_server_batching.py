@@ -277,7 +277,8 @@ def test_max_batch_and_memory_options_are_validated(capsys):
     for kw, msg in (({"max_batch": 0}, "max_batch (--max-batch) must be an integer >= 1"),
                     ({"max_batch": 2.5}, "max_batch"), ({"kv_memory_bytes": 0}, "kv_memory_bytes (--kv-memory)"),
                     ({"host_memory_bytes": -1}, "host_memory_bytes (--host-memory)"),
-                    ({"continuous_batching": "yes"}, "continuous_batching must be a bool")):
+                    ({"continuous_batching": "yes"}, "continuous_batching must be a bool"),
+                    ({"preempt": 1}, "preempt must be a bool")):
         with pytest.raises(ValueError) as e:
             ServerConfig(**kw)
         assert msg in str(e.value)
@@ -383,3 +384,99 @@ def test_server_with_kv_arena_answers_like_alone(tmp_path_factory, default_token
             items = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
             assert [c["text"] for c in out["choices"]] == [alone(tiny_llm, p, 6).text for p in items]
             assert out["kvsift"]["stats"][0]["decode_mode"] == "static"
+
+
+def _fail_prefill_of(llm, monkeypatch, length: int, exc: BaseException):
+    """The runner's prefill of any batch holding a prompt of ``length`` tokens raises ``exc`` at
+    its first chunk (a joining request running out of memory, say)."""
+    real = llm.runner.prefill_steps
+
+    def prefill_steps(ids, *a, **k):
+        if any(len(x) == length for x in ids):
+            def failing():
+                raise exc
+                yield  # noqa: unreachable - a generator like the real one
+            return failing()
+        return real(ids, *a, **k)
+
+    monkeypatch.setattr(llm.runner, "prefill_steps", prefill_steps)
+
+
+def test_a_joining_request_whose_prefill_fails_fails_alone(make_client, tiny_llm, batches, monkeypatch):
+    """B joins A's running batch and its prefill raises (as a GPU out of memory would): B gets a 500
+    with a reference, A its whole answer alone, C (joining after the failure) its own; the
+    scheduler's accounting is back to 0."""
+    c = make_client(max_batch=4)
+    sched = c.app.state.kvsift.scheduler
+    p_a, p_b, p_c = (random_prompt(n, seed=300 + n) for n in (30, 55, 44))
+    want_a, want_c = alone(tiny_llm, p_a, 30), alone(tiny_llm, p_c, 6)
+    _fail_prefill_of(tiny_llm, monkeypatch, 55, RuntimeError("simulated: out of memory in a joining prefill"))
+    batches.release.set()
+    batches.pause_min = 1
+    batches.resume.clear()  # A's batch stops after its first event
+    with ThreadPoolExecutor(3) as pool:
+        fa = pool.submit(c.post, "/v1/completions", json=completion(p_a, 30))
+        assert batches.paused.wait(30)
+        fb = pool.submit(c.post, "/v1/completions", json=completion(p_b, 6))
+        wait_for(lambda: sched.waiting == 1)
+        batches.resume.set()
+        rb = fb.result()
+        fc = pool.submit(c.post, "/v1/completions", json=completion(p_c, 6))
+        ra, rc = fa.result(), fc.result()
+    assert rb.status_code == 500 and rb.json()["error"]["code"] == "internal_error", rb.text
+    assert "RuntimeError" in rb.json()["error"]["message"]
+    assert sched.joined >= 1 and batches.groups[0] == [[p_a]] and [[p_b]] not in batches.groups  # B joined A
+    assert ra.status_code == 200 and ra.json()["choices"][0]["text"] == want_a.text
+    assert rc.status_code == 200 and rc.json()["choices"][0]["text"] == want_c.text
+    wait_for(lambda: (sched.running, sched.waiting, sched.per_key, sched.busy) == (0, 0, {}, False))
+    assert not sched.engine.running and sched.engine.kv_used == 0
+
+
+def test_max_batched_tokens_is_validated_before_the_model_loads(capsys):
+    from kvsift import LLM
+    from kvsift.cli import main
+
+    with pytest.raises(ValueError, match="max_batched_tokens must be >= 16"):
+        LLM("/nonexistent", max_batched_tokens=8)
+    assert main(["serve", "--max-batched-tokens", "8", "--model", "/nonexistent", "--no-persist"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvsift: error: ") and "--max-batched-tokens" in err, err
+
+
+def test_default_admission_limits_are_shares_of_free_memory_on_cuda_only():
+    import torch
+
+    from kvsift.budget import DEVICE_KV_SHARE, HOST_KV_SHARE, default_memory_limits
+
+    assert default_memory_limits(torch.device("cpu")) == (None, None)
+    dev, host = default_memory_limits(torch.device("cuda", 0), free_device=100 * 2**30, available_host=64 * 2**30)
+    assert dev == int(100 * 2**30 * DEVICE_KV_SHARE) and host == int(64 * 2**30 * HOST_KV_SHARE)
+    assert default_memory_limits(torch.device("cuda", 0), free_device=2**30, available_host=0)[1] is None
+
+
+def test_preempting_server_swaps_a_request_out_and_answers_both(make_client, tiny_llm, batches):
+    """``--preempt``: A and B are admitted with their prompts and 16 decode tokens; 40 tokens each do
+    not fit ``--kv-memory`` together, so B is swapped to host memory mid-answer and resumed after
+    A: both answers are the ones alone, the metric counts the preemption, the charges end at 0."""
+    per = tiny_llm.kv_bytes_per_token
+    c = make_client(max_batch=4, kv_memory_bytes=112 * per, preempt=True)   # 2 x (40 + 16) tokens
+    sched = c.app.state.kvsift.scheduler
+    p_a, p_b = random_prompt(40, seed=601), random_prompt(40, seed=602)
+    want = [alone(tiny_llm, p, 40) for p in (p_a, p_b)]
+    batches.release.set()
+    batches.pause_min = 1
+    batches.resume.clear()  # A's batch stops after its first event
+    with ThreadPoolExecutor(2) as pool:
+        fa = pool.submit(c.post, "/v1/completions", json=completion(p_a, 40))
+        assert batches.paused.wait(30)
+        fb = pool.submit(c.post, "/v1/completions", json=completion(p_b, 40, stream=True))
+        wait_for(lambda: sched.waiting == 1)
+        batches.resume.set()
+        ra, rb = fa.result(), fb.result()
+    assert ra.status_code == 200 and ra.json()["choices"][0]["text"] == want[0].text, ra.text
+    text, chunks = sse_text(rb)
+    assert text == want[1].text and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert sched.joined == 1 and sched.engine.preemptions >= 1
+    assert re.search(r"^kvsift_preemptions_total [1-9]", c.get("/metrics").text, re.M)
+    wait_for(lambda: (sched.running, sched.waiting, sched.busy) == (0, 0, False))
+    assert (sched.engine.kv_used, sched.engine.host_used) == (0, 0)

@@ -17,6 +17,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+pytest.importorskip("fastapi")
 from kvsift.server.app import create_app  # noqa: E402
 from kvsift.server.auth import KeyRing  # noqa: E402
 from kvsift.server.config import ServerConfig  # noqa: E402

@@ -19,15 +19,17 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import math
+
 import torch
 
-from kvsift.budget import kv_bytes_per_token, request_kv_bytes
+from kvsift.budget import kv_bytes_per_token, prefill_kv_bytes, request_kv_bytes
 from kvsift.cache import SiftCache
 from kvsift.cache.layer import shared_rows
 from kvsift.engine.attention import ForwardContext  # noqa: F401  (re-exported: engine internals are importable)
 from kvsift.engine.decode import check_decode_mode
 from kvsift.engine.params import GenerationStats, RequestOutput, SamplingParams, StreamEvent
-from kvsift.engine.runner import CPU_FIRST_CHUNK, DEFAULT_CHUNK, Context, ModelRunner, PrefillCancelled, sync
+from kvsift.engine.runner import CPU_FIRST_CHUNK, DEFAULT_CHUNK, MAX_BATCHED_TOKENS, Context, ModelRunner, PrefillCancelled, sync
 from kvsift.engine.runner import check_prefill_mode as _check_prefill_mode
 from kvsift.engine.scheduler import Request, Scheduler, SchedulerConfig, pads_exactly
 from kvsift.methods import KVMethod, build_method
@@ -38,7 +40,7 @@ from kvsift.tp import agree
 
 Prompt = str | Sequence[int]
 
-__all__ = ["LLM", "Context", "Prompt", "CPU_FIRST_CHUNK", "DEFAULT_CHUNK"]
+__all__ = ["LLM", "Context", "Prompt", "CPU_FIRST_CHUNK", "DEFAULT_CHUNK", "MAX_BATCHED_TOKENS"]
 
 
 class LLM:
@@ -61,7 +63,9 @@ class LLM:
     each rank; every rank makes the same calls and gets the same tokens (sampled ones are rank 0's).
     ``join_chunks``: prefill chunks of requests joining a running batch (continuous batching) run
     between two of its decode steps (default 1: a running sequence waits at most one chunk per
-    token; 0: a joining prompt's whole prefill at once).
+    token; 0: a joining prompt's whole prefill at once). ``max_batched_tokens``: prompt tokens one
+    prefill forward takes over all rows of a batch (default 16,384): many long prompts prefilled
+    together (requests joining at once) get narrower chunks, so activation memory stays bounded.
 
     ``runner`` (the model, its forward passes and CUDA graphs) and ``scheduler`` (this LLM's
     offline queue) are its two parts; ``model``, ``info``, ``device``, ``chunk_size`` and the modes
@@ -69,26 +73,30 @@ class LLM:
 
     def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
                  chunk_size: int | None = None, decode_mode: str = "auto", prefill_mode: str = "auto",
-                 kv_arena: bool = False, tensor_parallel: int = 1, join_chunks: int = 1):
+                 kv_arena: bool = False, tensor_parallel: int = 1, join_chunks: int = 1,
+                 max_batched_tokens: int = MAX_BATCHED_TOKENS):
         check_decode_mode(decode_mode)
         _check_prefill_mode(prefill_mode)
         _check_join_chunks(join_chunks)
+        if max_batched_tokens < 16:  # before the model loads
+            raise ValueError(f"max_batched_tokens must be >= 16, got {max_batched_tokens}")
         mdl, tok, info = load_model(model, device, dtype, tensor_parallel=tensor_parallel)
-        self._init(mdl, tok, info, chunk_size, decode_mode, prefill_mode, kv_arena, join_chunks)
+        self._init(mdl, tok, info, chunk_size, decode_mode, prefill_mode, kv_arena, join_chunks, max_batched_tokens)
 
     @classmethod
     def from_model(cls, model, tokenizer, name: str = "model", chunk_size: int | None = None,
                    decode_mode: str = "auto", prefill_mode: str = "auto", kv_arena: bool = False,
-                   join_chunks: int = 1) -> "LLM":
+                   join_chunks: int = 1, max_batched_tokens: int = MAX_BATCHED_TOKENS) -> "LLM":
         """Wrap an already loaded transformers model (e.g. a tiny random one in tests; a model
         loaded tensor-parallel runs as one rank of it)."""
         self = cls.__new__(cls)
         self._init(model.eval(), tokenizer, model_info(model, tokenizer, name), chunk_size, decode_mode,
-                   prefill_mode, kv_arena, _check_join_chunks(join_chunks))
+                   prefill_mode, kv_arena, _check_join_chunks(join_chunks), max_batched_tokens)
         return self
 
     def _init(self, model, tokenizer, info: ModelInfo, chunk_size: int | None, decode_mode: str = "auto",
-              prefill_mode: str = "auto", kv_arena: bool = False, join_chunks: int = 1):
+              prefill_mode: str = "auto", kv_arena: bool = False, join_chunks: int = 1,
+              max_batched_tokens: int = MAX_BATCHED_TOKENS):
         eos = set()
         for src in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
             if isinstance(src, int):
@@ -98,7 +106,8 @@ class LLM:
         self.eos_ids = sorted(eos)
         pad = getattr(tokenizer, "pad_token_id", None)
         pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
-        self.runner = ModelRunner(model, tokenizer, info, chunk_size, decode_mode, prefill_mode, pad_id, kv_arena)
+        self.runner = ModelRunner(model, tokenizer, info, chunk_size, decode_mode, prefill_mode, pad_id, kv_arena,
+                                  max_batched_tokens=max_batched_tokens)
         self.scheduler = Scheduler(self.scheduler_config())
         # prefill chunks of requests joining a running batch run between two of its decode steps
         # (0: a joining prompt's whole prefill at once): the bound on a running row's inter-token time
@@ -226,11 +235,15 @@ class LLM:
         self.runner.decode_mode_for(m)  # a bad KVSIFT_DECODE: an error now, before any compute
         new = min(params.max_tokens, self.info.max_positions - base - longest)
         ctx_bytes = context.cache.memory()["device"] if context is not None else 0
+        row_prefill = self.runner.rows_prefill(m, len(ids), context)
         kv, host = request_kv_bytes(self.kv_bytes_per_token, len(ids), longest, run.tokens, new,
                                     context_bytes=ctx_bytes, offloads=m.host_share(self.info.head_dim),
-                                    row_prefill=self.runner.rows_prefill(m, len(ids), context),
-                                    context_shared=self.runner.shares_context(m, context))
-        return Request([list(x) for x in ids], params, m, run, context, cancel, kv, host, tag=tag)
+                                    row_prefill=row_prefill, context_shared=self.runner.shares_context(m, context))
+        kept = min(run.tokens, longest)
+        return Request([list(x) for x in ids], params, m, run, context, cancel, kv, host, tag=tag,
+                       prefill_bytes=prefill_kv_bytes(self.kv_bytes_per_token, len(ids), longest, kept,
+                                                      row_prefill=row_prefill),
+                       token_bytes=len(ids) * self.kv_bytes_per_token, kept_tokens=kept)
 
     def _offline(self, req: Request, progress: bool | None) -> Iterator[StreamEvent]:
         """Run one request through this LLM's scheduler (the calls of one LLM run one at a time)."""
@@ -240,6 +253,8 @@ class LLM:
             events = self.run_batch(group, progress)
             try:
                 for _, ev in events:
+                    if ev.error is not None:
+                        raise ev.error
                     yield ev
             finally:
                 events.close()  # the decode loop's own cleanup (KV, graphs) runs now, not at collection
@@ -333,8 +348,8 @@ class LLM:
 
     # ---- one batched generation ---------------------------------------------------------------
     def run_batch(self, requests: list[Request], progress: bool | None = None,
-                  join: Callable[[list[Request], int], list[Request]] | None = None
-                  ) -> Iterator[tuple[Request, StreamEvent]]:
+                  join: Callable[[list[Request], int], list[Request]] | None = None,
+                  memory: Scheduler | None = None) -> Iterator[tuple[Request, StreamEvent]]:
         """Run a scheduled group of compatible requests (:func:`~kvsift.engine.scheduler.batch_key`)
         as one batched generation: their prompts are prefilled and decoded together. Yields
         ``(request, event)``, the event's ``index`` local to its request; a request's last event
@@ -351,7 +366,14 @@ class LLM:
         sequence is done leave the batch the same way. Only where that is exact and keeps shapes
         free: a method whose state is only its kept KV (``full``, the prefill eviction methods), no
         reused context but one read by reference, no KV arena (:meth:`joins_running`); elsewhere
-        the batch keeps its rows to the end (done rows computed and ignored)."""
+        the batch keeps its rows to the end (done rows computed and ignored).
+
+        ``memory``: the scheduler that admitted the requests, when its config preempts
+        (``SchedulerConfig.preempt``): every preemptible request is charged ``headroom`` decode
+        tokens ahead (:meth:`Scheduler.ensure`); when a charge does not fit, the newest preemptible
+        request's rows are copied to host memory and leave the batch (it is preempted: its stream
+        pauses), and once there is room again, before any new request joins, they come back with
+        their KV, their next token and their sequences' state, and go on where they stopped."""
         if not requests:
             return
         head = requests[0]
@@ -389,6 +411,11 @@ class LLM:
             # each request's prefill stats, the rows of that prefill, when its decode started
             # (and the method and run of that prefill: a joined request's own, for its stats)
             base_stats = {r: (stats, len(ids), 0.0, method, run) for r in requests}
+            # preemption: decode tokens per row each request is charged for (inf: all of them)
+            preempt = (memory is not None and compact and memory.config.preempt
+                       and any(memory.preemptible(r) for r in requests))
+            covered = {r: (memory.headroom if preempt and memory.preemptible(r) else math.inf) for r in requests}
+            swapped: list[_Swapped] = []  # preempted requests' rows on the host, oldest first
             pending = None  # joining requests and their prefill in flight, one chunk per decode step
             eos = torch.tensor(self.eos_ids, device=self.device) if self.eos_ids else None
             # on CUDA the host reads step t's tokens while step t+1 already runs (no stall per step)
@@ -420,21 +447,25 @@ class LLM:
             try:
                 while True:
                     # the last step of every running sequence: nothing to queue after it
-                    last = all(s.done or s.steps == s.limit - 1 for s in seqs)
+                    last = all(s.done or s.steps == s.limit - 1 for s in seqs) and not swapped
                     tok = self._sample(_hold_eos(logits, seqs, eos), params, gen)
                     is_eos = torch.isin(tok, eos) if eos is not None else torch.zeros_like(tok, dtype=torch.bool)
-                    if pending is None and can_join and not last:
+                    if pending is None and can_join and not last and not swapped:  # preempted ones first
                         joining = join(requests, len(seqs))
                         for r in joining:  # in the group from now on (its caller finishes them with it)
                             requests.append(r)
                             left[r] = 0     # no running sequence until their prefill is done
+                            covered[r] = memory.headroom if preempt and memory.preemptible(r) else math.inf
                         if joining:  # their prompts are prefilled a chunk per decode step of the others
                             room = max([ctx.cache.reserve] + [r.room(len(p), self.info.max_positions) + 1
                                                               for r in joining for p in r.prompts])
                             pending = (joining, self._prefill_joining(joining, method, run, room, progress))
                     # rows change before the next step (new ones, or rows done since the last step):
                     # nothing may be queued ahead of that
-                    synced = not lag or pending is not None or (compact and any(s.done for s in seqs))
+                    # a charge to grow, or preempted rows waiting to come back: rows may change
+                    mem_due = preempt and (bool(swapped) or any(
+                        not s.done and s.steps + 2 > covered[owners[i][0]] for i, s in enumerate(seqs)))
+                    synced = not lag or pending is not None or (compact and any(s.done for s in seqs)) or mem_due
                     if not synced:
                         host.copy_(torch.stack((tok, is_eos.long())), non_blocking=True)
                         ready.record()
@@ -469,13 +500,32 @@ class LLM:
                             pending = None
                             for r in joining:
                                 yield from _cancelled_events(r)
-                    if all(done) and not new and pending is None:
+                        except Exception as e:  # noqa: BLE001 - the joiners fail, the running rows go on
+                            pending = None
+                            steps.close()
+                            del steps
+                            _release_memory(self.device, e)
+                            for r in joining:
+                                r.finished = True
+                                yield r, StreamEvent(0, "", None, finished=True, error=e)
+                    out_rows: set[int] = set()
+                    resumed: list[_Swapped] = []
+                    if preempt and synced:
+                        out_rows = self._preempt(memory, ctx, requests, seqs, owners, covered, swapped, tok, next_pos)
+                        if swapped and not out_rows and pending is None:
+                            idle = all(d for d in done)  # nothing runs: the oldest comes back whatever it costs
+                            while swapped and memory.swap_in(swapped[0].req, swapped[0].tokens + memory.headroom,
+                                                             force=idle and not resumed):
+                                covered[swapped[0].req] = swapped[0].tokens + memory.headroom
+                                resumed.append(swapped.pop(0))
+                    if all(done) and not new and pending is None and not resumed and not swapped:
                         break
-                    if synced and compact and (new or any(done)):
+                    if synced and compact and (new or any(done) or out_rows or resumed):
                         # continuous batching: done rows leave, new requests join, before the next step
-                        keep = [i for i, d in enumerate(done) if not d]
+                        # (and preempted rows leave, resumed ones come back)
+                        keep = [i for i, d in enumerate(done) if not d and i not in out_rows]
                         decoder.close()
-                        ctx, t_new = self._rebuild(ctx, next_pos, keep, new, parts, run)
+                        ctx, t_new = self._rebuild(ctx, next_pos, keep, new, parts, run, resumed)
                         seqs, owners = [seqs[i] for i in keep], [owners[i] for i in keep]
                         tok, next_pos = tok[keep], next_pos[keep]
                         for r in new:
@@ -493,6 +543,11 @@ class LLM:
                                 yield from push(len(keep) + k, t_k, bool(e_k), set())
                             tok = torch.cat([tok, tok_new])
                             next_pos = torch.cat([next_pos, t_new.next_pos])
+                        for sw in resumed:  # their next token was sampled before they left: no new one
+                            seqs.extend(sw.seqs)
+                            owners.extend(sw.owners)
+                            tok = torch.cat([tok, sw.tok.to(self.device)])
+                            next_pos = torch.cat([next_pos, sw.next_pos.to(self.device)])
                         host = torch.empty(2, len(seqs), dtype=torch.long, pin_memory=lag)
                         decoder = runner.decoder(ctx, mode, max(s.limit - s.steps for s in seqs) + 1)
                         if all(s.done for s in seqs):
@@ -556,8 +611,47 @@ class LLM:
                 yield
         return parts, per_req
 
+    def _preempt(self, memory: Scheduler, ctx: ForwardContext, requests: list[Request], seqs: list["_Seq"],
+                 owners: list, covered: dict, swapped: list["_Swapped"], tok: torch.Tensor,
+                 next_pos: torch.Tensor) -> set[int]:
+        """At a decode-step boundary: charge each running preemptible request for ``headroom`` more
+        decode tokens once it has used what it was charged for; where that does not fit, swap the
+        newest preemptible request's running rows out to host memory (appended to ``swapped``)
+        until it does, or until the request itself was swapped out. Returns the rows that leave.
+        A request alone with nothing to preempt goes on past its charge."""
+        live = [r for r in requests if covered.get(r, math.inf) != math.inf
+                and any(o[0] is r and not seqs[i].done for i, o in enumerate(owners))]
+        out: set[int] = set()
+        gone: set = set()
+        for r in list(live):
+            if r in gone:
+                continue
+            steps = max(seqs[i].steps for i, o in enumerate(owners) if o[0] is r)
+            if steps + 1 <= covered[r]:
+                continue
+            while not memory.ensure(r, steps + memory.headroom):
+                victims = [v for v in live if v not in gone]
+                if len(victims) < 2:  # nothing else to preempt: it runs past its charge
+                    break
+                v = victims[-1]
+                idx = [i for i, o in enumerate(owners) if o[0] is v and not seqs[i].done]
+                made = max(seqs[i].steps for i in idx)
+                swapped.append(_Swapped(v, _rows_to_host(ctx.cache, idx, self.device.type == "cuda"),
+                                        [seqs[i] for i in idx], [owners[i] for i in idx], tok[idx].cpu(),
+                                        next_pos[idx].cpu(),
+                                        [ctx.prompt_ids[i] for i in idx] if ctx.prompt_ids is not None else None,
+                                        made))
+                memory.swap_out(v, made)
+                out.update(idx)
+                gone.add(v)
+                if v is r:
+                    break
+            else:
+                covered[r] = steps + memory.headroom
+        return out
+
     def _rebuild(self, ctx: ForwardContext, next_pos: torch.Tensor, keep: list[int], new: list[Request],
-                 parts: list, run: Run):
+                 parts: list, run: Run, resumed: list["_Swapped"] | None = None):
         """The running batch with only its rows ``keep`` plus the rows of ``new`` (prefilled by
         :meth:`_prefill_joining` into ``parts``): every row's used slots (its own positions; slots
         no head uses dropped) are stacked into a new cache, shorter rows padded with position -1,
@@ -570,17 +664,21 @@ class LLM:
         room = max([old.reserve] + [c.reserve for c, _, _, _ in parts])
         merged = SiftCache(self.info.num_layers, reserve=room)
         sources = [(old, i) for i in keep] + [(c, i) for c, _, _, n in parts for i in range(n)]
+        back = [row for sw in resumed or () for row in sw.rows]  # preempted rows coming back, on the host
         with torch.inference_mode():
             for li, lm in enumerate(merged.layers):
-                lm.set_rows([_row_kv(cache.layers[li], i) for cache, i in sources])
+                lm.set_rows([_row_kv(cache.layers[li], i) for cache, i in sources]
+                            + [_row_to(row[li], self.device) for row in back])
                 shared = old.layers[li].prefix or next(
                     (c.layers[li].prefix for c, _, _, _ in parts if c.layers[li].prefix is not None), None)
                 if shared is not None:  # the context, one copy for the new batch's rows
                     lm.prefix = tuple(shared_rows(t, len(sources)) for t in shared)
         merged.seen = max([old.seen] + [c.seen for c, _, _, _ in parts])
-        pos = [next_pos[keep]] + [c.next_pos for _, c, _, _ in parts]
+        pos = [next_pos[keep]] + [c.next_pos for _, c, _, _ in parts] + [sw.next_pos.to(self.device)
+                                                                           for sw in resumed or ()]
         ids = [p for r in new for p in r.prompts]
-        prompts = [ctx.prompt_ids[i] for i in keep] + ids if ctx.prompt_ids is not None else None
+        prompts = ([ctx.prompt_ids[i] for i in keep] + ids + [p for sw in resumed or () for p in sw.prompts]
+                   if ctx.prompt_ids is not None and all(sw.prompts is not None for sw in resumed or ()) else None)
         merged_ctx = ForwardContext(cache=merged, method=method, run=run, has_padding=True, prompt_ids=prompts,
                                     tokenizer=self.tokenizer, next_pos=torch.cat(pos), rope=runner.rope)
         merged_ctx.decoding, merged_ctx.step = True, ctx.step
@@ -588,6 +686,40 @@ class LLM:
         if parts:
             joined = _Joined(torch.cat([lg for _, _, lg, _ in parts]), torch.cat([c.next_pos for _, c, _, _ in parts]))
         return merged_ctx, joined
+
+
+@dataclass(slots=True)
+class _Swapped:
+    """A preempted request's running rows, off the batch: per row and layer its KV as
+    :func:`_row_kv` gives it, copied to host memory; its sequences' state, the tokens sampled for
+    them but not yet fed, their next positions and prompts, and the decode tokens per row made."""
+
+    req: Request
+    rows: list[list[tuple]]
+    seqs: list["_Seq"]
+    owners: list[tuple[Request, int]]
+    tok: torch.Tensor
+    next_pos: torch.Tensor
+    prompts: list[list[int]] | None
+    tokens: int
+
+
+def _rows_to_host(cache: SiftCache, idx: list[int], pin: bool) -> list[list[tuple]]:
+    """Rows ``idx`` of ``cache``, per row a list over layers of :func:`_row_kv`'s tuple, copied to
+    host memory (pinned when ``pin``)."""
+    def host(t: torch.Tensor) -> torch.Tensor:
+        c = t.to("cpu", copy=True)
+        return c.pin_memory() if pin else c
+
+    with torch.inference_mode():
+        return [[(host(k), host(v), host(p), None if rag is None else rag.to("cpu"))
+                 for k, v, p, rag in (_row_kv(layer, i) for layer in cache.layers)] for i in idx]
+
+
+def _row_to(row: tuple, device: torch.device) -> tuple:
+    k, v, p, rag = row
+    return (k.to(device, non_blocking=True), v.to(device, non_blocking=True), p.to(device, non_blocking=True),
+            None if rag is None else rag.to(device))
 
 
 def _row_kv(layer, i: int) -> tuple:
@@ -641,6 +773,16 @@ def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> to
         sp = sp.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, si, sp)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _release_memory(device: torch.device, exc: BaseException) -> None:
+    """After a failed joining prefill: its partial KV is garbage now; on CUDA, out of memory, hand
+    the cached blocks back so the running batch's next steps find room."""
+    if device.type == "cuda" and isinstance(exc, torch.OutOfMemoryError):
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def _check_join_chunks(n) -> int:

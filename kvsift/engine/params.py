@@ -110,10 +110,13 @@ class RequestOutput:
 @dataclass(slots=True)
 class StreamEvent:
     """One streaming step for one sequence: a text delta (may be empty while a stop string or a
-    multi-byte character is pending); ``output`` is set on the last event."""
+    multi-byte character is pending); ``output`` is set on the last event. ``error``: this
+    request failed on its own while the batch it joined goes on (e.g. its prefill ran out of
+    memory); the event is its last (``finished``, no ``output``)."""
 
     index: int
     text: str
     token_id: int | None
     finished: bool = False
     output: RequestOutput | None = None
+    error: BaseException | None = None

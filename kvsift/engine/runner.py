@@ -35,6 +35,10 @@ from kvsift.methods.base import Budget, Run
 from kvsift.models.loader import ModelInfo
 
 DEFAULT_CHUNK = 512
+# prompt tokens one batched prefill forward may take over all its rows (nano-vllm's
+# max_num_batched_tokens): a batch of many long prompts (32 joiners of 32k tokens) is cut into
+# narrower chunks rather than one chunk_size-wide slice per row, which bounds activation memory
+MAX_BATCHED_TOKENS = 16384
 CPU_FIRST_CHUNK = 4096
 """On CPU, with the default chunking, a fresh unpadded prompt's first prefill chunk takes up to
 this many tokens. That chunk attends only to itself, so it runs as one causal SDPA call (the same
@@ -70,10 +74,13 @@ class Context:
 class ModelRunner:
     """A transformers model behind kvsift's cache and attention. ``chunk_size``: prefill chunk length
     (None: 512, and on CPU a first chunk of up to :data:`CPU_FIRST_CHUNK` tokens for a fresh
-    prompt); ``decode_mode`` / ``prefill_mode``: see :class:`~kvsift.engine.llm.LLM`."""
+    prompt); ``max_batched_tokens``: prompt tokens one prefill forward takes over all rows of a
+    batch (a wide batch gets chunks of ``max_batched_tokens // rows``, at least 16 tokens and the
+    method's last-chunk minimum); ``decode_mode`` / ``prefill_mode``: see :class:`~kvsift.engine.llm.LLM`."""
 
     def __init__(self, model, tokenizer, info: ModelInfo, chunk_size: int | None = None, decode_mode: str = "auto",
-                 prefill_mode: str = "auto", pad_id: int = 0, kv_arena: bool = False, max_arenas: int = 2):
+                 prefill_mode: str = "auto", pad_id: int = 0, kv_arena: bool = False, max_arenas: int = 2,
+                 max_batched_tokens: int = MAX_BATCHED_TOKENS):
         self.first_chunk = None  # a longer first prefill chunk (CPU, default chunking)
         if chunk_size is None:
             chunk_size = DEFAULT_CHUNK
@@ -81,6 +88,9 @@ class ModelRunner:
                 self.first_chunk = CPU_FIRST_CHUNK
         if chunk_size < 16:
             raise ValueError(f"chunk_size must be >= 16, got {chunk_size}")
+        if max_batched_tokens < 16:
+            raise ValueError(f"max_batched_tokens must be >= 16, got {max_batched_tokens}")
+        self.max_batched_tokens = max_batched_tokens
         self.decode_mode = check_decode_mode(decode_mode)
         self.prefill_mode = check_prefill_mode(prefill_mode)
         if decode_mode == "graph" and info.device.type != "cuda":
@@ -234,7 +244,7 @@ class ModelRunner:
                              prompt_ids=ids, tokenizer=self.tokenizer,  # sentencekv segments the prompt
                              rope=self.rope, model_name=self.info.name)
         bounds = self.chunk_bounds(L, method, fresh=context is None and not ctx.has_padding
-                                   and method.prefill_hold(run) is None)
+                                   and method.prefill_hold(run) is None, rows=b)
         bar = self._prefill_bar(progress, L, len(bounds), f"prefill {L} tokens")
         t0 = time.perf_counter()
         logits = None
@@ -302,11 +312,18 @@ class ModelRunner:
         hold = method.prefill_hold(run)
         return n if hold is None else min(n, hold + max(self.chunk_size, method.min_last_chunk()))
 
-    def chunk_bounds(self, n: int, method: KVMethod, fresh: bool = True) -> list[tuple[int, int]]:
+    def chunk_bounds(self, n: int, method: KVMethod, fresh: bool = True, rows: int = 1) -> list[tuple[int, int]]:
         """Prefill chunks of a prompt of ``n`` tokens (the last one long enough for the method).
-        ``fresh``: nothing cached before and no padding, so a longer first chunk needs no mask."""
-        chunk = max(self.chunk_size, method.min_last_chunk())
-        first = max(chunk, min(n, self.first_chunk)) if fresh and self.first_chunk else chunk
+        ``fresh``: nothing cached before and no padding, so a longer first chunk needs no mask.
+        ``rows``: prompts prefilled together; their chunks together take at most
+        ``max_batched_tokens`` tokens (rounded down to 16, at least 16 per row)."""
+        width = self.chunk_size
+        if rows > 1:
+            width = min(width, max(16, (self.max_batched_tokens // rows) // 16 * 16))
+        chunk = max(width, method.min_last_chunk())
+        first = chunk
+        if fresh and self.first_chunk and rows * self.first_chunk <= max(self.max_batched_tokens, self.first_chunk):
+            first = max(chunk, min(n, self.first_chunk))
         return _chunks(n, chunk, method.min_last_chunk(), first)
 
     def _prefill_bar(self, progress: bool | None, L: int, total: int, desc: str):

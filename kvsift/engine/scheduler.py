@@ -63,12 +63,20 @@ class SchedulerConfig:
     """``max_batch``: most sequences in one batched generation made of several requests (a single
     request with more prompts still runs whole). ``kv_memory`` / ``host_memory``: bytes of expected
     KV the running requests may hold on the device / in host memory (None: unbounded).
-    ``max_positions``: the model's positions (the token-room rule of batching; None: no rule)."""
+    ``max_positions``: the model's positions (the token-room rule of batching; None: no rule).
+    ``preempt``: a request that can leave and rejoin a running batch (:meth:`Scheduler.preemptible`)
+    is admitted with the KV of its prompt and ``headroom`` decode tokens only, not of all its
+    ``max_tokens``; its charge grows as it decodes (:meth:`Scheduler.ensure`), and when the device
+    KV would pass ``kv_memory`` the engine swaps the newest such request's KV to host memory and
+    resumes it once there is room again (:meth:`swap_out` / :meth:`swap_in`), instead of holding
+    room for tokens most requests never make."""
 
     max_batch: int = 8
     kv_memory: int | None = None
     host_memory: int | None = None
     max_positions: int | None = None
+    preempt: bool = False
+    headroom: int = 16
 
     def __post_init__(self):
         v = self.max_batch
@@ -78,6 +86,11 @@ class SchedulerConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be an integer >= 1 or None, got {v!r}")
+        if not isinstance(self.preempt, bool):
+            raise ValueError(f"preempt must be a bool, got {self.preempt!r}")
+        v = self.headroom
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"headroom must be an integer >= 1, got {v!r}")
 
 
 @dataclass(slots=True, eq=False)
@@ -85,9 +98,14 @@ class Request:
     """One engine request: ``prompts`` (token ids, run together), how to sample them, the method
     (built) and its run for these prompts alone (built when the request was validated), an
     optional reused ``context``, a ``cancel`` callback (checked once per decode step) and the
-    expected KV bytes (``kv_bytes`` on the device, ``host_bytes`` in host memory).
+    expected KV bytes (``kv_bytes`` on the device at its peak, ``host_bytes`` in host memory).
+    ``prefill_bytes``: the device KV its prefill holds at its peak; ``token_bytes``: device bytes
+    of one kept token on all its rows; ``kept_tokens``: tokens each row keeps after its prefill (a
+    preempting scheduler admits it with its prefill and ``headroom`` decode tokens).
     ``kind``: ``"generate"`` or ``"prefill"`` (a context's prefill: never batched). ``tag``: the
-    caller's (the server's job). ``finished``: every sequence of it is done (set by the engine)."""
+    caller's (the server's job). ``finished``: every sequence of it is done (set by the engine).
+    ``charged`` / ``swapped_bytes``: what the scheduler counts for it now, on the device and, while
+    it is preempted, in host memory (the scheduler's)."""
 
     prompts: list[list[int]]
     params: "SamplingParams | None"
@@ -100,6 +118,11 @@ class Request:
     kind: str = "generate"
     tag: Any = None
     finished: bool = False
+    prefill_bytes: int = 0
+    token_bytes: int = 0
+    kept_tokens: int = 0
+    charged: int = 0
+    swapped_bytes: int = 0
     id: int = field(default_factory=lambda: next(_ids))
 
     def __post_init__(self):
@@ -199,7 +222,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.kv_used = 0     # expected device KV bytes of the running requests
-        self.host_used = 0   # ... and host KV bytes
+        self.host_used = 0   # ... and host KV bytes (offloaded, and preempted requests' swapped KV)
+        self.preemptions = 0
         self._lock = threading.Lock()
 
     # ---- admission -------------------------------------------------------------------------------
@@ -213,6 +237,19 @@ class Scheduler:
         if cfg.host_memory is not None and req.host_bytes > cfg.host_memory:
             raise KVMemoryError(f"this request's offloaded KV ({_mib(req.host_bytes)} expected in host memory) "
                                 f"does not fit the engine's host memory ({_mib(cfg.host_memory)})")
+
+    def preemptible(self, req: Request) -> bool:
+        """Whether ``req`` is admitted with its prefill and ``headroom`` decode tokens and may be preempted: the
+        config's ``preempt``, a generation whose method's state after the prefill is its kept KV
+        (it can leave and rejoin a batch: ``KVMethod.joins_rows``) and no reused context."""
+        return (self.config.preempt and req.kind == "generate" and req.context is None
+                and req.token_bytes > 0 and req.method.joins_rows())
+
+    def _cost(self, req: Request) -> int:
+        """Device bytes ``req`` is admitted with."""
+        if not self.preemptible(req):
+            return req.kv_bytes
+        return min(req.kv_bytes, max(req.prefill_bytes, self._need(req, self.config.headroom)))
 
     def _fits(self, kv: int, host: int) -> bool:
         cfg = self.config
@@ -250,10 +287,10 @@ class Scheduler:
             if not self.waiting or (head is not None and head not in self.waiting):
                 return []
             first = head if head is not None else self.waiting[0]
-            if not self._fits(first.kv_bytes, first.host_bytes):
+            if not self._fits(self._cost(first), first.host_bytes):
                 return []
             group, rows = [first], first.rows
-            kv, host = first.kv_bytes, first.host_bytes
+            kv, host = self._cost(first), first.host_bytes
             key = batch_key(first)
             if key is not None:
                 for cand in self.waiting:
@@ -261,15 +298,16 @@ class Scheduler:
                         continue
                     if batch_key(cand) != key or not self._room_kept(group, cand):
                         continue
-                    if not self._fits(kv + cand.kv_bytes, host + cand.host_bytes):
+                    if not self._fits(kv + self._cost(cand), host + cand.host_bytes):
                         continue
                     group.append(cand)
                     rows += cand.rows
-                    kv += cand.kv_bytes
+                    kv += self._cost(cand)
                     host += cand.host_bytes
             for r in group:
                 self.waiting.remove(r)
                 self.running.append(r)
+                r.charged = self._cost(r)
             self.kv_used += kv
             self.host_used += host
             return group
@@ -288,11 +326,12 @@ class Scheduler:
             out = []
             for cand in self.waiting:
                 if (rows + cand.rows > self.config.max_batch or join_key(cand) != key
-                        or not self._fits(cand.kv_bytes, cand.host_bytes)):
+                        or not self._fits(self._cost(cand), cand.host_bytes)):
                     break
                 out.append(cand)
                 rows += cand.rows
-                self.kv_used += cand.kv_bytes
+                cand.charged = self._cost(cand)
+                self.kv_used += cand.charged
                 self.host_used += cand.host_bytes
             for r in out:
                 self.waiting.remove(r)
@@ -305,8 +344,54 @@ class Scheduler:
             for r in group:
                 if r in self.running:
                     self.running.remove(r)
-                    self.kv_used -= r.kv_bytes
-                    self.host_used -= r.host_bytes
+                    self.kv_used -= r.charged
+                    self.host_used -= r.host_bytes + r.swapped_bytes
+                    r.charged = r.swapped_bytes = 0
+
+    # ---- preemption (config.preempt; the engine calls these at decode-step boundaries) -------------
+    @property
+    def headroom(self) -> int:
+        """Decode tokens a preemptible request is charged ahead of the ones it has made."""
+        return self.config.headroom
+
+    def _need(self, req: Request, tokens: int) -> int:
+        return req.token_bytes * (req.kept_tokens + tokens)
+
+    def ensure(self, req: Request, tokens: int) -> bool:
+        """Charge running ``req`` for ``tokens`` decode tokens per row (beyond its kept prompt);
+        False, charging nothing, when that does not fit ``kv_memory``."""
+        with self._lock:
+            extra = self._need(req, tokens) - req.charged
+            if extra <= 0:
+                return True
+            if not self._fits(extra, 0):
+                return False
+            req.charged += extra
+            self.kv_used += extra
+            return True
+
+    def swap_out(self, req: Request, tokens: int) -> None:
+        """Running ``req``'s KV (``tokens`` decode tokens per row made so far) moves to host
+        memory: its device charge is freed, the bytes are counted on the host."""
+        with self._lock:
+            self.kv_used -= req.charged
+            req.charged = 0
+            req.swapped_bytes = self._need(req, tokens)
+            self.host_used += req.swapped_bytes
+            self.preemptions += 1
+
+    def swap_in(self, req: Request, tokens: int, force: bool = False) -> bool:
+        """Preempted ``req`` comes back to the device charged for ``tokens`` decode tokens per row;
+        False when that does not fit (``force``: it is let in anyway, e.g. nothing else runs)."""
+        with self._lock:
+            need = self._need(req, tokens)
+            if not force and not self._fits(need, 0):
+                return False
+            req.charged = need
+            self.kv_used += need
+            self.host_used -= req.swapped_bytes
+            req.swapped_bytes = 0
+            return True
 
 
 def _mib(n: int) -> str:

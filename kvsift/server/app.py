@@ -35,7 +35,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from kvsift.budget import parse_budget, request_kv_bytes
+from kvsift.budget import default_memory_limits, parse_budget, request_kv_bytes
 from kvsift.engine import Context, RequestOutput, SamplingParams, StreamEvent
 from kvsift.engine.scheduler import Request as EngineRequest
 from kvsift.engine.scheduler import Scheduler as EngineScheduler
@@ -255,11 +255,21 @@ def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
     if n or store.skipped:
         log.info("contexts: %d registered from %s, %d skipped", n, config.contexts_dir, len(store.skipped))
     cap = config.max_tokens_cap or llm.info.max_positions
-    engine = EngineScheduler(llm.scheduler_config(max_batch=config.max_batch, kv_memory=config.kv_memory_bytes,
-                                                  host_memory=config.host_memory_bytes))
+    kv_mem, host_mem = config.kv_memory_bytes, config.host_memory_bytes
+    if kv_mem is None or host_mem is None:  # on CUDA: shares of what is free now (budget.default_memory_limits)
+        dev_d, host_d = default_memory_limits(llm.device)
+        kv_mem = kv_mem if kv_mem is not None else dev_d
+        host_mem = host_mem if host_mem is not None else host_d
+        if dev_d is not None:
+            log.info("admission: %s of KV on the device, %s in host memory (--kv-memory / --host-memory to change)",
+                     _gib(kv_mem), _gib(host_mem))
+    engine = EngineScheduler(llm.scheduler_config(max_batch=config.max_batch, kv_memory=kv_mem,
+                                                  host_memory=host_mem, preempt=config.preempt))
+    memory = engine if config.preempt else None
     scheduler = Scheduler(config.max_waiting, metrics, max_run_s=config.max_request_seconds,
                           max_queue_s=config.max_queue_seconds, max_per_key=config.max_concurrent_per_key,
-                          engine=engine, run_batch=lambda group, join=None: llm.run_batch(group, join=join),
+                          engine=engine,
+                          run_batch=lambda group, join=None: llm.run_batch(group, join=join, memory=memory),
                           join_running=config.continuous_batching)
     state = ServerState(llm, config, model_id, metrics, scheduler, store,
                         max_tokens_cap=cap, max_token_chars=_max_token_chars(llm.tokenizer))
@@ -298,6 +308,7 @@ def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
 
     @app.get("/metrics", dependencies=[Depends(monitor)])
     async def metrics_endpoint():
+        metrics.observe_preemptions(engine.preemptions)
         return Response(metrics.render(), media_type=Metrics.CONTENT_TYPE)
 
     @app.get("/openapi.json", dependencies=[Depends(principal)], include_in_schema=False)
@@ -688,6 +699,10 @@ async def _until_disconnect(request: Request, job: Job | None, coro):
             task.cancel()
         if job is not None and job.started is None:
             job.cancel()
+
+
+def _gib(n: int | None) -> str:
+    return "unbounded" if n is None else f"{n / 2**30:.1f} GiB"
 
 
 def _observe_output(state: ServerState, out: RequestOutput) -> None:

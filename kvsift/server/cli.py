@@ -51,6 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prefill chunks of a request joining a running batch between two of its decode steps "
                         "(default 1: a running stream waits at most one chunk per token; 0: the joining "
                         "prompt's whole prefill at once)")
+    p.add_argument("--max-batched-tokens", type=int, default=16384,
+                   help="prompt tokens one prefill forward takes over all the prompts prefilled together "
+                        "(default 16384): many long prompts joining at once get narrower chunks, so "
+                        "activation memory stays bounded")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port; see --ready-file)")
     p.add_argument("--api-key", default=None,
@@ -92,12 +96,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the prompt's KV and the arenas' memory: at most two batch-size x length buckets)")
     p.add_argument("--no-continuous-batching", action="store_true",
                    help="requests arriving while a batch runs wait for the next batch instead of joining it at its "
-                        "next decode step (joining applies to kv_method full without a context, eager decode)")
+                        "next decode step (joining applies to methods whose state after the prefill is their kept KV: "
+                        "full and the prefill eviction methods, any decode mode, not with --kv-arena)")
     p.add_argument("--kv-memory", type=_bytes, default=None,
-                   help="expected KV bytes one batch may hold on the device (e.g. 8G; default: unbounded); "
+                   help="expected KV bytes one batch may hold on the device (e.g. 8G; default: on CUDA 45%% of the "
+                        "memory free once the model is loaded, elsewhere unbounded); "
                         "requests wait for room, one that cannot fit alone gets 400 kv_memory_exceeded")
+    p.add_argument("--preempt", action="store_true",
+                   help="admit requests of methods that can leave and rejoin a batch (full, the prefill eviction "
+                        "methods) with their prompt's KV and a few decode tokens instead of all of max_tokens; "
+                        "when --kv-memory runs out, the newest is swapped to host memory and resumed later")
     p.add_argument("--host-memory", type=_bytes, default=None,
-                   help="the same for KV offloaded to host memory (sentencekv; default: unbounded)")
+                   help="the same for KV offloaded to host memory (sentencekv, shadowkv; default: with a CUDA "
+                        "device half the host memory available, elsewhere unbounded)")
     p.add_argument("--max-body", type=_bytes, default=8 * 2**20, help="largest request body (default 8M)")
     p.add_argument("--contexts-dir", type=Path, default=None,
                    help=f"where contexts are persisted (default {default_contexts_dir()})")
@@ -136,6 +147,8 @@ def build_config(args):
     if getattr(args, "join_chunks", 1) < 0:
         raise ValueError(f"--join-chunks must be >= 0 (0: a joining prompt's whole prefill at once), "
                          f"got {args.join_chunks}")
+    if getattr(args, "max_batched_tokens", 16384) < 16:
+        raise ValueError(f"--max-batched-tokens must be >= 16, got {args.max_batched_tokens}")
     from kvsift.server.auth import KeyRing
 
     keys = KeyRing.from_file(args.api_keys_file) if args.api_keys_file is not None else None
@@ -152,7 +165,8 @@ def build_config(args):
                           max_request_seconds=args.max_request_seconds, max_queue_seconds=args.max_queue_seconds,
                           max_concurrent_per_key=args.max_concurrent_per_key, max_batch=args.max_batch,
                           continuous_batching=not args.no_continuous_batching,
-                          kv_memory_bytes=args.kv_memory, host_memory_bytes=args.host_memory)
+                          kv_memory_bytes=args.kv_memory, host_memory_bytes=args.host_memory,
+                          preempt=getattr(args, "preempt", False))
     check_model(args.model)  # unknown or not installed: fail before binding or loading (after the cheap checks)
     return config
 
@@ -254,7 +268,7 @@ def run_serve(args) -> int:
     port = sock.getsockname()[1]
     t0 = time.perf_counter()
     llm = LLM(args.model, device=args.device, dtype=args.dtype, chunk_size=args.chunk_size, kv_arena=args.kv_arena,
-              join_chunks=args.join_chunks)
+              join_chunks=args.join_chunks, max_batched_tokens=args.max_batched_tokens)
     app = create_app(llm, config)
     print(f"kvsift: serving {app.state.kvsift.model_id} ({llm.info.device}, loaded in {time.perf_counter() - t0:.1f}s) "
           f"on {http_url(config.host, port)}/v1", file=sys.stderr, flush=True)

@@ -31,9 +31,15 @@ class ServerConfig:
     ``max_batch``: most sequences of compatible queued requests served by one batched generation
     (1: one request at a time; a request with several prompts still runs whole).
     ``continuous_batching``: compatible requests that arrive while a batch runs join it at its
-    next decode step (where the engine allows it: ``full``, no context, eager decode).
+    next decode step (where the engine allows it: a method whose state after the prefill is its
+    kept KV, no context or one read by reference, no KV arena; see ``LLM.joins_running``).
     ``kv_memory_bytes`` / ``host_memory_bytes``: expected KV bytes a batch may hold on the device /
-    in host memory (None: unbounded); a request that cannot fit alone is a 400 ``kv_memory_exceeded``.
+    in host memory (None: on CUDA a share of the memory free once the model is loaded,
+    ``budget.default_memory_limits``; elsewhere unbounded); a request that cannot fit alone is a
+    400 ``kv_memory_exceeded``. ``preempt``: requests that can leave and rejoin a batch are
+    admitted with their prompt's KV and a few decode tokens, not all of ``max_tokens``; when the
+    device KV runs out, the newest is swapped to host memory and resumed later
+    (``SchedulerConfig.preempt``).
     ``contexts_dir``: where reusable contexts are persisted (None = memory only).
     ``shared_contexts``: ``contexts_dir`` is shared with other servers (engine replicas): contexts
     they persist or delete are seen on their next use (see ``ContextStore``).
@@ -80,6 +86,7 @@ class ServerConfig:
     continuous_batching: bool = True
     kv_memory_bytes: int | None = None
     host_memory_bytes: int | None = None
+    preempt: bool = False
     keep_ids: int = field(default=10000)   # evicted / known ids remembered for their 410 answers
 
     def __post_init__(self):
@@ -127,6 +134,8 @@ class ServerConfig:
             raise ValueError(f"max_batch (--max-batch) must be an integer >= 1, got {v!r}")
         if not isinstance(self.continuous_batching, bool):
             raise ValueError(f"continuous_batching must be a bool, got {self.continuous_batching!r}")
+        if not isinstance(self.preempt, bool):
+            raise ValueError(f"preempt must be a bool, got {self.preempt!r}")
         for name, flag in (("kv_memory_bytes", "--kv-memory"), ("host_memory_bytes", "--host-memory")):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):

@@ -53,6 +53,9 @@ class Metrics:
                                          buckets=_BATCH, registry=r)
         self.batch_joins = Counter("kvsift_batch_joins", "Requests that joined a running batch at a decode step",
                                    registry=r)
+        self.preemptions = Counter("kvsift_preemptions", "Requests whose KV was swapped to host memory to make "
+                                   "room (--preempt), each time", registry=r)
+        self._preemptions_seen = 0
         info = Gauge("kvsift_model_info", "Served model", ["model"], registry=r)
         info.labels(model=model).set(1)
         for loc in ("device", "host"):
@@ -61,6 +64,12 @@ class Metrics:
             self.finished.labels(reason=reason)
         for p in ("true", "false"):
             self.contexts_evicted.labels(persisted=p)
+
+    def observe_preemptions(self, total: int) -> None:
+        """The engine scheduler's preemption count so far (it counts; the counter follows)."""
+        if total > self._preemptions_seen:
+            self.preemptions.inc(total - self._preemptions_seen)
+            self._preemptions_seen = total
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -491,7 +491,8 @@ def run_replicas(args, config: ServerConfig) -> int:
     if config.port == 0:
         config.port = free_port(config.host)
     llm_kwargs = {"model": args.model, "device": args.device, "dtype": args.dtype, "chunk_size": args.chunk_size,
-                  "kv_arena": args.kv_arena, "join_chunks": getattr(args, "join_chunks", 1)}
+                  "kv_arena": args.kv_arena, "join_chunks": getattr(args, "join_chunks", 1),
+                  "max_batched_tokens": getattr(args, "max_batched_tokens", 16384)}
     stop = threading.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
     previous = {s: signal.getsignal(s) for s in signals}

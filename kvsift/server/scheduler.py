@@ -346,6 +346,10 @@ class Scheduler:
                 job = req.tag
                 if job in done:
                     continue
+                if getattr(ev, "error", None) is not None:  # this request failed alone; the batch goes on
+                    job.emit(JobFailed(ev.error))
+                    end(job)
+                    continue
                 job.emit(job.on_item(ev) if job.on_item is not None else ev)
                 if req.finished:
                     end(job)
