@@ -42,12 +42,24 @@ def percentile(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
+QUESTIONS = ["Name one colour of the sky and say why, in one sentence.",
+             "What is 12 times 7? Answer in one short sentence.",
+             "Give one word that rhymes with 'cat', then stop.",
+             "In one sentence, what does a compiler do?",
+             "Name a fruit that is yellow. One sentence.",
+             "What is the capital of France? One sentence.",
+             "Say hello in Spanish, nothing else.",
+             "In one sentence: why do we sleep?"]
+
+
 def one_request(url: str, body: dict, timeout: float) -> dict:
-    """One streamed completion: send time, time of each content chunk, tokens generated."""
+    """One streamed completion (or chat completion, a body with ``messages``): send time, time of
+    each content chunk, tokens generated."""
     t0 = time.perf_counter()
     times: list[float] = []
     tokens = 0
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=timeout) as r:
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    with httpx.stream("POST", url + path, json=body, timeout=timeout) as r:
         if r.status_code != 200:
             r.read()
             return {"error": f"{r.status_code} {r.text[:200]}"}
@@ -57,7 +69,8 @@ def one_request(url: str, body: dict, timeout: float) -> dict:
             ch = json.loads(line[6:])
             if "error" in ch:  # the server reports a failure inside the stream (the status was 200)
                 return {"error": f"in stream: {json.dumps(ch['error'])[:300]}"}
-            if ch.get("choices") and (ch["choices"][0].get("text") or ch["choices"][0].get("finish_reason")):
+            c0 = ch["choices"][0] if ch.get("choices") else None
+            if c0 and (c0.get("text") or (c0.get("delta") or {}).get("content") or c0.get("finish_reason")):
                 times.append(time.perf_counter())
             if ch.get("usage"):
                 tokens = ch["usage"]["completion_tokens"]
@@ -65,13 +78,19 @@ def one_request(url: str, body: dict, timeout: float) -> dict:
 
 
 def run_phase(url: str, clients: int, per_client: int, prompt_tokens: list[int], max_tokens: int, extra: dict,
-              timeout: float, seed: int) -> dict:
-    """Client ``i`` sends prompts of ``prompt_tokens[i % len(prompt_tokens)]`` tokens."""
+              timeout: float, seed: int, chat: bool = False) -> dict:
+    """Client ``i`` sends prompts of ``prompt_tokens[i % len(prompt_tokens)]`` random tokens, every
+    answer ``max_tokens`` long; ``chat``: short questions instead (:data:`QUESTIONS`), answered
+    until the model's end of sequence (``max_tokens`` is only their cap)."""
     rng = random.Random(seed)
-    bodies = [[{"prompt": [rng.randrange(100, 30000) for _ in range(prompt_tokens[i % len(prompt_tokens)])],
-                "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}, **extra} for _ in range(per_client)]
-              for i in range(clients)]
+    stream = {"temperature": 0, "stream": True, "stream_options": {"include_usage": True}, **extra}
+    if chat:
+        bodies = [[{"messages": [{"role": "user", "content": QUESTIONS[(i * per_client + k) % len(QUESTIONS)]}],
+                    "max_tokens": max_tokens, **stream} for k in range(per_client)] for i in range(clients)]
+    else:
+        bodies = [[{"prompt": [rng.randrange(100, 30000) for _ in range(prompt_tokens[i % len(prompt_tokens)])],
+                    "max_tokens": max_tokens, "ignore_eos": True, **stream} for _ in range(per_client)]
+                  for i in range(clients)]
     results: list[dict] = []
     lock = threading.Lock()
     start = threading.Barrier(clients)
@@ -113,6 +132,14 @@ def batch_metric(url: str) -> dict:
     n = vals.get("kvsift_batch_requests_count", 0.0)
     return {"batches": int(n), "requests_per_batch": round(vals.get("kvsift_batch_requests_sum", 0.0) / n, 2)
             if n else None}
+
+
+def preemptions(url: str) -> int:
+    """The server's ``kvsift_preemptions_total`` so far."""
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("kvsift_preemptions_total "):
+            return int(float(line.split()[1]))
+    return 0
 
 
 def tiny_model_dir(path: Path) -> Path:
@@ -172,7 +199,11 @@ def main(argv=None) -> int:
     ap.add_argument("--join-chunks", default="1",
                     help="the server's --join-chunks, or a comma list run one after another with continuous "
                          "batching (0,1: a joining prompt prefilled at once vs a chunk per decode step)")
-    ap.add_argument("--preempt", action="store_true", help="the server's --preempt (with --kv-memory)")
+    ap.add_argument("--preempt", choices=("off", "on", "both"), default="off",
+                    help="the server's --preempt (with --kv-memory); both: every setting without, then with it")
+    ap.add_argument("--chat", action="store_true",
+                    help="short chat questions answered until the model's end of sequence (--max-tokens caps "
+                         "them) instead of random-token prompts of --prompt-tokens answered to --max-tokens")
     ap.add_argument("--kv-memory", default=None, help="the server's --kv-memory (e.g. 40G)")
     ap.add_argument("--threads", type=int, default=None,
                     help="the server's CPU threads (OMP_NUM_THREADS; on a shared machine 1 avoids threads waiting "
@@ -219,15 +250,16 @@ def main(argv=None) -> int:
         rows = []
         modes = {"on": [True], "off": [False], "both": [False, True]}[
             "off" if args.no_continuous_batching else args.continuous]
-        runs = [(mb, c, jc) for mb in values for c in (modes if mb > 1 else modes[:1])
-                for jc in (joins if c and mb > 1 else joins[:1])]
-        for mb, cont, jc in runs:
+        runs = [(mb, c, jc, pre) for mb in values for c in (modes if mb > 1 else modes[:1])
+                for jc in (joins if c and mb > 1 else joins[:1])
+                for pre in {"off": [False], "on": [True], "both": [False, True]}[args.preempt]]
+        for mb, cont, jc, pre in runs:
             cmd = ["--model", model, "--device", args.device, "--no-persist", "--max-batch", str(mb),
                    "--max-waiting", str(4 * args.clients), "--max-tokens-cap", str(args.max_tokens),
                    "--join-chunks", str(jc)]
             if args.chunk_size:
                 cmd += ["--chunk-size", str(args.chunk_size)]
-            if args.preempt:
+            if pre:
                 cmd.append("--preempt")
             if args.kv_memory:
                 cmd += ["--kv-memory", args.kv_memory]
@@ -237,7 +269,8 @@ def main(argv=None) -> int:
                 one_request(srv.url, {"prompt": [5, 6, 7], "max_tokens": 2, "stream": True}, args.timeout)  # warm-up
                 before = batch_metric(srv.url)
                 res = run_phase(srv.url, args.clients, args.requests, lengths, args.max_tokens, extra,
-                                args.timeout, args.seed)
+                                args.timeout, args.seed, chat=args.chat)
+                res["preemptions"] = preemptions(srv.url)
                 if res["errors"]:  # the server's side of them
                     print(f"{len(res['errors'])} request(s) failed (max-batch {mb}); the server log ends:\n"
                           f"{srv.log()[-3000:]}", file=sys.stderr)
@@ -250,27 +283,31 @@ def main(argv=None) -> int:
             res["batches"] = n
             res["requests_per_batch"] = round((res["requests"] - len(res["errors"])) / n, 2) if n else None
             rows.append({"max_batch": mb, "continuous": cont and mb > 1, "join_chunks": jc if cont and mb > 1 else None,
-                         **res})
+                         "preempt": pre, **res})
             if args.json is not None:  # rows so far, should a later run be cut off
                 args.json.write_text(json.dumps({"partial": True, "model": label, "results": rows}, indent=1))
     finally:
         tmp.cleanup()
 
-    head = ("max-batch", "joins", "join chunks", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "batches", "req/batch",
+    head = ("max-batch", "joins", "join chunks", "preempt", "preemptions", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "batches", "req/batch",
             "errors")
     table = [head] + [(str(r["max_batch"]), "yes" if r["continuous"] else "no",
                        "-" if r["join_chunks"] is None else ("all" if r["join_chunks"] == 0 else str(r["join_chunks"])),
+                       "yes" if r["preempt"] else "no", str(r["preemptions"]),
                        str(r["throughput_tok_s"]), str(r["ttft_p50_ms"]), str(r["ttft_p99_ms"]),
                        str(r["itl_p50_ms"]), str(r["itl_p99_ms"]), str(r["batches"]), str(r["requests_per_batch"]),
                        str(len(r["errors"]))) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    print(f"{args.clients} clients x {args.requests} requests, {args.prompt_tokens}-token prompts, "
-          f"{args.max_tokens} new tokens, model {label}"
+    print(f"{args.clients} clients x {args.requests} requests, "
+          + (f"chat questions answered to the end (at most {args.max_tokens} tokens)" if args.chat
+             else f"{args.prompt_tokens}-token prompts, {args.max_tokens} new tokens")
+          + f", model {label}" + (f", --kv-memory {args.kv_memory}" if args.kv_memory else "")
           + (f", {args.threads} server thread(s)" if args.threads else "")
           + (f", {args.kv_method} {args.kv_budget}" if args.kv_method else ""))
     for row in table:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
-    report = {"clients": args.clients, "requests_per_client": args.requests, "prompt_tokens": lengths,
+    report = {"clients": args.clients, "requests_per_client": args.requests,
+              "prompt_tokens": "chat questions" if args.chat else lengths, "kv_memory": args.kv_memory,
               "max_tokens": args.max_tokens, "model": label,
               "kv_method": args.kv_method, "kv_budget": args.kv_budget, "threads": args.threads,
               "results": rows}
