@@ -6,6 +6,7 @@
 #
 #   bash bench/gpu_checks.sh                 # STEPS=tests,kivi,decode,minference by default
 #   STEPS=tests,kivi,kivi_e2e TESTS_K="shadowkv and cuda" bash bench/gpu_checks.sh
+#   STEPS=serve SERVE_METHODS="full sentencekv" bash bench/gpu_checks.sh   # #16 load figures (carry .stage/tok, .whl)
 # The tests step runs six pytest processes at once (T_TESTS seconds each, default 420).
 set -u
 DEST=${OUT:-bench/out}; R=${RES:-/root/checks}; mkdir -p "$R" "$DEST"
@@ -59,5 +60,19 @@ if step minference; then
   timeout ${T_MINF:-150} python3 bench/minference_prefill.py --lengths ${MINF_LENGTHS:-32768,131072} \
     --out "$R/minference_prefill_h200.json" >"$R/minference.log" 2>&1
   echo "minference rc=$? $(( $(date +%s) - t0 )) s"; tail -30 "$R/minference.log"
+fi
+if step serve; then   # #16: the server under 32 clients of 32k tokens, FIFO vs continuous. Needs .stage/tok, the
+  # default model's tokenizer as an HF directory (here: python3 -c "from transformers import AutoTokenizer;
+  # from kvsift.models.loader import _convert_gguf, default_model_path as d;
+  # AutoTokenizer.from_pretrained(_convert_gguf(d('qwen2.5-coder-0.5b'))).save_pretrained('.stage/tok')"),
+  # and .whl with fastapi, uvicorn, starlette, pydantic(-core), annotated-types/-doc, typing-inspection,
+  # typing_extensions and opentelemetry-api (the image lacks the server's packages)
+  for m in ${SERVE_METHODS:-full sentencekv}; do
+    timeout ${T_SERVE:-280} python3 bench/serve_load.py --random-8b ${SERVE_LAYERS:-16} --tokenizer ${TOKENIZER:-.stage/tok} \
+      --device cuda --clients ${SERVE_CLIENTS:-32} --requests 1 --prompt-tokens 32768 --max-tokens 64 \
+      --max-batch ${SERVE_MB:-32,1} --kv-method $m --kv-budget 2048 --chunk-size 4096 --timeout 270 \
+      ${SERVE_ARGS:-} --json "$R/serve_load_${m}_h200.json" >"$R/serve_$m.log" 2>&1
+    echo "serve $m rc=$? $(( $(date +%s) - t0 )) s"; grep -v "^  File\|^    " "$R/serve_$m.log" | tail -8
+  done
 fi
 tar czf "$DEST/checks.tgz" -C "$R" .
