@@ -758,3 +758,51 @@ def test_preemption_is_off_by_default_and_checked():
     for kw, msg in (({"preempt": "yes"}, "preempt must be a bool"), ({"headroom": 0}, "headroom must be")):
         with pytest.raises(ValueError, match=msg):
             SchedulerConfig(**kw)
+
+
+def test_a_preempted_request_of_two_prompts_comes_back_whole_and_can_be_cancelled_out(tiny_llm):
+    """B has two prompts (two rows): both leave together when B is preempted and come back
+    together with the answers alone. Then C is preempted and its client leaves while it is out:
+    it ends "cancelled" once back, with the tokens it had, and A is unaffected."""
+    from kvsift.engine.scheduler import Scheduler
+
+    llm = tiny_llm
+    p_a, p_b1, p_b2 = random_prompt(40, seed=511), random_prompt(36, seed=512), random_prompt(44, seed=513)
+    q = SamplingParams(max_tokens=30, ignore_eos=True)
+    want_a = llm.generate(p_a, q)[0].token_ids
+    want_b = [o.token_ids for o in llm.generate([p_b1, p_b2], q)]
+    for cancel_b in (False, True):
+        a, b = llm.request([p_a], q), llm.request([p_b1, p_b2], q)
+        need = [r.token_bytes * (r.kept_tokens + 30) for r in (a, b)]
+        admit = [max(r.prefill_bytes, r.token_bytes * (r.kept_tokens + 4)) for r in (a, b)]
+        memory = Scheduler(llm.scheduler_config(kv_memory=max(sum(admit), int(1.05 * max(need))), preempt=True,
+                                                headroom=4))
+        assert memory.config.kv_memory < sum(need)
+        if cancel_b:  # its client leaves once it is out
+            b.cancel = lambda: memory.preemptions > 0
+        memory.add(a)
+        group = memory.schedule()
+        steps = []
+
+        def join(running, rows):
+            steps.append(rows)
+            if len(steps) == 1:
+                memory.add(b)
+                return memory.join(running, rows)
+            return []
+
+        outs = {}
+        for r, ev in llm.run_batch(group, join=join, memory=memory):
+            if ev.output is not None:
+                outs.setdefault(r.id, {})[ev.index] = ev.output
+        memory.finish(group)
+        assert memory.preemptions >= 1
+        assert outs[a.id][0].token_ids == want_a
+        if cancel_b:
+            for j in (0, 1):
+                o = outs[b.id][j]
+                assert o.finish_reason == "cancelled" and 0 < len(o.token_ids) < 30
+                assert o.token_ids == want_b[j][:len(o.token_ids)]
+        else:
+            assert [outs[b.id][j].token_ids for j in (0, 1)] == want_b
+        assert b.finished and (memory.kv_used, memory.host_used) == (0, 0)

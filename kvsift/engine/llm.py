@@ -415,6 +415,10 @@ class LLM:
             preempt = (memory is not None and compact and memory.config.preempt
                        and any(memory.preemptible(r) for r in requests))
             covered = {r: (memory.headroom if preempt and memory.preemptible(r) else math.inf) for r in requests}
+            if memory is not None and not preempt:  # admitted for less than its tokens, but this batch cannot
+                for r in requests:                   # change rows (a KV arena): charged for all of them now
+                    if memory.preemptible(r):
+                        memory.ensure(r, max(r.room(len(p), self.info.max_positions) for p in r.prompts))
             swapped: list[_Swapped] = []  # preempted requests' rows on the host, oldest first
             pending = None  # joining requests and their prefill in flight, one chunk per decode step
             eos = torch.tensor(self.eos_ids, device=self.device) if self.eos_ids else None

@@ -147,6 +147,8 @@ def build_config(args):
     if getattr(args, "join_chunks", 1) < 0:
         raise ValueError(f"--join-chunks must be >= 0 (0: a joining prompt's whole prefill at once), "
                          f"got {args.join_chunks}")
+    if getattr(args, "preempt", False) and getattr(args, "kv_arena", False):
+        raise ValueError("--preempt needs batches that can change rows, which --kv-arena rules out; use one of them")
     if getattr(args, "max_batched_tokens", 16384) < 16:
         raise ValueError(f"--max-batched-tokens must be >= 16, got {args.max_batched_tokens}")
     from kvsift.server.auth import KeyRing
