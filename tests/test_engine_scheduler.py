@@ -702,6 +702,43 @@ def test_cuda_graph_decode_with_joins_gives_the_answers_alone(spec, budget):
     assert outs[a.id].stats.decode_mode == "graph"
 
 
+def _run_preempting(llm, a, b, tokens: int, join_at: int, slack: float, cancel_b: bool = False):
+    """Run A with a preempting scheduler (headroom 4 tokens) whose ``kv_memory`` admits A and B
+    with their prompts but not with all ``tokens`` each (``slack`` x the larger one alone); B joins
+    at step boundary ``join_at`` (``cancel_b``: B's client leaves once anything was preempted).
+    Returns ``(scheduler, outputs {request id: {index: output}}, order of the token events' ids)``."""
+    from kvsift.engine.scheduler import Scheduler
+
+    need = [r.token_bytes * (r.kept_tokens + tokens) for r in (a, b)]
+    admit = [max(r.prefill_bytes, r.token_bytes * (r.kept_tokens + 4)) for r in (a, b)]
+    memory = Scheduler(llm.scheduler_config(kv_memory=max(sum(admit), int(slack * max(need))), preempt=True,
+                                            headroom=4))
+    assert max(need) <= memory.config.kv_memory < sum(need)   # each alone fits, both do not
+    if cancel_b:
+        b.cancel = lambda: memory.preemptions > 0
+    memory.add(a)
+    group = memory.schedule()
+    assert group == [a] and a.charged == admit[0] < a.kv_bytes
+    steps, order, outs = [], [], {}
+
+    def join(running, rows):
+        steps.append(rows)
+        if len(steps) == join_at:
+            memory.add(b)
+            return memory.join(running, rows)
+        return []
+
+    for r, ev in llm.run_batch(group, join=join, memory=memory):
+        if ev.token_id is not None:
+            order.append(r.id)
+        if ev.output is not None:
+            outs.setdefault(r.id, {})[ev.index] = ev.output
+    memory.finish(group)
+    assert memory.preemptions >= 1 and (memory.kv_used, memory.host_used) == (0, 0)
+    assert (a.charged, b.charged, b.swapped_bytes) == (0, 0, 0)
+    return memory, outs, order
+
+
 @pytest.mark.parametrize("spec,budget,mode", [("full", None, "eager"), ("snapkv", 0.5, "eager"),
                                               ("adakv", 0.5, "eager"), ("full", None, "static")])
 def test_preemption_swaps_the_newest_request_out_and_resumes_it_with_its_answer(tiny_llm, default_tokenizer,
@@ -711,44 +748,18 @@ def test_preemption_swaps_the_newest_request_out_and_resumes_it_with_its_answer(
     batch, A goes on, and B comes back once A is done: both answers are the ones alone, B's tokens
     pause while it is out, and every charge is back to 0 at the end."""
     from kvsift import LLM
-    from kvsift.engine.scheduler import Scheduler, SchedulerConfig
 
     llm = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode=mode)
     p_a, p_b = random_prompt(40, seed=501), random_prompt(48, seed=502)
     q = SamplingParams(max_tokens=40, ignore_eos=True)
     want = [tiny_llm.generate(p, q, method=spec, budget=budget)[0].token_ids for p in (p_a, p_b)]
     a, b = (llm.request([p], q, method=spec, budget=budget) for p in (p_a, p_b))
-    need = [r.token_bytes * (r.kept_tokens + 40) for r in (a, b)]               # all 40 tokens
-    admit = [max(r.prefill_bytes, r.token_bytes * (r.kept_tokens + 4)) for r in (a, b)]
-    kv_memory = max(sum(admit), int(1.1 * max(need)))
-    assert kv_memory < sum(need) and max(need) <= kv_memory   # together they do not fit, each alone does
-    memory = Scheduler(llm.scheduler_config(kv_memory=kv_memory, preempt=True, headroom=4))
-    memory.add(a)
-    group = memory.schedule()
-    assert group == [a] and a.charged == admit[0] < a.kv_bytes
-    steps, order = [], []
-
-    def join(running, rows):
-        steps.append(rows)
-        if len(steps) == 2:
-            memory.add(b)
-            return memory.join(running, rows)
-        return []
-
-    outs = {}
-    for r, ev in llm.run_batch(group, join=join, memory=memory):
-        if ev.token_id is not None:
-            order.append(r.id)
-        if ev.output is not None:
-            outs[r.id] = ev.output
-    memory.finish(group)
-    assert [outs[r.id].token_ids for r in (a, b)] == want
-    assert memory.preemptions >= 1, memory.preemptions
+    _, outs, order = _run_preempting(llm, a, b, 40, join_at=2, slack=1.1)
+    assert [outs[r.id][0].token_ids for r in (a, b)] == want
     # while B was out, A's tokens came alone: somewhere after B's first token, a run of A's only
     first_b = order.index(b.id)
     run_a = max(len(s) for s in "".join("a" if i == a.id else "b" for i in order[first_b:]).split("b"))
     assert run_a >= 8, order
-    assert (memory.kv_used, memory.host_used, a.charged, b.charged, b.swapped_bytes) == (0, 0, 0, 0, 0)
 
 
 def test_preemption_is_off_by_default_and_checked():
@@ -762,41 +773,15 @@ def test_preemption_is_off_by_default_and_checked():
 
 def test_a_preempted_request_of_two_prompts_comes_back_whole_and_can_be_cancelled_out(tiny_llm):
     """B has two prompts (two rows): both leave together when B is preempted and come back
-    together with the answers alone. Then C is preempted and its client leaves while it is out:
-    it ends "cancelled" once back, with the tokens it had, and A is unaffected."""
-    from kvsift.engine.scheduler import Scheduler
-
-    llm = tiny_llm
+    together with the answers alone. Run again with B's client leaving while B is out: B's
+    sequences end "cancelled" once back, with the tokens they had, and A is unaffected."""
     p_a, p_b1, p_b2 = random_prompt(40, seed=511), random_prompt(36, seed=512), random_prompt(44, seed=513)
     q = SamplingParams(max_tokens=30, ignore_eos=True)
-    want_a = llm.generate(p_a, q)[0].token_ids
-    want_b = [o.token_ids for o in llm.generate([p_b1, p_b2], q)]
+    want_a = tiny_llm.generate(p_a, q)[0].token_ids
+    want_b = [o.token_ids for o in tiny_llm.generate([p_b1, p_b2], q)]
     for cancel_b in (False, True):
-        a, b = llm.request([p_a], q), llm.request([p_b1, p_b2], q)
-        need = [r.token_bytes * (r.kept_tokens + 30) for r in (a, b)]
-        admit = [max(r.prefill_bytes, r.token_bytes * (r.kept_tokens + 4)) for r in (a, b)]
-        memory = Scheduler(llm.scheduler_config(kv_memory=max(sum(admit), int(1.05 * max(need))), preempt=True,
-                                                headroom=4))
-        assert memory.config.kv_memory < sum(need)
-        if cancel_b:  # its client leaves once it is out
-            b.cancel = lambda: memory.preemptions > 0
-        memory.add(a)
-        group = memory.schedule()
-        steps = []
-
-        def join(running, rows):
-            steps.append(rows)
-            if len(steps) == 1:
-                memory.add(b)
-                return memory.join(running, rows)
-            return []
-
-        outs = {}
-        for r, ev in llm.run_batch(group, join=join, memory=memory):
-            if ev.output is not None:
-                outs.setdefault(r.id, {})[ev.index] = ev.output
-        memory.finish(group)
-        assert memory.preemptions >= 1
+        a, b = tiny_llm.request([p_a], q), tiny_llm.request([p_b1, p_b2], q)
+        _, outs, _ = _run_preempting(tiny_llm, a, b, 30, join_at=1, slack=1.05, cancel_b=cancel_b)
         assert outs[a.id][0].token_ids == want_a
         if cancel_b:
             for j in (0, 1):
@@ -805,4 +790,4 @@ def test_a_preempted_request_of_two_prompts_comes_back_whole_and_can_be_cancelle
                 assert o.token_ids == want_b[j][:len(o.token_ids)]
         else:
             assert [outs[b.id][j].token_ids for j in (0, 1)] == want_b
-        assert b.finished and (memory.kv_used, memory.host_used) == (0, 0)
+        assert b.finished

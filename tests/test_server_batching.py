@@ -181,6 +181,22 @@ def test_cancelling_one_request_of_a_batch_leaves_the_others_whole(make_client, 
 
 
 @pytest.mark.parametrize("continuous", [True, False])
+def behind_a_paused_batch(c, batches, pool, first: dict, bodies: list[dict]) -> list:
+    """Start ``first`` (its batch stops after its first event), queue ``bodies`` one after another,
+    then let the batch go on (they may join it); returns the futures, ``first``'s first."""
+    sched = c.app.state.kvsift.scheduler
+    batches.release.set()
+    batches.pause_min = 1
+    batches.resume.clear()
+    futs = [pool.submit(c.post, "/v1/completions", json=first)]
+    assert batches.paused.wait(30)
+    for i, body in enumerate(bodies):
+        futs.append(pool.submit(c.post, "/v1/completions", json=body))
+        wait_for(lambda i=i: sched.waiting == i + 1)
+    batches.resume.set()
+    return futs
+
+
 def test_queued_requests_join_the_running_batch_in_arrival_order(make_client, tiny_llm, batches, continuous):
     """Continuous batching: B arrives while A's batch runs and joins it at the next decode step; C
     (snapkv) cannot join, and D, behind C, does not overtake it. Without it, B waits for the next
@@ -414,15 +430,8 @@ def test_a_joining_request_whose_prefill_fails_fails_alone(make_client, tiny_llm
     p_a, p_b, p_c = (random_prompt(n, seed=300 + n) for n in (30, 55, 44))
     want_a, want_c = alone(tiny_llm, p_a, 30), alone(tiny_llm, p_c, 6)
     _fail_prefill_of(tiny_llm, monkeypatch, 55, RuntimeError("simulated: out of memory in a joining prefill"))
-    batches.release.set()
-    batches.pause_min = 1
-    batches.resume.clear()  # A's batch stops after its first event
     with ThreadPoolExecutor(3) as pool:
-        fa = pool.submit(c.post, "/v1/completions", json=completion(p_a, 30))
-        assert batches.paused.wait(30)
-        fb = pool.submit(c.post, "/v1/completions", json=completion(p_b, 6))
-        wait_for(lambda: sched.waiting == 1)
-        batches.resume.set()
+        fa, fb = behind_a_paused_batch(c, batches, pool, completion(p_a, 30), [completion(p_b, 6)])
         rb = fb.result()
         fc = pool.submit(c.post, "/v1/completions", json=completion(p_c, 6))
         ra, rc = fa.result(), fc.result()
@@ -466,16 +475,9 @@ def test_preempting_server_swaps_a_request_out_and_answers_both(make_client, tin
     sched = c.app.state.kvsift.scheduler
     p_a, p_b = random_prompt(40, seed=601), random_prompt(40, seed=602)
     want = [alone(tiny_llm, p, 40) for p in (p_a, p_b)]
-    batches.release.set()
-    batches.pause_min = 1
-    batches.resume.clear()  # A's batch stops after its first event
     with ThreadPoolExecutor(2) as pool:
-        fa = pool.submit(c.post, "/v1/completions", json=completion(p_a, 40))
-        assert batches.paused.wait(30)
-        fb = pool.submit(c.post, "/v1/completions", json=completion(p_b, 40, stream=True))
-        wait_for(lambda: sched.waiting == 1)
-        batches.resume.set()
-        ra, rb = fa.result(), fb.result()
+        futs = behind_a_paused_batch(c, batches, pool, completion(p_a, 40), [completion(p_b, 40, stream=True)])
+        ra, rb = (f.result() for f in futs)
     assert ra.status_code == 200 and ra.json()["choices"][0]["text"] == want[0].text, ra.text
     text, chunks = sse_text(rb)
     assert text == want[1].text and chunks[-1]["choices"][0]["finish_reason"] == "length"
