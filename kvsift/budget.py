@@ -117,15 +117,16 @@ def request_kv_bytes(per_token: int, rows: int, prompt_tokens: int, kept_tokens:
 
 
 # a server's default admission limits (``kvsift serve`` without --kv-memory / --host-memory, on CUDA)
-DEVICE_KV_SHARE = 0.45
+DEVICE_KV_SHARE = 0.8
 HOST_KV_SHARE = 0.5
 
 
 def default_memory_limits(device, free_device: int | None = None,
                           available_host: int | None = None) -> tuple[int | None, int | None]:
     """``(device, host)`` KV bytes a server admits at once by default: on CUDA,
-    :data:`DEVICE_KV_SHARE` of the device memory free once the model is loaded (a batch whose rows
-    change holds its kept KV twice while it is rebuilt, and prefills need activation room) and
+    :data:`DEVICE_KV_SHARE` of the device memory free once the model is loaded (the rest for
+    prefill activations, at most ``max_batched_tokens`` tokens a forward, for a layer's second copy
+    while a batch whose rows change is rebuilt, and for the allocator's slack) and
     :data:`HOST_KV_SHARE` of the host memory available (offloaded KV is pinned: past it the
     process is killed rather than told); elsewhere ``(None, None)``, unbounded. ``free_device`` /
     ``available_host``: the measured figures (read from the device and the OS when None)."""

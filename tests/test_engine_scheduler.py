@@ -791,3 +791,44 @@ def test_a_preempted_request_of_two_prompts_comes_back_whole_and_can_be_cancelle
         else:
             assert [outs[b.id][j].token_ids for j in (0, 1)] == want_b
         assert b.finished
+
+
+def test_a_change_of_rows_holds_the_batch_kv_about_once(tiny_llm, monkeypatch):
+    """``_rebuild`` frees each old layer (the running batch's and the joiners') once it is stacked:
+    while the rows change, the KV held is the old batch's plus at most about one new layer, not
+    both batches whole; the answers stay the ones alone."""
+    from kvsift.cache.layer import SiftLayer
+
+    llm = tiny_llm
+    ps = [random_prompt(n, seed=700 + n) for n in (120, 90)]
+    q = SamplingParams(max_tokens=6, ignore_eos=True)
+    want = [llm.generate(p, q)[0].token_ids for p in ps]
+    a, b = (llm.request([p], q) for p in ps)
+    held, peaks = [], []
+    real_rebuild, real_set_rows = llm._rebuild, SiftLayer.set_rows
+
+    def rebuild(ctx, next_pos, keep, new, parts, run, resumed=None):
+        held[:] = [ctx.cache] + [c for c, _, _, _ in parts]
+        peaks.append([sum(ly.nbytes() for c in held for ly in c.layers), 0, 0])
+        out = real_rebuild(ctx, next_pos, keep, new, parts, run, resumed)
+        held.clear()
+        return out
+
+    def set_rows(self, rows):
+        r = real_set_rows(self, rows)
+        if held:  # the old caches' layers still alive plus the new batch's layers so far
+            now = sum(ly.nbytes() for c in held for ly in c.layers) + sum(ly.nbytes() for ly in self.cache.layers)
+            peaks[-1][1] = max(peaks[-1][1], now)
+            peaks[-1][2] = max(peaks[-1][2], self.nbytes())
+        return r
+
+    monkeypatch.setattr(llm, "_rebuild", rebuild)
+    monkeypatch.setattr(SiftLayer, "set_rows", set_rows)
+    steps, outs = [], {}
+    for r, ev in llm.run_batch([a], join=lambda run, rows: steps.append(rows) or ([b] if len(steps) == 2 else [])):
+        if ev.output is not None:
+            outs[r.id] = ev.output
+    assert [outs[r.id].token_ids for r in (a, b)] == want
+    assert peaks and llm.info.num_layers >= 2
+    for before, peak, layer in peaks:
+        assert peak <= before + 1.5 * layer, (before, peak, layer)   # not before + the whole new batch

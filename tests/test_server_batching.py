@@ -180,7 +180,6 @@ def test_cancelling_one_request_of_a_batch_leaves_the_others_whole(make_client, 
     assert (sched.running, sched.waiting, sched.per_key) == (0, 0, {})
 
 
-@pytest.mark.parametrize("continuous", [True, False])
 def behind_a_paused_batch(c, batches, pool, first: dict, bodies: list[dict]) -> list:
     """Start ``first`` (its batch stops after its first event), queue ``bodies`` one after another,
     then let the batch go on (they may join it); returns the futures, ``first``'s first."""
@@ -197,6 +196,7 @@ def behind_a_paused_batch(c, batches, pool, first: dict, bodies: list[dict]) -> 
     return futs
 
 
+@pytest.mark.parametrize("continuous", [True, False])
 def test_queued_requests_join_the_running_batch_in_arrival_order(make_client, tiny_llm, batches, continuous):
     """Continuous batching: B arrives while A's batch runs and joins it at the next decode step; C
     (snapkv) cannot join, and D, behind C, does not overtake it. Without it, B waits for the next

@@ -671,12 +671,17 @@ class LLM:
         back = [row for sw in resumed or () for row in sw.rows]  # preempted rows coming back, on the host
         with torch.inference_mode():
             for li, lm in enumerate(merged.layers):
-                lm.set_rows([_row_kv(cache.layers[li], i) for cache, i in sources]
-                            + [_row_to(row[li], self.device) for row in back])
                 shared = old.layers[li].prefix or next(
                     (c.layers[li].prefix for c, _, _, _ in parts if c.layers[li].prefix is not None), None)
+                lm.set_rows([_row_kv(cache.layers[li], i) for cache, i in sources]
+                            + [_row_to(row[li], self.device) for row in back])
                 if shared is not None:  # the context, one copy for the new batch's rows
                     lm.prefix = tuple(shared_rows(t, len(sources)) for t in shared)
+                # this layer's old buffers go now, not after the last layer: the batch's KV is held
+                # about once (plus a layer) while it is rebuilt, not twice
+                old.layers[li].reset()
+                for c, _, _, _ in parts:
+                    c.layers[li].reset()
         merged.seen = max([old.seen] + [c.seen for c, _, _, _ in parts])
         pos = [next_pos[keep]] + [c.next_pos for _, c, _, _ in parts] + [sw.next_pos.to(self.device)
                                                                            for sw in resumed or ()]

@@ -99,7 +99,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "next decode step (joining applies to methods whose state after the prefill is their kept KV: "
                         "full and the prefill eviction methods, any decode mode, not with --kv-arena)")
     p.add_argument("--kv-memory", type=_bytes, default=None,
-                   help="expected KV bytes one batch may hold on the device (e.g. 8G; default: on CUDA 45%% of the "
+                   help="expected KV bytes one batch may hold on the device (e.g. 8G; default: on CUDA 80%% of the "
                         "memory free once the model is loaded, elsewhere unbounded); "
                         "requests wait for room, one that cannot fit alone gets 400 kv_memory_exceeded")
     p.add_argument("--preempt", action="store_true",
