@@ -182,7 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--random-8b", type=int, default=None, metavar="LAYERS",
                     help="serve a random-weight Llama-3.1-8B-shaped model of LAYERS layers (bf16; needs --tokenizer)")
-    ap.add_argument("--tokenizer", default=None, help="GGUF file or HF directory whose tokenizer the --random-8b model gets")
+    ap.add_argument("--tokenizer", default=None,
+                    help="GGUF file or HF directory whose tokenizer the --random-8b model gets")
     ap.add_argument("--max-batch", default="1,8", help="comma-separated --max-batch values to compare")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
@@ -289,7 +290,8 @@ def main(argv=None) -> int:
     finally:
         tmp.cleanup()
 
-    head = ("max-batch", "joins", "join chunks", "preempt", "preemptions", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "batches", "req/batch",
+    head = ("max-batch", "joins", "join chunks", "preempt", "preemptions", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
+            "ITL p50 ms", "ITL p99 ms", "batches", "req/batch",
             "errors")
     table = [head] + [(str(r["max_batch"]), "yes" if r["continuous"] else "no",
                        "-" if r["join_chunks"] is None else ("all" if r["join_chunks"] == 0 else str(r["join_chunks"])),

@@ -14,12 +14,11 @@ scheduler, one request per call.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import math
 
 import torch
 
@@ -29,7 +28,8 @@ from kvsift.cache.layer import shared_rows
 from kvsift.engine.attention import ForwardContext  # noqa: F401  (re-exported: engine internals are importable)
 from kvsift.engine.decode import check_decode_mode
 from kvsift.engine.params import GenerationStats, RequestOutput, SamplingParams, StreamEvent
-from kvsift.engine.runner import CPU_FIRST_CHUNK, DEFAULT_CHUNK, MAX_BATCHED_TOKENS, Context, ModelRunner, PrefillCancelled, sync
+from kvsift.engine.runner import (CPU_FIRST_CHUNK, DEFAULT_CHUNK, MAX_BATCHED_TOKENS, Context, ModelRunner,
+                                  PrefillCancelled, sync)
 from kvsift.engine.runner import check_prefill_mode as _check_prefill_mode
 from kvsift.engine.scheduler import Request, Scheduler, SchedulerConfig, pads_exactly
 from kvsift.methods import KVMethod, build_method
@@ -717,8 +717,10 @@ def _rows_to_host(cache: SiftCache, idx: list[int], pin: bool) -> list[list[tupl
     """Rows ``idx`` of ``cache``, per row a list over layers of :func:`_row_kv`'s tuple, copied to
     host memory (pinned when ``pin``)."""
     def host(t: torch.Tensor) -> torch.Tensor:
-        c = t.to("cpu", copy=True)
-        return c.pin_memory() if pin else c
+        if not pin:
+            return t.to("cpu", copy=True)
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return out.copy_(t)
 
     with torch.inference_mode():
         return [[(host(k), host(v), host(p), None if rag is None else rag.to("cpu"))
@@ -787,7 +789,7 @@ def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> to
 def _release_memory(device: torch.device, exc: BaseException) -> None:
     """After a failed joining prefill: its partial KV is garbage now; on CUDA, out of memory, hand
     the cached blocks back so the running batch's next steps find room."""
-    if device.type == "cuda" and isinstance(exc, torch.OutOfMemoryError):
+    if device.type == "cuda" and isinstance(exc, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):
         import gc
 
         gc.collect()
