@@ -328,9 +328,14 @@ def test_no_join_where_it_would_not_be_exact(tiny_llm, default_tokenizer):
 
     ids = [random_prompt(40, seed=94)]
     p = SamplingParams(max_tokens=4, ignore_eos=True)
-    for spec in ("tova", "h2o", "streaming", "quest", "sentencekv", "kivi", "snapkv+kivi", "decoding(snapkv)",
+    for spec in ("quest", "sentencekv", "kivi", "snapkv+kivi", "decoding(snapkv)",
                  "chunked(tova)"):   # they act while decoding, or store the KV in another form
         assert not tiny_llm.joins_running(tiny_llm.request(ids, p, method=spec, budget=16)), spec
+    # tova, h2o and streaming join at their budget (test below), but not over a context: each row copies it
+    plain = tiny_llm.prefill_context(ids[0][:30])
+    for spec in ("tova", "h2o", "streaming"):
+        assert tiny_llm.joins_running(tiny_llm.request(ids, p, method=spec, budget=16)), spec
+        assert not tiny_llm.joins_running(tiny_llm.request([ids[0][30:]], p, context=plain, method=spec, budget=16))
     ctx = tiny_llm.prefill_context(ids[0], method="sentencekv", budget=32)   # its KV lives in a host store
     assert not tiny_llm.joins_running(tiny_llm.request(ids, p, context=ctx, method="sentencekv", budget=32))
     # over the runner's KV arenas the static steps write the arena, not the batch's cache: no joins
@@ -832,3 +837,28 @@ def test_a_change_of_rows_holds_the_batch_kv_about_once(tiny_llm, monkeypatch):
     assert peaks and llm.info.num_layers >= 2
     for before, peak, layer in peaks:
         assert peak <= before + 1.5 * layer, (before, peak, layer)   # not before + the whole new batch
+
+
+@pytest.mark.parametrize("spec,opts", [("streaming", None), ("tova", None), ("tova", {"per_head": True}),
+                                       ("h2o", None)])
+def test_methods_that_evict_while_decoding_join_at_their_budget(tiny_llm, spec, opts):
+    """streaming, tova and h2o evict one token per step per row once a layer is over its budget:
+    rows that hold exactly their budget (any prompt length, the same token budget) evict in
+    lockstep, so requests of other lengths join a running batch, rows leave when done (h2o's
+    accumulated scores follow their rows), and every answer is the one alone."""
+    from kvsift.engine.scheduler import join_key
+
+    ps = [random_prompt(n, seed=800 + n) for n in (60, 90, 45)]
+    pr = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (40, 20, 30)]
+    want = [tiny_llm.generate(x, q, method=spec, budget=16, method_kwargs=opts)[0].token_ids for x, q in zip(ps, pr)]
+    a, b, c = (tiny_llm.request([x], q, method=spec, budget=16, method_kwargs=opts) for x, q in zip(ps, pr))
+    assert tiny_llm.joins_running(a) and join_key(a) == join_key(b) == join_key(c) is not None
+    other = tiny_llm.request([ps[0]], pr[0], method=spec, budget=24, method_kwargs=opts)
+    assert join_key(other) != join_key(a)                     # another budget: not in lockstep
+    steps, outs = [], {}
+    for r, ev in tiny_llm.run_batch([a], join=lambda run, rows: steps.append(rows) or
+                                    {2: [b], 5: [c]}.get(len(steps), [])):
+        if ev.output is not None:
+            outs[r.id] = ev.output
+    assert [outs[r.id].token_ids for r in (a, b, c)] == want
+    assert max(steps) == 3 and steps[-1] < 3                  # all three ran together, then rows left

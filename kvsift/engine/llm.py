@@ -31,7 +31,7 @@ from kvsift.engine.params import GenerationStats, RequestOutput, SamplingParams,
 from kvsift.engine.runner import (CPU_FIRST_CHUNK, DEFAULT_CHUNK, MAX_BATCHED_TOKENS, Context, ModelRunner,
                                   PrefillCancelled, sync)
 from kvsift.engine.runner import check_prefill_mode as _check_prefill_mode
-from kvsift.engine.scheduler import Request, Scheduler, SchedulerConfig, pads_exactly
+from kvsift.engine.scheduler import Request, Scheduler, SchedulerConfig, at_budget, pads_exactly
 from kvsift.methods import KVMethod, build_method
 from kvsift.errors import UnknownMethodError
 from kvsift.methods.base import Budget, Run
@@ -580,10 +580,12 @@ class LLM:
         shared copy). Any decode mode: a change of rows closes the step runner and starts one over
         the new cache (static buffers again; in graph mode its steps are recorded again, one warm-up
         step per kind first), except over the runner's KV arenas (``kv_arena``: their graphs outlive
-        a generation and the steps write the arena, not the batch's cache)."""
+        a generation and the steps write the arena, not the batch's cache). A method that evicts
+        while decoding (streaming, tova, h2o) joins where every row holds exactly its budget
+        (:func:`~kvsift.engine.scheduler.at_budget`): such rows evict in lockstep."""
         mode = mode or self.runner.decode_mode_for(req.method)
         return (req.kind == "generate" and (req.context is None or self.runner.shares_context(req.method, req.context))
-                and req.method.joins_rows() and (mode == "eager" or not self.runner.kv_arena))
+                and (req.method.joins_rows() or at_budget(req)) and (mode == "eager" or not self.runner.kv_arena))
 
     def _prefill_joining(self, new: list[Request], method: KVMethod, run: Run, reserve: int,
                          progress: bool | None):
@@ -675,6 +677,7 @@ class LLM:
                     (c.layers[li].prefix for c, _, _, _ in parts if c.layers[li].prefix is not None), None)
                 lm.set_rows([_row_kv(cache.layers[li], i) for cache, i in sources]
                             + [_row_to(row[li], self.device) for row in back])
+                method.restack_state(lm, [(cache.layers[li], i) for cache, i in sources])
                 if shared is not None:  # the context, one copy for the new batch's rows
                     lm.prefix = tuple(shared_rows(t, len(sources)) for t in shared)
                 # this layer's old buffers go now, not after the last layer: the batch's KV is held

@@ -205,13 +205,26 @@ def join_key(req: Request) -> Hashable | None:
     its own prompt), so where the method's state after the prefill is only its kept KV
     (:meth:`KVMethod.joins_rows <kvsift.methods.base.KVMethod.joins_rows>`: full, snapkv, adakv,
     duo, kvzip, ...) neither its prompt length nor its budget matters: the method family
-    (:func:`method_family`), the reused context and the sampling do. Other methods: :func:`batch_key`."""
+    (:func:`method_family`), the reused context and the sampling do. A method that evicts while
+    decoding joins rows at its budget (:func:`at_budget`) of the same method and resolved budget
+    (any prompt length). Other methods: :func:`batch_key`."""
     sampling = _sampling_key(req)
     if sampling is None:
         return None
     if not req.method.joins_rows():
+        if at_budget(req):  # evicts while decoding, every row at its budget: the same budget joins
+            return ("join-at-budget", req.method, req.run.tokens, id(req.context) if req.context is not None else None,
+                    sampling)
         return batch_key(req)
     return ("join", method_family(req.method), id(req.context) if req.context is not None else None, sampling)
+
+
+def at_budget(req: Request) -> bool:
+    """Whether ``req``'s method evicts while decoding and each of its rows holds exactly its budget
+    after the prefill (:meth:`KVMethod.joins_at_budget <kvsift.methods.base.KVMethod.joins_at_budget>`):
+    then its rows may join, or be joined by, rows of the same method and resolved budget."""
+    return (req.kind == "generate" and req.run is not None
+            and all(req.method.joins_at_budget(req.run, req.base + len(p)) for p in req.prompts))
 
 
 class Scheduler:

@@ -310,6 +310,22 @@ class KVMethod:
         Default: False."""
         return False
 
+    def joins_at_budget(self, run: "Run | None", prompt_len: int) -> bool:
+        """True when this method evicts while decoding one token per step per row once a layer is
+        over its budget (streaming, tova, h2o) and a sequence of ``prompt_len`` tokens (a reused
+        context's included) holds exactly its budget in every layer after the prefill: such rows,
+        with equal budgets (``run.tokens``), evict in lockstep, so they may be stacked into one
+        running batch and decode there exactly as alone (:meth:`LLM.joins_running
+        <kvsift.engine.llm.LLM.joins_running>`), their per-layer state restacked by
+        :meth:`restack_state`. Default: False."""
+        return False
+
+    def restack_state(self, layer: "SiftLayer", sources: list) -> None:
+        """A running batch's rows changed: ``layer`` (the new batch's) now holds, in order, the
+        rows of ``sources`` (``(old_layer, row)`` pairs; the old layers still hold their state).
+        Rebuild this method's per-layer state for them. Default: nothing to carry (the state of a
+        method whose rows join is its KV)."""
+
     def reads_context_in_place(self) -> bool:
         """True when a generation over a reusable context may read the context's KV by reference
         (``SiftCache.share``: every row attends to it, nothing copied) instead of a copy per row: the

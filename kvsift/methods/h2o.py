@@ -204,7 +204,23 @@ class H2O(EvictionMethod):
         dst.n = max(dst.n, n)
 
     def joins_rows(self) -> bool:
-        return False  # accumulates attention and evicts while decoding
+        return not self.decode_evict  # accumulates attention and evicts while decoding, unless told not to
+
+    def joins_at_budget(self, run, prompt_len: int) -> bool:
+        return self.decode_evict and run is not None and prompt_len >= run.tokens  # at the budget: lockstep
+
+    def restack_state(self, layer, sources) -> None:
+        """Each row's accumulated scores follow its slots into the new batch (rows that joined at
+        their budget hold ``layer.length`` slots each, stacked in order, no padding)."""
+        accs = []
+        for src, i in sources:
+            st = self.layer_state(src)
+            if st is None or st.n != src.length or src.length != layer.length:
+                layer.state.pop(self.name, None)  # not the lockstep layout: scores start over
+                return
+            accs.append(st.acc[i:i + 1, :, : st.n])
+        if accs:
+            layer.state[self.name] = H2OState(acc=torch.cat(accs), n=layer.length)
 
     def after_attend(self, run, layer, query, module, ctx):
         super().after_attend(run, layer, query, module, ctx)  # prefill: observe, and compress at the end

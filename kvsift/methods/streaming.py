@@ -40,6 +40,9 @@ class StreamingLLM(EvictionMethod):
     def joins_rows(self) -> bool:
         return False  # the rolling window evicts at every decode step
 
+    def joins_at_budget(self, run, prompt_len: int) -> bool:
+        return run is not None and prompt_len >= run.tokens  # every row's window full: lockstep
+
     def after_attend(self, run, layer, query, module, ctx):
         super().after_attend(run, layer, query, module, ctx)  # prefill end: keep sinks + window
         if ctx.decoding and layer.length > run.tokens:  # decode: O(1) slot reuse, no buffer copy

@@ -67,7 +67,10 @@ class TOVA(EvictionMethod):
                                     getattr(module, "sliding_window", None), self.per_head)
 
     def joins_rows(self) -> bool:
-        return False  # evicts one token per decode step
+        return not self.decode_evict  # evicts one token per decode step, unless told not to
+
+    def joins_at_budget(self, run, prompt_len: int) -> bool:
+        return self.decode_evict and run is not None and prompt_len >= run.tokens  # at the budget: lockstep
 
     def after_attend(self, run, layer, query, module, ctx):
         super().after_attend(run, layer, query, module, ctx)  # prefill end: keep the top tokens
