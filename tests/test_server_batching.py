@@ -485,3 +485,18 @@ def test_preempting_server_swaps_a_request_out_and_answers_both(make_client, tin
     assert re.search(r"^kvsift_preemptions_total [1-9]", c.get("/metrics").text, re.M)
     wait_for(lambda: (sched.running, sched.waiting, sched.busy) == (0, 0, False))
     assert (sched.engine.kv_used, sched.engine.host_used) == (0, 0)
+
+
+def test_tova_requests_of_one_token_budget_join_over_http(make_client, tiny_llm, batches):
+    """tova evicts while decoding: a request with the running rows' token budget joins (another
+    prompt length), one with another budget waits for the next batch; all answers alone."""
+    c = make_client(max_batch=4)
+    sched = c.app.state.kvsift.scheduler
+    p_a, p_b, p_c = (random_prompt(n, seed=900 + n) for n in (40, 64, 50))
+    want = [alone(tiny_llm, p, n, method="tova", budget=b) for p, n, b in ((p_a, 24, 16), (p_b, 6, 16), (p_c, 5, 24))]
+    bodies = [completion(p_b, 6, kv_method="tova", kv_budget=16), completion(p_c, 5, kv_method="tova", kv_budget=24)]
+    with ThreadPoolExecutor(3) as pool:
+        futs = behind_a_paused_batch(c, batches, pool, completion(p_a, 24, kv_method="tova", kv_budget=16), bodies)
+        ra, rb, rc = (f.result() for f in futs)
+    assert [r.json()["choices"][0]["text"] for r in (ra, rb, rc)] == [w.text for w in want]
+    assert sched.joined == 1 and batches.groups == [[[p_a]], [[p_c]]]
