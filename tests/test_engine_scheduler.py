@@ -862,3 +862,17 @@ def test_methods_that_evict_while_decoding_join_at_their_budget(tiny_llm, spec, 
             outs[r.id] = ev.output
     assert [outs[r.id].token_ids for r in (a, b, c)] == want
     assert max(steps) == 3 and steps[-1] < 3                  # all three ran together, then rows left
+
+
+def test_methods_that_evict_while_decoding_are_admitted_for_their_budget_not_max_tokens(tiny_llm):
+    """Memory admission: streaming, tova and h2o hold at most one token over their budget while
+    decoding, so their expected device KV does not grow with max_tokens (full's does)."""
+    ids = [random_prompt(200, seed=950)]
+    short, long = SamplingParams(max_tokens=4), SamplingParams(max_tokens=2000)
+    for spec in ("streaming", "tova", "h2o"):
+        a, b = (tiny_llm.request(ids, q, method=spec, budget=32) for q in (short, long))
+        assert a.kv_bytes == b.kv_bytes == 200 * tiny_llm.kv_bytes_per_token, spec   # the prefill's peak
+    f_short, f_long = (tiny_llm.request(ids, q) for q in (short, long))
+    assert f_long.kv_bytes > f_short.kv_bytes
+    lazy = tiny_llm.request(ids, long, method="tova", budget=32, method_kwargs={"decode_evict": False})
+    assert lazy.kv_bytes > a.kv_bytes   # evicting at prefill only: it grows like any other

@@ -310,6 +310,13 @@ class KVMethod:
         Default: False."""
         return False
 
+    def decode_kv_tokens(self, run: Run, new_tokens: int) -> int:
+        """KV slots per layer and KV head that decoding ``new_tokens`` tokens adds at most, for memory
+        admission (:func:`kvsift.budget.request_kv_bytes`). Default: all of them; a method that
+        evicts one token per step once over its budget (streaming, tova, h2o) holds at most one
+        more than its budget."""
+        return new_tokens
+
     def joins_at_budget(self, run: "Run | None", prompt_len: int) -> bool:
         """True when this method evicts while decoding one token per step per row once a layer is
         over its budget (streaming, tova, h2o) and a sequence of ``prompt_len`` tokens (a reused

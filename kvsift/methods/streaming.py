@@ -40,6 +40,9 @@ class StreamingLLM(EvictionMethod):
     def joins_rows(self) -> bool:
         return False  # the rolling window evicts at every decode step
 
+    def decode_kv_tokens(self, run, new_tokens: int) -> int:
+        return min(new_tokens, 1) if True else new_tokens  # one over the budget, then one evicted
+
     def joins_at_budget(self, run, prompt_len: int) -> bool:
         return run is not None and prompt_len >= run.tokens  # every row's window full: lockstep
 
