@@ -97,7 +97,8 @@ def prefill_kv_bytes(per_token: int, rows: int, prompt_tokens: int, kept_tokens:
 
 def request_kv_bytes(per_token: int, rows: int, prompt_tokens: int, kept_tokens: int, new_tokens: int, *,
                      context_bytes: int = 0, offloads: bool | float = False,
-                     row_prefill: bool = False, context_shared: bool = False) -> tuple[int, int]:
+                     row_prefill: bool = False, context_shared: bool = False,
+                     device_share: tuple[float, int] = (1.0, 0)) -> tuple[int, int]:
     """``(device, host)`` KV bytes a generation of ``rows`` sequences is expected to hold at its peak.
 
     ``prompt_tokens``: the longest prompt (after a reused context); ``kept_tokens``: what the budget
@@ -106,11 +107,14 @@ def request_kv_bytes(per_token: int, rows: int, prompt_tokens: int, kept_tokens:
     ``context_shared``). The prefill holds the whole prompt's KV on the device (one row at a time
     with ``row_prefill``) until it is compressed; an offloading method
     (``offloads``: True, or the share of each token's KV it keeps there, the method's ``host_share()``)
-    then keeps the whole prompt in host memory and ``kept_tokens`` on the device. A lower
+    then keeps the whole prompt in host memory and ``kept_tokens`` on the device; a quantizing one
+    (``device_share = (share, window)``: kivi) keeps that share of each token's bytes after the
+    prefill, its ``window`` newest tokens whole. A lower
     bound (method state and allocator slack are not counted), so it refuses nothing that would fit."""
     kept = min(kept_tokens, prompt_tokens)
     prefill = prefill_kv_bytes(per_token, rows, prompt_tokens, kept, row_prefill=row_prefill)
-    decode = rows * (kept + new_tokens) * per_token
+    share, window = device_share  # a quantized cache: a share of each token, a full-precision window
+    decode = int(rows * per_token * ((kept + new_tokens) * share + min(window, kept + new_tokens) * (1 - share)))
     device = (1 if context_shared else rows) * context_bytes + max(prefill, decode)
     host = int(rows * prompt_tokens * per_token * float(offloads))
     return device, host

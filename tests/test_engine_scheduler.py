@@ -876,3 +876,24 @@ def test_methods_that_evict_while_decoding_are_admitted_for_their_budget_not_max
     assert f_long.kv_bytes > f_short.kv_bytes
     lazy = tiny_llm.request(ids, long, method="tova", budget=32, method_kwargs={"decode_evict": False})
     assert lazy.kv_bytes > a.kv_bytes   # evicting at prefill only: it grows like any other
+
+
+def test_a_quantized_cache_is_admitted_for_its_quantized_bytes(tiny_llm):
+    """Memory admission counts kivi's decode KV at its quantized share (codes, scales, positions)
+    plus its full-precision window, not at the model's dtype: with many new tokens its expected
+    device KV is a fraction of full's; the prefill (full precision until it ends) is unchanged."""
+    from kvsift.methods import build_method
+
+    ids = [random_prompt(200, seed=951)]
+    long = SamplingParams(max_tokens=3000)   # within the tiny model's 4,096 positions
+    d = tiny_llm.info.head_dim
+    share, window = build_method("kivi", None).device_share(d)
+    assert 0 < share < 0.5 and window > 0
+    assert build_method("snapkv+kivi", 0.5).device_share(d) == (share, window)
+    assert build_method("snapkv", 0.5).device_share(d) == (1.0, 0)
+    full, kivi = tiny_llm.request(ids, long), tiny_llm.request(ids, long, method="kivi")
+    pt, n = tiny_llm.kv_bytes_per_token, 200 + 3000
+    assert full.kv_bytes == n * pt
+    assert kivi.kv_bytes == int(pt * (n * share + window * (1 - share))) < full.kv_bytes / 2
+    short = tiny_llm.request(ids, SamplingParams(max_tokens=4), method="kivi")
+    assert short.kv_bytes == 200 * pt   # the prefill's peak, at full precision

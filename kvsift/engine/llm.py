@@ -238,7 +238,8 @@ class LLM:
         row_prefill = self.runner.rows_prefill(m, len(ids), context)
         kv, host = request_kv_bytes(self.kv_bytes_per_token, len(ids), longest, run.tokens,
                                     m.decode_kv_tokens(run, new), context_bytes=ctx_bytes, offloads=m.host_share(self.info.head_dim),
-                                    row_prefill=row_prefill, context_shared=self.runner.shares_context(m, context))
+                                    row_prefill=row_prefill, context_shared=self.runner.shares_context(m, context),
+                                    device_share=m.device_share(self.info.head_dim))
         kept = min(run.tokens, longest)
         return Request([list(x) for x in ids], params, m, run, context, cancel, kv, host, tag=tag,
                        prefill_bytes=prefill_kv_bytes(self.kv_bytes_per_token, len(ids), longest, kept,

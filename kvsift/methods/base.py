@@ -310,6 +310,14 @@ class KVMethod:
         Default: False."""
         return False
 
+    def device_share(self, head_dim: int) -> tuple[float, int]:
+        """``(share, window)`` for memory admission: the device bytes of a kept token after the
+        prefill as a share of its KV at the model's dtype, and tokens per layer and KV head kept
+        beside them at full precision. Default ``(1.0, 0)``; a composition with a storage codec
+        (``snapkv+kivi``) answers with the codec's (kivi: codes and scales, its recent window)."""
+        c = codec_stage(self)
+        return c.device_share(head_dim) if c is not None and c is not self else (1.0, 0)
+
     def decode_kv_tokens(self, run: Run, new_tokens: int) -> int:
         """KV slots per layer and KV head that decoding ``new_tokens`` tokens adds at most, for memory
         admission (:func:`kvsift.budget.request_kv_bytes`). Default: all of them; a method that

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvsift.cache.quant import QuantKV, coded_token_bytes, default_group, value_group
+from kvsift.cache.quant import QuantKV, coded_token_bytes, default_group, kv_bytes_per_token, value_group
 from kvsift.errors import MethodOptionError
 from kvsift.methods.base import KVMethod, register
 
@@ -88,6 +88,13 @@ class KIVI(KVMethod):
         per-token value scales and zeros; the key scales, one per chunk, stay on the device) as a
         share of its bf16 KV."""
         return coded_token_bytes(head_dim, self.bits, self.store_options(head_dim)["vgroup"]) / (4 * head_dim)
+
+    def device_share(self, head_dim: int) -> tuple[float, int]:
+        """Quantized bytes of a token on the device (codes, value scales, key scales per group and
+        its int32 position) over its 16-bit KV and position; the window of up to ``residual`` newest
+        tokens stays at full precision."""
+        group, residual = self.options_for(head_dim)
+        return (kv_bytes_per_token(head_dim, self.bits, group) + 4) / (4 * head_dim + 4), residual
 
     def finish_prefill(self, run, layers, ctx) -> None:
         """Quantize every layer holding KV (after the other stages' compression); a batch prefilled
