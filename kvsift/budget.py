@@ -88,17 +88,20 @@ def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, itemsi
 
 
 def prefill_kv_bytes(per_token: int, rows: int, prompt_tokens: int, kept_tokens: int, *,
-                     row_prefill: bool = False) -> int:
+                     row_prefill: bool = False, row_share: float = 1.0) -> int:
     """Device KV bytes a fresh prefill of ``rows`` prompts holds at its peak: every prompt's whole KV,
-    or (``row_prefill``) one row's whole prompt beside the rows already compressed to ``kept_tokens``."""
+    or (``row_prefill``) one row's whole prompt beside the rows already compressed to ``kept_tokens``
+    (and quantized to ``row_share`` of their bytes: kivi)."""
     kept = min(kept_tokens, prompt_tokens)
-    return (prompt_tokens + (rows - 1) * kept if row_prefill else rows * prompt_tokens) * per_token
+    if row_prefill:
+        return int((prompt_tokens + (rows - 1) * kept * row_share) * per_token)
+    return rows * prompt_tokens * per_token
 
 
 def request_kv_bytes(per_token: int, rows: int, prompt_tokens: int, kept_tokens: int, new_tokens: int, *,
                      context_bytes: int = 0, offloads: bool | float = False,
                      row_prefill: bool = False, context_shared: bool = False,
-                     device_share: tuple[float, int] = (1.0, 0)) -> tuple[int, int]:
+                     device_share: tuple[float, int] = (1.0, 0), row_share: float = 1.0) -> tuple[int, int]:
     """``(device, host)`` KV bytes a generation of ``rows`` sequences is expected to hold at its peak.
 
     ``prompt_tokens``: the longest prompt (after a reused context); ``kept_tokens``: what the budget
@@ -112,7 +115,7 @@ def request_kv_bytes(per_token: int, rows: int, prompt_tokens: int, kept_tokens:
     prefill, its ``window`` newest tokens whole. A lower
     bound (method state and allocator slack are not counted), so it refuses nothing that would fit."""
     kept = min(kept_tokens, prompt_tokens)
-    prefill = prefill_kv_bytes(per_token, rows, prompt_tokens, kept, row_prefill=row_prefill)
+    prefill = prefill_kv_bytes(per_token, rows, prompt_tokens, kept, row_prefill=row_prefill, row_share=row_share)
     share, window = device_share  # a quantized cache: a share of each token, a full-precision window
     decode = int(rows * per_token * ((kept + new_tokens) * share + min(window, kept + new_tokens) * (1 - share)))
     device = (1 if context_shared else rows) * context_bytes + max(prefill, decode)

@@ -366,7 +366,7 @@ def test_row_by_row_prefill_quantizes_the_stacked_batch(default_tokenizer, spec,
     rows = LLM.from_model(m, default_tokenizer, name="tiny", chunk_size=64, prefill_mode="rows")
     ids = [random_prompt(230, seed=1), random_prompt(150, seed=2)]
     kw = {"group": 16, "residual": 16}
-    assert build_method(spec, budget, **kw).row_prefill_ok() == (spec != "kivi")
+    assert build_method(spec, budget, **kw).row_prefill_ok()   # kivi: rows of one length are quantized each
     p = SamplingParams(max_tokens=20, ignore_eos=True)
     out = rows.generate(ids, p, method=spec, budget=budget, method_kwargs=kw)
     alone = rows.generate(ids[0], p, method=spec, budget=budget, method_kwargs=kw)[0]
@@ -672,3 +672,31 @@ def test_sentencekv_kivi_quantizes_the_host_store_and_answers_from_a_context(tin
     loaded, _ = load_context(tmp_path / "s", tiny_llm)
     want = tiny_llm.generate(q, p, context=ctx)[0].token_ids              # its own method (offloaded KV)
     assert tiny_llm.generate(q, p, context=loaded)[0].token_ids == want
+
+
+def test_kivi_prefills_a_batch_row_by_row_each_row_quantized_at_its_end(tiny_llm, monkeypatch):
+    """kivi alone prefills a batch one sequence at a time and quantizes each at its end, so the
+    device holds one row at full precision at a time (the rows are then stacked quantized); the
+    tokens are each prompt's alone, and the admission estimate counts the earlier rows quantized."""
+    from kvsift.cache.layer import SiftLayer
+    from kvsift.methods import build_method
+
+    llm = tiny_llm
+    ps = [random_prompt(150, seed=960 + i) for i in range(3)]
+    q = SamplingParams(max_tokens=6, ignore_eos=True)
+    want = [llm.generate(p, q, method="kivi")[0].token_ids for p in ps]
+    kivi = build_method("kivi", None)
+    assert llm.runner.rows_prefill(kivi, 3, None)
+    assert not llm.runner.rows_prefill(build_method("quest+kivi", 0.5), 3, None)  # a codec alone is no reason
+    batches = []
+    real = SiftLayer.quantize
+    monkeypatch.setattr(SiftLayer, "quantize",
+                        lambda self, *a: (self.quant is None and batches.append(self.k_buf.shape[0])) or real(self, *a))
+    got = llm.generate(ps, q, method="kivi")
+    assert [o.token_ids for o in got] == want
+    layers = llm.info.num_layers
+    assert batches == [1] * (3 * layers)   # every row quantized alone, at the end of its prefill
+    r = llm.request(ps, q, method="kivi")
+    share = kivi.device_share(llm.info.head_dim)[0]
+    pt = llm.kv_bytes_per_token
+    assert r.prefill_bytes == int((150 + 2 * 150 * share) * pt) < 2 * 150 * pt

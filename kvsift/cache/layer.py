@@ -200,6 +200,18 @@ class SiftLayer(CacheLayerMixin):
         self.holes = bool((positions < 0).any()) if n else False
         self.is_initialized = True
 
+    def set_quant_rows(self, rows: list) -> None:
+        """Stack quantized rows (one :class:`~kvsift.cache.quant.QuantKV` per sequence, prefilled and
+        quantized one at a time) into this layer's quantized store, with the cache's decode reserve;
+        the layer's own buffers stay empty."""
+        self.quant = QuantKV.stack(rows, room=self.cache.reserve)
+        b, h, _, d = self.quant.k_res.shape
+        rows.clear()
+        self._alloc(b, h, 0, d, self.quant.k_res.dtype, self.quant.k_res.device)
+        self.length = 0
+        self.holes = False
+        self.is_initialized = True
+
     def set_rows(self, rows: list) -> bool:
         """Stack one ``(keys (1, kv_heads, n_i, head_dim), values, positions (1, kv_heads, n_i),
         ragged)`` per batch row (sequences prefilled one at a time) into this layer's buffers,

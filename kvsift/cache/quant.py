@@ -462,6 +462,18 @@ class QuantKV:
         return QuantKV(**t, bits=self.bits, group=self.group, residual=self.residual, qtok=self.qtok,
                        length=self.length)
 
+    @classmethod
+    def stack(cls, rows: list["QuantKV"], room: int = 0) -> "QuantKV":
+        """One store of the rows of ``rows`` (each a store of its own, batch 1 or more; prompts of one
+        length, so the same quantized and window slots), with ``room`` free slots: sequences
+        prefilled and quantized one at a time, stacked into their batch."""
+        ts = [r.tensors() for r in rows]
+        if any(not torch.equal(t["meta"], ts[0]["meta"]) for t in ts):
+            raise ValueError("quantized rows of different layouts (bits, group, residual, qtok, length) cannot "
+                             "be stacked")
+        return cls.from_tensors({k: ts[0][k] if k == "meta" else torch.cat([t[k] for t in ts]) for k in ts[0]},
+                                room=room)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """What a persisted context stores: the used part only (quantized slots' codes, scales and
         zeros, the window, positions) and ``meta = [bits, group, residual, qtok, length]``."""

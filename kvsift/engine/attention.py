@@ -45,6 +45,7 @@ class ForwardContext:
     next_pos: torch.Tensor | None = None    # (batch,) position of each row's next token after prefill
     row: tuple[int, int] | None = None      # prefill one sequence at a time: (row index, batch size)
     row_states: list | None = None          # ...then the batch cache's per-layer state dicts
+    uniform_rows: bool = False              # ...and every row of the batch is as long (a codec may store each alone)
     rope: Any = None                        # rope(positions (batch, n), layer_idx) -> (cos, sin)
                                             # (batch, n, head_dim) fp32, see rope_function; None: no RoPE
     model_name: str | None = None           # ModelInfo.name of the model in use (per-model method data)

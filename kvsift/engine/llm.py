@@ -236,14 +236,17 @@ class LLM:
         new = min(params.max_tokens, self.info.max_positions - base - longest)
         ctx_bytes = context.cache.memory()["device"] if context is not None else 0
         row_prefill = self.runner.rows_prefill(m, len(ids), context)
+        share = m.device_share(self.info.head_dim)
+        row_share = share[0] if m.codec and len({len(x) for x in ids}) == 1 else 1.0  # kivi: each row at its end
         kv, host = request_kv_bytes(self.kv_bytes_per_token, len(ids), longest, run.tokens,
-                                    m.decode_kv_tokens(run, new), context_bytes=ctx_bytes, offloads=m.host_share(self.info.head_dim),
-                                    row_prefill=row_prefill, context_shared=self.runner.shares_context(m, context),
-                                    device_share=m.device_share(self.info.head_dim))
+                                    m.decode_kv_tokens(run, new), context_bytes=ctx_bytes,
+                                    offloads=m.host_share(self.info.head_dim), row_prefill=row_prefill,
+                                    context_shared=self.runner.shares_context(m, context), device_share=share,
+                                    row_share=row_share)
         kept = min(run.tokens, longest)
         return Request([list(x) for x in ids], params, m, run, context, cancel, kv, host, tag=tag,
                        prefill_bytes=prefill_kv_bytes(self.kv_bytes_per_token, len(ids), longest, kept,
-                                                      row_prefill=row_prefill),
+                                                      row_prefill=row_prefill, row_share=row_share),
                        token_bytes=len(ids) * self.kv_bytes_per_token, kept_tokens=kept)
 
     def _offline(self, req: Request, progress: bool | None) -> Iterator[StreamEvent]:

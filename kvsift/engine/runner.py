@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvsift.cache import SiftCache
+from kvsift.cache.quant import QuantKV
 from kvsift.engine.attention import (ForwardContext, forward_context, model_configs, rope_function,
                                      use_kvsift_attention)
 from kvsift.engine.decode import DecodeRunner, check_decode_mode, pick_decode_mode
@@ -357,6 +358,7 @@ class ModelRunner:
         cache = SiftCache(self.info.num_layers, capacity_hint=L + reserve, reserve=reserve)
         row_states = [layer.state for layer in cache.layers]
         plans = [self.chunk_bounds(len(x), method, fresh=method.prefill_hold(run) is None) for x in ids]
+        uniform = len({len(x) for x in ids}) == 1
         bar = self._prefill_bar(progress, L, sum(len(p) for p in plans), f"prefill {b} x {L} tokens")
         t0 = time.perf_counter()
         parts, logits = [], []
@@ -365,7 +367,8 @@ class ModelRunner:
                 rc = SiftCache(self.info.num_layers, capacity_hint=self._prefill_tokens(len(row), method, run)
                                + _longest(passes[i]), reserve=0)
                 ctx = ForwardContext(cache=rc, method=method, run=run, prompt_ids=[row], tokenizer=self.tokenizer,
-                                     row=(i, b), row_states=row_states, rope=self.rope, model_name=self.info.name)
+                                     row=(i, b), row_states=row_states, uniform_rows=uniform, rope=self.rope,
+                                     model_name=self.info.name)
                 tokens = torch.tensor([row], dtype=torch.long, device=dev)
                 pos = torch.arange(len(row), device=dev)[None]
                 for s, e in plan:
@@ -378,8 +381,9 @@ class ModelRunner:
                         yield
                 self._finish_prefill(ctx, method, run, passes[i])
                 logits.append(lg)
-                parts.append([(ly.keys, ly.values, ly.positions, ly.ragged) if ly.k_buf is not None else None
-                              for ly in rc.layers])
+                parts.append([ly.quant if ly.quant is not None else
+                              (ly.keys, ly.values, ly.positions, ly.ragged) if ly.k_buf is not None else None
+                              for ly in rc.layers])   # a row quantized at its end (kivi) stays quantized
                 del rc, ctx  # the row's buffers live on only through the kept (compressed) views
         finally:
             if bar is not None:
@@ -389,7 +393,9 @@ class ModelRunner:
             rows = [p[li] for p in parts]
             for p in parts:
                 p[li] = None
-            if all(r is not None for r in rows):
+            if all(isinstance(r, QuantKV) for r in rows):
+                layer.set_quant_rows(rows)
+            elif all(r is not None for r in rows):
                 padded |= layer.set_rows(rows)
         cache.seen = L
         ctx = ForwardContext(cache=cache, method=method, run=run, has_padding=padded, prompt_ids=ids,

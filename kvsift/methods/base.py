@@ -823,7 +823,7 @@ class Compose(KVMethod):
         # rows save memory when a stage shrinks the KV at prefill end; decode-only stages keep no
         # prefill state, a codec stores the stacked batch (rows_stacked) and attention-only stages
         # (minference) keep no state at all, so they never stand in the way
-        return any(s.row_prefill_ok() for s in self.stages) and all(
+        return any(s.row_prefill_ok() and not s.codec for s in self.stages) and all(
             s.row_prefill_ok() or s.decode_only or s.codec or s.attention_only for s in self.stages)
 
     def decode_variant(self, run, step):

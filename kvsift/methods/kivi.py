@@ -96,10 +96,15 @@ class KIVI(KVMethod):
         group, residual = self.options_for(head_dim)
         return (kv_bytes_per_token(head_dim, self.bits, group) + 4) / (4 * head_dim + 4), residual
 
+    def row_prefill_ok(self) -> bool:
+        return True  # alone: each sequence quantized at the end of its prefill, before the next one
+
     def finish_prefill(self, run, layers, ctx) -> None:
-        """Quantize every layer holding KV (after the other stages' compression); a batch prefilled
-        row by row is quantized once stacked (:meth:`rows_stacked`)."""
-        if ctx.row is None:
+        """Quantize every layer holding KV (after the other stages' compression). A batch prefilled
+        row by row: kivi alone quantizes each row at its end when the rows are as long (the batch then
+        holds one row at full precision at a time, the engine stacks the quantized rows); otherwise,
+        and in a composition, the stacked batch is quantized (:meth:`rows_stacked`)."""
+        if ctx.row is None or (ctx.method is self and ctx.uniform_rows):
             self._quantize(layers)
 
     def rows_stacked(self, run, layers, ctx) -> None:
