@@ -418,7 +418,10 @@ class LLM:
             # preemption: decode tokens per row each request is charged for (inf: all of them)
             preempt = (memory is not None and compact and memory.config.preempt
                        and any(memory.preemptible(r) for r in requests))
-            covered = {r: (memory.headroom if preempt and memory.preemptible(r) else math.inf) for r in requests}
+            def ahead(r: Request) -> float:  # decode tokens per row a request is first charged for
+                return memory.headroom if preempt and memory.preemptible(r) else math.inf
+
+            covered = {r: ahead(r) for r in requests}
             if memory is not None and not preempt:  # admitted for less than its tokens, but this batch cannot
                 for r in requests:                   # change rows (a KV arena): charged for all of them now
                     if memory.preemptible(r):
@@ -463,7 +466,7 @@ class LLM:
                         for r in joining:  # in the group from now on (its caller finishes them with it)
                             requests.append(r)
                             left[r] = 0     # no running sequence until their prefill is done
-                            covered[r] = memory.headroom if preempt and memory.preemptible(r) else math.inf
+                            covered[r] = ahead(r)
                         if joining:  # their prompts are prefilled a chunk per decode step of the others
                             room = max([ctx.cache.reserve] + [r.room(len(p), self.info.max_positions) + 1
                                                               for r in joining for p in r.prompts])

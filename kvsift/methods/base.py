@@ -420,8 +420,21 @@ class EvictionMethod(KVMethod):
     def row_prefill_ok(self) -> bool:
         return True  # keeps the top slots per row, no layer state
 
+    def evicts_while_decoding(self) -> bool:
+        """True for a method that, at each decode step, evicts one token per row from a layer over
+        its budget (streaming, tova, h2o): it joins running batches only at its budget, and decoding
+        adds at most one slot. Default: False (evicts at prefill only)."""
+        return False
+
     def joins_rows(self) -> bool:
-        return True  # evicts at prefill only (methods that also evict while decoding say False)
+        return not self.evicts_while_decoding()
+
+    def decode_kv_tokens(self, run: Run, new_tokens: int) -> int:
+        return min(new_tokens, 1) if self.evicts_while_decoding() else new_tokens  # one over the budget
+
+    def joins_at_budget(self, run: "Run | None", prompt_len: int) -> bool:
+        # every row at its budget evicts in lockstep with the others of that budget
+        return self.evicts_while_decoding() and run is not None and prompt_len >= run.tokens
 
     def observe(self, run: Run, layer: "SiftLayer", query: torch.Tensor, module, ctx: "ForwardContext") -> None:
         """After each prefill chunk or reread pass attended (``ctx.rereading`` tells which)."""

@@ -203,14 +203,8 @@ class H2O(EvictionMethod):
         dst.acc[i, :, :n] = st.acc[0, :, :n]
         dst.n = max(dst.n, n)
 
-    def joins_rows(self) -> bool:
-        return not self.decode_evict  # accumulates attention and evicts while decoding, unless told not to
-
-    def decode_kv_tokens(self, run, new_tokens: int) -> int:
-        return min(new_tokens, 1) if self.decode_evict else new_tokens  # one over the budget, then one evicted
-
-    def joins_at_budget(self, run, prompt_len: int) -> bool:
-        return self.decode_evict and run is not None and prompt_len >= run.tokens  # at the budget: lockstep
+    def evicts_while_decoding(self) -> bool:
+        return self.decode_evict  # accumulates attention and evicts while decoding, unless told not to
 
     def restack_state(self, layer, sources) -> None:
         """Each row's accumulated scores follow its slots into the new batch (rows that joined at

@@ -37,14 +37,8 @@ class StreamingLLM(EvictionMethod):
     def static_ok(self) -> bool:
         return False  # the rolling window moves slots per step (host-side length)
 
-    def joins_rows(self) -> bool:
-        return False  # the rolling window evicts at every decode step
-
-    def decode_kv_tokens(self, run, new_tokens: int) -> int:
-        return min(new_tokens, 1) if True else new_tokens  # one over the budget, then one evicted
-
-    def joins_at_budget(self, run, prompt_len: int) -> bool:
-        return run is not None and prompt_len >= run.tokens  # every row's window full: lockstep
+    def evicts_while_decoding(self) -> bool:
+        return True  # the rolling window evicts at every decode step
 
     def after_attend(self, run, layer, query, module, ctx):
         super().after_attend(run, layer, query, module, ctx)  # prefill end: keep sinks + window

@@ -66,14 +66,8 @@ class TOVA(EvictionMethod):
         return last_query_attention(query, keys, positions, positions[:, 0, -1:], module_scale(module, keys),
                                     getattr(module, "sliding_window", None), self.per_head)
 
-    def joins_rows(self) -> bool:
-        return not self.decode_evict  # evicts one token per decode step, unless told not to
-
-    def decode_kv_tokens(self, run, new_tokens: int) -> int:
-        return min(new_tokens, 1) if self.decode_evict else new_tokens  # one over the budget, then one evicted
-
-    def joins_at_budget(self, run, prompt_len: int) -> bool:
-        return self.decode_evict and run is not None and prompt_len >= run.tokens  # at the budget: lockstep
+    def evicts_while_decoding(self) -> bool:
+        return self.decode_evict  # evicts one token per decode step, unless told not to
 
     def after_attend(self, run, layer, query, module, ctx):
         super().after_attend(run, layer, query, module, ctx)  # prefill end: keep the top tokens
