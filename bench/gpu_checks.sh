@@ -7,6 +7,7 @@
 #   bash bench/gpu_checks.sh                 # STEPS=tests,kivi,decode,minference by default
 #   STEPS=tests,kivi,kivi_e2e TESTS_K="shadowkv and cuda" bash bench/gpu_checks.sh
 #   STEPS=serve SERVE_METHODS="full sentencekv" bash bench/gpu_checks.sh   # #16 load figures (carry .stage/tok, .whl)
+#   STEPS=long bash bench/gpu_checks.sh      # #14: a 1M-token prompt (sentencekv+kivi, prefill_offload)
 # The tests step runs six pytest processes at once (T_TESTS seconds each, default 420).
 set -u
 DEST=${OUT:-bench/out}; R=${RES:-/root/checks}; mkdir -p "$R" "$DEST"
@@ -49,6 +50,20 @@ if step kivi_e2e; then   # #13: dense kivi vs full, sentencekv+kivi vs sentencek
     --e2e-batches 1 --e2e-methods full,kivi,sentencekv:2048,sentencekv+kivi:2048 --e2e-new-tokens 32 \
     --out "$R/gpu_kivi_e2e_h200.json" >"$R/kivi_e2e.log" 2>&1
   echo "kivi_e2e rc=$? $(( $(date +%s) - t0 )) s"; grep -v "^e2e warm" "$R/kivi_e2e.log" | tail -12
+fi
+if step long; then   # #14: prefill at 128k (full, sentencekv, offloaded as it is prefilled), then a 1M-token prompt
+  OFF=prefill_offload=true:prefill_budget=${LONG_PREFILL_BUDGET:-4096}
+  timeout ${T_LONG128:-200} python3 bench/gpu_decode.py --skip-kernels --e2e --e2e-no-hf --e2e-contexts 131072 \
+    --e2e-batches 1 --e2e-new-tokens 64 --e2e-chunk ${LONG_CHUNK:-4096} \
+    --e2e-methods "${LONG128_METHODS:-full,sentencekv:2048,sentencekv:2048:$OFF,sentencekv+kivi:2048:$OFF}" \
+    --out "$R/gpu_prefill_offload_128k_h200.json" >"$R/long128.log" 2>&1
+  echo "long128 rc=$? $(( $(date +%s) - t0 )) s"; grep -v "^e2e warm" "$R/long128.log" | tail -8
+  # 1M tokens: bf16 host chunks would need 128 GiB (the machine has 125): int4 through kivi
+  timeout ${T_LONG:-360} python3 bench/gpu_decode.py --skip-kernels --e2e --e2e-no-hf \
+    --e2e-contexts ${LONG_CONTEXTS:-1048576} --e2e-batches 1 --e2e-new-tokens 64 --e2e-chunk ${LONG_CHUNK:-4096} \
+    --e2e-methods "${LONG_METHODS:-sentencekv+kivi:2048:$OFF}" \
+    --out "$R/gpu_long_prompt_h200.json" >"$R/long.log" 2>&1
+  echo "long rc=$? $(( $(date +%s) - t0 )) s"; grep -v "^e2e warm" "$R/long.log" | tail -8
 fi
 if step decode; then
   timeout ${T_DECODE:-220} python3 bench/gpu_decode.py --contexts 131072 --budgets 2048 --batches 1,8 --reps 30 \

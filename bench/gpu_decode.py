@@ -463,7 +463,7 @@ def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict
                          decode_mode=args.e2e_decode)
     name, _, rest = sys_name.partition(":")          # method[:budget[:option=value...]]
     budget, *opts = rest.split(":") if rest else [""]
-    kw = {k: int(v) if v.lstrip("-").isdigit() else v for k, _, v in (o.partition("=") for o in opts)}
+    kw = {k: _option_value(v) for k, _, v in (o.partition("=") for o in opts)}
     budget_v = int(budget) if budget else None
     if budget_v is not None and budget_v >= ids.shape[1]:
         budget_v = None if name == "full" else max(1, ids.shape[1] // 2)
@@ -476,6 +476,18 @@ def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict
             "prefill_s": st.prefill_s,
             "decode_mode": st.decode_mode, "kv_device_bytes": st.kv_device_bytes, "kv_host_bytes": st.kv_host_bytes,
             "method_stats": st.method_stats}
+
+
+def _option_value(v: str):
+    """A method option's text in a system name (``prefill_offload=true``) -> int, float, bool or str."""
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
 
 
 def _e2e_row(model, sys_name, ctx, bsz, args, kv_tok, weight_bytes, bw_gbs, log) -> dict:

@@ -235,3 +235,200 @@ def test_sentencekv_context_answers_with_default_method(tiny_llm):
     ctx = tiny_llm.prefill_context(doc, method="sentencekv", budget=200)
     assert ctx.needs_planner
     assert tiny_llm.generate(q, p, context=ctx)[0].token_ids == tiny_llm.generate(doc + q, p)[0].token_ids
+
+
+# ---- prefill_offload: prompts longer than device memory ---------------------------------------------
+def _device_lengths_during_prefill(llm, monkeypatch):
+    """Record every layer's device slot count and store chunk count after each prefill chunk."""
+    seen = []
+    orig = SentenceKV._offload
+
+    def spy(self, run, layer, state, ctx, row, final):
+        seen.append((final, layer.length, state.store.n if state.store is not None else 0))
+        return orig(self, run, layer, state, ctx, row, final)
+
+    monkeypatch.setattr(SentenceKV, "_offload", spy)
+    return seen
+
+
+def test_prefill_offload_is_exact_and_holds_one_chunk(tiny, monkeypatch):
+    """Offloading after every prefill chunk, with every stored chunk attended (no prefill_budget):
+    the same tokens and logits as full, while a layer's device buffer never held more than sinks +
+    recent + a straddling sentence chunk + one prefill chunk (64), and the store grew chunk by chunk."""
+    ids = prompt(480, seed=11)
+    ref, ref_logits = run(tiny, ids)
+    seen = _device_lengths_during_prefill(tiny, monkeypatch)
+    out, logits = run(tiny, ids, "sentencekv", 1.0, max_chunk=16, recent=32, prefill_offload=True)
+    assert out[0].token_ids == ref[0].token_ids
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    mid = [s for s in seen if not s[0]]
+    assert len(mid) == 2 * (480 // 64)                      # every layer after every chunk but the last
+    hold = 4 + 32 + 16
+    assert max(n for _, n, _ in mid) <= hold + 64             # never the whole prompt on the device
+    counts = [c for _, _, c in mid[::2]]                      # layer 0's store, chunk after chunk
+    assert counts == sorted(counts) and counts[-1] > counts[0] >= 0
+    assert out[0].stats.kv_host_bytes > 0
+
+
+def test_prefill_offload_matches_the_offload_at_the_end(tiny):
+    """At a small decode budget the decode attends to the same chunks either way (the exact prefill
+    under prefill_offload gives the same KV and the same chunk layout)."""
+    ids = prompt(400, seed=12)
+    a, la = run(tiny, ids, "sentencekv", 96, max_chunk=16, recent=32)
+    b, lb = run(tiny, ids, "sentencekv", 96, max_chunk=16, recent=32, prefill_offload=True)
+    assert a[0].token_ids == b[0].token_ids
+    torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
+    assert a[0].stats.method_stats["chunks_selected_per_head"] == b[0].stats.method_stats["chunks_selected_per_head"]
+
+
+def test_prefill_budget_selects_stored_chunks_per_prefill_chunk(tiny):
+    """prefill_budget: a later prefill chunk attends to the stored chunks its mean query selects
+    (InfLLM-style): not exact at a small budget; exact again when the budget covers the store."""
+    ids = prompt(480, seed=13)
+    ref, ref_logits = run(tiny, ids)
+    small, ls = run(tiny, ids, "sentencekv", 1.0, max_chunk=16, prefill_offload=True, prefill_budget=48)
+    assert torch.equal(ls[0], ref_logits[0])                  # the first chunk has nothing stored yet
+    assert (ls[-4] - ref_logits[-4]).abs().max() > 1e-3      # the last chunk's prefill attended to less
+    big, lb = run(tiny, ids, "sentencekv", 1.0, max_chunk=16, prefill_offload=True, prefill_budget=480)
+    assert big[0].token_ids == ref[0].token_ids
+    torch.testing.assert_close(lb, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_offload_padded_batch_and_kivi(tiny):
+    """A left-padded batch prefilled together (rows are not prefilled one by one under
+    prefill_offload) equals full; sentencekv+kivi offloads quantized chunks as it goes."""
+    check_padded_batch_exact(tiny, "sentencekv", "auto", max_chunk=16, prefill_offload=True)
+    ids = prompt(400, seed=14)
+    a, _ = run(tiny, ids, "sentencekv+kivi", 96, max_chunk=16, prefill_offload=True)
+    b, _ = run(tiny, ids, "sentencekv+kivi", 96, max_chunk=16)
+    assert a[0].stats.kv_host_bytes == b[0].stats.kv_host_bytes > 0   # the same quantized chunks
+    assert a[0].token_ids == b[0].token_ids
+
+
+def test_prefill_offload_options():
+    m = build_method("sentencekv", 128, prefill_offload=True, prefill_budget=0.25)
+    assert m.prefill_hold(m.start(1000, 2)) == 4 + 64 + 32 and not m.row_prefill_ok()
+    assert m.start(1000, 2).prefill_tokens == 250
+    assert build_method("sentencekv", 64).prefill_hold(None) is None
+    with pytest.raises(ValueError, match="prefill_offload"):
+        build_method("sentencekv", 64, prefill_budget=128)
+    with pytest.raises(ValueError, match="prefill_budget"):
+        build_method("sentencekv", 64, prefill_offload=True, prefill_budget=0)
+    with pytest.raises(ValueError, match="prefill_offload"):
+        build_method("sentencekv", 64, prefill_offload="yes")
+
+
+def test_chunk_store_appended_in_parts_matches_one_write():
+    """Chunks appended over several calls (a prompt offloaded chunk by chunk) read back as one write."""
+    g = torch.Generator().manual_seed(2)
+    b, hk, L, d, n = 1, 2, 4, 8, 9
+    toks = [(h, c, r) for h in range(hk) for c in range(n) for r in range(L)]
+    bh, ch, rk = (torch.tensor(x) for x in zip(*toks))
+    keys = torch.randn(len(toks), d, generator=g)
+    pos = ch * L + rk
+    whole = ChunkStore(b, hk, L, d, torch.float32, "cpu", bounds=True)
+    whole.append(keys, -keys, pos, bh, ch, rk, n)
+    parts = ChunkStore(b, hk, L, d, torch.float32, "cpu", bounds=True, capacity=n * L)
+    for lo, hi in ((0, 2), (2, 7), (7, 9)):
+        m = (ch >= lo) & (ch < hi)
+        parts.append(keys[m], -keys[m], pos[m], bh[m], ch[m] - lo, rk[m], hi - lo)
+    assert parts.n == n and parts.T == n * L
+    assert torch.equal(parts.lens, whole.lens) and torch.equal(parts.mean, whole.mean)
+    idx = torch.stack([torch.randperm(n, generator=g)[:4] for _ in range(b * hk)]).view(b, hk, 4)
+    for got, want in zip(parts.fetch(idx), whole.fetch(idx)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_prefill_offload_exact_under_graphs():
+    """On CUDA the chunks go to pinned host memory as the prefill goes (asynchronous copies of each
+    head's new rows); graph decode over them equals full, and sentencekv+kivi's quantized store
+    written in parts decodes as the one written at the end."""
+    from kvsift.engine.llm import LLM
+    from kvsift.models.tiny import tiny_model
+
+    m = tiny_model("llama", seed=1).to("cuda")
+    llm = LLM.from_model(m, None, chunk_size=64, decode_mode="graph")
+    ids = [prompt(300, seed=8), prompt(260, seed=9)]
+    p = SamplingParams(max_tokens=12, ignore_eos=True)
+    ref = llm.generate(ids, p, method="full")
+    out = llm.generate(ids, p, method="sentencekv", budget=1.0, method_kwargs={"prefill_offload": True})
+    assert [x.token_ids for x in out] == [x.token_ids for x in ref] and out[0].stats.decode_mode == "graph"
+    a = llm.generate(ids[0], p, method="sentencekv+kivi", budget=96, method_kwargs={"prefill_offload": True})
+    b = llm.generate(ids[0], p, method="sentencekv+kivi", budget=96)
+    assert a[0].token_ids == b[0].token_ids and a[0].stats.kv_host_bytes == b[0].stats.kv_host_bytes
+
+
+# ---- a context's host store read by reference ---------------------------------------------------------
+def test_context_questions_read_the_host_store_by_reference(tiny):
+    """Questions over a sentencekv context, batched: every row reads the context's host rows (no
+    copy: the same host tensors, counted once); each question's tokens stay on its
+    row's device buffer; the answers equal each question asked alone, and at a full budget the
+    uncompressed document + question."""
+    doc, qs = prompt(300, seed=6), [prompt(20, seed=s) for s in (7, 8, 9)]
+    kw = {"max_chunk": 16}
+    ctx = tiny.prefill_context(doc, method="sentencekv", budget=1.0, method_kwargs=kw)
+    m = build_method("sentencekv", 96, **kw)
+    with tiny.lock:
+        cache, stats, _ = tiny.runner.prefill(qs, m, m.start(ctx.length + 20, 2), ctx, False, reserve=4)
+    for src, dst in zip(ctx.cache.layers, cache.layers):
+        a, b = src.state["sentencekv"].store, dst.state["sentencekv"].store
+        assert b.b == 3 and b.shared and b.k.data_ptr() == a.k.data_ptr() and b.pos.data_ptr() == a.pos.data_ptr()
+        assert b.n == a.n                                       # the questions added no chunks
+        assert int(dst.positions.max()) == ctx.length + 19      # ... their tokens are on the device
+    assert stats.kv_host_bytes == ctx.cache.memory()["host"]     # the context's, counted once
+    for budget in (96, 1.0):
+        together = tiny.generate(qs, GREEDY, method="sentencekv", budget=budget, method_kwargs=kw, context=ctx)
+        alone = [tiny.generate(q, GREEDY, method="sentencekv", budget=budget, method_kwargs=kw, context=ctx)[0]
+                 for q in qs]
+        assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert [o.token_ids for o in together] == [run(tiny, doc + q)[0][0].token_ids for q in qs]
+
+
+@pytest.mark.parametrize("bits", [0, 4])
+def test_repeated_store_reads_the_context_rows_and_copies_them_before_a_write(bits):
+    """repeat_batch maps every new row onto the batch-1 store's rows: fetches read what a copy
+    would hold; an append first makes the rows its own (own_host) and leaves the original intact."""
+    g = torch.Generator().manual_seed(3)
+    hk, L, d, n = 2, 4, 8, 5
+    toks = [(h, c, r) for h in range(hk) for c in range(n) for r in range(L - (c % 2))]
+    bh, ch, rk = (torch.tensor(x) for x in zip(*toks))
+    keys = torch.randn(len(toks), d, generator=g)
+    one = ChunkStore(1, hk, L, d, torch.float32, "cpu", bits=bits, vgroup=8 if bits else 0)
+    one.append(keys, -keys, ch * L + rk, bh, ch, rk, n)
+    ref = [one.fetch(torch.tensor([[[c, (c + 1) % n]] for c in range(hk)]).view(1, hk, 2))]
+    rep = one.clone()
+    rep.repeat_batch(3)
+    assert rep.shared and rep.k.data_ptr() == one.k.data_ptr() and rep.kv_nbytes()[1] == one.kv_nbytes()[1]
+    idx = torch.tensor([[c, (c + 1) % n] for c in range(hk)]).view(1, hk, 2).repeat(3, 1, 1)
+    got = rep.fetch(idx)
+    for t, want in zip(got, ref[0]):
+        assert torch.equal(t, want.expand_as(t))
+    before = one.k.clone()
+    rep.append(keys[:3], -keys[:3], torch.tensor([100, 101, 102]), torch.tensor([0, 0, 5]),
+               torch.tensor([0, 0, 0]), torch.tensor([0, 1, 0]), 1)
+    assert not rep.shared and rep.k.data_ptr() != one.k.data_ptr() and torch.equal(one.k, before)
+    for t, want in zip(rep.fetch(idx), ref[0]):      # the chunks read before are still there
+        assert torch.equal(t, want.expand_as(t))
+    new = rep.fetch(torch.full((3, hk, 1), n, dtype=torch.int64))[2]
+    assert new[0, 0, :2].tolist() == [100, 101] and new[2, 1, 0].item() == 102 and new[1, 0, 0].item() == -1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("spec", ["sentencekv", "sentencekv+kivi"])
+def test_cuda_context_questions_share_the_pinned_store(spec):
+    """On CUDA (pinned host store, UVA fetch kernels, device chunk cache, CUDA graphs) batched
+    questions over a context read its host rows by reference and answer as each alone."""
+    from kvsift.engine.llm import LLM
+    from kvsift.models.tiny import tiny_model
+
+    llm = LLM.from_model(tiny_model("llama", seed=1).to("cuda"), None, chunk_size=64, decode_mode="graph")
+    doc, qs = prompt(400, seed=6), [prompt(20, seed=s) for s in (7, 8, 9)]
+    ctx = llm.prefill_context(doc, method=spec, budget=96)
+    p = SamplingParams(max_tokens=8, ignore_eos=True)
+    together = llm.generate(qs, p, method=spec, budget=96, context=ctx)
+    alone = [llm.generate(q, p, method=spec, budget=96, context=ctx)[0] for q in qs]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert together[0].stats.decode_mode == "graph"
+    store = ctx.cache.layers[0].state["sentencekv"].store
+    assert together[0].stats.kv_host_bytes == ctx.cache.memory()["host"] and store.k.is_pinned()

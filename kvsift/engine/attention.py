@@ -246,11 +246,26 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=causal_lower_right(L, keys.shape[2]),
                                              scale=scale, enable_gqa=True)
     elif out is None:
-        out = attend(query, keys, values, kpos, qpos, scale, sliding_window, softcap).transpose(1, 2)
+        out = _attend_blocks(query, keys, values, kpos, qpos, scale, sliding_window, softcap).transpose(1, 2)
         method.after_attend(run, layer, query, module, ctx)
         return out.contiguous(), None
     method.after_attend(run, layer, query, module, ctx)
     return out.transpose(1, 2).contiguous(), None
+
+
+MASK_ELEMENTS = 1 << 28  # the largest (batch, q_heads, queries, keys) mask one masked call builds
+
+
+def _attend_blocks(query, keys, values, kpos, qpos, scale, sliding_window, softcap) -> torch.Tensor:
+    """:func:`attend` over blocks of queries, so the boolean mask (and the additive one SDPA makes of
+    it) stays within :data:`MASK_ELEMENTS` whatever the chunk and the gathered KV: a prefill chunk
+    over a long reused context, or over the chunks sentencekv fetched for it. Same result."""
+    b, hq, L, _ = query.shape
+    step = max(1, MASK_ELEMENTS // max(1, b * hq * keys.shape[2]))
+    if step >= L:
+        return attend(query, keys, values, kpos, qpos, scale, sliding_window, softcap)
+    return torch.cat([attend(query[:, :, s:s + step], keys, values, kpos, qpos[:, s:s + step], scale,
+                             sliding_window, softcap) for s in range(0, L, step)], 2)
 
 
 def _union(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, own: torch.Tensor | None,

@@ -33,6 +33,14 @@ stays on the device with no host sync. Without Triton (or with ``KVSIFT_NO_UVA=1
 gathers the rows into a pinned staging buffer and the copy runs on a side stream (one host sync
 per fetch for the miss list).
 
+Shared host rows (a reusable context answering questions): :meth:`ChunkStore.clone` and
+:meth:`ChunkStore.repeat_batch` copy no host KV. A clone reads the same host tensors; a batch-1
+store repeated over ``b`` questions maps every new (batch, kv_head) row onto the context's row of
+its KV head by folding the offset into ``starts`` (row ``r`` reads host rows ``r*T + starts``, so
+``starts`` of a mapped row point back into the first block; the fetch kernels need no change).
+Such a store is ``shared``: before anything writes its host rows (an append, persistence) it makes
+them its own (:meth:`ChunkStore.own_host`, the copy the clone did not make).
+
 Values only (``keys=False``, ``shadowkv``): the host holds values and positions, no keys (the method
 rebuilds them on the device); the key summaries (``mean``, bounds) are still computed from the keys
 ``append`` is given. Fetches return ``None`` for the keys (direct fetches only: no device chunk
@@ -195,12 +203,39 @@ class ChunkStore:
         self._stage_i = 0
         self._stream = None
         self._uva = None  # CUDA: copy misses with the UVA kernel (None: not tried yet, False: refused)
+        # host rows read from another store's tensors (a clone, a context repeated over questions):
+        # row r's tokens are host rows r*T + row_off[r] + (0 .. used[r]) (row_off: CPU int64, None = 0)
+        self.shared = False
+        self._row_off: torch.Tensor | None = None
 
     # ---- allocation ----------------------------------------------------------------------------
     @property
     def pad(self) -> int:
-        """Index of the zero pad row of the flat host tensors."""
-        return self.b * self.hk * self.T
+        """Index of the zero pad row of the flat host tensors (their last row)."""
+        return self.pos.shape[0] - 1
+
+    def own_host(self) -> None:
+        """Make a ``shared`` store's host rows its own (each (batch, kv_head) row's block copied from
+        where it is read now), before they are written; nothing for a store that owns them."""
+        if not self.shared:
+            return
+        self._host_ready()
+        BH, T = self.b * self.hk, self.T
+        off = self._row_off if self._row_off is not None else torch.zeros(BH, dtype=torch.int64)
+        src = (torch.arange(BH, dtype=torch.int64)[:, None] * T + off[:, None] + torch.arange(T)).reshape(-1)
+
+        def own(t):
+            out = self._host_empty((BH * T + 1, *t.shape[1:]), t.dtype)
+            if T:
+                torch.index_select(t, 0, src, out=out[:-1])
+            return out
+
+        self.k, self.v, self.pos = own(self.k), own(self.v), own(self.pos)
+        if self.vsz is not None:
+            self.vsz = own(self.vsz)
+        if self._row_off is not None:
+            self.starts = self.starts - self._row_off.to(self.device).view(self.b, self.hk, 1)
+        self.shared, self._row_off = False, None
 
     def _host_empty(self, shape, dtype) -> torch.Tensor:
         """Host tensor of ``shape`` whose last row is padding (zeros; -1 for positions): padding must
@@ -278,6 +313,7 @@ class ChunkStore:
         (sequences prefilled one at a time into one batch store); other rows are left as they are."""
         if n_new <= 0:
             return
+        self.own_host()  # rows read from a context's store are copied before this store writes
         if keys.shape[0] and int(rank.max()) >= self.L:
             raise ValueError(f"a chunk holds more than chunk_len={self.L} tokens")
         b, hk, d = self.b, self.hk, self.d
@@ -330,17 +366,37 @@ class ChunkStore:
                       (self.pos, positions), (self.vsz, torch.stack([vs[0, 0], vz[0, 0]], 1))]
         flat = bh * self.T + new_starts.view(-1)[rowc] + rank           # (N,) host rows
         self._host_ready()
-        if fresh and keys.is_cuda and self.pin:
-            # the written (batch, kv_head) rows hold nothing yet: lay their block out on the device
-            # and send it with one asynchronous copy per tensor (slots past a row's tokens are
-            # never read)
-            lo = (0 if row is None else row * hk) * self.T
-            hi = (BH if row is None else (row + 1) * hk) * self.T
+        # a later write into rows that all hold as many tokens (a prompt offloaded chunk by chunk):
+        # the new tokens of each (batch, kv_head) are the host rows [u0, u1) of its block
+        span = None
+        if not fresh and row is None and keys.is_cuda and self.pin:
+            u0, u1 = int(self.used.min()), int(used.max())
+            if int(self.used.max()) == u0 and u1 > u0:
+                span = (u0, u1)
+        if (fresh or span is not None) and keys.is_cuda and self.pin:
+            # lay the written rows out on the device and send them with asynchronous copies (slots
+            # past a row's tokens are never read): the whole block of rows holding nothing yet, or
+            # one slice per (batch, kv_head) of a span
+            if span is None:
+                lo = (0 if row is None else row * hk) * self.T
+                hi = (BH if row is None else (row + 1) * hk) * self.T
+                dst_rows = flat - lo
+                pieces = [(slice(lo, hi), slice(None))]
+            else:
+                w = span[1] - span[0]
+                dst_rows = bh * w + new_starts.view(-1)[rowc] + rank - span[0]
+                pieces = [(slice(i * self.T + span[0], i * self.T + span[1]), slice(i * w, (i + 1) * w))
+                          for i in range(BH)]
             staged = []
             for host, src in writes:
                 dt = host.dtype
-                stage = torch.empty((hi - lo, *host.shape[1:]), dtype=dt, device=self.device)
-                stage.index_copy_(0, flat - lo, src.to(dt))
+                rows_n = (pieces[0][0].stop - pieces[0][0].start) if span is None else BH * (span[1] - span[0])
+                if span is None:
+                    stage = torch.empty((rows_n, *host.shape[1:]), dtype=dt, device=self.device)
+                else:  # rows a head does not fill keep the empty-row content (-1 positions, zeros)
+                    stage = torch.full((rows_n, *host.shape[1:]), -1 if dt == torch.int32 else 0, dtype=dt,
+                                       device=self.device)
+                stage.index_copy_(0, dst_rows, src.to(dt))
                 staged.append((host, stage))
             # the copies run on a side stream, overlapped with what the model computes next (the
             # next layer, the next prefill chunk); readers wait for them (_host_ready on the host,
@@ -350,7 +406,8 @@ class ChunkStore:
             self._wstream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._wstream):
                 for host, stage in staged:
-                    host[lo:hi].copy_(stage, non_blocking=True)
+                    for dst, part in pieces:
+                        host[dst].copy_(stage[part], non_blocking=True)
                     stage.record_stream(self._wstream)   # not reused before the copy read it
                 self._written = torch.cuda.Event()
                 self._written.record(self._wstream)
@@ -382,7 +439,8 @@ class ChunkStore:
         return self.mean[:, :, : self.n]
 
     # ---- reading -------------------------------------------------------------------------------
-    def fetch(self, chunk_idx: torch.Tensor, stats: FetchStats | None = None, slots: bool = False):
+    def fetch(self, chunk_idx: torch.Tensor, stats: FetchStats | None = None, slots: bool = False,
+              cached: bool = True):
         """KV of the chunks ``chunk_idx (batch, kv_heads, k)`` (int64 on the device, ``-1`` = none)
         on the compute device: ``keys, values (batch, kv_heads, k*L, head_dim)`` and positions
         ``(batch, kv_heads, k*L)`` (``-1`` for padding and for ``-1`` entries).
@@ -390,12 +448,15 @@ class ChunkStore:
         ``slots=True`` (static decode): no gathered copies; returns ``keys, values (batch, kv_heads,
         slots, head_dim)`` device buffers holding the chunks (the device chunk cache when there is
         one), their positions ``(batch, kv_heads, slots)`` and ``slot_idx (batch, kv_heads, k*L)``
-        int32, the slots to read (``-1`` = none)."""
+        int32, the slots to read (``-1`` = none).
+
+        ``cached=False``: through no device cache even when the store has one (a prefill chunk
+        reading many chunks once: they are not worth keeping, and must not size the cache)."""
         t0 = time.perf_counter()
         b, hk, k = chunk_idx.shape
         if (b, hk) != (self.b, self.hk):
             raise ValueError(f"chunk_idx {tuple(chunk_idx.shape)} does not match the store ({self.b}, {self.hk}, n)")
-        if self.cache_chunks != 0:
+        if self.cache_chunks != 0 and cached:
             out = self._fetch_cached(chunk_idx, stats, slots)
         else:
             out = self._fetch_direct(chunk_idx, stats)
@@ -688,6 +749,8 @@ class ChunkStore:
         device += nb(self.ksz)
         if self._dev is not None:
             device += sum(nb(t) for t in self._dev.values())
+        # host rows shared with a context's store are counted here too, once for all the rows that
+        # read them (as a context prefix read by reference is)
         host = nb(self.k) + nb(self.v) + nb(self.pos) + nb(self.vsz)
         host += sum(nb(t) for st in self._stage for t in st.values())
         return device, host
@@ -699,14 +762,15 @@ class ChunkStore:
         return self.kv_nbytes()
 
     def clone(self) -> "ChunkStore":
-        """Deep copy without the device cache (e.g. a reusable context answering a new question)."""
+        """A copy without the device cache (e.g. a reusable context answering a new question): the
+        device tables copied, the host rows shared until the copy writes (:meth:`own_host`)."""
         self._host_ready()
         new = ChunkStore.__new__(ChunkStore)
         for name in ("b", "hk", "L", "d", "dtype", "device", "pin", "bounds", "cache_chunks", "n", "T", "max_tokens",
                      "capacity", "bits", "vg", "keys"):
             setattr(new, name, getattr(self, name))
-        new.k, new.v, new.pos = (self._copy_host(t) for t in (self.k, self.v, self.pos))
-        new.vsz = None if self.vsz is None else self._copy_host(self.vsz)
+        new.k, new.v, new.pos, new.vsz = self.k, self.v, self.pos, self.vsz
+        new.shared, new._row_off = True, self._row_off
         new.ksz = None if self.ksz is None else self.ksz.clone()
         new.lens, new.mean = self.lens.clone(), self.mean.clone()
         new.starts, new.used = self.starts.clone(), self.used.clone()
@@ -723,6 +787,7 @@ class ChunkStore:
     def kv_state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """``(tensors, json_extra)``: the host KV (all rows, as stored), the device summaries and
         tables; the device chunk cache is not saved (it refills on the first fetches)."""
+        self.own_host()  # the layout on disk is the store's own: row r at host rows r*T ..
         self._host_ready()
         t = {"k": self.k, "v": self.v, "pos": self.pos, "starts": self.starts, "lens": self.lens,
              "used": self.used, "mean": self.mean}
@@ -766,29 +831,28 @@ class ChunkStore:
         return new
 
     def repeat_batch(self, times: int) -> None:
-        """Repeat a batch-1 store ``times`` times over the batch (context reuse with a batch)."""
+        """Repeat a batch-1 store ``times`` times over the batch (a context answering a batch of
+        questions): the device tables are repeated, the host rows are not copied (every new row reads
+        its KV head's row of the one stored block; the store becomes ``shared``)."""
         if times == 1:
             return
         if self.b != 1:
             raise ValueError(f"only a batch-1 store can be repeated, this one has batch {self.b}")
         self._host_ready()
-        self._host_quiesce()
-
-        def rep_host(t):  # (hk*T + 1, ...) -> (times*hk*T + 1, ...): the rows repeated, one pad row
-            out = self._host_empty((times * (t.shape[0] - 1) + 1, *t.shape[1:]), t.dtype)
-            out[:-1].view(times, *t[:-1].shape).copy_(t[:-1].expand(times, *t[:-1].shape))
-            return out
-
-        self.k, self.v, self.pos = rep_host(self.k), rep_host(self.v), rep_host(self.pos)
+        hk, T = self.hk, self.T
+        bh = torch.arange(times * hk, dtype=torch.int64)
+        base = self._row_off if self._row_off is not None else torch.zeros(hk, dtype=torch.int64)
+        off = base.repeat(times) + (bh % hk - bh) * T                    # row r reads row r % hk's block
         self.lens = self.lens.repeat(times, 1, 1)
-        self.starts = self.starts.repeat(times, 1, 1)
+        self.starts = self.starts.repeat(times, 1, 1) + (off - base.repeat(times)).to(self.device).view(times, hk, 1)
         self.used = self.used.repeat(times)
         self.mean = self.mean.repeat(times, 1, 1, 1)
         if self.bounds:
             self.kmin, self.kmax = self.kmin.repeat(times, 1, 1, 1), self.kmax.repeat(times, 1, 1, 1)
         if self.bits:
-            self.vsz, self.ksz = rep_host(self.vsz), self.ksz.repeat(times, 1, 1, 1, 1)
+            self.ksz = self.ksz.repeat(times, 1, 1, 1, 1)
         self.b = times
+        self.shared, self._row_off = True, off
         self._dev = None
 
     def _copy_host(self, t: torch.Tensor) -> torch.Tensor:

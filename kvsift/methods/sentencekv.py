@@ -24,6 +24,15 @@ fetching skipped in between; the fingerprint still follows every token).
 Budget: ``budget`` (or ``decode_budget`` when set, e.g. under ``snapkv+sentencekv``) is the number
 of prompt tokens attended per layer and KV head at each step: sinks + recent + selected chunks.
 With a budget of the whole prompt every chunk is selected and the output equals ``full``.
+
+Prompts longer than device memory (``prefill_offload=True``, after InfLLM's block retrieval): the
+offload happens after every prefill chunk, not only at the end. Once a chunk has attended, the
+whole sentence chunks before the recent window move to the host store, so a layer's device buffer
+holds sinks + recent + one prefill chunk whatever the prompt's length. Each later prefill chunk
+attends to those, to itself (causally) and to stored chunks: the ones its queries select (their
+mean scores the chunk summaries per KV head, ``prefill_budget`` tokens), or every stored chunk
+when ``prefill_budget`` is None (exact: the prefill equals ``full``'s, at the price of fetching the
+whole store back per chunk, one layer at a time).
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ import torch
 from kvsift.kernels.dispatch import chunk_scores, select_chunks
 from kvsift.methods._offload import ChunkStore, FetchStats
 from kvsift.methods.base import (Budget, KVMethod, LayerState, Run, Selection, SlotSource, codec_stage, decode_tokens,
-                                 register, validate_budget)
+                                 register, resolve_budget, validate_budget)
 from kvsift.segment import SegmentConfig, segment_tokens
 
 _END_PIECE = re.compile(r"([.!?。！？…][\"'”’)\]]*\s*$)|\n")
@@ -71,6 +80,7 @@ class SentenceKVRun(Run):
     """One generation's sentencekv state: tokens attended per step, fetch counters, memos."""
 
     sel_tokens: int = 0
+    prefill_tokens: int | None = None   # stored tokens a prefill chunk attends to (prefill_offload)
     fetch: FetchStats = field(default_factory=FetchStats)
     steps: Any = None          # (1,) int64 device counter of decode steps (a replayed graph counts)
     chunk_map: Any = None
@@ -110,6 +120,13 @@ class SentenceKV(KVMethod):
         selection on CUDA.
     reselect_every : int
         Decode steps a layer's chunk selection is kept (1: select every step).
+    prefill_offload : bool
+        Offload during the prefill, after every chunk (for prompts whose KV does not fit the GPU):
+        the device holds sinks + recent + one prefill chunk per layer instead of the whole prompt.
+    prefill_budget : int | float | None
+        Under ``prefill_offload``: stored prompt tokens each prefill chunk attends to per layer and
+        KV head, the chunks its mean query scores best (a ratio: of the prompt). None: every stored
+        chunk (exact, slower: the store is read back once per prefill chunk).
     """
 
     sinks: int = 4
@@ -123,6 +140,8 @@ class SentenceKV(KVMethod):
     decode_budget: Budget = None
     cache_chunks: int | None = None
     reselect_every: int = 1
+    prefill_offload: bool = False
+    prefill_budget: Budget = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -141,12 +160,20 @@ class SentenceKV(KVMethod):
             raise ValueError(f"cache_chunks must be >= 0, got {self.cache_chunks}")
         if isinstance(self.reselect_every, bool) or not isinstance(self.reselect_every, int) or self.reselect_every < 1:
             raise ValueError(f"reselect_every must be an int >= 1, got {self.reselect_every!r}")
+        if not isinstance(self.prefill_offload, bool):
+            raise ValueError(f"prefill_offload must be true or false, got {self.prefill_offload!r}")
+        validate_budget(self.prefill_budget, "prefill_budget")
+        if self.prefill_budget is not None and not self.prefill_offload:
+            raise ValueError("prefill_budget needs prefill_offload=true (without it the prefill attends to the "
+                             "whole prompt on the device)")
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self, prompt_len: int, num_layers: int) -> SentenceKVRun:
         base = super().start(prompt_len, num_layers)
+        pre = None if self.prefill_budget is None else resolve_budget(self.prefill_budget, prompt_len, clamp=True,
+                                                                     what="prefill_budget")
         return SentenceKVRun(base.tokens, prompt_len, num_layers,
-                             sel_tokens=decode_tokens(self.decode_budget, base.tokens, prompt_len))
+                             sel_tokens=decode_tokens(self.decode_budget, base.tokens, prompt_len), prefill_tokens=pre)
 
     def _window(self, run: SentenceKVRun) -> tuple[int, int]:
         """(sinks, recent) clipped so that they fit the decode budget."""
@@ -200,17 +227,42 @@ class SentenceKV(KVMethod):
         state.fp_sum = state.fp_count = None
         if self.fingerprint == "sentence" and ctx is not None:  # built here, not in decode time
             _end_tokens(ctx.tokenizer, layer.k_buf.device)
+        self._offload(run, layer, state, ctx, row, final=True)
+
+    def after_attend(self, run, layer, query, module, ctx) -> None:
+        super().after_attend(run, layer, query, module, ctx)  # prefill_end after the last chunk
+        if (self.prefill_offload and ctx is not None and not (ctx.decoding or ctx.prefill_end or ctx.rereading)
+                and ctx.row is None and layer.k_buf is not None and layer.length > 0):
+            self._offload(run, layer, self._state(layer.state), ctx, None, final=False)
+
+    def _offload(self, run, layer, state: SentenceKVState, ctx, row, final: bool) -> None:
+        """Move the layer's prompt KV between the sinks and the recent window to the host store, as
+        chunks (their summaries stay on the device); the device keeps the rest, sorted by position.
+        ``final=False`` (a prefill chunk under ``prefill_offload``): only whole chunks that end before
+        the recent window move, so no chunk is split between two writes."""
         keys, values, pos = layer.keys, layer.values, layer.positions        # (b, hk, n, d), (b, hk, n)
         b, hk, n, d = keys.shape
         sinks, recent = self._window(run)
-        row_len = pos.amax(dim=(1, 2)).to(torch.int64) + 1                   # (b,) tokens seen per row
         pos64 = pos.to(torch.int64)
+        row_len = pos64.amax(dim=(1, 2)) + 1                                 # (b,) tokens seen per row
         offl = (pos64 >= sinks) & (pos64 < (row_len - recent)[:, None, None])
+        # chunk labels of every logical position up to the prompt's end (computed once per prompt)
+        length = int(row_len.max()) if final else max(int(row_len.max()), run.prompt_len)
+        lab_pos = self._chunks_of_positions(run, ctx, b, length, keys.device)    # (b, length)
+        lab = lab_pos.gather(1, pos64.clamp(min=0).reshape(b, -1)).reshape(b, hk, n)
+        store = state.store
+        if final and row is None and store is not None and store.shared:
+            # a question over a reused context whose chunks are read by reference: its own tokens
+            # stay on the device (offloading them would copy the context's host rows for it)
+            self._set_device_tokens(state, pos64 >= 0, None)
+            return
+        if not final:  # whole chunks only: those labelled before the chunk at the window's first position
+            edge = lab_pos.gather(1, (row_len - recent).clamp(0, length - 1)[:, None])    # (b, 1)
+            offl &= lab < edge[:, :, None]
         if not bool(offl.any()):
-            if row is not None:  # a short row keeps everything on the device; it still bounds the split
+            if final and row is not None:  # a short row keeps everything on the device; it still bounds the split
                 self._set_device_tokens(state, pos64 >= 0, row)
             return
-        store = state.store
         if store is not None and store.b != b and row is None:
             store.repeat_batch(b)
         if store is None:
@@ -220,13 +272,11 @@ class SentenceKV(KVMethod):
             codec = codec_stage(ctx.method) if ctx is not None else None   # sentencekv+kivi: quantized host KV
             store = ChunkStore(row[1] if row else b, hk, self.max_chunk, d, keys.dtype, keys.device,
                                bounds=self.summary == "quest", cache_chunks=cache_chunks,
-                               capacity=run.prompt_len if row else 0,  # rows: host store allocated once
+                               # host store allocated once: rows, or a prompt offloaded as it is prefilled
+                               capacity=max(1, run.prompt_len - sinks - recent) if row or not final else 0,
                                **(codec.store_options(d) if codec is not None else {}))
             state.store = store
         # chunk labels of the offloaded slots, renumbered 0.. per row
-        length = int(row_len.max())
-        lab_pos = self._chunks_of_positions(run, ctx, b, length, keys.device)    # (b, length)
-        lab = lab_pos.gather(1, pos64.clamp(min=0).reshape(b, -1)).reshape(b, hk, n)
         big = torch.iinfo(torch.int64).max
         first = torch.where(offl, lab, big).amin(dim=(1, 2))                 # (b,)
         lab = torch.where(offl, lab - first[:, None, None], -1)
@@ -251,8 +301,10 @@ class SentenceKV(KVMethod):
         gi = korder[..., None].expand(b, hk, m, d)
         kpos = torch.where(kvalid, pos.gather(-1, korder), -1)
         new_k, new_v = keys.gather(2, gi), values.gather(2, gi)
-        layer.set_kv(new_k, new_v, kpos)
-        self._set_device_tokens(state, keep, row)
+        # mid-prefill the buffers keep room for the next prefill chunk, so it is written in place
+        layer.set_kv(new_k, new_v, kpos, reserve=None if final else max(layer.cache.capacity_hint - m, 0))
+        if final:
+            self._set_device_tokens(state, keep, row)
 
     @staticmethod
     def _set_device_tokens(state: SentenceKVState, keep, row) -> None:
@@ -300,8 +352,12 @@ class SentenceKV(KVMethod):
         dev_tokens = state.dev_tokens if state.dev_tokens is not None else sum(self._window(run))
         budget = run.sel_tokens - dev_tokens
         hold = ctx.decoding and self.reselect_every > 1
-        if not ctx.decoding:  # prefill over a reused context: attend to everything (exact)
-            budget = store.max_tokens
+        if not ctx.decoding:
+            # a prefill chunk over stored chunks (a reused context, or this prompt's earlier chunks
+            # under prefill_offload): every stored chunk (exact), or those the chunk's queries select
+            budget = store.max_tokens if run.prefill_tokens is None else run.prefill_tokens
+            if budget < store.max_tokens:
+                fp = _mean_query(query, ctx.cache.step_positions)
         else:
             fp = self._fingerprint(run, state, query[:, :, -1], ctx)
             if hold and not self.decode_variant(run, ctx.step) and state.held is not None:
@@ -318,8 +374,9 @@ class SentenceKV(KVMethod):
             kcap = max(1, store.max_chunks_within(budget))
             # ascending chunk ids (= position order), -1 at the end
             idx = select_chunks(scores, store.lens[:, :, : store.n], budget, max_chunks=kcap)
-        # read in place: the device chunk cache (or the fetched copies) plus a slot table
-        src = SlotSource(*store.fetch(idx, run.fetch if ctx.decoding else None, slots=True))
+        # read in place: the device chunk cache (or the fetched copies) plus a slot table; a prefill
+        # chunk's fetch is a one-off copy (its many chunks neither fill nor size the decode cache)
+        src = SlotSource(*store.fetch(idx, run.fetch if ctx.decoding else None, slots=True, cached=ctx.decoding))
         return Selection(extra=self._hold(state, store, src) if hold else src)
 
     @staticmethod
@@ -342,7 +399,16 @@ class SentenceKV(KVMethod):
         return state.held
 
     def row_prefill_ok(self) -> bool:
-        return True  # one host store for the batch, each row written into it (ChunkStore.append row=)
+        # one host store for the batch, each row written into it once (ChunkStore.append row=); a
+        # prompt offloaded as it is prefilled keeps the device small already
+        return not self.prefill_offload
+
+    def prefill_hold(self, run) -> int | None:
+        """Under ``prefill_offload``: sinks + recent + the chunk that straddles the window's start."""
+        if not self.prefill_offload:
+            return None
+        sinks, recent = self._window(run)
+        return sinks + recent + self.max_chunk
 
     def offloads_to_host(self) -> bool:
         return True  # the prompt's chunks live in the host store
@@ -366,6 +432,17 @@ class SentenceKV(KVMethod):
         if f.value("cache_lookups"):
             out["device_cache_hit_rate"] = f.value("cache_hits") / f.value("cache_lookups")
         return out
+
+
+def _mean_query(query: torch.Tensor, query_pos: torch.Tensor | None) -> torch.Tensor:
+    """``query (batch, q_heads, L, head_dim)`` of a prefill chunk -> its mean over the chunk's real
+    tokens (``query_pos (batch, L)``, -1 = padding), ``(batch, q_heads, head_dim)``: what scores the
+    stored chunks for it (InfLLM's chunk-level retrieval)."""
+    q = query.float()
+    if query_pos is None:
+        return q.mean(2).to(query.dtype)
+    w = (query_pos >= 0).to(q.dtype)[:, None, :, None]                     # (b, 1, L, 1)
+    return ((q * w).sum(2) / w.sum(2).clamp(min=1.0)).to(query.dtype)
 
 
 _DEVICE_END_TABLES: dict[tuple[int, str], tuple[Any, torch.Tensor]] = {}
