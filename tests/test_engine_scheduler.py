@@ -328,9 +328,11 @@ def test_no_join_where_it_would_not_be_exact(tiny_llm, default_tokenizer):
 
     ids = [random_prompt(40, seed=94)]
     p = SamplingParams(max_tokens=4, ignore_eos=True)
-    for spec in ("quest", "sentencekv", "kivi", "snapkv+kivi", "decoding(snapkv)",
+    for spec in ("quest", "kivi", "snapkv+kivi", "decoding(snapkv)", "sentencekv+kivi",
                  "chunked(tova)"):   # they act while decoding, or store the KV in another form
         assert not tiny_llm.joins_running(tiny_llm.request(ids, p, method=spec, budget=16)), spec
+    held = tiny_llm.request(ids, p, method="sentencekv", budget=16, method_kwargs={"reselect_every": 2})
+    assert not tiny_llm.joins_running(held)   # a held selection is per batch step
     # tova, h2o and streaming join at their budget (test below), but not over a context: each row copies it
     plain = tiny_llm.prefill_context(ids[0][:30])
     for spec in ("tova", "h2o", "streaming"):
@@ -683,7 +685,7 @@ def test_a_cancelled_request_stops_its_prefill_at_a_chunk_boundary(tiny_llm):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("spec,budget", [("full", None), ("snapkv", 0.5), ("adakv", 0.5)])
+@pytest.mark.parametrize("spec,budget", [("full", None), ("snapkv", 0.5), ("adakv", 0.5), ("sentencekv", 40)])
 def test_cuda_graph_decode_with_joins_gives_the_answers_alone(spec, budget):
     """Under CUDA graphs a change of rows records the new layout's steps again; the answers are
     the eager ones alone."""
@@ -897,3 +899,43 @@ def test_a_quantized_cache_is_admitted_for_its_quantized_bytes(tiny_llm):
     assert kivi.kv_bytes == int(pt * (n * share + window * (1 - share))) < full.kv_bytes / 2
     short = tiny_llm.request(ids, SamplingParams(max_tokens=4), method="kivi")
     assert short.kv_bytes == 200 * pt   # the prefill's peak, at full precision
+
+
+@pytest.mark.parametrize("spec,kw", [("sentencekv", {}), ("sentencekv", {"cache_chunks": 4}),
+                                     ("snapkv+sentencekv", {"decode_budget": 24}),
+                                     ("sentencekv", {"prefill_offload": True})])
+def test_sentencekv_requests_join_a_running_batch_and_get_their_answers_alone(tiny_llm, spec, kw):
+    """sentencekv joins: a request of another prompt length (the same tokens attended per step) is
+    prefilled alone into its own host store, and the running rows are stacked with it, each row
+    reading its chunks where its store holds them (ChunkStore.stack: no host copy); answers equal
+    each request's alone, and a request of another decode budget does not join."""
+    p_a, p_b, p_c = random_prompt(200, seed=81), random_prompt(150, seed=82), random_prompt(60, seed=83)
+    pa, pb, pc = (SamplingParams(max_tokens=n, ignore_eos=True) for n in (7, 9, 6))
+    kw = {"max_chunk": 16, "recent": 16, **kw}
+    want = [tiny_llm.generate(p, q, method=spec, budget=48, method_kwargs=kw)[0].token_ids
+            for p, q in ((p_a, pa), (p_b, pb), (p_c, pc))]
+    a, b, c = (tiny_llm.request([p], q, method=spec, budget=48, method_kwargs=kw)
+               for p, q in ((p_a, pa), (p_b, pb), (p_c, pc)))
+    assert tiny_llm.joins_running(a) and join_key(a) == join_key(b) == join_key(c)
+    fewer = {**kw, "decode_budget": 20} if "decode_budget" in kw else kw   # fewer tokens attended per step
+    other = tiny_llm.request([p_b], pb, method=spec, budget=40, method_kwargs=fewer)
+    assert join_key(other) != join_key(a)
+    calls, outs, stores = [], {}, []
+    real = tiny_llm._rebuild
+
+    def rebuild(*args, **kwargs):
+        out = real(*args, **kwargs)
+        stores.append(out[0].cache.layers[0].state["sentencekv"].store)
+        return out
+
+    tiny_llm._rebuild = rebuild
+    try:
+        for r, ev in tiny_llm.run_batch([a], join=lambda run, rows: calls.append(rows) or
+                                        {2: [b], 4: [c]}.get(len(calls), [])):
+            if ev.output is not None:
+                outs[r.id] = ev.output
+    finally:
+        del tiny_llm._rebuild
+    assert [outs[r.id].token_ids for r in (a, b, c)] == want
+    joined = [st for st in stores if st is not None and st.b >= 2]
+    assert joined and all(st.shared for st in joined)      # rows read their stores' host rows in place

@@ -432,3 +432,43 @@ def test_cuda_context_questions_share_the_pinned_store(spec):
     assert together[0].stats.decode_mode == "graph"
     store = ctx.cache.layers[0].state["sentencekv"].store
     assert together[0].stats.kv_host_bytes == ctx.cache.memory()["host"] and store.k.is_pinned()
+
+
+@pytest.mark.parametrize("bits", [0, 4])
+def test_stacked_stores_read_each_row_where_it_is_and_copy_it_on_a_write(bits):
+    """ChunkStore.stack over rows of two stores (two host segments, different chunk counts, a row
+    that stored nothing): each row fetches what its own store gives; own_host copies every row into
+    one block and the fetches do not change."""
+    g = torch.Generator().manual_seed(4)
+    hk, L, d = 2, 4, 8
+
+    def store(b, n, seed):
+        toks = [(bi * hk + h, c, r) for bi in range(b) for h in range(hk) for c in range(n) for r in range(L - c % 2)]
+        bh, ch, rk = (torch.tensor(x) for x in zip(*toks))
+        keys = torch.randn(len(toks), d, generator=g)
+        st = ChunkStore(b, hk, L, d, torch.float32, "cpu", bits=bits, vgroup=8 if bits else 0)
+        st.append(keys, -keys, seed * 1000 + ch * L + rk, bh, ch, rk, n)
+        return st
+
+    s1, s2 = store(2, 5, 1), store(1, 3, 2)
+    stacked = ChunkStore.stack([(s1, 1), (None, 0), (s2, 0), (s1, 0)])
+    assert stacked.b == 4 and stacked.n == 5 and stacked.shared and len(stacked._segs) == 2
+    idx = torch.tensor([[[0, 2], [1, 3]], [[0, 1], [0, 1]], [[0, 2], [1, 2]], [[4, 3], [2, 0]]])
+    want = []
+    for (src, row), ix in zip([(s1, 1), (None, 0), (s2, 0), (s1, 0)], idx):
+        if src is None:
+            want.append(None)
+            continue
+        want.append(src.fetch(torch.full((src.b, hk, 2), -1, dtype=torch.int64).index_copy_(
+            0, torch.tensor([row]), ix[None]))[2][row])
+    got = stacked.fetch(idx)[2]
+    for i, w in enumerate(want):
+        if w is None:
+            assert bool((got[i] == -1).all())              # no chunks: nothing comes back
+        else:
+            assert torch.equal(got[i], w)
+    full = [t.clone() for t in stacked.fetch(idx)]
+    stacked.own_host()
+    assert not stacked.shared and stacked._segs is None and stacked.T == int(stacked.used.max())
+    for a, b in zip(stacked.fetch(idx), full):
+        assert torch.equal(a, b)

@@ -207,7 +207,9 @@ def join_key(req: Request) -> Hashable | None:
     duo, kvzip, ...) neither its prompt length nor its budget matters: the method family
     (:func:`method_family`), the reused context and the sampling do. A method that evicts while
     decoding joins rows at its budget (:func:`at_budget`) of the same method and resolved budget
-    (any prompt length). Other methods: :func:`batch_key`."""
+    (any prompt length); a method whose decode reads a per-batch value from its run names it
+    (:meth:`KVMethod.join_token <kvsift.methods.base.KVMethod.join_token>`: sentencekv's tokens attended
+    per step). Other methods: :func:`batch_key`."""
     sampling = _sampling_key(req)
     if sampling is None:
         return None
@@ -216,7 +218,8 @@ def join_key(req: Request) -> Hashable | None:
             return ("join-at-budget", req.method, req.run.tokens, id(req.context) if req.context is not None else None,
                     sampling)
         return batch_key(req)
-    return ("join", method_family(req.method), id(req.context) if req.context is not None else None, sampling)
+    return ("join", method_family(req.method), id(req.context) if req.context is not None else None, sampling,
+            req.method.join_token(req.run) if req.run is not None else None)
 
 
 def at_budget(req: Request) -> bool:
@@ -254,9 +257,10 @@ class Scheduler:
     def preemptible(self, req: Request) -> bool:
         """Whether ``req`` is admitted with its prefill and ``headroom`` decode tokens and may be preempted: the
         config's ``preempt``, a generation whose method's state after the prefill is its kept KV
-        (it can leave and rejoin a batch: ``KVMethod.joins_rows``) and no reused context."""
+        (it can leave and rejoin a batch, its rows swapped to host memory: ``KVMethod.preemptible``)
+        and no reused context."""
         return (self.config.preempt and req.kind == "generate" and req.context is None
-                and req.token_bytes > 0 and req.method.joins_rows())
+                and req.token_bytes > 0 and req.method.preemptible())
 
     def _cost(self, req: Request) -> int:
         """Device bytes ``req`` is admitted with."""

@@ -203,10 +203,15 @@ class ChunkStore:
         self._stage_i = 0
         self._stream = None
         self._uva = None  # CUDA: copy misses with the UVA kernel (None: not tried yet, False: refused)
-        # host rows read from another store's tensors (a clone, a context repeated over questions):
-        # row r's tokens are host rows r*T + row_off[r] + (0 .. used[r]) (row_off: CPU int64, None = 0)
+        # host rows read from other stores' tensors (a clone, a context repeated over questions, the
+        # rows of a running batch that requests joined): row r's tokens are host rows
+        # row_base[r] .. row_base[r] + used[r] of host segment row_seg[r] (CPU int64 (BH,); None:
+        # r*T of this store's own tensors); ``_segs``: the segments (None: k, v, pos, vsz)
         self.shared = False
-        self._row_off: torch.Tensor | None = None
+        self._row_base: torch.Tensor | None = None
+        self._row_seg: torch.Tensor | None = None
+        self._seg_dev: torch.Tensor | None = None    # row_seg on the device
+        self._segs: list[dict[str, torch.Tensor]] | None = None
 
     # ---- allocation ----------------------------------------------------------------------------
     @property
@@ -215,27 +220,46 @@ class ChunkStore:
         return self.pos.shape[0] - 1
 
     def own_host(self) -> None:
-        """Make a ``shared`` store's host rows its own (each (batch, kv_head) row's block copied from
-        where it is read now), before they are written; nothing for a store that owns them."""
+        """Make a ``shared`` store's host rows its own, one block of ``T`` rows per (batch, kv_head)
+        copied from where it is read now (the tokens only), before they are written; nothing for a
+        store that owns them."""
         if not self.shared:
             return
         self._host_ready()
-        BH, T = self.b * self.hk, self.T
-        off = self._row_off if self._row_off is not None else torch.zeros(BH, dtype=torch.int64)
-        src = (torch.arange(BH, dtype=torch.int64)[:, None] * T + off[:, None] + torch.arange(T)).reshape(-1)
+        BH = self.b * self.hk
+        base = self._row_base if self._row_base is not None else torch.arange(BH, dtype=torch.int64) * self.T
+        seg = self._row_seg if self._row_seg is not None else torch.zeros(BH, dtype=torch.int64)
+        segs = self._segments()
+        used = self.used.cpu()
+        T = self.T if self._segs is None else max(int(used.max()) if BH else 0, 1)
+        ar = torch.arange(T, dtype=torch.int64)
+        own = {name: self._host_empty((BH * T + 1, *t.shape[1:]), t.dtype) for name, t in segs[0].items()}
+        for i, tens in enumerate(segs):
+            rows = (seg == i).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            pad = tens["p"].shape[0] - 1
+            src = torch.where(ar < used[rows, None], base[rows, None] + ar, pad).reshape(-1)
+            dst = (rows[:, None] * T + ar).reshape(-1)
+            for name, t in tens.items():
+                own[name].index_copy_(0, dst, t.index_select(0, src))
+        # addresses were r*T_old + starts; now r*T + local, local = address - base
+        self.starts = self.starts + (torch.arange(BH, dtype=torch.int64) * self.T - base).to(self.device).view(
+            self.b, self.hk, 1)
+        self.T = T
+        self.k, self.v, self.pos = own.get("k", self.k if not self.keys else None), own["v"], own["p"]
+        if not self.keys:  # a values-only store keeps its one-row key placeholder
+            self.k = self._host_empty((1, *segs[0]["v"].shape[1:]), segs[0]["v"].dtype)
+        self.vsz = own.get("s")
+        self.shared, self._row_base, self._row_seg, self._seg_dev, self._segs = False, None, None, None, None
 
-        def own(t):
-            out = self._host_empty((BH * T + 1, *t.shape[1:]), t.dtype)
-            if T:
-                torch.index_select(t, 0, src, out=out[:-1])
-            return out
+    def _segments(self) -> list[dict[str, torch.Tensor]]:
+        """The host tensor sets rows read from (``k, v, p`` and ``s``, as :meth:`_host_tensors`)."""
+        return self._segs if self._segs is not None else [self._host_tensors()]
 
-        self.k, self.v, self.pos = own(self.k), own(self.v), own(self.pos)
-        if self.vsz is not None:
-            self.vsz = own(self.vsz)
-        if self._row_off is not None:
-            self.starts = self.starts - self._row_off.to(self.device).view(self.b, self.hk, 1)
-        self.shared, self._row_off = False, None
+    def _rows_of_segment(self, i: int, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` (device, (batch*kv_head) row of each entry) that read segment ``i``, as a bool mask."""
+        return self._seg_dev[rows] == i
 
     def _host_empty(self, shape, dtype) -> torch.Tensor:
         """Host tensor of ``shape`` whose last row is padding (zeros; -1 for positions): padding must
@@ -482,7 +506,8 @@ class ChunkStore:
         """``(m*L,)`` host rows of ``m`` chunks given their first host row and length ``(m,)`` (a
         length <= 0: none); slots past a chunk's end point to the zero pad row."""
         ar = torch.arange(self.L, device=first.device)
-        return torch.where(ar < ln[:, None], first[:, None] + ar, self.pad).reshape(-1)
+        pad = self.pad if self._segs is None else -1      # several segments: each its own pad row
+        return torch.where(ar < ln[:, None], first[:, None] + ar, pad).reshape(-1)
 
     def _host_tensors(self) -> dict[str, torch.Tensor]:
         """The host tensors of token rows (``k, v, p``, and ``s``: value scales when quantized)."""
@@ -493,12 +518,24 @@ class ChunkStore:
             out["s"] = self.vsz
         return out
 
-    def _host_gather(self, rows_cpu: torch.Tensor, chunks: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def _host_gather(self, rows_cpu: torch.Tensor, chunks: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     seg_cpu: torch.Tensor | None = None):
         """Gather host token rows into (pinned, when CUDA) staging tensors and bring them to the
         device. Returns ``k, v (m, head_dim)`` and ``pos (m,)`` for ``m = len(rows_cpu)``. A
         quantized store dequantizes them on the device: ``chunks = (bh, chunk)``, both ``(m // L,)``
-        device tensors, name the chunk of each run of ``L`` rows (its key scales)."""
+        device tensors, name the chunk of each run of ``L`` rows (its key scales). A store of
+        several host segments takes ``seg_cpu (m,)``, the segment of each row (-1 rows: its pad)."""
         self._host_ready()
+        if self._segs is not None:
+            got: dict[str, torch.Tensor] = {}
+            for i, tens in enumerate(self._segs):
+                mine = seg_cpu == i
+                rows = torch.where(mine & (rows_cpu >= 0), rows_cpu, tens["p"].shape[0] - 1)
+                for name, t in tens.items():
+                    part = t.index_select(0, rows)
+                    got[name] = part if name not in got else torch.where(
+                        mine.view(-1, *([1] * (part.dim() - 1))), part, got[name])
+            return self._decode_rows({n: t.to(self.device) for n, t in got.items()}, chunks)
         if self.device.type == "cpu":
             got = {n: t.index_select(0, rows_cpu) for n, t in self._host_tensors().items()}
             return self._decode_rows(got, chunks)
@@ -572,7 +609,8 @@ class ChunkStore:
                 return (ok.view(b, hk, k * L, d) if ok is not None else None), ov.view(b, hk, k * L, d), \
                     op.view(b, hk, k * L)
         rows = self._token_rows(bh, chunk_idx.reshape(-1)).cpu()
-        dk, dv, dp = self._host_gather(rows, (bh, chunk_idx.reshape(-1)))
+        seg = self._row_seg[bh.cpu()].repeat_interleave(L) if self._segs is not None else None
+        dk, dv, dp = self._host_gather(rows, (bh, chunk_idx.reshape(-1)), seg)
         if stats is not None:
             nv = int((chunk_idx >= 0).sum())  # rows are on the host already: no extra sync
             stats.chunks += nv
@@ -609,7 +647,7 @@ class ChunkStore:
                 return False
             self._scatter_rows(got, dst, ck, cv, cp)
             return True
-        return self._uva_kernel(src, ln, ck, cv, cp, dst)
+        return self._uva_kernel(src, ln, ck, cv, cp, dst, rows=bh)
 
     def _scatter_rows(self, got, dst: torch.Tensor, ck, cv, cp) -> None:
         """Write dequantized chunks ``got = (k, v (M, L, d), pos (M, L))`` into rows ``dst (M,)`` of
@@ -644,8 +682,10 @@ class ChunkStore:
         if dev.type == "cuda":
             self._after_writes()
         try:
-            copy(self.k.view(-1, w), self.v.view(-1, w), self.pos.view(-1), src, ln, kc, vc, pos, dst)
-            copy(None, self.vsz.view(-1, 2 * ng), self.pos.view(-1), src, ln, None, sc, pos2, dst)
+            for i, tens in enumerate(self._segments()):  # one launch per host segment, its rows only
+                ln_i = ln if self._segs is None else torch.where(self._rows_of_segment(i, bh), ln, -1)
+                copy(tens["k"].view(-1, w), tens["v"].view(-1, w), tens["p"].view(-1), src, ln_i, kc, vc, pos, dst)
+                copy(None, tens["s"].view(-1, 2 * ng), tens["p"].view(-1), src, ln_i, None, sc, pos2, dst)
         except RuntimeError:
             self._uva = False
             return None
@@ -656,13 +696,16 @@ class ChunkStore:
         copied = (ln >= 0)[:, None, None]
         return (torch.where(copied, k.view(M, L, d), 0), torch.where(copied, v.view(M, L, d), 0), pos)
 
-    def _uva_kernel(self, src, ln, ck, cv, cp, dst) -> bool:
-        """:func:`kvsift.kernels.chunk_fetch.copy_chunks` from this store's host rows; False (and never
-        tried again) when Triton cannot read the pinned host memory here."""
+    def _uva_kernel(self, src, ln, ck, cv, cp, dst, rows: torch.Tensor | None = None) -> bool:
+        """:func:`kvsift.kernels.chunk_fetch.copy_chunks` from this store's host rows (``rows``: the
+        (batch*kv_head) row of each entry, for a store of several host segments: one launch per
+        segment); False (and never tried again) when Triton cannot read the pinned host memory here."""
         self._after_writes()
         try:
-            _cf.copy_chunks(self.k.view(-1, self.d) if self.keys else None, self.v.view(-1, self.d),
-                            self.pos.view(-1), src, ln, ck, cv, cp, dst)
+            for i, tens in enumerate(self._segments()):
+                ln_i = ln if self._segs is None else torch.where(self._rows_of_segment(i, rows), ln, -1)
+                _cf.copy_chunks(tens["k"].view(-1, self.d) if self.keys else None, tens["v"].view(-1, self.d),
+                                tens["p"].view(-1), src, ln_i, ck, cv, cp, dst)
         except RuntimeError:
             self._uva = False
             return False
@@ -722,11 +765,13 @@ class ChunkStore:
             uva = got is not None
         elif uva:
             uva = self._uva_kernel(src, ln, c["k"].view(rows_kv), c["v"].view(rows_kv), c["p"].view(BH * (S + 1), L),
-                                   dst)
+                                   dst, rows=torch.arange(BH, device=self.device).repeat_interleave(k))
         if not uva:
             mi = (ln >= 0).nonzero().squeeze(1)  # host path: one sync for the miss list
             if mi.numel():
-                dk, dv, dp = self._host_gather(self._host_rows(src[mi], ln[mi]).cpu(), (mi // k, idx.reshape(-1)[mi]))
+                seg = self._row_seg[(mi // k).cpu()].repeat_interleave(L) if self._segs is not None else None
+                dk, dv, dp = self._host_gather(self._host_rows(src[mi], ln[mi]).cpu(), (mi // k, idx.reshape(-1)[mi]),
+                                               seg)
                 m = mi.numel()
                 c["k"].view(BH * (S + 1), L * d).index_copy_(0, dst[mi], dk.view(m, -1))
                 c["v"].view(BH * (S + 1), L * d).index_copy_(0, dst[mi], dv.view(m, -1))
@@ -751,7 +796,7 @@ class ChunkStore:
             device += sum(nb(t) for t in self._dev.values())
         # host rows shared with a context's store are counted here too, once for all the rows that
         # read them (as a context prefix read by reference is)
-        host = nb(self.k) + nb(self.v) + nb(self.pos) + nb(self.vsz)
+        host = sum(nb(t) for tens in self._segments() for t in tens.values())
         host += sum(nb(t) for st in self._stage for t in st.values())
         return device, host
 
@@ -770,7 +815,8 @@ class ChunkStore:
                      "capacity", "bits", "vg", "keys"):
             setattr(new, name, getattr(self, name))
         new.k, new.v, new.pos, new.vsz = self.k, self.v, self.pos, self.vsz
-        new.shared, new._row_off = True, self._row_off
+        new.shared, new._row_base, new._row_seg = True, self._row_base, self._row_seg
+        new._seg_dev, new._segs = self._seg_dev, self._segs
         new.ksz = None if self.ksz is None else self.ksz.clone()
         new.lens, new.mean = self.lens.clone(), self.mean.clone()
         new.starts, new.used = self.starts.clone(), self.used.clone()
@@ -839,12 +885,14 @@ class ChunkStore:
         if self.b != 1:
             raise ValueError(f"only a batch-1 store can be repeated, this one has batch {self.b}")
         self._host_ready()
+        if self._segs is not None:  # (a view over several segments: one block of its own first)
+            self.own_host()
         hk, T = self.hk, self.T
         bh = torch.arange(times * hk, dtype=torch.int64)
-        base = self._row_off if self._row_off is not None else torch.zeros(hk, dtype=torch.int64)
-        off = base.repeat(times) + (bh % hk - bh) * T                    # row r reads row r % hk's block
+        base = self._row_base if self._row_base is not None else torch.arange(hk, dtype=torch.int64) * T
+        # row r reads row r % hk's block: address r*T + starts[r] = base[r % hk] + local
         self.lens = self.lens.repeat(times, 1, 1)
-        self.starts = self.starts.repeat(times, 1, 1) + (off - base.repeat(times)).to(self.device).view(times, hk, 1)
+        self.starts = self.starts.repeat(times, 1, 1) + ((bh % hk - bh) * T).to(self.device).view(times, hk, 1)
         self.used = self.used.repeat(times)
         self.mean = self.mean.repeat(times, 1, 1, 1)
         if self.bounds:
@@ -852,8 +900,68 @@ class ChunkStore:
         if self.bits:
             self.ksz = self.ksz.repeat(times, 1, 1, 1, 1)
         self.b = times
-        self.shared, self._row_off = True, off
+        self.shared, self._row_base = True, base.repeat(times)
         self._dev = None
+
+    @classmethod
+    def stack(cls, sources: list) -> "ChunkStore":
+        """A store whose batch rows are ``sources`` (``(store, row)`` pairs, in order; ``store`` None:
+        a sequence that stored nothing, its rows hold no chunks): the rows of a running batch that
+        requests joined. The device tables are gathered (chunk slots padded to the most any row has,
+        with length 0); the host rows are not copied: each row reads them where its store holds
+        them (``shared``, over the sources' host segments, one UVA launch per segment)."""
+        stores = [s for s, _ in sources if s is not None]
+        if not stores:
+            raise ValueError("stack needs at least one store")
+        ref = stores[0]
+        for s in stores[1:]:
+            if (s.hk, s.L, s.d, s.dtype, s.bits, s.vg, s.keys, s.bounds) != \
+                    (ref.hk, ref.L, ref.d, ref.dtype, ref.bits, ref.vg, ref.keys, ref.bounds):
+                raise ValueError("stores of different layouts cannot be stacked")
+        hk, d, dev = ref.hk, ref.d, ref.device
+        b, n = len(sources), max(s.n for s in stores)
+        new = cls(b, hk, ref.L, d, ref.dtype, dev, bounds=ref.bounds, cache_chunks=ref.cache_chunks, pin=ref.pin,
+                  bits=ref.bits, vgroup=ref.vg if ref.bits else 0, keys=ref.keys)
+        segs, seg_ids = [], {}
+        base, seg = torch.zeros(b * hk, dtype=torch.int64), torch.zeros(b * hk, dtype=torch.int64)
+        new._grow(n, 0)
+        new.n = n
+        used = torch.zeros(b * hk, dtype=torch.int64, device=dev)
+        for i, (s, j) in enumerate(sources):
+            if s is None or s.n == 0:
+                continue
+            s._host_ready()
+            s_segs = s._segments()
+            local = []
+            for tens in s_segs:  # the same host tensors, one segment (a shared context, an earlier stack)
+                key = tuple(t.data_ptr() for t in tens.values())
+                if key not in seg_ids:
+                    seg_ids[key] = len(segs)
+                    segs.append(tens)
+                local.append(seg_ids[key])
+            rows = torch.arange(j * hk, (j + 1) * hk, dtype=torch.int64)
+            rb = s._row_base[rows] if s._row_base is not None else rows * s.T
+            rs = s._row_seg[rows] if s._row_seg is not None else torch.zeros(hk, dtype=torch.int64)
+            base[i * hk:(i + 1) * hk] = rb
+            seg[i * hk:(i + 1) * hk] = torch.tensor(local, dtype=torch.int64)[rs]
+            m = s.n
+            # new T is 0: a row's chunk starts are host addresses (r*T_s + starts_s)
+            new.starts[i, :, :m] = s.starts[j, :, :m] + (rows * s.T).to(dev)[:, None]
+            new.lens[i, :, :m] = s.lens[j, :, :m]
+            new.mean[i, :, :m] = s.mean[j, :, :m]
+            if ref.bounds:
+                new.kmin[i, :, :m], new.kmax[i, :, :m] = s.kmin[j, :, :m], s.kmax[j, :, :m]
+            if ref.bits:
+                new.ksz[i, :, :m] = s.ksz[j, :, :m]
+            used[i * hk:(i + 1) * hk] = s.used[j * hk:(j + 1) * hk]
+        new.used, new.T, new.max_tokens = used, 0, int(used.max()) if used.numel() else 0
+        new._segs, new._row_base, new._row_seg = segs, base, seg
+        new._seg_dev = seg.to(dev)
+        new.k, new.v, new.pos = segs[0].get("k", new.k), segs[0]["v"], segs[0]["p"]
+        new.vsz = segs[0].get("s")
+        new.shared = True
+        new._uva = ref._uva
+        return new
 
     def _copy_host(self, t: torch.Tensor) -> torch.Tensor:
         out = self._host_empty(t.shape, t.dtype)

@@ -310,6 +310,18 @@ class KVMethod:
         Default: False."""
         return False
 
+    def join_token(self, run: "Run") -> Any:
+        """What else rows must share to be stacked into one running batch when :meth:`joins_rows`
+        (besides the method family, the context and the sampling): None by default; a method whose
+        decode reads a per-batch value from its run says which (sentencekv: the prompt tokens
+        attended per step)."""
+        return None
+
+    def preemptible(self) -> bool:
+        """True when a running sequence's state is only its device KV rows (:meth:`joins_rows` and
+        nothing offloaded), so the engine may swap its rows to host memory and back (preemption)."""
+        return self.joins_rows() and not self.offloads_to_host()
+
     def device_share(self, head_dim: int) -> tuple[float, int]:
         """``(share, window)`` for memory admission: the device bytes of a kept token after the
         prefill as a share of its KV at the model's dtype, and tokens per layer and KV head kept
@@ -831,6 +843,13 @@ class Compose(KVMethod):
 
     def joins_rows(self) -> bool:
         return all(s.joins_rows() or s.attention_only for s in self.stages)
+
+    def join_token(self, run):
+        return tuple(s.join_token(r) for s, r in zip(self.stages, run.parts))
+
+    def restack_state(self, layer, sources) -> None:
+        for s in self.stages:
+            s.restack_state(layer, sources)
 
     def row_prefill_ok(self) -> bool:
         # rows save memory when a stage shrinks the KV at prefill end; decode-only stages keep no

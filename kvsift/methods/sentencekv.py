@@ -398,6 +398,36 @@ class SentenceKV(KVMethod):
                                   for i, t in enumerate(parts)))
         return state.held
 
+    def joins_rows(self) -> bool:
+        """A joining request is prefilled alone into its own store; the running batch's rows are then
+        stacked with it (:meth:`restack_state`: its host rows read where they are, nothing copied).
+        Not with ``reselect_every > 1`` (held selections are per batch step)."""
+        return self.reselect_every == 1
+
+    def join_token(self, run) -> int:
+        return run.sel_tokens  # the decode budget is the batch run's: joined rows must share it
+
+    def restack_state(self, layer, sources) -> None:
+        """The running batch's rows changed: one store over the sources' rows (``ChunkStore.stack``),
+        their query fingerprints gathered; the fewest device prompt tokens of the rows that store
+        chunks (equal for prompts longer than the window: sinks + recent)."""
+        states = [(src.state.get(self.name), row) for src, row in sources]
+        if all(st is None for st, _ in states):
+            return
+        new = SentenceKVState()
+        stores = [(st.store if st is not None else None, row) for st, row in states]
+        if any(s is not None for s, _ in stores):
+            new.store = ChunkStore.stack(stores)
+        fps = [(st.fp_sum[row], st.fp_count[row]) if st is not None and st.fp_sum is not None else None
+               for st, row in states]
+        ref = next((f for f in fps if f is not None), None)
+        if ref is not None:
+            new.fp_sum = torch.stack([f[0] if f is not None else torch.zeros_like(ref[0]) for f in fps])
+            new.fp_count = torch.stack([f[1] if f is not None else torch.zeros_like(ref[1]) for f in fps])
+        dev = [st.dev_tokens for st, _ in states if st is not None and st.store is not None and st.dev_tokens is not None]
+        new.dev_tokens = min(dev) if dev else None
+        layer.state[self.name] = new
+
     def row_prefill_ok(self) -> bool:
         # one host store for the batch, each row written into it once (ChunkStore.append row=); a
         # prompt offloaded as it is prefilled keeps the device small already
