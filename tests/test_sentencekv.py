@@ -289,6 +289,9 @@ def test_prefill_budget_selects_stored_chunks_per_prefill_chunk(tiny):
     small, ls = run(tiny, ids, "sentencekv", 1.0, max_chunk=16, prefill_offload=True, prefill_budget=48)
     assert torch.equal(ls[0], ref_logits[0])                  # the first chunk has nothing stored yet
     assert (ls[-4] - ref_logits[-4]).abs().max() > 1e-3      # the last chunk's prefill attended to less
+    win, lw = run(tiny, ids, "sentencekv", 1.0, max_chunk=16, prefill_offload=True, prefill_budget=48,
+                  prefill_window=8)                       # the chunk's last 8 queries choose instead
+    assert (lw[-4] - ls[-4]).abs().max() > 1e-4 and torch.equal(lw[0], ref_logits[0])
     big, lb = run(tiny, ids, "sentencekv", 1.0, max_chunk=16, prefill_offload=True, prefill_budget=480)
     assert big[0].token_ids == ref[0].token_ids
     torch.testing.assert_close(lb, ref_logits, atol=1e-4, rtol=1e-4)
@@ -316,6 +319,10 @@ def test_prefill_offload_options():
         build_method("sentencekv", 64, prefill_offload=True, prefill_budget=0)
     with pytest.raises(ValueError, match="prefill_offload"):
         build_method("sentencekv", 64, prefill_offload="yes")
+    with pytest.raises(ValueError, match="prefill_window"):
+        build_method("sentencekv", 64, prefill_offload=True, prefill_window=8)
+    with pytest.raises(ValueError, match="prefill_window"):
+        build_method("sentencekv", 64, prefill_offload=True, prefill_budget=64, prefill_window=0)
 
 
 def test_chunk_store_appended_in_parts_matches_one_write():
@@ -472,3 +479,18 @@ def test_stacked_stores_read_each_row_where_it_is_and_copy_it_on_a_write(bits):
     assert not stacked.shared and stacked._segs is None and stacked.T == int(stacked.used.max())
     for a, b in zip(stacked.fetch(idx), full):
         assert torch.equal(a, b)
+
+
+def test_prompt_is_segmented_beside_its_prefill(tiny):
+    """The prompt's sentence chunks are computed on a worker thread from the first prefill layer on,
+    and the offload uses them (the same spans as segmenting at the end)."""
+    from kvsift.segment import SegmentConfig, segment_tokens
+
+    ids = [prompt(400, seed=15)]
+    m = build_method("sentencekv", 96, max_chunk=16)
+    run_ = m.start(400, 2)
+    with tiny.lock:
+        tiny.runner.prefill(ids, m, run_, None, False, reserve=4)
+    assert run_.segments is not None and run_.segments[0] is not None and run_.segments[2].done()
+    assert run_.segments[2].result() == [segment_tokens(ids[0], None, SegmentConfig(8, 16, "rules"))]
+    assert run_.chunk_map is not None

@@ -84,6 +84,7 @@ class SentenceKVRun(Run):
     fetch: FetchStats = field(default_factory=FetchStats)
     steps: Any = None          # (1,) int64 device counter of decode steps (a replayed graph counts)
     chunk_map: Any = None
+    segments: Any = None       # (prompt ids, tokenizer, future of each row's chunk spans): segmented beside the prefill
     keep_memo: Any = None
 
 
@@ -127,6 +128,10 @@ class SentenceKV(KVMethod):
         Under ``prefill_offload``: stored prompt tokens each prefill chunk attends to per layer and
         KV head, the chunks its mean query scores best (a ratio: of the prompt). None: every stored
         chunk (exact, slower: the store is read back once per prefill chunk).
+    prefill_window : int | None
+        Under ``prefill_budget``: the mean of the chunk's last ``prefill_window`` queries scores the
+        stored chunks (SnapKV's observation window: a question at the prompt's end picks what it
+        needs) instead of the mean of all the chunk's queries (None).
     """
 
     sinks: int = 4
@@ -142,6 +147,7 @@ class SentenceKV(KVMethod):
     reselect_every: int = 1
     prefill_offload: bool = False
     prefill_budget: Budget = None
+    prefill_window: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -166,6 +172,12 @@ class SentenceKV(KVMethod):
         if self.prefill_budget is not None and not self.prefill_offload:
             raise ValueError("prefill_budget needs prefill_offload=true (without it the prefill attends to the "
                              "whole prompt on the device)")
+        if self.prefill_window is not None:
+            if isinstance(self.prefill_window, bool) or not isinstance(self.prefill_window, int) \
+                    or self.prefill_window < 1:
+                raise ValueError(f"prefill_window must be an int >= 1, got {self.prefill_window!r}")
+            if self.prefill_budget is None:
+                raise ValueError("prefill_window needs prefill_budget (without it every stored chunk is attended)")
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self, prompt_len: int, num_layers: int) -> SentenceKVRun:
@@ -206,10 +218,13 @@ class SentenceKV(KVMethod):
         base = length - longest  # a reused context's tokens come first, then each row's prompt
         if rows and 0 < longest <= length:
             nfix = int(fixed[base - 1]) + 1 if base > 0 else 0
+            seg = run.segments  # segmented beside the prefill (_segment_ahead), or now
+            spans_of = (seg[2].result() if seg is not None and seg[0] is ids and seg[1] is tok
+                        else [segment_tokens(r, tok, cfg) if len(r) else [] for r in rows])
             for i, row in enumerate(rows):
                 if not len(row):
                     continue
-                spans = segment_tokens(row, tok, cfg)
+                spans = spans_of[i]
                 lens = torch.tensor([e - s for s, e in spans], dtype=torch.long)
                 lab = torch.repeat_interleave(torch.arange(len(spans)), lens)
                 out[i, base: base + len(row)] = lab + nfix
@@ -229,7 +244,21 @@ class SentenceKV(KVMethod):
             _end_tokens(ctx.tokenizer, layer.k_buf.device)
         self._offload(run, layer, state, ctx, row, final=True)
 
+    def _segment_ahead(self, run, ctx) -> None:
+        """At a prompt's first prefill layer: segment its rows on a worker thread, so the spans are
+        ready when the last chunk needs them instead of being computed then, serially (about a
+        second per 128k tokens with a tokenizer)."""
+        ids = ctx.prompt_ids
+        if ids is None or (run.segments is not None and run.segments[0] is ids) or run.chunk_map is not None:
+            return
+        cfg = SegmentConfig(self.min_chunk, self.max_chunk, self.splitter)
+        tok = ctx.tokenizer
+        run.segments = (ids, tok, _segmenter().submit(lambda: [segment_tokens(r, tok, cfg) if len(r) else []
+                                                                for r in ids]))
+
     def after_attend(self, run, layer, query, module, ctx) -> None:
+        if ctx is not None and not ctx.decoding and not ctx.rereading and ctx.row is None:
+            self._segment_ahead(run, ctx)
         super().after_attend(run, layer, query, module, ctx)  # prefill_end after the last chunk
         if (self.prefill_offload and ctx is not None and not (ctx.decoding or ctx.prefill_end or ctx.rereading)
                 and ctx.row is None and layer.k_buf is not None and layer.length > 0):
@@ -357,7 +386,9 @@ class SentenceKV(KVMethod):
             # under prefill_offload): every stored chunk (exact), or those the chunk's queries select
             budget = store.max_tokens if run.prefill_tokens is None else run.prefill_tokens
             if budget < store.max_tokens:
-                fp = _mean_query(query, ctx.cache.step_positions)
+                w = self.prefill_window
+                qpos = ctx.cache.step_positions
+                fp = _mean_query(query[:, :, -w:] if w else query, qpos[:, -w:] if w and qpos is not None else qpos)
         else:
             fp = self._fingerprint(run, state, query[:, :, -1], ctx)
             if hold and not self.decode_variant(run, ctx.step) and state.held is not None:
@@ -462,6 +493,19 @@ class SentenceKV(KVMethod):
         if f.value("cache_lookups"):
             out["device_cache_hit_rate"] = f.value("cache_hits") / f.value("cache_lookups")
         return out
+
+
+_SEGMENTER = None
+
+
+def _segmenter():
+    """One worker thread that segments prompts beside their prefill (made on first use)."""
+    global _SEGMENTER
+    if _SEGMENTER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _SEGMENTER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvsift-segment")
+    return _SEGMENTER
 
 
 def _mean_query(query: torch.Tensor, query_pos: torch.Tensor | None) -> torch.Tensor:
