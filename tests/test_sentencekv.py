@@ -494,3 +494,28 @@ def test_prompt_is_segmented_beside_its_prefill(tiny):
     assert run_.segments is not None and run_.segments[0] is not None and run_.segments[2].done()
     assert run_.segments[2].result() == [segment_tokens(ids[0], None, SegmentConfig(8, 16, "rules"))]
     assert run_.chunk_map is not None
+
+
+def test_stacked_store_compacts_when_rows_that_left_hold_most_of_its_bytes(monkeypatch):
+    """Stacking one row of a store whose other rows are gone: once the host segments hold more than
+    twice what the stacked rows use (plus COMPACT_SLACK), the rows are copied into one block of
+    their own; the fetches do not change."""
+    import kvsift.methods._offload as off
+
+    g = torch.Generator().manual_seed(5)
+    hk, L, d, b, n = 2, 4, 8, 6, 5
+    toks = [(r, c, t) for r in range(b * hk) for c in range(n) for t in range(L)]
+    bh, ch, rk = (torch.tensor(x) for x in zip(*toks))
+    keys = torch.randn(len(toks), d, generator=g)
+    big = ChunkStore(b, hk, L, d, torch.float32, "cpu")
+    big.append(keys, -keys, ch * L + rk, bh, ch, rk, n)
+    idx = torch.tensor([[[0, 3], [1, 4]]])
+    want = [t[2:3] for t in big.fetch(idx.repeat(b, 1, 1))]
+    kept = ChunkStore.stack([(big, 2)])
+    assert kept.shared and kept.k.data_ptr() == big.k.data_ptr()    # within the slack: read in place
+    monkeypatch.setattr(off, "COMPACT_SLACK", 0)
+    small = ChunkStore.stack([(big, 2)])
+    assert not small.shared and small.k.data_ptr() != big.k.data_ptr() and small.k.shape[0] == hk * n * L + 1
+    for x in (kept, small):
+        for a, w in zip(x.fetch(idx), want):
+            assert torch.equal(a, w)

@@ -119,6 +119,7 @@ class FetchStats:
         return v
 
 
+COMPACT_SLACK = 64 << 20  # host bytes a stacked store may hold for rows that left, beyond 2x its rows' own
 _REGISTER_MIN = 1 << 20  # smaller host blocks come from torch's caching pinned allocator
 
 
@@ -954,13 +955,21 @@ class ChunkStore:
             if ref.bits:
                 new.ksz[i, :, :m] = s.ksz[j, :, :m]
             used[i * hk:(i + 1) * hk] = s.used[j * hk:(j + 1) * hk]
-        new.used, new.T, new.max_tokens = used, 0, int(used.max()) if used.numel() else 0
+        new.used, new.max_tokens = used, int(used.max()) if used.numel() else 0
+        new._uva = ref._uva
+        if not segs:  # no row stored anything: an empty store of its own
+            return new
+        new.T = 0
         new._segs, new._row_base, new._row_seg = segs, base, seg
         new._seg_dev = seg.to(dev)
         new.k, new.v, new.pos = segs[0].get("k", new.k), segs[0]["v"], segs[0]["p"]
         new.vsz = segs[0].get("s")
         new.shared = True
-        new._uva = ref._uva
+        # rows that left still hold their segments' bytes: past twice what the rows use (and 64 MiB),
+        # the rows are copied into one block of their own and the old segments go
+        held = sum(t.numel() * t.element_size() for tens in segs for t in tens.values())
+        if held > 2 * int(used.sum()) * new._token_bytes() + COMPACT_SLACK:
+            new.own_host()
         return new
 
     def _copy_host(self, t: torch.Tensor) -> torch.Tensor:
