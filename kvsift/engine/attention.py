@@ -211,8 +211,11 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         method.after_attend(run, layer, query, module, ctx)
         return out.transpose(1, 2).contiguous(), None
     # prefill. Layers whose KV partly lives outside the device buffer (sentencekv's or shadowkv's host
-    # store, a reused context) attend to the method's selection of it too
-    sel = method.plan(run, layer, query, ctx) if layer.offloaded else None
+    # store, a reused context) attend to the method's selection of it too. The three parts are named
+    # ranges for the profiler (bench/profile_prefill.py); a prefill chunk's layer is heavy enough
+    # that they cost nothing measurable
+    with _span("kvsift.prefill.plan"):
+        sel = method.plan(run, layer, query, ctx) if layer.offloaded else None
     if layer.offloaded and (sel is None or sel.extra is None):
         raise RuntimeError("this cache holds KV offloaded to the host by sentencekv or shadowkv (e.g. a reused "
                            "context): generate with a method spec that includes the method that offloaded it")
@@ -225,6 +228,23 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         if sel is not None and sel.own is not None:
             raise RuntimeError("a prefill selection of own slots over quantized KV is not supported")
         extras.append(layer.quant.source())
+    with _span("kvsift.prefill.attend"):
+        out, masked = _prefill_attend(method, run, layer, query, key, value, sel, extras, qpos, scale, module, ctx,
+                                      sliding_window, softcap, L)
+    with _span("kvsift.prefill.after_attend"):
+        method.after_attend(run, layer, query, module, ctx)
+    return (out if masked else out.transpose(1, 2)).contiguous(), None
+
+
+def _span(name: str):
+    """A named range for torch's profiler."""
+    return torch.profiler.record_function(name)
+
+
+def _prefill_attend(method, run, layer, query, key, value, sel, extras, qpos, scale, module, ctx, sliding_window,
+                    softcap, L):
+    """One prefill chunk's attention: ``(out, masked)``, ``out (batch, q_heads, L, dim)`` or, when
+    ``masked``, already ``(batch, L, q_heads, dim)``."""
     gathered = sel is not None or bool(extras)  # attend to copies of a selection, masked by position
     if gathered:
         own = sel.own_slots() if sel is not None else None
@@ -246,11 +266,8 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=causal_lower_right(L, keys.shape[2]),
                                              scale=scale, enable_gqa=True)
     elif out is None:
-        out = _attend_blocks(query, keys, values, kpos, qpos, scale, sliding_window, softcap).transpose(1, 2)
-        method.after_attend(run, layer, query, module, ctx)
-        return out.contiguous(), None
-    method.after_attend(run, layer, query, module, ctx)
-    return out.transpose(1, 2).contiguous(), None
+        return _attend_blocks(query, keys, values, kpos, qpos, scale, sliding_window, softcap).transpose(1, 2), True
+    return out, False
 
 
 MASK_ELEMENTS = 1 << 28  # the largest (batch, q_heads, queries, keys) mask one masked call builds
