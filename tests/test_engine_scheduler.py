@@ -329,7 +329,7 @@ def test_no_join_where_it_would_not_be_exact(tiny_llm, default_tokenizer):
     ids = [random_prompt(40, seed=94)]
     p = SamplingParams(max_tokens=4, ignore_eos=True)
     for spec in ("quest", "kivi", "snapkv+kivi", "decoding(snapkv)", "sentencekv+kivi",
-                 "chunked(tova)"):   # they act while decoding, or store the KV in another form
+                 "chunked(tova)"):   # pages or windows by slot, or the KV stored in another form
         assert not tiny_llm.joins_running(tiny_llm.request(ids, p, method=spec, budget=16)), spec
     held = tiny_llm.request(ids, p, method="sentencekv", budget=16, method_kwargs={"reselect_every": 2})
     assert not tiny_llm.joins_running(held)   # a held selection is per batch step
@@ -685,7 +685,8 @@ def test_a_cancelled_request_stops_its_prefill_at_a_chunk_boundary(tiny_llm):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("spec,budget", [("full", None), ("snapkv", 0.5), ("adakv", 0.5), ("sentencekv", 40)])
+@pytest.mark.parametrize("spec,budget", [("full", None), ("snapkv", 0.5), ("adakv", 0.5), ("sentencekv", 40),
+                                         ("tokenselect", 24)])
 def test_cuda_graph_decode_with_joins_gives_the_answers_alone(spec, budget):
     """Under CUDA graphs a change of rows records the new layout's steps again; the answers are
     the eager ones alone."""
@@ -939,3 +940,27 @@ def test_sentencekv_requests_join_a_running_batch_and_get_their_answers_alone(ti
     assert [outs[r.id].token_ids for r in (a, b, c)] == want
     joined = [st for st in stores if st is not None and st.b >= 2]
     assert joined and all(st.shared for st in joined)      # rows read their stores' host rows in place
+
+
+@pytest.mark.parametrize("spec,kw,local", [("tokenselect", {}, 4), ("tokenselect", {"vote": "layer"}, 16),
+                                           ("snapkv+tokenselect", {"decode_budget": 6}, 8)])
+def test_tokenselect_requests_join_a_running_batch_and_get_their_answers_alone(tiny_llm, spec, kw, local):
+    """tokenselect joins: the stacked rows' local windows follow each row's own newest tokens
+    (its last slots before the padding, then the common decode slots), so every answer equals the
+    request's alone, whether the window reaches back into the prompt (local 16) or not."""
+    p_a, p_b, p_c = random_prompt(240, seed=91), random_prompt(40, seed=92), random_prompt(120, seed=93)
+    pa, pb, pc = (SamplingParams(max_tokens=n, ignore_eos=True) for n in (12, 9, 7))
+    kw = {"local": local, **kw}
+    want = [tiny_llm.generate(p, q, method=spec, budget=8, method_kwargs=kw)[0].token_ids
+            for p, q in ((p_a, pa), (p_b, pb), (p_c, pc))]
+    a, b, c = (tiny_llm.request([p], q, method=spec, budget=8, method_kwargs=kw)
+               for p, q in ((p_a, pa), (p_b, pb), (p_c, pc)))
+    assert tiny_llm.joins_running(a) and join_key(a) == join_key(b) == join_key(c)
+    assert not tiny_llm.joins_running(tiny_llm.request([p_a], pa, method=spec, budget=8,
+                                                       method_kwargs={**kw, "reuse_threshold": 0.9}))
+    calls, outs = [], {}
+    for r, ev in tiny_llm.run_batch([a], join=lambda run, rows: calls.append(rows) or
+                                    {2: [b], 4: [c]}.get(len(calls), [])):
+        if ev.output is not None:
+            outs[r.id] = ev.output
+    assert [outs[r.id].token_ids for r in (a, b, c)] == want

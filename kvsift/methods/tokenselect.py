@@ -37,6 +37,10 @@ class TokenSelectState(LayerState):
 
     last_q: torch.Tensor | None = None
     last_sel: torch.Tensor | None = None
+    # rows stacked into a running batch (joins): each row's own slots end at row_end (batch,) int64,
+    # the rows' common decode slots start at dec_start; the local window is each row's newest tokens
+    row_end: torch.Tensor | None = None
+    dec_start: int | None = None
 
     def kv_state_dict(self):
         return {}, {}
@@ -119,15 +123,44 @@ class TokenSelect(DecodeSelect):
         newest = layer.written_slots(1)                                      # (1,)
         local = torch.arange(self.local, device=q.device) - (self.local - 1) + newest   # (local,)
         slot = torch.arange(n, device=q.device)
-        cand = (pos >= 0) & (slot < local[0])                                # the local window is attended anyway
+        st: TokenSelectState | None = layer.state.get(self.name)
+        if st is not None and st.row_end is not None:
+            # stacked rows: a row's newest tokens are the common decode slots, then its own last slots
+            # before the padding that follows them (as alone, where they are contiguous)
+            end, d0 = st.row_end[:, None], st.dec_start
+            local = torch.where(local >= d0, local, end - (d0 - local))       # (b, local)
+            n_dec = newest - d0 + 1
+            lo = torch.where(n_dec >= self.local, newest - self.local + 1, st.row_end - (self.local - n_dec))
+            cand = (pos >= 0) & (slot < lo[:, None, None])                    # the local window is attended anyway
+        else:
+            cand = (pos >= 0) & (slot < local[0])
         votes = token_votes(q, keys, cand, self.vote)                        # (b, hk, n), -1 = not a candidate
         k = min(run.sel_tokens, n)
         top = votes.topk(k, dim=-1)
         sel = torch.where(top.values >= 0, top.indices, -1)                  # (b, hk, k)
         if self.reuse_threshold is not None:
             sel = self._cache(run, layer, q, sel)
-        own = torch.cat([sel, local.clamp(min=-1).expand(b, hk, self.local)], dim=-1)
+        local = local.clamp(min=-1)
+        own = torch.cat([sel, (local[:, None] if local.dim() == 2 else local).expand(b, hk, self.local)], dim=-1)
         return Selection(own=own)
+
+    def joins_rows(self) -> bool:
+        """Rows stacked into a running batch select exactly as alone: the votes do not depend on
+        where a row's tokens sit, and the local window follows each row's own newest tokens
+        (:meth:`restack_state`). Not with the selection cache (its last selection names old slots)."""
+        return self.reuse_threshold is None
+
+    def join_token(self, run) -> int:
+        return run.sel_tokens  # the batch run's tokens attended per step: joined rows must share it
+
+    def restack_state(self, layer, sources) -> None:
+        """After ``SiftLayer.set_rows``: each row's real slots come first (its prompt and the tokens
+        it decoded so far), padding follows up to the layer's length, where the common decode slots
+        begin."""
+        if layer.pos_buf is None:
+            return
+        end = (layer.positions >= 0).any(1).sum(-1).to(torch.int64)          # (b,)
+        layer.state[self.name] = TokenSelectState(row_end=end, dec_start=layer.length)
 
     def _cache(self, run: TokenSelectRun, layer, q: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
         """The previous selection while consecutive queries stay alike (decided on the device)."""
