@@ -37,7 +37,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kvsift.kernels import dispatch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench._systems, kvsift
+
+from kvsift.kernels import dispatch  # noqa: E402
 from kvsift.kernels.chunk_scores import chunks_to_slots, page_summaries, select_chunks
 from kvsift.kernels.sparse_decode_attention import sparse_decode_attention_ref
 
@@ -461,10 +463,9 @@ def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict
 
     llm = LLM.from_model(model, None, name="llama-8b-shape-random", chunk_size=args.e2e_chunk,
                          decode_mode=args.e2e_decode)
-    name, _, rest = sys_name.partition(":")          # method[:budget[:option=value...]]
-    budget, *opts = rest.split(":") if rest else [""]
-    kw = {k: _option_value(v) for k, _, v in (o.partition("=") for o in opts)}
-    budget_v = int(budget) if budget else None
+    from bench._systems import parse_system
+
+    name, budget_v, kw = parse_system(sys_name)      # method[:budget[:option=value...]]
     if budget_v is not None and budget_v >= ids.shape[1]:
         budget_v = None if name == "full" else max(1, ids.shape[1] // 2)
     outs = llm.generate([r.tolist() for r in ids], SamplingParams(max_tokens=n, ignore_eos=True), method=name,
@@ -476,18 +477,6 @@ def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict
             "prefill_s": st.prefill_s,
             "decode_mode": st.decode_mode, "kv_device_bytes": st.kv_device_bytes, "kv_host_bytes": st.kv_host_bytes,
             "method_stats": st.method_stats}
-
-
-def _option_value(v: str):
-    """A method option's text in a system name (``prefill_offload=true``) -> int, float, bool or str."""
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
 
 
 def _e2e_row(model, sys_name, ctx, bsz, args, kv_tok, weight_bytes, bw_gbs, log) -> dict:

@@ -27,24 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench._random_l
 RANGES = ("kvsift.prefill.plan", "kvsift.prefill.attend", "kvsift.prefill.after_attend")
 
 
-def _option(v: str):
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
-
-
-def parse_system(spec: str) -> tuple[str, int | None, dict]:
-    """``method[:budget[:option=value...]]`` -> ``(method, budget, options)``."""
-    name, _, rest = spec.partition(":")
-    budget, *opts = rest.split(":") if rest else [""]
-    return name, int(budget) if budget else None, {k: _option(v) for k, _, v in (o.partition("=") for o in opts)}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ctx", type=int, default=32768)
@@ -58,6 +40,7 @@ def main(argv=None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from bench._random_llama import random_llama
+    from bench._systems import parse_system
     from kvsift import LLM, SamplingParams
 
     model, dev = random_llama(args.layers, args.ctx + 4096)

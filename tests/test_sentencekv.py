@@ -519,3 +519,14 @@ def test_stacked_store_compacts_when_rows_that_left_hold_most_of_its_bytes(monke
     for x in (kept, small):
         for a, w in zip(x.fetch(idx), want):
             assert torch.equal(a, w)
+
+
+def test_context_prefilled_with_prefill_offload_answers_questions_exactly(tiny):
+    """A reusable context prefilled with prefill_offload (its store filled chunk by chunk) answers a
+    batch of questions exactly at a full budget, reading its host store by reference."""
+    doc, qs = prompt(300, seed=16), [prompt(20, seed=s) for s in (17, 18)]
+    kw = {"max_chunk": 16, "prefill_offload": True}
+    ctx = tiny.prefill_context(doc, method="sentencekv", budget=1.0, method_kwargs=kw)
+    assert ctx.cache.memory()["host"] > 0
+    out = tiny.generate(qs, GREEDY, method="sentencekv", budget=1.0, method_kwargs=kw, context=ctx)
+    assert [o.token_ids for o in out] == [run(tiny, doc + q)[0][0].token_ids for q in qs]
