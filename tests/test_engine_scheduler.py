@@ -19,6 +19,16 @@ from tests.conftest import random_prompt
 GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
 
 
+
+def run_with_joins(llm, first, schedule: dict):
+    """Run ``first`` alone, letting the requests of ``schedule[n]`` join when the engine asks for
+    joiners the n-th time. Returns ``(outputs by request id, rows running at each ask)``."""
+    steps, outs = [], {}
+    for r, ev in llm.run_batch([first], join=lambda run, rows: steps.append(rows) or schedule.get(len(steps), [])):
+        if ev.output is not None:
+            outs[r.id] = ev.output
+    return outs, steps
+
 def req(prompts, params=GREEDY, method="full", budget=None, kv=0, host=0, context=None, kind="generate", **opts):
     return Request([list(p) for p in prompts], params if kind == "generate" else None,
                    build_method(method, budget, **opts), context=context, kv_bytes=kv, host_bytes=host, kind=kind)
@@ -362,14 +372,11 @@ def test_joins_in_static_decode_restart_the_step_runner_and_keep_the_answers(tin
     want = [tiny_llm.generate(x, q, method=spec, budget=budget)[0].token_ids for x, q in zip(ps, pr)]
     a, b, c = (static.request([x], q, method=spec, budget=budget) for x, q in zip(ps, pr))
     assert static.joins_running(a)
-    steps, outs, made = [], {}, []
+    made = []
     real = static.runner.decoder
     static.runner.decoder = lambda ctx, mode, n: made.append(mode) or real(ctx, mode, n)
     try:
-        for r, ev in static.run_batch([a], join=lambda run, rows: steps.append(rows) or
-                                      {2: [b], 5: [c]}.get(len(steps), [])):
-            if ev.output is not None:
-                outs[r.id] = ev.output
+        outs, _ = run_with_joins(static, a, {2: [b], 5: [c]})
     finally:
         del static.runner.decoder
     assert [outs[r.id].token_ids for r in (a, b, c)] == want
@@ -701,11 +708,7 @@ def test_cuda_graph_decode_with_joins_gives_the_answers_alone(spec, budget):
     want = [eager.generate(x, q, method=spec, budget=budget)[0].token_ids for x, q in zip(ps, pr)]
     a, b, c = (graph.request([x], q, method=spec, budget=budget) for x, q in zip(ps, pr))
     assert graph.joins_running(a)
-    steps, outs = [], {}
-    for r, ev in graph.run_batch([a], join=lambda run, rows: steps.append(rows) or
-                                 {2: [b], 6: [c]}.get(len(steps), [])):
-        if ev.output is not None:
-            outs[r.id] = ev.output
+    outs, _ = run_with_joins(graph, a, {2: [b], 6: [c]})
     assert [outs[r.id].token_ids for r in (a, b, c)] == want
     assert outs[a.id].stats.decode_mode == "graph"
 
@@ -832,10 +835,7 @@ def test_a_change_of_rows_holds_the_batch_kv_about_once(tiny_llm, monkeypatch):
 
     monkeypatch.setattr(llm, "_rebuild", rebuild)
     monkeypatch.setattr(SiftLayer, "set_rows", set_rows)
-    steps, outs = [], {}
-    for r, ev in llm.run_batch([a], join=lambda run, rows: steps.append(rows) or ([b] if len(steps) == 2 else [])):
-        if ev.output is not None:
-            outs[r.id] = ev.output
+    outs, _ = run_with_joins(llm, a, {2: [b]})
     assert [outs[r.id].token_ids for r in (a, b)] == want
     assert peaks and llm.info.num_layers >= 2
     for before, peak, layer in peaks:
@@ -858,11 +858,7 @@ def test_methods_that_evict_while_decoding_join_at_their_budget(tiny_llm, spec, 
     assert tiny_llm.joins_running(a) and join_key(a) == join_key(b) == join_key(c) is not None
     other = tiny_llm.request([ps[0]], pr[0], method=spec, budget=24, method_kwargs=opts)
     assert join_key(other) != join_key(a)                     # another budget: not in lockstep
-    steps, outs = [], {}
-    for r, ev in tiny_llm.run_batch([a], join=lambda run, rows: steps.append(rows) or
-                                    {2: [b], 5: [c]}.get(len(steps), [])):
-        if ev.output is not None:
-            outs[r.id] = ev.output
+    outs, steps = run_with_joins(tiny_llm, a, {2: [b], 5: [c]})
     assert [outs[r.id].token_ids for r in (a, b, c)] == want
     assert max(steps) == 3 and steps[-1] < 3                  # all three ran together, then rows left
 
@@ -921,7 +917,7 @@ def test_sentencekv_requests_join_a_running_batch_and_get_their_answers_alone(ti
     fewer = {**kw, "decode_budget": 20} if "decode_budget" in kw else kw   # fewer tokens attended per step
     other = tiny_llm.request([p_b], pb, method=spec, budget=40, method_kwargs=fewer)
     assert join_key(other) != join_key(a)
-    calls, outs, stores = [], {}, []
+    stores = []
     real = tiny_llm._rebuild
 
     def rebuild(*args, **kwargs):
@@ -931,10 +927,7 @@ def test_sentencekv_requests_join_a_running_batch_and_get_their_answers_alone(ti
 
     tiny_llm._rebuild = rebuild
     try:
-        for r, ev in tiny_llm.run_batch([a], join=lambda run, rows: calls.append(rows) or
-                                        {2: [b], 4: [c]}.get(len(calls), [])):
-            if ev.output is not None:
-                outs[r.id] = ev.output
+        outs, _ = run_with_joins(tiny_llm, a, {2: [b], 4: [c]})
     finally:
         del tiny_llm._rebuild
     assert [outs[r.id].token_ids for r in (a, b, c)] == want
@@ -958,9 +951,5 @@ def test_tokenselect_requests_join_a_running_batch_and_get_their_answers_alone(t
     assert tiny_llm.joins_running(a) and join_key(a) == join_key(b) == join_key(c)
     assert not tiny_llm.joins_running(tiny_llm.request([p_a], pa, method=spec, budget=8,
                                                        method_kwargs={**kw, "reuse_threshold": 0.9}))
-    calls, outs = [], {}
-    for r, ev in tiny_llm.run_batch([a], join=lambda run, rows: calls.append(rows) or
-                                    {2: [b], 4: [c]}.get(len(calls), [])):
-        if ev.output is not None:
-            outs[r.id] = ev.output
+    outs, _ = run_with_joins(tiny_llm, a, {2: [b], 4: [c]})
     assert [outs[r.id].token_ids for r in (a, b, c)] == want
