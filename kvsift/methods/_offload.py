@@ -248,10 +248,9 @@ class ChunkStore:
         self.starts = self.starts + (torch.arange(BH, dtype=torch.int64) * self.T - base).to(self.device).view(
             self.b, self.hk, 1)
         self.T = T
-        self.k, self.v, self.pos = own.get("k", self.k if not self.keys else None), own["v"], own["p"]
-        if not self.keys:  # a values-only store keeps its one-row key placeholder
-            self.k = self._host_empty((1, *segs[0]["v"].shape[1:]), segs[0]["v"].dtype)
-        self.vsz = own.get("s")
+        self.v, self.pos, self.vsz = own["v"], own["p"], own.get("s")
+        if self.keys:  # (a values-only store keeps its one-row key placeholder, never written)
+            self.k = own["k"]
         self.shared, self._row_base, self._row_seg, self._seg_dev, self._segs = False, None, None, None, None
 
     def _segments(self) -> list[dict[str, torch.Tensor]]:
