@@ -274,17 +274,17 @@ class SentenceKV(KVMethod):
         sinks, recent = self._window(run)
         pos64 = pos.to(torch.int64)
         row_len = pos64.amax(dim=(1, 2)) + 1                                 # (b,) tokens seen per row
-        offl = (pos64 >= sinks) & (pos64 < (row_len - recent)[:, None, None])
-        # chunk labels of every logical position up to the prompt's end (computed once per prompt)
-        length = int(row_len.max()) if final else max(int(row_len.max()), run.prompt_len)
-        lab_pos = self._chunks_of_positions(run, ctx, b, length, keys.device)    # (b, length)
-        lab = lab_pos.gather(1, pos64.clamp(min=0).reshape(b, -1)).reshape(b, hk, n)
         store = state.store
         if final and row is None and store is not None and store.shared:
             # a question over a reused context whose chunks are read by reference: its own tokens
             # stay on the device (offloading them would copy the context's host rows for it)
             self._set_device_tokens(state, pos64 >= 0, None)
             return
+        offl = (pos64 >= sinks) & (pos64 < (row_len - recent)[:, None, None])
+        # chunk labels of every logical position up to the prompt's end (computed once per prompt)
+        length = int(row_len.max()) if final else max(int(row_len.max()), run.prompt_len)
+        lab_pos = self._chunks_of_positions(run, ctx, b, length, keys.device)    # (b, length)
+        lab = lab_pos.gather(1, pos64.clamp(min=0).reshape(b, -1)).reshape(b, hk, n)
         if not final:  # whole chunks only: those labelled before the chunk at the window's first position
             edge = lab_pos.gather(1, (row_len - recent).clamp(0, length - 1)[:, None])    # (b, 1)
             offl &= lab < edge[:, :, None]
