@@ -229,11 +229,11 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
             raise RuntimeError("a prefill selection of own slots over quantized KV is not supported")
         extras.append(layer.quant.source())
     with _span("kvsift.prefill.attend"):
-        out, masked = _prefill_attend(method, run, layer, query, key, value, sel, extras, qpos, scale, module, ctx,
-                                      sliding_window, softcap, L)
+        out = _prefill_attend(method, run, layer, query, key, value, sel, extras, qpos, scale, module, ctx,
+                              sliding_window, softcap, L)
     with _span("kvsift.prefill.after_attend"):
         method.after_attend(run, layer, query, module, ctx)
-    return (out if masked else out.transpose(1, 2)).contiguous(), None
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _span(name: str):
@@ -243,8 +243,7 @@ def _span(name: str):
 
 def _prefill_attend(method, run, layer, query, key, value, sel, extras, qpos, scale, module, ctx, sliding_window,
                     softcap, L):
-    """One prefill chunk's attention: ``(out, masked)``, ``out (batch, q_heads, L, dim)`` or, when
-    ``masked``, already ``(batch, L, q_heads, dim)``."""
+    """One prefill chunk's attention, ``(batch, q_heads, L, dim)``."""
     gathered = sel is not None or bool(extras)  # attend to copies of a selection, masked by position
     if gathered:
         own = sel.own_slots() if sel is not None else None
@@ -266,8 +265,8 @@ def _prefill_attend(method, run, layer, query, key, value, sel, extras, qpos, sc
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=causal_lower_right(L, keys.shape[2]),
                                              scale=scale, enable_gqa=True)
     elif out is None:
-        return _attend_blocks(query, keys, values, kpos, qpos, scale, sliding_window, softcap).transpose(1, 2), True
-    return out, False
+        out = _attend_blocks(query, keys, values, kpos, qpos, scale, sliding_window, softcap)
+    return out
 
 
 MASK_ELEMENTS = 1 << 28  # the largest (batch, q_heads, queries, keys) mask one masked call builds
