@@ -8,7 +8,7 @@
 #   STEPS=tests,kivi,kivi_e2e TESTS_K="shadowkv and cuda" bash bench/gpu_checks.sh
 #   STEPS=serve SERVE_METHODS="full sentencekv" bash bench/gpu_checks.sh   # #16 load figures (carry .stage/tok, .whl)
 #   STEPS=long bash bench/gpu_checks.sh      # #14: a 1M-token prompt (sentencekv+kivi, prefill_offload)
-#   STEPS=profile_prefill bash bench/gpu_checks.sh   # #14: named prefill ranges and top kernels at 128k
+#   STEPS=profile_prefill bash bench/gpu_checks.sh   # #14: where the prefill goes at 128k (PROF_ARGS=" ": torch.profiler)
 # The tests step runs six pytest processes at once (T_TESTS seconds each, default 420).
 set -u
 DEST=${OUT:-bench/out}; R=${RES:-/root/checks}; mkdir -p "$R" "$DEST"
@@ -67,9 +67,11 @@ if step long; then   # #14: prefill at 128k (full, sentencekv, offloaded as it i
   echo "long rc=$? $(( $(date +%s) - t0 )) s"; grep -v "^e2e warm" "$R/long.log" | tail -8
 fi
 if step profile_prefill; then   # #14: where sentencekv's prefill and prefill_offload's chunks spend their time
+  # timed runs (no torch.profiler: its post-processing outlasted a call) twice per method, the second
+  # over the host pool's blocks, after timing the locking of host memory; PROF_ARGS=" " profiles
   timeout ${T_PROF:-240} python3 bench/profile_prefill.py --ctx ${PROF_CTX:-131072} --chunk ${PROF_CHUNK:-4096} \
     --methods "${PROF_METHODS:-full,sentencekv:2048,sentencekv:2048:prefill_offload=true:prefill_budget=4096}" \
-    --out "$R/profile_prefill" >"$R/profile_prefill.log" 2>&1
+    ${PROF_ARGS:---no-profile --repeat 2 --alloc} --out "$R/profile_prefill" >"$R/profile_prefill.log" 2>&1
   echo "profile_prefill rc=$? $(( $(date +%s) - t0 )) s"; grep -v "USDT" "$R/profile_prefill.log" | tail -60
 fi
 if step decode; then

@@ -10,6 +10,16 @@ costs under ``prefill_offload``. Prints the tables and writes them (and JSON) un
         --out bench/out/profile_prefill
     PYTHONPATH=. python3 bench/profile_prefill.py --ctx 262144 --chunk 4096 \\
         --methods sentencekv+kivi:2048:prefill_offload=true:prefill_budget=4096
+    PYTHONPATH=. python3 bench/profile_prefill.py --ctx 131072 --chunk 4096 --no-profile --repeat 2 --alloc
+
+Without the profiler (``--no-profile``, fast) it prints, per method and run, the prefill's wall
+time and the share of it spent in the methods' ``prefill_end`` hooks (sentencekv's final offload;
+timed with device syncs around every call), and the host pool's counts (blocks of page-locked
+memory locked anew or reused). ``--repeat 2`` runs each prompt twice: the first run locks its
+host store, the second reuses it from the pool (what a server's next request sees). ``--alloc``
+first times locking host memory itself: one layer's key block at ``--ctx``, as torch's pinned
+allocator, as a fresh registered block, and as a block reused from the pool. Tables and JSON are
+written after each method, so a cut call keeps what finished.
 """
 
 from __future__ import annotations
@@ -27,6 +37,84 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench._random_l
 RANGES = ("kvsift.prefill.plan", "kvsift.prefill.attend", "kvsift.prefill.after_attend")
 
 
+class _EndTimer:
+    """Times the ``prefill_end`` hooks of every registered method class (the outermost call only,
+    with device syncs around it) while active; restores them on exit."""
+
+    def __init__(self, sync):
+        self.sync, self.seconds, self.calls, self._depth, self._saved = sync, 0.0, 0, 0, []
+
+    def __enter__(self):
+        from kvsift.methods.base import _REGISTRY, Compose, available_methods
+
+        available_methods()
+        classes = {c for c in list(_REGISTRY.values()) + [Compose] if "prefill_end" in c.__dict__}
+        for cls in classes:
+            orig = cls.__dict__["prefill_end"]
+            self._saved.append((cls, orig))
+            setattr(cls, "prefill_end", self._wrap(orig))
+        return self
+
+    def _wrap(self, orig):
+        timer = self
+
+        def prefill_end(*a, **k):
+            if timer._depth:
+                return orig(*a, **k)
+            timer.sync()
+            t0 = time.perf_counter()
+            timer._depth += 1
+            try:
+                return orig(*a, **k)
+            finally:
+                timer._depth -= 1
+                timer.sync()
+                timer.seconds += time.perf_counter() - t0
+                timer.calls += 1
+        return prefill_end
+
+    def __exit__(self, *exc):
+        for cls, orig in self._saved:
+            setattr(cls, "prefill_end", orig)
+        return False
+
+
+def _alloc_bench(nbytes: int, dev) -> dict:
+    """Seconds to get ``nbytes`` of page-locked host memory (and touch it once with a device copy):
+    torch's caching pinned allocator (rounded up to a power of two), a newly registered block (the
+    pool's miss) and a block the pool reuses (its hit)."""
+    from kvsift.cache.host import HostPool
+
+    out = {"bytes": nbytes}
+    src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+
+    def timed(make):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        t = make()
+        t.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        return t, time.perf_counter() - t0
+
+    t, out["torch_pinned_s"] = timed(lambda: torch.empty(nbytes, dtype=torch.uint8, pin_memory=True))
+    del t
+    if hasattr(torch._C, "_host_emptyCache"):
+        torch._C._host_emptyCache()
+    pool = HostPool(4 * nbytes + (64 << 20))
+    t, out["registered_new_s"] = timed(lambda: pool.empty((nbytes,), torch.uint8, dev))
+    del t
+    t, out["pool_reuse_s"] = timed(lambda: pool.empty((nbytes,), torch.uint8, dev))
+    del t
+    pool.clear()
+    t0 = time.perf_counter()
+    x = torch.empty(nbytes, dtype=torch.uint8)
+    x.fill_(0)
+    out["pageable_touch_s"] = time.perf_counter() - t0
+    del x
+    out["gbps"] = {k[:-2]: nbytes / v / 1e9 for k, v in out.items() if k.endswith("_s") and v > 0}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ctx", type=int, default=32768)
@@ -35,61 +123,105 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="full,sentencekv:2048",
                    help="comma list of method[:budget[:option=value...]]")
     p.add_argument("--top", type=int, default=15, help="kernels listed per method")
+    p.add_argument("--no-profile", action="store_true", help="no torch.profiler: wall, prefill_end and pool only")
+    p.add_argument("--repeat", type=int, default=1, help="runs per method (the second reuses the host pool)")
+    p.add_argument("--alloc", action="store_true", help="time locking host memory first (CUDA)")
     p.add_argument("--out", default="bench/out/profile_prefill")
     args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be >= 1")
     from torch.profiler import ProfilerActivity, profile
 
     from bench._random_llama import random_llama
     from bench._systems import parse_system
     from kvsift import LLM, SamplingParams
+    from kvsift.cache.host import host_pool
 
     model, dev = random_llama(args.layers, args.ctx + 4096)
-    llm = LLM.from_model(model, None, chunk_size=args.chunk)
-    ids = torch.randint(0, model.config.vocab_size, (args.ctx,), generator=torch.Generator().manual_seed(0)).tolist()
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, text = [], []
+    info = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "args": vars(args)}
+
+    def write():
+        (out_dir / "profile_prefill.txt").write_text("\n".join(text))
+        (out_dir / "profile_prefill.json").write_text(json.dumps({**info, "rows": rows}, indent=1))
+
+    def emit(lines):
+        nonlocal text
+        text += lines + [""]
+        print("\n".join(lines), flush=True)
+        write()
+
+    if args.alloc and cuda:
+        kv = model.config.num_key_value_heads
+        hd = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+        nbytes = kv * args.ctx * hd * 2 + hd * 2   # one layer's keys at --ctx (bf16) and the pad row
+        a = _alloc_bench(nbytes, dev)
+        info["alloc"] = a
+        emit([f"== locking host memory: {nbytes / 2**20:.0f} MiB (one layer's keys at {args.ctx} tokens)"] +
+             [f"{k:<20} {a[k] * 1e3:>9.1f} ms  {a['gbps'][k[:-2]]:>6.1f} GB/s" for k in
+              ("torch_pinned_s", "registered_new_s", "pool_reuse_s", "pageable_touch_s")])
+    llm = LLM.from_model(model, None, chunk_size=args.chunk)
+    ids = torch.randint(0, model.config.vocab_size, (args.ctx,), generator=torch.Generator().manual_seed(0)).tolist()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     one = SamplingParams(max_tokens=1, ignore_eos=True)
     for spec in args.methods.split(","):
         name, budget, opts = parse_system(spec)
         small = ids[: min(len(ids), 4 * args.chunk)]   # warm-up: kernels compiled, allocator warm
         llm.generate(small, one, method=name, budget=min(budget, len(small) // 2) if budget else None,
                      method_kwargs=opts or None, progress=False)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with profile(activities=acts) as prof:
-            out = llm.generate(ids, one, method=name, budget=budget, method_kwargs=opts or None, progress=False)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-        ev = prof.key_averages()
-        spans = {e.key: {"cpu_ms": e.cpu_time_total / 1e3, "count": e.count} for e in ev if e.key in RANGES}
-        dev_attr = "device_time_total" if hasattr(ev[0], "device_time_total") else "cuda_time_total"
-        kernels = sorted(((e.key, getattr(e, dev_attr, 0) / 1e3, e.count) for e in ev
-                          if dev.type == "cuda" and getattr(e, dev_attr, 0) > 0 and not e.key.startswith("kvsift.")),
-                         key=lambda t: -t[1])[: args.top]
-        st = out[0].stats
-        row = {"system": spec, "ctx": args.ctx, "layers": args.layers, "chunk": args.chunk,
-               "prefill_s": st.prefill_s, "profiled_wall_s": wall, "spans": spans,
-               "kernels": [{"name": k, "device_ms": t, "count": c} for k, t, c in kernels],
-               "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None}
-        rows.append(row)
-        lines = [f"== {spec}: ctx {args.ctx}, {args.layers} layers, chunk {args.chunk}, {dev.type}; "
-                 f"prefill {st.prefill_s:.2f} s (profiled: {wall:.2f} s wall)",
-                 f"{'range':<30} {'calls':>7} {'CPU ms (incl. waits)':>22}"]
-        for k in RANGES:
-            if k in spans:
-                lines.append(f"{k:<30} {spans[k]['count']:>7} {spans[k]['cpu_ms']:>22.1f}")
-        if kernels:
-            lines.append(f"{'kernel (device time)':<70} {'calls':>7} {'ms':>9}")
-            lines += [f"{k[:70]:<70} {c:>7} {t:>9.1f}" for k, t, c in kernels]
-        text += lines + [""]
-        print("\n".join(lines), flush=True)
-    (out_dir / "profile_prefill.txt").write_text("\n".join(text))
-    (out_dir / "profile_prefill.json").write_text(json.dumps({"device": torch.cuda.get_device_name()
-                                                              if dev.type == "cuda" else "cpu", "rows": rows}, indent=1))
+        sync()
+        for rep in range(args.repeat):
+            pool0 = host_pool().stats() if cuda else None
+            prof = None
+            t0 = time.perf_counter()
+            with _EndTimer(sync) as ends:
+                if args.no_profile:
+                    out = llm.generate(ids, one, method=name, budget=budget, method_kwargs=opts or None, progress=False)
+                    sync()
+                else:
+                    with profile(activities=acts) as prof:
+                        out = llm.generate(ids, one, method=name, budget=budget, method_kwargs=opts or None,
+                                           progress=False)
+                        sync()
+            wall = time.perf_counter() - t0
+            st = out[0].stats
+            pool1 = host_pool().stats() if cuda else None
+            row = {"system": spec, "run": rep + 1, "ctx": args.ctx, "layers": args.layers, "chunk": args.chunk,
+                   "prefill_s": st.prefill_s, "wall_s": wall, "profiled": prof is not None,
+                   "prefill_end_s": ends.seconds, "prefill_end_calls": ends.calls,
+                   "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+            if pool0 is not None:
+                row["host_pool"] = {"locked_new": pool1["misses"] - pool0["misses"],
+                                    "reused": pool1["hits"] - pool0["hits"],
+                                    "total_gib": pool1["total"] / 2**30}
+            lines = [f"== {spec} (run {rep + 1}): ctx {args.ctx}, {args.layers} layers, chunk {args.chunk}, "
+                     f"{dev.type}; prefill {st.prefill_s:.2f} s (wall {wall:.2f} s{', profiled' if prof else ''}); "
+                     f"prefill_end hooks {ends.seconds:.2f} s in {ends.calls} calls" +
+                     (f"; host blocks locked {row['host_pool']['locked_new']}, reused {row['host_pool']['reused']}"
+                      if pool0 is not None else "")]
+            if prof is not None:
+                ev = prof.key_averages()
+                spans = {e.key: {"cpu_ms": e.cpu_time_total / 1e3, "count": e.count} for e in ev if e.key in RANGES}
+                dev_attr = "device_time_total" if hasattr(ev[0], "device_time_total") else "cuda_time_total"
+                kernels = sorted(((e.key, getattr(e, dev_attr, 0) / 1e3, e.count) for e in ev
+                                  if cuda and getattr(e, dev_attr, 0) > 0 and not e.key.startswith("kvsift.")),
+                                 key=lambda t: -t[1])[: args.top]
+                row["spans"] = spans
+                row["kernels"] = [{"name": k, "device_ms": t, "count": c} for k, t, c in kernels]
+                lines.append(f"{'range':<30} {'calls':>7} {'CPU ms (incl. waits)':>22}")
+                for k in RANGES:
+                    if k in spans:
+                        lines.append(f"{k:<30} {spans[k]['count']:>7} {spans[k]['cpu_ms']:>22.1f}")
+                if kernels:
+                    lines.append(f"{'op or kernel (device time)':<70} {'calls':>7} {'ms':>9}")
+                    lines += [f"{k[:70]:<70} {c:>7} {t:>9.1f}" for k, t, c in kernels]
+            rows.append(row)
+            emit(lines)
+            del out
     print(f"wrote {out_dir}/profile_prefill.txt and .json")
     return 0
 

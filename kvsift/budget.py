@@ -128,6 +128,41 @@ DEVICE_KV_SHARE = 0.8
 HOST_KV_SHARE = 0.5
 
 
+def parse_bytes(text: str | int, what: str = "size") -> int:
+    """``"2G"``, ``"512M"``, ``"1.5GiB"``, ``"1048576"`` -> bytes (powers of 1024); an
+    :class:`~kvsift.errors.InputError` naming ``what`` otherwise."""
+    import re
+
+    from kvsift.errors import InputError
+
+    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)i?[bB]?\s*", str(text))
+    if not m:
+        raise InputError(f"{what}: expected a size such as 512M or 2G, got {text!r}", param=what)
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def available_host_bytes() -> int:
+    """Host memory available to a new allocation without swapping: ``MemAvailable`` of
+    ``/proc/meminfo`` (free memory plus the page cache the kernel can drop), else the free pages
+    (``sysconf``), else 0. (Free pages alone undercount a machine that just wrote a model to disk.)"""
+    import os
+
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def default_memory_limits(device, free_device: int | None = None,
                           available_host: int | None = None) -> tuple[int | None, int | None]:
     """``(device, host)`` KV bytes a server admits at once by default: on CUDA,
@@ -144,10 +179,5 @@ def default_memory_limits(device, free_device: int | None = None,
 
         free_device = torch.cuda.mem_get_info(device)[0]
     if available_host is None:
-        import os
-
-        try:
-            available_host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            available_host = 0
+        available_host = available_host_bytes()
     return int(free_device * DEVICE_KV_SHARE), (int(available_host * HOST_KV_SHARE) if available_host else None)

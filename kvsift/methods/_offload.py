@@ -50,12 +50,12 @@ cache; on CUDA the UVA kernel copies the values alone).
 from __future__ import annotations
 
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from kvsift.cache.host import host_pool
 from kvsift.cache.quant import SCALE_DTYPE, coded_token_bytes, codes_of, quantize_values, range_params, unpack
 from kvsift.kernels import chunk_fetch as _cf
 from kvsift.kernels._triton import HAS_TRITON, triton_disabled
@@ -120,7 +120,6 @@ class FetchStats:
 
 
 COMPACT_SLACK = 64 << 20  # host bytes a stacked store may hold for rows that left, beyond 2x its rows' own
-_REGISTER_MIN = 1 << 20  # smaller host blocks come from torch's caching pinned allocator
 
 
 def uva_enabled() -> bool:
@@ -132,25 +131,19 @@ def uva_enabled() -> bool:
         os.environ.get("KVSIFT_NO_UVA", "").strip().lower() not in {"1", "true", "yes", "on"}
 
 
-def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A page-locked host tensor of exactly its size (uninitialised).
+def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+    """A page-locked host tensor of exactly its size (uninitialised); ``device``: the CUDA device
+    that reads and writes it.
 
-    torch's pinned allocator rounds every block up to a power of two, so a store of 5 sequences
-    would hold 8 sequences' worth of locked memory. Large blocks are instead plain host memory
-    registered with CUDA (``cudaHostRegister``), unregistered when the last view of it is freed;
-    if registering fails the caching allocator is used."""
-    n = 1
-    for x in shape:
-        n *= int(x)
-    nbytes = n * torch.tensor([], dtype=dtype).element_size()
-    if nbytes >= _REGISTER_MIN and torch.cuda.is_available():
-        import numpy as np
-
-        buf = np.empty(nbytes, dtype=np.uint8)   # the tensor keeps this array alive (from_numpy)
-        cudart = torch.cuda.cudart()
-        if int(cudart.cudaHostRegister(buf.ctypes.data, nbytes, 0)) == 0:
-            weakref.finalize(buf, cudart.cudaHostUnregister, buf.ctypes.data)
-            return torch.from_numpy(buf).view(dtype).view(shape)
+    Blocks of 1 MiB and more come from the process's :class:`~kvsift.cache.host.HostPool`: host
+    memory registered with CUDA (``cudaHostRegister``) in blocks of the size asked for, cached when
+    freed and handed to the next prompt's store (locking new memory is slow, and torch's pinned
+    allocator rounds every block up to a power of two). Smaller ones, or when registering fails,
+    come from torch's caching pinned allocator."""
+    if torch.cuda.is_available():
+        t = host_pool().empty(shape, dtype, device)
+        if t is not None:
+            return t
     return torch.empty(shape, dtype=dtype, pin_memory=True)
 
 
@@ -265,7 +258,7 @@ class ChunkStore:
         """Host tensor of ``shape`` whose last row is padding (zeros; -1 for positions): padding must
         hold finite numbers, a masked key still multiplies its value by 0. Other rows are filled only
         for positions (-1 = no token); key/value rows are written before they are read."""
-        t = pinned_empty(shape, dtype) if self.pin else torch.empty(shape, dtype=dtype)
+        t = pinned_empty(shape, dtype, self.device) if self.pin else torch.empty(shape, dtype=dtype)
         if dtype == torch.int32:
             t.fill_(-1)
         else:

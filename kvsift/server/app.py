@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 import types
@@ -263,6 +264,10 @@ def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
         if dev_d is not None:
             log.info("admission: %s of KV on the device, %s in host memory (--kv-memory / --host-memory to change)",
                      _gib(kv_mem), _gib(host_mem))
+    if host_mem is not None and llm.device.type == "cuda" and not os.environ.get("KVSIFT_HOST_POOL"):
+        from kvsift.cache.host import host_pool
+
+        host_pool().set_limit(host_mem)  # offloaded KV is admitted up to it: its locked blocks are cached as much
     engine = EngineScheduler(llm.scheduler_config(max_batch=config.max_batch, kv_memory=kv_mem,
                                                   host_memory=host_mem, preempt=config.preempt))
     memory = engine if config.preempt else None

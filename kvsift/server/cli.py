@@ -15,23 +15,24 @@ import argparse
 import json
 import logging
 import os
-import re
 import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
+from kvsift.budget import parse_bytes
+from kvsift.errors import InputError
+
 log = logging.getLogger("kvsift.server")
 
 
 def _bytes(text: str) -> int:
     """``"2G"``, ``"512M"``, ``"1048576"`` -> bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)i?[bB]?\s*", str(text))
-    if not m:
-        raise argparse.ArgumentTypeError(f"expected a size such as 512M or 2G, got {text!r}")
-    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2).lower()]
-    return int(float(m.group(1)) * scale)
+    try:
+        return parse_bytes(text)
+    except InputError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 512M or 2G, got {text!r}") from None
 
 
 def default_contexts_dir() -> Path:

@@ -1,0 +1,225 @@
+"""Page-locked host memory for offloaded KV, kept for reuse: :class:`HostPool`.
+
+An offloading method (``sentencekv``, ``shadowkv``) writes every prompt's KV to page-locked host
+memory, one block per layer and tensor (a 32k-token prompt of a Llama-3.1-8B-shaped model: 64 MiB
+of keys and as much of values per layer). Locking memory is not free: the kernel faults in and
+zeroes every page, CUDA pins and maps them (``cudaHostRegister``), and freeing undoes both. torch's
+own pinned allocator caches its blocks but rounds each one up to a power of two (a 64 MiB + 1 row
+block takes 128 MiB).
+
+The pool keeps blocks of the sizes asked for (rounded up to :data:`GRANULE`) and hands a released
+block to the next request of about its size, so a server's steady state locks no new memory: the
+next prompt's layers reuse the last one's blocks. It holds at most ``limit`` bytes in all (blocks
+in use plus cached ones); past it, released blocks are unregistered and freed. A block is
+released when the last tensor viewing it is freed. Before a cached block is handed out again the
+device it was last used with is synchronized: copies or kernels its last owner queued may still
+read or write it.
+
+    from kvsift.cache.host import host_pool
+    t = host_pool().empty((rows, 128), torch.bfloat16, device)   # None: not pooled (small, no CUDA)
+    host_pool().stats()     # {"limit", "total", "in_use", "cached", "hits", "misses", "released"}
+    host_pool().clear()     # unregister and free the cached blocks
+
+``KVSIFT_HOST_POOL=0`` caches nothing (each block is unregistered when released, as before);
+``KVSIFT_HOST_POOL=<bytes>`` sets the limit (default: :data:`kvsift.budget.HOST_KV_SHARE` of the host
+memory available when the pool is first used; ``kvsift serve`` sets it to its ``--host-memory``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+GRANULE = 2 << 20        # block sizes are whole multiples of this (a huge page)
+MIN_BYTES = 1 << 20      # smaller tensors are not pooled (torch's caching pinned allocator takes them)
+REUSE_SLACK = 0.25       # a cached block serves a request of at least 1 / (1 + slack) of its size
+
+__all__ = ["HostPool", "host_pool", "GRANULE", "MIN_BYTES"]
+
+
+@dataclass(eq=False)
+class _Block:
+    buf: np.ndarray           # (size,) uint8, registered
+    size: int
+    device: torch.device | None = None   # the device its last owner used (synchronized before reuse)
+
+
+def _cuda_register(ptr: int, nbytes: int) -> bool:
+    return int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)) == 0
+
+
+def _cuda_unregister(ptr: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda" and torch.cuda.is_initialized():
+        torch.cuda.synchronize(device)
+
+
+class HostPool:
+    """Registered (page-locked) host blocks, cached for reuse up to ``limit`` bytes in all.
+
+    Parameters
+    ----------
+    limit : int
+        Most bytes the pool holds registered, in use and cached together; a block released while
+        the pool holds more is freed. ``0``: nothing is cached. An allocation is never refused for
+        the limit (cached blocks are freed first to make room).
+    register, unregister : callables, optional
+        ``register(ptr, nbytes) -> bool`` locks host memory, ``unregister(ptr)`` unlocks it
+        (default: ``cudaHostRegister`` / ``cudaHostUnregister``; tests pass others).
+    sync : callable, optional
+        ``sync(device)`` before a cached block is handed out again (default: synchronize that CUDA
+        device).
+    """
+
+    def __init__(self, limit: int, register: Callable[[int, int], bool] | None = None,
+                 unregister: Callable[[int], None] | None = None,
+                 sync: Callable[[torch.device | None], None] | None = None):
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0 bytes, got {limit}")
+        self.limit = int(limit)
+        self._register = register or _cuda_register
+        self._unregister = unregister or _cuda_unregister
+        self._sync = sync or _sync
+        self._lock = threading.Lock()      # not reentrant: a release inside a locked section queues
+        self._free: list[_Block] = []      # cached blocks, oldest first
+        self._returned: deque[_Block] = deque()   # released while the lock was held
+        self.total = 0                     # registered bytes, in use and cached
+        self.hits = self.misses = self.released = 0
+
+    # ---- allocation ------------------------------------------------------------------------------
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype,
+              device: torch.device | str | None = None) -> torch.Tensor | None:
+        """An uninitialised page-locked host tensor of ``shape`` and ``dtype`` (``device``: the CUDA
+        device that will read or write it), or None when it is smaller than :data:`MIN_BYTES` or
+        the memory could not be locked (the caller falls back to ``torch.empty(...,
+        pin_memory=True)``)."""
+        n = 1
+        for x in shape:
+            n *= int(x)
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        if nbytes < MIN_BYTES:
+            return None
+        size = -(-nbytes // GRANULE) * GRANULE
+        dev = torch.device(device) if device is not None else None
+        with self._lock:
+            try:
+                block = self._take(size)
+                if block is None:
+                    self._make_room(size)
+                    buf = np.empty(size, dtype=np.uint8)
+                    if not self._register(buf.ctypes.data, size):
+                        return None
+                    block = _Block(buf, size)
+                    self.total += size
+                    self.misses += 1
+                else:
+                    self.hits += 1
+                    self._sync(block.device)
+                block.device = dev
+                view = block.buf[:nbytes]   # the tensor holds this view; when it is freed, so is the block
+                fin = weakref.finalize(view, self._release, block)
+                fin.atexit = False
+            finally:
+                self._drain()
+        return torch.from_numpy(view).view(dtype).view(shape)
+
+    def _take(self, size: int) -> _Block | None:
+        """The smallest cached block that fits ``size`` bytes within the slack (removed), or None."""
+        best = None
+        for i, b in enumerate(self._free):
+            if size <= b.size <= size * (1 + REUSE_SLACK) and (best is None or b.size < self._free[best].size):
+                best = i
+        return None if best is None else self._free.pop(best)
+
+    def _make_room(self, size: int) -> None:
+        """Free cached blocks, oldest first, until ``size`` more bytes fit the limit (or none is left)."""
+        while self._free and self.total + size > self.limit:
+            self._drop(self._free.pop(0))
+
+    def _drop(self, block: _Block) -> None:
+        self._unregister(block.buf.ctypes.data)
+        self.total -= block.size
+        block.buf = None   # the memory goes back to the OS with the array
+
+    # ---- release -----------------------------------------------------------------------------------
+    def _release(self, block: _Block) -> None:
+        """The last tensor viewing ``block`` was freed (any thread, possibly inside a locked
+        section of this pool: then it is queued and handled when that section ends)."""
+        self._returned.append(block)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drain()
+            finally:
+                self._lock.release()
+
+    def _drain(self) -> None:
+        """(Lock held.) Cache the released blocks, or free them past the limit."""
+        while self._returned:
+            block = self._returned.popleft()
+            self.released += 1
+            self._free.append(block)
+        while self._free and self.total > self.limit:
+            self._drop(self._free.pop(0))
+
+    # ---- control -----------------------------------------------------------------------------------
+    def set_limit(self, limit: int) -> None:
+        """Change the limit; cached blocks past it are freed now."""
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0 bytes, got {limit}")
+        with self._lock:
+            self.limit = int(limit)
+            self._drain()
+
+    def clear(self) -> None:
+        """Unregister and free every cached block (blocks in use are kept)."""
+        with self._lock:
+            self._drain()
+            while self._free:
+                self._drop(self._free.pop(0))
+
+    def stats(self) -> dict[str, int]:
+        """``limit``, ``total`` (registered bytes), ``in_use``, ``cached`` (bytes), and the counts
+        ``hits`` (allocations served by a cached block), ``misses`` (newly locked) and
+        ``released``."""
+        with self._lock:
+            self._drain()
+            cached = sum(b.size for b in self._free)
+            return {"limit": self.limit, "total": self.total, "in_use": self.total - cached, "cached": cached,
+                    "hits": self.hits, "misses": self.misses, "released": self.released}
+
+
+_POOL: HostPool | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _default_limit() -> int:
+    from kvsift.budget import HOST_KV_SHARE, available_host_bytes
+
+    env = os.environ.get("KVSIFT_HOST_POOL", "").strip().lower()
+    if env in {"0", "off", "false", "no"}:
+        return 0
+    if env:
+        from kvsift.budget import parse_bytes
+
+        return parse_bytes(env, what="KVSIFT_HOST_POOL")
+    return int(available_host_bytes() * HOST_KV_SHARE)
+
+
+def host_pool() -> HostPool:
+    """The process's pool of page-locked host blocks (created at first use)."""
+    global _POOL
+    if _POOL is None:
+        with _POOL_LOCK:
+            if _POOL is None:
+                _POOL = HostPool(_default_limit())
+    return _POOL
