@@ -96,7 +96,7 @@ if step serve; then   # #16: the server under 32 clients of 32k tokens, FIFO vs 
       --device cuda --clients ${SERVE_CLIENTS:-32} --requests 1 --prompt-tokens 32768 --max-tokens 64 \
       --max-batch ${SERVE_MB:-32,1} --kv-method $m --kv-budget 2048 --chunk-size 4096 --timeout 270 \
       ${SERVE_ARGS:-} --json "$R/serve_load_${m}_h200.json" >"$R/serve_$m.log" 2>&1
-    echo "serve $m rc=$? $(( $(date +%s) - t0 )) s"; grep -v "^  File\|^    " "$R/serve_$m.log" | tail -8
+    echo "serve $m rc=$? $(( $(date +%s) - t0 )) s"; grep -v "^  File \"\|^    [^0-9 ]" "$R/serve_$m.log" | tail -8
   done
 fi
 tar czf "$DEST/checks.tgz" -C "$R" .

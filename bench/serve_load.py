@@ -24,6 +24,7 @@ import json
 import os
 import random
 import statistics
+import re
 import sys
 import tempfile
 import threading
@@ -134,12 +135,28 @@ def batch_metric(url: str) -> dict:
             if n else None}
 
 
-def preemptions(url: str) -> int:
-    """The server's ``kvsift_preemptions_total`` so far."""
+def counter(url: str, name: str = "kvsift_preemptions_total") -> int:
+    """A counter of the server's ``/metrics`` so far (default: ``kvsift_preemptions_total``)."""
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith("kvsift_preemptions_total "):
+        if line.startswith(name + " "):
             return int(float(line.split()[1]))
     return 0
+
+
+def preemptions(url: str) -> int:
+    """The server's ``kvsift_preemptions_total`` so far."""
+    return counter(url)
+
+
+def admission_line(srv) -> str | None:
+    """The server's startup line on its default admission limits (KV bytes on the device and in
+    host memory; printed on CUDA when --kv-memory / --host-memory are not given), if any."""
+    try:
+        text = srv.log_path.read_text(errors="replace")
+    except (OSError, AttributeError):
+        return None
+    m = re.search(r"admission: [^\n]*", text)
+    return m.group(0) if m else None
 
 
 def tiny_model_dir(path: Path) -> Path:
@@ -269,9 +286,12 @@ def main(argv=None) -> int:
             with ServerProcess(cmd, start_timeout=600, env=env) as srv:
                 one_request(srv.url, {"prompt": [5, 6, 7], "max_tokens": 2, "stream": True}, args.timeout)  # warm-up
                 before = batch_metric(srv.url)
+                joins0 = counter(srv.url, "kvsift_batch_joins_total")
                 res = run_phase(srv.url, args.clients, args.requests, lengths, args.max_tokens, extra,
                                 args.timeout, args.seed, chat=args.chat)
                 res["preemptions"] = preemptions(srv.url)
+                res["joined"] = counter(srv.url, "kvsift_batch_joins_total") - joins0
+                res["admission"] = admission_line(srv)
                 if res["errors"]:  # the server's side of them
                     print(f"{len(res['errors'])} request(s) failed (max-batch {mb}); the server log ends:\n"
                           f"{srv.log()[-3000:]}", file=sys.stderr)
@@ -290,12 +310,12 @@ def main(argv=None) -> int:
     finally:
         tmp.cleanup()
 
-    head = ("max-batch", "joins", "join chunks", "preempt", "preemptions", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
+    head = ("max-batch", "joins", "join chunks", "joined", "preempt", "preemptions", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
             "ITL p50 ms", "ITL p99 ms", "batches", "req/batch",
             "errors")
     table = [head] + [(str(r["max_batch"]), "yes" if r["continuous"] else "no",
                        "-" if r["join_chunks"] is None else ("all" if r["join_chunks"] == 0 else str(r["join_chunks"])),
-                       "yes" if r["preempt"] else "no", str(r["preemptions"]),
+                       str(r.get("joined", "-")), "yes" if r["preempt"] else "no", str(r["preemptions"]),
                        str(r["throughput_tok_s"]), str(r["ttft_p50_ms"]), str(r["ttft_p99_ms"]),
                        str(r["itl_p50_ms"]), str(r["itl_p99_ms"]), str(r["batches"]), str(r["requests_per_batch"]),
                        str(len(r["errors"]))) for r in rows]
@@ -308,6 +328,8 @@ def main(argv=None) -> int:
           + (f", {args.kv_method} {args.kv_budget}" if args.kv_method else ""))
     for row in table:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    for line in sorted({r["admission"] for r in rows if r.get("admission")}):
+        print(f"server {line}")
     report = {"clients": args.clients, "requests_per_client": args.requests,
               "prompt_tokens": "chat questions" if args.chat else lengths, "kv_memory": args.kv_memory,
               "max_tokens": args.max_tokens, "model": label,
