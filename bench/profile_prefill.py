@@ -18,14 +18,16 @@ timed with device syncs around every call), and the host pool's counts (blocks o
 memory locked anew or reused). ``--repeat 2`` runs each prompt twice: the first run locks its
 host store, the second reuses it from the pool (what a server's next request sees). ``--alloc``
 first times locking host memory itself: one layer's key block at ``--ctx``, as torch's pinned
-allocator, as a fresh registered block, and as a block reused from the pool. Tables and JSON are
-written after each method, so a cut call keeps what finished.
+allocator, as a fresh registered block, and as a block reused from the pool. ``--no-reserve``
+turns off sentencekv's locking of its host store beside the prefill (``KVSIFT_HOST_RESERVE=0``), for
+an A/B run. Tables and JSON are written after each method, so a cut call keeps what finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -126,8 +128,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-profile", action="store_true", help="no torch.profiler: wall, prefill_end and pool only")
     p.add_argument("--repeat", type=int, default=1, help="runs per method (the second reuses the host pool)")
     p.add_argument("--alloc", action="store_true", help="time locking host memory first (CUDA)")
+    p.add_argument("--no-reserve", action="store_true",
+                   help="KVSIFT_HOST_RESERVE=0: sentencekv does not lock its host store beside the prefill")
     p.add_argument("--out", default="bench/out/profile_prefill")
     args = p.parse_args(argv)
+    if args.no_reserve:
+        os.environ["KVSIFT_HOST_RESERVE"] = "0"
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
     from torch.profiler import ProfilerActivity, profile
@@ -143,7 +149,8 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, text = [], []
-    info = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "args": vars(args)}
+    info = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "args": vars(args),
+            "host_reserve": not args.no_reserve}
 
     def write():
         (out_dir / "profile_prefill.txt").write_text("\n".join(text))
@@ -170,6 +177,8 @@ def main(argv=None) -> int:
     one = SamplingParams(max_tokens=1, ignore_eos=True)
     for spec in args.methods.split(","):
         name, budget, opts = parse_system(spec)
+        if cuda:
+            host_pool().clear()   # each method's first run locks its own host memory
         small = ids[: min(len(ids), 4 * args.chunk)]   # warm-up: kernels compiled, allocator warm
         llm.generate(small, one, method=name, budget=min(budget, len(small) // 2) if budget else None,
                      method_kwargs=opts or None, progress=False)
@@ -197,11 +206,13 @@ def main(argv=None) -> int:
             if pool0 is not None:
                 row["host_pool"] = {"locked_new": pool1["misses"] - pool0["misses"],
                                     "reused": pool1["hits"] - pool0["hits"],
+                                    "reserved": pool1["reserved"] - pool0["reserved"],
                                     "total_gib": pool1["total"] / 2**30}
             lines = [f"== {spec} (run {rep + 1}): ctx {args.ctx}, {args.layers} layers, chunk {args.chunk}, "
                      f"{dev.type}; prefill {st.prefill_s:.2f} s (wall {wall:.2f} s{', profiled' if prof else ''}); "
                      f"prefill_end hooks {ends.seconds:.2f} s in {ends.calls} calls" +
-                     (f"; host blocks locked {row['host_pool']['locked_new']}, reused {row['host_pool']['reused']}"
+                     (f"; host blocks locked {row['host_pool']['locked_new']} at the offload, "
+                      f"{row['host_pool']['reserved']} beside the prefill, reused {row['host_pool']['reused']}"
                       if pool0 is not None else "")]
             if prof is not None:
                 ev = prof.key_averages()

@@ -203,3 +203,43 @@ def test_cuda_pool_blocks_are_pinned_and_reused_by_stores():
     u = pinned_empty((3 << 18,), torch.float32, torch.device("cuda"))
     assert u.data_ptr() == ptr and u.is_pinned()
     assert host_pool().stats()["hits"] == before["hits"] + 1
+
+
+def test_reserved_blocks_serve_the_later_allocations():
+    p, fake = pool()
+    shapes = [((MiB,), torch.bfloat16), ((MiB,), torch.bfloat16), ((MiB // 4,), torch.int32), ((10,), torch.int32)]
+    p.reserve(shapes).result()
+    assert p.stats()["reserved"] == 3 and len(fake.registered) == 3   # the 40-byte one is not pooled
+    got = [p.empty(s, d, "cuda:0") for s, d in shapes[:3]]
+    st = p.stats()
+    assert (st["hits"], st["misses"], st["in_use"]) == (3, 0, 6 * MiB)
+    assert fake.synced == [None] * 3                        # never used before: no device to wait for
+    del got
+    assert p.reserve(shapes[:2]) is None                    # cached blocks cover it: nothing to lock
+
+
+def test_an_allocation_waits_for_the_reservation_locking_its_block():
+    fake = FakeCuda()
+    go = threading.Event()
+
+    def slow(ptr, n):
+        go.wait(5)
+        return fake.register(ptr, n)
+
+    p = HostPool(64 * MiB, slow, fake.unregister, fake.sync)
+    fut = p.reserve([((4 * MiB,), torch.uint8)])
+    threading.Timer(0.2, go.set).start()
+    t = p.empty((4 * MiB,), torch.uint8)                    # waits for the worker's block, locks none itself
+    assert fut.result() == 1 and t.numel() == 4 * MiB
+    st = p.stats()
+    assert (st["hits"], st["misses"], len(fake.registered)) == (1, 0, 1)
+
+
+def test_reservations_stay_within_the_limit_and_survive_a_refusal():
+    p, fake = pool(limit=8 * MiB)
+    assert p.reserve([((4 * MiB,), torch.uint8)] * 3).result() == 2   # the third would pass the limit
+    assert p.stats()["total"] == 8 * MiB
+    q, fake2 = pool()
+    fake2.fail = True
+    assert q.reserve([((2 * MiB,), torch.uint8)] * 2).result() == 0
+    assert q.stats()["total"] == 0 and q.empty((2 * MiB,), torch.uint8) is None   # no wait on a lost reservation

@@ -530,3 +530,46 @@ def test_context_prefilled_with_prefill_offload_answers_questions_exactly(tiny):
     assert ctx.cache.memory()["host"] > 0
     out = tiny.generate(qs, GREEDY, method="sentencekv", budget=1.0, method_kwargs=kw, context=ctx)
     assert [o.token_ids for o in out] == [run(tiny, doc + q)[0][0].token_ids for q in qs]
+
+
+# ---- the host store's page-locked blocks reserved at the first prefill layer ----------------------------
+def _reservation_and_store_shapes(llm, monkeypatch, ids, spec, context=None, **kw):
+    """What ``_host_reservation`` asks for at the first prefill layer, and the ``(shape, dtype)`` of
+    every layer's host tensors after the final offload (on the CPU the reservation itself is not
+    made: page-locked memory is CUDA's)."""
+    asked, stores = [], {}
+    orig_off = SentenceKV._offload
+
+    def reserve(self, run, layer, ctx):
+        run.host_reserved = True
+        asked.append(self._host_reservation(run, layer, ctx))
+
+    def offload(self, run, layer, state, ctx, row, final):
+        orig_off(self, run, layer, state, ctx, row, final)
+        st = state.store
+        if final and st is not None and st.n:
+            stores[layer.layer_idx] = [(tuple(t.shape), t.dtype) for t in (st.k, st.v, st.pos, st.vsz) if t is not None]
+
+    monkeypatch.setattr(SentenceKV, "_reserve_host", reserve)
+    monkeypatch.setattr(SentenceKV, "_offload", offload)
+    llm.generate(ids, GREEDY, method=spec, budget=96, method_kwargs=kw or None, context=context)
+    return asked, [x for i in sorted(stores) for x in stores[i]]
+
+
+@pytest.mark.parametrize("spec,kw", [("sentencekv", {}), ("sentencekv+kivi", {}),
+                                     ("sentencekv", {"prefill_offload": True}), ("minference+sentencekv", {})])
+def test_host_reservation_is_what_the_offload_allocates(tiny, monkeypatch, spec, kw):
+    """The blocks reserved while the prefill runs have the shapes the offload then allocates (so
+    the pool hands them over), alone, quantized, offloaded as it goes, and in a padded batch."""
+    for ids in ([prompt(400, seed=21)], [prompt(400, seed=22), prompt(300, seed=23)]):
+        asked, shapes = _reservation_and_store_shapes(tiny, monkeypatch, ids, spec, max_chunk=16, **kw)
+        assert len(asked) == 1 and asked[0] is not None
+        assert [(tuple(s), d) for s, d in asked[0]] == shapes
+
+
+def test_no_host_reservation_after_an_eviction_or_over_a_context(tiny, monkeypatch):
+    asked, shapes = _reservation_and_store_shapes(tiny, monkeypatch, [prompt(400, seed=24)], "snapkv+sentencekv")
+    assert asked == [None] and shapes                       # snapkv leaves fewer tokens to offload
+    ctx = tiny.prefill_context(prompt(300, seed=25), method="sentencekv", budget=96)
+    asked, _ = _reservation_and_store_shapes(tiny, monkeypatch, [prompt(20, seed=26)], "sentencekv", context=ctx)
+    assert asked == [None]                                  # a question reads the context's store

@@ -17,8 +17,14 @@ read or write it.
 
     from kvsift.cache.host import host_pool
     t = host_pool().empty((rows, 128), torch.bfloat16, device)   # None: not pooled (small, no CUDA)
-    host_pool().stats()     # {"limit", "total", "in_use", "cached", "hits", "misses", "released"}
+    host_pool().reserve([((rows, 128), torch.bfloat16)] * 64)   # lock them now, on a worker thread
+    host_pool().stats()     # {"limit", "total", "in_use", "cached", "hits", "misses", "released", "reserved"}
     host_pool().clear()     # unregister and free the cached blocks
+
+A method that knows early what it will offload (sentencekv, at a prompt's first prefill layer)
+reserves the blocks: a worker thread locks them (``cudaHostRegister`` releases the GIL) while the
+device computes the prefill, and the offload finds them cached. An allocation that a reservation
+of its size is still locking waits for that block instead of locking another.
 
 ``KVSIFT_HOST_POOL=0`` caches nothing (each block is unregistered when released, as before);
 ``KVSIFT_HOST_POOL=<bytes>`` sets the limit (default: :data:`kvsift.budget.HOST_KV_SHARE` of the host
@@ -31,6 +37,7 @@ import os
 import threading
 import weakref
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -91,10 +98,13 @@ class HostPool:
         self._unregister = unregister or _cuda_unregister
         self._sync = sync or _sync
         self._lock = threading.Lock()      # not reentrant: a release inside a locked section queues
+        self._cond = threading.Condition(self._lock)   # a reserved block was locked
         self._free: list[_Block] = []      # cached blocks, oldest first
         self._returned: deque[_Block] = deque()   # released while the lock was held
+        self._pending: dict[int, int] = {}   # size -> blocks a reservation is still locking
+        self._worker: ThreadPoolExecutor | None = None
         self.total = 0                     # registered bytes, in use and cached
-        self.hits = self.misses = self.released = 0
+        self.hits = self.misses = self.released = self.reserved = 0
 
     # ---- allocation ------------------------------------------------------------------------------
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype,
@@ -109,11 +119,14 @@ class HostPool:
         nbytes = n * torch.empty((), dtype=dtype).element_size()
         if nbytes < MIN_BYTES:
             return None
-        size = -(-nbytes // GRANULE) * GRANULE
+        size = _rounded(nbytes)
         dev = torch.device(device) if device is not None else None
         with self._lock:
             try:
                 block = self._take(size)
+                while block is None and self._pending_fits(size):   # a reservation is locking one
+                    self._cond.wait()
+                    block = self._take(size)
                 if block is None:
                     self._make_room(size)
                     buf = np.empty(size, dtype=np.uint8)
@@ -133,11 +146,17 @@ class HostPool:
                 self._drain()
         return torch.from_numpy(view).view(dtype).view(shape)
 
+    def _fits(self, block_size: int, size: int) -> bool:
+        return size <= block_size <= size * (1 + REUSE_SLACK)
+
+    def _pending_fits(self, size: int) -> bool:
+        return any(n > 0 and self._fits(s, size) for s, n in self._pending.items())
+
     def _take(self, size: int) -> _Block | None:
         """The smallest cached block that fits ``size`` bytes within the slack (removed), or None."""
         best = None
         for i, b in enumerate(self._free):
-            if size <= b.size <= size * (1 + REUSE_SLACK) and (best is None or b.size < self._free[best].size):
+            if self._fits(b.size, size) and (best is None or b.size < self._free[best].size):
                 best = i
         return None if best is None else self._free.pop(best)
 
@@ -150,6 +169,67 @@ class HostPool:
         self._unregister(block.buf.ctypes.data)
         self.total -= block.size
         block.buf = None   # the memory goes back to the OS with the array
+
+    # ---- reservation ---------------------------------------------------------------------------------
+    def reserve(self, shapes: list[tuple[tuple[int, ...], torch.dtype]]) -> Future | None:
+        """Lock blocks for tensors of ``shapes`` (``(shape, dtype)`` pairs) on a worker thread and
+        cache them, so that later :meth:`empty` calls of those sizes find them: the locking runs
+        beside the caller's work instead of inside it. Blocks already cached count against the
+        request (one cached block covers one shape); what would take the pool past its limit is not
+        reserved. Returns the worker's future (None when nothing is to be locked)."""
+        sizes = []
+        with self._lock:
+            self._drain()
+            free = [b.size for b in self._free]
+            room = self.limit - self.total - sum(s * n for s, n in self._pending.items())
+            for shape, dtype in shapes:
+                n = 1
+                for x in shape:
+                    n *= int(x)
+                nbytes = n * torch.empty((), dtype=dtype).element_size()
+                if nbytes < MIN_BYTES:
+                    continue
+                size = _rounded(nbytes)
+                have = next((i for i, s in enumerate(free) if self._fits(s, size)), None)
+                if have is not None:    # already cached: that one will serve it
+                    free.pop(have)
+                    continue
+                if size > room:
+                    continue
+                room -= size
+                sizes.append(size)
+                self._pending[size] = self._pending.get(size, 0) + 1
+            if not sizes:
+                return None
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="kvsift-host-pool")
+        return self._worker.submit(self._lock_blocks, sizes)
+
+    def _lock_blocks(self, sizes: list[int]) -> int:
+        """(Worker thread.) Lock blocks of ``sizes`` and cache them; returns how many were locked."""
+        done = 0
+        for i, size in enumerate(sizes):
+            block = None
+            try:
+                buf = np.empty(size, dtype=np.uint8)
+                if self._register(buf.ctypes.data, size):
+                    block = _Block(buf, size)   # never used: no device to wait for
+            finally:
+                with self._lock:
+                    self._pending[size] -= 1
+                    if block is not None:
+                        self._free.append(block)
+                        self.total += size
+                        self.reserved += 1
+                        done += 1
+                    if block is None:   # locking failed: the rest is not tried
+                        for s in sizes[i + 1:]:
+                            self._pending[s] -= 1
+                    self._drain()
+                    self._cond.notify_all()
+            if block is None:
+                break
+        return done
 
     # ---- release -----------------------------------------------------------------------------------
     def _release(self, block: _Block) -> None:
@@ -164,10 +244,13 @@ class HostPool:
 
     def _drain(self) -> None:
         """(Lock held.) Cache the released blocks, or free them past the limit."""
+        back = bool(self._returned)
         while self._returned:
             block = self._returned.popleft()
             self.released += 1
             self._free.append(block)
+        if back:
+            self._cond.notify_all()   # an allocation waiting for a reservation may take one of these
         while self._free and self.total > self.limit:
             self._drop(self._free.pop(0))
 
@@ -189,13 +272,17 @@ class HostPool:
 
     def stats(self) -> dict[str, int]:
         """``limit``, ``total`` (registered bytes), ``in_use``, ``cached`` (bytes), and the counts
-        ``hits`` (allocations served by a cached block), ``misses`` (newly locked) and
-        ``released``."""
+        ``hits`` (allocations served by a cached block), ``misses`` (newly locked), ``released``
+        and ``reserved`` (blocks locked by :meth:`reserve`)."""
         with self._lock:
             self._drain()
             cached = sum(b.size for b in self._free)
             return {"limit": self.limit, "total": self.total, "in_use": self.total - cached, "cached": cached,
-                    "hits": self.hits, "misses": self.misses, "released": self.released}
+                    "hits": self.hits, "misses": self.misses, "released": self.released, "reserved": self.reserved}
+
+
+def _rounded(nbytes: int) -> int:
+    return -(-nbytes // GRANULE) * GRANULE
 
 
 _POOL: HostPool | None = None

@@ -208,6 +208,19 @@ class ChunkStore:
         self._segs: list[dict[str, torch.Tensor]] | None = None
 
     # ---- allocation ----------------------------------------------------------------------------
+    @staticmethod
+    def host_shapes(batch: int, kv_heads: int, tokens: int, head_dim: int, dtype: torch.dtype, *, bits: int = 0,
+                    vgroup: int = 0, keys: bool = True) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """``(shape, dtype)`` of the host tensors (``k``, ``v``, ``pos``, ``vsz``) of a store of these
+        options holding ``tokens`` tokens per (batch, kv_head): what it will allocate, so a caller
+        can reserve the memory early (:meth:`HostPool.reserve <kvsift.cache.host.HostPool.reserve>`)."""
+        rows = batch * kv_heads * tokens + 1
+        row, rdt = ((head_dim * bits // 8,), torch.uint8) if bits else ((head_dim,), dtype)
+        out = ([((rows, *row), rdt)] if keys else []) + [((rows, *row), rdt), ((rows,), torch.int32)]
+        if bits:
+            out.append(((rows, 2, head_dim // (vgroup or head_dim)), SCALE_DTYPE))
+        return out
+
     @property
     def pad(self) -> int:
         """Index of the zero pad row of the flat host tensors (their last row)."""

@@ -37,16 +37,18 @@ whole store back per chunk, one layer at a time).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from kvsift.cache.host import host_pool
 from kvsift.kernels.dispatch import chunk_scores, select_chunks
 from kvsift.methods._offload import ChunkStore, FetchStats
-from kvsift.methods.base import (Budget, KVMethod, LayerState, Run, Selection, SlotSource, codec_stage, decode_tokens,
-                                 register, resolve_budget, validate_budget)
+from kvsift.methods.base import (Budget, EvictionMethod, KVMethod, LayerState, Run, Selection, SlotSource, codec_stage,
+                                 decode_tokens, register, resolve_budget, validate_budget)
 from kvsift.segment import SegmentConfig, segment_tokens
 
 _END_PIECE = re.compile(r"([.!?。！？…][\"'”’)\]]*\s*$)|\n")
@@ -85,6 +87,7 @@ class SentenceKVRun(Run):
     steps: Any = None          # (1,) int64 device counter of decode steps (a replayed graph counts)
     chunk_map: Any = None
     segments: Any = None       # (prompt ids, tokenizer, future of each row's chunk spans): segmented beside the prefill
+    host_reserved: bool = False  # the host store's page-locked blocks were asked for (_reserve_host)
     keep_memo: Any = None
 
 
@@ -256,9 +259,50 @@ class SentenceKV(KVMethod):
         run.segments = (ids, tok, _segmenter().submit(lambda: [segment_tokens(r, tok, cfg) if len(r) else []
                                                                 for r in ids]))
 
+    def _reserve_host(self, run, layer, ctx) -> None:
+        """At a prompt's first prefill layer on CUDA: ask the host pool to lock every layer's host
+        store now, on its worker thread, while the device computes the prefill (locking memory
+        faults in, zeroes and pins every page), so the offload finds the blocks ready.
+        ``KVSIFT_HOST_RESERVE=0`` turns it off."""
+        run.host_reserved = True
+        if layer.k_buf is None or not layer.k_buf.is_cuda:
+            return
+        if os.environ.get("KVSIFT_HOST_RESERVE", "").strip().lower() in {"0", "off", "false", "no"}:
+            return
+        shapes = self._host_reservation(run, layer, ctx)
+        if shapes:
+            host_pool().reserve(shapes)
+
+    def _host_reservation(self, run, layer, ctx) -> list | None:
+        """``(shape, dtype)`` of every layer's host tensors for this prompt: the whole prompt past
+        the sinks and the recent window, the most a (batch, kv_head) row offloads (what the
+        offload then allocates when the device holds the whole prompt). None where that is not
+        what it will allocate: a question over a context's store (it offloads nothing), or an
+        eviction stage before this one (fewer tokens)."""
+        state = self._state(ctx.row_states[layer.layer_idx] if ctx.row is not None else layer.state)
+        if state.store is not None:
+            return None
+        stages = list(getattr(ctx.method, "stages", ()))
+        before = stages[: next((i for i, s in enumerate(stages) if s is self), 0)]
+        if any(isinstance(s, EvictionMethod) for s in before):
+            return None
+        sinks, recent = self._window(run)
+        tokens = run.prompt_len - sinks - recent
+        if tokens <= 0:
+            return None
+        b, hk, _, d = layer.k_buf.shape
+        if ctx.row is not None:
+            b = ctx.row[1]
+        codec = codec_stage(ctx.method)
+        return ChunkStore.host_shapes(b, hk, tokens, d, layer.k_buf.dtype,
+                                      **(codec.store_options(d) if codec is not None else {})) * run.num_layers
+
     def after_attend(self, run, layer, query, module, ctx) -> None:
-        if ctx is not None and not ctx.decoding and not ctx.rereading and ctx.row is None:
-            self._segment_ahead(run, ctx)
+        if ctx is not None and not ctx.decoding and not ctx.rereading:
+            if ctx.row is None:
+                self._segment_ahead(run, ctx)
+            if not run.host_reserved:
+                self._reserve_host(run, layer, ctx)
         super().after_attend(run, layer, query, module, ctx)  # prefill_end after the last chunk
         if (self.prefill_offload and ctx is not None and not (ctx.decoding or ctx.prefill_end or ctx.rereading)
                 and ctx.row is None and layer.k_buf is not None and layer.length > 0):
