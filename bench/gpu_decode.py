@@ -465,7 +465,9 @@ def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict
                          decode_mode=args.e2e_decode)
     from bench._systems import parse_system
 
-    name, budget_v, kw = parse_system(sys_name)      # method[:budget[:option=value...]]
+    fused = sys_name.endswith("@fused")               # the fused RMSNorm / rotary decode kernels
+    llm.runner.fused_decode = fused
+    name, budget_v, kw = parse_system(sys_name.removesuffix("@fused"))   # method[:budget[:option=value...]]
     if budget_v is not None and budget_v >= ids.shape[1]:
         budget_v = None if name == "full" else max(1, ids.shape[1] // 2)
     outs = llm.generate([r.tolist() for r in ids], SamplingParams(max_tokens=n, ignore_eos=True), method=name,
@@ -572,7 +574,8 @@ def main(argv=None) -> int:
     p.add_argument("--e2e-decode", default="auto", help="kvsift decode mode: auto | eager | static | graph")
     p.add_argument("--e2e-new-tokens", type=int, default=32)
     p.add_argument("--e2e-methods", type=lambda s: [x for x in s.split(",") if x], default=["full", "sentencekv:2048"],
-                   help="kvsift methods: 'name', 'name:budget' or 'name:budget:option=value[:...]'")
+                   help="kvsift methods: 'name', 'name:budget' or 'name:budget:option=value[:...]'; a trailing "
+                        "'@fused' decodes with the fused RMSNorm / rotary kernels (engine/fusion.py)")
     p.add_argument("--e2e-sdpa", choices=["default", "no-cudnn"], default="no-cudnn",
                    help="SDPA backends in the end-to-end section (default: cuDNN SDPA disabled)")
     p.add_argument("--e2e-tiny", action="store_true", help="tiny model instead (smoke test of the harness)")

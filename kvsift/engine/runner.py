@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from kvsift.cache.quant import QuantKV
 from kvsift.engine.attention import (ForwardContext, forward_context, model_configs, rope_function,
                                      use_kvsift_attention)
 from kvsift.engine.decode import DecodeRunner, check_decode_mode, pick_decode_mode
+from kvsift.engine.fusion import fused_decode
 from kvsift.engine.graphs import GraphCache, GraphEntry, KVArena, capacity_bucket, layout_token
 from kvsift.engine.params import GenerationStats
 from kvsift.methods import KVMethod
@@ -114,6 +116,10 @@ class ModelRunner:
             raise ValueError(f"max_arenas must be an integer >= 1, got {max_arenas!r}")
         self.max_arenas = max_arenas
         self.arenas: dict[tuple[int, int], KVArena] = {}
+        # decode steps on CUDA run the model's RMSNorms and rotary embeddings as one kernel each
+        # (engine/fusion.py; KVSIFT_FUSED_DECODE=1, off by default until measured). Fixed per runner:
+        # its CUDA graphs are recorded with or without
+        self.fused_decode = os.environ.get("KVSIFT_FUSED_DECODE", "").strip().lower() in {"1", "true", "yes", "on"}
 
     # ---- decode ------------------------------------------------------------------------------
     def decode_mode_for(self, method: KVMethod) -> str:
@@ -189,6 +195,8 @@ class ModelRunner:
                                                  SDPBackend.MATH]))
             stack.enter_context(use_kvsift_attention(self.model, self.configs))
             stack.enter_context(forward_context(ctx))
+            if self.fused_decode and ctx.decoding:   # (CPU tensors fall back to the model's own code)
+                stack.enter_context(fused_decode(self.model))
             yield
 
     def forward(self, ctx: ForwardContext, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,8 @@ from kvsift.kernels import budget_select as _bs
 from kvsift.kernels import quant_decode_attention as _qda
 from kvsift.kernels import chunk_scores as _cs
 from kvsift.kernels import page_bounds as _pb
+from kvsift.kernels import rmsnorm as _rms
+from kvsift.kernels import rope as _rope
 from kvsift.kernels import sparse_decode_attention as _sda
 from kvsift.kernels import sparse_prefill_attention as _spa
 from kvsift.kernels import topk_select as _tk
@@ -28,7 +30,7 @@ from kvsift.kernels.sparse_decode_attention import merge_attention
 
 __all__ = ["use_triton", "chunk_scores", "topk_select", "budget_select", "select_chunks", "sparse_decode_attention",
            "chunks_to_slots", "page_summaries", "selected_decode_attention", "merge_attention", "page_bounds_append",
-           "quant_decode_attention", "sparse_prefill_attention"]
+           "quant_decode_attention", "sparse_prefill_attention", "rmsnorm", "rope"]
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
@@ -67,6 +69,21 @@ def page_bounds_append(kmin: torch.Tensor, kmax: torch.Tensor, filled: torch.Ten
             and kmax.stride(3) == 1):
         return _pb.page_bounds_append(kmin, kmax, filled, k_buf, slot, page)
     return _pb.page_bounds_append_ref(kmin, kmax, filled, k_buf, slot, page)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """See :mod:`kvsift.kernels.rmsnorm`: Llama-family RMSNorm, one launch on CUDA."""
+    if use_triton(x, weight) and weight.dtype == x.dtype and x.stride(-1) == 1 and weight.is_contiguous():
+        return _rms.rmsnorm(x, weight, eps)
+    return _rms.rmsnorm_ref(x, weight, eps)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """See :mod:`kvsift.kernels.rope`: rotary embedding of queries and keys, one launch each on CUDA."""
+    if (use_triton(q, k, cos, sin) and len({q.dtype, k.dtype, cos.dtype, sin.dtype}) == 1
+            and all(t.stride(-1) == 1 for t in (q, k, cos, sin))):
+        return _rope.rope(q, k, cos, sin)
+    return _rope.rope_ref(q, k, cos, sin)
 
 
 def select_chunks(scores: torch.Tensor, chunk_lens, budget: int, max_chunks: int | None = None) -> torch.Tensor:

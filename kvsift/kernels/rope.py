@@ -1,0 +1,98 @@
+"""Rotary position embedding of queries and keys, one launch per tensor.
+
+``rope(q, k, cos, sin)``: ``q (batch, q_heads, seq, dim)``, ``k (batch, kv_heads, seq, dim)``
+(any strides with a contiguous last dimension, e.g. the transposed views a projection gives),
+``cos``/``sin`` ``(batch or 1, seq, dim)`` of their dtype; returns ``(q_embed, k_embed)`` with
+the strides of ``q`` and ``k``: ``x * cos + rotate_half(x) * sin`` where ``rotate_half(x) =
+cat(-x[d/2:], x[:d/2])``, each product and the sum rounded to the dtype as PyTorch rounds them, so
+the result is transformers' ``apply_rotary_pos_emb`` bit for bit. transformers runs it as about
+fourteen launches per layer (slices, negation, concatenation, products, sums for each tensor).
+
+``rope_ref`` is that PyTorch code; ``rope`` is one Triton program per (batch, head, position) and
+tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvsift.kernels._triton import HAS_TRITON, tl, triton
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q and k must be (batch, heads, seq, dim) of one batch, seq and dim, got "
+                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    b, _, n, d = q.shape
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 3 or t.shape[1:] != (n, d) or t.shape[0] not in (1, b):
+            raise ValueError(f"{name} must be (batch or 1, seq, dim) = (.., {n}, {d}), got {tuple(t.shape)}")
+    if d % 2:
+        raise ValueError(f"rope needs an even head dim, got {d}")
+
+
+def rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference (PyTorch, transformers' apply_rotary_pos_emb with ``unsqueeze_dim=1``)."""
+    _check(q, k, cos, sin)
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rot(x):
+        h = x.shape[-1] // 2
+        return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+    return (q * c) + (rot(q) * s), (k * c) + (rot(k) * s)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _rope_kernel(x_ptr, o_ptr, c_ptr, s_ptr, H, L,
+                     sx_b, sx_h, sx_l, so_b, so_h, so_l, sc_b, sc_l, ss_b, ss_l,
+                     HALF: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        pos = pid % L
+        h = (pid // L) % H
+        b = pid // (L * H)
+        offs = tl.arange(0, BLOCK)
+        m = offs < HALF
+        dt = o_ptr.dtype.element_ty
+        xb = x_ptr + b * sx_b + h * sx_h + pos * sx_l
+        x1 = tl.load(xb + offs, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(xb + HALF + offs, mask=m, other=0.0).to(tl.float32)
+        cb = c_ptr + b * sc_b + pos * sc_l
+        sb = s_ptr + b * ss_b + pos * ss_l
+        c1 = tl.load(cb + offs, mask=m, other=0.0).to(tl.float32)
+        c2 = tl.load(cb + HALF + offs, mask=m, other=0.0).to(tl.float32)
+        s1 = tl.load(sb + offs, mask=m, other=0.0).to(tl.float32)
+        s2 = tl.load(sb + HALF + offs, mask=m, other=0.0).to(tl.float32)
+        # x * cos + rotate_half(x) * sin, every product and the sum rounded to the dtype (PyTorch's order)
+        lo = (x1 * c1).to(dt).to(tl.float32) + ((-x2) * s1).to(dt).to(tl.float32)
+        hi = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
+        ob = o_ptr + b * so_b + h * so_h + pos * so_l
+        tl.store(ob + offs, lo.to(dt), mask=m)
+        tl.store(ob + HALF + offs, hi.to(dt), mask=m)
+
+
+def _rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    out = torch.empty_like(x)   # x's strides (a transposed projection stays transposed)
+    if x.numel() == 0:
+        return out
+    cb = cos.stride(0) if cos.shape[0] > 1 else 0
+    sb = sin.stride(0) if sin.shape[0] > 1 else 0
+    half = d // 2
+    _rope_kernel[(b * h * n,)](x, out, cos, sin, h, n, x.stride(0), x.stride(1), x.stride(2),
+                               out.stride(0), out.stride(1), out.stride(2), cb, cos.stride(1), sb, sin.stride(1),
+                               HALF=half, BLOCK=max(16, triton.next_power_of_2(half)), num_warps=1)
+    return out
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton kernel; same arguments and result as :func:`rope_ref` (one dtype for all four, their
+    last dimensions contiguous)."""
+    if not HAS_TRITON:
+        raise RuntimeError("rope needs Triton; use rope_ref")
+    _check(q, k, cos, sin)
+    if len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1 or any(t.stride(-1) != 1 for t in (q, k, cos, sin)):
+        raise ValueError("rope needs one dtype for q, k, cos and sin and contiguous last dimensions")
+    return _rope_one(q, cos, sin), _rope_one(k, cos, sin)
