@@ -486,6 +486,51 @@ def test_a_joining_prompt_is_prefilled_between_the_running_decode_steps(tiny_llm
         assert "".join(calls)[2:2 + len(want_seq)] == want_seq, (n, "".join(calls))
 
 
+@pytest.mark.parametrize("spec,budget,narrow", [("full", None, True), ("sentencekv", 64, True),
+                                                ("snapkv", 0.25, False)])
+def test_join_chunk_size_narrows_a_joining_prefill(tiny_llm, monkeypatch, spec, budget, narrow):
+    """join_chunk_size=16: a joining prompt of a method whose prefill does not depend on its
+    chunking is prefilled 16 tokens between two decode steps (so the running row waits for a
+    16-token forward per token, not a 64-token one) and still answers as alone; snapkv scores
+    with its last chunk's queries, so its joining prefill keeps the chunk size."""
+    p_a, p_b = random_prompt(100, seed=83), random_prompt(300, seed=84)
+    pa, pb = SamplingParams(max_tokens=30, ignore_eos=True), SamplingParams(max_tokens=4, ignore_eos=True)
+    want_a = tiny_llm.generate(p_a, pa, method=spec, budget=budget)[0].token_ids
+    want_b = tiny_llm.generate(p_b, pb, method=spec, budget=budget)[0].token_ids
+    widths = []
+    real = tiny_llm.runner.forward
+
+    def forward(ctx, ids, pos):
+        widths.append(ids.shape[1])
+        return real(ctx, ids, pos)
+
+    monkeypatch.setattr(tiny_llm.runner, "forward", forward)
+    monkeypatch.setattr(tiny_llm, "join_chunk_size", 16)
+    a = tiny_llm.request([p_a], pa, method=spec, budget=budget)
+    b = tiny_llm.request([p_b], pb, method=spec, budget=budget)
+    outs, _ = run_with_joins(tiny_llm, a, {2: [b]})
+    assert [outs[a.id].token_ids, outs[b.id].token_ids] == [want_a, want_b]
+    k = acc = 0
+    while acc < len(p_a):                              # a's own prefill
+        acc, k = acc + widths[k], k + 1
+    rest = widths[k:]
+    joined = [w for w in rest if w > 1]                # b's chunks
+    assert sum(joined) == 300
+    assert max(joined) == (16 if narrow else 64) and len(joined) == (19 if narrow else 5), joined
+    first = next(i for i, w in enumerate(rest) if w > 1)
+    seg = rest[first:first + 2 * len(joined)]
+    assert seg[0::2] == joined and seg[1::2] == [1] * len(joined), rest   # a decode step after each chunk
+
+
+def test_join_chunk_size_is_validated():
+    from kvsift.engine.llm import _check_join_chunk_size
+
+    assert _check_join_chunk_size(None) is None and _check_join_chunk_size(16) == 16
+    for bad in (15, 0, 16.0, True, "32"):
+        with pytest.raises(ValueError, match="join_chunk_size"):
+            _check_join_chunk_size(bad)
+
+
 def test_scheduler_join_keeps_arrival_order_and_limits():
     s = Scheduler(SchedulerConfig(max_batch=4, kv_memory=100))
     run_ = req([[1]], kv=10)

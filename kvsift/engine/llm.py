@@ -63,7 +63,11 @@ class LLM:
     each rank; every rank makes the same calls and gets the same tokens (sampled ones are rank 0's).
     ``join_chunks``: prefill chunks of requests joining a running batch (continuous batching) run
     between two of its decode steps (default 1: a running sequence waits at most one chunk per
-    token; 0: a joining prompt's whole prefill at once). ``max_batched_tokens``: prompt tokens one
+    token; 0: a joining prompt's whole prefill at once). ``join_chunk_size``: tokens per such chunk
+    (default: ``chunk_size``; narrower chunks shorten the running rows' inter-token time at some
+    prefill speed; used only for methods whose prefill does not depend on its chunking,
+    ``KVMethod.chunk_invariant``: full, the decode-time selections, sentencekv without
+    prefill_offload). ``max_batched_tokens``: prompt tokens one
     prefill forward takes over all rows of a batch (default 16,384): many long prompts prefilled
     together (requests joining at once) get narrower chunks, so activation memory stays bounded.
 
@@ -74,29 +78,33 @@ class LLM:
     def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
                  chunk_size: int | None = None, decode_mode: str = "auto", prefill_mode: str = "auto",
                  kv_arena: bool = False, tensor_parallel: int = 1, join_chunks: int = 1,
-                 max_batched_tokens: int = MAX_BATCHED_TOKENS):
+                 max_batched_tokens: int = MAX_BATCHED_TOKENS, join_chunk_size: int | None = None):
         check_decode_mode(decode_mode)
         _check_prefill_mode(prefill_mode)
         _check_join_chunks(join_chunks)
+        _check_join_chunk_size(join_chunk_size)
         if max_batched_tokens < 16:  # before the model loads
             raise ValueError(f"max_batched_tokens must be >= 16, got {max_batched_tokens}")
         mdl, tok, info = load_model(model, device, dtype, tensor_parallel=tensor_parallel)
-        self._init(mdl, tok, info, chunk_size, decode_mode, prefill_mode, kv_arena, join_chunks, max_batched_tokens)
+        self._init(mdl, tok, info, chunk_size, decode_mode, prefill_mode, kv_arena, join_chunks, max_batched_tokens,
+                   join_chunk_size)
 
     @classmethod
     def from_model(cls, model, tokenizer, name: str = "model", chunk_size: int | None = None,
                    decode_mode: str = "auto", prefill_mode: str = "auto", kv_arena: bool = False,
-                   join_chunks: int = 1, max_batched_tokens: int = MAX_BATCHED_TOKENS) -> "LLM":
+                   join_chunks: int = 1, max_batched_tokens: int = MAX_BATCHED_TOKENS,
+                   join_chunk_size: int | None = None) -> "LLM":
         """Wrap an already loaded transformers model (e.g. a tiny random one in tests; a model
         loaded tensor-parallel runs as one rank of it)."""
         self = cls.__new__(cls)
         self._init(model.eval(), tokenizer, model_info(model, tokenizer, name), chunk_size, decode_mode,
-                   prefill_mode, kv_arena, _check_join_chunks(join_chunks), max_batched_tokens)
+                   prefill_mode, kv_arena, _check_join_chunks(join_chunks), max_batched_tokens,
+                   _check_join_chunk_size(join_chunk_size))
         return self
 
     def _init(self, model, tokenizer, info: ModelInfo, chunk_size: int | None, decode_mode: str = "auto",
               prefill_mode: str = "auto", kv_arena: bool = False, join_chunks: int = 1,
-              max_batched_tokens: int = MAX_BATCHED_TOKENS):
+              max_batched_tokens: int = MAX_BATCHED_TOKENS, join_chunk_size: int | None = None):
         eos = set()
         for src in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
             if isinstance(src, int):
@@ -112,6 +120,9 @@ class LLM:
         # prefill chunks of requests joining a running batch run between two of its decode steps
         # (0: a joining prompt's whole prefill at once): the bound on a running row's inter-token time
         self.join_chunks = join_chunks
+        # and at most this many tokens each, for methods whose prefill does not depend on its chunking
+        # (None: chunk_size): a running row then waits for a shorter forward per token
+        self.join_chunk_size = join_chunk_size
         self.tp_size = info.tp_size  # tensor-parallel ranks (1: none); KV figures below are this rank's
         item = info.dtype.itemsize if hasattr(info.dtype, "itemsize") else 2
         self.kv_bytes_per_token = kv_bytes_per_token(info.num_layers, info.num_kv_heads, info.head_dim, item)
@@ -615,8 +626,9 @@ class LLM:
         parts, per_req = [], {}
         for reqs, run_p, method_p in groups:
             ids_p = [p for r in reqs for p in r.prompts]
+            width = self.join_chunk_size if method_p.chunk_invariant() else None
             cache_p, stats_p, (ctx_p, logits_p) = yield from runner.prefill_steps(
-                ids_p, method_p, run_p, context, progress, reserve=reserve, cancel=gone)
+                ids_p, method_p, run_p, context, progress, reserve=reserve, cancel=gone, width=width)
             parts.append((cache_p, ctx_p, logits_p, len(ids_p)))
             for r in reqs:
                 per_req[r] = (stats_p, len(ids_p), method_p, run_p)
@@ -804,6 +816,12 @@ def _release_memory(device: torch.device, exc: BaseException) -> None:
 
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def _check_join_chunk_size(n) -> int | None:
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 16):
+        raise ValueError(f"join_chunk_size must be None (the prefill chunk size) or an int >= 16 tokens, got {n!r}")
+    return n
 
 
 def _check_join_chunks(n) -> int:

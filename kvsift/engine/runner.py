@@ -223,14 +223,18 @@ class ModelRunner:
                 return done.value
 
     def prefill_steps(self, ids: list[list[int]], method: KVMethod, run: Run, context: Context | None,
-                      progress: bool | None, reserve: int = 0, cancel: Callable[[], bool] | None = None):
+                      progress: bool | None, reserve: int = 0, cancel: Callable[[], bool] | None = None,
+                      width: int | None = None):
         """:meth:`prefill` as a generator that yields (None) after every prefill chunk, so a caller
         can run other work between chunks (the engine decodes its running batch while a joining
-        request's prompt is prefilled); its return value is :meth:`prefill`'s."""
+        request's prompt is prefilled); its return value is :meth:`prefill`'s. ``width``: chunks of
+        at most that many tokens instead of ``chunk_size`` (a joining prompt's, so a running row's
+        inter-token time stays short; only for a method whose prefill does not depend on its
+        chunking, :meth:`KVMethod.chunk_invariant`)."""
         # each fresh sequence's reread passes, asked once (methods may count them); none for a context
         passes = [method.reread_passes(run, x, self.tokenizer) for x in ids] if context is None else [[] for _ in ids]
         if self.rows_prefill(method, len(ids), context, rereads=any(passes)):
-            return (yield from self._prefill_rows(ids, method, run, progress, reserve, passes, cancel))
+            return (yield from self._prefill_rows(ids, method, run, progress, reserve, passes, cancel, width))
         b, L = len(ids), max(len(x) for x in ids)
         dev = self.device
         tokens = torch.full((b, L), self.pad_id, dtype=torch.long, device=dev)
@@ -253,7 +257,7 @@ class ModelRunner:
                              prompt_ids=ids, tokenizer=self.tokenizer,  # sentencekv segments the prompt
                              rope=self.rope, model_name=self.info.name)
         bounds = self.chunk_bounds(L, method, fresh=context is None and not ctx.has_padding
-                                   and method.prefill_hold(run) is None, rows=b)
+                                   and method.prefill_hold(run) is None, rows=b, width=width)
         bar = self._prefill_bar(progress, L, len(bounds), f"prefill {L} tokens")
         t0 = time.perf_counter()
         logits = None
@@ -321,17 +325,21 @@ class ModelRunner:
         hold = method.prefill_hold(run)
         return n if hold is None else min(n, hold + max(self.chunk_size, method.min_last_chunk()))
 
-    def chunk_bounds(self, n: int, method: KVMethod, fresh: bool = True, rows: int = 1) -> list[tuple[int, int]]:
+    def chunk_bounds(self, n: int, method: KVMethod, fresh: bool = True, rows: int = 1,
+                     width: int | None = None) -> list[tuple[int, int]]:
         """Prefill chunks of a prompt of ``n`` tokens (the last one long enough for the method).
         ``fresh``: nothing cached before and no padding, so a longer first chunk needs no mask.
         ``rows``: prompts prefilled together; their chunks together take at most
-        ``max_batched_tokens`` tokens (rounded down to 16, at least 16 per row)."""
-        width = self.chunk_size
+        ``max_batched_tokens`` tokens (rounded down to 16, at least 16 per row). ``width``: at
+        most this many tokens per chunk (and no longer first chunk) instead of ``chunk_size``."""
+        narrow = width is not None
+        width = min(self.chunk_size, width) if narrow else self.chunk_size
         if rows > 1:
             width = min(width, max(16, (self.max_batched_tokens // rows) // 16 * 16))
         chunk = max(width, method.min_last_chunk())
         first = chunk
-        if fresh and self.first_chunk and rows * self.first_chunk <= max(self.max_batched_tokens, self.first_chunk):
+        if fresh and not narrow and self.first_chunk and \
+                rows * self.first_chunk <= max(self.max_batched_tokens, self.first_chunk):
             first = max(chunk, min(n, self.first_chunk))
         return _chunks(n, chunk, method.min_last_chunk(), first)
 
@@ -358,14 +366,15 @@ class ModelRunner:
         return cache, stats, (ctx, logits)
 
     def _prefill_rows(self, ids: list[list[int]], method: KVMethod, run: Run, progress: bool | None, reserve: int,
-                      passes: list[list[list[int]]], cancel: Callable[[], bool] | None = None):
+                      passes: list[list[list[int]]], cancel: Callable[[], bool] | None = None,
+                      width: int | None = None):
         """Prefill one sequence at a time: each row's full KV is on the device only while that row
         runs; at its end the method compresses it (sentencekv writes the chunks into the batch's host
         store), then the rows' remaining device KV is stacked into one batch cache."""
         b, L, dev = len(ids), max(len(x) for x in ids), self.device
         cache = SiftCache(self.info.num_layers, capacity_hint=L + reserve, reserve=reserve)
         row_states = [layer.state for layer in cache.layers]
-        plans = [self.chunk_bounds(len(x), method, fresh=method.prefill_hold(run) is None) for x in ids]
+        plans = [self.chunk_bounds(len(x), method, fresh=method.prefill_hold(run) is None, width=width) for x in ids]
         uniform = len({len(x) for x in ids}) == 1
         bar = self._prefill_bar(progress, L, sum(len(p) for p in plans), f"prefill {b} x {L} tokens")
         t0 = time.perf_counter()

@@ -310,6 +310,14 @@ class KVMethod:
         Default: False."""
         return False
 
+    def chunk_invariant(self) -> bool:
+        """True when a prompt's prefill gives the same KV and method state however it is cut into
+        chunks (exact attention in every chunk; the method acts at the prefill's end or at decode
+        only), so a joining prompt may be prefilled in narrower chunks than ``chunk_size``
+        (``LLM(join_chunk_size=...)``) and still get what it gets alone. Default: False (e.g. an
+        eviction scores with the last chunk's queries, minference's patterns are per chunk)."""
+        return False
+
     def join_token(self, run: "Run") -> Any:
         """What else rows must share to be stacked into one running batch when :meth:`joins_rows`
         (besides the method family, the context and the sampling): None by default; a method whose
@@ -581,6 +589,9 @@ class DecodeSelect(KVMethod):
         super().__post_init__()
         object.__setattr__(self, "decode_budget", validate_budget(self.decode_budget, "decode_budget"))
 
+    def chunk_invariant(self) -> bool:
+        return True   # selects at decode (squeezed clusters at the prefill's end)
+
     def start(self, prompt_len: int, num_layers: int) -> SelectRun:
         tokens = resolve_budget(self.budget, prompt_len)
         return SelectRun(tokens, prompt_len, num_layers, decode_tokens(self.decode_budget, tokens, prompt_len))
@@ -843,6 +854,9 @@ class Compose(KVMethod):
 
     def joins_rows(self) -> bool:
         return all(s.joins_rows() or s.attention_only for s in self.stages)
+
+    def chunk_invariant(self) -> bool:
+        return all(s.chunk_invariant() for s in self.stages)
 
     def join_token(self, run):
         return tuple(s.join_token(r) for s, r in zip(self.stages, run.parts))

@@ -21,5 +21,8 @@ class Full(KVMethod):
     def reads_context_in_place(self) -> bool:
         return True  # attends to every slot as it is: a reused context is read by reference
 
+    def chunk_invariant(self) -> bool:
+        return True
+
     def joins_rows(self) -> bool:
         return True  # attends to every slot: rows prefilled apart stack exactly (left padding)

@@ -52,6 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prefill chunks of a request joining a running batch between two of its decode steps "
                         "(default 1: a running stream waits at most one chunk per token; 0: the joining "
                         "prompt's whole prefill at once)")
+    p.add_argument("--join-chunk-size", type=int, default=None,
+                   help="tokens per such chunk (default: --chunk-size): narrower chunks keep a running "
+                        "stream's inter-token time short while a long prompt joins; used for methods whose "
+                        "prefill does not depend on its chunking (full, quest, tokenselect, squeezed, sentencekv)")
     p.add_argument("--max-batched-tokens", type=int, default=16384,
                    help="prompt tokens one prefill forward takes over all the prompts prefilled together "
                         "(default 16384): many long prompts joining at once get narrower chunks, so "
@@ -148,6 +152,9 @@ def build_config(args):
     if getattr(args, "join_chunks", 1) < 0:
         raise ValueError(f"--join-chunks must be >= 0 (0: a joining prompt's whole prefill at once), "
                          f"got {args.join_chunks}")
+    jcs = getattr(args, "join_chunk_size", None)
+    if jcs is not None and jcs < 16:
+        raise ValueError(f"--join-chunk-size must be >= 16 tokens, got {jcs}")
     if getattr(args, "preempt", False) and getattr(args, "kv_arena", False):
         raise ValueError("--preempt needs batches that can change rows, which --kv-arena rules out; use one of them")
     if getattr(args, "max_batched_tokens", 16384) < 16:
@@ -271,7 +278,8 @@ def run_serve(args) -> int:
     port = sock.getsockname()[1]
     t0 = time.perf_counter()
     llm = LLM(args.model, device=args.device, dtype=args.dtype, chunk_size=args.chunk_size, kv_arena=args.kv_arena,
-              join_chunks=args.join_chunks, max_batched_tokens=args.max_batched_tokens)
+              join_chunks=args.join_chunks, max_batched_tokens=args.max_batched_tokens,
+              join_chunk_size=args.join_chunk_size)
     app = create_app(llm, config)
     print(f"kvsift: serving {app.state.kvsift.model_id} ({llm.info.device}, loaded in {time.perf_counter() - t0:.1f}s) "
           f"on {http_url(config.host, port)}/v1", file=sys.stderr, flush=True)
