@@ -306,6 +306,9 @@ def test_max_batch_and_memory_options_are_validated(capsys):
     assert main(["serve", "--join-chunks", "-1", "--model", "/nonexistent", "--no-persist"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kvsift: error: ") and "--join-chunks" in err, err
+    assert main(["serve", "--join-chunk-size", "8", "--model", "/nonexistent", "--no-persist"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvsift: error: ") and "--join-chunk-size" in err, err
     assert main(["serve", "--preempt", "--kv-arena", "--model", "/nonexistent", "--no-persist"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kvsift: error: ") and "--preempt" in err and "--kv-arena" in err, err
