@@ -7,7 +7,8 @@ zeroes every page, CUDA pins and maps them (``cudaHostRegister``), and freeing u
 own pinned allocator caches its blocks but rounds each one up to a power of two (a 64 MiB + 1 row
 block takes 128 MiB).
 
-The pool keeps blocks of the sizes asked for (rounded up to :data:`GRANULE`) and hands a released
+:func:`pinned_empty` is how the host stores (``ChunkStore``) and the swap of preempted rows
+(``LLM._preempt``) get their page-locked memory. The pool keeps blocks of the sizes asked for (rounded up to :data:`GRANULE`) and hands a released
 block to the next request of about its size, so a server's steady state locks no new memory: the
 next prompt's layers reuse the last one's blocks. It holds at most ``limit`` bytes in all (blocks
 in use plus cached ones); past it, released blocks are unregistered and freed. A block is
@@ -48,7 +49,7 @@ GRANULE = 2 << 20        # block sizes are whole multiples of this (a huge page)
 MIN_BYTES = 1 << 20      # smaller tensors are not pooled (torch's caching pinned allocator takes them)
 REUSE_SLACK = 0.25       # a cached block serves a request of at least 1 / (1 + slack) of its size
 
-__all__ = ["HostPool", "host_pool", "GRANULE", "MIN_BYTES"]
+__all__ = ["HostPool", "host_pool", "pinned_empty", "GRANULE", "MIN_BYTES"]
 
 
 @dataclass(eq=False)
@@ -310,3 +311,19 @@ def host_pool() -> HostPool:
             if _POOL is None:
                 _POOL = HostPool(_default_limit())
     return _POOL
+
+
+def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+    """A page-locked host tensor of exactly its size (uninitialised); ``device``: the CUDA device
+    that reads and writes it.
+
+    Blocks of 1 MiB and more come from the process's :class:`~kvsift.cache.host.HostPool`: host
+    memory registered with CUDA (``cudaHostRegister``) in blocks of the size asked for, cached when
+    freed and handed to the next prompt's store (locking new memory is slow, and torch's pinned
+    allocator rounds every block up to a power of two). Smaller ones, or when registering fails,
+    come from torch's caching pinned allocator."""
+    if torch.cuda.is_available():
+        t = host_pool().empty(shape, dtype, device)
+        if t is not None:
+            return t
+    return torch.empty(shape, dtype=dtype, pin_memory=True)

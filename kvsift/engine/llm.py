@@ -24,6 +24,7 @@ import torch
 
 from kvsift.budget import kv_bytes_per_token, prefill_kv_bytes, request_kv_bytes
 from kvsift.cache import SiftCache
+from kvsift.cache.host import pinned_empty
 from kvsift.cache.layer import shared_rows
 from kvsift.engine.attention import ForwardContext  # noqa: F401  (re-exported: engine internals are importable)
 from kvsift.engine.decode import check_decode_mode
@@ -741,8 +742,9 @@ def _rows_to_host(cache: SiftCache, idx: list[int], pin: bool) -> list[list[tupl
     def host(t: torch.Tensor) -> torch.Tensor:
         if not pin:
             return t.to("cpu", copy=True)
-        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        return out.copy_(t)
+        # page-locked, from the host pool for large rows (their locked bytes count against its limit
+        # with the offloaded KV's, and are reused by the next swap or offload)
+        return pinned_empty(tuple(t.shape), t.dtype, t.device).copy_(t)
 
     with torch.inference_mode():
         return [[(host(k), host(v), host(p), None if rag is None else rag.to("cpu"))

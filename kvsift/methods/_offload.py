@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from kvsift.cache.host import host_pool
+from kvsift.cache.host import pinned_empty
 from kvsift.cache.quant import SCALE_DTYPE, coded_token_bytes, codes_of, quantize_values, range_params, unpack
 from kvsift.kernels import chunk_fetch as _cf
 from kvsift.kernels._triton import HAS_TRITON, triton_disabled
@@ -129,22 +129,6 @@ def uva_enabled() -> bool:
 
     return HAS_TRITON and not triton_disabled() and \
         os.environ.get("KVSIFT_NO_UVA", "").strip().lower() not in {"1", "true", "yes", "on"}
-
-
-def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
-    """A page-locked host tensor of exactly its size (uninitialised); ``device``: the CUDA device
-    that reads and writes it.
-
-    Blocks of 1 MiB and more come from the process's :class:`~kvsift.cache.host.HostPool`: host
-    memory registered with CUDA (``cudaHostRegister``) in blocks of the size asked for, cached when
-    freed and handed to the next prompt's store (locking new memory is slow, and torch's pinned
-    allocator rounds every block up to a power of two). Smaller ones, or when registering fails,
-    come from torch's caching pinned allocator."""
-    if torch.cuda.is_available():
-        t = host_pool().empty(shape, dtype, device)
-        if t is not None:
-            return t
-    return torch.empty(shape, dtype=dtype, pin_memory=True)
 
 
 class ChunkStore:
