@@ -243,3 +243,28 @@ def test_reservations_stay_within_the_limit_and_survive_a_refusal():
     fake2.fail = True
     assert q.reserve([((2 * MiB,), torch.uint8)] * 2).result() == 0
     assert q.stats()["total"] == 0 and q.empty((2 * MiB,), torch.uint8) is None   # no wait on a lost reservation
+
+
+def test_an_allocation_stops_waiting_for_a_stuck_reservation(monkeypatch):
+    from kvsift.cache import host
+
+    monkeypatch.setattr(host, "RESERVE_WAIT_S", 0.2)
+    fake = FakeCuda()
+    go, calls = threading.Event(), []
+
+    def first_blocks(ptr, n):
+        calls.append(n)
+        if len(calls) == 1:
+            go.wait(5)        # the worker's registration hangs
+        return fake.register(ptr, n)
+
+    p = HostPool(64 * MiB, first_blocks, fake.unregister, fake.sync)
+    fut = p.reserve([((4 * MiB,), torch.uint8)])
+    while not calls:
+        pass
+    t = p.empty((4 * MiB,), torch.uint8)            # gives up after 0.2 s and locks its own block
+    assert t.numel() == 4 * MiB and p.stats()["misses"] == 1
+    go.set()
+    assert fut.result() == 1
+    st = p.stats()
+    assert st["reserved"] == 1 and st["cached"] == 4 * MiB and st["in_use"] == 4 * MiB

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,6 +49,7 @@ import torch
 GRANULE = 2 << 20        # block sizes are whole multiples of this (a huge page)
 MIN_BYTES = 1 << 20      # smaller tensors are not pooled (torch's caching pinned allocator takes them)
 REUSE_SLACK = 0.25       # a cached block serves a request of at least 1 / (1 + slack) of its size
+RESERVE_WAIT_S = 60.0    # most an allocation waits for a reservation's worker to lock its block
 
 __all__ = ["HostPool", "host_pool", "pinned_empty", "GRANULE", "MIN_BYTES"]
 
@@ -125,8 +127,12 @@ class HostPool:
         with self._lock:
             try:
                 block = self._take(size)
+                deadline = time.monotonic() + RESERVE_WAIT_S
                 while block is None and self._pending_fits(size):   # a reservation is locking one
-                    self._cond.wait()
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break   # the worker is stuck: lock a block here instead
+                    self._cond.wait(left)
                     block = self._take(size)
                 if block is None:
                     self._make_room(size)
