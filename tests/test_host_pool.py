@@ -3,6 +3,7 @@ the CPU; the real one (cudaHostRegister) runs in the CUDA test at the end."""
 
 import gc
 import threading
+import time
 
 import pytest
 import torch
@@ -261,7 +262,7 @@ def test_an_allocation_stops_waiting_for_a_stuck_reservation(monkeypatch):
     p = HostPool(64 * MiB, first_blocks, fake.unregister, fake.sync)
     fut = p.reserve([((4 * MiB,), torch.uint8)])
     while not calls:
-        pass
+        time.sleep(0.001)
     t = p.empty((4 * MiB,), torch.uint8)            # gives up after 0.2 s and locks its own block
     assert t.numel() == 4 * MiB and p.stats()["misses"] == 1
     go.set()
