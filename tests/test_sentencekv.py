@@ -323,6 +323,57 @@ def test_prefill_offload_options():
         build_method("sentencekv", 64, prefill_offload=True, prefill_window=8)
     with pytest.raises(ValueError, match="prefill_window"):
         build_method("sentencekv", 64, prefill_offload=True, prefill_budget=64, prefill_window=0)
+    with pytest.raises(ValueError, match="prefill_block"):
+        build_method("sentencekv", 64, prefill_offload=True, prefill_block=16)
+    with pytest.raises(ValueError, match="prefill_block"):
+        build_method("sentencekv", 64, prefill_offload=True, prefill_budget=64, prefill_block=0)
+
+
+def test_prefill_block_selects_per_block_of_queries(tiny, monkeypatch):
+    """prefill_block: each block of a prefill chunk's queries selects its own stored chunks. One
+    block as wide as the chunk is the whole-chunk selection; narrower blocks select apart (other
+    logits at a small budget, and each block's fetch is its own); a budget that covers the store is
+    exact again."""
+    from kvsift.methods import base
+
+    ids = prompt(480, seed=31)
+    ref, ref_logits = run(tiny, ids)
+    whole, lw = run(tiny, ids, "sentencekv", 1.0, max_chunk=16, prefill_offload=True, prefill_budget=48)
+    one, lo = run(tiny, ids, "sentencekv", 1.0, max_chunk=16, prefill_offload=True, prefill_budget=48,
+                  prefill_block=64)                               # the chunk size: one block
+    assert one[0].token_ids == whole[0].token_ids and torch.equal(lo, lw)
+    made = []
+    real = base.Selection.__init__
+
+    def spy(self, *a, **kw):
+        real(self, *a, **kw)
+        if self.blocks:
+            made.append([s for s, _ in self.blocks])
+
+    monkeypatch.setattr(base.Selection, "__init__", spy)
+    small, ls = run(tiny, ids, "sentencekv", 1.0, max_chunk=16, prefill_offload=True, prefill_budget=48,
+                    prefill_block=16)
+    assert made and all(m == list(range(0, 16 * len(m), 16)) for m in made)   # blocks of 16 rows
+    assert {len(m) for m in made} == {4, 2}                   # 64-token chunks, and the last one of 32
+    assert torch.equal(ls[0], ref_logits[0])                  # the first chunk has nothing stored yet
+    assert (ls[-4] - lw[-4]).abs().max() > 1e-4              # the blocks chose other chunks
+    big, lb = run(tiny, ids, "sentencekv", 1.0, max_chunk=16, prefill_offload=True, prefill_budget=480,
+                  prefill_block=16)
+    assert big[0].token_ids == ref[0].token_ids
+    torch.testing.assert_close(lb, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_selection_blocks_are_validated():
+    from kvsift.methods.base import Selection, SlotSource
+
+    z = torch.zeros(1, 1, 2, 4)
+    src = SlotSource(z, z, torch.zeros(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, dtype=torch.int64))
+    assert Selection(blocks=[(0, src), (8, src)]).blocks
+    for bad in ([], [(4, src)], [(0, src), (0, src)]):
+        with pytest.raises(ValueError, match="blocks"):
+            Selection(blocks=bad)
+    with pytest.raises(ValueError, match="blocks"):
+        Selection(extra=src, blocks=[(0, src)])
 
 
 def test_chunk_store_appended_in_parts_matches_one_write():

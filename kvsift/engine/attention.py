@@ -216,7 +216,7 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     # that they cost nothing measurable
     with _span("kvsift.prefill.plan"):
         sel = method.plan(run, layer, query, ctx) if layer.offloaded else None
-    if layer.offloaded and (sel is None or sel.extra is None):
+    if layer.offloaded and (sel is None or (sel.extra is None and not sel.blocks)):
         raise RuntimeError("this cache holds KV offloaded to the host by sentencekv or shadowkv (e.g. a reused "
                            "context): generate with a method spec that includes the method that offloaded it")
     extras = [sel.extra] if sel is not None and sel.extra is not None else []
@@ -244,6 +244,15 @@ def _span(name: str):
 def _prefill_attend(method, run, layer, query, key, value, sel, extras, qpos, scale, module, ctx, sliding_window,
                     softcap, L):
     """One prefill chunk's attention, ``(batch, q_heads, L, dim)``."""
+    if sel is not None and sel.blocks:  # each block of query rows over its own retrieved KV
+        own = sel.own_slots()
+        ends = [s for s, _ in sel.blocks[1:]] + [L]
+        outs = []
+        for (s, src), e in zip(sel.blocks, ends):
+            keys, values, kpos = _union(layer.keys, layer.values, layer.positions, own, [src] + extras)
+            outs.append(_attend_blocks(query[:, :, s:e], keys, values, kpos, qpos[:, s:e], scale, sliding_window,
+                                       softcap))
+        return torch.cat(outs, 2)
     gathered = sel is not None or bool(extras)  # attend to copies of a selection, masked by position
     if gathered:
         own = sel.own_slots() if sel is not None else None

@@ -74,17 +74,24 @@ class Selection:
     in addition. Slots whose position is padding, in the future or outside a sliding window are
     masked by the engine, so a method may name slots freely (e.g. a whole page past the last
     token). ``page > 1``: each entry of ``own`` is a page index standing for the slots ``p * page
-    .. p * page + page - 1`` (the kernel reads the pages whole: a table ``page`` times shorter)."""
+    .. p * page + page - 1`` (the kernel reads the pages whole: a table ``page`` times shorter).
+    ``blocks`` (a prefill chunk only): ``(first query row, source)`` pairs, ascending from 0; the
+    chunk's query rows from each first row to the next one's (or the chunk's end) attend to
+    ``own`` plus that source, in place of ``extra`` (retrieval per block of queries)."""
 
     own: torch.Tensor | None = None
     extra: SlotSource | None = None
     page: int = 1
+    blocks: list | None = None
 
     def __post_init__(self):
         if isinstance(self.page, bool) or not isinstance(self.page, int) or self.page < 1:
             raise ValueError(f"page must be a positive int, got {self.page!r}")
         if self.page > 1 and self.own is None:
             raise ValueError("a page selection needs own page indices")
+        if self.blocks is not None and (self.extra is not None or not self.blocks or self.blocks[0][0] != 0
+                                        or any(a[0] >= b[0] for a, b in zip(self.blocks, self.blocks[1:]))):
+            raise ValueError("blocks must be (first query row, source) pairs ascending from row 0, without extra")
 
     def own_slots(self) -> torch.Tensor | None:
         """``own`` as slots ``(batch, kv_heads, k * page)`` (negative where unused)."""

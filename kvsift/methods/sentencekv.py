@@ -135,6 +135,11 @@ class SentenceKV(KVMethod):
         Under ``prefill_budget``: the mean of the chunk's last ``prefill_window`` queries scores the
         stored chunks (SnapKV's observation window: a question at the prompt's end picks what it
         needs) instead of the mean of all the chunk's queries (None).
+    prefill_block : int | None
+        Under ``prefill_budget``: the chunk's queries in blocks of this many, each block selecting
+        and attending to its own stored chunks (InfLLM's retrieval per block of queries; one fetch
+        per block) instead of one selection for the whole chunk (None). With ``prefill_window``
+        each block is scored by its last ``prefill_window`` queries.
     """
 
     sinks: int = 4
@@ -151,6 +156,7 @@ class SentenceKV(KVMethod):
     prefill_offload: bool = False
     prefill_budget: Budget = None
     prefill_window: int | None = None
+    prefill_block: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -181,6 +187,12 @@ class SentenceKV(KVMethod):
                 raise ValueError(f"prefill_window must be an int >= 1, got {self.prefill_window!r}")
             if self.prefill_budget is None:
                 raise ValueError("prefill_window needs prefill_budget (without it every stored chunk is attended)")
+        if self.prefill_block is not None:
+            if isinstance(self.prefill_block, bool) or not isinstance(self.prefill_block, int) \
+                    or self.prefill_block < 1:
+                raise ValueError(f"prefill_block must be an int >= 1, got {self.prefill_block!r}")
+            if self.prefill_budget is None:
+                raise ValueError("prefill_block needs prefill_budget (without it every stored chunk is attended)")
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self, prompt_len: int, num_layers: int) -> SentenceKVRun:
@@ -430,9 +442,15 @@ class SentenceKV(KVMethod):
             # under prefill_offload): every stored chunk (exact), or those the chunk's queries select
             budget = store.max_tokens if run.prefill_tokens is None else run.prefill_tokens
             if budget < store.max_tokens:
-                w = self.prefill_window
-                qpos = ctx.cache.step_positions
-                fp = _mean_query(query[:, :, -w:] if w else query, qpos[:, -w:] if w and qpos is not None else qpos)
+                w, qpos, L = self.prefill_window, ctx.cache.step_positions, query.shape[2]
+                step = self.prefill_block or L
+                blocks = []
+                for s in range(0, L, step):   # one selection per block of queries (the whole chunk: one)
+                    q, p = query[:, :, s:s + step], (qpos[:, s:s + step] if qpos is not None else None)
+                    fp = _mean_query(q[:, :, -w:] if w else q, p[:, -w:] if w and p is not None else p)
+                    idx = self._select_chunks(store, fp, budget)
+                    blocks.append((s, SlotSource(*store.fetch(idx, None, slots=True, cached=False))))
+                return Selection(extra=blocks[0][1]) if len(blocks) == 1 else Selection(blocks=blocks)
         else:
             fp = self._fingerprint(run, state, query[:, :, -1], ctx)
             if hold and not self.decode_variant(run, ctx.step) and state.held is not None:
@@ -442,17 +460,21 @@ class SentenceKV(KVMethod):
         elif budget >= store.max_tokens:  # every chunk fits: no scoring needed (exact)
             idx = torch.arange(store.n, device=query.device).expand(b, hk, store.n)
         else:
-            summ = store.summaries()
-            parts = summ if isinstance(summ, tuple) else (summ,)
-            scores = chunk_scores(fp.to(parts[0].dtype), summ, self.reduce)
-            # width: the most chunks that can fit the budget (no per-step host sync to trim)
-            kcap = max(1, store.max_chunks_within(budget))
-            # ascending chunk ids (= position order), -1 at the end
-            idx = select_chunks(scores, store.lens[:, :, : store.n], budget, max_chunks=kcap)
+            idx = self._select_chunks(store, fp, budget)
         # read in place: the device chunk cache (or the fetched copies) plus a slot table; a prefill
         # chunk's fetch is a one-off copy (its many chunks neither fill nor size the decode cache)
         src = SlotSource(*store.fetch(idx, run.fetch if ctx.decoding else None, slots=True, cached=ctx.decoding))
         return Selection(extra=self._hold(state, store, src) if hold else src)
+
+    def _select_chunks(self, store: ChunkStore, fp: torch.Tensor, budget: int) -> torch.Tensor:
+        """The stored chunks ``fp (batch, q_heads, head_dim)`` scores best whose tokens fit
+        ``budget`` per (batch, kv_head): ``(batch, kv_heads, k)`` ascending chunk ids (= position
+        order), -1 at the end (``k``: the most chunks that can fit, no host sync to trim)."""
+        summ = store.summaries()
+        parts = summ if isinstance(summ, tuple) else (summ,)
+        scores = chunk_scores(fp.to(parts[0].dtype), summ, self.reduce)
+        kcap = max(1, store.max_chunks_within(budget))
+        return select_chunks(scores, store.lens[:, :, : store.n], budget, max_chunks=kcap)
 
     @staticmethod
     def _hold(state: SentenceKVState, store: ChunkStore, src: SlotSource) -> SlotSource:
