@@ -53,6 +53,57 @@ def test_bootstrap_interval_matches_normal_theory_and_is_seeded():
     assert lo < math.exp(2.025) < hi
 
 
+def test_pooled_paired_diff_keeps_each_task_in_its_stratum():
+    # task 1: A wins 10 of 20; task 2: equal on 40 -> +10/60 overall
+    t1 = ([1.0] * 10 + [0.0] * 10, [0.0] * 20)
+    t2 = ([0.5] * 40, [0.5] * 40)
+    d = stats.pooled_paired_diff([t1, t2])
+    assert d["diff"] == pytest.approx(10 / 60) and d["n"] == 60 and d["significant"] and 0 < d["lo"] < d["hi"] < 1
+    # a replicate never moves samples between tasks: task 2 (no difference) only dilutes
+    assert d["hi"] <= 20 / 60 + 1e-9
+    assert stats.pooled_paired_diff([t2]) == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "n": 40, "significant": False}
+    assert stats.pooled_paired_diff([t1]) == stats.pooled_paired_diff([t1])   # seeded: reproducible
+    for bad in ([], [([1.0], [1.0, 0.0])], [([], [])]):
+        with pytest.raises(ValueError):
+            stats.pooled_paired_diff(bad)
+
+
+def test_bench_compare_pairs_two_methods(tmp_path, capsys):
+    """kvsift bench compare: A against B on the samples both ran, per length, B at A's budget or at
+    its only one (full)."""
+    from kvsift.cli import main
+    from kvsift.eval.report import paired_comparison
+
+    def row(task, method, budget, length, scores, start=0):
+        samples = [{"sample_id": f"{task}-{start + i}", "score": v} for i, v in enumerate(scores)]
+        return {"key": f"{task}|{method}|{budget}|{length}|0", "task": task, "method": method, "budget": budget,
+                "length": length, "seed": 0, "compress": "prompt", "backend": "kvsift", "n_samples": len(scores),
+                "score": sum(scores) / len(scores), "samples": samples}
+
+    rows = [row("niah", "a[x=1]", "0.1", 100, [1, 1, 0, 1]), row("niah", "b", "0.1", 100, [1, 0, 0, 0, 1, 1], start=0),
+            row("qa", "a[x=1]", "0.1", 100, [0.5, 0.5]), row("qa", "b", "0.1", 100, [0.5, 0.0]),
+            row("niah", "full", "full", 100, [1, 1, 1, 1]), row("niah", "a[x=1]", "0.1", 200, [1, 0]),
+            row("niah", "b", "0.5", 200, [0, 0])]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    comp = paired_comparison(load_rows(path), "a[x=1]", "b")
+    assert [(c["length"], c["budget"], c["n"]) for c in comp] == [(100, "0.1", 6), (200, "0.1", 2)]
+    c = comp[0]
+    assert c["tasks"]["niah"] == (4, 0.75, 0.25) and c["tasks"]["qa"] == (2, 0.5, 0.25)
+    assert c["diff"] == pytest.approx((3 - 1 + 1.0 - 0.5) / 6) and c["a"] == pytest.approx(4 / 6)
+    # B's budget named: at 200 tokens B ran only 0.5, so no pair there
+    assert [c["length"] for c in paired_comparison(load_rows(path), "a[x=1]", "b", budget_b="0.1")] == [100]
+    vs_full = paired_comparison(load_rows(path), "a[x=1]", "full")
+    assert [(c["length"], c["n"], c["diff"]) for c in vs_full] == [(100, 4, pytest.approx(-0.25))]
+    assert main(["bench", "compare", "a[x=1]", "b", str(path), "--json", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| 100 | 0.1 | 6 |" in out and "A = `a[x=1]`, B = `b`" in out
+    assert json.loads((tmp_path / "c.json").read_text())[0]["n"] == 6
+    assert main(["bench", "compare", "a[x=1]", "nope", str(path)]) == 2
+    assert "kvsift: error: no samples that both" in capsys.readouterr().err
+    assert main(["bench", "compare", "a", "b", str(tmp_path / "missing.jsonl")]) == 2
+
+
 def test_paired_significance():
     full = [1.0] * 30
     same = stats.paired_bootstrap(full, full)

@@ -117,6 +117,14 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--heatmap-budget", default=None,
                    help="budget of the per-method NIAH heatmap grid (default: the budget nearest 0.1)")
 
+    c = bsub.add_parser("compare", help="method A against method B on the samples both ran: paired differences")
+    c.add_argument("a", help="method label of the rows (e.g. 'sentencekv[prefill_offload=true,prefill_budget=2048]')")
+    c.add_argument("b", help="the method compared with (e.g. 'sentencekv', or 'full')")
+    c.add_argument("results", nargs="+", type=Path, help="JSONL result file(s) holding both")
+    c.add_argument("--budget", default=None, help="only A's cells at this budget label (e.g. 0.1)")
+    c.add_argument("--budget-b", default=None, help="B's budget label (default: A's, else B's only one)")
+    c.add_argument("--json", type=Path, default=None, help="also write the rows here")
+
     bsub.add_parser("tasks", help="list the tasks")
     bsub.add_parser("suites", help="list the named suites")
     return b
@@ -196,6 +204,19 @@ def run_bench(args) -> int:
             print(f"{'':9s} tasks {','.join(su.tasks)}; lengths {','.join(map(str, su.lengths))}; budgets "
                   f"{','.join(su.budgets)}; methods {','.join(su.methods) if su.methods else 'all registered'}; "
                   f"{su.samples} samples per cell; NIAH depths {','.join(f'{d:g}' for d in su.depths)}")
+        return 0
+    if cmd == "compare":
+        from kvsift.eval.report import comparison_markdown, load_rows, paired_comparison
+
+        missing = [str(p) for p in args.results if not Path(p).is_file()]
+        if missing:
+            raise ValueError(f"no such result file: {', '.join(missing)}")
+        comp = paired_comparison(load_rows(args.results), args.a, args.b, args.budget, args.budget_b)
+        if not comp:
+            raise ValueError(f"no samples that both {args.a!r} and {args.b!r} ran in these files")
+        print(comparison_markdown(args.a, args.b, comp))
+        if args.json is not None:
+            args.json.write_text(json.dumps(comp, indent=1))
         return 0
     if cmd == "report":
         from kvsift.eval.report import write_report

@@ -139,6 +139,69 @@ def _group_cells(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     return cells
 
 
+def paired_comparison(rows: list[dict[str, Any]], a: str, b: str, budget_a: str | None = None,
+                      budget_b: str | None = None, n_boot: int = stats.N_BOOT,
+                      seed: int = stats.SEED) -> list[dict[str, Any]]:
+    """Method ``a`` against method ``b`` (their ``method`` labels in the rows) on the samples both
+    ran, one dict per (length, ``a``'s budget): ``n`` paired samples, ``a``/``b`` their mean
+    scores, ``diff, lo, hi`` the mean of ``a - b`` over every task's samples with a stratified
+    paired bootstrap interval (:func:`kvsift.eval.stats.pooled_paired_diff`), ``significant``, and
+    ``tasks``: task -> ``(n, mean a, mean b)``. ``b``'s budget: ``budget_b``, else ``a``'s, else the
+    only one ``b`` ran for that task and length (its full cache: ``full``). Perplexity rows are
+    left out (lower is better there)."""
+    cells = _group_cells(rows)
+    out = []
+    for length in sorted({k[1] for k in cells}):
+        mine = [k for k in cells if k[1] == length and k[2] == a and k[0] != "ppl"
+                and (budget_a is None or k[3] == budget_a)]
+        for bud in sorted({k[3] for k in mine}, key=_budget_sort_key):
+            pairs, tasks = [], {}
+            for key in sorted(k for k in mine if k[3] == bud):
+                task = key[0]
+                theirs = [k for k in cells if k[:3] == (task, length, b)]
+                want = budget_b if budget_b is not None else bud
+                kb = next((k for k in theirs if k[3] == want), None)
+                if kb is None and budget_b is None and len(theirs) == 1:
+                    kb = theirs[0]
+                if kb is None:
+                    continue
+                va, vb = cells[key]["values"], cells[kb]["values"]
+                ids = sorted(set(va) & set(vb), key=str)
+                if not ids:
+                    continue
+                xa, xb = [va[i] for i in ids], [vb[i] for i in ids]
+                pairs.append((xa, xb))
+                tasks[task] = (len(ids), sum(xa) / len(ids), sum(xb) / len(ids))
+            if not pairs:
+                continue
+            d = stats.pooled_paired_diff(pairs, n_boot, seed)
+            n = d["n"]
+            out.append({"length": length, "budget": bud, "n": n,
+                        "a": sum(sum(x) for x, _ in pairs) / n, "b": sum(sum(y) for _, y in pairs) / n,
+                        "diff": d["diff"], "lo": d["lo"], "hi": d["hi"], "significant": d["significant"],
+                        "tasks": tasks})
+    return out
+
+
+def comparison_markdown(a: str, b: str, comp: list[dict[str, Any]]) -> str:
+    """:func:`paired_comparison`'s rows as a Markdown table (scores and differences in points)."""
+    tasks = sorted({t for r in comp for t in r["tasks"]})
+    head = ["length", "A's budget", "paired n", *tasks, "A", "B", "A - B [95%]"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in comp:
+        cells = [f"{100 * r['tasks'][t][1]:.1f} ({100 * r['tasks'][t][2]:.1f})" if t in r["tasks"] else "-"
+                 for t in tasks]
+        sig = "" if r["significant"] else " n.s."
+        lines.append("| " + " | ".join([str(r["length"]), str(r["budget"]), str(r["n"]), *cells,
+                                         f"{100 * r['a']:.1f}", f"{100 * r['b']:.1f}",
+                                         f"{100 * r['diff']:+.1f} [{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}]{sig}"])
+                     + " |")
+    lines.append("")
+    lines.append(f"A = `{a}`, B = `{b}`. Task cells: A (B), mean scores in points on the paired samples; "
+                 f"A - B over all of them, stratified paired bootstrap (n.s.: the interval holds 0).")
+    return "\n".join(lines)
+
+
 def cell_stats(rows: list[dict[str, Any]], n_boot: int = stats.N_BOOT, seed: int = stats.SEED) -> list[dict[str, Any]]:
     """One dict per (task, length, method, budget): ``n, value, lo, hi, kind`` (the mean score, or
     the perplexity for ``ppl``, with its 95% interval), and against the full-cache baseline on the
