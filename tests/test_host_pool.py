@@ -190,20 +190,27 @@ def test_default_limit_from_the_environment(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cudaHostRegister)")
-def test_cuda_pool_blocks_are_pinned_and_reused_by_stores():
-    from kvsift.cache.host import host_pool
-    from kvsift.methods._offload import pinned_empty
+def test_cuda_pool_blocks_are_pinned_and_reused():
+    from kvsift.cache.host import pinned_empty
 
-    before = host_pool().stats()
-    t = pinned_empty((3, 1 << 18), torch.float32, torch.device("cuda"))
+    dev = torch.device("cuda")
+    p = HostPool(1 << 30)                                    # cudaHostRegister / cudaHostUnregister
+    t = p.empty((3, 1 << 18), torch.float32, dev)
     assert t.is_pinned() and t.numel() == 3 << 18
     ptr = t.data_ptr()
-    t.copy_(torch.arange(3 << 18, dtype=torch.float32).view(3, -1).cuda(), non_blocking=True)
+    src = torch.arange(3 << 18, dtype=torch.float32, device=dev).view(3, -1)
+    t.copy_(src, non_blocking=True)
     torch.cuda.synchronize()
+    assert torch.equal(t, src.cpu())
     del t
-    u = pinned_empty((3 << 18,), torch.float32, torch.device("cuda"))
-    assert u.data_ptr() == ptr and u.is_pinned()
-    assert host_pool().stats()["hits"] == before["hits"] + 1
+    u = p.empty((3 << 18,), torch.float32, dev)              # the same block again, after a device sync
+    assert u.data_ptr() == ptr and u.is_pinned() and p.stats()["hits"] == 1
+    p.reserve([((2 << 20,), torch.uint8)]).result()
+    assert p.empty((2 << 20,), torch.uint8, dev).is_pinned() and p.stats()["reserved"] == 1
+    del u
+    p.clear()
+    assert p.stats()["cached"] == 0
+    assert pinned_empty((1 << 20,), torch.float32, dev).is_pinned()   # the process pool's
 
 
 def test_reserved_blocks_serve_the_later_allocations():
