@@ -119,7 +119,7 @@ class HostPool:
         n = 1
         for x in shape:
             n *= int(x)
-        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        nbytes = n * dtype.itemsize
         if nbytes < MIN_BYTES:
             return None
         size = _rounded(nbytes)
@@ -193,7 +193,7 @@ class HostPool:
                 n = 1
                 for x in shape:
                     n *= int(x)
-                nbytes = n * torch.empty((), dtype=dtype).element_size()
+                nbytes = n * dtype.itemsize
                 if nbytes < MIN_BYTES:
                     continue
                 size = _rounded(nbytes)
