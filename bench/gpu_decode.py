@@ -226,8 +226,8 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                 if budget > ctx:
                     continue
 
-                def tokens_step(L, bu=budget):
-                    idx = token_votes(L["q"], L["k"], None).topk(bu, dim=-1).indices
+                def tokens_step(L, bu=budget):   # as the method does it: blocked top-k on CUDA
+                    idx = dispatch.topk_select(token_votes(L["q"], L["k"], None), bu, torch.int64)
                     return dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], idx, scale)
 
                 timed(f"sel/tokens/{budget}", tokens_step, extra={"budget": budget, "summary": "tokens"},
@@ -241,6 +241,12 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                     L["_slots"] = chunks_to_slots(L["_pages"], None, args.page)
                 timed(f"topk/{budget}", lambda L, bu=budget: dispatch.select_chunks(L["_sc"], args.page, bu), eager=False)
                 timed(f"topk_torch/{budget}", lambda L, bu=budget: L["_sc"].topk(bu // args.page, dim=-1), eager=False)
+                # tokenselect's top-k over every token's votes: blocks of MAX_N then candidates, vs torch.topk
+                for L in layers:
+                    L["_votes"] = token_votes(L["q"], L["k"], None)
+                timed(f"topk_tokens/{budget}", lambda L, bu=budget: dispatch.topk_select(L["_votes"], bu, torch.int64),
+                      eager=False)
+                timed(f"topk_tokens_torch/{budget}", lambda L, bu=budget: L["_votes"].topk(bu, dim=-1), eager=False)
                 timed(f"attn_pages/{budget}", lambda L: dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], L["_pages"], scale, page=args.page),
                       eager=False, kv_read=2 * batch * HK * budget * D * 2)
                 timed(f"attn_slots/{budget}", lambda L: dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], L["_slots"], scale),

@@ -8,7 +8,10 @@ voted by the query heads of its GQA group; ``"layer"``: one selection shared by 
 the layer, as in the paper, which sums votes by slot and so assumes every head holds the same
 tokens: not after a head-wise eviction such as SnapKV). The ``budget``
 tokens with the most votes are attended, plus the ``local`` most recently written slots (the
-current token and its neighbours), read in place through a slot table.
+current token and its neighbours), read in place through a slot table. The top ``budget`` of a
+long cache's votes is ``dispatch.topk_select``: on CUDA the Triton selector over blocks of
+``MAX_N`` votes, then over their candidates (``topk_select_blocked``; exact), not ``torch.topk``
+over the whole row.
 
 Selection cache: consecutive queries are often alike. When the cosine similarity between this
 step's and the previous step's query (mean over heads) is at least ``reuse_threshold``, the
@@ -27,6 +30,7 @@ from typing import Any
 
 import torch
 
+from kvsift.kernels.dispatch import topk_select
 from kvsift.methods.base import DecodeSelect, LayerState, SelectRun, Selection, register
 
 
@@ -136,8 +140,8 @@ class TokenSelect(DecodeSelect):
             cand = (pos >= 0) & (slot < local[0])
         votes = token_votes(q, keys, cand, self.vote)                        # (b, hk, n), -1 = not a candidate
         k = min(run.sel_tokens, n)
-        top = votes.topk(k, dim=-1)
-        sel = torch.where(top.values >= 0, top.indices, -1)                  # (b, hk, k)
+        # (b, hk, k) ascending slots, -1 padded: one or two launches on CUDA (blocks, then candidates)
+        sel = topk_select(votes.masked_fill(votes < 0, float("-inf")), k, torch.int64)
         if self.reuse_threshold is not None:
             sel = self._cache(run, layer, q, sel)
         local = local.clamp(min=-1)
