@@ -116,7 +116,7 @@ class ModelRunner:
             raise ValueError(f"max_arenas must be an integer >= 1, got {max_arenas!r}")
         self.max_arenas = max_arenas
         self.arenas: dict[tuple[int, int], KVArena] = {}
-        # decode steps on CUDA run the model's RMSNorms and rotary embeddings as one kernel each
+        # decode steps run the model's RMSNorms and rotary embeddings as one kernel each on CUDA
         # (engine/fusion.py; KVSIFT_FUSED_DECODE=1, off by default until measured). Fixed per runner:
         # its CUDA graphs are recorded with or without
         self.fused_decode = os.environ.get("KVSIFT_FUSED_DECODE", "").strip().lower() in {"1", "true", "yes", "on"}
