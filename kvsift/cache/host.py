@@ -8,8 +8,9 @@ own pinned allocator caches its blocks but rounds each one up to a power of two 
 block takes 128 MiB).
 
 :func:`pinned_empty` is how the host stores (``ChunkStore``) and the swap of preempted rows
-(``LLM._preempt``) get their page-locked memory. The pool keeps blocks of the sizes asked for (rounded up to :data:`GRANULE`) and hands a released
-block to the next request of about its size, so a server's steady state locks no new memory: the
+(``LLM._preempt``) get their page-locked memory. The pool keeps blocks of the sizes asked for
+(rounded up to :data:`GRANULE`) and hands a released block to the next request of about its size
+(within :data:`REUSE_SLACK`), so a server's steady state locks no new memory: the
 next prompt's layers reuse the last one's blocks. It holds at most ``limit`` bytes in all (blocks
 in use plus cached ones); past it, released blocks are unregistered and freed. A block is
 released when the last tensor viewing it is freed. Before a cached block is handed out again the
