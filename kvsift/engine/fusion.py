@@ -23,6 +23,7 @@ import contextlib
 import sys
 import threading
 import types
+import weakref
 
 import torch
 
@@ -81,6 +82,19 @@ def _modeling_modules(model) -> list[types.ModuleType]:
     return mods
 
 
+_TARGETS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _targets(model) -> tuple[list, list[types.ModuleType]]:
+    """The model's RMSNorm modules and its attention classes' modeling modules (found once per model:
+    the swap is entered at every eager or static decode step)."""
+    found = _TARGETS.get(model)
+    if found is None:
+        norms = [m for m in model.modules() if type(m).__name__ in NORMS and hasattr(m, "variance_epsilon")]
+        found = _TARGETS[model] = (norms, _modeling_modules(model))
+    return found
+
+
 @contextlib.contextmanager
 def fused_decode(model):
     """Run ``model``'s RMSNorms and rotary embeddings as single kernels inside the block (see the
@@ -88,9 +102,8 @@ def fused_decode(model):
     if not supported(model):
         yield
         return
-    norms = [m for m in model.modules() if type(m).__name__ in NORMS and hasattr(m, "variance_epsilon")
-             and "forward" not in vars(m)]
-    mods = _modeling_modules(model)
+    all_norms, mods = _targets(model)
+    norms = [m for m in all_norms if "forward" not in vars(m)]   # (not those an outer block swapped)
     entered: list[types.ModuleType] = []
     try:
         for m in norms:
