@@ -29,6 +29,19 @@ def run_with_joins(llm, first, schedule: dict):
             outs[r.id] = ev.output
     return outs, steps
 
+def record_forward_widths(llm, monkeypatch) -> list[int]:
+    """Every model call the runner makes from now on, as its width in tokens (1: a decode step)."""
+    widths = []
+    real = llm.runner.forward
+
+    def forward(ctx, ids, pos):
+        widths.append(ids.shape[1])
+        return real(ctx, ids, pos)
+
+    monkeypatch.setattr(llm.runner, "forward", forward)
+    return widths
+
+
 def req(prompts, params=GREEDY, method="full", budget=None, kv=0, host=0, context=None, kind="generate", **opts):
     return Request([list(p) for p in prompts], params if kind == "generate" else None,
                    build_method(method, budget, **opts), context=context, kv_bytes=kv, host_bytes=host, kind=kind)
@@ -430,20 +443,16 @@ def test_a_joining_prompt_is_prefilled_between_the_running_decode_steps(tiny_llm
     pa, pb = SamplingParams(max_tokens=16, ignore_eos=True), SamplingParams(max_tokens=5, ignore_eos=True)
     want_a = tiny_llm.generate(p_a, pa, method=spec, budget=budget)[0].token_ids
     want_b = tiny_llm.generate(p_b, pb, method=spec, budget=budget)[0].token_ids
-    calls = []
-    real = tiny_llm.runner.forward
+    widths = record_forward_widths(tiny_llm, monkeypatch)
 
-    def forward(ctx, ids, pos):
-        calls.append("d" if ids.shape[1] == 1 else "p")
-        return real(ctx, ids, pos)
-
-    monkeypatch.setattr(tiny_llm.runner, "forward", forward)
+    def order():  # the forwards so far: p (a prefill chunk) or d (a decode step)
+        return "".join("d" if w == 1 else "p" for w in widths)
     for leave in (False, True):
-        calls.clear()
+        widths.clear()
         chunks_done = {"n": 0}
 
         def cancel_b():   # b's client leaves once 2 of its chunks ran (asked before each later chunk)
-            return leave and calls.count("p") >= 3     # a's own prefill is one chunk
+            return leave and order().count("p") >= 3     # a's own prefill is one chunk
 
         a = tiny_llm.request([p_a], pa, method=spec, budget=budget)
         b = tiny_llm.request([p_b], pb, method=spec, budget=budget, cancel=cancel_b)
@@ -461,7 +470,7 @@ def test_a_joining_prompt_is_prefilled_between_the_running_decode_steps(tiny_llm
         sched.finish(group)   # what the server does: a joiner is in the group from its join on
         assert group == [a, b] and sched.kv_used == 0 and not sched.running and not sched.waiting
         assert outs[a.id].token_ids == want_a
-        seq = "".join(calls)
+        seq = order()
         assert seq.startswith("pd"), seq                 # a's prefill, its first decode step
         if not leave:
             assert outs[b.id].token_ids == want_b
@@ -475,7 +484,7 @@ def test_a_joining_prompt_is_prefilled_between_the_running_decode_steps(tiny_llm
     # join_chunks=2: two chunks per step; 0: the whole joining prefill at once (the running row waits)
     for n, want_seq in ((2, "ppdppdpd"), (0, "pppppd")):
         monkeypatch.setattr(tiny_llm, "join_chunks", n)
-        calls.clear()
+        widths.clear()
         a = tiny_llm.request([p_a], pa, method=spec, budget=budget)
         b = tiny_llm.request([p_b], pb, method=spec, budget=budget)
         steps = []
@@ -483,7 +492,7 @@ def test_a_joining_prompt_is_prefilled_between_the_running_decode_steps(tiny_llm
             [a], join=lambda running, rows: steps.append(rows) or ([b] if len(steps) == 2 else []))
             if ev.output is not None}
         assert [outs[a.id].token_ids, outs[b.id].token_ids] == [want_a, want_b]
-        assert "".join(calls)[2:2 + len(want_seq)] == want_seq, (n, "".join(calls))
+        assert order()[2:2 + len(want_seq)] == want_seq, (n, order())
 
 
 @pytest.mark.parametrize("spec,budget,narrow", [("full", None, True), ("sentencekv", 64, True),
@@ -497,14 +506,7 @@ def test_join_chunk_size_narrows_a_joining_prefill(tiny_llm, monkeypatch, spec, 
     pa, pb = SamplingParams(max_tokens=30, ignore_eos=True), SamplingParams(max_tokens=4, ignore_eos=True)
     want_a = tiny_llm.generate(p_a, pa, method=spec, budget=budget)[0].token_ids
     want_b = tiny_llm.generate(p_b, pb, method=spec, budget=budget)[0].token_ids
-    widths = []
-    real = tiny_llm.runner.forward
-
-    def forward(ctx, ids, pos):
-        widths.append(ids.shape[1])
-        return real(ctx, ids, pos)
-
-    monkeypatch.setattr(tiny_llm.runner, "forward", forward)
+    widths = record_forward_widths(tiny_llm, monkeypatch)
     monkeypatch.setattr(tiny_llm, "join_chunk_size", 16)
     a = tiny_llm.request([p_a], pa, method=spec, budget=budget)
     b = tiny_llm.request([p_b], pb, method=spec, budget=budget)

@@ -181,18 +181,14 @@ class SentenceKV(KVMethod):
         if self.prefill_budget is not None and not self.prefill_offload:
             raise ValueError("prefill_budget needs prefill_offload=true (without it the prefill attends to the "
                              "whole prompt on the device)")
-        if self.prefill_window is not None:
-            if isinstance(self.prefill_window, bool) or not isinstance(self.prefill_window, int) \
-                    or self.prefill_window < 1:
-                raise ValueError(f"prefill_window must be an int >= 1, got {self.prefill_window!r}")
+        for name in ("prefill_window", "prefill_block"):   # query rows under prefill_budget
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
             if self.prefill_budget is None:
-                raise ValueError("prefill_window needs prefill_budget (without it every stored chunk is attended)")
-        if self.prefill_block is not None:
-            if isinstance(self.prefill_block, bool) or not isinstance(self.prefill_block, int) \
-                    or self.prefill_block < 1:
-                raise ValueError(f"prefill_block must be an int >= 1, got {self.prefill_block!r}")
-            if self.prefill_budget is None:
-                raise ValueError("prefill_block needs prefill_budget (without it every stored chunk is attended)")
+                raise ValueError(f"{name} needs prefill_budget (without it every stored chunk is attended)")
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self, prompt_len: int, num_layers: int) -> SentenceKVRun:
