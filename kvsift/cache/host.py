@@ -35,6 +35,7 @@ memory available when the pool is first used; ``kvsift serve`` sets it to its ``
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -117,10 +118,7 @@ class HostPool:
         device that will read or write it), or None when it is smaller than :data:`MIN_BYTES` or
         the memory could not be locked (the caller falls back to ``torch.empty(...,
         pin_memory=True)``)."""
-        n = 1
-        for x in shape:
-            n *= int(x)
-        nbytes = n * dtype.itemsize
+        nbytes = _nbytes(shape, dtype)
         if nbytes < MIN_BYTES:
             return None
         size = _rounded(nbytes)
@@ -191,10 +189,7 @@ class HostPool:
             free = [b.size for b in self._free]
             room = self.limit - self.total - sum(s * n for s, n in self._pending.items())
             for shape, dtype in shapes:
-                n = 1
-                for x in shape:
-                    n *= int(x)
-                nbytes = n * dtype.itemsize
+                nbytes = _nbytes(shape, dtype)
                 if nbytes < MIN_BYTES:
                     continue
                 size = _rounded(nbytes)
@@ -287,6 +282,10 @@ class HostPool:
             cached = sum(b.size for b in self._free)
             return {"limit": self.limit, "total": self.total, "in_use": self.total - cached, "cached": cached,
                     "hits": self.hits, "misses": self.misses, "released": self.released, "reserved": self.reserved}
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(int(x) for x in shape) * dtype.itemsize
 
 
 def _rounded(nbytes: int) -> int:

@@ -285,19 +285,13 @@ class ChunkStore:
             self._host_ready()
             self._host_quiesce()
             T, newT, BH = self.T, max(tokens, self.capacity), b * hk
-
-            def host(old, tail, dtype):
-                t = self._host_empty((BH * newT + 1, *tail), dtype)
+            names = (["k"] if self.keys else []) + ["v", "pos"] + (["vsz"] if self.bits else [])
+            shapes = self.host_shapes(b, hk, newT, d, self.dtype, bits=self.bits, vgroup=self.vg, keys=self.keys)
+            for name, (shape, dtype) in zip(names, shapes):   # the layout a reservation asks for
+                t = self._host_empty(shape, dtype)
                 if T:
-                    t[:-1].view(BH, newT, *tail)[:, :T] = old[:-1].view(BH, T, *tail)
-                return t
-
-            if self.keys:
-                self.k = host(self.k, tuple(self.k.shape[1:]), self.k.dtype)
-            self.v = host(self.v, tuple(self.v.shape[1:]), self.v.dtype)
-            self.pos = host(self.pos, (), torch.int32)
-            if self.bits:
-                self.vsz = host(self.vsz, tuple(self.vsz.shape[1:]), self.vsz.dtype)
+                    t[:-1].view(BH, newT, *shape[1:])[:, :T] = getattr(self, name)[:-1].view(BH, T, *shape[1:])
+                setattr(self, name, t)
             self.T = newT
 
         def dev(old, shape):
