@@ -129,30 +129,24 @@ def run_phase(url: str, clients: int, per_client: int, prompt_tokens: list[int],
             "ttft_mean_ms": ms(statistics.fmean(ttft)) if ttft else None}
 
 
-def batch_metric(url: str) -> dict:
-    """The server's batch-size histogram: batches run and requests per batch on average."""
-    text = httpx.get(url + "/metrics", timeout=10).text
+def scrape(url: str) -> dict[str, float]:
+    """The server's unlabelled ``/metrics`` samples: name -> value."""
     vals = {}
-    for line in text.splitlines():
-        for name in ("kvsift_batch_requests_count", "kvsift_batch_requests_sum"):
-            if line.startswith(name + " "):
-                vals[name] = float(line.split()[1])
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and not line.startswith("#") and "{" not in parts[0]:
+            try:
+                vals[parts[0]] = float(parts[1])
+            except ValueError:
+                pass
+    return vals
+
+
+def batch_metric(vals: dict[str, float]) -> dict:
+    """From :func:`scrape`'s samples: batches run and requests per batch on average."""
     n = vals.get("kvsift_batch_requests_count", 0.0)
     return {"batches": int(n), "requests_per_batch": round(vals.get("kvsift_batch_requests_sum", 0.0) / n, 2)
             if n else None}
-
-
-def counter(url: str, name: str = "kvsift_preemptions_total") -> int:
-    """A counter of the server's ``/metrics`` so far (default: ``kvsift_preemptions_total``)."""
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + " "):
-            return int(float(line.split()[1]))
-    return 0
-
-
-def preemptions(url: str) -> int:
-    """The server's ``kvsift_preemptions_total`` so far."""
-    return counter(url)
 
 
 def admission_line(srv) -> str | None:
@@ -304,22 +298,21 @@ def main(argv=None) -> int:
                 cmd.append("--no-continuous-batching")
             with ServerProcess(cmd, start_timeout=600, env=env) as srv:
                 one_request(srv.url, {"prompt": [5, 6, 7], "max_tokens": 2, "stream": True}, args.timeout)  # warm-up
-                before = batch_metric(srv.url)
-                joins0 = counter(srv.url, "kvsift_batch_joins_total")
+                before = scrape(srv.url)
                 res = run_phase(srv.url, args.clients, args.requests, lengths, args.max_tokens, extra,
                                 args.timeout, args.seed, chat=args.chat)
-                res["preemptions"] = preemptions(srv.url)
-                res["joined"] = counter(srv.url, "kvsift_batch_joins_total") - joins0
                 res["admission"] = admission_line(srv)
                 if res["errors"]:  # the server's side of them
                     print(f"{len(res['errors'])} request(s) failed (max-batch {mb}); the server log ends:\n"
                           f"{srv.log()[-3000:]}", file=sys.stderr)
                 try:
-                    after = batch_metric(srv.url)
+                    after = scrape(srv.url)
                 except httpx.HTTPError:  # the server is gone: say why
                     print(f"server (max-batch {mb}) died; its log ends:\n{srv.log()[-4000:]}", file=sys.stderr)
                     raise
-            n = after["batches"] - before["batches"]
+            res["preemptions"] = int(after.get("kvsift_preemptions_total", 0))
+            res["joined"] = int(after.get("kvsift_batch_joins_total", 0) - before.get("kvsift_batch_joins_total", 0))
+            n = batch_metric(after)["batches"] - batch_metric(before)["batches"]
             res["batches"] = n
             res["requests_per_batch"] = round((res["requests"] - len(res["errors"])) / n, 2) if n else None
             rows.append({"max_batch": mb, "continuous": cont and mb > 1, "join_chunks": jc if cont and mb > 1 else None,
