@@ -241,7 +241,8 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                     L["_slots"] = chunks_to_slots(L["_pages"], None, args.page)
                 timed(f"topk/{budget}", lambda L, bu=budget: dispatch.select_chunks(L["_sc"], args.page, bu), eager=False)
                 timed(f"topk_torch/{budget}", lambda L, bu=budget: L["_sc"].topk(bu // args.page, dim=-1), eager=False)
-                # tokenselect's top-k over every token's votes: blocks of MAX_N then candidates, vs torch.topk
+                # tokenselect's top-k over every token's votes: dispatch (torch.topk + ascending sort past
+                # the Triton selector's MAX_N), vs torch.topk alone
                 for L in layers:
                     L["_votes"] = token_votes(L["q"], L["k"], None)
                 timed(f"topk_tokens/{budget}", lambda L, bu=budget: dispatch.topk_select(L["_votes"], bu, torch.int64),
@@ -471,9 +472,11 @@ def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict
                          decode_mode=args.e2e_decode)
     from bench._systems import parse_system
 
-    fused = sys_name.endswith("@fused")               # the fused RMSNorm / rotary decode kernels
-    llm.runner.fused_decode = fused
-    name, budget_v, kw = parse_system(sys_name.removesuffix("@fused"))   # method[:budget[:option=value...]]
+    # the fused RMSNorm / rotary decode kernels: the library's default (KVSIFT_FUSED_DECODE); '@unfused'
+    # runs the model's own code, '@fused' (the name measured before it became the default) forces them on
+    if sys_name.endswith(("@unfused", "@fused")):
+        llm.runner.fused_decode = sys_name.endswith("@fused")
+    name, budget_v, kw = parse_system(sys_name.removesuffix("@unfused").removesuffix("@fused"))
     if budget_v is not None and budget_v >= ids.shape[1]:
         budget_v = None if name == "full" else max(1, ids.shape[1] // 2)
     outs = llm.generate([r.tolist() for r in ids], SamplingParams(max_tokens=n, ignore_eos=True), method=name,
@@ -581,7 +584,8 @@ def main(argv=None) -> int:
     p.add_argument("--e2e-new-tokens", type=int, default=32)
     p.add_argument("--e2e-methods", type=lambda s: [x for x in s.split(",") if x], default=["full", "sentencekv:2048"],
                    help="kvsift methods: 'name', 'name:budget' or 'name:budget:option=value[:...]'; a trailing "
-                        "'@fused' decodes with the fused RMSNorm / rotary kernels (engine/fusion.py)")
+                        "'@unfused' decodes without the fused RMSNorm / rotary kernels (engine/fusion.py; "
+                        "on by default)")
     p.add_argument("--e2e-sdpa", choices=["default", "no-cudnn"], default="no-cudnn",
                    help="SDPA backends in the end-to-end section (default: cuDNN SDPA disabled)")
     p.add_argument("--e2e-tiny", action="store_true", help="tiny model instead (smoke test of the harness)")

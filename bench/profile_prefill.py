@@ -13,19 +13,21 @@ costs under ``prefill_offload``. Prints the tables and writes them (and JSON) un
     PYTHONPATH=. python3 bench/profile_prefill.py --ctx 131072 --chunk 4096 --no-profile --repeat 2 --alloc
 
 Without the profiler (``--no-profile``, fast) it prints, per method and run, the prefill's wall
-time and the share of it spent in the methods' ``prefill_end`` hooks (sentencekv's final offload;
-timed with device syncs around every call), and the host pool's counts (blocks of page-locked
-memory locked anew or reused). ``--repeat 2`` runs each prompt twice: the first run locks its
+time and the share of it spent in the methods' ``prefill_end`` hooks with ``--time-hooks`` (sentencekv's final
+offload; timed with device syncs around every call, which also wait for its host writes and so
+serialise what otherwise overlaps the next layer: the prefill time then includes them), and the
+host pool's counts (blocks of page-locked memory locked anew or reused). ``--repeat 2`` runs each prompt twice: the first run locks its
 host store, the second reuses it from the pool (what a server's next request sees). ``--alloc``
 first times locking host memory itself: one layer's key block at ``--ctx``, as torch's pinned
-allocator, as a fresh registered block, and as a block reused from the pool. ``--no-reserve``
-turns off sentencekv's locking of its host store beside the prefill (``KVSIFT_HOST_RESERVE=0``), for
+allocator, as a fresh registered block, and as a block reused from the pool. ``--reserve``
+turns on sentencekv's locking of its host store beside the prefill (``KVSIFT_HOST_RESERVE=1``), for
 an A/B run. Tables and JSON are written after each method, so a cut call keeps what finished.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -128,12 +130,16 @@ def main(argv=None) -> int:
     p.add_argument("--no-profile", action="store_true", help="no torch.profiler: wall, prefill_end and pool only")
     p.add_argument("--repeat", type=int, default=1, help="runs per method (the second reuses the host pool)")
     p.add_argument("--alloc", action="store_true", help="time locking host memory first (CUDA)")
-    p.add_argument("--no-reserve", action="store_true",
-                   help="KVSIFT_HOST_RESERVE=0: sentencekv does not lock its host store beside the prefill")
+    p.add_argument("--reserve", action="store_true",
+                   help="KVSIFT_HOST_RESERVE=1: sentencekv locks its host store beside the prefill")
+    p.add_argument("--time-hooks", action="store_true",
+                   help="time the prefill_end hooks with device syncs around each call (the syncs wait for the "
+                        "host writes too, so they serialise what otherwise overlaps the next layer: the prefill "
+                        "time then includes them)")
     p.add_argument("--out", default="bench/out/profile_prefill")
     args = p.parse_args(argv)
-    if args.no_reserve:
-        os.environ["KVSIFT_HOST_RESERVE"] = "0"
+    if args.reserve:
+        os.environ["KVSIFT_HOST_RESERVE"] = "1"
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
     from torch.profiler import ProfilerActivity, profile
@@ -150,7 +156,7 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, text = [], []
     info = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "args": vars(args),
-            "host_reserve": not args.no_reserve}
+            "host_reserve": args.reserve}
 
     def write():
         (out_dir / "profile_prefill.txt").write_text("\n".join(text))
@@ -187,7 +193,7 @@ def main(argv=None) -> int:
             pool0 = host_pool().stats() if cuda else None
             prof = None
             t0 = time.perf_counter()
-            with _EndTimer(sync) as ends:
+            with (_EndTimer(sync) if args.time_hooks else contextlib.nullcontext(_EndTimer(sync))) as ends:
                 if args.no_profile:
                     out = llm.generate(ids, one, method=name, budget=budget, method_kwargs=opts or None, progress=False)
                     sync()
@@ -201,7 +207,8 @@ def main(argv=None) -> int:
             pool1 = host_pool().stats() if cuda else None
             row = {"system": spec, "run": rep + 1, "ctx": args.ctx, "layers": args.layers, "chunk": args.chunk,
                    "prefill_s": st.prefill_s, "wall_s": wall, "profiled": prof is not None,
-                   "prefill_end_s": ends.seconds, "prefill_end_calls": ends.calls,
+                   "prefill_end_s": ends.seconds if args.time_hooks else None,
+                   "prefill_end_calls": ends.calls if args.time_hooks else None,
                    "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
             if pool0 is not None:
                 row["host_pool"] = {"locked_new": pool1["misses"] - pool0["misses"],
@@ -209,8 +216,9 @@ def main(argv=None) -> int:
                                     "reserved": pool1["reserved"] - pool0["reserved"],
                                     "total_gib": pool1["total"] / 2**30}
             lines = [f"== {spec} (run {rep + 1}): ctx {args.ctx}, {args.layers} layers, chunk {args.chunk}, "
-                     f"{dev.type}; prefill {st.prefill_s:.2f} s (wall {wall:.2f} s{', profiled' if prof else ''}); "
-                     f"prefill_end hooks {ends.seconds:.2f} s in {ends.calls} calls" +
+                     f"{dev.type}; prefill {st.prefill_s:.2f} s (wall {wall:.2f} s{', profiled' if prof else ''}); " +
+                     (f"prefill_end hooks {ends.seconds:.2f} s in {ends.calls} calls (synced)" if args.time_hooks else
+                      "prefill_end hooks not timed") +
                      (f"; host blocks locked {row['host_pool']['locked_new']} at the offload, "
                       f"{row['host_pool']['reserved']} beside the prefill, reused {row['host_pool']['reused']}"
                       if pool0 is not None else "")]

@@ -115,9 +115,10 @@ def test_cpu_calls_inside_the_swap_run_transformers_code():
     assert torch.equal(got, ref)
 
 
-def test_engine_decode_with_the_flag_gives_the_same_tokens(monkeypatch):
-    """The runner enters the swap for decode steps only (on the CPU its functions run the model's
-    own code), and the tokens do not change."""
+def test_the_flag_is_on_by_default_and_a_cpu_runner_never_swaps(monkeypatch):
+    """On by default (``KVSIFT_FUSED_DECODE=0`` turns it off); a CPU runner never enters the swap
+    (its functions would run the model's own code there), with the flag on or off, and its tokens
+    are the same. The CUDA test below checks the swap's decode steps."""
     from kvsift import LLM, SamplingParams
     from kvsift.engine import runner as runner_mod
 
@@ -130,13 +131,55 @@ def test_engine_decode_with_the_flag_gives_the_same_tokens(monkeypatch):
 
     monkeypatch.setattr(runner_mod, "fused_decode", spy)
     llm = LLM.from_model(_tiny_llama(), None, chunk_size=16, decode_mode="static")
+    assert llm.runner.fused_decode
     ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     p = SamplingParams(max_tokens=6, ignore_eos=True)
     ref = llm.generate(ids, p)[0].token_ids
+    monkeypatch.setenv("KVSIFT_FUSED_DECODE", "0")
+    off = LLM.from_model(_tiny_llama(), None, chunk_size=16, decode_mode="static")
+    assert not off.runner.fused_decode
+    assert off.generate(ids, p)[0].token_ids == ref
     assert not entered
-    llm.runner.fused_decode = True
-    assert llm.generate(ids, p)[0].token_ids == ref
-    assert len(entered) == 5                        # the 5 decode steps after the prefill's token, not the prefill
+
+
+def _round_as_twin(x: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """The bit arithmetic of rope.py's ``_round_as`` (a Triton function) step for step in int64
+    PyTorch, so that the rounding it does is checked on machines without a GPU."""
+    u = x.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    if bf16:
+        u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    else:
+        sign = (u >> 31) << 31
+        a = u & 0x7FFFFFFF
+        e = (a >> 23) - 127
+        n = ((a + 0xFFF + ((a >> 13) & 1)) >> 13) << 13
+        n = torch.where(n > 0x477FE000, torch.full_like(n, 0x7F800000), n)
+        sig = (a & 0x7FFFFF) | 0x800000
+        drop = (-1 - e).clamp(1, 31)
+        r = (sig + (1 << (drop - 1)) - 1 + ((sig >> drop) & 1)) >> drop
+        sub = (r.float() * 5.9604644775390625e-08).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        u = torch.where(e < -14, sub, n) | sign
+    u = torch.where(u >= 2**31, u - 2**32, u)
+    return u.to(torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_rounding_is_pytorchs(dtype):
+    """The rope kernel rounds each product and sum with integer bit arithmetic: the same bits as
+    PyTorch's float32 -> dtype conversion (to nearest, ties to even) over normal, subnormal,
+    tie and overflowing values."""
+    g = torch.Generator().manual_seed(3)
+    mags = torch.cat([torch.logspace(-30, 6, 20000), torch.tensor([0.0, 65504.0, 65519.99, 65520.0, 65536.0,
+                                                                    2.0**-24, 2.0**-25, 1.5 * 2.0**-25, 2.0**-14,
+                                                                    float("inf")])])
+    x = mags * torch.randn(mags.shape, generator=g).sign()
+    # exact ties: a value halfway between two neighbours of the target format
+    lo = torch.randn(5000, generator=g).to(dtype)
+    nxt = torch.nextafter(lo, torch.full_like(lo, float("inf"))).float()
+    x = torch.cat([x, (lo.float() + nxt) / 2])
+    want = x.to(dtype).float()
+    got = _round_as_twin(x, dtype == torch.bfloat16)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
@@ -170,11 +213,15 @@ def test_cuda_kernels_match_the_references(dtype):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
-def test_cuda_graph_decode_fused_gives_the_tokens_unfused():
+def test_cuda_graph_decode_fused_gives_the_tokens_unfused(monkeypatch):
     """fp32 random Llama on CUDA, graph decode: the fused step gives the unfused step's tokens, and
-    the fused kernels were actually recorded (fewer launches: the step still equals)."""
+    the runner entered the swap (for decode steps: recorded into the graphs) only when on."""
     from kvsift import LLM, SamplingParams
+    from kvsift.engine import runner as runner_mod
 
+    entered = []
+    real = runner_mod.fused_decode
+    monkeypatch.setattr(runner_mod, "fused_decode", lambda model: entered.append(model) or real(model))
     model = _tiny_llama(device="cuda")
     ids = torch.randint(0, 300, (100,), generator=torch.Generator().manual_seed(5)).tolist()
     p = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -184,6 +231,7 @@ def test_cuda_graph_decode_fused_gives_the_tokens_unfused():
         llm.runner.fused_decode = fused
         outs.append(llm.generate([ids, ids[:70]], p))
         assert outs[-1][0].stats.decode_mode == "graph"
+        assert bool(entered) == fused
     assert [o.token_ids for o in outs[0]] == [o.token_ids for o in outs[1]]
 
 
@@ -193,7 +241,7 @@ def test_triton_interpreter_kernels():
         from kvsift.kernels.rmsnorm import rmsnorm, rmsnorm_ref
         from kvsift.kernels.rope import rope, rope_ref
         torch.manual_seed(0)
-        for dt in (torch.float32, torch.bfloat16):
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
             x, w = torch.randn(3, 2, 80, dtype=dt), torch.randn(80, dtype=dt)
             assert (rmsnorm(x, w, 1e-6).float() - rmsnorm_ref(x, w, 1e-6).float()).abs().max() < 5e-2
             q = torch.randn(2, 5, 4, 32, dtype=dt).transpose(1, 2)

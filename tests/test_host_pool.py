@@ -63,6 +63,31 @@ def test_a_freed_block_is_reused_by_the_next_request_of_its_size():
     assert (st["hits"], st["misses"], st["in_use"], st["cached"]) == (1, 1, 4 * MiB, 0)
 
 
+def test_reuse_waits_for_the_release_point_not_for_the_device():
+    """A block is marked when its owner frees it (a CUDA event on the releasing thread's stream);
+    the next owner waits for that mark alone, not for all the work queued on the device since (a
+    device sync there drained the prefill's pipeline at every layer). Without a mark: the sync."""
+    fake, marks, waited = FakeCuda(), [], []
+
+    def mark(device):
+        marks.append(device)
+        return None if device is None else f"release {len(marks)}"
+
+    p = HostPool(64 * MiB, fake.register, fake.unregister, fake.sync, mark, waited.append)
+    t = p.empty((MiB,), torch.float32, "cuda:0")
+    del t
+    assert marks == [torch.device("cuda:0")]
+    u = p.empty((MiB,), torch.float32, "cuda:0")
+    assert waited == ["release 1"] and fake.synced == []
+    ptr = u.data_ptr()
+    del u
+    v = p.empty((MiB,), torch.float32)                      # waits for its second release only
+    assert v.data_ptr() == ptr and waited == ["release 1", "release 2"] and fake.synced == []
+    del v                                                   # last owner named no device: no mark
+    p.empty((MiB,), torch.float32)
+    assert waited == ["release 1", "release 2"] and fake.synced == [None]
+
+
 def test_sizes_round_to_granules_and_reuse_stays_within_the_slack():
     p, fake = pool()
     t = p.empty((3 * MiB + 8,), torch.uint8)

@@ -114,31 +114,6 @@ def test_topk_select_ref_matches_sorted_ranking_and_skips_unselectable():
     assert topk_select_ref(s, 0).shape == (2, 3, 0)
 
 
-@pytest.mark.parametrize("n,k,block", [(100, 5, 16), (1000, 7, 16), (1000, 15, 16), (40, 39, 16), (17, 3, 16),
-                                       (300, 0, 16), (64, 4, 64)])
-def test_topk_select_blocked_is_the_rows_top_k(n, k, block):
-    """Blocks of ``block`` scores keep their top k, then the candidates' top k (recursively): the
-    row's exact top k, ascending, -1 padded, whatever the row length (unselectable entries too)."""
-    from kvsift.kernels.topk_select import topk_select_blocked
-
-    torch.manual_seed(n + k)
-    s = torch.randn(2, 3, n)
-    s[0, 0, ::2] = float("-inf")
-    s[0, 1, 3] = float("nan")
-    s[1, 2, : n - 2] = float("-inf")                       # two selectable: fewer than k
-    calls = []
-
-    def spy(x, kk, dtype):
-        calls.append(x.shape[-1])
-        return topk_select_ref(x, kk, dtype)
-
-    got = topk_select_blocked(s, k, torch.int64, select=spy, block=block)
-    assert torch.equal(got, topk_select_ref(s, k, torch.int64))
-    assert k == 0 or k >= block or max(calls) <= block   # the selector never saw a longer row
-    _check_topk_with_ties(lambda x, kk: topk_select_blocked(x, kk, select=topk_select_ref, block=block),
-                          torch.randint(-3, 4, (2, 3, n)).float(), k)
-
-
 def test_select_chunks_uniform_pages_is_topk_and_skips_masked():
     s = torch.randn(2, 3, 20)
     s[0, 0, :18] = float("-inf")               # only 2 selectable pages there

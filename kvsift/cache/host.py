@@ -13,9 +13,13 @@ block takes 128 MiB).
 (within :data:`REUSE_SLACK`), so a server's steady state locks no new memory: the
 next prompt's layers reuse the last one's blocks. It holds at most ``limit`` bytes in all (blocks
 in use plus cached ones); past it, released blocks are unregistered and freed. A block is
-released when the last tensor viewing it is freed. Before a cached block is handed out again the
-device it was last used with is synchronized: copies or kernels its last owner queued may still
-read or write it.
+released when the last tensor viewing it is freed. The pool then records a CUDA event on the
+releasing thread's current stream of the device its owner used, and waits for that event before
+it hands the block out again, since copies or kernels its last owner queued may still read or
+write it. It waits only for the work queued up to the release, not for everything queued since
+(a device sync would also wait for the new owner's own queued work, e.g. the previous layer's
+host writes). Owners that write a block from another stream order those writes before they free
+it (``ChunkStore`` does).
 
     from kvsift.cache.host import host_pool
     t = host_pool().empty((rows, 128), torch.bfloat16, device)   # None: not pooled (small, no CUDA)
@@ -43,7 +47,7 @@ import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -60,7 +64,8 @@ __all__ = ["HostPool", "host_pool", "pinned_empty", "GRANULE", "MIN_BYTES"]
 class _Block:
     buf: np.ndarray           # (size,) uint8, registered
     size: int
-    device: torch.device | None = None   # the device its last owner used (synchronized before reuse)
+    device: torch.device | None = None   # the device its last owner used
+    done: Any = None                     # its release point on that device (waited for before reuse)
 
 
 def _cuda_register(ptr: int, nbytes: int) -> bool:
@@ -76,6 +81,19 @@ def _sync(device: torch.device | None) -> None:
         torch.cuda.synchronize(device)
 
 
+def _mark(device: torch.device | None) -> Any:
+    """A CUDA event recorded now on the current stream of ``device``, or None (no CUDA device)."""
+    if device is None or device.type != "cuda" or not torch.cuda.is_initialized():
+        return None
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream(device))
+    return ev
+
+
+def _wait(event: Any) -> None:
+    event.synchronize()
+
+
 class HostPool:
     """Registered (page-locked) host blocks, cached for reuse up to ``limit`` bytes in all.
 
@@ -89,19 +107,27 @@ class HostPool:
         ``register(ptr, nbytes) -> bool`` locks host memory, ``unregister(ptr)`` unlocks it
         (default: ``cudaHostRegister`` / ``cudaHostUnregister``; tests pass others).
     sync : callable, optional
-        ``sync(device)`` before a cached block is handed out again (default: synchronize that CUDA
-        device).
+        ``sync(device)`` before a cached block whose release has no mark is handed out again
+        (default: synchronize that CUDA device).
+    mark, wait : callables, optional
+        ``mark(device) -> handle or None`` when a block is released (default: a CUDA event on the
+        current stream of its owner's device), ``wait(handle)`` before it is handed out again
+        (default: wait for that event). A block released without a handle falls back to ``sync``.
     """
 
     def __init__(self, limit: int, register: Callable[[int, int], bool] | None = None,
                  unregister: Callable[[int], None] | None = None,
-                 sync: Callable[[torch.device | None], None] | None = None):
+                 sync: Callable[[torch.device | None], None] | None = None,
+                 mark: Callable[[torch.device | None], Any] | None = None,
+                 wait: Callable[[Any], None] | None = None):
         if limit < 0:
             raise ValueError(f"limit must be >= 0 bytes, got {limit}")
         self.limit = int(limit)
         self._register = register or _cuda_register
         self._unregister = unregister or _cuda_unregister
         self._sync = sync or _sync
+        self._mark = mark or _mark
+        self._wait = wait or _wait
         self._lock = threading.Lock()      # not reentrant: a release inside a locked section queues
         self._cond = threading.Condition(self._lock)   # a reserved block was locked
         self._free: list[_Block] = []      # cached blocks, oldest first
@@ -143,8 +169,11 @@ class HostPool:
                     self.misses += 1
                 else:
                     self.hits += 1
-                    self._sync(block.device)
-                block.device = dev
+                    if block.done is not None:
+                        self._wait(block.done)      # the work its last owner queued before the release
+                    else:
+                        self._sync(block.device)
+                block.device, block.done = dev, None
                 view = block.buf[:nbytes]   # the tensor holds this view; when it is freed, so is the block
                 fin = weakref.finalize(view, self._release, block)
                 fin.atexit = False
@@ -238,6 +267,10 @@ class HostPool:
     def _release(self, block: _Block) -> None:
         """The last tensor viewing ``block`` was freed (any thread, possibly inside a locked
         section of this pool: then it is queued and handled when that section ends)."""
+        try:
+            block.done = self._mark(block.device)
+        except Exception:   # (a finalizer must not raise) no mark: the next owner syncs the device
+            block.done = None
         self._returned.append(block)
         if self._lock.acquire(blocking=False):
             try:

@@ -46,9 +46,36 @@ def rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
 if HAS_TRITON:
 
     @triton.jit
+    def _round_as(x, BF16: tl.constexpr):
+        """fp32 ``x`` rounded to bf16 (``BF16``) or fp16, to nearest even, returned as fp32.
+
+        Integer arithmetic on the bits rather than ``x.to(dtype).to(tl.float32)``: on the H200 that
+        pair gave results one unit in the last place away from PyTorch's products (2026-12-02), and
+        bit operations cannot be contracted or folded away. fp16: subnormals and overflow to inf as
+        IEEE rounds them."""
+        u = x.to(tl.uint32, bitcast=True)
+        if BF16:   # bf16 shares fp32's exponent: round the low 16 bits away
+            u = u + 0x7FFF + ((u >> 16) & 1)
+            u = (u >> 16) << 16
+        else:
+            sign = (u >> 31) << 31
+            a = u & 0x7FFFFFFF
+            e = (a >> 23).to(tl.int32) - 127                       # unbiased exponent
+            n = a + 0xFFF + ((a >> 13) & 1)                         # normal: keep 10 mantissa bits
+            n = (n >> 13) << 13
+            n = tl.where(n > 0x477FE000, 0x7F800000, n)             # above 65504: inf
+            sig = (a & 0x7FFFFF) | 0x800000                         # subnormal: multiples of 2**-24
+            drop = tl.minimum(tl.maximum(-1 - e, 1), 31).to(tl.uint32)
+            one = tl.full(sig.shape, 1, tl.uint32)
+            r = (sig + (one << (drop - 1)) - 1 + ((sig >> drop) & 1)) >> drop
+            sub = (r.to(tl.float32) * 5.9604644775390625e-08).to(tl.uint32, bitcast=True)
+            u = tl.where(e < -14, sub, n) | sign
+        return u.to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _rope_kernel(x_ptr, o_ptr, c_ptr, s_ptr, H, L,
                      sx_b, sx_h, sx_l, so_b, so_h, so_l, sc_b, sc_l, ss_b, ss_l,
-                     HALF: tl.constexpr, BLOCK: tl.constexpr):
+                     HALF: tl.constexpr, BLOCK: tl.constexpr, EXACT: tl.constexpr, BF16: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         pos = pid % L
         h = (pid // L) % H
@@ -66,8 +93,12 @@ if HAS_TRITON:
         s1 = tl.load(sb + offs, mask=m, other=0.0).to(tl.float32)
         s2 = tl.load(sb + HALF + offs, mask=m, other=0.0).to(tl.float32)
         # x * cos + rotate_half(x) * sin, every product and the sum rounded to the dtype (PyTorch's order)
-        lo = (x1 * c1).to(dt).to(tl.float32) + ((-x2) * s1).to(dt).to(tl.float32)
-        hi = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
+        if EXACT:
+            lo = _round_as(_round_as(x1 * c1, BF16) + _round_as((-x2) * s1, BF16), BF16)
+            hi = _round_as(_round_as(x2 * c2, BF16) + _round_as(x1 * s2, BF16), BF16)
+        else:   # fp32: no rounding between the steps
+            lo = x1 * c1 + (-x2) * s1
+            hi = x2 * c2 + x1 * s2
         ob = o_ptr + b * so_b + h * so_h + pos * so_l
         tl.store(ob + offs, lo.to(dt), mask=m)
         tl.store(ob + HALF + offs, hi.to(dt), mask=m)
@@ -83,7 +114,9 @@ def _rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     half = d // 2
     _rope_kernel[(b * h * n,)](x, out, cos, sin, h, n, x.stride(0), x.stride(1), x.stride(2),
                                out.stride(0), out.stride(1), out.stride(2), cb, cos.stride(1), sb, sin.stride(1),
-                               HALF=half, BLOCK=max(16, triton.next_power_of_2(half)), num_warps=1)
+                               HALF=half, BLOCK=max(16, triton.next_power_of_2(half)),
+                               EXACT=x.dtype in (torch.bfloat16, torch.float16), BF16=x.dtype == torch.bfloat16,
+                               num_warps=1)
     return out
 
 

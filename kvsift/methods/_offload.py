@@ -270,6 +270,17 @@ class ChunkStore:
             torch.cuda.current_stream(self.device).wait_event(self._written)
             self._written_ordered = True
 
+    def __del__(self):
+        """The host tensors go back to the pool after this: order the side-stream writes still in
+        flight before the release point the pool records on the current stream (a device-side
+        wait; the pool waits for that point before handing the blocks out again)."""
+        ev = getattr(self, "_written", None)
+        if ev is not None and not getattr(self, "_written_ordered", True):
+            try:
+                torch.cuda.current_stream(self.device).wait_event(ev)
+            except Exception:   # interpreter shutdown
+                pass
+
     def _host_ready(self) -> None:
         """Wait for asynchronous writes to the host store before the host reads or replaces it."""
         if self._written is not None:

@@ -9,9 +9,9 @@ the layer, as in the paper, which sums votes by slot and so assumes every head h
 tokens: not after a head-wise eviction such as SnapKV). The ``budget``
 tokens with the most votes are attended, plus the ``local`` most recently written slots (the
 current token and its neighbours), read in place through a slot table. The top ``budget`` of a
-long cache's votes is ``dispatch.topk_select``: on CUDA the Triton selector over blocks of
-``MAX_N`` votes, then over their candidates (``topk_select_blocked``; exact), not ``torch.topk``
-over the whole row.
+long cache's votes is ``dispatch.topk_select``: ``torch.topk`` over the whole row past the Triton
+selector's ``MAX_N`` (a blocked selection was measured slower on the H200, see
+``kvsift/kernels/topk_select.py``).
 
 Selection cache: consecutive queries are often alike. When the cosine similarity between this
 step's and the previous step's query (mean over heads) is at least ``reuse_threshold``, the
