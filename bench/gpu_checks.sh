@@ -9,6 +9,7 @@
 #   STEPS=serve SERVE_METHODS="full sentencekv" bash bench/gpu_checks.sh   # #16 load figures (carry .stage/tok, .whl)
 #   STEPS=long bash bench/gpu_checks.sh      # #14: a 1M-token prompt (sentencekv+kivi, prefill_offload)
 #   STEPS=profile_prefill bash bench/gpu_checks.sh   # #14: where the prefill goes at 128k (PROF_ARGS=" ": torch.profiler)
+#   STEPS=prefill_tail bash bench/gpu_checks.sh      # #14: torch.profiler over the last chunk at 128k (offload inside)
 # The tests step runs six pytest processes at once (T_TESTS seconds each, default 420).
 set -u
 DEST=${OUT:-bench/out}; R=${RES:-/root/checks}; mkdir -p "$R" "$DEST"
@@ -73,6 +74,13 @@ if step profile_prefill; then   # #14: where sentencekv's prefill and prefill_of
     --methods "${PROF_METHODS:-full,sentencekv:2048,sentencekv:2048:prefill_offload=true:prefill_budget=4096}" \
     ${PROF_ARGS:---no-profile --repeat 2 --alloc} --out "$R/profile_prefill" >"$R/profile_prefill.log" 2>&1
   echo "profile_prefill rc=$? $(( $(date +%s) - t0 )) s"; grep -v "USDT" "$R/profile_prefill.log" | tail -60
+fi
+if step prefill_tail; then   # #14: the last prefill chunk at 128k profiled alone (sentencekv's final offload is in
+  # it), run 2 reusing the host pool; splitter=fixed takes the sentence splitter (a worker thread) out of the run
+  timeout ${T_TAIL:-300} python3 bench/profile_prefill.py --ctx ${PROF_CTX:-131072} --chunk ${PROF_CHUNK:-4096} \
+    --methods "${TAIL_METHODS:-full,sentencekv:2048,sentencekv:2048:splitter=fixed}" --repeat 2 --profile-last-chunk \
+    --top 30 --out "$R/profile_prefill_tail" >"$R/prefill_tail.log" 2>&1
+  echo "prefill_tail rc=$? $(( $(date +%s) - t0 )) s"; grep -v "USDT" "$R/prefill_tail.log" | tail -80
 fi
 if step decode; then
   timeout ${T_DECODE:-220} python3 bench/gpu_decode.py --contexts 131072 --budgets 2048 --batches 1,8 --reps 30 \

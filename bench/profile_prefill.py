@@ -21,7 +21,10 @@ host store, the second reuses it from the pool (what a server's next request see
 first times locking host memory itself: one layer's key block at ``--ctx``, as torch's pinned
 allocator, as a fresh registered block, and as a block reused from the pool. ``--reserve``
 turns on sentencekv's locking of its host store beside the prefill (``KVSIFT_HOST_RESERVE=1``), for
-an A/B run. Tables and JSON are written after each method, so a cut call keeps what finished.
+an A/B run. ``--profile-last-chunk`` profiles the prompt's last prefill chunk alone (every layer
+of it and the final offload hooks; small enough to profile at 128k, where the whole prefill's
+trace outlasted a device call) and reports that window's wall time per method. Tables and JSON
+are written after each method, so a cut call keeps what finished.
 """
 
 from __future__ import annotations
@@ -83,6 +86,44 @@ class _EndTimer:
         return False
 
 
+class _LastChunkProfile:
+    """Runs ``torch.profiler`` from the start of the prompt's last prefill chunk (a forward
+    pre-hook on the first decoder layer, counting the chunks' calls) to the end of the block, and
+    times that window (``seconds``, device synced at both ends)."""
+
+    def __init__(self, model, chunks: int, activities, sync):
+        from torch.profiler import profile
+
+        self.layer0 = model.model.layers[0]
+        self.chunks, self.sync, self.calls, self.seconds = chunks, sync, 0, None
+        self.prof, self._t0, self._handle = profile(activities=activities), None, None
+        self._profile = profile
+
+    def _pre(self, module, args, kwargs=None):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if hidden is None or hidden.shape[1] <= 1:   # decode steps are not prefill chunks
+            return
+        self.calls += 1
+        if self.calls == self.chunks and self._t0 is None:
+            self.sync()
+            self.prof.start()
+            self._t0 = time.perf_counter()
+
+    def __enter__(self):
+        self._handle = self.layer0.register_forward_pre_hook(self._pre, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        if self._t0 is not None:
+            self.sync()
+            self.seconds = time.perf_counter() - self._t0
+            self.prof.stop()
+        else:
+            self.prof = None
+        return False
+
+
 def _alloc_bench(nbytes: int, dev) -> dict:
     """Seconds to get ``nbytes`` of page-locked host memory (and touch it once with a device copy):
     torch's caching pinned allocator (rounded up to a power of two), a newly registered block (the
@@ -136,6 +177,10 @@ def main(argv=None) -> int:
                    help="time the prefill_end hooks with device syncs around each call (the syncs wait for the "
                         "host writes too, so they serialise what otherwise overlaps the next layer: the prefill "
                         "time then includes them)")
+    p.add_argument("--profile-last-chunk", action="store_true",
+                   help="torch.profiler over the last prefill chunk only (from its first layer to the end, so "
+                        "sentencekv's final offload hooks are inside): a window small enough to profile at 128k; "
+                        "its wall time is reported for every method")
     p.add_argument("--out", default="bench/out/profile_prefill")
     args = p.parse_args(argv)
     if args.reserve:
@@ -194,7 +239,13 @@ def main(argv=None) -> int:
             prof = None
             t0 = time.perf_counter()
             with (_EndTimer(sync) if args.time_hooks else contextlib.nullcontext(_EndTimer(sync))) as ends:
-                if args.no_profile:
+                if args.profile_last_chunk:
+                    with _LastChunkProfile(model, -(-len(ids) // args.chunk), acts, sync) as last:
+                        out = llm.generate(ids, one, method=name, budget=budget, method_kwargs=opts or None,
+                                           progress=False)
+                        sync()
+                    prof = last.prof
+                elif args.no_profile:
                     out = llm.generate(ids, one, method=name, budget=budget, method_kwargs=opts or None, progress=False)
                     sync()
                 else:
@@ -209,7 +260,8 @@ def main(argv=None) -> int:
                    "prefill_s": st.prefill_s, "wall_s": wall, "profiled": prof is not None,
                    "prefill_end_s": ends.seconds if args.time_hooks else None,
                    "prefill_end_calls": ends.calls if args.time_hooks else None,
-                   "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+                   "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                   "last_chunk_s": last.seconds if args.profile_last_chunk else None}
             if pool0 is not None:
                 row["host_pool"] = {"locked_new": pool1["misses"] - pool0["misses"],
                                     "reused": pool1["hits"] - pool0["hits"],
@@ -219,6 +271,8 @@ def main(argv=None) -> int:
                      f"{dev.type}; prefill {st.prefill_s:.2f} s (wall {wall:.2f} s{', profiled' if prof else ''}); " +
                      (f"prefill_end hooks {ends.seconds:.2f} s in {ends.calls} calls (synced)" if args.time_hooks else
                       "prefill_end hooks not timed") +
+                     (f"; last chunk {last.seconds:.3f} s (profiled)" if args.profile_last_chunk and last.seconds
+                      else "") +
                      (f"; host blocks locked {row['host_pool']['locked_new']} at the offload, "
                       f"{row['host_pool']['reserved']} beside the prefill, reused {row['host_pool']['reused']}"
                       if pool0 is not None else "")]

@@ -221,6 +221,10 @@ def main(argv=None) -> int:
     ap.add_argument("--join-chunk-size", default="",
                     help="the server's --join-chunk-size (tokens per joining prefill chunk), or a comma list run one "
                          "after another with continuous batching (default: the server's, --chunk-size)")
+    ap.add_argument("--max-batched-tokens", default="",
+                    help="the server's --max-batched-tokens (prompt tokens one prefill forward takes over all its "
+                         "rows: what bounds the running rows' gaps when many requests join at once), or a comma "
+                         "list run one after another (default: the server's, 16384)")
     ap.add_argument("--preempt", choices=("off", "on", "both"), default="off",
                     help="the server's --preempt (with --kv-memory); both: every setting without, then with it")
     ap.add_argument("--chat", action="store_true",
@@ -248,6 +252,12 @@ def main(argv=None) -> int:
         ap.error("--join-chunk-size must be comma-separated integers")
     if any(w is not None and w < 16 for w in widths):
         ap.error("--join-chunk-size values must be >= 16")
+    try:
+        caps = [int(v) for v in str(args.max_batched_tokens).split(",")] if args.max_batched_tokens else [None]
+    except ValueError:
+        ap.error("--max-batched-tokens must be comma-separated integers")
+    if any(c is not None and c < 16 for c in caps):
+        ap.error("--max-batched-tokens values must be >= 16")
     if args.random_8b is not None and (args.random_8b < 1 or not args.tokenizer or args.model):
         ap.error("--random-8b takes a layer count >= 1 and --tokenizer, and no --model")
     if not values or any(v < 1 for v in values) or not 1 <= args.clients <= 256 or args.requests < 1 \
@@ -278,16 +288,19 @@ def main(argv=None) -> int:
         rows = []
         modes = {"on": [True], "off": [False], "both": [False, True]}[
             "off" if args.no_continuous_batching else args.continuous]
-        runs = [(mb, c, jc, jw, pre) for mb in values for c in (modes if mb > 1 else modes[:1])
+        runs = [(mb, c, jc, jw, cap, pre) for mb in values for c in (modes if mb > 1 else modes[:1])
                 for jc in (joins if c and mb > 1 else joins[:1])
                 for jw in (widths if c and mb > 1 else widths[:1])
+                for cap in caps
                 for pre in {"off": [False], "on": [True], "both": [False, True]}[args.preempt]]
-        for mb, cont, jc, jw, pre in runs:
+        for mb, cont, jc, jw, cap, pre in runs:
             cmd = ["--model", model, "--device", args.device, "--no-persist", "--max-batch", str(mb),
                    "--max-waiting", str(4 * args.clients), "--max-tokens-cap", str(args.max_tokens),
                    "--join-chunks", str(jc)]
             if jw is not None and cont and mb > 1:
                 cmd += ["--join-chunk-size", str(jw)]
+            if cap is not None:
+                cmd += ["--max-batched-tokens", str(cap)]
             if args.chunk_size:
                 cmd += ["--chunk-size", str(args.chunk_size)]
             if pre:
@@ -316,18 +329,20 @@ def main(argv=None) -> int:
             res["batches"] = n
             res["requests_per_batch"] = round((res["requests"] - len(res["errors"])) / n, 2) if n else None
             rows.append({"max_batch": mb, "continuous": cont and mb > 1, "join_chunks": jc if cont and mb > 1 else None,
-                         "join_chunk_size": jw if cont and mb > 1 else None, "preempt": pre, **res})
+                         "join_chunk_size": jw if cont and mb > 1 else None, "max_batched_tokens": cap,
+                         "preempt": pre, **res})
             if args.json is not None:  # rows so far, should a later run be cut off
                 args.json.write_text(json.dumps({"partial": True, "model": label, "results": rows}, indent=1))
     finally:
         tmp.cleanup()
 
-    head = ("max-batch", "joins", "join chunks", "chunk tokens", "joined", "preempt", "preemptions", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
+    head = ("max-batch", "joins", "join chunks", "chunk tokens", "batched tokens", "joined", "preempt", "preemptions", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
             "ITL p50 ms", "ITL p99 ms", "p99 from gap 2", "longest at gap 1", "batches", "req/batch",
             "errors")
     table = [head] + [(str(r["max_batch"]), "yes" if r["continuous"] else "no",
                        "-" if r["join_chunks"] is None else ("all" if r["join_chunks"] == 0 else str(r["join_chunks"])),
                        "-" if r.get("join_chunk_size") is None else str(r["join_chunk_size"]),
+                       "-" if r.get("max_batched_tokens") is None else str(r["max_batched_tokens"]),
                        str(r.get("joined", "-")), "yes" if r["preempt"] else "no", str(r["preemptions"]),
                        str(r["throughput_tok_s"]), str(r["ttft_p50_ms"]), str(r["ttft_p99_ms"]),
                        str(r["itl_p50_ms"]), str(r["itl_p99_ms"]), str(r.get("itl_p99_after_first_ms")),

@@ -17,7 +17,7 @@ def test_serve_load_runs_and_reports(tmp_path, default_tokenizer, capsys):
     out = tmp_path / "load.json"
     rc = mod.main(["--clients", "3", "--requests", "1", "--prompt-tokens", "64,48", "--max-tokens", "4",
                    "--max-batch", "1,4", "--chunk-size", "64", "--continuous", "both", "--join-chunks", "0,1",
-                   "--json", str(out)])
+                   "--max-batched-tokens", "64", "--json", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
     rows = report["results"]
@@ -25,9 +25,24 @@ def test_serve_load_runs_and_reports(tmp_path, default_tokenizer, capsys):
     assert [(r["max_batch"], r["continuous"], r["join_chunks"]) for r in rows] == [
         (1, False, None), (4, False, None), (4, True, 0), (4, True, 1)]
     for r in rows:
+        assert r["max_batched_tokens"] == 64                  # each server started with it (a bad value exits)
         assert r["errors"] == [] and r["requests"] == 3 and r["tokens"] == 3 * 4
         assert r["throughput_tok_s"] > 0 and r["ttft_p50_ms"] is not None and r["itl_p99_ms"] is not None
     assert rows[0]["batches"] == 3 and rows[0]["requests_per_batch"] == 1.0  # max-batch 1: one at a time
     assert 1 <= rows[1]["batches"] <= 3
     table = capsys.readouterr().out
     assert "max-batch" in table and "TTFT p50 ms" in table
+
+
+def test_serve_load_rejects_bad_lists_before_starting_a_server(capsys):
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("serve_load", BENCH / "serve_load.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for flag, value, msg in (("--max-batched-tokens", "8", "values must be >= 16"),
+                             ("--max-batched-tokens", "x", "comma-separated integers"),
+                             ("--join-chunk-size", "4", "values must be >= 16")):
+        with pytest.raises(SystemExit) as e:
+            mod.main(["--clients", "2", flag, value])
+        assert e.value.code == 2 and msg in capsys.readouterr().err

@@ -112,6 +112,11 @@ def test_a_wide_batch_prefill_takes_at_most_max_batched_tokens_per_forward(tiny_
     assert r.chunk_bounds(200, full, rows=2)[0] == (0, 48)          # 96 // 2
     assert r.chunk_bounds(200, full, rows=4)[:2] == [(0, 16), (16, 32)]  # 24 -> 16
     assert r.chunk_bounds(200, full, rows=50)[0] == (0, 16)         # never below 16
+    # a joining group's width is the tokens of one forward over all its rows (join_chunk_size)
+    assert r.chunk_bounds(200, full, width=32)[:2] == [(0, 32), (32, 64)]
+    assert r.chunk_bounds(200, full, rows=2, width=64)[:2] == [(0, 32), (32, 64)]   # 64 // 2
+    assert r.chunk_bounds(200, full, rows=3, width=64)[0] == (0, 16)                # 21 -> 16
+    assert r.chunk_bounds(200, full, rows=8, width=64)[0] == (0, 16)                # never below 16
     widths = []
     real = r.forward
     monkeypatch.setattr(r, "forward", lambda ctx, ids, pos: widths.append(ids.shape) or real(ctx, ids, pos))

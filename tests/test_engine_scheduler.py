@@ -524,6 +524,27 @@ def test_join_chunk_size_narrows_a_joining_prefill(tiny_llm, monkeypatch, spec, 
     assert seg[0::2] == joined and seg[1::2] == [1] * len(joined), rest   # a decode step after each chunk
 
 
+def test_join_chunk_size_is_shared_by_prompts_joining_together(tiny_llm, monkeypatch):
+    """Three full-cache prompts that join at one step boundary are prefilled as one padded batch
+    whose forwards hold join_chunk_size tokens over the three rows (48: 16 each), not 48 each, so
+    the running row waits for the same forward however many join; every answer is as alone."""
+    p_a = random_prompt(100, seed=85)
+    joiners = [random_prompt(n, seed=86 + n) for n in (160, 160, 160)]
+    pa, pj = SamplingParams(max_tokens=40, ignore_eos=True), SamplingParams(max_tokens=3, ignore_eos=True)
+    want = [tiny_llm.generate(p_a, pa)[0].token_ids] + [tiny_llm.generate(p, pj)[0].token_ids for p in joiners]
+    shapes = []
+    real = tiny_llm.runner.forward
+    monkeypatch.setattr(tiny_llm.runner, "forward",
+                        lambda ctx, ids, pos: shapes.append(tuple(ids.shape)) or real(ctx, ids, pos))
+    monkeypatch.setattr(tiny_llm, "join_chunk_size", 48)
+    a = tiny_llm.request([p_a], pa)
+    rs = [tiny_llm.request([p], pj) for p in joiners]
+    outs, _ = run_with_joins(tiny_llm, a, {2: rs})
+    assert [outs[r.id].token_ids for r in [a] + rs] == want
+    joined = [s for s in shapes if s[0] == 3 and s[1] > 1]   # the joining group's prefill forwards
+    assert joined and all(s[1] == 16 for s in joined) and sum(s[1] for s in joined) == 160, joined
+
+
 def test_join_chunk_size_is_validated():
     from kvsift.engine.llm import _check_join_chunk_size
 

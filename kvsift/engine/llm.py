@@ -65,8 +65,9 @@ class LLM:
     ``join_chunks``: prefill chunks of requests joining a running batch (continuous batching) run
     between two of its decode steps (default 1: a running sequence waits at most one chunk per
     token; 0: a joining prompt's whole prefill at once). ``join_chunk_size``: tokens per such chunk
-    (default: ``chunk_size``; narrower chunks shorten the running rows' inter-token time at some
-    prefill speed; used only for methods whose prefill does not depend on its chunking,
+    over all the prompts joining together (each gets ``join_chunk_size // prompts``, at least 16;
+    default: ``chunk_size`` each); narrower chunks shorten the running rows' inter-token time at
+    some prefill speed; used only for methods whose prefill does not depend on its chunking,
     ``KVMethod.chunk_invariant``: full, the decode-time selections, sentencekv without
     prefill_offload). ``max_batched_tokens``: prompt tokens one
     prefill forward takes over all rows of a batch (default 16,384): many long prompts prefilled

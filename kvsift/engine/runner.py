@@ -228,10 +228,11 @@ class ModelRunner:
                       width: int | None = None):
         """:meth:`prefill` as a generator that yields (None) after every prefill chunk, so a caller
         can run other work between chunks (the engine decodes its running batch while a joining
-        request's prompt is prefilled); its return value is :meth:`prefill`'s. ``width``: chunks of
-        at most that many tokens instead of ``chunk_size`` (a joining prompt's, so a running row's
-        inter-token time stays short; only for a method whose prefill does not depend on its
-        chunking, :meth:`KVMethod.chunk_invariant`)."""
+        request's prompt is prefilled); its return value is :meth:`prefill`'s. ``width``: forwards
+        of at most that many tokens over all the prompts instead of ``chunk_size`` per prompt
+        (joining prompts', so a running row's inter-token time stays short however many join at
+        once; only for a method whose prefill does not depend on its chunking,
+        :meth:`KVMethod.chunk_invariant`)."""
         # each fresh sequence's reread passes, asked once (methods may count them); none for a context
         passes = [method.reread_passes(run, x, self.tokenizer) for x in ids] if context is None else [[] for _ in ids]
         if self.rows_prefill(method, len(ids), context, rereads=any(passes)):
@@ -332,9 +333,13 @@ class ModelRunner:
         ``fresh``: nothing cached before and no padding, so a longer first chunk needs no mask.
         ``rows``: prompts prefilled together; their chunks together take at most
         ``max_batched_tokens`` tokens (rounded down to 16, at least 16 per row). ``width``: at
-        most this many tokens per chunk (and no longer first chunk) instead of ``chunk_size``."""
+        most this many tokens per forward over all the rows (``width // rows`` per row, rounded down
+        to 16, at least 16; and no longer first chunk) instead of ``chunk_size`` (a joining group's
+        prefill between two decode steps: what the running rows wait for per token)."""
         narrow = width is not None
         width = min(self.chunk_size, width) if narrow else self.chunk_size
+        if narrow and rows > 1:
+            width = max(16, (width // rows) // 16 * 16)
         if rows > 1:
             width = min(width, max(16, (self.max_batched_tokens // rows) // 16 * 16))
         chunk = max(width, method.min_last_chunk())

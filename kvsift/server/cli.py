@@ -53,8 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default 1: a running stream waits at most one chunk per token; 0: the joining "
                         "prompt's whole prefill at once)")
     p.add_argument("--join-chunk-size", type=int, default=None,
-                   help="tokens per such chunk (default: --chunk-size): narrower chunks keep a running "
-                        "stream's inter-token time short while a long prompt joins; used for methods whose "
+                   help="tokens per such chunk over all the prompts joining together (each gets this // their "
+                        "number, at least 16; default: --chunk-size each): narrower chunks keep a running "
+                        "stream's inter-token time short while long prompts join; used for methods whose "
                         "prefill does not depend on its chunking (full, quest, tokenselect, squeezed, sentencekv)")
     p.add_argument("--max-batched-tokens", type=int, default=16384,
                    help="prompt tokens one prefill forward takes over all the prompts prefilled together "
