@@ -194,6 +194,20 @@ def random_8b_dir(path: Path, layers: int, tokenizer: str, max_positions: int) -
     return path
 
 
+def _token_counts(ap: argparse.ArgumentParser, flag: str, value: str) -> list[int | None]:
+    """An optional comma list of token counts (each >= 16, the server's floor); ``[None]`` when
+    empty (the server's default)."""
+    if not value:
+        return [None]
+    try:
+        out = [int(v) for v in str(value).split(",")]
+    except ValueError:
+        ap.error(f"{flag} must be comma-separated integers")
+    if min(out) < 16:
+        ap.error(f"{flag} values must be >= 16")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="served model (default: a tiny random-weight model)")
@@ -246,18 +260,8 @@ def main(argv=None) -> int:
         ap.error("--max-batch, --prompt-tokens and --join-chunks must be comma-separated integers")
     if not joins or min(joins) < 0:
         ap.error("--join-chunks values must be >= 0")
-    try:
-        widths = [int(v) for v in str(args.join_chunk_size).split(",")] if args.join_chunk_size else [None]
-    except ValueError:
-        ap.error("--join-chunk-size must be comma-separated integers")
-    if any(w is not None and w < 16 for w in widths):
-        ap.error("--join-chunk-size values must be >= 16")
-    try:
-        caps = [int(v) for v in str(args.max_batched_tokens).split(",")] if args.max_batched_tokens else [None]
-    except ValueError:
-        ap.error("--max-batched-tokens must be comma-separated integers")
-    if any(c is not None and c < 16 for c in caps):
-        ap.error("--max-batched-tokens values must be >= 16")
+    widths = _token_counts(ap, "--join-chunk-size", args.join_chunk_size)
+    caps = _token_counts(ap, "--max-batched-tokens", args.max_batched_tokens)
     if args.random_8b is not None and (args.random_8b < 1 or not args.tokenizer or args.model):
         ap.error("--random-8b takes a layer count >= 1 and --tokenizer, and no --model")
     if not values or any(v < 1 for v in values) or not 1 <= args.clients <= 256 or args.requests < 1 \
