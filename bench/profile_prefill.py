@@ -23,7 +23,8 @@ allocator, as a fresh registered block, and as a block reused from the pool. ``-
 turns on sentencekv's locking of its host store beside the prefill (``KVSIFT_HOST_RESERVE=1``), for
 an A/B run. ``--profile-last-chunk`` profiles the prompt's last prefill chunk alone (every layer
 of it and the final offload hooks; small enough to profile at 128k, where the whole prefill's
-trace outlasted a device call) and reports that window's wall time per method. Tables and JSON
+trace outlasted a device call) and reports that window's wall time per method, with its timeline as a gzipped Chrome trace
+(``trace_<method>_run<N>.json.gz`` under ``--out``: Perfetto shows the device's idle gaps). Tables and JSON
 are written after each method, so a cut call keeps what finished.
 """
 
@@ -84,6 +85,55 @@ class _EndTimer:
         for cls, orig in self._saved:
             setattr(cls, "prefill_end", orig)
         return False
+
+
+def _file_name(spec: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in spec)
+
+
+def _export_trace(prof, path: Path) -> dict | None:
+    """``prof``'s Chrome trace (chrome://tracing, Perfetto), gzipped; returns :func:`_device_busy`
+    of it."""
+    import gzip
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        data = raw.read_bytes()
+        with gzip.open(path, "wb") as dst:
+            dst.write(data)
+    return _device_busy(json.loads(data))
+
+
+def _device_busy(trace: dict) -> dict | None:
+    """Per device stream of a Chrome trace: the time its kernels, copies and memsets cover (their
+    union, ms), the time it sat idle between its first and last event and its longest gaps; the
+    compute stream is the one with the most events.
+    None without device events (a CPU run)."""
+    spans: dict = {}
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            spans.setdefault(f"{e.get('pid')}/{e.get('tid')}", []).append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
+    if not spans:
+        return None
+    out = {}
+    for stream, iv in spans.items():
+        iv.sort()
+        busy, gaps, (s0, e0) = 0.0, [], iv[0]
+        for s, e in iv[1:]:
+            if s > e0:
+                busy += e0 - s0
+                gaps.append(s - e0)
+                s0, e0 = s, e
+            else:
+                e0 = max(e0, e)
+        busy += e0 - s0
+        out[stream] = {"busy_ms": busy / 1e3, "span_ms": (iv[-1][1] - iv[0][0]) / 1e3,
+                       "idle_ms": sum(gaps) / 1e3, "events": len(iv),
+                       "longest_gaps_ms": [g / 1e3 for g in sorted(gaps, reverse=True)[:5]]}
+    main = max(out, key=lambda k: out[k]["events"])   # the compute stream launches the most
+    return {"compute_stream": main, "streams": out}
 
 
 class _LastChunkProfile:
@@ -236,7 +286,7 @@ def main(argv=None) -> int:
         sync()
         for rep in range(args.repeat):
             pool0 = host_pool().stats() if cuda else None
-            prof = None
+            prof = busy = None
             t0 = time.perf_counter()
             with (_EndTimer(sync) if args.time_hooks else contextlib.nullcontext(_EndTimer(sync))) as ends:
                 if args.profile_last_chunk:
@@ -245,6 +295,8 @@ def main(argv=None) -> int:
                                            progress=False)
                         sync()
                     prof = last.prof
+                    if prof is not None:   # the window's timeline (kernels, copies, the gaps between them)
+                        busy = _export_trace(prof, out_dir / f"trace_{_file_name(spec)}_run{rep + 1}.json.gz")
                 elif args.no_profile:
                     out = llm.generate(ids, one, method=name, budget=budget, method_kwargs=opts or None, progress=False)
                     sync()
@@ -261,7 +313,8 @@ def main(argv=None) -> int:
                    "prefill_end_s": ends.seconds if args.time_hooks else None,
                    "prefill_end_calls": ends.calls if args.time_hooks else None,
                    "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                   "last_chunk_s": last.seconds if args.profile_last_chunk else None}
+                   "last_chunk_s": last.seconds if args.profile_last_chunk else None,
+                   "last_chunk_device": busy}
             if pool0 is not None:
                 row["host_pool"] = {"locked_new": pool1["misses"] - pool0["misses"],
                                     "reused": pool1["hits"] - pool0["hits"],
@@ -273,6 +326,8 @@ def main(argv=None) -> int:
                       "prefill_end hooks not timed") +
                      (f"; last chunk {last.seconds:.3f} s (profiled)" if args.profile_last_chunk and last.seconds
                       else "") +
+                     (f"; compute stream busy {busy['streams'][busy['compute_stream']]['busy_ms']:.1f} ms, idle "
+                      f"{busy['streams'][busy['compute_stream']]['idle_ms']:.1f} ms" if busy else "") +
                      (f"; host blocks locked {row['host_pool']['locked_new']} at the offload, "
                       f"{row['host_pool']['reserved']} beside the prefill, reused {row['host_pool']['reused']}"
                       if pool0 is not None else "")]
