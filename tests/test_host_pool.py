@@ -301,3 +301,29 @@ def test_an_allocation_stops_waiting_for_a_stuck_reservation(monkeypatch):
     assert fut.result() == 1
     st = p.stats()
     assert st["reserved"] == 1 and st["cached"] == 4 * MiB and st["in_use"] == 4 * MiB
+
+
+def test_no_release_mark_inside_a_graph_capture(monkeypatch):
+    """A block released while its device's stream records a CUDA graph (a finalizer the garbage
+    collector runs there) gets no event, which would add work to the graph: its next owner syncs
+    the device instead. Outside a capture it gets one on that stream."""
+    import contextlib
+
+    from kvsift.cache import host
+
+    recorded = []
+
+    class Event:
+        def record(self, stream):
+            recorded.append(stream)
+
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "stream0")
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    assert host._mark(torch.device("cuda:0")) is None and recorded == []
+    capturing[0] = False
+    assert isinstance(host._mark(torch.device("cuda:0")), Event) and recorded == ["stream0"]
+    assert host._mark(torch.device("cpu")) is None and host._mark(None) is None

@@ -82,11 +82,17 @@ def _sync(device: torch.device | None) -> None:
 
 
 def _mark(device: torch.device | None) -> Any:
-    """A CUDA event recorded now on the current stream of ``device``, or None (no CUDA device)."""
+    """A CUDA event recorded now on the current stream of ``device``, or None: no CUDA device, or
+    that stream is recording a CUDA graph (a release inside a capture, e.g. a finalizer the garbage
+    collector runs there, must not add work to it; the next owner then syncs the device)."""
     if device is None or device.type != "cuda" or not torch.cuda.is_initialized():
         return None
+    stream = torch.cuda.current_stream(device)
+    with torch.cuda.stream(stream):
+        if torch.cuda.is_current_stream_capturing():
+            return None
     ev = torch.cuda.Event()
-    ev.record(torch.cuda.current_stream(device))
+    ev.record(stream)
     return ev
 
 

@@ -273,11 +273,16 @@ class ChunkStore:
     def __del__(self):
         """The host tensors go back to the pool after this: order the side-stream writes still in
         flight before the release point the pool records on the current stream (a device-side
-        wait; the pool waits for that point before handing the blocks out again)."""
+        wait; the pool waits for that point before handing the blocks out again). Not inside a CUDA
+        graph capture (the pool records no point there either: the next owner syncs the device)."""
         ev = getattr(self, "_written", None)
         if ev is not None and not getattr(self, "_written_ordered", True):
             try:
-                torch.cuda.current_stream(self.device).wait_event(ev)
+                stream = torch.cuda.current_stream(self.device)
+                with torch.cuda.stream(stream):
+                    if torch.cuda.is_current_stream_capturing():
+                        return
+                stream.wait_event(ev)
             except Exception:   # interpreter shutdown
                 pass
 
