@@ -624,3 +624,77 @@ def test_no_host_reservation_after_an_eviction_or_over_a_context(tiny, monkeypat
     ctx = tiny.prefill_context(prompt(300, seed=25), method="sentencekv", budget=96)
     asked, _ = _reservation_and_store_shapes(tiny, monkeypatch, [prompt(20, seed=26)], "sentencekv", context=ctx)
     assert asked == [None]                                  # a question reads the context's store
+
+
+# ---- the final offload of a batch prefill: the dense path against the general one -----------------------
+def _final_offloads(llm, monkeypatch, ids, spec, dense: bool, **kw):
+    """Every layer's store and device KV right after its final offload, with the dense path
+    (``_offload_dense``) on or off; the tokens; and what the dense path answered per layer."""
+    snaps, took = [], []
+    orig_off, orig_dense = SentenceKV._offload, SentenceKV._offload_dense
+
+    def dense_path(self, *a):
+        took.append(orig_dense(self, *a) if dense else False)
+        return took[-1]
+
+    def offload(self, run, layer, state, ctx, row, final):
+        orig_off(self, run, layer, state, ctx, row, final)
+        if not final:
+            return
+        st = state.store
+        snap = {"pos": layer.positions.clone(), "dev_tokens": state.dev_tokens}
+        valid = layer.positions >= 0                                     # masked filler slots may differ
+        snap["k"] = torch.where(valid[..., None], layer.keys, 0).clone()
+        snap["v"] = torch.where(valid[..., None], layer.values, 0).clone()
+        if st is not None:
+            BH = st.b * st.hk
+            rows = torch.cat([torch.arange(i * st.T, i * st.T + int(st.used[i])) for i in range(BH)])
+            snap["store"] = {"n": st.n, "T": st.T, "max_tokens": st.max_tokens, "used": st.used.clone(),
+                             "starts": st.starts.clone(), "lens": st.lens.clone(), "mean": st.mean.clone(),
+                             **{name: getattr(st, name).clone() for name in ("kmin", "kmax", "ksz")
+                                if getattr(st, name, None) is not None},
+                             **{f"host_{name}": getattr(st, name)[rows].clone() for name in ("k", "v", "pos", "vsz")
+                                if getattr(st, name, None) is not None}}
+        snaps.append(snap)
+
+    monkeypatch.setattr(SentenceKV, "_offload_dense", dense_path)
+    monkeypatch.setattr(SentenceKV, "_offload", offload)
+    monkeypatch.setattr(llm.runner, "prefill_mode", "batch")   # a batch's rows in one padded prefill
+    out = llm.generate(ids, GREEDY, method=spec, budget=96, method_kwargs=kw or None)
+    monkeypatch.undo()
+    return snaps, [o.token_ids for o in out], took
+
+
+@pytest.mark.parametrize("spec,kw", [("sentencekv", {"max_chunk": 16}), ("sentencekv", {"summary": "quest"}),
+                                     ("sentencekv+kivi", {}), ("sentencekv", {"sinks": 0, "recent": 0})])
+def test_dense_final_offload_equals_the_general_path(tiny, monkeypatch, spec, kw):
+    """At the end of a batch prefill the dense path (slices and host arithmetic, one device sync)
+    leaves every layer with the store and device KV the general path (sorts, gathers, host syncs)
+    leaves: one prompt, and a padded batch (prefilled together) with a row too short to offload
+    anything."""
+    for ids in ([prompt(400, seed=31)], [prompt(400, seed=32), prompt(260, seed=33), prompt(20, seed=34)]):
+        fast, tok_fast, took = _final_offloads(tiny, monkeypatch, ids, spec, True, **kw)
+        slow, tok_slow, took_slow = _final_offloads(tiny, monkeypatch, ids, spec, False, **kw)
+        assert took and all(took) and not any(took_slow)
+        assert tok_fast == tok_slow and len(fast) == len(slow) > 0
+        for a, b in zip(fast, slow):
+            assert a.keys() == b.keys() and a["dev_tokens"] == b["dev_tokens"]
+            for name in ("pos", "k", "v"):
+                assert torch.equal(a[name], b[name]), name
+            if "store" in a:
+                sa, sb = a["store"], b["store"]
+                assert sa.keys() == sb.keys()
+                for name in sa:
+                    va, vb = sa[name], sb[name]
+                    assert (torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb), name
+
+
+def test_dense_final_offload_declines_other_layouts(tiny, monkeypatch):
+    """Not the engine's batch layout (a prompt over a reused context: positions start past it) or
+    no offload at all: the dense path declines or does nothing, and the answers are unchanged."""
+    ctx = tiny.prefill_context(prompt(300, seed=35), method="full")
+    took = []
+    orig = SentenceKV._offload_dense
+    monkeypatch.setattr(SentenceKV, "_offload_dense", lambda self, *a: took.append(orig(self, *a)) or took[-1])
+    tiny.generate([prompt(200, seed=36)], GREEDY, method="sentencekv", budget=96, context=ctx)
+    assert took and not any(took)

@@ -327,18 +327,22 @@ class ChunkStore:
 
     # ---- writing -------------------------------------------------------------------------------
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, bh: torch.Tensor,
-               chunk: torch.Tensor, rank: torch.Tensor, n_new: int, row: int | None = None) -> None:
+               chunk: torch.Tensor, rank: torch.Tensor, n_new: int, row: int | None = None,
+               counts: torch.Tensor | None = None) -> None:
         """Add ``n_new`` chunks from ``N`` tokens: ``keys/values (N, head_dim)`` and ``positions
         (N,)`` on the compute device; token ``i`` goes to (batch*kv_heads row ``bh[i]``, new chunk
         ``chunk[i]`` in ``[0, n_new)``, rank ``rank[i]`` in ``[0, L)`` inside its chunk).
 
         ``row=None``: the new chunks follow the stored ones in every batch row. ``row=i``: the tokens
         all belong to batch row ``i``, which must be empty, and become its chunks ``0..n_new-1``
-        (sequences prefilled one at a time into one batch store); other rows are left as they are."""
+        (sequences prefilled one at a time into one batch store); other rows are left as they are.
+        ``counts``: ``(batch*kv_heads, n_new)`` int64 on the host, the tokens of each new chunk, when
+        the caller knows them (then the chunk sizes and, in a fresh store, the host rows needed are
+        known without reading the device)."""
         if n_new <= 0:
             return
         self.own_host()  # rows read from a context's store are copied before this store writes
-        if keys.shape[0] and int(rank.max()) >= self.L:
+        if keys.shape[0] and int(counts.max() if counts is not None else rank.max() + 1) > self.L:
             raise ValueError(f"a chunk holds more than chunk_len={self.L} tokens")
         b, hk, d = self.b, self.hk, self.d
         BH = b * hk
@@ -351,13 +355,18 @@ class ChunkStore:
         base = self.n if row is None else 0
         bh, chunk, rank = bh.long(), chunk.long(), rank.long()
         rowc = bh * n_new + chunk                                       # (N,) row of (BH*n_new)
-        cnt = torch.zeros(BH * n_new, dtype=torch.int64, device=self.device)
-        cnt.index_add_(0, rowc, torch.ones_like(rowc))
-        cnt = cnt.view(BH, n_new)
+        if counts is not None:
+            cnt = counts.to(self.device, torch.int64)
+        else:
+            cnt = torch.zeros(BH * n_new, dtype=torch.int64, device=self.device)
+            cnt.index_add_(0, rowc, torch.ones_like(rowc))
+            cnt = cnt.view(BH, n_new)
         fresh = row is not None or self.max_tokens == 0                 # the written rows hold nothing yet
         new_starts = self.used[:, None] + cnt.cumsum(1) - cnt           # (BH, n_new) token offsets
         used = self.used + cnt.sum(1)
-        self._grow(max(0, base + n_new - self.n), int(used.max()))
+        # tokens per (batch, kv_head) in all: from the host counts when every row was empty
+        tokens = int(counts.sum(1).max()) if counts is not None and self.max_tokens == 0 else int(used.max())
+        self._grow(max(0, base + n_new - self.n), tokens)
         new = slice(base, base + n_new)
         self.starts[rs, :, new] = new_starts.view(b, hk, n_new)[rs]
         self.lens[rs, :, new] = cnt.view(b, hk, n_new)[rs].to(torch.int32)
@@ -442,7 +451,7 @@ class ChunkStore:
                 host.index_copy_(0, flat, src.to("cpu", host.dtype))
         self.used = used
         self.n = max(self.n, base + n_new)
-        self.max_tokens = int(used.max())
+        self.max_tokens = tokens
 
     def max_chunks_within(self, budget: int) -> int:
         """Most chunks of one (batch, kv_head) whose lengths fit in ``budget`` tokens (the width a

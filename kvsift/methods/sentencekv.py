@@ -216,10 +216,14 @@ class SentenceKV(KVMethod):
         position). Prompt tokens get sentence-aligned chunks when the engine passed the prompt ids
         and tokenizer (``ctx.prompt_ids``, ``ctx.tokenizer``); positions before
         them (a reused context) and runs without ids get fixed chunks of ``max_chunk``."""
+        return self._chunk_map(run, ctx, batch, length, device)[0]
+
+    def _chunk_map(self, run: SentenceKVRun, ctx, batch: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_chunks_of_positions` on ``device`` and on the host (computed once per prompt)."""
         ids = ctx.prompt_ids if ctx is not None else None
         key = (batch, length, str(device))
         if run.chunk_map is not None and run.chunk_map[0] == key and run.chunk_map[2] is ids:
-            return run.chunk_map[1]
+            return run.chunk_map[1], run.chunk_map[3]
         cfg = SegmentConfig(self.min_chunk, self.max_chunk, self.splitter)
         tok = ctx.tokenizer if ctx is not None else None
         fixed = torch.arange(length) // self.max_chunk
@@ -239,9 +243,8 @@ class SentenceKV(KVMethod):
                 lens = torch.tensor([e - s for s, e in spans], dtype=torch.long)
                 lab = torch.repeat_interleave(torch.arange(len(spans)), lens)
                 out[i, base: base + len(row)] = lab + nfix
-        out = out.to(device)
-        run.chunk_map = (key, out, ids)
-        return out
+        run.chunk_map = (key, out.to(device), ids, out)
+        return run.chunk_map[1], out
 
     def prefill_end(self, run, layer, query, module, ctx) -> None:
         if layer.k_buf is None or layer.length == 0:
@@ -319,11 +322,23 @@ class SentenceKV(KVMethod):
                 and ctx.row is None and layer.k_buf is not None and layer.length > 0):
             self._offload(run, layer, self._state(layer.state), ctx, None, final=False)
 
+    def _new_store(self, run, ctx, keys: torch.Tensor, batch: int, capacity: int) -> ChunkStore:
+        cache_chunks = self.cache_chunks
+        if cache_chunks is None:
+            cache_chunks = -1 if keys.device.type == "cuda" else 0
+        codec = codec_stage(ctx.method) if ctx is not None else None   # sentencekv+kivi: quantized host KV
+        d = keys.shape[-1]
+        return ChunkStore(batch, keys.shape[1], self.max_chunk, d, keys.dtype, keys.device,
+                          bounds=self.summary == "quest", cache_chunks=cache_chunks, capacity=capacity,
+                          **(codec.store_options(d) if codec is not None else {}))
+
     def _offload(self, run, layer, state: SentenceKVState, ctx, row, final: bool) -> None:
         """Move the layer's prompt KV between the sinks and the recent window to the host store, as
         chunks (their summaries stay on the device); the device keeps the rest, sorted by position.
         ``final=False`` (a prefill chunk under ``prefill_offload``): only whole chunks that end before
         the recent window move, so no chunk is split between two writes."""
+        if final and row is None and state.store is None and self._offload_dense(run, layer, state, ctx):
+            return
         keys, values, pos = layer.keys, layer.values, layer.positions        # (b, hk, n, d), (b, hk, n)
         b, hk, n, d = keys.shape
         sinks, recent = self._window(run)
@@ -350,16 +365,10 @@ class SentenceKV(KVMethod):
         if store is not None and store.b != b and row is None:
             store.repeat_batch(b)
         if store is None:
-            cache_chunks = self.cache_chunks
-            if cache_chunks is None:
-                cache_chunks = -1 if keys.device.type == "cuda" else 0
-            codec = codec_stage(ctx.method) if ctx is not None else None   # sentencekv+kivi: quantized host KV
-            store = ChunkStore(row[1] if row else b, hk, self.max_chunk, d, keys.dtype, keys.device,
-                               bounds=self.summary == "quest", cache_chunks=cache_chunks,
-                               # host store allocated once: rows, or a prompt offloaded as it is prefilled
-                               capacity=max(1, run.prompt_len - sinks - recent) if row or not final else 0,
-                               **(codec.store_options(d) if codec is not None else {}))
-            state.store = store
+            store = state.store = self._new_store(run, ctx, keys, row[1] if row else b,
+                                                  # host store allocated once: rows, or a prompt offloaded as it is prefilled
+                                                  capacity=max(1, run.prompt_len - sinks - recent) if row or not final
+                                                  else 0)
         # chunk labels of the offloaded slots, renumbered 0.. per row
         big = torch.iinfo(torch.int64).max
         first = torch.where(offl, lab, big).amin(dim=(1, 2))                 # (b,)
@@ -390,10 +399,75 @@ class SentenceKV(KVMethod):
         if final:
             self._set_device_tokens(state, keep, row)
 
+    def _offload_dense(self, run, layer, state: SentenceKVState, ctx) -> bool:
+        """:meth:`_offload` at the end of a batch prefill whose layer holds the prompts as the
+        engine wrote them (every head: row ``i`` left-padded by ``L - len_i`` slots, then positions
+        ``0..len_i-1``; checked with one device sync): the same store and device KV, with the
+        offloaded tokens, their chunks and ranks and the kept slots taken as slices and host-side
+        arithmetic on the prompt lengths and the chunk map instead of device sorts and about ten
+        host syncs. False (nothing done) for any other layout."""
+        keys, values, pos = layer.keys, layer.values, layer.positions        # (b, hk, n, d), (b, hk, n)
+        b, hk, n, d = keys.shape
+        ids = ctx.prompt_ids if ctx is not None else None
+        if ids is None or len(ids) != b or not ids or max(len(r) for r in ids) != n:
+            return False
+        lens = [len(r) for r in ids]
+        pads = [n - ln for ln in lens]
+        ar = torch.arange(n)
+        want = torch.stack([torch.where(ar >= p, ar - p, -1) for p in pads]).to(pos.device, pos.dtype)
+        if not torch.equal(pos, want[:, None, :].expand(b, hk, n)):
+            return False
+        sinks, recent = self._window(run)
+        spans = [(sinks, max(sinks, ln - recent)) for ln in lens]            # offloaded positions per row
+        if all(hi == lo for lo, hi in spans):
+            return True   # nothing to offload (as the general path: the device keeps everything)
+        _, lab_host = self._chunk_map(run, ctx, b, n, keys.device)
+        chunks, ranks, n_new = [], [], 0
+        for (lo, hi), lab in zip(spans, lab_host):
+            c = lab[lo:hi] - (lab[lo] if hi > lo else 0)                    # chunk labels renumbered 0.. per row
+            cnt = torch.bincount(c, minlength=1)
+            ranks.append(torch.arange(hi - lo) - (cnt.cumsum(0) - cnt)[c])
+            chunks.append(c)
+            n_new = max(n_new, int(c[-1]) + 1 if hi > lo else 0)
+        counts = torch.stack([torch.bincount(c, minlength=n_new) for c in chunks])   # (b, n_new)
+        counts = counts.repeat_interleave(hk, dim=0)                                 # (b * hk, n_new)
+        # the offloaded tokens in (row, head, position) order, as the general path's nonzero
+        sel = [(i, p + lo, p + hi) for i, ((lo, hi), p) in enumerate(zip(spans, pads)) if hi > lo]
+        total = hk * sum(e - s for _, s, e in sel)
+
+        def gathered(t: torch.Tensor) -> torch.Tensor:   # (b, hk, n, ...) -> (tokens, ...): one copy
+            out = t.new_empty((total, *t.shape[3:]))
+            at = 0
+            for i, s, e in sel:
+                out[at: at + hk * (e - s)].view(hk, e - s, *t.shape[3:]).copy_(t[i, :, s:e])
+                at += hk * (e - s)
+            return out
+
+        k_off, v_off, p_off = gathered(keys), gathered(values), gathered(pos)
+        dev = keys.device
+        bh = torch.cat([torch.arange(i * hk, (i + 1) * hk).repeat_interleave(e - s) for i, s, e in sel])
+        chunk = torch.cat([chunks[i].repeat(hk) for i, _, _ in sel])
+        rank = torch.cat([ranks[i].repeat(hk) for i, _, _ in sel])
+        store = state.store = self._new_store(run, ctx, keys, b, capacity=0)
+        store.append(k_off, v_off, p_off, bh.to(dev), chunk.to(dev), rank.to(dev), n_new, counts=counts)
+        # the device keeps sinks + recent, in position order; shorter rows padded with masked slots
+        kept = [list(range(p, p + min(lo, ln))) + list(range(p + hi, p + ln)) if hi > lo else list(range(p, p + ln))
+                for (lo, hi), p, ln in zip(spans, pads, lens)]
+        m = max(len(k) for k in kept)
+        korder = torch.tensor([k + [k[0] if k else 0] * (m - len(k)) for k in kept], dtype=torch.int64)
+        kvalid = torch.tensor([[True] * len(k) + [False] * (m - len(k)) for k in kept], dtype=torch.bool)
+        korder, kvalid = korder.to(dev)[:, None].expand(b, hk, m), kvalid.to(dev)[:, None].expand(b, hk, m)
+        gi = korder[..., None].expand(b, hk, m, d)
+        kpos = torch.where(kvalid, pos.gather(-1, korder), -1)
+        layer.set_kv(keys.gather(2, gi), values.gather(2, gi), kpos, reserve=None)
+        self._set_device_tokens(state, min(len(k) for k in kept), None)
+        return True
+
     @staticmethod
     def _set_device_tokens(state: SentenceKVState, keep, row) -> None:
-        """The fewest prompt tokens a head keeps on the device, over all rows."""
-        dev = int(keep.sum(-1).min())
+        """The fewest prompt tokens a head keeps on the device, over all rows (``keep``: the kept
+        slots, ``(batch, kv_heads, n)`` bool, or that count already)."""
+        dev = keep if isinstance(keep, int) else int(keep.sum(-1).min())
         if row is not None and state.dev_tokens is not None:  # rows one at a time: the fewest so far
             dev = min(dev, state.dev_tokens)
         state.dev_tokens = dev
