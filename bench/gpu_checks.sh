@@ -76,9 +76,10 @@ if step profile_prefill; then   # #14: where sentencekv's prefill and prefill_of
   echo "profile_prefill rc=$? $(( $(date +%s) - t0 )) s"; grep -v "USDT" "$R/profile_prefill.log" | tail -60
 fi
 if step prefill_tail; then   # #14: the last prefill chunk at 128k profiled alone (sentencekv's final offload is in
-  # it), run 2 reusing the host pool; splitter=fixed takes the sentence splitter (a worker thread) out of the run
-  timeout ${T_TAIL:-300} python3 bench/profile_prefill.py --ctx ${PROF_CTX:-131072} --chunk ${PROF_CHUNK:-4096} \
-    --methods "${TAIL_METHODS:-full,sentencekv:2048,sentencekv:2048:splitter=fixed}" --repeat 2 --profile-last-chunk \
+  # it), run 2 reusing the host pool; @general: the general final offload (A/B of the dense one); splitter=fixed
+  # takes the sentence splitter (a worker thread) out of the run
+  timeout ${T_TAIL:-420} python3 bench/profile_prefill.py --ctx ${PROF_CTX:-131072} --chunk ${PROF_CHUNK:-4096} \
+    --methods "${TAIL_METHODS:-full,sentencekv:2048,sentencekv:2048@general,sentencekv:2048:splitter=fixed}" --repeat 2 --profile-last-chunk \
     --top 30 --out "$R/profile_prefill_tail" >"$R/prefill_tail.log" 2>&1
   echo "prefill_tail rc=$? $(( $(date +%s) - t0 )) s"; grep -v "USDT" "$R/prefill_tail.log" | tail -80
 fi

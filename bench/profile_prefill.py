@@ -87,6 +87,22 @@ class _EndTimer:
         return False
 
 
+@contextlib.contextmanager
+def _general_offload(on: bool):
+    """``on``: sentencekv's dense final offload declines, so every layer takes the general path."""
+    if not on:
+        yield
+        return
+    from kvsift.methods.sentencekv import SentenceKV
+
+    dense = SentenceKV.__dict__["_offload_dense"]
+    SentenceKV._offload_dense = lambda self, *a: False
+    try:
+        yield
+    finally:
+        SentenceKV._offload_dense = dense
+
+
 def _file_name(spec: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in spec)
 
@@ -216,7 +232,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--chunk", type=int, default=1024, help="prefill chunk size")
     p.add_argument("--methods", default="full,sentencekv:2048",
-                   help="comma list of method[:budget[:option=value...]]")
+                   help="comma list of method[:budget[:option=value...]]; a trailing '@general' runs sentencekv's "
+                        "final offload through its general path instead of the dense one")
     p.add_argument("--top", type=int, default=15, help="kernels listed per method")
     p.add_argument("--no-profile", action="store_true", help="no torch.profiler: wall, prefill_end and pool only")
     p.add_argument("--repeat", type=int, default=1, help="runs per method (the second reuses the host pool)")
@@ -277,79 +294,81 @@ def main(argv=None) -> int:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     one = SamplingParams(max_tokens=1, ignore_eos=True)
     for spec in args.methods.split(","):
-        name, budget, opts = parse_system(spec)
-        if cuda:
-            host_pool().clear()   # each method's first run locks its own host memory
-        small = ids[: min(len(ids), 4 * args.chunk)]   # warm-up: kernels compiled, allocator warm
-        llm.generate(small, one, method=name, budget=min(budget, len(small) // 2) if budget else None,
-                     method_kwargs=opts or None, progress=False)
-        sync()
-        for rep in range(args.repeat):
-            pool0 = host_pool().stats() if cuda else None
-            prof = busy = None
-            t0 = time.perf_counter()
-            with (_EndTimer(sync) if args.time_hooks else contextlib.nullcontext(_EndTimer(sync))) as ends:
-                if args.profile_last_chunk:
-                    with _LastChunkProfile(model, -(-len(ids) // args.chunk), acts, sync) as last:
-                        out = llm.generate(ids, one, method=name, budget=budget, method_kwargs=opts or None,
-                                           progress=False)
+        general = spec.endswith("@general")   # sentencekv's general final offload, for an A/B run
+        name, budget, opts = parse_system(spec.removesuffix("@general"))
+        with _general_offload(general):
+            if cuda:
+                host_pool().clear()   # each method's first run locks its own host memory
+            small = ids[: min(len(ids), 4 * args.chunk)]   # warm-up: kernels compiled, allocator warm
+            llm.generate(small, one, method=name, budget=min(budget, len(small) // 2) if budget else None,
+                         method_kwargs=opts or None, progress=False)
+            sync()
+            for rep in range(args.repeat):
+                pool0 = host_pool().stats() if cuda else None
+                prof = busy = None
+                t0 = time.perf_counter()
+                with (_EndTimer(sync) if args.time_hooks else contextlib.nullcontext(_EndTimer(sync))) as ends:
+                    if args.profile_last_chunk:
+                        with _LastChunkProfile(model, -(-len(ids) // args.chunk), acts, sync) as last:
+                            out = llm.generate(ids, one, method=name, budget=budget, method_kwargs=opts or None,
+                                               progress=False)
+                            sync()
+                        prof = last.prof
+                        if prof is not None:   # the window's timeline (kernels, copies, the gaps between them)
+                            busy = _export_trace(prof, out_dir / f"trace_{_file_name(spec)}_run{rep + 1}.json.gz")
+                    elif args.no_profile:
+                        out = llm.generate(ids, one, method=name, budget=budget, method_kwargs=opts or None, progress=False)
                         sync()
-                    prof = last.prof
-                    if prof is not None:   # the window's timeline (kernels, copies, the gaps between them)
-                        busy = _export_trace(prof, out_dir / f"trace_{_file_name(spec)}_run{rep + 1}.json.gz")
-                elif args.no_profile:
-                    out = llm.generate(ids, one, method=name, budget=budget, method_kwargs=opts or None, progress=False)
-                    sync()
-                else:
-                    with profile(activities=acts) as prof:
-                        out = llm.generate(ids, one, method=name, budget=budget, method_kwargs=opts or None,
-                                           progress=False)
-                        sync()
-            wall = time.perf_counter() - t0
-            st = out[0].stats
-            pool1 = host_pool().stats() if cuda else None
-            row = {"system": spec, "run": rep + 1, "ctx": args.ctx, "layers": args.layers, "chunk": args.chunk,
-                   "prefill_s": st.prefill_s, "wall_s": wall, "profiled": prof is not None,
-                   "prefill_end_s": ends.seconds if args.time_hooks else None,
-                   "prefill_end_calls": ends.calls if args.time_hooks else None,
-                   "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                   "last_chunk_s": last.seconds if args.profile_last_chunk else None,
-                   "last_chunk_device": busy}
-            if pool0 is not None:
-                row["host_pool"] = {"locked_new": pool1["misses"] - pool0["misses"],
-                                    "reused": pool1["hits"] - pool0["hits"],
-                                    "reserved": pool1["reserved"] - pool0["reserved"],
-                                    "total_gib": pool1["total"] / 2**30}
-            lines = [f"== {spec} (run {rep + 1}): ctx {args.ctx}, {args.layers} layers, chunk {args.chunk}, "
-                     f"{dev.type}; prefill {st.prefill_s:.2f} s (wall {wall:.2f} s{', profiled' if prof else ''}); " +
-                     (f"prefill_end hooks {ends.seconds:.2f} s in {ends.calls} calls (synced)" if args.time_hooks else
-                      "prefill_end hooks not timed") +
-                     (f"; last chunk {last.seconds:.3f} s (profiled)" if args.profile_last_chunk and last.seconds
-                      else "") +
-                     (f"; compute stream busy {busy['streams'][busy['compute_stream']]['busy_ms']:.1f} ms, idle "
-                      f"{busy['streams'][busy['compute_stream']]['idle_ms']:.1f} ms" if busy else "") +
-                     (f"; host blocks locked {row['host_pool']['locked_new']} at the offload, "
-                      f"{row['host_pool']['reserved']} beside the prefill, reused {row['host_pool']['reused']}"
-                      if pool0 is not None else "")]
-            if prof is not None:
-                ev = prof.key_averages()
-                spans = {e.key: {"cpu_ms": e.cpu_time_total / 1e3, "count": e.count} for e in ev if e.key in RANGES}
-                dev_attr = "device_time_total" if hasattr(ev[0], "device_time_total") else "cuda_time_total"
-                kernels = sorted(((e.key, getattr(e, dev_attr, 0) / 1e3, e.count) for e in ev
-                                  if cuda and getattr(e, dev_attr, 0) > 0 and not e.key.startswith("kvsift.")),
-                                 key=lambda t: -t[1])[: args.top]
-                row["spans"] = spans
-                row["kernels"] = [{"name": k, "device_ms": t, "count": c} for k, t, c in kernels]
-                lines.append(f"{'range':<30} {'calls':>7} {'CPU ms (incl. waits)':>22}")
-                for k in RANGES:
-                    if k in spans:
-                        lines.append(f"{k:<30} {spans[k]['count']:>7} {spans[k]['cpu_ms']:>22.1f}")
-                if kernels:
-                    lines.append(f"{'op or kernel (device time)':<70} {'calls':>7} {'ms':>9}")
-                    lines += [f"{k[:70]:<70} {c:>7} {t:>9.1f}" for k, t, c in kernels]
-            rows.append(row)
-            emit(lines)
-            del out
+                    else:
+                        with profile(activities=acts) as prof:
+                            out = llm.generate(ids, one, method=name, budget=budget, method_kwargs=opts or None,
+                                               progress=False)
+                            sync()
+                wall = time.perf_counter() - t0
+                st = out[0].stats
+                pool1 = host_pool().stats() if cuda else None
+                row = {"system": spec, "run": rep + 1, "ctx": args.ctx, "layers": args.layers, "chunk": args.chunk,
+                       "prefill_s": st.prefill_s, "wall_s": wall, "profiled": prof is not None,
+                       "prefill_end_s": ends.seconds if args.time_hooks else None,
+                       "prefill_end_calls": ends.calls if args.time_hooks else None,
+                       "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                       "last_chunk_s": last.seconds if args.profile_last_chunk else None,
+                       "last_chunk_device": busy}
+                if pool0 is not None:
+                    row["host_pool"] = {"locked_new": pool1["misses"] - pool0["misses"],
+                                        "reused": pool1["hits"] - pool0["hits"],
+                                        "reserved": pool1["reserved"] - pool0["reserved"],
+                                        "total_gib": pool1["total"] / 2**30}
+                lines = [f"== {spec} (run {rep + 1}): ctx {args.ctx}, {args.layers} layers, chunk {args.chunk}, "
+                         f"{dev.type}; prefill {st.prefill_s:.2f} s (wall {wall:.2f} s{', profiled' if prof else ''}); " +
+                         (f"prefill_end hooks {ends.seconds:.2f} s in {ends.calls} calls (synced)" if args.time_hooks else
+                          "prefill_end hooks not timed") +
+                         (f"; last chunk {last.seconds:.3f} s (profiled)" if args.profile_last_chunk and last.seconds
+                          else "") +
+                         (f"; compute stream busy {busy['streams'][busy['compute_stream']]['busy_ms']:.1f} ms, idle "
+                          f"{busy['streams'][busy['compute_stream']]['idle_ms']:.1f} ms" if busy else "") +
+                         (f"; host blocks locked {row['host_pool']['locked_new']} at the offload, "
+                          f"{row['host_pool']['reserved']} beside the prefill, reused {row['host_pool']['reused']}"
+                          if pool0 is not None else "")]
+                if prof is not None:
+                    ev = prof.key_averages()
+                    spans = {e.key: {"cpu_ms": e.cpu_time_total / 1e3, "count": e.count} for e in ev if e.key in RANGES}
+                    dev_attr = "device_time_total" if hasattr(ev[0], "device_time_total") else "cuda_time_total"
+                    kernels = sorted(((e.key, getattr(e, dev_attr, 0) / 1e3, e.count) for e in ev
+                                      if cuda and getattr(e, dev_attr, 0) > 0 and not e.key.startswith("kvsift.")),
+                                     key=lambda t: -t[1])[: args.top]
+                    row["spans"] = spans
+                    row["kernels"] = [{"name": k, "device_ms": t, "count": c} for k, t, c in kernels]
+                    lines.append(f"{'range':<30} {'calls':>7} {'CPU ms (incl. waits)':>22}")
+                    for k in RANGES:
+                        if k in spans:
+                            lines.append(f"{k:<30} {spans[k]['count']:>7} {spans[k]['cpu_ms']:>22.1f}")
+                    if kernels:
+                        lines.append(f"{'op or kernel (device time)':<70} {'calls':>7} {'ms':>9}")
+                        lines += [f"{k[:70]:<70} {c:>7} {t:>9.1f}" for k, t, c in kernels]
+                rows.append(row)
+                emit(lines)
+                del out
     print(f"wrote {out_dir}/profile_prefill.txt and .json")
     return 0
 

@@ -46,3 +46,26 @@ def test_last_chunk_window_on_the_cpu(tmp_path, capsys):
     for name in ("trace_full_run1.json.gz", "trace_sentencekv_64_run1.json.gz"):
         assert json.loads(gzip.decompress((tmp_path / name).read_bytes()))["traceEvents"]
     assert "last chunk" in capsys.readouterr().out
+
+
+def test_general_suffix_runs_the_general_final_offload_and_restores(tmp_path, monkeypatch):
+    from kvsift.methods.sentencekv import SentenceKV
+
+    calls = []
+    real = SentenceKV._offload_dense
+
+    def spy(self, *a):
+        calls.append(1)
+        return real(self, *a)
+
+    monkeypatch.setattr(SentenceKV, "_offload_dense", spy)
+    mod = _mod()
+    args = ["--ctx", "256", "--layers", "2", "--chunk", "64", "--no-profile", "--out", str(tmp_path)]
+    assert mod.main(args + ["--methods", "sentencekv:64"]) == 0
+    seen = len(calls)
+    assert seen > 0                                             # the dense path was asked
+    assert mod.main(args + ["--methods", "sentencekv:64@general"]) == 0
+    assert len(calls) == seen                                   # ...and not under '@general'
+    assert SentenceKV.__dict__["_offload_dense"] is spy         # restored
+    rows = json.loads((tmp_path / "profile_prefill.json").read_text())["rows"]
+    assert rows[0]["system"] == "sentencekv:64@general"
