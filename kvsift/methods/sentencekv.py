@@ -445,11 +445,13 @@ class SentenceKV(KVMethod):
 
         k_off, v_off, p_off = gathered(keys), gathered(values), gathered(pos)
         dev = keys.device
-        bh = torch.cat([torch.arange(i * hk, (i + 1) * hk).repeat_interleave(e - s) for i, s, e in sel])
-        chunk = torch.cat([chunks[i].repeat(hk) for i, _, _ in sel])
-        rank = torch.cat([ranks[i].repeat(hk) for i, _, _ in sel])
+        # per-token rows, chunks and ranks built on the device from one row's worth of each (a
+        # pageable upload of every token's would cost about as much as the syncs saved)
+        bh = torch.cat([torch.arange(i * hk, (i + 1) * hk, device=dev).repeat_interleave(e - s) for i, s, e in sel])
+        chunk = torch.cat([chunks[i].to(dev, torch.int32).repeat(hk) for i, _, _ in sel])
+        rank = torch.cat([ranks[i].to(dev, torch.int32).repeat(hk) for i, _, _ in sel])
         store = state.store = self._new_store(run, ctx, keys, b, capacity=0)
-        store.append(k_off, v_off, p_off, bh.to(dev), chunk.to(dev), rank.to(dev), n_new, counts=counts)
+        store.append(k_off, v_off, p_off, bh, chunk, rank, n_new, counts=counts)
         # the device keeps sinks + recent, in position order; shorter rows padded with masked slots
         kept = [list(range(p, p + min(lo, ln))) + list(range(p + hi, p + ln)) if hi > lo else list(range(p, p + ln))
                 for (lo, hi), p, ln in zip(spans, pads, lens)]
