@@ -226,7 +226,7 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                 if budget > ctx:
                     continue
 
-                def tokens_step(L, bu=budget):   # as the method does it: blocked top-k on CUDA
+                def tokens_step(L, bu=budget):   # as the method does it: dispatch.topk_select
                     idx = dispatch.topk_select(token_votes(L["q"], L["k"], None), bu, torch.int64)
                     return dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], idx, scale)
 

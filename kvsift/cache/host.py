@@ -57,7 +57,7 @@ MIN_BYTES = 1 << 20      # smaller tensors are not pooled (torch's caching pinne
 REUSE_SLACK = 0.25       # a cached block serves a request of at least 1 / (1 + slack) of its size
 RESERVE_WAIT_S = 60.0    # most an allocation waits for a reservation's worker to lock its block
 
-__all__ = ["HostPool", "host_pool", "pinned_empty", "GRANULE", "MIN_BYTES"]
+__all__ = ["HostPool", "host_pool", "pinned_empty", "capturing", "GRANULE", "MIN_BYTES"]
 
 
 @dataclass(eq=False)
@@ -81,16 +81,21 @@ def _sync(device: torch.device | None) -> None:
         torch.cuda.synchronize(device)
 
 
+def capturing(stream) -> bool:
+    """Whether ``stream`` (a CUDA stream) is recording a CUDA graph: a release or a store freed
+    inside a capture (a finalizer the garbage collector runs there) must not add work to it."""
+    with torch.cuda.stream(stream):
+        return torch.cuda.is_current_stream_capturing()
+
+
 def _mark(device: torch.device | None) -> Any:
     """A CUDA event recorded now on the current stream of ``device``, or None: no CUDA device, or
-    that stream is recording a CUDA graph (a release inside a capture, e.g. a finalizer the garbage
-    collector runs there, must not add work to it; the next owner then syncs the device)."""
+    that stream is recording a CUDA graph (:func:`capturing`; the next owner then syncs the device)."""
     if device is None or device.type != "cuda" or not torch.cuda.is_initialized():
         return None
     stream = torch.cuda.current_stream(device)
-    with torch.cuda.stream(stream):
-        if torch.cuda.is_current_stream_capturing():
-            return None
+    if capturing(stream):
+        return None
     ev = torch.cuda.Event()
     ev.record(stream)
     return ev

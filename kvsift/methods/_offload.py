@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from kvsift.cache.host import pinned_empty
+from kvsift.cache.host import capturing, pinned_empty
 from kvsift.cache.quant import SCALE_DTYPE, coded_token_bytes, codes_of, quantize_values, range_params, unpack
 from kvsift.kernels import chunk_fetch as _cf
 from kvsift.kernels._triton import HAS_TRITON, triton_disabled
@@ -279,10 +279,8 @@ class ChunkStore:
         if ev is not None and not getattr(self, "_written_ordered", True):
             try:
                 stream = torch.cuda.current_stream(self.device)
-                with torch.cuda.stream(stream):
-                    if torch.cuda.is_current_stream_capturing():
-                        return
-                stream.wait_event(ev)
+                if not capturing(stream):
+                    stream.wait_event(ev)
             except Exception:   # interpreter shutdown
                 pass
 

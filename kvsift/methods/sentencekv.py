@@ -453,7 +453,7 @@ class SentenceKV(KVMethod):
         store = state.store = self._new_store(run, ctx, keys, b, capacity=0)
         store.append(k_off, v_off, p_off, bh, chunk, rank, n_new, counts=counts)
         # the device keeps sinks + recent, in position order; shorter rows padded with masked slots
-        kept = [list(range(p, p + min(lo, ln))) + list(range(p + hi, p + ln)) if hi > lo else list(range(p, p + ln))
+        kept = [list(range(p, p + lo)) + list(range(p + hi, p + ln)) if hi > lo else list(range(p, p + ln))
                 for (lo, hi), p, ln in zip(spans, pads, lens)]
         m = max(len(k) for k in kept)
         korder = torch.tensor([k + [k[0] if k else 0] * (m - len(k)) for k in kept], dtype=torch.int64)

@@ -140,7 +140,7 @@ class TokenSelect(DecodeSelect):
             cand = (pos >= 0) & (slot < local[0])
         votes = token_votes(q, keys, cand, self.vote)                        # (b, hk, n), -1 = not a candidate
         k = min(run.sel_tokens, n)
-        # (b, hk, k) ascending slots, -1 padded: one or two launches on CUDA (blocks, then candidates)
+        # (b, hk, k) ascending slots, -1 padded (the Triton selector up to MAX_N votes, torch.topk past it)
         sel = topk_select(votes.masked_fill(votes < 0, float("-inf")), k, torch.int64)
         if self.reuse_threshold is not None:
             sel = self._cache(run, layer, q, sel)
