@@ -545,6 +545,31 @@ def test_join_chunk_size_is_shared_by_prompts_joining_together(tiny_llm, monkeyp
     assert joined and all(s[1] == 16 for s in joined) and sum(s[1] for s in joined) == 160, joined
 
 
+def test_narrow_join_widens_once_no_row_is_decoding(tiny_llm, monkeypatch):
+    """A joining group's narrow forwards (join_chunk_size) exist for the running rows' sake: once
+    those are done, the rest of the joiners' prompts goes at the chunk size (64 here), not 16
+    tokens a row to the end; every answer is still as alone."""
+    p_a = random_prompt(100, seed=87)
+    joiners = [random_prompt(400, seed=88 + i) for i in range(3)]
+    pa, pj = SamplingParams(max_tokens=4, ignore_eos=True), SamplingParams(max_tokens=3, ignore_eos=True)
+    want = [tiny_llm.generate(p_a, pa)[0].token_ids] + [tiny_llm.generate(p, pj)[0].token_ids for p in joiners]
+    shapes = []
+    real = tiny_llm.runner.forward
+    monkeypatch.setattr(tiny_llm.runner, "forward",
+                        lambda ctx, ids, pos: shapes.append(tuple(ids.shape)) or real(ctx, ids, pos))
+    monkeypatch.setattr(tiny_llm, "join_chunk_size", 48)
+    a = tiny_llm.request([p_a], pa)
+    rs = [tiny_llm.request([p], pj) for p in joiners]
+    outs, _ = run_with_joins(tiny_llm, a, {1: rs})
+    assert [outs[r.id].token_ids for r in [a] + rs] == want
+    joined = [s[1] for s in shapes if s[0] == 3 and s[1] > 1]   # the joining group's prefill forwards
+    assert sum(joined) == 400, joined
+    narrow = [w for w in joined if w == 16]
+    # a few narrow forwards while a decodes (3 steps after the join), then the chunk size
+    assert 1 <= len(narrow) <= 4 and joined[:len(narrow)] == narrow, joined
+    assert max(joined[len(narrow):]) == 64 and len(joined) < 400 // 16, joined
+
+
 def test_join_chunk_size_is_validated():
     from kvsift.engine.llm import _check_join_chunk_size
 

@@ -483,7 +483,8 @@ class LLM:
                         if joining:  # their prompts are prefilled a chunk per decode step of the others
                             room = max([ctx.cache.reserve] + [r.room(len(p), self.info.max_positions) + 1
                                                               for r in joining for p in r.prompts])
-                            pending = (joining, self._prefill_joining(joining, method, run, room, progress))
+                            pending = (joining, self._prefill_joining(
+                                joining, method, run, room, progress, alone=lambda: all(s.done for s in seqs)))
                     # rows change before the next step (new ones, or rows done since the last step):
                     # nothing may be queued ahead of that
                     # a charge to grow, or preempted rows waiting to come back: rows may change
@@ -608,13 +609,14 @@ class LLM:
                 and (req.method.joins_rows() or at_budget(req)) and (mode == "eager" or not self.runner.kv_arena))
 
     def _prefill_joining(self, new: list[Request], method: KVMethod, run: Run, reserve: int,
-                         progress: bool | None):
+                         progress: bool | None, alone: Callable[[], bool] | None = None):
         """Prefill the requests ``new`` that join a running batch, as a generator that yields after
         every prefill chunk (the caller decodes its running batch in between, so a long prompt
         does not stall it). ``full``'s requests are prefilled as one batch (left padding is exact
         for it); a compressing method's one request at a time, each with its own run (its budget
         resolved against its own prompt), as it would run alone. Stops at a chunk boundary with
-        :class:`PrefillCancelled` once every one of them is cancelled. Returns ``(parts, per_req)``:
+        :class:`PrefillCancelled` once every one of them is cancelled. ``alone()``: true once no
+        running row waits for them (a narrow ``join_chunk_size`` then widens to the chunk size). Returns ``(parts, per_req)``:
         ``parts`` one ``(cache, ctx, logits, rows)`` per prefill, ``per_req[r] = (stats, rows of its
         prefill, method, run)``."""
         runner = self.runner
@@ -630,7 +632,8 @@ class LLM:
             ids_p = [p for r in reqs for p in r.prompts]
             width = self.join_chunk_size if method_p.chunk_invariant() else None
             cache_p, stats_p, (ctx_p, logits_p) = yield from runner.prefill_steps(
-                ids_p, method_p, run_p, context, progress, reserve=reserve, cancel=gone, width=width)
+                ids_p, method_p, run_p, context, progress, reserve=reserve, cancel=gone, width=width,
+                alone=alone)
             parts.append((cache_p, ctx_p, logits_p, len(ids_p)))
             for r in reqs:
                 per_req[r] = (stats_p, len(ids_p), method_p, run_p)

@@ -20,7 +20,7 @@ import inspect
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -225,18 +225,20 @@ class ModelRunner:
 
     def prefill_steps(self, ids: list[list[int]], method: KVMethod, run: Run, context: Context | None,
                       progress: bool | None, reserve: int = 0, cancel: Callable[[], bool] | None = None,
-                      width: int | None = None):
+                      width: int | None = None, alone: Callable[[], bool] | None = None):
         """:meth:`prefill` as a generator that yields (None) after every prefill chunk, so a caller
         can run other work between chunks (the engine decodes its running batch while a joining
         request's prompt is prefilled); its return value is :meth:`prefill`'s. ``width``: forwards
         of at most that many tokens over all the prompts instead of ``chunk_size`` per prompt
         (joining prompts', so a running row's inter-token time stays short however many join at
         once; only for a method whose prefill does not depend on its chunking,
-        :meth:`KVMethod.chunk_invariant`)."""
+        :meth:`KVMethod.chunk_invariant`). ``alone()``, asked before each narrow chunk: true once
+        nothing else waits for these forwards (the running rows are done), and the rest of the
+        prompt then goes at the usual chunk width."""
         # each fresh sequence's reread passes, asked once (methods may count them); none for a context
         passes = [method.reread_passes(run, x, self.tokenizer) for x in ids] if context is None else [[] for _ in ids]
         if self.rows_prefill(method, len(ids), context, rereads=any(passes)):
-            return (yield from self._prefill_rows(ids, method, run, progress, reserve, passes, cancel, width))
+            return (yield from self._prefill_rows(ids, method, run, progress, reserve, passes, cancel, width, alone))
         b, L = len(ids), max(len(x) for x in ids)
         dev = self.device
         tokens = torch.full((b, L), self.pad_id, dtype=torch.long, device=dev)
@@ -264,7 +266,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         logits = None
         try:
-            for s, e in bounds:
+            for s, e in _widening(bounds, alone if width is not None else None,
+                                  lambda s: self.chunk_bounds(L - s, method, fresh=False, rows=b)):
                 _check_cancel(cancel, s)
                 ctx.prefill_end = e == L
                 logits = self.forward(ctx, tokens[:, s:e], pos[:, s:e])
@@ -373,7 +376,7 @@ class ModelRunner:
 
     def _prefill_rows(self, ids: list[list[int]], method: KVMethod, run: Run, progress: bool | None, reserve: int,
                       passes: list[list[list[int]]], cancel: Callable[[], bool] | None = None,
-                      width: int | None = None):
+                      width: int | None = None, alone: Callable[[], bool] | None = None):
         """Prefill one sequence at a time: each row's full KV is on the device only while that row
         runs; at its end the method compresses it (sentencekv writes the chunks into the batch's host
         store), then the rows' remaining device KV is stacked into one batch cache."""
@@ -394,7 +397,8 @@ class ModelRunner:
                                      model_name=self.info.name)
                 tokens = torch.tensor([row], dtype=torch.long, device=dev)
                 pos = torch.arange(len(row), device=dev)[None]
-                for s, e in plan:
+                for s, e in _widening(plan, alone if width is not None else None,
+                                      lambda s, n=len(row): self.chunk_bounds(n - s, method, fresh=False)):
                     _check_cancel(cancel, i + s)
                     ctx.prefill_end = e == len(row)
                     lg = self.forward(ctx, tokens[:, s:e], pos[:, s:e])
@@ -453,6 +457,20 @@ def _chunks(L: int, chunk: int, min_last: int, first: int | None = None) -> list
     if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_last:
         bounds[-2:] = [(bounds[-2][0], L)]
     return bounds
+
+
+def _widening(bounds: list[tuple[int, int]], alone: Callable[[], bool] | None,
+              replan: Callable[[int], list[tuple[int, int]]]) -> Iterator[tuple[int, int]]:
+    """``bounds`` one chunk at a time; once ``alone()`` holds before a chunk starting at ``s``, the
+    rest of the prompt as ``replan(s)`` chunks it (bounds relative to ``s``) instead."""
+    i = 0
+    while i < len(bounds):
+        if alone is not None and alone():
+            s = bounds[i][0]
+            bounds = bounds[:i] + [(s + a, s + z) for a, z in replan(s)]
+            alone = None
+        yield bounds[i]
+        i += 1
 
 
 def _longest(passes: list[list[int]]) -> int:
