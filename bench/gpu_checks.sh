@@ -98,8 +98,9 @@ if step serve; then   # #16: the server under 32 clients of 32k tokens, FIFO vs 
   # default model's tokenizer as an HF directory (here: python3 -c "from transformers import AutoTokenizer;
   # from kvsift.models.loader import _convert_gguf, default_model_path as d;
   # AutoTokenizer.from_pretrained(_convert_gguf(d('qwen2.5-coder-0.5b'))).save_pretrained('.stage/tok')"),
-  # and .whl with fastapi, uvicorn, starlette, pydantic(-core), annotated-types/-doc, typing-inspection,
-  # typing_extensions and opentelemetry-api (the image lacks the server's packages)
+  # and .whl with fastapi, uvicorn, starlette, pydantic(-core), annotated-types, typing-inspection and
+  # opentelemetry-api (the image lacks the server's packages; not typing_extensions: a carried one
+  # shadows the image's and breaks anyio)
   for m in ${SERVE_METHODS:-full sentencekv}; do
     timeout ${T_SERVE:-280} python3 bench/serve_load.py --random-8b ${SERVE_LAYERS:-16} --tokenizer ${TOKENIZER:-.stage/tok} \
       --device cuda --clients ${SERVE_CLIENTS:-32} --requests 1 --prompt-tokens 32768 --max-tokens 64 \

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Issue #15's standard suite on one H200, in parts, as several processes sharing the GPU (one group
+# of methods each: a 1.5B model leaves the GPU idle between a process's launches, so groups running
+# at once cut the wall time), every process resuming from the rows already measured.
+#
+#   NAME=qwen2.5-coder-1.5b LENGTHS=16384 BUDGETS=0.05 TASKS=niah,mk_niah,vt,qa bash bench/suite_h200.sh
+#
+# Rows so far: bench/results/standard_${NAME}_h200.jsonl (committed; ROWS= names another file). It
+# is copied into every process's own output file, so a process skips every cell already measured
+# (by any process of any earlier call); at the end all rows are merged (last row of a key wins)
+# into $OUT/standard.jsonl, returned in a tarball with the logs: copy it over the committed file.
+# Narrowing (LENGTHS, BUDGETS, TASKS, GROUPS) only picks which cells of the suite run first; the
+# rows are the suite's own cells (30 samples, its depths, its ppl tokens), so later calls with other
+# narrowings fill in the rest of the same grid.
+# Needs the model's pieces under /root/m (../shared/tools/stage_model.py NAME, cut to pieces that fit
+# beside the tree, one device call each) and carries .stage/whl (gguf) and .whl (pysbd).
+set -u
+DEST=${OUT:-bench/out}; RES=${RES:-/root/suite}; mkdir -p "$RES" "$DEST"
+NAME=${NAME:-qwen2.5-coder-1.5b}
+M=/root/m/$NAME.gguf
+pip install -q --no-index --no-deps --target /tmp/site .stage/whl/*.whl .whl/*.whl 2>&1 | tail -1
+export PYTHONPATH=/tmp/site:$PWD
+SHA=$(python3 -c "from kvsift.models.registry import get_model; print(get_model('$NAME').sha256)") || exit 1
+if [ ! -f $M ]; then
+  (cd /root/m && cat $NAME.part[0-9][0-9] > $NAME.gguf && echo "$SHA  $NAME.gguf" | sha256sum -c -) || exit 1
+fi
+t0=$(date +%s)
+# de-quantize once here, not in six processes at once
+python3 -c "from pathlib import Path; from kvsift.models.loader import _convert_gguf; print(_convert_gguf(Path('$M')))" 2>&1 | tail -1
+echo "convert $(( $(date +%s) - t0 )) s"
+ROWS=${ROWS:-bench/results/standard_${NAME}_h200.jsonl}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+MINUTES=${MINUTES:-8}
+SEL=()
+[ -n "${LENGTHS:-}" ] && SEL+=(--lengths "$LENGTHS")
+[ -n "${BUDGETS:-}" ] && SEL+=(--budgets "$BUDGETS")
+[ -n "${TASKS:-}" ] && SEL+=(--tasks "$TASKS")
+# groups balanced by cost at 16k-30k (kvzip re-reads the context, h2o scores during decode)
+GROUPS_=${GROUPS:-"full,snapkv,pyramidkv,streaming,chunked adakv,tova,expected_attention h2o kvzip quest,tokenselect,squeezed,decoding sentencekv,kivi,shadowkv,minference,duo"}
+# a cell that starts just before --max-minutes can run minutes past it: every process is stopped
+# KILL_AFTER seconds after the start (its finished cells are already in its file)
+STOP="timeout -s INT ${KILL_AFTER:-540}"
+pids=()
+i=0
+for g in $GROUPS_; do
+  i=$((i+1))
+  [ -f "$ROWS" ] && cp "$ROWS" "$RES/g$i.jsonl"
+  $STOP python3 -m kvsift.cli bench run --suite standard --model $M --methods $g "${SEL[@]}" \
+    --max-minutes $MINUTES --no-progress --mem-fraction ${MEM:-0.12} --out "$RES/g$i.jsonl" > "$RES/g$i.log" 2>&1 &
+  pids+=($!)
+done
+for p in "${pids[@]}"; do wait $p; done
+echo "suite $(( $(date +%s) - t0 )) s"
+nvidia-smi --query-gpu=memory.used,memory.total --format=csv 2>/dev/null | tail -1
+for f in "$RES"/g*.log; do echo "== $f"; grep "^\[bench\] [0-9]\|stopped\|Error\|error" "$f" | tail -30; done
+python3 - "$RES" <<'EOF'
+import json, pathlib, sys
+rows = {}
+for f in sorted(pathlib.Path(sys.argv[1]).glob("g*.jsonl")):
+    for line in f.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            rows[r["key"]] = r
+out = pathlib.Path(sys.argv[1]) / "standard.jsonl"
+out.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+print(f"{len(rows)} cells in {out}")
+EOF
+tar czf "$DEST/suite.tgz" -C "$RES" .
