@@ -9,13 +9,13 @@
 # is copied into every process's own output file, so a process skips every cell already measured
 # (by any process of any earlier call); at the end all rows are merged (last row of a key wins)
 # into $OUT/standard.jsonl, returned in a tarball with the logs: copy it over the committed file.
-# Narrowing (LENGTHS, BUDGETS, TASKS, GROUPS) only picks which cells of the suite run first; the
+# Narrowing (LENGTHS, BUDGETS, TASKS, METHOD_GROUPS) only picks which cells of the suite run first; the
 # rows are the suite's own cells (30 samples, its depths, its ppl tokens), so later calls with other
 # narrowings fill in the rest of the same grid.
 # Needs the model's pieces under /root/m (../shared/tools/stage_model.py NAME, cut to pieces that fit
 # beside the tree, one device call each) and carries .stage/whl (gguf) and .whl (pysbd).
 set -u
-DEST=${OUT:-bench/out}; RES=${RES:-/root/suite}; mkdir -p "$RES" "$DEST"
+DEST=${OUT:-bench/out}; RES=${RES:-/root/suite}; rm -rf "$RES"; mkdir -p "$RES" "$DEST"   # nothing left from an earlier call
 NAME=${NAME:-qwen2.5-coder-1.5b}
 M=/root/m/$NAME.gguf
 pip install -q --no-index --no-deps --target /tmp/site .stage/whl/*.whl .whl/*.whl 2>&1 | tail -1
@@ -36,7 +36,7 @@ SEL=()
 [ -n "${BUDGETS:-}" ] && SEL+=(--budgets "$BUDGETS")
 [ -n "${TASKS:-}" ] && SEL+=(--tasks "$TASKS")
 # groups balanced by cost at 16k-30k (kvzip re-reads the context, h2o scores during decode)
-GROUPS_=${GROUPS:-"full,snapkv,pyramidkv,streaming,chunked adakv,tova,expected_attention h2o kvzip quest,tokenselect,squeezed,decoding sentencekv,kivi,shadowkv,minference,duo"}
+GROUPS_=${METHOD_GROUPS:-"full,snapkv,pyramidkv,streaming,chunked adakv,tova,expected_attention h2o kvzip quest,tokenselect,squeezed,decoding sentencekv,kivi,shadowkv,minference,duo"}
 # a cell that starts just before --max-minutes can run minutes past it: every process is stopped
 # KILL_AFTER seconds after the start (its finished cells are already in its file)
 STOP="timeout -s INT ${KILL_AFTER:-540}"
