@@ -252,10 +252,14 @@ def test_out_of_memory_halves_the_batch():
 
 def test_estimate_batch_size():
     shape = dict(num_layers=28, num_kv_heads=2, head_dim=128, dtype_bytes=2, num_q_heads=12)  # Qwen2.5-1.5B, bf16
-    per_seq = 2 * 28 * 2 * 128 * 2 * 30017 + 3 * 12 * 512 * 30017
+    from kvsift.engine.attention import MASK_ELEMENTS
+
+    per_seq = 2 * 28 * 2 * 128 * 2 * 30017 + 16 * 12 * 128 * 2 * 512   # full KV + one chunk's activations
     free = 100 * 2**30
-    assert estimate_batch_size(free, 30000, 16, **shape) == int(0.5 * free // per_seq) == 37
-    assert estimate_batch_size(free, 30000, 16, fraction=0.25, **shape) == int(0.25 * free // per_seq)
+    # no per-sequence mask: an unpadded batch builds none, a padded one at most MASK_ELEMENTS per call
+    assert estimate_batch_size(free, 30000, 16, **shape) == int((0.5 * free - 3 * MASK_ELEMENTS) // per_seq) == 59
+    assert estimate_batch_size(free, 30000, 16, fraction=0.25, **shape) == \
+        int((0.25 * free - 3 * MASK_ELEMENTS) // per_seq)
     assert estimate_batch_size(free, 4096, 16, cap=16, **shape) == 16
     assert estimate_batch_size(2**20, 30000, 16, **shape) == 1
     assert estimate_batch_size(0, 30000, 16, **shape) == 1

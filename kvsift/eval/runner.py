@@ -241,15 +241,20 @@ def estimate_batch_size(free_bytes: int, prompt_tokens: int, max_new_tokens: int
     """How many sequences of ``prompt_tokens`` (+ ``max_new_tokens``) fit: the batch's bytes at most
     ``fraction`` of ``free_bytes``. Per sequence it counts the full KV of the whole sequence (what
     the full cache and the decode-time methods hold; eviction methods hold less, so this is
-    conservative for them) plus the boolean padding mask of one prefill chunk and its fp16 copy
-    (``3 * q_heads * chunk * tokens`` bytes: prompts of a cell differ by a few tokens, so a batch
-    prefill is padded). Clamped to ``[1, cap]``."""
+    conservative for them) and the activations of one prefill chunk (about 16 hidden-size vectors
+    per token: q/k/v/o, the MLP's gate and up projections, residuals). Once per batch it counts the
+    largest masked attention call (a padded batch's mask blocks, at most
+    :data:`~kvsift.engine.attention.MASK_ELEMENTS` booleans and their additive fp16 copy; an
+    unpadded batch builds none). Clamped to ``[1, cap]``."""
+    from kvsift.engine.attention import MASK_ELEMENTS
+
     if prompt_tokens < 1 or free_bytes <= 0:
         return 1
     n = prompt_tokens + max_new_tokens + 1
     kv = 2 * num_layers * num_kv_heads * head_dim * dtype_bytes * n
-    mask = 3 * (num_q_heads or num_kv_heads) * min(chunk_size, prompt_tokens) * n
-    return int(max(1, min(cap, (fraction * free_bytes) // (kv + mask))))
+    act = 16 * (num_q_heads or num_kv_heads) * head_dim * dtype_bytes * min(chunk_size, prompt_tokens)
+    room = fraction * free_bytes - 3 * MASK_ELEMENTS
+    return int(max(1, min(cap, room // (kv + act))))
 
 
 def _is_oom(e: BaseException) -> bool:
