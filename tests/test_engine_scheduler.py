@@ -351,8 +351,8 @@ def test_no_join_where_it_would_not_be_exact(tiny_llm, default_tokenizer):
 
     ids = [random_prompt(40, seed=94)]
     p = SamplingParams(max_tokens=4, ignore_eos=True)
-    for spec in ("quest", "kivi", "snapkv+kivi", "decoding(snapkv)", "sentencekv+kivi",
-                 "chunked(tova)"):   # pages or windows by slot, or the KV stored in another form
+    for spec in ("kivi", "snapkv+kivi", "decoding(snapkv)", "sentencekv+kivi",
+                 "chunked(tova)"):   # windows by slot, or the KV stored in another form
         assert not tiny_llm.joins_running(tiny_llm.request(ids, p, method=spec, budget=16)), spec
     held = tiny_llm.request(ids, p, method="sentencekv", budget=16, method_kwargs={"reselect_every": 2})
     assert not tiny_llm.joins_running(held)   # a held selection is per batch step
@@ -370,6 +370,32 @@ def test_no_join_where_it_would_not_be_exact(tiny_llm, default_tokenizer):
     asked = []
     out = list(arena.run_batch([r], join=lambda running, rows: asked.append(rows) or []))
     assert asked == [] and out[-1][1].output.token_ids == tiny_llm.generate(ids, p)[0].token_ids
+
+
+@pytest.mark.parametrize("mode,spec", [("eager", "quest"), ("static", "quest"), ("eager", "snapkv+quest")])
+def test_quest_requests_of_other_lengths_join_and_get_their_answers_alone(tiny_llm, default_tokenizer, mode, spec):
+    """quest's pages count each row's own tokens (its prompt, then its decode tokens after the
+    padding that stacking puts between them), and its summaries are rebuilt from the stacked
+    buffer: requests of other prompt lengths with the same tokens per step join a running batch
+    and each gets its answer alone; another budget waits (join key)."""
+    from kvsift import LLM
+
+    llm = tiny_llm if mode == "eager" else LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64,
+                                                          decode_mode="static")
+    ps = [random_prompt(n, seed=190 + n) for n in (130, 75, 203)]
+    pr = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (20, 9, 12)]
+    kw = {"decode_budget": 32} if spec != "quest" else {}
+    budget = 32 if spec == "quest" else 64
+    want = [tiny_llm.generate(x, q, method=spec, budget=budget, method_kwargs=kw)[0].token_ids
+            for x, q in zip(ps, pr)]
+    a, b, c = (llm.request([x], q, method=spec, budget=budget, method_kwargs=kw) for x, q in zip(ps, pr))
+    assert llm.joins_running(a) and join_key(a) == join_key(b) == join_key(c)
+    other = (llm.request([ps[0]], pr[0], method=spec, budget=48) if spec == "quest" else   # another step budget
+             llm.request([ps[0]], pr[0], method=spec, budget=budget, method_kwargs={"decode_budget": 48}))
+    assert join_key(a) != join_key(other)
+    outs, rows = run_with_joins(llm, a, {2: [b], 6: [c]})
+    assert [outs[r.id].token_ids for r in (a, b, c)] == want
+    assert max(rows) >= 2
 
 
 @pytest.mark.parametrize("spec,budget", [("full", None), ("snapkv", 0.5), ("adakv", 0.5), ("duo", 0.5)])

@@ -85,3 +85,77 @@ def test_page_selection_validates_and_expands():
     scores = torch.tensor([[[0.5, float("-inf"), 2.0, 1.0]]])
     assert top_pages(scores, 2, tail_page=torch.tensor([3])).tolist() == [[[2, 3, 3]]]
     assert top_pages(scores, 0).shape == (1, 1, 0)
+
+
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_quest_in_a_padded_batch_selects_as_alone(tiny_llm, default_tokenizer, mode):
+    """A row's pages are counted from its first real token: in a left-padded batch (prompts of
+    180, 219 and 220 tokens, pages of 16) every row selects the pages it selects alone, so its
+    tokens are the ones alone; the bounds kept on append equal bounds rebuilt from the buffer."""
+    from kvsift import LLM
+
+    llm = tiny_llm if mode == "eager" else LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64,
+                                                          decode_mode="static")
+    ps = [random_prompt(n, seed=140 + n) for n in (180, 219, 220)]
+    p = SamplingParams(max_tokens=24, ignore_eos=True)
+    want = [tiny_llm.generate(x, p, method="quest", budget=48)[0].token_ids for x in ps]
+    outs = llm.generate(ps, p, method="quest", budget=48)
+    assert [o.token_ids for o in outs] == want
+    assert all(o.stats.decode_mode == mode for o in outs)
+
+
+def test_quest_in_a_padded_batch_attends_to_the_positions_it_attends_to_alone(tiny_llm, monkeypatch):
+    """Sharper than the tokens (a tiny random model's tokens barely depend on which pages it
+    reads): at every decode step and layer, each row of a left-padded batch attends to exactly the
+    prompt and decode positions it attends to alone."""
+    from kvsift.methods.quest import Quest
+
+    seen: list = []
+    real = Quest.plan
+
+    def plan(self, run, layer, query, ctx):
+        sel = real(self, run, layer, query, ctx)
+        if sel is not None:
+            slots = sel.own_slots()
+            ok = (slots >= 0) & (slots < layer.positions.shape[2])
+            pos = layer.positions.gather(2, slots.clamp(min=0, max=layer.positions.shape[2] - 1))
+            pos = torch.where(ok & (pos >= 0), pos, -1)
+            seen.append([sorted(set(pos[i, 0].tolist()) - {-1}) for i in range(pos.shape[0])])
+        return sel
+
+    monkeypatch.setattr(Quest, "plan", plan)
+    m = build_method("quest", 48)
+    ps = [random_prompt(n, seed=160 + n) for n in (150, 187, 203)]
+    alone = []
+    for x in ps:
+        seen.clear()
+        decode_greedy(tiny_llm, m, [x], 12)
+        alone.append([s[0] for s in seen])
+    seen.clear()
+    decode_greedy(tiny_llm, m, ps, 12)
+    assert len(seen) == len(alone[0]) > 0
+    for i in range(len(ps)):
+        assert [s[i] for s in seen] == alone[i], i
+
+
+def test_ranked_pages_follow_appended_tokens(tiny_llm):
+    """Left padding: the summaries by rank kept on append equal :func:`_ranked` rebuilt from the
+    buffer after the decode steps, and every slot table entry names the slot of that rank."""
+    from kvsift.methods.quest import _ranked
+
+    m = build_method("quest", 32, page=8)
+    ids = [random_prompt(n, seed=150 + n) for n in (70, 101)]
+    cache, _, _ = decode_greedy(tiny_llm, m, ids, 21)
+    for layer in cache.layers:
+        st = layer.state["quest"]
+        assert st.slot_of is not None
+        lo, hi, filled, slot_of, count = _ranked(layer.keys, layer.positions, 8, st.pages, st.slot_of.shape[2])
+        assert torch.equal(st.count, count)
+        torch.testing.assert_close(st.kmin[filled], lo[filled])
+        torch.testing.assert_close(st.kmax[filled], hi[filled])
+        assert torch.equal(st.filled, filled) and torch.equal(st.slot_of, slot_of)
+        # each row's tokens are positions 0 .. count-1: rank r sits in the slot holding position r
+        pos = layer.positions.gather(2, slot_of.clamp(min=0)).long()
+        ranks = torch.arange(slot_of.shape[2]).expand_as(slot_of)
+        assert bool(((slot_of < 0) == (ranks >= count)).all())
+        assert bool(torch.where(slot_of >= 0, pos == ranks, True).all())

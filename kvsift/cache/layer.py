@@ -328,15 +328,16 @@ class SiftLayer(CacheLayerMixin):
 
     def slot_keys(self, slots: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Keys at ``slots (s,)`` int64 device slots ``(batch, kv_heads, s, head_dim)``; without
-        ``slots``, ``(keys, positions)`` of the used slots. Quantized slots come dequantized (a
-        copy), so decode-time selection (Quest) reads either layout."""
+        ``slots``, ``(keys, positions)`` of the used slots (static decode: of the whole buffer, whose
+        unwritten slots hold position -1, since ``length`` catches up only when it ends). Quantized
+        slots come dequantized (a copy), so decode-time selection (Quest) reads either layout."""
         if self.quant is not None:
             if slots is None:
-                k, _, p = self.quant.dense(self.quant.length)
+                k, _, p = self.quant.dense()
                 return k, p
             return self.quant.slot_keys(slots)
         if slots is None:
-            return self.keys, self.positions
+            return (self.k_buf, self.pos_buf) if self.wslot is not None else (self.keys, self.positions)
         return self.k_buf.index_select(2, slots)
 
     def replace_oldest(self, limit: int, protect_below: int = 0) -> None:

@@ -23,8 +23,8 @@ sequences and within memory. Two requests batch when their results do not depend
   reproduces only alone: it never batches);
 * prompts of one length, except for ``full`` (no compression): its batches are left-padded and
   each row attends to its own tokens only. A compressing method resolves a ratio budget against
-  the batch's longest prompt and left padding shifts page boundaries (quest), so its requests
-  batch only with requests whose prompts have the same length;
+  the batch's longest prompt, so its requests batch only with requests whose prompts have the
+  same length;
 * nobody's token limit shrinks: with padding the batch's longest prompt bounds every row's room
   before ``max_positions``.
 
@@ -154,7 +154,7 @@ class Request:
 
 def pads_exactly(method: "KVMethod") -> bool:
     """Whether a left-padded batch gives each row what it gets alone with ``method`` (``full``:
-    nothing is resolved against the batch's longest prompt, no page boundaries move)."""
+    nothing is resolved against the batch's longest prompt)."""
     return method.name == "full"
 
 

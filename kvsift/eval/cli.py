@@ -80,8 +80,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="samples per model call (default auto: 1 on CPU; on CUDA what a KV-memory estimate allows)")
     r.add_argument("--batch-padding", action="store_true",
                    help="let a batch mix prompt lengths (left padding: fewer, larger batches; but a ratio budget is "
-                        "then resolved against the batch's longest prompt and quest's pages shift, so some methods "
-                        "answer differently than one at a time)")
+                        "then resolved against the batch's longest prompt, so some methods answer differently than "
+                        "one at a time)")
     r.add_argument("--mem-fraction", type=float, default=0.5,
                    help="auto batch size: the batch's estimated KV bytes stay under this fraction of free GPU memory")
     r.add_argument("--max-batch", type=int, default=64, help="auto batch size: at most this many sequences")

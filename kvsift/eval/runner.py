@@ -507,8 +507,8 @@ def run_cell(backend: Backend, samples: list[Sample], task: str, method: str, bu
     Generation samples go to the backend in batches of ``batch_size`` (``None``: the backend's
     ``auto_batch_size``, 1 if it has none) of equal ``max_new_tokens`` and, unless ``pad``, equal
     prompt length, so that no batch is padded and a sample's answer does not depend on its batch
-    mates (in a padded batch the engine resolves a ratio budget against the longest prompt, and
-    left padding shifts page boundaries such as quest's; the prompts of a cell mostly have
+    mates (in a padded batch the engine resolves a ratio budget against the longest prompt; the
+    prompts of a cell mostly have
     exactly ``length`` tokens, a few one or two fewer). Per-sample entries keep the sample order. A batch that runs out
     of memory is retried in halves (after ``backend.free_memory()``), and the smaller size is kept
     for the rest of the cell. Perplexity samples are scored one at a time.

@@ -1,10 +1,14 @@
 """``quest``: Quest (Tang et al., 2024, arXiv 2406.10774) - query-aware page selection at decode.
 
-The layer's buffer is cut into pages of ``page`` slots. Each page keeps per-channel min and max of
+Each row's tokens are cut into pages of ``page`` tokens, counted from its first one in slot order
+(so padding before a prompt, or between a prompt and the decode slots of a batch it joined, moves
+no page: the row reads the pages it reads alone). Each page keeps per-channel min and max of
 its keys; at every decode step the query scores every complete page with the upper bound
 ``sum_d max(q_d * kmin_d, q_d * kmax_d)`` of ``q . k`` over the page (GQA groups reduced by
 ``reduce``), the best ``budget // page`` pages are attended together with the page being filled
-(which holds the newest tokens), read in place through a slot table (no KV copies on CUDA).
+(which holds the newest tokens), read in place through a slot table (no KV copies on CUDA): page
+indices where a row's tokens fill slots 0 .., else the pages' slots through the row's rank-to-slot
+table (:class:`QuestState`).
 
 The full KV stays on the device: Quest saves reads, not memory. It composes after an eviction
 (``snapkv+quest``: SnapKV keeps its budget at prefill, Quest selects among what is kept at
@@ -28,16 +32,27 @@ from kvsift.methods.base import DecodeSelect, LayerState, Selection, register, t
 class QuestState(LayerState):
     """Page summaries of one layer: ``kmin``/``kmax`` ``(batch, kv_heads, n_pages, head_dim)`` and
     ``filled (batch, kv_heads, n_pages)`` bool (the page holds at least one real token), for pages
-    covering the whole buffer (room for decode tokens included)."""
+    covering the whole buffer (room for decode tokens included).
+
+    A page is ``page`` consecutive real tokens of a row, counted from its first one, as when the row
+    runs alone. Where every row's real tokens fill slots ``0 ..`` (one prompt, or a batch of equal
+    lengths) a token's rank among them is its slot, and pages are slot ranges (``slot_of`` None).
+    Otherwise (left padding, rows of other lengths stacked into a running batch with padding
+    between their prompt and the common decode slots) ``slot_of (batch, kv_heads, capacity)`` int64
+    maps a rank to its slot (-1: none yet) and ``count (batch, kv_heads, 1)`` int64 counts each
+    row's real tokens, so every row's pages are the ones it has alone."""
 
     kmin: torch.Tensor | None = None
     kmax: torch.Tensor | None = None
     filled: torch.Tensor | None = None
     page_ids: torch.Tensor | None = None   # (n_pages,) int64: 0 .. n_pages-1
+    slot_of: torch.Tensor | None = None
+    count: torch.Tensor | None = None
 
     def repeat_batch(self, times: int) -> None:
-        for name in ("kmin", "kmax", "filled"):
-            setattr(self, name, getattr(self, name).repeat_interleave(times, 0))
+        for name in ("kmin", "kmax", "filled", "slot_of", "count"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).repeat_interleave(times, 0))
 
     @property
     def pages(self) -> int:
@@ -61,6 +76,28 @@ def _bounds(keys: torch.Tensor, positions: torch.Tensor, page: int, pages: int):
     filled[:, :, :m] = valid[:, :, :m]
     return (lo.view(b, h, pages, page, d).amin(3), hi.view(b, h, pages, page, d).amax(3),
             filled.view(b, h, pages, page).any(3))
+
+
+def _ranked(keys: torch.Tensor, positions: torch.Tensor, page: int, pages: int, capacity: int):
+    """:func:`_bounds` over each row's real tokens in slot order (padding and holes skipped), plus
+    ``slot_of (batch, kv_heads, capacity)`` (rank -> slot, -1 past the row's tokens) and ``count
+    (batch, kv_heads, 1)``."""
+    b, h, n, d = keys.shape
+    valid = positions >= 0
+    rank = valid.long().cumsum(-1) - 1                                       # (b, h, n)
+    count = valid.sum(-1, keepdim=True)                                      # (b, h, 1)
+    dump = pages * page                                                      # padding goes past the pages
+    where = torch.where(valid, rank, dump)
+    slot_of = torch.full((b, h, max(capacity, dump) + 1), -1, dtype=torch.long, device=keys.device)
+    slot_of.scatter_(2, where, torch.arange(n, device=keys.device).expand(b, h, n))
+    slot_of = slot_of[:, :, :capacity].contiguous()
+    dense = torch.zeros(b, h, dump + 1, d, dtype=keys.dtype, device=keys.device)
+    dense.scatter_(2, where[..., None].expand(b, h, n, d), keys)
+    pos = torch.full((b, h, dump + 1), -1, dtype=positions.dtype, device=keys.device)
+    pos.scatter_(2, where, torch.where(valid, positions, -1))
+    pos[:, :, dump] = -1
+    lo, hi, filled = _bounds(dense[:, :, :dump], pos[:, :, :dump], page, pages)
+    return lo, hi, filled, slot_of, count
 
 
 @register("quest")
@@ -92,6 +129,18 @@ class Quest(DecodeSelect):
         if self.reduce not in ("max", "mean"):
             raise ValueError(f"reduce must be 'max' or 'mean', got {self.reduce!r}")
 
+    def joins_rows(self) -> bool:
+        """Rows stacked into a running batch select as alone: a row's pages are counted from its
+        first real token whatever padding sits before or after its prompt (:class:`QuestState`),
+        and the summaries are rebuilt from the new batch's buffer at its first step."""
+        return True
+
+    def join_token(self, run) -> int:
+        return run.sel_tokens  # the batch run's tokens attended per step: joined rows must share it
+
+    def restack_state(self, layer, sources) -> None:
+        layer.state.pop(self.name, None)   # rebuilt from the stacked buffer by the next plan
+
     def _summaries(self, layer) -> QuestState:
         """This layer's summaries, (re)built when the buffer outgrew them (first decode step, or a
         grown buffer: host-side shapes only, never inside a graph recording)."""
@@ -99,8 +148,12 @@ class Quest(DecodeSelect):
         pages = math.ceil(layer.slot_capacity / self.page)
         if st is None or st.pages < pages:
             keys, pos = layer.slot_keys()  # the used slots (dequantized when the layer is quantized)
-            lo, hi, filled = _bounds(keys, pos, self.page, pages)
-            st = QuestState(lo, hi, filled, torch.arange(pages, device=lo.device))
+            if bool((pos >= 0).all()):     # every row's tokens fill slots 0 .. (one host sync per build)
+                lo, hi, filled = _bounds(keys, pos, self.page, pages)
+                st = QuestState(lo, hi, filled, torch.arange(pages, device=lo.device))
+            else:
+                lo, hi, filled, slot_of, count = _ranked(keys, pos, self.page, pages, layer.slot_capacity)
+                st = QuestState(lo, hi, filled, torch.arange(pages, device=lo.device), slot_of, count)
             layer.state[self.name] = st
         return st
 
@@ -111,6 +164,17 @@ class Quest(DecodeSelect):
         if st is None or st.pages * self.page < layer.slot_capacity:
             return  # built (from the buffer, these keys included) by the next plan
         s = layer.written_slots(1)                                           # (1,) device
+        if st.slot_of is not None:   # pages by rank: each row's own page and slot table
+            k = layer.slot_keys(s)                                           # (b, h, 1, d)
+            r = st.count                                                     # (b, h, 1): the new token's rank
+            p = (r // self.page)[..., None].expand_as(k)
+            first = (r % self.page == 0)[..., None]
+            st.kmin.scatter_(2, p, torch.where(first, k, torch.minimum(st.kmin.gather(2, p), k)))
+            st.kmax.scatter_(2, p, torch.where(first, k, torch.maximum(st.kmax.gather(2, p), k)))
+            st.filled.scatter_(2, r // self.page, True)
+            st.slot_of.scatter_(2, r, s.view(1, 1, 1).expand_as(r))
+            st.count.add_(1)
+            return
         if layer.quant is None:
             page_bounds_append(st.kmin, st.kmax, st.filled, layer.k_buf, s, self.page)   # one launch
             return
@@ -125,11 +189,23 @@ class Quest(DecodeSelect):
         if not ctx.decoding:
             return None
         st = self._summaries(layer)
+        k = min(st.pages, run.sel_tokens // self.page)
+        scores = chunk_scores(query[:, :, -1].to(st.kmin.dtype), (st.kmin, st.kmax), self.reduce)
+        if st.slot_of is not None:
+            # the page holding a row's newest token is always attended; earlier (complete) pages
+            # are candidates; pages map to slots through the row's own table
+            tail = (st.count - 1) // self.page                              # (b, h, 1)
+            scores = scores.masked_fill(st.page_ids >= tail, float("-inf"))
+            pages = top_pages(scores, k)
+            pages = torch.cat([pages, tail], dim=-1)                       # (b, h, k + 1)
+            ranks = pages[..., None] * self.page + torch.arange(self.page, device=pages.device)
+            ok = (pages[..., None] >= 0) & (ranks < st.count[..., None])
+            b, h = ranks.shape[:2]
+            slots = st.slot_of.gather(2, torch.where(ok, ranks, 0).view(b, h, -1)).view_as(ranks)
+            return Selection(own=torch.where(ok, slots, -1).view(b, h, -1))
         # complete pages are candidates; the page being filled is always attended
         full = layer.written_slots(1) // self.page                           # (1,) complete pages
-        scores = chunk_scores(query[:, :, -1].to(st.kmin.dtype), (st.kmin, st.kmax), self.reduce)
         scores = scores.masked_fill(st.page_ids >= full, float("-inf"))
         if ctx.has_padding:  # pages of padding only are never candidates
             scores = scores.masked_fill(~st.filled, float("-inf"))
-        k = min(st.pages, run.sel_tokens // self.page)
         return Selection(own=top_pages(scores, k, tail_page=full), page=self.page)
