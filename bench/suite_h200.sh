@@ -8,7 +8,8 @@
 # Rows so far: bench/results/standard_${NAME}_h200.jsonl (committed; ROWS= names another file). It
 # is copied into every process's own output file, so a process skips every cell already measured
 # (by any process of any earlier call); at the end all rows are merged (last row of a key wins)
-# into $OUT/standard.jsonl, returned in a tarball with the logs: copy it over the committed file.
+# into $OUT/standard.jsonl (kvpress's, with KVP_GROUPS, into kvpress.jsonl), returned in a tarball
+# with the logs: copy them over the committed files.
 # Narrowing (LENGTHS, BUDGETS, TASKS, METHOD_GROUPS) only picks which cells of the suite run first; the
 # rows are the suite's own cells (30 samples, its depths, its ppl tokens), so later calls with other
 # narrowings fill in the rest of the same grid.
@@ -49,20 +50,37 @@ for g in $GROUPS_; do
     --max-minutes $MINUTES --no-progress --mem-fraction ${MEM:-0.12} --out "$RES/g$i.jsonl" > "$RES/g$i.log" 2>&1 &
   pids+=($!)
 done
+# kvpress beside kvsift on the same prompts (KVP_GROUPS: groups of presses; carry .whl/kvpress-min,
+# made here by bench/download_kvpress_wheels.sh --minimal .whl/kvpress-min): its own rows file
+KVP_ROWS=${KVP_ROWS:-bench/results/standard_kvpress_${NAME}_h200.jsonl}
+if [ -n "${KVP_GROUPS:-}" ]; then
+  python3 bench/vs_kvpress.py --model $M --wheels .whl/kvpress-min --setup-only 2>&1 | tail -1
+  i=0
+  for g in $KVP_GROUPS; do
+    i=$((i+1))
+    [ -f "$KVP_ROWS" ] && cp "$KVP_ROWS" "$RES/k$i.jsonl"
+    $STOP python3 bench/vs_kvpress.py --suite standard --model $M --wheels .whl/kvpress-min --presses $g \
+      "${SEL[@]}" --max-minutes $MINUTES --no-progress --mem-fraction ${MEM:-0.12} --out "$RES/k$i.jsonl" \
+      > "$RES/k$i.log" 2>&1 &
+    pids+=($!)
+  done
+fi
 for p in "${pids[@]}"; do wait $p; done
 echo "suite $(( $(date +%s) - t0 )) s"
 nvidia-smi --query-gpu=memory.used,memory.total --format=csv 2>/dev/null | tail -1
-for f in "$RES"/g*.log; do echo "== $f"; grep "^\[bench\] [0-9]\|stopped\|Error\|error" "$f" | tail -30; done
+for f in "$RES"/[gk]*.log; do echo "== $f"; grep "^\[bench\] [0-9]\|stopped\|Error\|error" "$f" | tail -30; done
 python3 - "$RES" <<'EOF'
 import json, pathlib, sys
-rows = {}
-for f in sorted(pathlib.Path(sys.argv[1]).glob("g*.jsonl")):
-    for line in f.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            rows[r["key"]] = r
-out = pathlib.Path(sys.argv[1]) / "standard.jsonl"
-out.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
-print(f"{len(rows)} cells in {out}")
+res = pathlib.Path(sys.argv[1])
+for prefix, name in (("g", "standard.jsonl"), ("k", "kvpress.jsonl")):
+    rows = {}
+    for f in sorted(res.glob(f"{prefix}[0-9]*.jsonl")):
+        for line in f.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                rows[r["key"]] = r
+    if rows:
+        (res / name).write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+        print(f"{len(rows)} cells in {res / name}")
 EOF
 tar czf "$DEST/suite.tgz" -C "$RES" .
