@@ -616,9 +616,9 @@ class LLM:
         for it); a compressing method's one request at a time, each with its own run (its budget
         resolved against its own prompt), as it would run alone. Stops at a chunk boundary with
         :class:`PrefillCancelled` once every one of them is cancelled. ``alone()``: true once no
-        running row waits for them (a narrow ``join_chunk_size`` then widens to the chunk size). Returns ``(parts, per_req)``:
-        ``parts`` one ``(cache, ctx, logits, rows)`` per prefill, ``per_req[r] = (stats, rows of its
-        prefill, method, run)``."""
+        running row waits for them (a narrow ``join_chunk_size`` then widens to the chunk size).
+        Returns ``(parts, per_req)``: ``parts`` one ``(cache, ctx, logits, rows)`` per prefill,
+        ``per_req[r] = (stats, rows of its prefill, method, run)``."""
         runner = self.runner
         context = new[0].context
         if pads_exactly(method):

@@ -508,10 +508,10 @@ def run_cell(backend: Backend, samples: list[Sample], task: str, method: str, bu
     ``auto_batch_size``, 1 if it has none) of equal ``max_new_tokens`` and, unless ``pad``, equal
     prompt length, so that no batch is padded and a sample's answer does not depend on its batch
     mates (in a padded batch the engine resolves a ratio budget against the longest prompt; the
-    prompts of a cell mostly have
-    exactly ``length`` tokens, a few one or two fewer). Per-sample entries keep the sample order. A batch that runs out
-    of memory is retried in halves (after ``backend.free_memory()``), and the smaller size is kept
-    for the rest of the cell. Perplexity samples are scored one at a time.
+    prompts of a cell mostly have exactly ``length`` tokens, a few one or two fewer). Per-sample
+    entries keep the sample order. A batch that runs out of memory is retried in halves (after
+    ``backend.free_memory()``), and the smaller size is kept for the rest of the cell. Perplexity
+    samples are scored one at a time.
 
     ``compress="context"``: each generation sample is split into ``(context_ids, question_ids)``
     (:func:`split_context_question`) and run alone through ``backend.generate_context`` (the
