@@ -554,41 +554,35 @@ def test_join_chunk_size_is_shared_by_prompts_joining_together(tiny_llm, monkeyp
     """Three full-cache prompts that join at one step boundary are prefilled as one padded batch
     whose forwards hold join_chunk_size tokens over the three rows (48: 16 each), not 48 each, so
     the running row waits for the same forward however many join; every answer is as alone."""
-    p_a = random_prompt(100, seed=85)
-    joiners = [random_prompt(n, seed=86 + n) for n in (160, 160, 160)]
-    pa, pj = SamplingParams(max_tokens=40, ignore_eos=True), SamplingParams(max_tokens=3, ignore_eos=True)
-    want = [tiny_llm.generate(p_a, pa)[0].token_ids] + [tiny_llm.generate(p, pj)[0].token_ids for p in joiners]
+    joined = _three_join_at_48(tiny_llm, monkeypatch, random_prompt(100, seed=85), 40,
+                               [random_prompt(n, seed=86 + n) for n in (160, 160, 160)], at=2)
+    assert joined and all(w == 16 for w in joined) and sum(joined) == 160, joined
+
+
+def _three_join_at_48(llm, monkeypatch, p_a, max_a, joiners, at) -> list[int]:
+    """Run ``p_a`` (``max_a`` tokens) with three full-cache ``joiners`` (3 tokens each) joining at
+    the ``at``-th step boundary under ``join_chunk_size`` 48; check every answer equals alone and
+    return the widths of the joining group's prefill forwards."""
+    pa, pj = SamplingParams(max_tokens=max_a, ignore_eos=True), SamplingParams(max_tokens=3, ignore_eos=True)
+    want = [llm.generate(p_a, pa)[0].token_ids] + [llm.generate(p, pj)[0].token_ids for p in joiners]
     shapes = []
-    real = tiny_llm.runner.forward
-    monkeypatch.setattr(tiny_llm.runner, "forward",
+    real = llm.runner.forward
+    monkeypatch.setattr(llm.runner, "forward",
                         lambda ctx, ids, pos: shapes.append(tuple(ids.shape)) or real(ctx, ids, pos))
-    monkeypatch.setattr(tiny_llm, "join_chunk_size", 48)
-    a = tiny_llm.request([p_a], pa)
-    rs = [tiny_llm.request([p], pj) for p in joiners]
-    outs, _ = run_with_joins(tiny_llm, a, {2: rs})
+    monkeypatch.setattr(llm, "join_chunk_size", 48)
+    a = llm.request([p_a], pa)
+    rs = [llm.request([p], pj) for p in joiners]
+    outs, _ = run_with_joins(llm, a, {at: rs})
     assert [outs[r.id].token_ids for r in [a] + rs] == want
-    joined = [s for s in shapes if s[0] == 3 and s[1] > 1]   # the joining group's prefill forwards
-    assert joined and all(s[1] == 16 for s in joined) and sum(s[1] for s in joined) == 160, joined
+    return [s[1] for s in shapes if s[0] == 3 and s[1] > 1]
 
 
 def test_narrow_join_widens_once_no_row_is_decoding(tiny_llm, monkeypatch):
     """A joining group's narrow forwards (join_chunk_size) exist for the running rows' sake: once
     those are done, the rest of the joiners' prompts goes at the chunk size (64 here), not 16
     tokens a row to the end; every answer is still as alone."""
-    p_a = random_prompt(100, seed=87)
-    joiners = [random_prompt(400, seed=88 + i) for i in range(3)]
-    pa, pj = SamplingParams(max_tokens=4, ignore_eos=True), SamplingParams(max_tokens=3, ignore_eos=True)
-    want = [tiny_llm.generate(p_a, pa)[0].token_ids] + [tiny_llm.generate(p, pj)[0].token_ids for p in joiners]
-    shapes = []
-    real = tiny_llm.runner.forward
-    monkeypatch.setattr(tiny_llm.runner, "forward",
-                        lambda ctx, ids, pos: shapes.append(tuple(ids.shape)) or real(ctx, ids, pos))
-    monkeypatch.setattr(tiny_llm, "join_chunk_size", 48)
-    a = tiny_llm.request([p_a], pa)
-    rs = [tiny_llm.request([p], pj) for p in joiners]
-    outs, _ = run_with_joins(tiny_llm, a, {1: rs})
-    assert [outs[r.id].token_ids for r in [a] + rs] == want
-    joined = [s[1] for s in shapes if s[0] == 3 and s[1] > 1]   # the joining group's prefill forwards
+    joined = _three_join_at_48(tiny_llm, monkeypatch, random_prompt(100, seed=87), 4,
+                               [random_prompt(400, seed=88 + i) for i in range(3)], at=1)
     assert sum(joined) == 400, joined
     narrow = [w for w in joined if w == 16]
     # a few narrow forwards while a decodes (3 steps after the join), then the chunk size
