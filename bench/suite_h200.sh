@@ -10,9 +10,10 @@
 # (by any process of any earlier call); at the end all rows are merged (last row of a key wins)
 # into $OUT/standard.jsonl (kvpress's, with KVP_GROUPS, into kvpress.jsonl), returned in a tarball
 # with the logs: copy them over the committed files.
-# Narrowing (LENGTHS, BUDGETS, TASKS, METHOD_GROUPS) only picks which cells of the suite run first; the
+# Narrowing (LENGTHS, BUDGETS, TASKS, METHOD_GROUPS or PROCESSES) only picks which cells of the suite run first; the
 # rows are the suite's own cells (30 samples, its depths, its ppl tokens), so later calls with other
 # narrowings fill in the rest of the same grid.
+# EXTRA: more `kvsift bench run` options for every kvsift process (e.g. a smoke run: --samples 1).
 # Needs the model's pieces under /root/m (../shared/tools/stage_model.py NAME, cut to pieces that fit
 # beside the tree, one device call each) and carries .stage/whl (gguf) and .whl (pysbd).
 set -u
@@ -36,18 +37,35 @@ SEL=()
 [ -n "${LENGTHS:-}" ] && SEL+=(--lengths "$LENGTHS")
 [ -n "${BUDGETS:-}" ] && SEL+=(--budgets "$BUDGETS")
 [ -n "${TASKS:-}" ] && SEL+=(--tasks "$TASKS")
-# groups balanced by cost at 16k-30k (kvzip re-reads the context, h2o scores during decode)
-GROUPS_=${METHOD_GROUPS:-"full,snapkv,pyramidkv,streaming,chunked adakv,tova,expected_attention h2o kvzip quest,tokenselect,squeezed,decoding sentencekv,kivi,shadowkv,minference,duo"}
+# groups of methods, one process each: METHOD_GROUPS, or balanced by bench/suite_groups.py from the
+# rows' measured cell times (a group is "m1,m2" and/or "method@task" units joined by ";", run one
+# after the other in its process)
+GROUPS_=${METHOD_GROUPS:-$(python3 bench/suite_groups.py --rows "$ROWS" --processes ${PROCESSES:-6} "${SEL[@]}" --verbose)}
+echo "groups: $GROUPS_"
 # a cell that starts just before --max-minutes can run minutes past it: every process is stopped
 # KILL_AFTER seconds after the start (its finished cells are already in its file)
-STOP="timeout -s INT ${KILL_AFTER:-540}"
+KILL=${KILL_AFTER:-540}
+STOP="timeout -s INT $KILL"
+run_group() {   # $1: the process's number, $2: its units ("methods[@task]" joined by ";")
+  local i=$1 u m t el left
+  local start=$(date +%s)
+  IFS=';' read -ra units <<< "$2"
+  for u in "${units[@]}"; do
+    m=${u%%@*}; t=""; [[ "$u" == *@* ]] && t=${u#*@}
+    el=$(( $(date +%s) - start ))
+    [ $(( KILL - el )) -lt 60 ] && break
+    left=$(python3 -c "print(round(max(0.5, $MINUTES - $el / 60), 2))")
+    timeout -s INT $(( KILL - el )) python3 -m kvsift.cli bench run --suite standard --model $M --methods $m \
+      "${SEL[@]}" ${t:+--tasks $t} --max-minutes $left --no-progress --mem-fraction ${MEM:-0.12} ${EXTRA:-} \
+      --out "$RES/g$i.jsonl" >> "$RES/g$i.log" 2>&1
+  done
+}
 pids=()
 i=0
 for g in $GROUPS_; do
   i=$((i+1))
   [ -f "$ROWS" ] && cp "$ROWS" "$RES/g$i.jsonl"
-  $STOP python3 -m kvsift.cli bench run --suite standard --model $M --methods $g "${SEL[@]}" \
-    --max-minutes $MINUTES --no-progress --mem-fraction ${MEM:-0.12} --out "$RES/g$i.jsonl" > "$RES/g$i.log" 2>&1 &
+  run_group $i "$g" &
   pids+=($!)
 done
 # kvpress beside kvsift on the same prompts (KVP_GROUPS: groups of presses; carry .whl/kvpress-min,

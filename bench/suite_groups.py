@@ -1,0 +1,124 @@
+"""Method groups for `bench/suite_h200.sh`'s parallel processes, balanced by the time the cells
+still to run are expected to take, from the rows already measured.
+
+    python3 bench/suite_groups.py --rows bench/results/standard_qwen2.5-coder-1.5b_h200.jsonl \
+        --processes 6 --lengths 30000 --budgets 0.05
+    # -> e.g. "h2o;kvzip@niah kvzip@mk_niah;kvzip@vt full,snapkv,... ...": METHOD_GROUPS for the script
+
+A cell's expected time is the mean wall time of that method's measured cells, scaled linearly by
+prompt length (the median over all methods where a method has none yet). Methods go, the most
+expensive first, to the process with the least work so far (longest-processing-time first), so a
+slow method (kvzip's reread passes, h2o's scores) is not queued behind others while processes idle;
+a method whose cells alone outlast a process's fair share is split by task (``method@task`` units).
+A group is whole methods (``m1,m2``), then ``method@task`` units, ``;`` between them: the script
+runs them one after the other in that process.
+Cells already in the rows file are left out; methods with nothing left are left out too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kvsift.eval.runner import BenchConfig, cell_key  # noqa: E402
+from kvsift.eval.suites import get_suite  # noqa: E402
+
+
+def expected_seconds(rows: list[dict]) -> tuple[dict[str, float], float]:
+    """Per method, the mean wall seconds of its cells per prompt token; and the median over methods."""
+    per: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("wall_s") and r.get("length"):
+            per.setdefault(r["method"], []).append(r["wall_s"] / r["length"])
+    rate = {m: sum(v) / len(v) for m, v in per.items()}
+    return rate, (statistics.median(rate.values()) if rate else 1e-3)
+
+
+def balance(costs: dict[str, float], processes: int) -> list[list[str]]:
+    """Longest-processing-time-first assignment of units (``method`` or ``method@task``, cost each)
+    to ``processes`` groups; empty groups are dropped."""
+    groups: list[list[str]] = [[] for _ in range(max(1, processes))]
+    load = [0.0] * len(groups)
+    for m in sorted(costs, key=lambda m: (-costs[m], m)):
+        i = min(range(len(groups)), key=lambda j: (load[j], j))
+        groups[i].append(m)
+        load[i] += costs[m]
+    return [g for g in groups if g]
+
+
+def split_heavy(costs: dict[str, dict[str, float]], processes: int) -> dict[str, float]:
+    """Units to balance from ``costs[method][task]``: a method whose cells would take more than one
+    process's fair share goes as one unit per task (``method@task``), the others whole."""
+    total = sum(sum(t.values()) for t in costs.values())
+    share = total / max(1, processes)
+    units: dict[str, float] = {}
+    for m, per_task in costs.items():
+        if sum(per_task.values()) > share and len(per_task) > 1:
+            units.update({f"{m}@{t}": c for t, c in per_task.items()})
+        else:
+            units[m] = sum(per_task.values())
+    return units
+
+
+def group_spec(group: list[str]) -> str:
+    """A process's work for ``suite_h200.sh``: whole methods first as one ``m1,m2`` unit, then each
+    ``method@task`` unit, separated by ``;`` (run one after the other)."""
+    whole = [u for u in group if "@" not in u]
+    parts = [",".join(whole)] if whole else []
+    return ";".join(parts + [u for u in group if "@" in u])
+
+
+def remaining_costs(rows: list[dict], suite: str, tasks=None, lengths=None, budgets=None,
+                    methods=None) -> dict[str, dict[str, float]]:
+    """Expected seconds per method and task over the suite's cells (narrowed) not yet in ``rows``."""
+    from kvsift.methods import available_methods
+
+    s = get_suite(suite)
+    cfg = BenchConfig(tasks=list(tasks or s.tasks), methods=list(methods or s.methods or available_methods()),
+                      budgets=list(budgets or s.budgets), lengths=list(lengths or s.lengths), seeds=list(s.seeds))
+    done = {r["key"] for r in rows}
+    rate, default = expected_seconds(rows)
+    costs: dict[str, dict[str, float]] = {}
+    for task, length, seed, method, budget in cfg.cells():
+        if cell_key(task, method, budget, length, seed) in done:
+            continue
+        per = costs.setdefault(method, {})
+        per[task] = per.get(task, 0.0) + rate.get(method, default) * length
+    return costs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", default=None, help="the suite's JSONL rows so far (missing: nothing measured)")
+    ap.add_argument("--suite", default="standard")
+    ap.add_argument("--processes", type=int, default=6)
+    ap.add_argument("--tasks", default=None)
+    ap.add_argument("--lengths", default=None)
+    ap.add_argument("--budgets", default=None)
+    ap.add_argument("--methods", default=None)
+    ap.add_argument("--verbose", action="store_true", help="also print each group's expected seconds (stderr)")
+    a = ap.parse_args(argv)
+    if a.processes < 1:
+        ap.error("--processes must be >= 1")
+    rows = []
+    if a.rows and Path(a.rows).is_file():
+        rows = [json.loads(x) for x in Path(a.rows).read_text().splitlines() if x.strip()]
+    split = lambda s: s.split(",") if s else None  # noqa: E731
+    costs = remaining_costs(rows, a.suite, split(a.tasks), [int(x) for x in split(a.lengths) or []] or None,
+                            split(a.budgets), split(a.methods))
+    units = split_heavy(costs, a.processes)
+    groups = balance(units, a.processes)
+    if a.verbose:
+        for g in groups:
+            print(f"{group_spec(g)}: ~{sum(units[u] for u in g) / 60:.1f} min", file=sys.stderr)
+    print(" ".join(group_spec(g) for g in groups))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

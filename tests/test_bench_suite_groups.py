@@ -1,0 +1,46 @@
+"""bench/suite_groups.py: method groups for the suite's parallel processes, balanced by measured time."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("suite_groups", Path(__file__).parent.parent / "bench" / "suite_groups.py")
+sg = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sg)
+
+
+def test_balance_is_longest_first_onto_the_least_loaded():
+    costs = {"a": 10.0, "b": 7.0, "c": 6.0, "d": 3.0, "e": 1.0}
+    assert sg.balance(costs, 2) == [["a", "d", "e"], ["b", "c"]]   # loads 14 / 13 (a tie goes to the first)
+    assert sg.balance(costs, 9) == [["a"], ["b"], ["c"], ["d"], ["e"]]   # no empty group
+    assert sg.balance({}, 3) == []
+
+
+def test_a_method_heavier_than_a_fair_share_is_split_by_task():
+    costs = {"kvzip": {"niah": 50.0, "qa": 40.0}, "snapkv": {"niah": 5.0, "qa": 5.0}, "full": {"niah": 2.0}}
+    units = sg.split_heavy(costs, 3)   # fair share (102 / 3 = 34) < kvzip's 90
+    assert units == {"kvzip@niah": 50.0, "kvzip@qa": 40.0, "snapkv": 10.0, "full": 2.0}
+    groups = sg.balance(units, 3)
+    assert groups == [["kvzip@niah"], ["kvzip@qa"], ["snapkv", "full"]]
+    assert [sg.group_spec(g) for g in groups] == ["kvzip@niah", "kvzip@qa", "snapkv,full"]
+    assert sg.group_spec(["h2o", "kvzip@vt", "tova", "kvzip@qa"]) == "h2o,tova;kvzip@vt;kvzip@qa"
+    assert sg.split_heavy({"kvzip": {"niah": 90.0}, "full": {"niah": 1.0}}, 3) == {"kvzip": 90.0, "full": 1.0}
+
+
+def test_remaining_costs_skip_measured_cells_and_scale_by_length():
+    rows = [{"key": "niah|snapkv|0.05|4096|0", "method": "snapkv", "length": 4096, "wall_s": 40.96},
+            {"key": "niah|full|full|4096|0", "method": "full", "length": 4096, "wall_s": 4.096}]
+    costs = sg.remaining_costs(rows, "standard", tasks=["niah"], lengths=[4096, 8192], budgets=["0.05"],
+                               methods=["full", "snapkv", "h2o"])
+    assert costs["snapkv"] == {"niah": pytest.approx(81.92)}      # 4096 done; 8192 at 10 ms per token
+    assert costs["full"] == {"niah": pytest.approx(8.192)}
+    # a method not measured yet: the median rate over methods ((10 + 1) / 2 ms per token), both lengths
+    assert costs["h2o"] == {"niah": pytest.approx(0.0055 * (4096 + 8192))}
+
+
+def test_cli_prints_groups(tmp_path, capsys):
+    assert sg.main(["--rows", str(tmp_path / "none.jsonl"), "--processes", "2", "--tasks", "niah",
+                    "--lengths", "4096", "--budgets", "0.05", "--methods", "full,snapkv,h2o"]) == 0
+    out = capsys.readouterr().out.split()
+    assert len(out) == 2 and sorted(",".join(out).replace(";", ",").split(",")) == ["full", "h2o", "snapkv"]
