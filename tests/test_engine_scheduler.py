@@ -590,6 +590,38 @@ def test_narrow_join_widens_once_no_row_is_decoding(tiny_llm, monkeypatch):
     assert max(joined[len(narrow):]) == 64 and len(joined) < 400 // 16, joined
 
 
+@pytest.mark.parametrize("spec,budget", [("full", None), ("snapkv", 48), ("quest", 32), ("sentencekv", 48)])
+def test_a_joining_prefill_becomes_the_batch_when_no_running_row_is_left(tiny_llm, monkeypatch, spec, budget):
+    """The running row finishes while a long prompt joins: the joiner's own prefill cache becomes
+    the batch (no row is stacked or copied); with a row still running, rows are stacked. Every
+    answer is the one alone both ways."""
+    from kvsift.cache.layer import SiftLayer
+
+    stacked = []
+    real = SiftLayer.set_rows
+    monkeypatch.setattr(SiftLayer, "set_rows", lambda self, rows: stacked.append(len(rows)) or real(self, rows))
+    p_a, p_b = random_prompt(60, seed=96), random_prompt(400, seed=97)
+    pb = SamplingParams(max_tokens=5, ignore_eos=True)
+    want_b = tiny_llm.generate(p_b, pb, method=spec, budget=budget)[0].token_ids
+    alone_b = len(stacked)   # a row-by-row prefill (snapkv, sentencekv) stacks its own row per layer
+    for max_a, copies in ((3, False), (40, True)):
+        pa = SamplingParams(max_tokens=max_a, ignore_eos=True)
+        stacked.clear()
+        want_a = tiny_llm.generate(p_a, pa, method=spec, budget=budget)[0].token_ids
+        alone_a = len(stacked)
+        stacked.clear()
+        a = tiny_llm.request([p_a], pa, method=spec, budget=budget)
+        b = tiny_llm.request([p_b], pb, method=spec, budget=budget)
+        outs, _ = run_with_joins(tiny_llm, a, {1: [b]})
+        assert outs[a.id].token_ids == want_a and outs[b.id].token_ids == want_b, (spec, max_a)
+        # joining with a row still running stacks the two rows once per layer; after it, nothing
+        # is stacked but each row-by-row prefill's own row
+        if copies:
+            assert stacked.count(2) == tiny_llm.info.num_layers, (spec, stacked)
+        else:
+            assert len(stacked) == alone_a + alone_b and set(stacked) <= {1}, (spec, stacked)
+
+
 def test_join_chunk_size_is_validated():
     from kvsift.engine.llm import _check_join_chunk_size
 

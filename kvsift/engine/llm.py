@@ -691,6 +691,9 @@ class LLM:
         stacked; every row of the new batch reads the context's one copy."""
         method, runner = ctx.method, self.runner
         old = ctx.cache
+        if not keep and len(parts) == 1 and not resumed and old.layers[0].prefix is None \
+                and parts[0][0].layers[0].prefix is None:
+            return self._adopt(ctx, parts[0], run)
         room = max([old.reserve] + [c.reserve for c, _, _, _ in parts])
         merged = SiftCache(self.info.num_layers, reserve=room)
         sources = [(old, i) for i in keep] + [(c, i) for c, _, _, n in parts for i in range(n)]
@@ -722,6 +725,21 @@ class LLM:
         if parts:
             joined = _Joined(torch.cat([lg for _, _, lg, _ in parts]), torch.cat([c.next_pos for _, c, _, _ in parts]))
         return merged_ctx, joined
+
+
+    def _adopt(self, ctx: ForwardContext, part: tuple, run: Run):
+        """:meth:`_rebuild` when no running row stays and one prefill joins (the running rows
+        finished while a burst of prompts was prefilled): that prefill's own cache becomes the
+        batch, as in a generation of those prompts alone; no row is copied."""
+        cache, ctx_p, logits, _ = part
+        with torch.inference_mode():
+            for layer in ctx.cache.layers:
+                layer.reset()
+        merged_ctx = ForwardContext(cache=cache, method=ctx.method, run=run, has_padding=ctx_p.has_padding,
+                                    prompt_ids=ctx_p.prompt_ids, tokenizer=self.tokenizer, next_pos=ctx_p.next_pos,
+                                    rope=self.runner.rope)
+        merged_ctx.decoding, merged_ctx.step = True, ctx.step
+        return merged_ctx, _Joined(logits, ctx_p.next_pos)
 
 
 @dataclass(slots=True)
