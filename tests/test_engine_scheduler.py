@@ -73,6 +73,11 @@ def test_batch_key_rules():
     assert batch_key(snap) != batch_key(req([[2] * 40], method="snapkv", budget=17))  # budget
     assert batch_key(snap) != batch_key(req([[2] * 40], method="snapkv", budget=16, window=4))  # options
     assert batch_key(req([[1] * 40, [1] * 39], method="snapkv", budget=16)) is None  # mixed in itself: alone
+    # quest pads exactly with token budgets (its pages count each row's own tokens), not with ratios
+    q = req([[2] * 40], method="quest", budget=16)
+    assert batch_key(q) == batch_key(req([[2] * 41], method="quest", budget=16)) is not None
+    assert batch_key(req([[1] * 40, [1] * 39], method="quest", budget=16)) is not None
+    assert batch_key(req([[2] * 40], method="quest", budget=0.5)) != batch_key(req([[2] * 41], method="quest", budget=0.5))
     hot = SamplingParams(max_tokens=4, temperature=0.7)
     assert batch_key(req([[1]], hot)) == batch_key(req([[2, 3]], hot)) != batch_key(a)
     assert batch_key(req([[1]], SamplingParams(max_tokens=4, temperature=0.8))) != batch_key(req([[1]], hot))
@@ -588,6 +593,32 @@ def test_narrow_join_widens_once_no_row_is_decoding(tiny_llm, monkeypatch):
     # a few narrow forwards while a decodes (3 steps after the join), then the chunk size
     assert 1 <= len(narrow) <= 4 and joined[:len(narrow)] == narrow, joined
     assert max(joined[len(narrow):]) == 64 and len(joined) < 400 // 16, joined
+
+
+def test_quest_requests_of_other_lengths_share_a_batch_and_joiners_prefill_together(tiny_llm, monkeypatch):
+    """quest with a token budget pads exactly: requests of other prompt lengths are scheduled into
+    one left-padded batch, joiners are prefilled as one padded batch (one forward per chunk over
+    both rows), and every answer is the one alone."""
+    ps = [random_prompt(n, seed=200 + n) for n in (120, 97, 150, 133)]
+    pr = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (14, 6, 5, 4)]
+    want = [tiny_llm.generate(x, q, method="quest", budget=32)[0].token_ids for x, q in zip(ps, pr)]
+    a, b, c, d = (tiny_llm.request([x], q, method="quest", budget=32) for x, q in zip(ps, pr))
+    s = Scheduler(tiny_llm.scheduler_config(max_batch=8))
+    for r in (a, b):
+        s.add(r)
+    assert s.schedule() == [a, b]          # other lengths, one batch
+    widths = []
+    real = tiny_llm.runner.forward
+    monkeypatch.setattr(tiny_llm.runner, "forward",
+                        lambda ctx, ids, pos: widths.append(tuple(ids.shape)) or real(ctx, ids, pos))
+    group, outs, asks = [a, b], {}, []
+    for r, ev in tiny_llm.run_batch(group, join=lambda running, rows: asks.append(len(widths)) or
+                                    ([c, d] if len(asks) == 2 else [])):
+        if ev.output is not None:
+            outs[r.id] = ev.output
+    assert [outs[r.id].token_ids for r in (a, b, c, d)] == want
+    after = [w for w in widths[asks[1]:] if w[1] > 1]      # prefill forwards after c and d joined
+    assert after and all(w[0] == 2 for w in after), after   # c and d in one padded batch
 
 
 @pytest.mark.parametrize("spec,budget", [("full", None), ("snapkv", 48), ("quest", 32), ("sentencekv", 48)])

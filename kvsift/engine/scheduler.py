@@ -21,10 +21,11 @@ sequences and within memory. Two requests batch when their results do not depend
   the same reused context (or none);
 * greedy both, or both sampled without a seed at the same temperature and top-p (a seeded sample
   reproduces only alone: it never batches);
-* prompts of one length, except for ``full`` (no compression): its batches are left-padded and
-  each row attends to its own tokens only. A compressing method resolves a ratio budget against
-  the batch's longest prompt, so its requests batch only with requests whose prompts have the
-  same length;
+* prompts of one length, except for methods that pad exactly (:func:`pads_exactly`: ``full``,
+  whose rows attend to their own tokens only; ``quest`` with token budgets, whose pages count each
+  row's own tokens): their batches are left-padded. Other methods resolve a ratio budget against
+  the batch's longest prompt (or depend on where padding sits), so their requests batch only with
+  requests whose prompts have the same length;
 * nobody's token limit shrinks: with padding the batch's longest prompt bounds every row's room
   before ``max_positions``.
 
@@ -153,9 +154,10 @@ class Request:
 
 
 def pads_exactly(method: "KVMethod") -> bool:
-    """Whether a left-padded batch gives each row what it gets alone with ``method`` (``full``:
-    nothing is resolved against the batch's longest prompt)."""
-    return method.name == "full"
+    """Whether a left-padded batch gives each row what it gets alone with ``method``
+    (:meth:`KVMethod.pads_exactly <kvsift.methods.base.KVMethod.pads_exactly>`: ``full``; ``quest``
+    with token budgets)."""
+    return method.pads_exactly()
 
 
 def _sampling_key(req: Request) -> tuple | None:

@@ -307,6 +307,13 @@ class KVMethod:
         memory admission counts it)."""
         return False
 
+    def pads_exactly(self) -> bool:
+        """True when a left-padded batch gives every row what it gets alone (nothing is resolved
+        against the batch's longest prompt, and padding moves nothing the method reads), so requests
+        of other prompt lengths may share a batch and joiners prefill as one padded batch.
+        Default: False."""
+        return False
+
     def joins_rows(self) -> bool:
         """True when a sequence's whole state after its prefill is its kept KV slots (the layers'
         keys, values and positions, dense or compact per head) and decoding does no method work:
@@ -858,6 +865,9 @@ class Compose(KVMethod):
             if not s.attention_only:
                 return s.prefill_hold(r)
         return None
+
+    def pads_exactly(self) -> bool:
+        return all(s.pads_exactly() for s in self.stages)
 
     def joins_rows(self) -> bool:
         return all(s.joins_rows() or s.attention_only for s in self.stages)

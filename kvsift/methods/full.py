@@ -26,3 +26,6 @@ class Full(KVMethod):
 
     def joins_rows(self) -> bool:
         return True  # attends to every slot: rows prefilled apart stack exactly (left padding)
+
+    def pads_exactly(self) -> bool:
+        return True  # each row attends to its own tokens only

@@ -138,6 +138,12 @@ class Quest(DecodeSelect):
     def join_token(self, run) -> int:
         return run.sel_tokens  # the batch run's tokens attended per step: joined rows must share it
 
+    def pads_exactly(self) -> bool:
+        """With token budgets (not ratios, which resolve against the batch's longest prompt) a
+        padded row reads the pages it reads alone."""
+        return all(b is None or (isinstance(b, int) and not isinstance(b, bool))
+                   for b in (self.budget, self.decode_budget)) and self.budget is not None
+
     def restack_state(self, layer, sources) -> None:
         layer.state.pop(self.name, None)   # rebuilt from the stacked buffer by the next plan
 
