@@ -159,3 +159,24 @@ def test_ranked_pages_follow_appended_tokens(tiny_llm):
         ranks = torch.arange(slot_of.shape[2]).expand_as(slot_of)
         assert bool(((slot_of < 0) == (ranks >= count)).all())
         assert bool(torch.where(slot_of >= 0, pos == ranks, True).all())
+
+
+def test_unpadded_rows_keep_the_page_path_in_every_mode(tiny_llm, default_tokenizer, monkeypatch):
+    """One prompt, or a batch of equal lengths, selects page indices (the page kernel's path, no
+    rank table) in eager and static decode alike; a padded batch selects slots by rank."""
+    from kvsift import LLM
+    from kvsift.methods.quest import Quest
+
+    pages = []
+    real = Quest.plan
+    monkeypatch.setattr(Quest, "plan", lambda self, run, layer, q, ctx: (
+        lambda sel: pages.append(sel.page if sel is not None else None) or sel)(real(self, run, layer, q, ctx)))
+    static = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode="static")
+    p = SamplingParams(max_tokens=6, ignore_eos=True)
+    for llm in (tiny_llm, static):
+        for prompts, want in (([random_prompt(150, seed=61)], 16),
+                              ([random_prompt(150, seed=62), random_prompt(150, seed=63)], 16),
+                              ([random_prompt(150, seed=64), random_prompt(131, seed=65)], 1)):
+            pages.clear()
+            llm.generate(prompts, p, method="quest", budget=32)
+            assert pages and set(pages) - {None} == {want}, (llm.runner.decode_mode, len(prompts), set(pages))

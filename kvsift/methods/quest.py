@@ -154,7 +154,10 @@ class Quest(DecodeSelect):
         pages = math.ceil(layer.slot_capacity / self.page)
         if st is None or st.pages < pages:
             keys, pos = layer.slot_keys()  # the used slots (dequantized when the layer is quantized)
-            if bool((pos >= 0).all()):     # every row's tokens fill slots 0 .. (one host sync per build)
+            valid = pos >= 0               # (static decode: the whole buffer, unwritten slots -1)
+            real = valid.sum(-1)
+            m = int(real.max())            # host syncs, once per build
+            if bool((real == m).all()) and bool(valid[..., :m].all()):   # every row fills slots 0 .. m-1
                 lo, hi, filled = _bounds(keys, pos, self.page, pages)
                 st = QuestState(lo, hi, filled, torch.arange(pages, device=lo.device))
             else:
