@@ -32,7 +32,7 @@ from kvsift.engine.params import GenerationStats, RequestOutput, SamplingParams,
 from kvsift.engine.runner import (CPU_FIRST_CHUNK, DEFAULT_CHUNK, MAX_BATCHED_TOKENS, Context, ModelRunner,
                                   PrefillCancelled, sync)
 from kvsift.engine.runner import check_prefill_mode as _check_prefill_mode
-from kvsift.engine.scheduler import Request, Scheduler, SchedulerConfig, at_budget, pads_exactly
+from kvsift.engine.scheduler import Request, Scheduler, SchedulerConfig, at_budget
 from kvsift.methods import KVMethod, build_method
 from kvsift.errors import UnknownMethodError
 from kvsift.methods.base import Budget, Run
@@ -621,7 +621,7 @@ class LLM:
         ``per_req[r] = (stats, rows of its prefill, method, run)``."""
         runner = self.runner
         context = new[0].context
-        if pads_exactly(method):
+        if method.pads_exactly():
             groups = [(new, run, method)]
         else:
             groups = [([r], r.run if r.run is not None else r.method.start(r.base + r.longest, self.info.num_layers),

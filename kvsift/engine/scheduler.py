@@ -21,7 +21,7 @@ sequences and within memory. Two requests batch when their results do not depend
   the same reused context (or none);
 * greedy both, or both sampled without a seed at the same temperature and top-p (a seeded sample
   reproduces only alone: it never batches);
-* prompts of one length, except for methods that pad exactly (:func:`pads_exactly`: ``full``,
+* prompts of one length, except for methods that pad exactly (``KVMethod.pads_exactly()``: ``full``,
   whose rows attend to their own tokens only; ``quest`` with token budgets, whose pages count each
   row's own tokens): their batches are left-padded. Other methods resolve a ratio budget against
   the batch's longest prompt (or depend on where padding sits), so their requests batch only with
@@ -153,13 +153,6 @@ class Request:
         return n if max_positions is None else min(n, max_positions - self.base - longest)
 
 
-def pads_exactly(method: "KVMethod") -> bool:
-    """Whether a left-padded batch gives each row what it gets alone with ``method``
-    (:meth:`KVMethod.pads_exactly <kvsift.methods.base.KVMethod.pads_exactly>`: ``full``; ``quest``
-    with token budgets)."""
-    return method.pads_exactly()
-
-
 def _sampling_key(req: Request) -> tuple | None:
     """Greedy, or unseeded sampling at one temperature and top-p; None for a seeded sample (it
     reproduces only alone) or a request that is no generation."""
@@ -191,7 +184,7 @@ def batch_key(req: Request) -> Hashable | None:
     sampling = _sampling_key(req)
     if sampling is None:
         return None
-    if pads_exactly(req.method):
+    if req.method.pads_exactly():
         length = None
     else:
         lengths = {len(x) for x in req.prompts}

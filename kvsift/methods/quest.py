@@ -173,26 +173,20 @@ class Quest(DecodeSelect):
         if st is None or st.pages * self.page < layer.slot_capacity:
             return  # built (from the buffer, these keys included) by the next plan
         s = layer.written_slots(1)                                           # (1,) device
-        if st.slot_of is not None:   # pages by rank: each row's own page and slot table
-            k = layer.slot_keys(s)                                           # (b, h, 1, d)
-            r = st.count                                                     # (b, h, 1): the new token's rank
-            p = (r // self.page)[..., None].expand_as(k)
-            first = (r % self.page == 0)[..., None]
-            st.kmin.scatter_(2, p, torch.where(first, k, torch.minimum(st.kmin.gather(2, p), k)))
-            st.kmax.scatter_(2, p, torch.where(first, k, torch.maximum(st.kmax.gather(2, p), k)))
-            st.filled.scatter_(2, r // self.page, True)
-            st.slot_of.scatter_(2, r, s.view(1, 1, 1).expand_as(r))
-            st.count.add_(1)
-            return
-        if layer.quant is None:
+        if st.slot_of is None and layer.quant is None:
             page_bounds_append(st.kmin, st.kmax, st.filled, layer.k_buf, s, self.page)   # one launch
             return
         k = layer.slot_keys(s)                                               # (b, h, 1, d), dequantized
-        p = s // self.page
-        first = (s % self.page == 0).view(1, 1, 1, 1)
-        st.kmin.index_copy_(2, p, torch.where(first, k, torch.minimum(st.kmin.index_select(2, p), k)))
-        st.kmax.index_copy_(2, p, torch.where(first, k, torch.maximum(st.kmax.index_select(2, p), k)))
-        st.filled.index_fill_(2, p, True)
+        # the new token's rank in its row: its slot, or (pages by rank) the row's own count
+        r = st.count if st.slot_of is not None else s.view(1, 1, 1).expand(k.shape[0], k.shape[1], 1)
+        p = (r // self.page)[..., None].expand_as(k)
+        first = (r % self.page == 0)[..., None]
+        st.kmin.scatter_(2, p, torch.where(first, k, torch.minimum(st.kmin.gather(2, p), k)))
+        st.kmax.scatter_(2, p, torch.where(first, k, torch.maximum(st.kmax.gather(2, p), k)))
+        st.filled.scatter_(2, r // self.page, True)
+        if st.slot_of is not None:
+            st.slot_of.scatter_(2, r, s.view(1, 1, 1).expand_as(r))
+            st.count.add_(1)
 
     def plan(self, run, layer, query, ctx):
         if not ctx.decoding:
