@@ -13,6 +13,7 @@
 # Narrowing (LENGTHS, BUDGETS, TASKS, METHOD_GROUPS or PROCESSES) only picks which cells of the suite run first; the
 # rows are the suite's own cells (30 samples, its depths, its ppl tokens), so later calls with other
 # narrowings fill in the rest of the same grid.
+# METHODS: only these method labels (balanced into PROCESSES groups); METHOD_GROUPS: the groups as given.
 # EXTRA: more `kvsift bench run` options for every kvsift process (e.g. a smoke run: --samples 1).
 # Needs the model's pieces under /root/m (../shared/tools/stage_model.py NAME, cut to pieces that fit
 # beside the tree, one device call each) and carries .stage/whl (gguf) and .whl (pysbd).
@@ -40,7 +41,9 @@ SEL=()
 # groups of methods, one process each: METHOD_GROUPS, or balanced by bench/suite_groups.py from the
 # rows' measured cell times (a group is "m1,m2" and/or "method@task" units joined by ";", run one
 # after the other in its process)
-GROUPS_=${METHOD_GROUPS:-$(python3 bench/suite_groups.py --rows "$ROWS" --processes ${PROCESSES:-6} "${SEL[@]}" --verbose)}
+# METHODS (comma-separated labels, e.g. full,quest,kivi[bits=2]) narrows the balanced groups to those
+GROUPS_=${METHOD_GROUPS:-$(python3 bench/suite_groups.py --rows "$ROWS" --processes ${PROCESSES:-6} "${SEL[@]}" \
+  ${METHODS:+--methods "$METHODS"} --verbose)}
 echo "groups: $GROUPS_"
 # a cell that starts just before --max-minutes can run minutes past it: every process is stopped
 # KILL_AFTER seconds after the start (its finished cells are already in its file)
