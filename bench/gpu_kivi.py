@@ -28,7 +28,16 @@ from kvsift.kernels import dispatch  # noqa: E402
 from kvsift.kernels.quant_decode_attention import quant_decode_attention, quant_decode_attention_ref  # noqa: E402
 
 HQ, HK, D = 32, 8, 128
-VARIANTS = [(16, 4), (32, 4), (32, 8), (64, 4)]   # (block_s, warps): launch settings timed beside the default
+# launch settings timed beside the default (``quant_decode_attention.TUNING`` overrides): the slot
+# block and warps, the folded scales (``fold``) or dequantized tiles, and the programs per SM
+VARIANTS = [dict(block_s=32, num_warps=4, fold=False, splits_per_sm=2),
+            dict(block_s=32, num_warps=4, fold=True, splits_per_sm=2),
+            dict(block_s=64, num_warps=4, fold=True, splits_per_sm=2),
+            dict(block_s=32, num_warps=4, fold=False, splits_per_sm=8),
+            dict(block_s=32, num_warps=4, fold=True, splits_per_sm=8),
+            dict(block_s=64, num_warps=4, fold=True, splits_per_sm=8),
+            dict(block_s=32, num_warps=2, fold=True, splits_per_sm=16),
+            dict(block_s=64, num_warps=8, fold=True, splits_per_sm=4)]
 
 
 def bench(batch: int, n: int, bits: int, reps: int) -> dict:
@@ -54,9 +63,10 @@ def bench(batch: int, n: int, bits: int, reps: int) -> dict:
     from kvsift.kernels import quant_decode_attention as qmod
     saved = dict(qmod.TUNING)
     row["variants_ms"] = {}
-    for bs, nw in VARIANTS:
-        qmod.TUNING.update(block_s=bs, num_warps=nw)
-        key = f"bs{bs}/w{nw}"
+    for var in VARIANTS:
+        qmod.TUNING.clear()
+        qmod.TUNING.update(saved, **var)
+        key = "/".join(f"{k}={v}" for k, v in var.items())
         try:
             got = quant_decode_attention(q, query_pos=qp, slot_idx=None, scale=scale, group=g, **args)
             err = float((got.float() - ref.float()).abs().max())

@@ -230,6 +230,9 @@ for bits, (d, grp), table, dt in itertools.product((4, 2), ((64, 16), (64, 64), 
     extra = {"count": dict(slot_count=torch.tensor([[150, 9], [0, 77]])), "window": dict(window=40)}.get(table, {})
     args = st.kernel_args(static=True)
     tol = 2e-2 if dt == torch.bfloat16 else 1e-4
+    # lse: bf16 scores may differ by less than a bf16 rounding (the folded path does not round the
+    # dequantized keys to bf16: it multiplies the query by the key scales instead)
+    lrtol = 2e-3 if dt == torch.bfloat16 else 0.0
     for ns in (None, 1, 3):
         got, lse = quant_decode_attention(q, query_pos=qp, slot_idx=sel, scale=d ** -0.5, group=grp,
                                           return_lse=True, num_splits=ns, **args, **extra)
@@ -238,7 +241,7 @@ for bits, (d, grp), table, dt in itertools.product((4, 2), ((64, 16), (64, 64), 
         assert torch.allclose(got.float(), ref.float(), atol=tol, rtol=tol), (bits, d, table, dt, ns)
         assert torch.equal(torch.isinf(lse), torch.isinf(rlse)), (bits, d, table, dt, ns)
         fin = torch.isfinite(rlse)
-        assert (lse[fin] - rlse[fin]).abs().max().item() < 1e-3, (bits, d, table, dt, ns)
+        assert torch.allclose(lse[fin], rlse[fin], atol=1e-3, rtol=lrtol), (bits, d, table, dt, ns)
     out = quant_decode_attention(q, query_pos=qp, slot_idx=sel, scale=d ** -0.5, group=grp, **args, **extra)
     assert torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol), (bits, d, table, dt)
 print("INTERP_OK")

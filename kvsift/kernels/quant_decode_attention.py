@@ -25,7 +25,12 @@ table entries at a time), dequantizes them to fp32 and merges the blocks by log-
 bounded by the block, never a dequantized copy of the cache. The Triton kernel reads the packed
 codes and the scales of each block of slots straight from the cache and dequantizes in registers
 (split-K, online softmax for the ``group`` query heads of a KV head, one ``tl.dot`` per block, as
-the sparse kernel); ``kvsift.kernels.dispatch.quant_decode_attention`` picks.
+the sparse kernel); ``kvsift.kernels.dispatch.quant_decode_attention`` picks. Over every slot (no
+table) with one value scale per slot, it dequantizes no tile at all: a block of slots inside one key
+group scores ``(q * k_scale) . codes + q . k_zero`` and adds ``(p * v_scale) @ codes + sum(p *
+v_zero)`` to the output (``_fold_block``), so only the codes are unpacked. The dequantized keys are
+then not rounded to bf16 as the reference rounds them: scores may differ from it by less than a
+bf16 rounding.
 """
 
 from __future__ import annotations
@@ -40,7 +45,10 @@ from kvsift.kernels.sparse_decode_attention import _LOG2E, SplitLaunch, _check_c
 # live at once); on the H200 the kernel took 0.34 ms at 128k, batch 1, int4, against 0.13 for SDPA
 # over bf16. A bit-plane variant (q.k as a sum of per-plane dots, no unpacked tile) was 11-18% slower
 # at every launch setting there (bench/results/gpu_kivi_planes_h200.json) and was removed.
-TUNING = {"block_s": 32, "num_warps": 4, "num_stages": 2}
+# ``fold``: over every slot (no slot table) with one value scale per slot, blocks of slots sharing a
+# key group skip the dequantized tiles (``_fold_block``); ``splits_per_sm``: programs per
+# multiprocessor the split-K plan aims for.
+TUNING = {"block_s": 32, "num_warps": 4, "num_stages": 2, "fold": True, "splits_per_sm": 2}
 
 
 def _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start, key_pos, query_pos,
@@ -207,6 +215,71 @@ if HAS_TRITON:
         return slot, valid, isq, isr
 
     @triton.jit
+    def _fold_block(qf, q, m_i, l_i, acc, it, slot, valid, isq, isr, rstart, qk_scale,
+                    kc_base, skc_c, ks_base, kz_base, sks_g, vc_base, svc_c, vs_base, vz_base, svs_c,
+                    rk_base, srk_c, rv_base, srv_c, offs_b, offs_d, mask_d,
+                    BITS: tl.constexpr, PER: tl.constexpr, LEVELS: tl.constexpr, KGROUP: tl.constexpr,
+                    UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """One block of ``BLOCK_S`` consecutive slots that share a key group (every slot, blocks
+        aligned to the group), one value scale per slot, folded into the online softmax without
+        dequantizing a tile: the scores are ``(q * k_scale) . codes + q . k_zero`` (one key group's
+        scale and zero, ``(D,)`` each) and the output gains ``(p * v_scale) @ codes + sum(p *
+        v_zero)``; only the codes are unpacked. Slots of the full-precision window (the tiles that
+        reach it) read ``k_res``/``v_res``. Returns ``(m_i, l_i, acc)``."""
+        kgi = it // KGROUP
+        has_g = kgi * KGROUP < rstart           # the group was quantized (else its row may be garbage)
+        ksr = tl.where(has_g, tl.load(ks_base + kgi * sks_g + offs_d, mask=mask_d, other=0.0).to(tl.float32), 0.0)
+        kzr = tl.where(has_g, tl.load(kz_base + kgi * sks_g + offs_d, mask=mask_d, other=0.0).to(tl.float32), 0.0)
+        qs = qf * ksr[None, :]                                               # (G_P, BLOCK_D)
+        kb = tl.sum(qf * kzr[None, :], axis=1)                               # (G_P,)
+        kcode = _unpack(tl.load(kc_base + slot[:, None] * skc_c + offs_b[None, :], mask=isq[:, None],
+                                other=0).to(tl.int32), BITS, PER, LEVELS)   # (BLOCK_S, BLOCK_D) exact
+        if UPCAST:
+            qk = tl.dot(qs, tl.trans(kcode), input_precision="ieee")
+        elif IEEE:
+            qk = tl.dot(qs, tl.trans(kcode), input_precision="ieee")
+        else:
+            qk = tl.dot(qs.to(q.dtype), tl.trans(kcode.to(q.dtype)))
+        qk = qk + kb[:, None]
+        any_r = tl.sum(isr.to(tl.int32), axis=0) > 0
+        if any_r:
+            ridx = tl.maximum(slot - rstart, 0)
+            mr = isr[:, None] & mask_d[None, :]
+            kr = tl.load(rk_base + ridx[:, None] * srk_c + offs_d[None, :], mask=mr, other=0.0)
+            if UPCAST or IEEE:
+                qk_r = tl.dot(qf, tl.trans(kr.to(tl.float32)), input_precision="ieee")
+            else:
+                qk_r = tl.dot(q, tl.trans(kr))
+            qk = tl.where(isr[None, :], qk_r, qk)
+        qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))          # log2 units
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])                                    # (G_P, BLOCK_S)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vsc = tl.load(vs_base + slot * svs_c, mask=isq, other=0.0).to(tl.float32)    # (BLOCK_S,)
+        vzp = tl.load(vz_base + slot * svs_c, mask=isq, other=0.0).to(tl.float32)
+        pq = tl.where(isq[None, :], p, 0.0)
+        vcode = _unpack(tl.load(vc_base + slot[:, None] * svc_c + offs_b[None, :], mask=isq[:, None],
+                                other=0).to(tl.int32), BITS, PER, LEVELS)
+        pv = pq * vsc[None, :]
+        if UPCAST or IEEE:
+            o = tl.dot(pv, vcode, input_precision="ieee")
+        else:
+            o = tl.dot(pv.to(q.dtype), vcode.to(q.dtype))
+        acc = acc * alpha[:, None] + o + tl.sum(pq * vzp[None, :], axis=1)[:, None]
+        if any_r:
+            ridx = tl.maximum(slot - rstart, 0)
+            mr = isr[:, None] & mask_d[None, :]
+            vr = tl.load(rv_base + ridx[:, None] * srv_c + offs_d[None, :], mask=mr, other=0.0)
+            pr = tl.where(isr[None, :], p, 0.0)
+            if UPCAST or IEEE:
+                acc += tl.dot(pr, vr.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(pr.to(vr.dtype), vr)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _quant_decode_split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr, rv_ptr, rs_ptr,
                                    idx_ptr, out_ptr, po_ptr, plse_ptr,
                                    kp_ptr, qp_ptr, CAP, RCAP, WINDOW, sp_b, sp_h, sp_c,
@@ -228,7 +301,7 @@ if HAS_TRITON:
                                    KGROUP: tl.constexpr, VGROUP: tl.constexpr,
                                    DIRECT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                                    ALL: tl.constexpr, HAS_CNT: tl.constexpr, FAST: tl.constexpr,
-                                   NVG: tl.constexpr, ROUND_BF16: tl.constexpr):
+                                   NVG: tl.constexpr, ROUND_BF16: tl.constexpr, FOLD: tl.constexpr):
         # one program: (batch, kv_head) x one split of the slot table; slot s < res_start is
         # dequantized from its codes (code * scale + zero), a later slot read from the window
         pid_bh = tl.program_id(0)
@@ -267,58 +340,66 @@ if HAS_TRITON:
         stop = tl.minimum(start + split_size, S)
         if HAS_CNT:
             stop = tl.minimum(stop, tl.load(cnt_ptr + b * sc_b + h * sc_h).to(tl.int32))
+        if FOLD:
+            qf = q.to(tl.float32)
         for it in range(start, stop, BLOCK_S):
             slot, valid, isq, isr = _slot_block(it, stop, i_base, si_s, kp_base, sp_c, CAP, RCAP, WINDOW, qpos,
                                                 rstart, BLOCK_S, ALL)
-            mq = isq[:, None] & mask_d[None, :]
-            if FAST:
-                # BLOCK_D == D: each row's packed bytes load once, (BLOCK_S, D // PER), and unpack in
-                # registers (one load per byte, not one per channel); a value scale and zero load
-                # once per slot and channel group, then broadcast over the group's channels
-                cb = slot[:, None] * skc_c + offs_b[None, :]
-                kcode = _unpack(tl.load(kc_base + cb, mask=isq[:, None], other=0).to(tl.int32), BITS, PER, LEVELS)
-                vcode = _unpack(tl.load(vc_base + slot[:, None] * svc_c + offs_b[None, :], mask=isq[:, None],
-                                        other=0).to(tl.int32), BITS, PER, LEVELS)
-                vs_off = slot[:, None] * svs_c + offs_vg[None, :]
-                vsc = tl.load(vs_base + vs_off, mask=isq[:, None], other=0.0).to(tl.float32)   # (BLOCK_S, NVG)
-                vzp = tl.load(vz_base + vs_off, mask=isq[:, None], other=0.0).to(tl.float32)
-                if NVG > 1:
-                    vsc = tl.reshape(tl.broadcast_to(vsc[:, :, None], (BLOCK_S, NVG, VGROUP)), (BLOCK_S, BLOCK_D))
-                    vzp = tl.reshape(tl.broadcast_to(vzp[:, :, None], (BLOCK_S, NVG, VGROUP)), (BLOCK_S, BLOCK_D))
+            if FOLD:
+                m_i, l_i, acc = _fold_block(qf, q, m_i, l_i, acc, it, slot, valid, isq, isr, rstart, qk_scale,
+                                            kc_base, skc_c, ks_base, kz_base, sks_g, vc_base, svc_c, vs_base,
+                                            vz_base, svs_c, rk_base, srk_c, rv_base, srv_c, offs_b, offs_d,
+                                            mask_d, BITS, PER, LEVELS, KGROUP, UPCAST, IEEE)
             else:
-                kb = tl.load(kc_base + slot[:, None] * skc_c + byte_d[None, :], mask=mq, other=0).to(tl.int32)
-                kcode = ((kb >> shift[None, :]) & LEVELS).to(tl.float32)
-                vb = tl.load(vc_base + slot[:, None] * svc_c + byte_d[None, :], mask=mq, other=0).to(tl.int32)
-                vcode = ((vb >> shift[None, :]) & LEVELS).to(tl.float32)
-                vsc = tl.load(vs_base + slot[:, None] * svs_c + vgrp[None, :], mask=mq, other=0.0).to(tl.float32)
-                vzp = tl.load(vz_base + slot[:, None] * svs_c + vgrp[None, :], mask=mq, other=0.0).to(tl.float32)
-            # keys: per-channel scale/zero of the slot's group (contiguous over the channels)
-            kgi = slot // KGROUP
-            ksc = tl.load(ks_base + kgi[:, None] * sks_g + offs_d[None, :], mask=mq, other=0.0).to(tl.float32)
-            kzp = tl.load(kz_base + kgi[:, None] * sks_g + offs_d[None, :], mask=mq, other=0.0).to(tl.float32)
-            k = kcode * ksc + kzp                                           # (BLOCK_S, BLOCK_D) fp32
-            v = vcode * vsc + vzp
-            # the full-precision window: read only by the tiles that reach it
-            if tl.sum(isr.to(tl.int32), axis=0) > 0:
-                ridx = tl.maximum(slot - rstart, 0)                          # read only where isr (mask)
-                mr = isr[:, None] & mask_d[None, :]
-                kr = tl.load(rk_base + ridx[:, None] * srk_c + offs_d[None, :], mask=mr, other=0.0).to(tl.float32)
-                vr = tl.load(rv_base + ridx[:, None] * srv_c + offs_d[None, :], mask=mr, other=0.0).to(tl.float32)
-                k = tl.where(isr[:, None], kr, k)
-                v = tl.where(isr[:, None], vr, v)
-            # rounded to the KV dtype (the reference's and a dequantized copy's values) for the dot
-            # products; UPCAST (the CPU interpreter, whose bf16 cast does not round to nearest even)
-            # rounds bf16 by hand and keeps fp32 math
-            if not UPCAST:
-                k = k.to(q.dtype)
-                v = v.to(q.dtype)
-            elif ROUND_BF16:
-                k = _round_bf16(k)
-                v = _round_bf16(v)
-            elif rk_ptr.dtype.element_ty != tl.float32:
-                k = k.to(rk_ptr.dtype.element_ty).to(tl.float32)
-                v = v.to(rv_ptr.dtype.element_ty).to(tl.float32)
-            m_i, l_i, acc = online_softmax_step(q, k, v, valid[None, :], qk_scale, m_i, l_i, acc, IEEE)
+                mq = isq[:, None] & mask_d[None, :]
+                if FAST:
+                    # BLOCK_D == D: each row's packed bytes load once, (BLOCK_S, D // PER), and unpack in
+                    # registers (one load per byte, not one per channel); a value scale and zero load
+                    # once per slot and channel group, then broadcast over the group's channels
+                    cb = slot[:, None] * skc_c + offs_b[None, :]
+                    kcode = _unpack(tl.load(kc_base + cb, mask=isq[:, None], other=0).to(tl.int32), BITS, PER, LEVELS)
+                    vcode = _unpack(tl.load(vc_base + slot[:, None] * svc_c + offs_b[None, :], mask=isq[:, None],
+                                            other=0).to(tl.int32), BITS, PER, LEVELS)
+                    vs_off = slot[:, None] * svs_c + offs_vg[None, :]
+                    vsc = tl.load(vs_base + vs_off, mask=isq[:, None], other=0.0).to(tl.float32)   # (BLOCK_S, NVG)
+                    vzp = tl.load(vz_base + vs_off, mask=isq[:, None], other=0.0).to(tl.float32)
+                    if NVG > 1:
+                        vsc = tl.reshape(tl.broadcast_to(vsc[:, :, None], (BLOCK_S, NVG, VGROUP)), (BLOCK_S, BLOCK_D))
+                        vzp = tl.reshape(tl.broadcast_to(vzp[:, :, None], (BLOCK_S, NVG, VGROUP)), (BLOCK_S, BLOCK_D))
+                else:
+                    kb = tl.load(kc_base + slot[:, None] * skc_c + byte_d[None, :], mask=mq, other=0).to(tl.int32)
+                    kcode = ((kb >> shift[None, :]) & LEVELS).to(tl.float32)
+                    vb = tl.load(vc_base + slot[:, None] * svc_c + byte_d[None, :], mask=mq, other=0).to(tl.int32)
+                    vcode = ((vb >> shift[None, :]) & LEVELS).to(tl.float32)
+                    vsc = tl.load(vs_base + slot[:, None] * svs_c + vgrp[None, :], mask=mq, other=0.0).to(tl.float32)
+                    vzp = tl.load(vz_base + slot[:, None] * svs_c + vgrp[None, :], mask=mq, other=0.0).to(tl.float32)
+                # keys: per-channel scale/zero of the slot's group (contiguous over the channels)
+                kgi = slot // KGROUP
+                ksc = tl.load(ks_base + kgi[:, None] * sks_g + offs_d[None, :], mask=mq, other=0.0).to(tl.float32)
+                kzp = tl.load(kz_base + kgi[:, None] * sks_g + offs_d[None, :], mask=mq, other=0.0).to(tl.float32)
+                k = kcode * ksc + kzp                                           # (BLOCK_S, BLOCK_D) fp32
+                v = vcode * vsc + vzp
+                # the full-precision window: read only by the tiles that reach it
+                if tl.sum(isr.to(tl.int32), axis=0) > 0:
+                    ridx = tl.maximum(slot - rstart, 0)                          # read only where isr (mask)
+                    mr = isr[:, None] & mask_d[None, :]
+                    kr = tl.load(rk_base + ridx[:, None] * srk_c + offs_d[None, :], mask=mr, other=0.0).to(tl.float32)
+                    vr = tl.load(rv_base + ridx[:, None] * srv_c + offs_d[None, :], mask=mr, other=0.0).to(tl.float32)
+                    k = tl.where(isr[:, None], kr, k)
+                    v = tl.where(isr[:, None], vr, v)
+                # rounded to the KV dtype (the reference's and a dequantized copy's values) for the dot
+                # products; UPCAST (the CPU interpreter, whose bf16 cast does not round to nearest even)
+                # rounds bf16 by hand and keeps fp32 math
+                if not UPCAST:
+                    k = k.to(q.dtype)
+                    v = v.to(q.dtype)
+                elif ROUND_BF16:
+                    k = _round_bf16(k)
+                    v = _round_bf16(v)
+                elif rk_ptr.dtype.element_ty != tl.float32:
+                    k = k.to(rk_ptr.dtype.element_ty).to(tl.float32)
+                    v = v.to(rv_ptr.dtype.element_ty).to(tl.float32)
+                m_i, l_i, acc = online_softmax_step(q, k, v, valid[None, :], qk_scale, m_i, l_i, acc, IEEE)
         store_split(out_ptr, po_ptr, plse_ptr, m_i, l_i, acc, b, h, pid_s, offs_g, offs_d, mask_g, mask_d,
                     so_b, so_h, spo_bh, spo_s, HK, G, DIRECT)
 
@@ -358,10 +439,14 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
         return (out, torch.empty(b, hq, dtype=torch.float32, device=q.device)) if return_lse else out
     block_d = max(16, triton.next_power_of_2(d))
     L = SplitLaunch.plan(q, hk, s, num_splits, return_lse,
-                         block_s=TUNING["block_s"] if block_d <= 128 else TUNING["block_s"] // 2)
+                         block_s=TUNING["block_s"] if block_d <= 128 else TUNING["block_s"] // 2,
+                         splits_per_sm=TUNING["splits_per_sm"])
     sp = key_pos.stride()
     # packed rows unpacked in registers: the head fills the block and the value groups are a power of two
     fast = L.block_d == d and v_scale.shape[3] & (v_scale.shape[3] - 1) == 0
+    # every slot, one value scale per slot, blocks inside one key group: scales folded (_fold_block)
+    fold = (TUNING["fold"] and fast and slot_idx is None and v_scale.shape[3] == 1 and group % L.block_s == 0
+            and L.split_size % L.block_s == 0)
     args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start,
             idx, L.out, L.po, L.plse,
             key_pos, query_pos, cap, k_res.shape[2], int(window or 0), sp[0], sp[1], sp[2],
@@ -381,6 +466,6 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
         *args, HK=hk, G=g, G_P=L.g_p, D=d, BLOCK_D=L.block_d, BLOCK_S=L.block_s, BITS=bits, PER=8 // bits,
         LEVELS=(1 << bits) - 1, KGROUP=group, VGROUP=d // v_scale.shape[3], DIRECT=L.direct, IEEE=L.ieee,
         UPCAST=L.upcast, ALL=slot_idx is None, HAS_CNT=slot_count is not None, FAST=fast,
-        NVG=v_scale.shape[3] if fast else 1, ROUND_BF16=L.upcast and k_res.dtype == torch.bfloat16,
+        NVG=v_scale.shape[3] if fast else 1, ROUND_BF16=L.upcast and k_res.dtype == torch.bfloat16, FOLD=fold,
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
     return L.finish()
