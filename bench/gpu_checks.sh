@@ -49,7 +49,7 @@ if step kivi; then
 fi
 if step kivi_e2e; then   # #13: dense kivi vs full, sentencekv+kivi vs sentencekv, end to end at 128k
   timeout ${T_KIVI_E2E:-200} python3 bench/gpu_decode.py --skip-kernels --e2e --e2e-no-hf --e2e-contexts 131072 \
-    --e2e-batches 1 --e2e-methods full,kivi,sentencekv:2048,sentencekv+kivi:2048 --e2e-new-tokens 32 \
+    --e2e-batches 1 --e2e-methods ${KIVI_E2E_METHODS:-full,kivi,sentencekv:2048,sentencekv+kivi:2048} --e2e-new-tokens 32 \
     --out "$R/gpu_kivi_e2e_h200.json" >"$R/kivi_e2e.log" 2>&1
   echo "kivi_e2e rc=$? $(( $(date +%s) - t0 )) s"; grep -v "^e2e warm" "$R/kivi_e2e.log" | tail -12
 fi
