@@ -250,3 +250,41 @@ def test_local_softmax_differs_from_full_and_both_are_exact_at_full_budget(tiny_
     b = tiny_llm.prefill_context(ids, method="kvzip", budget=30,
                                  method_kwargs={"chunk": 64, "allocation": "head", "softmax": "full"})
     assert any(not torch.equal(x.positions, y.positions) for x, y in zip(a.cache.layers, b.cache.layers))
+
+
+def _dense_local_scores(query, keys, key_pos, query_pos, n_ctx, scale, window, local):
+    """Every logit, the prompt slots outside ``local``'s sinks and chunk masked: the max softmax
+    weight per prompt slot over queries and each group's heads."""
+    b, hq, L, d = query.shape
+    hk = keys.shape[1]
+    q = query.reshape(b, hk, hq // hk * L, d).float()
+    w = q @ keys.float().transpose(-1, -2) * scale                              # (b, hk, g * L, n)
+    qp = query_pos[:, None, None, :].expand(b, 1, hq // hk, L).reshape(b, 1, -1, 1)
+    kp = key_pos[:, :, None, :]
+    sl = torch.arange(keys.shape[2])
+    outside = (sl < n_ctx) & ~((sl < local[0]) | ((sl >= local[1]) & (sl < local[2])))
+    hide = (kp < 0) | (kp > qp) | outside
+    if window is not None:
+        hide |= kp <= qp - window
+    return torch.softmax(w.masked_fill(hide, float("-inf")), dim=-1)[..., :n_ctx].amax(dim=2)
+
+
+@pytest.mark.parametrize("local", [(4, 50, 120), (0, 0, 200), (8, 3, 60), (2, 190, 205), (300, 10, 20)])
+@pytest.mark.parametrize("window", [None, 90])
+def test_local_scores_read_only_the_chunk_and_equal_the_masked_dense_softmax(local, window):
+    from kvsift.methods.kvzip import reconstruction_scores
+
+    g = torch.Generator().manual_seed(sum(local) + (window or 0))
+    n_ctx, L, b, hk, grp, d = 200, 17, 2, 2, 3, 16
+    q = torch.randn(b, hk * grp, L, d, generator=g)
+    k = torch.randn(b, hk, n_ctx + L, d, generator=g)
+    pos = torch.arange(n_ctx + L).expand(b, hk, -1).clone()
+    pos[1, :, :5] = -1                                                           # a padded row
+    qpos = torch.arange(n_ctx, n_ctx + L).expand(b, L)
+    got = reconstruction_scores(q, k, pos, qpos, n_ctx, 0.25, window, None, local)
+    want = _dense_local_scores(q, k, pos, qpos, n_ctx, 0.25, window, local)
+    assert torch.allclose(got, want, atol=1e-6)
+    sl = torch.arange(n_ctx)
+    inside = (sl < local[0]) | ((sl >= local[1]) & (sl < local[2]))
+    assert (got[..., ~inside] == 0).all()
+    assert window is not None or (got[..., inside] > 0).any()

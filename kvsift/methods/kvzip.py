@@ -72,17 +72,24 @@ def reconstruction_scores(query: torch.Tensor, keys: torch.Tensor, key_pos: torc
     the max over queries and the query heads of each KV group. Query rows go in blocks of at most
     :data:`SCORE_BLOCK_BYTES` of logits. ``local = (sinks, start, end)``: of the prompt's slots only
     the first ``sinks`` and ``start .. end - 1`` (the chunk the pass reconstructs) enter the
-    softmax, as in the KVzip paper's chunked scoring."""
+    softmax, as in the KVzip paper's chunked scoring; only those slots and the pass's own are then
+    read (the others get no weight: their scores stay 0), so a pass costs its chunk, not the prompt."""
     b, hq, L, d = query.shape
     hk, n = keys.shape[1], keys.shape[2]
     g = hq // hk
+    out = torch.zeros(b, hk, n_ctx, dtype=torch.float32, device=keys.device)
+    cols = None
+    if local is not None:  # the softmax's prompt slots: the sinks, then the chunk (ascending, no repeat)
+        sinks = min(local[0], n_ctx)
+        lo = max(local[1], sinks)
+        cols = torch.cat([torch.arange(sinks), torch.arange(lo, max(lo, min(local[2], n_ctx)))]).to(keys.device)
+        keys = torch.cat([keys.index_select(2, cols), keys[:, :, n_ctx:]], dim=2)
+        key_pos = torch.cat([key_pos.index_select(2, cols), key_pos[:, :, n_ctx:]], dim=2)
+        n_ctx, n = cols.numel(), keys.shape[2]
     kt = keys.float().transpose(-1, -2)                                          # (b, hk, d, n)
     head_pos, tail_pos = key_pos[:, :, None, :n_ctx], key_pos[:, :, None, n_ctx:]
     head_pad = head_pos < 0                                                      # (b, hk, 1, n_ctx)
-    if local is not None:
-        sl = torch.arange(n_ctx, device=keys.device)
-        head_pad = head_pad | ~((sl < local[0]) | ((sl >= local[1]) & (sl < local[2])))
-    out = torch.zeros(b, hk, n_ctx, dtype=torch.float32, device=keys.device)
+    got = out if cols is None else torch.zeros(b, hk, n_ctx, dtype=torch.float32, device=keys.device)
     step = max(1, SCORE_BLOCK_BYTES // (4 * b * hq * max(n, 1)))
     for s in range(0, L, step):
         q = group_queries(query[:, :, s:s + step], hk).float()                  # (b, hk, g, l, d)
@@ -96,7 +103,9 @@ def reconstruction_scores(query: torch.Tensor, keys: torch.Tensor, key_pos: torc
         w[..., :n_ctx].masked_fill_(head_pad, float("-inf"))
         if sliding_window is not None:
             w.masked_fill_(key_pos[:, :, None, :] <= qp - sliding_window, float("-inf"))
-        torch.maximum(out, torch.softmax(w, dim=-1)[..., :n_ctx].amax(dim=2), out=out)
+        torch.maximum(got, torch.softmax(w, dim=-1)[..., :n_ctx].amax(dim=2), out=got)
+    if cols is not None:
+        out[:, :, cols] = got
     return out
 
 
