@@ -234,12 +234,15 @@ if HAS_TRITON:
         kb = tl.sum(qf * kzr[None, :], axis=1)                               # (G_P,)
         kcode = _unpack(tl.load(kc_base + slot[:, None] * skc_c + offs_b[None, :], mask=isq[:, None],
                                 other=0).to(tl.int32), BITS, PER, LEVELS)   # (BLOCK_S, BLOCK_D) exact
-        if UPCAST:
-            qk = tl.dot(qs, tl.trans(kcode), input_precision="ieee")
-        elif IEEE:
+        if UPCAST or IEEE:
             qk = tl.dot(qs, tl.trans(kcode), input_precision="ieee")
         else:
-            qk = tl.dot(qs.to(q.dtype), tl.trans(kcode.to(q.dtype)))
+            # q * k_scale as two 16-bit halves (hi + lo): the code sum cancels against q . k_zero,
+            # so one 16-bit rounding of the scaled query would cost far more than a rounding of
+            # the dequantized keys does (codes are exact in 16 bits)
+            kt = tl.trans(kcode.to(q.dtype))
+            qs_hi = qs.to(q.dtype)
+            qk = tl.dot(qs_hi, kt) + tl.dot((qs - qs_hi.to(tl.float32)).to(q.dtype), kt)
         qk = qk + kb[:, None]
         any_r = tl.sum(isr.to(tl.int32), axis=0) > 0
         if any_r:
@@ -265,8 +268,10 @@ if HAS_TRITON:
         pv = pq * vsc[None, :]
         if UPCAST or IEEE:
             o = tl.dot(pv, vcode, input_precision="ieee")
-        else:
-            o = tl.dot(pv.to(q.dtype), vcode.to(q.dtype))
+        else:  # the weights as two 16-bit halves too (the code sum cancels against sum(p * v_zero))
+            vc = vcode.to(q.dtype)
+            pv_hi = pv.to(q.dtype)
+            o = tl.dot(pv_hi, vc) + tl.dot((pv - pv_hi.to(tl.float32)).to(q.dtype), vc)
         acc = acc * alpha[:, None] + o + tl.sum(pq * vzp[None, :], axis=1)[:, None]
         if any_r:
             ridx = tl.maximum(slot - rstart, 0)
