@@ -29,15 +29,13 @@ from kvsift.kernels.quant_decode_attention import quant_decode_attention, quant_
 
 HQ, HK, D = 32, 8, 128
 # launch settings timed beside the default (``quant_decode_attention.TUNING`` overrides): the slot
-# block and warps, the folded scales (``fold``) or dequantized tiles, and the programs per SM
-VARIANTS = [dict(block_s=32, num_warps=4, fold=False, splits_per_sm=2),
-            dict(block_s=32, num_warps=2, fold=False, splits_per_sm=16),
-            dict(block_s=64, num_warps=4, fold=False, splits_per_sm=8),
-            dict(block_s=64, num_warps=4, fold=True, splits_per_sm=8),
-            dict(block_s=32, num_warps=2, fold=True, splits_per_sm=16),
-            dict(block_s=64, num_warps=2, fold=True, splits_per_sm=16),
-            dict(block_s=64, num_warps=4, fold=True, splits_per_sm=16),
-            dict(block_s=128, num_warps=4, fold=True, splits_per_sm=8)]
+# block and warps, the folded scales (``fold``, its own ``fold_*`` settings) or dequantized tiles,
+# and the programs per SM
+VARIANTS = [dict(fold=False),
+            dict(fold=False, block_s=32, num_warps=2, splits_per_sm=16),
+            dict(fold_block_s=64, fold_num_warps=4, fold_splits_per_sm=8),
+            dict(fold_block_s=32, fold_num_warps=2, fold_splits_per_sm=16),
+            dict(fold_block_s=128, fold_num_warps=4, fold_splits_per_sm=8)]
 
 
 def bench(batch: int, n: int, bits: int, reps: int) -> dict:

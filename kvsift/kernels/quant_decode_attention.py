@@ -46,9 +46,13 @@ from kvsift.kernels.sparse_decode_attention import _LOG2E, SplitLaunch, _check_c
 # over bf16. A bit-plane variant (q.k as a sum of per-plane dots, no unpacked tile) was 11-18% slower
 # at every launch setting there (bench/results/gpu_kivi_planes_h200.json) and was removed.
 # ``fold``: over every slot (no slot table) with one value scale per slot, blocks of slots sharing a
-# key group skip the dequantized tiles (``_fold_block``); ``splits_per_sm``: programs per
-# multiprocessor the split-K plan aims for.
-TUNING = {"block_s": 32, "num_warps": 4, "num_stages": 2, "fold": True, "splits_per_sm": 2}
+# key group skip the dequantized tiles (``_fold_block``), launched with the ``fold_*`` settings;
+# ``splits_per_sm``: programs per multiprocessor the split-K plan aims for. On the H200 (128k,
+# int4, bench/results/gpu_kivi_fold_h200.json) the folded kernel with blocks of 64 slots, 2 warps
+# and 16 programs per SM took 0.261 / 1.85 ms at batch 1 / 8 against 0.343 / 3.90 for the
+# dequantized tiles at the table path's settings (SDPA over bf16: 0.128 / 0.948).
+TUNING = {"block_s": 32, "num_warps": 4, "num_stages": 2, "splits_per_sm": 2,
+          "fold": True, "fold_block_s": 64, "fold_num_warps": 2, "fold_splits_per_sm": 16}
 
 
 def _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start, key_pos, query_pos,
@@ -443,15 +447,16 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
         out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
         return (out, torch.empty(b, hq, dtype=torch.float32, device=q.device)) if return_lse else out
     block_d = max(16, triton.next_power_of_2(d))
-    L = SplitLaunch.plan(q, hk, s, num_splits, return_lse,
-                         block_s=TUNING["block_s"] if block_d <= 128 else TUNING["block_s"] // 2,
-                         splits_per_sm=TUNING["splits_per_sm"])
-    sp = key_pos.stride()
     # packed rows unpacked in registers: the head fills the block and the value groups are a power of two
-    fast = L.block_d == d and v_scale.shape[3] & (v_scale.shape[3] - 1) == 0
+    fast = block_d == d and v_scale.shape[3] & (v_scale.shape[3] - 1) == 0
     # every slot, one value scale per slot, blocks inside one key group: scales folded (_fold_block)
-    fold = (TUNING["fold"] and fast and slot_idx is None and v_scale.shape[3] == 1 and group % L.block_s == 0
-            and L.split_size % L.block_s == 0)
+    fold = (TUNING["fold"] and fast and slot_idx is None and v_scale.shape[3] == 1
+            and group % TUNING["fold_block_s"] == 0)
+    pre = "fold_" if fold else ""
+    bs = TUNING[pre + "block_s"]
+    L = SplitLaunch.plan(q, hk, s, num_splits, return_lse, block_s=bs if block_d <= 128 else bs // 2,
+                         splits_per_sm=TUNING[pre + "splits_per_sm"])
+    sp = key_pos.stride()
     args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start,
             idx, L.out, L.po, L.plse,
             key_pos, query_pos, cap, k_res.shape[2], int(window or 0), sp[0], sp[1], sp[2],
@@ -472,5 +477,5 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
         LEVELS=(1 << bits) - 1, KGROUP=group, VGROUP=d // v_scale.shape[3], DIRECT=L.direct, IEEE=L.ieee,
         UPCAST=L.upcast, ALL=slot_idx is None, HAS_CNT=slot_count is not None, FAST=fast,
         NVG=v_scale.shape[3] if fast else 1, ROUND_BF16=L.upcast and k_res.dtype == torch.bfloat16, FOLD=fold,
-        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"])
+        num_warps=TUNING[pre + "num_warps"], num_stages=TUNING["num_stages"])
     return L.finish()
