@@ -1129,3 +1129,81 @@ def test_tokenselect_requests_join_a_running_batch_and_get_their_answers_alone(t
                                                        method_kwargs={**kw, "reuse_threshold": 0.9}))
     outs, _ = run_with_joins(tiny_llm, a, {2: [b], 4: [c]})
     assert [outs[r.id].token_ids for r in (a, b, c)] == want
+
+
+@pytest.mark.parametrize("mode,spec", [("eager", "squeezed"), ("static", "squeezed"), ("eager", "snapkv+squeezed")])
+def test_squeezed_requests_of_other_lengths_join_and_get_their_answers_alone(tiny_llm, default_tokenizer,
+                                                                             mode, spec):
+    """squeezed joins: each stacked row keeps its own clusters (padded to the batch's largest count)
+    and attends everything after its own clustered slots, so requests of other prompt lengths with
+    the same tokens per step join a running batch and each gets its answer alone; another budget
+    waits (join key)."""
+    from kvsift import LLM
+    from kvsift.methods.squeezed import SqueezedState
+
+    llm = tiny_llm if mode == "eager" else LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64,
+                                                          decode_mode="static")
+    ps = [random_prompt(n, seed=210 + n) for n in (150, 70, 230)]
+    pr = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (16, 8, 11)]
+    kw = {"decode_budget": 32, "cluster_size": 8} if spec != "squeezed" else {"cluster_size": 8}
+    budget = 32 if spec == "squeezed" else 64
+    want = [tiny_llm.generate(x, q, method=spec, budget=budget, method_kwargs=kw)[0].token_ids
+            for x, q in zip(ps, pr)]
+    a, b, c = (llm.request([x], q, method=spec, budget=budget, method_kwargs=kw) for x, q in zip(ps, pr))
+    assert llm.joins_running(a) and join_key(a) == join_key(b) == join_key(c)
+    other = llm.request([ps[0]], pr[0], method=spec, budget=budget, method_kwargs={**kw, "decode_budget": 48})
+    assert join_key(a) != join_key(other)
+    stacked = []
+    real = llm._rebuild
+
+    def rebuild(*args, **kwargs):
+        out = real(*args, **kwargs)
+        st = out[0].cache.layers[0].state.get("squeezed")
+        if isinstance(st, SqueezedState) and st.row_n is not None:
+            stacked.append(st.row_n.tolist())
+        return out
+
+    llm._rebuild = rebuild
+    try:
+        outs, rows = run_with_joins(llm, a, {2: [b], 6: [c]})
+    finally:
+        del llm._rebuild
+    assert [outs[r.id].token_ids for r in (a, b, c)] == want
+    assert max(rows) >= 2 and stacked
+    # alone, rows of other prompt lengths cluster other lengths (after snapkv, each keeps 64 slots)
+    assert any(len(set(n)) > 1 for n in stacked) == (spec == "squeezed")
+
+
+def test_squeezed_joined_rows_attend_the_positions_they_attend_alone(tiny_llm, monkeypatch):
+    """Sharper than the tokens (a tiny random model's tokens barely depend on what it reads): at
+    every decode step and layer, each row of the joined batch attends to exactly the positions it
+    attends to alone (a row is known by its clustered length and its newest position)."""
+    from kvsift.methods.squeezed import Squeezed
+
+    seen: dict = {}
+    real = Squeezed.plan
+
+    def plan(self, run, layer, query, ctx):
+        sel = real(self, run, layer, query, ctx)
+        st = layer.state.get(self.name)
+        if sel is not None and st is not None:
+            slots, p = sel.own_slots(), layer.positions
+            ok = (slots >= 0) & (slots < p.shape[2])
+            pos = p.gather(2, slots.clamp(min=0, max=p.shape[2] - 1))
+            pos = torch.where(ok & (pos >= 0), pos, -1)
+            for i in range(pos.shape[0]):
+                n_i = int(st.row_n[i]) if st.row_n is not None else st.n
+                seen[(n_i, int(p[i, 0].max()), layer.layer_idx)] = sorted(set(pos[i, 0].tolist()) - {-1})
+        return sel
+
+    monkeypatch.setattr(Squeezed, "plan", plan)
+    ps = [random_prompt(n, seed=220 + n) for n in (150, 70, 230)]
+    pr = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (16, 12, 11)]
+    kw = {"cluster_size": 8}
+    for x, q in zip(ps, pr):
+        tiny_llm.generate(x, q, method="squeezed", budget=32, method_kwargs=kw)
+    alone, seen = seen, {}
+    a, b, c = (tiny_llm.request([x], q, method="squeezed", budget=32, method_kwargs=kw) for x, q in zip(ps, pr))
+    _, rows = run_with_joins(tiny_llm, a, {2: [b], 6: [c]})
+    assert max(rows) >= 2 and len({k[0] for k in seen}) == 3
+    assert {k: alone.get(k) for k in seen} == seen

@@ -114,6 +114,28 @@ def test_topk_select_ref_matches_sorted_ranking_and_skips_unselectable():
     assert topk_select_ref(s, 0).shape == (2, 3, 0)
 
 
+def test_topk_select_ref_keeps_the_lowest_indices_among_ties_whatever_the_row_length():
+    """Equal scores at the threshold: the lowest indices win, so a row selects the same whether it
+    stands alone or is padded with unselectable entries (a shorter row in a batch)."""
+    row = torch.tensor([3.0, 7.0, 7.0, 1.0, 7.0, 7.0, 5.0, 7.0, 2.0])
+    assert topk_select_ref(row.view(1, 1, -1), 3).tolist() == [[[1, 2, 4]]]
+    assert topk_select_ref(row.view(1, 1, -1), 6).tolist() == [[[1, 2, 4, 5, 6, 7]]]
+    g = torch.Generator().manual_seed(4)
+    for n in (5, 40, 300):
+        s = torch.randint(0, 4, (2, 3, n), generator=g).float()           # many ties
+        s[s == 0] = float("-inf")
+        for k in (1, 3, n // 2, n + 2):
+            want = topk_select_ref(s, k)
+            padded = torch.cat([s, torch.full((2, 3, 37), float("-inf"))], dim=-1)
+            assert torch.equal(topk_select_ref(padded, k), want)
+            for b in range(2):
+                for h in range(3):
+                    r = s[b, h]
+                    ok = [i for i in range(n) if r[i] > float("-inf")]
+                    best = sorted(sorted(ok, key=lambda i: (-r[i].item(), i))[:k])   # stable: low index first
+                    assert want[b, h].tolist() == best + [-1] * (k - len(best))
+
+
 def test_select_chunks_uniform_pages_is_topk_and_skips_masked():
     s = torch.randn(2, 3, 20)
     s[0, 0, :18] = float("-inf")               # only 2 selectable pages there

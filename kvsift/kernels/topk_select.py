@@ -3,10 +3,14 @@
 scores ``(batch, kv_heads, n)`` float; ``-inf`` and NaN are never selected. Returns
 ``(batch, kv_heads, k)`` int32 (or ``dtype``) indices in ascending index order (cache order, which helps the
 attention kernel's memory locality), ``-1``-padded at the end when a row has fewer than ``k``
-selectable entries. Among equal scores at the threshold the Triton kernel keeps the lowest
-indices, the reference whatever ``torch.topk`` returns.
+selectable entries. Among equal scores at the threshold both keep the lowest indices, so a
+selection does not depend on the row's length or the batch around it (``torch.topk`` alone breaks
+ties by shape: a row alone and the same row padded with unselectable entries in a batch could get
+different pages).
 
-``topk_select_ref`` is ``torch.topk`` + sort; ``topk_select`` is one Triton program per row that
+``topk_select_ref`` takes the ``k``-th largest score from ``torch.topk``, then every score above it
+and the lowest-index ones equal to it, written in index order by a prefix sum (no sort);
+``topk_select`` is one Triton program per row that
 finds the k-th largest score by a 4-way search on order-preserving integer keys (three counts per
 pass; it stops as soon as the count is exact, 16 passes at most), then writes the selected indices
 with a prefix sum: one launch, no sort. Two variants of the search: ``"int32"`` (signed int32
@@ -50,10 +54,16 @@ def topk_select_ref(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int
     s = scores.float()
     s = s.masked_fill(torch.isnan(s), float("-inf"))
     kk = min(k, n)
-    top = s.topk(kk, dim=-1)
-    idx = torch.where(top.values > float("-inf"), top.indices, n)      # unselectable sort last
-    idx = idx.sort(dim=-1).values
-    idx = torch.where(idx >= n, -1, idx).to(dtype)
+    out = torch.full((b, h, kk + 1), -1, dtype=torch.int64, device=scores.device)
+    if kk > 0:
+        t = s.topk(kk, dim=-1).values[..., -1:]                          # the kk-th largest
+        valid = s > float("-inf")
+        gt = valid & (s > t)
+        eq = valid & (s == t)
+        sel = gt | (eq & (eq.cumsum(-1) <= kk - gt.sum(-1, keepdim=True)))   # ties: the lowest indices
+        at = torch.where(sel, sel.cumsum(-1) - 1, kk)                     # column kk: a dump, dropped
+        out.scatter_(-1, at, torch.arange(n, device=s.device).expand(b, h, n))
+    idx = out[..., :kk].to(dtype)
     if kk < k:
         idx = torch.cat([idx, idx.new_full((b, h, k - kk), -1)], dim=-1)
     return idx

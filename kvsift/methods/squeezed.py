@@ -32,11 +32,17 @@ from kvsift.methods.base import DecodeSelect, LayerState, Selection, register, s
 class SqueezedState(LayerState):
     """One layer's clusters: ``centroids (batch, kv_heads, clusters, head_dim)`` (mean keys),
     ``labels (batch, kv_heads, n)`` int64 cluster of each clustered slot (``-1``: padding), and
-    ``n`` the clustered slots (the context; later slots are always attended)."""
+    ``n`` the clustered slots (the context; later slots are always attended). Rows stacked into a
+    running batch (:meth:`Squeezed.restack_state`) each keep their own clusters: ``row_n (batch,)``
+    int64 is then where each row's clustered slots end and its always-attended slots begin (its
+    own decode tokens, the padding after them, the batch's common decode slots), ``n`` the largest
+    and ``tail_from`` the smallest of them."""
 
     centroids: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     n: int = 0
+    row_n: torch.Tensor | None = None
+    tail_from: int = 0
     planner: ClassVar[bool] = True  # answering from a context should use this method
 
 
@@ -125,6 +131,44 @@ class Squeezed(DecodeSelect):
     def quantized_ok(self) -> bool:
         return False  # its clusters index the layer's key buffer
 
+    def chunk_invariant(self) -> bool:
+        """False: its k-means at the prefill's end is discontinuous, so keys that differ in the last
+        bits (a prompt prefilled in other chunk widths) can fall into other clusters."""
+        return False
+
+    def joins_rows(self) -> bool:
+        """Rows stacked into a running batch select as alone: each keeps its own clusters and
+        attends everything after its own clustered slots (:meth:`restack_state`)."""
+        return True
+
+    def join_token(self, run) -> int:
+        return run.sel_tokens  # the tokens attended per step: joined rows must share it
+
+    def restack_state(self, layer, sources) -> None:
+        """After ``SiftLayer.set_rows`` stacked ``sources`` (``(source layer, row)`` each, in the new
+        batch's order): every row's slots start with its clustered ones (the cluster-sorted prompt,
+        left padding dropped), so its labels and centroids carry over as they are, padded to the
+        batch's largest; ``row_n`` says where each row's clustered slots end (host syncs: once per
+        layer and row at a join)."""
+        rows = []
+        for src, i in sources:
+            st: SqueezedState | None = src.state.get(self.name)
+            if st is None:
+                layer.state.pop(self.name, None)   # not clustered yet: nothing to carry
+                return
+            n_i = int(st.row_n[i]) if st.row_n is not None else int((st.labels[i, 0] >= 0).sum())
+            rows.append((st.centroids[i], st.labels[i, :, :n_i], n_i))
+        b, (hk, _, d) = len(rows), rows[0][0].shape
+        n = max(r[2] for r in rows)
+        c = max(r[0].shape[1] for r in rows)
+        cent = rows[0][0].new_zeros(b, hk, c, d)
+        labels = torch.full((b, hk, n), -1, dtype=torch.int64, device=cent.device)
+        for j, (ce, la, n_i) in enumerate(rows):
+            cent[j, :, : ce.shape[1]] = ce
+            labels[j, :, :n_i] = la
+        row_n = torch.tensor([r[2] for r in rows], dtype=torch.int64, device=cent.device)
+        layer.state[self.name] = SqueezedState(cent, labels, n, row_n, min(r[2] for r in rows))
+
     def plan(self, run, layer, query, ctx):
         st: SqueezedState | None = layer.state.get(self.name)
         if not ctx.decoding or st is None:
@@ -139,8 +183,10 @@ class Squeezed(DecodeSelect):
         b, hk = per_slot.shape[:2]
         scores = per_slot.view(b, hk, pages, page).amax(-1)                  # (b, hk, pages)
         k = min(pages, run.sel_tokens // page)
-        width = (layer.k_buf.shape[2] if ctx.cache.static else layer.length) - n0
-        own = select_pages(scores, k, page, n0, width)
+        # each row attends every slot after its own clustered ones (one row: after the context)
+        tail, tail_from = (n0, n0) if st.row_n is None else (st.row_n[:, None, None], st.tail_from)
+        width = (layer.k_buf.shape[2] if ctx.cache.static else layer.length) - tail_from
+        own = select_pages(scores, k, page, tail, width)                     # past the buffer: skipped
         sel = own[..., : k * page]
-        own[..., : k * page] = torch.where(sel >= n0, -1, sel)              # a last partial page's tail slots
+        own[..., : k * page] = torch.where(sel >= tail, -1, sel)            # a last partial page's tail slots
         return Selection(own=own)
