@@ -1207,3 +1207,76 @@ def test_squeezed_joined_rows_attend_the_positions_they_attend_alone(tiny_llm, m
     _, rows = run_with_joins(tiny_llm, a, {2: [b], 6: [c]})
     assert max(rows) >= 2 and len({k[0] for k in seen}) == 3
     assert {k: alone.get(k) for k in seen} == seen
+
+
+@pytest.mark.parametrize("kw", [{}, {"rank": 0.25, "outliers": 2}])
+def test_shadowkv_requests_join_a_running_batch_and_get_their_answers_alone(tiny_llm, kw):
+    """shadowkv joins: a request of another prompt length (the same budget in tokens) is prefilled
+    alone into its own values store and key factors; the running rows are stacked with it (one
+    store over the rows' own, read in place; each row's factors carried over, padded to the most
+    middle rows), so every answer equals the request's alone; another budget does not join."""
+    from kvsift.methods.shadowkv import ShadowKVState
+
+    p_a, p_b, p_c = random_prompt(260, seed=131), random_prompt(140, seed=132), random_prompt(200, seed=133)
+    pa, pb, pc = (SamplingParams(max_tokens=n, ignore_eos=True) for n in (12, 9, 7))
+    kw = {"chunk": 8, "window": 16, **kw}
+    want = [tiny_llm.generate(p, q, method="shadowkv", budget=64, method_kwargs=kw)[0].token_ids
+            for p, q in ((p_a, pa), (p_b, pb), (p_c, pc))]
+    a, b, c = (tiny_llm.request([p], q, method="shadowkv", budget=64, method_kwargs=kw)
+               for p, q in ((p_a, pa), (p_b, pb), (p_c, pc)))
+    assert tiny_llm.joins_running(a) and join_key(a) == join_key(b) == join_key(c)
+    assert join_key(tiny_llm.request([p_b], pb, method="shadowkv", budget=48, method_kwargs=kw)) != join_key(a)
+    seen = []
+    real = tiny_llm._rebuild
+
+    def rebuild(*args, **kwargs):
+        out = real(*args, **kwargs)
+        st = out[0].cache.layers[1].state.get("shadowkv")
+        if isinstance(st, ShadowKVState) and st.store is not None:
+            seen.append((st.store.b, st.store.shared, tuple(st.a.shape)))
+        return out
+
+    tiny_llm._rebuild = rebuild
+    try:
+        outs, rows = run_with_joins(tiny_llm, a, {2: [b], 4: [c]})
+    finally:
+        del tiny_llm._rebuild
+    assert [outs[r.id].token_ids for r in (a, b, c)] == want
+    assert max(rows) == 3 and any(b_ >= 2 and shared for b_, shared, _ in seen)
+
+
+def test_shadowkv_joined_rows_read_the_keys_and_values_they_read_alone(tiny_llm, monkeypatch):
+    """Sharper than the tokens: at every decode step and layer, each joined row fetches the same
+    positions as alone, with the same rebuilt keys and the same values (a row is known by its
+    newest position: the prompts' lengths keep them apart)."""
+    from kvsift.methods.shadowkv import ShadowKV
+
+    seen: dict = {}
+    real = ShadowKV.plan
+
+    def plan(self, run, layer, query, ctx):
+        sel = real(self, run, layer, query, ctx)
+        if sel is not None and sel.extra is not None and ctx.decoding:
+            k, v, pos = sel.extra.gather()
+            for i in range(pos.shape[0]):
+                for h in range(pos.shape[1]):
+                    ok = pos[i, h] >= 0
+                    order = pos[i, h][ok].argsort()
+                    seen[(int(layer.positions[i].max()), layer.layer_idx, h)] = (
+                        pos[i, h][ok][order].tolist(), k[i, h][ok][order].float(), v[i, h][ok][order].float())
+        return sel
+
+    monkeypatch.setattr(ShadowKV, "plan", plan)
+    ps = [random_prompt(n, seed=140 + n) for n in (260, 140, 200)]
+    pr = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (12, 9, 7)]
+    kw = {"chunk": 8, "window": 16, "rank": 0.25, "outliers": 2}
+    for x, q in zip(ps, pr):
+        tiny_llm.generate(x, q, method="shadowkv", budget=64, method_kwargs=kw)
+    alone, seen = seen, {}
+    a, b, c = (tiny_llm.request([x], q, method="shadowkv", budget=64, method_kwargs=kw) for x, q in zip(ps, pr))
+    _, rows = run_with_joins(tiny_llm, a, {2: [b], 4: [c]})
+    assert max(rows) == 3 and seen.keys() <= alone.keys() and len(seen) > 0
+    for key, (pos, k, v) in seen.items():
+        apos, ak, av = alone[key]
+        assert pos == apos, key
+        assert torch.allclose(k, ak, atol=1e-4) and torch.allclose(v, av, atol=1e-4), key

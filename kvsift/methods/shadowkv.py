@@ -224,6 +224,42 @@ class ShadowKV(KVMethod):
     def quantized_ok(self) -> bool:
         return False  # it keeps KV in its own layout (factors, host values)
 
+    def joins_rows(self) -> bool:
+        """A joining request is prefilled alone into its own store and factors; the running batch's
+        rows are then stacked with it (:meth:`restack_state`): the host rows read where they are,
+        each row's factors and chunk tables carried over as they are."""
+        return True
+
+    def join_token(self, run) -> int:
+        return run.tokens  # the batch run's budget sizes the sinks, window and selection: rows share it
+
+    def restack_state(self, layer, sources) -> None:
+        """The running batch's rows changed (``sources``: ``(source layer, row)`` in the new order):
+        one values store over the rows' own (``ChunkStore.stack``, nothing copied), each row's
+        key factors ``a`` (padded to the most middle rows) and ``b``, the fewest device prompt
+        tokens of the rows that offloaded (equal for prompts with a full middle)."""
+        states = [(src.state.get(self.name), row) for src, row in sources]
+        ref = next((st for st, _ in states if st is not None), None)
+        if ref is None:
+            return
+        new = ShadowKVState(first=ref.first, rope=ref.rope)
+        held = [(st, row) for st, row in states if st is not None and st.store is not None and st.a is not None]
+        if held:
+            new.store = ChunkStore.stack([(st.store if st is not None and st.a is not None else None, row)
+                                          for st, row in states])
+            a0, b0 = held[0][0].a, held[0][0].b
+            rows = max(st.a.shape[1] for st, _ in held)
+            new.a = a0.new_zeros(len(states), rows, a0.shape[-1])
+            new.b = b0.new_zeros(len(states), *b0.shape[1:])
+            for i, (st, row) in enumerate(states):
+                if st is not None and st.a is not None and st.store is not None:
+                    new.a[i, : st.a.shape[1]] = st.a[row]
+                    new.b[i] = st.b[row]
+            new.dev_tokens = min(st.dev_tokens for st, _ in held)
+        else:
+            new.dev_tokens = min(st.dev_tokens for st, _ in states if st is not None)
+        layer.state[self.name] = new
+
     # ---- prefill: factorize, summarise, offload ---------------------------------------------
     def prefill_end(self, run, layer, query, module, ctx) -> None:
         if layer.k_buf is None or layer.length == 0:
