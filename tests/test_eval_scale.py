@@ -403,6 +403,17 @@ def test_report_intervals_significance_and_leaderboard(tmp_path):
         write_report(_write(tmp_path, rows), tmp_path / "rep2", heatmap_budget="0.3")
 
 
+def test_leaderboard_marks_entries_over_fewer_cells():
+    """A method measured on fewer tasks or lengths than the others says so beside its value."""
+    rows = [_row("full", "full", [1.0] * 30), _row("full", "full", [1.0] * 30, task="qa"),
+            _row("snapkv", "0.1", [1.0] * 30), _row("snapkv", "0.1", [1.0] * 29 + [0.0], task="qa"),
+            _row("streaming", "0.1", [1.0] * 15 + [0.0] * 15)]
+    md = markdown_table(rows)
+    assert re.search(r"\| streaming \| 0\.50 \[0\.\d\d, 0\.\d\d\] \(1/2\) \|", md), md
+    assert re.search(r"\| snapkv \| 0\.98 \[0\.\d\d, 1\.00\] \|", md), md
+    assert "`(n/2)`: an entry over fewer cells" in md
+
+
 def _write(tmp_path, rows):
     p = tmp_path / "rows.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))

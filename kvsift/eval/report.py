@@ -304,13 +304,17 @@ def leaderboard_markdown(rows: list[dict[str, Any]], cstats: list[dict[str, Any]
         lines.append("")
         left = sum(v["left_out"] for v in lb.values())
         ratio = "full-cache ppl / method ppl" if ppl else "method score / full-cache score"
+        most = max(v["cells"] for v in lb.values())
         lines.append(f"Mean over tasks ({', '.join(tasks)}) and lengths ({', '.join(map(str, lengths))}) of "
                      f"{ratio} on the same samples; 95% interval of a stratified paired bootstrap in brackets."
                      + ("" if ppl else f" Cells where the full cache scores below {MIN_FULL:g} are left out "
-                                       f"({left} cell(s))."))
+                                       f"({left} cell(s)).")
+                     + f" `(n/{most})`: an entry over fewer cells than the most any entry has (not every task and "
+                       f"length measured yet), so not comparable with the others as it stands.")
         lines.append("")
         lines += _method_budget_table(methods, budgets, lambda m, b: (
-            _ci(v["value"], v["lo"], v["hi"]) if (v := lb.get((m, b))) else ""))
+            _ci(v["value"], v["lo"], v["hi"]) + (f" ({v['cells']}/{most})" if v["cells"] < most else "")
+            if (v := lb.get((m, b))) else ""))
     # GPU KV per sequence, at the longest length measured
     kv = [d for d in cstats if d.get("kv_device_bytes") is not None]
     if kv:

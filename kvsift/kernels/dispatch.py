@@ -50,8 +50,10 @@ def chunk_scores(query: torch.Tensor, summaries, reduce: str = "mean") -> torch.
 
 def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """See :func:`kvsift.kernels.topk_select.topk_select_ref`: ``(batch, kv_heads, k)`` indices."""
-    if use_triton(scores) and scores.shape[-1] <= _tk.MAX_N:   # longer rows: torch.topk (measured faster)
-        return _tk.topk_select(scores, k, dtype)
+    if use_triton(scores):
+        if scores.shape[-1] <= _tk.MAX_N:
+            return _tk.topk_select(scores, k, dtype)
+        return _tk.topk_select_long(scores, k, dtype)   # longer rows: torch.topk (measured faster)
     return _tk.topk_select_ref(scores, k, dtype)
 
 

@@ -69,6 +69,25 @@ def topk_select_ref(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int
     return idx
 
 
+def topk_select_long(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """:func:`topk_select_ref` for rows too long for the kernel on a GPU (TokenSelect's votes over
+    every token): ``torch.topk``, then the ``k`` indices sorted, without the reference's prefix sums
+    over the whole row; ties at the threshold go as ``torch.topk`` returns them (continuous votes
+    rarely tie)."""
+    _check(scores, k, dtype)
+    b, h, n = scores.shape
+    s = scores.float()
+    s = s.masked_fill(torch.isnan(s), float("-inf"))
+    kk = min(k, n)
+    top = s.topk(kk, dim=-1)
+    idx = torch.where(top.values > float("-inf"), top.indices, n)      # unselectable sort last
+    idx = idx.sort(dim=-1).values
+    idx = torch.where(idx >= n, -1, idx).to(dtype)
+    if kk < k:
+        idx = torch.cat([idx, idx.new_full((b, h, k - kk), -1)], dim=-1)
+    return idx
+
+
 if HAS_TRITON:
 
     @triton.jit
