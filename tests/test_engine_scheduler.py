@@ -20,13 +20,27 @@ GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
 
 
 
-def run_with_joins(llm, first, schedule: dict):
+def run_with_joins(llm, first, schedule: dict, see=None):
     """Run ``first`` alone, letting the requests of ``schedule[n]`` join when the engine asks for
-    joiners the n-th time. Returns ``(outputs by request id, rows running at each ask)``."""
+    joiners the n-th time; ``see(cache)``, if given, gets the batch's cache after every stacking of
+    rows (``LLM._rebuild``). Returns ``(outputs by request id, rows running at each ask)``."""
     steps, outs = [], {}
-    for r, ev in llm.run_batch([first], join=lambda run, rows: steps.append(rows) or schedule.get(len(steps), [])):
-        if ev.output is not None:
-            outs[r.id] = ev.output
+    if see is not None:
+        real = llm._rebuild
+
+        def rebuild(*args, **kwargs):
+            out = real(*args, **kwargs)
+            see(out[0].cache)
+            return out
+
+        llm._rebuild = rebuild
+    try:
+        for r, ev in llm.run_batch([first], join=lambda run, rows: steps.append(rows) or schedule.get(len(steps), [])):
+            if ev.output is not None:
+                outs[r.id] = ev.output
+    finally:
+        if see is not None:
+            del llm._rebuild
     return outs, steps
 
 def record_forward_widths(llm, monkeypatch) -> list[int]:
@@ -1094,18 +1108,8 @@ def test_sentencekv_requests_join_a_running_batch_and_get_their_answers_alone(ti
     other = tiny_llm.request([p_b], pb, method=spec, budget=40, method_kwargs=fewer)
     assert join_key(other) != join_key(a)
     stores = []
-    real = tiny_llm._rebuild
-
-    def rebuild(*args, **kwargs):
-        out = real(*args, **kwargs)
-        stores.append(out[0].cache.layers[0].state["sentencekv"].store)
-        return out
-
-    tiny_llm._rebuild = rebuild
-    try:
-        outs, _ = run_with_joins(tiny_llm, a, {2: [b], 4: [c]})
-    finally:
-        del tiny_llm._rebuild
+    outs, _ = run_with_joins(tiny_llm, a, {2: [b], 4: [c]},
+                             see=lambda cache: stores.append(cache.layers[0].state["sentencekv"].store))
     assert [outs[r.id].token_ids for r in (a, b, c)] == want
     joined = [st for st in stores if st is not None and st.b >= 2]
     assert joined and all(st.shared for st in joined)      # rows read their stores' host rows in place
@@ -1154,20 +1158,13 @@ def test_squeezed_requests_of_other_lengths_join_and_get_their_answers_alone(tin
     other = llm.request([ps[0]], pr[0], method=spec, budget=budget, method_kwargs={**kw, "decode_budget": 48})
     assert join_key(a) != join_key(other)
     stacked = []
-    real = llm._rebuild
 
-    def rebuild(*args, **kwargs):
-        out = real(*args, **kwargs)
-        st = out[0].cache.layers[0].state.get("squeezed")
+    def see(cache):
+        st = cache.layers[0].state.get("squeezed")
         if isinstance(st, SqueezedState) and st.row_n is not None:
             stacked.append(st.row_n.tolist())
-        return out
 
-    llm._rebuild = rebuild
-    try:
-        outs, rows = run_with_joins(llm, a, {2: [b], 6: [c]})
-    finally:
-        del llm._rebuild
+    outs, rows = run_with_joins(llm, a, {2: [b], 6: [c]}, see=see)
     assert [outs[r.id].token_ids for r in (a, b, c)] == want
     assert max(rows) >= 2 and stacked
     # alone, rows of other prompt lengths cluster other lengths (after snapkv, each keeps 64 slots)
@@ -1227,22 +1224,15 @@ def test_shadowkv_requests_join_a_running_batch_and_get_their_answers_alone(tiny
     assert tiny_llm.joins_running(a) and join_key(a) == join_key(b) == join_key(c)
     assert join_key(tiny_llm.request([p_b], pb, method="shadowkv", budget=48, method_kwargs=kw)) != join_key(a)
     seen = []
-    real = tiny_llm._rebuild
 
-    def rebuild(*args, **kwargs):
-        out = real(*args, **kwargs)
-        st = out[0].cache.layers[1].state.get("shadowkv")
+    def see(cache):
+        st = cache.layers[1].state.get("shadowkv")
         if isinstance(st, ShadowKVState) and st.store is not None:
-            seen.append((st.store.b, st.store.shared, tuple(st.a.shape)))
-        return out
+            seen.append((st.store.b, st.store.shared))
 
-    tiny_llm._rebuild = rebuild
-    try:
-        outs, rows = run_with_joins(tiny_llm, a, {2: [b], 4: [c]})
-    finally:
-        del tiny_llm._rebuild
+    outs, rows = run_with_joins(tiny_llm, a, {2: [b], 4: [c]}, see=see)
     assert [outs[r.id].token_ids for r in (a, b, c)] == want
-    assert max(rows) == 3 and any(b_ >= 2 and shared for b_, shared, _ in seen)
+    assert max(rows) == 3 and any(b_ >= 2 and shared for b_, shared in seen)
 
 
 def test_shadowkv_joined_rows_read_the_keys_and_values_they_read_alone(tiny_llm, monkeypatch):
