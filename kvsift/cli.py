@@ -173,6 +173,26 @@ def _check_tp(args) -> None:
         tp.check_config(AutoConfig.from_pretrained(path, local_files_only=True), size)
 
 
+def serving_traits(name: str) -> dict[str, str]:
+    """What a method (default options) means for serving: whether its requests join a running batch,
+    its fastest decode mode, whether it needs host memory."""
+    from kvsift.methods import build_method
+
+    m = build_method(name, 0.5)   # a ratio budget: any method builds with one, none is resolved here
+    if m.joins_rows():
+        joins = "yes (at the running batch's next decode step; decode-time selections also need its tokens per step)"
+    elif getattr(m, "evicts_while_decoding", lambda: False)():
+        joins = "at one token budget (rows at their budget evict in lockstep)"
+    else:
+        joins = "no (a request waits for the next batch)"
+    if m.static_ok() and m.offloads_to_host():  # graphs where the UVA kernel fetches host KV (a GPU)
+        mode = "graph (CUDA graphs) where the GPU fetches host KV through UVA, else static"
+    else:
+        mode = "graph (CUDA graphs)" if m.graph_ok() else "static" if m.static_ok() else "eager"
+    return {"joins running batches": joins, "fastest decode mode": mode,
+            "host memory": "yes (offloads KV to pinned host memory)" if m.offloads_to_host() else "no"}
+
+
 def cmd_methods(args) -> int:
     from kvsift.methods import available_methods
     from kvsift.methods.base import method_options
@@ -184,6 +204,7 @@ def cmd_methods(args) -> int:
         print(f"{name}: {methods[name]}\n")
         for opt, default, desc in opts:
             print(f"  {opt} (default {default!r})\n      {desc}")
+        print("\n" + "\n".join(f"  {k}: {v}" for k, v in serving_traits(name).items()))
         return 0
     width = max(len(n) for n in methods)
     for name, doc in methods.items():

@@ -21,6 +21,21 @@ def test_methods_lists_registry(capsys):
         assert name in out
 
 
+@pytest.mark.parametrize("name,joins,mode,host", [
+    ("full", "yes", "graph", "no"), ("squeezed", "yes", "graph", None), ("shadowkv", "yes", None, "yes"),
+    ("kivi", "no", None, "no"), ("h2o", "at one token budget", "eager", "no"), ("decoding", "no", "eager", "no")])
+def test_methods_name_says_what_it_means_for_serving(capsys, name, joins, mode, host):
+    from kvsift.cli import serving_traits
+
+    assert main(["methods", name]) == 0
+    out = capsys.readouterr().out
+    t = serving_traits(name)
+    assert f"  joins running batches: {t['joins running batches']}" in out
+    assert t["joins running batches"].startswith(joins)
+    assert mode is None or t["fastest decode mode"].startswith(mode)
+    assert host is None or t["host memory"].startswith(host)
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--method", "nope"], "unknown method 'nope'"),
     (["--method", "snapkv", "--budget", "0"], "budget must be >= 1"),
