@@ -1,7 +1,7 @@
 """Method groups for `bench/suite_h200.sh`'s parallel processes, balanced by the time the cells
 still to run are expected to take, from the rows already measured.
 
-    python3 bench/suite_groups.py --rows bench/results/standard_qwen2.5-coder-1.5b_h200.jsonl \
+    python3 bench/suite_groups.py --rows bench/results/standard_qwen2.5-coder-1.5b_h200.jsonl.gz \
         --processes 6 --lengths 30000 --budgets 0.05
     # -> e.g. "h2o;kvzip@niah kvzip@mk_niah;kvzip@vt full,snapkv,... ...": METHOD_GROUPS for the script
 
@@ -18,14 +18,13 @@ Cells already in the rows file are left out; methods with nothing left are left 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvsift.eval.runner import BenchConfig, cell_key  # noqa: E402
+from kvsift.eval.runner import BenchConfig, cell_key, load_rows  # noqa: E402
 from kvsift.eval.suites import get_suite  # noqa: E402
 
 
@@ -105,9 +104,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.processes < 1:
         ap.error("--processes must be >= 1")
-    rows = []
-    if a.rows and Path(a.rows).is_file():
-        rows = [json.loads(x) for x in Path(a.rows).read_text().splitlines() if x.strip()]
+    rows = load_rows(a.rows) if a.rows and Path(a.rows).is_file() else []   # plain or .jsonl.gz
     split = lambda s: s.split(",") if s else None  # noqa: E731
     costs = remaining_costs(rows, a.suite, split(a.tasks), [int(x) for x in split(a.lengths) or []] or None,
                             split(a.budgets), split(a.methods))

@@ -5,11 +5,12 @@
 #
 #   NAME=qwen2.5-coder-1.5b LENGTHS=16384 BUDGETS=0.05 TASKS=niah,mk_niah,vt,qa bash bench/suite_h200.sh
 #
-# Rows so far: bench/results/standard_${NAME}_h200.jsonl (committed; ROWS= names another file). It
-# is copied into every process's own output file, so a process skips every cell already measured
-# (by any process of any earlier call); at the end all rows are merged (last row of a key wins)
-# into $OUT/standard.jsonl (kvpress's, with KVP_GROUPS, into kvpress.jsonl), returned in a tarball
-# with the logs: copy them over the committed files.
+# Rows so far: bench/results/standard_${NAME}_h200.jsonl.gz (committed gzip-compressed, a twelfth of
+# the JSONL: the whole suite's rows must travel with every device call's tree; ROWS= names another
+# file, plain or .gz). It is copied into every process's own output file, so a process skips every
+# cell already measured (by any process of any earlier call); at the end all rows are merged (last
+# row of a key wins) into $OUT/standard.jsonl.gz (kvpress's, with KVP_GROUPS, into
+# kvpress.jsonl.gz), returned in a tarball with the logs: copy them over the committed files.
 # Narrowing (LENGTHS, BUDGETS, TASKS, METHOD_GROUPS or PROCESSES) only picks which cells of the suite run first; the
 # rows are the suite's own cells (30 samples, its depths, its ppl tokens), so later calls with other
 # narrowings fill in the rest of the same grid.
@@ -31,7 +32,11 @@ t0=$(date +%s)
 # de-quantize once here, not in six processes at once
 python3 -c "from pathlib import Path; from kvsift.models.loader import _convert_gguf; print(_convert_gguf(Path('$M')))" 2>&1 | tail -1
 echo "convert $(( $(date +%s) - t0 )) s"
-ROWS=${ROWS:-bench/results/standard_${NAME}_h200.jsonl}
+ROWS=${ROWS:-bench/results/standard_${NAME}_h200.jsonl.gz}
+seed_rows() {   # $1 rows so far (plain or .gz, may be missing) -> $2 a process's output file
+  [ -f "$1" ] || return 0
+  case "$1" in *.gz) gzip -dc "$1" > "$2";; *) cp "$1" "$2";; esac
+}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 MINUTES=${MINUTES:-8}
 SEL=()
@@ -67,19 +72,19 @@ pids=()
 i=0
 for g in $GROUPS_; do
   i=$((i+1))
-  [ -f "$ROWS" ] && cp "$ROWS" "$RES/g$i.jsonl"
+  seed_rows "$ROWS" "$RES/g$i.jsonl"
   run_group $i "$g" &
   pids+=($!)
 done
 # kvpress beside kvsift on the same prompts (KVP_GROUPS: groups of presses; carry .whl/kvpress-min,
 # made here by bench/download_kvpress_wheels.sh --minimal .whl/kvpress-min): its own rows file
-KVP_ROWS=${KVP_ROWS:-bench/results/standard_kvpress_${NAME}_h200.jsonl}
+KVP_ROWS=${KVP_ROWS:-bench/results/standard_kvpress_${NAME}_h200.jsonl.gz}
 if [ -n "${KVP_GROUPS:-}" ]; then
   python3 bench/vs_kvpress.py --model $M --wheels .whl/kvpress-min --setup-only 2>&1 | tail -1
   i=0
   for g in $KVP_GROUPS; do
     i=$((i+1))
-    [ -f "$KVP_ROWS" ] && cp "$KVP_ROWS" "$RES/k$i.jsonl"
+    seed_rows "$KVP_ROWS" "$RES/k$i.jsonl"
     $STOP python3 bench/vs_kvpress.py --suite standard --model $M --wheels .whl/kvpress-min --presses $g \
       "${SEL[@]}" --max-minutes $MINUTES --no-progress --mem-fraction ${MEM:-0.12} --out "$RES/k$i.jsonl" \
       > "$RES/k$i.log" 2>&1 &
@@ -91,17 +96,15 @@ echo "suite $(( $(date +%s) - t0 )) s"
 nvidia-smi --query-gpu=memory.used,memory.total --format=csv 2>/dev/null | tail -1
 for f in "$RES"/[gk]*.log; do echo "== $f"; grep "^\[bench\] [0-9]\|stopped\|Error\|error" "$f" | tail -30; done
 python3 - "$RES" <<'EOF'
-import json, pathlib, sys
+import gzip, json, pathlib, sys
+from kvsift.eval.runner import load_rows
 res = pathlib.Path(sys.argv[1])
-for prefix, name in (("g", "standard.jsonl"), ("k", "kvpress.jsonl")):
-    rows = {}
-    for f in sorted(res.glob(f"{prefix}[0-9]*.jsonl")):
-        for line in f.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                rows[r["key"]] = r
+for prefix, name in (("g", "standard.jsonl.gz"), ("k", "kvpress.jsonl.gz")):
+    files = sorted(res.glob(f"{prefix}[0-9]*.jsonl"))
+    rows = load_rows(files) if files else []          # the last row of a key wins
     if rows:
-        (res / name).write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+        with gzip.open(res / name, "wt", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
         print(f"{len(rows)} cells in {res / name}")
 EOF
 tar czf "$DEST/suite.tgz" -C "$RES" .

@@ -44,3 +44,24 @@ def test_cli_prints_groups(tmp_path, capsys):
                     "--lengths", "4096", "--budgets", "0.05", "--methods", "full,snapkv,h2o"]) == 0
     out = capsys.readouterr().out.split()
     assert len(out) == 2 and sorted(",".join(out).replace(";", ",").split(",")) == ["full", "h2o", "snapkv"]
+
+
+def test_cli_reads_gzip_compressed_rows(tmp_path, capsys):
+    """The committed suite rows are .jsonl.gz: measured cells are left out as from plain JSONL, and
+    kvsift's own reader (report, resume) reads the same file."""
+    import gzip
+    import json
+
+    from kvsift.eval.runner import load_rows
+
+    rows = [{"key": f"niah|{m}|{b}|4096|0", "method": m, "length": 4096, "wall_s": 4.0}
+            for m, b in (("full", "full"), ("snapkv", "0.05"))]
+    plain, packed = tmp_path / "rows.jsonl", tmp_path / "rows.jsonl.gz"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with gzip.open(packed, "wt", encoding="utf-8") as f:
+        f.write(plain.read_text() + '{"key": "cut off')                 # an interrupted last line
+    assert load_rows(packed) == load_rows(plain) == rows
+    args = ["--processes", "1", "--tasks", "niah", "--lengths", "4096", "--budgets", "0.05",
+            "--methods", "full,snapkv,h2o"]
+    assert sg.main(["--rows", str(packed), *args]) == 0
+    assert capsys.readouterr().out.split() == ["h2o"]                     # full and snapkv are measured

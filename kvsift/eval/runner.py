@@ -26,6 +26,7 @@ so that the kvpress worker (another transformers version) can use it.
 from __future__ import annotations
 
 import datetime as _dt
+import gzip
 import json
 import os
 import re
@@ -459,9 +460,18 @@ class BenchConfig:
         return out
 
 
+def read_text(path: str | Path) -> str:
+    """A results file's text; ``.gz`` files (how large committed results are kept) decompressed."""
+    p = Path(path)
+    if p.suffix == ".gz":
+        with gzip.open(p, "rt", encoding="utf-8") as f:
+            return f.read()
+    return p.read_text(encoding="utf-8")
+
+
 def load_rows(paths: str | Path | Iterable[str | Path]) -> list[dict[str, Any]]:
-    """Rows of one or more JSONL result files (unreadable trailing lines from an interrupted
-    write are skipped); the last row of a key wins."""
+    """Rows of one or more JSONL result files, plain or gzip-compressed (``.jsonl.gz``; unreadable
+    trailing lines from an interrupted write are skipped); the last row of a key wins."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     rows: dict[str, dict[str, Any]] = {}
@@ -469,7 +479,7 @@ def load_rows(paths: str | Path | Iterable[str | Path]) -> list[dict[str, Any]]:
         p = Path(p)
         if not p.exists():
             raise FileNotFoundError(f"no results file {p}")
-        for line in p.read_text(encoding="utf-8").splitlines():
+        for line in read_text(p).splitlines():
             line = line.strip()
             if not line:
                 continue
