@@ -6,6 +6,7 @@
 #
 #   bash bench/gpu_checks.sh                 # STEPS=tests,kivi,decode,minference by default
 #   STEPS=tests,kivi,kivi_e2e TESTS_K="shadowkv and cuda" bash bench/gpu_checks.sh
+#   STEPS=batch_fit bash bench/gpu_checks.sh  # #13: the largest decode batch at 128k, full vs kivi (carry .whl)
 #   STEPS=serve SERVE_METHODS="full sentencekv" bash bench/gpu_checks.sh   # #16 load figures (carry .stage/tok, .whl)
 #   STEPS=long bash bench/gpu_checks.sh      # #14: a 1M-token prompt (sentencekv+kivi, prefill_offload)
 #   STEPS=profile_prefill bash bench/gpu_checks.sh   # #14: where the prefill goes at 128k (PROF_ARGS=" ": torch.profiler)
@@ -46,6 +47,11 @@ fi
 if step kivi; then
   timeout ${T_KIVI:-90} python3 bench/gpu_kivi.py ${KIVI_ARGS:---contexts 32768,131072 --batches 1,8} --out "$R/gpu_kivi_h200.json" >"$R/kivi.log" 2>&1
   echo "kivi rc=$? $(( $(date +%s) - t0 )) s"; tail -25 "$R/kivi.log"
+fi
+if step batch_fit; then   # #13: the largest decode batch at 128k per method (one prefill each, rows copied)
+  timeout ${T_BATCH_FIT:-420} python3 bench/batch_fit.py ${BATCH_FIT_ARGS:---ctx 131072 --methods full,kivi,sentencekv+kivi:2048} \
+    --out "$R/batch_fit_h200.json" >"$R/batch_fit.log" 2>&1
+  echo "batch_fit rc=$? $(( $(date +%s) - t0 )) s"; tail -8 "$R/batch_fit.log"
 fi
 if step kivi_e2e; then   # #13: dense kivi vs full, sentencekv+kivi vs sentencekv, end to end at 128k
   timeout ${T_KIVI_E2E:-200} python3 bench/gpu_decode.py --skip-kernels --e2e --e2e-no-hf --e2e-contexts 131072 \
