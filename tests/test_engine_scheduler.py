@@ -883,7 +883,7 @@ def test_a_cancelled_request_stops_its_prefill_at_a_chunk_boundary(tiny_llm):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("spec,budget", [("full", None), ("snapkv", 0.5), ("adakv", 0.5), ("sentencekv", 40),
-                                         ("tokenselect", 24)])
+                                         ("tokenselect", 24), ("quest", 32), ("squeezed", 32), ("shadowkv", 40)])
 def test_cuda_graph_decode_with_joins_gives_the_answers_alone(spec, budget):
     """Under CUDA graphs a change of rows records the new layout's steps again; the answers are
     the eager ones alone."""
