@@ -63,9 +63,9 @@ def token_votes(q: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor | 
     ``(batch, kv_heads, n)`` float32; ``-1`` for non-candidates."""
     b, hk, n, d = keys.shape
     g = q.shape[1] // hk
-    logits = torch.matmul(q.reshape(b, hk, g, d), keys.transpose(-1, -2)).float() * d ** -0.5   # (b, hk, g, n)
-    if candidates is not None:
-        logits = logits.masked_fill(~candidates[:, :, None], float("-inf"))
+    logits = torch.matmul(q.reshape(b, hk, g, d), keys.transpose(-1, -2)).float().mul_(d ** -0.5)   # (b, hk, g, n)
+    if candidates is not None:  # in place: the logits are this call's own (one pass and one buffer fewer)
+        logits.masked_fill_(~candidates[:, :, None], float("-inf"))
     votes = torch.softmax(logits, dim=-1).nan_to_num_(0.0).sum(2)                          # (b, hk, n)
     if vote == "layer":
         votes = votes.sum(1, keepdim=True).expand(b, hk, n)
