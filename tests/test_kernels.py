@@ -536,3 +536,18 @@ def test_cuda_page_bounds_append_matches_reference(dtype):
         pb.page_bounds_append_ref(*ref, kbuf, slot, page)
         pb.page_bounds_append(*got, kbuf, slot, page)
         assert all(torch.equal(x, y) for x, y in zip(got, ref)), s
+
+
+def test_topk_select_long_equals_the_reference_without_ties():
+    """The GPU's path for rows past the kernel's ``MAX_N`` (``torch.topk`` + a sort of the ``k``
+    indices) selects what the reference does where no score ties at the threshold."""
+    from kvsift.kernels.topk_select import topk_select_long
+
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(2, 3, 500, generator=g)
+    s[0, 0, ::2] = float("-inf")
+    s[1, 1, 7] = float("nan")
+    s[1, 2] = float("-inf")
+    for k in (0, 1, 40, 250, 600):
+        for dt in (torch.int32, torch.int64):
+            assert torch.equal(topk_select_long(s, k, dt), topk_select_ref(s, k, dt)), (k, dt)

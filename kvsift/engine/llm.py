@@ -689,7 +689,7 @@ class LLM:
         context and the new rows' first logits and next positions (None without ``new``). Over a
         context read by reference (one batch's requests share it) only the rows' own tokens are
         stacked; every row of the new batch reads the context's one copy."""
-        method, runner = ctx.method, self.runner
+        method = ctx.method
         old = ctx.cache
         if not keep and len(parts) == 1 and not resumed and old.layers[0].prefix is None \
                 and parts[0][0].layers[0].prefix is None:
@@ -718,9 +718,7 @@ class LLM:
         ids = [p for r in new for p in r.prompts]
         prompts = ([ctx.prompt_ids[i] for i in keep] + ids + [p for sw in resumed or () for p in sw.prompts]
                    if ctx.prompt_ids is not None and all(sw.prompts is not None for sw in resumed or ()) else None)
-        merged_ctx = ForwardContext(cache=merged, method=method, run=run, has_padding=True, prompt_ids=prompts,
-                                    tokenizer=self.tokenizer, next_pos=torch.cat(pos), rope=runner.rope)
-        merged_ctx.decoding, merged_ctx.step = True, ctx.step
+        merged_ctx = self._batch_ctx(ctx, merged, run, True, prompts, torch.cat(pos))
         joined = None
         if parts:
             joined = _Joined(torch.cat([lg for _, _, lg, _ in parts]), torch.cat([c.next_pos for _, c, _, _ in parts]))
@@ -735,11 +733,16 @@ class LLM:
         with torch.inference_mode():
             for layer in ctx.cache.layers:
                 layer.reset()
-        merged_ctx = ForwardContext(cache=cache, method=ctx.method, run=run, has_padding=ctx_p.has_padding,
-                                    prompt_ids=ctx_p.prompt_ids, tokenizer=self.tokenizer, next_pos=ctx_p.next_pos,
-                                    rope=self.runner.rope)
-        merged_ctx.decoding, merged_ctx.step = True, ctx.step
+        merged_ctx = self._batch_ctx(ctx, cache, run, ctx_p.has_padding, ctx_p.prompt_ids, ctx_p.next_pos)
         return merged_ctx, _Joined(logits, ctx_p.next_pos)
+
+    def _batch_ctx(self, ctx: ForwardContext, cache, run: Run, has_padding: bool, prompt_ids, next_pos):
+        """The running batch's context over its new ``cache`` (rows changed), decoding on from
+        ``ctx``'s step."""
+        out = ForwardContext(cache=cache, method=ctx.method, run=run, has_padding=has_padding, prompt_ids=prompt_ids,
+                             tokenizer=self.tokenizer, next_pos=next_pos, rope=self.runner.rope)
+        out.decoding, out.step = True, ctx.step
+        return out
 
 
 @dataclass(slots=True)

@@ -46,14 +46,24 @@ def _check(scores: torch.Tensor, k: int, dtype: torch.dtype) -> None:
         raise ValueError(f"k must be a non-negative int, got {k!r}")
 
 
+def _prepared(scores: torch.Tensor, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """Checked scores as float32 with NaN at ``-inf`` (never selected), and ``min(k, n)``."""
+    _check(scores, k, dtype)
+    s = scores.float()
+    return s.masked_fill(torch.isnan(s), float("-inf")), min(k, scores.shape[-1])
+
+
+def _padded(idx: torch.Tensor, k: int) -> torch.Tensor:
+    """``idx (batch, kv_heads, kk)`` padded with ``-1`` to ``k`` entries."""
+    kk = idx.shape[-1]
+    return idx if kk >= k else torch.cat([idx, idx.new_full((*idx.shape[:2], k - kk), -1)], dim=-1)
+
+
 def topk_select_ref(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """Reference (PyTorch): ``(batch, kv_heads, k)`` indices of ``dtype`` (int32 or int64),
     ascending, ``-1`` padded."""
-    _check(scores, k, dtype)
-    b, h, n = scores.shape
-    s = scores.float()
-    s = s.masked_fill(torch.isnan(s), float("-inf"))
-    kk = min(k, n)
+    s, kk = _prepared(scores, k, dtype)
+    b, h, n = s.shape
     out = torch.full((b, h, kk + 1), -1, dtype=torch.int64, device=scores.device)
     if kk > 0:
         t = s.topk(kk, dim=-1).values[..., -1:]                          # the kk-th largest
@@ -63,10 +73,7 @@ def topk_select_ref(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int
         sel = gt | (eq & (eq.cumsum(-1) <= kk - gt.sum(-1, keepdim=True)))   # ties: the lowest indices
         at = torch.where(sel, sel.cumsum(-1) - 1, kk)                     # column kk: a dump, dropped
         out.scatter_(-1, at, torch.arange(n, device=s.device).expand(b, h, n))
-    idx = out[..., :kk].to(dtype)
-    if kk < k:
-        idx = torch.cat([idx, idx.new_full((b, h, k - kk), -1)], dim=-1)
-    return idx
+    return _padded(out[..., :kk].to(dtype), k)
 
 
 def topk_select_long(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
@@ -74,18 +81,12 @@ def topk_select_long(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.in
     every token): ``torch.topk``, then the ``k`` indices sorted, without the reference's prefix sums
     over the whole row; ties at the threshold go as ``torch.topk`` returns them (continuous votes
     rarely tie)."""
-    _check(scores, k, dtype)
-    b, h, n = scores.shape
-    s = scores.float()
-    s = s.masked_fill(torch.isnan(s), float("-inf"))
-    kk = min(k, n)
+    s, kk = _prepared(scores, k, dtype)
+    n = s.shape[-1]
     top = s.topk(kk, dim=-1)
     idx = torch.where(top.values > float("-inf"), top.indices, n)      # unselectable sort last
     idx = idx.sort(dim=-1).values
-    idx = torch.where(idx >= n, -1, idx).to(dtype)
-    if kk < k:
-        idx = torch.cat([idx, idx.new_full((b, h, k - kk), -1)], dim=-1)
-    return idx
+    return _padded(torch.where(idx >= n, -1, idx).to(dtype), k)
 
 
 if HAS_TRITON:

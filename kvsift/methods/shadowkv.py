@@ -243,19 +243,20 @@ class ShadowKV(KVMethod):
         if ref is None:
             return
         new = ShadowKVState(first=ref.first, rope=ref.rope)
-        held = [(st, row) for st, row in states if st is not None and st.store is not None and st.a is not None]
+        # each row's state where it offloaded (a store and factors, built together at its prefill)
+        off = [st if st is not None and st.store is not None and st.a is not None else None for st, _ in states]
+        held = [st for st in off if st is not None]
         if held:
-            new.store = ChunkStore.stack([(st.store if st is not None and st.a is not None else None, row)
-                                          for st, row in states])
-            a0, b0 = held[0][0].a, held[0][0].b
-            rows = max(st.a.shape[1] for st, _ in held)
-            new.a = a0.new_zeros(len(states), rows, a0.shape[-1])
-            new.b = b0.new_zeros(len(states), *b0.shape[1:])
-            for i, (st, row) in enumerate(states):
-                if st is not None and st.a is not None and st.store is not None:
+            new.store = ChunkStore.stack([(st.store if st is not None else None, row)
+                                          for st, (_, row) in zip(off, states)])
+            rows = max(st.a.shape[1] for st in held)
+            new.a = held[0].a.new_zeros(len(states), rows, held[0].a.shape[-1])
+            new.b = held[0].b.new_zeros(len(states), *held[0].b.shape[1:])
+            for i, (st, (_, row)) in enumerate(zip(off, states)):
+                if st is not None:
                     new.a[i, : st.a.shape[1]] = st.a[row]
                     new.b[i] = st.b[row]
-            new.dev_tokens = min(st.dev_tokens for st, _ in held)
+            new.dev_tokens = min(st.dev_tokens for st in held)
         else:
             new.dev_tokens = min(st.dev_tokens for st, _ in states if st is not None)
         layer.state[self.name] = new
