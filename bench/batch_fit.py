@@ -107,9 +107,10 @@ def measure(llm, spec: str, ctx: int, max_batch: int, new_tokens: int, log) -> d
             return False
         st = outs[0].stats
         steps = max(1, st.decode_steps - (st.decode_setup_steps or 0))
+        # a request's stats count the KV of all its rows (the n questions): per sequence, divided
         row = {"fits": True, "decode_ms_per_token": 1000.0 * (st.decode_s - st.decode_setup_s) / steps,
-               "decode_mode": st.decode_mode, "kv_device_bytes_per_seq": st.kv_device_bytes,
-               "kv_host_bytes_per_seq": st.kv_host_bytes,
+               "decode_mode": st.decode_mode, "kv_device_bytes_per_seq": st.kv_device_bytes // n,
+               "kv_host_bytes_per_seq": st.kv_host_bytes // n,
                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if llm.device.type == "cuda" else None}
         tries[n] = row
         log(f"  {spec:<24} batch {n:>4}: fits, {row['decode_ms_per_token']:.2f} ms/token ({row['decode_mode']})")

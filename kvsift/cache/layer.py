@@ -122,11 +122,13 @@ class SiftLayer(CacheLayerMixin):
         self.pos_buf = torch.full((b, h, cap), -1, dtype=torch.int32, device=device)
         self.dtype, self.device = dtype, device
 
-    def _ensure_capacity(self, needed: int) -> None:
+    def _ensure_capacity(self, needed: int, exact: bool = False) -> None:
+        """Room for ``needed`` slots: grown by half at least, or (``exact``: every slot that will be
+        needed is known) to ``needed``."""
         cap = self.k_buf.shape[2]
         if needed <= cap:
             return
-        new_cap = max(needed, int(math.ceil(cap * 1.5)) + 16)
+        new_cap = needed if exact else max(needed, int(math.ceil(cap * 1.5)) + 16)
         b, h, _, d = self.k_buf.shape
         k, v, p = self.k_buf, self.v_buf, self.pos_buf
         self._alloc(b, h, new_cap, d, k.dtype, k.device)
@@ -433,7 +435,7 @@ class SiftCache(Cache):
             if layer.quant is not None:  # the quantized store writes at its own device slot
                 layer.quant.begin_static(steps)
                 continue
-            layer._ensure_capacity(layer.length + steps)
+            layer._ensure_capacity(layer.length + steps, exact=True)   # static decode reads every slot
             layer.wslot = torch.tensor([layer.length], dtype=torch.int64, device=layer.k_buf.device)
         self.static = True
         self.static_step = 0
@@ -468,9 +470,10 @@ class SiftCache(Cache):
                 host += host_b
         return {"device": device, "host": host, "device_used": used}
 
-    def clone(self, batch_repeat: int = 1) -> "SiftCache":
+    def clone(self, batch_repeat: int = 1, room: int | None = None) -> "SiftCache":
         """Deep copy (e.g. a reusable context answering a new question), optionally repeated over
-        the batch dimension."""
+        the batch dimension; ``room``: free slots per layer for what comes next (a question's tokens
+        and its decode: no buffer grows by half on its first append), None: the cache's reserve."""
         new = SiftCache(len(self.layers), self.capacity_hint, self.reserve)
         new.seen = self.seen
         for src, dst in zip(self.layers, new.layers):
@@ -479,9 +482,10 @@ class SiftCache(Cache):
             rep = (lambda t: t.repeat_interleave(batch_repeat, 0)) if batch_repeat > 1 else (lambda t: t)
             # a layer of compact per-head KV keeps its new tokens there: its buffers need no room
             dst.set_kv(rep(src.keys), rep(src.values), rep(src.positions),
-                       reserve=0 if src.ragged is not None or src.quant is not None else self.reserve)
+                       reserve=0 if src.ragged is not None or src.quant is not None
+                       else self.reserve if room is None else room)
             dst.ragged = src.ragged.clone(batch_repeat) if src.ragged is not None else None
-            dst.quant = src.quant.clone(batch_repeat) if src.quant is not None else None
+            dst.quant = src.quant.clone(batch_repeat, room) if src.quant is not None else None
             dst.holes = src.holes
             dst.state = {k: v.clone() for k, v in src.state.items()}
             if batch_repeat > 1:

@@ -274,12 +274,13 @@ class QuantKV:
     def dtype(self) -> torch.dtype:
         return self.k_res.dtype
 
-    def _ensure(self, needed: int) -> None:
-        """Room for ``needed`` slots (host side: grows the buffers, copying the used part)."""
+    def _ensure(self, needed: int, exact: bool = False) -> None:
+        """Room for ``needed`` slots (host side: grows the buffers, copying the used part): by half
+        the capacity at least, or (``exact``: the caller knows every slot it will need) to ``needed``."""
         cap = self.capacity
         if needed <= cap:
             return
-        new = _round_up(max(needed, int(math.ceil(cap * 1.5)) + self.group), self.group)
+        new = _round_up(needed if exact else max(needed, int(math.ceil(cap * 1.5)) + self.group), self.group)
         b, h, _, d = self.k_res.shape
         st = QuantKV.empty(b, h, d, new, 0, self.dtype, self.k_res.device, self.bits, self.group, self.residual)
         g = cap // self.group
@@ -336,7 +337,9 @@ class QuantKV:
         with torch.inference_mode():  # the store's tensors were made in inference mode (prefill)
             if self.length + 1 > self.qtok + self.residual:
                 self._flush((self.length - self.qtok) // self.group * self.group)
-            self._ensure(self.length + steps + self.residual)  # a static flush writes a whole window
+            # the steps' slots, exactly: static decode reads every slot of the capacity (and a larger
+            # buffer would hold memory a batch of long sequences needs)
+            self._ensure(self.length + steps, exact=True)
             if self.k_res.shape[2] < self.residual:
                 raise RuntimeError("the full-precision window is smaller than residual")
             self.wslot = torch.tensor([self.length], dtype=torch.int64, device=self.k_res.device)
@@ -455,9 +458,13 @@ class QuantKV:
             + (q // self.group) * d * 2 * 2
         return b * h * (quant + (self.length - q) * 2 * d * self.k_res.element_size())
 
-    def clone(self, batch_repeat: int = 1) -> "QuantKV":
-        """A copy; ``batch_repeat``: each row repeated (rows ``i*n .. i*n+n-1`` copy row ``i``)."""
+    def clone(self, batch_repeat: int = 1, room: int | None = None) -> "QuantKV":
+        """A copy; ``batch_repeat``: each row repeated (rows ``i*n .. i*n+n-1`` copy row ``i``);
+        ``room``: free slots after the used ones (None: the same capacity as this store)."""
         rep = (lambda t: t.repeat_interleave(batch_repeat, 0)) if batch_repeat > 1 else (lambda t: t.clone())
+        if room is not None:   # the used part only, into buffers of exactly that room
+            return QuantKV.from_tensors({k: v if k == "meta" else rep(v) for k, v in self.tensors().items()},
+                                        room=room)
         t = {k: (v.clone() if k == "qstart" else rep(v)) for k, v in self._tensors().items()}
         return QuantKV(**t, bits=self.bits, group=self.group, residual=self.residual, qtok=self.qtok,
                        length=self.length)

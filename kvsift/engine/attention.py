@@ -224,10 +224,18 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         extras.append(layer.ragged.source())
     if layer.prefix is not None:  # a shared context read by reference (gathered for the chunk)
         extras.append(layer.prefix_source())
-    if layer.quant is not None:  # quantized KV (this chunk's tokens included): a dequantized copy
+    if layer.quant is not None:  # quantized KV (this chunk's tokens included)
         if sel is not None and sel.own is not None:
             raise RuntimeError("a prefill selection of own slots over quantized KV is not supported")
-        extras.append(layer.quant.source())
+        if not extras and sliding_window is None and softcap is None and chunk_in_window(layer.quant, L):
+            # read in place: the earlier slots through the quantized attention, the chunk's own
+            # tokens (full precision) causally, merged (no dequantized copy of the layer)
+            with _span("kvsift.prefill.attend"):
+                out = quant_prefill_attention(query, layer.quant, qpos, scale)
+            with _span("kvsift.prefill.after_attend"):
+                method.after_attend(run, layer, query, module, ctx)
+            return out.transpose(1, 2).contiguous(), None
+        extras.append(layer.quant.source())   # else a dequantized copy
     with _span("kvsift.prefill.attend"):
         out = _prefill_attend(method, run, layer, query, key, value, sel, extras, qpos, scale, module, ctx,
                               sliding_window, softcap, L)
@@ -279,6 +287,87 @@ def _prefill_attend(method, run, layer, query, key, value, sel, extras, qpos, sc
 
 
 MASK_ELEMENTS = 1 << 28  # the largest (batch, q_heads, queries, keys) mask one masked call builds
+QUANT_PREFILL_ROWS = 64  # query rows (query heads x tokens) per KV head in one quantized-attention launch (CUDA)
+
+
+def chunk_in_window(quant, L: int) -> bool:
+    """Whether a prefill chunk of ``L`` tokens just appended to ``quant`` lies in its full-precision
+    window (the last ``L`` used slots), as appends keep it."""
+    return L <= quant.length - quant.qtok
+
+
+def quant_prefill_attention(query: torch.Tensor, quant, query_pos: torch.Tensor, scale: float) -> torch.Tensor:
+    """A prefill chunk's attention over a quantized layer, without a dequantized copy of it.
+
+    query ``(batch, q_heads, L, dim)``, the chunk's ``L`` tokens being the last used slots of
+    ``quant`` (:class:`~kvsift.cache.quant.QuantKV`, in its full-precision window:
+    :func:`chunk_in_window`) at positions ``query_pos (batch, L)`` (-1: padding). Every slot at a
+    position before a row's first chunk token is visible to all of that row's queries: those are read
+    by the quantized decode attention (:func:`kvsift.kernels.dispatch.quant_decode_attention`, the
+    chunk's tokens folded into its query heads, dequantized in registers on CUDA, block by block
+    elsewhere); the chunk's own tokens attend to each other causally (:func:`attend_lse`); the two
+    are merged by log-sum-exp. Returns ``(batch, q_heads, L, dim)`` in the query's dtype."""
+    from kvsift.kernels import dispatch
+    from kvsift.kernels.sparse_decode_attention import merge_attention
+
+    b, hq, L, d = query.shape
+    hk = quant.k_res.shape[1]
+    g = hq // hk
+    n, q0 = quant.length, quant.qtok
+    r0 = n - L - q0                                      # the chunk's first window slot
+    kc, vc = quant.k_res[:, :, r0 : r0 + L], quant.v_res[:, :, r0 : r0 + L]
+    own = attend_lse(query, kc, vc, quant.positions[:, :, n - L : n], query_pos, scale)
+    # the earlier slots: up to each row's first chunk position (exclusive)
+    big = torch.iinfo(torch.int64).max
+    first = torch.where(query_pos >= 0, query_pos.long(), big).amin(1)
+    before = torch.where(first == big, -1, first - 1)                 # (batch,): a padded-only row sees none
+    args = quant.kernel_args()
+    args["k_codes"], args["v_codes"] = args["k_codes"][:, :, : n - L], args["v_codes"][:, :, : n - L]
+    args["v_scale"], args["v_zero"] = args["v_scale"][:, :, : n - L], args["v_zero"][:, :, : n - L]
+    args["key_pos"] = args["key_pos"][:, :, : n - L]
+    # query head h*g + j, token l -> folded head (h*g + j) * L_blk + l of KV head h
+    # tokens per launch: CUDA folds at most QUANT_PREFILL_ROWS query rows into a program; the
+    # reference scores (batch, rows, 4096 slots) per block, kept within MASK_ELEMENTS
+    step = max(1, QUANT_PREFILL_ROWS // g) if query.is_cuda else max(1, MASK_ELEMENTS // (b * hq * 4096))
+    q5 = query.reshape(b, hk, g, L, d)
+    outs, lses = [], []
+    for s in range(0, L, step):
+        e = min(L, s + step)
+        qb = q5[:, :, :, s:e].reshape(b, hq * (e - s), d)
+        o, lse = dispatch.quant_decode_attention(qb, query_pos=before, slot_idx=None, scale=scale,
+                                                 group=quant.group, return_lse=True, **args)
+        outs.append(o.view(b, hq, e - s, d))
+        lses.append(lse.view(b, hq, e - s))
+    earlier = (torch.cat(outs, 2), torch.cat(lses, 2))
+    out = merge_attention([(earlier[0].reshape(b, hq * L, d), earlier[1].reshape(b, hq * L)),
+                           (own[0].reshape(b, hq * L, d), own[1].reshape(b, hq * L))])
+    return out.view(b, hq, L, d).to(query.dtype)
+
+
+def attend_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_pos: torch.Tensor,
+               query_pos: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attend` (masked by positions, GQA without repeating KV) in fp32 with the natural-log
+    log-sum-exp of each query's visible scores: ``(out (batch, q_heads, q, dim), lse (batch, q_heads,
+    q))``; a query that sees no key gets zeros and ``-inf``. Queries go in blocks, so the scores stay
+    within :data:`MASK_ELEMENTS` (for a prefill chunk over its own tokens)."""
+    b, hq, L, d = query.shape
+    hk, n = keys.shape[1], keys.shape[2]
+    g = hq // hk
+    kf, vf = keys.float(), values.float()
+    kp = key_pos[:, :, None, None, :]                                       # (b, hk, 1, 1, n)
+    step = max(1, MASK_ELEMENTS // max(1, b * hq * n))
+    outs, lses = [], []
+    for s in range(0, L, step):
+        e = min(L, s + step)
+        q = query[:, :, s:e].float().reshape(b, hk, g, e - s, d)
+        w = torch.einsum("bhgld,bhnd->bhgln", q, kf) * scale
+        qp = query_pos[:, None, None, s:e, None]
+        w = w.masked_fill(~((kp <= qp) & (kp >= 0)), float("-inf"))
+        lse = torch.logsumexp(w, -1)                                        # (b, hk, g, l)
+        p = torch.exp(w - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+        outs.append(torch.einsum("bhgln,bhnd->bhgld", p, vf).reshape(b, hq, e - s, d))
+        lses.append(lse.reshape(b, hq, e - s))
+    return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
 def _attend_blocks(query, keys, values, kpos, qpos, scale, sliding_window, softcap) -> torch.Tensor:

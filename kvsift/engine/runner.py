@@ -252,7 +252,7 @@ class ModelRunner:
             # the context's KV read by reference when the method attends to it as it is (full):
             # one copy for every question of the batch, none made; otherwise a copy per row
             cache = (context.cache.share(batch_repeat=b) if self.shares_context(method, context)
-                     else context.cache.clone(batch_repeat=b))
+                     else context.cache.clone(batch_repeat=b, room=L + reserve))
             cache.reserve = reserve
         else:
             cache = SiftCache(self.info.num_layers, capacity_hint=self._prefill_tokens(L, method, run) + reserve

@@ -51,8 +51,12 @@ from kvsift.kernels.sparse_decode_attention import _LOG2E, SplitLaunch, _check_c
 # int4, bench/results/gpu_kivi_fold_h200.json) the folded kernel with blocks of 64 slots, 2 warps
 # and 16 programs per SM took 0.261 / 1.85 ms at batch 1 / 8 against 0.343 / 3.90 for the
 # dequantized tiles at the table path's settings (SDPA over bf16: 0.128 / 0.948).
+# ``fold_halves``: how the folded dots round the scaled query and weights (``_split_dot``): one fp16
+# dot (1) took 0.224 / 1.58 ms there against 0.259 / 1.86 for two bf16 halves (2); 4-bit codes as
+# two planes of channels (no interleave) were slower, 0.307 / 2.06 ms, and 0.257 / 1.70 with one
+# fp16 dot (bench/results/gpu_kivi_halves_h200.json), and were removed.
 TUNING = {"block_s": 32, "num_warps": 4, "num_stages": 2, "splits_per_sm": 2,
-          "fold": True, "fold_block_s": 64, "fold_num_warps": 2, "fold_splits_per_sm": 16}
+          "fold": True, "fold_block_s": 64, "fold_num_warps": 2, "fold_splits_per_sm": 16, "fold_halves": 1}
 
 
 def _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start, key_pos, query_pos,
@@ -219,11 +223,31 @@ if HAS_TRITON:
         return slot, valid, isq, isr
 
     @triton.jit
+    def _split_dot(a, codes, DT: tl.constexpr, HALVES: tl.constexpr, TRANS: tl.constexpr = False):
+        """``a (M, K) fp32 @ codes (K, N)`` (small integers, exact in 16 bits) on the tensor cores with
+        fp32 accumulation. The scaled operand ``a`` cancels against a zero-point term afterwards, so
+        its rounding matters more than a rounding of dequantized KV does: ``HALVES == 2`` splits it
+        into two ``DT`` halves (hi + lo, two dots, about 16 bits of mantissa); ``HALVES == 1`` rounds
+        it once to fp16 (11 bits of mantissa, one dot; codes are exact in fp16 too). ``TRANS``: the
+        codes are ``(N, K)``, transposed after their conversion."""
+        if HALVES == 2:
+            c = codes.to(DT)
+            if TRANS:
+                c = tl.trans(c)
+            hi = a.to(DT)
+            return tl.dot(hi, c) + tl.dot((a - hi.to(tl.float32)).to(DT), c)
+        else:
+            c = codes.to(tl.float16)
+            if TRANS:
+                c = tl.trans(c)
+            return tl.dot(a.to(tl.float16), c)
+
+    @triton.jit
     def _fold_block(qf, q, m_i, l_i, acc, it, slot, valid, isq, isr, rstart, qk_scale,
                     kc_base, skc_c, ks_base, kz_base, sks_g, vc_base, svc_c, vs_base, vz_base, svs_c,
                     rk_base, srk_c, rv_base, srv_c, offs_b, offs_d, mask_d,
                     BITS: tl.constexpr, PER: tl.constexpr, LEVELS: tl.constexpr, KGROUP: tl.constexpr,
-                    UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                    UPCAST: tl.constexpr, IEEE: tl.constexpr, HALVES: tl.constexpr):
         """One block of ``BLOCK_S`` consecutive slots that share a key group (every slot, blocks
         aligned to the group), one value scale per slot, folded into the online softmax without
         dequantizing a tile: the scores are ``(q * k_scale) . codes + q . k_zero`` (one key group's
@@ -234,19 +258,16 @@ if HAS_TRITON:
         has_g = kgi * KGROUP < rstart           # the group was quantized (else its row may be garbage)
         ksr = tl.where(has_g, tl.load(ks_base + kgi * sks_g + offs_d, mask=mask_d, other=0.0).to(tl.float32), 0.0)
         kzr = tl.where(has_g, tl.load(kz_base + kgi * sks_g + offs_d, mask=mask_d, other=0.0).to(tl.float32), 0.0)
-        qs = qf * ksr[None, :]                                               # (G_P, BLOCK_D)
-        kb = tl.sum(qf * kzr[None, :], axis=1)                               # (G_P,)
+        # scores in log2 units from the start: the scaled query is then about 8x smaller (head_dim
+        # 128), far from fp16's range where it is rounded to fp16 (HALVES == 1)
+        qs = qf * (ksr * qk_scale)[None, :]                                  # (G_P, BLOCK_D)
+        kb = tl.sum(qf * kzr[None, :], axis=1) * qk_scale                    # (G_P,)
         kcode = _unpack(tl.load(kc_base + slot[:, None] * skc_c + offs_b[None, :], mask=isq[:, None],
                                 other=0).to(tl.int32), BITS, PER, LEVELS)   # (BLOCK_S, BLOCK_D) exact
         if UPCAST or IEEE:
             qk = tl.dot(qs, tl.trans(kcode), input_precision="ieee")
         else:
-            # q * k_scale as two 16-bit halves (hi + lo): the code sum cancels against q . k_zero,
-            # so one 16-bit rounding of the scaled query would cost far more than a rounding of
-            # the dequantized keys does (codes are exact in 16 bits)
-            kt = tl.trans(kcode.to(q.dtype))
-            qs_hi = qs.to(q.dtype)
-            qk = tl.dot(qs_hi, kt) + tl.dot((qs - qs_hi.to(tl.float32)).to(q.dtype), kt)
+            qk = _split_dot(qs, kcode, q.dtype, HALVES, True)
         qk = qk + kb[:, None]
         any_r = tl.sum(isr.to(tl.int32), axis=0) > 0
         if any_r:
@@ -257,8 +278,8 @@ if HAS_TRITON:
                 qk_r = tl.dot(qf, tl.trans(kr.to(tl.float32)), input_precision="ieee")
             else:
                 qk_r = tl.dot(q, tl.trans(kr))
-            qk = tl.where(isr[None, :], qk_r, qk)
-        qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))          # log2 units
+            qk = tl.where(isr[None, :], qk_r * qk_scale, qk)
+        qk = tl.where(valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -272,10 +293,8 @@ if HAS_TRITON:
         pv = pq * vsc[None, :]
         if UPCAST or IEEE:
             o = tl.dot(pv, vcode, input_precision="ieee")
-        else:  # the weights as two 16-bit halves too (the code sum cancels against sum(p * v_zero))
-            vc = vcode.to(q.dtype)
-            pv_hi = pv.to(q.dtype)
-            o = tl.dot(pv_hi, vc) + tl.dot((pv - pv_hi.to(tl.float32)).to(q.dtype), vc)
+        else:  # the weights split too (the code sum cancels against sum(p * v_zero))
+            o = _split_dot(pv, vcode, q.dtype, HALVES)
         acc = acc * alpha[:, None] + o + tl.sum(pq * vzp[None, :], axis=1)[:, None]
         if any_r:
             ridx = tl.maximum(slot - rstart, 0)
@@ -310,7 +329,8 @@ if HAS_TRITON:
                                    KGROUP: tl.constexpr, VGROUP: tl.constexpr,
                                    DIRECT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                                    ALL: tl.constexpr, HAS_CNT: tl.constexpr, FAST: tl.constexpr,
-                                   NVG: tl.constexpr, ROUND_BF16: tl.constexpr, FOLD: tl.constexpr):
+                                   NVG: tl.constexpr, ROUND_BF16: tl.constexpr, FOLD: tl.constexpr,
+                                   HALVES: tl.constexpr):
         # one program: (batch, kv_head) x one split of the slot table; slot s < res_start is
         # dequantized from its codes (code * scale + zero), a later slot read from the window
         pid_bh = tl.program_id(0)
@@ -358,7 +378,7 @@ if HAS_TRITON:
                 m_i, l_i, acc = _fold_block(qf, q, m_i, l_i, acc, it, slot, valid, isq, isr, rstart, qk_scale,
                                             kc_base, skc_c, ks_base, kz_base, sks_g, vc_base, svc_c, vs_base,
                                             vz_base, svs_c, rk_base, srk_c, rv_base, srv_c, offs_b, offs_d,
-                                            mask_d, BITS, PER, LEVELS, KGROUP, UPCAST, IEEE)
+                                            mask_d, BITS, PER, LEVELS, KGROUP, UPCAST, IEEE, HALVES)
             else:
                 mq = isq[:, None] & mask_d[None, :]
                 if FAST:
@@ -477,5 +497,6 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
         LEVELS=(1 << bits) - 1, KGROUP=group, VGROUP=d // v_scale.shape[3], DIRECT=L.direct, IEEE=L.ieee,
         UPCAST=L.upcast, ALL=slot_idx is None, HAS_CNT=slot_count is not None, FAST=fast,
         NVG=v_scale.shape[3] if fast else 1, ROUND_BF16=L.upcast and k_res.dtype == torch.bfloat16, FOLD=fold,
+        HALVES=TUNING["fold_halves"],
         num_warps=TUNING[pre + "num_warps"], num_stages=TUNING["num_stages"])
     return L.finish()
