@@ -250,3 +250,121 @@ def test_lru_plan_kernel_matches_reference_over_steps():
             a, b = states
             assert torch.equal(a["slot_of"][:, :n], b["slot_of"][:, :n]) and torch.equal(a["counts"], b["counts"])
             assert torch.equal(a["owner"][:, :S], b["owner"][:, :S]) and torch.equal(a["last"][:, :S], b["last"][:, :S])
+
+
+# ---- quantized chunks: copied and dequantized in one kernel -------------------------------------------
+def _quant_case(device_cache: str = "cpu", bits: int = 4, dtype=torch.float32, vg: int = 4, pin: bool = False,
+                seed: int = 0):
+    """Host codes, value scales and positions of ``R`` token rows, key scales per chunk, and a
+    device cache; entries with lengths 0..L, one skipped (-1), one written as padding (0)."""
+    g = torch.Generator().manual_seed(seed)
+    R, d, C, L, M, K = 120, 16, 12, 5, 9, 7
+    w, ng = d * bits // 8, d // vg
+    hkc = torch.randint(0, 256, (R, w), generator=g, dtype=torch.uint8)
+    hvc = torch.randint(0, 256, (R, w), generator=g, dtype=torch.uint8)
+    hs = (torch.rand(R, 2 * ng, generator=g) - 0.3).half()
+    hp = torch.arange(R, dtype=torch.int32)
+    if pin:
+        hkc, hvc, hs, hp = (t.pin_memory() for t in (hkc, hvc, hs, hp))
+    src = torch.randint(0, R - L, (M,), generator=g)
+    ln = torch.randint(0, L + 1, (M,), generator=g)
+    ln[2], ln[5] = -1, 0
+    krow = torch.randint(0, K, (M,), generator=g)
+    ksz = (torch.rand(K, 2, d, generator=g) - 0.5).half().to(device_cache)
+    dst = torch.randperm(C, generator=g)[:M]
+    ck = torch.full((C, L, d), 7.0, dtype=dtype, device=device_cache)
+    cv = torch.full((C, L, d), 7.0, dtype=dtype, device=device_cache)
+    cp = torch.full((C, L), 99, dtype=torch.int32, device=device_cache)
+    return (hkc, hvc, hs, hp, src, ln, krow, ksz, ck, cv, cp, dst, bits)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_copy_chunks_dequant_ref_matches_loop(bits):
+    from kvsift.cache.quant import unpack
+    from kvsift.kernels.chunk_fetch import copy_chunks_dequant_ref
+
+    a = _quant_case(bits=bits)
+    hkc, hvc, hs, hp, src, ln, krow, ksz, ck, cv, cp, dst, _ = a
+    want = [ck.clone(), cv.clone(), cp.clone()]
+    d, ng = ck.shape[2], hs.shape[1] // 2
+    for m in range(src.numel()):
+        n, r = int(ln[m]), int(dst[m])
+        if n < 0:
+            continue
+        ks, kz = ksz[int(krow[m])].float()
+        want[0][r], want[1][r], want[2][r] = kz, 0, -1          # padding: code 0, value scale 0
+        for j in range(n):
+            row = int(src[m]) + j
+            vs = hs[row].float().view(2, ng).repeat_interleave(d // ng, -1)
+            want[0][r, j] = unpack(hkc[row], bits).float() * ks + kz
+            want[1][r, j] = unpack(hvc[row], bits).float() * vs[0] + vs[1]
+            want[2][r, j] = hp[row]
+    copy_chunks_dequant_ref(*a)
+    for got, w in zip((ck, cv, cp), want):
+        assert torch.equal(got, w)
+    assert torch.equal(ck[int(dst[2])], torch.full_like(ck[0], 7.0))      # the skipped entry's row: untouched
+
+
+def test_copy_chunks_dequant_bad_input():
+    from kvsift.kernels.chunk_fetch import copy_chunks_dequant_ref
+
+    a = list(_quant_case())
+    with pytest.raises(ValueError, match="bits"):
+        copy_chunks_dequant_ref(*a[:-1], 3)
+    bad = list(a)
+    bad[0] = a[0][:, :3]
+    with pytest.raises(ValueError, match="uint8"):
+        copy_chunks_dequant_ref(*bad)
+    bad = list(a)
+    bad[7] = a[7][:, :1]
+    with pytest.raises(ValueError, match="key_sz"):
+        copy_chunks_dequant_ref(*bad)
+    bad = list(a)
+    bad[6] = a[6][:3]
+    with pytest.raises(ValueError, match="must be"):
+        copy_chunks_dequant_ref(*bad)
+    bad = list(a)
+    bad[5] = torch.full_like(a[5], 9)
+    with pytest.raises(ValueError, match="longer"):
+        copy_chunks_dequant_ref(*bad)
+
+
+_INTERP_DEQUANT = """
+import itertools
+import torch
+from kvsift.kernels.chunk_fetch import copy_chunks_dequant, copy_chunks_dequant_ref
+from tests.test_kernels_offload import _quant_case
+for bits, dt, vg in itertools.product((4, 2), (torch.float32, torch.bfloat16), (4, 16)):
+    a = _quant_case(bits=bits, dtype=dt, vg=vg, seed=bits + vg)
+    b = [t.clone() if isinstance(t, torch.Tensor) else t for t in a]
+    copy_chunks_dequant(*a)
+    copy_chunks_dequant_ref(*b)
+    # (the interpreter casts fp32 to bf16 by truncation, not to nearest: one bf16 step apart at most
+    # there; the CUDA test checks the bits)
+    for x, y in zip(a[8:11], b[8:11]):
+        assert torch.equal(x, y) if dt == torch.float32 else torch.allclose(x.float(), y.float(), rtol=2 ** -7,
+                                                                            atol=0), (bits, dt, vg)
+print("INTERP_OK")
+"""
+
+
+def test_copy_chunks_dequant_kernel_matches_ref_in_interpreter():
+    from tests.conftest import run_in_triton_interpreter
+
+    run_in_triton_interpreter(_INTERP_DEQUANT, timeout=600)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copy_chunks_dequant_uva_matches_ref(bits, dtype):
+    """Through UVA from pinned host memory: the kernel's rows are the reference's, bit for bit."""
+    from kvsift.kernels.chunk_fetch import copy_chunks_dequant, copy_chunks_dequant_ref
+
+    a = _quant_case("cuda", bits, dtype, pin=True, seed=3)
+    b = [t.clone() if isinstance(t, torch.Tensor) and t.is_cuda else t for t in a]
+    dev = [t.cuda() if isinstance(t, torch.Tensor) and 4 <= i <= 6 or i == 11 else t for i, t in enumerate(a)]
+    copy_chunks_dequant(*dev)
+    copy_chunks_dequant_ref(*b)
+    for x, y in zip(a[8:11], b[8:11]):
+        assert torch.equal(x, y)

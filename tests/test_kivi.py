@@ -624,14 +624,14 @@ def _chunk_tokens(g, b, hk, L, n_chunks, device="cpu"):
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("cache_chunks", [0, 4])
 def test_quantized_store_fetch_through_the_device_copy_equals_the_host_path(bits, cache_chunks, monkeypatch):
-    """The fetch a CUDA graph can hold (codes, value scales and positions copied by the UVA
-    kernel into device staging, dequantized there; cache hits written to the scratch slot) gives
-    what the host path gives, step after step with hits and misses: here with the kernel's
-    PyTorch reference standing in for it (the CUDA test runs the kernel)."""
+    """The fetch a CUDA graph can hold (the misses' codes, value scales and positions read by the
+    UVA kernel and written dequantized into their cache rows; hits touch nothing) gives what the
+    host path gives, step after step with hits and misses: here with the kernel's PyTorch
+    reference standing in for it (the CUDA test runs the kernel)."""
     from kvsift.kernels import chunk_fetch
     from kvsift.methods._offload import ChunkStore, FetchStats
 
-    monkeypatch.setattr(chunk_fetch, "copy_chunks", chunk_fetch.copy_chunks_ref)
+    monkeypatch.setattr(chunk_fetch, "copy_chunks_dequant", chunk_fetch.copy_chunks_dequant_ref)
     g = torch.Generator().manual_seed(7 + bits + cache_chunks)
     b, hk, L, d, n_chunks = 2, 2, 4, 16, 9
     bh, ch, rk = _chunk_tokens(g, b, hk, L, n_chunks)

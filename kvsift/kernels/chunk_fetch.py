@@ -13,6 +13,19 @@
 * ``host_k`` and ``cache_k`` both ``None``: values and positions only (``shadowkv``'s values-only
   store; its keys are rebuilt on the device).
 
+``copy_chunks_dequant(host_kc, host_vc, host_s, host_pos, src_row, src_len, key_row, key_sz, cache_k,
+cache_v, cache_pos, dst_row, bits)`` is the same copy from a quantized store (``sentencekv+kivi``'s
+host chunks, :class:`~kvsift.methods._offload.ChunkStore` with ``bits``): ``host_kc, host_vc (R,
+head_dim * bits // 8)`` uint8 packed codes (channel ``j * (8 // bits) + i`` at bit ``i * bits`` of
+byte ``j``), ``host_s (R, 2 * groups)`` fp16 each row's value scales then zero points per group of
+``head_dim // groups`` channels, ``key_sz (K, 2, head_dim)`` (device) key scales and zero points
+per channel, row ``key_row[m]`` for chunk ``m``. Past a chunk's length the codes and value scales
+count as 0, as the host path's padding row (keys: the chunk's zero points; values 0; position -1).
+Tokens are dequantized as ``code * scale + zero``
+in fp32 (a multiply, then an add: no fused multiply-add, so the kernel gives the reference's bits)
+and written in the cache's dtype: the codes cross PCIe, the full-precision rows never exist
+anywhere but in their cache row, and skipped entries cost nothing.
+
 ``copy_chunks_ref`` (PyTorch) moves the row indices to the host (a host sync), gathers there and
 copies the result. ``copy_chunks`` (Triton, CUDA) is one launch with one program per entry that
 reads the host rows **directly through unified virtual addressing** (the host tensors must be in
@@ -73,7 +86,113 @@ def copy_chunks_ref(host_k: torch.Tensor | None, host_v: torch.Tensor, host_pos:
     cache_pos.index_copy_(0, dst, p.view(-1, L).to(dev))
 
 
+def _check_quant(host_kc, host_vc, host_s, host_pos, src_row, src_len, key_row, key_sz, cache_k, cache_v, cache_pos,
+                 dst_row, bits) -> int:
+    """Validate a quantized copy's arguments; returns the value channel group."""
+    if bits not in (2, 4):
+        raise ValueError(f"bits must be 4 or 2, got {bits!r}")
+    if cache_k.dim() != 3 or cache_v.shape != cache_k.shape or cache_pos.shape != cache_k.shape[:2]:
+        raise ValueError(f"cache_k/cache_v must be (C, L, head_dim) and cache_pos (C, L), got "
+                         f"{tuple(cache_k.shape)}, {tuple(cache_v.shape)}, {tuple(cache_pos.shape)}")
+    d = cache_k.shape[2]
+    if host_kc.dim() != 2 or host_kc.shape[1] * 8 != d * bits or host_vc.shape != host_kc.shape \
+            or host_kc.dtype != torch.uint8 or host_vc.dtype != torch.uint8:
+        raise ValueError(f"host codes must be uint8 (R, {d * bits // 8}), got {host_kc.dtype} "
+                         f"{tuple(host_kc.shape)} and {host_vc.dtype} {tuple(host_vc.shape)}")
+    r = host_kc.shape[0]
+    if host_s.dim() != 2 or host_s.shape[0] != r or host_s.shape[1] % 2 or d % (host_s.shape[1] // 2):
+        raise ValueError(f"host_s must be (R, 2 * groups) with groups dividing {d}, got {tuple(host_s.shape)}")
+    if host_pos.shape != (r,) or host_pos.dtype != torch.int32 or cache_pos.dtype != torch.int32:
+        raise TypeError("host_pos must be (R,) int32 and cache_pos int32")
+    if key_sz.dim() != 3 or key_sz.shape[1:] != (2, d):
+        raise ValueError(f"key_sz must be (K, 2, {d}), got {tuple(key_sz.shape)}")
+    if not (src_row.shape == src_len.shape == dst_row.shape == key_row.shape) or src_row.dim() != 1:
+        raise ValueError(f"src_row, src_len, key_row, dst_row must be (M,), got {tuple(src_row.shape)}, "
+                         f"{tuple(src_len.shape)}, {tuple(key_row.shape)}, {tuple(dst_row.shape)}")
+    return d // (host_s.shape[1] // 2)
+
+
+def copy_chunks_dequant_ref(host_kc: torch.Tensor, host_vc: torch.Tensor, host_s: torch.Tensor, host_pos: torch.Tensor,
+                            src_row: torch.Tensor, src_len: torch.Tensor, key_row: torch.Tensor, key_sz: torch.Tensor,
+                            cache_k: torch.Tensor, cache_v: torch.Tensor, cache_pos: torch.Tensor, dst_row: torch.Tensor,
+                            bits: int) -> None:
+    """Reference (PyTorch; host sync): gathers the codes on the host, dequantizes on the cache's
+    device, writes the cache rows in place; returns nothing."""
+    from kvsift.cache.quant import unpack
+
+    vg = _check_quant(host_kc, host_vc, host_s, host_pos, src_row, src_len, key_row, key_sz, cache_k, cache_v,
+                      cache_pos, dst_row, bits)
+    L, d = cache_v.shape[1], cache_v.shape[2]
+    keep = (src_len >= 0).nonzero().squeeze(1)
+    if keep.numel() == 0:
+        return
+    start, ln = src_row[keep].cpu(), src_len[keep].cpu().long()
+    if int(ln.max()) > L:
+        raise ValueError(f"a chunk is longer than the cache row ({int(ln.max())} > {L})")
+    dev = cache_v.device
+    ar = torch.arange(L)
+    ok = ar < ln[:, None]                                                    # (m, L)
+    rows = torch.where(ok, start[:, None] + ar, 0).reshape(-1)
+    okd = ok.reshape(-1, 1).to(dev)
+    sz = key_sz[key_row[keep].to(key_sz.device)].to(dev).float()             # (m, 2, d)
+    # past a chunk's length: codes and value scales 0 (keys = the chunk's zero points, values 0)
+    kc = torch.where(okd, unpack(host_kc.index_select(0, rows).to(dev), bits), 0)
+    vc = torch.where(okd, unpack(host_vc.index_select(0, rows).to(dev), bits), 0)
+    vs = torch.where(okd, host_s.index_select(0, rows).to(dev).float(), 0.0)
+    vs = vs.view(-1, 2, d // vg).repeat_interleave(vg, -1)
+    k = (kc.float().view(-1, L, d) * sz[:, None, 0] + sz[:, None, 1]).view(-1, d).to(cache_k.dtype)
+    v = (vc.float() * vs[:, 0] + vs[:, 1]).to(cache_v.dtype)
+    p = torch.where(ok.reshape(-1), host_pos.index_select(0, rows), -1)
+    dst = dst_row[keep].to(dev)
+    cache_k.view(-1, L * d).index_copy_(0, dst, k.view(-1, L * d))
+    cache_v.view(-1, L * d).index_copy_(0, dst, v.view(-1, L * d))
+    cache_pos.index_copy_(0, dst, p.view(-1, L).to(dev))
+
+
 if HAS_TRITON:
+
+    @triton.jit
+    def _copy_chunks_dequant_kernel(hk_ptr, hv_ptr, hs_ptr, hp_ptr, src_row_ptr, src_len_ptr, krow_ptr, ksz_ptr,
+                                    ck_ptr, cv_ptr, cp_ptr, dst_row_ptr,
+                                    L: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                                    W: tl.constexpr, NG: tl.constexpr, VG: tl.constexpr, BITS: tl.constexpr,
+                                    PER: tl.constexpr, LEVELS: tl.constexpr):
+        # one program per entry: its host rows' codes, value scales and positions read through UVA,
+        # dequantized in registers, written to its cache row (zeros and -1 past its length)
+        m = tl.program_id(0)
+        n = tl.load(src_len_ptr + m).to(tl.int64)
+        start = tl.load(src_row_ptr + m).to(tl.int64)
+        dst = tl.load(dst_row_ptr + m).to(tl.int64)
+        krow = tl.load(krow_ptr + m).to(tl.int64)
+        j = tl.arange(0, BLOCK_L)
+        dd = tl.arange(0, BLOCK_D)
+        # (no block & scalar masks: the CPU interpreter refuses them) a skipped entry (n = -1)
+        # reads no row (j < n never holds) and writes none (its row count is 0)
+        live = n >= 0
+        md = dd < D
+        ok = j < n
+        row_out = j < tl.where(live, L, 0)
+        src = (start + j).to(tl.int64)
+        m2 = ok[:, None] & md[None, :]
+        w2 = row_out[:, None] & md[None, :]
+        byte = (dd // PER)[None, :]
+        shift = ((dd % PER) * BITS).to(tl.int32)[None, :]
+        kb = tl.load(hk_ptr + src[:, None] * W + byte, mask=m2, other=0).to(tl.int32)
+        vb = tl.load(hv_ptr + src[:, None] * W + byte, mask=m2, other=0).to(tl.int32)
+        mk = dd < tl.where(live, D, 0)
+        ks = tl.load(ksz_ptr + krow * (2 * D) + dd, mask=mk, other=0.0).to(tl.float32)
+        kz = tl.load(ksz_ptr + krow * (2 * D) + D + dd, mask=mk, other=0.0).to(tl.float32)
+        grp = (dd // VG)[None, :]
+        vs = tl.load(hs_ptr + src[:, None] * (2 * NG) + grp, mask=m2, other=0.0).to(tl.float32)
+        vz = tl.load(hs_ptr + src[:, None] * (2 * NG) + NG + grp, mask=m2, other=0.0).to(tl.float32)
+        # past the chunk's length the codes and value scales load as 0: keys = zero points, values 0
+        k = ((kb >> shift) & LEVELS).to(tl.float32) * ks[None, :] + kz[None, :]
+        v = ((vb >> shift) & LEVELS).to(tl.float32) * vs + vz
+        p = tl.load(hp_ptr + src, mask=ok, other=-1)
+        off_out = dst * (L * D) + j[:, None].to(tl.int64) * D + dd[None, :]
+        tl.store(ck_ptr + off_out, k.to(ck_ptr.dtype.element_ty), mask=w2)
+        tl.store(cv_ptr + off_out, v.to(cv_ptr.dtype.element_ty), mask=w2)
+        tl.store(cp_ptr + dst * L + j, p, mask=row_out)
 
     @triton.jit
     def _copy_chunks_kernel(hk_ptr, hv_ptr, hp_ptr, src_row_ptr, src_len_ptr, ck_ptr, cv_ptr, cp_ptr, dst_row_ptr,
@@ -158,5 +277,53 @@ def copy_chunks(host_k: torch.Tensor | None, host_v: torch.Tensor, host_pos: tor
 _WRAP: bool | None = None
 
 
+def copy_chunks_dequant(host_kc: torch.Tensor, host_vc: torch.Tensor, host_s: torch.Tensor, host_pos: torch.Tensor,
+                        src_row: torch.Tensor, src_len: torch.Tensor, key_row: torch.Tensor, key_sz: torch.Tensor,
+                        cache_k: torch.Tensor, cache_v: torch.Tensor, cache_pos: torch.Tensor, dst_row: torch.Tensor,
+                        bits: int) -> None:
+    """Triton (CUDA; the CPU interpreter with every tensor on the CPU): host tensors pinned and
+    contiguous, everything else on the device. One launch, no host sync (a CUDA graph holds it)."""
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not available")
+    vg = _check_quant(host_kc, host_vc, host_s, host_pos, src_row, src_len, key_row, key_sz, cache_k, cache_v,
+                      cache_pos, dst_row, bits)
+    interp = not cache_k.is_cuda   # the interpreter reads CPU tensors as they are
+    for name, t in (("host_kc", host_kc), ("host_vc", host_vc), ("host_s", host_s), ("host_pos", host_pos)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+        if not (t.is_cuda or interp or t.is_pinned()):
+            raise ValueError(f"{name} must be in pinned host memory (or on the device) for the kernel")
+    for name, t in (("cache_k", cache_k), ("cache_v", cache_v), ("cache_pos", cache_pos), ("key_sz", key_sz)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    M = src_row.shape[0]
+    if M == 0:
+        return
+    L, D = cache_k.shape[1], cache_k.shape[2]
+    ng = D // vg
+    rest = (src_row.contiguous(), src_len.contiguous(), key_row.contiguous(), key_sz, cache_k, cache_v, cache_pos,
+            dst_row.contiguous())
+    # no fused multiply-add: code * scale, then + zero, as the reference (and the host path) round them
+    meta = dict(L=L, D=D, BLOCK_L=triton.next_power_of_2(L), BLOCK_D=triton.next_power_of_2(D), W=D * bits // 8,
+                NG=ng, VG=vg, BITS=bits, PER=8 // bits, LEVELS=(1 << bits) - 1, num_warps=4, enable_fp_fusion=False)
+    hosts = (host_kc, host_vc, host_s, host_pos)
+    global _WRAP
+    if _WRAP is None and not interp:   # how this Triton takes a host pointer (as copy_chunks finds it)
+        err = None
+        for wrap in (True, False):
+            try:
+                _copy_chunks_dequant_kernel[(M,)](*_wrapped(hosts, wrap), *rest, **meta)
+                _WRAP = wrap
+                return
+            except Exception as e:  # noqa: BLE001 - Triton refused the pointer (its error types vary)
+                err = e
+        raise RuntimeError(f"Triton cannot read pinned host memory here: {err}")
+    _copy_chunks_dequant_kernel[(M,)](*_wrapped(hosts, bool(_WRAP) and not interp), *rest, **meta)
+
+
 def _host_args(host_k, host_v, host_pos, wrap: bool):
-    return tuple(_HostPtr(t) if wrap and not t.is_cuda else t for t in (host_k, host_v, host_pos))
+    return _wrapped((host_k, host_v, host_pos), wrap)
+
+
+def _wrapped(hosts, wrap: bool) -> tuple:
+    return tuple(_HostPtr(t) if wrap and not t.is_cuda else t for t in hosts)

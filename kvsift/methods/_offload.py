@@ -15,9 +15,10 @@ Quantized (``bits`` 4 or 2, a composition ending with ``kivi``): host ``k, v`` h
 ``(rows, head_dim * bits // 8)`` uint8; values are quantized per token (host ``vsz (rows, 2,
 head_dim // vgroup)`` fp16 scale and zero), keys per chunk and channel (device ``ksz (batch,
 kv_heads, chunks, 2, head_dim)``: the chunk is the group). Fetches dequantize on the device (the
-device chunk cache holds full precision): on CUDA the UVA copy kernel reads the misses' codes,
-value scales and positions into device staging (a quarter of the bytes at int4) with no host sync,
-so a CUDA graph can hold the step (``_uva_dequant``); elsewhere they go through the host path.
+device chunk cache holds full precision): on CUDA one UVA kernel reads the misses' codes, value
+scales and positions (a quarter of the bytes at int4) and writes them dequantized into their cache
+rows, with no staging and no host sync, so a CUDA graph can hold the step (``_uva_dequant``);
+elsewhere they go through the host path.
 
 Chunk lengths may differ per KV head (after a prefill eviction such as SnapKV each head keeps
 different tokens). Fetched chunks come back padded to ``L`` (the longest chunk allowed) with
@@ -649,59 +650,33 @@ class ChunkStore:
         ln = torch.where(chunk >= 0, self.lens.view(-1, n)[bh, safe], 0)
         ln = torch.where(copy, ln, -1)
         if self.bits:  # (every entry is copied here: the direct fetch writes each one)
-            got = self._uva_dequant(src, ln, bh, chunk)
-            if got is None:
-                return False
-            self._scatter_rows(got, dst, ck, cv, cp)
-            return True
+            return self._uva_dequant(src, ln, bh, chunk, ck, cv, cp, dst)
         return self._uva_kernel(src, ln, ck, cv, cp, dst, rows=bh)
 
-    def _scatter_rows(self, got, dst: torch.Tensor, ck, cv, cp) -> None:
-        """Write dequantized chunks ``got = (k, v (M, L, d), pos (M, L))`` into rows ``dst (M,)`` of
-        ``ck, cv (C, L, d)`` and ``cp (C, L)`` (distinct rows, or scratch rows that nothing reads)."""
-        k, v, p = got
-        L, d = self.L, self.d
-        ck.view(-1, L * d).index_copy_(0, dst, k.view(-1, L * d))
-        cv.view(-1, L * d).index_copy_(0, dst, v.view(-1, L * d))
-        cp.view(-1, L).index_copy_(0, dst, p)
-
-    def _uva_dequant(self, src: torch.Tensor, ln: torch.Tensor, bh: torch.Tensor, chunk: torch.Tensor,
-                     copy=None):
-        """A quantized store's chunks through the UVA copy kernel, then dequantized on the device.
-
-        Entry ``m`` (all ``(M,)``) copies host rows ``src[m] .. src[m] + ln[m] - 1`` (``ln[m] = -1``:
-        none: zeros, position -1) of key and value codes, value scales and
-        positions into device staging (a quarter of the bytes at int4, the codes read over PCIe
-        where they lie), and dequantizes them with the key scales of chunk ``(bh[m], chunk[m])``.
-        Returns ``k, v (M, L, head_dim)`` in the store's dtype and ``pos (M, L)`` int32, with no host
-        sync (a CUDA graph can hold it); None when the kernel cannot run here (never tried again).
-        ``copy``: the copy function (default the Triton kernel; tests pass the reference)."""
-        M, L, d = src.shape[0], self.L, self.d
-        w, ng = d * self.bits // 8, d // self.vg
-        dev = self.device
-        kc = torch.zeros(M, L, w, dtype=torch.uint8, device=dev)
-        vc = torch.zeros_like(kc)
-        sc = torch.zeros(M, L, 2 * ng, dtype=SCALE_DTYPE, device=dev)
-        pos = torch.full((M, L), -1, dtype=torch.int32, device=dev)
-        pos2 = torch.empty_like(pos)
-        dst = torch.arange(M, device=dev)
-        copy = copy or _cf.copy_chunks
-        if dev.type == "cuda":
+    def _uva_dequant(self, src: torch.Tensor, ln: torch.Tensor, bh: torch.Tensor, chunk: torch.Tensor, ck, cv, cp,
+                     dst: torch.Tensor, copy=None) -> bool:
+        """A quantized store's chunks through the UVA kernel that dequantizes them on the way
+        (:func:`kvsift.kernels.chunk_fetch.copy_chunks_dequant`): entry ``m`` (all ``(M,)``) reads host
+        rows ``src[m] .. src[m] + ln[m] - 1`` (codes, value scales, positions; ``ln[m] = -1``: none,
+        nothing written) and writes them, dequantized with the key scales of chunk ``(bh[m],
+        chunk[m])``, into device row ``dst[m]`` of ``ck, cv (C, L, head_dim)`` / ``cp (C, L)``. Only
+        the codes cross PCIe; no staging, no host sync (a CUDA graph can hold it). False when the
+        kernel cannot run here (never tried again). ``copy``: the kernel (tests pass its reference)."""
+        w, ng = self.d * self.bits // 8, self.d // self.vg
+        krow = bh * max(self.n, 1) + chunk.clamp(min=0)
+        ksz = self.ksz.view(-1, 2, self.d)
+        copy = copy or _cf.copy_chunks_dequant
+        if self.device.type == "cuda":
             self._after_writes()
         try:
             for i, tens in enumerate(self._segments()):  # one launch per host segment, its rows only
                 ln_i = ln if self._segs is None else torch.where(self._rows_of_segment(i, bh), ln, -1)
-                copy(tens["k"].view(-1, w), tens["v"].view(-1, w), tens["p"].view(-1), src, ln_i, kc, vc, pos, dst)
-                copy(None, tens["s"].view(-1, 2 * ng), tens["p"].view(-1), src, ln_i, None, sc, pos2, dst)
+                copy(tens["k"].view(-1, w), tens["v"].view(-1, w), tens["s"].view(-1, 2 * ng), tens["p"].view(-1),
+                     src, ln_i, krow, ksz, ck, cv, cp, dst, self.bits)
         except RuntimeError:
             self._uva = False
-            return None
-        got = {"k": kc.view(M * L, w), "v": vc.view(M * L, w), "s": sc.view(M * L, 2, ng), "p": pos.view(M * L)}
-        # rows past a chunk's end decode as the host path's zero pad row does (position -1, masked);
-        # entries not copied come out as zeros (written only to the cache's scratch slot, kept clean)
-        k, v, p = self._decode_rows(got, (bh, chunk))
-        copied = (ln >= 0)[:, None, None]
-        return (torch.where(copied, k.view(M, L, d), 0), torch.where(copied, v.view(M, L, d), 0), pos)
+            return False
+        return True
 
     def _uva_kernel(self, src, ln, ck, cv, cp, dst, rows: torch.Tensor | None = None) -> bool:
         """:func:`kvsift.kernels.chunk_fetch.copy_chunks` from this store's host rows (``rows``: the
@@ -762,14 +737,10 @@ class ChunkStore:
         src, ln, dst, final = plan(idx, c["slot_of"], c["owner"], c["last"], self.starts.view(BH, n),
                                    self.lens.view(BH, n), self.T, c["counts"], L, tab)
         rows_kv = (BH * (S + 1), L, d)
-        if uva and self.bits:  # codes over PCIe, dequantized on the device; hits go to the scratch slot
-            got = self._uva_dequant(src, ln, torch.arange(BH, device=self.device).repeat_interleave(k),
-                                    idx.reshape(-1))
-            if got is not None:
-                scratch = (torch.arange(BH, device=self.device) * (S + 1) + S).repeat_interleave(k)
-                self._scatter_rows(got, torch.where(ln >= 0, dst, scratch), c["k"].view(rows_kv),
-                                   c["v"].view(rows_kv), c["p"].view(BH * (S + 1), L))
-            uva = got is not None
+        if uva and self.bits:  # the misses' codes over PCIe, dequantized into their cache rows (hits: nothing)
+            uva = self._uva_dequant(src, ln, torch.arange(BH, device=self.device).repeat_interleave(k),
+                                    idx.reshape(-1), c["k"].view(rows_kv), c["v"].view(rows_kv),
+                                    c["p"].view(BH * (S + 1), L), dst)
         elif uva:
             uva = self._uva_kernel(src, ln, c["k"].view(rows_kv), c["v"].view(rows_kv), c["p"].view(BH * (S + 1), L),
                                    dst, rows=torch.arange(BH, device=self.device).repeat_interleave(k))
