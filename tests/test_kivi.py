@@ -794,3 +794,52 @@ def test_prefill_over_a_quantized_layer_reads_it_in_place(chunk, bits, device):
     tol = 5e-2 if dt == torch.bfloat16 else 1e-5
     assert got.dtype == dt
     assert torch.allclose(got.float().transpose(1, 2)[valid], want.transpose(1, 2)[valid], atol=tol, rtol=tol)
+
+
+# ---- quantizing: the Triton kernels against the reference (the same bits) -----------------------------
+_QUANTIZE_SCRIPT = """
+import itertools
+import torch
+from kvsift.kernels.quantize_kv import quantize_kv, quantize_kv_ref
+from tests.test_kivi import _kv
+for bits, (d, grp), dt in itertools.product((4, 2), ((64, 16), (32, 32), (64, 128)), (torch.float32, torch.bfloat16)):
+    n = 2 * grp
+    k, v, pos = _kv(n=n, d=d, dtype=torch.float32, seed=bits + d)
+    k[0, 0, :, 5] = 1.25                               # a constant channel
+    v[1, 0, 3] = 0.0                                   # an all-zero token
+    k[1, 1, 2, 7] = 7e4                                # past fp16's range
+    v[0, 1, 4, :8] = -9e4
+    pos[1, 0, :grp] = -1                               # a group with no real slot
+    k, v = k.to(dt), v.to(dt)
+    got = quantize_kv(k, v, pos, bits, grp)
+    want = quantize_kv_ref(k, v, pos, bits, grp)
+    for name, x, y in zip(("kc", "ks", "kz", "vc", "vs", "vz"), got, want):
+        assert x.dtype == y.dtype and x.shape == y.shape, (name, x.shape, y.shape)
+        assert torch.equal(x, y), (bits, d, grp, dt, name, (x != y).sum())
+# strided input (the store's window is a view of a longer buffer)
+k, v, pos = _kv(n=64, d=64, seed=9)
+kw, vw = torch.zeros(2, 2, 80, 64), torch.zeros(2, 2, 80, 64)
+kw[:, :, :64], vw[:, :, :64] = k, v
+for x, y in zip(quantize_kv(kw[:, :, :64], vw[:, :, :64], pos, 4, 32), quantize_kv_ref(k, v, pos, 4, 32)):
+    assert torch.equal(x, y)
+print("INTERP_OK")
+"""
+
+
+def test_quantize_kernel_matches_reference_in_interpreter():
+    """Codes, scales and zero points bit for bit: constant and empty groups, values past fp16's
+    range, left padding, a strided window."""
+    run_in_triton_interpreter(_QUANTIZE_SCRIPT, timeout=900)
+
+
+@cuda_triton
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("d, group", [(128, 128), (64, 256), (128, 32)])
+def test_cuda_quantize_kernel_matches_reference(bits, d, group):
+    from kvsift.kernels.quantize_kv import quantize_kv, quantize_kv_ref
+
+    k, v, pos = (t.cuda() for t in _kv(n=4 * group, d=d, seed=bits))
+    k, v = k.bfloat16(), v.bfloat16()
+    pos[1, 0, :group] = -1
+    for x, y in zip(quantize_kv(k, v, pos, bits, group), quantize_kv_ref(k, v, pos, bits, group)):
+        assert torch.equal(x, y)

@@ -251,9 +251,10 @@ class QuantKV:
 
     def _write(self, start: int, keys, values, positions) -> None:
         """Quantize ``(batch, kv_heads, f, head_dim)`` (``f`` whole groups) into slots ``start ..``."""
+        from kvsift.kernels.dispatch import quantize_kv
+
         f, g = keys.shape[2], self.group
-        kc, ks, kz = quantize_keys(keys, positions, self.bits, g)
-        vc, vs, vz = quantize_values(values, positions, self.bits, g)
+        kc, ks, kz, vc, vs, vz = quantize_kv(keys, values, positions, self.bits, g)   # Triton on CUDA
         self.k_codes[:, :, start : start + f] = kc
         self.k_scale[:, :, start // g : (start + f) // g] = ks
         self.k_zero[:, :, start // g : (start + f) // g] = kz
@@ -354,13 +355,14 @@ class QuantKV:
         """One token per row at ``wslot``; ``flush``: first quantize the full window into the slots it
         occupies and move ``qstart`` past it. Same result as the host path, no host sync, fixed
         shapes (CUDA-graph safe; a flushing step is its own kind of step)."""
+        from kvsift.kernels.dispatch import quantize_kv
+
         R, g = self.residual, self.group
         if flush:
             ar = torch.arange(R, device=keys.device)
             slots = self.qstart + ar                                              # (R,)
             pos = self.positions.index_select(2, slots)
-            kc, ks, kz = quantize_keys(self.k_res[:, :, :R], pos, self.bits, g)
-            vc, vs, vz = quantize_values(self.v_res[:, :, :R], pos, self.bits, g)
+            kc, ks, kz, vc, vs, vz = quantize_kv(self.k_res[:, :, :R], self.v_res[:, :, :R], pos, self.bits, g)
             groups = self.qstart // g + ar[: R // g]
             self.k_codes.index_copy_(2, slots, kc)
             self.k_scale.index_copy_(2, groups, ks)

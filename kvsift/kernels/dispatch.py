@@ -17,6 +17,7 @@ import torch
 
 from kvsift.kernels import budget_select as _bs
 from kvsift.kernels import quant_decode_attention as _qda
+from kvsift.kernels import quantize_kv as _qkv
 from kvsift.kernels import chunk_scores as _cs
 from kvsift.kernels import page_bounds as _pb
 from kvsift.kernels import rmsnorm as _rms
@@ -30,7 +31,7 @@ from kvsift.kernels.sparse_decode_attention import merge_attention
 
 __all__ = ["use_triton", "chunk_scores", "topk_select", "budget_select", "select_chunks", "sparse_decode_attention",
            "chunks_to_slots", "page_summaries", "selected_decode_attention", "merge_attention", "page_bounds_append",
-           "quant_decode_attention", "sparse_prefill_attention", "rmsnorm", "rope"]
+           "quant_decode_attention", "quantize_kv", "sparse_prefill_attention", "rmsnorm", "rope"]
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
@@ -128,6 +129,16 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
             and v_scale.stride() == v_zero.stride() and k_res.dtype == v_res.dtype == q.dtype):
         return _qda.quant_decode_attention(*args, **kw)
     return _qda.quant_decode_attention_ref(*args, **kw)
+
+
+def quantize_kv(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, bits: int, group: int):
+    """See :mod:`kvsift.kernels.quantize_kv`: KV slots into KIVI's codes and fp16 scales, ``(k_codes,
+    k_scale, k_zero, v_codes, v_scale, v_zero)``, the same bits from the kernel and the reference."""
+    d = keys.shape[-1]   # (the value group, min(group, head_dim), is then a power of two too)
+    if (use_triton(keys, values, positions) and d & (d - 1) == 0 and group & (group - 1) == 0
+            and keys.stride(-1) == 1 and values.stride(-1) == 1 and group <= 1024):
+        return _qkv.quantize_kv(keys, values, positions, bits, group)
+    return _qkv.quantize_kv_ref(keys, values, positions, bits, group)
 
 
 def sparse_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
