@@ -33,7 +33,7 @@ if step tests; then
              "tests/test_kivi.py::cuda_kernel_matches and 128 and (all or slots)"
              "tests/test_kivi.py::cuda_kernel_matches and 128 and (count or window)"
              "tests/test_decode_modes.py tests/test_kivi.py::(cuda or triton or gpu) and not cuda_kernel_matches"
-             "tests --ignore=tests/test_kivi.py --ignore=tests/test_decode_modes.py::cuda or triton or gpu")
+             "tests --ignore=tests/test_kivi.py --ignore=tests/test_decode_modes.py::cuda or triton or gpu or uva")
   fi
   i=0
   for g in "${GROUPS_[@]}"; do

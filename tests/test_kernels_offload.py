@@ -357,7 +357,7 @@ def test_copy_chunks_dequant_kernel_matches_ref_in_interpreter():
 @pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_copy_chunks_dequant_uva_matches_ref(bits, dtype):
+def test_cuda_copy_chunks_dequant_matches_ref(bits, dtype):
     """Through UVA from pinned host memory: the kernel's rows are the reference's, bit for bit."""
     from kvsift.kernels.chunk_fetch import copy_chunks_dequant, copy_chunks_dequant_ref
 
