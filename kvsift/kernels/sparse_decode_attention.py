@@ -278,10 +278,11 @@ if HAS_TRITON:
                              WRITE_LSE: tl.constexpr):
         # the splits' lse at once (NS_P floats), their partial outputs CHUNK splits at a time: a
         # (NS_P, BLOCK_D) tile of hundreds of splits would spill (measured: 33 us per layer at 264
-        # splits on the H200, for a few MiB)
+        # splits on the H200, for a few MiB); a program per row and block of channels (one per row
+        # left a 32-row batch on 32 multiprocessors)
         row = tl.program_id(0).to(tl.int64)
         offs_s = tl.arange(0, NS_P)
-        offs_d = tl.arange(0, BLOCK_D)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)   # this program's channels
         md = offs_d < D
         lse = tl.load(plse_ptr + row * NS + offs_s, mask=offs_s < NS, other=float("-inf"))
         m = tl.max(lse, axis=0)
@@ -298,10 +299,11 @@ if HAS_TRITON:
             o += tl.sum(po * w[:, None], axis=0)
         o = o / tl.where(tot > 0.0, tot, 1.0)
         tl.store(out_ptr + row * so_bh + offs_d, o.to(out_ptr.dtype.element_ty), mask=md)
-        if WRITE_LSE:  # natural-log lse of the whole row (-inf when no slot was valid)
-            lse_row = tl.where(tot > 0.0, (m_safe + tl.log2(tl.where(tot > 0.0, tot, 1.0))) * 0.6931471805599453,
-                               float("-inf"))
-            tl.store(lse_ptr + row, lse_row)
+        if WRITE_LSE:  # natural-log lse of the whole row (-inf when no slot was valid), by its first program
+            if tl.program_id(1) == 0:
+                lse_row = tl.where(tot > 0.0, (m_safe + tl.log2(tl.where(tot > 0.0, tot, 1.0))) * 0.6931471805599453,
+                                   float("-inf"))
+                tl.store(lse_ptr + row, lse_row)
 
 
 _LOG2E = 1.4426950408889634
@@ -374,11 +376,11 @@ class SplitLaunch:
         out = self.out
         if not self.direct:
             b, hq, d = out.shape
-            _merge_splits_kernel[(b * hq,)](self.po, self.plse, out, self.lse, self.splits, self.spo_bh, self.spo_s,
-                                            out.stride(1), D=d, BLOCK_D=self.block_d,
-                                            NS_P=triton.next_power_of_2(self.splits),
-                                            CHUNK=min(16, triton.next_power_of_2(self.splits)), WRITE_LSE=self.return_lse,
-                                            num_warps=4)
+            bd = min(self.block_d, 32)   # channels per merge program
+            _merge_splits_kernel[(b * hq, triton.cdiv(d, bd))](
+                self.po, self.plse, out, self.lse, self.splits, self.spo_bh, self.spo_s, out.stride(1), D=d,
+                BLOCK_D=bd, NS_P=triton.next_power_of_2(self.splits), CHUNK=min(16, triton.next_power_of_2(self.splits)),
+                WRITE_LSE=self.return_lse, num_warps=2)
         return (out, self.lse) if self.return_lse else out
 
 
