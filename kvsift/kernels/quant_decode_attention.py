@@ -54,9 +54,13 @@ from kvsift.kernels.sparse_decode_attention import _LOG2E, SplitLaunch, _check_c
 # ``fold_halves``: how the folded dots round the scaled query and weights (``_split_dot``): one fp16
 # dot (1) took 0.224 / 1.58 ms there against 0.259 / 1.86 for two bf16 halves (2); 4-bit codes as
 # two planes of channels (no interleave) were slower, 0.307 / 2.06 ms, and 0.257 / 1.70 with one
-# fp16 dot (bench/results/gpu_kivi_halves_h200.json), and were removed.
+# fp16 dot (bench/results/gpu_kivi_halves_h200.json), and were removed. ``fold_magic``: the folded
+# path unpacks codes straight to fp16 (``_unpack16``: OR into 1024.0's bits, minus 1024; no
+# int-to-float conversion, a quarter-rate instruction, nor the fp32 -> fp16 one after it); not yet
+# timed on a GPU (False: through fp32, as before).
 TUNING = {"block_s": 32, "num_warps": 4, "num_stages": 2, "splits_per_sm": 2,
-          "fold": True, "fold_block_s": 64, "fold_num_warps": 2, "fold_splits_per_sm": 16, "fold_halves": 1}
+          "fold": True, "fold_block_s": 64, "fold_num_warps": 2, "fold_splits_per_sm": 16, "fold_halves": 1,
+          "fold_magic": True}
 
 
 def _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start, key_pos, query_pos,
@@ -191,6 +195,18 @@ if HAS_TRITON:
         return c.to(tl.float32)
 
     @triton.jit
+    def _unpack16(b, BITS: tl.constexpr, PER: tl.constexpr, LEVELS: tl.constexpr):
+        """:func:`_unpack` to fp16 without an int-to-float conversion (a quarter-rate instruction, and
+        the fp32 -> fp16 one after it): a code ``c`` OR-ed into the bits of fp16 1024.0 (``0x6400``)
+        is the fp16 ``1024 + c`` exactly, minus 1024 is ``c``. ``b``: packed bytes as int16."""
+        if PER == 2:
+            c = tl.interleave(b & LEVELS, (b >> BITS) & LEVELS)
+        else:
+            c = tl.interleave(tl.interleave(b & LEVELS, (b >> (2 * BITS)) & LEVELS),
+                              tl.interleave((b >> BITS) & LEVELS, (b >> (3 * BITS)) & LEVELS))
+        return (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+
+    @triton.jit
     def _round_bf16(x):
         """fp32 ``x`` rounded to the nearest bf16 (ties to even), kept in fp32."""
         bits = x.to(tl.uint32, bitcast=True)
@@ -247,13 +263,14 @@ if HAS_TRITON:
                     kc_base, skc_c, ks_base, kz_base, sks_g, vc_base, svc_c, vs_base, vz_base, svs_c,
                     rk_base, srk_c, rv_base, srv_c, offs_b, offs_d, mask_d,
                     BITS: tl.constexpr, PER: tl.constexpr, LEVELS: tl.constexpr, KGROUP: tl.constexpr,
-                    UPCAST: tl.constexpr, IEEE: tl.constexpr, HALVES: tl.constexpr):
+                    UPCAST: tl.constexpr, IEEE: tl.constexpr, HALVES: tl.constexpr, MAGIC: tl.constexpr):
         """One block of ``BLOCK_S`` consecutive slots that share a key group (every slot, blocks
         aligned to the group), one value scale per slot, folded into the online softmax without
         dequantizing a tile: the scores are ``(q * k_scale) . codes + q . k_zero`` (one key group's
         scale and zero, ``(D,)`` each) and the output gains ``(p * v_scale) @ codes + sum(p *
         v_zero)``; only the codes are unpacked. Slots of the full-precision window (the tiles that
-        reach it) read ``k_res``/``v_res``. Returns ``(m_i, l_i, acc)``."""
+        reach it) read ``k_res``/``v_res``. ``MAGIC``: the codes unpacked to fp16 by :func:`_unpack16`
+        (else through fp32, :func:`_unpack`). Returns ``(m_i, l_i, acc)``."""
         kgi = it // KGROUP
         has_g = kgi * KGROUP < rstart           # the group was quantized (else its row may be garbage)
         ksr = tl.where(has_g, tl.load(ks_base + kgi * sks_g + offs_d, mask=mask_d, other=0.0).to(tl.float32), 0.0)
@@ -262,10 +279,13 @@ if HAS_TRITON:
         # 128), far from fp16's range where it is rounded to fp16 (HALVES == 1)
         qs = qf * (ksr * qk_scale)[None, :]                                  # (G_P, BLOCK_D)
         kb = tl.sum(qf * kzr[None, :], axis=1) * qk_scale                    # (G_P,)
-        kcode = _unpack(tl.load(kc_base + slot[:, None] * skc_c + offs_b[None, :], mask=isq[:, None],
-                                other=0).to(tl.int32), BITS, PER, LEVELS)   # (BLOCK_S, BLOCK_D) exact
+        kbytes = tl.load(kc_base + slot[:, None] * skc_c + offs_b[None, :], mask=isq[:, None], other=0)
+        if MAGIC:   # (BLOCK_S, BLOCK_D), exact either way
+            kcode = _unpack16(kbytes.to(tl.int16), BITS, PER, LEVELS)
+        else:
+            kcode = _unpack(kbytes.to(tl.int32), BITS, PER, LEVELS)
         if UPCAST or IEEE:
-            qk = tl.dot(qs, tl.trans(kcode), input_precision="ieee")
+            qk = tl.dot(qs, tl.trans(kcode.to(tl.float32)), input_precision="ieee")
         else:
             qk = _split_dot(qs, kcode, q.dtype, HALVES, True)
         qk = qk + kb[:, None]
@@ -288,11 +308,14 @@ if HAS_TRITON:
         vsc = tl.load(vs_base + slot * svs_c, mask=isq, other=0.0).to(tl.float32)    # (BLOCK_S,)
         vzp = tl.load(vz_base + slot * svs_c, mask=isq, other=0.0).to(tl.float32)
         pq = tl.where(isq[None, :], p, 0.0)
-        vcode = _unpack(tl.load(vc_base + slot[:, None] * svc_c + offs_b[None, :], mask=isq[:, None],
-                                other=0).to(tl.int32), BITS, PER, LEVELS)
+        vbytes = tl.load(vc_base + slot[:, None] * svc_c + offs_b[None, :], mask=isq[:, None], other=0)
+        if MAGIC:
+            vcode = _unpack16(vbytes.to(tl.int16), BITS, PER, LEVELS)
+        else:
+            vcode = _unpack(vbytes.to(tl.int32), BITS, PER, LEVELS)
         pv = pq * vsc[None, :]
         if UPCAST or IEEE:
-            o = tl.dot(pv, vcode, input_precision="ieee")
+            o = tl.dot(pv, vcode.to(tl.float32), input_precision="ieee")
         else:  # the weights split too (the code sum cancels against sum(p * v_zero))
             o = _split_dot(pv, vcode, q.dtype, HALVES)
         acc = acc * alpha[:, None] + o + tl.sum(pq * vzp[None, :], axis=1)[:, None]
@@ -330,7 +353,7 @@ if HAS_TRITON:
                                    DIRECT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                                    ALL: tl.constexpr, HAS_CNT: tl.constexpr, FAST: tl.constexpr,
                                    NVG: tl.constexpr, ROUND_BF16: tl.constexpr, FOLD: tl.constexpr,
-                                   HALVES: tl.constexpr):
+                                   HALVES: tl.constexpr, MAGIC: tl.constexpr):
         # one program: (batch, kv_head) x one split of the slot table; slot s < res_start is
         # dequantized from its codes (code * scale + zero), a later slot read from the window
         pid_bh = tl.program_id(0)
@@ -378,7 +401,7 @@ if HAS_TRITON:
                 m_i, l_i, acc = _fold_block(qf, q, m_i, l_i, acc, it, slot, valid, isq, isr, rstart, qk_scale,
                                             kc_base, skc_c, ks_base, kz_base, sks_g, vc_base, svc_c, vs_base,
                                             vz_base, svs_c, rk_base, srk_c, rv_base, srv_c, offs_b, offs_d,
-                                            mask_d, BITS, PER, LEVELS, KGROUP, UPCAST, IEEE, HALVES)
+                                            mask_d, BITS, PER, LEVELS, KGROUP, UPCAST, IEEE, HALVES, MAGIC)
             else:
                 mq = isq[:, None] & mask_d[None, :]
                 if FAST:
@@ -497,6 +520,6 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
         LEVELS=(1 << bits) - 1, KGROUP=group, VGROUP=d // v_scale.shape[3], DIRECT=L.direct, IEEE=L.ieee,
         UPCAST=L.upcast, ALL=slot_idx is None, HAS_CNT=slot_count is not None, FAST=fast,
         NVG=v_scale.shape[3] if fast else 1, ROUND_BF16=L.upcast and k_res.dtype == torch.bfloat16, FOLD=fold,
-        HALVES=TUNING["fold_halves"],
+        HALVES=TUNING["fold_halves"], MAGIC=TUNING["fold_magic"],
         num_warps=TUNING[pre + "num_warps"], num_stages=TUNING["num_stages"])
     return L.finish()
