@@ -57,10 +57,11 @@ from kvsift.kernels.sparse_decode_attention import _LOG2E, SplitLaunch, _check_c
 # fp16 dot (bench/results/gpu_kivi_halves_h200.json), and were removed. ``fold_magic``: the folded
 # path unpacks codes straight to fp16 (``_unpack16``: OR into 1024.0's bits, minus 1024; no
 # int-to-float conversion, a quarter-rate instruction, nor the fp32 -> fp16 one after it); not yet
-# timed on a GPU (False: through fp32, as before).
+# timed on a GPU (False: through fp32, as before). ``fold_swap``: the score dot with the code tile
+# as its left operand (no transpose of the tile), for the sweep; not yet timed.
 TUNING = {"block_s": 32, "num_warps": 4, "num_stages": 2, "splits_per_sm": 2,
           "fold": True, "fold_block_s": 64, "fold_num_warps": 2, "fold_splits_per_sm": 16, "fold_halves": 1,
-          "fold_magic": True}
+          "fold_magic": True, "fold_swap": False}
 
 
 def _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start, key_pos, query_pos,
@@ -239,38 +240,50 @@ if HAS_TRITON:
         return slot, valid, isq, isr
 
     @triton.jit
-    def _split_dot(a, codes, DT: tl.constexpr, HALVES: tl.constexpr, TRANS: tl.constexpr = False):
+    def _split_dot(a, codes, DT: tl.constexpr, HALVES: tl.constexpr, TRANS: tl.constexpr = False,
+                   SWAP: tl.constexpr = False):
         """``a (M, K) fp32 @ codes (K, N)`` (small integers, exact in 16 bits) on the tensor cores with
         fp32 accumulation. The scaled operand ``a`` cancels against a zero-point term afterwards, so
         its rounding matters more than a rounding of dequantized KV does: ``HALVES == 2`` splits it
         into two ``DT`` halves (hi + lo, two dots, about 16 bits of mantissa); ``HALVES == 1`` rounds
         it once to fp16 (11 bits of mantissa, one dot; codes are exact in fp16 too). ``TRANS``: the
-        codes are ``(N, K)``, transposed after their conversion."""
+        codes are ``(N, K)``, transposed after their conversion; with ``SWAP`` they are not: the dot
+        is ``codes @ a^T`` (the large code tile the left operand, as it lies), its small result
+        transposed."""
         if HALVES == 2:
             c = codes.to(DT)
-            if TRANS:
-                c = tl.trans(c)
             hi = a.to(DT)
-            return tl.dot(hi, c) + tl.dot((a - hi.to(tl.float32)).to(DT), c)
+            lo = (a - hi.to(tl.float32)).to(DT)
         else:
             c = codes.to(tl.float16)
-            if TRANS:
-                c = tl.trans(c)
-            return tl.dot(a.to(tl.float16), c)
+            hi = a.to(tl.float16)
+        if SWAP and TRANS:
+            r = tl.dot(c, tl.trans(hi))
+            if HALVES == 2:
+                r += tl.dot(c, tl.trans(lo))
+            return tl.trans(r)
+        if TRANS:
+            c = tl.trans(c)
+        r = tl.dot(hi, c)
+        if HALVES == 2:
+            r += tl.dot(lo, c)
+        return r
 
     @triton.jit
     def _fold_block(qf, q, m_i, l_i, acc, it, slot, valid, isq, isr, rstart, qk_scale,
                     kc_base, skc_c, ks_base, kz_base, sks_g, vc_base, svc_c, vs_base, vz_base, svs_c,
                     rk_base, srk_c, rv_base, srv_c, offs_b, offs_d, mask_d,
                     BITS: tl.constexpr, PER: tl.constexpr, LEVELS: tl.constexpr, KGROUP: tl.constexpr,
-                    UPCAST: tl.constexpr, IEEE: tl.constexpr, HALVES: tl.constexpr, MAGIC: tl.constexpr):
+                    UPCAST: tl.constexpr, IEEE: tl.constexpr, HALVES: tl.constexpr, MAGIC: tl.constexpr,
+                    SWAP: tl.constexpr):
         """One block of ``BLOCK_S`` consecutive slots that share a key group (every slot, blocks
         aligned to the group), one value scale per slot, folded into the online softmax without
         dequantizing a tile: the scores are ``(q * k_scale) . codes + q . k_zero`` (one key group's
         scale and zero, ``(D,)`` each) and the output gains ``(p * v_scale) @ codes + sum(p *
         v_zero)``; only the codes are unpacked. Slots of the full-precision window (the tiles that
         reach it) read ``k_res``/``v_res``. ``MAGIC``: the codes unpacked to fp16 by :func:`_unpack16`
-        (else through fp32, :func:`_unpack`). Returns ``(m_i, l_i, acc)``."""
+        (else through fp32, :func:`_unpack`); ``SWAP``: scores as ``codes @ (q * k_scale)^T`` (see
+        :func:`_split_dot`). Returns ``(m_i, l_i, acc)``."""
         kgi = it // KGROUP
         has_g = kgi * KGROUP < rstart           # the group was quantized (else its row may be garbage)
         ksr = tl.where(has_g, tl.load(ks_base + kgi * sks_g + offs_d, mask=mask_d, other=0.0).to(tl.float32), 0.0)
@@ -287,7 +300,7 @@ if HAS_TRITON:
         if UPCAST or IEEE:
             qk = tl.dot(qs, tl.trans(kcode.to(tl.float32)), input_precision="ieee")
         else:
-            qk = _split_dot(qs, kcode, q.dtype, HALVES, True)
+            qk = _split_dot(qs, kcode, q.dtype, HALVES, True, SWAP)
         qk = qk + kb[:, None]
         any_r = tl.sum(isr.to(tl.int32), axis=0) > 0
         if any_r:
@@ -353,7 +366,7 @@ if HAS_TRITON:
                                    DIRECT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                                    ALL: tl.constexpr, HAS_CNT: tl.constexpr, FAST: tl.constexpr,
                                    NVG: tl.constexpr, ROUND_BF16: tl.constexpr, FOLD: tl.constexpr,
-                                   HALVES: tl.constexpr, MAGIC: tl.constexpr):
+                                   HALVES: tl.constexpr, MAGIC: tl.constexpr, SWAP: tl.constexpr):
         # one program: (batch, kv_head) x one split of the slot table; slot s < res_start is
         # dequantized from its codes (code * scale + zero), a later slot read from the window
         pid_bh = tl.program_id(0)
@@ -401,7 +414,8 @@ if HAS_TRITON:
                 m_i, l_i, acc = _fold_block(qf, q, m_i, l_i, acc, it, slot, valid, isq, isr, rstart, qk_scale,
                                             kc_base, skc_c, ks_base, kz_base, sks_g, vc_base, svc_c, vs_base,
                                             vz_base, svs_c, rk_base, srk_c, rv_base, srv_c, offs_b, offs_d,
-                                            mask_d, BITS, PER, LEVELS, KGROUP, UPCAST, IEEE, HALVES, MAGIC)
+                                            mask_d, BITS, PER, LEVELS, KGROUP, UPCAST, IEEE, HALVES, MAGIC,
+                                            SWAP)
             else:
                 mq = isq[:, None] & mask_d[None, :]
                 if FAST:
@@ -520,6 +534,6 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
         LEVELS=(1 << bits) - 1, KGROUP=group, VGROUP=d // v_scale.shape[3], DIRECT=L.direct, IEEE=L.ieee,
         UPCAST=L.upcast, ALL=slot_idx is None, HAS_CNT=slot_count is not None, FAST=fast,
         NVG=v_scale.shape[3] if fast else 1, ROUND_BF16=L.upcast and k_res.dtype == torch.bfloat16, FOLD=fold,
-        HALVES=TUNING["fold_halves"], MAGIC=TUNING["fold_magic"],
+        HALVES=TUNING["fold_halves"], MAGIC=TUNING["fold_magic"], SWAP=TUNING["fold_swap"],
         num_warps=TUNING[pre + "num_warps"], num_stages=TUNING["num_stages"])
     return L.finish()
