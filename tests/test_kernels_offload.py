@@ -332,8 +332,15 @@ def test_copy_chunks_dequant_bad_input():
 _INTERP_DEQUANT = """
 import itertools
 import torch
-from kvsift.kernels.chunk_fetch import copy_chunks_dequant, copy_chunks_dequant_ref
-from tests.test_kernels_offload import _quant_case
+from kvsift.kernels.chunk_fetch import copy_chunks, copy_chunks_dequant, copy_chunks_dequant_ref, copy_chunks_ref
+from tests.test_kernels_offload import _case, _quant_case
+for dt in (torch.float32, torch.float16):    # the plain copy (skipped, padding-only and partial entries)
+    a = _case("cpu", dt, seed=4)
+    b = [t.clone() for t in a]
+    copy_chunks(*a)
+    copy_chunks_ref(*b)
+    for x, y in zip(a[5:8], b[5:8]):
+        assert torch.equal(x, y), dt
 for bits, dt, vg in itertools.product((4, 2), (torch.float32, torch.bfloat16), (4, 16)):
     a = _quant_case(bits=bits, dtype=dt, vg=vg, seed=bits + vg)
     b = [t.clone() if isinstance(t, torch.Tensor) else t for t in a]
@@ -348,7 +355,7 @@ print("INTERP_OK")
 """
 
 
-def test_copy_chunks_dequant_kernel_matches_ref_in_interpreter():
+def test_copy_kernels_match_refs_in_interpreter():
     from tests.conftest import run_in_triton_interpreter
 
     run_in_triton_interpreter(_INTERP_DEQUANT, timeout=600)

@@ -152,6 +152,23 @@ def copy_chunks_dequant_ref(host_kc: torch.Tensor, host_vc: torch.Tensor, host_s
 if HAS_TRITON:
 
     @triton.jit
+    def _entry(src_row_ptr, src_len_ptr, dst_row_ptr, L: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+        """A copy program's entry ``m``: ``(m, live, j, dd, md, ok, row_out, src, dst)``: its token rows
+        ``j`` and channels ``dd`` (``md`` within the head), the rows read from the host (``ok``) and
+        written to the cache (``row_out``), their host rows ``src`` and its cache row ``dst``. A
+        skipped entry (length -1) reads no row (``j < n`` never holds) and writes none (its row count
+        is 0; no block & scalar masks: the CPU interpreter refuses them)."""
+        m = tl.program_id(0)
+        n = tl.load(src_len_ptr + m).to(tl.int64)
+        start = tl.load(src_row_ptr + m).to(tl.int64)
+        dst = tl.load(dst_row_ptr + m).to(tl.int64)
+        j = tl.arange(0, BLOCK_L)
+        dd = tl.arange(0, BLOCK_D)
+        live = n >= 0
+        return m, live, j, dd, dd < D, j < n, j < tl.where(live, L, 0), (start + j).to(tl.int64), dst
+
+    @triton.jit
     def _copy_chunks_dequant_kernel(hk_ptr, hv_ptr, hs_ptr, hp_ptr, src_row_ptr, src_len_ptr, krow_ptr, ksz_ptr,
                                     ck_ptr, cv_ptr, cp_ptr, dst_row_ptr,
                                     L: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -159,20 +176,9 @@ if HAS_TRITON:
                                     PER: tl.constexpr, LEVELS: tl.constexpr):
         # one program per entry: its host rows' codes, value scales and positions read through UVA,
         # dequantized in registers, written to its cache row (zeros and -1 past its length)
-        m = tl.program_id(0)
-        n = tl.load(src_len_ptr + m).to(tl.int64)
-        start = tl.load(src_row_ptr + m).to(tl.int64)
-        dst = tl.load(dst_row_ptr + m).to(tl.int64)
+        m, live, j, dd, md, ok, row_out, src, dst = _entry(src_row_ptr, src_len_ptr, dst_row_ptr, L, D, BLOCK_L,
+                                                            BLOCK_D)
         krow = tl.load(krow_ptr + m).to(tl.int64)
-        j = tl.arange(0, BLOCK_L)
-        dd = tl.arange(0, BLOCK_D)
-        # (no block & scalar masks: the CPU interpreter refuses them) a skipped entry (n = -1)
-        # reads no row (j < n never holds) and writes none (its row count is 0)
-        live = n >= 0
-        md = dd < D
-        ok = j < n
-        row_out = j < tl.where(live, L, 0)
-        src = (start + j).to(tl.int64)
         m2 = ok[:, None] & md[None, :]
         w2 = row_out[:, None] & md[None, :]
         byte = (dd // PER)[None, :]
@@ -198,18 +204,9 @@ if HAS_TRITON:
     def _copy_chunks_kernel(hk_ptr, hv_ptr, hp_ptr, src_row_ptr, src_len_ptr, ck_ptr, cv_ptr, cp_ptr, dst_row_ptr,
                             L: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
                             HAS_K: tl.constexpr):
-        m = tl.program_id(0)
-        n = tl.load(src_len_ptr + m).to(tl.int64)
-        start = tl.load(src_row_ptr + m).to(tl.int64)
-        dst = tl.load(dst_row_ptr + m).to(tl.int64)
-        j = tl.arange(0, BLOCK_L)
-        dd = tl.arange(0, BLOCK_D)
-        live = n >= 0
-        ok = (j < n) & live                                   # rows read from the host
-        row_out = (j < L) & live                              # rows written to the cache
-        src = (start + j).to(tl.int64)
-        m2 = ok[:, None] & (dd[None, :] < D)
-        w2 = row_out[:, None] & (dd[None, :] < D)
+        _, _, j, dd, md, ok, row_out, src, dst = _entry(src_row_ptr, src_len_ptr, dst_row_ptr, L, D, BLOCK_L, BLOCK_D)
+        m2 = ok[:, None] & md[None, :]
+        w2 = row_out[:, None] & md[None, :]
         off_in = src[:, None] * D + dd[None, :]
         off_out = dst * (L * D) + j[:, None].to(tl.int64) * D + dd[None, :]
         if HAS_K:  # values only (HAS_K False): the key pointers are the value ones, never read
@@ -236,23 +233,16 @@ class _HostPtr:
 def copy_chunks(host_k: torch.Tensor | None, host_v: torch.Tensor, host_pos: torch.Tensor, src_row: torch.Tensor,
                 src_len: torch.Tensor, cache_k: torch.Tensor | None, cache_v: torch.Tensor, cache_pos: torch.Tensor,
                 dst_row: torch.Tensor) -> None:
-    """Triton (CUDA): host tensors pinned and contiguous, everything else on the device. No host sync."""
+    """Triton (CUDA; the CPU interpreter with every tensor on the CPU): host tensors pinned and
+    contiguous, everything else on the device. No host sync."""
     if not HAS_TRITON:
         raise RuntimeError("triton is not available")
     _check(host_k, host_v, host_pos, src_row, src_len, cache_k, cache_v, cache_pos, dst_row)
     has_k = host_k is not None
     if not has_k:  # values only: the kernel gets the value tensors in the key slots and never reads them
         host_k, cache_k = host_v, cache_v
-    for name, t in (("host_k", host_k), ("host_v", host_v), ("host_pos", host_pos)):
-        if t.is_cuda:
-            continue
-        if not t.is_pinned():
-            raise ValueError(f"{name} must be in pinned host memory (or on the device) for the kernel")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-    for name, t in (("cache_k", cache_k), ("cache_v", cache_v), ("cache_pos", cache_pos)):
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
+    hosts = {"host_k": host_k, "host_v": host_v, "host_pos": host_pos}
+    interp = _check_memory(hosts, {"cache_k": cache_k, "cache_v": cache_v, "cache_pos": cache_pos})
     M = src_row.shape[0]
     if M == 0:
         return
@@ -260,18 +250,7 @@ def copy_chunks(host_k: torch.Tensor | None, host_v: torch.Tensor, host_pos: tor
     rest = (src_row.contiguous(), src_len.contiguous(), cache_k, cache_v, cache_pos, dst_row.contiguous())
     meta = dict(L=L, D=D, BLOCK_L=triton.next_power_of_2(L), BLOCK_D=triton.next_power_of_2(D), HAS_K=has_k,
                 num_warps=4)
-    global _WRAP
-    if _WRAP is None:  # how this Triton takes a host pointer: found on the first call, then fixed
-        err = None
-        for wrap in (True, False):
-            try:
-                _copy_chunks_kernel[(M,)](*_host_args(host_k, host_v, host_pos, wrap), *rest, **meta)
-                _WRAP = wrap
-                return
-            except Exception as e:  # noqa: BLE001 - Triton refused the pointer (its error types vary)
-                err = e
-        raise RuntimeError(f"Triton cannot read pinned host memory here: {err}")
-    _copy_chunks_kernel[(M,)](*_host_args(host_k, host_v, host_pos, _WRAP), *rest, **meta)
+    _launch(_copy_chunks_kernel, M, tuple(hosts.values()), rest, meta, interp)
 
 
 _WRAP: bool | None = None
@@ -287,42 +266,54 @@ def copy_chunks_dequant(host_kc: torch.Tensor, host_vc: torch.Tensor, host_s: to
         raise RuntimeError("triton is not available")
     vg = _check_quant(host_kc, host_vc, host_s, host_pos, src_row, src_len, key_row, key_sz, cache_k, cache_v,
                       cache_pos, dst_row, bits)
-    interp = not cache_k.is_cuda   # the interpreter reads CPU tensors as they are
-    for name, t in (("host_kc", host_kc), ("host_vc", host_vc), ("host_s", host_s), ("host_pos", host_pos)):
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-        if not (t.is_cuda or interp or t.is_pinned()):
-            raise ValueError(f"{name} must be in pinned host memory (or on the device) for the kernel")
-    for name, t in (("cache_k", cache_k), ("cache_v", cache_v), ("cache_pos", cache_pos), ("key_sz", key_sz)):
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
+    hosts = {"host_kc": host_kc, "host_vc": host_vc, "host_s": host_s, "host_pos": host_pos}
+    interp = _check_memory(hosts, {"cache_k": cache_k, "cache_v": cache_v, "cache_pos": cache_pos, "key_sz": key_sz})
     M = src_row.shape[0]
     if M == 0:
         return
     L, D = cache_k.shape[1], cache_k.shape[2]
-    ng = D // vg
     rest = (src_row.contiguous(), src_len.contiguous(), key_row.contiguous(), key_sz, cache_k, cache_v, cache_pos,
             dst_row.contiguous())
     # no fused multiply-add: code * scale, then + zero, as the reference (and the host path) round them
     meta = dict(L=L, D=D, BLOCK_L=triton.next_power_of_2(L), BLOCK_D=triton.next_power_of_2(D), W=D * bits // 8,
-                NG=ng, VG=vg, BITS=bits, PER=8 // bits, LEVELS=(1 << bits) - 1, num_warps=4, enable_fp_fusion=False)
-    hosts = (host_kc, host_vc, host_s, host_pos)
+                NG=D // vg, VG=vg, BITS=bits, PER=8 // bits, LEVELS=(1 << bits) - 1, num_warps=4,
+                enable_fp_fusion=False)
+    _launch(_copy_chunks_dequant_kernel, M, tuple(hosts.values()), rest, meta, interp)
+
+
+def _check_memory(hosts: dict, devices: dict) -> bool:
+    """``ValueError`` unless the host tensors are contiguous and pinned (or on the device) and the
+    device ones contiguous; returns whether this is the CPU interpreter (the caches on the CPU)."""
+    interp = not devices["cache_v"].is_cuda   # the interpreter reads CPU tensors as they are
+    for name, t in hosts.items():
+        if not (t.is_cuda or interp or t.is_pinned()):
+            raise ValueError(f"{name} must be in pinned host memory (or on the device) for the kernel")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    for name, t in devices.items():
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    return interp
+
+
+def _launch(kernel, M: int, hosts: tuple, rest: tuple, meta: dict, interp: bool) -> None:
+    """``kernel`` over ``M`` entries, the host tensors passed as this Triton takes a host pointer
+    (a wrapper or the tensor itself: found on the first launch, then fixed)."""
     global _WRAP
-    if _WRAP is None and not interp:   # how this Triton takes a host pointer (as copy_chunks finds it)
+    if interp:
+        kernel[(M,)](*hosts, *rest, **meta)
+        return
+    if _WRAP is None:
         err = None
         for wrap in (True, False):
             try:
-                _copy_chunks_dequant_kernel[(M,)](*_wrapped(hosts, wrap), *rest, **meta)
+                kernel[(M,)](*_wrapped(hosts, wrap), *rest, **meta)
                 _WRAP = wrap
                 return
             except Exception as e:  # noqa: BLE001 - Triton refused the pointer (its error types vary)
                 err = e
         raise RuntimeError(f"Triton cannot read pinned host memory here: {err}")
-    _copy_chunks_dequant_kernel[(M,)](*_wrapped(hosts, bool(_WRAP) and not interp), *rest, **meta)
-
-
-def _host_args(host_k, host_v, host_pos, wrap: bool):
-    return _wrapped((host_k, host_v, host_pos), wrap)
+    kernel[(M,)](*_wrapped(hosts, _WRAP), *rest, **meta)
 
 
 def _wrapped(hosts, wrap: bool) -> tuple:

@@ -88,16 +88,20 @@ if HAS_TRITON:
         return tl.sum(c3 << sh, axis=2).to(tl.uint8)
 
     @triton.jit
+    def _row_head(HK):
+        """This program's (row, KV head) from the grid's first axis, as int64."""
+        pid = tl.program_id(0)
+        return (pid // HK).to(tl.int64), (pid % HK).to(tl.int64)
+
+    @triton.jit
     def _quantize_keys_kernel(k_ptr, p_ptr, kc_ptr, ks_ptr, kz_ptr, HK, NGRP,
                               sk_b, sk_h, sk_n, sp_b, sp_h, sp_n,
                               GROUP: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, BITS: tl.constexpr,
                               PER: tl.constexpr, LEVELS: tl.constexpr):
         # one program: (row, KV head) x key group x BLOCK_C channels; ranges over the group's slots
-        pid = tl.program_id(0)
+        b, h = _row_head(HK)
         grp = tl.program_id(1).to(tl.int64)
         cb = tl.program_id(2)
-        b = (pid // HK).to(tl.int64)
-        h = (pid % HK).to(tl.int64)
         slot = grp * GROUP + tl.arange(0, GROUP)
         ch = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         x = tl.load(k_ptr + b * sk_b + h * sk_h + slot[:, None] * sk_n + ch[None, :]).to(tl.float32)
@@ -121,10 +125,8 @@ if HAS_TRITON:
                                 BLOCK_T: tl.constexpr, D: tl.constexpr, VG: tl.constexpr, BITS: tl.constexpr,
                                 PER: tl.constexpr, LEVELS: tl.constexpr):
         # one program: (row, KV head) x BLOCK_T slots; ranges over each slot's groups of VG channels
-        pid = tl.program_id(0)
+        b, h = _row_head(HK)
         tb = tl.program_id(1).to(tl.int64)
-        b = (pid // HK).to(tl.int64)
-        h = (pid % HK).to(tl.int64)
         slot = tb * BLOCK_T + tl.arange(0, BLOCK_T)
         live = slot < N
         ch = tl.arange(0, D)
