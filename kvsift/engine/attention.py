@@ -227,7 +227,8 @@ def kvsift_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if layer.quant is not None:  # quantized KV (this chunk's tokens included)
         if sel is not None and sel.own is not None:
             raise RuntimeError("a prefill selection of own slots over quantized KV is not supported")
-        if not extras and sliding_window is None and softcap is None and chunk_in_window(layer.quant, L):
+        if (not extras and sliding_window is None and softcap is None and chunk_in_window(layer.quant, L)
+                and (not query.is_cuda or L <= QUANT_PREFILL_TOKENS)):
             # read in place: the earlier slots through the quantized attention, the chunk's own
             # tokens (full precision) causally, merged (no dequantized copy of the layer)
             with _span("kvsift.prefill.attend"):
@@ -288,6 +289,9 @@ def _prefill_attend(method, run, layer, query, key, value, sel, extras, qpos, sc
 
 MASK_ELEMENTS = 1 << 28  # the largest (batch, q_heads, queries, keys) mask one masked call builds
 QUANT_PREFILL_ROWS = 64  # query rows (query heads x tokens) per KV head in one quantized-attention launch (CUDA)
+# a longer chunk over quantized KV (on CUDA) goes through a dequantized copy: in place, each launch of
+# QUANT_PREFILL_ROWS rows reads the whole layer again (a question's tokens are a few launches)
+QUANT_PREFILL_TOKENS = 512
 
 
 def chunk_in_window(quant, L: int) -> bool:
