@@ -887,3 +887,23 @@ def test_folded_dot_helper_in_interpreter():
     path), probed alone: one fp16 dot, two halves (fp16 here: the interpreter's bf16 dot is not
     faithful), codes transposed or not, the code tile as the left operand (``SWAP``)."""
     run_in_triton_interpreter(_SPLIT_DOT_SCRIPT, timeout=300)
+
+
+def test_folded_kernel_split_plan_follows_the_h200_sweep(monkeypatch):
+    """The folded kernel's split-K plan at 128k (8 KV heads, blocks of 64 slots, 132 SMs): splits of
+    at least 32 blocks (batch 1: 64 splits of 32 blocks, the plan of 4 programs per SM, the sweep's
+    fastest there) while batch 8 keeps 16 programs per SM (33 splits of 63 blocks, its fastest);
+    without a minimum the plan is as before."""
+    from kvsift.kernels import quant_decode_attention as qmod
+    from kvsift.kernels import sparse_decode_attention as sda
+
+    monkeypatch.setattr(sda, "sm_count", lambda device: 132)
+    dev = torch.device("cpu")
+    t = qmod.TUNING
+    kw = dict(splits_per_sm=t["fold_splits_per_sm"], min_blocks=t["fold_min_blocks"], floor_per_sm=t["fold_floor_per_sm"])
+    assert sda.plan_splits(1, 8, 131072, 64, dev, **kw) == (64, 32 * 64)
+    assert sda.plan_splits(1, 8, 131072, 64, dev, splits_per_sm=4) == (64, 32 * 64)    # the sweep's 4/SM
+    assert sda.plan_splits(8, 8, 131072, 64, dev, **kw) == (33, 63 * 64)
+    assert sda.plan_splits(1, 8, 131072, 64, dev, splits_per_sm=16) == (256, 8 * 64)   # no minimum
+    assert sda.plan_splits(1, 8, 8192, 64, dev, **kw) == (64, 2 * 64)                  # short: the floor
+    assert sda.plan_splits(1, 8, 100, 64, dev, **kw) == (2, 64)                         # never more than the blocks

@@ -58,10 +58,14 @@ from kvsift.kernels.sparse_decode_attention import _LOG2E, SplitLaunch, _check_c
 # path unpacks codes straight to fp16 (``_unpack16``: OR into 1024.0's bits, minus 1024; no
 # int-to-float conversion, a quarter-rate instruction, nor the fp32 -> fp16 one after it); not yet
 # timed on a GPU (False: through fp32, as before). ``fold_swap``: the score dot with the code tile
-# as its left operand (no transpose of the tile), for the sweep; not yet timed.
+# as its left operand (no transpose of the tile), for the sweep; not yet timed. ``fold_min_blocks``:
+# splits of at least 32 blocks unless that leaves fewer than ``fold_floor_per_sm`` (4) programs per
+# SM: the sweep's best at batch 1 was 4 programs per SM (0.219 ms, 64 splits of 32 blocks) and at
+# batch 8 16 per SM (1.60 ms, 33 splits of 63 blocks), the plans this makes at both
+# (gpu_kivi_merge_h200.json); not yet run as the default.
 TUNING = {"block_s": 32, "num_warps": 4, "num_stages": 2, "splits_per_sm": 2,
           "fold": True, "fold_block_s": 64, "fold_num_warps": 2, "fold_splits_per_sm": 16, "fold_halves": 1,
-          "fold_magic": True, "fold_swap": False}
+          "fold_magic": True, "fold_swap": False, "fold_min_blocks": 32, "fold_floor_per_sm": 4}
 
 
 def _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start, key_pos, query_pos,
@@ -512,7 +516,8 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
     pre = "fold_" if fold else ""
     bs = TUNING[pre + "block_s"]
     L = SplitLaunch.plan(q, hk, s, num_splits, return_lse, block_s=bs if block_d <= 128 else bs // 2,
-                         splits_per_sm=TUNING[pre + "splits_per_sm"])
+                         splits_per_sm=TUNING[pre + "splits_per_sm"], min_blocks=TUNING["fold_min_blocks"] if fold else 1,
+                         floor_per_sm=TUNING["fold_floor_per_sm"])
     sp = key_pos.stride()
     args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start,
             idx, L.out, L.po, L.plse,

@@ -312,17 +312,24 @@ TUNING = {"block_s": 64, "num_warps": 4, "num_stages": 2, "splits_per_sm": 2}
 
 
 def plan_splits(batch: int, kv_heads: int, n_sel: int, block_s: int, device: torch.device,
-                num_splits: int | None = None, splits_per_sm: int | None = None) -> tuple[int, int]:
+                num_splits: int | None = None, splits_per_sm: int | None = None, min_blocks: int = 1,
+                floor_per_sm: int = 1) -> tuple[int, int]:
     """``(num_splits, split_size)``: enough programs for about ``splits_per_sm`` (default: this
     kernel's tuning, two) waves of the GPU's multiprocessors, each split a whole number of
-    ``block_s`` blocks."""
-    n_blocks = max(1, triton.cdiv(n_sel, block_s))
+    ``block_s`` blocks; with ``min_blocks``, splits of at least that many blocks, unless that leaves
+    fewer than ``floor_per_sm`` programs per multiprocessor. No Triton needed (a CPU test plans)."""
+    def cdiv(a: int, b: int) -> int:
+        return -(-a // b)
+
+    n_blocks = max(1, cdiv(n_sel, block_s))
     if num_splits is None:
-        target = (splits_per_sm or TUNING["splits_per_sm"]) * sm_count(device)
-        num_splits = max(1, min(n_blocks, triton.cdiv(target, max(1, batch * kv_heads))))
+        rows, sms = max(1, batch * kv_heads), sm_count(device)
+        num_splits = cdiv((splits_per_sm or TUNING["splits_per_sm"]) * sms, rows)
+        if min_blocks > 1:
+            num_splits = min(num_splits, max(n_blocks // min_blocks, cdiv(floor_per_sm * sms, rows)))
     num_splits = max(1, min(int(num_splits), n_blocks))
-    split_size = triton.cdiv(n_blocks, num_splits) * block_s
-    return triton.cdiv(max(n_sel, 1), split_size), split_size
+    split_size = cdiv(n_blocks, num_splits) * block_s
+    return cdiv(max(n_sel, 1), split_size), split_size
 
 
 @dataclass
@@ -350,14 +357,16 @@ class SplitLaunch:
 
     @classmethod
     def plan(cls, q: torch.Tensor, kv_heads: int, s: int, num_splits: int | None, return_lse: bool,
-             block_s: int | None = None, splits_per_sm: int | None = None) -> "SplitLaunch":
+             block_s: int | None = None, splits_per_sm: int | None = None, min_blocks: int = 1,
+             floor_per_sm: int = 1) -> "SplitLaunch":
         b, hq, d = q.shape
         out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
         lse = torch.empty(b, hq, dtype=torch.float32, device=q.device) if return_lse else out
         block_d = max(16, triton.next_power_of_2(d))
         if block_s is None:
             block_s = TUNING["block_s"] if block_d <= 128 else TUNING["block_s"] // 2
-        ns, split_size = plan_splits(b, kv_heads, s, block_s, q.device, num_splits, splits_per_sm)
+        ns, split_size = plan_splits(b, kv_heads, s, block_s, q.device, num_splits, splits_per_sm, min_blocks,
+                                     floor_per_sm)
         upcast = q.device.type != "cuda"  # TRITON_INTERPRET=1 on CPU tensors
         direct = ns == 1 and not return_lse  # else the lse comes from the merge kernel
         if direct:
