@@ -40,6 +40,16 @@ import torch
 from kvsift.kernels._triton import HAS_TRITON, tl, triton
 
 
+def _check_entries(cache_k, cache_v, cache_pos, **index) -> None:
+    """The cache's shapes and the entries' ``(M,)`` index vectors (``index``: their names)."""
+    if cache_k.dim() != 3 or cache_v.shape != cache_k.shape or cache_pos.shape != cache_k.shape[:2]:
+        raise ValueError(f"cache_k/cache_v must be (C, L, head_dim) and cache_pos (C, L), got "
+                         f"{tuple(cache_k.shape)}, {tuple(cache_v.shape)}, {tuple(cache_pos.shape)}")
+    shapes = [t.shape for t in index.values()]
+    if any(x != shapes[0] for x in shapes) or len(shapes[0]) != 1:
+        raise ValueError(f"{', '.join(index)} must be (M,), got {', '.join(str(tuple(x)) for x in shapes)}")
+
+
 def _check(host_k, host_v, host_pos, src_row, src_len, cache_k, cache_v, cache_pos, dst_row) -> None:
     if (host_k is None) != (cache_k is None):
         raise ValueError("host_k and cache_k must both be given, or both be None (values only)")
@@ -48,16 +58,38 @@ def _check(host_k, host_v, host_pos, src_row, src_len, cache_k, cache_v, cache_p
     if host_k.dim() != 2 or host_v.shape != host_k.shape or host_pos.shape != host_k.shape[:1]:
         raise ValueError(f"host_k/host_v must be (R, head_dim) and host_pos (R,), got {tuple(host_k.shape)}, "
                          f"{tuple(host_v.shape)}, {tuple(host_pos.shape)}")
-    if cache_k.dim() != 3 or cache_v.shape != cache_k.shape or cache_pos.shape != cache_k.shape[:2]:
-        raise ValueError(f"cache_k/cache_v must be (C, L, head_dim) and cache_pos (C, L), got "
-                         f"{tuple(cache_k.shape)}, {tuple(cache_v.shape)}, {tuple(cache_pos.shape)}")
+    _check_entries(cache_k, cache_v, cache_pos, src_row=src_row, src_len=src_len, dst_row=dst_row)
     if cache_k.shape[2] != host_k.shape[1]:
         raise ValueError(f"head_dim differs: host {host_k.shape[1]}, cache {cache_k.shape[2]}")
-    if not (src_row.shape == src_len.shape == dst_row.shape) or src_row.dim() != 1:
-        raise ValueError(f"src_row, src_len, dst_row must be (M,), got {tuple(src_row.shape)}, "
-                         f"{tuple(src_len.shape)}, {tuple(dst_row.shape)}")
     if host_pos.dtype != torch.int32 or cache_pos.dtype != torch.int32:
         raise TypeError("host_pos and cache_pos must be int32")
+
+
+def _rows_ref(src_row: torch.Tensor, src_len: torch.Tensor, L: int):
+    """The references' plan (host sync): ``None`` when every entry is skipped, else ``(keep, ok,
+    rows)``: the entries copied, which of each one's ``L`` token rows are real ``(m, L)``, and the
+    host row of each (row 0 past a chunk's length, masked by ``ok``) ``(m * L,)``."""
+    keep = (src_len >= 0).nonzero().squeeze(1)
+    if keep.numel() == 0:
+        return None
+    start, ln = src_row[keep].cpu(), src_len[keep].cpu().long()
+    if int(ln.max()) > L:
+        raise ValueError(f"a chunk is longer than the cache row ({int(ln.max())} > {L})")
+    ar = torch.arange(L)
+    ok = ar < ln[:, None]
+    return keep, ok, torch.where(ok, start[:, None] + ar, 0).reshape(-1)
+
+
+def _write_rows(cache_k, cache_v, cache_pos, dst: torch.Tensor, k, v, p) -> None:
+    """Rows ``k, v (m * L, head_dim)`` (``k`` None: values only) and ``p (m * L,)`` into the cache
+    rows ``dst (m,)``."""
+    L, d = cache_v.shape[1], cache_v.shape[2]
+    dev = cache_v.device
+    dst = dst.to(dev)
+    if k is not None:
+        cache_k.view(-1, L * d).index_copy_(0, dst, k.view(-1, L * d).to(dev, cache_k.dtype))
+    cache_v.view(-1, L * d).index_copy_(0, dst, v.view(-1, L * d).to(dev, cache_v.dtype))
+    cache_pos.index_copy_(0, dst, p.view(-1, L).to(dev))
 
 
 def copy_chunks_ref(host_k: torch.Tensor | None, host_v: torch.Tensor, host_pos: torch.Tensor, src_row: torch.Tensor,
@@ -65,25 +97,30 @@ def copy_chunks_ref(host_k: torch.Tensor | None, host_v: torch.Tensor, host_pos:
                     dst_row: torch.Tensor) -> None:
     """Reference (PyTorch; host sync): writes the cache rows in place, returns nothing."""
     _check(host_k, host_v, host_pos, src_row, src_len, cache_k, cache_v, cache_pos, dst_row)
-    L, d = cache_v.shape[1], cache_v.shape[2]
-    keep = (src_len >= 0).nonzero().squeeze(1)
-    if keep.numel() == 0:
+    plan = _rows_ref(src_row, src_len, cache_v.shape[1])
+    if plan is None:
         return
-    start, ln, dst = src_row[keep].cpu(), src_len[keep].cpu().long(), dst_row[keep].to(cache_v.device)
-    if int(ln.max()) > L:
-        raise ValueError(f"a chunk is longer than the cache row ({int(ln.max())} > {L})")
-    ar = torch.arange(L)
-    ok = ar < ln[:, None]                                                    # (m, L)
-    rows = torch.where(ok, start[:, None] + ar, 0).reshape(-1)
+    keep, ok, rows = plan
     okf = ok.reshape(-1, 1)
-    v = torch.where(okf, host_v.index_select(0, rows), 0).to(cache_v.dtype)
-    p = torch.where(ok.reshape(-1), host_pos.index_select(0, rows), -1)
-    dev = cache_v.device
-    if host_k is not None:
-        k = torch.where(okf, host_k.index_select(0, rows), 0).to(cache_k.dtype)
-        cache_k.view(-1, L * d).index_copy_(0, dst, k.view(-1, L * d).to(dev))
-    cache_v.view(-1, L * d).index_copy_(0, dst, v.view(-1, L * d).to(dev))
-    cache_pos.index_copy_(0, dst, p.view(-1, L).to(dev))
+    k = None if host_k is None else torch.where(okf, host_k.index_select(0, rows), 0)
+    v = torch.where(okf, host_v.index_select(0, rows), 0)
+    _write_rows(cache_k, cache_v, cache_pos, dst_row[keep], k, v,
+                torch.where(ok.reshape(-1), host_pos.index_select(0, rows), -1))
+
+
+def dequantize_chunk_rows(k_codes: torch.Tensor, v_codes: torch.Tensor, v_sz: torch.Tensor, k_sz: torch.Tensor,
+                          bits: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of a quantized chunk store in fp32: ``k_codes, v_codes (m, head_dim * bits / 8)``
+    uint8, ``v_sz (m, 2, groups)`` each row's value scales and zero points, ``k_sz (m / L, 2,
+    head_dim)`` each chunk's (of ``L`` rows) key scales and zero points -> ``k, v (m, head_dim)`` as
+    ``code * scale + zero`` (a multiply, then an add: the kernel's order). The host path
+    (``ChunkStore``) and :func:`copy_chunks_dequant_ref` both decode through it."""
+    from kvsift.cache.quant import unpack
+
+    d = k_sz.shape[-1]
+    k = unpack(k_codes, bits).float().view(-1, L, d) * k_sz[:, None, 0].float() + k_sz[:, None, 1].float()
+    vs = v_sz.float().repeat_interleave(d // v_sz.shape[-1], -1)                  # (m, 2, d)
+    return k.view(-1, d), unpack(v_codes, bits).float() * vs[:, 0] + vs[:, 1]
 
 
 def _check_quant(host_kc, host_vc, host_s, host_pos, src_row, src_len, key_row, key_sz, cache_k, cache_v, cache_pos,
@@ -91,9 +128,7 @@ def _check_quant(host_kc, host_vc, host_s, host_pos, src_row, src_len, key_row, 
     """Validate a quantized copy's arguments; returns the value channel group."""
     if bits not in (2, 4):
         raise ValueError(f"bits must be 4 or 2, got {bits!r}")
-    if cache_k.dim() != 3 or cache_v.shape != cache_k.shape or cache_pos.shape != cache_k.shape[:2]:
-        raise ValueError(f"cache_k/cache_v must be (C, L, head_dim) and cache_pos (C, L), got "
-                         f"{tuple(cache_k.shape)}, {tuple(cache_v.shape)}, {tuple(cache_pos.shape)}")
+    _check_entries(cache_k, cache_v, cache_pos, src_row=src_row, src_len=src_len, key_row=key_row, dst_row=dst_row)
     d = cache_k.shape[2]
     if host_kc.dim() != 2 or host_kc.shape[1] * 8 != d * bits or host_vc.shape != host_kc.shape \
             or host_kc.dtype != torch.uint8 or host_vc.dtype != torch.uint8:
@@ -106,9 +141,6 @@ def _check_quant(host_kc, host_vc, host_s, host_pos, src_row, src_len, key_row, 
         raise TypeError("host_pos must be (R,) int32 and cache_pos int32")
     if key_sz.dim() != 3 or key_sz.shape[1:] != (2, d):
         raise ValueError(f"key_sz must be (K, 2, {d}), got {tuple(key_sz.shape)}")
-    if not (src_row.shape == src_len.shape == dst_row.shape == key_row.shape) or src_row.dim() != 1:
-        raise ValueError(f"src_row, src_len, key_row, dst_row must be (M,), got {tuple(src_row.shape)}, "
-                         f"{tuple(src_len.shape)}, {tuple(key_row.shape)}, {tuple(dst_row.shape)}")
     return d // (host_s.shape[1] // 2)
 
 
@@ -117,36 +149,23 @@ def copy_chunks_dequant_ref(host_kc: torch.Tensor, host_vc: torch.Tensor, host_s
                             cache_k: torch.Tensor, cache_v: torch.Tensor, cache_pos: torch.Tensor, dst_row: torch.Tensor,
                             bits: int) -> None:
     """Reference (PyTorch; host sync): gathers the codes on the host, dequantizes on the cache's
-    device, writes the cache rows in place; returns nothing."""
-    from kvsift.cache.quant import unpack
-
+    device (:func:`dequantize_chunk_rows`), writes the cache rows in place; returns nothing."""
     vg = _check_quant(host_kc, host_vc, host_s, host_pos, src_row, src_len, key_row, key_sz, cache_k, cache_v,
                       cache_pos, dst_row, bits)
     L, d = cache_v.shape[1], cache_v.shape[2]
-    keep = (src_len >= 0).nonzero().squeeze(1)
-    if keep.numel() == 0:
+    plan = _rows_ref(src_row, src_len, L)
+    if plan is None:
         return
-    start, ln = src_row[keep].cpu(), src_len[keep].cpu().long()
-    if int(ln.max()) > L:
-        raise ValueError(f"a chunk is longer than the cache row ({int(ln.max())} > {L})")
+    keep, ok, rows = plan
     dev = cache_v.device
-    ar = torch.arange(L)
-    ok = ar < ln[:, None]                                                    # (m, L)
-    rows = torch.where(ok, start[:, None] + ar, 0).reshape(-1)
     okd = ok.reshape(-1, 1).to(dev)
-    sz = key_sz[key_row[keep].to(key_sz.device)].to(dev).float()             # (m, 2, d)
     # past a chunk's length: codes and value scales 0 (keys = the chunk's zero points, values 0)
-    kc = torch.where(okd, unpack(host_kc.index_select(0, rows).to(dev), bits), 0)
-    vc = torch.where(okd, unpack(host_vc.index_select(0, rows).to(dev), bits), 0)
-    vs = torch.where(okd, host_s.index_select(0, rows).to(dev).float(), 0.0)
-    vs = vs.view(-1, 2, d // vg).repeat_interleave(vg, -1)
-    k = (kc.float().view(-1, L, d) * sz[:, None, 0] + sz[:, None, 1]).view(-1, d).to(cache_k.dtype)
-    v = (vc.float() * vs[:, 0] + vs[:, 1]).to(cache_v.dtype)
-    p = torch.where(ok.reshape(-1), host_pos.index_select(0, rows), -1)
-    dst = dst_row[keep].to(dev)
-    cache_k.view(-1, L * d).index_copy_(0, dst, k.view(-1, L * d))
-    cache_v.view(-1, L * d).index_copy_(0, dst, v.view(-1, L * d))
-    cache_pos.index_copy_(0, dst, p.view(-1, L).to(dev))
+    kc = torch.where(okd, host_kc.index_select(0, rows).to(dev), 0)
+    vc = torch.where(okd, host_vc.index_select(0, rows).to(dev), 0)
+    vs = torch.where(okd, host_s.index_select(0, rows).to(dev), 0).view(-1, 2, d // vg)
+    k, v = dequantize_chunk_rows(kc, vc, vs, key_sz[key_row[keep].to(key_sz.device)].to(dev), bits, L)
+    _write_rows(cache_k, cache_v, cache_pos, dst_row[keep], k, v,
+                torch.where(ok.reshape(-1), host_pos.index_select(0, rows), -1))
 
 
 if HAS_TRITON:

@@ -189,27 +189,38 @@ def quant_decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: 
 if HAS_TRITON:
 
     @triton.jit
-    def _unpack(b, BITS: tl.constexpr, PER: tl.constexpr, LEVELS: tl.constexpr):
-        """Packed bytes ``(S, D // PER)`` int32 -> codes ``(S, D)`` fp32 (channel ``j*PER + i`` at bit
-        ``i*BITS`` of byte ``j``): the per-bit-slot planes interleaved along the last axis."""
+    def _interleaved(b, BITS: tl.constexpr, PER: tl.constexpr, LEVELS: tl.constexpr):
+        """Packed bytes ``(S, D // PER)`` (int16 or int32) -> integer codes ``(S, D)`` of the same type
+        (channel ``j*PER + i`` at bit ``i*BITS`` of byte ``j``): the per-bit-slot planes interleaved
+        along the last axis."""
         if PER == 2:
             c = tl.interleave(b & LEVELS, (b >> BITS) & LEVELS)
         else:  # PER == 4: [c0, c2] and [c1, c3] interleaved, then the two interleaved
             c = tl.interleave(tl.interleave(b & LEVELS, (b >> (2 * BITS)) & LEVELS),
                               tl.interleave((b >> BITS) & LEVELS, (b >> (3 * BITS)) & LEVELS))
-        return c.to(tl.float32)
+        return c
+
+    @triton.jit
+    def _unpack(b, BITS: tl.constexpr, PER: tl.constexpr, LEVELS: tl.constexpr):
+        """Packed bytes ``(S, D // PER)`` int32 -> codes ``(S, D)`` fp32 (:func:`_interleaved`)."""
+        return _interleaved(b, BITS, PER, LEVELS).to(tl.float32)
 
     @triton.jit
     def _unpack16(b, BITS: tl.constexpr, PER: tl.constexpr, LEVELS: tl.constexpr):
         """:func:`_unpack` to fp16 without an int-to-float conversion (a quarter-rate instruction, and
         the fp32 -> fp16 one after it): a code ``c`` OR-ed into the bits of fp16 1024.0 (``0x6400``)
         is the fp16 ``1024 + c`` exactly, minus 1024 is ``c``. ``b``: packed bytes as int16."""
-        if PER == 2:
-            c = tl.interleave(b & LEVELS, (b >> BITS) & LEVELS)
+        return (_interleaved(b, BITS, PER, LEVELS) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+
+    @triton.jit
+    def _codes(b, BITS: tl.constexpr, PER: tl.constexpr, LEVELS: tl.constexpr, MAGIC: tl.constexpr):
+        """Loaded packed bytes ``(S, D // PER)`` -> exact codes ``(S, D)``: fp16 through
+        :func:`_unpack16` (``MAGIC``), else fp32 through :func:`_unpack`."""
+        if MAGIC:
+            c = _unpack16(b.to(tl.int16), BITS, PER, LEVELS)
         else:
-            c = tl.interleave(tl.interleave(b & LEVELS, (b >> (2 * BITS)) & LEVELS),
-                              tl.interleave((b >> BITS) & LEVELS, (b >> (3 * BITS)) & LEVELS))
-        return (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+            c = _unpack(b.to(tl.int32), BITS, PER, LEVELS)
+        return c
 
     @triton.jit
     def _round_bf16(x):
@@ -285,8 +296,8 @@ if HAS_TRITON:
         dequantizing a tile: the scores are ``(q * k_scale) . codes + q . k_zero`` (one key group's
         scale and zero, ``(D,)`` each) and the output gains ``(p * v_scale) @ codes + sum(p *
         v_zero)``; only the codes are unpacked. Slots of the full-precision window (the tiles that
-        reach it) read ``k_res``/``v_res``. ``MAGIC``: the codes unpacked to fp16 by :func:`_unpack16`
-        (else through fp32, :func:`_unpack`); ``SWAP``: scores as ``codes @ (q * k_scale)^T`` (see
+        reach it) read ``k_res``/``v_res``. ``MAGIC``: the codes unpacked to fp16 (:func:`_codes`);
+        ``SWAP``: scores as ``codes @ (q * k_scale)^T`` (see
         :func:`_split_dot`). Returns ``(m_i, l_i, acc)``."""
         kgi = it // KGROUP
         has_g = kgi * KGROUP < rstart           # the group was quantized (else its row may be garbage)
@@ -296,11 +307,8 @@ if HAS_TRITON:
         # 128), far from fp16's range where it is rounded to fp16 (HALVES == 1)
         qs = qf * (ksr * qk_scale)[None, :]                                  # (G_P, BLOCK_D)
         kb = tl.sum(qf * kzr[None, :], axis=1) * qk_scale                    # (G_P,)
-        kbytes = tl.load(kc_base + slot[:, None] * skc_c + offs_b[None, :], mask=isq[:, None], other=0)
-        if MAGIC:   # (BLOCK_S, BLOCK_D), exact either way
-            kcode = _unpack16(kbytes.to(tl.int16), BITS, PER, LEVELS)
-        else:
-            kcode = _unpack(kbytes.to(tl.int32), BITS, PER, LEVELS)
+        kcode = _codes(tl.load(kc_base + slot[:, None] * skc_c + offs_b[None, :], mask=isq[:, None], other=0),
+                       BITS, PER, LEVELS, MAGIC)                                 # (BLOCK_S, BLOCK_D) exact
         if UPCAST or IEEE:
             qk = tl.dot(qs, tl.trans(kcode.to(tl.float32)), input_precision="ieee")
         else:
@@ -325,11 +333,8 @@ if HAS_TRITON:
         vsc = tl.load(vs_base + slot * svs_c, mask=isq, other=0.0).to(tl.float32)    # (BLOCK_S,)
         vzp = tl.load(vz_base + slot * svs_c, mask=isq, other=0.0).to(tl.float32)
         pq = tl.where(isq[None, :], p, 0.0)
-        vbytes = tl.load(vc_base + slot[:, None] * svc_c + offs_b[None, :], mask=isq[:, None], other=0)
-        if MAGIC:
-            vcode = _unpack16(vbytes.to(tl.int16), BITS, PER, LEVELS)
-        else:
-            vcode = _unpack(vbytes.to(tl.int32), BITS, PER, LEVELS)
+        vcode = _codes(tl.load(vc_base + slot[:, None] * svc_c + offs_b[None, :], mask=isq[:, None], other=0),
+                       BITS, PER, LEVELS, MAGIC)
         pv = pq * vsc[None, :]
         if UPCAST or IEEE:
             o = tl.dot(pv, vcode.to(tl.float32), input_precision="ieee")
@@ -516,8 +521,8 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
     pre = "fold_" if fold else ""
     bs = TUNING[pre + "block_s"]
     L = SplitLaunch.plan(q, hk, s, num_splits, return_lse, block_s=bs if block_d <= 128 else bs // 2,
-                         splits_per_sm=TUNING[pre + "splits_per_sm"], min_blocks=TUNING["fold_min_blocks"] if fold else 1,
-                         floor_per_sm=TUNING["fold_floor_per_sm"])
+                         splits_per_sm=TUNING[pre + "splits_per_sm"],
+                         min_blocks=TUNING["fold_min_blocks"] if fold else 1, floor_per_sm=TUNING["fold_floor_per_sm"])
     sp = key_pos.stride()
     args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start,
             idx, L.out, L.po, L.plse,

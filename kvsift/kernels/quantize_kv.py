@@ -72,6 +72,15 @@ if HAS_TRITON:
         return s, z
 
     @triton.jit
+    def _group_range(x, valid, AXIS: tl.constexpr, LEVELS: tl.constexpr):
+        """fp16 ``(scale, zero)`` of ``x`` (fp32) reduced along ``AXIS`` over the ``valid`` elements
+        (broadcast to ``x``), values clamped to +-60000 first, as :func:`kvsift.cache.quant._params`."""
+        xc = tl.minimum(tl.maximum(x, -60000.0), 60000.0)
+        lo = tl.min(tl.where(valid, xc, float("inf")), axis=AXIS)
+        hi = tl.max(tl.where(valid, xc, float("-inf")), axis=AXIS)
+        return _range(lo, hi, LEVELS)
+
+    @triton.jit
     def _code(x, s, z, LEVELS: tl.constexpr):
         """``round((x - zero) / scale)`` half to even, clamped to the levels (a scale of 0 divides by 1)."""
         sf = s.to(tl.float32)
@@ -106,10 +115,7 @@ if HAS_TRITON:
         ch = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         x = tl.load(k_ptr + b * sk_b + h * sk_h + slot[:, None] * sk_n + ch[None, :]).to(tl.float32)
         valid = tl.load(p_ptr + b * sp_b + h * sp_h + slot * sp_n) >= 0
-        xc = tl.minimum(tl.maximum(x, -60000.0), 60000.0)
-        lo = tl.min(tl.where(valid[:, None], xc, float("inf")), axis=0)
-        hi = tl.max(tl.where(valid[:, None], xc, float("-inf")), axis=0)
-        s, z = _range(lo, hi, LEVELS)
+        s, z = _group_range(x, valid[:, None], 0, LEVELS)                    # per channel, (BLOCK_C,)
         c = _code(x, s[None, :], z[None, :], LEVELS)
         out = ((b * HK + h) * NGRP + grp) * D + ch                           # (row, head, group, channel)
         tl.store(ks_ptr + out, s)
@@ -134,11 +140,9 @@ if HAS_TRITON:
                     other=0.0).to(tl.float32)
         valid = tl.load(p_ptr + b * sp_b + h * sp_h + slot * sp_n, mask=live, other=-1) >= 0
         NG: tl.constexpr = D // VG
-        xc = tl.reshape(tl.minimum(tl.maximum(x, -60000.0), 60000.0), (BLOCK_T, NG, VG))
-        lo = tl.min(tl.where(valid[:, None, None], xc, float("inf")), axis=2)     # (BLOCK_T, NG)
-        hi = tl.max(tl.where(valid[:, None, None], xc, float("-inf")), axis=2)
-        s, z = _range(lo, hi, LEVELS)
-        c = _code(tl.reshape(x, (BLOCK_T, NG, VG)), s[:, :, None], z[:, :, None], LEVELS)
+        x3 = tl.reshape(x, (BLOCK_T, NG, VG))
+        s, z = _group_range(x3, valid[:, None, None], 2, LEVELS)             # per slot and group, (BLOCK_T, NG)
+        c = _code(x3, s[:, :, None], z[:, :, None], LEVELS)
         rows = (b * HK + h) * N + slot
         g = tl.arange(0, NG)
         tl.store(vs_ptr + rows[:, None] * NG + g[None, :], s, mask=live[:, None])

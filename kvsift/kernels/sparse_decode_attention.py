@@ -388,8 +388,8 @@ class SplitLaunch:
             bd = min(self.block_d, 32)   # channels per merge program
             _merge_splits_kernel[(b * hq, triton.cdiv(d, bd))](
                 self.po, self.plse, out, self.lse, self.splits, self.spo_bh, self.spo_s, out.stride(1), D=d,
-                BLOCK_D=bd, NS_P=triton.next_power_of_2(self.splits), CHUNK=min(16, triton.next_power_of_2(self.splits)),
-                WRITE_LSE=self.return_lse, num_warps=2)
+                BLOCK_D=bd, NS_P=triton.next_power_of_2(self.splits),
+                CHUNK=min(16, triton.next_power_of_2(self.splits)), WRITE_LSE=self.return_lse, num_warps=2)
         return (out, self.lse) if self.return_lse else out
 
 

@@ -57,7 +57,7 @@ from typing import Any
 import torch
 
 from kvsift.cache.host import capturing, pinned_empty
-from kvsift.cache.quant import SCALE_DTYPE, coded_token_bytes, codes_of, quantize_values, range_params, unpack
+from kvsift.cache.quant import SCALE_DTYPE, coded_token_bytes, codes_of, quantize_values, range_params
 from kvsift.kernels import chunk_fetch as _cf
 from kvsift.kernels._triton import HAS_TRITON, triton_disabled
 
@@ -555,13 +555,9 @@ class ChunkStore:
         if not self.bits:
             return got.get("k"), got["v"], got["p"]
         bh, chunk = chunks
-        L, d, m = self.L, self.d, got["p"].shape[0]
-        n = max(self.n, 1)
-        sz = self.ksz.view(-1, n, 2, d)[bh, chunk.clamp(min=0)].float()              # (m // L, 2, d)
-        k = unpack(got["k"], self.bits).float().view(-1, L, d) * sz[:, None, 0] + sz[:, None, 1]
-        vs = got["s"].float().repeat_interleave(self.vg, -1)                          # (m, 2, d)
-        v = unpack(got["v"], self.bits).float() * vs[:, 0] + vs[:, 1]
-        return k.view(m, d).to(self.dtype), v.to(self.dtype), got["p"]
+        sz = self.ksz.view(-1, max(self.n, 1), 2, self.d)[bh, chunk.clamp(min=0)]      # (m // L, 2, d)
+        k, v = _cf.dequantize_chunk_rows(got["k"], got["v"], got["s"], sz, self.bits, self.L)
+        return k.to(self.dtype), v.to(self.dtype), got["p"]
 
     def _host_copy(self, rows_cpu: torch.Tensor) -> dict[str, torch.Tensor]:
         """CUDA: the host rows through double-buffered pinned staging, copied on a side stream."""
