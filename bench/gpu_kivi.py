@@ -37,11 +37,14 @@ VARIANTS = [dict(fold=False),
             dict(fold_block_s=32, fold_num_warps=2, fold_splits_per_sm=16),
             dict(fold_block_s=128, fold_num_warps=4, fold_splits_per_sm=8),
             # two bf16 halves per folded dot instead of one fp16 dot; codes unpacked through fp32 (not
-            # straight to fp16); the code tile as the score dot's left operand; no minimum split (the
-            # plan before: 16 programs per SM whatever the split's length), and 8 per SM
-            dict(fold_halves=2), dict(fold_magic=False), dict(fold_swap=True), dict(fold_min_blocks=1),
+            # straight to fp16); no minimum split (the plan before: 16 programs per SM whatever the
+            # split's length), and 8 per SM
+            dict(fold_halves=2), dict(fold_magic=False), dict(fold_min_blocks=1),
             dict(fold_splits_per_sm=8, fold_min_blocks=1),
-            dict(fold_block_s=128, fold_num_warps=4, fold_splits_per_sm=4)]
+            dict(fold_block_s=128, fold_num_warps=4, fold_splits_per_sm=4),
+            # the loop's software pipeline: codes straight to registers (1: no shared-memory staging,
+            # whose int8 tiles the score dot then reads byte by byte) or three stages
+            dict(num_stages=1), dict(num_stages=3), dict(num_stages=1, fold_num_warps=4)]
 
 
 def bench(batch: int, n: int, bits: int, reps: int) -> dict:

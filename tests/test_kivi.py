@@ -282,9 +282,8 @@ def test_cuda_kernel_matches_reference(bits, dtype, d, table):
 
 
 @cuda_triton
-@pytest.mark.parametrize("variant", [dict(fold_halves=2), dict(fold_halves=1), dict(fold_magic=False),
-                                     dict(fold_swap=True), dict(fold_swap=True, fold_halves=2)],
-                         ids=["halves", "fp16", "unpack-fp32", "swap", "swap-halves"])
+@pytest.mark.parametrize("variant", [dict(fold_halves=2), dict(fold_halves=1), dict(fold_magic=False)],
+                         ids=["halves", "fp16", "unpack-fp32"])
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_folded_kernel_variants_match_reference(variant, bits, dtype, monkeypatch):
@@ -857,27 +856,27 @@ from kvsift.kernels.quant_decode_attention import _split_dot
 
 @triton.jit
 def _probe(a_ptr, c_ptr, o_ptr, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr, HALVES: tl.constexpr,
-           TRANS: tl.constexpr, SWAP: tl.constexpr):
+           TRANS: tl.constexpr):
     m, k, n = tl.arange(0, M), tl.arange(0, K), tl.arange(0, N)
     a = tl.load(a_ptr + m[:, None] * K + k[None, :])
     if TRANS:
         c = tl.load(c_ptr + n[:, None] * K + k[None, :])
     else:
         c = tl.load(c_ptr + k[:, None] * N + n[None, :])
-    r = _split_dot(a, c, tl.float16, HALVES, TRANS, SWAP)
+    r = _split_dot(a, c, tl.float16, HALVES, TRANS)
     tl.store(o_ptr + m[:, None] * N + n[None, :], r)
 
 
 g = torch.Generator().manual_seed(0)
 M, K, N = 16, 32, 64
-for halves, trans, swap in itertools.product((1, 2), (False, True), (False, True)):
+for halves, trans in itertools.product((1, 2), (False, True)):
     a = torch.randn(M, K, generator=g)
     c = torch.randint(0, 16, (N, K) if trans else (K, N), generator=g).float()
     o = torch.empty(M, N)
-    _probe[(1,)](a, c, o, M=M, K=K, N=N, HALVES=halves, TRANS=trans, SWAP=swap)
+    _probe[(1,)](a, c, o, M=M, K=K, N=N, HALVES=halves, TRANS=trans)
     want = a @ (c.T if trans else c)
     err = float((o - want).abs().max() / want.abs().max())
-    assert err < (1e-3 if halves == 1 else 1e-5), (halves, trans, swap, err)   # one fp16 rounding; two halves
+    assert err < (1e-3 if halves == 1 else 1e-5), (halves, trans, err)   # one fp16 rounding; two halves
 print("INTERP_OK")
 """
 
@@ -885,7 +884,7 @@ print("INTERP_OK")
 def test_folded_dot_helper_in_interpreter():
     """``_split_dot``, the folded path's dot (only compiled on a GPU: the interpreter runs the fp32
     path), probed alone: one fp16 dot, two halves (fp16 here: the interpreter's bf16 dot is not
-    faithful), codes transposed or not, the code tile as the left operand (``SWAP``)."""
+    faithful), codes transposed or not."""
     run_in_triton_interpreter(_SPLIT_DOT_SCRIPT, timeout=300)
 
 

@@ -114,7 +114,9 @@ def range_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.T
     hi = hi.masked_fill(empty, 0.0).clamp(-_FP16_MAX, _FP16_MAX)
     z = lo.to(SCALE_DTYPE)
     z = torch.where(z.float() > lo, torch.nextafter(z, torch.full_like(z, float("-inf"))), z)
-    want = (hi - z.float()) / levels
+    # a tensor divisor: CUDA divides by a Python scalar as a multiply by its rounded reciprocal, which
+    # is not IEEE division (and not the quantize kernel's ``div_rn``) for levels 3 and 15
+    want = (hi - z.float()) / torch.full_like(hi, levels)
     s = want.to(SCALE_DTYPE)
     s = torch.where(s.float() < want, torch.nextafter(s, torch.full_like(s, float("inf"))), s)
     return s, z

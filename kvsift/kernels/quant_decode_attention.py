@@ -57,15 +57,16 @@ from kvsift.kernels.sparse_decode_attention import _LOG2E, SplitLaunch, _check_c
 # fp16 dot (bench/results/gpu_kivi_halves_h200.json), and were removed. ``fold_magic``: the folded
 # path unpacks codes straight to fp16 (``_unpack16``: OR into 1024.0's bits, minus 1024; no
 # int-to-float conversion, a quarter-rate instruction, nor the fp32 -> fp16 one after it); not yet
-# timed on a GPU (False: through fp32, as before). ``fold_swap``: the score dot with the code tile
-# as its left operand (no transpose of the tile), for the sweep; not yet timed. ``fold_min_blocks``:
+# timed on a GPU (False: through fp32, as before). A variant with the code tile as the score dot's
+# left operand (no transpose of the tile) did not compile with Triton 3.6 on the H200 and was
+# removed. ``fold_min_blocks``:
 # splits of at least 32 blocks unless that leaves fewer than ``fold_floor_per_sm`` (4) programs per
 # SM: the sweep's best at batch 1 was 4 programs per SM (0.219 ms, 64 splits of 32 blocks) and at
 # batch 8 16 per SM (1.60 ms, 33 splits of 63 blocks), the plans this makes at both
 # (gpu_kivi_merge_h200.json); not yet run as the default.
 TUNING = {"block_s": 32, "num_warps": 4, "num_stages": 2, "splits_per_sm": 2,
           "fold": True, "fold_block_s": 64, "fold_num_warps": 2, "fold_splits_per_sm": 16, "fold_halves": 1,
-          "fold_magic": True, "fold_swap": False, "fold_min_blocks": 32, "fold_floor_per_sm": 4}
+          "fold_magic": True, "fold_min_blocks": 32, "fold_floor_per_sm": 4}
 
 
 def _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start, key_pos, query_pos,
@@ -255,16 +256,13 @@ if HAS_TRITON:
         return slot, valid, isq, isr
 
     @triton.jit
-    def _split_dot(a, codes, DT: tl.constexpr, HALVES: tl.constexpr, TRANS: tl.constexpr = False,
-                   SWAP: tl.constexpr = False):
+    def _split_dot(a, codes, DT: tl.constexpr, HALVES: tl.constexpr, TRANS: tl.constexpr = False):
         """``a (M, K) fp32 @ codes (K, N)`` (small integers, exact in 16 bits) on the tensor cores with
         fp32 accumulation. The scaled operand ``a`` cancels against a zero-point term afterwards, so
         its rounding matters more than a rounding of dequantized KV does: ``HALVES == 2`` splits it
         into two ``DT`` halves (hi + lo, two dots, about 16 bits of mantissa); ``HALVES == 1`` rounds
         it once to fp16 (11 bits of mantissa, one dot; codes are exact in fp16 too). ``TRANS``: the
-        codes are ``(N, K)``, transposed after their conversion; with ``SWAP`` they are not: the dot
-        is ``codes @ a^T`` (the large code tile the left operand, as it lies), its small result
-        transposed."""
+        codes are ``(N, K)``, transposed after their conversion."""
         if HALVES == 2:
             c = codes.to(DT)
             hi = a.to(DT)
@@ -272,11 +270,6 @@ if HAS_TRITON:
         else:
             c = codes.to(tl.float16)
             hi = a.to(tl.float16)
-        if SWAP and TRANS:
-            r = tl.dot(c, tl.trans(hi))
-            if HALVES == 2:
-                r += tl.dot(c, tl.trans(lo))
-            return tl.trans(r)
         if TRANS:
             c = tl.trans(c)
         r = tl.dot(hi, c)
@@ -289,16 +282,14 @@ if HAS_TRITON:
                     kc_base, skc_c, ks_base, kz_base, sks_g, vc_base, svc_c, vs_base, vz_base, svs_c,
                     rk_base, srk_c, rv_base, srv_c, offs_b, offs_d, mask_d,
                     BITS: tl.constexpr, PER: tl.constexpr, LEVELS: tl.constexpr, KGROUP: tl.constexpr,
-                    UPCAST: tl.constexpr, IEEE: tl.constexpr, HALVES: tl.constexpr, MAGIC: tl.constexpr,
-                    SWAP: tl.constexpr):
+                    UPCAST: tl.constexpr, IEEE: tl.constexpr, HALVES: tl.constexpr, MAGIC: tl.constexpr):
         """One block of ``BLOCK_S`` consecutive slots that share a key group (every slot, blocks
         aligned to the group), one value scale per slot, folded into the online softmax without
         dequantizing a tile: the scores are ``(q * k_scale) . codes + q . k_zero`` (one key group's
         scale and zero, ``(D,)`` each) and the output gains ``(p * v_scale) @ codes + sum(p *
         v_zero)``; only the codes are unpacked. Slots of the full-precision window (the tiles that
-        reach it) read ``k_res``/``v_res``. ``MAGIC``: the codes unpacked to fp16 (:func:`_codes`);
-        ``SWAP``: scores as ``codes @ (q * k_scale)^T`` (see
-        :func:`_split_dot`). Returns ``(m_i, l_i, acc)``."""
+        reach it) read ``k_res``/``v_res``. ``MAGIC``: the codes unpacked to fp16 (:func:`_codes`).
+        Returns ``(m_i, l_i, acc)``."""
         kgi = it // KGROUP
         has_g = kgi * KGROUP < rstart           # the group was quantized (else its row may be garbage)
         ksr = tl.where(has_g, tl.load(ks_base + kgi * sks_g + offs_d, mask=mask_d, other=0.0).to(tl.float32), 0.0)
@@ -312,7 +303,7 @@ if HAS_TRITON:
         if UPCAST or IEEE:
             qk = tl.dot(qs, tl.trans(kcode.to(tl.float32)), input_precision="ieee")
         else:
-            qk = _split_dot(qs, kcode, q.dtype, HALVES, True, SWAP)
+            qk = _split_dot(qs, kcode, q.dtype, HALVES, True)
         qk = qk + kb[:, None]
         any_r = tl.sum(isr.to(tl.int32), axis=0) > 0
         if any_r:
@@ -375,7 +366,7 @@ if HAS_TRITON:
                                    DIRECT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                                    ALL: tl.constexpr, HAS_CNT: tl.constexpr, FAST: tl.constexpr,
                                    NVG: tl.constexpr, ROUND_BF16: tl.constexpr, FOLD: tl.constexpr,
-                                   HALVES: tl.constexpr, MAGIC: tl.constexpr, SWAP: tl.constexpr):
+                                   HALVES: tl.constexpr, MAGIC: tl.constexpr):
         # one program: (batch, kv_head) x one split of the slot table; slot s < res_start is
         # dequantized from its codes (code * scale + zero), a later slot read from the window
         pid_bh = tl.program_id(0)
@@ -423,8 +414,7 @@ if HAS_TRITON:
                 m_i, l_i, acc = _fold_block(qf, q, m_i, l_i, acc, it, slot, valid, isq, isr, rstart, qk_scale,
                                             kc_base, skc_c, ks_base, kz_base, sks_g, vc_base, svc_c, vs_base,
                                             vz_base, svs_c, rk_base, srk_c, rv_base, srv_c, offs_b, offs_d,
-                                            mask_d, BITS, PER, LEVELS, KGROUP, UPCAST, IEEE, HALVES, MAGIC,
-                                            SWAP)
+                                            mask_d, BITS, PER, LEVELS, KGROUP, UPCAST, IEEE, HALVES, MAGIC)
             else:
                 mq = isq[:, None] & mask_d[None, :]
                 if FAST:
@@ -544,6 +534,6 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
         LEVELS=(1 << bits) - 1, KGROUP=group, VGROUP=d // v_scale.shape[3], DIRECT=L.direct, IEEE=L.ieee,
         UPCAST=L.upcast, ALL=slot_idx is None, HAS_CNT=slot_count is not None, FAST=fast,
         NVG=v_scale.shape[3] if fast else 1, ROUND_BF16=L.upcast and k_res.dtype == torch.bfloat16, FOLD=fold,
-        HALVES=TUNING["fold_halves"], MAGIC=TUNING["fold_magic"], SWAP=TUNING["fold_swap"],
+        HALVES=TUNING["fold_halves"], MAGIC=TUNING["fold_magic"],
         num_warps=TUNING[pre + "num_warps"], num_stages=TUNING["num_stages"])
     return L.finish()
