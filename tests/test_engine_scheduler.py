@@ -370,7 +370,7 @@ def test_no_join_where_it_would_not_be_exact(tiny_llm, default_tokenizer):
 
     ids = [random_prompt(40, seed=94)]
     p = SamplingParams(max_tokens=4, ignore_eos=True)
-    for spec in ("kivi", "snapkv+kivi", "decoding(snapkv)", "sentencekv+kivi",
+    for spec in ("kivi", "snapkv+kivi", "sentencekv+kivi",
                  "chunked(tova)"):   # windows by slot, or the KV stored in another form
         assert not tiny_llm.joins_running(tiny_llm.request(ids, p, method=spec, budget=16)), spec
     held = tiny_llm.request(ids, p, method="sentencekv", budget=16, method_kwargs={"reselect_every": 2})

@@ -503,3 +503,22 @@ def test_tova_requests_of_one_token_budget_join_over_http(make_client, tiny_llm,
         ra, rb, rc = (f.result() for f in futs)
     assert [r.json()["choices"][0]["text"] for r in (ra, rb, rc)] == [w.text for w in want]
     assert sched.joined == 1 and batches.groups == [[[p_a]], [[p_c]]]
+
+
+def test_decoding_requests_join_over_http_and_compress_as_alone(make_client, tiny_llm, batches):
+    """decoding(snapkv) joins a running batch over HTTP (another prompt length, the same budget):
+    the joined row compresses at its own interval, over its own tokens, so both answers equal
+    alone; a request of another budget waits for the next batch."""
+    c = make_client(max_batch=4)
+    sched = c.app.state.kvsift.scheduler
+    opts = {"interval": 3, "query_window": 16}
+    p_a, p_b, p_c = (random_prompt(n, seed=950 + n) for n in (90, 50, 70))
+    want = [alone(tiny_llm, p, n, method="decoding", budget=b, method_kwargs=opts)
+            for p, n, b in ((p_a, 20, 24), (p_b, 9, 24), (p_c, 5, 32))]
+    kw = {"kv_method": "decoding", "kv_options": opts}
+    bodies = [completion(p_b, 9, kv_budget=24, **kw), completion(p_c, 5, kv_budget=32, **kw)]
+    with ThreadPoolExecutor(3) as pool:
+        futs = behind_a_paused_batch(c, batches, pool, completion(p_a, 20, kv_budget=24, **kw), bodies)
+        ra, rb, rc = (f.result() for f in futs)
+    assert [r.json()["choices"][0]["text"] for r in (ra, rb, rc)] == [w.text for w in want]
+    assert sched.joined == 1 and batches.groups == [[[p_a]], [[p_c]]]

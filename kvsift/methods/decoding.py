@@ -7,6 +7,14 @@ then, every ``interval`` decode steps, scores the layer's KV again with the wrap
 KV head: the cache never holds more than ``budget + interval`` tokens per head, however long the
 answer. Every compression really frees bytes (the buffers are reallocated at the kept size plus the
 decode reserve). Decode steps change shapes, so decode runs eagerly (no CUDA graph).
+
+Requests join a running batch (continuous batching) and compress as they would alone: each row
+counts its own decode steps (a row that joined later compresses at its own ``interval``), and a
+batch that rows joined scores each row over its own tokens in their order, its holes (the padding
+that stacking puts between a row's prompt and the common decode slots) moved ahead of them
+(:meth:`DecodingCompress._compress_rows`), so the window's queries, the pooling and the kept
+window see each row's layout alone. Rows joining must hold a whole query window (prompts of at
+least ``query_window`` tokens) and share the resolved budgets (:meth:`DecodingCompress.join_token`).
 """
 
 from __future__ import annotations
@@ -20,12 +28,23 @@ from kvsift.methods.base import EvictionMethod, LayerState, ScorerWrapper, keep_
 
 @dataclass
 class QueryWindow(LayerState):
-    """The last queries of a layer, ``(batch, q_heads, <= query_window, head_dim)`` (post-RoPE)."""
+    """The last queries of a layer, ``(batch, q_heads, <= query_window, head_dim)`` (post-RoPE).
+
+    ``decoded``: decode steps so far while every row is at the batch's step; ``steps``: each row's
+    own, once rows joined a running batch (None before), whose rows sit with padding between their
+    own tokens and the common decode slots (compressions then score each row's tokens in order)."""
 
     queries: torch.Tensor
+    decoded: int = 0
+    steps: tuple[int, ...] | None = None
 
     def push(self, query: torch.Tensor, keep: int) -> None:
         self.queries = torch.cat([self.queries, query], dim=2)[:, :, -keep:]
+
+    def repeat_batch(self, times: int) -> None:
+        super().repeat_batch(times)
+        if self.steps is not None:
+            self.steps = tuple(s for s in self.steps for _ in range(times))
 
 
 @register("decoding")
@@ -78,8 +97,36 @@ class DecodingCompress(ScorerWrapper):
         if self.prefill:
             super().prefill_end(run, layer, query, module, ctx)
 
+    def min_last_chunk(self) -> int:
+        # the prefill's last chunk holds a whole query window (when the prompt does)
+        return max(self.inner.min_last_chunk(), self.query_window)
+
     def joins_rows(self) -> bool:
-        return False  # re-applies its scorer while decoding
+        """Rows stacked into a running batch compress as alone: each counts its own steps and is
+        scored over its own tokens in order (:meth:`restack_state`, :meth:`_compress_rows`)."""
+        return True
+
+    def join_token(self, run):
+        """The resolved budget of every layer (rows of one batch compress to the same sizes), for
+        prompts that fill the query window; a shorter prompt's window is shorter than the others',
+        so its request joins none (a token of its own)."""
+        if run.prompt_len < self.query_window:
+            return ("short window", id(run))
+        return tuple(self.layer_budget(run, i) for i in range(run.num_layers))
+
+    def preemptible(self) -> bool:
+        return False  # the query windows are per-row state that a swap to the host does not carry
+
+    def restack_state(self, layer, sources) -> None:
+        """The new batch's rows are ``sources``' rows in order: their query windows (each whole, see
+        :meth:`join_token`) and decode steps so far (a row that just joined: 0)."""
+        wins = [(src.state.get(self.name), row) for src, row in sources]
+        if any(w is None for w, _ in wins):
+            raise RuntimeError("decoding(...): a row joined without its query window")
+        if len({w.queries.shape[2] for w, _ in wins}) != 1:
+            raise RuntimeError("decoding(...): rows with query windows of different lengths cannot be stacked")
+        steps = tuple(w.steps[r] if w.steps is not None else w.decoded for w, r in wins)
+        layer.state[self.name] = QueryWindow(torch.cat([w.queries[r:r + 1] for w, r in wins]), steps=steps)
 
     def after_attend(self, run, layer, query, module, ctx) -> None:
         if not ctx.decoding:
@@ -87,6 +134,48 @@ class DecodingCompress(ScorerWrapper):
         win = layer.state[self.name]
         win.push(query, self.query_window)
         k = self.layer_budget(run, layer.layer_idx)
-        if (ctx.step + 1) % self.interval == 0 and layer.length > k:
-            scores = self.inner.score(win.queries, layer.keys, layer.values, layer.positions, module, layer.layer_idx)
-            keep_top(layer, scores, k)
+        if win.steps is None:   # every row at the batch's step
+            win.decoded = ctx.step + 1
+            if (ctx.step + 1) % self.interval == 0 and layer.length > k:
+                scores = self.inner.score(win.queries, layer.keys, layer.values, layer.positions, module,
+                                          layer.layer_idx)
+                keep_top(layer, scores, k)
+            return
+        due = [(s + 1) % self.interval == 0 for s in win.steps]
+        win.steps = tuple(s + 1 for s in win.steps)
+        if any(due):
+            self._compress_rows(layer, win, torch.tensor(due, device=layer.positions.device), k, module)
+
+    def _compress_rows(self, layer, win: QueryWindow, due: torch.Tensor, k: int, module) -> None:
+        """Compress the rows ``due (batch,)`` bool holding more than ``k`` tokens on a head to their
+        best ``k`` per KV head; the other rows keep every token. Each row is scored over its own
+        tokens in slot order, right-aligned (its holes first), as :meth:`after_attend` scores a row
+        alone (whose newest tokens are the layer's last slots); kept slots stay in their order."""
+        pos = layer.positions                                                 # (b, h, n)
+        b, h, n = pos.shape
+        valid = pos >= 0
+        counts = valid.sum(-1)                                                # (b, h)
+        cut = due & (counts.amax(-1) > k)                                     # (b,) rows that compress
+        if not bool(cut.any()):
+            return
+        ar = torch.arange(n, device=pos.device)
+        order = torch.argsort(torch.where(valid, ar + n, ar), dim=-1)         # holes first, then tokens in order
+        gi = order[..., None].expand(b, h, n, layer.keys.shape[-1])
+        cpos = pos.gather(2, order)
+        scores = self.inner.score(win.queries, layer.keys.gather(2, gi), layer.values.gather(2, gi), cpos, module,
+                                  layer.layer_idx).float().masked_fill(cpos < 0, float("-inf"))
+        top = scores.topk(min(k, n), dim=-1)
+        best = torch.where(top.values > float("-inf"), order.gather(2, top.indices), n)   # slots (n: none)
+        alln = torch.where(valid, ar, n)                                      # every token's slot
+        width = max(min(k, n), int(counts[~cut].max()) if bool((~cut).any()) else 0)
+        pick = torch.where(cut[:, None, None], _fit(best, width, n), _fit(alln, width, n)).sort(dim=-1).values
+        layer.keep(torch.where(pick >= n, -1, pick))
+
+
+
+def _fit(idx: torch.Tensor, width: int, none: int) -> torch.Tensor:
+    """``idx (b, h, m)`` cut or padded (with ``none``) to ``width`` along the last axis, smallest first."""
+    idx = idx.sort(dim=-1).values[..., :width]
+    if idx.shape[-1] < width:
+        idx = torch.cat([idx, idx.new_full((*idx.shape[:2], width - idx.shape[-1]), none)], dim=-1)
+    return idx
