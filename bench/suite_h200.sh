@@ -19,6 +19,7 @@
 # Needs the model's pieces under /root/m (../shared/tools/stage_model.py NAME, cut to pieces that fit
 # beside the tree, one device call each) and carries .stage/whl (gguf) and .whl (pysbd).
 set -u
+T_START=$(date +%s)   # KILL_AFTER counts from here: joining and converting the GGUF (~75 s on a fresh machine) included
 DEST=${OUT:-bench/out}; RES=${RES:-/root/suite}; rm -rf "$RES"; mkdir -p "$RES" "$DEST"   # nothing left from an earlier call
 NAME=${NAME:-qwen2.5-coder-1.5b}
 M=/root/m/$NAME.gguf
@@ -51,8 +52,10 @@ GROUPS_=${METHOD_GROUPS:-$(python3 bench/suite_groups.py --rows "$ROWS" --proces
   ${METHODS:+--methods "$METHODS"} --verbose)}
 echo "groups: $GROUPS_"
 # a cell that starts just before --max-minutes can run minutes past it: every process is stopped
-# KILL_AFTER seconds after the start (its finished cells are already in its file)
-KILL=${KILL_AFTER:-540}
+# KILL_AFTER seconds after this script started (its finished cells are already in its file); keep
+# KILL_AFTER + ~20 s (merging, the tarball) under the device call's timeout
+KILL=$(( ${KILL_AFTER:-540} - ( $(date +%s) - T_START ) ))
+[ $KILL -lt 60 ] && { echo "KILL_AFTER leaves $KILL s for the cells after the setup"; KILL=60; }
 STOP="timeout -s INT $KILL"
 run_group() {   # $1: the process's number, $2: its units ("methods[@task]" joined by ";")
   local i=$1 u m t el left
@@ -68,6 +71,8 @@ run_group() {   # $1: the process's number, $2: its units ("methods[@task]" join
       --out "$RES/g$i.jsonl" >> "$RES/g$i.log" 2>&1
   done
 }
+# stopped from outside (the device call's timeout): stop the processes, keep what they finished
+trap 'trap - TERM INT; pkill -INT -f "kvsift.cli bench run"; pkill -INT -f vs_kvpress.py; sleep 3; echo "stopped: returning the rows so far"; finish; exit 124' TERM INT
 pids=()
 i=0
 for g in $GROUPS_; do
@@ -91,8 +96,7 @@ if [ -n "${KVP_GROUPS:-}" ]; then
     pids+=($!)
   done
 fi
-for p in "${pids[@]}"; do wait $p; done
-echo "suite $(( $(date +%s) - t0 )) s"
+finish() {   # the logs' summary, every process's rows merged, the tarball for $OUT
 nvidia-smi --query-gpu=memory.used,memory.total --format=csv 2>/dev/null | tail -1
 for f in "$RES"/[gk]*.log; do echo "== $f"; grep "^\[bench\] [0-9]\|stopped\|Error\|error" "$f" | tail -30; done
 python3 - "$RES" <<'EOF'
@@ -108,3 +112,8 @@ for prefix, name in (("g", "standard.jsonl.gz"), ("k", "kvpress.jsonl.gz")):
         print(f"{len(rows)} cells in {res / name}")
 EOF
 tar czf "$DEST/suite.tgz" -C "$RES" .
+}
+for p in "${pids[@]}"; do wait $p; done
+trap - TERM INT
+echo "suite $(( $(date +%s) - t0 )) s"
+finish

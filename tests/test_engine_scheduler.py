@@ -370,8 +370,7 @@ def test_no_join_where_it_would_not_be_exact(tiny_llm, default_tokenizer):
 
     ids = [random_prompt(40, seed=94)]
     p = SamplingParams(max_tokens=4, ignore_eos=True)
-    for spec in ("kivi", "snapkv+kivi", "sentencekv+kivi",
-                 "chunked(tova)"):   # windows by slot, or the KV stored in another form
+    for spec in ("kivi", "snapkv+kivi", "sentencekv+kivi"):   # the full-precision window is per batch
         assert not tiny_llm.joins_running(tiny_llm.request(ids, p, method=spec, budget=16)), spec
     held = tiny_llm.request(ids, p, method="sentencekv", budget=16, method_kwargs={"reselect_every": 2})
     assert not tiny_llm.joins_running(held)   # a held selection is per batch step
@@ -1033,9 +1032,10 @@ def test_a_change_of_rows_holds_the_batch_kv_about_once(tiny_llm, monkeypatch):
 
 
 @pytest.mark.parametrize("spec,opts", [("streaming", None), ("tova", None), ("tova", {"per_head": True}),
-                                       ("h2o", None)])
+                                       ("h2o", None), ("chunked(tova)", None), ("chunked(streaming)", None)])
 def test_methods_that_evict_while_decoding_join_at_their_budget(tiny_llm, spec, opts):
-    """streaming, tova and h2o evict one token per step per row once a layer is over its budget:
+    """streaming, tova and h2o (and chunked(...) over tova or streaming, whose decode is the
+    scorer's) evict one token per step per row once a layer is over its budget:
     rows that hold exactly their budget (any prompt length, the same token budget) evict in
     lockstep, so requests of other lengths join a running batch, rows leave when done (h2o's
     accumulated scores follow their rows), and every answer is the one alone."""

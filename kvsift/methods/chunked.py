@@ -72,6 +72,11 @@ class ChunkedPrefill(ScorerWrapper):
     def joins_rows(self) -> bool:
         return self.inner.joins_rows()  # its own work ends with the prefill; the scorer's may not (tova)
 
+    def evicts_while_decoding(self) -> bool:
+        # the scorer's decode-time eviction runs as it does alone (tova, streaming): rows at their
+        # budget evict in lockstep and join at it, and a row holds one token over it at most
+        return self.inner.evicts_while_decoding()
+
     def _hold(self, run, layer_idx: int) -> int:
         return max(1, math.ceil(self.hold * self.layer_budget(run, layer_idx)))
 
