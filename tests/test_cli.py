@@ -23,7 +23,7 @@ def test_methods_lists_registry(capsys):
 
 @pytest.mark.parametrize("name,joins,mode,host", [
     ("full", "yes", "graph", "no"), ("squeezed", "yes", "graph", None), ("shadowkv", "yes", None, "yes"),
-    ("kivi", "no", None, "no"), ("h2o", "at one token budget", "eager", "no"), ("decoding", "yes", "eager", "no")])
+    ("kivi", "yes", None, "no"), ("h2o", "at one token budget", "eager", "no"), ("decoding", "yes", "eager", "no")])
 def test_methods_name_says_what_it_means_for_serving(capsys, name, joins, mode, host):
     from kvsift.cli import serving_traits
 

@@ -370,7 +370,7 @@ def test_no_join_where_it_would_not_be_exact(tiny_llm, default_tokenizer):
 
     ids = [random_prompt(40, seed=94)]
     p = SamplingParams(max_tokens=4, ignore_eos=True)
-    for spec in ("kivi", "snapkv+kivi", "sentencekv+kivi"):   # the full-precision window is per batch
+    for spec in ("sentencekv+kivi", "quest+kivi"):   # a quantized store after a decode-time method
         assert not tiny_llm.joins_running(tiny_llm.request(ids, p, method=spec, budget=16)), spec
     held = tiny_llm.request(ids, p, method="sentencekv", budget=16, method_kwargs={"reselect_every": 2})
     assert not tiny_llm.joins_running(held)   # a held selection is per batch step

@@ -204,9 +204,11 @@ class SiftLayer(CacheLayerMixin):
 
     def set_quant_rows(self, rows: list) -> None:
         """Stack quantized rows (one :class:`~kvsift.cache.quant.QuantKV` per sequence, prefilled and
-        quantized one at a time) into this layer's quantized store, with the cache's decode reserve;
-        the layer's own buffers stay empty."""
-        self.quant = QuantKV.stack(rows, room=self.cache.reserve)
+        quantized one at a time, or rows of a running batch that requests join, :meth:`QuantKV.row
+        <kvsift.cache.quant.QuantKV.row>`) into this layer's quantized store, with the cache's decode
+        reserve (:meth:`QuantKV.join <kvsift.cache.quant.QuantKV.join>`: rows of other lengths keep
+        their own windows); the layer's own buffers stay empty."""
+        self.quant = QuantKV.join(rows, room=self.cache.reserve)
         b, h, _, d = self.quant.k_res.shape
         rows.clear()
         self._alloc(b, h, 0, d, self.quant.k_res.dtype, self.quant.k_res.device)
@@ -219,9 +221,14 @@ class SiftLayer(CacheLayerMixin):
         ragged)`` per batch row (sequences prefilled one at a time) into this layer's buffers,
         shorter rows padded with position -1 (``ragged``: the row's compact per-head KV or None; if
         any row has one, every row's KV goes to one compact batch store); each row's entry is
-        dropped from ``rows`` once copied (its memory can go). Returns True when padding was added."""
+        dropped from ``rows`` once copied (its memory can go). Returns True when padding was added.
+        Rows that are quantized stores (a running batch's quantized rows, :func:`QuantKV.row`) go to
+        :meth:`set_quant_rows`."""
         if self.quant is not None:
             raise RuntimeError("quantized KV cannot be stacked row by row")
+        if rows and all(isinstance(r, QuantKV) for r in rows):
+            self.set_quant_rows(rows)
+            return True
         if any(r[3] is not None for r in rows):
             if any(r[3] is not None and r[0].shape[2] > 0 for r in rows):
                 raise RuntimeError("a row holds both compact per-head KV and buffered KV at prefill end")

@@ -20,6 +20,10 @@ never moves: a method's slot indices stay valid when its token is quantized):
   static steps quantize the window is known on the host (:meth:`QuantKV.flush_at`): a step that
   does is a different kind of step (``SiftCache.decode_variant``, one CUDA graph each), the others
   only write the new token.
+* rows at other points (a running batch that requests joined, :meth:`QuantKV.join`): each row's
+  quantized groups at slots ``0 .. rows_q[i]-1``, its window the batch's last slots ``rows_s[i] ..``
+  (``qstart (batch,)``), holes between; each row flushes on its own schedule, into its next aligned
+  slots (:meth:`QuantKV._flush_row`).
 
 Quantization is asymmetric min/max over the real tokens of a group (position >= 0): ``zero`` is the
 minimum rounded down to fp16, ``scale = (max - zero) / (2**bits - 1)`` rounded up, so every element
@@ -202,6 +206,15 @@ class QuantKV:
     length: int = 0           # used slots
     wslot: torch.Tensor | None = None   # static decode: next write slot (1,) int64
     r0: int = 0               # static decode: window slots used when it began
+    # rows at other points (a running batch that requests joined, :meth:`join`): row ``i``'s quantized
+    # groups are slots ``0 .. rows_q[i]-1``, its window slots ``rows_s[i] .. length-1`` (``qstart``
+    # then holds ``rows_s`` on the device, ``(batch,)``), holes between; None: one layout for all
+    rows_q: list[int] | None = None
+    rows_s: list[int] | None = None
+    qtokd: torch.Tensor | None = None   # static decode, per row: rows_q on the device (b,) int64
+    ftab: torch.Tensor | None = None    # static decode, per row: (steps + 1, b) bool, rows flushing at a step
+    r0s: list[int] | None = None        # static decode, per row: window slots used when it began
+    w0: int = 0                          # static decode: the length when it began
 
     # ---- building -----------------------------------------------------------------------------
     @staticmethod
@@ -251,18 +264,19 @@ class QuantKV:
         st.qstart.fill_(qtok)
         return st
 
-    def _write(self, start: int, keys, values, positions) -> None:
-        """Quantize ``(batch, kv_heads, f, head_dim)`` (``f`` whole groups) into slots ``start ..``."""
+    def _write(self, start: int, keys, values, positions, rows: slice = slice(None)) -> None:
+        """Quantize ``(batch, kv_heads, f, head_dim)`` (``f`` whole groups) into slots ``start ..``
+        of the batch rows ``rows``."""
         from kvsift.kernels.dispatch import quantize_kv
 
         f, g = keys.shape[2], self.group
         kc, ks, kz, vc, vs, vz = quantize_kv(keys, values, positions, self.bits, g)   # Triton on CUDA
-        self.k_codes[:, :, start : start + f] = kc
-        self.k_scale[:, :, start // g : (start + f) // g] = ks
-        self.k_zero[:, :, start // g : (start + f) // g] = kz
-        self.v_codes[:, :, start : start + f] = vc
-        self.v_scale[:, :, start : start + f] = vs
-        self.v_zero[:, :, start : start + f] = vz
+        self.k_codes[rows, :, start : start + f] = kc
+        self.k_scale[rows, :, start // g : (start + f) // g] = ks
+        self.k_zero[rows, :, start // g : (start + f) // g] = kz
+        self.v_codes[rows, :, start : start + f] = vc
+        self.v_scale[rows, :, start : start + f] = vs
+        self.v_zero[rows, :, start : start + f] = vz
 
     # ---- sizes --------------------------------------------------------------------------------
     @property
@@ -313,6 +327,8 @@ class QuantKV:
         device-side, no host sync."""
         if self.wslot is not None:
             return self._append_static(keys, values, positions, self.flush_at(step))
+        if self.rows_q is not None:
+            return self._append_rows(keys, values, positions)
         b, h, q, d = keys.shape
         n = self.length
         if n + q > self.qtok + self.residual:
@@ -337,6 +353,8 @@ class QuantKV:
     def begin_static(self, steps: int) -> None:
         """Fixed shapes for ``steps`` one-token appends: the flush the next append would do happens
         now, the buffers get room for every step, writes go to the device slot ``wslot``."""
+        if self.rows_q is not None:
+            return self._begin_static_rows(steps)
         with torch.inference_mode():  # the store's tensors were made in inference mode (prefill)
             if self.length + 1 > self.qtok + self.residual:
                 self._flush((self.length - self.qtok) // self.group * self.group)
@@ -350,8 +368,13 @@ class QuantKV:
 
     def flush_at(self, step: int) -> bool:
         """Whether static step ``step`` (0-based, one token per step) quantizes the window first: the
-        window is full then (host arithmetic, the same rule as the host path)."""
-        return self.wslot is not None and step >= 1 and (self.r0 + step) % self.residual == 0
+        window is full then (host arithmetic, the same rule as the host path); rows at other points:
+        whether any row's does."""
+        if self.wslot is None or step < 1:
+            return False
+        if self.r0s is not None:
+            return any((r0 + step) % self.residual == 0 for r0 in self.r0s)
+        return (self.r0 + step) % self.residual == 0
 
     def _append_static(self, keys, values, positions, flush: bool) -> None:
         """One token per row at ``wslot``; ``flush``: first quantize the full window into the slots it
@@ -359,6 +382,8 @@ class QuantKV:
         shapes (CUDA-graph safe; a flushing step is its own kind of step)."""
         from kvsift.kernels.dispatch import quantize_kv
 
+        if self.rows_q is not None:
+            return self._append_static_rows(keys, values, positions, flush)
         R, g = self.residual, self.group
         if flush:
             ar = torch.arange(R, device=keys.device)
@@ -382,6 +407,16 @@ class QuantKV:
 
     def end_static(self, steps: int) -> None:
         """The host counters catch up with ``steps`` static appends (no device read)."""
+        if self.rows_q is not None:
+            for _ in range(steps):
+                for i, s0 in enumerate(self.rows_s):
+                    if self.length - s0 >= self.residual:
+                        self.rows_q[i] += self.residual
+                        self.rows_s[i] += self.residual
+                self.length += 1
+            self.qtok = min(self.rows_q)
+            self.wslot = self.qtokd = self.ftab = self.r0s = None
+            return
         for _ in range(steps):
             if self.length - self.qtok >= self.residual:
                 self.qtok += self.residual
@@ -406,13 +441,22 @@ class QuantKV:
         n = self.used() if n is None else n
         keys = dequantize_keys(self.k_codes[:, :, :n], self.k_scale, self.k_zero, self.bits, self.group)
         values = dequantize_values(self.v_codes[:, :, :n], self.v_scale[:, :, :n], self.v_zero[:, :, :n], self.bits)
-        slot = torch.arange(n, device=keys.device)
-        r = slot - self.qstart
-        inres = (r >= 0) & (r < self.k_res.shape[2])
-        ri = torch.where(inres, r, 0)
-        keys = torch.where((slot < self.qstart)[:, None], keys, self.k_res.index_select(2, ri).float())
-        values = torch.where((slot < self.qstart)[:, None], values, self.v_res.index_select(2, ri).float())
+        quant, kr, vr = self._window_at(torch.arange(n, device=keys.device))
+        keys = torch.where(quant, keys, kr)
+        values = torch.where(quant, values, vr)
         return keys.to(self.dtype), values.to(self.dtype), self.positions[:, :, :n]
+
+    def _window_at(self, slots: torch.Tensor):
+        """For ``slots (s,)``: ``(quantized (rows, 1, s, 1) bool, window keys, window values)``, the
+        window's ``(batch, kv_heads, s, head_dim)`` fp32 where a slot is in it (the row's own window
+        start: ``qstart`` is ``(1,)`` or ``(batch,)``)."""
+        b, h, rcap, d = self.k_res.shape
+        qs = self.qstart.view(-1, 1)                                         # (1 or batch, 1)
+        r = slots[None, :] - qs
+        ri = torch.where((r >= 0) & (r < rcap), r, 0)                        # (1 or batch, s)
+        gi = ri[:, None, :, None].expand(b, h, slots.shape[0], d)
+        quant = (slots[None, :] < qs)[:, None, :, None]
+        return quant, self.k_res.gather(2, gi).float(), self.v_res.gather(2, gi).float()
 
     def source(self):
         """The used slots dequantized as a :class:`~kvsift.methods.base.SlotSource` (prefill)."""
@@ -428,9 +472,8 @@ class QuantKV:
         kc = self.k_codes.index_select(2, slots)
         ks, kz = self.k_scale.index_select(2, slots // g), self.k_zero.index_select(2, slots // g)
         deq = unpack(kc, self.bits).float() * ks.float() + kz.float()
-        r = slots - self.qstart
-        ri = torch.where((r >= 0) & (r < self.k_res.shape[2]), r, 0)
-        return torch.where((slots < self.qstart)[:, None], deq, self.k_res.index_select(2, ri).float()).to(self.dtype)
+        quant, kr, _ = self._window_at(slots)
+        return torch.where(quant, deq, kr).to(self.dtype)
 
     def kernel_args(self, static: bool = False) -> dict:
         """Keyword arguments of :func:`kvsift.kernels.dispatch.quant_decode_attention` for this store
@@ -457,10 +500,11 @@ class QuantKV:
         """Bytes of the used slots' K/V: codes, scales and zeros of the quantized slots, the window
         in full precision."""
         b, h, _, d = self.k_res.shape
-        q = self.qtok
-        quant = q * (self.k_codes.shape[-1] + self.v_codes.shape[-1]) + q * self.v_scale.shape[-1] * 2 * 2 \
-            + (q // self.group) * d * 2 * 2
-        return b * h * (quant + (self.length - q) * 2 * d * self.k_res.element_size())
+        per_q = self.k_codes.shape[-1] + self.v_codes.shape[-1] + self.v_scale.shape[-1] * 2 * 2 + d * 2 * 2 / self.group
+        per_w = 2 * d * self.k_res.element_size()
+        if self.rows_q is not None:   # each row's own groups and window
+            return int(h * sum(q * per_q + (self.length - s0) * per_w for q, s0 in zip(self.rows_q, self.rows_s)))
+        return int(b * h * (self.qtok * per_q + (self.length - self.qtok) * per_w))
 
     def clone(self, batch_repeat: int = 1, room: int | None = None) -> "QuantKV":
         """A copy; ``batch_repeat``: each row repeated (rows ``i*n .. i*n+n-1`` copy row ``i``);
@@ -469,9 +513,10 @@ class QuantKV:
         if room is not None:   # the used part only, into buffers of exactly that room
             return QuantKV.from_tensors({k: v if k == "meta" else rep(v) for k, v in self.tensors().items()},
                                         room=room)
-        t = {k: (v.clone() if k == "qstart" else rep(v)) for k, v in self._tensors().items()}
+        t = {k: (v.clone() if k == "qstart" and v.shape[0] == 1 else rep(v)) for k, v in self._tensors().items()}
+        rows = (lambda x: None if x is None else [v for v in x for _ in range(batch_repeat)])
         return QuantKV(**t, bits=self.bits, group=self.group, residual=self.residual, qtok=self.qtok,
-                       length=self.length)
+                       length=self.length, rows_q=rows(self.rows_q), rows_s=rows(self.rows_s))
 
     @classmethod
     def stack(cls, rows: list["QuantKV"], room: int = 0) -> "QuantKV":
@@ -485,9 +530,161 @@ class QuantKV:
         return cls.from_tensors({k: ts[0][k] if k == "meta" else torch.cat([t[k] for t in ts]) for k in ts[0]},
                                 room=room)
 
+    # ---- rows at other points: a running batch that requests join -----------------------------------
+    def row(self, i: int) -> "QuantKV":
+        """Row ``i`` alone (batch 1, one layout): its quantized groups, its window, their positions, as
+        it would hold them had it run alone (no holes between; what :meth:`join` stacks)."""
+        if self.wslot is not None:
+            raise RuntimeError("cannot take a row out during static decode")
+        if self.rows_q is None:
+            return QuantKV.from_tensors({k: v if k == "meta" else v[i:i + 1] for k, v in self.tensors().items()})
+        q, s0, n, g = self.rows_q[i], self.rows_s[i], self.length, self.group
+        r = slice(i, i + 1)
+        return QuantKV.from_tensors({
+            "k_codes": self.k_codes[r, :, :q], "k_scale": self.k_scale[r, :, : q // g],
+            "k_zero": self.k_zero[r, :, : q // g], "v_codes": self.v_codes[r, :, :q],
+            "v_scale": self.v_scale[r, :, :q], "v_zero": self.v_zero[r, :, :q],
+            "k_res": self.k_res[r, :, : n - s0], "v_res": self.v_res[r, :, : n - s0],
+            "positions": torch.cat([self.positions[r, :, :q], self.positions[r, :, s0:n]], 2),
+            "meta": torch.tensor([self.bits, g, self.residual, q, q + n - s0], dtype=torch.int64)})
+
+    @classmethod
+    def join(cls, rows: list["QuantKV"], room: int = 0) -> "QuantKV":
+        """One store of ``rows`` (batch-1 stores of one bits, group and residual; :meth:`row`), whatever
+        their lengths: a running batch and the requests joining it (continuous batching). Rows of one
+        layout are :meth:`stack`-ed. Otherwise each row keeps its quantized groups at slots ``0 ..``
+        (aligned to the groups) and its window as the batch's last slots, holes between, and then
+        flushes its window on its own schedule (:meth:`_flush_row`: the window's groups go to the
+        row's next aligned slots, which are always free), so each row's codes, scales and window are
+        at every step what they are alone."""
+        ts = [r.tensors() for r in rows]
+        metas = [t["meta"].tolist() for t in ts]
+        if any(m[:3] != metas[0][:3] for m in metas) or any(t["k_res"].shape[0] != 1 for t in ts):
+            raise ValueError("quantized rows of other bits, group or residual, or of more than one row, cannot be joined")
+        if all(m == metas[0] for m in metas):
+            return cls.stack(rows, room)
+        bits, g, R = metas[0][:3]
+        qs, ns = [m[3] for m in metas], [m[4] for m in metas]
+        ws = [n - q for q, n in zip(qs, ns)]
+        N = max(ns)
+        kr = ts[0]["k_res"]
+        st = cls.empty(len(rows), kr.shape[1], kr.shape[3], N + room, max(R, max(ws)), kr.dtype, kr.device,
+                       bits, g, R)
+        for i, (t, q, w) in enumerate(zip(ts, qs, ws)):
+            st.k_codes[i, :, :q], st.v_codes[i, :, :q] = t["k_codes"][0], t["v_codes"][0]
+            st.k_scale[i, :, : q // g], st.k_zero[i, :, : q // g] = t["k_scale"][0], t["k_zero"][0]
+            st.v_scale[i, :, :q], st.v_zero[i, :, :q] = t["v_scale"][0], t["v_zero"][0]
+            st.k_res[i, :, :w], st.v_res[i, :, :w] = t["k_res"][0], t["v_res"][0]
+            st.positions[i, :, :q] = t["positions"][0, :, :q]
+            st.positions[i, :, N - w : N] = t["positions"][0, :, q:]
+        st.length, st.qtok = N, min(qs)
+        st.rows_q, st.rows_s = qs, [N - w for w in ws]
+        st.qstart = torch.tensor(st.rows_s, dtype=torch.int64, device=kr.device)
+        return st
+
+    def _flush_row(self, i: int, f: int) -> None:
+        """Quantize row ``i``'s oldest ``f`` window slots (whole groups; host side) into its next
+        aligned slots ``rows_q[i] ..`` (holes, or those same window slots); the window slots they
+        leave become holes."""
+        q0, s0, n = self.rows_q[i], self.rows_s[i], self.length
+        r = slice(i, i + 1)
+        pos = self.positions[r, :, s0 : s0 + f].clone()
+        self._write(q0, self.k_res[r, :, :f], self.v_res[r, :, :f], pos, rows=r)
+        self.positions[r, :, s0 : s0 + f] = -1
+        self.positions[r, :, q0 : q0 + f] = pos
+        rest = n - s0 - f
+        self.k_res[r, :, :rest] = self.k_res[r, :, f : f + rest].clone()
+        self.v_res[r, :, :rest] = self.v_res[r, :, f : f + rest].clone()
+        self.rows_q[i], self.rows_s[i] = q0 + f, s0 + f
+        self.qstart[i] = s0 + f
+        self.qtok = min(self.rows_q)
+
+    def _append_rows(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """:meth:`append` for rows at other points: each row's window flushes by its own length (the
+        rule of the one-layout path), the new tokens go to the common next slots."""
+        b, h, q, d = keys.shape
+        n = self.length
+        for i, s0 in enumerate(self.rows_s):
+            if n - s0 + q > self.residual and (n - s0) // self.group:
+                self._flush_row(i, (n - s0) // self.group * self.group)
+        self._ensure(n + q)
+        need = max(n + q - s0 for s0 in self.rows_s)
+        if need > self.k_res.shape[2]:
+            k, v = self.k_res.new_zeros(b, h, need, d), self.v_res.new_zeros(b, h, need, d)
+            k[:, :, : self.k_res.shape[2]], v[:, :, : self.v_res.shape[2]] = self.k_res, self.v_res
+            self.k_res, self.v_res = k, v
+        for i, s0 in enumerate(self.rows_s):
+            self.k_res[i, :, n - s0 : n - s0 + q] = keys[i]
+            self.v_res[i, :, n - s0 : n - s0 + q] = values[i]
+        self.positions[:, :, n : n + q] = positions[:, None, :].to(torch.int32)
+        self.length = n + q
+
+    def _begin_static_rows(self, steps: int) -> None:
+        """:meth:`begin_static` for rows at other points: each row's pending flush now, and the table
+        of which rows flush at each static step (read on the device by the step's own index)."""
+        with torch.inference_mode():
+            for i, s0 in enumerate(self.rows_s):
+                if self.length - s0 + 1 > self.residual:
+                    self._flush_row(i, (self.length - s0) // self.group * self.group)
+            self._ensure(self.length + steps, exact=True)
+            if self.k_res.shape[2] < self.residual:
+                raise RuntimeError("the full-precision window is smaller than residual")
+            dev = self.k_res.device
+            self.r0s = [self.length - s0 for s0 in self.rows_s]
+            self.ftab = torch.tensor([[t >= 1 and (r0 + t) % self.residual == 0 for r0 in self.r0s]
+                                      for t in range(steps + 1)], dtype=torch.bool, device=dev)
+            self.qtokd = torch.tensor(self.rows_q, dtype=torch.int64, device=dev)
+            self.wslot = torch.tensor([self.length], dtype=torch.int64, device=dev)
+            self.w0 = self.length
+
+    def _append_static_rows(self, keys, values, positions, flush: bool) -> None:
+        """:meth:`_append_static` for rows at other points: on a flushing step every row's window is
+        quantized and only the rows whose window is full (``ftab``) write it, to their own aligned
+        slots (:meth:`_flush_row`'s result, on the device); then each row writes its token into its
+        own window. Fixed shapes, no host sync."""
+        from kvsift.kernels.dispatch import quantize_kv
+
+        R, g = self.residual, self.group
+        b, h, _, d = keys.shape
+        if flush:
+            mask = self.ftab.index_select(0, self.wslot - self.w0)[0]                    # (b,) rows flushing
+            ar = torch.arange(R, device=keys.device)
+            # a row that does not flush may have fewer than R window slots left in the capacity: its
+            # indices are clamped (it only writes back what is there)
+            cap = self.capacity - 1
+            src = (self.qstart[:, None] + ar).clamp(max=cap)                              # (b, R) window slots
+            dst = (self.qtokd[:, None] + ar).clamp(max=cap)                               # (b, R) aligned slots
+            pos = self.positions.gather(2, src[:, None, :].expand(b, h, R))
+            kc, ks, kz, vc, vs, vz = quantize_kv(self.k_res[:, :, :R], self.v_res[:, :, :R], pos, self.bits, g)
+
+            def put(buf, idx, new):   # new where the row flushes, what is there elsewhere
+                ii = idx[:, None, :, None].expand(b, h, idx.shape[1], buf.shape[-1])
+                buf.scatter_(2, ii, torch.where(mask[:, None, None, None], new, buf.gather(2, ii)))
+
+            put(self.k_codes, dst, kc)
+            put(self.v_codes, dst, vc)
+            put(self.v_scale, dst, vs)
+            put(self.v_zero, dst, vz)
+            grp = (self.qtokd[:, None] // g + ar[: R // g]).clamp(max=self.k_scale.shape[2] - 1)
+            put(self.k_scale, grp, ks)
+            put(self.k_zero, grp, kz)
+            si, di = src[:, None, :].expand(b, h, R), dst[:, None, :].expand(b, h, R)
+            m3 = mask[:, None, None]
+            self.positions.scatter_(2, si, torch.where(m3, -1, self.positions.gather(2, si)))
+            self.positions.scatter_(2, di, torch.where(m3, pos, self.positions.gather(2, di)))
+            self.qstart.add_(mask.to(torch.int64) * R)
+            self.qtokd.add_(mask.to(torch.int64) * R)
+        ri = (self.wslot - self.qstart)[:, None, None, None].expand(b, h, 1, d)
+        self.k_res.scatter_(2, ri, keys)
+        self.v_res.scatter_(2, ri, values)
+        self.positions.index_copy_(2, self.wslot, positions.to(torch.int32)[:, None, :].expand(b, h, 1))
+        self.wslot.add_(1)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """What a persisted context stores: the used part only (quantized slots' codes, scales and
         zeros, the window, positions) and ``meta = [bits, group, residual, qtok, length]``."""
+        if self.rows_q is not None:
+            raise NotImplementedError("a batch of rows at other points is stored row by row (QuantKV.row)")
         q, n, g = self.qtok, self.length, self.group
         return {"k_codes": self.k_codes[:, :, :q], "k_scale": self.k_scale[:, :, : q // g],
                 "k_zero": self.k_zero[:, :, : q // g], "v_codes": self.v_codes[:, :, :q],

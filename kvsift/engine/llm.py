@@ -785,7 +785,10 @@ def _row_to(row: tuple, device: torch.device) -> tuple:
 def _row_kv(layer, i: int) -> tuple:
     """Row ``i`` of a running batch's ``layer`` as :meth:`SiftLayer.set_rows` stacks it: its dense
     slots that some KV head uses (left padding and slots every head evicted dropped; a head's own
-    holes stay, masked by position -1), or its compact per-head store (``layer.ragged``)."""
+    holes stay, masked by position -1), or its compact per-head store (``layer.ragged``), or its
+    quantized store alone (``layer.quant``: :meth:`QuantKV.row <kvsift.cache.quant.QuantKV.row>`)."""
+    if layer.quant is not None:
+        return layer.quant.row(i)
     if layer.ragged is not None:
         if layer.length:
             raise RuntimeError("a layer holds both compact per-head KV and buffered KV")

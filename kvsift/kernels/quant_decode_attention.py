@@ -11,7 +11,8 @@ capacity-1``:
   ``c`` uses ``c // vgroup``;
 * ``k_res``/``v_res (batch, kv_heads, rcap, head_dim)`` in q's dtype: the full-precision window,
   slot ``s >= res_start`` at ``s - res_start``; ``res_start (1,)`` int64 device tensor (the first
-  slot not quantized);
+  slot not quantized), or ``(batch,)``: one per row (rows of a running batch that joined at other
+  points, each flushing its window on its own schedule);
 * ``key_pos (batch, kv_heads, capacity)`` int32 positions and ``query_pos (batch,)``: a slot is
   attended iff ``0 <= key_pos <= query_pos`` (and ``> query_pos - window``); slot indices past the
   capacity or past the window's buffer are skipped.
@@ -96,8 +97,9 @@ def _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, 
                          f"{tuple(v_scale.shape)}, {tuple(v_zero.shape)}")
     if k_res.dim() != 4 or v_res.shape != k_res.shape or k_res.shape[:2] != (b, hk) or k_res.shape[3] != d:
         raise ValueError(f"k_res/v_res must be (batch, kv_heads, rcap, head_dim), got {tuple(k_res.shape)}")
-    if tuple(res_start.shape) != (1,) or res_start.is_floating_point():
-        raise ValueError(f"res_start must be a (1,) integer tensor, got {res_start.dtype} {tuple(res_start.shape)}")
+    if tuple(res_start.shape) not in ((1,), (b,)) or res_start.is_floating_point():
+        raise ValueError(f"res_start must be a (1,) or (batch,) integer tensor, got {res_start.dtype} "
+                         f"{tuple(res_start.shape)}")
     if key_pos is None or query_pos is None:
         raise ValueError("quantized attention masks by position: key_pos and query_pos are required")
     if slot_idx is not None and (slot_idx.dim() != 3 or slot_idx.shape[:2] != (b, hk)
@@ -154,7 +156,7 @@ def quant_decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: 
             idx_all = torch.where(torch.arange(idx_all.shape[2], device=q.device) < slot_count[..., None], idx_all, -1)
     qg = q.float().reshape(b, hk, hq // hk, d)
     qp = query_pos.to(torch.int64)[:, None, None]
-    rs = res_start.to(torch.int64)
+    rs = res_start.to(torch.int64).reshape(-1, 1, 1)                  # (1 or batch, 1, 1)
     parts = []
     for s0 in range(0, max(1, idx_all.shape[2]), block):
         idx = idx_all[:, :, s0 : s0 + block]
@@ -347,7 +349,7 @@ if HAS_TRITON:
     def _quant_decode_split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr, rv_ptr, rs_ptr,
                                    idx_ptr, out_ptr, po_ptr, plse_ptr,
                                    kp_ptr, qp_ptr, CAP, RCAP, WINDOW, sp_b, sp_h, sp_c,
-                                   cnt_ptr, sc_b, sc_h,
+                                   cnt_ptr, sc_b, sc_h, srs_b,
                                    S, split_size, qk_scale,
                                    sq_b, sq_h, sq_d,
                                    skc_b, skc_h, skc_c,
@@ -397,7 +399,7 @@ if HAS_TRITON:
         i_base = idx_ptr + b * si_b + h * si_h
         kp_base = kp_ptr + b * sp_b + h * sp_h
         qpos = tl.load(qp_ptr + b).to(tl.int64)
-        rstart = tl.load(rs_ptr).to(tl.int64)
+        rstart = tl.load(rs_ptr + b * srs_b).to(tl.int64)
         m_i = tl.full((G_P,), float("-inf"), tl.float32)
         l_i = tl.zeros((G_P,), tl.float32)
         acc = tl.zeros((G_P, BLOCK_D), tl.float32)
@@ -517,7 +519,7 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
     args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start,
             idx, L.out, L.po, L.plse,
             key_pos, query_pos, cap, k_res.shape[2], int(window or 0), sp[0], sp[1], sp[2],
-            cnt, sc[0], sc[1],
+            cnt, sc[0], sc[1], res_start.stride(0) if res_start.shape[0] > 1 else 0,
             s, L.split_size, float(scale) * _LOG2E,
             q.stride(0), q.stride(1), q.stride(2),
             k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),

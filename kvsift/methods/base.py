@@ -870,7 +870,13 @@ class Compose(KVMethod):
         return all(s.pads_exactly() for s in self.stages)
 
     def joins_rows(self) -> bool:
+        if any(s.codec for s in self.stages) and not all(
+                s.codec or s.attention_only or isinstance(s, EvictionMethod) for s in self.stages):
+            return False   # a quantized store joins after prefill evictions only (not sentencekv's, quest's)
         return all(s.joins_rows() or s.attention_only for s in self.stages)
+
+    def preemptible(self) -> bool:
+        return super().preemptible() and all(s.preemptible() or s.attention_only for s in self.stages)
 
     def chunk_invariant(self) -> bool:
         return all(s.chunk_invariant() for s in self.stages)

@@ -10,8 +10,10 @@ whole window at a time. Attention reads the codes and dequantizes them as it goe
 mode. Alone (``kivi``) it keeps the whole context; composed (``snapkv+kivi``, ``quest+kivi``) it is
 the last stage and stores what the others keep or select from (``sentencekv+kivi``: its host chunk
 store is quantized too, see :meth:`KIVI.store_options`); a batch prefilled row by row
-(``snapkv+kivi`` does: each row is evicted before the next) is quantized once stacked. Lossy: not
-equal to ``full``.
+(``snapkv+kivi`` does: each row is evicted before the next) is quantized once stacked. Requests
+join running batches (continuous batching): the rows' stores are joined into one
+(:meth:`QuantKV.join <kvsift.cache.quant.QuantKV.join>`), each row keeping its own window and
+quantizing it on its own schedule, so it decodes as alone. Lossy: not equal to ``full``.
 """
 
 from __future__ import annotations
@@ -98,6 +100,15 @@ class KIVI(KVMethod):
 
     def row_prefill_ok(self) -> bool:
         return True  # alone: each sequence quantized at the end of its prefill, before the next one
+
+    def joins_rows(self) -> bool:
+        """Rows of other lengths join a running batch and decode as alone: each keeps its own window
+        and flushes it on its own schedule (:meth:`QuantKV.join <kvsift.cache.quant.QuantKV.join>`).
+        After prefill evictions only (``snapkv+kivi``; see ``CompositeMethod.joins_rows``)."""
+        return True
+
+    def preemptible(self) -> bool:
+        return False  # a quantized row is not swapped to the host (its store would need its own path)
 
     def finish_prefill(self, run, layers, ctx) -> None:
         """Quantize every layer holding KV (after the other stages' compression). A batch prefilled
