@@ -191,3 +191,25 @@ def test_triton_kernel_reads_a_window_start_per_row_in_interpreter():
     from tests.conftest import run_in_triton_interpreter
 
     run_in_triton_interpreter(_INTERP_SCRIPT, timeout=900)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_with_kivi_joins_gives_the_answers_alone():
+    """Under CUDA graphs: the joined rows' flushing steps (a device table of which rows flush) are
+    recorded as their own kind of step; the answers are the eager ones alone."""
+    from kvsift import LLM
+    from kvsift.models import tiny_model
+    from tests.test_engine_scheduler import run_with_joins
+
+    m = tiny_model("llama", seed=1).to("cuda")
+    graph = LLM.from_model(m, None, chunk_size=64, decode_mode="graph")
+    eager = LLM.from_model(m, None, chunk_size=64, decode_mode="eager")
+    kw = {"group": 16, "residual": 32}
+    ps = [random_prompt(n, seed=470 + n) for n in (60, 300, 45)]
+    pr = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (40, 35, 30)]
+    want = [eager.generate(x, q, method="kivi", method_kwargs=kw)[0].token_ids for x, q in zip(ps, pr)]
+    a, b, c = (graph.request([x], q, method="kivi", method_kwargs=kw) for x, q in zip(ps, pr))
+    assert graph.joins_running(a)
+    outs, _ = run_with_joins(graph, a, {2: [b], 6: [c]})
+    assert [outs[r.id].token_ids for r in (a, b, c)] == want
+    assert outs[a.id].stats.decode_mode == "graph"
