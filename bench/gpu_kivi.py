@@ -44,7 +44,11 @@ VARIANTS = [dict(fold=False),
             dict(fold_block_s=128, fold_num_warps=4, fold_splits_per_sm=4),
             # the loop's software pipeline: codes straight to registers (1: no shared-memory staging,
             # whose int8 tiles the score dot then reads byte by byte) or three stages
-            dict(num_stages=1), dict(num_stages=3), dict(num_stages=1, fold_num_warps=4)]
+            dict(num_stages=1), dict(num_stages=3), dict(num_stages=1, fold_num_warps=4),
+            # 4-bit codes unpacked by inline PTX into planes of even and odd channels (fp16 tiles to
+            # the dots, no byte-wise operand loads)
+            dict(fold_asm=True), dict(fold_asm=True, num_stages=3),
+            dict(fold_asm=True, fold_block_s=128, fold_num_warps=4, fold_splits_per_sm=8)]
 
 
 def bench(batch: int, n: int, bits: int, reps: int) -> dict:

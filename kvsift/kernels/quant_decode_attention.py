@@ -65,9 +65,16 @@ from kvsift.kernels.sparse_decode_attention import _LOG2E, SplitLaunch, _check_c
 # SM: the sweep's best at batch 1 was 4 programs per SM (0.219 ms, 64 splits of 32 blocks) and at
 # batch 8 16 per SM (1.60 ms, 33 splits of 63 blocks), the plans this makes at both
 # (gpu_kivi_merge_h200.json); not yet run as the default.
+# ``fold_asm`` (4-bit codes, CUDA): the codes unpacked by inline PTX (two byte permutes, four
+# three-input logic operations and two fp16x2 subtractions per 4 bytes: 8 codes) into two fp16 planes,
+# the even and the odd channels, and each dot split over them (the query's channels split alike, the
+# value planes' outputs interleaved once per block). The SASS of the default unpack spends about 10
+# instructions per code, and its key codes reach the dot's operand layout one byte at a time through
+# shared memory (bench/kernel_sass.py); the assembly is opaque to Triton's layout hoisting, so the
+# planes go to the dots as fp16 tiles. Not yet run on a GPU (the interpreter cannot run PTX).
 TUNING = {"block_s": 32, "num_warps": 4, "num_stages": 2, "splits_per_sm": 2,
           "fold": True, "fold_block_s": 64, "fold_num_warps": 2, "fold_splits_per_sm": 16, "fold_halves": 1,
-          "fold_magic": True, "fold_min_blocks": 32, "fold_floor_per_sm": 4}
+          "fold_magic": True, "fold_min_blocks": 32, "fold_floor_per_sm": 4, "fold_asm": False}
 
 
 def _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start, key_pos, query_pos,
@@ -216,6 +223,34 @@ if HAS_TRITON:
         return (_interleaved(b, BITS, PER, LEVELS) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
 
     @triton.jit
+    def _planes_asm(b):
+        """Packed 4-bit bytes ``(S, D // 2)`` uint8 -> ``(low, high)`` fp16 ``(S, D // 2)`` each: the
+        codes of channels ``2j`` and ``2j + 1`` (exact), by inline PTX on 4 bytes at a time: each
+        byte pair spread into 16-bit lanes (``prmt``), a nibble OR-ed into fp16 1024.0's bits
+        (``lop3``), 1024 subtracted (``sub.f16x2``). CUDA only."""
+        return tl.inline_asm_elementwise(
+            """
+            {
+            .reg .b32 t0, t1, m, z;
+            mov.b32 m, 0x64006400;
+            mov.b32 z, 0;
+            prmt.b32 t0, $4, z, 0x4140;
+            prmt.b32 t1, $4, z, 0x4342;
+            lop3.b32 $0, t0, 0x000f000f, 0x64006400, 0xea;
+            lop3.b32 $1, t1, 0x000f000f, 0x64006400, 0xea;
+            shr.b32 t0, t0, 4;
+            shr.b32 t1, t1, 4;
+            lop3.b32 $2, t0, 0x000f000f, 0x64006400, 0xea;
+            lop3.b32 $3, t1, 0x000f000f, 0x64006400, 0xea;
+            sub.f16x2 $0, $0, m;
+            sub.f16x2 $1, $1, m;
+            sub.f16x2 $2, $2, m;
+            sub.f16x2 $3, $3, m;
+            }
+            """,
+            "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+
+    @triton.jit
     def _codes(b, BITS: tl.constexpr, PER: tl.constexpr, LEVELS: tl.constexpr, MAGIC: tl.constexpr):
         """Loaded packed bytes ``(S, D // PER)`` -> exact codes ``(S, D)``: fp16 through
         :func:`_unpack16` (``MAGIC``), else fp32 through :func:`_unpack`."""
@@ -284,7 +319,8 @@ if HAS_TRITON:
                     kc_base, skc_c, ks_base, kz_base, sks_g, vc_base, svc_c, vs_base, vz_base, svs_c,
                     rk_base, srk_c, rv_base, srv_c, offs_b, offs_d, mask_d,
                     BITS: tl.constexpr, PER: tl.constexpr, LEVELS: tl.constexpr, KGROUP: tl.constexpr,
-                    UPCAST: tl.constexpr, IEEE: tl.constexpr, HALVES: tl.constexpr, MAGIC: tl.constexpr):
+                    UPCAST: tl.constexpr, IEEE: tl.constexpr, HALVES: tl.constexpr, MAGIC: tl.constexpr,
+                    ASM: tl.constexpr = False):
         """One block of ``BLOCK_S`` consecutive slots that share a key group (every slot, blocks
         aligned to the group), one value scale per slot, folded into the online softmax without
         dequantizing a tile: the scores are ``(q * k_scale) . codes + q . k_zero`` (one key group's
@@ -300,12 +336,17 @@ if HAS_TRITON:
         # 128), far from fp16's range where it is rounded to fp16 (HALVES == 1)
         qs = qf * (ksr * qk_scale)[None, :]                                  # (G_P, BLOCK_D)
         kb = tl.sum(qf * kzr[None, :], axis=1) * qk_scale                    # (G_P,)
-        kcode = _codes(tl.load(kc_base + slot[:, None] * skc_c + offs_b[None, :], mask=isq[:, None], other=0),
-                       BITS, PER, LEVELS, MAGIC)                                 # (BLOCK_S, BLOCK_D) exact
-        if UPCAST or IEEE:
-            qk = tl.dot(qs, tl.trans(kcode.to(tl.float32)), input_precision="ieee")
+        kraw = tl.load(kc_base + slot[:, None] * skc_c + offs_b[None, :], mask=isq[:, None], other=0)
+        if ASM:   # two planes of channels (even, odd), the query's channels split alike
+            klo, khi = _planes_asm(kraw)
+            qse, qso = tl.split(tl.reshape(qs, (qs.shape[0], qs.shape[1] // 2, 2)))
+            qk = tl.dot(qse.to(tl.float16), tl.trans(klo)) + tl.dot(qso.to(tl.float16), tl.trans(khi))
         else:
-            qk = _split_dot(qs, kcode, q.dtype, HALVES, True)
+            kcode = _codes(kraw, BITS, PER, LEVELS, MAGIC)                       # (BLOCK_S, BLOCK_D) exact
+            if UPCAST or IEEE:
+                qk = tl.dot(qs, tl.trans(kcode.to(tl.float32)), input_precision="ieee")
+            else:
+                qk = _split_dot(qs, kcode, q.dtype, HALVES, True)
         qk = qk + kb[:, None]
         any_r = tl.sum(isr.to(tl.int32), axis=0) > 0
         if any_r:
@@ -326,13 +367,18 @@ if HAS_TRITON:
         vsc = tl.load(vs_base + slot * svs_c, mask=isq, other=0.0).to(tl.float32)    # (BLOCK_S,)
         vzp = tl.load(vz_base + slot * svs_c, mask=isq, other=0.0).to(tl.float32)
         pq = tl.where(isq[None, :], p, 0.0)
-        vcode = _codes(tl.load(vc_base + slot[:, None] * svc_c + offs_b[None, :], mask=isq[:, None], other=0),
-                       BITS, PER, LEVELS, MAGIC)
+        vraw = tl.load(vc_base + slot[:, None] * svc_c + offs_b[None, :], mask=isq[:, None], other=0)
         pv = pq * vsc[None, :]
-        if UPCAST or IEEE:
-            o = tl.dot(pv, vcode.to(tl.float32), input_precision="ieee")
-        else:  # the weights split too (the code sum cancels against sum(p * v_zero))
-            o = _split_dot(pv, vcode, q.dtype, HALVES)
+        if ASM:   # the even and the odd channels' outputs, interleaved back
+            vlo, vhi = _planes_asm(vraw)
+            pv16 = pv.to(tl.float16)
+            o = tl.reshape(tl.join(tl.dot(pv16, vlo), tl.dot(pv16, vhi)), (pv.shape[0], vlo.shape[1] * 2))
+        else:
+            vcode = _codes(vraw, BITS, PER, LEVELS, MAGIC)
+            if UPCAST or IEEE:
+                o = tl.dot(pv, vcode.to(tl.float32), input_precision="ieee")
+            else:  # the weights split too (the code sum cancels against sum(p * v_zero))
+                o = _split_dot(pv, vcode, q.dtype, HALVES)
         acc = acc * alpha[:, None] + o + tl.sum(pq * vzp[None, :], axis=1)[:, None]
         if any_r:
             ridx = tl.maximum(slot - rstart, 0)
@@ -368,7 +414,7 @@ if HAS_TRITON:
                                    DIRECT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                                    ALL: tl.constexpr, HAS_CNT: tl.constexpr, FAST: tl.constexpr,
                                    NVG: tl.constexpr, ROUND_BF16: tl.constexpr, FOLD: tl.constexpr,
-                                   HALVES: tl.constexpr, MAGIC: tl.constexpr):
+                                   HALVES: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
         # one program: (batch, kv_head) x one split of the slot table; slot s < res_start is
         # dequantized from its codes (code * scale + zero), a later slot read from the window
         pid_bh = tl.program_id(0)
@@ -416,7 +462,7 @@ if HAS_TRITON:
                 m_i, l_i, acc = _fold_block(qf, q, m_i, l_i, acc, it, slot, valid, isq, isr, rstart, qk_scale,
                                             kc_base, skc_c, ks_base, kz_base, sks_g, vc_base, svc_c, vs_base,
                                             vz_base, svs_c, rk_base, srk_c, rv_base, srv_c, offs_b, offs_d,
-                                            mask_d, BITS, PER, LEVELS, KGROUP, UPCAST, IEEE, HALVES, MAGIC)
+                                            mask_d, BITS, PER, LEVELS, KGROUP, UPCAST, IEEE, HALVES, MAGIC, ASM)
             else:
                 mq = isq[:, None] & mask_d[None, :]
                 if FAST:
@@ -537,5 +583,6 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
         UPCAST=L.upcast, ALL=slot_idx is None, HAS_CNT=slot_count is not None, FAST=fast,
         NVG=v_scale.shape[3] if fast else 1, ROUND_BF16=L.upcast and k_res.dtype == torch.bfloat16, FOLD=fold,
         HALVES=TUNING["fold_halves"], MAGIC=TUNING["fold_magic"],
+        ASM=bool(TUNING["fold_asm"]) and fold and bits == 4 and q.is_cuda and not L.upcast and not L.ieee,
         num_warps=TUNING[pre + "num_warps"], num_stages=TUNING["num_stages"])
     return L.finish()
