@@ -2,7 +2,8 @@
 uint8, with a full-precision window of the newest tokens.
 
 Layout of one layer (:class:`QuantKV`), slots ``0 .. capacity-1`` in the layer's order (a slot
-never moves: a method's slot indices stay valid when its token is quantized):
+never moves: a method's slot indices stay valid when its token is quantized; except in rows joined
+at other points, below, which only the methods that name no slots reach):
 
 * keys are quantized **per channel**: the ``group`` slots ``g*group .. g*group+group-1`` share one
   scale and zero point per channel, ``k_scale``/``k_zero (batch, kv_heads, capacity // group,
@@ -23,7 +24,8 @@ never moves: a method's slot indices stay valid when its token is quantized):
 * rows at other points (a running batch that requests joined, :meth:`QuantKV.join`): each row's
   quantized groups at slots ``0 .. rows_q[i]-1``, its window the batch's last slots ``rows_s[i] ..``
   (``qstart (batch,)``), holes between; each row flushes on its own schedule, into its next aligned
-  slots (:meth:`QuantKV._flush_row`).
+  slots (:meth:`QuantKV._flush_row`: its window's tokens move there), so each row holds what it
+  holds alone.
 
 Quantization is asymmetric min/max over the real tokens of a group (position >= 0): ``zero`` is the
 minimum rounded down to fp16, ``scale = (max - zero) / (2**bits - 1)`` rounded up, so every element
