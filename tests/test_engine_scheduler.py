@@ -940,7 +940,8 @@ def _run_preempting(llm, a, b, tokens: int, join_at: int, slack: float, cancel_b
 
 
 @pytest.mark.parametrize("spec,budget,mode", [("full", None, "eager"), ("snapkv", 0.5, "eager"),
-                                              ("adakv", 0.5, "eager"), ("full", None, "static")])
+                                              ("adakv", 0.5, "eager"), ("full", None, "static"),
+                                              ("kivi", None, "eager"), ("kivi", None, "static")])
 def test_preemption_swaps_the_newest_request_out_and_resumes_it_with_its_answer(tiny_llm, default_tokenizer,
                                                                                 spec, budget, mode):
     """A preempting scheduler admits A and B with their prompt and 4 decode tokens; as both decode,

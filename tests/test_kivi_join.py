@@ -148,13 +148,12 @@ def test_kivi_requests_of_other_lengths_join_and_get_their_answers_alone(tiny_ll
     assert max(steps) == 3 and any(st is not None and st.rows_q is not None for st in stores)
 
 
-def test_only_prefill_evictions_join_with_kivi_and_none_is_preempted(tiny_llm):
+def test_only_prefill_evictions_join_with_kivi_and_those_are_preempted(tiny_llm):
     from kvsift.methods import build_method
 
     for spec, joins in (("kivi", True), ("snapkv+kivi", True), ("sentencekv+kivi", False), ("quest+kivi", False)):
         m = build_method(spec, None if spec == "kivi" else 64)
-        assert m.joins_rows() is joins, spec
-        assert not m.preemptible(), spec
+        assert m.joins_rows() is joins and m.preemptible() is joins, spec
 
 
 _INTERP_SCRIPT = """

@@ -536,11 +536,14 @@ class QuantKV:
     def row(self, i: int) -> "QuantKV":
         """Row ``i`` alone (batch 1, one layout): its quantized groups, its window, their positions, as
         it would hold them had it run alone (no holes between; what :meth:`join` stacks)."""
-        if self.wslot is not None:
-            raise RuntimeError("cannot take a row out during static decode")
-        if self.rows_q is None:
-            return QuantKV.from_tensors({k: v if k == "meta" else v[i:i + 1] for k, v in self.tensors().items()})
-        q, s0, n, g = self.rows_q[i], self.rows_s[i], self.length, self.group
+        if self.wslot is None:   # the host counters are current
+            n = self.length
+            q, s0 = (self.qtok, self.qtok) if self.rows_q is None else (self.rows_q[i], self.rows_s[i])
+        else:   # during static decode (a preemption between steps): the device counters (a sync)
+            n = int(self.wslot)
+            s0 = int(self.qstart[i if self.qstart.shape[0] > 1 else 0])
+            q = s0 if self.qtokd is None else int(self.qtokd[i])
+        g = self.group
         r = slice(i, i + 1)
         return QuantKV.from_tensors({
             "k_codes": self.k_codes[r, :, :q], "k_scale": self.k_scale[r, :, : q // g],

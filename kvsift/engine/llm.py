@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from kvsift.budget import kv_bytes_per_token, prefill_kv_bytes, request_kv_bytes
+from kvsift.cache.quant import QuantKV
 from kvsift.cache import SiftCache
 from kvsift.cache.host import pinned_empty
 from kvsift.cache.layer import shared_rows
@@ -771,12 +772,19 @@ def _rows_to_host(cache: SiftCache, idx: list[int], pin: bool) -> list[list[tupl
         # with the offloaded KV's, and are reused by the next swap or offload)
         return pinned_empty(tuple(t.shape), t.dtype, t.device).copy_(t)
 
+    def row_host(row):
+        if isinstance(row, QuantKV):   # a quantized row: its used codes, scales, window and positions
+            return QuantKV.from_tensors({n: t if n == "meta" else host(t) for n, t in row.tensors().items()})
+        k, v, p, rag = row
+        return host(k), host(v), host(p), None if rag is None else rag.to("cpu")
+
     with torch.inference_mode():
-        return [[(host(k), host(v), host(p), None if rag is None else rag.to("cpu"))
-                 for k, v, p, rag in (_row_kv(layer, i) for layer in cache.layers)] for i in idx]
+        return [[row_host(_row_kv(layer, i)) for layer in cache.layers] for i in idx]
 
 
 def _row_to(row: tuple, device: torch.device) -> tuple:
+    if isinstance(row, QuantKV):
+        return QuantKV.from_tensors(row.tensors(), device=device)
     k, v, p, rag = row
     return (k.to(device, non_blocking=True), v.to(device, non_blocking=True), p.to(device, non_blocking=True),
             None if rag is None else rag.to(device))

@@ -107,9 +107,6 @@ class KIVI(KVMethod):
         After prefill evictions only (``snapkv+kivi``; see ``CompositeMethod.joins_rows``)."""
         return True
 
-    def preemptible(self) -> bool:
-        return False  # a quantized row is not swapped to the host (its store would need its own path)
-
     def finish_prefill(self, run, layers, ctx) -> None:
         """Quantize every layer holding KV (after the other stages' compression). A batch prefilled
         row by row: kivi alone quantizes each row at its end when the rows are as long (the batch then

@@ -110,7 +110,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "requests wait for room, one that cannot fit alone gets 400 kv_memory_exceeded")
     p.add_argument("--preempt", action="store_true",
                    help="admit requests of methods that can leave and rejoin a batch (full, the prefill eviction "
-                        "methods) with their prompt's KV and a few decode tokens instead of all of max_tokens; "
+                        "methods, kivi) with their prompt's KV and a few decode tokens instead of all of max_tokens; "
                         "when --kv-memory runs out, the newest is swapped to host memory and resumed later")
     p.add_argument("--host-memory", type=_bytes, default=None,
                    help="the same for KV offloaded to host memory (sentencekv, shadowkv; default: with a CUDA "
