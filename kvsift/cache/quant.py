@@ -564,10 +564,10 @@ class QuantKV:
         at every step what they are alone."""
         ts = [r.tensors() for r in rows]
         metas = [t["meta"].tolist() for t in ts]
-        if any(m[:3] != metas[0][:3] for m in metas) or any(t["k_res"].shape[0] != 1 for t in ts):
-            raise ValueError("quantized rows of other bits, group or residual, or of more than one row, cannot be joined")
         if all(m == metas[0] for m in metas):
             return cls.stack(rows, room)
+        if any(m[:3] != metas[0][:3] for m in metas) or any(t["k_res"].shape[0] != 1 for t in ts):
+            raise ValueError("quantized rows of other bits, group or residual, or of more than one row, cannot be joined")
         bits, g, R = metas[0][:3]
         qs, ns = [m[3] for m in metas], [m[4] for m in metas]
         ws = [n - q for q, n in zip(qs, ns)]
