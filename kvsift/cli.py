@@ -180,7 +180,9 @@ def serving_traits(name: str) -> dict[str, str]:
 
     m = build_method(name, 0.5)   # a ratio budget: any method builds with one, none is resolved here
     if m.joins_rows():
-        joins = "yes (at the running batch's next decode step; decode-time selections also need its tokens per step)"
+        joins = ("yes (at the running batch's next decode step; with what its join key names: decode-time "
+                 "selections the tokens per step, decoding(...) the resolved budget and a prompt of at least "
+                 "query_window tokens)")
     elif getattr(m, "evicts_while_decoding", lambda: False)():
         joins = "at one token budget (rows at their budget evict in lockstep)"
     else:
