@@ -212,3 +212,25 @@ def test_cuda_graph_decode_with_kivi_joins_gives_the_answers_alone():
     outs, _ = run_with_joins(graph, a, {2: [b], 6: [c]})
     assert [outs[r.id].token_ids for r in (a, b, c)] == want
     assert outs[a.id].stats.decode_mode == "graph"
+
+
+def test_joined_rows_read_back_their_own_keys_and_values():
+    """``dense`` and ``slot_keys`` over joined rows (a window start per row) give each row's tokens
+    as its store alone gives them, by position; holes read as holes."""
+    rows = _rows(20)
+    alone = [r[3] for r in rows]
+    joined = QuantKV.join([a.clone() for a in alone])
+    for t in range(20):
+        k, v, p = _step_inputs(rows, t)
+        joined.append(k, v, p)
+        for i, a in enumerate(alone):
+            a.append(k[i : i + 1], v[i : i + 1], p[i : i + 1])
+    jk, jv, jp = joined.dense()
+    sk = joined.slot_keys(torch.arange(joined.length))
+    assert torch.equal(sk, jk)
+    for i, a in enumerate(alone):
+        ak, av, ap = a.dense()
+        real = jp[i, 0] >= 0
+        order = jp[i, 0, real].argsort()
+        assert torch.equal(jp[i, 0, real][order], ap[0, 0])
+        assert torch.equal(jk[i][:, real][:, order], ak[0]) and torch.equal(jv[i][:, real][:, order], av[0])
