@@ -163,19 +163,10 @@ class DecodingCompress(ScorerWrapper):
         gi = order[..., None].expand(b, h, n, layer.keys.shape[-1])
         cpos = pos.gather(2, order)
         scores = self.inner.score(win.queries, layer.keys.gather(2, gi), layer.values.gather(2, gi), cpos, module,
-                                  layer.layer_idx).float().masked_fill(cpos < 0, float("-inf"))
-        top = scores.topk(min(k, n), dim=-1)
-        best = torch.where(top.values > float("-inf"), order.gather(2, top.indices), n)   # slots (n: none)
-        alln = torch.where(valid, ar, n)                                      # every token's slot
-        width = max(min(k, n), int(counts[~cut].max()) if bool((~cut).any()) else 0)
-        pick = torch.where(cut[:, None, None], _fit(best, width, n), _fit(alln, width, n)).sort(dim=-1).values
-        layer.keep(torch.where(pick >= n, -1, pick))
+                                  layer.layer_idx).float()
+        scores = torch.empty_like(scores).scatter_(2, order, scores)          # back in slot order
+        # the shared selection: a row that compresses keeps its best k per head, the others every token
+        keep_top(layer, torch.where(cut[:, None, None], scores, float("inf")),
+                 torch.where(cut[:, None], counts.clamp(max=k), counts))
 
 
-
-def _fit(idx: torch.Tensor, width: int, none: int) -> torch.Tensor:
-    """``idx (b, h, m)`` cut or padded (with ``none``) to ``width`` along the last axis, smallest first."""
-    idx = idx.sort(dim=-1).values[..., :width]
-    if idx.shape[-1] < width:
-        idx = torch.cat([idx, idx.new_full((*idx.shape[:2], width - idx.shape[-1]), none)], dim=-1)
-    return idx
