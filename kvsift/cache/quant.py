@@ -543,15 +543,7 @@ class QuantKV:
             n = int(self.wslot)
             s0 = int(self.qstart[i if self.qstart.shape[0] > 1 else 0])
             q = s0 if self.qtokd is None else int(self.qtokd[i])
-        g = self.group
-        r = slice(i, i + 1)
-        return QuantKV.from_tensors({
-            "k_codes": self.k_codes[r, :, :q], "k_scale": self.k_scale[r, :, : q // g],
-            "k_zero": self.k_zero[r, :, : q // g], "v_codes": self.v_codes[r, :, :q],
-            "v_scale": self.v_scale[r, :, :q], "v_zero": self.v_zero[r, :, :q],
-            "k_res": self.k_res[r, :, : n - s0], "v_res": self.v_res[r, :, : n - s0],
-            "positions": torch.cat([self.positions[r, :, :q], self.positions[r, :, s0:n]], 2),
-            "meta": torch.tensor([self.bits, g, self.residual, q, q + n - s0], dtype=torch.int64)})
+        return QuantKV.from_tensors(self._used(slice(i, i + 1), q, s0, n))
 
     @classmethod
     def join(cls, rows: list["QuantKV"], room: int = 0) -> "QuantKV":
@@ -690,13 +682,20 @@ class QuantKV:
         zeros, the window, positions) and ``meta = [bits, group, residual, qtok, length]``."""
         if self.rows_q is not None:
             raise NotImplementedError("a batch of rows at other points is stored row by row (QuantKV.row)")
-        q, n, g = self.qtok, self.length, self.group
-        return {"k_codes": self.k_codes[:, :, :q], "k_scale": self.k_scale[:, :, : q // g],
-                "k_zero": self.k_zero[:, :, : q // g], "v_codes": self.v_codes[:, :, :q],
-                "v_scale": self.v_scale[:, :, :q], "v_zero": self.v_zero[:, :, :q],
-                "k_res": self.k_res[:, :, : n - q], "v_res": self.v_res[:, :, : n - q],
-                "positions": self.positions[:, :, :n],
-                "meta": torch.tensor([self.bits, g, self.residual, q, n], dtype=torch.int64)}
+        return self._used(slice(None), self.qtok, self.qtok, self.length)
+
+    def _used(self, rows: slice, q: int, s0: int, n: int) -> dict[str, torch.Tensor]:
+        """:meth:`tensors` of the batch rows ``rows`` whose quantized groups are slots ``0 .. q-1`` and
+        window slots ``s0 .. n-1`` (``s0 == q``: one layout, no holes between)."""
+        g = self.group
+        pos = self.positions[rows, :, :n] if s0 == q else \
+            torch.cat([self.positions[rows, :, :q], self.positions[rows, :, s0:n]], 2)
+        return {"k_codes": self.k_codes[rows, :, :q], "k_scale": self.k_scale[rows, :, : q // g],
+                "k_zero": self.k_zero[rows, :, : q // g], "v_codes": self.v_codes[rows, :, :q],
+                "v_scale": self.v_scale[rows, :, :q], "v_zero": self.v_zero[rows, :, :q],
+                "k_res": self.k_res[rows, :, : n - s0], "v_res": self.v_res[rows, :, : n - s0],
+                "positions": pos,
+                "meta": torch.tensor([self.bits, g, self.residual, q, q + n - s0], dtype=torch.int64)}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], device=None, room: int = 0) -> "QuantKV":

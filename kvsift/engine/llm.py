@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 from kvsift.budget import kv_bytes_per_token, prefill_kv_bytes, request_kv_bytes
-from kvsift.cache.quant import QuantKV
 from kvsift.cache import SiftCache
 from kvsift.cache.host import pinned_empty
 from kvsift.cache.layer import shared_rows
+from kvsift.cache.quant import QuantKV
 from kvsift.engine.attention import ForwardContext  # noqa: F401  (re-exported: engine internals are importable)
 from kvsift.engine.decode import check_decode_mode
 from kvsift.engine.params import GenerationStats, RequestOutput, SamplingParams, StreamEvent
@@ -753,7 +753,7 @@ class _Swapped:
     them but not yet fed, their next positions and prompts, and the decode tokens per row made."""
 
     req: Request
-    rows: list[list[tuple]]
+    rows: list[list]
     seqs: list["_Seq"]
     owners: list[tuple[Request, int]]
     tok: torch.Tensor
@@ -762,9 +762,10 @@ class _Swapped:
     tokens: int
 
 
-def _rows_to_host(cache: SiftCache, idx: list[int], pin: bool) -> list[list[tuple]]:
-    """Rows ``idx`` of ``cache``, per row a list over layers of :func:`_row_kv`'s tuple, copied to
-    host memory (pinned when ``pin``)."""
+def _rows_to_host(cache: SiftCache, idx: list[int], pin: bool) -> list[list]:
+    """Rows ``idx`` of ``cache``, per row a list over layers of :func:`_row_kv`'s tuple (a quantized
+    layer's row: its :meth:`QuantKV.tensors <kvsift.cache.quant.QuantKV.tensors>`), copied to host
+    memory (pinned when ``pin``)."""
     def host(t: torch.Tensor) -> torch.Tensor:
         if not pin:
             return t.to("cpu", copy=True)
@@ -774,7 +775,7 @@ def _rows_to_host(cache: SiftCache, idx: list[int], pin: bool) -> list[list[tupl
 
     def row_host(row):
         if isinstance(row, QuantKV):   # a quantized row: its used codes, scales, window and positions
-            return QuantKV.from_tensors({n: t if n == "meta" else host(t) for n, t in row.tensors().items()})
+            return {n: t if n == "meta" else host(t) for n, t in row.tensors().items()}
         k, v, p, rag = row
         return host(k), host(v), host(p), None if rag is None else rag.to("cpu")
 
@@ -782,9 +783,9 @@ def _rows_to_host(cache: SiftCache, idx: list[int], pin: bool) -> list[list[tupl
         return [[row_host(_row_kv(layer, i)) for layer in cache.layers] for i in idx]
 
 
-def _row_to(row: tuple, device: torch.device) -> tuple:
-    if isinstance(row, QuantKV):
-        return QuantKV.from_tensors(row.tensors(), device=device)
+def _row_to(row: "tuple | dict", device: torch.device) -> "tuple | QuantKV":
+    if isinstance(row, dict):   # a quantized row's tensors (:func:`_rows_to_host`)
+        return QuantKV.from_tensors(row, device=device)
     k, v, p, rag = row
     return (k.to(device, non_blocking=True), v.to(device, non_blocking=True), p.to(device, non_blocking=True),
             None if rag is None else rag.to(device))
