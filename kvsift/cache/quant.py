@@ -312,13 +312,24 @@ class QuantKV:
 
     def _flush(self, f: int) -> None:
         """Quantize the window's oldest ``f`` slots (whole groups; host side)."""
-        q, n = self.qtok, self.length
-        self._write(q, self.k_res[:, :, :f], self.v_res[:, :, :f], self.positions[:, :, q : q + f])
-        rest = n - q - f
-        self.k_res[:, :, :rest] = self.k_res[:, :, f : f + rest].clone()
-        self.v_res[:, :, :rest] = self.v_res[:, :, f : f + rest].clone()
-        self.qtok = q + f
+        self._quantize_window(slice(None), self.qtok, self.qtok, f)
+        self.qtok += f
         self.qstart.fill_(self.qtok)
+
+    def _quantize_window(self, rows: slice, q0: int, s0: int, f: int) -> None:
+        """The batch rows ``rows``' oldest ``f`` window slots (``s0 ..``, whole groups) quantized into
+        slots ``q0 ..`` (the same slots when ``q0 == s0``; else those slots' positions move there and
+        the window slots become holes), the rest of the window shifted to its start."""
+        if q0 == s0:
+            pos = self.positions[rows, :, q0 : q0 + f]
+        else:
+            pos = self.positions[rows, :, s0 : s0 + f].clone()
+            self.positions[rows, :, s0 : s0 + f] = -1
+            self.positions[rows, :, q0 : q0 + f] = pos
+        self._write(q0, self.k_res[rows, :, :f], self.v_res[rows, :, :f], pos, rows=rows)
+        rest = self.length - s0 - f
+        self.k_res[rows, :, :rest] = self.k_res[rows, :, f : f + rest].clone()
+        self.v_res[rows, :, :rest] = self.v_res[rows, :, f : f + rest].clone()
 
     # ---- appends --------------------------------------------------------------------------------
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, step: int = 0) -> None:
@@ -583,15 +594,8 @@ class QuantKV:
         """Quantize row ``i``'s oldest ``f`` window slots (whole groups; host side) into its next
         aligned slots ``rows_q[i] ..`` (holes, or those same window slots); the window slots they
         leave become holes."""
-        q0, s0, n = self.rows_q[i], self.rows_s[i], self.length
-        r = slice(i, i + 1)
-        pos = self.positions[r, :, s0 : s0 + f].clone()
-        self._write(q0, self.k_res[r, :, :f], self.v_res[r, :, :f], pos, rows=r)
-        self.positions[r, :, s0 : s0 + f] = -1
-        self.positions[r, :, q0 : q0 + f] = pos
-        rest = n - s0 - f
-        self.k_res[r, :, :rest] = self.k_res[r, :, f : f + rest].clone()
-        self.v_res[r, :, :rest] = self.v_res[r, :, f : f + rest].clone()
+        q0, s0 = self.rows_q[i], self.rows_s[i]
+        self._quantize_window(slice(i, i + 1), q0, s0, f)
         self.rows_q[i], self.rows_s[i] = q0 + f, s0 + f
         self.qstart[i] = s0 + f
         self.qtok = min(self.rows_q)
