@@ -476,11 +476,22 @@ def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict
     # runs the model's own code, '@fused' (the name measured before it became the default) forces them on
     if sys_name.endswith(("@unfused", "@fused")):
         llm.runner.fused_decode = sys_name.endswith("@fused")
+    # '@asm' / '@noasm': the quantized decode kernel's inline-PTX unpack of 4-bit codes on / off
+    # (TUNING["fold_asm"], the default since 2026-12-03), this system only
+    from kvsift.kernels import quant_decode_attention as qda
+
+    saved = qda.TUNING["fold_asm"]
+    asm = True if sys_name.endswith("@asm") else False if sys_name.endswith("@noasm") else saved
+    sys_name = sys_name.removesuffix("@asm").removesuffix("@noasm")
     name, budget_v, kw = parse_system(sys_name.removesuffix("@unfused").removesuffix("@fused"))
     if budget_v is not None and budget_v >= ids.shape[1]:
         budget_v = None if name == "full" else max(1, ids.shape[1] // 2)
-    outs = llm.generate([r.tolist() for r in ids], SamplingParams(max_tokens=n, ignore_eos=True), method=name,
-                        budget=budget_v, method_kwargs=kw or None, progress=False)
+    qda.TUNING["fold_asm"] = asm
+    try:
+        outs = llm.generate([r.tolist() for r in ids], SamplingParams(max_tokens=n, ignore_eos=True), method=name,
+                            budget=budget_v, method_kwargs=kw or None, progress=False)
+    finally:
+        qda.TUNING["fold_asm"] = saved
     st = outs[0].stats
     # steady state: the one-off warm-up step and CUDA graph recording are reported apart
     return {"decode_steps": st.decode_steps - (st.decode_setup_steps or (1 if st.decode_setup_s else 0)),

@@ -33,25 +33,30 @@ HQ, HK, D = 32, 8, 128
 # and the programs per SM
 VARIANTS = [dict(fold=False),
             dict(fold=False, block_s=32, num_warps=2, splits_per_sm=16),
-            dict(fold_block_s=64, fold_num_warps=4, fold_splits_per_sm=8),
-            dict(fold_block_s=32, fold_num_warps=2, fold_splits_per_sm=16),
+            # the folded path without the inline-PTX unpack (codes straight to fp16, the default
+            # before 2026-12-03; 4-bit), at its old pipeline depth too, and its ways of rounding
+            dict(fold_asm=False), dict(fold_asm=False, fold_num_stages=2),
+            dict(fold_asm=False, fold_halves=2), dict(fold_asm=False, fold_magic=False),
+            # block, warps, programs per SM and pipeline depth around the default
+            dict(fold_num_stages=2), dict(fold_num_stages=4),
+            dict(fold_block_s=32, fold_splits_per_sm=16),
+            dict(fold_num_warps=4), dict(fold_splits_per_sm=8), dict(fold_splits_per_sm=32),
+            dict(fold_min_blocks=1), dict(fold_min_blocks=16), dict(fold_min_blocks=64),
             dict(fold_block_s=128, fold_num_warps=4, fold_splits_per_sm=8),
-            # two bf16 halves per folded dot instead of one fp16 dot; codes unpacked through fp32 (not
-            # straight to fp16); no minimum split (the plan before: 16 programs per SM whatever the
-            # split's length), and 8 per SM
-            dict(fold_halves=2), dict(fold_magic=False), dict(fold_min_blocks=1),
-            dict(fold_splits_per_sm=8, fold_min_blocks=1),
-            dict(fold_block_s=128, fold_num_warps=4, fold_splits_per_sm=4),
-            # the loop's software pipeline: codes straight to registers (1: no shared-memory staging,
-            # whose int8 tiles the score dot then reads byte by byte) or three stages
-            dict(num_stages=1), dict(num_stages=3), dict(num_stages=1, fold_num_warps=4),
-            # 4-bit codes unpacked by inline PTX into planes of even and odd channels (fp16 tiles to
-            # the dots, no byte-wise operand loads)
-            dict(fold_asm=True), dict(fold_asm=True, num_stages=3),
-            dict(fold_asm=True, fold_block_s=128, fold_num_warps=4, fold_splits_per_sm=8)]
+            dict(fold_block_s=128, fold_num_warps=8, fold_splits_per_sm=8)]
+# the sweep of 2026-12-03 (``--variants asm``, bench/results/gpu_kivi_asm_h200.json) ran these over
+# the then default (the fp16 unpack); its JSON names the folded loop's depth ``num_stages``, which
+# both paths shared then
+ASM_VARIANTS = [dict(fold_asm=True), dict(fold_asm=True, fold_num_stages=3), dict(fold_asm=True, fold_num_stages=4),
+                dict(fold_asm=True, fold_block_s=32, fold_splits_per_sm=16),
+                dict(fold_asm=True, fold_num_warps=4), dict(fold_asm=True, fold_num_warps=4, fold_num_stages=3),
+                dict(fold_asm=True, fold_splits_per_sm=8), dict(fold_asm=True, fold_splits_per_sm=32),
+                dict(fold_asm=True, fold_min_blocks=16), dict(fold_asm=True, fold_min_blocks=64),
+                dict(fold_asm=True, fold_block_s=128, fold_num_warps=4, fold_num_stages=3),
+                dict(fold_asm=True, fold_block_s=128, fold_num_warps=8, fold_splits_per_sm=8)]
 
 
-def bench(batch: int, n: int, bits: int, reps: int) -> dict:
+def bench(batch: int, n: int, bits: int, reps: int, variants: list[dict] = VARIANTS) -> dict:
     dev = "cuda"
     g = default_group(D, bits)
     k = torch.randn(batch, HK, n, D, device=dev, dtype=torch.bfloat16)
@@ -74,7 +79,7 @@ def bench(batch: int, n: int, bits: int, reps: int) -> dict:
     from kvsift.kernels import quant_decode_attention as qmod
     saved = dict(qmod.TUNING)
     row["variants_ms"] = {}
-    for var in VARIANTS:
+    for var in variants:
         qmod.TUNING.clear()
         qmod.TUNING.update(saved, **var)
         key = "/".join(f"{k}={v}" for k, v in var.items())
@@ -115,6 +120,8 @@ def main() -> None:
     p.add_argument("--bits", type=lambda s: [int(x) for x in s.split(",")], default=[4, 2])
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--variants", choices=("all", "asm"), default="all",
+                   help="the launch settings timed beside the default: all, or those around the inline-PTX unpack")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
@@ -123,7 +130,7 @@ def main() -> None:
         for n in args.contexts:
             for bits in args.bits:
                 try:
-                    row = bench(b, n, bits, args.reps)
+                    row = bench(b, n, bits, args.reps, ASM_VARIANTS if args.variants == "asm" else VARIANTS)
                 except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     continue

@@ -7,10 +7,11 @@ counts are static (each instruction of the binary once, not weighted by how ofte
 folded path's loop over a block of slots dominates them. For issue #13: where the kernel's
 instructions go (unpacking, layout conversions, tensor-core dots).
 
-    PYTHONPATH=. python3 bench/kernel_sass.py --out bench/out/kernel_sass.json   # also writes kernel.sass beside it
+    PYTHONPATH=. python3 bench/kernel_sass.py --out bench/out/kernel_sass.json   # also writes kernel_sass.sass beside it
+    PYTHONPATH=. python3 bench/kernel_sass.py --tuning fold_asm=1 --out bench/out/sass_asm.json   # a TUNING variant
 
 Prints the launch metadata (warps, stages, shared memory, registers, spills) and the opcodes by
-count; the JSON has both, the SASS text goes to ``kernel.sass`` in the output's folder.
+count; the JSON has both, the SASS text goes beside it (the output's name with ``.sass``).
 """
 
 from __future__ import annotations
@@ -50,7 +51,14 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", type=int, default=131072)
     ap.add_argument("--bits", type=int, default=4, choices=(2, 4))
     ap.add_argument("--out", default="bench/out/kernel_sass.json")
+    ap.add_argument("--tuning", default="", help="TUNING overrides of the kernel, e.g. fold_asm=1,num_stages=3")
     args = ap.parse_args(argv)
+    overrides = {}
+    for item in filter(None, args.tuning.split(",")):
+        key, _, val = item.partition("=")
+        if not val:
+            ap.error(f"--tuning items are key=value, got {item!r}")
+        overrides[key.strip()] = int(val) if val.strip().lstrip("-").isdigit() else val.strip()
     import torch
     if not torch.cuda.is_available():
         print("kernel_sass: needs CUDA", file=sys.stderr)
@@ -60,7 +68,14 @@ def main(argv=None) -> int:
     import triton
 
     from kvsift.cache.quant import QuantKV, default_group
+    from kvsift.kernels import quant_decode_attention as qmod
     from kvsift.kernels.quant_decode_attention import quant_decode_attention
+
+    unknown = set(overrides) - set(qmod.TUNING)
+    if unknown:
+        ap.error(f"unknown --tuning keys {sorted(unknown)}; known: {sorted(qmod.TUNING)}")
+    for key, val in overrides.items():
+        qmod.TUNING[key] = type(qmod.TUNING[key])(val) if not isinstance(qmod.TUNING[key], bool) else bool(val)
 
     n, hq, hk, d = args.ctx, 32, 8, 128
     g = default_group(d, args.bits)
@@ -76,12 +91,12 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     tool = tool if os.path.exists(tool) else (shutil.which("cuobjdump") or tool)
-    result = {"ctx": n, "bits": args.bits, "kernels": []}
+    result = {"ctx": n, "bits": args.bits, "tuning": dict(qmod.TUNING), "kernels": []}
     for meta_path in glob.glob(os.path.join(cache, "*", "_quant_decode_split_kernel.json")):
         meta = json.load(open(meta_path))
         cubin = glob.glob(os.path.join(os.path.dirname(meta_path), "*.cubin"))[0]
         sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
-        (out.parent / "kernel.sass").write_text(sass)
+        (out.parent / (out.stem + ".sass")).write_text(sass)
         ops = opcode_counts(sass)
         info = {k: meta.get(k) for k in ("num_warps", "num_stages", "shared", "n_regs", "n_spills")}
         print(info)
