@@ -370,8 +370,8 @@ def test_no_join_where_it_would_not_be_exact(tiny_llm, default_tokenizer):
 
     ids = [random_prompt(40, seed=94)]
     p = SamplingParams(max_tokens=4, ignore_eos=True)
-    for spec in ("sentencekv+kivi", "quest+kivi"):   # a quantized store after a decode-time method
-        assert not tiny_llm.joins_running(tiny_llm.request(ids, p, method=spec, budget=16)), spec
+    # a quantized host store (sentencekv+kivi): per batch (quest+kivi joins, tests/test_kivi_join.py)
+    assert not tiny_llm.joins_running(tiny_llm.request(ids, p, method="sentencekv+kivi", budget=16))
     held = tiny_llm.request(ids, p, method="sentencekv", budget=16, method_kwargs={"reselect_every": 2})
     assert not tiny_llm.joins_running(held)   # a held selection is per batch step
     # tova, h2o and streaming join at their budget (test below), but not over a context: each row copies it
@@ -941,7 +941,8 @@ def _run_preempting(llm, a, b, tokens: int, join_at: int, slack: float, cancel_b
 
 @pytest.mark.parametrize("spec,budget,mode", [("full", None, "eager"), ("snapkv", 0.5, "eager"),
                                               ("adakv", 0.5, "eager"), ("full", None, "static"),
-                                              ("kivi", None, "eager"), ("kivi", None, "static")])
+                                              ("kivi", None, "eager"), ("kivi", None, "static"),
+                                              ("quest+kivi", 16, "eager"), ("quest+kivi", 16, "static")])
 def test_preemption_swaps_the_newest_request_out_and_resumes_it_with_its_answer(tiny_llm, default_tokenizer,
                                                                                 spec, budget, mode):
     """A preempting scheduler admits A and B with their prompt and 4 decode tokens; as both decode,

@@ -123,7 +123,7 @@ def test_rows_of_one_layout_stack_and_others_refuse():
 
 
 @pytest.mark.parametrize("mode", ["eager", "static"])
-@pytest.mark.parametrize("spec", ["kivi", "snapkv+kivi"])
+@pytest.mark.parametrize("spec", ["kivi", "snapkv+kivi", "quest+kivi"])
 def test_kivi_requests_of_other_lengths_join_and_get_their_answers_alone(tiny_llm, default_tokenizer, mode, spec):
     """The engine stacks a running kivi batch and the requests joining it (each prefilled and
     quantized alone) into one store whose rows keep their windows: every answer equals the
@@ -148,10 +148,10 @@ def test_kivi_requests_of_other_lengths_join_and_get_their_answers_alone(tiny_ll
     assert max(steps) == 3 and any(st is not None and st.rows_q is not None for st in stores)
 
 
-def test_only_prefill_evictions_join_with_kivi_and_those_are_preempted(tiny_llm):
+def test_kivi_joins_and_is_preempted_unless_a_stage_keeps_a_host_store(tiny_llm):
     from kvsift.methods import build_method
 
-    for spec, joins in (("kivi", True), ("snapkv+kivi", True), ("sentencekv+kivi", False), ("quest+kivi", False)):
+    for spec, joins in (("kivi", True), ("snapkv+kivi", True), ("quest+kivi", True), ("sentencekv+kivi", False)):
         m = build_method(spec, None if spec == "kivi" else 64)
         assert m.joins_rows() is joins and m.preemptible() is joins, spec
 
@@ -193,9 +193,11 @@ def test_triton_kernel_reads_a_window_start_per_row_in_interpreter():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_decode_with_kivi_joins_gives_the_answers_alone():
+@pytest.mark.parametrize("spec,budget", [("kivi", None), ("quest+kivi", 32)])
+def test_cuda_graph_decode_with_kivi_joins_gives_the_answers_alone(spec, budget):
     """Under CUDA graphs: the joined rows' flushing steps (a device table of which rows flush) are
-    recorded as their own kind of step; the answers are the eager ones alone."""
+    recorded as their own kind of step; the answers are the eager ones alone (Quest: its page
+    bounds rebuilt over the joined rows' dequantized keys)."""
     from kvsift import LLM
     from kvsift.models import tiny_model
     from tests.test_engine_scheduler import run_with_joins
@@ -206,8 +208,8 @@ def test_cuda_graph_decode_with_kivi_joins_gives_the_answers_alone():
     kw = {"group": 16, "residual": 32}
     ps = [random_prompt(n, seed=470 + n) for n in (60, 300, 45)]
     pr = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (40, 35, 30)]
-    want = [eager.generate(x, q, method="kivi", method_kwargs=kw)[0].token_ids for x, q in zip(ps, pr)]
-    a, b, c = (graph.request([x], q, method="kivi", method_kwargs=kw) for x, q in zip(ps, pr))
+    want = [eager.generate(x, q, method=spec, budget=budget, method_kwargs=kw)[0].token_ids for x, q in zip(ps, pr)]
+    a, b, c = (graph.request([x], q, method=spec, budget=budget, method_kwargs=kw) for x, q in zip(ps, pr))
     assert graph.joins_running(a)
     outs, _ = run_with_joins(graph, a, {2: [b], 6: [c]})
     assert [outs[r.id].token_ids for r in (a, b, c)] == want

@@ -73,10 +73,12 @@ from kvsift.kernels.sparse_decode_attention import _LOG2E, SplitLaunch, _check_c
 # shared memory (bench/kernel_sass.py); the assembly is opaque to Triton's layout hoisting, so the
 # planes go to the dots as fp16 tiles. On the H200 (2026-12-03, 128k, int4,
 # bench/results/gpu_kivi_asm_h200.json) it took 0.162 / 1.186 ms at batch 1 / 8 against 0.206 /
-# 1.508 for the unpack to fp16, and end to end kivi decoded at 10.74 against 12.15 ms/token
-# (gpu_kivi_e2e_asm_h200.json), so it is the default for 4-bit codes (2-bit codes keep the unpack).
-# ``fold_num_stages``: the folded loop's pipeline depth (``num_stages`` is the table path's); 3 took
-# 0.159 / 1.164 ms in that sweep against 0.162 / 1.186 for 2 (4: 0.161 / 1.183).
+# 1.508 for the unpack to fp16, and end to end kivi decoded at 10.64 against 12.22 ms/token
+# (gpu_kivi_e2e_asm_default_h200.json), so it is the default for 4-bit codes (2-bit codes keep the
+# unpack). ``fold_num_stages``: the folded loop's pipeline depth (``num_stages`` is the table path's);
+# 3 took 0.159 / 1.164 ms in that sweep against 0.162 / 1.186 for 2 (4: 0.161 / 1.183). Computing a
+# key group's query terms once per group (a loop-carried branch) instead of once per block was
+# slower there: 0.173 / 1.276 ms (gpu_kivi_hoist_h200.json), and was dropped.
 TUNING = {"block_s": 32, "num_warps": 4, "num_stages": 2, "splits_per_sm": 2,
           "fold": True, "fold_block_s": 64, "fold_num_warps": 2, "fold_splits_per_sm": 16, "fold_halves": 1,
           "fold_magic": True, "fold_min_blocks": 32, "fold_floor_per_sm": 4, "fold_asm": True,
@@ -321,51 +323,38 @@ if HAS_TRITON:
         return r
 
     @triton.jit
-    def _group_terms(qf, kgi, rstart, qk_scale, ks_base, kz_base, sks_g, offs_d, mask_d,
-                     KGROUP: tl.constexpr, ASM: tl.constexpr):
-        """The query's terms for key group ``kgi`` (one scale and zero per channel): ``(qa, qb, kb)``,
-        the query scaled by the group's key scales (``(G_P, BLOCK_D)`` fp32 as ``qa``; with ``ASM``
-        its even and odd channels as fp16 ``qa``, ``qb``, ``(G_P, BLOCK_D // 2)`` each, else ``qb`` is
-        ``qa``) and ``q . k_zero`` (``(G_P,)``), in log2 units. A group not quantized yet (at or past
-        ``rstart``) reads nothing and gives zeros. Computed once per group, not per block of slots."""
-        # the group was quantized (else its row may be garbage, or past the scales' end)
-        m_g = mask_d & ((offs_d * 0 + kgi * KGROUP) < rstart)
-        ksr = tl.load(ks_base + kgi * sks_g + offs_d, mask=m_g, other=0.0).to(tl.float32)
-        kzr = tl.load(kz_base + kgi * sks_g + offs_d, mask=m_g, other=0.0).to(tl.float32)
-        # scores in log2 units from the start: the scaled query is then about 8x smaller (head_dim
-        # 128), far from fp16's range where it is rounded to fp16 (HALVES == 1)
-        qs = qf * (ksr * qk_scale)[None, :]                                  # (G_P, BLOCK_D)
-        kb = tl.sum(qf * kzr[None, :], axis=1) * qk_scale                    # (G_P,)
-        if ASM:   # two planes of channels (even, odd), the query's channels split alike
-            qse, qso = tl.split(tl.reshape(qs, (qs.shape[0], qs.shape[1] // 2, 2)))
-            return qse.to(tl.float16), qso.to(tl.float16), kb
-        else:
-            return qs, qs, kb
-
-    @triton.jit
-    def _fold_block(qf, q, qa, qb, kb, m_i, l_i, acc, slot, valid, isq, isr, rstart, qk_scale,
-                    kc_base, skc_c, vc_base, svc_c, vs_base, vz_base, svs_c,
+    def _fold_block(qf, q, m_i, l_i, acc, it, slot, valid, isq, isr, rstart, qk_scale,
+                    kc_base, skc_c, ks_base, kz_base, sks_g, vc_base, svc_c, vs_base, vz_base, svs_c,
                     rk_base, srk_c, rv_base, srv_c, offs_b, offs_d, mask_d,
-                    BITS: tl.constexpr, PER: tl.constexpr, LEVELS: tl.constexpr,
+                    BITS: tl.constexpr, PER: tl.constexpr, LEVELS: tl.constexpr, KGROUP: tl.constexpr,
                     UPCAST: tl.constexpr, IEEE: tl.constexpr, HALVES: tl.constexpr, MAGIC: tl.constexpr,
                     ASM: tl.constexpr = False):
         """One block of ``BLOCK_S`` consecutive slots that share a key group (every slot, blocks
         aligned to the group), one value scale per slot, folded into the online softmax without
-        dequantizing a tile: the scores are ``(q * k_scale) . codes + q . k_zero`` (the group's
-        terms ``qa``, ``qb``, ``kb`` from :func:`_group_terms`) and the output gains ``(p * v_scale)
-        @ codes + sum(p * v_zero)``; only the codes are unpacked. Slots of the full-precision window
-        (the tiles that reach it) read ``k_res``/``v_res``. ``MAGIC``: the codes unpacked to fp16
-        (:func:`_codes`). Returns ``(m_i, l_i, acc)``."""
+        dequantizing a tile: the scores are ``(q * k_scale) . codes + q . k_zero`` (one key group's
+        scale and zero, ``(D,)`` each) and the output gains ``(p * v_scale) @ codes + sum(p *
+        v_zero)``; only the codes are unpacked. Slots of the full-precision window (the tiles that
+        reach it) read ``k_res``/``v_res``. ``MAGIC``: the codes unpacked to fp16 (:func:`_codes`).
+        Returns ``(m_i, l_i, acc)``."""
+        kgi = it // KGROUP
+        has_g = kgi * KGROUP < rstart           # the group was quantized (else its row may be garbage)
+        ksr = tl.where(has_g, tl.load(ks_base + kgi * sks_g + offs_d, mask=mask_d, other=0.0).to(tl.float32), 0.0)
+        kzr = tl.where(has_g, tl.load(kz_base + kgi * sks_g + offs_d, mask=mask_d, other=0.0).to(tl.float32), 0.0)
+        # scores in log2 units from the start: the scaled query is then about 8x smaller (head_dim
+        # 128), far from fp16's range where it is rounded to fp16 (HALVES == 1)
+        qs = qf * (ksr * qk_scale)[None, :]                                  # (G_P, BLOCK_D)
+        kb = tl.sum(qf * kzr[None, :], axis=1) * qk_scale                    # (G_P,)
         kraw = tl.load(kc_base + slot[:, None] * skc_c + offs_b[None, :], mask=isq[:, None], other=0)
-        if ASM:   # two planes of channels (even, odd): qa, qb the query's even and odd channels
+        if ASM:   # two planes of channels (even, odd), the query's channels split alike
             klo, khi = _planes_asm(kraw)
-            qk = tl.dot(qa, tl.trans(klo)) + tl.dot(qb, tl.trans(khi))
+            qse, qso = tl.split(tl.reshape(qs, (qs.shape[0], qs.shape[1] // 2, 2)))
+            qk = tl.dot(qse.to(tl.float16), tl.trans(klo)) + tl.dot(qso.to(tl.float16), tl.trans(khi))
         else:
             kcode = _codes(kraw, BITS, PER, LEVELS, MAGIC)                       # (BLOCK_S, BLOCK_D) exact
             if UPCAST or IEEE:
-                qk = tl.dot(qa, tl.trans(kcode.to(tl.float32)), input_precision="ieee")
+                qk = tl.dot(qs, tl.trans(kcode.to(tl.float32)), input_precision="ieee")
             else:
-                qk = _split_dot(qa, kcode, q.dtype, HALVES, True)
+                qk = _split_dot(qs, kcode, q.dtype, HALVES, True)
         qk = qk + kb[:, None]
         any_r = tl.sum(isr.to(tl.int32), axis=0) > 0
         if any_r:
@@ -472,23 +461,16 @@ if HAS_TRITON:
         stop = tl.minimum(start + split_size, S)
         if HAS_CNT:
             stop = tl.minimum(stop, tl.load(cnt_ptr + b * sc_b + h * sc_h).to(tl.int32))
-        if FOLD:   # the query's terms of the current key group, recomputed when a block starts a new one
+        if FOLD:
             qf = q.to(tl.float32)
-            cur_g = start // KGROUP
-            qa, qb, kb = _group_terms(qf, cur_g, rstart, qk_scale, ks_base, kz_base, sks_g, offs_d, mask_d,
-                                      KGROUP, ASM)
         for it in range(start, stop, BLOCK_S):
             slot, valid, isq, isr = _slot_block(it, stop, i_base, si_s, kp_base, sp_c, CAP, RCAP, WINDOW, qpos,
                                                 rstart, BLOCK_S, ALL)
             if FOLD:
-                if it // KGROUP != cur_g:
-                    cur_g = it // KGROUP
-                    qa, qb, kb = _group_terms(qf, cur_g, rstart, qk_scale, ks_base, kz_base, sks_g, offs_d,
-                                              mask_d, KGROUP, ASM)
-                m_i, l_i, acc = _fold_block(qf, q, qa, qb, kb, m_i, l_i, acc, slot, valid, isq, isr, rstart,
-                                            qk_scale, kc_base, skc_c, vc_base, svc_c, vs_base, vz_base, svs_c,
-                                            rk_base, srk_c, rv_base, srv_c, offs_b, offs_d, mask_d, BITS, PER,
-                                            LEVELS, UPCAST, IEEE, HALVES, MAGIC, ASM)
+                m_i, l_i, acc = _fold_block(qf, q, m_i, l_i, acc, it, slot, valid, isq, isr, rstart, qk_scale,
+                                            kc_base, skc_c, ks_base, kz_base, sks_g, vc_base, svc_c, vs_base,
+                                            vz_base, svs_c, rk_base, srk_c, rv_base, srv_c, offs_b, offs_d,
+                                            mask_d, BITS, PER, LEVELS, KGROUP, UPCAST, IEEE, HALVES, MAGIC, ASM)
             else:
                 mq = isq[:, None] & mask_d[None, :]
                 if FAST:

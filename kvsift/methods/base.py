@@ -870,9 +870,8 @@ class Compose(KVMethod):
         return all(s.pads_exactly() for s in self.stages)
 
     def joins_rows(self) -> bool:
-        if any(s.codec for s in self.stages) and not all(
-                s.codec or s.attention_only or isinstance(s, EvictionMethod) for s in self.stages):
-            return False   # a quantized store joins after prefill evictions only (not sentencekv's, quest's)
+        if any(s.codec for s in self.stages) and any(s.offloads_to_host() for s in self.stages):
+            return False   # a quantized host store (sentencekv+kivi) is per batch; the device store joins
         return all(s.joins_rows() or s.attention_only for s in self.stages)
 
     def preemptible(self) -> bool:
