@@ -964,6 +964,34 @@ def test_preemption_swaps_the_newest_request_out_and_resumes_it_with_its_answer(
     assert run_a >= 8, order
 
 
+def test_a_row_read_during_static_decode_holds_the_tokens_written_since_it_began():
+    """A row copied out of a running batch in static decode (a preempted request's rows, a batch's
+    rows being stacked) holds the decoded tokens the steps wrote at the device slot, not only the
+    ``length`` the host saw when static decode began (a swapped row once lost them)."""
+    from kvsift.engine.llm import _row_kv
+
+    cache = SiftCache(1)
+    ly = cache.layers[0]
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 2, 5, 4, generator=g), torch.randn(2, 2, 5, 4, generator=g)
+    pos = torch.tensor([[-1, 0, 1, 2, 3], [0, 1, 2, 3, 4]], dtype=torch.int32)[:, None].expand(2, 2, 5)
+    ly.set_kv(k, v, pos.contiguous(), reserve=0)
+    cache.begin_static(3)
+    for t in range(2):
+        cache.step_positions = torch.tensor([[4 + t], [5 + t]], dtype=torch.int32)
+        nk, nv = torch.randn(2, 2, 1, 4, generator=g), torch.randn(2, 2, 1, 4, generator=g)
+        ly.update(nk, nv)
+    assert ly.length == 5   # the host-side length has not moved
+    rk, rv, rp, rag = _row_kv(ly, 0)
+    assert rag is None and rp[0, 0].tolist() == [0, 1, 2, 3, 4, 5]       # the padding slot dropped
+    assert torch.equal(rk[0, :, :4], k[0, :, 1:]) and torch.equal(rk[0, :, -1], nk[0, :, 0])
+    assert torch.equal(rv[0, :, -1], nv[0, :, 0])
+    _, _, rp1, _ = _row_kv(ly, 1)
+    assert rp1[0, 1].tolist() == [0, 1, 2, 3, 4, 5, 6]
+    cache.end_static(2)
+    assert [t.tolist() for t in _row_kv(ly, 1)[2:3]] == [rp1.tolist()]   # the same after static decode
+
+
 def test_preemption_is_off_by_default_and_checked():
     from kvsift.engine.scheduler import SchedulerConfig
 

@@ -804,8 +804,12 @@ def _row_kv(layer, i: int) -> tuple:
         e = slice(0, 0)
         return (layer.keys[i:i + 1, :, e], layer.values[i:i + 1, :, e], layer.positions[i:i + 1, :, e],
                 layer.ragged.rows([i]))
-    real = (layer.positions[i] >= 0).any(0)
-    return (layer.keys[i:i + 1, :, real], layer.values[i:i + 1, :, real], layer.positions[i:i + 1, :, real], None)
+    # during static decode (and in a KV arena) the steps write at the device slot ``wslot``; the
+    # host-side ``length`` catches up only at ``end_static``, so read up to the slot (one sync)
+    n = int(layer.wslot) if layer.wslot is not None else layer.length
+    pos = layer.pos_buf[i:i + 1, :, :n]
+    real = (pos[0] >= 0).any(0)
+    return (layer.k_buf[i:i + 1, :, :n][:, :, real], layer.v_buf[i:i + 1, :, :n][:, :, real], pos[:, :, real], None)
 
 
 def _as_batch(prompts) -> list:
