@@ -365,9 +365,7 @@ def test_questions_join_a_running_batch_over_a_shared_context(tiny_llm, monkeypa
     assert all(r.finished for r in (a, b, c))
 
 
-def test_no_join_where_it_would_not_be_exact(tiny_llm, default_tokenizer):
-    from kvsift import LLM
-
+def test_no_join_where_it_would_not_be_exact(tiny_llm):
     ids = [random_prompt(40, seed=94)]
     p = SamplingParams(max_tokens=4, ignore_eos=True)
     # a quantized host store (sentencekv+kivi): per batch (quest+kivi joins, tests/test_kivi_join.py)
@@ -381,13 +379,6 @@ def test_no_join_where_it_would_not_be_exact(tiny_llm, default_tokenizer):
         assert not tiny_llm.joins_running(tiny_llm.request([ids[0][30:]], p, context=plain, method=spec, budget=16))
     ctx = tiny_llm.prefill_context(ids[0], method="sentencekv", budget=32)   # its KV lives in a host store
     assert not tiny_llm.joins_running(tiny_llm.request(ids, p, context=ctx, method="sentencekv", budget=32))
-    # over the runner's KV arenas the static steps write the arena, not the batch's cache: no joins
-    arena = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode="static", kv_arena=True)
-    r = arena.request(ids, p)
-    assert not arena.joins_running(r)
-    asked = []
-    out = list(arena.run_batch([r], join=lambda running, rows: asked.append(rows) or []))
-    assert asked == [] and out[-1][1].output.token_ids == tiny_llm.generate(ids, p)[0].token_ids
 
 
 @pytest.mark.parametrize("mode,spec", [("eager", "quest"), ("static", "quest"), ("eager", "snapkv+quest")])
@@ -854,6 +845,76 @@ def test_kv_arena_graphs_are_recorded_once_and_replayed_by_later_generations(tin
     assert st.decode_mode == "graph" and st.decode_setup_steps == 0  # the third generation only replayed
 
 
+def test_requests_join_a_batch_decoding_over_a_kv_arena(tiny_llm, default_tokenizer, monkeypatch):
+    """Over the runner's KV arenas (``kv_arena``) requests join a running batch and rows leave it: the
+    rows are read from the arena the steps wrote (the batch's own cache is stale there), the new
+    batch is loaded into the arena of its shape, and a join that keeps the batch and capacity
+    buckets replays the graph recorded there instead of recording one (stand-in recorder, as above).
+    Every answer is the request's alone, and a preempting scheduler works over arenas too."""
+    from kvsift import LLM
+    from kvsift.engine.graphs import GraphEntry
+
+    llm = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode="static", kv_arena=True)
+    runner = llm.runner
+    real_forward = runner.forward
+
+    class Replay:
+        def __init__(self, ctx, tok, pos, logits):
+            self.ctx, self.tok, self.pos, self.logits = ctx, tok, pos, logits
+
+        def replay(self):
+            out = real_forward(self.ctx, self.tok, self.pos)
+            self.ctx.cache.seen -= 1
+            self.logits.copy_(out)
+
+    def capture(ctx, tok, pos):
+        logits = torch.empty(tok.shape[0], llm.model.config.vocab_size)
+        return GraphEntry(Replay(ctx, tok, pos, logits), logits)
+
+    monkeypatch.setattr(runner, "capture", capture)
+    monkeypatch.setattr(runner, "decode_mode_for", lambda method: "graph")
+    ps = [random_prompt(n, seed=610 + n) for n in (60, 45, 52)]
+    pr = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (30, 12, 20)]
+    want = [tiny_llm.generate(x, q)[0].token_ids for x, q in zip(ps, pr)]
+    a, b, c = (llm.request([x], q) for x, q in zip(ps, pr))
+    assert llm.joins_running(a)
+    loads = []
+    from kvsift.engine import graphs as graphs_mod
+
+    orig_load = graphs_mod.KVArena.load
+    monkeypatch.setattr(graphs_mod.KVArena, "load",
+                        lambda self, src, rows: loads.append((self.bucket, self.capacity, rows)) or orig_load(self, src, rows))
+    whole = []
+    real_rebuild = llm._rebuild
+
+    def rebuild(*args, **kwargs):   # every stacked row holds each position before its next one
+        new_ctx, joined = real_rebuild(*args, **kwargs)
+        pos = new_ctx.cache.layers[0].positions[:, 0]
+        for row, nxt in zip(pos, new_ctx.next_pos.tolist()):
+            whole.append(sorted(row[row >= 0].tolist()) == list(range(nxt)))
+        return new_ctx, joined
+
+    monkeypatch.setattr(llm, "_rebuild", rebuild)
+    outs, steps = run_with_joins(llm, a, {2: [b], 4: [c]})
+    assert [outs[r.id].token_ids for r in (a, b, c)] == want
+    assert whole and all(whole)   # (rows read from the batch's stale cache lose their decoded tokens)
+    n_whole = len(whole)
+    # a alone (bucket 1), a + b (bucket 2), a + b + c (bucket 4), then a + c once b is done (bucket 2
+    # again: its arena and graph replayed), then a alone (bucket 1 again)
+    assert [rows for _, _, rows in loads][:3] == [1, 2, 3] and len(loads) >= 4
+    assert len({(bk, cap) for bk, cap, _ in loads}) < len(loads)       # an arena came back
+    g = runner.graphs
+    assert g.stats.captures == len({(bk, cap) for bk, cap, _ in loads})  # one recording per arena, not per batch
+    assert g.stats.hits > g.stats.captures
+    # preemption over arenas: the swapped rows are read from the arena (their decoded tokens too)
+    q = SamplingParams(max_tokens=40, ignore_eos=True)
+    p_a, p_b = random_prompt(40, seed=501), random_prompt(48, seed=502)
+    a2, b2 = llm.request([p_a], q), llm.request([p_b], q)
+    memory, outs2, _ = _run_preempting(llm, a2, b2, 40, join_at=2, slack=1.1)
+    assert [outs2[r.id][0].token_ids for r in (a2, b2)] == [tiny_llm.generate(x, q)[0].token_ids for x in (p_a, p_b)]
+    assert len(whole) > n_whole and all(whole)   # the swapped rows came back whole
+
+
 def test_a_cancelled_request_stops_its_prefill_at_a_chunk_boundary(tiny_llm):
     """A client that leaves (or a time limit) during a long prefill stops it at the next chunk,
     not after the whole prompt: the sequence ends "cancelled" with no token."""
@@ -1037,10 +1098,10 @@ def test_a_change_of_rows_holds_the_batch_kv_about_once(tiny_llm, monkeypatch):
     held, peaks = [], []
     real_rebuild, real_set_rows = llm._rebuild, SiftLayer.set_rows
 
-    def rebuild(ctx, next_pos, keep, new, parts, run, resumed=None):
+    def rebuild(ctx, next_pos, keep, new, parts, run, resumed=None, rows_from=None):
         held[:] = [ctx.cache] + [c for c, _, _, _ in parts]
         peaks.append([sum(ly.nbytes() for c in held for ly in c.layers), 0, 0])
-        out = real_rebuild(ctx, next_pos, keep, new, parts, run, resumed)
+        out = real_rebuild(ctx, next_pos, keep, new, parts, run, resumed, rows_from=rows_from)
         held.clear()
         return out
 

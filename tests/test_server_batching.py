@@ -309,9 +309,6 @@ def test_max_batch_and_memory_options_are_validated(capsys):
     assert main(["serve", "--join-chunk-size", "8", "--model", "/nonexistent", "--no-persist"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kvsift: error: ") and "--join-chunk-size" in err, err
-    assert main(["serve", "--preempt", "--kv-arena", "--model", "/nonexistent", "--no-persist"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("kvsift: error: ") and "--preempt" in err and "--kv-arena" in err, err
 
 
 def test_a_request_over_the_kv_memory_is_400_before_it_queues(make_client, tiny_llm):

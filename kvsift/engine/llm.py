@@ -58,7 +58,9 @@ class LLM:
     ``kv_arena``: static and graph decoding of ``full`` run over runner-owned KV arenas (one per
     batch-size and capacity bucket, at most two kept), so that CUDA graphs recorded by one
     generation are replayed by the next ones instead of recorded again (at the cost of a copy of
-    the prompt's KV into the arena and the arenas' memory).
+    the prompt's KV into the arena and the arenas' memory). Requests join a batch decoding over an
+    arena too: at a change of rows the rows are read from the arena and the new batch is loaded
+    into the arena of its shape.
     ``tensor_parallel``: N > 1 shards the model over the N ranks of a ``torchrun`` launch
     (transformers' ``tp_plan="auto"``; create the LLM inside ``with kvsift.tensor_parallel(N):``,
     see :mod:`kvsift.tp`): each rank's cache holds its own KV heads and methods select per head on
@@ -383,7 +385,7 @@ class LLM:
         padding by position) and they decode with the others from the next step; rows whose
         sequence is done leave the batch the same way. Only where that is exact and keeps shapes
         free: a method whose state is only its kept KV (``full``, the prefill eviction methods), no
-        reused context but one read by reference, no KV arena (:meth:`joins_running`); elsewhere
+        reused context but one read by reference (:meth:`joins_running`); elsewhere
         the batch keeps its rows to the end (done rows computed and ignored).
 
         ``memory``: the scheduler that admitted the requests, when its config preempts
@@ -407,7 +409,7 @@ class LLM:
         max_new = max(limits)
         runner = self.runner
         mode = runner.decode_mode_for(method)
-        compact = self.joins_running(head, mode)  # rows may change between steps
+        compact = self.joins_running(head)  # rows may change between steps
         can_join = join is not None and compact
         # the prefill stops at a chunk boundary once every request of the group is cancelled
         gone = ((lambda: all(r.cancel() for r in requests)) if all(r.cancel is not None for r in requests)
@@ -536,8 +538,10 @@ class LLM:
                                 yield r, StreamEvent(0, "", None, finished=True, error=e)
                     out_rows: set[int] = set()
                     resumed: list[_Swapped] = []
+                    # the KV the steps wrote: the runner's arena when the decode runs over one
+                    live = decoder.ctx if decoder.arena is not None else ctx
                     if preempt and synced:
-                        out_rows = self._preempt(memory, ctx, requests, seqs, owners, covered, swapped, tok, next_pos)
+                        out_rows = self._preempt(memory, live, requests, seqs, owners, covered, swapped, tok, next_pos)
                         if swapped and not out_rows and pending is None:
                             idle = all(d for d in done)  # nothing runs: the oldest comes back whatever it costs
                             while swapped and memory.swap_in(swapped[0].req, swapped[0].tokens + memory.headroom,
@@ -551,7 +555,8 @@ class LLM:
                         # (and preempted rows leave, resumed ones come back)
                         keep = [i for i, d in enumerate(done) if not d and i not in out_rows]
                         decoder.close()
-                        ctx, t_new = self._rebuild(ctx, next_pos, keep, new, parts, run, resumed)
+                        ctx, t_new = self._rebuild(ctx, next_pos, keep, new, parts, run, resumed,
+                                                   rows_from=live.cache if live is not ctx else None)
                         seqs, owners = [seqs[i] for i in keep], [owners[i] for i in keep]
                         tok, next_pos = tok[keep], next_pos[keep]
                         for r in new:
@@ -592,7 +597,7 @@ class LLM:
         tok = _sample(logits, params, gen)
         return tok if params.temperature == 0 else agree(tok, self.tp_size)
 
-    def joins_running(self, req: Request, mode: str | None = None) -> bool:
+    def joins_running(self, req: Request) -> bool:
         """Whether a running batch of ``req``'s kind may change its rows at decode-step boundaries
         (requests join, finished rows leave): a method whose state after the prefill is only its kept
         KV (:meth:`KVMethod.joins_rows <kvsift.methods.base.KVMethod.joins_rows>`: ``full``, the
@@ -601,13 +606,14 @@ class LLM:
         (``ModelRunner.shares_context``: the rows' own tokens are stacked, the context stays one
         shared copy). Any decode mode: a change of rows closes the step runner and starts one over
         the new cache (static buffers again; in graph mode its steps are recorded again, one warm-up
-        step per kind first), except over the runner's KV arenas (``kv_arena``: their graphs outlive
-        a generation and the steps write the arena, not the batch's cache). A method that evicts
+        step per kind first); over the runner's KV arenas (``kv_arena``, ``full``) the rows are read
+        from the arena the steps wrote, and the new batch is loaded into the arena of its shape,
+        whose recorded graphs it replays (no recording when the batch bucket and the capacity
+        bucket stay). A method that evicts
         while decoding (streaming, tova, h2o) joins where every row holds exactly its budget
         (:func:`~kvsift.engine.scheduler.at_budget`): such rows evict in lockstep."""
-        mode = mode or self.runner.decode_mode_for(req.method)
         return (req.kind == "generate" and (req.context is None or self.runner.shares_context(req.method, req.context))
-                and (req.method.joins_rows() or at_budget(req)) and (mode == "eager" or not self.runner.kv_arena))
+                and (req.method.joins_rows() or at_budget(req)))
 
     def _prefill_joining(self, new: list[Request], method: KVMethod, run: Run, reserve: int,
                          progress: bool | None, alone: Callable[[], bool] | None = None):
@@ -682,22 +688,27 @@ class LLM:
         return out
 
     def _rebuild(self, ctx: ForwardContext, next_pos: torch.Tensor, keep: list[int], new: list[Request],
-                 parts: list, run: Run, resumed: list["_Swapped"] | None = None):
+                 parts: list, run: Run, resumed: list["_Swapped"] | None = None, rows_from=None):
         """The running batch with only its rows ``keep`` plus the rows of ``new`` (prefilled by
         :meth:`_prefill_joining` into ``parts``): every row's used slots (its own positions; slots
         no head uses dropped) are stacked into a new cache, shorter rows padded with position -1,
         compact per-head rows (``layer.ragged``) into one compact store. Returns the new batch's
         context and the new rows' first logits and next positions (None without ``new``). Over a
         context read by reference (one batch's requests share it) only the rows' own tokens are
-        stacked; every row of the new batch reads the context's one copy."""
+        stacked; every row of the new batch reads the context's one copy. ``rows_from``: the cache the
+        steps wrote when it is not the batch's own (the runner's KV arena, see :class:`KVArena
+        <kvsift.engine.graphs.KVArena>`): the running rows are read there, the batch's own (stale)
+        cache is freed, the arena stays the runner's; the next decoder loads the new batch into an
+        arena of its shape and replays the graphs recorded there."""
         method = ctx.method
         old = ctx.cache
+        src = rows_from if rows_from is not None else old
         if not keep and len(parts) == 1 and not resumed and old.layers[0].prefix is None \
                 and parts[0][0].layers[0].prefix is None:
             return self._adopt(ctx, parts[0], run)
         room = max([old.reserve] + [c.reserve for c, _, _, _ in parts])
         merged = SiftCache(self.info.num_layers, reserve=room)
-        sources = [(old, i) for i in keep] + [(c, i) for c, _, _, n in parts for i in range(n)]
+        sources = [(src, i) for i in keep] + [(c, i) for c, _, _, n in parts for i in range(n)]
         back = [row for sw in resumed or () for row in sw.rows]  # preempted rows coming back, on the host
         with torch.inference_mode():
             for li, lm in enumerate(merged.layers):
@@ -713,7 +724,7 @@ class LLM:
                 old.layers[li].reset()
                 for c, _, _, _ in parts:
                     c.layers[li].reset()
-        merged.seen = max([old.seen] + [c.seen for c, _, _, _ in parts])
+        merged.seen = max([src.seen] + [c.seen for c, _, _, _ in parts])
         pos = [next_pos[keep]] + [c.next_pos for _, c, _, _ in parts] + [sw.next_pos.to(self.device)
                                                                            for sw in resumed or ()]
         ids = [p for r in new for p in r.prompts]

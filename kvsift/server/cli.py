@@ -99,11 +99,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-arena", action="store_true",
                    help="decode kv_method full over reusable KV arenas, so that CUDA graphs recorded by one batch "
                         "are replayed by the next ones of the same size instead of recorded again (costs a copy of "
-                        "the prompt's KV and the arenas' memory: at most two batch-size x length buckets)")
+                        "the prompt's KV and the arenas' memory: at most two batch-size x length buckets); requests join "
+                        "a running batch over it too (its rows are loaded into the arena of the new shape)")
     p.add_argument("--no-continuous-batching", action="store_true",
                    help="requests arriving while a batch runs wait for the next batch instead of joining it at its "
                         "next decode step (joining applies to methods whose state after the prefill is their kept KV: "
-                        "full and the prefill eviction methods, any decode mode, not with --kv-arena)")
+                        "full and the prefill eviction methods, any decode mode; over --kv-arena the joined batch replays "
+                        "the arena's graphs)")
     p.add_argument("--kv-memory", type=_bytes, default=None,
                    help="expected KV bytes one batch may hold on the device (e.g. 8G; default: on CUDA 80%% of the "
                         "memory free once the model is loaded, elsewhere unbounded); "
@@ -156,8 +158,6 @@ def build_config(args):
     jcs = getattr(args, "join_chunk_size", None)
     if jcs is not None and jcs < 16:
         raise ValueError(f"--join-chunk-size must be >= 16 tokens, got {jcs}")
-    if getattr(args, "preempt", False) and getattr(args, "kv_arena", False):
-        raise ValueError("--preempt needs batches that can change rows, which --kv-arena rules out; use one of them")
     if getattr(args, "max_batched_tokens", 16384) < 16:
         raise ValueError(f"--max-batched-tokens must be >= 16, got {args.max_batched_tokens}")
     from kvsift.server.auth import KeyRing
