@@ -1361,3 +1361,15 @@ def test_shadowkv_joined_rows_read_the_keys_and_values_they_read_alone(tiny_llm,
         apos, ak, av = alone[key]
         assert pos == apos, key
         assert torch.allclose(k, ak, atol=1e-4) and torch.allclose(v, av, atol=1e-4), key
+
+
+def test_a_model_without_a_tokenizer_streams_every_token(tiny_llm):
+    """Token ids in, token ids out: with no tokenizer there is no text to wait for, so each token
+    is a stream event of its own (as each token with text is), not only the final one."""
+    from kvsift import LLM
+
+    llm = LLM.from_model(tiny_llm.model, None, chunk_size=64)
+    r = llm.request([random_prompt(30, seed=77)], SamplingParams(max_tokens=6, ignore_eos=True))
+    events = [ev for _, ev in llm.run_batch([r])]
+    assert [ev.token_id is not None for ev in events] == [True] * 6
+    assert events[-1].finished and events[-1].output.token_ids == [ev.token_id for ev in events]

@@ -468,7 +468,8 @@ class LLM:
                     ev.output = RequestOutput(s.text, s.ids, r.prompts[j], s.reason, stats_i)
                     left[r] -= 1
                     r.finished = left[r] == 0
-                if ev.text or ev.finished:
+                # without a tokenizer there is no text: every token is an event (token ids out)
+                if ev.text or ev.finished or (ev.token_id is not None and self.tokenizer is None):
                     yield r, ev
 
             try:
