@@ -12,6 +12,7 @@
 #   STEPS=long bash bench/gpu_checks.sh      # #14: a 1M-token prompt (sentencekv+kivi, prefill_offload)
 #   STEPS=profile_prefill bash bench/gpu_checks.sh   # #14: where the prefill goes at 128k (PROF_ARGS=" ": torch.profiler)
 #   STEPS=prefill_tail bash bench/gpu_checks.sh      # #14: torch.profiler over the last chunk at 128k (offload inside)
+#   STEPS=join bash bench/gpu_checks.sh      # #16: a join's first gap over KV arenas vs without (random 8B shape)
 # The tests step runs six pytest processes at once (T_TESTS seconds each, default 420).
 set -u
 DEST=${OUT:-bench/out}; R=${RES:-/root/checks}; mkdir -p "$R" "$DEST"
@@ -95,6 +96,12 @@ if step prefill_tail; then   # #14: the last prefill chunk at 128k profiled alon
     --methods "${TAIL_METHODS:-full,sentencekv:2048,sentencekv:2048@general,sentencekv:2048:splitter=fixed}" --repeat 2 --profile-last-chunk \
     --top 30 --out "$R/profile_prefill_tail" >"$R/prefill_tail.log" 2>&1
   echo "prefill_tail rc=$? $(( $(date +%s) - t0 )) s"; grep -v "USDT" "$R/prefill_tail.log" | tail -80
+fi
+if step join; then   # #16: the first gap after a join, with and without the KV arenas (graphs replayed or recorded)
+  timeout ${T_JOIN:-200} python3 bench/join_latency.py --random-8b ${JOIN_LAYERS:-16} --decode-mode graph --arena 0,1 \
+    --running ${JOIN_RUNNING:-4} --running-prompt ${JOIN_PROMPT:-8192} --join-prompt ${JOIN_PROMPT:-8192} --max-tokens 32 \
+    --chunk-size 4096 --join-chunks 1 --out "$R/join_latency_arena_h200.json" >"$R/join.log" 2>&1
+  echo "join rc=$? $(( $(date +%s) - t0 )) s"; grep -v "Warning" "$R/join.log" | tail -8
 fi
 if step decode; then
   timeout ${T_DECODE:-220} python3 bench/gpu_decode.py --contexts 131072 --budgets 2048 --batches 1,8 --reps 30 \

@@ -368,8 +368,6 @@ def test_questions_join_a_running_batch_over_a_shared_context(tiny_llm, monkeypa
 def test_no_join_where_it_would_not_be_exact(tiny_llm):
     ids = [random_prompt(40, seed=94)]
     p = SamplingParams(max_tokens=4, ignore_eos=True)
-    # a quantized host store (sentencekv+kivi): per batch (quest+kivi joins, tests/test_kivi_join.py)
-    assert not tiny_llm.joins_running(tiny_llm.request(ids, p, method="sentencekv+kivi", budget=16))
     held = tiny_llm.request(ids, p, method="sentencekv", budget=16, method_kwargs={"reselect_every": 2})
     assert not tiny_llm.joins_running(held)   # a held selection is per batch step
     # tova, h2o and streaming join at their budget (test below), but not over a context: each row copies it
@@ -1181,12 +1179,25 @@ def test_a_quantized_cache_is_admitted_for_its_quantized_bytes(tiny_llm):
 
 @pytest.mark.parametrize("spec,kw", [("sentencekv", {}), ("sentencekv", {"cache_chunks": 4}),
                                      ("snapkv+sentencekv", {"decode_budget": 24}),
-                                     ("sentencekv", {"prefill_offload": True})])
-def test_sentencekv_requests_join_a_running_batch_and_get_their_answers_alone(tiny_llm, spec, kw):
+                                     ("sentencekv", {"prefill_offload": True}), ("sentencekv+kivi", {})])
+def test_sentencekv_requests_join_a_running_batch_and_get_their_answers_alone(tiny_llm, spec, kw, monkeypatch):
     """sentencekv joins: a request of another prompt length (the same tokens attended per step) is
     prefilled alone into its own host store, and the running rows are stacked with it, each row
     reading its chunks where its store holds them (ChunkStore.stack: no host copy); answers equal
-    each request's alone, and a request of another decode budget does not join."""
+    each request's alone, every stacked row fetches the keys, values and positions its own store
+    holds (int4 codes dequantized alike with kivi), and a request of another decode budget does
+    not join."""
+    from kvsift.methods._offload import ChunkStore
+
+    real_stack = ChunkStore.stack.__func__
+    stacked = []
+
+    def stack(cls, sources):
+        out = real_stack(cls, sources)
+        stacked.append((list(sources), out))
+        return out
+
+    monkeypatch.setattr(ChunkStore, "stack", classmethod(stack))
     p_a, p_b, p_c = random_prompt(200, seed=81), random_prompt(150, seed=82), random_prompt(60, seed=83)
     pa, pb, pc = (SamplingParams(max_tokens=n, ignore_eos=True) for n in (7, 9, 6))
     kw = {"max_chunk": 16, "recent": 16, **kw}
@@ -1204,6 +1215,19 @@ def test_sentencekv_requests_join_a_running_batch_and_get_their_answers_alone(ti
     assert [outs[r.id].token_ids for r in (a, b, c)] == want
     joined = [st for st in stores if st is not None and st.b >= 2]
     assert joined and all(st.shared for st in joined)      # rows read their stores' host rows in place
+    assert stacked
+    for sources, out in stacked:
+        for i, (src, j) in enumerate(sources):
+            if src is None or src.n == 0:
+                continue
+            own = torch.full((src.b, src.hk, src.n), -1, dtype=torch.int64)
+            own[j] = torch.arange(src.n)
+            mine = torch.full((out.b, out.hk, out.n), -1, dtype=torch.int64)
+            mine[i, :, :src.n] = torch.arange(src.n)
+            want_kv = src.fetch(own, cached=False)
+            got_kv = out.fetch(mine, cached=False)
+            for w, g in zip(want_kv, got_kv):
+                assert torch.equal(g[i, :, : w.shape[2]], w[j]), (spec, i, j)
 
 
 @pytest.mark.parametrize("spec,kw,local", [("tokenselect", {}, 4), ("tokenselect", {"vote": "layer"}, 16),

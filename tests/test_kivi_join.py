@@ -123,7 +123,7 @@ def test_rows_of_one_layout_stack_and_others_refuse():
 
 
 @pytest.mark.parametrize("mode", ["eager", "static"])
-@pytest.mark.parametrize("spec", ["kivi", "snapkv+kivi", "quest+kivi"])
+@pytest.mark.parametrize("spec", ["kivi", "snapkv+kivi", "quest+kivi", "sentencekv+kivi"])
 def test_kivi_requests_of_other_lengths_join_and_get_their_answers_alone(tiny_llm, default_tokenizer, mode, spec):
     """The engine stacks a running kivi batch and the requests joining it (each prefilled and
     quantized alone) into one store whose rows keep their windows: every answer equals the
@@ -148,12 +148,12 @@ def test_kivi_requests_of_other_lengths_join_and_get_their_answers_alone(tiny_ll
     assert max(steps) == 3 and any(st is not None and st.rows_q is not None for st in stores)
 
 
-def test_kivi_joins_and_is_preempted_unless_a_stage_keeps_a_host_store(tiny_llm):
+def test_kivi_joins_in_compositions_and_is_preempted_unless_a_stage_keeps_a_host_store(tiny_llm):
     from kvsift.methods import build_method
 
-    for spec, joins in (("kivi", True), ("snapkv+kivi", True), ("quest+kivi", True), ("sentencekv+kivi", False)):
+    for spec, preempted in (("kivi", True), ("snapkv+kivi", True), ("quest+kivi", True), ("sentencekv+kivi", False)):
         m = build_method(spec, None if spec == "kivi" else 64)
-        assert m.joins_rows() is joins and m.preemptible() is joins, spec
+        assert m.joins_rows() and m.preemptible() is preempted, spec
 
 
 _INTERP_SCRIPT = """
@@ -193,7 +193,7 @@ def test_triton_kernel_reads_a_window_start_per_row_in_interpreter():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("spec,budget", [("kivi", None), ("quest+kivi", 32)])
+@pytest.mark.parametrize("spec,budget", [("kivi", None), ("quest+kivi", 32), ("sentencekv+kivi", 32)])
 def test_cuda_graph_decode_with_kivi_joins_gives_the_answers_alone(spec, budget):
     """Under CUDA graphs: the joined rows' flushing steps (a device table of which rows flush) are
     recorded as their own kind of step; the answers are the eager ones alone (Quest: its page

@@ -870,8 +870,6 @@ class Compose(KVMethod):
         return all(s.pads_exactly() for s in self.stages)
 
     def joins_rows(self) -> bool:
-        if any(s.codec for s in self.stages) and any(s.offloads_to_host() for s in self.stages):
-            return False   # a quantized host store (sentencekv+kivi) is per batch; the device store joins
         return all(s.joins_rows() or s.attention_only for s in self.stages)
 
     def preemptible(self) -> bool:

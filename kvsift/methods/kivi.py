@@ -104,8 +104,8 @@ class KIVI(KVMethod):
     def joins_rows(self) -> bool:
         """Rows of other lengths join a running batch and decode as alone: each keeps its own window
         and flushes it on its own schedule (:meth:`QuantKV.join <kvsift.cache.quant.QuantKV.join>`).
-        Composed too (``snapkv+kivi``, ``quest+kivi``), but not after a stage with a host store
-        (``sentencekv+kivi``; see ``CompositeMethod.joins_rows``)."""
+        Composed too (``snapkv+kivi``, ``quest+kivi``, ``sentencekv+kivi``: its quantized host
+        stores are stacked by reference, ``ChunkStore.stack``)."""
         return True
 
     def finish_prefill(self, run, layers, ctx) -> None:
