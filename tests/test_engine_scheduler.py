@@ -843,6 +843,96 @@ def test_kv_arena_graphs_are_recorded_once_and_replayed_by_later_generations(tin
     assert st.decode_mode == "graph" and st.decode_setup_steps == 0  # the third generation only replayed
 
 
+def _rows_whole(ctx) -> list[bool]:
+    """Per row of a running batch's context: whether its KV holds each of its positions 0 .. its
+    next one (none lost), read up to the device write slot when the cache decodes statically."""
+    ly = ctx.cache.layers[0]
+    n = int(ly.wslot) if ly.wslot is not None else ly.length
+    pos = ly.pos_buf[: ctx.next_pos.shape[0], 0, :n]
+    return [sorted(row[row >= 0].tolist()) == list(range(nxt)) for row, nxt in zip(pos, ctx.next_pos.tolist())]
+
+
+def _stand_in_graphs(llm, monkeypatch) -> None:
+    """CUDA graphs on the CPU for the bookkeeping: a stand-in recorder whose replay runs the static step."""
+    from kvsift.engine.graphs import GraphEntry
+
+    runner = llm.runner
+    real_forward = runner.forward
+
+    class Replay:
+        def __init__(self, ctx, tok, pos, logits):
+            self.ctx, self.tok, self.pos, self.logits = ctx, tok, pos, logits
+
+        def replay(self):
+            out = real_forward(self.ctx, self.tok, self.pos)
+            self.ctx.cache.seen -= 1
+            self.logits.copy_(out)
+
+    def capture(ctx, tok, pos):
+        logits = torch.empty(tok.shape[0], llm.model.config.vocab_size)
+        return GraphEntry(Replay(ctx, tok, pos, logits), logits)
+
+    monkeypatch.setattr(runner, "capture", capture)
+    monkeypatch.setattr(runner, "decode_mode_for", lambda method: "graph")
+
+
+def test_rows_change_in_place_in_a_kv_arena_that_keeps_its_bucket(tiny_llm, default_tokenizer, monkeypatch):
+    """A running batch over a KV arena whose rows change within the arena's bucket changes them in
+    place (``KVArena.restack``): a joiner's rows are copied into the free rows before the write slot,
+    a row that leaves is replaced by moving the next ones up; no load (no copy of the rows that stay),
+    no recording, every row whole, every answer the request's alone. A change of bucket loads the
+    batch into the arena of the new bucket as before."""
+    from kvsift import LLM
+    from kvsift.engine import graphs as graphs_mod
+
+    llm = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode="static", kv_arena=True)
+    _stand_in_graphs(llm, monkeypatch)
+    q = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (34, 12, 22)]
+    first = [random_prompt(70, seed=631), random_prompt(64, seed=632)]   # 2 rows: bucket 2
+    p_b, p_c = random_prompt(40, seed=633), random_prompt(55, seed=634)
+    want = ([o.token_ids for o in tiny_llm.generate(first, q[0])] + [tiny_llm.generate(p_b, q[1])[0].token_ids]
+            + [tiny_llm.generate(p_c, q[2])[0].token_ids])
+    a = llm.request(first, q[0])
+    b, c = llm.request([p_b], q[1]), llm.request([p_c], q[2])
+    calls = {"load": 0, "restack": 0}
+    moved = []
+    real_restack = graphs_mod.KVArena.restack
+
+    def restack(self, keep, rows, rows_before):
+        moved.extend(j for j, r in enumerate(keep) if r != j)
+        return real_restack(self, keep, rows, rows_before)
+
+    monkeypatch.setattr(graphs_mod.KVArena, "restack", restack)
+    for name in calls:
+        real = getattr(graphs_mod.KVArena, name)
+        monkeypatch.setattr(graphs_mod.KVArena, name, (lambda real, name: lambda self, *args: (
+            calls.__setitem__(name, calls[name] + 1), real(self, *args))[1])(real, name))
+    whole = []
+    real_rebuild = llm._rebuild
+
+    def rebuild(*args, **kwargs):
+        new_ctx, joined = real_rebuild(*args, **kwargs)
+        whole.extend(_rows_whole(new_ctx))
+        return new_ctx, joined
+
+    monkeypatch.setattr(llm, "_rebuild", rebuild)
+    outs = {}
+    asked = []
+    # b joins at the 2nd ask (3 rows: bucket 4, loaded), c at the 4th (4 rows: bucket 4, in place);
+    # b leaves after its 12 tokens (3 rows: bucket 4, in place: c moves up), then c, then a
+    for r, ev in llm.run_batch([a], join=lambda run, rows: asked.append(rows) or {2: [b], 4: [c]}.get(len(asked), [])):
+        if ev.output is not None:
+            outs.setdefault(r.id, []).append(ev.output)
+    got = [o.token_ids for o in sorted(outs[a.id], key=lambda o: first.index(o.prompt_token_ids))] \
+        + [outs[b.id][0].token_ids, outs[c.id][0].token_ids]
+    assert got == want
+    assert whole and all(whole)
+    assert calls["restack"] >= 2 and moved, (calls, moved)   # c's join and b's leaving, in place
+    g = llm.runner.graphs
+    assert g.stats.captures <= calls["load"]   # a recording per arena loaded, none for the in-place changes
+    assert g.stats.hits > g.stats.captures
+
+
 def test_requests_join_a_batch_decoding_over_a_kv_arena(tiny_llm, default_tokenizer, monkeypatch):
     """Over the runner's KV arenas (``kv_arena``) requests join a running batch and rows leave it: the
     rows are read from the arena the steps wrote (the batch's own cache is stale there), the new
@@ -887,9 +977,7 @@ def test_requests_join_a_batch_decoding_over_a_kv_arena(tiny_llm, default_tokeni
 
     def rebuild(*args, **kwargs):   # every stacked row holds each position before its next one
         new_ctx, joined = real_rebuild(*args, **kwargs)
-        pos = new_ctx.cache.layers[0].positions[:, 0]
-        for row, nxt in zip(pos, new_ctx.next_pos.tolist()):
-            whole.append(sorted(row[row >= 0].tolist()) == list(range(nxt)))
+        whole.extend(_rows_whole(new_ctx))
         return new_ctx, joined
 
     monkeypatch.setattr(llm, "_rebuild", rebuild)
@@ -1096,10 +1184,10 @@ def test_a_change_of_rows_holds_the_batch_kv_about_once(tiny_llm, monkeypatch):
     held, peaks = [], []
     real_rebuild, real_set_rows = llm._rebuild, SiftLayer.set_rows
 
-    def rebuild(ctx, next_pos, keep, new, parts, run, resumed=None, rows_from=None):
+    def rebuild(ctx, next_pos, keep, new, parts, run, resumed=None, **kwargs):
         held[:] = [ctx.cache] + [c for c, _, _, _ in parts]
         peaks.append([sum(ly.nbytes() for c in held for ly in c.layers), 0, 0])
-        out = real_rebuild(ctx, next_pos, keep, new, parts, run, resumed, rows_from=rows_from)
+        out = real_rebuild(ctx, next_pos, keep, new, parts, run, resumed, **kwargs)
         held.clear()
         return out
 

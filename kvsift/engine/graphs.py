@@ -159,7 +159,9 @@ class KVArena:
     copies a generation's prefilled dense KV into its first rows and empties everything else
     (positions -1, zero KV: a masked key must still hold finite numbers), so earlier generations'
     tokens are never seen. Only for caches of plain dense KV (``full``: no method state, no compact
-    per-head KV), one generation at a time (the runner's lock)."""
+    per-head KV), one generation at a time (the runner's lock). A running batch whose rows change
+    (continuous batching) and stay in this arena's bucket is changed in place (:meth:`restack`): its
+    cache then is the arena's own, which :meth:`ModelRunner.arena_for` hands back without a load."""
 
     def __init__(self, num_layers: int, bucket: int, capacity: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
@@ -174,7 +176,8 @@ class KVArena:
             layer.is_initialized = True
             layer.wslot = torch.zeros(1, dtype=torch.int64, device=device)
         self.cache.static = True
-        self.loads = 0
+        self.loads = 0      # batches loaded (a copy of their KV)
+        self.restacks = 0   # changes of rows made in place (:meth:`restack`)
 
     @staticmethod
     def fits(cache, rows: int, bucket: int, capacity: int) -> bool:
@@ -204,3 +207,39 @@ class KVArena:
             d.wslot.fill_(n)
         self.cache.seen = src.seen
         self.loads += 1
+
+    def write_slot(self) -> int:
+        """The slot the next decode step writes (every row and layer alike; one device sync)."""
+        return int(self.cache.layers[0].wslot)
+
+    def restack(self, keep: list[int], rows: list[list[tuple]], rows_before: int) -> None:
+        """Change the batch's rows in place, without a copy of the rows that stay where they are:
+        row ``j`` becomes old row ``keep[j]`` (a move only where ``keep[j] != j``), then the new rows
+        follow, ``rows[t]`` one per layer as ``(keys, values, positions)`` of ``(1, kv_heads, m,
+        head_dim)`` / ``(1, kv_heads, m)`` (its used slots), right-aligned before the write slot ``W``
+        (slots before them: position -1, zero KV) so they decode on at ``W`` with the others; the
+        old rows past the new batch get position -1 up to ``W`` (a batch row past it reads nothing).
+        The caller checks that the rows fit (at most ``bucket``, each new row at most ``W`` slots)."""
+        w = self.write_slot()
+        n_new = len(keep) + len(rows)
+        if n_new > self.bucket or any(r[0][0].shape[2] > w for r in rows):
+            raise ValueError("the rows do not fit this arena in place")
+        for li, d in enumerate(self.cache.layers):
+            for j, r in enumerate(keep):   # ascending: a source row is never overwritten before it moves
+                if r != j:
+                    d.k_buf[j, :, :w].copy_(d.k_buf[r, :, :w])
+                    d.v_buf[j, :, :w].copy_(d.v_buf[r, :, :w])
+                    d.pos_buf[j, :, :w].copy_(d.pos_buf[r, :, :w])
+            for t, row in enumerate(rows):
+                k, v, pos = row[li][:3]
+                i, m = len(keep) + t, k.shape[2]
+                d.k_buf[i, :, : w - m].zero_()
+                d.v_buf[i, :, : w - m].zero_()
+                d.pos_buf[i, :, : w - m].fill_(-1)
+                d.k_buf[i, :, w - m: w].copy_(k[0])
+                d.v_buf[i, :, w - m: w].copy_(v[0])
+                d.pos_buf[i, :, w - m: w].copy_(pos[0])
+            if rows_before > n_new:
+                d.pos_buf[n_new:rows_before, :, :w].fill_(-1)
+            d.holes = True
+        self.restacks += 1

@@ -556,8 +556,12 @@ class LLM:
                         # (and preempted rows leave, resumed ones come back)
                         keep = [i for i, d in enumerate(done) if not d and i not in out_rows]
                         decoder.close()
+                        left_steps = max([seqs[i].limit - seqs[i].steps for i in keep]
+                                         + [r.room(len(p), self.info.max_positions) for r in new for p in r.prompts]
+                                         + [0])
                         ctx, t_new = self._rebuild(ctx, next_pos, keep, new, parts, run, resumed,
-                                                   rows_from=live.cache if live is not ctx else None)
+                                                   rows_from=live.cache if live is not ctx else None,
+                                                   steps_left=left_steps + 1)
                         seqs, owners = [seqs[i] for i in keep], [owners[i] for i in keep]
                         tok, next_pos = tok[keep], next_pos[keep]
                         for r in new:
@@ -689,7 +693,8 @@ class LLM:
         return out
 
     def _rebuild(self, ctx: ForwardContext, next_pos: torch.Tensor, keep: list[int], new: list[Request],
-                 parts: list, run: Run, resumed: list["_Swapped"] | None = None, rows_from=None):
+                 parts: list, run: Run, resumed: list["_Swapped"] | None = None, rows_from=None,
+                 steps_left: int | None = None):
         """The running batch with only its rows ``keep`` plus the rows of ``new`` (prefilled by
         :meth:`_prefill_joining` into ``parts``): every row's used slots (its own positions; slots
         no head uses dropped) are stacked into a new cache, shorter rows padded with position -1,
@@ -700,10 +705,24 @@ class LLM:
         steps wrote when it is not the batch's own (the runner's KV arena, see :class:`KVArena
         <kvsift.engine.graphs.KVArena>`): the running rows are read there, the batch's own (stale)
         cache is freed, the arena stays the runner's; the next decoder loads the new batch into an
-        arena of its shape and replays the graphs recorded there."""
+        arena of its shape and replays the graphs recorded there. When the new batch stays in that
+        arena's bucket and fits its capacity for ``steps_left`` more steps, its rows change in place
+        instead (:meth:`KVArena.restack <kvsift.engine.graphs.KVArena.restack>`: rows that stay are
+        not copied, joiners' rows are copied once) and the arena's cache becomes the batch's."""
         method = ctx.method
         old = ctx.cache
         src = rows_from if rows_from is not None else old
+        arena = self.runner.arena_of(src) if rows_from is not None else None
+        ids = [p for r in new for p in r.prompts]
+        prompts = ([ctx.prompt_ids[i] for i in keep] + ids + [p for sw in resumed or () for p in sw.prompts]
+                   if ctx.prompt_ids is not None and all(sw.prompts is not None for sw in resumed or ()) else None)
+        joined = None
+        if parts:
+            joined = _Joined(torch.cat([lg for _, _, lg, _ in parts]), torch.cat([c.next_pos for _, c, _, _ in parts]))
+        if arena is not None and not resumed and steps_left is not None:
+            in_place = self._restack_arena(arena, ctx, next_pos, keep, parts, run, prompts, steps_left)
+            if in_place is not None:
+                return in_place, joined
         if not keep and len(parts) == 1 and not resumed and old.layers[0].prefix is None \
                 and parts[0][0].layers[0].prefix is None:
             return self._adopt(ctx, parts[0], run)
@@ -721,21 +740,46 @@ class LLM:
                 if shared is not None:  # the context, one copy for the new batch's rows
                     lm.prefix = tuple(shared_rows(t, len(sources)) for t in shared)
                 # this layer's old buffers go now, not after the last layer: the batch's KV is held
-                # about once (plus a layer) while it is rebuilt, not twice
-                old.layers[li].reset()
+                # about once (plus a layer) while it is rebuilt, not twice (an arena's stay the runner's)
+                if self.runner.arena_of(old) is None:
+                    old.layers[li].reset()
                 for c, _, _, _ in parts:
                     c.layers[li].reset()
         merged.seen = max([src.seen] + [c.seen for c, _, _, _ in parts])
         pos = [next_pos[keep]] + [c.next_pos for _, c, _, _ in parts] + [sw.next_pos.to(self.device)
                                                                            for sw in resumed or ()]
-        ids = [p for r in new for p in r.prompts]
-        prompts = ([ctx.prompt_ids[i] for i in keep] + ids + [p for sw in resumed or () for p in sw.prompts]
-                   if ctx.prompt_ids is not None and all(sw.prompts is not None for sw in resumed or ()) else None)
         merged_ctx = self._batch_ctx(ctx, merged, run, True, prompts, torch.cat(pos))
-        joined = None
-        if parts:
-            joined = _Joined(torch.cat([lg for _, _, lg, _ in parts]), torch.cat([c.next_pos for _, c, _, _ in parts]))
         return merged_ctx, joined
+
+    def _restack_arena(self, arena, ctx: ForwardContext, next_pos: torch.Tensor, keep: list[int], parts: list,
+                       run: Run, prompts, steps_left: int):
+        """:meth:`_rebuild` in place in ``arena`` (the running batch decodes there), or None (nothing
+        done) when the new batch would leave its bucket, a joining row is longer than the slots
+        written so far or is not plain dense KV, or the arena lacks room for ``steps_left`` steps."""
+        n_new = len(keep) + sum(n for _, _, _, n in parts)
+        if self.runner.graphs.bucket(n_new) != arena.bucket:
+            return None   # a smaller (or larger) bucket: its own arena, not this one's padding rows
+        if any(ly.ragged is not None or ly.quant is not None or ly.state or ly.prefix is not None or ly.k_buf is None
+               for c, _, _, _ in parts for ly in c.layers):
+            return None
+        w = arena.write_slot()
+        if w + steps_left + 1 > arena.capacity:
+            return None
+        with torch.inference_mode():
+            rows = [[_row_kv(c.layers[li], i) for li in range(self.info.num_layers)]
+                    for c, _, _, n in parts for i in range(n)]
+            if any(r[0][0].shape[2] > w for r in rows):
+                return None
+            arena.restack(keep, rows, next_pos.shape[0])
+            if ctx.cache is not arena.cache:   # the batch's own copy, stale since the arena decodes
+                for layer in ctx.cache.layers:
+                    layer.reset()
+            for c, _, _, _ in parts:
+                for layer in c.layers:
+                    layer.reset()
+        arena.cache.seen = max([arena.cache.seen] + [c.seen for c, _, _, _ in parts])
+        pos = torch.cat([next_pos[keep]] + [c.next_pos for _, c, _, _ in parts])
+        return self._batch_ctx(ctx, arena.cache, run, True, prompts, pos)
 
 
     def _adopt(self, ctx: ForwardContext, part: tuple, run: Run):
@@ -744,8 +788,9 @@ class LLM:
         batch, as in a generation of those prompts alone; no row is copied."""
         cache, ctx_p, logits, _ = part
         with torch.inference_mode():
-            for layer in ctx.cache.layers:
-                layer.reset()
+            if self.runner.arena_of(ctx.cache) is None:   # (an arena's buffers stay the runner's)
+                for layer in ctx.cache.layers:
+                    layer.reset()
         merged_ctx = self._batch_ctx(ctx, cache, run, ctx_p.has_padding, ctx_p.prompt_ids, ctx_p.next_pos)
         return merged_ctx, _Joined(logits, ctx_p.next_pos)
 

@@ -140,6 +140,11 @@ class ModelRunner:
             return None
         rows = ctx.next_pos.shape[0]
         bucket = self.graphs.bucket(rows)
+        held = self.arena_of(ctx.cache)
+        if held is not None:   # a batch changed in place (KVArena.restack): the arena holds it already
+            key = (held.bucket, held.capacity)
+            self.arenas[key] = self.arenas.pop(key)   # most recently used last
+            return held
         length = max((ly.length for ly in ctx.cache.layers), default=0)
         if bucket is None or length == 0:
             return None
@@ -158,6 +163,10 @@ class ModelRunner:
             self.graphs.release(layout_token(old))
         arena.load(ctx.cache, rows)
         return arena
+
+    def arena_of(self, cache) -> KVArena | None:
+        """The arena whose own cache ``cache`` is (a batch restacked in place), or None."""
+        return next((a for a in self.arenas.values() if a.cache is cache), None)
 
     def capture(self, ctx: ForwardContext, tok: torch.Tensor, pos: torch.Tensor) -> GraphEntry:
         """Record one decode step over the static inputs ``tok (batch, 1)``, ``pos (batch, 1)`` int32
