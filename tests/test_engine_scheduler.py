@@ -808,27 +808,10 @@ def test_kv_arena_graphs_are_recorded_once_and_replayed_by_later_generations(tin
     """The point of the arena: a later generation of the same shape replays the graph an earlier one
     recorded (checked on CPU with a stand-in recorder whose replay runs the static step)."""
     from kvsift import LLM
-    from kvsift.engine.graphs import GraphEntry
 
     llm = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode="static", kv_arena=True)
     runner = llm.runner
-    real_forward = runner.forward
-
-    class Replay:
-        def __init__(self, ctx, tok, pos, logits):
-            self.ctx, self.tok, self.pos, self.logits = ctx, tok, pos, logits
-
-        def replay(self):
-            out = real_forward(self.ctx, self.tok, self.pos)
-            self.ctx.cache.seen -= 1
-            self.logits.copy_(out)
-
-    def capture(ctx, tok, pos):
-        logits = torch.empty(tok.shape[0], llm.model.config.vocab_size)
-        return GraphEntry(Replay(ctx, tok, pos, logits), logits)
-
-    monkeypatch.setattr(runner, "capture", capture)
-    monkeypatch.setattr(runner, "decode_mode_for", lambda method: "graph")
+    _stand_in_graphs(llm, monkeypatch)
     p = SamplingParams(max_tokens=5, ignore_eos=True)
     first = [random_prompt(50, seed=121), random_prompt(35, seed=122), random_prompt(60, seed=123)]
     second = [random_prompt(40, seed=124), random_prompt(55, seed=125)]  # bucket 2: its own arena and graph
@@ -940,27 +923,10 @@ def test_requests_join_a_batch_decoding_over_a_kv_arena(tiny_llm, default_tokeni
     buckets replays the graph recorded there instead of recording one (stand-in recorder, as above).
     Every answer is the request's alone, and a preempting scheduler works over arenas too."""
     from kvsift import LLM
-    from kvsift.engine.graphs import GraphEntry
 
     llm = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode="static", kv_arena=True)
     runner = llm.runner
-    real_forward = runner.forward
-
-    class Replay:
-        def __init__(self, ctx, tok, pos, logits):
-            self.ctx, self.tok, self.pos, self.logits = ctx, tok, pos, logits
-
-        def replay(self):
-            out = real_forward(self.ctx, self.tok, self.pos)
-            self.ctx.cache.seen -= 1
-            self.logits.copy_(out)
-
-    def capture(ctx, tok, pos):
-        logits = torch.empty(tok.shape[0], llm.model.config.vocab_size)
-        return GraphEntry(Replay(ctx, tok, pos, logits), logits)
-
-    monkeypatch.setattr(runner, "capture", capture)
-    monkeypatch.setattr(runner, "decode_mode_for", lambda method: "graph")
+    _stand_in_graphs(llm, monkeypatch)
     ps = [random_prompt(n, seed=610 + n) for n in (60, 45, 52)]
     pr = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (30, 12, 20)]
     want = [tiny_llm.generate(x, q)[0].token_ids for x, q in zip(ps, pr)]
