@@ -521,15 +521,18 @@ def test_decoding_requests_join_over_http_and_compress_as_alone(make_client, tin
     assert sched.joined == 1 and batches.groups == [[[p_a]], [[p_c]]]
 
 
-def test_kivi_requests_of_other_lengths_join_over_http(make_client, tiny_llm, batches):
-    """kivi joins a running batch over HTTP (another prompt length): each row keeps its own
-    full-precision window and quantizes it on its own schedule, so both answers equal alone."""
+@pytest.mark.parametrize("spec,budget", [("kivi", None), ("quest+kivi", 32), ("sentencekv+kivi", 32)])
+def test_kivi_requests_of_other_lengths_join_over_http(make_client, tiny_llm, batches, spec, budget):
+    """kivi joins a running batch over HTTP (another prompt length), alone or after a decode-time
+    stage: each row keeps its own full-precision window and quantizes it on its own schedule (and
+    sentencekv's rows read their int4 host chunks where their stores hold them), so both answers
+    equal alone."""
     c = make_client(max_batch=4)
     sched = c.app.state.kvsift.scheduler
     opts = {"group": 16, "residual": 32}
     p_a, p_b = (random_prompt(n, seed=970 + n) for n in (90, 57))
-    want = [alone(tiny_llm, p, n, method="kivi", method_kwargs=opts) for p, n in ((p_a, 40), (p_b, 20))]
-    kw = {"kv_method": "kivi", "kv_options": opts}
+    want = [alone(tiny_llm, p, n, method=spec, budget=budget, method_kwargs=opts) for p, n in ((p_a, 40), (p_b, 20))]
+    kw = {"kv_method": spec, "kv_options": opts, **({"kv_budget": budget} if budget else {})}
     with ThreadPoolExecutor(2) as pool:
         futs = behind_a_paused_batch(c, batches, pool, completion(p_a, 40, **kw), [completion(p_b, 20, **kw)])
         ra, rb = (f.result() for f in futs)
