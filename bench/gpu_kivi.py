@@ -33,6 +33,8 @@ HQ, HK, D = 32, 8, 128
 # and the programs per SM
 VARIANTS = [dict(fold=False),
             dict(fold=False, block_s=32, num_warps=2, splits_per_sm=16),
+            # 32-bit slot offsets and positions (the default's SASS is heavy in integer multiply-adds)
+            dict(i32=True), dict(i32=True, fold_num_stages=2), dict(i32=True, fold=False),
             # the folded path without the inline-PTX unpack (codes straight to fp16, the default
             # before 2026-12-03; 4-bit), at its old pipeline depth too, and its ways of rounding
             dict(fold_asm=False), dict(fold_asm=False, fold_num_stages=2),

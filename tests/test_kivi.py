@@ -252,6 +252,45 @@ def test_triton_kernel_matches_reference_in_interpreter():
     run_in_triton_interpreter(_INTERP_SCRIPT, timeout=1500)
 
 
+_INTERP_I32_SCRIPT = """
+import torch
+from kvsift.cache.quant import QuantKV
+from kvsift.kernels import quant_decode_attention as qmod
+from tests.test_kivi import _kv
+torch.manual_seed(0)
+qmod.TUNING["i32"] = True            # 32-bit slots and positions: the folded path and a slot table
+for bits, (d, grp), table in ((4, (64, 64), "all"), (4, (64, 16), "slots"), (2, (64, 64), "window")):
+    k, v, pos = _kv(n=300, d=d)
+    st = QuantKV.from_dense(k, v, pos, bits, grp, 2 * grp, room=10)
+    q = torch.randn(2, 4, d)
+    qp = torch.tensor([299, 250])
+    sel = None if table == "all" else torch.randint(-1, st.capacity + 8, (2, 2, 150))
+    extra = {"window": dict(window=40)}.get(table, {})
+    args = st.kernel_args(static=True)
+    for ns in (None, 3):
+        got = qmod.quant_decode_attention(q, query_pos=qp, slot_idx=sel, scale=d ** -0.5, group=grp, num_splits=ns,
+                                          **args, **extra)
+        ref = qmod.quant_decode_attention_ref(q, query_pos=qp, slot_idx=sel, scale=d ** -0.5, group=grp, **args, **extra)
+        assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (bits, d, table, ns)
+print("INTERP_OK")
+"""
+
+
+def test_triton_kernel_with_int32_offsets_matches_reference_in_interpreter():
+    run_in_triton_interpreter(_INTERP_I32_SCRIPT, timeout=900)
+
+
+def test_int32_offsets_are_used_only_where_every_offset_fits():
+    from kvsift.kernels.quant_decode_attention import _fits_i32
+
+    small = torch.zeros(1, 2, 300, 32, dtype=torch.uint8)
+    pos = torch.zeros(1, 2, 300, dtype=torch.int32)
+    assert _fits_i32(300, 64, 300, pos, None, small)
+    assert not _fits_i32(2**26, 64, 2**26, pos, None, small)            # 2**26 slots x 32 bytes > 2**31
+    table = torch.zeros(1, 2, 10, dtype=torch.int64)
+    assert _fits_i32(300, 64, 10, pos, table, small)
+
+
 @cuda_triton
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -283,8 +322,9 @@ def test_cuda_kernel_matches_reference(bits, dtype, d, table):
 
 @cuda_triton
 @pytest.mark.parametrize("variant", [dict(fold_halves=2, fold_asm=False), dict(fold_halves=1, fold_asm=False),
-                                     dict(fold_magic=False, fold_asm=False), dict(fold_asm=True)],
-                         ids=["halves", "fp16", "unpack-fp32", "asm-planes"])
+                                     dict(fold_magic=False, fold_asm=False), dict(fold_asm=True),
+                                     dict(fold_asm=True, i32=True)],
+                         ids=["halves", "fp16", "unpack-fp32", "asm-planes", "asm-int32"])
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_folded_kernel_variants_match_reference(variant, bits, dtype, monkeypatch):

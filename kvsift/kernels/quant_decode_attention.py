@@ -78,11 +78,14 @@ from kvsift.kernels.sparse_decode_attention import _LOG2E, SplitLaunch, _check_c
 # unpack). ``fold_num_stages``: the folded loop's pipeline depth (``num_stages`` is the table path's);
 # 3 took 0.159 / 1.164 ms in that sweep against 0.162 / 1.186 for 2 (4: 0.161 / 1.183). Computing a
 # key group's query terms once per group (a loop-carried branch) instead of once per block was
-# slower there: 0.173 / 1.276 ms (gpu_kivi_hoist_h200.json), and was dropped.
+# slower there: 0.173 / 1.276 ms (gpu_kivi_hoist_h200.json), and was dropped. ``i32``: slots, positions
+# and window starts as int32 in the kernel (where every per-slot offset fits, ``_fits_i32``), so the
+# per-element address arithmetic is 32-bit; the SASS of the default spent 579 of its 3,792
+# instructions on integer multiply-adds (kernel_sass_asm_h200.json). Interpreter-checked, not yet timed.
 TUNING = {"block_s": 32, "num_warps": 4, "num_stages": 2, "splits_per_sm": 2,
           "fold": True, "fold_block_s": 64, "fold_num_warps": 2, "fold_splits_per_sm": 16, "fold_halves": 1,
           "fold_magic": True, "fold_min_blocks": 32, "fold_floor_per_sm": 4, "fold_asm": True,
-          "fold_num_stages": 3}
+          "fold_num_stages": 3, "i32": False}
 
 
 def _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start, key_pos, query_pos,
@@ -277,20 +280,30 @@ if HAS_TRITON:
 
     @triton.jit
     def _slot_block(it, stop, i_base, si_s, kp_base, sp_c, CAP, RCAP, WINDOW, qpos, rstart,
-                    BLOCK_S: tl.constexpr, ALL: tl.constexpr):
+                    BLOCK_S: tl.constexpr, ALL: tl.constexpr, I32: tl.constexpr = False):
         """The ``BLOCK_S`` table entries from ``it`` (every slot when ``ALL``): their slots (0 where
         not valid), which are attended (in the table, the capacity, the window's buffer, and visible
-        by position), and which of those are quantized (``isq``) or in the full-precision window."""
+        by position), and which of those are quantized (``isq``) or in the full-precision window.
+        ``I32``: slots and positions as int32 (the launcher checks every per-slot offset fits), so
+        the per-element address arithmetic is 32-bit."""
         offs_s = it + tl.arange(0, BLOCK_S)
         in_range = offs_s < stop
         if ALL:
-            slot = offs_s.to(tl.int64)
+            slot = offs_s
             valid = in_range
         else:
-            slot = tl.load(i_base + offs_s * si_s, mask=in_range, other=-1).to(tl.int64)
+            slot = tl.load(i_base + offs_s * si_s, mask=in_range, other=-1)
             valid = slot >= 0
+        if I32:
+            slot = slot.to(tl.int32)
+        else:
+            slot = slot.to(tl.int64)
         valid = valid & (slot < CAP)
-        kpos = tl.load(kp_base + tl.where(valid, slot, 0) * sp_c, mask=valid, other=-1).to(tl.int64)
+        kpos = tl.load(kp_base + tl.where(valid, slot, 0) * sp_c, mask=valid, other=-1)
+        if I32:
+            kpos = kpos.to(tl.int32)
+        else:
+            kpos = kpos.to(tl.int64)
         valid = valid & (kpos >= 0) & (kpos <= qpos)
         if WINDOW > 0:
             valid = valid & (kpos > qpos - WINDOW)
@@ -422,7 +435,8 @@ if HAS_TRITON:
                                    DIRECT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                                    ALL: tl.constexpr, HAS_CNT: tl.constexpr, FAST: tl.constexpr,
                                    NVG: tl.constexpr, ROUND_BF16: tl.constexpr, FOLD: tl.constexpr,
-                                   HALVES: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
+                                   HALVES: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr,
+                                   I32: tl.constexpr = False):
         # one program: (batch, kv_head) x one split of the slot table; slot s < res_start is
         # dequantized from its codes (code * scale + zero), a later slot read from the window
         pid_bh = tl.program_id(0)
@@ -452,8 +466,12 @@ if HAS_TRITON:
         rv_base = rv_ptr + b * srv_b + h * srv_h
         i_base = idx_ptr + b * si_b + h * si_h
         kp_base = kp_ptr + b * sp_b + h * sp_h
-        qpos = tl.load(qp_ptr + b).to(tl.int64)
-        rstart = tl.load(rs_ptr + b * srs_b).to(tl.int64)
+        if I32:
+            qpos = tl.load(qp_ptr + b).to(tl.int32)
+            rstart = tl.load(rs_ptr + b * srs_b).to(tl.int32)
+        else:
+            qpos = tl.load(qp_ptr + b).to(tl.int64)
+            rstart = tl.load(rs_ptr + b * srs_b).to(tl.int64)
         m_i = tl.full((G_P,), float("-inf"), tl.float32)
         l_i = tl.zeros((G_P,), tl.float32)
         acc = tl.zeros((G_P, BLOCK_D), tl.float32)
@@ -465,7 +483,7 @@ if HAS_TRITON:
             qf = q.to(tl.float32)
         for it in range(start, stop, BLOCK_S):
             slot, valid, isq, isr = _slot_block(it, stop, i_base, si_s, kp_base, sp_c, CAP, RCAP, WINDOW, qpos,
-                                                rstart, BLOCK_S, ALL)
+                                                rstart, BLOCK_S, ALL, I32)
             if FOLD:
                 m_i, l_i, acc = _fold_block(qf, q, m_i, l_i, acc, it, slot, valid, isq, isr, rstart, qk_scale,
                                             kc_base, skc_c, ks_base, kz_base, sks_g, vc_base, svc_c, vs_base,
@@ -523,6 +541,18 @@ if HAS_TRITON:
                 m_i, l_i, acc = online_softmax_step(q, k, v, valid[None, :], qk_scale, m_i, l_i, acc, IEEE)
         store_split(out_ptr, po_ptr, plse_ptr, m_i, l_i, acc, b, h, pid_s, offs_g, offs_d, mask_g, mask_d,
                     so_b, so_h, spo_bh, spo_s, HK, G, DIRECT)
+
+
+def _fits_i32(cap: int, rcap: int, s: int, key_pos, slot_idx, *tensors) -> bool:
+    """Whether every per-slot offset of a launch fits int32: a slot (or a table entry) times its
+    stride in each tensor, the per-(batch, head) bases staying int64. Positions are cast too; they
+    are below the model's context length, far from 2**31. Host arithmetic only (no sync: the check
+    runs inside CUDA-graph captures)."""
+    lim = 2**31 - 1
+    rows = max(cap, rcap, 1)
+    if any(t.stride(2) * rows + t.shape[-1] > lim for t in (*tensors, key_pos)):
+        return False
+    return slot_idx is None or slot_idx.stride(2) * s <= lim
 
 
 def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
@@ -592,5 +622,7 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
         NVG=v_scale.shape[3] if fast else 1, ROUND_BF16=L.upcast and k_res.dtype == torch.bfloat16, FOLD=fold,
         HALVES=TUNING["fold_halves"], MAGIC=TUNING["fold_magic"],
         ASM=bool(TUNING["fold_asm"]) and fold and bits == 4 and q.is_cuda and not L.upcast and not L.ieee,
+        I32=bool(TUNING["i32"]) and _fits_i32(cap, k_res.shape[2], s, key_pos, slot_idx,
+                                              k_codes, v_codes, k_scale, v_scale, k_res, v_res),
         num_warps=TUNING[pre + "num_warps"], num_stages=TUNING[pre + "num_stages"])
     return L.finish()
