@@ -97,9 +97,9 @@ if step prefill_tail; then   # #14: the last prefill chunk at 128k profiled alon
     --top 30 --out "$R/profile_prefill_tail" >"$R/prefill_tail.log" 2>&1
   echo "prefill_tail rc=$? $(( $(date +%s) - t0 )) s"; grep -v "USDT" "$R/prefill_tail.log" | tail -80
 fi
-if step join; then   # #16: the first gap after a join, with and without the KV arenas (graphs replayed or recorded)
+if step join; then   # #16: the first gap after a join, with and without the KV arenas (5 running + 1: bucket 8 kept, in place)
   timeout ${T_JOIN:-200} python3 bench/join_latency.py --random-8b ${JOIN_LAYERS:-16} --decode-mode graph --arena 0,1 \
-    --running ${JOIN_RUNNING:-4} --running-prompt ${JOIN_PROMPT:-8192} --join-prompt ${JOIN_PROMPT:-8192} --max-tokens 32 \
+    --running ${JOIN_RUNNING:-5} --running-prompt ${JOIN_PROMPT:-8192} --join-prompt ${JOIN_PROMPT:-8192} --max-tokens 32 \
     --chunk-size 4096 --join-chunks 1 --out "$R/join_latency_arena_h200.json" >"$R/join.log" 2>&1
   echo "join rc=$? $(( $(date +%s) - t0 )) s"; grep -v "Warning" "$R/join.log" | tail -8
 fi

@@ -40,6 +40,11 @@ def pct(xs: list[float], q: float) -> float:
 def one(llm, join_chunks: int, running: list[list[int]], joiner: list[int], params, method, budget) -> dict:
     llm.join_chunks = join_chunks
     captures = llm.runner.graphs.stats.captures
+
+    def arena_counts():   # batches loaded into arenas (a copy) and changes of rows made in place
+        return llm.runner.arena_loads, llm.runner.arena_restacks
+
+    loads0, restacks0 = arena_counts()
     reqs = [llm.request([p], params, method=method, budget=budget) for p in running]
     late = llm.request([joiner], params, method=method, budget=budget)
     stamps: dict[int, list[float]] = {r.id: [] for r in reqs + [late]}
@@ -67,6 +72,7 @@ def one(llm, join_chunks: int, running: list[list[int]], joiner: list[int], para
             "itl_max_ms": round(1e3 * max(itl), 1),
             "joiner_ttft_ms": round(1e3 * (stamps[late.id][0] - joined_at), 1) if stamps[late.id] else None,
             "graphs_recorded": llm.runner.graphs.stats.captures - captures,
+            "arena_loads": arena_counts()[0] - loads0, "arena_restacks": arena_counts()[1] - restacks0,
             "tokens": {r.id: outs[r.id].token_ids for r in reqs + [late]}, "_order": [r.id for r in reqs + [late]]}
 
 
@@ -130,11 +136,12 @@ def main(argv=None) -> int:
           f"prompts, one {args.join_prompt}-token prompt joins at step 3, chunk {args.chunk_size}, "
           f"{args.max_tokens} tokens each, {args.decode_mode} decode, CPU threads {__import__('torch').get_num_threads()}")
     print(f"{'arena':>5} {'join chunks':>11} {'ITL p50 ms':>10} {'ITL p99 ms':>10} {'ITL max ms':>10} "
-          f"{'joiner TTFT ms':>14} {'graphs':>6} {'wall s':>7} {'= alone':>7}")
+          f"{'joiner TTFT ms':>14} {'graphs':>6} {'loads':>5} {'in place':>8} {'wall s':>7} {'= alone':>7}")
     for r in rows:
         print(f"{'on' if r['kv_arena'] else 'off':>5} {('all' if r['join_chunks'] == 0 else r['join_chunks']):>11} "
               f"{r['itl_p50_ms']:>10} {r['itl_p99_ms']:>10} {r['itl_max_ms']:>10} {r['joiner_ttft_ms']:>14} "
-              f"{r['graphs_recorded']:>6} {r['wall_s']:>7} {str(r['answers_equal_alone']):>7}")
+              f"{r['graphs_recorded']:>6} {r['arena_loads']:>5} {r['arena_restacks']:>8} {r['wall_s']:>7} "
+              f"{str(r['answers_equal_alone']):>7}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "label": label, "results": rows}, indent=1))

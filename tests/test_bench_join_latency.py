@@ -23,6 +23,8 @@ def test_join_latency_runs_with_and_without_kv_arenas(tmp_path, default_tokenize
     assert rc == 0 and [(r["kv_arena"], r["join_chunks"]) for r in rows] == [(False, 0), (False, 1), (True, 0), (True, 1)]
     assert all(r["answers_equal_alone"] and r["graphs_recorded"] == 0 and r["itl_max_ms"] >= r["itl_p50_ms"]
                for r in rows)
+    assert all(r["arena_loads"] == 0 for r in rows if not r["kv_arena"])
+    assert all(r["arena_loads"] >= 1 for r in rows if r["kv_arena"])
 
 
 @pytest.mark.parametrize("bad", [["--arena", "2"], ["--arena", ""], ["--random-8b", "0"]])

@@ -771,6 +771,7 @@ class LLM:
             if any(r[0][0].shape[2] > w for r in rows):
                 return None
             arena.restack(keep, rows, next_pos.shape[0])
+            self.runner.arena_restacks += 1
             if ctx.cache is not arena.cache:   # the batch's own copy, stale since the arena decodes
                 for layer in ctx.cache.layers:
                     layer.reset()

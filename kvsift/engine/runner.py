@@ -116,6 +116,8 @@ class ModelRunner:
             raise ValueError(f"max_arenas must be an integer >= 1, got {max_arenas!r}")
         self.max_arenas = max_arenas
         self.arenas: dict[tuple[int, int], KVArena] = {}
+        self.arena_loads = 0      # batches loaded into an arena (a copy of their KV), over the runner's life
+        self.arena_restacks = 0   # changes of a running batch's rows made in an arena in place
         # CUDA decode steps run the model's RMSNorms and rotary embeddings as one kernel each
         # (engine/fusion.py; on by default since the H200 run of 2026-12-02: 12-15% less per token at
         # 128k; KVSIFT_FUSED_DECODE=0 turns it off). Fixed per runner: its CUDA graphs are recorded
@@ -162,6 +164,7 @@ class ModelRunner:
             del self.arenas[next(iter(self.arenas))]
             self.graphs.release(layout_token(old))
         arena.load(ctx.cache, rows)
+        self.arena_loads += 1
         return arena
 
     def arena_of(self, cache) -> KVArena | None:
