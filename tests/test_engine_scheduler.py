@@ -1057,20 +1057,33 @@ def _run_preempting(llm, a, b, tokens: int, join_at: int, slack: float, cancel_b
                                               ("kivi", None, "eager"), ("kivi", None, "static"),
                                               ("quest+kivi", 16, "eager"), ("quest+kivi", 16, "static")])
 def test_preemption_swaps_the_newest_request_out_and_resumes_it_with_its_answer(tiny_llm, default_tokenizer,
-                                                                                spec, budget, mode):
+                                                                                spec, budget, mode, monkeypatch):
     """A preempting scheduler admits A and B with their prompt and 4 decode tokens; as both decode,
     the device KV would pass ``kv_memory``, so B (the newer) is copied to the host and leaves the
     batch, A goes on, and B comes back once A is done: both answers are the ones alone, B's tokens
-    pause while it is out, and every charge is back to 0 at the end."""
+    pause while it is out, and every charge is back to 0 at the end. With ``full`` every row of
+    every restacked batch (B's coming back too) holds each of its positions: nothing the steps
+    wrote is lost on the way (the answers of a tiny random model would not show it)."""
     from kvsift import LLM
 
     llm = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode=mode)
+    whole = []
+    if spec == "full":
+        real_rebuild = llm._rebuild
+
+        def rebuild(*args, **kwargs):
+            new_ctx, joined = real_rebuild(*args, **kwargs)
+            whole.extend(_rows_whole(new_ctx))
+            return new_ctx, joined
+
+        monkeypatch.setattr(llm, "_rebuild", rebuild)
     p_a, p_b = random_prompt(40, seed=501), random_prompt(48, seed=502)
     q = SamplingParams(max_tokens=40, ignore_eos=True)
     want = [tiny_llm.generate(p, q, method=spec, budget=budget)[0].token_ids for p in (p_a, p_b)]
     a, b = (llm.request([p], q, method=spec, budget=budget) for p in (p_a, p_b))
     _, outs, order = _run_preempting(llm, a, b, 40, join_at=2, slack=1.1)
     assert [outs[r.id][0].token_ids for r in (a, b)] == want
+    assert all(whole) and (spec != "full" or len(whole) >= 2)
     # while B was out, A's tokens came alone: somewhere after B's first token, a run of A's only
     first_b = order.index(b.id)
     run_a = max(len(s) for s in "".join("a" if i == a.id else "b" for i in order[first_b:]).split("b"))
