@@ -835,6 +835,21 @@ def _rows_whole(ctx) -> list[bool]:
     return [sorted(row[row >= 0].tolist()) == list(range(nxt)) for row, nxt in zip(pos, ctx.next_pos.tolist())]
 
 
+def _watch_rows_whole(llm, monkeypatch) -> list[bool]:
+    """From now on, :func:`_rows_whole` of every batch ``llm._rebuild`` makes, appended to the list
+    returned."""
+    whole: list[bool] = []
+    real_rebuild = llm._rebuild
+
+    def rebuild(*args, **kwargs):
+        new_ctx, joined = real_rebuild(*args, **kwargs)
+        whole.extend(_rows_whole(new_ctx))
+        return new_ctx, joined
+
+    monkeypatch.setattr(llm, "_rebuild", rebuild)
+    return whole
+
+
 def _stand_in_graphs(llm, monkeypatch) -> None:
     """CUDA graphs on the CPU for the bookkeeping: a stand-in recorder whose replay runs the static step."""
     from kvsift.engine.graphs import GraphEntry
@@ -890,15 +905,7 @@ def test_rows_change_in_place_in_a_kv_arena_that_keeps_its_bucket(tiny_llm, defa
         real = getattr(graphs_mod.KVArena, name)
         monkeypatch.setattr(graphs_mod.KVArena, name, (lambda real, name: lambda self, *args: (
             calls.__setitem__(name, calls[name] + 1), real(self, *args))[1])(real, name))
-    whole = []
-    real_rebuild = llm._rebuild
-
-    def rebuild(*args, **kwargs):
-        new_ctx, joined = real_rebuild(*args, **kwargs)
-        whole.extend(_rows_whole(new_ctx))
-        return new_ctx, joined
-
-    monkeypatch.setattr(llm, "_rebuild", rebuild)
+    whole = _watch_rows_whole(llm, monkeypatch)
     outs = {}
     asked = []
     # b joins at the 2nd ask (3 rows: bucket 4, loaded), c at the 4th (4 rows: bucket 4, in place);
@@ -938,15 +945,7 @@ def test_requests_join_a_batch_decoding_over_a_kv_arena(tiny_llm, default_tokeni
     orig_load = graphs_mod.KVArena.load
     monkeypatch.setattr(graphs_mod.KVArena, "load",
                         lambda self, src, rows: loads.append((self.bucket, self.capacity, rows)) or orig_load(self, src, rows))
-    whole = []
-    real_rebuild = llm._rebuild
-
-    def rebuild(*args, **kwargs):   # every stacked row holds each position before its next one
-        new_ctx, joined = real_rebuild(*args, **kwargs)
-        whole.extend(_rows_whole(new_ctx))
-        return new_ctx, joined
-
-    monkeypatch.setattr(llm, "_rebuild", rebuild)
+    whole = _watch_rows_whole(llm, monkeypatch)   # every stacked row holds each position before its next one
     outs, steps = run_with_joins(llm, a, {2: [b], 4: [c]})
     assert [outs[r.id].token_ids for r in (a, b, c)] == want
     assert whole and all(whole)   # (rows read from the batch's stale cache lose their decoded tokens)
@@ -1067,16 +1066,7 @@ def test_preemption_swaps_the_newest_request_out_and_resumes_it_with_its_answer(
     from kvsift import LLM
 
     llm = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode=mode)
-    whole = []
-    if spec == "full":
-        real_rebuild = llm._rebuild
-
-        def rebuild(*args, **kwargs):
-            new_ctx, joined = real_rebuild(*args, **kwargs)
-            whole.extend(_rows_whole(new_ctx))
-            return new_ctx, joined
-
-        monkeypatch.setattr(llm, "_rebuild", rebuild)
+    whole = _watch_rows_whole(llm, monkeypatch) if spec == "full" else []
     p_a, p_b = random_prompt(40, seed=501), random_prompt(48, seed=502)
     q = SamplingParams(max_tokens=40, ignore_eos=True)
     want = [tiny_llm.generate(p, q, method=spec, budget=budget)[0].token_ids for p in (p_a, p_b)]
