@@ -892,19 +892,14 @@ def test_rows_change_in_place_in_a_kv_arena_that_keeps_its_bucket(tiny_llm, defa
             + [tiny_llm.generate(p_c, q[2])[0].token_ids])
     a = llm.request(first, q[0])
     b, c = llm.request([p_b], q[1]), llm.request([p_c], q[2])
-    calls = {"load": 0, "restack": 0}
     moved = []
     real_restack = graphs_mod.KVArena.restack
 
-    def restack(self, keep, rows, rows_before):
+    def restack(self, keep, rows, rows_before, w):
         moved.extend(j for j, r in enumerate(keep) if r != j)
-        return real_restack(self, keep, rows, rows_before)
+        return real_restack(self, keep, rows, rows_before, w)
 
     monkeypatch.setattr(graphs_mod.KVArena, "restack", restack)
-    for name in calls:
-        real = getattr(graphs_mod.KVArena, name)
-        monkeypatch.setattr(graphs_mod.KVArena, name, (lambda real, name: lambda self, *args: (
-            calls.__setitem__(name, calls[name] + 1), real(self, *args))[1])(real, name))
     whole = _watch_rows_whole(llm, monkeypatch)
     outs = {}
     asked = []
@@ -917,9 +912,10 @@ def test_rows_change_in_place_in_a_kv_arena_that_keeps_its_bucket(tiny_llm, defa
         + [outs[b.id][0].token_ids, outs[c.id][0].token_ids]
     assert got == want
     assert whole and all(whole)
-    assert calls["restack"] >= 2 and moved, (calls, moved)   # c's join and b's leaving, in place
-    g = llm.runner.graphs
-    assert g.stats.captures <= calls["load"]   # a recording per arena loaded, none for the in-place changes
+    runner = llm.runner
+    assert runner.arena_restacks >= 2 and moved, (runner.arena_restacks, moved)   # c's join and b's leaving
+    g = runner.graphs
+    assert g.stats.captures <= runner.arena_loads   # a recording per arena loaded, none for the in-place changes
     assert g.stats.hits > g.stats.captures
 
 

@@ -176,8 +176,7 @@ class KVArena:
             layer.is_initialized = True
             layer.wslot = torch.zeros(1, dtype=torch.int64, device=device)
         self.cache.static = True
-        self.loads = 0      # batches loaded (a copy of their KV)
-        self.restacks = 0   # changes of rows made in place (:meth:`restack`)
+        self.loads = 0   # batches loaded into this arena (the runner counts over all its arenas too)
 
     @staticmethod
     def fits(cache, rows: int, bucket: int, capacity: int) -> bool:
@@ -212,15 +211,15 @@ class KVArena:
         """The slot the next decode step writes (every row and layer alike; one device sync)."""
         return int(self.cache.layers[0].wslot)
 
-    def restack(self, keep: list[int], rows: list[list[tuple]], rows_before: int) -> None:
+    def restack(self, keep: list[int], rows: list[list[tuple]], rows_before: int, w: int) -> None:
         """Change the batch's rows in place, without a copy of the rows that stay where they are:
         row ``j`` becomes old row ``keep[j]`` (a move only where ``keep[j] != j``), then the new rows
         follow, ``rows[t]`` one per layer as ``(keys, values, positions)`` of ``(1, kv_heads, m,
-        head_dim)`` / ``(1, kv_heads, m)`` (its used slots), right-aligned before the write slot ``W``
-        (slots before them: position -1, zero KV) so they decode on at ``W`` with the others; the
-        old rows past the new batch get position -1 up to ``W`` (a batch row past it reads nothing).
-        The caller checks that the rows fit (at most ``bucket``, each new row at most ``W`` slots)."""
-        w = self.write_slot()
+        head_dim)`` / ``(1, kv_heads, m)`` (its used slots), right-aligned before the write slot ``w``
+        (:meth:`write_slot`, read by the caller; slots before them: position -1, zero KV) so they
+        decode on at ``w`` with the others; the old rows past the new batch get position -1 up to
+        ``w`` (a batch row past it reads nothing). The rows must fit (at most ``bucket``, each new row
+        at most ``w`` slots)."""
         n_new = len(keep) + len(rows)
         if n_new > self.bucket or any(r[0][0].shape[2] > w for r in rows):
             raise ValueError("the rows do not fit this arena in place")
@@ -242,4 +241,3 @@ class KVArena:
             if rows_before > n_new:
                 d.pos_buf[n_new:rows_before, :, :w].fill_(-1)
             d.holes = True
-        self.restacks += 1

@@ -770,7 +770,7 @@ class LLM:
                     for c, _, _, n in parts for i in range(n)]
             if any(r[0][0].shape[2] > w for r in rows):
                 return None
-            arena.restack(keep, rows, next_pos.shape[0])
+            arena.restack(keep, rows, next_pos.shape[0], w)
             self.runner.arena_restacks += 1
             if ctx.cache is not arena.cache:   # the batch's own copy, stale since the arena decodes
                 for layer in ctx.cache.layers:

@@ -168,5 +168,3 @@ class DecodingCompress(ScorerWrapper):
         # the shared selection: a row that compresses keeps its best k per head, the others every token
         keep_top(layer, torch.where(cut[:, None, None], scores, float("inf")),
                  torch.where(cut[:, None], counts.clamp(max=k), counts))
-
-
