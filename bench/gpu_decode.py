@@ -9,8 +9,9 @@ context length it times, per layer:
 * ``ours_all``: our sparse kernel with every slot selected (a flash-decoding kernel through an
   index table: how close it gets to the HBM roofline);
 * ``sel/<summary>/<budget>``: chunk scores (Triton) + top-k (torch) + slot expansion + sparse
-  attention (Triton), pages of ``--page`` tokens; summaries ``quest`` (min/max bounds) and
-  ``mean`` (mean keys); plus the parts alone (``score``, ``topk``, ``attn``).
+  attention (Triton), pages of ``--page`` tokens; summaries ``quest`` (min/max bounds),
+  ``quest8`` (the same bounds as int8 codes, ``quest``'s ``bounds="int8"``) and ``mean`` (mean
+  keys); plus the parts alone (``score``, ``topk``, ``attn``).
 
 Each is timed over ``L`` layers of distinct KV buffers (about ``--rotate-bytes`` of KV, so the L2
 cache does not hold the data or the summaries), both as CUDA-graph replays (GPU time) and eagerly
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench._systems, kvsift
 
 from kvsift.kernels import dispatch  # noqa: E402
-from kvsift.kernels.chunk_scores import chunks_to_slots, page_summaries, select_chunks
+from kvsift.kernels.chunk_scores import chunks_to_slots, int8_bounds, page_summaries, select_chunks
 from kvsift.kernels.sparse_decode_attention import sparse_decode_attention_ref
 
 HQ, HK, D = 32, 8, 128
@@ -102,6 +103,10 @@ def measure_bandwidth(device, gib: float = 2.0, reps: int = 20) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 
 
+# page summaries timed: Quest's float bounds, its int8 bounds (``bounds="int8"``), SentenceKV-style mean keys
+SUMMARIES = (("quest", "max"), ("quest8", "max"), ("mean", "mean"))
+
+
 # ---- one layer's decode attention variants ------------------------------------------------------
 
 def dense_gqa(q, k, v, scale):
@@ -115,8 +120,8 @@ def dense_grouped(q, k, v, scale):
     return out.reshape(b, hq, d)
 
 
-def selected(q, k, v, summ, page, budget, scale, reduce):
-    scores = dispatch.chunk_scores(q, summ, reduce)
+def selected(q, k, v, summ, page, budget, scale, reduce, summ_scale=None):
+    scores = dispatch.chunk_scores(q, summ, reduce, summ_scale)
     pages = dispatch.select_chunks(scores, page, budget)
     return dispatch.sparse_decode_attention(q, k, v, pages, scale, page=page)
 
@@ -153,7 +158,9 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                 k = torch.randn(batch, HK, ctx, D, device=device, dtype=dtype, generator=g)
                 v = torch.randn(batch, HK, ctx, D, device=device, dtype=dtype, generator=g)
                 q = torch.randn(batch, HQ, D, device=device, dtype=dtype, generator=g)
-                layers.append({"q": q, "k": k, "v": v, "quest": page_summaries(k, args.page, "minmax"),
+                mm = page_summaries(k, args.page, "minmax")
+                lo8, hi8, sc8, _ = int8_bounds(*mm)
+                layers.append({"q": q, "k": k, "v": v, "quest": mm, "quest8": (lo8, hi8), "quest8_scale": sc8,
                                "mean": page_summaries(k, args.page, "mean")})
             base = {"batch": batch, "ctx": ctx, "layers_rotated": n_layers, "kv_bytes_per_layer": layer_bytes}
 
@@ -163,12 +170,13 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
             ref_dense = dense_grouped(L0["q"].float(), L0["k"].float(), L0["v"].float(), scale)
             checks = {"ours_all_vs_sdpa_fp32": rel_err(dispatch.sparse_decode_attention(L0["q"], L0["k"], L0["v"], full_idx, scale), ref_dense),
                       "dense_grp_bf16_vs_fp32": rel_err(dense_grouped(L0["q"], L0["k"], L0["v"], scale), ref_dense)}
-            for summary, reduce in (("quest", "max"), ("mean", "mean")):
-                sc = dispatch.chunk_scores(L0["q"], L0[summary], reduce)
+            for summary, reduce in SUMMARIES:
+                sc = dispatch.chunk_scores(L0["q"], L0[summary], reduce, L0.get(summary + "_scale"))
                 pages = dispatch.select_chunks(sc, args.page, args.budgets[0])
                 checks[f"sel_{summary}_pages_vs_torch"] = float(not torch.equal(pages, select_chunks(sc, args.page, args.budgets[0])))
                 slots = chunks_to_slots(pages, None, args.page)
-                got = selected(L0["q"], L0["k"], L0["v"], L0[summary], args.page, args.budgets[0], scale, reduce)
+                got = selected(L0["q"], L0["k"], L0["v"], L0[summary], args.page, args.budgets[0], scale, reduce,
+                               L0.get(summary + "_scale"))
                 checks[f"sel_{summary}_attn_vs_ref"] = rel_err(got, sparse_decode_attention_ref(
                     L0["q"].float(), L0["k"].float(), L0["v"].float(), slots, scale))
             del ref_dense
@@ -208,17 +216,18 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
             if on_gpu:
                 timed("ours_all", lambda L: dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], full_idx, scale),
                       kv_read=layer_bytes + full_idx.numel() * 4)
-            for summary, reduce in (("quest", "max"), ("mean", "mean")):
+            for summary, reduce in SUMMARIES:
                 n_pages = ctx // args.page
-                summ_bytes = (2 if summary == "quest" else 1) * batch * HK * n_pages * D * 2
-                timed(f"score/{summary}", lambda L, s=summary, r=reduce: dispatch.chunk_scores(L["q"], L[s], r),
+                summ_bytes = {"quest": 4, "quest8": 2, "mean": 2}[summary] * batch * HK * n_pages * D
+                timed(f"score/{summary}", lambda L, s=summary, r=reduce: dispatch.chunk_scores(L["q"], L[s], r, L.get(s + "_scale")),
                       kv_read=summ_bytes, eager=False)
                 for budget in args.budgets:
                     if budget > ctx:
                         continue
                     sel_bytes = 2 * batch * HK * budget * D * 2
                     timed(f"sel/{summary}/{budget}",
-                          lambda L, s=summary, r=reduce, bu=budget: selected(L["q"], L["k"], L["v"], L[s], args.page, bu, scale, r),
+                          lambda L, s=summary, r=reduce, bu=budget: selected(L["q"], L["k"], L["v"], L[s], args.page, bu, scale, r,
+                                                                             L.get(s + "_scale")),
                           extra={"budget": budget, "summary": summary}, kv_read=summ_bytes + sel_bytes)
             # tokenselect: soft votes over every token (reads all keys), top-k tokens, sparse attention
             from kvsift.methods.tokenselect import token_votes
@@ -476,22 +485,29 @@ def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict
     # runs the model's own code, '@fused' (the name measured before it became the default) forces them on
     if sys_name.endswith(("@unfused", "@fused")):
         llm.runner.fused_decode = sys_name.endswith("@fused")
-    # '@asm' / '@noasm': the quantized decode kernel's inline-PTX unpack of 4-bit codes on / off
-    # (TUNING["fold_asm"], the default since 2026-12-03), this system only
+    # quantized decode kernel settings (quant_decode_attention.TUNING), this system only: '@asm' /
+    # '@noasm' the inline-PTX unpack of 4-bit codes on / off (the default since 2026-12-03);
+    # '@offset' its planes left offset (fold_offset); '@i32' / '@noi32' 32-bit slot arithmetic (i32,
+    # the default since 2026-12-03) on / off
     from kvsift.kernels import quant_decode_attention as qda
 
-    saved = qda.TUNING["fold_asm"]
-    asm = True if sys_name.endswith("@asm") else False if sys_name.endswith("@noasm") else saved
-    sys_name = sys_name.removesuffix("@asm").removesuffix("@noasm")
+    saved = dict(qda.TUNING)
+    tuning = {}
+    for suffix, key, value in (("@asm", "fold_asm", True), ("@noasm", "fold_asm", False),
+                               ("@offset", "fold_offset", True), ("@i32", "i32", True), ("@noi32", "i32", False)):
+        if sys_name.endswith(suffix):
+            tuning[key] = value
+            sys_name = sys_name.removesuffix(suffix)
     name, budget_v, kw = parse_system(sys_name.removesuffix("@unfused").removesuffix("@fused"))
     if budget_v is not None and budget_v >= ids.shape[1]:
         budget_v = None if name == "full" else max(1, ids.shape[1] // 2)
-    qda.TUNING["fold_asm"] = asm
+    qda.TUNING.update(tuning)
     try:
         outs = llm.generate([r.tolist() for r in ids], SamplingParams(max_tokens=n, ignore_eos=True), method=name,
                             budget=budget_v, method_kwargs=kw or None, progress=False)
     finally:
-        qda.TUNING["fold_asm"] = saved
+        qda.TUNING.clear()
+        qda.TUNING.update(saved)
     st = outs[0].stats
     # steady state: the one-off warm-up step and CUDA graph recording are reported apart
     return {"decode_steps": st.decode_steps - (st.decode_setup_steps or (1 if st.decode_setup_s else 0)),

@@ -35,6 +35,9 @@ VARIANTS = [dict(fold=False),
             dict(fold=False, block_s=32, num_warps=2, splits_per_sm=16),
             # 32-bit slot offsets and positions (the default's SASS is heavy in integer multiply-adds)
             dict(i32=True), dict(i32=True, fold_num_stages=2), dict(i32=True, fold=False),
+            # the unpack leaving its planes offset (6 instructions per 8 codes, not 12), alone and with i32
+            dict(fold_offset=True), dict(fold_offset=True, i32=True), dict(fold_offset=True, fold_num_stages=2),
+            dict(fold_offset=True, fold_num_warps=4),
             # the folded path without the inline-PTX unpack (codes straight to fp16, the default
             # before 2026-12-03; 4-bit), at its old pipeline depth too, and its ways of rounding
             dict(fold_asm=False), dict(fold_asm=False, fold_num_stages=2),
@@ -46,6 +49,10 @@ VARIANTS = [dict(fold=False),
             dict(fold_min_blocks=1), dict(fold_min_blocks=16), dict(fold_min_blocks=64),
             dict(fold_block_s=128, fold_num_warps=4, fold_splits_per_sm=8),
             dict(fold_block_s=128, fold_num_warps=8, fold_splits_per_sm=8)]
+# ``--variants offset``: the offset planes and 32-bit slot arithmetic, alone, together and around them
+OFFSET_VARIANTS = [dict(fold_offset=True), dict(i32=True), dict(fold_offset=True, i32=True),
+                   dict(fold_offset=True, fold_num_stages=2), dict(fold_offset=True, fold_num_warps=4),
+                   dict(fold_offset=True, fold_splits_per_sm=8), dict(fold_offset=True, fold_splits_per_sm=32)]
 # the sweep of 2026-12-03 (``--variants asm``, bench/results/gpu_kivi_asm_h200.json) ran these over
 # the then default (the fp16 unpack); its JSON names the folded loop's depth ``num_stages``, which
 # both paths shared then
@@ -122,8 +129,9 @@ def main() -> None:
     p.add_argument("--bits", type=lambda s: [int(x) for x in s.split(",")], default=[4, 2])
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--variants", choices=("all", "asm"), default="all",
-                   help="the launch settings timed beside the default: all, or those around the inline-PTX unpack")
+    p.add_argument("--variants", choices=("all", "asm", "offset"), default="all",
+                   help="the launch settings timed beside the default: all, those around the inline-PTX unpack (asm), "
+                        "or the offset planes and 32-bit slot arithmetic (offset)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
@@ -132,7 +140,7 @@ def main() -> None:
         for n in args.contexts:
             for bits in args.bits:
                 try:
-                    row = bench(b, n, bits, args.reps, ASM_VARIANTS if args.variants == "asm" else VARIANTS)
+                    row = bench(b, n, bits, args.reps, {"asm": ASM_VARIANTS, "offset": OFFSET_VARIANTS}.get(args.variants, VARIANTS))
                 except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     continue

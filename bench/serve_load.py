@@ -241,6 +241,8 @@ def main(argv=None) -> int:
                          "list run one after another (default: the server's, 16384)")
     ap.add_argument("--preempt", choices=("off", "on", "both"), default="off",
                     help="the server's --preempt (with --kv-memory); both: every setting without, then with it")
+    ap.add_argument("--kv-arena", choices=("off", "on", "both"), default="off",
+                    help="run the server with --kv-arena (graphs replayed over KV arenas across batches), or both ways")
     ap.add_argument("--chat", action="store_true",
                     help="short chat questions answered until the model's end of sequence (--max-tokens caps "
                          "them) instead of random-token prompts of --prompt-tokens answered to --max-tokens")
@@ -292,12 +294,13 @@ def main(argv=None) -> int:
         rows = []
         modes = {"on": [True], "off": [False], "both": [False, True]}[
             "off" if args.no_continuous_batching else args.continuous]
-        runs = [(mb, c, jc, jw, cap, pre) for mb in values for c in (modes if mb > 1 else modes[:1])
+        runs = [(mb, c, jc, jw, cap, pre, arena) for mb in values for c in (modes if mb > 1 else modes[:1])
                 for jc in (joins if c and mb > 1 else joins[:1])
                 for jw in (widths if c and mb > 1 else widths[:1])
                 for cap in caps
-                for pre in {"off": [False], "on": [True], "both": [False, True]}[args.preempt]]
-        for mb, cont, jc, jw, cap, pre in runs:
+                for pre in {"off": [False], "on": [True], "both": [False, True]}[args.preempt]
+                for arena in {"off": [False], "on": [True], "both": [False, True]}[args.kv_arena]]
+        for mb, cont, jc, jw, cap, pre, arena in runs:
             cmd = ["--model", model, "--device", args.device, "--no-persist", "--max-batch", str(mb),
                    "--max-waiting", str(4 * args.clients), "--max-tokens-cap", str(args.max_tokens),
                    "--join-chunks", str(jc)]
@@ -309,6 +312,8 @@ def main(argv=None) -> int:
                 cmd += ["--chunk-size", str(args.chunk_size)]
             if pre:
                 cmd.append("--preempt")
+            if arena:
+                cmd.append("--kv-arena")
             if args.kv_memory:
                 cmd += ["--kv-memory", args.kv_memory]
             if not cont:
@@ -334,16 +339,16 @@ def main(argv=None) -> int:
             res["requests_per_batch"] = round((res["requests"] - len(res["errors"])) / n, 2) if n else None
             rows.append({"max_batch": mb, "continuous": cont and mb > 1, "join_chunks": jc if cont and mb > 1 else None,
                          "join_chunk_size": jw if cont and mb > 1 else None, "max_batched_tokens": cap,
-                         "preempt": pre, **res})
+                         "preempt": pre, "kv_arena": arena, **res})
             if args.json is not None:  # rows so far, should a later run be cut off
                 args.json.write_text(json.dumps({"partial": True, "model": label, "results": rows}, indent=1))
     finally:
         tmp.cleanup()
 
-    head = ("max-batch", "joins", "join chunks", "chunk tokens", "batched tokens", "joined", "preempt", "preemptions", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
+    head = ("max-batch", "arena", "joins", "join chunks", "chunk tokens", "batched tokens", "joined", "preempt", "preemptions", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
             "ITL p50 ms", "ITL p99 ms", "p99 from gap 2", "longest at gap 1", "batches", "req/batch",
             "errors")
-    table = [head] + [(str(r["max_batch"]), "yes" if r["continuous"] else "no",
+    table = [head] + [(str(r["max_batch"]), "on" if r.get("kv_arena") else "off", "yes" if r["continuous"] else "no",
                        "-" if r["join_chunks"] is None else ("all" if r["join_chunks"] == 0 else str(r["join_chunks"])),
                        "-" if r.get("join_chunk_size") is None else str(r["join_chunk_size"]),
                        "-" if r.get("max_batched_tokens") is None else str(r["max_batched_tokens"]),

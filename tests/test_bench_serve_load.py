@@ -46,3 +46,16 @@ def test_serve_load_rejects_bad_lists_before_starting_a_server(capsys):
         with pytest.raises(SystemExit) as e:
             mod.main(["--clients", "2", flag, value])
         assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_serve_load_runs_each_setting_with_and_without_kv_arenas(tmp_path, default_tokenizer):
+    spec = importlib.util.spec_from_file_location("serve_load", BENCH / "serve_load.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "load.json"
+    rc = mod.main(["--clients", "2", "--requests", "1", "--prompt-tokens", "40", "--max-tokens", "3",
+                   "--max-batch", "4", "--kv-arena", "both", "--json", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["kv_arena"] for r in rows] == [False, True]   # a server started each way (a bad flag exits)
+    assert all(r["errors"] == [] and r["tokens"] == 2 * 3 for r in rows)

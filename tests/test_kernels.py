@@ -347,6 +347,13 @@ _INTERP_SCRIPT = textwrap.dedent("""
                         cs.TUNING["dot"] = dot
                         e = rel(cs.chunk_scores(q, summ, red), cs.chunk_scores_ref(q, summ, red))
                         assert e < 1e-5, ("chunk_scores", dt, b, hq, hk, n, d, red, dot, e)
+            lo8, hi8, sc, _ = cs.int8_bounds(lo, hi)                     # int8 bounds with their scale
+            for red in ("mean", "max"):
+                for dot in (True, False):
+                    cs.TUNING["dot"] = dot
+                    e = rel(cs.chunk_scores(q, (lo8, hi8), red, sc), cs.chunk_scores_ref(q, (lo8, hi8), red, sc))
+                    assert e < 1e-5, ("chunk_scores int8", dt, b, hq, hk, n, d, red, dot, e)
+        cs.TUNING["dot"] = True
         for (b, hq, hk, cap, s, d, ns, page) in ((1, 4, 4, 40, 33, 16, None, 1), (2, 8, 2, 300, 200, 64, 3, 1),
                                                  (1, 8, 1, 100, 150, 48, 1, 1), (2, 4, 2, 64, 6, 32, 2, 8)):
             q = torch.randn(b, hq, 3, d, dtype=dt)[:, :, -1]                # strided, as query[:, :, -1]
@@ -403,6 +410,14 @@ _INTERP_SCRIPT = textwrap.dedent("""
                 pb.page_bounds_append_ref(lo, hi, fl, kbuf, slot, page)
                 pb.page_bounds_append(*got, kbuf, slot, page)
                 assert all(torch.equal(x, y) for x, y in zip(got, (lo, hi, fl))), ("page_bounds", b, hk, page, d, s)
+            lo8, hi8, _, inv = cs.int8_bounds(lo, hi)                     # int8 codes, keys beyond them clamp
+            fl = torch.zeros(b, hk, pages, dtype=torch.bool)
+            got = [t.clone() for t in (lo8, hi8, fl)]
+            for s in (0, 1, page - 1, page, pages * page - 1):
+                slot = torch.tensor([s])
+                pb.page_bounds_append_ref(lo8, hi8, fl, 3 * kbuf, slot, page, inv)
+                pb.page_bounds_append(*got, 3 * kbuf, slot, page, inv)
+                assert all(torch.equal(x, y) for x, y in zip(got, (lo8, hi8, fl))), ("page_bounds int8", b, hk, page, d, s)
     print("INTERP_OK")
 """)
 
@@ -519,6 +534,70 @@ def test_page_bounds_append_ref_equals_bounds_of_the_written_keys():
     assert filled.all()
     with pytest.raises(ValueError, match="slot"):
         page_bounds_append_ref(lo, hi, filled, kbuf, torch.tensor([1.0]), page)
+
+
+def test_int8_bounds_are_outward_rounded_powers_of_two_and_still_bound_the_scores():
+    from kvsift.kernels.chunk_scores import int8_bounds
+    from kvsift.kernels.page_bounds import page_bounds_append_ref
+
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 3, 64, 16, generator=g) * torch.logspace(-3, 1, 16)   # channels of other scales
+    lo, hi = page_summaries(keys, 16, "minmax")
+    lo8, hi8, scale, inv = int8_bounds(lo, hi)
+    assert lo8.dtype == hi8.dtype == torch.int8 and scale.shape == (2, 3, 1, 16)
+    assert torch.equal(torch.exp2(torch.log2(scale).round()), scale) and torch.equal(scale * inv, torch.ones_like(scale))
+    assert bool((lo8.float() * scale <= lo).all()) and bool((hi8.float() * scale >= hi).all())   # outward
+    assert int(lo8.min()) >= -127 and int(hi8.max()) <= 127
+    assert bool(((hi8.float() - lo8.float()) * scale <= hi - lo + 2 * scale).all())               # one step each side
+    # the largest magnitude of each channel lands in the top half of the code range
+    top = torch.maximum(lo8.abs(), hi8.abs()).amax(2)
+    assert bool(((top > 63) & (top <= 127)).all())
+    q = torch.randn(2, 12, 16, generator=g)
+    bound = chunk_scores_ref(q, (lo8, hi8), "max", scale)
+    qg = q.view(2, 3, 4, 16)
+    true = torch.einsum("bhgd,bhnd->bhgn", qg, keys).view(2, 3, 4, 4, 16).amax(-1).amax(2)   # (b, h, pages)
+    assert bool((bound >= true - 1e-4).all())
+    # and are at most one code step per channel looser than the float bounds' scores
+    slack = (qg.abs() * scale).sum(-1).amax(2)[..., None]               # (b, h, 1)
+    assert bool((bound <= chunk_scores_ref(q, (lo, hi), "max") + slack + 1e-4).all())
+    # appended keys enter the codes outward too, clamped at the code range
+    fl = torch.zeros(2, 3, 4, dtype=torch.bool)
+    kbuf = keys.clone()
+    kbuf[:, :, 5] *= 1000.0                                            # beyond the scale: clamps
+    a_lo, a_hi = lo8.clone(), hi8.clone()
+    for s in range(64):
+        page_bounds_append_ref(a_lo, a_hi, fl, kbuf, torch.tensor([s]), 16, inv)
+    want_lo = torch.floor(kbuf * inv).clamp(-127, 127).view(2, 3, 4, 16, 16).amin(3)
+    want_hi = torch.ceil(kbuf * inv).clamp(-127, 127).view(2, 3, 4, 16, 16).amax(3)
+    assert torch.equal(a_lo.float(), want_lo) and torch.equal(a_hi.float(), want_hi) and fl.all()
+    untouched = torch.ones(4, dtype=torch.bool)
+    untouched[0] = False                                               # the clamped key's page
+    assert torch.equal(a_lo[:, :, untouched], lo8[:, :, untouched]) and torch.equal(a_hi[:, :, untouched], hi8[:, :, untouched])
+    with pytest.raises(ValueError, match="inverse scale"):
+        page_bounds_append_ref(a_lo, a_hi, fl, kbuf, torch.tensor([1]), 16)
+    with pytest.raises(TypeError, match="int8"):
+        chunk_scores_ref(q, (lo, hi), "max", scale)
+
+
+@cuda_triton
+def test_cuda_int8_bounds_kernels_match_reference():
+    from kvsift.kernels import chunk_scores as cs, page_bounds as pb
+
+    b, hk, page, pages, d = 2, 8, 16, 300, 128
+    keys = torch.randn(b, hk, page * pages, d, device="cuda", dtype=torch.bfloat16)
+    lo, hi = page_summaries(keys, page, "minmax")
+    lo8, hi8, scale, inv = cs.int8_bounds(lo, hi)
+    q = torch.randn(b, 32, d, device="cuda", dtype=torch.bfloat16)
+    for red in ("max", "mean"):
+        got, want = cs.chunk_scores(q, (lo8, hi8), red, scale), cs.chunk_scores_ref(q, (lo8, hi8), red, scale)
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)
+    ref = [lo8.clone(), hi8.clone(), torch.zeros(b, hk, pages, dtype=torch.bool, device="cuda")]
+    got = [t.clone() for t in ref]
+    for s in (0, 1, 15, 16, 17, 300, page * pages - 1):
+        slot = torch.tensor([s], device="cuda")
+        pb.page_bounds_append_ref(*ref, 2 * keys, slot, page, inv)
+        pb.page_bounds_append(*got, 2 * keys, slot, page, inv)
+        assert all(torch.equal(x, y) for x, y in zip(got, ref)), s
 
 
 @cuda_triton

@@ -323,8 +323,8 @@ def test_cuda_kernel_matches_reference(bits, dtype, d, table):
 @cuda_triton
 @pytest.mark.parametrize("variant", [dict(fold_halves=2, fold_asm=False), dict(fold_halves=1, fold_asm=False),
                                      dict(fold_magic=False, fold_asm=False), dict(fold_asm=True),
-                                     dict(fold_asm=True, i32=True)],
-                         ids=["halves", "fp16", "unpack-fp32", "asm-planes", "asm-int32"])
+                                     dict(fold_asm=True, i32=True), dict(fold_asm=True, fold_offset=True)],
+                         ids=["halves", "fp16", "unpack-fp32", "asm-planes", "asm-int32", "asm-offset"])
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_folded_kernel_variants_match_reference(variant, bits, dtype, monkeypatch):

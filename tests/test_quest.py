@@ -27,6 +27,59 @@ def test_bounds_follow_appended_tokens(tiny_llm):
         assert torch.equal(st.filled[:, :, :used], filled[:, :, :used])
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_int8_bounds_follow_appended_tokens(tiny_llm, padded):
+    """``bounds="int8"``: after decode steps (new pages on the way) the codes kept on append equal
+    the float bounds rebuilt from the buffer, quantized outward with the layer's scales; a padded
+    batch keeps them by rank the same way."""
+    from kvsift.kernels.chunk_scores import quantize_bound
+    from kvsift.methods.quest import _ranked
+
+    m = build_method("quest", 32, page=8, bounds="int8")
+    ids = [random_prompt(n, seed=170 + n) for n in ((70, 101) if padded else (100,))]
+    cache, _, _ = decode_greedy(tiny_llm, m, ids, 21)
+    for layer in cache.layers:
+        st = layer.state["quest"]
+        assert st.kmin.dtype == torch.int8 and (st.slot_of is not None) == padded
+        if padded:
+            lo, hi, filled, _, _ = _ranked(layer.keys, layer.positions, 8, st.pages, st.slot_of.shape[2])
+        else:
+            lo, hi, filled = _bounds(layer.keys, layer.positions, 8, st.pages)
+        want_lo, want_hi = quantize_bound(lo, st.kinv, down=True), quantize_bound(hi, st.kinv, down=False)
+        assert torch.equal(st.filled, filled)
+        assert torch.equal(st.kmin[filled], want_lo[filled]) and torch.equal(st.kmax[filled], want_hi[filled])
+
+
+def test_int8_bounds_select_what_float_bounds_select_and_halve_the_summaries(tiny_llm):
+    """On a prompt whose pages differ clearly (one page aligned with the query), the int8 codes
+    pick the same page, and the summaries hold about half the bytes."""
+    ids = random_prompt(128, seed=42)
+    sels, nbytes = [], []
+    for bounds in ("float", "int8"):
+        m = build_method("quest", 16, page=16, bounds=bounds)
+        cache, run, ctx = _decoded(tiny_llm, m, ids, steps=1)
+        layer = cache.layers[1]
+        g = torch.Generator().manual_seed(0)
+        d = layer.k_buf.shape[-1]
+        v = torch.randn(d, generator=g)
+        with torch.inference_mode():
+            layer.k_buf[:, :, :128] = 0.01 * torch.randn(layer.k_buf[:, :, :128].shape, generator=g)
+            layer.k_buf[:, :, 80:96] = v
+            del layer.state["quest"]
+            sels.append(m.plan(run, layer, v.expand(1, 4, 1, d), ctx).own.tolist())
+        st = layer.state["quest"]
+        nbytes.append(st.kmin.nbytes + st.kmax.nbytes + (0 if st.kscale is None else st.kscale.nbytes + st.kinv.nbytes))
+    assert sels[0] == sels[1] == [[[5, 8]] * 2]
+    assert nbytes[1] < 0.6 * nbytes[0]
+
+
+def test_int8_bounds_at_a_full_budget_equal_full(tiny_llm):
+    ids = random_prompt(200, seed=44)
+    p = SamplingParams(max_tokens=8, ignore_eos=True)
+    full = tiny_llm.generate(ids, p, method="full")[0].token_ids
+    assert tiny_llm.generate(ids, p, method="quest", budget=200, method_kwargs={"bounds": "int8"})[0].token_ids == full
+
+
 def test_page_scores_bound_the_true_scores():
     g = torch.Generator().manual_seed(0)
     keys = torch.randn(1, 2, 64, 8, generator=g)
@@ -66,7 +119,7 @@ def test_snapkv_then_quest_selects_within_the_kept_tokens(tiny_llm):
     assert len(out.token_ids) == 6 and out.stats.kv_device_bytes < out.stats.kv_full_bytes
 
 
-@pytest.mark.parametrize("kw,msg", [({"page": 0}, "page"), ({"reduce": "sum"}, "reduce"),
+@pytest.mark.parametrize("kw,msg", [({"page": 0}, "page"), ({"reduce": "sum"}, "reduce"), ({"bounds": "fp8"}, "bounds"),
                                     ({"page": "16"}, "page"), ({"decode_budget": -1}, "decode_budget")])
 def test_bad_options(kw, msg):
     with pytest.raises(ValueError, match=msg):

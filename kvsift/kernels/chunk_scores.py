@@ -4,7 +4,10 @@ Two kinds of summary:
 
 * mean keys ``(batch, kv_heads, n_chunks, head_dim)``: score = ``q . mean_k`` (SentenceKV-style);
 * Quest bounds ``(kmin, kmax)``, two tensors of that shape: score =
-  ``sum_d max(q_d * kmin_d, q_d * kmax_d)``, an upper bound of ``q . k`` over the page's keys.
+  ``sum_d max(q_d * kmin_d, q_d * kmax_d)``, an upper bound of ``q . k`` over the page's keys;
+* Quest bounds as int8 (:func:`int8_bounds`): ``(kmin, kmax)`` int8 codes plus ``scale (batch,
+  kv_heads, 1, head_dim)`` float32, a power of two per channel; the bounds are ``code * scale``,
+  rounded outward, so the score is still an upper bound, and half the bytes of fp16 bounds are read.
 
 The ``group = q_heads // kv_heads`` query heads that share a KV head are reduced to one score per
 KV head (``"mean"`` or ``"max"``), because selection is per KV head: every query head of a group
@@ -31,7 +34,8 @@ TUNING = {"dot": True, "block_n": 128, "num_warps": 4}
 REDUCES = ("mean", "max")
 
 
-def _check(query: torch.Tensor, summaries: Summaries, reduce: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _check(query: torch.Tensor, summaries: Summaries, reduce: str,
+           scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Validate arguments; returns ``(lo, hi)`` where ``hi`` is None for mean-key summaries."""
     if reduce not in REDUCES:
         raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
@@ -59,21 +63,61 @@ def _check(query: torch.Tensor, summaries: Summaries, reduce: str) -> tuple[torc
         raise ValueError(f"q_heads ({hq}) must be a multiple of kv_heads ({hk})")
     if lo.device != query.device:
         raise ValueError(f"query on {query.device} but summaries on {lo.device}")
+    if scale is not None:
+        if hi is None or lo.dtype != torch.int8:
+            raise TypeError("a scale goes with int8 Quest bounds (kmin, kmax), see int8_bounds")
+        if scale.dtype != torch.float32 or tuple(scale.shape) != (b, hk, 1, d) or scale.device != lo.device:
+            raise ValueError(f"scale must be float32 (batch, kv_heads, 1, head_dim) = {(b, hk, 1, d)} on the "
+                             f"summaries' device, got {scale.dtype} {tuple(scale.shape)}")
+        if not query.is_floating_point():
+            raise TypeError("query must be floating point")
+        return lo, hi
     if not (query.is_floating_point() and lo.is_floating_point()):
-        raise TypeError("query and summaries must be floating point")
+        raise TypeError("query and summaries must be floating point (int8 bounds take a scale)")
     return lo, hi
 
 
-def chunk_scores_ref(query: torch.Tensor, summaries: Summaries, reduce: str = "mean") -> torch.Tensor:
+def int8_bounds(kmin: torch.Tensor, kmax: torch.Tensor, valid: torch.Tensor | None = None):
+    """Quest bounds ``(batch, kv_heads, n_pages, head_dim)`` as int8 codes, rounded outward.
+
+    Each channel of each (row, KV head) gets one scale, the power of two that puts the largest
+    magnitude among the ``valid (batch, kv_heads, n_pages)`` pages' bounds (all pages if None) at
+    most 127 codes from 0. ``kmin`` rounds down and ``kmax`` up: ``code * scale`` still bounds the
+    page's keys, exactly (division by a power of two is exact), so a page's score stays an upper
+    bound, a little looser. Returns ``(lo, hi, scale, inv)``: int8 codes, and the float32 scale
+    ``(batch, kv_heads, 1, head_dim)`` and its inverse (also exact)."""
+    lo, hi = kmin.float(), kmax.float()
+    mag = torch.maximum(lo.abs(), hi.abs())
+    if valid is not None:
+        mag = torch.where(valid[..., None], mag, 0.0)
+    amax = mag.amax(2, keepdim=True).clamp_min(2.0 ** -100)                   # (b, h, 1, d)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / 127.0)))
+    inv = 1.0 / scale
+    return (quantize_bound(lo, inv, down=True), quantize_bound(hi, inv, down=False), scale, inv)
+
+
+def quantize_bound(x: torch.Tensor, inv: torch.Tensor, down: bool) -> torch.Tensor:
+    """``x`` (float) times the power-of-two ``inv``, rounded down (a minimum) or up (a maximum),
+    clamped to [-127, 127], as int8."""
+    y = x.float() * inv
+    y = torch.floor(y) if down else torch.ceil(y)
+    return y.clamp(-127, 127).to(torch.int8)
+
+
+def chunk_scores_ref(query: torch.Tensor, summaries: Summaries, reduce: str = "mean",
+                     scale: torch.Tensor | None = None) -> torch.Tensor:
     """Reference (PyTorch, float32 math).
 
     query ``(batch, q_heads, head_dim)``; summaries ``(batch, kv_heads, n_chunks, head_dim)`` mean
-    keys, or a ``(kmin, kmax)`` pair of that shape. Returns ``(batch, kv_heads, n_chunks)`` float32.
+    keys, or a ``(kmin, kmax)`` pair of that shape (int8 codes with ``scale (batch, kv_heads, 1,
+    head_dim)``, see :func:`int8_bounds`). Returns ``(batch, kv_heads, n_chunks)`` float32.
     """
-    lo, hi = _check(query, summaries, reduce)
+    lo, hi = _check(query, summaries, reduce, scale)
     b, hq, d = query.shape
     hk = lo.shape[1]
     q = query.float().reshape(b, hk, hq // hk, 1, d)              # (b, hk, g, 1, d)
+    if scale is not None:   # the scale folded into the query: the codes are the bounds
+        q = q * scale[:, :, None]
     if hi is None:
         s = torch.matmul(q, lo.float()[:, :, None].transpose(-1, -2)).squeeze(-2)  # (b, hk, g, n)
     else:
@@ -84,15 +128,15 @@ def chunk_scores_ref(query: torch.Tensor, summaries: Summaries, reduce: str = "m
 if HAS_TRITON:
 
     @triton.jit
-    def _chunk_scores_kernel(q_ptr, lo_ptr, hi_ptr, out_ptr, N,
+    def _chunk_scores_kernel(q_ptr, lo_ptr, hi_ptr, sc_ptr, out_ptr, N,
                              sq_b, sq_h, sq_d,
                              sl_b, sl_h, sl_n, sl_d,
                              sh_b, sh_h, sh_n, sh_d,
-                             so_b, so_h, so_n,
+                             so_b, so_h, so_n, ss_b, ss_h,
                              HK: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr,
                              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, QUEST: tl.constexpr,
                              REDUCE_MAX: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                             DOT: tl.constexpr):
+                             DOT: tl.constexpr, SCALED: tl.constexpr = False):
         # Quest's bound sum_d max(q_d lo_d, q_d hi_d) = min(q, 0) . lo + max(q, 0) . hi: two dots,
         # so every score runs on the tensor cores for all G query heads of the group at once.
         pid_bh = tl.program_id(0)
@@ -107,12 +151,15 @@ if HAS_TRITON:
         mask_d = offs_d < D
         q = tl.load(q_ptr + b * sq_b + (h * G + offs_g[:, None]) * sq_h + offs_d[None, :] * sq_d,
                     mask=mask_g[:, None] & mask_d[None, :], other=0.0)          # (G_P, BLOCK_D)
+        if SCALED:   # int8 bounds: the per-channel power-of-two scale folded into the query (exact)
+            sc = tl.load(sc_ptr + b * ss_b + h * ss_h + offs_d, mask=mask_d, other=0.0)
+            q = (q.to(tl.float32) * sc[None, :]).to(q.dtype)
         m2 = mask_n[:, None] & mask_d[None, :]
         lo = tl.load(lo_ptr + b * sl_b + h * sl_h + offs_n[:, None].to(tl.int64) * sl_n + offs_d[None, :] * sl_d,
-                     mask=m2, other=0.0)                                         # (BLOCK_N, BLOCK_D)
+                     mask=m2, other=0)                                           # (BLOCK_N, BLOCK_D)
         if QUEST:
             hi = tl.load(hi_ptr + b * sh_b + h * sh_h + offs_n[:, None].to(tl.int64) * sh_n + offs_d[None, :] * sh_d,
-                         mask=m2, other=0.0)
+                         mask=m2, other=0)
         if not DOT:
             # CUDA cores, float32 registers: one multiply-reduce per query head (mean keys with a
             # mean over the group need only the group's mean query)
@@ -130,6 +177,8 @@ if HAS_TRITON:
                 for g in tl.static_range(G):
                     qg = tl.load(q_ptr + b * sq_b + (h * G + g) * sq_h + offs_d * sq_d, mask=mask_d,
                                  other=0.0).to(tl.float32)
+                    if SCALED:
+                        qg = qg * sc
                     if QUEST:
                         sg = tl.sum(tl.maximum(qg[None, :] * lof, qg[None, :] * hif), axis=1)
                     else:
@@ -170,7 +219,8 @@ if HAS_TRITON:
         tl.store(out_ptr + b * so_b + h * so_h + offs_n * so_n, r, mask=mask_n)
 
 
-def chunk_scores(query: torch.Tensor, summaries: Summaries, reduce: str = "mean") -> torch.Tensor:
+def chunk_scores(query: torch.Tensor, summaries: Summaries, reduce: str = "mean",
+                 scale: torch.Tensor | None = None) -> torch.Tensor:
     """Triton kernel; same arguments and result as :func:`chunk_scores_ref`.
 
     One program scores ``BLOCK_N`` chunks of one (batch, kv_head) for all ``group`` query heads
@@ -180,7 +230,7 @@ def chunk_scores(query: torch.Tensor, summaries: Summaries, reduce: str = "mean"
     """
     if not HAS_TRITON:
         raise RuntimeError("chunk_scores needs Triton (pip install triton); use chunk_scores_ref")
-    lo, hi = _check(query, summaries, reduce)
+    lo, hi = _check(query, summaries, reduce, scale)
     b, hq, d = query.shape
     hk, n = lo.shape[1], lo.shape[2]
     out = torch.empty(b, hk, n, dtype=torch.float32, device=query.device)
@@ -194,14 +244,15 @@ def chunk_scores(query: torch.Tensor, summaries: Summaries, reduce: str = "mean"
     upcast = query.device.type != "cuda"
     grid = (b * hk, triton.cdiv(n, block_n))
     _chunk_scores_kernel[grid](
-        query, lo, hi_t, out, n,
+        query, lo, hi_t, scale if scale is not None else out, out, n,
         query.stride(0), query.stride(1), query.stride(2),
         lo.stride(0), lo.stride(1), lo.stride(2), lo.stride(3),
         hi_t.stride(0), hi_t.stride(1), hi_t.stride(2), hi_t.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
+        *((scale.stride(0), scale.stride(1)) if scale is not None else (0, 0)),
         HK=hk, G=g, G_P=max(16, triton.next_power_of_2(g)), D=d, BLOCK_D=block_d, BLOCK_N=block_n,
         QUEST=quest, REDUCE_MAX=reduce == "max", IEEE=upcast or query.dtype == torch.float32, UPCAST=upcast,
-        DOT=TUNING["dot"], num_warps=TUNING["num_warps"],
+        DOT=TUNING["dot"], SCALED=scale is not None, num_warps=TUNING["num_warps"],
     )
     return out
 

@@ -41,12 +41,12 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
 
 
-def chunk_scores(query: torch.Tensor, summaries, reduce: str = "mean") -> torch.Tensor:
+def chunk_scores(query: torch.Tensor, summaries, reduce: str = "mean", scale: torch.Tensor | None = None) -> torch.Tensor:
     """See :func:`kvsift.kernels.chunk_scores.chunk_scores_ref`: ``(batch, kv_heads, n_chunks)`` float32."""
     parts = tuple(summaries) if isinstance(summaries, (tuple, list)) else (summaries,)
     if use_triton(query, *parts):
-        return _cs.chunk_scores(query, summaries, reduce)
-    return _cs.chunk_scores_ref(query, summaries, reduce)
+        return _cs.chunk_scores(query, summaries, reduce, scale)
+    return _cs.chunk_scores_ref(query, summaries, reduce, scale)
 
 
 def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
@@ -66,12 +66,13 @@ def budget_select(scores: torch.Tensor, lens: torch.Tensor, budget: int, k: int)
 
 
 def page_bounds_append(kmin: torch.Tensor, kmax: torch.Tensor, filled: torch.Tensor, k_buf: torch.Tensor,
-                       slot: torch.Tensor, page: int) -> None:
-    """See :mod:`kvsift.kernels.page_bounds`: fold the key at ``slot`` into its page's bounds, in place."""
+                       slot: torch.Tensor, page: int, inv: torch.Tensor | None = None) -> None:
+    """See :mod:`kvsift.kernels.page_bounds`: fold the key at ``slot`` into its page's bounds, in place
+    (int8 bounds with their inverse scale ``inv``)."""
     if (use_triton(kmin, kmax, filled, k_buf, slot) and k_buf.stride(3) == 1 and kmin.stride(3) == 1
             and kmax.stride(3) == 1):
-        return _pb.page_bounds_append(kmin, kmax, filled, k_buf, slot, page)
-    return _pb.page_bounds_append_ref(kmin, kmax, filled, k_buf, slot, page)
+        return _pb.page_bounds_append(kmin, kmax, filled, k_buf, slot, page, inv)
+    return _pb.page_bounds_append_ref(kmin, kmax, filled, k_buf, slot, page, inv)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

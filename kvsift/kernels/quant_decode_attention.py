@@ -81,11 +81,19 @@ from kvsift.kernels.sparse_decode_attention import _LOG2E, SplitLaunch, _check_c
 # slower there: 0.173 / 1.276 ms (gpu_kivi_hoist_h200.json), and was dropped. ``i32``: slots, positions
 # and window starts as int32 in the kernel (where every per-slot offset fits, ``_fits_i32``), so the
 # per-element address arithmetic is 32-bit; the SASS of the default spent 579 of its 3,792
-# instructions on integer multiply-adds (kernel_sass_asm_h200.json). Interpreter-checked, not yet timed.
+# instructions on integer multiply-adds (kernel_sass_asm_h200.json). On the H200 (2026-12-03, 128k,
+# int4, bench/results/gpu_kivi_offset_i32_h200.json) it took 0.1375 / 0.978 ms at batch 1 / 8
+# against 0.1606 / 1.164 without, and end to end kivi decoded at 9.97 against 10.69 ms/token
+# (full: 10.18; gpu_kivi_e2e_i32_default_h200.json), so it is the default.
+# ``fold_offset`` (with ``fold_asm``): the unpack leaves the fp16 planes offset (``1024 + code``,
+# ``64 + code``: six instructions per 8 codes instead of twelve, no shift and no subtraction) and the
+# block takes the offsets off its dots through the sums of their fp16 operands, inside the
+# zero-point terms it adds anyway. CUDA-tested (``asm-offset``); no faster in that sweep (0.1629 /
+# 1.168 ms alone, 0.1380 / 0.977 with ``i32``): the unpack is not what bounds the loop, so it stays off.
 TUNING = {"block_s": 32, "num_warps": 4, "num_stages": 2, "splits_per_sm": 2,
           "fold": True, "fold_block_s": 64, "fold_num_warps": 2, "fold_splits_per_sm": 16, "fold_halves": 1,
           "fold_magic": True, "fold_min_blocks": 32, "fold_floor_per_sm": 4, "fold_asm": True,
-          "fold_num_stages": 3, "i32": False}
+          "fold_num_stages": 3, "i32": True, "fold_offset": False}
 
 
 def _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start, key_pos, query_pos,
@@ -234,11 +242,31 @@ if HAS_TRITON:
         return (_interleaved(b, BITS, PER, LEVELS) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
 
     @triton.jit
-    def _planes_asm(b):
+    def _planes_asm(b, OFFSET: tl.constexpr = False):
         """Packed 4-bit bytes ``(S, D // 2)`` uint8 -> ``(low, high)`` fp16 ``(S, D // 2)`` each: the
         codes of channels ``2j`` and ``2j + 1`` (exact), by inline PTX on 4 bytes at a time: each
         byte pair spread into 16-bit lanes (``prmt``), a nibble OR-ed into fp16 1024.0's bits
-        (``lop3``), 1024 subtracted (``sub.f16x2``). CUDA only."""
+        (``lop3``), 1024 subtracted (``sub.f16x2``). CUDA only.
+
+        ``OFFSET``: nothing subtracted and no shift, six instructions per 8 codes instead of twelve:
+        ``low`` is ``1024 + code`` (the low nibble in the mantissa of 1024.0, whose last place is 1)
+        and ``high`` is ``64 + code`` (the high nibble, bits 4-7, in the mantissa of 64.0, whose
+        last place is 1/16); the caller takes the offsets off the dot products (:func:`_fold_block`)."""
+        if OFFSET:
+            return tl.inline_asm_elementwise(
+                """
+                {
+                .reg .b32 t0, t1, z;
+                mov.b32 z, 0;
+                prmt.b32 t0, $4, z, 0x4140;
+                prmt.b32 t1, $4, z, 0x4342;
+                lop3.b32 $0, t0, 0x000f000f, 0x64006400, 0xea;
+                lop3.b32 $1, t1, 0x000f000f, 0x64006400, 0xea;
+                lop3.b32 $2, t0, 0x00f000f0, 0x54005400, 0xea;
+                lop3.b32 $3, t1, 0x00f000f0, 0x54005400, 0xea;
+                }
+                """,
+                "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
         return tl.inline_asm_elementwise(
             """
             {
@@ -341,14 +369,17 @@ if HAS_TRITON:
                     rk_base, srk_c, rv_base, srv_c, offs_b, offs_d, mask_d,
                     BITS: tl.constexpr, PER: tl.constexpr, LEVELS: tl.constexpr, KGROUP: tl.constexpr,
                     UPCAST: tl.constexpr, IEEE: tl.constexpr, HALVES: tl.constexpr, MAGIC: tl.constexpr,
-                    ASM: tl.constexpr = False):
+                    ASM: tl.constexpr = False, OFFSET: tl.constexpr = False):
         """One block of ``BLOCK_S`` consecutive slots that share a key group (every slot, blocks
         aligned to the group), one value scale per slot, folded into the online softmax without
         dequantizing a tile: the scores are ``(q * k_scale) . codes + q . k_zero`` (one key group's
         scale and zero, ``(D,)`` each) and the output gains ``(p * v_scale) @ codes + sum(p *
         v_zero)``; only the codes are unpacked. Slots of the full-precision window (the tiles that
         reach it) read ``k_res``/``v_res``. ``MAGIC``: the codes unpacked to fp16 (:func:`_codes`).
-        Returns ``(m_i, l_i, acc)``."""
+        ``OFFSET`` (with ``ASM``): the code planes come as ``1024 + code`` (even channels) and ``64 +
+        code`` (odd ones), and the offsets come off each dot as ``offset * sum`` of the very fp16
+        operand that entered it (its rounding cancels exactly), folded into the zero-point terms
+        the block adds anyway. Returns ``(m_i, l_i, acc)``."""
         kgi = it // KGROUP
         has_g = kgi * KGROUP < rstart           # the group was quantized (else its row may be garbage)
         ksr = tl.where(has_g, tl.load(ks_base + kgi * sks_g + offs_d, mask=mask_d, other=0.0).to(tl.float32), 0.0)
@@ -359,9 +390,13 @@ if HAS_TRITON:
         kb = tl.sum(qf * kzr[None, :], axis=1) * qk_scale                    # (G_P,)
         kraw = tl.load(kc_base + slot[:, None] * skc_c + offs_b[None, :], mask=isq[:, None], other=0)
         if ASM:   # two planes of channels (even, odd), the query's channels split alike
-            klo, khi = _planes_asm(kraw)
+            klo, khi = _planes_asm(kraw, OFFSET)
             qse, qso = tl.split(tl.reshape(qs, (qs.shape[0], qs.shape[1] // 2, 2)))
-            qk = tl.dot(qse.to(tl.float16), tl.trans(klo)) + tl.dot(qso.to(tl.float16), tl.trans(khi))
+            qse16 = qse.to(tl.float16)
+            qso16 = qso.to(tl.float16)
+            qk = tl.dot(qse16, tl.trans(klo)) + tl.dot(qso16, tl.trans(khi))
+            if OFFSET:
+                kb -= 1024.0 * tl.sum(qse16.to(tl.float32), axis=1) + 64.0 * tl.sum(qso16.to(tl.float32), axis=1)
         else:
             kcode = _codes(kraw, BITS, PER, LEVELS, MAGIC)                       # (BLOCK_S, BLOCK_D) exact
             if UPCAST or IEEE:
@@ -390,7 +425,15 @@ if HAS_TRITON:
         pq = tl.where(isq[None, :], p, 0.0)
         vraw = tl.load(vc_base + slot[:, None] * svc_c + offs_b[None, :], mask=isq[:, None], other=0)
         pv = pq * vsc[None, :]
-        if ASM:   # the even and the odd channels' outputs, interleaved back
+        if ASM and OFFSET:   # the zero-point term and the planes' offsets added per plane, then interleaved
+            vlo, vhi = _planes_asm(vraw, OFFSET)
+            pv16 = pv.to(tl.float16)
+            z = tl.sum(pq * vzp[None, :], axis=1)
+            s16 = tl.sum(pv16.to(tl.float32), axis=1)
+            o_even = tl.dot(pv16, vlo) + (z - 1024.0 * s16)[:, None]
+            o_odd = tl.dot(pv16, vhi) + (z - 64.0 * s16)[:, None]
+            o = tl.reshape(tl.join(o_even, o_odd), (pv.shape[0], vlo.shape[1] * 2))
+        elif ASM:   # the even and the odd channels' outputs, interleaved back
             vlo, vhi = _planes_asm(vraw)
             pv16 = pv.to(tl.float16)
             o = tl.reshape(tl.join(tl.dot(pv16, vlo), tl.dot(pv16, vhi)), (pv.shape[0], vlo.shape[1] * 2))
@@ -400,7 +443,10 @@ if HAS_TRITON:
                 o = tl.dot(pv, vcode.to(tl.float32), input_precision="ieee")
             else:  # the weights split too (the code sum cancels against sum(p * v_zero))
                 o = _split_dot(pv, vcode, q.dtype, HALVES)
-        acc = acc * alpha[:, None] + o + tl.sum(pq * vzp[None, :], axis=1)[:, None]
+        if ASM and OFFSET:
+            acc = acc * alpha[:, None] + o
+        else:
+            acc = acc * alpha[:, None] + o + tl.sum(pq * vzp[None, :], axis=1)[:, None]
         if any_r:
             ridx = tl.maximum(slot - rstart, 0)
             mr = isr[:, None] & mask_d[None, :]
@@ -436,7 +482,7 @@ if HAS_TRITON:
                                    ALL: tl.constexpr, HAS_CNT: tl.constexpr, FAST: tl.constexpr,
                                    NVG: tl.constexpr, ROUND_BF16: tl.constexpr, FOLD: tl.constexpr,
                                    HALVES: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr,
-                                   I32: tl.constexpr = False):
+                                   I32: tl.constexpr = False, OFFSET: tl.constexpr = False):
         # one program: (batch, kv_head) x one split of the slot table; slot s < res_start is
         # dequantized from its codes (code * scale + zero), a later slot read from the window
         pid_bh = tl.program_id(0)
@@ -488,7 +534,8 @@ if HAS_TRITON:
                 m_i, l_i, acc = _fold_block(qf, q, m_i, l_i, acc, it, slot, valid, isq, isr, rstart, qk_scale,
                                             kc_base, skc_c, ks_base, kz_base, sks_g, vc_base, svc_c, vs_base,
                                             vz_base, svs_c, rk_base, srk_c, rv_base, srv_c, offs_b, offs_d,
-                                            mask_d, BITS, PER, LEVELS, KGROUP, UPCAST, IEEE, HALVES, MAGIC, ASM)
+                                            mask_d, BITS, PER, LEVELS, KGROUP, UPCAST, IEEE, HALVES, MAGIC, ASM,
+                                            OFFSET)
             else:
                 mq = isq[:, None] & mask_d[None, :]
                 if FAST:
@@ -621,7 +668,8 @@ def quant_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torc
         UPCAST=L.upcast, ALL=slot_idx is None, HAS_CNT=slot_count is not None, FAST=fast,
         NVG=v_scale.shape[3] if fast else 1, ROUND_BF16=L.upcast and k_res.dtype == torch.bfloat16, FOLD=fold,
         HALVES=TUNING["fold_halves"], MAGIC=TUNING["fold_magic"],
-        ASM=bool(TUNING["fold_asm"]) and fold and bits == 4 and q.is_cuda and not L.upcast and not L.ieee,
+        ASM=(asm := bool(TUNING["fold_asm"]) and fold and bits == 4 and q.is_cuda and not L.upcast and not L.ieee),
+        OFFSET=asm and bool(TUNING["fold_offset"]),
         I32=bool(TUNING["i32"]) and _fits_i32(cap, k_res.shape[2], s, key_pos, slot_idx,
                                               k_codes, v_codes, k_scale, v_scale, k_res, v_res),
         num_warps=TUNING[pre + "num_warps"], num_stages=TUNING[pre + "num_stages"])

@@ -15,6 +15,10 @@ The full KV stays on the device: Quest saves reads, not memory. It composes afte
 decode, with ``decode_budget`` tokens). Summaries are built at the first decode step from the
 buffer and kept current as tokens are appended (``on_append``), on the device, under CUDA graphs.
 With a budget of the whole prompt every page is attended and the output equals ``full``.
+
+``bounds="int8"`` keeps the bounds as int8 codes with one power-of-two scale per channel (rounded
+outward, so a page's score is still an upper bound; :func:`~kvsift.kernels.chunk_scores.int8_bounds`):
+the score reads half the bytes, and the summaries take half the memory.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvsift.kernels.chunk_scores import int8_bounds, quantize_bound
 from kvsift.kernels.dispatch import chunk_scores, page_bounds_append
 from kvsift.methods.base import DecodeSelect, LayerState, Selection, register, top_pages
 
@@ -40,7 +45,10 @@ class QuestState(LayerState):
     Otherwise (left padding, rows of other lengths stacked into a running batch with padding
     between their prompt and the common decode slots) ``slot_of (batch, kv_heads, capacity)`` int64
     maps a rank to its slot (-1: none yet) and ``count (batch, kv_heads, 1)`` int64 counts each
-    row's real tokens, so every row's pages are the ones it has alone."""
+    row's real tokens, so every row's pages are the ones it has alone.
+
+    Int8 bounds (``bounds="int8"``): ``kmin``/``kmax`` int8 codes, ``kscale``/``kinv (batch,
+    kv_heads, 1, head_dim)`` float32 the per-channel power-of-two scale and its inverse."""
 
     kmin: torch.Tensor | None = None
     kmax: torch.Tensor | None = None
@@ -48,9 +56,11 @@ class QuestState(LayerState):
     page_ids: torch.Tensor | None = None   # (n_pages,) int64: 0 .. n_pages-1
     slot_of: torch.Tensor | None = None
     count: torch.Tensor | None = None
+    kscale: torch.Tensor | None = None
+    kinv: torch.Tensor | None = None
 
     def repeat_batch(self, times: int) -> None:
-        for name in ("kmin", "kmax", "filled", "slot_of", "count"):
+        for name in ("kmin", "kmax", "filled", "slot_of", "count", "kscale", "kinv"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).repeat_interleave(times, 0))
 
@@ -116,10 +126,15 @@ class Quest(DecodeSelect):
         How the query heads of a GQA group combine their page scores: ``max`` or ``mean``.
     decode_budget : int | float | None
         Tokens attended at decode when composed after an eviction (default: ``budget``).
+    bounds : str
+        How the page bounds are stored: ``float`` (the keys' dtype, as in the paper) or ``int8``
+        (codes with one power-of-two scale per channel, rounded outward: half the bytes read by
+        each step's scoring and half the summaries' memory, slightly looser bounds).
     """
 
     page: int = 16
     reduce: str = "max"
+    bounds: str = "float"
     decode_only = True
 
     def __post_init__(self):
@@ -128,6 +143,8 @@ class Quest(DecodeSelect):
             raise ValueError(f"page must be in [1, 256], got {self.page}")
         if self.reduce not in ("max", "mean"):
             raise ValueError(f"reduce must be 'max' or 'mean', got {self.reduce!r}")
+        if self.bounds not in ("float", "int8"):
+            raise ValueError(f"bounds must be 'float' or 'int8', got {self.bounds!r}")
 
     def joins_rows(self) -> bool:
         """Rows stacked into a running batch select as alone: a row's pages are counted from its
@@ -163,6 +180,8 @@ class Quest(DecodeSelect):
             else:
                 lo, hi, filled, slot_of, count = _ranked(keys, pos, self.page, pages, layer.slot_capacity)
                 st = QuestState(lo, hi, filled, torch.arange(pages, device=lo.device), slot_of, count)
+            if self.bounds == "int8":   # scales from the pages built now; later keys beyond them clamp
+                st.kmin, st.kmax, st.kscale, st.kinv = int8_bounds(st.kmin, st.kmax, st.filled)
             layer.state[self.name] = st
         return st
 
@@ -174,15 +193,19 @@ class Quest(DecodeSelect):
             return  # built (from the buffer, these keys included) by the next plan
         s = layer.written_slots(1)                                           # (1,) device
         if st.slot_of is None and layer.quant is None:
-            page_bounds_append(st.kmin, st.kmax, st.filled, layer.k_buf, s, self.page)   # one launch
+            page_bounds_append(st.kmin, st.kmax, st.filled, layer.k_buf, s, self.page, st.kinv)   # one launch
             return
         k = layer.slot_keys(s)                                               # (b, h, 1, d), dequantized
         # the new token's rank in its row: its slot, or (pages by rank) the row's own count
         r = st.count if st.slot_of is not None else s.view(1, 1, 1).expand(k.shape[0], k.shape[1], 1)
         p = (r // self.page)[..., None].expand_as(k)
         first = (r % self.page == 0)[..., None]
-        st.kmin.scatter_(2, p, torch.where(first, k, torch.minimum(st.kmin.gather(2, p), k)))
-        st.kmax.scatter_(2, p, torch.where(first, k, torch.maximum(st.kmax.gather(2, p), k)))
+        if st.kinv is None:
+            k_lo = k_hi = k.to(st.kmin.dtype)
+        else:
+            k_lo, k_hi = quantize_bound(k, st.kinv, down=True), quantize_bound(k, st.kinv, down=False)
+        st.kmin.scatter_(2, p, torch.where(first, k_lo, torch.minimum(st.kmin.gather(2, p), k_lo)))
+        st.kmax.scatter_(2, p, torch.where(first, k_hi, torch.maximum(st.kmax.gather(2, p), k_hi)))
         st.filled.scatter_(2, r // self.page, True)
         if st.slot_of is not None:
             st.slot_of.scatter_(2, r, s.view(1, 1, 1).expand_as(r))
@@ -193,7 +216,9 @@ class Quest(DecodeSelect):
             return None
         st = self._summaries(layer)
         k = min(st.pages, run.sel_tokens // self.page)
-        scores = chunk_scores(query[:, :, -1].to(st.kmin.dtype), (st.kmin, st.kmax), self.reduce)
+        q = query[:, :, -1]
+        scores = chunk_scores(q.to(st.kmin.dtype) if st.kscale is None else q, (st.kmin, st.kmax), self.reduce,
+                              st.kscale)
         if st.slot_of is not None:
             # the page holding a row's newest token is always attended; earlier (complete) pages
             # are candidates; pages map to slots through the row's own table
