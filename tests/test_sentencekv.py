@@ -698,3 +698,38 @@ def test_dense_final_offload_declines_other_layouts(tiny, monkeypatch):
     monkeypatch.setattr(SentenceKV, "_offload_dense", lambda self, *a: took.append(orig(self, *a)) or took[-1])
     tiny.generate([prompt(200, seed=36)], GREEDY, method="sentencekv", budget=96, context=ctx)
     assert took and not any(took)
+
+
+def test_dense_final_offload_plans_once_and_checks_the_layout_once(tiny, monkeypatch):
+    """The per-prompt plan is made once for all layers, and the engine's layout is checked (a device
+    sync) on the first layer only when every stage before sentencekv only changes how the prefill
+    attends (``minference``); a stage that may change the KV makes every layer check (here
+    minference marked as one); after an eviction (``snapkv+sentencekv``) the layers decline on the
+    host (fewer slots than the prompt) and go the general way, with its answer."""
+    from kvsift.methods.minference import MInference
+
+    plans, checks = [], []
+    orig_plan, orig_equal = SentenceKV._dense_plan, torch.equal
+    monkeypatch.setattr(SentenceKV, "_dense_plan", lambda self, *a: plans.append(1) or orig_plan(self, *a))
+    monkeypatch.setattr(torch, "equal", lambda a, b: checks.append(a.shape) or orig_equal(a, b))
+    layers = tiny.info.num_layers
+    for spec, want_plans, want_checks, dense, kv_stage in (
+            ("sentencekv", 1, 1, True, False), ("minference+sentencekv", 1, 1, True, False),
+            ("minference+sentencekv", 1, layers, True, True), ("snapkv+sentencekv", 0, 0, False, False)):
+        plans.clear(), checks.clear()
+        took = []
+        orig = SentenceKV._offload_dense
+        with monkeypatch.context() as mp:
+            mp.setattr(SentenceKV, "_offload_dense", lambda self, *a: took.append(orig(self, *a)) or took[-1])
+            mp.setattr(tiny.runner, "prefill_mode", "batch")
+            if kv_stage:
+                mp.setattr(MInference, "attention_only", False)
+            out = tiny.generate([prompt(400, seed=37), prompt(300, seed=38)], GREEDY, method=spec, budget=96)
+        assert len(took) == layers and all(x == dense for x in took), spec
+        assert (len(plans), len(checks)) == (want_plans, want_checks), (spec, kv_stage, len(plans), len(checks))
+        if not dense:   # the general path's answer, as with the dense path turned off
+            with monkeypatch.context() as mp:
+                mp.setattr(SentenceKV, "_offload_dense", lambda self, *a: False)
+                mp.setattr(tiny.runner, "prefill_mode", "batch")
+                ref = tiny.generate([prompt(400, seed=37), prompt(300, seed=38)], GREEDY, method=spec, budget=96)
+            assert [o.token_ids for o in out] == [o.token_ids for o in ref]
