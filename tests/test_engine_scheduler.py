@@ -1450,3 +1450,70 @@ def test_a_model_without_a_tokenizer_streams_every_token(tiny_llm):
     events = [ev for _, ev in llm.run_batch([r])]
     assert [ev.token_id is not None for ev in events] == [True] * 6
     assert events[-1].finished and events[-1].output.token_ids == [ev.token_id for ev in events]
+
+
+def test_a_new_batch_records_its_graph_before_its_first_tokens_stream(tiny_llm, default_tokenizer, monkeypatch):
+    """Graph mode (stand-in recorder): a batch's graph is recorded right after its first step and
+    before its first tokens stream, so the recording is in the time to first token, not between
+    the first and second tokens. The same for requests that joined a running batch, when no
+    request is waiting (``join.idle()``); while requests may still join (no ``idle``), the graph
+    is recorded lazily at the second step as before (a recording the next join would throw away).
+    The tokens are the eager loop's either way."""
+    from kvsift import LLM
+
+    llm = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64, decode_mode="static")
+    _stand_in_graphs(llm, monkeypatch)
+    log = []
+    real_capture = llm.runner.capture
+    monkeypatch.setattr(llm.runner, "capture", lambda *a: log.append("capture") or real_capture(*a))
+    ps = [random_prompt(n, seed=640 + n) for n in (50, 41)]
+    pr = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (14, 9)]
+    want = [tiny_llm.generate(x, q)[0].token_ids for x, q in zip(ps, pr)]
+
+    def run(join_obj):
+        log.clear()
+        a, b = (llm.request([x], q) for x, q in zip(ps, pr))
+        outs = {}
+        for r, ev in llm.run_batch([a], join=join_obj(b)):
+            log.append("a" if r is a else "b")
+            if ev.output is not None:
+                outs[r.id] = ev.output.token_ids
+        return [outs[a.id], outs[b.id]], log[:]
+
+    class Join:  # b joins at the second boundary; idle() once it was handed out
+        def __init__(self, b, with_idle):
+            self.b, self.asked, self.with_idle = b, 0, with_idle
+
+        def __call__(self, running, rows):
+            self.asked += 1
+            return [self.b] if self.asked == 2 else []
+
+        def idle(self):
+            return self.asked >= 2
+
+    # idle once b joined: a's graph lazily (b may still come), b's batch's graph before b's first token
+    got, seen = run(lambda b: Join(b, True))
+    assert got == want
+    first_b = seen.index("b")
+    assert seen.count("capture") == 2 and seen[first_b - 1] == "capture"   # recorded, then b's first token
+    assert seen.index("capture") > seen.index("a")                         # a's first token came before its graph
+    # no idle(): recorded lazily for both batches, after b's first token
+    class NoIdle:
+        def __init__(self, b):
+            self.j = Join(b, False)
+
+        def __call__(self, running, rows):
+            return self.j(running, rows)
+
+    got, seen = run(NoIdle)
+    assert got == want
+    assert seen.count("capture") == 2 and seen.index("b") < seen.index("capture", seen.index("capture") + 1)
+    # nothing can join (offline generate): the graph before the first token
+    log.clear()
+    a = llm.request([ps[0]], pr[0])
+    for _, ev in llm.run_batch([a]):
+        log.append("a")
+    # recorded right after the first step: before the second token here (on CUDA the engine queues
+    # that step before streaming the first token, so there the recording precedes the first token)
+    assert log.count("capture") == 1 and log[:3] == ["a", "capture", "a"]
+    assert [o.token_ids for o in llm.generate(ps[0], pr[0])] == [want[0]]

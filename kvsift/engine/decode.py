@@ -165,6 +165,22 @@ class DecodeRunner:
             self.setup_steps += 1
         return logits
 
+    def prepare(self, tok: torch.Tensor, pos: torch.Tensor) -> None:
+        """Record the next step's graph now if that step would record it (graph mode, a kind that
+        ran once and has no graph over this memory yet): the engine calls it right after a step,
+        before it streams that step's input tokens, so a new batch's recording lands before its
+        rows' first tokens (in their time to first token) instead of between two tokens. ``tok``
+        and ``pos`` only fill the static inputs while recording; the step copies its own."""
+        if self.mode != "graph":
+            return
+        ctx = self.ctx
+        kind = (ctx.method.decode_variant(ctx.run, ctx.step), ctx.cache.decode_variant(self.steps))
+        if self._key(kind) not in self.runner.graphs and kind in self._warm:
+            t0 = time.perf_counter()
+            ctx.cache.static_step = self.steps
+            self._capture(kind, tok, pos)
+            self.setup_s += time.perf_counter() - t0
+
     def _ran(self, replayed: bool = False) -> None:
         self.steps += 1
         self.ctx.step += 1

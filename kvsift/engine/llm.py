@@ -380,7 +380,9 @@ class LLM:
         stops at its own ``max_tokens``, stop strings and end of sequence. Holds the runner's lock.
 
         ``join(requests, rows)``: asked at every decode-step boundary for requests to add to the
-        running batch (continuous batching; ``rows``: the batch's rows now). They are appended to
+        running batch (continuous batching; ``rows``: the batch's rows now); an optional
+        ``join.idle()`` says no request is waiting that could join (then, as without ``join``, a
+        new batch's CUDA graph is recorded before its rows' first tokens are streamed). They are appended to
         ``requests``, prefilled on their own, then their KV is stacked with the running rows (left
         padding by position) and they decode with the others from the next step; rows whose
         sequence is done leave the batch the same way. Only where that is exact and keeps shapes
@@ -444,6 +446,7 @@ class LLM:
                         memory.ensure(r, max(r.room(len(p), self.info.max_positions) for p in r.prompts))
             swapped: list[_Swapped] = []  # preempted requests' rows on the host, oldest first
             pending = None  # joining requests and their prefill in flight, one chunk per decode step
+            stepped = False  # this boundary already ran the next step (a new batch's first, see below)
             eos = torch.tensor(self.eos_ids, device=self.device) if self.eos_ids else None
             # on CUDA the host reads step t's tokens while step t+1 already runs (no stall per step)
             lag = self.device.type == "cuda"
@@ -471,6 +474,19 @@ class LLM:
                 # without a tokenizer there is no text: every token is an event (token ids out)
                 if ev.text or ev.finished or (ev.token_id is not None and self.tokenizer is None):
                     yield r, ev
+
+            join_idle = getattr(join, "idle", None) if can_join else None
+
+            def prime() -> None:
+                """Right after a decoder's first step, record the graph its next step would record
+                (``DecodeRunner.prepare``) before any token goes out, where that step will run on
+                this decoder: rows left to decode, and no request waiting that could change the
+                rows first (no joining, or ``join.idle()``). A new batch's recording then delays
+                its rows' first tokens (rows already running wait for it in the same gap anyway)
+                instead of sitting between their first and second tokens."""
+                if (decoder.steps == 1 and (not can_join or (join_idle is not None and join_idle()))
+                        and max((s.limit - s.steps for s in seqs if not s.done), default=0) >= 3):
+                    decoder.prepare(tok, next_pos)
 
             try:
                 while True:
@@ -501,6 +517,7 @@ class LLM:
                         if not last:  # queue the next step before waiting for this one's tokens
                             logits = decoder.step(tok, next_pos)
                             next_pos = next_pos + 1
+                            prime()  # a new batch's graph: recorded before its first tokens go out
                         ready.synchronize()
                         toks, eos_l = host.tolist()
                     else:
@@ -571,12 +588,12 @@ class LLM:
                             for j in range(r.rows):
                                 owners.append((r, j))
                                 seqs.append(_Seq(j, self, r.params, r.room(len(r.prompts[j]), self.info.max_positions)))
+                        firsts_new = []
                         if new:
                             tok_new = self._sample(_hold_eos(t_new.logits, seqs[len(keep):], eos), params, gen)
                             eos_new = (torch.isin(tok_new, eos) if eos is not None
                                        else torch.zeros_like(tok_new, dtype=torch.bool))
-                            for k, (t_k, e_k) in enumerate(zip(tok_new.tolist(), eos_new.tolist())):
-                                yield from push(len(keep) + k, t_k, bool(e_k), set())
+                            firsts_new = list(zip(tok_new.tolist(), eos_new.tolist()))
                             tok = torch.cat([tok, tok_new])
                             next_pos = torch.cat([next_pos, t_new.next_pos])
                         for sw in resumed:  # their next token was sampled before they left: no new one
@@ -585,12 +602,28 @@ class LLM:
                             tok = torch.cat([tok, sw.tok.to(self.device)])
                             next_pos = torch.cat([next_pos, sw.next_pos.to(self.device)])
                         host = torch.empty(2, len(seqs), dtype=torch.long, pin_memory=lag)
-                        decoder = runner.decoder(ctx, mode, max(s.limit - s.steps for s in seqs) + 1)
+                        # room for every row's steps (a joiner's first token, streamed below, is one)
+                        first_rows = range(len(keep), len(keep) + len(firsts_new))
+                        decoder = runner.decoder(ctx, mode, max(s.limit - s.steps - (i in first_rows)
+                                                                for i, s in enumerate(seqs)) + 1)
+                        if firsts_new and any(seqs[i].limit > 1 for i in first_rows):
+                            # the new batch's first step, and its graph recorded, before the joiners'
+                            # first tokens go out: that time is in their first token's wait, not
+                            # between their first and second (the rows already running wait for it
+                            # either way)
+                            logits = decoder.step(tok, next_pos)
+                            next_pos = next_pos + 1
+                            prime()
+                            stepped = True
+                        for k, (t_k, e_k) in enumerate(firsts_new):
+                            yield from push(len(keep) + k, t_k, bool(e_k), set())
                         if all(s.done for s in seqs):
                             break
-                    if synced:
+                    if synced and not stepped:
                         logits = decoder.step(tok, next_pos)
                         next_pos = next_pos + 1
+                        prime()
+                    stepped = False
             finally:
                 if lag:
                     sync(self.device)  # a queued step may still write the cache

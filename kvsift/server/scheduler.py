@@ -122,6 +122,23 @@ class Job:
             yield item
 
 
+class _Joiner:
+    """A running batch's ``join`` callback (called on the worker thread at each decode-step
+    boundary), and ``idle()``: no request is waiting, so none can join it now (the engine then
+    records a new batch's CUDA graph before streaming its first tokens, ``LLM.run_batch``)."""
+
+    __slots__ = ("sched", "loop")
+
+    def __init__(self, sched: "Scheduler", loop: asyncio.AbstractEventLoop):
+        self.sched, self.loop = sched, loop
+
+    def __call__(self, running: list[Request], rows: int) -> list[Request]:
+        return self.sched._join_from_worker(self.loop, running, rows)
+
+    def idle(self) -> bool:
+        return not self.sched.engine.waiting or self.sched.closing
+
+
 class Scheduler:
     """Engine batches one at a time, the jobs waiting FIFO; admission limits (see the module).
 
@@ -339,7 +356,7 @@ class Scheduler:
             job.emit(_END)
             loop.call_soon_threadsafe(self._finish, job)
 
-        join = (lambda running, rows: self._join_from_worker(loop, running, rows)) if self.join_running else None
+        join = _Joiner(self, loop) if self.join_running else None
         events = self.run_batch(group, join)
         try:
             for req, ev in events:
