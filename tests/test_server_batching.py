@@ -538,3 +538,24 @@ def test_kivi_requests_of_other_lengths_join_over_http(make_client, tiny_llm, ba
         ra, rb = (f.result() for f in futs)
     assert [r.json()["choices"][0]["text"] for r in (ra, rb)] == [w.text for w in want]
     assert sched.joined == 1 and batches.groups == [[[p_a]]]
+
+
+def test_the_join_callback_says_when_no_request_can_join():
+    """The server hands a running batch a ``_Joiner``: its call asks the event loop for joiners, and
+    ``idle()`` is true while no request waits (or the server is closing), which lets the engine
+    record a new batch's CUDA graph before its first tokens stream."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    from kvsift.server.scheduler import _Joiner
+
+    asked = []
+    sched = SimpleNamespace(engine=SimpleNamespace(waiting=deque()), closing=False,
+                            _join_from_worker=lambda loop, running, rows: asked.append((loop, rows)) or ["r"])
+    j = _Joiner(sched, "loop")
+    assert j(["a"], 3) == ["r"] and asked == [("loop", 3)]
+    assert j.idle()
+    sched.engine.waiting.append("q")
+    assert not j.idle()
+    sched.closing = True
+    assert j.idle()
