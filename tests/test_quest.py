@@ -50,23 +50,29 @@ def test_int8_bounds_follow_appended_tokens(tiny_llm, padded):
         assert torch.equal(st.kmin[filled], want_lo[filled]) and torch.equal(st.kmax[filled], want_hi[filled])
 
 
+def _plan_over_one_aligned_page(llm, m, first: int):
+    """A 128-token prompt decoded one step, then layer 1's keys replaced by small noise except the
+    16 slots from ``first``, set to the query; the method's plan for that query (summaries rebuilt
+    from the buffer) and the layer."""
+    cache, run, ctx = _decoded(llm, m, random_prompt(128, seed=42), steps=1)
+    layer = cache.layers[1]
+    g = torch.Generator().manual_seed(0)
+    d = layer.k_buf.shape[-1]
+    v = torch.randn(d, generator=g)
+    with torch.inference_mode():
+        layer.k_buf[:, :, :128] = 0.01 * torch.randn(layer.k_buf[:, :, :128].shape, generator=g)
+        layer.k_buf[:, :, first:first + 16] = v
+        del layer.state["quest"]                                      # rebuilt from the buffer
+        return m.plan(run, layer, v.expand(1, 4, 1, d), ctx), layer
+
+
 def test_int8_bounds_select_what_float_bounds_select_and_halve_the_summaries(tiny_llm):
     """On a prompt whose pages differ clearly (one page aligned with the query), the int8 codes
     pick the same page, and the summaries hold about half the bytes."""
-    ids = random_prompt(128, seed=42)
     sels, nbytes = [], []
     for bounds in ("float", "int8"):
-        m = build_method("quest", 16, page=16, bounds=bounds)
-        cache, run, ctx = _decoded(tiny_llm, m, ids, steps=1)
-        layer = cache.layers[1]
-        g = torch.Generator().manual_seed(0)
-        d = layer.k_buf.shape[-1]
-        v = torch.randn(d, generator=g)
-        with torch.inference_mode():
-            layer.k_buf[:, :, :128] = 0.01 * torch.randn(layer.k_buf[:, :, :128].shape, generator=g)
-            layer.k_buf[:, :, 80:96] = v
-            del layer.state["quest"]
-            sels.append(m.plan(run, layer, v.expand(1, 4, 1, d), ctx).own.tolist())
+        sel, layer = _plan_over_one_aligned_page(tiny_llm, build_method("quest", 16, page=16, bounds=bounds), 80)
+        sels.append(sel.own.tolist())
         st = layer.state["quest"]
         nbytes.append(st.kmin.nbytes + st.kmax.nbytes + (0 if st.kscale is None else st.kscale.nbytes + st.kinv.nbytes))
     assert sels[0] == sels[1] == [[[5, 8]] * 2]
@@ -94,18 +100,7 @@ def test_page_scores_bound_the_true_scores():
 def test_selection_picks_the_page_a_query_points_at(tiny_llm):
     """Keys that are small noise except one page aligned with the query: that page is selected
     (with a budget of one page) besides the page being filled."""
-    ids = random_prompt(128, seed=42)
-    m = build_method("quest", 16, page=16)
-    cache, run, ctx = _decoded(tiny_llm, m, ids, steps=1)
-    layer = cache.layers[1]
-    g = torch.Generator().manual_seed(0)
-    d = layer.k_buf.shape[-1]
-    v = torch.randn(d, generator=g)
-    with torch.inference_mode():
-        layer.k_buf[:, :, :128] = 0.01 * torch.randn(layer.k_buf[:, :, :128].shape, generator=g)
-        layer.k_buf[:, :, 32:48] = v
-        del layer.state["quest"]                                      # rebuilt from the buffer
-        sel = m.plan(run, layer, v.expand(1, 4, 1, d), ctx)          # page indices: (1, kv_heads, 1 + 1)
+    sel, _ = _plan_over_one_aligned_page(tiny_llm, build_method("quest", 16, page=16), 32)   # page indices
     assert sel.page == 16 and sel.own.tolist() == [[[2, 8]] * 2]     # page 2, then the page being filled
     own = sel.own_slots()                                             # (1, kv_heads, 16 + 16) slots
     assert own[..., :16].tolist() == [[list(range(32, 48))] * 2]
