@@ -155,8 +155,45 @@ def test_decode_selects_the_best_landmarks_within_budget(tiny):
         assert torch.equal(x.slots[x.positions >= 0], torch.nonzero(x.positions[0, 0] >= 0).flatten().int().repeat(2))
 
 
+def test_the_papers_scores_and_sparse_budget(tiny):
+    """``score="softmax_max"``: each query head's softmax over the landmarks, the group's max (the
+    paper's selection), checked against a naive computation; ``sparse_budget``: the budget is the
+    selected chunks' tokens, with sinks, window and every outlier chunk on top of it."""
+    from kvsift.methods.shadowkv import softmax_max_scores
+
+    g = torch.Generator().manual_seed(5)
+    q, lm = torch.randn(2, 4, 16, generator=g), torch.randn(2, 2, 9, 16, generator=g)
+    empty = torch.zeros(2, 2, 9, dtype=torch.bool)
+    empty[0, 1, 3] = True
+    got = softmax_max_scores(q, lm, empty)
+    for b in range(2):
+        for h in range(2):
+            keep = ~empty[b, h]
+            per_head = [torch.softmax(q[b, 2 * h + j] @ lm[b, h, keep].T / 4.0, -1) for j in range(2)]
+            torch.testing.assert_close(got[b, h, keep], torch.maximum(*per_head))
+            assert bool((got[b, h, ~keep] == 0).all())
+    ids = prompt(300, seed=13)
+    budget = 40
+    m, r, cache, ctx = prefill(tiny, ids, "shadowkv", budget, outliers=6, window=16, sinks=4, score="softmax_max",
+                               sparse_budget=True)
+    assert m.sizes(budget) == (4, 16, 6)                                   # not cut to fit the budget
+    ctx.decoding = True
+    qq = torch.randn(1, 4, 1, 16, generator=g)
+    for layer in cache.layers:
+        st = layer.state["shadowkv"]
+        assert st.dev_tokens == 4 + 16 + 6 * m.chunk                       # sinks, window, outliers on top
+        x = m.plan(r, layer, qq, ctx).extra
+        chosen = sorted({(int(p) - 4) // m.chunk for p in x.positions[0, 0].tolist() if p >= 0})
+        assert len(chosen) == budget // m.chunk                            # the whole budget selects chunks
+        n = st.store.n
+        score = softmax_max_scores(qq[:, :, -1], st.store.mean[:, :, :n], st.store.lens[:, :, :n] == 0)[0, 0]
+        score[st.store.lens[0, 0, :n] == 0] = float("-inf")
+        assert chosen == sorted(score.topk(budget // m.chunk).indices.tolist())
+
+
 # ---- the method end to end -------------------------------------------------------------------------
-@pytest.mark.parametrize("kw", [{}, {"outliers": 0, "chunk": 5}, {"sinks": 0, "window": 0, "outliers": 30}])
+@pytest.mark.parametrize("kw", [{}, {"outliers": 0, "chunk": 5}, {"sinks": 0, "window": 0, "outliers": 30},
+                                {"score": "softmax_max", "sparse_budget": True, "outliers": 4}])
 def test_full_budget_and_rank_is_exact(tiny, kw):
     ids = prompt(240)
     ref, ref_logits = run(tiny, ids)
@@ -286,7 +323,8 @@ def test_a_fractional_rank_is_a_share_of_the_key_width(tiny):
 @pytest.mark.parametrize("kw,param", [({"rank": 0}, "rank"), ({"rank": 1.5}, "rank"), ({"rank": 0.0}, "rank"),
                                       ({"chunk": 0}, "chunk"), ({"chunk": 1024}, "chunk"),
                                       ({"outliers": -1}, "outliers"), ({"window": "32"}, "window"),
-                                      ({"sinks": 1.5}, "sinks"), ({"rank": True}, "rank")])
+                                      ({"sinks": 1.5}, "sinks"), ({"rank": True}, "rank"), ({"score": "max"}, "score"),
+                                      ({"sparse_budget": "yes"}, "sparse_budget")])
 def test_bad_options_are_clear_errors(kw, param):
     with pytest.raises(MethodOptionError, match=param) as e:
         build_method("shadowkv", 64, **kw)

@@ -97,6 +97,18 @@ def rope_at(rope, positions: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor
     return cos.float().reshape(shape), sin.float().reshape(shape)
 
 
+def softmax_max_scores(q: torch.Tensor, landmarks: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """The paper's chunk scores: ``q (batch, q_heads, head_dim)`` against ``landmarks (batch,
+    kv_heads, n, head_dim)``, each query head's softmax over the ``n`` chunks (scaled by
+    ``head_dim ** -0.5``; ``empty (batch, kv_heads, n)`` chunks left out), the largest over the
+    query heads of each GQA group. Returns ``(batch, kv_heads, n)`` float32."""
+    b, hq, d = q.shape
+    hk = landmarks.shape[1]
+    s = torch.einsum("bhgd,bhnd->bhgn", q.float().view(b, hk, hq // hk, d), landmarks.float()) * d ** -0.5
+    s = s.masked_fill(empty[:, :, None], float("-inf"))
+    return torch.softmax(s, dim=-1).nan_to_num(0.0).amax(2)
+
+
 # ---- state -----------------------------------------------------------------------------------------
 @dataclass
 class ShadowKVState(LayerState):
@@ -171,6 +183,15 @@ class ShadowKV(KVMethod):
         Last prompt tokens kept on the device.
     sinks : int
         First prompt tokens kept on the device.
+    score : str
+        How a decode query scores the chunks: ``mean`` (the query heads of a GQA group averaged, one
+        dot with each landmark) or ``softmax_max`` (the paper's: each query head's softmax over the
+        chunks' landmarks, the largest over the group).
+    sparse_budget : bool
+        The budget counts the selected chunks' tokens only, as the paper's sparse budget does
+        (sinks, window and ``outliers`` chunks are kept on top of it); by default it counts every
+        prompt token attended. The paper's settings: ``rank=160, chunk=8, outliers=48, window=32,
+        score="softmax_max", sparse_budget=True`` at a budget of 1.56% of the prompt.
     """
 
     rank: int | float = 160
@@ -178,6 +199,8 @@ class ShadowKV(KVMethod):
     outliers: int = 8
     window: int = 32
     sinks: int = 4
+    score: str = "mean"
+    sparse_budget: bool = False
     composes = False   # one factorization for every KV head of a token: no per-head eviction before
 
     def __post_init__(self):
@@ -193,6 +216,12 @@ class ShadowKV(KVMethod):
         if self.chunk > 256:
             raise MethodOptionError(f"method 'shadowkv': chunk must be at most 256 tokens, got {self.chunk}",
                                     param="chunk")
+        if self.score not in ("mean", "softmax_max"):
+            raise MethodOptionError(f"method 'shadowkv': score must be 'mean' or 'softmax_max', got {self.score!r}",
+                                    param="score")
+        if not isinstance(self.sparse_budget, bool):
+            raise MethodOptionError(f"method 'shadowkv': sparse_budget must be true or false, got {self.sparse_budget!r}",
+                                    param="sparse_budget")
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self, prompt_len: int, num_layers: int) -> ShadowKVRun:
@@ -207,7 +236,10 @@ class ShadowKV(KVMethod):
 
     def sizes(self, tokens: int) -> tuple[int, int, int]:
         """``(sinks, window, outlier chunks)`` within a budget of ``tokens``: sinks first, then the
-        window, then outlier chunks in at most half of what is left (the rest selects chunks)."""
+        window, then outlier chunks in at most half of what is left (the rest selects chunks). With
+        ``sparse_budget`` the budget is the selection's alone: the options as they are."""
+        if self.sparse_budget:
+            return self.sinks, self.window, self.outliers
         sinks = min(self.sinks, tokens)
         window = min(self.window, tokens - sinks)
         return sinks, window, min(self.outliers, (tokens - sinks - window) // (2 * self.chunk))
@@ -359,7 +391,7 @@ class ShadowKV(KVMethod):
         if store is None or store.n == 0:
             return None
         b, hk, n = store.b, store.hk, store.n
-        budget = run.tokens - st.dev_tokens
+        budget = run.tokens if self.sparse_budget else run.tokens - st.dev_tokens
         if not ctx.decoding or budget >= store.max_tokens:  # prefill over a reused context, or every chunk fits
             idx = torch.arange(n, device=query.device).expand(b, hk, n)
         else:
@@ -367,9 +399,12 @@ class ShadowKV(KVMethod):
             if k <= 0:
                 return None  # the budget holds the device tokens only
             mean = store.mean[:, :, :n]
-            scores = chunk_scores(query[:, :, -1].to(mean.dtype), mean, "mean")
-            scores = scores.masked_fill(store.lens[:, :, :n] == 0, float("-inf"))   # a head's outliers
-            idx = topk_select(scores, k, torch.int64)
+            empty = store.lens[:, :, :n] == 0                                  # a head's outliers
+            if self.score == "softmax_max":
+                scores = softmax_max_scores(query[:, :, -1], mean, empty)
+            else:
+                scores = chunk_scores(query[:, :, -1].to(mean.dtype), mean, "mean")
+            idx = topk_select(scores.masked_fill(empty, float("-inf")), k, torch.int64)
         _, values, pos = store.fetch(idx, run.fetch if ctx.decoding else None)
         keys = st.keys(idx, pos, ctx.rope, layer.layer_idx)
         slots = torch.where(pos >= 0, torch.arange(pos.shape[-1], device=pos.device, dtype=torch.int32), -1)
