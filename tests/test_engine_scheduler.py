@@ -1481,8 +1481,8 @@ def test_a_new_batch_records_its_graph_before_its_first_tokens_stream(tiny_llm, 
         return [outs[a.id], outs[b.id]], log[:]
 
     class Join:  # b joins at the second boundary; idle() once it was handed out
-        def __init__(self, b, with_idle):
-            self.b, self.asked, self.with_idle = b, 0, with_idle
+        def __init__(self, b):
+            self.b, self.asked = b, 0
 
         def __call__(self, running, rows):
             self.asked += 1
@@ -1492,7 +1492,7 @@ def test_a_new_batch_records_its_graph_before_its_first_tokens_stream(tiny_llm, 
             return self.asked >= 2
 
     # idle once b joined: a's graph lazily (b may still come), b's batch's graph before b's first token
-    got, seen = run(lambda b: Join(b, True))
+    got, seen = run(Join)
     assert got == want
     first_b = seen.index("b")
     assert seen.count("capture") == 2 and seen[first_b - 1] == "capture"   # recorded, then b's first token
@@ -1500,7 +1500,7 @@ def test_a_new_batch_records_its_graph_before_its_first_tokens_stream(tiny_llm, 
     # no idle(): recorded lazily for both batches, after b's first token
     class NoIdle:
         def __init__(self, b):
-            self.j = Join(b, False)
+            self.j = Join(b)
 
         def __call__(self, running, rows):
             return self.j(running, rows)

@@ -132,15 +132,11 @@ class DecodeRunner:
             ctx.step += 1
             return logits
         graphs = self.runner.graphs
-        # the kind of step: the method's, and the cache's (quantized layers flushing their window)
-        kind = (ctx.method.decode_variant(ctx.run, ctx.step), ctx.cache.decode_variant(self.steps)) \
-            if self.mode == "graph" else None
+        kind = self._kind() if self.mode == "graph" else None
         key = self._key(kind)
         ctx.cache.static_step = self.steps
-        if self.mode == "graph" and key not in graphs and kind in self._warm:
-            t0 = time.perf_counter()
-            self._capture(kind, tok, pos)
-            self.setup_s += time.perf_counter() - t0
+        if self.mode == "graph":
+            self._record_due(kind, tok, pos)
         # a graph of this kind over this memory: recorded by this generation, or by an earlier one
         # over the same arena
         hit = graphs.get(key) if self.mode == "graph" and key in graphs else None
@@ -173,11 +169,20 @@ class DecodeRunner:
         and ``pos`` only fill the static inputs while recording; the step copies its own."""
         if self.mode != "graph":
             return
+        self.ctx.cache.static_step = self.steps
+        self._record_due(self._kind(), tok, pos)
+
+    def _kind(self):
+        """The kind of the next step: the method's, and the cache's (quantized layers flushing their
+        window)."""
         ctx = self.ctx
-        kind = (ctx.method.decode_variant(ctx.run, ctx.step), ctx.cache.decode_variant(self.steps))
+        return ctx.method.decode_variant(ctx.run, ctx.step), ctx.cache.decode_variant(self.steps)
+
+    def _record_due(self, kind, tok: torch.Tensor, pos: torch.Tensor) -> None:
+        """Record the graph of a step of ``kind`` when it is due: that kind ran once (warmed up) and
+        has no graph over this memory yet."""
         if self._key(kind) not in self.runner.graphs and kind in self._warm:
             t0 = time.perf_counter()
-            ctx.cache.static_step = self.steps
             self._capture(kind, tok, pos)
             self.setup_s += time.perf_counter() - t0
 
