@@ -87,8 +87,12 @@ def test_bench_compare_pairs_two_methods(tmp_path, capsys):
     path = tmp_path / "r.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     comp = paired_comparison(load_rows(path), "a[x=1]", "b")
-    assert [(c["length"], c["budget"], c["n"]) for c in comp] == [(100, "0.1", 6), (200, "0.1", 2)]
+    assert [(c["length"], c["budget"], c["n"]) for c in comp] == [(100, "0.1", 6), (200, "0.1", 2), ("all", "0.1", 8)]
     c = comp[0]
+    # the lengths pooled: every (task, length) cell a stratum, the task columns over both lengths
+    pool = comp[2]
+    assert pool["tasks"]["niah"] == (6, pytest.approx(4 / 6), pytest.approx(1 / 6)) and pool["tasks"]["qa"] == (2, 0.5, 0.25)
+    assert pool["diff"] == pytest.approx((3 - 1 + 1.0 - 0.5 + 1) / 8) and pool["lo"] <= pool["diff"] <= pool["hi"]
     assert c["tasks"]["niah"] == (4, 0.75, 0.25) and c["tasks"]["qa"] == (2, 0.5, 0.25)
     assert c["diff"] == pytest.approx((3 - 1 + 1.0 - 0.5) / 6) and c["a"] == pytest.approx(4 / 6)
     # B's budget named: at 200 tokens B ran only 0.5, so no pair there
@@ -97,7 +101,7 @@ def test_bench_compare_pairs_two_methods(tmp_path, capsys):
     assert [(c["length"], c["n"], c["diff"]) for c in vs_full] == [(100, 4, pytest.approx(-0.25))]
     assert main(["bench", "compare", "a[x=1]", "b", str(path), "--json", str(tmp_path / "c.json")]) == 0
     out = capsys.readouterr().out
-    assert "| 100 | 0.1 | 6 |" in out and "A = `a[x=1]`, B = `b`" in out
+    assert "| 100 | 0.1 | 6 |" in out and "| all | 0.1 | 8 |" in out and "A = `a[x=1]`, B = `b`" in out
     assert json.loads((tmp_path / "c.json").read_text())[0]["n"] == 6
     assert main(["bench", "compare", "a[x=1]", "nope", str(path)]) == 2
     assert "kvsift: error: no samples that both" in capsys.readouterr().err

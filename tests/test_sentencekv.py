@@ -642,7 +642,7 @@ def _final_offloads(llm, monkeypatch, ids, spec, dense: bool, **kw):
         if not final:
             return
         st = state.store
-        snap = {"pos": layer.positions.clone(), "dev_tokens": state.dev_tokens}
+        snap = {"pos": layer.positions.clone(), "dev_tokens": state.dev_tokens, "holes": layer.holes}
         valid = layer.positions >= 0                                     # masked filler slots may differ
         snap["k"] = torch.where(valid[..., None], layer.keys, 0).clone()
         snap["v"] = torch.where(valid[..., None], layer.values, 0).clone()
@@ -678,7 +678,7 @@ def test_dense_final_offload_equals_the_general_path(tiny, monkeypatch, spec, kw
         assert took and all(took) and not any(took_slow)
         assert tok_fast == tok_slow and len(fast) == len(slow) > 0
         for a, b in zip(fast, slow):
-            assert a.keys() == b.keys() and a["dev_tokens"] == b["dev_tokens"]
+            assert a.keys() == b.keys() and a["dev_tokens"] == b["dev_tokens"] and a["holes"] == b["holes"]
             for name in ("pos", "k", "v"):
                 assert torch.equal(a[name], b[name]), name
             if "store" in a:

@@ -188,10 +188,12 @@ class SiftLayer(CacheLayerMixin):
         self.is_initialized = False
 
     # ---- method helpers ------------------------------------------------------------------------
-    def set_kv(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, reserve: int | None = None):
+    def set_kv(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, reserve: int | None = None,
+               holes: bool | None = None):
         """Replace the content by ``keys/values (batch, kv_heads, n, head_dim)`` and ``positions
         (batch, kv_heads, n)``; the new buffers hold ``n + reserve`` slots (reserve defaults to the
-        cache's decode reserve), so the old, larger buffers are really freed."""
+        cache's decode reserve), so the old, larger buffers are really freed. ``holes``: whether any
+        position is -1, where the caller knows it (None: read from ``positions``, a device sync)."""
         b, h, n, d = keys.shape
         reserve = self.cache.reserve if reserve is None else reserve
         self._alloc(b, h, n + reserve, d, keys.dtype, keys.device)
@@ -199,7 +201,7 @@ class SiftLayer(CacheLayerMixin):
         self.v_buf[:, :, :n] = values
         self.pos_buf[:, :, :n] = positions
         self.length = n
-        self.holes = bool((positions < 0).any()) if n else False
+        self.holes = (bool((positions < 0).any()) if holes is None else holes) if n else False
         self.is_initialized = True
 
     def set_quant_rows(self, rows: list) -> None:

@@ -147,10 +147,13 @@ def paired_comparison(rows: list[dict[str, Any]], a: str, b: str, budget_a: str 
     scores, ``diff, lo, hi`` the mean of ``a - b`` over every task's samples with a stratified
     paired bootstrap interval (:func:`kvsift.eval.stats.pooled_paired_diff`), ``significant``, and
     ``tasks``: task -> ``(n, mean a, mean b)``. ``b``'s budget: ``budget_b``, else ``a``'s, else the
-    only one ``b`` ran for that task and length (its full cache: ``full``). Perplexity rows are
-    left out (lower is better there)."""
+    only one ``b`` ran for that task and length (its full cache: ``full``). Where a budget of
+    ``a`` has cells at more than one length, one more row (``length`` ``"all"``) pools them: every
+    (task, length) cell a stratum of the bootstrap. Perplexity rows are left out (lower is better
+    there)."""
     cells = _group_cells(rows)
     out = []
+    pooled: dict[str, list[tuple[list[tuple[list[float], list[float]]], dict[str, tuple[int, float, float]]]]] = {}
     for length in sorted({k[1] for k in cells}):
         mine = [k for k in cells if k[1] == length and k[2] == a and k[0] != "ppl"
                 and (budget_a is None or k[3] == budget_a)]
@@ -174,13 +177,28 @@ def paired_comparison(rows: list[dict[str, Any]], a: str, b: str, budget_a: str 
                 tasks[task] = (len(ids), sum(xa) / len(ids), sum(xb) / len(ids))
             if not pairs:
                 continue
-            d = stats.pooled_paired_diff(pairs, n_boot, seed)
-            n = d["n"]
-            out.append({"length": length, "budget": bud, "n": n,
-                        "a": sum(sum(x) for x, _ in pairs) / n, "b": sum(sum(y) for _, y in pairs) / n,
-                        "diff": d["diff"], "lo": d["lo"], "hi": d["hi"], "significant": d["significant"],
-                        "tasks": tasks})
+            out.append(_paired_row(length, bud, pairs, tasks, n_boot, seed))
+            pooled.setdefault(bud, []).append((pairs, tasks))
+    for bud, parts in pooled.items():   # more than one length: every length's samples, each cell a stratum
+        if len(parts) > 1:
+            pairs = [p for ps, _ in parts for p in ps]
+            tasks = {}
+            for _, ts in parts:
+                for t, (n, ma, mb) in ts.items():
+                    n0, sa, sb = tasks.get(t, (0, 0.0, 0.0))
+                    tasks[t] = (n0 + n, sa + n * ma, sb + n * mb)
+            tasks = {t: (n, sa / n, sb / n) for t, (n, sa, sb) in tasks.items()}
+            out.append(_paired_row("all", bud, pairs, tasks, n_boot, seed))
     return out
+
+
+def _paired_row(length, bud: str, pairs: list[tuple[list[float], list[float]]],
+                tasks: dict[str, tuple[int, float, float]], n_boot: int, seed: int) -> dict[str, Any]:
+    d = stats.pooled_paired_diff(pairs, n_boot, seed)
+    n = d["n"]
+    return {"length": length, "budget": bud, "n": n,
+            "a": sum(sum(x) for x, _ in pairs) / n, "b": sum(sum(y) for _, y in pairs) / n,
+            "diff": d["diff"], "lo": d["lo"], "hi": d["hi"], "significant": d["significant"], "tasks": tasks}
 
 
 def comparison_markdown(a: str, b: str, comp: list[dict[str, Any]]) -> str:

@@ -327,7 +327,7 @@ class ChunkStore:
     # ---- writing -------------------------------------------------------------------------------
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, bh: torch.Tensor,
                chunk: torch.Tensor, rank: torch.Tensor, n_new: int, row: int | None = None,
-               counts: torch.Tensor | None = None) -> None:
+               counts: torch.Tensor | None = None, counts_dev: torch.Tensor | None = None) -> None:
         """Add ``n_new`` chunks from ``N`` tokens: ``keys/values (N, head_dim)`` and ``positions
         (N,)`` on the compute device; token ``i`` goes to (batch*kv_heads row ``bh[i]``, new chunk
         ``chunk[i]`` in ``[0, n_new)``, rank ``rank[i]`` in ``[0, L)`` inside its chunk).
@@ -337,7 +337,8 @@ class ChunkStore:
         (sequences prefilled one at a time into one batch store); other rows are left as they are.
         ``counts``: ``(batch*kv_heads, n_new)`` int64 on the host, the tokens of each new chunk, when
         the caller knows them (then the chunk sizes and, in a fresh store, the host rows needed are
-        known without reading the device)."""
+        known without reading the device); ``counts_dev``: the same already on the compute device (an
+        upload from pageable host memory waits for the device's queue)."""
         if n_new <= 0:
             return
         self.own_host()  # rows read from a context's store are copied before this store writes
@@ -355,7 +356,7 @@ class ChunkStore:
         bh, chunk, rank = bh.long(), chunk.long(), rank.long()
         rowc = bh * n_new + chunk                                       # (N,) row of (BH*n_new)
         if counts is not None:
-            cnt = counts.to(self.device, torch.int64)
+            cnt = counts_dev if counts_dev is not None else counts.to(self.device, torch.int64)
         else:
             cnt = torch.zeros(BH * n_new, dtype=torch.int64, device=self.device)
             cnt.index_add_(0, rowc, torch.ones_like(rowc))

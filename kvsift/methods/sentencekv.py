@@ -448,19 +448,23 @@ class SentenceKV(KVMethod):
 
         k_off, v_off, p_off = gathered(keys), gathered(values), gathered(pos)
         store = state.store = self._new_store(run, ctx, keys, b, capacity=0)
-        store.append(k_off, v_off, p_off, plan["bh"], plan["chunk"], plan["rank"], plan["n_new"], counts=plan["counts"])
+        store.append(k_off, v_off, p_off, plan["bh"], plan["chunk"], plan["rank"], plan["n_new"], counts=plan["counts"],
+                     counts_dev=plan["counts_dev"])
         # the device keeps sinks + recent, in position order; shorter rows padded with masked slots
         korder, kvalid, m = plan["korder"], plan["kvalid"], plan["m"]
         gi = korder[..., None].expand(b, hk, m, d)
         kpos = torch.where(kvalid, pos.gather(-1, korder), -1)
-        layer.set_kv(keys.gather(2, gi), values.gather(2, gi), kpos, reserve=None)
+        layer.set_kv(keys.gather(2, gi), values.gather(2, gi), kpos, reserve=None, holes=plan["min_kept"] < m)
         self._set_device_tokens(state, plan["min_kept"], None)
         return True
 
     def _dense_plan(self, run, ctx, ids, b: int, hk: int, n: int, dev, pos_dtype) -> dict:
         """What :meth:`_offload_dense` needs of a batch of prompts, the same for every layer: the
         engine's positions ``want (batch, n)``, the offloaded spans, their tokens' rows, chunks and
-        ranks (on ``dev``), the chunk sizes (host), the kept slots and their count."""
+        ranks (on ``dev``), the chunk sizes (host, and a copy on ``dev``), the kept slots and their
+        count. Every upload is here, once per prompt: an upload from pageable host memory waits for
+        the device's queue, and per layer that wait was most of the 0.5 s between ``sentencekv``'s
+        prefill at 128k and ``full``'s (``bench/results/profile_prefill_tail_h200.txt``)."""
         lens = [len(r) for r in ids]
         pads = [n - ln for ln in lens]
         ar = torch.arange(n)
@@ -488,9 +492,10 @@ class SentenceKV(KVMethod):
         m = max(len(k) for k in kept)
         korder = torch.tensor([k + [k[0] if k else 0] * (m - len(k)) for k in kept], dtype=torch.int64)
         kvalid = torch.tensor([[True] * len(k) + [False] * (m - len(k)) for k in kept], dtype=torch.bool)
+        counts = counts.repeat_interleave(hk, dim=0)                                   # (b * hk, n_new)
         plan.update(
             sel=sel, total=hk * sum(e - s for _, s, e in sel), n_new=n_new,
-            counts=counts.repeat_interleave(hk, dim=0),                                 # (b * hk, n_new)
+            counts=counts, counts_dev=counts.to(dev),   # uploaded once: a pageable upload per layer syncs
             bh=torch.cat([torch.arange(i * hk, (i + 1) * hk, device=dev).repeat_interleave(e - s) for i, s, e in sel]),
             chunk=torch.cat([chunks[i].to(dev, torch.int32).repeat(hk) for i, _, _ in sel]),
             rank=torch.cat([ranks[i].to(dev, torch.int32).repeat(hk) for i, _, _ in sel]),
