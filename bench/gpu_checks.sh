@@ -9,6 +9,8 @@
 #   STEPS=batch_fit bash bench/gpu_checks.sh  # #13: the largest decode batch at 128k, full vs kivi (carry .whl)
 #   STEPS=serve SERVE_METHODS="full sentencekv" bash bench/gpu_checks.sh   # #16 load figures (carry .stage/tok, .whl)
 #   STEPS=profile_decode bash bench/gpu_checks.sh   # #13: kernel time per decode step, per method
+#   STEPS=profile_decode PROF_CTX=4096 PROF_BATCH=26 PROF_DEC_METHODS="full,sentencekv:205" bash bench/gpu_checks.sh
+#                                            # #15: a suite cell's shape (sentencekv decodes 50x slower than full there)
 #   STEPS=long bash bench/gpu_checks.sh      # #14: a 1M-token prompt (sentencekv+kivi, prefill_offload)
 #   STEPS=profile_prefill bash bench/gpu_checks.sh   # #14: where the prefill goes at 128k (PROF_ARGS=" ": torch.profiler)
 #   STEPS=prefill_tail bash bench/gpu_checks.sh      # #14: torch.profiler over the last chunk at 128k (offload inside)
@@ -62,7 +64,7 @@ if step kivi_e2e; then   # #13: dense kivi vs full, sentencekv+kivi vs sentencek
   echo "kivi_e2e rc=$? $(( $(date +%s) - t0 )) s"; grep -v "^e2e warm" "$R/kivi_e2e.log" | tail -12
 fi
 if step profile_decode; then   # #13: where a decode step's time goes (static mode: each kernel shows)
-  timeout ${T_PROF_DEC:-200} python3 bench/profile_decode.py --ctx ${PROF_CTX:-131072} \
+  timeout ${T_PROF_DEC:-200} python3 bench/profile_decode.py --ctx ${PROF_CTX:-131072} --batch ${PROF_BATCH:-1} \
     --methods "${PROF_DEC_METHODS:-full,kivi,sentencekv:2048,sentencekv+kivi:2048}" \
     --out "$R/profile_decode_h200.json" >"$R/profile_decode.log" 2>&1
   echo "profile_decode rc=$? $(( $(date +%s) - t0 )) s"; grep -v "USDT\|profiler_st" "$R/profile_decode.log" | tail -75
