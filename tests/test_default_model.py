@@ -42,3 +42,16 @@ def test_default_full_matches_transformers_generate(default_llm):
         ref = default_llm.model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):]
     ours = default_llm.generate(ids, SamplingParams(max_tokens=12))[0].token_ids
     assert ours == ref.tolist()[:len(ours)] and len(ours) > 0
+
+
+def test_default_cli_job_with_kivi(tmp_path, capsys):
+    """The README's first command with ``--method kivi`` (int4 KV; no budget) over the excerpt: the
+    CLI job runs through the quantized cache on the CPU and still answers."""
+    from kvsift.cli import main
+
+    doc = tmp_path / "report.txt"
+    doc.write_text(excerpt(), encoding="utf-8")
+    assert main(["generate", "--prompt-file", str(doc), "--question", QUESTION, "--method", "kivi",
+                 "--max-tokens", "32"]) == 0
+    out = capsys.readouterr().out.lower()
+    assert "third stone" in out and "garden wall" in out, out

@@ -89,12 +89,12 @@ def test_bench_compare_pairs_two_methods(tmp_path, capsys):
     comp = paired_comparison(load_rows(path), "a[x=1]", "b")
     assert [(c["length"], c["budget"], c["n"]) for c in comp] == [(100, "0.1", 6), (200, "0.1", 2), ("all", "0.1", 8)]
     c = comp[0]
+    assert c["tasks"]["niah"] == (4, 0.75, 0.25) and c["tasks"]["qa"] == (2, 0.5, 0.25)
+    assert c["diff"] == pytest.approx((3 - 1 + 1.0 - 0.5) / 6) and c["a"] == pytest.approx(4 / 6)
     # the lengths pooled: every (task, length) cell a stratum, the task columns over both lengths
     pool = comp[2]
     assert pool["tasks"]["niah"] == (6, pytest.approx(4 / 6), pytest.approx(1 / 6)) and pool["tasks"]["qa"] == (2, 0.5, 0.25)
     assert pool["diff"] == pytest.approx((3 - 1 + 1.0 - 0.5 + 1) / 8) and pool["lo"] <= pool["diff"] <= pool["hi"]
-    assert c["tasks"]["niah"] == (4, 0.75, 0.25) and c["tasks"]["qa"] == (2, 0.5, 0.25)
-    assert c["diff"] == pytest.approx((3 - 1 + 1.0 - 0.5) / 6) and c["a"] == pytest.approx(4 / 6)
     # B's budget named: at 200 tokens B ran only 0.5, so no pair there
     assert [c["length"] for c in paired_comparison(load_rows(path), "a[x=1]", "b", budget_b="0.1")] == [100]
     vs_full = paired_comparison(load_rows(path), "a[x=1]", "full")

@@ -464,7 +464,7 @@ class SentenceKV(KVMethod):
         ranks (on ``dev``), the chunk sizes (host, and a copy on ``dev``), the kept slots and their
         count. Every upload is here, once per prompt: an upload from pageable host memory waits for
         the device's queue, and per layer that wait was most of the 0.5 s between ``sentencekv``'s
-        prefill at 128k and ``full``'s (``bench/results/profile_prefill_tail_h200.txt``)."""
+        prefill at 128k and ``full``'s (``bench/results/profile_prefill_tail_plan_h200.txt``)."""
         lens = [len(r) for r in ids]
         pads = [n - ln for ln in lens]
         ar = torch.arange(n)
