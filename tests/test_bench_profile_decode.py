@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import profile_decode
 
 
@@ -16,6 +18,9 @@ def test_profile_decode_runs_on_the_cpu(tmp_path):
     assert set(rows) == {"full", "kivi"}
     for r in rows.values():
         assert r["mode"] == "static" and r["wall_ms_per_step"] > 0 and r["kernel_us_per_step"] > 0
+        # the first step (set-up: compiling, recording) apart from the timed warm steps after it
+        assert r["first_step_ms"] > 0 and len(r["warm_steps_ms"]) == 1 and r["prefill_s"] > 0
+        assert r["wall_ms_per_step"] == pytest.approx(r["warm_steps_ms"][0])
         assert 0 < len(r["top"]) <= 40 and all(x["us_per_step"] > 0 and 0 < x["share"] <= 1 for x in r["top"])
         assert sum(x["share"] for x in r["top"]) <= 1 + 1e-9
     # kivi's steps run its quantized attention (the reference unpacks codes by bit shifts); full's do not
