@@ -1269,6 +1269,9 @@ def test_sentencekv_requests_join_a_running_batch_and_get_their_answers_alone(ti
     joined = [st for st in stores if st is not None and st.b >= 2]
     assert joined and all(st.shared for st in joined)      # rows read their stores' host rows in place
     assert stacked
+    if kw.get("cache_chunks"):   # the running rows' device chunk caches come along into the stacked store
+        carried = [out for sources, out in stacked if any(s is not None and s._dev is not None for s, _ in sources)]
+        assert carried and all(out._dev is not None for out in carried)
     for sources, out in stacked:
         for i, (src, j) in enumerate(sources):
             if src is None or src.n == 0:

@@ -532,6 +532,45 @@ def test_stacked_stores_read_each_row_where_it_is_and_copy_it_on_a_write(bits):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("bits", [0, 4])
+def test_stacked_store_keeps_the_rows_device_chunk_caches(bits):
+    """A join restacks the running rows' stores: each row's device chunk cache comes along (its
+    slots, LRU stamps and chunk map), so the chunks it held are hits on the next step, not copies
+    from the host; the KV fetched is the same as without the caches."""
+    g = torch.Generator().manual_seed(6)
+    hk, L, d = 2, 4, 8
+
+    def store(b, n, seed, cache):
+        toks = [(bi * hk + h, c, r) for bi in range(b) for h in range(hk) for c in range(n) for r in range(L - c % 2)]
+        bh, ch, rk = (torch.tensor(x) for x in zip(*toks))
+        keys = torch.randn(len(toks), d, generator=g)
+        st = ChunkStore(b, hk, L, d, torch.float32, "cpu", cache_chunks=cache, bits=bits, vgroup=8 if bits else 0)
+        st.append(keys, -keys, seed * 1000 + ch * L + rk, bh, ch, rk, n)
+        return st
+
+    s1, s2 = store(2, 5, 1, 4), store(1, 3, 2, 6)
+    s1.fetch(torch.tensor([[[0, 2], [1, 3]], [[4, 3], [2, 0]]]))       # rows cache what they read
+    s2.fetch(torch.tensor([[[0, 2], [1, 2]]]))
+    sources = [(s1, 1), (None, 0), (s2, 0), (s1, 0)]
+    stacked = ChunkStore.stack(sources)
+    idx = torch.tensor([[[4, 3], [2, 0]], [[-1, -1], [-1, -1]], [[0, 2], [1, 2]], [[0, 2], [1, 3]]])
+    assert stacked._dev is not None and stacked._dev["owner"].shape[1] == 6 + 1   # the largest source cache
+    got = stacked.fetch(idx)
+    lookups, misses = stacked._dev["counts"].tolist()
+    assert lookups == 12 and misses == 0                                 # every chunk asked was cached
+    cold = ChunkStore.stack(sources)
+    cold._dev = None                                                     # as before: an empty cache
+    ref = cold.fetch(idx)
+    assert cold._dev["counts"].tolist() == [12, 12]
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+    # a row's LRU clock goes on: a new chunk takes the least recently used slot of that row only
+    more = stacked.fetch(torch.tensor([[[1, -1], [4, -1]], [[-1, -1], [-1, -1]], [[-1, -1], [-1, -1]],
+                                       [[4, -1], [3, -1]]]))
+    assert stacked._dev["counts"].tolist() == [12 + 4, 3]               # row 3 head 1 had chunk 3 cached
+    assert torch.equal(more[2][0, 0, :L], s1.fetch(torch.tensor([[[-1], [-1]], [[1], [-1]]]))[2][1, 0, :L])
+
+
 def test_prompt_is_segmented_beside_its_prefill(tiny):
     """The prompt's sentence chunks are computed on a worker thread from the first prefill layer on,
     and the offload uses them (the same spans as segmenting at the end)."""

@@ -700,11 +700,14 @@ class ChunkStore:
         step's selection); ``cache_chunks < 0`` means twice the first selection (at least 16)."""
         if self._dev is not None and self._dev["owner"].shape[1] - 1 >= k:
             return
-        S = max(self.cache_chunks, k) if self.cache_chunks >= 0 else max(16, 2 * k)
+        self._dev = self._cache_tables(max(self.cache_chunks, k) if self.cache_chunks >= 0 else max(16, 2 * k))
+
+    def _cache_tables(self, S: int) -> dict[str, torch.Tensor]:
+        """Empty device chunk-cache tables of ``S`` slots per (batch, kv_head)."""
         BH, L, d = self.b * self.hk, self.L, self.d
         dev = self.device
         # column S (the last one) of every table is a scratch slot that absorbs masked writes
-        self._dev = {
+        return {
             "k": torch.zeros(BH, S + 1, L, d, dtype=self.dtype, device=dev),
             "v": torch.zeros(BH, S + 1, L, d, dtype=self.dtype, device=dev),
             "p": torch.full((BH, S + 1, L), -1, dtype=torch.int32, device=dev),
@@ -931,6 +934,7 @@ class ChunkStore:
             used[i * hk:(i + 1) * hk] = s.used[j * hk:(j + 1) * hk]
         new.used, new.max_tokens = used, int(used.max()) if used.numel() else 0
         new._uva = ref._uva
+        new._carry_caches(sources)
         if not segs:  # no row stored anything: an empty store of its own
             return new
         new.T = 0
@@ -945,6 +949,26 @@ class ChunkStore:
         if held > 2 * int(used.sum()) * new._token_bytes() + COMPACT_SLACK:
             new.own_host()
         return new
+
+    def _carry_caches(self, sources: list) -> None:
+        """Carry the device chunk caches of a stack's ``sources`` (``(store, row)`` pairs) into this
+        store's, row by row: a chunk a row cached before the join stays cached (same chunk ids, each
+        row's own LRU clock), so a join does not send every running row's selection over PCIe again
+        on the next step. Slots are padded to the largest source cache (empty slots go first)."""
+        held = [(i, s, j) for i, (s, j) in enumerate(sources) if s is not None and s._dev is not None]
+        if not held or self.cache_chunks == 0:
+            return
+        S = max(s._dev["owner"].shape[1] - 1 for _, s, _ in held)
+        c = self._cache_tables(S)
+        hk = self.hk
+        for i, s, j in held:
+            src, dst, So = s._dev, slice(i * hk, (i + 1) * hk), s._dev["owner"].shape[1] - 1
+            rows = slice(j * hk, (j + 1) * hk)
+            for name in ("k", "v", "p", "owner", "last"):
+                c[name][dst, :So] = src[name][rows, :So]
+            m = min(s.n, src["slot_of"].shape[1] - 1, self.n)
+            c["slot_of"][dst, :m] = src["slot_of"][rows, :m]
+        self._dev = c
 
     def _copy_host(self, t: torch.Tensor) -> torch.Tensor:
         out = self._host_empty(t.shape, t.dtype)
