@@ -104,6 +104,16 @@ def quantize_bound(x: torch.Tensor, inv: torch.Tensor, down: bool) -> torch.Tens
     return y.clamp(-127, 127).to(torch.int8)
 
 
+def key_bounds(k: torch.Tensor, dtype: torch.dtype, inv: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A key ``k (..., head_dim)`` as the ``(low, high)`` it folds into page bounds of ``dtype``:
+    itself in that dtype twice, or (int8 bounds, ``inv`` their inverse scale) its codes rounded
+    down and up (:func:`quantize_bound`)."""
+    if inv is None:
+        k = k.to(dtype)
+        return k, k
+    return quantize_bound(k, inv, down=True), quantize_bound(k, inv, down=False)
+
+
 def chunk_scores_ref(query: torch.Tensor, summaries: Summaries, reduce: str = "mean",
                      scale: torch.Tensor | None = None) -> torch.Tensor:
     """Reference (PyTorch, float32 math).

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from kvsift.kernels._triton import HAS_TRITON, tl, triton
+from kvsift.kernels.chunk_scores import key_bounds
 
 
 def _check(kmin, kmax, filled, k_buf, slot, page, inv=None) -> None:
@@ -45,12 +46,7 @@ def page_bounds_append_ref(kmin: torch.Tensor, kmax: torch.Tensor, filled: torch
     """Reference (PyTorch), in place; see the module docstring."""
     _check(kmin, kmax, filled, k_buf, slot, page, inv)
     s = slot.reshape(1).to(torch.int64)
-    k = k_buf.index_select(2, s)                                         # (b, h, 1, d)
-    if inv is None:
-        k_lo = k_hi = k.to(kmin.dtype)
-    else:
-        from kvsift.kernels.chunk_scores import quantize_bound
-        k_lo, k_hi = quantize_bound(k, inv, down=True), quantize_bound(k, inv, down=False)
+    k_lo, k_hi = key_bounds(k_buf.index_select(2, s), kmin.dtype, inv)   # (b, h, 1, d) each
     p = s // page
     first = (s % page == 0).view(1, 1, 1, 1)
     kmin.index_copy_(2, p, torch.where(first, k_lo, torch.minimum(kmin.index_select(2, p), k_lo)))

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsift.kernels.chunk_scores import int8_bounds, quantize_bound
+from kvsift.kernels.chunk_scores import int8_bounds, key_bounds
 from kvsift.kernels.dispatch import chunk_scores, page_bounds_append
 from kvsift.methods.base import DecodeSelect, LayerState, Selection, register, top_pages
 
@@ -200,10 +200,7 @@ class Quest(DecodeSelect):
         r = st.count if st.slot_of is not None else s.view(1, 1, 1).expand(k.shape[0], k.shape[1], 1)
         p = (r // self.page)[..., None].expand_as(k)
         first = (r % self.page == 0)[..., None]
-        if st.kinv is None:
-            k_lo = k_hi = k.to(st.kmin.dtype)
-        else:
-            k_lo, k_hi = quantize_bound(k, st.kinv, down=True), quantize_bound(k, st.kinv, down=False)
+        k_lo, k_hi = key_bounds(k, st.kmin.dtype, st.kinv)
         st.kmin.scatter_(2, p, torch.where(first, k_lo, torch.minimum(st.kmin.gather(2, p), k_lo)))
         st.kmax.scatter_(2, p, torch.where(first, k_hi, torch.maximum(st.kmax.gather(2, p), k_hi)))
         st.filled.scatter_(2, r // self.page, True)
