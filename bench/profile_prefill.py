@@ -268,7 +268,9 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, text = [], []
     info = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "args": vars(args),
-            "host_reserve": args.reserve}
+            "host_reserve": args.reserve,
+            # dense chunk attention: cuDNN for large chunks unless KVSIFT_PREFILL_CUDNN=0 (then flash)
+            "prefill_cudnn": os.environ.get("KVSIFT_PREFILL_CUDNN", "") or "default"}
 
     def write():
         (out_dir / "profile_prefill.txt").write_text("\n".join(text))

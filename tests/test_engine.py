@@ -261,3 +261,57 @@ def test_min_tokens_holds_eos_like_hf_min_new_tokens(tiny_llm):
         assert held.token_ids[:2] == some.token_ids[:2] and free[0] not in some.token_ids
     finally:
         tiny_llm.eos_ids = saved
+
+
+def _bottom_right(q, k, v, scale):
+    """Reference: float32 softmax with the chunk's queries as the last of the keys."""
+    L, n, g = q.shape[2], k.shape[2], q.shape[1] // k.shape[1]
+    s = (q.float() @ k.repeat_interleave(g, 1).float().transpose(-1, -2)) * scale
+    s = s.masked_fill(torch.ones(L, n, dtype=torch.bool).triu(n - L + 1), float("-inf"))
+    return torch.softmax(s, -1) @ v.repeat_interleave(g, 1).float()
+
+
+def _math_half(q, k, v, causal, scale, lse=True):
+    # a kernel like cuDNN's: unmasked or square causal only
+    assert not causal or q.shape[2] == k.shape[2]
+    g = q.shape[1] // k.shape[1]
+    s = (q.float() @ k.repeat_interleave(g, 1).float().transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    out = (torch.softmax(s, -1) @ v.repeat_interleave(g, 1).float()).to(q.dtype)
+    return out, (torch.logsumexp(s, -1) if lse else None)
+
+
+@pytest.mark.parametrize("n,L,align", [(40, 7, 1), (40, 7, 8), (33, 32, 1), (9, 1, 4), (12, 12, 1), (13, 13, 8)])
+def test_split_chunk_attention_merges_past_and_own_keys_exactly(n, L, align):
+    # the cuDNN path's split (past keys unmasked, own keys square causal, merged by log-sum-exp,
+    # queries padded to ``align``), here with a float32 math half: equal to one bottom-right causal
+    # softmax over all keys
+    from kvsift.engine.attention import causal_chunk_attention, split_chunk_attention
+
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(2, h, m, 16, generator=g) for h, m in ((4, L), (2, n), (2, n)))
+    want = _bottom_right(q, k, v, 0.25)
+    got = split_chunk_attention(q, k, v, 0.25, _math_half, align)
+    assert got.shape == q.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(causal_chunk_attention(q, k, v, 0.25), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuDNN attention)")
+@pytest.mark.parametrize("n,L", [(4096, 4096), (4000, 4000), (8192, 4096), (6120, 1000)])
+def test_cuda_cudnn_chunk_attention_matches_flash(monkeypatch, n, L):
+    import kvsift.engine.attention as A
+
+    monkeypatch.setattr(A, "CUDNN_MIN_PAIRS", 1)
+    monkeypatch.setattr(A, "CUDNN_MIN_QUERIES", 1)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, h, m, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+               for h, m in ((8, L), (2, n), (2, n)))
+    got = A.causal_chunk_attention(q, k, v, 128 ** -0.5)
+    assert A._CUDNN_STATE["ok"], "cuDNN attention did not run"
+    monkeypatch.setenv("KVSIFT_PREFILL_CUDNN", "0")
+    flash = A.causal_chunk_attention(q, k, v, 128 ** -0.5)
+    torch.testing.assert_close(got.float(), flash.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.float(), _bottom_right(q.cpu(), k.cpu(), v.cpu(), 128 ** -0.5).cuda(),
+                               atol=2e-2, rtol=2e-2)

@@ -271,20 +271,112 @@ def _prefill_attend(method, run, layer, query, key, value, sel, extras, qpos, sc
     simple = not gathered and not ctx.has_padding and not layer.holes and sliding_window is None and softcap is None
     # the method's own attention for the chunk (minference's sparse patterns), else dense below
     out = method.prefill_attention(run, layer, query, keys, values, scale, module, ctx) if simple else None
-    if out is None and simple and L == keys.shape[2]:
-        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
-    elif out is None and simple:
-        # a later prefill chunk: the chunk's tokens are the last L slots, in order, after every earlier
-        # kept token, so the mask is causal aligned to the bottom right; flash attention (CUDA) does
-        # that without the (kv_heads, group * L, n) boolean mask (4 GiB at 128k for a 1024 chunk), and
-        # on the CPU SDPA takes one (L, n) mask instead of one per query head
-        from torch.nn.attention.bias import causal_lower_right
-
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=causal_lower_right(L, keys.shape[2]),
-                                             scale=scale, enable_gqa=True)
+    if out is None and simple:
+        # the chunk's tokens are the last L slots, in order, after every earlier kept token
+        out = causal_chunk_attention(query, keys, values, scale)
     elif out is None:
         out = _attend_blocks(query, keys, values, kpos, qpos, scale, sliding_window, softcap)
     return out
+
+
+# ---- dense attention of one prefill chunk ------------------------------------------------------------
+CUDNN_MIN_PAIRS = 1 << 24
+"""Query x key pairs (per head) from which a chunk's dense attention may go through cuDNN (CUDA)."""
+CUDNN_MIN_QUERIES = 512
+"""...and queries: for fewer, cuDNN was slower than flash (H200: 1.60 against 0.94 ms for 128
+queries over 128k keys, ``bench/prefill_attention.py``)."""
+CUDNN_ALIGN = 256
+"""cuDNN plans a kernel for each new shape on its first call (40-110 ms measured on the H200,
+``bench/prefill_attention.py``'s first-call column), then reuses it. Calls are kept to few shapes
+so the plans are paid once per process: the queries are padded to a multiple of this, and only
+chunks whose earlier keys are a multiple of it go through cuDNN (a prompt's chunks after its
+first are; a question over a stored context of another length goes through flash)."""
+_CUDNN_STATE = {"ok": None}   # None: not tried yet; False: a call failed here (never tried again)
+
+
+def causal_chunk_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """Dense attention of a prefill chunk whose ``L`` queries are the last ``L`` of the ``n`` keys
+    (a causal mask aligned to the bottom right). query ``(batch, q_heads, L, dim)``, keys/values
+    ``(batch, kv_heads, n, dim)`` (GQA: q head ``h`` reads kv head ``h // (q_heads // kv_heads)``);
+    returns ``(batch, q_heads, L, dim)``.
+
+    On CUDA a large chunk (:data:`CUDNN_MIN_PAIRS`, :data:`CUDNN_MIN_QUERIES`, its earlier keys a
+    multiple of :data:`CUDNN_ALIGN`) goes through cuDNN's fused attention: 1.8x the flash kernel's
+    throughput at 128k on an H200 (``bench/prefill_attention.py``: 624 against 341 TFLOP/s).
+    cuDNN takes only an unmasked or a square causal call, so a later chunk is two calls, its past
+    keys unmasked and its own keys causal, merged by their log-sum-exps
+    (:func:`split_chunk_attention`). Otherwise, with ``KVSIFT_PREFILL_CUDNN=0``, or once a cuDNN
+    call failed here: one SDPA call with a bottom-right causal bias, which the flash kernel takes
+    without materialising the ``(heads, L, n)`` mask (4 GiB at 128k for a 1,024-token chunk); on
+    the CPU SDPA takes one ``(L, n)`` mask."""
+    L, n = query.shape[2], keys.shape[2]
+    if (query.is_cuda and L >= CUDNN_MIN_QUERIES and L * n >= CUDNN_MIN_PAIRS and (n - L) % CUDNN_ALIGN == 0
+            and _cudnn_usable(query)):
+        try:
+            return split_chunk_attention(query, keys, values, scale, _cudnn_half, CUDNN_ALIGN)
+        except RuntimeError as e:   # e.g. a cuDNN build without this fused attention: flash from now on
+            import warnings
+
+            _CUDNN_STATE["ok"] = False
+            warnings.warn(f"kvsift: cuDNN prefill attention failed, using flash attention ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]})", RuntimeWarning, stacklevel=2)
+    if L == n:
+        return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+    from torch.nn.attention.bias import causal_lower_right
+
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=causal_lower_right(L, n), scale=scale,
+                                          enable_gqa=True)
+
+
+def _cudnn_usable(query: torch.Tensor) -> bool:
+    import os
+
+    if _CUDNN_STATE["ok"] is False or os.environ.get("KVSIFT_PREFILL_CUDNN", "").strip().lower() in {"0", "off",
+                                                                                                    "false", "no"}:
+        return False
+    if _CUDNN_STATE["ok"] is None:
+        _CUDNN_STATE["ok"] = bool(torch.backends.cudnn.is_available()
+                                  and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
+                                  and torch.cuda.get_device_capability(query.device) >= (8, 0))
+    return (_CUDNN_STATE["ok"] and query.dtype in (torch.float16, torch.bfloat16)
+            and query.shape[-1] % 8 == 0 and query.shape[-1] <= 128)
+
+
+def _cudnn_half(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, causal: bool, scale: float,
+                lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """cuDNN's fused attention (GQA without repeating KV), unmasked or square causal: ``(out (batch,
+    q_heads, L, dim), its natural-log log-sum-exp (batch, q_heads, L) float32, or None)``."""
+    r = torch.ops.aten._scaled_dot_product_cudnn_attention(query, keys, values, None, lse, 0.0, causal, False,
+                                                           scale=scale)
+    return r[0], (r[1].reshape(query.shape[:3]).float() if lse else None)
+
+
+def split_chunk_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+                          half, align: int = 1) -> torch.Tensor:
+    """A chunk's bottom-right causal attention (shapes as :func:`causal_chunk_attention`) through
+    ``half(query, keys, values, causal, scale, lse=True) -> (out, lse or None)``, a kernel that
+    takes only unmasked or square causal calls: the ``n - L`` past keys unmasked, the chunk's own
+    ``L`` keys square causal, the two outputs merged by their log-sum-exps (each weighted by its
+    share of the softmax mass) in float32; a first chunk (``n == L``) is one causal call. The
+    queries and the chunk's own keys are padded at the end to a multiple of ``align`` (exact: a
+    real query's causal mask hides the padded keys after it; the padded rows are dropped)."""
+    b, hq, L, d = query.shape
+    n = keys.shape[2]
+    pad = -L % align
+    q, own_k, own_v = query, keys[:, :, n - L:], values[:, :, n - L:]
+    if pad:
+        q = F.pad(query, (0, 0, 0, pad))
+        own_k, own_v = F.pad(own_k, (0, 0, 0, pad)), F.pad(own_v, (0, 0, 0, pad))
+    if n == L:
+        return half(q, own_k, own_v, True, scale, lse=False)[0][:, :, :L]
+    o1, l1 = half(q, keys[:, :, :n - L], values[:, :, :n - L], False, scale)
+    o2, l2 = half(q, own_k, own_v, True, scale)
+    o1, l1, o2, l2 = o1[:, :, :L], l1[:, :, :L], o2[:, :, :L], l2[:, :, :L]
+    lse = torch.logaddexp(l1, l2)
+    out = o1.float().mul_((l1 - lse).exp_().unsqueeze(-1))
+    out.addcmul_(o2.float(), (l2 - lse).exp_().unsqueeze(-1))
+    return out.to(query.dtype)
 
 
 MASK_ELEMENTS = 1 << 28  # the largest (batch, q_heads, queries, keys) mask one masked call builds
