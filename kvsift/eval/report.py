@@ -408,8 +408,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines.append("### All cells")
     lines.append("")
     lines.append("| task | length | method | budget | score | ppl | prompt tok | KV device MiB | KV host MiB | "
-                 "KV kept/full | prefill s | decode ms/tok | n |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                 "KV kept/full | prefill s | decode ms/tok | steady ms/tok | n |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in ok:
         groups[(r["task"], r["length"], r["method"], r["budget"])].append(r)
@@ -423,7 +423,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             _fmt(_mean(r.get("ppl") for r in rs)), _fmt(_mean(r.get("prompt_tokens") for r in rs), 0),
             _fmt(dev * MiB if dev is not None else None), _fmt(host * MiB if host is not None else None),
             _fmt(ratio), _fmt(_mean(r.get("prefill_s") for r in rs)),
-            _fmt(_mean(r.get("decode_ms_per_token") for r in rs)), str(sum(r.get("n_samples", 0) for r in rs)),
+            _fmt(_mean(r.get("decode_ms_per_token") for r in rs)), _fmt(_mean(r.get("steady_ms_per_token") for r in rs)),
+            str(sum(r.get("n_samples", 0) for r in rs)),
         ]) + " |")
     errors = [r for r in rows if r.get("error")]
     if errors:

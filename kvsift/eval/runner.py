@@ -142,8 +142,9 @@ class Generation:
     kv_kept_bytes: int
     kv_full_bytes: int
     prefill_s: float
-    decode_ms_per_token: float
+    decode_ms_per_token: float   # the decode's wall time per step, its setup (warm-up, CUDA graph recording) included
     batch: int = 1  # sequences in the backend call that produced it
+    steady_ms_per_token: float | None = None   # ...without that setup (None: the backend does not tell them apart)
 
 
 @dataclass(slots=True)
@@ -322,12 +323,14 @@ class KvsiftBackend(BaseBackend):
                 res.append(Generation(text=out.text, prompt_tokens=st.prompt_tokens, new_tokens=st.generated_tokens,
                                       kv_device_bytes=st.kv_device_bytes, kv_host_bytes=st.kv_host_bytes,
                                       kv_kept_bytes=st.kv_kept_bytes, kv_full_bytes=st.kv_full_bytes,
-                                      prefill_s=st.prefill_s, decode_ms_per_token=st.decode_ms_per_token))
+                                      prefill_s=st.prefill_s, decode_ms_per_token=st.decode_ms_per_token,
+                                      steady_ms_per_token=st.steady_ms_per_token))
                 continue
             res.append(Generation(text=out.text, prompt_tokens=len(p), new_tokens=st.generated_tokens,
                                   kv_device_bytes=round(st.kv_device_bytes / b), kv_host_bytes=round(st.kv_host_bytes / b),
                                   kv_kept_bytes=round(st.kv_kept_bytes / b), kv_full_bytes=per_tok * len(p),
-                                  prefill_s=st.prefill_s / b, decode_ms_per_token=st.decode_ms_per_token, batch=b))
+                                  prefill_s=st.prefill_s / b, decode_ms_per_token=st.decode_ms_per_token, batch=b,
+                                  steady_ms_per_token=st.steady_ms_per_token))
         return res
 
     def auto_batch_size(self, prompt_tokens, max_new_tokens, method, budget):
@@ -415,7 +418,7 @@ class KvsiftBackend(BaseBackend):
                           new_tokens=st.generated_tokens, kv_device_bytes=cs.kv_device_bytes,
                           kv_host_bytes=cs.kv_host_bytes, kv_kept_bytes=cs.kv_kept_bytes,
                           kv_full_bytes=cs.kv_full_bytes, prefill_s=cs.prefill_s + st.prefill_s,
-                          decode_ms_per_token=st.decode_ms_per_token)
+                          decode_ms_per_token=st.decode_ms_per_token, steady_ms_per_token=st.steady_ms_per_token)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,7 +510,8 @@ def _mean(xs: list[float]) -> float | None:
 def _entry_measures(r) -> dict[str, Any]:
     return dict(prompt_tokens=r.prompt_tokens, kv_device_bytes=r.kv_device_bytes, kv_host_bytes=r.kv_host_bytes,
                 kv_kept_bytes=r.kv_kept_bytes, kv_full_bytes=r.kv_full_bytes, prefill_s=r.prefill_s,
-                decode_ms_per_token=r.decode_ms_per_token, batch=getattr(r, "batch", 1))
+                decode_ms_per_token=r.decode_ms_per_token, batch=getattr(r, "batch", 1),
+                steady_ms_per_token=getattr(r, "steady_ms_per_token", None))
 
 
 def run_cell(backend: Backend, samples: list[Sample], task: str, method: str, budget: Budget, length: int,
@@ -600,8 +604,8 @@ def run_cell(backend: Backend, samples: list[Sample], task: str, method: str, bu
     else:
         row["score"] = _mean([e["score"] for e in per])
     for k in ("prompt_tokens", "kv_device_bytes", "kv_host_bytes", "kv_kept_bytes", "kv_full_bytes", "prefill_s",
-              "decode_ms_per_token"):
-        row[k] = _mean([e[k] for e in per])
+              "decode_ms_per_token", "steady_ms_per_token"):
+        row[k] = _mean([e.get(k) for e in per])
     row["wall_s"] = time.perf_counter() - t0
     row["time"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     row["samples"] = per
