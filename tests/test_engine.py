@@ -306,8 +306,10 @@ def test_cuda_cudnn_chunk_attention_matches_flash(monkeypatch, n, L):
     monkeypatch.setattr(A, "CUDNN_MIN_PAIRS", 1)
     monkeypatch.setattr(A, "CUDNN_MIN_QUERIES", 1)
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, h, m, 128, generator=g, device="cuda", dtype=torch.bfloat16)
-               for h, m in ((8, L), (2, n), (2, n)))
+    # the engine's layouts: queries (batch, L, heads, dim) transposed, keys a prefix of a longer buffer
+    q = torch.randn(1, L, 8, 128, generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(1, 2, n + 300, 128, generator=g, device="cuda", dtype=torch.bfloat16)[:, :, :n]
+            for _ in range(2))
     got = A.causal_chunk_attention(q, k, v, 128 ** -0.5)
     assert A._CUDNN_STATE["ok"], "cuDNN attention did not run"
     monkeypatch.setenv("KVSIFT_PREFILL_CUDNN", "0")
@@ -315,3 +317,32 @@ def test_cuda_cudnn_chunk_attention_matches_flash(monkeypatch, n, L):
     torch.testing.assert_close(got.float(), flash.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(got.float(), _bottom_right(q.cpu(), k.cpu(), v.cpu(), 128 ** -0.5).cuda(),
                                atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuDNN attention)")
+def test_cuda_prefill_through_cudnn_matches_flash_end_to_end(monkeypatch):
+    # a small random bf16 Llama on CUDA, 5,992 context tokens in chunks of 2,048, per layer: every
+    # chunk goes through cuDNN (the earlier keys are multiples of 256; the last queries are padded)
+    import kvsift.engine.attention as A
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvsift import LLM
+
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=512, intermediate_size=1024, num_attention_heads=8,
+                      num_key_value_heads=2, vocab_size=1000, max_position_embeddings=8192)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(0, cfg.vocab_size, (6000,), generator=torch.Generator().manual_seed(1)).tolist()
+    llm = LLM.from_model(model, None, chunk_size=2048)
+    calls = []
+    real = A._cudnn_half
+    monkeypatch.setattr(A, "_cudnn_half", lambda *a, **k: calls.append(a[0].shape[2]) or real(*a, **k))
+    monkeypatch.setattr(A, "CUDNN_MIN_PAIRS", 1 << 22)
+    got = llm.score(ids[:-8], ids[-8:])
+    # chunks of 2,048, 2,048 and 1,896 tokens: the first one causal alone, each later one two calls
+    # (the last one's 1,896 queries padded to 2,048), per layer: every call holds 2,048 queries
+    assert len(calls) == 2 * 5 and set(calls) == {2048}, calls   # 2 layers
+    monkeypatch.setenv("KVSIFT_PREFILL_CUDNN", "0")
+    flash = llm.score(ids[:-8], ids[-8:])
+    assert abs(got[0] - flash[0]) / abs(flash[0]) < 2e-2
