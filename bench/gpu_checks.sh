@@ -13,6 +13,7 @@
 #                                            # #15: a suite cell's shape (sentencekv decodes 50x slower than full there)
 #   STEPS=long bash bench/gpu_checks.sh      # #14: a 1M-token prompt (sentencekv+kivi, prefill_offload)
 #   STEPS=profile_prefill bash bench/gpu_checks.sh   # #14: where the prefill goes at 128k (PROF_ARGS=" ": torch.profiler)
+#   STEPS=prefill_attention bash bench/gpu_checks.sh # #14: dense chunk attention, flash vs cuDNN (KVSIFT_PREFILL_CUDNN=0: flash in the engine)
 #   STEPS=prefill_tail bash bench/gpu_checks.sh      # #14: torch.profiler over the last chunk at 128k (offload inside)
 #   STEPS=join bash bench/gpu_checks.sh      # #16: a join's first gap over KV arenas vs without (random 8B shape)
 # The tests step runs six pytest processes at once (T_TESTS seconds each, default 420).
@@ -82,6 +83,11 @@ if step long; then   # #14: prefill at 128k (full, sentencekv, offloaded as it i
     --e2e-methods "${LONG_METHODS:-sentencekv+kivi:2048:$OFF}" \
     --out "$R/gpu_long_prompt_h200.json" >"$R/long.log" 2>&1
   echo "long rc=$? $(( $(date +%s) - t0 )) s"; grep -v "^e2e warm" "$R/long.log" | tail -8
+fi
+if step prefill_attention; then   # #14: one layer's dense chunk attention per backend (flash, cuDNN split, the engine's)
+  timeout ${T_PREFILL_ATTN:-200} python3 bench/prefill_attention.py --out "$R/prefill_attention_h200.json" \
+    >"$R/prefill_attention.log" 2>&1
+  echo "prefill_attention rc=$? $(( $(date +%s) - t0 )) s"; grep -v Warn "$R/prefill_attention.log" | tail -80
 fi
 if step profile_prefill; then   # #14: where sentencekv's prefill and prefill_offload's chunks spend their time
   # timed runs (no torch.profiler: its post-processing outlasted a call) twice per method, the second
