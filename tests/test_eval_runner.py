@@ -169,6 +169,7 @@ def test_real_model_niah_end_to_end(real_llm, tmp_path):
     assert rows["full"]["score"] == 1.0, rows["full"]["samples"]
     assert rows["snapkv"]["kv_kept_bytes"] < 0.6 * rows["full"]["kv_kept_bytes"]
     assert rows["full"]["prefill_s"] > 0 and rows["full"]["decode_ms_per_token"] > 0
+    assert rows["full"]["settings"]["prefill_attention"] == "sdpa"   # the CPU; "cudnn" or "flash" on CUDA
     assert 0 < rows["full"]["steady_ms_per_token"] and all(s["steady_ms_per_token"] > 0 for s in rows["full"]["samples"])
     md = (write_report(out, tmp_path / "rep")["markdown"]).read_text()
     assert "| niah | 512 | snapkv | 0.5 |" in md

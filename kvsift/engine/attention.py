@@ -329,6 +329,16 @@ def causal_chunk_attention(query: torch.Tensor, keys: torch.Tensor, values: torc
                                           enable_gqa=True)
 
 
+def prefill_attention_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """Which kernel a large dense prefill chunk of this device, dtype and head size goes through
+    here: ``"cudnn"`` or ``"flash"`` (on CUDA; smaller chunks and questions over a stored context
+    always take flash), ``"sdpa"`` elsewhere. Recorded with eval results."""
+    if torch.device(device).type != "cuda":
+        return "sdpa"
+    probe = torch.empty(0, 0, 0, head_dim, dtype=dtype, device=device)
+    return "cudnn" if _cudnn_usable(probe) else "flash"
+
+
 def _cudnn_usable(query: torch.Tensor) -> bool:
     import os
 

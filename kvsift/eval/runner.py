@@ -293,9 +293,12 @@ class KvsiftBackend(BaseBackend):
     @property
     def settings(self) -> dict[str, Any]:
         """Engine settings recorded in every row (they can change answers or timings)."""
+        from kvsift.engine.attention import prefill_attention_backend
+
         llm = self.llm
         return {"chunk_size": llm.chunk_size, "prefill_mode": llm.prefill_mode, "decode_mode": llm.decode_mode,
-                "dtype": str(llm.info.dtype).replace("torch.", ""), "device": llm.device.type}
+                "dtype": str(llm.info.dtype).replace("torch.", ""), "device": llm.device.type,
+                "prefill_attention": prefill_attention_backend(llm.device, llm.info.dtype, llm.info.head_dim)}
 
     def _kv_bytes_per_token(self) -> int:
         import torch
