@@ -1,17 +1,19 @@
 """Dense attention of one prefill chunk over a long prompt, per SDPA backend and split.
 
 A chunk of ``L`` queries whose keys are the ``n`` slots of the layer so far (its own ``L`` last):
-the mask is causal aligned to the bottom right. The engine's dense prefill does this today with
-one SDPA call (``causal_lower_right``) that only the flash and memory-efficient backends take.
-The alternatives timed here split the chunk into its past keys (no mask) and its own keys (a
-square causal mask, which every backend takes) and merge the two halves by their log-sum-exp:
+the mask is causal aligned to the bottom right. One SDPA call takes that mask
+(``causal_lower_right``) through the flash and memory-efficient kernels only; cuDNN takes only
+unmasked or square causal calls, so the other variants split the chunk into its past keys (no
+mask) and its own keys (square causal) and merge the halves by their log-sum-exps
+(``kvsift.engine.attention.split_chunk_attention``):
 
-* ``flash_lr``: the engine's call (flash, bottom-right causal bias);
-* ``flash_split``: the two halves through ``aten._scaled_dot_product_flash_attention`` (its LSE);
-* ``cudnn_split``: the two halves through ``aten._scaled_dot_product_cudnn_attention`` (its LSE);
-* ``cudnn_whole`` / ``flash_whole`` (first chunk only, ``L == n``): one causal call per backend;
+* ``flash_lr``: one call, flash, bottom-right causal bias (the engine's dense prefill before cuDNN);
+* ``flash_split``: the two halves through ``aten._scaled_dot_product_flash_attention``;
+* ``cudnn_split``: the two halves through ``aten._scaled_dot_product_cudnn_attention``;
+* ``cudnn_whole`` / ``flash_whole`` (first chunk only, ``L == n``): one causal call per kernel;
+* ``_gqa`` / ``_expanded``: GQA without repeating the KV heads / with them repeated;
 * ``engine``: ``kvsift.engine.attention.causal_chunk_attention``, what the engine runs now (cuDNN
-  from ``CUDNN_MIN_PAIRS`` query-key pairs on, flash below).
+  for large chunks, flash for the rest; ``KVSIFT_PREFILL_CUDNN=0``: flash).
 
 Random-weight Llama-3.1-8B shape per layer (32 q heads, 8 KV heads, head_dim 128, bf16), batch 1.
 Per ``(n, L)``: median ms of one layer's call, the first call's ms (a new shape: cuDNN builds
@@ -34,16 +36,10 @@ import torch.nn.functional as F
 
 
 def _timed(fn, reps: int) -> tuple[float, float, torch.Tensor]:
-    """(median ms, first call's ms: a new shape's setup included, e.g. cuDNN's plan; the output)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    first = (time.perf_counter() - t0) * 1e3
+    """(median ms of ``reps`` calls, the first call's ms: a new shape's setup included, e.g. cuDNN's
+    plan; the last output)."""
     times = []
-    for _ in range(reps):
+    for _ in range(reps + 1):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -51,39 +47,42 @@ def _timed(fn, reps: int) -> tuple[float, float, torch.Tensor]:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2], first, out
-
-
-def merge(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
-    """Two attention outputs ``(b, h, L, d)`` over disjoint key sets, with their natural-log
-    log-sum-exps ``(b, h, L)``, as the output over the union."""
-    lse = torch.logaddexp(lse1, lse2)
-    w1 = torch.exp(lse1 - lse).unsqueeze(-1)
-    w2 = torch.exp(lse2 - lse).unsqueeze(-1)
-    return (o1.float() * w1 + o2.float() * w2).to(o1.dtype)
+    rest = sorted(times[1:])
+    return rest[len(rest) // 2], times[0], out
 
 
 def _gqa(k: torch.Tensor, hq: int, native: bool) -> torch.Tensor:
     return k if native else k.repeat_interleave(hq // k.shape[1], dim=1)
 
 
-def flash_half(q, k, v, causal: bool, scale: float, native: bool):
-    r = torch.ops.aten._scaled_dot_product_flash_attention(q, _gqa(k, q.shape[1], native), _gqa(v, q.shape[1], native),
-                                                            0.0, causal, False, scale=scale)
-    return r[0], r[1].reshape(q.shape[:3]).float()
+def flash_half(native: bool):
+    """A ``half`` for :func:`kvsift.engine.attention.split_chunk_attention` through SDPA's flash
+    kernel (its log-sum-exp); ``native``: GQA without repeating the KV heads."""
+    def half(q, k, v, causal, scale, lse=True):
+        r = torch.ops.aten._scaled_dot_product_flash_attention(q, _gqa(k, q.shape[1], native),
+                                                                _gqa(v, q.shape[1], native), 0.0, causal, False,
+                                                                scale=scale)
+        return r[0], r[1].reshape(q.shape[:3]).float()
+    return half
 
 
-def cudnn_half(q, k, v, causal: bool, scale: float, native: bool):
-    r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, _gqa(k, q.shape[1], native), _gqa(v, q.shape[1], native),
-                                                            None, True, 0.0, causal, False, scale=scale)
-    return r[0], r[1].reshape(q.shape[:3]).float()
+def cudnn_half(native: bool):
+    """The same through cuDNN's fused attention."""
+    def half(q, k, v, causal, scale, lse=True):
+        r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, _gqa(k, q.shape[1], native),
+                                                                _gqa(v, q.shape[1], native), None, True, 0.0, causal,
+                                                                False, scale=scale)
+        return r[0], r[1].reshape(q.shape[:3]).float()
+    return half
 
 
-def split(half, q, k, v, scale: float, native: bool) -> torch.Tensor:
-    L, n = q.shape[2], k.shape[2]
-    o1, l1 = half(q, k[:, :, :n - L], v[:, :, :n - L], False, scale, native)
-    o2, l2 = half(q, k[:, :, n - L:], v[:, :, n - L:], True, scale, native)
-    return merge(o1, l1, o2, l2)
+def math_half(q, k, v, causal, scale, lse=True):
+    """The same in float32 matmuls (the CPU, where no fused kernel gives a log-sum-exp)."""
+    g = q.shape[1] // k.shape[1]
+    s = (q.float() @ k.repeat_interleave(g, 1).float().transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return (torch.softmax(s, -1) @ v.repeat_interleave(g, 1).float()).to(q.dtype), torch.logsumexp(s, -1)
 
 
 def main(argv=None) -> int:
@@ -103,7 +102,7 @@ def main(argv=None) -> int:
     hq, hk, d = (int(x) for x in a.heads.split(","))
     scale = d ** -0.5
     rows = []
-    from kvsift.engine.attention import causal_chunk_attention
+    from kvsift.engine.attention import causal_chunk_attention, split_chunk_attention
 
     print(f"{'n':>7} {'L':>5} {'variant':<22} {'ms':>9} {'first ms':>9} {'TFLOP/s':>8} {'max |diff|':>11}")
     for case in a.cases.split(","):
@@ -125,16 +124,14 @@ def main(argv=None) -> int:
         if dev.type == "cuda":
             for native in (True, False):
                 tag = "gqa" if native else "expanded"
-                if L < n:
-                    variants[f"flash_split_{tag}"] = lambda native=native: split(flash_half, q, k, v, scale, native)
-                    variants[f"cudnn_split_{tag}"] = lambda native=native: split(cudnn_half, q, k, v, scale, native)
-                else:
-                    variants[f"flash_whole_{tag}"] = lambda native=native: flash_half(q, k, v, True, scale, native)[0]
-                    variants[f"cudnn_whole_{tag}"] = lambda native=native: cudnn_half(q, k, v, True, scale, native)[0]
+                kind = "split" if L < n else "whole"   # a first chunk (L == n): one causal call
+                for name, half in (("flash", flash_half(native)), ("cudnn", cudnn_half(native))):
+                    variants[f"{name}_{kind}_{tag}"] = (
+                        lambda half=half: split_chunk_attention(q, k, v, scale, half))
             variants["sdpa_default"] = (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                                                enable_gqa=True)) if L == n else None
         else:
-            variants["math_split"] = lambda: _math_split(q, k, v, scale)
+            variants["math_split"] = lambda: split_chunk_attention(q, k, v, scale, math_half)
         ref = None
         for name, fn in variants.items():
             if fn is None:
@@ -165,24 +162,6 @@ def main(argv=None) -> int:
                                           indent=1))
         print(f"wrote {a.out}")
     return 0
-
-
-def _math_split(q, k, v, scale):
-    """The split and merge on the CPU (float32 math), to check the merge where no fused kernel runs."""
-    L, n = q.shape[2], k.shape[2]
-    g = q.shape[1] // k.shape[1]
-    kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-
-    def half(kh, vh, causal):
-        s = (q.float() @ kh.float().transpose(-1, -2)) * scale
-        if causal:
-            s = s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
-        lse = torch.logsumexp(s, -1)
-        return (torch.softmax(s, -1) @ vh.float()).to(q.dtype), lse
-
-    o1, l1 = half(kk[:, :, :n - L], vv[:, :, :n - L], False)
-    o2, l2 = half(kk[:, :, n - L:], vv[:, :, n - L:], True)
-    return merge(o1, l1, o2, l2)
 
 
 if __name__ == "__main__":
