@@ -290,7 +290,8 @@ def test_batched_equals_unbatched_on_a_tiny_model(tiny_llm, default_tokenizer):
         r3 = run_cell(backend, samples, "niah", method, budget, 200, 0, batch_size=3, pad=pad)
         assert r3["batch_size"] == 3 and [e["batch"] for e in r3["samples"]] == [3, 3, 3]
         assert r3["settings"] == {"chunk_size": 64, "prefill_mode": "auto", "decode_mode": "auto",
-                                  "dtype": "float32", "device": "cpu", "batch_padding": pad, "compress": "prompt"}
+                                  "dtype": "float32", "device": "cpu", "prefill_attention": "sdpa",
+                                  "batch_padding": pad, "compress": "prompt"}
         assert [e["prediction"] for e in r1["samples"]] == [e["prediction"] for e in r3["samples"]], method
         assert [e["score"] for e in r1["samples"]] == [e["score"] for e in r3["samples"]], method
         assert [e["kv_full_bytes"] for e in r1["samples"]] == [e["kv_full_bytes"] for e in r3["samples"]]
