@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -340,8 +341,6 @@ def prefill_attention_backend(device: torch.device, dtype: torch.dtype, head_dim
 
 
 def _cudnn_usable(query: torch.Tensor) -> bool:
-    import os
-
     if _CUDNN_STATE["ok"] is False or os.environ.get("KVSIFT_PREFILL_CUDNN", "").strip().lower() in {"0", "off",
                                                                                                     "false", "no"}:
         return False
