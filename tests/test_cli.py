@@ -87,3 +87,16 @@ def test_json_output(tmp_path):
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert data["stats"]["generated_tokens"] >= 1 and "text" in data
+
+
+def test_every_environment_variable_the_package_reads_is_in_the_readme_table():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    read = set()
+    for f in (root / "kvsift").rglob("*.py"):
+        read |= set(re.findall(r"environ(?:\.get)?\(?\[?\"(KVSIFT_[A-Z_]+)\"", f.read_text(encoding="utf-8")))
+    table = re.findall(r"^\| `(KVSIFT_[A-Z_]+)` \|", (root / "README.md").read_text(encoding="utf-8"), re.M)
+    assert "KVSIFT_PREFILL_CUDNN" in read and len(read) >= 9
+    assert read <= set(table), sorted(read - set(table))
