@@ -25,7 +25,7 @@ KW = {"sentencekv:reselect": {"reselect_every": 3}, "snapkv+quest": {"decode_bud
       "kivi": {"group": 8, "residual": 8}, "kivi:int2": {"bits": 2, "group": 8, "residual": 16},
       "snapkv+kivi": {"group": 8, "residual": 8}, "quest+kivi": {"group": 8, "residual": 8, "decode_budget": 48},
       "sentencekv+kivi": {"group": 8, "residual": 8},
-      "minference+snapkv": {"min_len": 0, "vertical": 16, "slash": 16, "block": 16},
+      "minference+snapkv": {"min_len": 0, "vertical": 16, "slash": 16, "block": 16, "max_density": 1.0},
       "shadowkv:lowrank": {"rank": 8, "window": 16, "outliers": 1}}
 
 

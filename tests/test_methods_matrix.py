@@ -24,7 +24,7 @@ def lossy(spec: str) -> bool:
 # options that make a method select everything (its "whole context" besides the budget): minference
 # attends sparsely from the first token on, every column listed; shadowkv factorizes the keys at a full rank
 # (its default, 160, is already more than the tiny models' kv_heads * head_dim: said here for clarity)
-WHOLE = {"minference": {"min_len": 0, "vertical": 10 ** 6, "block": 16}, "shadowkv": {"rank": 2 * 16}}
+WHOLE = {"minference": {"min_len": 0, "vertical": 10 ** 6, "block": 16, "max_density": 1.0}, "shadowkv": {"rank": 2 * 16}}
 
 
 def layer_budget(method, run, layer_idx):

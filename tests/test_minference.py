@@ -24,8 +24,9 @@ from kvsift.methods.minference import (PATTERNS, MInference, a_shape_blocks, blo
 from tests.conftest import random_prompt, run_in_triton_interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
-SPARSE = {"min_len": 0, "vertical": 16, "slash": 2, "block": 16, "top_blocks": 3, "local": 32}
-EVERYTHING = {"min_len": 0, "vertical": 10 ** 6, "slash": 4, "block": 16}
+# max_density=1: every chunk of these tiny random models goes sparse, however many keys it lists
+SPARSE = {"min_len": 0, "vertical": 16, "slash": 2, "block": 16, "top_blocks": 3, "local": 32, "max_density": 1.0}
+EVERYTHING = {"min_len": 0, "vertical": 10 ** 6, "slash": 4, "block": 16, "max_density": 1.0}
 
 
 def _causal(L, n):
@@ -255,7 +256,9 @@ def test_short_prompts_padding_and_reread_passes_attend_densely(tiny_llm):
 @pytest.mark.parametrize("kw,match", [({"block": 24}, "block must be one of"), ({"top_blocks": 1}, "top_blocks"),
                                       ({"last_q": 0}, "last_q"), ({"vertical": "8"}, "vertical"),
                                       ({"min_len": -1}, "min_len"), ({"patterns": 3}, "patterns"),
-                                      ({"patterns": "/nonexistent/p.json"}, "not found")])
+                                      ({"patterns": "/nonexistent/p.json"}, "not found"),
+                                      ({"max_density": 0}, "max_density"), ({"max_density": 1.5}, "max_density"),
+                                      ({"max_density": "0.5"}, "max_density"), ({"max_density": True}, "max_density")])
 def test_bad_options_are_method_option_errors(kw, match):
     with pytest.raises(MethodOptionError, match=match):
         build_method("minference", **kw)
@@ -336,8 +339,10 @@ def test_bench_writes_dense_and_sparse_rows(tmp_path):
     assert set(layer) == {"dense", *PATTERNS}
     assert all(0 < layer[p]["density"] <= 1 and layer[p]["attn_ms"] > 0 for p in PATTERNS)
     e2e = {r["method"]: r for r in rows if r["kind"] == "e2e"}
-    assert e2e["minference"]["method_stats"]["minference_sparse_chunks"] == 2  # 1 layer x 2 chunks
-    assert e2e["full"]["prefill_s"] > 0
+    assert e2e["minference@sparse"]["method_stats"]["minference_sparse_chunks"] == 2  # 1 layer x 2 chunks
+    st = e2e["minference"]["method_stats"]   # the default max_density: each chunk sparse or too dense for it
+    assert st["minference_sparse_chunks"] + st["minference_fallback_chunks"] == 2
+    assert e2e["full"]["prefill_s"] > 0 and e2e["minference"]["speedup"] > 0
 
 
 def test_server_runs_it_and_refuses_a_pattern_file_of_another_model(make_client, tmp_path, monkeypatch):
@@ -408,3 +413,22 @@ def test_the_engine_asks_prefill_attention_only_for_fresh_unpadded_prefill_chunk
     calls.clear()
     tiny_llm.generate([ids, ids[:100]], p, method=Zero())
     assert not calls
+
+
+def test_a_chunk_whose_index_is_too_dense_attends_densely(tiny_llm):
+    # every key listed (density 1) is over the default max_density: each chunk falls back to dense
+    # attention (exact: the tokens of `full`); at max_density=1 the same chunks go sparse
+    ids = random_prompt(300, seed=11)
+    p = SamplingParams(max_tokens=6, ignore_eos=True)
+    dense_index = dict(EVERYTHING)
+    del dense_index["max_density"]
+    assert build_method("minference", **dense_index).max_density == 0.3
+    out = tiny_llm.generate(ids, p, method="minference", method_kwargs=dense_index)[0]
+    st = out.stats.method_stats
+    assert st["minference_fallback_chunks"] > 0 and st["minference_sparse_chunks"] == 0, st
+    assert out.token_ids == tiny_llm.generate(ids, p)[0].token_ids
+    st = tiny_llm.generate(ids, p, method="minference", method_kwargs=EVERYTHING)[0].stats.method_stats
+    assert st["minference_sparse_chunks"] > 0 and st["minference_fallback_chunks"] == st["minference_dense_chunks"] == 0
+    # a sparse index under the threshold stays sparse
+    st = tiny_llm.generate(ids, p, method="minference", method_kwargs=dict(SPARSE, max_density=0.9))[0].stats
+    assert st.method_stats["minference_sparse_chunks"] > 0 and st.method_stats["minference_density"] <= 0.9

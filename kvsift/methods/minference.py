@@ -212,12 +212,14 @@ def block_sparse_blocks(q: torch.Tensor, k: torch.Tensor, n: int, top_blocks: in
 
 @dataclass
 class MInferenceRun(Run):
-    """Counters: prefill chunk-layers attended sparsely / densely, and the summed fraction of the
-    causal keys the sparse ones listed (device tensor)."""
+    """Counters: prefill chunk-layers attended sparsely / densely (``dense``: not asked, e.g. a
+    short prompt; ``fallback``: an index too dense to pay), and the summed fraction of the causal
+    keys the sparse ones listed (device tensor)."""
 
     sparse: int = 0
     dense: int = 0
     density: torch.Tensor | None = None
+    fallback: int = 0   # chunk-layers whose index listed more than max_density: attended densely
 
 
 @register("minference")
@@ -246,6 +248,11 @@ class MInference(KVMethod):
         $KVSIFT_CACHE/minference when there is one, else vertical-slash for every head; 'default': that.
     min_len : int
         Prompts shorter than this (tokens) run dense prefill.
+    max_density : float
+        A chunk whose index lists more than this fraction of its causal keys (mean over heads and
+        rows) is attended densely instead (the index is built first; 1.0: always sparse, as in the
+        paper). At 128k on an H200 the sparse kernel plus its index cost as much as dense attention
+        at about 0.3-0.4 (``bench/minference_prefill.py``); random-weight models list nearly every key.
     """
 
     needs_budget: ClassVar[bool] = False
@@ -259,11 +266,17 @@ class MInference(KVMethod):
     local: int = 4096
     patterns: str | None = None
     min_len: int = 8192
+    max_density: float = 0.3
 
     def __post_init__(self):
         super().__post_init__()
         check_int_options(self, {"last_q": 1, "vertical": 1, "slash": 1, "top_blocks": 2, "local": 0, "min_len": 0},
                           "minference option ")
+        md = self.max_density
+        if isinstance(md, bool) or not isinstance(md, (int, float)) or not 0 < md <= 1:
+            raise MethodOptionError(f"minference option max_density must be a number in (0, 1], got {md!r}",
+                                    param="max_density")
+        object.__setattr__(self, "max_density", float(md))
         from kvsift.kernels.sparse_prefill_attention import BLOCKS
 
         if isinstance(self.block, bool) or self.block not in BLOCKS:
@@ -307,8 +320,12 @@ class MInference(KVMethod):
         table = _lookup(self.patterns, ctx.model_name)
         heads = table.layers[layer.layer_idx] if table is not None else ("vertical_slash",) * query.shape[1]
         block_idx, cols = self.index(query, keys, heads, scale)
-        run.sparse += 1
         d = listed_fraction(block_idx, cols, query.shape[2], keys.shape[2], self.block)
+        # (the index build has synced the host already: reading d waits for nothing more)
+        if self.max_density < 1.0 and float(d) > self.max_density:
+            run.fallback += 1
+            return None
+        run.sparse += 1
         run.density = d if run.density is None else run.density + d
         return sparse_prefill_attention(query, keys, values, block_idx, cols, scale, self.block)
 
@@ -343,7 +360,8 @@ class MInference(KVMethod):
         return blocks_to_index(bm), cols
 
     def stats(self, run) -> dict:
-        out = {"minference_sparse_chunks": run.sparse, "minference_dense_chunks": run.dense}
+        out = {"minference_sparse_chunks": run.sparse, "minference_dense_chunks": run.dense,
+               "minference_fallback_chunks": run.fallback}
         if run.sparse:
             out["minference_density"] = round(float(run.density) / run.sparse, 4)
         return out
