@@ -321,7 +321,7 @@ class MInference(KVMethod):
         heads = table.layers[layer.layer_idx] if table is not None else ("vertical_slash",) * query.shape[1]
         block_idx, cols = self.index(query, keys, heads, scale)
         d = listed_fraction(block_idx, cols, query.shape[2], keys.shape[2], self.block)
-        # (the index build has synced the host already: reading d waits for nothing more)
+        # (building the index synced the host already: reading d waits only for its own few small kernels)
         if self.max_density < 1.0 and float(d) > self.max_density:
             run.fallback += 1
             return None
