@@ -250,6 +250,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="the server's CPU threads (OMP_NUM_THREADS; on a shared machine 1 avoids threads waiting "
                          "for a busy core: 2 threads measured 4-60x slower steps there)")
+    ap.add_argument("--warmup-clients", type=int, default=0, metavar="K",
+                    help="before the timed clients, K concurrent untimed requests of the same prompt lengths "
+                         "(warms what a long-running server has warm: page-locked host blocks in its pool, CUDA "
+                         "graphs, cuDNN plans); 0: only a 3-token request")
     ap.add_argument("--timeout", type=float, default=600.0, help="per request")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -269,6 +273,8 @@ def main(argv=None) -> int:
     if not values or any(v < 1 for v in values) or not 1 <= args.clients <= 256 or args.requests < 1 \
             or not lengths or min(lengths) < 1 or args.max_tokens < 1:
         ap.error("--max-batch values, --clients (<= 256), --requests, --prompt-tokens and --max-tokens must be >= 1")
+    if not 0 <= args.warmup_clients <= 256:
+        ap.error("--warmup-clients must be between 0 and 256")
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     if args.threads is not None:
         if args.threads < 1:
@@ -320,6 +326,11 @@ def main(argv=None) -> int:
                 cmd.append("--no-continuous-batching")
             with ServerProcess(cmd, start_timeout=600, env=env) as srv:
                 one_request(srv.url, {"prompt": [5, 6, 7], "max_tokens": 2, "stream": True}, args.timeout)  # warm-up
+                warm = None
+                if args.warmup_clients:  # other prompts (another seed), not counted
+                    w = run_phase(srv.url, args.warmup_clients, 1, lengths, args.max_tokens, extra, args.timeout,
+                                  args.seed + 1, chat=args.chat)
+                    warm = {"clients": args.warmup_clients, "wall_s": w["wall_s"], "errors": len(w["errors"])}
                 before = scrape(srv.url)
                 res = run_phase(srv.url, args.clients, args.requests, lengths, args.max_tokens, extra,
                                 args.timeout, args.seed, chat=args.chat)
@@ -339,7 +350,7 @@ def main(argv=None) -> int:
             res["requests_per_batch"] = round((res["requests"] - len(res["errors"])) / n, 2) if n else None
             rows.append({"max_batch": mb, "continuous": cont and mb > 1, "join_chunks": jc if cont and mb > 1 else None,
                          "join_chunk_size": jw if cont and mb > 1 else None, "max_batched_tokens": cap,
-                         "preempt": pre, "kv_arena": arena, **res})
+                         "preempt": pre, "kv_arena": arena, "warmup": warm, **res})
             if args.json is not None:  # rows so far, should a later run be cut off
                 args.json.write_text(json.dumps({"partial": True, "model": label, "results": rows}, indent=1))
     finally:
