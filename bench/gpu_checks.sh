@@ -10,7 +10,7 @@
 #   STEPS=serve SERVE_METHODS="full sentencekv" bash bench/gpu_checks.sh   # #16 load figures (carry .stage/tok, .whl)
 #   STEPS=profile_decode bash bench/gpu_checks.sh   # #13: kernel time per decode step, per method
 #   STEPS=profile_decode PROF_CTX=4096 PROF_BATCH=26 PROF_DEC_METHODS="full,sentencekv:205" bash bench/gpu_checks.sh
-#                                            # #15: a suite cell's shape (sentencekv decodes 50x slower than full there)
+#                                            # #15: a suite cell's shape (steady steps: kernels as full's; wall, first step, prefill apart)
 #   STEPS=long bash bench/gpu_checks.sh      # #14: a 1M-token prompt (sentencekv+kivi, prefill_offload)
 #   STEPS=profile_prefill bash bench/gpu_checks.sh   # #14: where the prefill goes at 128k (PROF_ARGS=" ": torch.profiler)
 #   STEPS=prefill_attention bash bench/gpu_checks.sh # #14: dense chunk attention, flash vs cuDNN (KVSIFT_PREFILL_CUDNN=0: flash in the engine)

@@ -370,8 +370,7 @@ def split_chunk_attention(query: torch.Tensor, keys: torch.Tensor, values: torch
     share of the softmax mass) in float32; a first chunk (``n == L``) is one causal call. The
     queries and the chunk's own keys are padded at the end to a multiple of ``align`` (exact: a
     real query's causal mask hides the padded keys after it; the padded rows are dropped)."""
-    b, hq, L, d = query.shape
-    n = keys.shape[2]
+    L, n = query.shape[2], keys.shape[2]
     pad = -L % align
     q, own_k, own_v = query, keys[:, :, n - L:], values[:, :, n - L:]
     if pad:
