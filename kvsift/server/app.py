@@ -712,7 +712,6 @@ def _gib(n: int | None) -> str:
 
 def _observe_output(state: ServerState, out: RequestOutput) -> None:
     m, s = state.metrics, out.stats
-    m.finished.labels(reason=out.finish_reason).inc()
     m.prompt_tokens.inc(s.prompt_tokens)
     m.generation_tokens.inc(len(out.token_ids))
     m.prefill.observe(s.prefill_s)
@@ -720,6 +719,8 @@ def _observe_output(state: ServerState, out: RequestOutput) -> None:
         m.tpot.observe(s.decode_s / s.decode_steps)
     m.request_kv.labels(location="device").observe(s.kv_device_bytes)
     m.request_kv.labels(location="host").observe(s.kv_host_bytes)
+    # last: a scrape that counts this request finished also sees its tokens and timings
+    m.finished.labels(reason=out.finish_reason).inc()
 
 
 def _usage(prep: Prepared, outputs: dict[int, RequestOutput]) -> dict[str, Any]:
