@@ -33,6 +33,7 @@ from kvsift.engine.decode import DecodeRunner, check_decode_mode, pick_decode_mo
 from kvsift.engine.fusion import fused_decode
 from kvsift.engine.graphs import GraphCache, GraphEntry, KVArena, capacity_bucket, layout_token
 from kvsift.engine.params import GenerationStats
+from kvsift.engine.prefix import PrefixStore
 from kvsift.methods import KVMethod
 from kvsift.methods.base import Budget, Run
 from kvsift.models.loader import ModelInfo
@@ -123,6 +124,9 @@ class ModelRunner:
         # 128k; KVSIFT_FUSED_DECODE=0 turns it off). Fixed per runner: its CUDA graphs are recorded
         # with or without
         self.fused_decode = os.environ.get("KVSIFT_FUSED_DECODE", "").strip().lower() not in {"0", "false", "no", "off"}
+        # full-cache KV of prompt prefixes shared by the methods that allow it (engine/prefix.py);
+        # None: off. Set it to a PrefixStore to turn it on (the eval harness's --share-prefix-gib)
+        self.prefix_store: PrefixStore | None = None
 
     # ---- decode ------------------------------------------------------------------------------
     def decode_mode_for(self, method: KVMethod) -> str:
@@ -191,7 +195,10 @@ class ModelRunner:
     # ---- forward passes ----------------------------------------------------------------------
     def rows_prefill(self, method: KVMethod, rows: int, context: Context | None, rereads: bool = False) -> bool:
         """Whether a batch of ``rows`` prompts is prefilled one sequence at a time (see ``prefill_mode``;
-        always with reread passes, never over a reused context)."""
+        always with reread passes, never over a reused context; always for a method that shares
+        prefixes while the runner has a :attr:`prefix_store`)."""
+        if context is None and self.prefix_store is not None and method.shares_prefix():
+            return True   # per-row prefixes from the store (engine/prefix.py), even for one row
         return rows > 1 and context is None and (
             self.prefill_mode == "rows" or (self.prefill_mode == "auto" and method.row_prefill_ok()) or rereads)
 
@@ -399,11 +406,20 @@ class ModelRunner:
         uniform = len({len(x) for x in ids}) == 1
         bar = self._prefill_bar(progress, L, sum(len(p) for p in plans), f"prefill {b} x {L} tokens")
         t0 = time.perf_counter()
+        store = self.prefix_store if method.shares_prefix() else None
         parts, logits = [], []
         try:
             for i, (row, plan) in enumerate(zip(ids, plans)):
-                rc = SiftCache(self.info.num_layers, capacity_hint=self._prefill_tokens(len(row), method, run)
-                               + _longest(passes[i]), reserve=0)
+                cap = self._prefill_tokens(len(row), method, run) + _longest(passes[i])
+                rc = SiftCache(self.info.num_layers, capacity_hint=cap, reserve=0)
+                # prefix sharing (engine/prefix.py): the row's KV before its last chunk, from the store
+                # or into it; not with narrowed chunks (a joining prompt), whose bounds may change
+                key, start = None, 0
+                if store is not None and len(plan) > 1 and width is None:
+                    key = store.key(row, plan[:-1])
+                    hit = store.get(key, room=cap - plan[-1][0])
+                    if hit is not None:
+                        rc, start, key = hit, plan[-1][0], None
                 ctx = ForwardContext(cache=rc, method=method, run=run, prompt_ids=[row], tokenizer=self.tokenizer,
                                      row=(i, b), row_states=row_states, uniform_rows=uniform, rope=self.rope,
                                      model_name=self.info.name)
@@ -411,6 +427,10 @@ class ModelRunner:
                 pos = torch.arange(len(row), device=dev)[None]
                 for s, e in _widening(plan, alone if width is not None else None,
                                       lambda s, n=len(row): self.chunk_bounds(n - s, method, fresh=False)):
+                    if s < start:
+                        continue
+                    if key is not None and s == key[0]:
+                        store.put(key, rc)   # the row's full-cache KV before its last chunk
                     _check_cancel(cancel, i + s)
                     ctx.prefill_end = e == len(row)
                     lg = self.forward(ctx, tokens[:, s:e], pos[:, s:e])

@@ -91,6 +91,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--prefill-mode", choices=("auto", "batch", "rows"), default="auto",
                    help="LLM prefill_mode: auto = rows for eviction methods (one full KV on the GPU at a time, "
                         "exact per row); batch = ~25%% faster at 30k, holds the batch's full KV")
+    r.add_argument("--share-prefix-gib", type=_gib, default=0.0, metavar="GIB",
+                   help="share prefills between methods: keep each prompt's full-cache KV before its last prefill "
+                        "chunk (up to GIB GiB of device memory) and start every method that allows it "
+                        "(`kvsift methods NAME`: shares prefix) from there, so a prompt set is prefilled about once "
+                        "instead of once per method and budget; same tokens as row-by-row prefill "
+                        "(docs/eval.md, Prefix sharing). Default 0: off")
     r.add_argument("--compress", choices=("prompt", "context"), default="prompt",
                    help="what a method compresses: prompt = the whole rendered prompt, question included (the "
                         "query-aware setting, default); context = only the sample's context, the budget resolved "
@@ -128,6 +134,16 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     bsub.add_parser("tasks", help="list the tasks")
     bsub.add_parser("suites", help="list the named suites")
     return b
+
+
+def _gib(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size in GiB (e.g. 24), got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a size in GiB >= 0, got {text!r}")
+    return v
 
 
 def _batch_size(text: str) -> int | None:
@@ -264,7 +280,8 @@ def run_bench(args) -> int:
         else:
             backend = KvsiftBackend(model=args.model, device=args.device, dtype=args.dtype, method_kwargs=kwargs,
                                     mem_fraction=args.mem_fraction, max_batch=args.max_batch,
-                                    chunk_size=args.chunk_size, prefill_mode=args.prefill_mode)
+                                    chunk_size=args.chunk_size, prefill_mode=args.prefill_mode,
+                                    share_prefix_bytes=int(args.share_prefix_gib * 2**30))
         counts = run_grid(backend, cfg, args.out, progress=not args.no_progress,
                           log=lambda s: print(s, file=sys.stderr), batch_size=args.batch_size,
                           max_minutes=args.max_minutes, pad=args.batch_padding, compress=args.compress)

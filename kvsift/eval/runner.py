@@ -276,7 +276,9 @@ class KvsiftBackend(BaseBackend):
 
     def __init__(self, llm=None, model: str | None = None, device: str = "auto", dtype: str = "auto",
                  method_kwargs: dict[str, dict] | None = None, mem_fraction: float = 0.5, max_batch: int = 64,
-                 chunk_size: int = 512, prefill_mode: str = "auto"):
+                 chunk_size: int = 512, prefill_mode: str = "auto", share_prefix_bytes: int = 0):
+        if isinstance(share_prefix_bytes, bool) or not isinstance(share_prefix_bytes, int) or share_prefix_bytes < 0:
+            raise ValueError(f"share_prefix_bytes must be an integer >= 0, got {share_prefix_bytes!r}")
         if llm is None:
             from kvsift.engine import LLM
 
@@ -289,6 +291,11 @@ class KvsiftBackend(BaseBackend):
             raise ValueError(f"mem_fraction must be in (0, 1], got {mem_fraction}")
         self.mem_fraction, self.max_batch = mem_fraction, max(1, int(max_batch))
         self._answered_with: dict[str, str] = {}  # method -> the method that answered over its contexts
+        self.share_prefix_bytes = share_prefix_bytes
+        if share_prefix_bytes:  # prompts' full-cache KV before their last chunk, shared by the methods that allow it
+            from kvsift.engine.prefix import PrefixStore
+
+            self.llm.runner.prefix_store = PrefixStore(share_prefix_bytes)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -298,7 +305,14 @@ class KvsiftBackend(BaseBackend):
         llm = self.llm
         return {"chunk_size": llm.chunk_size, "prefill_mode": llm.prefill_mode, "decode_mode": llm.decode_mode,
                 "dtype": str(llm.info.dtype).replace("torch.", ""), "device": llm.device.type,
-                "prefill_attention": prefill_attention_backend(llm.device, llm.info.dtype, llm.info.head_dim)}
+                "prefill_attention": prefill_attention_backend(llm.device, llm.info.dtype, llm.info.head_dim),
+                **({"share_prefix_gib": round(self.share_prefix_bytes / 2**30, 3)} if self.share_prefix_bytes else {})}
+
+    def new_prompt_set(self) -> None:
+        """The grid moved on to other prompts: the stored prefixes of the last ones are of no more use."""
+        store = self.llm.runner.prefix_store
+        if store is not None:
+            store.clear()
 
     def _kv_bytes_per_token(self) -> int:
         import torch
@@ -686,7 +700,9 @@ def run_grid(backend: Backend, config: BenchConfig, out: str | Path, progress: b
             bar.set_postfix_str(label)
         key = (task, length, seed)
         if key not in samples_cache:
-            samples_cache.clear()  # cells are grouped by prompt set: keep one set in memory
+            if samples_cache:  # cells are grouped by prompt set: keep one set in memory (the backend too)
+                getattr(backend, "new_prompt_set", lambda: None)()
+            samples_cache.clear()
             try:
                 samples_cache[key] = builder.build(task, length, seed)
             except ValueError as e:

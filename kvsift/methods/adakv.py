@@ -42,6 +42,9 @@ class AdaKV(ScorerWrapper):
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
 
+    def shares_prefix(self) -> bool:
+        return self.inner.shares_prefix()  # its own part is the selection at the prefill's end
+
     def compress(self, run, layer, scores) -> None:
         k = self.layer_budget(run, layer.layer_idx)
         if layer.length <= k:

@@ -332,6 +332,17 @@ class KVMethod:
         eviction scores with the last chunk's queries, minference's patterns are per chunk)."""
         return False
 
+    def shares_prefix(self) -> bool:
+        """True when, until its prefill's last chunk, the method does what ``full`` does: no
+        eviction, no sparse attention, no layer state and no counters in its run; it acts with the
+        last chunk's queries, after the prefill (reread passes, deferred compression) or at decode
+        only. A prompt's KV before its last chunk is then the full cache's, and the engine may take
+        it from the runner's :class:`~kvsift.engine.prefix.PrefixStore` (computed once for many
+        methods and budgets: ``kvsift bench run --share-prefix-gib``) and prefill only the last
+        chunk with the method. Default: False (e.g. h2o accumulates attention over every chunk,
+        sentencekv offloads as it goes, minference attends sparsely)."""
+        return False
+
     def join_token(self, run: "Run") -> Any:
         """What else rows must share to be stacked into one running batch when :meth:`joins_rows`
         (besides the method family, the context and the sampling): None by default; a method whose
@@ -606,6 +617,9 @@ class DecodeSelect(KVMethod):
     def chunk_invariant(self) -> bool:
         return True   # selects at decode (squeezed clusters at the prefill's end)
 
+    def shares_prefix(self) -> bool:
+        return self.decode_only   # quest, tokenselect: no prefill-time state (squeezed: see its file)
+
     def start(self, prompt_len: int, num_layers: int) -> SelectRun:
         tokens = resolve_budget(self.budget, prompt_len)
         return SelectRun(tokens, prompt_len, num_layers, decode_tokens(self.decode_budget, tokens, prompt_len))
@@ -877,6 +891,9 @@ class Compose(KVMethod):
 
     def chunk_invariant(self) -> bool:
         return all(s.chunk_invariant() for s in self.stages)
+
+    def shares_prefix(self) -> bool:
+        return all(s.shares_prefix() for s in self.stages)
 
     def join_token(self, run):
         return tuple(s.join_token(r) for s, r in zip(self.stages, run.parts))

@@ -147,6 +147,9 @@ class DuoAttention(EvictionMethod):
     def min_last_chunk(self) -> int:
         return self.window
 
+    def shares_prefix(self) -> bool:
+        return True  # head scores from the last window or from probe passes after the prefill
+
     def layer_budget(self, run, layer_idx: int) -> int:
         return run.prompt_len  # the budget is global: finish_prefill allocates it
 

@@ -187,6 +187,9 @@ class ExpectedAttention(EvictionMethod):
     def min_last_chunk(self) -> int:
         return self.window
 
+    def shares_prefix(self) -> bool:
+        return self.window > 0  # window=0 merges every prefill chunk's query statistics
+
     @staticmethod
     def _rope(ctx):
         rope = getattr(ctx, "rope", None)

@@ -24,6 +24,9 @@ class Full(KVMethod):
     def chunk_invariant(self) -> bool:
         return True
 
+    def shares_prefix(self) -> bool:
+        return True
+
     def joins_rows(self) -> bool:
         return True  # attends to every slot: rows prefilled apart stack exactly (left padding)
 

@@ -101,6 +101,9 @@ class KIVI(KVMethod):
     def row_prefill_ok(self) -> bool:
         return True  # alone: each sequence quantized at the end of its prefill, before the next one
 
+    def shares_prefix(self) -> bool:
+        return True  # quantizes after the prefill
+
     def joins_rows(self) -> bool:
         """Rows of other lengths join a running batch and decode as alone: each keeps its own window
         and flushes it on its own schedule (:meth:`QuantKV.join <kvsift.cache.quant.QuantKV.join>`).

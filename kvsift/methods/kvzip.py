@@ -201,6 +201,9 @@ class KVzip(EvictionMethod):
     def start(self, prompt_len: int, num_layers: int) -> KVzipRun:
         return KVzipRun(resolve_budget(self.budget, prompt_len), prompt_len, num_layers)
 
+    def shares_prefix(self) -> bool:
+        return True  # scores in its reread passes, after the prefill
+
     # ---- the reread passes ---------------------------------------------------------------------
     def reread_passes(self, run, prompt_ids, tokenizer):
         """The reconstruction passes of one prompt (counted in ``run``). When the prompt starts

@@ -247,6 +247,9 @@ class ShadowKV(KVMethod):
     def row_prefill_ok(self) -> bool:
         return True  # one state for the batch, each row written into it
 
+    def shares_prefix(self) -> bool:
+        return True  # factors keys and offloads values at the prefill's end
+
     def offloads_to_host(self) -> bool:
         return True  # the middle chunks' values live in the host store
 

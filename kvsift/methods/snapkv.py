@@ -65,6 +65,9 @@ class SnapKV(EvictionMethod):
     def min_last_chunk(self) -> int:
         return self.window
 
+    def shares_prefix(self) -> bool:
+        return True   # scores with the last chunk's window queries (pyramidkv too)
+
     def score(self, query, keys, values, positions, module, layer_idx):
         scale = module_scale(module, keys)
         s = window_attention_scores(query, keys, positions, self.window, scale)

@@ -40,6 +40,9 @@ class StreamingLLM(EvictionMethod):
     def evicts_while_decoding(self) -> bool:
         return True  # the rolling window evicts at every decode step
 
+    def shares_prefix(self) -> bool:
+        return True  # keeps sinks + window at the prefill's end
+
     def after_attend(self, run, layer, query, module, ctx):
         super().after_attend(run, layer, query, module, ctx)  # prefill end: keep sinks + window
         if ctx.decoding and layer.length > run.tokens:  # decode: O(1) slot reuse, no buffer copy

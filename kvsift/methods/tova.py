@@ -58,6 +58,9 @@ class TOVA(EvictionMethod):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
+    def shares_prefix(self) -> bool:
+        return True   # scores with the prompt's last query, then evicts while decoding
+
     def static_ok(self) -> bool:
         return not self.decode_evict  # decode eviction moves slots per step (host-side length)
 

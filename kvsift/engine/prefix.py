@@ -1,0 +1,113 @@
+"""Full-cache KV of prompt prefixes, computed once and reused by many methods (prefix sharing).
+
+Most methods do nothing during a prompt's prefill until its last chunk: they score with that
+chunk's queries (snapkv, pyramidkv, tova), compress after the prefill (kvzip, kivi, shadowkv) or act
+only at decode (quest, tokenselect). For them (:meth:`KVMethod.shares_prefix
+<kvsift.methods.base.KVMethod.shares_prefix>`) the KV of every chunk before the last is exactly the
+full cache's. A :class:`PrefixStore` on the runner (``llm.runner.prefix_store``) keeps that KV per
+prompt, so the next method that prefills the same prompt with the same chunking starts at its last
+chunk. An evaluation grid prefills each prompt once per length instead of once per (method,
+budget) (``kvsift bench run --share-prefix-gib G``).
+
+How the runner uses it (:meth:`ModelRunner._prefill_rows`; with a store, a sharing method's batch
+is prefilled one sequence at a time): the *cut* of a row is the start of its last prefill chunk.
+A row whose prefix is stored (same tokens before the cut, same chunk bounds there) starts from a
+copy of it and runs the chunks from the cut on; otherwise the row runs from its start and its KV is
+copied into the store when its prefill reaches the cut. Either way the row's forwards, chunk for
+chunk, are those of a prefill without the store, so the tokens are the same as with
+``prefill_mode="rows"`` and no store (tested for every sharing method).
+
+Entries live on the model's device, up to ``max_bytes``; once it is full, new prefixes are not
+stored (a grid reads a prompt set's rows in the same order cell after cell: evicting the oldest
+would make every row miss) until the owner calls :meth:`PrefixStore.clear` (the eval harness does
+when it moves to the next prompt set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from kvsift.cache import SiftCache
+
+
+@dataclass(slots=True)
+class PrefixStats:
+    """Counters over a store's life: rows that started from a stored prefix (``hits``) or ran
+    from their start (``misses``), prefixes stored, prefixes not stored for want of room, and
+    prompt tokens not recomputed."""
+
+    hits: int = 0
+    misses: int = 0
+    stored: int = 0
+    refused: int = 0
+    tokens_reused: int = 0
+
+
+class PrefixStore:
+    """Per-prompt full-cache KV up to a chunk boundary (see the module docstring).
+
+    ``max_bytes``: bytes the entries' KV may take together (beyond that, new prefixes are not
+    stored)."""
+
+    def __init__(self, max_bytes: int):
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+            raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.stats = PrefixStats()
+        self._entries: OrderedDict[tuple, tuple[SiftCache, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def key(row: list[int], bounds: list[tuple[int, int]]) -> tuple:
+        """The key of ``row``'s prefix made by the prefill chunks ``bounds`` (those ending at or
+        before the cut): its tokens and the chunking that computed them."""
+        cut = bounds[-1][1]
+        digest = hashlib.blake2b(torch.tensor(row[:cut], dtype=torch.int64).numpy().tobytes(),
+                                 digest_size=16).hexdigest()
+        return cut, tuple(bounds), digest
+
+    def get(self, key: tuple, room: int) -> SiftCache | None:
+        """A copy of the stored prefix (``room`` free slots per layer after it), or None."""
+        hit = self._entries.get(key)
+        if hit is None:
+            self.stats.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.stats.hits += 1
+        self.stats.tokens_reused += key[0]
+        return hit[0].clone(room=room)
+
+    def put(self, key: tuple, cache: SiftCache) -> bool:
+        """Keep a copy of ``cache`` (one row of plain KV, no method state) under ``key``; False
+        when it is not kept (no room left, or not plain KV)."""
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return True
+        if not all(ly.k_buf is None or (ly.k_buf.shape[0] == 1 and ly.ragged is None and ly.quant is None
+                                        and not ly.state and ly.prefix is None and not ly.holes)
+                   for ly in cache.layers):
+            return False
+        n = sum(2 * ly.keys.numel() * ly.keys.element_size() + ly.positions.numel() * ly.positions.element_size()
+                for ly in cache.layers if ly.k_buf is not None)
+        if self.nbytes + n > self.max_bytes:
+            # full: keep what is stored (a grid asks for a prompt set's rows in the same order cell
+            # after cell, so evicting the oldest would make every row miss) until the owner clears it
+            self.stats.refused += 1
+            return False
+        copy = cache.clone(room=0)
+        self._entries[key] = (copy, n)
+        self.nbytes += n
+        self.stats.stored += 1
+        return True
+
+    def clear(self) -> None:
+        """Drop every entry (their device memory is freed)."""
+        self._entries.clear()
+        self.nbytes = 0
