@@ -11,7 +11,8 @@ from kvsift.models import tiny_model
 from tests.conftest import random_prompt
 
 BUDGET = 48
-COMPOSED = ["snapkv+kivi", "snapkv+quest", "adakv(snapkv)", "minference+snapkv", "adakv(h2o)"]
+COMPOSED = ["snapkv+kivi", "snapkv+quest", "adakv(snapkv)", "minference+snapkv", "adakv(h2o)", "snapkv+sentencekv",
+            "sentencekv+kivi", "decoding(h2o)"]
 # options for the sharing check: expected_attention shares only with a query window
 OPTS = {"expected_attention": {"window": 16}}
 
@@ -39,9 +40,10 @@ def test_sharing_methods_are_declared():
     of the prefill do not."""
     says = {n: build_method(n, **OPTS.get(n, {}), budget=_budget(n)).shares_prefix() for n in available_methods()}
     assert says["full"] and says["snapkv"] and says["quest"] and says["tokenselect"] and says["kivi"]
-    for n in ("h2o", "sentencekv", "chunked", "minference", "squeezed"):
+    for n in ("h2o", "chunked", "minference", "squeezed"):
         assert not says[n], n
     assert not build_method("expected_attention", budget=BUDGET).shares_prefix()   # window=0: every chunk's queries
+    assert says["sentencekv"] and not build_method("sentencekv", BUDGET, prefill_offload=True).shares_prefix()
     assert build_method("snapkv+quest", BUDGET).shares_prefix()
     assert not build_method("minference+snapkv", BUDGET).shares_prefix()
     assert not build_method("adakv(h2o)", BUDGET).shares_prefix()

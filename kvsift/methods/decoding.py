@@ -128,6 +128,9 @@ class DecodingCompress(ScorerWrapper):
         steps = tuple(w.steps[r] if w.steps is not None else w.decoded for w, r in wins)
         layer.state[self.name] = QueryWindow(torch.cat([w.queries[r:r + 1] for w, r in wins]), steps=steps)
 
+    def shares_prefix(self) -> bool:
+        return self.inner.shares_prefix()   # keeps the prompt's last queries at its end
+
     def after_attend(self, run, layer, query, module, ctx) -> None:
         if not ctx.decoding:
             return super().after_attend(run, layer, query, module, ctx)

@@ -611,6 +611,9 @@ class SentenceKV(KVMethod):
     def chunk_invariant(self) -> bool:
         return not self.prefill_offload   # offloading as it goes cuts chunks at prefill-chunk ends
 
+    def shares_prefix(self) -> bool:
+        return not self.prefill_offload   # segments and offloads at the prefill's end
+
     def joins_rows(self) -> bool:
         """A joining request is prefilled alone into its own store; the running batch's rows are then
         stacked with it (:meth:`restack_state`: its host rows read where they are, nothing copied).
