@@ -28,11 +28,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # runs from a checkout without an install (the GPU machine)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 
 def _timed(fn, reps: int) -> tuple[float, float, torch.Tensor]:

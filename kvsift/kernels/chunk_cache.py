@@ -82,10 +82,11 @@ if HAS_TRITON:
         sl = s < S
         lastv = tl.load(last_ptr + r * (S + 1) + s, mask=sl, other=-1)
         stamp = tl.max(tl.where(sl, lastv, -1), axis=0) + 1
-        # slots hit this step become the newest (in registers for the order, then in memory)
-        hit_slot = tl.max(((slot[:, None] == s[None, :]) & hit[:, None]).to(tl.int32), axis=0) > 0
-        lastv = tl.where(hit_slot, stamp, lastv)
-        tl.store(last_ptr + r * (S + 1) + s, lastv, mask=sl)
+        # slots hit this step become the newest: stamped in memory (one slot per hit chunk; no
+        # (k, S) tile, which passes Triton's largest block at long contexts), then read back
+        tl.store(last_ptr + r * (S + 1) + slot, tl.zeros((BLOCK_K,), tl.int64) + stamp, mask=hit)
+        tl.debug_barrier()
+        lastv = tl.load(last_ptr + r * (S + 1) + s, mask=sl, other=-1)
         # LRU order: ascending (stamp, slot); padding lanes sort last
         key = tl.where(sl, ((lastv + 1) << 20) + s, 9223372036854775807)
         order = tl.sort(key) & 1048575
@@ -115,6 +116,11 @@ if HAS_TRITON:
                      mask=live[:, None] & (t[None, :] < L))
 
 
+MAX_BLOCK = 1 << 20
+"""Triton's largest block (elements): rows with more cache slots or selected chunks than this (or
+a slot table tile ``k x L`` larger than this) take :func:`lru_plan_ref`."""
+
+
 def lru_plan(idx, slot_of, owner, last, starts, lens, T: int, counts, L: int, tab=None):
     """Triton kernel (CUDA), one program per cache row; same arguments and results as
     :func:`lru_plan_ref`."""
@@ -129,15 +135,17 @@ def lru_plan(idx, slot_of, owner, last, starts, lens, T: int, counts, L: int, ta
     if R * k == 0:
         return src, srclen, dst, final
     block_s = max(16, triton.next_power_of_2(S))
-    if S >= 1 << 20:
-        raise ValueError(f"at most {1 << 20} cache slots per row, got {S}")
+    block_k, block_l = max(16, triton.next_power_of_2(k)), max(16, triton.next_power_of_2(L))
+    if block_s > MAX_BLOCK or block_k > MAX_BLOCK or (tab is not None and block_k * block_l > MAX_BLOCK):
+        # more slots or selected chunks per row than one program's blocks hold: the reference
+        # (no host sync either, so a CUDA graph records it the same way)
+        return lru_plan_ref(idx, slot_of, owner, last, starts, lens, T, counts, L, tab)
     order = torch.empty(R, block_s, dtype=torch.int64, device=dev)
     for t in (idx, slot_of, owner, last, starts, lens):
         if not t.is_contiguous():
             raise ValueError("lru_plan needs contiguous tensors")
     _lru_plan_kernel[(R,)](idx, slot_of, owner, last, starts, lens, counts, src, srclen, dst, final,
                            tab if tab is not None else final, order, k, slot_of.shape[1], S, T,
-                           L=L, BLOCK_K=max(16, triton.next_power_of_2(k)), BLOCK_S=block_s,
-                           BLOCK_L=max(16, triton.next_power_of_2(L)), WRITE_TAB=tab is not None,
+                           L=L, BLOCK_K=block_k, BLOCK_S=block_s, BLOCK_L=block_l, WRITE_TAB=tab is not None,
                            num_warps=4)
     return src, srclen, dst, final
