@@ -13,8 +13,7 @@ from tests.conftest import random_prompt
 BUDGET = 48
 COMPOSED = ["snapkv+kivi", "snapkv+quest", "adakv(snapkv)", "minference+snapkv", "adakv(h2o)", "snapkv+sentencekv",
             "sentencekv+kivi", "decoding(h2o)"]
-# options for the sharing check: expected_attention shares only with a query window
-OPTS = {"expected_attention": {"window": 16}}
+OPTS: dict = {}   # options for the sharing check, per method (none needed so far)
 
 
 def _budget(spec: str):
@@ -40,13 +39,18 @@ def test_sharing_methods_are_declared():
     of the prefill do not."""
     says = {n: build_method(n, **OPTS.get(n, {}), budget=_budget(n)).shares_prefix() for n in available_methods()}
     assert says["full"] and says["snapkv"] and says["quest"] and says["tokenselect"] and says["kivi"]
-    for n in ("h2o", "chunked", "minference", "squeezed"):
+    for n in ("chunked", "minference", "squeezed"):
         assert not says[n], n
-    assert not build_method("expected_attention", budget=BUDGET).shares_prefix()   # window=0: every chunk's queries
+    # h2o's accumulated attention and expected_attention's query statistics (window=0) are
+    # carried with the prefix: one prefix per such state, shared by every budget
+    assert build_method("h2o", BUDGET).prefix_state() == build_method("h2o", 2 * BUDGET, recent=3).prefix_state()
+    assert build_method("expected_attention", budget=BUDGET).prefix_state() is not None
+    assert build_method("expected_attention", budget=BUDGET, window=16).prefix_state() is None
+    assert build_method("snapkv", BUDGET).prefix_state() is None and build_method("full").prefix_state() is None
+    assert build_method("adakv(h2o)", BUDGET).prefix_state() == build_method("h2o", BUDGET).prefix_state()
     assert says["sentencekv"] and not build_method("sentencekv", BUDGET, prefill_offload=True).shares_prefix()
     assert build_method("snapkv+quest", BUDGET).shares_prefix()
     assert not build_method("minference+snapkv", BUDGET).shares_prefix()
-    assert not build_method("adakv(h2o)", BUDGET).shares_prefix()
 
 
 @pytest.mark.parametrize("spec", sorted(available_methods()) + COMPOSED)
@@ -66,6 +70,25 @@ def test_shared_prefix_gives_the_tokens_of_a_prefill_without_it(pair, spec):
         assert store.stats.hits >= hits + len(ids)   # the second call at least: every row from the store
     else:
         assert store.stats.hits == hits   # not asked
+
+
+@pytest.mark.parametrize("spec", ["h2o", "expected_attention", "adakv(h2o)"])
+def test_a_prefix_with_method_state_serves_every_budget(pair, spec):
+    """h2o's accumulated attention (expected_attention's query statistics) travels with the
+    prefix: stored by one budget, used by another, the tokens of a run without the store."""
+    plain, shared = pair
+    store = shared.runner.prefix_store
+    store.clear()
+    ids, p = _ids(), SamplingParams(max_tokens=6, ignore_eos=True)
+    shared.generate(ids, p, method=spec, budget=BUDGET)
+    hits = store.stats.hits
+    for b in (BUDGET // 2, 3 * BUDGET):
+        want = [o.token_ids for o in plain.generate(ids, p, method=spec, budget=b)]
+        assert [o.token_ids for o in shared.generate(ids, p, method=spec, budget=b)] == want, b
+    assert store.stats.hits == hits + 2 * len(ids)
+    # the full cache's prefix is another entry: snapkv does not read h2o's
+    shared.generate(ids, p, method="snapkv", budget=BUDGET)
+    assert store.stats.hits == hits + 2 * len(ids) and len(store) == 2 * len(ids)
 
 
 def test_a_hit_runs_only_the_last_chunk_and_counts_the_reused_tokens(pair):
@@ -154,7 +177,7 @@ def test_grid_with_shared_prefixes_gives_the_rows_of_one_without(default_tokeniz
     from kvsift.eval.tasks import TaskConfig
 
     m = tiny_model("llama", seed=4)
-    cfg = BenchConfig(tasks=["niah", "vt"], methods=["full", "snapkv", "quest", "h2o"], budgets=["0.25", "0.5"],
+    cfg = BenchConfig(tasks=["niah", "vt"], methods=["full", "snapkv", "quest", "h2o", "chunked"], budgets=["0.25", "0.5"],
                       lengths=[300], task_config=TaskConfig(depths=(0.0, 1.0), samples=2))
     plain = KvsiftBackend(LLM.from_model(m, default_tokenizer, name="tiny", chunk_size=64, prefill_mode="rows"))
     shared = KvsiftBackend(LLM.from_model(m, default_tokenizer, name="tiny", chunk_size=64),
@@ -167,15 +190,16 @@ def test_grid_with_shared_prefixes_gives_the_rows_of_one_without(default_tokeniz
     run_grid(shared, cfg, tmp_path / "shared.jsonl", progress=False)
     a = {r["key"]: r for r in load_rows(tmp_path / "plain.jsonl")}
     b = {r["key"]: r for r in load_rows(tmp_path / "shared.jsonl")}
-    assert a.keys() == b.keys() and len(a) == 2 * (1 + 2 * 3)
+    assert a.keys() == b.keys() and len(a) == 2 * (1 + 2 * 4)
     for k in a:
         assert [e["prediction"] for e in a[k]["samples"]] == [e["prediction"] for e in b[k]["samples"]], k
         assert b[k]["settings"]["share_prefix_gib"] == 1.0 and "share_prefix_gib" not in a[k]["settings"]
     st = store.stats
-    # per task: 2 prompts stored once (full, the first cell); the other 4 sharing cells (snapkv and
-    # quest at two budgets) start from them; h2o never asks
-    assert st.stored == 2 * 2 and st.hits == 2 * 4 * 2 and st.misses == 2 * 2
-    assert cleared == [2]   # the first task's prefixes, dropped when vt's prompts came
+    # per task: 2 prompts stored by full (the first cell), used by snapkv and quest at two budgets;
+    # h2o stores its own 2 (with its accumulated attention) at its first budget, uses them at the
+    # second; chunked (it evicts as it goes) never asks
+    assert st.stored == 2 * (2 + 2) and st.hits == 2 * (4 + 1) * 2 and st.misses == 2 * (2 + 2)
+    assert cleared == [4]   # the first task's prefixes, dropped when vt's prompts came
     with pytest.raises(ValueError, match="share_prefix_bytes"):
         KvsiftBackend(shared.llm, share_prefix_bytes=-1)
 

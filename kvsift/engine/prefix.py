@@ -4,7 +4,9 @@ Most methods do nothing during a prompt's prefill until its last chunk: they sco
 chunk's queries (snapkv, pyramidkv, tova), compress after the prefill (kvzip, kivi, shadowkv) or act
 only at decode (quest, tokenselect). For them (:meth:`KVMethod.shares_prefix
 <kvsift.methods.base.KVMethod.shares_prefix>`) the KV of every chunk before the last is exactly the
-full cache's. A :class:`PrefixStore` on the runner (``llm.runner.prefix_store``) keeps that KV per
+full cache's; a few build state of their own by then that does not depend on the budget (h2o's
+accumulated attention: :meth:`KVMethod.prefix_state <kvsift.methods.base.KVMethod.prefix_state>`),
+which the stored prefix then carries for that method at every budget. A :class:`PrefixStore` on the runner (``llm.runner.prefix_store``) keeps that KV per
 prompt, so the next method that prefills the same prompt with the same chunking starts at its last
 chunk. An evaluation grid prefills each prompt once per length instead of once per (method,
 budget) (``kvsift bench run --share-prefix-gib G``).
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
@@ -65,13 +68,14 @@ class PrefixStore:
         return len(self._entries)
 
     @staticmethod
-    def key(row: list[int], bounds: list[tuple[int, int]]) -> tuple:
+    def key(row: list[int], bounds: list[tuple[int, int]], state: Hashable | None = None) -> tuple:
         """The key of ``row``'s prefix made by the prefill chunks ``bounds`` (those ending at or
-        before the cut): its tokens and the chunking that computed them."""
+        before the cut): its tokens, the chunking that computed them and the method state it
+        carries (``KVMethod.prefix_state``: None for the full cache's KV alone)."""
         cut = bounds[-1][1]
         digest = hashlib.blake2b(torch.tensor(row[:cut], dtype=torch.int64).numpy().tobytes(),
                                  digest_size=16).hexdigest()
-        return cut, tuple(bounds), digest
+        return cut, tuple(bounds), digest, state
 
     def get(self, key: tuple, room: int) -> SiftCache | None:
         """A copy of the stored prefix (``room`` free slots per layer after it), or None."""
@@ -85,17 +89,19 @@ class PrefixStore:
         return hit[0].clone(room=room)
 
     def put(self, key: tuple, cache: SiftCache) -> bool:
-        """Keep a copy of ``cache`` (one row of plain KV, no method state) under ``key``; False
-        when it is not kept (no room left, or not plain KV)."""
+        """Keep a copy of ``cache`` (one row of plain KV, and method state only where ``key``
+        names some) under ``key``; False when it is not kept (no room left, or not that)."""
         if key in self._entries:
             self._entries.move_to_end(key)
             return True
+        stateful = key[-1] is not None
         if not all(ly.k_buf is None or (ly.k_buf.shape[0] == 1 and ly.ragged is None and ly.quant is None
-                                        and not ly.state and ly.prefix is None and not ly.holes)
+                                        and (stateful or not ly.state) and ly.prefix is None and not ly.holes
+                                        and not any(getattr(v, "offloaded", False) for v in ly.state.values()))
                    for ly in cache.layers):
             return False
         n = sum(2 * ly.keys.numel() * ly.keys.element_size() + ly.positions.numel() * ly.positions.element_size()
-                for ly in cache.layers if ly.k_buf is not None)
+                + sum(v.nbytes()[0] for v in ly.state.values()) for ly in cache.layers if ly.k_buf is not None)
         if self.nbytes + n > self.max_bytes:
             # full: keep what is stored (a grid asks for a prompt set's rows in the same order cell
             # after cell, so evicting the oldest would make every row miss) until the owner clears it

@@ -416,7 +416,7 @@ class ModelRunner:
                 # or into it; not with narrowed chunks (a joining prompt), whose bounds may change
                 key, start = None, 0
                 if store is not None and len(plan) > 1 and width is None:
-                    key = store.key(row, plan[:-1])
+                    key = store.key(row, plan[:-1], method.prefix_state())
                     hit = store.get(key, room=cap - plan[-1][0])
                     if hit is not None:
                         rc, start, key = hit, plan[-1][0], None

@@ -45,6 +45,9 @@ class AdaKV(ScorerWrapper):
     def shares_prefix(self) -> bool:
         return self.inner.shares_prefix()  # its own part is the selection at the prefill's end
 
+    def prefix_state(self):
+        return self.inner.prefix_state()
+
     def compress(self, run, layer, scores) -> None:
         k = self.layer_budget(run, layer.layer_idx)
         if layer.length <= k:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Hashable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -339,9 +340,18 @@ class KVMethod:
         only. A prompt's KV before its last chunk is then the full cache's, and the engine may take
         it from the runner's :class:`~kvsift.engine.prefix.PrefixStore` (computed once for many
         methods and budgets: ``kvsift bench run --share-prefix-gib``) and prefill only the last
-        chunk with the method. Default: False (e.g. h2o accumulates attention over every chunk,
-        sentencekv offloads as it goes, minference attends sparsely)."""
+        chunk with the method. Default: False (e.g. sentencekv with prefill_offload evicts as it
+        goes, minference attends sparsely)."""
         return False
+
+    def prefix_state(self) -> Hashable | None:
+        """For a method that :meth:`shares_prefix`: None when, before its last prefill chunk, it
+        keeps no state of its own (the prefix is the full cache's KV alone, shared with every such
+        method); else a hashable naming the per-layer state it has built by then, which must not
+        depend on the budget (h2o's accumulated attention, expected_attention's query statistics):
+        the stored prefix then carries a copy of that state and serves that method at every
+        budget. Default: None."""
+        return None
 
     def join_token(self, run: "Run") -> Any:
         """What else rows must share to be stacked into one running batch when :meth:`joins_rows`
@@ -894,6 +904,10 @@ class Compose(KVMethod):
 
     def shares_prefix(self) -> bool:
         return all(s.shares_prefix() for s in self.stages)
+
+    def prefix_state(self):
+        parts = tuple(s.prefix_state() for s in self.stages)
+        return None if all(p is None for p in parts) else parts
 
     def join_token(self, run):
         return tuple(s.join_token(r) for s, r in zip(self.stages, run.parts))

@@ -131,6 +131,9 @@ class DecodingCompress(ScorerWrapper):
     def shares_prefix(self) -> bool:
         return self.inner.shares_prefix()   # keeps the prompt's last queries at its end
 
+    def prefix_state(self):
+        return self.inner.prefix_state()
+
     def after_attend(self, run, layer, query, module, ctx) -> None:
         if not ctx.decoding:
             return super().after_attend(run, layer, query, module, ctx)

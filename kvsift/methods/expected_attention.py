@@ -188,7 +188,11 @@ class ExpectedAttention(EvictionMethod):
         return self.window
 
     def shares_prefix(self) -> bool:
-        return self.window > 0  # window=0 merges every prefill chunk's query statistics
+        return True
+
+    def prefix_state(self):
+        # window=0: the statistics of every prompt query so far, carried with the prefix
+        return None if self.window else (self.name, self.n_sink, self.use_covariance)
 
     @staticmethod
     def _rope(ctx):

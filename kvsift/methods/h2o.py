@@ -136,6 +136,12 @@ class H2O(EvictionMethod):
     def static_ok(self) -> bool:
         return not self.decode_evict  # decode eviction moves slots per step (host-side length)
 
+    def shares_prefix(self) -> bool:
+        return True   # its prefix: the KV and the attention every slot received, whatever the budget
+
+    def prefix_state(self):
+        return (self.name,)   # the accumulated attention (recent and decode_evict act at the end)
+
     # ---- scoring -------------------------------------------------------------------------------
     def score(self, query, keys, values, positions, module, layer_idx):
         """Heavy hitters of the given queries only (the last chunk's; ``prefill_scores`` uses
