@@ -86,3 +86,31 @@ def test_a_batch_of_questions_over_a_sentencekv_context(llms):
     b = llms["llama"]["batch"].generate(qs, p, context=ctx)
     assert [x.token_ids for x in a] == [y.token_ids for y in b] and len(a) == 2
     assert ctx.cache.layers[0].keys.shape[0] == 1 and ctx.cache.layers[0].state["sentencekv"].store.b == 1
+
+
+def test_rows_prefill_carries_the_clusters_of_a_method_that_keeps_state(llms):
+    """squeezed clusters each layer's keys at the prefill's end: prefilled row by row (which it
+    does not ask for; ``prefill_mode="rows"`` or a prefix store does), each row's clusters are
+    restacked over the batch as at a join, so decoding selects by them as after a batch prefill."""
+    llm = llms["llama"]["rows"]
+    ids = [random_prompt(200, seed=13), random_prompt(140, seed=14)]
+    m = build_method("squeezed", 32)
+    run = m.start(200, llm.info.num_layers)
+    with llm.lock:
+        cache, _, _ = llm.runner.prefill(ids, m, run, None, False, reserve=4)
+    for layer in cache.layers:
+        st = layer.state["squeezed"]
+        assert st.row_n.tolist() == [200, 140] and st.labels.shape[:2] == (2, layer.k_buf.shape[1])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("spec", ["squeezed", "snapkv+squeezed"])
+def test_rows_prefill_of_squeezed_gives_each_prompt_its_tokens_alone(llms, family, spec):
+    """(Not against the padded batch prefill: squeezed's k-means puts keys that differ in the last
+    bits into other clusters, and a padded batch's attention rounds differently.) Each row's
+    tokens are those of its prompt alone."""
+    ids = [random_prompt(210, seed=7), random_prompt(90, seed=8), random_prompt(160, seed=9)]
+    p = SamplingParams(max_tokens=6, ignore_eos=True)
+    rows = llms[family]["rows"].generate(ids, p, method=spec, budget=48)
+    alone = [llms[family]["batch"].generate([x], p, method=spec, budget=48)[0] for x in ids]
+    assert [x.token_ids for x in rows] == [y.token_ids for y in alone]

@@ -12,7 +12,7 @@ from tests.conftest import random_prompt
 
 BUDGET = 48
 COMPOSED = ["snapkv+kivi", "snapkv+quest", "adakv(snapkv)", "minference+snapkv", "adakv(h2o)", "snapkv+sentencekv",
-            "sentencekv+kivi", "decoding(h2o)"]
+            "sentencekv+kivi", "decoding(h2o)", "snapkv+squeezed"]
 OPTS: dict = {}   # options for the sharing check, per method (none needed so far)
 
 
@@ -39,8 +39,9 @@ def test_sharing_methods_are_declared():
     of the prefill do not."""
     says = {n: build_method(n, **OPTS.get(n, {}), budget=_budget(n)).shares_prefix() for n in available_methods()}
     assert says["full"] and says["snapkv"] and says["quest"] and says["tokenselect"] and says["kivi"]
-    for n in ("chunked", "minference", "squeezed"):
+    for n in ("chunked", "minference"):
         assert not says[n], n
+    assert says["squeezed"] and says["h2o"] and says["expected_attention"]
     # h2o's accumulated attention and expected_attention's query statistics (window=0) are
     # carried with the prefix: one prefix per such state, shared by every budget
     assert build_method("h2o", BUDGET).prefix_state() == build_method("h2o", 2 * BUDGET, recent=3).prefix_state()

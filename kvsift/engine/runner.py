@@ -407,7 +407,11 @@ class ModelRunner:
         bar = self._prefill_bar(progress, L, sum(len(p) for p in plans), f"prefill {b} x {L} tokens")
         t0 = time.perf_counter()
         store = self.prefix_store if method.shares_prefix() else None
-        parts, logits = [], []
+        # a method that does not prefill row by row on its own (prefill_mode="rows", a prefix store)
+        # may leave per-layer state in each row's layers (squeezed's clusters): it is restacked
+        # over the batch as at a join (restack_state), from the rows' layers kept until then
+        carry = not method.row_prefill_ok()
+        parts, logits, row_layers = [], [], []
         try:
             for i, (row, plan) in enumerate(zip(ids, plans)):
                 cap = self._prefill_tokens(len(row), method, run) + _longest(passes[i])
@@ -443,6 +447,8 @@ class ModelRunner:
                 parts.append([ly.quant if ly.quant is not None else
                               (ly.keys, ly.values, ly.positions, ly.ragged) if ly.k_buf is not None else None
                               for ly in rc.layers])   # a row quantized at its end (kivi) stays quantized
+                if carry:
+                    row_layers.append(list(rc.layers))   # (their KV is referenced by parts anyway)
                 del rc, ctx  # the row's buffers live on only through the kept (compressed) views
         finally:
             if bar is not None:
@@ -461,6 +467,10 @@ class ModelRunner:
                              tokenizer=self.tokenizer, next_pos=torch.tensor([len(x) for x in ids], device=dev),
                              rope=self.rope, model_name=self.info.name)
         with torch.inference_mode():
+            if any(ly.state for rl in row_layers for ly in rl):
+                for li, layer in enumerate(cache.layers):
+                    method.restack_state(layer, [(rl[li], 0) for rl in row_layers])
+            del row_layers
             method.rows_stacked(run, cache.layers, ctx)  # e.g. kivi quantizes the stacked batch
         return self._prefilled(ctx, method, L, t0, torch.cat(logits))
 

@@ -628,7 +628,7 @@ class DecodeSelect(KVMethod):
         return True   # selects at decode (squeezed clusters at the prefill's end)
 
     def shares_prefix(self) -> bool:
-        return self.decode_only   # quest, tokenselect: no prefill-time state (squeezed: see its file)
+        return self.decode_only   # quest, tokenselect: no prefill-time state (squeezed says so itself)
 
     def start(self, prompt_len: int, num_layers: int) -> SelectRun:
         tokens = resolve_budget(self.budget, prompt_len)

@@ -136,6 +136,9 @@ class Squeezed(DecodeSelect):
         bits (a prompt prefilled in other chunk widths) can fall into other clusters."""
         return False
 
+    def shares_prefix(self) -> bool:
+        return True   # clusters the keys at the prefill's end (rows prefilled apart: restack_state)
+
     def joins_rows(self) -> bool:
         """Rows stacked into a running batch select as alone: each keeps its own clusters and
         attends everything after its own clustered slots (:meth:`restack_state`)."""
