@@ -16,6 +16,8 @@
 # narrowings fill in the rest of the same grid.
 # METHODS: only these method labels (balanced into PROCESSES groups); METHOD_GROUPS: the groups as given.
 # EXTRA: more `kvsift bench run` options for every kvsift process (e.g. a smoke run: --samples 1).
+# SHARE_GIB (default 25): each process's prefix store (--share-prefix-gib; 0: off): a 30k prompt set of
+# the 1.5B is 24 GiB, so the defaults run 3 processes (PROCESSES) at --mem-fraction 0.15 (MEM) each.
 # Needs the model's pieces under /root/m (../shared/tools/stage_model.py NAME, cut to pieces that fit
 # beside the tree, one device call each) and carries .stage/whl (gguf) and .whl (pysbd).
 set -u
@@ -48,7 +50,7 @@ SEL=()
 # rows' measured cell times (a group is "m1,m2" and/or "method@task" units joined by ";", run one
 # after the other in its process)
 # METHODS (comma-separated labels, e.g. full,quest,kivi[bits=2]) narrows the balanced groups to those
-GROUPS_=${METHOD_GROUPS:-$(python3 bench/suite_groups.py --rows "$ROWS" --processes ${PROCESSES:-6} "${SEL[@]}" \
+GROUPS_=${METHOD_GROUPS:-$(python3 bench/suite_groups.py --rows "$ROWS" --processes ${PROCESSES:-3} "${SEL[@]}" \
   ${METHODS:+--methods "$METHODS"} --verbose)}
 echo "groups: $GROUPS_"
 # a cell that starts just before --max-minutes can run minutes past it: every process is stopped
@@ -67,7 +69,8 @@ run_group() {   # $1: the process's number, $2: its units ("methods[@task]" join
     [ $(( KILL - el )) -lt 60 ] && break
     left=$(python3 -c "print(round(max(0.5, $MINUTES - $el / 60), 2))")
     timeout -s INT $(( KILL - el )) python3 -m kvsift.cli bench run --suite standard --model $M --methods $m \
-      "${SEL[@]}" ${t:+--tasks $t} --max-minutes $left --no-progress --mem-fraction ${MEM:-0.12} ${EXTRA:-} \
+      "${SEL[@]}" ${t:+--tasks $t} --max-minutes $left --no-progress --mem-fraction ${MEM:-0.15} \
+      --share-prefix-gib ${SHARE_GIB:-25} ${EXTRA:-} \
       --out "$RES/g$i.jsonl" >> "$RES/g$i.log" 2>&1
   done
 }
