@@ -175,3 +175,24 @@ def test_default_tokenizer_chat_prompt(default_tokenizer):
     got = texts(spans, tp.pieces)
     assert "First sentence here." in got and " Second one follows!" in got
     assert "<|im_start|>" in got and "x = 1\n" in got
+
+
+def test_spans_are_remembered_per_prompt_tokenizer_and_config(byte_tok, monkeypatch):
+    """segment_tokens is pure: a prompt segmented again (an eval grid's next budget) is not
+    recomputed; another config or prompt is; the caller gets its own list."""
+    import kvsift.segment.chunker as ch
+
+    calls = []
+    real = ch.segment_pieces
+    monkeypatch.setattr(ch, "segment_pieces", lambda tp, cfg: calls.append(1) or real(tp, cfg))
+    ids = byte_tok.encode("One sentence here. Another one follows! And a third?")
+    a = segment_tokens(ids, byte_tok, SegmentConfig(min_len=1, max_len=8))
+    a.append((-1, -1))
+    b = segment_tokens(torch.tensor(ids), byte_tok, SegmentConfig(min_len=1, max_len=8))
+    assert len(calls) == 1 and b == a[:-1]
+    segment_tokens(ids[:-1], byte_tok, SegmentConfig(min_len=1, max_len=8))
+    assert len(calls) == 2
+    monkeypatch.setattr(ch, "SPANS_MEMO", 1)
+    segment_tokens(ids, byte_tok, SegmentConfig(min_len=1, max_len=4))   # another config: the only one kept
+    segment_tokens(ids, byte_tok, SegmentConfig(min_len=1, max_len=8))   # so this one was let go
+    assert len(calls) == 4

@@ -12,8 +12,12 @@ and in order. Text without punctuation (or code without newlines) still gets chu
 from __future__ import annotations
 
 import bisect
+import hashlib
 import re
-from dataclasses import dataclass
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import astuple, dataclass
 from typing import Any, Sequence
 
 import torch
@@ -178,7 +182,32 @@ def segment_tokens(token_ids: Sequence[int] | torch.Tensor, tokenizer: Any | Non
     n = len(token_ids)
     if tokenizer is None or cfg.splitter == "fixed":
         return spans_from_bounds(range(cfg.max_len, n, cfg.max_len), n, 1, cfg.max_len)
-    return segment_pieces(token_pieces(token_ids, tokenizer), cfg)
+    # a pure function of the tokens, the tokenizer and the config: remembered (an evaluation grid
+    # segments the same prompts at every budget, 0.2 s per 30k-token prompt on one CPU core)
+    key = (hashlib.blake2b(torch.tensor(token_ids, dtype=torch.int64).numpy().tobytes(), digest_size=16).digest(),
+           astuple(cfg))
+    with _SPANS_LOCK:
+        try:
+            memo = _SPANS.setdefault(tokenizer, OrderedDict())
+        except TypeError:   # a tokenizer that takes no weak reference: not remembered
+            memo = None
+        hit = memo.get(key) if memo is not None else None
+        if hit is not None:
+            memo.move_to_end(key)
+            return list(hit)
+    spans = segment_pieces(token_pieces(token_ids, tokenizer), cfg)
+    if memo is not None:
+        with _SPANS_LOCK:
+            memo[key] = tuple(spans)
+            while len(memo) > SPANS_MEMO:
+                memo.popitem(last=False)
+    return spans
+
+
+SPANS_MEMO = 256
+"""Prompts whose spans :func:`segment_tokens` remembers per tokenizer (least recently used out)."""
+_SPANS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
+_SPANS_LOCK = threading.Lock()   # sentencekv segments on a worker thread beside the prefill
 
 
 def chunk_index(spans: Sequence[tuple[int, int]], n: int) -> torch.Tensor:
