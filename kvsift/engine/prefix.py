@@ -6,10 +6,12 @@ only at decode (quest, tokenselect). For them (:meth:`KVMethod.shares_prefix
 <kvsift.methods.base.KVMethod.shares_prefix>`) the KV of every chunk before the last is exactly the
 full cache's; a few build state of their own by then that does not depend on the budget (h2o's
 accumulated attention: :meth:`KVMethod.prefix_state <kvsift.methods.base.KVMethod.prefix_state>`),
-which the stored prefix then carries for that method at every budget. A :class:`PrefixStore` on the runner (``llm.runner.prefix_store``) keeps that KV per
-prompt, so the next method that prefills the same prompt with the same chunking starts at its last
-chunk. An evaluation grid prefills each prompt once per length instead of once per (method,
-budget) (``kvsift bench run --share-prefix-gib G``).
+which the stored prefix then carries for that method at every budget. A :class:`PrefixStore` on
+the runner (``llm.runner.prefix_store``) keeps that KV per prompt, so the next method that
+prefills the same prompt with the same chunking starts at its last chunk. An evaluation grid
+prefills each prompt about once instead of once per (method, budget) (``kvsift bench run
+--share-prefix-gib G``). The engine's scheduler does not count the store's memory: it is a tool
+for grids, set by their harness.
 
 How the runner uses it (:meth:`ModelRunner._prefill_rows`; with a store, a sharing method's batch
 is prefilled one sequence at a time): the *cut* of a row is the start of its last prefill chunk.
@@ -53,8 +55,8 @@ class PrefixStats:
 class PrefixStore:
     """Per-prompt full-cache KV up to a chunk boundary (see the module docstring).
 
-    ``max_bytes``: bytes the entries' KV may take together (beyond that, new prefixes are not
-    stored)."""
+    ``max_bytes``: bytes the entries (KV and carried method state) may take together (beyond
+    that, new prefixes are not stored)."""
 
     def __init__(self, max_bytes: int):
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
