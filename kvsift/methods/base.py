@@ -335,7 +335,8 @@ class KVMethod:
 
     def shares_prefix(self) -> bool:
         """True when, until its prefill's last chunk, the method does what ``full`` does: no
-        eviction, no sparse attention, no layer state and no counters in its run; it acts with the
+        eviction, no sparse attention, no counters in its run and no layer state but what
+        :meth:`prefix_state` names; it acts with the
         last chunk's queries, after the prefill (reread passes, deferred compression) or at decode
         only. A prompt's KV before its last chunk is then the full cache's, and the engine may take
         it from the runner's :class:`~kvsift.engine.prefix.PrefixStore` (computed once for many
