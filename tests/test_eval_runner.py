@@ -214,3 +214,32 @@ def test_method_labels_carry_options_and_name_their_rows(tiny_llm, tmp_path):
     with pytest.raises(Exception, match="bits"):
         run_bench(args)
     assert not (tmp_path / "bad.jsonl").exists()
+
+
+def test_grid_encodes_each_prompt_once_per_prompt_set(tmp_path):
+    """Every cell of a prompt set reuses its samples' token ids (a 30k prompt is ~70 ms to encode):
+    each prompt is encoded once per set, not once per (method, budget), and the rows are unchanged."""
+    from collections import Counter
+
+    from kvsift.eval.tasks import TaskBuilder
+
+    class CountingTokenizer(WordTokenizer):
+        def __init__(self):
+            super().__init__()
+            self.texts = Counter()
+
+        def encode(self, text, add_special_tokens=False):
+            self.texts[text] += 1
+            return super().encode(text, add_special_tokens)
+
+    cfg = _config(tasks=["niah"], lengths=[300, 500])
+    built = CountingTokenizer()  # the builder's own encodes (it fits each prompt to its length)
+    prompts = [s.prompt for n in (300, 500) for s in TaskBuilder(built, cfg.task_config).build("niah", n, 0)]
+    counting = CountingTokenizer()
+    run_grid(ReadingBackend(counting), cfg, tmp_path / "a.jsonl", progress=False)
+    assert len(prompts) == 6 and len(cfg.cells()) == 8
+    # beyond the builder's, the runner encodes each prompt once for all 4 cells of its set
+    assert [counting.texts[p] - built.texts[p] for p in prompts] == [1] * 6
+    run_grid(ReadingBackend(WordTokenizer()), cfg, tmp_path / "b.jsonl", progress=False)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("wall_s", "time")} for r in rows]  # noqa: E731
+    assert strip(load_rows(tmp_path / "a.jsonl")) == strip(load_rows(tmp_path / "b.jsonl"))
