@@ -13,6 +13,12 @@ a method whose cells alone outlast a process's fair share is split by task (``me
 A group is whole methods (``m1,m2``), then ``method@task`` units, ``;`` between them: the script
 runs them one after the other in that process.
 Cells already in the rows file are left out; methods with nothing left are left out too.
+
+``--by task``: with prefix sharing (``--share-prefix-gib``) a process prefills each prompt set once,
+whatever the methods it then runs over it; method groups make every process prefill every prompt
+set. So here the units are tasks, balanced the same way, and each process runs all the methods
+(``full`` first: its cells store the prefixes; then the cheapest first) over its tasks:
+``m1,m2,...@t1,t2``.
 """
 
 from __future__ import annotations
@@ -91,6 +97,22 @@ def remaining_costs(rows: list[dict], suite: str, tasks=None, lengths=None, budg
     return costs
 
 
+def by_task(costs: dict[str, dict[str, float]], processes: int) -> list[str]:
+    """Groups of tasks (each with every method that has cells left there), balanced by expected time:
+    ``"full,m1,m2@t1,t2"``, methods ordered ``full`` first, then by their expected time per cell."""
+    per_task: dict[str, float] = {}
+    for per in costs.values():
+        for task, c in per.items():
+            per_task[task] = per_task.get(task, 0.0) + c
+    rate = {m: sum(per.values()) / max(1, len(per)) for m, per in costs.items()}
+    out = []
+    for tasks in balance(per_task, processes):
+        methods = sorted((m for m in costs if any(t in costs[m] for t in tasks)),
+                         key=lambda m: (m != "full", rate[m], m))
+        out.append(",".join(methods) + "@" + ",".join(sorted(tasks)))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default=None, help="the suite's JSONL rows so far (missing: nothing measured)")
@@ -100,6 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", default=None)
     ap.add_argument("--budgets", default=None)
     ap.add_argument("--methods", default=None)
+    ap.add_argument("--by", choices=("method", "task"), default="method",
+                    help="what a process's group is made of (task: each prompt set prefilled by one process)")
     ap.add_argument("--verbose", action="store_true", help="also print each group's expected seconds (stderr)")
     a = ap.parse_args(argv)
     if a.processes < 1:
@@ -108,6 +132,15 @@ def main(argv=None) -> int:
     split = lambda s: s.split(",") if s else None  # noqa: E731
     costs = remaining_costs(rows, a.suite, split(a.tasks), [int(x) for x in split(a.lengths) or []] or None,
                             split(a.budgets), split(a.methods))
+    if a.by == "task":
+        groups_ = by_task(costs, a.processes)
+        if a.verbose:
+            for g in groups_:
+                ms, ts = g.split("@")
+                c = sum(costs[m].get(t, 0.0) for m in ms.split(",") for t in ts.split(","))
+                print(f"{g}: ~{c / 60:.1f} min", file=sys.stderr)
+        print(" ".join(groups_))
+        return 0
     units = split_heavy(costs, a.processes)
     groups = balance(units, a.processes)
     if a.verbose:

@@ -15,6 +15,9 @@
 # rows are the suite's own cells (30 samples, its depths, its ppl tokens), so later calls with other
 # narrowings fill in the rest of the same grid.
 # METHODS: only these method labels (balanced into PROCESSES groups); METHOD_GROUPS: the groups as given.
+# GROUP_BY (default task with sharing, else method): what bench/suite_groups.py balances over the
+# processes; by task, each process runs every method over its tasks, so each prompt set is prefilled
+# (and its prefixes stored) by one process only.
 # EXTRA: more `kvsift bench run` options for every kvsift process (e.g. a smoke run: --samples 1).
 # SHARE_GIB (default 25): each process's prefix store (--share-prefix-gib; 0: off): a 30k prompt set of
 # the 1.5B is 24 GiB, so the defaults run 3 processes (PROCESSES) at --mem-fraction 0.15 (MEM) each.
@@ -43,8 +46,9 @@ SEL=()
 # rows' measured cell times (a group is "m1,m2" and/or "method@task" units joined by ";", run one
 # after the other in its process)
 # METHODS (comma-separated labels, e.g. full,quest,kivi[bits=2]) narrows the balanced groups to those
+BY=${GROUP_BY:-$([ "${SHARE_GIB:-25}" != 0 ] && echo task || echo method)}
 GROUPS_=${METHOD_GROUPS:-$(python3 bench/suite_groups.py --rows "$ROWS" --processes ${PROCESSES:-3} "${SEL[@]}" \
-  ${METHODS:+--methods "$METHODS"} --verbose)}
+  ${METHODS:+--methods "$METHODS"} --by $BY --verbose)}
 echo "groups: $GROUPS_"
 # a cell that starts just before --max-minutes can run minutes past it: every process is stopped
 # KILL_AFTER seconds after this script started (its finished cells are already in its file); keep
@@ -69,6 +73,9 @@ run_group() {   # $1: the process's number, $2: its units ("methods[@task]" join
 }
 # stopped from outside (the device call's timeout): stop the processes, keep what they finished
 trap 'trap - TERM INT; pkill -INT -f "kvsift.cli bench run"; pkill -INT -f vs_kvpress.py; sleep 3; echo "stopped: returning the rows so far"; finish; exit 124' TERM INT
+# the GPU's load while the processes run (is it the bottleneck, or are they?)
+nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 5 > "$RES/smi.log" 2>/dev/null &
+SMI=$!
 pids=()
 i=0
 for g in $GROUPS_; do
@@ -93,7 +100,9 @@ if [ -n "${KVP_GROUPS:-}" ]; then
   done
 fi
 finish() {   # the logs' summary, every process's rows merged, the tarball for $OUT
+kill $SMI 2>/dev/null
 nvidia-smi --query-gpu=memory.used,memory.total --format=csv 2>/dev/null | tail -1
+[ -s "$RES/smi.log" ] && awk -F'[ ,%]+' '{u+=$1; n++} END {if (n) printf "GPU utilization: mean %.0f%% over %d samples\n", u/n, n}' "$RES/smi.log"
 for f in "$RES"/[gk]*.log; do echo "== $f"; grep "^\[bench\] [0-9]\|stopped\|Error\|error" "$f" | tail -30; done
 python3 - "$RES" <<'EOF'
 import gzip, json, pathlib, sys

@@ -65,3 +65,21 @@ def test_cli_reads_gzip_compressed_rows(tmp_path, capsys):
             "--methods", "full,snapkv,h2o"]
     assert sg.main(["--rows", str(packed), *args]) == 0
     assert capsys.readouterr().out.split() == ["h2o"]                     # full and snapkv are measured
+
+
+def test_by_task_groups_run_every_method_over_their_tasks_full_first():
+    """--by task: tasks balanced over the processes, each group every method with cells left on its
+    tasks, ``full`` first (its cells store the shared prefixes), then the cheapest per cell."""
+    costs = {"full": {"niah": 1.0, "qa": 1.0}, "kvzip": {"niah": 40.0, "qa": 30.0, "vt": 30.0},
+             "snapkv": {"niah": 4.0, "qa": 4.0, "vt": 4.0}, "quest": {"vt": 2.0}}
+    groups = sg.by_task(costs, 2)
+    assert groups == ["full,snapkv,kvzip@niah", "full,quest,snapkv,kvzip@qa,vt"]   # loads 45 / 71
+    assert sg.by_task(costs, 5) == ["full,snapkv,kvzip@niah", "quest,snapkv,kvzip@vt", "full,snapkv,kvzip@qa"]
+    assert sg.by_task({}, 3) == []
+
+
+def test_cli_by_task(tmp_path, capsys):
+    assert sg.main(["--rows", str(tmp_path / "none.jsonl"), "--processes", "2", "--tasks", "niah,vt",
+                    "--lengths", "4096", "--budgets", "0.05", "--methods", "snapkv,full,h2o", "--by", "task"]) == 0
+    out = capsys.readouterr().out.split()
+    assert sorted(out) == ["full,h2o,snapkv@niah", "full,h2o,snapkv@vt"]
