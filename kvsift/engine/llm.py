@@ -8,8 +8,9 @@ together, admission by KV memory).
 
 The LLM validates and encodes (``request``), runs a scheduled group of requests as one batched
 generation (``run_batch``: sampling, stop strings, per-request cancellation and outputs) and
-answers the offline API (``generate``, ``stream``, ``prefill_context``, ``score``) through its own
-scheduler, one request per call.
+answers the offline API (``generate``, ``stream``, ``prefill_context``) through its own scheduler,
+one request per call; ``score`` / ``score_batch`` (teacher-forced NLL, perplexity) run under the
+runner's lock.
 """
 
 from __future__ import annotations
@@ -316,35 +317,73 @@ class LLM:
 
         ``context`` is prefilled (and compressed) by ``method``; then ``continuation`` is fed one
         token per decode step, so decode-time selection and rolling eviction act as in generation.
-        Returns ``(sum of -log p(continuation[i] | context, continuation[:i]), stats)``."""
-        ctx_ids = self.encode(context, chat=False)
-        cont = [int(t) for t in continuation]
-        if not cont:
+        Returns ``(sum of -log p(continuation[i] | context, continuation[:i]), stats)``: one row of
+        :meth:`score_batch`."""
+        return self.score_batch([context], [continuation], method=method, budget=budget,
+                                method_kwargs=method_kwargs)[0]
+
+    def score_batch(self, contexts: Sequence[Prompt], continuations: Sequence[Sequence[int]], *,
+                    method: str | KVMethod | None = None, budget: Budget = None,
+                    method_kwargs: dict | None = None) -> list[tuple[float, GenerationStats]]:
+        """:meth:`score` for ``B`` rows at once: the contexts are prefilled as one batch (or row by
+        row, as :meth:`ModelRunner.rows_prefill` says), each compressed by ``method`` as in a
+        batched generation, then the continuations are fed together, one ``(B, 1)`` token column
+        per decode step; the NLL is summed on the device (float64, ``(B,)``) and read once at the end.
+
+        The contexts must have one length and the continuations one length (no padding, so a row's
+        score does not depend on its batch mates: a ratio budget resolves against that length),
+        every continuation non-empty and context + continuation within ``info.max_positions``;
+        otherwise ``ValueError`` before any compute. Returns one ``(nll_sum, stats)`` per row, in
+        order; each row's stats hold ``1/B`` of the batch's KV bytes and prefill time, and the
+        batch's decode time (``decode_ms_per_token``: per batched step)."""
+        ctx_ids = [self.encode(c, chat=False) for c in contexts]
+        conts = [[int(t) for t in c] for c in continuations]
+        b = len(ctx_ids)
+        if b == 0:
+            raise ValueError("score_batch needs at least one context")
+        if len(conts) != b:
+            raise ValueError(f"score_batch got {b} contexts but {len(conts)} continuations")
+        if len({len(x) for x in ctx_ids}) > 1:
+            raise ValueError(f"score_batch needs contexts of one length, got lengths "
+                             f"{sorted({len(x) for x in ctx_ids})}")
+        if len({len(x) for x in conts}) > 1:
+            raise ValueError(f"score_batch needs continuations of one length, got lengths "
+                             f"{sorted({len(x) for x in conts})}")
+        n_ctx, n_cont = len(ctx_ids[0]), len(conts[0])
+        if not n_cont:
             raise ValueError("score needs a non-empty continuation")
-        total = len(ctx_ids) + len(cont)
+        total = n_ctx + n_cont
         if total > self.info.max_positions:
             raise ValueError(f"context + continuation = {total} tokens exceeds the model's limit of "
                              f"{self.info.max_positions}")
         m = build_method(method or "full", budget, **(method_kwargs or {}))
         m.check_model(self.info)  # per-model method data (minference's patterns) fits
-        run = m.start(len(ctx_ids), self.info.num_layers)
-        nll = 0.0
+        run = m.start(n_ctx, self.info.num_layers)
         runner = self.runner
         with self.lock:
-            cache, stats, (ctx, logits) = runner.prefill([ctx_ids], m, run, None, False, reserve=len(cont) + 1)
+            cache, stats, (ctx, logits) = runner.prefill(ctx_ids, m, run, None, False, reserve=n_cont + 1)
             ctx.decoding = True
-            next_pos = ctx.next_pos
-            targets = torch.tensor(cont, device=self.device)
+            next_pos = ctx.next_pos                                            # (B,)
+            targets = torch.tensor(conts, dtype=torch.long, device=self.device)  # (B, n_cont)
+            # fp64, as the host sum of fp32 log-probabilities was: one row's result is what score gave
+            nll = torch.zeros(b, dtype=torch.float64, device=self.device)     # (B,)
             t0 = time.perf_counter()
-            for i in range(len(cont)):
-                nll -= float(torch.log_softmax(logits[0], dim=-1)[targets[i]])
-                if i == len(cont) - 1:
+            for i in range(n_cont):
+                logp = torch.log_softmax(logits, dim=-1)                       # (B, vocab) fp32
+                nll -= logp.gather(1, targets[:, i:i + 1])[:, 0].double()
+                if i == n_cont - 1:
                     break
                 ctx.step = i
-                logits = runner.forward(ctx, targets[i].view(1, 1), next_pos[:, None])
+                logits = runner.forward(ctx, targets[:, i].view(b, 1), next_pos[:, None])
                 next_pos = next_pos + 1
+            sums = nll.tolist()  # the one device-to-host transfer (it waits for the last step)
             decode_s = time.perf_counter() - t0
-        return nll, _copy_stats(stats, cache, m, run, len(cont), len(cont) - 1, decode_s)
+        out = []
+        for x in sums:
+            st = _copy_stats(stats, cache, m, run, n_cont, n_cont - 1, decode_s, share=(1, b))
+            st.prefill_s = stats.prefill_s / b
+            out.append((x, st))
+        return out
 
     def encode_document(self, document: str, chat: bool | None = None) -> list[int]:
         """The prefix of a chat prompt up to the end of ``document`` (the question follows)."""

@@ -81,7 +81,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--batch-padding", action="store_true",
                    help="let a batch mix prompt lengths (left padding: fewer, larger batches; but a ratio budget is "
                         "then resolved against the batch's longest prompt, so some methods answer differently than "
-                        "one at a time)")
+                        "one at a time; ppl batches always hold one length)")
     r.add_argument("--mem-fraction", type=float, default=0.5,
                    help="auto batch size: the batch's estimated KV bytes stay under this fraction of free GPU memory")
     r.add_argument("--max-batch", type=int, default=64, help="auto batch size: at most this many sequences")

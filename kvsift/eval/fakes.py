@@ -39,7 +39,8 @@ class ReadingBackend(BaseBackend):
     """Answers by reading the prompt, like a perfect model whose cache kept ``kept/full`` of the
     prompt: needles in the kept *tail* of the prompt are found (StreamingLLM-like), others not.
     ``calls`` counts generate/score calls (to check resumability); ``batches`` the size of each
-    ``generate_batch`` call; ``auto_batch`` is what ``auto_batch_size`` answers. ``generate_context``
+    ``generate_batch`` call, ``score_batches`` of each ``score_batch`` call; ``auto_batch`` is what
+    ``auto_batch_size`` answers. ``generate_context``
     (``--compress context``) sees the kept tail of the context plus the whole question."""
 
     name = "fake"
@@ -49,6 +50,7 @@ class ReadingBackend(BaseBackend):
         self.tokenizer = tokenizer
         self.calls = 0
         self.batches: list[int] = []
+        self.score_batches: list[int] = []
         self.context_calls: list[tuple[int, int]] = []  # (context, question) lengths of generate_context
         self.auto_batch = auto_batch
 
@@ -59,6 +61,13 @@ class ReadingBackend(BaseBackend):
         self.batches.append(len(prompts))
         return [dataclasses.replace(self.generate(p, method, budget, max_new_tokens), batch=len(prompts))
                 for p in prompts]
+
+    def score_batch(self, contexts, continuations, method, budget):
+        if len({len(c) for c in contexts}) > 1 or len({len(x) for x in continuations}) > 1:
+            raise ValueError("score_batch needs contexts of one length and continuations of one length")
+        self.score_batches.append(len(contexts))
+        return [dataclasses.replace(self.score(c, x, method, budget), batch=len(contexts))
+                for c, x in zip(contexts, continuations)]
 
     def _kv(self, n: int, budget) -> tuple[int, int]:
         k = kept_tokens(budget, n)

@@ -7,9 +7,10 @@ be cut into parts (``max_minutes``: stop after the cell in flight).
 
 The samples of a cell go to the backend in batches of equal prompt length
 (:meth:`BaseBackend.generate_batch`; the kvsift backend runs a batch as one ``LLM.generate``
-call). Batch size ``None`` is automatic: 1 on CPU, on CUDA as many sequences as a KV-memory
-estimate allows (:func:`estimate_batch_size`).
-Perplexity samples are scored one at a time.
+call). Perplexity samples of equal context and continuation lengths are scored in batches the
+same way (:meth:`BaseBackend.score_batch`; the kvsift backend: one ``LLM.score_batch`` call).
+Batch size ``None`` is automatic: 1 on CPU, on CUDA as many sequences as a KV-memory estimate
+allows (:func:`estimate_batch_size`).
 
 ``compress`` picks what a method compresses: ``"prompt"`` (the default, the query-aware setting)
 the whole rendered prompt, question included; ``"context"`` (the query-agnostic setting) only the
@@ -35,7 +36,7 @@ import traceback
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 from kvsift.eval.scoring import perplexity, score
 from kvsift.eval.tasks import TASKS, Sample, TaskBuilder, TaskConfig, TaskUnavailable, split_context_question
@@ -159,7 +160,8 @@ class Scored:
     kv_kept_bytes: int
     kv_full_bytes: int
     prefill_s: float
-    decode_ms_per_token: float
+    decode_ms_per_token: float   # the (batched) decode's wall time per step
+    batch: int = 1  # samples in the backend call that scored it
 
 
 class Backend(Protocol):
@@ -174,13 +176,16 @@ class Backend(Protocol):
     # optional (see BaseBackend): generate_context(context_ids, question_ids, method, budget,
     # max_new_tokens) -> Generation (``--compress context``); context_settings(method) -> dict;
     # generate_batch(list_of_prompt_ids, method, budget, max_new_tokens)
-    # -> list[Generation]; auto_batch_size(prompt_tokens, max_new_tokens, method, budget) -> int;
+    # -> list[Generation]; score_batch(list_of_context_ids, list_of_continuation_ids, method, budget)
+    # -> list[Scored] (contexts of one length, continuations of one length);
+    # auto_batch_size(prompt_tokens, max_new_tokens, method, budget) -> int;
     # free_memory() after an out-of-memory error
 
 
 class BaseBackend:
-    """Defaults for backends: a batch is generated one prompt at a time, the automatic batch size
-    is 1. Backends that batch for real override :meth:`generate_batch` and :meth:`auto_batch_size`."""
+    """Defaults for backends: a batch is generated (scored) one prompt at a time, the automatic
+    batch size is 1. Backends that batch for real override :meth:`generate_batch`,
+    :meth:`score_batch` and :meth:`auto_batch_size`."""
 
     name = "backend"
     model_name = "model"
@@ -195,6 +200,12 @@ class BaseBackend:
     def generate_batch(self, prompts: list[list[int]], method: str, budget: Budget,
                        max_new_tokens: int) -> list[Generation]:
         return [self.generate(p, method, budget, max_new_tokens) for p in prompts]
+
+    def score_batch(self, contexts: list[list[int]], continuations: list[list[int]], method: str,
+                    budget: Budget) -> list[Scored]:
+        """One :class:`Scored` per ``(context, continuation)`` pair, in order (the runner passes
+        contexts of one length and continuations of one length)."""
+        return [self.score(c, x, method, budget) for c, x in zip(contexts, continuations)]
 
     def auto_batch_size(self, prompt_tokens: int, max_new_tokens: int, method: str, budget: Budget) -> int:
         return 1
@@ -237,6 +248,19 @@ def generate_batch(backend, prompts: list[list[int]], method: str, budget: Budge
     return out
 
 
+def score_batch(backend, contexts: list[list[int]], continuations: list[list[int]], method: str,
+                budget: Budget) -> list[Scored]:
+    """``backend.score_batch`` where the backend has one, else one ``score`` per sample."""
+    fn = getattr(backend, "score_batch", None)
+    if fn is None:
+        return [backend.score(c, x, method, budget) for c, x in zip(contexts, continuations)]
+    out = fn(contexts, continuations, method, budget)
+    if len(out) != len(contexts):
+        raise RuntimeError(f"{type(backend).__name__}.score_batch returned {len(out)} results for "
+                           f"{len(contexts)} samples")
+    return out
+
+
 def estimate_batch_size(free_bytes: int, prompt_tokens: int, max_new_tokens: int, *, num_layers: int,
                         num_kv_heads: int, head_dim: int, dtype_bytes: int, num_q_heads: int | None = None,
                         chunk_size: int = 512, fraction: float = 0.5, cap: int = 64) -> int:
@@ -269,7 +293,8 @@ class KvsiftBackend(BaseBackend):
 
     A batch is one ``LLM.generate`` call (greedy). Its stats are for the whole batch; each sample
     gets its own prompt length and full-cache bytes, and an equal share of the batch's KV bytes and
-    prefill time (``decode_ms_per_token`` is the batch's time per decode step). ``mem_fraction`` and
+    prefill time (``decode_ms_per_token`` is the batch's time per decode step). Perplexity samples
+    batch the same way (:meth:`score_batch`: one ``LLM.score_batch`` call). ``mem_fraction`` and
     ``max_batch`` bound the automatic batch size on CUDA (:func:`estimate_batch_size`)."""
 
     name = "kvsift"
@@ -380,6 +405,14 @@ class KvsiftBackend(BaseBackend):
 
         spec, kw = method_options(method, self.method_kwargs)
         return score_continuation(self.llm, context_ids, continuation_ids, spec, budget, method_kwargs=kw)
+
+    def score_batch(self, contexts, continuations, method, budget):
+        """The samples as one ``LLM.score_batch`` (contexts of one length, continuations of one
+        length): each gets ``1/B`` of the batch's KV bytes and prefill time, and ``batch=B``."""
+        from kvsift.eval.perplexity import score_continuations
+
+        spec, kw = method_options(method, self.method_kwargs)
+        return score_continuations(self.llm, contexts, continuations, spec, budget, method_kwargs=kw)
 
     # ---- the query-agnostic setting (--compress context)
     def answer_method(self, method: str, ctx=None) -> str | None:
@@ -531,6 +564,56 @@ def _entry_measures(r) -> dict[str, Any]:
                 steady_ms_per_token=getattr(r, "steady_ms_per_token", None))
 
 
+@dataclass(slots=True)
+class _Group:
+    """Samples of a cell that may share a backend call: ``items`` ``(sample index, what the call
+    takes for it)``; ``call(list of those) -> one result per item``; ``prompt_tokens`` and
+    ``max_new_tokens`` are what ``auto_batch_size`` is asked with; ``batch_size`` overrides the
+    cell's (e.g. 1: the backend has no batched call for these samples)."""
+
+    items: list[tuple[int, Any]]
+    prompt_tokens: int
+    max_new_tokens: int
+    call: Callable[[list[Any]], list[Any]]
+    batch_size: int | None = None
+
+
+def _run_batches(backend: Backend, groups: list[_Group], batch_size: int | None, method: str,
+                 budget: Budget) -> tuple[dict[int, Any], list[int]]:
+    """Run ``groups`` (largest first) in batches of ``batch_size`` (``None``: the backend's
+    ``auto_batch_size(prompt_tokens, max_new_tokens, method, budget)``, 1 if it has none). A batch
+    that runs out of memory is retried in halves (after ``backend.free_memory()``), and the smaller
+    size is kept for the rest of the groups. Returns ``({sample index: result}, batch sizes run)``."""
+    results: dict[int, Any] = {}
+    sizes: list[int] = []
+    cap = None  # after an out-of-memory error: the largest batch to try for the rest of the cell
+    for g in sorted(groups, key=lambda g: -len(g.items)):
+        if g.batch_size is not None:
+            bs = g.batch_size
+        elif batch_size is not None:
+            bs = batch_size
+        else:
+            auto = getattr(backend, "auto_batch_size", None)
+            bs = auto(g.prompt_tokens, g.max_new_tokens, method, budget) if auto else 1
+        pos = 0
+        while pos < len(g.items):
+            n = max(1, min(bs, cap or bs, len(g.items) - pos))
+            chunk = g.items[pos:pos + n]
+            try:
+                outs = g.call([x for _, x in chunk])
+            except Exception as e:  # noqa: BLE001 - out of memory: free it and retry with half the batch
+                if n < 2 or not _is_oom(e):
+                    raise
+                getattr(backend, "free_memory", lambda: None)()
+                cap = (n + 1) // 2
+                continue
+            sizes.append(n)
+            for (i, _), r in zip(chunk, outs):
+                results[i] = r
+            pos += n
+    return results, sizes
+
+
 def run_cell(backend: Backend, samples: list[Sample], task: str, method: str, budget: Budget, length: int,
              seed: int, batch_size: int | None = None, pad: bool = False, compress: str = "prompt",
              ids_cache: dict[str, list[int]] | None = None) -> dict[str, Any]:
@@ -541,9 +624,12 @@ def run_cell(backend: Backend, samples: list[Sample], task: str, method: str, bu
     prompt length, so that no batch is padded and a sample's answer does not depend on its batch
     mates (in a padded batch the engine resolves a ratio budget against the longest prompt; the
     prompts of a cell mostly have exactly ``length`` tokens, a few one or two fewer). Per-sample
-    entries keep the sample order. A batch that runs out of memory is retried in halves (after
-    ``backend.free_memory()``), and the smaller size is kept for the rest of the cell. Perplexity
-    samples are scored one at a time.
+    entries keep the sample order. Perplexity samples are batched the same way
+    (``backend.score_batch``; ``auto_batch_size`` asked with the context and continuation lengths),
+    grouped by equal context and continuation lengths whatever ``pad`` says (one backend call
+    scores only rows of one shape); a backend without ``score_batch`` scores them one at a time. A
+    batch that runs out of memory is retried in halves (after ``backend.free_memory()``), and the
+    smaller size is kept for the rest of the cell.
 
     ``compress="context"``: each generation sample is split into ``(context_ids, question_ids)``
     (:func:`split_context_question`) and run alone through ``backend.generate_context`` (the
@@ -562,11 +648,11 @@ def run_cell(backend: Backend, samples: list[Sample], task: str, method: str, bu
     tok = backend.tokenizer
     per: list[dict[str, Any] | None] = [None] * len(samples)
     groups: dict[tuple[int, int], list[tuple[int, list[int]]]] = {}
+    ppl_groups: dict[tuple[int, int], list[tuple[int, tuple[list[int], list[int]]]]] = {}
     for i, s in enumerate(samples):
-        if s.metric == "ppl":
-            r = backend.score(s.context_ids, s.continuation_ids, method, budget)
-            per[i] = {"sample_id": s.sample_id, "nll_sum": r.nll_sum, "n_tokens": r.n_tokens,
-                      "ppl": perplexity(r.nll_sum, r.n_tokens), **_entry_measures(r)}
+        if s.metric == "ppl":  # batched by equal (context, continuation) lengths, padding or not
+            pair = (list(s.context_ids), list(s.continuation_ids))
+            ppl_groups.setdefault((len(pair[0]), len(pair[1])), []).append((i, pair))
         elif compress == "context":
             ctx_ids, q_ids = split_context_question(tok, s)
             r = generate_context(backend, ctx_ids, q_ids, method, budget, s.max_new_tokens)
@@ -580,32 +666,23 @@ def run_cell(backend: Backend, samples: list[Sample], task: str, method: str, bu
                 if ids_cache is not None:
                     ids_cache[s.sample_id] = ids
             groups.setdefault((s.max_new_tokens, 0 if pad else len(ids)), []).append((i, ids))
-    sizes: list[int] = []
-    cap = None  # after an out-of-memory error: the largest batch to try for the rest of the cell
-    for (max_new, _), items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-        if batch_size is not None:
-            bs = batch_size
+    jobs = [_Group(items, max(len(ids) for _, ids in items), max_new,
+                   lambda chunk, n=max_new: generate_batch(backend, chunk, method, budget, n))
+            for (max_new, _), items in groups.items()]
+    # a backend without score_batch scores one sample at a time: its rows say batch 1
+    one = None if hasattr(backend, "score_batch") else 1
+    jobs += [_Group(items, n_ctx, n_cont, lambda chunk: score_batch(backend, [c for c, _ in chunk],
+                                                                    [x for _, x in chunk], method, budget), one)
+             for (n_ctx, n_cont), items in ppl_groups.items()]
+    results, sizes = _run_batches(backend, jobs, batch_size, method, budget)
+    for i, r in results.items():
+        s = samples[i]
+        if s.metric == "ppl":
+            per[i] = {"sample_id": s.sample_id, "nll_sum": r.nll_sum, "n_tokens": r.n_tokens,
+                      "ppl": perplexity(r.nll_sum, r.n_tokens), **_entry_measures(r)}
         else:
-            auto = getattr(backend, "auto_batch_size", None)
-            bs = auto(max(len(ids) for _, ids in items), max_new, method, budget) if auto else 1
-        pos = 0
-        while pos < len(items):
-            n = max(1, min(bs, cap or bs, len(items) - pos))
-            chunk = items[pos:pos + n]
-            try:
-                outs = generate_batch(backend, [ids for _, ids in chunk], method, budget, max_new)
-            except Exception as e:  # noqa: BLE001 - out of memory: free it and retry with half the batch
-                if n < 2 or not _is_oom(e):
-                    raise
-                getattr(backend, "free_memory", lambda: None)()
-                cap = (n + 1) // 2
-                continue
-            sizes.append(n)
-            for (i, _), r in zip(chunk, outs):
-                s = samples[i]
-                per[i] = {"sample_id": s.sample_id, "score": score(s.metric, r.text, s.answers),
-                          "prediction": r.text, "answers": s.answers, **_entry_measures(r)}
-            pos += n
+            per[i] = {"sample_id": s.sample_id, "score": score(s.metric, r.text, s.answers),
+                      "prediction": r.text, "answers": s.answers, **_entry_measures(r)}
     for i, s in enumerate(samples):
         if "depth" in s.meta:
             per[i]["depth"] = s.meta["depth"]
