@@ -92,6 +92,34 @@ def test_a_prefix_with_method_state_serves_every_budget(pair, spec):
     assert store.stats.hits == hits + 2 * len(ids) and len(store) == 2 * len(ids)
 
 
+@pytest.mark.parametrize("spec", ["kvzip", "adakv(kvzip)"])
+def test_reread_passes_run_once_per_prompt_for_every_budget(pair, spec):
+    """kvzip's reconstruction passes (about one more prefill) leave budget-free scores
+    (``reread_state``): with a store they run for a prompt's first budget only; later budgets
+    install a copy, run no pass and give the tokens of a run without the store. Other pass options
+    are another entry."""
+    plain, shared = pair
+    store = shared.runner.prefix_store
+    store.clear()
+    ids, p = _ids(), SamplingParams(max_tokens=6, ignore_eos=True)
+    first = shared.generate(ids, p, method=spec, budget=BUDGET)
+    misses, hits = store.stats.reread_misses, store.stats.reread_hits
+    assert misses >= len(ids) and all(o.stats.method_stats["reread_s"] > 0 for o in first)
+    for b in (BUDGET // 2, 3 * BUDGET):
+        want = [o.token_ids for o in plain.generate(ids, p, method=spec, budget=b)]
+        got = shared.generate(ids, p, method=spec, budget=b)
+        assert [o.token_ids for o in got] == want, b
+        assert all(o.stats.method_stats["reread_s"] == 0.0 for o in got)   # no pass ran
+    assert store.stats.reread_hits == hits + 2 * len(ids) and store.stats.reread_misses == misses
+    shared.generate(ids, p, method=spec, budget=BUDGET, method_kwargs={"chunk": 64})
+    assert store.stats.reread_misses == misses + len(ids)
+    assert build_method("kvzip", BUDGET).reread_state() == build_method("kvzip", 2 * BUDGET,
+                                                                        allocation="head").reread_state()
+    assert build_method("kvzip", BUDGET, chunk=64).reread_state() != build_method("kvzip", BUDGET).reread_state()
+    # passes whose results are not declared budget-free run every time (duo's induction probe)
+    assert build_method("duo", BUDGET, heads="induction").reread_state() is None
+
+
 def test_a_hit_runs_only_the_last_chunk_and_counts_the_reused_tokens(pair):
     _, shared = pair
     store = shared.runner.prefix_store
@@ -178,7 +206,8 @@ def test_grid_with_shared_prefixes_gives_the_rows_of_one_without(default_tokeniz
     from kvsift.eval.tasks import TaskConfig
 
     m = tiny_model("llama", seed=4)
-    cfg = BenchConfig(tasks=["niah", "vt"], methods=["full", "snapkv", "quest", "h2o", "chunked"], budgets=["0.25", "0.5"],
+    cfg = BenchConfig(tasks=["niah", "vt"], methods=["full", "snapkv", "quest", "h2o", "chunked", "kvzip"],
+                      budgets=["0.25", "0.5"],
                       lengths=[300], task_config=TaskConfig(depths=(0.0, 1.0), samples=2))
     plain = KvsiftBackend(LLM.from_model(m, default_tokenizer, name="tiny", chunk_size=64, prefill_mode="rows"))
     shared = KvsiftBackend(LLM.from_model(m, default_tokenizer, name="tiny", chunk_size=64),
@@ -191,15 +220,17 @@ def test_grid_with_shared_prefixes_gives_the_rows_of_one_without(default_tokeniz
     run_grid(shared, cfg, tmp_path / "shared.jsonl", progress=False)
     a = {r["key"]: r for r in load_rows(tmp_path / "plain.jsonl")}
     b = {r["key"]: r for r in load_rows(tmp_path / "shared.jsonl")}
-    assert a.keys() == b.keys() and len(a) == 2 * (1 + 2 * 4)
+    assert a.keys() == b.keys() and len(a) == 2 * (1 + 2 * 5)
     for k in a:
         assert [e["prediction"] for e in a[k]["samples"]] == [e["prediction"] for e in b[k]["samples"]], k
         assert b[k]["settings"]["share_prefix_gib"] == 1.0 and "share_prefix_gib" not in a[k]["settings"]
     st = store.stats
-    # per task: 2 prompts stored by full (the first cell), used by snapkv and quest at two budgets;
-    # h2o stores its own 2 (with its accumulated attention) at its first budget, uses them at the
-    # second; chunked (it evicts as it goes) never asks
-    assert st.stored == 2 * (2 + 2) and st.hits == 2 * (4 + 1) * 2 and st.misses == 2 * (2 + 2)
+    # per task: 2 prompts stored by full (the first cell), used by snapkv, quest and kvzip at two
+    # budgets; h2o stores its own 2 (with its accumulated attention) at its first budget, uses them
+    # at the second; chunked (it evicts as it goes) never asks. kvzip's reread passes run at its
+    # first budget; the second installs their scores
+    assert st.stored == 2 * (2 + 2) and st.hits == 2 * (6 + 1) * 2 and st.misses == 2 * (2 + 2)
+    assert st.reread_misses == 2 * 2 and st.reread_hits == 2 * 2
     assert cleared == [4]   # the first task's prefixes, dropped when vt's prompts came
     with pytest.raises(ValueError, match="share_prefix_bytes"):
         KvsiftBackend(shared.llm, share_prefix_bytes=-1)

@@ -21,6 +21,14 @@ copied into the store when its prefill reaches the cut. Either way the row's for
 chunk, are those of a prefill without the store, so the tokens are the same as with
 ``prefill_mode="rows"`` and no store (tested for every sharing method).
 
+Reread passes (kvzip's context reconstruction, about one more prefill per prompt) are the other
+cost a grid repeats per budget. A method whose passes leave only budget-free per-layer state
+(:meth:`KVMethod.reread_state <kvsift.methods.base.KVMethod.reread_state>`) has that state kept
+here too, per prompt (:meth:`PrefixStore.get_reread` / :meth:`PrefixStore.put_reread`): a later
+prefill of the same prompt runs its last chunk and installs a copy instead of rereading. The state
+is what the passes would compute again (the same KV, the same forwards), so the tokens stay the
+same.
+
 Entries live on the model's device, up to ``max_bytes``; once it is full, new prefixes are not
 stored (a grid reads a prompt set's rows in the same order cell after cell: evicting the oldest
 would make every row miss) until the owner calls :meth:`PrefixStore.clear` (the eval harness does
@@ -43,20 +51,23 @@ from kvsift.cache import SiftCache
 class PrefixStats:
     """Counters over a store's life: rows that started from a stored prefix (``hits``) or ran
     from their start (``misses``), prefixes stored, prefixes not stored for want of room, and
-    prompt tokens not recomputed."""
+    prompt tokens not recomputed; rows whose reread passes' state was reused (``reread_hits``) or
+    computed (``reread_misses``)."""
 
     hits: int = 0
     misses: int = 0
     stored: int = 0
     refused: int = 0
     tokens_reused: int = 0
+    reread_hits: int = 0
+    reread_misses: int = 0
 
 
 class PrefixStore:
     """Per-prompt full-cache KV up to a chunk boundary (see the module docstring).
 
-    ``max_bytes``: bytes the entries (KV and carried method state) may take together (beyond
-    that, new prefixes are not stored)."""
+    ``max_bytes``: bytes the entries (KV, carried method state and the reread passes' state) may
+    take together (beyond that, new ones are not stored)."""
 
     def __init__(self, max_bytes: int):
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
@@ -65,6 +76,7 @@ class PrefixStore:
         self.nbytes = 0
         self.stats = PrefixStats()
         self._entries: OrderedDict[tuple, tuple[SiftCache, int]] = OrderedDict()
+        self._rereads: dict[tuple, list[dict]] = {}   # key -> per layer, {state name: LayerState}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -115,7 +127,43 @@ class PrefixStore:
         self.stats.stored += 1
         return True
 
+    @staticmethod
+    def reread_key(row: list[int], bounds: list[tuple[int, int]], passes: list[list[int]], state: Hashable) -> tuple:
+        """The key of the state ``row``'s reread ``passes`` leave, prefilled in chunks ``bounds``, for
+        a method whose :meth:`~kvsift.methods.base.KVMethod.reread_state` is ``state``."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(torch.tensor(row, dtype=torch.int64).numpy().tobytes())
+        for p in passes:
+            h.update(b"|" + torch.tensor(p, dtype=torch.int64).numpy().tobytes())
+        return "reread", len(row), tuple(bounds), h.hexdigest(), state
+
+    def get_reread(self, key: tuple) -> list[dict] | None:
+        """Copies of the per-layer states stored under ``key`` (one ``{name: LayerState}`` per
+        layer), or None."""
+        hit = self._rereads.get(key)
+        if hit is None:
+            self.stats.reread_misses += 1
+            return None
+        self.stats.reread_hits += 1
+        return [{k: v.clone() for k, v in states.items()} for states in hit]
+
+    def put_reread(self, key: tuple, layer_states: list[dict]) -> bool:
+        """Keep copies of ``layer_states`` (each layer's ``state`` after the passes) under ``key``;
+        False when there is no room (then nothing is kept)."""
+        if key in self._rereads:
+            return True
+        if any(getattr(v, "offloaded", False) for states in layer_states for v in states.values()):
+            return False
+        n = sum(sum(v.nbytes()) for states in layer_states for v in states.values())
+        if self.nbytes + n > self.max_bytes:
+            self.stats.refused += 1
+            return False
+        self._rereads[key] = [{k: v.clone() for k, v in states.items()} for states in layer_states]
+        self.nbytes += n
+        return True
+
     def clear(self) -> None:
         """Drop every entry (their device memory is freed)."""
         self._entries.clear()
+        self._rereads.clear()
         self.nbytes = 0

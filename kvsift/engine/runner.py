@@ -302,16 +302,26 @@ class ModelRunner:
         ctx.next_pos = pos[:, -1] + 1
         return self._prefilled(ctx, method, base + L, t0, logits)
 
-    def _finish_prefill(self, ctx: ForwardContext, method: KVMethod, run: Run, passes: list[list[int]]) -> None:
+    def _finish_prefill(self, ctx: ForwardContext, method: KVMethod, run: Run, passes: list[list[int]],
+                        memo: tuple | None = None) -> None:
         """After a fresh prompt's prefill (one sequence, or a batch without reread passes): run the
         method's reread ``passes`` (from ``method.reread_passes``), each at the positions after the
         prompt, attending to the prompt's KV through the prefill path and then dropped from the cache;
         ``ctx.reread_s`` is their time; then the method's deferred compression (``finish_prefill``).
         The cache reserved room for the longest pass (no buffer growth while they run); layers that
-        keep more than they need afterwards (nothing evicted) are shrunk back."""
+        keep more than they need afterwards (nothing evicted) are shrunk back. ``memo = (store,
+        key)`` (a :class:`~kvsift.engine.prefix.PrefixStore`, for a method with a
+        ``reread_state``): the layers' state after the passes is taken from the store when it holds
+        it (the passes are not run), else stored after them."""
         cache = ctx.cache
         ctx.reread_s = 0.0
         with torch.inference_mode():  # the cache's tensors are inference tensors: edit them in the mode
+            states = memo[0].get_reread(memo[1]) if memo is not None and passes else None
+            if states is not None:
+                for ly, st in zip(cache.layers, states):
+                    ly.state.clear()
+                    ly.state.update(st)
+                passes = []   # (nor is the room reserved for them shrunk: the row is copied into the batch)
             if passes:
                 sync(self.device)
                 t0 = time.perf_counter()
@@ -330,6 +340,8 @@ class ModelRunner:
                     ctx.rereading = False
                 sync(self.device)
                 ctx.reread_s = time.perf_counter() - t0
+                if memo is not None:
+                    memo[0].put_reread(memo[1], [ly.state for ly in cache.layers])
             method.finish_prefill(run, cache.layers, ctx)
             if passes and ctx.row is None:  # (rows are copied into the batch cache anyway)
                 for ly in cache.layers:  # the room reserved for the passes: not kept for decode
@@ -442,7 +454,10 @@ class ModelRunner:
                         bar.update(1)
                     if e < len(row) or i + 1 < b:
                         yield
-                self._finish_prefill(ctx, method, run, passes[i])
+                memo = None   # the passes' state, kept for the next prefill of this prompt (another budget)
+                if store is not None and passes[i] and width is None and method.reread_state() is not None:
+                    memo = store, store.reread_key(row, plan, passes[i], method.reread_state())
+                self._finish_prefill(ctx, method, run, passes[i], memo)
                 logits.append(lg)
                 parts.append([ly.quant if ly.quant is not None else
                               (ly.keys, ly.values, ly.positions, ly.ragged) if ly.k_buf is not None else None

@@ -48,6 +48,9 @@ class AdaKV(ScorerWrapper):
     def prefix_state(self):
         return self.inner.prefix_state()
 
+    def reread_state(self):
+        return self.inner.reread_state()   # adakv(kvzip): the passes' scores, then its own allocation
+
     def compress(self, run, layer, scores) -> None:
         k = self.layer_budget(run, layer.layer_idx)
         if layer.length <= k:

@@ -354,6 +354,17 @@ class KVMethod:
         budget. Default: None."""
         return None
 
+    def reread_state(self) -> Hashable | None:
+        """For a method with :meth:`reread_passes` that :meth:`shares_prefix`: None (the default)
+        when what its passes leave must be recomputed for every prefill; else a hashable naming
+        what they depend on besides the prompt (kvzip: its pass chunking and softmax), promising
+        that the per-layer state they leave (``layer.state``, all of it, before
+        :meth:`finish_prefill`) does not depend on the budget and that nothing else they compute is
+        needed later. The runner's :class:`~kvsift.engine.prefix.PrefixStore` then keeps a copy of
+        that state per prompt, and a later prefill of the same prompt (another budget) installs it
+        instead of running the passes again (they cost about one more prefill each time)."""
+        return None
+
     def join_token(self, run: "Run") -> Any:
         """What else rows must share to be stacked into one running batch when :meth:`joins_rows`
         (besides the method family, the context and the sampling): None by default; a method whose

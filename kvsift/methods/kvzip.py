@@ -204,6 +204,11 @@ class KVzip(EvictionMethod):
     def shares_prefix(self) -> bool:
         return True  # scores in its reread passes, after the prefill
 
+    def reread_state(self):
+        # the passes leave only each layer's KVzipState (max attention per slot), whatever the
+        # budget or allocation: with a prefix store, later budgets reuse it instead of rereading
+        return ("kvzip", self.chunk, self.overlap, self.softmax, self.sinks)
+
     # ---- the reread passes ---------------------------------------------------------------------
     def reread_passes(self, run, prompt_ids, tokenizer):
         """The reconstruction passes of one prompt (counted in ``run``). When the prompt starts
