@@ -17,8 +17,10 @@ Cells already in the rows file are left out; methods with nothing left are left 
 ``--by task``: with prefix sharing (``--share-prefix-gib``) a process prefills each prompt set once,
 whatever the methods it then runs over it; method groups make every process prefill every prompt
 set. So here the units are tasks, balanced the same way, and each process runs all the methods
-(``full`` first: its cells store the prefixes; then the cheapest first) over its tasks:
-``m1,m2,...@t1,t2``.
+over its tasks: ``m1,m2,...@t1,t2``, ordered by what they share (:func:`share_kind`): ``full``
+first (its cells store the prefixes), the methods that share its plain prefixes, then those that
+carry their own prefix state (h2o, expected_attention), then those that do not share; cheapest
+first within each, so a process's store holds one kind of prefix at a time.
 """
 
 from __future__ import annotations
@@ -97,9 +99,29 @@ def remaining_costs(rows: list[dict], suite: str, tasks=None, lengths=None, budg
     return costs
 
 
+def share_kind(label: str) -> tuple[int, str]:
+    """Where a method label runs among a by-task group's methods: ``(0, "")`` full, ``(1, "")``
+    the plain prefix sharers, ``(2, state)`` those carrying their own prefix state (grouped by it),
+    ``(3, "")`` those that do not share (``KVMethod.shares_prefix`` / ``prefix_state``)."""
+    from kvsift.eval.runner import method_options
+    from kvsift.methods import build_method
+
+    spec, kw = method_options(label)
+    if spec == "full":
+        return 0, ""
+    try:
+        m = build_method(spec, 0.1, **kw)
+    except Exception:  # noqa: BLE001 - a label this checkout cannot build: among the plain ones
+        return 1, ""
+    if not m.shares_prefix():
+        return 3, ""
+    state = m.prefix_state()
+    return (1, "") if state is None else (2, repr(state))
+
+
 def by_task(costs: dict[str, dict[str, float]], processes: int) -> list[str]:
     """Groups of tasks (each with every method that has cells left there), balanced by expected time:
-    ``"full,m1,m2@t1,t2"``, methods ordered ``full`` first, then by their expected time per cell."""
+    ``"full,m1,m2@t1,t2"``, methods ordered by :func:`share_kind`, then by expected time per cell."""
     per_task: dict[str, float] = {}
     for per in costs.values():
         for task, c in per.items():
@@ -108,7 +130,7 @@ def by_task(costs: dict[str, dict[str, float]], processes: int) -> list[str]:
     out = []
     for tasks in balance(per_task, processes):
         methods = sorted((m for m in costs if any(t in costs[m] for t in tasks)),
-                         key=lambda m: (m != "full", rate[m], m))
+                         key=lambda m: (*share_kind(m), rate[m], m))
         out.append(",".join(methods) + "@" + ",".join(sorted(tasks)))
     return out
 

@@ -69,7 +69,8 @@ def test_cli_reads_gzip_compressed_rows(tmp_path, capsys):
 
 def test_by_task_groups_run_every_method_over_their_tasks_full_first():
     """--by task: tasks balanced over the processes, each group every method with cells left on its
-    tasks, ``full`` first (its cells store the shared prefixes), then the cheapest per cell."""
+    tasks, ``full`` first (its cells store the shared prefixes), then the cheapest per cell among
+    the methods sharing plain prefixes."""
     costs = {"full": {"niah": 1.0, "qa": 1.0}, "kvzip": {"niah": 40.0, "qa": 30.0, "vt": 30.0},
              "snapkv": {"niah": 4.0, "qa": 4.0, "vt": 4.0}, "quest": {"vt": 2.0}}
     groups = sg.by_task(costs, 2)
@@ -78,8 +79,22 @@ def test_by_task_groups_run_every_method_over_their_tasks_full_first():
     assert sg.by_task({}, 3) == []
 
 
+def test_by_task_orders_methods_by_what_their_prefixes_share():
+    """Each kind of stored prefix runs together: full, the plain sharers, each stateful kind (h2o,
+    expected_attention, adakv(h2o) with h2o's), the non-sharing methods; cheapest first in each."""
+    ms = ["chunked", "h2o", "snapkv", "adakv(h2o)", "expected_attention", "quest", "full", "minference", "kvzip"]
+    costs = {m: {"niah": 1.0 + i} for i, m in enumerate(ms)}
+    (group,) = sg.by_task(costs, 1)
+    order = group.split("@")[0].split(",")
+    assert order[:4] == ["full", "snapkv", "quest", "kvzip"]                 # plain sharers by cost
+    assert set(order[4:7]) == {"h2o", "adakv(h2o)", "expected_attention"}
+    assert abs(order.index("h2o") - order.index("adakv(h2o)")) == 1          # one kind, together
+    assert order[7:] == ["chunked", "minference"]
+    assert sg.share_kind("kivi[bits=2]") == (1, "") and sg.share_kind("full") == (0, "")
+
+
 def test_cli_by_task(tmp_path, capsys):
     assert sg.main(["--rows", str(tmp_path / "none.jsonl"), "--processes", "2", "--tasks", "niah,vt",
                     "--lengths", "4096", "--budgets", "0.05", "--methods", "snapkv,full,h2o", "--by", "task"]) == 0
     out = capsys.readouterr().out.split()
-    assert sorted(out) == ["full,h2o,snapkv@niah", "full,h2o,snapkv@vt"]
+    assert sorted(out) == ["full,snapkv,h2o@niah", "full,snapkv,h2o@vt"]

@@ -174,6 +174,31 @@ def test_store_keeps_copies_and_what_it_holds_until_cleared():
     assert not PrefixStore(one - 1).put(a, _row_cache(10))   # larger than the whole store
 
 
+def test_a_full_store_makes_room_from_other_kinds_only():
+    """Full, a prefix of another kind (another method's ``prefix_state``) takes the room of the
+    least recently used entries of other kinds; entries of its own kind are never evicted for it
+    (a grid asks for them again in the same order), and it is refused when the others would not
+    free enough."""
+    one = _row_cache(10).memory()["device"]
+    store = PrefixStore(2 * one)
+    plain = [PrefixStore.key([i] * 10, [(0, 10)]) for i in range(3)]
+    mine = [PrefixStore.key([i] * 10, [(0, 10)], state=("h2o", 1)) for i in range(3)]
+    assert store.put(plain[0], _row_cache(10)) and store.put(plain[1], _row_cache(10, seed=1))
+    assert store.get(plain[0], room=0) is not None           # plain[1] is now the least recently used
+    assert store.put(mine[0], _row_cache(10, seed=2))        # evicts plain[1]
+    assert store.get(plain[1], room=0) is None and store.get(plain[0], room=0) is not None
+    assert store.put(mine[1], _row_cache(10, seed=3))        # evicts plain[0]
+    assert not store.put(mine[2], _row_cache(10, seed=4))    # only its own kind left: refused
+    assert store.stats.evicted == 2 and store.stats.refused == 1 and len(store) == 2
+    assert store.nbytes == 2 * one and store.get(mine[0], room=0) is not None
+    # and back: a plain prefix takes the room of the h2o ones, least recently used first (mine[1])
+    assert store.put(plain[2], _row_cache(10, seed=5))
+    assert store.get(mine[1], room=0) is None and store.get(mine[0], room=0) is not None
+    big = PrefixStore(one + one // 2)
+    assert big.put(plain[0], _row_cache(10)) and not big.put(mine[0], _row_cache(20))   # would not fit even alone
+    assert big.get(plain[0], room=0) is not None and big.stats.evicted == 0
+
+
 def test_store_refuses_what_is_not_one_plain_row():
     store = PrefixStore(1 << 20)
     key = PrefixStore.key([1] * 10, [(0, 10)])

@@ -29,10 +29,15 @@ prefill of the same prompt runs its last chunk and installs a copy instead of re
 is what the passes would compute again (the same KV, the same forwards), so the tokens stay the
 same.
 
-Entries live on the model's device, up to ``max_bytes``; once it is full, new prefixes are not
-stored (a grid reads a prompt set's rows in the same order cell after cell: evicting the oldest
-would make every row miss) until the owner calls :meth:`PrefixStore.clear` (the eval harness does
-when it moves to the next prompt set).
+Entries live on the model's device, up to ``max_bytes``. Once it is full, a new prefix takes the
+room of entries of *another kind* (another ``prefix_state``: the full cache's KV alone, h2o's
+prefixes, expected_attention's), least recently used first, and is refused when those do not
+free enough: entries of its own kind are never evicted for it (a grid reads a prompt set's rows in
+the same order cell after cell, so evicting the oldest of a kind would make every row miss). A
+grid running one method after another over a prompt set thus keeps what the method at hand uses
+(h2o's own prefixes replace the plain ones the methods before it used; a plain method after it
+takes them back), until the owner calls :meth:`PrefixStore.clear` (the eval harness does when it
+moves to the next prompt set).
 """
 
 from __future__ import annotations
@@ -51,14 +56,15 @@ from kvsift.cache import SiftCache
 class PrefixStats:
     """Counters over a store's life: rows that started from a stored prefix (``hits``) or ran
     from their start (``misses``), prefixes stored, prefixes not stored for want of room, and
-    prompt tokens not recomputed; rows whose reread passes' state was reused (``reread_hits``) or
-    computed (``reread_misses``)."""
+    prompt tokens not recomputed; entries dropped to make room for another kind (``evicted``); rows
+    whose reread passes' state was reused (``reread_hits``) or computed (``reread_misses``)."""
 
     hits: int = 0
     misses: int = 0
     stored: int = 0
     refused: int = 0
     tokens_reused: int = 0
+    evicted: int = 0
     reread_hits: int = 0
     reread_misses: int = 0
 
@@ -116,15 +122,26 @@ class PrefixStore:
             return False
         n = sum(2 * ly.keys.numel() * ly.keys.element_size() + ly.positions.numel() * ly.positions.element_size()
                 + sum(v.nbytes()[0] for v in ly.state.values()) for ly in cache.layers if ly.k_buf is not None)
-        if self.nbytes + n > self.max_bytes:
-            # full: keep what is stored (a grid asks for a prompt set's rows in the same order cell
-            # after cell, so evicting the oldest would make every row miss) until the owner clears it
+        if self.nbytes + n > self.max_bytes and not self._make_room(n, key[-1]):
             self.stats.refused += 1
             return False
         copy = cache.clone(room=0)
         self._entries[key] = (copy, n)
         self.nbytes += n
         self.stats.stored += 1
+        return True
+
+    def _make_room(self, n: int, state: Hashable | None) -> bool:
+        """Evict prefixes whose kind (``prefix_state``) is not ``state``, least recently used first,
+        until ``n`` more bytes fit; False (nothing evicted) when all of them would not be enough."""
+        others = [k for k in self._entries if k[-1] != state]          # oldest use first
+        if self.nbytes - sum(self._entries[k][1] for k in others) + n > self.max_bytes:
+            return False
+        for k in others:
+            if self.nbytes + n <= self.max_bytes:
+                break
+            self.nbytes -= self._entries.pop(k)[1]
+            self.stats.evicted += 1
         return True
 
     @staticmethod
