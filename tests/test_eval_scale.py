@@ -269,6 +269,59 @@ def test_estimate_batch_size():
     assert estimate_batch_size(0, 30000, 16, **shape) == 1
 
 
+def test_estimate_batch_size_with_the_methods_own_kv():
+    """With the engine's estimate of a method's KV (``kv_bytes(rows)``), the largest batch whose
+    device bytes (plus one row's activations when prefilled row by row, else every row's) and host
+    bytes fit: an eviction method at 5% gets far more rows of 30k than the full-KV count."""
+    from kvsift.engine.attention import MASK_ELEMENTS
+
+    shape = dict(num_layers=28, num_kv_heads=2, head_dim=128, dtype_bytes=2, num_q_heads=12)
+    free, tok = 20 * 2**30, 2 * 28 * 2 * 128 * 2
+    act = 16 * 12 * 128 * 2 * 512
+    room = 0.5 * free - 3 * MASK_ELEMENTS
+    full_kv = estimate_batch_size(free, 30000, 16, **shape)
+    evict = lambda rows: ((30000 + (rows - 1) * 1500) * tok, 0, True)   # noqa: E731 - one whole row, the rest kept
+    n = estimate_batch_size(free, 30000, 16, kv_bytes=evict, **shape)
+    assert full_kv == int(room // (30017 * tok + act)) == 11 and n == 64 and evict(64)[0] + act <= room   # capped at 64
+    assert estimate_batch_size(free, 30000, 16, kv_bytes=evict, cap=30, **shape) == 30
+    # every row's whole KV, prefilled as one batch: every row's activations too, as without kv_bytes
+    whole = lambda rows: (rows * 30017 * tok, 0, False)   # noqa: E731
+    assert estimate_batch_size(free, 30000, 16, kv_bytes=whole, **shape) == full_kv
+    # an offloading method: the host bytes bind (half of 10 GiB over 0.86 GB a row: 6 rows)
+    host = lambda rows: (rows * 1500 * tok, rows * 30000 * tok, True)   # noqa: E731
+    assert estimate_batch_size(free, 30000, 16, kv_bytes=host, free_host=10 * 2**30, **shape) == 6
+    assert estimate_batch_size(free, 30000, 16, kv_bytes=host, free_host=0, **shape) == 1
+    assert estimate_batch_size(0, 30000, 16, kv_bytes=evict, **shape) == 1
+
+
+def test_kv_estimate_is_the_schedulers_charge(tiny_llm):
+    """``LLM.kv_estimate`` (the eval's batch sizing) charges what ``LLM.request`` charges the
+    scheduler for the same prompts; a decode-time selection keeps the whole prompt per row, also
+    when prefilled row by row (a prefix store), where its budget was counted as kept before."""
+    from kvsift import SamplingParams
+    from kvsift.engine.prefix import PrefixStore
+
+    per_tok = tiny_llm.kv_bytes_per_token
+    ids = [[5] * 300] * 4
+    try:
+        for store in (None, PrefixStore(1 << 30)):
+            tiny_llm.runner.prefix_store = store
+            for spec, b in (("full", None), ("snapkv", 0.1), ("quest", 0.1), ("snapkv+quest", 0.1),
+                            ("sentencekv", 0.1), ("kivi", None)):
+                req = tiny_llm.request(ids, SamplingParams(max_tokens=8), method=spec, budget=b)
+                est = tiny_llm.kv_estimate(4, 300, 8, method=spec, budget=b)
+                assert est == (req.kv_bytes, req.host_bytes, tiny_llm.runner.rows_prefill(req.method, 4, None)), spec
+            quest = tiny_llm.kv_estimate(4, 300, 8, method="quest", budget=0.1)
+            assert quest[0] >= 4 * 300 * per_tok and quest[2] == (store is not None)
+            assert tiny_llm.kv_estimate(4, 300, 8, method="snapkv", budget=0.1)[0] < 2 * 300 * per_tok
+    finally:
+        tiny_llm.runner.prefix_store = None
+    with pytest.raises(ValueError):
+        tiny_llm.kv_estimate(0, 300, 8)
+    with pytest.raises(ValueError):
+        tiny_llm.kv_estimate(2, 300, 8, method="nope")
+
+
 def test_batched_equals_unbatched_on_a_tiny_model(tiny_llm, default_tokenizer):
     """Same tokens and scores whether the cell's samples go one by one or in one batch: padded
     batches (prompts of different lengths: left padding; sentencekv prefills row by row into one

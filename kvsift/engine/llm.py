@@ -251,20 +251,45 @@ class LLM:
         run = m.start(base + longest, self.info.num_layers)
         self.runner.decode_mode_for(m)  # a bad KVSIFT_DECODE: an error now, before any compute
         new = min(params.max_tokens, self.info.max_positions - base - longest)
+        kv, host, prefill, kept = self._charge(m, run, len(ids), longest, new, context,
+                                               uniform=len({len(x) for x in ids}) == 1)
+        return Request([list(x) for x in ids], params, m, run, context, cancel, kv, host, tag=tag,
+                       prefill_bytes=prefill, token_bytes=len(ids) * self.kv_bytes_per_token, kept_tokens=kept)
+
+    def _charge(self, m: KVMethod, run, rows: int, longest: int, new: int, context: Context | None,
+                uniform: bool) -> tuple[int, int, int, int]:
+        """``(device, host, prefill peak device, kept tokens per row)`` KV bytes a generation of
+        ``rows`` prompts of at most ``longest`` tokens (after ``context``) and ``new`` decode steps
+        is expected to hold (:func:`kvsift.budget.request_kv_bytes`; kept: the method's
+        ``device_tokens``)."""
         ctx_bytes = context.cache.memory()["device"] if context is not None else 0
-        row_prefill = self.runner.rows_prefill(m, len(ids), context)
+        row_prefill = self.runner.rows_prefill(m, rows, context)
         share = m.device_share(self.info.head_dim)
-        row_share = share[0] if m.codec and len({len(x) for x in ids}) == 1 else 1.0  # kivi: each row at its end
-        kv, host = request_kv_bytes(self.kv_bytes_per_token, len(ids), longest, run.tokens,
+        row_share = share[0] if m.codec and uniform else 1.0  # kivi: each row at its end
+        kept = min(m.device_tokens(run, longest), longest)
+        kv, host = request_kv_bytes(self.kv_bytes_per_token, rows, longest, kept,
                                     m.decode_kv_tokens(run, new), context_bytes=ctx_bytes,
                                     offloads=m.host_share(self.info.head_dim), row_prefill=row_prefill,
                                     context_shared=self.runner.shares_context(m, context), device_share=share,
                                     row_share=row_share)
-        kept = min(run.tokens, longest)
-        return Request([list(x) for x in ids], params, m, run, context, cancel, kv, host, tag=tag,
-                       prefill_bytes=prefill_kv_bytes(self.kv_bytes_per_token, len(ids), longest, kept,
-                                                      row_prefill=row_prefill, row_share=row_share),
-                       token_bytes=len(ids) * self.kv_bytes_per_token, kept_tokens=kept)
+        prefill = prefill_kv_bytes(self.kv_bytes_per_token, rows, longest, kept, row_prefill=row_prefill,
+                                   row_share=row_share)
+        return kv, host, prefill, kept
+
+    def kv_estimate(self, rows: int, prompt_tokens: int, max_new_tokens: int, *, method: str | KVMethod | None = None,
+                    budget: Budget = None, method_kwargs: dict | None = None) -> tuple[int, int, bool]:
+        """What the scheduler would charge a generation of ``rows`` fresh prompts of
+        ``prompt_tokens`` tokens each and ``max_new_tokens`` decode steps under ``method``:
+        ``(device KV bytes at its peak, host KV bytes, prefilled one row at a time)``. No compute;
+        ``ValueError`` for a bad method, budget or length, as :meth:`request` raises it."""
+        if rows < 1 or prompt_tokens < 1:
+            raise ValueError(f"kv_estimate needs rows >= 1 and prompt_tokens >= 1, got {rows}, {prompt_tokens}")
+        m = build_method(method or "full", budget, **(method_kwargs or {}))
+        self.check_length(prompt_tokens, "prompt")
+        run = m.start(prompt_tokens, self.info.num_layers)
+        new = min(max_new_tokens, self.info.max_positions - prompt_tokens)
+        kv, host, _, _ = self._charge(m, run, rows, prompt_tokens, new, None, uniform=True)
+        return kv, host, self.runner.rows_prefill(m, rows, None)
 
     def _offline(self, req: Request, progress: bool | None) -> Iterator[StreamEvent]:
         """Run one request through this LLM's scheduler (the calls of one LLM run one at a time)."""

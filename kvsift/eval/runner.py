@@ -263,15 +263,22 @@ def score_batch(backend, contexts: list[list[int]], continuations: list[list[int
 
 def estimate_batch_size(free_bytes: int, prompt_tokens: int, max_new_tokens: int, *, num_layers: int,
                         num_kv_heads: int, head_dim: int, dtype_bytes: int, num_q_heads: int | None = None,
-                        chunk_size: int = 512, fraction: float = 0.5, cap: int = 64) -> int:
+                        chunk_size: int = 512, fraction: float = 0.5, cap: int = 64,
+                        kv_bytes: Callable[[int], tuple[int, int, bool]] | None = None,
+                        free_host: int = 0) -> int:
     """How many sequences of ``prompt_tokens`` (+ ``max_new_tokens``) fit: the batch's bytes at most
     ``fraction`` of ``free_bytes``. Per sequence it counts the full KV of the whole sequence (what
-    the full cache and the decode-time methods hold; eviction methods hold less, so this is
-    conservative for them) and the activations of one prefill chunk (about 16 hidden-size vectors
-    per token: q/k/v/o, the MLP's gate and up projections, residuals). Once per batch it counts the
-    largest masked attention call (a padded batch's mask blocks, at most
+    the full cache and the decode-time methods hold) and the activations of one prefill chunk (about
+    16 hidden-size vectors per token: q/k/v/o, the MLP's gate and up projections, residuals). Once
+    per batch it counts the largest masked attention call (a padded batch's mask blocks, at most
     :data:`~kvsift.engine.attention.MASK_ELEMENTS` booleans and their additive fp16 copy; an
-    unpadded batch builds none). Clamped to ``[1, cap]``."""
+    unpadded batch builds none). Clamped to ``[1, cap]``.
+
+    ``kv_bytes(rows) -> (device, host, row_prefill)``: the method's own KV for a batch of ``rows``
+    (the engine's admission estimate, ``LLM.kv_estimate``) in place of every row's full KV: an
+    eviction method prefilled one row at a time holds one row's whole prompt beside the others'
+    kept tokens, so far more rows fit; the activations are then one row's, and the batch's host KV
+    (an offloading method's) must fit in ``fraction`` of ``free_host`` too."""
     from kvsift.engine.attention import MASK_ELEMENTS
 
     if prompt_tokens < 1 or free_bytes <= 0:
@@ -280,7 +287,18 @@ def estimate_batch_size(free_bytes: int, prompt_tokens: int, max_new_tokens: int
     kv = 2 * num_layers * num_kv_heads * head_dim * dtype_bytes * n
     act = 16 * (num_q_heads or num_kv_heads) * head_dim * dtype_bytes * min(chunk_size, prompt_tokens)
     room = fraction * free_bytes - 3 * MASK_ELEMENTS
-    return int(max(1, min(cap, room // (kv + act))))
+    if kv_bytes is None:
+        return int(max(1, min(cap, room // (kv + act))))
+
+    def fits(rows: int) -> bool:
+        dev, host, row_prefill = kv_bytes(rows)
+        return dev + (1 if row_prefill else rows) * act <= room and host <= fraction * free_host
+
+    lo, hi = 1, max(1, cap)   # the largest batch that fits (bytes grow with the rows)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -381,15 +399,22 @@ class KvsiftBackend(BaseBackend):
         dev = self.llm.device
         if dev.type != "cuda":
             return 1
+        from kvsift.budget import available_host_bytes
+
         free, _ = torch.cuda.mem_get_info(dev)
         free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)  # cached by torch, reusable
         info = self.llm.info
         cfg = getattr(self.llm.model.config, "text_config", None) or self.llm.model.config
+        spec, kw = method_options(method, self.method_kwargs)
+        estimate = getattr(self.llm, "kv_estimate", None)
+        kv_bytes = None if estimate is None else (
+            lambda rows: estimate(rows, prompt_tokens, max_new_tokens, method=spec, budget=budget, method_kwargs=kw))
         return estimate_batch_size(free, prompt_tokens, max_new_tokens, num_layers=info.num_layers,
                                    num_kv_heads=info.num_kv_heads, head_dim=info.head_dim,
                                    dtype_bytes=torch.tensor([], dtype=info.dtype).element_size(),
                                    num_q_heads=getattr(cfg, "num_attention_heads", None),
-                                   chunk_size=self.llm.chunk_size, fraction=self.mem_fraction, cap=self.max_batch)
+                                   chunk_size=self.llm.chunk_size, fraction=self.mem_fraction, cap=self.max_batch,
+                                   kv_bytes=kv_bytes, free_host=available_host_bytes() if kv_bytes else 0)
 
     def free_memory(self):
         import gc

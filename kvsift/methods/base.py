@@ -385,6 +385,13 @@ class KVMethod:
         c = codec_stage(self)
         return c.device_share(head_dim) if c is not None and c is not self else (1.0, 0)
 
+    def device_tokens(self, run: Run, prompt_len: int) -> int:
+        """Prompt tokens per layer and KV head the method keeps after the prefill (on the device, or
+        in host memory where it offloads), for memory admission
+        (:func:`kvsift.budget.request_kv_bytes`). Default: the budget's, ``run.tokens``; a
+        decode-time selection keeps the whole prompt (it selects from it at every step)."""
+        return run.tokens
+
     def decode_kv_tokens(self, run: Run, new_tokens: int) -> int:
         """KV slots per layer and KV head that decoding ``new_tokens`` tokens adds at most, for memory
         admission (:func:`kvsift.budget.request_kv_bytes`). Default: all of them; a method that
@@ -642,6 +649,9 @@ class DecodeSelect(KVMethod):
     def shares_prefix(self) -> bool:
         return self.decode_only   # quest, tokenselect: no prefill-time state (squeezed says so itself)
 
+    def device_tokens(self, run, prompt_len: int) -> int:
+        return prompt_len   # the budget is what a decode step reads, not what is kept
+
     def start(self, prompt_len: int, num_layers: int) -> SelectRun:
         tokens = resolve_budget(self.budget, prompt_len)
         return SelectRun(tokens, prompt_len, num_layers, decode_tokens(self.decode_budget, tokens, prompt_len))
@@ -886,6 +896,9 @@ class Compose(KVMethod):
 
     def offloads_to_host(self) -> bool:
         return any(s.offloads_to_host() for s in self.stages)
+
+    def device_tokens(self, run, prompt_len: int) -> int:
+        return min(s.device_tokens(r, prompt_len) for s, r in zip(self.stages, run.parts))   # snapkv+quest: snapkv's
 
     def host_share(self, head_dim=None) -> float:
         share = max(s.host_share(head_dim) for s in self.stages)
