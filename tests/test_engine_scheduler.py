@@ -1286,6 +1286,49 @@ def test_sentencekv_requests_join_a_running_batch_and_get_their_answers_alone(ti
                 assert torch.equal(g[i, :, : w.shape[2]], w[j]), (spec, i, j)
 
 
+def test_a_joiner_whose_host_writes_are_in_flight_joins_after_them(tiny_llm, monkeypatch):
+    """A joining sentencekv request's chunks go to host memory asynchronously on CUDA; stacking it
+    while they are in flight would wait for them between two steps of every running row. Its store
+    says so (``ChunkStore.ready``, here False for its first 3 asks), so the running row takes steps
+    meanwhile and the joiner is stacked once its writes are done: later than without them, with
+    every answer still the one alone."""
+    from kvsift.methods._offload import ChunkStore
+
+    p_a, p_b = random_prompt(200, seed=91), random_prompt(150, seed=92)
+    pa, pb = SamplingParams(max_tokens=12, ignore_eos=True), SamplingParams(max_tokens=5, ignore_eos=True)
+    kw = {"max_chunk": 16, "recent": 16}
+    want = [tiny_llm.generate(p, q, method="sentencekv", budget=48, method_kwargs=kw)[0].token_ids
+            for p, q in ((p_a, pa), (p_b, pb))]
+    widths = record_forward_widths(tiny_llm, monkeypatch)
+    real_stack = ChunkStore.stack.__func__
+    stacked_at = []
+
+    def stack(cls, sources):
+        stacked_at.append(len(widths))
+        return real_stack(cls, sources)
+
+    monkeypatch.setattr(ChunkStore, "stack", classmethod(stack))
+    at = {}
+    for busy in (0, 3):
+        asks = {"n": 0}
+
+        def ready(self, busy=busy):
+            asks["n"] += 1
+            return asks["n"] > busy
+
+        monkeypatch.setattr(ChunkStore, "ready", ready)
+        widths.clear()
+        stacked_at.clear()
+        a, b = (tiny_llm.request([p], q, method="sentencekv", budget=48, method_kwargs=kw)
+                for p, q in ((p_a, pa), (p_b, pb)))
+        outs, _ = run_with_joins(tiny_llm, a, {2: [b]})
+        assert [outs[r.id].token_ids for r in (a, b)] == want, busy
+        at[busy] = (stacked_at[0], widths[:stacked_at[0]].count(1))   # decode steps before the stacking
+        assert asks["n"] > busy
+    # held for 3 boundaries: the running row took 3 more steps before the joiner was stacked
+    assert at[3][1] == at[0][1] + 3, at
+
+
 @pytest.mark.parametrize("spec,kw,local", [("tokenselect", {}, 4), ("tokenselect", {"vote": "layer"}, 16),
                                            ("snapkv+tokenselect", {"decode_budget": 6}, 8)])
 def test_tokenselect_requests_join_a_running_batch_and_get_their_answers_alone(tiny_llm, spec, kw, local):

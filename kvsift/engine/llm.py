@@ -510,6 +510,7 @@ class LLM:
                         memory.ensure(r, max(r.room(len(p), self.info.max_positions) for p in r.prompts))
             swapped: list[_Swapped] = []  # preempted requests' rows on the host, oldest first
             pending = None  # joining requests and their prefill in flight, one chunk per decode step
+            held = None  # joiners prefilled whose method state still writes (see below): (new, parts, firsts)
             stepped = False  # this boundary already ran the next step (a new batch's first, see below)
             eos = torch.tensor(self.eos_ids, device=self.device) if self.eos_ids else None
             # on CUDA the host reads step t's tokens while step t+1 already runs (no stall per step)
@@ -558,7 +559,7 @@ class LLM:
                     last = all(s.done or s.steps == s.limit - 1 for s in seqs) and not swapped
                     tok = self._sample(_hold_eos(logits, seqs, eos), params, gen)
                     is_eos = torch.isin(tok, eos) if eos is not None else torch.zeros_like(tok, dtype=torch.bool)
-                    if pending is None and can_join and not last and not swapped:  # preempted ones first
+                    if pending is None and held is None and can_join and not last and not swapped:  # preempted first
                         joining = join(requests, len(seqs))
                         for r in joining:  # in the group from now on (its caller finishes them with it)
                             requests.append(r)
@@ -618,6 +619,13 @@ class LLM:
                             for r in joining:
                                 r.finished = True
                                 yield r, StreamEvent(0, "", None, finished=True, error=e)
+                    if new and not all(done) and not _states_ready(parts):
+                        # the joiners' method state is still being written asynchronously (sentencekv's
+                        # chunks on their way to host memory): stacking them now would wait for those
+                        # writes between two steps of every running row; the rows take steps meanwhile
+                        held, new, parts = (new, parts, firsts), [], []
+                    elif held is not None and (all(done) or _states_ready(held[1])):
+                        (new, parts, firsts), held = held, None
                     out_rows: set[int] = set()
                     resumed: list[_Swapped] = []
                     # the KV the steps wrote: the runner's arena when the decode runs over one
@@ -630,7 +638,7 @@ class LLM:
                                                              force=idle and not resumed):
                                 covered[swapped[0].req] = swapped[0].tokens + memory.headroom
                                 resumed.append(swapped.pop(0))
-                    if all(done) and not new and pending is None and not resumed and not swapped:
+                    if all(done) and not new and pending is None and held is None and not resumed and not swapped:
                         break
                     if synced and compact and (new or any(done) or out_rows or resumed):
                         # continuous batching: done rows leave, new requests join, before the next step
@@ -975,6 +983,14 @@ def _as_batch(prompts) -> list:
     if isinstance(prompts, Sequence) and len(prompts) > 0:
         return list(prompts)
     raise ValueError("prompts must be a string, a list of token ids, or a non-empty list of those")
+
+
+def _states_ready(parts: list) -> bool:
+    """Whether the method state in the caches of joining ``parts`` (``(cache, ctx, logits, rows)``
+    from :meth:`LLM._prefill_joining`) can be stacked without waiting (:meth:`LayerState.ready
+    <kvsift.methods.base.LayerState.ready>`: no asynchronous write of it still in flight)."""
+    return all(st.ready() for cache, *_ in parts for ly in cache.layers for st in ly.state.values()
+               if hasattr(st, "ready"))
 
 
 def _hold_eos(logits: torch.Tensor, seqs: list["_Seq"], eos: torch.Tensor | None) -> torch.Tensor:

@@ -285,6 +285,11 @@ class ChunkStore:
             except Exception:   # interpreter shutdown
                 pass
 
+    def ready(self) -> bool:
+        """True when no asynchronous write to the host store is in flight (:meth:`_host_ready` would
+        not wait); does not block."""
+        return self._written is None or self._written.query()
+
     def _host_ready(self) -> None:
         """Wait for asynchronous writes to the host store before the host reads or replaces it."""
         if self._written is not None:

@@ -143,6 +143,17 @@ class LayerState:
                 setattr(new, f.name, v.clone())
         return new
 
+    def ready(self) -> bool:
+        """False while an asynchronous write of this state is still in flight (sentencekv's chunks
+        on their way to host memory), so that reading it now (stacking rows at a join) would wait
+        for it; the engine then lets a running batch take steps before it stacks the joiners. The
+        default asks the fields that can say (nested states, a chunk store)."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if callable(getattr(v, "ready", None)) and not v.ready():
+                return False
+        return True
+
     def nbytes(self) -> tuple[int, int]:
         """``(device bytes, host bytes)`` really allocated."""
         dev = host = 0
