@@ -575,7 +575,9 @@ class LLM:
                     # a charge to grow, or preempted rows waiting to come back: rows may change
                     mem_due = preempt and (bool(swapped) or any(
                         not s.done and s.steps + 2 > covered[owners[i][0]] for i, s in enumerate(seqs)))
-                    synced = not lag or pending is not None or (compact and any(s.done for s in seqs)) or mem_due
+                    # (joiners held for their state's writes: rows change once those are done)
+                    synced = (not lag or pending is not None or held is not None
+                              or (compact and any(s.done for s in seqs)) or mem_due)
                     if not synced:
                         host.copy_(torch.stack((tok, is_eos.long())), non_blocking=True)
                         ready.record()
