@@ -16,6 +16,7 @@ from kvsift.eval.fakes import ReadingBackend, WordTokenizer
 from kvsift.eval.report import cell_stats, leaderboard, markdown_table, write_report
 from kvsift.eval.runner import (BenchConfig, BaseBackend, estimate_batch_size, load_rows, run_cell, run_grid)
 from kvsift.eval.tasks import TASKS, TaskBuilder, TaskConfig
+from tests.conftest import random_prompt
 
 
 def _parser():
@@ -316,6 +317,14 @@ def test_kv_estimate_is_the_schedulers_charge(tiny_llm):
             assert tiny_llm.kv_estimate(4, 300, 8, method="snapkv", budget=0.1)[0] < 2 * 300 * per_tok
     finally:
         tiny_llm.runner.prefix_store = None
+    # what a row keeps on the device after its prefill, against what it holds (stats): shadowkv's
+    # factors and landmarks of every token count (before: its budget alone, a third of it here)
+    p = [random_prompt(1000, seed=1)]
+    for spec, b in (("shadowkv", 0.05), ("snapkv", 0.05), ("quest", 0.05), ("full", None)):
+        held = tiny_llm.generate(p, SamplingParams(max_tokens=2, ignore_eos=True), method=spec,
+                                 budget=b)[0].stats.kv_device_bytes
+        kept = tiny_llm.request(p, SamplingParams(max_tokens=2), method=spec, budget=b).kept_tokens * per_tok
+        assert 0.9 * held <= kept <= 1.1 * held, (spec, kept, held)
     with pytest.raises(ValueError):
         tiny_llm.kv_estimate(0, 300, 8)
     with pytest.raises(ValueError):

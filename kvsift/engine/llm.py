@@ -266,7 +266,7 @@ class LLM:
         row_prefill = self.runner.rows_prefill(m, rows, context)
         share = m.device_share(self.info.head_dim)
         row_share = share[0] if m.codec and uniform else 1.0  # kivi: each row at its end
-        kept = min(m.device_tokens(run, longest), longest)
+        kept = min(m.device_tokens(run, longest, self.info), longest)
         kv, host = request_kv_bytes(self.kv_bytes_per_token, rows, longest, kept,
                                     m.decode_kv_tokens(run, new), context_bytes=ctx_bytes,
                                     offloads=m.host_share(self.info.head_dim), row_prefill=row_prefill,

@@ -396,11 +396,13 @@ class KVMethod:
         c = codec_stage(self)
         return c.device_share(head_dim) if c is not None and c is not self else (1.0, 0)
 
-    def device_tokens(self, run: Run, prompt_len: int) -> int:
-        """Prompt tokens per layer and KV head the method keeps after the prefill (on the device, or
-        in host memory where it offloads), for memory admission
-        (:func:`kvsift.budget.request_kv_bytes`). Default: the budget's, ``run.tokens``; a
-        decode-time selection keeps the whole prompt (it selects from it at every step)."""
+    def device_tokens(self, run: Run, prompt_len: int, info=None) -> int:
+        """Prompt tokens per layer and KV head the method keeps on the device after the prefill (in
+        tokens of full KV: a method keeping something else counts its bytes as that many tokens),
+        for memory admission (:func:`kvsift.budget.request_kv_bytes`); ``info``: the model's
+        :class:`~kvsift.models.loader.ModelInfo` where the answer depends on its shape. Default:
+        the budget's, ``run.tokens``; a decode-time selection keeps the whole prompt (it selects
+        from it at every step); shadowkv its factors and landmarks of every token besides."""
         return run.tokens
 
     def decode_kv_tokens(self, run: Run, new_tokens: int) -> int:
@@ -660,7 +662,7 @@ class DecodeSelect(KVMethod):
     def shares_prefix(self) -> bool:
         return self.decode_only   # quest, tokenselect: no prefill-time state (squeezed says so itself)
 
-    def device_tokens(self, run, prompt_len: int) -> int:
+    def device_tokens(self, run, prompt_len: int, info=None) -> int:
         return prompt_len   # the budget is what a decode step reads, not what is kept
 
     def start(self, prompt_len: int, num_layers: int) -> SelectRun:
@@ -908,8 +910,8 @@ class Compose(KVMethod):
     def offloads_to_host(self) -> bool:
         return any(s.offloads_to_host() for s in self.stages)
 
-    def device_tokens(self, run, prompt_len: int) -> int:
-        return min(s.device_tokens(r, prompt_len) for s, r in zip(self.stages, run.parts))   # snapkv+quest: snapkv's
+    def device_tokens(self, run, prompt_len: int, info=None) -> int:
+        return min(s.device_tokens(r, prompt_len, info) for s, r in zip(self.stages, run.parts))   # snapkv+quest: snapkv's
 
     def host_share(self, head_dim=None) -> float:
         share = max(s.host_share(head_dim) for s in self.stages)

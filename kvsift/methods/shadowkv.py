@@ -256,6 +256,17 @@ class ShadowKV(KVMethod):
     def host_share(self, head_dim=None) -> float:
         return 0.5  # values (and positions) only: about half of each token's KV, a lower bound
 
+    def device_tokens(self, run, prompt_len: int, info=None) -> int:
+        """The budget's tokens whole, plus every prompt token's low-rank key factor (``rank`` values
+        of the ``kv_heads * head_dim`` key width) and landmark share (the width over ``chunk``
+        tokens), counted as tokens of full KV (keys and values: twice the width). Without the
+        model's shape: the whole prompt (an upper bound)."""
+        if info is None:
+            return prompt_len
+        width = info.num_kv_heads * info.head_dim
+        share = (self.key_rank(width) + width / self.chunk) / (2 * width)
+        return min(prompt_len, run.tokens + math.ceil(prompt_len * share))
+
     def quantized_ok(self) -> bool:
         return False  # it keeps KV in its own layout (factors, host values)
 
