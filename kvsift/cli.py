@@ -193,6 +193,8 @@ def serving_traits(name: str) -> dict[str, str]:
         mode = "graph (CUDA graphs)" if m.graph_ok() else "static" if m.static_ok() else "eager"
     share = ("yes (its prefill starts from a stored full-cache prefix: `kvsift bench run --share-prefix-gib`)"
              if m.shares_prefix() else "no (it acts before its prefill's last chunk)")
+    if m.shares_prefix() and m.reread_state() is not None:
+        share += "; its reread passes run once per prompt, for every budget"
     return {"joins running batches": joins, "fastest decode mode": mode,
             "host memory": "yes (offloads KV to pinned host memory)" if m.offloads_to_host() else "no",
             "shares prefix": share}

@@ -36,6 +36,14 @@ def test_methods_name_says_what_it_means_for_serving(capsys, name, joins, mode, 
     assert host is None or t["host memory"].startswith(host)
 
 
+def test_methods_name_says_what_a_prefix_store_saves():
+    from kvsift.cli import serving_traits
+
+    assert serving_traits("kvzip")["shares prefix"].endswith("its reread passes run once per prompt, for every budget")
+    assert serving_traits("snapkv")["shares prefix"].startswith("yes") and "reread" not in serving_traits("snapkv")["shares prefix"]
+    assert serving_traits("chunked")["shares prefix"].startswith("no")
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--method", "nope"], "unknown method 'nope'"),
     (["--method", "snapkv", "--budget", "0"], "budget must be >= 1"),
