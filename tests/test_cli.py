@@ -40,7 +40,8 @@ def test_methods_name_says_what_a_prefix_store_saves():
     from kvsift.cli import serving_traits
 
     assert serving_traits("kvzip")["shares prefix"].endswith("its reread passes run once per prompt, for every budget")
-    assert serving_traits("snapkv")["shares prefix"].startswith("yes") and "reread" not in serving_traits("snapkv")["shares prefix"]
+    snap = serving_traits("snapkv")["shares prefix"]
+    assert snap.startswith("yes") and "reread" not in snap
     assert serving_traits("chunked")["shares prefix"].startswith("no")
 
 

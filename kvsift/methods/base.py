@@ -911,7 +911,8 @@ class Compose(KVMethod):
         return any(s.offloads_to_host() for s in self.stages)
 
     def device_tokens(self, run, prompt_len: int, info=None) -> int:
-        return min(s.device_tokens(r, prompt_len, info) for s, r in zip(self.stages, run.parts))   # snapkv+quest: snapkv's
+        # snapkv+quest: snapkv's kept tokens (quest selects among them)
+        return min(s.device_tokens(r, prompt_len, info) for s, r in zip(self.stages, run.parts))
 
     def host_share(self, head_dim=None) -> float:
         share = max(s.host_share(head_dim) for s in self.stages)
