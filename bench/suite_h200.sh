@@ -104,10 +104,10 @@ kill $SMI 2>/dev/null
 nvidia-smi --query-gpu=memory.used,memory.total --format=csv 2>/dev/null | tail -1
 [ -s "$RES/smi.log" ] && awk -F'[ ,%]+' '{u+=$1; n++} END {if (n) printf "GPU utilization: mean %.0f%% over %d samples\n", u/n, n}' "$RES/smi.log"
 for f in "$RES"/[gk]*.log; do echo "== $f"; grep "^\[bench\] [0-9]\|stopped\|Error\|error" "$f" | tail -30; done
-python3 - "$RES" <<'EOF'
-import gzip, json, pathlib, sys
+python3 - "$RES" "$T_START" <<'EOF'
+import datetime, gzip, json, pathlib, statistics, sys
 from kvsift.eval.runner import load_rows
-res = pathlib.Path(sys.argv[1])
+res, since = pathlib.Path(sys.argv[1]), datetime.datetime.fromtimestamp(int(sys.argv[2]), datetime.timezone.utc)
 for prefix, name in (("g", "standard.jsonl.gz"), ("k", "kvpress.jsonl.gz")):
     files = sorted(res.glob(f"{prefix}[0-9]*.jsonl"))
     rows = load_rows(files) if files else []          # the last row of a key wins
@@ -115,6 +115,14 @@ for prefix, name in (("g", "standard.jsonl.gz"), ("k", "kvpress.jsonl.gz")):
         with gzip.open(res / name, "wt", encoding="utf-8") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))
         print(f"{len(rows)} cells in {res / name}")
+    # this call's cells by prompt length: how many, their wall time, the steady decode step
+    new = [r for r in rows if not r.get("error") and r.get("time")
+           and datetime.datetime.fromisoformat(r["time"]) >= since]
+    for n in sorted({r["length"] for r in new}):
+        at = [r for r in new if r["length"] == n]
+        med = lambda k: statistics.median(x for x in (r.get(k) for r in at) if x) if any(r.get(k) for r in at) else 0  # noqa: E731
+        print(f"  {prefix} {n:>6} tokens: {len(at):>3} cells, wall median {med('wall_s'):.1f} s, "
+              f"steady decode median {med('steady_ms_per_token'):.1f} ms/token, batch median {med('batch_size'):.0f}")
 EOF
 tar czf "$DEST/suite.tgz" -C "$RES" .
 }
