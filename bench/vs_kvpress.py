@@ -31,7 +31,7 @@ token uncompressed, where ``k`` is what kvsift keeps per layer and KV head for t
 -> ceil(ratio * n), tokens -> min(budget, n)). So both compress the whole prompt (question
 included) to the same number of KV entries per head (PyramidKV: on average over layers). For
 ``ppl`` the whole context is compressed to ``k`` and the continuation is teacher-forced one token at
-a time, as in kvsift. Presses keep their kvpress defaults (e.g. SnapKV window 64, kvsift's is 32).
+a time, as in kvsift (samples of one length as one batch: ``KvpressBackend.score_batch``). Presses keep their kvpress defaults (e.g. SnapKV window 64, kvsift's is 32).
 ``--compress context`` (the query-agnostic setting, kvpress's own pipeline semantics): the sample
 is split once by the runner into context ids and question ids (the same ids kvsift gets); all
 ``c`` context tokens are prefilled under the press keeping ``k`` of them (``k`` from the same rule
@@ -699,6 +699,57 @@ class KvpressBackend:
             nll_sum=nll, n_tokens=len(continuation_ids), prompt_tokens=n, kv_device_bytes=kv, kv_host_bytes=0,
             kv_kept_bytes=kv - masked, kv_full_bytes=self._full_bytes(n), prefill_s=prefill_s,
             decode_ms_per_token=1000.0 * decode_s / steps if steps else 0.0)
+
+    def score_batch(self, contexts, continuations, method, budget):
+        """:meth:`score` for contexts of one length and continuations of one length, as one batch:
+        the contexts prefilled together under the press (kept to kvsift's budget each), then one
+        ``(batch, 1)`` teacher-forced step per continuation token, the NLL summed on the device.
+        Each sample gets ``1/B`` of the batch's KV bytes and prefill time, and ``batch=B``. A press
+        that runs one row at a time (``batch1``) scores them one by one."""
+        from transformers import DynamicCache
+
+        spec0 = parse_press(method)[1]
+        if len(contexts) == 1 or spec0.batch1:
+            return [self.score(c, x, method, budget) for c, x in zip(contexts, continuations)]
+        t, b, n, m = self.torch, len(contexts), len(contexts[0]), len(continuations[0])
+        if any(len(c) != n for c in contexts) or any(len(x) != m for x in continuations) or not m:
+            raise ValueError("score_batch needs contexts of one length and non-empty continuations of one length")
+        spec, press = self._press(method, budget, n, n)
+        cache = DynamicCache()
+        self._reset_masks()
+        with t.inference_mode(), contextlib.ExitStack() as whole:
+            if press is not None and spec.decode:
+                whole.enter_context(press(self.model))
+            t0 = time.perf_counter()
+            with contextlib.ExitStack() as pre:
+                if spec.eager:
+                    pre.enter_context(self._attn("eager"))
+                if press is not None and not spec.decode:
+                    pre.enter_context(press(self.model))
+                out = self.model(input_ids=t.tensor(contexts, device=self.device), past_key_values=cache,
+                                 use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1].float()                                      # (b, vocab)
+            self._sync()
+            prefill_s = time.perf_counter() - t0
+            kv = self._kv_bytes(cache)
+            masked = self._masked_entries() * 2 * self.head_dim * self.elt
+            targets = t.tensor(continuations, device=self.device)                  # (b, m)
+            nll = t.zeros(b, dtype=t.float64, device=self.device)
+            t1 = time.perf_counter()
+            for i in range(m):
+                nll -= t.log_softmax(logits, dim=-1).gather(1, targets[:, i:i + 1])[:, 0].double()
+                if i == m - 1:
+                    break
+                logits = self._step(cache, targets[:, i:i + 1], n + i)
+                if i == 0 and spec.decode:
+                    kv = self._kv_bytes(cache)
+            sums = nll.tolist()
+            decode_s = time.perf_counter() - t1
+        self._reset_masks()
+        return [self.runner.Scored(
+            nll_sum=x, n_tokens=m, prompt_tokens=n, kv_device_bytes=kv // b, kv_host_bytes=0,
+            kv_kept_bytes=(kv - masked) // b, kv_full_bytes=self._full_bytes(n), prefill_s=prefill_s / b,
+            decode_ms_per_token=1000.0 * decode_s / (m - 1) if m > 1 else 0.0, batch=b) for x in sums]
 
 
 def worker(args) -> int:

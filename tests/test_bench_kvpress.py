@@ -141,3 +141,26 @@ def test_worker_context_path_matches_kvsift_full(tiny_llm, monkeypatch):
     assert kp.text == ks.text and kp.prompt_tokens == ks.prompt_tokens == len(ctx) + len(q)
     assert kp.kv_device_bytes == kp.kv_full_bytes == ks.kv_full_bytes
     assert vk.KvpressBackend.context_settings(None, "decoding")["press_scope"].startswith("context prefilled without")
+
+
+def test_worker_scores_a_ppl_batch_as_its_rows_alone(tiny_llm, monkeypatch):
+    """kvpress's side scores ``ppl`` samples of one length as one batch (one prefill, one
+    ``(batch, 1)`` step per token): each row's NLL equals its ``score`` alone and kvsift's with the
+    full cache; each row gets its share of the batch's KV bytes."""
+    import pytest
+
+    from tests.conftest import random_prompt
+
+    monkeypatch.setitem(sys.modules, "kvpress", _fake_kvpress())
+    be = _kvpress_backend(tiny_llm)
+    rows = [random_prompt(112, seed=60 + i) for i in range(3)]
+    ctxs, conts = [r[:100] for r in rows], [r[100:] for r in rows]
+    alone = [be.score(c, x, "full", None) for c, x in zip(ctxs, conts)]
+    both = be.score_batch(ctxs, conts, "full", None)
+    mine = [tiny_llm.score(c, x, method="full")[0] for c, x in zip(ctxs, conts)]
+    assert [s.nll_sum for s in both] == pytest.approx([s.nll_sum for s in alone], rel=1e-4)
+    assert [s.nll_sum for s in both] == pytest.approx(mine, rel=1e-4)
+    assert all(s.batch == 3 and s.n_tokens == 12 for s in both)
+    assert [s.kv_device_bytes for s in both] == [alone[0].kv_device_bytes] * 3
+    with pytest.raises(ValueError, match="one length"):
+        be.score_batch([ctxs[0], ctxs[1][:90]], conts[:2], "full", None)
