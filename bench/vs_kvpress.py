@@ -659,46 +659,8 @@ class KvpressBackend:
     def score(self, context_ids, continuation_ids, method, budget):
         """Teacher-forced NLL of ``continuation_ids`` after ``context_ids`` compressed to kvsift's
         budget (a decode-time press compresses at the first continuation token: its KV bytes are
-        measured after that step)."""
-        from transformers import DynamicCache
-
-        t, n = self.torch, len(context_ids)
-        spec, press = self._press(method, budget, n, n)
-        cache = DynamicCache()
-        nll = 0.0
-        self._reset_masks()
-        with t.inference_mode(), contextlib.ExitStack() as whole:
-            if press is not None and spec.decode:
-                whole.enter_context(press(self.model))
-            t0 = time.perf_counter()
-            with contextlib.ExitStack() as pre:
-                if spec.eager:
-                    pre.enter_context(self._attn("eager"))
-                if press is not None and not spec.decode:
-                    pre.enter_context(press(self.model))
-                out = self.model(input_ids=self._ids(context_ids), past_key_values=cache, use_cache=True,
-                                 logits_to_keep=1)
-            logits = out.logits[0, -1].float()
-            self._sync()
-            prefill_s = time.perf_counter() - t0
-            kv = self._kv_bytes(cache)
-            masked = self._masked_entries() * 2 * self.head_dim * self.elt
-            t1 = time.perf_counter()
-            for i, tok in enumerate(continuation_ids):
-                nll -= float(t.log_softmax(logits, dim=-1)[tok])
-                if i == len(continuation_ids) - 1:
-                    break
-                logits = self._step(cache, int(tok), n + i)
-                if i == 0 and spec.decode:
-                    kv = self._kv_bytes(cache)
-            self._sync()
-            decode_s = time.perf_counter() - t1
-        self._reset_masks()
-        steps = len(continuation_ids) - 1
-        return self.runner.Scored(
-            nll_sum=nll, n_tokens=len(continuation_ids), prompt_tokens=n, kv_device_bytes=kv, kv_host_bytes=0,
-            kv_kept_bytes=kv - masked, kv_full_bytes=self._full_bytes(n), prefill_s=prefill_s,
-            decode_ms_per_token=1000.0 * decode_s / steps if steps else 0.0)
+        measured after that step): one row of :meth:`score_batch`."""
+        return self._score_rows([context_ids], [continuation_ids], method, budget)[0]
 
     def score_batch(self, contexts, continuations, method, budget):
         """:meth:`score` for contexts of one length and continuations of one length, as one batch:
@@ -706,14 +668,18 @@ class KvpressBackend:
         ``(batch, 1)`` teacher-forced step per continuation token, the NLL summed on the device.
         Each sample gets ``1/B`` of the batch's KV bytes and prefill time, and ``batch=B``. A press
         that runs one row at a time (``batch1``) scores them one by one."""
+        if len({len(c) for c in contexts}) > 1 or len({len(x) for x in continuations}) > 1:
+            raise ValueError("score_batch needs contexts of one length and continuations of one length")
+        if parse_press(method)[1].batch1:
+            return [self._score_rows([c], [x], method, budget)[0] for c, x in zip(contexts, continuations)]
+        return self._score_rows(contexts, continuations, method, budget)
+
+    def _score_rows(self, contexts, continuations, method, budget):
         from transformers import DynamicCache
 
-        spec0 = parse_press(method)[1]
-        if len(contexts) == 1 or spec0.batch1:
-            return [self.score(c, x, method, budget) for c, x in zip(contexts, continuations)]
         t, b, n, m = self.torch, len(contexts), len(contexts[0]), len(continuations[0])
-        if any(len(c) != n for c in contexts) or any(len(x) != m for x in continuations) or not m:
-            raise ValueError("score_batch needs contexts of one length and non-empty continuations of one length")
+        if not m:
+            raise ValueError("score needs a non-empty continuation")
         spec, press = self._press(method, budget, n, n)
         cache = DynamicCache()
         self._reset_masks()
@@ -734,7 +700,7 @@ class KvpressBackend:
             kv = self._kv_bytes(cache)
             masked = self._masked_entries() * 2 * self.head_dim * self.elt
             targets = t.tensor(continuations, device=self.device)                  # (b, m)
-            nll = t.zeros(b, dtype=t.float64, device=self.device)
+            nll = t.zeros(b, dtype=t.float64, device=self.device)                  # fp32 log-probs, summed in fp64
             t1 = time.perf_counter()
             for i in range(m):
                 nll -= t.log_softmax(logits, dim=-1).gather(1, targets[:, i:i + 1])[:, 0].double()
@@ -743,7 +709,7 @@ class KvpressBackend:
                 logits = self._step(cache, targets[:, i:i + 1], n + i)
                 if i == 0 and spec.decode:
                     kv = self._kv_bytes(cache)
-            sums = nll.tolist()
+            sums = nll.tolist()   # (waits for the last step)
             decode_s = time.perf_counter() - t1
         self._reset_masks()
         return [self.runner.Scored(
