@@ -228,22 +228,7 @@ def test_run_cell_batches_keep_results_and_schema():
 
 def test_out_of_memory_halves_the_batch():
     tok, samples = _niah_samples(6)
-
-    class OutOfMemoryError(RuntimeError):
-        pass
-
-    class Small(ReadingBackend):
-        freed = 0
-
-        def generate_batch(self, prompts, method, budget, max_new_tokens):
-            if len(prompts) > 2:
-                raise OutOfMemoryError("CUDA out of memory (fake)")
-            return super().generate_batch(prompts, method, budget, max_new_tokens)
-
-        def free_memory(self):
-            self.freed += 1
-
-    be = Small(tok)
+    be = ReadingBackend(tok, max_rows=2)   # a batch of 3 or more: out of memory
     row = run_cell(be, samples, "niah", "full", None, 400, 0, batch_size=6, pad=True)
     assert be.batches == [2, 2, 2] and be.freed == 2 and row["batch_size"] == 2
     assert _strip(row) == _strip(run_cell(ReadingBackend(tok), samples, "niah", "full", None, 400, 0))

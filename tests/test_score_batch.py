@@ -117,21 +117,7 @@ def test_fake_grid_ppl_batches_give_the_same_rows(tmp_path):
     assert auto.score_batches == [3, 2] * 6
     assert _same_rows(tmp_path / "auto.jsonl") == _same_rows(tmp_path / "one.jsonl")
 
-    class OutOfMemoryError(RuntimeError):
-        pass
-
-    class Small(ReadingBackend):  # the runner's one retry loop halves ppl batches as it does generation's
-        freed = 0
-
-        def score_batch(self, contexts, continuations, method, budget):
-            if len(contexts) > 2:
-                raise OutOfMemoryError("CUDA out of memory (fake)")
-            return super().score_batch(contexts, continuations, method, budget)
-
-        def free_memory(self):
-            self.freed += 1
-
-    small = Small(tok)
+    small = ReadingBackend(tok, max_rows=2)   # the runner's one retry loop halves ppl batches as generation's
     run_grid(small, _ppl_config(), tmp_path / "small.jsonl", progress=False, batch_size=5)
     assert small.score_batches == [2, 2, 1] * 6 and small.freed == 2 * 6
     assert {r["batch_size"] for r in load_rows(tmp_path / "small.jsonl")} == {2}

@@ -35,19 +35,28 @@ class WordTokenizer:
         return "".join(self.inv[i] for i in ids if not (skip_special_tokens and i == 0))
 
 
+class OutOfMemoryError(RuntimeError):
+    """What :class:`ReadingBackend` raises for a batch past ``max_rows`` (the runner knows an
+    out-of-memory error by this name, as torch's)."""
+
+
 class ReadingBackend(BaseBackend):
     """Answers by reading the prompt, like a perfect model whose cache kept ``kept/full`` of the
     prompt: needles in the kept *tail* of the prompt are found (StreamingLLM-like), others not.
     ``calls`` counts generate/score calls (to check resumability); ``batches`` the size of each
-    ``generate_batch`` call, ``score_batches`` of each ``score_batch`` call; ``auto_batch`` is what
-    ``auto_batch_size`` answers. ``generate_context``
-    (``--compress context``) sees the kept tail of the context plus the whole question."""
+    ``generate_batch`` call, ``score_batches`` of each ``score_batch`` call (calls that ran);
+    ``auto_batch`` is what ``auto_batch_size`` answers; a batch of more than ``max_rows`` rows fails
+    as CUDA's out-of-memory error does (``freed`` counts the runner's ``free_memory`` calls after
+    it). ``generate_context`` (``--compress context``) sees the kept tail of the context plus the
+    whole question."""
 
     name = "fake"
     model_name = "fake-model"
 
-    def __init__(self, tokenizer: WordTokenizer, auto_batch: int = 1):
+    def __init__(self, tokenizer: WordTokenizer, auto_batch: int = 1, max_rows: int | None = None):
         self.tokenizer = tokenizer
+        self.max_rows = max_rows
+        self.freed = 0
         self.calls = 0
         self.batches: list[int] = []
         self.score_batches: list[int] = []
@@ -57,7 +66,15 @@ class ReadingBackend(BaseBackend):
     def auto_batch_size(self, prompt_tokens, max_new_tokens, method, budget):
         return self.auto_batch
 
+    def _fits(self, rows: int) -> None:
+        if self.max_rows is not None and rows > self.max_rows:
+            raise OutOfMemoryError("CUDA out of memory (fake)")
+
+    def free_memory(self) -> None:
+        self.freed += 1
+
     def generate_batch(self, prompts, method, budget, max_new_tokens):
+        self._fits(len(prompts))
         self.batches.append(len(prompts))
         return [dataclasses.replace(self.generate(p, method, budget, max_new_tokens), batch=len(prompts))
                 for p in prompts]
@@ -65,6 +82,7 @@ class ReadingBackend(BaseBackend):
     def score_batch(self, contexts, continuations, method, budget):
         if len({len(c) for c in contexts}) > 1 or len({len(x) for x in continuations}) > 1:
             raise ValueError("score_batch needs contexts of one length and continuations of one length")
+        self._fits(len(contexts))
         self.score_batches.append(len(contexts))
         return [dataclasses.replace(self.score(c, x, method, budget), batch=len(contexts))
                 for c, x in zip(contexts, continuations)]
