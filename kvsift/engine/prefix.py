@@ -93,9 +93,7 @@ class PrefixStore:
         before the cut): its tokens, the chunking that computed them and the method state it
         carries (``KVMethod.prefix_state``: None for the full cache's KV alone)."""
         cut = bounds[-1][1]
-        digest = hashlib.blake2b(torch.tensor(row[:cut], dtype=torch.int64).numpy().tobytes(),
-                                 digest_size=16).hexdigest()
-        return cut, tuple(bounds), digest, state
+        return cut, tuple(bounds), _digest(row[:cut]), state
 
     def get(self, key: tuple, room: int) -> SiftCache | None:
         """A copy of the stored prefix (``room`` free slots per layer after it), or None."""
@@ -148,11 +146,7 @@ class PrefixStore:
     def reread_key(row: list[int], bounds: list[tuple[int, int]], passes: list[list[int]], state: Hashable) -> tuple:
         """The key of the state ``row``'s reread ``passes`` leave, prefilled in chunks ``bounds``, for
         a method whose :meth:`~kvsift.methods.base.KVMethod.reread_state` is ``state``."""
-        h = hashlib.blake2b(digest_size=16)
-        h.update(torch.tensor(row, dtype=torch.int64).numpy().tobytes())
-        for p in passes:
-            h.update(b"|" + torch.tensor(p, dtype=torch.int64).numpy().tobytes())
-        return "reread", len(row), tuple(bounds), h.hexdigest(), state
+        return "reread", len(row), tuple(bounds), _digest(row, *passes), state
 
     def get_reread(self, key: tuple) -> list[dict] | None:
         """Copies of the per-layer states stored under ``key`` (one ``{name: LayerState}`` per
@@ -184,3 +178,11 @@ class PrefixStore:
         self._entries.clear()
         self._rereads.clear()
         self.nbytes = 0
+
+
+def _digest(*seqs: list[int]) -> str:
+    """A 128-bit hash of token-id sequences (each as int64 bytes, ``|`` between them)."""
+    h = hashlib.blake2b(digest_size=16)
+    for i, s in enumerate(seqs):
+        h.update((b"|" if i else b"") + torch.tensor(s, dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()
