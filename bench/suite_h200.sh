@@ -21,6 +21,11 @@
 # EXTRA: more `kvsift bench run` options for every kvsift process (e.g. a smoke run: --samples 1).
 # SHARE_GIB (default 25): each process's prefix store (--share-prefix-gib; 0: off): a 30k prompt set of
 # the 1.5B is 24 GiB, so the defaults run 3 processes (PROCESSES) at --mem-fraction 0.15 (MEM) each.
+# GROUP_BUDGETS (default 1): --group-budgets, each method's budgets over a prompt set as one continuous
+# batch of up to MAX_BATCH (default 128) sequences; 0: one batch per cell.
+# MPS (default 1): the processes share the GPU through an MPS control daemon this script starts (its
+# own pipe and log folders under /tmp, seen only by the suite's processes) and stops at the end; without
+# it the GPU time-slices between processes (bench/gpu_share.py: 1.2-1.4x more work done with it). 0: off.
 # Needs the model's pieces under /root/m (../shared/tools/stage_model.py NAME, cut to pieces that fit
 # beside the tree, one device call each) and carries .stage/whl (gguf) and .whl (pysbd).
 set -u
@@ -37,6 +42,15 @@ seed_rows() {   # $1 rows so far (plain or .gz, may be missing) -> $2 a process'
   case "$1" in *.gz) gzip -dc "$1" > "$2";; *) cp "$1" "$2";; esac
 }
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+MPS_DIR=""
+if [ "${MPS:-1}" = 1 ] && command -v nvidia-cuda-mps-control >/dev/null; then
+  MPS_DIR=$(mktemp -d /tmp/kvsift_mps.XXXXXX); mkdir -p "$MPS_DIR/pipe" "$MPS_DIR/log"
+  export CUDA_MPS_PIPE_DIRECTORY=$MPS_DIR/pipe CUDA_MPS_LOG_DIRECTORY=$MPS_DIR/log
+  nvidia-cuda-mps-control -d && echo "MPS daemon started ($MPS_DIR)" || { echo "MPS did not start: time-slicing"; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; MPS_DIR=""; }
+fi
+stop_mps() { [ -n "$MPS_DIR" ] && { echo quit | nvidia-cuda-mps-control; sleep 1; rm -rf "$MPS_DIR"; MPS_DIR=""; echo "MPS daemon stopped"; }; return 0; }
+GB=()
+[ "${GROUP_BUDGETS:-1}" = 1 ] && GB=(--group-budgets --max-batch ${MAX_BATCH:-128})
 MINUTES=${MINUTES:-8}
 SEL=()
 [ -n "${LENGTHS:-}" ] && SEL+=(--lengths "$LENGTHS")
@@ -67,7 +81,7 @@ run_group() {   # $1: the process's number, $2: its units ("methods[@task]" join
     left=$(python3 -c "print(round(max(0.5, $MINUTES - $el / 60), 2))")
     timeout -s INT $(( KILL - el )) python3 -m kvsift.cli bench run --suite standard --model $M --methods $m \
       "${SEL[@]}" ${t:+--tasks $t} --max-minutes $left --no-progress --mem-fraction ${MEM:-0.15} \
-      --share-prefix-gib ${SHARE_GIB:-25} ${EXTRA:-} \
+      --share-prefix-gib ${SHARE_GIB:-25} "${GB[@]}" ${EXTRA:-} \
       --out "$RES/g$i.jsonl" >> "$RES/g$i.log" 2>&1
   done
 }
@@ -101,6 +115,7 @@ if [ -n "${KVP_GROUPS:-}" ]; then
 fi
 finish() {   # the logs' summary, every process's rows merged, the tarball for $OUT
 kill $SMI 2>/dev/null
+stop_mps
 nvidia-smi --query-gpu=memory.used,memory.total --format=csv 2>/dev/null | tail -1
 [ -s "$RES/smi.log" ] && awk -F'[ ,%]+' '{u+=$1; n++} END {if (n) printf "GPU utilization: mean %.0f%% over %d samples\n", u/n, n}' "$RES/smi.log"
 for f in "$RES"/[gk]*.log; do echo "== $f"; grep "^\[bench\] [0-9]\|stopped\|Error\|error" "$f" | tail -30; done

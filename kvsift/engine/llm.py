@@ -307,6 +307,46 @@ class LLM:
                 self.scheduler.remove(req)
                 self.scheduler.finish(group)
 
+    def generate_requests(self, requests: Sequence[Request], *, max_batch: int = 64, kv_memory: int | None = None,
+                          progress: bool | None = None) -> list[list[RequestOutput]]:
+        """Offline continuous batching: run many validated requests (:meth:`request`, each with its
+        own prompts, sampling, method options and budget) to completion and return each one's
+        outputs (one per prompt), in order.
+
+        A scheduler of its own (``max_batch`` sequences, ``kv_memory`` bytes of expected device KV;
+        None: unbounded) starts the oldest waiting request with the ones it batches with
+        (:func:`~kvsift.engine.scheduler.batch_key`), and at every decode-step boundary the waiting
+        requests that may join the running batch do (:func:`~kvsift.engine.scheduler.join_key`:
+        for a method whose state after the prefill is its kept KV, any budget and prompt length),
+        each prefilled on its own with its own run, as it would run alone, their whole prefill at
+        once (no one here waits on a token). So a grid's cells of one method at several budgets,
+        or prompts of a few different lengths, decode as one batch instead of one batch each.
+        Raises the first request's error, after the batch's memory is released."""
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        sched = Scheduler(SchedulerConfig(max_batch=max_batch, kv_memory=kv_memory,
+                                          max_positions=self.info.max_positions))
+        for r in requests:
+            sched.add(r)   # one that could never fit: KVMemoryError before any compute
+        outs: dict[int, list[RequestOutput | None]] = {id(r): [None] * r.rows for r in requests}
+        join = _OfflineJoin(sched)
+        with self.lock:
+            while sched.waiting:
+                group = sched.schedule()
+                if not group:  # nothing runs here between groups, so the oldest always fits
+                    raise RuntimeError("the scheduler started no request with nothing running")
+                events = self.run_batch(group, progress, join=join, join_chunks=0)
+                try:
+                    for r, ev in events:
+                        if ev.error is not None:
+                            raise ev.error
+                        if ev.finished:
+                            outs[id(r)][ev.index] = ev.output
+                finally:
+                    events.close()
+                    sched.finish(group)   # the joiners too: run_batch appended them to the group
+        return [outs[id(r)] for r in requests]
+
     def prefill_context(self, document: Prompt, *, method: str | KVMethod = "full", budget: Budget = None,
                         method_kwargs: dict | None = None, chat: bool | None = None,
                         progress: bool | None = None) -> Context:
@@ -433,7 +473,8 @@ class LLM:
     # ---- one batched generation ---------------------------------------------------------------
     def run_batch(self, requests: list[Request], progress: bool | None = None,
                   join: Callable[[list[Request], int], list[Request]] | None = None,
-                  memory: Scheduler | None = None) -> Iterator[tuple[Request, StreamEvent]]:
+                  memory: Scheduler | None = None,
+                  join_chunks: int | None = None) -> Iterator[tuple[Request, StreamEvent]]:
         """Run a scheduled group of compatible requests (:func:`~kvsift.engine.scheduler.batch_key`)
         as one batched generation: their prompts are prefilled and decoded together. Yields
         ``(request, event)``, the event's ``index`` local to its request; a request's last event
@@ -459,9 +500,14 @@ class LLM:
         tokens ahead (:meth:`Scheduler.ensure`); when a charge does not fit, the newest preemptible
         request's rows are copied to host memory and leave the batch (it is preempted: its stream
         pauses), and once there is room again, before any new request joins, they come back with
-        their KV, their next token and their sequences' state, and go on where they stopped."""
+        their KV, their next token and their sequences' state, and go on where they stopped.
+
+        ``join_chunks``: joining prompts' prefill chunks between two decode steps (None: the LLM's
+        ``join_chunks``; 0: their whole prefill at once, for offline work where no one waits on
+        a token, :meth:`generate_requests`)."""
         if not requests:
             return
+        chunks_per_step = self.join_chunks if join_chunks is None else _check_join_chunks(join_chunks)
         head = requests[0]
         method, context, params = head.method, head.context, head.params
         owners = [(r, j) for r in requests for j in range(r.rows)]
@@ -497,6 +543,10 @@ class LLM:
             # each request's prefill stats, the rows of that prefill, when its decode started
             # (and the method and run of that prefill: a joined request's own, for its stats)
             base_stats = {r: (stats, len(ids), 0.0, method, run) for r in requests}
+            # seconds the running rows waited on joining prefills, in all and when each request started
+            # (a sequence's stats.decode_wait_s: what of its decode_s went to others' prefills)
+            waited = [0.0]
+            wait_from = {r: 0.0 for r in requests}
             # preemption: decode tokens per row each request is charged for (inf: all of them)
             preempt = (memory is not None and compact and memory.config.preempt
                        and any(memory.preemptible(r) for r in requests))
@@ -532,7 +582,7 @@ class LLM:
                     st.decode_setup_steps = decoder.setup_steps
                     stats_i = _copy_stats(st, ctx.cache, method_r, run_r, len(s.ids), s.steps - 1,
                                           time.perf_counter() - t0 - t_r, share=(r.rows, rows_st),
-                                          end_share=(r.rows, len(seqs)))
+                                          end_share=(r.rows, len(seqs)), waited=waited[0] - wait_from[r])
                     ev.output = RequestOutput(s.text, s.ids, r.prompts[j], s.reason, stats_i)
                     left[r] -= 1
                     r.finished = left[r] == 0
@@ -599,12 +649,13 @@ class LLM:
                         # one chunk of the joining prompts before the next step (all that is left when
                         # no running row needs a step): a long prompt never stalls the batch for more
                         joining, steps = pending
+                        t_join = time.perf_counter()
                         try:
                             n = 0
                             while True:
                                 next(steps)
                                 n += 1
-                                if not all(done) and self.join_chunks and n >= self.join_chunks:
+                                if not all(done) and chunks_per_step and n >= chunks_per_step:
                                     break
                         except StopIteration as fin:
                             new, (parts, firsts) = joining, fin.value
@@ -621,6 +672,8 @@ class LLM:
                             for r in joining:
                                 r.finished = True
                                 yield r, StreamEvent(0, "", None, finished=True, error=e)
+                        if not all(done):
+                            waited[0] += time.perf_counter() - t_join
                     if new and not all(done) and not _states_ready(parts):
                         # the joiners' method state is still being written asynchronously (sentencekv's
                         # chunks on their way to host memory): stacking them now would wait for those
@@ -659,6 +712,7 @@ class LLM:
                             left[r] = r.rows
                             st_r, rows_r, method_r, run_r = firsts[r]
                             base_stats[r] = (st_r, rows_r, time.perf_counter() - t0, method_r, run_r)
+                            wait_from[r] = waited[0]
                             for j in range(r.rows):
                                 owners.append((r, j))
                                 seqs.append(_Seq(j, self, r.params, r.room(len(r.prompts[j]), self.info.max_positions)))
@@ -1055,6 +1109,22 @@ def _cancelled_events(r: Request):
         yield r, StreamEvent(j, "", None, True, RequestOutput("", [], r.prompts[j], "cancelled", st))
 
 
+class _OfflineJoin:
+    """:meth:`LLM.generate_requests`'s ``join`` for :meth:`LLM.run_batch`: its scheduler's waiting
+    requests that may join, and ``idle()`` once none waits."""
+
+    __slots__ = ("sched",)
+
+    def __init__(self, sched: Scheduler):
+        self.sched = sched
+
+    def __call__(self, running: list[Request], rows: int) -> list[Request]:
+        return self.sched.join(running, rows)
+
+    def idle(self) -> bool:
+        return not self.sched.waiting
+
+
 @dataclass(slots=True)
 class _Joined:
     """The first logits and next positions of requests that joined a running batch."""
@@ -1102,10 +1172,11 @@ class _Seq:
 
 
 def _copy_stats(stats: GenerationStats, cache: SiftCache, method: KVMethod, run: Run, n_gen: int, steps: int,
-                decode_s: float, share: tuple[int, int] = (1, 1), end_share: tuple[int, int] | None = None):
+                decode_s: float, share: tuple[int, int] = (1, 1), end_share: tuple[int, int] | None = None,
+                waited: float = 0.0):
     """One sequence's stats; ``share = (rows, batch)``: its request's part of the prefill's batch,
     ``end_share`` of the batch at its end (the KV bytes of a batch shared with other requests are
-    split by rows)."""
+    split by rows); ``waited``: seconds of ``decode_s`` spent on joining requests' prefills."""
     mem = cache.memory()
 
     def part(n: int, sh: tuple[int, int] = share) -> int:
@@ -1117,8 +1188,9 @@ def _copy_stats(stats: GenerationStats, cache: SiftCache, method: KVMethod, run:
 
     return GenerationStats(method=stats.method, budget=stats.budget, prompt_tokens=stats.prompt_tokens,
                            decode_mode=stats.decode_mode, decode_setup_s=stats.decode_setup_s,
-                           decode_setup_steps=stats.decode_setup_steps,
-                           generated_tokens=n_gen, decode_steps=steps, prefill_s=stats.prefill_s, decode_s=decode_s,
+                           decode_setup_steps=stats.decode_setup_steps, prefill_rows=share[1],
+                           batch_rows=(end_share or share)[1], decode_wait_s=waited, generated_tokens=n_gen,
+                           decode_steps=steps, prefill_s=stats.prefill_s, decode_s=decode_s,
                            kv_device_bytes=part(stats.kv_device_bytes), kv_host_bytes=part(stats.kv_host_bytes),
                            kv_kept_bytes=part(stats.kv_kept_bytes), kv_full_bytes=part(stats.kv_full_bytes),
                            kv_device_bytes_end=end(mem["device"]), kv_host_bytes_end=end(mem["host"]),

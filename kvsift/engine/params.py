@@ -57,6 +57,9 @@ class GenerationStats:
     decode_mode: str = "eager"     # eager | static | graph (kvsift.engine.decode)
     decode_setup_s: float = 0.0    # part of decode_s spent on the warm-up steps + CUDA graph recordings
     decode_setup_steps: int = 0    # decode steps run outside a graph while graphs were set up
+    prefill_rows: int = 1          # sequences prefilled together in the prefill prefill_s times
+    batch_rows: int = 1            # sequences decoding together when this one finished
+    decode_wait_s: float = 0.0     # part of decode_s spent on other requests' prefills (joining the batch)
     method_stats: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -65,9 +68,11 @@ class GenerationStats:
 
     @property
     def steady_ms_per_token(self) -> float:
-        """Decode ms/token once running: without the one-off warm-up step and graph recording."""
+        """Decode ms/token once running: without the one-off warm-up step and graph recording, and
+        without the time spent on joining requests' prefills (``decode_wait_s``)."""
         steps = self.decode_steps - (self.decode_setup_steps or (1 if self.decode_setup_s else 0))
-        return 1000.0 * (self.decode_s - self.decode_setup_s) / steps if steps > 0 else self.decode_ms_per_token
+        own = self.decode_s - self.decode_setup_s - self.decode_wait_s
+        return 1000.0 * own / steps if steps > 0 else self.decode_ms_per_token
 
     @property
     def kv_ratio(self) -> float:

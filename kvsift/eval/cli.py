@@ -102,6 +102,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                         "query-aware setting, default); context = only the sample's context, the budget resolved "
                         "against the context, then the question answered uncompressed over it (the query-agnostic "
                         "setting, kvpress's pipeline; one sample at a time; report label '<method> [ctx]')")
+    r.add_argument("--group-budgets", action="store_true",
+                   help="run each method's budgets over a prompt set as one continuous batch (every sample and "
+                        "budget a request, each prefilled on its own as alone; requests join the running batch "
+                        "where the method allows it: any budget and prompt length for methods that keep only KV), "
+                        "at most --max-batch sequences within --mem-fraction of free GPU memory: fewer decode "
+                        "steps than one batch per cell; rows record settings.grouped_cells")
     r.add_argument("--max-minutes", type=float, default=None,
                    help="stop cleanly after the cell in flight once this many minutes have passed (rerun to continue)")
     r.add_argument("--method-opt", action="append", default=[], metavar="METHOD.KEY=VALUE",
@@ -253,6 +259,10 @@ def run_bench(args) -> int:
                           task_config=TaskConfig(depths=tuple(plan["depths"]), samples=plan["samples"],
                                                  ppl_tokens=plan["ppl_tokens"], ppl_text=args.ppl_text))
         kwargs = _method_opts(args.method_opt)
+        if args.group_budgets and (args.compress != "prompt" or args.batch_padding or args.batch_size is not None):
+            raise ValueError("--group-budgets runs each method's budgets as one continuous batch of unpadded prompts, "
+                             "sized by --max-batch and --mem-fraction: it does not go with --compress context, "
+                             "--batch-padding or --batch-size")
         if args.backend != "fake":  # bad model, method or option: fail before printing or loading anything
             from kvsift.methods import build_method
             from kvsift.models import check_model
@@ -284,7 +294,8 @@ def run_bench(args) -> int:
                                     share_prefix_bytes=int(args.share_prefix_gib * 2**30))
         counts = run_grid(backend, cfg, args.out, progress=not args.no_progress,
                           log=lambda s: print(s, file=sys.stderr), batch_size=args.batch_size,
-                          max_minutes=args.max_minutes, pad=args.batch_padding, compress=args.compress)
+                          max_minutes=args.max_minutes, pad=args.batch_padding, compress=args.compress,
+                          group_budgets=args.group_budgets)
         left = f", {counts['left']} left (rerun to continue)" if counts["stopped"] else ""
         na = f", {counts['unavailable']} not available" if counts["unavailable"] else ""
         print(f"[bench] {counts['run']} cell(s) run, {counts['skipped']} already done, {counts['errors']} error(s)"

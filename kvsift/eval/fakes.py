@@ -44,7 +44,8 @@ class ReadingBackend(BaseBackend):
     """Answers by reading the prompt, like a perfect model whose cache kept ``kept/full`` of the
     prompt: needles in the kept *tail* of the prompt are found (StreamingLLM-like), others not.
     ``calls`` counts generate/score calls (to check resumability); ``batches`` the size of each
-    ``generate_batch`` call, ``score_batches`` of each ``score_batch`` call (calls that ran);
+    ``generate_batch`` call, ``score_batches`` of each ``score_batch`` call and ``many`` of each
+    ``generate_many`` call (calls that ran);
     ``auto_batch`` is what ``auto_batch_size`` answers; a batch of more than ``max_rows`` rows fails
     as CUDA's out-of-memory error does (``freed`` counts the runner's ``free_memory`` calls after
     it). ``generate_context`` (``--compress context``) sees the kept tail of the context plus the
@@ -60,6 +61,7 @@ class ReadingBackend(BaseBackend):
         self.calls = 0
         self.batches: list[int] = []
         self.score_batches: list[int] = []
+        self.many: list[int] = []   # items of each generate_many call that ran
         self.context_calls: list[tuple[int, int]] = []  # (context, question) lengths of generate_context
         self.auto_batch = auto_batch
 
@@ -78,6 +80,13 @@ class ReadingBackend(BaseBackend):
         self.batches.append(len(prompts))
         return [dataclasses.replace(self.generate(p, method, budget, max_new_tokens), batch=len(prompts))
                 for p in prompts]
+
+    def generate_many(self, items, method):
+        """``items`` ``(prompt ids, budget, max_new_tokens)`` as one call (``many`` records its
+        size); more than ``max_rows`` items fail as out of memory."""
+        self._fits(len(items))
+        self.many.append(len(items))
+        return [dataclasses.replace(self.generate(p, method, b, n), batch=len(items)) for p, b, n in items]
 
     def score_batch(self, contexts, continuations, method, budget):
         if len({len(c) for c in contexts}) > 1 or len({len(x) for x in continuations}) > 1:

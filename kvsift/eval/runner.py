@@ -393,6 +393,45 @@ class KvsiftBackend(BaseBackend):
                                   steady_ms_per_token=st.steady_ms_per_token))
         return res
 
+    def generate_many(self, items: list[tuple[list[int], Budget, int]], method: str) -> list[Generation]:
+        """``items`` ``(prompt ids, budget, max_new_tokens)``, one request each, through the engine's
+        offline continuous batching (``LLM.generate_requests``): requests that may share a batch
+        (a method whose state after the prefill is its kept KV: any budget and prompt length) decode
+        together, each prefilled on its own as it would run alone; at most ``max_batch`` sequences
+        and, on CUDA, ``mem_fraction`` of the free device memory of expected KV. Each answer's
+        ``prefill_s`` is its prefill's time over the rows prefilled with it, ``batch`` the rows
+        decoding with it when it finished, ``steady_ms_per_token`` its decode per step without the
+        set-up and the joiners' prefills it waited on (``decode_ms_per_token`` includes them)."""
+        from kvsift.engine import SamplingParams
+
+        spec, kw = method_options(method, self.method_kwargs)
+        llm = self.llm
+        reqs = [llm.request([list(ids)], SamplingParams(max_tokens=n, temperature=0.0), method=spec, budget=b,
+                            method_kwargs=kw) for ids, b, n in items]
+        outs = llm.generate_requests(reqs, max_batch=self.max_batch, kv_memory=self._kv_memory())
+        res = []
+        for (ids, _, _), (out,) in zip(items, outs):
+            st = out.stats
+            res.append(Generation(text=out.text, prompt_tokens=len(ids), new_tokens=st.generated_tokens,
+                                  kv_device_bytes=st.kv_device_bytes, kv_host_bytes=st.kv_host_bytes,
+                                  kv_kept_bytes=st.kv_kept_bytes, kv_full_bytes=st.kv_full_bytes,
+                                  prefill_s=st.prefill_s / max(1, st.prefill_rows),
+                                  decode_ms_per_token=st.decode_ms_per_token, batch=st.batch_rows,
+                                  steady_ms_per_token=st.steady_ms_per_token))
+        return res
+
+    def _kv_memory(self) -> int | None:
+        """``mem_fraction`` of the device memory free now, on CUDA; None (unbounded) elsewhere."""
+        return max(1, int(self._free_bytes() * self.mem_fraction)) if self.llm.device.type == "cuda" else None
+
+    def _free_bytes(self) -> int:
+        """CUDA device memory free now, torch's cached blocks (reusable) counted free."""
+        import torch
+
+        dev = self.llm.device
+        free, _ = torch.cuda.mem_get_info(dev)
+        return free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+
     def auto_batch_size(self, prompt_tokens, max_new_tokens, method, budget):
         import torch
 
@@ -401,8 +440,7 @@ class KvsiftBackend(BaseBackend):
             return 1
         from kvsift.budget import available_host_bytes
 
-        free, _ = torch.cuda.mem_get_info(dev)
-        free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)  # cached by torch, reusable
+        free = self._free_bytes()
         info = self.llm.info
         cfg = getattr(self.llm.model.config, "text_config", None) or self.llm.model.config
         spec, kw = method_options(method, self.method_kwargs)
@@ -685,11 +723,7 @@ def run_cell(backend: Backend, samples: list[Sample], task: str, method: str, bu
                       "prediction": r.text, "answers": s.answers, **_entry_measures(r),
                       "context_tokens": len(ctx_ids), "question_tokens": len(q_ids)}
         else:
-            ids = ids_cache.get(s.sample_id) if ids_cache is not None else None
-            if ids is None:
-                ids = list(tok.encode(s.prompt, add_special_tokens=False))
-                if ids_cache is not None:
-                    ids_cache[s.sample_id] = ids
+            ids = _prompt_ids(tok, s, ids_cache)
             groups.setdefault((s.max_new_tokens, 0 if pad else len(ids)), []).append((i, ids))
     jobs = [_Group(items, max(len(ids) for _, ids in items), max_new,
                    lambda chunk, n=max_new: generate_batch(backend, chunk, method, budget, n))
@@ -700,6 +734,25 @@ def run_cell(backend: Backend, samples: list[Sample], task: str, method: str, bu
                                                                     [x for _, x in chunk], method, budget), one)
              for (n_ctx, n_cont), items in ppl_groups.items()]
     results, sizes = _run_batches(backend, jobs, batch_size, method, budget)
+    return _cell_row(backend, samples, per, results, sizes, task, method, budget, length, seed, pad, compress,
+                     time.perf_counter() - t0)
+
+
+def _prompt_ids(tok, s: Sample, ids_cache: dict[str, list[int]] | None) -> list[int]:
+    """``s``'s prompt token ids, from ``ids_cache`` (by sample id) or encoded (and kept there)."""
+    ids = ids_cache.get(s.sample_id) if ids_cache is not None else None
+    if ids is None:
+        ids = list(tok.encode(s.prompt, add_special_tokens=False))
+        if ids_cache is not None:
+            ids_cache[s.sample_id] = ids
+    return ids
+
+
+def _cell_row(backend: Backend, samples: list[Sample], per: list[dict[str, Any] | None], results: dict[int, Any],
+              sizes: list[int], task: str, method: str, budget: Budget, length: int, seed: int, pad: bool,
+              compress: str, wall_s: float) -> dict[str, Any]:
+    """A cell's row from its samples' results (``results[i]``: sample ``i``'s Generation or
+    Scored; ``per``: entries already made, context mode's) and the batch sizes it ran."""
     for i, r in results.items():
         s = samples[i]
         if s.metric == "ppl":
@@ -734,10 +787,44 @@ def run_cell(backend: Backend, samples: list[Sample], task: str, method: str, bu
     for k in ("prompt_tokens", "kv_device_bytes", "kv_host_bytes", "kv_kept_bytes", "kv_full_bytes", "prefill_s",
               "decode_ms_per_token", "steady_ms_per_token"):
         row[k] = _mean([e.get(k) for e in per])
-    row["wall_s"] = time.perf_counter() - t0
+    row["wall_s"] = wall_s
     row["time"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     row["samples"] = per
     return row
+
+
+def groupable(backend: Backend, samples: list[Sample], compress: str = "prompt", pad: bool = False) -> bool:
+    """Whether :func:`run_cells` can run these samples' cells together: a backend with
+    ``generate_many``, generation samples only (``ppl`` is scored per cell), prompt mode, no padding."""
+    return (hasattr(backend, "generate_many") and compress == "prompt" and not pad
+            and all(s.metric != "ppl" for s in samples))
+
+
+def run_cells(backend: Backend, samples: list[Sample], task: str, method: str, budgets: list[Budget], length: int,
+              seed: int, ids_cache: dict[str, list[int]] | None = None) -> list[dict[str, Any]]:
+    """The cells of one method at several ``budgets`` over one prompt set (:func:`groupable`), as
+    one call of ``backend.generate_many``: every (sample, budget) is a request, and the engine's
+    continuous batching decodes together those that may share a batch (for methods whose state
+    after the prefill is their kept KV: all of them, whatever the budget and prompt length; each
+    request is prefilled on its own, as alone). One row per budget, as :func:`run_cell` makes it,
+    with ``batch_size`` the most rows any of its samples decoded with, ``wall_s`` the call's wall
+    time over the cells, ``group_wall_s`` the whole call's and ``settings.grouped_cells`` the cells
+    it ran."""
+    t0 = time.perf_counter()
+    ids = [_prompt_ids(backend.tokenizer, s, ids_cache) for s in samples]
+    n = len(samples)
+    gens = backend.generate_many([(ids[i], b, s.max_new_tokens) for b in budgets for i, s in enumerate(samples)],
+                                 method)
+    wall = time.perf_counter() - t0
+    rows = []
+    for k, b in enumerate(budgets):
+        res = {i: gens[k * n + i] for i in range(n)}
+        row = _cell_row(backend, samples, [None] * n, res, [g.batch for g in res.values()], task, method, b, length,
+                        seed, False, "prompt", wall / len(budgets))
+        row["group_wall_s"] = wall
+        row["settings"]["grouped_cells"] = len(budgets)
+        rows.append(row)
+    return rows
 
 
 def append_row(path: str | Path, row: dict[str, Any]) -> None:
@@ -761,7 +848,8 @@ def _fmt_min(seconds: float) -> str:
 
 def run_grid(backend: Backend, config: BenchConfig, out: str | Path, progress: bool = True,
              method_prefix: str = "", log=print, batch_size: int | None = None, max_minutes: float | None = None,
-             clock=time.monotonic, pad: bool = False, compress: str = "prompt") -> dict[str, Any]:
+             clock=time.monotonic, pad: bool = False, compress: str = "prompt",
+             group_budgets: bool = False) -> dict[str, Any]:
     """Run every cell of ``config`` not already in ``out``; returns counts ``{"run", "skipped",
     "errors", "unavailable", "left", "stopped", "wall_s", "model_s"}``.
 
@@ -773,7 +861,13 @@ def run_grid(backend: Backend, config: BenchConfig, out: str | Path, progress: b
     before a cell that would likely end past the limit, judged by the slowest cell so far); a
     rerun of the same grid continues where this one stopped. Every finished cell is logged with
     its wall time. Cells a task cannot build with the data at hand (``TaskUnavailable``, e.g. ppl
-    longer than its text) are logged and left out (no row, not an error)."""
+    longer than its text) are logged and left out (no row, not an error).
+
+    ``group_budgets``: a method's cells at several budgets over one prompt set run as one
+    continuous batch (:func:`run_cells`, where :func:`groupable`: the kvsift backend, generation
+    samples, prompt mode, no padding), one row each; should that call fail (out of memory, a method
+    error), the cells run one by one as without it. The time limit then counts such a group as one
+    unit (stopping before a group that would likely end past it)."""
     check_compress(compress)
     t_start = clock()
     done = done_keys(out)
@@ -799,17 +893,9 @@ def run_grid(backend: Backend, config: BenchConfig, out: str | Path, progress: b
     samples_cache: dict[tuple[str, int, int], list[Sample] | Exception] = {}
     ids_cache: dict[str, list[int]] = {}  # the prompt set's token ids, encoded once for all its cells
     slowest = 0.0
-    for n_done, (task, length, seed, method, budget) in enumerate(todo):
-        if max_minutes is not None and n_done > 0:
-            elapsed = clock() - t_start
-            if elapsed >= 60 * max_minutes or elapsed + slowest > 60 * max_minutes:
-                counts["stopped"] = True
-                counts["left"] = len(todo) - n_done
-                break
-        name = method_prefix + method
-        label = f"{task} L={length} s{seed} {name} {budget_label(budget)}" + (" [ctx]" if compress == "context" else "")
-        if bar is not None:
-            bar.set_postfix_str(label)
+    n_done = 0
+
+    def samples_of(task: str, length: int, seed: int) -> list[Sample] | Exception:
         key = (task, length, seed)
         if key not in samples_cache:
             if samples_cache:  # cells are grouped by prompt set: keep one set in memory (the backend too)
@@ -820,41 +906,91 @@ def run_grid(backend: Backend, config: BenchConfig, out: str | Path, progress: b
                 samples_cache[key] = builder.build(task, length, seed)
             except ValueError as e:
                 samples_cache[key] = e
-        samples = samples_cache[key]
-        if isinstance(samples, TaskUnavailable):
-            counts["unavailable"] += 1
-            say(f"[bench] {n_done + 1}/{len(todo)} {label}: not available ({samples})")
-            if bar is not None:
-                bar.update(1)
-            continue
-        t_cell = clock()
-        try:
-            if isinstance(samples, Exception):
-                raise samples
-            row = run_cell(backend, samples, task, name, budget, length, seed, batch_size=batch_size, pad=pad,
-                           compress=compress, ids_cache=ids_cache)
-            counts["run"] += 1
-            if row["score"] is not None:
-                what = f"score {row['score']:.3f}"
-            else:
-                what = f"ppl {row['ppl']:.3f}"
-            msg = f"{what} ({row['n_samples']} samples, batch {row['batch_size']})"
-        except Exception as e:  # noqa: BLE001 - a bad combination (budget larger than the prompt) or a
-            # broken method must not end a long run: record the error (reruns retry it) and go on
-            row = {"key": cell_key(task, name, budget, length, seed, compress), "task": task, "method": name,
-                   "budget": budget_label(budget), "budget_value": budget, "budget_kind": budget_kind(budget),
-                   "length": length, "seed": seed, "compress": compress, "backend": backend.name,
-                   "model": backend.model_name, "settings": {"compress": compress},
-                   "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=-4)}
+        return samples_cache[key]
+
+    def label_of(task, length, seed, name, budget) -> str:
+        return f"{task} L={length} s{seed} {name} {budget_label(budget)}" + (" [ctx]" if compress == "context" else "")
+
+    def record(row: dict[str, Any], label: str, cell_s: float) -> None:
+        if row.get("error"):
             counts["errors"] += 1
             msg = f"ERROR {row['error']}"
-        cell_s = clock() - t_cell
-        counts["model_s"] += cell_s
-        slowest = max(slowest, cell_s)
+        else:
+            counts["run"] += 1
+            what = f"score {row['score']:.3f}" if row["score"] is not None else f"ppl {row['ppl']:.3f}"
+            msg = f"{what} ({row['n_samples']} samples, batch {row['batch_size']})"
         append_row(out, row)
-        say(f"[bench] {n_done + 1}/{len(todo)} {label}: {msg} {cell_s:.1f} s")
+        say(f"[bench] {n_done}/{len(todo)} {label}: {msg} {cell_s:.1f} s")
         if bar is not None:
             bar.update(1)
+
+    i = 0
+    while i < len(todo):
+        task, length, seed, method, budget = todo[i]
+        # with group_budgets: this method's other budgets over the same prompt set run with it
+        unit = [todo[i]]
+        if group_budgets and budget is not None:
+            while (i + len(unit) < len(todo) and todo[i + len(unit)][:4] == (task, length, seed, method)
+                   and todo[i + len(unit)][4] is not None):
+                unit.append(todo[i + len(unit)])
+        if max_minutes is not None and n_done > 0:
+            elapsed = clock() - t_start
+            if elapsed >= 60 * max_minutes or elapsed + slowest > 60 * max_minutes:
+                counts["stopped"] = True
+                counts["left"] = len(todo) - n_done
+                break
+        i += len(unit)
+        name = method_prefix + method
+        samples = samples_of(task, length, seed)
+        if isinstance(samples, TaskUnavailable):
+            for c in unit:
+                n_done += 1
+                counts["unavailable"] += 1
+                say(f"[bench] {n_done}/{len(todo)} {label_of(*c[:3], name, c[4])}: not available ({samples})")
+                if bar is not None:
+                    bar.update(1)
+            continue
+        if bar is not None:
+            bar.set_postfix_str(label_of(task, length, seed, name, budget) + (f" +{len(unit) - 1}" if len(unit) > 1 else ""))
+        t_unit = clock()
+        rows = None
+        if len(unit) > 1 and not isinstance(samples, Exception) and groupable(backend, samples, compress, pad):
+            try:
+                rows = run_cells(backend, samples, task, name, [c[4] for c in unit], length, seed, ids_cache=ids_cache)
+            except Exception as e:  # noqa: BLE001 - out of memory or a method error: the cells one by one
+                getattr(backend, "free_memory", lambda: None)()
+                say(f"[bench] {label_of(task, length, seed, name, budget)} and {len(unit) - 1} more budget(s) "
+                    f"together failed ({type(e).__name__}: {e}); running them one by one")
+        if rows is not None:
+            unit_s = clock() - t_unit
+            counts["model_s"] += unit_s
+            slowest = max(slowest, unit_s)
+            for c, row in zip(unit, rows):
+                n_done += 1
+                record(row, label_of(task, length, seed, name, c[4]), unit_s / len(unit))
+            continue
+        for c in unit:
+            budget = c[4]
+            t_cell = clock()
+            try:
+                if isinstance(samples, Exception):
+                    raise samples
+                row = run_cell(backend, samples, task, name, budget, length, seed, batch_size=batch_size, pad=pad,
+                               compress=compress, ids_cache=ids_cache)
+            except Exception as e:  # noqa: BLE001 - a bad combination (budget larger than the prompt) or a
+                # broken method must not end a long run: record the error (reruns retry it) and go on
+                row = {"key": cell_key(task, name, budget, length, seed, compress), "task": task, "method": name,
+                       "budget": budget_label(budget), "budget_value": budget, "budget_kind": budget_kind(budget),
+                       "length": length, "seed": seed, "compress": compress, "backend": backend.name,
+                       "model": backend.model_name, "settings": {"compress": compress},
+                       "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=-4)}
+            cell_s = clock() - t_cell
+            counts["model_s"] += cell_s
+            slowest = max(slowest, cell_s)
+            n_done += 1
+            record(row, label_of(task, length, seed, name, budget), cell_s)
+        if len(unit) > 1:  # a group run one by one: the next group may take as long
+            slowest = max(slowest, clock() - t_unit)
     if bar is not None:
         bar.close()
     counts["wall_s"] = clock() - t_start

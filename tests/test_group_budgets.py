@@ -1,0 +1,173 @@
+"""Offline continuous batching (``LLM.generate_requests``) and the eval grid's ``group_budgets``
+(``kvsift bench run --group-budgets``): a method's cells at several budgets over one prompt set run
+as one batch of requests, each prefilled on its own, and give the answers of the cells run one by
+one."""
+
+import pytest
+
+from kvsift import LLM, SamplingParams
+from kvsift.engine.prefix import PrefixStore
+from kvsift.errors import KVMemoryError
+from kvsift.models import tiny_model
+from tests.conftest import random_prompt
+
+
+@pytest.fixture(scope="module")
+def llm(default_tokenizer):
+    return LLM.from_model(tiny_model("qwen2", seed=1), default_tokenizer, name="tiny", chunk_size=64)
+
+
+def _prompts():
+    return [random_prompt(300 + i % 3, seed=40 + i) for i in range(6)]   # three lengths
+
+
+@pytest.mark.parametrize("spec,together", [
+    ("snapkv", 12),      # state after the prefill is its kept KV: every budget and length joins
+    ("full", 12),
+    ("adakv(snapkv)", 12),
+    ("quest", 4),        # its steps read the resolved budget: same budget, any length
+    ("tova", 4),         # evicts while decoding: rows at the same resolved budget
+    ("sentencekv", 4),
+])
+def test_requests_decode_together_and_answer_as_alone(llm, spec, together):
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    budgets = [None] if spec == "full" else [0.1, 0.25]
+    items = [(p, b) for b in budgets for p in _prompts()]
+    if spec == "full":
+        items = items + items
+    alone = [llm.generate([p], params, method=spec, budget=b, progress=False)[0].token_ids for p, b in items]
+    reqs = [llm.request([p], params, method=spec, budget=b) for p, b in items]
+    outs = llm.generate_requests(reqs, max_batch=16)
+    assert [o[0].token_ids for o in outs] == alone
+    rows = [o[0].stats.batch_rows for o in outs]
+    assert max(rows) <= together and max(rows) >= min(together, 4), rows
+    if together == 12:
+        assert max(rows) == 12   # the first batch's rows and all the others' in one decode batch
+    # each answer's prefill time is for the rows prefilled with it: its own, or its first group's
+    # (full pads exactly: every prompt in the first group; the others: prompts of one length)
+    assert all(1 <= o[0].stats.prefill_rows <= (12 if spec == "full" else 2) for o in outs)
+
+
+def test_generate_requests_limits(llm):
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    reqs = [llm.request([p], params, method="snapkv", budget=0.25) for p in _prompts()]
+    outs = llm.generate_requests(reqs, max_batch=2)
+    assert max(o[0].stats.batch_rows for o in outs) <= 2
+    with pytest.raises(ValueError, match="max_batch"):
+        llm.generate_requests(reqs, max_batch=0)
+    with pytest.raises(KVMemoryError):
+        llm.generate_requests(reqs, kv_memory=1)
+    assert llm.generate_requests([]) == []
+
+
+def test_grid_grouped_by_budget_gives_the_rows_of_cells_one_by_one(default_tokenizer, tmp_path):
+    """The grid with ``group_budgets``: same predictions as cell by cell (with a prefix store, as
+    the suite runs), one ``generate_many`` call per method and prompt set for the groupable
+    samples; ``ppl`` cells run as before; rows say how many cells ran together."""
+    from kvsift.eval.runner import BenchConfig, KvsiftBackend, load_rows, run_grid
+    from kvsift.eval.tasks import TaskConfig
+
+    m = tiny_model("llama", seed=4)
+    cfg = BenchConfig(tasks=["niah", "cwe", "ppl"], methods=["full", "snapkv", "quest", "tova", "kvzip"],
+                      budgets=["0.25", "0.5"], lengths=[512],
+                      task_config=TaskConfig(depths=(0.0, 1.0), samples=2, ppl_tokens=16))
+
+    def backend():
+        return KvsiftBackend(LLM.from_model(m, default_tokenizer, name="tiny", chunk_size=64),
+                             share_prefix_bytes=1 << 30)
+
+    one, grouped = backend(), backend()
+    calls = []
+    many = grouped.generate_many
+    grouped.generate_many = lambda items, method: (calls.append((method, len(items))), many(items, method))[-1]
+    run_grid(one, cfg, tmp_path / "one.jsonl", progress=False)
+    run_grid(grouped, cfg, tmp_path / "grouped.jsonl", progress=False, group_budgets=True)
+    a = {r["key"]: r for r in load_rows(tmp_path / "one.jsonl")}
+    b = {r["key"]: r for r in load_rows(tmp_path / "grouped.jsonl")}
+    assert a.keys() == b.keys() and len(a) == 3 * (1 + 2 * 4)
+    for k in a:
+        assert not b[k].get("error"), b[k].get("error")
+        if b[k]["task"] == "ppl":
+            assert b[k]["ppl"] == pytest.approx(a[k]["ppl"], rel=1e-4) and "grouped_cells" not in b[k]["settings"]
+            continue
+        assert [e["prediction"] for e in a[k]["samples"]] == [e["prediction"] for e in b[k]["samples"]], k
+        grouped_cells = b[k]["settings"].get("grouped_cells")
+        assert grouped_cells == (None if b[k]["method"] == "full" else 2), k
+        if grouped_cells:
+            assert b[k]["wall_s"] == pytest.approx(b[k]["group_wall_s"] / 2)
+    # niah and cwe: one call per budgeted method, each sample at both budgets
+    assert sorted(calls) == sorted((m_, 4) for m_ in ("snapkv", "quest", "tova", "kvzip") for _ in range(2))
+
+
+def test_grid_falls_back_to_cells_one_by_one(tmp_path):
+    """A group that fails (here: out of memory past two rows) runs its cells one by one, which
+    give the rows they give without grouping."""
+    from kvsift.eval.fakes import ReadingBackend, WordTokenizer
+    from kvsift.eval.runner import BenchConfig, load_rows, run_grid
+    from kvsift.eval.tasks import TaskConfig
+
+    cfg = BenchConfig(tasks=["niah"], methods=["snapkv", "streaming"], budgets=["0.25", "0.5", "1.0"],
+                      lengths=[200], task_config=TaskConfig(depths=(0.0, 1.0), samples=2))
+    ok, failing, plain = (ReadingBackend(WordTokenizer()), ReadingBackend(WordTokenizer(), max_rows=2),
+                          ReadingBackend(WordTokenizer()))
+    logs = []
+    run_grid(plain, cfg, tmp_path / "plain.jsonl", progress=False, log=None)
+    run_grid(ok, cfg, tmp_path / "ok.jsonl", progress=False, log=None, group_budgets=True)
+    run_grid(failing, cfg, tmp_path / "failing.jsonl", progress=False, log=logs.append, group_budgets=True)
+    assert ok.many == [6, 6] and not ok.batches and failing.many == [] and failing.freed == 2
+    assert sum("running them one by one" in x for x in logs) == 2
+    rows = {n: {r["key"]: r for r in load_rows(tmp_path / f"{n}.jsonl")} for n in ("plain", "ok", "failing")}
+    assert rows["plain"].keys() == rows["ok"].keys() == rows["failing"].keys() and len(rows["plain"]) == 6
+    for k, r in rows["plain"].items():
+        for n in ("ok", "failing"):
+            assert [e["prediction"] for e in rows[n][k]["samples"]] == [e["prediction"] for e in r["samples"]]
+        assert rows["ok"][k]["settings"]["grouped_cells"] == 3
+        assert "grouped_cells" not in rows["failing"][k]["settings"]
+
+
+def test_grid_time_limit_counts_a_group_as_one_unit(tmp_path):
+    """``max_minutes`` with groups: the first group always runs whole; the next one does not start
+    when the slowest group so far would end past the limit."""
+    from kvsift.eval.fakes import ReadingBackend, WordTokenizer
+    from kvsift.eval.runner import BenchConfig, run_grid
+    from kvsift.eval.tasks import TaskConfig
+
+    t = [0.0]
+    backend = ReadingBackend(WordTokenizer())
+    many = backend.generate_many
+
+    def slow(items, method):
+        t[0] += 50.0   # each group "takes" 50 s
+        return many(items, method)
+
+    backend.generate_many = slow
+    cfg = BenchConfig(tasks=["niah"], methods=["snapkv", "streaming"], budgets=["0.25", "0.5"], lengths=[200],
+                      task_config=TaskConfig(depths=(0.0,), samples=1))
+    counts = run_grid(backend, cfg, tmp_path / "r.jsonl", progress=False, log=None, max_minutes=1.5,
+                      clock=lambda: t[0], group_budgets=True)
+    assert counts["run"] == 2 and counts["stopped"] and counts["left"] == 2   # 50 + 50 > 90 s
+
+
+def test_cli_refuses_group_budgets_with_what_it_does_not_batch(capsys):
+    from kvsift.cli import main
+
+    for extra in (["--compress", "context"], ["--batch-padding"], ["--batch-size", "4"]):
+        assert main(["bench", "run", "--backend", "fake", "--group-budgets", "--dry-run", *extra]) == 2
+        assert "--group-budgets runs each method's budgets as one continuous batch" in capsys.readouterr().err
+
+
+def test_decode_wait_is_the_joiners_prefill(llm):
+    """Rows decoding while requests join wait on those prefills: ``decode_wait_s`` counts it (the
+    first batch's rows waited, the joiners did not), and ``steady_ms_per_token`` leaves it out."""
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    ps = _prompts()
+    reqs = [llm.request([p], params, method="snapkv", budget=b) for b in (0.1, 0.25) for p in ps]
+    outs = [o[0].stats for o in llm.generate_requests(reqs, max_batch=16)]
+    first = [s for s in outs if s.prefill_rows == 2][:2]   # the first group: two prompts of one length
+    joined = [s for s in outs if s.prefill_rows == 1]
+    assert first and joined and all(s.decode_wait_s > 0 for s in first)
+    assert all(s.decode_wait_s == 0 for s in joined)
+    for s in first:
+        assert s.decode_wait_s < s.decode_s
+        steps = s.decode_steps - (s.decode_setup_steps or (1 if s.decode_setup_s else 0))
+        assert s.steady_ms_per_token == pytest.approx(1000 * (s.decode_s - s.decode_setup_s - s.decode_wait_s) / steps)
