@@ -132,7 +132,8 @@ def main(argv=None) -> int:
         return 0
     if a.seconds <= 0 or a.batch < 1 or a.ctx < 1 or a.prefill_tokens < 1:
         ap.error("--seconds, --batch, --ctx and --prefill-tokens must be positive")
-    settings = [("alone", ["decode"]), ("3 decode", ["decode"] * 3), ("1 decode + 2 prefill", ["decode", "prefill", "prefill"])]
+    settings = [("alone", ["decode"]), ("3 decode", ["decode"] * 3),
+                ("1 decode + 2 prefill", ["decode", "prefill", "prefill"])]
     use_mps = a.mps == "yes" or (a.mps == "auto" and shutil.which("nvidia-cuda-mps-control") is not None)
     out = {"batch": a.batch, "ctx": a.ctx, "prefill_tokens": a.prefill_tokens, "seconds": a.seconds,
            "shape": "Qwen2.5-1.5B (28 layers, hidden 1536), random bf16, eager", "rows": []}

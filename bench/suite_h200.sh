@@ -48,7 +48,7 @@ if [ "${MPS:-1}" = 1 ] && command -v nvidia-cuda-mps-control >/dev/null; then
   export CUDA_MPS_PIPE_DIRECTORY=$MPS_DIR/pipe CUDA_MPS_LOG_DIRECTORY=$MPS_DIR/log
   nvidia-cuda-mps-control -d && echo "MPS daemon started ($MPS_DIR)" || { echo "MPS did not start: time-slicing"; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; MPS_DIR=""; }
 fi
-stop_mps() { [ -n "$MPS_DIR" ] && { echo quit | nvidia-cuda-mps-control; sleep 1; rm -rf "$MPS_DIR"; MPS_DIR=""; echo "MPS daemon stopped"; }; return 0; }
+stop_mps() { [ -n "$MPS_DIR" ] && { echo quit | timeout 20 nvidia-cuda-mps-control; sleep 1; rm -rf "$MPS_DIR"; MPS_DIR=""; echo "MPS daemon stopped"; }; return 0; }
 GB=()
 [ "${GROUP_BUDGETS:-1}" = 1 ] && GB=(--group-budgets --max-batch ${MAX_BATCH:-128})
 MINUTES=${MINUTES:-8}

@@ -6,7 +6,6 @@ one."""
 import pytest
 
 from kvsift import LLM, SamplingParams
-from kvsift.engine.prefix import PrefixStore
 from kvsift.errors import KVMemoryError
 from kvsift.models import tiny_model
 from tests.conftest import random_prompt

@@ -951,7 +951,8 @@ def run_grid(backend: Backend, config: BenchConfig, out: str | Path, progress: b
                     bar.update(1)
             continue
         if bar is not None:
-            bar.set_postfix_str(label_of(task, length, seed, name, budget) + (f" +{len(unit) - 1}" if len(unit) > 1 else ""))
+            more = f" +{len(unit) - 1}" if len(unit) > 1 else ""
+            bar.set_postfix_str(label_of(task, length, seed, name, budget) + more)
         t_unit = clock()
         rows = None
         if len(unit) > 1 and not isinstance(samples, Exception) and groupable(backend, samples, compress, pad):
