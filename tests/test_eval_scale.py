@@ -466,6 +466,43 @@ def test_leaderboard_marks_entries_over_fewer_cells():
     assert "`(n/2)`: an entry over fewer cells" in md
 
 
+def test_against_kvpress_best_at_no_more_kv_bytes():
+    """Each kvsift entry against kvpress's best press among those holding no more GPU KV: chosen
+    per cell, samples paired, cells pooled; a method that keeps every byte meets kvpress's full
+    cache; one that holds less than any press has no comparison; the section is absent without
+    kvpress rows."""
+    from kvsift.eval.report import vs_peer_at_kv
+
+    mb = 2**20
+    rows = [_row("full", "full", [1.0] * 30, kv=100 * mb), _row("kvpress:full", "full", [1.0] * 30, kv=100 * mb),
+            _row("snapkv", "0.1", [1.0] * 27 + [0.0] * 3, kv=10 * mb),
+            _row("kvpress:snapkv", "0.1", [1.0] * 15 + [0.0] * 15, kv=10 * mb),
+            _row("kvpress:streaming", "0.1", [1.0] * 5 + [0.0] * 25, kv=10 * mb),
+            _row("kvpress:adakv", "0.1", [1.0] * 29 + [0.0], kv=100 * mb),    # masks only: every byte held
+            _row("quest", "0.1", [1.0] * 30, kv=100 * mb),
+            _row("sentencekv", "0.1", [1.0] * 30, kv=1 * mb),
+            # a second task: kvpress's snapkv wins there, by a little (not significant over both)
+            _row("full", "full", [1.0] * 30, task="qa", kv=100 * mb),
+            _row("snapkv", "0.1", [1.0] * 20 + [0.0] * 10, task="qa", kv=10 * mb),
+            _row("kvpress:snapkv", "0.1", [1.0] * 22 + [0.0] * 8, task="qa", kv=int(10.1 * mb)),   # within 2%
+            _row("kvpress:streaming", "0.1", [1.0] * 30, task="qa", kv=11 * mb)]                  # more bytes
+    comp = {(d["method"], d["budget"]): d for d in vs_peer_at_kv(rows)}
+    snap = comp[("snapkv", "0.1")]
+    assert snap["cells"] == 2 and snap["n"] == 60 and snap["best"] == {"snapkv@0.1": 2}
+    assert snap["ours"] == pytest.approx(47 / 60) and snap["theirs"] == pytest.approx(37 / 60)
+    assert snap["diff"] == pytest.approx(10 / 60) and snap["significant"] and snap["lo"] > 0
+    quest = comp[("quest", "0.1")]
+    assert quest["best"] == {"full@full": 1} and quest["diff"] == 0 and not quest["significant"]
+    assert comp[("sentencekv", "0.1")]["cells"] == 0 and comp[("sentencekv", "0.1")]["no_peer"] == 1
+    assert ("full", "full") not in comp and not any(m.startswith("kvpress:") for m, _ in comp)
+    md = markdown_table(rows)
+    assert "### Against kvpress's best at no more GPU KV bytes" in md
+    assert re.search(r"\| snapkv \| 0\.1 \| 2 \| 60 \| 78\.3 \| 61\.7 \| \+16\.7 \[\+\d+\.\d, \+\d+\.\d\] \| above \| "
+                     r"snapkv@0\.1 \(2\) \| 0 \|", md), md
+    assert "| sentencekv | 0.1 | 0 | - | - | - | - | - | - | 1 |" in md
+    assert "Against kvpress" not in markdown_table([r for r in rows if not r["method"].startswith("kvpress:")])
+
+
 def _write(tmp_path, rows):
     p = tmp_path / "rows.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))

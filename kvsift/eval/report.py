@@ -220,6 +220,95 @@ def comparison_markdown(a: str, b: str, comp: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+KV_TOLERANCE = 0.02   # a peer's GPU KV counts as "no more" within 2% (rounding, a method's small state)
+
+
+def vs_peer_at_kv(rows: list[dict[str, Any]], peer: str = "kvpress", tolerance: float = KV_TOLERANCE,
+                  n_boot: int = stats.N_BOOT, seed: int = stats.SEED) -> list[dict[str, Any]]:
+    """Each kvsift method and budget against the peer's best at no more GPU KV bytes, one dict per
+    (method, budget) that has such a comparison.
+
+    Per (task, length, compress mode) cell where both ran: the peer's eligible entries are its
+    presses and budgets (``<peer>:*`` rows, its full cache included) whose mean ``kv_device_bytes``
+    per sequence is at most the kvsift cell's times ``1 + tolerance``; the best is the one with
+    the highest mean score in that cell (chosen per cell, after the fact: a bias in the peer's
+    favour). The kvsift cell's samples are paired with the best's by sample id, and the cells
+    pooled: ``diff, lo, hi, significant`` the mean of kvsift - peer over every paired sample
+    (stratified paired bootstrap, :func:`kvsift.eval.stats.pooled_paired_diff`); ``ours`` and
+    ``theirs`` the two means; ``cells`` the cells compared, ``no_peer`` those where the peer had no
+    entry within the bytes, and ``best`` the peer's winners with how many cells each won.
+    Perplexity cells are left out. The full caches are not compared (``full`` rows)."""
+    cells = _group_cells(rows)
+    prefix = peer + ":"
+    by_cell: dict[tuple, list[tuple]] = defaultdict(list)   # (task, length, mode) -> the peer's cell keys
+    for k in cells:
+        m, mode = _split_mode(k[2])
+        if m.startswith(prefix) and k[0] != "ppl":
+            by_cell[(k[0], k[1], mode)].append(k)
+    out = []
+    groups: dict[tuple[str, str], list[tuple]] = defaultdict(list)
+    for k in cells:
+        if k[0] != "ppl" and ":" not in _split_mode(k[2])[0] and not _is_full(k[2]):
+            groups[(k[2], k[3])].append(k)
+    for (method, budget), keys in sorted(groups.items(), key=lambda kv: (_method_key(kv[0][0]),
+                                                                           _budget_sort_key(kv[0][1]))):
+        pairs, best, no_peer = [], defaultdict(int), 0
+        for key in sorted(keys):
+            theirs = by_cell.get((key[0], key[1], _split_mode(method)[1]))
+            if not theirs:
+                continue
+            ours = cells[key]
+            cap = ours["kv_device_bytes"]
+            eligible = [k for k in theirs if cap is not None and cells[k]["kv_device_bytes"] is not None
+                        and cells[k]["kv_device_bytes"] <= cap * (1 + tolerance)]
+            if not eligible:
+                no_peer += 1
+                continue
+            win = max(eligible, key=lambda k: (_mean(cells[k]["values"].values()) or 0.0, k[2], k[3]))
+            ids = sorted(set(ours["values"]) & set(cells[win]["values"]), key=str)
+            if not ids:
+                continue
+            pairs.append(([ours["values"][i] for i in ids], [cells[win]["values"][i] for i in ids]))
+            best[f"{win[2][len(prefix):]}@{win[3]}"] += 1
+        if not pairs and not no_peer:
+            continue
+        d: dict[str, Any] = {"method": method, "budget": budget, "cells": len(pairs), "no_peer": no_peer,
+                             "best": dict(sorted(best.items(), key=lambda kv: (-kv[1], kv[0])))}
+        if pairs:
+            diff = stats.pooled_paired_diff(pairs, n_boot, seed)
+            n = diff["n"]
+            d.update(n=n, ours=sum(sum(a) for a, _ in pairs) / n, theirs=sum(sum(b) for _, b in pairs) / n,
+                     diff=diff["diff"], lo=diff["lo"], hi=diff["hi"], significant=diff["significant"])
+        out.append(d)
+    return out
+
+
+def vs_peer_markdown(comp: list[dict[str, Any]], peer: str = "kvpress") -> str:
+    """:func:`vs_peer_at_kv` as a Markdown section (empty when there is nothing to compare)."""
+    if not comp:
+        return ""
+    lines = [f"### Against {peer}'s best at no more GPU KV bytes", "",
+             f"Per (task, length) cell, {peer}'s best-scoring press and budget among those whose GPU KV per "
+             f"sequence is at most this entry's (+{100 * KV_TOLERANCE:g}%), chosen per cell after the fact (a bias "
+             f"in {peer}'s favour); the samples paired by id and pooled over the cells, stratified paired "
+             f"bootstrap. Scores in points; `above` / `below`: the 95% interval of the difference excludes 0; "
+             f"`n.s.`: it does not. `no {peer} entry`: cells where every press held more GPU KV than this entry.",
+             "", f"| method | budget | cells | paired n | kvsift | {peer} best | kvsift - {peer} [95%] | verdict | "
+                 f"{peer}'s best (cells won) | no {peer} entry |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for d in comp:
+        if d["cells"]:
+            verdict = ("above" if d["diff"] > 0 else "below") if d["significant"] else "n.s."
+            nums = [str(d["n"]), f"{100 * d['ours']:.1f}", f"{100 * d['theirs']:.1f}",
+                    f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]", verdict]
+        else:
+            nums = ["-", "-", "-", "-", "-"]
+        won = ", ".join(f"{k} ({v})" for k, v in d["best"].items()) or "-"
+        lines.append("| " + " | ".join([d["method"], d["budget"], str(d["cells"]), *nums, won,
+                                         str(d["no_peer"])]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def cell_stats(rows: list[dict[str, Any]], n_boot: int = stats.N_BOOT, seed: int = stats.SEED) -> list[dict[str, Any]]:
     """One dict per (task, length, method, budget): ``n, value, lo, hi, kind`` (the mean score, or
     the perplexity for ``ppl``, with its 95% interval), and against the full-cache baseline on the
@@ -391,8 +480,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     rows = mode_rows(rows)
     ok = _ok(rows)
     cstats = cell_stats(rows)
-    lines: list[str] = [leaderboard_markdown(rows, cstats), intervals_markdown(cstats),
-                        "### Mean score per task, method and budget", ""]
+    peer = vs_peer_markdown(vs_peer_at_kv(rows))   # "" without kvpress rows
+    lines: list[str] = [leaderboard_markdown(rows, cstats), *([peer.rstrip("\n") + "\n"] if peer else []),
+                        intervals_markdown(cstats), "### Mean score per task, method and budget", ""]
     tasks = sorted({r["task"] for r in ok})
     for task in tasks:
         tr = [r for r in ok if r["task"] == task]
