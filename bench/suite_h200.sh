@@ -10,7 +10,9 @@
 # file, plain or .gz). It is copied into every process's own output file, so a process skips every
 # cell already measured (by any process of any earlier call); at the end all rows are merged (last
 # row of a key wins) into $OUT/standard.jsonl.gz (kvpress's, with KVP_GROUPS, into
-# kvpress.jsonl.gz), returned in a tarball with the logs: copy them over the committed files.
+# kvpress.jsonl.gz), returned in a tarball with the logs: copy them over the committed files. The
+# merged rows are also kept on the machine (see KEEP below), so parts can run back to back: start
+# the next call as soon as one returns, and copy the last one's rows into the tree at the end.
 # Narrowing (LENGTHS, BUDGETS, TASKS, METHOD_GROUPS or PROCESSES) only picks which cells of the suite run first; the
 # rows are the suite's own cells (30 samples, its depths, its ppl tokens), so later calls with other
 # narrowings fill in the rest of the same grid.
@@ -37,9 +39,18 @@ t0=$(date +%s)
 python3 -c "from pathlib import Path; from kvsift.models.loader import _convert_gguf; print(_convert_gguf(Path('$M')))" 2>&1 | tail -1
 echo "convert $(( $(date +%s) - t0 )) s"
 ROWS=${ROWS:-bench/results/standard_${NAME}_h200.jsonl.gz}
-seed_rows() {   # $1 rows so far (plain or .gz, may be missing) -> $2 a process's output file
-  [ -f "$1" ] || return 0
-  case "$1" in *.gz) gzip -dc "$1" > "$2";; *) cp "$1" "$2";; esac
+# The merged rows of every call are also kept on the machine (KEEP, default /root/m, which lives as
+# long as the machine stays warm): a next call seeds from them too, so it may start right after this
+# one returns, before its rows are copied into the tree (the 30 s idle window is short).
+KEEP=${KEEP:-/root/m}
+seed_rows() {   # $1 rows so far (plain or .gz, may be missing), $3 the machine's kept copy -> $2 a process's file
+  python3 - "$2" "$1" "${3:-}" <<'EOF'
+import json, sys
+from pathlib import Path
+from kvsift.eval.runner import load_rows
+srcs = [p for p in sys.argv[2:] if p and Path(p).is_file()]   # the kept copy last: its rows win
+Path(sys.argv[1]).write_text("".join(json.dumps(r) + "\n" for r in (load_rows(srcs) if srcs else [])))
+EOF
 }
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 MPS_DIR=""
@@ -61,7 +72,9 @@ SEL=()
 # after the other in its process)
 # METHODS (comma-separated labels, e.g. full,quest,kivi[bits=2]) narrows the balanced groups to those
 BY=${GROUP_BY:-$([ "${SHARE_GIB:-25}" != 0 ] && echo task || echo method)}
-GROUPS_=${METHOD_GROUPS:-$(python3 bench/suite_groups.py --rows "$ROWS" --processes ${PROCESSES:-3} "${SEL[@]}" \
+KEPT=$KEEP/kept_$(basename "$ROWS" .gz).gz   # this rows file's kept copy (per file: another ROWS, another copy)
+seed_rows "$ROWS" "$RES/seed.jsonl" "$KEPT"   # every row measured so far
+GROUPS_=${METHOD_GROUPS:-$(python3 bench/suite_groups.py --rows "$RES/seed.jsonl" --processes ${PROCESSES:-3} "${SEL[@]}" \
   ${METHODS:+--methods "$METHODS"} --by $BY --verbose)}
 echo "groups: $GROUPS_"
 # a cell that starts just before --max-minutes can run minutes past it: every process is stopped
@@ -94,19 +107,20 @@ pids=()
 i=0
 for g in $GROUPS_; do
   i=$((i+1))
-  seed_rows "$ROWS" "$RES/g$i.jsonl"
+  cp "$RES/seed.jsonl" "$RES/g$i.jsonl"
   run_group $i "$g" &
   pids+=($!)
 done
 # kvpress beside kvsift on the same prompts (KVP_GROUPS: groups of presses; carry .whl/kvpress-min,
 # made here by bench/download_kvpress_wheels.sh --minimal .whl/kvpress-min): its own rows file
 KVP_ROWS=${KVP_ROWS:-bench/results/standard_kvpress_${NAME}_h200.jsonl.gz}
+KVP_KEPT=$KEEP/kept_$(basename "$KVP_ROWS" .gz).gz
 if [ -n "${KVP_GROUPS:-}" ]; then
   python3 bench/vs_kvpress.py --model $M --wheels .whl/kvpress-min --setup-only 2>&1 | tail -1
   i=0
   for g in $KVP_GROUPS; do
     i=$((i+1))
-    seed_rows "$KVP_ROWS" "$RES/k$i.jsonl"
+    seed_rows "$KVP_ROWS" "$RES/k$i.jsonl" "$KVP_KEPT"
     $STOP python3 bench/vs_kvpress.py --suite standard --model $M --wheels .whl/kvpress-min --presses $g \
       "${SEL[@]}" --max-minutes $MINUTES --no-progress --mem-fraction ${MEM:-0.12} --out "$RES/k$i.jsonl" \
       > "$RES/k$i.log" 2>&1 &
@@ -139,6 +153,8 @@ for prefix, name in (("g", "standard.jsonl.gz"), ("k", "kvpress.jsonl.gz")):
         print(f"  {prefix} {n:>6} tokens: {len(at):>3} cells, wall median {med('wall_s'):.1f} s, "
               f"steady decode median {med('steady_ms_per_token'):.1f} ms/token, batch median {med('batch_size'):.0f}")
 EOF
+[ -f "$RES/standard.jsonl.gz" ] && cp "$RES/standard.jsonl.gz" "$KEPT"
+[ -f "$RES/kvpress.jsonl.gz" ] && cp "$RES/kvpress.jsonl.gz" "$KVP_KEPT"
 tar czf "$DEST/suite.tgz" -C "$RES" .
 }
 for p in "${pids[@]}"; do wait $p; done
