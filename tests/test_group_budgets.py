@@ -170,3 +170,29 @@ def test_decode_wait_is_the_joiners_prefill(llm):
         assert s.decode_wait_s < s.decode_s
         steps = s.decode_steps - (s.decode_setup_steps or (1 if s.decode_setup_s else 0))
         assert s.steady_ms_per_token == pytest.approx(1000 * (s.decode_s - s.decode_setup_s - s.decode_wait_s) / steps)
+
+
+def test_generate_many_halves_its_batch_after_running_out_of_memory(default_tokenizer):
+    """An out-of-memory error in a grouped call (the admission's estimate was short) frees memory
+    and runs the call again with half the sequences at a time; the answers are the same."""
+    from kvsift.eval.runner import KvsiftBackend
+
+    llm = LLM.from_model(tiny_model("qwen2", seed=1), default_tokenizer, name="tiny", chunk_size=64)
+    backend = KvsiftBackend(llm, max_batch=8)
+    items = [(p, b, 6) for b in (0.1, 0.25) for p in _prompts()]
+    want = [g.text for g in backend.generate_many(items, "snapkv")]
+    tried = []
+    real = llm.generate_requests
+
+    def flaky(reqs, max_batch, kv_memory=None, progress=None):
+        tried.append(max_batch)
+        if max_batch > 2:
+            raise RuntimeError("CUDA out of memory (fake)")
+        return real(reqs, max_batch=max_batch, kv_memory=kv_memory)
+
+    llm.generate_requests = flaky
+    got = backend.generate_many(items, "snapkv")
+    assert tried == [8, 4, 2] and [g.text for g in got] == want and max(g.batch for g in got) <= 2
+    llm.generate_requests = lambda *a, **k: (_ for _ in ()).throw(ValueError("not memory"))
+    with pytest.raises(ValueError, match="not memory"):
+        backend.generate_many(items, "snapkv")

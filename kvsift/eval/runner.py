@@ -401,14 +401,25 @@ class KvsiftBackend(BaseBackend):
         and, on CUDA, ``mem_fraction`` of the free device memory of expected KV. Each answer's
         ``prefill_s`` is its prefill's time over the rows prefilled with it, ``batch`` the rows
         decoding with it when it finished, ``steady_ms_per_token`` its decode per step without the
-        set-up and the joiners' prefills it waited on (``decode_ms_per_token`` includes them)."""
+        set-up and the joiners' prefills it waited on (``decode_ms_per_token`` includes them). A call
+        that runs out of device memory (the admission's KV estimate was short) is freed and run
+        again with half the sequences at a time, down to one."""
         from kvsift.engine import SamplingParams
 
         spec, kw = method_options(method, self.method_kwargs)
         llm = self.llm
-        reqs = [llm.request([list(ids)], SamplingParams(max_tokens=n, temperature=0.0), method=spec, budget=b,
-                            method_kwargs=kw) for ids, b, n in items]
-        outs = llm.generate_requests(reqs, max_batch=self.max_batch, kv_memory=self._kv_memory())
+        rows = self.max_batch
+        while True:
+            reqs = [llm.request([list(ids)], SamplingParams(max_tokens=n, temperature=0.0), method=spec, budget=b,
+                                method_kwargs=kw) for ids, b, n in items]
+            try:
+                outs = llm.generate_requests(reqs, max_batch=rows, kv_memory=self._kv_memory())
+                break
+            except Exception as e:  # noqa: BLE001 - out of memory: free it, half the batch
+                if rows < 2 or not _is_oom(e):
+                    raise
+                self.free_memory()
+                rows = (rows + 1) // 2
         res = []
         for (ids, _, _), (out,) in zip(items, outs):
             st = out.stats
