@@ -84,7 +84,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                         "one at a time; ppl batches always hold one length)")
     r.add_argument("--mem-fraction", type=float, default=0.5,
                    help="auto batch size: the batch's estimated KV bytes stay under this fraction of free GPU memory")
-    r.add_argument("--max-batch", type=int, default=64, help="auto batch size: at most this many sequences")
+    r.add_argument("--max-batch", type=int, default=64,
+                   help="auto batch size (and --group-budgets' continuous batches): at most this many sequences")
     r.add_argument("--chunk-size", type=int, default=2048,
                    help="prefill chunk length (LLM chunk_size; 2048 prefills a 30k row 2.8x faster than the engine's "
                         "512 on an H200)")
