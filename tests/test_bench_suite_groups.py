@@ -98,3 +98,35 @@ def test_cli_by_task(tmp_path, capsys):
                     "--lengths", "4096", "--budgets", "0.05", "--methods", "snapkv,full,h2o", "--by", "task"]) == 0
     out = capsys.readouterr().out.split()
     assert sorted(out) == ["full,snapkv,h2o@niah", "full,snapkv,h2o@vt"]
+
+
+def test_suite_script_seeds_from_the_tree_and_the_machines_kept_rows(tmp_path):
+    """bench/suite_h200.sh's ``seed_rows``: a process starts from the tree's rows merged with the
+    rows an earlier call kept on the machine (those win), either may be missing; the script parses."""
+    import gzip
+    import json
+    import re
+    import subprocess
+
+    script = Path(__file__).parent.parent / "bench" / "suite_h200.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    fn = re.search(r"^seed_rows\(\) \{.*?^\}$", script.read_text(), re.S | re.M).group(0)
+
+    def gz(path, rows):
+        with gzip.open(path, "wt") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    tree = gz(tmp_path / "tree.jsonl.gz", [{"key": "a", "v": 1}, {"key": "b", "v": 1}])
+    kept = gz(tmp_path / "kept.gz", [{"key": "b", "v": 2}, {"key": "c", "v": 2}])
+
+    def seed(*args):
+        out = tmp_path / "out.jsonl"
+        cmd = fn + "\nseed_rows " + " ".join(f"'{a}'" for a in (args[0], out, *args[1:]))
+        subprocess.run(["bash", "-c", cmd], check=True, cwd=Path(__file__).parent.parent)
+        return {r["key"]: r["v"] for r in map(json.loads, out.read_text().splitlines())}
+
+    assert seed(tree, kept) == {"a": 1, "b": 2, "c": 2}
+    assert seed(tree, tmp_path / "missing.gz") == {"a": 1, "b": 1}
+    assert seed(tmp_path / "none.gz", kept) == {"b": 2, "c": 2}
+    assert seed(tmp_path / "none.gz", "") == {}
