@@ -149,6 +149,17 @@ def batch_metric(vals: dict[str, float]) -> dict:
             if n else None}
 
 
+def rebuild_metric(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Changes of a running batch's rows between two :func:`scrape` calls that running rows waited
+    on (``kvsift_batch_rebuild_seconds``): how many, their mean host time, and the longest over the
+    server's life (warm-up included)."""
+    key = "kvsift_batch_rebuild_seconds"
+    n = after.get(key + "_count", 0.0) - before.get(key + "_count", 0.0)
+    total = after.get(key + "_sum", 0.0) - before.get(key + "_sum", 0.0)
+    return {"rebuilds": int(n), "rebuild_mean_ms": round(1000 * total / n, 1) if n else None,
+            "rebuild_max_ms": round(1000 * after.get(key + "_max", 0.0), 1) if n else None}
+
+
 def admission_line(srv) -> str | None:
     """The server's startup line on its default admission limits (KV bytes on the device and in
     host memory; printed on CUDA when --kv-memory / --host-memory are not given), if any."""
@@ -345,6 +356,7 @@ def main(argv=None) -> int:
                     raise
             res["preemptions"] = int(after.get("kvsift_preemptions_total", 0))
             res["joined"] = int(after.get("kvsift_batch_joins_total", 0) - before.get("kvsift_batch_joins_total", 0))
+            res.update(rebuild_metric(before, after))
             n = batch_metric(after)["batches"] - batch_metric(before)["batches"]
             res["batches"] = n
             res["requests_per_batch"] = round((res["requests"] - len(res["errors"])) / n, 2) if n else None
@@ -357,8 +369,8 @@ def main(argv=None) -> int:
         tmp.cleanup()
 
     head = ("max-batch", "arena", "joins", "join chunks", "chunk tokens", "batched tokens", "joined", "preempt", "preemptions", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
-            "ITL p50 ms", "ITL p99 ms", "p99 from gap 2", "longest at gap 1", "batches", "req/batch",
-            "errors")
+            "ITL p50 ms", "ITL p99 ms", "p99 from gap 2", "longest at gap 1", "rebuilds", "rebuild ms mean/max",
+            "batches", "req/batch", "errors")
     table = [head] + [(str(r["max_batch"]), "on" if r.get("kv_arena") else "off", "yes" if r["continuous"] else "no",
                        "-" if r["join_chunks"] is None else ("all" if r["join_chunks"] == 0 else str(r["join_chunks"])),
                        "-" if r.get("join_chunk_size") is None else str(r["join_chunk_size"]),
@@ -366,7 +378,8 @@ def main(argv=None) -> int:
                        str(r.get("joined", "-")), "yes" if r["preempt"] else "no", str(r["preemptions"]),
                        str(r["throughput_tok_s"]), str(r["ttft_p50_ms"]), str(r["ttft_p99_ms"]),
                        str(r["itl_p50_ms"]), str(r["itl_p99_ms"]), str(r.get("itl_p99_after_first_ms")),
-                       f"{r.get('longest_gap_at_first', 0)}/{r.get('streams', 0)}",
+                       f"{r.get('longest_gap_at_first', 0)}/{r.get('streams', 0)}", str(r.get("rebuilds", "-")),
+                       f"{r.get('rebuild_mean_ms')}/{r.get('rebuild_max_ms')}" if r.get("rebuilds") else "-",
                        str(r["batches"]), str(r["requests_per_batch"]),
                        str(len(r["errors"]))) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]

@@ -196,3 +196,20 @@ def test_generate_many_halves_its_batch_after_running_out_of_memory(default_toke
     llm.generate_requests = lambda *a, **k: (_ for _ in ()).throw(ValueError("not memory"))
     with pytest.raises(ValueError, match="not memory"):
         backend.generate_many(items, "snapkv")
+
+
+def test_run_batch_reports_each_change_of_rows(llm):
+    """``run_batch(on_rows_changed=...)``: called with the host seconds of each change of the running
+    rows that running rows waited on (here: a request joining at the first step boundary, then the
+    first one leaving a step before the joiner ends); not called when the rows never change."""
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    ps = _prompts()
+    a, b = (llm.request([p], params, method="snapkv", budget=0.25) for p in ps[:2])
+    seen = []
+    asked = []
+    join = lambda running, rows: asked.append(rows) or ([b] if len(asked) == 1 else [])  # noqa: E731
+    list(llm.run_batch([a], join=join, on_rows_changed=seen.append))
+    assert len(seen) == 2 and min(seen) > 0
+    seen.clear()
+    list(llm.run_batch([llm.request([ps[2]], params, method="snapkv", budget=0.25)], on_rows_changed=seen.append))
+    assert seen == []

@@ -473,8 +473,8 @@ class LLM:
     # ---- one batched generation ---------------------------------------------------------------
     def run_batch(self, requests: list[Request], progress: bool | None = None,
                   join: Callable[[list[Request], int], list[Request]] | None = None,
-                  memory: Scheduler | None = None,
-                  join_chunks: int | None = None) -> Iterator[tuple[Request, StreamEvent]]:
+                  memory: Scheduler | None = None, join_chunks: int | None = None,
+                  on_rows_changed: Callable[[float], None] | None = None) -> Iterator[tuple[Request, StreamEvent]]:
         """Run a scheduled group of compatible requests (:func:`~kvsift.engine.scheduler.batch_key`)
         as one batched generation: their prompts are prefilled and decoded together. Yields
         ``(request, event)``, the event's ``index`` local to its request; a request's last event
@@ -504,7 +504,11 @@ class LLM:
 
         ``join_chunks``: joining prompts' prefill chunks between two decode steps (None: the LLM's
         ``join_chunks``; 0: their whole prefill at once, for offline work where no one waits on
-        a token, :meth:`generate_requests`)."""
+        a token, :meth:`generate_requests`). ``on_rows_changed(seconds)``: called at each change of
+        the running batch's rows that running rows wait on (rows joining or leaving, preempted or
+        resumed), with the host time it took: the new batch built, its step runner started and,
+        with joiners, its first step and any CUDA graph recorded before their first tokens (the
+        server observes it as ``kvsift_batch_rebuild_seconds``)."""
         if not requests:
             return
         chunks_per_step = self.join_chunks if join_chunks is None else _check_join_chunks(join_chunks)
@@ -698,6 +702,7 @@ class LLM:
                     if synced and compact and (new or any(done) or out_rows or resumed):
                         # continuous batching: done rows leave, new requests join, before the next step
                         # (and preempted rows leave, resumed ones come back)
+                        t_change = time.perf_counter()
                         keep = [i for i, d in enumerate(done) if not d and i not in out_rows]
                         decoder.close()
                         left_steps = max([seqs[i].limit - seqs[i].steps for i in keep]
@@ -743,6 +748,8 @@ class LLM:
                             next_pos = next_pos + 1
                             prime()
                             stepped = True
+                        if on_rows_changed is not None and keep:   # rows that waited on it
+                            on_rows_changed(time.perf_counter() - t_change)
                         for k, (t_k, e_k) in enumerate(firsts_new):
                             yield from push(len(keep) + k, t_k, bool(e_k), set())
                         if all(s.done for s in seqs):

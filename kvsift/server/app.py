@@ -274,7 +274,8 @@ def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
     scheduler = Scheduler(config.max_waiting, metrics, max_run_s=config.max_request_seconds,
                           max_queue_s=config.max_queue_seconds, max_per_key=config.max_concurrent_per_key,
                           engine=engine,
-                          run_batch=lambda group, join=None: llm.run_batch(group, join=join, memory=memory),
+                          run_batch=lambda group, join=None: llm.run_batch(group, join=join, memory=memory,
+                                                                           on_rows_changed=metrics.observe_rebuild),
                           join_running=config.continuous_batching)
     state = ServerState(llm, config, model_id, metrics, scheduler, store,
                         max_tokens_cap=cap, max_token_chars=_max_token_chars(llm.tokenizer))

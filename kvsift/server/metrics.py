@@ -53,9 +53,15 @@ class Metrics:
                                          buckets=_BATCH, registry=r)
         self.batch_joins = Counter("kvsift_batch_joins", "Requests that joined a running batch at a decode step",
                                    registry=r)
+        self.batch_rebuild = Histogram("kvsift_batch_rebuild_seconds", "Host time of a change of a running "
+                                       "batch's rows that running rows waited on (joins, leaves, preemption)",
+                                       buckets=_LATENCY, registry=r)
+        self.batch_rebuild_max = Gauge("kvsift_batch_rebuild_seconds_max", "The longest such change so far",
+                                       registry=r)
         self.preemptions = Counter("kvsift_preemptions", "Requests whose KV was swapped to host memory to make "
                                    "room (--preempt), each time", registry=r)
         self._preemptions_seen = 0
+        self._rebuild_max = 0.0
         info = Gauge("kvsift_model_info", "Served model", ["model"], registry=r)
         info.labels(model=model).set(1)
         for loc in ("device", "host"):
@@ -70,6 +76,14 @@ class Metrics:
         if total > self._preemptions_seen:
             self.preemptions.inc(total - self._preemptions_seen)
             self._preemptions_seen = total
+
+    def observe_rebuild(self, seconds: float) -> None:
+        """One change of a running batch's rows (``LLM.run_batch``'s ``on_rows_changed``; the
+        engine's worker thread: prometheus_client's metrics are thread-safe)."""
+        self.batch_rebuild.observe(seconds)
+        if seconds > self._rebuild_max:
+            self._rebuild_max = seconds
+            self.batch_rebuild_max.set(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
