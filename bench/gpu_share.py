@@ -132,6 +132,10 @@ def main(argv=None) -> int:
         return 0
     if a.seconds <= 0 or a.batch < 1 or a.ctx < 1 or a.prefill_tokens < 1:
         ap.error("--seconds, --batch, --ctx and --prefill-tokens must be positive")
+    import torch
+
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA device (it measures processes sharing one GPU)")
     settings = [("alone", ["decode"]), ("3 decode", ["decode"] * 3),
                 ("1 decode + 2 prefill", ["decode", "prefill", "prefill"])]
     use_mps = a.mps == "yes" or (a.mps == "auto" and shutil.which("nvidia-cuda-mps-control") is not None)
