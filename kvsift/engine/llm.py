@@ -328,7 +328,7 @@ class LLM:
                                           max_positions=self.info.max_positions))
         for r in requests:
             sched.add(r)   # one that could never fit: KVMemoryError before any compute
-        outs: dict[int, list[RequestOutput | None]] = {id(r): [None] * r.rows for r in requests}
+        outs: dict[Request, list[RequestOutput | None]] = {r: [None] * r.rows for r in requests}   # by identity
         join = _OfflineJoin(sched)
         with self.lock:
             while sched.waiting:
@@ -341,11 +341,11 @@ class LLM:
                         if ev.error is not None:
                             raise ev.error
                         if ev.finished:
-                            outs[id(r)][ev.index] = ev.output
+                            outs[r][ev.index] = ev.output
                 finally:
                     events.close()
                     sched.finish(group)   # the joiners too: run_batch appended them to the group
-        return [outs[id(r)] for r in requests]
+        return [outs[r] for r in requests]
 
     def prefill_context(self, document: Prompt, *, method: str | KVMethod = "full", budget: Budget = None,
                         method_kwargs: dict | None = None, chat: bool | None = None,
@@ -549,7 +549,7 @@ class LLM:
             base_stats = {r: (stats, len(ids), 0.0, method, run) for r in requests}
             # seconds the running rows waited on joining prefills, in all and when each request started
             # (a sequence's stats.decode_wait_s: what of its decode_s went to others' prefills)
-            waited = [0.0]
+            waited = 0.0
             wait_from = {r: 0.0 for r in requests}
             # preemption: decode tokens per row each request is charged for (inf: all of them)
             preempt = (memory is not None and compact and memory.config.preempt
@@ -586,7 +586,7 @@ class LLM:
                     st.decode_setup_steps = decoder.setup_steps
                     stats_i = _copy_stats(st, ctx.cache, method_r, run_r, len(s.ids), s.steps - 1,
                                           time.perf_counter() - t0 - t_r, share=(r.rows, rows_st),
-                                          end_share=(r.rows, len(seqs)), waited=waited[0] - wait_from[r])
+                                          end_share=(r.rows, len(seqs)), waited=waited - wait_from[r])
                     ev.output = RequestOutput(s.text, s.ids, r.prompts[j], s.reason, stats_i)
                     left[r] -= 1
                     r.finished = left[r] == 0
@@ -677,7 +677,7 @@ class LLM:
                                 r.finished = True
                                 yield r, StreamEvent(0, "", None, finished=True, error=e)
                         if not all(done):
-                            waited[0] += time.perf_counter() - t_join
+                            waited += time.perf_counter() - t_join
                     if new and not all(done) and not _states_ready(parts):
                         # the joiners' method state is still being written asynchronously (sentencekv's
                         # chunks on their way to host memory): stacking them now would wait for those
@@ -717,7 +717,7 @@ class LLM:
                             left[r] = r.rows
                             st_r, rows_r, method_r, run_r = firsts[r]
                             base_stats[r] = (st_r, rows_r, time.perf_counter() - t0, method_r, run_r)
-                            wait_from[r] = waited[0]
+                            wait_from[r] = waited
                             for j in range(r.rows):
                                 owners.append((r, j))
                                 seqs.append(_Seq(j, self, r.params, r.room(len(r.prompts[j]), self.info.max_positions)))

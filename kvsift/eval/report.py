@@ -275,10 +275,9 @@ def vs_peer_at_kv(rows: list[dict[str, Any]], peer: str = "kvpress", tolerance: 
         d: dict[str, Any] = {"method": method, "budget": budget, "cells": len(pairs), "no_peer": no_peer,
                              "best": dict(sorted(best.items(), key=lambda kv: (-kv[1], kv[0])))}
         if pairs:
-            diff = stats.pooled_paired_diff(pairs, n_boot, seed)
-            n = diff["n"]
-            d.update(n=n, ours=sum(sum(a) for a, _ in pairs) / n, theirs=sum(sum(b) for _, b in pairs) / n,
-                     diff=diff["diff"], lo=diff["lo"], hi=diff["hi"], significant=diff["significant"])
+            p = _paired_row("all", budget, pairs, {}, n_boot, seed)
+            d.update(n=p["n"], ours=p["a"], theirs=p["b"], diff=p["diff"], lo=p["lo"], hi=p["hi"],
+                     significant=p["significant"])
         out.append(d)
     return out
 

@@ -305,6 +305,19 @@ def _is_oom(e: BaseException) -> bool:
     return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
 
 
+def _generation(out, prompt_tokens: int, rows: int = 1, kv_full_bytes: int | None = None, prefill_rows: int = 1,
+                batch: int = 1) -> Generation:
+    """One sequence's :class:`Generation` from the engine's output: its stats' KV bytes over ``rows``
+    (the rows they cover), its prefill time over ``prefill_rows``."""
+    st = out.stats
+    return Generation(text=out.text, prompt_tokens=prompt_tokens, new_tokens=st.generated_tokens,
+                      kv_device_bytes=round(st.kv_device_bytes / rows), kv_host_bytes=round(st.kv_host_bytes / rows),
+                      kv_kept_bytes=round(st.kv_kept_bytes / rows),
+                      kv_full_bytes=st.kv_full_bytes if kv_full_bytes is None else kv_full_bytes,
+                      prefill_s=st.prefill_s / prefill_rows, decode_ms_per_token=st.decode_ms_per_token, batch=batch,
+                      steady_ms_per_token=st.steady_ms_per_token)
+
+
 class KvsiftBackend(BaseBackend):
     """kvsift's engine (``kvsift.LLM``). Prompts are passed as token ids (the chat template is
     already in the sample's rendered prompt), so every backend sees the same tokens.
@@ -376,22 +389,10 @@ class KvsiftBackend(BaseBackend):
                                  method=spec, budget=budget, method_kwargs=kw, progress=False)
         b = len(prompts)
         per_tok = self._kv_bytes_per_token()
-        res = []
-        for p, out in zip(prompts, outs):
-            st = out.stats
-            if b == 1:
-                res.append(Generation(text=out.text, prompt_tokens=st.prompt_tokens, new_tokens=st.generated_tokens,
-                                      kv_device_bytes=st.kv_device_bytes, kv_host_bytes=st.kv_host_bytes,
-                                      kv_kept_bytes=st.kv_kept_bytes, kv_full_bytes=st.kv_full_bytes,
-                                      prefill_s=st.prefill_s, decode_ms_per_token=st.decode_ms_per_token,
-                                      steady_ms_per_token=st.steady_ms_per_token))
-                continue
-            res.append(Generation(text=out.text, prompt_tokens=len(p), new_tokens=st.generated_tokens,
-                                  kv_device_bytes=round(st.kv_device_bytes / b), kv_host_bytes=round(st.kv_host_bytes / b),
-                                  kv_kept_bytes=round(st.kv_kept_bytes / b), kv_full_bytes=per_tok * len(p),
-                                  prefill_s=st.prefill_s / b, decode_ms_per_token=st.decode_ms_per_token, batch=b,
-                                  steady_ms_per_token=st.steady_ms_per_token))
-        return res
+        if b == 1:
+            return [_generation(outs[0], outs[0].stats.prompt_tokens)]
+        return [_generation(out, len(p), rows=b, kv_full_bytes=per_tok * len(p), prefill_rows=b, batch=b)
+                for p, out in zip(prompts, outs)]
 
     def generate_many(self, items: list[tuple[list[int], Budget, int]], method: str) -> list[Generation]:
         """``items`` ``(prompt ids, budget, max_new_tokens)``, one request each, through the engine's
@@ -420,16 +421,8 @@ class KvsiftBackend(BaseBackend):
                     raise
                 self.free_memory()
                 rows = (rows + 1) // 2
-        res = []
-        for (ids, _, _), (out,) in zip(items, outs):
-            st = out.stats
-            res.append(Generation(text=out.text, prompt_tokens=len(ids), new_tokens=st.generated_tokens,
-                                  kv_device_bytes=st.kv_device_bytes, kv_host_bytes=st.kv_host_bytes,
-                                  kv_kept_bytes=st.kv_kept_bytes, kv_full_bytes=st.kv_full_bytes,
-                                  prefill_s=st.prefill_s / max(1, st.prefill_rows),
-                                  decode_ms_per_token=st.decode_ms_per_token, batch=st.batch_rows,
-                                  steady_ms_per_token=st.steady_ms_per_token))
-        return res
+        return [_generation(out, len(ids), prefill_rows=max(1, out.stats.prefill_rows), batch=out.stats.batch_rows)
+                for (ids, _, _), (out,) in zip(items, outs)]
 
     def _kv_memory(self) -> int | None:
         """``mem_fraction`` of the device memory free now, on CUDA; None (unbounded) elsewhere."""
