@@ -314,11 +314,38 @@ def ensure_venv(venv: Path, wheels: Path | None = None) -> Path:
             print(f"[vs_kvpress] no `datasets` on this machine: wrote a stand-in ({stub})", file=sys.stderr)
     else:
         subprocess.run([*pip, "install", "-q", *src, KVPRESS, TRANSFORMERS_PIN], check=True)
+    _hide_breaking_kernels(py)
     r = subprocess.run(check, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"kvpress venv is broken:\n{r.stderr[-2000:]}")
     print(f"[vs_kvpress] venv ready: transformers/torch {r.stdout.strip()}", file=sys.stderr)
     return py
+
+
+KERNELS_STUB = '''"""Stand-in for `kernels`, written by bench/vs_kvpress.py into its kvpress venv: the machine's
+`kernels` (the hub-kernel loader, e.g. installed beside a newer transformers) breaks the pinned
+transformers' import (a newer `LayerRepository` wants a revision), so here it is absent, as
+transformers expects when it is not installed."""
+raise ImportError("kernels is hidden in the kvpress venv (the machine's version breaks its transformers)")
+'''
+
+
+def _hide_breaking_kernels(py: Path) -> None:
+    """When the machine has a ``kernels`` package that the venv's transformers cannot import (a
+    ``ValueError`` at ``import transformers.integrations.hub_kernels``, seen with kernels 0.19 and
+    transformers 5.2), shadow it in the venv by a module that raises ``ImportError``: transformers
+    then runs without hub kernels, as on a machine without the package."""
+    probe = [str(py), "-c", "import transformers.integrations.hub_kernels"]
+    r = subprocess.run(probe, capture_output=True, text=True)
+    if r.returncode == 0 or "kernels" not in r.stderr:
+        return
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stub = Path(site) / "kernels"
+    stub.mkdir(parents=True, exist_ok=True)
+    (stub / "__init__.py").write_text(KERNELS_STUB)
+    print(f"[vs_kvpress] the machine's `kernels` breaks transformers here: hidden by a stand-in ({stub})",
+          file=sys.stderr)
 
 
 def _link_caller_packages(py: Path) -> None:

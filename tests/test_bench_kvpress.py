@@ -164,3 +164,30 @@ def test_worker_scores_a_ppl_batch_as_its_rows_alone(tiny_llm, monkeypatch):
     assert [s.kv_device_bytes for s in both] == [alone[0].kv_device_bytes] * 3
     with pytest.raises(ValueError, match="one length"):
         be.score_batch([ctxs[0], ctxs[1][:90]], conts[:2], "full", None)
+
+
+def test_venv_hides_a_kernels_package_that_breaks_its_transformers(tmp_path):
+    """The machine's ``kernels`` (newer than the pinned transformers knows) made ``import
+    transformers`` fail in the kvpress venv; a stand-in that raises ImportError shadows it there,
+    and only when the probe fails on it."""
+    site = tmp_path / "site"
+    site.mkdir()
+    fake = tmp_path / "python"
+    state = tmp_path / "broken"
+    state.write_text("1")
+    fake.write_text(f"""#!/bin/sh
+case "$2" in
+  *hub_kernels*) if [ "$(cat {state})" = 1 ]; then echo "ValueError: kernels LayerRepository wants a revision" >&2; exit 1; fi; exit 0;;
+  *sysconfig*) echo {site};;
+esac
+""")
+    fake.chmod(0o755)
+    vk._hide_breaking_kernels(fake)
+    stub = site / "kernels" / "__init__.py"
+    assert stub.is_file()
+    with pytest.raises(ImportError, match="hidden"):
+        exec(compile(stub.read_text(), str(stub), "exec"), {})
+    stub.unlink()
+    state.write_text("0")   # transformers imports: nothing is written
+    vk._hide_breaking_kernels(fake)
+    assert not stub.exists()

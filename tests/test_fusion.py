@@ -253,7 +253,10 @@ def test_triton_interpreter_kernels():
         torch.manual_seed(0)
         for dt in (torch.float32, torch.bfloat16, torch.float16):
             x, w = torch.randn(3, 2, 80, dtype=dt), torch.randn(80, dtype=dt)
-            assert (rmsnorm(x, w, 1e-6).float() - rmsnorm_ref(x, w, 1e-6).float()).abs().max() < 5e-2
+            # the interpreter's rsqrt may round an fp32 ulp apart from PyTorch's: then the output
+            # rounds an ulp of its dtype apart, twice (y, then w * y: relative 2^-6 in bf16), not 5e-2
+            got, want = rmsnorm(x, w, 1e-6).float(), rmsnorm_ref(x, w, 1e-6).float()
+            assert ((got - want).abs() <= want.abs() / 64 + 1e-6).all()
             q = torch.randn(2, 5, 4, 32, dtype=dt).transpose(1, 2)
             k = torch.randn(2, 5, 2, 32, dtype=dt).transpose(1, 2)
             c, s = torch.randn(1, 5, 32, dtype=dt), torch.randn(1, 5, 32, dtype=dt)

@@ -198,6 +198,20 @@ def test_generate_many_halves_its_batch_after_running_out_of_memory(default_toke
         backend.generate_many(items, "snapkv")
 
 
+def test_generate_many_draws_no_prefill_bars(default_tokenizer, capsys):
+    """A grouped call prints nothing (the suite's logs had a prefill bar per joining row): prompts
+    of 8 chunks and more, which draw a bar by default, draw none through ``generate_many``."""
+    from kvsift.eval.runner import KvsiftBackend
+
+    llm = LLM.from_model(tiny_model("qwen2", seed=1), default_tokenizer, name="tiny", chunk_size=16)
+    prompts = _prompts()
+    llm.generate([prompts[0]], SamplingParams(max_tokens=2), method="snapkv", budget=0.25)
+    assert "prefill" in capsys.readouterr().err   # a 300-token prompt in 16-token chunks: a bar by default
+    got = KvsiftBackend(llm, max_batch=8).generate_many([(p, b, 2) for b in (0.1, 0.25) for p in prompts], "snapkv")
+    assert len(got) == 12
+    assert capsys.readouterr().err == ""
+
+
 def test_run_batch_reports_each_change_of_rows(llm):
     """``run_batch(on_rows_changed=...)``: called with the host seconds of each change of the running
     rows that running rows waited on (here: a request joining at the first step boundary, then the
@@ -213,3 +227,4 @@ def test_run_batch_reports_each_change_of_rows(llm):
     seen.clear()
     list(llm.run_batch([llm.request([ps[2]], params, method="snapkv", budget=0.25)], on_rows_changed=seen.append))
     assert seen == []
+

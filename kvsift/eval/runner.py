@@ -414,7 +414,7 @@ class KvsiftBackend(BaseBackend):
             reqs = [llm.request([list(ids)], SamplingParams(max_tokens=n, temperature=0.0), method=spec, budget=b,
                                 method_kwargs=kw) for ids, b, n in items]
             try:
-                outs = llm.generate_requests(reqs, max_batch=rows, kv_memory=self._kv_memory())
+                outs = llm.generate_requests(reqs, max_batch=rows, kv_memory=self._kv_memory(), progress=False)
                 break
             except Exception as e:  # noqa: BLE001 - out of memory: free it, half the batch
                 if rows < 2 or not _is_oom(e):

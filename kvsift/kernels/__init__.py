@@ -8,6 +8,9 @@
 * ``select_chunks`` / ``chunks_to_slots`` / ``page_summaries`` - budgeted top-k and index helpers.
 * ``sparse_prefill_attention(q, k, v, block_idx, cols, scale, block)`` - a prefill chunk's attention
   over listed key blocks and columns per query block (minference) -> ``(batch, q_heads, L, head_dim)``.
+* ``attention_received(query, keys, key_pos, query_pos, scale, ...)`` - the softmax attention each key
+  receives from a block of queries, summed or maxed over the queries and the q heads of its KV group
+  (H2O's and KVzip's scores), without materialising the weights -> ``(batch, kv_heads, n)``.
 
 Import the dispatching functions from ``kvsift.kernels.dispatch`` (this package re-exports no
 function under a module's name, so ``kvsift.kernels.chunk_scores`` stays the module).

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from kvsift.kernels import attention_received as _ar
 from kvsift.kernels import budget_select as _bs
 from kvsift.kernels import quant_decode_attention as _qda
 from kvsift.kernels import quantize_kv as _qkv
@@ -31,7 +32,8 @@ from kvsift.kernels.sparse_decode_attention import merge_attention
 
 __all__ = ["use_triton", "chunk_scores", "topk_select", "budget_select", "select_chunks", "sparse_decode_attention",
            "chunks_to_slots", "page_summaries", "selected_decode_attention", "merge_attention", "page_bounds_append",
-           "quant_decode_attention", "quantize_kv", "sparse_prefill_attention", "rmsnorm", "rope"]
+           "quant_decode_attention", "quantize_kv", "sparse_prefill_attention", "rmsnorm", "rope",
+           "attention_received"]
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
@@ -151,6 +153,21 @@ def sparse_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             and q.dtype == k.dtype == v.dtype):
         return _spa.sparse_prefill_attention(q, k, v, block_idx, cols, scale, block)
     return _spa.sparse_prefill_attention_ref(q, k, v, block_idx, cols, scale, block)
+
+
+def attention_received(query: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, query_pos: torch.Tensor,
+                       scale: float, sliding_window: int | None = None, reduce: str = "sum", head_reduce: str = "mean",
+                       n_out: int | None = None, max_bytes: int | None = None) -> torch.Tensor:
+    """See :func:`kvsift.kernels.attention_received.attention_received_ref`: the softmax attention
+    each key receives, reduced over the queries and each KV group's q heads, ``(batch, kv_heads,
+    n_out or n)`` float32 (``max_bytes`` bounds the reference's blocks of weights)."""
+    if (use_triton(query, keys, key_pos, query_pos) and query.dtype == keys.dtype and query.dtype in _ar.DTYPES
+            and query.shape[-1] <= _ar.MAX_DIM and not key_pos.is_floating_point()
+            and not query_pos.is_floating_point()):
+        return _ar.attention_received(query, keys, key_pos, query_pos, scale, sliding_window, reduce, head_reduce,
+                                      n_out)
+    return _ar.attention_received_ref(query, keys, key_pos, query_pos, scale, sliding_window, reduce, head_reduce,
+                                      n_out, max_bytes)
 
 
 def ragged_splits(q: torch.Tensor, kv_heads: int, width: int, fill: float) -> int | None:

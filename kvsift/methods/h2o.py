@@ -9,8 +9,9 @@ query adds its attention and, while a layer holds more than its budget, the lowe
 outside the recent window is evicted in place (the newest slot moves into its slot), so the cache
 never grows past the budget; that per-step eviction runs in eager decode only (``static_ok``).
 
-The engine's attention returns no weights, so the weights are recomputed here in fp32, query
-block by query block (one ``(batch, q_heads, block, n)`` fp32 tensor stays under
+The engine's attention returns no weights, so the weights are recomputed here: on CUDA by a fused
+Triton kernel that never materialises them (:mod:`kvsift.kernels.attention_received`), elsewhere in
+fp32, query block by query block (one ``(batch, q_heads, block, n)`` fp32 tensor stays under
 :data:`SCORE_BLOCK_BYTES`).
 """
 
@@ -20,8 +21,8 @@ from typing import ClassVar
 import torch
 
 from kvsift.budget import resolve_budget
-from kvsift.methods.base import (SCORE_BLOCK_BYTES, EvictionMethod, LayerState, attention_blocks, module_scale,
-                                  register)
+from kvsift.kernels import dispatch as kernels
+from kvsift.methods.base import SCORE_BLOCK_BYTES, EvictionMethod, LayerState, module_scale, register
 
 def attention_received(query: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, query_pos: torch.Tensor,
                        scale: float, sliding_window: int | None = None,
@@ -34,13 +35,11 @@ def attention_received(query: torch.Tensor, keys: torch.Tensor, key_pos: torch.T
     key receives nothing, a padding query gives nothing). A key is visible iff
     ``0 <= key_pos <= query_pos`` (and ``key_pos > query_pos - sliding_window``). Queries run in
     blocks so that one ``(batch, q_heads, block, n)`` fp32 tensor stays under ``max_bytes``.
-    Returns ``(batch, kv_heads, n)`` fp32.
+    Returns ``(batch, kv_heads, n)`` fp32. On CUDA a fused Triton kernel computes the same without
+    materialising the weights (:mod:`kvsift.kernels.attention_received`; ``max_bytes`` is then unused).
     """
-    b, hk, n = key_pos.shape
-    out = torch.zeros(b, hk, n, dtype=torch.float32, device=keys.device)
-    for _, attn in attention_blocks(query, keys, key_pos, query_pos, scale, sliding_window, max_bytes):
-        out += attn.sum(3).mean(2)
-    return out
+    return kernels.attention_received(query, keys, key_pos, query_pos, scale, sliding_window, reduce="sum",
+                                      head_reduce="mean", max_bytes=max_bytes)
 
 
 def recent_first(scores: torch.Tensor, positions: torch.Tensor, recent: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 
 from kvsift.budget import resolve_budget
+from kvsift.kernels import dispatch as kernels
 from kvsift.methods.base import (SCORE_BLOCK_BYTES, EvictionMethod, LayerState, Run, group_queries, head_budgets,
                                   keep_top, module_scale, register)
 
@@ -73,7 +74,10 @@ def reconstruction_scores(query: torch.Tensor, keys: torch.Tensor, key_pos: torc
     :data:`SCORE_BLOCK_BYTES` of logits. ``local = (sinks, start, end)``: of the prompt's slots only
     the first ``sinks`` and ``start .. end - 1`` (the chunk the pass reconstructs) enter the
     softmax, as in the KVzip paper's chunked scoring; only those slots and the pass's own are then
-    read (the others get no weight: their scores stay 0), so a pass costs its chunk, not the prompt."""
+    read (the others get no weight: their scores stay 0), so a pass costs its chunk, not the prompt.
+    Without a soft cap this is :func:`kvsift.kernels.dispatch.attention_received` (``reduce="max"``,
+    ``head_reduce="max"``, ``n_out=n_ctx``: a fused Triton kernel on CUDA); soft-capped logits (Gemma 2)
+    take the PyTorch loop below."""
     b, hq, L, d = query.shape
     hk, n = keys.shape[1], keys.shape[2]
     g = hq // hk
@@ -86,6 +90,13 @@ def reconstruction_scores(query: torch.Tensor, keys: torch.Tensor, key_pos: torc
         keys = torch.cat([keys.index_select(2, cols), keys[:, :, n_ctx:]], dim=2)
         key_pos = torch.cat([key_pos.index_select(2, cols), key_pos[:, :, n_ctx:]], dim=2)
         n_ctx, n = cols.numel(), keys.shape[2]
+    if softcap is None:   # the max over queries and heads in one call (a fused kernel on CUDA)
+        got = kernels.attention_received(query, keys, key_pos, query_pos, scale, sliding_window, reduce="max",
+                                         head_reduce="max", n_out=n_ctx)
+        if cols is None:
+            return got
+        out[:, :, cols] = got
+        return out
     kt = keys.float().transpose(-1, -2)                                          # (b, hk, d, n)
     head_pos, tail_pos = key_pos[:, :, None, :n_ctx], key_pos[:, :, None, n_ctx:]
     head_pad = head_pos < 0                                                      # (b, hk, 1, n_ctx)
