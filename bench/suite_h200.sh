@@ -92,7 +92,7 @@ run_group() {   # $1: the process's number, $2: its units ("methods[@task]" join
     el=$(( $(date +%s) - start ))
     [ $(( KILL - el )) -lt 60 ] && break
     left=$(python3 -c "print(round(max(0.5, $MINUTES - $el / 60), 2))")
-    timeout -s INT $(( KILL - el )) python3 -m kvsift.cli bench run --suite standard --model $M --methods $m \
+    timeout -s INT $(( KILL - el )) python3 -m kvsift.cli bench run --suite standard --model $M --methods "$m" \
       "${SEL[@]}" ${t:+--tasks $t} --max-minutes $left --no-progress --mem-fraction ${MEM:-0.15} \
       --share-prefix-gib ${SHARE_GIB:-25} "${GB[@]}" ${EXTRA:-} \
       --out "$RES/g$i.jsonl" >> "$RES/g$i.log" 2>&1
@@ -121,7 +121,7 @@ if [ -n "${KVP_GROUPS:-}" ]; then
   for g in $KVP_GROUPS; do
     i=$((i+1))
     seed_rows "$KVP_ROWS" "$RES/k$i.jsonl" "$KVP_KEPT"
-    $STOP python3 bench/vs_kvpress.py --suite standard --model $M --wheels .whl/kvpress-min --presses $g \
+    $STOP python3 bench/vs_kvpress.py --suite standard --model $M --wheels .whl/kvpress-min --presses "$g" \
       "${SEL[@]}" --max-minutes $MINUTES --no-progress --mem-fraction ${MEM:-0.12} --out "$RES/k$i.jsonl" \
       > "$RES/k$i.log" 2>&1 &
     pids+=($!)

@@ -124,10 +124,37 @@ DEFAULT_PRESSES = "full,snapkv,streaming,pyramidkv,expected_attention"
 DUO_SINK, DUO_RECENT = 128, 256
 
 
+def _labels():
+    """``kvsift/eval/labels.py`` loaded on its own (the kvpress venv cannot import ``kvsift``'s
+    engine): bracketed options and comma lists that keep them, as ``kvsift bench run`` reads them."""
+    import importlib.util
+
+    name = "_kvsift_labels"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "kvsift" / "eval" / "labels.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+def split_presses(text: str) -> list[str]:
+    """``--presses``: comma-separated labels, commas inside brackets kept (``snapkv[window_size=32,kernel_size=7]``)."""
+    return _labels().split_items(text)
+
+
+def press_options(name: str) -> dict[str, Any]:
+    """A press label's bracketed options, passed to the press's constructor (to the scorer of a
+    wrapper): ``"snapkv[window_size=32]"`` -> ``{"window_size": 32}``; the whole label names the rows
+    (``kvpress:snapkv[window_size=32]``), so kvpress's SnapKV with kvsift's window is a cell of its own."""
+    return _labels().split_label(name.split(":", 1)[-1].strip())[1]
+
+
 def parse_press(name: str) -> tuple[str, PressSpec, str | None]:
-    """``"adakv(tova)"`` -> ``("adakv", spec, "tova")``; ``"adakv"`` -> its default scorer; raises
-    ValueError with what is available."""
-    name = name.split(":", 1)[-1].strip()
+    """``"adakv(tova)"`` -> ``("adakv", spec, "tova")``; ``"adakv"`` -> its default scorer (options
+    in brackets, :func:`press_options`, are not part of the name); raises ValueError with what is
+    available."""
+    name = _labels().split_label(name.split(":", 1)[-1].strip())[0]
     outer, _, rest = name.partition("(")
     if outer not in PRESSES:
         raise ValueError(f"unknown press {name!r}; available: {', '.join(PRESSES)} "
@@ -165,20 +192,24 @@ def build_press(kvpress, name: str, keep: int, n: int, keep_total: int | None = 
     go through the press (``keep_total``: what to hold after the last prompt token, for the
     decode-time ``target_size``). ``None`` for ``full``."""
     outer, spec, inner = parse_press(name)
+    opts = press_options(name)
     if spec.cls is None:
+        if opts:
+            raise ValueError(f"press {name!r}: full takes no options")
         return None
     kw = dict(spec.kwargs)
     if spec.budget == "ratio" and spec.inner is None:
         kw["compression_ratio"] = compression_ratio(keep, n)
     elif spec.budget == "heads":
         kw["head_compression_ratio"] = duo_head_ratio(keep, n)
-    if outer == "adakv":  # the ratio goes to the scorer (AdaKV reads it from there)
-        return kvpress.AdaKVPress(press=getattr(kvpress, PRESSES[inner].cls)(compression_ratio=compression_ratio(keep, n)), **kw)
+    if outer == "adakv":  # the ratio goes to the scorer (AdaKV reads it from there), the options too
+        scorer = getattr(kvpress, PRESSES[inner].cls)(compression_ratio=compression_ratio(keep, n), **opts)
+        return kvpress.AdaKVPress(press=scorer, **kw)
     if outer == "decoding":  # the scorer keeps its ratio 0: DecodingPress sets it per compression
-        return kvpress.DecodingPress(base_press=getattr(kvpress, PRESSES[inner].cls)(),
+        return kvpress.DecodingPress(base_press=getattr(kvpress, PRESSES[inner].cls)(**opts),
                                      compression_interval=decoding_interval,
                                      target_size=max(1, keep if keep_total is None else keep_total), **kw)
-    return getattr(kvpress, spec.cls)(**kw)
+    return getattr(kvpress, spec.cls)(**{**kw, **opts})
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -188,7 +219,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tasks", default=None, help="comma list of kvsift.eval tasks (default: niah)")
     ap.add_argument("--presses", default=DEFAULT_PRESSES,
                     help=f"comma list of {', '.join(PRESSES)}, or all (default: {DEFAULT_PRESSES}); "
-                         f"wrappers take a scorer: adakv(snapkv), decoding(tova)")
+                         f"wrappers take a scorer: adakv(snapkv), decoding(tova); options of the press's constructor in "
+                         f"brackets, the whole label naming the rows: snapkv[window_size=32,kernel_size=7]")
     ap.add_argument("--decoding-interval", type=int, default=1,
                     help="decoding presses: compress every this many decode steps, the last prompt token being the first "
                          "(kvpress's compression_interval; with N > 1 the KV after the prompt is the full cache's "
@@ -226,7 +258,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.presses == "all":
         args.presses = ",".join(PRESSES)
-    for p in args.presses.split(","):
+    for p in split_presses(args.presses):
         try:
             parse_press(p)
         except ValueError as e:
@@ -745,6 +777,21 @@ class KvpressBackend:
             decode_ms_per_token=1000.0 * decode_s / (m - 1) if m > 1 else 0.0, batch=b) for x in sums]
 
 
+def check_press_options(presses: list[str]) -> str | None:
+    """Build every press once with a small budget (inside the kvpress venv): the first label whose
+    bracketed options its press does not take, as an error message; None when all build."""
+    import kvpress
+
+    for name in presses:
+        if not press_options(name):
+            continue
+        try:
+            build_press(kvpress, name, 10, 100, 10)
+        except (TypeError, ValueError) as e:
+            return f"press {name!r}: {e}"
+    return None
+
+
 def worker(args) -> int:
     import torch
     import transformers
@@ -753,12 +800,16 @@ def worker(args) -> int:
     transformers.utils.logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
+    bad = check_press_options(split_presses(args.presses))
+    if bad:  # before the model loads: a clear error, exit 2
+        print(f"vs_kvpress: error: {bad}", file=sys.stderr)
+        return 2
     runner, tasks, suites = _import_eval()
     grid = resolve_grid(args, suites)
     backend = KvpressBackend(args.model_dir, runner, args.model_name or "smollm2", args.device, args.dtype,
                              mem_fraction=args.mem_fraction, decoding_interval=args.decoding_interval)
     cfg = runner.BenchConfig(
-        tasks=grid["tasks"], methods=args.presses.split(","), budgets=grid["budgets"], lengths=grid["lengths"],
+        tasks=grid["tasks"], methods=split_presses(args.presses), budgets=grid["budgets"], lengths=grid["lengths"],
         seeds=grid["seeds"], task_config=tasks.TaskConfig(depths=grid["depths"], samples=grid["samples"],
                                                           ppl_tokens=grid["ppl_tokens"], ppl_text=args.ppl_text))
     print(f"[vs_kvpress] {len(cfg.cells())} cell(s) on {backend.device} ({backend.model_name}), compress "

@@ -191,3 +191,35 @@ esac
     state.write_text("0")   # transformers imports: nothing is written
     vk._hide_breaking_kernels(fake)
     assert not stub.exists()
+
+
+def test_press_options_in_brackets(monkeypatch):
+    """``snapkv[window_size=32]``: the options go to the press (to the scorer of a wrapper), the whole
+    label names the rows, commas inside brackets stay in one label, and a press that does not take
+    an option is an error before the model loads."""
+    from dataclasses import dataclass
+
+    kp = _fake_kvpress()
+    assert vk.split_presses("full,snapkv[window_size=32,kernel_size=7],adakv(tova)") == [
+        "full", "snapkv[window_size=32,kernel_size=7]", "adakv(tova)"]
+    assert vk.parse_press("kvpress:snapkv[window_size=32]")[:1] == ("snapkv",)
+    p = vk.build_press(kp, "snapkv[window_size=32,kernel_size=7]", 1023, 4095)
+    assert p.kw["window_size"] == 32 and p.kw["kernel_size"] == 7 and "compression_ratio" in p.kw
+    ada = vk.build_press(kp, "adakv(snapkv)[window_size=32]", 1023, 4095)
+    assert ada.kw["press"].kw["window_size"] == 32 and "window_size" not in ada.kw
+    dec = vk.build_press(kp, "decoding(tova)[window_size=8]", 10, 100, keep_total=11)
+    assert dec.kw["base_press"].kw == {"window_size": 8}
+    with pytest.raises(ValueError, match="no options"):
+        vk.build_press(kp, "full[window_size=32]", 10, 100)
+    assert vk.parse_args(["--presses", "full,snapkv[window_size=32,kernel_size=7]"]).presses
+
+    @dataclass
+    class SnapKVPress:   # the real press's fields (kvpress 0.5.5)
+        compression_ratio: float = 0.0
+        window_size: int = 64
+        kernel_size: int = 5
+
+    kp.SnapKVPress = SnapKVPress
+    monkeypatch.setitem(sys.modules, "kvpress", kp)
+    assert vk.check_press_options(["full", "snapkv", "snapkv[window_size=32]"]) is None
+    assert "window" in vk.check_press_options(["snapkv[window=32]"])

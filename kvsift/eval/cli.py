@@ -16,18 +16,12 @@ import json
 import sys
 from pathlib import Path
 
+from kvsift.eval.labels import split_items
+
 
 def _csv(text: str) -> list[str]:
     """Comma-separated items; commas inside brackets or parentheses (``kivi[bits=2,group=64]``) stay."""
-    items, cur, depth = [], "", 0
-    for ch in str(text):
-        depth += (ch in "[(") - (ch in "])")
-        if ch == "," and depth <= 0:
-            items.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    items = [t.strip() for t in items + [cur] if t.strip()]
+    items = split_items(text)
     if not items:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
     return items

@@ -30,7 +30,6 @@ import datetime as _dt
 import gzip
 import json
 import os
-import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
+from kvsift.eval.labels import split_label  # noqa: F401 - re-exported (grid labels)
 from kvsift.eval.scoring import perplexity, score
 from kvsift.eval.tasks import TASKS, Sample, TaskBuilder, TaskConfig, TaskUnavailable, split_context_question
 
@@ -58,31 +58,6 @@ def kept_tokens(budget: Budget, prompt_len: int) -> int:
     """Tokens kept per layer and KV head for ``budget`` on a prompt of ``prompt_len`` tokens (one
     grid budget serves every length, so a token budget is capped at the prompt)."""
     return resolve_budget(budget, prompt_len, clamp=True)
-
-
-_LABEL = re.compile(r"(?P<spec>[^\[\]]+)\[(?P<opts>[^\[\]]*)\]")
-
-
-def split_label(method: str) -> tuple[str, dict[str, Any]]:
-    """A grid method with its options in brackets, ``kivi[bits=2]`` or ``snapkv[window=64,pooling=max]``,
-    -> ``("kivi", {"bits": 2})``. The whole label names the rows (so ``kivi`` and ``kivi[bits=2]`` are
-    different cells); values are JSON where they parse (``2``, ``0.5``, ``true``), else strings. A
-    method without brackets comes back as it is, with no options."""
-    m = _LABEL.fullmatch(method.strip())
-    if m is None:
-        if "[" in method or "]" in method:
-            raise ValueError(f"bad method label {method!r}: expected name[key=value,...], e.g. kivi[bits=2]")
-        return method, {}
-    opts: dict[str, Any] = {}
-    for item in filter(None, (t.strip() for t in m["opts"].split(","))):
-        key, eq, v = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"bad option {item!r} in method label {method!r}: expected key=value")
-        try:
-            opts[key.strip()] = json.loads(v.strip())
-        except json.JSONDecodeError:
-            opts[key.strip()] = v.strip()
-    return m["spec"].strip(), opts
 
 
 def method_options(method: str, method_kwargs: dict[str, dict] | None = None) -> tuple[str, dict[str, Any]]:
