@@ -37,7 +37,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
-from kvsift.eval.labels import split_label  # noqa: F401 - re-exported (grid labels)
+from kvsift.eval.labels import split_label
 from kvsift.eval.scoring import perplexity, score
 from kvsift.eval.tasks import TASKS, Sample, TaskBuilder, TaskConfig, TaskUnavailable, split_context_question
 
