@@ -228,3 +228,53 @@ def test_run_batch_reports_each_change_of_rows(llm):
     list(llm.run_batch([llm.request([ps[2]], params, method="snapkv", budget=0.25)], on_rows_changed=seen.append))
     assert seen == []
 
+
+
+def test_settled_batch_lets_more_requests_join(llm):
+    """Once a batch is built its requests are charged its measured KV, not their prompts' prefill:
+    under a KV limit that admits two prompts' prefills, a compressing method's requests keep
+    joining the running batch (wider ones charged what the batch grows by), and answer as alone."""
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    prompts = _prompts()
+    items = [(p, b) for b in (0.1, 0.5) for p in prompts]    # the wider rows join last, as in a grouped cell
+    reqs = [llm.request([p], params, method="snapkv", budget=b) for p, b in items]
+    assert all(0 < r.width_tokens < len(r.prompts[0]) for r in reqs)
+    limit = 2 * max(r.kv_bytes for r in reqs) + 1
+    alone = [llm.generate([p], params, method="snapkv", budget=b, progress=False)[0].token_ids for p, b in items]
+    outs = llm.generate_requests(reqs, max_batch=16, kv_memory=limit)
+    assert [o[0].token_ids for o in outs] == alone
+    assert max(o[0].stats.batch_rows for o in outs) > 2
+
+
+def test_scheduler_settle_charges_measured_bytes_and_joins_pay_growth():
+    from kvsift.engine.scheduler import Request, Scheduler, SchedulerConfig
+    from kvsift.methods import build_method
+
+    m = build_method("snapkv", 0.1)
+    sched = Scheduler(SchedulerConfig(max_batch=8, kv_memory=1000))
+    mk = lambda width: Request([[1, 2, 3]], SamplingParams(), m, kv_bytes=600, width_tokens=width)  # noqa: E731
+    a, b, c, d = mk(10), mk(10), mk(40), mk(10)
+    for r in (a, b, c, d):
+        sched.add(r)
+    assert sched.schedule() == [a] and sched.kv_used == 600     # b's prefill does not fit beside a's
+    sched.settle({a: 1}, 100, 10)                                # measured: 1 row x 10 slots x 10 bytes
+    assert a.charged == 100 and sched.kv_used == 100
+    # b: its prefill (600) is more than the growth (10 slots more); c, 40 slots wide, would pad the
+    # two rows already there to 40: growth 3 x 40 x 10 - 2 x 10 x 10 = 1000, over the limit: it waits
+    assert sched.join([a], 1) == [b] and sched.kv_used == 700
+    sched.settle({a: 1, b: 1}, 200, 10)
+    assert sched.kv_used == 200 and a.charged == b.charged == 100
+    assert sched.join([a, b], 2) == []                           # c first in line: no one overtakes it
+    sched.settle({a: 0, b: 1}, 100, 10)                           # a's row left: its charge goes
+    assert a.charged == 0 and sched.kv_used == 100
+    assert sched.join([a, b], 1) == [c] and c.charged == 700   # 10 x (2 x 40 - 1 x 10), more than its 600
+    sched.finish([a, b, c])
+    assert sched.kv_used == 0 and sched._batch is None
+    assert sched.schedule() == [d] and d.charged == 600          # a new batch: admission charges again
+    pre = Scheduler(SchedulerConfig(max_batch=8, kv_memory=1000, preempt=True))
+    e = mk(10)
+    pre.add(e)
+    pre.schedule()
+    before = e.charged
+    pre.settle({e: 1}, 10, 10)
+    assert e.charged == before                                   # preemption keeps its own charges

@@ -254,7 +254,8 @@ class LLM:
         kv, host, prefill, kept = self._charge(m, run, len(ids), longest, new, context,
                                                uniform=len({len(x) for x in ids}) == 1)
         return Request([list(x) for x in ids], params, m, run, context, cancel, kv, host, tag=tag,
-                       prefill_bytes=prefill, token_bytes=len(ids) * self.kv_bytes_per_token, kept_tokens=kept)
+                       prefill_bytes=prefill, token_bytes=len(ids) * self.kv_bytes_per_token, kept_tokens=kept,
+                       width_tokens=kept + m.decode_kv_tokens(run, new))
 
     def _charge(self, m: KVMethod, run, rows: int, longest: int, new: int, context: Context | None,
                 uniform: bool) -> tuple[int, int, int, int]:
@@ -335,7 +336,7 @@ class LLM:
                 group = sched.schedule()
                 if not group:  # nothing runs here between groups, so the oldest always fits
                     raise RuntimeError("the scheduler started no request with nothing running")
-                events = self.run_batch(group, progress, join=join, join_chunks=0)
+                events = self.run_batch(group, progress, join=join, memory=sched, join_chunks=0)
                 try:
                     for r, ev in events:
                         if ev.error is not None:
@@ -495,7 +496,10 @@ class LLM:
         reused context but one read by reference (:meth:`joins_running`); elsewhere
         the batch keeps its rows to the end (done rows computed and ignored).
 
-        ``memory``: the scheduler that admitted the requests, when its config preempts
+        ``memory``: the scheduler that admitted the requests. Where requests may join (no reused
+        context, no KV arena), each (re)built batch's measured device KV becomes its requests'
+        charge (:meth:`Scheduler.settle`), so a compressing method's requests hold what they keep,
+        not their prompts, and more of them join. When its config preempts
         (``SchedulerConfig.preempt``): every preemptible request is charged ``headroom`` decode
         tokens ahead (:meth:`Scheduler.ensure`); when a charge does not fit, the newest preemptible
         request's rows are copied to host memory and leave the batch (it is preempted: its stream
@@ -573,6 +577,9 @@ class LLM:
             host = torch.empty(2, b, dtype=torch.long, pin_memory=lag)
             ready = torch.cuda.Event() if lag else None
             decoder = runner.decoder(ctx, mode, max_new)
+            settles = memory is not None and can_join and context is None
+            if settles and decoder.arena is None:   # charged what the batch holds: room for joiners
+                memory.settle({r: r.rows for r in requests}, ctx.cache.memory()["device"], self.kv_bytes_per_token)
             stats.decode_mode = decoder.mode
             t0 = time.perf_counter()
 
@@ -748,6 +755,9 @@ class LLM:
                             next_pos = next_pos + 1
                             prime()
                             stepped = True
+                        if settles and decoder.arena is None:   # the new batch's bytes, by its rows
+                            memory.settle({r: sum(1 for o, _ in owners if o is r) for r in requests},
+                                          ctx.cache.memory()["device"], self.kv_bytes_per_token)
                         if on_rows_changed is not None and keep:   # rows that waited on it
                             on_rows_changed(time.perf_counter() - t_change)
                         for k, (t_k, e_k) in enumerate(firsts_new):

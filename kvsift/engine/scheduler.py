@@ -102,7 +102,9 @@ class Request:
     expected KV bytes (``kv_bytes`` on the device at its peak, ``host_bytes`` in host memory).
     ``prefill_bytes``: the device KV its prefill holds at its peak; ``token_bytes``: device bytes
     of one kept token on all its rows; ``kept_tokens``: tokens each row keeps after its prefill (a
-    preempting scheduler admits it with its prefill and ``headroom`` decode tokens).
+    preempting scheduler admits it with its prefill and ``headroom`` decode tokens);
+    ``width_tokens``: KV slots per row and layer it needs in a batch after its prefill (kept tokens
+    and decode steps; 0: unknown), what a running batch's rows are padded to when it joins them.
     ``kind``: ``"generate"`` or ``"prefill"`` (a context's prefill: never batched). ``tag``: the
     caller's (the server's job). ``finished``: every sequence of it is done (set by the engine).
     ``charged`` / ``swapped_bytes``: what the scheduler counts for it now, on the device and, while
@@ -122,6 +124,7 @@ class Request:
     prefill_bytes: int = 0
     token_bytes: int = 0
     kept_tokens: int = 0
+    width_tokens: int = 0
     charged: int = 0
     swapped_bytes: int = 0
     id: int = field(default_factory=lambda: next(_ids))
@@ -235,6 +238,7 @@ class Scheduler:
         self.kv_used = 0     # expected device KV bytes of the running requests
         self.host_used = 0   # ... and host KV bytes (offloaded, and preempted requests' swapped KV)
         self.preemptions = 0
+        self._batch: tuple[float, int] | None = None   # the running batch's (width in slots, bytes per slot), see settle
         self._lock = threading.Lock()
 
     # ---- admission -------------------------------------------------------------------------------
@@ -324,6 +328,34 @@ class Scheduler:
             self.host_used += host
             return group
 
+    def settle(self, rows_of: dict[Request, int], batch_bytes: int, per_token: int) -> None:
+        """The running batch was (re)built: ``batch_bytes`` of device KV measured over its rows
+        (``rows_of``: each request's rows in it, 0 for one whose rows have left), ``per_token`` the
+        bytes of one full-precision slot over all layers. Each request is charged its rows' share of
+        the measured bytes from now on, not its admission charge (the whole prompt's KV of its
+        prefill, for a compressing method far more than it keeps), so more requests may join; and
+        a request that joins is charged what the batch grows by as well (:meth:`join`: rows are
+        padded to the widest one). Not with preemption (charges there follow the tokens, :meth:`ensure`)."""
+        with self._lock:
+            live = {r: n for r, n in rows_of.items() if r in self.running}
+            rows = sum(live.values())
+            if self.config.preempt or rows <= 0 or per_token <= 0:
+                return
+            for r, n in live.items():
+                new = batch_bytes * n // rows
+                self.kv_used += new - r.charged
+                r.charged = new
+            self._batch = (batch_bytes / (rows * per_token), per_token)
+
+    def _join_cost(self, cand: Request, rows: int, width: float, per_token: int) -> tuple[int, float]:
+        """What ``cand`` is charged to join a settled batch of ``rows`` rows ``width`` slots wide:
+        its admission charge (its prefill runs beside the batch), or the batch's growth once its rows
+        are stacked in (every row padded to the wider of the two), whichever is more; and the
+        batch's width after it."""
+        w = max(width, float(cand.width_tokens or 0))
+        grow = per_token * ((rows + cand.rows) * w - rows * width)
+        return max(self._cost(cand), int(grow + 0.5)), w
+
     def join(self, running: list[Request], rows: int) -> list[Request]:
         """Waiting requests that join the running group ``running`` (``rows`` sequences now) at a
         decode-step boundary (continuous batching; the engine decides whether its group can take
@@ -336,13 +368,20 @@ class Scheduler:
             if key is None or not self.waiting:
                 return []
             out = []
+            width, per_token = self._batch if self._batch is not None else (0.0, 0)
             for cand in self.waiting:
-                if (rows + cand.rows > self.config.max_batch or join_key(cand) != key
-                        or not self._fits(self._cost(cand), cand.host_bytes)):
+                if rows + cand.rows > self.config.max_batch or join_key(cand) != key:
+                    break
+                cost = self._cost(cand)
+                if self._batch is not None:
+                    cost, width_after = self._join_cost(cand, rows, width, per_token)
+                if not self._fits(cost, cand.host_bytes):
                     break
                 out.append(cand)
                 rows += cand.rows
-                cand.charged = self._cost(cand)
+                if self._batch is not None:
+                    width = width_after
+                cand.charged = cost
                 self.kv_used += cand.charged
                 self.host_used += cand.host_bytes
             for r in out:
@@ -359,6 +398,8 @@ class Scheduler:
                     self.kv_used -= r.charged
                     self.host_used -= r.host_bytes + r.swapped_bytes
                     r.charged = r.swapped_bytes = 0
+            if not self.running:
+                self._batch = None
 
     # ---- preemption (config.preempt; the engine calls these at decode-step boundaries) -------------
     @property
