@@ -559,3 +559,30 @@ def test_the_join_callback_says_when_no_request_can_join():
     assert not j.idle()
     sched.closing = True
     assert j.idle()
+
+
+def test_settled_batch_makes_room_for_joiners_under_kv_memory(make_client, tiny_llm, batches):
+    """With --kv-memory admitting one 300-token prefill beside another, not two: once snapkv's
+    running batch is built it is charged the KV it holds (its kept tokens), not its prompt's, so
+    both later requests join it (each charged its prefill while it runs); answers as alone, and
+    every charge is returned at the end."""
+    per = tiny_llm.kv_bytes_per_token
+    c = make_client(max_batch=4, kv_memory_bytes=2 * 300 * per - 1)
+    sched = c.app.state.kvsift.scheduler
+    prompts = [random_prompt(300, seed=900 + i) for i in range(3)]
+    want = [alone(tiny_llm, p, 8, method="snapkv", budget=24) for p in prompts]
+    batches.release.set()
+    batches.pause_min = 1
+    batches.resume.clear()  # the first batch stops after its first event
+    with ThreadPoolExecutor(3) as pool:
+        futs = [pool.submit(c.post, "/v1/completions", json=completion(prompts[0], 8, kv_method="snapkv", kv_budget=24))]
+        assert batches.paused.wait(30)
+        for i, p in enumerate(prompts[1:]):
+            futs.append(pool.submit(c.post, "/v1/completions", json=completion(p, 8, kv_method="snapkv", kv_budget=24)))
+            wait_for(lambda i=i: sched.waiting == i + 1)
+        batches.resume.set()
+        got = [f.result().json()["choices"][0]["text"] for f in futs]
+    assert got == [w.text for w in want]
+    assert sched.joined == 2 and len(batches.groups) == 1
+    wait_for(lambda: (sched.running, sched.waiting, sched.busy) == (0, 0, False))
+    assert not sched.engine.running and sched.engine.kv_used == 0

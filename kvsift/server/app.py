@@ -270,11 +270,10 @@ def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
         host_pool().set_limit(host_mem)  # offloaded KV is admitted up to it: its locked blocks are cached as much
     engine = EngineScheduler(llm.scheduler_config(max_batch=config.max_batch, kv_memory=kv_mem,
                                                   host_memory=host_mem, preempt=config.preempt))
-    memory = engine if config.preempt else None
     scheduler = Scheduler(config.max_waiting, metrics, max_run_s=config.max_request_seconds,
                           max_queue_s=config.max_queue_seconds, max_per_key=config.max_concurrent_per_key,
                           engine=engine,
-                          run_batch=lambda group, join=None: llm.run_batch(group, join=join, memory=memory,
+                          run_batch=lambda group, join=None: llm.run_batch(group, join=join, memory=engine,
                                                                            on_rows_changed=metrics.observe_rebuild),
                           join_running=config.continuous_batching)
     state = ServerState(llm, config, model_id, metrics, scheduler, store,
