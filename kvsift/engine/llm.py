@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -578,8 +579,17 @@ class LLM:
             ready = torch.cuda.Event() if lag else None
             decoder = runner.decoder(ctx, mode, max_new)
             settles = memory is not None and can_join and context is None
-            if settles and decoder.arena is None:   # charged what the batch holds: room for joiners
-                memory.settle({r: r.rows for r in requests}, ctx.cache.memory()["device"], self.kv_bytes_per_token)
+
+            def settle() -> None:
+                """The batch just built: its requests charged its measured KV by their rows in it
+                (0 for one whose rows all finished), room for joiners; a joiner whose prefill is in
+                flight or held keeps its join charge until its rows are in."""
+                if settles and decoder.arena is None:
+                    rows = Counter(r for r, _ in owners)
+                    memory.settle({r: rows[r] for r in requests if rows[r] or r.finished},
+                                  ctx.cache.memory()["device"], self.kv_bytes_per_token)
+
+            settle()
             stats.decode_mode = decoder.mode
             t0 = time.perf_counter()
 
@@ -755,9 +765,7 @@ class LLM:
                             next_pos = next_pos + 1
                             prime()
                             stepped = True
-                        if settles and decoder.arena is None:   # the new batch's bytes, by its rows
-                            memory.settle({r: sum(1 for o, _ in owners if o is r) for r in requests},
-                                          ctx.cache.memory()["device"], self.kv_bytes_per_token)
+                        settle()
                         if on_rows_changed is not None and keep:   # rows that waited on it
                             on_rows_changed(time.perf_counter() - t_change)
                         for k, (t_k, e_k) in enumerate(firsts_new):

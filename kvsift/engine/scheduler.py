@@ -372,9 +372,10 @@ class Scheduler:
             for cand in self.waiting:
                 if rows + cand.rows > self.config.max_batch or join_key(cand) != key:
                     break
-                cost = self._cost(cand)
                 if self._batch is not None:
                     cost, width_after = self._join_cost(cand, rows, width, per_token)
+                else:
+                    cost = self._cost(cand)
                 if not self._fits(cost, cand.host_bytes):
                     break
                 out.append(cand)
