@@ -230,7 +230,11 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                                                                              L.get(s + "_scale")),
                           extra={"budget": budget, "summary": summary}, kv_read=summ_bytes + sel_bytes)
             # tokenselect: soft votes over every token (reads all keys), top-k tokens, sparse attention
-            from kvsift.methods.tokenselect import token_votes
+            def token_votes(q, k, _cand):   # every slot a candidate, as the method's votes before its local window
+                b_, hk_, n_ = k.shape[:3]
+                pos_ = torch.arange(n_, device=k.device, dtype=torch.int32).expand(b_, hk_, n_)
+                return dispatch.token_votes(q, k, pos_, torch.full((b_,), n_, device=k.device), "group", float("-inf"))
+
             for budget in args.budgets:
                 if budget > ctx:
                     continue

@@ -25,6 +25,7 @@ from kvsift.kernels import rmsnorm as _rms
 from kvsift.kernels import rope as _rope
 from kvsift.kernels import sparse_decode_attention as _sda
 from kvsift.kernels import sparse_prefill_attention as _spa
+from kvsift.kernels import token_votes as _tv
 from kvsift.kernels import topk_select as _tk
 from kvsift.kernels._triton import HAS_TRITON, triton_disabled
 from kvsift.kernels.chunk_scores import chunks_to_slots, page_summaries
@@ -33,7 +34,7 @@ from kvsift.kernels.sparse_decode_attention import merge_attention
 __all__ = ["use_triton", "chunk_scores", "topk_select", "budget_select", "select_chunks", "sparse_decode_attention",
            "chunks_to_slots", "page_summaries", "selected_decode_attention", "merge_attention", "page_bounds_append",
            "quant_decode_attention", "quantize_kv", "sparse_prefill_attention", "rmsnorm", "rope",
-           "attention_received"]
+           "attention_received", "token_votes"]
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
@@ -51,13 +52,29 @@ def chunk_scores(query: torch.Tensor, summaries, reduce: str = "mean", scale: to
     return _cs.chunk_scores_ref(query, summaries, reduce, scale)
 
 
-def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    """See :func:`kvsift.kernels.topk_select.topk_select_ref`: ``(batch, kv_heads, k)`` indices."""
-    if use_triton(scores):
-        if scores.shape[-1] <= _tk.MAX_N:
-            return _tk.topk_select(scores, k, dtype)
+def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
+                skip: torch.Tensor | None = None) -> torch.Tensor:
+    """See :func:`kvsift.kernels.topk_select.topk_select_ref`: ``(batch, kv_heads, k)`` indices.
+    ``skip (batch,)`` bool: rows whose result the caller will not use (their values are then
+    unspecified); the kernels return at once for them."""
+    if use_triton(scores) and (skip is None or use_triton(skip)):
+        n = scores.shape[-1]
+        if n <= _tk.MAX_N:
+            return _tk.topk_select(scores, k, dtype, skip)
+        if skip is not None and _tk.blocked_fits(n, k):
+            return _tk.topk_select_blocked(scores, k, dtype, skip)   # two launches that can skip rows
         return _tk.topk_select_long(scores, k, dtype)   # longer rows: torch.topk (measured faster)
     return _tk.topk_select_ref(scores, k, dtype)
+
+
+def token_votes(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, limit: torch.Tensor,
+                vote: str = "group", fill: float = -1.0, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """See :func:`kvsift.kernels.token_votes.token_votes_ref`: TokenSelect's soft votes ``(batch,
+    kv_heads, n)`` float32 (``fill`` at non-candidates; rows with ``skip`` unspecified)."""
+    tensors = [t for t in (q, keys, key_pos, limit, skip) if t is not None]
+    if use_triton(*tensors) and keys.stride(-1) == 1 and q.dtype == keys.dtype:
+        return _tv.token_votes(q, keys, key_pos, limit, vote, fill, skip)
+    return _tv.token_votes_ref(q, keys, key_pos, limit, vote, fill, skip)
 
 
 def budget_select(scores: torch.Tensor, lens: torch.Tensor, budget: int, k: int) -> torch.Tensor:

@@ -20,8 +20,10 @@ so it takes rows of at most ``MAX_N`` scores; the dispatcher sends longer rows (
 over every token of a 128k-token cache) to the reference. Cutting such a row into blocks of
 ``MAX_N`` for this kernel, then taking the top ``k`` of the blocks' candidates (exact, two launches)
 was measured on the H200 (2026-12-02, 131,072 votes per row, k = 2,048, CUDA graphs): 0.092 ms at
-batch 1 and 0.234 ms at batch 8 against 0.082 and 0.161 ms for ``torch.topk`` alone, so it was
-removed.
+batch 1 and 0.234 ms at batch 8 against 0.082 and 0.161 ms for ``torch.topk`` alone, so the
+dispatcher keeps ``torch.topk`` for long rows, except where a ``skip (batch,)`` flag says which rows
+need no selection this step (TokenSelect's selection cache): ``torch.topk`` cannot skip, while
+:func:`topk_select_blocked` (that blocked selection) returns at once for those rows.
 """
 
 from __future__ import annotations
@@ -59,9 +61,10 @@ def _padded(idx: torch.Tensor, k: int) -> torch.Tensor:
     return idx if kk >= k else torch.cat([idx, idx.new_full((*idx.shape[:2], k - kk), -1)], dim=-1)
 
 
-def topk_select_ref(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+def topk_select_ref(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
+                    skip: torch.Tensor | None = None) -> torch.Tensor:
     """Reference (PyTorch): ``(batch, kv_heads, k)`` indices of ``dtype`` (int32 or int64),
-    ascending, ``-1`` padded."""
+    ascending, ``-1`` padded. ``skip`` (the kernels' rows to leave out) is accepted and ignored."""
     s, kk = _prepared(scores, k, dtype)
     b, h, n = s.shape
     out = torch.full((b, h, kk + 1), -1, dtype=torch.int64, device=scores.device)
@@ -92,11 +95,15 @@ def topk_select_long(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.in
 if HAS_TRITON:
 
     @triton.jit
-    def _topk_select_kernel(s_ptr, out_ptr, N, K, ss_b, ss_h, ss_n, so_b, so_h, so_k,
-                            HK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _topk_select_kernel(s_ptr, out_ptr, skip_ptr, N, K, ss_b, ss_h, ss_n, so_b, so_h, so_k,
+                            HK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            HAS_SKIP: tl.constexpr = False):
         pid = tl.program_id(0)
         b = (pid // HK).to(tl.int64)
         h = (pid % HK).to(tl.int64)
+        if HAS_SKIP:   # a row whose selection is not needed this step: nothing to do
+            if tl.load(skip_ptr + b) != 0:
+                return
         offs = tl.arange(0, BLOCK_N)
         x = tl.load(s_ptr + b * ss_b + h * ss_h + offs * ss_n, mask=offs < N, other=float("-inf")).to(tl.float32)
         valid = (offs < N) & (x == x) & (x > float("-inf"))
@@ -144,12 +151,16 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _topk_select_kernel_i32(s_ptr, out_ptr, N, K, ss_b, ss_h, ss_n, so_b, so_h, so_k,
-                                HK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _topk_select_kernel_i32(s_ptr, out_ptr, skip_ptr, N, K, ss_b, ss_h, ss_n, so_b, so_h, so_k,
+                                HK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                HAS_SKIP: tl.constexpr = False):
         # same algorithm on signed int32 keys, three separate int32 counts per pass
         pid = tl.program_id(0)
         b = (pid // HK).to(tl.int64)
         h = (pid % HK).to(tl.int64)
+        if HAS_SKIP:
+            if tl.load(skip_ptr + b) != 0:
+                return
         offs = tl.arange(0, BLOCK_N)
         x = tl.load(s_ptr + b * ss_b + h * ss_h + offs * ss_n, mask=offs < N, other=float("-inf")).to(tl.float32)
         valid = (offs < N) & (x == x) & (x > float("-inf"))
@@ -192,12 +203,21 @@ if HAS_TRITON:
                  mask=(offs_k < K) & (offs_k >= kk))
 
 
-def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+def _check_skip(scores: torch.Tensor, skip: torch.Tensor | None) -> None:
+    if skip is not None and (tuple(skip.shape) != (scores.shape[0],) or skip.dtype != torch.bool
+                             or skip.device != scores.device):
+        raise ValueError(f"skip must be a bool tensor of shape (batch,) = ({scores.shape[0]},) on the scores' device")
+
+
+def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
+                skip: torch.Tensor | None = None) -> torch.Tensor:
     """Triton kernel; same arguments and result as :func:`topk_select_ref` (rows of at most
-    ``MAX_N`` scores)."""
+    ``MAX_N`` scores). ``skip (batch,)`` bool: rows whose programs return at once, their output
+    left unwritten (unspecified)."""
     if not HAS_TRITON:
         raise RuntimeError("topk_select needs Triton (pip install triton); use topk_select_ref")
     _check(scores, k, dtype)
+    _check_skip(scores, skip)
     b, h, n = scores.shape
     if n > MAX_N:
         raise ValueError(f"topk_select handles rows of at most {MAX_N} scores, got {n}; use topk_select_ref")
@@ -207,9 +227,47 @@ def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32) 
     block_n = max(16, triton.next_power_of_2(n))
     kernel = _topk_select_kernel_i32 if TUNING["impl"] == "int32" else _topk_select_kernel
     kernel[(b * h,)](
-        scores, out, n, k, scores.stride(0), scores.stride(1), scores.stride(2),
+        scores, out, skip if skip is not None else out, n, k, scores.stride(0), scores.stride(1), scores.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        HK=h, BLOCK_N=block_n, BLOCK_K=max(16, triton.next_power_of_2(k)),
+        HK=h, BLOCK_N=block_n, BLOCK_K=max(16, triton.next_power_of_2(k)), HAS_SKIP=skip is not None,
         num_warps=TUNING["num_warps"] or (8 if block_n >= 4096 else 4),
     )
     return out
+
+
+def blocked_fits(n: int, k: int) -> bool:
+    """Whether :func:`topk_select_blocked` takes rows of ``n`` scores for ``k``: its second pass
+    ranks ``k`` candidates from each block of ``MAX_N``, at most ``MAX_N`` of them."""
+    return k <= MAX_N and -(-n // MAX_N) * min(k, MAX_N) <= MAX_N
+
+
+def topk_select_blocked(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
+                        skip: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`topk_select` for rows longer than ``MAX_N`` (TokenSelect's votes over every token),
+    exactly as :func:`topk_select_ref`: the best ``k`` of each block of ``MAX_N`` scores, then the
+    best ``k`` of those candidates (the same result: a score among a row's best ``k`` is among its
+    block's best ``k``, ties included, as both passes keep the lowest indices). Two launches of the
+    kernel, both skipping the ``skip`` rows; for ``blocked_fits(n, k)`` shapes. Without a skip flag
+    ``torch.topk`` is faster on a long row (module docstring); with one, a reused step costs two
+    launches that return at once."""
+    _check(scores, k, dtype)
+    _check_skip(scores, skip)
+    b, h, n = scores.shape
+    if not blocked_fits(n, k):
+        raise ValueError(f"topk_select_blocked takes ceil(n / {MAX_N}) * k <= {MAX_N}, got n={n}, k={k}")
+    kk = min(k, n)
+    nb = -(-n // MAX_N)
+    s = scores.float()
+    if n % MAX_N:   # pad to whole blocks with -inf (never selected)
+        s = torch.nn.functional.pad(s, (0, nb * MAX_N - n), value=float("-inf"))
+    s = s.masked_fill(torch.isnan(s), float("-inf"))
+    first = topk_select(s.reshape(b, h * nb, MAX_N), kk, torch.int64, skip)          # (b, h * nb, kk) in-block
+    base = torch.arange(nb, device=s.device).repeat(h).mul_(MAX_N)[None, :, None]   # block offsets
+    cand = torch.where(first >= 0, first + base, -1).reshape(b, h, nb * kk)          # ascending slots
+    # (a skipped row's indices are whatever its unwritten memory holds: clamped, so every gather
+    # stays in range; its result is unspecified, as the kernel's)
+    vals = s.reshape(b, h, nb * MAX_N).gather(2, cand.clamp(0, nb * MAX_N - 1))
+    vals = vals.masked_fill(cand < 0, float("-inf"))
+    pick = topk_select(vals, kk, torch.int64, skip)                                   # (b, h, kk) ascending
+    out = torch.where(pick >= 0, cand.gather(2, pick.clamp(0, nb * kk - 1)), -1)
+    return _padded(out.to(dtype), k)

@@ -13,11 +13,17 @@ long cache's votes is ``dispatch.topk_select``: ``torch.topk`` over the whole ro
 selector's ``MAX_N`` (a blocked selection was measured slower on the H200, see
 ``kvsift/kernels/topk_select.py``).
 
+The votes are :func:`kvsift.kernels.dispatch.token_votes` (two Triton kernels on CUDA: the keys
+are read once, the scores written and read once in float32).
+
 Selection cache: consecutive queries are often alike. When the cosine similarity between this
 step's and the previous step's query (mean over heads) is at least ``reuse_threshold``, the
-previous selection is kept. The decision is made on the device (a select between the cached and
-the new selection: graph-safe, no host sync), so it stabilises the selection but saves no
-scoring work; ``reuse_rate`` in the stats says how often it held.
+previous selection is kept. The decision is made on the device and handed to the vote and top-k
+kernels as a per-row flag: their programs for a reused row return at once (on long rows the top-k
+is then the blocked Triton selection, whose two launches can skip, instead of ``torch.topk``), and
+a select keeps the cached selection (graph-safe, no host sync). So a reused step reads no keys for
+scoring; ``reuse_rate`` in the stats says how often it held (steps where some row reused). On the
+CPU the reference computes every row and the select alone decides, with the same result.
 
 The full KV stays on the device: TokenSelect saves reads of values (and softmax work), not
 memory. With a budget of the whole prompt every token is attended and the output equals ``full``.
@@ -30,7 +36,7 @@ from typing import Any
 
 import torch
 
-from kvsift.kernels.dispatch import topk_select
+from kvsift.kernels.dispatch import token_votes, topk_select
 from kvsift.methods.base import DecodeSelect, LayerState, SelectRun, Selection, register
 
 
@@ -53,25 +59,6 @@ class TokenSelectState(LayerState):
 @dataclass
 class TokenSelectRun(SelectRun):
     counts: Any = None   # (2,) int64 device: (selections made, selections reused)
-
-
-def token_votes(q: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor | None, vote: str = "group") -> torch.Tensor:
-    """Soft votes of the query heads for every token: ``q (batch, q_heads, dim)``, ``keys (batch,
-    kv_heads, n, dim)``, ``candidates (batch, kv_heads, n)`` bool (None: all). Each query head's
-    softmax over the candidate tokens (scaled ``q . k``) is summed over the heads of its GQA group
-    (``vote="group"``) or over all heads (``"layer"``, the same votes for every KV head). Returns
-    ``(batch, kv_heads, n)`` float32; ``-1`` for non-candidates."""
-    b, hk, n, d = keys.shape
-    g = q.shape[1] // hk
-    logits = torch.matmul(q.reshape(b, hk, g, d), keys.transpose(-1, -2)).float().mul_(d ** -0.5)   # (b, hk, g, n)
-    if candidates is not None:  # in place: the logits are this call's own (one pass and one buffer fewer)
-        logits.masked_fill_(~candidates[:, :, None], float("-inf"))
-    votes = torch.softmax(logits, dim=-1).nan_to_num_(0.0).sum(2)                          # (b, hk, n)
-    if vote == "layer":
-        votes = votes.sum(1, keepdim=True).expand(b, hk, n)
-    if candidates is not None:
-        votes = votes.masked_fill(~candidates, -1.0)
-    return votes
 
 
 @register("tokenselect")
@@ -126,7 +113,6 @@ class TokenSelect(DecodeSelect):
         q = query[:, :, -1]                                                  # (b, hq, d)
         newest = layer.written_slots(1)                                      # (1,)
         local = torch.arange(self.local, device=q.device) - (self.local - 1) + newest   # (local,)
-        slot = torch.arange(n, device=q.device)
         st: TokenSelectState | None = layer.state.get(self.name)
         if st is not None and st.row_end is not None:
             # stacked rows: a row's newest tokens are the common decode slots, then its own last slots
@@ -135,15 +121,19 @@ class TokenSelect(DecodeSelect):
             local = torch.where(local >= d0, local, end - (d0 - local))       # (b, local)
             n_dec = newest - d0 + 1
             lo = torch.where(n_dec >= self.local, newest - self.local + 1, st.row_end - (self.local - n_dec))
-            cand = (pos >= 0) & (slot < lo[:, None, None])                    # the local window is attended anyway
+            limit = lo                                                        # the local window is attended anyway
         else:
-            cand = (pos >= 0) & (slot < local[0])
-        votes = token_votes(q, keys, cand, self.vote)                        # (b, hk, n), -1 = not a candidate
+            limit = local[:1].expand(b)
         k = min(run.sel_tokens, n)
-        # (b, hk, k) ascending slots, -1 padded (the Triton selector up to MAX_N votes, torch.topk past it)
-        sel = topk_select(votes.masked_fill(votes < 0, float("-inf")), k, torch.int64)
+        # the selection cache: rows whose query is like the last one keep their selection, and the
+        # vote and top-k kernels skip them (a flag read on the device: graph-safe, no host sync)
+        reuse = self._reuse(layer, q, (b, hk, k)) if self.reuse_threshold is not None else None
+        votes = token_votes(q, keys, pos, limit, self.vote, float("-inf"), reuse)   # (b, hk, n), -inf: not a candidate
+        # (b, hk, k) ascending slots, -1 padded (the Triton selector up to MAX_N votes; past it
+        # torch.topk, or with the cache its blocked form, which skips reused rows)
+        sel = topk_select(votes, k, torch.int64, reuse)
         if self.reuse_threshold is not None:
-            sel = self._cache(run, layer, q, sel)
+            sel = self._cache(run, layer, q, sel, reuse)
         local = local.clamp(min=-1)
         own = torch.cat([sel, (local[:, None] if local.dim() == 2 else local).expand(b, hk, self.local)], dim=-1)
         return Selection(own=own)
@@ -166,19 +156,31 @@ class TokenSelect(DecodeSelect):
         end = (layer.positions >= 0).any(1).sum(-1).to(torch.int64)          # (b,)
         layer.state[self.name] = TokenSelectState(row_end=end, dec_start=layer.length)
 
-    def _cache(self, run: TokenSelectRun, layer, q: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-        """The previous selection while consecutive queries stay alike (decided on the device)."""
-        st: TokenSelectState | None = layer.state.get(self.name)
+    def _reuse(self, layer, q: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor | None:
+        """``(batch,)`` bool on the device: the rows whose query's cosine similarity to the last
+        step's (mean over the query heads) is at least ``reuse_threshold``; None at a layer's first
+        step (no selection to keep yet)."""
+        st: TokenSelectState | None = self._state(layer)
+        if st is None or st.last_sel is None or tuple(st.last_sel.shape) != shape or st.last_q.shape != q.shape:
+            return None
+        sim = torch.nn.functional.cosine_similarity(q.float(), st.last_q.float(), dim=-1).mean(-1)   # (b,)
+        return sim >= self.reuse_threshold
+
+    def _state(self, layer) -> TokenSelectState | None:
+        return layer.state.get(self.name)
+
+    def _cache(self, run: TokenSelectRun, layer, q: torch.Tensor, sel: torch.Tensor,
+               reuse: torch.Tensor | None) -> torch.Tensor:
+        """The previous selection for the rows in ``reuse`` (their new one was skipped, so its
+        values are unspecified), this step's for the others; both kept for the next step."""
+        st: TokenSelectState | None = self._state(layer)
         if run.counts is None:
             run.counts = torch.zeros(2, dtype=torch.int64, device=q.device)
-        if st is None or st.last_sel is None or st.last_sel.shape != sel.shape:
-            st = TokenSelectState(q.clone(), sel.clone())
-            layer.state[self.name] = st
+        if reuse is None:
+            layer.state[self.name] = TokenSelectState(q.clone(), sel.clone())
             run.counts[0].add_(1)
             return sel
-        sim = torch.nn.functional.cosine_similarity(q.float(), st.last_q.float(), dim=-1).mean(-1)   # (b,)
-        reuse = (sim >= self.reuse_threshold)[:, None, None]
-        out = torch.where(reuse, st.last_sel, sel)
+        out = torch.where(reuse[:, None, None], st.last_sel, sel)
         st.last_sel.copy_(out)
         st.last_q.copy_(q)
         run.counts.add_(torch.stack([torch.ones_like(reuse.sum()), reuse.any().long()]))

@@ -1,0 +1,152 @@
+"""token_votes (kvsift/kernels/token_votes.py), TokenSelect's soft votes: the reference against a
+naive float64 loop (GQA groups and the layer vote, padding slots, a limit per row, a head and a
+row without candidates); the Triton kernels against the reference through the CPU interpreter and
+on CUDA, rows flagged ``skip`` left out; the top-k's ``skip`` flag and its blocked form for long
+rows (``topk_select_blocked``) against ``topk_select_ref``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvsift.kernels import dispatch
+from kvsift.kernels import token_votes as tv
+from kvsift.kernels import topk_select as tk
+from kvsift.kernels._triton import HAS_TRITON
+from tests.conftest import run_in_triton_interpreter
+
+
+def naive(q, k, pos, limit, vote="group", fill=-1.0):
+    b, hq, d = q.shape
+    hk, n = k.shape[1], k.shape[2]
+    g = hq // hk
+    per_head = torch.zeros(b, hq, n, dtype=torch.float64)
+    cand = torch.zeros(b, hk, n, dtype=torch.bool)
+    for bi in range(b):
+        for h in range(hk):
+            c = (pos[bi, h] >= 0) & (torch.arange(n) < int(limit[bi]))
+            cand[bi, h] = c
+            for j in range(g):
+                if c.any():
+                    logits = (k[bi, h].double() @ q[bi, h * g + j].double()) * d ** -0.5
+                    per_head[bi, h * g + j, c] = torch.softmax(logits[c], 0)
+    votes = per_head.view(b, hk, g, n).sum(2)
+    if vote == "layer":
+        votes = votes.sum(1, keepdim=True).expand(b, hk, n)
+    return torch.where(cand, votes, fill)
+
+
+def make_case(seed, b=3, hq=8, hk=2, n=37, d=16, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, d, generator=g).to(dtype)
+    k = torch.randn(b, hk, n, d, generator=g).to(dtype)
+    pos = torch.arange(n).expand(b, hk, n).clone()
+    pos[torch.rand(b, hk, n, generator=g) < 0.2] = -1        # holes and padding
+    pos[0, 1] = -1                                            # a head without candidates
+    limit = torch.randint(n // 2, n + 1, (b,), generator=g)
+    limit[-1] = 0                                             # a row without candidates
+    return q, k, pos, limit
+
+
+@pytest.mark.parametrize("vote", ["group", "layer"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reference_matches_a_naive_loop(vote, seed):
+    q, k, pos, limit = make_case(seed)
+    got = tv.token_votes_ref(q, k, pos, limit, vote)
+    want = naive(q, k, pos, limit, vote)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    assert bool((got[-1] == -1.0).all())                      # no candidate: every slot at fill
+    assert bool((got[0, 1] == -1.0).all())
+
+
+def test_fill_and_checks():
+    q, k, pos, limit = make_case(0)
+    got = tv.token_votes_ref(q, k, pos, limit, fill=float("-inf"))
+    assert torch.equal(torch.isinf(got), tv.token_votes_ref(q, k, pos, limit) == -1.0)
+    with pytest.raises(ValueError, match="vote"):
+        tv.token_votes_ref(q, k, pos, limit, vote="heads")
+    with pytest.raises(ValueError, match="limit"):
+        tv.token_votes_ref(q, k, pos, limit[:1])
+    with pytest.raises(ValueError, match="skip"):
+        tv.token_votes_ref(q, k, pos, limit, skip=torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="skip"):
+        tk.topk_select_blocked(torch.randn(2, 1, 40), 4, skip=torch.zeros(3, dtype=torch.bool))
+
+
+def test_dispatch_runs_the_reference_on_the_cpu():
+    q, k, pos, limit = make_case(2)
+    assert torch.equal(dispatch.token_votes(q, k, pos, limit, "group", -1.0, torch.ones(3, dtype=torch.bool)),
+                       tv.token_votes_ref(q, k, pos, limit))       # the reference computes skipped rows too
+
+
+def test_blocked_top_k_needs_room_for_its_candidates():
+    assert tk.blocked_fits(131072, 2048)                           # 8 blocks x 2,048 = 16,384
+    assert not tk.blocked_fits(131072, 4096)
+    assert not tk.blocked_fits(10, tk.MAX_N + 1)
+
+
+# ---- Triton through the CPU interpreter -----------------------------------------------------------
+
+_INTERP = r"""
+import torch
+from kvsift.kernels import token_votes as tv, topk_select as tk
+from tests.test_token_votes import make_case
+for seed in (0, 1):
+    for vote in ("group", "layer"):
+        q, k, pos, limit = make_case(seed, n=150)
+        ref = tv.token_votes_ref(q, k, pos, limit, vote, -1.0)
+        got = tv.token_votes(q, k, pos, limit, vote, -1.0)
+        assert torch.equal(got == -1.0, ref == -1.0), (seed, vote)
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+        skip = torch.tensor([False, True, False])
+        got = tv.token_votes(q, k, pos, limit, vote, float("-inf"), skip)
+        torch.testing.assert_close(got[~skip], tv.token_votes_ref(q, k, pos, limit, vote, float("-inf"))[~skip],
+                                   atol=1e-6, rtol=1e-5)
+# top-k: the skip flag, and the blocked form of long rows (blocks of 64 here)
+g = torch.Generator().manual_seed(3)
+s = torch.randn(3, 2, 300, generator=g)
+s[0, 0, 5:40] = 0.5                                   # ties across a block boundary
+s[1, 1, ::3] = float("-inf")
+s[2, 0] = float("-inf")                               # nothing selectable
+s[2, 1, 7] = float("nan")
+skip = torch.tensor([False, True, False])
+for k in (1, 5, 12):
+    ref = tk.topk_select_ref(s[..., :60], k, torch.int64)
+    assert torch.equal(tk.topk_select(s[..., :60], k, torch.int64, skip)[~skip], ref[~skip]), k
+tk.MAX_N = 64
+for k in (1, 5, 12):
+    ref = tk.topk_select_ref(s, k, torch.int64)
+    assert torch.equal(tk.topk_select_blocked(s, k, torch.int64, torch.zeros(3, dtype=torch.bool)), ref), k
+    assert torch.equal(tk.topk_select_blocked(s, k, torch.int64, skip)[~skip], ref[~skip]), k
+    assert torch.equal(tk.topk_select_blocked(s[..., :250], k, torch.int32, skip)[~skip],
+                       tk.topk_select_ref(s[..., :250], k, torch.int32)[~skip]), k
+print("INTERP_OK")
+"""
+
+
+def test_kernels_match_reference_in_interpreter():
+    run_in_triton_interpreter(_INTERP)
+
+
+# ---- CUDA ------------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA and Triton")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernels_match_reference(dtype):
+    q, k, pos, limit = (t.cuda() for t in make_case(5, b=4, hq=32, hk=8, n=5000, d=128, dtype=dtype))
+    skip = torch.tensor([False, True, False, False], device="cuda")
+    for vote in ("group", "layer"):
+        ref = tv.token_votes_ref(q.float(), k.float(), pos, limit, vote, -1.0)
+        got = dispatch.token_votes(q, k, pos, limit, vote, -1.0, skip)
+        m = ~skip
+        assert torch.equal(got[m] == -1.0, ref[m] == -1.0)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got[m], ref[m], atol=tol * ref[m].abs().max().item(), rtol=tol)
+    votes = torch.randn(4, 8, 40000, device="cuda")
+    votes[0, 0, 100:300] = 1.0
+    ref = tk.topk_select_ref(votes, 2048, torch.int64)
+    got = dispatch.topk_select(votes, 2048, torch.int64, skip)     # the blocked form: it can skip
+    assert torch.equal(got[~skip], ref[~skip])
