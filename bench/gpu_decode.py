@@ -11,7 +11,12 @@ context length it times, per layer:
 * ``sel/<summary>/<budget>``: chunk scores (Triton) + top-k (torch) + slot expansion + sparse
   attention (Triton), pages of ``--page`` tokens; summaries ``quest`` (min/max bounds),
   ``quest8`` (the same bounds as int8 codes, ``quest``'s ``bounds="int8"``) and ``mean`` (mean
-  keys); plus the parts alone (``score``, ``topk``, ``attn``).
+  keys); plus the parts alone (``score``, ``topk``, ``attn``);
+* ``sel/tokens/<budget>``: TokenSelect's step (soft votes over every key, ``dispatch.token_votes``,
+  top-k tokens, sparse attention); with its selection cache, ``sel/tokens_cache_new`` (a step that
+  selects anew: the long-row top-k in its blocked form, which can skip rows) and
+  ``sel/tokens_cache_reused`` (every row reuses its last selection: the vote and top-k kernels
+  return at once). A run at reuse rate ``r`` costs about ``r * reused + (1 - r) * new`` per step.
 
 Each is timed over ``L`` layers of distinct KV buffers (about ``--rotate-bytes`` of KV, so the L2
 cache does not hold the data or the summaries), both as CUDA-graph replays (GPU time) and eagerly
@@ -230,21 +235,37 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                                                                              L.get(s + "_scale")),
                           extra={"budget": budget, "summary": summary}, kv_read=summ_bytes + sel_bytes)
             # tokenselect: soft votes over every token (reads all keys), top-k tokens, sparse attention
-            def token_votes(q, k, _cand):   # every slot a candidate, as the method's votes before its local window
+            def token_votes(q, k, _cand, skip=None):   # every slot a candidate (the method's local window aside)
                 b_, hk_, n_ = k.shape[:3]
                 pos_ = torch.arange(n_, device=k.device, dtype=torch.int32).expand(b_, hk_, n_)
-                return dispatch.token_votes(q, k, pos_, torch.full((b_,), n_, device=k.device), "group", float("-inf"))
+                return dispatch.token_votes(q, k, pos_, torch.full((b_,), n_, device=k.device), "group", float("-inf"),
+                                            skip)
 
+            no_rows = torch.zeros(batch, dtype=torch.bool, device=device)
+            all_rows = torch.ones(batch, dtype=torch.bool, device=device)
             for budget in args.budgets:
                 if budget > ctx:
                     continue
 
-                def tokens_step(L, bu=budget):   # as the method does it: dispatch.topk_select
-                    idx = dispatch.topk_select(token_votes(L["q"], L["k"], None), bu, torch.int64)
+                def tokens_step(L, bu=budget, skip=None):   # as the method does it: dispatch.topk_select
+                    idx = dispatch.topk_select(token_votes(L["q"], L["k"], None, skip), bu, torch.int64, skip)
+                    if skip is not None:   # the selection cache: the reused rows keep their last selection
+                        last = L.setdefault("_last", {})
+                        if bu not in last:   # the first (warm-up) call's selection stands for the cached one
+                            last[bu] = idx.clone()
+                        idx = torch.where(skip[:, None, None], last[bu], idx)
                     return dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], idx, scale)
 
                 timed(f"sel/tokens/{budget}", tokens_step, extra={"budget": budget, "summary": "tokens"},
                       kv_read=layer_bytes // 2 + 2 * batch * HK * budget * D * 2)
+                # with the selection cache (reuse_threshold): a step that selects anew (its top-k the
+                # blocked form, which can skip) and a step every row of which reuses its selection
+                timed(f"sel/tokens_cache_new/{budget}", lambda L, bu=budget: tokens_step(L, bu, no_rows),
+                      extra={"budget": budget, "summary": "tokens"}, eager=False,
+                      kv_read=layer_bytes // 2 + 2 * batch * HK * budget * D * 2)
+                timed(f"sel/tokens_cache_reused/{budget}", lambda L, bu=budget: tokens_step(L, bu, all_rows),
+                      extra={"budget": budget, "summary": "tokens"}, eager=False,
+                      kv_read=2 * batch * HK * budget * D * 2)
             # parts alone (quest, middle budget) to explain where the time goes
             budget = args.budgets[min(1, len(args.budgets) - 1)]
             if budget <= ctx:
