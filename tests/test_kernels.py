@@ -353,6 +353,14 @@ _INTERP_SCRIPT = textwrap.dedent("""
                     cs.TUNING["dot"] = dot
                     e = rel(cs.chunk_scores(q, (lo8, hi8), red, sc), cs.chunk_scores_ref(q, (lo8, hi8), red, sc))
                     assert e < 1e-5, ("chunk_scores int8", dt, b, hq, hk, n, d, red, dot, e)
+            # candidates masked in the same launch: chunks past a row's limit, chunks not valid
+            lim = torch.randint(0, n + 1, (b,))
+            val = torch.rand(b, hk, n) < 0.7
+            for kw in (dict(limit=lim), dict(valid=val), dict(limit=lim[:1].expand(b), valid=val)):
+                got, ref = cs.chunk_scores(q, (lo, hi), "max", **kw), cs.chunk_scores_ref(q, (lo, hi), "max", **kw)
+                assert torch.equal(torch.isinf(got), torch.isinf(ref)), ("masks", kw.keys())
+                fin = torch.isfinite(ref)
+                assert rel(got[fin], ref[fin]) < 1e-5 if fin.any() else True, ("masks", kw.keys())
         cs.TUNING["dot"] = True
         for (b, hq, hk, cap, s, d, ns, page) in ((1, 4, 4, 40, 33, 16, None, 1), (2, 8, 2, 300, 200, 64, 3, 1),
                                                  (1, 8, 1, 100, 150, 48, 1, 1), (2, 4, 2, 64, 6, 32, 2, 8)):
@@ -390,6 +398,11 @@ _INTERP_SCRIPT = textwrap.dedent("""
         tied = torch.randint(-3, 4, (2, 3, n)).float()                   # many ties at the threshold
         # both keep the lowest indices among ties at the threshold: equal, ties included
         assert torch.equal(tk.topk_select(tied, k), tk.topk_select_ref(tied, k)), ("ties", n, k)
+        # one more column from the same launch: each row's tail entry (an expanded (1,) too)
+        for tail in (torch.tensor([7, n]), torch.tensor([5]).expand(2)):
+            got = tk.topk_select(sc, k, torch.int64, tail=tail)
+            assert torch.equal(got, tk.topk_select_ref(sc, k, torch.int64, tail=tail)), ("tail", n, k)
+            assert got.shape[-1] == k + 1 and torch.equal(got[..., -1], tail[:, None].expand(2, 3))
     from kvsift.kernels import budget_select as bs
     for (n, k, budget) in ((37, 10, 40), (300, 40, 256), (5, 8, 1000), (64, 0, 10)):
         sc = torch.randn(2, 3, n)
@@ -469,6 +482,18 @@ def test_cuda_kernels_match_references(dtype, shape):
                 _check_topk_with_ties(dispatch.topk_select, torch.randint(-3, 4, (b, hk, n_sc), device=dev).float(), kk)
     finally:
         tk_mod.TUNING.update(saved)
+    lim = torch.randint(0, n // 16 + 1, (b,), device=dev)
+    val = torch.rand(b, hk, n // 16, device=dev) < 0.7
+    got = dispatch.chunk_scores(q, (lo, hi), "max", limit=lim, valid=val)
+    ref = chunk_scores_ref(q, (lo, hi), "max", limit=lim, valid=val)
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    fin = torch.isfinite(ref)
+    if fin.any():
+        assert _rel(got[fin], ref[fin]) < 1e-5
+    tail = torch.full((b,), 3, device=dev)
+    sc = torch.randn(b, hk, 8192, device=dev)
+    assert torch.equal(dispatch.topk_select(sc, 128, torch.int64, tail=tail),
+                       topk_select_ref(sc, 128, torch.int64, tail=tail))
     for n_ch, budget in ((n // 16, 512), (4096, 2048), (8192, 100)):   # sentencekv's variable-length chunks
         sc = torch.randn(b, hk, n_ch, device=dev)
         ln = torch.randint(0, 33, (b, hk, n_ch), device=dev, dtype=torch.int32)

@@ -114,15 +114,37 @@ def key_bounds(k: torch.Tensor, dtype: torch.dtype, inv: torch.Tensor | None) ->
     return quantize_bound(k, inv, down=True), quantize_bound(k, inv, down=False)
 
 
+def _check_masks(lo: torch.Tensor, limit: torch.Tensor | None, valid: torch.Tensor | None) -> None:
+    b, hk, n = lo.shape[:3]
+    if limit is not None and (tuple(limit.shape) != (b,) or limit.is_floating_point() or limit.device != lo.device):
+        raise ValueError(f"limit must be integers of shape (batch,) = ({b},) on the summaries' device")
+    if valid is not None and (tuple(valid.shape) != (b, hk, n) or valid.dtype != torch.bool or valid.device != lo.device):
+        raise ValueError(f"valid must be a bool tensor of shape (batch, kv_heads, n_chunks) = {(b, hk, n)}")
+
+
 def chunk_scores_ref(query: torch.Tensor, summaries: Summaries, reduce: str = "mean",
-                     scale: torch.Tensor | None = None) -> torch.Tensor:
+                     scale: torch.Tensor | None = None, limit: torch.Tensor | None = None,
+                     valid: torch.Tensor | None = None) -> torch.Tensor:
     """Reference (PyTorch, float32 math).
 
     query ``(batch, q_heads, head_dim)``; summaries ``(batch, kv_heads, n_chunks, head_dim)`` mean
     keys, or a ``(kmin, kmax)`` pair of that shape (int8 codes with ``scale (batch, kv_heads, 1,
     head_dim)``, see :func:`int8_bounds`). Returns ``(batch, kv_heads, n_chunks)`` float32.
+    Candidates only (the others score ``-inf``, never selected): with ``limit (batch,)``, chunks
+    ``c < limit[b]`` (Quest: the complete pages), with ``valid (batch, kv_heads, n_chunks)`` bool,
+    the chunks it marks (Quest: pages holding a token). The kernel applies both in the same launch.
     """
     lo, hi = _check(query, summaries, reduce, scale)
+    _check_masks(lo, limit, valid)
+    out = _scores_ref(query, lo, hi, reduce, scale)
+    if limit is not None:
+        out = out.masked_fill(torch.arange(out.shape[-1], device=out.device) >= limit[:, None, None], float("-inf"))
+    if valid is not None:
+        out = out.masked_fill(~valid, float("-inf"))
+    return out
+
+
+def _scores_ref(query, lo, hi, reduce, scale):
     b, hq, d = query.shape
     hk = lo.shape[1]
     q = query.float().reshape(b, hk, hq // hk, 1, d)              # (b, hk, g, 1, d)
@@ -138,7 +160,7 @@ def chunk_scores_ref(query: torch.Tensor, summaries: Summaries, reduce: str = "m
 if HAS_TRITON:
 
     @triton.jit
-    def _chunk_scores_kernel(q_ptr, lo_ptr, hi_ptr, sc_ptr, out_ptr, N,
+    def _chunk_scores_kernel(q_ptr, lo_ptr, hi_ptr, sc_ptr, out_ptr, lim_ptr, sl, val_ptr, N, sv_b, sv_h, sv_n,
                              sq_b, sq_h, sq_d,
                              sl_b, sl_h, sl_n, sl_d,
                              sh_b, sh_h, sh_n, sh_d,
@@ -146,7 +168,8 @@ if HAS_TRITON:
                              HK: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr,
                              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, QUEST: tl.constexpr,
                              REDUCE_MAX: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                             DOT: tl.constexpr, SCALED: tl.constexpr = False):
+                             DOT: tl.constexpr, SCALED: tl.constexpr = False, HAS_LIMIT: tl.constexpr = False,
+                             HAS_VALID: tl.constexpr = False):
         # Quest's bound sum_d max(q_d lo_d, q_d hi_d) = min(q, 0) . lo + max(q, 0) . hi: two dots,
         # so every score runs on the tensor cores for all G query heads of the group at once.
         pid_bh = tl.program_id(0)
@@ -226,11 +249,17 @@ if HAS_TRITON:
                 r = tl.max(tl.where(mask_g[:, None], s, float("-inf")), axis=0)
             else:
                 r = tl.sum(s, axis=0) / G                                        # padded rows are 0
+        if HAS_LIMIT:   # chunks from limit[b] on are not candidates
+            r = tl.where(offs_n < tl.load(lim_ptr + b * sl), r, float("-inf"))
+        if HAS_VALID:
+            ok = tl.load(val_ptr + b * sv_b + h * sv_h + offs_n * sv_n, mask=mask_n, other=0)
+            r = tl.where(ok != 0, r, float("-inf"))
         tl.store(out_ptr + b * so_b + h * so_h + offs_n * so_n, r, mask=mask_n)
 
 
 def chunk_scores(query: torch.Tensor, summaries: Summaries, reduce: str = "mean",
-                 scale: torch.Tensor | None = None) -> torch.Tensor:
+                 scale: torch.Tensor | None = None, limit: torch.Tensor | None = None,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
     """Triton kernel; same arguments and result as :func:`chunk_scores_ref`.
 
     One program scores ``BLOCK_N`` chunks of one (batch, kv_head) for all ``group`` query heads
@@ -241,6 +270,7 @@ def chunk_scores(query: torch.Tensor, summaries: Summaries, reduce: str = "mean"
     if not HAS_TRITON:
         raise RuntimeError("chunk_scores needs Triton (pip install triton); use chunk_scores_ref")
     lo, hi = _check(query, summaries, reduce, scale)
+    _check_masks(lo, limit, valid)
     b, hq, d = query.shape
     hk, n = lo.shape[1], lo.shape[2]
     out = torch.empty(b, hk, n, dtype=torch.float32, device=query.device)
@@ -253,8 +283,11 @@ def chunk_scores(query: torch.Tensor, summaries: Summaries, reduce: str = "mean"
     block_n = TUNING["block_n"] if block_d <= 128 else TUNING["block_n"] // 2
     upcast = query.device.type != "cuda"
     grid = (b * hk, triton.cdiv(n, block_n))
+    vs = valid.stride() if valid is not None else (0, 0, 0)
     _chunk_scores_kernel[grid](
-        query, lo, hi_t, scale if scale is not None else out, out, n,
+        query, lo, hi_t, scale if scale is not None else out, out, limit if limit is not None else out,
+        limit.stride(0) if limit is not None else 0,
+        valid if valid is not None else out, n, vs[0], vs[1], vs[2],
         query.stride(0), query.stride(1), query.stride(2),
         lo.stride(0), lo.stride(1), lo.stride(2), lo.stride(3),
         hi_t.stride(0), hi_t.stride(1), hi_t.stride(2), hi_t.stride(3),
@@ -262,7 +295,8 @@ def chunk_scores(query: torch.Tensor, summaries: Summaries, reduce: str = "mean"
         *((scale.stride(0), scale.stride(1)) if scale is not None else (0, 0)),
         HK=hk, G=g, G_P=max(16, triton.next_power_of_2(g)), D=d, BLOCK_D=block_d, BLOCK_N=block_n,
         QUEST=quest, REDUCE_MAX=reduce == "max", IEEE=upcast or query.dtype == torch.float32, UPCAST=upcast,
-        DOT=TUNING["dot"], SCALED=scale is not None, num_warps=TUNING["num_warps"],
+        DOT=TUNING["dot"], SCALED=scale is not None, HAS_LIMIT=limit is not None, HAS_VALID=valid is not None,
+        num_warps=TUNING["num_warps"],
     )
     return out
 

@@ -44,27 +44,31 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
 
 
-def chunk_scores(query: torch.Tensor, summaries, reduce: str = "mean", scale: torch.Tensor | None = None) -> torch.Tensor:
-    """See :func:`kvsift.kernels.chunk_scores.chunk_scores_ref`: ``(batch, kv_heads, n_chunks)`` float32."""
+def chunk_scores(query: torch.Tensor, summaries, reduce: str = "mean", scale: torch.Tensor | None = None,
+                 limit: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """See :func:`kvsift.kernels.chunk_scores.chunk_scores_ref`: ``(batch, kv_heads, n_chunks)``
+    float32, ``-inf`` at chunks past ``limit`` or not ``valid``."""
     parts = tuple(summaries) if isinstance(summaries, (tuple, list)) else (summaries,)
-    if use_triton(query, *parts):
-        return _cs.chunk_scores(query, summaries, reduce, scale)
-    return _cs.chunk_scores_ref(query, summaries, reduce, scale)
+    masks = [t for t in (limit, valid) if t is not None]
+    if use_triton(query, *parts, *masks):
+        return _cs.chunk_scores(query, summaries, reduce, scale, limit, valid)
+    return _cs.chunk_scores_ref(query, summaries, reduce, scale, limit, valid)
 
 
 def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
-                skip: torch.Tensor | None = None) -> torch.Tensor:
-    """See :func:`kvsift.kernels.topk_select.topk_select_ref`: ``(batch, kv_heads, k)`` indices.
+                skip: torch.Tensor | None = None, tail: torch.Tensor | None = None) -> torch.Tensor:
+    """See :func:`kvsift.kernels.topk_select.topk_select_ref`: ``(batch, kv_heads, k)`` indices
+    (``k + 1`` with ``tail (batch,)``, its last column, written by the kernel's own launch).
     ``skip (batch,)`` bool: rows whose result the caller will not use (their values are then
     unspecified); the kernels return at once for them."""
-    if use_triton(scores) and (skip is None or use_triton(skip)):
+    if use_triton(scores, *(t for t in (skip, tail) if t is not None)):
         n = scores.shape[-1]
         if n <= _tk.MAX_N:
-            return _tk.topk_select(scores, k, dtype, skip)
-        if skip is not None and _tk.blocked_fits(n, k):
-            return _tk.topk_select_blocked(scores, k, dtype, skip)   # two launches that can skip rows
-        return _tk.topk_select_long(scores, k, dtype)   # longer rows: torch.topk (measured faster)
-    return _tk.topk_select_ref(scores, k, dtype)
+            return _tk.topk_select(scores, k, dtype, skip, tail)
+        if skip is not None and _tk.blocked_fits(n, k):   # two launches that can skip rows
+            return _tk.with_tail(_tk.topk_select_blocked(scores, k, dtype, skip), tail)
+        return _tk.with_tail(_tk.topk_select_long(scores, k, dtype), tail)   # longer rows: torch.topk (measured faster)
+    return _tk.topk_select_ref(scores, k, dtype, tail=tail)
 
 
 def token_votes(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, limit: torch.Tensor,

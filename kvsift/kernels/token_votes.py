@@ -84,6 +84,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _scores_kernel(q_ptr, k_ptr, kp_ptr, lim_ptr, skip_ptr, sc_ptr, st_ptr, N, PER_PROG, NPROG, qk_scale,
+                       sl, sx,
                        sq_b, sq_h, sq_d, sk_b, sk_h, sk_n, sp_b, sp_h, sp_n,
                        HK: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -96,7 +97,7 @@ if HAS_TRITON:
         b = (pid_bh // HK).to(tl.int64)
         h = (pid_bh % HK).to(tl.int64)
         if HAS_SKIP:
-            if tl.load(skip_ptr + b) != 0:
+            if tl.load(skip_ptr + b * sx) != 0:
                 return
         offs_g = tl.arange(0, G_P)
         offs_d = tl.arange(0, BLOCK_D)
@@ -106,7 +107,7 @@ if HAS_TRITON:
                     mask=mask_g[:, None] & mask_d[None, :], other=0.0)          # (G_P, BLOCK_D)
         if UPCAST:  # the CPU interpreter mis-computes bf16/fp16 tl.dot: do it in float32 there
             q = q.to(tl.float32)
-        lim = tl.load(lim_ptr + b).to(tl.int64)
+        lim = tl.load(lim_ptr + b * sl).to(tl.int64)
         k_base = k_ptr + b * sk_b + h * sk_h
         p_base = kp_ptr + b * sp_b + h * sp_h
         s_base = sc_ptr + pid_bh.to(tl.int64) * G * N
@@ -138,7 +139,7 @@ if HAS_TRITON:
         tl.store(st + G_P + offs_g, l_i)
 
     @triton.jit
-    def _votes_kernel(sc_ptr, st_ptr, skip_ptr, out_ptr, N, NPROG, fill, so_b, so_h, so_n,
+    def _votes_kernel(sc_ptr, st_ptr, skip_ptr, sx, out_ptr, N, NPROG, fill, so_b, so_h, so_n,
                       HK: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, NP_P: tl.constexpr,
                       BLOCK_V: tl.constexpr, HAS_SKIP: tl.constexpr):
         # program (row, kv head) x block of BLOCK_V tokens: each head's softmax from the merged
@@ -148,7 +149,7 @@ if HAS_TRITON:
         b = (pid_bh // HK).to(tl.int64)
         h = (pid_bh % HK).to(tl.int64)
         if HAS_SKIP:
-            if tl.load(skip_ptr + b) != 0:
+            if tl.load(skip_ptr + b * sx) != 0:
                 return
         offs_g = tl.arange(0, G_P)
         offs_p = tl.arange(0, NP_P)
@@ -196,6 +197,7 @@ def token_votes(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, limi
     sk = skip if skip is not None else out
     _scores_kernel[(b * hk, nprog)](
         q, keys, key_pos, limit, sk, sc, st, n, per_prog, nprog, float(d ** -0.5) * _LOG2E,
+        limit.stride(0), skip.stride(0) if skip is not None else 0,
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         key_pos.stride(0), key_pos.stride(1), key_pos.stride(2),
         HK=hk, G=g, G_P=g_p, D=d, BLOCK_D=block_d, BLOCK_N=block_n, IEEE=upcast or q.dtype == torch.float32,
@@ -203,7 +205,7 @@ def token_votes(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, limi
     layer = vote == "layer"
     block_v = TUNING["block_v"]
     _votes_kernel[(b * hk, triton.cdiv(n, block_v))](
-        sc, st, sk, out, n, nprog, 0.0 if layer else float(fill), out.stride(0), out.stride(1), out.stride(2),
+        sc, st, sk, skip.stride(0) if skip is not None else 0, out, n, nprog, 0.0 if layer else float(fill), out.stride(0), out.stride(1), out.stride(2),
         HK=hk, G=g, G_P=g_p, NP_P=max(2, triton.next_power_of_2(nprog)), BLOCK_V=block_v,
         HAS_SKIP=skip is not None, num_warps=TUNING["num_warps"])
     if layer:   # every KV head gets the layer's sum; non-candidates (no head's) get fill

@@ -62,9 +62,16 @@ def _padded(idx: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def topk_select_ref(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
-                    skip: torch.Tensor | None = None) -> torch.Tensor:
+                    skip: torch.Tensor | None = None, tail: torch.Tensor | None = None) -> torch.Tensor:
     """Reference (PyTorch): ``(batch, kv_heads, k)`` indices of ``dtype`` (int32 or int64),
-    ascending, ``-1`` padded. ``skip`` (the kernels' rows to leave out) is accepted and ignored."""
+    ascending, ``-1`` padded; with ``tail (batch,)`` integers, one more column holding
+    ``tail[b]`` (an entry always kept, e.g. Quest's page being filled). ``skip`` (the kernels'
+    rows to leave out) is accepted and ignored."""
+    _check_tail(scores, tail)
+    return with_tail(_topk_ref(scores, k, dtype), tail)
+
+
+def _topk_ref(scores: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
     s, kk = _prepared(scores, k, dtype)
     b, h, n = s.shape
     out = torch.full((b, h, kk + 1), -1, dtype=torch.int64, device=scores.device)
@@ -95,14 +102,14 @@ def topk_select_long(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.in
 if HAS_TRITON:
 
     @triton.jit
-    def _topk_select_kernel(s_ptr, out_ptr, skip_ptr, N, K, ss_b, ss_h, ss_n, so_b, so_h, so_k,
+    def _topk_select_kernel(s_ptr, out_ptr, skip_ptr, sx, tail_ptr, st_t, N, K, ss_b, ss_h, ss_n, so_b, so_h, so_k,
                             HK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            HAS_SKIP: tl.constexpr = False):
+                            HAS_SKIP: tl.constexpr = False, HAS_TAIL: tl.constexpr = False):
         pid = tl.program_id(0)
         b = (pid // HK).to(tl.int64)
         h = (pid % HK).to(tl.int64)
         if HAS_SKIP:   # a row whose selection is not needed this step: nothing to do
-            if tl.load(skip_ptr + b) != 0:
+            if tl.load(skip_ptr + b * sx) != 0:
                 return
         offs = tl.arange(0, BLOCK_N)
         x = tl.load(s_ptr + b * ss_b + h * ss_h + offs * ss_n, mask=offs < N, other=float("-inf")).to(tl.float32)
@@ -148,18 +155,20 @@ if HAS_TRITON:
         offs_k = tl.arange(0, BLOCK_K)
         tl.store(o_base + offs_k * so_k, tl.full((BLOCK_K,), -1, out_ptr.dtype.element_ty),
                  mask=(offs_k < K) & (offs_k >= kk))
+        if HAS_TAIL:   # one more column: the row's always-attended entry (Quest: the page being filled)
+            tl.store(o_base + K * so_k, tl.load(tail_ptr + b * st_t).to(out_ptr.dtype.element_ty))
 
 
     @triton.jit
-    def _topk_select_kernel_i32(s_ptr, out_ptr, skip_ptr, N, K, ss_b, ss_h, ss_n, so_b, so_h, so_k,
+    def _topk_select_kernel_i32(s_ptr, out_ptr, skip_ptr, sx, tail_ptr, st_t, N, K, ss_b, ss_h, ss_n, so_b, so_h, so_k,
                                 HK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                HAS_SKIP: tl.constexpr = False):
+                                HAS_SKIP: tl.constexpr = False, HAS_TAIL: tl.constexpr = False):
         # same algorithm on signed int32 keys, three separate int32 counts per pass
         pid = tl.program_id(0)
         b = (pid // HK).to(tl.int64)
         h = (pid % HK).to(tl.int64)
         if HAS_SKIP:
-            if tl.load(skip_ptr + b) != 0:
+            if tl.load(skip_ptr + b * sx) != 0:
                 return
         offs = tl.arange(0, BLOCK_N)
         x = tl.load(s_ptr + b * ss_b + h * ss_h + offs * ss_n, mask=offs < N, other=float("-inf")).to(tl.float32)
@@ -201,6 +210,8 @@ if HAS_TRITON:
         offs_k = tl.arange(0, BLOCK_K)
         tl.store(o_base + offs_k * so_k, tl.full((BLOCK_K,), -1, out_ptr.dtype.element_ty),
                  mask=(offs_k < K) & (offs_k >= kk))
+        if HAS_TAIL:   # one more column: the row's always-attended entry (Quest: the page being filled)
+            tl.store(o_base + K * so_k, tl.load(tail_ptr + b * st_t).to(out_ptr.dtype.element_ty))
 
 
 def _check_skip(scores: torch.Tensor, skip: torch.Tensor | None) -> None:
@@ -210,29 +221,49 @@ def _check_skip(scores: torch.Tensor, skip: torch.Tensor | None) -> None:
 
 
 def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
-                skip: torch.Tensor | None = None) -> torch.Tensor:
+                skip: torch.Tensor | None = None, tail: torch.Tensor | None = None) -> torch.Tensor:
     """Triton kernel; same arguments and result as :func:`topk_select_ref` (rows of at most
     ``MAX_N`` scores). ``skip (batch,)`` bool: rows whose programs return at once, their output
-    left unwritten (unspecified)."""
+    left unwritten (unspecified). ``tail (batch,)``: written by the same launch as column ``k``."""
     if not HAS_TRITON:
         raise RuntimeError("topk_select needs Triton (pip install triton); use topk_select_ref")
     _check(scores, k, dtype)
     _check_skip(scores, skip)
+    _check_tail(scores, tail)
     b, h, n = scores.shape
     if n > MAX_N:
         raise ValueError(f"topk_select handles rows of at most {MAX_N} scores, got {n}; use topk_select_ref")
-    out = torch.empty(b, h, k, dtype=dtype, device=scores.device)
-    if k == 0 or b * h == 0:
+    out = torch.empty(b, h, k + (tail is not None), dtype=dtype, device=scores.device)
+    if b * h == 0:
         return out
+    if k == 0:
+        return out if tail is None else out.copy_(tail.to(dtype)[:, None, None].expand(b, h, 1))
     block_n = max(16, triton.next_power_of_2(n))
     kernel = _topk_select_kernel_i32 if TUNING["impl"] == "int32" else _topk_select_kernel
     kernel[(b * h,)](
-        scores, out, skip if skip is not None else out, n, k, scores.stride(0), scores.stride(1), scores.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        scores, out, skip if skip is not None else out, skip.stride(0) if skip is not None else 0,
+        tail if tail is not None else out,
+        tail.stride(0) if tail is not None else 0, n, k,
+        scores.stride(0), scores.stride(1), scores.stride(2), out.stride(0), out.stride(1), out.stride(2),
         HK=h, BLOCK_N=block_n, BLOCK_K=max(16, triton.next_power_of_2(k)), HAS_SKIP=skip is not None,
-        num_warps=TUNING["num_warps"] or (8 if block_n >= 4096 else 4),
+        HAS_TAIL=tail is not None, num_warps=TUNING["num_warps"] or (8 if block_n >= 4096 else 4),
     )
     return out
+
+
+def _check_tail(scores: torch.Tensor, tail: torch.Tensor | None) -> None:
+    if tail is not None and (tuple(tail.shape) != (scores.shape[0],) or tail.is_floating_point()
+                             or tail.device != scores.device):
+        raise ValueError(f"tail must be integers of shape (batch,) = ({scores.shape[0]},) on the scores' device")
+
+
+def with_tail(idx: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
+    """``idx (batch, kv_heads, k)`` with ``tail (batch,)`` as one more column (the references' and
+    the long rows' way to what the kernel writes in its own launch)."""
+    if tail is None:
+        return idx
+    b, h = idx.shape[:2]
+    return torch.cat([idx, tail.to(idx.dtype)[:, None, None].expand(b, h, 1)], dim=-1)
 
 
 def blocked_fits(n: int, k: int) -> bool:

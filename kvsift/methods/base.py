@@ -726,12 +726,11 @@ def top_pages(scores: torch.Tensor, k: int, tail_page: "torch.Tensor | int | Non
     int64 for a ``Selection(own=..., page=page)``; no host sync."""
     from kvsift.kernels.dispatch import topk_select
 
-    b, h, _ = scores.shape
-    pages = topk_select(scores, k, torch.int64) if k > 0 else scores.new_zeros((b, h, 0), dtype=torch.int64)
-    if tail_page is None:
-        return pages
-    tail = torch.as_tensor(tail_page, device=scores.device).to(torch.int64).reshape(1, 1, 1).expand(b, h, 1)
-    return torch.cat([pages, tail], dim=-1)
+    b = scores.shape[0]
+    tail = None
+    if tail_page is not None:   # the top-k's launch writes it as its last column
+        tail = torch.as_tensor(tail_page, device=scores.device).to(torch.int64).reshape(1).expand(b)
+    return topk_select(scores, max(k, 0), torch.int64, tail=tail)
 
 
 def select_pages(scores: torch.Tensor, k: int, page: int, tail_start: "torch.Tensor | int", tail_width: int) -> torch.Tensor:

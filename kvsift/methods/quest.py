@@ -214,23 +214,23 @@ class Quest(DecodeSelect):
         st = self._summaries(layer)
         k = min(st.pages, run.sel_tokens // self.page)
         q = query[:, :, -1]
-        scores = chunk_scores(q.to(st.kmin.dtype) if st.kscale is None else q, (st.kmin, st.kmax), self.reduce,
-                              st.kscale)
-        if st.slot_of is not None:
-            # the page holding a row's newest token is always attended; earlier (complete) pages
-            # are candidates; pages map to slots through the row's own table
-            tail = (st.count - 1) // self.page                              # (b, h, 1)
-            scores = scores.masked_fill(st.page_ids >= tail, float("-inf"))
-            pages = top_pages(scores, k)
-            pages = torch.cat([pages, tail], dim=-1)                       # (b, h, k + 1)
-            ranks = pages[..., None] * self.page + torch.arange(self.page, device=pages.device)
-            ok = (pages[..., None] >= 0) & (ranks < st.count[..., None])
-            b, h = ranks.shape[:2]
-            slots = st.slot_of.gather(2, torch.where(ok, ranks, 0).view(b, h, -1)).view_as(ranks)
-            return Selection(own=torch.where(ok, slots, -1).view(b, h, -1))
-        # complete pages are candidates; the page being filled is always attended
-        full = layer.written_slots(1) // self.page                           # (1,) complete pages
-        scores = scores.masked_fill(st.page_ids >= full, float("-inf"))
-        if ctx.has_padding:  # pages of padding only are never candidates
-            scores = scores.masked_fill(~st.filled, float("-inf"))
-        return Selection(own=top_pages(scores, k, tail_page=full), page=self.page)
+        q = q.to(st.kmin.dtype) if st.kscale is None else q
+        if st.slot_of is None:
+            # complete pages are candidates (and, with padding, pages holding a token): masked in the
+            # score kernel's launch; the page being filled is always attended, written by the top-k's
+            full = layer.written_slots(1) // self.page                       # (1,) complete pages
+            scores = chunk_scores(q, (st.kmin, st.kmax), self.reduce, st.kscale, limit=full.expand(q.shape[0]),
+                                  valid=st.filled if ctx.has_padding else None)
+            return Selection(own=top_pages(scores, k, tail_page=full), page=self.page)
+        scores = chunk_scores(q, (st.kmin, st.kmax), self.reduce, st.kscale)
+        # the page holding a row's newest token is always attended; earlier (complete) pages
+        # are candidates; pages map to slots through the row's own table
+        tail = (st.count - 1) // self.page                              # (b, h, 1)
+        scores = scores.masked_fill(st.page_ids >= tail, float("-inf"))
+        pages = top_pages(scores, k)
+        pages = torch.cat([pages, tail], dim=-1)                       # (b, h, k + 1)
+        ranks = pages[..., None] * self.page + torch.arange(self.page, device=pages.device)
+        ok = (pages[..., None] >= 0) & (ranks < st.count[..., None])
+        b, h = ranks.shape[:2]
+        slots = st.slot_of.gather(2, torch.where(ok, ranks, 0).view(b, h, -1)).view_as(ranks)
+        return Selection(own=torch.where(ok, slots, -1).view(b, h, -1))
