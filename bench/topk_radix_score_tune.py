@@ -23,6 +23,7 @@ from kvsift.kernels import chunk_scores as cs_mod
 from kvsift.kernels import topk_select as tk
 from kvsift.kernels.chunk_scores import page_summaries, int8_bounds
 from kvsift.kernels._triton import tl, triton
+from kvsift.kernels.topk_select import row_keys, select_at, write_selected
 from gpu_decode import time_cuda
 
 HQ, HK, D = 32, 8, 128
@@ -34,13 +35,7 @@ def _topk_radix_kernel(s_ptr, out_ptr, N, K, ss_b, ss_h, ss_n, so_b, so_h, so_k,
     pid = tl.program_id(0)
     b = (pid // HK).to(tl.int64)
     h = (pid % HK).to(tl.int64)
-    offs = tl.arange(0, BLOCK_N)
-    x = tl.load(s_ptr + b * ss_b + h * ss_h + offs * ss_n, mask=offs < N, other=float("-inf")).to(tl.float32)
-    valid = (offs < N) & (x == x) & (x > float("-inf"))
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 2147483647)          # signed order == float order
-    n_valid = tl.sum(valid.to(tl.int32), axis=0)
-    kk = tl.minimum(K, n_valid)
+    offs, valid, key, n_valid, kk = row_keys(s_ptr, b, h, ss_b, ss_h, ss_n, N, K, BLOCK_N)
     lo = tl.min(tl.where(valid, key, 2147483647), axis=0)
     hi = tl.max(tl.where(valid, key, -2147483647 - 1), axis=0)
     cand = valid
@@ -68,19 +63,8 @@ def _topk_radix_kernel(s_ptr, out_ptr, N, K, ss_b, ss_h, ss_n, so_b, so_h, so_k,
         elif lo == hi:
             done = True
             ties = True
-    if ties:
-        gt = valid & (key > t)
-        eq = valid & (key == t)
-        eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
-        sel = gt | (eq & (eq_rank <= krem))
-    else:
-        sel = valid & (key >= t)
-    pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-    o_base = out_ptr + b * so_b + h * so_h
-    tl.store(o_base + pos * so_k, offs.to(out_ptr.dtype.element_ty), mask=sel)
-    offs_k = tl.arange(0, BLOCK_K)
-    tl.store(o_base + offs_k * so_k, tl.full((BLOCK_K,), -1, out_ptr.dtype.element_ty),
-             mask=(offs_k < K) & (offs_k >= kk))
+    # (ties: krem of the keys equal to t, after every key above it: the shipped tie rule)
+    write_selected(out_ptr, b, h, so_b, so_h, so_k, offs, select_at(valid, key, t, kk, not ties), kk, K, BLOCK_K)
 
 
 def radix(scores, k, bins=256, nw=8):

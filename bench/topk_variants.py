@@ -25,25 +25,16 @@ from kvsift.kernels import dispatch
 from kvsift.kernels import topk_select as tk
 from kvsift.kernels.chunk_scores import page_summaries
 from kvsift.kernels._triton import tl, triton
+from kvsift.kernels.topk_select import row_keys, search_threshold, select_at, write_selected
 from gpu_decode import time_cuda
 
 HQ, HK, D = 32, 8, 128
 
 
 @triton.jit
-def _finish(x_valid, key, offs, kk, t, out_ptr, b, h, so_b, so_h, so_k, K, BLOCK_K: tl.constexpr):
-    valid = x_valid
-    gt = valid & (key > t)
-    eq = valid & (key == t)
-    n_gt = tl.sum(gt.to(tl.int32), axis=0)
-    eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
-    sel = gt | (eq & (eq_rank <= kk - n_gt))
-    pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-    o_base = out_ptr + b * so_b + h * so_h
-    tl.store(o_base + pos * so_k, offs.to(out_ptr.dtype.element_ty), mask=sel)
-    offs_k = tl.arange(0, BLOCK_K)
-    tl.store(o_base + offs_k * so_k, tl.full((BLOCK_K,), -1, out_ptr.dtype.element_ty),
-             mask=(offs_k < K) & (offs_k >= kk))
+def _finish(valid, key, offs, kk, t, out_ptr, b, h, so_b, so_h, so_k, K, BLOCK_K: tl.constexpr):
+    # the shipped kernel's write-out (tie path: the lowest indices at the threshold)
+    write_selected(out_ptr, b, h, so_b, so_h, so_k, offs, select_at(valid, key, t, kk, False), kk, K, BLOCK_K)
 
 
 @triton.jit
@@ -52,14 +43,7 @@ def _k_tltopk(s_ptr, out_ptr, N, K, ss_b, ss_h, ss_n, so_b, so_h, so_k,
     pid = tl.program_id(0)
     b = (pid // HK).to(tl.int64)
     h = (pid % HK).to(tl.int64)
-    offs = tl.arange(0, BLOCK_N)
-    x = tl.load(s_ptr + b * ss_b + h * ss_h + offs * ss_n, mask=offs < N, other=float("-inf")).to(tl.float32)
-    valid = (offs < N) & (x == x) & (x > float("-inf"))
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 2147483647)
-    key = tl.where(valid, key, -2147483647 - 1)
-    n_valid = tl.sum(valid.to(tl.int32), axis=0)
-    kk = tl.minimum(K, n_valid)
+    offs, valid, key, n_valid, kk = row_keys(s_ptr, b, h, ss_b, ss_h, ss_n, N, K, BLOCK_N)
     top = tl.topk(key, KC)
     t = tl.min(top, axis=0)
     _finish(valid, key, offs, kk, t, out_ptr, b, h, so_b, so_h, so_k, K, BLOCK_K)
@@ -72,14 +56,7 @@ def _k_loadonly(s_ptr, out_ptr, N, K, ss_b, ss_h, ss_n, so_b, so_h, so_k,
     pid = tl.program_id(0)
     b = (pid // HK).to(tl.int64)
     h = (pid % HK).to(tl.int64)
-    offs = tl.arange(0, BLOCK_N)
-    x = tl.load(s_ptr + b * ss_b + h * ss_h + offs * ss_n, mask=offs < N, other=float("-inf")).to(tl.float32)
-    valid = (offs < N) & (x == x) & (x > float("-inf"))
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 2147483647)
-    key = tl.where(valid, key, -2147483647 - 1)
-    n_valid = tl.sum(valid.to(tl.int32), axis=0)
-    kk = tl.minimum(K, n_valid)
+    offs, valid, key, n_valid, kk = row_keys(s_ptr, b, h, ss_b, ss_h, ss_n, N, K, BLOCK_N)
     t = tl.max(key, axis=0)
     _finish(valid, key, offs, kk, t, out_ptr, b, h, so_b, so_h, so_k, K, BLOCK_K)
 
@@ -90,32 +67,8 @@ def _k_passes(s_ptr, cnt_ptr, N, K, ss_b, ss_h, ss_n, HK: tl.constexpr, BLOCK_N:
     pid = tl.program_id(0)
     b = (pid // HK).to(tl.int64)
     h = (pid % HK).to(tl.int64)
-    offs = tl.arange(0, BLOCK_N)
-    x = tl.load(s_ptr + b * ss_b + h * ss_h + offs * ss_n, mask=offs < N, other=float("-inf")).to(tl.float32)
-    valid = (offs < N) & (x == x) & (x > float("-inf"))
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 2147483647)
-    key = tl.where(valid, key, -2147483647 - 1)
-    n_valid = tl.sum(valid.to(tl.int32), axis=0)
-    kk = tl.minimum(K, n_valid)
-    lo = tl.min(tl.where(valid, key, 2147483647), axis=0).to(tl.int64)
-    hi = tl.max(key, axis=0).to(tl.int64) + 1
-    cnt_lo = n_valid
-    passes = 0
-    while (hi - lo > 1) & (cnt_lo != kk):
-        w = hi - lo
-        m1 = (lo + w // 4).to(tl.int32)
-        m2 = (lo + w // 2).to(tl.int32)
-        m3 = (lo + (3 * w) // 4).to(tl.int32)
-        c1 = tl.sum((valid & (key >= m1)).to(tl.int32), axis=0)
-        c2 = tl.sum((valid & (key >= m2)).to(tl.int32), axis=0)
-        c3 = tl.sum((valid & (key >= m3)).to(tl.int32), axis=0)
-        new_lo = tl.where(c3 >= kk, m3, tl.where(c2 >= kk, m2, tl.where(c1 >= kk, m1, lo.to(tl.int32))))
-        new_cnt = tl.where(c3 >= kk, c3, tl.where(c2 >= kk, c2, tl.where(c1 >= kk, c1, cnt_lo)))
-        hi = tl.where(c3 >= kk, hi, tl.where(c2 >= kk, m3.to(tl.int64), tl.where(c1 >= kk, m2.to(tl.int64), m1.to(tl.int64))))
-        lo = new_lo.to(tl.int64)
-        cnt_lo = new_cnt
-        passes += 1
+    offs, valid, key, n_valid, kk = row_keys(s_ptr, b, h, ss_b, ss_h, ss_n, N, K, BLOCK_N)
+    _, _, passes = search_threshold(valid, key, n_valid, kk)   # the shipped search, counting its passes
     tl.store(cnt_ptr + pid, passes)
 
 
@@ -126,14 +79,7 @@ def _k_wide(s_ptr, out_ptr, N, K, ss_b, ss_h, ss_n, so_b, so_h, so_k,
     pid = tl.program_id(0)
     b = (pid // HK).to(tl.int64)
     h = (pid % HK).to(tl.int64)
-    offs = tl.arange(0, BLOCK_N)
-    x = tl.load(s_ptr + b * ss_b + h * ss_h + offs * ss_n, mask=offs < N, other=float("-inf")).to(tl.float32)
-    valid = (offs < N) & (x == x) & (x > float("-inf"))
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 2147483647)
-    key = tl.where(valid, key, -2147483647 - 1)
-    n_valid = tl.sum(valid.to(tl.int32), axis=0)
-    kk = tl.minimum(K, n_valid)
+    offs, valid, key, n_valid, kk = row_keys(s_ptr, b, h, ss_b, ss_h, ss_n, N, K, BLOCK_N)
     lo = tl.min(tl.where(valid, key, 2147483647), axis=0).to(tl.int64)
     hi = tl.max(key, axis=0).to(tl.int64) + 1
     cnt_lo = n_valid
@@ -148,17 +94,8 @@ def _k_wide(s_ptr, out_ptr, N, K, ss_b, ss_h, ss_n, so_b, so_h, so_k,
         cnt_lo = tl.sum(tl.where(offs_w == j, c, 0), axis=0)
         hi = tl.where(j == WAYS - 1, hi, tl.sum(tl.where(offs_w == j + 1, m, 0), axis=0))
         lo = new_lo
-    t = lo.to(tl.int32)
-    if cnt_lo == kk:
-        sel = valid & (key >= t)
-        pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-        o_base = out_ptr + b * so_b + h * so_h
-        tl.store(o_base + pos * so_k, offs.to(out_ptr.dtype.element_ty), mask=sel)
-        offs_k = tl.arange(0, BLOCK_K)
-        tl.store(o_base + offs_k * so_k, tl.full((BLOCK_K,), -1, out_ptr.dtype.element_ty),
-                 mask=(offs_k < K) & (offs_k >= kk))
-    else:
-        _finish(valid, key, offs, kk, t, out_ptr, b, h, so_b, so_h, so_k, K, BLOCK_K)
+    sel = select_at(valid, key, lo.to(tl.int32), kk, cnt_lo == kk)
+    write_selected(out_ptr, b, h, so_b, so_h, so_k, offs, sel, kk, K, BLOCK_K)
 
 
 def launch(kern, s, k, nw=8, **kw):

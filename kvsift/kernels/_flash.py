@@ -10,6 +10,17 @@ from kvsift.kernels._triton import HAS_TRITON, tl, triton
 if HAS_TRITON:
 
     @triton.jit
+    def load_group_query(q_ptr, b, h, sq_b, sq_h, sq_d, offs_g, offs_d, mask_g, mask_d, G: tl.constexpr,
+                         UPCAST: tl.constexpr):
+        """The ``G`` query heads of KV head ``h`` of row ``b`` as a ``(G_P, BLOCK_D)`` tile (padded
+        rows zero), float32 under the CPU interpreter (``UPCAST``: its bf16/fp16 ``tl.dot`` is wrong)."""
+        q = tl.load(q_ptr + b * sq_b + (h * G + offs_g[:, None]) * sq_h + offs_d[None, :] * sq_d,
+                    mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        return q
+
+    @triton.jit
     def online_softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc, IEEE: tl.constexpr):
         """Fold keys ``k`` and values ``v`` ``(S, D)`` into the running max ``m_i (M,)``, sum
         ``l_i (M,)`` and output ``acc (M, D)`` of queries ``q (M, D)``; ``visible`` ``(M, S)`` (or

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from kvsift.kernels._flash import load_group_query
 from kvsift.kernels._triton import HAS_TRITON, tl, triton
 
 VOTES = ("group", "layer")
@@ -103,10 +104,7 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         mask_g = offs_g < G
         mask_d = offs_d < D
-        q = tl.load(q_ptr + b * sq_b + (h * G + offs_g[:, None]) * sq_h + offs_d[None, :] * sq_d,
-                    mask=mask_g[:, None] & mask_d[None, :], other=0.0)          # (G_P, BLOCK_D)
-        if UPCAST:  # the CPU interpreter mis-computes bf16/fp16 tl.dot: do it in float32 there
-            q = q.to(tl.float32)
+        q = load_group_query(q_ptr, b, h, sq_b, sq_h, sq_d, offs_g, offs_d, mask_g, mask_d, G, UPCAST)  # (G_P, BLOCK_D)
         lim = tl.load(lim_ptr + b * sl).to(tl.int64)
         k_base = k_ptr + b * sk_b + h * sk_h
         p_base = kp_ptr + b * sp_b + h * sp_h

@@ -102,6 +102,72 @@ def topk_select_long(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.in
 if HAS_TRITON:
 
     @triton.jit
+    def row_keys(s_ptr, b, h, ss_b, ss_h, ss_n, N, K, BLOCK_N: tl.constexpr):
+        """One row's scores as signed int32 keys whose order is the floats' (``int32`` min where
+        unselectable: padding past ``N``, ``-inf``, NaN). Returns ``(offs, valid, key, n_valid,
+        kk)``, ``kk = min(K, n_valid)``."""
+        offs = tl.arange(0, BLOCK_N)
+        x = tl.load(s_ptr + b * ss_b + h * ss_h + offs * ss_n, mask=offs < N, other=float("-inf")).to(tl.float32)
+        valid = (offs < N) & (x == x) & (x > float("-inf"))
+        bits = x.to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 2147483647)          # signed order == float order
+        key = tl.where(valid, key, -2147483647 - 1)
+        n_valid = tl.sum(valid.to(tl.int32), axis=0)
+        return offs, valid, key, n_valid, tl.minimum(K, n_valid)
+
+    @triton.jit
+    def search_threshold(valid, key, n_valid, kk):
+        """The k-th largest key by a 4-way search (three int32 counts per pass), stopping as soon as
+        the count at the low end is exactly ``kk`` or the interval is one key wide. Invariant:
+        ``#(key >= lo) >= kk > #(key >= hi)``. Returns ``(t, exact, passes)``: the threshold key,
+        whether ``#(key >= t) == kk`` (no tie to break) and the passes it took."""
+        lo = tl.min(tl.where(valid, key, 2147483647), axis=0).to(tl.int64)
+        hi = tl.max(key, axis=0).to(tl.int64) + 1
+        cnt_lo = n_valid
+        passes = 0
+        while (hi - lo > 1) & (cnt_lo != kk):
+            w = hi - lo
+            m1 = (lo + w // 4).to(tl.int32)
+            m2 = (lo + w // 2).to(tl.int32)
+            m3 = (lo + (3 * w) // 4).to(tl.int32)
+            c1 = tl.sum((valid & (key >= m1)).to(tl.int32), axis=0)
+            c2 = tl.sum((valid & (key >= m2)).to(tl.int32), axis=0)
+            c3 = tl.sum((valid & (key >= m3)).to(tl.int32), axis=0)
+            new_lo = tl.where(c3 >= kk, m3, tl.where(c2 >= kk, m2, tl.where(c1 >= kk, m1, lo.to(tl.int32))))
+            new_cnt = tl.where(c3 >= kk, c3, tl.where(c2 >= kk, c2, tl.where(c1 >= kk, c1, cnt_lo)))
+            hi = tl.where(c3 >= kk, hi, tl.where(c2 >= kk, m3.to(tl.int64), tl.where(c1 >= kk, m2.to(tl.int64),
+                                                                                      m1.to(tl.int64))))
+            lo = new_lo.to(tl.int64)
+            cnt_lo = new_cnt
+            passes += 1
+        return lo.to(tl.int32), cnt_lo == kk, passes
+
+    @triton.jit
+    def select_at(valid, key, t, kk, exact):
+        """The selection for threshold key ``t``: every key above it and, unless ``exact`` (the
+        count at ``t`` is ``kk`` already), the lowest-index ones equal to it up to ``kk``."""
+        if exact:
+            sel = valid & (key >= t)
+        else:
+            gt = valid & (key > t)
+            eq = valid & (key == t)
+            n_gt = tl.sum(gt.to(tl.int32), axis=0)
+            eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
+            sel = gt | (eq & (eq_rank <= kk - n_gt))
+        return sel
+
+    @triton.jit
+    def write_selected(out_ptr, b, h, so_b, so_h, so_k, offs, sel, kk, K, BLOCK_K: tl.constexpr):
+        """The selected indices ascending into ``out[b, h, :K]`` (a prefix sum, no sort), ``-1``
+        from ``kk`` on."""
+        pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+        o_base = out_ptr + b * so_b + h * so_h
+        tl.store(o_base + pos * so_k, offs.to(out_ptr.dtype.element_ty), mask=sel)
+        offs_k = tl.arange(0, BLOCK_K)
+        tl.store(o_base + offs_k * so_k, tl.full((BLOCK_K,), -1, out_ptr.dtype.element_ty),
+                 mask=(offs_k < K) & (offs_k >= kk))
+
+    @triton.jit
     def _topk_select_kernel(s_ptr, out_ptr, skip_ptr, sx, tail_ptr, st_t, N, K, ss_b, ss_h, ss_n, so_b, so_h, so_k,
                             HK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             HAS_SKIP: tl.constexpr = False, HAS_TAIL: tl.constexpr = False):
@@ -141,22 +207,10 @@ if HAS_TRITON:
             hi = tl.where(c3 >= kk64, hi, tl.where(c2 >= kk64, m3, tl.where(c1 >= kk64, m2, m1)))
             lo = new_lo
             cnt_lo = new_cnt
-        if cnt_lo == kk64:
-            sel = valid & (key >= lo)
-        else:  # ties at the threshold: keep the lowest indices among them
-            gt = valid & (key > lo)
-            eq = valid & (key == lo)
-            n_gt = tl.sum(gt.to(tl.int32), axis=0)
-            eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
-            sel = gt | (eq & (eq_rank <= kk - n_gt))
-        pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-        o_base = out_ptr + b * so_b + h * so_h
-        tl.store(o_base + pos * so_k, offs.to(out_ptr.dtype.element_ty), mask=sel)
-        offs_k = tl.arange(0, BLOCK_K)
-        tl.store(o_base + offs_k * so_k, tl.full((BLOCK_K,), -1, out_ptr.dtype.element_ty),
-                 mask=(offs_k < K) & (offs_k >= kk))
+        sel = select_at(valid, key, lo, kk, cnt_lo == kk64)   # ties at the threshold: the lowest indices
+        write_selected(out_ptr, b, h, so_b, so_h, so_k, offs, sel, kk, K, BLOCK_K)
         if HAS_TAIL:   # one more column: the row's always-attended entry (Quest: the page being filled)
-            tl.store(o_base + K * so_k, tl.load(tail_ptr + b * st_t).to(out_ptr.dtype.element_ty))
+            tl.store(out_ptr + b * so_b + h * so_h + K * so_k, tl.load(tail_ptr + b * st_t).to(out_ptr.dtype.element_ty))
 
 
     @triton.jit
@@ -170,48 +224,12 @@ if HAS_TRITON:
         if HAS_SKIP:
             if tl.load(skip_ptr + b * sx) != 0:
                 return
-        offs = tl.arange(0, BLOCK_N)
-        x = tl.load(s_ptr + b * ss_b + h * ss_h + offs * ss_n, mask=offs < N, other=float("-inf")).to(tl.float32)
-        valid = (offs < N) & (x == x) & (x > float("-inf"))
-        bits = x.to(tl.int32, bitcast=True)
-        key = tl.where(bits >= 0, bits, bits ^ 2147483647)          # signed order == float order
-        key = tl.where(valid, key, -2147483647 - 1)
-        n_valid = tl.sum(valid.to(tl.int32), axis=0)
-        kk = tl.minimum(K, n_valid)
-        lo = tl.min(tl.where(valid, key, 2147483647), axis=0).to(tl.int64)
-        hi = tl.max(key, axis=0).to(tl.int64) + 1
-        cnt_lo = n_valid
-        while (hi - lo > 1) & (cnt_lo != kk):
-            w = hi - lo
-            m1 = (lo + w // 4).to(tl.int32)
-            m2 = (lo + w // 2).to(tl.int32)
-            m3 = (lo + (3 * w) // 4).to(tl.int32)
-            c1 = tl.sum((valid & (key >= m1)).to(tl.int32), axis=0)
-            c2 = tl.sum((valid & (key >= m2)).to(tl.int32), axis=0)
-            c3 = tl.sum((valid & (key >= m3)).to(tl.int32), axis=0)
-            new_lo = tl.where(c3 >= kk, m3, tl.where(c2 >= kk, m2, tl.where(c1 >= kk, m1, lo.to(tl.int32))))
-            new_cnt = tl.where(c3 >= kk, c3, tl.where(c2 >= kk, c2, tl.where(c1 >= kk, c1, cnt_lo)))
-            hi = tl.where(c3 >= kk, hi, tl.where(c2 >= kk, m3.to(tl.int64), tl.where(c1 >= kk, m2.to(tl.int64),
-                                                                                      m1.to(tl.int64))))
-            lo = new_lo.to(tl.int64)
-            cnt_lo = new_cnt
-        t = lo.to(tl.int32)
-        if cnt_lo == kk:
-            sel = valid & (key >= t)
-        else:
-            gt = valid & (key > t)
-            eq = valid & (key == t)
-            n_gt = tl.sum(gt.to(tl.int32), axis=0)
-            eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
-            sel = gt | (eq & (eq_rank <= kk - n_gt))
-        pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-        o_base = out_ptr + b * so_b + h * so_h
-        tl.store(o_base + pos * so_k, offs.to(out_ptr.dtype.element_ty), mask=sel)
-        offs_k = tl.arange(0, BLOCK_K)
-        tl.store(o_base + offs_k * so_k, tl.full((BLOCK_K,), -1, out_ptr.dtype.element_ty),
-                 mask=(offs_k < K) & (offs_k >= kk))
+        offs, valid, key, n_valid, kk = row_keys(s_ptr, b, h, ss_b, ss_h, ss_n, N, K, BLOCK_N)
+        t, exact, _ = search_threshold(valid, key, n_valid, kk)
+        sel = select_at(valid, key, t, kk, exact)
+        write_selected(out_ptr, b, h, so_b, so_h, so_k, offs, sel, kk, K, BLOCK_K)
         if HAS_TAIL:   # one more column: the row's always-attended entry (Quest: the page being filled)
-            tl.store(o_base + K * so_k, tl.load(tail_ptr + b * st_t).to(out_ptr.dtype.element_ty))
+            tl.store(out_ptr + b * so_b + h * so_h + K * so_k, tl.load(tail_ptr + b * st_t).to(out_ptr.dtype.element_ty))
 
 
 def _check_skip(scores: torch.Tensor, skip: torch.Tensor | None) -> None:
