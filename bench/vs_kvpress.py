@@ -26,10 +26,14 @@ What it does:
 
 Budget mapping, at equal KV entries (so equal KV bytes for the same dtype): kvpress's
 ``compression_ratio`` is the fraction *removed*; for a prompt of ``n`` tokens the worker prefills
-the first ``n - 1`` tokens under the press, keeping ``k - 1`` of them, then feeds the last prompt
-token uncompressed, where ``k`` is what kvsift keeps per layer and KV head for that budget (ratio
--> ceil(ratio * n), tokens -> min(budget, n)). So both compress the whole prompt (question
-included) to the same number of KV entries per head (PyramidKV: on average over layers). For
+all ``n`` under a prefill press keeping ``k``, the first new token taken from that forward's last
+position (as kvsift's prefill does: attention over the whole prompt there, the cache compressed
+after it), where ``k`` is what kvsift keeps per layer and KV head for that budget (ratio ->
+ceil(ratio * n), tokens -> min(budget, n)). So both compress the whole prompt (question
+included) to the same number of KV entries per head (PyramidKV: on average over layers), scored
+by queries that end at the same last token. (``full`` and the decode-time presses prefill ``n - 1``
+tokens and feed the last one; until 2026-12-04 every press did, see :func:`press_scores_prompt`;
+rows record which in ``settings["press_prefill"]``.) For
 ``ppl`` the whole context is compressed to ``k`` and the continuation is teacher-forced one token at
 a time, as in kvsift (samples of one length as one batch: ``KvpressBackend.score_batch``). Presses keep their kvpress defaults (e.g. SnapKV window 64, kvsift's is 32).
 ``--compress context`` (the query-agnostic setting, kvpress's own pipeline semantics): the sample
@@ -184,6 +188,17 @@ def duo_head_ratio(keep: int, n: int, sink: int = DUO_SINK, recent: int = DUO_RE
     if n <= sink + recent:
         return 0.0
     return min(max((n - keep) / (n - sink - recent), 0.0), 1.0)
+
+
+def press_scores_prompt(name: str) -> bool:
+    """Whether the prompt-mode worker prefills all ``n`` prompt tokens under the press (a prefill
+    press: its scoring queries end at the last prompt token, as kvsift's do) rather than ``n - 1``
+    (``full``, decode-time presses). Until 2026-12-04 every press got ``n - 1``: TOVA, which scores
+    with one query, then ranked keys by the prompt's second-to-last token and lost most of its
+    accuracy (``niah`` at 4k, 5%, 0.5B: 0.167 against kvsift's 0.667; kvsift's ``tova`` fed the
+    same way gave kvpress's answers token for token)."""
+    spec = parse_press(name)[1]
+    return spec.cls is not None and not spec.decode
 
 
 def build_press(kvpress, name: str, keep: int, n: int, keep_total: int | None = None,
@@ -605,16 +620,23 @@ class KvpressBackend:
         return self._generate_rows(prompts, method, budget, max_new_tokens)
 
     def run_prompts(self, prompts, method, budget, max_new_tokens, ignore_eos: bool = False) -> dict[str, Any]:
-        """Greedy generation for ``b`` prompts of one length ``n``: the first ``n - 1`` tokens of every
-        row prefilled under the press, the last one fed uncompressed (a decode-time press compresses
-        from there on), then one decode step per new token for the whole batch (finished rows keep
+        """Greedy generation for ``b`` prompts of one length ``n``: every row prefilled under a
+        prefill press (the first token from that forward), or, for ``full`` and decode-time presses,
+        the first ``n - 1`` tokens prefilled and the last one fed (a decode-time press compresses
+        from there on); then one decode step per new token for the whole batch (finished rows keep
         being fed; their tokens are dropped). Returns the new ids per row and the measures: ``kv``
         (bytes of the cache's tensors after the last prompt token), ``masked`` (bytes of entries a
         head-wise press masked: held, never attended), ``kv_end`` (after the last step), seconds."""
         from transformers import DynamicCache
 
         t, b, n = self.torch, len(prompts), len(prompts[0])
-        spec, press = self._press(method, budget, n, n - 1)
+        # a prefill press takes the whole prompt, the last token's query included (its scoring query,
+        # as kvsift's: TOVA's only one), and the first token comes from that forward's last position
+        # (attention over the whole prompt there, as in kvsift's prefill); full and decode-time presses
+        # prefill n - 1 tokens and feed the last one (a decode press counts its steps from it)
+        whole_prompt = press_scores_prompt(method)
+        n_pref = n if whole_prompt else n - 1
+        spec, press = self._press(method, budget, n, n_pref)
         cache = DynamicCache()
         self._reset_masks()
         with t.inference_mode(), contextlib.ExitStack() as whole:
@@ -622,9 +644,12 @@ class KvpressBackend:
                 whole.enter_context(press(self.model))
             t0 = time.perf_counter()
             with self._prefill_press(spec, press):
-                self.model.model(input_ids=t.tensor([p[:-1] for p in prompts], device=self.device),
-                                 past_key_values=cache, use_cache=True)
-            logits = self._step(cache, t.tensor([[p[-1]] for p in prompts], device=self.device), n - 1)
+                out = self.model.model(input_ids=t.tensor([p[:n_pref] for p in prompts], device=self.device),
+                                       past_key_values=cache, use_cache=True)
+            if whole_prompt:   # the LM head on the last position only (not a (b, n, vocab) tensor)
+                logits = self.model.lm_head(out.last_hidden_state[:, -1]).float()
+            else:
+                logits = self._step(cache, t.tensor([[p[-1]] for p in prompts], device=self.device), n - 1)
             self._sync()
             prefill_s = time.perf_counter() - t0
             kv = self._kv_bytes(cache)
@@ -651,6 +676,10 @@ class KvpressBackend:
         self._reset_masks()
         return dict(ids=ids, n=n, batch=b, kv=kv, masked=masked, kv_end=kv_end, prefill_s=prefill_s,
                     decode_s=decode_s, steps=steps)
+
+    def prompt_settings(self, method: str) -> dict[str, Any]:
+        """What a prompt-mode row adds to its settings: how the prompt met the press."""
+        return {"press_prefill": "whole prompt" if press_scores_prompt(method) else "n - 1 tokens, the last fed"}
 
     def context_settings(self, method: str) -> dict[str, Any]:
         """What a ``--compress context`` row adds to its settings."""

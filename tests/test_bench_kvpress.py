@@ -223,3 +223,25 @@ def test_press_options_in_brackets(monkeypatch):
     monkeypatch.setitem(sys.modules, "kvpress", kp)
     assert vk.check_press_options(["full", "snapkv", "snapkv[window_size=32]"]) is None
     assert "window" in vk.check_press_options(["snapkv[window=32]"])
+
+
+def test_worker_prompt_path_whole_prompt_gives_kvsifts_tokens(tiny_llm, monkeypatch):
+    """A prefill press takes the whole prompt (its scoring queries end at the last prompt token, as
+    kvsift's) and the first token comes from that forward's last position: with no press doing
+    anything, the tokens are kvsift's full-cache tokens, as on the ``n - 1``-then-feed path that
+    ``full`` and decode-time presses keep. Rows say which path ran."""
+    from kvsift import SamplingParams
+    from tests.conftest import random_prompt
+
+    monkeypatch.setitem(sys.modules, "kvpress", _fake_kvpress())
+    be = _kvpress_backend(tiny_llm)
+    ids = random_prompt(90, seed=7)
+    want = tiny_llm.generate([ids], SamplingParams(max_tokens=6, ignore_eos=True), method="full")[0].token_ids
+    fed = be.run_prompts([ids], "full", None, 6, ignore_eos=True)["ids"][0]
+    monkeypatch.setattr(vk, "press_scores_prompt", lambda name: True)
+    whole = be.run_prompts([ids], "full", None, 6, ignore_eos=True)["ids"][0]
+    assert fed == whole == list(want)
+    monkeypatch.undo()
+    assert vk.press_scores_prompt("tova") and vk.press_scores_prompt("snapkv[window_size=32]")
+    assert not vk.press_scores_prompt("full") and not vk.press_scores_prompt("decoding(tova)")
+    assert vk.KvpressBackend.prompt_settings(None, "tova") == {"press_prefill": "whole prompt"}

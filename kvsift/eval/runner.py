@@ -150,6 +150,7 @@ class Backend(Protocol):
 
     # optional (see BaseBackend): generate_context(context_ids, question_ids, method, budget,
     # max_new_tokens) -> Generation (``--compress context``); context_settings(method) -> dict;
+    # prompt_settings(method) -> dict (what a prompt-mode row adds to its settings);
     # generate_batch(list_of_prompt_ids, method, budget, max_new_tokens)
     # -> list[Generation]; score_batch(list_of_context_ids, list_of_continuation_ids, method, budget)
     # -> list[Scored] (contexts of one length, continuations of one length);
@@ -755,6 +756,8 @@ def _cell_row(backend: Backend, samples: list[Sample], per: list[dict[str, Any] 
     settings["compress"] = compress
     if compress == "context" and hasattr(backend, "context_settings"):
         settings.update(backend.context_settings(method.split(":", 1)[-1]))
+    if compress == "prompt" and hasattr(backend, "prompt_settings"):
+        settings.update(backend.prompt_settings(method.split(":", 1)[-1]))
     row["settings"] = settings
     if samples and samples[0].metric == "ppl":
         nll, n = sum(e["nll_sum"] for e in per), sum(e["n_tokens"] for e in per)
