@@ -91,9 +91,9 @@ _INTERP = r"""
 import torch
 from kvsift.kernels import token_votes as tv, topk_select as tk
 from tests.test_token_votes import make_case
-for seed in (0, 1):
+for seed, hq, hk in ((0, 8, 2), (1, 8, 2), (2, 6, 2), (3, 2, 2)):    # groups of 4, 3 and 1
     for vote in ("group", "layer"):
-        q, k, pos, limit = make_case(seed, n=150)
+        q, k, pos, limit = make_case(seed, hq=hq, hk=hk, n=150)
         ref = tv.token_votes_ref(q, k, pos, limit, vote, -1.0)
         got = tv.token_votes(q, k, pos, limit, vote, -1.0)
         assert torch.equal(got == -1.0, ref == -1.0), (seed, vote)

@@ -35,7 +35,7 @@ from kvsift.kernels._triton import HAS_TRITON, tl, triton
 VOTES = ("group", "layer")
 _LOG2E = 1.4426950408889634
 # launch settings (tokens per block of the scoring kernel, at most this many programs per row)
-TUNING = {"block_n": 64, "max_programs": 256, "block_v": 1024, "num_warps": 4}
+TUNING = {"block_n": 64, "max_programs": 64, "block_v": 512, "num_warps": 4}
 
 
 def _check(q, keys, key_pos, limit, vote, skip) -> None:
@@ -138,8 +138,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _votes_kernel(sc_ptr, st_ptr, skip_ptr, sx, out_ptr, N, NPROG, fill, so_b, so_h, so_n,
-                      HK: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, NP_P: tl.constexpr,
+                      HK: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, G_V: tl.constexpr, NP_P: tl.constexpr,
                       BLOCK_V: tl.constexpr, HAS_SKIP: tl.constexpr):
+        # (G_P: the statistics' layout, padded for the first kernel's dot; G_V: this kernel's tile of
+        # the group, no dot here, so padded only to a power of two)
         # program (row, kv head) x block of BLOCK_V tokens: each head's softmax from the merged
         # statistics, summed over the group; fill where no head sees a candidate
         pid_bh = tl.program_id(0)
@@ -149,21 +151,22 @@ if HAS_TRITON:
         if HAS_SKIP:
             if tl.load(skip_ptr + b * sx) != 0:
                 return
-        offs_g = tl.arange(0, G_P)
+        offs_g = tl.arange(0, G_V)
         offs_p = tl.arange(0, NP_P)
         st = st_ptr + pid_bh.to(tl.int64) * NPROG * 2 * G_P
         mp = offs_p < NPROG
-        m = tl.load(st + offs_p[:, None] * 2 * G_P + offs_g[None, :], mask=mp[:, None], other=float("-inf"))
-        l = tl.load(st + offs_p[:, None] * 2 * G_P + G_P + offs_g[None, :], mask=mp[:, None], other=0.0)
-        big = tl.max(m, axis=0)                                                      # (G_P,)
+        mask_g = offs_g < G
+        mm = mp[:, None] & mask_g[None, :]
+        m = tl.load(st + offs_p[:, None] * 2 * G_P + offs_g[None, :], mask=mm, other=float("-inf"))
+        l = tl.load(st + offs_p[:, None] * 2 * G_P + G_P + offs_g[None, :], mask=mm, other=0.0)
+        big = tl.max(m, axis=0)                                                      # (G_V,)
         big_safe = tl.where(big == float("-inf"), 0.0, big)
         tot = tl.sum(l * tl.exp2(m - big_safe[None, :]), axis=0)                     # 0: no candidate
         inv = tl.where(tot > 0.0, 1.0 / tl.where(tot > 0.0, tot, 1.0), 0.0)
         offs_n = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         mn = offs_n < N
-        mask_g = offs_g < G
         s = tl.load(sc_ptr + pid_bh.to(tl.int64) * G * N + offs_g[:, None] * N + offs_n[None, :],
-                    mask=mask_g[:, None] & mn[None, :], other=float("-inf"))          # (G_P, BLOCK_V)
+                    mask=mask_g[:, None] & mn[None, :], other=float("-inf"))          # (G_V, BLOCK_V)
         p = tl.exp2(s - big_safe[:, None]) * inv[:, None]
         votes = tl.sum(tl.where(mask_g[:, None], p, 0.0), axis=0)
         cand = tl.max(s, axis=0) > float("-inf")
@@ -204,7 +207,8 @@ def token_votes(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, limi
     block_v = TUNING["block_v"]
     _votes_kernel[(b * hk, triton.cdiv(n, block_v))](
         sc, st, sk, skip.stride(0) if skip is not None else 0, out, n, nprog, 0.0 if layer else float(fill), out.stride(0), out.stride(1), out.stride(2),
-        HK=hk, G=g, G_P=g_p, NP_P=max(2, triton.next_power_of_2(nprog)), BLOCK_V=block_v,
+        HK=hk, G=g, G_P=g_p, G_V=max(2, triton.next_power_of_2(g)), NP_P=max(2, triton.next_power_of_2(nprog)),
+        BLOCK_V=block_v,
         HAS_SKIP=skip is not None, num_warps=TUNING["num_warps"])
     if layer:   # every KV head gets the layer's sum; non-candidates (no head's) get fill
         cand = candidates(key_pos, limit)
