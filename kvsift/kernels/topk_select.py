@@ -306,10 +306,9 @@ def topk_select_blocked(scores: torch.Tensor, k: int, dtype: torch.dtype = torch
         raise ValueError(f"topk_select_blocked takes ceil(n / {MAX_N}) * k <= {MAX_N}, got n={n}, k={k}")
     kk = min(k, n)
     nb = -(-n // MAX_N)
-    s = scores.float()
+    s = scores.float()   # (NaN needs no masking: the kernel never selects it, so no candidate names one)
     if n % MAX_N:   # pad to whole blocks with -inf (never selected)
         s = torch.nn.functional.pad(s, (0, nb * MAX_N - n), value=float("-inf"))
-    s = s.masked_fill(torch.isnan(s), float("-inf"))
     first = topk_select(s.reshape(b, h * nb, MAX_N), kk, torch.int64, skip)          # (b, h * nb, kk) in-block
     base = torch.arange(nb, device=s.device).repeat(h).mul_(MAX_N)[None, :, None]   # block offsets
     cand = torch.where(first >= 0, first + base, -1).reshape(b, h, nb * kk)          # ascending slots

@@ -160,20 +160,17 @@ class TokenSelect(DecodeSelect):
         """``(batch,)`` bool on the device: the rows whose query's cosine similarity to the last
         step's (mean over the query heads) is at least ``reuse_threshold``; None at a layer's first
         step (no selection to keep yet)."""
-        st: TokenSelectState | None = self._state(layer)
+        st: TokenSelectState | None = layer.state.get(self.name)
         if st is None or st.last_sel is None or tuple(st.last_sel.shape) != shape or st.last_q.shape != q.shape:
             return None
         sim = torch.nn.functional.cosine_similarity(q.float(), st.last_q.float(), dim=-1).mean(-1)   # (b,)
         return sim >= self.reuse_threshold
 
-    def _state(self, layer) -> TokenSelectState | None:
-        return layer.state.get(self.name)
-
     def _cache(self, run: TokenSelectRun, layer, q: torch.Tensor, sel: torch.Tensor,
                reuse: torch.Tensor | None) -> torch.Tensor:
         """The previous selection for the rows in ``reuse`` (their new one was skipped, so its
         values are unspecified), this step's for the others; both kept for the next step."""
-        st: TokenSelectState | None = self._state(layer)
+        st: TokenSelectState | None = layer.state.get(self.name)
         if run.counts is None:
             run.counts = torch.zeros(2, dtype=torch.int64, device=q.device)
         if reuse is None:
