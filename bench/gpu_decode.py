@@ -14,9 +14,12 @@ context length it times, per layer:
   keys); plus the parts alone (``score``, ``topk``, ``attn``);
 * ``sel/tokens/<budget>``: TokenSelect's step (soft votes over every key, ``dispatch.token_votes``,
   top-k tokens, sparse attention); with its selection cache, ``sel/tokens_cache_new`` (a step that
-  selects anew: the long-row top-k in its blocked form, which can skip rows) and
+  selects anew: the decision's launch, ``dispatch.query_reuse``, then the long-row top-k in its
+  blocked form, which can skip rows, written in place into the kept selection) and
   ``sel/tokens_cache_reused`` (every row reuses its last selection: the vote and top-k kernels
   return at once). A run at reuse rate ``r`` costs about ``r * reused + (1 - r) * new`` per step.
+  ``topk_tokens_blocked`` times that blocked top-k alone without a skip flag, beside
+  ``topk_tokens`` (dispatch's ``torch.topk`` and sort) and ``topk_tokens_torch``.
 
 Each is timed over ``L`` layers of distinct KV buffers (about ``--rotate-bytes`` of KV, so the L2
 cache does not hold the data or the summaries), both as CUDA-graph replays (GPU time) and eagerly
@@ -46,6 +49,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench._systems, kvsift
 
 from kvsift.kernels import dispatch  # noqa: E402
+from kvsift.kernels import topk_select as tk
 from kvsift.kernels.chunk_scores import chunks_to_slots, int8_bounds, page_summaries, select_chunks
 from kvsift.kernels.sparse_decode_attention import sparse_decode_attention_ref
 
@@ -248,12 +252,19 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                     continue
 
                 def tokens_step(L, bu=budget, skip=None):   # as the method does it: dispatch.topk_select
-                    idx = dispatch.topk_select(token_votes(L["q"], L["k"], None, skip), bu, torch.int64, skip)
-                    if skip is not None:   # the selection cache: the reused rows keep their last selection
-                        last = L.setdefault("_last", {})
-                        if bu not in last:   # the first (warm-up) call's selection stands for the cached one
-                            last[bu] = idx.clone()
-                        idx = torch.where(skip[:, None, None], last[bu], idx)
+                    if skip is None:
+                        idx = dispatch.topk_select(token_votes(L["q"], L["k"], None), bu, torch.int64)
+                    else:   # the selection cache, as TokenSelect runs it: the decision's launch (its flag
+                        # set aside for the fixed ``skip``), then the new selections written in place
+                        # into the kept one, whose skipped rows stay
+                        if "_last_q" not in L:   # the first (warm-up) call's selection stands for the cached one
+                            L["_last_q"], L["_counts"] = L["q"].clone(), torch.zeros(2, dtype=torch.int64, device=device)
+                            L["_last"] = {}
+                        if bu not in L["_last"]:
+                            L["_last"][bu] = dispatch.topk_select(token_votes(L["q"], L["k"], None), bu, torch.int64)
+                        dispatch.query_reuse(L["q"], L["_last_q"], 0.9, L["_counts"])
+                        idx = dispatch.topk_select(token_votes(L["q"], L["k"], None, skip), bu, torch.int64, skip,
+                                                   out=L["_last"][bu])
                     return dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], idx, scale)
 
                 timed(f"sel/tokens/{budget}", tokens_step, extra={"budget": budget, "summary": "tokens"},
@@ -282,6 +293,11 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                 timed(f"topk_tokens/{budget}", lambda L, bu=budget: dispatch.topk_select(L["_votes"], bu, torch.int64),
                       eager=False)
                 timed(f"topk_tokens_torch/{budget}", lambda L, bu=budget: L["_votes"].topk(bu, dim=-1), eager=False)
+                if tk.blocked_fits(L["_votes"].shape[-1], budget) and L["_votes"].shape[-1] > tk.MAX_N:
+                    # the blocked Triton form without a skip flag: were it faster than dispatch's
+                    # torch.topk + sort, every long row would take it
+                    timed(f"topk_tokens_blocked/{budget}",
+                          lambda L, bu=budget: tk.topk_select_blocked(L["_votes"], bu, torch.int64), eager=False)
                 timed(f"attn_pages/{budget}", lambda L: dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], L["_pages"], scale, page=args.page),
                       eager=False, kv_read=2 * batch * HK * budget * D * 2)
                 timed(f"attn_slots/{budget}", lambda L: dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], L["_slots"], scale),
@@ -405,6 +421,8 @@ def run_e2e(args, device, log, bw_gbs: float | None = None) -> list[dict]:
     batch that fits, found by trying from an estimate downwards). One row per (context, system,
     batch): ms/token, tokens/s, GPU memory peak, KV bytes on the device and on the host, the
     decode mode, and the HBM roofline of a dense step (weights + KV bytes over ``bw_gbs``)."""
+    if args.e2e_model:
+        return _run_e2e_real(args, device, log, bw_gbs)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -449,6 +467,42 @@ def run_e2e(args, device, log, bw_gbs: float | None = None) -> list[dict]:
                         break
                     if "out of memory" not in row["error"].lower():
                         break
+    return rows
+
+
+def _run_e2e_real(args, device, log, bw_gbs: float | None) -> list[dict]:
+    """``--e2e-model``: the same rows on a real model (a registered name or a path ``LLM`` loads)
+    and real prompts: the suite's ``niah`` samples at each context, so consecutive decode queries
+    are a real model's (a random-weight model's are unrelated: TokenSelect's selection cache never
+    holds there). HF ``generate`` runs the same module."""
+    from kvsift import LLM
+    from kvsift.eval.tasks import TaskBuilder, TaskConfig
+
+    if device.type == "cuda" and args.e2e_sdpa == "no-cudnn":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    base = LLM(args.e2e_model, device=device.type)
+    model, tok = base.model, base.tokenizer
+    cfg = model.config
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * hd * model.dtype.itemsize
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    log(f"e2e model: {args.e2e_model}, {cfg.num_hidden_layers} layers, {weight_bytes / 2**30:.2f} GiB weights, "
+        f"{kv_tok / 2**10:.0f} KiB KV per token; sdpa {args.e2e_sdpa}")
+    systems = (["hf"] if not args.e2e_no_hf else []) + list(args.e2e_methods)
+    rows = []
+    for ctx in args.e2e_contexts:
+        samples = TaskBuilder(tok, TaskConfig(samples=max(int(b) for b in args.e2e_batches if b != "max"))).build(
+            "niah", ctx, 0)
+        prompts = [list(tok.encode(x.prompt, add_special_tokens=False)) for x in samples]
+        n = min(len(p) for p in prompts)   # one length per batch (HF generate without padding)
+        for sys_name in systems:
+            _e2e_generate(model, sys_name, torch.tensor([prompts[0][:1024]], device=device), 3, args)   # warm-up
+            for bspec in args.e2e_batches:
+                bsz = int(bspec)
+                ids = torch.tensor([p[-n:] for p in prompts[:bsz]], device=device)   # the question stays at the end
+                row = _e2e_row(model, sys_name, ctx, bsz, args, kv_tok, weight_bytes, bw_gbs, log, ids=ids)
+                row.update(batch_spec=bspec, model=args.e2e_model, prompt_tokens=n)
+                rows.append(row)
     return rows
 
 
@@ -542,9 +596,11 @@ def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict
             "method_stats": st.method_stats}
 
 
-def _e2e_row(model, sys_name, ctx, bsz, args, kv_tok, weight_bytes, bw_gbs, log) -> dict:
-    row = {"ctx": ctx, "system": sys_name, "batch": bsz, "layers": args.e2e_layers, "new_tokens": args.e2e_new_tokens}
-    ids = torch.randint(0, model.config.vocab_size, (bsz, ctx), device=model.device)
+def _e2e_row(model, sys_name, ctx, bsz, args, kv_tok, weight_bytes, bw_gbs, log, ids=None) -> dict:
+    row = {"ctx": ctx, "system": sys_name, "batch": bsz, "layers": model.config.num_hidden_layers,
+           "new_tokens": args.e2e_new_tokens}
+    if ids is None:
+        ids = torch.randint(0, model.config.vocab_size, (bsz, ctx), device=model.device)
     _empty_cache()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -641,6 +697,9 @@ def main(argv=None) -> int:
     p.add_argument("--e2e-sdpa", choices=["default", "no-cudnn"], default="no-cudnn",
                    help="SDPA backends in the end-to-end section (default: cuDNN SDPA disabled)")
     p.add_argument("--e2e-tiny", action="store_true", help="tiny model instead (smoke test of the harness)")
+    p.add_argument("--e2e-model", default=None,
+                   help="a real model (registered name or path) and the suite's niah prompts instead of random "
+                        "weights and tokens; --e2e-batches must be numbers")
     p.add_argument("--e2e-chunk", type=int, default=1024, help="kvsift prefill chunk size")
     p.add_argument("--e2e-no-hf", action="store_true", help="leave HF generate out (kvsift methods compared alone)")
     args = p.parse_args(argv)

@@ -175,6 +175,25 @@ def test_real_model_niah_end_to_end(real_llm, tmp_path):
     assert "| niah | 512 | snapkv | 0.5 |" in md
 
 
+def test_rows_carry_the_methods_counters(tiny_llm, tmp_path):
+    """A method's own counters (the engine's ``stats.method_stats``) reach each sample and the cell's
+    row, averaged over the samples: TokenSelect's selection cache at a threshold every query passes
+    reuses at every step after a layer's first; at one none passes, it never does; ``full`` has none."""
+    from kvsift.eval.runner import KvsiftBackend
+
+    cfg = BenchConfig(tasks=["niah"], methods=["full", "tokenselect[reuse_threshold=-1.0]",
+                                               "tokenselect[reuse_threshold=1.0]"], budgets=["0.5"],
+                      lengths=[200], seeds=[0], task_config=TaskConfig(depths=(0.5,), samples=2))
+    out = tmp_path / "stats.jsonl"
+    assert run_grid(KvsiftBackend(tiny_llm), cfg, out, progress=False)["run"] == 3
+    rows = {r["method"]: r for r in load_rows(out)}
+    always, never = rows["tokenselect[reuse_threshold=-1.0]"], rows["tokenselect[reuse_threshold=1.0]"]
+    assert all(s["method_stats"]["reuse_rate"] > 0.5 for s in always["samples"])
+    assert always["method_stats"]["reuse_rate"] == pytest.approx(
+        sum(s["method_stats"]["reuse_rate"] for s in always["samples"]) / 2)
+    assert never["method_stats"] == {"reuse_rate": 0.0}
+    assert "method_stats" not in rows["full"] and all("method_stats" not in s for s in rows["full"]["samples"])
+
 def test_method_labels_carry_options_and_name_their_rows(tiny_llm, tmp_path):
     """``kivi[bits=2]`` builds kivi with bits=2 and names its own rows (so int4 and int2 are two
     cells of one grid); codecs that keep every token (kivi alone) run once, at no budget, like full;

@@ -1,8 +1,10 @@
 """token_votes (kvsift/kernels/token_votes.py), TokenSelect's soft votes: the reference against a
 naive float64 loop (GQA groups and the layer vote, padding slots, a limit per row, a head and a
 row without candidates); the Triton kernels against the reference through the CPU interpreter and
-on CUDA, rows flagged ``skip`` left out; the top-k's ``skip`` flag and its blocked form for long
-rows (``topk_select_blocked``) against ``topk_select_ref``."""
+on CUDA, rows flagged ``skip`` left out; the top-k's ``skip`` flag, its in-place ``out`` (skipped
+rows keep what they held) and its blocked form for long rows (``topk_select_blocked``) against
+``topk_select_ref``; the selection cache's decision (``query_reuse``) against its reference and a
+plain cosine similarity."""
 
 from __future__ import annotations
 
@@ -85,6 +87,40 @@ def test_blocked_top_k_needs_room_for_its_candidates():
     assert not tk.blocked_fits(10, tk.MAX_N + 1)
 
 
+def test_top_k_out_keeps_the_skipped_rows():
+    """Every path of ``dispatch.topk_select`` writes into ``out`` but its ``skip`` rows, as the
+    kernels do (the reference here, on the CPU): TokenSelect keeps its cached selection there."""
+    s = torch.randn(3, 2, 50, generator=torch.Generator().manual_seed(1))
+    skip = torch.tensor([False, True, False])
+    out = torch.full((3, 2, 4), 7, dtype=torch.int64)
+    got = dispatch.topk_select(s, 4, torch.int64, skip, out=out)
+    ref = tk.topk_select_ref(s, 4, torch.int64)
+    assert got is out and torch.equal(out[~skip], ref[~skip]) and bool((out[1] == 7).all())
+    assert torch.equal(dispatch.topk_select(s, 4, torch.int64, out=out), ref)          # no skip: every row
+    with pytest.raises(ValueError, match="out must be"):
+        dispatch.topk_select(s, 4, torch.int32, skip, out=out)
+
+
+def test_query_reuse_reference():
+    """The decision is the mean over heads of each head's cosine similarity against the
+    threshold; ``last_q`` becomes ``q`` and the counters add the rows decided and reused."""
+    g = torch.Generator().manual_seed(0)
+    last = torch.randn(3, 4, 8, generator=g)
+    q = last.clone()
+    q[1] = torch.randn(4, 8, generator=g)                     # a new direction
+    q[2] = -last[2]                                           # the opposite one
+    counts = torch.zeros(2, dtype=torch.int64)
+    want = torch.nn.functional.cosine_similarity(q, last, dim=-1).mean(-1) >= 0.9
+    kept = last.clone()
+    flag = tv.query_reuse_ref(q, last, 0.9, counts)
+    assert torch.equal(flag, want) and flag.tolist() == [True, False, False]
+    assert torch.equal(last, q) and counts.tolist() == [3, 1]
+    assert tv.query_reuse_ref(q, kept, -1.0, counts).all() and counts.tolist() == [6, 4]
+    with pytest.raises(ValueError, match="counts"):
+        tv.query_reuse_ref(q, last, 0.9, torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="last_q"):
+        tv.query_reuse_ref(q, last[:2], 0.9, counts)
+
 # ---- Triton through the CPU interpreter -----------------------------------------------------------
 
 _INTERP = r"""
@@ -120,6 +156,29 @@ for k in (1, 5, 12):
     assert torch.equal(tk.topk_select_blocked(s, k, torch.int64, skip)[~skip], ref[~skip]), k
     assert torch.equal(tk.topk_select_blocked(s[..., :250], k, torch.int32, skip)[~skip],
                        tk.topk_select_ref(s[..., :250], k, torch.int32)[~skip]), k
+    out = torch.full((3, 2, k), 9, dtype=torch.int64)    # in place: the skipped row keeps its old selection
+    assert tk.topk_select_blocked(s, k, torch.int64, skip, out) is out
+    assert torch.equal(out[~skip], ref[~skip]) and bool((out[1] == 9).all()), k
+    out = torch.full((3, 2, k), 9, dtype=torch.int64)
+    assert torch.equal(tk.topk_select(s[..., :60], k, torch.int64, skip, out=out)[~skip],
+                       tk.topk_select_ref(s[..., :60], k, torch.int64)[~skip]) and bool((out[1] == 9).all()), k
+tk.MAX_N = 16384
+# the selection cache's decision: well away from the threshold the kernel decides as the reference
+g = torch.Generator().manual_seed(4)
+last = torch.randn(4, 6, 20, generator=g)
+q = last + 0.05 * torch.randn(4, 6, 20, generator=g)
+q[1] = torch.randn(6, 20, generator=g)
+q[3] = -last[3]
+for dt in (torch.float32, torch.bfloat16):
+    qq, l1 = q.to(dt), last.clone().to(dt)    # (the reference overwrites its last_q)
+    l2, c1, c2 = l1.clone(), torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+    want = tv.query_reuse_ref(qq, l1, 0.8, c1)
+    got = tv.query_reuse(qq[:, :, :], l2, 0.8, c2)
+    assert torch.equal(got, want) and want.tolist() == [True, False, True, False], (dt, want)
+    assert torch.equal(l2, qq) and torch.equal(c2, c1) and c1.tolist() == [4, 2]
+    strided = torch.randn(4, 6, 2, 20).to(dt)[:, :, 1]    # a query that is a slice (the engine's q[:, :, -1])
+    l3 = strided.clone()
+    assert bool(tv.query_reuse(strided, l3, 0.99, c2).all()) and c2.tolist() == [8, 6]
 print("INTERP_OK")
 """
 
@@ -150,3 +209,15 @@ def test_cuda_kernels_match_reference(dtype):
     ref = tk.topk_select_ref(votes, 2048, torch.int64)
     got = dispatch.topk_select(votes, 2048, torch.int64, skip)     # the blocked form: it can skip
     assert torch.equal(got[~skip], ref[~skip])
+    out = torch.full((4, 8, 2048), 5, dtype=torch.int64, device="cuda")
+    assert dispatch.topk_select(votes, 2048, torch.int64, skip, out=out) is out   # in place, skipped row kept
+    assert torch.equal(out[~skip], ref[~skip]) and bool((out[1] == 5).all())
+    # the selection cache's decision, one launch, as the reference
+    last = torch.randn(4, 32, 128, device="cuda", dtype=dtype)
+    qn = last.clone()
+    qn[1] = torch.randn(32, 128, device="cuda", dtype=dtype)
+    c1, c2 = (torch.zeros(2, dtype=torch.int64, device="cuda") for _ in range(2))
+    l1, l2 = last.clone(), last.clone()
+    want = tv.query_reuse_ref(qn, l1, 0.9, c1)
+    assert torch.equal(dispatch.query_reuse(qn, l2, 0.9, c2), want) and want.tolist() == [True, False, True, True]
+    assert torch.equal(l2, qn) and torch.equal(c2, c1)

@@ -121,6 +121,7 @@ class Generation:
     decode_ms_per_token: float   # the decode's wall time per step, its setup (warm-up, CUDA graph recording) included
     batch: int = 1  # sequences in the backend call that produced it
     steady_ms_per_token: float | None = None   # ...without that setup (None: the backend does not tell them apart)
+    method_stats: dict[str, Any] | None = None   # the method's own counters for the call (e.g. TokenSelect's reuse_rate)
 
 
 @dataclass(slots=True)
@@ -291,7 +292,7 @@ def _generation(out, prompt_tokens: int, rows: int = 1, kv_full_bytes: int | Non
                       kv_kept_bytes=round(st.kv_kept_bytes / rows),
                       kv_full_bytes=st.kv_full_bytes if kv_full_bytes is None else kv_full_bytes,
                       prefill_s=st.prefill_s / prefill_rows, decode_ms_per_token=st.decode_ms_per_token, batch=batch,
-                      steady_ms_per_token=st.steady_ms_per_token)
+                      steady_ms_per_token=st.steady_ms_per_token, method_stats=dict(st.method_stats) or None)
 
 
 class KvsiftBackend(BaseBackend):
@@ -511,7 +512,8 @@ class KvsiftBackend(BaseBackend):
                           new_tokens=st.generated_tokens, kv_device_bytes=cs.kv_device_bytes,
                           kv_host_bytes=cs.kv_host_bytes, kv_kept_bytes=cs.kv_kept_bytes,
                           kv_full_bytes=cs.kv_full_bytes, prefill_s=cs.prefill_s + st.prefill_s,
-                          decode_ms_per_token=st.decode_ms_per_token, steady_ms_per_token=st.steady_ms_per_token)
+                          decode_ms_per_token=st.decode_ms_per_token, steady_ms_per_token=st.steady_ms_per_token,
+                          method_stats=dict(st.method_stats) or None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -604,7 +606,20 @@ def _entry_measures(r) -> dict[str, Any]:
     return dict(prompt_tokens=r.prompt_tokens, kv_device_bytes=r.kv_device_bytes, kv_host_bytes=r.kv_host_bytes,
                 kv_kept_bytes=r.kv_kept_bytes, kv_full_bytes=r.kv_full_bytes, prefill_s=r.prefill_s,
                 decode_ms_per_token=r.decode_ms_per_token, batch=getattr(r, "batch", 1),
-                steady_ms_per_token=getattr(r, "steady_ms_per_token", None))
+                steady_ms_per_token=getattr(r, "steady_ms_per_token", None),
+                **({"method_stats": ms} if (ms := getattr(r, "method_stats", None)) else {}))
+
+
+def _method_stats(per: list[dict[str, Any]]) -> dict[str, float]:
+    """A cell's method counters: each numeric one of the samples' ``method_stats`` averaged over
+    the samples that report it (a batch's counters are reported by each of its rows, so a cell's
+    figure is weighted by the rows each batch decoded)."""
+    vals: dict[str, list[float]] = {}
+    for e in per:
+        for k, v in (e.get("method_stats") or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                vals.setdefault(k, []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in vals.items()}
 
 
 @dataclass(slots=True)
@@ -769,6 +784,8 @@ def _cell_row(backend: Backend, samples: list[Sample], per: list[dict[str, Any] 
     for k in ("prompt_tokens", "kv_device_bytes", "kv_host_bytes", "kv_kept_bytes", "kv_full_bytes", "prefill_s",
               "decode_ms_per_token", "steady_ms_per_token"):
         row[k] = _mean([e.get(k) for e in per])
+    if ms := _method_stats(per):
+        row["method_stats"] = ms
     row["wall_s"] = wall_s
     row["time"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     row["samples"] = per

@@ -56,19 +56,22 @@ def chunk_scores(query: torch.Tensor, summaries, reduce: str = "mean", scale: to
 
 
 def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
-                skip: torch.Tensor | None = None, tail: torch.Tensor | None = None) -> torch.Tensor:
+                skip: torch.Tensor | None = None, tail: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """See :func:`kvsift.kernels.topk_select.topk_select_ref`: ``(batch, kv_heads, k)`` indices
     (``k + 1`` with ``tail (batch,)``, its last column, written by the kernel's own launch).
-    ``skip (batch,)`` bool: rows whose result the caller will not use (their values are then
-    unspecified); the kernels return at once for them."""
-    if use_triton(scores, *(t for t in (skip, tail) if t is not None)):
+    ``skip (batch,)`` bool: rows whose result the caller will not use; the kernels return at once
+    for them, leaving them as they were in ``out`` (written in place when given; every path keeps
+    the ``skip`` rows of ``out``), unspecified without it."""
+    if use_triton(scores, *(t for t in (skip, tail, out) if t is not None)):
         n = scores.shape[-1]
         if n <= _tk.MAX_N:
-            return _tk.topk_select(scores, k, dtype, skip, tail)
-        if skip is not None and _tk.blocked_fits(n, k):   # two launches that can skip rows
-            return _tk.with_tail(_tk.topk_select_blocked(scores, k, dtype, skip), tail)
-        return _tk.with_tail(_tk.topk_select_long(scores, k, dtype), tail)   # longer rows: torch.topk (measured faster)
-    return _tk.topk_select_ref(scores, k, dtype, tail=tail)
+            return _tk.topk_select(scores, k, dtype, skip, tail, out)
+        if skip is not None and tail is None and _tk.blocked_fits(n, k):   # two launches that can skip rows
+            return _tk.topk_select_blocked(scores, k, dtype, skip, out)
+        # longer rows: torch.topk (measured faster)
+        return _tk.into(_tk.with_tail(_tk.topk_select_long(scores, k, dtype), tail), skip, out)
+    return _tk.topk_select_ref(scores, k, dtype, skip, tail, out)
 
 
 def token_votes(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, limit: torch.Tensor,
@@ -79,6 +82,14 @@ def token_votes(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, limi
     if use_triton(*tensors) and keys.stride(-1) == 1 and q.dtype == keys.dtype:
         return _tv.token_votes(q, keys, key_pos, limit, vote, fill, skip)
     return _tv.token_votes_ref(q, keys, key_pos, limit, vote, fill, skip)
+
+
+def query_reuse(q: torch.Tensor, last_q: torch.Tensor, threshold: float, counts: torch.Tensor) -> torch.Tensor:
+    """See :func:`kvsift.kernels.token_votes.query_reuse_ref`: TokenSelect's selection-cache
+    decision ``(batch,)`` bool; ``last_q`` becomes ``q`` and ``counts (2,)`` advances, in place."""
+    if use_triton(q, last_q, counts):
+        return _tv.query_reuse(q, last_q, threshold, counts)
+    return _tv.query_reuse_ref(q, last_q, threshold, counts)
 
 
 def budget_select(scores: torch.Tensor, lens: torch.Tensor, budget: int, k: int) -> torch.Tensor:

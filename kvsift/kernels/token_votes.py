@@ -214,3 +214,69 @@ def token_votes(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, limi
         cand = candidates(key_pos, limit)
         out = torch.where(cand, out.sum(1, keepdim=True), fill)
     return out
+
+
+# ---- the selection cache's decision ----------------------------------------------------------------
+
+def _check_reuse(q: torch.Tensor, last_q: torch.Tensor, counts: torch.Tensor) -> None:
+    if q.dim() != 3 or tuple(last_q.shape) != tuple(q.shape) or last_q.dtype != q.dtype:
+        raise ValueError(f"q and last_q must be (batch, q_heads, dim) of one shape and dtype, got "
+                         f"{q.dtype} {tuple(q.shape)} and {last_q.dtype} {tuple(last_q.shape)}")
+    if tuple(counts.shape) != (2,) or counts.dtype != torch.int64:
+        raise ValueError(f"counts must be int64 of shape (2,), got {counts.dtype} {tuple(counts.shape)}")
+
+
+def query_reuse_ref(q: torch.Tensor, last_q: torch.Tensor, threshold: float, counts: torch.Tensor) -> torch.Tensor:
+    """TokenSelect's selection-cache decision (PyTorch). ``q (batch, q_heads, dim)`` this step's
+    decode queries, ``last_q`` the last step's (same shape and dtype): returns ``(batch,)`` bool,
+    the rows whose mean over the query heads of the cosine similarity ``q . l / max(|q| |l|,
+    1e-12)`` is at least ``threshold``. In place: ``last_q`` becomes ``q``, and ``counts (2,)``
+    int64 adds the rows decided (``batch``) and the rows reused (so ``counts[1] / counts[0]`` is
+    the fraction of row selections reused)."""
+    _check_reuse(q, last_q, counts)
+    qf, lf = q.float(), last_q.float()
+    cos = (qf * lf).sum(-1) / (qf.norm(dim=-1) * lf.norm(dim=-1)).clamp_min(1e-12)   # (b, hq)
+    flag = cos.mean(-1) >= threshold
+    last_q.copy_(q)
+    counts[0] += q.shape[0]
+    counts[1] += flag.sum()
+    return flag
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _query_reuse_kernel(q_ptr, l_ptr, flag_ptr, cnt_ptr, threshold, HQ, D, sq_b, sq_h, sq_d, sl_b, sl_h, sl_d,
+                            BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        # one program per row: the decision, the row's new last query, the counters
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        m = (h[:, None] < HQ) & (d[None, :] < D)
+        q_raw = tl.load(q_ptr + b * sq_b + h[:, None] * sq_h + d[None, :] * sq_d, mask=m, other=0.0)
+        q = q_raw.to(tl.float32)
+        last = tl.load(l_ptr + b * sl_b + h[:, None] * sl_h + d[None, :] * sl_d, mask=m, other=0.0).to(tl.float32)
+        norms = tl.sqrt(tl.sum(q * q, axis=1)) * tl.sqrt(tl.sum(last * last, axis=1))
+        cos = tl.sum(q * last, axis=1) / tl.maximum(norms, 1e-12)                # (BLOCK_H,)
+        reuse = tl.sum(tl.where(h < HQ, cos, 0.0), axis=0) / HQ >= threshold
+        tl.store(l_ptr + b * sl_b + h[:, None] * sl_h + d[None, :] * sl_d, q_raw, mask=m)
+        tl.store(flag_ptr + b, reuse)
+        tl.atomic_add(cnt_ptr, 1)
+        tl.atomic_add(cnt_ptr + 1, reuse.to(tl.int64))
+
+
+def query_reuse(q: torch.Tensor, last_q: torch.Tensor, threshold: float, counts: torch.Tensor) -> torch.Tensor:
+    """Triton kernel, one launch; same arguments, result and in-place updates as
+    :func:`query_reuse_ref` (where a row's mean similarity falls within rounding of ``threshold``
+    the two may decide it differently: the sums run in another order)."""
+    if not HAS_TRITON:
+        raise RuntimeError("query_reuse needs Triton (pip install triton); use query_reuse_ref")
+    _check_reuse(q, last_q, counts)
+    b, hq, d = q.shape
+    flag = torch.empty(b, dtype=torch.bool, device=q.device)
+    if b == 0:
+        return flag
+    _query_reuse_kernel[(b,)](
+        q, last_q, flag, counts, float(threshold), hq, d, *q.stride(), *last_q.stride(),
+        BLOCK_H=max(16, triton.next_power_of_2(hq)), BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=4)
+    return flag

@@ -62,13 +62,30 @@ def _padded(idx: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def topk_select_ref(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
-                    skip: torch.Tensor | None = None, tail: torch.Tensor | None = None) -> torch.Tensor:
+                    skip: torch.Tensor | None = None, tail: torch.Tensor | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Reference (PyTorch): ``(batch, kv_heads, k)`` indices of ``dtype`` (int32 or int64),
     ascending, ``-1`` padded; with ``tail (batch,)`` integers, one more column holding
-    ``tail[b]`` (an entry always kept, e.g. Quest's page being filled). ``skip`` (the kernels'
-    rows to leave out) is accepted and ignored."""
+    ``tail[b]`` (an entry always kept, e.g. Quest's page being filled). ``out``: the result is
+    written there (and returned), except in its ``skip (batch,)`` rows, which keep what they held
+    (the kernels' rows left out); without ``out``, ``skip`` is accepted and ignored."""
     _check_tail(scores, tail)
-    return with_tail(_topk_ref(scores, k, dtype), tail)
+    return into(with_tail(_topk_ref(scores, k, dtype), tail), skip, out)
+
+
+def into(res: torch.Tensor, skip: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
+    """``res`` written into ``out`` but for its ``skip`` rows, as the kernels leave them (the
+    PyTorch paths' way to the kernels' in-place result); ``res`` itself without ``out``."""
+    if out is None:
+        return res
+    _check_out(out, tuple(res.shape), res.dtype, res.device)
+    return out.copy_(res if skip is None else torch.where(skip[:, None, None], out, res))
+
+
+def _check_out(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device) -> None:
+    if out is not None and (tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device):
+        raise ValueError(f"out must be {dtype} of shape {tuple(shape)} on {device}, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")
 
 
 def _topk_ref(scores: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -102,18 +119,24 @@ def topk_select_long(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.in
 if HAS_TRITON:
 
     @triton.jit
-    def row_keys(s_ptr, b, h, ss_b, ss_h, ss_n, N, K, BLOCK_N: tl.constexpr):
-        """One row's scores as signed int32 keys whose order is the floats' (``int32`` min where
-        unselectable: padding past ``N``, ``-inf``, NaN). Returns ``(offs, valid, key, n_valid,
-        kk)``, ``kk = min(K, n_valid)``."""
-        offs = tl.arange(0, BLOCK_N)
-        x = tl.load(s_ptr + b * ss_b + h * ss_h + offs * ss_n, mask=offs < N, other=float("-inf")).to(tl.float32)
-        valid = (offs < N) & (x == x) & (x > float("-inf"))
+    def float_keys(x, in_row, K):
+        """Scores ``x`` (float32, ``in_row``: the entries that exist) as signed int32 keys whose
+        order is the floats' (``int32`` min where unselectable: outside the row, ``-inf``, NaN).
+        Returns ``(valid, key, n_valid, kk)``, ``kk = min(K, n_valid)``."""
+        valid = in_row & (x == x) & (x > float("-inf"))
         bits = x.to(tl.int32, bitcast=True)
         key = tl.where(bits >= 0, bits, bits ^ 2147483647)          # signed order == float order
         key = tl.where(valid, key, -2147483647 - 1)
         n_valid = tl.sum(valid.to(tl.int32), axis=0)
-        return offs, valid, key, n_valid, tl.minimum(K, n_valid)
+        return valid, key, n_valid, tl.minimum(K, n_valid)
+
+    @triton.jit
+    def row_keys(s_ptr, b, h, ss_b, ss_h, ss_n, N, K, BLOCK_N: tl.constexpr):
+        """One row's scores as :func:`float_keys`. Returns ``(offs, valid, key, n_valid, kk)``."""
+        offs = tl.arange(0, BLOCK_N)
+        x = tl.load(s_ptr + b * ss_b + h * ss_h + offs * ss_n, mask=offs < N, other=float("-inf")).to(tl.float32)
+        valid, key, n_valid, kk = float_keys(x, offs < N, K)
+        return offs, valid, key, n_valid, kk
 
     @triton.jit
     def search_threshold(valid, key, n_valid, kk):
@@ -157,14 +180,14 @@ if HAS_TRITON:
         return sel
 
     @triton.jit
-    def write_selected(out_ptr, b, h, so_b, so_h, so_k, offs, sel, kk, K, BLOCK_K: tl.constexpr):
-        """The selected indices ascending into ``out[b, h, :K]`` (a prefix sum, no sort), ``-1``
-        from ``kk`` on."""
+    def write_selected(out_ptr, b, h, so_b, so_h, so_k, offs, sel, kk, K, BLOCK_K: tl.constexpr, fill=-1):
+        """``offs`` at the selected entries, in their order, into ``out[b, h, :K]`` (a prefix sum,
+        no sort; ``offs`` the entries' indices, or any per-entry value), ``fill`` from ``kk`` on."""
         pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
         o_base = out_ptr + b * so_b + h * so_h
         tl.store(o_base + pos * so_k, offs.to(out_ptr.dtype.element_ty), mask=sel)
         offs_k = tl.arange(0, BLOCK_K)
-        tl.store(o_base + offs_k * so_k, tl.full((BLOCK_K,), -1, out_ptr.dtype.element_ty),
+        tl.store(o_base + offs_k * so_k, tl.full((BLOCK_K,), fill, out_ptr.dtype.element_ty),
                  mask=(offs_k < K) & (offs_k >= kk))
 
     @triton.jit
@@ -232,6 +255,49 @@ if HAS_TRITON:
             tl.store(out_ptr + b * so_b + h * so_h + K * so_k, tl.load(tail_ptr + b * st_t).to(out_ptr.dtype.element_ty))
 
 
+    @triton.jit
+    def _topk_blocks_kernel(s_ptr, ci_ptr, cv_ptr, skip_ptr, sx, N, K, ss_b, ss_h, ss_n,
+                            HK: tl.constexpr, NB: tl.constexpr, BLK: tl.constexpr, BLOCK_K: tl.constexpr,
+                            HAS_SKIP: tl.constexpr):
+        # the first launch of the blocked selection: program (row, block) writes its block's best K
+        # as candidates, global indices ascending into ci[b, h, blk*K:(blk+1)*K] and their scores
+        # into cv (-1 / -inf past the block's selectable entries)
+        pid = tl.program_id(0)
+        row = pid // NB
+        blk = (pid % NB).to(tl.int64)
+        b = (row // HK).to(tl.int64)
+        h = (row % HK).to(tl.int64)
+        if HAS_SKIP:
+            if tl.load(skip_ptr + b * sx) != 0:
+                return
+        offs = tl.arange(0, BLK)
+        idx = blk * BLK + offs
+        x = tl.load(s_ptr + b * ss_b + h * ss_h + idx * ss_n, mask=idx < N, other=float("-inf")).to(tl.float32)
+        valid, key, n_valid, kk = float_keys(x, idx < N, K)
+        t, exact, _ = search_threshold(valid, key, n_valid, kk)
+        sel = select_at(valid, key, t, kk, exact)
+        m = NB * K
+        write_selected(ci_ptr + blk * K, b, h, HK * m, m, 1, idx, sel, kk, K, BLOCK_K)
+        write_selected(cv_ptr + blk * K, b, h, HK * m, m, 1, x, sel, kk, K, BLOCK_K, float("-inf"))
+
+    @triton.jit
+    def _topk_pick_kernel(ci_ptr, cv_ptr, out_ptr, skip_ptr, sx, M, K, so_b, so_h, so_k,
+                          HK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SKIP: tl.constexpr):
+        # the second launch: the best K of a row's M candidates (ascending global indices, so the
+        # lowest candidate positions are the lowest indices at a tie), written as global indices
+        pid = tl.program_id(0)
+        b = (pid // HK).to(tl.int64)
+        h = (pid % HK).to(tl.int64)
+        if HAS_SKIP:
+            if tl.load(skip_ptr + b * sx) != 0:
+                return
+        offs, valid, key, n_valid, kk = row_keys(cv_ptr, b, h, HK * M, M, 1, M, K, BLOCK_M)
+        t, exact, _ = search_threshold(valid, key, n_valid, kk)
+        sel = select_at(valid, key, t, kk, exact)
+        idx = tl.load(ci_ptr + (b * HK + h) * M + offs, mask=sel, other=-1)
+        write_selected(out_ptr, b, h, so_b, so_h, so_k, idx, sel, kk, K, BLOCK_K)
+
+
 def _check_skip(scores: torch.Tensor, skip: torch.Tensor | None) -> None:
     if skip is not None and (tuple(skip.shape) != (scores.shape[0],) or skip.dtype != torch.bool
                              or skip.device != scores.device):
@@ -239,10 +305,12 @@ def _check_skip(scores: torch.Tensor, skip: torch.Tensor | None) -> None:
 
 
 def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
-                skip: torch.Tensor | None = None, tail: torch.Tensor | None = None) -> torch.Tensor:
+                skip: torch.Tensor | None = None, tail: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton kernel; same arguments and result as :func:`topk_select_ref` (rows of at most
     ``MAX_N`` scores). ``skip (batch,)`` bool: rows whose programs return at once, their output
-    left unwritten (unspecified). ``tail (batch,)``: written by the same launch as column ``k``."""
+    left unwritten (as it was in ``out``, unspecified in a new one). ``tail (batch,)``: written by
+    the same launch as column ``k``. ``out``: written in place when given."""
     if not HAS_TRITON:
         raise RuntimeError("topk_select needs Triton (pip install triton); use topk_select_ref")
     _check(scores, k, dtype)
@@ -251,7 +319,9 @@ def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
     b, h, n = scores.shape
     if n > MAX_N:
         raise ValueError(f"topk_select handles rows of at most {MAX_N} scores, got {n}; use topk_select_ref")
-    out = torch.empty(b, h, k + (tail is not None), dtype=dtype, device=scores.device)
+    _check_out(out, (b, h, k + (tail is not None)), dtype, scores.device)
+    if out is None:
+        out = torch.empty(b, h, k + (tail is not None), dtype=dtype, device=scores.device)
     if b * h == 0:
         return out
     if k == 0:
@@ -291,31 +361,38 @@ def blocked_fits(n: int, k: int) -> bool:
 
 
 def topk_select_blocked(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
-                        skip: torch.Tensor | None = None) -> torch.Tensor:
+                        skip: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`topk_select` for rows longer than ``MAX_N`` (TokenSelect's votes over every token),
     exactly as :func:`topk_select_ref`: the best ``k`` of each block of ``MAX_N`` scores, then the
     best ``k`` of those candidates (the same result: a score among a row's best ``k`` is among its
-    block's best ``k``, ties included, as both passes keep the lowest indices). Two launches of the
-    kernel, both skipping the ``skip`` rows; for ``blocked_fits(n, k)`` shapes. Without a skip flag
-    ``torch.topk`` is faster on a long row (module docstring); with one, a reused step costs two
-    launches that return at once."""
+    block's best ``k``, ties included, as both passes keep the lowest indices). Two launches and
+    nothing between them: the first writes each block's candidates (global indices and scores),
+    the second picks among them and writes global indices. Both return at once for ``skip`` rows,
+    whose ``out`` rows are left as they were (``out (batch, kv_heads, k)`` of ``dtype``, written
+    in place when given). For ``blocked_fits(n, k)`` shapes."""
+    if not HAS_TRITON:
+        raise RuntimeError("topk_select_blocked needs Triton (pip install triton); use topk_select_ref")
     _check(scores, k, dtype)
     _check_skip(scores, skip)
     b, h, n = scores.shape
+    _check_out(out, (b, h, k), dtype, scores.device)
     if not blocked_fits(n, k):
         raise ValueError(f"topk_select_blocked takes ceil(n / {MAX_N}) * k <= {MAX_N}, got n={n}, k={k}")
-    kk = min(k, n)
+    out = torch.empty(b, h, k, dtype=dtype, device=scores.device) if out is None else out
+    if b * h == 0 or k == 0:
+        return out
     nb = -(-n // MAX_N)
-    s = scores.float()   # (NaN needs no masking: the kernel never selects it, so no candidate names one)
-    if n % MAX_N:   # pad to whole blocks with -inf (never selected)
-        s = torch.nn.functional.pad(s, (0, nb * MAX_N - n), value=float("-inf"))
-    first = topk_select(s.reshape(b, h * nb, MAX_N), kk, torch.int64, skip)          # (b, h * nb, kk) in-block
-    base = torch.arange(nb, device=s.device).repeat(h).mul_(MAX_N)[None, :, None]   # block offsets
-    cand = torch.where(first >= 0, first + base, -1).reshape(b, h, nb * kk)          # ascending slots
-    # (a skipped row's indices are whatever its unwritten memory holds: clamped, so every gather
-    # stays in range; its result is unspecified, as the kernel's)
-    vals = s.reshape(b, h, nb * MAX_N).gather(2, cand.clamp(0, nb * MAX_N - 1))
-    vals = vals.masked_fill(cand < 0, float("-inf"))
-    pick = topk_select(vals, kk, torch.int64, skip)                                   # (b, h, kk) ascending
-    out = torch.where(pick >= 0, cand.gather(2, pick.clamp(0, nb * kk - 1)), -1)
-    return _padded(out.to(dtype), k)
+    cand_i = torch.empty(b, h, nb * k, dtype=torch.int64, device=scores.device)
+    cand_v = torch.empty(b, h, nb * k, dtype=torch.float32, device=scores.device)
+    flag = skip if skip is not None else out
+    sx = skip.stride(0) if skip is not None else 0
+    block_k = max(16, triton.next_power_of_2(k))
+    _topk_blocks_kernel[(b * h * nb,)](
+        scores, cand_i, cand_v, flag, sx, n, k, scores.stride(0), scores.stride(1), scores.stride(2),
+        HK=h, NB=nb, BLK=MAX_N, BLOCK_K=block_k, HAS_SKIP=skip is not None, num_warps=8)
+    block_m = max(16, triton.next_power_of_2(nb * k))
+    _topk_pick_kernel[(b * h,)](
+        cand_i, cand_v, out, flag, sx, nb * k, k, out.stride(0), out.stride(1), out.stride(2),
+        HK=h, BLOCK_M=block_m, BLOCK_K=block_k, HAS_SKIP=skip is not None,
+        num_warps=8 if block_m >= 4096 else 4)
+    return out

@@ -18,12 +18,14 @@ are read once, the scores written and read once in float32).
 
 Selection cache: consecutive queries are often alike. When the cosine similarity between this
 step's and the previous step's query (mean over heads) is at least ``reuse_threshold``, the
-previous selection is kept. The decision is made on the device and handed to the vote and top-k
-kernels as a per-row flag: their programs for a reused row return at once (on long rows the top-k
-is then the blocked Triton selection, whose two launches can skip, instead of ``torch.topk``), and
-a select keeps the cached selection (graph-safe, no host sync). So a reused step reads no keys for
-scoring; ``reuse_rate`` in the stats says how often it held (steps where some row reused). On the
-CPU the reference computes every row and the select alone decides, with the same result.
+previous selection is kept. The decision is one launch on the device
+(:func:`kvsift.kernels.dispatch.query_reuse`, which also keeps the query and the counters) and a
+per-row flag for the vote and top-k kernels: their programs for a reused row return at once (on
+long rows the top-k is then the blocked Triton selection, whose two launches can skip, instead of
+``torch.topk``), and the top-k writes the other rows' new selections in place into the kept one
+(graph-safe, no host sync, no copy). So a reused step reads no keys for scoring; ``reuse_rate`` in
+the stats is the fraction of (row, layer, step) selections reused. On the CPU the reference
+computes every row and keeps the reused rows' old selection, with the same result.
 
 The full KV stays on the device: TokenSelect saves reads of values (and softmax work), not
 memory. With a budget of the whole prompt every token is attended and the output equals ``full``.
@@ -36,7 +38,7 @@ from typing import Any
 
 import torch
 
-from kvsift.kernels.dispatch import token_votes, topk_select
+from kvsift.kernels.dispatch import query_reuse, token_votes, topk_select
 from kvsift.methods.base import DecodeSelect, LayerState, SelectRun, Selection, register
 
 
@@ -58,7 +60,7 @@ class TokenSelectState(LayerState):
 
 @dataclass
 class TokenSelectRun(SelectRun):
-    counts: Any = None   # (2,) int64 device: (selections made, selections reused)
+    counts: Any = None   # (2,) int64 device: row selections (made, reused), over layers and steps
 
 
 @register("tokenselect")
@@ -125,15 +127,12 @@ class TokenSelect(DecodeSelect):
         else:
             limit = local[:1].expand(b)
         k = min(run.sel_tokens, n)
-        # the selection cache: rows whose query is like the last one keep their selection, and the
-        # vote and top-k kernels skip them (a flag read on the device: graph-safe, no host sync)
-        reuse = self._reuse(layer, q, (b, hk, k)) if self.reuse_threshold is not None else None
-        votes = token_votes(q, keys, pos, limit, self.vote, float("-inf"), reuse)   # (b, hk, n), -inf: not a candidate
-        # (b, hk, k) ascending slots, -1 padded (the Triton selector up to MAX_N votes; past it
-        # torch.topk, or with the cache its blocked form, which skips reused rows)
-        sel = topk_select(votes, k, torch.int64, reuse)
-        if self.reuse_threshold is not None:
-            sel = self._cache(run, layer, q, sel, reuse)
+        if self.reuse_threshold is None:
+            votes = token_votes(q, keys, pos, limit, self.vote, float("-inf"))   # (b, hk, n), -inf: not a candidate
+            # (b, hk, k) ascending slots, -1 padded (the Triton selector up to MAX_N votes, torch.topk past it)
+            sel = topk_select(votes, k, torch.int64)
+        else:
+            sel = self._select_cached(run, layer, q, keys, pos, limit, k)
         local = local.clamp(min=-1)
         own = torch.cat([sel, (local[:, None] if local.dim() == 2 else local).expand(b, hk, self.local)], dim=-1)
         return Selection(own=own)
@@ -156,32 +155,26 @@ class TokenSelect(DecodeSelect):
         end = (layer.positions >= 0).any(1).sum(-1).to(torch.int64)          # (b,)
         layer.state[self.name] = TokenSelectState(row_end=end, dec_start=layer.length)
 
-    def _reuse(self, layer, q: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor | None:
-        """``(batch,)`` bool on the device: the rows whose query's cosine similarity to the last
-        step's (mean over the query heads) is at least ``reuse_threshold``; None at a layer's first
-        step (no selection to keep yet)."""
-        st: TokenSelectState | None = layer.state.get(self.name)
-        if st is None or st.last_sel is None or tuple(st.last_sel.shape) != shape or st.last_q.shape != q.shape:
-            return None
-        sim = torch.nn.functional.cosine_similarity(q.float(), st.last_q.float(), dim=-1).mean(-1)   # (b,)
-        return sim >= self.reuse_threshold
-
-    def _cache(self, run: TokenSelectRun, layer, q: torch.Tensor, sel: torch.Tensor,
-               reuse: torch.Tensor | None) -> torch.Tensor:
-        """The previous selection for the rows in ``reuse`` (their new one was skipped, so its
-        values are unspecified), this step's for the others; both kept for the next step."""
-        st: TokenSelectState | None = layer.state.get(self.name)
+    def _select_cached(self, run: TokenSelectRun, layer, q: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor,
+                       limit: torch.Tensor, k: int) -> torch.Tensor:
+        """The selection with the cache: rows whose query is like the last step's (their flag,
+        ``dispatch.query_reuse``, decided on the device: graph-safe, no host sync) keep their last
+        selection. The vote and top-k kernels return at once for those rows, and the top-k writes
+        the others' new selections in place into the kept one (``out=``), so a reused row costs
+        no pass over the keys and no copy. ``(b, hk, k)`` int64; the layer's first step (or a new
+        shape) selects every row and starts the cache."""
         if run.counts is None:
             run.counts = torch.zeros(2, dtype=torch.int64, device=q.device)
-        if reuse is None:
+        st: TokenSelectState | None = layer.state.get(self.name)
+        if (st is None or st.last_sel is None or tuple(st.last_sel.shape) != (q.shape[0], keys.shape[1], k)
+                or st.last_q.shape != q.shape or st.last_q.dtype != q.dtype):
+            sel = topk_select(token_votes(q, keys, pos, limit, self.vote, float("-inf")), k, torch.int64)
             layer.state[self.name] = TokenSelectState(q.clone(), sel.clone())
-            run.counts[0].add_(1)
+            run.counts[0] += q.shape[0]
             return sel
-        out = torch.where(reuse[:, None, None], st.last_sel, sel)
-        st.last_sel.copy_(out)
-        st.last_q.copy_(q)
-        run.counts.add_(torch.stack([torch.ones_like(reuse.sum()), reuse.any().long()]))
-        return out
+        reuse = query_reuse(q, st.last_q, self.reuse_threshold, run.counts)     # (b,); last_q := q
+        votes = token_votes(q, keys, pos, limit, self.vote, float("-inf"), reuse)
+        return topk_select(votes, k, torch.int64, reuse, out=st.last_sel)
 
     def stats(self, run) -> dict[str, Any]:
         if run.counts is None:
