@@ -180,6 +180,12 @@ if HAS_TRITON:
         return sel
 
     @triton.jit
+    def best_k(valid, key, n_valid, kk):
+        """The ``kk`` best keys' mask: the threshold's search, then ties to the lowest indices."""
+        t, exact, _ = search_threshold(valid, key, n_valid, kk)
+        return select_at(valid, key, t, kk, exact)
+
+    @triton.jit
     def write_selected(out_ptr, b, h, so_b, so_h, so_k, offs, sel, kk, K, BLOCK_K: tl.constexpr, fill=-1):
         """``offs`` at the selected entries, in their order, into ``out[b, h, :K]`` (a prefix sum,
         no sort; ``offs`` the entries' indices, or any per-entry value), ``fill`` from ``kk`` on."""
@@ -248,8 +254,7 @@ if HAS_TRITON:
             if tl.load(skip_ptr + b * sx) != 0:
                 return
         offs, valid, key, n_valid, kk = row_keys(s_ptr, b, h, ss_b, ss_h, ss_n, N, K, BLOCK_N)
-        t, exact, _ = search_threshold(valid, key, n_valid, kk)
-        sel = select_at(valid, key, t, kk, exact)
+        sel = best_k(valid, key, n_valid, kk)
         write_selected(out_ptr, b, h, so_b, so_h, so_k, offs, sel, kk, K, BLOCK_K)
         if HAS_TAIL:   # one more column: the row's always-attended entry (Quest: the page being filled)
             tl.store(out_ptr + b * so_b + h * so_h + K * so_k, tl.load(tail_ptr + b * st_t).to(out_ptr.dtype.element_ty))
@@ -274,8 +279,7 @@ if HAS_TRITON:
         idx = blk * BLK + offs
         x = tl.load(s_ptr + b * ss_b + h * ss_h + idx * ss_n, mask=idx < N, other=float("-inf")).to(tl.float32)
         valid, key, n_valid, kk = float_keys(x, idx < N, K)
-        t, exact, _ = search_threshold(valid, key, n_valid, kk)
-        sel = select_at(valid, key, t, kk, exact)
+        sel = best_k(valid, key, n_valid, kk)
         m = NB * K
         write_selected(ci_ptr + blk * K, b, h, HK * m, m, 1, idx, sel, kk, K, BLOCK_K)
         write_selected(cv_ptr + blk * K, b, h, HK * m, m, 1, x, sel, kk, K, BLOCK_K, float("-inf"))
@@ -292,8 +296,7 @@ if HAS_TRITON:
             if tl.load(skip_ptr + b * sx) != 0:
                 return
         offs, valid, key, n_valid, kk = row_keys(cv_ptr, b, h, HK * M, M, 1, M, K, BLOCK_M)
-        t, exact, _ = search_threshold(valid, key, n_valid, kk)
-        sel = select_at(valid, key, t, kk, exact)
+        sel = best_k(valid, key, n_valid, kk)
         idx = tl.load(ci_ptr + (b * HK + h) * M + offs, mask=sel, other=-1)
         write_selected(out_ptr, b, h, so_b, so_h, so_k, idx, sel, kk, K, BLOCK_K)
 
