@@ -28,12 +28,15 @@ def test_serve_load_runs_and_reports(tmp_path, default_tokenizer, capsys):
         assert r["max_batched_tokens"] == 64                  # each server started with it (a bad value exits)
         assert r["errors"] == [] and r["requests"] == 3 and r["tokens"] == 3 * 4
         assert r["throughput_tok_s"] > 0 and r["ttft_p50_ms"] is not None and r["itl_p99_ms"] is not None
-    for r in rows:   # changes of a running batch's rows, from the server's kvsift_batch_rebuild_seconds
-        if r["joined"]:
-            assert r["rebuilds"] >= 1 and r["rebuild_mean_ms"] > 0 and r["rebuild_max_ms"] >= r["rebuild_mean_ms"]
-        elif not r["rebuilds"]:
+    # changes of a running batch's rows, from the server's kvsift_batch_rebuild_seconds: a join
+    # counts as one only when rows were still running when the joiner's rows went in (with 4 new
+    # tokens and a prefill in chunks the first request may have finished by then: joined, no rebuild)
+    for r in rows:
+        if r["rebuilds"]:
+            assert r["joined"] and r["rebuild_mean_ms"] > 0 and r["rebuild_max_ms"] >= r["rebuild_mean_ms"]
+        else:
             assert r["rebuild_mean_ms"] is None
-    assert any(r["joined"] for r in rows)
+    assert any(r["joined"] for r in rows) and any(r["rebuilds"] for r in rows)
     assert rows[0]["batches"] == 3 and rows[0]["requests_per_batch"] == 1.0  # max-batch 1: one at a time
     assert 1 <= rows[1]["batches"] <= 3
     table = capsys.readouterr().out
