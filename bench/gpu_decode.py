@@ -135,6 +135,19 @@ def selected(q, k, v, summ, page, budget, scale, reduce, summ_scale=None):
     return dispatch.sparse_decode_attention(q, k, v, pages, scale, page=page)
 
 
+def with_block(f, blk: int):
+    """``f`` run with the top-k's blocked form for rows of at least ``2 * blk`` scores (the
+    dispatch reads the setting when ``f`` runs, i.e. when a CUDA graph records it)."""
+    def run(L):
+        saved = tk.TUNING["block_from"]
+        tk.TUNING["block_from"] = blk
+        try:
+            return f(L)
+        finally:
+            tk.TUNING["block_from"] = saved
+    return run
+
+
 def rel_err(a, b) -> float:
     a, b = a.double(), b.double()
     if torch.isnan(a).any():
@@ -286,6 +299,17 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                     L["_slots"] = chunks_to_slots(L["_pages"], None, args.page)
                 timed(f"topk/{budget}", lambda L, bu=budget: dispatch.select_chunks(L["_sc"], args.page, bu), eager=False)
                 timed(f"topk_torch/{budget}", lambda L, bu=budget: L["_sc"].topk(bu // args.page, dim=-1), eager=False)
+                # the pages' top-k spread over more programs per row (blocks of `blk` pages, then
+                # the candidates: topk_select.TUNING["block_from"]), alone and in Quest's step
+                n_pages = layers[0]["_sc"].shape[-1]
+                for blk in (512, 1024, 2048):
+                    if 2 * blk <= n_pages <= tk.MAX_N and tk.blocked_fits(n_pages, budget // args.page, blk):
+                        timed(f"topk_blocked{blk}/{budget}", with_block(
+                            lambda L, bu=budget: dispatch.select_chunks(L["_sc"], args.page, bu), blk), eager=False)
+                        timed(f"sel/quest_blocked{blk}/{budget}", with_block(
+                            lambda L, bu=budget: selected(L["q"], L["k"], L["v"], L["quest"], args.page, bu, scale,
+                                                          "max"), blk),
+                            extra={"budget": budget, "summary": "quest"}, eager=False)
                 # tokenselect's top-k over every token's votes: dispatch (torch.topk + ascending sort past
                 # the Triton selector's MAX_N), vs torch.topk alone
                 for L in layers:

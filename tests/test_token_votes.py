@@ -85,6 +85,8 @@ def test_blocked_top_k_needs_room_for_its_candidates():
     assert tk.blocked_fits(131072, 2048)                           # 8 blocks x 2,048 = 16,384
     assert not tk.blocked_fits(131072, 4096)
     assert not tk.blocked_fits(10, tk.MAX_N + 1)
+    assert tk.blocked_fits(8192, 128, 1024) and not tk.blocked_fits(8192, 2048, 1024)   # k > block
+    assert not tk.blocked_fits(8192, 128, 2 * tk.MAX_N)
 
 
 def test_top_k_out_keeps_the_skipped_rows():
@@ -162,6 +164,14 @@ for k in (1, 5, 12):
     out = torch.full((3, 2, k), 9, dtype=torch.int64)
     assert torch.equal(tk.topk_select(s[..., :60], k, torch.int64, skip, out=out)[~skip],
                        tk.topk_select_ref(s[..., :60], k, torch.int64)[~skip]) and bool((out[1] == 9).all()), k
+    # smaller blocks over a row that fits one program (more programs per row), a tail column
+    tail = torch.tensor([3, -1, 41])
+    for blk in (16, 32):
+        want = tk.topk_select_ref(s[..., :60], k, torch.int32, tail=tail)
+        assert torch.equal(tk.topk_select_blocked(s[..., :60], k, torch.int32, block=blk, tail=tail), want), (k, blk)
+        out = torch.full((3, 2, k + 1), 9, dtype=torch.int32)
+        tk.topk_select_blocked(s[..., :60], k, torch.int32, skip, out, blk, tail)
+        assert torch.equal(out[~skip], want[~skip]) and bool((out[1] == 9).all()), (k, blk)
 tk.MAX_N = 16384
 # the selection cache's decision: well away from the threshold the kernel decides as the reference
 g = torch.Generator().manual_seed(4)
@@ -212,6 +222,18 @@ def test_cuda_kernels_match_reference(dtype):
     out = torch.full((4, 8, 2048), 5, dtype=torch.int64, device="cuda")
     assert dispatch.topk_select(votes, 2048, torch.int64, skip, out=out) is out   # in place, skipped row kept
     assert torch.equal(out[~skip], ref[~skip]) and bool((out[1] == 5).all())
+    # Quest's page rows in blocks (dispatch's block_from), with the tail column
+    pages = torch.randn(4, 8, 8192, device="cuda")
+    pages[2, 3, 1000:1400] = 2.0                                   # ties across blocks
+    tail = torch.tensor([8191, 5, 0, 77], device="cuda")
+    want = tk.topk_select_ref(pages, 128, torch.int32, tail=tail)
+    saved = tk.TUNING["block_from"]
+    try:
+        for blk in (512, 1024, 2048):
+            tk.TUNING["block_from"] = blk
+            assert torch.equal(dispatch.topk_select(pages, 128, torch.int32, tail=tail), want), blk
+    finally:
+        tk.TUNING["block_from"] = saved
     # the selection cache's decision, one launch, as the reference
     last = torch.randn(4, 32, 128, device="cuda", dtype=dtype)
     qn = last.clone()

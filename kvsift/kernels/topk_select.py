@@ -23,7 +23,9 @@ was measured on the H200 (2026-12-02, 131,072 votes per row, k = 2,048, CUDA gra
 batch 1 and 0.234 ms at batch 8 against 0.082 and 0.161 ms for ``torch.topk`` alone, so the
 dispatcher keeps ``torch.topk`` for long rows, except where a ``skip (batch,)`` flag says which rows
 need no selection this step (TokenSelect's selection cache): ``torch.topk`` cannot skip, while
-:func:`topk_select_blocked` (that blocked selection) returns at once for those rows.
+:func:`topk_select_blocked` (that blocked selection, since 2026-12-04 with nothing between its two
+launches) returns at once for those rows. The same blocked form with smaller blocks can spread a
+row one program could hold over several (``TUNING["block_from"]``, off by default).
 """
 
 from __future__ import annotations
@@ -34,7 +36,11 @@ from kvsift.kernels._triton import HAS_TRITON, tl, triton
 
 MAX_N = 16384
 # launch settings of the Triton kernel (bench/gpu_decode.py --tune sweeps them); None = by size
-TUNING = {"num_warps": None, "impl": "int32"}
+TUNING = {"num_warps": None, "impl": "int32",
+          # rows of at least 2 * block_from scores (and at most MAX_N) go to topk_select_blocked in
+          # blocks of block_from (more programs per row: Quest's 8,192 pages at 128k); None: one
+          # program per row (bench/gpu_decode.py's topk_blocked* rows measure it)
+          "block_from": None}
 
 
 def _check(scores: torch.Tensor, k: int, dtype: torch.dtype) -> None:
@@ -180,6 +186,12 @@ if HAS_TRITON:
         return sel
 
     @triton.jit
+    def write_tail(out_ptr, tail_ptr, b, h, st_t, so_b, so_h, so_k, K):
+        """Column ``K`` of ``out[b, h]``: ``tail[b]``, the row's always-attended entry (Quest: the
+        page being filled)."""
+        tl.store(out_ptr + b * so_b + h * so_h + K * so_k, tl.load(tail_ptr + b * st_t).to(out_ptr.dtype.element_ty))
+
+    @triton.jit
     def best_k(valid, key, n_valid, kk):
         """The ``kk`` best keys' mask: the threshold's search, then ties to the lowest indices."""
         t, exact, _ = search_threshold(valid, key, n_valid, kk)
@@ -239,7 +251,7 @@ if HAS_TRITON:
         sel = select_at(valid, key, lo, kk, cnt_lo == kk64)   # ties at the threshold: the lowest indices
         write_selected(out_ptr, b, h, so_b, so_h, so_k, offs, sel, kk, K, BLOCK_K)
         if HAS_TAIL:   # one more column: the row's always-attended entry (Quest: the page being filled)
-            tl.store(out_ptr + b * so_b + h * so_h + K * so_k, tl.load(tail_ptr + b * st_t).to(out_ptr.dtype.element_ty))
+            write_tail(out_ptr, tail_ptr, b, h, st_t, so_b, so_h, so_k, K)
 
 
     @triton.jit
@@ -257,7 +269,7 @@ if HAS_TRITON:
         sel = best_k(valid, key, n_valid, kk)
         write_selected(out_ptr, b, h, so_b, so_h, so_k, offs, sel, kk, K, BLOCK_K)
         if HAS_TAIL:   # one more column: the row's always-attended entry (Quest: the page being filled)
-            tl.store(out_ptr + b * so_b + h * so_h + K * so_k, tl.load(tail_ptr + b * st_t).to(out_ptr.dtype.element_ty))
+            write_tail(out_ptr, tail_ptr, b, h, st_t, so_b, so_h, so_k, K)
 
 
     @triton.jit
@@ -285,8 +297,9 @@ if HAS_TRITON:
         write_selected(cv_ptr + blk * K, b, h, HK * m, m, 1, x, sel, kk, K, BLOCK_K, float("-inf"))
 
     @triton.jit
-    def _topk_pick_kernel(ci_ptr, cv_ptr, out_ptr, skip_ptr, sx, M, K, so_b, so_h, so_k,
-                          HK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SKIP: tl.constexpr):
+    def _topk_pick_kernel(ci_ptr, cv_ptr, out_ptr, skip_ptr, sx, tail_ptr, st_t, M, K, so_b, so_h, so_k,
+                          HK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SKIP: tl.constexpr,
+                          HAS_TAIL: tl.constexpr):
         # the second launch: the best K of a row's M candidates (ascending global indices, so the
         # lowest candidate positions are the lowest indices at a tie), written as global indices
         pid = tl.program_id(0)
@@ -299,6 +312,8 @@ if HAS_TRITON:
         sel = best_k(valid, key, n_valid, kk)
         idx = tl.load(ci_ptr + (b * HK + h) * M + offs, mask=sel, other=-1)
         write_selected(out_ptr, b, h, so_b, so_h, so_k, idx, sel, kk, K, BLOCK_K)
+        if HAS_TAIL:
+            write_tail(out_ptr, tail_ptr, b, h, st_t, so_b, so_h, so_k, K)
 
 
 def _check_skip(scores: torch.Tensor, skip: torch.Tensor | None) -> None:
@@ -357,33 +372,63 @@ def with_tail(idx: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([idx, tail.to(idx.dtype)[:, None, None].expand(b, h, 1)], dim=-1)
 
 
-def blocked_fits(n: int, k: int) -> bool:
-    """Whether :func:`topk_select_blocked` takes rows of ``n`` scores for ``k``: its second pass
-    ranks ``k`` candidates from each block of ``MAX_N``, at most ``MAX_N`` of them."""
-    return k <= MAX_N and -(-n // MAX_N) * min(k, MAX_N) <= MAX_N
+def blocked_fits(n: int, k: int, block: int | None = None) -> bool:
+    """Whether :func:`topk_select_blocked` takes rows of ``n`` scores for ``k`` in blocks of
+    ``block`` (default ``MAX_N``): its second pass ranks ``k`` candidates from each block, at most
+    ``MAX_N`` of them."""
+    block = MAX_N if block is None else block
+    return k <= block <= MAX_N and -(-n // block) * k <= MAX_N
 
 
 def topk_select_blocked(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
-                        skip: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`topk_select` for rows longer than ``MAX_N`` (TokenSelect's votes over every token),
-    exactly as :func:`topk_select_ref`: the best ``k`` of each block of ``MAX_N`` scores, then the
-    best ``k`` of those candidates (the same result: a score among a row's best ``k`` is among its
-    block's best ``k``, ties included, as both passes keep the lowest indices). Two launches and
-    nothing between them: the first writes each block's candidates (global indices and scores),
-    the second picks among them and writes global indices. Both return at once for ``skip`` rows,
-    whose ``out`` rows are left as they were (``out (batch, kv_heads, k)`` of ``dtype``, written
-    in place when given). For ``blocked_fits(n, k)`` shapes."""
+                        skip: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                        block: int | None = None, tail: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`topk_select` in two launches, exactly as :func:`topk_select_ref`: the best ``k`` of
+    each block of ``block`` scores (a power of two, default ``MAX_N``), then the best ``k`` of
+    those candidates (the same result: a score among a row's best ``k`` is among its block's best
+    ``k``, ties included, as both passes keep the lowest indices). Nothing runs between the two:
+    the first writes each block's candidates (global indices and scores), the second picks among
+    them and writes global indices (and ``tail (batch,)`` as column ``k``, as the one-launch
+    kernel). Rows longer than ``MAX_N`` (TokenSelect's votes over every token) need it; shorter
+    ones may spread a row over more programs with a smaller ``block`` (Quest's 8,192 pages at
+    128k: one program per row otherwise). Both launches return at once for ``skip`` rows, whose
+    ``out`` rows are left as they were (``out (batch, kv_heads, k [+ 1])`` of ``dtype``, written
+    in place when given). For ``blocked_fits(n, k, block)`` shapes."""
     if not HAS_TRITON:
         raise RuntimeError("topk_select_blocked needs Triton (pip install triton); use topk_select_ref")
     _check(scores, k, dtype)
     _check_skip(scores, skip)
+    _check_tail(scores, tail)
     b, h, n = scores.shape
-    _check_out(out, (b, h, k), dtype, scores.device)
-    if not blocked_fits(n, k):
-        raise ValueError(f"topk_select_blocked takes ceil(n / {MAX_N}) * k <= {MAX_N}, got n={n}, k={k}")
-    out = torch.empty(b, h, k, dtype=dtype, device=scores.device) if out is None else out
-    if b * h == 0 or k == 0:
+    _check_out(out, (b, h, k + (tail is not None)), dtype, scores.device)
+    block = MAX_N if block is None else block
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 16, got {block}")
+    if not blocked_fits(n, k, block):
+        raise ValueError(f"topk_select_blocked takes k <= block <= {MAX_N} and ceil(n / block) * k <= {MAX_N}, "
+                         f"got n={n}, k={k}, block={block}")
+    out = torch.empty(b, h, k + (tail is not None), dtype=dtype, device=scores.device) if out is None else out
+    if b * h == 0:
         return out
+    if k == 0:
+        return out if tail is None else into(tail.to(dtype)[:, None, None].expand(b, h, 1), skip, out)
+    nb = -(-n // block)
+    cand_i = torch.empty(b, h, nb * k, dtype=torch.int64, device=scores.device)
+    cand_v = torch.empty(b, h, nb * k, dtype=torch.float32, device=scores.device)
+    flag = skip if skip is not None else out
+    sx = skip.stride(0) if skip is not None else 0
+    block_k = max(16, triton.next_power_of_2(k))
+    _topk_blocks_kernel[(b * h * nb,)](
+        scores, cand_i, cand_v, flag, sx, n, k, scores.stride(0), scores.stride(1), scores.stride(2),
+        HK=h, NB=nb, BLK=block, BLOCK_K=block_k, HAS_SKIP=skip is not None,
+        num_warps=TUNING["num_warps"] or (8 if block >= 4096 else 4))
+    block_m = max(16, triton.next_power_of_2(nb * k))
+    _topk_pick_kernel[(b * h,)](
+        cand_i, cand_v, out, flag, sx, tail if tail is not None else out, tail.stride(0) if tail is not None else 0,
+        nb * k, k, out.stride(0), out.stride(1), out.stride(2),
+        HK=h, BLOCK_M=block_m, BLOCK_K=block_k, HAS_SKIP=skip is not None, HAS_TAIL=tail is not None,
+        num_warps=TUNING["num_warps"] or (8 if block_m >= 4096 else 4))
+    return out
     nb = -(-n // MAX_N)
     cand_i = torch.empty(b, h, nb * k, dtype=torch.int64, device=scores.device)
     cand_v = torch.empty(b, h, nb * k, dtype=torch.float32, device=scores.device)
