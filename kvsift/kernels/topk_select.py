@@ -429,18 +429,3 @@ def topk_select_blocked(scores: torch.Tensor, k: int, dtype: torch.dtype = torch
         HK=h, BLOCK_M=block_m, BLOCK_K=block_k, HAS_SKIP=skip is not None, HAS_TAIL=tail is not None,
         num_warps=TUNING["num_warps"] or (8 if block_m >= 4096 else 4))
     return out
-    nb = -(-n // MAX_N)
-    cand_i = torch.empty(b, h, nb * k, dtype=torch.int64, device=scores.device)
-    cand_v = torch.empty(b, h, nb * k, dtype=torch.float32, device=scores.device)
-    flag = skip if skip is not None else out
-    sx = skip.stride(0) if skip is not None else 0
-    block_k = max(16, triton.next_power_of_2(k))
-    _topk_blocks_kernel[(b * h * nb,)](
-        scores, cand_i, cand_v, flag, sx, n, k, scores.stride(0), scores.stride(1), scores.stride(2),
-        HK=h, NB=nb, BLK=MAX_N, BLOCK_K=block_k, HAS_SKIP=skip is not None, num_warps=8)
-    block_m = max(16, triton.next_power_of_2(nb * k))
-    _topk_pick_kernel[(b * h,)](
-        cand_i, cand_v, out, flag, sx, nb * k, k, out.stride(0), out.stride(1), out.stride(2),
-        HK=h, BLOCK_M=block_m, BLOCK_K=block_k, HAS_SKIP=skip is not None,
-        num_warps=8 if block_m >= 4096 else 4)
-    return out
