@@ -331,19 +331,12 @@ def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
     the same launch as column ``k``. ``out``: written in place when given."""
     if not HAS_TRITON:
         raise RuntimeError("topk_select needs Triton (pip install triton); use topk_select_ref")
-    _check(scores, k, dtype)
-    _check_skip(scores, skip)
-    _check_tail(scores, tail)
+    out, done = _result(scores, k, dtype, skip, tail, out)
     b, h, n = scores.shape
     if n > MAX_N:
         raise ValueError(f"topk_select handles rows of at most {MAX_N} scores, got {n}; use topk_select_ref")
-    _check_out(out, (b, h, k + (tail is not None)), dtype, scores.device)
-    if out is None:
-        out = torch.empty(b, h, k + (tail is not None), dtype=dtype, device=scores.device)
-    if b * h == 0:
+    if done:
         return out
-    if k == 0:
-        return out if tail is None else out.copy_(tail.to(dtype)[:, None, None].expand(b, h, 1))
     block_n = max(16, triton.next_power_of_2(n))
     kernel = _topk_select_kernel_i32 if TUNING["impl"] == "int32" else _topk_select_kernel
     kernel[(b * h,)](
@@ -355,6 +348,27 @@ def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
         HAS_TAIL=tail is not None, num_warps=TUNING["num_warps"] or (8 if block_n >= 4096 else 4),
     )
     return out
+
+
+def _result(scores: torch.Tensor, k: int, dtype: torch.dtype, skip: torch.Tensor | None,
+            tail: torch.Tensor | None, out: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """The kernels' wrappers' common start: the arguments checked and the result ``(batch,
+    kv_heads, k [+ 1])`` (``out``, or a new buffer); ``True`` when no kernel is needed (no rows, or
+    ``k == 0``: only the tail column, written but in the ``skip`` rows, as the kernels do)."""
+    _check(scores, k, dtype)
+    _check_skip(scores, skip)
+    _check_tail(scores, tail)
+    b, h, _ = scores.shape
+    shape = (b, h, k + (tail is not None))
+    _check_out(out, shape, dtype, scores.device)
+    out = torch.empty(shape, dtype=dtype, device=scores.device) if out is None else out
+    if b * h == 0:
+        return out, True
+    if k == 0:
+        if tail is not None:
+            into(tail.to(dtype)[:, None, None].expand(b, h, 1), skip, out)
+        return out, True
+    return out, False
 
 
 def _check_tail(scores: torch.Tensor, tail: torch.Tensor | None) -> None:
@@ -396,22 +410,16 @@ def topk_select_blocked(scores: torch.Tensor, k: int, dtype: torch.dtype = torch
     in place when given). For ``blocked_fits(n, k, block)`` shapes."""
     if not HAS_TRITON:
         raise RuntimeError("topk_select_blocked needs Triton (pip install triton); use topk_select_ref")
-    _check(scores, k, dtype)
-    _check_skip(scores, skip)
-    _check_tail(scores, tail)
+    out, done = _result(scores, k, dtype, skip, tail, out)
     b, h, n = scores.shape
-    _check_out(out, (b, h, k + (tail is not None)), dtype, scores.device)
     block = MAX_N if block is None else block
     if block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16, got {block}")
     if not blocked_fits(n, k, block):
         raise ValueError(f"topk_select_blocked takes k <= block <= {MAX_N} and ceil(n / block) * k <= {MAX_N}, "
                          f"got n={n}, k={k}, block={block}")
-    out = torch.empty(b, h, k + (tail is not None), dtype=dtype, device=scores.device) if out is None else out
-    if b * h == 0:
+    if done:
         return out
-    if k == 0:
-        return out if tail is None else into(tail.to(dtype)[:, None, None].expand(b, h, 1), skip, out)
     nb = -(-n // block)
     cand_i = torch.empty(b, h, nb * k, dtype=torch.int64, device=scores.device)
     cand_v = torch.empty(b, h, nb * k, dtype=torch.float32, device=scores.device)
