@@ -96,29 +96,42 @@ def layer_rows(n: int, shape: dict, sizes: dict, dev, dtype, reps: int, random_q
     return rows
 
 
-def e2e_rows(model, n: int, chunk: int, sizes: dict, dev) -> list[dict]:
-    from kvsift import LLM, SamplingParams
+def e2e_rows(llm, ids: list[int], chunk: int, sizes: dict, dev, patterns: str | None = "default",
+             task: str = "random") -> list[dict]:
+    """Prefill ``ids`` (one prompt) through ``llm`` with ``full``, ``minference`` as a user gets it (a
+    chunk whose index lists more than ``max_density`` of its keys attends densely) and
+    ``minference@sparse`` (``max_density=1``: every chunk through the sparse kernel), ``patterns``
+    being the per-head table (None: the model's searched file when there is one). One row each."""
+    from kvsift import SamplingParams
 
-    llm = LLM.from_model(model, None, chunk_size=chunk)
-    ids = torch.randint(0, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(1)).tolist()
+    n = len(ids)
     rows = []
-    # minference as a user gets it (a chunk whose index is too dense attends densely: max_density),
-    # and always sparse (max_density=1: the sparse kernel's own end-to-end cost)
-    for name, kw in (("full", {}), ("minference", dict(sizes, min_len=0, patterns="default")),
-                     ("minference@sparse", dict(sizes, min_len=0, patterns="default", max_density=1.0))):
+    for name, kw in (("full", {}), ("minference", dict(sizes, min_len=0, patterns=patterns)),
+                     ("minference@sparse", dict(sizes, min_len=0, patterns=patterns, max_density=1.0))):
+        kw = {k: v for k, v in kw.items() if v is not None}
         if dev.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         out = llm.generate(ids, SamplingParams(max_tokens=1, ignore_eos=True), method=name.split("@")[0],
                            method_kwargs=kw, progress=False)[0]
         row = {"kind": "e2e", "length": n, "method": name, "chunk": chunk, "prefill_s": out.stats.prefill_s,
-               "method_stats": out.stats.method_stats}
+               "method_stats": out.stats.method_stats, "task": task, "patterns": patterns,
+               "first_token": out.token_ids[0] if out.token_ids else None}
         if dev.type == "cuda":
             row["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
         if len(rows):
             row["speedup"] = rows[0]["prefill_s"] / row["prefill_s"]
+            row["same_first_token"] = row["first_token"] == rows[0]["first_token"]
         rows.append(row)
     return rows
+
+
+def real_prompt(tok, task: str, n: int) -> list[int]:
+    """The eval suite's first ``task`` sample at about ``n`` tokens, as token ids."""
+    from kvsift.eval.tasks import TaskBuilder, TaskConfig
+
+    sample = TaskBuilder(tok, TaskConfig(samples=1)).build(task, n, 0)[0]
+    return list(tok.encode(sample.prompt, add_special_tokens=False))
 
 
 def main(argv=None) -> int:
@@ -133,8 +146,14 @@ def main(argv=None) -> int:
                    help="layer rows on plain random q/k (no diagonal or sink structure) instead")
     for opt in ("last_q", "vertical", "slash", "block", "top_blocks", "local"):
         p.add_argument("--" + opt.replace("_", "-"), type=int, default=None, help=f"minference {opt}")
+    p.add_argument("--model", default=None,
+                   help="a real model (registered name or path): e2e rows only, on the eval suite's prompts "
+                        "(--tasks), with its searched patterns (`kvsift minference search`) and the default ones")
+    p.add_argument("--tasks", default="niah,qa", help="with --model: the suite tasks whose prompts are prefilled")
     p.add_argument("--out", default="bench/out/minference_prefill.json")
     args = p.parse_args(argv)
+    if args.model:
+        return main_real(args)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -161,24 +180,74 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         with torch.device(dev):
             model = LlamaForCausalLM(cfg).to(dtype).eval()
+    llm = None
+    if model is not None:
+        from kvsift import LLM
+
+        llm = LLM.from_model(model, None, chunk_size=chunk)
     for n in lengths:
         new = layer_rows(n, shape, sizes, dev, dtype, args.reps, args.random_qk)
-        if model is not None:
-            new += e2e_rows(model, n, chunk, sizes, dev)
-        for r in new:
-            what = r.get("pattern") or r.get("method")
-            dens = r.get("density", (r.get("method_stats") or {}).get("minference_density"))
-            print(f"{r['kind']:<6} {n:>7} {what:<15} {r.get('index_ms', float('nan')):>9.2f} "
-                  f"{r.get('attn_ms', float('nan')):>9.2f} {r.get('prefill_s', float('nan')):>9.3f} "
-                  f"{dens if dens is not None else float('nan'):>8.3f} {r.get('speedup', float('nan')):>8.2f}")
+        if llm is not None:
+            ids = torch.randint(0, shape["vocab_size"], (n,), generator=torch.Generator().manual_seed(1)).tolist()
+            new += e2e_rows(llm, ids, chunk, sizes, dev)
+        _print_rows(new)
         rows += new
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype), "shape": shape,
             "layers": layers, "chunk": chunk, "sizes": sizes}
+    return _write(args.out, meta, rows)
+
+
+def _print_rows(rows: list[dict]) -> None:
+    for r in rows:
+        what = r.get("pattern") or r.get("method")
+        if r.get("task", "random") != "random":
+            searched = "" if r["method"] == "full" else f"[{r['patterns'] or 'searched'}]"
+            what = f"{r['task']}/{what}{searched}"
+        dens = r.get("density", (r.get("method_stats") or {}).get("minference_density"))
+        print(f"{r['kind']:<6} {r['length']:>7} {what:<15} {r.get('index_ms', float('nan')):>9.2f} "
+              f"{r.get('attn_ms', float('nan')):>9.2f} {r.get('prefill_s', float('nan')):>9.3f} "
+              f"{dens if dens is not None else float('nan'):>8.3f} {r.get('speedup', float('nan')):>8.2f}")
+
+
+def _write(path: str, meta: dict, rows: list[dict]) -> int:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
+
+
+def main_real(args) -> int:
+    """``--model``: e2e rows on a real model and the suite's prompts, once with the model's searched
+    patterns (its ``kvsift minference search`` file; the default table when it has none) and once
+    with the default table (vertical-slash everywhere), so real attention's sparsity is measured."""
+    from kvsift import LLM
+    from kvsift.methods.minference import cache_path
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sizes = {o: getattr(args, o) for o in ("last_q", "vertical", "slash", "block", "top_blocks", "local")
+             if getattr(args, o) is not None}
+    lengths = [int(x) for x in (args.lengths or ("30000" if dev.type == "cuda" else "2048")).split(",") if x]
+    chunk = args.chunk or (16384 if dev.type == "cuda" else 512)
+    llm = LLM(args.model, device=dev.type, chunk_size=chunk)
+    name = llm.info.name
+    searched = cache_path(name).is_file()
+    print(f"device {dev}, model {args.model} ({name}), patterns searched: {searched} ({cache_path(name)}), "
+          f"sizes {sizes or 'method defaults'}")
+    print(f"{'kind':<6} {'length':>7} {'what':<15} {'index ms':>9} {'attn ms':>9} {'prefill s':>9} {'density':>8} "
+          f"{'speedup':>8}")
+    rows = []
+    for n in lengths:
+        for task in [t for t in args.tasks.split(",") if t]:
+            ids = real_prompt(llm.tokenizer, task, n)
+            new = []
+            for patterns in ((None, "default") if searched else ("default",)):
+                new += e2e_rows(llm, ids, chunk, sizes, dev, patterns, task)
+            _print_rows(new)
+            rows += new
+    meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "model": args.model,
+            "model_name": name, "searched_patterns": searched, "chunk": chunk, "sizes": sizes}
+    return _write(args.out, meta, rows)
 
 
 if __name__ == "__main__":

@@ -345,6 +345,46 @@ def test_bench_writes_dense_and_sparse_rows(tmp_path):
     assert e2e["full"]["prefill_s"] > 0 and e2e["minference"]["speedup"] > 0
 
 
+def test_bench_on_a_real_model_uses_the_searched_patterns_and_the_default_ones(tiny_llm, tmp_path, monkeypatch):
+    """``--model``: the suite's prompts prefilled with the model's searched pattern file and with the
+    default table; both sparse paths give rows beside ``full`` (its first token too)."""
+    import kvsift
+    from kvsift.methods.minference import cache_path
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import minference_prefill as bench
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    monkeypatch.setenv("KVSIFT_CACHE", str(tmp_path / "cache"))
+    info = tiny_llm.info
+    table = [["a_shape", "vertical_slash", "block_sparse", "vertical_slash"][: info.num_heads]] * info.num_layers
+    path = cache_path(info.name)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"format": "kvsift-minference-patterns/1", "model": info.name,
+                                "num_layers": info.num_layers, "num_heads": info.num_heads, "layers": table}))
+    asked = []
+    monkeypatch.setattr(kvsift, "LLM", lambda model, **kw: asked.append((model, kw)) or tiny_llm)
+    out = tmp_path / "r.json"
+    assert bench.main(["--model", "some-model", "--lengths", "300", "--tasks", "niah", "--chunk", "128",
+                       "--vertical", "16", "--slash", "2", "--block", "16", "--top-blocks", "3", "--local", "32",
+                       "--out", str(out)]) == 0
+    assert asked[0][0] == "some-model" and asked[0][1]["chunk_size"] == 128
+    data = json.loads(out.read_text())
+    assert data["meta"]["searched_patterns"] is True and data["meta"]["model_name"] == info.name
+    rows = data["rows"]
+    assert [(r["method"], r["patterns"]) for r in rows] == [
+        ("full", None), ("minference", None), ("minference@sparse", None),
+        ("full", "default"), ("minference", "default"), ("minference@sparse", "default")]
+    assert all(r["task"] == "niah" and r["length"] > 200 and r["prefill_s"] > 0 for r in rows)
+    for r in rows:
+        if r["method"] == "minference@sparse":   # every chunk (the tiny LLM's own size) through the sparse kernel
+            assert r["method_stats"]["minference_sparse_chunks"] == info.num_layers * -(-r["length"] // tiny_llm.chunk_size)
+            assert 0 < r["method_stats"]["minference_density"] <= 1
+        if r["method"] != "full":
+            assert isinstance(r["same_first_token"], bool) and r["speedup"] > 0
+
+
 def test_server_runs_it_and_refuses_a_pattern_file_of_another_model(make_client, tmp_path, monkeypatch):
     from kvsift.methods.minference import cache_path
 
