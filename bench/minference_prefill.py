@@ -21,6 +21,15 @@ and with ``minference@sparse`` (``max_density=1``: every chunk through the spars
 The e2e model has random weights: near-uniform attention, so the verticals and slashes it estimates
 are scattered (a pessimistic density for vertical-slash); the times are what the kernels cost at
 the density reported.
+
+On a real model (``--model NAME``, e.g. the 1.5B staged on the GPU), e2e rows only: the eval
+suite's prompts (``--tasks``, default niah and qa) at each length, prefilled with ``full``,
+``minference`` and ``minference@sparse``, once with the model's searched patterns (``kvsift minference
+search``; skipped when it has none) and once with the default table, so that the density is real
+attention's. Each configuration runs twice and the second call is timed (the first compiles):
+
+    PYTHONPATH=. python3 bench/minference_prefill.py --model /root/m/qwen2.5-coder-1.5b.gguf --lengths 16384,30000
+
 Prints a table and writes every row to ``--out`` (JSON).
 """
 
@@ -112,9 +121,12 @@ def e2e_rows(llm, ids: list[int], chunk: int, sizes: dict, dev, patterns: str | 
         if dev.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        out = llm.generate(ids, SamplingParams(max_tokens=1, ignore_eos=True), method=name.split("@")[0],
-                           method_kwargs=kw, progress=False)[0]
+        # twice: the first call of a configuration compiles its kernels (Triton specialises on the
+        # pattern mix and the shapes); the second is the one timed
+        first, out = (llm.generate(ids, SamplingParams(max_tokens=1, ignore_eos=True), method=name.split("@")[0],
+                                   method_kwargs=kw, progress=False)[0] for _ in range(2))
         row = {"kind": "e2e", "length": n, "method": name, "chunk": chunk, "prefill_s": out.stats.prefill_s,
+               "first_call_prefill_s": first.stats.prefill_s,
                "method_stats": out.stats.method_stats, "task": task, "patterns": patterns,
                "first_token": out.token_ids[0] if out.token_ids else None}
         if dev.type == "cuda":

@@ -253,6 +253,26 @@ def test_short_prompts_padding_and_reread_passes_attend_densely(tiny_llm):
     assert tiny_llm.generate(ids, p, method="minference+kvzip", budget=64, method_kwargs=SPARSE)[0].token_ids
 
 
+def test_min_len_none_prefills_densely_below_where_the_sizes_alone_reach_max_density(tiny_llm):
+    """``min_len=None``: prompts shorter than ``dense_below`` (c = vertical + slash listed keys per row
+    reach a mean density of max_density: 2c/n - (c/n)**2) prefill densely without an index."""
+    m = MInference()
+    c, md = m.vertical + m.slash, m.max_density
+    n = m.dense_below
+    assert 2 * c / n - (c / n) ** 2 <= md < 2 * c / (n - 1) - (c / (n - 1)) ** 2 and n == 43444
+    assert MInference(min_len=5).dense_below == 5 and MInference(max_density=1.0).dense_below == c
+    ids = random_prompt(200, seed=9)
+    p = SamplingParams(max_tokens=2, ignore_eos=True)
+    auto = {k: v for k, v in SPARSE.items() if k != "min_len"}   # vertical 16 + slash 2: 18 tokens at density 1
+    assert MInference(**auto).dense_below == 18
+    st = tiny_llm.generate(ids, p, method="minference", method_kwargs=auto)[0].stats.method_stats
+    assert st["minference_sparse_chunks"] > 0 and st["minference_dense_chunks"] == 0
+    low = dict(auto, vertical=100, slash=50, max_density=0.9)   # 150 / (1 - sqrt(0.1)) = 220 > 200 tokens
+    assert MInference(**low).dense_below == 220
+    st = tiny_llm.generate(ids, p, method="minference", method_kwargs=low)[0].stats.method_stats
+    assert st["minference_sparse_chunks"] == st["minference_fallback_chunks"] == 0 and st["minference_dense_chunks"] > 0
+
+
 @pytest.mark.parametrize("kw,match", [({"block": 24}, "block must be one of"), ({"top_blocks": 1}, "top_blocks"),
                                       ({"last_q": 0}, "last_q"), ({"vertical": "8"}, "vertical"),
                                       ({"min_len": -1}, "min_len"), ({"patterns": 3}, "patterns"),
@@ -376,7 +396,8 @@ def test_bench_on_a_real_model_uses_the_searched_patterns_and_the_default_ones(t
     assert [(r["method"], r["patterns"]) for r in rows] == [
         ("full", None), ("minference", None), ("minference@sparse", None),
         ("full", "default"), ("minference", "default"), ("minference@sparse", "default")]
-    assert all(r["task"] == "niah" and r["length"] > 200 and r["prefill_s"] > 0 for r in rows)
+    assert all(r["task"] == "niah" and r["length"] > 200 and r["prefill_s"] > 0 and r["first_call_prefill_s"] > 0
+               for r in rows)
     for r in rows:
         if r["method"] == "minference@sparse":   # every chunk (the tiny LLM's own size) through the sparse kernel
             assert r["method_stats"]["minference_sparse_chunks"] == info.num_layers * -(-r["length"] // tiny_llm.chunk_size)
