@@ -18,8 +18,12 @@ context length it times, per layer:
   blocked form, which can skip rows, written in place into the kept selection) and
   ``sel/tokens_cache_reused`` (every row reuses its last selection: the vote and top-k kernels
   return at once). A run at reuse rate ``r`` costs about ``r * reused + (1 - r) * new`` per step.
-  ``topk_tokens_blocked`` times that blocked top-k alone without a skip flag, beside
-  ``topk_tokens`` (dispatch's ``torch.topk`` and sort) and ``topk_tokens_torch``.
+  ``topk_tokens`` times the dispatch's top-k of a long row alone (its blocked form since
+  2026-12-04), beside ``topk_tokens_sort`` (``torch.topk`` and the ascending sort, its path before)
+  and ``topk_tokens_torch`` (``torch.topk`` alone, unsorted);
+* ``topk_one`` / ``topk_blocked<blk>`` and ``sel/quest_one`` / ``sel/quest_blocked<blk>``: Quest's
+  page top-k alone and in its step, one program per row or in blocks of ``blk`` pages
+  (``topk_select.TUNING["block_from"]``; ``topk`` and ``sel/quest`` are the dispatch's default).
 
 Each is timed over ``L`` layers of distinct KV buffers (about ``--rotate-bytes`` of KV, so the L2
 cache does not hold the data or the summaries), both as CUDA-graph replays (GPU time) and eagerly
@@ -35,6 +39,7 @@ vs kvsift's engine (``--e2e-methods``, e.g. ``full`` and ``sentencekv:2048``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -135,9 +140,21 @@ def selected(q, k, v, summ, page, budget, scale, reduce, summ_scale=None):
     return dispatch.sparse_decode_attention(q, k, v, pages, scale, page=page)
 
 
-def with_block(f, blk: int):
-    """``f`` run with the top-k's blocked form for rows of at least ``2 * blk`` scores (the
-    dispatch reads the setting when ``f`` runs, i.e. when a CUDA graph records it)."""
+@contextlib.contextmanager
+def tk_min_n(n: int):
+    """The top-k's ``block_min_n`` set to ``n`` inside (the bench's blocked rows at every length)."""
+    saved = tk.TUNING["block_min_n"]
+    tk.TUNING["block_min_n"] = n
+    try:
+        yield
+    finally:
+        tk.TUNING["block_min_n"] = saved
+
+
+def with_block(f, blk: int | None):
+    """``f`` run with the top-k's blocked form in blocks of ``blk`` for rows of at least
+    ``max(2 * blk, block_min_n)`` scores (None: one program per row; the dispatch reads the setting
+    when ``f`` runs, i.e. when a CUDA graph records it)."""
     def run(L):
         saved = tk.TUNING["block_from"]
         tk.TUNING["block_from"] = blk
@@ -299,29 +316,32 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                     L["_slots"] = chunks_to_slots(L["_pages"], None, args.page)
                 timed(f"topk/{budget}", lambda L, bu=budget: dispatch.select_chunks(L["_sc"], args.page, bu), eager=False)
                 timed(f"topk_torch/{budget}", lambda L, bu=budget: L["_sc"].topk(bu // args.page, dim=-1), eager=False)
-                # the pages' top-k spread over more programs per row (blocks of `blk` pages, then
-                # the candidates: topk_select.TUNING["block_from"]), alone and in Quest's step
+                # the pages' top-k in one program per row ("one") or spread over more programs per
+                # row (blocks of `blk` pages, then the candidates: topk_select.TUNING["block_from"]),
+                # alone and in Quest's step; `topk` / `sel/quest` above are the dispatch's default
                 n_pages = layers[0]["_sc"].shape[-1]
-                for blk in (512, 1024, 2048):
-                    if 2 * blk <= n_pages <= tk.MAX_N and tk.blocked_fits(n_pages, budget // args.page, blk):
-                        timed(f"topk_blocked{blk}/{budget}", with_block(
-                            lambda L, bu=budget: dispatch.select_chunks(L["_sc"], args.page, bu), blk), eager=False)
-                        timed(f"sel/quest_blocked{blk}/{budget}", with_block(
-                            lambda L, bu=budget: selected(L["q"], L["k"], L["v"], L["quest"], args.page, bu, scale,
-                                                          "max"), blk),
-                            extra={"budget": budget, "summary": "quest"}, eager=False)
-                # tokenselect's top-k over every token's votes: dispatch (torch.topk + ascending sort past
-                # the Triton selector's MAX_N), vs torch.topk alone
+                for blk in (None, 512, 1024, 2048):
+                    if blk is None or (2 * blk <= n_pages <= tk.MAX_N
+                                       and tk.blocked_fits(n_pages, budget // args.page, blk)):
+                        name = "one" if blk is None else f"blocked{blk}"
+                        with tk_min_n(0):
+                            timed(f"topk_{name}/{budget}", with_block(
+                                lambda L, bu=budget: dispatch.select_chunks(L["_sc"], args.page, bu), blk),
+                                eager=False)
+                            timed(f"sel/quest_{name}/{budget}", with_block(
+                                lambda L, bu=budget: selected(L["q"], L["k"], L["v"], L["quest"], args.page, bu,
+                                                              scale, "max"), blk),
+                                extra={"budget": budget, "summary": "quest"}, eager=False)
+                # tokenselect's top-k over every token's votes: dispatch (past the Triton selector's
+                # MAX_N, its blocked form when the candidates fit), torch.topk with the ascending sort
+                # the contract needs (the dispatch's path before 2026-12-04), torch.topk alone
                 for L in layers:
                     L["_votes"] = token_votes(L["q"], L["k"], None)
                 timed(f"topk_tokens/{budget}", lambda L, bu=budget: dispatch.topk_select(L["_votes"], bu, torch.int64),
                       eager=False)
+                timed(f"topk_tokens_sort/{budget}",
+                      lambda L, bu=budget: tk.topk_select_long(L["_votes"], bu, torch.int64), eager=False)
                 timed(f"topk_tokens_torch/{budget}", lambda L, bu=budget: L["_votes"].topk(bu, dim=-1), eager=False)
-                if tk.blocked_fits(L["_votes"].shape[-1], budget) and L["_votes"].shape[-1] > tk.MAX_N:
-                    # the blocked Triton form without a skip flag: were it faster than dispatch's
-                    # torch.topk + sort, every long row would take it
-                    timed(f"topk_tokens_blocked/{budget}",
-                          lambda L, bu=budget: tk.topk_select_blocked(L["_votes"], bu, torch.int64), eager=False)
                 timed(f"attn_pages/{budget}", lambda L: dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], L["_pages"], scale, page=args.page),
                       eager=False, kv_read=2 * batch * HK * budget * D * 2)
                 timed(f"attn_slots/{budget}", lambda L: dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], L["_slots"], scale),

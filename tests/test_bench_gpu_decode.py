@@ -26,7 +26,8 @@ def test_kernel_harness_on_the_cpu(tmp_path):
     d = json.loads(out.read_text())
     names = {r["name"] for r in d["kernels"]}
     for want in ("dense_gqa", "sel/quest/256", "sel/tokens/256", "sel/tokens_cache_new/256",
-                 "sel/tokens_cache_reused/256", "topk_blocked512/256", "sel/quest_blocked512/256"):
+                 "sel/tokens_cache_reused/256", "topk_blocked512/256", "sel/quest_blocked512/256",
+                 "topk_one/256", "sel/quest_one/256", "topk_tokens/256", "topk_tokens_sort/256"):
         assert want in names, (want, sorted(names))
     assert all(r["eager_ms"] > 0 for r in d["kernels"] if r.get("eager_ms") is not None)
     (checks,) = d["checks"]

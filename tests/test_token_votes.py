@@ -219,6 +219,7 @@ def test_cuda_kernels_match_reference(dtype):
     ref = tk.topk_select_ref(votes, 2048, torch.int64)
     got = dispatch.topk_select(votes, 2048, torch.int64, skip)     # the blocked form: it can skip
     assert torch.equal(got[~skip], ref[~skip])
+    assert torch.equal(dispatch.topk_select(votes, 2048, torch.int64), ref)   # and without a skip flag
     out = torch.full((4, 8, 2048), 5, dtype=torch.int64, device="cuda")
     assert dispatch.topk_select(votes, 2048, torch.int64, skip, out=out) is out   # in place, skipped row kept
     assert torch.equal(out[~skip], ref[~skip]) and bool((out[1] == 5).all())
@@ -227,13 +228,15 @@ def test_cuda_kernels_match_reference(dtype):
     pages[2, 3, 1000:1400] = 2.0                                   # ties across blocks
     tail = torch.tensor([8191, 5, 0, 77], device="cuda")
     want = tk.topk_select_ref(pages, 128, torch.int32, tail=tail)
-    saved = tk.TUNING["block_from"]
+    saved = dict(tk.TUNING)
     try:
-        for blk in (512, 1024, 2048):
+        for blk in (512, 1024, 2048, None):
             tk.TUNING["block_from"] = blk
             assert torch.equal(dispatch.topk_select(pages, 128, torch.int32, tail=tail), want), blk
+        tk.TUNING.update(block_from=1024, block_min_n=16384)   # 8,192 scores: one program per row again
+        assert torch.equal(dispatch.topk_select(pages, 128, torch.int32, tail=tail), want)
     finally:
-        tk.TUNING["block_from"] = saved
+        tk.TUNING.update(saved)
     # the selection cache's decision, one launch, as the reference
     last = torch.randn(4, 32, 128, device="cuda", dtype=dtype)
     qn = last.clone()

@@ -66,13 +66,14 @@ def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
     if use_triton(scores, *(t for t in (skip, tail, out) if t is not None)):
         n = scores.shape[-1]
         blk = _tk.TUNING["block_from"]
-        if blk and 2 * blk <= n <= _tk.MAX_N and _tk.blocked_fits(n, k, blk):   # more programs per row
+        if (blk and max(2 * blk, _tk.TUNING["block_min_n"] or 0) <= n <= _tk.MAX_N
+                and _tk.blocked_fits(n, k, blk)):   # more programs per row
             return _tk.topk_select_blocked(scores, k, dtype, skip, out, blk, tail)
         if n <= _tk.MAX_N:
             return _tk.topk_select(scores, k, dtype, skip, tail, out)
-        if skip is not None and _tk.blocked_fits(n, k):   # two launches that can skip rows
+        if _tk.blocked_fits(n, k):   # longer rows: blocks of MAX_N, two launches (measured faster)
             return _tk.topk_select_blocked(scores, k, dtype, skip, out, tail=tail)
-        # longer rows: torch.topk (measured faster)
+        # longer rows whose blocks' candidates do not fit one program: torch.topk and a sort
         return _tk.into(_tk.with_tail(_tk.topk_select_long(scores, k, dtype), tail), skip, out)
     return _tk.topk_select_ref(scores, k, dtype, skip, tail, out)
 

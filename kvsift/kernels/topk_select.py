@@ -19,13 +19,16 @@ keys, three int32 reductions per pass; the default, a little faster on an H100) 
 so it takes rows of at most ``MAX_N`` scores; the dispatcher sends longer rows (TokenSelect's votes
 over every token of a 128k-token cache) to the reference. Cutting such a row into blocks of
 ``MAX_N`` for this kernel, then taking the top ``k`` of the blocks' candidates (exact, two launches)
-was measured on the H200 (2026-12-02, 131,072 votes per row, k = 2,048, CUDA graphs): 0.092 ms at
-batch 1 and 0.234 ms at batch 8 against 0.082 and 0.161 ms for ``torch.topk`` alone, so the
-dispatcher keeps ``torch.topk`` for long rows, except where a ``skip (batch,)`` flag says which rows
-need no selection this step (TokenSelect's selection cache): ``torch.topk`` cannot skip, while
-:func:`topk_select_blocked` (that blocked selection, since 2026-12-04 with nothing between its two
-launches) returns at once for those rows. The same blocked form with smaller blocks can spread a
-row one program could hold over several (``TUNING["block_from"]``, off by default).
+was measured on the H200 (131,072 votes per row, k = 2,048, CUDA graphs). On 2026-12-02, with about
+ten PyTorch ops gathering the blocks' candidates: 0.092 ms at batch 1 and 0.234 ms at batch 8,
+against 0.082 and 0.161 ms for ``torch.topk`` alone. On 2026-12-04, :func:`topk_select_blocked`
+with nothing between its two launches: 0.0622 and 0.1695 ms, against 0.1284 and 0.2634 ms for what
+the dispatcher ran until then (``torch.topk`` and the sort of its ``k`` indices the contract needs),
+so long rows now go to it whenever its candidates fit (``blocked_fits``); it also skips rows
+(``skip (batch,)``: TokenSelect's selection cache), which ``torch.topk`` cannot. The same blocked form
+with smaller blocks spreads a row one program could hold over several (``TUNING["block_from"]``):
+Quest's 8,192 pages at 128k (k = 128) in blocks of 1,024 took 0.0102 / 0.0143 ms at batch 1 / 8
+against 0.0135 / 0.0169 ms in one program per row (blocks of 512 and 2,048 in between).
 """
 
 from __future__ import annotations
@@ -37,10 +40,11 @@ from kvsift.kernels._triton import HAS_TRITON, tl, triton
 MAX_N = 16384
 # launch settings of the Triton kernel (bench/gpu_decode.py --tune sweeps them); None = by size
 TUNING = {"num_warps": None, "impl": "int32",
-          # rows of at least 2 * block_from scores (and at most MAX_N) go to topk_select_blocked in
-          # blocks of block_from (more programs per row: Quest's 8,192 pages at 128k); None: one
-          # program per row (bench/gpu_decode.py's topk_blocked* rows measure it)
-          "block_from": None}
+          # rows of at least max(2 * block_from, block_min_n) scores (and at most MAX_N) go to
+          # topk_select_blocked in blocks of block_from (more programs per row); None: one program
+          # per row. Measured (bench/gpu_decode.py's topk_blocked* rows, H200) only at 8,192 scores
+          # (Quest's pages at 128k): shorter rows keep one program until a run measures them
+          "block_from": 1024, "block_min_n": 8192}
 
 
 def _check(scores: torch.Tensor, k: int, dtype: torch.dtype) -> None:
