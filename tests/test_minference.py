@@ -447,6 +447,21 @@ def test_search_compares_patterns_at_one_density():
     assert recall["vertical_slash"][0] > recall["a_shape"][0] + 0.2
 
 
+def test_search_takes_the_lower_recall_of_all_queries_and_the_last_ones():
+    """A head local for every query but the last ``last_q``, which look far back (a question reading
+    the document): over all queries A-shape would look good; the last queries' recall rules it out."""
+    from kvsift.methods._minference_search import pattern_recall
+
+    torch.manual_seed(5)
+    L = n = 256
+    k = torch.nn.functional.normalize(torch.randn(1, 1, n, 64), dim=-1)
+    q = 8.0 * k.clone()                                   # each query attends to its own key: a diagonal
+    q[0, 0, -32:] = 8.0 * k[0, 0, 77]                     # the last 32 read key 77, far back
+    recall, _ = pattern_recall(q, k, 1.0, 48, 16, 32)
+    assert recall["a_shape"][0] < 0.3                     # its window cannot reach key 77 from the end
+    assert recall["vertical_slash"][0] > 0.6 and recall["vertical_slash"][0] > recall["a_shape"][0] + 0.3
+
+
 def test_the_engine_asks_prefill_attention_only_for_fresh_unpadded_prefill_chunks(tiny_llm):
     """The hook is part of the method contract: asked per layer and prefill chunk (never at decode,
     never for a padded batch), and its answer is the layer's attention output."""
