@@ -141,27 +141,23 @@ def selected(q, k, v, summ, page, budget, scale, reduce, summ_scale=None):
 
 
 @contextlib.contextmanager
-def tk_min_n(n: int):
-    """The top-k's ``block_min_n`` set to ``n`` inside (the bench's blocked rows at every length)."""
-    saved = tk.TUNING["block_min_n"]
-    tk.TUNING["block_min_n"] = n
+def tk_tuned(**settings):
+    """The top-k's ``TUNING`` entries set to ``settings`` inside, restored after."""
+    saved = {k: tk.TUNING[k] for k in settings}
+    tk.TUNING.update(settings)
     try:
         yield
     finally:
-        tk.TUNING["block_min_n"] = saved
+        tk.TUNING.update(saved)
 
 
 def with_block(f, blk: int | None):
-    """``f`` run with the top-k's blocked form in blocks of ``blk`` for rows of at least
-    ``max(2 * blk, block_min_n)`` scores (None: one program per row; the dispatch reads the setting
-    when ``f`` runs, i.e. when a CUDA graph records it)."""
+    """``f`` run with the top-k's blocked form in blocks of ``blk`` for rows of at least ``2 * blk``
+    scores, whatever ``block_min_n`` says (None: one program per row; the dispatch reads the
+    setting when ``f`` runs, i.e. when a CUDA graph records it)."""
     def run(L):
-        saved = tk.TUNING["block_from"]
-        tk.TUNING["block_from"] = blk
-        try:
+        with tk_tuned(block_from=blk, block_min_n=0):
             return f(L)
-        finally:
-            tk.TUNING["block_from"] = saved
     return run
 
 
@@ -324,14 +320,12 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                     if blk is None or (2 * blk <= n_pages <= tk.MAX_N
                                        and tk.blocked_fits(n_pages, budget // args.page, blk)):
                         name = "one" if blk is None else f"blocked{blk}"
-                        with tk_min_n(0):
-                            timed(f"topk_{name}/{budget}", with_block(
-                                lambda L, bu=budget: dispatch.select_chunks(L["_sc"], args.page, bu), blk),
-                                eager=False)
-                            timed(f"sel/quest_{name}/{budget}", with_block(
-                                lambda L, bu=budget: selected(L["q"], L["k"], L["v"], L["quest"], args.page, bu,
-                                                              scale, "max"), blk),
-                                extra={"budget": budget, "summary": "quest"}, eager=False)
+                        timed(f"topk_{name}/{budget}", with_block(
+                            lambda L, bu=budget: dispatch.select_chunks(L["_sc"], args.page, bu), blk), eager=False)
+                        timed(f"sel/quest_{name}/{budget}", with_block(
+                            lambda L, bu=budget: selected(L["q"], L["k"], L["v"], L["quest"], args.page, bu,
+                                                          scale, "max"), blk),
+                            extra={"budget": budget, "summary": "quest"}, eager=False)
                 # tokenselect's top-k over every token's votes: dispatch (past the Triton selector's
                 # MAX_N, its blocked form when the candidates fit), torch.topk with the ascending sort
                 # the contract needs (the dispatch's path before 2026-12-04), torch.topk alone

@@ -16,8 +16,8 @@ pass; it stops as soon as the count is exact, 16 passes at most), then writes th
 with a prefix sum: one launch, no sort. Two variants of the search: ``"int32"`` (signed int32
 keys, three int32 reductions per pass; the default, a little faster on an H100) and ``"packed64"``
 (unsigned keys, the three counts packed into one int64 reduction). It holds the row in registers,
-so it takes rows of at most ``MAX_N`` scores; the dispatcher sends longer rows (TokenSelect's votes
-over every token of a 128k-token cache) to the reference. Cutting such a row into blocks of
+so it takes rows of at most ``MAX_N`` scores (longer rows, e.g. TokenSelect's votes over every
+token of a 128k-token cache, go to the blocked form below on a GPU). Cutting such a row into blocks of
 ``MAX_N`` for this kernel, then taking the top ``k`` of the blocks' candidates (exact, two launches)
 was measured on the H200 (131,072 votes per row, k = 2,048, CUDA graphs). On 2026-12-02, with about
 ten PyTorch ops gathering the blocks' candidates: 0.092 ms at batch 1 and 0.234 ms at batch 8,
