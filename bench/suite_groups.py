@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from kvsift.eval.labels import split_items  # noqa: E402
 from kvsift.eval.runner import BenchConfig, cell_key, load_rows  # noqa: E402
 from kvsift.eval.suites import get_suite  # noqa: E402
 
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
     if a.processes < 1:
         ap.error("--processes must be >= 1")
     rows = load_rows(a.rows) if a.rows and Path(a.rows).is_file() else []   # plain or .jsonl.gz
-    split = lambda s: s.split(",") if s else None  # noqa: E731
+    split = lambda s: split_items(s) if s else None  # noqa: E731  (commas inside a label's brackets stay)
     costs = remaining_costs(rows, a.suite, split(a.tasks), [int(x) for x in split(a.lengths) or []] or None,
                             split(a.budgets), split(a.methods))
     if a.by == "task":
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
         if a.verbose:
             for g in groups_:
                 ms, ts = g.split("@")
-                c = sum(costs[m].get(t, 0.0) for m in ms.split(",") for t in ts.split(","))
+                c = sum(costs[m].get(t, 0.0) for m in split_items(ms) for t in ts.split(","))
                 print(f"{g}: ~{c / 60:.1f} min", file=sys.stderr)
         print(" ".join(groups_))
         return 0
