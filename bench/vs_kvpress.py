@@ -835,12 +835,12 @@ def worker(args) -> int:
         return 2
     runner, tasks, suites = _import_eval()
     grid = resolve_grid(args, suites)
-    backend = KvpressBackend(args.model_dir, runner, args.model_name or "smollm2", args.device, args.dtype,
-                             mem_fraction=args.mem_fraction, decoding_interval=args.decoding_interval)
-    cfg = runner.BenchConfig(
+    cfg = runner.BenchConfig(   # a bad --ppl-text or grid: an error before the model loads
         tasks=grid["tasks"], methods=split_presses(args.presses), budgets=grid["budgets"], lengths=grid["lengths"],
         seeds=grid["seeds"], task_config=tasks.TaskConfig(depths=grid["depths"], samples=grid["samples"],
                                                           ppl_tokens=grid["ppl_tokens"], ppl_text=args.ppl_text))
+    backend = KvpressBackend(args.model_dir, runner, args.model_name or "smollm2", args.device, args.dtype,
+                             mem_fraction=args.mem_fraction, decoding_interval=args.decoding_interval)
     print(f"[vs_kvpress] {len(cfg.cells())} cell(s) on {backend.device} ({backend.model_name}), compress "
           f"{args.compress} -> {args.out}",
           file=sys.stderr)

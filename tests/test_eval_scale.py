@@ -398,6 +398,24 @@ def test_cli_parts_and_report(tmp_path, capsys):
     assert (tmp_path / "rep" / "niah_heatmaps_0.05.png").exists()
 
 
+def test_a_ppl_row_scored_on_another_text_is_run_again(tmp_path):
+    """Rows carry their ppl text; a row made on another one (older rows: chapters I-III) is not the
+    cell, so the rerun replaces it and the other tasks' rows stay done."""
+    out = tmp_path / "r.jsonl"
+    cfg = BenchConfig(tasks=["ppl", "niah"], methods=["full"], budgets=[], lengths=[300],
+                      task_config=TaskConfig(samples=2, ppl_tokens=8))
+    backend = ReadingBackend(WordTokenizer())
+    assert run_grid(backend, cfg, out, progress=False)["run"] == 2
+    rows = load_rows(out)
+    assert [r["settings"].get("ppl_text") for r in rows if r["task"] == "ppl"] == ["alice"]
+    assert run_grid(backend, cfg, out, progress=False)["run"] == 0
+    old = [dict(r, settings={k: v for k, v in r["settings"].items() if k != "ppl_text"}) for r in rows]
+    out.write_text("".join(json.dumps(r) + "\n" for r in old))   # as before the field existed
+    counts = run_grid(backend, cfg, out, progress=False)
+    assert counts["run"] == 1 and counts["skipped"] == 1
+    assert {r["task"]: r["settings"].get("ppl_text") for r in load_rows(out)} == {"ppl": "alice", "niah": None}
+
+
 def test_ppl_longer_than_its_text_is_not_an_error(tmp_path):
     out = tmp_path / "r.jsonl"
     text = tmp_path / "short.txt"

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from kvsift.eval.data import Filler, available_texts, load_text, split_sentences
+from kvsift.eval.data import PPL_PARTS, PPL_TEXT, Filler, available_texts, load_ppl_text, load_text, split_sentences
 from kvsift.eval.fakes import WordTokenizer
 from kvsift.eval.scoring import perplexity, score, score_all, score_any
 from kvsift.eval.tasks import TASKS, TaskBuilder, TaskConfig, insert_at_depths, render_prompt
@@ -118,11 +118,40 @@ def test_ruler_tasks_answers_extractable(builder):
 
 def test_ppl_samples_are_contiguous_text(builder):
     s = builder.build("ppl", 500, 1)[0]
-    ids = builder.tok.encode(load_text())
+    ids = builder.tok.encode(load_ppl_text())
     st = s.meta["start"]
     assert s.context_ids == ids[st:st + 500] and s.continuation_ids == ids[st + 500:st + 500 + 128]
+    assert s.meta["text"] == PPL_TEXT == builder.ppl_text
     with pytest.raises(ValueError, match="too few"):
         builder.build("ppl", 10 ** 6, 0)
+
+
+def test_the_ppl_text_is_long_enough_for_the_suites_30k_cells():
+    """The default ppl text is the shipped parts in order (the needle filler, chapters I-III, first),
+    every part whole. The suite's 30,000-token cells need 30,064 tokens; a Qwen2.5 tokenizer makes
+    1.26-1.30 tokens per word here (the filler: 5,954 words, 7,521 tokens; the whole book: 26,402
+    words, 34,387 tokens), so 30,064 tokens need at least about 23,900 words."""
+    text = load_ppl_text()
+    assert text.startswith(load_text().strip()) and set(PPL_PARTS) <= set(available_texts())
+    for part in PPL_PARTS:
+        assert load_text(part).strip() in text
+    assert len(text.split()) * 1.26 > 30_064 * 1.05
+    b = TaskBuilder(WordTokenizer(), TaskConfig(samples=2, ppl_tokens=64))
+    s = b.build("ppl", 23_000, 0)[0]   # beyond chapters I-III alone (5,954 words)
+    assert len(s.context_ids) == 23_000 and len(s.continuation_ids) == 64
+
+
+def test_ppl_text_by_name_or_path_and_a_bad_one_fails_at_once(tmp_path):
+    tok = WordTokenizer()
+    ids = TaskBuilder(tok, TaskConfig(ppl_text="alice_ch1_3.txt")).ppl_text_ids()
+    assert ids == tok.encode(load_text(), add_special_tokens=False)
+    f = tmp_path / "t.txt"
+    f.write_text("One two three. " * 100)
+    b = TaskBuilder(tok, TaskConfig(ppl_text=str(f)))
+    assert b.ppl_text == str(f) and b.ppl_text_ids() == tok.encode(f.read_text(), add_special_tokens=False)
+    assert TaskBuilder(WordTokenizer(), text="Some other text. " * 50).ppl_text == "filler"
+    with pytest.raises(ValueError, match="neither a shipped text"):
+        TaskConfig(ppl_text="no_such_text.txt")
 
 
 def test_bad_inputs():

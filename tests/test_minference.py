@@ -325,12 +325,21 @@ def test_search_command_writes_a_file_the_method_loads(default_tokenizer, tmp_pa
     model = save_tiny_model(tmp_path / "tiny", "llama", seed=1, tokenizer=default_tokenizer)
     args = ["minference", "search", "--model", str(model), "--tokens", "256", "--keys", "64", "--block", "16",
             "--chunk-size", "64"]
-    assert main(args + ["--out", str(tmp_path / "p.json")]) == 0
+    assert main(args + ["--out", str(tmp_path / "p.json"), "--margin", "0"]) == 0
     data = json.loads((tmp_path / "p.json").read_text())
     assert (data["model"], data["num_layers"], data["num_heads"]) == ("tiny", 2, 4)
-    for i, row in enumerate(data["layers"]):  # each head's pattern is its best recall
+    assert data["search"]["margin"] == 0
+    for i, row in enumerate(data["layers"]):  # margin 0: each head's pattern is its best recall
         for h, pat in enumerate(row):
             assert data["recall"][pat][i][h] == max(data["recall"][p][i][h] for p in PATTERNS)
+    # picked again from the stored recalls, no model: margin 1 keeps vertical-slash everywhere
+    assert main(["minference", "search", "--recall-from", str(tmp_path / "p.json"), "--margin", "1",
+                 "--out", str(tmp_path / "vs.json")]) == 0
+    vs = json.loads((tmp_path / "vs.json").read_text())
+    assert vs["recall"] == data["recall"] and vs["search"]["margin"] == 1
+    assert all(p == "vertical_slash" for row in vs["layers"] for p in row)
+    assert main(args + ["--out", str(tmp_path / "p.json")]) == 0   # the default margin, the same recalls
+    data = json.loads((tmp_path / "p.json").read_text())
     assert main(args) == 0                                           # default: the cache, found by itself
     assert json.loads((tmp_path / "cache" / "minference" / "tiny.json").read_text())["layers"] == data["layers"]
     llm = LLM(str(model), chunk_size=64)
@@ -343,6 +352,27 @@ def test_search_command_writes_a_file_the_method_loads(default_tokenizer, tmp_pa
     assert main(["minference", "search", "--model", str(tmp_path / "missing")]) == 2
     assert main(["minference", "search", "--model", str(model), "--tokens", "256", "--keys", "8"]) == 2
     assert "--keys must be at least 2 blocks" in capsys.readouterr().err
+
+
+def test_a_head_leaves_vertical_slash_only_for_a_clear_recall_gain(tmp_path, capsys):
+    from kvsift.cli import main
+    from kvsift.methods._minference_search import MARGIN, choose_patterns
+
+    recall = {"a_shape": [[0.90, 0.50, 0.99]], "vertical_slash": [[0.88, 0.60, 0.80]],
+              "block_sparse": [[0.70, 0.95, 0.99]]}
+    assert choose_patterns(recall, 0.0) == [["a_shape", "block_sparse", "a_shape"]]   # best wins, first on ties
+    assert choose_patterns(recall, MARGIN) == [["vertical_slash", "block_sparse", "a_shape"]]
+    assert choose_patterns(recall, 0.36) == [["vertical_slash"] * 3]
+    with pytest.raises(ValueError, match="margin"):
+        choose_patterns(recall, -0.1)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "kvsift-minference-patterns/1", "layers": [["a_shape"]]}))
+    capsys.readouterr()
+    assert main(["minference", "search", "--recall-from", str(bad)]) == 2   # no recalls stored
+    assert "kvsift: error: not a searched pattern file" in capsys.readouterr().err
+    assert main(["minference", "search", "--recall-from", str(tmp_path / "none.json")]) == 2
+    assert main(["minference", "search", "--recall-from", str(bad), "--margin", "2"]) == 2
+    assert "--margin must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_bench_writes_dense_and_sparse_rows(tmp_path):

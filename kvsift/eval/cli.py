@@ -69,7 +69,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                         "sample per depth and 2 for the other tasks, or the suite's")
     r.add_argument("--ppl-tokens", type=int, default=None, help="teacher-forced tokens per ppl sample (default: 128)")
     r.add_argument("--ppl-text", default=None,
-                   help="text for the ppl task: a shipped text name or a .txt path (default: the filler text)")
+                   help="text for the ppl task: alice (the default: the whole book, 34k Qwen2.5 tokens), "
+                        "a shipped file (alice_ch1_3.txt, ...) or a .txt path")
     r.add_argument("--batch-size", type=_batch_size, default=None, metavar="N|auto",
                    help="samples per model call (default auto: 1 on CPU; on CUDA what a KV-memory estimate allows)")
     r.add_argument("--batch-padding", action="store_true",

@@ -3,7 +3,12 @@
 ``kvsift/data/alice_ch1_3.txt`` holds chapters I-III of Lewis Carroll's *Alice's Adventures in
 Wonderland* (1865, public domain), typed from memory of the Project Gutenberg edition (it may
 differ from that edition in small details of wording and punctuation). It is the haystack filler
-for the needle tasks and the text scored by the perplexity task.
+for the needle tasks.
+
+The perplexity task scores a longer text, ``alice`` (:data:`PPL_TEXT`): the shipped files of
+:data:`PPL_PARTS` joined in order, the whole book (``alice_ch4_12.txt`` typed the same way),
+34,387 tokens for a Qwen2.5 tokenizer, so that the suite's 30k-token ppl cells (30,000 + 64
+tokens) have a text to cut from (chapters I-III alone, 7,521 tokens, served 4k only).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 DEFAULT_TEXT = "alice_ch1_3.txt"
+PPL_TEXT = "alice"   # the perplexity task's default text: PPL_PARTS joined
+PPL_PARTS = ("alice_ch1_3.txt", "alice_ch4_12.txt")
 
 
 class Tokenizer(Protocol):
@@ -38,6 +45,18 @@ def load_text(name: str = DEFAULT_TEXT) -> str:
     if name not in names:
         raise FileNotFoundError(f"no shipped text {name!r}; available: {names}")
     return (DATA_DIR / name).read_text(encoding="utf-8")
+
+
+def ppl_texts() -> list[str]:
+    """The names ``--ppl-text`` accepts besides a file path: :data:`PPL_TEXT` and each shipped file."""
+    return [PPL_TEXT, *available_texts()]
+
+
+def load_ppl_text(name: str = PPL_TEXT) -> str:
+    """A perplexity text by name: :data:`PPL_TEXT` (its parts joined by a blank line) or a shipped file."""
+    if name == PPL_TEXT:
+        return "\n\n".join(load_text(n).strip() for n in PPL_PARTS) + "\n"
+    return load_text(name)
 
 
 _SENT_RE = re.compile(r"(?<=[.!?])[\"')\u201d]*\s+(?=[\"'(\u201cA-Z])")

@@ -590,11 +590,19 @@ def load_rows(paths: str | Path | Iterable[str | Path]) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
-def done_keys(path: str | Path) -> set[str]:
+LEGACY_PPL_TEXT = "alice_ch1_3.txt"   # what ppl rows without settings.ppl_text were scored on
+
+
+def done_keys(path: str | Path, ppl_text: str | None = None) -> set[str]:
+    """The keys of the cells in ``path`` that finished without an error; with ``ppl_text``, a ppl row
+    counts only if it was scored on that text (``settings.ppl_text``; rows older than the field were
+    scored on :data:`LEGACY_PPL_TEXT`)."""
     p = Path(path)
     if not p.exists():
         return set()
-    return {r["key"] for r in load_rows(p) if not r.get("error")}
+    return {r["key"] for r in load_rows(p) if not r.get("error")
+            and (ppl_text is None or r.get("task") != "ppl"
+                 or (r.get("settings") or {}).get("ppl_text", LEGACY_PPL_TEXT) == ppl_text)}
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -775,6 +783,7 @@ def _cell_row(backend: Backend, samples: list[Sample], per: list[dict[str, Any] 
         settings.update(backend.prompt_settings(method.split(":", 1)[-1]))
     row["settings"] = settings
     if samples and samples[0].metric == "ppl":
+        settings["ppl_text"] = samples[0].meta.get("text")
         nll, n = sum(e["nll_sum"] for e in per), sum(e["n_tokens"] for e in per)
         row["ppl"] = perplexity(nll, n)
         row["nll"] = nll / n
@@ -869,8 +878,8 @@ def run_grid(backend: Backend, config: BenchConfig, out: str | Path, progress: b
     unit (stopping before a group that would likely end past it)."""
     check_compress(compress)
     t_start = clock()
-    done = done_keys(out)
     builder = TaskBuilder(backend.tokenizer, config.task_config)
+    done = done_keys(out, ppl_text=builder.ppl_text)
     cells = config.cells()
     todo = [c for c in cells if cell_key(c[0], method_prefix + c[3], c[4], c[1], c[2], compress) not in done]
     counts: dict[str, Any] = {"run": 0, "skipped": len(cells) - len(todo), "errors": 0, "unavailable": 0,

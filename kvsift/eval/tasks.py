@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kvsift.eval.data import Filler, Tokenizer, available_texts, count_tokens, load_text
+from kvsift.eval.data import PPL_TEXT, Filler, Tokenizer, count_tokens, load_ppl_text, load_text, ppl_texts
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 METRICS = ("any", "all", "ppl")
@@ -222,7 +222,8 @@ class TaskConfig:
     num_hops: int = 4                            # vt chain length
     num_common: int = 10                         # cwe
     ppl_tokens: int = 128                        # ppl: teacher-forced continuation length
-    ppl_text: str | None = None                  # ppl: a shipped text name or a .txt path (default: the filler text)
+    ppl_text: str | None = None                  # ppl: "alice", a shipped file or a .txt path (None: "alice", or
+                                                 # the builder's own filler text when it was given one)
 
     def __post_init__(self):
         self.depths = tuple(float(d) for d in self.depths)
@@ -234,6 +235,10 @@ class TaskConfig:
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.ppl_text is not None and self.ppl_text not in ppl_texts() \
+                and not Path(self.ppl_text).expanduser().is_file():
+            raise ValueError(f"ppl_text {self.ppl_text!r} is neither a shipped text ({', '.join(ppl_texts())}) "
+                             f"nor a file")
 
     def n_samples(self, task: str) -> int:
         """How many samples a cell of ``task`` has."""
@@ -446,18 +451,27 @@ class TaskBuilder:
             out.append(_fit(length, compose, self.tok))
         return out
 
+    @property
+    def ppl_text(self) -> str:
+        """The perplexity text's name, written into every ppl row (``settings.ppl_text``): a row made on
+        another text is not this cell (the runner runs it again). ``"filler"`` when the builder was
+        given its own text and no ``ppl_text``."""
+        if self.cfg.ppl_text is not None:
+            return self.cfg.ppl_text
+        return PPL_TEXT if self._text is None else "filler"
+
     def ppl_text_ids(self) -> list[int]:
-        """Token ids of the perplexity text (``ppl_text``, else the filler text)."""
+        """Token ids of the perplexity text (:attr:`ppl_text`)."""
         if self._text_ids is None:
-            name = self.cfg.ppl_text
-            if name is None:
-                text = load_text() if self._text is None else self._text
-            elif name in available_texts():
-                text = load_text(name)
+            name = self.ppl_text
+            if self.cfg.ppl_text is None and self._text is not None:   # "filler"
+                text = self._text
+            elif name in ppl_texts():
+                text = load_ppl_text(name)
             else:
                 path = Path(name).expanduser()
                 if not path.is_file():
-                    raise FileNotFoundError(f"ppl text {name!r} is neither a shipped text ({available_texts()}) "
+                    raise FileNotFoundError(f"ppl text {name!r} is neither a shipped text ({ppl_texts()}) "
                                             f"nor a file")
                 text = path.read_text(encoding="utf-8")
             self._text_ids = self.tok.encode(text, add_special_tokens=False)
@@ -480,7 +494,7 @@ class TaskBuilder:
             out.append(Sample(
                 task="ppl", sample_id=f"ppl/L{length}/s{seed}/i{i}", length=length, seed=seed, instruction="",
                 context="", question="", answer_prefix="", answers=[], metric="ppl", max_new_tokens=0,
-                meta={"start": start}, prompt_tokens=length, context_ids=list(ids[start:start + length]),
+                meta={"start": start, "text": self.ppl_text}, prompt_tokens=length, context_ids=list(ids[start:start + length]),
                 continuation_ids=list(ids[start + length:start + length + n_cont])))
         return out
 

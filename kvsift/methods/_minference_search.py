@@ -16,8 +16,19 @@ blocks); per head, each size's density (selected over causal pairs) and recall (
 mass on the selected pairs, mean over the chunk's queries) are measured, and the recall at the
 same density for every pattern, ``keys`` over the mean causal keys, is interpolated between them.
 A head's recall is the lower of two: over all the chunk's queries, and over its last ``last_q``
-queries alone (where a prompt's question sits). Each head gets the pattern of highest recall at
-that density. Why both: searched on narrative text alone (the Alice chapters, before 2026-12-04)
+queries alone (where a prompt's question sits). Each head keeps vertical-slash unless another
+pattern's recall beats it by ``--margin`` (default :data:`MARGIN`); then it takes the pattern of
+highest recall at that density. Why the margin: with none (the highest recall wins, before
+2026-12-04), the 1.5B's search on the retrieval prompt gave 25 A-shape and 20 block-sparse heads,
+most of them ahead of vertical-slash by under 0.03 at the 4k calibration length, and at 16k-30k
+(sizes ``vertical=512,slash=1024,local=1024,top_blocks=16``, every chunk sparse, 30 samples per
+cell) ``minference+sentencekv`` with those patterns scored 10.1 points under ``sentencekv`` (95%
+interval -15.2 to -5.5, mk_niah 0.80 against 0.93, qa 0.37 against 0.60), and with vertical-slash
+for every head 1.7 points under it (-4.0 to +0.3, not significant). Vertical-slash estimates its
+index from each prompt's own last queries; A-shape is fixed and block-sparse coarse, so a small
+edge on one short calibration prompt does not carry to prompts four to eight times longer.
+``--recall-from FILE`` picks again from a pattern file's stored recalls (another margin, no model).
+Why both recalls: searched on narrative text alone (the Alice chapters, before 2026-12-04)
 131 of the 0.5B's 336 heads chose A-shape, whose local window reads nothing far back; with those
 patterns (`vertical=256,slash=512,local=512,top_blocks=8`, always sparse) Qwen2.5-Coder-0.5B's
 ``qa`` at 4k scored 0 of 12 against 5 of 12 with the full cache and with vertical-slash for every
@@ -43,6 +54,26 @@ from kvsift.methods.minference import FORMAT, PATTERNS, MInference, cache_path
 
 SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
 """Size multipliers each pattern is measured at (its recall at the target density is interpolated)."""
+
+MARGIN = 0.05
+"""Recall by which another pattern must beat vertical-slash for a head to leave it (see the module)."""
+
+
+def choose_patterns(recall: dict[str, list[list[float]]], margin: float = MARGIN) -> list[list[str]]:
+    """Each head's pattern from its recalls (``{pattern: [layer][head]}``): vertical-slash, unless the
+    best other pattern's recall exceeds vertical-slash's by at least ``margin`` (ties between the
+    others: the first in :data:`PATTERNS`)."""
+    if not 0.0 <= margin <= 1.0:
+        raise ValueError(f"margin must be in [0, 1], got {margin}")
+    vs = recall["vertical_slash"]
+    out = []
+    for i, row in enumerate(vs):
+        layer = []
+        for h, base in enumerate(row):
+            best = max((p for p in PATTERNS if p != "vertical_slash"), key=lambda p: recall[p][i][h])
+            layer.append(best if recall[best][i][h] >= base + margin else "vertical_slash")
+        out.append(layer)
+    return out
 
 
 def pattern_config(pattern: str, keys: int, block: int, last_q: int) -> MInference:
@@ -153,10 +184,11 @@ def retrieval_prompt(llm, tokens: int) -> str:
 
 
 def search(llm, text: str, tokens: int = 4096, keys: int | None = None, last_q: int = 64,
-           block: int = 64) -> dict:
+           block: int = 64, margin: float = MARGIN) -> dict:
     """Pick a pattern per head of ``llm``'s model on the last ``tokens`` tokens of ``text``
     (repeated when shorter), comparing the patterns' recall at the density of ``keys`` keys per
-    query (default ``tokens // 8``). Returns the pattern file's JSON object."""
+    query (default ``tokens // 8``; :func:`choose_patterns` with ``margin``). Returns the pattern
+    file's JSON object."""
     keys = check_sizes(tokens, keys, block)
     ids = llm.encode(text, chat=False)
     if not ids:
@@ -172,17 +204,22 @@ def search(llm, text: str, tokens: int = 4096, keys: int | None = None, last_q: 
     if len(run.recall) != llm.info.num_layers:
         raise ValueError(f"the calibration prefill reached {len(run.recall)} of {llm.info.num_layers} layers "
                          f"(sliding-window layers attend densely and are not searched)")
-    layers, recall = [], {p: [] for p in PATTERNS}
-    for i in range(llm.info.num_layers):
-        r = run.recall[i]
-        layers.append([max(PATTERNS, key=lambda p: r[p][h]) for h in range(llm.info.num_heads)])
-        for p in PATTERNS:
-            recall[p].append(r[p])
+    recall = {p: [run.recall[i][p] for i in range(llm.info.num_layers)] for p in PATTERNS}
     return {"format": FORMAT, "model": llm.info.name, "num_layers": llm.info.num_layers,
-            "num_heads": llm.info.num_heads, "layers": layers,
+            "num_heads": llm.info.num_heads, "layers": choose_patterns(recall, margin),
             "search": {"tokens": len(ids), "chunk": llm.chunk_size, "keys": keys, "last_q": last_q, "block": block,
-                       "scales": list(SCALES), "density": [run.target[i] for i in range(llm.info.num_layers)]},
+                       "scales": list(SCALES), "density": [run.target[i] for i in range(llm.info.num_layers)],
+                       "margin": margin},
             "recall": recall}
+
+
+def repick(data: dict, margin: float) -> dict:
+    """A pattern file's JSON object with its heads picked again from its stored recalls."""
+    if data.get("format") != FORMAT or not isinstance(data.get("recall"), dict) \
+            or set(data["recall"]) != set(PATTERNS):
+        raise ValueError(f"not a searched pattern file with recalls (format {FORMAT}, a 'recall' per pattern)")
+    return dict(data, layers=choose_patterns(data["recall"], margin), search=dict(data.get("search") or {},
+                                                                                  margin=margin))
 
 
 def add_parser(sub) -> None:
@@ -206,24 +243,38 @@ def add_parser(sub) -> None:
     s.add_argument("--keys", type=int, default=None, help="keys per query given to every pattern (default tokens/8)")
     s.add_argument("--last-q", type=int, default=64, help="queries estimating the vertical-slash index")
     s.add_argument("--block", type=int, default=64, help="block size (16, 32, 64 or 128)")
+    s.add_argument("--margin", type=float, default=MARGIN,
+                   help=f"recall by which another pattern must beat vertical-slash for a head to leave it "
+                        f"(default {MARGIN}; 0: the highest recall wins)")
+    s.add_argument("--recall-from", type=Path, default=None, metavar="FILE",
+                   help="pick again from this pattern file's stored recalls (with --margin), without the model")
 
 
 def run(args) -> int:
     from kvsift.engine import LLM
     from kvsift.models import check_model
 
-    check_model(args.model)
-    if args.text is not None and not args.text.is_file():
-        raise ValueError(f"calibration text not found: {args.text}")
-    text = args.text.read_text(encoding="utf-8", errors="replace") if args.text is not None else None
-    MInference(block=args.block, last_q=args.last_q)  # bad sizes: an error before loading the model
-    check_sizes(args.tokens, args.keys, args.block)
-    chunk = args.chunk_size or max(args.block * 2, min(1024, args.tokens // 4))
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, chunk_size=chunk)
-    data = search(llm, text if text is not None else retrieval_prompt(llm, args.tokens), args.tokens, args.keys,
-                  args.last_q, args.block)
-    data["search"]["calibration"] = str(args.text) if text is not None else f"mk_niah seed {CALIBRATION_SEED}"
-    out = args.out if args.out is not None else cache_path(llm.info.name)
+    if not 0.0 <= args.margin <= 1.0:
+        raise ValueError(f"--margin must be in [0, 1], got {args.margin}")
+    if args.recall_from is not None:   # no model: the stored recalls picked again
+        try:
+            data = repick(json.loads(args.recall_from.read_text(encoding="utf-8")), args.margin)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read the pattern file {args.recall_from}: {e}") from None
+        out = args.out if args.out is not None else cache_path(data["model"])
+    else:
+        check_model(args.model)
+        if args.text is not None and not args.text.is_file():
+            raise ValueError(f"calibration text not found: {args.text}")
+        text = args.text.read_text(encoding="utf-8", errors="replace") if args.text is not None else None
+        MInference(block=args.block, last_q=args.last_q)  # bad sizes: an error before loading the model
+        check_sizes(args.tokens, args.keys, args.block)
+        chunk = args.chunk_size or max(args.block * 2, min(1024, args.tokens // 4))
+        llm = LLM(args.model, device=args.device, dtype=args.dtype, chunk_size=chunk)
+        data = search(llm, text if text is not None else retrieval_prompt(llm, args.tokens), args.tokens,
+                      args.keys, args.last_q, args.block, args.margin)
+        data["search"]["calibration"] = str(args.text) if text is not None else f"mk_niah seed {CALIBRATION_SEED}"
+        out = args.out if args.out is not None else cache_path(llm.info.name)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
