@@ -494,7 +494,8 @@ class TaskBuilder:
             out.append(Sample(
                 task="ppl", sample_id=f"ppl/L{length}/s{seed}/i{i}", length=length, seed=seed, instruction="",
                 context="", question="", answer_prefix="", answers=[], metric="ppl", max_new_tokens=0,
-                meta={"start": start, "text": self.ppl_text}, prompt_tokens=length, context_ids=list(ids[start:start + length]),
+                meta={"start": start, "text": self.ppl_text}, prompt_tokens=length,
+                context_ids=list(ids[start:start + length]),
                 continuation_ids=list(ids[start + length:start + length + n_cont])))
         return out
 
