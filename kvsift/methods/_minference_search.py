@@ -59,12 +59,17 @@ MARGIN = 0.05
 """Recall by which another pattern must beat vertical-slash for a head to leave it (see the module)."""
 
 
+def check_margin(margin: float, name: str = "margin") -> None:
+    """``ValueError`` unless ``margin`` (a recall difference) is in [0, 1]."""
+    if not 0.0 <= margin <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {margin}")
+
+
 def choose_patterns(recall: dict[str, list[list[float]]], margin: float = MARGIN) -> list[list[str]]:
     """Each head's pattern from its recalls (``{pattern: [layer][head]}``): vertical-slash, unless the
     best other pattern's recall exceeds vertical-slash's by at least ``margin`` (ties between the
     others: the first in :data:`PATTERNS`)."""
-    if not 0.0 <= margin <= 1.0:
-        raise ValueError(f"margin must be in [0, 1], got {margin}")
+    check_margin(margin)
     vs = recall["vertical_slash"]
     out = []
     for i, row in enumerate(vs):
@@ -254,8 +259,7 @@ def run(args) -> int:
     from kvsift.engine import LLM
     from kvsift.models import check_model
 
-    if not 0.0 <= args.margin <= 1.0:
-        raise ValueError(f"--margin must be in [0, 1], got {args.margin}")
+    check_margin(args.margin, "--margin")   # before reading a file or loading a model
     if args.recall_from is not None:   # no model: the stored recalls picked again
         try:
             data = repick(json.loads(args.recall_from.read_text(encoding="utf-8")), args.margin)

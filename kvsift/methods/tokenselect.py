@@ -21,9 +21,10 @@ step's and the previous step's query (mean over heads) is at least ``reuse_thres
 previous selection is kept. The decision is one launch on the device
 (:func:`kvsift.kernels.dispatch.query_reuse`, which also keeps the query and the counters) and a
 per-row flag for the vote and top-k kernels: their programs for a reused row return at once (on
-long rows the top-k is the blocked Triton selection, whose two launches both skip), and the top-k writes the other rows' new selections in place into the kept one
-(graph-safe, no host sync, no copy). So a reused step reads no keys for scoring; ``reuse_rate`` in
-the stats is the fraction of (row, layer, step) selections reused. On the CPU the reference
+long rows the top-k is the blocked Triton selection, whose two launches both skip), and the top-k
+writes the other rows' new selections in place into the kept one (graph-safe, no host sync, no
+copy). So a reused step reads no keys for scoring; ``reuse_rate`` in the stats is the fraction of
+(row, layer, step) selections reused. On the CPU the reference
 computes every row and keeps the reused rows' old selection, with the same result.
 
 The full KV stays on the device: TokenSelect saves reads of values (and softmax work), not
