@@ -30,6 +30,12 @@ attention's. Each configuration runs twice and the second call is timed (the fir
 
     PYTHONPATH=. python3 bench/minference_prefill.py --model /root/m/qwen2.5-coder-1.5b.gguf --lengths 16384,30000
 
+``--tune`` adds ``tune`` rows: the sparse kernel's launch settings (pipeline stages, warps, the
+unmasked loop over whole blocks) swept on one layer's vertical-slash and block-sparse index, blocks
+of 64 and 128, beside dense SDPA in the same run, each output checked against the first setting's:
+
+    PYTHONPATH=. python3 bench/minference_prefill.py --lengths 131072 --tune --out bench/out/minference_prefill_tune_h200.json
+
 Prints a table and writes every row to ``--out`` (JSON).
 """
 
@@ -105,6 +111,52 @@ def layer_rows(n: int, shape: dict, sizes: dict, dev, dtype, reps: int, random_q
     return rows
 
 
+def tune_rows(n: int, shape: dict, sizes: dict, dev, dtype, reps: int, random_qk: bool = False) -> list[dict]:
+    """``--tune``: the sparse kernel's launch settings (``sparse_prefill_attention.TUNING``) swept on
+    one layer's vertical-slash and block-sparse index at length ``n``, blocks of 64 and 128, each
+    row beside dense SDPA timed in the same run."""
+    import itertools
+
+    from kvsift.kernels import sparse_prefill_attention as spa
+    from kvsift.kernels.dispatch import sparse_prefill_attention
+    from kvsift.methods.minference import MInference, listed_fraction
+
+    hq, hk, d = shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k = ((torch.randn(1, hq, n, d, device=dev, dtype=dtype, generator=g),
+             torch.randn(1, hk, n, d, device=dev, dtype=dtype, generator=g)) if random_qk
+            else structured_qk(n, hq, hk, d, dev, dtype, g))
+    v = torch.randn(1, hk, n, d, device=dev, dtype=dtype, generator=g)
+    scale = d ** -0.5
+    dense_ms, _ = _timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True),
+                         dev, reps)
+    rows, saved = [], dict(spa.TUNING)
+    for block, pat in itertools.product((64, 128), ("vertical_slash", "block_sparse")):
+        m = MInference(min_len=0, patterns="default", **dict(sizes, block=block))
+        bi, cols = m.index(q, k, (pat,) * hq, scale)
+        dens = float(listed_fraction(bi, cols, n, n, block))
+        first = None   # every setting's output against the first one's: the same attention
+        for stages, warps, skip in itertools.product((2, 3, 4), (4, 8), (True, False)):
+            spa.TUNING.update(num_stages=stages, num_warps_small=warps, num_warps_large=warps, skip_mask=skip)
+            diff = float("nan")
+            try:
+                ms, out = _timed(lambda: sparse_prefill_attention(q, k, v, bi, cols, scale, block), dev, reps)
+                first = out if first is None else first
+                diff = (out.float() - first.float()).abs().max().item()
+            except Exception as e:   # e.g. out of shared memory at this depth: a row that says so
+                ms = float("nan")
+                print(f"  {pat} block {block} {spa.TUNING}: {type(e).__name__}: {str(e)[:120]}")
+            rows.append({"kind": "tune", "length": n, "pattern": pat, "block": block, "setting": dict(spa.TUNING),
+                         "attn_ms": ms, "dense_ms": dense_ms, "density": dens, "vs_dense": dense_ms / ms,
+                         "max_diff_vs_first": diff})
+            print(f"tune {n:>7} {pat:<15} block {block:>3} stages {stages} warps {warps} skip_mask {skip!s:<5} "
+                  f"{ms:9.2f} ms  dense {dense_ms:8.2f}  density {dens:.3f}  {dense_ms / ms:5.2f}x  "
+                  f"max diff {diff:.1e}")
+        spa.TUNING.update(saved)
+    del q, k, v
+    return rows
+
+
 def e2e_rows(llm, ids: list[int], chunk: int, sizes: dict, dev, patterns: str | None = "default",
              task: str = "random") -> list[dict]:
     """Prefill ``ids`` (one prompt) through ``llm`` with ``full``, ``minference`` as a user gets it (a
@@ -154,6 +206,9 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=None, help="e2e prefill chunk (default 16384 CUDA, 512 CPU)")
     p.add_argument("--reps", type=int, default=3, help="timed runs per layer measurement (median)")
     p.add_argument("--no-e2e", action="store_true", help="per-layer attention only")
+    p.add_argument("--tune", action="store_true",
+                   help="also sweep the sparse kernel's launch settings per length (tune rows; with --no-e2e: "
+                        "layer and tune rows only)")
     p.add_argument("--random-qk", action="store_true",
                    help="layer rows on plain random q/k (no diagonal or sink structure) instead")
     for opt in ("last_q", "vertical", "slash", "block", "top_blocks", "local"):
@@ -199,6 +254,8 @@ def main(argv=None) -> int:
         llm = LLM.from_model(model, None, chunk_size=chunk)
     for n in lengths:
         new = layer_rows(n, shape, sizes, dev, dtype, args.reps, args.random_qk)
+        if args.tune:
+            new += tune_rows(n, shape, sizes, dev, dtype, args.reps, args.random_qk)
         if llm is not None:
             ids = torch.randint(0, shape["vocab_size"], (n,), generator=torch.Generator().manual_seed(1)).tolist()
             new += e2e_rows(llm, ids, chunk, sizes, dev)
@@ -211,6 +268,8 @@ def main(argv=None) -> int:
 
 def _print_rows(rows: list[dict]) -> None:
     for r in rows:
+        if r["kind"] == "tune":   # printed as they ran
+            continue
         what = r.get("pattern") or r.get("method")
         if r.get("task", "random") != "random":
             searched = "" if r["method"] == "full" else f"[{r['patterns'] or 'searched'}]"

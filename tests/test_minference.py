@@ -136,6 +136,23 @@ def test_reference_is_masked_attention_over_the_selection(shape):
     assert torch.allclose(out, sdpa, atol=1e-5)
 
 
+def test_loop_bounds_count_the_whole_blocks_the_listed_end_and_the_columns():
+    from kvsift.kernels.sparse_prefill_attention import loop_bounds
+
+    # L = 32 queries, the last of n = 80 keys, blocks of 16: query block 0 is rows at slots 48..63,
+    # block 1 at 64..79; key blocks 0-2 (slots 0..47) are whole for both, block 3 for block 1 only
+    bi = torch.tensor([[[[0, 1, 2, 3, -1], [0, 2, 3, 4, -1]]]], dtype=torch.int32)
+    cols = torch.tensor([[[[5, -1, 7, -1], [-1, -1, -1, -1]]]], dtype=torch.int32)
+    whole, ends, col_ends = loop_bounds(bi, cols, 32, 80, 16)
+    assert whole.tolist() == [[[3, 3]]]          # block 3 holds query block 0's own slots (masked)
+    assert ends.tolist() == [[[4, 4]]]
+    assert col_ends.tolist() == [[[3, 0]]]
+    # an unlisted entry stops the unmasked run; an order that is not ascending too
+    bi2 = torch.tensor([[[[1, -1, 0, 2]]]], dtype=torch.int32)
+    whole, ends, none = loop_bounds(bi2, None, 16, 64, 16)
+    assert whole.tolist() == [[[1]]] and ends.tolist() == [[[4]]] and none is None
+
+
 def test_bad_index_arguments_are_clear_errors():
     q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 20, 16)
     bi = torch.zeros(1, 4, 1, 1, dtype=torch.int32)
@@ -162,11 +179,19 @@ _INTERP_SCRIPT = textwrap.dedent("""
             heads = ("vertical_slash", "block_sparse", "a_shape", "vertical_slash")[:hq]
             m = MInference(min_len=0, vertical=9, slash=3, block=block, top_blocks=2, local=20, patterns="default")
             bi, cols = m.index(q, k, heads, d ** -0.5)
-            for c in (cols, None):
-                out = spa.sparse_prefill_attention(q, k, v, bi, c, d ** -0.5, block)
-                ref = spa.sparse_prefill_attention_ref(q, k, v, bi, c, d ** -0.5, block)
+            # the builders list blocks first and in order; any order, with unlisted -1 entries
+            # between listed ones, must give the same attention (only the loop bounds change)
+            perm = torch.randperm(bi.shape[-1] + 2)
+            shuffled = torch.cat([bi, torch.full_like(bi[..., :2], -1)], -1)[..., perm]
+            for bi_, c in ((bi, cols), (bi, None), (shuffled, cols)):
+                out = spa.sparse_prefill_attention(q, k, v, bi_, c, d ** -0.5, block)
+                ref = spa.sparse_prefill_attention_ref(q, k, v, bi_, c, d ** -0.5, block)
                 e = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
                 assert e < tol, (dt, b, hq, hk, L, n, d, block, c is None, e)
+    spa.TUNING["skip_mask"] = False   # every block through the masked loop: the same result
+    out = spa.sparse_prefill_attention(q, k, v, bi, cols, d ** -0.5, block)
+    assert torch.allclose(out.float(), spa.sparse_prefill_attention_ref(q, k, v, bi, cols, d ** -0.5, block).float(),
+                          atol=3e-2)
     print("INTERP_OK")
 """)
 

@@ -21,16 +21,21 @@ if HAS_TRITON:
         return q
 
     @triton.jit
-    def online_softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc, IEEE: tl.constexpr):
+    def online_softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc, IEEE: tl.constexpr,
+                            MASKED: tl.constexpr = True):
         """Fold keys ``k`` and values ``v`` ``(S, D)`` into the running max ``m_i (M,)``, sum
         ``l_i (M,)`` and output ``acc (M, D)`` of queries ``q (M, D)``; ``visible`` ``(M, S)`` (or
-        broadcastable) masks keys out; ``qk_scale`` is the softmax scale times log2(e). A row that
-        has seen no visible key keeps ``m_i = -inf`` and ``l_i = 0``. Returns ``(m_i, l_i, acc)``."""
+        broadcastable) masks keys out (``MASKED=False``: every key is visible and ``visible`` is
+        not read); ``qk_scale`` is the softmax scale times log2(e). A row that has seen no visible
+        key keeps ``m_i = -inf`` and ``l_i = 0``. Returns ``(m_i, l_i, acc)``."""
         if IEEE:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             qk = tl.dot(q, tl.trans(k))
-        qk = tl.where(visible, qk * qk_scale, float("-inf"))                  # log2 units
+        if MASKED:
+            qk = tl.where(visible, qk * qk_scale, float("-inf"))              # log2 units
+        else:
+            qk = qk * qk_scale
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)

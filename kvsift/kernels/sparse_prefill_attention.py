@@ -22,7 +22,11 @@ selected key gives zeros (the builders always select the diagonal, so none has).
 ``sparse_prefill_attention_ref`` gathers each query block's selected keys (memory bounded by the
 selection, not by ``n``) and runs a float32 softmax. ``sparse_prefill_attention`` (Triton) runs
 one program per (query block, batch, q head): it walks the listed key blocks (contiguous loads)
-then the columns (gathered rows) with an online softmax and writes the block's output once.
+then the columns (gathered rows) with an online softmax and writes the block's output once. Its
+loops run between per-row bounds (:func:`loop_bounds`): the leading blocks every row of the query
+block sees whole without a causal mask or a branch, so their loads pipeline (three stages), the
+diagonal ones masked, nothing past a row's last listed entry (on the H200 at 128k this took the
+vertical-slash attention from 245 to 146 ms per layer, ``bench/results/minference_prefill_tune_h200.json``).
 ``vertical_slash_attention`` and ``block_sparse_attention`` (and their ``_ref``) are the two
 patterns' names for the same calls (block-sparse passes ``cols=None``).
 """
@@ -125,11 +129,40 @@ def selected_mask(block_idx: torch.Tensor, cols: torch.Tensor | None, L: int, n:
     return m & causal
 
 
+# launch settings of the Triton kernel (bench/minference_prefill.py --tune sweeps them): pipeline
+# depth, warps for blocks of at most 64 and above, and whether the leading key blocks every row of
+# a query block sees whole skip the causal mask (``skip_mask``)
+TUNING = {"num_stages": 3, "num_warps_small": 4, "num_warps_large": 8, "skip_mask": True}
+
+
+def loop_bounds(block_idx: torch.Tensor, cols: torch.Tensor | None, L: int, n: int, block: int):
+    """Per (batch, q head, query block), int32 ``(batch, q_heads, n_qblocks)``: ``whole``, how many
+    leading entries of ``block_idx`` are listed key blocks that every row of the query block sees
+    entirely (causal, inside the ``n`` keys: no mask needed), ``ends``, one past its last listed
+    entry, and ``col_ends`` the same for ``cols`` (None without columns). The kernel walks
+    ``[0, whole)`` unmasked, ``[whole, ends)`` masked (unlisted entries inside, -1, are skipped by
+    their mask), so an index listed first (``blocks_to_index`` sorts) costs nothing past its end.
+    Small elementwise PyTorch work, no host sync."""
+    def end_of(idx: torch.Tensor) -> torch.Tensor:
+        listed = idx >= 0
+        pos = torch.arange(1, idx.shape[-1] + 1, device=idx.device, dtype=torch.int32)
+        return torch.where(listed, pos, 0).amax(-1).to(torch.int32) if idx.shape[-1] else \
+            torch.zeros(idx.shape[:-1], dtype=torch.int32, device=idx.device)
+
+    nqb = block_idx.shape[2]
+    first_row = n - L + torch.arange(nqb, device=block_idx.device, dtype=torch.int64) * block    # (nqb,)
+    last_key = block_idx.long() * block + block - 1
+    seen = (block_idx >= 0) & (last_key <= first_row[:, None]) & (last_key < n)
+    whole = seen.to(torch.int32).cumprod(-1).sum(-1, dtype=torch.int32) if block_idx.shape[-1] else \
+        torch.zeros(block_idx.shape[:-1], dtype=torch.int32, device=block_idx.device)
+    return whole, end_of(block_idx), (end_of(cols) if cols is not None else None)
+
+
 if HAS_TRITON:
 
     @triton.jit
-    def _sparse_prefill_kernel(q_ptr, k_ptr, v_ptr, bi_ptr, ci_ptr, o_ptr,
-                               L, N, KB, NC, qk_scale,
+    def _sparse_prefill_kernel(q_ptr, k_ptr, v_ptr, bi_ptr, ci_ptr, o_ptr, wh_ptr, en_ptr, ce_ptr,
+                               L, N, qk_scale,
                                sq_b, sq_h, sq_l, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_l,
                                sb_b, sb_h, sb_q, sb_k, sc_b, sc_h, sc_q, sc_k,
                                HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -140,8 +173,11 @@ if HAS_TRITON:
         b = (pid_bh // HQ).to(tl.int64)
         h = (pid_bh % HQ).to(tl.int64)
         kh = h // G
+        nqb = tl.num_programs(0)
+        row = pid_bh * nqb + qb                                   # (batch, q head, query block), flat
         offs_m = qb * BLOCK + tl.arange(0, BLOCK)                 # chunk rows
         offs_d = tl.arange(0, BLOCK_D)
+        offs_s = tl.arange(0, BLOCK).to(tl.int64)
         mask_m = offs_m < L
         mask_d = offs_d < D
         qslot = (N - L + offs_m).to(tl.int64)                     # each row's own key slot
@@ -155,19 +191,31 @@ if HAS_TRITON:
         l_i = tl.zeros((BLOCK,), tl.float32)
         acc = tl.zeros((BLOCK, BLOCK_D), tl.float32)
         b_base = bi_ptr + b * sb_b + h * sb_h + qb * sb_q
-        for j in range(0, KB):
+        whole = tl.load(wh_ptr + row)
+        end = tl.load(en_ptr + row)
+        # listed blocks every row sees whole: no row or causal mask, no branch (so loads pipeline)
+        for j in range(0, whole):
+            slot = tl.load(b_base + j * sb_k).to(tl.int64) * BLOCK + offs_s
+            k = tl.load(k_base + slot[:, None] * sk_n + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+            v = tl.load(v_base + slot[:, None] * sv_n + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            m_i, l_i, acc = online_softmax_step(q, k, v, None, qk_scale, m_i, l_i, acc, IEEE, False)
+        # the rest (the diagonal, unlisted -1 entries, the last partial block): masked
+        for j in range(whole, end):
             kb = tl.load(b_base + j * sb_k).to(tl.int64)
-            if kb >= 0:
-                slot = kb * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-                valid = slot < N
-                k, v = load_kv(k_base, v_base, slot, valid, sk_n, sv_n, offs_d, mask_d, UPCAST)  # (BLOCK_S, BLOCK_D)
-                vis = valid[None, :] & (slot[None, :] <= qslot[:, None])
-                m_i, l_i, acc = online_softmax_step(q, k, v, vis, qk_scale, m_i, l_i, acc, IEEE)
+            slot = kb * BLOCK + offs_s
+            valid = (slot >= 0) & (slot < N)                      # kb = -1: every slot negative
+            k, v = load_kv(k_base, v_base, slot, valid, sk_n, sv_n, offs_d, mask_d, UPCAST)  # (BLOCK_S, BLOCK_D)
+            vis = valid[None, :] & (slot[None, :] <= qslot[:, None])
+            m_i, l_i, acc = online_softmax_step(q, k, v, vis, qk_scale, m_i, l_i, acc, IEEE)
         if HAS_COLS:
             c_base = ci_ptr + b * sc_b + h * sc_h + qb * sc_q
-            for c0 in range(0, NC, BLOCK_C):
+            c_end = tl.load(ce_ptr + row)
+            for c0 in range(0, c_end, BLOCK_C):
                 offs_c = c0 + tl.arange(0, BLOCK_C)
-                slot = tl.load(c_base + offs_c * sc_k, mask=offs_c < NC, other=-1).to(tl.int64)
+                slot = tl.load(c_base + offs_c * sc_k, mask=offs_c < c_end, other=-1).to(tl.int64)
                 valid = (slot >= 0) & (slot < N)
                 slot = tl.where(valid, slot, 0)
                 k, v = load_kv(k_base, v_base, slot, valid, sk_n, sv_n, offs_d, mask_d, UPCAST)  # (BLOCK_S, BLOCK_D)
@@ -180,7 +228,11 @@ if HAS_TRITON:
 
 def sparse_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
                              cols: torch.Tensor | None, scale: float, block: int = 64) -> torch.Tensor:
-    """Triton kernel; same arguments and result as :func:`sparse_prefill_attention_ref`."""
+    """Triton kernel; same arguments and result as :func:`sparse_prefill_attention_ref`.
+
+    One program per (query block, batch, q head). Its loop bounds come from :func:`loop_bounds`:
+    the leading key blocks all its rows see whole go unmasked and without a branch, the others
+    (the diagonal) masked, then the columns; nothing is read past a row's last listed entry."""
     if not HAS_TRITON:
         raise RuntimeError("sparse_prefill_attention needs Triton (pip install triton); use sparse_prefill_attention_ref")
     check_index(q, k, v, block_idx, cols, scale, block)
@@ -195,19 +247,23 @@ def sparse_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if b * hq * L == 0:
         return out
     has_cols = cols is not None and cols.shape[3] > 0
+    whole, ends, col_ends = loop_bounds(block_idx, cols if has_cols else None, L, n, block)
+    if not TUNING["skip_mask"]:
+        whole = torch.zeros_like(whole)
     ci = cols if has_cols else block_idx
     sc = cols.stride() if has_cols else (0, 0, 0, 0)
     upcast = q.device.type != "cuda"  # TRITON_INTERPRET=1 on CPU tensors
     ieee = upcast or q.dtype == torch.float32
     block_d = max(16, triton.next_power_of_2(d))
     _sparse_prefill_kernel[(nqb, b * hq)](
-        q, k, v, block_idx, ci, out,
-        L, n, block_idx.shape[3], cols.shape[3] if has_cols else 0, float(scale) * _LOG2E,
+        q, k, v, block_idx, ci, out, whole, ends, col_ends if has_cols else ends,
+        L, n, float(scale) * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *block_idx.stride(), *sc,
         HQ=hq, G=hq // hk, D=d, BLOCK_D=block_d, BLOCK=block, BLOCK_C=64, HAS_COLS=has_cols,
-        IEEE=ieee, UPCAST=upcast, num_warps=4 if block <= 64 else 8, num_stages=2,
+        IEEE=ieee, UPCAST=upcast, num_stages=TUNING["num_stages"],
+        num_warps=TUNING["num_warps_small"] if block <= 64 else TUNING["num_warps_large"],
     )
     return out
 
