@@ -67,10 +67,11 @@ def test_a_full_selection_is_every_causal_pair(L, n, block):
     assert torch.equal(selected_mask(blocks_to_index(bm), None, L, n, block)[0, 0], causal)
 
 
-def test_vertical_slash_index_follows_its_definition():
+@pytest.mark.parametrize("L", [48, 45])   # whole query blocks, and a last one that ends early
+def test_vertical_slash_index_follows_its_definition(L):
     """Top columns and diagonals of the last queries' attention, by explicit loops."""
     torch.manual_seed(1)
-    L, n, d, block, last_q, nv, ns = 48, 160, 16, 16, 8, 5, 3
+    n, d, block, last_q, nv, ns = 160, 16, 16, 8, 5, 3
     q, k = torch.randn(1, 2, L, d) * 2, torch.randn(1, 1, n, d) * 2
     bm, cols = vertical_slash_index(q, k, n, last_q, nv, ns, block, 0.25)
     for h in range(2):
@@ -134,6 +135,35 @@ def test_reference_is_masked_attention_over_the_selection(shape):
     sdpa = F.scaled_dot_product_attention(q, k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1),
                                           attn_mask=_causal(L, n), scale=d ** -0.5)
     assert torch.allclose(out, sdpa, atol=1e-5)
+
+
+def test_slash_blocks_and_blocks_to_index_match_a_direct_marking():
+    """Every diagonal marked per query block (the obvious way) against the block-diagonal form,
+    over offsets that reach past the chunk's first key and chunks with and without a partial last
+    query block; and the index lists each row's blocks ascending, -1 padded."""
+    from kvsift.methods.minference import _mark, slash_blocks
+
+    g = torch.Generator().manual_seed(4)
+    for L, n, block in ((64, 64, 16), (45, 160, 16), (100, 300, 32), (17, 17, 16), (130, 1000, 64)):
+        offs = torch.stack([torch.randperm(n, generator=g)[:7] for _ in range(6)]).view(2, 3, 7)
+        offs[0, 0, 0] = 0
+        offs[1, 2, 0] = n - 1
+        nqb, nkb = -(-L // block), -(-n // block)
+        want = torch.zeros(2, 3, nqb, nkb + 1, dtype=torch.bool)
+        s0 = n - L + torch.arange(0, L, block)
+        s1 = n - L + torch.clamp(torch.arange(0, L, block) + block, max=L) - 1
+        lo, hi = s0[None, None, :, None] - offs[:, :, None, :], s1[None, None, :, None] - offs[:, :, None, :]
+        _mark(want, lo.clamp(min=0) // block, hi >= 0)
+        _mark(want, hi.clamp(min=0) // block, hi >= 0)
+        got = slash_blocks(offs, L, n, block)
+        assert torch.equal(got, want[..., :nkb]), (L, n, block)
+        idx = blocks_to_index(got)
+        for b in range(2):
+            for h in range(3):
+                for i in range(nqb):
+                    listed = torch.nonzero(got[b, h, i]).flatten().tolist()
+                    assert idx[b, h, i].tolist() == listed + [-1] * (idx.shape[-1] - len(listed))
+        assert idx.is_contiguous() and idx.dtype == torch.int32
 
 
 def test_loop_bounds_count_the_whole_blocks_the_listed_end_and_the_columns():

@@ -174,17 +174,44 @@ def vertical_slash_index(q: torch.Tensor, k: torch.Tensor, n: int, last_q: int, 
     cols = vs.topk(min(vertical, n), dim=-1).indices.sort(dim=-1).values        # (b, m, nv)
     offs = ss.topk(min(slash, n), dim=-1).indices                              # (b, m, ns)
     s0, s1 = _qblock_slots(L, n, block, dev)
-    nkb = -(-n // block)
-    bm = torch.zeros(b, m, s0.numel(), nkb + 1, dtype=torch.bool, device=dev)
-    lo = s0[None, None, :, None] - offs[:, :, None, :]                         # (b, m, nqb, ns)
-    hi = s1[None, None, :, None] - offs[:, :, None, :]
-    _mark(bm, lo.clamp(min=0) // block, hi >= 0)
-    _mark(bm, hi.clamp(min=0) // block, hi >= 0)
-    bm = bm[..., :nkb]
+    bm = slash_blocks(offs, L, n, block)
     cq = cols[:, :, None, :].expand(b, m, s0.numel(), cols.shape[-1])
     covered = bm.gather(3, cq // block)
     cq = torch.where(covered | (cq > s1[None, None, :, None]), -1, cq)
     return bm, cq.to(torch.int32)
+
+
+def slash_blocks(offs: torch.Tensor, L: int, n: int, block: int) -> torch.Tensor:
+    """The key blocks the diagonals ``offs (batch, m, ns)`` (``query slot - key slot``, in ``[0,
+    n)``) cross in each query block of a chunk of ``L`` queries over ``n`` keys: ``(batch, m,
+    n_qblocks, n_kblocks)`` bool. A diagonal meets a query block in the key block of its first row
+    and in that of its last (each clamped to the first key block, and only where the last row
+    reaches it), as MInference's kernel attends it.
+
+    A whole query block ``i`` starts at slot ``n - L + i * block``, so diagonal ``o`` crosses key
+    blocks ``i + (n - L - o) // block`` and ``i + (n - L + block - 1 - o) // block``: the same
+    block diagonals for every query block. They are marked once per head (``2 * ns`` writes) and
+    read back per query block, instead of ``2 * ns`` writes per query block; a last, partial query
+    block (``L`` not a multiple of ``block``) is marked directly."""
+    b, m, _ = offs.shape
+    dev = offs.device
+    nqb, nkb = -(-L // block), -(-n // block)
+    base = n - L
+    dmin = (base - (n - 1)) // block                                            # the lowest block diagonal
+    size = (base + block - 1) // block - dmin + 1
+    diag = torch.zeros(b, m, size + 1, dtype=torch.bool, device=dev)           # (last: always False)
+    for first in (0, block - 1):
+        diag.scatter_(-1, torch.div(base + first - offs, block, rounding_mode="floor") - dmin, True)
+    rel = torch.arange(nkb, device=dev)[None, :] - torch.arange(nqb, device=dev)[:, None] - dmin   # (nqb, nkb)
+    bm = diag[:, :, torch.where((rel >= 0) & (rel < size), rel, size)]        # (b, m, nqb, nkb)
+    if L % block:   # the last query block ends early: its last row's blocks differ
+        s0, s1 = base + (nqb - 1) * block, n - 1
+        row = torch.zeros(b, m, nkb + 1, dtype=torch.bool, device=dev)
+        hi = s1 - offs
+        _mark(row, (s0 - offs).clamp(min=0) // block, hi >= 0)
+        _mark(row, hi.clamp(min=0) // block, hi >= 0)
+        bm[:, :, -1] = row[..., :nkb]
+    return bm
 
 
 def block_sparse_blocks(q: torch.Tensor, k: torch.Tensor, n: int, top_blocks: int, block: int,
@@ -399,12 +426,15 @@ def _lookup(option: str | None, model_name: str | None) -> PatternTable | None:
 
 def blocks_to_index(bm: torch.Tensor) -> torch.Tensor:
     """``(..., n_kblocks)`` bool -> ``(..., kb)`` int32 sorted block indices, -1 padded (kb: the
-    most any row lists)."""
+    most any row lists). Each listed block goes to its rank among the row's listed ones (a running
+    count, one scatter: no sort)."""
     nkb = bm.shape[-1]
     width = max(1, int(bm.sum(-1).max())) if bm.numel() else 1
-    ar = torch.arange(nkb, device=bm.device, dtype=torch.int32)
-    idx = torch.where(bm, ar, nkb).sort(dim=-1).values[..., :width]
-    return torch.where(idx >= nkb, -1, idx).to(torch.int32)
+    ar = torch.arange(nkb, device=bm.device, dtype=torch.int32).expand(bm.shape)
+    rank = bm.cumsum(-1, dtype=torch.int32) - 1
+    out = torch.full((*bm.shape[:-1], width + 1), -1, dtype=torch.int32, device=bm.device)
+    out.scatter_(-1, torch.where(bm, rank, width).long(), ar)      # unlisted blocks: the spare column
+    return out[..., :width].contiguous()
 
 
 def listed_fraction(block_idx: torch.Tensor, cols: torch.Tensor | None, L: int, n: int, block: int) -> torch.Tensor:
