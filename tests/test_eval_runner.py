@@ -112,7 +112,7 @@ def test_report_files(tmp_path):
     assert md.count("| niah | 500 |") == 1 + 3 + 3
     names = sorted(p.name for p in res["plots"])
     assert names == sorted(["niah_heatmap_full.png", "niah_heatmap_snapkv.png", "niah_heatmap_kvpress_snapkv.png",
-                            "niah_vs_budget.png", "ppl_vs_budget.png", "memory.png", "accuracy_vs_kv.png",
+                            "niah_vs_budget.png", "ppl_vs_budget.png", "memory.png", "accuracy_vs_kv.png", "kept_vs_kv.png",
                             "niah_heatmaps_0.25.png"])
     for p in res["plots"]:
         assert p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG"

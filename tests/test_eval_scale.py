@@ -13,7 +13,7 @@ import pytest
 from kvsift.eval import stats
 from kvsift.eval.cli import add_bench_parser, resolve_plan, run_bench
 from kvsift.eval.fakes import ReadingBackend, WordTokenizer
-from kvsift.eval.report import cell_stats, leaderboard, markdown_table, write_report
+from kvsift.eval.report import cell_stats, kept_points, leaderboard, markdown_table, write_report
 from kvsift.eval.runner import (BenchConfig, BaseBackend, estimate_batch_size, load_rows, run_cell, run_grid)
 from kvsift.eval.tasks import TASKS, TaskBuilder, TaskConfig
 from tests.conftest import random_prompt
@@ -468,7 +468,13 @@ def test_report_intervals_significance_and_leaderboard(tmp_path):
     assert "| full | 100 |" in md
     res = write_report(_write(tmp_path, rows), tmp_path / "rep", heatmap_budget="0.1")
     names = {p.name for p in res["plots"]}
-    assert {"accuracy_vs_kv.png", "niah_heatmaps_0.1.png", "memory.png"} <= names
+    assert {"accuracy_vs_kv.png", "kept_vs_kv.png", "niah_heatmaps_0.1.png", "memory.png"} <= names
+    # the kept-vs-KV plot's points: snapkv keeps 0.5 of niah; qa is left out (full scores 0 there),
+    # so niah is every task the full cache counts at that length and the point is not partial
+    pts = kept_points(list(cs.values()))
+    (x, y, lo, hi, partial), = pts[(1000, "snapkv")][0]
+    assert y == 0.5 and lo < 0.5 < hi and not partial and pts[(1000, "snapkv")][1] == 1
+    assert (1000, "full") not in pts
     with pytest.raises(ValueError, match="no rows at budget"):
         write_report(_write(tmp_path, rows), tmp_path / "rep2", heatmap_budget="0.3")
 

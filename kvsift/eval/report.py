@@ -14,6 +14,7 @@
 Plots:
 
 * ``accuracy_vs_kv.png``        mean accuracy over the tasks vs GPU KV MiB per sequence, a panel per length
+* ``kept_vs_kv.png``            fraction of the full-cache score kept vs GPU KV MiB per sequence, a panel per length
 * ``niah_heatmaps_<budget>.png`` NIAH accuracy over depth x length, a panel per method, at one budget
 * ``niah_heatmap_<method>.png``  accuracy over depth x length, one panel per budget
 * ``<task>_vs_budget.png``      score vs budget per method, the full cache as a dashed line
@@ -577,13 +578,35 @@ def _method_budget_table(methods, budgets, cell) -> list[str]:
     return out + [""]
 
 
-def _figure_legend(axes) -> None:
-    """One legend on the last panel, from every panel (a method may be plotted in some only)."""
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h", "<", ">")
+
+
+def method_styles(methods: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """A distinct, stable matplotlib style per method label: ten colours times ten markers in the
+    labels' sorted order (so a method looks the same in every plot of one report); a peer's rows
+    (``kvpress:*``) dashed."""
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab10")
+    out = {}
+    for k, m in enumerate(sorted(set(methods), key=_method_key)):
+        out[m] = {"color": cmap(k % 10), "marker": _MARKERS[(k // 10) % len(_MARKERS)],
+                  "linestyle": "--" if ":" in m else "-"}
+    return out
+
+
+def _figure_legend(axes, outside: bool = False) -> None:
+    """One legend from every panel (a method may be plotted in some only): on the last panel, or
+    (``outside``) right of the figure, where a long list covers no data."""
     seen: dict[str, Any] = {}
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
-            seen.setdefault(lab, h)
-    if seen:
+            # a long label (a method with its options) shortened in the middle
+            seen.setdefault(lab if len(lab) <= 48 else lab[:28] + "..." + lab[-17:], h)
+    if seen and outside:
+        axes[-1].figure.legend(list(seen.values()), list(seen), fontsize=7, loc="center left",
+                               bbox_to_anchor=(1.0, 0.5))
+    elif seen:
         axes[-1].legend(list(seen.values()), list(seen), fontsize=7, loc="best")
 
 
@@ -600,6 +623,7 @@ def plot_score_vs_budget(rows: list[dict[str, Any]], out: Path) -> list[Path]:
             continue
         fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 3.8), squeeze=False)
         full_rows = [r for r in tr if r["budget"] == FULL]
+        style = method_styles(r["method"] for r in tr)
         for ax, kind in zip(axes[0], kinds):
             for method in sorted({r["method"] for r in tr if r.get("budget_kind") == kind}):
                 pts = defaultdict(list)
@@ -607,7 +631,7 @@ def plot_score_vs_budget(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                     if r["method"] == method and r.get("budget_kind") == kind:
                         pts[float(r["budget_value"])].append(_metric(r))
                 xs = sorted(pts)
-                ax.plot(xs, [_mean(pts[x]) for x in xs], marker="o", label=method)
+                ax.plot(xs, [_mean(pts[x]) for x in xs], markersize=4, label=method, **style[method])
             for fm in sorted({r["method"] for r in full_rows}):
                 v = _mean(_metric(r) for r in full_rows if r["method"] == fm)
                 if v is not None:
@@ -736,11 +760,11 @@ def plot_accuracy_vs_kv(rows: list[dict[str, Any]], out: Path, cstats: list[dict
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.6 * len(lengths), 3.8), squeeze=False, sharey=True)
     from matplotlib.ticker import NullFormatter
 
-    cmap = plt.get_cmap("tab20")
+    style = method_styles(methods)
     for ax, L in zip(axes[0], lengths):
         at = [d for d in cs if d["length"] == L]
         n_tasks = len({d["task"] for d in at})
-        for k, m in enumerate(methods):
+        for m in methods:
             pts = []
             for b in sorted({d["budget"] for d in at if d["method"] == m}, key=_budget_sort_key):
                 ds = [d for d in at if d["method"] == m and d["budget"] == b]
@@ -754,17 +778,88 @@ def plot_accuracy_vs_kv(rows: list[dict[str, Any]], out: Path, cstats: list[dict
                 ax.plot(xs, ys, marker="*", markersize=12, linestyle="none", color="black" if ":" not in m else "gray",
                         label=m)
             else:
-                ax.plot(xs, ys, marker="o", markersize=3, color=cmap(k % 20), linestyle="--" if ":" in m else "-",
-                        label=m)
+                ax.plot(xs, ys, markersize=4, label=m, **style[m])
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("GPU KV MiB per sequence (log)")
         ax.set_title(f"{L} tokens ({n_tasks} tasks)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("mean score over tasks")
-    _figure_legend(axes[0])
+    _figure_legend(axes[0], outside=True)
     fig.suptitle("Accuracy vs GPU KV bytes (each point a budget)")
     p = out / "accuracy_vs_kv.png"
+    fig.savefig(p, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return p
+
+
+def kept_points(cstats: list[dict[str, Any]], min_full: float = MIN_FULL, n_boot: int = 200
+                ) -> dict[tuple[int, str], tuple[list[tuple], int]]:
+    """(length, method) -> (points, tasks of the full cache at that length): each budget's point
+    ``(GPU KV MiB per sequence, fraction of the full score kept, lo, hi, partial)`` in ascending
+    MiB, the fraction pooled over the (task) cells the method has at that length (stratified paired
+    bootstrap, ``n_boot`` replicates), cells where ``full`` scores below ``min_full`` left out;
+    ``partial``: fewer tasks than the full cache ran there. Accuracy tasks only."""
+    cs = [d for d in cstats if d["task"] != "ppl" and d.get("kv_device_bytes") and d.get("baseline")
+          and d["full"] >= min_full]
+    out: dict[tuple[int, str], tuple[list[tuple], int]] = {}
+    for L in sorted({d["length"] for d in cs}):
+        at = [d for d in cs if d["length"] == L]
+        n_tasks = len({d["task"] for d in at if d["baseline"] == FULL})
+        for m in sorted({d["method"] for d in at}, key=_method_key):
+            pts = []
+            for b in sorted({d["budget"] for d in at if d["method"] == m}, key=_budget_sort_key):
+                ds = [d for d in at if d["method"] == m and d["budget"] == b]
+                res = stats.pooled_kept_fraction([(d["method_values"], d["full_values"]) for d in ds], n_boot=n_boot)
+                if res["value"] == res["value"]:
+                    pts.append((_mean(d["kv_device_bytes"] for d in ds) * MiB, res["value"], res["lo"], res["hi"],
+                                len({d["task"] for d in ds}) < n_tasks))
+            if pts:
+                out[(L, m)] = (sorted(pts), n_tasks)
+    return out
+
+
+def plot_kept_vs_kv(rows: list[dict[str, Any]], out: Path, cstats: list[dict[str, Any]] | None = None,
+                    min_full: float = MIN_FULL) -> Path | None:
+    """The leaderboard's measure against memory: per length, each method's fraction of the
+    full-cache score kept (mean over the (task) cells it has at that length, paired with ``full``
+    on the same samples; cells where ``full`` scores below ``min_full`` left out) vs its GPU KV MiB
+    per sequence, a line through its budgets, with the bootstrap interval as error bars. A hollow
+    marker: a point over fewer tasks than the full cache ran at that length (not yet comparable).
+    Unlike ``accuracy_vs_kv.png`` (raw scores, only where every task ran) it shows every method as
+    the suite fills in."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    points = kept_points(cell_stats(rows) if cstats is None else cstats, min_full)
+    if not points:
+        return None
+    lengths = sorted({L for L, _ in points})
+    style = method_styles(m for _, m in points)
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.6 * len(lengths), 3.8), squeeze=False, sharey=True)
+    for ax, L in zip(axes[0], lengths):
+        at = sorted(((m, v) for (length, m), v in points.items() if length == L), key=lambda mv: _method_key(mv[0]))
+        n_tasks = at[0][1][1]
+        for m, (pts, _) in at:
+            st = style[m]
+            ax.plot([x for x, *_ in pts], [y for _, y, *_ in pts], markersize=4, linewidth=1, label=m, **st)
+            for x, y, lo, hi, partial in pts:
+                ax.errorbar([x], [y], yerr=[[max(0.0, y - lo)], [max(0.0, hi - y)]], color=st["color"],
+                            linestyle="none", capsize=2, linewidth=0.8)
+                if partial:
+                    ax.plot([x], [y], marker=st["marker"], markersize=4, color=st["color"], markerfacecolor="white",
+                            linestyle="none")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.axhline(0.95, color="gray", linewidth=0.8, linestyle=":")
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("GPU KV MiB per sequence (log)")
+        ax.set_title(f"{L} tokens (full cache: {n_tasks} tasks)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("fraction of the full-cache score kept")
+    _figure_legend(axes[0], outside=True)
+    fig.suptitle("Score kept vs GPU KV bytes (each point a budget; hollow: fewer tasks than full; dotted: 0.95)")
+    p = out / "kept_vs_kv.png"
     fig.savefig(p, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return p
@@ -786,7 +881,9 @@ def write_report(results: str | Path | list[str | Path], out_dir: str | Path,
     md = out / "summary.md"
     md.write_text(markdown_table(rows), encoding="utf-8")
     plots = plot_niah_heatmaps(rows, out) + plot_score_vs_budget(rows, out)
-    for p in (plot_memory(rows, out), plot_accuracy_vs_kv(rows, out), plot_niah_grid(rows, out, heatmap_budget)):
+    cstats = cell_stats(rows)
+    for p in (plot_memory(rows, out), plot_accuracy_vs_kv(rows, out, cstats), plot_kept_vs_kv(rows, out, cstats),
+              plot_niah_grid(rows, out, heatmap_budget)):
         if p is not None:
             plots.append(p)
     return {"markdown": md, "plots": plots, "rows": len(rows)}
