@@ -122,17 +122,41 @@ def share_kind(label: str) -> tuple[int, str]:
 
 def by_task(costs: dict[str, dict[str, float]], processes: int) -> list[str]:
     """Groups of tasks (each with every method that has cells left there), balanced by expected time:
-    ``"full,m1,m2@t1,t2"``, methods ordered by :func:`share_kind`, then by expected time per cell."""
+    ``"full,m1,m2@t1,t2"``, methods ordered by :func:`share_kind`, then by expected time per cell.
+
+    With fewer tasks than processes (e.g. ``TASKS=ppl``), whole tasks would leave processes idle:
+    each task is then cut into about ``processes * its share of the time`` pieces by method
+    (balanced, at most one per method), a piece ``"m1,m2@task"`` (its own process prefills that
+    task's prompts again). A process holding several units runs them one after the other, ``;``
+    between them, whole tasks first."""
     per_task: dict[str, float] = {}
     for per in costs.values():
         for task, c in per.items():
             per_task[task] = per_task.get(task, 0.0) + c
     rate = {m: sum(per.values()) / max(1, len(per)) for m, per in costs.items()}
+
+    def order(ms) -> list[str]:
+        return sorted(ms, key=lambda m: (*share_kind(m), rate[m], m))
+
+    units: dict[str, float] = {}
+    pieces: dict[str, tuple[list[str], str]] = {}   # unit -> (its methods, its task)
+    total = sum(per_task.values())
+    for task, c in per_task.items():
+        ms = [m for m in costs if task in costs[m]]
+        k = min(len(ms), max(1, round(processes * c / total))) if len(per_task) < processes and total > 0 else 1
+        if k == 1:
+            units[task] = c
+            continue
+        for i, g in enumerate(balance({m: costs[m][task] for m in ms}, k)):
+            units[f"{task}#{i}"] = sum(costs[m][task] for m in g)
+            pieces[f"{task}#{i}"] = (g, task)
     out = []
-    for tasks in balance(per_task, processes):
-        methods = sorted((m for m in costs if any(t in costs[m] for t in tasks)),
-                         key=lambda m: (*share_kind(m), rate[m], m))
-        out.append(",".join(methods) + "@" + ",".join(sorted(tasks)))
+    for group in balance(units, processes):
+        whole = sorted(u for u in group if u not in pieces)
+        specs = [",".join(order(m for m in costs if any(t in costs[m] for t in whole))) + "@" + ",".join(whole)] \
+            if whole else []
+        specs += [",".join(order(pieces[u][0])) + "@" + pieces[u][1] for u in group if u in pieces]
+        out.append(";".join(specs))
     return out
 
 
@@ -159,8 +183,8 @@ def main(argv=None) -> int:
         groups_ = by_task(costs, a.processes)
         if a.verbose:
             for g in groups_:
-                ms, ts = g.split("@")
-                c = sum(costs[m].get(t, 0.0) for m in split_items(ms) for t in ts.split(","))
+                c = sum(costs[m].get(t, 0.0) for spec in g.split(";") for ms, ts in [spec.split("@")]
+                        for m in split_items(ms) for t in ts.split(","))
                 print(f"{g}: ~{c / 60:.1f} min", file=sys.stderr)
         print(" ".join(groups_))
         return 0

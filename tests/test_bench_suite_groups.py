@@ -75,8 +75,34 @@ def test_by_task_groups_run_every_method_over_their_tasks_full_first():
              "snapkv": {"niah": 4.0, "qa": 4.0, "vt": 4.0}, "quest": {"vt": 2.0}}
     groups = sg.by_task(costs, 2)
     assert groups == ["full,snapkv,kvzip@niah", "full,quest,snapkv,kvzip@qa,vt"]   # loads 45 / 71
-    assert sg.by_task(costs, 5) == ["full,snapkv,kvzip@niah", "quest,snapkv,kvzip@vt", "full,snapkv,kvzip@qa"]
+    # more processes than tasks: every process busy, each (method, task) cell run by exactly one
+    five = sg.by_task(costs, 5)
+    assert len(five) == 5
+    ran = sorted((m, t) for g in five for spec in g.split(";") for ms, ts in [spec.split("@")]
+                 for m in ms.split(",") for t in ts.split(","))
+    assert ran == sorted((m, t) for m, per in costs.items() for t in per)
     assert sg.by_task({}, 3) == []
+
+
+def test_by_task_cuts_a_task_by_method_when_tasks_are_fewer_than_processes():
+    """One task (TASKS=ppl) over three processes: three pieces of its methods, each method once,
+    balanced by time, ``full`` first in its piece; two tasks over three: the heavier one cut."""
+    costs = {"full": {"ppl": 1.0}, "kvzip": {"ppl": 50.0}, "snapkv": {"ppl": 10.0}, "quest": {"ppl": 12.0},
+             "tova": {"ppl": 11.0}, "h2o": {"ppl": 20.0}}
+    groups = sg.by_task(costs, 3)
+    assert len(groups) == 3 and all(g.endswith("@ppl") and ";" not in g for g in groups)
+    methods = [m for g in groups for m in g.split("@")[0].split(",")]
+    assert sorted(methods) == sorted(costs)
+    assert "kvzip@ppl" in groups                                            # the heaviest alone
+    assert any(g.startswith("full,") for g in groups)
+    costs2 = {"full": {"niah": 1.0, "ppl": 1.0}, "snapkv": {"niah": 2.0, "ppl": 30.0}, "h2o": {"ppl": 30.0}}
+    groups2 = sg.by_task(costs2, 3)
+    assert len(groups2) == 3
+    units = [u for g in groups2 for u in g.split(";")]
+    assert sum(u.endswith("@ppl") for u in units) == 3 and units.count("full,snapkv@niah") == 1
+    # as many tasks as processes or more: whole tasks, as before
+    assert sg.by_task({"full": {"a": 1.0, "b": 1.0}, "snapkv": {"a": 9.0, "b": 1.0}}, 2) == ["full,snapkv@a",
+                                                                                              "full,snapkv@b"]
 
 
 def test_by_task_orders_methods_by_what_their_prefixes_share():
