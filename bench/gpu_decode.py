@@ -364,6 +364,8 @@ def run_tune(args, device, log) -> list[dict]:
             v = torch.randn(batch, HK, ctx, D, device=device, dtype=torch.bfloat16, generator=g)
             q = torch.randn(batch, HQ, D, device=device, dtype=torch.bfloat16, generator=g)
             L = {"q": q, "k": k, "v": v, "quest": page_summaries(k, page, "minmax"), "mean": page_summaries(k, page, "mean")}
+            lo8, hi8, L["quest8_scale"], _ = int8_bounds(*L["quest"])
+            L["quest8"] = (lo8, hi8)
             L["sc"] = dispatch.chunk_scores(q, L["quest"], "max")
             L["pages"] = dispatch.select_chunks(L["sc"], page, budget)
             layers.append(L)
@@ -380,11 +382,12 @@ def run_tune(args, device, log) -> list[dict]:
 
         saved = dict(cs_mod.TUNING)
         for dot in ((True, False) if "score" in args.tune_kernels else ()):
-            for block_n in (32, 64, 128):
+            for block_n in (32, 64, 128, 256):
                 for nw in (4, 8):
-                    cs_mod.TUNING.update(dot=dot, block_n=block_n, num_warps=nw)
-                    for summary, reduce in (("quest", "max"), ("mean", "mean")):
-                        rec(f"score/{summary}", dict(cs_mod.TUNING), t(lambda L, s=summary, r=reduce: dispatch.chunk_scores(L["q"], L[s], r)))
+                    cs_mod.TUNING.update(dot=dot, block_n=block_n, block_n_int8=block_n, num_warps=nw)
+                    for summary, reduce in (("quest", "max"), ("quest8", "max"), ("mean", "mean")):
+                        rec(f"score/{summary}", dict(cs_mod.TUNING),
+                            t(lambda L, s=summary, r=reduce: dispatch.chunk_scores(L["q"], L[s], r, L.get(s + "_scale"))))
         cs_mod.TUNING.update(saved)
         saved = dict(tk_mod.TUNING)
         for impl in (("packed64", "int32") if "topk" in args.tune_kernels else ()):

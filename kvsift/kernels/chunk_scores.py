@@ -29,8 +29,9 @@ from kvsift.kernels._triton import HAS_TRITON, tl, triton
 from kvsift.kernels.topk_select import topk_select_ref
 
 Summaries = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-# launch settings of the Triton kernel (bench/gpu_decode.py --tune sweeps them)
-TUNING = {"dot": True, "block_n": 128, "num_warps": 4}
+# launch settings of the Triton kernel (bench/gpu_decode.py --tune sweeps them); int8 bounds read
+# half the bytes per page, so they have a block size of their own (``block_n_int8``)
+TUNING = {"dot": True, "block_n": 128, "block_n_int8": 128, "num_warps": 4}
 REDUCES = ("mean", "max")
 
 
@@ -280,7 +281,8 @@ def chunk_scores(query: torch.Tensor, summaries: Summaries, reduce: str = "mean"
     hi_t = hi if quest else lo
     g = hq // hk
     block_d = max(16, triton.next_power_of_2(d))
-    block_n = TUNING["block_n"] if block_d <= 128 else TUNING["block_n"] // 2
+    block_n = TUNING["block_n_int8" if lo.dtype == torch.int8 else "block_n"]
+    block_n = block_n if block_d <= 128 else block_n // 2
     upcast = query.device.type != "cuda"
     grid = (b * hk, triton.cdiv(n, block_n))
     vs = valid.stride() if valid is not None else (0, 0, 0)
