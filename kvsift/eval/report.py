@@ -758,8 +758,6 @@ def plot_accuracy_vs_kv(rows: list[dict[str, Any]], out: Path, cstats: list[dict
     lengths = sorted({d["length"] for d in cs})
     methods = sorted({d["method"] for d in cs}, key=_method_key)
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.6 * len(lengths), 3.8), squeeze=False, sharey=True)
-    from matplotlib.ticker import NullFormatter
-
     style = method_styles(methods)
     for ax, L in zip(axes[0], lengths):
         at = [d for d in cs if d["length"] == L]
@@ -779,18 +777,32 @@ def plot_accuracy_vs_kv(rows: list[dict[str, Any]], out: Path, cstats: list[dict
                         label=m)
             else:
                 ax.plot(xs, ys, markersize=4, label=m, **style[m])
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("GPU KV MiB per sequence (log)")
-        ax.set_title(f"{L} tokens ({n_tasks} tasks)")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("mean score over tasks")
+        _kv_axis(ax, f"{L} tokens ({n_tasks} tasks)")
+    return _save_kv_figure(fig, axes, "mean score over tasks", "Accuracy vs GPU KV bytes (each point a budget)",
+                           out / "accuracy_vs_kv.png")
+
+
+def _kv_axis(ax, title: str) -> None:
+    """A panel whose x axis is GPU KV MiB per sequence, log scale."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("GPU KV MiB per sequence (log)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+
+
+def _save_kv_figure(fig, axes, ylabel: str, title: str, path: Path) -> Path:
+    """The y label, one legend right of the panels, the title; saved to ``path`` and closed."""
+    import matplotlib.pyplot as plt
+
+    axes[0][0].set_ylabel(ylabel)
     _figure_legend(axes[0], outside=True)
-    fig.suptitle("Accuracy vs GPU KV bytes (each point a budget)")
-    p = out / "accuracy_vs_kv.png"
-    fig.savefig(p, dpi=110, bbox_inches="tight")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return p
+    return path
 
 
 def kept_points(cstats: list[dict[str, Any]], min_full: float = MIN_FULL, n_boot: int = 200
@@ -829,7 +841,6 @@ def plot_kept_vs_kv(rows: list[dict[str, Any]], out: Path, cstats: list[dict[str
     Unlike ``accuracy_vs_kv.png`` (raw scores, only where every task ran) it shows every method as
     the suite fills in."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
 
     points = kept_points(cell_stats(rows) if cstats is None else cstats, min_full)
     if not points:
@@ -851,18 +862,10 @@ def plot_kept_vs_kv(rows: list[dict[str, Any]], out: Path, cstats: list[dict[str
                             linestyle="none")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.axhline(0.95, color="gray", linewidth=0.8, linestyle=":")
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("GPU KV MiB per sequence (log)")
-        ax.set_title(f"{L} tokens (full cache: {n_tasks} tasks)")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("fraction of the full-cache score kept")
-    _figure_legend(axes[0], outside=True)
-    fig.suptitle("Score kept vs GPU KV bytes (each point a budget; hollow: fewer tasks than full; dotted: 0.95)")
-    p = out / "kept_vs_kv.png"
-    fig.savefig(p, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return p
+        _kv_axis(ax, f"{L} tokens (full cache: {n_tasks} tasks)")
+    return _save_kv_figure(fig, axes, "fraction of the full-cache score kept",
+                           "Score kept vs GPU KV bytes (each point a budget; hollow: fewer tasks than full; dotted: 0.95)",
+                           out / "kept_vs_kv.png")
 
 
 def write_report(results: str | Path | list[str | Path], out_dir: str | Path,
