@@ -141,7 +141,8 @@ def loop_bounds(block_idx: torch.Tensor, cols: torch.Tensor | None, L: int, n: i
     entirely (causal, inside the ``n`` keys: no mask needed), ``ends``, one past its last listed
     entry, and ``col_ends`` the same for ``cols`` (None without columns). The kernel walks
     ``[0, whole)`` unmasked, ``[whole, ends)`` masked (unlisted entries inside, -1, are skipped by
-    their mask), so an index listed first (``blocks_to_index`` sorts) costs nothing past its end.
+    their mask), so an index listed first (``blocks_to_index`` lists blocks first, ascending) costs
+    nothing past its end.
     Small elementwise PyTorch work, no host sync."""
     def end_of(idx: torch.Tensor) -> torch.Tensor:
         listed = idx >= 0
