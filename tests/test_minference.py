@@ -271,6 +271,49 @@ def test_full_selection_equals_dense_prefill(tiny_llms, tmp_path):
         assert abs(_nll(llm, ids, cont, "minference", **SPARSE) - dense) > 1e-4
 
 
+def test_dense_tail_lists_every_causal_block_for_the_last_rows_only():
+    """The query blocks holding the prompt's last ``dense_tail`` tokens list every causal key block
+    and no column (their attention is dense); the others keep the sparse index; a tail as long as
+    the prompt is dense prefill."""
+    torch.manual_seed(8)
+    L, n, d, block = 100, 160, 16, 16          # a chunk of 100 rows at slots 60..159, prompt of 160
+    q, k, v = torch.randn(1, 4, L, d), torch.randn(1, 2, n, d), torch.randn(1, 2, n, d)
+    heads = ("vertical_slash", "block_sparse", "a_shape", "vertical_slash")
+    base = dict(min_len=0, vertical=3, slash=2, block=block, top_blocks=2, local=16, patterns="default")
+    bi0, c0 = MInference(**base).index(q, k, heads, d ** -0.5, n)
+    bi, c = MInference(**base, dense_tail=20).index(q, k, heads, d ** -0.5, n)
+    # rows at slots 140..159 are the tail: query blocks 5 (slots 140..155) and 6 (156..159)
+    nkb = -(-n // block)
+    for h in range(4):
+        for i in range(bi.shape[2]):
+            s1 = n - L + min(L, (i + 1) * block) - 1
+            listed = sorted(x for x in bi[0, h, i].tolist() if x >= 0)
+            if i >= 5:
+                assert listed == [j for j in range(nkb) if j * block <= s1] and (c[0, h, i] < 0).all()
+            else:
+                assert listed == sorted(x for x in bi0[0, h, i].tolist() if x >= 0)
+                assert torch.equal(c[0, h, i], c0[0, h, i])
+    sel = selected_mask(bi, c, L, n, block)[0]
+    causal = _causal(L, n)
+    assert torch.equal(sel[:, 80:], causal[80:].expand(4, -1, -1))          # the tail rows: every causal key
+    every = MInference(**base, dense_tail=n).index(q, k, heads, d ** -0.5, n)
+    assert torch.equal(selected_mask(*every, L, n, block)[0], causal.expand(4, -1, -1))
+    # without the prompt's length (a caller outside the engine) the index is the sparse one
+    assert torch.equal(MInference(**base, dense_tail=20).index(q, k, heads, d ** -0.5)[0], bi0)
+
+
+def test_dense_tail_through_the_engine_matches_dense_when_it_covers_the_prompt(tiny_llm):
+    ids = random_prompt(300, seed=9)
+    cont = random_prompt(6, seed=10)
+    dense = _nll(tiny_llm, ids, cont, "full")
+    sparse = _nll(tiny_llm, ids, cont, "minference", **SPARSE)
+    tail = _nll(tiny_llm, ids, cont, "minference", **dict(SPARSE, dense_tail=len(ids)))
+    assert abs(tail - dense) < 1e-4 * max(1.0, abs(dense)) and abs(sparse - dense) > 1e-4
+    st = tiny_llm.generate(ids, SamplingParams(max_tokens=2, ignore_eos=True), method="minference",
+                           method_kwargs=dict(SPARSE, dense_tail=32))[0].stats.method_stats
+    assert st["minference_sparse_chunks"] > 0
+
+
 def test_as_first_stage_it_changes_only_the_prefill_attention(tiny_llm):
     ids = random_prompt(300, seed=7)
     p = SamplingParams(max_tokens=8, ignore_eos=True)
@@ -331,6 +374,7 @@ def test_min_len_none_prefills_densely_below_where_the_sizes_alone_reach_max_den
 @pytest.mark.parametrize("kw,match", [({"block": 24}, "block must be one of"), ({"top_blocks": 1}, "top_blocks"),
                                       ({"last_q": 0}, "last_q"), ({"vertical": "8"}, "vertical"),
                                       ({"min_len": -1}, "min_len"), ({"patterns": 3}, "patterns"),
+                                      ({"dense_tail": -1}, "dense_tail"), ({"dense_tail": 1.5}, "dense_tail"),
                                       ({"patterns": "/nonexistent/p.json"}, "not found"),
                                       ({"max_density": 0}, "max_density"), ({"max_density": 1.5}, "max_density"),
                                       ({"max_density": "0.5"}, "max_density"), ({"max_density": True}, "max_density")])

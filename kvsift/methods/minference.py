@@ -281,6 +281,12 @@ class MInference(KVMethod):
         ``2c/n - (c/n)**2`` equal to it (``dense_below``; 43,444 tokens at the defaults). On the
         real Qwen2.5-Coder-1.5B at 16k-30k the index listed 0.68-0.93 of the keys: every chunk fell
         back to dense after paying for its index (0.57-0.69x ``full``'s prefill, H200).
+    dense_tail : int
+        The prompt's last this many tokens (where a question usually is) attend every causal key
+        densely; the rest of the prompt stays sparse. 0 (the default): the paper's prefill, every
+        row sparse. On the real 1.5B at 16k-30k, forced-sparse prefill lost ``qa`` samples to
+        ``sentencekv`` and never won one (5 to 0): this option tests whether exact question rows
+        recover them.
     max_density : float
         A chunk whose index lists more than this fraction of its causal keys (mean over heads and
         rows) is attended densely instead (the index is built first; 1.0: always sparse, as in the
@@ -299,11 +305,12 @@ class MInference(KVMethod):
     local: int = 4096
     patterns: str | None = None
     min_len: int | None = None
+    dense_tail: int = 0
     max_density: float = 0.3
 
     def __post_init__(self):
         super().__post_init__()
-        check_int_options(self, {"last_q": 1, "vertical": 1, "slash": 1, "top_blocks": 2, "local": 0,
+        check_int_options(self, {"last_q": 1, "vertical": 1, "slash": 1, "top_blocks": 2, "local": 0, "dense_tail": 0,
                                  **({"min_len": 0} if self.min_len is not None else {})}, "minference option ")
         md = self.max_density
         if isinstance(md, bool) or not isinstance(md, (int, float)) or not 0 < md <= 1:
@@ -362,7 +369,7 @@ class MInference(KVMethod):
 
         table = _lookup(self.patterns, ctx.model_name)
         heads = table.layers[layer.layer_idx] if table is not None else ("vertical_slash",) * query.shape[1]
-        block_idx, cols = self.index(query, keys, heads, scale)
+        block_idx, cols = self.index(query, keys, heads, scale, run.prompt_len)
         d = listed_fraction(block_idx, cols, query.shape[2], keys.shape[2], self.block)
         # (building the index synced the host already: reading d waits only for its own few small kernels)
         if self.max_density < 1.0 and float(d) > self.max_density:
@@ -372,11 +379,13 @@ class MInference(KVMethod):
         run.density = d if run.density is None else run.density + d
         return sparse_prefill_attention(query, keys, values, block_idx, cols, scale, self.block)
 
-    def index(self, query: torch.Tensor, keys: torch.Tensor, heads, scale: float):
+    def index(self, query: torch.Tensor, keys: torch.Tensor, heads, scale: float, prompt_len: int | None = None):
         """The chunk's index under per-head ``heads`` (one pattern name per query head): query
         ``(batch, q_heads, L, dim)``, keys ``(batch, kv_heads, n, dim)``. Returns ``(block_idx
         (batch, q_heads, n_qblocks, kb) int32, cols (batch, q_heads, n_qblocks, nc) int32 or None)``
-        for :func:`~kvsift.kernels.dispatch.sparse_prefill_attention`."""
+        for :func:`~kvsift.kernels.dispatch.sparse_prefill_attention`. With ``dense_tail`` and the
+        prompt's length, the query blocks holding any of its last ``dense_tail`` tokens list every
+        causal key block (and no columns)."""
         b, hq, L, _ = query.shape
         hk, n = keys.shape[1], keys.shape[2]
         g = hq // hk
@@ -400,6 +409,13 @@ class MInference(KVMethod):
                     bm[:, hs], cols[:, hs] = vertical_slash_index(q, k, n, self.last_q, nv, self.slash, B, scale)
                 else:
                     bm[:, hs] = block_sparse_blocks(q, k, n, self.top_blocks, B, scale)
+        if self.dense_tail and prompt_len is not None:
+            _, s1 = _qblock_slots(L, n, B, dev)                        # the rows' slots are their positions
+            tail = s1 >= prompt_len - self.dense_tail                   # (nqb,)
+            causal = torch.arange(nkb, device=dev)[None, :] * B <= s1[:, None]   # (nqb, nkb)
+            bm |= (tail[:, None] & causal)[None, None]
+            if cols is not None:
+                cols.masked_fill_(tail[None, None, :, None], -1)
         return blocks_to_index(bm), cols
 
     def stats(self, run) -> dict:
