@@ -5,8 +5,9 @@ still to run are expected to take, from the rows already measured.
         --processes 6 --lengths 30000 --budgets 0.05
     # -> e.g. "h2o;kvzip@niah kvzip@mk_niah;kvzip@vt full,snapkv,... ...": METHOD_GROUPS for the script
 
-A cell's expected time is the mean wall time of that method's measured cells, scaled linearly by
-prompt length (the median over all methods where a method has none yet). Methods go, the most
+A cell's expected time is the mean wall time of that method's measured cells of its task, scaled
+linearly by prompt length (the method's cells of any task where it has none of that task; the
+median over all methods where a method has none yet). Methods go, the most
 expensive first, to the process with the least work so far (longest-processing-time first), so a
 slow method (kvzip's reread passes, h2o's scores) is not queued behind others while processes idle;
 a method whose cells alone outlast a process's fair share is split by task (``method@task`` units).
@@ -37,14 +38,20 @@ from kvsift.eval.runner import BenchConfig, cell_key, load_rows  # noqa: E402
 from kvsift.eval.suites import get_suite  # noqa: E402
 
 
-def expected_seconds(rows: list[dict]) -> tuple[dict[str, float], float]:
-    """Per method, the mean wall seconds of its cells per prompt token; and the median over methods."""
-    per: dict[str, list[float]] = {}
+def expected_seconds(rows: list[dict]) -> tuple[dict, float]:
+    """Wall seconds per prompt token: per method (the mean over its cells), per ``(method, task)``
+    where that pair has cells (a method's cost differs by task: kvzip took 4-11 s a `ppl` cell and
+    351 s a `niah` one at 16k), and the median over methods for a method with none yet."""
+    per: dict = {}
     for r in rows:
         if r.get("wall_s") and r.get("length"):
-            per.setdefault(r["method"], []).append(r["wall_s"] / r["length"])
-    rate = {m: sum(v) / len(v) for m, v in per.items()}
-    return rate, (statistics.median(rate.values()) if rate else 1e-3)
+            x = r["wall_s"] / r["length"]
+            per.setdefault(r["method"], []).append(x)
+            if r.get("task"):
+                per.setdefault((r["method"], r["task"]), []).append(x)
+    rate = {k: sum(v) / len(v) for k, v in per.items()}
+    by_method = [v for k, v in rate.items() if isinstance(k, str)]
+    return rate, (statistics.median(by_method) if by_method else 1e-3)
 
 
 def balance(costs: dict[str, float], processes: int) -> list[list[str]]:
@@ -96,7 +103,7 @@ def remaining_costs(rows: list[dict], suite: str, tasks=None, lengths=None, budg
         if cell_key(task, method, budget, length, seed) in done:
             continue
         per = costs.setdefault(method, {})
-        per[task] = per.get(task, 0.0) + rate.get(method, default) * length
+        per[task] = per.get(task, 0.0) + rate.get((method, task), rate.get(method, default)) * length
     return costs
 
 

@@ -37,6 +37,14 @@ def test_remaining_costs_skip_measured_cells_and_scale_by_length():
     assert costs["full"] == {"niah": pytest.approx(8.192)}
     # a method not measured yet: the median rate over methods ((10 + 1) / 2 ms per token), both lengths
     assert costs["h2o"] == {"niah": pytest.approx(0.0055 * (4096 + 8192))}
+    # a task the method has cells of takes that task's rate; another task, the method's mean
+    rows.append({"key": "ppl|snapkv|0.05|4096|0", "method": "snapkv", "task": "ppl", "length": 4096, "wall_s": 4.096})
+    rows[0]["task"] = "niah"
+    costs = sg.remaining_costs(rows, "standard", tasks=["niah", "ppl", "qa"], lengths=[8192], budgets=["0.05"],
+                               methods=["snapkv"])
+    assert costs["snapkv"]["niah"] == pytest.approx(0.010 * 8192)
+    assert costs["snapkv"]["ppl"] == pytest.approx(0.001 * 8192)
+    assert costs["snapkv"]["qa"] == pytest.approx(0.0055 * 8192)      # the mean of its two rates
 
 
 def test_cli_prints_groups(tmp_path, capsys):
