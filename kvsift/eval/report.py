@@ -582,9 +582,9 @@ _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h", "<", ">")
 
 
 def method_styles(methods: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """A distinct, stable matplotlib style per method label: ten colours times ten markers in the
-    labels' sorted order (so a method looks the same in every plot of one report); a peer's rows
-    (``kvpress:*``) dashed."""
+    """A distinct matplotlib style per method label: ten colours times ten markers in the labels'
+    sorted order; a peer's rows (``kvpress:*``) dashed. :func:`write_report` makes one map from all
+    its rows and hands it to every plot, so a method looks the same in each."""
     import matplotlib.pyplot as plt
 
     cmap = plt.get_cmap("tab10")
@@ -610,7 +610,7 @@ def _figure_legend(axes, outside: bool = False) -> None:
         axes[-1].legend(list(seen.values()), list(seen), fontsize=7, loc="best")
 
 
-def plot_score_vs_budget(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+def plot_score_vs_budget(rows: list[dict[str, Any]], out: Path, styles: dict[str, dict] | None = None) -> list[Path]:
     """One figure per task: x = budget (ratios and token counts on separate panels)."""
     import matplotlib.pyplot as plt
 
@@ -623,7 +623,7 @@ def plot_score_vs_budget(rows: list[dict[str, Any]], out: Path) -> list[Path]:
             continue
         fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 3.8), squeeze=False)
         full_rows = [r for r in tr if r["budget"] == FULL]
-        style = method_styles(r["method"] for r in tr)
+        style = styles or method_styles(r["method"] for r in tr)
         for ax, kind in zip(axes[0], kinds):
             for method in sorted({r["method"] for r in tr if r.get("budget_kind") == kind}):
                 pts = defaultdict(list)
@@ -745,8 +745,8 @@ def plot_niah_grid(rows: list[dict[str, Any]], out: Path, budget: str | None = N
     return p
 
 
-def plot_accuracy_vs_kv(rows: list[dict[str, Any]], out: Path, cstats: list[dict[str, Any]] | None = None
-                        ) -> Path | None:
+def plot_accuracy_vs_kv(rows: list[dict[str, Any]], out: Path, cstats: list[dict[str, Any]] | None = None,
+                        styles: dict[str, dict] | None = None) -> Path | None:
     """Mean accuracy over the scored tasks vs GPU KV MiB per sequence, one panel per length; a line
     per method through its budgets, the full cache as a star."""
     import matplotlib.pyplot as plt
@@ -758,7 +758,7 @@ def plot_accuracy_vs_kv(rows: list[dict[str, Any]], out: Path, cstats: list[dict
     lengths = sorted({d["length"] for d in cs})
     methods = sorted({d["method"] for d in cs}, key=_method_key)
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.6 * len(lengths), 3.8), squeeze=False, sharey=True)
-    style = method_styles(methods)
+    style = styles or method_styles(methods)
     for ax, L in zip(axes[0], lengths):
         at = [d for d in cs if d["length"] == L]
         n_tasks = len({d["task"] for d in at})
@@ -832,7 +832,7 @@ def kept_points(cstats: list[dict[str, Any]], min_full: float = MIN_FULL, n_boot
 
 
 def plot_kept_vs_kv(rows: list[dict[str, Any]], out: Path, cstats: list[dict[str, Any]] | None = None,
-                    min_full: float = MIN_FULL) -> Path | None:
+                    min_full: float = MIN_FULL, styles: dict[str, dict] | None = None) -> Path | None:
     """The leaderboard's measure against memory: per length, each method's fraction of the
     full-cache score kept (mean over the (task) cells it has at that length, paired with ``full``
     on the same samples; cells where ``full`` scores below ``min_full`` left out) vs its GPU KV MiB
@@ -846,7 +846,7 @@ def plot_kept_vs_kv(rows: list[dict[str, Any]], out: Path, cstats: list[dict[str
     if not points:
         return None
     lengths = sorted({L for L, _ in points})
-    style = method_styles(m for _, m in points)
+    style = styles or method_styles(m for _, m in points)
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.6 * len(lengths), 3.8), squeeze=False, sharey=True)
     for ax, L in zip(axes[0], lengths):
         at = sorted(((m, v) for (length, m), v in points.items() if length == L), key=lambda mv: _method_key(mv[0]))
@@ -883,10 +883,11 @@ def write_report(results: str | Path | list[str | Path], out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     md = out / "summary.md"
     md.write_text(markdown_table(rows), encoding="utf-8")
-    plots = plot_niah_heatmaps(rows, out) + plot_score_vs_budget(rows, out)
+    styles = method_styles(r["method"] for r in rows)   # one look per method across the plots
+    plots = plot_niah_heatmaps(rows, out) + plot_score_vs_budget(rows, out, styles)
     cstats = cell_stats(rows)
-    for p in (plot_memory(rows, out), plot_accuracy_vs_kv(rows, out, cstats), plot_kept_vs_kv(rows, out, cstats),
-              plot_niah_grid(rows, out, heatmap_budget)):
+    for p in (plot_memory(rows, out), plot_accuracy_vs_kv(rows, out, cstats, styles),
+              plot_kept_vs_kv(rows, out, cstats, styles=styles), plot_niah_grid(rows, out, heatmap_budget)):
         if p is not None:
             plots.append(p)
     return {"markdown": md, "plots": plots, "rows": len(rows)}
