@@ -641,7 +641,7 @@ def plot_score_vs_budget(rows: list[dict[str, Any]], out: Path, styles: dict[str
                 ax.set_xscale("log", base=2)
             ax.set_ylabel("perplexity" if task == "ppl" else "score")
             ax.grid(alpha=0.3)
-        _figure_legend(axes[0])
+        _figure_legend(axes[0], outside=True)
         fig.suptitle(f"{task}: {'perplexity' if task == 'ppl' else 'accuracy'} vs KV budget (mean over lengths)")
         p = out / f"{_safe(task)}_vs_budget.png"
         fig.savefig(p, dpi=110, bbox_inches="tight")
