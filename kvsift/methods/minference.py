@@ -285,8 +285,8 @@ class MInference(KVMethod):
         The prompt's last this many tokens (where a question usually is) attend every causal key
         densely; the rest of the prompt stays sparse. 0 (the default): the paper's prefill, every
         row sparse. On the real 1.5B at 16k-30k, forced-sparse prefill lost ``qa`` samples to
-        ``sentencekv`` and never won one (5 to 0); on the 0.5B at 4k (CPU, three settings) 256
-        dense tail tokens turned 7 wrong ``qa`` answers right and none wrong (docs/eval.md).
+        ``sentencekv`` and never won one (5 to 0); on the 0.5B at 4k (CPU, four settings) 256
+        dense tail tokens turned 10 wrong ``qa`` answers right and none wrong (docs/eval.md).
     max_density : float
         A chunk whose index lists more than this fraction of its causal keys (mean over heads and
         rows) is attended densely instead (the index is built first; 1.0: always sparse, as in the
