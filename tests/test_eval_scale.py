@@ -13,7 +13,8 @@ import pytest
 from kvsift.eval import stats
 from kvsift.eval.cli import add_bench_parser, resolve_plan, run_bench
 from kvsift.eval.fakes import ReadingBackend, WordTokenizer
-from kvsift.eval.report import cell_stats, kept_points, leaderboard, markdown_table, write_report
+from kvsift.eval.report import (bar_markdown, bar_rows, cell_stats, kept_points, leaderboard, markdown_table,
+                                 write_report)
 from kvsift.eval.runner import (BenchConfig, BaseBackend, estimate_batch_size, load_rows, run_cell, run_grid)
 from kvsift.eval.tasks import TASKS, TaskBuilder, TaskConfig
 from tests.conftest import random_prompt
@@ -477,6 +478,28 @@ def test_report_intervals_significance_and_leaderboard(tmp_path):
     assert (1000, "full") not in pts
     with pytest.raises(ValueError, match="no rows at budget"):
         write_report(_write(tmp_path, rows), tmp_path / "rep2", heatmap_budget="0.3")
+
+
+def test_the_bar_table_says_where_each_method_stands():
+    """At 5% and 16k/30k: a method keeping everything is above the bar, one keeping half clearly
+    below, one missing a cell incomplete; the full cache's own scores are listed per length."""
+    rows = []
+    for L in (16384, 30000):
+        rows += [_row("full", "full", [1.0] * 30, length=L), _row("keeps", "0.05", [1.0] * 30, length=L),
+                 _row("half", "0.05", [1.0, 0.0] * 15, length=L), _row("tenth", "0.1", [1.0] * 30, length=L)]
+    rows += [_row("short", "0.05", [1.0] * 30, length=16384), _row("full", "full", [1.0] * 30, length=4096),
+             _row("keeps", "0.05", [0.0] * 30, length=4096)]          # another length: not the bar's
+    by = {r["method"]: r for r in bar_rows(cell_stats(rows))}
+    assert set(by) == {"keeps", "half", "short"}                      # 0.1 is another budget
+    assert by["keeps"]["verdict"] == "above" and by["keeps"]["all"]["value"] == 1.0
+    assert by["keeps"][16384]["cells"] == by["keeps"][30000]["cells"] == 1
+    assert by["half"]["verdict"] == "clearly below" and by["half"]["all"]["value"] == 0.5
+    assert by["short"]["verdict"] == "incomplete" and by["short"]["missing"] == 1
+    md = bar_markdown(cell_stats(rows))
+    assert "### The bar: 0.95 of the full-cache score kept at 0.05, at 16384, 30000 tokens" in md
+    assert "| short | 1.00 [1.00, 1.00] (1) | - | 1.00 [1.00, 1.00] | incomplete (1 cell missing) |" in md
+    assert "| 16384 | 1.000 [0.886, 1.000] |" in md
+    assert "### The bar" in markdown_table(rows)
 
 
 def test_leaderboard_marks_entries_over_fewer_cells():

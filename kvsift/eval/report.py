@@ -437,6 +437,82 @@ def leaderboard_markdown(rows: list[dict[str, Any]], cstats: list[dict[str, Any]
     return "\n".join(lines) + "\n"
 
 
+BAR = {"budget": "0.05", "lengths": (16384, 30000), "kept": 0.95}
+"""Issue #15's bar: at least this fraction of the full-cache score kept at this budget, at these lengths."""
+
+
+def bar_rows(cstats: list[dict[str, Any]], budget: str = BAR["budget"], lengths=BAR["lengths"],
+             kept: float = BAR["kept"], min_full: float = MIN_FULL) -> list[dict[str, Any]]:
+    """Where each method stands against a bar (a fraction ``kept`` of the full-cache score at
+    ``budget``, at ``lengths``): per method (accuracy tasks, cells where its full cache scores at
+    least ``min_full``), the pooled fraction kept at each length and over all of them, with its
+    stratified paired bootstrap interval and the cells behind it, and a verdict: ``above`` (the
+    interval's low end at or over the bar), ``meets`` (the value at or over it), ``below`` (the
+    value under it), ``clearly below`` (the interval's high end under it); ``incomplete`` where the
+    method lacks a (task, length) cell its full cache has."""
+    cs = [d for d in cstats if d["task"] != "ppl" and d.get("baseline") and d["full"] >= min_full
+          and d["length"] in lengths]
+    want = {(d["task"], d["length"]) for d in cs if d["baseline"] == FULL}
+    out = []
+    for m in sorted({d["method"] for d in cs if d["budget"] == budget}, key=_method_key):
+        ds = [d for d in cs if d["method"] == m and d["budget"] == budget]
+        row: dict[str, Any] = {"method": m}
+        for L in (*lengths, "all"):
+            at = [d for d in ds if L == "all" or d["length"] == L]
+            res = (stats.pooled_kept_fraction([(d["method_values"], d["full_values"]) for d in at])
+                   if at else {"value": None, "lo": None, "hi": None, "cells": 0})
+            row[L] = res
+        have = {(d["task"], d["length"]) for d in ds}
+        base = want if ":" not in m else {(d["task"], d["length"]) for d in cs if d["baseline"] == baseline_of(m)}
+        row["missing"] = len(base - have)
+        v = row["all"]
+        if row["missing"]:
+            row["verdict"] = "incomplete"
+        elif v["lo"] is not None and v["lo"] >= kept:
+            row["verdict"] = "above"
+        elif v["value"] >= kept:
+            row["verdict"] = "meets"
+        elif v["hi"] is not None and v["hi"] < kept:
+            row["verdict"] = "clearly below"
+        else:
+            row["verdict"] = "below"
+        out.append(row)
+    return out
+
+
+def bar_markdown(cstats: list[dict[str, Any]], budget: str = BAR["budget"], lengths=BAR["lengths"],
+                 kept: float = BAR["kept"]) -> str:
+    """The bar's table (:func:`bar_rows`) and the full cache's own scores per task and length there."""
+    rows = bar_rows(cstats, budget, lengths, kept)
+    if not rows:
+        return ""
+    lens = " | ".join(f"{L} kept [95% CI] (cells)" for L in lengths)
+    lines = [f"### The bar: {kept:g} of the full-cache score kept at {budget}, at {', '.join(map(str, lengths))} tokens",
+             "",
+             "Per method, the fraction kept pooled over the accuracy tasks at each length and over all of them "
+             "(stratified paired bootstrap); `above`: the interval's low end at or over the bar, `meets`: the value "
+             "at or over it, `below` / `clearly below`: the value / the interval's high end under it, `incomplete`: "
+             "cells the full cache has are not measured yet (the value so far is shown).", "",
+             f"| method | {lens} | all [95% CI] | verdict |", "|---|" + "---|" * (len(lengths) + 2)]
+    for r in rows:
+        cells = [f"{_ci(r[L]['value'], r[L]['lo'], r[L]['hi'])} ({r[L]['cells']})" if r[L]["cells"] else "-"
+                 for L in lengths]
+        verdict = r["verdict"] + (f" ({r['missing']} cell{'s' * (r['missing'] > 1)} missing)" if r["missing"] else "")
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {_ci(r['all']['value'], r['all']['lo'], r['all']['hi'])}"
+                     f" | {verdict} |")
+    full = [d for d in cstats if d["method"] == FULL and d["budget"] == FULL and d["task"] != "ppl"
+            and d["length"] in lengths]
+    if full:
+        tasks = sorted({d["task"] for d in full})
+        lines += ["", "Full-cache scores there (mean [95% CI], 30 samples a cell in the suite):", "",
+                  "| length | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for L in lengths:
+            by = {d["task"]: d for d in full if d["length"] == L}
+            lines.append(f"| {L} | " + " | ".join(_ci(by[t]["value"], by[t]["lo"], by[t]["hi"], 3) if t in by else "-"
+                                                for t in tasks) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def intervals_markdown(cstats: list[dict[str, Any]]) -> str:
     """Per task: every (length, method, budget) with its 95% interval, the full cache on the same
     samples, the fraction kept and the paired significance."""
@@ -481,7 +557,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     ok = _ok(rows)
     cstats = cell_stats(rows)
     peer = vs_peer_markdown(vs_peer_at_kv(rows))   # "" without kvpress rows
-    lines: list[str] = [leaderboard_markdown(rows, cstats), *([peer.rstrip("\n") + "\n"] if peer else []),
+    bar = bar_markdown(cstats)
+    lines: list[str] = [leaderboard_markdown(rows, cstats), *([bar] if bar else []),
+                        *([peer.rstrip("\n") + "\n"] if peer else []),
                         intervals_markdown(cstats), "### Mean score per task, method and budget", ""]
     tasks = sorted({r["task"] for r in ok})
     for task in tasks:
