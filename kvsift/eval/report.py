@@ -452,7 +452,11 @@ def bar_rows(cstats: list[dict[str, Any]], budget: str = BAR["budget"], lengths=
     method lacks a (task, length) cell its full cache has."""
     cs = [d for d in cstats if d["task"] != "ppl" and d.get("baseline") and d["full"] >= min_full
           and d["length"] in lengths]
-    want = {(d["task"], d["length"]) for d in cs if d["baseline"] == FULL}
+
+    def cells_of(full: str) -> set[tuple[str, int]]:   # where that full cache ran and scored enough
+        return {(d["task"], d["length"]) for d in cstats if d["method"] == full and d["budget"] == FULL
+                and d["task"] != "ppl" and d["length"] in lengths and d["value"] >= min_full}
+
     out = []
     for m in sorted({d["method"] for d in cs if d["budget"] == budget}, key=_method_key):
         ds = [d for d in cs if d["method"] == m and d["budget"] == budget]
@@ -462,9 +466,7 @@ def bar_rows(cstats: list[dict[str, Any]], budget: str = BAR["budget"], lengths=
             res = (stats.pooled_kept_fraction([(d["method_values"], d["full_values"]) for d in at])
                    if at else {"value": None, "lo": None, "hi": None, "cells": 0})
             row[L] = res
-        have = {(d["task"], d["length"]) for d in ds}
-        base = want if ":" not in m else {(d["task"], d["length"]) for d in cs if d["baseline"] == baseline_of(m)}
-        row["missing"] = len(base - have)
+        row["missing"] = len(cells_of(baseline_of(m)) - {(d["task"], d["length"]) for d in ds})
         v = row["all"]
         if row["missing"]:
             row["verdict"] = "incomplete"
