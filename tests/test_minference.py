@@ -314,6 +314,32 @@ def test_dense_tail_through_the_engine_matches_dense_when_it_covers_the_prompt(t
     assert st["minference_sparse_chunks"] > 0
 
 
+def test_dense_tail_counts_from_each_rows_own_end_in_a_batch(tiny_llm):
+    """Rows of 300 and 200 tokens prefilled row by row: each row's tail ends at its own last token
+    (the run's prompt length is the longest row's), so each row answers as it does alone."""
+    from types import SimpleNamespace
+
+    from kvsift.methods.minference import prompt_end
+
+    run = SimpleNamespace(prompt_len=300)
+    assert prompt_end(run, SimpleNamespace(row=(1, 2), prompt_ids=[[0] * 200])) == 200
+    assert prompt_end(run, SimpleNamespace(row=None, prompt_ids=[[0] * 300])) == 300
+    long, short = random_prompt(300, seed=11), random_prompt(200, seed=12)
+    p = SamplingParams(max_tokens=12, ignore_eos=True)
+    kw = dict(SPARSE, dense_tail=120)
+    batch = tiny_llm.generate([long, short], p, method="minference", method_kwargs=kw)
+    alone = [tiny_llm.generate(x, p, method="minference", method_kwargs=kw)[0] for x in (long, short)]
+    assert [o.token_ids for o in batch] == [o.token_ids for o in alone]
+    # the keys listed: the batch's run sums both rows' chunks, so its mean density is the alone
+    # runs' densities weighted by their sparse chunk-layers (a tail counted from the longest row's
+    # end would list fewer keys for the short row)
+    st = [o.stats.method_stats for o in alone]
+    n = [x["minference_sparse_chunks"] for x in st]
+    want = sum(x["minference_density"] * k for x, k in zip(st, n)) / sum(n)
+    got = batch[0].stats.method_stats
+    assert got["minference_sparse_chunks"] == sum(n) and abs(got["minference_density"] - want) < 1e-3
+
+
 def test_as_first_stage_it_changes_only_the_prefill_attention(tiny_llm):
     ids = random_prompt(300, seed=7)
     p = SamplingParams(max_tokens=8, ignore_eos=True)

@@ -369,7 +369,7 @@ class MInference(KVMethod):
 
         table = _lookup(self.patterns, ctx.model_name)
         heads = table.layers[layer.layer_idx] if table is not None else ("vertical_slash",) * query.shape[1]
-        block_idx, cols = self.index(query, keys, heads, scale, run.prompt_len)
+        block_idx, cols = self.index(query, keys, heads, scale, prompt_end(run, ctx))
         d = listed_fraction(block_idx, cols, query.shape[2], keys.shape[2], self.block)
         # (building the index synced the host already: reading d waits only for its own few small kernels)
         if self.max_density < 1.0 and float(d) > self.max_density:
@@ -424,6 +424,16 @@ class MInference(KVMethod):
         if run.sparse:
             out["minference_density"] = round(float(run.density) / run.sparse, 4)
         return out
+
+
+def prompt_end(run: Run, ctx) -> int:
+    """The position after the prompt's last token for the row being prefilled: a batch prefilled
+    row by row (``ctx.row``) holds one row's ids in ``ctx.prompt_ids``, at positions from 0 (the
+    run's ``prompt_len`` is the longest row's); else (one sequence, after a context when there is
+    one) the run's ``prompt_len``."""
+    if ctx is not None and ctx.row is not None and ctx.prompt_ids:
+        return len(ctx.prompt_ids[0])
+    return run.prompt_len
 
 
 def _lookup(option: str | None, model_name: str | None) -> PatternTable | None:
