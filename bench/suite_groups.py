@@ -38,20 +38,21 @@ from kvsift.eval.runner import BenchConfig, cell_key, load_rows  # noqa: E402
 from kvsift.eval.suites import get_suite  # noqa: E402
 
 
-def expected_seconds(rows: list[dict]) -> tuple[dict, float]:
+def expected_seconds(rows: list[dict]) -> tuple[dict[str, float], dict[tuple[str, str], float], float]:
     """Wall seconds per prompt token: per method (the mean over its cells), per ``(method, task)``
     where that pair has cells (a method's cost differs by task: kvzip took 4-11 s a `ppl` cell and
     351 s a `niah` one at 16k), and the median over methods for a method with none yet."""
-    per: dict = {}
+    per: dict[str, list[float]] = {}
+    per_task: dict[tuple[str, str], list[float]] = {}
     for r in rows:
         if r.get("wall_s") and r.get("length"):
             x = r["wall_s"] / r["length"]
             per.setdefault(r["method"], []).append(x)
             if r.get("task"):
-                per.setdefault((r["method"], r["task"]), []).append(x)
-    rate = {k: sum(v) / len(v) for k, v in per.items()}
-    by_method = [v for k, v in rate.items() if isinstance(k, str)]
-    return rate, (statistics.median(by_method) if by_method else 1e-3)
+                per_task.setdefault((r["method"], r["task"]), []).append(x)
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    rate = {m: mean(v) for m, v in per.items()}
+    return rate, {k: mean(v) for k, v in per_task.items()}, (statistics.median(rate.values()) if rate else 1e-3)
 
 
 def balance(costs: dict[str, float], processes: int) -> list[list[str]]:
@@ -97,13 +98,13 @@ def remaining_costs(rows: list[dict], suite: str, tasks=None, lengths=None, budg
     cfg = BenchConfig(tasks=list(tasks or s.tasks), methods=list(methods or s.methods or available_methods()),
                       budgets=list(budgets or s.budgets), lengths=list(lengths or s.lengths), seeds=list(s.seeds))
     done = {r["key"] for r in rows}
-    rate, default = expected_seconds(rows)
+    rate, task_rate, default = expected_seconds(rows)
     costs: dict[str, dict[str, float]] = {}
     for task, length, seed, method, budget in cfg.cells():
         if cell_key(task, method, budget, length, seed) in done:
             continue
         per = costs.setdefault(method, {})
-        per[task] = per.get(task, 0.0) + rate.get((method, task), rate.get(method, default)) * length
+        per[task] = per.get(task, 0.0) + task_rate.get((method, task), rate.get(method, default)) * length
     return costs
 
 

@@ -358,6 +358,26 @@ def cell_stats(rows: list[dict[str, Any]], n_boot: int = stats.N_BOOT, seed: int
     return out
 
 
+def _pooled_kept(ds: list[dict[str, Any]], ppl: bool = False, n_boot: int = stats.N_BOOT,
+                 seed: int = stats.SEED) -> dict[str, Any]:
+    """The fraction of the full score kept pooled over the cells ``ds`` (:func:`cell_stats` dicts with
+    a baseline): ``value, lo, hi`` (stratified paired bootstrap) and ``cells``."""
+    return stats.pooled_kept_fraction([(d["method_values"], d["full_values"]) for d in ds],
+                                      "exp_mean" if ppl else "mean", not ppl, n_boot, seed)
+
+
+def _scored_cells(cstats: list[dict[str, Any]], min_full: float) -> list[dict[str, Any]]:
+    """The accuracy cells with a full-cache baseline scoring at least ``min_full`` (below it there
+    is nothing to keep)."""
+    return [d for d in cstats if d["task"] != "ppl" and d.get("baseline") and d["full"] >= min_full]
+
+
+def _full_cells(cstats: list[dict[str, Any]], full: str, min_full: float) -> set[tuple[str, int]]:
+    """The (task, length) accuracy cells the full-cache run ``full`` has, scoring at least ``min_full``."""
+    return {(d["task"], d["length"]) for d in cstats if d["method"] == full and d["budget"] == FULL
+            and d["task"] != "ppl" and d["value"] >= min_full}
+
+
 def leaderboard(cstats: list[dict[str, Any]], ppl: bool = False, min_full: float = MIN_FULL,
                 n_boot: int = stats.N_BOOT, seed: int = stats.SEED) -> dict[tuple[str, str], dict[str, Any]]:
     """(method, budget) -> the mean over tasks and lengths of the fraction of the full score kept
@@ -375,8 +395,7 @@ def leaderboard(cstats: list[dict[str, Any]], ppl: bool = False, min_full: float
         if not use:
             out[key] = {"value": None, "lo": None, "hi": None, "cells": 0, "left_out": len(ds)}
             continue
-        res = stats.pooled_kept_fraction([(d["method_values"], d["full_values"]) for d in use],
-                                         "exp_mean" if ppl else "mean", not ppl, n_boot, seed)
+        res = _pooled_kept(use, ppl, n_boot, seed)
         res["left_out"] = len(ds) - len(use)
         out[key] = res
     return out
@@ -450,23 +469,16 @@ def bar_rows(cstats: list[dict[str, Any]], budget: str = BAR["budget"], lengths=
     interval's low end at or over the bar), ``meets`` (the value at or over it), ``below`` (the
     value under it), ``clearly below`` (the interval's high end under it); ``incomplete`` where the
     method lacks a (task, length) cell its full cache has."""
-    cs = [d for d in cstats if d["task"] != "ppl" and d.get("baseline") and d["full"] >= min_full
-          and d["length"] in lengths]
-
-    def cells_of(full: str) -> set[tuple[str, int]]:   # where that full cache ran and scored enough
-        return {(d["task"], d["length"]) for d in cstats if d["method"] == full and d["budget"] == FULL
-                and d["task"] != "ppl" and d["length"] in lengths and d["value"] >= min_full}
-
+    cs = [d for d in _scored_cells(cstats, min_full) if d["length"] in lengths]
     out = []
     for m in sorted({d["method"] for d in cs if d["budget"] == budget}, key=_method_key):
         ds = [d for d in cs if d["method"] == m and d["budget"] == budget]
         row: dict[str, Any] = {"method": m}
         for L in (*lengths, "all"):
             at = [d for d in ds if L == "all" or d["length"] == L]
-            res = (stats.pooled_kept_fraction([(d["method_values"], d["full_values"]) for d in at])
-                   if at else {"value": None, "lo": None, "hi": None, "cells": 0})
-            row[L] = res
-        row["missing"] = len(cells_of(baseline_of(m)) - {(d["task"], d["length"]) for d in ds})
+            row[L] = _pooled_kept(at) if at else {"value": None, "lo": None, "hi": None, "cells": 0}
+        want = {c for c in _full_cells(cstats, baseline_of(m), min_full) if c[1] in lengths}
+        row["missing"] = len(want - {(d["task"], d["length"]) for d in ds})
         v = row["all"]
         if row["missing"]:
             row["verdict"] = "incomplete"
@@ -892,17 +904,17 @@ def kept_points(cstats: list[dict[str, Any]], min_full: float = MIN_FULL, n_boot
     MiB, the fraction pooled over the (task) cells the method has at that length (stratified paired
     bootstrap, ``n_boot`` replicates), cells where ``full`` scores below ``min_full`` left out;
     ``partial``: fewer tasks than the full cache ran there. Accuracy tasks only."""
-    cs = [d for d in cstats if d["task"] != "ppl" and d.get("kv_device_bytes") and d.get("baseline")
-          and d["full"] >= min_full]
+    cs = [d for d in _scored_cells(cstats, min_full) if d.get("kv_device_bytes")]
+    full_cells = _full_cells(cstats, FULL, min_full)
     out: dict[tuple[int, str], tuple[list[tuple], int]] = {}
     for L in sorted({d["length"] for d in cs}):
         at = [d for d in cs if d["length"] == L]
-        n_tasks = len({d["task"] for d in at if d["baseline"] == FULL})
+        n_tasks = sum(1 for _, length in full_cells if length == L)
         for m in sorted({d["method"] for d in at}, key=_method_key):
             pts = []
             for b in sorted({d["budget"] for d in at if d["method"] == m}, key=_budget_sort_key):
                 ds = [d for d in at if d["method"] == m and d["budget"] == b]
-                res = stats.pooled_kept_fraction([(d["method_values"], d["full_values"]) for d in ds], n_boot=n_boot)
+                res = _pooled_kept(ds, n_boot=n_boot)
                 if res["value"] == res["value"]:
                     pts.append((_mean(d["kv_device_bytes"] for d in ds) * MiB, res["value"], res["lo"], res["hi"],
                                 len({d["task"] for d in ds}) < n_tasks))
