@@ -37,7 +37,22 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
-def one(llm, join_chunks: int, running: list[list[int]], joiner: list[int], params, method, budget) -> dict:
+def top_functions(prof, n: int = 25) -> list[dict]:
+    """The ``n`` functions of a ``cProfile`` run with the most cumulative time (file:line name)."""
+    import pstats
+
+    st = pstats.Stats(prof)
+    rows = []
+    for (file, line, name), (_cc, calls, tt, ct, _callers) in st.stats.items():
+        rows.append({"function": f"{Path(file).name}:{line} {name}", "calls": calls,
+                     "cum_ms": round(1e3 * ct, 2), "self_ms": round(1e3 * tt, 2)})
+    return sorted(rows, key=lambda r: -r["cum_ms"])[:n]
+
+
+def one(llm, join_chunks: int, running: list[list[int]], joiner: list[int], params, method, budget,
+        profile: bool = False) -> dict:
+    """One run. ``profile``: ``cProfile`` over the joiner's first gap (its first token to its
+    second: where a joined stream's rows enter the running batch), its top functions returned."""
     llm.join_chunks = join_chunks
     captures = llm.runner.graphs.stats.captures
 
@@ -59,18 +74,32 @@ def one(llm, join_chunks: int, running: list[list[int]], joiner: list[int], para
             return [late]
         return []
 
+    prof = None
     t0 = time.perf_counter()
     for r, ev in llm.run_batch(list(reqs), join=join):
         if ev.token_id is not None:
             stamps[r.id].append(time.perf_counter())
+            if profile and r.id == late.id and len(stamps[r.id]) in (1, 2):
+                if prof is None:
+                    import cProfile
+
+                    prof = cProfile.Profile()
+                    prof.enable()
+                else:
+                    prof.disable()
         if ev.output is not None:
             outs[r.id] = ev.output
     wall = time.perf_counter() - t0
+    if prof is not None and len(stamps[late.id]) < 2:
+        prof.disable()   # a joiner of one token: no gap
     itl = [b - a for r in reqs for a, b in zip(stamps[r.id], stamps[r.id][1:])]
     return {"join_chunks": join_chunks, "wall_s": round(wall, 3),
             "itl_p50_ms": round(1e3 * statistics.median(itl), 1), "itl_p99_ms": round(1e3 * pct(itl, 0.99), 1),
             "itl_max_ms": round(1e3 * max(itl), 1),
             "joiner_ttft_ms": round(1e3 * (stamps[late.id][0] - joined_at), 1) if stamps[late.id] else None,
+            "joiner_first_gap_ms": (round(1e3 * (stamps[late.id][1] - stamps[late.id][0]), 1)
+                                    if len(stamps[late.id]) > 1 else None),
+            **({"first_gap_profile": top_functions(prof)} if prof is not None else {}),
             "graphs_recorded": llm.runner.graphs.stats.captures - captures,
             "arena_loads": arena_counts()[0] - loads0, "arena_restacks": arena_counts()[1] - restacks0,
             "tokens": {r.id: outs[r.id].token_ids for r in reqs + [late]}, "_order": [r.id for r in reqs + [late]]}
@@ -92,6 +121,9 @@ def main(argv=None) -> int:
                    help="a random-weight Llama-3.1-8B-shaped model of LAYERS layers on CUDA (bf16), not --model")
     p.add_argument("--decode-mode", default="eager", choices=("eager", "static", "graph"))
     p.add_argument("--arena", default="0", help="comma-separated 0/1: without / with the runner's KV arenas")
+    p.add_argument("--profile-gap", action="store_true",
+                   help="cProfile the joiner's first gap (its first token to its second) in every setting; "
+                        "its top functions by cumulative time are printed and written to the JSON")
     args = p.parse_args(argv)
     arenas = [x.strip() for x in args.arena.split(",") if x.strip()]
     if not arenas or any(x not in ("0", "1") for x in arenas):
@@ -126,7 +158,7 @@ def main(argv=None) -> int:
         llm = llms[a]
         one(llm, 1, running[:1], joiner[:args.chunk_size], params, args.method, budget)   # warm-up
         for jc in (int(x) for x in args.join_chunks.split(",")):
-            r = one(llm, jc, running, joiner, params, args.method, budget)
+            r = one(llm, jc, running, joiner, params, args.method, budget, profile=args.profile_gap)
             got = [r["tokens"][i] for i in r.pop("_order")]
             r.pop("tokens")
             r["kv_arena"] = a == "1"
@@ -136,12 +168,18 @@ def main(argv=None) -> int:
           f"prompts, one {args.join_prompt}-token prompt joins at step 3, chunk {args.chunk_size}, "
           f"{args.max_tokens} tokens each, {args.decode_mode} decode, CPU threads {__import__('torch').get_num_threads()}")
     print(f"{'arena':>5} {'join chunks':>11} {'ITL p50 ms':>10} {'ITL p99 ms':>10} {'ITL max ms':>10} "
-          f"{'joiner TTFT ms':>14} {'graphs':>6} {'loads':>5} {'in place':>8} {'wall s':>7} {'= alone':>7}")
+          f"{'joiner TTFT ms':>14} {'1st gap ms':>10} {'graphs':>6} {'loads':>5} {'in place':>8} {'wall s':>7} {'= alone':>7}")
     for r in rows:
         print(f"{'on' if r['kv_arena'] else 'off':>5} {('all' if r['join_chunks'] == 0 else r['join_chunks']):>11} "
               f"{r['itl_p50_ms']:>10} {r['itl_p99_ms']:>10} {r['itl_max_ms']:>10} {r['joiner_ttft_ms']:>14} "
               f"{r['graphs_recorded']:>6} {r['arena_loads']:>5} {r['arena_restacks']:>8} {r['wall_s']:>7} "
               f"{str(r['answers_equal_alone']):>7}")
+    for r in rows:
+        if r.get("first_gap_profile"):
+            print(f"joiner's first gap, arena {'on' if r['kv_arena'] else 'off'}, join chunks {r['join_chunks']}: "
+                  f"{r['joiner_first_gap_ms']} ms; top functions by cumulative time")
+            for f in r["first_gap_profile"][:15]:
+                print(f"  {f['cum_ms']:>9.1f} ms cum {f['self_ms']:>8.1f} ms self {f['calls']:>6}x  {f['function']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "label": label, "results": rows}, indent=1))

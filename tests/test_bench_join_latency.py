@@ -32,3 +32,24 @@ def test_join_latency_rejects_bad_options(bad, capsys):
     with pytest.raises(SystemExit) as e:
         join_latency.main(bad)
     assert e.value.code == 2 and "error" in capsys.readouterr().err
+
+
+def test_join_latency_profiles_the_joiners_first_gap(tmp_path, default_tokenizer, capsys):
+    """``--profile-gap``: each setting reports the joiner's first gap and the functions that ran in
+    it (the engine's step among them), printed and in the JSON."""
+    from kvsift.models.tiny import save_tiny_model
+
+    mdir = save_tiny_model(tmp_path / "tiny", seed=1, tokenizer=default_tokenizer)
+    out = tmp_path / "j.json"
+    rc = join_latency.main(["--model", str(mdir), "--method", "sentencekv", "--budget", "32", "--running", "2",
+                            "--running-prompt", "40", "--join-prompt", "70", "--max-tokens", "6",
+                            "--chunk-size", "32", "--join-chunks", "1", "--profile-gap", "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert rc == 0 and len(rows) == 1 and rows[0]["answers_equal_alone"]
+    r = rows[0]
+    assert r["joiner_first_gap_ms"] > 0
+    prof = r["first_gap_profile"]
+    assert 0 < len(prof) <= 25 and all(f["cum_ms"] >= f["self_ms"] >= 0 and f["calls"] >= 1 for f in prof)
+    assert [f["cum_ms"] for f in prof] == sorted((f["cum_ms"] for f in prof), reverse=True)
+    assert any("run_batch" in f["function"] for f in prof)   # the engine loop ran within the gap
+    assert "joiner's first gap" in capsys.readouterr().out
