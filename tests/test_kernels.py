@@ -361,6 +361,14 @@ _INTERP_SCRIPT = textwrap.dedent("""
                 assert torch.equal(torch.isinf(got), torch.isinf(ref)), ("masks", kw.keys())
                 fin = torch.isfinite(ref)
                 assert rel(got[fin], ref[fin]) < 1e-5 if fin.any() else True, ("masks", kw.keys())
+        # int8 bounds over more pages than one block of TUNING["block_n_int8"] (256), a partial last block
+        lo = torch.randn(1, 2, 300, 32)
+        lo8, hi8, sc, _ = cs.int8_bounds(lo, lo + torch.rand_like(lo))
+        q = torch.randn(1, 4, 32)
+        for dot in (True, False):
+            cs.TUNING["dot"] = dot
+            e = rel(cs.chunk_scores(q, (lo8, hi8), "max", sc), cs.chunk_scores_ref(q, (lo8, hi8), "max", sc))
+            assert e < 1e-5, ("chunk_scores int8, 300 pages", dot, e)
         cs.TUNING["dot"] = True
         for (b, hq, hk, cap, s, d, ns, page) in ((1, 4, 4, 40, 33, 16, None, 1), (2, 8, 2, 300, 200, 64, 3, 1),
                                                  (1, 8, 1, 100, 150, 48, 1, 1), (2, 4, 2, 64, 6, 32, 2, 8)):

@@ -31,7 +31,7 @@ from kvsift.kernels.topk_select import topk_select_ref
 Summaries = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 # launch settings of the Triton kernel (bench/gpu_decode.py --tune sweeps them); int8 bounds read
 # half the bytes per page, so they have a block size of their own (``block_n_int8``)
-TUNING = {"dot": True, "block_n": 128, "block_n_int8": 128, "num_warps": 4}
+TUNING = {"dot": True, "block_n": 128, "block_n_int8": 256, "num_warps": 4}
 REDUCES = ("mean", "max")
 
 
