@@ -17,6 +17,12 @@ On a GPU, ``--random-8b LAYERS`` decodes a random-weight Llama-3.1-8B-shaped mod
 after a join is where a new batch shape records its graphs, unless an arena of that shape already
 holds them. (In bf16 a batched row's greedy tokens may differ from the row alone by rounding: the
 equality column is informative there.)
+
+``--profile-gap`` times the joiner's own first gap (its first token to its second, where its rows
+enter the running batch) and runs ``cProfile`` over it: the top functions by cumulative time are
+printed and written to the JSON. The join never reports ``idle()`` unless ``--idle-after-join``
+(then it does once the joiner was handed over, as a scheduler whose queue emptied, and the engine
+may record the new batch's graph before its first tokens go out; see ``LLM.run_batch``).
 """
 
 from __future__ import annotations
@@ -50,9 +56,12 @@ def top_functions(prof, n: int = 25) -> list[dict]:
 
 
 def one(llm, join_chunks: int, running: list[list[int]], joiner: list[int], params, method, budget,
-        profile: bool = False) -> dict:
+        profile: bool = False, idle: bool = False) -> dict:
     """One run. ``profile``: ``cProfile`` over the joiner's first gap (its first token to its
-    second: where a joined stream's rows enter the running batch), its top functions returned."""
+    second: where a joined stream's rows enter the running batch), its top functions returned.
+    ``idle``: the join says nobody waits once the joiner was handed over (``join.idle()``, as a
+    scheduler whose queue emptied: the engine may then record a new batch's graph before its first
+    tokens go out); without it, as a server with requests still arriving."""
     llm.join_chunks = join_chunks
     captures = llm.runner.graphs.stats.captures
 
@@ -73,6 +82,9 @@ def one(llm, join_chunks: int, running: list[list[int]], joiner: list[int], para
             joined_at = time.perf_counter()
             return [late]
         return []
+
+    if idle:
+        join.idle = lambda: len(asked) >= 3
 
     prof = None
     t0 = time.perf_counter()
@@ -121,6 +133,9 @@ def main(argv=None) -> int:
                    help="a random-weight Llama-3.1-8B-shaped model of LAYERS layers on CUDA (bf16), not --model")
     p.add_argument("--decode-mode", default="eager", choices=("eager", "static", "graph"))
     p.add_argument("--arena", default="0", help="comma-separated 0/1: without / with the runner's KV arenas")
+    p.add_argument("--idle-after-join", action="store_true",
+                   help="the join reports idle() once the joiner was handed over (a queue that emptied); "
+                        "default: never idle, as with requests still arriving")
     p.add_argument("--profile-gap", action="store_true",
                    help="cProfile the joiner's first gap (its first token to its second) in every setting; "
                         "its top functions by cumulative time are printed and written to the JSON")
@@ -158,10 +173,12 @@ def main(argv=None) -> int:
         llm = llms[a]
         one(llm, 1, running[:1], joiner[:args.chunk_size], params, args.method, budget)   # warm-up
         for jc in (int(x) for x in args.join_chunks.split(",")):
-            r = one(llm, jc, running, joiner, params, args.method, budget, profile=args.profile_gap)
+            r = one(llm, jc, running, joiner, params, args.method, budget, profile=args.profile_gap,
+                    idle=args.idle_after_join)
             got = [r["tokens"][i] for i in r.pop("_order")]
             r.pop("tokens")
             r["kv_arena"] = a == "1"
+            r["idle_after_join"] = args.idle_after_join
             r["answers_equal_alone"] = got == alone
             rows.append(r)
     print(f"{label}, {args.method} {args.budget or ''}: {args.running} running x {args.running_prompt}-token "

@@ -34,18 +34,21 @@ def test_join_latency_rejects_bad_options(bad, capsys):
     assert e.value.code == 2 and "error" in capsys.readouterr().err
 
 
-def test_join_latency_profiles_the_joiners_first_gap(tmp_path, default_tokenizer, capsys):
+@pytest.mark.parametrize("idle", [False, True])
+def test_join_latency_profiles_the_joiners_first_gap(tmp_path, default_tokenizer, capsys, idle):
     """``--profile-gap``: each setting reports the joiner's first gap and the functions that ran in
-    it (the engine's step among them), printed and in the JSON."""
+    it (the engine's step among them), printed and in the JSON; ``--idle-after-join`` (a queue that
+    emptied: the engine may prepare the new batch's next step before its first tokens) answers the same."""
     from kvsift.models.tiny import save_tiny_model
 
     mdir = save_tiny_model(tmp_path / "tiny", seed=1, tokenizer=default_tokenizer)
     out = tmp_path / "j.json"
     rc = join_latency.main(["--model", str(mdir), "--method", "sentencekv", "--budget", "32", "--running", "2",
                             "--running-prompt", "40", "--join-prompt", "70", "--max-tokens", "6",
-                            "--chunk-size", "32", "--join-chunks", "1", "--profile-gap", "--out", str(out)])
+                            "--chunk-size", "32", "--join-chunks", "1", "--profile-gap", "--out", str(out)]
+                           + (["--idle-after-join"] if idle else []))
     rows = json.loads(out.read_text())["results"]
-    assert rc == 0 and len(rows) == 1 and rows[0]["answers_equal_alone"]
+    assert rc == 0 and len(rows) == 1 and rows[0]["answers_equal_alone"] and rows[0]["idle_after_join"] is idle
     r = rows[0]
     assert r["joiner_first_gap_ms"] > 0
     prof = r["first_gap_profile"]
