@@ -13,7 +13,8 @@ slow method (kvzip's reread passes, h2o's scores) is not queued behind others wh
 a method whose cells alone outlast a process's fair share is split by task (``method@task`` units).
 A group is whole methods (``m1,m2``), then ``method@task`` units, ``;`` between them: the script
 runs them one after the other in that process.
-Cells already in the rows file are left out; methods with nothing left are left out too.
+Cells already in the rows file are left out (not those whose row is an error: `bench run` retries
+them); methods with nothing left are left out too.
 
 ``--by task``: with prefix sharing (``--share-prefix-gib``) a process prefills each prompt set once,
 whatever the methods it then runs over it; method groups make every process prefill every prompt
@@ -97,7 +98,7 @@ def remaining_costs(rows: list[dict], suite: str, tasks=None, lengths=None, budg
     s = get_suite(suite)
     cfg = BenchConfig(tasks=list(tasks or s.tasks), methods=list(methods or s.methods or available_methods()),
                       budgets=list(budgets or s.budgets), lengths=list(lengths or s.lengths), seeds=list(s.seeds))
-    done = {r["key"] for r in rows}
+    done = {r["key"] for r in rows if not r.get("error")}   # an error row is retried (bench run does)
     rate, task_rate, default = expected_seconds(rows)
     costs: dict[str, dict[str, float]] = {}
     for task, length, seed, method, budget in cfg.cells():

@@ -47,6 +47,16 @@ def test_remaining_costs_skip_measured_cells_and_scale_by_length():
     assert costs["snapkv"]["qa"] == pytest.approx(0.0055 * 8192)      # the mean of its two rates
 
 
+def test_a_cell_whose_row_is_an_error_is_still_to_run():
+    """`bench run` retries a cell whose row is an error (a kernel that failed to compile at 30k once
+    stayed out of every later part's groups while its row was counted as done)."""
+    rows = [{"key": "niah|snapkv|0.05|4096|0", "method": "snapkv", "length": 4096, "wall_s": 40.96},
+            {"key": "niah|snapkv|0.05|8192|0", "method": "snapkv", "length": 8192, "error": "CompilationError: ..."}]
+    costs = sg.remaining_costs(rows, "standard", tasks=["niah"], lengths=[4096, 8192], budgets=["0.05"],
+                               methods=["snapkv"])
+    assert costs == {"snapkv": {"niah": pytest.approx(81.92)}}    # the 8192 cell, at the 4096 cell's rate
+
+
 def test_cli_prints_groups(tmp_path, capsys):
     assert sg.main(["--rows", str(tmp_path / "none.jsonl"), "--processes", "2", "--tasks", "niah",
                     "--lengths", "4096", "--budgets", "0.05", "--methods", "full,snapkv,h2o"]) == 0
