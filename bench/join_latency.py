@@ -19,8 +19,9 @@ holds them. (In bf16 a batched row's greedy tokens may differ from the row alone
 equality column is informative there.)
 
 ``--profile-gap`` times the joiner's own first gap (its first token to its second, where its rows
-enter the running batch) and runs ``cProfile`` over it: the top functions by cumulative time are
-printed and written to the JSON. The join never reports ``idle()`` unless ``--idle-after-join``
+enter the running batch) and runs ``cProfile`` over it and over the join before it (the joiner
+handed over to its first token: its prefill, what the running rows wait through): the top
+functions of each by cumulative time are printed and written to the JSON. The join never reports ``idle()`` unless ``--idle-after-join``
 (then it does once the joiner was handed over, as a scheduler whose queue emptied, and the engine
 may record the new batch's graph before its first tokens go out; see ``LLM.run_batch``).
 """
@@ -57,8 +58,10 @@ def top_functions(prof, n: int = 25) -> list[dict]:
 
 def one(llm, join_chunks: int, running: list[list[int]], joiner: list[int], params, method, budget,
         profile: bool = False, idle: bool = False) -> dict:
-    """One run. ``profile``: ``cProfile`` over the joiner's first gap (its first token to its
-    second: where a joined stream's rows enter the running batch), its top functions returned.
+    """One run. ``profile``: ``cProfile`` over the join (the joiner handed over to its first token:
+    what the running rows wait through, its prefill included) and over the joiner's first gap (its
+    first token to its second: where its rows enter the running batch), the top functions of each
+    returned.
     ``idle``: the join says nobody waits once the joiner was handed over (``join.idle()``, as a
     scheduler whose queue emptied: the engine may then record a new batch's graph before its first
     tokens go out); without it, as a server with requests still arriving."""
@@ -75,35 +78,42 @@ def one(llm, join_chunks: int, running: list[list[int]], joiner: list[int], para
     outs, asked = {}, []
     joined_at = None
 
+    profs: dict[str, object] = {}
+
+    def start(name: str) -> None:
+        import cProfile
+
+        profs[name] = cProfile.Profile()
+        profs[name].enable()
+
     def join(group, rows):
         nonlocal joined_at
         asked.append(rows)
         if len(asked) == 3:
             joined_at = time.perf_counter()
+            if profile:
+                start("join")
             return [late]
         return []
 
     if idle:
         join.idle = lambda: len(asked) >= 3
 
-    prof = None
     t0 = time.perf_counter()
     for r, ev in llm.run_batch(list(reqs), join=join):
         if ev.token_id is not None:
             stamps[r.id].append(time.perf_counter())
             if profile and r.id == late.id and len(stamps[r.id]) in (1, 2):
-                if prof is None:
-                    import cProfile
-
-                    prof = cProfile.Profile()
-                    prof.enable()
+                if len(stamps[r.id]) == 1:
+                    profs["join"].disable()
+                    start("first_gap")
                 else:
-                    prof.disable()
+                    profs["first_gap"].disable()
         if ev.output is not None:
             outs[r.id] = ev.output
     wall = time.perf_counter() - t0
-    if prof is not None and len(stamps[late.id]) < 2:
-        prof.disable()   # a joiner of one token: no gap
+    for pr in profs.values():
+        pr.disable()   # a joiner of one token: no gap (disabling twice is harmless)
     itl = [b - a for r in reqs for a, b in zip(stamps[r.id], stamps[r.id][1:])]
     return {"join_chunks": join_chunks, "wall_s": round(wall, 3),
             "itl_p50_ms": round(1e3 * statistics.median(itl), 1), "itl_p99_ms": round(1e3 * pct(itl, 0.99), 1),
@@ -111,7 +121,7 @@ def one(llm, join_chunks: int, running: list[list[int]], joiner: list[int], para
             "joiner_ttft_ms": round(1e3 * (stamps[late.id][0] - joined_at), 1) if stamps[late.id] else None,
             "joiner_first_gap_ms": (round(1e3 * (stamps[late.id][1] - stamps[late.id][0]), 1)
                                     if len(stamps[late.id]) > 1 else None),
-            **({"first_gap_profile": top_functions(prof)} if prof is not None else {}),
+            **{f"{name}_profile": top_functions(pr) for name, pr in profs.items()},
             "graphs_recorded": llm.runner.graphs.stats.captures - captures,
             "arena_loads": arena_counts()[0] - loads0, "arena_restacks": arena_counts()[1] - restacks0,
             "tokens": {r.id: outs[r.id].token_ids for r in reqs + [late]}, "_order": [r.id for r in reqs + [late]]}
@@ -137,8 +147,9 @@ def main(argv=None) -> int:
                    help="the join reports idle() once the joiner was handed over (a queue that emptied); "
                         "default: never idle, as with requests still arriving")
     p.add_argument("--profile-gap", action="store_true",
-                   help="cProfile the joiner's first gap (its first token to its second) in every setting; "
-                        "its top functions by cumulative time are printed and written to the JSON")
+                   help="cProfile the join (to the joiner's first token) and the joiner's first gap (its first "
+                        "token to its second) in every setting; their top functions by cumulative time "
+                        "are printed and written to the JSON")
     args = p.parse_args(argv)
     arenas = [x.strip() for x in args.arena.split(",") if x.strip()]
     if not arenas or any(x not in ("0", "1") for x in arenas):
@@ -192,11 +203,13 @@ def main(argv=None) -> int:
               f"{r['graphs_recorded']:>6} {r['arena_loads']:>5} {r['arena_restacks']:>8} {r['wall_s']:>7} "
               f"{str(r['answers_equal_alone']):>7}")
     for r in rows:
-        if r.get("first_gap_profile"):
-            print(f"joiner's first gap, arena {'on' if r['kv_arena'] else 'off'}, join chunks {r['join_chunks']}: "
-                  f"{r['joiner_first_gap_ms']} ms; top functions by cumulative time")
-            for f in r["first_gap_profile"][:15]:
-                print(f"  {f['cum_ms']:>9.1f} ms cum {f['self_ms']:>8.1f} ms self {f['calls']:>6}x  {f['function']}")
+        for name, what, ms in (("join", "the join (joiner handed over to its first token)", r["joiner_ttft_ms"]),
+                               ("first_gap", "joiner's first gap", r["joiner_first_gap_ms"])):
+            if r.get(f"{name}_profile"):
+                print(f"{what}, arena {'on' if r['kv_arena'] else 'off'}, join chunks {r['join_chunks']}: "
+                      f"{ms} ms; top functions by cumulative time")
+                for f in r[f"{name}_profile"][:15]:
+                    print(f"  {f['cum_ms']:>9.1f} ms cum {f['self_ms']:>8.1f} ms self {f['calls']:>6}x  {f['function']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "label": label, "results": rows}, indent=1))

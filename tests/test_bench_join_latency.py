@@ -55,4 +55,7 @@ def test_join_latency_profiles_the_joiners_first_gap(tmp_path, default_tokenizer
     assert 0 < len(prof) <= 25 and all(f["cum_ms"] >= f["self_ms"] >= 0 and f["calls"] >= 1 for f in prof)
     assert [f["cum_ms"] for f in prof] == sorted((f["cum_ms"] for f in prof), reverse=True)
     assert any("run_batch" in f["function"] for f in prof)   # the engine loop ran within the gap
-    assert "joiner's first gap" in capsys.readouterr().out
+    joined = r["join_profile"]                                  # the join: the joiner's prefill ran there
+    assert 0 < len(joined) <= 25 and any("prefill" in f["function"] for f in joined)
+    out = capsys.readouterr().out
+    assert "joiner's first gap" in out and "the join (joiner handed over to its first token)" in out
