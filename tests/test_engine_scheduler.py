@@ -1502,8 +1502,10 @@ def test_a_new_batch_records_its_graph_before_its_first_tokens_stream(tiny_llm, 
     """Graph mode (stand-in recorder): a batch's graph is recorded right after its first step and
     before its first tokens stream, so the recording is in the time to first token, not between
     the first and second tokens. The same for requests that joined a running batch, when no
-    request is waiting (``join.idle()``); while requests may still join (no ``idle``), the graph
-    is recorded lazily at the second step as before (a recording the next join would throw away).
+    request is waiting (``join.idle()``) or every waiting prompt is longer than a joining prefill
+    gets through in one step (``join.waiting_tokens()``); while requests may still join within a
+    step (no ``idle``, or a short prompt waiting), the graph is recorded lazily at the second step
+    as before (a recording the next join would throw away).
     The tokens are the eager loop's either way."""
     from kvsift import LLM
 
@@ -1552,6 +1554,23 @@ def test_a_new_batch_records_its_graph_before_its_first_tokens_stream(tiny_llm, 
             return self.j(running, rows)
 
     got, seen = run(NoIdle)
+    assert got == want
+    assert seen.count("capture") == 2 and seen.index("b") < seen.index("capture", seen.index("capture") + 1)
+    # requests still waiting, but each longer than a joining prefill gets through in one step
+    # (waiting_tokens()): no joiner can change the rows before the next step, so b's batch's graph
+    # is recorded before b's first token, as when idle; a short one waiting: lazily, as without idle
+    class Waiting(NoIdle):   # b (41 tokens) waits until handed out, then a prompt of `tokens`
+        tokens = 10**6
+
+        def waiting_tokens(self):
+            return len(ps[1]) if self.j.asked < 2 else self.tokens
+
+    got, seen = run(Waiting)
+    assert got == want
+    first_b = seen.index("b")
+    assert seen.count("capture") == 2 and seen[first_b - 1] == "capture"
+    Waiting.tokens = 16
+    got, seen = run(Waiting)
     assert got == want
     assert seen.count("capture") == 2 and seen.index("b") < seen.index("capture", seen.index("capture") + 1)
     # nothing can join (offline generate): the graph before the first token

@@ -543,22 +543,25 @@ def test_kivi_requests_of_other_lengths_join_over_http(make_client, tiny_llm, ba
 def test_the_join_callback_says_when_no_request_can_join():
     """The server hands a running batch a ``_Joiner``: its call asks the event loop for joiners, and
     ``idle()`` is true while no request waits (or the server is closing), which lets the engine
-    record a new batch's CUDA graph before its first tokens stream."""
-    from collections import deque
+    record a new batch's CUDA graph before its first tokens stream; ``waiting_tokens()`` is the
+    shortest waiting prompt (a joiner longer than one step's prefill cannot change the rows first)."""
     from types import SimpleNamespace
 
+    from kvsift.engine.scheduler import Scheduler as EngineScheduler
     from kvsift.server.scheduler import _Joiner
 
     asked = []
-    sched = SimpleNamespace(engine=SimpleNamespace(waiting=deque()), closing=False,
+    engine = EngineScheduler()
+    sched = SimpleNamespace(engine=engine, closing=False,
                             _join_from_worker=lambda loop, running, rows: asked.append((loop, rows)) or ["r"])
     j = _Joiner(sched, "loop")
     assert j(["a"], 3) == ["r"] and asked == [("loop", 3)]
-    assert j.idle()
-    sched.engine.waiting.append("q")
-    assert not j.idle()
+    assert j.idle() and j.waiting_tokens() is None
+    engine.waiting.append(SimpleNamespace(prompts=[[1] * 300, [2] * 120]))
+    engine.waiting.append(SimpleNamespace(prompts=[[3] * 500]))
+    assert not j.idle() and j.waiting_tokens() == 120   # the shortest waiting prompt
     sched.closing = True
-    assert j.idle()
+    assert j.idle() and j.waiting_tokens() is None
 
 
 def test_settled_batch_makes_room_for_joiners_under_kv_memory(make_client, tiny_llm, batches):

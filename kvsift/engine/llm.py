@@ -489,7 +489,12 @@ class LLM:
         ``join(requests, rows)``: asked at every decode-step boundary for requests to add to the
         running batch (continuous batching; ``rows``: the batch's rows now); an optional
         ``join.idle()`` says no request is waiting that could join (then, as without ``join``, a
-        new batch's CUDA graph is recorded before its rows' first tokens are streamed). They are appended to
+        new batch's CUDA graph is recorded before its rows' first tokens are streamed), and an
+        optional ``join.waiting_tokens()`` the shortest waiting prompt (``None``: none waits): when
+        that is longer than a joining prefill gets through between two steps, no joiner can change
+        the rows before the next step either, so the graph is recorded before the first tokens
+        too (a prefix found in a store may make a prefill shorter: then at worst that recording is
+        thrown away when the rows change). They are appended to
         ``requests``, prefilled on their own, then their KV is stacked with the running rows (left
         padding by position) and they decode with the others from the next step; rows whose
         sequence is done leave the batch the same way. Only where that is exact and keeps shapes
@@ -612,15 +617,32 @@ class LLM:
                     yield r, ev
 
             join_idle = getattr(join, "idle", None) if can_join else None
+            join_tokens = getattr(join, "waiting_tokens", None) if can_join else None
+            # the most prompt tokens a joining request's prefill gets through between two decode
+            # steps (its chunks are at most a chunk, or a longer first chunk, plus a merged last one)
+            step_tokens = chunks_per_step * (max(runner.chunk_size, runner.first_chunk or 0)
+                                             + method.min_last_chunk())
+
+            def rows_hold() -> bool:
+                """The rows cannot change before the decoder's next step: no request can join
+                (no joining, or ``join.idle()``), or none could finish its prefill by then (no join
+                prefill under way, and ``join.waiting_tokens()``, the shortest waiting prompt, is
+                longer than ``step_tokens``: a joiner's prefill then takes more than one step)."""
+                if not can_join or (join_idle is not None and join_idle()):
+                    return True
+                if join_tokens is None or not chunks_per_step or pending is not None or held is not None:
+                    return False
+                n = join_tokens()
+                return n is None or n > step_tokens
 
             def prime() -> None:
                 """Right after a decoder's first step, record the graph its next step would record
                 (``DecodeRunner.prepare``) before any token goes out, where that step will run on
-                this decoder: rows left to decode, and no request waiting that could change the
-                rows first (no joining, or ``join.idle()``). A new batch's recording then delays
-                its rows' first tokens (rows already running wait for it in the same gap anyway)
-                instead of sitting between their first and second tokens."""
-                if (decoder.steps == 1 and (not can_join or (join_idle is not None and join_idle()))
+                this decoder: rows left to decode, and the rows cannot change first
+                (:func:`rows_hold`). A new batch's recording then delays its rows' first tokens
+                (rows already running wait for it in the same gap anyway) instead of sitting
+                between their first and second tokens."""
+                if (decoder.steps == 1 and rows_hold()
                         and max((s.limit - s.steps for s in seqs if not s.done), default=0) >= 3):
                     decoder.prepare(tok, next_pos)
 
@@ -1136,7 +1158,8 @@ def _cancelled_events(r: Request):
 
 class _OfflineJoin:
     """:meth:`LLM.generate_requests`'s ``join`` for :meth:`LLM.run_batch`: its scheduler's waiting
-    requests that may join, and ``idle()`` once none waits."""
+    requests that may join, ``idle()`` once none waits, and ``waiting_tokens()`` the shortest
+    waiting prompt."""
 
     __slots__ = ("sched",)
 
@@ -1148,6 +1171,9 @@ class _OfflineJoin:
 
     def idle(self) -> bool:
         return not self.sched.waiting
+
+    def waiting_tokens(self) -> int | None:
+        return self.sched.shortest_waiting()
 
 
 @dataclass(slots=True)

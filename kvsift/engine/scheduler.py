@@ -287,6 +287,13 @@ class Scheduler:
                 return False
             return True
 
+    def shortest_waiting(self) -> int | None:
+        """The fewest prompt tokens of any waiting request's prompts (``None``: nothing waits): a
+        bound on how soon a request that joins a running batch can finish its prefill
+        (:meth:`LLM.run_batch <kvsift.engine.llm.LLM.run_batch>`'s graph prime)."""
+        with self._lock:
+            return min((len(p) for r in self.waiting for p in r.prompts), default=None)
+
     # ---- grouping ----------------------------------------------------------------------------------
     def _room_kept(self, group: list[Request], cand: Request) -> bool:
         """Adding ``cand`` changes no one's token room (the batch's longest prompt bounds every row)."""

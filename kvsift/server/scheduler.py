@@ -124,8 +124,9 @@ class Job:
 
 class _Joiner:
     """A running batch's ``join`` callback (called on the worker thread at each decode-step
-    boundary), and ``idle()``: no request is waiting, so none can join it now (the engine then
-    records a new batch's CUDA graph before streaming its first tokens, ``LLM.run_batch``)."""
+    boundary), ``idle()``: no request is waiting, so none can join it now (the engine then
+    records a new batch's CUDA graph before streaming its first tokens, ``LLM.run_batch``), and
+    ``waiting_tokens()``: the shortest waiting prompt (longer than a step's prefill: the same)."""
 
     __slots__ = ("sched", "loop")
 
@@ -137,6 +138,12 @@ class _Joiner:
 
     def idle(self) -> bool:
         return not self.sched.engine.waiting or self.sched.closing
+
+    def waiting_tokens(self) -> int | None:
+        """The shortest waiting prompt (``None``: none waits, or closing): a joiner with a longer
+        prompt cannot finish its prefill within one decode step, so the engine may record a new
+        batch's graph before its first tokens while such requests wait."""
+        return None if self.sched.closing else self.sched.engine.shortest_waiting()
 
 
 class Scheduler:
