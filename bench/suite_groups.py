@@ -7,7 +7,8 @@ still to run are expected to take, from the rows already measured.
 
 A cell's expected time is the mean wall time of that method's measured cells of its task, scaled
 linearly by prompt length (the method's cells of any task where it has none of that task; the
-median over all methods where a method has none yet). Methods go, the most
+median over all methods where a method has none yet); a method's cells measured the way the suite
+runs now (prefix sharing, grouped budgets) replace its older ones. Methods go, the most
 expensive first, to the process with the least work so far (longest-processing-time first), so a
 slow method (kvzip's reread passes, h2o's scores) is not queued behind others while processes idle;
 a method whose cells alone outlast a process's fair share is split by task (``method@task`` units).
@@ -39,10 +40,21 @@ from kvsift.eval.runner import BenchConfig, cell_key, load_rows  # noqa: E402
 from kvsift.eval.suites import get_suite  # noqa: E402
 
 
+def _current(r: dict) -> bool:
+    """A row measured the way the suite runs now: with prefix sharing (its settings record
+    ``share_prefix_gib``; the parts since 2026-12-02 also group a method's budgets)."""
+    return bool((r.get("settings") or {}).get("share_prefix_gib"))
+
+
 def expected_seconds(rows: list[dict]) -> tuple[dict[str, float], dict[tuple[str, str], float], float]:
     """Wall seconds per prompt token: per method (the mean over its cells), per ``(method, task)``
-    where that pair has cells (a method's cost differs by task: kvzip took 4-11 s a `ppl` cell and
-    351 s a `niah` one at 16k), and the median over methods for a method with none yet."""
+    where that pair has cells (a method's cost differs by task), and the median over methods for a
+    method with none yet. A method with cells measured the current way (:func:`_current`) is
+    rated from those alone: its older cells ran without prefix sharing or grouped budgets (kvzip's
+    one old `niah` cell at 16k took 351 s, its `ppl` cells since 4-11 s a budget, 47 s for the
+    first at 16k, which pays the scoring for the four)."""
+    now = {r["method"] for r in rows if _current(r)}
+    rows = [r for r in rows if r["method"] not in now or _current(r)]
     per: dict[str, list[float]] = {}
     per_task: dict[tuple[str, str], list[float]] = {}
     for r in rows:

@@ -47,6 +47,24 @@ def test_remaining_costs_skip_measured_cells_and_scale_by_length():
     assert costs["snapkv"]["qa"] == pytest.approx(0.0055 * 8192)      # the mean of its two rates
 
 
+def test_a_methods_current_cells_replace_its_older_ones_in_the_rates():
+    """Cells measured the way the suite runs now (prefix sharing: ``share_prefix_gib`` in their
+    settings) rate a method alone: its older cells (no sharing, one budget at a time) ran slower."""
+    now = {"share_prefix_gib": 25.0}
+    rows = [{"key": "niah|kvzip|0.05|16384|0", "method": "kvzip", "task": "niah", "length": 16384, "wall_s": 351.0,
+             "settings": {}},
+            {"key": "ppl|kvzip|0.05|16384|0", "method": "kvzip", "task": "ppl", "length": 16384, "wall_s": 16.384,
+             "settings": now},
+            {"key": "niah|snapkv|0.05|16384|0", "method": "snapkv", "task": "niah", "length": 16384,
+             "wall_s": 32.768, "settings": {}}]
+    rate, task_rate, _ = sg.expected_seconds(rows)
+    assert rate["kvzip"] == pytest.approx(0.001) and ("kvzip", "niah") not in task_rate   # the old cell dropped
+    assert rate["snapkv"] == pytest.approx(0.002)          # a method with no current cells keeps its old ones
+    costs = sg.remaining_costs(rows, "standard", tasks=["niah", "qa"], lengths=[16384], budgets=["0.05"],
+                               methods=["kvzip"])
+    assert costs["kvzip"] == {"qa": pytest.approx(16.384)}   # niah at 16k is done; qa at kvzip's current rate
+
+
 def test_a_cell_whose_row_is_an_error_is_still_to_run():
     """`bench run` retries a cell whose row is an error (a kernel that failed to compile at 30k once
     stayed out of every later part's groups while its row was counted as done)."""
