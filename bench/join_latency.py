@@ -21,9 +21,10 @@ equality column is informative there.)
 ``--profile-gap`` times the joiner's own first gap (its first token to its second, where its rows
 enter the running batch) and runs ``cProfile`` over it and over the join before it (the joiner
 handed over to its first token: its prefill, what the running rows wait through): the top
-functions of each by cumulative time are printed and written to the JSON. The join never reports ``idle()`` unless ``--idle-after-join``
-(then it does once the joiner was handed over, as a scheduler whose queue emptied, and the engine
-may record the new batch's graph before its first tokens go out; see ``LLM.run_batch``).
+functions of each by cumulative time are printed and written to the JSON. The join never reports
+``idle()`` unless ``--idle-after-join`` (then it does once the joiner was handed over, as a
+scheduler whose queue emptied, and the engine may record the new batch's graph before its first
+tokens go out; see ``LLM.run_batch``).
 """
 
 from __future__ import annotations

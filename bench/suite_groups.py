@@ -42,7 +42,8 @@ from kvsift.eval.suites import get_suite  # noqa: E402
 
 def _current(r: dict) -> bool:
     """A row measured the way the suite runs now: with prefix sharing (its settings record
-    ``share_prefix_gib``; the parts since 2026-12-02 also group a method's budgets)."""
+    ``share_prefix_gib``; since part 7, and grouped budgets, not recorded, since part 13, both
+    ``suite_h200.sh``'s defaults now)."""
     return bool((r.get("settings") or {}).get("share_prefix_gib"))
 
 
