@@ -286,7 +286,9 @@ class MInference(KVMethod):
         densely; the rest of the prompt stays sparse. 0 (the default): the paper's prefill, every
         row sparse. On the real 1.5B at 16k-30k, forced-sparse prefill lost ``qa`` samples to
         ``sentencekv`` and never won one (5 to 0); on the 0.5B at 4k (CPU, four settings) 256
-        dense tail tokens turned 10 wrong ``qa`` answers right and none wrong (docs/eval.md).
+        dense tail tokens turned 10 wrong ``qa`` answers right and none wrong; on the 1.5B at
+        16k-30k (H200, vertical-slash everywhere, 10%) 256 took ``minference+sentencekv`` from -1.7
+        to -1.1 points of ``sentencekv``, 240 paired samples, neither significant (docs/eval.md).
     max_density : float
         A chunk whose index lists more than this fraction of its causal keys (mean over heads and
         rows) is attended densely instead (the index is built first; 1.0: always sparse, as in the
