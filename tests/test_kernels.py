@@ -663,3 +663,33 @@ def test_topk_select_long_equals_the_reference_without_ties():
     for k in (0, 1, 40, 250, 600):
         for dt in (torch.int32, torch.int64):
             assert torch.equal(topk_select_long(s, k, dt), topk_select_ref(s, k, dt)), (k, dt)
+
+
+def test_every_module_imports_and_runs_without_triton():
+    """A machine without Triton (the README's CPU setup) imports every kvsift module and runs the
+    references: the shared jit helpers (``_flash``) must exist as names there too. A subprocess, with
+    ``import triton`` made to fail, so this holds also where Triton is installed."""
+    import pkgutil
+    import subprocess
+    import sys
+
+    import kvsift
+
+    names = sorted(m.name for m in pkgutil.walk_packages(kvsift.__path__, "kvsift.")
+                   if not m.name.endswith("__main__"))
+    code = textwrap.dedent(f"""
+        import importlib, sys
+        sys.modules["triton"] = None          # `import triton` raises ImportError
+        sys.modules["triton.language"] = None
+        from kvsift.kernels._triton import HAS_TRITON
+        assert not HAS_TRITON
+        for name in {names!r}:
+            importlib.import_module(name)
+        import torch
+        from kvsift.kernels import dispatch
+        q = torch.randn(1, 4, 8); lo = torch.randn(1, 2, 3, 8); hi = lo + 1
+        print(tuple(dispatch.chunk_scores(q, (lo, hi)).shape))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "(1, 2, 3)"

@@ -80,4 +80,4 @@ if HAS_TRITON:
         return k, v
 
 else:
-    online_softmax_step = load_kv = store_split = None
+    load_group_query = online_softmax_step = load_kv = store_split = None
