@@ -160,6 +160,34 @@ def rebuild_metric(before: dict[str, float], after: dict[str, float]) -> dict:
             "rebuild_max_ms": round(1000 * after.get(key + "_max", 0.0), 1) if n else None}
 
 
+def step_trace(url: str, since: float | None = None) -> dict:
+    """The server's ``GET /debug/steps`` (``--step-trace``): records from ``since`` (its clock) on."""
+    params = {"since": since} if since is not None else {"since": 1e18}   # just its clock
+    r = httpx.get(url + "/debug/steps", params=params, timeout=60)
+    r.raise_for_status()
+    return r.json()
+
+
+def trace_report(body: dict, slowest: int = 40) -> dict:
+    """A run's step trace, kept small: the server's summary of its slow gaps and its slowest gaps."""
+    gaps = [r for r in body["records"] if not r["first"]]
+    return {**body["summary"], "slowest": sorted(gaps, key=lambda r: -r["gap_ms"])[:slowest]}
+
+
+def trace_line(r: dict) -> str | None:
+    """One row's step trace in words (None without one)."""
+    s = r.get("steps")
+    if not s or not s.get("gaps"):
+        return None
+    w, m = s["slow_with"], s["slow_mean"]
+    return (f"max-batch {r['max_batch']}{' join ' + str(r.get('join_chunk_size')) if r.get('join_chunk_size') else ''}: "
+            f"{s['gaps']} gaps ({s['stream_gaps']} stream-gaps), p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms; "
+            f"over {s['factor']}x p50: {s['slow_stream_gaps']} stream-gaps ({100 * s['slow_share']:.2f}%), mean "
+            f"{m['gap_ms']} ms = wait {m['wait_ms']} + join {m['join_ms']} + rows {m['rebuild_ms']} + setup "
+            f"{m['setup_ms']} (+ the rest); with a join chunk {w['join_chunk']}, a prefill ending {w['prefill_done']}, "
+            f"rows changed {w['rows_changed']}, setup {w['setup']}, held {w['held']}, none of these {w['plain']}")
+
+
 def admission_line(srv) -> str | None:
     """The server's startup line on its default admission limits (KV bytes on the device and in
     host memory; printed on CUDA when --kv-memory / --host-memory are not given), if any."""
@@ -265,6 +293,11 @@ def main(argv=None) -> int:
                     help="before the timed clients, K concurrent untimed requests of the same prompt lengths "
                          "(warms what a long-running server has warm: page-locked host blocks in its pool, CUDA "
                          "graphs, cuDNN plans); 0: only a 3-token request")
+    ap.add_argument("--step-trace", action="store_true",
+                    help="start each server with --step-trace and report where its slow inter-token gaps went "
+                         "(GET /debug/steps over the timed clients: gaps over 2x the median with a joining "
+                         "prefill chunk, a prefill ending, a change of rows, CUDA graph setup; the 40 slowest "
+                         "gaps in the JSON)")
     ap.add_argument("--timeout", type=float, default=600.0, help="per request")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -335,6 +368,8 @@ def main(argv=None) -> int:
                 cmd += ["--kv-memory", args.kv_memory]
             if not cont:
                 cmd.append("--no-continuous-batching")
+            if args.step_trace:
+                cmd += ["--step-trace", "1000000"]
             with ServerProcess(cmd, start_timeout=600, env=env) as srv:
                 one_request(srv.url, {"prompt": [5, 6, 7], "max_tokens": 2, "stream": True}, args.timeout)  # warm-up
                 warm = None
@@ -343,9 +378,12 @@ def main(argv=None) -> int:
                                   args.seed + 1, chat=args.chat)
                     warm = {"clients": args.warmup_clients, "wall_s": w["wall_s"], "errors": len(w["errors"])}
                 before = scrape(srv.url)
+                t_trace = step_trace(srv.url)["now"] if args.step_trace else None
                 res = run_phase(srv.url, args.clients, args.requests, lengths, args.max_tokens, extra,
                                 args.timeout, args.seed, chat=args.chat)
                 res["admission"] = admission_line(srv)
+                if args.step_trace:
+                    res["steps"] = trace_report(step_trace(srv.url, t_trace))
                 if res["errors"]:  # the server's side of them
                     print(f"{len(res['errors'])} request(s) failed (max-batch {mb}); the server log ends:\n"
                           f"{srv.log()[-3000:]}", file=sys.stderr)
@@ -393,6 +431,8 @@ def main(argv=None) -> int:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
     for line in sorted({r["admission"] for r in rows if r.get("admission")}):
         print(f"server {line}")
+    for line in filter(None, map(trace_line, rows)):
+        print(f"step trace, {line}")
     report = {"clients": args.clients, "requests_per_client": args.requests,
               "prompt_tokens": "chat questions" if args.chat else lengths, "kv_memory": args.kv_memory,
               "max_tokens": args.max_tokens, "model": label,

@@ -71,3 +71,25 @@ def test_serve_load_runs_each_setting_with_and_without_kv_arenas(tmp_path, defau
     assert all(r["errors"] == [] and r["tokens"] == 2 * 3 for r in rows)   # the warm-up requests not counted
     assert all(r["warmup"]["clients"] == 2 and r["warmup"]["errors"] == 0 and r["warmup"]["wall_s"] > 0
                for r in rows)
+
+
+def test_serve_load_step_trace_reports_the_slow_gaps(tmp_path, default_tokenizer, capsys):
+    """``--step-trace``: the server runs with ``--step-trace``; each row gets the summary of the
+    timed clients' gaps (``GET /debug/steps`` from the phase's start: the warm-up request's gaps
+    are not in it) with the slowest gaps, and a line in words."""
+    spec = importlib.util.spec_from_file_location("serve_load", BENCH / "serve_load.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "load.json"
+    rc = mod.main(["--clients", "3", "--requests", "1", "--prompt-tokens", "96", "--max-tokens", "8",
+                   "--max-batch", "4", "--chunk-size", "16", "--step-trace", "--json", str(out)])
+    assert rc == 0
+    (row,) = json.loads(out.read_text())["results"]
+    s = row["steps"]
+    # the streams' gaps are in the trace, each once per row that waited it (a joined stream's first
+    # gap, from its first token inside a gap, is not: the client measures it)
+    assert 3 * 6 <= s["stream_gaps"] <= 3 * 7 and s["gaps"] >= 7 and s["p50_ms"] > 0 and s["p99_ms"] >= s["p50_ms"]
+    assert set(s["slow_with"]) == {"join_chunk", "prefill_done", "rows_changed", "setup", "held", "plain"}
+    gaps = [g["gap_ms"] for g in s["slowest"]]
+    assert gaps == sorted(gaps, reverse=True) and len(gaps) == s["gaps"] and not any(g["first"] for g in s["slowest"])
+    assert "step trace, max-batch 4" in capsys.readouterr().out

@@ -36,6 +36,7 @@ from kvsift.engine.runner import (CPU_FIRST_CHUNK, DEFAULT_CHUNK, MAX_BATCHED_TO
                                   PrefillCancelled, sync)
 from kvsift.engine.runner import check_prefill_mode as _check_prefill_mode
 from kvsift.engine.scheduler import Request, Scheduler, SchedulerConfig, at_budget
+from kvsift.engine.trace import StepTrace
 from kvsift.methods import KVMethod, build_method
 from kvsift.errors import UnknownMethodError
 from kvsift.methods.base import Budget, Run
@@ -130,6 +131,8 @@ class LLM:
         # and at most this many tokens each, for methods whose prefill does not depend on its chunking
         # (None: chunk_size): a running row then waits for a shorter forward per token
         self.join_chunk_size = join_chunk_size
+        # what each decode-step boundary spent its time on (a StepTrace, kvsift.engine.trace; None: off)
+        self.step_trace: StepTrace | None = None
         self.tp_size = info.tp_size  # tensor-parallel ranks (1: none); KV figures below are this rank's
         item = info.dtype.itemsize if hasattr(info.dtype, "itemsize") else 2
         self.kv_bytes_per_token = kv_bytes_per_token(info.num_layers, info.num_kv_heads, info.head_dim, item)
@@ -597,6 +600,18 @@ class LLM:
             settle()
             stats.decode_mode = decoder.mode
             t0 = time.perf_counter()
+            # the step trace's gap in progress (None: tracing off, ``LLM.step_trace``)
+            gap = self.step_trace.begin() if self.step_trace is not None else None
+            setup_seen = [0.0]   # the decoder's setup seconds already put in a gap
+
+            def note_setup() -> float:
+                """The current decoder's warm-up and recording time since the last call, into the
+                trace's gap (ms)."""
+                ms = 1000 * (decoder.setup_s - setup_seen[0])
+                setup_seen[0] = decoder.setup_s
+                if ms > 0:
+                    gap.add(setup_ms=ms)
+                return ms
 
             def push(i: int, tok_i: int, eos_i: bool, cancelled: set) -> Iterator[tuple[Request, StreamEvent]]:
                 s, (r, j) = seqs[i], owners[i]
@@ -648,6 +663,8 @@ class LLM:
 
             try:
                 while True:
+                    if gap is not None:
+                        gap.loop_turn()
                     # the last step of every running sequence: nothing to queue after it
                     last = all(s.done or s.steps == s.limit - 1 for s in seqs) and not swapped
                     tok = self._sample(_hold_eos(logits, seqs, eos), params, gen)
@@ -682,6 +699,9 @@ class LLM:
                         toks, eos_l = host.tolist()
                     else:
                         toks, eos_l = tok.tolist(), is_eos.tolist()
+                    if gap is not None:
+                        note_setup()
+                        gap.tokens(sum(1 for s in seqs if not s.done))
                     cancelled = {r for r in requests if left[r] and r.cancel is not None and r.cancel()}
                     for i, s in enumerate(seqs):
                         if not s.done:
@@ -717,6 +737,8 @@ class LLM:
                                 yield r, StreamEvent(0, "", None, finished=True, error=e)
                         if not all(done):
                             waited += time.perf_counter() - t_join
+                        if gap is not None:
+                            gap.add(join_ms=1000 * (time.perf_counter() - t_join), join_chunks=n, prefill_done=len(new))
                     if new and not all(done) and not _states_ready(parts):
                         # the joiners' method state is still being written asynchronously (sentencekv's
                         # chunks on their way to host memory): stacking them now would wait for those
@@ -724,6 +746,8 @@ class LLM:
                         held, new, parts = (new, parts, firsts), [], []
                     elif held is not None and (all(done) or _states_ready(held[1])):
                         (new, parts, firsts), held = held, None
+                    if gap is not None and held is not None:
+                        gap.add(held=True)
                     out_rows: set[int] = set()
                     resumed: list[_Swapped] = []
                     # the KV the steps wrote: the runner's arena when the decode runs over one
@@ -743,6 +767,8 @@ class LLM:
                         # (and preempted rows leave, resumed ones come back)
                         t_change = time.perf_counter()
                         keep = [i for i, d in enumerate(done) if not d and i not in out_rows]
+                        if gap is not None:
+                            note_setup()
                         decoder.close()
                         left_steps = max([seqs[i].limit - seqs[i].steps for i in keep]
                                          + [r.room(len(p), self.info.max_positions) for r in new for p in r.prompts]
@@ -778,6 +804,7 @@ class LLM:
                         first_rows = range(len(keep), len(keep) + len(firsts_new))
                         decoder = runner.decoder(ctx, mode, max(s.limit - s.steps - (i in first_rows)
                                                                 for i, s in enumerate(seqs)) + 1)
+                        setup_seen[0] = 0.0
                         if firsts_new and any(seqs[i].limit > 1 for i in first_rows):
                             # the new batch's first step, and its graph recorded, before the joiners'
                             # first tokens go out: that time is in their first token's wait, not
@@ -790,6 +817,11 @@ class LLM:
                         settle()
                         if on_rows_changed is not None and keep:   # rows that waited on it
                             on_rows_changed(time.perf_counter() - t_change)
+                        if gap is not None:
+                            in_setup = note_setup()
+                            gap.add(rebuild_ms=max(0.0, 1000 * (time.perf_counter() - t_change) - in_setup),
+                                    stacked=len(new), kept=len(keep))
+                            gap.joined(len(firsts_new))
                         for k, (t_k, e_k) in enumerate(firsts_new):
                             yield from push(len(keep) + k, t_k, bool(e_k), set())
                         if all(s.done for s in seqs):
@@ -798,6 +830,8 @@ class LLM:
                         logits = decoder.step(tok, next_pos)
                         next_pos = next_pos + 1
                         prime()
+                        if gap is not None:
+                            note_setup()
                     stepped = False
             finally:
                 if lag:

@@ -412,9 +412,7 @@ def topk_select_blocked(scores: torch.Tensor, k: int, dtype: torch.dtype = torch
     128k: one program per row otherwise). Both launches return at once for ``skip`` rows, whose
     ``out`` rows are left as they were (``out (batch, kv_heads, k [+ 1])`` of ``dtype``, written
     in place when given). For ``blocked_fits(n, k, block)`` shapes."""
-    if not HAS_TRITON:
-        raise RuntimeError("topk_select_blocked needs Triton (pip install triton); use topk_select_ref")
-    out, done = _result(scores, k, dtype, skip, tail, out)
+    out, done = _result(scores, k, dtype, skip, tail, out)   # bad arguments: ValueError, Triton or not
     b, h, n = scores.shape
     block = MAX_N if block is None else block
     if block < 16 or block & (block - 1):
@@ -422,6 +420,8 @@ def topk_select_blocked(scores: torch.Tensor, k: int, dtype: torch.dtype = torch
     if not blocked_fits(n, k, block):
         raise ValueError(f"topk_select_blocked takes k <= block <= {MAX_N} and ceil(n / block) * k <= {MAX_N}, "
                          f"got n={n}, k={k}, block={block}")
+    if not HAS_TRITON:
+        raise RuntimeError("topk_select_blocked needs Triton (pip install triton); use topk_select_ref")
     if done:
         return out
     nb = -(-n // block)

@@ -47,6 +47,7 @@ from kvsift.methods.base import spec_classes
 from kvsift.server.auth import ANONYMOUS_ADMIN, Principal
 from kvsift.server.config import ServerConfig
 from kvsift.server.contexts import ContextRecord, ContextStore, Reservation, model_fingerprint
+from kvsift.engine.trace import StepTrace, summarize
 from kvsift.server.errors import APIError, error_body, exc_body, install_error_handlers
 from kvsift.server.metrics import Metrics
 from kvsift.server.scheduler import Job, JobFailed, Scheduler
@@ -56,7 +57,7 @@ log = logging.getLogger("kvsift.server")
 
 _DISCONNECT_POLL_S = 0.1
 _ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/contexts", "/health", "/metrics",
-              "/openapi.json")
+              "/debug/steps", "/openapi.json")
 _IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
 TIME_LIMIT = "time_limit"            # the server's finish reason of a generation stopped by max_request_seconds
 STOPPED_HEADER = "X-Kvsift-Stopped"  # its header on a non-streaming response (value: "time-limit")
@@ -270,6 +271,8 @@ def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
         host_pool().set_limit(host_mem)  # offloaded KV is admitted up to it: its locked blocks are cached as much
     engine = EngineScheduler(llm.scheduler_config(max_batch=config.max_batch, kv_memory=kv_mem,
                                                   host_memory=host_mem, preempt=config.preempt))
+    # the served engine's step trace is the server's to set (--step-trace N; off: none)
+    llm.step_trace = StepTrace(config.step_trace) if config.step_trace else None
     scheduler = Scheduler(config.max_waiting, metrics, max_run_s=config.max_request_seconds,
                           max_queue_s=config.max_queue_seconds, max_per_key=config.max_concurrent_per_key,
                           engine=engine,
@@ -315,6 +318,19 @@ def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
     async def metrics_endpoint():
         metrics.observe_preemptions(engine.preemptions)
         return Response(metrics.render(), media_type=Metrics.CONTENT_TYPE)
+
+    @app.get("/debug/steps")
+    async def debug_steps(since: float | None = None, who: Principal = Depends(principal)):
+        """The engine's step trace (``--step-trace N``): each gap of a running batch and what it spent
+        its time on (records whose tokens went out at ``t >= since``, seconds on the trace's clock),
+        and their summary: the slow gaps' parts (:func:`kvsift.engine.trace.summarize`)."""
+        if not who.admin:  # other tenants' timings
+            raise APIError(403, "the step trace is for admin keys", code="permission_denied")
+        trace = llm.step_trace
+        if trace is None:
+            raise APIError(404, "the step trace is off: start the server with --step-trace N", code="not_found")
+        records = trace.snapshot(since)
+        return {"now": trace.now(), "records": records, "summary": summarize(records)}
 
     @app.get("/openapi.json", dependencies=[Depends(principal)], include_in_schema=False)
     async def openapi():

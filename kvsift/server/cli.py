@@ -117,6 +117,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-memory", type=_bytes, default=None,
                    help="the same for KV offloaded to host memory (sentencekv, shadowkv; default: with a CUDA "
                         "device half the host memory available, elsewhere unbounded)")
+    p.add_argument("--step-trace", type=int, default=0, metavar="N",
+                   help="keep the engine's last N decode-step gaps and what each spent its time on (a joining "
+                        "prefill's chunks, a change of rows, CUDA graph recording), served at GET /debug/steps "
+                        "with a summary of the slow gaps (default 0: off)")
     p.add_argument("--max-body", type=_bytes, default=8 * 2**20, help="largest request body (default 8M)")
     p.add_argument("--contexts-dir", type=Path, default=None,
                    help=f"where contexts are persisted (default {default_contexts_dir()})")
@@ -177,7 +181,7 @@ def build_config(args):
                           max_concurrent_per_key=args.max_concurrent_per_key, max_batch=args.max_batch,
                           continuous_batching=not args.no_continuous_batching,
                           kv_memory_bytes=args.kv_memory, host_memory_bytes=args.host_memory,
-                          preempt=getattr(args, "preempt", False))
+                          preempt=getattr(args, "preempt", False), step_trace=getattr(args, "step_trace", 0))
     check_model(args.model)  # unknown or not installed: fail before binding or loading (after the cheap checks)
     return config
 

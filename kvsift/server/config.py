@@ -40,6 +40,8 @@ class ServerConfig:
     admitted with their prompt's KV and a few decode tokens, not all of ``max_tokens``; when the
     device KV runs out, the newest is swapped to host memory and resumed later
     (``SchedulerConfig.preempt``).
+    ``step_trace``: keep the engine's last N decode-step gaps and what each spent its time on
+    (``kvsift.engine.trace``), served at ``GET /debug/steps`` (0: off, the default; the endpoint 404s).
     ``contexts_dir``: where reusable contexts are persisted (None = memory only).
     ``shared_contexts``: ``contexts_dir`` is shared with other servers (engine replicas): contexts
     they persist or delete are seen on their next use (see ``ContextStore``).
@@ -87,6 +89,7 @@ class ServerConfig:
     kv_memory_bytes: int | None = None
     host_memory_bytes: int | None = None
     preempt: bool = False
+    step_trace: int = 0
     keep_ids: int = field(default=10000)   # evicted / known ids remembered for their 410 answers
 
     def __post_init__(self):
@@ -136,6 +139,9 @@ class ServerConfig:
             raise ValueError(f"continuous_batching must be a bool, got {self.continuous_batching!r}")
         if not isinstance(self.preempt, bool):
             raise ValueError(f"preempt must be a bool, got {self.preempt!r}")
+        v = self.step_trace
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 10_000_000:
+            raise ValueError(f"step_trace (--step-trace) must be an integer in [0, 10000000], got {v!r}")
         for name, flag in (("kv_memory_bytes", "--kv-memory"), ("host_memory_bytes", "--host-memory")):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
