@@ -16,6 +16,7 @@
 #   STEPS=prefill_attention bash bench/gpu_checks.sh # #14: dense chunk attention, flash vs cuDNN (KVSIFT_PREFILL_CUDNN=0: flash in the engine)
 #   STEPS=prefill_tail bash bench/gpu_checks.sh      # #14: torch.profiler over the last chunk at 128k (offload inside)
 #   STEPS=join bash bench/gpu_checks.sh      # #16: a join's first gap over KV arenas vs without (random 8B shape)
+#   STEPS=serve_sweep SWEEP_CLIENTS="1 8 32 64" bash bench/gpu_checks.sh   # #16: FIFO vs continuous by clients (carry .stage/tok, .whl)
 # The tests step runs six pytest processes at once (T_TESTS seconds each, default 420).
 set -u
 DEST=${OUT:-bench/out}; R=${RES:-/root/checks}; mkdir -p "$R" "$DEST"
@@ -135,6 +136,19 @@ if step serve; then   # #16: the server under 32 clients of 32k tokens, FIFO vs 
       --max-batch ${SERVE_MB:-32,1} --kv-method $m --kv-budget 2048 --chunk-size 4096 --timeout 270 \
       ${SERVE_ARGS:-} --json "$R/serve_load_${m}_h200.json" >"$R/serve_$m.log" 2>&1
     echo "serve $m rc=$? $(( $(date +%s) - t0 )) s"; grep -v "^  File \"\|^    [^0-9 ]" "$R/serve_$m.log" | tail -8
+  done
+fi
+if step serve_sweep; then   # #16: the issue's 1-64 clients table: FIFO (--max-batch 1) and continuous, per method and
+  # client count (SWEEP_CLIENTS, default "1 8 32 64"; SWEEP_METHODS, default "full sentencekv"), 32k prompts,
+  # 64 tokens, with the step trace; each run T_SWEEP seconds at most (default 240). Same carried files as serve.
+  for m in ${SWEEP_METHODS:-full sentencekv}; do
+    for c in ${SWEEP_CLIENTS:-1 8 32 64}; do
+      timeout ${T_SWEEP:-240} python3 bench/serve_load.py --random-8b ${SERVE_LAYERS:-16} --tokenizer ${TOKENIZER:-.stage/tok} \
+        --device cuda --clients $c --requests 1 --prompt-tokens 32768 --max-tokens 64 --max-batch ${SWEEP_MB:-1,32} \
+        --kv-method $m --kv-budget 2048 --chunk-size 4096 --join-chunk-size 512 --timeout $(( ${T_SWEEP:-240} - 10 )) \
+        --step-trace ${SERVE_ARGS:-} --json "$R/serve_sweep_${m}_${c}_h200.json" >"$R/sweep_${m}_${c}.log" 2>&1
+      echo "sweep $m $c clients rc=$? $(( $(date +%s) - t0 )) s"; grep -v "^  File \"\|^    [^0-9 ]" "$R/sweep_${m}_${c}.log" | tail -4
+    done
   done
 fi
 tar czf "$DEST/checks.tgz" -C "$R" .

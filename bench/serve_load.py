@@ -130,11 +130,11 @@ def run_phase(url: str, clients: int, per_client: int, prompt_tokens: list[int],
 
 
 def scrape(url: str) -> dict[str, float]:
-    """The server's unlabelled ``/metrics`` samples: name -> value."""
+    """The server's ``/metrics`` samples: name (with its labels, as written: ``name{k="v"}``) -> value."""
     vals = {}
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
         parts = line.split()
-        if len(parts) == 2 and not line.startswith("#") and "{" not in parts[0]:
+        if len(parts) == 2 and not line.startswith("#"):
             try:
                 vals[parts[0]] = float(parts[1])
             except ValueError:
@@ -393,6 +393,8 @@ def main(argv=None) -> int:
                     print(f"server (max-batch {mb}) died; its log ends:\n{srv.log()[-4000:]}", file=sys.stderr)
                     raise
             res["preemptions"] = int(after.get("kvsift_preemptions_total", 0))
+            peak = after.get('kvsift_device_memory_bytes{kind="peak_allocated"}')
+            res["gpu_peak_gib"] = round(peak / 2**30, 2) if peak is not None else None   # the server's life
             res["joined"] = int(after.get("kvsift_batch_joins_total", 0) - before.get("kvsift_batch_joins_total", 0))
             res.update(rebuild_metric(before, after))
             n = batch_metric(after)["batches"] - batch_metric(before)["batches"]
@@ -408,7 +410,7 @@ def main(argv=None) -> int:
 
     head = ("max-batch", "arena", "joins", "join chunks", "chunk tokens", "batched tokens", "joined", "preempt", "preemptions", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
             "ITL p50 ms", "ITL p99 ms", "p99 from gap 2", "longest at gap 1", "rebuilds", "rebuild ms mean/max",
-            "batches", "req/batch", "errors")
+            "batches", "req/batch", "GPU peak GiB", "errors")
     table = [head] + [(str(r["max_batch"]), "on" if r.get("kv_arena") else "off", "yes" if r["continuous"] else "no",
                        "-" if r["join_chunks"] is None else ("all" if r["join_chunks"] == 0 else str(r["join_chunks"])),
                        "-" if r.get("join_chunk_size") is None else str(r["join_chunk_size"]),
@@ -419,6 +421,7 @@ def main(argv=None) -> int:
                        f"{r.get('longest_gap_at_first', 0)}/{r.get('streams', 0)}", str(r.get("rebuilds", "-")),
                        f"{r.get('rebuild_mean_ms')}/{r.get('rebuild_max_ms')}" if r.get("rebuilds") else "-",
                        str(r["batches"]), str(r["requests_per_batch"]),
+                       "-" if r.get("gpu_peak_gib") is None else str(r["gpu_peak_gib"]),
                        str(len(r["errors"]))) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     print(f"{args.clients} clients x {args.requests} requests, "

@@ -28,6 +28,7 @@ def test_serve_load_runs_and_reports(tmp_path, default_tokenizer, capsys):
         assert r["max_batched_tokens"] == 64                  # each server started with it (a bad value exits)
         assert r["errors"] == [] and r["requests"] == 3 and r["tokens"] == 3 * 4
         assert r["throughput_tok_s"] > 0 and r["ttft_p50_ms"] is not None and r["itl_p99_ms"] is not None
+        assert r["gpu_peak_gib"] is None                      # a CPU server reports no device memory
     # changes of a running batch's rows, from the server's kvsift_batch_rebuild_seconds: a join
     # counts as one only when rows were still running when the joiner's rows went in (with 4 new
     # tokens and a prefill in chunks the first request may have finished by then: joined, no rebuild)

@@ -136,3 +136,23 @@ def test_rows_that_joined_within_a_gap_are_not_counted_as_waiting_it():
     g.tokens(3)       # 3 rows' tokens: the one that was running waited the gap, the 2 joiners did not
     g.tokens(3)
     assert [r["rows"] for r in tr.snapshot()] == [1, 1, 3]
+
+
+def test_metrics_report_the_device_memory_on_cuda_only(monkeypatch):
+    """``kvsift_device_memory_bytes{kind=...}``: PyTorch's allocated, peak allocated and reserved bytes
+    on a CUDA engine, set when ``/metrics`` is read (``bench/serve_load.py``'s ``GPU peak GiB``);
+    absent on the CPU."""
+    import torch
+
+    from kvsift.server.metrics import Metrics
+
+    m = Metrics("tiny")
+    m.observe_device(torch.device("cpu"))
+    assert 'kind="peak_allocated"' not in m.render().decode()
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 5 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 8 * 2**30)
+    m.observe_device(torch.device("cuda", 0))
+    vals = dict(line.rsplit(" ", 1) for line in m.render().decode().splitlines() if not line.startswith("#"))
+    for kind, gib in (("allocated", 3), ("peak_allocated", 5), ("reserved", 8)):
+        assert float(vals[f'kvsift_device_memory_bytes{{kind="{kind}"}}']) == gib * 2**30

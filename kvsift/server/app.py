@@ -317,6 +317,7 @@ def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
     @app.get("/metrics", dependencies=[Depends(monitor)])
     async def metrics_endpoint():
         metrics.observe_preemptions(engine.preemptions)
+        metrics.observe_device(llm.device)
         return Response(metrics.render(), media_type=Metrics.CONTENT_TYPE)
 
     @app.get("/debug/steps")

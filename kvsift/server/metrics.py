@@ -58,6 +58,9 @@ class Metrics:
                                        buckets=_LATENCY, registry=r)
         self.batch_rebuild_max = Gauge("kvsift_batch_rebuild_seconds_max", "The longest such change so far",
                                        registry=r)
+        self.device_memory = Gauge("kvsift_device_memory_bytes", "The engine's device memory held by PyTorch "
+                                   "(CUDA only): allocated now, the peak allocated since start, reserved by the "
+                                   "caching allocator", ["kind"], registry=r)
         self.preemptions = Counter("kvsift_preemptions", "Requests whose KV was swapped to host memory to make "
                                    "room (--preempt), each time", registry=r)
         self._preemptions_seen = 0
@@ -84,6 +87,16 @@ class Metrics:
         if seconds > self._rebuild_max:
             self._rebuild_max = seconds
             self.batch_rebuild_max.set(seconds)
+
+    def observe_device(self, device) -> None:
+        """The engine device's memory now (``torch.cuda`` counters; nothing on another device)."""
+        if getattr(device, "type", None) != "cuda":
+            return
+        import torch
+
+        self.device_memory.labels(kind="allocated").set(torch.cuda.memory_allocated(device))
+        self.device_memory.labels(kind="peak_allocated").set(torch.cuda.max_memory_allocated(device))
+        self.device_memory.labels(kind="reserved").set(torch.cuda.memory_reserved(device))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
