@@ -5,10 +5,17 @@ still to run are expected to take, from the rows already measured.
         --processes 6 --lengths 30000 --budgets 0.05
     # -> e.g. "h2o;kvzip@niah kvzip@mk_niah;kvzip@vt full,snapkv,... ...": METHOD_GROUPS for the script
 
-A cell's expected time is the mean wall time of that method's measured cells of its task, scaled
-linearly by prompt length (the method's cells of any task where it has none of that task; the
-median over all methods where a method has none yet); a method's cells measured the way the suite
-runs now (prefix sharing, grouped budgets) replace its older ones. Methods go, the most
+A cell's expected time comes from that method's measured cells of its task, scaled linearly by
+prompt length (the method's cells of any task where it has none of that task; the median over all
+methods where a method has none yet); a method's cells measured the way the suite runs now (prefix
+sharing, grouped budgets) replace its older ones. The budgets of one method over one prompt set
+(task and length) run as one *run* (grouped budgets; the prefix store keeps kvzip's reread scores
+and h2o's for the next budget): its first budget pays what the prompt set costs the method (its
+prefill or what reuses it, kvzip's reread passes, h2o's scores), each further one about
+``EXTRA`` of that. So measured rows are read as runs (a method's cells of one prompt set written
+one right after the other) and the remaining cells of a prompt set are costed as one run too: a
+30k prompt set with one budget measured and three left costs its first-budget price again, not
+three times the first cell's wall time. Methods go, the most
 expensive first, to the process with the least work so far (longest-processing-time first), so a
 slow method (kvzip's reread passes, h2o's scores) is not queued behind others while processes idle;
 a method whose cells alone outlast a process's fair share is split by task (``method@task`` units).
@@ -47,10 +54,51 @@ def _current(r: dict) -> bool:
     return bool((r.get("settings") or {}).get("share_prefix_gib"))
 
 
+EXTRA = 0.2   # a further budget of a run, against its first (ppl at 16k: kvzip 47 s then 5-6 s, snapkv 18 s then 4-5 s)
+
+
+def _stamp(r: dict) -> float | None:
+    """A row's ``time`` (ISO, when its cell ended) as seconds, or None."""
+    import datetime as dt
+
+    try:
+        return dt.datetime.fromisoformat(r["time"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def runs(rows: list[dict]) -> list[tuple[dict, int, float]]:
+    """The rows as runs: ``(first row, cells, wall seconds in all)`` per run of one method over one
+    prompt set (task, length) whose cells ended one right after the other (each within its own wall
+    time plus a minute of the one before: grouped budgets end together, the rest one by one). A
+    row without a time is a run of its own."""
+    by: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("wall_s") and r.get("length"):
+            by.setdefault((r["method"], r.get("task"), r["length"]), []).append(r)
+    out = []
+    for rs in by.values():
+        timed = sorted((r for r in rs if _stamp(r) is not None), key=_stamp)
+        out += [(r, 1, r["wall_s"]) for r in rs if _stamp(r) is None]
+        cur = None
+        for r in timed:
+            t = _stamp(r)
+            if cur is not None and t - cur[3] <= r["wall_s"] + 60:
+                cur = (cur[0], cur[1] + 1, cur[2] + r["wall_s"], t)
+            else:
+                if cur is not None:
+                    out.append(cur[:3])
+                cur = (r, 1, r["wall_s"], t)
+        if cur is not None:
+            out.append(cur[:3])
+    return out
+
+
 def expected_seconds(rows: list[dict]) -> tuple[dict[str, float], dict[tuple[str, str], float], float]:
-    """Wall seconds per prompt token: per method (the mean over its cells), per ``(method, task)``
-    where that pair has cells (a method's cost differs by task), and the median over methods for a
-    method with none yet. A method with cells measured the current way (:func:`_current`) is
+    """Wall seconds per prompt token of a run's first budget (:func:`runs`: a run of ``n`` cells
+    taking ``T`` seconds over ``L``-token prompts rates ``T / (L * (1 + EXTRA * (n - 1)))``): per
+    method (the mean over its runs), per ``(method, task)`` where that pair has runs (a method's
+    cost differs by task), and the median over methods for a method with none yet. A method with cells measured the current way (:func:`_current`) is
     rated from those alone: its older cells ran without prefix sharing or grouped budgets (kvzip's
     one old `niah` cell at 16k took 351 s, its `ppl` cells since 4-11 s a budget, 47 s for the
     first at 16k, which pays the scoring for the four)."""
@@ -58,12 +106,11 @@ def expected_seconds(rows: list[dict]) -> tuple[dict[str, float], dict[tuple[str
     rows = [r for r in rows if r["method"] not in now or _current(r)]
     per: dict[str, list[float]] = {}
     per_task: dict[tuple[str, str], list[float]] = {}
-    for r in rows:
-        if r.get("wall_s") and r.get("length"):
-            x = r["wall_s"] / r["length"]
-            per.setdefault(r["method"], []).append(x)
-            if r.get("task"):
-                per_task.setdefault((r["method"], r["task"]), []).append(x)
+    for r, n, total in runs(rows):
+        x = total / (r["length"] * (1 + EXTRA * (n - 1)))
+        per.setdefault(r["method"], []).append(x)
+        if r.get("task"):
+            per_task.setdefault((r["method"], r["task"]), []).append(x)
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     rate = {m: mean(v) for m, v in per.items()}
     return rate, {k: mean(v) for k, v in per_task.items()}, (statistics.median(rate.values()) if rate else 1e-3)
@@ -105,7 +152,9 @@ def group_spec(group: list[str]) -> str:
 
 def remaining_costs(rows: list[dict], suite: str, tasks=None, lengths=None, budgets=None,
                     methods=None) -> dict[str, dict[str, float]]:
-    """Expected seconds per method and task over the suite's cells (narrowed) not yet in ``rows``."""
+    """Expected seconds per method and task over the suite's cells (narrowed) not yet in ``rows``:
+    the cells left of one method over one prompt set as one run (its first budget at the rate of
+    :func:`expected_seconds`, each further one ``EXTRA`` of it)."""
     from kvsift.methods import available_methods
 
     s = get_suite(suite)
@@ -113,12 +162,15 @@ def remaining_costs(rows: list[dict], suite: str, tasks=None, lengths=None, budg
                       budgets=list(budgets or s.budgets), lengths=list(lengths or s.lengths), seeds=list(s.seeds))
     done = {r["key"] for r in rows if not r.get("error")}   # an error row is retried (bench run does)
     rate, task_rate, default = expected_seconds(rows)
-    costs: dict[str, dict[str, float]] = {}
+    left: dict[tuple, int] = {}
     for task, length, seed, method, budget in cfg.cells():
-        if cell_key(task, method, budget, length, seed) in done:
-            continue
+        if cell_key(task, method, budget, length, seed) not in done:
+            left[(method, task, length, seed)] = left.get((method, task, length, seed), 0) + 1
+    costs: dict[str, dict[str, float]] = {}
+    for (method, task, length, _), k in left.items():
         per = costs.setdefault(method, {})
-        per[task] = per.get(task, 0.0) + task_rate.get((method, task), rate.get(method, default)) * length
+        first = task_rate.get((method, task), rate.get(method, default)) * length
+        per[task] = per.get(task, 0.0) + first * (1 + EXTRA * (k - 1))
     return costs
 
 

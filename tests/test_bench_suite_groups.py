@@ -192,3 +192,26 @@ def test_suite_script_seeds_from_the_tree_and_the_machines_kept_rows(tmp_path):
     assert seed(tree, tmp_path / "missing.gz") == {"a": 1, "b": 1}
     assert seed(tmp_path / "none.gz", kept) == {"b": 2, "c": 2}
     assert seed(tmp_path / "none.gz", "") == {}
+
+
+def test_a_prompt_sets_budgets_are_one_run_whose_first_budget_pays_the_set():
+    """Cells of one method over one prompt set that ended one after the other are one run: its first
+    budget pays the set (prefill, kvzip's reread), each further one ``EXTRA`` of it; the cells left of
+    a prompt set are costed the same way (three budgets left: one first price plus two extras)."""
+    t = lambda s: f"2026-12-04T12:58:{s:02d}+00:00"  # noqa: E731
+    L = 16384
+    rows = [{"key": f"ppl|kvzip|{b}|{L}|0", "method": "kvzip", "task": "ppl", "length": L, "wall_s": w, "time": t(s)}
+            for b, w, s in (("0.02", 40.0, 10), ("0.05", 5.0, 15), ("0.1", 5.0, 20), ("0.25", 6.0, 26))]
+    # one budget of another prompt set, alone (the next day)
+    rows.append({"key": f"niah|kvzip|0.05|{L}|0", "method": "kvzip", "task": "niah", "length": L, "wall_s": 60.0,
+                 "time": "2026-12-05T10:00:00+00:00"})
+    assert sorted((n, total) for _, n, total in sg.runs(rows)) == [(1, 60.0), (4, 56.0)]
+    rate, task_rate, _ = sg.expected_seconds(rows)
+    assert task_rate[("kvzip", "ppl")] == pytest.approx(56.0 / (L * (1 + 3 * sg.EXTRA)))
+    assert task_rate[("kvzip", "niah")] == pytest.approx(60.0 / L)
+    costs = sg.remaining_costs(rows, "standard", tasks=["niah"], lengths=[L], budgets=["0.02", "0.05", "0.1", "0.25"],
+                               methods=["kvzip"])
+    assert costs["kvzip"]["niah"] == pytest.approx(60.0 * (1 + 2 * sg.EXTRA))    # not 3 x 60 s
+    # far apart in time: separate runs, each its own first budget
+    rows[1]["time"] = "2026-12-04T15:00:00+00:00"
+    assert sorted(n for _, n, _ in sg.runs(rows[:4])) == [1, 3]
