@@ -156,3 +156,34 @@ def test_metrics_report_the_device_memory_on_cuda_only(monkeypatch):
     vals = dict(line.rsplit(" ", 1) for line in m.render().decode().splitlines() if not line.startswith("#"))
     for kind, gib in (("allocated", 3), ("peak_allocated", 5), ("reserved", 8)):
         assert float(vals[f'kvsift_device_memory_bytes{{kind="{kind}"}}']) == gib * 2**30
+
+
+def test_a_preempted_request_coming_back_is_not_counted_as_waiting_that_gap(tiny_llm, default_tokenizer):
+    """Preemption with the trace on: B leaves the batch and comes back later; the change of rows
+    that brings it back counts only the rows that were running (B's wait was longer than that gap),
+    and the answers are the ones without the trace."""
+    from tests.test_engine_scheduler import _run_preempting
+
+    llm = LLM.from_model(tiny_llm.model, default_tokenizer, chunk_size=64)
+    p_a, p_b = random_prompt(40, seed=501), random_prompt(48, seed=502)
+    q = SamplingParams(max_tokens=40, ignore_eos=True)
+
+    def run():
+        a, b = (llm.request([p], q, method="snapkv", budget=0.5) for p in (p_a, p_b))
+        _, outs, _ = _run_preempting(llm, a, b, 40, join_at=2, slack=1.1)
+        return [outs[r.id][0].token_ids for r in (a, b)]
+
+    want = run()
+    llm.step_trace = StepTrace()
+    try:
+        got = run()
+        recs = llm.step_trace.snapshot()
+    finally:
+        llm.step_trace = None
+    assert got == want
+    changes = [r for r in recs if r["rebuild_ms"] > 0]
+    assert len(changes) >= 3      # B stacked, B out, B back
+    assert max(r["rows"] for r in recs) == 2
+    # at every change of rows only the rows kept can have waited the whole gap: not B coming back
+    # (here once A is done: a gap no row waited)
+    assert all(r["rows"] <= r["kept"] for r in changes), changes

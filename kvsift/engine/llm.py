@@ -821,7 +821,8 @@ class LLM:
                             in_setup = note_setup()
                             gap.add(rebuild_ms=max(0.0, 1000 * (time.perf_counter() - t_change) - in_setup),
                                     stacked=len(new), kept=len(keep))
-                            gap.joined(len(firsts_new))
+                            # rows that came in (joiners, and preempted rows back) did not wait this gap
+                            gap.joined(len(firsts_new) + sum(len(sw.seqs) for sw in resumed))
                         for k, (t_k, e_k) in enumerate(firsts_new):
                             yield from push(len(keep) + k, t_k, bool(e_k), set())
                         if all(s.done for s in seqs):
