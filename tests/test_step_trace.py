@@ -47,6 +47,19 @@ def test_the_trace_keeps_its_last_records_and_answers_since():
     assert tr.begin().batch == 2
 
 
+def _traced(llm, run) -> list[dict]:
+    """``run()`` without the step trace, then with it: the same answers; the trace's records."""
+    want = run()
+    llm.step_trace = StepTrace()
+    try:
+        got = run()
+        recs = llm.step_trace.snapshot()
+    finally:
+        llm.step_trace = None
+    assert got == want
+    return recs
+
+
 @pytest.fixture(scope="module")
 def llm(default_tokenizer):
     return LLM.from_model(tiny_model("qwen2", seed=1), default_tokenizer, name="tiny", chunk_size=64)
@@ -71,14 +84,7 @@ def test_run_batch_records_each_gap_and_what_it_held(llm, method):
                 out[r is a] = ev.output.token_ids
         return out
 
-    want = run()
-    llm.step_trace = StepTrace()
-    try:
-        got = run()
-        recs = llm.step_trace.snapshot()
-    finally:
-        llm.step_trace = None
-    assert got == want
+    recs = _traced(llm, run)
     assert recs[0]["first"] and recs[0]["rows"] == 1 and all(not r["first"] for r in recs[1:])
     assert len({r["batch"] for r in recs}) == 1
     chunks = [r for r in recs if r["join_chunks"]]
@@ -173,14 +179,7 @@ def test_a_preempted_request_coming_back_is_not_counted_as_waiting_that_gap(tiny
         _, outs, _ = _run_preempting(llm, a, b, 40, join_at=2, slack=1.1)
         return [outs[r.id][0].token_ids for r in (a, b)]
 
-    want = run()
-    llm.step_trace = StepTrace()
-    try:
-        got = run()
-        recs = llm.step_trace.snapshot()
-    finally:
-        llm.step_trace = None
-    assert got == want
+    recs = _traced(llm, run)
     changes = [r for r in recs if r["rebuild_ms"] > 0]
     assert len(changes) >= 3      # B stacked, B out, B back
     assert max(r["rows"] for r in recs) == 2
