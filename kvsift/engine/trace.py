@@ -25,16 +25,17 @@ class StepRecord:
     """One gap of a running batch (times in milliseconds, host clock).
 
     ``batch``: which ``run_batch`` call (records of one batch are consecutive gaps); ``t``: seconds
-    since the trace began when this step's tokens went out; ``rows``: rows whose tokens went out
-    that waited the whole gap (the streams that waited it, unless ``first``; rows that joined
-    within it are not counted: their first token went out inside it); ``first``: the batch's first tokens (its
-    gap is the prefill, not an inter-token time); ``gap_ms``: since the batch's previous tokens;
-    ``wait_ms``: of it, from the loop's turn to the tokens on the host (the step's device time that
-    was not hidden, plus queueing the next step); ``join_ms`` / ``join_chunks``: joining prompts'
-    prefill chunks run in the gap; ``prefill_done``: joining requests whose prefill ended in it;
+    since the trace began when this step's tokens went out; ``rows``: the rows whose tokens went
+    out and that waited the whole gap (rows that joined or came back from preemption within it are
+    not counted: their tokens before it went out elsewhere); ``first``: the batch's first tokens
+    (not an inter-token time: its rows waited their prefill before it); ``gap_ms``: since the
+    batch's previous tokens; ``wait_ms``: of it, from the loop's turn to the tokens on the host
+    (the step's device time that was not hidden, queueing the next step included); ``join_ms`` /
+    ``join_chunks``: joining prompts' prefill chunks run in the gap (the call that ends a prefill
+    counts in ``join_ms`` only); ``prefill_done``: joining requests whose prefill ended in it;
     ``held``: joiners waited for their state's writes; ``rebuild_ms`` / ``stacked`` / ``kept``: a
-    change of the rows (joiners stacked, rows kept); ``setup_ms``: static warm-up steps and CUDA
-    graph recordings."""
+    change of the rows (requests stacked, rows kept), its setup apart; ``setup_ms``: static
+    warm-up steps and CUDA graph recordings."""
 
     batch: int
     t: float
@@ -57,8 +58,9 @@ _PARTS = ("wait_ms", "join_ms", "rebuild_ms", "setup_ms")
 
 class StepTrace:
     """The last ``keep`` :class:`StepRecord` s of every batch the engine ran (a ring: older ones
-    drop out). :meth:`begin` starts a batch's gaps, :meth:`gap` accumulates one gap's parts, and
-    :meth:`tokens` closes it when its tokens go out (one writer: the engine's loop)."""
+    drop out). :meth:`begin` starts a batch: its ``_Gap`` accumulates one gap's parts (``add``) and
+    closes it when its tokens go out (``tokens``); one writer, the engine's loop; readers take
+    :meth:`snapshot`."""
 
     def __init__(self, keep: int = 100_000):
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
