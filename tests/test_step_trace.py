@@ -122,6 +122,9 @@ def test_server_serves_its_trace_to_admins_only(make_client, tiny_llm):
         assert recs and recs[0]["first"] and sum(1 for r in recs if not r["first"]) == 4   # 5 tokens: 4 gaps
         assert body["summary"]["gaps"] == 4 and body["summary"]["p50_ms"] > 0
         assert c.get("/debug/steps", params={"since": body["now"] + 60}, headers=root).json()["records"] == []
+        for bad in ("abc", "nan", "inf"):
+            r = c.get("/debug/steps", params={"since": bad}, headers=root)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "since", r.text
         r = c.get("/debug/steps", headers=alice)
         assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
         assert c.get("/debug/steps").status_code == 401

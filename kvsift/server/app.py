@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -330,6 +331,9 @@ def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
         trace = llm.step_trace
         if trace is None:
             raise APIError(404, "the step trace is off: start the server with --step-trace N", code="not_found")
+        if since is not None and not math.isfinite(since):
+            raise APIError(400, f"since must be a finite number of seconds, got {since}", param="since",
+                           code="invalid_value")
         records = trace.snapshot(since)
         return {"now": trace.now(), "records": records, "summary": summarize(records)}
 
