@@ -169,9 +169,14 @@ def step_trace(url: str, since: float | None = None) -> dict:
 
 
 def trace_report(body: dict, slowest: int = 40) -> dict:
-    """A run's step trace, kept small: the server's summary of its slow gaps and its slowest gaps."""
-    gaps = [r for r in body["records"] if not r["first"]]
-    return {**body["summary"], "slowest": sorted(gaps, key=lambda r: -r["gap_ms"])[:slowest]}
+    """A run's step trace, kept small: the server's summary of its slow gaps, its slowest gaps (those
+    the summary counts, :func:`kvsift.engine.trace.waited`), and its changes of rows (how the run
+    batched: requests stacked, rows kept; one after every row had finished is in no stream's gap)."""
+    from kvsift.engine.trace import waited
+
+    gaps = [r for r in body["records"] if waited(r)]
+    return {**body["summary"], "slowest": sorted(gaps, key=lambda r: -r["gap_ms"])[:slowest],
+            "changes": [r for r in body["records"] if r["stacked"] or r["rebuild_ms"] > 0][:slowest]}
 
 
 def trace_line(r: dict) -> str | None:
@@ -297,7 +302,7 @@ def main(argv=None) -> int:
                     help="start each server with --step-trace and report where its slow inter-token gaps went "
                          "(GET /debug/steps over the timed clients: gaps over 2x the median with a joining "
                          "prefill chunk, a prefill ending, a change of rows, CUDA graph setup; the 40 slowest "
-                         "gaps in the JSON)")
+                         "gaps and the changes of rows in the JSON)")
     ap.add_argument("--timeout", type=float, default=600.0, help="per request")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="write the results here")

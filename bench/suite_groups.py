@@ -78,11 +78,10 @@ def runs(rows: list[dict]) -> list[tuple[dict, int, float]]:
             by.setdefault((r["method"], r.get("task"), r["length"]), []).append(r)
     out = []
     for rs in by.values():
-        timed = sorted((r for r in rs if _stamp(r) is not None), key=_stamp)
-        out += [(r, 1, r["wall_s"]) for r in rs if _stamp(r) is None]
+        stamped = [(_stamp(r), r) for r in rs]   # each row's time parsed once
+        out += [(r, 1, r["wall_s"]) for t, r in stamped if t is None]
         cur = None
-        for r in timed:
-            t = _stamp(r)
+        for t, r in sorted(((t, r) for t, r in stamped if t is not None), key=lambda tr: tr[0]):
             if cur is not None and t - cur[3] <= r["wall_s"] + 60:
                 cur = (cur[0], cur[1] + 1, cur[2] + r["wall_s"], t)
             else:

@@ -93,4 +93,5 @@ def test_serve_load_step_trace_reports_the_slow_gaps(tmp_path, default_tokenizer
     assert set(s["slow_with"]) == {"join_chunk", "prefill_done", "rows_changed", "setup", "held", "plain"}
     gaps = [g["gap_ms"] for g in s["slowest"]]
     assert gaps == sorted(gaps, reverse=True) and len(gaps) == s["gaps"] and not any(g["first"] for g in s["slowest"])
+    assert all(c["stacked"] or c["rebuild_ms"] > 0 for c in s["changes"])
     assert "step trace, max-batch 4" in capsys.readouterr().out

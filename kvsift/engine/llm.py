@@ -735,10 +735,11 @@ class LLM:
                             for r in joining:
                                 r.finished = True
                                 yield r, StreamEvent(0, "", None, finished=True, error=e)
+                        join_s = time.perf_counter() - t_join   # what the joining chunks took
                         if not all(done):
-                            waited += time.perf_counter() - t_join
+                            waited += join_s
                         if gap is not None:
-                            gap.add(join_ms=1000 * (time.perf_counter() - t_join), join_chunks=n, prefill_done=len(new))
+                            gap.add(join_ms=1000 * join_s, join_chunks=n, prefill_done=len(new))
                     if new and not all(done) and not _states_ready(parts):
                         # the joiners' method state is still being written asynchronously (sentencekv's
                         # chunks on their way to host memory): stacking them now would wait for those

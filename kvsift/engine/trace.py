@@ -139,13 +139,19 @@ def _weighted_quantile(values: list[tuple[float, int]], q: float) -> float | Non
     return vals[-1][0]
 
 
+def waited(record: dict) -> bool:
+    """A record that is an inter-token gap some stream waited: not a batch's first tokens, and at
+    least one row waited all of it (a change of rows after every row had finished is none)."""
+    return not record.get("first") and record.get("rows", 0) > 0
+
+
 def summarize(records: list[dict], factor: float = 2.0) -> dict:
     """Where the slow gaps' time went. Every gap (not a batch's ``first``) counts once per row that
     waited it (a stream's inter-token time); ``p50`` / ``p99`` over those; ``slow``: the gaps over
     ``factor`` x the p50 (issue #16's bound is 2x): how many stream-gaps, their share, and for them
     the mean gap and parts, and how many had a joining chunk, a prefill ending, a change of rows,
     setup (warm-up or recording), joiners held, or none of these (``plain``: the step itself)."""
-    gaps = [r for r in records if not r.get("first") and r.get("rows", 0) > 0]
+    gaps = [r for r in records if waited(r)]
     out = {"gaps": len(gaps), "stream_gaps": sum(r["rows"] for r in gaps)}
     if not gaps:
         return out
