@@ -8,6 +8,7 @@
 #   STEPS=tests,kivi,kivi_e2e TESTS_K="shadowkv and cuda" bash bench/gpu_checks.sh
 #   STEPS=batch_fit bash bench/gpu_checks.sh  # #13: the largest decode batch at 128k, full vs kivi (carry .whl)
 #   STEPS=serve SERVE_METHODS="full sentencekv" bash bench/gpu_checks.sh   # #16 load figures (carry .stage/tok, .whl)
+#   STEPS=serve SERVE_PROMPT=4096 SERVE_NEW=256 bash bench/gpu_checks.sh   # #16: a decode-heavy load (defaults 32768, 64)
 #   STEPS=profile_decode bash bench/gpu_checks.sh   # #13: kernel time per decode step, per method
 #   STEPS=profile_decode PROF_CTX=4096 PROF_BATCH=26 PROF_DEC_METHODS="full,sentencekv:205" bash bench/gpu_checks.sh
 #                                            # #15: a suite cell's shape (steady steps: kernels as full's; wall, first step, prefill apart)
@@ -132,7 +133,7 @@ if step serve; then   # #16: the server under 32 clients of 32k tokens, FIFO vs 
   # shadows the image's and breaks anyio)
   for m in ${SERVE_METHODS:-full sentencekv}; do
     timeout ${T_SERVE:-280} python3 bench/serve_load.py --random-8b ${SERVE_LAYERS:-16} --tokenizer ${TOKENIZER:-.stage/tok} \
-      --device cuda --clients ${SERVE_CLIENTS:-32} --requests 1 --prompt-tokens 32768 --max-tokens 64 \
+      --device cuda --clients ${SERVE_CLIENTS:-32} --requests 1 --prompt-tokens ${SERVE_PROMPT:-32768} --max-tokens ${SERVE_NEW:-64} \
       --max-batch ${SERVE_MB:-32,1} --kv-method $m --kv-budget 2048 --chunk-size 4096 --timeout 270 \
       ${SERVE_ARGS:-} --json "$R/serve_load_${m}_h200.json" >"$R/serve_$m.log" 2>&1
     echo "serve $m rc=$? $(( $(date +%s) - t0 )) s"; grep -v "^  File \"\|^    [^0-9 ]" "$R/serve_$m.log" | tail -8

@@ -185,7 +185,8 @@ def trace_line(r: dict) -> str | None:
     if not s or not s.get("gaps"):
         return None
     w, m = s["slow_with"], s["slow_mean"]
-    return (f"max-batch {r['max_batch']}{' join ' + str(r.get('join_chunk_size')) if r.get('join_chunk_size') else ''}: "
+    return (f"max-batch {r['max_batch']}{' join ' + str(r.get('join_chunk_size')) if r.get('join_chunk_size') else ''}"
+            f"{' ' + r['join_order'] if r.get('join_order') else ''}: "
             f"{s['gaps']} gaps ({s['stream_gaps']} stream-gaps), p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms; "
             f"over {s['factor']}x p50: {s['slow_stream_gaps']} stream-gaps ({100 * s['slow_share']:.2f}%), mean "
             f"{m['gap_ms']} ms = wait {m['wait_ms']} + join {m['join_ms']} + rows {m['rebuild_ms']} + setup "
@@ -279,6 +280,9 @@ def main(argv=None) -> int:
     ap.add_argument("--join-chunk-size", default="",
                     help="the server's --join-chunk-size (tokens per joining prefill chunk), or a comma list run one "
                          "after another with continuous batching (default: the server's, --chunk-size)")
+    ap.add_argument("--join-order", default="together",
+                    help="the server's --join-order (together | fcfs | shortest), or a comma list run one after "
+                         "another with continuous batching")
     ap.add_argument("--max-batched-tokens", default="",
                     help="the server's --max-batched-tokens (prompt tokens one prefill forward takes over all its "
                          "rows: what bounds the running rows' gaps when many requests join at once), or a comma "
@@ -316,6 +320,9 @@ def main(argv=None) -> int:
     if not joins or min(joins) < 0:
         ap.error("--join-chunks values must be >= 0")
     widths = _token_counts(ap, "--join-chunk-size", args.join_chunk_size)
+    orders = [v.strip() for v in args.join_order.split(",")]
+    if not orders or any(v not in ("together", "fcfs", "shortest") for v in orders):
+        ap.error(f"--join-order values must be together, fcfs or shortest, got {args.join_order!r}")
     caps = _token_counts(ap, "--max-batched-tokens", args.max_batched_tokens)
     if args.random_8b is not None and (args.random_8b < 1 or not args.tokenizer or args.model):
         ap.error("--random-8b takes a layer count >= 1 and --tokenizer, and no --model")
@@ -349,18 +356,21 @@ def main(argv=None) -> int:
         rows = []
         modes = {"on": [True], "off": [False], "both": [False, True]}[
             "off" if args.no_continuous_batching else args.continuous]
-        runs = [(mb, c, jc, jw, cap, pre, arena) for mb in values for c in (modes if mb > 1 else modes[:1])
+        runs = [(mb, c, jc, jw, jo, cap, pre, arena) for mb in values for c in (modes if mb > 1 else modes[:1])
                 for jc in (joins if c and mb > 1 else joins[:1])
                 for jw in (widths if c and mb > 1 else widths[:1])
+                for jo in (orders if c and mb > 1 else orders[:1])
                 for cap in caps
                 for pre in {"off": [False], "on": [True], "both": [False, True]}[args.preempt]
                 for arena in {"off": [False], "on": [True], "both": [False, True]}[args.kv_arena]]
-        for mb, cont, jc, jw, cap, pre, arena in runs:
+        for mb, cont, jc, jw, jo, cap, pre, arena in runs:
             cmd = ["--model", model, "--device", args.device, "--no-persist", "--max-batch", str(mb),
                    "--max-waiting", str(4 * args.clients), "--max-tokens-cap", str(args.max_tokens),
                    "--join-chunks", str(jc)]
             if jw is not None and cont and mb > 1:
                 cmd += ["--join-chunk-size", str(jw)]
+            if cont and mb > 1:
+                cmd += ["--join-order", jo]
             if cap is not None:
                 cmd += ["--max-batched-tokens", str(cap)]
             if args.chunk_size:
@@ -406,19 +416,21 @@ def main(argv=None) -> int:
             res["batches"] = n
             res["requests_per_batch"] = round((res["requests"] - len(res["errors"])) / n, 2) if n else None
             rows.append({"max_batch": mb, "continuous": cont and mb > 1, "join_chunks": jc if cont and mb > 1 else None,
-                         "join_chunk_size": jw if cont and mb > 1 else None, "max_batched_tokens": cap,
+                         "join_chunk_size": jw if cont and mb > 1 else None,
+                         "join_order": jo if cont and mb > 1 else None, "max_batched_tokens": cap,
                          "preempt": pre, "kv_arena": arena, "warmup": warm, **res})
             if args.json is not None:  # rows so far, should a later run be cut off
                 args.json.write_text(json.dumps({"partial": True, "model": label, "results": rows}, indent=1))
     finally:
         tmp.cleanup()
 
-    head = ("max-batch", "arena", "joins", "join chunks", "chunk tokens", "batched tokens", "joined", "preempt", "preemptions", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
+    head = ("max-batch", "arena", "joins", "join chunks", "chunk tokens", "order", "batched tokens", "joined", "preempt", "preemptions", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
             "ITL p50 ms", "ITL p99 ms", "p99 from gap 2", "longest at gap 1", "rebuilds", "rebuild ms mean/max",
             "batches", "req/batch", "GPU peak GiB", "errors")
     table = [head] + [(str(r["max_batch"]), "on" if r.get("kv_arena") else "off", "yes" if r["continuous"] else "no",
                        "-" if r["join_chunks"] is None else ("all" if r["join_chunks"] == 0 else str(r["join_chunks"])),
                        "-" if r.get("join_chunk_size") is None else str(r["join_chunk_size"]),
+                       r.get("join_order") or "-",
                        "-" if r.get("max_batched_tokens") is None else str(r["max_batched_tokens"]),
                        str(r.get("joined", "-")), "yes" if r["preempt"] else "no", str(r["preemptions"]),
                        str(r["throughput_tok_s"]), str(r["ttft_p50_ms"]), str(r["ttft_p99_ms"]),

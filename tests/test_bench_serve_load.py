@@ -53,6 +53,7 @@ def test_serve_load_rejects_bad_lists_before_starting_a_server(capsys):
     for flag, value, msg in (("--max-batched-tokens", "8", "values must be >= 16"),
                              ("--max-batched-tokens", "x", "comma-separated integers"),
                              ("--join-chunk-size", "4", "values must be >= 16"),
+                             ("--join-order", "fifo", "must be together, fcfs or shortest"),
                              ("--warmup-clients", "-1", "--warmup-clients must be")):
         with pytest.raises(SystemExit) as e:
             mod.main(["--clients", "2", flag, value])
@@ -65,10 +66,12 @@ def test_serve_load_runs_each_setting_with_and_without_kv_arenas(tmp_path, defau
     spec.loader.exec_module(mod)
     out = tmp_path / "load.json"
     rc = mod.main(["--clients", "2", "--requests", "1", "--prompt-tokens", "40", "--max-tokens", "3",
-                   "--max-batch", "4", "--kv-arena", "both", "--warmup-clients", "2", "--json", str(out)])
+                   "--max-batch", "4", "--kv-arena", "both", "--warmup-clients", "2", "--join-order", "shortest",
+                   "--json", str(out)])
     assert rc == 0
     rows = json.loads(out.read_text())["results"]
     assert [r["kv_arena"] for r in rows] == [False, True]   # a server started each way (a bad flag exits)
+    assert [r["join_order"] for r in rows] == ["shortest", "shortest"]
     assert all(r["errors"] == [] and r["tokens"] == 2 * 3 for r in rows)   # the warm-up requests not counted
     assert all(r["warmup"]["clients"] == 2 and r["warmup"]["errors"] == 0 and r["warmup"]["wall_s"] > 0
                for r in rows)

@@ -655,6 +655,168 @@ def test_a_joining_prefill_becomes_the_batch_when_no_running_row_is_left(tiny_ll
             assert len(stacked) == alone_a + alone_b and set(stacked) <= {1}, (spec, stacked)
 
 
+@pytest.mark.parametrize("spec,budget,invariant", [("full", None, True), ("quest", 32, True),
+                                                   ("sentencekv", 48, True), ("snapkv", 0.25, False)])
+def test_fcfs_joiners_each_stream_as_their_own_prefill_ends(tiny_llm, monkeypatch, spec, budget, invariant):
+    """join_order fcfs: three prompts that join at one boundary are prefilled one at a time in
+    arrival order, each with the whole join_chunk_size (48, not 16 a row as together), and each
+    is stacked into the running batch as soon as its own prefill ends: the first joiner's tokens
+    stream while the next ones prefill, and every answer is the one alone."""
+    p_a = random_prompt(100, seed=111)
+    joiners = [random_prompt(160, seed=112 + i) for i in range(3)]
+    pa, pj = SamplingParams(max_tokens=60, ignore_eos=True), SamplingParams(max_tokens=12, ignore_eos=True)
+    want = ([tiny_llm.generate(p_a, pa, method=spec, budget=budget)[0].token_ids]
+            + [tiny_llm.generate(x, pj, method=spec, budget=budget)[0].token_ids for x in joiners])
+    shapes = []
+    real = tiny_llm.runner.forward
+    monkeypatch.setattr(tiny_llm.runner, "forward",
+                        lambda ctx, ids, pos: shapes.append(tuple(ids.shape)) or real(ctx, ids, pos))
+    monkeypatch.setattr(tiny_llm, "join_chunk_size", 48)
+    monkeypatch.setattr(tiny_llm, "join_order", "fcfs")
+    a = tiny_llm.request([p_a], pa, method=spec, budget=budget)
+    rs = [tiny_llm.request([x], pj, method=spec, budget=budget) for x in joiners]
+    events, outs, asks = [], {}, []
+    for r, ev in tiny_llm.run_batch([a], join=lambda run, rows: asks.append(rows) or ([*rs] if len(asks) == 2 else [])):
+        events.append(r.id)
+        if ev.output is not None:
+            outs[r.id] = ev.output
+    assert [outs[r.id].token_ids for r in [a] + rs] == want
+    prefills = [w for b, w in shapes if w > 1]
+    k = acc = 0
+    while acc < len(p_a):                              # a's own prefill
+        acc, k = acc + prefills[k], k + 1
+    joined = prefills[k:]                              # the joiners' forwards
+    assert sum(joined) == 3 * 160 and all(b == 1 for b, w in shapes if w > 1), shapes   # one prompt a forward
+    if invariant:
+        assert max(joined) == 48, joined
+    first = [events.index(r.id) for r in rs]
+    assert first == sorted(first)
+    # the first joiner streams (its own tokens, and a's) before the second's first token, and so on
+    assert rs[0].id in events[first[0] + 1:first[1]] and rs[1].id in events[first[1] + 1:first[2]], events
+
+
+def test_fcfs_join_order_against_together(tiny_llm, monkeypatch):
+    """The same joins under both orders: together, the three joiners' first tokens come out at one
+    boundary (after the last one's prefill); fcfs, the first one's comes several decode steps
+    earlier. The answers are the same."""
+    p_a = random_prompt(100, seed=121)
+    joiners = [random_prompt(160, seed=122 + i) for i in range(3)]
+    pa, pj = SamplingParams(max_tokens=80, ignore_eos=True), SamplingParams(max_tokens=6, ignore_eos=True)
+    monkeypatch.setattr(tiny_llm, "join_chunk_size", 48)
+    got = {}
+    for order in ("together", "fcfs"):
+        monkeypatch.setattr(tiny_llm, "join_order", order)
+        a = tiny_llm.request([p_a], pa)
+        rs = [tiny_llm.request([x], pj) for x in joiners]
+        a_tokens, firsts, outs = 0, {}, {}
+        for r, ev in _events_with_joins(tiny_llm, a, {2: rs}):
+            if r is a:
+                a_tokens += 1
+            elif r.id not in firsts:
+                firsts[r.id] = a_tokens          # a's tokens out before this joiner's first
+            if ev.output is not None:
+                outs[r.id] = ev.output.token_ids
+        got[order] = ([firsts[r.id] for r in rs], [outs[r.id] for r in [a] + rs])
+    (t_first, t_out), (f_first, f_out) = got["together"], got["fcfs"]
+    assert t_out == f_out
+    assert len(set(t_first)) == 1, t_first                    # together: one boundary
+    assert f_first == sorted(f_first) and f_first[0] < t_first[0] - 2, (f_first, t_first)
+
+
+def _events_with_joins(llm, first, schedule):
+    asks = []
+    yield from llm.run_batch([first], join=lambda run, rows: asks.append(rows) or schedule.get(len(asks), []))
+
+
+def test_fcfs_joiner_that_leaves_during_its_prefill_ends_alone(tiny_llm, monkeypatch):
+    """join_order fcfs: the second of three joiners' client leaves during its own prefill: it ends
+    there, cancelled with no token, and the first and third answer as alone (together, a group's
+    prefill stops only once every one of its requests left)."""
+    p_a = random_prompt(60, seed=131)
+    joiners = [random_prompt(160, seed=132 + i) for i in range(3)]
+    pa, pj = SamplingParams(max_tokens=50, ignore_eos=True), SamplingParams(max_tokens=5, ignore_eos=True)
+    want = [tiny_llm.generate(x, pj)[0].token_ids for x in joiners]
+    widths = record_forward_widths(tiny_llm, monkeypatch)
+    monkeypatch.setattr(tiny_llm, "join_chunk_size", 48)
+    monkeypatch.setattr(tiny_llm, "join_order", "fcfs")
+    seen = {"n": 0}
+
+    def leave():   # asked before each of its chunks after the first: it leaves after 3 of them
+        seen["n"] += 1
+        return seen["n"] > 2
+
+    a = tiny_llm.request([p_a], pa)
+    rs = [tiny_llm.request([x], pj, cancel=leave if i == 1 else None) for i, x in enumerate(joiners)]
+    outs, _ = run_with_joins(tiny_llm, a, {2: rs})
+    assert outs[rs[1].id].finish_reason == "cancelled" and outs[rs[1].id].token_ids == []
+    assert [outs[rs[0].id].token_ids, outs[rs[2].id].token_ids] == [want[0], want[2]]
+    assert outs[a.id].finish_reason == "length" and len(outs[a.id].token_ids) == 50
+    assert sum(w for w in widths if w > 1) == 60 + 160 + 3 * 48 + 160, widths   # its fourth chunk never ran
+
+
+def test_fcfs_joiner_prefilled_while_an_earlier_one_is_held_joins_with_it(tiny_llm, monkeypatch):
+    """join_order fcfs with joiners held for their method state's writes (sentencekv's chunks on
+    their way to host memory, made to look pending here): a second joiner whose prefill ends while
+    the first is still held is stacked with it, at one change of rows, and every answer is the one
+    alone."""
+    import kvsift.engine.llm as llm_mod
+
+    p_a = random_prompt(60, seed=141)
+    joiners = [random_prompt(96, seed=142 + i) for i in range(3)]
+    pa, pj = SamplingParams(max_tokens=40, ignore_eos=True), SamplingParams(max_tokens=4, ignore_eos=True)
+    want = [tiny_llm.generate(p_a, pa)[0].token_ids] + [tiny_llm.generate(x, pj)[0].token_ids for x in joiners]
+    asked = {"n": 0}
+
+    def ready(parts):   # the first two joiners' writes "pending" for a few boundaries
+        asked["n"] += 1
+        return asked["n"] > 3
+
+    monkeypatch.setattr(llm_mod, "_states_ready", ready)
+    monkeypatch.setattr(tiny_llm, "join_chunk_size", 48)
+    monkeypatch.setattr(tiny_llm, "join_order", "fcfs")
+    stacks = []
+    real = tiny_llm._rebuild
+    monkeypatch.setattr(tiny_llm, "_rebuild", lambda ctx, pos, keep, new, *a, **k: stacks.append(len(new))
+                        or real(ctx, pos, keep, new, *a, **k))
+    a = tiny_llm.request([p_a], pa)
+    rs = [tiny_llm.request([x], pj) for x in joiners]
+    outs, _ = run_with_joins(tiny_llm, a, {2: rs})
+    assert [outs[r.id].token_ids for r in [a] + rs] == want
+    assert [n for n in stacks if n] == [2, 1], stacks     # the first two together, then the third
+
+
+def test_shortest_join_order_streams_the_short_prompts_first(tiny_llm, monkeypatch):
+    """join_order shortest: of three prompts that join at one boundary (300, 60 and 160 tokens, in
+    that order), the 60-token one is prefilled first and streams first, then the 160, then the 300
+    (fcfs keeps their arrival order); every answer is the one alone."""
+    p_a = random_prompt(80, seed=151)
+    joiners = [random_prompt(n, seed=152 + n) for n in (300, 60, 160)]
+    pa, pj = SamplingParams(max_tokens=70, ignore_eos=True), SamplingParams(max_tokens=5, ignore_eos=True)
+    want = [tiny_llm.generate(x, pj)[0].token_ids for x in joiners]
+    monkeypatch.setattr(tiny_llm, "join_chunk_size", 32)
+    for order, first_to_last in (("shortest", [1, 2, 0]), ("fcfs", [0, 1, 2])):
+        monkeypatch.setattr(tiny_llm, "join_order", order)
+        a = tiny_llm.request([p_a], pa)
+        rs = [tiny_llm.request([x], pj) for x in joiners]
+        events, outs = [], {}
+        for r, ev in _events_with_joins(tiny_llm, a, {2: rs}):
+            events.append(r.id)
+            if ev.output is not None:
+                outs[r.id] = ev.output.token_ids
+        assert [outs[r.id] for r in rs] == want, order
+        firsts = sorted(range(3), key=lambda i: events.index(rs[i].id))
+        assert firsts == first_to_last, (order, firsts)
+
+
+def test_join_order_is_validated():
+    from kvsift.engine.llm import _check_join_order
+
+    for bad in ("fifo", None, 1):
+        with pytest.raises(ValueError, match="join_order"):
+            _check_join_order(bad)
+    assert [_check_join_order(o) for o in ("together", "fcfs", "shortest")] == ["together", "fcfs", "shortest"]
+
+
 def test_join_chunk_size_is_validated():
     from kvsift.engine.llm import _check_join_chunk_size
 

@@ -309,6 +309,11 @@ def test_max_batch_and_memory_options_are_validated(capsys):
     assert main(["serve", "--join-chunk-size", "8", "--model", "/nonexistent", "--no-persist"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kvsift: error: ") and "--join-chunk-size" in err, err
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--join-order", "fifo", "--model", "/nonexistent", "--no-persist"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "kvsift" in err and "--join-order" in err and "invalid choice" in err, err
 
 
 def test_a_request_over_the_kv_memory_is_400_before_it_queues(make_client, tiny_llm):

@@ -75,7 +75,16 @@ class LLM:
     default: ``chunk_size`` each); narrower chunks shorten the running rows' inter-token time at
     some prefill speed; used only for methods whose prefill does not depend on its chunking,
     ``KVMethod.chunk_invariant``: full, the decode-time selections, sentencekv without
-    prefill_offload). ``max_batched_tokens``: prompt tokens one
+    prefill_offload). ``join_order``: requests that join at one step boundary are prefilled as one
+    group and stacked into the running batch together once the last is prefilled (``together``,
+    the default: one change of rows per group; ``full`` prefills such a group as one padded batch,
+    each prompt getting a share of ``join_chunk_size``), or one at a time in arrival order, each
+    stacked as soon as its own prefill ends (``fcfs``: each prompt gets the whole
+    ``join_chunk_size`` and the first ones start streaming without waiting for the group's last,
+    at one change of rows per joiner), or as ``fcfs`` with the group's shortest prompts first
+    (``shortest``: a short question that joins beside a long document does not wait for the
+    document's prefill; a later group is admitted only once this one is in, so no prompt waits
+    behind more than its own group). ``max_batched_tokens``: prompt tokens one
     prefill forward takes over all rows of a batch (default 16,384): many long prompts prefilled
     together (requests joining at once) get narrower chunks, so activation memory stays bounded.
 
@@ -86,33 +95,36 @@ class LLM:
     def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
                  chunk_size: int | None = None, decode_mode: str = "auto", prefill_mode: str = "auto",
                  kv_arena: bool = False, tensor_parallel: int = 1, join_chunks: int = 1,
-                 max_batched_tokens: int = MAX_BATCHED_TOKENS, join_chunk_size: int | None = None):
+                 max_batched_tokens: int = MAX_BATCHED_TOKENS, join_chunk_size: int | None = None,
+                 join_order: str = "together"):
         check_decode_mode(decode_mode)
         _check_prefill_mode(prefill_mode)
         _check_join_chunks(join_chunks)
         _check_join_chunk_size(join_chunk_size)
+        _check_join_order(join_order)
         if max_batched_tokens < 16:  # before the model loads
             raise ValueError(f"max_batched_tokens must be >= 16, got {max_batched_tokens}")
         mdl, tok, info = load_model(model, device, dtype, tensor_parallel=tensor_parallel)
         self._init(mdl, tok, info, chunk_size, decode_mode, prefill_mode, kv_arena, join_chunks, max_batched_tokens,
-                   join_chunk_size)
+                   join_chunk_size, join_order)
 
     @classmethod
     def from_model(cls, model, tokenizer, name: str = "model", chunk_size: int | None = None,
                    decode_mode: str = "auto", prefill_mode: str = "auto", kv_arena: bool = False,
                    join_chunks: int = 1, max_batched_tokens: int = MAX_BATCHED_TOKENS,
-                   join_chunk_size: int | None = None) -> "LLM":
+                   join_chunk_size: int | None = None, join_order: str = "together") -> "LLM":
         """Wrap an already loaded transformers model (e.g. a tiny random one in tests; a model
         loaded tensor-parallel runs as one rank of it)."""
         self = cls.__new__(cls)
         self._init(model.eval(), tokenizer, model_info(model, tokenizer, name), chunk_size, decode_mode,
                    prefill_mode, kv_arena, _check_join_chunks(join_chunks), max_batched_tokens,
-                   _check_join_chunk_size(join_chunk_size))
+                   _check_join_chunk_size(join_chunk_size), _check_join_order(join_order))
         return self
 
     def _init(self, model, tokenizer, info: ModelInfo, chunk_size: int | None, decode_mode: str = "auto",
               prefill_mode: str = "auto", kv_arena: bool = False, join_chunks: int = 1,
-              max_batched_tokens: int = MAX_BATCHED_TOKENS, join_chunk_size: int | None = None):
+              max_batched_tokens: int = MAX_BATCHED_TOKENS, join_chunk_size: int | None = None,
+              join_order: str = "together"):
         eos = set()
         for src in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
             if isinstance(src, int):
@@ -131,6 +143,11 @@ class LLM:
         # and at most this many tokens each, for methods whose prefill does not depend on its chunking
         # (None: chunk_size): a running row then waits for a shorter forward per token
         self.join_chunk_size = join_chunk_size
+        # requests that join at one boundary: "together" (prefilled as a group, stacked into the
+        # running batch at once when the last is prefilled), "fcfs" (prefilled one at a time in
+        # arrival order, each stacked as soon as its own prefill ends) or "shortest" (as fcfs,
+        # shortest prompt first)
+        self.join_order = join_order
         # what each decode-step boundary spent its time on (a StepTrace, kvsift.engine.trace; None: off)
         self.step_trace: StepTrace | None = None
         self.tp_size = info.tp_size  # tensor-parallel ranks (1: none); KV figures below are this rank's
@@ -577,6 +594,7 @@ class LLM:
                         memory.ensure(r, max(r.room(len(p), self.info.max_positions) for p in r.prompts))
             swapped: list[_Swapped] = []  # preempted requests' rows on the host, oldest first
             pending = None  # joining requests and their prefill in flight, one chunk per decode step
+            prefilled: set[Request] = set()   # joiners whose prefill ended (stacked, or held for it)
             held = None  # joiners prefilled whose method state still writes (see below): (new, parts, firsts)
             stepped = False  # this boundary already ran the next step (a new batch's first, see below)
             eos = torch.tensor(self.eos_ids, device=self.device) if self.eos_ids else None
@@ -678,8 +696,11 @@ class LLM:
                         if joining:  # their prompts are prefilled a chunk per decode step of the others
                             room = max([ctx.cache.reserve] + [r.room(len(p), self.info.max_positions) + 1
                                                               for r in joining for p in r.prompts])
+                            order = (sorted(joining, key=lambda r: r.longest) if self.join_order == "shortest"
+                                     else joining)
                             pending = (joining, self._prefill_joining(
-                                joining, method, run, room, progress, alone=lambda: all(s.done for s in seqs)))
+                                order, method, run, room, progress, alone=lambda: all(s.done for s in seqs),
+                                fcfs=self.join_order != "together"))
                     # rows change before the next step (new ones, or rows done since the last step):
                     # nothing may be queued ahead of that
                     # a charge to grow, or preempted rows waiting to come back: rows may change
@@ -716,30 +737,43 @@ class LLM:
                         try:
                             n = 0
                             while True:
-                                next(steps)
+                                out = next(steps)
                                 n += 1
+                                if out is not None and out[1] is None:  # join_order fcfs: its client left
+                                    prefilled.update(out[0])            # during its prefill
+                                    for r in out[0]:
+                                        yield from _cancelled_events(r)
+                                elif out is not None:  # join_order fcfs: one joiner's prefill ended, it
+                                    new, parts, firsts = out   # joins at this boundary, the next goes on
+                                    break
                                 if not all(done) and chunks_per_step and n >= chunks_per_step:
                                     break
                         except StopIteration as fin:
-                            new, (parts, firsts) = joining, fin.value
+                            parts, firsts = fin.value
+                            new = [r for r in joining if r in firsts]
                             pending = None
-                        except PrefillCancelled:  # every joining request left during its prefill
+                        except PrefillCancelled:  # every joining request not prefilled yet left during its prefill
                             pending = None
                             for r in joining:
-                                yield from _cancelled_events(r)
+                                if r not in prefilled:
+                                    yield from _cancelled_events(r)
                         except Exception as e:  # noqa: BLE001 - the joiners fail, the running rows go on
                             pending = None
                             steps.close()
                             del steps
                             _release_memory(self.device, e)
                             for r in joining:
-                                r.finished = True
-                                yield r, StreamEvent(0, "", None, finished=True, error=e)
+                                if r not in prefilled:
+                                    r.finished = True
+                                    yield r, StreamEvent(0, "", None, finished=True, error=e)
+                        prefilled.update(new)
                         join_s = time.perf_counter() - t_join   # what the joining chunks took
                         if not all(done):
                             waited += join_s
                         if gap is not None:
                             gap.add(join_ms=1000 * join_s, join_chunks=n, prefill_done=len(new))
+                    if new and held is not None:  # join_order fcfs: one more prefilled while earlier ones are held
+                        held, new, parts = (held[0] + new, held[1] + parts, {**held[2], **firsts}), [], []
                     if new and not all(done) and not _states_ready(parts):
                         # the joiners' method state is still being written asynchronously (sentencekv's
                         # chunks on their way to host memory): stacking them now would wait for those
@@ -826,8 +860,8 @@ class LLM:
                             gap.joined(len(firsts_new) + sum(len(sw.seqs) for sw in resumed))
                         for k, (t_k, e_k) in enumerate(firsts_new):
                             yield from push(len(keep) + k, t_k, bool(e_k), set())
-                        if all(s.done for s in seqs):
-                            break
+                        if all(s.done for s in seqs) and pending is None and held is None:
+                            break   # (join_order fcfs: later joiners may still be prefilling)
                     if synced and not stepped:
                         logits = decoder.step(tok, next_pos)
                         next_pos = next_pos + 1
@@ -865,7 +899,7 @@ class LLM:
                 and (req.method.joins_rows() or at_budget(req)))
 
     def _prefill_joining(self, new: list[Request], method: KVMethod, run: Run, reserve: int,
-                         progress: bool | None, alone: Callable[[], bool] | None = None):
+                         progress: bool | None, alone: Callable[[], bool] | None = None, fcfs: bool = False):
         """Prefill the requests ``new`` that join a running batch, as a generator that yields after
         every prefill chunk (the caller decodes its running batch in between, so a long prompt
         does not stall it). ``full``'s requests are prefilled as one batch (left padding is exact
@@ -874,26 +908,45 @@ class LLM:
         :class:`PrefillCancelled` once every one of them is cancelled. ``alone()``: true once no
         running row waits for them (a narrow ``join_chunk_size`` then widens to the chunk size).
         Returns ``(parts, per_req)``: ``parts`` one ``(cache, ctx, logits, rows)`` per prefill,
-        ``per_req[r] = (stats, rows of its prefill, method, run)``."""
+        ``per_req[r] = (stats, rows of its prefill, method, run)``.
+
+        ``fcfs`` (``join_order``): one request at a time whatever the method, in the order of
+        ``new``; each prefill but the last is yielded as ``(requests, parts, per_req)`` of its own
+        as soon as it ends (the caller stacks it while the next one prefills), and the return value
+        holds the last one's only. A request whose client leaves during its own prefill stops there
+        and is yielded as ``(requests, None, None)``; the next one goes on."""
         runner = self.runner
         context = new[0].context
-        if method.pads_exactly():
+        if method.pads_exactly() and not fcfs:
             groups = [(new, run, method)]
         else:
             groups = [([r], r.run if r.run is not None else r.method.start(r.base + r.longest, self.info.num_layers),
                        r.method) for r in new]
         gone = ((lambda: all(r.cancel() for r in new)) if all(r.cancel is not None for r in new) else None)
         parts, per_req = [], {}
-        for reqs, run_p, method_p in groups:
+        for k, (reqs, run_p, method_p) in enumerate(groups):
             ids_p = [p for r in reqs for p in r.prompts]
             width = self.join_chunk_size if method_p.chunk_invariant() else None
-            cache_p, stats_p, (ctx_p, logits_p) = yield from runner.prefill_steps(
-                ids_p, method_p, run_p, context, progress, reserve=reserve, cancel=gone, width=width,
-                alone=alone)
-            parts.append((cache_p, ctx_p, logits_p, len(ids_p)))
-            for r in reqs:
-                per_req[r] = (stats_p, len(ids_p), method_p, run_p)
-            if len(parts) < len(groups):
+            if fcfs:   # this request's own client
+                gone = reqs[0].cancel
+            try:
+                cache_p, stats_p, (ctx_p, logits_p) = yield from runner.prefill_steps(
+                    ids_p, method_p, run_p, context, progress, reserve=reserve, cancel=gone, width=width,
+                    alone=alone)
+            except PrefillCancelled:
+                if not fcfs:
+                    raise
+                yield reqs, None, None
+                continue
+            part, mine = (cache_p, ctx_p, logits_p, len(ids_p)), {r: (stats_p, len(ids_p), method_p, run_p) for r in reqs}
+            if fcfs:
+                if k + 1 < len(groups):
+                    yield reqs, [part], mine
+                    continue
+                return [part], mine
+            parts.append(part)
+            per_req.update(mine)
+            if k + 1 < len(groups):
                 yield
         return parts, per_req
 
@@ -1175,6 +1228,15 @@ def _check_join_chunk_size(n) -> int | None:
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 16):
         raise ValueError(f"join_chunk_size must be None (the prefill chunk size) or an int >= 16 tokens, got {n!r}")
     return n
+
+
+JOIN_ORDERS = ("together", "fcfs", "shortest")
+
+
+def _check_join_order(order) -> str:
+    if order not in JOIN_ORDERS:
+        raise ValueError(f"join_order must be one of {', '.join(JOIN_ORDERS)}, got {order!r}")
+    return order
 
 
 def _check_join_chunks(n) -> int:

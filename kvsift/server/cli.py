@@ -57,6 +57,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "number, at least 16; default: --chunk-size each): narrower chunks keep a running "
                         "stream's inter-token time short while long prompts join; used for methods whose "
                         "prefill does not depend on its chunking (full, quest, tokenselect, squeezed, sentencekv)")
+    p.add_argument("--join-order", choices=("together", "fcfs", "shortest"), default="together",
+                   help="requests that join a running batch at one step: prefilled as a group and stacked "
+                        "into it together once the last is prefilled (together, the default: one change of "
+                        "rows per group), or one at a time, each streaming as soon as its own prefill ends, "
+                        "in arrival order (fcfs) or shortest prompt first (shortest: a short question does "
+                        "not wait for a long document's prefill); one change of rows per request")
     p.add_argument("--max-batched-tokens", type=int, default=16384,
                    help="prompt tokens one prefill forward takes over all the prompts prefilled together "
                         "(default 16384): many long prompts joining at once get narrower chunks, so "
@@ -284,7 +290,7 @@ def run_serve(args) -> int:
     t0 = time.perf_counter()
     llm = LLM(args.model, device=args.device, dtype=args.dtype, chunk_size=args.chunk_size, kv_arena=args.kv_arena,
               join_chunks=args.join_chunks, max_batched_tokens=args.max_batched_tokens,
-              join_chunk_size=args.join_chunk_size)
+              join_chunk_size=args.join_chunk_size, join_order=args.join_order)
     app = create_app(llm, config)
     print(f"kvsift: serving {app.state.kvsift.model_id} ({llm.info.device}, loaded in {time.perf_counter() - t0:.1f}s) "
           f"on {http_url(config.host, port)}/v1", file=sys.stderr, flush=True)

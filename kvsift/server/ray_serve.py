@@ -493,6 +493,7 @@ def run_replicas(args, config: ServerConfig) -> int:
     llm_kwargs = {"model": args.model, "device": args.device, "dtype": args.dtype, "chunk_size": args.chunk_size,
                   "kv_arena": args.kv_arena, "join_chunks": getattr(args, "join_chunks", 1),
                   "join_chunk_size": getattr(args, "join_chunk_size", None),
+                  "join_order": getattr(args, "join_order", "together"),
                   "max_batched_tokens": getattr(args, "max_batched_tokens", 16384)}
     stop = threading.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
