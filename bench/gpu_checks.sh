@@ -9,6 +9,7 @@
 #   STEPS=batch_fit bash bench/gpu_checks.sh  # #13: the largest decode batch at 128k, full vs kivi (carry .whl)
 #   STEPS=serve SERVE_METHODS="full sentencekv" bash bench/gpu_checks.sh   # #16 load figures (carry .stage/tok, .whl)
 #   STEPS=serve SERVE_PROMPT=4096 SERVE_NEW=256 bash bench/gpu_checks.sh   # #16: a decode-heavy load (defaults 32768, 64)
+#   STEPS=serve SERVE_METHODS=sentencekv SERVE_KV_OPTIONS='{"warm_cache": true}' bash bench/gpu_checks.sh   # kv_options per request
 #   STEPS=profile_decode bash bench/gpu_checks.sh   # #13: kernel time per decode step, per method
 #   STEPS=profile_decode PROF_CTX=4096 PROF_BATCH=26 PROF_DEC_METHODS="full,sentencekv:205" bash bench/gpu_checks.sh
 #                                            # #15: a suite cell's shape (steady steps: kernels as full's; wall, first step, prefill apart)
@@ -135,7 +136,7 @@ if step serve; then   # #16: the server under 32 clients of 32k tokens, FIFO vs 
     timeout ${T_SERVE:-280} python3 bench/serve_load.py --random-8b ${SERVE_LAYERS:-16} --tokenizer ${TOKENIZER:-.stage/tok} \
       --device cuda --clients ${SERVE_CLIENTS:-32} --requests 1 --prompt-tokens ${SERVE_PROMPT:-32768} --max-tokens ${SERVE_NEW:-64} \
       --max-batch ${SERVE_MB:-32,1} --kv-method $m --kv-budget 2048 --chunk-size 4096 --timeout 270 \
-      ${SERVE_ARGS:-} --json "$R/serve_load_${m}_h200.json" >"$R/serve_$m.log" 2>&1
+      ${SERVE_ARGS:-} ${SERVE_KV_OPTIONS:+--kv-options "$SERVE_KV_OPTIONS"} --json "$R/serve_load_${m}_h200.json" >"$R/serve_$m.log" 2>&1
     echo "serve $m rc=$? $(( $(date +%s) - t0 )) s"; grep -v "^  File \"\|^    [^0-9 ]" "$R/serve_$m.log" | tail -8
   done
 fi
@@ -147,7 +148,8 @@ if step serve_sweep; then   # #16: the issue's 1-64 clients table: FIFO (--max-b
       timeout ${T_SWEEP:-240} python3 bench/serve_load.py --random-8b ${SERVE_LAYERS:-16} --tokenizer ${TOKENIZER:-.stage/tok} \
         --device cuda --clients $c --requests 1 --prompt-tokens 32768 --max-tokens 64 --max-batch ${SWEEP_MB:-1,32} \
         --kv-method $m --kv-budget 2048 --chunk-size 4096 --join-chunk-size 512 --timeout $(( ${T_SWEEP:-240} - 10 )) \
-        --step-trace ${SERVE_ARGS:-} --json "$R/serve_sweep_${m}_${c}_h200.json" >"$R/sweep_${m}_${c}.log" 2>&1
+        --step-trace ${SERVE_ARGS:-} ${SERVE_KV_OPTIONS:+--kv-options "$SERVE_KV_OPTIONS"} \
+        --json "$R/serve_sweep_${m}_${c}_h200.json" >"$R/sweep_${m}_${c}.log" 2>&1
       echo "sweep $m $c clients rc=$? $(( $(date +%s) - t0 )) s"; grep -v "^  File \"\|^    [^0-9 ]" "$R/sweep_${m}_${c}.log" | tail -4
     done
   done

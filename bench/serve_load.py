@@ -269,6 +269,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--kv-method", default=None)
     ap.add_argument("--kv-budget", default=None)
+    ap.add_argument("--kv-options", default=None, metavar="JSON",
+                    help='method options sent with every request (the API\'s kv_options), e.g. \'{"warm_cache": true}\'')
     ap.add_argument("--chunk-size", type=int, default=None)
     ap.add_argument("--continuous", choices=("on", "off", "both"), default="on",
                     help="continuous batching (requests join a running batch) for --max-batch > 1; both: each "
@@ -341,6 +343,14 @@ def main(argv=None) -> int:
         extra["kv_method"] = args.kv_method
     if args.kv_budget:
         extra["kv_budget"] = args.kv_budget
+    if args.kv_options:
+        try:
+            opts = json.loads(args.kv_options)
+        except ValueError:
+            opts = None
+        if not isinstance(opts, dict):
+            ap.error(f"--kv-options must be a JSON object, got {args.kv_options!r}")
+        extra["kv_options"] = opts
 
     from kvsift.server.testing import ServerProcess
 
@@ -446,7 +456,8 @@ def main(argv=None) -> int:
              else f"{args.prompt_tokens}-token prompts, {args.max_tokens} new tokens")
           + f", model {label}" + (f", --kv-memory {args.kv_memory}" if args.kv_memory else "")
           + (f", {args.threads} server thread(s)" if args.threads else "")
-          + (f", {args.kv_method} {args.kv_budget}" if args.kv_method else ""))
+          + (f", {args.kv_method} {args.kv_budget}" if args.kv_method else "")
+          + (f" {json.dumps(extra['kv_options'])}" if extra.get("kv_options") else ""))
     for row in table:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
     for line in sorted({r["admission"] for r in rows if r.get("admission")}):
@@ -456,8 +467,8 @@ def main(argv=None) -> int:
     report = {"clients": args.clients, "requests_per_client": args.requests,
               "prompt_tokens": "chat questions" if args.chat else lengths, "kv_memory": args.kv_memory,
               "max_tokens": args.max_tokens, "model": label,
-              "kv_method": args.kv_method, "kv_budget": args.kv_budget, "threads": args.threads,
-              "results": rows}
+              "kv_method": args.kv_method, "kv_budget": args.kv_budget, "kv_options": extra.get("kv_options"),
+              "threads": args.threads, "results": rows}
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=1))
     return 1 if any(r["errors"] for r in rows) else 0

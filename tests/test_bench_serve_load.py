@@ -54,6 +54,8 @@ def test_serve_load_rejects_bad_lists_before_starting_a_server(capsys):
                              ("--max-batched-tokens", "x", "comma-separated integers"),
                              ("--join-chunk-size", "4", "values must be >= 16"),
                              ("--join-order", "fifo", "must be together, fcfs or shortest"),
+                             ("--kv-options", "[1]", "must be a JSON object"),
+                             ("--kv-options", "{x", "must be a JSON object"),
                              ("--warmup-clients", "-1", "--warmup-clients must be")):
         with pytest.raises(SystemExit) as e:
             mod.main(["--clients", "2", flag, value])
@@ -98,3 +100,24 @@ def test_serve_load_step_trace_reports_the_slow_gaps(tmp_path, default_tokenizer
     assert gaps == sorted(gaps, reverse=True) and len(gaps) == s["gaps"] and not any(g["first"] for g in s["slowest"])
     assert all(c["stacked"] or c["rebuild_ms"] > 0 for c in s["changes"])
     assert "step trace, max-batch 4" in capsys.readouterr().out
+
+
+def test_serve_load_sends_kv_options_with_every_request(tmp_path, default_tokenizer):
+    """--kv-options reaches the server with each request (a bad option would be a 400 there, an
+    error in the row): sentencekv with a device cache filled at its first step."""
+    spec = importlib.util.spec_from_file_location("serve_load", BENCH / "serve_load.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "load.json"
+    rc = mod.main(["--clients", "2", "--requests", "1", "--prompt-tokens", "200", "--max-tokens", "4",
+                   "--max-batch", "2", "--kv-method", "sentencekv", "--kv-budget", "48",
+                   "--kv-options", '{"warm_cache": true, "cache_chunks": 6, "max_chunk": 16}', "--json", str(out)])
+    d = json.loads(out.read_text())
+    assert rc == 0 and d["kv_options"] == {"warm_cache": True, "cache_chunks": 6, "max_chunk": 16}
+    assert all(r["errors"] == [] and r["tokens"] == 2 * 4 for r in d["results"])
+    bad = tmp_path / "bad.json"
+    mod.main(["--clients", "1", "--requests", "1", "--prompt-tokens", "40", "--max-tokens", "2", "--max-batch", "1",
+              "--kv-method", "sentencekv", "--kv-budget", "24", "--kv-options", '{"warm_cache": "yes"}',
+              "--json", str(bad)])
+    rows = json.loads(bad.read_text())["results"]
+    assert len(rows[0]["errors"]) == 1 and "warm_cache" in str(rows[0]["errors"][0])

@@ -60,6 +60,44 @@ def test_device_cache_matches_direct_fetch(tiny):
     assert ms["chunks_copied_per_step"] < a[0].stats.method_stats["chunks_copied_per_step"]
 
 
+def test_warm_cache_fills_the_cache_first_and_keeps_the_tokens(tiny):
+    """warm_cache: the first decode step fills the whole device cache (8 slots per row and head)
+    with the best-scored chunks, not only its selection (2-3 chunks), so the next steps copy fewer
+    chunks; the attended chunks, and so the tokens and logits, are the same as without it."""
+    import kvsift.kernels.chunk_cache as cc
+    from kvsift.methods.sentencekv import SentenceKV
+
+    ids = prompt(480, seed=3)
+    runs = {}
+    for warm in (False, True):
+        per_step, real_plan, real = [], SentenceKV.plan, cc.lru_plan_ref
+
+        def plan(self, run_, layer, query, ctx):
+            if ctx.decoding and layer.layer_idx == 0:
+                per_step.append(0)
+            return real_plan(self, run_, layer, query, ctx)
+
+        def spy(idx, *a, **k):
+            out = real(idx, *a, **k)
+            per_step[-1] += int((out[1] >= 0).sum())   # chunks copied (cache misses)
+            return out
+
+        SentenceKV.plan, cc.lru_plan_ref = plan, spy
+        try:
+            out, logits = run(tiny, ids, "sentencekv", 80, SamplingParams(max_tokens=12, ignore_eos=True),
+                              max_chunk=16, recent=16, cache_chunks=8, warm_cache=warm)
+        finally:
+            SentenceKV.plan, cc.lru_plan_ref = real_plan, real
+        runs[warm] = (out[0].token_ids, logits, per_step)
+    (t_cold, l_cold, m_cold), (t_warm, l_warm, m_warm) = runs[False], runs[True]
+    assert t_cold == t_warm
+    torch.testing.assert_close(l_cold, l_warm, atol=1e-5, rtol=1e-5)
+    assert m_warm[0] > m_cold[0]                       # the fill: more chunks at the first step
+    assert sum(m_warm[1:]) < sum(m_cold[1:]), (m_cold, m_warm)
+    on, off = build_method("sentencekv", 80, warm_cache=True), build_method("sentencekv", 80)
+    assert on.warm_cache and not off.warm_cache
+
+
 @pytest.mark.parametrize("prefill_mode", ["batch", "rows"])
 def test_batch_with_padding_is_exact(tiny, prefill_mode):
     """Left-padded batch prefill, or one row at a time into one host store: both equal full."""
@@ -203,7 +241,8 @@ def test_fingerprint_resets_after_sentence_end():
 def test_bad_options():
     for kw, msg in [({"fingerprint": "x"}, "fingerprint"), ({"summary": "x"}, "summary"), ({"sinks": -1}, "sinks"),
                     ({"min_chunk": 9, "max_chunk": 4}, "max_len"), ({"splitter": "nltk"}, "splitter"),
-                    ({"cache_chunks": -2}, "cache_chunks"), ({"decode_budget": 0}, "budget")]:
+                    ({"cache_chunks": -2}, "cache_chunks"), ({"decode_budget": 0}, "budget"),
+                    ({"warm_cache": "yes"}, "warm_cache")]:
         with pytest.raises(ValueError, match=msg):
             build_method("sentencekv", 64, **kw)
     with pytest.raises(ValueError, match="budget"):

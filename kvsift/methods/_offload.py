@@ -700,6 +700,18 @@ class ChunkStore:
             return int(coded_token_bytes(self.d, self.bits, self.vg)) + 4
         return (1 + self.keys) * self.d * torch.tensor([], dtype=self.dtype).element_size() + 4
 
+    @property
+    def cache_cold(self) -> bool:
+        """Whether this store has a device chunk cache that holds nothing yet (not made: no
+        decode fetch so far, and no cache carried into it by a stack)."""
+        return self.cache_chunks != 0 and self._dev is None
+
+    def cache_slots(self, k: int) -> int:
+        """The device cache made (as a first fetch of ``k`` chunks per row would make it) and its
+        chunk slots per (batch, kv_head)."""
+        self._ensure_cache(k)
+        return self._dev["owner"].shape[1] - 1
+
     def _ensure_cache(self, k: int):
         """Device cache of ``cache_chunks`` chunk slots per (batch, kv_head), at least ``k`` (one
         step's selection); ``cache_chunks < 0`` means twice the first selection (at least 16)."""

@@ -125,6 +125,12 @@ class SentenceKV(KVMethod):
         selection on CUDA.
     reselect_every : int
         Decode steps a layer's chunk selection is kept (1: select every step).
+    warm_cache : bool
+        At the first decode step over a store whose device chunk cache is still empty, fill the
+        whole cache (``cache_chunks`` slots) with the chunks that step's query scores best, not
+        only the step's selection: the next steps' selections, which drift from the first, then
+        mostly hit, so the fetches move from the first inter-token gaps into the time to first
+        token. No effect without a device cache (``cache_chunks`` 0, the CPU default).
     prefill_offload : bool
         Offload during the prefill, after every chunk (for prompts whose KV does not fit the GPU):
         the device holds sinks + recent + one prefill chunk per layer instead of the whole prompt.
@@ -154,6 +160,7 @@ class SentenceKV(KVMethod):
     decode_budget: Budget = None
     cache_chunks: int | None = None
     reselect_every: int = 1
+    warm_cache: bool = False
     prefill_offload: bool = False
     prefill_budget: Budget = None
     prefill_window: int | None = None
@@ -176,6 +183,8 @@ class SentenceKV(KVMethod):
             raise ValueError(f"cache_chunks must be >= 0, got {self.cache_chunks}")
         if isinstance(self.reselect_every, bool) or not isinstance(self.reselect_every, int) or self.reselect_every < 1:
             raise ValueError(f"reselect_every must be an int >= 1, got {self.reselect_every!r}")
+        if not isinstance(self.warm_cache, bool):
+            raise ValueError(f"warm_cache must be true or false, got {self.warm_cache!r}")
         if not isinstance(self.prefill_offload, bool):
             raise ValueError(f"prefill_offload must be true or false, got {self.prefill_offload!r}")
         validate_budget(self.prefill_budget, "prefill_budget")
@@ -573,21 +582,37 @@ class SentenceKV(KVMethod):
         elif budget >= store.max_tokens:  # every chunk fits: no scoring needed (exact)
             idx = torch.arange(store.n, device=query.device).expand(b, hk, store.n)
         else:
+            if ctx.decoding and self.warm_cache and store.cache_cold:   # a host-side test: the first
+                self._warm(store, fp, budget, run)                      # step, never a recording
             idx = self._select_chunks(store, fp, budget)
         # read in place: the device chunk cache (or the fetched copies) plus a slot table; a prefill
         # chunk's fetch is a one-off copy (its many chunks neither fill nor size the decode cache)
         src = SlotSource(*store.fetch(idx, run.fetch if ctx.decoding else None, slots=True, cached=ctx.decoding))
         return Selection(extra=self._hold(state, store, src) if hold else src)
 
-    def _select_chunks(self, store: ChunkStore, fp: torch.Tensor, budget: int) -> torch.Tensor:
+    def _select_chunks(self, store: ChunkStore, fp: torch.Tensor, budget: int,
+                       max_chunks: int | None = None) -> torch.Tensor:
         """The stored chunks ``fp (batch, q_heads, head_dim)`` scores best whose tokens fit
         ``budget`` per (batch, kv_head): ``(batch, kv_heads, k)`` ascending chunk ids (= position
-        order), -1 at the end (``k``: the most chunks that can fit, no host sync to trim)."""
+        order), -1 at the end (``k``: the most chunks that can fit, no host sync to trim; at most
+        ``max_chunks``)."""
         summ = store.summaries()
         parts = summ if isinstance(summ, tuple) else (summ,)
         scores = chunk_scores(fp.to(parts[0].dtype), summ, self.reduce)
         kcap = max(1, store.max_chunks_within(budget))
+        if max_chunks is not None:
+            kcap = min(kcap, max_chunks)
         return select_chunks(scores, store.lens[:, :, : store.n], budget, max_chunks=kcap)
+
+    def _warm(self, store: ChunkStore, fp: torch.Tensor, budget: int, run: SentenceKVRun) -> None:
+        """``warm_cache``: fill the empty device chunk cache (sized, as without this, by one
+        step's selection of ``budget`` tokens) with the chunks ``fp`` scores best, as many as its
+        slots hold; the step's own selection, made next, is then all hits. Counted in ``run.fetch``."""
+        k = max(1, store.max_chunks_within(budget))
+        slots = store.cache_slots(k)
+        if slots > k:
+            wide = self._select_chunks(store, fp, budget * slots // k, max_chunks=slots)
+            store.fetch(wide, run.fetch, slots=True)
 
     @staticmethod
     def _hold(state: SentenceKVState, store: ChunkStore, src: SlotSource) -> SlotSource:
