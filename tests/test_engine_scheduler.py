@@ -808,6 +808,34 @@ def test_shortest_join_order_streams_the_short_prompts_first(tiny_llm, monkeypat
         assert firsts == first_to_last, (order, firsts)
 
 
+def test_warm_cache_fills_only_a_joiners_rows_and_answers_as_alone(tiny_llm, monkeypatch):
+    """sentencekv with warm_cache and a device cache: a request joins a running one (whose cache
+    holds its chunks); the stacked batch's first step fills the joiner's empty cache only (the
+    running row's entries -1), and both answer as alone."""
+    import kvsift.kernels.chunk_cache as cc
+
+    opts = {"max_chunk": 16, "recent": 16, "cache_chunks": 8, "warm_cache": True}
+    p_a, p_b = random_prompt(300, seed=161), random_prompt(260, seed=162)
+    pa, pb = SamplingParams(max_tokens=20, ignore_eos=True), SamplingParams(max_tokens=6, ignore_eos=True)
+    want = [tiny_llm.generate(p, q, method="sentencekv", budget=80, method_kwargs=opts)[0].token_ids
+            for p, q in ((p_a, pa), (p_b, pb))]
+    hk = tiny_llm.info.num_kv_heads
+    fills = []
+    real = cc.lru_plan_ref
+
+    def spy(idx, *a, **k):   # (rows x kv_heads, k) selections; a fill of row 1 only: row 0's all -1
+        if idx.shape[0] == 2 * hk and bool((idx[:hk] < 0).all()) and bool((idx[hk:] >= 0).any()):
+            fills.append(int((idx[hk:] >= 0).sum()))
+        return real(idx, *a, **k)
+
+    monkeypatch.setattr(cc, "lru_plan_ref", spy)
+    a = tiny_llm.request([p_a], pa, method="sentencekv", budget=80, method_kwargs=opts)
+    b = tiny_llm.request([p_b], pb, method="sentencekv", budget=80, method_kwargs=opts)
+    outs, _ = run_with_joins(tiny_llm, a, {3: [b]})
+    assert [outs[a.id].token_ids, outs[b.id].token_ids] == want
+    assert len(fills) == tiny_llm.info.num_layers, fills   # one fill per layer, at the stacked batch's first step
+
+
 def test_join_order_is_validated():
     from kvsift.engine.llm import _check_join_order
 

@@ -98,6 +98,31 @@ def test_warm_cache_fills_the_cache_first_and_keeps_the_tokens(tiny):
     assert on.warm_cache and not off.warm_cache
 
 
+def test_stack_marks_the_rows_that_came_in_without_a_cache():
+    """A stack of a store whose device cache holds chunks and a fresh one carries the first's cache
+    and marks the second row cold (warm_cache fills that row only); a cached fetch clears it."""
+    g = torch.Generator().manual_seed(5)
+    stores = []
+    for _ in range(2):
+        st = ChunkStore(1, 2, 4, 8, torch.float32, "cpu", cache_chunks=4)
+        n = 6
+        bh = torch.arange(2).repeat_interleave(n * 4)
+        ch = torch.arange(n).repeat_interleave(4).repeat(2)
+        rk = torch.arange(4).repeat(2 * n)
+        keys = torch.randn(bh.numel(), 8, generator=g)
+        st.append(keys, -keys, ch * 10 + rk, bh, ch, rk, n)
+        stores.append(st)
+    assert stores[0].cache_cold and stores[0].cold_rows is None       # no cache made yet: every row
+    stores[0].fetch(torch.tensor([[[0, 1], [2, 3]]]), FetchStats())
+    assert not stores[0].cache_cold
+    both = ChunkStore.stack([(stores[0], 0), (stores[1], 0)])
+    assert both.cache_cold and both.cold_rows == [1]
+    both.fetch(torch.tensor([[[0, 1], [2, 3]], [[4, 5], [1, -1]]]), FetchStats())
+    assert not both.cache_cold and both.cold_rows == []
+    fresh = ChunkStore.stack([(stores[1], 0)])
+    assert fresh.cache_cold and fresh.cold_rows is None
+
+
 @pytest.mark.parametrize("prefill_mode", ["batch", "rows"])
 def test_batch_with_padding_is_exact(tiny, prefill_mode):
     """Left-padded batch prefill, or one row at a time into one host store: both equal full."""

@@ -177,6 +177,7 @@ class ChunkStore:
             self.kmin = torch.zeros((*hb, head_dim), dtype=dtype, device=self.device)
             self.kmax = torch.zeros((*hb, head_dim), dtype=dtype, device=self.device)
         self._dev: dict[str, torch.Tensor] | None = None  # device LRU cache, built on first fetch
+        self._cold_rows: list[int] = []  # batch rows a stack gave an empty cache beside carried ones
         self._stage: list[dict[str, torch.Tensor]] = []   # pinned staging buffers (CUDA)
         self._stage_events: list = []
         self._stage_i = 0
@@ -702,9 +703,16 @@ class ChunkStore:
 
     @property
     def cache_cold(self) -> bool:
-        """Whether this store has a device chunk cache that holds nothing yet (not made: no
-        decode fetch so far, and no cache carried into it by a stack)."""
-        return self.cache_chunks != 0 and self._dev is None
+        """Whether this store has a device chunk cache holding nothing yet for some batch row (not
+        made: no decode fetch so far and none carried into it by a stack; or rows that a stack
+        gave no cache beside rows whose caches it carried, :attr:`cold_rows`)."""
+        return self.cache_chunks != 0 and (self._dev is None or bool(self._cold_rows))
+
+    @property
+    def cold_rows(self) -> list[int] | None:
+        """The batch rows whose device cache holds nothing yet (None: every row), until the next
+        cached fetch."""
+        return None if self._dev is None else list(self._cold_rows)
 
     def cache_slots(self, k: int) -> int:
         """The device cache made (as a first fetch of ``k`` chunks per row would make it) and its
@@ -753,6 +761,7 @@ class ChunkStore:
             stats.track(c["counts"], self.L * self._token_bytes())
         src, ln, dst, final = plan(idx, c["slot_of"], c["owner"], c["last"], self.starts.view(BH, n),
                                    self.lens.view(BH, n), self.T, c["counts"], L, tab)
+        self._cold_rows = []
         rows_kv = (BH * (S + 1), L, d)
         if uva and self.bits:  # the misses' codes over PCIe, dequantized into their cache rows (hits: nothing)
             uva = self._uva_dequant(src, ln, torch.arange(BH, device=self.device).repeat_interleave(k),
@@ -818,6 +827,7 @@ class ChunkStore:
         new.kmin = None if self.kmin is None else self.kmin.clone()
         new.kmax = None if self.kmax is None else self.kmax.clone()
         new._dev, new._stage, new._stage_events, new._stage_i, new._stream = None, [], [], 0, None
+        new._cold_rows = []
         new._uva, new._written, new._direct_counts = self._uva, None, None
         new._written_ordered, new._wstream = True, None
         return new
@@ -975,6 +985,8 @@ class ChunkStore:
         held = [(i, s, j) for i, (s, j) in enumerate(sources) if s is not None and s._dev is not None]
         if not held or self.cache_chunks == 0:
             return
+        got = {i for i, _, _ in held}
+        self._cold_rows = [i for i in range(len(sources)) if i not in got]
         S = max(s._dev["owner"].shape[1] - 1 for _, s, _ in held)
         c = self._cache_tables(S)
         hk = self.hk

@@ -607,11 +607,18 @@ class SentenceKV(KVMethod):
     def _warm(self, store: ChunkStore, fp: torch.Tensor, budget: int, run: SentenceKVRun) -> None:
         """``warm_cache``: fill the empty device chunk cache (sized, as without this, by one
         step's selection of ``budget`` tokens) with the chunks ``fp`` scores best, as many as its
-        slots hold; the step's own selection, made next, is then all hits. Counted in ``run.fetch``."""
+        slots hold; the step's own selection, made next, is then all hits. After a stack that
+        carried running rows' caches, only the rows that came in empty are filled (the others'
+        entries are -1: nothing fetched, nothing evicted). Counted in ``run.fetch``."""
         k = max(1, store.max_chunks_within(budget))
+        cold = store.cold_rows   # None: every row (read before the cache is made)
         slots = store.cache_slots(k)
         if slots > k:
             wide = self._select_chunks(store, fp, budget * slots // k, max_chunks=slots)
+            if cold is not None:   # a stack's new rows beside rows whose caches it carried: theirs only
+                keep = torch.zeros(store.b, dtype=torch.bool)
+                keep[cold] = True
+                wide = torch.where(keep.to(wide.device)[:, None, None], wide, -1)
             store.fetch(wide, run.fetch, slots=True)
 
     @staticmethod
