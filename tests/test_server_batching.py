@@ -449,6 +449,32 @@ def test_a_joining_request_whose_prefill_fails_fails_alone(make_client, tiny_llm
     assert not sched.engine.running and sched.engine.kv_used == 0
 
 
+@pytest.mark.parametrize("order", ["fcfs", "shortest"])
+def test_joiners_one_at_a_time_over_http_answer_alone_and_a_failing_one_fails_alone(make_client, tiny_llm, batches,
+                                                                                   monkeypatch, order):
+    """--join-order fcfs / shortest: three requests queued behind a running one join it one at a
+    time; the middle one's prefill raises (as a GPU out of memory would): it gets a 500, the other
+    two and the running one their answers alone, and the scheduler's accounting is back to 0."""
+    monkeypatch.setattr(tiny_llm, "join_order", order)
+    c = make_client(max_batch=4)
+    sched = c.app.state.kvsift.scheduler
+    p_a, p_b, p_c, p_d = (random_prompt(n, seed=500 + n) for n in (30, 300, 57, 90))
+    want = {n: alone(tiny_llm, p, 6) for n, p in ((57, p_c), (90, p_d))}
+    want_a = alone(tiny_llm, p_a, 40)
+    _fail_prefill_of(tiny_llm, monkeypatch, 57, RuntimeError("simulated: out of memory in a joining prefill"))
+    with ThreadPoolExecutor(4) as pool:
+        fa, fb, fc, fd = behind_a_paused_batch(c, batches, pool, completion(p_a, 40),
+                                               [completion(p, 6) for p in (p_b, p_c, p_d)])
+        ra, rb, rc, rd = (f.result() for f in (fa, fb, fc, fd))
+    assert rc.status_code == 500 and rc.json()["error"]["code"] == "internal_error", rc.text
+    assert ra.json()["choices"][0]["text"] == want_a.text
+    assert rb.status_code == 200 and rb.json()["choices"][0]["text"] == alone(tiny_llm, p_b, 6).text
+    assert rd.status_code == 200 and rd.json()["choices"][0]["text"] == want[90].text
+    assert sched.joined == 3 and batches.groups == [[[p_a]]]
+    wait_for(lambda: (sched.running, sched.waiting, sched.per_key, sched.busy) == (0, 0, {}, False))
+    assert not sched.engine.running and sched.engine.kv_used == 0
+
+
 def test_max_batched_tokens_is_validated_before_the_model_loads(capsys):
     from kvsift import LLM
     from kvsift.cli import main

@@ -740,9 +740,13 @@ class LLM:
                                 out = next(steps)
                                 n += 1
                                 if out is not None and out[1] is None:  # join_order fcfs: its client left
-                                    prefilled.update(out[0])            # during its prefill
+                                    prefilled.update(out[0])            # during its prefill, or it failed
                                     for r in out[0]:
-                                        yield from _cancelled_events(r)
+                                        if out[2] is None:
+                                            yield from _cancelled_events(r)
+                                        else:
+                                            r.finished = True
+                                            yield r, StreamEvent(0, "", None, finished=True, error=out[2])
                                 elif out is not None:  # join_order fcfs: one joiner's prefill ended, it
                                     new, parts, firsts = out   # joins at this boundary, the next goes on
                                     break
@@ -914,7 +918,8 @@ class LLM:
         ``new``; each prefill but the last is yielded as ``(requests, parts, per_req)`` of its own
         as soon as it ends (the caller stacks it while the next one prefills), and the return value
         holds the last one's only. A request whose client leaves during its own prefill stops there
-        and is yielded as ``(requests, None, None)``; the next one goes on."""
+        and is yielded as ``(requests, None, None)``, one whose prefill raises as ``(requests, None,
+        exception)``; the next one goes on."""
         runner = self.runner
         context = new[0].context
         if method.pads_exactly() and not fcfs:
@@ -937,6 +942,12 @@ class LLM:
                 if not fcfs:
                     raise
                 yield reqs, None, None
+                continue
+            except Exception as e:  # noqa: BLE001 - fcfs: this joiner fails, the next one goes on
+                if not fcfs:
+                    raise
+                _release_memory(self.device, e)
+                yield reqs, None, e
                 continue
             part, mine = (cache_p, ctx_p, logits_p, len(ids_p)), {r: (stats_p, len(ids_p), method_p, run_p) for r in reqs}
             if fcfs:
