@@ -584,6 +584,37 @@ def _three_join_at_48(llm, monkeypatch, p_a, max_a, joiners, at) -> list[int]:
     return [s[1] for s in shapes if s[0] == 3 and s[1] > 1]
 
 
+def test_together_joiners_of_very_different_lengths_are_not_padded_to_one(tiny_llm, monkeypatch):
+    """join_order together, full: three prompts of 300, 60 and 280 tokens join at one boundary;
+    the 60-token one is prefilled in a padded batch of its own (not padded to 300), the other two
+    in one batch of 2 rows; they still start streaming at one boundary, and every answer is the
+    one alone."""
+    from kvsift.engine.llm import _length_groups
+
+    p_a = random_prompt(100, seed=171)
+    joiners = [random_prompt(n, seed=172 + n) for n in (300, 60, 280)]
+    pa, pj = SamplingParams(max_tokens=50, ignore_eos=True), SamplingParams(max_tokens=4, ignore_eos=True)
+    want = [tiny_llm.generate(p_a, pa)[0].token_ids] + [tiny_llm.generate(x, pj)[0].token_ids for x in joiners]
+    shapes = []
+    real = tiny_llm.runner.forward
+    monkeypatch.setattr(tiny_llm.runner, "forward",
+                        lambda ctx, ids, pos: shapes.append(tuple(ids.shape)) or real(ctx, ids, pos))
+    monkeypatch.setattr(tiny_llm, "join_chunk_size", 48)
+    a = tiny_llm.request([p_a], pa)
+    rs = [tiny_llm.request([x], pj) for x in joiners]
+    assert [[len(r.prompts[0]) for r in g] for g in _length_groups(rs)] == [[60], [280, 300]]
+    events, outs = [], {}
+    for r, ev in _events_with_joins(tiny_llm, a, {2: rs}):
+        events.append(r.id)
+        if ev.output is not None:
+            outs[r.id] = ev.output.token_ids
+    assert [outs[r.id] for r in [a] + rs] == want
+    joined = [(b, w) for b, w in shapes if w > 1][2:]          # after a's own prefill (64 + 36)
+    assert sum(w for b, w in joined if b == 1) == 60 and sum(w for b, w in joined if b == 2) == 300, joined
+    firsts = sorted(events.index(r.id) for r in rs)
+    assert firsts == list(range(firsts[0], firsts[0] + 3)), events   # one boundary, one after another
+
+
 def test_narrow_join_widens_once_no_row_is_decoding(tiny_llm, monkeypatch):
     """A joining group's narrow forwards (join_chunk_size) exist for the running rows' sake: once
     those are done, the rest of the joiners' prompts goes at the chunk size (64 here), not 16

@@ -754,7 +754,7 @@ class LLM:
                                     break
                         except StopIteration as fin:
                             parts, firsts = fin.value
-                            new = [r for r in joining if r in firsts]
+                            new = list(firsts)   # in the order of the parts' rows
                             pending = None
                         except PrefillCancelled:  # every joining request not prefilled yet left during its prefill
                             pending = None
@@ -908,7 +908,9 @@ class LLM:
         every prefill chunk (the caller decodes its running batch in between, so a long prompt
         does not stall it). ``full``'s requests are prefilled as one batch (left padding is exact
         for it); a compressing method's one request at a time, each with its own run (its budget
-        resolved against its own prompt), as it would run alone. Stops at a chunk boundary with
+        resolved against its own prompt), as it would run alone; prompts of very different lengths
+        go in separate padded batches (:func:`_length_groups`), not padding a short one to a long
+        one. Stops at a chunk boundary with
         :class:`PrefillCancelled` once every one of them is cancelled. ``alone()``: true once no
         running row waits for them (a narrow ``join_chunk_size`` then widens to the chunk size).
         Returns ``(parts, per_req)``: ``parts`` one ``(cache, ctx, logits, rows)`` per prefill,
@@ -922,8 +924,8 @@ class LLM:
         exception)``; the next one goes on."""
         runner = self.runner
         context = new[0].context
-        if method.pads_exactly() and not fcfs:
-            groups = [(new, run, method)]
+        if method.pads_exactly() and not fcfs:   # padded batches of similar lengths
+            groups = [(g, run, method) for g in _length_groups(new)]
         else:
             groups = [([r], r.run if r.run is not None else r.method.start(r.base + r.longest, self.info.num_layers),
                        r.method) for r in new]
@@ -1242,6 +1244,22 @@ def _check_join_chunk_size(n) -> int | None:
 
 
 JOIN_ORDERS = ("together", "fcfs", "shortest")
+PAD_RATIO = 1.5   # a padded joining batch's longest prompt over its shortest, at most
+
+
+def _length_groups(reqs: list[Request]) -> list[list[Request]]:
+    """``reqs`` (of a method that pads exactly) as the padded batches they are prefilled in when
+    they join together: by prompt length, a new batch wherever a prompt is more than
+    :data:`PAD_RATIO` times the batch's shortest, so that a short question joining beside a long
+    document is not padded to the document's length (at most about a third of a batch's tokens
+    are padding). Requests of one length stay one batch, in arrival order."""
+    groups: list[list[Request]] = []
+    for r in sorted(reqs, key=lambda r: r.longest):
+        if groups and r.longest <= PAD_RATIO * groups[-1][0].longest:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
 
 
 def _check_join_order(order) -> str:
