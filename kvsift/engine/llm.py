@@ -77,8 +77,8 @@ class LLM:
     ``KVMethod.chunk_invariant``: full, the decode-time selections, sentencekv without
     prefill_offload). ``join_order``: requests that join at one step boundary are prefilled as one
     group and stacked into the running batch together once the last is prefilled (``together``,
-    the default: one change of rows per group; ``full`` prefills such a group as one padded batch,
-    each prompt getting a share of ``join_chunk_size``), or one at a time in arrival order, each
+    the default: one change of rows per group; ``full`` prefills such a group as padded batches of
+    similar lengths, each prompt getting a share of ``join_chunk_size``), or one at a time in arrival order, each
     stacked as soon as its own prefill ends (``fcfs``: each prompt gets the whole
     ``join_chunk_size`` and the first ones start streaming without waiting for the group's last,
     at one change of rows per joiner), or as ``fcfs`` with the group's shortest prompts first
