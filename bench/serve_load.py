@@ -270,7 +270,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-method", default=None)
     ap.add_argument("--kv-budget", default=None)
     ap.add_argument("--kv-options", default=None, metavar="JSON",
-                    help='method options sent with every request (the API\'s kv_options), e.g. \'{"warm_cache": true}\'')
+                    help="method options sent with every request (the API's kv_options), "
+                         'e.g. \'{"warm_cache": true}\'')
     ap.add_argument("--chunk-size", type=int, default=None)
     ap.add_argument("--continuous", choices=("on", "off", "both"), default="on",
                     help="continuous batching (requests join a running batch) for --max-batch > 1; both: each "
@@ -434,7 +435,8 @@ def main(argv=None) -> int:
     finally:
         tmp.cleanup()
 
-    head = ("max-batch", "arena", "joins", "join chunks", "chunk tokens", "order", "batched tokens", "joined", "preempt", "preemptions", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
+    head = ("max-batch", "arena", "joins", "join chunks", "chunk tokens", "order", "batched tokens", "joined",
+            "preempt", "preemptions", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
             "ITL p50 ms", "ITL p99 ms", "p99 from gap 2", "longest at gap 1", "rebuilds", "rebuild ms mean/max",
             "batches", "req/batch", "GPU peak GiB", "errors")
     table = [head] + [(str(r["max_batch"]), "on" if r.get("kv_arena") else "off", "yes" if r["continuous"] else "no",

@@ -56,6 +56,15 @@ def record_forward_widths(llm, monkeypatch) -> list[int]:
     return widths
 
 
+def record_forward_shapes(llm, monkeypatch) -> list[tuple[int, int]]:
+    """Every model call the runner makes from now on, as its ``(rows, tokens)`` input shape."""
+    shapes = []
+    real = llm.runner.forward
+    monkeypatch.setattr(llm.runner, "forward",
+                        lambda ctx, ids, pos: shapes.append(tuple(ids.shape)) or real(ctx, ids, pos))
+    return shapes
+
+
 def req(prompts, params=GREEDY, method="full", budget=None, kv=0, host=0, context=None, kind="generate", **opts):
     return Request([list(p) for p in prompts], params if kind == "generate" else None,
                    build_method(method, budget, **opts), context=context, kv_bytes=kv, host_bytes=host, kind=kind)
@@ -572,10 +581,7 @@ def _three_join_at_48(llm, monkeypatch, p_a, max_a, joiners, at) -> list[int]:
     return the widths of the joining group's prefill forwards."""
     pa, pj = SamplingParams(max_tokens=max_a, ignore_eos=True), SamplingParams(max_tokens=3, ignore_eos=True)
     want = [llm.generate(p_a, pa)[0].token_ids] + [llm.generate(p, pj)[0].token_ids for p in joiners]
-    shapes = []
-    real = llm.runner.forward
-    monkeypatch.setattr(llm.runner, "forward",
-                        lambda ctx, ids, pos: shapes.append(tuple(ids.shape)) or real(ctx, ids, pos))
+    shapes = record_forward_shapes(llm, monkeypatch)
     monkeypatch.setattr(llm, "join_chunk_size", 48)
     a = llm.request([p_a], pa)
     rs = [llm.request([p], pj) for p in joiners]
@@ -595,10 +601,7 @@ def test_together_joiners_of_very_different_lengths_are_not_padded_to_one(tiny_l
     joiners = [random_prompt(n, seed=172 + n) for n in (300, 60, 280)]
     pa, pj = SamplingParams(max_tokens=50, ignore_eos=True), SamplingParams(max_tokens=4, ignore_eos=True)
     want = [tiny_llm.generate(p_a, pa)[0].token_ids] + [tiny_llm.generate(x, pj)[0].token_ids for x in joiners]
-    shapes = []
-    real = tiny_llm.runner.forward
-    monkeypatch.setattr(tiny_llm.runner, "forward",
-                        lambda ctx, ids, pos: shapes.append(tuple(ids.shape)) or real(ctx, ids, pos))
+    shapes = record_forward_shapes(tiny_llm, monkeypatch)
     monkeypatch.setattr(tiny_llm, "join_chunk_size", 48)
     a = tiny_llm.request([p_a], pa)
     rs = [tiny_llm.request([x], pj) for x in joiners]
@@ -640,10 +643,7 @@ def test_quest_requests_of_other_lengths_share_a_batch_and_joiners_prefill_toget
     for r in (a, b):
         s.add(r)
     assert s.schedule() == [a, b]          # other lengths, one batch
-    widths = []
-    real = tiny_llm.runner.forward
-    monkeypatch.setattr(tiny_llm.runner, "forward",
-                        lambda ctx, ids, pos: widths.append(tuple(ids.shape)) or real(ctx, ids, pos))
+    widths = record_forward_shapes(tiny_llm, monkeypatch)
     group, outs, asks = [a, b], {}, []
     for r, ev in tiny_llm.run_batch(group, join=lambda running, rows: asks.append(len(widths)) or
                                     ([c, d] if len(asks) == 2 else [])):
@@ -698,10 +698,7 @@ def test_fcfs_joiners_each_stream_as_their_own_prefill_ends(tiny_llm, monkeypatc
     pa, pj = SamplingParams(max_tokens=60, ignore_eos=True), SamplingParams(max_tokens=12, ignore_eos=True)
     want = ([tiny_llm.generate(p_a, pa, method=spec, budget=budget)[0].token_ids]
             + [tiny_llm.generate(x, pj, method=spec, budget=budget)[0].token_ids for x in joiners])
-    shapes = []
-    real = tiny_llm.runner.forward
-    monkeypatch.setattr(tiny_llm.runner, "forward",
-                        lambda ctx, ids, pos: shapes.append(tuple(ids.shape)) or real(ctx, ids, pos))
+    shapes = record_forward_shapes(tiny_llm, monkeypatch)
     monkeypatch.setattr(tiny_llm, "join_chunk_size", 48)
     monkeypatch.setattr(tiny_llm, "join_order", "fcfs")
     a = tiny_llm.request([p_a], pa, method=spec, budget=budget)

@@ -951,7 +951,8 @@ class LLM:
                 _release_memory(self.device, e)
                 yield reqs, None, e
                 continue
-            part, mine = (cache_p, ctx_p, logits_p, len(ids_p)), {r: (stats_p, len(ids_p), method_p, run_p) for r in reqs}
+            part = (cache_p, ctx_p, logits_p, len(ids_p))
+            mine = {r: (stats_p, len(ids_p), method_p, run_p) for r in reqs}
             if fcfs:
                 if k + 1 < len(groups):
                     yield reqs, [part], mine
