@@ -323,9 +323,12 @@ def main(argv=None) -> int:
     if not joins or min(joins) < 0:
         ap.error("--join-chunks values must be >= 0")
     widths = _token_counts(ap, "--join-chunk-size", args.join_chunk_size)
+    from kvsift.engine.llm import JOIN_ORDERS
+
     orders = [v.strip() for v in args.join_order.split(",")]
-    if not orders or any(v not in ("together", "fcfs", "shortest") for v in orders):
-        ap.error(f"--join-order values must be together, fcfs or shortest, got {args.join_order!r}")
+    if not orders or any(v not in JOIN_ORDERS for v in orders):
+        ap.error(f"--join-order values must be {', '.join(JOIN_ORDERS[:-1])} or {JOIN_ORDERS[-1]}, "
+                 f"got {args.join_order!r}")
     caps = _token_counts(ap, "--max-batched-tokens", args.max_batched_tokens)
     if args.random_8b is not None and (args.random_8b < 1 or not args.tokenizer or args.model):
         ap.error("--random-8b takes a layer count >= 1 and --tokenizer, and no --model")

@@ -314,6 +314,14 @@ def test_max_batch_and_memory_options_are_validated(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "kvsift" in err and "--join-order" in err and "invalid choice" in err, err
+    import argparse
+
+    from kvsift.engine.llm import JOIN_ORDERS
+    from kvsift.server.cli import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)   # the CLI's choices (a literal: no torch import to build the parser) are the engine's
+    assert next(a.choices for a in parser._actions if "--join-order" in a.option_strings) == JOIN_ORDERS
 
 
 def test_a_request_over_the_kv_memory_is_400_before_it_queues(make_client, tiny_llm):

@@ -742,11 +742,8 @@ class LLM:
                                 if out is not None and out[1] is None:  # join_order fcfs: its client left
                                     prefilled.update(out[0])            # during its prefill, or it failed
                                     for r in out[0]:
-                                        if out[2] is None:
-                                            yield from _cancelled_events(r)
-                                        else:
-                                            r.finished = True
-                                            yield r, StreamEvent(0, "", None, finished=True, error=out[2])
+                                        yield from (_cancelled_events(r) if out[2] is None
+                                                    else _failed_events(r, out[2]))
                                 elif out is not None:  # join_order fcfs: one joiner's prefill ended, it
                                     new, parts, firsts = out   # joins at this boundary, the next goes on
                                     break
@@ -768,8 +765,7 @@ class LLM:
                             _release_memory(self.device, e)
                             for r in joining:
                                 if r not in prefilled:
-                                    r.finished = True
-                                    yield r, StreamEvent(0, "", None, finished=True, error=e)
+                                    yield from _failed_events(r, e)
                         prefilled.update(new)
                         join_s = time.perf_counter() - t_join   # what the joining chunks took
                         if not all(done):
@@ -1273,6 +1269,12 @@ def _check_join_chunks(n) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"join_chunks must be an int >= 0 (0: a joining prompt's whole prefill at once), got {n!r}")
     return n
+
+
+def _failed_events(r: Request, e: BaseException):
+    """The event of a request whose prefill raised ``e``: it ends, finished, with the error."""
+    r.finished = True
+    yield r, StreamEvent(0, "", None, finished=True, error=e)
 
 
 def _cancelled_events(r: Request):

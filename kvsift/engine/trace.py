@@ -155,8 +155,8 @@ def summarize(records: list[dict], factor: float = 2.0) -> dict:
     out = {"gaps": len(gaps), "stream_gaps": sum(r["rows"] for r in gaps)}
     if not gaps:
         return out
-    p50 = _weighted_quantile([(r["gap_ms"], r["rows"]) for r in gaps], 0.5)
-    p99 = _weighted_quantile([(r["gap_ms"], r["rows"]) for r in gaps], 0.99)
+    weighted = [(r["gap_ms"], r["rows"]) for r in gaps]
+    p50, p99 = _weighted_quantile(weighted, 0.5), _weighted_quantile(weighted, 0.99)
     slow = [r for r in gaps if r["gap_ms"] > factor * p50]
     n_slow = sum(r["rows"] for r in slow)
 
@@ -167,17 +167,15 @@ def summarize(records: list[dict], factor: float = 2.0) -> dict:
     def count(pred):
         return sum(r["rows"] for r in slow if pred(r))
 
+    holds = {"join_chunk": lambda r: r["join_chunks"] > 0, "prefill_done": lambda r: r["prefill_done"] > 0,
+             "rows_changed": lambda r: r["rebuild_ms"] > 0, "setup": lambda r: r["setup_ms"] > 0,
+             "held": lambda r: bool(r["held"])}
     out.update(p50_ms=round(p50, 2), p99_ms=round(p99, 2), factor=factor, slow_stream_gaps=n_slow,
                slow_share=round(n_slow / out["stream_gaps"], 4),
                all_mean={k: mean(gaps, k) for k in ("gap_ms",) + _PARTS},
                slow_mean={k: mean(slow, k) for k in ("gap_ms",) + _PARTS},
-               slow_with={"join_chunk": count(lambda r: r["join_chunks"] > 0),
-                          "prefill_done": count(lambda r: r["prefill_done"] > 0),
-                          "rows_changed": count(lambda r: r["rebuild_ms"] > 0),
-                          "setup": count(lambda r: r["setup_ms"] > 0),
-                          "held": count(lambda r: r["held"]),
-                          "plain": count(lambda r: not (r["join_chunks"] or r["prefill_done"] or r["rebuild_ms"] > 0
-                                                        or r["setup_ms"] > 0 or r["held"]))})
+               slow_with={**{k: count(p) for k, p in holds.items()},
+                          "plain": count(lambda r: not any(p(r) for p in holds.values()))})
     return out
 
 

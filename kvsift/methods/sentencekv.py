@@ -616,9 +616,7 @@ class SentenceKV(KVMethod):
         if slots > k:
             wide = self._select_chunks(store, fp, budget * slots // k, max_chunks=slots)
             if cold is not None:   # a stack's new rows beside rows whose caches it carried: theirs only
-                keep = torch.zeros(store.b, dtype=torch.bool)
-                keep[cold] = True
-                wide = torch.where(keep.to(wide.device)[:, None, None], wide, -1)
+                wide[[i for i in range(store.b) if i not in cold]] = -1
             store.fetch(wide, run.fetch, slots=True)
 
     @staticmethod
