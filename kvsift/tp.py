@@ -98,7 +98,8 @@ def tensor_parallel(size: int, backend: str | None = None, timeout_s: float = 60
 
     Under ``torchrun`` (its environment, checked first: :func:`launch_env`) it initializes the
     default process group (``backend``: None = :func:`default_backend`) and destroys it, with every
-    group made on it (transformers' device mesh), in ``finally``. A group already initialized by the
+    group made on it (transformers' device mesh), when the block ends: after a barrier when it ends
+    normally (the ranks leave together), at once when it raises. A group already initialized by the
     caller is used as it is (its world size must be ``size``) and left alone. ``size`` 1: no
     group. Yields a :class:`TPGroup`."""
     size = check_size(size)
@@ -113,8 +114,17 @@ def tensor_parallel(size: int, backend: str | None = None, timeout_s: float = 60
     dist.init_process_group(backend, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s))
     try:
         yield TPGroup(size, rank, local, dist.get_backend())
-    finally:
+    except BaseException:
+        # a failing rank leaves at once: a barrier here would wait for ranks that may never come
         if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    # the ranks leave together: one that tore its connections down while another still finished
+    # its last collective could abort that one (gloo's worker threads, seen as a SIGABRT)
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
             dist.destroy_process_group()
 
 

@@ -91,6 +91,8 @@ with tensor_parallel(2) as tp:
         ctx = llm.prefill_context(spec["prompt"], method=m, budget=b)
         res["cache"][m] = {"kv_heads": [ly.k_buf.shape[1] for ly in ctx.cache.layers],
                            "bytes": ctx.cache.memory()["device"]}
+    print("rank %d: work done" % tp.rank, file=sys.stderr, flush=True)  # where a failure came, in the log
+print("rank %d: group left" % res["rank"], file=sys.stderr, flush=True)
 res["initialized_after"] = dist.is_initialized()
 with open(os.path.join(out, "rank%d.json" % res["rank"]), "w") as f:
     json.dump(res, f)
