@@ -4,7 +4,8 @@ same greedy tokens with ``full``, ``snapkv`` and ``quest`` (one prompt, a batch 
 static decoding), no collective beyond those of ``full``
 (selection is local to each rank), the same sampled tokens on both ranks, each rank's cache holding
 half the KV heads (half the bytes); the CLI path (``torchrun -m
-kvsift.cli generate --tp 2``); and the typed errors that come before any loading."""
+kvsift.cli generate --tp 2``); how the ranks leave the group (together, or at once when a rank's
+block raises); and the typed errors that come before any loading."""
 
 from __future__ import annotations
 
@@ -185,6 +186,54 @@ def test_cli_tp_matches_one_process(tiny_dir, capsys):
     assert got["stats"]["generated_tokens"] == want["stats"]["generated_tokens"] > 0
     # the KV on rank 0 is its half of the heads
     assert 2 * got["stats"]["kv_kept_bytes"] == want["stats"]["kv_kept_bytes"]
+
+
+# how the ranks leave the group: together after a normal end; when one rank's block raises, the
+# others' exit from the block fails at once (its peer closed the connections) instead of waiting
+LEAVE = r'''
+import json, os, sys, time
+import torch, torch.distributed as dist
+from kvsift import tensor_parallel
+out, fail_rank = sys.argv[1], int(sys.argv[2])
+t0 = time.perf_counter()
+res = {}
+try:
+    with tensor_parallel(2, timeout_s=300) as tp:
+        res["rank"] = tp.rank
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        res["sum"] = t.item()
+        if tp.rank == fail_rank:
+            raise ValueError("rank %d fails inside the block" % tp.rank)
+    res["left"] = "normally"
+except ValueError as e:
+    res["left"] = "raised: %s" % e
+except RuntimeError as e:
+    res["left"] = "peer gone: %s" % str(e)[:200]
+res["initialized_after"] = dist.is_initialized()
+res["seconds"] = time.perf_counter() - t0
+with open(os.path.join(out, "rank%d.json" % res["rank"]), "w") as f:
+    json.dump(res, f)
+'''
+
+
+@pytest.mark.parametrize("fail_rank", [-1, 1])
+def test_ranks_leave_the_group(tmp_path, fail_rank):
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE)
+    r = _torchrun([str(script), str(tmp_path), str(fail_rank)], timeout=200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    for res in ranks:
+        assert res["sum"] == 2.0 and not res["initialized_after"]
+    if fail_rank < 0:
+        assert [res["left"] for res in ranks] == ["normally", "normally"]
+    else:
+        assert ranks[1]["left"] == "raised: rank 1 fails inside the block"
+        # rank 0 ended its block normally; the barrier there fails fast (its peer is gone), well
+        # before the group's 300 s timeout
+        assert ranks[0]["left"].startswith("peer gone"), ranks[0]
+        assert ranks[0]["seconds"] < 120
 
 
 # ---- bad input: typed errors before any loading ---------------------------------------------------
