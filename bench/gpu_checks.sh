@@ -19,6 +19,7 @@
 #   STEPS=prefill_tail bash bench/gpu_checks.sh      # #14: torch.profiler over the last chunk at 128k (offload inside)
 #   STEPS=join bash bench/gpu_checks.sh      # #16: a join's first gap over KV arenas vs without (random 8B shape)
 #   STEPS=serve_sweep SWEEP_CLIENTS="1 8 32 64" bash bench/gpu_checks.sh   # #16: FIFO vs continuous by clients (carry .stage/tok, .whl)
+#   STEPS=join_step bash bench/gpu_checks.sh # #16: a narrow joining forward, host vs device time (torch.profiler)
 # The tests step runs six pytest processes at once (T_TESTS seconds each, default 420).
 set -u
 DEST=${OUT:-bench/out}; R=${RES:-/root/checks}; mkdir -p "$R" "$DEST"
@@ -152,6 +153,14 @@ if step serve_sweep; then   # #16: the issue's 1-64 clients table: FIFO (--max-b
         --json "$R/serve_sweep_${m}_${c}_h200.json" >"$R/sweep_${m}_${c}.log" 2>&1
       echo "sweep $m $c clients rc=$? $(( $(date +%s) - t0 )) s"; grep -v "^  File \"\|^    [^0-9 ]" "$R/sweep_${m}_${c}.log" | tail -4
     done
+  done
+fi
+if step join_step; then   # #16: what a narrow joining prefill forward costs (host time against device time)
+  for m in ${JOIN_STEP_METHODS:-full sentencekv}; do
+    timeout ${T_JOIN_STEP:-200} python3 bench/join_step_profile.py --random-8b ${SERVE_LAYERS:-16} --method $m \
+      $([ "$m" = full ] || echo "--budget 2048") --rows ${JOIN_STEP_ROWS:-1,7,31} --prompt ${JOIN_STEP_PROMPT:-4096} \
+      --width ${JOIN_STEP_WIDTH:-512} --profile --out "$R/join_step_${m}_h200.json" >"$R/join_step_$m.log" 2>&1
+    echo "join_step $m rc=$? $(( $(date +%s) - t0 )) s"; tail -30 "$R/join_step_$m.log"
   done
 fi
 tar czf "$DEST/checks.tgz" -C "$R" .
