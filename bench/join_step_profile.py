@@ -39,23 +39,27 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def prefill_forwards(llm, ids: list[list[int]], method, width: int | None, on_step=None) -> list[tuple[float, float]]:
+def prefill_forwards(llm, ids: list[list[int]], method, width: int | None,
+                     profile: range | None = None) -> tuple[list[tuple[float, float]], object | None]:
     """Prefill the prompts ``ids`` together through ``llm.runner.prefill_steps`` (``width``: tokens a
-    forward over all of them; None: the runner's chunk size per prompt) and return each forward's
-    ``(host_s, wall_s)``: from a synced start to the forward's return, and to a sync after it.
-    ``on_step(i)``, called before forward ``i``, may return a context manager to run it in (the
-    profiler)."""
-    import contextlib
+    forward over all of them; None: the runner's chunk size per prompt). Returns each forward's
+    ``(host_s, wall_s)`` (from a synced start to the forward's return, and to a sync after it) and,
+    with ``profile`` (the forwards' indices), a ``torch.profiler`` over those forwards (None without)."""
+    import torch
 
     run = method.start(max(len(x) for x in ids), llm.info.num_layers)
     gen = llm.runner.prefill_steps(ids, method, run, None, False, width=width)
     dev = llm.device
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    prof, on = None, False
     times: list[tuple[float, float]] = []
-    done = False
-    while not done:
-        cm = (on_step(len(times)) if on_step is not None else None) or contextlib.nullcontext()
-        _sync(dev)
-        with cm:
+    try:
+        done = False
+        while not done:
+            if profile is not None and len(times) == profile.start:
+                prof, on = torch.profiler.profile(activities=acts), True
+                prof.__enter__()
+            _sync(dev)
             t0 = time.perf_counter()
             try:
                 next(gen)
@@ -64,8 +68,15 @@ def prefill_forwards(llm, ids: list[list[int]], method, width: int | None, on_st
             t1 = time.perf_counter()
             _sync(dev)
             t2 = time.perf_counter()
-        times.append((t1 - t0, t2 - t0))
-    return times
+            times.append((t1 - t0, t2 - t0))
+            if on and len(times) == profile.stop:
+                prof.__exit__(None, None, None)
+                on = False
+    finally:
+        if on:
+            prof.__exit__(None, None, None)
+        gen.close()
+    return times, prof
 
 
 def _device_ms(evt) -> float:
@@ -95,39 +106,18 @@ def summarize_profile(prof, steps: int, top: int = 12) -> dict:
 
 def measure(llm, method, rows: int, prompt: int, width: int, profile_steps: int, seed: int = 0) -> dict:
     """One setting: ``rows`` prompts of ``prompt`` tokens prefilled ``width`` tokens a forward
-    (joiners), then one at a time at the chunk size (FIFO); ``profile_steps`` > 0 profiles that many
-    narrow forwards from the middle of the narrow prefill."""
+    (joiners), then the first of them alone at the chunk size (FIFO); ``profile_steps`` > 0 profiles
+    that many narrow forwards from the middle of the narrow prefill (their times, in the medians,
+    include the profiler's own)."""
     rng = random.Random(seed)
     vocab = min(len(llm.tokenizer), 30000) if llm.tokenizer is not None else 30000
     ids = [[rng.randrange(100, vocab) for _ in range(prompt)] for _ in range(rows)]
-    prof_box: dict = {}
-
-    def on_step(i: int):
-        if profile_steps <= 0:
-            return None
-        first = max(0, n_narrow // 2 - profile_steps // 2)
-        if i == first:
-            import torch
-
-            acts = [torch.profiler.ProfilerActivity.CPU]
-            if llm.device.type == "cuda":
-                acts.append(torch.profiler.ProfilerActivity.CUDA)
-            prof_box["p"] = torch.profiler.profile(activities=acts)
-            prof_box["p"].__enter__()
-            prof_box["n"] = 0
-        if "p" in prof_box and "done" not in prof_box:
-            prof_box["n"] += 1
-            if prof_box["n"] > profile_steps:
-                prof_box["p"].__exit__(None, None, None)
-                prof_box["done"] = True
-                prof_box["n"] = profile_steps
-        return None
-
-    n_narrow = max(1, -(-rows * prompt // width))   # about: the runner rounds each prompt's share
-    narrow = prefill_forwards(llm, ids, method, width, on_step=on_step)
-    if "p" in prof_box and "done" not in prof_box:
-        prof_box["p"].__exit__(None, None, None)
-    fifo = [t for x in ids[:1] for t in prefill_forwards(llm, [x], method, None)]   # one prompt alone
+    # the profiled forwards: about the middle of the narrow prefill (its count is rounded per prompt)
+    n_narrow = max(1, -(-rows * prompt // width))
+    first = max(0, n_narrow // 2 - profile_steps // 2)
+    narrow, prof = prefill_forwards(llm, ids, method, width,
+                                    range(first, first + profile_steps) if profile_steps > 0 else None)
+    fifo, _ = prefill_forwards(llm, ids[:1], method, None)   # one prompt alone, at the chunk size
     host = [h for h, _ in narrow]
     wall = [w for _, w in narrow]
     out = {
@@ -140,8 +130,9 @@ def measure(llm, method, rows: int, prompt: int, width: int, profile_steps: int,
         "fifo_host_share": round(sum(h for h, _ in fifo) / sum(w for _, w in fifo), 3),
     }
     out["narrow_over_fifo"] = round(out["us_per_token"] / out["fifo_us_per_token"], 2)
-    if "p" in prof_box:
-        out["profile"] = summarize_profile(prof_box["p"], prof_box["n"])
+    if prof is not None:
+        profiled = min(profile_steps, len(narrow) - first)
+        out["profile"] = summarize_profile(prof, profiled)
     return out
 
 
