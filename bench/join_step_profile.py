@@ -32,13 +32,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _sync(device) -> None:
-    import torch
-
-    if getattr(device, "type", str(device)) == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def prefill_forwards(llm, ids: list[list[int]], method, width: int | None,
                      profile: range | None = None) -> tuple[list[tuple[float, float]], object | None]:
     """Prefill the prompts ``ids`` together through ``llm.runner.prefill_steps`` (``width``: tokens a
@@ -46,6 +39,8 @@ def prefill_forwards(llm, ids: list[list[int]], method, width: int | None,
     ``(host_s, wall_s)`` (from a synced start to the forward's return, and to a sync after it) and,
     with ``profile`` (the forwards' indices), a ``torch.profiler`` over those forwards (None without)."""
     import torch
+
+    from kvsift.engine.runner import sync
 
     run = method.start(max(len(x) for x in ids), llm.info.num_layers)
     gen = llm.runner.prefill_steps(ids, method, run, None, False, width=width)
@@ -59,14 +54,14 @@ def prefill_forwards(llm, ids: list[list[int]], method, width: int | None,
             if profile is not None and len(times) == profile.start:
                 prof, on = torch.profiler.profile(activities=acts), True
                 prof.__enter__()
-            _sync(dev)
+            sync(dev)
             t0 = time.perf_counter()
             try:
                 next(gen)
             except StopIteration:   # the last forward runs before the generator returns
                 done = True
             t1 = time.perf_counter()
-            _sync(dev)
+            sync(dev)
             t2 = time.perf_counter()
             times.append((t1 - t0, t2 - t0))
             if on and len(times) == profile.stop:
