@@ -20,6 +20,7 @@
 #   STEPS=join bash bench/gpu_checks.sh      # #16: a join's first gap over KV arenas vs without (random 8B shape)
 #   STEPS=serve_sweep SWEEP_CLIENTS="1 8 32 64" bash bench/gpu_checks.sh   # #16: FIFO vs continuous by clients (carry .stage/tok, .whl)
 #   STEPS=join_step bash bench/gpu_checks.sh # #16: a narrow joining forward, host vs device time (torch.profiler)
+#   STEPS=minference MINF_LENGTHS=131072 MINF_ARGS="--no-e2e --coverage 0.95" MINF_TAG=_cov95 bash bench/gpu_checks.sh  # #14
 # The tests step runs six pytest processes at once (T_TESTS seconds each, default 420).
 set -u
 DEST=${OUT:-bench/out}; R=${RES:-/root/checks}; mkdir -p "$R" "$DEST"
@@ -122,8 +123,9 @@ if step decode; then
   echo "decode rc=$? $(( $(date +%s) - t0 )) s"; tail -40 "$R/decode.log"
 fi
 if step minference; then
-  timeout ${T_MINF:-150} python3 bench/minference_prefill.py --lengths ${MINF_LENGTHS:-32768,131072} \
-    --out "$R/minference_prefill_h200.json" >"$R/minference.log" 2>&1
+  # MINF_ARGS: more options, e.g. "--no-e2e --coverage 0.95" (layer rows with a cumulative-attention index)
+  timeout ${T_MINF:-150} python3 bench/minference_prefill.py --lengths ${MINF_LENGTHS:-32768,131072} ${MINF_ARGS:-} \
+    --out "$R/minference_prefill${MINF_TAG:-}_h200.json" >"$R/minference.log" 2>&1
   echo "minference rc=$? $(( $(date +%s) - t0 )) s"; tail -30 "$R/minference.log"
 fi
 if step serve; then   # #16: the server under 32 clients of 32k tokens, FIFO vs continuous. Needs .stage/tok, the

@@ -13,7 +13,9 @@ Per length and pattern (every head on that pattern), the ``layer`` rows time one
 attention over the whole prompt as one chunk, on queries and keys with a diagonal and a sink
 (``structured_qk``; ``--random-qk``: plain random ones): dense causal SDPA against the sparse index build
 (``index ms``) plus the sparse attention (``attn ms``: the Triton kernel on CUDA, the PyTorch
-reference elsewhere), with the fraction of causal keys listed (``density``). The ``e2e`` rows time
+reference elsewhere), with the fraction of causal keys listed (``density``) and the share of 64
+sampled rows' true attention the selection holds (``recall``). ``--coverage F`` builds every index
+with that cumulative-attention coverage (the method's option; the sizes become caps). The ``e2e`` rows time
 ``LLM.generate(max_tokens=1)`` prefill (``stats.prefill_s``) of the whole model in chunks of
 ``--chunk`` with ``full``, with ``minference`` (default patterns: vertical-slash everywhere; a chunk
 whose index lists more than ``max_density`` of its keys attends densely: ``minference_fallback_chunks``)
@@ -49,6 +51,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # runs from a checkout without an install (the GPU machine)
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -100,13 +103,19 @@ def layer_rows(n: int, shape: dict, sizes: dict, dev, dtype, reps: int, random_q
                          dev, reps)
     rows = [{"kind": "layer", "length": n, "pattern": "dense", "attn_ms": dense_ms}]
     m = MInference(min_len=0, patterns="default", **sizes)
+    from minference_coverage import attention_rows, selected_rows
+
+    sample = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:64].sort().values.to(dev)
+    att = attention_rows(q, k, sample, n, scale)                       # (1, hq, 64, n): the true attention
     for pat in PATTERNS:
         heads = (pat,) * hq
         index_ms, (bi, cols) = _timed(lambda: m.index(q, k, heads, scale), dev, reps)
         attn_ms, _ = _timed(lambda: sparse_prefill_attention(q, k, v, bi, cols, scale, m.block), dev, reps)
+        recall = float((att * selected_rows(bi, cols, sample, n, n, m.block)).sum(-1).mean())
         rows.append({"kind": "layer", "length": n, "pattern": pat, "index_ms": index_ms, "attn_ms": attn_ms,
-                     "density": float(listed_fraction(bi, cols, n, n, m.block)),
-                     "speedup": dense_ms / (index_ms + attn_ms)})
+                     "density": float(listed_fraction(bi, cols, n, n, m.block)), "recall": recall,
+                     "coverage": m.coverage, "speedup": dense_ms / (index_ms + attn_ms)})
+    del att
     del q, k, v
     return rows
 
@@ -213,6 +222,9 @@ def main(argv=None) -> int:
                    help="layer rows on plain random q/k (no diagonal or sink structure) instead")
     for opt in ("last_q", "vertical", "slash", "block", "top_blocks", "local"):
         p.add_argument("--" + opt.replace("_", "-"), type=int, default=None, help=f"minference {opt}")
+    p.add_argument("--coverage", type=float, default=None,
+                   help="minference coverage (vertical-slash heads keep the lines holding this share of the "
+                        "estimated attention; default: the fixed sizes)")
     p.add_argument("--model", default=None,
                    help="a real model (registered name or path): e2e rows only, on the eval suite's prompts "
                         "(--tasks), with its searched patterns (`kvsift minference search`) and the default ones")
@@ -231,15 +243,15 @@ def main(argv=None) -> int:
         hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
         vocab_size=1000)
     sizes = {} if cuda else dict(vertical=128, slash=8, top_blocks=4, local=256)
-    sizes.update({o: getattr(args, o) for o in ("last_q", "vertical", "slash", "block", "top_blocks", "local")
-                  if getattr(args, o) is not None})
+    sizes.update({o: getattr(args, o) for o in ("last_q", "vertical", "slash", "block", "top_blocks", "local",
+                                                "coverage") if getattr(args, o) is not None})
     lengths = [int(x) for x in (args.lengths or ("131072" if cuda else "1024,2048")).split(",") if x]
     layers = args.layers or (32 if cuda else 2)
     chunk = args.chunk or (16384 if cuda else 512)
     rows = []
     print(f"device {dev}, {dtype}, shape {shape}, sizes {sizes or 'method defaults'}")
     print(f"{'kind':<6} {'length':>7} {'what':<15} {'index ms':>9} {'attn ms':>9} {'prefill s':>9} {'density':>8} "
-          f"{'speedup':>8}")
+          f"{'speedup':>8} {'recall':>7}")
     model = None
     if not args.no_e2e:
         cfg = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=max(lengths) + 64, rope_theta=500000.0,
@@ -277,7 +289,8 @@ def _print_rows(rows: list[dict]) -> None:
         dens = r.get("density", (r.get("method_stats") or {}).get("minference_density"))
         print(f"{r['kind']:<6} {r['length']:>7} {what:<15} {r.get('index_ms', float('nan')):>9.2f} "
               f"{r.get('attn_ms', float('nan')):>9.2f} {r.get('prefill_s', float('nan')):>9.3f} "
-              f"{dens if dens is not None else float('nan'):>8.3f} {r.get('speedup', float('nan')):>8.2f}")
+              f"{dens if dens is not None else float('nan'):>8.3f} {r.get('speedup', float('nan')):>8.2f} "
+              f"{r.get('recall', float('nan')):>7.3f}")
 
 
 def _write(path: str, meta: dict, rows: list[dict]) -> int:
@@ -296,7 +309,7 @@ def main_real(args) -> int:
     from kvsift.methods.minference import cache_path
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sizes = {o: getattr(args, o) for o in ("last_q", "vertical", "slash", "block", "top_blocks", "local")
+    sizes = {o: getattr(args, o) for o in ("last_q", "vertical", "slash", "block", "top_blocks", "local", "coverage")
              if getattr(args, o) is not None}
     lengths = [int(x) for x in (args.lengths or ("30000" if dev.type == "cuda" else "2048")).split(",") if x]
     chunk = args.chunk or (16384 if dev.type == "cuda" else 512)
@@ -306,7 +319,7 @@ def main_real(args) -> int:
     print(f"device {dev}, model {args.model} ({name}), patterns searched: {searched} ({cache_path(name)}), "
           f"sizes {sizes or 'method defaults'}")
     print(f"{'kind':<6} {'length':>7} {'what':<15} {'index ms':>9} {'attn ms':>9} {'prefill s':>9} {'density':>8} "
-          f"{'speedup':>8}")
+          f"{'speedup':>8} {'recall':>7}")
     rows = []
     for n in lengths:
         for task in [t for t in args.tasks.split(",") if t]:

@@ -148,13 +148,17 @@ def _mark(mask: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor) -> None:
 
 
 def vertical_slash_index(q: torch.Tensor, k: torch.Tensor, n: int, last_q: int, vertical: int, slash: int,
-                         block: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                         block: int, scale: float, coverage: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MInference's vertical-slash estimate for heads that share one KV head.
 
     q ``(batch, m, L, dim)`` the chunk's queries of ``m`` heads; k ``(batch, 1, n, dim)`` their KV
     head's keys. The last ``last_q`` queries' softmax attention (causal) is summed per key column
     and per diagonal ``offset = query slot - key slot``; the top ``vertical`` columns and top
-    ``slash`` offsets are kept (column 0 and offset 0 always). Returns the slashes as key blocks
+    ``slash`` offsets are kept (column 0 and offset 0 always). With ``coverage`` (in (0, 1]) each
+    head keeps only the shortest prefix of those, in that order, whose summed attention reaches
+    ``coverage`` of the total (columns and diagonals each on their own, the sizes as caps; the
+    cumulative-attention budget of FlexPrefill, arXiv 2502.20766): a head whose attention is
+    concentrated lists few keys, a spread one up to the caps. Returns the slashes as key blocks
     ``(batch, m, n_qblocks, n_kblocks)`` bool and the columns not inside those blocks, per query
     block, ``(batch, m, n_qblocks, vertical)`` int32 (-1: none, or not causal for the block)."""
     b, m, L, _ = q.shape
@@ -167,18 +171,33 @@ def vertical_slash_index(q: torch.Tensor, k: torch.Tensor, n: int, last_q: int, 
     logits = torch.matmul(q[:, :, L - lq:].float(), k.float().transpose(-1, -2)) * scale   # (b, m, lq, n)
     a = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
     vs = a.sum(2)                                                              # (b, m, n)
-    vs[..., 0] = float("inf")
     ss = torch.zeros(b, m, n, device=dev).scatter_add_(
         2, diag.clamp(min=0).flatten().expand(b, m, lq * n), (a * causal).flatten(2))
-    ss[..., 0] = float("inf")
-    cols = vs.topk(min(vertical, n), dim=-1).indices.sort(dim=-1).values        # (b, m, nv)
-    offs = ss.topk(min(slash, n), dim=-1).indices                              # (b, m, ns)
+    cols, keep_c = _top_lines(vs, min(vertical, n), coverage)                   # (b, m, nv)
+    offs, keep_s = _top_lines(ss, min(slash, n), coverage)                      # (b, m, ns)
+    offs = torch.where(keep_s, offs, 0)             # a dropped diagonal becomes the main one (always in)
+    cols = torch.where(keep_c, cols, n).sort(dim=-1).values                     # dropped ones last
     s0, s1 = _qblock_slots(L, n, block, dev)
     bm = slash_blocks(offs, L, n, block)
     cq = cols[:, :, None, :].expand(b, m, s0.numel(), cols.shape[-1])
-    covered = bm.gather(3, cq // block)
-    cq = torch.where(covered | (cq > s1[None, None, :, None]), -1, cq)
+    covered = bm.gather(3, cq.clamp(max=n - 1) // block)
+    cq = torch.where(covered | (cq > s1[None, None, :, None]), -1, cq)          # dropped (n): past s1
     return bm, cq.to(torch.int32)
+
+
+def _top_lines(mass: torch.Tensor, size: int, coverage: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``size`` lines (columns or diagonals) of ``mass (batch, m, n)`` with the most attention,
+    line 0 first (always kept), then by mass: ``(indices, keep)``, both ``(batch, m, size)``. ``keep``
+    is all True without ``coverage``; with it, True for the shortest prefix whose summed mass
+    reaches ``coverage`` of the row's total (a line is kept while the mass before it falls short)."""
+    ranked = mass.clone()
+    ranked[..., 0] = float("inf")
+    idx = ranked.topk(size, dim=-1).indices                                    # sorted by mass, line 0 first
+    if coverage is None:
+        return idx, torch.ones_like(idx, dtype=torch.bool)
+    m = mass.gather(-1, idx)
+    before = m.cumsum(-1) - m
+    return idx, before < coverage * mass.sum(-1, keepdim=True)
 
 
 def slash_blocks(offs: torch.Tensor, L: int, n: int, block: int) -> torch.Tensor:
@@ -289,6 +308,13 @@ class MInference(KVMethod):
         dense tail tokens turned 10 wrong ``qa`` answers right and none wrong; on the 1.5B at
         16k-30k (H200, vertical-slash everywhere, 10%) 256 took ``minference+sentencekv`` from -1.7
         to -1.1 points of ``sentencekv``, 240 paired samples, neither significant (docs/eval.md).
+    coverage : float | None
+        Vertical-slash heads keep, of their ``vertical`` columns and ``slash`` diagonals (then caps),
+        only the shortest top-ranked prefix whose estimated attention (the last ``last_q`` queries')
+        reaches this fraction of the total, columns and diagonals each on their own (FlexPrefill's
+        cumulative-attention budget, arXiv 2502.20766): concentrated heads list few keys, spread
+        ones up to the caps. None (the default): always the caps, as in the paper. It does not move
+        ``dense_below`` (worked out from the caps): set ``min_len`` to go sparse on shorter prompts.
     max_density : float
         A chunk whose index lists more than this fraction of its causal keys (mean over heads and
         rows) is attended densely instead (the index is built first; 1.0: always sparse, as in the
@@ -308,6 +334,7 @@ class MInference(KVMethod):
     patterns: str | None = None
     min_len: int | None = None
     dense_tail: int = 0
+    coverage: float | None = None
     max_density: float = 0.3
 
     def __post_init__(self):
@@ -319,6 +346,12 @@ class MInference(KVMethod):
             raise MethodOptionError(f"minference option max_density must be a number in (0, 1], got {md!r}",
                                     param="max_density")
         object.__setattr__(self, "max_density", float(md))
+        cv = self.coverage
+        if cv is not None:
+            if isinstance(cv, bool) or not isinstance(cv, (int, float)) or not 0 < cv <= 1:
+                raise MethodOptionError(f"minference option coverage must be a number in (0, 1] or None, got {cv!r}",
+                                        param="coverage")
+            object.__setattr__(self, "coverage", float(cv))
         from kvsift.kernels.sparse_prefill_attention import BLOCKS
 
         if isinstance(self.block, bool) or self.block not in BLOCKS:
@@ -408,7 +441,8 @@ class MInference(KVMethod):
                     continue
                 q, k = query[:, hs], keys[:, kh:kh + 1]
                 if pat == "vertical_slash":
-                    bm[:, hs], cols[:, hs] = vertical_slash_index(q, k, n, self.last_q, nv, self.slash, B, scale)
+                    bm[:, hs], cols[:, hs] = vertical_slash_index(q, k, n, self.last_q, nv, self.slash, B, scale,
+                                                                         self.coverage)
                 else:
                     bm[:, hs] = block_sparse_blocks(q, k, n, self.top_blocks, B, scale)
         if self.dense_tail and prompt_len is not None:
