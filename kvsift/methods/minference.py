@@ -13,7 +13,8 @@ Each query head has one of three patterns (a per-model JSON chosen offline by
 * ``vertical_slash``: the ``vertical`` key columns and the ``slash`` diagonals (offsets
   ``query - key``) with the most attention from the chunk's last ``last_q`` queries (the paper's
   estimate, made per prefill chunk here); the diagonals are attended as the key blocks they
-  cross, the columns one by one; the first column and the main diagonal are always in;
+  cross, the columns one by one; the first column and the main diagonal are always in; with
+  ``coverage`` a head keeps only as many of them as hold that share of the estimated attention;
 * ``block_sparse``: for each query block of ``block`` rows, the ``top_blocks`` key blocks with the
   highest mean-pooled ``q . k`` (the diagonal blocks always in).
 
