@@ -163,8 +163,7 @@ def main(argv=None) -> int:
 
     from kvsift import LLM, SamplingParams
     from kvsift.methods.minference import MInference
-    sys.path.insert(0, str(ROOT / "bench"))
-    from minference_prefill import real_prompt
+    from bench.minference_prefill import real_prompts
 
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x]
@@ -189,20 +188,17 @@ def main(argv=None) -> int:
     print(f"{'length':>7} {'task':<8} {'setting':<{w}} {'density':>8} {'recall':>7} {'p5':>6} {'worst layer':>11} "
           f"{'tail':>6}")
     rows = []
-    for n in lengths:
-        for task in [t for t in args.tasks.split(",") if t]:
-            ids = real_prompt(llm.tokenizer, task, n)
-            probe, records = make_probe(settings, args.rows, args.tail, len(ids))
-            t0 = time.perf_counter()
-            llm.generate(ids, SamplingParams(max_tokens=1, ignore_eos=True), method=probe, progress=False)
-            secs = time.perf_counter() - t0
-            for label, s in summarize(records).items():
-                row = {"length": len(ids), "target_length": n, "task": task, "setting": label, **s,
-                       "chunk_layers": sum(r["setting"] == label for r in records), "seconds": secs}
-                rows.append(row)
-                tr = "-" if s["tail_recall"] is None else f"{s['tail_recall']:.3f}"
-                print(f"{len(ids):>7} {task:<8} {label:<{w}} {s['density']:8.3f} {s['recall']:7.3f} "
-                      f"{s['recall_p5']:6.3f} {s['worst_layer_recall']:11.3f} {tr:>6}", flush=True)
+    for n, task, ids in real_prompts(llm.tokenizer, lengths, args.tasks):
+        probe, records = make_probe(settings, args.rows, args.tail, len(ids))
+        t0 = time.perf_counter()
+        llm.generate(ids, SamplingParams(max_tokens=1, ignore_eos=True), method=probe, progress=False)
+        secs = time.perf_counter() - t0
+        for label, s in summarize(records).items():
+            rows.append({"length": len(ids), "target_length": n, "task": task, "setting": label, **s,
+                         "chunk_layers": sum(r["setting"] == label for r in records), "seconds": secs})
+            tr = "-" if s["tail_recall"] is None else f"{s['tail_recall']:.3f}"
+            print(f"{len(ids):>7} {task:<8} {label:<{w}} {s['density']:8.3f} {s['recall']:7.3f} "
+                  f"{s['recall_p5']:6.3f} {s['worst_layer_recall']:11.3f} {tr:>6}", flush=True)
     meta = {"model": args.model, "model_name": llm.info.name, "device": dev, "chunk": args.chunk,
             "rows": args.rows, "tail": args.tail, "settings": {k: dataclasses.asdict(m) for k, m in settings.items()},
             "sizes": {k: getattr(m0, k) for k in ("vertical", "slash", "last_q", "block")}}

@@ -207,6 +207,13 @@ def real_prompt(tok, task: str, n: int) -> list[int]:
     return list(tok.encode(sample.prompt, add_special_tokens=False))
 
 
+def real_prompts(tok, lengths: list[int], tasks: str):
+    """``(length, task, ids)`` for every length and comma-separated task: the suite's first sample."""
+    for n in lengths:
+        for task in [t for t in tasks.split(",") if t]:
+            yield n, task, real_prompt(tok, task, n)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", default=None, help="comma-separated prompt lengths (default: 131072 on CUDA, "
@@ -321,14 +328,12 @@ def main_real(args) -> int:
     print(f"{'kind':<6} {'length':>7} {'what':<15} {'index ms':>9} {'attn ms':>9} {'prefill s':>9} {'density':>8} "
           f"{'speedup':>8} {'recall':>7}")
     rows = []
-    for n in lengths:
-        for task in [t for t in args.tasks.split(",") if t]:
-            ids = real_prompt(llm.tokenizer, task, n)
-            new = []
-            for patterns in ((None, "default") if searched else ("default",)):
-                new += e2e_rows(llm, ids, chunk, sizes, dev, patterns, task)
-            _print_rows(new)
-            rows += new
+    for n, task, ids in real_prompts(llm.tokenizer, lengths, args.tasks):
+        new = []
+        for patterns in ((None, "default") if searched else ("default",)):
+            new += e2e_rows(llm, ids, chunk, sizes, dev, patterns, task)
+        _print_rows(new)
+        rows += new
     meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "model": args.model,
             "model_name": name, "searched_patterns": searched, "chunk": chunk, "sizes": sizes}
     return _write(args.out, meta, rows)
