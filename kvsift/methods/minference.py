@@ -310,7 +310,7 @@ class MInference(KVMethod):
         16k-30k (H200, vertical-slash everywhere, 10%) 256 took ``minference+sentencekv`` from -1.7
         to -1.1 points of ``sentencekv``, 240 paired samples, neither significant (docs/eval.md).
     coverage : float | None
-        Vertical-slash heads keep, of their ``vertical`` columns and ``slash`` diagonals (then caps),
+        Vertical-slash heads keep, of their ``vertical`` columns and ``slash`` diagonals (now caps),
         only the shortest top-ranked prefix whose estimated attention (the last ``last_q`` queries')
         reaches this fraction of the total, columns and diagonals each on their own (FlexPrefill's
         cumulative-attention budget, arXiv 2502.20766): concentrated heads list few keys, spread
