@@ -38,26 +38,6 @@ sys.path.insert(0, str(ROOT))   # runs from a checkout without an install (the G
 import torch  # noqa: E402
 
 
-def selected_rows(block_idx: torch.Tensor, cols: torch.Tensor | None, rows: torch.Tensor, L: int, n: int,
-                  block: int) -> torch.Tensor:
-    """The selected and causal keys of chunk rows ``rows (r,)``: ``(batch, q_heads, r, n)`` bool (the
-    rows of :func:`kvsift.kernels.sparse_prefill_attention.selected_mask`, without the whole mask)."""
-    b, hq, _, _ = block_idx.shape
-    nkb = -(-n // block)
-    qb = rows // block
-    bi = block_idx[:, :, qb].long()                                            # (b, hq, r, kb)
-    bm = torch.zeros(b, hq, rows.numel(), nkb + 1, dtype=torch.bool, device=rows.device)
-    bm.scatter_(3, torch.where(bi >= 0, bi, nkb), True)
-    m = bm[..., :nkb].repeat_interleave(block, dim=3)[..., :n]
-    if cols is not None:
-        c = cols[:, :, qb].long()
-        cm = torch.zeros(b, hq, rows.numel(), n + 1, dtype=torch.bool, device=rows.device)
-        cm.scatter_(3, torch.where(c >= 0, c, n), True)
-        m |= cm[..., :n]
-    causal = torch.arange(n, device=rows.device)[None, :] <= (n - L + rows)[:, None]
-    return m & causal
-
-
 def attention_rows(query: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, L: int, scale: float) -> torch.Tensor:
     """True causal softmax attention of chunk rows ``rows``: query ``(batch, q_heads, L, dim)``, keys
     ``(batch, kv_heads, n, dim)`` -> ``(batch, q_heads, r, n)`` float32."""
@@ -74,6 +54,7 @@ def make_probe(settings: dict, rows: int, tail: int, prompt_len: int, seed: int 
     ``settings``: label -> ``MInference``. Returns ``(method, records)``; each record is one
     (chunk-layer, setting): ``density``, ``recall`` (mean), ``recall_p5``, and ``tail_recall`` when
     the chunk holds the prompt's last ``tail`` rows."""
+    from kvsift.kernels.sparse_prefill_attention import selected_mask
     from kvsift.methods.minference import MInference, listed_fraction
 
     records: list[dict] = []
@@ -93,26 +74,26 @@ def make_probe(settings: dict, rows: int, tail: int, prompt_len: int, seed: int 
             heads = ("vertical_slash",) * query.shape[1]
             for label, m in settings.items():
                 bi, cols = m.index(query, keys, heads, scale)
-                rec = (att * selected_rows(bi, cols, pick, L, n, m.block)).sum(-1)      # (b, hq, r)
+                rec = (att * selected_mask(bi, cols, L, n, m.block, pick)).sum(-1)      # (b, hq, r)
                 out = {"setting": label, "layer": layer.layer_idx, "chunk_keys": n, "chunk_rows": L,
                        "density": float(listed_fraction(bi, cols, L, n, m.block)),
                        "recall": float(rec.mean()), "recall_p5": float(rec.flatten().quantile(0.05))}
                 if att_t is not None:
-                    out["tail_recall"] = float((att_t * selected_rows(bi, cols, last, L, n, m.block)).sum(-1).mean())
+                    out["tail_recall"] = float((att_t * selected_mask(bi, cols, L, n, m.block, last)).sum(-1).mean())
                 records.append(out)
             return None
 
     return Probe(min_len=0, max_density=1.0), records
 
 
-def summarize(records: list[dict], keys_weighted: bool = True) -> dict:
+def summarize(records: list[dict]) -> dict:
     """Per setting: density weighted by each chunk-layer's causal key pairs (the attention work it
     stands for), recall means, and the worst layer's mean recall."""
     out: dict = {}
     for r in records:
         s = out.setdefault(r["setting"], {"w": 0.0, "d": 0.0, "rec": [], "p5": [], "tail": [], "layers": {}})
         L, n = r["chunk_rows"], r["chunk_keys"]
-        w = L * (n - L + (L + 1) / 2) if keys_weighted else 1.0
+        w = L * (n - L + (L + 1) / 2)
         s["w"] += w
         s["d"] += w * r["density"]
         s["rec"].append(r["recall"])

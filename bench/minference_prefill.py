@@ -51,7 +51,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # runs from a checkout without an install (the GPU machine)
-sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -103,7 +102,8 @@ def layer_rows(n: int, shape: dict, sizes: dict, dev, dtype, reps: int, random_q
                          dev, reps)
     rows = [{"kind": "layer", "length": n, "pattern": "dense", "attn_ms": dense_ms}]
     m = MInference(min_len=0, patterns="default", **sizes)
-    from minference_coverage import attention_rows, selected_rows
+    from bench.minference_coverage import attention_rows
+    from kvsift.kernels.sparse_prefill_attention import selected_mask
 
     sample = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:64].sort().values.to(dev)
     att = attention_rows(q, k, sample, n, scale)                       # (1, hq, 64, n): the true attention
@@ -111,7 +111,7 @@ def layer_rows(n: int, shape: dict, sizes: dict, dev, dtype, reps: int, random_q
         heads = (pat,) * hq
         index_ms, (bi, cols) = _timed(lambda: m.index(q, k, heads, scale), dev, reps)
         attn_ms, _ = _timed(lambda: sparse_prefill_attention(q, k, v, bi, cols, scale, m.block), dev, reps)
-        recall = float((att * selected_rows(bi, cols, sample, n, n, m.block)).sum(-1).mean())
+        recall = float((att * selected_mask(bi, cols, n, n, m.block, sample)).sum(-1).mean())
         rows.append({"kind": "layer", "length": n, "pattern": pat, "index_ms": index_ms, "attn_ms": attn_ms,
                      "density": float(listed_fraction(bi, cols, n, n, m.block)), "recall": recall,
                      "coverage": m.coverage, "speedup": dense_ms / (index_ms + attn_ms)})

@@ -1,4 +1,4 @@
-"""bench/minference_coverage.py on a tiny model: the row-wise selection equals the whole mask's rows,
+"""bench/minference_coverage.py on a tiny model: the mask of some rows equals the whole mask's rows,
 every key listed holds all attention, a coverage lists fewer keys, bad options exit 2."""
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ def tiny_dir(tmp_path_factory, default_tokenizer):
 
 
 @pytest.mark.parametrize("L,n,block", [(64, 160, 16), (45, 45, 16), (40, 130, 32)])
-def test_selected_rows_are_the_rows_of_the_whole_mask(L, n, block):
+def test_selected_mask_of_some_rows_is_those_rows_of_the_whole_mask(L, n, block):
     torch.manual_seed(0)
     q, k = torch.randn(1, 3, L, 8) * 2, torch.randn(1, 1, n, 8) * 2
     bm, cols = vertical_slash_index(q, k, n, 16, 7, 3, block, 0.3, 0.8)
     bi = blocks_to_index(bm)
     rows = torch.tensor([0, 5, L // 2, L - 1])
-    assert torch.equal(mc.selected_rows(bi, cols, rows, L, n, block), selected_mask(bi, cols, L, n, block)[:, :, rows])
+    assert torch.equal(selected_mask(bi, cols, L, n, block, rows), selected_mask(bi, cols, L, n, block)[:, :, rows])
     att = mc.attention_rows(q, k, rows, L, 0.3)
     assert torch.allclose(att.sum(-1), torch.ones(1, 3, 4)) and (att[..., n - L + int(rows[0]) + 1:][:, :, 0] == 0).all()
 

@@ -111,21 +111,31 @@ def sparse_prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return out
 
 
-def selected_mask(block_idx: torch.Tensor, cols: torch.Tensor | None, L: int, n: int, block: int) -> torch.Tensor:
+def selected_mask(block_idx: torch.Tensor, cols: torch.Tensor | None, L: int, n: int, block: int,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
     """The pairs a call attends, as a dense ``(batch, q_heads, L, n)`` bool mask (selected and
-    causal): for tests and the pattern search's recall (small sizes only)."""
-    b, hq, nqb, _ = block_idx.shape
+    causal): for tests, the pattern search's recall and ``bench/minference_coverage.py`` (small
+    sizes only). ``rows (r,)``: only those chunk rows, ``(batch, q_heads, r, n)``."""
+    b, hq = block_idx.shape[:2]
+    dev = block_idx.device
     off = n - L
     blocks = -(-n // block)
-    bm = torch.zeros(b, hq, nqb, blocks + 1, dtype=torch.bool, device=block_idx.device)
+    if rows is not None:   # one query block per row asked for
+        rows = rows.to(dev)
+        block_idx = block_idx[:, :, rows // block]
+        cols = None if cols is None else cols[:, :, rows // block]
+    nq = block_idx.shape[2]
+    bm = torch.zeros(b, hq, nq, blocks + 1, dtype=torch.bool, device=dev)
     bm.scatter_(3, torch.where(block_idx >= 0, block_idx.long(), blocks), True)
-    m = bm[..., :blocks].repeat_interleave(block, dim=3)[..., :n]             # (b, hq, nqb, n)
+    m = bm[..., :blocks].repeat_interleave(block, dim=3)[..., :n]             # (b, hq, nq, n)
     if cols is not None:
-        cm = torch.zeros(b, hq, nqb, n + 1, dtype=torch.bool, device=block_idx.device)
+        cm = torch.zeros(b, hq, nq, n + 1, dtype=torch.bool, device=dev)
         cm.scatter_(3, torch.where(cols >= 0, cols.long(), n), True)
         m |= cm[..., :n]
-    m = m.repeat_interleave(block, dim=2)[:, :, :L]                           # (b, hq, L, n)
-    causal = torch.arange(n, device=m.device)[None, :] <= (off + torch.arange(L, device=m.device))[:, None]
+    if rows is None:
+        m = m.repeat_interleave(block, dim=2)[:, :, :L]                       # (b, hq, L, n)
+        rows = torch.arange(L, device=dev)
+    causal = torch.arange(n, device=dev)[None, :] <= (off + rows)[:, None]
     return m & causal
 
 
