@@ -15,7 +15,8 @@ attention over the whole prompt as one chunk, on queries and keys with a diagona
 (``index ms``) plus the sparse attention (``attn ms``: the Triton kernel on CUDA, the PyTorch
 reference elsewhere), with the fraction of causal keys listed (``density``) and the share of 64
 sampled rows' true attention the selection holds (``recall``). ``--coverage F`` builds every index
-with that cumulative-attention coverage (the method's option; the sizes become caps). The ``e2e`` rows time
+with that cumulative-attention coverage (the method's option; the sizes become caps), ``--sample-q N``
+with N more estimating rows spread through the chunk (the method's ``sample_q``). The ``e2e`` rows time
 ``LLM.generate(max_tokens=1)`` prefill (``stats.prefill_s``) of the whole model in chunks of
 ``--chunk`` with ``full``, with ``minference`` (default patterns: vertical-slash everywhere; a chunk
 whose index lists more than ``max_density`` of its keys attends densely: ``minference_fallback_chunks``)
@@ -114,7 +115,7 @@ def layer_rows(n: int, shape: dict, sizes: dict, dev, dtype, reps: int, random_q
         recall = float((att * selected_mask(bi, cols, n, n, m.block, sample)).sum(-1).mean())
         rows.append({"kind": "layer", "length": n, "pattern": pat, "index_ms": index_ms, "attn_ms": attn_ms,
                      "density": float(listed_fraction(bi, cols, n, n, m.block)), "recall": recall,
-                     "coverage": m.coverage, "speedup": dense_ms / (index_ms + attn_ms)})
+                     "coverage": m.coverage, "sample_q": m.sample_q, "speedup": dense_ms / (index_ms + attn_ms)})
     del att
     del q, k, v
     return rows
@@ -214,6 +215,10 @@ def real_prompts(tok, lengths: list[int], tasks: str):
             yield n, task, real_prompt(tok, task, n)
 
 
+OPTIONS = ("last_q", "sample_q", "vertical", "slash", "block", "top_blocks", "local", "coverage")
+"""The minference options the command line sets."""
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", default=None, help="comma-separated prompt lengths (default: 131072 on CUDA, "
@@ -227,7 +232,7 @@ def main(argv=None) -> int:
                         "layer and tune rows only)")
     p.add_argument("--random-qk", action="store_true",
                    help="layer rows on plain random q/k (no diagonal or sink structure) instead")
-    for opt in ("last_q", "vertical", "slash", "block", "top_blocks", "local"):
+    for opt in ("last_q", "sample_q", "vertical", "slash", "block", "top_blocks", "local"):
         p.add_argument("--" + opt.replace("_", "-"), type=int, default=None, help=f"minference {opt}")
     p.add_argument("--coverage", type=float, default=None,
                    help="minference coverage (vertical-slash heads keep the lines holding this share of the "
@@ -250,8 +255,7 @@ def main(argv=None) -> int:
         hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
         vocab_size=1000)
     sizes = {} if cuda else dict(vertical=128, slash=8, top_blocks=4, local=256)
-    sizes.update({o: getattr(args, o) for o in ("last_q", "vertical", "slash", "block", "top_blocks", "local",
-                                                "coverage") if getattr(args, o) is not None})
+    sizes.update({o: getattr(args, o) for o in OPTIONS if getattr(args, o) is not None})
     lengths = [int(x) for x in (args.lengths or ("131072" if cuda else "1024,2048")).split(",") if x]
     layers = args.layers or (32 if cuda else 2)
     chunk = args.chunk or (16384 if cuda else 512)
@@ -316,8 +320,7 @@ def main_real(args) -> int:
     from kvsift.methods.minference import cache_path
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sizes = {o: getattr(args, o) for o in ("last_q", "vertical", "slash", "block", "top_blocks", "local", "coverage")
-             if getattr(args, o) is not None}
+    sizes = {o: getattr(args, o) for o in OPTIONS if getattr(args, o) is not None}
     lengths = [int(x) for x in (args.lengths or ("30000" if dev.type == "cuda" else "2048")).split(",") if x]
     chunk = args.chunk or (16384 if dev.type == "cuda" else 512)
     llm = LLM(args.model, device=dev.type, chunk_size=chunk)

@@ -20,7 +20,7 @@ from kvsift.kernels import dispatch
 from kvsift.kernels._triton import HAS_TRITON
 from kvsift.kernels.sparse_prefill_attention import selected_mask, sparse_prefill_attention_ref
 from kvsift.methods.minference import (PATTERNS, MInference, _top_lines, a_shape_blocks, block_sparse_blocks,
-                                       blocks_to_index, load_patterns, vertical_slash_index)
+                                       blocks_to_index, estimate_rows, load_patterns, vertical_slash_index)
 from tests.conftest import random_prompt, run_in_triton_interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,6 +137,43 @@ def test_coverage_lists_a_subset_that_holds_that_share_of_the_estimating_queries
     for hi, lo in ((None, 0.9), (0.9, 0.6), (0.6, 0.3)):
         assert not (sel[lo] & ~sel[hi]).any()                      # lower coverage: never more keys
     assert sel[0.3].sum() < sel[None].sum()
+
+
+def test_estimate_rows_are_the_last_queries_and_a_spread_before_them():
+    assert estimate_rows(100, 16, 0, "cpu").tolist() == list(range(84, 100))
+    rows = estimate_rows(100, 16, 5, "cpu").tolist()
+    assert rows == [0, 21, 42, 62, 83] + list(range(84, 100))
+    assert estimate_rows(10, 16, 8, "cpu").tolist() == list(range(10))            # the chunk is all last rows
+    assert estimate_rows(20, 16, 99, "cpu").tolist() == list(range(20))           # more samples than rows
+    rows = estimate_rows(4096, 64, 64, "cpu")
+    assert rows.numel() == 128 and torch.equal(rows, rows.unique()) and rows[0] == 0
+
+
+def test_sample_q_estimates_from_the_spread_rows_too():
+    """With ``sample_q`` the index is the plain estimate from those rows: the same columns and
+    diagonals as the paper's estimate made with the spread rows' and last rows' attention summed,
+    and a column only an early row attends gets in (the last queries never see it rank)."""
+    torch.manual_seed(6)
+    L = n = 160
+    d, block, last_q, scale = 16, 16, 16, 0.5
+    q, k = torch.randn(1, 2, L, d), torch.randn(1, 1, n, d)
+    q[0, :, :40] += 4 * k[0, 0, 5]                                 # the chunk's first rows look at key 5
+    bm0, c0 = vertical_slash_index(q, k, n, last_q, 2, 1, block, scale)
+    bm1, c1 = vertical_slash_index(q, k, n, last_q, 2, 1, block, scale, sample_q=16)
+    assert not (c0 == 5).any() and (c1 == 5).any()
+    rows = estimate_rows(L, last_q, 16, "cpu")
+    causal = _causal(L, n)[rows]
+    w = torch.softmax((q[0, :, rows] @ k[0, 0].T * scale).masked_fill(~causal, float("-inf")), -1)   # (2, r, n)
+    for h in range(2):
+        col = w[h].sum(0)
+        col[0] = float("inf")
+        assert set(c1[0, h][c1[0, h] >= 0].tolist()) <= set(col.topk(2).indices.tolist())
+    # coverage with spread rows: those rows' recall reaches the share (the estimate's guarantee)
+    for cov in (0.9, 0.6):
+        bm, cols = vertical_slash_index(q, k, n, last_q, n // 2, n // 2, block, scale, cov, sample_q=16)
+        sel = selected_mask(blocks_to_index(bm), cols, L, n, block)[0][:, rows]   # (heads, r, n)
+        recall = (w * sel).sum((1, 2)) / rows.numel()
+        assert (recall >= cov - 1e-5).all(), (cov, recall)
 
 
 def test_block_sparse_picks_the_top_pooled_blocks_and_the_diagonal():
@@ -299,7 +336,8 @@ def test_full_selection_equals_dense_prefill(tiny_llms, tmp_path):
         assert out.stats.kv_kept_bytes == full.stats.kv_kept_bytes
         dense = _nll(llm, ids, cont, "full")
         mixed = _table(tmp_path, model=llm.info.name)   # every pattern, each selecting everything
-        for kw in (EVERYTHING, dict(EVERYTHING, patterns=str(mixed), top_blocks=10 ** 6, local=10 ** 6)):
+        for kw in (EVERYTHING, dict(EVERYTHING, patterns=str(mixed), top_blocks=10 ** 6, local=10 ** 6),
+                   dict(EVERYTHING, sample_q=32)):
             assert abs(_nll(llm, ids, cont, "minference", **kw) - dense) < 1e-4 * max(1.0, abs(dense))
         # and really sparse: another likelihood, fewer keys listed
         sparse = llm.generate(ids, p, method="minference", method_kwargs=SPARSE)[0]
@@ -441,7 +479,8 @@ def test_min_len_none_prefills_densely_below_where_the_sizes_alone_reach_max_den
                                       ({"max_density": 0}, "max_density"), ({"max_density": 1.5}, "max_density"),
                                       ({"max_density": "0.5"}, "max_density"), ({"max_density": True}, "max_density"),
                                       ({"coverage": 0}, "coverage"), ({"coverage": 1.01}, "coverage"),
-                                      ({"coverage": True}, "coverage"), ({"coverage": "0.9"}, "coverage")])
+                                      ({"coverage": True}, "coverage"), ({"coverage": "0.9"}, "coverage"),
+                                      ({"sample_q": -1}, "sample_q"), ({"sample_q": 2.5}, "sample_q")])
 def test_bad_options_are_method_option_errors(kw, match):
     with pytest.raises(MethodOptionError, match=match):
         build_method("minference", **kw)
@@ -546,11 +585,12 @@ def test_bench_writes_dense_and_sparse_rows(tmp_path):
         sys.path.remove(str(ROOT / "bench"))
     out = tmp_path / "b.json"
     assert bench.main(["--lengths", "256", "--layers", "1", "--chunk", "128", "--reps", "1", "--block", "32",
-                       "--out", str(out)]) == 0
+                       "--sample-q", "16", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     layer = {r["pattern"]: r for r in rows if r["kind"] == "layer"}
     assert set(layer) == {"dense", *PATTERNS}
-    assert all(0 < layer[p]["density"] <= 1 and layer[p]["attn_ms"] > 0 for p in PATTERNS)
+    assert all(0 < layer[p]["density"] <= 1 and layer[p]["attn_ms"] > 0 and layer[p]["sample_q"] == 16
+               for p in PATTERNS)
     e2e = {r["method"]: r for r in rows if r["kind"] == "e2e"}
     assert e2e["minference@sparse"]["method_stats"]["minference_sparse_chunks"] == 2  # 1 layer x 2 chunks
     st = e2e["minference"]["method_stats"]   # the default max_density: each chunk sparse or too dense for it

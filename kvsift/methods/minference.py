@@ -148,8 +148,20 @@ def _mark(mask: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor) -> None:
     mask.scatter_(-1, torch.where(ok, idx, mask.shape[-1] - 1), True)
 
 
+def estimate_rows(L: int, last_q: int, sample_q: int, device) -> torch.Tensor:
+    """The chunk rows whose attention estimates a vertical-slash index ``(r,)``: the last ``last_q``
+    rows, and ``sample_q`` more spread evenly over the rows before them (their first included)."""
+    lq = min(last_q, L)
+    last = torch.arange(L - lq, L, device=device)
+    if sample_q <= 0 or L - lq <= 0:
+        return last
+    spread = torch.linspace(0, L - lq - 1, min(sample_q, L - lq), device=device).round().long().unique()
+    return torch.cat([spread, last])
+
+
 def vertical_slash_index(q: torch.Tensor, k: torch.Tensor, n: int, last_q: int, vertical: int, slash: int,
-                         block: int, scale: float, coverage: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         block: int, scale: float, coverage: float | None = None,
+                         sample_q: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """MInference's vertical-slash estimate for heads that share one KV head.
 
     q ``(batch, m, L, dim)`` the chunk's queries of ``m`` heads; k ``(batch, 1, n, dim)`` their KV
@@ -159,21 +171,26 @@ def vertical_slash_index(q: torch.Tensor, k: torch.Tensor, n: int, last_q: int, 
     head keeps only the shortest prefix of those, in that order, whose summed attention reaches
     ``coverage`` of the total (columns and diagonals each on their own, the sizes as caps; the
     cumulative-attention budget of FlexPrefill, arXiv 2502.20766): a head whose attention is
-    concentrated lists few keys, a spread one up to the caps. Returns the slashes as key blocks
-    ``(batch, m, n_qblocks, n_kblocks)`` bool and the columns not inside those blocks, per query
-    block, ``(batch, m, n_qblocks, vertical)`` int32 (-1: none, or not causal for the block)."""
+    concentrated lists few keys, a spread one up to the caps. ``sample_q`` more queries spread
+    evenly over the rest of the chunk add their attention to the estimate (each row's softmax
+    sums to one, so every estimating row weighs the same; :func:`estimate_rows`). Returns the
+    slashes as key blocks ``(batch, m, n_qblocks, n_kblocks)`` bool and the columns not inside
+    those blocks, per query block, ``(batch, m, n_qblocks, vertical)`` int32 (-1: none, or not
+    causal for the block)."""
     b, m, L, _ = q.shape
-    lq = min(last_q, L)
     dev = q.device
-    qslot = n - lq + torch.arange(lq, device=dev)                               # (lq,)
+    rows = estimate_rows(L, last_q, sample_q, dev)                              # (r,)
+    r = rows.numel()
+    qslot = n - L + rows
     kslot = torch.arange(n, device=dev)
-    diag = qslot[:, None] - kslot[None, :]                                      # (lq, n)
+    diag = qslot[:, None] - kslot[None, :]                                      # (r, n)
     causal = diag >= 0
-    logits = torch.matmul(q[:, :, L - lq:].float(), k.float().transpose(-1, -2)) * scale   # (b, m, lq, n)
+    qr = q[:, :, L - r:] if sample_q <= 0 else q[:, :, rows]
+    logits = torch.matmul(qr.float(), k.float().transpose(-1, -2)) * scale      # (b, m, r, n)
     a = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
     vs = a.sum(2)                                                              # (b, m, n)
     ss = torch.zeros(b, m, n, device=dev).scatter_add_(
-        2, diag.clamp(min=0).flatten().expand(b, m, lq * n), (a * causal).flatten(2))
+        2, diag.clamp(min=0).flatten().expand(b, m, r * n), (a * causal).flatten(2))
     cols, keep_c = _top_lines(vs, min(vertical, n), coverage)                   # (b, m, nv)
     offs, keep_s = _top_lines(ss, min(slash, n), coverage)                      # (b, m, ns)
     offs = torch.where(keep_s, offs, 0)             # a dropped diagonal becomes the main one (always in)
@@ -281,6 +298,11 @@ class MInference(KVMethod):
         Not used (a prefill stage keeps every token; a later stage's budget applies to it).
     last_q : int
         Last queries of each prefill chunk whose attention estimates the vertical-slash index (64 in the paper).
+    sample_q : int
+        More estimating queries, spread evenly over the chunk's rows before the last ``last_q`` (0,
+        the default: the paper's estimate). The last queries see every key of the chunk but attend
+        as the chunk's end does; rows spread through it add the columns and diagonals the earlier
+        rows attend (the index is one per head for the whole chunk).
     vertical : int
         Key columns (vertical lines) per vertical-slash head.
     slash : int
@@ -327,6 +349,7 @@ class MInference(KVMethod):
     attention_only: ClassVar[bool] = True
     path_options: ClassVar[tuple] = ("patterns",)  # names a local file: the server refuses it from requests
     last_q: int = 64
+    sample_q: int = 0
     vertical: int = 1000
     slash: int = 6096
     block: int = 64
@@ -340,8 +363,9 @@ class MInference(KVMethod):
 
     def __post_init__(self):
         super().__post_init__()
-        check_int_options(self, {"last_q": 1, "vertical": 1, "slash": 1, "top_blocks": 2, "local": 0, "dense_tail": 0,
-                                 **({"min_len": 0} if self.min_len is not None else {})}, "minference option ")
+        check_int_options(self, {"last_q": 1, "sample_q": 0, "vertical": 1, "slash": 1, "top_blocks": 2, "local": 0,
+                                 "dense_tail": 0, **({"min_len": 0} if self.min_len is not None else {})},
+                          "minference option ")
         md = self.max_density
         if isinstance(md, bool) or not isinstance(md, (int, float)) or not 0 < md <= 1:
             raise MethodOptionError(f"minference option max_density must be a number in (0, 1], got {md!r}",
@@ -443,7 +467,7 @@ class MInference(KVMethod):
                 q, k = query[:, hs], keys[:, kh:kh + 1]
                 if pat == "vertical_slash":
                     bm[:, hs], cols[:, hs] = vertical_slash_index(q, k, n, self.last_q, nv, self.slash, B, scale,
-                                                                         self.coverage)
+                                                                         self.coverage, self.sample_q)
                 else:
                     bm[:, hs] = block_sparse_blocks(q, k, n, self.top_blocks, B, scale)
         if self.dense_tail and prompt_len is not None:
