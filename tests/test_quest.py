@@ -114,8 +114,23 @@ def test_snapkv_then_quest_selects_within_the_kept_tokens(tiny_llm):
     assert len(out.token_ids) == 6 and out.stats.kv_device_bytes < out.stats.kv_full_bytes
 
 
+def test_dense_layers_attend_every_token_and_keep_no_summaries(tiny_llm):
+    """``dense_layers=N``: the first N layers build no page summaries and select nothing (every
+    token attended); the others select as before. With every layer dense, a one-page budget
+    decodes what ``full`` decodes."""
+    ids = random_prompt(240, seed=45)
+    p = SamplingParams(max_tokens=6, ignore_eos=True)
+    n = tiny_llm.info.num_layers
+    full = tiny_llm.generate(ids, p, method="full")[0].token_ids
+    assert tiny_llm.generate(ids, p, method="quest", budget=16, method_kwargs={"dense_layers": n})[0].token_ids == full
+    cache, _, _ = _decoded(tiny_llm, build_method("quest", 16, dense_layers=1), ids, steps=5)
+    assert "quest" not in cache.layers[0].state
+    assert all("quest" in layer.state for layer in cache.layers[1:])
+
+
 @pytest.mark.parametrize("kw,msg", [({"page": 0}, "page"), ({"reduce": "sum"}, "reduce"), ({"bounds": "fp8"}, "bounds"),
-                                    ({"page": "16"}, "page"), ({"decode_budget": -1}, "decode_budget")])
+                                    ({"page": "16"}, "page"), ({"decode_budget": -1}, "decode_budget"),
+                                    ({"dense_layers": -1}, "dense_layers"), ({"dense_layers": True}, "dense_layers")])
 def test_bad_options(kw, msg):
     with pytest.raises(ValueError, match=msg):
         build_method("quest", 64, **kw)

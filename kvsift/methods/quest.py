@@ -30,7 +30,7 @@ import torch
 
 from kvsift.kernels.chunk_scores import int8_bounds, key_bounds
 from kvsift.kernels.dispatch import chunk_scores, page_bounds_append
-from kvsift.methods.base import DecodeSelect, LayerState, Selection, register, top_pages
+from kvsift.methods.base import DecodeSelect, LayerState, Selection, check_int_options, register, top_pages
 
 
 @dataclass
@@ -130,11 +130,16 @@ class Quest(DecodeSelect):
         How the page bounds are stored: ``float`` (the keys' dtype, as in the paper) or ``int8``
         (codes with one power-of-two scale per channel, rounded outward: half the bytes read by
         each step's scoring and half the summaries' memory, slightly looser bounds).
+    dense_layers : int
+        The first this many layers attend every token at decode (no summaries, no selection):
+        the paper's evaluation leaves its first two layers dense, where attention is least
+        sparse. 0 (the default): every layer selects.
     """
 
     page: int = 16
     reduce: str = "max"
     bounds: str = "float"
+    dense_layers: int = 0
     decode_only = True
 
     def __post_init__(self):
@@ -145,6 +150,7 @@ class Quest(DecodeSelect):
             raise ValueError(f"reduce must be 'max' or 'mean', got {self.reduce!r}")
         if self.bounds not in ("float", "int8"):
             raise ValueError(f"bounds must be 'float' or 'int8', got {self.bounds!r}")
+        check_int_options(self, {"dense_layers": 0}, "quest option ")
 
     def joins_rows(self) -> bool:
         """Rows stacked into a running batch select as alone: a row's pages are counted from its
@@ -190,7 +196,7 @@ class Quest(DecodeSelect):
         bounds, on the device: a page's first token resets its bounds."""
         st: QuestState | None = layer.state.get(self.name)
         if st is None or st.pages * self.page < layer.slot_capacity:
-            return  # built (from the buffer, these keys included) by the next plan
+            return  # built (from the buffer, these keys included) by the next plan (never: a dense layer)
         s = layer.written_slots(1)                                           # (1,) device
         if st.slot_of is None and layer.quant is None:
             page_bounds_append(st.kmin, st.kmax, st.filled, layer.k_buf, s, self.page, st.kinv)   # one launch
@@ -209,7 +215,7 @@ class Quest(DecodeSelect):
             st.count.add_(1)
 
     def plan(self, run, layer, query, ctx):
-        if not ctx.decoding:
+        if not ctx.decoding or layer.layer_idx < self.dense_layers:
             return None
         st = self._summaries(layer)
         k = min(st.pages, run.sel_tokens // self.page)
