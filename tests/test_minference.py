@@ -150,9 +150,9 @@ def test_estimate_rows_are_the_last_queries_and_a_spread_before_them():
 
 
 def test_sample_q_estimates_from_the_spread_rows_too():
-    """With ``sample_q`` the index is the plain estimate from those rows: the same columns and
-    diagonals as the paper's estimate made with the spread rows' and last rows' attention summed,
-    and a column only an early row attends gets in (the last queries never see it rank)."""
+    """With ``sample_q`` the listed columns are the top of the attention of the spread rows and the
+    last rows summed, so a column only early rows attend gets in (the last rows alone never rank
+    it); with ``coverage`` those rows' recall reaches the share."""
     torch.manual_seed(6)
     L = n = 160
     d, block, last_q, scale = 16, 16, 16, 0.5
