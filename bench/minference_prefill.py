@@ -232,7 +232,7 @@ def main(argv=None) -> int:
                         "layer and tune rows only)")
     p.add_argument("--random-qk", action="store_true",
                    help="layer rows on plain random q/k (no diagonal or sink structure) instead")
-    for opt in ("last_q", "sample_q", "vertical", "slash", "block", "top_blocks", "local"):
+    for opt in (o for o in OPTIONS if o != "coverage"):   # the int ones
         p.add_argument("--" + opt.replace("_", "-"), type=int, default=None, help=f"minference {opt}")
     p.add_argument("--coverage", type=float, default=None,
                    help="minference coverage (vertical-slash heads keep the lines holding this share of the "

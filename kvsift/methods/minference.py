@@ -12,9 +12,10 @@ Each query head has one of three patterns (a per-model JSON chosen offline by
   block (blocks, static);
 * ``vertical_slash``: the ``vertical`` key columns and the ``slash`` diagonals (offsets
   ``query - key``) with the most attention from the chunk's last ``last_q`` queries (the paper's
-  estimate, made per prefill chunk here); the diagonals are attended as the key blocks they
-  cross, the columns one by one; the first column and the main diagonal are always in; with
-  ``coverage`` a head keeps only as many of them as hold that share of the estimated attention;
+  estimate, made per prefill chunk here; ``sample_q`` adds queries spread through the chunk); the
+  diagonals are attended as the key blocks they cross, the columns one by one; the first column
+  and the main diagonal are always in; with ``coverage`` a head keeps only as many of them as hold
+  that share of the estimated attention;
 * ``block_sparse``: for each query block of ``block`` rows, the ``top_blocks`` key blocks with the
   highest mean-pooled ``q . k`` (the diagonal blocks always in).
 
@@ -185,8 +186,7 @@ def vertical_slash_index(q: torch.Tensor, k: torch.Tensor, n: int, last_q: int, 
     kslot = torch.arange(n, device=dev)
     diag = qslot[:, None] - kslot[None, :]                                      # (r, n)
     causal = diag >= 0
-    qr = q[:, :, L - r:] if sample_q <= 0 else q[:, :, rows]
-    logits = torch.matmul(qr.float(), k.float().transpose(-1, -2)) * scale      # (b, m, r, n)
+    logits = torch.matmul(q[:, :, rows].float(), k.float().transpose(-1, -2)) * scale   # (b, m, r, n)
     a = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
     vs = a.sum(2)                                                              # (b, m, n)
     ss = torch.zeros(b, m, n, device=dev).scatter_add_(
@@ -333,11 +333,12 @@ class MInference(KVMethod):
         to -1.1 points of ``sentencekv``, 240 paired samples, neither significant (docs/eval.md).
     coverage : float | None
         Vertical-slash heads keep, of their ``vertical`` columns and ``slash`` diagonals (now caps),
-        only the shortest top-ranked prefix whose estimated attention (the last ``last_q`` queries')
-        reaches this fraction of the total, columns and diagonals each on their own (FlexPrefill's
-        cumulative-attention budget, arXiv 2502.20766): concentrated heads list few keys, spread
-        ones up to the caps. None (the default): always the caps, as in the paper. It does not move
-        ``dense_below`` (worked out from the caps): set ``min_len`` to go sparse on shorter prompts.
+        only the shortest top-ranked prefix whose estimated attention (the estimating queries': the
+        last ``last_q`` and the ``sample_q`` spread ones) reaches this fraction of the total,
+        columns and diagonals each on their own (FlexPrefill's cumulative-attention budget, arXiv
+        2502.20766): concentrated heads list few keys, spread ones up to the caps. None (the
+        default): always the caps, as in the paper. It does not move ``dense_below`` (worked out
+        from the caps): set ``min_len`` to go sparse on shorter prompts.
     max_density : float
         A chunk whose index lists more than this fraction of its causal keys (mean over heads and
         rows) is attended densely instead (the index is built first; 1.0: always sparse, as in the

@@ -196,7 +196,7 @@ class Quest(DecodeSelect):
         bounds, on the device: a page's first token resets its bounds."""
         st: QuestState | None = layer.state.get(self.name)
         if st is None or st.pages * self.page < layer.slot_capacity:
-            return  # built (from the buffer, these keys included) by the next plan (never: a dense layer)
+            return  # built (from the buffer, these keys included) by the next plan; a dense layer has none
         s = layer.written_slots(1)                                           # (1,) device
         if st.slot_of is None and layer.quant is None:
             page_bounds_append(st.kmin, st.kmax, st.filled, layer.k_buf, s, self.page, st.kinv)   # one launch
