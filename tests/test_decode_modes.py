@@ -12,12 +12,12 @@ from kvsift.models import tiny_model
 from tests.conftest import random_prompt
 
 SPECS = [("full", None), ("snapkv", 64), ("pyramidkv", 64), ("sentencekv", 96), ("snapkv+sentencekv", 96),
-         ("sentencekv", 1.0), ("sentencekv:reselect", 96), ("quest", 64), ("snapkv+quest", 96),
+         ("sentencekv", 1.0), ("sentencekv:reselect", 96), ("quest", 64), ("quest:dense", 64), ("snapkv+quest", 96),
          ("tokenselect", 48), ("tokenselect:reuse", 48), ("squeezed", 64), ("expected_attention", 64),
          ("h2o:noevict", 64), ("tova:noevict", 64), ("adakv", 64), ("duo", 96),
          ("kvzip", 64), ("kivi", None), ("kivi:int2", None), ("snapkv+kivi", 64), ("quest+kivi", 64),
-         ("sentencekv+kivi", 96), ("minference+snapkv", 64), ("shadowkv", 96), ("shadowkv:lowrank", 64),
-         ("chunked", 64)]
+         ("sentencekv+kivi", 96), ("minference+snapkv", 64), ("minference+sentencekv", 96), ("shadowkv", 96),
+         ("shadowkv:lowrank", 64), ("chunked", 64)]
 KW = {"sentencekv:reselect": {"reselect_every": 3}, "snapkv+quest": {"decode_budget": 48},
       "tokenselect:reuse": {"reuse_threshold": 0.5}, "h2o:noevict": {"decode_evict": False},
       "tova:noevict": {"decode_evict": False}, "duo": {"sinks": 4, "recent": 28},
@@ -26,6 +26,11 @@ KW = {"sentencekv:reselect": {"reselect_every": 3}, "snapkv+quest": {"decode_bud
       "snapkv+kivi": {"group": 8, "residual": 8}, "quest+kivi": {"group": 8, "residual": 8, "decode_budget": 48},
       "sentencekv+kivi": {"group": 8, "residual": 8},
       "minference+snapkv": {"min_len": 0, "vertical": 16, "slash": 16, "block": 16, "max_density": 1.0},
+      # the first layer dense, GQA groups averaged: a plan of None in some layers, pages in others
+      "quest:dense": {"dense_layers": 1, "reduce": "mean"},
+      # the index from covered shares and rows spread through the chunk (#14's suite setting)
+      "minference+sentencekv": {"min_len": 0, "coverage": 0.8, "sample_q": 16, "block": 16, "max_density": 1.0,
+                                "dense_tail": 16},
       "shadowkv:lowrank": {"rank": 8, "window": 16, "outliers": 1}}
 
 
@@ -167,28 +172,30 @@ def test_cuda_graphs_per_kind_of_step_give_the_eager_tokens(spec, budget, kw):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("spec,budget", [("full", None), ("snapkv", 64), ("sentencekv", 96), ("sentencekv", 1.0),
-                                         ("quest", 64), ("snapkv+quest", 128), ("tokenselect", 64),
+                                         ("quest", 64), ("quest:dense", 64), ("snapkv+quest", 128), ("tokenselect", 64),
                                          ("squeezed", 64), ("adakv", 64), ("duo", 96), ("kivi", None),
                                          ("snapkv+kivi", 64), ("quest+kivi", 64), ("expected_attention", 64),
                                          ("kvzip", 64), ("minference+snapkv", 64), ("sentencekv+kivi", 96),
                                          ("chunked", 64)])
 def test_cuda_graph_decode_gives_the_eager_tokens(spec, budget):
+    kw = KW.get(spec) if ":" in spec else None  # quest:dense's options; the others their defaults
+    spec = spec.partition(":")[0]
     m = tiny_model("llama", seed=1).to("cuda")  # no tokenizer needed: token-id prompts
     eager = LLM.from_model(m, None, chunk_size=64, decode_mode="eager")
     graph = LLM.from_model(m, None, chunk_size=64, decode_mode="graph")
     ids = [random_prompt(300, seed=8), random_prompt(260, seed=9)]
     p = SamplingParams(max_tokens=12, ignore_eos=True)
-    a = eager.generate(ids, p, method=spec, budget=budget)
-    b = graph.generate(ids, p, method=spec, budget=budget)
+    a = eager.generate(ids, p, method=spec, budget=budget, method_kwargs=kw)
+    b = graph.generate(ids, p, method=spec, budget=budget, method_kwargs=kw)
     assert b[0].stats.decode_mode == "graph"
     assert [x.token_ids for x in a] == [y.token_ids for y in b]
     if "sentencekv" in spec:
         assert b[0].stats.method_stats["chunks_selected_per_head"] == a[0].stats.method_stats["chunks_selected_per_head"]
     # one unpadded prompt: later prefill chunks take the bottom-right causal flash path on CUDA
     one = random_prompt(300, seed=10)
-    assert graph.generate(one, p, method=spec, budget=budget)[0].token_ids == \
+    assert graph.generate(one, p, method=spec, budget=budget, method_kwargs=kw)[0].token_ids == \
         LLM.from_model(m, None, chunk_size=320, decode_mode="eager").generate(
-            one, p, method=spec, budget=budget)[0].token_ids
+            one, p, method=spec, budget=budget, method_kwargs=kw)[0].token_ids
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

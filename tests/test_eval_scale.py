@@ -110,6 +110,40 @@ def test_bench_compare_pairs_two_methods(tmp_path, capsys):
     assert main(["bench", "compare", "a", "b", str(tmp_path / "missing.jsonl")]) == 2
 
 
+def test_bench_compare_pairs_perplexity_rows(tmp_path, capsys):
+    """The perplexity task: paired on each sample's NLL per token, reported as A's perplexity over
+    B's with the bootstrap interval mapped through exp; kept apart from the scores' table."""
+    from kvsift.cli import main
+    from kvsift.eval.report import paired_comparison
+
+    def row(task, method, budget, values):
+        key = "nll_sum" if task == "ppl" else "score"
+        samples = [{"sample_id": f"{task}-{i}", key: v, "n_tokens": 4} for i, v in enumerate(values)]
+        return {"key": f"{task}|{method}|{budget}|100|0", "task": task, "method": method, "budget": budget,
+                "length": 100, "seed": 0, "compress": "prompt", "backend": "kvsift", "n_samples": len(values),
+                "samples": samples}
+
+    a_nll, b_nll = [4.0, 8.0, 6.0, 10.0], [4.0, 6.0, 4.0, 8.0]   # per token: a 1, 2, 1.5, 2.5; b 1, 1.5, 1, 2
+    rows = [row("ppl", "a", "0.1", a_nll), row("ppl", "full", "full", b_nll), row("niah", "a", "0.1", [1, 0]),
+            row("niah", "full", "full", [1, 1])]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [c["tasks"].keys() for c in paired_comparison(load_rows(path), "a", "full")] == [{"niah"}]
+    (c,) = paired_comparison(load_rows(path), "a", "full", perplexity=True)
+    assert c["n"] == 4 and c["diff"] == pytest.approx(0.375)
+    assert c["a_ppl"] == pytest.approx(math.exp(1.75)) and c["b_ppl"] == pytest.approx(math.exp(1.375))
+    assert c["ratio"] == pytest.approx(math.exp(0.375)) and c["ratio_lo"] == pytest.approx(math.exp(c["lo"]))
+    assert 1 < c["ratio_lo"] <= c["ratio"] <= c["ratio_hi"] and c["significant"]
+    assert main(["bench", "compare", "a", "full", str(path), "--json", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| 100 | 0.1 | 2 |" in out and f"| 100 | 0.1 | 4 | {math.exp(1.75):.3f} | {math.exp(1.375):.3f} | " in out
+    assert [("ratio" in c) for c in json.loads((tmp_path / "c.json").read_text())] == [False, True]
+    # only perplexity rows: the perplexity table alone
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    assert main(["bench", "compare", "a", "full", str(path)]) == 0
+    assert "A perplexity" in (out := capsys.readouterr().out) and "A - B" not in out
+
+
 def test_paired_significance():
     full = [1.0] * 30
     same = stats.paired_bootstrap(full, full)

@@ -224,17 +224,20 @@ def run_bench(args) -> int:
                   f"{su.samples} samples per cell; NIAH depths {','.join(f'{d:g}' for d in su.depths)}")
         return 0
     if cmd == "compare":
-        from kvsift.eval.report import comparison_markdown, load_rows, paired_comparison
+        from kvsift.eval.report import comparison_markdown, load_rows, paired_comparison, perplexity_markdown
 
         missing = [str(p) for p in args.results if not Path(p).is_file()]
         if missing:
             raise ValueError(f"no such result file: {', '.join(missing)}")
-        comp = paired_comparison(load_rows(args.results), args.a, args.b, args.budget, args.budget_b)
-        if not comp:
+        rows = load_rows(args.results)
+        comp = paired_comparison(rows, args.a, args.b, args.budget, args.budget_b)
+        ppl = paired_comparison(rows, args.a, args.b, args.budget, args.budget_b, perplexity=True)
+        if not comp and not ppl:
             raise ValueError(f"no samples that both {args.a!r} and {args.b!r} ran in these files")
-        print(comparison_markdown(args.a, args.b, comp))
-        if args.json is not None:
-            args.json.write_text(json.dumps(comp, indent=1))
+        print("\n\n".join(md for md in (comp and comparison_markdown(args.a, args.b, comp),
+                                        ppl and perplexity_markdown(args.a, args.b, ppl)) if md))
+        if args.json is not None:   # the scores' rows, then the perplexity rows (those with "ratio")
+            args.json.write_text(json.dumps(comp + ppl, indent=1))
         return 0
     if cmd == "report":
         from kvsift.eval.report import write_report

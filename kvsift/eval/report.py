@@ -28,6 +28,7 @@ run in the same mode (``full [ctx]``).
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -142,7 +143,7 @@ def _group_cells(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
 
 def paired_comparison(rows: list[dict[str, Any]], a: str, b: str, budget_a: str | None = None,
                       budget_b: str | None = None, n_boot: int = stats.N_BOOT,
-                      seed: int = stats.SEED) -> list[dict[str, Any]]:
+                      seed: int = stats.SEED, perplexity: bool = False) -> list[dict[str, Any]]:
     """Method ``a`` against method ``b`` (their ``method`` labels in the rows) on the samples both
     ran, one dict per (length, ``a``'s budget): ``n`` paired samples, ``a``/``b`` their mean
     scores, ``diff, lo, hi`` the mean of ``a - b`` over every task's samples with a stratified
@@ -151,12 +152,14 @@ def paired_comparison(rows: list[dict[str, Any]], a: str, b: str, budget_a: str 
     only one ``b`` ran for that task and length (its full cache: ``full``). Where a budget of
     ``a`` has cells at more than one length, one more row (``length`` ``"all"``) pools them: every
     (task, length) cell a stratum of the bootstrap. Perplexity rows are left out (lower is better
-    there)."""
+    there), unless ``perplexity``: then only they, paired by sample on the NLL per token, and each
+    dict also holds ``a_ppl``/``b_ppl`` (``exp`` of the mean NLL per token) and ``ratio, ratio_lo,
+    ratio_hi`` (``exp`` of the difference and its interval: A's perplexity over B's)."""
     cells = _group_cells(rows)
     out = []
     pooled: dict[str, list[tuple[list[tuple[list[float], list[float]]], dict[str, tuple[int, float, float]]]]] = {}
     for length in sorted({k[1] for k in cells}):
-        mine = [k for k in cells if k[1] == length and k[2] == a and k[0] != "ppl"
+        mine = [k for k in cells if k[1] == length and k[2] == a and (k[0] == "ppl") == perplexity
                 and (budget_a is None or k[3] == budget_a)]
         for bud in sorted({k[3] for k in mine}, key=_budget_sort_key):
             pairs, tasks = [], {}
@@ -197,9 +200,13 @@ def _paired_row(length, bud: str, pairs: list[tuple[list[float], list[float]]],
                 tasks: dict[str, tuple[int, float, float]], n_boot: int, seed: int) -> dict[str, Any]:
     d = stats.pooled_paired_diff(pairs, n_boot, seed)
     n = d["n"]
-    return {"length": length, "budget": bud, "n": n,
-            "a": sum(sum(x) for x, _ in pairs) / n, "b": sum(sum(y) for _, y in pairs) / n,
-            "diff": d["diff"], "lo": d["lo"], "hi": d["hi"], "significant": d["significant"], "tasks": tasks}
+    out = {"length": length, "budget": bud, "n": n,
+           "a": sum(sum(x) for x, _ in pairs) / n, "b": sum(sum(y) for _, y in pairs) / n,
+           "diff": d["diff"], "lo": d["lo"], "hi": d["hi"], "significant": d["significant"], "tasks": tasks}
+    if set(tasks) == {"ppl"}:   # values are NLL per token: perplexities and their ratio
+        out.update(a_ppl=math.exp(out["a"]), b_ppl=math.exp(out["b"]), ratio=math.exp(d["diff"]),
+                   ratio_lo=math.exp(d["lo"]), ratio_hi=math.exp(d["hi"]))
+    return out
 
 
 def comparison_markdown(a: str, b: str, comp: list[dict[str, Any]]) -> str:
@@ -218,6 +225,20 @@ def comparison_markdown(a: str, b: str, comp: list[dict[str, Any]]) -> str:
     lines.append("")
     lines.append(f"A = `{a}`, B = `{b}`. Task cells: A (B), mean scores in points on the paired samples; "
                  f"A - B over all of them, stratified paired bootstrap (n.s.: the interval holds 0).")
+    return "\n".join(lines)
+
+
+def perplexity_markdown(a: str, b: str, comp: list[dict[str, Any]]) -> str:
+    """:func:`paired_comparison`'s perplexity rows (``perplexity=True``) as a Markdown table."""
+    lines = ["| length | A's budget | paired n | A perplexity | B perplexity | A / B [95%] |", "|" + "---|" * 6]
+    for r in comp:
+        sig = "" if r["significant"] else " n.s."
+        lines.append(f"| {r['length']} | {r['budget']} | {r['n']} | {r['a_ppl']:.3f} | {r['b_ppl']:.3f} | "
+                     f"{r['ratio']:.3f} [{r['ratio_lo']:.3f}, {r['ratio_hi']:.3f}]{sig} |")
+    lines.append("")
+    lines.append(f"A = `{a}`, B = `{b}`, on the perplexity task: `exp` of the mean NLL per token over the "
+                 f"paired samples; A / B from the mean per-sample difference of NLL per token, stratified "
+                 f"paired bootstrap (n.s.: the interval holds 1; below 1: A predicts the text better).")
     return "\n".join(lines)
 
 
