@@ -271,6 +271,10 @@ def test_client_disconnect_cancels_generation(server):
     with httpx.Client(timeout=30) as c:
         with c.stream("POST", server.url + "/v1/completions", json=body, headers=HEADERS) as r:
             assert r.status_code == 200
+            # its first tokens have come: the decode loop runs (a client that leaves before the
+            # first token ends the request "cancelled" with none, which says nothing of the loop)
+            lines = r.iter_lines()   # held open: a closed line iterator would close the response
+            assert next(line for line in lines if line.startswith("data: "))
             deadline = time.monotonic() + 30
             while metric(server, "kvsift_requests_running") < 1 and time.monotonic() < deadline:
                 time.sleep(0.05)
