@@ -54,6 +54,11 @@ def _plan_over_one_aligned_page(llm, m, first: int):
     """A 128-token prompt decoded one step, then layer 1's keys replaced by small noise except the
     16 slots from ``first``, set to the query; the method's plan for that query (summaries rebuilt
     from the buffer) and the layer."""
+    return _plan_over_slots(llm, m, list(range(first, first + 16)))
+
+
+def _plan_over_slots(llm, m, slots: list[int]):
+    """As :func:`_plan_over_one_aligned_page`, with the query's direction at ``slots``."""
     cache, run, ctx = _decoded(llm, m, random_prompt(128, seed=42), steps=1)
     layer = cache.layers[1]
     g = torch.Generator().manual_seed(0)
@@ -61,7 +66,7 @@ def _plan_over_one_aligned_page(llm, m, first: int):
     v = torch.randn(d, generator=g)
     with torch.inference_mode():
         layer.k_buf[:, :, :128] = 0.01 * torch.randn(layer.k_buf[:, :, :128].shape, generator=g)
-        layer.k_buf[:, :, first:first + 16] = v
+        layer.k_buf[:, :, slots] = v
         del layer.state["quest"]                                      # rebuilt from the buffer
         return m.plan(run, layer, v.expand(1, 4, 1, d), ctx), layer
 
@@ -128,9 +133,49 @@ def test_dense_layers_attend_every_token_and_keep_no_summaries(tiny_llm):
     assert all("quest" in layer.state for layer in cache.layers[1:])
 
 
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+def test_refine_attends_the_best_tokens_of_the_candidate_pages(tiny_llm, reduce):
+    """``refine``: with a budget of one page, the tokens the query points at, scattered over eight
+    pages (two a page), are all attended with the page being filled; the paper's selection (one
+    page) gets two of them."""
+    wanted = [p * 16 + o for p in range(8) for o in (3, 11)]
+    sel, layer = _plan_over_slots(tiny_llm, build_method("quest", 16, refine=8, reduce=reduce), wanted)
+    assert sel.page == 1 and sel.own.shape == (1, 2, 32)
+    tail = [s for s in range(128, 144) if s < layer.length]            # the page being filled, as written
+    for row in sel.own[0].tolist():
+        assert [s for s in row if s >= 0] == sorted(wanted + tail)
+    plain, _ = _plan_over_slots(tiny_llm, build_method("quest", 16, reduce=reduce), wanted)
+    got = set(plain.own_slots()[0, 0].tolist()) & set(wanted)
+    assert len(got) == 2
+
+
+def test_refine_keeps_the_budget_and_equals_full_with_every_page(tiny_llm):
+    """``refine`` attends at most ``budget // page * page`` tokens besides the page being filled,
+    within the candidates; with a budget of the whole prompt it decodes what ``full`` decodes, in
+    a padded batch as alone."""
+    ids = random_prompt(200, seed=47)
+    p = SamplingParams(max_tokens=8, ignore_eos=True)
+    full = tiny_llm.generate(ids, p, method="full")[0].token_ids
+    assert tiny_llm.generate(ids, p, method="quest", budget=200, method_kwargs={"refine": 2})[0].token_ids == full
+    m = build_method("quest", 40, refine=3)
+    cache, run, ctx = _decoded(tiny_llm, m, ids, steps=3)
+    layer = cache.layers[0]
+    q = torch.randn(1, 4, 1, layer.k_buf.shape[-1])
+    sel = m.plan(run, layer, q, ctx)
+    assert sel.page == 1 and sel.own.shape[-1] == 32 + 16       # 2 pages' worth of tokens, then the tail page
+    for row in sel.own[0]:                                      # per KV head: distinct written slots
+        slots = row[row >= 0]
+        assert slots.unique().numel() == slots.numel() and int(slots.max()) < layer.length
+    ps = [random_prompt(n, seed=180 + n) for n in (150, 187)]
+    alone = [tiny_llm.generate(x, p, method="quest", budget=40, method_kwargs={"refine": 3})[0].token_ids for x in ps]
+    assert [o.token_ids for o in tiny_llm.generate(ps, p, method="quest", budget=40,
+                                                   method_kwargs={"refine": 3})] == alone
+
+
 @pytest.mark.parametrize("kw,msg", [({"page": 0}, "page"), ({"reduce": "sum"}, "reduce"), ({"bounds": "fp8"}, "bounds"),
                                     ({"page": "16"}, "page"), ({"decode_budget": -1}, "decode_budget"),
-                                    ({"dense_layers": -1}, "dense_layers"), ({"dense_layers": True}, "dense_layers")])
+                                    ({"dense_layers": -1}, "dense_layers"), ({"dense_layers": True}, "dense_layers"),
+                                    ({"refine": 0}, "refine"), ({"refine": 2.0}, "refine")])
 def test_bad_options(kw, msg):
     with pytest.raises(ValueError, match=msg):
         build_method("quest", 64, **kw)

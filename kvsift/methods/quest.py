@@ -134,12 +134,20 @@ class Quest(DecodeSelect):
         The first this many layers attend every token at decode (no summaries, no selection):
         the paper's evaluation leaves its first two layers dense, where attention is least
         sparse. 0 (the default): every layer selects.
+    refine : int
+        1 (the default): the paper's page selection. ``N > 1``: a second, exact stage (not in the
+        paper): the best ``N * (budget // page)`` pages by their bounds are candidates, their
+        tokens are ranked by the true ``q . k`` (GQA groups reduced by ``reduce``), and the best
+        ``budget // page * page`` tokens are attended with the page being filled. It reads ``N``
+        times the selected pages' keys once more per step to attend the tokens the bounds only
+        point near (a page that holds one wanted token costs the budget one slot, not a page).
     """
 
     page: int = 16
     reduce: str = "max"
     bounds: str = "float"
     dense_layers: int = 0
+    refine: int = 1
     decode_only = True
 
     def __post_init__(self):
@@ -150,7 +158,7 @@ class Quest(DecodeSelect):
             raise ValueError(f"reduce must be 'max' or 'mean', got {self.reduce!r}")
         if self.bounds not in ("float", "int8"):
             raise ValueError(f"bounds must be 'float' or 'int8', got {self.bounds!r}")
-        check_int_options(self, {"dense_layers": 0}, "quest option ")
+        check_int_options(self, {"dense_layers": 0, "refine": 1}, "quest option ")
 
     def joins_rows(self) -> bool:
         """Rows stacked into a running batch select as alone: a row's pages are counted from its
@@ -219,24 +227,50 @@ class Quest(DecodeSelect):
             return None
         st = self._summaries(layer)
         k = min(st.pages, run.sel_tokens // self.page)
+        kc = min(st.pages, k * self.refine)                # candidate pages (k unless refined)
         q = query[:, :, -1]
-        q = q.to(st.kmin.dtype) if st.kscale is None else q
+        qs = q.to(st.kmin.dtype) if st.kscale is None else q
         if st.slot_of is None:
             # complete pages are candidates (and, with padding, pages holding a token): masked in the
             # score kernel's launch; the page being filled is always attended, written by the top-k's
             full = layer.written_slots(1) // self.page                       # (1,) complete pages
-            scores = chunk_scores(q, (st.kmin, st.kmax), self.reduce, st.kscale, limit=full.expand(q.shape[0]),
+            scores = chunk_scores(qs, (st.kmin, st.kmax), self.reduce, st.kscale, limit=full.expand(q.shape[0]),
                                   valid=st.filled if ctx.has_padding else None)
-            return Selection(own=top_pages(scores, k, tail_page=full), page=self.page)
-        scores = chunk_scores(q, (st.kmin, st.kmax), self.reduce, st.kscale)
+            sel = Selection(own=top_pages(scores, kc, tail_page=full), page=self.page)
+            return sel if self.refine == 1 else self._refined(layer, q, sel.own_slots(), k)
+        scores = chunk_scores(qs, (st.kmin, st.kmax), self.reduce, st.kscale)
         # the page holding a row's newest token is always attended; earlier (complete) pages
         # are candidates; pages map to slots through the row's own table
         tail = (st.count - 1) // self.page                              # (b, h, 1)
         scores = scores.masked_fill(st.page_ids >= tail, float("-inf"))
-        pages = top_pages(scores, k)
-        pages = torch.cat([pages, tail], dim=-1)                       # (b, h, k + 1)
+        pages = top_pages(scores, kc)
+        pages = torch.cat([pages, tail], dim=-1)                       # (b, h, kc + 1)
         ranks = pages[..., None] * self.page + torch.arange(self.page, device=pages.device)
         ok = (pages[..., None] >= 0) & (ranks < st.count[..., None])
         b, h = ranks.shape[:2]
         slots = st.slot_of.gather(2, torch.where(ok, ranks, 0).view(b, h, -1)).view_as(ranks)
-        return Selection(own=torch.where(ok, slots, -1).view(b, h, -1))
+        slots = torch.where(ok, slots, -1).view(b, h, -1)
+        return Selection(own=slots) if self.refine == 1 else self._refined(layer, q, slots, k)
+
+    def _refined(self, layer, q: torch.Tensor, cand: torch.Tensor, k: int) -> Selection:
+        """``refine``'s exact stage: of the candidate slots ``cand (batch, kv_heads, (kc + 1) *
+        page)`` (the candidate pages' slots, then the page being filled; negative: none), the
+        ``k * page`` with the highest ``q . k`` (query heads of a GQA group reduced by ``reduce``)
+        and the page being filled, as slots in ascending order (``-1``: none). ``q (batch, heads,
+        head_dim)``. Device work only (no host sync): runs inside a CUDA graph."""
+        keys, pos = layer.slot_keys()                      # (b, h, cap, d), (b, h, cap): the buffer
+        b, h, n = cand.shape
+        cap, d = keys.shape[2], keys.shape[3]
+        ok = (cand >= 0) & (cand < cap)
+        idx = torch.where(ok, cand, 0)
+        ok &= pos.gather(2, idx) >= 0                      # written, not padding
+        kc = keys.gather(2, idx[..., None].expand(b, h, n, d)).float()
+        qg = q.float().view(b, h, -1, d)                    # (b, h, group, d)
+        s = torch.einsum("bhgd,bhnd->bhgn", qg, kc)
+        s = s.amax(2) if self.reduce == "max" else s.mean(2)
+        body = n - self.page                               # the candidate pages' slots; then the tail page
+        s = s[..., :body].masked_fill(~ok[..., :body], float("-inf"))
+        top, at = s.topk(min(body, k * self.page), dim=-1)
+        slots = torch.cat([torch.where(top > float("-inf"), cand.gather(2, at), -1),
+                           torch.where(ok[..., body:], cand[..., body:], -1)], dim=-1)
+        return Selection(own=slots.sort(dim=-1).values)
