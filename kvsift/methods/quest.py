@@ -141,6 +141,7 @@ class Quest(DecodeSelect):
         ``budget // page * page`` tokens are attended with the page being filled. It reads ``N``
         times the selected pages' keys once more per step to attend the tokens the bounds only
         point near (a page that holds one wanted token costs the budget one slot, not a page).
+        Over a quantized layer (``quest+kivi``) the layer's keys are dequantized at every step.
     """
 
     page: int = 16
@@ -264,9 +265,9 @@ class Quest(DecodeSelect):
         ok = (cand >= 0) & (cand < cap)
         idx = torch.where(ok, cand, 0)
         ok &= pos.gather(2, idx) >= 0                      # written, not padding
-        kc = keys.gather(2, idx[..., None].expand(b, h, n, d)).float()
+        ck = keys.gather(2, idx[..., None].expand(b, h, n, d)).float()   # the candidates' keys
         qg = q.float().view(b, h, -1, d)                    # (b, h, group, d)
-        s = torch.einsum("bhgd,bhnd->bhgn", qg, kc)
+        s = torch.einsum("bhgd,bhnd->bhgn", qg, ck)
         s = s.amax(2) if self.reduce == "max" else s.mean(2)
         body = n - self.page                               # the candidate pages' slots; then the tail page
         s = s[..., :body].masked_fill(~ok[..., :body], float("-inf"))
