@@ -265,9 +265,9 @@ class Quest(DecodeSelect):
         ok = (cand >= 0) & (cand < cap)
         idx = torch.where(ok, cand, 0)
         ok &= pos.gather(2, idx) >= 0                      # written, not padding
-        ck = keys.gather(2, idx[..., None].expand(b, h, n, d)).float()   # the candidates' keys
-        qg = q.float().view(b, h, -1, d)                    # (b, h, group, d)
-        s = torch.einsum("bhgd,bhnd->bhgn", qg, ck)
+        ck = keys.gather(2, idx[..., None].expand(b, h, n, d))   # the candidates' keys, in their dtype
+        qg = q.to(ck.dtype).view(b, h, -1, d)               # (b, h, group, d)
+        s = torch.einsum("bhgd,bhnd->bhgn", qg, ck).float()
         s = s.amax(2) if self.reduce == "max" else s.mean(2)
         body = n - self.page                               # the candidate pages' slots; then the tail page
         s = s[..., :body].masked_fill(~ok[..., :body], float("-inf"))
