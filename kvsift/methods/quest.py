@@ -30,7 +30,8 @@ import torch
 
 from kvsift.kernels.chunk_scores import int8_bounds, key_bounds
 from kvsift.kernels.dispatch import chunk_scores, page_bounds_append
-from kvsift.methods.base import DecodeSelect, LayerState, Selection, check_int_options, register, top_pages
+from kvsift.methods.base import (DecodeSelect, LayerState, Selection, check_int_options, group_queries, register,
+                                 top_pages)
 
 
 @dataclass
@@ -266,7 +267,7 @@ class Quest(DecodeSelect):
         idx = torch.where(ok, cand, 0)
         ok &= pos.gather(2, idx) >= 0                      # written, not padding
         ck = keys.gather(2, idx[..., None].expand(b, h, n, d))   # the candidates' keys, in their dtype
-        qg = q.to(ck.dtype).view(b, h, -1, d)               # (b, h, group, d)
+        qg = group_queries(q.to(ck.dtype)[:, :, None], h)[:, :, :, 0]   # (b, h, group, d)
         s = torch.einsum("bhgd,bhnd->bhgn", qg, ck).float()
         s = s.amax(2) if self.reduce == "max" else s.mean(2)
         body = n - self.page                               # the candidate pages' slots; then the tail page
