@@ -24,6 +24,7 @@ from kvsift.kernels import page_bounds as _pb
 from kvsift.kernels import rmsnorm as _rms
 from kvsift.kernels import rope as _rope
 from kvsift.kernels import sparse_decode_attention as _sda
+from kvsift.kernels import slot_scores as _ss
 from kvsift.kernels import sparse_prefill_attention as _spa
 from kvsift.kernels import token_votes as _tv
 from kvsift.kernels import topk_select as _tk
@@ -34,7 +35,7 @@ from kvsift.kernels.sparse_decode_attention import merge_attention
 __all__ = ["use_triton", "chunk_scores", "topk_select", "budget_select", "select_chunks", "sparse_decode_attention",
            "chunks_to_slots", "page_summaries", "selected_decode_attention", "merge_attention", "page_bounds_append",
            "quant_decode_attention", "quantize_kv", "sparse_prefill_attention", "rmsnorm", "rope",
-           "attention_received", "token_votes"]
+           "attention_received", "token_votes", "slot_scores"]
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
@@ -86,6 +87,16 @@ def token_votes(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, limi
     if use_triton(*tensors) and keys.stride(-1) == 1 and q.dtype == keys.dtype:
         return _tv.token_votes(q, keys, key_pos, limit, vote, fill, skip)
     return _tv.token_votes_ref(q, keys, key_pos, limit, vote, fill, skip)
+
+
+def slot_scores(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, slots: torch.Tensor,
+                reduce: str = "max") -> torch.Tensor:
+    """See :func:`kvsift.kernels.slot_scores.slot_scores_ref`: the exact ``q . k`` at ``slots
+    (batch, kv_heads, n)``, reduced over each GQA group, ``(batch, kv_heads, n)`` float32 (``-inf``
+    at invalid slots)."""
+    if use_triton(q, keys, key_pos, slots) and keys.stride(-1) == 1 and q.dtype == keys.dtype:
+        return _ss.slot_scores(q, keys, key_pos, slots, reduce)
+    return _ss.slot_scores_ref(q, keys, key_pos, slots, reduce)
 
 
 def query_reuse(q: torch.Tensor, last_q: torch.Tensor, threshold: float, counts: torch.Tensor) -> torch.Tensor:

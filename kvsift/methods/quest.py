@@ -30,7 +30,7 @@ import torch
 
 from kvsift.kernels.chunk_scores import int8_bounds, key_bounds
 from kvsift.kernels.dispatch import chunk_scores, page_bounds_append
-from kvsift.methods.base import (DecodeSelect, LayerState, Selection, check_int_options, group_queries, register,
+from kvsift.methods.base import (DecodeSelect, LayerState, Selection, check_int_options, register,
                                  top_pages)
 
 
@@ -258,21 +258,18 @@ class Quest(DecodeSelect):
         """``refine``'s exact stage: of the candidate slots ``cand (batch, kv_heads, (kc + 1) *
         page)`` (the candidate pages' slots, then the page being filled; negative: none), the
         ``k * page`` with the highest ``q . k`` (query heads of a GQA group reduced by ``reduce``)
-        and the page being filled, as slots in ascending order (``-1``: none). ``q (batch, heads,
-        head_dim)``. Device work only (no host sync): runs inside a CUDA graph."""
+        and the page being filled. ``q (batch, heads, head_dim)``. Three launches on CUDA (the
+        scores at the candidate slots, the top-k, the slots it picked; no sort: the top-k keeps
+        index order, which is the candidates' slot order) and no host sync: runs inside a CUDA graph."""
+        from kvsift.kernels.dispatch import slot_scores, topk_select
+
         keys, pos = layer.slot_keys()                      # (b, h, cap, d), (b, h, cap): the buffer
-        b, h, n = cand.shape
-        cap, d = keys.shape[2], keys.shape[3]
-        ok = (cand >= 0) & (cand < cap)
-        idx = torch.where(ok, cand, 0)
-        ok &= pos.gather(2, idx) >= 0                      # written, not padding
-        ck = keys.gather(2, idx[..., None].expand(b, h, n, d))   # the candidates' keys, in their dtype
-        qg = group_queries(q.to(ck.dtype)[:, :, None], h)[:, :, :, 0]   # (b, h, group, d)
-        s = torch.einsum("bhgd,bhnd->bhgn", qg, ck).float()
-        s = s.amax(2) if self.reduce == "max" else s.mean(2)
-        body = n - self.page                               # the candidate pages' slots; then the tail page
-        s = s[..., :body].masked_fill(~ok[..., :body], float("-inf"))
-        top, at = s.topk(min(body, k * self.page), dim=-1)
-        slots = torch.cat([torch.where(top > float("-inf"), cand.gather(2, at), -1),
-                           torch.where(ok[..., body:], cand[..., body:], -1)], dim=-1)
-        return Selection(own=slots.sort(dim=-1).values)
+        body = cand.shape[-1] - self.page                  # the candidate pages' slots; then the tail page
+        head, tail = cand[..., :body], cand[..., body:]
+        s = slot_scores(q.to(keys.dtype), keys, pos, head, self.reduce)        # (b, h, body), -inf: none
+        at = topk_select(s, min(body, k * self.page), torch.int64)             # ascending, -1 padded
+        picked = torch.where(at >= 0, head.gather(2, at.clamp_min(0)), -1)
+        # the tail page's slots past the last token hold position -1 (the engine masks them); past
+        # the buffer there are none
+        tail = torch.where((tail >= 0) & (tail < keys.shape[2]), tail, -1)
+        return Selection(own=torch.cat([picked, tail], dim=-1))

@@ -1,0 +1,133 @@
+"""Exact query-key scores at given slots of a layer's key buffer, reduced over a GQA group.
+
+A second selection stage (Quest's ``refine``) ranks the tokens of candidate pages by the exact
+``q . k``: ``q (batch, q_heads, dim)`` one decode query per row, ``keys (batch, kv_heads, cap,
+dim)`` the layer's key buffer (any strides; the kernel needs a unit stride on ``dim``), ``key_pos
+(batch, kv_heads, cap)`` integer positions (``-1``: empty or padding) and ``slots (batch,
+kv_heads, n)`` integer slots into the buffer (negative: none). Slot ``slots[b, h, j]`` is
+**valid** when it lies in ``[0, cap)`` and ``key_pos`` there is ``>= 0``. Returns ``(batch,
+kv_heads, n)`` float32: the unscaled ``q . k`` of the ``q_heads // kv_heads`` query heads of KV
+head ``h`` with the key at that slot, reduced over those heads by ``reduce`` (``"max"`` or
+``"mean"``), and ``-inf`` at invalid slots (so a top-k never picks them).
+
+``slot_scores_ref`` is PyTorch in float32 (a gather of the candidates' keys and an einsum; the
+keys' own dtype would round the scores to bf16, and near-ties would then order differently from
+the kernel's). ``slot_scores`` is one Triton launch: program (row, KV head) x block of
+``BLOCK_N`` slots loads the group's query heads once, the block's positions and keys through the
+slot indices, one ``tl.dot`` accumulated in float32, the reduction and the mask, and writes the
+block's scores. It replaces about fifteen PyTorch launches (index checks, two gathers, the
+einsum, the reduction, the mask), which under a CUDA graph cost more than the bytes they read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvsift.kernels._flash import load_group_query
+from kvsift.kernels._triton import HAS_TRITON, tl, triton
+
+REDUCES = ("max", "mean")
+# launch settings (slots per program)
+TUNING = {"block_n": 64, "num_warps": 4}
+
+
+def _check(q, keys, key_pos, slots, reduce) -> None:
+    if q.dim() != 3 or keys.dim() != 4:
+        raise ValueError(f"q must be (batch, q_heads, dim) and keys (batch, kv_heads, cap, dim), got "
+                         f"{tuple(q.shape)} and {tuple(keys.shape)}")
+    b, hq, d = q.shape
+    if keys.shape[0] != b or keys.shape[3] != d:
+        raise ValueError(f"q {tuple(q.shape)} and keys {tuple(keys.shape)} disagree on batch or dim")
+    hk = keys.shape[1]
+    if hk == 0 or hq % hk:
+        raise ValueError(f"q_heads ({hq}) must be a multiple of kv_heads ({hk})")
+    if tuple(key_pos.shape) != tuple(keys.shape[:3]) or key_pos.is_floating_point():
+        raise ValueError(f"key_pos must be integers of shape (batch, kv_heads, cap) = {tuple(keys.shape[:3])}, "
+                         f"got {key_pos.dtype} {tuple(key_pos.shape)}")
+    if slots.dim() != 3 or tuple(slots.shape[:2]) != (b, hk) or slots.is_floating_point():
+        raise ValueError(f"slots must be integers of shape (batch, kv_heads, n) = ({b}, {hk}, n), got "
+                         f"{slots.dtype} {tuple(slots.shape)}")
+    if reduce not in REDUCES:
+        raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
+
+
+def slot_scores_ref(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, slots: torch.Tensor,
+                    reduce: str = "max") -> torch.Tensor:
+    """Reference (PyTorch, float32); shapes in the module docstring."""
+    _check(q, keys, key_pos, slots, reduce)
+    b, hk, cap, d = keys.shape
+    n = slots.shape[2]
+    g = q.shape[1] // hk
+    ok = (slots >= 0) & (slots < cap)
+    idx = torch.where(ok, slots, 0).to(torch.int64)
+    ok &= key_pos.gather(2, idx) >= 0
+    ck = keys.gather(2, idx[..., None].expand(b, hk, n, d)).float()          # (b, hk, n, d)
+    s = torch.einsum("bhgd,bhnd->bhgn", q.float().reshape(b, hk, g, d), ck)
+    s = s.amax(2) if reduce == "max" else s.mean(2)
+    return s.masked_fill(~ok, float("-inf"))
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _slot_scores_kernel(q_ptr, k_ptr, kp_ptr, sl_ptr, out_ptr, N, CAP,
+                            sq_b, sq_h, sq_d, sk_b, sk_h, sk_n, sp_b, sp_h, sp_n, ss_b, ss_h, ss_n,
+                            so_b, so_h, so_n,
+                            HK: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MEAN: tl.constexpr,
+                            IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        # program (row, kv head) x block of BLOCK_N slots
+        pid_bh = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        b = (pid_bh // HK).to(tl.int64)
+        h = (pid_bh % HK).to(tl.int64)
+        offs_g = tl.arange(0, G_P)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_g = offs_g < G
+        mask_d = offs_d < D
+        q = load_group_query(q_ptr, b, h, sq_b, sq_h, sq_d, offs_g, offs_d, mask_g, mask_d, G, UPCAST)  # (G_P, BLOCK_D)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_range = offs_n < N
+        slot = tl.load(sl_ptr + b * ss_b + h * ss_h + offs_n * ss_n, mask=in_range, other=-1).to(tl.int64)
+        ok = in_range & (slot >= 0) & (slot < CAP)
+        kpos = tl.load(kp_ptr + b * sp_b + h * sp_h + slot * sp_n, mask=ok, other=-1)
+        ok = ok & (kpos >= 0)
+        k = tl.load(k_ptr + b * sk_b + h * sk_h + slot[:, None] * sk_n + offs_d[None, :],
+                    mask=ok[:, None] & mask_d[None, :], other=0.0)                  # (BLOCK_N, BLOCK_D)
+        if UPCAST:
+            k = k.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))                                              # (G_P, BLOCK_N) fp32
+        if MEAN:
+            r = tl.sum(tl.where(mask_g[:, None], s, 0.0), axis=0) / G
+        else:
+            r = tl.max(tl.where(mask_g[:, None], s, float("-inf")), axis=0)
+        tl.store(out_ptr + b * so_b + h * so_h + offs_n * so_n, tl.where(ok, r, float("-inf")), mask=in_range)
+
+
+def slot_scores(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, slots: torch.Tensor,
+                reduce: str = "max") -> torch.Tensor:
+    """Triton kernel, one launch; same arguments and result as :func:`slot_scores_ref` (float32
+    accumulation of the keys' dtype: equal to the reference within rounding)."""
+    if not HAS_TRITON:
+        raise RuntimeError("slot_scores needs Triton (pip install triton); use slot_scores_ref")
+    _check(q, keys, key_pos, slots, reduce)
+    if keys.stride(-1) != 1:
+        raise ValueError("keys need a unit stride on dim")
+    b, hk, cap, d = keys.shape
+    n = slots.shape[2]
+    g = q.shape[1] // hk
+    out = torch.empty(b, hk, n, dtype=torch.float32, device=q.device)
+    if b == 0 or n == 0:
+        return out
+    block_n = TUNING["block_n"]
+    upcast = q.device.type != "cuda"
+    _slot_scores_kernel[(b * hk, triton.cdiv(n, block_n))](
+        q, keys, key_pos, slots, out, n, cap, *q.stride(), keys.stride(0), keys.stride(1), keys.stride(2),
+        *key_pos.stride(), *slots.stride(), *out.stride(),
+        HK=hk, G=g, G_P=max(16, triton.next_power_of_2(g)), D=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_N=block_n, MEAN=reduce == "mean", IEEE=upcast or q.dtype == torch.float32, UPCAST=upcast,
+        num_warps=TUNING["num_warps"])
+    return out
