@@ -24,6 +24,11 @@ context length it times, per layer:
 * ``topk_one`` / ``topk_blocked<blk>`` and ``sel/quest_one`` / ``sel/quest_blocked<blk>``: Quest's
   page top-k alone and in its step, one program per row or in blocks of ``blk`` pages
   (``topk_select.TUNING["block_from"]``; ``topk`` and ``sel/quest`` are the dispatch's default).
+* ``sel/quest_refine<N>/<budget>``: Quest with ``refine=N`` (``--refine``): page scores, the best
+  ``N * budget // page`` pages, the exact ``q . k`` at their slots (``dispatch.slot_scores``), the
+  best ``budget`` tokens (``topk_select``), sparse attention; ``sel/quest_refine<N>_torch`` the
+  same stage as PyTorch (reference scores, ``torch.topk``, a sort: the method's path before
+  2026-12-05) and ``slot_scores<N>`` the exact scores alone.
 
 Each is timed over ``L`` layers of distinct KV buffers (about ``--rotate-bytes`` of KV, so the L2
 cache does not hold the data or the summaries), both as CUDA-graph replays (GPU time) and eagerly
@@ -56,7 +61,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench._systems,
 from kvsift.kernels import dispatch  # noqa: E402
 from kvsift.kernels import topk_select as tk
 from kvsift.kernels.chunk_scores import chunks_to_slots, int8_bounds, page_summaries, select_chunks
+from kvsift.kernels.slot_scores import slot_scores_ref
 from kvsift.kernels.sparse_decode_attention import sparse_decode_attention_ref
+from kvsift.methods.quest import refine_slots
 
 HQ, HK, D = 32, 8, 128
 
@@ -303,6 +310,56 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                 timed(f"sel/tokens_cache_reused/{budget}", lambda L, bu=budget: tokens_step(L, bu, all_rows),
                       extra={"budget": budget, "summary": "tokens"}, eager=False,
                       kv_read=2 * batch * HK * budget * D * 2)
+            # Quest with `refine=N` (its token-level second stage, kvsift.methods.quest.refine_slots):
+            # the pages' scores, the best N * budget // page pages, the exact q . k at their slots,
+            # the best budget tokens, sparse attention; beside it the stage as PyTorch ran it before
+            # 2026-12-05 (float32 reference scores, torch.topk, a sort), and the exact scores alone
+            pos_all = torch.arange(ctx, device=device, dtype=torch.int32).expand(batch, HK, ctx)
+
+            def refine_step(L, bu, n_ref, torch_path=False):
+                kc = bu // args.page
+                pages = dispatch.topk_select(dispatch.chunk_scores(L["q"], L["quest"], "max"), n_ref * kc, torch.int64)
+                cand = chunks_to_slots(pages, None, args.page, dtype=torch.int64)
+                if torch_path:
+                    s_ = slot_scores_ref(L["q"], L["k"], pos_all, cand, "max")
+                    top, at = s_.topk(min(cand.shape[-1], kc * args.page), dim=-1)
+                    slots = torch.where(top > float("-inf"), cand.gather(2, at), -1).sort(dim=-1).values
+                else:
+                    slots = refine_slots(L["q"], L["k"], pos_all, cand, kc * args.page, "max")
+                return dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], slots, scale)
+
+            if args.refine and args.refine[-1] * args.budgets[0] <= ctx:   # the two paths attend the same tokens
+                err = rel_err(refine_step(L0, args.budgets[0], args.refine[-1]),
+                              refine_step(L0, args.budgets[0], args.refine[-1], torch_path=True))
+                if checks_out is not None:
+                    checks_out[-1]["sel_quest_refine_vs_torch"] = err
+                log(f"  check sel_quest_refine_vs_torch={err:.2e}")
+            for budget in args.budgets:
+                if budget > ctx:
+                    continue
+                for n_ref in args.refine:
+                    if n_ref * budget > ctx:
+                        continue
+                    cand_bytes = 2 * batch * HK * n_ref * budget * D   # the candidates' keys, read once more
+                    sel_bytes = 2 * batch * HK * budget * D * 2
+                    n_pages = ctx // args.page
+                    qbytes = 4 * batch * HK * n_pages * D
+                    timed(f"sel/quest_refine{n_ref}/{budget}", lambda L, bu=budget, r=n_ref: refine_step(L, bu, r),
+                          extra={"budget": budget, "summary": "quest", "refine": n_ref},
+                          kv_read=qbytes + cand_bytes + sel_bytes)
+                    timed(f"sel/quest_refine{n_ref}_torch/{budget}",
+                          lambda L, bu=budget, r=n_ref: refine_step(L, bu, r, torch_path=True),
+                          extra={"budget": budget, "summary": "quest", "refine": n_ref}, eager=False,
+                          kv_read=qbytes + cand_bytes + sel_bytes)
+                    for L in layers:
+                        pg = dispatch.topk_select(dispatch.chunk_scores(L["q"], L["quest"], "max"),
+                                                  n_ref * (budget // args.page), torch.int64)
+                        L[f"_cand{n_ref}"] = chunks_to_slots(pg, None, args.page, dtype=torch.int64)
+                    timed(f"slot_scores{n_ref}/{budget}",
+                          lambda L, r=n_ref: dispatch.slot_scores(L["q"], L["k"], pos_all, L[f"_cand{r}"], "max"),
+                          eager=False, kv_read=cand_bytes)
+                    for L in layers:
+                        del L[f"_cand{n_ref}"]
             # parts alone (quest, middle budget) to explain where the time goes
             budget = args.budgets[min(1, len(args.budgets) - 1)]
             if budget <= ctx:
@@ -715,6 +772,8 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048, 4096])
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
     p.add_argument("--page", type=int, default=16)
+    p.add_argument("--refine", type=lambda s: [int(x) for x in s.split(",") if x], default=[2, 4],
+                   help="Quest's refine=N rows (sel/quest_refine<N>); empty: none")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--rotate-bytes", type=float, default=2 * 2**30, help="KV bytes cycled per timing (beat the L2)")
     p.add_argument("--max-layers", type=int, default=16)

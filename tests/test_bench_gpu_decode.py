@@ -1,6 +1,6 @@
 """bench/gpu_decode.py's harness on the CPU (the device numbers come from the H200): the kernel
 part runs every variant (the selection's pages equal torch's, the attention the reference's) with
-the blocked top-k variants at a length that has them, and the end-to-end part runs HF and kvsift
+the blocked top-k variants at a length that has them, Quest's ``refine`` step both ways, and the end-to-end part runs HF and kvsift
 on the tiny random model."""
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ def test_kernel_harness_on_the_cpu(tmp_path):
     names = {r["name"] for r in d["kernels"]}
     for want in ("dense_gqa", "sel/quest/256", "sel/tokens/256", "sel/tokens_cache_new/256",
                  "sel/tokens_cache_reused/256", "topk_blocked512/256", "sel/quest_blocked512/256",
-                 "topk_one/256", "sel/quest_one/256", "topk_tokens/256", "topk_tokens_sort/256"):
+                 "topk_one/256", "sel/quest_one/256", "topk_tokens/256", "topk_tokens_sort/256",
+                 "sel/quest_refine2/256", "sel/quest_refine4/256", "sel/quest_refine4_torch/256", "slot_scores4/256"):
         assert want in names, (want, sorted(names))
     assert all(r["eager_ms"] > 0 for r in d["kernels"] if r.get("eager_ms") is not None)
     (checks,) = d["checks"]
     assert checks["sel_quest_pages_vs_torch"] == 0.0 and checks["sel_quest_attn_vs_ref"] < 1e-2
+    assert checks["sel_quest_refine_vs_torch"] < 1e-2    # refine's kernel path attends what its PyTorch path did
 
 
 def test_e2e_harness_on_the_tiny_model(tmp_path):

@@ -5,7 +5,7 @@ import torch
 
 from kvsift import SamplingParams
 from kvsift.methods import build_method
-from kvsift.methods.quest import _bounds
+from kvsift.methods.quest import _bounds, refine_slots
 from tests.conftest import decode_greedy, random_prompt
 
 
@@ -170,6 +170,26 @@ def test_refine_keeps_the_budget_and_equals_full_with_every_page(tiny_llm):
     alone = [tiny_llm.generate(x, p, method="quest", budget=40, method_kwargs={"refine": 3})[0].token_ids for x in ps]
     assert [o.token_ids for o in tiny_llm.generate(ps, p, method="quest", budget=40,
                                                    method_kwargs={"refine": 3})] == alone
+
+
+def test_refine_slots_keeps_the_candidates_order_and_skips_what_cannot_be_attended():
+    """``refine_slots``: the best ``keep`` candidates by the exact ``q . k`` (a GQA group reduced),
+    in the candidates' own order, never a negative slot, one past the buffer or an empty slot;
+    ``-1`` at the end when fewer are valid."""
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(2, 2, 64, 8, generator=g)
+    pos = torch.arange(64).expand(2, 2, 64).clone()
+    pos[:, :, 40:] = -1                                               # empty slots
+    q = torch.randn(2, 4, 8, generator=g)
+    cand = torch.tensor([[30, 2, -1, 17, 45, 64, 9, 5]]).expand(2, 2, 8)  # -1, empty (45), past the buffer (64)
+    got = refine_slots(q, keys, pos, cand, 3, "mean")
+    for b in range(2):
+        for h in range(2):
+            ok = [s for s in cand[b, h].tolist() if 0 <= s < 40]
+            s = {x: float((q[b, 2 * h:2 * h + 2] @ keys[b, h, x]).mean()) for x in ok}
+            best = sorted(ok, key=lambda x: -s[x])[:3]
+            assert got[b, h].tolist() == [x for x in cand[b, h].tolist() if x in best]
+    assert refine_slots(q, keys, pos, cand, 8, "max")[0, 0].tolist() == [30, 2, 17, 9, 5, -1, -1, -1]
 
 
 @pytest.mark.parametrize("kw,msg", [({"page": 0}, "page"), ({"reduce": "sum"}, "reduce"), ({"bounds": "fp8"}, "bounds"),

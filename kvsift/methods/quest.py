@@ -111,6 +111,21 @@ def _ranked(keys: torch.Tensor, positions: torch.Tensor, page: int, pages: int, 
     return lo, hi, filled, slot_of, count
 
 
+def refine_slots(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, cand: torch.Tensor, keep: int,
+                 reduce: str = "max") -> torch.Tensor:
+    """The best ``keep`` of the candidate slots ``cand (batch, kv_heads, n)`` (negative: none) by
+    the exact ``q . k`` of ``q (batch, heads, head_dim)`` with ``keys (batch, kv_heads, cap,
+    head_dim)`` (``key_pos (batch, kv_heads, cap)``: ``-1`` at empty slots, never picked), a GQA
+    group's heads reduced by ``reduce``. Returns ``(batch, kv_heads, min(keep, n))`` int64 slots in
+    the order they have in ``cand``, ``-1`` at the end where fewer are valid. Two launches and a
+    gather on CUDA (``slot_scores``, ``topk_select``), no host sync: Quest's ``refine`` stage."""
+    from kvsift.kernels.dispatch import slot_scores, topk_select
+
+    s = slot_scores(q.to(keys.dtype), keys, key_pos, cand, reduce)              # (b, h, n), -inf: none
+    at = topk_select(s, min(cand.shape[-1], keep), torch.int64)               # ascending, -1 padded
+    return torch.where(at >= 0, cand.gather(2, at.clamp_min(0)), -1)
+
+
 @register("quest")
 @dataclass(frozen=True)
 class Quest(DecodeSelect):
@@ -261,14 +276,10 @@ class Quest(DecodeSelect):
         and the page being filled. ``q (batch, heads, head_dim)``. Three launches on CUDA (the
         scores at the candidate slots, the top-k, the slots it picked; no sort: the top-k keeps
         index order, which is the candidates' slot order) and no host sync: runs inside a CUDA graph."""
-        from kvsift.kernels.dispatch import slot_scores, topk_select
-
         keys, pos = layer.slot_keys()                      # (b, h, cap, d), (b, h, cap): the buffer
         body = cand.shape[-1] - self.page                  # the candidate pages' slots; then the tail page
-        head, tail = cand[..., :body], cand[..., body:]
-        s = slot_scores(q.to(keys.dtype), keys, pos, head, self.reduce)        # (b, h, body), -inf: none
-        at = topk_select(s, min(body, k * self.page), torch.int64)             # ascending, -1 padded
-        picked = torch.where(at >= 0, head.gather(2, at.clamp_min(0)), -1)
+        picked = refine_slots(q, keys, pos, cand[..., :body], k * self.page, self.reduce)
+        tail = cand[..., body:]
         # the tail page's slots past the last token hold position -1 (the engine masks them); past
         # the buffer there are none
         tail = torch.where((tail >= 0) & (tail < keys.shape[2]), tail, -1)
