@@ -409,19 +409,22 @@ def test_kivi_generates_and_holds_fewer_bytes(tiny_llm):
     assert st.method_stats["kv_bits"] == 4
 
 
-@pytest.mark.parametrize("spec,budget", [("snapkv+kivi", 64), ("quest+kivi", 64)])
-def test_kivi_after_a_selection(tiny_llm, spec, budget):
+@pytest.mark.parametrize("spec,budget,extra", [("snapkv+kivi", 64, {}), ("quest+kivi", 64, {}),
+                                               ("quest+kivi", 64, {"refine": 2})])
+def test_kivi_after_a_selection(tiny_llm, spec, budget, extra):
+    """A selection over quantized KV chooses and attends as over the model-dtype KV (Quest's
+    ``refine`` ranks the dequantized keys)."""
     ids = random_prompt(300, seed=42)
     plain = spec.split("+")[0]
-    lg, cache = _first_decode_logits(tiny_llm, ids, spec, budget, group=16, residual=16)
-    ref, ref_cache = _first_decode_logits(tiny_llm, ids, plain, budget)
+    lg, cache = _first_decode_logits(tiny_llm, ids, spec, budget, group=16, residual=16, **extra)
+    ref, ref_cache = _first_decode_logits(tiny_llm, ids, plain, budget, **extra)
     assert int(lg.argmax()) == int(ref.argmax())
     assert float((lg - ref).abs().max()) <= 0.05 * float(ref.max() - ref.min())
     for ly, rl in zip(cache.layers, ref_cache.layers):   # the same tokens kept, quantized
         assert torch.equal(ly.head_lengths(), rl.head_lengths())
     p = SamplingParams(max_tokens=24, ignore_eos=True)   # past a window flush (residual 16)
-    a = tiny_llm.generate(ids, p, method=spec, budget=budget, method_kwargs={"group": 16, "residual": 16})[0]
-    b = tiny_llm.generate(ids, p, method=plain, budget=budget)[0]
+    a = tiny_llm.generate(ids, p, method=spec, budget=budget, method_kwargs={"group": 16, "residual": 16, **extra})[0]
+    b = tiny_llm.generate(ids, p, method=plain, budget=budget, method_kwargs=extra)[0]
     assert sum(x == y for x, y in zip(a.token_ids, b.token_ids)) >= 18
     assert a.stats.kv_device_bytes < b.stats.kv_device_bytes
 
