@@ -65,6 +65,13 @@ def needs_model(name: str | None = None):
     return pytest.mark.skipif(reason is not None, reason=reason or "")
 
 
+def needs_cuda_triton():
+    """Mark: skip unless CUDA and Triton are both there (the kernels' device tests)."""
+    from kvsift.kernels._triton import HAS_TRITON
+
+    return pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA and Triton")
+
+
 def _require(name: str | None) -> None:
     reason = model_missing(name)
     if reason is not None:

@@ -11,8 +11,7 @@ import torch
 
 from kvsift.kernels import dispatch
 from kvsift.kernels import slot_scores as ss
-from kvsift.kernels._triton import HAS_TRITON
-from tests.conftest import run_in_triton_interpreter
+from tests.conftest import needs_cuda_triton, run_in_triton_interpreter
 
 
 def naive(q, k, pos, slots, reduce):
@@ -114,7 +113,7 @@ def test_kernel_matches_reference_in_interpreter():
 
 # ---- CUDA ------------------------------------------------------------------------------------------
 
-cuda = pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA and Triton")
+cuda = needs_cuda_triton()
 
 
 @cuda

@@ -14,8 +14,7 @@ import torch
 from kvsift.kernels import dispatch
 from kvsift.kernels import token_votes as tv
 from kvsift.kernels import topk_select as tk
-from kvsift.kernels._triton import HAS_TRITON
-from tests.conftest import run_in_triton_interpreter
+from tests.conftest import needs_cuda_triton, run_in_triton_interpreter
 
 
 def naive(q, k, pos, limit, vote="group", fill=-1.0):
@@ -199,7 +198,7 @@ def test_kernels_match_reference_in_interpreter():
 
 # ---- CUDA ------------------------------------------------------------------------------------------
 
-cuda = pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA and Triton")
+cuda = needs_cuda_triton()
 
 
 @cuda

@@ -21,6 +21,27 @@ if HAS_TRITON:
         return q
 
     @triton.jit
+    def group_offsets(HK: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+        """The prologue of a program per (row, KV head) on grid axis 0: ``b`` and ``h`` (int64),
+        the group's and the head dim's offsets and their masks."""
+        pid_bh = tl.program_id(0)
+        b = (pid_bh // HK).to(tl.int64)
+        h = (pid_bh % HK).to(tl.int64)
+        offs_g = tl.arange(0, G_P)
+        offs_d = tl.arange(0, BLOCK_D)
+        return b, h, offs_g, offs_d, offs_g < G, offs_d < D
+
+    @triton.jit
+    def group_program(q_ptr, sq_b, sq_h, sq_d, HK: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
+                      D: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+        """:func:`group_offsets` and the group's query tile ``(G_P, BLOCK_D)``
+        (:func:`load_group_query`)."""
+        b, h, offs_g, offs_d, mask_g, mask_d = group_offsets(HK, G, G_P, D, BLOCK_D)
+        q = load_group_query(q_ptr, b, h, sq_b, sq_h, sq_d, offs_g, offs_d, mask_g, mask_d, G, UPCAST)
+        return b, h, offs_g, offs_d, mask_g, mask_d, q
+
+    @triton.jit
     def online_softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc, IEEE: tl.constexpr,
                             MASKED: tl.constexpr = True):
         """Fold keys ``k`` and values ``v`` ``(S, D)`` into the running max ``m_i (M,)``, sum
@@ -80,4 +101,4 @@ if HAS_TRITON:
         return k, v
 
 else:
-    load_group_query = online_softmax_step = load_kv = store_split = None
+    load_group_query = group_offsets = group_program = online_softmax_step = load_kv = store_split = None

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from kvsift.kernels._flash import online_softmax_step, store_split
+from kvsift.kernels._flash import group_offsets, online_softmax_step, store_split
 from kvsift.kernels._triton import HAS_TRITON, tl, triton
 from kvsift.kernels.sparse_decode_attention import _LOG2E, SplitLaunch, _check_count, _check_pos, merge_attention
 
@@ -485,14 +485,8 @@ if HAS_TRITON:
                                    I32: tl.constexpr = False, OFFSET: tl.constexpr = False):
         # one program: (batch, kv_head) x one split of the slot table; slot s < res_start is
         # dequantized from its codes (code * scale + zero), a later slot read from the window
-        pid_bh = tl.program_id(0)
         pid_s = tl.program_id(1)
-        b = (pid_bh // HK).to(tl.int64)
-        h = (pid_bh % HK).to(tl.int64)
-        offs_g = tl.arange(0, G_P)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_g = offs_g < G
-        mask_d = offs_d < D
+        b, h, offs_g, offs_d, mask_g, mask_d = group_offsets(HK, G, G_P, D, BLOCK_D)
         byte_d = offs_d // PER                                              # byte of each channel
         shift = ((offs_d % PER) * BITS).to(tl.int32)                        # its bits in the byte
         vgrp = offs_d // VGROUP                                             # value scale of each channel

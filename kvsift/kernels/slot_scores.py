@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from kvsift.kernels._flash import load_group_query
+from kvsift.kernels._checks import check_group_keys
+from kvsift.kernels._flash import group_program
 from kvsift.kernels._triton import HAS_TRITON, tl, triton
 
 REDUCES = ("max", "mean")
@@ -32,18 +33,8 @@ TUNING = {"block_n": 64, "num_warps": 4}
 
 
 def _check(q, keys, key_pos, slots, reduce) -> None:
-    if q.dim() != 3 or keys.dim() != 4:
-        raise ValueError(f"q must be (batch, q_heads, dim) and keys (batch, kv_heads, cap, dim), got "
-                         f"{tuple(q.shape)} and {tuple(keys.shape)}")
-    b, hq, d = q.shape
-    if keys.shape[0] != b or keys.shape[3] != d:
-        raise ValueError(f"q {tuple(q.shape)} and keys {tuple(keys.shape)} disagree on batch or dim")
-    hk = keys.shape[1]
-    if hk == 0 or hq % hk:
-        raise ValueError(f"q_heads ({hq}) must be a multiple of kv_heads ({hk})")
-    if tuple(key_pos.shape) != tuple(keys.shape[:3]) or key_pos.is_floating_point():
-        raise ValueError(f"key_pos must be integers of shape (batch, kv_heads, cap) = {tuple(keys.shape[:3])}, "
-                         f"got {key_pos.dtype} {tuple(key_pos.shape)}")
+    check_group_keys(q, keys, key_pos, "cap")
+    b, hk = keys.shape[:2]
     if slots.dim() != 3 or tuple(slots.shape[:2]) != (b, hk) or slots.is_floating_point():
         raise ValueError(f"slots must be integers of shape (batch, kv_heads, n) = ({b}, {hk}, n), got "
                          f"{slots.dtype} {tuple(slots.shape)}")
@@ -76,17 +67,9 @@ if HAS_TRITON:
                             HK: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MEAN: tl.constexpr,
                             IEEE: tl.constexpr, UPCAST: tl.constexpr):
-        # program (row, kv head) x block of BLOCK_N slots
-        pid_bh = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        b = (pid_bh // HK).to(tl.int64)
-        h = (pid_bh % HK).to(tl.int64)
-        offs_g = tl.arange(0, G_P)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_g = offs_g < G
-        mask_d = offs_d < D
-        q = load_group_query(q_ptr, b, h, sq_b, sq_h, sq_d, offs_g, offs_d, mask_g, mask_d, G, UPCAST)  # (G_P, BLOCK_D)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # program (row, kv head) x block of BLOCK_N slots; q: the group's (G_P, BLOCK_D) tile
+        b, h, offs_g, offs_d, mask_g, mask_d, q = group_program(q_ptr, sq_b, sq_h, sq_d, HK, G, G_P, D, BLOCK_D, UPCAST)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_range = offs_n < N
         slot = tl.load(sl_ptr + b * ss_b + h * ss_h + offs_n * ss_n, mask=in_range, other=-1).to(tl.int64)
         ok = in_range & (slot >= 0) & (slot < CAP)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsift.kernels._flash import load_group_query, load_kv, online_softmax_step, store_split
+from kvsift.kernels._flash import group_program, load_kv, online_softmax_step, store_split
 from kvsift.kernels._triton import HAS_TRITON, sm_count, tl, triton
 
 
@@ -222,15 +222,9 @@ if HAS_TRITON:
                                     HAS_CNT: tl.constexpr):
         # S counts virtual slots (n_sel * PAGE); virtual slot j is cache slot
         # idx[j // PAGE] * PAGE + j % PAGE (PAGE == 1: idx[j]).
-        pid_bh = tl.program_id(0)
         pid_s = tl.program_id(1)
-        b = (pid_bh // HK).to(tl.int64)
-        h = (pid_bh % HK).to(tl.int64)
-        offs_g = tl.arange(0, G_P)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_g = offs_g < G
-        mask_d = offs_d < D
-        q = load_group_query(q_ptr, b, h, sq_b, sq_h, sq_d, offs_g, offs_d, mask_g, mask_d, G, UPCAST)  # (G_P, BLOCK_D)
+        b, h, offs_g, offs_d, mask_g, mask_d, q = group_program(q_ptr, sq_b, sq_h, sq_d, HK, G, G_P, D, BLOCK_D,
+                                                                UPCAST)   # q: (G_P, BLOCK_D)
         k_base = k_ptr + b * sk_b + h * sk_h
         v_base = v_ptr + b * sv_b + h * sv_h
         i_base = idx_ptr + b * si_b + h * si_h

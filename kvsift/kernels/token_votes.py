@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from kvsift.kernels._checks import check_group_keys
 from kvsift.kernels._flash import load_group_query
 from kvsift.kernels._triton import HAS_TRITON, tl, triton
 
@@ -39,18 +40,8 @@ TUNING = {"block_n": 64, "max_programs": 64, "block_v": 512, "num_warps": 4}
 
 
 def _check(q, keys, key_pos, limit, vote, skip) -> None:
-    if q.dim() != 3 or keys.dim() != 4:
-        raise ValueError(f"q must be (batch, q_heads, dim) and keys (batch, kv_heads, n, dim), got "
-                         f"{tuple(q.shape)} and {tuple(keys.shape)}")
-    b, hq, d = q.shape
-    if keys.shape[0] != b or keys.shape[3] != d:
-        raise ValueError(f"q {tuple(q.shape)} and keys {tuple(keys.shape)} disagree on batch or dim")
-    hk = keys.shape[1]
-    if hk == 0 or hq % hk:
-        raise ValueError(f"q_heads ({hq}) must be a multiple of kv_heads ({hk})")
-    if tuple(key_pos.shape) != tuple(keys.shape[:3]) or key_pos.is_floating_point():
-        raise ValueError(f"key_pos must be integers of shape (batch, kv_heads, n) = {tuple(keys.shape[:3])}, "
-                         f"got {key_pos.dtype} {tuple(key_pos.shape)}")
+    check_group_keys(q, keys, key_pos, "n")
+    b = keys.shape[0]
     if tuple(limit.shape) != (b,) or limit.is_floating_point():
         raise ValueError(f"limit must be integers of shape (batch,) = ({b},), got {limit.dtype} {tuple(limit.shape)}")
     if skip is not None and (tuple(skip.shape) != (b,) or skip.dtype != torch.bool):
