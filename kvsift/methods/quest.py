@@ -116,8 +116,8 @@ def refine_slots(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, can
     """The best ``keep`` of the candidate slots ``cand (batch, kv_heads, n)`` (negative: none) by
     the exact ``q . k`` of ``q (batch, heads, head_dim)`` with ``keys (batch, kv_heads, cap,
     head_dim)`` (``key_pos (batch, kv_heads, cap)``: ``-1`` at empty slots, never picked), a GQA
-    group's heads reduced by ``reduce``. Returns ``(batch, kv_heads, min(keep, n))`` int64 slots in
-    the order they have in ``cand``, ``-1`` at the end where fewer are valid. Two launches and a
+    group's heads reduced by ``reduce``. Returns ``(batch, kv_heads, min(keep, n))`` slots (``cand``'s
+    dtype) in the order they have in ``cand``, ``-1`` at the end where fewer are valid. Two launches and a
     gather on CUDA (``slot_scores``, ``topk_select``), no host sync: Quest's ``refine`` stage."""
     from kvsift.kernels.dispatch import slot_scores, topk_select
 
