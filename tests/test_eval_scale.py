@@ -108,6 +108,18 @@ def test_bench_compare_pairs_two_methods(tmp_path, capsys):
     assert main(["bench", "compare", "a[x=1]", "nope", str(path)]) == 2
     assert "kvsift: error: no samples that both" in capsys.readouterr().err
     assert main(["bench", "compare", "a", "b", str(tmp_path / "missing.jsonl")]) == 2
+    # only some tasks / lengths: the 'all' row pools just those cells
+    only = paired_comparison(load_rows(path), "a[x=1]", "b", tasks=["niah"], lengths=[100])
+    assert [(c["length"], c["n"], set(c["tasks"])) for c in only] == [(100, 4, {"niah"})]
+    assert only[0]["diff"] == pytest.approx(0.5)
+    assert main(["bench", "compare", "a[x=1]", "b", str(path), "--tasks", "niah", "--lengths", "100,200"]) == 0
+    out = capsys.readouterr().out
+    assert "| 100 | 0.1 | 4 |" in out and "| all | 0.1 | 6 |" in out and "qa" not in out
+    assert main(["bench", "compare", "a[x=1]", "b", str(path), "--tasks", "nope"]) == 2
+    assert "kvsift: error: unknown task(s) nope; available:" in capsys.readouterr().err
+    assert main(["bench", "compare", "a[x=1]", "b", str(path), "--lengths", "300"]) == 2
+    assert "(only lengths 300)" in capsys.readouterr().err
+    assert main(["bench", "compare", "a[x=1]", "b", str(path), "--lengths", "0"]) == 2
 
 
 def test_bench_compare_pairs_perplexity_rows(tmp_path, capsys):

@@ -131,6 +131,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("results", nargs="+", type=Path, help="JSONL result file(s) holding both")
     c.add_argument("--budget", default=None, help="only A's cells at this budget label (e.g. 0.1)")
     c.add_argument("--budget-b", default=None, help="B's budget label (default: A's, else B's only one)")
+    c.add_argument("--tasks", type=_csv, default=None, help="only these tasks' cells (e.g. niah,mk_niah,vt,qa)")
+    c.add_argument("--lengths", type=_int_list, default=None,
+                   help="only these prompt lengths (e.g. 16384,30000: the 'all' row pools just them)")
     c.add_argument("--json", type=Path, default=None, help="also write the rows here")
 
     bsub.add_parser("tasks", help="list the tasks")
@@ -229,11 +232,22 @@ def run_bench(args) -> int:
         missing = [str(p) for p in args.results if not Path(p).is_file()]
         if missing:
             raise ValueError(f"no such result file: {', '.join(missing)}")
+        if args.tasks:
+            from kvsift.eval.tasks import TASKS
+
+            unknown = [t for t in args.tasks if t not in TASKS]
+            if unknown:
+                raise ValueError(f"unknown task(s) {', '.join(unknown)}; available: {', '.join(sorted(TASKS))}")
+        if args.lengths and min(args.lengths) < 1:
+            raise ValueError(f"--lengths must be positive token counts, got {args.lengths}")
         rows = load_rows(args.results)
-        comp = paired_comparison(rows, args.a, args.b, args.budget, args.budget_b)
-        ppl = paired_comparison(rows, args.a, args.b, args.budget, args.budget_b, perplexity=True)
+        only = dict(tasks=args.tasks, lengths=args.lengths)
+        comp = paired_comparison(rows, args.a, args.b, args.budget, args.budget_b, **only)
+        ppl = paired_comparison(rows, args.a, args.b, args.budget, args.budget_b, perplexity=True, **only)
         if not comp and not ppl:
-            raise ValueError(f"no samples that both {args.a!r} and {args.b!r} ran in these files")
+            where = "".join(f" {k} {','.join(map(str, v))}" for k, v in only.items() if v)
+            raise ValueError(f"no samples that both {args.a!r} and {args.b!r} ran in these files"
+                             + (f" (only{where})" if where else ""))
         print("\n\n".join(md for md in (comp and comparison_markdown(args.a, args.b, comp),
                                         ppl and perplexity_markdown(args.a, args.b, ppl)) if md))
         if args.json is not None:   # the scores' rows, then the perplexity rows (those with "ratio")

@@ -32,7 +32,7 @@ import math
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -143,7 +143,8 @@ def _group_cells(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
 
 def paired_comparison(rows: list[dict[str, Any]], a: str, b: str, budget_a: str | None = None,
                       budget_b: str | None = None, n_boot: int = stats.N_BOOT,
-                      seed: int = stats.SEED, perplexity: bool = False) -> list[dict[str, Any]]:
+                      seed: int = stats.SEED, perplexity: bool = False, tasks: Sequence[str] | None = None,
+                      lengths: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Method ``a`` against method ``b`` (their ``method`` labels in the rows) on the samples both
     ran, one dict per (length, ``a``'s budget): ``n`` paired samples, ``a``/``b`` their mean
     scores, ``diff, lo, hi`` the mean of ``a - b`` over every task's samples with a stratified
@@ -154,8 +155,10 @@ def paired_comparison(rows: list[dict[str, Any]], a: str, b: str, budget_a: str 
     (task, length) cell a stratum of the bootstrap. Perplexity rows are left out (lower is better
     there), unless ``perplexity``: then only they, paired by sample on the NLL per token, and each
     dict also holds ``a_ppl``/``b_ppl`` (``exp`` of the mean NLL per token) and ``ratio, ratio_lo,
-    ratio_hi`` (``exp`` of the difference and its interval: A's perplexity over B's)."""
-    cells = _group_cells(rows)
+    ratio_hi`` (``exp`` of the difference and its interval: A's perplexity over B's). ``tasks`` /
+    ``lengths``: only those cells (so the ``all`` row pools just them, e.g. 16k and 30k)."""
+    cells = _group_cells([r for r in rows if (tasks is None or r.get("task") in tasks)
+                          and (lengths is None or r.get("length") in lengths)])
     out = []
     pooled: dict[str, list[tuple[list[tuple[list[float], list[float]]], dict[str, tuple[int, float, float]]]]] = {}
     for length in sorted({k[1] for k in cells}):
