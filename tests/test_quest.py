@@ -133,13 +133,14 @@ def test_dense_layers_attend_every_token_and_keep_no_summaries(tiny_llm):
     assert all("quest" in layer.state for layer in cache.layers[1:])
 
 
-@pytest.mark.parametrize("reduce", ["max", "mean"])
-def test_refine_attends_the_best_tokens_of_the_candidate_pages(tiny_llm, reduce):
+@pytest.mark.parametrize("reduce,rank", [("max", "qk"), ("mean", "qk"), ("max", "votes")])
+def test_refine_attends_the_best_tokens_of_the_candidate_pages(tiny_llm, reduce, rank):
     """``refine``: with a budget of one page, the tokens the query points at, scattered over eight
-    pages (two a page), are all attended with the page being filled; the paper's selection (one
-    page) gets two of them."""
+    pages (two a page), are all attended with the page being filled, ranked by ``q . k`` or by
+    softmax votes; the paper's selection (one page) gets two of them."""
     wanted = [p * 16 + o for p in range(8) for o in (3, 11)]
-    sel, layer = _plan_over_slots(tiny_llm, build_method("quest", 16, refine=8, reduce=reduce), wanted)
+    sel, layer = _plan_over_slots(tiny_llm, build_method("quest", 16, refine=8, reduce=reduce, refine_rank=rank),
+                                  wanted)
     assert sel.page == 1 and sel.own.shape == (1, 2, 32)
     tail = [s for s in range(128, 144) if s < layer.length]            # the page being filled, as written
     for row in sel.own[0].tolist():
@@ -157,6 +158,8 @@ def test_refine_keeps_the_budget_and_equals_full_with_every_page(tiny_llm):
     p = SamplingParams(max_tokens=8, ignore_eos=True)
     full = tiny_llm.generate(ids, p, method="full")[0].token_ids
     assert tiny_llm.generate(ids, p, method="quest", budget=200, method_kwargs={"refine": 2})[0].token_ids == full
+    assert tiny_llm.generate(ids, p, method="quest", budget=200,
+                             method_kwargs={"refine": 2, "refine_rank": "votes"})[0].token_ids == full
     m = build_method("quest", 40, refine=3)
     cache, run, ctx = _decoded(tiny_llm, m, ids, steps=3)
     layer = cache.layers[0]
@@ -195,7 +198,8 @@ def test_refine_slots_keeps_the_candidates_order_and_skips_what_cannot_be_attend
 @pytest.mark.parametrize("kw,msg", [({"page": 0}, "page"), ({"reduce": "sum"}, "reduce"), ({"bounds": "fp8"}, "bounds"),
                                     ({"page": "16"}, "page"), ({"decode_budget": -1}, "decode_budget"),
                                     ({"dense_layers": -1}, "dense_layers"), ({"dense_layers": True}, "dense_layers"),
-                                    ({"refine": 0}, "refine"), ({"refine": 2.0}, "refine")])
+                                    ({"refine": 0}, "refine"), ({"refine": 2.0}, "refine"),
+                                    ({"refine_rank": "softmax"}, "refine_rank")])
 def test_bad_options(kw, msg):
     with pytest.raises(ValueError, match=msg):
         build_method("quest", 64, **kw)

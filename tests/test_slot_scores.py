@@ -1,6 +1,6 @@
 """slot_scores (kvsift/kernels/slot_scores.py), the exact ``q . k`` at given slots reduced over a
 GQA group (Quest's ``refine`` stage): the reference against a naive float64 loop (groups of 4, 3
-and 1, ``max`` and ``mean``, slots that are negative, past the buffer or at padding), bad
+and 1, ``max``, ``mean`` and per-head softmax ``votes``, slots that are negative, past the buffer or at padding), bad
 arguments, the dispatcher on the CPU, and the Triton kernel against the reference through the CPU
 interpreter and on CUDA (bf16 keys, strided buffers)."""
 
@@ -21,10 +21,15 @@ def naive(q, k, pos, slots, reduce):
     out = torch.full(slots.shape, float("-inf"), dtype=torch.float64)
     for bi in range(b):
         for h in range(hk):
-            for j, s in enumerate(slots[bi, h].tolist()):
-                if 0 <= s < cap and int(pos[bi, h, s]) >= 0:
-                    dots = [float(q[bi, h * g + i].double() @ k[bi, h, s].double()) for i in range(g)]
-                    out[bi, h, j] = max(dots) if reduce == "max" else sum(dots) / g
+            valid = [(j, s) for j, s in enumerate(slots[bi, h].tolist()) if 0 <= s < cap and int(pos[bi, h, s]) >= 0]
+            dots = torch.tensor([[float(q[bi, h * g + i].double() @ k[bi, h, s].double()) for i in range(g)]
+                                 for _, s in valid], dtype=torch.float64).reshape(len(valid), g)
+            if reduce == "votes":   # each head's softmax over the row's valid slots, summed over the group
+                red = torch.softmax(dots * d ** -0.5, dim=0).sum(1) if valid else dots.sum(1)
+            else:
+                red = dots.amax(1) if reduce == "max" else dots.mean(1)
+            for (j, _), v in zip(valid, red.tolist()):
+                out[bi, h, j] = v
     return out
 
 
@@ -39,7 +44,7 @@ def make_case(seed, b=3, hq=8, hk=2, cap=40, n=23, d=16, dtype=torch.float32):
     return q, k, pos, slots
 
 
-@pytest.mark.parametrize("reduce", ["max", "mean"])
+@pytest.mark.parametrize("reduce", ["max", "mean", "votes"])
 @pytest.mark.parametrize("hq,hk", [(8, 2), (6, 2), (2, 2)])
 def test_reference_matches_a_naive_loop(reduce, hq, hk):
     q, k, pos, slots = make_case(hq, hq=hq, hk=hk)
@@ -65,6 +70,9 @@ def test_bad_arguments_are_rejected():
     q, k, pos, slots = make_case(0)
     with pytest.raises(ValueError, match="reduce"):
         ss.slot_scores_ref(q, k, pos, slots, "sum")
+    if ss.HAS_TRITON:   # the kernel has no votes mode; the dispatcher sends them to the reference
+        with pytest.raises(ValueError, match="votes"):
+            ss.slot_scores(q, k, pos, slots, "votes")
     with pytest.raises(ValueError, match="multiple"):
         ss.slot_scores_ref(q[:, :3], k, pos, slots)
     with pytest.raises(ValueError, match="key_pos"):
@@ -79,7 +87,8 @@ def test_bad_arguments_are_rejected():
 
 def test_dispatch_on_the_cpu_is_the_reference():
     q, k, pos, slots = make_case(3)
-    assert torch.equal(dispatch.slot_scores(q, k, pos, slots, "max"), ss.slot_scores_ref(q, k, pos, slots, "max"))
+    for reduce in ss.REDUCES:
+        assert torch.equal(dispatch.slot_scores(q, k, pos, slots, reduce), ss.slot_scores_ref(q, k, pos, slots, reduce))
 
 
 # ---- Triton through the CPU interpreter -----------------------------------------------------------
@@ -120,7 +129,7 @@ cuda = needs_cuda_triton()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_kernel_matches_reference(dtype):
     q, k, pos, slots = (t.cuda() for t in make_case(5, b=4, hq=32, hk=8, cap=9000, n=8208, d=128, dtype=dtype))
-    for reduce in ("max", "mean"):
+    for reduce in ("max", "mean", "votes"):   # votes: the reference on CUDA too
         ref = ss.slot_scores_ref(q, k, pos, slots, reduce)
         got = dispatch.slot_scores(q, k, pos, slots, reduce)
         assert torch.equal(torch.isinf(got), torch.isinf(ref))

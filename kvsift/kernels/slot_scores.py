@@ -8,7 +8,11 @@ kv_heads, n)`` integer slots into the buffer (negative: none). Slot ``slots[b, h
 **valid** when it lies in ``[0, cap)`` and ``key_pos`` there is ``>= 0``. Returns ``(batch,
 kv_heads, n)`` float32: the unscaled ``q . k`` of the ``q_heads // kv_heads`` query heads of KV
 head ``h`` with the key at that slot, reduced over those heads by ``reduce`` (``"max"`` or
-``"mean"``), and ``-inf`` at invalid slots (so a top-k never picks them).
+``"mean"``), and ``-inf`` at invalid slots (so a top-k never picks them). ``reduce="votes"``
+(TokenSelect's criterion over the given slots): each query head's softmax of its scaled scores
+``q . k / sqrt(dim)`` over the row's valid slots, summed over the group; the PyTorch reference
+computes it everywhere (the kernel has no such mode yet: the softmax needs a pass over the row
+before any slot's vote).
 
 ``slot_scores_ref`` is PyTorch in float32 (a gather of the candidates' keys and an einsum; the
 keys' own dtype would round the scores to bf16, and near-ties would then order differently from
@@ -27,7 +31,7 @@ from kvsift.kernels._checks import check_group_keys
 from kvsift.kernels._flash import group_program
 from kvsift.kernels._triton import HAS_TRITON, tl, triton
 
-REDUCES = ("max", "mean")
+REDUCES = ("max", "mean", "votes")
 # launch settings (slots per program)
 TUNING = {"block_n": 64, "num_warps": 4}
 
@@ -54,6 +58,9 @@ def slot_scores_ref(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, 
     ok &= key_pos.gather(2, idx) >= 0
     ck = keys.gather(2, idx[..., None].expand(b, hk, n, d)).float()          # (b, hk, n, d)
     s = torch.einsum("bhgd,bhnd->bhgn", q.float().reshape(b, hk, g, d), ck)
+    if reduce == "votes":   # per head, a softmax over the valid slots; a row without any votes 0
+        s = torch.softmax(s.mul_(d ** -0.5).masked_fill_(~ok[:, :, None], float("-inf")), dim=-1)
+        return s.nan_to_num_(0.0).sum(2).masked_fill(~ok, float("-inf"))
     s = s.amax(2) if reduce == "max" else s.mean(2)
     return s.masked_fill(~ok, float("-inf"))
 
@@ -97,6 +104,8 @@ def slot_scores(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, slot
     if not HAS_TRITON:
         raise RuntimeError("slot_scores needs Triton (pip install triton); use slot_scores_ref")
     _check(q, keys, key_pos, slots, reduce)
+    if reduce == "votes":
+        raise ValueError("the slot_scores kernel has no 'votes' mode; use slot_scores_ref")
     if keys.stride(-1) != 1:
         raise ValueError("keys need a unit stride on dim")
     b, hk, cap, d = keys.shape

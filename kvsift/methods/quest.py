@@ -116,7 +116,8 @@ def refine_slots(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, can
     """The best ``keep`` of the candidate slots ``cand (batch, kv_heads, n)`` (negative: none) by
     the exact ``q . k`` of ``q (batch, heads, head_dim)`` with ``keys (batch, kv_heads, cap,
     head_dim)`` (``key_pos (batch, kv_heads, cap)``: ``-1`` at empty slots, never picked), a GQA
-    group's heads reduced by ``reduce``. Returns ``(batch, kv_heads, min(keep, n))`` slots (``cand``'s
+    group's heads reduced by ``reduce`` (``"votes"``: TokenSelect's per-head softmax votes over
+    the candidates, :mod:`kvsift.kernels.slot_scores`). Returns ``(batch, kv_heads, min(keep, n))`` slots (``cand``'s
     dtype) in the order they have in ``cand``, ``-1`` at the end where fewer are valid. Two launches and a
     gather on CUDA (``slot_scores``, ``topk_select``), no host sync: Quest's ``refine`` stage."""
     from kvsift.kernels.dispatch import slot_scores, topk_select
@@ -158,6 +159,12 @@ class Quest(DecodeSelect):
         times the selected pages' keys once more per step to attend the tokens the bounds only
         point near (a page that holds one wanted token costs the budget one slot, not a page).
         Over a quantized layer (``quest+kivi``) the layer's keys are dequantized at every step.
+    refine_rank : str
+        How ``refine`` ranks the candidates' tokens: ``qk`` (the default: the exact ``q . k``, a
+        GQA group's heads reduced by ``reduce``) or ``votes`` (TokenSelect's criterion over the
+        candidates: each query head's softmax of its scaled scores, summed over the group, so a
+        head with a sharp attention counts as much as one with large logits; PyTorch on every
+        device, no kernel yet).
     """
 
     page: int = 16
@@ -165,6 +172,7 @@ class Quest(DecodeSelect):
     bounds: str = "float"
     dense_layers: int = 0
     refine: int = 1
+    refine_rank: str = "qk"
     decode_only = True
 
     def __post_init__(self):
@@ -175,6 +183,8 @@ class Quest(DecodeSelect):
             raise ValueError(f"reduce must be 'max' or 'mean', got {self.reduce!r}")
         if self.bounds not in ("float", "int8"):
             raise ValueError(f"bounds must be 'float' or 'int8', got {self.bounds!r}")
+        if self.refine_rank not in ("qk", "votes"):
+            raise ValueError(f"refine_rank must be 'qk' or 'votes', got {self.refine_rank!r}")
         check_int_options(self, {"dense_layers": 0, "refine": 1}, "quest option ")
 
     def joins_rows(self) -> bool:
@@ -278,7 +288,8 @@ class Quest(DecodeSelect):
         index order, which is the candidates' slot order) and no host sync: runs inside a CUDA graph."""
         keys, pos = layer.slot_keys()                      # (b, h, cap, d), (b, h, cap): the buffer
         body = cand.shape[-1] - self.page                  # the candidate pages' slots; then the tail page
-        picked = refine_slots(q, keys, pos, cand[..., :body], k * self.page, self.reduce)
+        picked = refine_slots(q, keys, pos, cand[..., :body], k * self.page,
+                              self.reduce if self.refine_rank == "qk" else "votes")
         tail = cand[..., body:]
         # the tail page's slots past the last token hold position -1 (the engine masks them); past
         # the buffer there are none
