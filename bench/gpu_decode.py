@@ -27,8 +27,8 @@ context length it times, per layer:
 * ``sel/quest_refine<N>/<budget>``: Quest with ``refine=N`` (``--refine``): page scores, the best
   ``N * budget // page`` pages, the exact ``q . k`` at their slots (``dispatch.slot_scores``), the
   best ``budget`` tokens (``topk_select``), sparse attention; ``sel/quest_refine<N>_torch`` the
-  same stage as PyTorch (reference scores, ``torch.topk``, a sort: the method's path before
-  2026-12-05) and ``slot_scores<N>`` the exact scores alone.
+  same stage as PyTorch (a gather, an einsum in the keys' dtype, ``torch.topk``, a sort: the
+  method's path before 2026-12-05) and ``slot_scores<N>`` the exact scores alone.
 
 Each is timed over ``L`` layers of distinct KV buffers (about ``--rotate-bytes`` of KV, so the L2
 cache does not hold the data or the summaries), both as CUDA-graph replays (GPU time) and eagerly
@@ -313,24 +313,31 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
             # Quest with `refine=N` (its token-level second stage, kvsift.methods.quest.refine_slots):
             # the pages' scores, the best N * budget // page pages, the exact q . k at their slots,
             # the best budget tokens, sparse attention; beside it the stage as PyTorch ran it before
-            # 2026-12-05 (float32 reference scores, torch.topk, a sort), and the exact scores alone
+            # 2026-12-05 (a gather, an einsum in bf16, torch.topk, a sort), and the exact scores alone
             pos_all = torch.arange(ctx, device=device, dtype=torch.int32).expand(batch, HK, ctx)
 
-            def refine_step(L, bu, n_ref, torch_path=False):
+            def refine_step(L, bu, n_ref, path="kernel"):
                 kc = bu // args.page
                 pages = dispatch.topk_select(dispatch.chunk_scores(L["q"], L["quest"], "max"), n_ref * kc, torch.int64)
                 cand = chunks_to_slots(pages, None, args.page, dtype=torch.int64)
-                if torch_path:
-                    s_ = slot_scores_ref(L["q"], L["k"], pos_all, cand, "max")
+                if path != "kernel":   # "torch": as _refined ran it (a gather, an einsum in the keys' dtype);
+                    b_, h_, n_ = cand.shape   # "ref": the float32 reference scores, then the same top-k and sort
+                    if path == "ref":
+                        s_ = slot_scores_ref(L["q"], L["k"], pos_all, cand, "max")
+                    else:
+                        ck = L["k"].gather(2, cand.clamp_min(0)[..., None].expand(b_, h_, n_, D))
+                        s_ = torch.einsum("bhgd,bhnd->bhgn", L["q"].view(b_, h_, HQ // HK, D), ck).float().amax(2)
+                        s_ = s_.masked_fill(cand < 0, float("-inf"))
                     top, at = s_.topk(min(cand.shape[-1], kc * args.page), dim=-1)
                     slots = torch.where(top > float("-inf"), cand.gather(2, at), -1).sort(dim=-1).values
                 else:
                     slots = refine_slots(L["q"], L["k"], pos_all, cand, kc * args.page, "max")
                 return dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], slots, scale)
 
-            if args.refine and args.refine[-1] * args.budgets[0] <= ctx:   # the two paths attend the same tokens
+            if args.refine and args.refine[-1] * args.budgets[0] <= ctx:   # the kernel path attends what the
+                # float32 reference path does (the bf16 einsum of the former path can pick other tokens at near-ties)
                 err = rel_err(refine_step(L0, args.budgets[0], args.refine[-1]),
-                              refine_step(L0, args.budgets[0], args.refine[-1], torch_path=True))
+                              refine_step(L0, args.budgets[0], args.refine[-1], path="ref"))
                 if checks_out is not None:
                     checks_out[-1]["sel_quest_refine_vs_torch"] = err
                 log(f"  check sel_quest_refine_vs_torch={err:.2e}")
@@ -348,7 +355,7 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                           extra={"budget": budget, "summary": "quest", "refine": n_ref},
                           kv_read=qbytes + cand_bytes + sel_bytes)
                     timed(f"sel/quest_refine{n_ref}_torch/{budget}",
-                          lambda L, bu=budget, r=n_ref: refine_step(L, bu, r, torch_path=True),
+                          lambda L, bu=budget, r=n_ref: refine_step(L, bu, r, path="torch"),
                           extra={"budget": budget, "summary": "quest", "refine": n_ref}, eager=False,
                           kv_read=qbytes + cand_bytes + sel_bytes)
                     for L in layers:
