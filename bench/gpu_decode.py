@@ -339,8 +339,8 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                 err = rel_err(refine_step(L0, args.budgets[0], args.refine[-1]),
                               refine_step(L0, args.budgets[0], args.refine[-1], path="ref"))
                 if checks_out is not None:
-                    checks_out[-1]["sel_quest_refine_vs_torch"] = err
-                log(f"  check sel_quest_refine_vs_torch={err:.2e}")
+                    checks_out[-1]["sel_quest_refine_vs_ref"] = err
+                log(f"  check sel_quest_refine_vs_ref={err:.2e}")
             for budget in args.budgets:
                 if budget > ctx:
                     continue
