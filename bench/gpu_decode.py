@@ -316,10 +316,14 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
             # 2026-12-05 (a gather, an einsum in bf16, torch.topk, a sort), and the exact scores alone
             pos_all = torch.arange(ctx, device=device, dtype=torch.int32).expand(batch, HK, ctx)
 
+            def refine_candidates(L, bu, n_ref):   # the slots of the best n_ref * bu // page pages
+                pages = dispatch.topk_select(dispatch.chunk_scores(L["q"], L["quest"], "max"),
+                                             n_ref * (bu // args.page), torch.int64)
+                return chunks_to_slots(pages, None, args.page, dtype=torch.int64)
+
             def refine_step(L, bu, n_ref, path="kernel"):
                 kc = bu // args.page
-                pages = dispatch.topk_select(dispatch.chunk_scores(L["q"], L["quest"], "max"), n_ref * kc, torch.int64)
-                cand = chunks_to_slots(pages, None, args.page, dtype=torch.int64)
+                cand = refine_candidates(L, bu, n_ref)
                 if path != "kernel":   # "torch": as _refined ran it (a gather, an einsum in the keys' dtype);
                     b_, h_, n_ = cand.shape   # "ref": the float32 reference scores, then the same top-k and sort
                     if path == "ref":
@@ -359,9 +363,7 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                           extra={"budget": budget, "summary": "quest", "refine": n_ref}, eager=False,
                           kv_read=qbytes + cand_bytes + sel_bytes)
                     for L in layers:
-                        pg = dispatch.topk_select(dispatch.chunk_scores(L["q"], L["quest"], "max"),
-                                                  n_ref * (budget // args.page), torch.int64)
-                        L[f"_cand{n_ref}"] = chunks_to_slots(pg, None, args.page, dtype=torch.int64)
+                        L[f"_cand{n_ref}"] = refine_candidates(L, budget, n_ref)
                     timed(f"slot_scores{n_ref}/{budget}",
                           lambda L, r=n_ref: dispatch.slot_scores(L["q"], L["k"], pos_all, L[f"_cand{r}"], "max"),
                           eager=False, kv_read=cand_bytes)

@@ -233,11 +233,9 @@ def run_bench(args) -> int:
         if missing:
             raise ValueError(f"no such result file: {', '.join(missing)}")
         if args.tasks:
-            from kvsift.eval.tasks import TASKS
+            from kvsift.eval.tasks import check_task_names
 
-            unknown = [t for t in args.tasks if t not in TASKS]
-            if unknown:
-                raise ValueError(f"unknown task(s) {', '.join(unknown)}; available: {', '.join(sorted(TASKS))}")
+            check_task_names(args.tasks)
         if args.lengths and min(args.lengths) < 1:
             raise ValueError(f"--lengths must be positive token counts, got {args.lengths}")
         rows = load_rows(args.results)

@@ -39,7 +39,8 @@ from typing import Any, Callable, Iterable, Protocol
 
 from kvsift.eval.labels import split_label
 from kvsift.eval.scoring import perplexity, score
-from kvsift.eval.tasks import TASKS, Sample, TaskBuilder, TaskConfig, TaskUnavailable, split_context_question
+from kvsift.eval.tasks import (Sample, TaskBuilder, TaskConfig, TaskUnavailable, check_task_names,
+                               split_context_question)
 
 from kvsift.budget import FULL, Budget, budget_label, resolve_budget
 from kvsift.budget import parse_budget as _parse_budget
@@ -536,9 +537,7 @@ class BenchConfig:
         for name in ("tasks", "methods", "lengths", "seeds"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must not be empty")
-        bad = [t for t in self.tasks if t not in TASKS]
-        if bad:
-            raise ValueError(f"unknown task(s) {bad}; available: {sorted(TASKS)}")
+        check_task_names(self.tasks)
         self.budgets = [parse_budget(b) for b in self.budgets]
         if not all(budgetless(m) for m in self.methods) and not any(b is not None for b in self.budgets):
             raise ValueError("compressing methods need at least one budget (e.g. 0.25 or 256)")

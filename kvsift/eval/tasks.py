@@ -520,4 +520,11 @@ TASK_DOCS = {
     "ppl": "perplexity of a teacher-forced continuation of the shipped text over the compressed cache",
 }
 
+def check_task_names(names) -> None:
+    """A ``ValueError`` naming every one of ``names`` that is not a task, with the tasks there are."""
+    bad = [t for t in names if t not in TASKS]
+    if bad:
+        raise ValueError(f"unknown task(s) {', '.join(bad)}; available: {', '.join(sorted(TASKS))}")
+
+
 RULER_TASKS = ("mk_niah", "mv_niah", "vt", "cwe", "qa")

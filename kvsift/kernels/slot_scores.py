@@ -30,6 +30,7 @@ import torch
 from kvsift.kernels._checks import check_group_keys
 from kvsift.kernels._flash import group_program
 from kvsift.kernels._triton import HAS_TRITON, tl, triton
+from kvsift.kernels.token_votes import token_votes_ref
 
 REDUCES = ("max", "mean", "votes")
 # launch settings (slots per program)
@@ -57,10 +58,10 @@ def slot_scores_ref(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, 
     idx = torch.where(ok, slots, 0).to(torch.int64)
     ok &= key_pos.gather(2, idx) >= 0
     ck = keys.gather(2, idx[..., None].expand(b, hk, n, d)).float()          # (b, hk, n, d)
+    if reduce == "votes":   # TokenSelect's votes over the gathered slots (the invalid ones: no candidates)
+        return token_votes_ref(q.float(), ck, torch.where(ok, 0, -1), torch.full((b,), n, device=q.device),
+                               "group", float("-inf"))
     s = torch.einsum("bhgd,bhnd->bhgn", q.float().reshape(b, hk, g, d), ck)
-    if reduce == "votes":   # per head, a softmax over the valid slots; a row without any votes 0
-        s = torch.softmax(s.mul_(d ** -0.5).masked_fill_(~ok[:, :, None], float("-inf")), dim=-1)
-        return s.nan_to_num_(0.0).sum(2).masked_fill(~ok, float("-inf"))
     s = s.amax(2) if reduce == "max" else s.mean(2)
     return s.masked_fill(~ok, float("-inf"))
 

@@ -30,8 +30,7 @@ import torch
 
 from kvsift.kernels.chunk_scores import int8_bounds, key_bounds
 from kvsift.kernels.dispatch import chunk_scores, page_bounds_append
-from kvsift.methods.base import (DecodeSelect, LayerState, Selection, check_int_options, register,
-                                 top_pages)
+from kvsift.methods.base import DecodeSelect, LayerState, Selection, check_int_options, register, top_pages
 
 
 @dataclass
@@ -117,9 +116,10 @@ def refine_slots(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, can
     the exact ``q . k`` of ``q (batch, heads, head_dim)`` with ``keys (batch, kv_heads, cap,
     head_dim)`` (``key_pos (batch, kv_heads, cap)``: ``-1`` at empty slots, never picked), a GQA
     group's heads reduced by ``reduce`` (``"votes"``: TokenSelect's per-head softmax votes over
-    the candidates, :mod:`kvsift.kernels.slot_scores`). Returns ``(batch, kv_heads, min(keep, n))`` slots (``cand``'s
-    dtype) in the order they have in ``cand``, ``-1`` at the end where fewer are valid. Two launches and a
-    gather on CUDA (``slot_scores``, ``topk_select``), no host sync: Quest's ``refine`` stage."""
+    the candidates, :mod:`kvsift.kernels.slot_scores`). Returns ``(batch, kv_heads, min(keep,
+    n))`` slots (``cand``'s dtype) in the order they have in ``cand``, ``-1`` at the end where
+    fewer are valid. Two launches and a gather on CUDA (``slot_scores``, ``topk_select``), no host
+    sync: Quest's ``refine`` stage."""
     from kvsift.kernels.dispatch import slot_scores, topk_select
 
     s = slot_scores(q.to(keys.dtype), keys, key_pos, cand, reduce)              # (b, h, n), -inf: none
