@@ -28,7 +28,9 @@ context length it times, per layer:
   ``N * budget // page`` pages, the exact ``q . k`` at their slots (``dispatch.slot_scores``), the
   best ``budget`` tokens (``topk_select``), sparse attention; ``sel/quest_refine<N>_torch`` the
   same stage as PyTorch (a gather, an einsum in the keys' dtype, ``torch.topk``, a sort: the
-  method's path before 2026-12-05) and ``slot_scores<N>`` the exact scores alone.
+  method's path before 2026-12-05) and ``slot_scores<N>`` the exact scores alone;
+  ``sel/quest_refine<N>_votes`` and ``slot_votes<N>``: the same with ``refine_rank="votes"``
+  (TokenSelect's per-head softmax votes over the candidates: two kernels, since 2026-12-05).
 
 Each is timed over ``L`` layers of distinct KV buffers (about ``--rotate-bytes`` of KV, so the L2
 cache does not hold the data or the summaries), both as CUDA-graph replays (GPU time) and eagerly
@@ -321,13 +323,13 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                                              n_ref * (bu // args.page), torch.int64)
                 return chunks_to_slots(pages, None, args.page, dtype=torch.int64)
 
-            def refine_step(L, bu, n_ref, path="kernel"):
+            def refine_step(L, bu, n_ref, path="kernel", rank="max"):
                 kc = bu // args.page
                 cand = refine_candidates(L, bu, n_ref)
                 if path != "kernel":   # "torch": as _refined ran it (a gather, an einsum in the keys' dtype);
                     b_, h_, n_ = cand.shape   # "ref": the float32 reference scores, then the same top-k and sort
                     if path == "ref":
-                        s_ = slot_scores_ref(L["q"], L["k"], pos_all, cand, "max")
+                        s_ = slot_scores_ref(L["q"], L["k"], pos_all, cand, rank)
                     else:
                         ck = L["k"].gather(2, cand.clamp_min(0)[..., None].expand(b_, h_, n_, D))
                         s_ = torch.einsum("bhgd,bhnd->bhgn", L["q"].view(b_, h_, HQ // HK, D), ck).float().amax(2)
@@ -335,16 +337,19 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                     top, at = s_.topk(min(cand.shape[-1], kc * args.page), dim=-1)
                     slots = torch.where(top > float("-inf"), cand.gather(2, at), -1).sort(dim=-1).values
                 else:
-                    slots = refine_slots(L["q"], L["k"], pos_all, cand, kc * args.page, "max")
+                    slots = refine_slots(L["q"], L["k"], pos_all, cand, kc * args.page, rank)
                 return dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], slots, scale)
 
             if args.refine and args.refine[-1] * args.budgets[0] <= ctx:   # the kernel path attends what the
                 # float32 reference path does (the bf16 einsum of the former path can pick other tokens at near-ties)
                 err = rel_err(refine_step(L0, args.budgets[0], args.refine[-1]),
                               refine_step(L0, args.budgets[0], args.refine[-1], path="ref"))
+                err_v = rel_err(refine_step(L0, args.budgets[0], args.refine[-1], rank="votes"),
+                                refine_step(L0, args.budgets[0], args.refine[-1], path="ref", rank="votes"))
                 if checks_out is not None:
                     checks_out[-1]["sel_quest_refine_vs_ref"] = err
-                log(f"  check sel_quest_refine_vs_ref={err:.2e}")
+                    checks_out[-1]["sel_quest_refine_votes_vs_ref"] = err_v
+                log(f"  check sel_quest_refine_vs_ref={err:.2e} sel_quest_refine_votes_vs_ref={err_v:.2e}")
             for budget in args.budgets:
                 if budget > ctx:
                     continue
@@ -362,10 +367,17 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                           lambda L, bu=budget, r=n_ref: refine_step(L, bu, r, path="torch"),
                           extra={"budget": budget, "summary": "quest", "refine": n_ref}, eager=False,
                           kv_read=qbytes + cand_bytes + sel_bytes)
+                    timed(f"sel/quest_refine{n_ref}_votes/{budget}",
+                          lambda L, bu=budget, r=n_ref: refine_step(L, bu, r, rank="votes"),
+                          extra={"budget": budget, "summary": "quest", "refine": n_ref, "refine_rank": "votes"},
+                          eager=False, kv_read=qbytes + cand_bytes + sel_bytes)
                     for L in layers:
                         L[f"_cand{n_ref}"] = refine_candidates(L, budget, n_ref)
                     timed(f"slot_scores{n_ref}/{budget}",
                           lambda L, r=n_ref: dispatch.slot_scores(L["q"], L["k"], pos_all, L[f"_cand{r}"], "max"),
+                          eager=False, kv_read=cand_bytes)
+                    timed(f"slot_votes{n_ref}/{budget}",
+                          lambda L, r=n_ref: dispatch.slot_scores(L["q"], L["k"], pos_all, L[f"_cand{r}"], "votes"),
                           eager=False, kv_read=cand_bytes)
                     for L in layers:
                         del L[f"_cand{n_ref}"]

@@ -28,12 +28,14 @@ def test_kernel_harness_on_the_cpu(tmp_path):
     for want in ("dense_gqa", "sel/quest/256", "sel/tokens/256", "sel/tokens_cache_new/256",
                  "sel/tokens_cache_reused/256", "topk_blocked512/256", "sel/quest_blocked512/256",
                  "topk_one/256", "sel/quest_one/256", "topk_tokens/256", "topk_tokens_sort/256",
-                 "sel/quest_refine2/256", "sel/quest_refine4/256", "sel/quest_refine4_torch/256", "slot_scores4/256"):
+                 "sel/quest_refine2/256", "sel/quest_refine4/256", "sel/quest_refine4_torch/256", "slot_scores4/256",
+                 "sel/quest_refine4_votes/256", "slot_votes4/256"):
         assert want in names, (want, sorted(names))
     assert all(r["eager_ms"] > 0 for r in d["kernels"] if r.get("eager_ms") is not None)
     (checks,) = d["checks"]
     assert checks["sel_quest_pages_vs_torch"] == 0.0 and checks["sel_quest_attn_vs_ref"] < 1e-2
     assert checks["sel_quest_refine_vs_ref"] < 1e-2    # refine's kernel path attends what its float32 reference does
+    assert checks["sel_quest_refine_votes_vs_ref"] < 1e-2   # and with refine_rank="votes"
 
 
 def test_e2e_harness_on_the_tiny_model(tmp_path):

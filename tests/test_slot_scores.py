@@ -1,8 +1,9 @@
 """slot_scores (kvsift/kernels/slot_scores.py), the exact ``q . k`` at given slots reduced over a
 GQA group (Quest's ``refine`` stage): the reference against a naive float64 loop (groups of 4, 3
-and 1, ``max``, ``mean`` and per-head softmax ``votes``, slots that are negative, past the buffer or at padding), bad
-arguments, the dispatcher on the CPU, and the Triton kernel against the reference through the CPU
-interpreter and on CUDA (bf16 keys, strided buffers)."""
+and 1, ``max``, ``mean`` and per-head softmax ``votes``, slots that are negative, past the buffer
+or at padding), bad arguments, the dispatcher on the CPU, and the Triton kernels against the
+reference through the CPU interpreter and on CUDA (bf16 keys, strided buffers, votes merged over
+several programs per row)."""
 
 from __future__ import annotations
 
@@ -70,9 +71,6 @@ def test_bad_arguments_are_rejected():
     q, k, pos, slots = make_case(0)
     with pytest.raises(ValueError, match="reduce"):
         ss.slot_scores_ref(q, k, pos, slots, "sum")
-    if ss.HAS_TRITON:   # the kernel has no votes mode; the dispatcher sends them to the reference
-        with pytest.raises(ValueError, match="votes"):
-            ss.slot_scores(q, k, pos, slots, "votes")
     with pytest.raises(ValueError, match="multiple"):
         ss.slot_scores_ref(q[:, :3], k, pos, slots)
     with pytest.raises(ValueError, match="key_pos"):
@@ -98,7 +96,7 @@ import torch
 from kvsift.kernels import slot_scores as ss
 from tests.test_slot_scores import make_case
 for seed, hq, hk in ((0, 8, 2), (1, 6, 2), (2, 2, 2)):
-    for reduce in ("max", "mean"):
+    for reduce in ("max", "mean", "votes"):
         q, k, pos, slots = make_case(seed, hq=hq, hk=hk, n=150)      # three blocks of 64, the last partial
         ref = ss.slot_scores_ref(q, k, pos, slots, reduce)
         got = ss.slot_scores(q, k, pos, slots, reduce)
@@ -108,9 +106,18 @@ for seed, hq, hk in ((0, 8, 2), (1, 6, 2), (2, 2, 2)):
 # a strided key buffer (a view of a larger one) and int32 slots
 q, k, pos, slots = make_case(4, cap=80)
 kv = k[:, :, ::2]
-got = ss.slot_scores(q, kv, pos[:, :, ::2], slots.to(torch.int32), "max")
-ref = ss.slot_scores_ref(q, kv, pos[:, :, ::2], slots, "max")
-assert torch.equal(torch.isinf(got), torch.isinf(ref))
+for reduce in ("max", "votes"):
+    got = ss.slot_scores(q, kv, pos[:, :, ::2], slots.to(torch.int32), reduce)
+    ref = ss.slot_scores_ref(q, kv, pos[:, :, ::2], slots, reduce)
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    torch.testing.assert_close(got[torch.isfinite(ref)], ref[torch.isfinite(ref)], atol=1e-5, rtol=1e-5)
+# votes over more slots than one program takes (several programs per row merge their statistics),
+# and a row with no valid slot (all -inf, as the reference)
+q, k, pos, slots = make_case(6, b=2, cap=300, n=5000)
+slots[1, 0] = -1
+ref = ss.slot_scores_ref(q, k, pos, slots, "votes")
+got = ss.slot_scores(q, k, pos, slots, "votes")
+assert torch.equal(torch.isinf(got), torch.isinf(ref)) and bool(torch.isinf(got[1, 0]).all())
 torch.testing.assert_close(got[torch.isfinite(ref)], ref[torch.isfinite(ref)], atol=1e-5, rtol=1e-5)
 print("INTERP_OK")
 """
@@ -129,7 +136,7 @@ cuda = needs_cuda_triton()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_kernel_matches_reference(dtype):
     q, k, pos, slots = (t.cuda() for t in make_case(5, b=4, hq=32, hk=8, cap=9000, n=8208, d=128, dtype=dtype))
-    for reduce in ("max", "mean", "votes"):   # votes: the reference on CUDA too
+    for reduce in ("max", "mean", "votes"):
         ref = ss.slot_scores_ref(q, k, pos, slots, reduce)
         got = dispatch.slot_scores(q, k, pos, slots, reduce)
         assert torch.equal(torch.isinf(got), torch.isinf(ref))

@@ -93,8 +93,8 @@ def slot_scores(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, slot
                 reduce: str = "max") -> torch.Tensor:
     """See :func:`kvsift.kernels.slot_scores.slot_scores_ref`: the exact ``q . k`` at ``slots
     (batch, kv_heads, n)``, reduced over each GQA group, ``(batch, kv_heads, n)`` float32 (``-inf``
-    at invalid slots); ``reduce="votes"`` always runs the reference."""
-    if use_triton(q, keys, key_pos, slots) and keys.stride(-1) == 1 and q.dtype == keys.dtype and reduce != "votes":
+    at invalid slots)."""
+    if use_triton(q, keys, key_pos, slots) and keys.stride(-1) == 1 and q.dtype == keys.dtype:
         return _ss.slot_scores(q, keys, key_pos, slots, reduce)
     return _ss.slot_scores_ref(q, keys, key_pos, slots, reduce)
 

@@ -10,9 +10,7 @@ kv_heads, n)`` float32: the unscaled ``q . k`` of the ``q_heads // kv_heads`` qu
 head ``h`` with the key at that slot, reduced over those heads by ``reduce`` (``"max"`` or
 ``"mean"``), and ``-inf`` at invalid slots (so a top-k never picks them). ``reduce="votes"``
 (TokenSelect's criterion over the given slots): each query head's softmax of its scaled scores
-``q . k / sqrt(dim)`` over the row's valid slots, summed over the group; the PyTorch reference
-computes it everywhere (the kernel has no such mode yet: the softmax needs a pass over the row
-before any slot's vote).
+``q . k / sqrt(dim)`` over the row's valid slots, summed over the group.
 
 ``slot_scores_ref`` is PyTorch in float32 (a gather of the candidates' keys and an einsum; the
 keys' own dtype would round the scores to bf16, and near-ties would then order differently from
@@ -21,6 +19,9 @@ the kernel's). ``slot_scores`` is one Triton launch: program (row, KV head) x bl
 slot indices, one ``tl.dot`` accumulated in float32, the reduction and the mask, and writes the
 block's scores. It replaces about fifteen PyTorch launches (index checks, two gathers, the
 einsum, the reduction, the mask), which under a CUDA graph cost more than the bytes they read.
+``votes`` needs each head's softmax over the whole row before any slot's vote, so it is two
+launches: TokenSelect's two vote kernels (:func:`kvsift.kernels.token_votes.votes_at_slots`),
+their first reading the keys through the slot indices.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from kvsift.kernels._checks import check_group_keys
 from kvsift.kernels._flash import group_program
 from kvsift.kernels._triton import HAS_TRITON, tl, triton
-from kvsift.kernels.token_votes import token_votes_ref
+from kvsift.kernels.token_votes import token_votes_ref, votes_at_slots
 
 REDUCES = ("max", "mean", "votes")
 # launch settings (slots per program)
@@ -100,15 +101,16 @@ if HAS_TRITON:
 
 def slot_scores(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, slots: torch.Tensor,
                 reduce: str = "max") -> torch.Tensor:
-    """Triton kernel, one launch; same arguments and result as :func:`slot_scores_ref` (float32
-    accumulation of the keys' dtype: equal to the reference within rounding)."""
+    """Triton kernel, one launch (two for ``votes``); same arguments and result as
+    :func:`slot_scores_ref` (float32 accumulation of the keys' dtype: equal to the reference within
+    rounding)."""
     if not HAS_TRITON:
         raise RuntimeError("slot_scores needs Triton (pip install triton); use slot_scores_ref")
     _check(q, keys, key_pos, slots, reduce)
-    if reduce == "votes":
-        raise ValueError("the slot_scores kernel has no 'votes' mode; use slot_scores_ref")
     if keys.stride(-1) != 1:
         raise ValueError("keys need a unit stride on dim")
+    if reduce == "votes":
+        return votes_at_slots(q, keys, key_pos, slots)
     b, hk, cap, d = keys.shape
     n = slots.shape[2]
     g = q.shape[1] // hk

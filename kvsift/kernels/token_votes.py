@@ -75,15 +75,16 @@ def token_votes_ref(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, 
 if HAS_TRITON:
 
     @triton.jit
-    def _scores_kernel(q_ptr, k_ptr, kp_ptr, lim_ptr, skip_ptr, sc_ptr, st_ptr, N, PER_PROG, NPROG, qk_scale,
-                       sl, sx,
-                       sq_b, sq_h, sq_d, sk_b, sk_h, sk_n, sp_b, sp_h, sp_n,
+    def _scores_kernel(q_ptr, k_ptr, kp_ptr, lim_ptr, skip_ptr, sl_ptr, sc_ptr, st_ptr, N, CAP, PER_PROG, NPROG,
+                       qk_scale, sl, sx,
+                       sq_b, sq_h, sq_d, sk_b, sk_h, sk_n, sp_b, sp_h, sp_n, ss_b, ss_h, ss_n,
                        HK: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                       HAS_SKIP: tl.constexpr):
+                       HAS_SKIP: tl.constexpr, SLOTS: tl.constexpr):
         # program (row, kv head) x part: scores of PER_PROG tokens for the G query heads, in base-2
         # units (-inf at non-candidates), into sc (b * HK, G, N); its max and sum of exp2 per head
-        # into st (b * HK, NPROG, 2, G_P)
+        # into st (b * HK, NPROG, 2, G_P). SLOTS: token j is the key at slot sl[b, h, j] of a buffer
+        # of CAP slots (a candidate when that slot is in range and holds a token; limit unused)
         pid_bh = tl.program_id(0)
         pid_n = tl.program_id(1)
         b = (pid_bh // HK).to(tl.int64)
@@ -96,7 +97,9 @@ if HAS_TRITON:
         mask_g = offs_g < G
         mask_d = offs_d < D
         q = load_group_query(q_ptr, b, h, sq_b, sq_h, sq_d, offs_g, offs_d, mask_g, mask_d, G, UPCAST)  # (G_P, BLOCK_D)
-        lim = tl.load(lim_ptr + b * sl).to(tl.int64)
+        lim = N
+        if not SLOTS:
+            lim = tl.load(lim_ptr + b * sl).to(tl.int64)
         k_base = k_ptr + b * sk_b + h * sk_h
         p_base = kp_ptr + b * sp_b + h * sp_h
         s_base = sc_ptr + pid_bh.to(tl.int64) * G * N
@@ -107,10 +110,18 @@ if HAS_TRITON:
         for it in range(start, stop, BLOCK_N):
             offs_n = it + tl.arange(0, BLOCK_N)
             in_range = offs_n < stop
-            kpos = tl.load(p_base + offs_n * sp_n, mask=in_range, other=-1)
-            cand = in_range & (kpos >= 0) & (offs_n < lim)
-            k = tl.load(k_base + offs_n[:, None] * sk_n + offs_d[None, :], mask=in_range[:, None] & mask_d[None, :],
-                        other=0.0)                                                 # (BLOCK_N, BLOCK_D)
+            if SLOTS:
+                slot = tl.load(sl_ptr + b * ss_b + h * ss_h + offs_n * ss_n, mask=in_range, other=-1).to(tl.int64)
+                ok = in_range & (slot >= 0) & (slot < CAP)
+                kpos = tl.load(p_base + slot * sp_n, mask=ok, other=-1)
+                cand = ok & (kpos >= 0)
+                k = tl.load(k_base + slot[:, None] * sk_n + offs_d[None, :], mask=cand[:, None] & mask_d[None, :],
+                            other=0.0)                                             # (BLOCK_N, BLOCK_D)
+            else:
+                kpos = tl.load(p_base + offs_n * sp_n, mask=in_range, other=-1)
+                cand = in_range & (kpos >= 0) & (offs_n < lim)
+                k = tl.load(k_base + offs_n[:, None] * sk_n + offs_d[None, :],
+                            mask=in_range[:, None] & mask_d[None, :], other=0.0)   # (BLOCK_N, BLOCK_D)
             if UPCAST:
                 k = k.to(tl.float32)
             if IEEE:
@@ -173,7 +184,29 @@ def token_votes(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, limi
     _check(q, keys, key_pos, limit, vote, skip)
     if keys.stride(-1) != 1:
         raise ValueError("keys need a unit stride on dim")
-    b, hk, n, d = keys.shape
+    out = _launch(q, keys, key_pos, keys.shape[2], limit, None, 0.0 if vote == "layer" else float(fill), skip)
+    if vote == "layer":   # every KV head gets the layer's sum; non-candidates (no head's) get fill
+        cand = candidates(key_pos, limit)
+        out = torch.where(cand, out.sum(1, keepdim=True), fill)
+    return out
+
+
+def votes_at_slots(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, slots: torch.Tensor,
+                   fill: float = float("-inf")) -> torch.Tensor:
+    """The ``group`` votes of :func:`token_votes` over the keys at ``slots (batch, kv_heads, n)``
+    of the buffer ``keys (batch, kv_heads, cap, dim)`` instead of over the buffer itself: each
+    query head's softmax over the row's valid slots (in ``[0, cap)``, ``key_pos >= 0`` there),
+    summed over the group; ``(batch, kv_heads, n)`` float32, ``fill`` at invalid slots. The same
+    two kernels, the keys read through the slot indices (no gather copy). Arguments are checked by
+    the caller (:func:`kvsift.kernels.slot_scores.slot_scores`, ``reduce="votes"``)."""
+    if not HAS_TRITON:
+        raise RuntimeError("votes_at_slots needs Triton (pip install triton)")
+    return _launch(q, keys, key_pos, slots.shape[2], None, slots, float(fill), None)
+
+
+def _launch(q, keys, key_pos, n, limit, slots, fill, skip) -> torch.Tensor:
+    """Both kernels over ``n`` tokens: the buffer's first ``n`` slots (``limit``) or ``slots``."""
+    b, hk, cap, d = keys.shape
     g = q.shape[1] // hk
     out = torch.empty(b, hk, n, dtype=torch.float32, device=q.device)
     if b == 0 or n == 0:
@@ -187,23 +220,21 @@ def token_votes(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, limi
     st = torch.empty(b * hk, nprog, 2, g_p, dtype=torch.float32, device=q.device)
     upcast = q.device.type != "cuda"
     sk = skip if skip is not None else out
+    lim = limit if limit is not None else out
+    sl = slots if slots is not None else out
     _scores_kernel[(b * hk, nprog)](
-        q, keys, key_pos, limit, sk, sc, st, n, per_prog, nprog, float(d ** -0.5) * _LOG2E,
-        limit.stride(0), skip.stride(0) if skip is not None else 0,
+        q, keys, key_pos, lim, sk, sl, sc, st, n, cap, per_prog, nprog, float(d ** -0.5) * _LOG2E,
+        limit.stride(0) if limit is not None else 0, skip.stride(0) if skip is not None else 0,
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
-        key_pos.stride(0), key_pos.stride(1), key_pos.stride(2),
+        key_pos.stride(0), key_pos.stride(1), key_pos.stride(2), *(sl.stride() if slots is not None else (0, 0, 0)),
         HK=hk, G=g, G_P=g_p, D=d, BLOCK_D=block_d, BLOCK_N=block_n, IEEE=upcast or q.dtype == torch.float32,
-        UPCAST=upcast, HAS_SKIP=skip is not None, num_warps=TUNING["num_warps"])
-    layer = vote == "layer"
+        UPCAST=upcast, HAS_SKIP=skip is not None, SLOTS=slots is not None, num_warps=TUNING["num_warps"])
     block_v = TUNING["block_v"]
     _votes_kernel[(b * hk, triton.cdiv(n, block_v))](
-        sc, st, sk, skip.stride(0) if skip is not None else 0, out, n, nprog, 0.0 if layer else float(fill), out.stride(0), out.stride(1), out.stride(2),
+        sc, st, sk, skip.stride(0) if skip is not None else 0, out, n, nprog, fill, out.stride(0), out.stride(1),
+        out.stride(2),
         HK=hk, G=g, G_P=g_p, G_V=max(2, triton.next_power_of_2(g)), NP_P=max(2, triton.next_power_of_2(nprog)),
-        BLOCK_V=block_v,
-        HAS_SKIP=skip is not None, num_warps=TUNING["num_warps"])
-    if layer:   # every KV head gets the layer's sum; non-candidates (no head's) get fill
-        cand = candidates(key_pos, limit)
-        out = torch.where(cand, out.sum(1, keepdim=True), fill)
+        BLOCK_V=block_v, HAS_SKIP=skip is not None, num_warps=TUNING["num_warps"])
     return out
 
 

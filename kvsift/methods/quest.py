@@ -163,8 +163,8 @@ class Quest(DecodeSelect):
         How ``refine`` ranks the candidates' tokens: ``qk`` (the default: the exact ``q . k``, a
         GQA group's heads reduced by ``reduce``) or ``votes`` (TokenSelect's criterion over the
         candidates: each query head's softmax of its scaled scores, summed over the group, so a
-        head with a sharp attention counts as much as one with large logits; PyTorch on every
-        device, no kernel yet).
+        head with a sharp attention counts as much as one with large logits; two Triton kernels
+        on CUDA, the scores' pass reading the candidates' keys in place).
     """
 
     page: int = 16
