@@ -260,7 +260,7 @@ def run_bench(args) -> int:
               file=sys.stderr)
         return 0
     if cmd == "run":
-        from kvsift.eval.runner import BenchConfig, KvsiftBackend, run_grid
+        from kvsift.eval.runner import BenchConfig, KvsiftBackend, check_results_file, run_grid
         from kvsift.eval.tasks import TaskConfig
 
         plan = resolve_plan(args)
@@ -274,6 +274,7 @@ def run_bench(args) -> int:
             raise ValueError("--group-budgets runs each method's budgets as one continuous batch of unpadded prompts, "
                              "sized by --max-batch and --mem-fraction: it does not go with --compress context, "
                              "--batch-padding or --batch-size")
+        check_results_file(args.out)   # a results file rows cannot be appended to: before any work
         if args.backend != "fake":  # bad model, method or option: fail before printing or loading anything
             from kvsift.methods import build_method
             from kvsift.models import check_model

@@ -32,6 +32,7 @@ import json
 import os
 import time
 import traceback
+import zlib
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
@@ -557,12 +558,58 @@ class BenchConfig:
         return out
 
 
+_GZ_SLICE = 1 << 14
+
+
+def _gz_members(data: bytes) -> tuple[str, int]:
+    """The text of the complete gzip members at the start of ``data`` and the byte offset where
+    they end: a member cut short by an interrupted append (or bytes that are no gzip member) ends
+    the read, and what came before it is kept."""
+    out, end, n, view = [], 0, len(data), memoryview(data)
+    while end < n and data[end:end + 2] == b"\x1f\x8b":
+        d, member, pos = zlib.decompressobj(16 + zlib.MAX_WBITS), [], end
+        try:
+            while not d.eof and pos < n:   # in slices: a file of many small members stays linear
+                member.append(d.decompress(view[pos:pos + _GZ_SLICE]))
+                pos += min(_GZ_SLICE, n - pos)
+        except zlib.error:
+            break
+        if not d.eof:            # torn: the member's end never arrived
+            break
+        out.extend(member)
+        end = pos - len(d.unused_data)
+    return b"".join(out).decode("utf-8", errors="replace"), end
+
+
+def _gz_end(p: Path, data: bytes) -> int:
+    """Where the complete members of the ``.gz`` file ``p`` (bytes ``data``) end; ``ValueError``
+    when what follows them is not a torn member (so appending would cut other data)."""
+    end = _gz_members(data)[1]
+    tail = data[end:]
+    if tail and not tail.startswith(b"\x1f\x8b"[:len(tail)]):
+        raise ValueError(f"results file {p}: {len(tail)} bytes after its last gzip member are not gzip data "
+                         f"(plain rows appended by an older kvsift?); decompress it (gunzip -c) to a .jsonl "
+                         f"file and write there, or move it away")
+    return end
+
+
+def check_results_file(path: str | Path) -> None:
+    """Before any work: ``ValueError`` unless rows can be appended to ``path`` (a missing file is
+    fine; a ``.gz`` one must hold gzip members, a torn last one allowed)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"results file {p} is a directory")
+    if p.suffix == ".gz" and p.exists():
+        _gz_end(p, p.read_bytes())
+
+
 def read_text(path: str | Path) -> str:
-    """A results file's text; ``.gz`` files (how large committed results are kept) decompressed."""
+    """A results file's text; ``.gz`` files (how large committed results are kept, and what ``--out
+    x.jsonl.gz`` appends to, one gzip member per row) decompressed, up to a member torn by an
+    interrupted write."""
     p = Path(path)
     if p.suffix == ".gz":
-        with gzip.open(p, "rt", encoding="utf-8") as f:
-            return f.read()
+        return _gz_members(p.read_bytes())[0]
     return p.read_text(encoding="utf-8")
 
 
@@ -835,8 +882,22 @@ def run_cells(backend: Backend, samples: list[Sample], task: str, method: str, b
 
 
 def append_row(path: str | Path, row: dict[str, Any]) -> None:
+    """Append one row to a JSONL results file, durably (flushed and synced). A ``.gz`` path gets the
+    row as one more gzip member (so a committed compressed file resumes in place); a torn tail
+    (an interrupted write) is cut first, in either format, so it never swallows the new row."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(row) + "\n"
+    if p.suffix == ".gz":
+        data = p.read_bytes() if p.exists() else b""
+        end = _gz_end(p, data)
+        with p.open("r+b" if data else "wb") as f:
+            f.truncate(end)
+            f.seek(end)
+            f.write(gzip.compress(line.encode("utf-8"), mtime=0))
+            f.flush()
+            os.fsync(f.fileno())
+        return
     torn = False
     if p.exists() and p.stat().st_size > 0:
         with p.open("rb") as f:
@@ -844,7 +905,7 @@ def append_row(path: str | Path, row: dict[str, Any]) -> None:
             torn = f.read(1) != b"\n"
     with p.open("a", encoding="utf-8") as f:
         # after an interrupted write the file may end mid-line: start a fresh line
-        f.write(("\n" if torn else "") + json.dumps(row) + "\n")
+        f.write(("\n" if torn else "") + line)
         f.flush()
         os.fsync(f.fileno())
 
