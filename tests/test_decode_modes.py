@@ -12,7 +12,7 @@ from kvsift.models import tiny_model
 from tests.conftest import random_prompt
 
 SPECS = [("full", None), ("snapkv", 64), ("pyramidkv", 64), ("sentencekv", 96), ("snapkv+sentencekv", 96),
-         ("sentencekv", 1.0), ("sentencekv:reselect", 96), ("quest", 64), ("quest:dense", 64), ("quest:refine", 64), ("snapkv+quest", 96),
+         ("sentencekv", 1.0), ("sentencekv:reselect", 96), ("quest", 64), ("quest:dense", 64), ("quest:refine", 64), ("quest:votes", 64), ("snapkv+quest", 96),
          ("tokenselect", 48), ("tokenselect:reuse", 48), ("squeezed", 64), ("expected_attention", 64),
          ("h2o:noevict", 64), ("tova:noevict", 64), ("adakv", 64), ("duo", 96),
          ("kvzip", 64), ("kivi", None), ("kivi:int2", None), ("snapkv+kivi", 64), ("quest+kivi", 64),
@@ -29,6 +29,7 @@ KW = {"sentencekv:reselect": {"reselect_every": 3}, "snapkv+quest": {"decode_bud
       # the first layer dense, GQA groups averaged: a plan of None in some layers, pages in others
       "quest:dense": {"dense_layers": 1, "reduce": "mean"},
       "quest:refine": {"refine": 3},
+      "quest:votes": {"refine": 3, "refine_rank": "votes"},
       # the index from covered shares and rows spread through the chunk (#14's suite setting)
       "minference+sentencekv": {"min_len": 0, "coverage": 0.8, "sample_q": 16, "block": 16, "max_density": 1.0,
                                 "dense_tail": 16},
@@ -173,7 +174,8 @@ def test_cuda_graphs_per_kind_of_step_give_the_eager_tokens(spec, budget, kw):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("spec,budget", [("full", None), ("snapkv", 64), ("sentencekv", 96), ("sentencekv", 1.0),
-                                         ("quest", 64), ("quest:dense", 64), ("quest:refine", 64), ("snapkv+quest", 128),
+                                         ("quest", 64), ("quest:dense", 64), ("quest:refine", 64), ("quest:votes", 64),
+                                         ("snapkv+quest", 128),
                                          ("tokenselect", 64),
                                          ("squeezed", 64), ("adakv", 64), ("duo", 96), ("kivi", None),
                                          ("snapkv+kivi", 64), ("quest+kivi", 64), ("expected_attention", 64),
