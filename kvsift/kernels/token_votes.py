@@ -97,8 +97,7 @@ if HAS_TRITON:
         mask_g = offs_g < G
         mask_d = offs_d < D
         q = load_group_query(q_ptr, b, h, sq_b, sq_h, sq_d, offs_g, offs_d, mask_g, mask_d, G, UPCAST)  # (G_P, BLOCK_D)
-        lim = N
-        if not SLOTS:
+        if not SLOTS:   # (a constexpr branch: lim exists only where it is read)
             lim = tl.load(lim_ptr + b * sl).to(tl.int64)
         k_base = k_ptr + b * sk_b + h * sk_h
         p_base = kp_ptr + b * sp_b + h * sp_h
