@@ -117,9 +117,9 @@ if step join; then   # #16: the first gap after a join, with and without the KV 
   echo "join rc=$? $(( $(date +%s) - t0 )) s"; grep -v "Warning" "$R/join.log" | tail -8
 fi
 if step decode; then
-  timeout ${T_DECODE:-280} python3 bench/gpu_decode.py --contexts 131072 --budgets 2048 --batches 1,8 --reps 30 \
+  timeout ${T_DECODE:-340} python3 bench/gpu_decode.py --contexts 131072 --budgets 2048 --batches 1,8 --reps 30 \
     --refine ${DECODE_REFINE:-4,8} \
-    --e2e --e2e-contexts 131072 --e2e-batches 1 --e2e-methods ${DECODE_E2E_METHODS:-full,quest:2048,quest:2048:refine=4,quest:2048:refine=8:refine_rank=votes,tokenselect:2048} \
+    --e2e --e2e-contexts 131072 --e2e-batches 1 --e2e-methods ${DECODE_E2E_METHODS:-full,quest:2048,quest:2048@pdl,quest:2048:refine=4,quest:2048:refine=8:refine_rank=votes,tokenselect:2048,tokenselect:2048@pdl} \
     --e2e-new-tokens 32 --out "$R/gpu_decode_h200.json" >"$R/decode.log" 2>&1
   echo "decode rc=$? $(( $(date +%s) - t0 )) s"; tail -40 "$R/decode.log"
 fi

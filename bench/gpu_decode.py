@@ -31,6 +31,11 @@ context length it times, per layer:
   method's path before 2026-12-05) and ``slot_scores<N>`` the exact scores alone;
   ``sel/quest_refine<N>_votes`` and ``slot_votes<N>``: the same with ``refine_rank="votes"``
   (TokenSelect's per-head softmax votes over the candidates: two kernels, since 2026-12-05).
+* ``<name>_pdl`` (``sel/quest_pdl``, ``sel/quest8_pdl``, ``sel/mean_pdl``, ``sel/tokens_pdl``,
+  ``sel/quest_refine<N>_pdl``): the same chain with every kernel that takes it launched with
+  programmatic dependent launch (``kvsift.kernels._triton.pdl``; where the GPU and Triton support
+  it, ``--no-pdl``: none), and the check ``sel_quest_pdl_vs_plain`` (must be 0). End to end, a
+  system ``<spec>@pdl`` runs with it.
 
 Each is timed over ``L`` layers of distinct KV buffers (about ``--rotate-bytes`` of KV, so the L2
 cache does not hold the data or the summaries), both as CUDA-graph replays (GPU time) and eagerly
@@ -62,6 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench._systems,
 
 from kvsift.kernels import dispatch  # noqa: E402
 from kvsift.kernels import topk_select as tk
+from kvsift.kernels._triton import pdl, pdl_supported
 from kvsift.kernels.chunk_scores import chunks_to_slots, int8_bounds, page_summaries, select_chunks
 from kvsift.kernels.slot_scores import slot_scores_ref
 from kvsift.kernels.sparse_decode_attention import sparse_decode_attention_ref
@@ -224,6 +230,14 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                 checks[f"sel_{summary}_attn_vs_ref"] = rel_err(got, sparse_decode_attention_ref(
                     L0["q"].float(), L0["k"].float(), L0["v"].float(), slots, scale))
             del ref_dense
+            # PDL rows (``<name>_pdl``) where the device and Triton support it: the same kernels, each
+            # launched with programmatic dependent launch; their results must not change
+            with_pdl = args.pdl and pdl_supported(device)
+            if with_pdl:
+                want = selected(L0["q"], L0["k"], L0["v"], L0["quest"], args.page, args.budgets[0], scale, "max")
+                with pdl(True):
+                    got = selected(L0["q"], L0["k"], L0["v"], L0["quest"], args.page, args.budgets[0], scale, "max")
+                checks["sel_quest_pdl_vs_plain"] = float((got.float() - want.float()).abs().max())
             if checks_out is not None:
                 checks_out.append(dict(batch=batch, ctx=ctx, **checks))
             log(f"batch={batch} ctx={ctx} layers={n_layers} checks " + " ".join(f"{k}={v:.2e}" for k, v in checks.items()))
@@ -234,15 +248,18 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                         f(L)
                 return run
 
-            def timed(name, f, extra=None, eager=True, kv_read=None):
+            def timed(name, f, extra=None, eager=True, kv_read=None, pdl_on=None):
                 row = dict(base, name=name)
-                try:
-                    if on_gpu:
-                        row["graph_ms"] = time_cuda(over_layers(f), args.reps, graph=True) / n_layers
-                        if eager:
-                            row["eager_ms"] = time_cuda(over_layers(f), args.reps, graph=False) / n_layers
-                    else:
-                        row["eager_ms"] = time_cpu(over_layers(f), max(1, args.reps // 10)) / n_layers
+                if pdl_on is not None:
+                    row["pdl"] = pdl_on
+                try:   # pdl_on: the kernels that take it launched with PDL or not (graphs captured so)
+                    with pdl(pdl_on) if pdl_on is not None else contextlib.nullcontext():
+                        if on_gpu:
+                            row["graph_ms"] = time_cuda(over_layers(f), args.reps, graph=True) / n_layers
+                            if eager:
+                                row["eager_ms"] = time_cuda(over_layers(f), args.reps, graph=False) / n_layers
+                        else:
+                            row["eager_ms"] = time_cpu(over_layers(f), max(1, args.reps // 10)) / n_layers
                 except Exception as e:  # noqa: BLE001 - a failing variant is reported, not fatal
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
                 if kv_read is not None and bw_gbs:
@@ -273,6 +290,12 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                           lambda L, s=summary, r=reduce, bu=budget: selected(L["q"], L["k"], L["v"], L[s], args.page, bu, scale, r,
                                                                              L.get(s + "_scale")),
                           extra={"budget": budget, "summary": summary}, kv_read=summ_bytes + sel_bytes)
+                    if with_pdl:   # the same chain, each kernel launched with PDL (kvsift.kernels._triton)
+                        timed(f"sel/{summary}_pdl/{budget}",
+                              lambda L, s=summary, r=reduce, bu=budget: selected(L["q"], L["k"], L["v"], L[s], args.page,
+                                                                                 bu, scale, r, L.get(s + "_scale")),
+                              extra={"budget": budget, "summary": summary}, kv_read=summ_bytes + sel_bytes,
+                              eager=False, pdl_on=True)
             # tokenselect: soft votes over every token (reads all keys), top-k tokens, sparse attention
             def token_votes(q, k, _cand, skip=None):   # every slot a candidate (the method's local window aside)
                 b_, hk_, n_ = k.shape[:3]
@@ -304,6 +327,9 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
 
                 timed(f"sel/tokens/{budget}", tokens_step, extra={"budget": budget, "summary": "tokens"},
                       kv_read=layer_bytes // 2 + 2 * batch * HK * budget * D * 2)
+                if with_pdl:
+                    timed(f"sel/tokens_pdl/{budget}", tokens_step, extra={"budget": budget, "summary": "tokens"},
+                          kv_read=layer_bytes // 2 + 2 * batch * HK * budget * D * 2, eager=False, pdl_on=True)
                 # with the selection cache (reuse_threshold): a step that selects anew (its top-k the
                 # blocked form, which can skip) and a step every row of which reuses its selection
                 timed(f"sel/tokens_cache_new/{budget}", lambda L, bu=budget: tokens_step(L, bu, no_rows),
@@ -367,6 +393,11 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                           lambda L, bu=budget, r=n_ref: refine_step(L, bu, r, path="torch"),
                           extra={"budget": budget, "summary": "quest", "refine": n_ref}, eager=False,
                           kv_read=qbytes + cand_bytes + sel_bytes)
+                    if with_pdl:
+                        timed(f"sel/quest_refine{n_ref}_pdl/{budget}",
+                              lambda L, bu=budget, r=n_ref: refine_step(L, bu, r),
+                              extra={"budget": budget, "summary": "quest", "refine": n_ref},
+                              eager=False, kv_read=qbytes + cand_bytes + sel_bytes, pdl_on=True)
                     timed(f"sel/quest_refine{n_ref}_votes/{budget}",
                           lambda L, bu=budget, r=n_ref: refine_step(L, bu, r, rank="votes"),
                           extra={"budget": budget, "summary": "quest", "refine": n_ref, "refine_rank": "votes"},
@@ -678,6 +709,14 @@ def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict
     llm = LLM.from_model(model, None, name="llama-8b-shape-random", chunk_size=args.e2e_chunk,
                          decode_mode=args.e2e_decode)
     from bench._systems import parse_system
+    from kvsift.kernels._triton import pdl
+
+    # '@pdl' / '@nopdl': the selection chain's kernels launched with programmatic dependent launch
+    # (kvsift.kernels._triton.pdl) or without, this system only; neither: the process default (KVSIFT_PDL)
+    pdl_on = None
+    for suffix, on in (("@pdl", True), ("@nopdl", False)):
+        if sys_name.endswith(suffix):
+            pdl_on, sys_name = on, sys_name.removesuffix(suffix)
 
     # the fused RMSNorm / rotary decode kernels: the library's default (KVSIFT_FUSED_DECODE); '@unfused'
     # runs the model's own code, '@fused' (the name measured before it became the default) forces them on
@@ -701,8 +740,9 @@ def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict
         budget_v = None if name == "full" else max(1, ids.shape[1] // 2)
     qda.TUNING.update(tuning)
     try:
-        outs = llm.generate([r.tolist() for r in ids], SamplingParams(max_tokens=n, ignore_eos=True), method=name,
-                            budget=budget_v, method_kwargs=kw or None, progress=False)
+        with pdl(pdl_on) if pdl_on is not None else contextlib.nullcontext():
+            outs = llm.generate([r.tolist() for r in ids], SamplingParams(max_tokens=n, ignore_eos=True),
+                                method=name, budget=budget_v, method_kwargs=kw or None, progress=False)
     finally:
         qda.TUNING.clear()
         qda.TUNING.update(saved)
@@ -793,6 +833,9 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048, 4096])
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
     p.add_argument("--page", type=int, default=16)
+    p.add_argument("--no-pdl", dest="pdl", action="store_false",
+                   help="no <name>_pdl rows (the selection chains launched with programmatic dependent launch, "
+                        "timed where the GPU and Triton support it)")
     p.add_argument("--refine", type=lambda s: [int(x) for x in s.split(",") if x], default=[2, 4],
                    help="Quest's refine=N rows (sel/quest_refine<N>); empty: none")
     p.add_argument("--reps", type=int, default=50)

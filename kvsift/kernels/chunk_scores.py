@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from kvsift.kernels._triton import HAS_TRITON, tl, triton
+from kvsift.kernels._triton import HAS_TRITON, pdl_launch, pdl_start, tl, triton
 from kvsift.kernels.topk_select import topk_select_ref
 
 Summaries = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -170,7 +170,8 @@ if HAS_TRITON:
                              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, QUEST: tl.constexpr,
                              REDUCE_MAX: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                              DOT: tl.constexpr, SCALED: tl.constexpr = False, HAS_LIMIT: tl.constexpr = False,
-                             HAS_VALID: tl.constexpr = False):
+                             HAS_VALID: tl.constexpr = False, PDL: tl.constexpr = False):
+        pdl_start(PDL)
         # Quest's bound sum_d max(q_d lo_d, q_d hi_d) = min(q, 0) . lo + max(q, 0) . hi: two dots,
         # so every score runs on the tensor cores for all G query heads of the group at once.
         pid_bh = tl.program_id(0)
@@ -298,7 +299,7 @@ def chunk_scores(query: torch.Tensor, summaries: Summaries, reduce: str = "mean"
         HK=hk, G=g, G_P=max(16, triton.next_power_of_2(g)), D=d, BLOCK_D=block_d, BLOCK_N=block_n,
         QUEST=quest, REDUCE_MAX=reduce == "max", IEEE=upcast or query.dtype == torch.float32, UPCAST=upcast,
         DOT=TUNING["dot"], SCALED=scale is not None, HAS_LIMIT=limit is not None, HAS_VALID=valid is not None,
-        num_warps=TUNING["num_warps"],
+        num_warps=TUNING["num_warps"], **pdl_launch(query),
     )
     return out
 

@@ -30,7 +30,7 @@ import torch
 
 from kvsift.kernels._checks import check_group_keys
 from kvsift.kernels._flash import group_program
-from kvsift.kernels._triton import HAS_TRITON, tl, triton
+from kvsift.kernels._triton import HAS_TRITON, pdl_launch, pdl_start, tl, triton
 from kvsift.kernels.token_votes import token_votes_ref, votes_at_slots
 
 REDUCES = ("max", "mean", "votes")
@@ -75,7 +75,8 @@ if HAS_TRITON:
                             so_b, so_h, so_n,
                             HK: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MEAN: tl.constexpr,
-                            IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                            IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
         # program (row, kv head) x block of BLOCK_N slots; q: the group's (G_P, BLOCK_D) tile
         b, h, offs_g, offs_d, mask_g, mask_d, q = group_program(q_ptr, sq_b, sq_h, sq_d, HK, G, G_P, D, BLOCK_D, UPCAST)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -124,5 +125,5 @@ def slot_scores(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, slot
         *key_pos.stride(), *slots.stride(), *out.stride(),
         HK=hk, G=g, G_P=max(16, triton.next_power_of_2(g)), D=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_N=block_n, MEAN=reduce == "mean", IEEE=upcast or q.dtype == torch.float32, UPCAST=upcast,
-        num_warps=TUNING["num_warps"])
+        num_warps=TUNING["num_warps"], **pdl_launch(q))
     return out

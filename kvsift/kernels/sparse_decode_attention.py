@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from kvsift.kernels._flash import group_program, load_kv, online_softmax_step, store_split
-from kvsift.kernels._triton import HAS_TRITON, sm_count, tl, triton
+from kvsift.kernels._triton import HAS_TRITON, pdl_launch, pdl_start, sm_count, tl, triton
 
 
 def _check_pos(k_cache, key_pos, query_pos, window) -> None:
@@ -219,7 +219,8 @@ if HAS_TRITON:
                                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
                                     PAGE: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr,
                                     UPCAST: tl.constexpr, ALL: tl.constexpr, MASKPOS: tl.constexpr,
-                                    HAS_CNT: tl.constexpr):
+                                    HAS_CNT: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
         # S counts virtual slots (n_sel * PAGE); virtual slot j is cache slot
         # idx[j // PAGE] * PAGE + j % PAGE (PAGE == 1: idx[j]).
         pid_s = tl.program_id(1)
@@ -266,7 +267,8 @@ if HAS_TRITON:
     @triton.jit
     def _merge_splits_kernel(po_ptr, plse_ptr, out_ptr, lse_ptr, NS, spo_bh, spo_s, so_bh,
                              D: tl.constexpr, BLOCK_D: tl.constexpr, NS_P: tl.constexpr, CHUNK: tl.constexpr,
-                             WRITE_LSE: tl.constexpr):
+                             WRITE_LSE: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
         # the splits' lse at once (NS_P floats), their partial outputs CHUNK splits at a time: a
         # (NS_P, BLOCK_D) tile of hundreds of splits would spill (measured: 33 us per layer at 264
         # splits on the H200, for a few MiB); a program per row and block of channels (one per row
@@ -380,7 +382,8 @@ class SplitLaunch:
             _merge_splits_kernel[(b * hq, triton.cdiv(d, bd))](
                 self.po, self.plse, out, self.lse, self.splits, self.spo_bh, self.spo_s, out.stride(1), D=d,
                 BLOCK_D=bd, NS_P=triton.next_power_of_2(self.splits),
-                CHUNK=min(16, triton.next_power_of_2(self.splits)), WRITE_LSE=self.return_lse, num_warps=2)
+                CHUNK=min(16, triton.next_power_of_2(self.splits)), WRITE_LSE=self.return_lse, num_warps=2,
+                **pdl_launch(out))
         return (out, self.lse) if self.return_lse else out
 
 
@@ -432,6 +435,6 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         L.spo_bh, L.spo_s,
         HK=hk, G=g, G_P=L.g_p, D=d, BLOCK_D=L.block_d, BLOCK_S=L.block_s, PAGE=page, DIRECT=L.direct, IEEE=L.ieee,
         UPCAST=L.upcast, ALL=slot_idx is None, MASKPOS=maskpos, HAS_CNT=slot_count is not None,
-        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
+        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"], **pdl_launch(q),
     )
     return L.finish()

@@ -31,7 +31,7 @@ import torch
 
 from kvsift.kernels._checks import check_group_keys
 from kvsift.kernels._flash import load_group_query
-from kvsift.kernels._triton import HAS_TRITON, tl, triton
+from kvsift.kernels._triton import HAS_TRITON, pdl_launch, pdl_start, tl, triton
 
 VOTES = ("group", "layer")
 _LOG2E = 1.4426950408889634
@@ -80,7 +80,8 @@ if HAS_TRITON:
                        sq_b, sq_h, sq_d, sk_b, sk_h, sk_n, sp_b, sp_h, sp_n, ss_b, ss_h, ss_n,
                        HK: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                       HAS_SKIP: tl.constexpr, SLOTS: tl.constexpr):
+                       HAS_SKIP: tl.constexpr, SLOTS: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
         # program (row, kv head) x part: scores of PER_PROG tokens for the G query heads, in base-2
         # units (-inf at non-candidates), into sc (b * HK, G, N); its max and sum of exp2 per head
         # into st (b * HK, NPROG, 2, G_P). SLOTS: token j is the key at slot sl[b, h, j] of a buffer
@@ -140,7 +141,8 @@ if HAS_TRITON:
     @triton.jit
     def _votes_kernel(sc_ptr, st_ptr, skip_ptr, sx, out_ptr, N, NPROG, fill, so_b, so_h, so_n,
                       HK: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, G_V: tl.constexpr, NP_P: tl.constexpr,
-                      BLOCK_V: tl.constexpr, HAS_SKIP: tl.constexpr):
+                      BLOCK_V: tl.constexpr, HAS_SKIP: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
         # (G_P: the statistics' layout, padded for the first kernel's dot; G_V: this kernel's tile of
         # the group, no dot here, so padded only to a power of two)
         # program (row, kv head) x block of BLOCK_V tokens: each head's softmax from the merged
@@ -227,13 +229,14 @@ def _launch(q, keys, key_pos, n, limit, slots, fill, skip) -> torch.Tensor:
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         key_pos.stride(0), key_pos.stride(1), key_pos.stride(2), *(sl.stride() if slots is not None else (0, 0, 0)),
         HK=hk, G=g, G_P=g_p, D=d, BLOCK_D=block_d, BLOCK_N=block_n, IEEE=upcast or q.dtype == torch.float32,
-        UPCAST=upcast, HAS_SKIP=skip is not None, SLOTS=slots is not None, num_warps=TUNING["num_warps"])
+        UPCAST=upcast, HAS_SKIP=skip is not None, SLOTS=slots is not None, num_warps=TUNING["num_warps"],
+        **pdl_launch(q))
     block_v = TUNING["block_v"]
     _votes_kernel[(b * hk, triton.cdiv(n, block_v))](
         sc, st, sk, skip.stride(0) if skip is not None else 0, out, n, nprog, fill, out.stride(0), out.stride(1),
         out.stride(2),
         HK=hk, G=g, G_P=g_p, G_V=max(2, triton.next_power_of_2(g)), NP_P=max(2, triton.next_power_of_2(nprog)),
-        BLOCK_V=block_v, HAS_SKIP=skip is not None, num_warps=TUNING["num_warps"])
+        BLOCK_V=block_v, HAS_SKIP=skip is not None, num_warps=TUNING["num_warps"], **pdl_launch(q))
     return out
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from kvsift.kernels._triton import HAS_TRITON, tl, triton
+from kvsift.kernels._triton import HAS_TRITON, pdl_launch, pdl_start, tl, triton
 
 MAX_N = 16384
 # launch settings of the Triton kernel (bench/gpu_decode.py --tune sweeps them); None = by size
@@ -215,7 +215,9 @@ if HAS_TRITON:
     @triton.jit
     def _topk_select_kernel(s_ptr, out_ptr, skip_ptr, sx, tail_ptr, st_t, N, K, ss_b, ss_h, ss_n, so_b, so_h, so_k,
                             HK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            HAS_SKIP: tl.constexpr = False, HAS_TAIL: tl.constexpr = False):
+                            HAS_SKIP: tl.constexpr = False, HAS_TAIL: tl.constexpr = False,
+                            PDL: tl.constexpr = False):
+        pdl_start(PDL)
         pid = tl.program_id(0)
         b = (pid // HK).to(tl.int64)
         h = (pid % HK).to(tl.int64)
@@ -261,7 +263,9 @@ if HAS_TRITON:
     @triton.jit
     def _topk_select_kernel_i32(s_ptr, out_ptr, skip_ptr, sx, tail_ptr, st_t, N, K, ss_b, ss_h, ss_n, so_b, so_h, so_k,
                                 HK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                HAS_SKIP: tl.constexpr = False, HAS_TAIL: tl.constexpr = False):
+                                HAS_SKIP: tl.constexpr = False, HAS_TAIL: tl.constexpr = False,
+                            PDL: tl.constexpr = False):
+        pdl_start(PDL)
         # same algorithm on signed int32 keys, three separate int32 counts per pass
         pid = tl.program_id(0)
         b = (pid // HK).to(tl.int64)
@@ -279,7 +283,8 @@ if HAS_TRITON:
     @triton.jit
     def _topk_blocks_kernel(s_ptr, ci_ptr, cv_ptr, skip_ptr, sx, N, K, ss_b, ss_h, ss_n,
                             HK: tl.constexpr, NB: tl.constexpr, BLK: tl.constexpr, BLOCK_K: tl.constexpr,
-                            HAS_SKIP: tl.constexpr):
+                            HAS_SKIP: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
         # the first launch of the blocked selection: program (row, block) writes its block's best K
         # as candidates, global indices ascending into ci[b, h, blk*K:(blk+1)*K] and their scores
         # into cv (-1 / -inf past the block's selectable entries)
@@ -303,7 +308,8 @@ if HAS_TRITON:
     @triton.jit
     def _topk_pick_kernel(ci_ptr, cv_ptr, out_ptr, skip_ptr, sx, tail_ptr, st_t, M, K, so_b, so_h, so_k,
                           HK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SKIP: tl.constexpr,
-                          HAS_TAIL: tl.constexpr):
+                          HAS_TAIL: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
         # the second launch: the best K of a row's M candidates (ascending global indices, so the
         # lowest candidate positions are the lowest indices at a tie), written as global indices
         pid = tl.program_id(0)
@@ -350,6 +356,7 @@ def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
         scores.stride(0), scores.stride(1), scores.stride(2), out.stride(0), out.stride(1), out.stride(2),
         HK=h, BLOCK_N=block_n, BLOCK_K=max(16, triton.next_power_of_2(k)), HAS_SKIP=skip is not None,
         HAS_TAIL=tail is not None, num_warps=TUNING["num_warps"] or (8 if block_n >= 4096 else 4),
+        **pdl_launch(scores),
     )
     return out
 
@@ -433,11 +440,11 @@ def topk_select_blocked(scores: torch.Tensor, k: int, dtype: torch.dtype = torch
     _topk_blocks_kernel[(b * h * nb,)](
         scores, cand_i, cand_v, flag, sx, n, k, scores.stride(0), scores.stride(1), scores.stride(2),
         HK=h, NB=nb, BLK=block, BLOCK_K=block_k, HAS_SKIP=skip is not None,
-        num_warps=TUNING["num_warps"] or (8 if block >= 4096 else 4))
+        num_warps=TUNING["num_warps"] or (8 if block >= 4096 else 4), **pdl_launch(scores))
     block_m = max(16, triton.next_power_of_2(nb * k))
     _topk_pick_kernel[(b * h,)](
         cand_i, cand_v, out, flag, sx, tail if tail is not None else out, tail.stride(0) if tail is not None else 0,
         nb * k, k, out.stride(0), out.stride(1), out.stride(2),
         HK=h, BLOCK_M=block_m, BLOCK_K=block_k, HAS_SKIP=skip is not None, HAS_TAIL=tail is not None,
-        num_warps=TUNING["num_warps"] or (8 if block_m >= 4096 else 4))
+        num_warps=TUNING["num_warps"] or (8 if block_m >= 4096 else 4), **pdl_launch(scores))
     return out
