@@ -264,7 +264,7 @@ if HAS_TRITON:
     def _topk_select_kernel_i32(s_ptr, out_ptr, skip_ptr, sx, tail_ptr, st_t, N, K, ss_b, ss_h, ss_n, so_b, so_h, so_k,
                                 HK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                 HAS_SKIP: tl.constexpr = False, HAS_TAIL: tl.constexpr = False,
-                            PDL: tl.constexpr = False):
+                                PDL: tl.constexpr = False):
         pdl_start(PDL)
         # same algorithm on signed int32 keys, three separate int32 counts per pass
         pid = tl.program_id(0)
