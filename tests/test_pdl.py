@@ -3,7 +3,8 @@ environment variable and a ``with`` block), that it never applies off CUDA or wh
 GPU lacks it, and on a Hopper GPU that the decode selection chains launched with it (Quest's page
 scores, top-k and sparse attention; TokenSelect's votes, blocked top-k and attention; the exact
 slot scores of Quest's ``refine``), captured in CUDA graphs, give exactly what they give without
-it, as does a whole generation in graph mode."""
+it, as does a whole generation in graph mode (sentencekv's included, whose fetches run on a
+second stream)."""
 
 from __future__ import annotations
 
@@ -103,8 +104,10 @@ def test_tokenselect_chain_and_refine_slots_under_a_graph_are_unchanged():
 
 @hopper
 @pytest.mark.parametrize("spec,budget,kw", [("quest", 64, None), ("quest", 64, {"refine": 3, "refine_rank": "votes"}),
-                                            ("tokenselect", 48, None)])
+                                            ("tokenselect", 48, None), ("sentencekv", 96, None)])
 def test_graph_decode_with_pdl_gives_the_same_tokens(spec, budget, kw):
+    """sentencekv too: its chunk scores launch with PDL among fetches on a second stream, whose
+    event waits must still hold (a race would show as other tokens, if not every time)."""
     m = tiny_model("llama", seed=1).to("cuda")
     ids = [random_prompt(300, seed=8), random_prompt(260, seed=9)]
     p = SamplingParams(max_tokens=12, ignore_eos=True)
