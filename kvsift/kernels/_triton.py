@@ -58,23 +58,30 @@ _PDL = {"on": _env_pdl()}
 _PDL_OK: dict[int, bool] = {}
 
 
+def triton_has_pdl() -> bool:
+    """This Triton has the ``gdc_*`` instructions and the NVIDIA backend's ``launch_pdl`` option
+    (no device needed: kernels can be compiled for a Hopper target anywhere)."""
+    if not HAS_TRITON:
+        return False
+    try:
+        import triton.language.extra.cuda as _cuda
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        return hasattr(_cuda, "gdc_wait") and "launch_pdl" in CUDAOptions.__dataclass_fields__
+    except Exception:  # noqa: BLE001 - an older or non-NVIDIA Triton
+        return False
+
+
 def pdl_supported(device) -> bool:
-    """This Triton has the ``gdc_*`` instructions and the ``launch_pdl`` option, and ``device`` is a
-    CUDA device of compute capability 9 or more (cached per device)."""
+    """:func:`triton_has_pdl`, and ``device`` is a CUDA device of compute capability 9 or more
+    (cached per device)."""
     import torch
 
     if not HAS_TRITON or device.type != "cuda":
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _PDL_OK:
-        try:
-            import triton.language.extra.cuda as _cuda
-            from triton.backends.nvidia.compiler import CUDAOptions
-
-            ok = hasattr(_cuda, "gdc_wait") and "launch_pdl" in CUDAOptions.__dataclass_fields__
-        except Exception:  # noqa: BLE001 - an older or non-NVIDIA Triton
-            ok = False
-        _PDL_OK[idx] = ok and torch.cuda.get_device_capability(idx)[0] >= 9
+        _PDL_OK[idx] = triton_has_pdl() and torch.cuda.get_device_capability(idx)[0] >= 9
     return _PDL_OK[idx]
 
 
