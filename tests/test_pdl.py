@@ -1,11 +1,11 @@
 """Programmatic dependent launch (kvsift/kernels/_triton.py): the switch (off by default, an
 environment variable and a ``with`` block), that it never applies off CUDA or where Triton or the
-GPU lacks it, that every kernel taking it compiles for a Hopper target with and without it (no
-GPU needed: Triton's code generation and ptxas), and on a Hopper GPU that the decode selection chains launched with it (Quest's page
+GPU lacks it, and on a Hopper GPU that the decode selection chains launched with it (Quest's page
 scores, top-k and sparse attention; TokenSelect's votes, blocked top-k and attention; the exact
 slot scores of Quest's ``refine``), captured in CUDA graphs, give exactly what they give without
 it, as does a whole generation in graph mode (sentencekv's included, whose fetches run on a
-second stream)."""
+second stream). That each kernel compiles with it for a Hopper target, without a GPU:
+tests/test_compile_sm90.py."""
 
 from __future__ import annotations
 
@@ -38,75 +38,6 @@ def test_the_switch_is_off_by_default_scoped_and_never_applies_off_cuda(monkeypa
         with pdl(True):
             raise RuntimeError("restored even so")
     assert _triton._PDL["on"] is before
-
-
-# ---- every kernel that takes PDL compiles for a Hopper target, here too (no GPU needed) ----------------
-
-_BF = "*bf16"
-# (module, kernel, pointer argument types, constexprs, float arguments, num_warps): the shapes and
-# default launch settings of the 8B model's decode at 128k (32 query heads over 8 KV heads of 128
-# channels, pages of 16, a budget of 2,048 tokens)
-_KERNELS = [
-    ("token_votes", "_scores_kernel", {"q_ptr": _BF, "k_ptr": _BF, "kp_ptr": "*i32", "lim_ptr": "*i64", "skip_ptr": "*i1",
-                                       "sl_ptr": "*i64", "sc_ptr": "*fp32", "st_ptr": "*fp32"},
-     dict(HK=8, G=4, G_P=16, D=128, BLOCK_D=128, BLOCK_N=64, IEEE=False, UPCAST=False, HAS_SKIP=True, SLOTS=False),
-     ("qk_scale",), 4),
-    ("token_votes", "_scores_kernel", {"q_ptr": _BF, "k_ptr": _BF, "kp_ptr": "*i32", "lim_ptr": "*i64", "skip_ptr": "*i1",
-                                       "sl_ptr": "*i64", "sc_ptr": "*fp32", "st_ptr": "*fp32"},
-     dict(HK=8, G=4, G_P=16, D=128, BLOCK_D=128, BLOCK_N=64, IEEE=False, UPCAST=False, HAS_SKIP=False, SLOTS=True),
-     ("qk_scale",), 4),
-    ("token_votes", "_votes_kernel", {"sc_ptr": "*fp32", "st_ptr": "*fp32", "skip_ptr": "*i1", "out_ptr": "*fp32"},
-     dict(HK=8, G=4, G_P=16, G_V=4, NP_P=64, BLOCK_V=512, HAS_SKIP=True), ("fill",), 4),
-    ("slot_scores", "_slot_scores_kernel", {"q_ptr": _BF, "k_ptr": _BF, "kp_ptr": "*i32", "sl_ptr": "*i64",
-                                            "out_ptr": "*fp32"},
-     dict(HK=8, G=4, G_P=16, D=128, BLOCK_D=128, BLOCK_N=64, MEAN=False, IEEE=False, UPCAST=False), (), 4),
-    ("chunk_scores", "_chunk_scores_kernel", {"q_ptr": _BF, "lo_ptr": _BF, "hi_ptr": _BF, "sc_ptr": "*fp32",
-                                              "out_ptr": "*fp32", "lim_ptr": "*i64", "val_ptr": "*i1"},
-     dict(HK=8, G=4, G_P=16, D=128, BLOCK_D=128, BLOCK_N=128, QUEST=True, REDUCE_MAX=True, IEEE=False, UPCAST=False,
-          DOT=True, SCALED=False, HAS_LIMIT=True, HAS_VALID=False), (), 4),
-    ("topk_select", "_topk_select_kernel", {"s_ptr": "*fp32", "out_ptr": "*i64", "skip_ptr": "*i1", "tail_ptr": "*i64"},
-     dict(HK=8, BLOCK_N=8192, BLOCK_K=128, HAS_SKIP=True, HAS_TAIL=True), (), 8),
-    ("topk_select", "_topk_select_kernel_i32", {"s_ptr": "*fp32", "out_ptr": "*i64", "skip_ptr": "*i1",
-                                                "tail_ptr": "*i64"},
-     dict(HK=8, BLOCK_N=8192, BLOCK_K=128, HAS_SKIP=True, HAS_TAIL=True), (), 8),
-    ("topk_select", "_topk_blocks_kernel", {"s_ptr": "*fp32", "ci_ptr": "*i64", "cv_ptr": "*fp32", "skip_ptr": "*i1"},
-     dict(HK=8, NB=8, BLK=16384, BLOCK_K=2048, HAS_SKIP=True), (), 8),
-    ("topk_select", "_topk_pick_kernel", {"ci_ptr": "*i64", "cv_ptr": "*fp32", "out_ptr": "*i64", "skip_ptr": "*i1",
-                                          "tail_ptr": "*i64"},
-     dict(HK=8, BLOCK_M=16384, BLOCK_K=2048, HAS_SKIP=True, HAS_TAIL=False), (), 8),
-    ("sparse_decode_attention", "_sparse_decode_split_kernel",
-     {"q_ptr": _BF, "k_ptr": _BF, "v_ptr": _BF, "idx_ptr": "*i64", "out_ptr": _BF, "po_ptr": "*fp32",
-      "plse_ptr": "*fp32", "kp_ptr": "*i32", "qp_ptr": "*i64", "cnt_ptr": "*i32"},
-     dict(HK=8, G=4, G_P=16, D=128, BLOCK_D=128, BLOCK_S=64, PAGE=16, DIRECT=False, IEEE=False, UPCAST=False,
-          ALL=False, MASKPOS=False, HAS_CNT=False), ("qk_scale",), 4),
-    ("sparse_decode_attention", "_merge_splits_kernel", {"po_ptr": "*fp32", "plse_ptr": "*fp32", "out_ptr": _BF,
-                                                         "lse_ptr": "*fp32"},
-     dict(D=128, BLOCK_D=32, NS_P=32, CHUNK=16, WRITE_LSE=False), (), 2),
-]
-
-
-@pytest.mark.skipif(not _triton.triton_has_pdl(), reason="needs a Triton with the NVIDIA backend and PDL")
-@pytest.mark.parametrize("case", _KERNELS, ids=lambda c: f"{c[1]}{'-slots' if c[3].get('SLOTS') else ''}")
-def test_kernels_compile_for_hopper_with_and_without_pdl(case, tmp_path, monkeypatch):
-    """Code generation and ``ptxas`` for sm_90, no device: with ``PDL`` the PTX holds the wait and the
-    trigger (``griddepcontrol``), without it none; the rest of each kernel is unchanged by it."""
-    import importlib
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))   # compile here, not from an earlier cache
-    mod, name, ptrs, consts, floats, warps = case
-    fn = getattr(importlib.import_module(f"kvsift.kernels.{mod}"), name)
-    for on in (False, True):
-        c = dict(consts, PDL=on)
-        sig = {a: "constexpr" if a in c else ptrs.get(a, "fp32" if a in floats else "i32") for a in fn.arg_names}
-        k = triton.compile(ASTSource(fn, sig, constexprs=c), target=GPUTarget("cuda", 90, 32),
-                           options={"launch_pdl": on, "num_warps": warps})
-        ptx = k.asm["ptx"]
-        assert ptx.count("griddepcontrol.wait") == int(on) and ptx.count("griddepcontrol.launch_dependents") == int(on)
-        assert k.asm.get("cubin"), "ptxas gave no binary"
 
 
 hopper = pytest.mark.skipif(not (torch.cuda.is_available() and pdl_supported(torch.device("cuda"))),
