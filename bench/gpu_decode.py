@@ -286,16 +286,15 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                     if budget > ctx:
                         continue
                     sel_bytes = 2 * batch * HK * budget * D * 2
-                    timed(f"sel/{summary}/{budget}",
-                          lambda L, s=summary, r=reduce, bu=budget: selected(L["q"], L["k"], L["v"], L[s], args.page, bu, scale, r,
-                                                                             L.get(s + "_scale")),
-                          extra={"budget": budget, "summary": summary}, kv_read=summ_bytes + sel_bytes)
+
+                    def sel_step(L, s=summary, r=reduce, bu=budget):
+                        return selected(L["q"], L["k"], L["v"], L[s], args.page, bu, scale, r, L.get(s + "_scale"))
+
+                    timed(f"sel/{summary}/{budget}", sel_step, extra={"budget": budget, "summary": summary},
+                          kv_read=summ_bytes + sel_bytes)
                     if with_pdl:   # the same chain, each kernel launched with PDL (kvsift.kernels._triton)
-                        timed(f"sel/{summary}_pdl/{budget}",
-                              lambda L, s=summary, r=reduce, bu=budget: selected(L["q"], L["k"], L["v"], L[s], args.page,
-                                                                                 bu, scale, r, L.get(s + "_scale")),
-                              extra={"budget": budget, "summary": summary}, kv_read=summ_bytes + sel_bytes,
-                              eager=False, pdl_on=True)
+                        timed(f"sel/{summary}_pdl/{budget}", sel_step, extra={"budget": budget, "summary": summary},
+                              kv_read=summ_bytes + sel_bytes, eager=False, pdl_on=True)
             # tokenselect: soft votes over every token (reads all keys), top-k tokens, sparse attention
             def token_votes(q, k, _cand, skip=None):   # every slot a candidate (the method's local window aside)
                 b_, hk_, n_ = k.shape[:3]
@@ -386,7 +385,10 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                     sel_bytes = 2 * batch * HK * budget * D * 2
                     n_pages = ctx // args.page
                     qbytes = 4 * batch * HK * n_pages * D
-                    timed(f"sel/quest_refine{n_ref}/{budget}", lambda L, bu=budget, r=n_ref: refine_step(L, bu, r),
+                    def refine_kernel_step(L, bu=budget, r=n_ref):
+                        return refine_step(L, bu, r)
+
+                    timed(f"sel/quest_refine{n_ref}/{budget}", refine_kernel_step,
                           extra={"budget": budget, "summary": "quest", "refine": n_ref},
                           kv_read=qbytes + cand_bytes + sel_bytes)
                     timed(f"sel/quest_refine{n_ref}_torch/{budget}",
@@ -394,8 +396,7 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                           extra={"budget": budget, "summary": "quest", "refine": n_ref}, eager=False,
                           kv_read=qbytes + cand_bytes + sel_bytes)
                     if with_pdl:
-                        timed(f"sel/quest_refine{n_ref}_pdl/{budget}",
-                              lambda L, bu=budget, r=n_ref: refine_step(L, bu, r),
+                        timed(f"sel/quest_refine{n_ref}_pdl/{budget}", refine_kernel_step,
                               extra={"budget": budget, "summary": "quest", "refine": n_ref},
                               eager=False, kv_read=qbytes + cand_bytes + sel_bytes, pdl_on=True)
                     timed(f"sel/quest_refine{n_ref}_votes/{budget}",

@@ -118,8 +118,8 @@ def refine_slots(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, can
     group's heads reduced by ``reduce`` (``"votes"``: TokenSelect's per-head softmax votes over
     the candidates, :mod:`kvsift.kernels.slot_scores`). Returns ``(batch, kv_heads, min(keep,
     n))`` slots (``cand``'s dtype) in the order they have in ``cand``, ``-1`` at the end where
-    fewer are valid. Two launches and a gather on CUDA (``slot_scores``, ``topk_select``), no host
-    sync: Quest's ``refine`` stage."""
+    fewer are valid. Two launches and a gather on CUDA (``slot_scores``, two for ``"votes"``;
+    ``topk_select``), no host sync: Quest's ``refine`` stage."""
     from kvsift.kernels.dispatch import slot_scores, topk_select
 
     s = slot_scores(q.to(keys.dtype), keys, key_pos, cand, reduce)              # (b, h, n), -inf: none
@@ -284,8 +284,9 @@ class Quest(DecodeSelect):
         page)`` (the candidate pages' slots, then the page being filled; negative: none), the
         ``k * page`` with the highest ``q . k`` (query heads of a GQA group reduced by ``reduce``)
         and the page being filled. ``q (batch, heads, head_dim)``. Three launches on CUDA (the
-        scores at the candidate slots, the top-k, the slots it picked; no sort: the top-k keeps
-        index order, which is the candidates' slot order) and no host sync: runs inside a CUDA graph."""
+        scores at the candidate slots, two with ``refine_rank="votes"``; the top-k; the slots it
+        picked; no sort: the top-k keeps index order, which is the candidates' slot order) and no
+        host sync: runs inside a CUDA graph."""
         keys, pos = layer.slot_keys()                      # (b, h, cap, d), (b, h, cap): the buffer
         body = cand.shape[-1] - self.page                  # the candidate pages' slots; then the tail page
         picked = refine_slots(q, keys, pos, cand[..., :body], k * self.page,
