@@ -28,7 +28,9 @@ context length it times, per layer:
   ``N * budget // page`` pages, the exact ``q . k`` at their slots (``dispatch.slot_scores``), the
   best ``budget`` tokens (``topk_select``), sparse attention; ``sel/quest_refine<N>_torch`` the
   same stage as PyTorch (a gather, an einsum in the keys' dtype, ``torch.topk``, a sort: the
-  method's path before 2026-12-05) and ``slot_scores<N>`` the exact scores alone;
+  method's path before 2026-12-05) and ``slot_scores<N>`` the exact scores alone (the candidate
+  pages as the top-k gives them, ``page`` > 1: no expansion), ``topk_cand<N>`` the top-k of the
+  budget over them, ``pick_slots<N>`` its picks mapped back to slots;
   ``sel/quest_refine<N>_votes`` and ``slot_votes<N>``: the same with ``refine_rank="votes"``
   (TokenSelect's per-head softmax votes over the candidates: two kernels, since 2026-12-05).
 * ``<name>_pdl`` (``sel/quest_pdl``, ``sel/quest8_pdl``, ``sel/mean_pdl``, ``sel/tokens_pdl``,
@@ -343,15 +345,15 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
             # 2026-12-05 (a gather, an einsum in bf16, torch.topk, a sort), and the exact scores alone
             pos_all = torch.arange(ctx, device=device, dtype=torch.int32).expand(batch, HK, ctx)
 
-            def refine_candidates(L, bu, n_ref):   # the slots of the best n_ref * bu // page pages
-                pages = dispatch.topk_select(dispatch.chunk_scores(L["q"], L["quest"], "max"),
-                                             n_ref * (bu // args.page), torch.int64)
-                return chunks_to_slots(pages, None, args.page, dtype=torch.int64)
+            def refine_candidates(L, bu, n_ref):   # the best n_ref * bu // page pages
+                return dispatch.topk_select(dispatch.chunk_scores(L["q"], L["quest"], "max"),
+                                            n_ref * (bu // args.page), torch.int64)
 
             def refine_step(L, bu, n_ref, path="kernel", rank="max"):
                 kc = bu // args.page
-                cand = refine_candidates(L, bu, n_ref)
+                pages = refine_candidates(L, bu, n_ref)
                 if path != "kernel":   # "torch": as _refined ran it (a gather, an einsum in the keys' dtype);
+                    cand = chunks_to_slots(pages, None, args.page, dtype=torch.int64)
                     b_, h_, n_ = cand.shape   # "ref": the float32 reference scores, then the same top-k and sort
                     if path == "ref":
                         s_ = slot_scores_ref(L["q"], L["k"], pos_all, cand, rank)
@@ -361,8 +363,8 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                         s_ = s_.masked_fill(cand < 0, float("-inf"))
                     top, at = s_.topk(min(cand.shape[-1], kc * args.page), dim=-1)
                     slots = torch.where(top > float("-inf"), cand.gather(2, at), -1).sort(dim=-1).values
-                else:
-                    slots = refine_slots(L["q"], L["k"], pos_all, cand, kc * args.page, rank)
+                else:   # as Quest.plan runs it: the candidate pages straight from their top-k
+                    slots = refine_slots(L["q"], L["k"], pos_all, pages, kc * args.page, rank, args.page)
                 return dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], slots, scale)
 
             if args.refine and args.refine[-1] * args.budgets[0] <= ctx:   # the kernel path attends what the
@@ -405,14 +407,29 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                           eager=False, kv_read=qbytes + cand_bytes + sel_bytes)
                     for L in layers:
                         L[f"_cand{n_ref}"] = refine_candidates(L, budget, n_ref)
+                        L[f"_cs{n_ref}"] = dispatch.slot_scores(L["q"], L["k"], pos_all, L[f"_cand{n_ref}"], "max",
+                                                                args.page)
                     timed(f"slot_scores{n_ref}/{budget}",
-                          lambda L, r=n_ref: dispatch.slot_scores(L["q"], L["k"], pos_all, L[f"_cand{r}"], "max"),
+                          lambda L, r=n_ref: dispatch.slot_scores(L["q"], L["k"], pos_all, L[f"_cand{r}"], "max",
+                                                                  args.page),
                           eager=False, kv_read=cand_bytes)
                     timed(f"slot_votes{n_ref}/{budget}",
-                          lambda L, r=n_ref: dispatch.slot_scores(L["q"], L["k"], pos_all, L[f"_cand{r}"], "votes"),
+                          lambda L, r=n_ref: dispatch.slot_scores(L["q"], L["k"], pos_all, L[f"_cand{r}"], "votes",
+                                                                  args.page),
                           eager=False, kv_read=cand_bytes)
+                    # the top-k over the candidates' exact scores alone (budget of n_ref * budget: one
+                    # program per row), and the picks mapped back to slots
+                    timed(f"topk_cand{n_ref}/{budget}",
+                          lambda L, bu=budget, r=n_ref: dispatch.topk_select(L[f"_cs{r}"], bu, torch.int64),
+                          eager=False)
                     for L in layers:
-                        del L[f"_cand{n_ref}"]
+                        L[f"_at{n_ref}"] = dispatch.topk_select(L[f"_cs{n_ref}"], budget, torch.int64)
+                    timed(f"pick_slots{n_ref}/{budget}",
+                          lambda L, r=n_ref: dispatch.pick_slots(L[f"_at{r}"], L[f"_cand{r}"], args.page),
+                          eager=False)
+                    for L in layers:
+                        for key in (f"_cand{n_ref}", f"_cs{n_ref}", f"_at{n_ref}"):
+                            del L[key]
             # parts alone (quest, middle budget) to explain where the time goes
             budget = args.budgets[min(1, len(args.budgets) - 1)]
             if budget <= ctx:

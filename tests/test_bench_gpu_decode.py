@@ -29,7 +29,7 @@ def test_kernel_harness_on_the_cpu(tmp_path):
                  "sel/tokens_cache_reused/256", "topk_blocked512/256", "sel/quest_blocked512/256",
                  "topk_one/256", "sel/quest_one/256", "topk_tokens/256", "topk_tokens_sort/256",
                  "sel/quest_refine2/256", "sel/quest_refine4/256", "sel/quest_refine4_torch/256", "slot_scores4/256",
-                 "sel/quest_refine4_votes/256", "slot_votes4/256"):
+                 "sel/quest_refine4_votes/256", "slot_votes4/256", "topk_cand4/256", "pick_slots4/256"):
         assert want in names, (want, sorted(names))
     assert all(r["eager_ms"] > 0 for r in d["kernels"] if r.get("eager_ms") is not None)
     (checks,) = d["checks"]

@@ -26,11 +26,20 @@ _KERNELS = [
                                        "sl_ptr": "*i64", "sc_ptr": "*fp32", "st_ptr": "*fp32"},
      dict(HK=8, G=4, G_P=16, D=128, BLOCK_D=128, BLOCK_N=64, IEEE=False, UPCAST=False, HAS_SKIP=False, SLOTS=True),
      ("qk_scale",), 4),
+    ("token_votes", "_scores_kernel", {"q_ptr": _BF, "k_ptr": _BF, "kp_ptr": "*i32", "lim_ptr": "*i64", "skip_ptr": "*i1",
+                                       "sl_ptr": "*i64", "sc_ptr": "*fp32", "st_ptr": "*fp32"},
+     dict(HK=8, G=4, G_P=16, D=128, BLOCK_D=128, BLOCK_N=64, IEEE=False, UPCAST=False, HAS_SKIP=False, SLOTS=True,
+          PAGE=16), ("qk_scale",), 4),
     ("token_votes", "_votes_kernel", {"sc_ptr": "*fp32", "st_ptr": "*fp32", "skip_ptr": "*i1", "out_ptr": "*fp32"},
      dict(HK=8, G=4, G_P=16, G_V=4, NP_P=64, BLOCK_V=512, HAS_SKIP=True), ("fill",), 4),
     ("slot_scores", "_slot_scores_kernel", {"q_ptr": _BF, "k_ptr": _BF, "kp_ptr": "*i32", "sl_ptr": "*i64",
                                             "out_ptr": "*fp32"},
      dict(HK=8, G=4, G_P=16, D=128, BLOCK_D=128, BLOCK_N=64, MEAN=False, IEEE=False, UPCAST=False), (), 4),
+    ("slot_scores", "_slot_scores_kernel", {"q_ptr": _BF, "k_ptr": _BF, "kp_ptr": "*i32", "sl_ptr": "*i64",
+                                            "out_ptr": "*fp32"},
+     dict(HK=8, G=4, G_P=16, D=128, BLOCK_D=128, BLOCK_N=64, MEAN=False, IEEE=False, UPCAST=False, PAGE=16), (), 4),
+    ("slot_scores", "_pick_slots_kernel", {"at_ptr": "*i64", "c_ptr": "*i64", "t_ptr": "*i64", "out_ptr": "*i64"},
+     dict(HK=8, PAGE=16, TAIL=True, BLOCK=1024), (), 4),
     ("chunk_scores", "_chunk_scores_kernel", {"q_ptr": _BF, "lo_ptr": _BF, "hi_ptr": _BF, "sc_ptr": "*fp32",
                                               "out_ptr": "*fp32", "lim_ptr": "*i64", "val_ptr": "*i1"},
      dict(HK=8, G=4, G_P=16, D=128, BLOCK_D=128, BLOCK_N=128, QUEST=True, REDUCE_MAX=True, IEEE=False, UPCAST=False,
@@ -57,7 +66,8 @@ _KERNELS = [
 
 
 @pytest.mark.skipif(not _triton.triton_has_pdl(), reason="needs a Triton with the NVIDIA backend and PDL")
-@pytest.mark.parametrize("case", _KERNELS, ids=lambda c: f"{c[1]}{'-slots' if c[3].get('SLOTS') else ''}")
+@pytest.mark.parametrize("case", _KERNELS, ids=lambda c: f"{c[1]}{'-slots' if c[3].get('SLOTS') else ''}"
+                                                     f"{'-pages' if c[3].get('PAGE', 1) > 1 and c[1] != '_sparse_decode_split_kernel' else ''}")
 def test_kernels_compile_for_hopper_with_and_without_pdl(case, tmp_path, monkeypatch):
     """Code generation and ``ptxas`` for sm_90, no device: with ``PDL`` the PTX holds the wait and the
     trigger (``griddepcontrol``), without it none; the rest of each kernel is unchanged by it."""

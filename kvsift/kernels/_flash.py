@@ -100,5 +100,15 @@ if HAS_TRITON:
             v = v.to(tl.float32)
         return k, v
 
+    @triton.jit
+    def candidate_slots(sl_ptr, ss_n, offs_n, in_range, PAGE: tl.constexpr):
+        """Slots of candidates ``offs_n`` (int64, ``-1``: none, and where ``in_range`` is False)
+        from a row of slot indices ``sl_ptr`` (stride ``ss_n``): ``sl[offs_n]`` where ``PAGE`` is
+        1, else page indices, candidate ``j`` being slot ``sl[j // PAGE] * PAGE + j % PAGE`` (a
+        negative page: none)."""
+        pg = tl.load(sl_ptr + (offs_n // PAGE) * ss_n, mask=in_range, other=-1).to(tl.int64)
+        return tl.where(pg >= 0, pg * PAGE + offs_n % PAGE, -1)
+
 else:
     load_group_query = group_offsets = group_program = online_softmax_step = load_kv = store_split = None
+    candidate_slots = None

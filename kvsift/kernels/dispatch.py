@@ -90,13 +90,22 @@ def token_votes(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, limi
 
 
 def slot_scores(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, slots: torch.Tensor,
-                reduce: str = "max") -> torch.Tensor:
+                reduce: str = "max", page: int = 1) -> torch.Tensor:
     """See :func:`kvsift.kernels.slot_scores.slot_scores_ref`: the exact ``q . k`` at ``slots
-    (batch, kv_heads, n)``, reduced over each GQA group, ``(batch, kv_heads, n)`` float32 (``-inf``
-    at invalid slots)."""
+    (batch, kv_heads, n)`` (page indices with ``page > 1``: ``n = m * page`` candidates), reduced
+    over each GQA group, ``(batch, kv_heads, n)`` float32 (``-inf`` at invalid slots)."""
     if use_triton(q, keys, key_pos, slots) and keys.stride(-1) == 1 and q.dtype == keys.dtype:
-        return _ss.slot_scores(q, keys, key_pos, slots, reduce)
-    return _ss.slot_scores_ref(q, keys, key_pos, slots, reduce)
+        return _ss.slot_scores(q, keys, key_pos, slots, reduce, page)
+    return _ss.slot_scores_ref(q, keys, key_pos, slots, reduce, page)
+
+
+def pick_slots(at: torch.Tensor, cand: torch.Tensor, page: int = 1, tail: torch.Tensor | None = None,
+               cap: int | None = None) -> torch.Tensor:
+    """See :func:`kvsift.kernels.slot_scores.pick_slots_ref`: the slots of the candidates ``at``
+    points to (then the ``tail`` page's slots), ``(batch, kv_heads, k [+ page])`` int64."""
+    if use_triton(*(t for t in (at, cand, tail) if t is not None)):
+        return _ss.pick_slots(at, cand, page, tail, cap)
+    return _ss.pick_slots_ref(at, cand, page, tail, cap)
 
 
 def query_reuse(q: torch.Tensor, last_q: torch.Tensor, threshold: float, counts: torch.Tensor) -> torch.Tensor:

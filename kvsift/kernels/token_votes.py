@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from kvsift.kernels._checks import check_group_keys
-from kvsift.kernels._flash import load_group_query
+from kvsift.kernels._flash import candidate_slots, load_group_query
 from kvsift.kernels._triton import HAS_TRITON, pdl_launch, pdl_start, tl, triton
 
 VOTES = ("group", "layer")
@@ -80,12 +80,14 @@ if HAS_TRITON:
                        sq_b, sq_h, sq_d, sk_b, sk_h, sk_n, sp_b, sp_h, sp_n, ss_b, ss_h, ss_n,
                        HK: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                       HAS_SKIP: tl.constexpr, SLOTS: tl.constexpr, PDL: tl.constexpr = False):
+                       HAS_SKIP: tl.constexpr, SLOTS: tl.constexpr, PAGE: tl.constexpr = 1,
+                       PDL: tl.constexpr = False):
         pdl_start(PDL)
         # program (row, kv head) x part: scores of PER_PROG tokens for the G query heads, in base-2
         # units (-inf at non-candidates), into sc (b * HK, G, N); its max and sum of exp2 per head
         # into st (b * HK, NPROG, 2, G_P). SLOTS: token j is the key at slot sl[b, h, j] of a buffer
-        # of CAP slots (a candidate when that slot is in range and holds a token; limit unused)
+        # of CAP slots (a candidate when that slot is in range and holds a token; limit unused); with
+        # PAGE > 1, sl holds page indices and token j is slot sl[b, h, j // PAGE] * PAGE + j % PAGE
         pid_bh = tl.program_id(0)
         pid_n = tl.program_id(1)
         b = (pid_bh // HK).to(tl.int64)
@@ -111,7 +113,7 @@ if HAS_TRITON:
             offs_n = it + tl.arange(0, BLOCK_N)
             in_range = offs_n < stop
             if SLOTS:
-                slot = tl.load(sl_ptr + b * ss_b + h * ss_h + offs_n * ss_n, mask=in_range, other=-1).to(tl.int64)
+                slot = candidate_slots(sl_ptr + b * ss_b + h * ss_h, ss_n, offs_n, in_range, PAGE)
                 ok = in_range & (slot >= 0) & (slot < CAP)
                 kpos = tl.load(p_base + slot * sp_n, mask=ok, other=-1)
                 cand = ok & (kpos >= 0)
@@ -193,19 +195,21 @@ def token_votes(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, limi
 
 
 def votes_at_slots(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, slots: torch.Tensor,
-                   fill: float = float("-inf")) -> torch.Tensor:
+                   fill: float = float("-inf"), page: int = 1) -> torch.Tensor:
     """The ``group`` votes of :func:`token_votes` over the keys at ``slots (batch, kv_heads, n)``
     of the buffer ``keys (batch, kv_heads, cap, dim)`` instead of over the buffer itself: each
     query head's softmax over the row's valid slots (in ``[0, cap)``, ``key_pos >= 0`` there),
     summed over the group; ``(batch, kv_heads, n)`` float32, ``fill`` at invalid slots. The same
-    two kernels, the keys read through the slot indices (no gather copy). Arguments are checked by
-    the caller (:func:`kvsift.kernels.slot_scores.slot_scores`, ``reduce="votes"``)."""
+    two kernels, the keys read through the slot indices (no gather copy). ``page > 1``: ``slots
+    (batch, kv_heads, m)`` are page indices, the ``m * page`` tokens their pages' slots in order
+    (as :func:`kvsift.kernels.slot_scores.slot_scores`). Arguments are checked by the caller
+    (:func:`kvsift.kernels.slot_scores.slot_scores`, ``reduce="votes"``)."""
     if not HAS_TRITON:
         raise RuntimeError("votes_at_slots needs Triton (pip install triton)")
-    return _launch(q, keys, key_pos, slots.shape[2], None, slots, float(fill), None)
+    return _launch(q, keys, key_pos, slots.shape[2] * page, None, slots, float(fill), None, page)
 
 
-def _launch(q, keys, key_pos, n, limit, slots, fill, skip) -> torch.Tensor:
+def _launch(q, keys, key_pos, n, limit, slots, fill, skip, page=1) -> torch.Tensor:
     """Both kernels over ``n`` tokens: the buffer's first ``n`` slots (``limit``) or ``slots``."""
     b, hk, cap, d = keys.shape
     g = q.shape[1] // hk
@@ -229,8 +233,8 @@ def _launch(q, keys, key_pos, n, limit, slots, fill, skip) -> torch.Tensor:
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         key_pos.stride(0), key_pos.stride(1), key_pos.stride(2), *(sl.stride() if slots is not None else (0, 0, 0)),
         HK=hk, G=g, G_P=g_p, D=d, BLOCK_D=block_d, BLOCK_N=block_n, IEEE=upcast or q.dtype == torch.float32,
-        UPCAST=upcast, HAS_SKIP=skip is not None, SLOTS=slots is not None, num_warps=TUNING["num_warps"],
-        **pdl_launch(q))
+        UPCAST=upcast, HAS_SKIP=skip is not None, SLOTS=slots is not None, PAGE=page,
+        num_warps=TUNING["num_warps"], **pdl_launch(q))
     block_v = TUNING["block_v"]
     _votes_kernel[(b * hk, triton.cdiv(n, block_v))](
         sc, st, sk, skip.stride(0) if skip is not None else 0, out, n, nprog, fill, out.stride(0), out.stride(1),

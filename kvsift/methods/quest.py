@@ -111,20 +111,23 @@ def _ranked(keys: torch.Tensor, positions: torch.Tensor, page: int, pages: int, 
 
 
 def refine_slots(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, cand: torch.Tensor, keep: int,
-                 reduce: str = "max") -> torch.Tensor:
-    """The best ``keep`` of the candidate slots ``cand (batch, kv_heads, n)`` (negative: none) by
-    the exact ``q . k`` of ``q (batch, heads, head_dim)`` with ``keys (batch, kv_heads, cap,
-    head_dim)`` (``key_pos (batch, kv_heads, cap)``: ``-1`` at empty slots, never picked), a GQA
-    group's heads reduced by ``reduce`` (``"votes"``: TokenSelect's per-head softmax votes over
-    the candidates, :mod:`kvsift.kernels.slot_scores`). Returns ``(batch, kv_heads, min(keep,
-    n))`` slots (``cand``'s dtype) in the order they have in ``cand``, ``-1`` at the end where
-    fewer are valid. Two launches and a gather on CUDA (``slot_scores``, two for ``"votes"``;
-    ``topk_select``), no host sync: Quest's ``refine`` stage."""
-    from kvsift.kernels.dispatch import slot_scores, topk_select
+                 reduce: str = "max", page: int = 1, tail: torch.Tensor | None = None) -> torch.Tensor:
+    """The best ``keep`` of the candidate slots ``cand (batch, kv_heads, n)`` (negative: none; with
+    ``page > 1``, ``cand (batch, kv_heads, m)`` are page indices and the ``n = m * page`` candidates
+    their pages' slots) by the exact ``q . k`` of ``q (batch, heads, head_dim)`` with ``keys (batch,
+    kv_heads, cap, head_dim)`` (``key_pos (batch, kv_heads, cap)``: ``-1`` at empty slots, never
+    picked), a GQA group's heads reduced by ``reduce`` (``"votes"``: TokenSelect's per-head softmax
+    votes over the candidates, :mod:`kvsift.kernels.slot_scores`). Returns ``(batch, kv_heads,
+    min(keep, n))`` int64 slots in the candidates' order, ``-1`` at the end where fewer are valid;
+    with ``tail (batch, kv_heads, 1)`` a page index (the page being filled, always attended),
+    ``page`` more columns: its slots (``-1`` past the buffer). Three launches on CUDA
+    (``slot_scores``, two for ``"votes"``; ``topk_select``; ``pick_slots``), no host sync:
+    Quest's ``refine`` stage."""
+    from kvsift.kernels.dispatch import pick_slots, slot_scores, topk_select
 
-    s = slot_scores(q.to(keys.dtype), keys, key_pos, cand, reduce)              # (b, h, n), -inf: none
-    at = topk_select(s, min(cand.shape[-1], keep), torch.int64)               # ascending, -1 padded
-    return torch.where(at >= 0, cand.gather(2, at.clamp_min(0)), -1)
+    s = slot_scores(q.to(keys.dtype), keys, key_pos, cand, reduce, page)        # (b, h, n), -inf: none
+    at = topk_select(s, min(s.shape[-1], keep), torch.int64)                  # ascending, -1 padded
+    return pick_slots(at, cand, page, tail, keys.shape[2])
 
 
 @register("quest")
@@ -263,8 +266,12 @@ class Quest(DecodeSelect):
             full = layer.written_slots(1) // self.page                       # (1,) complete pages
             scores = chunk_scores(qs, (st.kmin, st.kmax), self.reduce, st.kscale, limit=full.expand(q.shape[0]),
                                   valid=st.filled if ctx.has_padding else None)
-            sel = Selection(own=top_pages(scores, kc, tail_page=full), page=self.page)
-            return sel if self.refine == 1 else self._refined(layer, q, sel.own_slots(), k)
+            own = top_pages(scores, kc, tail_page=full)                      # (b, h, kc + 1): the tail last
+            if self.refine == 1:
+                return Selection(own=own, page=self.page)
+            keys, pos = layer.slot_keys()                                    # the buffer (b, h, cap, d)
+            return Selection(own=refine_slots(q, keys, pos, own[..., :kc], k * self.page, self._rank,
+                                              self.page, own[..., kc:]))
         scores = chunk_scores(qs, (st.kmin, st.kmax), self.reduce, st.kscale)
         # the page holding a row's newest token is always attended; earlier (complete) pages
         # are candidates; pages map to slots through the row's own table
@@ -279,18 +286,22 @@ class Quest(DecodeSelect):
         slots = torch.where(ok, slots, -1).view(b, h, -1)
         return Selection(own=slots) if self.refine == 1 else self._refined(layer, q, slots, k)
 
+    @property
+    def _rank(self) -> str:
+        """How ``refine`` ranks its candidates: ``reduce``'s exact ``q . k``, or ``"votes"``."""
+        return self.reduce if self.refine_rank == "qk" else "votes"
+
     def _refined(self, layer, q: torch.Tensor, cand: torch.Tensor, k: int) -> Selection:
-        """``refine``'s exact stage: of the candidate slots ``cand (batch, kv_heads, (kc + 1) *
-        page)`` (the candidate pages' slots, then the page being filled; negative: none), the
-        ``k * page`` with the highest ``q . k`` (query heads of a GQA group reduced by ``reduce``)
-        and the page being filled. ``q (batch, heads, head_dim)``. Three launches on CUDA (the
-        scores at the candidate slots, two with ``refine_rank="votes"``; the top-k; the slots it
-        picked; no sort: the top-k keeps index order, which is the candidates' slot order) and no
-        host sync: runs inside a CUDA graph."""
+        """``refine``'s exact stage where pages map to slots through a row's table: of the candidate
+        slots ``cand (batch, kv_heads, (kc + 1) * page)`` (the candidate pages' slots, then the page
+        being filled; negative: none), the ``k * page`` with the highest ``q . k`` (query heads of a
+        GQA group reduced by ``reduce``) and the page being filled. ``q (batch, heads, head_dim)``.
+        Where pages are slot ranges, :meth:`plan` passes the candidate pages and the tail page to
+        :func:`refine_slots` as they come from the top-k. No sort (the top-k keeps index order,
+        which is the candidates' slot order) and no host sync: runs inside a CUDA graph."""
         keys, pos = layer.slot_keys()                      # (b, h, cap, d), (b, h, cap): the buffer
         body = cand.shape[-1] - self.page                  # the candidate pages' slots; then the tail page
-        picked = refine_slots(q, keys, pos, cand[..., :body], k * self.page,
-                              self.reduce if self.refine_rank == "qk" else "votes")
+        picked = refine_slots(q, keys, pos, cand[..., :body], k * self.page, self._rank)
         tail = cand[..., body:]
         # the tail page's slots past the last token hold position -1 (the engine masks them); past
         # the buffer there are none
