@@ -20,6 +20,7 @@
 #   STEPS=join bash bench/gpu_checks.sh      # #16: a join's first gap over KV arenas vs without (random 8B shape)
 #   STEPS=serve_sweep SWEEP_CLIENTS="1 8 32 64" bash bench/gpu_checks.sh   # #16: FIFO vs continuous by clients (carry .stage/tok, .whl)
 #   STEPS=join_step bash bench/gpu_checks.sh # #16: a narrow joining forward, host vs device time (torch.profiler)
+#   STEPS=decode DECODE_PAGE=32 DECODE_E2E=0 DECODE_REFINE= DECODE_TAG=_page32 bash bench/gpu_checks.sh   # #11: kernel rows, pages of 32
 #   STEPS=minference MINF_LENGTHS=131072 MINF_ARGS="--no-e2e --coverage 0.95" MINF_TAG=_cov95 bash bench/gpu_checks.sh  # #14
 # The tests step runs six pytest processes at once (T_TESTS seconds each, default 420).
 set -u
@@ -117,11 +118,14 @@ if step join; then   # #16: the first gap after a join, with and without the KV 
   echo "join rc=$? $(( $(date +%s) - t0 )) s"; grep -v "Warning" "$R/join.log" | tail -8
 fi
 if step decode; then
+  # DECODE_E2E=0: the kernel rows only; DECODE_PAGE: Quest's page size in them (the e2e methods name theirs)
+  E2E=(--e2e --e2e-contexts 131072 --e2e-batches 1 --e2e-new-tokens 32 --e2e-methods
+       ${DECODE_E2E_METHODS:-full,quest:2048,quest:2048:refine=4,quest:2048:refine=8:refine_rank=votes,quest:2048:bounds=int8:page=32,tokenselect:2048})
+  [ "${DECODE_E2E:-1}" = 0 ] && E2E=()
   timeout ${T_DECODE:-340} python3 bench/gpu_decode.py --contexts 131072 --budgets 2048 --batches 1,8 --reps 30 \
-    --refine ${DECODE_REFINE:-4,8} \
-    --e2e --e2e-contexts 131072 --e2e-batches 1 --e2e-methods ${DECODE_E2E_METHODS:-full,quest:2048,quest:2048@pdl,quest:2048:refine=4,quest:2048:refine=8:refine_rank=votes,tokenselect:2048,tokenselect:2048@pdl} \
-    --e2e-new-tokens 32 --out "$R/gpu_decode_h200.json" >"$R/decode.log" 2>&1
-  echo "decode rc=$? $(( $(date +%s) - t0 )) s"; tail -40 "$R/decode.log"
+    --refine "${DECODE_REFINE-4,8}" --page ${DECODE_PAGE:-16} ${DECODE_ARGS:-} "${E2E[@]}" \
+    --out "$R/gpu_decode${DECODE_TAG:-}_h200.json" >"$R/decode${DECODE_TAG:-}.log" 2>&1
+  echo "decode rc=$? $(( $(date +%s) - t0 )) s"; tail -40 "$R/decode${DECODE_TAG:-}.log"
 fi
 if step minference; then
   # MINF_ARGS: more options, e.g. "--no-e2e --coverage 0.95" (layer rows with a cumulative-attention index)
