@@ -19,8 +19,10 @@ context length it times, per layer:
   ``sel/tokens_cache_reused`` (every row reuses its last selection: the vote and top-k kernels
   return at once). A run at reuse rate ``r`` costs about ``r * reused + (1 - r) * new`` per step.
   ``topk_tokens`` times the dispatch's top-k of a long row alone (its blocked form since
-  2026-12-04), beside ``topk_tokens_sort`` (``torch.topk`` and the ascending sort, its path before)
-  and ``topk_tokens_torch`` (``torch.topk`` alone, unsorted);
+  2026-12-04), beside ``topk_tokens_sort`` (``torch.topk`` and the ascending sort, its path before),
+  ``topk_tokens_torch`` (``torch.topk`` alone, unsorted) and ``topk_tokens_radix<B>`` (the radix
+  select of ``kvsift/kernels/topk_radix.py`` over blocks of ``B``); ``sel/tokens_radix`` the step
+  with it (end to end: a system ``<spec>@radix``);
 * ``topk_one`` / ``topk_blocked<blk>`` and ``sel/quest_one`` / ``sel/quest_blocked<blk>``: Quest's
   page top-k alone and in its step, one program per row or in blocks of ``blk`` pages
   (``topk_select.TUNING["block_from"]``; ``topk`` and ``sel/quest`` are the dispatch's default).
@@ -68,12 +70,26 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench._systems, kvsift
 
 from kvsift.kernels import dispatch  # noqa: E402
+from kvsift.kernels import topk_radix
 from kvsift.kernels import topk_select as tk
 from kvsift.kernels._triton import pdl, pdl_supported
 from kvsift.kernels.chunk_scores import chunks_to_slots, int8_bounds, page_summaries, select_chunks
 from kvsift.kernels.slot_scores import slot_scores_ref
 from kvsift.kernels.sparse_decode_attention import sparse_decode_attention_ref
 from kvsift.methods.quest import refine_slots
+
+
+@contextlib.contextmanager
+def tuned(table: dict, **settings):
+    """A kernel module's ``TUNING`` with ``settings`` inside the block (a graph captured there keeps
+    what it launched), restored after."""
+    saved = dict(table)
+    table.update(settings)
+    try:
+        yield
+    finally:
+        table.clear()
+        table.update(saved)
 
 HQ, HK, D = 32, 8, 128
 
@@ -328,6 +344,13 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
 
                 timed(f"sel/tokens/{budget}", tokens_step, extra={"budget": budget, "summary": "tokens"},
                       kv_read=layer_bytes // 2 + 2 * batch * HK * budget * D * 2)
+
+                def radix_step(L, bu=budget):   # the same step, its top-k the radix select
+                    with tuned(tk.TUNING, radix_min_n=1 << 15):
+                        return tokens_step(L, bu)
+
+                timed(f"sel/tokens_radix/{budget}", radix_step, extra={"budget": budget, "summary": "tokens"},
+                      kv_read=layer_bytes // 2 + 2 * batch * HK * budget * D * 2, eager=False)
                 if with_pdl:
                     timed(f"sel/tokens_pdl/{budget}", tokens_step, extra={"budget": budget, "summary": "tokens"},
                           kv_read=layer_bytes // 2 + 2 * batch * HK * budget * D * 2, eager=False, pdl_on=True)
@@ -422,6 +445,10 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                     timed(f"topk_cand{n_ref}/{budget}",
                           lambda L, bu=budget, r=n_ref: dispatch.topk_select(L[f"_cs{r}"], bu, torch.int64),
                           eager=False)
+                    timed(f"topk_cand{n_ref}_radix/{budget}",
+                          lambda L, bu=budget, r=n_ref: topk_radix.topk_select_radix(L[f"_cs{r}"], bu, torch.int64,
+                                                                                     block=1024),
+                          eager=False)
                     for L in layers:
                         L[f"_at{n_ref}"] = dispatch.topk_select(L[f"_cs{n_ref}"], budget, torch.int64)
                     timed(f"pick_slots{n_ref}/{budget}",
@@ -463,6 +490,10 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                 timed(f"topk_tokens_sort/{budget}",
                       lambda L, bu=budget: tk.topk_select_long(L["_votes"], bu, torch.int64), eager=False)
                 timed(f"topk_tokens_torch/{budget}", lambda L, bu=budget: L["_votes"].topk(bu, dim=-1), eager=False)
+                for rb in (2048, 4096, 8192):   # the radix select over blocks of rb votes
+                    timed(f"topk_tokens_radix{rb}/{budget}",
+                          lambda L, bu=budget, rb=rb: topk_radix.topk_select_radix(L["_votes"], bu, torch.int64, block=rb),
+                          eager=False)
                 timed(f"attn_pages/{budget}", lambda L: dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], L["_pages"], scale, page=args.page),
                       eager=False, kv_read=2 * batch * HK * budget * D * 2)
                 timed(f"attn_slots/{budget}", lambda L: dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], L["_slots"], scale),
@@ -745,7 +776,14 @@ def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict
     # '@offset' its planes left offset (fold_offset); '@i32' / '@noi32' 32-bit slot arithmetic (i32,
     # the default since 2026-12-03) on / off
     from kvsift.kernels import quant_decode_attention as qda
+    from kvsift.kernels import topk_select as tks
 
+    # '@radix': long rows' top-k (TokenSelect's votes) through the radix select (topk_radix), this
+    # system only
+    saved_tk = dict(tks.TUNING)
+    if sys_name.endswith("@radix"):
+        tks.TUNING["radix_min_n"] = 1 << 15
+        sys_name = sys_name.removesuffix("@radix")
     saved = dict(qda.TUNING)
     tuning = {}
     for suffix, key, value in (("@asm", "fold_asm", True), ("@noasm", "fold_asm", False),
@@ -764,6 +802,8 @@ def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict
     finally:
         qda.TUNING.clear()
         qda.TUNING.update(saved)
+        tks.TUNING.clear()
+        tks.TUNING.update(saved_tk)
     st = outs[0].stats
     # steady state: the one-off warm-up step and CUDA graph recording are reported apart
     return {"decode_steps": st.decode_steps - (st.decode_setup_steps or (1 if st.decode_setup_s else 0)),

@@ -29,7 +29,8 @@ def test_kernel_harness_on_the_cpu(tmp_path):
                  "sel/tokens_cache_reused/256", "topk_blocked512/256", "sel/quest_blocked512/256",
                  "topk_one/256", "sel/quest_one/256", "topk_tokens/256", "topk_tokens_sort/256",
                  "sel/quest_refine2/256", "sel/quest_refine4/256", "sel/quest_refine4_torch/256", "slot_scores4/256",
-                 "sel/quest_refine4_votes/256", "slot_votes4/256", "topk_cand4/256", "pick_slots4/256"):
+                 "sel/quest_refine4_votes/256", "slot_votes4/256", "topk_cand4/256", "pick_slots4/256",
+                 "sel/tokens_radix/256", "topk_tokens_radix4096/256", "topk_cand4_radix/256"):
         assert want in names, (want, sorted(names))
     assert all(r["eager_ms"] > 0 for r in d["kernels"] if r.get("eager_ms") is not None)
     (checks,) = d["checks"]
@@ -42,8 +43,9 @@ def test_e2e_harness_on_the_tiny_model(tmp_path):
     out = tmp_path / "e.json"
     assert _load().main(["--device", "cpu", "--skip-kernels", "--e2e", "--e2e-tiny", "--e2e-layers", "2",
                          "--e2e-contexts", "256", "--e2e-batches", "1", "--e2e-new-tokens", "3",
-                         "--e2e-methods", "full,tokenselect:64:reuse_threshold=-1.0", "--out", str(out)]) == 0
+                         "--e2e-methods", "full,tokenselect:64:reuse_threshold=-1.0,tokenselect:64@radix",
+                         "--out", str(out)]) == 0
     rows = {r["system"]: r for r in json.loads(out.read_text())["e2e"]}
-    assert set(rows) == {"hf", "full", "tokenselect:64:reuse_threshold=-1.0"}
+    assert set(rows) == {"hf", "full", "tokenselect:64:reuse_threshold=-1.0", "tokenselect:64@radix"}
     assert all("error" not in r and r["ms_per_token"] > 0 for r in rows.values())
     assert rows["tokenselect:64:reuse_threshold=-1.0"]["method_stats"]["reuse_rate"] > 0.5

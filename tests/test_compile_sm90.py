@@ -118,3 +118,27 @@ def test_quant_decode_kernel_compiles_for_hopper(path, tmp_path, monkeypatch):
     k = triton.compile(ASTSource(fn, sig, constexprs=c), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": path["warps"], "num_stages": path["stages"]})
     assert k.asm.get("cubin") and ("prmt.b32 t0" in k.asm["ptx"]) == path["ASM"]   # the inline unpack, where asked
+
+
+# the radix top-k (kvsift/kernels/topk_radix.py) takes no PDL: its five kernels compiled for sm_90 at
+# TokenSelect's shape (8 KV heads, rows of 131,072 in blocks of 4,096), each histogram level
+_RADIX = [("_radix_hist_kernel", dict(LEVEL=0)), ("_radix_hist_kernel", dict(LEVEL=1)),
+          ("_radix_hist_kernel", dict(LEVEL=2)), ("_radix_count_kernel", {}),
+          ("_radix_write_kernel", dict(NBLK_P=32, FILL=1024, HAS_TAIL=True))]
+
+
+@pytest.mark.skipif(not _triton.triton_has_pdl(), reason="needs a recent Triton with the NVIDIA backend")
+@pytest.mark.parametrize("name,consts", _RADIX, ids=[f"{n}{c.get('LEVEL', '')}" for n, c in _RADIX])
+def test_radix_topk_kernels_compile_for_hopper(name, consts, tmp_path, monkeypatch):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    fn = getattr(importlib.import_module("kvsift.kernels.topk_radix"), name)
+    c = dict(consts, HK=8, NBLK=32, BLK=4096, HAS_SKIP=True)
+    ptrs = {"s_ptr": "*fp32", "skip_ptr": "*i1", "hist_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*i64",
+            "tail_ptr": "*i64"}
+    sig = {a: "constexpr" if a in c else ptrs.get(a, "i32") for a in fn.arg_names}
+    k = triton.compile(ASTSource(fn, sig, constexprs=c), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert k.asm.get("cubin"), "ptxas gave no binary"

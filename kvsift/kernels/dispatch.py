@@ -28,6 +28,7 @@ from kvsift.kernels import slot_scores as _ss
 from kvsift.kernels import sparse_prefill_attention as _spa
 from kvsift.kernels import token_votes as _tv
 from kvsift.kernels import topk_select as _tk
+from kvsift.kernels import topk_radix as _tr
 from kvsift.kernels._triton import HAS_TRITON, triton_disabled
 from kvsift.kernels.chunk_scores import chunks_to_slots, page_summaries
 from kvsift.kernels.sparse_decode_attention import merge_attention
@@ -66,6 +67,8 @@ def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
     the ``skip`` rows of ``out``), unspecified without it."""
     if use_triton(scores, *(t for t in (skip, tail, out) if t is not None)):
         n = scores.shape[-1]
+        if _tk.TUNING["radix_min_n"] and n >= _tk.TUNING["radix_min_n"]:   # many programs per row
+            return _tr.topk_select_radix(scores, k, dtype, skip, tail, out)
         blk = _tk.TUNING["block_from"]
         if (blk and max(2 * blk, _tk.TUNING["block_min_n"] or 0) <= n <= _tk.MAX_N
                 and _tk.blocked_fits(n, k, blk)):   # more programs per row

@@ -44,7 +44,11 @@ TUNING = {"num_warps": None, "impl": "int32",
           # topk_select_blocked in blocks of block_from (more programs per row); None: one program
           # per row. Measured (bench/gpu_decode.py's topk_blocked* rows, H200) only at 8,192 scores
           # (Quest's pages at 128k): shorter rows keep one program until a run measures them
-          "block_from": 1024, "block_min_n": 8192}
+          "block_from": 1024, "block_min_n": 8192,
+          # rows of at least radix_min_n scores go to kvsift.kernels.topk_radix (six short launches
+          # over blocks of 4,096 instead of the blocked form's two long ones); None: never, until a
+          # GPU run times it (bench/gpu_decode.py's *_radix rows)
+          "radix_min_n": None}
 
 
 def _check(scores: torch.Tensor, k: int, dtype: torch.dtype) -> None:
