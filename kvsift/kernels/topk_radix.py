@@ -95,6 +95,7 @@ if HAS_TRITON:
                            HAS_SKIP: tl.constexpr):
         # launches 1-3: program (row, block) adds its keys' digit LEVEL (0, 1, 2) to the row's
         # histogram of that digit, over the keys that agree with the threshold on the digits above
+        # (relaxed atomics: the launches after read the sums, ordered by the kernel boundary)
         pid = tl.program_id(0)
         row = (pid // NBLK).to(tl.int64)
         blk = pid % NBLK
@@ -109,19 +110,19 @@ if HAS_TRITON:
             d = tl.where(valid, u >> 21, 2048)
             hc = tl.histogram(d.to(tl.int32), 4096)                  # bin 2048: not counted
             bins = tl.arange(0, 4096)
-            tl.atomic_add(hrow + bins, hc, mask=(bins < 2048) & (hc > 0))
+            tl.atomic_add(hrow + bins, hc, mask=(bins < 2048) & (hc > 0), sem="relaxed")
         elif LEVEL == 1:
             kk, prefix, above, d1 = _row_state(hrow, K, 1)
             d = tl.where(valid & ((u >> 21) == d1), (u >> 10) & 2047, 2048)
             hc = tl.where(kk > 0, tl.histogram(d.to(tl.int32), 4096), 0)
             bins = tl.arange(0, 4096)
-            tl.atomic_add(hrow + 2048 + bins, hc, mask=(bins < 2048) & (hc > 0))
+            tl.atomic_add(hrow + 2048 + bins, hc, mask=(bins < 2048) & (hc > 0), sem="relaxed")
         else:
             kk, prefix, above, d2 = _row_state(hrow, K, 2)
             d = tl.where(valid & ((u >> 10) == (prefix >> 10)), u & 1023, 1024)
             hc = tl.where(kk > 0, tl.histogram(d.to(tl.int32), 2048), 0)
             bins = tl.arange(0, 2048)
-            tl.atomic_add(hrow + 4096 + bins, hc, mask=(bins < 1024) & (hc > 0))
+            tl.atomic_add(hrow + 4096 + bins, hc, mask=(bins < 1024) & (hc > 0), sem="relaxed")
 
     @triton.jit
     def _radix_count_kernel(s_ptr, skip_ptr, sx, hist_ptr, cnt_ptr, N, K, ss_b, ss_h, ss_n,
