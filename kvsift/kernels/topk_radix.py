@@ -36,8 +36,8 @@ import torch
 from kvsift.kernels._triton import HAS_TRITON, tl, triton
 from kvsift.kernels.topk_select import _result, into, with_tail
 
-# the three digits of a 32-bit key, high to low, and the row histograms' layout (int32 counts)
-BITS = (11, 11, 10)
+# a row's three histograms (int32 counts), one per digit of the 32-bit key, high to low: 11 bits
+# (2,048 bins), 11 bits, 10 bits (1,024); the kernels address them at row * HIST, + 2048, + 4096
 HIST = 2048 + 2048 + 1024
 TUNING = {"block": 4096, "num_warps": 4}
 
@@ -92,7 +92,7 @@ if HAS_TRITON:
     @triton.jit
     def _radix_hist_kernel(s_ptr, skip_ptr, sx, hist_ptr, N, K, ss_b, ss_h, ss_n,
                            HK: tl.constexpr, NBLK: tl.constexpr, BLK: tl.constexpr, LEVEL: tl.constexpr,
-                           HAS_SKIP: tl.constexpr):
+                           HAS_SKIP: tl.constexpr, HS: tl.constexpr = HIST):
         # launches 1-3: program (row, block) adds its keys' digit LEVEL (0, 1, 2) to the row's
         # histogram of that digit, over the keys that agree with the threshold on the digits above
         # (relaxed atomics: the launches after read the sums, ordered by the kernel boundary)
@@ -104,7 +104,7 @@ if HAS_TRITON:
         if HAS_SKIP:
             if tl.load(skip_ptr + b * sx) != 0:
                 return
-        hrow = hist_ptr + row * 5120
+        hrow = hist_ptr + row * HS
         offs, valid, u = _block_keys(s_ptr, b, h, ss_b, ss_h, ss_n, N, blk, BLK)
         if LEVEL == 0:
             d = tl.where(valid, u >> 21, 2048)
@@ -126,7 +126,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _radix_count_kernel(s_ptr, skip_ptr, sx, hist_ptr, cnt_ptr, N, K, ss_b, ss_h, ss_n,
-                            HK: tl.constexpr, NBLK: tl.constexpr, BLK: tl.constexpr, HAS_SKIP: tl.constexpr):
+                            HK: tl.constexpr, NBLK: tl.constexpr, BLK: tl.constexpr, HAS_SKIP: tl.constexpr,
+                            HS: tl.constexpr = HIST):
         # launch 4: program (row, block) writes how many of its keys lie above the threshold and at it
         pid = tl.program_id(0)
         row = (pid // NBLK).to(tl.int64)
@@ -136,7 +137,7 @@ if HAS_TRITON:
         if HAS_SKIP:
             if tl.load(skip_ptr + b * sx) != 0:
                 return
-        kk, t, above, d3 = _row_state(hist_ptr + row * 5120, K, 3)
+        kk, t, above, d3 = _row_state(hist_ptr + row * HS, K, 3)
         offs, valid, u = _block_keys(s_ptr, b, h, ss_b, ss_h, ss_n, N, blk, BLK)
         n_gt = tl.sum((valid & (u > t)).to(tl.int32), axis=0)
         n_eq = tl.sum((valid & (u == t)).to(tl.int32), axis=0)
@@ -147,7 +148,8 @@ if HAS_TRITON:
     def _radix_write_kernel(s_ptr, skip_ptr, sx, hist_ptr, cnt_ptr, out_ptr, tail_ptr, st_t, N, K,
                             ss_b, ss_h, ss_n, so_b, so_h, so_k,
                             HK: tl.constexpr, NBLK: tl.constexpr, NBLK_P: tl.constexpr, BLK: tl.constexpr,
-                            FILL: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_TAIL: tl.constexpr):
+                            FILL: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_TAIL: tl.constexpr,
+                            HS: tl.constexpr = HIST):
         # launch 5: program (row, block) writes its picks in index order after the earlier blocks'
         pid = tl.program_id(0)
         row = (pid // NBLK).to(tl.int64)
@@ -157,7 +159,7 @@ if HAS_TRITON:
         if HAS_SKIP:
             if tl.load(skip_ptr + b * sx) != 0:
                 return
-        kk, t, above, d3 = _row_state(hist_ptr + row * 5120, K, 3)
+        kk, t, above, d3 = _row_state(hist_ptr + row * HS, K, 3)
         take_eq = kk - above                                    # keys equal to t to take (lowest first)
         j = tl.arange(0, NBLK_P)
         earlier = j < blk
