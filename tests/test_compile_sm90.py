@@ -120,15 +120,16 @@ def test_quant_decode_kernel_compiles_for_hopper(path, tmp_path, monkeypatch):
     assert k.asm.get("cubin") and ("prmt.b32 t0" in k.asm["ptx"]) == path["ASM"]   # the inline unpack, where asked
 
 
-# the radix top-k (kvsift/kernels/topk_radix.py) takes no PDL: its five kernels compiled for sm_90 at
+# the radix top-k (kvsift/kernels/topk_radix.py) takes no PDL: its kernels compiled for sm_90 at
 # TokenSelect's shape (8 KV heads, rows of 131,072 in blocks of 4,096), each histogram level
 _RADIX = [("_radix_hist_kernel", dict(LEVEL=0)), ("_radix_hist_kernel", dict(LEVEL=1)),
-          ("_radix_hist_kernel", dict(LEVEL=2)), ("_radix_count_kernel", {}),
-          ("_radix_write_kernel", dict(NBLK_P=32, FILL=1024, HAS_TAIL=True))]
+          ("_radix_hist_kernel", dict(LEVEL=2)),
+          ("_radix_pick_kernel", dict(NBLK_P=32, FILL=1024, WRITE=False, HAS_TAIL=True)),
+          ("_radix_pick_kernel", dict(NBLK_P=32, FILL=1024, WRITE=True, HAS_TAIL=True))]
 
 
 @pytest.mark.skipif(not _triton.triton_has_pdl(), reason="needs a recent Triton with the NVIDIA backend")
-@pytest.mark.parametrize("name,consts", _RADIX, ids=[f"{n}{c.get('LEVEL', '')}" for n, c in _RADIX])
+@pytest.mark.parametrize("name,consts", _RADIX, ids=[f"{n}{c.get('LEVEL', '')}{c.get('WRITE', '')}" for n, c in _RADIX])
 def test_radix_topk_kernels_compile_for_hopper(name, consts, tmp_path, monkeypatch):
     import triton
     from triton.backends.compiler import GPUTarget

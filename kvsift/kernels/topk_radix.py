@@ -23,7 +23,7 @@ that the blocks add to with atomics:
 5. each block reads the earlier blocks' counts (their prefix: where its picks start, and how many
    of the ties they took) and writes its picks in index order.
 
-Six launches with the zeroing of the histograms, each short and over ``n / block`` programs per
+Six launches with the zeroing of the histograms (4 and 5 one kernel), each short and over ``n / block`` programs per
 row, instead of two long ones over few. Rows are read from memory at every launch (from L2 for
 TokenSelect's 4 MiB of votes at batch 1). Off by default in the dispatcher
 (``topk_select.TUNING["radix_min_n"]``) until a GPU run times it against the blocked form.
@@ -56,6 +56,13 @@ if HAS_TRITON:
         key = tl.where(bits >= 0, bits, bits ^ 2147483647)          # signed order == float order
         u = tl.where(valid, key.to(tl.int64) + 2147483648, 0)
         return offs, valid, u
+
+    @triton.jit
+    def _row_block(HK: tl.constexpr, NBLK: tl.constexpr):
+        """This program's ``(row, block, batch row, KV head)`` in a grid of ``rows * NBLK``."""
+        pid = tl.program_id(0)
+        row = (pid // NBLK).to(tl.int64)
+        return row, pid % NBLK, row // HK, row % HK
 
     @triton.jit
     def _digit_bin(hist_ptr, need, NBINS: tl.constexpr):
@@ -96,11 +103,7 @@ if HAS_TRITON:
         # launches 1-3: program (row, block) adds its keys' digit LEVEL (0, 1, 2) to the row's
         # histogram of that digit, over the keys that agree with the threshold on the digits above
         # (relaxed atomics: the launches after read the sums, ordered by the kernel boundary)
-        pid = tl.program_id(0)
-        row = (pid // NBLK).to(tl.int64)
-        blk = pid % NBLK
-        b = row // HK
-        h = row % HK
+        row, blk, b, h = _row_block(HK, NBLK)
         if HAS_SKIP:
             if tl.load(skip_ptr + b * sx) != 0:
                 return
@@ -125,61 +128,43 @@ if HAS_TRITON:
             tl.atomic_add(hrow + 4096 + bins, hc, mask=(bins < 1024) & (hc > 0), sem="relaxed")
 
     @triton.jit
-    def _radix_count_kernel(s_ptr, skip_ptr, sx, hist_ptr, cnt_ptr, N, K, ss_b, ss_h, ss_n,
-                            HK: tl.constexpr, NBLK: tl.constexpr, BLK: tl.constexpr, HAS_SKIP: tl.constexpr,
-                            HS: tl.constexpr = HIST):
-        # launch 4: program (row, block) writes how many of its keys lie above the threshold and at it
-        pid = tl.program_id(0)
-        row = (pid // NBLK).to(tl.int64)
-        blk = pid % NBLK
-        b = row // HK
-        h = row % HK
+    def _radix_pick_kernel(s_ptr, skip_ptr, sx, hist_ptr, cnt_ptr, out_ptr, tail_ptr, st_t, N, K,
+                           ss_b, ss_h, ss_n, so_b, so_h, so_k,
+                           HK: tl.constexpr, NBLK: tl.constexpr, NBLK_P: tl.constexpr, BLK: tl.constexpr,
+                           FILL: tl.constexpr, WRITE: tl.constexpr, HAS_SKIP: tl.constexpr,
+                           HAS_TAIL: tl.constexpr, HS: tl.constexpr = HIST):
+        # launch 4 (WRITE False): program (row, block) writes how many of its keys lie above the
+        # threshold key t and at it; launch 5: its picks, in index order after the earlier blocks'
+        row, blk, b, h = _row_block(HK, NBLK)
         if HAS_SKIP:
             if tl.load(skip_ptr + b * sx) != 0:
                 return
         kk, t, above, d3 = _row_state(hist_ptr + row * HS, K, 3)
         offs, valid, u = _block_keys(s_ptr, b, h, ss_b, ss_h, ss_n, N, blk, BLK)
-        n_gt = tl.sum((valid & (u > t)).to(tl.int32), axis=0)
-        n_eq = tl.sum((valid & (u == t)).to(tl.int32), axis=0)
-        tl.store(cnt_ptr + (row * NBLK + blk) * 2, n_gt)
-        tl.store(cnt_ptr + (row * NBLK + blk) * 2 + 1, n_eq)
-
-    @triton.jit
-    def _radix_write_kernel(s_ptr, skip_ptr, sx, hist_ptr, cnt_ptr, out_ptr, tail_ptr, st_t, N, K,
-                            ss_b, ss_h, ss_n, so_b, so_h, so_k,
-                            HK: tl.constexpr, NBLK: tl.constexpr, NBLK_P: tl.constexpr, BLK: tl.constexpr,
-                            FILL: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_TAIL: tl.constexpr,
-                            HS: tl.constexpr = HIST):
-        # launch 5: program (row, block) writes its picks in index order after the earlier blocks'
-        pid = tl.program_id(0)
-        row = (pid // NBLK).to(tl.int64)
-        blk = pid % NBLK
-        b = row // HK
-        h = row % HK
-        if HAS_SKIP:
-            if tl.load(skip_ptr + b * sx) != 0:
-                return
-        kk, t, above, d3 = _row_state(hist_ptr + row * HS, K, 3)
-        take_eq = kk - above                                    # keys equal to t to take (lowest first)
-        j = tl.arange(0, NBLK_P)
-        earlier = j < blk
-        gt_before = tl.sum(tl.load(cnt_ptr + (row * NBLK + j) * 2, mask=earlier, other=0), axis=0)
-        eq_before = tl.sum(tl.load(cnt_ptr + (row * NBLK + j) * 2 + 1, mask=earlier, other=0), axis=0)
-        offs, valid, u = _block_keys(s_ptr, b, h, ss_b, ss_h, ss_n, N, blk, BLK)
+        gt = valid & (u > t)
         eq = valid & (u == t)
-        eq_rank = eq_before + tl.cumsum(eq.to(tl.int32), axis=0)
-        sel = (valid & (u > t)) | (eq & (eq_rank <= take_eq))
-        sel = sel & ((offs * 0 + kk) > 0)                       # (kk == 0: nothing)
-        pos = gt_before + tl.minimum(eq_before, take_eq) + tl.cumsum(sel.to(tl.int32), axis=0) - 1
-        o_base = out_ptr + b * so_b + h * so_h
-        tl.store(o_base + pos * so_k, offs.to(out_ptr.dtype.element_ty), mask=sel)
-        if blk == 0:   # -1 from kk on, then the tail column
-            for start in range(0, K, FILL):
-                offs_k = start + tl.arange(0, FILL)
-                tl.store(o_base + offs_k * so_k, tl.full((FILL,), -1, out_ptr.dtype.element_ty),
-                         mask=(offs_k < K) & (offs_k >= kk))
-            if HAS_TAIL:
-                write_tail(out_ptr, tail_ptr, b, h, st_t, so_b, so_h, so_k, K)
+        if not WRITE:
+            tl.store(cnt_ptr + (row * NBLK + blk) * 2, tl.sum(gt.to(tl.int32), axis=0))
+            tl.store(cnt_ptr + (row * NBLK + blk) * 2 + 1, tl.sum(eq.to(tl.int32), axis=0))
+        else:
+            take_eq = kk - above                                # keys equal to t to take (lowest first)
+            j = tl.arange(0, NBLK_P)
+            earlier = j < blk
+            gt_before = tl.sum(tl.load(cnt_ptr + (row * NBLK + j) * 2, mask=earlier, other=0), axis=0)
+            eq_before = tl.sum(tl.load(cnt_ptr + (row * NBLK + j) * 2 + 1, mask=earlier, other=0), axis=0)
+            eq_rank = eq_before + tl.cumsum(eq.to(tl.int32), axis=0)
+            sel = gt | (eq & (eq_rank <= take_eq))
+            sel = sel & ((offs * 0 + kk) > 0)                   # (kk == 0: nothing)
+            pos = gt_before + tl.minimum(eq_before, take_eq) + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+            o_base = out_ptr + b * so_b + h * so_h
+            tl.store(o_base + pos * so_k, offs.to(out_ptr.dtype.element_ty), mask=sel)
+            if blk == 0:   # -1 from kk on, then the tail column
+                for start in range(0, K, FILL):
+                    offs_k = start + tl.arange(0, FILL)
+                    tl.store(o_base + offs_k * so_k, tl.full((FILL,), -1, out_ptr.dtype.element_ty),
+                             mask=(offs_k < K) & (offs_k >= kk))
+                if HAS_TAIL:
+                    write_tail(out_ptr, tail_ptr, b, h, st_t, so_b, so_h, so_k, K)
 
 
 def topk_select_radix(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
@@ -213,10 +198,10 @@ def topk_select_radix(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.i
     grid = (b * h * nblk,)
     for level in range(3):
         _radix_hist_kernel[grid](scores, flag, sx, hist, n, k, *ss, LEVEL=level, **common)
-    _radix_count_kernel[grid](scores, flag, sx, hist, counts, n, k, *ss, **common)
-    _radix_write_kernel[grid](
-        scores, flag, sx, hist, counts, out, tail if tail is not None else out,
-        tail.stride(0) if tail is not None else 0, n, k, *ss, *out.stride(),
-        NBLK_P=max(2, triton.next_power_of_2(nblk)), FILL=min(1024, max(16, triton.next_power_of_2(k))),
-        HAS_TAIL=tail is not None, **common)
+    for write in (False, True):
+        _radix_pick_kernel[grid](
+            scores, flag, sx, hist, counts, out, tail if tail is not None else out,
+            tail.stride(0) if tail is not None else 0, n, k, *ss, *out.stride(),
+            NBLK_P=max(2, triton.next_power_of_2(nblk)), FILL=min(1024, max(16, triton.next_power_of_2(k))),
+            WRITE=write, HAS_TAIL=tail is not None, **common)
     return out
