@@ -173,23 +173,12 @@ def selected(q, k, v, summ, page, budget, scale, reduce, summ_scale=None):
     return dispatch.sparse_decode_attention(q, k, v, pages, scale, page=page)
 
 
-@contextlib.contextmanager
-def tk_tuned(**settings):
-    """The top-k's ``TUNING`` entries set to ``settings`` inside, restored after."""
-    saved = {k: tk.TUNING[k] for k in settings}
-    tk.TUNING.update(settings)
-    try:
-        yield
-    finally:
-        tk.TUNING.update(saved)
-
-
 def with_block(f, blk: int | None):
     """``f`` run with the top-k's blocked form in blocks of ``blk`` for rows of at least ``2 * blk``
     scores, whatever ``block_min_n`` says (None: one program per row; the dispatch reads the
     setting when ``f`` runs, i.e. when a CUDA graph records it)."""
     def run(L):
-        with tk_tuned(block_from=blk, block_min_n=0):
+        with tuned(tk.TUNING, block_from=blk, block_min_n=0):
             return f(L)
     return run
 
@@ -771,20 +760,18 @@ def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict
     # runs the model's own code, '@fused' (the name measured before it became the default) forces them on
     if sys_name.endswith(("@unfused", "@fused")):
         llm.runner.fused_decode = sys_name.endswith("@fused")
+    # '@radix': long rows' top-k (TokenSelect's votes) through the radix select (topk_radix), this
+    # system only
+    radix = {}
+    if sys_name.endswith("@radix"):
+        radix["radix_min_n"] = 1 << 15
+        sys_name = sys_name.removesuffix("@radix")
     # quantized decode kernel settings (quant_decode_attention.TUNING), this system only: '@asm' /
     # '@noasm' the inline-PTX unpack of 4-bit codes on / off (the default since 2026-12-03);
     # '@offset' its planes left offset (fold_offset); '@i32' / '@noi32' 32-bit slot arithmetic (i32,
     # the default since 2026-12-03) on / off
     from kvsift.kernels import quant_decode_attention as qda
-    from kvsift.kernels import topk_select as tks
 
-    # '@radix': long rows' top-k (TokenSelect's votes) through the radix select (topk_radix), this
-    # system only
-    saved_tk = dict(tks.TUNING)
-    if sys_name.endswith("@radix"):
-        tks.TUNING["radix_min_n"] = 1 << 15
-        sys_name = sys_name.removesuffix("@radix")
-    saved = dict(qda.TUNING)
     tuning = {}
     for suffix, key, value in (("@asm", "fold_asm", True), ("@noasm", "fold_asm", False),
                                ("@offset", "fold_offset", True), ("@i32", "i32", True), ("@noi32", "i32", False)):
@@ -794,16 +781,10 @@ def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict
     name, budget_v, kw = parse_system(sys_name.removesuffix("@unfused").removesuffix("@fused"))
     if budget_v is not None and budget_v >= ids.shape[1]:
         budget_v = None if name == "full" else max(1, ids.shape[1] // 2)
-    qda.TUNING.update(tuning)
-    try:
-        with pdl(pdl_on) if pdl_on is not None else contextlib.nullcontext():
-            outs = llm.generate([r.tolist() for r in ids], SamplingParams(max_tokens=n, ignore_eos=True),
-                                method=name, budget=budget_v, method_kwargs=kw or None, progress=False)
-    finally:
-        qda.TUNING.clear()
-        qda.TUNING.update(saved)
-        tks.TUNING.clear()
-        tks.TUNING.update(saved_tk)
+    with tuned(qda.TUNING, **tuning), tuned(tk.TUNING, **radix), \
+            pdl(pdl_on) if pdl_on is not None else contextlib.nullcontext():
+        outs = llm.generate([r.tolist() for r in ids], SamplingParams(max_tokens=n, ignore_eos=True),
+                            method=name, budget=budget_v, method_kwargs=kw or None, progress=False)
     st = outs[0].stats
     # steady state: the one-off warm-up step and CUDA graph recording are reported apart
     return {"decode_steps": st.decode_steps - (st.decode_setup_steps or (1 if st.decode_setup_s else 0)),

@@ -122,8 +122,9 @@ def test_quant_decode_kernel_compiles_for_hopper(path, tmp_path, monkeypatch):
 
 # the radix top-k (kvsift/kernels/topk_radix.py) takes no PDL: its kernels compiled for sm_90 at
 # TokenSelect's shape (8 KV heads, rows of 131,072 in blocks of 4,096), each histogram level
-_RADIX = [("_radix_hist_kernel", dict(LEVEL=0)), ("_radix_hist_kernel", dict(LEVEL=1)),
-          ("_radix_hist_kernel", dict(LEVEL=2)),
+_RADIX = [("_radix_hist_kernel", dict(LEVEL=0, SHIFT=21, BINS=2048, TOP=32, BASE=0)),
+          ("_radix_hist_kernel", dict(LEVEL=1, SHIFT=10, BINS=2048, TOP=21, BASE=2048)),
+          ("_radix_hist_kernel", dict(LEVEL=2, SHIFT=0, BINS=1024, TOP=10, BASE=4096)),
           ("_radix_pick_kernel", dict(NBLK_P=32, FILL=1024, WRITE=False, HAS_TAIL=True)),
           ("_radix_pick_kernel", dict(NBLK_P=32, FILL=1024, WRITE=True, HAS_TAIL=True))]
 

@@ -44,10 +44,14 @@ REDUCES = ("max", "mean", "votes")
 TUNING = {"block_n": 64, "num_warps": 4}
 
 
-def _check(q, keys, key_pos, slots, reduce, page=1) -> None:
-    check_group_keys(q, keys, key_pos, "cap")
+def _check_page(page) -> None:
     if isinstance(page, bool) or not isinstance(page, int) or page < 1:
         raise ValueError(f"page must be a positive int, got {page!r}")
+
+
+def _check(q, keys, key_pos, slots, reduce, page=1) -> None:
+    check_group_keys(q, keys, key_pos, "cap")
+    _check_page(page)
     b, hk = keys.shape[:2]
     if slots.dim() != 3 or tuple(slots.shape[:2]) != (b, hk) or slots.is_floating_point():
         raise ValueError(f"slots must be integers of shape (batch, kv_heads, n) = ({b}, {hk}, n), got "
@@ -72,8 +76,7 @@ def _check_pick(at, cand, page, tail, cap) -> None:
     if cand.dim() != 3 or tuple(cand.shape[:2]) != tuple(at.shape[:2]) or cand.is_floating_point():
         raise ValueError(f"cand must be integers of shape {tuple(at.shape[:2])} + (m,), got {cand.dtype} "
                          f"{tuple(cand.shape)}")
-    if isinstance(page, bool) or not isinstance(page, int) or page < 1:
-        raise ValueError(f"page must be a positive int, got {page!r}")
+    _check_page(page)
     if tail is not None:
         if tuple(tail.shape) != (*at.shape[:2], 1) or tail.is_floating_point():
             raise ValueError(f"tail must be integers of shape {(*at.shape[:2], 1)}, got {tail.dtype} {tuple(tail.shape)}")

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from kvsift.kernels._triton import HAS_TRITON, tl, triton
-from kvsift.kernels.topk_select import _result, into, with_tail
+from kvsift.kernels.topk_select import _result, topk_select_ref
 
 # a row's three histograms (int32 counts), one per digit of the 32-bit key, high to low: 11 bits
 # (2,048 bins), 11 bits, 10 bits (1,024); the kernels address them at row * HIST, + 2048, + 4096
@@ -43,7 +43,7 @@ TUNING = {"block": 4096, "num_warps": 4}
 
 
 if HAS_TRITON:
-    from kvsift.kernels.topk_select import write_tail
+    from kvsift.kernels.topk_select import order_keys, write_tail
 
     @triton.jit
     def _block_keys(s_ptr, b, h, ss_b, ss_h, ss_n, N, blk, BLK: tl.constexpr):
@@ -51,11 +51,8 @@ if HAS_TRITON:
         whose order is the scores' (0 where not selectable: past the row, ``-inf``, NaN)."""
         offs = blk * BLK + tl.arange(0, BLK)
         x = tl.load(s_ptr + b * ss_b + h * ss_h + offs * ss_n, mask=offs < N, other=float("-inf")).to(tl.float32)
-        valid = (offs < N) & (x == x) & (x > float("-inf"))
-        bits = x.to(tl.int32, bitcast=True)
-        key = tl.where(bits >= 0, bits, bits ^ 2147483647)          # signed order == float order
-        u = tl.where(valid, key.to(tl.int64) + 2147483648, 0)
-        return offs, valid, u
+        valid, key = order_keys(x, offs < N)
+        return offs, valid, key.to(tl.int64) + 2147483648           # (int32 min, unselectable: 0)
 
     @triton.jit
     def _row_block(HK: tl.constexpr, NBLK: tl.constexpr):
@@ -77,9 +74,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _row_state(hist_ptr, K, LEVELS: tl.constexpr):
-        """``(kk, prefix, above, d)`` after the first ``LEVELS`` digits: ``kk = min(K, selectable
-        keys)``, the key bits fixed so far (``prefix``, aligned at the top), the keys known to lie
-        above the threshold, and the last digit's bin."""
+        """``(kk, prefix, above)`` after the first ``LEVELS`` digits: ``kk = min(K, selectable
+        keys)``, the key bits fixed so far (``prefix``, aligned at the top; all 32 with ``LEVELS``
+        3: the threshold key) and the keys known to lie above the threshold."""
         total = tl.sum(tl.load(hist_ptr + tl.arange(0, 2048)), axis=0)
         kk = tl.minimum(K, total)
         d, above = _digit_bin(hist_ptr, kk, 2048)
@@ -88,44 +85,34 @@ if HAS_TRITON:
             d2, a2 = _digit_bin(hist_ptr + 2048, kk - above, 2048)
             above += a2
             prefix = prefix | (d2.to(tl.int64) << 10)
-            d = d2
         if LEVELS >= 3:
             d3, a3 = _digit_bin(hist_ptr + 4096, kk - above, 1024)
             above += a3
             prefix = prefix | d3.to(tl.int64)
-            d = d3
-        return kk, prefix, above, d
+        return kk, prefix, above
 
     @triton.jit
     def _radix_hist_kernel(s_ptr, skip_ptr, sx, hist_ptr, N, K, ss_b, ss_h, ss_n,
                            HK: tl.constexpr, NBLK: tl.constexpr, BLK: tl.constexpr, LEVEL: tl.constexpr,
+                           SHIFT: tl.constexpr, BINS: tl.constexpr, TOP: tl.constexpr, BASE: tl.constexpr,
                            HAS_SKIP: tl.constexpr, HS: tl.constexpr = HIST):
-        # launches 1-3: program (row, block) adds its keys' digit LEVEL (0, 1, 2) to the row's
-        # histogram of that digit, over the keys that agree with the threshold on the digits above
-        # (relaxed atomics: the launches after read the sums, ordered by the kernel boundary)
+        # launches 1-3: program (row, block) adds its keys' digit LEVEL (0, 1, 2: BINS bins, the
+        # key's bits SHIFT to TOP) to the row's histogram of that digit (at BASE), over the keys
+        # that agree with the threshold on the digits above (relaxed atomics: the launches after
+        # read the sums, ordered by the kernel boundary)
         row, blk, b, h = _row_block(HK, NBLK)
         if HAS_SKIP:
             if tl.load(skip_ptr + b * sx) != 0:
                 return
         hrow = hist_ptr + row * HS
         offs, valid, u = _block_keys(s_ptr, b, h, ss_b, ss_h, ss_n, N, blk, BLK)
-        if LEVEL == 0:
-            d = tl.where(valid, u >> 21, 2048)
-            hc = tl.histogram(d.to(tl.int32), 4096)                  # bin 2048: not counted
-            bins = tl.arange(0, 4096)
-            tl.atomic_add(hrow + bins, hc, mask=(bins < 2048) & (hc > 0), sem="relaxed")
-        elif LEVEL == 1:
-            kk, prefix, above, d1 = _row_state(hrow, K, 1)
-            d = tl.where(valid & ((u >> 21) == d1), (u >> 10) & 2047, 2048)
-            hc = tl.where(kk > 0, tl.histogram(d.to(tl.int32), 4096), 0)
-            bins = tl.arange(0, 4096)
-            tl.atomic_add(hrow + 2048 + bins, hc, mask=(bins < 2048) & (hc > 0), sem="relaxed")
-        else:
-            kk, prefix, above, d2 = _row_state(hrow, K, 2)
-            d = tl.where(valid & ((u >> 10) == (prefix >> 10)), u & 1023, 1024)
-            hc = tl.where(kk > 0, tl.histogram(d.to(tl.int32), 2048), 0)
-            bins = tl.arange(0, 2048)
-            tl.atomic_add(hrow + 4096 + bins, hc, mask=(bins < 1024) & (hc > 0), sem="relaxed")
+        if LEVEL > 0:   # the digits above, from the histograms before (a row with no key counts none)
+            _, prefix, _ = _row_state(hrow, K, LEVEL)
+            valid = valid & ((u >> TOP) == (prefix >> TOP))
+        d = tl.where(valid, (u >> SHIFT) & (BINS - 1), BINS)
+        hc = tl.histogram(d.to(tl.int32), 2 * BINS)                  # bin BINS: not counted
+        bins = tl.arange(0, 2 * BINS)
+        tl.atomic_add(hrow + BASE + bins, hc, mask=(bins < BINS) & (hc > 0), sem="relaxed")
 
     @triton.jit
     def _radix_pick_kernel(s_ptr, skip_ptr, sx, hist_ptr, cnt_ptr, out_ptr, tail_ptr, st_t, N, K,
@@ -139,7 +126,7 @@ if HAS_TRITON:
         if HAS_SKIP:
             if tl.load(skip_ptr + b * sx) != 0:
                 return
-        kk, t, above, d3 = _row_state(hist_ptr + row * HS, K, 3)
+        kk, t, above = _row_state(hist_ptr + row * HS, K, 3)
         offs, valid, u = _block_keys(s_ptr, b, h, ss_b, ss_h, ss_n, N, blk, BLK)
         gt = valid & (u > t)
         eq = valid & (u == t)
@@ -153,8 +140,7 @@ if HAS_TRITON:
             gt_before = tl.sum(tl.load(cnt_ptr + (row * NBLK + j) * 2, mask=earlier, other=0), axis=0)
             eq_before = tl.sum(tl.load(cnt_ptr + (row * NBLK + j) * 2 + 1, mask=earlier, other=0), axis=0)
             eq_rank = eq_before + tl.cumsum(eq.to(tl.int32), axis=0)
-            sel = gt | (eq & (eq_rank <= take_eq))
-            sel = sel & ((offs * 0 + kk) > 0)                   # (kk == 0: nothing)
+            sel = gt | (eq & (eq_rank <= take_eq))              # (a row with no key: none)
             pos = gt_before + tl.minimum(eq_before, take_eq) + tl.cumsum(sel.to(tl.int32), axis=0) - 1
             o_base = out_ptr + b * so_b + h * so_h
             tl.store(o_base + pos * so_k, offs.to(out_ptr.dtype.element_ty), mask=sel)
@@ -183,11 +169,10 @@ def topk_select_radix(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.i
     b, h, n = scores.shape
     if n >= 2**31:
         raise ValueError(f"rows of at most 2**31 - 1 scores, got {n}")
-    if done or n == 0:
-        if not done:   # no score at all: every column -1 (and the tail), as the reference
-            fill = torch.full((b, h, k), -1, dtype=dtype, device=scores.device)
-            into(with_tail(fill, tail), skip, out)
+    if done:
         return out
+    if n == 0:   # no score at all: every column -1 (and the tail)
+        return topk_select_ref(scores, k, dtype, skip, tail, out)
     nblk = triton.cdiv(n, block)
     hist = torch.zeros(b * h, HIST, dtype=torch.int32, device=scores.device)
     counts = torch.empty(b * h, nblk, 2, dtype=torch.int32, device=scores.device)
@@ -196,8 +181,9 @@ def topk_select_radix(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.i
     ss = scores.stride()
     common = dict(HK=h, NBLK=nblk, BLK=block, HAS_SKIP=skip is not None, num_warps=TUNING["num_warps"])
     grid = (b * h * nblk,)
-    for level in range(3):
-        _radix_hist_kernel[grid](scores, flag, sx, hist, n, k, *ss, LEVEL=level, **common)
+    for level, (shift, bins, base) in enumerate(((21, 2048, 0), (10, 2048, 2048), (0, 1024, 4096))):
+        _radix_hist_kernel[grid](scores, flag, sx, hist, n, k, *ss, LEVEL=level, SHIFT=shift, BINS=bins,
+                                 TOP=shift + bins.bit_length() - 1, BASE=base, **common)
     for write in (False, True):
         _radix_pick_kernel[grid](
             scores, flag, sx, hist, counts, out, tail if tail is not None else out,

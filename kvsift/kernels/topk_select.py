@@ -133,14 +133,20 @@ def topk_select_long(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.in
 if HAS_TRITON:
 
     @triton.jit
-    def float_keys(x, in_row, K):
+    def order_keys(x, in_row):
         """Scores ``x`` (float32, ``in_row``: the entries that exist) as signed int32 keys whose
         order is the floats' (``int32`` min where unselectable: outside the row, ``-inf``, NaN).
-        Returns ``(valid, key, n_valid, kk)``, ``kk = min(K, n_valid)``."""
+        Returns ``(valid, key)``."""
         valid = in_row & (x == x) & (x > float("-inf"))
         bits = x.to(tl.int32, bitcast=True)
         key = tl.where(bits >= 0, bits, bits ^ 2147483647)          # signed order == float order
-        key = tl.where(valid, key, -2147483647 - 1)
+        return valid, tl.where(valid, key, -2147483647 - 1)
+
+    @triton.jit
+    def float_keys(x, in_row, K):
+        """:func:`order_keys`, and ``(n_valid, kk)``, ``kk = min(K, n_valid)``. Returns ``(valid,
+        key, n_valid, kk)``."""
+        valid, key = order_keys(x, in_row)
         n_valid = tl.sum(valid.to(tl.int32), axis=0)
         return valid, key, n_valid, tl.minimum(K, n_valid)
 

@@ -38,6 +38,7 @@ import torch
 
 from kvsift.budget import Budget, parse_budget, resolve_budget, validate_budget  # noqa: F401 (re-exported)
 from kvsift.errors import BudgetError, MethodOptionError, UnknownMethodError
+from kvsift.kernels.slot_scores import page_slots
 
 if TYPE_CHECKING:
     from kvsift.cache import SiftLayer
@@ -98,8 +99,7 @@ class Selection:
         """``own`` as slots ``(batch, kv_heads, k * page)`` (negative where unused)."""
         if self.own is None or self.page == 1:
             return self.own
-        ar = torch.arange(self.page, device=self.own.device)
-        return torch.where(self.own[..., None] >= 0, self.own[..., None] * self.page + ar, -1).flatten(2)
+        return page_slots(self.own, self.page)
 
 
 # ---- per-layer state -------------------------------------------------------------------------------
