@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import platform
@@ -497,6 +498,7 @@ def run_tune(args, device, log) -> list[dict]:
     """Sweep the kernels' launch settings at one shape (per-kernel GPU time, CUDA graphs)."""
     from kvsift.kernels import chunk_scores as cs_mod
     from kvsift.kernels import sparse_decode_attention as sda_mod
+    from kvsift.kernels import token_votes as tv_mod
     from kvsift.kernels import topk_select as tk_mod
 
     rows = []
@@ -550,9 +552,47 @@ def run_tune(args, device, log) -> list[dict]:
             rec("attn_pages", dict(sda_mod.TUNING),
                 t(lambda L: dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], L["pages"], scale, page=page)))
         sda_mod.TUNING.update(saved)
+        # TokenSelect's two costs: the soft votes over every key and the top-k over every token
+        pos = torch.arange(ctx, device=device, dtype=torch.int32).expand(batch, HK, ctx)
+        lim = torch.full((batch,), ctx, device=device, dtype=torch.int64)
+        saved = dict(tv_mod.TUNING)
+        for block_n, max_prog, nw in (itertools.product((32, 64, 128), (64, 128, 256), (4, 8))
+                                      if "votes" in args.tune_kernels else ()):
+            tv_mod.TUNING.update(block_n=block_n, max_programs=max_prog, num_warps=nw)
+            rec("votes", dict(tv_mod.TUNING),
+                t(lambda L: dispatch.token_votes(L["q"], L["k"], pos, lim, "group", float("-inf"))))
+        tv_mod.TUNING.update(saved)
+        if "radix" in args.tune_kernels:
+            for L in layers:
+                L["_votes"] = dispatch.token_votes(L["q"], L["k"], pos, lim, "group", float("-inf"))
+            rec("topk_tokens", dict(tk_mod.TUNING), t(lambda L: dispatch.topk_select(L["_votes"], budget, torch.int64)))
+            saved = dict(topk_radix.TUNING)
+            for block, nw in itertools.product((1024, 2048, 4096, 8192, 16384), (4, 8)):
+                topk_radix.TUNING.update(block=block, num_warps=nw)
+                rec("topk_radix", dict(topk_radix.TUNING),
+                    t(lambda L: topk_radix.topk_select_radix(L["_votes"], budget, torch.int64)))
+            topk_radix.TUNING.update(saved)
         del layers
         torch.cuda.empty_cache()
     return rows
+
+
+def tuned_settings(rows: list[dict], batch: int = 1) -> dict:
+    """From ``run_tune``'s rows at ``batch``: ``{"votes": the fastest token_votes.TUNING, "radix":
+    topk_radix.TUNING's fastest block and warps plus ``radix_min_n`` for the dispatcher, or {} where
+    the dispatcher's own top-k (row ``topk_tokens``) was faster}``."""
+    def fastest(kernel):
+        rs = [r for r in rows if r["kernel"] == kernel and r["batch"] == batch]
+        return min(rs, key=lambda r: r["graph_ms"]) if rs else None
+
+    out = {"votes": {}, "radix": {}}
+    if (v := fastest("votes")) is not None:
+        out["votes"] = {k: v["setting"][k] for k in ("block_n", "max_programs", "num_warps")}
+    rx, base = fastest("topk_radix"), fastest("topk_tokens")
+    if rx is not None and base is not None and rx["graph_ms"] < base["graph_ms"]:
+        out["radix"] = {"block": rx["setting"]["block"], "num_warps": rx["setting"]["num_warps"],
+                        "radix_min_n": 1 << 15}
+    return out
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -766,6 +806,14 @@ def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict
     if sys_name.endswith("@radix"):
         radix["radix_min_n"] = 1 << 15
         sys_name = sys_name.removesuffix("@radix")
+    # '@tuned': TokenSelect's soft votes and the radix select with the fastest settings of this run's
+    # --tune sweep at batch 1 (tuned_settings), the radix select used where it beat the dispatcher
+    votes_tuning = {}
+    if sys_name.endswith("@tuned"):
+        best = getattr(args, "tuned_best", None) or {}
+        votes_tuning = best.get("votes", {})
+        radix = best.get("radix", {})
+        sys_name = sys_name.removesuffix("@tuned")
     # quantized decode kernel settings (quant_decode_attention.TUNING), this system only: '@asm' /
     # '@noasm' the inline-PTX unpack of 4-bit codes on / off (the default since 2026-12-03);
     # '@offset' its planes left offset (fold_offset); '@i32' / '@noi32' 32-bit slot arithmetic (i32,
@@ -781,7 +829,11 @@ def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict
     name, budget_v, kw = parse_system(sys_name.removesuffix("@unfused").removesuffix("@fused"))
     if budget_v is not None and budget_v >= ids.shape[1]:
         budget_v = None if name == "full" else max(1, ids.shape[1] // 2)
-    with tuned(qda.TUNING, **tuning), tuned(tk.TUNING, **radix), \
+    from kvsift.kernels import token_votes as tv
+
+    with tuned(qda.TUNING, **tuning), tuned(tk.TUNING, **{k: v for k, v in radix.items() if k in tk.TUNING}), \
+            tuned(topk_radix.TUNING, **{k: v for k, v in radix.items() if k in topk_radix.TUNING}), \
+            tuned(tv.TUNING, **votes_tuning), \
             pdl(pdl_on) if pdl_on is not None else contextlib.nullcontext():
         outs = llm.generate([r.tolist() for r in ids], SamplingParams(max_tokens=n, ignore_eos=True),
                             method=name, budget=budget_v, method_kwargs=kw or None, progress=False)
@@ -884,7 +936,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-kernels", action="store_true")
     p.add_argument("--tune", action="store_true", help="sweep kernel launch settings at --tune-ctx")
     p.add_argument("--tune-ctx", type=int, default=131072)
-    p.add_argument("--tune-kernels", type=lambda s: s.split(","), default=["score", "topk", "attn"])
+    p.add_argument("--tune-kernels", type=lambda s: s.split(","), default=["score", "topk", "attn"],
+                   help="which sweeps: score, topk, attn, votes (TokenSelect's soft votes), radix (topk_radix)")
     p.add_argument("--e2e", action="store_true", help="also time a random-weight Llama-8B-shaped model end to end")
     p.add_argument("--e2e-layers", type=int, default=32)
     p.add_argument("--e2e-contexts", type=lambda s: [int(x) for x in s.split(",")], default=[32768, 131072])
@@ -931,6 +984,8 @@ def main(argv=None) -> int:
     result = {"info": info, "checks": [], "kernels": [], "summary": [], "e2e": [], "tune": []}
     if args.tune:
         result["tune"] = run_tune(args, device, log)
+        args.tuned_best = tuned_settings(result["tune"])
+        log(f"tuned (batch 1, for '@tuned' systems): {json.dumps(args.tuned_best)}")
     if not args.skip_kernels:
         result["kernels"] = run_kernels(args, device, bw, log, result["checks"])
         result["summary"] = summarize(result["kernels"])
