@@ -20,7 +20,9 @@ context length it times, per layer:
   return at once). A run at reuse rate ``r`` costs about ``r * reused + (1 - r) * new`` per step.
   ``topk_tokens`` times the dispatch's top-k of a long row alone (its blocked form since
   2026-12-04), beside ``topk_tokens_sort`` (``torch.topk`` and the ascending sort, its path before),
-  ``topk_tokens_torch`` (``torch.topk`` alone, unsorted) and ``topk_tokens_radix<B>`` (the radix
+  ``topk_tokens_pad64`` (the same votes and 64 unselectable slots more, as the engine's static
+  buffer holds its decode slots: a second level of blocks since 2026-12-05, ``torch.topk`` and a
+  sort before), ``topk_tokens_torch`` (``torch.topk`` alone, unsorted) and ``topk_tokens_radix<B>`` (the radix
   select of ``kvsift/kernels/topk_radix.py`` over blocks of ``B``); ``sel/tokens_radix`` the step
   with it (end to end: a system ``<spec>@radix``);
 * ``topk_one`` / ``topk_blocked<blk>`` and ``sel/quest_one`` / ``sel/quest_blocked<blk>``: Quest's
@@ -477,6 +479,12 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                     L["_votes"] = token_votes(L["q"], L["k"], None)
                 timed(f"topk_tokens/{budget}", lambda L, bu=budget: dispatch.topk_select(L["_votes"], bu, torch.int64),
                       eager=False)
+                # the engine's static buffer is a little longer than the prompt (its decode slots): the
+                # same votes with 64 unselectable slots more take a second level of blocks
+                for L in layers:
+                    L["_votes_pad"] = F.pad(L["_votes"], (0, 64), value=float("-inf"))
+                timed(f"topk_tokens_pad64/{budget}",
+                      lambda L, bu=budget: dispatch.topk_select(L["_votes_pad"], bu, torch.int64), eager=False)
                 timed(f"topk_tokens_sort/{budget}",
                       lambda L, bu=budget: tk.topk_select_long(L["_votes"], bu, torch.int64), eager=False)
                 timed(f"topk_tokens_torch/{budget}", lambda L, bu=budget: L["_votes"].topk(bu, dim=-1), eager=False)
@@ -642,15 +650,17 @@ def print_table(rows, summary, bw_gbs, log):
 
 # ---- end-to-end section ------------------------------------------------------------------------
 
-def run_e2e(args, device, log, bw_gbs: float | None = None) -> list[dict]:
+def run_e2e(args, device, log, bw_gbs: float | None = None, on_row=None) -> list[dict]:
     """Decode of a random-weight Llama-3.1-8B-shaped model (all 32 layers unless ``--e2e-layers``):
     HF ``generate`` dense, kvsift ``full`` and the ``--e2e-methods`` (e.g. ``sentencekv:2048``),
     at each context of ``--e2e-contexts`` and each batch of ``--e2e-batches`` (``max``: the largest
     batch that fits, found by trying from an estimate downwards). One row per (context, system,
     batch): ms/token, tokens/s, GPU memory peak, KV bytes on the device and on the host, the
-    decode mode, and the HBM roofline of a dense step (weights + KV bytes over ``bw_gbs``)."""
+    decode mode, and the HBM roofline of a dense step (weights + KV bytes over ``bw_gbs``).
+    ``on_row(rows)``: called after each row (the caller saves them, so a run cut short by a
+    timeout keeps what it measured)."""
     if args.e2e_model:
-        return _run_e2e_real(args, device, log, bw_gbs)
+        return _run_e2e_real(args, device, log, bw_gbs, on_row)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -690,6 +700,8 @@ def run_e2e(args, device, log, bw_gbs: float | None = None) -> list[dict]:
                     row = _e2e_row(model, sys_name, ctx, bsz, args, kv_tok, weight_bytes, bw_gbs, log)
                     row["batch_spec"] = bspec
                     rows.append(row)
+                    if on_row is not None:
+                        on_row(rows)
                     if "error" not in row:
                         done.add(bsz)
                         break
@@ -698,7 +710,7 @@ def run_e2e(args, device, log, bw_gbs: float | None = None) -> list[dict]:
     return rows
 
 
-def _run_e2e_real(args, device, log, bw_gbs: float | None) -> list[dict]:
+def _run_e2e_real(args, device, log, bw_gbs: float | None, on_row=None) -> list[dict]:
     """``--e2e-model``: the same rows on a real model (a registered name or a path ``LLM`` loads)
     and real prompts: the suite's ``niah`` samples at each context, so consecutive decode queries
     are a real model's (a random-weight model's are unrelated: TokenSelect's selection cache never
@@ -731,6 +743,8 @@ def _run_e2e_real(args, device, log, bw_gbs: float | None) -> list[dict]:
                 row = _e2e_row(model, sys_name, ctx, bsz, args, kv_tok, weight_bytes, bw_gbs, log, ids=ids)
                 row.update(batch_spec=bspec, model=args.e2e_model, prompt_tokens=n)
                 rows.append(row)
+                if on_row is not None:
+                    on_row(rows)
     return rows
 
 
@@ -992,7 +1006,11 @@ def main(argv=None) -> int:
         print_table(result["kernels"], result["summary"], bw, log)
     out_path.write_text(json.dumps(result, indent=1))
     if args.e2e:
-        result["e2e"] = run_e2e(args, device, log, bw)
+        def save(rows):
+            result["e2e"] = rows
+            out_path.write_text(json.dumps(result, indent=1))
+
+        result["e2e"] = run_e2e(args, device, log, bw, save)
         print_e2e(result["e2e"], log)
         out_path.write_text(json.dumps(result, indent=1))
     out_path.with_suffix(".log").write_text("\n".join(lines) + "\n")

@@ -81,8 +81,14 @@ def test_dispatch_runs_the_reference_on_the_cpu():
 
 
 def test_blocked_top_k_needs_room_for_its_candidates():
-    assert tk.blocked_fits(131072, 2048)                           # 8 blocks x 2,048 = 16,384
-    assert not tk.blocked_fits(131072, 4096)
+    assert tk.block_levels(131072, 2048) == [tk.MAX_N]             # 8 blocks x 2,048 = 16,384
+    # a static buffer a little longer than 128k: 9 x 2,048 candidates, then 2 x 2,048
+    assert tk.block_levels(131072 + 64, 2048) == [tk.MAX_N, tk.MAX_N]
+    assert tk.block_levels(131072, 4096) == [tk.MAX_N, tk.MAX_N]   # 32,768 candidates, then 8,192
+    assert tk.block_levels(1 << 20, 2048) == [tk.MAX_N, tk.MAX_N]  # a million: 131,072, then 16,384
+    assert tk.block_levels(8192, 128, 1024) == [1024]
+    assert not tk.blocked_fits(131072, 9000)                       # k too large to shrink 4 levels in
+    assert not tk.blocked_fits(131072, tk.MAX_N)                   # a level of one candidate list per block
     assert not tk.blocked_fits(10, tk.MAX_N + 1)
     assert tk.blocked_fits(8192, 128, 1024) and not tk.blocked_fits(8192, 2048, 1024)   # k > block
     assert not tk.blocked_fits(8192, 128, 2 * tk.MAX_N)
@@ -151,7 +157,7 @@ for k in (1, 5, 12):
     ref = tk.topk_select_ref(s[..., :60], k, torch.int64)
     assert torch.equal(tk.topk_select(s[..., :60], k, torch.int64, skip)[~skip], ref[~skip]), k
 tk.MAX_N = 64
-for k in (1, 5, 12):
+for k in (1, 5, 12, 20):   # 20: 5 blocks x 20 = 100 candidates, more than MAX_N: a second level (2 x 20)
     ref = tk.topk_select_ref(s, k, torch.int64)
     assert torch.equal(tk.topk_select_blocked(s, k, torch.int64, torch.zeros(3, dtype=torch.bool)), ref), k
     assert torch.equal(tk.topk_select_blocked(s, k, torch.int64, skip)[~skip], ref[~skip]), k
@@ -165,7 +171,7 @@ for k in (1, 5, 12):
                        tk.topk_select_ref(s[..., :60], k, torch.int64)[~skip]) and bool((out[1] == 9).all()), k
     # smaller blocks over a row that fits one program (more programs per row), a tail column
     tail = torch.tensor([3, -1, 41])
-    for blk in (16, 32):
+    for blk in (b_ for b_ in (16, 32) if b_ >= k):
         want = tk.topk_select_ref(s[..., :60], k, torch.int32, tail=tail)
         assert torch.equal(tk.topk_select_blocked(s[..., :60], k, torch.int32, block=blk, tail=tail), want), (k, blk)
         out = torch.full((3, 2, k + 1), 9, dtype=torch.int32)
@@ -222,6 +228,16 @@ def test_cuda_kernels_match_reference(dtype):
     out = torch.full((4, 8, 2048), 5, dtype=torch.int64, device="cuda")
     assert dispatch.topk_select(votes, 2048, torch.int64, skip, out=out) is out   # in place, skipped row kept
     assert torch.equal(out[~skip], ref[~skip]) and bool((out[1] == 5).all())
+    # a static buffer a little past 128k: nine blocks' candidates, a second level of blocks
+    long = torch.randn(2, 8, 131072 + 64, device="cuda")
+    long[1, 2, 5000:40000] = 3.0                                    # ties across blocks and levels
+    long[0, :, -64:] = float("-inf")
+    assert tk.block_levels(long.shape[-1], 2048) == [tk.MAX_N, tk.MAX_N]
+    want = tk.topk_select_ref(long, 2048, torch.int64)
+    assert torch.equal(dispatch.topk_select(long, 2048, torch.int64), want)
+    out = torch.full((2, 8, 2048), 5, dtype=torch.int64, device="cuda")
+    dispatch.topk_select(long, 2048, torch.int64, skip[:2], out=out)
+    assert torch.equal(out[0], want[0]) and bool((out[1] == 5).all())
     # Quest's page rows in blocks (dispatch's block_from), with the tail column
     pages = torch.randn(4, 8, 8192, device="cuda")
     pages[2, 3, 1000:1400] = 2.0                                   # ties across blocks

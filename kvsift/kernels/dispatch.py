@@ -75,9 +75,9 @@ def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
             return _tk.topk_select_blocked(scores, k, dtype, skip, out, blk, tail)
         if n <= _tk.MAX_N:
             return _tk.topk_select(scores, k, dtype, skip, tail, out)
-        if _tk.blocked_fits(n, k):   # longer rows: blocks of MAX_N, two launches (measured faster)
-            return _tk.topk_select_blocked(scores, k, dtype, skip, out, tail=tail)
-        # longer rows whose blocks' candidates do not fit one program: torch.topk and a sort
+        if _tk.blocked_fits(n, k):   # longer rows: blocks of MAX_N, a level more where their candidates
+            return _tk.topk_select_blocked(scores, k, dtype, skip, out, tail=tail)   # exceed MAX_N
+        # k too large for blocks of MAX_N to shrink the row: torch.topk and a sort
         return _tk.into(_tk.with_tail(_tk.topk_select_long(scores, k, dtype), tail), skip, out)
     return _tk.topk_select_ref(scores, k, dtype, skip, tail, out)
 

@@ -25,7 +25,11 @@ against 0.082 and 0.161 ms for ``torch.topk`` alone. On 2026-12-04, :func:`topk_
 with nothing between its two launches: 0.0622 and 0.1695 ms, against 0.1284 and 0.2634 ms for what
 the dispatcher ran until then (``torch.topk`` and the sort of its ``k`` indices the contract needs),
 so long rows now go to it whenever its candidates fit (``blocked_fits``); it also skips rows
-(``skip (batch,)``: TokenSelect's selection cache), which ``torch.topk`` cannot. The same blocked form
+(``skip (batch,)``: TokenSelect's selection cache), which ``torch.topk`` cannot. Where the blocks'
+candidates are more than ``MAX_N`` (a static buffer a little longer than 131,072 slots: nine blocks'
+2,048 each) it runs one more level of blocks over them (``block_levels``); until 2026-12-05 such
+rows went to ``torch.topk`` and two sorts, which a profile of TokenSelect's decode at 128k on an
+H100 showed taking 2.9 of its 15.4 ms of kernels per step. The same blocked form
 with smaller blocks spreads a row one program could hold over several (``TUNING["block_from"]``):
 Quest's 8,192 pages at 128k (k = 128) in blocks of 1,024 took 0.0102 / 0.0143 ms at batch 1 / 8
 against 0.0135 / 0.0169 ms in one program per row (blocks of 512 and 2,048 in between).
@@ -46,8 +50,8 @@ TUNING = {"num_warps": None, "impl": "int32",
           # (Quest's pages at 128k): shorter rows keep one program until a run measures them
           "block_from": 1024, "block_min_n": 8192,
           # rows of at least radix_min_n scores go to kvsift.kernels.topk_radix (six short launches
-          # over blocks of 4,096 instead of the blocked form's two long ones); None: never, until a
-          # GPU run times it (bench/gpu_decode.py's *_radix rows)
+          # over blocks of 4,096 instead of the blocked form's two long ones); None: never (timed on
+          # an H100: 3x slower at batch 1, 10x at batch 8, see that module)
           "radix_min_n": None}
 
 
@@ -291,13 +295,14 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _topk_blocks_kernel(s_ptr, ci_ptr, cv_ptr, skip_ptr, sx, N, K, ss_b, ss_h, ss_n,
+    def _topk_blocks_kernel(s_ptr, si_ptr, ci_ptr, cv_ptr, skip_ptr, sx, N, K, ss_b, ss_h, ss_n,
                             HK: tl.constexpr, NB: tl.constexpr, BLK: tl.constexpr, BLOCK_K: tl.constexpr,
-                            HAS_SKIP: tl.constexpr, PDL: tl.constexpr = False):
+                            HAS_SKIP: tl.constexpr, HAS_IDX: tl.constexpr = False, PDL: tl.constexpr = False):
         pdl_start(PDL)
-        # the first launch of the blocked selection: program (row, block) writes its block's best K
-        # as candidates, global indices ascending into ci[b, h, blk*K:(blk+1)*K] and their scores
-        # into cv (-1 / -inf past the block's selectable entries)
+        # a level of the blocked selection: program (row, block) writes its block's best K as
+        # candidates, global indices ascending into ci[b, h, blk*K:(blk+1)*K] and their scores into
+        # cv (-1 / -inf past the block's selectable entries). HAS_IDX: a later level, whose scores
+        # are an earlier level's candidates and si (laid out as the scores) their global indices
         pid = tl.program_id(0)
         row = pid // NB
         blk = (pid % NB).to(tl.int64)
@@ -311,6 +316,8 @@ if HAS_TRITON:
         x = tl.load(s_ptr + b * ss_b + h * ss_h + idx * ss_n, mask=idx < N, other=float("-inf")).to(tl.float32)
         valid, key, n_valid, kk = float_keys(x, idx < N, K)
         sel = best_k(valid, key, n_valid, kk)
+        if HAS_IDX:
+            idx = tl.load(si_ptr + b * ss_b + h * ss_h + idx * ss_n, mask=sel, other=-1)
         m = NB * K
         write_selected(ci_ptr + blk * K, b, h, HK * m, m, 1, idx, sel, kk, K, BLOCK_K)
         write_selected(cv_ptr + blk * K, b, h, HK * m, m, 1, x, sel, kk, K, BLOCK_K, float("-inf"))
@@ -407,54 +414,83 @@ def with_tail(idx: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([idx, tail.to(idx.dtype)[:, None, None].expand(b, h, 1)], dim=-1)
 
 
+def block_levels(n: int, k: int, block: int | None = None, max_levels: int = 4) -> list[int] | None:
+    """The block size of each candidate level :func:`topk_select_blocked` runs for rows of ``n``
+    scores and ``k`` (the first ``block``, default ``MAX_N``, the later ones ``MAX_N``): each level
+    keeps the best ``k`` of every block, until at most ``MAX_N`` candidates are left for the last
+    launch to pick from. ``None`` where that takes more than ``max_levels`` levels or a level would
+    not shrink the row (``k`` too large for its blocks)."""
+    block = MAX_N if block is None else block
+    if not k <= block <= MAX_N:
+        return None
+    levels, m = [], n
+    while True:
+        blk = block if not levels else MAX_N
+        nxt = -(-m // blk) * k
+        if levels and nxt >= m:
+            return None
+        levels.append(blk)
+        if nxt <= MAX_N:
+            return levels
+        if len(levels) == max_levels:
+            return None
+        m = nxt
+
+
 def blocked_fits(n: int, k: int, block: int | None = None) -> bool:
     """Whether :func:`topk_select_blocked` takes rows of ``n`` scores for ``k`` in blocks of
-    ``block`` (default ``MAX_N``): its second pass ranks ``k`` candidates from each block, at most
-    ``MAX_N`` of them."""
-    block = MAX_N if block is None else block
-    return k <= block <= MAX_N and -(-n // block) * k <= MAX_N
+    ``block`` (default ``MAX_N``): see :func:`block_levels`."""
+    return block_levels(n, k, block) is not None
 
 
 def topk_select_blocked(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
                         skip: torch.Tensor | None = None, out: torch.Tensor | None = None,
                         block: int | None = None, tail: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`topk_select` in two launches, exactly as :func:`topk_select_ref`: the best ``k`` of
+    """:func:`topk_select` in a few launches, exactly as :func:`topk_select_ref`: the best ``k`` of
     each block of ``block`` scores (a power of two, default ``MAX_N``), then the best ``k`` of
     those candidates (the same result: a score among a row's best ``k`` is among its block's best
-    ``k``, ties included, as both passes keep the lowest indices). Nothing runs between the two:
-    the first writes each block's candidates (global indices and scores), the second picks among
-    them and writes global indices (and ``tail (batch,)`` as column ``k``, as the one-launch
-    kernel). Rows longer than ``MAX_N`` (TokenSelect's votes over every token) need it; shorter
-    ones may spread a row over more programs with a smaller ``block`` (Quest's 8,192 pages at
-    128k: one program per row otherwise). Both launches return at once for ``skip`` rows, whose
-    ``out`` rows are left as they were (``out (batch, kv_heads, k [+ 1])`` of ``dtype``, written
-    in place when given). For ``blocked_fits(n, k, block)`` shapes."""
+    ``k``, ties included, as every pass keeps the lowest indices). Where the candidates are still
+    more than ``MAX_N`` (TokenSelect's votes over a buffer a little longer than 131,072 slots: nine
+    blocks of 2,048 candidates), the same launch runs again over them, in blocks of ``MAX_N``
+    (:func:`block_levels`); candidates stay in ascending index order at every level, so the lowest
+    positions are the lowest indices at a tie. Nothing runs between the launches: each level writes
+    its candidates (global indices and scores), the last launch picks among them and writes global
+    indices (and ``tail (batch,)`` as column ``k``, as the one-launch kernel). Rows longer than
+    ``MAX_N`` need it; shorter ones may spread a row over more programs with a smaller ``block``
+    (Quest's 8,192 pages at 128k: one program per row otherwise). Every launch returns at once for
+    ``skip`` rows, whose ``out`` rows are left as they were (``out (batch, kv_heads, k [+ 1])`` of
+    ``dtype``, written in place when given). For ``blocked_fits(n, k, block)`` shapes."""
     out, done = _result(scores, k, dtype, skip, tail, out)   # bad arguments: ValueError, Triton or not
     b, h, n = scores.shape
     block = MAX_N if block is None else block
     if block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16, got {block}")
-    if not blocked_fits(n, k, block):
-        raise ValueError(f"topk_select_blocked takes k <= block <= {MAX_N} and ceil(n / block) * k <= {MAX_N}, "
-                         f"got n={n}, k={k}, block={block}")
+    levels = block_levels(n, k, block)
+    if levels is None:
+        raise ValueError(f"topk_select_blocked takes k <= block <= {MAX_N} and k small enough for its candidates "
+                         f"to shrink to {MAX_N} within a few levels of blocks, got n={n}, k={k}, block={block}")
     if not HAS_TRITON:
         raise RuntimeError("topk_select_blocked needs Triton (pip install triton); use topk_select_ref")
     if done:
         return out
-    nb = -(-n // block)
-    cand_i = torch.empty(b, h, nb * k, dtype=torch.int64, device=scores.device)
-    cand_v = torch.empty(b, h, nb * k, dtype=torch.float32, device=scores.device)
     flag = skip if skip is not None else out
     sx = skip.stride(0) if skip is not None else 0
     block_k = max(16, triton.next_power_of_2(k))
-    _topk_blocks_kernel[(b * h * nb,)](
-        scores, cand_i, cand_v, flag, sx, n, k, scores.stride(0), scores.stride(1), scores.stride(2),
-        HK=h, NB=nb, BLK=block, BLOCK_K=block_k, HAS_SKIP=skip is not None,
-        num_warps=TUNING["num_warps"] or (8 if block >= 4096 else 4), **pdl_launch(scores))
-    block_m = max(16, triton.next_power_of_2(nb * k))
+    vals, idx, m = scores, None, n
+    for blk in levels:
+        nb = -(-m // blk)
+        cand_i = torch.empty(b, h, nb * k, dtype=torch.int64, device=scores.device)
+        cand_v = torch.empty(b, h, nb * k, dtype=torch.float32, device=scores.device)
+        _topk_blocks_kernel[(b * h * nb,)](
+            vals, idx if idx is not None else cand_i, cand_i, cand_v, flag, sx, m, k,
+            vals.stride(0), vals.stride(1), vals.stride(2),
+            HK=h, NB=nb, BLK=blk, BLOCK_K=block_k, HAS_SKIP=skip is not None, HAS_IDX=idx is not None,
+            num_warps=TUNING["num_warps"] or (8 if blk >= 4096 else 4), **pdl_launch(scores))
+        vals, idx, m = cand_v, cand_i, nb * k
+    block_m = max(16, triton.next_power_of_2(m))
     _topk_pick_kernel[(b * h,)](
-        cand_i, cand_v, out, flag, sx, tail if tail is not None else out, tail.stride(0) if tail is not None else 0,
-        nb * k, k, out.stride(0), out.stride(1), out.stride(2),
+        idx, vals, out, flag, sx, tail if tail is not None else out, tail.stride(0) if tail is not None else 0,
+        m, k, out.stride(0), out.stride(1), out.stride(2),
         HK=h, BLOCK_M=block_m, BLOCK_K=block_k, HAS_SKIP=skip is not None, HAS_TAIL=tail is not None,
         num_warps=TUNING["num_warps"] or (8 if block_m >= 4096 else 4), **pdl_launch(scores))
     return out
