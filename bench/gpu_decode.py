@@ -27,7 +27,9 @@ context length it times, per layer:
   with it (end to end: a system ``<spec>@radix``);
 * ``topk_one`` / ``topk_blocked<blk>`` and ``sel/quest_one`` / ``sel/quest_blocked<blk>``: Quest's
   page top-k alone and in its step, one program per row or in blocks of ``blk`` pages
-  (``topk_select.TUNING["block_from"]``; ``topk`` and ``sel/quest`` are the dispatch's default).
+  (``topk_select.TUNING["block_from"]``; ``topk`` and ``sel/quest`` are the dispatch's default);
+  ``topk_pad_one`` / ``topk_pad_blocked1024`` the same over the rows the engine makes, the pages of
+  a 1,024-slot decode reserve after the prompt's (just past a power of two).
 * ``sel/quest_refine<N>/<budget>``: Quest with ``refine=N`` (``--refine``): page scores, the best
   ``N * budget // page`` pages, the exact ``q . k`` at their slots (``dispatch.slot_scores``), the
   best ``budget`` tokens (``topk_select``), sparse attention; ``sel/quest_refine<N>_torch`` the
@@ -472,6 +474,14 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                             lambda L, bu=budget: selected(L["q"], L["k"], L["v"], L["quest"], args.page, bu,
                                                           scale, "max"), blk),
                             extra={"budget": budget, "summary": "quest"}, eager=False)
+                # the rows the engine makes: the prompt's pages and those of its decode reserve (1,024
+                # slots, unselectable here), just past a power of two: one program or blocks of 1,024
+                for L in layers:
+                    L["_sc_pad"] = F.pad(L["_sc"], (0, 1024 // args.page), value=float("-inf"))
+                for blk in (None, 1024):
+                    if blk is None or tk.blocked_fits(n_pages + 1024 // args.page, budget // args.page, blk):
+                        timed(f"topk_pad_{'one' if blk is None else f'blocked{blk}'}/{budget}", with_block(
+                            lambda L, bu=budget: dispatch.select_chunks(L["_sc_pad"], args.page, bu), blk), eager=False)
                 # tokenselect's top-k over every token's votes: dispatch (past the Triton selector's
                 # MAX_N, its blocked form when the candidates fit), torch.topk with the ascending sort
                 # the contract needs (the dispatch's path before 2026-12-04), torch.topk alone

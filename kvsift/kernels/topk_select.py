@@ -46,9 +46,13 @@ MAX_N = 16384
 TUNING = {"num_warps": None, "impl": "int32",
           # rows of at least max(2 * block_from, block_min_n) scores (and at most MAX_N) go to
           # topk_select_blocked in blocks of block_from (more programs per row); None: one program
-          # per row. Measured (bench/gpu_decode.py's topk_blocked* rows, H200) only at 8,192 scores
-          # (Quest's pages at 128k): shorter rows keep one program until a run measures them
-          "block_from": 1024, "block_min_n": 8192,
+          # per row. Measured (bench/gpu_decode.py's topk_one / topk_blocked* rows): at 8,192 scores
+          # (Quest's pages of 16 at 128k) blocks were faster on the H200, at exactly 4,096 (pages of
+          # 32) one program was, by 3% of the step (H100). Rows just past a power of two are what
+          # the engine makes (its buffers hold the prompt and a decode reserve: 4,128 pages of 32
+          # at 128k), and one program pads them to the next one: 15.5 us per layer in a profile of
+          # the decode (H100) against 9.1 at exactly 4,096 in the bench. So past 4,096, blocks
+          "block_from": 1024, "block_min_n": 4097,
           # rows of at least radix_min_n scores go to kvsift.kernels.topk_radix (six short launches
           # over blocks of 4,096 instead of the blocked form's two long ones); None: never (timed on
           # an H100: 3x slower at batch 1, 10x at batch 8, see that module)
