@@ -574,9 +574,11 @@ def run_tune(args, device, log) -> list[dict]:
         pos = torch.arange(ctx, device=device, dtype=torch.int32).expand(batch, HK, ctx)
         lim = torch.full((batch,), ctx, device=device, dtype=torch.int64)
         saved = dict(tv_mod.TUNING)
-        for block_n, max_prog, nw in (itertools.product((32, 64, 128), (64, 128, 256), (4, 8))
-                                      if "votes" in args.tune_kernels else ()):
-            tv_mod.TUNING.update(block_n=block_n, max_programs=max_prog, num_warps=nw)
+        for block_n, max_prog, nw, stages in (
+                [(bn, mp, nw, None) for bn, mp, nw in itertools.product((32, 64, 128), (64, 128, 256), (4, 8))]
+                + [(bn, 64, 4, st) for bn, st in itertools.product((64, 128), (2, 3, 4, 5))]
+                if "votes" in args.tune_kernels else ()):
+            tv_mod.TUNING.update(block_n=block_n, max_programs=max_prog, num_warps=nw, num_stages=stages)
             rec("votes", dict(tv_mod.TUNING),
                 t(lambda L: dispatch.token_votes(L["q"], L["k"], pos, lim, "group", float("-inf"))))
         tv_mod.TUNING.update(saved)
@@ -605,7 +607,8 @@ def tuned_settings(rows: list[dict], batch: int = 1) -> dict:
 
     out = {"votes": {}, "radix": {}}
     if (v := fastest("votes")) is not None:
-        out["votes"] = {k: v["setting"][k] for k in ("block_n", "max_programs", "num_warps")}
+        out["votes"] = {k: v["setting"][k] for k in ("block_n", "max_programs", "num_warps", "num_stages")
+                        if k in v["setting"]}
     rx, base = fastest("topk_radix"), fastest("topk_tokens")
     if rx is not None and base is not None and rx["graph_ms"] < base["graph_ms"]:
         out["radix"] = {"block": rx["setting"]["block"], "num_warps": rx["setting"]["num_warps"],

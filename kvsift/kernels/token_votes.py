@@ -35,8 +35,11 @@ from kvsift.kernels._triton import HAS_TRITON, pdl_launch, pdl_start, tl, triton
 
 VOTES = ("group", "layer")
 _LOG2E = 1.4426950408889634
-# launch settings (tokens per block of the scoring kernel, at most this many programs per row)
-TUNING = {"block_n": 64, "max_programs": 64, "block_v": 512, "num_warps": 4}
+# launch settings (tokens per block of the scoring kernel, at most this many programs per row; its
+# software-pipelining stages, None: Triton's default). Swept on an H100 (bench/gpu_decode.py --tune
+# --tune-kernels votes, 2026-12-05, 128k): at 4 warps every block_n of 32-128 and max_programs of
+# 64-256 took 0.110-0.120 ms at batch 1 (these 0.111), 8 warps 7-38% more; num_stages not swept yet
+TUNING = {"block_n": 64, "max_programs": 64, "block_v": 512, "num_warps": 4, "num_stages": None}
 
 
 def _check(q, keys, key_pos, limit, vote, skip) -> None:
@@ -234,7 +237,8 @@ def _launch(q, keys, key_pos, n, limit, slots, fill, skip, page=1) -> torch.Tens
         key_pos.stride(0), key_pos.stride(1), key_pos.stride(2), *(sl.stride() if slots is not None else (0, 0, 0)),
         HK=hk, G=g, G_P=g_p, D=d, BLOCK_D=block_d, BLOCK_N=block_n, IEEE=upcast or q.dtype == torch.float32,
         UPCAST=upcast, HAS_SKIP=skip is not None, SLOTS=slots is not None, PAGE=page,
-        num_warps=TUNING["num_warps"], **pdl_launch(q))
+        num_warps=TUNING["num_warps"], **({"num_stages": TUNING["num_stages"]} if TUNING["num_stages"] else {}),
+        **pdl_launch(q))
     block_v = TUNING["block_v"]
     _votes_kernel[(b * hk, triton.cdiv(n, block_v))](
         sc, st, sk, skip.stride(0) if skip is not None else 0, out, n, nprog, fill, out.stride(0), out.stride(1),
