@@ -87,6 +87,10 @@ def test_blocked_top_k_needs_room_for_its_candidates():
     assert tk.block_levels(131072, 4096) == [tk.MAX_N, tk.MAX_N]   # 32,768 candidates, then 8,192
     assert tk.block_levels(1 << 20, 2048) == [tk.MAX_N, tk.MAX_N]  # a million: 131,072, then 16,384
     assert tk.block_levels(8192, 128, 1024) == [1024]
+    for n in (131072 + 1024, 262144 + 1024, (1 << 20) + 1024):      # the engine's buffers: prompt + reserve
+        for k in (1024, 2048, 4096):                               # TokenSelect's budgets: all on Triton
+            assert tk.blocked_fits(n, k), (n, k)
+    assert not tk.blocked_fits(262144 + 1024, 8192)                # half of each block kept: too many levels
     assert not tk.blocked_fits(131072, 9000)                       # k too large to shrink 4 levels in
     assert not tk.blocked_fits(131072, tk.MAX_N)                   # a level of one candidate list per block
     assert not tk.blocked_fits(10, tk.MAX_N + 1)
@@ -209,7 +213,11 @@ cuda = needs_cuda_triton()
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_kernels_match_reference(dtype):
+def test_cuda_kernels_match_reference(dtype, monkeypatch):
+    def no_fallback(*a, **kw):   # every shape below has a Triton path: torch.topk must not run
+        raise AssertionError("dispatch fell back to topk_select_long")
+
+    monkeypatch.setattr(tk, "topk_select_long", no_fallback)
     q, k, pos, limit = (t.cuda() for t in make_case(5, b=4, hq=32, hk=8, n=5000, d=128, dtype=dtype))
     skip = torch.tensor([False, True, False, False], device="cuda")
     for vote in ("group", "layer"):
