@@ -188,6 +188,15 @@ def with_block(f, blk: int | None):
     return run
 
 
+def with_impl(f, impl: str):
+    """``f`` run with ``topk_select.TUNING["impl"] = impl`` (the threshold's search: ``int32``,
+    ``packed64`` or ``hist``, digit histograms)."""
+    def run(L):
+        with tuned(tk.TUNING, impl=impl):
+            return f(L)
+    return run
+
+
 def rel_err(a, b) -> float:
     a, b = a.double(), b.double()
     if torch.isnan(a).any():
@@ -459,6 +468,11 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                     L["_pages"] = dispatch.select_chunks(L["_sc"], args.page, budget)
                     L["_slots"] = chunks_to_slots(L["_pages"], None, args.page)
                 timed(f"topk/{budget}", lambda L, bu=budget: dispatch.select_chunks(L["_sc"], args.page, bu), eager=False)
+                timed(f"topk_hist/{budget}", with_impl(
+                    lambda L, bu=budget: dispatch.select_chunks(L["_sc"], args.page, bu), "hist"), eager=False)
+                timed(f"sel/quest_hist/{budget}", with_impl(
+                    lambda L, bu=budget: selected(L["q"], L["k"], L["v"], L["quest"], args.page, bu, scale, "max"),
+                    "hist"), extra={"budget": budget, "summary": "quest"}, eager=False)
                 timed(f"topk_torch/{budget}", lambda L, bu=budget: L["_sc"].topk(bu // args.page, dim=-1), eager=False)
                 # the pages' top-k in one program per row ("one") or spread over more programs per
                 # row (blocks of `blk` pages, then the candidates: topk_select.TUNING["block_from"]),
@@ -495,6 +509,10 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                     L["_votes_pad"] = F.pad(L["_votes"], (0, 64), value=float("-inf"))
                 timed(f"topk_tokens_pad64/{budget}",
                       lambda L, bu=budget: dispatch.topk_select(L["_votes_pad"], bu, torch.int64), eager=False)
+                for name, key in (("topk_tokens_hist", "_votes"), ("topk_tokens_pad64_hist", "_votes_pad")):
+                    timed(f"{name}/{budget}", with_impl(
+                        lambda L, bu=budget, key=key: dispatch.topk_select(L[key], bu, torch.int64), "hist"),
+                        eager=False)
                 timed(f"topk_tokens_sort/{budget}",
                       lambda L, bu=budget: tk.topk_select_long(L["_votes"], bu, torch.int64), eager=False)
                 timed(f"topk_tokens_torch/{budget}", lambda L, bu=budget: L["_votes"].topk(bu, dim=-1), eager=False)
@@ -557,7 +575,7 @@ def run_tune(args, device, log) -> list[dict]:
                             t(lambda L, s=summary, r=reduce: dispatch.chunk_scores(L["q"], L[s], r, L.get(s + "_scale"))))
         cs_mod.TUNING.update(saved)
         saved = dict(tk_mod.TUNING)
-        for impl in (("packed64", "int32") if "topk" in args.tune_kernels else ()):
+        for impl in (("packed64", "int32", "hist") if "topk" in args.tune_kernels else ()):
             for nw in (4, 8, 16):
                 tk_mod.TUNING.update(num_warps=nw, impl=impl)
                 rec("topk", dict(tk_mod.TUNING), t(lambda L: dispatch.select_chunks(L["sc"], page, budget)))
@@ -586,6 +604,9 @@ def run_tune(args, device, log) -> list[dict]:
             for L in layers:
                 L["_votes"] = dispatch.token_votes(L["q"], L["k"], pos, lim, "group", float("-inf"))
             rec("topk_tokens", dict(tk_mod.TUNING), t(lambda L: dispatch.topk_select(L["_votes"], budget, torch.int64)))
+            with tuned(tk_mod.TUNING, impl="hist"):   # the blocked form's thresholds by digit histograms
+                rec("topk_tokens", dict(tk_mod.TUNING),
+                    t(lambda L: dispatch.topk_select(L["_votes"], budget, torch.int64)))
             saved = dict(topk_radix.TUNING)
             for block, nw in itertools.product((1024, 2048, 4096, 8192, 16384), (4, 8)):
                 topk_radix.TUNING.update(block=block, num_warps=nw)

@@ -149,39 +149,43 @@ for seed, hq, hk in ((0, 8, 2), (1, 8, 2), (2, 6, 2), (3, 2, 2)):    # groups of
         got = tv.token_votes(q, k, pos, limit, vote, float("-inf"), skip)
         torch.testing.assert_close(got[~skip], tv.token_votes_ref(q, k, pos, limit, vote, float("-inf"))[~skip],
                                    atol=1e-6, rtol=1e-5)
-# top-k: the skip flag, and the blocked form of long rows (blocks of 64 here)
-g = torch.Generator().manual_seed(3)
-s = torch.randn(3, 2, 300, generator=g)
-s[0, 0, 5:40] = 0.5                                   # ties across a block boundary
-s[1, 1, ::3] = float("-inf")
-s[2, 0] = float("-inf")                               # nothing selectable
-s[2, 1, 7] = float("nan")
-skip = torch.tensor([False, True, False])
-for k in (1, 5, 12):
-    ref = tk.topk_select_ref(s[..., :60], k, torch.int64)
-    assert torch.equal(tk.topk_select(s[..., :60], k, torch.int64, skip)[~skip], ref[~skip]), k
-tk.MAX_N = 64
-for k in (1, 5, 12, 20):   # 20: 5 blocks x 20 = 100 candidates, more than MAX_N: a second level (2 x 20)
-    ref = tk.topk_select_ref(s, k, torch.int64)
-    assert torch.equal(tk.topk_select_blocked(s, k, torch.int64, torch.zeros(3, dtype=torch.bool)), ref), k
-    assert torch.equal(tk.topk_select_blocked(s, k, torch.int64, skip)[~skip], ref[~skip]), k
-    assert torch.equal(tk.topk_select_blocked(s[..., :250], k, torch.int32, skip)[~skip],
-                       tk.topk_select_ref(s[..., :250], k, torch.int32)[~skip]), k
-    out = torch.full((3, 2, k), 9, dtype=torch.int64)    # in place: the skipped row keeps its old selection
-    assert tk.topk_select_blocked(s, k, torch.int64, skip, out) is out
-    assert torch.equal(out[~skip], ref[~skip]) and bool((out[1] == 9).all()), k
-    out = torch.full((3, 2, k), 9, dtype=torch.int64)
-    assert torch.equal(tk.topk_select(s[..., :60], k, torch.int64, skip, out=out)[~skip],
-                       tk.topk_select_ref(s[..., :60], k, torch.int64)[~skip]) and bool((out[1] == 9).all()), k
-    # smaller blocks over a row that fits one program (more programs per row), a tail column
-    tail = torch.tensor([3, -1, 41])
-    for blk in (b_ for b_ in (16, 32) if b_ >= k):
-        want = tk.topk_select_ref(s[..., :60], k, torch.int32, tail=tail)
-        assert torch.equal(tk.topk_select_blocked(s[..., :60], k, torch.int32, block=blk, tail=tail), want), (k, blk)
-        out = torch.full((3, 2, k + 1), 9, dtype=torch.int32)
-        tk.topk_select_blocked(s[..., :60], k, torch.int32, skip, out, blk, tail)
-        assert torch.equal(out[~skip], want[~skip]) and bool((out[1] == 9).all()), (k, blk)
-tk.MAX_N = 16384
+# top-k: the skip flag, and the blocked form of long rows (blocks of 64 here); the threshold found by
+# the 4-way search and by digit histograms (TUNING['impl'] = 'hist')
+for impl in ("int32", "hist"):
+    tk.TUNING["impl"] = impl
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(3, 2, 300, generator=g)
+    s[0, 0, 5:40] = 0.5                                   # ties across a block boundary
+    s[1, 1, ::3] = float("-inf")
+    s[2, 0] = float("-inf")                               # nothing selectable
+    s[2, 1, 7] = float("nan")
+    skip = torch.tensor([False, True, False])
+    for k in (1, 5, 12):
+        ref = tk.topk_select_ref(s[..., :60], k, torch.int64)
+        assert torch.equal(tk.topk_select(s[..., :60], k, torch.int64, skip)[~skip], ref[~skip]), k
+    tk.MAX_N = 64
+    for k in (1, 5, 12, 20):   # 20: 5 blocks x 20 = 100 candidates, more than MAX_N: a second level (2 x 20)
+        ref = tk.topk_select_ref(s, k, torch.int64)
+        assert torch.equal(tk.topk_select_blocked(s, k, torch.int64, torch.zeros(3, dtype=torch.bool)), ref), k
+        assert torch.equal(tk.topk_select_blocked(s, k, torch.int64, skip)[~skip], ref[~skip]), k
+        assert torch.equal(tk.topk_select_blocked(s[..., :250], k, torch.int32, skip)[~skip],
+                           tk.topk_select_ref(s[..., :250], k, torch.int32)[~skip]), k
+        out = torch.full((3, 2, k), 9, dtype=torch.int64)    # in place: the skipped row keeps its old selection
+        assert tk.topk_select_blocked(s, k, torch.int64, skip, out) is out
+        assert torch.equal(out[~skip], ref[~skip]) and bool((out[1] == 9).all()), k
+        out = torch.full((3, 2, k), 9, dtype=torch.int64)
+        assert torch.equal(tk.topk_select(s[..., :60], k, torch.int64, skip, out=out)[~skip],
+                           tk.topk_select_ref(s[..., :60], k, torch.int64)[~skip]) and bool((out[1] == 9).all()), k
+        # smaller blocks over a row that fits one program (more programs per row), a tail column
+        tail = torch.tensor([3, -1, 41])
+        for blk in (b_ for b_ in (16, 32) if b_ >= k):
+            want = tk.topk_select_ref(s[..., :60], k, torch.int32, tail=tail)
+            assert torch.equal(tk.topk_select_blocked(s[..., :60], k, torch.int32, block=blk, tail=tail), want), (k, blk)
+            out = torch.full((3, 2, k + 1), 9, dtype=torch.int32)
+            tk.topk_select_blocked(s[..., :60], k, torch.int32, skip, out, blk, tail)
+            assert torch.equal(out[~skip], want[~skip]) and bool((out[1] == 9).all()), (k, blk)
+    tk.MAX_N = 16384
+tk.TUNING["impl"] = "int32"
 # the selection cache's decision: well away from the threshold the kernel decides as the reference
 g = torch.Generator().manual_seed(4)
 last = torch.randn(4, 6, 20, generator=g)
