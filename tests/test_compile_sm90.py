@@ -158,3 +158,22 @@ def test_radix_topk_kernels_compile_for_hopper(name, consts, tmp_path, monkeypat
     sig = {a: "constexpr" if a in c else ptrs.get(a, "i32") for a in fn.arg_names}
     k = triton.compile(ASTSource(fn, sig, constexprs=c), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     assert k.asm.get("cubin"), "ptxas gave no binary"
+
+
+@pytest.mark.skipif(not _triton.triton_has_pdl(), reason="needs a recent Triton with the NVIDIA backend")
+def test_kv_append_kernel_compiles_for_hopper(tmp_path, monkeypatch):
+    """The static decode step's one-launch KV write (no PDL: it runs before the layer's attention
+    reads what it wrote), for the 8B shape in bf16."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kvsift.kernels.kv_append import _kv_append_kernel as fn
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    c = dict(H=8, D=128, BLOCK_R=64, BLOCK_D=128)
+    ptrs = {"k_ptr": _BF, "v_ptr": _BF, "p_ptr": "*i32", "slot_ptr": "*i64", "key_ptr": _BF, "val_ptr": _BF,
+            "pos_ptr": "*i32"}
+    sig = {a: "constexpr" if a in c else ptrs.get(a, "i32") for a in fn.arg_names}
+    k = triton.compile(ASTSource(fn, sig, constexprs=c), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert k.asm.get("cubin"), "ptxas gave no binary"

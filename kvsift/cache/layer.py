@@ -17,6 +17,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvsift.cache.quant import QuantKV
 from kvsift.cache.ragged import RaggedKV
+from kvsift.kernels.dispatch import kv_append
 
 RAGGED_SAVING = 0.9
 """``keep`` stores per-head kept lengths compactly (:class:`RaggedKV`) when that holds at most this
@@ -152,11 +153,9 @@ class SiftLayer(CacheLayerMixin):
         if self.wslot is not None:
             # static decode: write at a device-side slot and return the whole buffers; no host state
             # changes, so a CUDA graph can replay it (empty slots have position -1 and are masked)
-            self.k_buf.index_copy_(2, self.wslot, key_states)
-            self.v_buf.index_copy_(2, self.wslot, value_states)
-            self.pos_buf.index_copy_(2, self.wslot, self.cache.step_positions[:, None, :].expand(
-                key_states.shape[0], key_states.shape[1], key_states.shape[2]))
-            self.wslot.add_(1)
+            # (one launch on CUDA: key, value, position, then the slot advanced)
+            kv_append(self.k_buf, self.v_buf, self.pos_buf, self.wslot, key_states, value_states,
+                      self.cache.step_positions)
             return self.k_buf, self.v_buf
         q = key_states.shape[2]
         self._ensure_capacity(self.length + q)

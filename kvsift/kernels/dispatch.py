@@ -20,6 +20,7 @@ from kvsift.kernels import budget_select as _bs
 from kvsift.kernels import quant_decode_attention as _qda
 from kvsift.kernels import quantize_kv as _qkv
 from kvsift.kernels import chunk_scores as _cs
+from kvsift.kernels import kv_append as _kva
 from kvsift.kernels import page_bounds as _pb
 from kvsift.kernels import rmsnorm as _rms
 from kvsift.kernels import rope as _rope
@@ -36,7 +37,7 @@ from kvsift.kernels.sparse_decode_attention import merge_attention
 __all__ = ["use_triton", "chunk_scores", "topk_select", "budget_select", "select_chunks", "sparse_decode_attention",
            "chunks_to_slots", "page_summaries", "selected_decode_attention", "merge_attention", "page_bounds_append",
            "quant_decode_attention", "quantize_kv", "sparse_prefill_attention", "rmsnorm", "rope",
-           "attention_received", "token_votes", "slot_scores"]
+           "attention_received", "token_votes", "slot_scores", "kv_append"]
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
@@ -80,6 +81,16 @@ def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
         # k too large for blocks of MAX_N to shrink the row: torch.topk and a sort
         return _tk.into(_tk.with_tail(_tk.topk_select_long(scores, k, dtype), tail), skip, out)
     return _tk.topk_select_ref(scores, k, dtype, skip, tail, out)
+
+
+def kv_append(k_buf: torch.Tensor, v_buf: torch.Tensor, pos_buf: torch.Tensor, slot: torch.Tensor,
+              key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor) -> None:
+    """See :func:`kvsift.kernels.kv_append.kv_append_ref`: a static decode step's key, value and
+    position written at the device ``slot (1,)``, which then advances; in place."""
+    if (use_triton(k_buf, v_buf, pos_buf, slot, key, value, positions) and key.dtype == k_buf.dtype
+            and value.dtype == v_buf.dtype and all(t.stride(-1) == 1 for t in (k_buf, v_buf, key, value))):
+        return _kva.kv_append(k_buf, v_buf, pos_buf, slot, key, value, positions)
+    return _kva.kv_append_ref(k_buf, v_buf, pos_buf, slot, key, value, positions)
 
 
 def token_votes(q: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, limit: torch.Tensor,
