@@ -44,6 +44,11 @@ context length it times, per layer:
   programmatic dependent launch (``kvsift.kernels._triton.pdl``; where the GPU and Triton support
   it, ``--no-pdl``: none), and the check ``sel_quest_pdl_vs_plain`` (must be 0). End to end, a
   system ``<spec>@pdl`` runs with it.
+* ``topk_hist``, ``sel/quest_hist``, ``topk_tokens_hist``, ``topk_tokens_pad64_hist``: the same
+  top-k with its threshold found by digit histograms (``topk_select.TUNING["impl"] = "hist"``).
+* ``kv_append`` / ``kv_append_torch``: a static decode step's KV write (key, value, position at the
+  device slot, the slot advanced; ``kvsift/kernels/kv_append.py``) in one launch and as its
+  reference's four. End to end, a system ``<spec>@kvref`` writes through the reference.
 
 Each is timed over ``L`` layers of distinct KV buffers (about ``--rotate-bytes`` of KV, so the L2
 cache does not hold the data or the summaries), both as CUDA-graph replays (GPU time) and eagerly
@@ -75,6 +80,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench._systems, kvsift
 
 from kvsift.kernels import dispatch  # noqa: E402
+from kvsift.kernels import kv_append as kva
 from kvsift.kernels import topk_radix
 from kvsift.kernels import topk_select as tk
 from kvsift.kernels._triton import pdl, pdl_supported
@@ -524,6 +530,21 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                       eager=False, kv_read=2 * batch * HK * budget * D * 2)
                 timed(f"attn_slots/{budget}", lambda L: dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], L["_slots"], scale),
                       eager=False, kv_read=2 * batch * HK * budget * D * 2)
+            # the static decode step's KV write (every method, every layer): the one-launch kernel
+            # against its reference's four (three index_copy_ and the slot's add_)
+            for L in layers:
+                L["_pos"] = torch.full(L["k"].shape[:3], -1, dtype=torch.int32, device=device)
+                L["_slot"] = torch.tensor([ctx // 2], device=device)   # replays walk on from the middle
+                L["_new"] = [torch.randn(batch, 1, HK, D, device=device, dtype=torch.bfloat16).transpose(1, 2)
+                             for _ in range(2)]
+                L["_newp"] = torch.zeros(batch, 1, dtype=torch.int32, device=device)
+            for name, on in (("kv_append", True), ("kv_append_torch", False)):
+                def append(L, on=on):
+                    with tuned(kva.TUNING, triton=on):
+                        dispatch.kv_append(L["k"], L["v"], L["_pos"], L["_slot"], *L["_new"], L["_newp"])
+                timed(name, append, eager=False)
+            for L in layers:
+                del L["_pos"], L["_slot"], L["_new"], L["_newp"]
             del layers, full_idx
             if on_gpu:
                 torch.cuda.empty_cache()
@@ -854,6 +875,10 @@ def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict
     if sys_name.endswith("@radix"):
         radix["radix_min_n"] = 1 << 15
         sys_name = sys_name.removesuffix("@radix")
+    # '@kvref': the static decode step's KV write as its PyTorch reference (four launches per layer)
+    # instead of the one-launch kernel (kvsift/kernels/kv_append.py), this system only
+    kv_ref = sys_name.endswith("@kvref")
+    sys_name = sys_name.removesuffix("@kvref")
     # '@tuned': TokenSelect's soft votes and the radix select with the fastest settings of this run's
     # --tune sweep at batch 1 (tuned_settings), the radix select used where it beat the dispatcher
     votes_tuning = {}
@@ -877,11 +902,12 @@ def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict
     name, budget_v, kw = parse_system(sys_name.removesuffix("@unfused").removesuffix("@fused"))
     if budget_v is not None and budget_v >= ids.shape[1]:
         budget_v = None if name == "full" else max(1, ids.shape[1] // 2)
+    from kvsift.kernels import kv_append as kva
     from kvsift.kernels import token_votes as tv
 
     with tuned(qda.TUNING, **tuning), tuned(tk.TUNING, **{k: v for k, v in radix.items() if k in tk.TUNING}), \
             tuned(topk_radix.TUNING, **{k: v for k, v in radix.items() if k in topk_radix.TUNING}), \
-            tuned(tv.TUNING, **votes_tuning), \
+            tuned(tv.TUNING, **votes_tuning), tuned(kva.TUNING, **({"triton": False} if kv_ref else {})), \
             pdl(pdl_on) if pdl_on is not None else contextlib.nullcontext():
         outs = llm.generate([r.tolist() for r in ids], SamplingParams(max_tokens=n, ignore_eos=True),
                             method=name, budget=budget_v, method_kwargs=kw or None, progress=False)

@@ -87,7 +87,8 @@ def kv_append(k_buf: torch.Tensor, v_buf: torch.Tensor, pos_buf: torch.Tensor, s
               key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor) -> None:
     """See :func:`kvsift.kernels.kv_append.kv_append_ref`: a static decode step's key, value and
     position written at the device ``slot (1,)``, which then advances; in place."""
-    if (use_triton(k_buf, v_buf, pos_buf, slot, key, value, positions) and key.dtype == k_buf.dtype
+    if (_kva.TUNING["triton"] and use_triton(k_buf, v_buf, pos_buf, slot, key, value, positions)
+            and key.dtype == k_buf.dtype
             and value.dtype == v_buf.dtype and all(t.stride(-1) == 1 for t in (k_buf, v_buf, key, value))):
         return _kva.kv_append(k_buf, v_buf, pos_buf, slot, key, value, positions)
     return _kva.kv_append_ref(k_buf, v_buf, pos_buf, slot, key, value, positions)

@@ -22,6 +22,10 @@ import torch
 
 from kvsift.kernels._triton import HAS_TRITON, tl, triton
 
+# "triton": False sends the dispatcher to the reference (bench/gpu_decode.py's kv_append rows and
+# '@kvref' systems time the two)
+TUNING = {"triton": True}
+
 
 def _check(k_buf, v_buf, pos_buf, slot, key, value, positions) -> None:
     if k_buf.dim() != 4 or v_buf.shape != k_buf.shape or pos_buf.shape != k_buf.shape[:3]:
