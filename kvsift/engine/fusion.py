@@ -4,7 +4,7 @@ At batch 1 a decode step is bound by launch latency as much as by bytes: besides
 the KV, every layer runs two RMSNorms (about seven small launches each in transformers) and the
 rotary embedding of queries and keys (about fourteen). Inside :func:`fused_decode`, a Llama-family
 model (Llama, Qwen2, Qwen3, Mistral) runs them as :func:`kvsift.kernels.dispatch.rmsnorm` (one
-launch per norm) and :func:`kvsift.kernels.dispatch.rope` (one per tensor), which compute what
+launch per norm) and :func:`kvsift.kernels.dispatch.rope` (one for q and k), which compute what
 transformers computes (the rotary embedding bit for bit, the norm up to its reduction order).
 
 How, without patching anything at import: on entry each RMSNorm module gets an instance

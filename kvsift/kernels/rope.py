@@ -1,4 +1,4 @@
-"""Rotary position embedding of queries and keys, one launch per tensor.
+"""Rotary position embedding of queries and keys, one launch for both.
 
 ``rope(q, k, cos, sin)``: ``q (batch, q_heads, seq, dim)``, ``k (batch, kv_heads, seq, dim)``
 (any strides with a contiguous last dimension, e.g. the transposed views a projection gives),
@@ -8,8 +8,8 @@ cat(-x[d/2:], x[:d/2])``, each product and the sum rounded to the dtype as PyTor
 the result is transformers' ``apply_rotary_pos_emb`` bit for bit. transformers runs it as about
 fourteen launches per layer (slices, negation, concatenation, products, sums for each tensor).
 
-``rope_ref`` is that PyTorch code; ``rope`` is one Triton program per (batch, head, position) and
-tensor.
+``rope_ref`` is that PyTorch code; ``rope`` is one Triton launch for both tensors, a program per
+(batch, head, position) of each (the queries' programs first).
 """
 
 from __future__ import annotations
@@ -73,10 +73,9 @@ if HAS_TRITON:
         return u.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _rope_kernel(x_ptr, o_ptr, c_ptr, s_ptr, H, L,
-                     sx_b, sx_h, sx_l, so_b, so_h, so_l, sc_b, sc_l, ss_b, ss_l,
-                     HALF: tl.constexpr, BLOCK: tl.constexpr, EXACT: tl.constexpr, BF16: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
+    def _rope_row(x_ptr, o_ptr, c_ptr, s_ptr, pid, H, L, sx_b, sx_h, sx_l, so_b, so_h, so_l, sc_b, sc_l, ss_b, ss_l,
+                  HALF: tl.constexpr, BLOCK: tl.constexpr, EXACT: tl.constexpr, BF16: tl.constexpr):
+        """Row ``pid`` (over (batch, head, position)) of one tensor."""
         pos = pid % L
         h = (pid // L) % H
         b = pid // (L * H)
@@ -103,21 +102,19 @@ if HAS_TRITON:
         tl.store(ob + offs, lo.to(dt), mask=m)
         tl.store(ob + HALF + offs, hi.to(dt), mask=m)
 
-
-def _rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    b, h, n, d = x.shape
-    out = torch.empty_like(x)   # x's strides (a transposed projection stays transposed)
-    if x.numel() == 0:
-        return out
-    cb = cos.stride(0) if cos.shape[0] > 1 else 0
-    sb = sin.stride(0) if sin.shape[0] > 1 else 0
-    half = d // 2
-    _rope_kernel[(b * h * n,)](x, out, cos, sin, h, n, x.stride(0), x.stride(1), x.stride(2),
-                               out.stride(0), out.stride(1), out.stride(2), cb, cos.stride(1), sb, sin.stride(1),
-                               HALF=half, BLOCK=max(16, triton.next_power_of_2(half)),
-                               EXACT=x.dtype in (torch.bfloat16, torch.float16), BF16=x.dtype == torch.bfloat16,
-                               num_warps=1)
-    return out
+    @triton.jit
+    def _rope_kernel(q_ptr, qo_ptr, k_ptr, ko_ptr, c_ptr, s_ptr, HQ, HK, L, NQ,
+                     sq_b, sq_h, sq_l, sqo_b, sqo_h, sqo_l, sk_b, sk_h, sk_l, sko_b, sko_h, sko_l,
+                     sc_b, sc_l, ss_b, ss_l,
+                     HALF: tl.constexpr, BLOCK: tl.constexpr, EXACT: tl.constexpr, BF16: tl.constexpr):
+        # the queries' rows (the first NQ programs), then the keys': both tensors in one launch
+        pid = tl.program_id(0).to(tl.int64)
+        if pid < NQ:
+            _rope_row(q_ptr, qo_ptr, c_ptr, s_ptr, pid, HQ, L, sq_b, sq_h, sq_l, sqo_b, sqo_h, sqo_l,
+                      sc_b, sc_l, ss_b, ss_l, HALF, BLOCK, EXACT, BF16)
+        else:
+            _rope_row(k_ptr, ko_ptr, c_ptr, s_ptr, pid - NQ, HK, L, sk_b, sk_h, sk_l, sko_b, sko_h, sko_l,
+                      sc_b, sc_l, ss_b, ss_l, HALF, BLOCK, EXACT, BF16)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,4 +125,17 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     _check(q, k, cos, sin)
     if len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1 or any(t.stride(-1) != 1 for t in (q, k, cos, sin)):
         raise ValueError("rope needs one dtype for q, k, cos and sin and contiguous last dimensions")
-    return _rope_one(q, cos, sin), _rope_one(k, cos, sin)
+    b, hq, n, d = q.shape
+    hk = k.shape[1]
+    qo, ko = torch.empty_like(q), torch.empty_like(k)   # their strides (a transposed projection stays so)
+    if n == 0 or b == 0 or hq + hk == 0:
+        return qo, ko
+    half = d // 2
+    _rope_kernel[(b * (hq + hk) * n,)](
+        q, qo, k, ko, cos, sin, hq, hk, n, b * hq * n, q.stride(0), q.stride(1), q.stride(2),
+        qo.stride(0), qo.stride(1), qo.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        ko.stride(0), ko.stride(1), ko.stride(2),
+        cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), sin.stride(0) if sin.shape[0] > 1 else 0,
+        sin.stride(1), HALF=half, BLOCK=max(16, triton.next_power_of_2(half)),
+        EXACT=q.dtype in (torch.bfloat16, torch.float16), BF16=q.dtype == torch.bfloat16, num_warps=1)
+    return qo, ko
