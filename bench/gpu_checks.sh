@@ -120,10 +120,10 @@ fi
 if step decode; then
   # DECODE_E2E=0: the kernel rows only; DECODE_PAGE: Quest's page size in them (the e2e methods name theirs)
   E2E=(--e2e --e2e-contexts 131072 --e2e-batches 1 --e2e-new-tokens 32 --e2e-methods
-       ${DECODE_E2E_METHODS:-full,quest:2048,quest:2048:refine=4,quest:2048:refine=8:refine_rank=votes,quest:2048:bounds=int8:page=32,tokenselect:2048,tokenselect:2048@radix})
+       ${DECODE_E2E_METHODS:-full,full@kvref,quest:2048,quest:2048:bounds=int8:page=32,quest:2048:refine=8:refine_rank=votes,tokenselect:2048})
   [ "${DECODE_E2E:-1}" = 0 ] && E2E=()
   timeout ${T_DECODE:-340} python3 bench/gpu_decode.py --contexts 131072 --budgets 2048 --batches 1,8 --reps 30 \
-    --refine "${DECODE_REFINE-4,8}" --page ${DECODE_PAGE:-16} ${DECODE_ARGS:-} "${E2E[@]}" \
+    --refine "${DECODE_REFINE-8}" --page ${DECODE_PAGE:-16} ${DECODE_ARGS:-} "${E2E[@]}" \
     --out "$R/gpu_decode${DECODE_TAG:-}_h200.json" >"$R/decode${DECODE_TAG:-}.log" 2>&1
   echo "decode rc=$? $(( $(date +%s) - t0 )) s"; tail -40 "$R/decode${DECODE_TAG:-}.log"
 fi
