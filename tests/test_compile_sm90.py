@@ -177,3 +177,21 @@ def test_kv_append_kernel_compiles_for_hopper(tmp_path, monkeypatch):
     sig = {a: "constexpr" if a in c else ptrs.get(a, "i32") for a in fn.arg_names}
     k = triton.compile(ASTSource(fn, sig, constexprs=c), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     assert k.asm.get("cubin"), "ptxas gave no binary"
+
+
+@pytest.mark.skipif(not _triton.triton_has_pdl(), reason="needs a recent Triton with the NVIDIA backend")
+def test_rope_kernel_compiles_for_hopper(tmp_path, monkeypatch):
+    """The fused decode's rotary embedding of queries and keys in one launch, bf16 with its exact
+    rounding, for the 8B shape's head dim."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kvsift.kernels.rope import _rope_kernel as fn
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    c = dict(HALF=64, BLOCK=64, EXACT=True, BF16=True)
+    ptrs = {a: _BF for a in ("q_ptr", "qo_ptr", "k_ptr", "ko_ptr", "c_ptr", "s_ptr")}
+    sig = {a: "constexpr" if a in c else ptrs.get(a, "i32") for a in fn.arg_names}
+    k = triton.compile(ASTSource(fn, sig, constexprs=c), target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+    assert k.asm.get("cubin"), "ptxas gave no binary"
