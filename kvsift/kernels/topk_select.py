@@ -46,8 +46,8 @@ import torch
 from kvsift.kernels._triton import HAS_TRITON, pdl_launch, pdl_start, tl, triton
 
 MAX_N = 16384
+IMPLS = ("int32", "packed64", "hist")   # the threshold's search (TUNING["impl"]; the module docstring)
 # launch settings of the Triton kernel (bench/gpu_decode.py --tune sweeps them); None = by size
-IMPLS = ("int32", "packed64", "hist")
 TUNING = {"num_warps": None, "impl": "int32",
           # rows of at least max(2 * block_from, block_min_n) scores (and at most MAX_N) go to
           # topk_select_blocked in blocks of block_from (more programs per row); None: one program
@@ -389,7 +389,7 @@ def _hist_on() -> bool:
     return TUNING["impl"] == "hist"
 
 
-def _hist() -> dict:
+def _hist_kw() -> dict:
     """The one-program kernel's ``HIST`` argument (its packed64 variant has none)."""
     return {"HIST": True} if _hist_on() else {}
 
@@ -424,7 +424,7 @@ def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
         scores.stride(0), scores.stride(1), scores.stride(2), out.stride(0), out.stride(1), out.stride(2),
         HK=h, BLOCK_N=block_n, BLOCK_K=max(16, triton.next_power_of_2(k)), HAS_SKIP=skip is not None,
         HAS_TAIL=tail is not None, num_warps=TUNING["num_warps"] or (8 if block_n >= 4096 else 4),
-        **_hist(), **pdl_launch(scores),
+        **_hist_kw(), **pdl_launch(scores),
     )
     return out
 
