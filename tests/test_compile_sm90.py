@@ -160,38 +160,29 @@ def test_radix_topk_kernels_compile_for_hopper(name, consts, tmp_path, monkeypat
     assert k.asm.get("cubin"), "ptxas gave no binary"
 
 
+
+# kernels without PDL, for the 8B shape in bf16: the static decode step's one-launch KV write (it runs
+# before the layer's attention reads what it wrote) and the fused decode's rotary embedding of
+# queries and keys in one launch, with its exact rounding
+_PLAIN = [
+    ("kv_append", "_kv_append_kernel", {"k_ptr": _BF, "v_ptr": _BF, "p_ptr": "*i32", "slot_ptr": "*i64",
+                                        "key_ptr": _BF, "val_ptr": _BF, "pos_ptr": "*i32"},
+     dict(H=8, D=128, BLOCK_R=64, BLOCK_D=128), 4),
+    ("rope", "_rope_kernel", {a: _BF for a in ("q_ptr", "qo_ptr", "k_ptr", "ko_ptr", "c_ptr", "s_ptr")},
+     dict(HALF=64, BLOCK=64, EXACT=True, BF16=True), 1),
+]
+
+
 @pytest.mark.skipif(not _triton.triton_has_pdl(), reason="needs a recent Triton with the NVIDIA backend")
-def test_kv_append_kernel_compiles_for_hopper(tmp_path, monkeypatch):
-    """The static decode step's one-launch KV write (no PDL: it runs before the layer's attention
-    reads what it wrote), for the 8B shape in bf16."""
+@pytest.mark.parametrize("case", _PLAIN, ids=lambda c: c[1])
+def test_plain_kernels_compile_for_hopper(case, tmp_path, monkeypatch):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kvsift.kernels.kv_append import _kv_append_kernel as fn
-
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    c = dict(H=8, D=128, BLOCK_R=64, BLOCK_D=128)
-    ptrs = {"k_ptr": _BF, "v_ptr": _BF, "p_ptr": "*i32", "slot_ptr": "*i64", "key_ptr": _BF, "val_ptr": _BF,
-            "pos_ptr": "*i32"}
+    mod, name, ptrs, c, warps = case
+    fn = getattr(importlib.import_module(f"kvsift.kernels.{mod}"), name)
     sig = {a: "constexpr" if a in c else ptrs.get(a, "i32") for a in fn.arg_names}
-    k = triton.compile(ASTSource(fn, sig, constexprs=c), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    assert k.asm.get("cubin"), "ptxas gave no binary"
-
-
-@pytest.mark.skipif(not _triton.triton_has_pdl(), reason="needs a recent Triton with the NVIDIA backend")
-def test_rope_kernel_compiles_for_hopper(tmp_path, monkeypatch):
-    """The fused decode's rotary embedding of queries and keys in one launch, bf16 with its exact
-    rounding, for the 8B shape's head dim."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from kvsift.kernels.rope import _rope_kernel as fn
-
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    c = dict(HALF=64, BLOCK=64, EXACT=True, BF16=True)
-    ptrs = {a: _BF for a in ("q_ptr", "qo_ptr", "k_ptr", "ko_ptr", "c_ptr", "s_ptr")}
-    sig = {a: "constexpr" if a in c else ptrs.get(a, "i32") for a in fn.arg_names}
-    k = triton.compile(ASTSource(fn, sig, constexprs=c), target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+    k = triton.compile(ASTSource(fn, sig, constexprs=c), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     assert k.asm.get("cubin"), "ptxas gave no binary"
