@@ -184,23 +184,25 @@ def selected(q, k, v, summ, page, budget, scale, reduce, summ_scale=None):
     return dispatch.sparse_decode_attention(q, k, v, pages, scale, page=page)
 
 
-def with_block(f, blk: int | None):
-    """``f`` run with the top-k's blocked form in blocks of ``blk`` for rows of at least ``2 * blk``
-    scores, whatever ``block_min_n`` says (None: one program per row; the dispatch reads the
-    setting when ``f`` runs, i.e. when a CUDA graph records it)."""
+def with_tk(f, **settings):
+    """``f`` run with ``topk_select.TUNING`` updated by ``settings`` (the dispatch reads them when
+    ``f`` runs, i.e. when a CUDA graph records it)."""
     def run(L):
-        with tuned(tk.TUNING, block_from=blk, block_min_n=0):
+        with tuned(tk.TUNING, **settings):
             return f(L)
     return run
+
+
+def with_block(f, blk: int | None):
+    """``f`` run with the top-k's blocked form in blocks of ``blk`` for rows of at least ``2 * blk``
+    scores, whatever ``block_min_n`` says (None: one program per row)."""
+    return with_tk(f, block_from=blk, block_min_n=0)
 
 
 def with_impl(f, impl: str):
-    """``f`` run with ``topk_select.TUNING["impl"] = impl`` (the threshold's search: ``int32``,
-    ``packed64`` or ``hist``, digit histograms)."""
-    def run(L):
-        with tuned(tk.TUNING, impl=impl):
-            return f(L)
-    return run
+    """``f`` run with the top-k's threshold search ``impl`` (``int32``, ``packed64`` or ``hist``,
+    digit histograms)."""
+    return with_tk(f, impl=impl)
 
 
 def rel_err(a, b) -> float:
@@ -641,8 +643,8 @@ def run_tune(args, device, log) -> list[dict]:
 
 def tuned_settings(rows: list[dict], batch: int = 1) -> dict:
     """From ``run_tune``'s rows at ``batch``: ``{"votes": the fastest token_votes.TUNING, "radix":
-    topk_radix.TUNING's fastest block and warps plus ``radix_min_n`` for the dispatcher, or {} where
-    the dispatcher's own top-k (row ``topk_tokens``) was faster}``."""
+    topk_radix.TUNING's fastest block and warps, or {} where the dispatcher's own top-k (row
+    ``topk_tokens``) was faster}``."""
     def fastest(kernel):
         rs = [r for r in rows if r["kernel"] == kernel and r["batch"] == batch]
         return min(rs, key=lambda r: r["graph_ms"]) if rs else None
@@ -653,8 +655,7 @@ def tuned_settings(rows: list[dict], batch: int = 1) -> dict:
                         if k in v["setting"]}
     rx, base = fastest("topk_radix"), fastest("topk_tokens")
     if rx is not None and base is not None and rx["graph_ms"] < base["graph_ms"]:
-        out["radix"] = {"block": rx["setting"]["block"], "num_warps": rx["setting"]["num_warps"],
-                        "radix_min_n": 1 << 15}
+        out["radix"] = {"block": rx["setting"]["block"], "num_warps": rx["setting"]["num_warps"]}
     return out
 
 
@@ -881,11 +882,11 @@ def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict
     sys_name = sys_name.removesuffix("@kvref")
     # '@tuned': TokenSelect's soft votes and the radix select with the fastest settings of this run's
     # --tune sweep at batch 1 (tuned_settings), the radix select used where it beat the dispatcher
-    votes_tuning = {}
+    votes_tuning, radix_tuning = {}, {}
     if sys_name.endswith("@tuned"):
         best = getattr(args, "tuned_best", None) or {}
-        votes_tuning = best.get("votes", {})
-        radix = best.get("radix", {})
+        votes_tuning, radix_tuning = best.get("votes", {}), best.get("radix", {})
+        radix = {"radix_min_n": 1 << 15} if radix_tuning else {}
         sys_name = sys_name.removesuffix("@tuned")
     # quantized decode kernel settings (quant_decode_attention.TUNING), this system only: '@asm' /
     # '@noasm' the inline-PTX unpack of 4-bit codes on / off (the default since 2026-12-03);
@@ -902,11 +903,9 @@ def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict
     name, budget_v, kw = parse_system(sys_name.removesuffix("@unfused").removesuffix("@fused"))
     if budget_v is not None and budget_v >= ids.shape[1]:
         budget_v = None if name == "full" else max(1, ids.shape[1] // 2)
-    from kvsift.kernels import kv_append as kva
     from kvsift.kernels import token_votes as tv
 
-    with tuned(qda.TUNING, **tuning), tuned(tk.TUNING, **{k: v for k, v in radix.items() if k in tk.TUNING}), \
-            tuned(topk_radix.TUNING, **{k: v for k, v in radix.items() if k in topk_radix.TUNING}), \
+    with tuned(qda.TUNING, **tuning), tuned(tk.TUNING, **radix), tuned(topk_radix.TUNING, **radix_tuning), \
             tuned(tv.TUNING, **votes_tuning), tuned(kva.TUNING, **({"triton": False} if kv_ref else {})), \
             pdl(pdl_on) if pdl_on is not None else contextlib.nullcontext():
         outs = llm.generate([r.tolist() for r in ids], SamplingParams(max_tokens=n, ignore_eos=True),

@@ -96,9 +96,8 @@ def pick_slots_ref(at: torch.Tensor, cand: torch.Tensor, page: int = 1, tail: to
     slots = page_slots(cand, page)
     out = torch.where(at >= 0, slots.gather(2, at.clamp_min(0).to(torch.int64)), -1)
     if tail is not None:
-        t = tail.to(torch.int64)
-        ts = t * page + torch.arange(page, device=t.device)
-        out = torch.cat([out, torch.where((t >= 0) & (ts < cap), ts, -1)], dim=-1)
+        ts = page_slots(tail, page)
+        out = torch.cat([out, torch.where(ts < cap, ts, -1)], dim=-1)
     return out
 
 
