@@ -44,8 +44,6 @@ context length it times, per layer:
   programmatic dependent launch (``kvsift.kernels._triton.pdl``; where the GPU and Triton support
   it, ``--no-pdl``: none), and the check ``sel_quest_pdl_vs_plain`` (must be 0). End to end, a
   system ``<spec>@pdl`` runs with it.
-* ``topk_hist``, ``sel/quest_hist``, ``topk_tokens_hist``, ``topk_tokens_pad64_hist``: the same
-  top-k with its threshold found by digit histograms (``topk_select.TUNING["impl"] = "hist"``).
 * ``kv_append`` / ``kv_append_torch``: a static decode step's KV write (key, value, position at the
   device slot, the slot advanced; ``kvsift/kernels/kv_append.py``) in one launch and as its
   reference's four. End to end, a system ``<spec>@kvref`` writes through the reference.
@@ -197,12 +195,6 @@ def with_block(f, blk: int | None):
     """``f`` run with the top-k's blocked form in blocks of ``blk`` for rows of at least ``2 * blk``
     scores, whatever ``block_min_n`` says (None: one program per row)."""
     return with_tk(f, block_from=blk, block_min_n=0)
-
-
-def with_impl(f, impl: str):
-    """``f`` run with the top-k's threshold search ``impl`` (``int32``, ``packed64`` or ``hist``,
-    digit histograms)."""
-    return with_tk(f, impl=impl)
 
 
 def rel_err(a, b) -> float:
@@ -476,11 +468,6 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                     L["_pages"] = dispatch.select_chunks(L["_sc"], args.page, budget)
                     L["_slots"] = chunks_to_slots(L["_pages"], None, args.page)
                 timed(f"topk/{budget}", lambda L, bu=budget: dispatch.select_chunks(L["_sc"], args.page, bu), eager=False)
-                timed(f"topk_hist/{budget}", with_impl(
-                    lambda L, bu=budget: dispatch.select_chunks(L["_sc"], args.page, bu), "hist"), eager=False)
-                timed(f"sel/quest_hist/{budget}", with_impl(
-                    lambda L, bu=budget: selected(L["q"], L["k"], L["v"], L["quest"], args.page, bu, scale, "max"),
-                    "hist"), extra={"budget": budget, "summary": "quest"}, eager=False)
                 timed(f"topk_torch/{budget}", lambda L, bu=budget: L["_sc"].topk(bu // args.page, dim=-1), eager=False)
                 # the pages' top-k in one program per row ("one") or spread over more programs per
                 # row (blocks of `blk` pages, then the candidates: topk_select.TUNING["block_from"]),
@@ -517,10 +504,6 @@ def run_kernels(args, device, bw_gbs, log, checks_out: list | None = None) -> li
                     L["_votes_pad"] = F.pad(L["_votes"], (0, 64), value=float("-inf"))
                 timed(f"topk_tokens_pad64/{budget}",
                       lambda L, bu=budget: dispatch.topk_select(L["_votes_pad"], bu, torch.int64), eager=False)
-                for name, key in (("topk_tokens_hist", "_votes"), ("topk_tokens_pad64_hist", "_votes_pad")):
-                    timed(f"{name}/{budget}", with_impl(
-                        lambda L, bu=budget, key=key: dispatch.topk_select(L[key], bu, torch.int64), "hist"),
-                        eager=False)
                 timed(f"topk_tokens_sort/{budget}",
                       lambda L, bu=budget: tk.topk_select_long(L["_votes"], bu, torch.int64), eager=False)
                 timed(f"topk_tokens_torch/{budget}", lambda L, bu=budget: L["_votes"].topk(bu, dim=-1), eager=False)
@@ -598,7 +581,7 @@ def run_tune(args, device, log) -> list[dict]:
                             t(lambda L, s=summary, r=reduce: dispatch.chunk_scores(L["q"], L[s], r, L.get(s + "_scale"))))
         cs_mod.TUNING.update(saved)
         saved = dict(tk_mod.TUNING)
-        for impl in (("packed64", "int32", "hist") if "topk" in args.tune_kernels else ()):
+        for impl in (("packed64", "int32") if "topk" in args.tune_kernels else ()):
             for nw in (4, 8, 16):
                 tk_mod.TUNING.update(num_warps=nw, impl=impl)
                 rec("topk", dict(tk_mod.TUNING), t(lambda L: dispatch.select_chunks(L["sc"], page, budget)))
@@ -627,9 +610,6 @@ def run_tune(args, device, log) -> list[dict]:
             for L in layers:
                 L["_votes"] = dispatch.token_votes(L["q"], L["k"], pos, lim, "group", float("-inf"))
             rec("topk_tokens", dict(tk_mod.TUNING), t(lambda L: dispatch.topk_select(L["_votes"], budget, torch.int64)))
-            with tuned(tk_mod.TUNING, impl="hist"):   # the blocked form's thresholds by digit histograms
-                rec("topk_tokens", dict(tk_mod.TUNING),
-                    t(lambda L: dispatch.topk_select(L["_votes"], budget, torch.int64)))
             saved = dict(topk_radix.TUNING)
             for block, nw in itertools.product((1024, 2048, 4096, 8192, 16384), (4, 8)):
                 topk_radix.TUNING.update(block=block, num_warps=nw)

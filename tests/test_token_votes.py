@@ -149,9 +149,9 @@ for seed, hq, hk in ((0, 8, 2), (1, 8, 2), (2, 6, 2), (3, 2, 2)):    # groups of
         got = tv.token_votes(q, k, pos, limit, vote, float("-inf"), skip)
         torch.testing.assert_close(got[~skip], tv.token_votes_ref(q, k, pos, limit, vote, float("-inf"))[~skip],
                                    atol=1e-6, rtol=1e-5)
-# top-k: the skip flag, and the blocked form of long rows (blocks of 64 here); the threshold found by
-# the 4-way search and by digit histograms (TUNING['impl'] = 'hist')
-for impl in ("int32", "hist"):
+# top-k: the skip flag, and the blocked form of long rows (blocks of 64 here); both searches of the
+# one-program kernel (TUNING['impl'])
+for impl in ("int32", "packed64"):
     tk.TUNING["impl"] = impl
     g = torch.Generator().manual_seed(3)
     s = torch.randn(3, 2, 300, generator=g)

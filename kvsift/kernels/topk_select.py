@@ -13,13 +13,13 @@ and the lowest-index ones equal to it, written in index order by a prefix sum (n
 ``topk_select`` is one Triton program per row that
 finds the k-th largest score by a 4-way search on order-preserving integer keys (three counts per
 pass; it stops as soon as the count is exact, 16 passes at most), then writes the selected indices
-with a prefix sum: one launch, no sort. Three variants of the search (``TUNING["impl"]``):
+with a prefix sum: one launch, no sort. Two variants of the search (``TUNING["impl"]``):
 ``"int32"`` (signed int32 keys, three int32 reductions per pass; the default, a little faster on
-an H100), ``"packed64"`` (unsigned keys, the three counts packed into one int64 reduction; the
-one-program kernel only) and ``"hist"`` (the threshold digit by digit, four passes of a 256-bin
-``tl.histogram`` over the keys still tied with it, instead of up to sixteen passes of the search:
-in every kernel here; written 2026-12-05, checked in Triton's interpreter and compiled for sm_90,
-not yet timed: ``bench/gpu_decode.py``'s ``*_hist`` rows). It holds the row in registers,
+an H100) and ``"packed64"`` (unsigned keys, the three counts packed into one int64 reduction; the
+one-program kernel only). A third, the threshold digit by digit in four passes of a 256-bin
+``tl.histogram``, was timed on the H200 on 2026-12-05 and removed: 0.0149 against 0.0102 ms for
+Quest's 8,192-page rows and 0.347 against 0.062 ms for 131,072 votes (batch 1,
+``bench/results/gpu_decode_kvappend_h200.log``). It holds the row in registers,
 so it takes rows of at most ``MAX_N`` scores (longer rows, e.g. TokenSelect's votes over every
 token of a 128k-token cache, go to the blocked form below on a GPU). Cutting such a row into blocks of
 ``MAX_N`` for this kernel, then taking the top ``k`` of the blocks' candidates (exact, two launches)
@@ -46,7 +46,7 @@ import torch
 from kvsift.kernels._triton import HAS_TRITON, pdl_launch, pdl_start, tl, triton
 
 MAX_N = 16384
-IMPLS = ("int32", "packed64", "hist")   # the threshold's search (TUNING["impl"]; the module docstring)
+IMPLS = ("int32", "packed64")   # the threshold's search (TUNING["impl"]; the module docstring)
 # launch settings of the Triton kernel (bench/gpu_decode.py --tune sweeps them); None = by size
 TUNING = {"num_warps": None, "impl": "int32",
           # rows of at least max(2 * block_from, block_min_n) scores (and at most MAX_N) go to
@@ -219,39 +219,11 @@ if HAS_TRITON:
         tl.store(out_ptr + b * so_b + h * so_h + K * so_k, tl.load(tail_ptr + b * st_t).to(out_ptr.dtype.element_ty))
 
     @triton.jit
-    def search_threshold_hist(valid, key, kk, DIGIT: tl.constexpr):
-        """The k-th largest key digit by digit, high to low (``32 // DIGIT`` passes, each a
-        ``2**DIGIT``-bin histogram of the keys still tied with the threshold so far). Returns ``(t,
-        exact)`` as :func:`search_threshold`. For ``kk >= 1``."""
-        RADIX: tl.constexpr = 1 << DIGIT
-        u = (key ^ (-2147483647 - 1)).to(tl.uint32, bitcast=True)     # unsigned order == signed order
-        bins = tl.arange(0, RADIX)
-        live = valid        # keys equal to the threshold in every digit so far
-        need = kk           # how many of them are still to be taken
-        t = 0               # the threshold's unsigned key, digit by digit (int64)
-        for p in tl.static_range(32 // DIGIT):
-            shift = 32 - DIGIT * (p + 1)
-            d = ((u >> shift) & (RADIX - 1)).to(tl.int32)
-            h = tl.histogram(d, RADIX, mask=live)
-            ge = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h           # live keys with digit >= bin
-            dstar = tl.max(tl.where(ge >= need, bins, -1), axis=0)      # the threshold's digit
-            need -= tl.sum(tl.where(bins > dstar, h, 0), axis=0)        # minus those above it
-            live = live & (d == dstar)
-            t = t + (dstar.to(tl.int64) << shift)
-        return (t - 2147483648).to(tl.int32), tl.sum(live.to(tl.int32), axis=0) == need
-
-    @triton.jit
-    def best_k(valid, key, n_valid, kk, HIST: tl.constexpr = False):
-        """The ``kk`` best keys' mask: the threshold's search (the 4-way search, or with ``HIST``
-        digit histograms), then ties to the lowest indices."""
-        if HIST:
-            # (kk = 0: no key above the threshold, which is then the largest, nor any tie taken)
-            t, exact = search_threshold_hist(valid, key, tl.maximum(kk, 1), 8)
-            sel = select_at(valid, key, t, kk, exact & (kk > 0))
-        else:
-            t, exact, _ = search_threshold(valid, key, n_valid, kk)
-            sel = select_at(valid, key, t, kk, exact)
-        return sel
+    def best_k(valid, key, n_valid, kk):
+        """The ``kk`` best keys' mask: the threshold's 4-way search, then ties to the lowest
+        indices."""
+        t, exact, _ = search_threshold(valid, key, n_valid, kk)
+        return select_at(valid, key, t, kk, exact)
 
     @triton.jit
     def write_selected(out_ptr, b, h, so_b, so_h, so_k, offs, sel, kk, K, BLOCK_K: tl.constexpr, fill=-1):
@@ -316,7 +288,7 @@ if HAS_TRITON:
     def _topk_select_kernel_i32(s_ptr, out_ptr, skip_ptr, sx, tail_ptr, st_t, N, K, ss_b, ss_h, ss_n, so_b, so_h, so_k,
                                 HK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                 HAS_SKIP: tl.constexpr = False, HAS_TAIL: tl.constexpr = False,
-                                HIST: tl.constexpr = False, PDL: tl.constexpr = False):
+                                PDL: tl.constexpr = False):
         pdl_start(PDL)
         # same algorithm on signed int32 keys, three separate int32 counts per pass
         pid = tl.program_id(0)
@@ -326,7 +298,7 @@ if HAS_TRITON:
             if tl.load(skip_ptr + b * sx) != 0:
                 return
         offs, valid, key, n_valid, kk = row_keys(s_ptr, b, h, ss_b, ss_h, ss_n, N, K, BLOCK_N)
-        sel = best_k(valid, key, n_valid, kk, HIST)
+        sel = best_k(valid, key, n_valid, kk)
         write_selected(out_ptr, b, h, so_b, so_h, so_k, offs, sel, kk, K, BLOCK_K)
         if HAS_TAIL:   # one more column: the row's always-attended entry (Quest: the page being filled)
             write_tail(out_ptr, tail_ptr, b, h, st_t, so_b, so_h, so_k, K)
@@ -335,8 +307,7 @@ if HAS_TRITON:
     @triton.jit
     def _topk_blocks_kernel(s_ptr, si_ptr, ci_ptr, cv_ptr, skip_ptr, sx, N, K, ss_b, ss_h, ss_n,
                             HK: tl.constexpr, NB: tl.constexpr, BLK: tl.constexpr, BLOCK_K: tl.constexpr,
-                            HAS_SKIP: tl.constexpr, HAS_IDX: tl.constexpr = False, HIST: tl.constexpr = False,
-                            PDL: tl.constexpr = False):
+                            HAS_SKIP: tl.constexpr, HAS_IDX: tl.constexpr = False, PDL: tl.constexpr = False):
         pdl_start(PDL)
         # a level of the blocked selection: program (row, block) writes its block's best K as
         # candidates, global indices ascending into ci[b, h, blk*K:(blk+1)*K] and their scores into
@@ -354,7 +325,7 @@ if HAS_TRITON:
         idx = blk * BLK + offs
         x = tl.load(s_ptr + b * ss_b + h * ss_h + idx * ss_n, mask=idx < N, other=float("-inf")).to(tl.float32)
         valid, key, n_valid, kk = float_keys(x, idx < N, K)
-        sel = best_k(valid, key, n_valid, kk, HIST)
+        sel = best_k(valid, key, n_valid, kk)
         if HAS_IDX:
             idx = tl.load(si_ptr + b * ss_b + h * ss_h + idx * ss_n, mask=sel, other=-1)
         m = NB * K
@@ -364,7 +335,7 @@ if HAS_TRITON:
     @triton.jit
     def _topk_pick_kernel(ci_ptr, cv_ptr, out_ptr, skip_ptr, sx, tail_ptr, st_t, M, K, so_b, so_h, so_k,
                           HK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SKIP: tl.constexpr,
-                          HAS_TAIL: tl.constexpr, HIST: tl.constexpr = False, PDL: tl.constexpr = False):
+                          HAS_TAIL: tl.constexpr, PDL: tl.constexpr = False):
         pdl_start(PDL)
         # the second launch: the best K of a row's M candidates (ascending global indices, so the
         # lowest candidate positions are the lowest indices at a tie), written as global indices
@@ -375,23 +346,16 @@ if HAS_TRITON:
             if tl.load(skip_ptr + b * sx) != 0:
                 return
         offs, valid, key, n_valid, kk = row_keys(cv_ptr, b, h, HK * M, M, 1, M, K, BLOCK_M)
-        sel = best_k(valid, key, n_valid, kk, HIST)
+        sel = best_k(valid, key, n_valid, kk)
         idx = tl.load(ci_ptr + (b * HK + h) * M + offs, mask=sel, other=-1)
         write_selected(out_ptr, b, h, so_b, so_h, so_k, idx, sel, kk, K, BLOCK_K)
         if HAS_TAIL:
             write_tail(out_ptr, tail_ptr, b, h, st_t, so_b, so_h, so_k, K)
 
 
-def _hist_on() -> bool:
-    """Whether the kernels find thresholds by digit histograms (``TUNING["impl"] == "hist"``)."""
+def _check_impl() -> None:
     if TUNING["impl"] not in IMPLS:
         raise ValueError(f"topk_select.TUNING['impl'] must be one of {IMPLS}, got {TUNING['impl']!r}")
-    return TUNING["impl"] == "hist"
-
-
-def _hist_kw() -> dict:
-    """The one-program kernel's ``HIST`` argument (its packed64 variant has none)."""
-    return {"HIST": True} if _hist_on() else {}
 
 
 def _check_skip(scores: torch.Tensor, skip: torch.Tensor | None) -> None:
@@ -415,6 +379,7 @@ def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
         raise ValueError(f"topk_select handles rows of at most {MAX_N} scores, got {n}; use topk_select_ref")
     if done:
         return out
+    _check_impl()
     block_n = max(16, triton.next_power_of_2(n))
     kernel = _topk_select_kernel if TUNING["impl"] == "packed64" else _topk_select_kernel_i32
     kernel[(b * h,)](
@@ -424,7 +389,7 @@ def topk_select(scores: torch.Tensor, k: int, dtype: torch.dtype = torch.int32,
         scores.stride(0), scores.stride(1), scores.stride(2), out.stride(0), out.stride(1), out.stride(2),
         HK=h, BLOCK_N=block_n, BLOCK_K=max(16, triton.next_power_of_2(k)), HAS_SKIP=skip is not None,
         HAS_TAIL=tail is not None, num_warps=TUNING["num_warps"] or (8 if block_n >= 4096 else 4),
-        **_hist_kw(), **pdl_launch(scores),
+        **pdl_launch(scores),
     )
     return out
 
@@ -536,12 +501,12 @@ def topk_select_blocked(scores: torch.Tensor, k: int, dtype: torch.dtype = torch
             vals, idx if idx is not None else cand_i, cand_i, cand_v, flag, sx, m, k,
             vals.stride(0), vals.stride(1), vals.stride(2),
             HK=h, NB=nb, BLK=blk, BLOCK_K=block_k, HAS_SKIP=skip is not None, HAS_IDX=idx is not None,
-            num_warps=TUNING["num_warps"] or (8 if blk >= 4096 else 4), HIST=_hist_on(), **pdl_launch(scores))
+            num_warps=TUNING["num_warps"] or (8 if blk >= 4096 else 4), **pdl_launch(scores))
         vals, idx, m = cand_v, cand_i, nb * k
     block_m = max(16, triton.next_power_of_2(m))
     _topk_pick_kernel[(b * h,)](
         idx, vals, out, flag, sx, tail if tail is not None else out, tail.stride(0) if tail is not None else 0,
         m, k, out.stride(0), out.stride(1), out.stride(2),
         HK=h, BLOCK_M=block_m, BLOCK_K=block_k, HAS_SKIP=skip is not None, HAS_TAIL=tail is not None,
-        num_warps=TUNING["num_warps"] or (8 if block_m >= 4096 else 4), HIST=_hist_on(), **pdl_launch(scores))
+        num_warps=TUNING["num_warps"] or (8 if block_m >= 4096 else 4), **pdl_launch(scores))
     return out
