@@ -185,6 +185,13 @@ for impl in ("int32", "packed64"):
             tk.topk_select_blocked(s[..., :60], k, torch.int32, skip, out, blk, tail)
             assert torch.equal(out[~skip], want[~skip]) and bool((out[1] == 9).all()), (k, blk)
     tk.MAX_N = 16384
+tk.TUNING["impl"] = "hist"    # removed (timed on the H200, it lost): every Triton path refuses it
+for call in (lambda: tk.topk_select(s[..., :60], 5), lambda: tk.topk_select_blocked(s[..., :60], 5, block=16)):
+    try:
+        call()
+        raise AssertionError("an unknown impl ran")
+    except ValueError as e:
+        assert "must be one of" in str(e), e
 tk.TUNING["impl"] = "int32"
 # the selection cache's decision: well away from the threshold the kernel decides as the reference
 g = torch.Generator().manual_seed(4)

@@ -489,6 +489,7 @@ def topk_select_blocked(scores: torch.Tensor, k: int, dtype: torch.dtype = torch
         raise RuntimeError("topk_select_blocked needs Triton (pip install triton); use topk_select_ref")
     if done:
         return out
+    _check_impl()
     flag = skip if skip is not None else out
     sx = skip.stride(0) if skip is not None else 0
     block_k = max(16, triton.next_power_of_2(k))
