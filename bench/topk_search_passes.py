@@ -3,8 +3,8 @@
 ``kvsift/kernels/topk_select.py`` finds a row's k-th largest score by a 4-way search over
 order-preserving integer keys: each pass counts the keys at or above three probes at the quarters
 of ``[lo, hi)`` (three reductions), and the search stops once the count at ``lo`` is exactly ``k``
-or the interval is one key wide. At batch 1 a pass is mostly latency (reductions across a
-program's warps), so fewer passes would be a faster top-k. This script counts the passes of that
+or the interval is one key wide. Each pass is three reductions across a program's warps, so
+fewer passes could make a faster top-k. This script counts the passes of that
 search and of an interpolation variant (probes around the key where the counts, read as linear in
 the key, would reach ``k``, and quartiles again after a pass that shrank the interval less than
 ``--fallback`` times), both exact, on score rows shaped like the decode's: Quest's page bounds
