@@ -79,6 +79,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench._systems,
 
 from kvsift.kernels import dispatch  # noqa: E402
 from kvsift.kernels import kv_append as kva
+from kvsift.kernels import token_votes as tv
 from kvsift.kernels import topk_radix
 from kvsift.kernels import topk_select as tk
 from kvsift.kernels._triton import pdl, pdl_supported
@@ -540,8 +541,6 @@ def run_tune(args, device, log) -> list[dict]:
     """Sweep the kernels' launch settings at one shape (per-kernel GPU time, CUDA graphs)."""
     from kvsift.kernels import chunk_scores as cs_mod
     from kvsift.kernels import sparse_decode_attention as sda_mod
-    from kvsift.kernels import token_votes as tv_mod
-    from kvsift.kernels import topk_select as tk_mod
 
     rows = []
     ctx, budget, page, scale = args.tune_ctx, 2048, args.page, D ** -0.5
@@ -571,51 +570,48 @@ def run_tune(args, device, log) -> list[dict]:
             rows.append({"batch": batch, "ctx": ctx, "kernel": kernel, "setting": setting, "graph_ms": ms})
             log(f"tune batch={batch} ctx={ctx} {kernel:<14} {json.dumps(setting):<70} {ms * 1e3:8.1f} us")
 
-        saved = dict(cs_mod.TUNING)
-        for dot in ((True, False) if "score" in args.tune_kernels else ()):
-            for block_n in (32, 64, 128, 256):
-                for nw in (4, 8):
-                    cs_mod.TUNING.update(dot=dot, block_n=block_n, block_n_int8=block_n, num_warps=nw)
-                    for summary, reduce in (("quest", "max"), ("quest8", "max"), ("mean", "mean")):
-                        rec(f"score/{summary}", dict(cs_mod.TUNING),
-                            t(lambda L, s=summary, r=reduce: dispatch.chunk_scores(L["q"], L[s], r, L.get(s + "_scale"))))
-        cs_mod.TUNING.update(saved)
-        saved = dict(tk_mod.TUNING)
-        for impl in (("packed64", "int32") if "topk" in args.tune_kernels else ()):
-            for nw in (4, 8, 16):
-                tk_mod.TUNING.update(num_warps=nw, impl=impl)
-                rec("topk", dict(tk_mod.TUNING), t(lambda L: dispatch.select_chunks(L["sc"], page, budget)))
-        tk_mod.TUNING.update(saved)
+        # each sweep inside tuned(table): the module's settings restored after it, whatever happens
+        with tuned(cs_mod.TUNING):
+            for dot in ((True, False) if "score" in args.tune_kernels else ()):
+                for block_n in (32, 64, 128, 256):
+                    for nw in (4, 8):
+                        cs_mod.TUNING.update(dot=dot, block_n=block_n, block_n_int8=block_n, num_warps=nw)
+                        for summary, reduce in (("quest", "max"), ("quest8", "max"), ("mean", "mean")):
+                            rec(f"score/{summary}", dict(cs_mod.TUNING),
+                                t(lambda L, s=summary, r=reduce: dispatch.chunk_scores(L["q"], L[s], r,
+                                                                                       L.get(s + "_scale"))))
+        with tuned(tk.TUNING):
+            for impl in (("packed64", "int32") if "topk" in args.tune_kernels else ()):
+                for nw in (4, 8, 16):
+                    tk.TUNING.update(num_warps=nw, impl=impl)
+                    rec("topk", dict(tk.TUNING), t(lambda L: dispatch.select_chunks(L["sc"], page, budget)))
         rec("topk_torch", {}, t(lambda L: L["sc"].topk(budget // page, dim=-1)))
-        saved = dict(sda_mod.TUNING)
-        for bs, nw, st, sp in (((64, 4, 2, 2), (32, 4, 2, 2), (32, 4, 2, 4), (64, 4, 2, 4), (64, 8, 2, 2),
-                                (128, 8, 2, 2), (64, 4, 3, 1), (32, 2, 2, 4)) if "attn" in args.tune_kernels else ()):
-            sda_mod.TUNING.update(block_s=bs, num_warps=nw, num_stages=st, splits_per_sm=sp)
-            rec("attn_pages", dict(sda_mod.TUNING),
-                t(lambda L: dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], L["pages"], scale, page=page)))
-        sda_mod.TUNING.update(saved)
+        with tuned(sda_mod.TUNING):
+            for bs, nw, st, sp in (((64, 4, 2, 2), (32, 4, 2, 2), (32, 4, 2, 4), (64, 4, 2, 4), (64, 8, 2, 2),
+                                    (128, 8, 2, 2), (64, 4, 3, 1), (32, 2, 2, 4)) if "attn" in args.tune_kernels else ()):
+                sda_mod.TUNING.update(block_s=bs, num_warps=nw, num_stages=st, splits_per_sm=sp)
+                rec("attn_pages", dict(sda_mod.TUNING),
+                    t(lambda L: dispatch.sparse_decode_attention(L["q"], L["k"], L["v"], L["pages"], scale, page=page)))
         # TokenSelect's two costs: the soft votes over every key and the top-k over every token
         pos = torch.arange(ctx, device=device, dtype=torch.int32).expand(batch, HK, ctx)
         lim = torch.full((batch,), ctx, device=device, dtype=torch.int64)
-        saved = dict(tv_mod.TUNING)
-        for block_n, max_prog, nw, stages in (
-                [(bn, mp, nw, None) for bn, mp, nw in itertools.product((32, 64, 128), (64, 128, 256), (4, 8))]
-                + [(bn, 64, 4, st) for bn, st in itertools.product((64, 128), (2, 3, 4, 5))]
-                if "votes" in args.tune_kernels else ()):
-            tv_mod.TUNING.update(block_n=block_n, max_programs=max_prog, num_warps=nw, num_stages=stages)
-            rec("votes", dict(tv_mod.TUNING),
-                t(lambda L: dispatch.token_votes(L["q"], L["k"], pos, lim, "group", float("-inf"))))
-        tv_mod.TUNING.update(saved)
+        with tuned(tv.TUNING):
+            for block_n, max_prog, nw, stages in (
+                    [(bn, mp, nw, None) for bn, mp, nw in itertools.product((32, 64, 128), (64, 128, 256), (4, 8))]
+                    + [(bn, 64, 4, st) for bn, st in itertools.product((64, 128), (2, 3, 4, 5))]
+                    if "votes" in args.tune_kernels else ()):
+                tv.TUNING.update(block_n=block_n, max_programs=max_prog, num_warps=nw, num_stages=stages)
+                rec("votes", dict(tv.TUNING),
+                    t(lambda L: dispatch.token_votes(L["q"], L["k"], pos, lim, "group", float("-inf"))))
         if "radix" in args.tune_kernels:
             for L in layers:
                 L["_votes"] = dispatch.token_votes(L["q"], L["k"], pos, lim, "group", float("-inf"))
-            rec("topk_tokens", dict(tk_mod.TUNING), t(lambda L: dispatch.topk_select(L["_votes"], budget, torch.int64)))
-            saved = dict(topk_radix.TUNING)
-            for block, nw in itertools.product((1024, 2048, 4096, 8192, 16384), (4, 8)):
-                topk_radix.TUNING.update(block=block, num_warps=nw)
-                rec("topk_radix", dict(topk_radix.TUNING),
-                    t(lambda L: topk_radix.topk_select_radix(L["_votes"], budget, torch.int64)))
-            topk_radix.TUNING.update(saved)
+            rec("topk_tokens", dict(tk.TUNING), t(lambda L: dispatch.topk_select(L["_votes"], budget, torch.int64)))
+            with tuned(topk_radix.TUNING):
+                for block, nw in itertools.product((1024, 2048, 4096, 8192, 16384), (4, 8)):
+                    topk_radix.TUNING.update(block=block, num_warps=nw)
+                    rec("topk_radix", dict(topk_radix.TUNING),
+                        t(lambda L: topk_radix.topk_select_radix(L["_votes"], budget, torch.int64)))
         del layers
         torch.cuda.empty_cache()
     return rows
@@ -883,8 +879,6 @@ def _e2e_generate(model, sys_name: str, ids: torch.Tensor, n: int, args) -> dict
     name, budget_v, kw = parse_system(sys_name.removesuffix("@unfused").removesuffix("@fused"))
     if budget_v is not None and budget_v >= ids.shape[1]:
         budget_v = None if name == "full" else max(1, ids.shape[1] // 2)
-    from kvsift.kernels import token_votes as tv
-
     with tuned(qda.TUNING, **tuning), tuned(tk.TUNING, **radix), tuned(topk_radix.TUNING, **radix_tuning), \
             tuned(tv.TUNING, **votes_tuning), tuned(kva.TUNING, **({"triton": False} if kv_ref else {})), \
             pdl(pdl_on) if pdl_on is not None else contextlib.nullcontext():
