@@ -13,8 +13,8 @@ import pytest
 from kvsift.eval import stats
 from kvsift.eval.cli import add_bench_parser, resolve_plan, run_bench
 from kvsift.eval.fakes import ReadingBackend, WordTokenizer
-from kvsift.eval.report import (bar_markdown, bar_rows, cell_stats, kept_points, leaderboard, markdown_table,
-                                 write_report)
+from kvsift.eval.report import (bar_markdown, bar_rows, baselines_markdown, cell_stats, kept_points, leaderboard,
+                                 markdown_table, write_report)
 from kvsift.eval.runner import (BenchConfig, BaseBackend, estimate_batch_size, load_rows, run_cell, run_grid)
 from kvsift.eval.tasks import TASKS, TaskBuilder, TaskConfig
 from tests.conftest import random_prompt
@@ -546,6 +546,31 @@ def test_the_bar_table_says_where_each_method_stands():
     assert "| short | 1.00 [1.00, 1.00] (1) | - | 1.00 [1.00, 1.00] | incomplete (1 cell missing) |" in md
     assert "| 16384 | 1.000 [0.886, 1.000] |" in md
     assert "### The bar" in markdown_table(rows)
+
+
+def test_full_cache_baselines_per_task_and_length():
+    """The baselines table: one per full-cache run (kvsift's, then kvpress's), a row per length, a
+    column per task (ppl last, as a perplexity with its interval); the bar's table uses the same rows."""
+    def ppl_row(method, length, nll):
+        r = _row(method, "full", [0.0] * 4, task="ppl", length=length)
+        r["samples"] = [{"sample_id": f"ppl/{i}", "nll_sum": x * 8, "n_tokens": 8} for i, x in enumerate(nll)]
+        return r
+
+    rows = [_row("full", "full", [1.0] * 30, length=16384), _row("full", "full", [1.0, 0.0] * 15, task="qa", length=16384),
+            _row("full", "full", [0.0] * 30, length=4096), ppl_row("full", 4096, [2.0] * 4),
+            _row("kvpress:full", "full", [1.0] * 30, length=4096), _row("snapkv", "0.05", [1.0] * 30, length=16384),
+            _row("kivi", "full", [1.0] * 30, length=16384)]                   # a budgetless method: not a baseline
+    md = baselines_markdown(cell_stats(rows))
+    assert md.index("`full`:") < md.index("`kvpress:full`:") and "`kivi`" not in md
+    assert "| length | niah | qa | ppl |" in md
+    assert f"| 4096 | 0.000 [0.000, 0.114] | - | {math.exp(2.0):.2f} [{math.exp(2.0):.2f}, {math.exp(2.0):.2f}] |" in md
+    assert "| 16384 | 1.000 [0.886, 1.000] | 0.500 [0.332, 0.668] | - |" in md
+    assert "| length | niah |\n|---|---|\n| 4096 | 1.000 [0.886, 1.000] |" in md   # kvpress's own
+    assert "### Full-cache baselines per task and length" in markdown_table(rows)
+    bar = bar_markdown(cell_stats(rows))                                   # the bar's lengths, no ppl
+    assert "| length | niah | qa |" in bar and "| 16384 | 1.000 [0.886, 1.000] | 0.500 [0.332, 0.668] |" in bar
+    assert "| 4096 |" not in bar
+    assert baselines_markdown(cell_stats([_row("snapkv", "0.1", [1.0] * 30)])) == ""
 
 
 def test_leaderboard_marks_entries_over_fewer_cells():

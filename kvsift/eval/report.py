@@ -538,17 +538,43 @@ def bar_markdown(cstats: list[dict[str, Any]], budget: str = BAR["budget"], leng
         verdict = r["verdict"] + (f" ({r['missing']} cell{'s' * (r['missing'] > 1)} missing)" if r["missing"] else "")
         lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {_ci(r['all']['value'], r['all']['lo'], r['all']['hi'])}"
                      f" | {verdict} |")
-    full = [d for d in cstats if d["method"] == FULL and d["budget"] == FULL and d["task"] != "ppl"
-            and d["length"] in lengths]
-    if full:
-        tasks = sorted({d["task"] for d in full})
-        lines += ["", "Full-cache scores there (mean [95% CI], 30 samples a cell in the suite):", "",
-                  "| length | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-        for L in lengths:
-            by = {d["task"]: d for d in full if d["length"] == L}
-            lines.append(f"| {L} | " + " | ".join(_ci(by[t]["value"], by[t]["lo"], by[t]["hi"], 3) if t in by else "-"
-                                                for t in tasks) + " |")
+    table = _baseline_table(cstats, FULL, lengths, ppl=False)
+    if table:
+        lines += ["", "Full-cache scores there (mean [95% CI], 30 samples a cell in the suite):", "", *table]
     return "\n".join(lines) + "\n"
+
+
+def _baseline_table(cstats: list[dict[str, Any]], method: str, lengths=None, ppl: bool = True) -> list[str]:
+    """Markdown lines of one full-cache run's own values, a row per length and a column per task:
+    the mean score (3 digits) or, for ``ppl`` (with ``ppl=True``), the perplexity (2 digits), each
+    with its 95% interval; ``lengths``: only these. [] when the run has no cell there."""
+    cells = [d for d in cstats if d["method"] == method and d["budget"] == FULL and (ppl or d["task"] != "ppl")
+             and (lengths is None or d["length"] in lengths)]
+    if not cells:
+        return []
+    tasks = sorted({d["task"] for d in cells}, key=lambda t: (t == "ppl", t))
+    lines = ["| length | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for L in sorted({d["length"] for d in cells}):
+        by = {d["task"]: d for d in cells if d["length"] == L}
+        lines.append(f"| {L} | " + " | ".join(_ci(by[t]["value"], by[t]["lo"], by[t]["hi"], 2 if t == "ppl" else 3)
+                                            if t in by else "-" for t in tasks) + " |")
+    return lines
+
+
+def baselines_markdown(cstats: list[dict[str, Any]]) -> str:
+    """Every full-cache run's own values per task and length (kvsift's ``full``, then a peer's
+    ``kvpress:full``): the baselines the leaderboard's fractions are taken against. "" without one."""
+    runs = sorted({d["method"] for d in cstats if d["budget"] == FULL and _is_full(d["method"])}, key=_method_key)
+    lines: list[str] = []
+    for m in runs:
+        table = _baseline_table(cstats, m)
+        if not lines:
+            lines += ["### Full-cache baselines per task and length", "",
+                      "The full cache's own mean score (`ppl`: perplexity, lower is better) per cell, with its 95% "
+                      "interval (Wilson for 0/1 scores, bootstrap otherwise); every fraction kept above is taken "
+                      "against these, on the same samples.", ""]
+        lines += [f"`{m}`:", "", *table, ""]
+    return "\n".join(lines)
 
 
 def intervals_markdown(cstats: list[dict[str, Any]]) -> str:
@@ -596,7 +622,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     cstats = cell_stats(rows)
     peer = vs_peer_markdown(vs_peer_at_kv(rows))   # "" without kvpress rows
     bar = bar_markdown(cstats)
-    lines: list[str] = [leaderboard_markdown(rows, cstats), *([bar] if bar else []),
+    base = baselines_markdown(cstats)
+    lines: list[str] = [leaderboard_markdown(rows, cstats), *([base] if base else []), *([bar] if bar else []),
                         *([peer.rstrip("\n") + "\n"] if peer else []),
                         intervals_markdown(cstats), "### Mean score per task, method and budget", ""]
     tasks = sorted({r["task"] for r in ok})
