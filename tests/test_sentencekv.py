@@ -196,6 +196,22 @@ def test_chunk_store_fetch_returns_the_right_tokens(cache_chunks):
                     t = int(((ch == c) & (rk == r) & sel).nonzero())
                     row = (fp[bi, h] == c * 10 + r).nonzero().item()
                     assert torch.equal(fk[bi, h, row], keys[t]) and torch.equal(fv[bi, h, row], -keys[t])
+        # compact=True (a CPU store without a device cache): the same tokens in the same order, each
+        # (batch, kv_head)'s first, no chunk's pad slots; with a device cache it changes nothing
+        ck, cv, cp, cs = store.fetch(idx, slots=True, compact=True)
+        valid = fp >= 0
+        width = int(valid.sum(-1).max())
+        if cache_chunks == 0:
+            assert cp.shape == (b, hk, width) and ck.shape == (b, hk, width, d) and cs.shape == (b, hk, width)
+        for bi in range(b):
+            for h in range(hk):
+                got = cs[bi, h] >= 0                         # the slots read (a device cache: its slots)
+                kk, vv, pp = (t[bi, h][cs[bi, h][got].long()] for t in (ck, cv, cp))
+                assert pp.tolist() == fp[bi, h][valid[bi, h]].tolist()
+                assert torch.equal(kk, fk[bi, h][valid[bi, h]]) and torch.equal(vv, fv[bi, h][valid[bi, h]])
+                if cache_chunks == 0 and width < k * L:
+                    assert got[: int(got.sum())].all()       # the tokens first, then padding
+                    assert torch.equal(cs[bi, h], torch.where(got, torch.arange(width), -1).to(cs.dtype))
     dev, host = store.kv_nbytes()
     T = int(lens.sum(-1).max())  # compact host layout: no chunk padding, one pad row in all
     assert host == (b * hk * T + 1) * (2 * d * 4 + 4) and dev > 0

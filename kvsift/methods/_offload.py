@@ -479,7 +479,7 @@ class ChunkStore:
 
     # ---- reading -------------------------------------------------------------------------------
     def fetch(self, chunk_idx: torch.Tensor, stats: FetchStats | None = None, slots: bool = False,
-              cached: bool = True):
+              cached: bool = True, compact: bool = False):
         """KV of the chunks ``chunk_idx (batch, kv_heads, k)`` (int64 on the device, ``-1`` = none)
         on the compute device: ``keys, values (batch, kv_heads, k*L, head_dim)`` and positions
         ``(batch, kv_heads, k*L)`` (``-1`` for padding and for ``-1`` entries).
@@ -490,7 +490,12 @@ class ChunkStore:
         int32, the slots to read (``-1`` = none).
 
         ``cached=False``: through no device cache even when the store has one (a prefill chunk
-        reading many chunks once: they are not worth keeping, and must not size the cache)."""
+        reading many chunks once: they are not worth keeping, and must not size the cache).
+
+        ``compact=True``: a caller that reads the rows through their positions only (not as ``k``
+        chunks of ``L`` slots) lets a CPU store without a device cache return just the chunks'
+        tokens, each (batch, kv_head)'s first, cut to the longest one's count (:meth:`_compact_rows`;
+        the width then changes from call to call)."""
         t0 = time.perf_counter()
         b, hk, k = chunk_idx.shape
         if (b, hk) != (self.b, self.hk):
@@ -498,7 +503,7 @@ class ChunkStore:
         if self.cache_chunks != 0 and cached:
             out = self._fetch_cached(chunk_idx, stats, slots)
         else:
-            out = self._fetch_direct(chunk_idx, stats)
+            out = self._fetch_direct(chunk_idx, stats, compact)
             if slots:
                 fk, fv, fp = out
                 ar = torch.arange(fp.shape[-1], device=fp.device, dtype=torch.int32)
@@ -599,7 +604,7 @@ class ChunkStore:
             t.record_stream(main)
         return out
 
-    def _fetch_direct(self, chunk_idx, stats):
+    def _fetch_direct(self, chunk_idx, stats, compact: bool = False):
         b, hk, k = chunk_idx.shape
         bh = torch.arange(b * hk, device=chunk_idx.device).repeat_interleave(k)
         L, d = self.L, self.d
@@ -621,15 +626,38 @@ class ChunkStore:
                     op.view(b, hk, k * L)
         rows = self._token_rows(bh, chunk_idx.reshape(-1)).cpu()
         seg = self._row_seg[bh.cpu()].repeat_interleave(L) if self._segs is not None else None
+        width = k * L
+        if compact and self.device.type == "cpu" and not self.bits:
+            rows, seg, width = self._compact_rows(rows, seg, b * hk, width)
         dk, dv, dp = self._host_gather(rows, (bh, chunk_idx.reshape(-1)), seg)
         if stats is not None:
             nv = int((chunk_idx >= 0).sum())  # rows are on the host already: no extra sync
             stats.chunks += nv
             stats.copied_chunks += nv
             stats.copied_bytes += rows.numel() * self._token_bytes()
-        L, d = self.L, self.d
-        dk = None if dk is None else dk.view(b, hk, k * L, d)
-        return dk, dv.view(b, hk, k * L, d), dp.view(b, hk, k * L)
+        d = self.d
+        dk = None if dk is None else dk.view(b, hk, width, d)
+        return dk, dv.view(b, hk, width, d), dp.view(b, hk, width)
+
+    def _compact_rows(self, rows: torch.Tensor, seg: torch.Tensor | None, groups: int,
+                      width: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """On the CPU (host rows are compute rows; eager shapes): ``rows (groups * width,)`` (and
+        ``seg``, each row's host segment, alike) with each (batch, kv_head)'s chunks' token rows
+        first, in order, and pad rows after them, cut to the longest group's tokens. A chunk takes
+        ``L`` slots whatever its length, so a selection of sentence chunks is about half pad rows
+        (2,432 slots for 1,140 tokens at 5k tokens and 25%): they were copied and then read by the
+        attention for nothing. Returns ``(rows, seg, width)``."""
+        pad = self.pad if self._segs is None else -1
+        valid = (rows != pad).view(groups, width)
+        w = max(1, int(valid.sum(1).max()))
+        if w >= width:
+            return rows, seg, width
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :w]   # valid rows first, in order
+        keep = valid.gather(1, order)
+        rows = torch.where(keep, rows.view(groups, width).gather(1, order), pad).reshape(-1)
+        if seg is not None:
+            seg = seg.view(groups, width).gather(1, order).reshape(-1)
+        return rows, seg, w
 
     def _host_quiesce(self) -> None:
         """Wait for the device before host tensors are replaced: UVA copy kernels read them directly,

@@ -60,11 +60,12 @@ class SlotSource:
     def gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(keys, values, positions)`` of the selected slots as copies ``(batch, kv_heads, n, ...)``
         (position ``-1`` where unused)."""
+        from kvsift.kernels.sparse_decode_attention import slot_rows
+
         idx = self.slots.to(torch.int64)
         safe = idx.clamp(min=0)
-        gi = safe[..., None].expand(*idx.shape, self.keys.shape[-1])
         pos = torch.where(idx >= 0, self.positions.gather(2, safe), -1).to(torch.int32)
-        return self.keys.gather(2, gi), self.values.gather(2, gi), pos
+        return (*slot_rows(self.keys, self.values, idx=safe), pos)
 
 
 @dataclass
