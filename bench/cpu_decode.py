@@ -46,6 +46,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.max_tokens < 2 or args.length < 16:
         ap.error("--rounds must be >= 1, --max-tokens >= 2 and --length >= 16")
+    if not args.prompt_file.is_file():
+        ap.error(f"--prompt-file {args.prompt_file}: no such file")
     from kvsift.errors import UnknownMethodError
     from kvsift.methods.base import spec_classes
 
@@ -78,14 +80,11 @@ def main(argv=None) -> int:
     doc = cut_document(llm, args.prompt_file.read_text(encoding="utf-8"), "", args.length)
     params = SamplingParams(max_tokens=args.max_tokens)
 
-    def needs_budget(m: str) -> bool:
-        return not budgetless(m)
-
     ctxs, rows = {}, {}
     for m in methods:
         t0 = time.perf_counter()
-        ctxs[m] = llm.prefill_context(doc, method=m, budget=budget if needs_budget(m) else None)
-        rows[m] = {"method": m, "budget": args.budget if needs_budget(m) else None,
+        ctxs[m] = llm.prefill_context(doc, method=m, budget=None if budgetless(m) else budget)
+        rows[m] = {"method": m, "budget": None if budgetless(m) else args.budget,
                    "context_prefill_s": time.perf_counter() - t0, "question_prefill_s": [], "decode_ms_per_token": [],
                    "new_tokens": [], "answer": None}
     for _ in range(args.rounds):
