@@ -565,15 +565,14 @@ def baselines_markdown(cstats: list[dict[str, Any]]) -> str:
     """Every full-cache run's own values per task and length (kvsift's ``full``, then a peer's
     ``kvpress:full``): the baselines the leaderboard's fractions are taken against. "" without one."""
     runs = sorted({d["method"] for d in cstats if d["budget"] == FULL and _is_full(d["method"])}, key=_method_key)
-    lines: list[str] = []
+    if not runs:
+        return ""
+    lines = ["### Full-cache baselines per task and length", "",
+             "The full cache's own mean score (`ppl`: perplexity, lower is better) per cell, with its 95% interval "
+             "(Wilson for 0/1 scores, bootstrap otherwise); every fraction kept above is taken against these, on "
+             "the same samples.", ""]
     for m in runs:
-        table = _baseline_table(cstats, m)
-        if not lines:
-            lines += ["### Full-cache baselines per task and length", "",
-                      "The full cache's own mean score (`ppl`: perplexity, lower is better) per cell, with its 95% "
-                      "interval (Wilson for 0/1 scores, bootstrap otherwise); every fraction kept above is taken "
-                      "against these, on the same samples.", ""]
-        lines += [f"`{m}`:", "", *table, ""]
+        lines += [f"`{m}`:", "", *_baseline_table(cstats, m), ""]
     return "\n".join(lines)
 
 

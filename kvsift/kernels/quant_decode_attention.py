@@ -36,6 +36,8 @@ bf16 rounding.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kvsift.kernels._flash import group_offsets, online_softmax_step, store_split
@@ -141,20 +143,15 @@ def _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, 
     return bits
 
 
-_CODE_TABLES: dict[tuple[int, str], torch.Tensor] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _code_table(bits: int, device: torch.device) -> torch.Tensor:
     """``(256, 8 // bits)`` fp32: the codes packed in each byte value, low bits first (as
     :mod:`kvsift.kernels.quantize_kv` packs them). Unpacking by looking bytes up in it is one pass
     where shifting and masking int32 copies was five: 6.3x faster on the CPU (4-bit, 4,096 slots of
     64 channels: 0.23 against 1.46 ms), the same values."""
-    key = (bits, str(device))
-    if key not in _CODE_TABLES:
-        shifts = torch.arange(8 // bits, dtype=torch.int32) * bits
-        table = (torch.arange(256, dtype=torch.int32)[:, None] >> shifts) & ((1 << bits) - 1)
-        _CODE_TABLES[key] = table.float().to(device)
-    return _CODE_TABLES[key]
+    shifts = torch.arange(8 // bits, dtype=torch.int32) * bits
+    table = (torch.arange(256, dtype=torch.int32)[:, None] >> shifts) & ((1 << bits) - 1)
+    return table.float().to(device)
 
 
 def _dequant_rows(codes, scale, zero, idx, bits, group, per_channel_groups: bool):

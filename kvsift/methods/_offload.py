@@ -493,8 +493,8 @@ class ChunkStore:
         reading many chunks once: they are not worth keeping, and must not size the cache).
 
         ``compact=True``: a caller that reads the rows through their positions only (not as ``k``
-        chunks of ``L`` slots) lets a CPU store without a device cache return just the chunks'
-        tokens, each (batch, kv_head)'s first, cut to the longest one's count (:meth:`_compact_rows`;
+        chunks of ``L`` slots) lets an unquantized CPU store without a device cache return just the
+        chunks' tokens, each (batch, kv_head)'s first, cut to the longest one's count (:meth:`_compact_rows`;
         the width then changes from call to call)."""
         t0 = time.perf_counter()
         b, hk, k = chunk_idx.shape

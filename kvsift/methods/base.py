@@ -39,6 +39,7 @@ import torch
 from kvsift.budget import Budget, parse_budget, resolve_budget, validate_budget  # noqa: F401 (re-exported)
 from kvsift.errors import BudgetError, MethodOptionError, UnknownMethodError
 from kvsift.kernels.slot_scores import page_slots
+from kvsift.kernels.sparse_decode_attention import slot_rows
 
 if TYPE_CHECKING:
     from kvsift.cache import SiftLayer
@@ -60,8 +61,6 @@ class SlotSource:
     def gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(keys, values, positions)`` of the selected slots as copies ``(batch, kv_heads, n, ...)``
         (position ``-1`` where unused)."""
-        from kvsift.kernels.sparse_decode_attention import slot_rows
-
         idx = self.slots.to(torch.int64)
         safe = idx.clamp(min=0)
         pos = torch.where(idx >= 0, self.positions.gather(2, safe), -1).to(torch.int32)
