@@ -77,12 +77,15 @@ seed_rows "$ROWS" "$RES/seed.jsonl" "$KEPT"   # every row measured so far
 GROUPS_=${METHOD_GROUPS:-$(python3 bench/suite_groups.py --rows "$RES/seed.jsonl" --processes ${PROCESSES:-3} "${SEL[@]}" \
   ${METHODS:+--methods "$METHODS"} --by $BY --verbose)}
 echo "groups: $GROUPS_"
+# kvpress's venv and converted model first (a minute on a fresh machine): the kill budget below
+# must count it, or its processes outlive the device call and nothing comes back
+[ -n "${KVP_GROUPS:-}" ] && python3 bench/vs_kvpress.py --model $M --wheels .whl/kvpress-min --setup-only 2>&1 | tail -1
 # a cell that starts just before --max-minutes can run minutes past it: every process is stopped
 # KILL_AFTER seconds after this script started (its finished cells are already in its file); keep
-# KILL_AFTER + ~20 s (merging, the tarball) under the device call's timeout
+# KILL_AFTER + ~40 s (stopping, merging, the tarball) under the device call's timeout
 KILL=$(( ${KILL_AFTER:-540} - ( $(date +%s) - T_START ) ))
 [ $KILL -lt 60 ] && { echo "KILL_AFTER leaves $KILL s for the cells after the setup"; KILL=60; }
-STOP="timeout -s INT $KILL"
+STOP="timeout -s INT -k 20 $KILL"   # -k: a process that ignores the INT is killed 20 s later
 run_group() {   # $1: the process's number, $2: its units ("methods[@task]" joined by ";")
   local i=$1 u m t el left
   local start=$(date +%s)
@@ -116,13 +119,14 @@ done
 KVP_ROWS=${KVP_ROWS:-bench/results/standard_kvpress_${NAME}_h200.jsonl.gz}
 KVP_KEPT=$KEEP/kept_$(basename "$KVP_ROWS" .gz).gz
 if [ -n "${KVP_GROUPS:-}" ]; then
-  python3 bench/vs_kvpress.py --model $M --wheels .whl/kvpress-min --setup-only 2>&1 | tail -1
+  # no new cell once the kill is under a minute away (a 30k cell of kvpress takes ~40 s)
+  KVP_MINUTES=$(python3 -c "print(round(max(0.5, min($MINUTES, ($KILL - 60) / 60)), 2))")
   i=0
   for g in $KVP_GROUPS; do
     i=$((i+1))
     seed_rows "$KVP_ROWS" "$RES/k$i.jsonl" "$KVP_KEPT"
     $STOP python3 bench/vs_kvpress.py --suite standard --model $M --wheels .whl/kvpress-min --presses "$g" \
-      "${SEL[@]}" --max-minutes $MINUTES --no-progress --mem-fraction ${MEM:-0.12} --out "$RES/k$i.jsonl" \
+      "${SEL[@]}" --max-minutes $KVP_MINUTES --no-progress --mem-fraction ${MEM:-0.12} --out "$RES/k$i.jsonl" \
       > "$RES/k$i.log" 2>&1 &
     pids+=($!)
   done

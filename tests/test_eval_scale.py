@@ -548,6 +548,66 @@ def test_the_bar_table_says_where_each_method_stands():
     assert "### The bar" in markdown_table(rows)
 
 
+def test_the_bar_second_half_against_kvpress():
+    """With kvpress rows, the bar's table adds its second half, at the bar's budget and lengths only:
+    a method keeping the full score where kvpress's best within its bytes keeps half meets the whole
+    bar; one equal to kvpress keeps the score but is not above it; one holding fewer bytes than any
+    press has no comparison (open); one keeping half does not meet it; kvpress's own rows get no
+    second half, and a 4k cell where kvpress wins changes nothing."""
+    mb = 2**20
+    rows = []
+    for L in (16384, 30000):
+        rows += [_row("full", "full", [1.0] * 30, length=L, kv=100 * mb),
+                 _row("kvpress:full", "full", [1.0] * 30, length=L, kv=100 * mb),
+                 _row("kvpress:snapkv", "0.05", [1.0, 0.0] * 15, length=L, kv=5 * mb),
+                 # wins the 16k cell alone, and over both cells (2/3 against snapkv's 1/2)
+                 _row("kvpress:tova", "0.05", [1.0] * 30 if L == 16384 else [1.0, 0.0, 0.0] * 10, length=L, kv=5 * mb),
+                 _row("keeps", "0.05", [1.0] * 30, length=L, kv=5 * mb),
+                 _row("same", "0.05", [1.0, 0.0] * 15 if L == 0 else [1.0] * 30, length=L, kv=100 * mb),
+                 _row("tiny", "0.05", [1.0] * 30, length=L, kv=1 * mb),
+                 _row("half", "0.05", [1.0, 0.0] * 15, length=L, kv=5 * mb)]
+    rows += [_row("kvpress:snapkv", "0.25", [1.0] * 30, length=16384, kv=25 * mb),   # at 16k only
+             _row("big", "0.05", [1.0] * 30, length=16384, kv=30 * mb),
+             _row("big", "0.05", [1.0] * 30, length=30000, kv=30 * mb),
+             _row("full", "full", [1.0] * 30, length=4096, kv=100 * mb),
+             _row("keeps", "0.05", [0.0] * 30, length=4096, kv=5 * mb),
+             _row("kvpress:snapkv", "0.05", [1.0] * 30, length=4096, kv=5 * mb)]
+    by = {r["method"]: r for r in bar_rows(cell_stats(rows), rows=rows)}
+    keeps = by["keeps"]
+    # the best press: one entry for both cells (not the 4k cell, where kvpress's snapkv scores 1.0)
+    assert keeps["peer"]["cells"] == 2 and keeps["peer"]["best"] == {"tova@0.05": 2}
+    assert keeps["peer"]["diff"] == pytest.approx(1 / 3) and keeps["peer_verdict"] == "above" and keeps["bar"] == "met"
+    # per cell: tova at 16k, snapkv at 30k
+    assert keeps["peer_cell"]["best"] == {"tova@0.05": 1, "snapkv@0.05": 1}
+    assert keeps["peer_cell"]["diff"] == pytest.approx(0.25)
+    assert by["same"]["peer"]["best"] == {"full@full": 2} and by["same"]["peer_verdict"] == "n.s."
+    assert by["same"]["verdict"] == "above" and by["same"]["bar"] == "kept, not above kvpress"
+    assert by["tiny"]["peer_verdict"] == "no kvpress entry" and by["tiny"]["bar"] == "open"
+    # kvpress's 25% fits under big's bytes but ran at 16k only: big beats the best press, yet stays open;
+    # under same's bytes the full cache is larger than that 25% entry, so it does not count there
+    assert by["big"]["peer"]["best"] == {"tova@0.05": 2} and by["big"]["peer_verdict"] == "above"
+    assert by["big"]["peer"]["unmeasured_larger"] == ["snapkv@0.25"] and by["big"]["bar"] == "open"
+    assert by["same"]["peer"]["unmeasured_larger"] == [] and by["keeps"]["peer"]["unmeasured_larger"] == []
+    assert by["half"]["verdict"] == "clearly below" and by["half"]["bar"] == "not met"
+    # kvpress's tova measured at 16k only: the best press covers one bar cell of two, so the bar is open
+    part = [r for r in rows if not (r["method"] == "kvpress:snapkv" or (r["method"] == "kvpress:tova"
+                                                                         and r["length"] == 30000))]
+    one = {r["method"]: r for r in bar_rows(cell_stats(part), rows=part)}["keeps"]
+    assert one["peer"]["cells"] == 1 and one["peer"]["no_peer"] == 1 and one["bar"] == "open"
+    assert "(1, 1 without; tova@0.05)" in bar_markdown(cell_stats(part), rows=part)
+    assert "bar" not in by["kvpress:snapkv"]
+    md = bar_markdown(cell_stats(rows), rows=rows)
+    assert "| verdict | vs kvpress's best press (points, cells) | per-cell best | bar |" in md
+    assert re.search(r"\| keeps \| .* \| above \| \+33\.3 \[\+\d+\.\d, \+\d+\.\d\] above \(2; tova@0\.05\) \| "
+                     r"\+25\.0 \[\+\d+\.\d, \+\d+\.\d\] \(2\) \| met \|", md), md
+    assert "| no kvpress entry | - | open |" in md and "(2; tova@0.05; not all run: snapkv@0.25)" in md
+    assert re.search(r"\| kvpress:snapkv \| .* \| clearly below \|  \|  \|  \|$", md, re.M)
+    # without kvpress rows: one verdict column, as before
+    plain = [r for r in rows if not r["method"].startswith("kvpress:")]
+    assert "vs kvpress" not in bar_markdown(cell_stats(plain), rows=plain)
+    assert all("bar" not in r for r in bar_rows(cell_stats(plain), rows=plain))
+
+
 def test_full_cache_baselines_per_task_and_length():
     """The baselines table: one per full-cache run (kvsift's, then kvpress's), a row per length, a
     column per task (ppl last, as a perplexity with its interval); the bar's table uses the same rows."""
@@ -619,6 +679,8 @@ def test_against_kvpress_best_at_no_more_kv_bytes():
                      r"snapkv@0\.1 \(2\) \| 0 \|", md), md
     assert "| sentencekv | 0.1 | 0 | - | - | - | - | - | - | 1 |" in md
     assert "Against kvpress" not in markdown_table([r for r in rows if not r["method"].startswith("kvpress:")])
+    with pytest.raises(ValueError, match="pick must be"):
+        vs_peer_at_kv(rows, pick="best")
 
 
 def _write(tmp_path, rows):

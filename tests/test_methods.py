@@ -68,11 +68,32 @@ def test_snapkv_gqa_scores_average_the_group():
 
 
 def test_pyramidkv_budgets_fall_and_average_to_budget():
-    m = build_method("pyramidkv", 100)
-    run = m.start(1000, 10)
+    m = build_method("pyramidkv", 1000)          # 1000 / beta 20 = 50: over the 32-token window
+    run = m.start(10000, 10)
     budgets = [m.layer_budget(run, i) for i in range(10)]
-    assert budgets == sorted(budgets, reverse=True) and budgets[0] > 100 > budgets[-1]
-    assert abs(sum(budgets) / 10 - 100) <= 1
+    assert budgets == sorted(budgets, reverse=True) and budgets[0] > 1000 > budgets[-1]
+    assert budgets[-1] == 50 and budgets[0] == 1950
+    assert abs(sum(budgets) / 10 - 1000) <= 1
+    # the first layer keeps at most the prompt less the window; the mean stays the budget
+    run = m.start(1500, 10)
+    capped = [m.layer_budget(run, i) for i in range(10)]
+    assert capped[0] == 1500 - 32 and capped[-1] == 2 * 1000 - (1500 - 32) and abs(sum(capped) / 10 - 1000) <= 1
+
+
+def test_pyramidkv_falls_back_to_snapkv_below_the_window(tiny_llm):
+    """Where the last layer would keep fewer tokens than the observation window (budget / beta <
+    window), every layer keeps the budget, as the reference PyramidKV does: the output is SnapKV's
+    token for token."""
+    m = build_method("pyramidkv", 100)           # 100 / 20 = 5 < 32
+    run = m.start(1000, 10)
+    assert [m.layer_budget(run, i) for i in range(10)] == [100] * 10
+    steep = build_method("pyramidkv", 100, beta=2.0)   # 100 / 2 = 50 >= 32: the pyramid
+    assert steep.layer_budget(steep.start(1000, 10), 9) == 50
+    ids = random_prompt(300, seed=5)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    pyr = tiny_llm.generate(ids, params, method=build_method("pyramidkv", 40))[0]
+    snap = tiny_llm.generate(ids, params, method=build_method("snapkv", 40))[0]
+    assert pyr.token_ids == snap.token_ids and pyr.stats.kv_kept_bytes == snap.stats.kv_kept_bytes
 
 
 def test_compose_runs_stages_in_order(tiny_llm):

@@ -249,7 +249,8 @@ KV_TOLERANCE = 0.02   # a peer's GPU KV counts as "no more" within 2% (rounding,
 
 
 def vs_peer_at_kv(rows: list[dict[str, Any]], peer: str = "kvpress", tolerance: float = KV_TOLERANCE,
-                  n_boot: int = stats.N_BOOT, seed: int = stats.SEED) -> list[dict[str, Any]]:
+                  n_boot: int = stats.N_BOOT, seed: int = stats.SEED, lengths: Sequence[int] | None = None,
+                  budgets: Sequence[str] | None = None, pick: str = "cell") -> list[dict[str, Any]]:
     """Each kvsift method and budget against the peer's best at no more GPU KV bytes, one dict per
     (method, budget) that has such a comparison.
 
@@ -262,8 +263,17 @@ def vs_peer_at_kv(rows: list[dict[str, Any]], peer: str = "kvpress", tolerance: 
     (stratified paired bootstrap, :func:`kvsift.eval.stats.pooled_paired_diff`); ``ours`` and
     ``theirs`` the two means; ``cells`` the cells compared, ``no_peer`` those where the peer had no
     entry within the bytes, and ``best`` the peer's winners with how many cells each won.
-    Perplexity cells are left out. The full caches are not compared (``full`` rows)."""
-    cells = _group_cells(rows)
+    Perplexity cells are left out. The full caches are not compared (``full`` rows). ``lengths``
+    and ``budgets``: only these prompt lengths, and only these budgets of kvsift's entries (the
+    peer's entries at any budget stay eligible). ``pick="press"``: instead of a winner per cell,
+    the peer's one best entry (press and budget) over the method's cells, as a user would pick one
+    press: among the entries eligible in the most cells, the one with the highest mean over them;
+    cells where it is not eligible count in ``no_peer``, and ``unmeasured_larger`` lists the peer's
+    entries that hold more GPU KV than the chosen one (within the bytes) but lack some of the cells
+    (their larger budget may score higher once measured; always empty with ``pick="cell"``)."""
+    if pick not in ("cell", "press"):
+        raise ValueError(f"pick must be 'cell' or 'press', got {pick!r}")
+    cells = {k: v for k, v in _group_cells(rows).items() if lengths is None or k[1] in lengths}
     prefix = peer + ":"
     by_cell: dict[tuple, list[tuple]] = defaultdict(list)   # (task, length, mode) -> the peer's cell keys
     for k in cells:
@@ -273,19 +283,39 @@ def vs_peer_at_kv(rows: list[dict[str, Any]], peer: str = "kvpress", tolerance: 
     out = []
     groups: dict[tuple[str, str], list[tuple]] = defaultdict(list)
     for k in cells:
-        if k[0] != "ppl" and ":" not in _split_mode(k[2])[0] and not _is_full(k[2]):
+        if (k[0] != "ppl" and ":" not in _split_mode(k[2])[0] and not _is_full(k[2])
+                and (budgets is None or k[3] in budgets)):
             groups[(k[2], k[3])].append(k)
     for (method, budget), keys in sorted(groups.items(), key=lambda kv: (_method_key(kv[0][0]),
                                                                            _budget_sort_key(kv[0][1]))):
-        pairs, best, no_peer = [], defaultdict(int), 0
+        pairs, best, no_peer, larger = [], defaultdict(int), 0, []
+        per_cell: list[tuple[tuple, list[tuple]]] = []
         for key in sorted(keys):
             theirs = by_cell.get((key[0], key[1], _split_mode(method)[1]))
             if not theirs:
                 continue
+            cap = cells[key]["kv_device_bytes"]
+            per_cell.append((key, [k for k in theirs if cap is not None and cells[k]["kv_device_bytes"] is not None
+                                   and cells[k]["kv_device_bytes"] <= cap * (1 + tolerance)]))
+        chosen = None
+        if pick == "press":   # one entry (press, budget) for every cell: most cells, then the best mean
+            cover: dict[tuple[str, str], list[tuple]] = defaultdict(list)
+            for _, eligible in per_cell:
+                for k in eligible:
+                    cover[(k[2], k[3])].append(k)
+            if cover:
+                most = max(len(v) for v in cover.values())
+                chosen = max((e for e, v in cover.items() if len(v) == most), key=lambda e: (
+                    _mean(x for k in cover[e] for x in cells[k]["values"].values()) or 0.0, e))
+                kv = {e: _mean(cells[k]["kv_device_bytes"] for k in v) or 0.0 for e, v in cover.items()}
+                # entries holding more bytes than the chosen one but measured on fewer cells: a
+                # larger budget usually scores higher, so the comparison may move once they are run
+                larger = sorted(f"{e[0][len(prefix):]}@{e[1]}" for e, v in cover.items()
+                                if len(v) < len(per_cell) and kv[e] > kv[chosen] * (1 + tolerance))
+        for key, eligible in per_cell:
             ours = cells[key]
-            cap = ours["kv_device_bytes"]
-            eligible = [k for k in theirs if cap is not None and cells[k]["kv_device_bytes"] is not None
-                        and cells[k]["kv_device_bytes"] <= cap * (1 + tolerance)]
+            if chosen is not None:
+                eligible = [k for k in eligible if (k[2], k[3]) == chosen]
             if not eligible:
                 no_peer += 1
                 continue
@@ -298,7 +328,8 @@ def vs_peer_at_kv(rows: list[dict[str, Any]], peer: str = "kvpress", tolerance: 
         if not pairs and not no_peer:
             continue
         d: dict[str, Any] = {"method": method, "budget": budget, "cells": len(pairs), "no_peer": no_peer,
-                             "best": dict(sorted(best.items(), key=lambda kv: (-kv[1], kv[0])))}
+                             "best": dict(sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))),
+                             "unmeasured_larger": larger}
         if pairs:
             p = _paired_row("all", budget, pairs, {}, n_boot, seed)
             d.update(n=p["n"], ours=p["a"], theirs=p["b"], diff=p["diff"], lo=p["lo"], hi=p["hi"],
@@ -485,15 +516,31 @@ BAR = {"budget": "0.05", "lengths": (16384, 30000), "kept": 0.95}
 
 
 def bar_rows(cstats: list[dict[str, Any]], budget: str = BAR["budget"], lengths=BAR["lengths"],
-             kept: float = BAR["kept"], min_full: float = MIN_FULL) -> list[dict[str, Any]]:
+             kept: float = BAR["kept"], min_full: float = MIN_FULL,
+             rows: list[dict[str, Any]] | None = None, peer: str = "kvpress") -> list[dict[str, Any]]:
     """Where each method stands against a bar (a fraction ``kept`` of the full-cache score at
     ``budget``, at ``lengths``): per method (accuracy tasks, cells where its full cache scores at
     least ``min_full``), the pooled fraction kept at each length and over all of them, with its
     stratified paired bootstrap interval and the cells behind it, and a verdict: ``above`` (the
     interval's low end at or over the bar), ``meets`` (the value at or over it), ``below`` (the
     value under it), ``clearly below`` (the interval's high end under it); ``incomplete`` where the
-    method lacks a (task, length) cell its full cache has."""
+    method lacks a (task, length) cell its full cache has.
+
+    The bar's second half, with ``rows`` holding the peer's (``<peer>:*``) rows: ``peer`` is the
+    method's :func:`vs_peer_at_kv` entry against the peer's best press (``pick="press"``: one press
+    and budget for all the bar's cells, at no more GPU KV bytes) at the bar's budget and lengths
+    (None where the peer ran none of them), ``peer_cell`` the stricter per-cell winner's;
+    ``peer_verdict`` ``above`` / ``n.s.`` / ``below`` (the paired difference's interval against the
+    best press), ``no <peer> entry`` where every press held more GPU KV, ``no <peer> rows``; and
+    ``bar`` the whole bar: ``met`` (kept ``above`` or ``meets``, and significantly above the peer),
+    ``kept, not above <peer>``, ``not met`` (kept ``below`` or ``clearly below``) or ``open``
+    (incomplete, a bar cell where the best press has no entry at those bytes, or a larger entry of
+    the peer within the bytes not measured on every cell). Peer methods themselves get no second half."""
     cs = [d for d in _scored_cells(cstats, min_full) if d["length"] in lengths]
+    vs = vs_cell = None
+    if rows is not None and any(r["method"].startswith(peer + ":") for r in rows):
+        vs = {d["method"]: d for d in vs_peer_at_kv(rows, peer, lengths=lengths, budgets=[budget], pick="press")}
+        vs_cell = {d["method"]: d for d in vs_peer_at_kv(rows, peer, lengths=lengths, budgets=[budget])}
     out = []
     for m in sorted({d["method"] for d in cs if d["budget"] == budget}, key=_method_key):
         ds = [d for d in cs if d["method"] == m and d["budget"] == budget]
@@ -514,30 +561,76 @@ def bar_rows(cstats: list[dict[str, Any]], budget: str = BAR["budget"], lengths=
             row["verdict"] = "clearly below"
         else:
             row["verdict"] = "below"
+        if vs is not None and not m.startswith(peer + ":"):
+            d = vs.get(m)
+            row["peer"], row["peer_cell"] = d, vs_cell.get(m)
+            if d is None or (not d["cells"] and not d["no_peer"]):
+                row["peer_verdict"] = f"no {peer} rows"
+            elif not d["cells"]:
+                row["peer_verdict"] = f"no {peer} entry"
+            else:
+                row["peer_verdict"] = ("above" if d["diff"] > 0 else "below") if d["significant"] else "n.s."
+            if row["verdict"] in ("below", "clearly below"):
+                row["bar"] = "not met"
+            elif (row["verdict"] == "incomplete" or row["peer_verdict"] not in ("above", "n.s.", "below")
+                  or d["no_peer"] or d["unmeasured_larger"]):   # the comparison is not whole yet
+                row["bar"] = "open"
+            else:
+                row["bar"] = "met" if row["peer_verdict"] == "above" else f"kept, not above {peer}"
         out.append(row)
     return out
 
 
 def bar_markdown(cstats: list[dict[str, Any]], budget: str = BAR["budget"], lengths=BAR["lengths"],
-                 kept: float = BAR["kept"]) -> str:
-    """The bar's table (:func:`bar_rows`) and the full cache's own scores per task and length there."""
-    rows = bar_rows(cstats, budget, lengths, kept)
+                 kept: float = BAR["kept"], rows: list[dict[str, Any]] | None = None, peer: str = "kvpress") -> str:
+    """The bar's table (:func:`bar_rows`) and the full cache's own scores per task and length there;
+    with the peer's rows among ``rows``, the bar's second half (against the peer's best at no more
+    GPU KV bytes, at the bar's budget and lengths) and the whole bar's verdict in two more columns."""
+    result_rows = rows
+    rows = bar_rows(cstats, budget, lengths, kept, rows=result_rows, peer=peer)
     if not rows:
         return ""
+    second = any("bar" in r for r in rows)
     lens = " | ".join(f"{L} kept [95% CI] (cells)" for L in lengths)
     lines = [f"### The bar: {kept:g} of the full-cache score kept at {budget}, at {', '.join(map(str, lengths))} tokens",
              "",
              "Per method, the fraction kept pooled over the accuracy tasks at each length and over all of them "
              "(stratified paired bootstrap); `above`: the interval's low end at or over the bar, `meets`: the value "
              "at or over it, `below` / `clearly below`: the value / the interval's high end under it, `incomplete`: "
-             "cells the full cache has are not measured yet (the value so far is shown).", "",
-             f"| method | {lens} | all [95% CI] | verdict |", "|---|" + "---|" * (len(lengths) + 2)]
+             "cells the full cache has are not measured yet (the value so far is shown)."
+             + (f" The bar's second half, `vs {peer}'s best press`: kvsift's score minus that of {peer}'s one best "
+                f"press and budget among those holding no more GPU KV bytes (the best mean over the bar's cells), "
+                f"in points over those cells with its 95% interval (`above` / `below`: the interval excludes 0; "
+                f"`n.s.`: it does not), the press beside it; `per-cell best`: the same against a winner chosen per "
+                f"cell after the fact (the next table's rule, a bias in {peer}'s favour); `bar`: `met` where the "
+                f"fraction kept is `above` or `meets` and the method is significantly above {peer}'s best press, "
+                f"`open` where a cell or the comparison is missing (`n without`: bar cells where that press has no "
+                f"entry at those bytes; `not all run`: {peer}'s entries (press and budget) within the bytes, larger than "
+                f"the best press, not measured on every bar cell yet)." if second else ""), "",
+             f"| method | {lens} | all [95% CI] | verdict |"
+             + (f" vs {peer}'s best press (points, cells) | per-cell best | bar |" if second else ""),
+             "|---|" + "---|" * (len(lengths) + 2 + 3 * second)]
     for r in rows:
         cells = [f"{_ci(r[L]['value'], r[L]['lo'], r[L]['hi'])} ({r[L]['cells']})" if r[L]["cells"] else "-"
                  for L in lengths]
         verdict = r["verdict"] + (f" ({r['missing']} cell{'s' * (r['missing'] > 1)} missing)" if r["missing"] else "")
+        extra = ""
+        if second:
+            d, dc = r.get("peer"), r.get("peer_cell")
+            diff = (lambda x: f"{100 * x['diff']:+.1f} [{100 * x['lo']:+.1f}, {100 * x['hi']:+.1f}]")  # noqa: E731
+            if "bar" not in r:       # the peer's own presses
+                extra = "  |  |  |"
+            elif d and d["cells"]:
+                gap = f", {d['no_peer']} without" if d["no_peer"] else ""
+                n_un = len(d["unmeasured_larger"])
+                run = (f"; not all run: {d['unmeasured_larger'][0]}" if n_un == 1
+                       else f"; {n_un} larger not all run" if n_un else "")
+                extra = (f" {diff(d)} {r['peer_verdict']} ({d['cells']}{gap}; {next(iter(d['best']))}{run}) | "
+                         + (f"{diff(dc)} ({dc['cells']})" if dc and dc["cells"] else "-") + f" | {r['bar']} |")
+            else:
+                extra = f" {r['peer_verdict']} | - | {r['bar']} |"
         lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {_ci(r['all']['value'], r['all']['lo'], r['all']['hi'])}"
-                     f" | {verdict} |")
+                     f" | {verdict} |" + extra)
     table = _baseline_table(cstats, FULL, lengths, ppl=False)
     if table:
         lines += ["", "Full-cache scores there (mean [95% CI], 30 samples a cell in the suite):", "", *table]
@@ -620,7 +713,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     ok = _ok(rows)
     cstats = cell_stats(rows)
     peer = vs_peer_markdown(vs_peer_at_kv(rows))   # "" without kvpress rows
-    bar = bar_markdown(cstats)
+    bar = bar_markdown(cstats, rows=rows)
     base = baselines_markdown(cstats)
     lines: list[str] = [leaderboard_markdown(rows, cstats), *([base] if base else []), *([bar] if bar else []),
                         *([peer.rstrip("\n") + "\n"] if peer else []),
