@@ -199,6 +199,29 @@ def test_reference_equals_dense_attention_over_the_dequantized_kv(bits, table):
         assert torch.allclose(got, want, atol=1e-5) and torch.allclose(lse, want_lse, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [4, 2])
+def test_reference_reads_every_slot_by_slices_as_through_a_table(bits):
+    """Every slot with one window start (``slot_idx`` None): the reference reads the codes and
+    scales as slices (the CPU's decode path, no per-slot gathers), with the values the slot-table
+    path gives for the table ``0 .. capacity - 1``, in whole blocks and in blocks that cut a key
+    group; a window start per row keeps the table path."""
+    st, q = _case(bits)
+    args = st.kernel_args(static=True)
+    qp = torch.tensor([299, 250])
+    table = torch.arange(st.capacity).expand(2, 2, st.capacity)
+    for block in (4096, 37):
+        for window in (None, 40):
+            got = quant_decode_attention_ref(q, query_pos=qp, slot_idx=None, scale=0.3, group=st.group,
+                                             block=block, window=window, **args)
+            want = quant_decode_attention_ref(q, query_pos=qp, slot_idx=table, scale=0.3, group=st.group,
+                                              block=block, window=window, **args)
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    rows = dict(args, res_start=args["res_start"].expand(2).clone())
+    got = quant_decode_attention_ref(q, query_pos=qp, slot_idx=None, scale=0.3, group=st.group, **rows)
+    torch.testing.assert_close(got, quant_decode_attention_ref(q, query_pos=qp, slot_idx=table, scale=0.3,
+                                                               group=st.group, **args), atol=1e-6, rtol=1e-6)
+
+
 def test_reference_reads_the_window_in_full_precision():
     st, q = _case(4)
     k, v, pos = _kv(n=300, d=32)

@@ -852,3 +852,50 @@ def test_dense_final_offload_plans_once_and_checks_the_layout_once(tiny, monkeyp
                 mp.setattr(tiny.runner, "prefill_mode", "batch")
                 ref = tiny.generate([prompt(400, seed=37), prompt(300, seed=38)], GREEDY, method=spec, budget=96)
             assert [o.token_ids for o in out] == [o.token_ids for o in ref]
+
+
+def test_a_copied_fetch_is_read_whole_not_gathered_again():
+    """A fetch that copies the chunks (no device cache) returns them in order with identity slots:
+    the selection marks itself ``dense``, the attention reads the buffers whole masked by position
+    (no second copy) with the same result as through the slot table, and ``gather`` returns the
+    buffers themselves."""
+    from kvsift.kernels.sparse_decode_attention import sparse_decode_attention_ref
+    from kvsift.methods.base import SlotSource
+
+    torch.manual_seed(0)
+    b, hk, g, n, d = 2, 2, 3, 12, 8
+    k, v = torch.randn(b, hk, n, d), torch.randn(b, hk, n, d)
+    pos = torch.arange(n, dtype=torch.int32).expand(b, hk, n).clone()
+    pos[0, 1, 9:] = -1                                  # a shorter row: pad slots at its end
+    pos[1, 0, 5:] = -1
+    slots = torch.where(pos >= 0, torch.arange(n, dtype=torch.int32), -1)
+    q = torch.randn(b, hk * g, d)
+    qp = torch.full((b,), 100, dtype=torch.int64)
+    table, whole = SlotSource(k, v, pos, slots), SlotSource(k, v, pos, slots, dense=True)
+    assert table.read_slots is slots and whole.read_slots is None
+    a = sparse_decode_attention_ref(q, k, v, table.read_slots, d ** -0.5, key_pos=pos, query_pos=qp)
+    c = sparse_decode_attention_ref(q, k, v, whole.read_slots, d ** -0.5, key_pos=pos, query_pos=qp)
+    torch.testing.assert_close(a, c)
+    gk, gv, gp = whole.gather()
+    assert gk is k and gv is v and torch.equal(gp, table.gather()[2])
+    torch.testing.assert_close(table.gather()[0][pos >= 0], k[pos >= 0])
+    empty = SlotSource(k[:, :, :0], v[:, :, :0], pos[:, :, :0], slots[:, :, :0], dense=True)
+    assert empty.read_slots is not None                  # an empty selection keeps its (empty) table
+
+
+@pytest.mark.parametrize("kw,dense", [({}, True), ({"cache_chunks": 3}, False)])
+def test_sentencekv_decode_reads_a_copied_fetch_whole(tiny, monkeypatch, kw, dense):
+    """Without a device chunk cache, sentencekv's decode selection is the fetched copy itself
+    (``dense``); with one, a slot table over the cache."""
+    seen = []
+    plan = SentenceKV.plan
+
+    def spy(self, run_, layer, query, ctx):
+        sel = plan(self, run_, layer, query, ctx)
+        if ctx.decoding and sel is not None and sel.extra is not None:
+            seen.append(sel.extra.dense)
+        return sel
+
+    monkeypatch.setattr(SentenceKV, "plan", spy)
+    run(tiny, prompt(300, seed=3), "sentencekv", 0.3, **kw)
+    assert seen and set(seen) == {dense}

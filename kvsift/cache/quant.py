@@ -477,7 +477,7 @@ class QuantKV:
 
         k, v, p = self.dense()
         b, h, n = p.shape
-        return SlotSource(k, v, p, torch.arange(n, device=p.device).expand(b, h, n))
+        return SlotSource(k, v, p, torch.arange(n, device=p.device).expand(b, h, n), dense=True)
 
     def slot_keys(self, slots: torch.Tensor) -> torch.Tensor:
         """Keys at ``slots (s,)`` int64 (device) ``(batch, kv_heads, s, head_dim)``, model dtype."""

@@ -152,7 +152,7 @@ def selected_attention(query: torch.Tensor, layer: "SiftLayer", sel: "Selection 
         pk, pv, pp = layer.prefix
         calls.append((pk, pv, None, dict(key_pos=pp, query_pos=qp, window=sliding_window)))
     for x in extras:
-        calls.append((x.keys.to(q.dtype), x.values.to(q.dtype), x.slots,
+        calls.append((x.keys.to(q.dtype), x.values.to(q.dtype), x.read_slots,
                       dict(key_pos=x.positions, query_pos=qp, window=sliding_window)))
     if layer.ragged is not None:  # compact per-head KV (new tokens included): each head up to its count
         r = layer.ragged

@@ -166,6 +166,43 @@ def _dequant_rows(codes, scale, zero, idx, bits, group, per_channel_groups: bool
     return c * s.float().repeat_interleave(vg, -1) + z.float().repeat_interleave(vg, -1)
 
 
+def _dequant_slice(codes, scale, zero, a: int, c: int, bits: int, group: int, per_channel_groups: bool):
+    """Codes of the slots ``a .. c - 1`` dequantized, read as slices (nothing indexed per slot):
+    ``(batch, kv_heads, c - a, d)`` fp32, the values :func:`_dequant_rows` gives for those slots."""
+    cb = codes[:, :, a:c]
+    x = _code_table(bits, codes.device).index_select(0, cb.reshape(-1).to(torch.int32)).view(*cb.shape[:-1], -1)
+    if per_channel_groups:  # one scale per channel for each group of slots
+        g0, g1 = a // group, -(-c // group)
+        s = scale[:, :, g0:g1].repeat_interleave(group, 2)[:, :, a - g0 * group: c - g0 * group]
+        z = zero[:, :, g0:g1].repeat_interleave(group, 2)[:, :, a - g0 * group: c - g0 * group]
+        return x * s.float() + z.float()
+    vg = x.shape[-1] // scale.shape[-1]
+    return x * scale[:, :, a:c].float().repeat_interleave(vg, -1) + zero[:, :, a:c].float().repeat_interleave(vg, -1)
+
+
+def _dense_block(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, rs: int, s0: int, e: int,
+                 bits: int, group: int):
+    """Every slot ``s0 .. e - 1`` as ``k, v (batch, kv_heads, e - s0, d)`` fp32 by slices: the
+    quantized ones (``< rs``) dequantized and rounded to the window's dtype, the window's rows
+    (``rs ..``) as they are, zeros past the window's buffer (masked by the caller)."""
+    rcap = k_res.shape[2]
+    ks, vs = [], []
+    qc = min(e, rs)
+    if qc > s0:
+        ks.append(_dequant_slice(k_codes, k_scale, k_zero, s0, qc, bits, group, True).to(k_res.dtype).float())
+        vs.append(_dequant_slice(v_codes, v_scale, v_zero, s0, qc, bits, group, False).to(v_res.dtype).float())
+    ra, rc = max(s0, rs), min(e, rs + rcap)
+    if rc > ra:
+        ks.append(k_res[:, :, ra - rs: rc - rs].float())
+        vs.append(v_res[:, :, ra - rs: rc - rs].float())
+    past = e - max(s0, rc, qc)
+    if past > 0:
+        b, hk, _, d = k_res.shape
+        ks.append(k_res.new_zeros(b, hk, past, d, dtype=torch.float32))
+        vs.append(v_res.new_zeros(b, hk, past, d, dtype=torch.float32))
+    return (ks[0], vs[0]) if len(ks) == 1 else (torch.cat(ks, 2), torch.cat(vs, 2))
+
+
 def quant_decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
                                v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor,
                                k_res: torch.Tensor, v_res: torch.Tensor, res_start: torch.Tensor,
@@ -193,15 +230,31 @@ def quant_decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: 
     qg = q.float().reshape(b, hk, hq // hk, d)
     qp = query_pos.to(torch.int64)[:, None, None]
     rs = res_start.to(torch.int64).reshape(-1, 1, 1)                  # (1 or batch, 1, 1)
+    # every slot with one window start for all rows: the slots read as slices, not gathered
+    dense = slot_idx is None and res_start.numel() == 1 and cap > 0
+    rs0 = int(res_start.reshape(-1)[0]) if dense else 0
     parts = []
     for s0 in range(0, max(1, idx_all.shape[2]), block):
         idx = idx_all[:, :, s0 : s0 + block]
-        idx = torch.where((idx >= 0) & (idx < cap), idx, -1)
-        kp = torch.where(idx >= 0, key_pos.gather(2, idx.clamp(min=0)).to(torch.int64), -1)
+        if dense:
+            e = min(s0 + block, cap)
+            kp = key_pos[:, :, s0:e].to(torch.int64)
+        else:
+            idx = torch.where((idx >= 0) & (idx < cap), idx, -1)
+            kp = torch.where(idx >= 0, key_pos.gather(2, idx.clamp(min=0)).to(torch.int64), -1)
         ok = (kp >= 0) & (kp <= qp)
         if window is not None:
             ok &= kp > qp - window
         ok &= idx - rs < rcap                                             # past the window's buffer: none
+        if dense:
+            k, v = _dense_block(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, rs0, s0, e,
+                                bits, group)
+            v = torch.where(ok[..., None], v, 0.0)                        # unused slots may hold any bits
+            w = torch.matmul(qg, k.transpose(-1, -2)) * scale
+            w = w.masked_fill(~ok[:, :, None, :], float("-inf"))
+            p = torch.softmax(w, dim=-1).nan_to_num(0.0)
+            parts.append((torch.matmul(p, v).reshape(b, hq, d), torch.logsumexp(w, dim=-1).reshape(b, hq)))
+            continue
         safe = torch.where(ok, idx, 0)
         quant = safe < rs
         ri = torch.where(quant, 0, safe - rs)

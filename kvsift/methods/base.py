@@ -51,16 +51,28 @@ if TYPE_CHECKING:
 class SlotSource:
     """KV outside the layer's own buffer, read in place: ``keys``/``values`` ``(batch, kv_heads,
     slots, head_dim)`` device buffers, their token ``positions (batch, kv_heads, slots)``, and
-    ``slots (batch, kv_heads, n)`` the indices to read (``-1`` = unused)."""
+    ``slots (batch, kv_heads, n)`` the indices to read (``-1`` = unused). ``dense``: the buffers
+    hold exactly the selection, in order (``slots`` is ``0 .. n-1`` where a position is valid, -1
+    where it is ``-1``: a fetch that already copied the chunks), so the attention reads them whole,
+    masked by position, and :meth:`gather` copies nothing."""
 
     keys: torch.Tensor
     values: torch.Tensor
     positions: torch.Tensor
     slots: torch.Tensor
+    dense: bool = False
+
+    @property
+    def read_slots(self) -> torch.Tensor | None:
+        """The slot table for the attention: None (every slot, masked by position) when ``dense``
+        and there is a slot (an empty selection keeps its empty table)."""
+        return None if self.dense and self.keys.shape[2] > 0 else self.slots
 
     def gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(keys, values, positions)`` of the selected slots as copies ``(batch, kv_heads, n, ...)``
-        (position ``-1`` where unused)."""
+        """``(keys, values, positions)`` of the selected slots ``(batch, kv_heads, n, ...)``
+        (position ``-1`` where unused): copies, or the buffers themselves when ``dense``."""
+        if self.dense:
+            return self.keys, self.values, self.positions.to(torch.int32)
         idx = self.slots.to(torch.int64)
         safe = idx.clamp(min=0)
         pos = torch.where(idx >= 0, self.positions.gather(2, safe), -1).to(torch.int32)

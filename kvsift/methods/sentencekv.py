@@ -571,7 +571,8 @@ class SentenceKV(KVMethod):
                     q, p = query[:, :, s:s + step], (qpos[:, s:s + step] if qpos is not None else None)
                     fp = _mean_query(q[:, :, -w:] if w else q, p[:, -w:] if w and p is not None else p)
                     idx = self._select_chunks(store, fp, budget)
-                    blocks.append((s, SlotSource(*store.fetch(idx, None, slots=True, cached=False, compact=True))))
+                    blocks.append((s, SlotSource(*store.fetch(idx, None, slots=True, cached=False, compact=True),
+                                                 dense=query.device.type == "cpu")))
                 return Selection(extra=blocks[0][1]) if len(blocks) == 1 else Selection(blocks=blocks)
         else:
             fp = self._fingerprint(run, state, query[:, :, -1], ctx)
@@ -587,8 +588,11 @@ class SentenceKV(KVMethod):
             idx = self._select_chunks(store, fp, budget)
         # read in place: the device chunk cache (or the fetched copies) plus a slot table; a prefill
         # chunk's fetch is a one-off copy (its many chunks neither fill nor size the decode cache)
+        # on the CPU a fetch that copies the chunks (no device cache) returns them in order: read
+        # whole (dense), not gathered again (on CUDA the kernel reads through the table in place)
+        direct = (store.cache_chunks == 0 or not ctx.decoding) and query.device.type == "cpu"
         src = SlotSource(*store.fetch(idx, run.fetch if ctx.decoding else None, slots=True, cached=ctx.decoding,
-                                      compact=True))
+                                      compact=True), dense=direct)
         return Selection(extra=self._hold(state, store, src) if hold else src)
 
     def _select_chunks(self, store: ChunkStore, fp: torch.Tensor, budget: int,
@@ -628,7 +632,8 @@ class SentenceKV(KVMethod):
         step, never inside a recording) and refilled in place."""
         prev = state.held
         parts = (src.keys, src.values, src.positions, src.slots)
-        if prev is not None and prev.slots.shape == src.slots.shape and prev.keys.shape == src.keys.shape:
+        if (prev is not None and prev.slots.shape == src.slots.shape and prev.keys.shape == src.keys.shape
+                and prev.dense == src.dense):
             for dst, part in zip((prev.keys, prev.values, prev.positions, prev.slots), parts):
                 if dst.data_ptr() != part.data_ptr():
                     dst.copy_(part)
@@ -636,7 +641,7 @@ class SentenceKV(KVMethod):
         cache = store._dev
         own = {t.untyped_storage().data_ptr() for t in cache.values()} if cache else set()
         state.held = SlotSource(*(t if i < 3 and t.untyped_storage().data_ptr() in own else t.clone()
-                                  for i, t in enumerate(parts)))
+                                  for i, t in enumerate(parts)), dense=src.dense)
         return state.held
 
     def chunk_invariant(self) -> bool:
