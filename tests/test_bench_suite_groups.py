@@ -194,6 +194,18 @@ def test_suite_script_seeds_from_the_tree_and_the_machines_kept_rows(tmp_path):
     assert seed(tmp_path / "none.gz", "") == {}
 
 
+def test_suite_script_counts_kvpress_setup_in_its_kill_budget():
+    """Part 42 (2026-12-05) timed out with nothing returned: kvpress's venv setup ran after the kill
+    budget was computed, so its processes outlived the device call. The setup now comes first, the
+    processes are killed hard if the INT does not stop them, and kvpress's --max-minutes ends a
+    minute before the kill."""
+    script = (Path(__file__).parent.parent / "bench" / "suite_h200.sh").read_text()
+    setup = script.index("vs_kvpress.py --model $M --wheels .whl/kvpress-min --setup-only")
+    assert setup < script.index("KILL=$(( ${KILL_AFTER:-540}")
+    assert 'STOP="timeout -s INT -k 20 $KILL"' in script
+    assert "--max-minutes $KVP_MINUTES" in script and "($KILL - 60) / 60" in script
+
+
 def test_a_prompt_sets_budgets_are_one_run_whose_first_budget_pays_the_set():
     """Cells of one method over one prompt set that ended one after the other are one run: its first
     budget pays the set (prefill, kvzip's reread), each further one ``EXTRA`` of it; the cells left of
