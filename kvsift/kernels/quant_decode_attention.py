@@ -171,13 +171,31 @@ def _dequant_slice(codes, scale, zero, a: int, c: int, bits: int, group: int, pe
     ``(batch, kv_heads, c - a, d)`` fp32, the values :func:`_dequant_rows` gives for those slots."""
     cb = codes[:, :, a:c]
     x = _code_table(bits, codes.device).index_select(0, cb.reshape(-1).to(torch.int32)).view(*cb.shape[:-1], -1)
+    b, hk, n, d = x.shape
     if per_channel_groups:  # one scale per channel for each group of slots
         g0, g1 = a // group, -(-c // group)
+        if a % group == 0 and n % group == 0:   # whole groups: the scales broadcast over their slots
+            xg = x.view(b, hk, n // group, group, d)
+            xg.mul_(scale[:, :, g0:g1, None].float()).add_(zero[:, :, g0:g1, None].float())
+            return x
         s = scale[:, :, g0:g1].repeat_interleave(group, 2)[:, :, a - g0 * group: c - g0 * group]
         z = zero[:, :, g0:g1].repeat_interleave(group, 2)[:, :, a - g0 * group: c - g0 * group]
-        return x * s.float() + z.float()
-    vg = x.shape[-1] // scale.shape[-1]
-    return x * scale[:, :, a:c].float().repeat_interleave(vg, -1) + zero[:, :, a:c].float().repeat_interleave(vg, -1)
+        return x.mul_(s.float()).add_(z.float())
+    ng = scale.shape[-1]                        # values: one scale per slot and group of channels
+    xg = x.view(b, hk, n, ng, d // ng)
+    xg.mul_(scale[:, :, a:c, :, None].float()).add_(zero[:, :, a:c, :, None].float())
+    return x
+
+
+def _softmax_lse(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the last axis and its log-sum-exp from one ``exp`` pass: ``(p, lse)``, ``p``
+    zero and ``lse`` ``-inf`` on rows with no finite score (every slot masked)."""
+    m = w.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(w - m)
+    tot = e.sum(-1, keepdim=True)
+    p = e.div_(torch.where(tot > 0, tot, torch.ones_like(tot)))
+    return p, (m + torch.log(tot)).squeeze(-1)
 
 
 def _dense_block(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, rs: int, s0: int, e: int,
@@ -252,8 +270,8 @@ def quant_decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: 
             v = torch.where(ok[..., None], v, 0.0)                        # unused slots may hold any bits
             w = torch.matmul(qg, k.transpose(-1, -2)) * scale
             w = w.masked_fill(~ok[:, :, None, :], float("-inf"))
-            p = torch.softmax(w, dim=-1).nan_to_num(0.0)
-            parts.append((torch.matmul(p, v).reshape(b, hq, d), torch.logsumexp(w, dim=-1).reshape(b, hq)))
+            p, lse = _softmax_lse(w)
+            parts.append((torch.matmul(p, v).reshape(b, hq, d), lse.reshape(b, hq)))
             continue
         safe = torch.where(ok, idx, 0)
         quant = safe < rs
