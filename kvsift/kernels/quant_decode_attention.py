@@ -230,8 +230,9 @@ def quant_decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: 
                                return_lse: bool = False, block: int = 4096):
     """Reference (PyTorch): per block of ``block`` table entries, gather the codes and scales of the
     selected slots, dequantize (rounded to the window's dtype, as the kernel and a dequantized
-    copy hold them), float32 softmax; blocks merged by log-sum-exp. Shapes in
-    the module docstring. ``num_splits`` is the Triton kernel's launch setting (ignored here)."""
+    copy hold them), float32 softmax; blocks merged by log-sum-exp. On the CPU, every slot
+    (``slot_idx`` None) with one window start is read by slices instead (:func:`_dense_block`, the
+    same values). Shapes in the module docstring. ``num_splits`` is the Triton kernel's launch setting (ignored here)."""
     bits = _check(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, res_start, key_pos,
                   query_pos, slot_idx, group)
     _check_pos(k_codes, key_pos, query_pos, window)
@@ -248,8 +249,9 @@ def quant_decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: 
     qg = q.float().reshape(b, hk, hq // hk, d)
     qp = query_pos.to(torch.int64)[:, None, None]
     rs = res_start.to(torch.int64).reshape(-1, 1, 1)                  # (1 or batch, 1, 1)
-    # every slot with one window start for all rows: the slots read as slices, not gathered
-    dense = slot_idx is None and res_start.numel() == 1 and cap > 0
+    # every slot with one window start for all rows, on the CPU: the slots read as slices, not
+    # gathered (the window start is read on the host: never on CUDA, where a graph may be recording)
+    dense = slot_idx is None and res_start.numel() == 1 and cap > 0 and q.device.type == "cpu"
     rs0 = int(res_start.reshape(-1)[0]) if dense else 0
     parts = []
     for s0 in range(0, max(1, idx_all.shape[2]), block):
