@@ -585,7 +585,8 @@ def bar_markdown(cstats: list[dict[str, Any]], budget: str = BAR["budget"], leng
                  kept: float = BAR["kept"], rows: list[dict[str, Any]] | None = None, peer: str = "kvpress") -> str:
     """The bar's table (:func:`bar_rows`) and the full cache's own scores per task and length there;
     with the peer's rows among ``rows``, the bar's second half (against the peer's best at no more
-    GPU KV bytes, at the bar's budget and lengths) and the whole bar's verdict in two more columns."""
+    GPU KV bytes, at the bar's budget and lengths: its best press, and the per-cell winner) and the
+    whole bar's verdict in three more columns."""
     result_rows = rows
     rows = bar_rows(cstats, budget, lengths, kept, rows=result_rows, peer=peer)
     if not rows:

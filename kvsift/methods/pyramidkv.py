@@ -9,7 +9,7 @@ the first layer keeps at most the prompt less the window, and where the pyramid 
 fewer tokens than the observation window (``avg / beta < window``: under 640 tokens per layer with
 the defaults, e.g. 5% of an 8k prompt) it falls back to SnapKV's uniform budgets: a layer that keeps
 less than the window drops the question itself (before 2026-12-05 kvsift kept the pyramid there,
-and on the 1.5B at 5% and 4k it kept 0.05 of `vt`'s score where SnapKV keeps 0.34).
+and on the 1.5B at 5% and 4k it scored 0.05 on ``vt`` where SnapKV scores 0.34).
 """
 
 from dataclasses import dataclass
