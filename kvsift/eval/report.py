@@ -587,11 +587,10 @@ def bar_markdown(cstats: list[dict[str, Any]], budget: str = BAR["budget"], leng
     with the peer's rows among ``rows``, the bar's second half (against the peer's best at no more
     GPU KV bytes, at the bar's budget and lengths: its best press, and the per-cell winner) and the
     whole bar's verdict in three more columns."""
-    result_rows = rows
-    rows = bar_rows(cstats, budget, lengths, kept, rows=result_rows, peer=peer)
-    if not rows:
+    table = bar_rows(cstats, budget, lengths, kept, rows=rows, peer=peer)
+    if not table:
         return ""
-    second = any("bar" in r for r in rows)
+    second = any("bar" in r for r in table)
     lens = " | ".join(f"{L} kept [95% CI] (cells)" for L in lengths)
     lines = [f"### The bar: {kept:g} of the full-cache score kept at {budget}, at {', '.join(map(str, lengths))} tokens",
              "",
@@ -611,7 +610,7 @@ def bar_markdown(cstats: list[dict[str, Any]], budget: str = BAR["budget"], leng
              f"| method | {lens} | all [95% CI] | verdict |"
              + (f" vs {peer}'s best press (points, cells) | per-cell best | bar |" if second else ""),
              "|---|" + "---|" * (len(lengths) + 2 + 3 * second)]
-    for r in rows:
+    for r in table:
         cells = [f"{_ci(r[L]['value'], r[L]['lo'], r[L]['hi'])} ({r[L]['cells']})" if r[L]["cells"] else "-"
                  for L in lengths]
         verdict = r["verdict"] + (f" ({r['missing']} cell{'s' * (r['missing'] > 1)} missing)" if r["missing"] else "")

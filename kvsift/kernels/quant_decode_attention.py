@@ -43,7 +43,7 @@ import torch
 from kvsift.kernels._flash import group_offsets, online_softmax_step, store_split
 from kvsift.kernels._triton import HAS_TRITON, tl, triton
 from kvsift.kernels.sparse_decode_attention import (_LOG2E, SplitLaunch, _check_count, _check_pos, merge_attention,
-                                                    slot_rows)
+                                                    slot_rows, softmax_weighted_sum)
 
 # launch settings (smaller slot blocks than the sparse kernel: codes, scales and the window are
 # live at once); on the H200 the kernel took 0.34 ms at 128k, batch 1, int4, against 0.13 for SDPA
@@ -154,10 +154,16 @@ def _code_table(bits: int, device: torch.device) -> torch.Tensor:
     return table.float().to(device)
 
 
+def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed codes ``(..., d * bits // 8)`` uint8 -> ``(..., d)`` fp32, through :func:`_code_table`."""
+    return _code_table(bits, packed.device).index_select(0, packed.reshape(-1).to(torch.int32)).view(
+        *packed.shape[:-1], -1)
+
+
 def _dequant_rows(codes, scale, zero, idx, bits, group, per_channel_groups: bool):
     """Codes at slots ``idx (batch, kv_heads, s)`` (>= 0) dequantized: ``(batch, kv_heads, s, d)`` fp32."""
     c, = slot_rows(codes, idx=idx)
-    c = _code_table(bits, codes.device).index_select(0, c.reshape(-1).to(torch.int32)).view(*c.shape[:-1], -1)
+    c = _unpack(c, bits)
     if per_channel_groups:  # keys: one scale per channel for each group of slots
         s, z = slot_rows(scale, zero, idx=idx // group)
         return c * s.float() + z.float()
@@ -169,8 +175,7 @@ def _dequant_rows(codes, scale, zero, idx, bits, group, per_channel_groups: bool
 def _dequant_slice(codes, scale, zero, a: int, c: int, bits: int, group: int, per_channel_groups: bool):
     """Codes of the slots ``a .. c - 1`` dequantized, read as slices (nothing indexed per slot):
     ``(batch, kv_heads, c - a, d)`` fp32, the values :func:`_dequant_rows` gives for those slots."""
-    cb = codes[:, :, a:c]
-    x = _code_table(bits, codes.device).index_select(0, cb.reshape(-1).to(torch.int32)).view(*cb.shape[:-1], -1)
+    x = _unpack(codes[:, :, a:c], bits)
     b, hk, n, d = x.shape
     if per_channel_groups:  # one scale per channel for each group of slots
         g0, g1 = a // group, -(-c // group)
@@ -185,17 +190,6 @@ def _dequant_slice(codes, scale, zero, a: int, c: int, bits: int, group: int, pe
     xg = x.view(b, hk, n, ng, d // ng)
     xg.mul_(scale[:, :, a:c, :, None].float()).add_(zero[:, :, a:c, :, None].float())
     return x
-
-
-def _softmax_lse(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over the last axis and its log-sum-exp from one ``exp`` pass: ``(p, lse)``, ``p``
-    zero and ``lse`` ``-inf`` on rows with no finite score (every slot masked)."""
-    m = w.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(w - m)
-    tot = e.sum(-1, keepdim=True)
-    p = e.div_(torch.where(tot > 0, tot, torch.ones_like(tot)))
-    return p, (m + torch.log(tot)).squeeze(-1)
 
 
 def _dense_block(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, rs: int, s0: int, e: int,
@@ -272,8 +266,8 @@ def quant_decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: 
             v = torch.where(ok[..., None], v, 0.0)                        # unused slots may hold any bits
             w = torch.matmul(qg, k.transpose(-1, -2)) * scale
             w = w.masked_fill(~ok[:, :, None, :], float("-inf"))
-            p, lse = _softmax_lse(w)
-            parts.append((torch.matmul(p, v).reshape(b, hq, d), lse.reshape(b, hq)))
+            out, lse = softmax_weighted_sum(w, v)
+            parts.append((out.reshape(b, hq, d), lse.reshape(b, hq)))
             continue
         safe = torch.where(ok, idx, 0)
         quant = safe < rs

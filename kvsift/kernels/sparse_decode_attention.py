@@ -186,16 +186,24 @@ def _shared_kv_ref(q, k1, v1, kpos1, query_pos, scale, window, return_lse, finit
             v = torch.where(kp.transpose(1, 2) >= 0, v, 0.0)
         qp = query_pos.to(torch.int64).repeat_interleave(g)[None, :, None]          # (1, b*g, 1)
         w = w.masked_fill(~_visible(kp, qp, window), float("-inf"))
-    m = w.amax(-1, keepdim=True)                                                    # one exp pass gives
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))                      # both the softmax and
-    e = torch.exp(w - m)                                                            # its log-sum-exp
-    tot = e.sum(-1, keepdim=True)
-    out = torch.matmul(e, v) / torch.where(tot > 0, tot, torch.ones_like(tot))      # (hk, b*g, d)
+    out, lse = softmax_weighted_sum(w, v, return_lse)                               # (hk, b*g, d)
     out = out.reshape(hk, b, g, d).transpose(0, 1).reshape(b, hq, d).to(q.dtype)
     if return_lse:
-        lse = (m + torch.log(tot)).squeeze(-1)                                      # -inf where no slot
         return out, lse.reshape(hk, b, g).transpose(0, 1).reshape(b, hq)
     return out
+
+
+def softmax_weighted_sum(w: torch.Tensor, v: torch.Tensor,
+                         lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``softmax(w) @ v`` and ``logsumexp(w)`` over the last axis of scores ``w (..., n)`` (values
+    ``v (..., n, d)``) from one ``exp`` pass: ``(out (..., d), lse (...))``, ``out`` zero and
+    ``lse`` ``-inf`` on rows with no finite score (every slot masked); ``lse=False``: None for it."""
+    m = w.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(w - m)
+    tot = e.sum(-1, keepdim=True)
+    out = torch.matmul(e, v) / torch.where(tot > 0, tot, torch.ones_like(tot))
+    return out, (m + torch.log(tot)).squeeze(-1) if lse else None
 
 
 def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -500,7 +500,7 @@ class ChunkStore:
         b, hk, k = chunk_idx.shape
         if (b, hk) != (self.b, self.hk):
             raise ValueError(f"chunk_idx {tuple(chunk_idx.shape)} does not match the store ({self.b}, {self.hk}, n)")
-        if self.cache_chunks != 0 and cached:
+        if self._through_cache(cached):
             out = self._fetch_cached(chunk_idx, stats, slots)
         else:
             out = self._fetch_direct(chunk_idx, stats, compact)
@@ -512,6 +512,20 @@ class ChunkStore:
             stats.count_call(b * hk, chunk_idx.device)
             stats.fetch_s += time.perf_counter() - t0
         return out
+
+    def source(self, chunk_idx: torch.Tensor, stats: FetchStats | None = None, cached: bool = True):
+        """:meth:`fetch` ``(..., slots=True, compact=True)`` as a
+        :class:`~kvsift.methods.base.SlotSource` read in place: on the CPU, a fetch that copies the
+        chunks (no device cache) returns the selection itself, in order, so it is ``dense`` (read
+        whole, not gathered again); on CUDA the kernel reads through the slot table."""
+        from kvsift.methods.base import SlotSource
+
+        dense = not self._through_cache(cached) and self.device.type == "cpu"
+        return SlotSource(*self.fetch(chunk_idx, stats, slots=True, cached=cached, compact=True), dense=dense)
+
+    def _through_cache(self, cached: bool) -> bool:
+        """Whether :meth:`fetch` with ``cached`` reads through the device chunk cache."""
+        return self.cache_chunks != 0 and cached
 
     def _token_rows(self, bh: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
         """Host token rows of chunks: ``bh, chunk (m,)`` (``chunk`` -1 = none) -> ``(m*L,)`` rows of the

@@ -571,8 +571,7 @@ class SentenceKV(KVMethod):
                     q, p = query[:, :, s:s + step], (qpos[:, s:s + step] if qpos is not None else None)
                     fp = _mean_query(q[:, :, -w:] if w else q, p[:, -w:] if w and p is not None else p)
                     idx = self._select_chunks(store, fp, budget)
-                    blocks.append((s, SlotSource(*store.fetch(idx, None, slots=True, cached=False, compact=True),
-                                                 dense=query.device.type == "cpu")))
+                    blocks.append((s, store.source(idx, None, cached=False)))
                 return Selection(extra=blocks[0][1]) if len(blocks) == 1 else Selection(blocks=blocks)
         else:
             fp = self._fingerprint(run, state, query[:, :, -1], ctx)
@@ -588,11 +587,7 @@ class SentenceKV(KVMethod):
             idx = self._select_chunks(store, fp, budget)
         # read in place: the device chunk cache (or the fetched copies) plus a slot table; a prefill
         # chunk's fetch is a one-off copy (its many chunks neither fill nor size the decode cache)
-        # on the CPU a fetch that copies the chunks (no device cache) returns them in order: read
-        # whole (dense), not gathered again (on CUDA the kernel reads through the table in place)
-        direct = (store.cache_chunks == 0 or not ctx.decoding) and query.device.type == "cpu"
-        src = SlotSource(*store.fetch(idx, run.fetch if ctx.decoding else None, slots=True, cached=ctx.decoding,
-                                      compact=True), dense=direct)
+        src = store.source(idx, run.fetch if ctx.decoding else None, cached=ctx.decoding)
         return Selection(extra=self._hold(state, store, src) if hold else src)
 
     def _select_chunks(self, store: ChunkStore, fp: torch.Tensor, budget: int,
