@@ -693,3 +693,68 @@ def test_every_module_imports_and_runs_without_triton():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "(1, 2, 3)"
+
+
+def _triton_block_names(path) -> tuple[set[str], dict[str, int]]:
+    """Names a kernel module binds at its top level outside ``if HAS_TRITON:`` blocks, and the
+    names bound inside them (with their line)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    outside: set[str] = set()
+    inside: dict[str, int] = {}
+
+    def bound(node) -> list[tuple[str, int]]:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            return [(node.name, node.lineno)]
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            return [(t.id, node.lineno) for t in targets if isinstance(t, ast.Name)]
+        return []
+
+    def is_triton_guard(node) -> bool:
+        return isinstance(node, ast.If) and "HAS_TRITON" in ast.unparse(node.test)
+
+    for node in tree.body:
+        if is_triton_guard(node):
+            for sub in ast.walk(node):
+                for name, line in bound(sub):
+                    if sub in node.body or sub in node.orelse:
+                        inside.setdefault(name, line)
+        else:
+            outside.update(name for name, _ in bound(node))
+    return outside, inside
+
+
+def test_no_triton_definition_shadows_a_reference_helper():
+    """A ``@triton.jit`` helper defined under ``if HAS_TRITON:`` with the name of a module-level
+    Python function replaces it on machines with Triton only: the CPU tests pass, and on CUDA the
+    reference calls the jit function and fails ("Cannot call @triton.jit'd outside of the scope of
+    a kernel"). KIVI's reference did exactly that once (``_unpack``)."""
+    from pathlib import Path
+
+    import kvsift.kernels as pkg
+
+    clashes = []
+    files = sorted(Path(pkg.__file__).parent.glob("*.py"))
+    assert len(files) > 10
+    for path in files:
+        outside, inside = _triton_block_names(path)
+        clashes += [f"{path.name}:{line} {name}" for name, line in inside.items() if name in outside]
+    assert not clashes, f"Triton definitions shadow module-level names: {clashes}"
+
+
+def test_the_shadowing_check_sees_a_clash(tmp_path):
+    src = tmp_path / "mod.py"
+    src.write_text(textwrap.dedent("""
+        HAS_TRITON = True
+        def _unpack(x):
+            return x
+        if HAS_TRITON:
+            def _ok(b):
+                return b
+            def _unpack(b, BITS):
+                return b
+    """))
+    outside, inside = _triton_block_names(src)
+    assert "_unpack" in outside and set(inside) == {"_ok", "_unpack"}

@@ -154,7 +154,7 @@ def _code_table(bits: int, device: torch.device) -> torch.Tensor:
     return table.float().to(device)
 
 
-def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+def _unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Packed codes ``(..., d * bits // 8)`` uint8 -> ``(..., d)`` fp32, through :func:`_code_table`."""
     return _code_table(bits, packed.device).index_select(0, packed.reshape(-1).to(torch.int32)).view(
         *packed.shape[:-1], -1)
@@ -163,7 +163,7 @@ def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 def _dequant_rows(codes, scale, zero, idx, bits, group, per_channel_groups: bool):
     """Codes at slots ``idx (batch, kv_heads, s)`` (>= 0) dequantized: ``(batch, kv_heads, s, d)`` fp32."""
     c, = slot_rows(codes, idx=idx)
-    c = _unpack(c, bits)
+    c = _unpack_codes(c, bits)
     if per_channel_groups:  # keys: one scale per channel for each group of slots
         s, z = slot_rows(scale, zero, idx=idx // group)
         return c * s.float() + z.float()
@@ -175,7 +175,7 @@ def _dequant_rows(codes, scale, zero, idx, bits, group, per_channel_groups: bool
 def _dequant_slice(codes, scale, zero, a: int, c: int, bits: int, group: int, per_channel_groups: bool):
     """Codes of the slots ``a .. c - 1`` dequantized, read as slices (nothing indexed per slot):
     ``(batch, kv_heads, c - a, d)`` fp32, the values :func:`_dequant_rows` gives for those slots."""
-    x = _unpack(codes[:, :, a:c], bits)
+    x = _unpack_codes(codes[:, :, a:c], bits)
     b, hk, n, d = x.shape
     if per_channel_groups:  # one scale per channel for each group of slots
         g0, g1 = a // group, -(-c // group)
