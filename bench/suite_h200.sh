@@ -28,6 +28,8 @@
 # MPS (default 1): the processes share the GPU through an MPS control daemon this script starts (its
 # own pipe and log folders under /tmp, seen only by the suite's processes) and stops at the end; without
 # it the GPU time-slices between processes (bench/gpu_share.py: 1.2-1.4x more work done with it). 0: off.
+# Run nothing else on the GPU beside it: CUDA tests started next to the daemon (their context outside
+# it) left suite cells out of memory and with 'CUDA error: unknown error' (parts 45-46 in docs/eval.md).
 # Needs the model's pieces under /root/m (../shared/tools/stage_model.py NAME, cut to pieces that fit
 # beside the tree, one device call each) and carries .stage/whl (gguf) and .whl (pysbd).
 set -u
