@@ -758,3 +758,26 @@ def test_the_shadowing_check_sees_a_clash(tmp_path):
     """))
     outside, inside = _triton_block_names(src)
     assert "_unpack" in outside and set(inside) == {"_ok", "_unpack"}
+
+
+@pytest.mark.parametrize("junk", [float("nan"), float("inf"), 7.5])
+def test_shared_reference_ignores_any_bits_in_empty_slots(junk):
+    """One row (or a shared view) read whole: the CPU reference first reads the values as they are
+    and zeroes empty slots (position -1) only when the result is not finite, so whatever an empty
+    slot holds, the output (and log-sum-exp) equals that of zeroed empty slots, bit for bit."""
+    torch.manual_seed(0)
+    b, hq, hk, n, d = 1, 6, 2, 40, 16
+    q = torch.randn(b, hq, d)
+    k, v = torch.randn(b, hk, n, d), torch.randn(b, hk, n, d)
+    pos = torch.arange(n).expand(b, hk, n).clone()
+    pos[:, 0, 5:9] = -1
+    pos[:, 1, 30:] = -1
+    empty = (pos < 0)[..., None]
+    clean_k, clean_v = torch.where(empty, 0.0, k), torch.where(empty, 0.0, v)
+    dirty_k, dirty_v = torch.where(empty, junk, k), torch.where(empty, junk, v)
+    qp = torch.tensor([n])
+    want, want_lse = sparse_decode_attention_ref(q, clean_k, clean_v, None, 0.25, return_lse=True, key_pos=pos,
+                                                 query_pos=qp)
+    got, got_lse = sparse_decode_attention_ref(q, dirty_k, dirty_v, None, 0.25, return_lse=True, key_pos=pos,
+                                               query_pos=qp)
+    assert torch.equal(got, want) and torch.equal(got_lse, want_lse)

@@ -974,3 +974,37 @@ def test_folded_kernel_split_plan_follows_the_h200_sweep(monkeypatch):
     assert sda.plan_splits(1, 8, 131072, 64, dev, splits_per_sm=16) == (256, 8 * 64)   # no minimum
     assert sda.plan_splits(1, 8, 8192, 64, dev, **kw) == (64, 2 * 64)                  # short: the floor
     assert sda.plan_splits(1, 8, 100, 64, dev, **kw) == (2, 64)                         # never more than the blocks
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_code_unpacking_gives_every_bytes_codes_low_bits_first(bits):
+    """The reference's unpacking gives each byte's ``8 // bits`` codes, low bits first (as
+    quantize_kv packs them), for all 256 byte values, in float32."""
+    from kvsift.kernels.quant_decode_attention import _unpack_codes
+
+    every = torch.arange(256, dtype=torch.uint8).view(4, 2, 32)          # (..., bytes)
+    got = _unpack_codes(every, bits)
+    assert got.dtype == torch.float32 and got.shape == (4, 2, 32 * 8 // bits)
+    want = [[(byte >> (i * bits)) & ((1 << bits) - 1) for i in range(8 // bits)] for byte in range(256)]
+    assert torch.equal(got.reshape(256, 8 // bits), torch.tensor(want, dtype=torch.float32))
+
+
+def test_reference_slices_ignore_any_bits_in_unused_slots():
+    """The CPU's slice path reads the values as they are and zeroes unused slots only when the
+    result is not finite: NaN or inf in the window's unused rows (and in the scales of groups not
+    yet written) leave the output and its log-sum-exp as with zeros there, bit for bit."""
+    st, q = _case(4)
+    args = st.kernel_args(static=True)
+    qp = torch.tensor([299, 250])
+    want, want_lse = quant_decode_attention_ref(q, query_pos=qp, slot_idx=None, scale=0.3, group=st.group,
+                                                return_lse=True, **args)
+    for junk in (float("nan"), float("inf")):
+        dirty = dict(args)
+        used = st.length - int(args["res_start"].reshape(-1)[0])       # the window's written rows
+        for name in ("k_res", "v_res"):
+            t = args[name].clone()
+            t[:, :, used:] = junk
+            dirty[name] = t
+        got, got_lse = quant_decode_attention_ref(q, query_pos=qp, slot_idx=None, scale=0.3, group=st.group,
+                                                  return_lse=True, **dirty)
+        assert torch.equal(got, want) and torch.equal(got_lse, want_lse), junk

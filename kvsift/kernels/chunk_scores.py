@@ -148,13 +148,16 @@ def chunk_scores_ref(query: torch.Tensor, summaries: Summaries, reduce: str = "m
 def _scores_ref(query, lo, hi, reduce, scale):
     b, hq, d = query.shape
     hk = lo.shape[1]
-    q = query.float().reshape(b, hk, hq // hk, 1, d)              # (b, hk, g, 1, d)
+    q = query.float().reshape(b, hk, hq // hk, d)                 # (b, hk, g, d)
     if scale is not None:   # the scale folded into the query: the codes are the bounds
-        q = q * scale[:, :, None]
+        q = q * scale
+    # one (g, d) x (d, n) product per (batch, kv head): the summaries are read once, never expanded
+    # over the group's heads (broadcasting a (b, hk, 1, d, n) operand copies it g times)
     if hi is None:
-        s = torch.matmul(q, lo.float()[:, :, None].transpose(-1, -2)).squeeze(-2)  # (b, hk, g, n)
-    else:
-        s = torch.maximum(q * lo.float()[:, :, None], q * hi.float()[:, :, None]).sum(-1)  # (b, hk, g, n)
+        s = torch.matmul(q, lo.float().transpose(-1, -2))                     # (b, hk, g, n)
+    else:   # max(q lo, q hi) per channel is q hi where q >= 0, else q lo (lo <= hi on real pages)
+        pos = q.clamp(min=0)
+        s = torch.matmul(pos, hi.float().transpose(-1, -2)) + torch.matmul(q - pos, lo.float().transpose(-1, -2))
     return s.amax(dim=2) if reduce == "max" else s.mean(dim=2)
 
 

@@ -666,11 +666,13 @@ class ChunkStore:
         w = max(1, int(valid.sum(1).max()))
         if w >= width:
             return rows, seg, width
-        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :w]   # valid rows first, in order
-        keep = valid.gather(1, order)
-        rows = torch.where(keep, rows.view(groups, width).gather(1, order), pad).reshape(-1)
-        if seg is not None:
-            seg = seg.view(groups, width).gather(1, order).reshape(-1)
+        # valid rows first, in order: each goes to its rank among its group's valid rows (the others
+        # to a dump column), no sort (a stable argsort of the mask cost 4.6 ms a decode step at 16k)
+        dest = torch.where(valid, valid.cumsum(1) - 1, w)
+        out = torch.full((groups, w + 1), pad, dtype=rows.dtype, device=rows.device)
+        rows = out.scatter_(1, dest, rows.view(groups, width))[:, :w].reshape(-1)
+        if seg is not None:   # one segment per group (its (batch, kv_head)'s): pad rows keep it
+            seg = seg.view(groups, width)[:, :w].reshape(-1)
         return rows, seg, w
 
     def _host_quiesce(self) -> None:
