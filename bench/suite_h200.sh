@@ -20,6 +20,7 @@
 # GROUP_BY (default task with sharing, else method): what bench/suite_groups.py balances over the
 # processes; by task, each process runs every method over its tasks, so each prompt set is prefilled
 # (and its prefixes stored) by one process only.
+# KVP_LENGTHS, KVP_BUDGETS, KVP_TASKS: kvpress's own narrowing (default: kvsift's; set empty: none).
 # EXTRA: more `kvsift bench run` options for every kvsift process (e.g. a smoke run: --samples 1).
 # SHARE_GIB (default 25): each process's prefix store (--share-prefix-gib; 0: off): a 30k prompt set of
 # the 1.5B is 24 GiB, so the defaults run 3 processes (PROCESSES) at --mem-fraction 0.15 (MEM) each.
@@ -65,10 +66,16 @@ stop_mps() { [ -n "$MPS_DIR" ] && { echo quit | timeout 20 nvidia-cuda-mps-contr
 GB=()
 [ "${GROUP_BUDGETS:-1}" = 1 ] && GB=(--group-budgets --max-batch ${MAX_BATCH:-128})
 MINUTES=${MINUTES:-8}
-SEL=()
-[ -n "${LENGTHS:-}" ] && SEL+=(--lengths "$LENGTHS")
-[ -n "${BUDGETS:-}" ] && SEL+=(--budgets "$BUDGETS")
-[ -n "${TASKS:-}" ] && SEL+=(--tasks "$TASKS")
+sel_args() {   # $1 lengths, $2 budgets, $3 tasks (each may be empty: all) -> the narrowing options, a line each
+  [ -n "$1" ] && printf '%s\n' --lengths "$1"
+  [ -n "$2" ] && printf '%s\n' --budgets "$2"
+  [ -n "$3" ] && printf '%s\n' --tasks "$3"
+  return 0
+}
+mapfile -t SEL < <(sel_args "${LENGTHS:-}" "${BUDGETS:-}" "${TASKS:-}")
+# kvpress's processes narrow by KVP_LENGTHS, KVP_BUDGETS and KVP_TASKS where set (empty: all), else as
+# kvsift's, so one call can run, say, kvsift's error cells anywhere beside kvpress's 2% cells at 16k-30k
+mapfile -t KSEL < <(sel_args "${KVP_LENGTHS-${LENGTHS:-}}" "${KVP_BUDGETS-${BUDGETS:-}}" "${KVP_TASKS-${TASKS:-}}")
 # groups of methods, one process each: METHOD_GROUPS, or balanced by bench/suite_groups.py from the
 # rows' measured cell times (a group is "m1,m2" and/or "method@task" units joined by ";", run one
 # after the other in its process)
@@ -128,7 +135,7 @@ if [ -n "${KVP_GROUPS:-}" ]; then
     i=$((i+1))
     seed_rows "$KVP_ROWS" "$RES/k$i.jsonl" "$KVP_KEPT"
     $STOP python3 bench/vs_kvpress.py --suite standard --model $M --wheels .whl/kvpress-min --presses "$g" \
-      "${SEL[@]}" --max-minutes $KVP_MINUTES --no-progress --mem-fraction ${MEM:-0.12} --out "$RES/k$i.jsonl" \
+      "${KSEL[@]}" --max-minutes $KVP_MINUTES --no-progress --mem-fraction ${MEM:-0.12} --out "$RES/k$i.jsonl" \
       > "$RES/k$i.log" 2>&1 &
     pids+=($!)
   done

@@ -227,3 +227,28 @@ def test_a_prompt_sets_budgets_are_one_run_whose_first_budget_pays_the_set():
     # far apart in time: separate runs, each its own first budget
     rows[1]["time"] = "2026-12-04T15:00:00+00:00"
     assert sorted(n for _, n, _ in sg.runs(rows[:4])) == [1, 3]
+
+
+def test_suite_script_narrows_kvpress_on_its_own():
+    """KVP_LENGTHS / KVP_BUDGETS / KVP_TASKS narrow kvpress's processes apart from kvsift's (unset:
+    kvsift's narrowing; set empty: none), so one call can rerun kvsift's error cells anywhere
+    beside kvpress's cells at one budget and length."""
+    import re
+    import subprocess
+
+    script = (Path(__file__).parent.parent / "bench" / "suite_h200.sh").read_text()
+    fn = re.search(r"^sel_args\(\) \{.*?^\}$", script, re.S | re.M).group(0)
+    lines = [ln for ln in script.splitlines() if ln.startswith(("mapfile -t SEL", "mapfile -t KSEL"))]
+    assert len(lines) == 2
+
+    def sel(env):
+        cmd = fn + "\n" + "\n".join(lines) + '\necho "${SEL[*]}|${KSEL[*]}"'
+        out = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True, check=True).stdout
+        return out.strip().split("|")
+
+    assert sel({"LENGTHS": "4096", "BUDGETS": "0.1"}) == ["--lengths 4096 --budgets 0.1"] * 2
+    assert sel({"LENGTHS": "4096", "KVP_LENGTHS": "16384,30000", "KVP_BUDGETS": "0.02"}) == \
+        ["--lengths 4096", "--lengths 16384,30000 --budgets 0.02"]
+    assert sel({"TASKS": "qa", "KVP_TASKS": ""}) == ["--tasks qa", ""]
+    assert sel({}) == ["", ""]
+    assert '"${KSEL[@]}" --max-minutes $KVP_MINUTES' in script
