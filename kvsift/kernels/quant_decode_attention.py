@@ -36,7 +36,6 @@ bf16 rounding.
 
 from __future__ import annotations
 
-
 import torch
 
 from kvsift.kernels._flash import group_offsets, online_softmax_step, store_split
