@@ -142,8 +142,10 @@ class ShadowKVState(LayerState):
         L = self.store.L
         rows = (chunks[..., None] * L + torch.arange(L, device=chunks.device)).view(b, hk, k * L)
         rows = torch.where(positions >= 0, rows, 0).clamp(max=self.a.shape[1] - 1)
-        r = self.a.shape[-1]
-        coef = self.a.gather(1, rows.view(b, hk * k * L, 1).expand(-1, -1, r)).view(b, hk, k * L, r)
+        # whole rows of the factor, indexed by row (one offset per row), not gathered with the index
+        # expanded to every value (31 of a 225 ms CPU step at 16k tokens: see slot_rows)
+        bi = torch.arange(b, device=rows.device)[:, None]
+        coef = self.a[bi, rows.view(b, hk * k * L)].view(b, hk, k * L, -1)
         pre = torch.matmul(coef.float(), self.b.float())                   # (b, hk, k * L, d)
         if self.rope and rope is not None:
             cos, sin = rope_at(rope, positions, layer_idx)
