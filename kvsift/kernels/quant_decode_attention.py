@@ -41,7 +41,7 @@ import torch
 from kvsift.kernels._flash import group_offsets, online_softmax_step, store_split
 from kvsift.kernels._triton import HAS_TRITON, tl, triton
 from kvsift.kernels.sparse_decode_attention import (_LOG2E, SplitLaunch, _check_count, _check_pos, merge_attention,
-                                                    slot_rows, softmax_weighted_sum)
+                                                    slot_rows, weighted_sum_over_any_bits)
 
 # launch settings (smaller slot blocks than the sparse kernel: codes, scales and the window are
 # live at once); on the H200 the kernel took 0.34 ms at 128k, batch 1, int4, against 0.13 for SDPA
@@ -261,12 +261,7 @@ def quant_decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: 
                                 bits, group)
             w = torch.matmul(qg, k.transpose(-1, -2)) * scale
             w = w.masked_fill(~ok[:, :, None, :], float("-inf"))
-            # unused slots may hold any bits, and 0 * inf is NaN; a masked slot's weight is exactly 0,
-            # so a finite value there adds exactly nothing: the values are zeroed (a pass over them
-            # all, 13% of a 16k-token step) only when the result is not finite
-            out, lse = softmax_weighted_sum(w, v)
-            if not bool(torch.isfinite(out).all()):
-                out, lse = softmax_weighted_sum(w, torch.where(ok[..., None], v, 0.0))
+            out, lse = weighted_sum_over_any_bits(w, v, ok[..., None])      # unused slots: any bits
             parts.append((out.reshape(b, hq, d), lse.reshape(b, hq)))
             continue
         safe = torch.where(ok, idx, 0)
